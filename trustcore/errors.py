@@ -1,0 +1,102 @@
+"""Errors of the trust core. Every error the core raises derives from ``TrustCoreError``.
+
+::
+
+    TrustCoreError
+    ├── EncodingError              malformed, oversized or non-canonical input bytes
+    ├── InvalidValueError          a value object (DeviceId, Serial, ...) refused its input
+    ├── ProfileError               a certificate would violate its profile
+    ├── CsrError                   a CSR is malformed, badly signed or asks for what policy forbids
+    ├── VerificationError          a certificate chain was refused (``reason`` says why)
+    ├── CrlError                   a CRL is malformed, badly signed or stale
+    ├── SealedPackageError         a sealed package was refused (``reason`` says why)
+    │   └── ReplayError            its sequence number is not newer than the last one accepted
+    ├── AuditChainError            an audit log broke continuity (``reason`` names the attack)
+    └── PolicyError                a policy check refused an operation
+
+Each refusal carries a short machine-readable ``reason`` (a stable string that callers map to
+public reason codes) and a human message. Library exceptions are chained with
+``raise ... from exc`` so a bad signature never looks like an I/O failure.
+"""
+
+from __future__ import annotations
+
+
+class TrustCoreError(Exception):
+    """Root of every error raised by :mod:`trustcore`."""
+
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.args[0]}" if self.args else self.reason
+
+
+class EncodingError(TrustCoreError):
+    reason = "malformed"
+
+
+class InvalidValueError(TrustCoreError):
+    reason = "invalid_value"
+
+
+class ProfileError(TrustCoreError):
+    reason = "profile_violation"
+
+
+class CsrError(TrustCoreError):
+    reason = "bad_csr"
+
+
+class VerificationError(TrustCoreError):
+    """A certificate was refused. ``reason`` is one of :data:`VERIFICATION_REASONS`."""
+
+    reason = "untrusted"
+
+
+#: Stable reasons for :class:`VerificationError`, one per defect the verifier recognises.
+VERIFICATION_REASONS = frozenset(
+    {
+        "untrusted",  # no path to a trust anchor (unknown or wrong issuer, self-signed leaf)
+        "expired",
+        "not_yet_valid",
+        "wrong_eku",
+        "wrong_key_usage",
+        "missing_san",
+        "ca_leaf",  # a CA certificate presented where an end entity is required
+        "wrong_key_type",
+        "path_length",
+        "revoked",
+        "crl_missing",
+        "crl_stale",
+        "bad_signature",
+        "malformed",
+    }
+)
+
+
+class CrlError(TrustCoreError):
+    reason = "bad_crl"
+
+
+class SealedPackageError(TrustCoreError):
+    reason = "bad_package"
+
+
+class ReplayError(SealedPackageError):
+    reason = "replayed"
+
+
+class AuditChainError(TrustCoreError):
+    """An audit log is not one unbroken chain. ``reason`` is e.g. ``gap``, ``fork``,
+    ``reorder``, ``truncation``, ``rewritten_entry``, ``forged_checkpoint``, ``wrong_station``."""
+
+    reason = "audit_chain_broken"
+
+
+class PolicyError(TrustCoreError):
+    reason = "policy_refused"

@@ -1,0 +1,136 @@
+"""HQ's second opinion: did a station's issuances respect its entitlement?
+
+The station enforces the policy before each issuance; HQ re-checks the same rules over
+the audit log it receives, because a compromised or misconfigured station might not have.
+``Reconciler`` is streaming (one ``add_issued`` per audit entry, O(1) work and memory per
+distinct device/key) so a million-entry export is checked in one pass, interleaved with
+chain verification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trustcore.entitlement import EntitlementPolicy
+
+VIOLATION_KINDS = (
+    "over_quota",
+    "over_daily_limit",
+    "outside_window",
+    "id_out_of_range",
+    "wrong_product",
+    "duplicate_device",
+    "duplicate_key",
+)
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str
+    seq: int
+    device_id: str
+    detail: str
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "seq": self.seq,
+            "device_id": self.device_id,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class ReconciliationReport:
+    station_id: str
+    entitlement_id: str
+    issued: int
+    quota: int
+    per_day: dict[str, int]
+    daily_limit: int
+    violations: tuple[Violation, ...]
+
+    @property
+    def clean(self) -> bool:
+        return not self.violations
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(VIOLATION_KINDS, 0)
+        for v in self.violations:
+            out[v.kind] += 1
+        return out
+
+    def to_map(self, max_violations: int = 1000) -> dict[str, Any]:
+        return {
+            "station_id": self.station_id,
+            "entitlement_id": self.entitlement_id,
+            "issued": self.issued,
+            "quota": self.quota,
+            "daily_limit": self.daily_limit,
+            "per_day": dict(sorted(self.per_day.items())),
+            "clean": self.clean,
+            "violation_counts": self.counts(),
+            "violations": [v.to_map() for v in self.violations[:max_violations]],
+        }
+
+
+@dataclass
+class Reconciler:
+    """Feed it every ``issued`` audit entry of one entitlement, in log order.
+
+    ``prior_*`` carry state from earlier exports of the same entitlement so that the
+    quota, daily limit and duplicate checks span exports.
+    """
+
+    policy: EntitlementPolicy
+    issued: int = 0
+    per_day: dict[str, int] = field(default_factory=dict)
+    device_ids: set[str] = field(default_factory=set)
+    key_ids: set[bytes] = field(default_factory=set)
+    violations: list[Violation] = field(default_factory=list)
+    _day_start: int = 1
+    _day_end: int = 0
+    _day: str = ""
+
+    def add_issued(self, seq: int, when: int, device_id: str, key_id: bytes, product: str) -> None:
+        p = self.policy
+        self.issued += 1
+        if self.issued > p.total_quota:
+            self._flag(
+                "over_quota", seq, device_id, f"issuance {self.issued} of quota {p.total_quota}"
+            )
+        if not self._day_start <= when < self._day_end:
+            self._day_start, self._day_end, self._day = p.day_bounds(when)
+        n = self.per_day.get(self._day, 0) + 1
+        self.per_day[self._day] = n
+        if n > p.daily_limit:
+            self._flag("over_daily_limit", seq, device_id, f"{n} on {self._day} > {p.daily_limit}")
+        if not p.not_before <= when < p.not_after:
+            self._flag("outside_window", seq, device_id, f"time {when} outside the key-use window")
+        if not p.id_rule.contains(device_id):
+            self._flag("id_out_of_range", seq, device_id, "device id outside the entitled range")
+        if product != p.product:
+            self._flag("wrong_product", seq, device_id, f"product {product!r}")
+        if device_id in self.device_ids:
+            self._flag("duplicate_device", seq, device_id, "device id issued twice")
+        else:
+            self.device_ids.add(device_id)
+        if key_id in self.key_ids:
+            self._flag("duplicate_key", seq, device_id, f"key {key_id.hex()[:16]}… issued twice")
+        else:
+            self.key_ids.add(key_id)
+
+    def _flag(self, kind: str, seq: int, device_id: str, detail: str) -> None:
+        self.violations.append(Violation(kind, seq, device_id, detail))
+
+    def report(self) -> ReconciliationReport:
+        return ReconciliationReport(
+            station_id=self.policy.station_id,
+            entitlement_id=self.policy.entitlement_id,
+            issued=self.issued,
+            quota=self.policy.total_quota,
+            per_day=dict(self.per_day),
+            daily_limit=self.policy.daily_limit,
+            violations=tuple(self.violations),
+        )
