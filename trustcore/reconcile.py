@@ -50,6 +50,7 @@ class ReconciliationReport:
     per_day: dict[str, int]
     daily_limit: int
     violations: tuple[Violation, ...]
+    burned: int = 0  # counter slots consumed without a certificate (count toward the quota)
 
     @property
     def clean(self) -> bool:
@@ -66,6 +67,7 @@ class ReconciliationReport:
             "station_id": self.station_id,
             "entitlement_id": self.entitlement_id,
             "issued": self.issued,
+            "burned": self.burned,
             "quota": self.quota,
             "daily_limit": self.daily_limit,
             "per_day": dict(sorted(self.per_day.items())),
@@ -80,11 +82,15 @@ class Reconciler:
     """Feed it every ``issued`` audit entry of one entitlement, in log order.
 
     ``prior_*`` carry state from earlier exports of the same entitlement so that the
-    quota, daily limit and duplicate checks span exports.
+    quota, daily limit and duplicate checks span exports. ``burned`` counts counter slots the
+    station consumed without releasing a certificate (a crash between counter increment and
+    release): they count toward the total quota, exactly as they do at the station, so a
+    station cannot turn crashes into extra certificates unnoticed.
     """
 
     policy: EntitlementPolicy
     issued: int = 0
+    burned: int = 0
     per_day: dict[str, int] = field(default_factory=dict)
     device_ids: set[str] = field(default_factory=set)
     key_ids: set[bytes] = field(default_factory=set)
@@ -96,10 +102,9 @@ class Reconciler:
     def add_issued(self, seq: int, when: int, device_id: str, key_id: bytes, product: str) -> None:
         p = self.policy
         self.issued += 1
-        if self.issued > p.total_quota:
-            self._flag(
-                "over_quota", seq, device_id, f"issuance {self.issued} of quota {p.total_quota}"
-            )
+        used = self.issued + self.burned
+        if used > p.total_quota:
+            self._flag("over_quota", seq, device_id, f"slot {used} of quota {p.total_quota}")
         if not self._day_start <= when < self._day_end:
             self._day_start, self._day_end, self._day = p.day_bounds(when)
         n = self.per_day.get(self._day, 0) + 1
@@ -121,6 +126,18 @@ class Reconciler:
         else:
             self.key_ids.add(key_id)
 
+    def add_burned(self, seq: int, device_id: str) -> None:
+        """A burned counter slot: no certificate, but one unit of the total quota used."""
+        self.burned += 1
+        used = self.issued + self.burned
+        if used > self.policy.total_quota:
+            self._flag(
+                "over_quota",
+                seq,
+                device_id,
+                f"burned slot {used} of quota {self.policy.total_quota}",
+            )
+
     def _flag(self, kind: str, seq: int, device_id: str, detail: str) -> None:
         self.violations.append(Violation(kind, seq, device_id, detail))
 
@@ -133,4 +150,5 @@ class Reconciler:
             per_day=dict(self.per_day),
             daily_limit=self.policy.daily_limit,
             violations=tuple(self.violations),
+            burned=self.burned,
         )

@@ -1,0 +1,48 @@
+"""Errors of the factory station. Everything it raises derives from ``FactoryStationError``.
+
+::
+
+    FactoryStationError
+    ├── StationStateError       the station's files are missing, corrupt or older than its TPM
+    │                           counter (restored from a backup: fail closed)
+    ├── EntitlementImportError  an entitlement package was refused (``reason`` says why)
+    ├── IssuanceRefused         policy refused one issuance (``reason`` from trustcore.issuance)
+    ├── AttestationError        the device could not prove its key lives in its TPM
+    └── DeviceError             the device (its TPM) failed or answered nonsense
+
+Errors from the trust core, signers and TPM are chained (``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+
+class FactoryStationError(Exception):
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.args[0]}" if self.args else self.reason
+
+
+class StationStateError(FactoryStationError):
+    reason = "station_state"
+
+
+class EntitlementImportError(FactoryStationError):
+    reason = "entitlement_refused"
+
+
+class IssuanceRefused(FactoryStationError):
+    reason = "policy_refused"
+
+
+class AttestationError(FactoryStationError):
+    reason = "attestation_failed"
+
+
+class DeviceError(FactoryStationError):
+    reason = "device_error"

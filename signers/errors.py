@@ -1,0 +1,39 @@
+"""Errors of the key backends. Every error the :mod:`signers` package raises derives from
+``SignerError``.
+
+::
+
+    SignerError
+    ├── KeystoreError          an encrypted key file could not be written, read or decrypted
+    │                          (wrong passphrase, corrupt or foreign file, empty passphrase)
+    ├── PassphraseError        no usable passphrase (variable unset, file missing or empty)
+    └── TpmError               the TPM is unreachable or a TPM command failed
+        └── TpmKeyError        a wrapped TPM key blob is malformed or has the wrong usage
+
+Library exceptions (``cryptography``, ``tpm2_pytss``, ``OSError``) are always chained with
+``raise ... from exc`` so the cause stays visible in logs while callers catch one tree.
+"""
+
+from __future__ import annotations
+
+__all__ = ["KeystoreError", "PassphraseError", "SignerError", "TpmError", "TpmKeyError"]
+
+
+class SignerError(Exception):
+    """Root of every error raised by :mod:`signers`."""
+
+
+class KeystoreError(SignerError):
+    """An encrypted keystore file could not be written, read or decrypted."""
+
+
+class PassphraseError(SignerError):
+    """A keystore passphrase could not be obtained from its configured source."""
+
+
+class TpmError(SignerError):
+    """The TPM could not be reached or refused a command."""
+
+
+class TpmKeyError(TpmError):
+    """A wrapped TPM key is malformed, foreign, or used for what its attributes forbid."""

@@ -1,0 +1,211 @@
+"""Software P-256 keys kept in an encrypted keystore file.
+
+For roles without a TPM (an HQ key on an operator's workstation, test fleets) a key lives in
+a PKCS#8 PEM file encrypted with ``BestAvailableEncryption`` (PBES2: scrypt or PBKDF2 with
+AES-256-CBC, chosen by ``cryptography``). The plaintext key is never written to disk: the
+file is created 0600 under a temporary name, fsynced and renamed over the destination, so a
+crash leaves either the old file or the new one, never a torn or world-readable one.
+
+Passphrases come from an environment variable or a file (:func:`passphrase_from_env`,
+:func:`passphrase_from_file`), never from the command line, where ``ps`` and shell history
+would show them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+from typing import Self
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from signers.errors import KeystoreError, PassphraseError, SignerError
+
+__all__ = [
+    "SoftwareKey",
+    "passphrase_from_env",
+    "passphrase_from_file",
+    "write_private_file",
+]
+
+_MIN_PASSPHRASE = 1  # refuse empty; length policy belongs to the operator's setup
+
+
+def passphrase_from_env(var: str) -> bytes:
+    """Read a keystore passphrase from environment variable ``var`` (UTF-8, must be non-empty)."""
+    value = os.environ.get(var)
+    if value is None:
+        raise PassphraseError(f"environment variable {var} is not set")
+    if len(value) < _MIN_PASSPHRASE:
+        raise PassphraseError(f"environment variable {var} is empty")
+    return value.encode()
+
+
+def passphrase_from_file(path: Path | str) -> bytes:
+    """Read a keystore passphrase from a file; one trailing newline is stripped.
+
+    The file must not be readable or writable by other users: a passphrase file others can
+    read protects nothing, so it is refused rather than used (fail closed).
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+        data = p.read_bytes()
+    except OSError as exc:
+        raise PassphraseError(f"cannot read passphrase file {p}: {exc}") from exc
+    if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise PassphraseError(f"passphrase file {p} is accessible by other users (chmod 600)")
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if len(data) < _MIN_PASSPHRASE:
+        raise PassphraseError(f"passphrase file {p} is empty")
+    return data
+
+
+def write_private_file(path: Path | str, data: bytes, *, overwrite: bool = False) -> None:
+    """Write ``data`` atomically to ``path`` with mode 0600.
+
+    A temporary file in the same directory is created with ``O_EXCL`` and mode 0600 (so the
+    bytes are never visible to others, not even briefly), fsynced, then moved into place;
+    the directory is fsynced too so the rename survives a power cut. Without ``overwrite`` an
+    existing file is never replaced: losing a key to a typo is worse than an error.
+    """
+    dest = Path(path)
+    directory = dest.parent
+    tmp = directory / f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            tmp.replace(dest)
+        else:
+            # link() fails if dest exists: no check-then-act race with another writer.
+            os.link(tmp, dest)
+            tmp.unlink()
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except FileExistsError as exc:
+        raise KeystoreError(f"{dest} already exists (pass overwrite=True to replace it)") from exc
+    except OSError as exc:
+        raise KeystoreError(f"cannot write {dest}: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+class SoftwareKey:
+    """A P-256 key held in process memory; implements ``Signer`` and ``KeyAgreement``.
+
+    Create with :meth:`generate` (to be saved), :meth:`load` (from a keystore file) or
+    :meth:`ephemeral` (load tests only: it refuses to be saved, so it can never end up on
+    disk by mistake).
+    """
+
+    __slots__ = ("_ephemeral", "_key")
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, *, ephemeral: bool = False) -> None:
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise SignerError(f"only P-256 keys are supported, got {key.curve.name}")
+        self._key = key
+        self._ephemeral = ephemeral
+
+    @classmethod
+    def generate(cls) -> Self:
+        """A new random P-256 key, meant to be saved with :meth:`save`."""
+        return cls(ec.generate_private_key(ec.SECP256R1()))
+
+    @classmethod
+    def ephemeral(cls) -> Self:
+        """A new in-memory key that is never persisted (:meth:`save` refuses it)."""
+        return cls(ec.generate_private_key(ec.SECP256R1()), ephemeral=True)
+
+    @property
+    def is_ephemeral(self) -> bool:
+        return self._ephemeral
+
+    # -- keystore ------------------------------------------------------------------------------
+
+    def to_encrypted_pem(self, passphrase: bytes) -> bytes:
+        """PKCS#8 ``ENCRYPTED PRIVATE KEY`` PEM; the only serialisation this class offers."""
+        if self._ephemeral:
+            raise KeystoreError("ephemeral keys are never persisted")
+        if not passphrase:
+            raise KeystoreError("refusing to encrypt a keystore with an empty passphrase")
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase),
+        )
+
+    @classmethod
+    def from_encrypted_pem(cls, data: bytes, passphrase: bytes) -> Self:
+        """Decrypt a keystore PEM. Unencrypted PEMs are refused: they should not exist."""
+        if not passphrase:
+            raise KeystoreError("empty passphrase")
+        if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" not in data:
+            raise KeystoreError("not an encrypted PKCS#8 keystore")
+        try:
+            key = serialization.load_pem_private_key(data, password=passphrase)
+        except (ValueError, TypeError) as exc:
+            # cryptography does not distinguish a wrong passphrase from a damaged file.
+            raise KeystoreError("wrong passphrase or corrupt keystore") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise KeystoreError(f"keystore holds a {type(key).__name__}, not an EC key")
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise KeystoreError(f"keystore key is on {key.curve.name}, not P-256")
+        return cls(key)
+
+    def save(self, path: Path | str, passphrase: bytes, *, overwrite: bool = False) -> None:
+        """Encrypt and write atomically with mode 0600 (see :func:`write_private_file`)."""
+        write_private_file(path, self.to_encrypted_pem(passphrase), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: Path | str, passphrase: bytes) -> Self:
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise KeystoreError(f"cannot read keystore {p}: {exc}") from exc
+        try:
+            return cls.from_encrypted_pem(data, passphrase)
+        except KeystoreError as exc:
+            raise KeystoreError(f"{p}: {exc}") from exc
+
+    # -- Signer / KeyAgreement ---------------------------------------------------------------
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        return self._key
+
+    def sign(self, data: bytes) -> bytes:
+        """DER-encoded ECDSA-SHA256 signature over ``data``."""
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+    def exchange(self, peer: ec.EllipticCurvePublicKey) -> bytes:
+        """ECDH shared secret (x coordinate, 32 bytes) with a P-256 peer."""
+        if not isinstance(peer, ec.EllipticCurvePublicKey) or not isinstance(
+            peer.curve, ec.SECP256R1
+        ):
+            raise SignerError("ECDH peer must be a P-256 public key")
+        return self._key.exchange(ec.ECDH(), peer)
+
+    def __repr__(self) -> str:
+        kind = "ephemeral" if self._ephemeral else "software"
+        return f"SoftwareKey({kind})"

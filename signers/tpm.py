@@ -1,0 +1,622 @@
+"""Keys inside a TPM 2.0 (tpm2-pytss), addressed by a TCTI string.
+
+The TCTI is configuration, never a constant: ``swtpm:host=127.0.0.1,port=P`` for the
+software TPM in tests and simulations, ``device:/dev/tpmrm0`` on hardware (the kernel's
+resource manager), ``tabrmd:`` where the access broker runs.
+
+Key model
+---------
+Every key is a P-256 ordinary key created by the TPM under the *storage primary key* of the
+owner hierarchy. The primary is re-derived on demand from the owner seed with the standard
+template (the one tpm2-openssl and tpm2-tss-engine use), so it never needs a persistent
+handle. A created key is exported only as a *wrapped blob*: its private part is encrypted
+with the storage key and is useless outside this TPM, so it is stored as a
+``TSS2 PRIVATE KEY`` PEM (``tpm2_pytss.tsskey.TSSPrivKey``, readable by tpm2-openssl) and
+loaded back in a later process. Attributes: ``fixedTPM | fixedParent | sensitiveDataOrigin |
+userWithAuth`` plus ``sign`` (signing keys, scheme pinned to ECDSA-SHA256) or ``decrypt``
+(ECDH keys: TPM2_ECDH_ZGen requires ``decrypt`` and refuses restricted keys). A key never
+has both: one key, one purpose.
+
+Object slots
+------------
+libtpms has 3 transient object slots and a raw swtpm socket has no resource manager.
+:class:`Tpm` flushes stale transient objects left by a previous client at connect time,
+flushes the primary right after each create/load, and keeps at most
+:data:`MAX_LOADED_KEYS` keys loaded, evicting the least recently used one (a key is
+transparently reloaded from its blob on next use).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_ECC,
+    TPM2_HC,
+    TPM2_NT,
+    TPM2_RH,
+    TPMA_NV,
+    TPMA_OBJECT,
+)
+from tpm2_pytss.cryptography import tpm_ecc_private_key
+from tpm2_pytss.tsskey import TSSPrivKey
+from tpm2_pytss.types import (
+    TPM2B_DATA,
+    TPM2B_ECC_POINT,
+    TPM2B_NV_PUBLIC,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPML_PCR_SELECTION,
+    TPMS_ECC_PARMS,
+    TPMS_NV_PUBLIC,
+    TPMT_ECC_SCHEME,
+    TPMT_KDF_SCHEME,
+    TPMT_PUBLIC,
+    TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF_OBJECT,
+    TPMU_PUBLIC_PARMS,
+    TPMU_SYM_KEY_BITS,
+    TPMU_SYM_MODE,
+)
+
+from signers.errors import TpmError, TpmKeyError
+from signers.software import write_private_file
+
+__all__ = [
+    "ECC_EK_CERT_NV_INDEX",
+    "MAX_LOADED_KEYS",
+    "RSA_EK_CERT_NV_INDEX",
+    "Tpm",
+    "TpmCertification",
+    "TpmKey",
+    "TpmKeyUsage",
+    "TpmNvCounter",
+]
+
+#: TCG EK credential profile NV indices (swtpm_setup writes both).
+RSA_EK_CERT_NV_INDEX = 0x01C00002
+ECC_EK_CERT_NV_INDEX = 0x01C0000A  # P-256; swtpm 0.7 provisions P-384 at 0x01C00016 instead
+ECC_P384_EK_CERT_NV_INDEX = 0x01C00016
+
+#: Keys kept loaded at once; one of libtpms' 3 slots stays free for the transient primary.
+MAX_LOADED_KEYS = 2
+
+_TPM2_PT_NV_BUFFER_MAX = 0x12C  # TPM2_PT_FIXED + 44; not named in tpm2-pytss 3.0
+_OWNER_NV_FIRST = 0x01000000  # TCG handle registry: owner-defined NV indices
+_OWNER_NV_LAST = 0x013FFFFF
+
+# NODA: these keys have an empty authValue, so dictionary-attack protection guards nothing,
+# while every non-orderly shutdown (power loss, a killed swtpm) after using a DA-protected
+# key counts as a failed attempt; three of those lock the TPM for 1000 s.
+_BASE_ATTRS = (
+    TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.NODA
+)
+
+
+def _storage_primary_template() -> TPMT_PUBLIC:
+    """The TCG/tpm2-openssl ECC storage primary (SRK) template: same seed, same key."""
+    return TPMT_PUBLIC(
+        type=TPM2_ALG.ECC,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=TPMA_OBJECT.USERWITHAUTH
+        | TPMA_OBJECT.RESTRICTED
+        | TPMA_OBJECT.DECRYPT
+        | TPMA_OBJECT.NODA
+        | TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN,
+        authPolicy=b"",
+        parameters=TPMU_PUBLIC_PARMS(
+            eccDetail=TPMS_ECC_PARMS(
+                symmetric=TPMT_SYM_DEF_OBJECT(
+                    algorithm=TPM2_ALG.AES,
+                    keyBits=TPMU_SYM_KEY_BITS(aes=128),
+                    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+                ),
+                scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
+                curveID=TPM2_ECC.NIST_P256,
+                kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
+            ),
+        ),
+    )
+
+
+class TpmKeyUsage(Enum):
+    """What a TPM key may do; fixed in its attributes at creation, checked at load."""
+
+    SIGN = "sign"
+    ECDH = "ecdh"
+    #: Restricted signing key: signs only TPM-generated attestation (TPM2_Certify/Quote),
+    #: so a verifier knows a ``TPMS_ATTEST`` it signed was not forged by software.
+    ATTEST = "attest"
+
+
+def _key_template(usage: TpmKeyUsage) -> TPMT_PUBLIC:
+    if usage is TpmKeyUsage.SIGN or usage is TpmKeyUsage.ATTEST:
+        attrs = _BASE_ATTRS | TPMA_OBJECT.SIGN_ENCRYPT
+        if usage is TpmKeyUsage.ATTEST:
+            attrs |= TPMA_OBJECT.RESTRICTED
+        scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.ECDSA)
+        scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
+    else:
+        attrs = _BASE_ATTRS | TPMA_OBJECT.DECRYPT
+        scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL)
+    return TPMT_PUBLIC(
+        type=TPM2_ALG.ECC,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=attrs,
+        authPolicy=b"",
+        parameters=TPMU_PUBLIC_PARMS(
+            eccDetail=TPMS_ECC_PARMS(
+                symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+                scheme=scheme,
+                curveID=TPM2_ECC.NIST_P256,
+                kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
+            ),
+        ),
+    )
+
+
+def _usage_of(public: TPMT_PUBLIC) -> TpmKeyUsage:
+    """Check a loaded blob's public area against what this module creates (fail closed)."""
+    if public.type != TPM2_ALG.ECC:
+        raise TpmKeyError("TPM key is not an ECC key")
+    if public.parameters.eccDetail.curveID != TPM2_ECC.NIST_P256:
+        raise TpmKeyError("TPM key is not on P-256")
+    attrs = int(public.objectAttributes)
+    if attrs & _BASE_ATTRS != _BASE_ATTRS:
+        raise TpmKeyError("TPM key lacks fixedTPM/fixedParent/sensitiveDataOrigin/userWithAuth")
+    sign = bool(attrs & TPMA_OBJECT.SIGN_ENCRYPT)
+    decrypt = bool(attrs & TPMA_OBJECT.DECRYPT)
+    if attrs & TPMA_OBJECT.RESTRICTED:
+        if sign and not decrypt:
+            return TpmKeyUsage.ATTEST
+        raise TpmKeyError("restricted TPM key that is not an attestation key")
+    if sign and not decrypt:
+        return TpmKeyUsage.SIGN
+    if decrypt and not sign:
+        return TpmKeyUsage.ECDH
+    raise TpmKeyError("TPM key must be either a signing or an ECDH key, not both or neither")
+
+
+class Tpm:
+    """One ESAPI connection to one TPM. Not shareable across processes on a raw swtpm socket.
+
+    Operations are serialised with a lock (ESAPI contexts are not thread-safe), so a
+    ``Tpm`` may be used from ``asyncio.to_thread`` workers.
+    """
+
+    def __init__(self, tcti: str) -> None:
+        if not tcti:
+            raise TpmError("empty TCTI configuration")
+        # The TSS C library logs every TPM error response to stderr; callers get exceptions.
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
+        self.tcti = tcti
+        self.lock = threading.RLock()
+        self._loaded: OrderedDict[int, TpmKey] = OrderedDict()
+        try:
+            self._ectx: ESAPI | None = ESAPI(tcti)
+        except Exception as exc:  # TSS2_Exception or a TCTI loader error
+            raise TpmError(f"cannot connect to TPM via {tcti!r}: {exc}") from exc
+        try:
+            self.stale_flushed = self.flush_transients()
+        except TpmError:
+            self.close()
+            raise
+
+    @property
+    def esapi(self) -> ESAPI:
+        if self._ectx is None:
+            raise TpmError("TPM connection is closed")
+        return self._ectx
+
+    def flush_transients(self) -> int:
+        """Flush every transient object in the TPM; returns how many were flushed.
+
+        A crashed previous client leaves its objects loaded, and with only 3 slots the next
+        TPM2_Create would fail with "out of memory for object contexts".
+        """
+        with self.lock:
+            ectx = self.esapi
+            try:
+                _, data = ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HC.TRANSIENT_FIRST, 64)
+                handles = [data.data.handles.handle[i] for i in range(data.data.handles.count)]
+                for h in handles:
+                    ectx.flush_context(ectx.tr_from_tpmpublic(h))
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot flush transient objects: {exc}") from exc
+            for key in self._loaded.values():
+                key._handle = None
+            self._loaded.clear()
+            return len(handles)
+
+    def close(self) -> None:
+        with self.lock:
+            if self._ectx is None:
+                return
+            for key in list(self._loaded.values()):
+                self._evict(key)
+            self._ectx.close()
+            self._ectx = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- primary and slot management -----------------------------------------------------------
+
+    def _create_primary(self) -> ESYS_TR:
+        handle, *_ = self.esapi.create_primary(
+            in_sensitive=TPM2B_SENSITIVE_CREATE(),
+            in_public=TPM2B_PUBLIC(publicArea=_storage_primary_template()),
+            primary_handle=ESYS_TR.OWNER,
+        )
+        return handle
+
+    def _make_room(self) -> None:
+        while len(self._loaded) >= MAX_LOADED_KEYS:
+            _, victim = next(iter(self._loaded.items()))
+            self._evict(victim)
+
+    def _evict(self, key: TpmKey) -> None:
+        handle = key._handle
+        key._handle = None
+        self._loaded.pop(id(key), None)
+        if handle is not None and self._ectx is not None:
+            try:
+                self._ectx.flush_context(handle)
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot flush TPM key: {exc}") from exc
+
+    def _load_blob(self, key: TpmKey) -> ESYS_TR:
+        """Load ``key``'s wrapped blob (under a fresh primary, flushed right after)."""
+        self._make_room()
+        ectx = self.esapi
+        try:
+            primary = self._create_primary()
+        except TSS2_Exception as exc:
+            raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+        try:
+            handle = ectx.load(primary, key._blob.private, key._blob.public)
+        except TSS2_Exception as exc:
+            raise TpmKeyError(
+                "TPM refused the wrapped key (made by another TPM, or the owner hierarchy "
+                f"was cleared): {exc}"
+            ) from exc
+        finally:
+            ectx.flush_context(primary)
+        self._loaded[id(key)] = key
+        return handle
+
+    def _touch(self, key: TpmKey) -> ESYS_TR:
+        if key._handle is None:
+            key._handle = self._load_blob(key)
+        else:
+            self._loaded.move_to_end(id(key))
+        return key._handle
+
+    # -- EK certificate ------------------------------------------------------------------------
+
+    def nv_read_all(self, index: int) -> bytes:
+        """Read a whole NV index with owner authorisation, in TPM-sized chunks."""
+        with self.lock:
+            ectx = self.esapi
+            try:
+                nv = ectx.tr_from_tpmpublic(index)
+                pub, _ = ectx.nv_read_public(nv)
+                size = int(pub.nvPublic.dataSize)
+                _, cap = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, _TPM2_PT_NV_BUFFER_MAX, 1)
+                chunk = int(cap.data.tpmProperties.tpmProperty[0].value) or 512
+                out = bytearray()
+                while len(out) < size:
+                    n = min(chunk, size - len(out))
+                    out += bytes(ectx.nv_read(nv, n, len(out), auth_handle=ESYS_TR.OWNER))
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot read NV index 0x{index:08x}: {exc}") from exc
+            return bytes(out)
+
+    def read_ek_certificate(self, index: int = RSA_EK_CERT_NV_INDEX) -> x509.Certificate:
+        """The EK certificate the TPM vendor (or ``swtpm_setup``) stored in NV."""
+        der = self.nv_read_all(index)
+        try:
+            return x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise TpmError(f"NV index 0x{index:08x} does not hold a DER certificate") from exc
+
+
+class _TpmEccPrivateKey(tpm_ecc_private_key):  # type: ignore[misc]
+    """``tpm_ecc_private_key`` that reloads its key if it was evicted, under the TPM lock."""
+
+    def __init__(self, owner: TpmKey) -> None:
+        self._owner = owner
+        with owner._tpm.lock:
+            super().__init__(owner._tpm.esapi, owner._tpm._touch(owner))
+
+    @property
+    def _handle(self) -> ESYS_TR:
+        return self._owner._tpm._touch(self._owner)
+
+    @_handle.setter
+    def _handle(self, value: Any) -> None:
+        """The base class assigns the handle once; ours is always looked up live."""
+
+    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        with self._owner._tpm.lock:
+            try:
+                return bytes(super().sign(data, signature_algorithm))
+            except TSS2_Exception as exc:
+                raise TpmError(f"TPM2_Sign failed: {exc}") from exc
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        return self._owner.exchange(peer_public_key)
+
+    def __copy__(self) -> _TpmEccPrivateKey:
+        return _TpmEccPrivateKey(self._owner)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _TpmEccPrivateKey:
+        return _TpmEccPrivateKey(self._owner)
+
+
+class TpmKey:
+    """A P-256 key that lives in a TPM; implements ``Signer`` (SIGN) or ``KeyAgreement`` (ECDH).
+
+    Persist with :meth:`to_pem` / :meth:`save` (a TPM-wrapped blob, safe on disk) and get it
+    back with :meth:`from_pem` / :meth:`load` on the same TPM, in any later process.
+    """
+
+    def __init__(self, tpm: Tpm, blob: TSSPrivKey) -> None:
+        self._tpm = tpm
+        self._blob = blob
+        self.usage = _usage_of(blob.public.publicArea)
+        self._handle: ESYS_TR | None = None
+        pub = blob.public.publicArea.unique.ecc
+        self._public = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(bytes(pub.x), "big"), int.from_bytes(bytes(pub.y), "big"), ec.SECP256R1()
+        ).public_key()
+        self._priv: _TpmEccPrivateKey | None = None
+
+    @classmethod
+    def create(cls, tpm: Tpm, usage: TpmKeyUsage = TpmKeyUsage.SIGN) -> Self:
+        """Have the TPM generate a new non-exportable key; it is loaded and ready to use."""
+        with tpm.lock:
+            ectx = tpm.esapi
+            tpm._make_room()
+            try:
+                primary = tpm._create_primary()
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+            try:
+                private, public, *_ = ectx.create(
+                    parent_handle=primary,
+                    in_sensitive=TPM2B_SENSITIVE_CREATE(),
+                    in_public=TPM2B_PUBLIC(publicArea=_key_template(usage)),
+                    outside_info=TPM2B_DATA(),
+                    creation_pcr=TPML_PCR_SELECTION(),
+                )
+                handle = ectx.load(primary, private, public)
+            except TSS2_Exception as exc:
+                raise TpmError(f"TPM2_Create/Load failed: {exc}") from exc
+            finally:
+                ectx.flush_context(primary)
+            key = cls(tpm, TSSPrivKey(private, public, empty_auth=True, parent=TPM2_RH.OWNER))
+            key._handle = handle
+            tpm._loaded[id(key)] = key
+            return key
+
+    @classmethod
+    def from_pem(cls, tpm: Tpm, pem: bytes) -> Self:
+        """Rebuild a key from its ``TSS2 PRIVATE KEY`` PEM and load it into ``tpm``."""
+        try:
+            blob = TSSPrivKey.from_pem(pem)
+        except (ValueError, TypeError) as exc:
+            raise TpmKeyError("not a TSS2 PRIVATE KEY PEM") from exc
+        if not blob.empty_auth or blob.parent != TPM2_RH.OWNER:
+            raise TpmKeyError("only empty-auth keys under the owner storage primary are supported")
+        key = cls(tpm, blob)
+        with tpm.lock:
+            tpm._touch(key)  # fail now, not on first use, if the blob is foreign
+        return key
+
+    def to_pem(self) -> bytes:
+        return bytes(self._blob.to_pem())
+
+    def save(self, path: Path | str, *, overwrite: bool = False) -> None:
+        """Write the wrapped blob atomically (0600 out of habit; it is not a secret)."""
+        write_private_file(path, self.to_pem(), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, tpm: Tpm, path: Path | str) -> Self:
+        p = Path(path)
+        try:
+            pem = p.read_bytes()
+        except OSError as exc:
+            raise TpmKeyError(f"cannot read TPM key file {p}: {exc}") from exc
+        return cls.from_pem(tpm, pem)
+
+    def unload(self) -> None:
+        """Free the TPM slot now; the key reloads from its blob on next use."""
+        with self._tpm.lock:
+            self._tpm._evict(self)
+
+    # -- Signer / KeyAgreement ---------------------------------------------------------------
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public
+
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """An ``EllipticCurvePrivateKey`` whose operations run inside the TPM."""
+        if self.usage is TpmKeyUsage.ATTEST:
+            raise TpmKeyError("an attestation key signs only TPM attestations (use certify)")
+        if self._priv is None:
+            self._priv = _TpmEccPrivateKey(self)
+        return self._priv
+
+    def sign(self, data: bytes) -> bytes:
+        """DER ECDSA-SHA256 signature computed by the TPM."""
+        if self.usage is not TpmKeyUsage.SIGN:
+            raise TpmKeyError("this TPM key is an ECDH key and cannot sign")
+        return self.private_key().sign(data, ec.ECDSA(hashes.SHA256()))
+
+    def exchange(self, peer: ec.EllipticCurvePublicKey) -> bytes:
+        """ECDH (TPM2_ECDH_ZGen): the shared x coordinate, 32 bytes, as ``cryptography``."""
+        if self.usage is not TpmKeyUsage.ECDH:
+            raise TpmKeyError("this TPM key is a signing key and cannot do ECDH")
+        if not isinstance(peer, ec.EllipticCurvePublicKey) or not isinstance(
+            peer.curve, ec.SECP256R1
+        ):
+            raise TpmKeyError("ECDH peer must be a P-256 public key")
+        nums = peer.public_numbers()
+        point = TPM2B_ECC_POINT()
+        point.point.x = nums.x.to_bytes(32, "big")
+        point.point.y = nums.y.to_bytes(32, "big")
+        with self._tpm.lock:
+            try:
+                out = self._tpm.esapi.ecdh_zgen(self._tpm._touch(self), point)
+            except TSS2_Exception as exc:
+                raise TpmError(f"TPM2_ECDH_ZGen failed: {exc}") from exc
+        return bytes(out.point.x).rjust(32, b"\0")
+
+    def certify(self, subject: TpmKey, qualifying_data: bytes) -> TpmCertification:
+        """TPM2_Certify: this attestation key vouches that ``subject`` is loaded in this TPM.
+
+        ``qualifying_data`` is the verifier's nonce (at most 32 bytes here, which a SHA-256
+        nonce fits). The result is the marshalled ``TPMS_ATTEST`` (magic TPM_GENERATED,
+        type ATTEST_CERTIFY, the subject's TPM name) and a DER ECDSA-SHA256 signature over
+        it; verify it with this key's public key and compare the name with
+        :meth:`tpm_name` of the subject's public area.
+        """
+        if self.usage is not TpmKeyUsage.ATTEST:
+            raise TpmKeyError("only an attestation (restricted signing) key can certify")
+        if len(qualifying_data) > 32:
+            raise TpmKeyError("qualifying data longer than 32 bytes")
+        scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
+        with self._tpm.lock:
+            try:
+                subject_handle = self._tpm._touch(subject)
+                attest, signature = self._tpm.esapi.certify(
+                    subject_handle,
+                    self._tpm._touch(self),
+                    TPM2B_DATA(qualifying_data),
+                    scheme,
+                    session1=ESYS_TR.PASSWORD,
+                    session2=ESYS_TR.PASSWORD,
+                )
+            except TSS2_Exception as exc:
+                raise TpmError(f"TPM2_Certify failed: {exc}") from exc
+        return TpmCertification(attest=bytes(attest), signature=bytes(signature))
+
+    def tpm_name(self) -> bytes:
+        """The TPM name of this key: nameAlg (SHA-256) || SHA-256(TPMT_PUBLIC)."""
+        return bytes(self._blob.public.publicArea.get_name().marshal()[2:])
+
+    def __repr__(self) -> str:
+        return f"TpmKey(usage={self.usage.value}, loaded={self._handle is not None})"
+
+
+@dataclass(frozen=True, slots=True)
+class TpmCertification:
+    """Output of TPM2_Certify: marshalled TPMS_ATTEST and DER ECDSA-SHA256 over it."""
+
+    attest: bytes
+    signature: bytes
+
+
+class TpmNvCounter:
+    """A TPM NV counter (TPM2_NT_COUNTER): a 64-bit value that can only go up.
+
+    Used for anti-rollback (quota counters): restoring an old database cannot lower it, and
+    even undefining and redefining the index does not reset it, because the TPM starts a new
+    counter at the highest value any counter ever had. Authorised by the owner hierarchy.
+    """
+
+    def __init__(self, tpm: Tpm, index: int) -> None:
+        if not _OWNER_NV_FIRST <= index <= _OWNER_NV_LAST:
+            raise TpmError(f"NV index 0x{index:08x} is outside the owner range")
+        self._tpm = tpm
+        self.index = index
+
+    def exists(self) -> bool:
+        with self._tpm.lock:
+            ectx = self._tpm.esapi
+            _, data = ectx.get_capability(TPM2_CAP.HANDLES, self.index, 1)
+            handles = data.data.handles
+            return handles.count > 0 and int(handles.handle[0]) == self.index
+
+    def define(self, *, exist_ok: bool = True) -> Self:
+        """Create the index if needed and make it readable (first increment)."""
+        with self._tpm.lock:
+            if self.exists():
+                if not exist_ok:
+                    raise TpmError(f"NV index 0x{self.index:08x} already defined")
+                self._check_is_counter()
+                return self
+            attrs = (
+                (TPM2_NT.COUNTER << TPMA_NV.TPM2_NT_SHIFT)
+                | TPMA_NV.OWNERWRITE
+                | TPMA_NV.OWNERREAD
+                | TPMA_NV.NO_DA
+            )
+            public = TPM2B_NV_PUBLIC(
+                nvPublic=TPMS_NV_PUBLIC(
+                    nvIndex=self.index, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=8
+                )
+            )
+            try:
+                self._tpm.esapi.nv_define_space(b"", public)
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot define NV counter 0x{self.index:08x}: {exc}") from exc
+            self.increment()  # a counter cannot be read before its first increment
+            return self
+
+    def _nv(self) -> ESYS_TR:
+        try:
+            return self._tpm.esapi.tr_from_tpmpublic(self.index)
+        except TSS2_Exception as exc:
+            raise TpmError(f"NV counter 0x{self.index:08x} is not defined") from exc
+
+    def _check_is_counter(self) -> None:
+        pub, _ = self._tpm.esapi.nv_read_public(self._nv())
+        if TPMA_NV(pub.nvPublic.attributes).nt != TPM2_NT.COUNTER:
+            raise TpmError(f"NV index 0x{self.index:08x} is not a counter")
+
+    def increment(self) -> int:
+        """Add one and return the new value."""
+        with self._tpm.lock:
+            try:
+                self._tpm.esapi.nv_increment(self._nv(), auth_handle=ESYS_TR.OWNER)
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot increment NV counter 0x{self.index:08x}: {exc}") from exc
+            return self.read()
+
+    def read(self) -> int:
+        with self._tpm.lock:
+            try:
+                data = self._tpm.esapi.nv_read(self._nv(), 8, 0, auth_handle=ESYS_TR.OWNER)
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot read NV counter 0x{self.index:08x}: {exc}") from exc
+            return int.from_bytes(bytes(data), "big")

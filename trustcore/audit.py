@@ -1,0 +1,630 @@
+"""The hash-chained audit log of a factory station, its signed checkpoints and its exports.
+
+Record (deterministic CBOR map; entry hash = SHA-256 of the record's exact bytes)::
+
+    {"seq": uint, "prev": bstr(32), "time": uint, "event": tstr,
+     "fields": {tstr => int / tstr / bstr / bool / null}}
+
+``seq`` counts from 0 with no holes; ``prev`` is the entry hash of record ``seq - 1``
+(32 zero bytes for record 0). ``fields`` is flat on purpose: the verifier checks every value
+with one type test, and the reconciler reads them without a second decode.
+
+Checkpoint, signed by the station key (ECDSA-P256-SHA256 over CBOR
+``["devtrust/audit-checkpoint/v1", body]``)::
+
+    {"body": {"station": tstr, "seq": uint, "head": bstr(32), "time": uint, "count": uint},
+     "sig": bstr}
+
+``seq`` is the last record covered, ``head`` its entry hash, ``count`` the number of
+records in the log up to it (``seq + 1``). Because every record names its predecessor's
+hash, one signature over the head attests every record before it.
+
+Export (what a station sends to HQ inside a sealed package)::
+
+    {"v": 1, "records": [bstr, ...], "checkpoint": signed checkpoint}
+
+A CBOR array of byte strings (not length-prefixed frames) so that one C-level decode
+splits the export and each record keeps the exact bytes that were hashed.
+
+How a verifier tells the attacks apart (``AuditChainError.reason``)
+--------------------------------------------------------------------
+Checks run roughly in this order; the first defect found names the error:
+
+``malformed``        a record, checkpoint or export that is not the format above
+                     (``oversized``: an export over the caller's size limit).
+``wrong_station``    the checkpoint names another station than the one expected.
+``forged_checkpoint`` the checkpoint signature does not verify under the station key, or the
+                     signed head is not the recomputed hash of the record at its ``seq``.
+``fork``             two different records claim one ``seq`` (in one export, or a record for a
+                     ``seq`` HQ already accepted that is not provably the accepted one), or
+                     the first record of an export does not link to the head HQ accepted
+                     from the previous export.
+``duplicate``        the very same record appears twice (or re-sends the accepted head).
+``gap``              a ``seq`` between the expected start and the highest ``seq`` present is
+                     missing from the export: records were removed from the middle.
+``reorder``          every ``seq`` is present exactly once, but not in ascending order.
+``rewritten_entry``  ``seq`` order is perfect but a record's ``prev`` is not the hash of its
+                     predecessor: the predecessor (or this record) was altered.
+``truncation``       the chain is intact but ends before the checkpoint's ``seq`` (or holds
+                     fewer records than its ``count``): records were cut from the end.
+``unattested``       the chain goes past the checkpoint: those records carry no signature.
+
+Gap vs truncation vs reorder: a missing ``seq`` *below* the highest ``seq`` present is a
+gap; missing records *above* it are visible only against the signed checkpoint and are a
+truncation; a reorder loses nothing (the set of ``seq`` values is complete), only the order
+is wrong. Classification runs only after the fast path has found something wrong, so it
+costs nothing on a valid log.
+
+Speed: the fast path does one cbor2 (C) decode, one SHA-256 and a few type tests per record
+(about 4 µs; a million-record export verifies in about 4 s when streamed with
+``on_record``, see docs/formats.md). It does not re-encode records to check
+they are canonical: the entry hash covers the exact bytes and the station's checkpoint
+signature covers the hash, so nobody but the station's key holder can choose those bytes,
+and :meth:`AuditLog.append` always writes the deterministic encoding.
+
+Not checked here (policy, in the reconciler): event semantics, time monotonicity (clock
+rollback), quotas and duplicate devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, NoReturn
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from trustcore import cbor
+from trustcore.errors import AuditChainError, EncodingError, InvalidValueError
+from trustcore.keys import Signer
+
+__all__ = [
+    "EXPORT_VERSION",
+    "ZERO_HASH",
+    "AuditExport",
+    "AuditLog",
+    "AuditRecord",
+    "ChainHead",
+    "Checkpoint",
+    "FieldValue",
+    "decode_export",
+    "decode_record",
+    "encode_export",
+    "encode_record",
+    "record_hash",
+    "sign_checkpoint",
+    "verify_chain",
+    "verify_checkpoint",
+    "verify_export",
+]
+
+ZERO_HASH = bytes(32)
+EXPORT_VERSION = 1
+_CHECKPOINT_DOMAIN = "devtrust/audit-checkpoint/v1"
+_MAX_NAME = 128
+_MAX_RECORD_SIZE = 64 * 1024
+_MAX_CHECKPOINT_SIZE = 4096
+_RECORD_KEYS = frozenset({"seq", "prev", "time", "event", "fields"})
+_SCALAR_TYPES = (int, str, bytes, bool, type(None))
+_SCALAR_TYPE_SET = frozenset(_SCALAR_TYPES)
+
+FieldValue = int | str | bytes | bool | None
+
+
+class AuditRecord(NamedTuple):
+    """One verified record. A NamedTuple, not a dataclass: a million are built per export
+    and tuple construction is the cheapest immutable object Python has."""
+
+    seq: int
+    prev_hash: bytes
+    time: int
+    event: str
+    fields: dict[str, FieldValue]
+    hash: bytes  # SHA-256 of the record's bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """Where a chain stands: the next ``seq`` to expect and the hash of the last record.
+
+    After :func:`verify_chain`, ``records`` holds the verified records in order so that the
+    reconciler never decodes them twice.
+    """
+
+    next_seq: int = 0
+    head_hash: bytes = ZERO_HASH
+    records: tuple[AuditRecord, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def last_seq(self) -> int:
+        """``seq`` of the last record (-1 for an empty log)."""
+        return self.next_seq - 1
+
+    @property
+    def count(self) -> int:
+        """Number of records in the log up to the head."""
+        return self.next_seq
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The station's signed statement "my log has ``count`` records ending in ``head``"."""
+
+    station_id: str
+    seq: int
+    head_hash: bytes
+    time: int
+    count: int
+
+    def to_cbor_map(self) -> dict[str, Any]:
+        return {
+            "station": self.station_id,
+            "seq": self.seq,
+            "head": self.head_hash,
+            "time": self.time,
+            "count": self.count,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditExport:
+    """A decoded export: raw record bytes (exactly as hashed) and the signed checkpoint."""
+
+    records: tuple[bytes, ...]
+    checkpoint: bytes  # deterministic CBOR of the signed checkpoint map
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def _fail(reason: str, message: str) -> NoReturn:
+    raise AuditChainError(message, reason=reason)
+
+
+def _check_uint(value: object, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise InvalidValueError(f"{what} must be an integer >= 0")
+    return value
+
+
+def _check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_NAME:
+        raise InvalidValueError(f"{what} must be a string of 1..{_MAX_NAME} characters")
+    return value
+
+
+def _check_fields(fields: Mapping[str, FieldValue]) -> dict[str, FieldValue]:
+    out: dict[str, FieldValue] = {}
+    for key, value in fields.items():
+        _check_name(key, "field name")
+        if not isinstance(value, _SCALAR_TYPES):
+            raise InvalidValueError(
+                f"field {key!r}: values must be int, str, bytes, bool or None "
+                f"(not {type(value).__name__})"
+            )
+        out[key] = value
+    return out
+
+
+def encode_record(
+    seq: int, prev_hash: bytes, time: int, event: str, fields: Mapping[str, FieldValue]
+) -> bytes:
+    """The deterministic encoding of one record (what the station appends and hashes)."""
+    _check_uint(seq, "seq")
+    _check_uint(time, "time")
+    _check_name(event, "event")
+    if not isinstance(prev_hash, bytes) or len(prev_hash) != 32:
+        raise InvalidValueError("prev_hash must be 32 bytes")
+    if seq == 0 and prev_hash != ZERO_HASH:
+        raise InvalidValueError("record 0 must have the zero prev hash")
+    return cbor.encode(
+        {
+            "seq": seq,
+            "prev": prev_hash,
+            "time": time,
+            "event": event,
+            "fields": _check_fields(fields),
+        }
+    )
+
+
+def record_hash(record: bytes) -> bytes:
+    """Entry hash: SHA-256 of the record's exact bytes."""
+    return hashlib.sha256(record).digest()
+
+
+def _decode_fast(raw: bytes, index: int) -> AuditRecord:
+    """Decode one record with cbor2's C decoder and the type tests a record needs; no
+    re-encoding (see the module docstring for why that is sound)."""
+    try:
+        m = cbor2.loads(
+            raw,
+            max_depth=4,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            semantic_decoders=cbor.REFUSE_TAGS,
+        )
+        seq = m["seq"]
+        prev = m["prev"]
+        time = m["time"]
+        event = m["event"]
+        fields = m["fields"]
+    except Exception as exc:  # any decoder error, a non-map, or a missing key
+        raise AuditChainError(f"record #{index} is not a valid record", reason="malformed") from exc
+    if (
+        len(m) != 5
+        or type(seq) is not int
+        or seq < 0
+        or type(prev) is not bytes
+        or len(prev) != 32
+        or type(time) is not int
+        or time < 0
+        or type(event) is not str
+        or type(fields) is not dict
+    ):
+        _fail("malformed", f"record #{index} has a missing, extra or mistyped field")
+    for key, value in fields.items():
+        if type(key) is not str or not isinstance(value, _SCALAR_TYPES):
+            _fail("malformed", f"record #{index}: event fields must be flat str -> scalar")
+    return AuditRecord(seq, prev, time, event, fields, hashlib.sha256(raw).digest())
+
+
+def decode_record(record: bytes) -> AuditRecord:
+    """Strictly decode one record (deterministic encoding enforced); for tools and tests.
+    Bulk verification uses :func:`verify_chain`."""
+    try:
+        cbor.decode(record, max_size=_MAX_RECORD_SIZE)
+    except EncodingError as exc:
+        raise AuditChainError(f"record is not valid CBOR: {exc}", reason="malformed") from exc
+    return _decode_fast(record, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chain verification
+
+
+def verify_chain(
+    records: Iterable[bytes],
+    *,
+    start_seq: int = 0,
+    start_prev_hash: bytes = ZERO_HASH,
+    on_record: Callable[[AuditRecord], object] | None = None,
+) -> ChainHead:
+    """Verify that ``records`` continue the chain whose next ``seq`` is ``start_seq`` and whose
+    head hash is ``start_prev_hash`` (defaults: a new log). Returns the new head, or raises
+    :class:`AuditChainError` naming the defect (module docstring).
+
+    Without ``on_record`` the decoded records are returned in ``ChainHead.records``. With
+    it, each record is handed to ``on_record`` as soon as it has passed the chain check and
+    is not kept: at a million records, keeping them all costs gigabytes and about half the
+    time (allocator pressure), so a reconciler should stream and keep only its own tallies.
+    Whatever ``on_record`` collected is provisional until the call returns (and, for an
+    export, until :func:`verify_export` has matched the signed checkpoint): discard it if
+    an error is raised.
+
+    This checks continuity only; which head the chain must reach is the signed checkpoint's
+    business (:func:`verify_export`).
+    """
+    if isinstance(records, bytes | bytearray | memoryview | str):
+        raise TypeError("records must be an iterable of record byte strings, not one string")
+    if type(start_seq) is not int or start_seq < 0:
+        raise InvalidValueError("start_seq must be an integer >= 0")
+    if not isinstance(start_prev_hash, bytes) or len(start_prev_hash) != 32:
+        raise InvalidValueError("start_prev_hash must be 32 bytes")
+    # Keep the records: if something is wrong, the diagnosis re-reads them all.
+    items: Sequence[bytes] = records if isinstance(records, Sequence) else list(records)
+
+    # The hot loop: _decode_fast inlined (about 10% faster on a million records). Any
+    # irregularity falls back to _decode_fast, the single source of the "malformed" error.
+    loads = cbor2.loads
+    sha256 = hashlib.sha256
+    refuse_tags = cbor.REFUSE_TAGS
+    scalar_types = _SCALAR_TYPE_SET
+    make = AuditRecord
+    expected = start_seq
+    prev = start_prev_hash
+    out: list[AuditRecord] = []
+    append: Callable[[AuditRecord], object] = out.append if on_record is None else on_record
+    for index, raw in enumerate(items):
+        try:
+            m = loads(
+                raw,
+                max_depth=4,
+                allow_indefinite=False,
+                allow_duplicate_keys=False,
+                semantic_decoders=refuse_tags,
+            )
+            seq = m["seq"]
+            prev_field = m["prev"]
+            time = m["time"]
+            event = m["event"]
+            fields = m["fields"]
+            ok = (
+                len(m) == 5
+                and type(seq) is int
+                and type(prev_field) is bytes
+                and len(prev_field) == 32
+                and type(time) is int
+                and time >= 0
+                and type(event) is str
+                and type(fields) is dict
+            )
+            if ok:
+                for key, value in fields.items():
+                    if type(key) is not str or type(value) not in scalar_types:
+                        ok = False
+                        break
+        except Exception:  # any decoder error, a non-map, a missing key: reported below
+            ok = False
+        if not ok:
+            _decode_fast(raw, index)  # raises the precise "malformed" error
+            _fail("malformed", f"record #{index} is not a valid record")  # pragma: no cover
+        if seq != expected or prev_field != prev:
+            _diagnose(items, start_seq, start_prev_hash)
+        prev = sha256(raw).digest()
+        append(make(seq, prev_field, time, event, fields, prev))
+        expected += 1
+    return ChainHead(next_seq=expected, head_hash=prev, records=tuple(out))
+
+
+def _diagnose(items: Sequence[bytes], start_seq: int, start_prev_hash: bytes) -> NoReturn:
+    """Name the defect of a chain the fast path refused (slow, runs only on failure)."""
+    decoded = [_decode_fast(raw, i) for i, raw in enumerate(items)]
+
+    # 1. Records for sequence numbers HQ already accepted from an earlier export. Only the
+    #    head's hash is known here, so an older record cannot be proven identical: fail
+    #    closed and call any such record a fork.
+    for rec in decoded:
+        if rec.seq < start_seq:
+            if rec.seq == start_seq - 1 and rec.hash == start_prev_hash:
+                _fail("duplicate", f"record {rec.seq} was already accepted (re-sent head)")
+            _fail("fork", f"record {rec.seq} competes with the already accepted history")
+
+    # 2. One seq, two records.
+    seen: dict[int, bytes] = {}
+    duplicate: int | None = None
+    for rec in decoded:
+        if rec.seq not in seen:
+            seen[rec.seq] = rec.hash
+        elif seen[rec.seq] != rec.hash:
+            _fail("fork", f"two different records claim seq {rec.seq}")
+        elif duplicate is None:
+            duplicate = rec.seq
+    if duplicate is not None:
+        _fail("duplicate", f"record {duplicate} appears more than once")
+
+    # 3. Holes below the highest seq present.
+    highest = max(seen)
+    for seq in range(start_seq, highest + 1):
+        if seq not in seen:
+            _fail("gap", f"record {seq} is missing (records up to {highest} are present)")
+
+    # 4. Complete but out of order.
+    for position, rec in enumerate(decoded):
+        if rec.seq != start_seq + position:
+            _fail("reorder", f"record {rec.seq} is at position {position}")
+
+    # 5. In order, but a link is broken.
+    prev = start_prev_hash
+    for rec in decoded:
+        if rec.prev_hash != prev:
+            if rec.seq == start_seq:
+                _fail(
+                    "fork",
+                    f"record {rec.seq} does not link to the accepted head "
+                    f"{start_prev_hash.hex()[:16]}...",
+                )
+            _fail(
+                "rewritten_entry",
+                f"record {rec.seq} does not link to record {rec.seq - 1}: one of them was altered",
+            )
+        prev = rec.hash
+    raise AssertionError("_diagnose called on a valid chain")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _checkpoint_sig_input(body: Mapping[str, Any]) -> bytes:
+    return cbor.encode([_CHECKPOINT_DOMAIN, dict(body)])
+
+
+def sign_checkpoint(checkpoint: Checkpoint, signer: Signer) -> bytes:
+    """The signed checkpoint bytes (deterministic CBOR map ``{"body", "sig"}``)."""
+    _check_name(checkpoint.station_id, "station_id")
+    _check_uint(checkpoint.seq, "seq")
+    _check_uint(checkpoint.time, "time")
+    _check_uint(checkpoint.count, "count")
+    if not isinstance(checkpoint.head_hash, bytes) or len(checkpoint.head_hash) != 32:
+        raise InvalidValueError("head_hash must be 32 bytes")
+    body = checkpoint.to_cbor_map()
+    return cbor.encode({"body": body, "sig": signer.sign(_checkpoint_sig_input(body))})
+
+
+def verify_checkpoint(
+    data: bytes, *, station_id: str, station_public: ec.EllipticCurvePublicKey
+) -> Checkpoint:
+    """Decode a signed checkpoint; refuse another station's (``wrong_station``) and a bad
+    signature (``forged_checkpoint``). The station key's certificate chain is the caller's
+    job (``trustcore.verify``)."""
+    try:
+        top = cbor.map_of(cbor.decode(data, max_size=_MAX_CHECKPOINT_SIZE), "checkpoint")
+        cbor.expect_keys(top, {"body", "sig"}, what="checkpoint")
+        sig = cbor.field(top, "sig", bytes)
+        body = cbor.map_of(top["body"], "checkpoint body")
+        cbor.expect_keys(body, {"station", "seq", "head", "time", "count"}, what="checkpoint body")
+        checkpoint = Checkpoint(
+            station_id=cbor.field(body, "station", str),
+            seq=cbor.field(body, "seq", int),
+            head_hash=cbor.field(body, "head", bytes, size=32),
+            time=cbor.field(body, "time", int),
+            count=cbor.field(body, "count", int),
+        )
+        if checkpoint.seq < 0 or checkpoint.time < 0 or checkpoint.count < 0:
+            raise EncodingError("checkpoint integers must be >= 0")
+    except EncodingError as exc:
+        raise AuditChainError(f"checkpoint: {exc}", reason="malformed") from exc
+    if checkpoint.station_id != station_id:
+        _fail(
+            "wrong_station",
+            f"checkpoint is from station {checkpoint.station_id!r}, expected {station_id!r}",
+        )
+    try:
+        station_public.verify(sig, _checkpoint_sig_input(body), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature as exc:
+        raise AuditChainError(
+            "checkpoint signature does not verify under the station key",
+            reason="forged_checkpoint",
+        ) from exc
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports
+
+
+def encode_export(records: Sequence[bytes], checkpoint: bytes) -> bytes:
+    """An export: the records since the last export plus the signed checkpoint at its end."""
+    try:
+        cp = cbor.decode(checkpoint, max_size=_MAX_CHECKPOINT_SIZE)
+    except EncodingError as exc:
+        raise InvalidValueError("checkpoint is not a signed checkpoint") from exc
+    return cbor.encode({"v": EXPORT_VERSION, "records": list(records), "checkpoint": cp})
+
+
+def decode_export(data: bytes, *, max_size: int) -> AuditExport:
+    """Split an export into raw records and the signed checkpoint (structure only: call
+    :func:`verify_export` to verify it).
+
+    Canonical form is checked with cbor2's C encoder rather than :func:`cbor.decode`'s
+    Python re-encoding (1.5 s for a million records): every map in an export has text keys
+    only, and for text keys cbor2's length-first order equals RFC 8949 §4.2.1 bytewise
+    order; the types are checked before that comparison.
+    """
+    if not isinstance(data, bytes):
+        raise TypeError("export must be bytes")
+    if len(data) > max_size:
+        raise AuditChainError(f"export of {len(data)} bytes exceeds {max_size}", reason="oversized")
+    try:
+        top = cbor2.loads(
+            data,
+            max_depth=4,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            semantic_decoders=cbor.REFUSE_TAGS,
+        )
+        top = cbor.map_of(top, "export")
+        cbor.expect_keys(top, {"v", "records", "checkpoint"}, what="export")
+        if cbor.field(top, "v", int) != EXPORT_VERSION:
+            raise EncodingError(f"unsupported export version {top['v']!r}")
+        records = cbor.field(top, "records", list)
+        if not all(type(r) is bytes for r in records):
+            raise EncodingError("export records must be byte strings")
+        checkpoint = cbor.encode(cbor.map_of(top["checkpoint"], "checkpoint"))
+    except AuditChainError:
+        raise
+    except Exception as exc:  # decoder errors of any type, and EncodingError
+        raise AuditChainError(f"export is malformed: {exc}", reason="malformed") from exc
+    if cbor2.dumps(top, canonical=True) != data:
+        _fail("malformed", "export is not in deterministic encoding (or has trailing bytes)")
+    return AuditExport(records=tuple(records), checkpoint=checkpoint)
+
+
+def verify_export(
+    export: bytes | AuditExport,
+    *,
+    station_id: str,
+    station_public: ec.EllipticCurvePublicKey,
+    start_seq: int = 0,
+    start_prev_hash: bytes = ZERO_HASH,
+    max_size: int = 256 * 1024 * 1024,
+    on_record: Callable[[AuditRecord], object] | None = None,
+) -> ChainHead:
+    """Verify an export end to end: checkpoint (station, signature), chain continuity from
+    the previously accepted head, and that the chain ends exactly at the signed head.
+
+    Returns the new head (store ``next_seq`` and ``head_hash`` for the next export). Records
+    are returned in ``ChainHead.records`` or streamed to ``on_record`` (see
+    :func:`verify_chain`; use streaming for large exports and treat what it saw as
+    provisional until this function returns).
+    """
+    if not isinstance(export, AuditExport):
+        export = decode_export(export, max_size=max_size)
+    checkpoint = verify_checkpoint(
+        export.checkpoint, station_id=station_id, station_public=station_public
+    )
+    head = verify_chain(
+        export.records, start_seq=start_seq, start_prev_hash=start_prev_hash, on_record=on_record
+    )
+    if head.last_seq < checkpoint.seq:
+        _fail(
+            "truncation",
+            f"export ends at seq {head.last_seq} but the checkpoint covers up to {checkpoint.seq}",
+        )
+    if head.last_seq > checkpoint.seq:
+        _fail(
+            "unattested",
+            f"chain reaches seq {head.last_seq} but the signed checkpoint ends at {checkpoint.seq}",
+        )
+    if head.head_hash != checkpoint.head_hash:
+        _fail("forged_checkpoint", f"signed head does not match record {checkpoint.seq}")
+    if head.count != checkpoint.count:
+        _fail(
+            "truncation",
+            f"checkpoint counts {checkpoint.count} records, the chain holds {head.count}",
+        )
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# The station-side builder
+
+
+class AuditLog:
+    """Append-only builder for one station's log (pure: the caller persists each returned
+    record before acting on it, and resumes after a restart with the stored head)."""
+
+    def __init__(self, station_id: str, *, head: ChainHead | None = None) -> None:
+        self._station_id = _check_name(station_id, "station_id")
+        start = head if head is not None else ChainHead()
+        self._next_seq = _check_uint(start.next_seq, "next_seq")
+        if not isinstance(start.head_hash, bytes) or len(start.head_hash) != 32:
+            raise InvalidValueError("head_hash must be 32 bytes")
+        if (self._next_seq == 0) != (start.head_hash == ZERO_HASH):
+            raise InvalidValueError("an empty log has the zero head hash, and only it does")
+        self._head_hash = start.head_hash
+
+    @property
+    def station_id(self) -> str:
+        return self._station_id
+
+    @property
+    def head(self) -> ChainHead:
+        return ChainHead(next_seq=self._next_seq, head_hash=self._head_hash)
+
+    def append(self, event: str, fields: Mapping[str, FieldValue], time: int) -> bytes:
+        """Encode the next record, advance the head, return the record bytes."""
+        record = encode_record(self._next_seq, self._head_hash, time, event, fields)
+        self._head_hash = record_hash(record)
+        self._next_seq += 1
+        return record
+
+    def make_checkpoint(self, signer: Signer, time: int) -> bytes:
+        """Sign the current head with the station key (at least one record is required:
+        an empty log has nothing to attest)."""
+        if self._next_seq == 0:
+            raise InvalidValueError("cannot checkpoint an empty log")
+        checkpoint = Checkpoint(
+            station_id=self._station_id,
+            seq=self._next_seq - 1,
+            head_hash=self._head_hash,
+            time=_check_uint(time, "time"),
+            count=self._next_seq,
+        )
+        return sign_checkpoint(checkpoint, signer)

@@ -1,0 +1,241 @@
+"""Deterministic CBOR (RFC 8949 §4.2.1, "core deterministic encoding") for every signed format.
+
+Why a hand-written encoder: ``cbor2.dumps(canonical=True)`` sorts map keys length-first
+(the old RFC 7049 rule, RFC 8949 §4.2.3), not by the bytewise order of their encodings that
+§4.2.1 requires; the two differ as soon as a map mixes key types (``-1`` sorts after ``24``
+under §4.2.1). The data model here is tiny, so the encoder is a few lines and byte-exact:
+
+* ``int`` in [-2**64, 2**64 - 1] (shortest head), ``bytes``, ``str``, ``bool``, ``None``,
+  ``list``/``tuple`` (definite length), ``dict`` with ``int`` or ``str`` keys;
+* no floats, no tags, no indefinite lengths, no other simple values.
+
+Decoding uses cbor2's C decoder for speed, then refuses anything that is not exactly the
+deterministic encoding of an allowed value: the decoded value is re-encoded and compared
+byte for byte. That one comparison rejects trailing bytes, non-shortest heads, unsorted or
+duplicate map keys, floats, tags and simple values, so a signature can only ever cover one
+byte string per meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, NoReturn, TypeVar, cast
+
+import cbor2
+
+from trustcore.errors import EncodingError
+
+__all__ = [
+    "MAX_DEPTH",
+    "REFUSE_TAGS",
+    "decode",
+    "encode",
+    "expect_keys",
+    "field",
+    "map_of",
+    "optional_field",
+]
+
+#: Deepest nesting accepted on either side. Our formats nest at most four levels; a bound
+#: keeps hostile input from exhausting the stack.
+MAX_DEPTH = 16
+
+_UINT64_MAX = (1 << 64) - 1
+_NINT64_MIN = -(1 << 64)
+
+T = TypeVar("T")
+
+
+def _head(major: int, value: int) -> bytes:
+    """The shortest head for ``major`` and argument ``value`` (RFC 8949 §4.2.1 rule 1)."""
+    mt = major << 5
+    if value < 24:
+        return bytes((mt | value,))
+    if value <= 0xFF:
+        return bytes((mt | 24, value))
+    if value <= 0xFFFF:
+        return bytes((mt | 25,)) + value.to_bytes(2, "big")
+    if value <= 0xFFFFFFFF:
+        return bytes((mt | 26,)) + value.to_bytes(4, "big")
+    return bytes((mt | 27,)) + value.to_bytes(8, "big")
+
+
+def _encode_into(obj: object, out: list[bytes], depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise EncodingError(f"nesting deeper than {MAX_DEPTH} levels")
+    # bool first: it is a subclass of int but has its own encoding.
+    if obj is True:
+        out.append(b"\xf5")
+    elif obj is False:
+        out.append(b"\xf4")
+    elif obj is None:
+        out.append(b"\xf6")
+    elif isinstance(obj, int):
+        if obj >= 0:
+            if obj > _UINT64_MAX:
+                raise EncodingError("integer does not fit in 64 bits (bignums are not allowed)")
+            out.append(_head(0, obj))
+        else:
+            if obj < _NINT64_MIN:
+                raise EncodingError("integer does not fit in 64 bits (bignums are not allowed)")
+            out.append(_head(1, -1 - obj))
+    elif isinstance(obj, bytes | bytearray | memoryview):
+        data = bytes(obj)
+        out.append(_head(2, len(data)))
+        out.append(data)
+    elif isinstance(obj, str):
+        try:
+            data = obj.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EncodingError("text is not valid UTF-8 (lone surrogate)") from exc
+        out.append(_head(3, len(data)))
+        out.append(data)
+    elif isinstance(obj, list | tuple):
+        out.append(_head(4, len(obj)))
+        for item in obj:
+            _encode_into(item, out, depth + 1)
+    elif isinstance(obj, dict):
+        items: list[tuple[bytes, bytes]] = []
+        for key, value in obj.items():
+            if isinstance(key, bool) or not isinstance(key, int | str):
+                raise EncodingError(f"map keys must be int or str, not {type(key).__name__}")
+            key_parts: list[bytes] = []
+            _encode_into(key, key_parts, depth + 1)
+            value_parts: list[bytes] = []
+            _encode_into(value, value_parts, depth + 1)
+            items.append((b"".join(key_parts), b"".join(value_parts)))
+        # §4.2.1: keys sorted by the bytewise lexicographic order of their encodings.
+        items.sort(key=lambda kv: kv[0])
+        out.append(_head(5, len(items)))
+        for encoded_key, encoded_value in items:
+            out.append(encoded_key)
+            out.append(encoded_value)
+    else:
+        raise EncodingError(f"type {type(obj).__name__} is not allowed in deterministic CBOR")
+
+
+def encode(obj: object) -> bytes:
+    """Encode ``obj`` as deterministic CBOR; :class:`EncodingError` for anything outside the
+    allowed data model (floats, tags, sets, bignums, non-int/str map keys, ...)."""
+    out: list[bytes] = []
+    _encode_into(obj, out, 0)
+    return b"".join(out)
+
+
+def _refuse_tag(value: object, immutable: bool) -> NoReturn:
+    raise cbor2.CBORDecodeError("CBOR tags are not allowed")
+
+
+class _RefuseEveryTag(Mapping[int, Any]):
+    """A semantic-decoder table that claims every tag and refuses it.
+
+    cbor2 decodes many tags by itself (bigfloats, regexes, shared references, ...), some at
+    real CPU or memory cost; claiming them all keeps hostile input from reaching that code.
+    """
+
+    def __getitem__(self, tag: int) -> Any:
+        return _refuse_tag
+
+    def __contains__(self, tag: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+REFUSE_TAGS: Mapping[int, Any] = _RefuseEveryTag()
+
+
+def decode(data: bytes, *, max_size: int) -> Any:
+    """Decode exactly one deterministic CBOR item from ``data``.
+
+    Refuses (with :class:`EncodingError`): input longer than ``max_size`` (reason
+    ``oversized``, checked before any parsing), empty input, trailing bytes, indefinite
+    lengths, duplicate keys, tags, floats, simple values, invalid UTF-8, nesting deeper than
+    :data:`MAX_DEPTH`, and any encoding that is not the deterministic one.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise EncodingError(f"expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_size:
+        raise EncodingError(
+            f"{len(data)} bytes exceeds the limit of {max_size}", reason="oversized"
+        )
+    if not data:
+        raise EncodingError("empty input")
+    try:
+        obj = cbor2.loads(
+            data,
+            max_depth=MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            semantic_decoders=REFUSE_TAGS,
+            str_errors="strict",
+        )
+    except Exception as exc:  # cbor2's C decoder raises several types; all mean "malformed"
+        raise EncodingError(f"not well-formed CBOR: {exc}") from exc
+    canonical = encode(obj)
+    if canonical != data:
+        if data.startswith(canonical):
+            raise EncodingError(f"{len(data) - len(canonical)} trailing bytes after the item")
+        raise EncodingError("not the deterministic (RFC 8949 §4.2.1) encoding")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed access to decoded maps: one clear error per missing or mistyped field.
+
+
+def map_of(obj: object, what: str) -> dict[Any, Any]:
+    """``obj`` as a map, or :class:`EncodingError` naming ``what`` was expected."""
+    if not isinstance(obj, dict):
+        raise EncodingError(f"{what}: expected a map, got {type(obj).__name__}")
+    return obj
+
+
+def expect_keys(
+    m: Mapping[Any, Any], required: set[str], optional: set[str] | None = None, *, what: str
+) -> None:
+    """Refuse a map that lacks a required key or has an unknown one (strict formats: an
+    unexpected field is an attacker's lever or a version mismatch, never something to skip)."""
+    keys = set(m)
+    missing = required - keys
+    if missing:
+        raise EncodingError(f"{what}: missing field(s) {sorted(missing)}")
+    unknown = keys - required - (optional or set())
+    if unknown:
+        raise EncodingError(f"{what}: unknown field(s) {sorted(map(str, unknown))}")
+
+
+def _check_type(value: object, typ: type[Any], name: str | int) -> None:
+    # bool is an int subclass: never accept True where an integer is required, nor vice versa.
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        raise EncodingError(f"field {name!r}: expected {typ.__name__}, got {type(value).__name__}")
+
+
+def field(m: Mapping[Any, Any], name: str | int, typ: type[T], *, size: int | None = None) -> T:
+    """The required field ``name`` of ``m``, checked to be of type ``typ``.
+
+    ``size`` additionally pins the length of a ``bytes``/``str`` value (e.g. 32 for a hash).
+    Range checks (e.g. "not negative") stay with the caller, who knows the meaning.
+    """
+    if name not in m:
+        raise EncodingError(f"missing field {name!r}")
+    value = m[name]
+    _check_type(value, typ, name)
+    if size is not None and len(value) != size:
+        raise EncodingError(f"field {name!r}: expected length {size}, got {len(value)}")
+    return cast(T, value)
+
+
+def optional_field(m: Mapping[Any, Any], name: str | int, typ: type[T]) -> T | None:
+    """Field ``name`` of type ``typ``, or ``None`` when absent or CBOR null."""
+    value = m.get(name)
+    if value is None:
+        return None
+    _check_type(value, typ, name)
+    return cast(T, value)

@@ -1,0 +1,254 @@
+"""Certificate revocation lists: build, parse, verify against the issuer, and a frozen view.
+
+A CRL is only believed after :func:`verify_crl` checked that it names the issuing CA, that the
+CA may sign CRLs, that the signature verifies with the CA key, and that it is fresh at
+``now``. A CRL past its nextUpdate is refused with reason ``crl_stale`` (fail closed: an
+attacker who blocks new CRLs must not freeze revocation at an old state), as is a CRL without
+nextUpdate. Reasons carried by :class:`CrlError`: ``malformed``, ``crl_wrong_issuer``,
+``crl_bad_signature``, ``crl_not_yet_valid``, ``crl_stale``, ``bad_crl``.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from trustcore.errors import CrlError, ProfileError
+from trustcore.identity import CertSerial
+from trustcore.profiles import require_p256_public_key
+
+__all__ = [
+    "MAX_CRL_SIZE",
+    "RevocationSet",
+    "RevokedEntry",
+    "build_crl",
+    "load_crl",
+    "verify_crl",
+]
+
+#: A site CRL lists at most a few hundred thousand serials; anything bigger is refused
+#: before parsing so a hostile file cannot exhaust memory.
+MAX_CRL_SIZE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedEntry:
+    """One revocation: serial, when, and why (``unspecified`` is written without a reason)."""
+
+    serial: CertSerial
+    revoked_at: datetime
+    reason: x509.ReasonFlags = x509.ReasonFlags.unspecified
+
+
+def _utc(name: str, moment: datetime) -> datetime:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise CrlError(f"{name} must be timezone-aware")
+    return moment.astimezone(UTC).replace(microsecond=0)
+
+
+def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _issuer_may_sign_crls(issuer: x509.Certificate) -> bool:
+    try:
+        ku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+        bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return bool(ku.crl_sign and bc.ca)
+
+
+def build_crl(
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    revoked: Iterable[RevokedEntry],
+    crl_number: int,
+    this_update: datetime,
+    next_update: datetime,
+) -> x509.CertificateRevocationList:
+    """A CRL (v2, CRL number, AKI) signed with ECDSA-SHA256 by the issuing CA's key."""
+    if not isinstance(issuer_key, ec.EllipticCurvePrivateKey) or not isinstance(
+        issuer_key.curve, ec.SECP256R1
+    ):
+        raise CrlError("CRL signing key must be ECDSA P-256")
+    try:
+        issuer_pub = require_p256_public_key(issuer_cert.public_key())
+    except ProfileError as exc:
+        raise CrlError("CRL issuer certificate key must be ECDSA P-256") from exc
+    if _spki(issuer_pub) != _spki(issuer_key.public_key()):
+        raise CrlError("signing key does not match the CRL issuer certificate")
+    if not _issuer_may_sign_crls(issuer_cert):
+        raise CrlError("issuer is not a CA with cRLSign")
+    if not 0 <= crl_number < 1 << 159:
+        raise CrlError("CRL number must be a non-negative integer below 2**159")
+    start, end = _utc("this_update", this_update), _utc("next_update", next_update)
+    if end <= start:
+        raise CrlError("next_update must be later than this_update")
+    try:
+        ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_pub)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer_cert.subject)
+        .last_update(start)
+        .next_update(end)
+        .add_extension(x509.CRLNumber(crl_number), critical=False)
+        .add_extension(aki, critical=False)
+    )
+    seen: set[int] = set()
+    for entry in revoked:
+        if entry.serial.value in seen:
+            raise CrlError(f"serial {entry.serial} listed twice")
+        seen.add(entry.serial.value)
+        rc = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(entry.serial.value)
+            .revocation_date(_utc("revoked_at", entry.revoked_at))
+        )
+        # RFC 5280 §5.3.1: the reason code should be absent rather than "unspecified".
+        if entry.reason is not x509.ReasonFlags.unspecified:
+            rc = rc.add_extension(x509.CRLReason(entry.reason), critical=False)
+        builder = builder.add_revoked_certificate(rc.build())
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def load_crl(data: bytes) -> x509.CertificateRevocationList:
+    """Parse a PEM or DER CRL, refusing oversized input and garbage with ``malformed``."""
+    if not isinstance(data, bytes | bytearray):
+        raise CrlError("CRL must be bytes", reason="malformed")
+    if len(data) > MAX_CRL_SIZE:
+        raise CrlError("CRL exceeds the size limit", reason="malformed")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_crl(bytes(data))
+        return x509.load_der_x509_crl(bytes(data))
+    except ValueError as exc:
+        raise CrlError(f"CRL does not parse: {exc}", reason="malformed") from exc
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RevocationSet:
+    """The verified content of one CRL: which serials its issuer revoked, and why.
+
+    Immutable (``entries`` is a read-only mapping). Freshness is a function of time, so it is
+    checked with :meth:`check_fresh` at each use, not frozen in at construction.
+    """
+
+    issuer: x509.Name
+    issuer_key_id: bytes
+    crl_number: int
+    this_update: datetime
+    next_update: datetime
+    entries: Mapping[int, x509.ReasonFlags] = field(repr=False)
+
+    def __contains__(self, serial: object) -> bool:
+        value = serial.value if isinstance(serial, CertSerial) else serial
+        return value in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.entries)
+
+    def reason_for(self, serial: CertSerial | int) -> x509.ReasonFlags | None:
+        """The revocation reason, or ``None`` if the serial is not revoked."""
+        value = serial.value if isinstance(serial, CertSerial) else serial
+        return self.entries.get(value)
+
+    def check_fresh(self, now: datetime) -> None:
+        """Raise ``crl_stale`` if ``now`` is past nextUpdate, ``crl_not_yet_valid`` if it is
+        before thisUpdate (a CRL from the future means a wrong clock or a forged CRL)."""
+        moment = _utc("now", now)
+        if moment >= self.next_update:
+            raise CrlError(
+                f"CRL of {self.issuer.rfc4514_string()} expired at {self.next_update.isoformat()}",
+                reason="crl_stale",
+            )
+        if moment < self.this_update:
+            raise CrlError("CRL thisUpdate is in the future", reason="crl_not_yet_valid")
+
+
+def _key_id(cert: x509.Certificate) -> bytes:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(
+            require_p256_public_key(cert.public_key())
+        ).digest
+
+
+def verify_crl(
+    crl: x509.CertificateRevocationList | bytes,
+    issuer_cert: x509.Certificate,
+    *,
+    now: datetime | None,
+) -> RevocationSet:
+    """Verify ``crl`` against the CA that issued the certificates it covers.
+
+    ``now=None`` checks everything but freshness; only :class:`ChainVerifier` does that,
+    because it re-checks freshness at every verification.
+    """
+    if isinstance(crl, bytes | bytearray):
+        crl = load_crl(bytes(crl))
+    if crl.issuer != issuer_cert.subject:
+        raise CrlError("CRL issuer name does not match the CA", reason="crl_wrong_issuer")
+    key_id = _key_id(issuer_cert)
+    try:
+        aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        aki = None
+    except ValueError as exc:
+        raise CrlError("CRL extensions do not parse", reason="malformed") from exc
+    if aki is not None and aki.key_identifier is not None and aki.key_identifier != key_id:
+        raise CrlError("CRL AKI does not match the CA key", reason="crl_wrong_issuer")
+    if not _issuer_may_sign_crls(issuer_cert):
+        raise CrlError("CA is not allowed to sign CRLs (no cRLSign)", reason="crl_wrong_issuer")
+    try:
+        issuer_pub = require_p256_public_key(issuer_cert.public_key())
+    except ProfileError as exc:
+        raise CrlError("CRL issuer key is not P-256", reason="crl_wrong_issuer") from exc
+    if not isinstance(crl.signature_hash_algorithm, hashes.SHA256):
+        raise CrlError("CRL is not signed with ECDSA-SHA256", reason="crl_bad_signature")
+    if not crl.is_signature_valid(issuer_pub):
+        raise CrlError("CRL signature does not verify", reason="crl_bad_signature")
+    next_update = crl.next_update_utc
+    if next_update is None:
+        raise CrlError("CRL has no nextUpdate; it can never be judged fresh", reason="crl_stale")
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound as exc:
+        raise CrlError("CRL has no CRL number", reason="malformed") from exc
+    entries: dict[int, x509.ReasonFlags] = {}
+    try:
+        for revoked in crl:
+            try:
+                reason = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
+            except x509.ExtensionNotFound:
+                reason = x509.ReasonFlags.unspecified
+            entries[revoked.serial_number] = reason
+    except ValueError as exc:
+        raise CrlError("CRL entry does not parse", reason="malformed") from exc
+    result = RevocationSet(
+        issuer=crl.issuer,
+        issuer_key_id=key_id,
+        crl_number=number,
+        this_update=crl.last_update_utc,
+        next_update=next_update,
+        entries=types.MappingProxyType(entries),
+    )
+    if now is not None:
+        result.check_fresh(now)
+    return result

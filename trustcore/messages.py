@@ -1,0 +1,225 @@
+"""The payloads that travel between HQ and a factory station, and their content types.
+
+Each payload is a deterministic-CBOR map carried inside a sealed package
+(:mod:`trustcore.sealed`), except the enrolment request, which the station makes before it
+has any certificate and which is therefore self-authenticating (CSR self-signature plus a
+binding signature over the transport key, both by the station CA key in its TPM).
+
+============================  ======================  ===========================  ==========
+content type                  sender (signing key)    receiver (encrypted to)      sequence
+============================  ======================  ===========================  ==========
+(file) station enrolment      station CA key (TPM)    — (plain, self-signed)       —
+``devtrust/entitlement/v1``   HQ entitlement signer   station transport key (TPM)  policy seq
+``devtrust/audit-export/v1``  station CA key (TPM)    HQ audit receiver            export no.
+============================  ======================  ===========================  ==========
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from trustcore import cbor
+from trustcore.csr import ValidatedCsr, validate_csr
+from trustcore.entitlement import EntitlementPolicy
+from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
+from trustcore.identity import StationId
+from trustcore.keys import Signer
+from trustcore.profiles import require_p256_public_key
+
+CT_ENTITLEMENT = "devtrust/entitlement/v1"
+CT_AUDIT_EXPORT = "devtrust/audit-export/v1"
+
+_ENROLMENT_DOMAIN = "devtrust/station-enrolment/v1"
+MAX_ENROLMENT_SIZE = 64 * 1024
+MAX_ENTITLEMENT_SIZE = 4 * 1024 * 1024
+
+
+def _public_der(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _load_public(der: bytes, what: str) -> ec.EllipticCurvePublicKey:
+    try:
+        key = serialization.load_der_public_key(der)
+    except (ValueError, TypeError) as exc:
+        raise EncodingError(f"{what} is not a DER public key") from exc
+    try:
+        return require_p256_public_key(key)
+    except ProfileError as exc:
+        raise EncodingError(f"{what} must be a P-256 key") from exc
+
+
+# -- station enrolment -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StationEnrolment:
+    """A station asks HQ to enrol it: the CSR of its CA key, and the public half of its
+    transport (ECDH) key, to which HQ will encrypt entitlements. The binding signature by
+    the CA key stops anyone from swapping in their own transport key in transit."""
+
+    station_id: StationId
+    csr_der: bytes
+    transport_public_der: bytes
+    binding_signature: bytes
+
+    @staticmethod
+    def _binding_input(station_id: str, csr_der: bytes, transport_der: bytes) -> bytes:
+        return cbor.encode([_ENROLMENT_DOMAIN, station_id, csr_der, transport_der])
+
+    @classmethod
+    def create(
+        cls,
+        station_id: StationId,
+        csr_der: bytes,
+        ca_key: Signer,
+        transport_public: ec.EllipticCurvePublicKey,
+    ) -> StationEnrolment:
+        transport_der = _public_der(transport_public)
+        sig = ca_key.sign(cls._binding_input(station_id.value, csr_der, transport_der))
+        return cls(station_id, csr_der, transport_der, sig)
+
+    def encode(self) -> bytes:
+        return cbor.encode(
+            {
+                "type": "devtrust/station-enrolment/v1",
+                "station_id": self.station_id.value,
+                "csr": self.csr_der,
+                "transport_key": self.transport_public_der,
+                "binding_sig": self.binding_signature,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> StationEnrolment:
+        m = cbor.map_of(cbor.decode(data, max_size=MAX_ENROLMENT_SIZE), "station enrolment")
+        cbor.expect_keys(
+            m, {"type", "station_id", "csr", "transport_key", "binding_sig"}, what="enrolment"
+        )
+        if m["type"] != "devtrust/station-enrolment/v1":
+            raise EncodingError("not a station enrolment request")
+        try:
+            station_id = StationId(cbor.field(m, "station_id", str))
+        except InvalidValueError as exc:
+            raise EncodingError(f"bad station id: {exc}") from exc
+        return cls(
+            station_id,
+            cbor.field(m, "csr", bytes),
+            cbor.field(m, "transport_key", bytes),
+            cbor.field(m, "binding_sig", bytes),
+        )
+
+    def verify(self) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:
+        """Check the CSR (self-signature, P-256, CN = station id) and the binding
+        signature; return the validated CSR and the transport public key."""
+        csr = validate_csr(self.csr_der)
+        if csr.common_name != self.station_id.value:
+            raise CsrError("enrolment CSR CN is not the station id", reason="wrong_name")
+        transport = _load_public(self.transport_public_der, "transport key")
+        try:
+            csr.public_key.verify(
+                self.binding_signature,
+                self._binding_input(self.station_id.value, self.csr_der, self.transport_public_der),
+                ec.ECDSA(hashes.SHA256()),
+            )
+        except InvalidSignature as exc:
+            raise CsrError(
+                "transport key is not bound by the station CA key", reason="bad_signature"
+            ) from exc
+        return csr, transport
+
+
+# -- entitlement -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EntitlementPayload:
+    """What an entitlement package carries: the policy, the station CA certificate HQ
+    issued for this entitlement (valid no longer than the policy window), the HQ audit
+    receiver certificate (where audit exports go) and the product secrets to inject."""
+
+    policy: EntitlementPolicy
+    station_ca_cert_der: bytes
+    audit_receiver_cert_der: bytes
+    product_secrets: dict[str, bytes]
+
+    def encode(self) -> bytes:
+        return cbor.encode(
+            {
+                "policy": self.policy.to_map(),
+                "station_ca_cert": self.station_ca_cert_der,
+                "audit_receiver_cert": self.audit_receiver_cert_der,
+                "product_secrets": dict(self.product_secrets),
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> EntitlementPayload:
+        m = cbor.map_of(cbor.decode(data, max_size=MAX_ENTITLEMENT_SIZE), "entitlement")
+        cbor.expect_keys(
+            m,
+            {"policy", "station_ca_cert", "audit_receiver_cert", "product_secrets"},
+            what="entitlement",
+        )
+        secrets = cbor.map_of(m["product_secrets"], "product_secrets")
+        for name, value in secrets.items():
+            if not isinstance(name, str) or not isinstance(value, bytes):
+                raise EncodingError("product_secrets maps names to byte strings")
+        return cls(
+            policy=EntitlementPolicy.from_map(m["policy"]),
+            station_ca_cert_der=cbor.field(m, "station_ca_cert", bytes),
+            audit_receiver_cert_der=cbor.field(m, "audit_receiver_cert", bytes),
+            product_secrets=dict(secrets),
+        )
+
+
+# -- audit export ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditExportPayload:
+    """An audit export: the chained records since the previous export with a checkpoint
+    signed in the station TPM (``trustcore.audit`` export bytes), and the manifest of the
+    factory certificates issued in that span."""
+
+    station_id: str
+    entitlement_sequence: int
+    export_number: int
+    audit_export: bytes
+    manifest: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        return cbor.encode(
+            {
+                "station_id": self.station_id,
+                "entitlement_seq": self.entitlement_sequence,
+                "export_number": self.export_number,
+                "audit": self.audit_export,
+                "manifest": list(self.manifest),
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, *, max_size: int) -> AuditExportPayload:
+        m = cbor.map_of(cbor.decode(data, max_size=max_size), "audit export")
+        cbor.expect_keys(
+            m,
+            {"station_id", "entitlement_seq", "export_number", "audit", "manifest"},
+            what="audit export",
+        )
+        manifest = m["manifest"]
+        if not isinstance(manifest, list) or not all(isinstance(c, bytes) for c in manifest):
+            raise EncodingError("manifest must be a list of DER certificates")
+        return cls(
+            station_id=cbor.field(m, "station_id", str),
+            entitlement_sequence=cbor.field(m, "entitlement_seq", int),
+            export_number=cbor.field(m, "export_number", int),
+            audit_export=cbor.field(m, "audit", bytes),
+            manifest=tuple(manifest),
+        )

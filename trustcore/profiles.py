@@ -1,0 +1,678 @@
+"""Certificate profiles of the device-trust PKI and the functions that issue them.
+
+Hierarchy (see ``docs/pki.md``)::
+
+    manufacturer root CA (pathLen 1, HQ, offline)
+    ├── factory station CA (pathLen 0, key in the station TPM)
+    │   └── device factory certificate: IEEE 802.1AR IDevID
+    ├── site CA (pathLen 0, one per building registrar)
+    │   ├── device secondary certificate: LDevID
+    │   └── MQTT broker server certificate
+    └── HQ role certificates: entitlement signer, audit receiver, revocation signer
+
+Every certificate is ECDSA P-256 / SHA-256 with a random 159-bit serial, SKI and AKI; any
+other key type is refused with :class:`ProfileError` so that a weak or unexpected key can
+never be certified by mistake. Profiles are immutable data (:class:`CertificateProfile`);
+the ``issue_*`` functions are the only way the project builds certificates. The signing key
+is an ``ec.EllipticCurvePrivateKey``; it may forward to a TPM or token, so it is only ever
+used through ``builder.sign``.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+from trustcore.errors import EncodingError, InvalidValueError, ProfileError
+from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
+
+__all__ = [
+    "IDEVID_NO_EXPIRY",
+    "OID_EKU_AUDIT_RECEIVER",
+    "OID_EKU_ENTITLEMENT_SIGNER",
+    "OID_EKU_REVOCATION_SIGNER",
+    "OID_HARDWARE_MODULE_NAME",
+    "OID_HW_TYPE_DEVICE",
+    "PROFILES",
+    "PROJECT_ARC",
+    "CertificateProfile",
+    "HqRole",
+    "decode_hardware_module_name",
+    "device_id_from_certificate",
+    "encode_hardware_module_name",
+    "hardware_module_name",
+    "issue_broker_certificate",
+    "issue_factory_certificate",
+    "issue_role_certificate",
+    "issue_root_ca",
+    "issue_secondary_certificate",
+    "issue_site_ca",
+    "issue_station_ca",
+    "require_p256_public_key",
+    "site_id_from_certificate",
+    "station_id_from_certificate",
+]
+
+#: Project private arc. PLACEHOLDER private enterprise number: replace 55555 by the
+#: manufacturer's own IANA PEN before production (the OIDs below move with it).
+PROJECT_ARC = "1.3.6.1.4.1.55555"
+#: hwType of the RFC 4108 hardwareModuleName in device certificates ("devtrust TPM device").
+OID_HW_TYPE_DEVICE = ObjectIdentifier(f"{PROJECT_ARC}.1.1")
+#: Extended key usages of the HQ role certificates.
+OID_EKU_ENTITLEMENT_SIGNER = ObjectIdentifier(f"{PROJECT_ARC}.1.3.1")
+OID_EKU_AUDIT_RECEIVER = ObjectIdentifier(f"{PROJECT_ARC}.1.3.2")
+OID_EKU_REVOCATION_SIGNER = ObjectIdentifier(f"{PROJECT_ARC}.1.3.3")
+#: id-on-hardwareModuleName (RFC 4108 §5), the SAN form IEEE 802.1AR uses for device ids.
+OID_HARDWARE_MODULE_NAME = ObjectIdentifier("1.3.6.1.5.5.7.8.4")
+#: IEEE 802.1AR §8.5 / RFC 5280 §4.1.2.5: "no well-defined expiration date".
+IDEVID_NO_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+class HqRole(enum.Enum):
+    """HQ end-entity roles, each with its own EKU so one role's key cannot act as another."""
+
+    ENTITLEMENT_SIGNER = "entitlement-signer"
+    AUDIT_RECEIVER = "audit-receiver"
+    REVOCATION_SIGNER = "revocation-signer"
+
+    @property
+    def eku(self) -> ObjectIdentifier:
+        return _ROLE_EKU[self]
+
+
+_ROLE_EKU = {
+    HqRole.ENTITLEMENT_SIGNER: OID_EKU_ENTITLEMENT_SIGNER,
+    HqRole.AUDIT_RECEIVER: OID_EKU_AUDIT_RECEIVER,
+    HqRole.REVOCATION_SIGNER: OID_EKU_REVOCATION_SIGNER,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateProfile:
+    """What one kind of certificate contains. ``key_usage`` names KeyUsage fields."""
+
+    name: str
+    ca: bool
+    path_length: int | None
+    key_usage: frozenset[str]
+    eku: tuple[ObjectIdentifier, ...]
+
+
+def _profile(
+    name: str, *, ca: bool, path_length: int | None, ku: set[str], eku: Sequence[ObjectIdentifier]
+) -> CertificateProfile:
+    return CertificateProfile(name, ca, path_length, frozenset(ku), tuple(eku))
+
+
+_CA_KU = {"key_cert_sign", "crl_sign"}
+#: Every profile, by name. Tests and docs/pki.md read this table.
+PROFILES: dict[str, CertificateProfile] = {
+    p.name: p
+    for p in (
+        # pathLen 1: the root signs station/site CAs, which themselves sign only end entities.
+        _profile("root_ca", ca=True, path_length=1, ku=_CA_KU, eku=()),
+        _profile("station_ca", ca=True, path_length=0, ku=_CA_KU, eku=()),
+        _profile("site_ca", ca=True, path_length=0, ku=_CA_KU, eku=()),
+        _profile(
+            "entitlement_signer",
+            ca=False,
+            path_length=None,
+            ku={"digital_signature"},
+            eku=(OID_EKU_ENTITLEMENT_SIGNER,),
+        ),
+        # keyAgreement only: the audit receiver key opens ECDH/HPKE-sealed audit exports and
+        # must not be usable to sign anything.
+        _profile(
+            "audit_receiver",
+            ca=False,
+            path_length=None,
+            ku={"key_agreement"},
+            eku=(OID_EKU_AUDIT_RECEIVER,),
+        ),
+        _profile(
+            "revocation_signer",
+            ca=False,
+            path_length=None,
+            ku={"digital_signature"},
+            eku=(OID_EKU_REVOCATION_SIGNER,),
+        ),
+        _profile(
+            "idevid",
+            ca=False,
+            path_length=None,
+            ku={"digital_signature"},
+            eku=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+        ),
+        # keyAgreement as well: the registrar wraps the payload key to the LDevID key (ECDH).
+        _profile(
+            "ldevid",
+            ca=False,
+            path_length=None,
+            ku={"digital_signature", "key_agreement"},
+            eku=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+        ),
+        _profile(
+            "broker_server",
+            ca=False,
+            path_length=None,
+            ku={"digital_signature"},
+            eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
+        ),
+    )
+}
+
+_KU_FIELDS = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+)
+
+
+# ---------------------------------------------------------------------------- key checks
+
+
+def require_p256_public_key(key: object) -> ec.EllipticCurvePublicKey:
+    """Return ``key`` if it is a P-256 public key, else raise :class:`ProfileError`."""
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ProfileError(
+            f"only ECDSA P-256 keys are certified, got {_describe_key(key)}",
+            reason="wrong_key_type",
+        )
+    return key
+
+
+def _require_p256_private_key(key: object) -> ec.EllipticCurvePrivateKey:
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ProfileError(
+            f"signing key must be ECDSA P-256, got {_describe_key(key)}",
+            reason="wrong_key_type",
+        )
+    return key
+
+
+def _describe_key(key: object) -> str:
+    curve = getattr(key, "curve", None)
+    return type(key).__name__ + (f" ({curve.name})" if curve is not None else "")
+
+
+def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# ---------------------------------------------------------------- hardwareModuleName DER
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _der_tlv(tag: int, body: bytes) -> bytes:
+    return bytes([tag]) + _der_length(len(body)) + body
+
+
+def _der_oid_body(oid: ObjectIdentifier) -> bytes:
+    arcs = [int(a) for a in oid.dotted_string.split(".")]
+    out = bytearray()
+    for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out.extend(reversed(chunk))
+    return bytes(out)
+
+
+def encode_hardware_module_name(hw_type: ObjectIdentifier, hw_serial: bytes) -> bytes:
+    """DER of ``HardwareModuleName ::= SEQUENCE { hwType OID, hwSerialNum OCTET STRING }``."""
+    return _der_tlv(0x30, _der_tlv(0x06, _der_oid_body(hw_type)) + _der_tlv(0x04, hw_serial))
+
+
+def _der_read(data: bytes, pos: int, tag: int) -> tuple[bytes, int]:
+    """Read one definite-length, minimally encoded TLV with ``tag`` at ``pos``."""
+    if pos + 2 > len(data) or data[pos] != tag:
+        raise EncodingError(f"expected DER tag 0x{tag:02x}")
+    first = data[pos + 1]
+    pos += 2
+    if first < 0x80:
+        length = first
+    else:
+        n = first & 0x7F
+        if n == 0 or n > 2 or pos + n > len(data) or data[pos] == 0:
+            raise EncodingError("bad DER length")
+        length = int.from_bytes(data[pos : pos + n], "big")
+        if length < 0x80:
+            raise EncodingError("non-minimal DER length")
+        pos += n
+    if pos + length > len(data):
+        raise EncodingError("truncated DER value")
+    return data[pos : pos + length], pos + length
+
+
+def decode_hardware_module_name(der: bytes) -> tuple[ObjectIdentifier, bytes]:
+    """Parse a HardwareModuleName strictly (no trailing bytes); return (hwType, hwSerialNum)."""
+    seq, end = _der_read(der, 0, 0x30)
+    if end != len(der):
+        raise EncodingError("trailing bytes after HardwareModuleName")
+    oid_body, pos = _der_read(seq, 0, 0x06)
+    serial, pos = _der_read(seq, pos, 0x04)
+    if pos != len(seq) or not oid_body:
+        raise EncodingError("malformed HardwareModuleName")
+    arcs: list[int] = []
+    value = 0
+    for i, byte in enumerate(oid_body):
+        if value == 0 and byte == 0x80:
+            raise EncodingError("non-minimal OID arc")
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+        elif i == len(oid_body) - 1:
+            raise EncodingError("truncated OID")
+    first = arcs[0]
+    head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
+    return ObjectIdentifier(".".join(str(a) for a in [*head, *arcs[1:]])), serial
+
+
+def hardware_module_name(
+    device_id: DeviceId, hw_type: ObjectIdentifier = OID_HW_TYPE_DEVICE
+) -> x509.OtherName:
+    """The SAN entry carrying ``device_id`` as an 802.1AR hardwareModuleName."""
+    return x509.OtherName(
+        OID_HARDWARE_MODULE_NAME,
+        encode_hardware_module_name(hw_type, device_id.value.encode("ascii")),
+    )
+
+
+# ------------------------------------------------------------------------------- builders
+
+
+def _utc(name: str, moment: datetime) -> datetime:
+    """X.509 times are UTC seconds; refuse naive datetimes (local-time bugs) outright."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ProfileError(f"{name} must be timezone-aware")
+    return moment.astimezone(UTC).replace(microsecond=0)
+
+
+def _key_usage(names: frozenset[str]) -> x509.KeyUsage:
+    unknown = names - set(_KU_FIELDS)
+    if unknown:
+        raise ProfileError(f"unknown key usage {sorted(unknown)}")
+    flags = {field: field in names for field in _KU_FIELDS}
+    return x509.KeyUsage(**flags, encipher_only=False, decipher_only=False)
+
+
+def _name(*pairs: tuple[ObjectIdentifier, str]) -> x509.Name:
+    return x509.Name([x509.NameAttribute(oid, value) for oid, value in pairs])
+
+
+def _check_issuer(
+    issuer_cert: x509.Certificate, issuer_key: ec.EllipticCurvePrivateKey, profile_is_ca: bool
+) -> None:
+    """The issuer must be a CA allowed to sign this kind of certificate, with this key."""
+    try:
+        bc = issuer_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        ku = issuer_cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise ProfileError("issuer certificate is not a CA certificate") from exc
+    if not bc.ca or not ku.key_cert_sign:
+        raise ProfileError("issuer certificate is not allowed to sign certificates")
+    if profile_is_ca and bc.path_length == 0:
+        raise ProfileError("issuer has pathLen 0 and cannot sign another CA", reason="path_length")
+    if _spki(require_p256_public_key(issuer_cert.public_key())) != _spki(issuer_key.public_key()):
+        raise ProfileError("signing key does not match the issuer certificate")
+
+
+def _build(
+    profile: CertificateProfile,
+    *,
+    subject: x509.Name,
+    subject_key: ec.EllipticCurvePublicKey,
+    issuer_cert: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    not_before: datetime,
+    not_after: datetime,
+    san: Sequence[x509.GeneralName] = (),
+    allow_beyond_issuer: bool = False,
+) -> x509.Certificate:
+    issuer_key = _require_p256_private_key(issuer_key)
+    subject_key = require_p256_public_key(subject_key)
+    start, end = _utc("not_before", not_before), _utc("not_after", not_after)
+    if start >= end:
+        raise ProfileError("not_before must be earlier than not_after")
+    if issuer_cert is None:
+        issuer_name = subject
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(subject_key)
+    else:
+        _check_issuer(issuer_cert, issuer_key, profile.ca)
+        issuer_name = issuer_cert.subject
+        if start < issuer_cert.not_valid_before_utc or (
+            end > issuer_cert.not_valid_after_utc and not allow_beyond_issuer
+        ):
+            raise ProfileError(f"{profile.name} validity must lie within the issuer's validity")
+        try:
+            ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+        except x509.ExtensionNotFound:
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                require_p256_public_key(issuer_cert.public_key())
+            )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(subject_key)
+        .serial_number(CertSerial.random().value)
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(
+            x509.BasicConstraints(ca=profile.ca, path_length=profile.path_length), critical=True
+        )
+        .add_extension(_key_usage(profile.key_usage), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
+        .add_extension(aki, critical=False)
+    )
+    if profile.eku:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(profile.eku)), critical=False)
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(san)), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def issue_root_ca(
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    common_name: str,
+    organization: str,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.Certificate:
+    """Self-signed manufacturer root (CA, pathLen 1, keyCertSign + cRLSign)."""
+    key = _require_p256_private_key(key)
+    subject = _name((NameOID.COMMON_NAME, common_name), (NameOID.ORGANIZATION_NAME, organization))
+    return _build(
+        PROFILES["root_ca"],
+        subject=subject,
+        subject_key=key.public_key(),
+        issuer_cert=None,
+        issuer_key=key,
+        not_before=not_before,
+        not_after=not_after,
+    )
+
+
+def issue_station_ca(
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    subject_key: ec.EllipticCurvePublicKey,
+    *,
+    station_id: StationId,
+    organization: str,
+    not_before: datetime,
+    not_after: datetime,
+    max_not_after: datetime,
+) -> x509.Certificate:
+    """Factory station CA (pathLen 0). ``max_not_after`` is the entitlement's end: a station
+    certificate must never outlive the authority HQ granted to the station."""
+    if _utc("not_after", not_after) > _utc("max_not_after", max_not_after):
+        raise ProfileError("station CA validity exceeds its bound (entitlement end)")
+    subject = _name(
+        (NameOID.COMMON_NAME, f"Factory Station CA {station_id}"),
+        (NameOID.ORGANIZATION_NAME, organization),
+        (NameOID.SERIAL_NUMBER, station_id.value),
+    )
+    return _build(
+        PROFILES["station_ca"],
+        subject=subject,
+        subject_key=subject_key,
+        issuer_cert=issuer_cert,
+        issuer_key=issuer_key,
+        not_before=not_before,
+        not_after=not_after,
+    )
+
+
+def issue_site_ca(
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    subject_key: ec.EllipticCurvePublicKey,
+    *,
+    site_id: SiteId,
+    organization: str,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.Certificate:
+    """Site (building registrar) CA, pathLen 0: signs LDevIDs and the broker certificate."""
+    subject = _name(
+        (NameOID.COMMON_NAME, f"Site CA {site_id}"),
+        (NameOID.ORGANIZATION_NAME, organization),
+        (NameOID.SERIAL_NUMBER, site_id.value),
+    )
+    return _build(
+        PROFILES["site_ca"],
+        subject=subject,
+        subject_key=subject_key,
+        issuer_cert=issuer_cert,
+        issuer_key=issuer_key,
+        not_before=not_before,
+        not_after=not_after,
+    )
+
+
+def issue_role_certificate(
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    subject_key: ec.EllipticCurvePublicKey,
+    *,
+    role: HqRole,
+    common_name: str,
+    organization: str,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.Certificate:
+    """HQ role end entity (entitlement signer, audit receiver or revocation signer)."""
+    if not isinstance(role, HqRole):
+        raise ProfileError(f"unknown HQ role {role!r}")
+    subject = _name(
+        (NameOID.COMMON_NAME, common_name),
+        (NameOID.ORGANIZATION_NAME, organization),
+        (NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+    )
+    return _build(
+        PROFILES[role.value.replace("-", "_")],
+        subject=subject,
+        subject_key=subject_key,
+        issuer_cert=issuer_cert,
+        issuer_key=issuer_key,
+        not_before=not_before,
+        not_after=not_after,
+    )
+
+
+def _device_subject(device_id: DeviceId, organization: str) -> x509.Name:
+    if not isinstance(device_id, DeviceId):
+        raise ProfileError("device_id must be a DeviceId")
+    return _name(
+        (NameOID.COMMON_NAME, device_id.value),
+        (NameOID.SERIAL_NUMBER, device_id.value),
+        (NameOID.ORGANIZATION_NAME, organization),
+    )
+
+
+def issue_factory_certificate(
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    subject_key: ec.EllipticCurvePublicKey,
+    *,
+    device_id: DeviceId,
+    manufacturer: str,
+    not_before: datetime,
+    not_after: datetime = IDEVID_NO_EXPIRY,
+    hw_type: ObjectIdentifier = OID_HW_TYPE_DEVICE,
+) -> x509.Certificate:
+    """Device factory certificate, an IEEE 802.1AR IDevID signed by a station CA.
+
+    The device id appears three times (CN for Mosquitto, serialNumber per 802.1AR, and the
+    hardwareModuleName SAN that ``cryptography``'s verifier and pkilint accept); readers
+    cross-check all three. ``not_after`` defaults to 99991231235959Z, which 802.1AR uses for a
+    device identity meant to last the device's life; only that value may outlive the issuer.
+    """
+    end = _utc("not_after", not_after)
+    return _build(
+        PROFILES["idevid"],
+        subject=_device_subject(device_id, manufacturer),
+        subject_key=subject_key,
+        issuer_cert=issuer_cert,
+        issuer_key=issuer_key,
+        not_before=not_before,
+        not_after=end,
+        san=[hardware_module_name(device_id, hw_type)],
+        allow_beyond_issuer=end == IDEVID_NO_EXPIRY,
+    )
+
+
+def issue_secondary_certificate(
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    subject_key: ec.EllipticCurvePublicKey,
+    *,
+    device_id: DeviceId,
+    organization: str,
+    not_before: datetime,
+    not_after: datetime,
+    hw_type: ObjectIdentifier = OID_HW_TYPE_DEVICE,
+) -> x509.Certificate:
+    """Device secondary certificate (LDevID) issued on site by the site CA."""
+    return _build(
+        PROFILES["ldevid"],
+        subject=_device_subject(device_id, organization),
+        subject_key=subject_key,
+        issuer_cert=issuer_cert,
+        issuer_key=issuer_key,
+        not_before=not_before,
+        not_after=not_after,
+        san=[hardware_module_name(device_id, hw_type)],
+    )
+
+
+def issue_broker_certificate(
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    subject_key: ec.EllipticCurvePublicKey,
+    *,
+    dns_names: Sequence[str],
+    ip_addresses: Sequence[str] = (),
+    organization: str,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.Certificate:
+    """MQTT broker TLS server certificate (serverAuth, SAN dNSName / iPAddress)."""
+    names: list[x509.GeneralName] = []
+    for dns in dns_names:
+        if not isinstance(dns, str) or not dns or not dns.isascii() or " " in dns:
+            raise ProfileError(f"bad DNS name {dns!r}")
+        names.append(x509.DNSName(dns.lower()))
+    for ip in ip_addresses:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError as exc:
+            raise ProfileError(f"bad IP address {ip!r}") from exc
+    if not names:
+        raise ProfileError("a broker certificate needs at least one DNS name or IP address")
+    common_name = dns_names[0] if dns_names else str(ip_addresses[0])
+    return _build(
+        PROFILES["broker_server"],
+        subject=_name(
+            (NameOID.COMMON_NAME, common_name), (NameOID.ORGANIZATION_NAME, organization)
+        ),
+        subject_key=subject_key,
+        issuer_cert=issuer_cert,
+        issuer_key=issuer_key,
+        not_before=not_before,
+        not_after=not_after,
+        san=names,
+    )
+
+
+# -------------------------------------------------------------------------------- readers
+
+
+def _single_attribute(name: x509.Name, oid: ObjectIdentifier, label: str) -> str:
+    values = name.get_attributes_for_oid(oid)
+    if len(values) != 1 or not isinstance(values[0].value, str):
+        raise ProfileError(f"subject must hold exactly one {label}")
+    return values[0].value
+
+
+def device_id_from_certificate(
+    cert: x509.Certificate, *, hw_type: ObjectIdentifier = OID_HW_TYPE_DEVICE
+) -> DeviceId:
+    """The device id of an IDevID/LDevID, after cross-checking CN, serialNumber and SAN.
+
+    All three must name the same device: a certificate whose CN (what Mosquitto uses) says
+    one device and whose SAN (what the registrar may log) says another is refused.
+    """
+    try:
+        cn = _single_attribute(cert.subject, NameOID.COMMON_NAME, "CN")
+        serial = _single_attribute(cert.subject, NameOID.SERIAL_NUMBER, "serialNumber")
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound as exc:
+            raise ProfileError("device certificate has no SAN", reason="missing_san") from exc
+        others = [
+            o
+            for o in san.get_values_for_type(x509.OtherName)
+            if o.type_id == OID_HARDWARE_MODULE_NAME
+        ]
+        if len(others) != 1:
+            raise ProfileError(
+                "device certificate needs exactly one hardwareModuleName SAN", reason="missing_san"
+            )
+        found_type, hw_serial = decode_hardware_module_name(others[0].value)
+        if found_type != hw_type:
+            raise ProfileError(f"unexpected hwType {found_type.dotted_string}")
+        try:
+            san_id = hw_serial.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise ProfileError("hwSerialNum is not ASCII") from exc
+        device_id = DeviceId(cn)
+    except (EncodingError, InvalidValueError) as exc:
+        raise ProfileError(f"device identity is malformed: {exc}") from exc
+    if not cn == serial == san_id:
+        raise ProfileError(
+            f"device identity mismatch: CN={cn!r} serialNumber={serial!r} SAN={san_id!r}"
+        )
+    return device_id
+
+
+def station_id_from_certificate(cert: x509.Certificate) -> StationId:
+    """The station id of a station CA certificate (subject serialNumber)."""
+    try:
+        return StationId(_single_attribute(cert.subject, NameOID.SERIAL_NUMBER, "serialNumber"))
+    except InvalidValueError as exc:
+        raise ProfileError(f"station id is malformed: {exc}") from exc
+
+
+def site_id_from_certificate(cert: x509.Certificate) -> SiteId:
+    """The site id of a site CA certificate (subject serialNumber)."""
+    try:
+        return SiteId(_single_attribute(cert.subject, NameOID.SERIAL_NUMBER, "serialNumber"))
+    except InvalidValueError as exc:
+        raise ProfileError(f"site id is malformed: {exc}") from exc

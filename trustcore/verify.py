@@ -1,0 +1,389 @@
+"""Certificate chain verification with precise refusal reasons.
+
+``cryptography.x509.verification`` builds the path and checks signatures, validity of every
+certificate, CA constraints and name chaining. It does no revocation checking and reports
+failures as free text. So :class:`ChainVerifier` runs, in this fixed order:
+
+1. leaf pre-checks, each with its own reason: ``wrong_key_type`` (only P-256), ``ca_leaf``
+   (basicConstraints CA:TRUE or keyCertSign on an end entity), ``not_yet_valid``, ``expired``,
+   ``wrong_eku`` (required EKU absent; anyExtendedKeyUsage does not count),
+   ``wrong_key_usage``, ``missing_san`` (client/server certificates), ``malformed`` (a device
+   identity whose CN, serialNumber and hardwareModuleName disagree), ``untrusted``
+   (self-signed leaf);
+2. the library's path building, errors mapped to ``path_length``, ``expired``,
+   ``not_yet_valid`` (for an intermediate) or ``untrusted`` (unknown / wrong issuer, bad
+   signature);
+3. revocation of every certificate below the trust anchor against a verified CRL of its
+   issuer: ``revoked``, ``crl_missing`` (fail closed when CRLs are required), ``crl_stale``.
+
+The first failing check decides the reason, so a certificate that is both expired and
+revoked is reported ``expired``. Construct a :class:`ChainVerifier` once (it parses the store
+and verifies each CRL's signature once) and call :meth:`ChainVerifier.verify` per client.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import verification as libverify
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+
+from trustcore.crl import RevocationSet, verify_crl
+from trustcore.errors import CrlError, ProfileError, VerificationError
+from trustcore.identity import DeviceId
+from trustcore.profiles import (
+    OID_EKU_AUDIT_RECEIVER,
+    OID_EKU_ENTITLEMENT_SIGNER,
+    OID_EKU_REVOCATION_SIGNER,
+    OID_HARDWARE_MODULE_NAME,
+    device_id_from_certificate,
+)
+
+__all__ = ["ChainVerifier", "VerifiedIdentity", "load_certificate", "verify_client_chain"]
+
+#: Key usage bit an end entity needs for what its EKU lets it do.
+_REQUIRED_KEY_USAGE: dict[ObjectIdentifier, str] = {
+    ExtendedKeyUsageOID.CLIENT_AUTH: "digital_signature",
+    ExtendedKeyUsageOID.SERVER_AUTH: "digital_signature",
+    OID_EKU_ENTITLEMENT_SIGNER: "digital_signature",
+    OID_EKU_REVOCATION_SIGNER: "digital_signature",
+    OID_EKU_AUDIT_RECEIVER: "key_agreement",
+}
+_SAN_REQUIRED_FOR = frozenset({ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH})
+#: Root -> station/site CA -> leaf is depth 2; one spare level makes the library report a
+#: too-deep chain as a pathLen violation (which we check) rather than a depth limit.
+_MAX_CHAIN_DEPTH = 4
+#: Upper bound on certificate size accepted by :func:`load_certificate`.
+MAX_CERTIFICATE_SIZE = 16 * 1024
+
+
+def load_certificate(data: bytes) -> x509.Certificate:
+    """Parse a PEM or DER certificate, refusing junk and oversized input (``malformed``)."""
+    if not isinstance(data, bytes | bytearray) or len(data) > MAX_CERTIFICATE_SIZE:
+        raise VerificationError("certificate is not bytes or too large", reason="malformed")
+    try:
+        if bytes(data).lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(bytes(data))
+        return x509.load_der_x509_certificate(bytes(data))
+    except ValueError as exc:
+        raise VerificationError(f"certificate does not parse: {exc}", reason="malformed") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedIdentity:
+    """Who presented a chain that verified. ``chain`` runs leaf first, trust anchor last."""
+
+    subject: x509.Name
+    device_id: DeviceId | None
+    leaf: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    issuer: x509.Certificate
+
+    @property
+    def root(self) -> x509.Certificate:
+        return self.chain[-1]
+
+
+def _utc(now: datetime) -> datetime:
+    if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
+        raise VerificationError("verification time must be timezone-aware", reason="malformed")
+    return now.astimezone(UTC)
+
+
+def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:  # duplicate or unparsable extension
+        raise VerificationError(
+            f"certificate extensions are malformed: {exc}", reason="malformed"
+        ) from exc
+
+
+def _key_id(cert: x509.Certificate) -> bytes:
+    ski = _ext(cert, x509.SubjectKeyIdentifier)
+    if isinstance(ski, x509.SubjectKeyIdentifier):
+        return ski.digest
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return b""
+    return x509.SubjectKeyIdentifier.from_public_key(key).digest
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
+
+
+class ChainVerifier:
+    """Verifies many end-entity chains against fixed roots, intermediates and CRLs.
+
+    ``crls`` are verified once (issuer, signature): here when their CA is among ``roots`` and
+    ``intermediates`` (a bad one raises ``CrlError``), otherwise the first time their CA is
+    part of a verified chain (a bad one is then ignored, so ``crl_missing`` follows). Their
+    freshness is checked at each :meth:`verify` because it depends on ``now``.
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[x509.Certificate],
+        intermediates: Sequence[x509.Certificate] = (),
+        crls: Iterable[x509.CertificateRevocationList] = (),
+        *,
+        required_eku: ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
+        require_crl: bool = True,
+        require_san: bool | None = None,
+    ) -> None:
+        if not roots:
+            raise VerificationError("no trust anchors given", reason="untrusted")
+        self._roots = tuple(roots)
+        self._intermediates = tuple(intermediates)
+        self._store = libverify.Store(list(self._roots))
+        self._required_eku = required_eku
+        self._require_crl = require_crl
+        self._require_san = (
+            required_eku in _SAN_REQUIRED_FOR if require_san is None else require_san
+        )
+        self._root_ids = {(r.subject.public_bytes(), _key_id(r)) for r in self._roots}
+        # End-entity checks are ours (done before the library, with precise reasons), so the
+        # library's EE policy is permit_all; the CA policy stays the Web PKI default.
+        self._ee_policy = libverify.ExtensionPolicy.permit_all()
+        self._ca_policy = libverify.ExtensionPolicy.webpki_defaults_ca()
+        self._crls: dict[tuple[bytes, bytes], RevocationSet] = {}
+        # CRLs of CAs not known yet (e.g. a station CA the client will send): verified against
+        # that CA only once the CA itself is part of a chain that verified to a root.
+        self._pending: dict[bytes, list[x509.CertificateRevocationList]] = {}
+        cas = self._roots + self._intermediates
+        for crl in crls:
+            issuer = self._crl_issuer(crl, cas)
+            if issuer is None:
+                self._pending.setdefault(crl.issuer.public_bytes(), []).append(crl)
+            else:
+                self._add(verify_crl(crl, issuer, now=None), issuer)
+
+    def _add(self, revocations: RevocationSet, issuer: x509.Certificate) -> None:
+        key = (issuer.subject.public_bytes(), revocations.issuer_key_id)
+        current = self._crls.get(key)
+        if current is None or revocations.crl_number > current.crl_number:
+            self._crls[key] = revocations
+
+    @staticmethod
+    def _crl_issuer(
+        crl: x509.CertificateRevocationList, cas: Sequence[x509.Certificate]
+    ) -> x509.Certificate | None:
+        candidates = [ca for ca in cas if ca.subject == crl.issuer]
+        try:
+            aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        except x509.ExtensionNotFound:
+            aki = None
+        except ValueError as exc:
+            raise CrlError("CRL extensions do not parse", reason="malformed") from exc
+        if aki is not None and aki.key_identifier is not None:
+            candidates = [ca for ca in candidates if _key_id(ca) == aki.key_identifier]
+        return candidates[0] if candidates else None
+
+    def _revocations_for(self, issuer: x509.Certificate) -> RevocationSet | None:
+        key = (issuer.subject.public_bytes(), _key_id(issuer))
+        pending = self._pending.get(key[0])
+        if pending:
+            for crl in list(pending):
+                if self._crl_issuer(crl, [issuer]) is None:
+                    continue  # same name, another key: not this CA's CRL
+                pending.remove(crl)
+                try:
+                    self._add(verify_crl(crl, issuer, now=None), issuer)
+                except CrlError:
+                    continue  # a CRL that does not verify is no CRL: crl_missing follows
+        return self._crls.get(key)
+
+    # ------------------------------------------------------------------ the checks
+
+    def verify(
+        self,
+        leaf: x509.Certificate | bytes,
+        *,
+        now: datetime,
+        intermediates: Sequence[x509.Certificate] = (),
+        require_device_id: bool = False,
+    ) -> VerifiedIdentity:
+        """Verify ``leaf`` (plus any ``intermediates`` it brought) at time ``now``."""
+        moment = _utc(now)
+        if not isinstance(leaf, x509.Certificate):
+            leaf = load_certificate(leaf)
+        device_id = self._check_leaf(leaf, moment, require_device_id)
+        untrusted = list(self._intermediates) + list(intermediates)
+        chain = self._build_path(leaf, untrusted, moment)
+        self._check_revocation(chain, moment)
+        return VerifiedIdentity(
+            subject=leaf.subject, device_id=device_id, leaf=leaf, chain=chain, issuer=chain[1]
+        )
+
+    def _check_leaf(
+        self, leaf: x509.Certificate, now: datetime, require_device_id: bool
+    ) -> DeviceId | None:
+        try:
+            key = leaf.public_key()
+        except (ValueError, TypeError) as exc:
+            raise VerificationError("leaf key does not parse", reason="wrong_key_type") from exc
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
+            key.curve, ec.SECP256R1
+        ):
+            raise VerificationError(
+                f"leaf key is {type(key).__name__}"
+                f"{' ' + key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else ''}"
+                ", only ECDSA P-256 is accepted",
+                reason="wrong_key_type",
+            )
+        # A self-signed leaf vouches for itself only: say so rather than "unknown issuer".
+        if leaf.issuer == leaf.subject:
+            try:
+                leaf.verify_directly_issued_by(leaf)
+            except (ValueError, TypeError, InvalidSignature):
+                pass
+            else:
+                raise VerificationError("self-signed end-entity certificate", reason="untrusted")
+        bc = _ext(leaf, x509.BasicConstraints)
+        ku = _ext(leaf, x509.KeyUsage)
+        if (isinstance(bc, x509.BasicConstraints) and bc.ca) or (
+            isinstance(ku, x509.KeyUsage) and ku.key_cert_sign
+        ):
+            # A CA certificate as a client identity would let its holder mint more identities.
+            raise VerificationError(
+                "a CA certificate is not an end-entity identity", reason="ca_leaf"
+            )
+        if now < leaf.not_valid_before_utc:
+            raise VerificationError(
+                f"certificate is valid from {leaf.not_valid_before_utc.isoformat()}",
+                reason="not_yet_valid",
+            )
+        if now > leaf.not_valid_after_utc:
+            raise VerificationError(
+                f"certificate expired at {leaf.not_valid_after_utc.isoformat()}", reason="expired"
+            )
+        eku = _ext(leaf, x509.ExtendedKeyUsage)
+        # No EKU would mean "any purpose" to RFC 5280; we require the purpose to be explicit.
+        if not isinstance(eku, x509.ExtendedKeyUsage) or self._required_eku not in eku:
+            raise VerificationError(
+                f"certificate lacks extended key usage {self._required_eku.dotted_string}",
+                reason="wrong_eku",
+            )
+        needed = _REQUIRED_KEY_USAGE.get(self._required_eku)
+        if needed is not None and (not isinstance(ku, x509.KeyUsage) or not getattr(ku, needed)):
+            raise VerificationError(f"key usage lacks {needed}", reason="wrong_key_usage")
+        san = _ext(leaf, x509.SubjectAlternativeName)
+        if self._require_san and not isinstance(san, x509.SubjectAlternativeName):
+            raise VerificationError("certificate has no subjectAltName", reason="missing_san")
+        device_id: DeviceId | None = None
+        has_hw_name = isinstance(san, x509.SubjectAlternativeName) and any(
+            o.type_id == OID_HARDWARE_MODULE_NAME for o in san.get_values_for_type(x509.OtherName)
+        )
+        if has_hw_name:
+            try:
+                device_id = device_id_from_certificate(leaf)
+            except ProfileError as exc:
+                raise VerificationError(f"device identity: {exc}", reason="malformed") from exc
+        elif require_device_id:
+            raise VerificationError("no hardwareModuleName device id", reason="missing_san")
+        return device_id
+
+    def _build_path(
+        self, leaf: x509.Certificate, untrusted: list[x509.Certificate], now: datetime
+    ) -> tuple[x509.Certificate, ...]:
+        verifier = (
+            libverify.PolicyBuilder()
+            .store(self._store)
+            .time(now)
+            .max_chain_depth(_MAX_CHAIN_DEPTH)
+            .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
+            .build_client_verifier()
+        )
+        try:
+            verified = verifier.verify(leaf, untrusted)
+        except libverify.VerificationError as exc:
+            reason = self._diagnose(leaf, untrusted, now)
+            raise VerificationError(f"no trusted path: {exc}", reason=reason) from exc
+        return tuple(verified.chain)
+
+    def _diagnose(
+        self, leaf: x509.Certificate, untrusted: list[x509.Certificate], now: datetime
+    ) -> str:
+        """Explain a library refusal: walk issuers by name (and key id) from the leaf and
+        report the first intermediate that is out of its validity or breaks a pathLen."""
+        pool = list(self._roots) + untrusted
+        chain = [leaf]
+        current = leaf
+        for _ in range(_MAX_CHAIN_DEPTH + 2):
+            aki = _ext(current, x509.AuthorityKeyIdentifier)
+            wanted = aki.key_identifier if isinstance(aki, x509.AuthorityKeyIdentifier) else None
+            parents = [
+                c
+                for c in pool
+                if c.subject == current.issuer
+                and c is not current
+                and (wanted is None or _key_id(c) == wanted)
+            ]
+            if not parents:
+                return "untrusted"
+            current = parents[0]
+            chain.append(current)
+            if (current.subject.public_bytes(), _key_id(current)) in self._root_ids:
+                break
+        else:
+            return "untrusted"
+        for depth, ca in enumerate(chain[1:], start=0):
+            if now < ca.not_valid_before_utc:
+                return "not_yet_valid"
+            if now > ca.not_valid_after_utc:
+                return "expired"
+            bc = _ext(ca, x509.BasicConstraints)
+            if not isinstance(bc, x509.BasicConstraints) or not bc.ca:
+                return "untrusted"
+            # ``depth`` = number of CA certificates between this CA and the leaf.
+            if bc.path_length is not None and depth > bc.path_length:
+                return "path_length"
+        return "untrusted"
+
+    def _check_revocation(self, chain: tuple[x509.Certificate, ...], now: datetime) -> None:
+        """Every certificate below the anchor is checked against its issuer's CRL."""
+        for cert, issuer in itertools.pairwise(chain):
+            revocations = self._revocations_for(issuer)
+            if revocations is None:
+                if self._require_crl:
+                    raise VerificationError(
+                        f"no CRL from {_describe(issuer)}; revocation cannot be checked",
+                        reason="crl_missing",
+                    )
+                continue
+            try:
+                revocations.check_fresh(now)
+            except CrlError as exc:
+                raise VerificationError(str(exc), reason="crl_stale") from exc
+            reason = revocations.reason_for(cert.serial_number)
+            if reason is not None:
+                raise VerificationError(
+                    f"{_describe(cert)} (serial {cert.serial_number:x}) is revoked: {reason.value}",
+                    reason="revoked",
+                )
+
+
+def verify_client_chain(
+    leaf: x509.Certificate | bytes,
+    intermediates: Sequence[x509.Certificate],
+    *,
+    roots: Sequence[x509.Certificate],
+    crls: Iterable[x509.CertificateRevocationList],
+    now: datetime,
+    required_eku: ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
+    require_crl: bool = True,
+) -> VerifiedIdentity:
+    """One-shot form of :class:`ChainVerifier` (build a ChainVerifier for repeated use)."""
+    verifier = ChainVerifier(
+        roots, intermediates, crls, required_eku=required_eku, require_crl=require_crl
+    )
+    return verifier.verify(leaf, now=now)
