@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import threading
+from pathlib import Path
+
 import click
+
+from device_sim.device import DeviceStateError, SimDevice, create_fleet
+from device_sim.swtpm import SwtpmError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -12,3 +20,78 @@ def main() -> None:
     device) or, for large load tests, software keys. Devices are provisioned at a factory
     station and register at a building's registrar.
     """
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="A device directory (with --count 1) or the fleet directory.",
+)
+@click.option("--count", type=click.IntRange(1), default=1, show_default=True)
+@click.option(
+    "--ek-template",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Copy this TPM state (already holding an EK certificate) for every device.",
+)
+@click.option(
+    "--ek-ca-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="TPM vendor CA directory: swtpm_setup makes each device its own EK certificate.",
+)
+def create(directory: Path, count: int, ek_template: Path | None, ek_ca_dir: Path | None) -> None:
+    """Manufacture device TPMs (swtpm state with an EK certificate)."""
+    if (ek_template is None) == (ek_ca_dir is None):
+        raise click.UsageError("give exactly one of --ek-template or --ek-ca-dir")
+    try:
+        if count == 1:
+            devices = [SimDevice.manufacture(directory, template=ek_template, ek_ca_dir=ek_ca_dir)]
+        else:
+            devices = create_fleet(directory, count, template=ek_template, ek_ca_dir=ek_ca_dir)
+    except (DeviceStateError, SwtpmError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for dev in devices:
+        click.echo(str(dev.directory))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def show(directory: Path, as_json: bool) -> None:
+    """Show a device: its id and factory certificate, once provisioned."""
+    try:
+        info = SimDevice(directory).info()
+    except DeviceStateError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def serve(directory: Path) -> None:
+    """Power the device's TPM on and print its TCTI until interrupted (for
+    ``factory-station provision --device-tcti``)."""
+    try:
+        dev = SimDevice(directory)
+        dev.power_on()
+    except (DeviceStateError, SwtpmError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    # The station needs the (single-client) swtpm socket: release our own connection.
+    if dev.tpm is not None:
+        dev.tpm.close()
+        dev.tpm = None
+    click.echo(dev.tcti, nl=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dev.power_off()

@@ -2,7 +2,60 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
 import click
+
+from factory_station.errors import FactoryStationError
+from factory_station.provision import ProvisionResult, provision_batch, provision_device
+from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactoryStation
+from signers.errors import SignerError
+from trustcore.errors import InvalidValueError, TrustCoreError
+from trustcore.identity import DeviceId, StationId
+
+_HOME = click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Station directory.",
+)
+_TCTI = click.option(
+    "--tcti", default=None, help="Override the station TPM TCTI (default: from station.json)."
+)
+
+
+class Refused(click.ClickException):
+    """A refusal or a station error: exit code 2 with the reason first."""
+
+    exit_code = 2
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except FactoryStationError as exc:
+        raise Refused(str(exc)) from exc
+    except (TrustCoreError, SignerError) as exc:
+        raise Refused(f"{type(exc).__name__}: {exc}") from exc
+
+
+@contextmanager
+def _station(home: Path, tcti: str | None) -> Iterator[FactoryStation]:
+    with _errors(), FactoryStation.open(home, tcti=tcti) as station:
+        yield station
+
+
+def _nv_index(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    try:
+        return int(value, 0)
+    except ValueError as exc:
+        raise click.BadParameter(f"not an integer: {value!r}") from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,3 +66,251 @@ def main() -> None:
     device's own TPM create the device key, signs the factory certificate (IDevID) and
     keeps a hash-chained, signed audit log that it exports, encrypted, to HQ.
     """
+
+
+@main.command()
+@_HOME
+@click.option("--station-id", required=True, help="This station's id (e.g. station-01).")
+@click.option(
+    "--tcti", required=True, help="Station TPM: swtpm:host=..,port=.. or device:/dev/tpmrm0"
+)
+@click.option(
+    "--root",
+    "root",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    required=True,
+    help="Manufacturer root certificate (PEM) to pin.",
+)
+@click.option("--nv-index", default=f"0x{DEFAULT_NV_INDEX:08x}", callback=_nv_index)
+@click.option(
+    "--tpm-vendor-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="PEM bundle of TPM-vendor CA certificates (root first) for device EK certificates.",
+)
+@click.option(
+    "--unsafe-csr-only",
+    is_flag=True,
+    help="UNSAFE: accept a CSR signature as the only proof of a device key (no TPM attestation).",
+)
+@click.option(
+    "--enrolment-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the enrolment request for HQ here.",
+)
+def init(
+    home: Path,
+    station_id: str,
+    tcti: str,
+    root: Path,
+    nv_index: int,
+    tpm_vendor_ca: Path | None,
+    unsafe_csr_only: bool,
+    enrolment_out: Path | None,
+) -> None:
+    """Create the station: CA and transport keys inside the TPM, the NV counter, the pinned
+    root, and the enrolment request (CSR + transport key) for HQ."""
+    if unsafe_csr_only:
+        click.secho("WARNING: devices will not have to prove their key is in a TPM", fg="red")
+    try:
+        sid = StationId(station_id)
+    except InvalidValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--station-id") from exc
+    with _errors():
+        enrolment = FactoryStation.init(
+            home,
+            station_id=sid,
+            tcti=tcti,
+            root_pem=root.read_bytes(),
+            nv_index=nv_index,
+            vendor_ca_pem=tpm_vendor_ca.read_bytes() if tpm_vendor_ca else None,
+            attestation=AttestationMode.UNSAFE_CSR_ONLY
+            if unsafe_csr_only
+            else AttestationMode.CERTIFY,
+        )
+    if enrolment_out is not None:
+        enrolment_out.write_bytes(enrolment.encode())
+    click.echo(f"station {sid} initialised in {home}")
+    click.echo(f"enrolment request: {enrolment_out or home / 'enrolment.cbor'}")
+
+
+@main.command("import-entitlement")
+@_HOME
+@_TCTI
+@click.argument("package", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def import_entitlement(home: Path, tcti: str | None, package: Path) -> None:
+    """Verify, decrypt (in the TPM) and store an entitlement from HQ."""
+    with _station(home, tcti) as station:
+        imported = station.import_entitlement(package.read_bytes())
+    p = imported.policy
+    click.echo(
+        f"imported entitlement {p.entitlement_id} (sequence {p.sequence}): product {p.product}, "
+        f"quota {p.total_quota}, daily limit {p.daily_limit} ({p.day_timezone}), "
+        f"ids {p.id_rule.device_id(p.id_rule.first)}..{p.id_rule.device_id(p.id_rule.last)}"
+    )
+
+
+def _print_result(res: ProvisionResult, as_json: bool) -> None:
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "device_id": res.device_id.value,
+                    "serial": res.issued.serial_hex,
+                    "counter": res.issued.counter,
+                    "key_id": res.issued.key_id.hex(),
+                }
+            )
+        )
+    else:
+        click.echo(
+            f"provisioned {res.device_id} serial {res.issued.serial_hex} "
+            f"(counter {res.issued.counter}, {res.seconds * 1000:.1f} ms)"
+        )
+
+
+@main.command()
+@_HOME
+@_TCTI
+@click.option("--device-tcti", required=True, help="TCTI of the device's TPM.")
+@click.option("--device-id", default=None, help="Device id (default: next unused id).")
+@click.option(
+    "--device-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the device's files go (key blob, idevid.pem); default HOME/devices/<id>.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def provision(
+    home: Path,
+    tcti: str | None,
+    device_tcti: str,
+    device_id: str | None,
+    device_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Provision one device reached through its TPM's TCTI."""
+    from device_sim.device import TpmDevice
+    from signers.tpm import Tpm
+
+    with _station(home, tcti) as station:
+        did = DeviceId(device_id) if device_id else station.allocate_device_id()
+        directory = device_dir or home / "devices" / did.value
+        directory.mkdir(parents=True, exist_ok=True)
+        with Tpm(device_tcti) as device_tpm:
+            res = provision_device(station, TpmDevice(device_tpm, directory), did)
+    _print_result(res, as_json)
+
+
+@main.command("provision-batch")
+@_HOME
+@_TCTI
+@click.option("--count", type=click.IntRange(1), required=True)
+@click.option(
+    "--devices-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory in which to create the simulated devices.",
+)
+@click.option(
+    "--ek-template",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Copy this TPM state (with EK certificate) for every device (fast).",
+)
+@click.option(
+    "--ek-ca-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Vendor CA directory: run swtpm_setup for every device (own EK, about 0.6 s each).",
+)
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True)
+def provision_batch_cmd(
+    home: Path,
+    tcti: str | None,
+    count: int,
+    devices_dir: Path,
+    ek_template: Path | None,
+    ek_ca_dir: Path | None,
+    workers: int,
+) -> None:
+    """Create COUNT simulated devices (one swtpm each) and provision them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from device_sim.device import create_fleet, power_off_all, power_on_all
+
+    if (ek_template is None) == (ek_ca_dir is None):
+        raise click.UsageError("give exactly one of --ek-template or --ek-ca-dir")
+    existing = len(list(devices_dir.glob("dev-*"))) if devices_dir.exists() else 0
+    click.echo(f"manufacturing {count} device TPMs ...", err=True)
+    fleet = create_fleet(
+        devices_dir, count, template=ek_template, ek_ca_dir=ek_ca_dir, start_index=existing
+    )
+    try:
+        power_on_all(fleet)
+        with (
+            _station(home, tcti) as station,
+            Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                "{task.fields[last]}",
+                transient=False,
+            ) as bar,
+        ):
+            task = bar.add_task("provisioning", total=count, last="")
+            refused: list[str] = []
+
+            def done(res: ProvisionResult | None, err: FactoryStationError | None) -> None:
+                if res is not None:
+                    bar.update(task, advance=1, last=res.device_id.value)
+                elif err is not None:
+                    refused.append(str(err))
+                    bar.update(task, advance=1, last=f"[red]{err.reason}")
+
+            result = provision_batch(
+                station, [d.endpoint for d in fleet], workers=workers, on_done=done
+            )
+    finally:
+        power_off_all(fleet)
+    click.echo(
+        f"provisioned {len(result.provisioned)} of {count} devices in {result.seconds:.2f} s "
+        f"({result.devices_per_s:.1f} devices/s)"
+    )
+    for message in refused:
+        click.echo(f"refused: {message}", err=True)
+    if result.refused:
+        sys.exit(2)
+
+
+@main.command("export-audit")
+@_HOME
+@_TCTI
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def export_audit(home: Path, tcti: str | None, out: Path) -> None:
+    """Seal the audit records since the last export (+ checkpoint + manifest) to HQ."""
+    with _station(home, tcti) as station:
+        number = station.export_audit_to(out)
+        status = station.status()
+    click.echo(f"audit export {number} written to {out} ({status.audit_records} records in log)")
+
+
+@main.command()
+@_HOME
+@_TCTI
+@click.option("--json", "as_json", is_flag=True)
+def status(home: Path, tcti: str | None, as_json: bool) -> None:
+    """Show the station's counter, entitlement and usage."""
+    with _station(home, tcti) as station:
+        st = station.status().to_map()
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    _print_map(st, click.echo)
+
+
+def _print_map(m: dict[str, Any], echo: Callable[[str], None], indent: str = "") -> None:
+    for key, value in m.items():
+        if isinstance(value, dict):
+            echo(f"{indent}{key}:")
+            _print_map(value, echo, indent + "  ")
+        else:
+            echo(f"{indent}{key}: {value}")

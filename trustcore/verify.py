@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification as libverify
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
@@ -216,10 +216,17 @@ class ChainVerifier:
         moment = _utc(now)
         if not isinstance(leaf, x509.Certificate):
             leaf = load_certificate(leaf)
-        device_id = self._check_leaf(leaf, moment, require_device_id)
-        untrusted = list(self._intermediates) + list(intermediates)
-        chain = self._build_path(leaf, untrusted, moment)
-        self._check_revocation(chain, moment)
+        try:
+            device_id = self._check_leaf(leaf, moment, require_device_id)
+            untrusted = list(self._intermediates) + list(intermediates)
+            chain = self._build_path(leaf, untrusted, moment)
+            self._check_revocation(chain, moment)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            # cryptography parses some fields (names, keys, extensions) lazily, on first
+            # access: a mangled certificate can fail deep inside any check.
+            raise VerificationError(
+                f"certificate does not parse: {exc}", reason="malformed"
+            ) from exc
         return VerifiedIdentity(
             subject=leaf.subject, device_id=device_id, leaf=leaf, chain=chain, issuer=chain[1]
         )

@@ -1,0 +1,983 @@
+"""The factory station service: its TPM keys, its counter, its database, its audit log.
+
+This is the station's composition root. :meth:`FactoryStation.open` wires the parts (a
+:class:`~signers.tpm.Tpm` reached through the configured TCTI, the station CA key and the
+transport key inside it, the TPM NV counter, the SQLite :class:`StationStore`, the pinned
+root certificate, the clock) and checks that files and TPM agree before anything else
+happens; tests and benchmarks inject a clock or wrap the counter here, never inside the
+package.
+
+Station directory (``--home``)::
+
+    station.json            typed configuration (station id, TCTI, NV index, attestation mode)
+    root.pem                the manufacturer root certificate, pinned at init
+    tpm-vendor-ca.pem       TPM-vendor CA certificates for EK-certificate checks (optional)
+    station-ca.tss.pem      station CA key: a TPM-wrapped blob, useless outside this TPM
+    transport.tss.pem       transport (ECDH) key: a TPM-wrapped blob, for entitlements
+    enrolment.cbor          the enrolment request for HQ (CSR + transport key, bound)
+    station.db              SQLite: entitlements, issuances, audit log, exports
+    station.lock            one station process at a time
+
+Every public method runs under one lock: the batch provisioner calls :meth:`issue` from
+worker threads while device-side work overlaps in other threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from factory_station.attestation import AttestationVerifier
+from factory_station.errors import (
+    EntitlementImportError,
+    FactoryStationError,
+    IssuanceRefused,
+    StationStateError,
+)
+from factory_station.store import ActiveEntitlement, MonotonicCounter, StationStore
+from signers.errors import TpmError
+from signers.tpm import Tpm, TpmKey, TpmKeyUsage, TpmNvCounter
+from trustcore import cbor
+from trustcore.audit import AuditLog, ChainHead, decode_record, encode_export, record_hash
+from trustcore.csr import build_csr
+from trustcore.entitlement import EntitlementPolicy
+from trustcore.errors import (
+    EncodingError,
+    InvalidValueError,
+    PolicyError,
+    ProfileError,
+    ReplayError,
+    SealedPackageError,
+    TrustCoreError,
+    VerificationError,
+)
+from trustcore.identity import DeviceId, StationId
+from trustcore.issuance import IssuanceRequest, IssuanceState, check_issuance
+from trustcore.keys import key_id
+from trustcore.messages import (
+    CT_AUDIT_EXPORT,
+    CT_ENTITLEMENT,
+    MAX_ENTITLEMENT_SIZE,
+    AuditExportPayload,
+    EntitlementPayload,
+    StationEnrolment,
+)
+from trustcore.profiles import (
+    HqRole,
+    issue_factory_certificate,
+    station_id_from_certificate,
+)
+from trustcore.sealed import open_package, peek, seal_package
+from trustcore.verify import ChainVerifier
+
+__all__ = [
+    "DEFAULT_NV_INDEX",
+    "AttestationMode",
+    "FactoryStation",
+    "ImportedEntitlement",
+    "IssuedCertificate",
+    "StationConfig",
+    "StationStatus",
+]
+
+DEFAULT_NV_INDEX: Final = 0x01000100
+CONFIG_FILE: Final = "station.json"
+ROOT_FILE: Final = "root.pem"
+VENDOR_CA_FILE: Final = "tpm-vendor-ca.pem"
+CA_KEY_FILE: Final = "station-ca.tss.pem"
+TRANSPORT_KEY_FILE: Final = "transport.tss.pem"
+ENROLMENT_FILE: Final = "enrolment.cbor"
+DB_FILE: Final = "station.db"
+LOCK_FILE: Final = "station.lock"
+#: A sealed entitlement package: the payload limit plus room for header and certificate.
+MAX_ENTITLEMENT_PACKAGE: Final = MAX_ENTITLEMENT_SIZE + 64 * 1024
+
+
+class AttestationMode:
+    """How a device proves its key lives in its TPM.
+
+    ``tpm2-certify`` (default): EK certificate to a vendor CA, credential activation and
+    TPM2_Certify (``factory_station.attestation``). ``unsafe-csr-only``: only the CSR's
+    self-signature, which proves possession of *a* key, not that it is in a TPM; for TPMs
+    without an EK certificate, named ``unsafe`` so nobody picks it by accident.
+    """
+
+    CERTIFY: Final = "tpm2-certify"
+    UNSAFE_CSR_ONLY: Final = "unsafe-csr-only"
+    ALL: Final = frozenset({CERTIFY, UNSAFE_CSR_ONLY})
+
+
+Clock = Callable[[], int]
+CounterWrapper = Callable[[MonotonicCounter], MonotonicCounter]
+
+
+def _wall_clock() -> int:
+    return int(time.time())
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    """``station.json``, strictly validated: unknown or missing keys are errors."""
+
+    station_id: StationId
+    tcti: str
+    nv_index: int
+    attestation: str
+
+    _KEYS = frozenset({"version", "station_id", "tcti", "nv_index", "attestation"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tcti, str) or not self.tcti:
+            raise StationStateError("tcti must be a non-empty string")
+        if not 0x01000000 <= self.nv_index <= 0x013FFFFF:
+            raise StationStateError(f"NV index 0x{self.nv_index:08x} is not an owner index")
+        if self.attestation not in AttestationMode.ALL:
+            raise StationStateError(f"unknown attestation mode {self.attestation!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": 1,
+                "station_id": self.station_id.value,
+                "tcti": self.tcti,
+                "nv_index": f"0x{self.nv_index:08x}",
+                "attestation": self.attestation,
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> StationConfig:
+        try:
+            m = json.loads(text)
+            if not isinstance(m, dict) or set(m) != cls._KEYS or m["version"] != 1:
+                raise StationStateError(f"station.json must hold exactly {sorted(cls._KEYS)}")
+            return cls(
+                station_id=StationId(m["station_id"]),
+                tcti=str(m["tcti"]),
+                nv_index=int(m["nv_index"], 16),
+                attestation=str(m["attestation"]),
+            )
+        except (ValueError, TypeError, InvalidValueError) as exc:
+            raise StationStateError(f"station.json is invalid: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """One factory certificate, durable in the database and the audit log, not yet released."""
+
+    device_id: DeviceId
+    certificate: x509.Certificate
+    der: bytes
+    counter: int
+    serial_hex: str
+    key_id: bytes
+    station_ca: x509.Certificate
+
+
+@dataclass(frozen=True)
+class ImportedEntitlement:
+    policy: EntitlementPolicy
+    counter_base: int
+
+
+@dataclass(frozen=True)
+class StationStatus:
+    station_id: str
+    tcti: str
+    counter: int
+    entitlement: dict[str, Any] | None
+    issued_total: int
+    issued_today: int
+    burned: int
+    remaining: int
+    audit_records: int
+    last_export: int | None
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "station_id": self.station_id,
+            "tcti": self.tcti,
+            "counter": self.counter,
+            "entitlement": self.entitlement,
+            "issued_total": self.issued_total,
+            "issued_today": self.issued_today,
+            "burned": self.burned,
+            "remaining": self.remaining,
+            "audit_records": self.audit_records,
+            "last_export": self.last_export,
+        }
+
+
+@dataclass(frozen=True)
+class _Active:
+    """The active entitlement, decoded once."""
+
+    row: ActiveEntitlement
+    policy: EntitlementPolicy
+    station_ca: x509.Certificate
+    audit_receiver: x509.Certificate
+    manufacturer: str
+
+
+def _utc(when: int) -> datetime:
+    return datetime.fromtimestamp(when, UTC)
+
+
+def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _load_pem_certs(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise StationStateError(f"cannot read certificates from {path}: {exc}") from exc
+
+
+class FactoryStation:
+    """One opened station. Use :meth:`init` once, then :meth:`open` (a context manager)."""
+
+    def __init__(
+        self,
+        *,
+        home: Path,
+        config: StationConfig,
+        tpm: Tpm,
+        ca_key: TpmKey,
+        transport_key: TpmKey,
+        counter: MonotonicCounter,
+        store: StationStore,
+        root: x509.Certificate,
+        vendor_cas: list[x509.Certificate],
+        clock: Clock,
+        lock_file: TextIO,
+    ) -> None:
+        self.home = home
+        self.config = config
+        self.tpm = tpm
+        self.ca_key = ca_key
+        self.transport_key = transport_key
+        self._counter = counter
+        self.store = store
+        self.root = root
+        self.vendor_cas = vendor_cas
+        self._clock = clock
+        self._lock_file = lock_file
+        self._lock = threading.RLock()
+        self._broken: str | None = None
+        self._reserved: set[str] = set()
+        self._id_cursor: int | None = None
+        self._ca_private = ca_key.private_key()
+        self._counter_value = counter.read()
+        self._audit = AuditLog(config.station_id.value, head=self._stored_head())
+        self._active: _Active | None = None
+        self._pending_export: tuple[int, int, int] | None = None
+
+    # ------------------------------------------------------------------------------- init
+
+    @classmethod
+    def init(
+        cls,
+        home: Path | str,
+        *,
+        station_id: StationId,
+        tcti: str,
+        root_pem: bytes,
+        nv_index: int = DEFAULT_NV_INDEX,
+        vendor_ca_pem: bytes | None = None,
+        attestation: str = AttestationMode.CERTIFY,
+    ) -> StationEnrolment:
+        """Create a station: CA and transport keys inside the TPM, the NV counter, the
+        pinned root, the database with its counter floor, and the enrolment for HQ."""
+        home = Path(home)
+        if (home / CONFIG_FILE).exists():
+            raise StationStateError(f"{home} already holds a station")
+        try:
+            root = x509.load_pem_x509_certificate(root_pem)
+        except ValueError as exc:
+            raise StationStateError(f"root certificate does not parse: {exc}") from exc
+        if attestation == AttestationMode.CERTIFY and not vendor_ca_pem:
+            raise StationStateError(
+                "tpm2-certify attestation needs the TPM vendor CA certificates "
+                "(or choose the unsafe-csr-only mode explicitly)"
+            )
+        if vendor_ca_pem:
+            try:
+                x509.load_pem_x509_certificates(vendor_ca_pem)
+            except ValueError as exc:
+                raise StationStateError(f"TPM vendor CA does not parse: {exc}") from exc
+        config = StationConfig(station_id, tcti, nv_index, attestation)
+        home.mkdir(parents=True, exist_ok=True)
+        with Tpm(tcti) as tpm:
+            ca_key = TpmKey.create(tpm, TpmKeyUsage.SIGN)
+            transport = TpmKey.create(tpm, TpmKeyUsage.ECDH)
+            counter = TpmNvCounter(tpm, nv_index).define(exist_ok=True)
+            floor = counter.read()
+            subject = x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, station_id.value),
+                    x509.NameAttribute(NameOID.SERIAL_NUMBER, station_id.value),
+                ]
+            )
+            csr = build_csr(ca_key, subject)
+            enrolment = StationEnrolment.create(station_id, csr, ca_key, transport.public_key())
+            ca_key.save(home / CA_KEY_FILE)
+            transport.save(home / TRANSPORT_KEY_FILE)
+        (home / ROOT_FILE).write_bytes(root.public_bytes(serialization.Encoding.PEM))
+        if vendor_ca_pem:
+            (home / VENDOR_CA_FILE).write_bytes(vendor_ca_pem)
+        store = StationStore(home / DB_FILE)
+        try:
+            with store.transaction() as db:
+                store.set_meta("counter_floor", floor, db)
+                store.set_meta("station_id", station_id.value, db)
+        finally:
+            store.close()
+        _write_atomic(home / ENROLMENT_FILE, enrolment.encode())
+        # Written last: a station directory without station.json is an unfinished init.
+        _write_atomic(home / CONFIG_FILE, config.to_json().encode())
+        return enrolment
+
+    # ------------------------------------------------------------------------------- open
+
+    @classmethod
+    def open(
+        cls,
+        home: Path | str,
+        *,
+        tcti: str | None = None,
+        clock: Clock = _wall_clock,
+        wrap_counter: CounterWrapper | None = None,
+    ) -> FactoryStation:
+        """Open a station, check files against the TPM counter (repairing a crash, refusing
+        a rollback) and audit what was repaired. ``tcti`` overrides the configured one."""
+        home = Path(home)
+        try:
+            config = StationConfig.from_json((home / CONFIG_FILE).read_text())
+        except OSError as exc:
+            raise StationStateError(f"{home} is not a station directory: {exc}") from exc
+        if tcti is not None:
+            config = StationConfig(config.station_id, tcti, config.nv_index, config.attestation)
+        lock_file = (home / LOCK_FILE).open("w")  # held for the station's life
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            lock_file.close()
+            raise StationStateError(f"another process has the station {home} open") from exc
+        roots = _load_pem_certs(home / ROOT_FILE)
+        vendor = _load_pem_certs(home / VENDOR_CA_FILE) if (home / VENDOR_CA_FILE).exists() else []
+        opened: list[Any] = [lock_file]
+        try:
+            tpm = Tpm(config.tcti)
+            opened.append(tpm)
+            ca_key = TpmKey.load(tpm, home / CA_KEY_FILE)
+            transport = TpmKey.load(tpm, home / TRANSPORT_KEY_FILE)
+            counter: MonotonicCounter = TpmNvCounter(tpm, config.nv_index)
+            if wrap_counter is not None:
+                counter = wrap_counter(counter)
+            store = StationStore(home / DB_FILE)
+            opened.append(store)
+            station = cls(
+                home=home,
+                config=config,
+                tpm=tpm,
+                ca_key=ca_key,
+                transport_key=transport,
+                counter=counter,
+                store=store,
+                root=roots[0],
+                vendor_cas=vendor,
+                clock=clock,
+                lock_file=lock_file,
+            )
+            station._recover()
+            station._load_active()
+        except TpmError as exc:
+            for thing in reversed(opened):
+                thing.close()
+            raise StationStateError(f"station TPM: {exc}") from exc
+        except BaseException:
+            for thing in reversed(opened):
+                thing.close()
+            raise
+        return station
+
+    def close(self) -> None:
+        with self._lock:
+            self.store.close()
+            self.tpm.close()
+            self._lock_file.close()
+
+    def __enter__(self) -> FactoryStation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _stored_head(self) -> ChainHead:
+        head = self.store.audit_head()
+        if head is None:
+            return ChainHead()
+        seq, record = head
+        return ChainHead(next_seq=seq + 1, head_hash=record_hash(record))
+
+    def _reload_audit(self) -> None:
+        """Re-read the audit head after a failed commit, so memory never runs ahead of disk."""
+        self._audit = AuditLog(self.config.station_id.value, head=self._stored_head())
+
+    def _recover(self) -> None:
+        """The anti-rollback rule (``store.check_counter``) and its audit, in one transaction."""
+        with self.store.transaction():
+            recovery = self.store.check_counter(self._counter_value)
+            records = []
+            for counter, device_id in recovery.burned:
+                fields: dict[str, int | str] = {
+                    "counter": counter,
+                    "device_id": device_id,
+                    "entitlement_seq": self.store.entitlement_seq_of(counter),
+                }
+                rec = self._audit.append("slot_burned", fields, self._clock())
+                records.append((self._audit.head.next_seq - 1, rec))
+            if records:
+                self.store.db.executemany("INSERT INTO audit(seq, record) VALUES (?, ?)", records)
+        if records:
+            self._reload_audit()
+
+    def _load_active(self) -> None:
+        row = self.store.active_entitlement()
+        if row is None:
+            self._active = None
+            return
+        payload = EntitlementPayload.decode(row.package)
+        self._active = _Active(
+            row=row,
+            policy=payload.policy,
+            station_ca=x509.load_der_x509_certificate(payload.station_ca_cert_der),
+            audit_receiver=x509.load_der_x509_certificate(payload.audit_receiver_cert_der),
+            manufacturer=_organization(payload.station_ca_cert_der),
+        )
+
+    @property
+    def station_id(self) -> StationId:
+        return self.config.station_id
+
+    @property
+    def policy(self) -> EntitlementPolicy | None:
+        return None if self._active is None else self._active.policy
+
+    @property
+    def station_ca_certificate(self) -> x509.Certificate | None:
+        return None if self._active is None else self._active.station_ca
+
+    def now(self) -> int:
+        return self._clock()
+
+    # ---------------------------------------------------------------- entitlement import
+
+    def import_entitlement(self, package: bytes) -> ImportedEntitlement:
+        """Verify, decrypt (ECDH in the TPM) and store an entitlement; refuse anything
+        doubtful with :class:`EntitlementImportError` and change nothing on refusal."""
+        with self._lock:
+            self._require_healthy()
+            now = self._clock()
+            try:
+                header = peek(package, max_size=MAX_ENTITLEMENT_PACKAGE)
+            except SealedPackageError as exc:
+                raise EntitlementImportError(str(exc), reason="malformed") from exc
+            sender = self._verify_sender(header.sender_certificate, now)
+            try:
+                opened = open_package(
+                    package,
+                    receiver=self.transport_key,
+                    expected_content_type=CT_ENTITLEMENT,
+                    trusted_sender_public=sender,
+                    last_sequence=self.store.last_entitlement_sequence(),
+                    max_size=MAX_ENTITLEMENT_PACKAGE,
+                )
+            except ReplayError as exc:
+                raise EntitlementImportError(
+                    f"entitlement sequence {header.sequence} is not newer than the last "
+                    f"imported ({self.store.last_entitlement_sequence()}): replayed or rolled "
+                    "back",
+                    reason="replayed",
+                ) from exc
+            except SealedPackageError as exc:
+                raise EntitlementImportError(
+                    f"{exc}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
+                ) from exc
+            except TpmError as exc:
+                raise StationStateError(f"TPM ECDH failed: {exc}") from exc
+            try:
+                payload = EntitlementPayload.decode(opened.payload)
+            except (EncodingError, InvalidValueError) as exc:
+                raise EntitlementImportError(
+                    f"entitlement payload does not decode: {exc}", reason="malformed"
+                ) from exc
+            policy = payload.policy
+            self._check_payload(payload, header.sequence, now)
+            base = self._counter_value
+            rec = self._audit.append(
+                "entitlement_imported",
+                {
+                    "entitlement_id": policy.entitlement_id,
+                    "entitlement_seq": policy.sequence,
+                    "counter_base": base,
+                },
+                now,
+            )
+            try:
+                self.store.record_entitlement(
+                    sequence=policy.sequence,
+                    entitlement_id=policy.entitlement_id,
+                    policy_cbor=cbor.encode(policy.to_map()),
+                    package=opened.payload,
+                    imported_at=now,
+                    counter_base=base,
+                    audit_records=[(self._audit.head.next_seq - 1, rec)],
+                )
+            except BaseException:
+                self._reload_audit()
+                raise
+            self._load_active()
+            self._id_cursor = None
+            return ImportedEntitlement(policy=policy, counter_base=base)
+
+    def _verify_sender(
+        self, certificate: Callable[[], x509.Certificate], now: int
+    ) -> ec.EllipticCurvePublicKey:
+        try:
+            cert = certificate()
+            ChainVerifier(
+                [self.root], required_eku=HqRole.ENTITLEMENT_SIGNER.eku, require_crl=False
+            ).verify(cert, now=_utc(now))
+        except (VerificationError, SealedPackageError, ValueError, UnsupportedAlgorithm) as exc:
+            # ValueError / UnsupportedAlgorithm: cryptography parses some fields lazily (a
+            # mangled issuer name or key OID is only noticed when read), and ChainVerifier
+            # lets those through.
+            raise EntitlementImportError(
+                f"the sender is not an HQ entitlement signer under the pinned root: {exc}",
+                reason="untrusted_sender",
+            ) from exc
+        public = cert.public_key()
+        assert isinstance(public, ec.EllipticCurvePublicKey)  # ChainVerifier: P-256 only
+        return public
+
+    def _check_payload(self, payload: EntitlementPayload, header_seq: int, now: int) -> None:
+        policy = payload.policy
+        if policy.station_id != self.station_id.value:
+            raise EntitlementImportError(
+                f"the entitlement is for station {policy.station_id!r}, this is "
+                f"{self.station_id.value!r}",
+                reason="foreign_station",
+            )
+        if policy.sequence != header_seq:
+            raise EntitlementImportError(
+                f"policy sequence {policy.sequence} differs from the signed package sequence "
+                f"{header_seq}",
+                reason="malformed",
+            )
+        if now >= policy.not_after:
+            raise EntitlementImportError(
+                f"the entitlement's key-use window ended at {_utc(policy.not_after).isoformat()}",
+                reason="expired",
+            )
+        try:
+            ca = x509.load_der_x509_certificate(payload.station_ca_cert_der)
+        except ValueError as exc:
+            raise EntitlementImportError(
+                "station CA certificate does not parse", reason="wrong_station_ca"
+            ) from exc
+        ca_pub = ca.public_key()
+        if not isinstance(ca_pub, ec.EllipticCurvePublicKey) or _spki(ca_pub) != _spki(
+            self.ca_key.public_key()
+        ):
+            raise EntitlementImportError(
+                "the station CA certificate does not certify this station's TPM key",
+                reason="wrong_station_ca",
+            )
+        _check_station_ca(ca, self.root, self.station_id, now)
+        try:
+            receiver = x509.load_der_x509_certificate(payload.audit_receiver_cert_der)
+            ChainVerifier(
+                [self.root], required_eku=HqRole.AUDIT_RECEIVER.eku, require_crl=False
+            ).verify(receiver, now=_utc(now))
+        except (ValueError, VerificationError) as exc:
+            raise EntitlementImportError(
+                f"the audit receiver certificate is not valid under the root: {exc}",
+                reason="bad_audit_receiver",
+            ) from exc
+
+    # ------------------------------------------------------------------------- issuance
+
+    def attestation_verifier(self) -> AttestationVerifier | None:
+        """A fresh one-shot verifier, or None in the ``unsafe-csr-only`` mode."""
+        if self.config.attestation == AttestationMode.UNSAFE_CSR_ONLY:
+            return None
+        return AttestationVerifier(self.vendor_cas[:1], intermediates=self.vendor_cas[1:])
+
+    def allocate_device_id(self) -> DeviceId:
+        """The next number of the policy's id rule that no issuance (or in-flight
+        provisioning) has used. Reserved until :meth:`issue` or :meth:`release_id`."""
+        with self._lock:
+            active = self._require_entitlement()
+            rule = active.policy.id_rule
+            used = self.store.used_device_ids() | self._reserved
+            number = rule.first if self._id_cursor is None else self._id_cursor
+            while number <= rule.last:
+                candidate = rule.device_id(number)
+                number += 1
+                if candidate not in used:
+                    self._id_cursor = number
+                    self._reserved.add(candidate)
+                    return DeviceId(candidate)
+            raise IssuanceRefused(
+                f"no unused device id left in {rule.prefix}{rule.first}..{rule.last}",
+                reason="id_out_of_range",
+            )
+
+    def release_id(self, device_id: DeviceId) -> None:
+        with self._lock:
+            self._reserved.discard(device_id.value)
+            self._id_cursor = None  # the released number is free again: rescan from first
+
+    def refuse(self, device_id: str, reason: str) -> None:
+        """Audit a refusal that happened outside :meth:`issue` (CSR, attestation)."""
+        with self._lock:
+            self._audit_refusal(device_id, reason)
+
+    def _audit_refusal(self, device_id: str, reason: str) -> None:
+        rec = self._audit.append(
+            "refused", {"device_id": device_id, "reason": reason}, self._clock()
+        )
+        try:
+            self.store.append_audit([(self._audit.head.next_seq - 1, rec)])
+        except BaseException:
+            self._reload_audit()
+            raise
+
+    def _require_healthy(self) -> None:
+        if self._broken is not None:
+            raise StationStateError(f"station stopped after an error: {self._broken}; reopen it")
+
+    def _require_entitlement(self) -> _Active:
+        self._require_healthy()
+        if self._active is None:
+            raise IssuanceRefused("no entitlement imported", reason="no_entitlement")
+        return self._active
+
+    def _state(self, active: _Active, device_id: str, now: int) -> tuple[IssuanceState, str]:
+        latest = self.store.latest_time()
+        day = active.policy.day_of(max(now, latest))
+        return (
+            IssuanceState(
+                issued_total=self._counter_value - active.row.counter_base,
+                issued_today=self.store.counts(active.row.sequence, day),
+                latest_time=latest,
+                device_already_issued=self.store.device_issued(device_id),
+            ),
+            day,
+        )
+
+    def check(self, device_id: DeviceId, product: str | None = None) -> None:
+        """Run the policy checks without issuing (fail early, before device work)."""
+        with self._lock:
+            active = self._require_entitlement()
+            now = self._clock()
+            state, _ = self._state(active, device_id.value, now)
+            try:
+                check_issuance(
+                    active.policy,
+                    state,
+                    IssuanceRequest(device_id.value, product or active.policy.product, now),
+                )
+            except PolicyError as exc:
+                self._audit_refusal(device_id.value, exc.reason)
+                raise IssuanceRefused(exc.args[0], reason=exc.reason) from exc
+
+    def issue(
+        self,
+        device_id: DeviceId,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        product: str | None = None,
+    ) -> IssuedCertificate:
+        """Policy check, then intent → NV increment → sign in the TPM + audit + complete.
+
+        The certificate returned is durable (database and audit log) and may be released.
+        A refusal is audited and consumes no counter slot.
+        """
+        with self._lock:
+            try:
+                return self._issue(device_id, public_key, product)
+            finally:
+                self._reserved.discard(device_id.value)
+
+    def _issue(
+        self, device_id: DeviceId, public_key: ec.EllipticCurvePublicKey, product: str | None
+    ) -> IssuedCertificate:
+        active = self._require_entitlement()
+        policy = active.policy
+        now = self._clock()
+        state, day = self._state(active, device_id.value, now)
+        try:
+            check_issuance(
+                policy, state, IssuanceRequest(device_id.value, product or policy.product, now)
+            )
+            if (
+                not active.station_ca.not_valid_before_utc
+                <= _utc(now)
+                < (active.station_ca.not_valid_after_utc)
+            ):
+                raise PolicyError(
+                    "the station CA certificate is not valid now", reason="station_ca_expired"
+                )
+        except PolicyError as exc:
+            self._audit_refusal(device_id.value, exc.reason)
+            raise IssuanceRefused(exc.args[0], reason=exc.reason) from exc
+
+        before = self._counter_value
+        counter = before + 1
+        self.store.record_intent(counter, active.row.sequence, device_id.value, day, now)
+        self._increment(counter, before)
+        try:
+            cert = issue_factory_certificate(
+                active.station_ca,
+                self._ca_private,
+                public_key,
+                device_id=device_id,
+                manufacturer=active.manufacturer,
+                not_before=_utc(now),
+            )
+        except (TpmError, ProfileError, TrustCoreError) as exc:
+            # The slot is consumed but we know no certificate exists: burn it, audited.
+            self._burn(counter, device_id.value, active.row.sequence, now)
+            raise FactoryStationError(f"signing the certificate failed: {exc}") from exc
+        der = cert.public_bytes(serialization.Encoding.DER)
+        serial_hex = f"{cert.serial_number:x}"
+        kid = key_id(public_key)
+        rec = self._audit.append(
+            "issued",
+            {
+                "device_id": device_id.value,
+                "serial": serial_hex,
+                "key_id": kid,
+                "product": product or policy.product,
+                "entitlement_seq": active.row.sequence,
+                "counter": counter,
+            },
+            now,
+        )
+        try:
+            self.store.complete(
+                counter, serial_hex, kid, der, [(self._audit.head.next_seq - 1, rec)]
+            )
+        except BaseException as exc:
+            self._reload_audit()
+            self._broken = f"could not record issuance {counter}: {exc}"
+            raise
+        return IssuedCertificate(device_id, cert, der, counter, serial_hex, kid, active.station_ca)
+
+    def _increment(self, counter: int, before: int) -> None:
+        try:
+            value = self._counter.increment()
+        except TpmError as exc:
+            # Did the increment happen? Ask the TPM; if we cannot tell, stop (fail closed).
+            try:
+                now_value = self._counter.read()
+            except TpmError:
+                self._broken = f"TPM counter state unknown after: {exc}"
+                raise StationStateError(self._broken) from exc
+            if now_value == before:
+                self.store.drop_intent(counter)
+                raise StationStateError(f"TPM counter increment failed: {exc}") from exc
+            value = now_value
+        if value != counter:
+            self._broken = f"TPM counter moved to {value}, expected {counter}"
+            raise StationStateError(self._broken)
+        self._counter_value = value
+
+    def _burn(self, counter: int, device_id: str, seq: int, now: int) -> None:
+        rec = self._audit.append(
+            "slot_burned", {"counter": counter, "device_id": device_id, "entitlement_seq": seq}, now
+        )
+        try:
+            self.store.burn(counter, [(self._audit.head.next_seq - 1, rec)])
+        except BaseException:
+            self._reload_audit()
+            self._broken = f"could not record burned slot {counter}"
+            raise
+
+    # ---------------------------------------------------------------------- audit export
+
+    def export_audit(self) -> tuple[bytes, int]:
+        """Seal the records since the last export, a checkpoint signed in the TPM and the
+        manifest of certificates issued in that span, to HQ's audit receiver. Returns the
+        package and its export number; call :meth:`record_export` once it is written."""
+        with self._lock:
+            active = self._require_entitlement()
+            now = self._clock()
+            last = self.store.last_export()
+            number = 1 if last is None else last[0] + 1
+            start = 0 if last is None else last[1] + 1
+            records = [rec for _, rec in self.store.audit_records(start)]
+            serials = []
+            for raw in records:
+                decoded = decode_record(raw)
+                if decoded.event == "issued":
+                    serials.append(str(decoded.fields["serial"]))
+            manifest = self.store.certificates_by_serial(serials)
+            checkpoint = self._audit.make_checkpoint(self.ca_key, now)
+            payload = AuditExportPayload(
+                station_id=self.station_id.value,
+                entitlement_sequence=active.row.sequence,
+                export_number=number,
+                audit_export=encode_export(records, checkpoint),
+                manifest=tuple(manifest),
+            )
+            receiver = active.audit_receiver.public_key()
+            assert isinstance(receiver, ec.EllipticCurvePublicKey)  # verified at import
+            package = seal_package(
+                content_type=CT_AUDIT_EXPORT,
+                payload=payload.encode(),
+                sender=self.ca_key,
+                sender_cert=active.station_ca,
+                receiver_public=receiver,
+                sequence=number,
+                created=now,
+            )
+            self._pending_export = (number, self._audit.head.next_seq - 1, now)
+            return package, number
+
+    def record_export(self, number: int) -> None:
+        with self._lock:
+            pending = self._pending_export
+            if pending is None or pending[0] != number:
+                raise StationStateError(f"export {number} was not prepared")
+            self.store.record_export(*pending)
+            self._pending_export = None
+
+    def export_audit_to(self, path: Path | str) -> int:
+        """Write the export atomically, then record it (a crash in between re-exports the
+        same span under the same number; nothing is lost)."""
+        package, number = self.export_audit()
+        _write_atomic(Path(path), package)
+        self.record_export(number)
+        return number
+
+    # --------------------------------------------------------------------------- status
+
+    def status(self) -> StationStatus:
+        with self._lock:
+            active = self._active
+            last = self.store.last_export()
+            if active is None:
+                return StationStatus(
+                    self.station_id.value, self.config.tcti, self._counter_value, None,
+                    0, 0, 0, 0, self.store.audit_count(), None if last is None else last[0],
+                )  # fmt: skip
+            now = self._clock()
+            state, _ = self._state(active, "", now)
+            p = active.policy
+            return StationStatus(
+                station_id=self.station_id.value,
+                tcti=self.config.tcti,
+                counter=self._counter_value,
+                entitlement={
+                    "entitlement_id": p.entitlement_id,
+                    "sequence": p.sequence,
+                    "product": p.product,
+                    "total_quota": p.total_quota,
+                    "daily_limit": p.daily_limit,
+                    "day_timezone": p.day_timezone,
+                    "not_before": _utc(p.not_before).isoformat(),
+                    "not_after": _utc(p.not_after).isoformat(),
+                    "id_range": f"{p.id_rule.device_id(p.id_rule.first)}.."
+                    f"{p.id_rule.device_id(p.id_rule.last)}",
+                    "counter_base": active.row.counter_base,
+                },
+                issued_total=state.issued_total,
+                issued_today=state.issued_today,
+                burned=self.store.burned_count(p.sequence),
+                remaining=max(0, p.total_quota - state.issued_total),
+                audit_records=self.store.audit_count(),
+                last_export=None if last is None else last[0],
+            )
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with self._lock:
+            yield
+
+
+_SEALED_REASONS = {
+    "wrong_receiver": "foreign_station",
+    "malformed": "malformed",
+    "oversized": "malformed",
+    "wrong_content_type": "malformed",
+    "not_encrypted": "malformed",
+    "bad_signature": "tampered",
+    "wrong_sender": "tampered",
+    "decrypt_failed": "tampered",
+}
+
+
+def _organization(cert_der: bytes) -> str:
+    cert = x509.load_der_x509_certificate(cert_der)
+    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    value = orgs[0].value if orgs else ""
+    return value if isinstance(value, str) and value else "unknown manufacturer"
+
+
+def _check_station_ca(
+    ca: x509.Certificate, root: x509.Certificate, station_id: StationId, now: int
+) -> None:
+    """The station CA certificate must be a pathLen-0 CA for this station, signed by the
+    pinned root and valid now: the certificate devices will chain through."""
+
+    def refuse(message: str) -> EntitlementImportError:
+        return EntitlementImportError(message, reason="wrong_station_ca")
+
+    try:
+        ca.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise refuse("the station CA certificate is not signed by the pinned root") from exc
+    try:
+        bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound as exc:
+        raise refuse("the station CA certificate has no basicConstraints") from exc
+    if not bc.ca or bc.path_length != 0:
+        raise refuse("the station CA certificate is not a pathLen-0 CA")
+    try:
+        if station_id_from_certificate(ca) != station_id:
+            raise refuse("the station CA certificate names another station")
+    except ProfileError as exc:
+        raise refuse(f"the station CA certificate has no station id: {exc}") from exc
+    if not ca.not_valid_before_utc <= _utc(now) < ca.not_valid_after_utc:
+        raise refuse("the station CA certificate is not valid now")
