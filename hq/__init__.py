@@ -1,1 +1,1 @@
-"""hq."""
+"""HQ: the manufacturer root CA, station enrolment, entitlements and audit ingest."""

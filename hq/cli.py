@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
 import click
+from rich.console import Console
+
+from hq.errors import ExportRefusedError, HqError
+from hq.home import HqHome, HqSecrets, Pkcs11Location
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: ``hq ingest-audit`` exit codes.
+EXIT_CLEAN = 0
+EXIT_VIOLATIONS = 1
+EXIT_REFUSED = 2
+EXIT_ERROR = 3
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,4 +33,315 @@ def main() -> None:
     HQ works offline: what it sends and receives are signed files that can travel on a
     USB stick (entitlements, site bundles, revocation lists; audit exports and site
     reports coming back).
+
+    Secrets never go on the command line: the keystore passphrase comes from
+    DEVTRUST_HQ_PASSPHRASE or --passphrase-file, a token PIN from DEVTRUST_HQ_PIN or
+    --pin-file. See docs/hq.md.
     """
+
+
+def _home_option(f: F) -> F:
+    return click.option(
+        "--home",
+        "home",
+        required=True,
+        type=click.Path(path_type=Path, file_okay=False),
+        help="HQ directory.",
+    )(f)
+
+
+def _secret_options(f: F) -> F:
+    f = click.option(
+        "--pin-file",
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        help="File holding the token PIN (default: $DEVTRUST_HQ_PIN).",
+    )(f)
+    return click.option(
+        "--passphrase-file",
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        help="File holding the keystore passphrase (default: $DEVTRUST_HQ_PASSPHRASE).",
+    )(f)
+
+
+def _fail(exc: HqError, code: int = 1) -> NoReturn:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(code)
+
+
+# -------------------------------------------------------------------------------- init
+
+
+@main.command("init")
+@_home_option
+@click.option("--org", "organization", required=True, help="Manufacturer (organisation) name.")
+@click.option("--root-pkcs11-module", help="PKCS#11 module holding the root key.")
+@click.option("--root-pkcs11-token", help="Token label.")
+@click.option("--root-pkcs11-key", help="Key label (generated in the token if absent).")
+@_secret_options
+def init_command(
+    home: Path,
+    organization: str,
+    root_pkcs11_module: str | None,
+    root_pkcs11_token: str | None,
+    root_pkcs11_key: str | None,
+    passphrase_file: Path | None,
+    pin_file: Path | None,
+) -> None:
+    """Create the root CA and the HQ role keys and certificates (never overwrites)."""
+    from hq.authority import init_hq
+
+    given = [root_pkcs11_module, root_pkcs11_token, root_pkcs11_key]
+    location = None
+    if any(given):
+        if not all(given):
+            raise click.UsageError(
+                "--root-pkcs11-module, --root-pkcs11-token and --root-pkcs11-key go together"
+            )
+        location = Pkcs11Location(*given)  # type: ignore[arg-type]
+    try:
+        result = init_hq(
+            home,
+            organization=organization,
+            secrets=HqSecrets(passphrase_file, pin_file),
+            root_pkcs11=location,
+        )
+    except HqError as exc:
+        _fail(exc)
+    console = Console(highlight=False)
+    where = "software keystore (encrypted)"
+    if location is not None:
+        state = "generated in" if result.root_key_generated else "taken from"
+        where = f"PKCS#11 token {location.token!r}, key {location.label!r} ({state} the token)"
+    console.print(f"HQ initialised in {result.home}")
+    console.print(f"  root CA     {result.root_cert.subject.rfc4514_string()}  ({where})")
+    for role, cert in result.role_certs.items():
+        console.print(f"  {role.value:<19} serial {cert.serial_number:x}")
+
+
+# ------------------------------------------------------------------------- enrol-station
+
+
+@main.command("enrol-station")
+@_home_option
+@click.option("--replace", is_flag=True, help="Re-enrol a station id with a new key.")
+@click.argument("enrolment_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+def enrol_command(home: Path, replace: bool, enrolment_file: Path) -> None:
+    """Verify a station's enrolment request and record the station."""
+    from hq.authority import enrol_station
+
+    try:
+        result = enrol_station(HqHome.open(home), enrolment_file.read_bytes(), replace=replace)
+    except HqError as exc:
+        _fail(exc)
+    Console().print(
+        f"station {result.station_id}: {result.status.replace('_', ' ')}\n"
+        f"  CA key        {result.ca_key_id}\n  transport key {result.transport_key_id}"
+    )
+
+
+# ------------------------------------------------------------------------------- entitle
+
+
+def _parse_time(value: str, name: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not an ISO 8601 time: {value!r}", param_hint=name) from exc
+    if moment.tzinfo is None:
+        raise click.BadParameter("give a time zone (e.g. Z or +08:00)", param_hint=name)
+    return moment
+
+
+def _parse_secret(spec: str) -> tuple[str, bytes]:
+    name, sep, ref = spec.partition("=")
+    if not sep or not name or not ref.startswith("@"):
+        raise click.BadParameter(f"expected NAME=@file, got {spec!r}", param_hint="--secret")
+    try:
+        return name, Path(ref[1:]).read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {ref[1:]}: {exc}", param_hint="--secret") from exc
+
+
+def _approver_key_id(path: Path) -> bytes:
+    """Key id of an approver: a PEM/DER public key or certificate file."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_der_public_key,
+        load_pem_public_key,
+    )
+
+    from trustcore.keys import key_id
+
+    data = path.read_bytes()
+    public: object
+    try:
+        if b"CERTIFICATE" in data:
+            public = x509.load_pem_x509_certificate(data).public_key()
+        elif data.lstrip().startswith(b"-----"):
+            public = load_pem_public_key(data)
+        else:
+            public = load_der_public_key(data)
+    except ValueError as exc:
+        raise click.BadParameter(f"{path} is not a public key or certificate") from exc
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise click.BadParameter(f"{path} is not an EC key", param_hint="--quorum")
+    return key_id(public)
+
+
+def _parse_quorum(spec: str) -> Any:
+    from trustcore.entitlement import QuorumRule
+    from trustcore.errors import InvalidValueError
+
+    op, _, rest = spec.partition(":")
+    m_text, _, files = rest.partition(":")
+    if not op or not m_text.isdigit() or not files:
+        raise click.BadParameter(
+            f"expected OP:M:key-file,key-file,..., got {spec!r}", param_hint="--quorum"
+        )
+    try:
+        approvers = tuple(_approver_key_id(Path(p)) for p in files.split(","))
+    except OSError as exc:
+        raise click.BadParameter(str(exc), param_hint="--quorum") from exc
+    try:
+        return QuorumRule(op, int(m_text), approvers)
+    except InvalidValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--quorum") from exc
+
+
+@main.command("entitle")
+@_home_option
+@click.option("--station", "station_id", required=True)
+@click.option("--product", required=True)
+@click.option("--quota", type=click.IntRange(min=0), required=True, help="Total quota.")
+@click.option("--daily-limit", type=click.IntRange(min=0), required=True)
+@click.option("--timezone", "day_timezone", required=True, help="IANA zone of the daily limit.")
+@click.option("--not-before", required=True, help="Key-use window start, ISO 8601 with zone.")
+@click.option("--not-after", required=True, help="Key-use window end, ISO 8601 with zone.")
+@click.option("--id-prefix", required=True)
+@click.option("--id-first", type=click.IntRange(min=0), required=True)
+@click.option("--id-last", type=click.IntRange(min=0), required=True)
+@click.option("--id-digits", type=click.IntRange(1, 18), required=True)
+@click.option("--secret", "secret_specs", multiple=True, help="NAME=@file product secret.")
+@click.option("--quorum", "quorum_specs", multiple=True, help="OP:M:approver-key-file,...")
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output file."
+)
+@_secret_options
+def entitle_command(
+    home: Path,
+    station_id: str,
+    product: str,
+    quota: int,
+    daily_limit: int,
+    day_timezone: str,
+    not_before: str,
+    not_after: str,
+    id_prefix: str,
+    id_first: int,
+    id_last: int,
+    id_digits: int,
+    secret_specs: tuple[str, ...],
+    quorum_specs: tuple[str, ...],
+    out: Path,
+    passphrase_file: Path | None,
+    pin_file: Path | None,
+) -> None:
+    """Issue the next entitlement to an enrolled station (sealed to that station)."""
+    from hq.authority import EntitlementRequest, issue_entitlement, write_package
+    from trustcore.entitlement import DeviceIdRule
+    from trustcore.errors import InvalidValueError
+
+    if out.exists():
+        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    secrets_map: dict[str, bytes] = {}
+    for spec in secret_specs:
+        name, value = _parse_secret(spec)
+        if name in secrets_map:
+            raise click.BadParameter(f"secret {name!r} given twice", param_hint="--secret")
+        secrets_map[name] = value
+    try:
+        rule = DeviceIdRule(id_prefix, id_first, id_last, id_digits)
+    except InvalidValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--id-*") from exc
+    request = EntitlementRequest(
+        station_id=station_id,
+        product=product,
+        total_quota=quota,
+        daily_limit=daily_limit,
+        day_timezone=day_timezone,
+        not_before=_parse_time(not_before, "--not-before"),
+        not_after=_parse_time(not_after, "--not-after"),
+        id_rule=rule,
+        product_secrets=secrets_map,
+        quorum=tuple(_parse_quorum(q) for q in quorum_specs),
+    )
+    try:
+        result = issue_entitlement(HqHome.open(home), request, HqSecrets(passphrase_file, pin_file))
+        write_package(out, result.package)
+    except HqError as exc:
+        _fail(exc)
+    p = result.policy
+    first = p.id_rule.device_id(p.id_rule.first)
+    last = p.id_rule.device_id(p.id_rule.last)
+    quorum = ", ".join(f"{q.operation} {q.m}/{len(q.approvers)}" for q in p.quorum) or "-"
+    Console().print(
+        f"entitlement {p.entitlement_id} (sequence {p.sequence}) for station {p.station_id}\n"
+        f"  product      {p.product}\n"
+        f"  quota        {p.total_quota} total, {p.daily_limit} per day ({p.day_timezone})\n"
+        f"  window       {datetime.fromtimestamp(p.not_before).astimezone().isoformat()} .. "
+        f"{datetime.fromtimestamp(p.not_after).astimezone().isoformat()}\n"
+        f"  device ids   {first} .. {last}\n"
+        f"  secrets      {', '.join(sorted(secrets_map)) or '-'}\n"
+        f"  quorum       {quorum}\n"
+        f"  station CA   serial {result.station_ca_cert.serial_number:x}, valid until "
+        f"{result.station_ca_cert.not_valid_after_utc.isoformat()}\n"
+        f"  written to   {out} (sha256 {result.package_sha256})",
+        highlight=False,
+    )
+
+
+# -------------------------------------------------------------------------- ingest-audit
+
+
+@main.command("ingest-audit")
+@_home_option
+@click.argument("export_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_secret_options
+def ingest_command(
+    home: Path,
+    export_file: Path,
+    as_json: bool,
+    passphrase_file: Path | None,
+    pin_file: Path | None,
+) -> None:
+    """Verify a station's audit export, reconcile it and store it.
+
+    Exit 0: clean. 1: accepted with policy violations. 2: refused (nothing stored; the
+    reason names the attack). 3: HQ could not run the check (home, passphrase, file).
+    """
+    from hq.audit_ingest import ingest_audit
+    from hq.report import RefusalReport, render_ingest, render_refusal
+
+    console = Console()
+    try:
+        report = ingest_audit(
+            HqHome.open(home), export_file.read_bytes(), HqSecrets(passphrase_file, pin_file)
+        )
+    except ExportRefusedError as exc:
+        refusal = RefusalReport(exc.reason, str(exc.args[0]), str(export_file))
+        if as_json:
+            click.echo(json.dumps(refusal.to_map(), sort_keys=True))
+        else:
+            render_refusal(refusal, console)
+        sys.exit(EXIT_REFUSED)
+    except HqError as exc:
+        _fail(exc, EXIT_ERROR)
+    except OSError as exc:
+        _fail(HqError(f"cannot read {export_file}: {exc}", reason="io_error"), EXIT_ERROR)
+    if as_json:
+        click.echo(json.dumps(report.to_map(), sort_keys=True))
+    else:
+        render_ingest(report, console)
+    sys.exit(EXIT_CLEAN if report.clean else EXIT_VIOLATIONS)

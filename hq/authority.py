@@ -1,0 +1,403 @@
+"""The HQ authority: create the HQ, enrol factory stations, issue entitlements.
+
+This is the composition root of the write-side HQ operations: it wires the keystore or
+token (``hq.home``) and the database (``hq.store``) into the pure core (certificate profiles,
+CSR checks, the entitlement policy, sealed packages).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets as _random
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from hq.errors import EnrolmentError, EntitlementError, HomeError, SecretError
+from hq.home import HqConfig, HqHome, HqSecrets, Pkcs11Location, cert_pem
+from hq.store import EntitlementRow, HqStore, StationRow
+from signers.errors import SignerError
+from signers.software import SoftwareKey, write_private_file
+from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule
+from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
+from trustcore.identity import StationId
+from trustcore.keys import Signer
+from trustcore.messages import CT_ENTITLEMENT, EntitlementPayload, StationEnrolment
+from trustcore.profiles import HqRole, issue_role_certificate, issue_root_ca, issue_station_ca
+from trustcore.sealed import seal_package
+
+__all__ = [
+    "EnrolmentResult",
+    "EntitlementRequest",
+    "EntitlementResult",
+    "InitResult",
+    "enrol_station",
+    "init_hq",
+    "issue_entitlement",
+]
+
+ROOT_VALIDITY = timedelta(days=20 * 365)
+ROLE_VALIDITY = timedelta(days=5 * 365)
+#: Certificates start a little in the past so a station whose clock is slightly behind
+#: HQ's does not see them as not yet valid.
+BACKDATE = timedelta(minutes=5)
+
+
+def _now(now: datetime | None) -> datetime:
+    moment = datetime.now(UTC) if now is None else now
+    if moment.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return moment.astimezone(UTC).replace(microsecond=0)
+
+
+def _spki(key: object) -> bytes:
+    assert hasattr(key, "public_bytes")
+    der: bytes = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
+
+
+# --------------------------------------------------------------------------------- init
+
+
+@dataclass(frozen=True)
+class InitResult:
+    home: Path
+    root_cert: x509.Certificate
+    role_certs: Mapping[HqRole, x509.Certificate]
+    root_in_token: bool
+    root_key_generated: bool
+
+
+def init_hq(
+    home: Path | str,
+    *,
+    organization: str,
+    secrets: HqSecrets,
+    root_pkcs11: Pkcs11Location | None = None,
+    now: datetime | None = None,
+) -> InitResult:
+    """Create a new HQ in ``home`` (absent or an empty directory; never overwritten).
+
+    Everything is built in a private sibling directory and renamed into place at the end, so
+    a failure half-way leaves no half-initialised HQ behind and ``home`` is untouched.
+    """
+    target = Path(home)
+    if not organization or not organization.isprintable() or len(organization) > 64:
+        raise HomeError("organisation name must be 1..64 printable characters")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise HomeError(f"{target} already exists and is not empty; refusing to overwrite it")
+    moment = _now(now)
+    passphrase = secrets.passphrase()  # fail before any key is made
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = target.parent / f".{target.name}.init-{os.getpid()}-{_random.token_hex(4)}"
+    build.mkdir(mode=0o700)
+    try:
+        (build / "certs").mkdir()
+        (build / "keys").mkdir(mode=0o700)
+        with _root_signer(build, root_pkcs11, secrets, passphrase) as (root, generated):
+            root_cert = issue_root_ca(
+                root.private_key(),
+                common_name=f"{organization} Manufacturer Root CA",
+                organization=organization,
+                not_before=moment - BACKDATE,
+                not_after=moment + ROOT_VALIDITY,
+            )
+            role_certs: dict[HqRole, x509.Certificate] = {}
+            for role in HqRole:
+                key = SoftwareKey.generate()
+                key.save(build / "keys" / f"{role.value}.key.pem", passphrase)
+                role_certs[role] = issue_role_certificate(
+                    root_cert,
+                    root.private_key(),
+                    key.public_key(),
+                    role=role,
+                    common_name=f"{organization} HQ {role.value}",
+                    organization=organization,
+                    not_before=moment - BACKDATE,
+                    not_after=moment + ROLE_VALIDITY,
+                )
+        (build / "certs" / "root-ca.pem").write_bytes(cert_pem(root_cert))
+        for role, cert in role_certs.items():
+            (build / "certs" / f"{role.value}.pem").write_bytes(cert_pem(cert))
+        HqStore.create(build / "hq.sqlite").close()
+        config = HqConfig(organization, root_pkcs11, int(moment.timestamp()))
+        (build / "hq.json").write_text(config.to_json(), encoding="utf-8")
+        try:
+            # rename() onto an empty directory replaces it; onto a non-empty one it fails, so
+            # an HQ created concurrently is never overwritten.
+            build.rename(target)
+        except OSError as exc:
+            raise HomeError(f"cannot create {target}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return InitResult(target, root_cert, role_certs, root_pkcs11 is not None, generated)
+
+
+@contextlib.contextmanager
+def _root_signer(
+    build: Path, location: Pkcs11Location | None, secrets: HqSecrets, passphrase: bytes
+) -> Iterator[tuple[Signer, bool]]:
+    """Yield (root signer, whether it was generated now)."""
+    if location is None:
+        software = SoftwareKey.generate()
+        software.save(build / "keys" / "root-ca.key.pem", passphrase)
+        yield software, True
+        return
+    from signers.pkcs11 import Pkcs11KeyNotFoundError, Pkcs11Token
+
+    try:
+        token = Pkcs11Token.open(location.module, location.token, secrets.pin(), writable=True)
+    except SignerError as exc:
+        raise SecretError(f"cannot open token {location.token!r}: {exc}") from exc
+    try:
+        generated = False
+        key: Signer
+        try:
+            key = token.key(location.label)
+        except Pkcs11KeyNotFoundError:
+            key = token.generate_key(location.label)
+            generated = True
+        yield key, generated
+    except SignerError as exc:
+        raise SecretError(f"root key in token {location.token!r}: {exc}") from exc
+    finally:
+        token.close()
+
+
+# ----------------------------------------------------------------------------- enrolment
+
+
+@dataclass(frozen=True)
+class EnrolmentResult:
+    station_id: str
+    ca_key_id: str  # hex SHA-256 of the SPKI
+    transport_key_id: str
+    status: str  # "enrolled", "already_enrolled" or "replaced"
+
+
+def enrol_station(
+    home: HqHome, enrolment: bytes, *, replace: bool = False, now: datetime | None = None
+) -> EnrolmentResult:
+    """Verify a station enrolment request and record the station.
+
+    The CSR self-signature proves possession of the CA key; the binding signature by that
+    key covers the transport key, so nobody on the way can substitute their own encryption
+    key. A station id already enrolled with another key is refused unless ``replace``: a
+    silent key change would let whoever sends a request take over a station's entitlements.
+    """
+    moment = int(_now(now).timestamp())
+    try:
+        request = StationEnrolment.decode(enrolment)
+        csr, transport = request.verify()
+    except (EncodingError, CsrError, InvalidValueError) as exc:
+        raise EnrolmentError(f"enrolment request refused: {exc}", reason=exc.reason) from exc
+    station_id = request.station_id.value
+    ca_der = _spki(csr.public_key)
+    transport_der = _spki(transport)
+    if ca_der == transport_der:
+        raise EnrolmentError(
+            "the transport key must differ from the station CA key", reason="key_reuse"
+        )
+    store = HqStore.open(home.db_path)
+    try:
+        existing = store.station(station_id)
+        if existing is not None and (
+            existing.ca_public_der == ca_der and existing.transport_public_der == transport_der
+        ):
+            status = "already_enrolled"
+        else:
+            if existing is not None and not replace:
+                raise EnrolmentError(
+                    f"station {station_id} is already enrolled with another key "
+                    "(use --replace to re-enrol it; its audit log then starts again)",
+                    reason="already_enrolled",
+                )
+            row = StationRow(
+                station_id,
+                ca_der,
+                transport_der,
+                request.csr_der,
+                moment,
+                1 if existing is None else existing.generation + 1,
+            )
+            with store.transaction():
+                store.put_station(row, replacing=existing, now=moment)
+            status = "enrolled" if existing is None else "replaced"
+    finally:
+        store.close()
+    return EnrolmentResult(
+        station_id,
+        hashlib.sha256(ca_der).hexdigest(),
+        hashlib.sha256(transport_der).hexdigest(),
+        status,
+    )
+
+
+# --------------------------------------------------------------------------- entitlement
+
+
+@dataclass(frozen=True)
+class EntitlementRequest:
+    """What the operator asks for; HQ adds the sequence number and the station CA cert."""
+
+    station_id: str
+    product: str
+    total_quota: int
+    daily_limit: int
+    day_timezone: str
+    not_before: datetime
+    not_after: datetime
+    id_rule: DeviceIdRule
+    product_secrets: Mapping[str, bytes] = field(default_factory=dict)
+    quorum: tuple[QuorumRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class EntitlementResult:
+    package: bytes
+    policy: EntitlementPolicy
+    station_ca_cert: x509.Certificate
+    package_sha256: str
+
+
+def _aware(name: str, moment: datetime) -> int:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise EntitlementError(f"{name} must carry a time zone (e.g. 2025-01-01T00:00:00Z)")
+    return int(moment.timestamp())
+
+
+def issue_entitlement(
+    home: HqHome,
+    request: EntitlementRequest,
+    secrets: HqSecrets,
+    *,
+    now: datetime | None = None,
+) -> EntitlementResult:
+    """Issue the station's next entitlement: a fresh station CA certificate valid no longer
+    than the key-use window, the policy with the next monotonic sequence, the audit receiver
+    certificate and the product secrets, sealed (signed by the entitlement signer, encrypted
+    to the station's enrolled transport key), and recorded before it is returned."""
+    moment = _now(now)
+    not_before = _aware("not_before", request.not_before)
+    not_after = _aware("not_after", request.not_after)
+    if not_after <= int(moment.timestamp()):
+        raise EntitlementError("the key-use window has already ended", reason="window_expired")
+    for name in request.product_secrets:
+        if not name or not name.isprintable() or len(name) > 64:
+            raise EntitlementError(f"bad product secret name {name!r}")
+    store = HqStore.open(home.db_path)
+    try:
+        station = store.station(request.station_id)
+        if station is None:
+            raise EntitlementError(
+                f"station {request.station_id!r} is not enrolled", reason="unknown_station"
+            )
+        sequence = store.last_entitlement_sequence(station.station_id) + 1
+        try:
+            policy = EntitlementPolicy(
+                entitlement_id=f"ent-{sequence:06d}-{_random.token_hex(6)}",
+                station_id=station.station_id,
+                sequence=sequence,
+                product=request.product,
+                total_quota=request.total_quota,
+                daily_limit=request.daily_limit,
+                day_timezone=request.day_timezone,
+                not_before=not_before,
+                not_after=not_after,
+                id_rule=request.id_rule,
+                quorum=request.quorum,
+            )
+        except InvalidValueError as exc:
+            raise EntitlementError(f"invalid policy: {exc}", reason="bad_policy") from exc
+        root_cert = home.root_certificate()
+        signer = home.role_key(HqRole.ENTITLEMENT_SIGNER, secrets)
+        station_ca = _issue_station_ca(home, station, policy, root_cert, secrets, moment)
+        payload = EntitlementPayload(
+            policy=policy,
+            station_ca_cert_der=station_ca.public_bytes(serialization.Encoding.DER),
+            audit_receiver_cert_der=home.role_certificate(HqRole.AUDIT_RECEIVER).public_bytes(
+                serialization.Encoding.DER
+            ),
+            product_secrets=dict(request.product_secrets),
+        )
+        transport = serialization.load_der_public_key(station.transport_public_der)
+        package = seal_package(
+            content_type=CT_ENTITLEMENT,
+            payload=payload.encode(),
+            sender=signer,
+            sender_cert=home.role_certificate(HqRole.ENTITLEMENT_SIGNER),
+            receiver_public=transport,  # type: ignore[arg-type]
+            sequence=sequence,
+            created=int(moment.timestamp()),
+        )
+        digest = hashlib.sha256(package).digest()
+        row = EntitlementRow(
+            station.station_id,
+            sequence,
+            policy.entitlement_id,
+            policy,
+            payload.station_ca_cert_der,
+            format(station_ca.serial_number, "x"),
+            int(moment.timestamp()),
+        )
+        # Recorded before the package is handed out: HQ must know every entitlement it issued
+        # (the audit of the station is reconciled against it).
+        with store.transaction():
+            store.put_entitlement(row, digest)
+    finally:
+        store.close()
+    return EntitlementResult(package, policy, station_ca, digest.hex())
+
+
+def _issue_station_ca(
+    home: HqHome,
+    station: StationRow,
+    policy: EntitlementPolicy,
+    root_cert: x509.Certificate,
+    secrets: HqSecrets,
+    moment: datetime,
+) -> x509.Certificate:
+    """The station CA certificate for this entitlement: the enrolled CA key, valid from the
+    window start (never before the root) until the window end, never longer."""
+    subject_key = serialization.load_der_public_key(station.ca_public_der)
+    start = datetime.fromtimestamp(policy.not_before - policy.clock_skew_s, UTC)
+    start = max(start, root_cert.not_valid_before_utc)
+    end = datetime.fromtimestamp(policy.not_after, UTC)
+    if end > root_cert.not_valid_after_utc:
+        raise EntitlementError("the key-use window ends after the root CA expires")
+    root: Signer
+    with home.root_key(secrets) as root:
+        try:
+            return issue_station_ca(
+                root_cert,
+                root.private_key(),
+                subject_key,  # type: ignore[arg-type]
+                station_id=StationId(station.station_id),
+                organization=home.config.organization,
+                not_before=start,
+                not_after=end,
+                max_not_after=end,
+            )
+        except ProfileError as exc:
+            raise EntitlementError(f"cannot issue the station CA: {exc}") from exc
+        except SignerError as exc:
+            raise SecretError(f"the root key failed to sign: {exc}") from exc
+
+
+def write_package(path: Path, data: bytes) -> None:
+    """Write an output file without replacing an existing one (atomic, 0600: it is sealed,
+    but there is no reason to let others copy it)."""
+    try:
+        write_private_file(path, data)
+    except SignerError as exc:
+        raise HomeError(str(exc)) from exc

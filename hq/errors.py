@@ -1,0 +1,65 @@
+"""Errors of the HQ component. Everything :mod:`hq` raises on purpose derives from ``HqError``.
+
+::
+
+    HqError
+    ├── HomeError            the HQ directory is missing, damaged or already initialised
+    ├── SecretError          no passphrase / PIN, a wrong one, or a key that cannot be opened
+    ├── EnrolmentError       a station enrolment request was refused (``reason``)
+    ├── EntitlementError     an entitlement cannot be issued (unknown station, bad policy)
+    └── ExportRefusedError   an audit export was refused as a whole (``reason`` names the
+                             attack: gap, fork, reorder, truncation, rewritten_entry,
+                             forged_checkpoint, wrong_station, foreign_station, replayed, ...)
+
+Library and core errors (``trustcore``, ``signers``, ``sqlite3``, ``OSError``) are chained
+with ``raise ... from exc`` so the cause stays visible. A *refused* export is different from
+an export with *policy violations*: the first is not accepted at all (nothing is stored),
+the second is accepted, stored and reported (see ``docs/hq.md``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EnrolmentError",
+    "EntitlementError",
+    "ExportRefusedError",
+    "HomeError",
+    "HqError",
+    "SecretError",
+]
+
+
+class HqError(Exception):
+    """Root of every error :mod:`hq` raises. ``reason`` is a short stable code."""
+
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.args[0]}" if self.args else self.reason
+
+
+class HomeError(HqError):
+    reason = "bad_home"
+
+
+class SecretError(HqError):
+    reason = "secret_unavailable"
+
+
+class EnrolmentError(HqError):
+    reason = "enrolment_refused"
+
+
+class EntitlementError(HqError):
+    reason = "entitlement_refused"
+
+
+class ExportRefusedError(HqError):
+    """The export is not accepted; ``reason`` names the defect and nothing was stored."""
+
+    reason = "refused"

@@ -1,0 +1,245 @@
+"""The HQ directory: configuration, certificates, the encrypted keystore and the database.
+
+Layout (see ``docs/hq.md``)::
+
+    HOME/
+      hq.json                          organisation and where the root key lives
+      certs/root-ca.pem                manufacturer root CA certificate
+      certs/<role>.pem                 entitlement-signer, audit-receiver, revocation-signer
+      keys/root-ca.key.pem             root key (software backend only), PKCS#8 encrypted
+      keys/<role>.key.pem              HQ role keys, PKCS#8 encrypted, mode 0600
+      hq.sqlite                        stations, entitlements, audit heads, devices
+
+Secrets never come from the command line (``ps`` and shell history would show them): the
+keystore passphrase comes from ``DEVTRUST_HQ_PASSPHRASE`` or a passphrase file, the token
+PIN from ``DEVTRUST_HQ_PIN`` or a PIN file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from hq.errors import HomeError, SecretError
+from signers.errors import SignerError
+from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
+from trustcore.keys import Signer
+from trustcore.profiles import HqRole
+
+__all__ = [
+    "CONFIG_VERSION",
+    "PASSPHRASE_ENV",
+    "PIN_ENV",
+    "HqConfig",
+    "HqHome",
+    "HqSecrets",
+    "Pkcs11Location",
+]
+
+PASSPHRASE_ENV = "DEVTRUST_HQ_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
+PIN_ENV = "DEVTRUST_HQ_PIN"
+CONFIG_VERSION = 1
+ROOT_NAME = "root-ca"
+
+
+@dataclass(frozen=True)
+class HqSecrets:
+    """Where the keystore passphrase and the token PIN come from (files win over env)."""
+
+    passphrase_file: Path | None = None
+    pin_file: Path | None = None
+
+    def passphrase(self) -> bytes:
+        try:
+            if self.passphrase_file is not None:
+                return passphrase_from_file(self.passphrase_file)
+            return passphrase_from_env(PASSPHRASE_ENV)
+        except SignerError as exc:
+            raise SecretError(f"no keystore passphrase: {exc}") from exc
+
+    def pin(self) -> bytes:
+        try:
+            if self.pin_file is not None:
+                return passphrase_from_file(self.pin_file)
+            return passphrase_from_env(PIN_ENV)
+        except SignerError as exc:
+            raise SecretError(f"no token PIN: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Pkcs11Location:
+    """A root key in a PKCS#11 token: module path, token label, key label."""
+
+    module: str
+    token: str
+    label: str
+
+
+@dataclass(frozen=True)
+class HqConfig:
+    """``hq.json``: strict (unknown or missing keys are errors)."""
+
+    organization: str
+    root_pkcs11: Pkcs11Location | None
+    created: int
+    version: int = CONFIG_VERSION
+
+    def to_json(self) -> str:
+        root: dict[str, Any] = {"backend": "software"}
+        if self.root_pkcs11 is not None:
+            root = {
+                "backend": "pkcs11",
+                "module": self.root_pkcs11.module,
+                "token": self.root_pkcs11.token,
+                "label": self.root_pkcs11.label,
+            }
+        data = {
+            "version": self.version,
+            "organization": self.organization,
+            "created": self.created,
+            "root_key": root,
+        }
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> HqConfig:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or set(data) != {
+                "version",
+                "organization",
+                "created",
+                "root_key",
+            }:
+                raise ValueError("unexpected keys")
+            if data["version"] != CONFIG_VERSION:
+                raise ValueError(f"unsupported version {data['version']!r}")
+            root = data["root_key"]
+            location: Pkcs11Location | None = None
+            if root == {"backend": "software"}:
+                pass
+            elif isinstance(root, dict) and set(root) == {"backend", "module", "token", "label"}:
+                if root["backend"] != "pkcs11":
+                    raise ValueError(f"unknown root key backend {root['backend']!r}")
+                location = Pkcs11Location(
+                    str(root["module"]), str(root["token"]), str(root["label"])
+                )
+            else:
+                raise ValueError("bad root_key")
+            organization, created = data["organization"], data["created"]
+            if not isinstance(organization, str) or type(created) is not int:
+                raise ValueError("bad organization or created")
+        except (ValueError, TypeError) as exc:
+            raise HomeError(f"hq.json is invalid: {exc}") from exc
+        return cls(organization=organization, root_pkcs11=location, created=created)
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise HomeError(f"cannot read certificate {path}: {exc}") from exc
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+class HqHome:
+    """An initialised HQ directory. Open with :meth:`open`; create with ``hq.authority``."""
+
+    def __init__(self, path: Path, config: HqConfig) -> None:
+        self.path = path
+        self.config = config
+
+    # -- layout -----------------------------------------------------------------------------
+
+    @staticmethod
+    def config_path_of(path: Path) -> Path:
+        return path / "hq.json"
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.path / "certs"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.path / "keys"
+
+    @property
+    def db_path(self) -> Path:
+        return self.path / "hq.sqlite"
+
+    @staticmethod
+    def cert_name(role: HqRole | None) -> str:
+        return ROOT_NAME if role is None else role.value
+
+    # -- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path | str) -> HqHome:
+        home = Path(path)
+        cfg = cls.config_path_of(home)
+        if not cfg.is_file():
+            raise HomeError(f"{home} is not an HQ directory (no hq.json); run `hq init` first")
+        try:
+            text = cfg.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise HomeError(f"cannot read {cfg}: {exc}") from exc
+        return cls(home, HqConfig.from_json(text))
+
+    # -- certificates and keys --------------------------------------------------------------
+
+    def root_certificate(self) -> x509.Certificate:
+        return _load_cert(self.certs_dir / f"{ROOT_NAME}.pem")
+
+    def role_certificate(self, role: HqRole) -> x509.Certificate:
+        return _load_cert(self.certs_dir / f"{role.value}.pem")
+
+    def role_key(self, role: HqRole, secrets: HqSecrets) -> SoftwareKey:
+        """Decrypt one role key; its public key must match the role certificate."""
+        path = self.keys_dir / f"{role.value}.key.pem"
+        try:
+            key = SoftwareKey.load(path, secrets.passphrase())
+        except SignerError as exc:
+            raise SecretError(f"cannot open the {role.value} key: {exc}") from exc
+        if key.public_key() != self.role_certificate(role).public_key():
+            raise HomeError(f"{path} does not match certs/{role.value}.pem")
+        return key
+
+    @contextmanager
+    def root_key(self, secrets: HqSecrets) -> Iterator[Signer]:
+        """The root CA key for the duration of the ``with`` block (a token session is logged
+        out at the end). Its public key must match the root certificate."""
+        root_public = self.root_certificate().public_key()
+        location = self.config.root_pkcs11
+        if location is None:
+            try:
+                key = SoftwareKey.load(self.keys_dir / f"{ROOT_NAME}.key.pem", secrets.passphrase())
+            except SignerError as exc:
+                raise SecretError(f"cannot open the root CA key: {exc}") from exc
+            if key.public_key() != root_public:
+                raise HomeError("keys/root-ca.key.pem does not match certs/root-ca.pem")
+            yield key
+            return
+        from signers.pkcs11 import Pkcs11Key  # loaded only when a token is configured
+
+        try:
+            token_key = Pkcs11Key.open(
+                location.module, location.token, location.label, secrets.pin()
+            )
+        except SignerError as exc:
+            raise SecretError(f"cannot open the root CA key in the token: {exc}") from exc
+        try:
+            if token_key.public_key() != root_public:
+                raise HomeError(f"token key {location.label!r} does not match certs/root-ca.pem")
+            yield token_key
+        finally:
+            token_key.close()

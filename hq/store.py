@@ -1,0 +1,499 @@
+"""HQ's SQLite database: enrolled stations, issued entitlements, audit heads, reconciliation
+state and the devices every audit export reported.
+
+One connection per command, autocommit off by hand: every change that belongs together runs
+in one ``BEGIN IMMEDIATE`` … ``COMMIT`` (:meth:`HqStore.transaction`), so an ingest either
+moves the audit head *and* stores its devices and counters, or changes nothing. ``synchronous
+= FULL`` because a head that was reported as stored must survive a power cut.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from hq.errors import HomeError
+from trustcore import cbor
+from trustcore.audit import ZERO_HASH
+from trustcore.entitlement import EntitlementPolicy
+from trustcore.errors import EncodingError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AuditHead",
+    "DeviceRow",
+    "EntitlementRow",
+    "HqStore",
+    "ReconState",
+    "StationRow",
+]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE stations (
+    station_id TEXT PRIMARY KEY,
+    ca_public_der BLOB NOT NULL,
+    transport_public_der BLOB NOT NULL,
+    csr_der BLOB NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    generation INTEGER NOT NULL
+);
+CREATE TABLE enrolment_history (
+    id INTEGER PRIMARY KEY,
+    station_id TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    ca_public_der BLOB NOT NULL,
+    transport_public_der BLOB NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    replaced_at INTEGER
+);
+CREATE TABLE entitlements (
+    station_id TEXT NOT NULL REFERENCES stations(station_id),
+    sequence INTEGER NOT NULL CHECK (sequence >= 1),
+    entitlement_id TEXT NOT NULL UNIQUE,
+    policy_cbor BLOB NOT NULL,
+    station_ca_der BLOB NOT NULL,
+    station_ca_serial TEXT NOT NULL,
+    package_sha256 BLOB NOT NULL,
+    issued_at INTEGER NOT NULL,
+    PRIMARY KEY (station_id, sequence)
+);
+CREATE TABLE audit_heads (
+    station_id TEXT PRIMARY KEY REFERENCES stations(station_id),
+    next_seq INTEGER NOT NULL,
+    head_hash BLOB NOT NULL,
+    last_export INTEGER NOT NULL,
+    max_time INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE recon_state (
+    station_id TEXT NOT NULL,
+    entitlement_seq INTEGER NOT NULL,
+    issued INTEGER NOT NULL,
+    burned INTEGER NOT NULL,
+    last_counter INTEGER NOT NULL,
+    imported_at_seq INTEGER,
+    PRIMARY KEY (station_id, entitlement_seq)
+);
+CREATE TABLE recon_days (
+    station_id TEXT NOT NULL,
+    entitlement_seq INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (station_id, entitlement_seq, day)
+);
+CREATE TABLE devices (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    station_id TEXT NOT NULL,
+    entitlement_seq INTEGER NOT NULL,
+    key_id BLOB NOT NULL,
+    audit_seq INTEGER NOT NULL,
+    issued_time INTEGER NOT NULL,
+    certificate BLOB
+);
+CREATE INDEX devices_device_id ON devices(device_id);
+CREATE INDEX devices_key_id ON devices(key_id);
+CREATE INDEX devices_entitlement ON devices(station_id, entitlement_seq);
+CREATE TABLE ingests (
+    id INTEGER PRIMARY KEY,
+    station_id TEXT NOT NULL,
+    export_number INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    next_seq INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    violations INTEGER NOT NULL,
+    report_json TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class StationRow:
+    station_id: str
+    ca_public_der: bytes
+    transport_public_der: bytes
+    csr_der: bytes
+    enrolled_at: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class EntitlementRow:
+    station_id: str
+    sequence: int
+    entitlement_id: str
+    policy: EntitlementPolicy
+    station_ca_der: bytes
+    station_ca_serial: str
+    issued_at: int
+
+
+@dataclass(frozen=True)
+class AuditHead:
+    """What HQ accepted last from a station (a new station: seq 0, zero hash, no export)."""
+
+    next_seq: int = 0
+    head_hash: bytes = ZERO_HASH
+    last_export: int | None = None
+    max_time: int = 0
+
+
+@dataclass
+class ReconState:
+    """Reconciliation state of one entitlement carried across exports."""
+
+    issued: int = 0
+    burned: int = 0
+    last_counter: int = -1
+    imported_at_seq: int | None = None
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device_id: str
+    serial: str
+    station_id: str
+    entitlement_seq: int
+    key_id: bytes
+    audit_seq: int
+    issued_time: int
+    certificate: bytes | None
+
+
+def _policy_from_blob(blob: bytes) -> EntitlementPolicy:
+    try:
+        return EntitlementPolicy.from_map(cbor.decode(blob, max_size=1 << 20))
+    except EncodingError as exc:
+        raise HomeError(f"stored entitlement policy is corrupt: {exc}") from exc
+
+
+class HqStore:
+    """The HQ database. ``create`` makes a new one; ``open`` refuses a missing one."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._in_tx = False
+
+    @classmethod
+    def _connect(cls, path: Path) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise HomeError(f"cannot open database {path}: {exc}") from exc
+        return conn
+
+    @classmethod
+    def create(cls, path: Path) -> HqStore:
+        if path.exists():
+            raise HomeError(f"database {path} already exists")
+        store = cls(cls._connect(path))
+        # executescript commits any open transaction first, so the script carries its own.
+        store._conn.executescript(
+            f"BEGIN IMMEDIATE;{_SCHEMA}"  # noqa: S608 (constants only)
+            f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');COMMIT;"
+        )
+        return store
+
+    @classmethod
+    def open(cls, path: Path) -> HqStore:
+        if not path.is_file():
+            raise HomeError(f"database {path} is missing")
+        store = cls(cls._connect(path))
+        row = store._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            raise HomeError(f"database {path} has an unknown schema version")
+        return store
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit: everything inside commits together or not at all."""
+        if self._in_tx:
+            raise RuntimeError("nested transaction")
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        else:
+            self._conn.execute("COMMIT")
+        finally:
+            self._in_tx = False
+
+    # -- stations -----------------------------------------------------------------------------
+
+    def station(self, station_id: str) -> StationRow | None:
+        row = self._conn.execute(
+            "SELECT station_id, ca_public_der, transport_public_der, csr_der, enrolled_at, "
+            "generation FROM stations WHERE station_id = ?",
+            (station_id,),
+        ).fetchone()
+        return None if row is None else StationRow(*row)
+
+    def stations(self) -> list[StationRow]:
+        rows = self._conn.execute(
+            "SELECT station_id, ca_public_der, transport_public_der, csr_der, enrolled_at, "
+            "generation FROM stations ORDER BY station_id"
+        ).fetchall()
+        return [StationRow(*r) for r in rows]
+
+    def put_station(self, row: StationRow, *, replacing: StationRow | None, now: int) -> None:
+        """Insert or replace a station (inside a transaction). A replacement starts a new
+        audit log (the station's new key cannot continue the old chain), so its head is reset;
+        devices and entitlements already recorded stay."""
+        c = self._conn
+        if replacing is None:
+            c.execute(
+                "INSERT INTO stations VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    row.station_id,
+                    row.ca_public_der,
+                    row.transport_public_der,
+                    row.csr_der,
+                    row.enrolled_at,
+                    row.generation,
+                ),
+            )
+        else:
+            c.execute(
+                "UPDATE enrolment_history SET replaced_at = ? "
+                "WHERE station_id = ? AND replaced_at IS NULL",
+                (now, row.station_id),
+            )
+            c.execute(
+                "UPDATE stations SET ca_public_der = ?, transport_public_der = ?, csr_der = ?, "
+                "enrolled_at = ?, generation = ? WHERE station_id = ?",
+                (
+                    row.ca_public_der,
+                    row.transport_public_der,
+                    row.csr_der,
+                    row.enrolled_at,
+                    row.generation,
+                    row.station_id,
+                ),
+            )
+            c.execute("DELETE FROM audit_heads WHERE station_id = ?", (row.station_id,))
+        c.execute(
+            "INSERT INTO enrolment_history (station_id, generation, ca_public_der, "
+            "transport_public_der, enrolled_at) VALUES (?, ?, ?, ?, ?)",
+            (
+                row.station_id,
+                row.generation,
+                row.ca_public_der,
+                row.transport_public_der,
+                row.enrolled_at,
+            ),
+        )
+
+    # -- entitlements -------------------------------------------------------------------------
+
+    def last_entitlement_sequence(self, station_id: str) -> int:
+        row = self._conn.execute(
+            "SELECT MAX(sequence) FROM entitlements WHERE station_id = ?", (station_id,)
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def put_entitlement(self, row: EntitlementRow, package_sha256: bytes) -> None:
+        self._conn.execute(
+            "INSERT INTO entitlements VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.station_id,
+                row.sequence,
+                row.entitlement_id,
+                cbor.encode(row.policy.to_map()),
+                row.station_ca_der,
+                row.station_ca_serial,
+                package_sha256,
+                row.issued_at,
+            ),
+        )
+
+    def entitlement(self, station_id: str, sequence: int) -> EntitlementRow | None:
+        row = self._conn.execute(
+            "SELECT station_id, sequence, entitlement_id, policy_cbor, station_ca_der, "
+            "station_ca_serial, issued_at FROM entitlements WHERE station_id = ? AND sequence = ?",
+            (station_id, sequence),
+        ).fetchone()
+        if row is None:
+            return None
+        return EntitlementRow(
+            row[0], row[1], row[2], _policy_from_blob(row[3]), row[4], row[5], row[6]
+        )
+
+    def station_ca_issued(self, station_id: str, cert_der: bytes) -> bool:
+        """Whether HQ issued exactly this station CA certificate to this station."""
+        row = self._conn.execute(
+            "SELECT 1 FROM entitlements WHERE station_id = ? AND station_ca_der = ?",
+            (station_id, cert_der),
+        ).fetchone()
+        return row is not None
+
+    # -- audit heads and reconciliation state -------------------------------------------------
+
+    def audit_head(self, station_id: str) -> AuditHead:
+        row = self._conn.execute(
+            "SELECT next_seq, head_hash, last_export, max_time FROM audit_heads "
+            "WHERE station_id = ?",
+            (station_id,),
+        ).fetchone()
+        return AuditHead() if row is None else AuditHead(row[0], row[1], row[2], row[3])
+
+    def put_audit_head(self, station_id: str, head: AuditHead, now: int) -> None:
+        assert head.last_export is not None
+        self._conn.execute(
+            "INSERT INTO audit_heads VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(station_id) DO UPDATE "
+            "SET next_seq = excluded.next_seq, head_hash = excluded.head_hash, "
+            "last_export = excluded.last_export, max_time = excluded.max_time, "
+            "updated_at = excluded.updated_at",
+            (station_id, head.next_seq, head.head_hash, head.last_export, head.max_time, now),
+        )
+
+    def recon_state(self, station_id: str, sequence: int) -> ReconState:
+        row = self._conn.execute(
+            "SELECT issued, burned, last_counter, imported_at_seq FROM recon_state "
+            "WHERE station_id = ? AND entitlement_seq = ?",
+            (station_id, sequence),
+        ).fetchone()
+        return ReconState() if row is None else ReconState(*row)
+
+    def recon_days(self, station_id: str, sequence: int) -> dict[str, int]:
+        rows = self._conn.execute(
+            "SELECT day, count FROM recon_days WHERE station_id = ? AND entitlement_seq = ?",
+            (station_id, sequence),
+        ).fetchall()
+        return {day: count for day, count in rows}
+
+    def put_recon(
+        self, station_id: str, sequence: int, state: ReconState, per_day: dict[str, int]
+    ) -> None:
+        c = self._conn
+        c.execute(
+            "INSERT INTO recon_state VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(station_id, entitlement_seq) DO UPDATE SET issued = excluded.issued, "
+            "burned = excluded.burned, last_counter = excluded.last_counter, "
+            "imported_at_seq = excluded.imported_at_seq",
+            (
+                station_id,
+                sequence,
+                state.issued,
+                state.burned,
+                state.last_counter,
+                state.imported_at_seq,
+            ),
+        )
+        c.executemany(
+            "INSERT INTO recon_days VALUES (?, ?, ?, ?) ON CONFLICT(station_id, entitlement_seq, "
+            "day) DO UPDATE SET count = excluded.count",
+            [(station_id, sequence, day, n) for day, n in per_day.items()],
+        )
+
+    # -- devices ------------------------------------------------------------------------------
+
+    def entitlement_devices(self, station_id: str, sequence: int) -> tuple[set[str], set[bytes]]:
+        """Device ids and key ids already reported under one entitlement."""
+        ids: set[str] = set()
+        keys: set[bytes] = set()
+        for device_id, key in self._conn.execute(
+            "SELECT device_id, key_id FROM devices WHERE station_id = ? AND entitlement_seq = ?",
+            (station_id, sequence),
+        ):
+            ids.add(device_id)
+            keys.add(key)
+        return ids, keys
+
+    def devices_elsewhere(
+        self, station_id: str, entries: Sequence[tuple[str, bytes, int]]
+    ) -> tuple[dict[str, str], dict[bytes, str]]:
+        """Which of ``entries`` (device id, key id, entitlement seq) HQ already saw under
+        another entitlement or station: maps of device id / key id to where it was seen."""
+        c = self._conn
+        c.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS new_devices "
+            "(device_id TEXT, key_id BLOB, entitlement_seq INTEGER)"
+        )
+        c.execute("DELETE FROM new_devices")
+        c.executemany("INSERT INTO new_devices VALUES (?, ?, ?)", entries)
+        by_id = {
+            row[0]: f"{row[1]} entitlement {row[2]}"
+            for row in c.execute(
+                "SELECT n.device_id, d.station_id, d.entitlement_seq FROM new_devices n "
+                "JOIN devices d ON d.device_id = n.device_id "
+                "WHERE d.station_id != ? OR d.entitlement_seq != n.entitlement_seq",
+                (station_id,),
+            )
+        }
+        by_key = {
+            row[0]: f"{row[1]} entitlement {row[2]}"
+            for row in c.execute(
+                "SELECT n.key_id, d.station_id, d.entitlement_seq FROM new_devices n "
+                "JOIN devices d ON d.key_id = n.key_id "
+                "WHERE d.station_id != ? OR d.entitlement_seq != n.entitlement_seq",
+                (station_id,),
+            )
+        }
+        c.execute("DELETE FROM new_devices")
+        return by_id, by_key
+
+    def put_devices(self, rows: Iterable[DeviceRow]) -> int:
+        cur = self._conn.executemany(
+            "INSERT INTO devices (device_id, serial, station_id, entitlement_seq, key_id, "
+            "audit_seq, issued_time, certificate) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    r.device_id,
+                    r.serial,
+                    r.station_id,
+                    r.entitlement_seq,
+                    r.key_id,
+                    r.audit_seq,
+                    r.issued_time,
+                    r.certificate,
+                )
+                for r in rows
+            ),
+        )
+        return cur.rowcount
+
+    def devices(self, station_id: str | None = None) -> list[DeviceRow]:
+        query = (
+            "SELECT device_id, serial, station_id, entitlement_seq, key_id, audit_seq, "
+            "issued_time, certificate FROM devices"
+        )
+        args: tuple[str, ...] = ()
+        if station_id is not None:
+            query += " WHERE station_id = ?"
+            args = (station_id,)
+        return [DeviceRow(*r) for r in self._conn.execute(query + " ORDER BY id", args)]
+
+    def put_ingest(
+        self,
+        *,
+        station_id: str,
+        export_number: int,
+        now: int,
+        first_seq: int,
+        next_seq: int,
+        records: int,
+        violations: int,
+        report_json: str,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO ingests (station_id, export_number, received_at, first_seq, next_seq, "
+            "records, violations, report_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (station_id, export_number, now, first_seq, next_seq, records, violations, report_json),
+        )
