@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -216,6 +217,19 @@ class Swtpm:
         return f"Swtpm(state_dir={str(self.state_dir)!r}, port={self.port}, running={self.running})"
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Several devices are manufactured in parallel against one vendor CA directory: a
+    plain rewrite would let one swtpm_setup read another's half-written config."""
+    try:
+        if path.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def provision_ek_certificate(
     state_dir: Path | str,
     *,
@@ -237,21 +251,23 @@ def provision_ek_certificate(
     state.mkdir(parents=True, exist_ok=True)
     ca.mkdir(parents=True, exist_ok=True)
     localca_conf = ca / "swtpm-localca.conf"
-    localca_conf.write_text(
+    _write_if_changed(
+        localca_conf,
         f"statedir = {ca}\n"
         f"signingkey = {ca / 'signkey.pem'}\n"
         f"issuercert = {ca / 'issuercert.pem'}\n"
-        f"certserial = {ca / 'certserial'}\n"
+        f"certserial = {ca / 'certserial'}\n",
     )
     options = ca / "swtpm-localca.options"
-    options.write_text("--platform-manufacturer devtrust\n--platform-version 2.1\n")
+    _write_if_changed(options, "--platform-manufacturer devtrust\n--platform-version 2.1\n")
     setup_conf = ca / "swtpm_setup.conf"
     localca_path = shutil.which(localca_bin) or localca_bin
-    setup_conf.write_text(
+    _write_if_changed(
+        setup_conf,
         f"create_certs_tool = {localca_path}\n"
         f"create_certs_tool_config = {localca_conf}\n"
         f"create_certs_tool_options = {options}\n"
-        "active_pcr_banks = sha256\n"
+        "active_pcr_banks = sha256\n",
     )
     cmd = [
         swtpm_setup_bin,
