@@ -62,7 +62,7 @@ from trustcore.audit import (
 
 # The exact per-record decoder (type checks, entry hash) ``verify_chain`` uses; private in
 # the core for now (a public streaming verifier is proposed in docs/hq.md).
-from trustcore.audit import _decode_fast as _decode_record
+from trustcore.audit import parse_record as _decode_record
 from trustcore.errors import (
     AuditChainError,
     EncodingError,

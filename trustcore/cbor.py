@@ -149,6 +149,24 @@ class _RefuseEveryTag(Mapping[int, Any]):
 REFUSE_TAGS: Mapping[int, Any] = _RefuseEveryTag()
 
 
+_SCALARS = (int, str, bytes, bool, type(None))
+
+
+def _plain_with_text_keys(obj: object, depth: int) -> bool:
+    """True when ``obj`` uses only the allowed data model and every map key is a str."""
+    if isinstance(obj, _SCALARS):
+        return True
+    if depth > MAX_DEPTH:
+        return False
+    if isinstance(obj, list):
+        return all(_plain_with_text_keys(v, depth + 1) for v in obj)
+    if isinstance(obj, dict):
+        return all(
+            isinstance(k, str) and _plain_with_text_keys(v, depth + 1) for k, v in obj.items()
+        )
+    return False
+
+
 def decode(data: bytes, *, max_size: int) -> Any:
     """Decode exactly one deterministic CBOR item from ``data``.
 
@@ -177,6 +195,11 @@ def decode(data: bytes, *, max_size: int) -> Any:
         )
     except Exception as exc:  # cbor2's C decoder raises several types; all mean "malformed"
         raise EncodingError(f"not well-formed CBOR: {exc}") from exc
+    # Fast path: cbor2's C encoder in canonical mode sorts keys length-first (RFC 7049),
+    # which is the RFC 8949 bytewise order exactly when every map key is a text string. So
+    # when the data model is plain and all keys are text, its output is authoritative.
+    if _plain_with_text_keys(obj, 0) and cbor2.dumps(obj, canonical=True) == data:
+        return obj
     canonical = encode(obj)
     if canonical != data:
         if data.startswith(canonical):
