@@ -22,16 +22,17 @@ also provision a device it reaches only through a TCTI.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.attestation import CredentialChallenge
@@ -63,13 +64,29 @@ class DeviceStateError(RuntimeError):
     """A device directory is missing, incomplete or inconsistent."""
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write-then-rename, so a reader never sees half a file. ``sync=False`` skips the
+    fsync for files that a later synced write in the same directory commits."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def _pem(kind: str, der: bytes) -> bytes:
+    """PEM armour for DER already validated by the caller (no re-parse, no re-encode)."""
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return b"".join(
+        [
+            f"-----BEGIN {kind}-----\n".encode(),
+            *(line + b"\n" for line in lines),
+            f"-----END {kind}-----\n".encode(),
+        ]
+    )
 
 
 def manufacture_tpm_template(directory: Path | str, *, ek_ca_dir: Path | str) -> Path:
@@ -129,13 +146,22 @@ class TpmDevice:
         """The factory releases the certificate: write it beside the TPM state."""
         if device_id != self.device_id:
             raise DeviceStateError(f"certificate for {device_id}, device prepared {self.device_id}")
+        try:
+            cert = x509.load_der_x509_certificate(certificate_der)
+            x509.load_der_x509_certificate(chain_der)
+        except ValueError as exc:
+            raise DeviceStateError(
+                f"the factory sent a certificate that does not parse: {exc}"
+            ) from exc
         self.certificate_der = certificate_der
         if self.directory is None:
             return
-        cert = x509.load_der_x509_certificate(certificate_der)
-        chain = x509.load_der_x509_certificate(chain_der)
-        _write_atomic(self.directory / CERT_FILE, cert.public_bytes(serialization.Encoding.PEM))
-        _write_atomic(self.directory / CHAIN_FILE, chain.public_bytes(serialization.Encoding.PEM))
+        # Certificate and chain first (atomic, not synced), then device.json synced: the
+        # file that says "provisioned". If power fails before that, the device is not
+        # provisioned on disk and the station, which holds the certificate durably, re-sends
+        # it (on ext4 a rename over a file also flushes the renamed file's data).
+        _write_atomic(self.directory / CERT_FILE, _pem("CERTIFICATE", certificate_der), sync=False)
+        _write_atomic(self.directory / CHAIN_FILE, _pem("CERTIFICATE", chain_der), sync=False)
         info = {
             "device_id": device_id.value,
             "key": KEY_FILE,
@@ -285,9 +311,32 @@ def create_fleet(
 
 
 def power_on_all(devices: Sequence[SimDevice], *, workers: int = 8) -> None:
-    """Start every device's swtpm (in parallel: start-up is mostly waiting)."""
+    """Start every device's swtpm (in parallel: start-up is mostly waiting).
+
+    Parallel starts can pick the same random port pair: the second swtpm then fails to bind
+    and exits, but ``Swtpm.start`` may already have seen the *first* one answer on that
+    control port and taken it for its own, leaving two devices on one TPM. So after the
+    parallel start, devices sharing a port are sorted out: the one whose process died is
+    powered on again, one at a time.
+    """
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(lambda d: d.power_on(), devices))
+    by_port: dict[int, list[SimDevice]] = {}
+    for device in devices:
+        if device.swtpm is not None:
+            by_port.setdefault(device.swtpm.port, []).append(device)
+    for sharing in by_port.values():
+        if len(sharing) < 2:
+            continue
+        deadline = time.monotonic() + 5.0
+        while sum(d.swtpm is not None and d.swtpm.running for d in sharing) > 1:
+            if time.monotonic() > deadline:
+                raise DeviceStateError(f"two live swtpm processes claim one port: {sharing}")
+            time.sleep(0.01)
+        for device in sharing:
+            if device.swtpm is not None and not device.swtpm.running:
+                device.power_off()
+                device.power_on()
 
 
 def power_off_all(devices: Iterable[SimDevice]) -> None:

@@ -76,6 +76,34 @@ def _ctrl_answers(port: int) -> bool:
     return result == 0
 
 
+def _listening_inodes(ports: tuple[int, ...]) -> set[str]:
+    """Inodes of the sockets listening on 127.0.0.1:``ports`` (from /proc/net/tcp)."""
+    wanted = {f"0100007F:{p:04X}" for p in ports}
+    inodes = set()
+    with Path("/proc/net/tcp").open() as table:
+        next(table)
+        for line in table:
+            cols = line.split()
+            if cols[1] in wanted and cols[3] == "0A":  # 0A = LISTEN
+                inodes.add(cols[9])
+    return inodes
+
+
+def _listens_on(pid: int, ports: tuple[int, ...]) -> bool:
+    """True when process ``pid`` owns the listening sockets on ``ports``.
+
+    Answering on the control port is not enough: when two swtpm processes race for one
+    random port pair, the loser dies but the winner answers on its behalf, and its device
+    would silently talk to another device's TPM.
+    """
+    try:
+        inodes = _listening_inodes(ports)
+        owned = {str(fd.readlink()) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:
+        return False
+    return len(inodes) == len(ports) and all(f"socket:[{i}]" in owned for i in inodes)
+
+
 class Swtpm:
     """One swtpm process bound to 127.0.0.1 on a verified free port pair.
 
@@ -137,7 +165,7 @@ class Swtpm:
                     _, err = proc.communicate()
                     last_err = err.decode(errors="replace").strip()
                     break
-                if _ctrl_answers(port + 1):
+                if _ctrl_answers(port + 1) and _listens_on(proc.pid, (port, port + 1)):
                     self._proc = proc
                     self.port = port
                     self.startup_seconds = time.monotonic() - began

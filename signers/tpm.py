@@ -23,7 +23,12 @@ libtpms has 3 transient object slots and a raw swtpm socket has no resource mana
 :class:`Tpm` flushes stale transient objects left by a previous client at connect time,
 flushes the primary right after each create/load, and keeps at most
 :data:`MAX_LOADED_KEYS` keys loaded, evicting the least recently used one (a key is
-transparently reloaded from its blob on next use).
+transparently reloaded from its blob on next use). Another user of the connection (the
+attestation key of :mod:`signers.attestation`) may *hold* a slot across calls; held slots
+count against the same budget and are released (flushed) first-come when a key needs room.
+
+Cost (the factory provisions 100 devices/s): a key is made with one TPM2_CreateLoaded,
+templates are built once per process, and an NV counter's ESYS handle is resolved once.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -60,7 +67,7 @@ from tpm2_pytss.types import (
     TPM2B_NV_PUBLIC,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
-    TPML_PCR_SELECTION,
+    TPM2B_TEMPLATE,
     TPMS_ECC_PARMS,
     TPMS_NV_PUBLIC,
     TPMT_ECC_SCHEME,
@@ -109,6 +116,12 @@ _BASE_ATTRS = (
     | TPMA_OBJECT.USERWITHAUTH
     | TPMA_OBJECT.NODA
 )
+
+
+@cache
+def _storage_primary_public() -> TPM2B_PUBLIC:
+    """The SRK template as a TPM2B_PUBLIC, built once: ESAPI only reads its inputs."""
+    return TPM2B_PUBLIC(publicArea=_storage_primary_template())
 
 
 def _storage_primary_template() -> TPMT_PUBLIC:
@@ -175,6 +188,12 @@ def _key_template(usage: TpmKeyUsage) -> TPMT_PUBLIC:
     )
 
 
+@cache
+def _key_template_bytes(usage: TpmKeyUsage) -> bytes:
+    """The marshalled TPMT_PUBLIC template for TPM2_CreateLoaded (built once per usage)."""
+    return bytes(_key_template(usage).marshal())
+
+
 def _usage_of(public: TPMT_PUBLIC) -> TpmKeyUsage:
     """Check a loaded blob's public area against what this module creates (fail closed)."""
     if public.type != TPM2_ALG.ECC:
@@ -212,6 +231,9 @@ class Tpm:
         self.tcti = tcti
         self.lock = threading.RLock()
         self._loaded: OrderedDict[int, TpmKey] = OrderedDict()
+        # Slots held by other users of this connection: owner id -> (handle, forget).
+        self._held: OrderedDict[int, tuple[ESYS_TR, Callable[[], None]]] = OrderedDict()
+        self._nv_buffer_max: int | None = None
         try:
             self._ectx: ESAPI | None = ESAPI(tcti)
         except Exception as exc:  # TSS2_Exception or a TCTI loader error
@@ -246,6 +268,10 @@ class Tpm:
             for key in self._loaded.values():
                 key._handle = None
             self._loaded.clear()
+            held = list(self._held.values())
+            self._held.clear()
+            for _, forget in held:
+                forget()
             return len(handles)
 
     def close(self) -> None:
@@ -254,6 +280,8 @@ class Tpm:
                 return
             for key in list(self._loaded.values()):
                 self._evict(key)
+            for owner in list(self._held):
+                self._release_held(owner)
             self._ectx.close()
             self._ectx = None
 
@@ -273,15 +301,48 @@ class Tpm:
     def _create_primary(self) -> ESYS_TR:
         handle, *_ = self.esapi.create_primary(
             in_sensitive=TPM2B_SENSITIVE_CREATE(),
-            in_public=TPM2B_PUBLIC(publicArea=_storage_primary_template()),
+            in_public=_storage_primary_public(),
             primary_handle=ESYS_TR.OWNER,
         )
         return handle
 
-    def _make_room(self) -> None:
-        while len(self._loaded) >= MAX_LOADED_KEYS:
-            _, victim = next(iter(self._loaded.items()))
-            self._evict(victim)
+    def _make_room(self, *, keep: int | None = None) -> None:
+        """Free slots until one more object plus a transient primary fit.
+
+        Cached keys go first (least recently used), then slots held by other users (oldest
+        first), never the holder ``keep`` (the caller's own held slot).
+        """
+        while len(self._loaded) + len(self._held) >= MAX_LOADED_KEYS:
+            if self._loaded:
+                _, victim = next(iter(self._loaded.items()))
+                self._evict(victim)
+                continue
+            others = [owner for owner in self._held if owner != keep]
+            if not others:
+                return
+            self._release_held(others[0])
+
+    def _hold(self, owner: int, handle: ESYS_TR, forget: Callable[[], None]) -> None:
+        """Record that ``owner`` keeps ``handle`` loaded across calls (it counts against
+        :data:`MAX_LOADED_KEYS`). ``forget`` is called, without TPM access, when the slot is
+        taken back (flushed here, or by :meth:`flush_transients`)."""
+        self._held[owner] = (handle, forget)
+
+    def _unhold(self, owner: int) -> None:
+        """``owner`` flushed its handle itself: forget the record."""
+        self._held.pop(owner, None)
+
+    def _release_held(self, owner: int) -> None:
+        entry = self._held.pop(owner, None)
+        if entry is None:
+            return
+        handle, forget = entry
+        forget()
+        if self._ectx is not None:
+            try:
+                self._ectx.flush_context(handle)
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot flush a held TPM object: {exc}") from exc
 
     def _evict(self, key: TpmKey) -> None:
         handle = key._handle
@@ -293,9 +354,9 @@ class Tpm:
             except TSS2_Exception as exc:
                 raise TpmError(f"cannot flush TPM key: {exc}") from exc
 
-    def _load_blob(self, key: TpmKey) -> ESYS_TR:
+    def _load_blob(self, key: TpmKey, keep: int | None = None) -> ESYS_TR:
         """Load ``key``'s wrapped blob (under a fresh primary, flushed right after)."""
-        self._make_room()
+        self._make_room(keep=keep)
         ectx = self.esapi
         try:
             primary = self._create_primary()
@@ -313,9 +374,10 @@ class Tpm:
         self._loaded[id(key)] = key
         return handle
 
-    def _touch(self, key: TpmKey) -> ESYS_TR:
+    def _touch(self, key: TpmKey, keep: int | None = None) -> ESYS_TR:
+        """``key``'s handle, loading it if needed (never releasing the holder ``keep``)."""
         if key._handle is None:
-            key._handle = self._load_blob(key)
+            key._handle = self._load_blob(key, keep)
         else:
             self._loaded.move_to_end(id(key))
         return key._handle
@@ -330,8 +392,10 @@ class Tpm:
                 nv = ectx.tr_from_tpmpublic(index)
                 pub, _ = ectx.nv_read_public(nv)
                 size = int(pub.nvPublic.dataSize)
-                _, cap = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, _TPM2_PT_NV_BUFFER_MAX, 1)
-                chunk = int(cap.data.tpmProperties.tpmProperty[0].value) or 512
+                if self._nv_buffer_max is None:
+                    _, cap = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, _TPM2_PT_NV_BUFFER_MAX, 1)
+                    self._nv_buffer_max = int(cap.data.tpmProperties.tpmProperty[0].value) or 512
+                chunk = self._nv_buffer_max
                 out = bytearray()
                 while len(out) < size:
                     n = min(chunk, size - len(out))
@@ -353,9 +417,15 @@ class _TpmEccPrivateKey(tpm_ecc_private_key):  # type: ignore[misc]
     """``tpm_ecc_private_key`` that reloads its key if it was evicted, under the TPM lock."""
 
     def __init__(self, owner: TpmKey) -> None:
+        # What tpm_ecc_private_key.__init__ sets, without its TPM2_ReadPublic round trip: the
+        # public area is the blob's, which TPM2_Load bound to the private part (the TPM
+        # checks the integrity of the private blob against the public area's name) and
+        # _usage_of checked (ECC, P-256). The key loads on first use, through _handle.
         self._owner = owner
-        with owner._tpm.lock:
-            super().__init__(owner._tpm.esapi, owner._tpm._touch(owner))
+        self._ectx = owner._tpm.esapi
+        self._session = ESYS_TR.PASSWORD
+        self._public = owner._blob.public.publicArea
+        self._curve = ec.SECP256R1
 
     @property
     def _handle(self) -> ESYS_TR:
@@ -411,16 +481,12 @@ class TpmKey:
             except TSS2_Exception as exc:
                 raise TpmError(f"cannot derive storage primary key: {exc}") from exc
             try:
-                private, public, *_ = ectx.create(
-                    parent_handle=primary,
-                    in_sensitive=TPM2B_SENSITIVE_CREATE(),
-                    in_public=TPM2B_PUBLIC(publicArea=_key_template(usage)),
-                    outside_info=TPM2B_DATA(),
-                    creation_pcr=TPML_PCR_SELECTION(),
+                # One round trip instead of TPM2_Create + TPM2_Load; same key, same blob.
+                handle, private, public = ectx.create_loaded(
+                    primary, TPM2B_SENSITIVE_CREATE(), TPM2B_TEMPLATE(_key_template_bytes(usage))
                 )
-                handle = ectx.load(primary, private, public)
             except TSS2_Exception as exc:
-                raise TpmError(f"TPM2_Create/Load failed: {exc}") from exc
+                raise TpmError(f"TPM2_CreateLoaded failed: {exc}") from exc
             finally:
                 ectx.flush_context(primary)
             key = cls(tpm, TSSPrivKey(private, public, empty_auth=True, parent=TPM2_RH.OWNER))
@@ -559,6 +625,7 @@ class TpmNvCounter:
             raise TpmError(f"NV index 0x{index:08x} is outside the owner range")
         self._tpm = tpm
         self.index = index
+        self._handle: ESYS_TR | None = None
 
     def exists(self) -> bool:
         with self._tpm.lock:
@@ -587,17 +654,26 @@ class TpmNvCounter:
                 )
             )
             try:
-                self._tpm.esapi.nv_define_space(b"", public)
+                # A redefined index is a new object for ESYS: use the handle it returns.
+                self._handle = self._tpm.esapi.nv_define_space(b"", public)
             except TSS2_Exception as exc:
+                self._handle = None
                 raise TpmError(f"cannot define NV counter 0x{self.index:08x}: {exc}") from exc
             self.increment()  # a counter cannot be read before its first increment
             return self
 
     def _nv(self) -> ESYS_TR:
-        try:
-            return self._tpm.esapi.tr_from_tpmpublic(self.index)
-        except TSS2_Exception as exc:
-            raise TpmError(f"NV counter 0x{self.index:08x} is not defined") from exc
+        """The index's ESYS handle, resolved once (TPM2_NV_ReadPublic) per counter object.
+
+        ESYS keeps the name and refreshes it itself after the first write; every command on
+        the index still goes to the TPM, which refuses an undefined or redefined index.
+        """
+        if self._handle is None:
+            try:
+                self._handle = self._tpm.esapi.tr_from_tpmpublic(self.index)
+            except TSS2_Exception as exc:
+                raise TpmError(f"NV counter 0x{self.index:08x} is not defined") from exc
+        return self._handle
 
     def _check_is_counter(self) -> None:
         pub, _ = self._tpm.esapi.nv_read_public(self._nv())
@@ -610,6 +686,7 @@ class TpmNvCounter:
             try:
                 self._tpm.esapi.nv_increment(self._nv(), auth_handle=ESYS_TR.OWNER)
             except TSS2_Exception as exc:
+                self._handle = None  # resolve afresh next time (the index may have changed)
                 raise TpmError(f"cannot increment NV counter 0x{self.index:08x}: {exc}") from exc
             return self.read()
 
@@ -618,5 +695,6 @@ class TpmNvCounter:
             try:
                 data = self._tpm.esapi.nv_read(self._nv(), 8, 0, auth_handle=ESYS_TR.OWNER)
             except TSS2_Exception as exc:
+                self._handle = None
                 raise TpmError(f"cannot read NV counter 0x{self.index:08x}: {exc}") from exc
             return int.from_bytes(bytes(data), "big")

@@ -38,7 +38,7 @@ from factory_station.attestation import (
 from factory_station.errors import AttestationError, FactoryStationError
 from signers.attestation import AK_ATTRIBUTES, AttestationEvidence, TpmAttestor, _srk_template
 from signers.errors import TpmError
-from signers.tpm import Tpm, TpmKey
+from signers.tpm import ECC_P384_EK_CERT_NV_INDEX, RSA_EK_CERT_NV_INDEX, Tpm, TpmKey
 
 pytestmark = pytest.mark.tpm
 
@@ -145,8 +145,11 @@ def test_key_in_genuine_tpm_is_accepted(provisioned: Provisioned, device: Device
     evidence = dev.respond(challenge)
     _finish(verifier, evidence, dev.key.public_key())  # accepted: no exception
 
-    ek = dev.tpm.read_ek_certificate()
+    # The default EK is the high-range P-384 one (cheap ECDH activation), when present.
+    ek = dev.tpm.read_ek_certificate(ECC_P384_EK_CERT_NV_INDEX)
     assert verifier.ek_certificate == ek
+    ek_key = ek.public_key()
+    assert isinstance(ek_key, ec.EllipticCurvePublicKey) and ek_key.curve.name == "secp384r1"
     assert verifier.ak_name[:2] == b"\x00\x0b"
     # The TPM keeps working for the Tpm's own keys afterwards (handles flushed, not leaked).
     signature = dev.key.sign(b"after attestation")
@@ -158,13 +161,21 @@ def test_key_in_genuine_tpm_is_accepted(provisioned: Provisioned, device: Device
         verifier.begin(identity.ek_certificate, identity.ak_public)
 
 
-def test_ek_rederived_from_template_when_not_persistent(
-    provisioned: Provisioned, device: DeviceFactory
+@pytest.mark.parametrize("ek_index", [ECC_P384_EK_CERT_NV_INDEX, RSA_EK_CERT_NV_INDEX])
+@pytest.mark.parametrize("persistent", [True, False])
+def test_ek_types_and_rederived_ek(
+    provisioned: Provisioned, device: DeviceFactory, ek_index: int, persistent: bool
 ) -> None:
-    """A TPM without a persistent EK (or with another key at 0x81010001) still attests."""
+    """Both EK types attest, from the persistent EK or re-derived from the template (a TPM
+    without a persistent EK, or with another key at the usual handle)."""
     dev = device(provisioned.device_a)
-    attestor = TpmAttestor(dev.tpm, ek_persistent_handle=None)
+    attestor = TpmAttestor(
+        dev.tpm, ek_cert_index=ek_index, ek_persistent_handle="standard" if persistent else None
+    )
     identity = attestor.identity()
+    assert identity.ek_certificate == dev.tpm.read_ek_certificate(ek_index).public_bytes(
+        serialization.Encoding.DER
+    )
     verifier = _verifier(provisioned)
     challenge = verifier.begin(identity.ek_certificate, identity.ak_public)
     evidence = attestor.respond(
@@ -174,6 +185,16 @@ def test_ek_rederived_from_template_when_not_persistent(
         nonce=challenge.nonce,
     )
     _finish(verifier, evidence, dev.key.public_key())
+    # The credential is bound to that EK: the other EK of the same TPM cannot recover it.
+    other = (
+        RSA_EK_CERT_NV_INDEX if ek_index == ECC_P384_EK_CERT_NV_INDEX else ECC_P384_EK_CERT_NV_INDEX
+    )
+    wrong_ek = TpmAttestor(dev.tpm, ek_cert_index=other)
+    assert wrong_ek.identity().ak_public == identity.ak_public  # same AK, other EK
+    challenge = _verifier(provisioned).begin(identity.ek_certificate, identity.ak_public)
+    with pytest.raises(TpmError, match="ActivateCredential"):
+        wrong_ek.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+    assert attestor.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
 
 
 def test_ak_is_stable_and_ek_certificate_is_the_vendor_one(
@@ -304,6 +325,67 @@ def test_malformed_or_out_of_window_ek_certificate_is_refused(
     issuer_der = provisioned.vendor.issuer.public_bytes(serialization.Encoding.DER)
     with _refused("ek_cert_unsupported"):
         _verifier(provisioned).begin(issuer_der, identity.ak_public)
+
+
+def _vendor_issued_ek(
+    p: Provisioned,
+    model: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    key_usage: x509.KeyUsage,
+) -> bytes:
+    """An EK-like certificate with ``key``, issued by the genuine vendor issuing CA."""
+    ca_dir = p.device_a.parent / "vendor-ca"
+    pem = (ca_dir / "signkey.pem").read_bytes()
+    signer = serialization.load_pem_private_key(pem[pem.index(b"-----BEGIN") :], None)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(model.subject)
+        .issuer_name(p.vendor.issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(model.not_valid_before_utc)
+        .not_valid_after(model.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage, critical=True)
+        .add_extension(
+            model.extensions.get_extension_for_class(x509.SubjectAlternativeName).value,
+            critical=True,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(p.vendor.issuer.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    )
+    return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.DER)  # type: ignore[arg-type]
+
+
+def test_ek_of_unsupported_type_or_usage_is_refused(
+    provisioned: Provisioned, device: DeviceFactory
+) -> None:
+    """Only RSA-2048 (L-1) and P-384 (H-3) EKs: a P-256 EK could be L-2 or H-2, and the
+    station must not guess the template; an ECC EK must be for key agreement."""
+    identity = device(provisioned.device_a).attestor.identity()
+    model = x509.load_der_x509_certificate(identity.ek_certificate)
+    usage = dict.fromkeys(
+        (
+            "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+            "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
+        ),
+        False,
+    )  # fmt: skip
+    agreement = x509.KeyUsage(**{**usage, "key_agreement": True})
+    signing = x509.KeyUsage(**{**usage, "digital_signature": True})
+    # Control: a vendor-issued P-384 certificate is accepted as far as the template goes.
+    p384 = _vendor_issued_ek(provisioned, model, ec.generate_private_key(ec.SECP384R1()), agreement)
+    _verifier(provisioned).begin(p384, identity.ak_public)
+    p256 = _vendor_issued_ek(provisioned, model, ec.generate_private_key(ec.SECP256R1()), agreement)
+    with _refused("ek_cert_unsupported"):
+        _verifier(provisioned).begin(p256, identity.ak_public)
+    no_agreement = _vendor_issued_ek(
+        provisioned, model, ec.generate_private_key(ec.SECP384R1()), signing
+    )
+    with _refused("ek_cert_unsupported"):
+        _verifier(provisioned).begin(no_agreement, identity.ak_public)
 
 
 def test_replayed_attestation_is_refused(provisioned: Provisioned, device: DeviceFactory) -> None:

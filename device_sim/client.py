@@ -1,0 +1,454 @@
+"""A simulated device's network life: register over MQTT, reconnect with its secondary
+certificate, publish encrypted telemetry, receive encrypted commands and rotated keys.
+
+What is real and what is simulated (see ``docs/registration.md``, "Device TLS"):
+
+* Everything the registrar *verifies* is done by the device's keys: the registration request
+  is signed by the factory (IDevID) key, the CSR by the new LDevID key, and the payload key
+  is unwrapped by a separate ECDH key. With :class:`TpmKeys` those keys live in the device's
+  swtpm (TPM keys are single-purpose: the LDevID key signs, the wrap key does ECDH).
+* The mutual-TLS layer needs the private key of the client certificate inside Python's
+  ``ssl`` module, which can only load key *files* (no callback, no TPM). So a TLS identity
+  is an explicit :class:`TlsIdentity`: in software-key mode (load tests) it is simply the
+  device's own IDevID/LDevID key; for a swtpm device the caller supplies a software
+  certificate for the same device id (``registration_tls`` / ``operational_tls``). The
+  registrar does not rely on the TLS identity for registration (it verifies the signed
+  request), but the broker's topic ACL does, so the TLS certificate must name the device.
+
+Private key files for ``ssl`` are written to a private (0700) temporary directory, loaded,
+and deleted at once; they only exist for software keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal, Protocol
+
+import aiomqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from registrar.broker import Endpoint
+from signers.software import SoftwareKey
+from trustcore.csr import build_device_csr
+from trustcore.identity import DeviceId
+from trustcore.keys import KeyAgreement, Signer
+from trustcore.payload import PayloadError, PayloadKey, open_payload, seal_payload
+from trustcore.registration import (
+    RegistrationDenied,
+    RegistrationError,
+    RegistrationGranted,
+    build_request,
+    open_payload_key,
+    parse_key_update,
+    parse_request,
+    parse_response,
+)
+from trustcore.topics import device_topic, registration_request_topic, registration_response_topic
+
+__all__ = [
+    "DeviceClient",
+    "DeviceCredentials",
+    "DeviceRegistrationError",
+    "KeyFactory",
+    "OperationalSession",
+    "Registered",
+    "SoftwareKeys",
+    "TlsIdentity",
+    "TpmKeys",
+]
+
+log = logging.getLogger(__name__)
+
+PEM = serialization.Encoding.PEM
+TELEMETRY = "telemetry"
+COMMANDS = "cmd"
+KEYS = "keys"
+
+
+class DeviceRegistrationError(RuntimeError):
+    """Registration did not succeed; ``reason`` is the registrar's public reason code (or
+    ``timeout`` / ``no_valid_response``), ``retry`` its advice."""
+
+    def __init__(self, message: str, *, reason: str, retry: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry = retry
+
+
+# ----------------------------------------------------------------------------------- keys
+
+
+class KeyFactory(Protocol):
+    """Where the device makes new keys: its TPM, or software in load-test mode."""
+
+    def new_signing_key(self) -> Signer: ...
+
+    def new_ecdh_key(self) -> KeyAgreement: ...
+
+
+class SoftwareKeys:
+    """Load-test mode: ephemeral software keys (they refuse to be saved to disk)."""
+
+    def new_signing_key(self) -> Signer:
+        return SoftwareKey.ephemeral()
+
+    def new_ecdh_key(self) -> KeyAgreement:
+        return SoftwareKey.ephemeral()
+
+
+class TpmKeys:
+    """Keys created inside the device's TPM (swtpm), non-exportable, single-purpose."""
+
+    def __init__(self, tpm: object) -> None:
+        self._tpm = tpm
+
+    def new_signing_key(self) -> Signer:
+        from signers.tpm import TpmKey, TpmKeyUsage
+
+        return TpmKey.create(self._tpm, TpmKeyUsage.SIGN)  # type: ignore[arg-type]
+
+    def new_ecdh_key(self) -> KeyAgreement:
+        from signers.tpm import TpmKey, TpmKeyUsage
+
+        return TpmKey.create(self._tpm, TpmKeyUsage.ECDH)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ TLS
+
+
+@dataclass(frozen=True)
+class TlsIdentity:
+    """A client certificate chain and its software private key, for Python's ``ssl``."""
+
+    certificates: tuple[x509.Certificate, ...]  # leaf first, then its issuing CA
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+
+    @classmethod
+    def from_signer(cls, certificates: Sequence[x509.Certificate], signer: Signer) -> TlsIdentity:
+        """Only for software keys: a TPM key cannot be handed to ``ssl``."""
+        if not isinstance(signer, SoftwareKey):
+            raise TypeError("ssl can only use a software key; supply a TlsIdentity for TPM devices")
+        return cls(tuple(certificates), signer.private_key())
+
+    def context(self, trust_pem: bytes) -> ssl.SSLContext:
+        """A client context trusting ``trust_pem`` (manufacturer root: the broker presents
+        its certificate with the site CA, which the root issued) and presenting this identity."""
+        ctx = ssl.create_default_context(cadata=trust_pem.decode("ascii"))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        with tempfile.TemporaryDirectory(prefix="devtls-") as tmp:
+            Path(tmp).chmod(0o700)
+            cert_file = Path(tmp) / "cert.pem"
+            key_file = Path(tmp) / "key.pem"
+            cert_file.write_bytes(b"".join(c.public_bytes(PEM) for c in self.certificates))
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(
+                    self.key.private_bytes(
+                        PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                    )
+                )
+            ctx.load_cert_chain(cert_file, key_file)
+        return ctx
+
+
+# ------------------------------------------------------------------------------ the device
+
+
+@dataclass(frozen=True)
+class DeviceCredentials:
+    """What the factory left on the device: its id, IDevID, the station CA chain, the
+    factory key (usually in the TPM) and the manufacturer root(s) it trusts."""
+
+    device_id: DeviceId
+    idevid: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    factory_key: Signer
+    roots: tuple[x509.Certificate, ...]
+
+    @property
+    def roots_pem(self) -> bytes:
+        return b"".join(r.public_bytes(PEM) for r in self.roots)
+
+
+@dataclass
+class Registered:
+    """The device after registration: LDevID, its key, the wrap key, payload keys."""
+
+    ldevid: x509.Certificate
+    site_ca: x509.Certificate
+    ldevid_key: Signer
+    wrap_key: KeyAgreement
+    payload_keys: dict[bytes, PayloadKey]
+    current_key_id: bytes
+    key_issued: int = 0
+
+    @property
+    def current_key(self) -> PayloadKey:
+        return self.payload_keys[self.current_key_id]
+
+
+Protocol_ = Literal["3.1.1", "5"]
+
+
+def _client(
+    endpoint: Endpoint, identifier: str, tls: ssl.SSLContext, protocol: Protocol_
+) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        endpoint.host,
+        endpoint.port,
+        identifier=identifier,
+        tls_context=tls,
+        protocol=aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311,
+        keepalive=30,
+    )
+
+
+class DeviceClient:
+    """One simulated device. ``registration_tls`` defaults to the IDevID with the factory
+    key (software factory keys only); ``operational_tls`` defaults to the LDevID with its
+    key (software LDevID keys only)."""
+
+    def __init__(
+        self,
+        credentials: DeviceCredentials,
+        keys: KeyFactory,
+        *,
+        registration_tls: TlsIdentity | None = None,
+        operational_tls: Callable[[Registered], TlsIdentity] | None = None,
+        protocol: Protocol_ = "3.1.1",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.credentials = credentials
+        self.keys = keys
+        self._registration_tls = registration_tls
+        self._operational_tls = operational_tls
+        self.protocol = protocol
+        self._clock = clock
+        self.registered: Registered | None = None
+
+    @property
+    def device_id(self) -> DeviceId:
+        return self.credentials.device_id
+
+    def registration_context(self) -> ssl.SSLContext:
+        identity = self._registration_tls or TlsIdentity.from_signer(
+            (self.credentials.idevid, *self.credentials.chain), self.credentials.factory_key
+        )
+        return identity.context(self.credentials.roots_pem)
+
+    def operational_context(self) -> ssl.SSLContext:
+        if self.registered is None:
+            raise DeviceRegistrationError("not registered", reason="not_registered")
+        reg = self.registered
+        identity = (
+            self._operational_tls(reg)
+            if self._operational_tls is not None
+            else TlsIdentity.from_signer((reg.ldevid, reg.site_ca), reg.ldevid_key)
+        )
+        return identity.context(self.credentials.roots_pem)
+
+    def new_request(self) -> tuple[bytes, Signer, KeyAgreement]:
+        """A fresh request: new LDevID key and wrap key, new nonce, current time."""
+        ldevid_key = self.keys.new_signing_key()
+        wrap_key = self.keys.new_ecdh_key()
+        request = build_request(
+            device_id=self.device_id,
+            nonce=os.urandom(32),
+            time=int(self._clock()),
+            csr_der=build_device_csr(ldevid_key, self.device_id),
+            wrap_key=wrap_key.public_key(),
+            idevid_der=self.credentials.idevid.public_bytes(serialization.Encoding.DER),
+            chain_der=[c.public_bytes(serialization.Encoding.DER) for c in self.credentials.chain],
+            factory_key=self.credentials.factory_key,
+        )
+        return request, ldevid_key, wrap_key
+
+    async def register(
+        self,
+        endpoint: Endpoint,
+        *,
+        timeout: float = 10.0,
+        resend_after: float = 3.0,
+        attempts: int = 3,
+        tls: ssl.SSLContext | None = None,
+    ) -> Registered:
+        """Register through the broker's registration listener.
+
+        The identical request is re-sent after ``resend_after`` s without an answer (the
+        registrar answers it idempotently); a refusal with ``retry`` advice leads to a NEW
+        request after a back-off, up to ``attempts``; any other refusal raises. Responses
+        that do not verify (wrong signature, someone else's nonce) are ignored, so a forged
+        "refused" cannot make the device give up.
+        """
+        context = tls or self.registration_context()
+        last: DeviceRegistrationError | None = None
+        async with _client(endpoint, self.device_id.value, context, self.protocol) as client:
+            await client.subscribe(registration_response_topic(self.device_id), qos=1)
+            for attempt in range(attempts):
+                request, ldevid_key, wrap_key = await asyncio.to_thread(self.new_request)
+                try:
+                    return await self._one_request(
+                        client, request, ldevid_key, wrap_key, timeout, resend_after
+                    )
+                except DeviceRegistrationError as exc:
+                    last = exc
+                    if not exc.retry:
+                        raise
+                    await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+        assert last is not None
+        raise last
+
+    async def _one_request(
+        self,
+        client: aiomqtt.Client,
+        request: bytes,
+        ldevid_key: Signer,
+        wrap_key: KeyAgreement,
+        timeout: float,
+        resend_after: float,
+    ) -> Registered:
+        parsed = parse_request(request)
+        topic = registration_request_topic(self.device_id)
+        deadline = asyncio.get_running_loop().time() + timeout
+        await client.publish(topic, request, qos=1)
+        messages = client.messages.__aiter__()
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise DeviceRegistrationError(
+                    "no valid response in time", reason="timeout", retry=True
+                )
+            try:
+                message = await asyncio.wait_for(messages.__anext__(), min(remaining, resend_after))
+            except TimeoutError:
+                await client.publish(topic, request, qos=1)  # idempotent: same bytes
+                continue
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                continue
+            try:
+                result = parse_response(
+                    bytes(payload),
+                    device_id=self.device_id,
+                    nonce=parsed.nonce,
+                    request_digest=parsed.digest,
+                    ldevid_public_key=ldevid_key.public_key(),
+                    roots=self.credentials.roots,
+                    now=_aware(self._clock()),
+                )
+            except RegistrationError as exc:
+                log.warning("%s ignored a response: %s", self.device_id, exc)
+                continue
+            if isinstance(result, RegistrationDenied):
+                raise DeviceRegistrationError(
+                    f"refused: {result.reason}: {result.message}",
+                    reason=result.reason,
+                    retry=result.retry,
+                )
+            return self._accept(result, ldevid_key, wrap_key)
+
+    def _accept(
+        self, granted: RegistrationGranted, ldevid_key: Signer, wrap_key: KeyAgreement
+    ) -> Registered:
+        key = open_payload_key(wrap_key, self.device_id, granted.payload_key)
+        self.registered = Registered(
+            ldevid=granted.ldevid,
+            site_ca=granted.site_ca,
+            ldevid_key=ldevid_key,
+            wrap_key=wrap_key,
+            payload_keys={key.key_id: key},
+            current_key_id=key.key_id,
+        )
+        return self.registered
+
+    @contextlib.asynccontextmanager
+    async def operational(
+        self, endpoint: Endpoint, *, tls: ssl.SSLContext | None = None
+    ) -> AsyncIterator[OperationalSession]:
+        """Connect to the operational listener with the LDevID; subscribe to commands and
+        key updates under the device's own subtree."""
+        if self.registered is None:
+            raise DeviceRegistrationError("register first", reason="not_registered")
+        context = tls or self.operational_context()
+        async with _client(endpoint, self.device_id.value, context, self.protocol) as client:
+            session = OperationalSession(self, client)
+            await client.subscribe(device_topic(self.device_id, COMMANDS), qos=1)
+            await client.subscribe(device_topic(self.device_id, KEYS), qos=1)
+            reader = asyncio.create_task(session._read())
+            try:
+                yield session
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await reader
+
+
+def _aware(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class OperationalSession:
+    """An operational connection: encrypted telemetry out, commands and key updates in."""
+
+    def __init__(self, device: DeviceClient, client: aiomqtt.Client) -> None:
+        self._device = device
+        self.client = client
+        self.commands: asyncio.Queue[bytes] = asyncio.Queue()
+        self.key_updates = 0
+
+    @property
+    def _reg(self) -> Registered:
+        assert self._device.registered is not None
+        return self._device.registered
+
+    async def publish_telemetry(self, data: bytes, *, level: str = TELEMETRY, qos: int = 1) -> None:
+        topic = device_topic(self._device.device_id, level)
+        await self.client.publish(topic, seal_payload(self._reg.current_key, topic, data), qos=qos)
+
+    async def _read(self) -> None:
+        device_id = self._device.device_id
+        keys_topic = device_topic(device_id, KEYS)
+        async for message in self.client.messages:
+            topic = str(message.topic)
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                continue
+            if topic == keys_topic:
+                self._key_update(bytes(payload))
+                continue
+            try:
+                self.commands.put_nowait(
+                    open_payload(self._reg.payload_keys, topic, bytes(payload))
+                )
+            except PayloadError as exc:
+                log.warning("%s dropped a command on %s: %s", device_id, topic, exc)
+
+    def _key_update(self, payload: bytes) -> None:
+        reg = self._reg
+        try:
+            update = parse_key_update(
+                payload,
+                device_id=self._device.device_id,
+                site_ca=reg.site_ca,
+                newer_than=reg.key_issued,
+            )
+            key = open_payload_key(reg.wrap_key, self._device.device_id, update.payload_key)
+        except RegistrationError as exc:
+            log.warning("%s refused a key update: %s", self._device.device_id, exc)
+            return
+        reg.payload_keys[key.key_id] = key
+        reg.current_key_id = key.key_id
+        reg.key_issued = update.issued
+        self.key_updates += 1
