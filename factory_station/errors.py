@@ -15,17 +15,11 @@ Errors from the trust core, signers and TPM are chained (``raise ... from exc``)
 
 from __future__ import annotations
 
+from trustcore.errors import ReasonedError
 
-class FactoryStationError(Exception):
-    reason: str = "error"
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        if reason is not None:
-            self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.args[0]}" if self.args else self.reason
+class FactoryStationError(ReasonedError):
+    """Root of every error :mod:`factory_station` raises."""
 
 
 class StationStateError(FactoryStationError):

@@ -19,6 +19,8 @@ the second is accepted, stored and reported (see ``docs/hq.md``).
 
 from __future__ import annotations
 
+from trustcore.errors import ReasonedError
+
 __all__ = [
     "EnrolmentError",
     "EntitlementError",
@@ -29,18 +31,8 @@ __all__ = [
 ]
 
 
-class HqError(Exception):
+class HqError(ReasonedError):
     """Root of every error :mod:`hq` raises. ``reason`` is a short stable code."""
-
-    reason: str = "error"
-
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        if reason is not None:
-            self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.args[0]}" if self.args else self.reason
 
 
 class HomeError(HqError):

@@ -13,17 +13,11 @@
 
 from __future__ import annotations
 
+from trustcore.errors import ReasonedError
 
-class RegistrarError(Exception):
-    reason: str = "error"
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        if reason is not None:
-            self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.args[0]}" if self.args else self.reason
+class RegistrarError(ReasonedError):
+    """Root of every error :mod:`registrar` raises."""
 
 
 class ConfigError(RegistrarError):

@@ -22,8 +22,13 @@ public reason codes) and a human message. Library exceptions are chained with
 from __future__ import annotations
 
 
-class TrustCoreError(Exception):
-    """Root of every error raised by :mod:`trustcore`."""
+class ReasonedError(Exception):
+    """An error with a short, stable, machine-readable ``reason`` besides its message.
+
+    The base of every package's root exception (``TrustCoreError``, ``HqError``,
+    ``FactoryStationError``, ``RegistrarError``), so callers and CLIs read reasons the same
+    way everywhere.
+    """
 
     reason: str = "error"
 
@@ -34,6 +39,10 @@ class TrustCoreError(Exception):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.args[0]}" if self.args else self.reason
+
+
+class TrustCoreError(ReasonedError):
+    """Root of every error raised by :mod:`trustcore`."""
 
 
 class EncodingError(TrustCoreError):

@@ -1,0 +1,447 @@
+"""The registration service: one request in, one signed response out; and its MQTT runner.
+
+:class:`RegistrationService` is broker-agnostic: ``handle(topic_device_id, payload)`` returns
+the response bytes to publish on the device's response topic. It is driven directly by the
+tests (no broker) and by :func:`run_mqtt` in production.
+
+Per request, in order:
+
+1. parse (size-limited, strict); junk gets a signed ``malformed``/``oversized`` refusal;
+2. idempotency: the SHA-256 of the exact request bytes is looked up; a stored response is
+   returned as is (a retry of a request that succeeded), and an identical request already
+   being processed waits for that one's answer (no duplicate issuance, no duplicate rows);
+3. one store round trip gives "nonce seen" and "owner of the CSR key"; requests still in
+   the group-commit queue are covered by in-memory reservations;
+4. the pure decision :func:`trustcore.registration.verify_request`;
+5. issuance (LDevID, payload key wrapped to the device's ECDH key, signed response);
+6. durable record (group commit), THEN the response is returned. Refusals are logged with
+   their internal detail; the device only gets the public reason code and message.
+
+Re-registration of an already registered device (new nonce, new CSR) is allowed: the device
+may have lost its LDevID or been reset. The new LDevID replaces the old one, whose serial is
+recorded in ``superseded`` for the site CRL, and an event is written. The CSR key may be the
+device's own previous key (a retry after a lost response) but never another device's key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import aiomqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from registrar.broker import REGISTRAR_IDENTITY, Endpoint
+from registrar.errors import RegistrationRefused, StoreError
+from registrar.store import Registration, Store
+from trustcore.errors import InvalidValueError
+from trustcore.identity import DeviceId
+from trustcore.keys import Signer
+from trustcore.payload import PayloadKey
+from trustcore.registration import (
+    Admission,
+    RegistrationError,
+    RegistrationRequest,
+    build_error_response,
+    build_key_update,
+    issue_registration,
+    parse_request,
+    verify_request,
+)
+from trustcore.topics import REGISTRATION_PREFIX, device_topic
+from trustcore.verify import ChainVerifier
+
+__all__ = [
+    "KEY_UPDATE_LEVEL",
+    "MqttRunnerSettings",
+    "RegistrationService",
+    "SiteAuthority",
+    "device_id_from_request_topic",
+    "run_mqtt",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``devices/<id>/keys``: where payload-key updates are published (retained, QoS 1).
+KEY_UPDATE_LEVEL = "keys"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class SiteAuthority:
+    """The site CA as the registrar uses it: certificate, its key (any Signer: software,
+    TPM or token), the organization written into LDevIDs, and LDevID validity."""
+
+    certificate: x509.Certificate
+    signer: Signer
+    organization: str
+    ldevid_validity: timedelta = timedelta(days=365)
+
+    @property
+    def der(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.DER)
+
+
+class RegistrationService:
+    """Handles registration requests. One instance per registrar process; all state that
+    must survive is in the :class:`~registrar.store.Store`."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        verifier: ChainVerifier,
+        admission: Admission,
+        site: SiteAuthority,
+        payload_key: PayloadKey,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._store = store
+        self.verifier = verifier
+        self.admission = admission
+        self._site = site
+        self._site_der = site.der
+        self.payload_key = payload_key
+        self._clock = clock
+        self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
+        self._reserved_nonces: set[bytes] = set()
+        self._reserved_keys: dict[bytes, DeviceId] = {}
+        self.stats: dict[str, int] = {"ok": 0, "idempotent": 0}
+
+    # -- configuration that changes at run time ------------------------------------------
+
+    def update_trust(
+        self, *, verifier: ChainVerifier | None = None, admission: Admission | None = None
+    ) -> None:
+        """Swap in a new verifier (new CRLs) or manifest; takes effect for the next request."""
+        if verifier is not None:
+            self.verifier = verifier
+        if admission is not None:
+            self.admission = admission
+
+    # -- the request path ------------------------------------------------------------------
+
+    async def handle(self, topic_device_id: DeviceId, payload: bytes) -> bytes:
+        """The response to publish on ``topic_device_id``'s response topic."""
+        try:
+            request = parse_request(payload)
+        except RegistrationError as exc:
+            return self._refusal(topic_device_id, b"", hashlib.sha256(payload).digest(), exc)
+        digest = request.digest
+        pending = self._inflight.get(digest)
+        if pending is not None:
+            self.stats["idempotent"] += 1
+            return await asyncio.shield(pending)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = future
+        try:
+            response = await self._process(topic_device_id, request)
+        except BaseException as exc:
+            # Whoever waits on this identical request gets an internal_error refusal (never
+            # the exception: it may carry internal detail).
+            future.set_result(
+                self._refusal(
+                    topic_device_id,
+                    request.nonce,
+                    digest,
+                    RegistrationError(f"unexpected: {exc!r}", reason="internal_error"),
+                    request=request,
+                )
+            )
+            raise
+        else:
+            future.set_result(response)
+            return response
+        finally:
+            del self._inflight[digest]
+
+    async def _process(self, topic_device_id: DeviceId, request: RegistrationRequest) -> bytes:
+        digest = request.digest
+        try:
+            found = await self._store.lookup(digest, request.nonce, request.csr_key_id)
+        except StoreError as exc:
+            return self._refusal(
+                topic_device_id,
+                request.nonce,
+                digest,
+                RegistrationError(str(exc), reason="internal_error"),
+                request=request,
+            )
+        if found.response is not None:
+            self.stats["idempotent"] += 1
+            return found.response
+        key_owner = found.key_owner
+        if key_owner is None and request.csr_key_id is not None:
+            key_owner = self._reserved_keys.get(request.csr_key_id)
+        now = self._clock()
+        try:
+            verified = verify_request(
+                request,
+                topic_device_id=topic_device_id,
+                verifier=self.verifier,
+                admission=self.admission,
+                now=now,
+                nonce_seen=found.nonce_seen or request.nonce in self._reserved_nonces,
+                key_owner=key_owner,
+            )
+            issued = issue_registration(
+                verified,
+                site_ca=self._site.certificate,
+                site_ca_der=self._site_der,
+                site_signer=self._site.signer,
+                organization=self._site.organization,
+                payload_key=self.payload_key,
+                now=now,
+                validity=self._site.ldevid_validity,
+            )
+        except RegistrationError as exc:
+            return self._refusal(topic_device_id, request.nonce, digest, exc, request=request)
+        record = Registration(
+            device_id=request.device_id,
+            station_id=verified.station_id.value if verified.station_id else None,
+            idevid_serial=format(verified.identity.leaf.serial_number, "x"),
+            ldevid_serial=format(issued.ldevid.serial_number, "x"),
+            ldevid_der=issued.ldevid_der,
+            ldevid_key_id=verified.ldevid_key_id,
+            wrap_key_der=request.wrap_key_der,
+            payload_key_id=issued.payload_key_id,
+            request_digest=digest,
+            response=issued.response,
+            nonce=request.nonce,
+            request_time=request.time,
+            at=int(now.timestamp()),
+        )
+        # Reserve until committed: a second request with this nonce or this key, arriving
+        # while the first sits in the group-commit queue, must be refused too.
+        self._reserved_nonces.add(request.nonce)
+        self._reserved_keys[verified.ldevid_key_id] = request.device_id
+        try:
+            await self._store.record_registration(record)
+        except StoreError as exc:
+            return self._refusal(
+                topic_device_id,
+                request.nonce,
+                digest,
+                RegistrationError(str(exc), reason="internal_error"),
+                request=request,
+            )
+        finally:
+            self._reserved_nonces.discard(request.nonce)
+            self._reserved_keys.pop(verified.ldevid_key_id, None)
+        self.stats["ok"] += 1
+        log.info(
+            "registered %s (idevid %s, ldevid %s)",
+            request.device_id,
+            record.idevid_serial,
+            record.ldevid_serial,
+        )
+        return issued.response
+
+    def _refusal(
+        self,
+        device_id: DeviceId,
+        nonce: bytes,
+        digest: bytes,
+        exc: RegistrationError,
+        *,
+        request: RegistrationRequest | None = None,
+    ) -> bytes:
+        refused = RegistrationRefused(str(exc), reason=exc.reason)
+        self.stats[refused.reason] = self.stats.get(refused.reason, 0) + 1
+        # Internal detail goes to the log and (for parsed requests) to the event table; the
+        # device gets only the public reason code and message.
+        log.info("refused registration on %s: %s", device_id, refused)
+        if request is not None:
+            try:
+                self._store.note_event(device_id, "refused", str(refused)[:500])
+            except StoreError:
+                log.warning("could not queue refusal event for %s", device_id)
+        return build_error_response(
+            device_id=device_id,
+            nonce=nonce,
+            request_digest=digest,
+            reason=refused.reason,
+            site_ca_der=self._site_der,
+            site_signer=self._site.signer,
+        )
+
+    # -- payload-key rotation ----------------------------------------------------------------
+
+    async def key_updates(self, new_key: PayloadKey) -> list[tuple[str, bytes]]:
+        """(topic, message) per registered device: ``new_key`` wrapped to its ECDH key.
+
+        The caller publishes them retained with QoS 1 (a device offline now gets its update
+        when it reconnects) and then :meth:`use_payload_key` for new registrations."""
+        issued = int(self._clock().timestamp())
+        out: list[tuple[str, bytes]] = []
+        for record in await self._store.devices():
+            if record.status != "registered":
+                continue
+            device = DeviceId(record.device_id)
+            wrap = serialization.load_der_public_key(record.wrap_key_der)
+            message = build_key_update(
+                device_id=device,
+                wrap_key=wrap,  # type: ignore[arg-type]
+                payload_key=new_key,
+                issued=issued,
+                site_signer=self._site.signer,
+            )
+            out.append((device_topic(device, KEY_UPDATE_LEVEL), message))
+            await self._store.set_payload_key(device, new_key.key_id)
+        return out
+
+    def use_payload_key(self, key: PayloadKey) -> None:
+        self.payload_key = key
+
+
+# ------------------------------------------------------------------------------ MQTT runner
+
+
+def device_id_from_request_topic(topic: str) -> DeviceId | None:
+    """``devtrust/register/<id>/request`` -> DeviceId; None for anything else."""
+    prefix = REGISTRATION_PREFIX + "/"
+    if not topic.startswith(prefix) or not topic.endswith("/request"):
+        return None
+    middle = topic[len(prefix) : -len("/request")]
+    try:
+        return DeviceId(middle)
+    except InvalidValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class MqttRunnerSettings:
+    """How the registrar's own MQTT client reaches the broker.
+
+    ``protocol`` "3.1.1" for amqtt; "5" for Mosquitto, where ``shared_group`` makes several
+    registrar instances share the request stream (``$share/<group>/...``). ``tls`` is a
+    client context holding the registrar's site-CA certificate (CN ``registrar@site``) and
+    trusting the broker's certificate."""
+
+    endpoint: Endpoint
+    tls: ssl.SSLContext
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    shared_group: str | None = None
+    client_id: str = REGISTRAR_IDENTITY
+    concurrency: int = 512
+    reconnect_delay: float = 0.5
+    keepalive: int = 30
+
+
+def _request_filter(settings: MqttRunnerSettings) -> str:
+    base = f"{REGISTRATION_PREFIX}/+/request"
+    if settings.shared_group is not None:
+        if settings.protocol != "5":
+            raise ValueError("shared subscriptions need MQTT v5")
+        return f"$share/{settings.shared_group}/{base}"
+    return base
+
+
+async def run_mqtt(
+    service: RegistrationService,
+    settings: MqttRunnerSettings,
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve registration requests until ``stop`` is set (or the task is cancelled).
+
+    Reconnects after a broker outage. The session is persistent (clean session off), so
+    requests published while the registrar was away are delivered when it returns. QoS 1 is
+    acknowledged by the client library on receipt: if the registrar dies between the ack and
+    the publish of the response, the device retries the identical request and gets the
+    stored (or a freshly made) answer — that is why responses are idempotent.
+    """
+    stop = stop or asyncio.Event()
+    topic_filter = _request_filter(settings)
+    limit = asyncio.Semaphore(settings.concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+    v5 = settings.protocol == "5"
+    while not stop.is_set():
+        try:
+            client = aiomqtt.Client(
+                settings.endpoint.host,
+                settings.endpoint.port,
+                identifier=settings.client_id,
+                protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+                tls_context=settings.tls,
+                clean_session=None if v5 else False,
+                keepalive=settings.keepalive,
+                max_queued_outgoing_messages=None,
+            )
+            async with client:
+                await client.subscribe(topic_filter, qos=1)
+                if ready is not None:
+                    ready.set()
+                stopper = asyncio.create_task(stop.wait())
+                try:
+                    async for message in _until(client, stopper):
+                        device = device_id_from_request_topic(str(message.topic))
+                        payload = message.payload
+                        if device is None or not isinstance(payload, bytes | bytearray):
+                            log.warning("ignored message on %s", message.topic)
+                            continue
+                        await limit.acquire()
+                        task = asyncio.create_task(
+                            _serve_one(service, client, device, bytes(payload), limit)
+                        )
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                finally:
+                    stopper.cancel()
+                    if tasks:
+                        await asyncio.gather(*tasks, return_exceptions=True)
+        except aiomqtt.MqttError as exc:
+            if stop.is_set():
+                break
+            log.warning("registrar MQTT connection lost (%s); reconnecting", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.reconnect_delay)
+
+
+async def _until(
+    client: aiomqtt.Client, stopper: asyncio.Task[bool]
+) -> AsyncIterator[aiomqtt.Message]:
+    """Iterate ``client.messages`` until ``stopper`` completes."""
+    iterator = client.messages.__aiter__()
+    while True:
+        nxt = asyncio.ensure_future(iterator.__anext__())
+        done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if nxt not in done:
+            nxt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await nxt
+            return
+        try:
+            yield nxt.result()
+        except StopAsyncIteration:
+            return
+
+
+async def _serve_one(
+    service: RegistrationService,
+    client: aiomqtt.Client,
+    device: DeviceId,
+    payload: bytes,
+    limit: asyncio.Semaphore,
+) -> None:
+    try:
+        response = await service.handle(device, payload)
+        await client.publish(f"{REGISTRATION_PREFIX}/{device.value}/response", response, qos=1)
+    except aiomqtt.MqttError as exc:
+        log.warning("could not publish the response to %s: %s", device, exc)
+    except Exception:
+        log.exception("registration of %s failed unexpectedly", device)
+    finally:
+        limit.release()

@@ -1,0 +1,472 @@
+"""The registrar's durable record (SQLite through aiosqlite), with group commit.
+
+Durability before reply: a registration's response is published only after the transaction
+that records the device, its certified key, its nonce and the request→response pair has
+committed with ``synchronous=FULL`` in WAL mode (the commit is fsynced). A crash after the
+commit and before the publish is harmless: the device retries the identical request and gets
+the stored response.
+
+Group commit: one fsync costs milliseconds, so one transaction per registration would cap the
+registrar at a few hundred registrations per second on a good disk and far fewer on a slow
+one. A single writer task collects every write queued within ``batch_window`` seconds (or up
+to ``max_batch``) and commits them in ONE transaction; each caller awaits its own future,
+which resolves only after that commit. If the batch fails (a constraint), it is retried one
+write per transaction so one bad write cannot sink the others.
+
+Reads (idempotency, nonce, key-owner look-ups) use a second connection: in WAL mode they do
+not wait for the writer's fsync. They cannot see writes that are still queued; the service
+covers that window with in-memory reservations.
+
+Tables: ``devices`` (one row per registered device: current LDevID, its key, the wrap key
+used for payload-key rotation), ``certified_keys`` (every key ever certified, for
+``csr_foreign_key``), ``requests`` (request digest → stored response: idempotency),
+``nonces`` (every nonce accepted), ``superseded`` (LDevIDs replaced by a re-registration:
+input to the site CRL), ``events`` (audit trail for ``registrar status``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import aiosqlite
+
+from registrar.errors import StoreError
+from trustcore.identity import DeviceId
+
+__all__ = ["DeviceRecord", "Event", "Lookup", "Registration", "Store"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    station_id TEXT,
+    idevid_serial TEXT NOT NULL,
+    ldevid_serial TEXT NOT NULL,
+    ldevid_der BLOB NOT NULL,
+    ldevid_key_id BLOB NOT NULL,
+    wrap_key BLOB NOT NULL,
+    payload_key_id BLOB NOT NULL,
+    registered_at INTEGER NOT NULL,
+    registrations INTEGER NOT NULL DEFAULT 1,
+    status TEXT NOT NULL DEFAULT 'registered'
+);
+CREATE TABLE IF NOT EXISTS certified_keys (
+    key_id BLOB PRIMARY KEY,
+    device_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    digest BLOB PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    response BLOB NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    nonce BLOB PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    time INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS superseded (
+    ldevid_serial TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    superseded_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    device_id TEXT,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+_SUPERSEDE = (
+    "INSERT OR IGNORE INTO superseded (ldevid_serial, device_id, superseded_at) "
+    "SELECT ldevid_serial, device_id, ? FROM devices WHERE device_id = ? AND ldevid_serial != ?"
+)
+_UPSERT_DEVICE = (
+    "INSERT INTO devices (device_id, station_id, idevid_serial, ldevid_serial, ldevid_der, "
+    "ldevid_key_id, wrap_key, payload_key_id, registered_at) VALUES (?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT(device_id) DO UPDATE SET station_id=excluded.station_id, "
+    "idevid_serial=excluded.idevid_serial, ldevid_serial=excluded.ldevid_serial, "
+    "ldevid_der=excluded.ldevid_der, ldevid_key_id=excluded.ldevid_key_id, "
+    "wrap_key=excluded.wrap_key, payload_key_id=excluded.payload_key_id, "
+    "registered_at=excluded.registered_at, registrations=devices.registrations+1, "
+    "status='registered'"
+)
+_INSERT_KEY = "INSERT OR IGNORE INTO certified_keys (key_id, device_id) VALUES (?, ?)"
+_INSERT_REQUEST = "INSERT INTO requests (digest, device_id, response, created) VALUES (?,?,?,?)"
+_INSERT_NONCE = "INSERT INTO nonces (nonce, device_id, time) VALUES (?, ?, ?)"
+_INSERT_EVENT = "INSERT INTO events (time, device_id, kind, detail) VALUES (?, ?, ?, ?)"
+_LOOKUP = (
+    "SELECT (SELECT response FROM requests WHERE digest = ?), "
+    "EXISTS(SELECT 1 FROM nonces WHERE nonce = ?), "
+    "(SELECT device_id FROM certified_keys WHERE key_id = ?)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """Everything one successful registration writes, in one transaction."""
+
+    device_id: DeviceId
+    station_id: str | None
+    idevid_serial: str
+    ldevid_serial: str
+    ldevid_der: bytes
+    ldevid_key_id: bytes
+    wrap_key_der: bytes
+    payload_key_id: bytes
+    request_digest: bytes
+    response: bytes
+    nonce: bytes
+    request_time: int
+    at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    time: int
+    device_id: str | None
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What the store knows about a request before the decision."""
+
+    response: bytes | None
+    nonce_seen: bool
+    key_owner: DeviceId | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    device_id: str
+    station_id: str | None
+    idevid_serial: str
+    ldevid_serial: str
+    ldevid_der: bytes = field(repr=False)
+    wrap_key_der: bytes = field(repr=False)
+    payload_key_id: bytes
+    registered_at: int
+    registrations: int
+    status: str
+
+
+@dataclass(slots=True)
+class _Write:
+    item: Registration | Event | tuple[str, tuple[Any, ...]]
+    future: asyncio.Future[None] | None
+
+
+def _statements(
+    item: Registration | Event | tuple[str, tuple[Any, ...]],
+) -> list[tuple[str, tuple[Any, ...]]]:
+    if isinstance(item, Event):
+        return [(_INSERT_EVENT, (item.time, item.device_id, item.kind, item.detail))]
+    if isinstance(item, tuple):
+        return [item]
+    dev = item.device_id.value
+    return [
+        (_SUPERSEDE, (item.at, dev, item.ldevid_serial)),
+        (
+            _UPSERT_DEVICE,
+            (
+                dev,
+                item.station_id,
+                item.idevid_serial,
+                item.ldevid_serial,
+                item.ldevid_der,
+                item.ldevid_key_id,
+                item.wrap_key_der,
+                item.payload_key_id,
+                item.at,
+            ),
+        ),
+        (_INSERT_KEY, (item.ldevid_key_id, dev)),
+        (_INSERT_REQUEST, (item.request_digest, dev, item.response, item.at)),
+        (_INSERT_NONCE, (item.nonce, dev, item.request_time)),
+        (
+            _INSERT_EVENT,
+            (
+                item.at,
+                dev,
+                "registered",
+                f"ldevid {item.ldevid_serial} idevid {item.idevid_serial}",
+            ),
+        ),
+    ]
+
+
+class Store:
+    """Open with :meth:`open`; close with :meth:`close` (or ``async with``)."""
+
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        *,
+        batch_window: float,
+        max_batch: int,
+    ) -> None:
+        self._db = writer
+        self._reader = reader
+        self._window = batch_window
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        #: Transactions committed and writes they carried (group-commit effectiveness).
+        self.commits = 0
+        self.writes = 0
+
+    @classmethod
+    async def open(
+        cls, path: Path | str, *, batch_window: float = 0.002, max_batch: int = 512
+    ) -> Self:
+        try:
+            writer = await aiosqlite.connect(str(path), isolation_level=None)
+            await writer.execute("PRAGMA journal_mode=WAL")
+            await writer.execute("PRAGMA synchronous=FULL")
+            await writer.execute("PRAGMA foreign_keys=ON")
+            await writer.executescript(_SCHEMA)
+            await writer.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            rows = await writer.execute_fetchall("SELECT value FROM meta WHERE key='schema'")
+            found = next(iter(rows))[0]
+            if found != str(SCHEMA_VERSION):
+                await writer.close()
+                raise StoreError(f"database schema {found}, this registrar knows {SCHEMA_VERSION}")
+            reader = await aiosqlite.connect(str(path), isolation_level=None)
+            await reader.execute("PRAGMA query_only=ON")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open registrar database {path}: {exc}") from exc
+        store = cls(writer, reader, batch_window=batch_window, max_batch=max_batch)
+        store._task = asyncio.create_task(store._writer(), name="registrar-store-writer")
+        return store
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await self._queue.put(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._reader.close()
+        await self._db.close()
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _submit(
+        self, item: Registration | Event | tuple[str, tuple[Any, ...]], wait: bool
+    ) -> asyncio.Future[None] | None:
+        if self._task is None or self._task.done():
+            raise StoreError("registrar database is closed")
+        future = asyncio.get_running_loop().create_future() if wait else None
+        self._queue.put_nowait(_Write(item, future))
+        return future
+
+    async def record_registration(self, registration: Registration) -> None:
+        """Return once the registration is durably committed (raises ``StoreError``)."""
+        future = self._submit(registration, True)
+        assert future is not None
+        await future
+
+    async def record_event(self, device_id: DeviceId | None, kind: str, detail: str) -> None:
+        future = self._submit(
+            Event(int(time.time()), device_id.value if device_id else None, kind, detail), True
+        )
+        assert future is not None
+        await future
+
+    def note_event(self, device_id: DeviceId | None, kind: str, detail: str) -> bool:
+        """Queue an event without waiting (refusals): dropped, and False returned, when the
+        writer is far behind, so a flood of junk cannot grow memory without bound."""
+        if self._queue.qsize() > 50 * self._max_batch:
+            return False
+        self._submit(
+            Event(int(time.time()), device_id.value if device_id else None, kind, detail), False
+        )
+        return True
+
+    async def set_status(self, device_id: DeviceId, status: str) -> None:
+        future = self._submit(
+            ("UPDATE devices SET status = ? WHERE device_id = ?", (status, device_id.value)), True
+        )
+        assert future is not None
+        await future
+
+    async def set_payload_key(self, device_id: DeviceId, payload_key_id: bytes) -> None:
+        future = self._submit(
+            (
+                "UPDATE devices SET payload_key_id = ? WHERE device_id = ?",
+                (payload_key_id, device_id.value),
+            ),
+            True,
+        )
+        assert future is not None
+        await future
+
+    async def _writer(self) -> None:
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            if self._window > 0:
+                await asyncio.sleep(self._window)
+            while len(batch) < self._max_batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: Sequence[_Write]) -> None:
+        try:
+            await self._apply([w.item for w in batch])
+        except sqlite3.Error as exc:
+            if len(batch) == 1:
+                self._finish(batch, exc)
+                return
+            log.warning(
+                "group commit of %d writes failed (%s); retrying one by one", len(batch), exc
+            )
+            for write in batch:
+                try:
+                    await self._apply([write.item])
+                except sqlite3.Error as one:
+                    self._finish([write], one)
+                else:
+                    self._finish([write], None)
+            return
+        self._finish(batch, None)
+
+    async def _apply(
+        self, items: Sequence[Registration | Event | tuple[str, tuple[Any, ...]]]
+    ) -> None:
+        # Statements are grouped by SQL text so a batch of N registrations costs a handful of
+        # executemany calls, not 6N thread round trips. Grouping reorders statements across
+        # items, which is safe only while items are independent: a second registration of
+        # the same device, or an ad-hoc update, starts a new group (same transaction).
+        groups: list[dict[str, list[tuple[Any, ...]]]] = [{}]
+        devices: set[str] = set()
+        for item in items:
+            if isinstance(item, tuple) or (
+                isinstance(item, Registration) and item.device_id.value in devices
+            ):
+                groups.append({})
+                devices.clear()
+            if isinstance(item, Registration):
+                devices.add(item.device_id.value)
+            for sql, params in _statements(item):
+                groups[-1].setdefault(sql, []).append(params)
+            if isinstance(item, tuple):
+                groups.append({})
+        db = self._db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for grouped in groups:
+                for sql, rows in grouped.items():
+                    await db.executemany(sql, rows)
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self.writes += len(items)
+
+    @staticmethod
+    def _finish(batch: Sequence[_Write], exc: BaseException | None) -> None:
+        for write in batch:
+            fut = write.future
+            if fut is None:
+                if exc is not None:
+                    log.warning("dropped a queued event: %s", exc)
+                continue
+            if fut.done():
+                continue
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(StoreError(f"registrar database write failed: {exc}"))
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def lookup(self, digest: bytes, nonce: bytes, key_id: bytes | None) -> Lookup:
+        """One round trip: stored response for ``digest``, nonce seen, owner of ``key_id``."""
+        try:
+            rows = await self._reader.execute_fetchall(_LOOKUP, (digest, nonce, key_id or b""))
+        except sqlite3.Error as exc:
+            raise StoreError(f"registrar database read failed: {exc}") from exc
+        response, seen, owner = next(iter(rows))
+        return Lookup(response, bool(seen), DeviceId(owner) if owner is not None else None)
+
+    async def devices(self) -> list[DeviceRecord]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT device_id, station_id, idevid_serial, ldevid_serial, ldevid_der, wrap_key, "
+            "payload_key_id, registered_at, registrations, status FROM devices ORDER BY device_id"
+        )
+        return [DeviceRecord(*row) for row in rows]
+
+    async def device(self, device_id: DeviceId) -> DeviceRecord | None:
+        rows = list(
+            await self._reader.execute_fetchall(
+                "SELECT device_id, station_id, idevid_serial, ldevid_serial, ldevid_der, "
+                "wrap_key, payload_key_id, registered_at, registrations, status FROM devices "
+                "WHERE device_id = ?",
+                (device_id.value,),
+            )
+        )
+        return DeviceRecord(*rows[0]) if rows else None
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT (SELECT COUNT(*) FROM devices), (SELECT COUNT(*) FROM requests), "
+            "(SELECT COUNT(*) FROM nonces), (SELECT COUNT(*) FROM certified_keys), "
+            "(SELECT COUNT(*) FROM superseded), (SELECT COUNT(*) FROM events)"
+        )
+        names = ("devices", "requests", "nonces", "certified_keys", "superseded", "events")
+        return dict(zip(names, next(iter(rows)), strict=True))
+
+    async def superseded_serials(self) -> list[tuple[str, str, int]]:
+        """(LDevID serial hex, device id, time) of certificates replaced by re-registration."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT ldevid_serial, device_id, superseded_at FROM superseded ORDER BY superseded_at"
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def events(self, limit: int = 20, kind: str | None = None) -> list[Event]:
+        if kind is None:
+            rows = await self._reader.execute_fetchall(
+                "SELECT time, device_id, kind, detail FROM events ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
+        else:
+            rows = await self._reader.execute_fetchall(
+                "SELECT time, device_id, kind, detail FROM events WHERE kind = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (kind, limit),
+            )
+        return [Event(*row) for row in rows]

@@ -1,0 +1,850 @@
+"""The registration protocol between a device and the site registrar, without I/O.
+
+Messages (all deterministic CBOR, described with vectors in ``docs/registration.md``) travel
+as a *signed envelope* ``{"body": bstr, "sig": bstr}``; the signature is ECDSA-P256-SHA256
+over ``CBOR[domain, body]``, so one format's signature can never pass as another's, and the
+receiver verifies the exact bytes it decodes (no re-encoding):
+
+* request  (domain ``devtrust/registration-request/v1``), signed by the device FACTORY key;
+* response (domain ``devtrust/registration-response/v1``), signed by the SITE CA key;
+* payload-key update (domain ``devtrust/payload-key-update/v1``), signed by the site CA key.
+
+Why the site CA key signs responses rather than a separate registrar key: the device must
+already accept that key's authority for its LDevID, the site CA certificate chains to the
+manufacturer root the device was given at the factory, and a second key would add one more
+certificate to check and one more key to protect for no gain. Domain separation keeps the
+response signatures apart from certificate and CRL signatures.
+
+The registrar's decision is :func:`verify_request`: a pure function of the parsed request,
+the topic it came on, a :class:`~trustcore.verify.ChainVerifier`, the site's
+:class:`Admission` rule, the time, and two facts the store looked up (was this nonce seen;
+which device already owns the CSR key). Every refusal is a :class:`RegistrationError` whose
+``reason`` is one of :data:`REASONS`; the table also says whether the device should retry
+and which MQTT v5 reason code the refusal corresponds to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from trustcore import cbor
+from trustcore.csr import MAX_CSR_SIZE, validate_csr
+from trustcore.errors import (
+    CsrError,
+    EncodingError,
+    InvalidValueError,
+    ProfileError,
+    SealedPackageError,
+    TrustCoreError,
+    VerificationError,
+)
+from trustcore.hpke import open_, seal
+from trustcore.identity import DeviceId, StationId
+from trustcore.keys import KeyAgreement, Signer, key_id
+from trustcore.payload import KEY_ID_LENGTH, PayloadKey
+from trustcore.profiles import (
+    device_id_from_certificate,
+    issue_secondary_certificate,
+    require_p256_public_key,
+    station_id_from_certificate,
+)
+from trustcore.verify import ChainVerifier, VerifiedIdentity
+
+__all__ = [
+    "FRESHNESS_SECONDS",
+    "MAX_REQUEST_SIZE",
+    "MAX_RESPONSE_SIZE",
+    "PROTOCOL_VERSION",
+    "REASONS",
+    "Admission",
+    "AdmissionRule",
+    "Issued",
+    "KeyUpdate",
+    "ReasonInfo",
+    "RegistrationDenied",
+    "RegistrationError",
+    "RegistrationGranted",
+    "RegistrationRequest",
+    "VerifiedRegistration",
+    "WrappedKey",
+    "build_error_response",
+    "build_key_update",
+    "build_request",
+    "issue_registration",
+    "open_payload_key",
+    "parse_key_update",
+    "parse_request",
+    "parse_response",
+    "public_message",
+    "verify_request",
+    "wrap_payload_key",
+]
+
+PROTOCOL_VERSION = 1
+REQUEST_DOMAIN = "devtrust/registration-request/v1"
+RESPONSE_DOMAIN = "devtrust/registration-response/v1"
+KEY_UPDATE_DOMAIN = "devtrust/payload-key-update/v1"
+PAYLOAD_KEY_INFO = "devtrust/payload-key/v1"
+#: Largest request accepted, checked before any parsing. A real request is about 2 KiB
+#: (IDevID ~700 B, station CA ~650 B, CSR ~420 B, wrap key 91 B, signature 72 B).
+MAX_REQUEST_SIZE = 8 * 1024
+MAX_RESPONSE_SIZE = 16 * 1024
+MAX_CHAIN_LENGTH = 2
+MAX_CERT_SIZE = 4 * 1024
+#: |registrar time - request time| allowed; beyond it the request is ``stale_request``.
+FRESHNESS_SECONDS = 300
+NONCE_MIN, NONCE_MAX = 16, 64
+MAX_MESSAGE_CHARS = 200
+#: What ``cryptography`` may raise on hostile DER: InvalidVersion and UnsupportedAlgorithm
+#: are not ValueErrors.
+_PARSE_ERRORS = (
+    ValueError,
+    TypeError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    UnsupportedAlgorithm,
+)
+
+
+# ------------------------------------------------------------------------- reason table
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonInfo:
+    """What a public reason code tells the device: retry (with a NEW request, after a
+    back-off) or stop and wait for a person; and the matching MQTT v5 reason code."""
+
+    retry: bool
+    mqtt_reason: int
+    action: str
+
+
+_NOT_AUTHORIZED = 0x87
+_PAYLOAD_FORMAT_INVALID = 0x99
+_PACKET_TOO_LARGE = 0x95
+_UNSPECIFIED = 0x80
+_QUOTA_EXCEEDED = 0x97
+_STOP = "stop: needs the installer or the manufacturer"
+
+#: Every public reason code. ``docs/registration.md`` renders this table.
+REASONS: dict[str, ReasonInfo] = {
+    "malformed": ReasonInfo(False, _PAYLOAD_FORMAT_INVALID, "stop: device software bug"),
+    "oversized": ReasonInfo(False, _PACKET_TOO_LARGE, "stop: device software bug"),
+    "unsupported_version": ReasonInfo(False, _PAYLOAD_FORMAT_INVALID, "stop: update firmware"),
+    "device_mismatch": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "untrusted": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "expired": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "not_yet_valid": ReasonInfo(True, _NOT_AUTHORIZED, "retry after checking the clock"),
+    "revoked": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "bad_certificate": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "revocation_unavailable": ReasonInfo(True, _UNSPECIFIED, "retry later (site CRL problem)"),
+    "bad_signature": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "stale_request": ReasonInfo(True, _NOT_AUTHORIZED, "retry with current time, new nonce"),
+    "replayed_nonce": ReasonInfo(True, _NOT_AUTHORIZED, "retry with a new nonce"),
+    "not_in_manifest": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "csr_malformed": ReasonInfo(False, _PAYLOAD_FORMAT_INVALID, "stop: device software bug"),
+    "csr_bad_signature": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "csr_wrong_name": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "csr_idevid_key": ReasonInfo(False, _NOT_AUTHORIZED, "stop: make a new TPM key"),
+    "csr_foreign_key": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "bad_wrap_key": ReasonInfo(False, _NOT_AUTHORIZED, "stop: device software bug"),
+    "busy": ReasonInfo(True, _QUOTA_EXCEEDED, "retry later with a new request"),
+    "internal_error": ReasonInfo(True, _UNSPECIFIED, "retry later with a new request"),
+}
+
+#: Public text per reason: ``message`` never carries internal detail (that goes to the log).
+_PUBLIC_MESSAGES: dict[str, str] = {
+    "malformed": "request is not a valid registration request",
+    "oversized": "request is too large",
+    "unsupported_version": "protocol version not supported",
+    "device_mismatch": "device id differs between topic, request and certificate",
+    "untrusted": "factory certificate is not trusted here",
+    "expired": "factory certificate (or its issuer) has expired",
+    "not_yet_valid": "factory certificate is not valid yet",
+    "revoked": "factory certificate (or its issuer) is revoked",
+    "bad_certificate": "factory certificate does not fit the device profile",
+    "revocation_unavailable": "revocation status cannot be checked now",
+    "bad_signature": "request signature does not verify with the factory certificate",
+    "stale_request": "request time is outside the accepted window",
+    "replayed_nonce": "nonce was already used",
+    "not_in_manifest": "device is not admitted at this site",
+    "csr_malformed": "CSR is malformed",
+    "csr_bad_signature": "CSR signature does not verify",
+    "csr_wrong_name": "CSR names another subject or asks for forbidden extensions",
+    "csr_idevid_key": "CSR reuses the factory key",
+    "csr_foreign_key": "CSR key belongs to another device",
+    "bad_wrap_key": "wrap key is not a distinct P-256 public key",
+    "busy": "registrar is busy",
+    "internal_error": "registrar could not complete the registration",
+}
+
+#: ChainVerifier reasons -> public reason (finer certificate defects collapse into one code:
+#: the device's action is the same, and the log keeps the detail).
+_VERIFY_TO_PUBLIC = {
+    "untrusted": "untrusted",
+    "expired": "expired",
+    "not_yet_valid": "not_yet_valid",
+    "revoked": "revoked",
+    "crl_missing": "revocation_unavailable",
+    "crl_stale": "revocation_unavailable",
+}
+
+_CSR_TO_PUBLIC = {
+    "malformed": "csr_malformed",
+    "bad_signature": "csr_bad_signature",
+    "wrong_key_type": "csr_malformed",
+    "wrong_name": "csr_wrong_name",
+    "forbidden_extension": "csr_wrong_name",
+}
+
+
+class RegistrationError(TrustCoreError):
+    """A registration message was refused. ``reason`` is a key of :data:`REASONS`; the
+    message is internal detail for the log, :func:`public_message` is what the device sees."""
+
+    reason = "malformed"
+
+
+def public_message(reason: str) -> str:
+    return _PUBLIC_MESSAGES.get(reason, "registration refused")
+
+
+# ------------------------------------------------------------------------ signed envelope
+
+
+def _signed_input(domain: str, body: bytes) -> bytes:
+    return cbor.encode([domain, body])
+
+
+def _envelope(domain: str, body: dict[str, Any], signer: Signer) -> bytes:
+    body_bytes = cbor.encode(body)
+    return cbor.encode({"body": body_bytes, "sig": signer.sign(_signed_input(domain, body_bytes))})
+
+
+def _open_envelope(data: bytes, max_size: int, what: str) -> tuple[bytes, bytes, dict[Any, Any]]:
+    """Decode ``{"body", "sig"}`` and the body map; signatures are checked by the caller."""
+    try:
+        outer = cbor.map_of(cbor.decode(data, max_size=max_size), what)
+        cbor.expect_keys(outer, {"body", "sig"}, what=what)
+        body_bytes = cbor.field(outer, "body", bytes)
+        sig = cbor.field(outer, "sig", bytes)
+        if not 8 <= len(sig) <= 80:
+            raise EncodingError(f"{what}: signature length {len(sig)}")
+        body = cbor.map_of(cbor.decode(body_bytes, max_size=max_size), f"{what} body")
+    except EncodingError as exc:
+        reason = "oversized" if exc.reason == "oversized" else "malformed"
+        raise RegistrationError(f"{what}: {exc}", reason=reason) from exc
+    return body_bytes, sig, body
+
+
+def _verify_sig(public: ec.EllipticCurvePublicKey, sig: bytes, domain: str, body: bytes) -> bool:
+    try:
+        public.verify(sig, _signed_input(domain, body), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _load_p256(der: bytes) -> ec.EllipticCurvePublicKey | None:
+    try:
+        return require_p256_public_key(serialization.load_der_public_key(der))
+    except (*_PARSE_ERRORS, ProfileError):
+        return None
+
+
+# -------------------------------------------------------------------------------- request
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationRequest:
+    """A decoded (not yet verified) request. ``digest`` = SHA-256 of the exact bytes received:
+    the idempotency key. ``csr_key_id`` (``key_id`` of the CSR's key, ``None`` if the CSR
+    does not parse) lets the store look up the key's owner before the decision."""
+
+    device_id: DeviceId
+    nonce: bytes
+    time: int
+    csr_der: bytes
+    wrap_key_der: bytes
+    idevid_der: bytes
+    chain_der: tuple[bytes, ...]
+    body: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+    digest: bytes = field(repr=False)
+    csr_key_id: bytes | None = field(repr=False, default=None)
+
+
+def build_request(
+    *,
+    device_id: DeviceId,
+    nonce: bytes,
+    time: int,
+    csr_der: bytes,
+    wrap_key: ec.EllipticCurvePublicKey,
+    idevid_der: bytes,
+    chain_der: Sequence[bytes],
+    factory_key: Signer,
+) -> bytes:
+    """The device side: a request signed by the factory (IDevID) key, e.g. in the TPM."""
+    body = {
+        "v": PROTOCOL_VERSION,
+        "device_id": device_id.value,
+        "nonce": nonce,
+        "time": time,
+        "csr": csr_der,
+        "wrap_key": _spki(wrap_key),
+        "idevid": idevid_der,
+        "chain": list(chain_der),
+    }
+    return _envelope(REQUEST_DOMAIN, body, factory_key)
+
+
+_REQUEST_FIELDS = {"v", "device_id", "nonce", "time", "csr", "wrap_key", "idevid", "chain"}
+
+
+def parse_request(data: bytes) -> RegistrationRequest:
+    """Decode a request strictly (size first, deterministic CBOR, exact field set, types,
+    lengths). Raises ``RegistrationError`` (``oversized``, ``malformed``,
+    ``unsupported_version``)."""
+    if not isinstance(data, bytes | bytearray):
+        raise RegistrationError("request is not bytes")
+    if len(data) > MAX_REQUEST_SIZE:
+        raise RegistrationError(f"request of {len(data)} bytes", reason="oversized")
+    data = bytes(data)
+    body_bytes, sig, body = _open_envelope(data, MAX_REQUEST_SIZE, "registration request")
+    try:
+        version = cbor.field(body, "v", int)
+        if version != PROTOCOL_VERSION:
+            raise RegistrationError(f"version {version}", reason="unsupported_version")
+        cbor.expect_keys(body, _REQUEST_FIELDS, what="registration request")
+        device_id = DeviceId(cbor.field(body, "device_id", str))
+        nonce = cbor.field(body, "nonce", bytes)
+        if not NONCE_MIN <= len(nonce) <= NONCE_MAX:
+            raise EncodingError(f"nonce must be {NONCE_MIN}..{NONCE_MAX} bytes")
+        time = cbor.field(body, "time", int)
+        if not 0 <= time < 2**40:
+            raise EncodingError("time out of range")
+        csr = cbor.field(body, "csr", bytes)
+        wrap_key = cbor.field(body, "wrap_key", bytes)
+        idevid = cbor.field(body, "idevid", bytes)
+        chain = cbor.field(body, "chain", list)
+        if len(csr) > MAX_CSR_SIZE or len(wrap_key) > 256 or len(idevid) > MAX_CERT_SIZE:
+            raise EncodingError("a field is too long")
+        if len(chain) > MAX_CHAIN_LENGTH or not all(
+            isinstance(c, bytes) and 0 < len(c) <= MAX_CERT_SIZE for c in chain
+        ):
+            raise EncodingError(f"chain must be at most {MAX_CHAIN_LENGTH} DER certificates")
+    except (EncodingError, InvalidValueError) as exc:
+        raise RegistrationError(f"registration request: {exc}") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            csr_key: bytes | None = key_id(
+                require_p256_public_key(x509.load_der_x509_csr(csr).public_key())
+            )
+    except (*_PARSE_ERRORS, ProfileError):
+        csr_key = None  # refused by verify_request with the precise CSR reason
+    return RegistrationRequest(
+        device_id=device_id,
+        nonce=nonce,
+        time=time,
+        csr_der=csr,
+        wrap_key_der=wrap_key,
+        idevid_der=idevid,
+        chain_der=tuple(chain),
+        body=body_bytes,
+        signature=sig,
+        digest=hashlib.sha256(data).digest(),
+        csr_key_id=csr_key,
+    )
+
+
+# ------------------------------------------------------------------------------ admission
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRule:
+    """Admit any device made by ``station`` whose id starts with ``id_prefix``. Products map
+    to device-id ranges in the entitlements (``DeviceIdRule`` prefix), so a prefix rule is how
+    "any device of product P from station S" is written. A rule needs a station: a rule
+    matching every station would admit anything any station CA ever signs."""
+
+    station: StationId
+    id_prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The site manifest: devices listed by id, plus rules. Empty admits nothing."""
+
+    devices: frozenset[DeviceId] = frozenset()
+    rules: tuple[AdmissionRule, ...] = ()
+
+    def admits(self, device_id: DeviceId, station: StationId | None) -> bool:
+        if device_id in self.devices:
+            return True
+        return station is not None and any(
+            r.station == station and device_id.value.startswith(r.id_prefix) for r in self.rules
+        )
+
+
+# ----------------------------------------------------------------------------- decision
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedRegistration:
+    """A request that passed every check; what issuance needs."""
+
+    request: RegistrationRequest
+    identity: VerifiedIdentity
+    station_id: StationId | None
+    ldevid_public_key: ec.EllipticCurvePublicKey
+    ldevid_key_id: bytes
+    wrap_public_key: ec.EllipticCurvePublicKey
+
+
+def _refuse(reason: str, detail: str) -> RegistrationError:
+    return RegistrationError(detail, reason=reason)
+
+
+def verify_request(
+    request: RegistrationRequest,
+    *,
+    topic_device_id: DeviceId,
+    verifier: ChainVerifier,
+    admission: Admission,
+    now: datetime,
+    nonce_seen: bool,
+    key_owner: DeviceId | None,
+) -> VerifiedRegistration:
+    """See :func:`_verify_request` for the checks. ``cryptography`` emits warnings (not
+    errors) for some odd encodings (e.g. a 10-letter country name); for hostile input they
+    are noise, the checks decide, so they are silenced here rather than printed per request."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _verify_request(
+            request,
+            topic_device_id=topic_device_id,
+            verifier=verifier,
+            admission=admission,
+            now=now,
+            nonce_seen=nonce_seen,
+            key_owner=key_owner,
+        )
+
+
+def _verify_request(
+    request: RegistrationRequest,
+    *,
+    topic_device_id: DeviceId,
+    verifier: ChainVerifier,
+    admission: Admission,
+    now: datetime,
+    nonce_seen: bool,
+    key_owner: DeviceId | None,
+) -> VerifiedRegistration:
+    """The registrar's decision, in a fixed order (the first failure decides the reason):
+
+    1. device id in the request == id in the topic (``device_mismatch``);
+    2. IDevID chain to the root through the station CA, with CRLs (verifier reasons mapped
+       by ``_VERIFY_TO_PUBLIC``; other certificate defects are ``bad_certificate``);
+    3. device id in the certificate == request device id (``device_mismatch``);
+    4. request signature by the IDevID key (``bad_signature``): from here on the request is
+       known to come from the device, so the following answers reveal nothing to a forger;
+    5. freshness ``|now - time| <= 300 s`` (``stale_request``) and nonce unseen
+       (``replayed_nonce``);
+    6. admission by the site manifest (``not_in_manifest``);
+    7. CSR: parses, self-signature (a CSR for a key the device does not hold fails here),
+       P-256, CN/serialNumber/SAN = device id (``csr_*``); its key is not the IDevID key
+       (``csr_idevid_key``) nor another device's certified key (``csr_foreign_key``);
+    8. wrap key: a P-256 SPKI distinct from the IDevID and CSR keys (``bad_wrap_key``).
+    """
+    if request.device_id != topic_device_id:
+        raise _refuse(
+            "device_mismatch", f"request names {request.device_id}, topic {topic_device_id}"
+        )
+    try:
+        leaf = x509.load_der_x509_certificate(request.idevid_der)
+        chain = [x509.load_der_x509_certificate(c) for c in request.chain_der]
+        identity = verifier.verify(leaf, now=now, intermediates=chain, require_device_id=True)
+    except _PARSE_ERRORS as exc:
+        raise _refuse("untrusted", f"a certificate does not parse: {exc}") from exc
+    except VerificationError as exc:
+        raise _refuse(_VERIFY_TO_PUBLIC.get(exc.reason, "bad_certificate"), str(exc)) from exc
+    if identity.device_id != request.device_id:
+        raise _refuse(
+            "device_mismatch",
+            f"certificate names {identity.device_id}, request {request.device_id}",
+        )
+    idevid_key = identity.leaf.public_key()
+    if not isinstance(idevid_key, ec.EllipticCurvePublicKey) or not _verify_sig(
+        idevid_key, request.signature, REQUEST_DOMAIN, request.body
+    ):
+        raise _refuse("bad_signature", "request signature does not verify with the IDevID key")
+    now_s = int(now.timestamp())
+    if abs(now_s - request.time) > FRESHNESS_SECONDS:
+        raise _refuse("stale_request", f"request time {request.time}, registrar time {now_s}")
+    if nonce_seen:
+        raise _refuse("replayed_nonce", f"nonce {request.nonce.hex()} already used")
+    try:
+        station: StationId | None = station_id_from_certificate(identity.issuer)
+    except ProfileError:
+        station = None
+    if not admission.admits(request.device_id, station):
+        raise _refuse("not_in_manifest", f"{request.device_id} (station {station}) not admitted")
+    try:
+        csr = validate_csr(request.csr_der, expected_device_id=request.device_id)
+    except CsrError as exc:
+        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), str(exc)) from exc
+    except _PARSE_ERRORS as exc:  # escape trustcore.csr (InvalidVersion, UnsupportedAlgorithm)
+        raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
+    csr_spki = _spki(csr.public_key)
+    idevid_spki = _spki(idevid_key)
+    if csr_spki == idevid_spki:
+        raise _refuse("csr_idevid_key", "CSR key is the IDevID key")
+    ldevid_key_id = key_id(csr.public_key)
+    if key_owner is not None and key_owner != request.device_id:
+        raise _refuse("csr_foreign_key", f"CSR key already certified for {key_owner}")
+    if request.csr_key_id is not None and request.csr_key_id != ldevid_key_id:
+        raise _refuse("csr_malformed", "CSR key id changed between parse and verify")
+    wrap = _load_p256(request.wrap_key_der)
+    if wrap is None or request.wrap_key_der != _spki(wrap):
+        raise _refuse("bad_wrap_key", "wrap key is not a canonical P-256 SPKI")
+    if request.wrap_key_der in (csr_spki, idevid_spki):
+        raise _refuse("bad_wrap_key", "wrap key must be a separate ECDH key")
+    return VerifiedRegistration(
+        request=request,
+        identity=identity,
+        station_id=station,
+        ldevid_public_key=csr.public_key,
+        ldevid_key_id=ldevid_key_id,
+        wrap_public_key=wrap,
+    )
+
+
+# ------------------------------------------------------------------------------ issuance
+
+
+def _payload_key_info(device_id: str, kid: bytes) -> bytes:
+    return cbor.encode([PAYLOAD_KEY_INFO, device_id, kid])
+
+
+def wrap_payload_key(
+    payload_key: PayloadKey, device_id: DeviceId, wrap_key: ec.EllipticCurvePublicKey
+) -> dict[str, bytes]:
+    """HPKE-seal the payload key to the device's TPM ECDH key; ``info`` binds device + key id
+    so a wrapped key cannot be presented to another device or as another key id."""
+    enc, ct = seal(
+        wrap_key,
+        payload_key.key,
+        info=_payload_key_info(device_id.value, payload_key.key_id),
+        aad=b"",
+    )
+    return {"key_id": payload_key.key_id, "enc": enc, "ct": ct}
+
+
+def open_payload_key(
+    wrap_key: KeyAgreement, device_id: DeviceId, wrapped: WrappedKey
+) -> PayloadKey:
+    """The device side: unwrap with its TPM ECDH key (``decrypt_failed`` on any defect)."""
+    try:
+        key = open_(
+            wrap_key,
+            wrapped.enc,
+            wrapped.ct,
+            info=_payload_key_info(device_id.value, wrapped.key_id),
+            aad=b"",
+        )
+    except SealedPackageError as exc:
+        raise RegistrationError("payload key does not unwrap", reason="decrypt_failed") from exc
+    return PayloadKey(wrapped.key_id, key)
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """What the registrar records and sends: the signed response and the new certificate."""
+
+    response: bytes
+    ldevid: x509.Certificate
+    ldevid_der: bytes
+    payload_key_id: bytes
+
+
+def issue_registration(
+    verified: VerifiedRegistration,
+    *,
+    site_ca: x509.Certificate,
+    site_ca_der: bytes,
+    site_signer: Signer,
+    organization: str,
+    payload_key: PayloadKey,
+    now: datetime,
+    validity: timedelta = timedelta(days=365),
+) -> Issued:
+    """Issue the LDevID (site CA), wrap the payload key, sign the ``ok`` response."""
+    start = max(now - timedelta(minutes=5), site_ca.not_valid_before_utc)
+    end = min(now + validity, site_ca.not_valid_after_utc)
+    device_id = verified.request.device_id
+    try:
+        ldevid = issue_secondary_certificate(
+            site_ca,
+            site_signer.private_key(),
+            verified.ldevid_public_key,
+            device_id=device_id,
+            organization=organization,
+            not_before=start,
+            not_after=end,
+        )
+    except ProfileError as exc:
+        raise RegistrationError(f"LDevID issuance failed: {exc}", reason="internal_error") from exc
+    ldevid_der = ldevid.public_bytes(serialization.Encoding.DER)
+    body = {
+        "v": PROTOCOL_VERSION,
+        "status": "ok",
+        "device_id": device_id.value,
+        "nonce": verified.request.nonce,
+        "request": verified.request.digest,
+        "ldevid": ldevid_der,
+        "site_ca": site_ca_der,
+        "payload_key": wrap_payload_key(payload_key, device_id, verified.wrap_public_key),
+    }
+    return Issued(
+        response=_envelope(RESPONSE_DOMAIN, body, site_signer),
+        ldevid=ldevid,
+        ldevid_der=ldevid_der,
+        payload_key_id=payload_key.key_id,
+    )
+
+
+def build_error_response(
+    *,
+    device_id: DeviceId,
+    nonce: bytes,
+    request_digest: bytes,
+    reason: str,
+    site_ca_der: bytes,
+    site_signer: Signer,
+) -> bytes:
+    """A signed refusal: public reason, public message and retry advice from :data:`REASONS`
+    (an unknown reason becomes ``internal_error``: never leak an internal code)."""
+    if reason not in REASONS:
+        reason = "internal_error"
+    body = {
+        "v": PROTOCOL_VERSION,
+        "status": "error",
+        "device_id": device_id.value,
+        "nonce": nonce,
+        "request": request_digest,
+        "reason": reason,
+        "message": public_message(reason),
+        "retry": REASONS[reason].retry,
+        "site_ca": site_ca_der,
+    }
+    return _envelope(RESPONSE_DOMAIN, body, site_signer)
+
+
+# -------------------------------------------------------------------- device-side parsing
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    key_id: bytes
+    enc: bytes
+    ct: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationGranted:
+    ldevid: x509.Certificate
+    ldevid_der: bytes
+    site_ca: x509.Certificate
+    payload_key: WrappedKey
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationDenied:
+    reason: str
+    message: str
+    retry: bool
+
+
+def _wrapped(m: object) -> WrappedKey:
+    w = cbor.map_of(m, "payload_key")
+    cbor.expect_keys(w, {"key_id", "enc", "ct"}, what="payload_key")
+    return WrappedKey(
+        cbor.field(w, "key_id", bytes, size=KEY_ID_LENGTH),
+        cbor.field(w, "enc", bytes),
+        cbor.field(w, "ct", bytes),
+    )
+
+
+def _check_site_ca(
+    der: bytes, roots: Sequence[x509.Certificate], now: datetime
+) -> x509.Certificate:
+    """The site CA must be a CA certificate issued directly by a manufacturer root, valid
+    now: that is what lets the device trust a registrar it has never seen."""
+    try:
+        ca = x509.load_der_x509_certificate(der)
+        bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (*_PARSE_ERRORS, x509.ExtensionNotFound) as exc:
+        raise RegistrationError("site CA certificate is malformed", reason="untrusted") from exc
+    if not bc.ca or not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+        raise RegistrationError("site CA is not a valid CA now", reason="untrusted")
+    for root in roots:
+        if root.subject != ca.issuer:
+            continue
+        try:
+            ca.verify_directly_issued_by(root)
+        except (*_PARSE_ERRORS, InvalidSignature):
+            continue
+        return ca
+    raise RegistrationError("site CA is not issued by a known root", reason="untrusted")
+
+
+def parse_response(
+    data: bytes,
+    *,
+    device_id: DeviceId,
+    nonce: bytes,
+    request_digest: bytes,
+    ldevid_public_key: ec.EllipticCurvePublicKey,
+    roots: Sequence[x509.Certificate],
+    now: datetime,
+) -> RegistrationGranted | RegistrationDenied:
+    """The device side: verify a response to *its* request (device id, nonce, request hash),
+    signed by a site CA that a manufacturer root issued. Any failure raises
+    ``RegistrationError`` and the device should keep waiting or retry: an unauthenticated
+    "refused" must not make a device give up. For ``ok`` the LDevID must certify exactly the
+    key the device asked for, issued by that site CA."""
+    now = now.astimezone(UTC)
+    body_bytes, sig, body = _open_envelope(data, MAX_RESPONSE_SIZE, "registration response")
+    try:
+        if cbor.field(body, "v", int) != PROTOCOL_VERSION:
+            raise RegistrationError("response version", reason="unsupported_version")
+        status = cbor.field(body, "status", str)
+        site_ca = _check_site_ca(cbor.field(body, "site_ca", bytes), roots, now)
+        site_key = site_ca.public_key()
+        if not isinstance(site_key, ec.EllipticCurvePublicKey) or not _verify_sig(
+            site_key, sig, RESPONSE_DOMAIN, body_bytes
+        ):
+            raise RegistrationError("response signature does not verify", reason="bad_signature")
+        if (
+            cbor.field(body, "device_id", str) != device_id.value
+            or cbor.field(body, "nonce", bytes) != nonce
+            or cbor.field(body, "request", bytes) != request_digest
+        ):
+            raise RegistrationError("response is for another request", reason="device_mismatch")
+        if status == "error":
+            cbor.expect_keys(
+                body,
+                {
+                    "v",
+                    "status",
+                    "device_id",
+                    "nonce",
+                    "request",
+                    "reason",
+                    "message",
+                    "retry",
+                    "site_ca",
+                },
+                what="error response",
+            )
+            return RegistrationDenied(
+                cbor.field(body, "reason", str)[:64],
+                cbor.field(body, "message", str)[:MAX_MESSAGE_CHARS],
+                cbor.field(body, "retry", bool),
+            )
+        if status != "ok":
+            raise EncodingError(f"unknown status {status[:20]!r}")
+        cbor.expect_keys(
+            body,
+            {"v", "status", "device_id", "nonce", "request", "ldevid", "site_ca", "payload_key"},
+            what="ok response",
+        )
+        ldevid_der = cbor.field(body, "ldevid", bytes)
+        wrapped = _wrapped(body["payload_key"])
+    except EncodingError as exc:
+        raise RegistrationError(f"response: {exc}") from exc
+    try:
+        ldevid = x509.load_der_x509_certificate(ldevid_der)
+        ldevid.verify_directly_issued_by(site_ca)
+        if device_id_from_certificate(ldevid) != device_id:
+            raise RegistrationError("LDevID names another device", reason="device_mismatch")
+        got = ldevid.public_key()
+    except (*_PARSE_ERRORS, InvalidSignature, ProfileError) as exc:
+        raise RegistrationError("LDevID is not issued by the site CA", reason="untrusted") from exc
+    if not isinstance(got, ec.EllipticCurvePublicKey) or _spki(got) != _spki(ldevid_public_key):
+        raise RegistrationError("LDevID certifies another key", reason="csr_foreign_key")
+    return RegistrationGranted(ldevid, ldevid_der, site_ca, wrapped)
+
+
+# ------------------------------------------------------------------ payload-key rotation
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUpdate:
+    device_id: DeviceId
+    issued: int
+    payload_key: WrappedKey
+
+
+def build_key_update(
+    *,
+    device_id: DeviceId,
+    wrap_key: ec.EllipticCurvePublicKey,
+    payload_key: PayloadKey,
+    issued: int,
+    site_signer: Signer,
+) -> bytes:
+    """A new payload key for one registered device, wrapped to its ECDH key and signed by
+    the site CA. ``issued`` (unix s) only grows: the device refuses an older update, so a
+    replayed update cannot roll it back to a retired key."""
+    body = {
+        "v": PROTOCOL_VERSION,
+        "device_id": device_id.value,
+        "issued": issued,
+        "payload_key": wrap_payload_key(payload_key, device_id, wrap_key),
+    }
+    return _envelope(KEY_UPDATE_DOMAIN, body, site_signer)
+
+
+def parse_key_update(
+    data: bytes, *, device_id: DeviceId, site_ca: x509.Certificate, newer_than: int
+) -> KeyUpdate:
+    body_bytes, sig, body = _open_envelope(data, MAX_RESPONSE_SIZE, "payload-key update")
+    site_key = site_ca.public_key()
+    if not isinstance(site_key, ec.EllipticCurvePublicKey) or not _verify_sig(
+        site_key, sig, KEY_UPDATE_DOMAIN, body_bytes
+    ):
+        raise RegistrationError("key update signature does not verify", reason="bad_signature")
+    try:
+        cbor.expect_keys(body, {"v", "device_id", "issued", "payload_key"}, what="key update")
+        if cbor.field(body, "v", int) != PROTOCOL_VERSION:
+            raise EncodingError("version")
+        if cbor.field(body, "device_id", str) != device_id.value:
+            raise RegistrationError("key update for another device", reason="device_mismatch")
+        issued = cbor.field(body, "issued", int)
+        wrapped = _wrapped(body["payload_key"])
+    except EncodingError as exc:
+        raise RegistrationError(f"key update: {exc}") from exc
+    if issued <= newer_than:
+        raise RegistrationError("key update is not newer than the current one", reason="replayed")
+    return KeyUpdate(device_id, issued, wrapped)
