@@ -16,7 +16,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
+from trustcore.errors import (
+    X509_PARSE_ERRORS,
+    CsrError,
+    EncodingError,
+    InvalidValueError,
+    ProfileError,
+)
 from trustcore.identity import DeviceId
 from trustcore.keys import Signer
 from trustcore.profiles import (
@@ -101,14 +107,14 @@ def _load(data: bytes) -> x509.CertificateSigningRequest:
         if bytes(data).lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(bytes(data))
         return x509.load_der_x509_csr(bytes(data))
-    except ValueError as exc:
+    except X509_PARSE_ERRORS as exc:
         raise CsrError(f"CSR does not parse: {exc}", reason="malformed") from exc
 
 
 def _check_extensions(csr: x509.CertificateSigningRequest, cn: str) -> None:
     try:
         extensions = list(csr.extensions)
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+    except X509_PARSE_ERRORS as exc:
         raise CsrError(f"CSR extensions do not parse: {exc}", reason="malformed") from exc
     for ext in extensions:
         value = ext.value
@@ -162,7 +168,7 @@ def validate_csr(
     csr = _load(data)
     try:
         public_key = csr.public_key()
-    except (ValueError, TypeError) as exc:
+    except X509_PARSE_ERRORS as exc:
         raise CsrError("CSR public key is not usable", reason="wrong_key_type") from exc
     try:
         key = require_p256_public_key(public_key)

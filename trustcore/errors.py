@@ -21,6 +21,20 @@ public reason codes) and a human message. Library exceptions are chained with
 
 from __future__ import annotations
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+
+#: What ``cryptography`` raises on hostile or broken DER. It parses many fields lazily, on
+#: first access, and not all of its errors are ``ValueError``s.
+X509_PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    UnsupportedAlgorithm,
+)
+
 
 class ReasonedError(Exception):
     """An error with a short, stable, machine-readable ``reason`` besides its message.

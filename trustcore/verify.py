@@ -24,18 +24,20 @@ and verifies each CRL's signature once) and call :meth:`ChainVerifier.verify` pe
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification as libverify
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from trustcore.crl import RevocationSet, verify_crl
-from trustcore.errors import CrlError, ProfileError, VerificationError
+from trustcore.errors import X509_PARSE_ERRORS, CrlError, ProfileError, VerificationError
 from trustcore.identity import DeviceId
 from trustcore.profiles import (
     OID_EKU_AUDIT_RECEIVER,
@@ -63,15 +65,21 @@ _MAX_CHAIN_DEPTH = 4
 MAX_CERTIFICATE_SIZE = 16 * 1024
 
 
+_LOAD_ERRORS: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, CryptographyDeprecationWarning)
+
+
 def load_certificate(data: bytes) -> x509.Certificate:
     """Parse a PEM or DER certificate, refusing junk and oversized input (``malformed``)."""
     if not isinstance(data, bytes | bytearray) or len(data) > MAX_CERTIFICATE_SIZE:
         raise VerificationError("certificate is not bytes or too large", reason="malformed")
     try:
-        if bytes(data).lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(bytes(data))
-        return x509.load_der_x509_certificate(bytes(data))
-    except ValueError as exc:
+        # A certificate cryptography only warns about (e.g. a negative serial) is refused.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            if bytes(data).lstrip().startswith(b"-----BEGIN"):
+                return x509.load_pem_x509_certificate(bytes(data))
+            return x509.load_der_x509_certificate(bytes(data))
+    except _LOAD_ERRORS as exc:
         raise VerificationError(f"certificate does not parse: {exc}", reason="malformed") from exc
 
 
@@ -101,7 +109,7 @@ def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extensi
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
-    except ValueError as exc:  # duplicate or unparsable extension
+    except X509_PARSE_ERRORS as exc:  # duplicate or unparsable extension
         raise VerificationError(
             f"certificate extensions are malformed: {exc}", reason="malformed"
         ) from exc
@@ -221,7 +229,7 @@ class ChainVerifier:
             untrusted = list(self._intermediates) + list(intermediates)
             chain = self._build_path(leaf, untrusted, moment)
             self._check_revocation(chain, moment)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        except X509_PARSE_ERRORS as exc:
             # cryptography parses some fields (names, keys, extensions) lazily, on first
             # access: a mangled certificate can fail deep inside any check.
             raise VerificationError(
