@@ -1,0 +1,647 @@
+"""The Mosquitto backend: a real mosquitto 2.0 process on ephemeral loopback ports.
+
+Access control is judged by DELIVERY (what a subscriber actually receives), never by SUBACK
+codes: Mosquitto answers "granted" to forbidden subscriptions and filters on delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker_config.render import (
+    MosquittoConfig,
+    listener_trust,
+    render_mosquitto_conf,
+    render_operational_acl,
+    render_registration_acl,
+)
+from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, BrokerTls, Endpoint
+from registrar.broker.mosquitto import MosquittoBroker
+from registrar.errors import BrokerError
+from tests.fixtures.pki import DAY, MANUFACTURER, SITE_OPERATOR, Pki, make_crl, p256, pem
+from trustcore.errors import InvalidValueError
+from trustcore.identity import DeviceId
+from trustcore.profiles import issue_factory_certificate, issue_secondary_certificate
+
+PASSPHRASE = b"mosquitto test passphrase"
+V311 = aiomqtt.ProtocolVersion.V311
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    cert: Path  # leaf only (what a device normally sends)
+    chain: Path  # leaf + its issuing CA (what an attacker may add)
+    key: Path
+
+
+def _write_client(
+    d: Path,
+    name: str,
+    cert: x509.Certificate,
+    issuer: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+) -> ClientCert:
+    paths = ClientCert(d / f"{name}.pem", d / f"{name}-chain.pem", d / f"{name}-key.pem")
+    paths.cert.write_bytes(pem(cert))
+    paths.chain.write_bytes(pem(cert) + pem(issuer))
+    paths.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def _service_certificate(pki: Pki, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """The registrar's client certificate: CN=REGISTRAR_IDENTITY (not a DeviceId), site CA."""
+    site_ski = pki.site_ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, REGISTRAR_IDENTITY),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, SITE_OPERATOR),
+        ]
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(pki.site_ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(pki.now - DAY)
+        .not_valid_after(pki.now + 365 * DAY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(site_ski),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(pki.site_key, hashes.SHA256())
+    )
+
+
+@dataclass(frozen=True)
+class Site:
+    pki: Pki
+    dir: Path
+    settings: BrokerSettings
+    root: Path
+    idevid: dict[str, ClientCert]
+    ldevid: dict[str, ClientCert]
+    ldevid_certs: dict[str, x509.Certificate]
+    service: ClientCert
+
+    def write_crls(
+        self,
+        *,
+        revoked: tuple[str, ...] = (),
+        number: int = 1,
+        next_update: timedelta = 7 * DAY,
+    ) -> None:
+        now = self.pki.now
+        site_crl = make_crl(
+            now,
+            self.pki.site_ca,
+            self.pki.site_key,
+            revoked=tuple(self.ldevid_certs[d] for d in revoked),
+            number=number,
+            this_update=min(now, now + next_update) - timedelta(hours=1),
+            next_update=now + next_update,
+        )
+        crls = (self.pki.root_crl, self.pki.station_crl, site_crl)
+        self.settings.tls.crl_file.write_bytes(b"".join(pem(c) for c in crls))
+
+
+DEVICES = ("dev-a", "dev-b", "dev-c")
+
+
+@pytest.fixture(scope="module")
+def site(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Site:
+    d = tmp_path_factory.mktemp("mosquitto-site")
+    (d / "broker.pem").write_bytes(pem(pki.broker) + pem(pki.site_ca))
+    (d / "broker-key.pem").write_bytes(
+        pki.broker_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(PASSPHRASE),
+        )
+    )
+    (d / "registration-cas.pem").write_bytes(pem(pki.root) + pem(pki.station_ca))
+    (d / "operational-cas.pem").write_bytes(pem(pki.site_ca))
+    (d / "root.pem").write_bytes(pem(pki.root))
+    (d / "crls.pem").write_bytes(b"".join(pem(c) for c in pki.crls))
+    idevid, ldevid, ldevid_certs = {}, {}, {}
+    for name in DEVICES:
+        factory_key, key = p256(f"mosq-{name}-factory"), p256(f"mosq-{name}")
+        device = DeviceId(name)
+        factory = issue_factory_certificate(
+            pki.station_ca,
+            pki.station_key,
+            factory_key.public_key(),
+            device_id=device,
+            manufacturer=MANUFACTURER,
+            not_before=pki.now - DAY,
+        )
+        secondary = issue_secondary_certificate(
+            pki.site_ca,
+            pki.site_key,
+            key.public_key(),
+            device_id=device,
+            organization=SITE_OPERATOR,
+            not_before=pki.now - DAY,
+            not_after=pki.now + 30 * DAY,
+        )
+        idevid[name] = _write_client(d, f"{name}-idevid", factory, pki.station_ca, factory_key)
+        ldevid[name] = _write_client(d, f"{name}-ldevid", secondary, pki.site_ca, key)
+        ldevid_certs[name] = secondary
+    service_key = p256("mosq-service")
+    service = _write_client(
+        d, "service", _service_certificate(pki, service_key), pki.site_ca, service_key
+    )
+    settings = BrokerSettings(
+        tls=BrokerTls(
+            server_cert=d / "broker.pem",
+            server_key=d / "broker-key.pem",
+            server_key_passphrase=PASSPHRASE,
+            registration_cas=d / "registration-cas.pem",
+            operational_cas=d / "operational-cas.pem",
+            crl_file=d / "crls.pem",
+        ),
+        workdir=d / "work",
+    )
+    return Site(pki, d, settings, d / "root.pem", idevid, ldevid, ldevid_certs, service)
+
+
+@pytest.fixture
+async def broker(site: Site) -> AsyncIterator[MosquittoBroker]:
+    site.write_crls()
+    b = MosquittoBroker(site.settings)
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.stop()
+
+
+def mqtt(
+    site: Site,
+    endpoint: Endpoint,
+    cert: ClientCert | None,
+    *,
+    chain: bool = False,
+    identifier: str | None = None,
+    timeout: float = 5,
+) -> aiomqtt.Client:
+    ctx = ssl.create_default_context(cafile=site.root)
+    if cert is not None:
+        ctx.load_cert_chain(cert.chain if chain else cert.cert, cert.key)
+    return aiomqtt.Client(
+        endpoint.host,
+        endpoint.port,
+        identifier=identifier,
+        protocol=V311,
+        tls_context=ctx,
+        timeout=timeout,
+    )
+
+
+async def collect(client: aiomqtt.Client, seconds: float) -> list[tuple[str, bytes]]:
+    got: list[tuple[str, bytes]] = []
+
+    async def read() -> None:
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            got.append((message.topic.value, message.payload))
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(read(), seconds)
+    return got
+
+
+CONNECT = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x3c\x00\x01x"  # MQTT 3.1.1, client id "x"
+
+
+async def refused(
+    site: Site, endpoint: Endpoint, cert: ClientCert | None, *, chain: bool = False
+) -> bool:
+    """True if the broker never accepts an MQTT CONNECT over this TLS identity (the TLS 1.3
+    refusal arrives as an alert on the first read, so a raw CONNECT is sent and read)."""
+    ctx = ssl.create_default_context(cafile=site.root)
+    if cert is not None:
+        ctx.load_cert_chain(cert.chain if chain else cert.cert, cert.key)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(endpoint.host, endpoint.port, ssl=ctx), 5
+        )
+    except (ssl.SSLError, ConnectionError):
+        return True
+    try:
+        writer.write(CONNECT)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(4), 5)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    assert answer in (b"", b"\x20\x02\x00\x00"), answer
+    return answer != b"\x20\x02\x00\x00"
+
+
+# ------------------------------------------------------------------------- rendering (pure)
+
+
+def _config(tmp: Path, **changes: object) -> MosquittoConfig:
+    values: dict[str, object] = {
+        "host": "127.0.0.1",
+        "registration_port": 20001,
+        "operational_port": 20002,
+        "admin_port": 20003,
+        "registrar_identity": REGISTRAR_IDENTITY,
+    }
+    for name in (
+        "server_cert",
+        "server_key",
+        "registration_cas",
+        "operational_cas",
+        "registration_crl",
+        "operational_crl",
+        "registration_acl",
+        "operational_acl",
+        "dynsec_config",
+    ):
+        values[name] = tmp / name
+    values.update(changes)
+    return MosquittoConfig(**values)  # type: ignore[arg-type]
+
+
+def test_rendered_config_has_no_default_listener_and_mtls_everywhere(tmp_path: Path) -> None:
+    text = render_mosquitto_conf(_config(tmp_path))
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    first_listener = next(i for i, line in enumerate(lines) if line.startswith("listener "))
+    listener_only = ("use_username_as_clientid", "mount_point", "acl_file", "cafile", "keyfile")
+    assert not any(line.startswith(listener_only) for line in lines[:first_listener])
+    assert not any("1883" in line for line in lines)
+    assert "set_tcp_nodelay true" in lines and "per_listener_settings true" in lines
+    assert lines.count("require_certificate true") == 2
+    assert lines.count("use_username_as_clientid true") == 2
+    assert lines.count("allow_anonymous false") == 3
+    assert "listener 20003 127.0.0.1" in lines
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"server_key": Path("/x\nallow_anonymous true")},
+        {"server_cert": Path("relative.pem")},
+        {"host": "0.0.0.0 \nlistener 1883"},
+        {"admin_port": 20001},
+        {"registrar_identity": "registrar\nuser x"},
+        {"blocked": frozenset({"dev a"})},
+        {"blocked": frozenset({REGISTRAR_IDENTITY})},
+        {"run_user": "root\nuser x"},
+    ],
+)
+def test_injection_and_bad_values_are_refused(tmp_path: Path, change: dict[str, object]) -> None:
+    with pytest.raises(InvalidValueError):
+        _config(tmp_path, **change)
+
+
+def test_acls_separate_listeners_and_deny_blocked_first(tmp_path: Path) -> None:
+    config = _config(tmp_path, blocked=frozenset({"dev-x"}))
+    reg = render_registration_acl(config)
+    op = render_operational_acl(config)
+    assert REGISTRAR_IDENTITY not in reg and "devices/" not in reg
+    assert "pattern write devtrust/register/%u/request" in reg
+    assert "pattern read devtrust/register/%u/response" in reg
+    assert "pattern readwrite devices/%u/+/#" in op and "devtrust/register/%u" not in op
+    for acl in (reg, op):
+        assert acl.index("user dev-x\ntopic deny #") < acl.index("pattern ")
+
+
+def test_listener_trust_gives_each_listener_only_its_issuers_crls(site: Site) -> None:
+    pki = site.pki
+    trust = listener_trust(
+        pem(pki.root) + pem(pki.station_ca),
+        pem(pki.site_ca),
+        b"".join(pem(c) for c in pki.crls),
+    )
+    reg_crls = [x509.load_pem_x509_crl(b) for b in trust.registration_crls.split(b"\n-----B")[:1]]
+    assert reg_crls[0].issuer == pki.station_ca.subject
+    assert pem(pki.site_crl) not in trust.registration_crls
+    assert trust.operational_crls == pem(pki.site_crl)
+    assert x509.load_pem_x509_certificates(trust.operational_cas) == [pki.site_ca, pki.root]
+    with pytest.raises(InvalidValueError, match="no CRL"):
+        listener_trust(pem(pki.root) + pem(pki.station_ca), pem(pki.site_ca), pem(pki.site_crl))
+
+
+# --------------------------------------------------------------------------- real broker
+
+
+async def test_no_plaintext_key_anywhere_and_bad_passphrase(
+    site: Site, broker: MosquittoBroker
+) -> None:
+    secret = site.pki.broker_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    body = serialization.load_der_private_key(secret, None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    marker = body.splitlines()[1]  # first base64 line of the clear PEM
+    runtime = broker.runtime_dir
+    assert runtime is not None
+    keyfile = runtime / "server-key.fifo"
+    assert stat.S_ISFIFO(keyfile.lstat().st_mode) and stat.S_IMODE(keyfile.lstat().st_mode) == 0o600
+    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+    status = Path(f"/proc/{broker.pid}/status").read_text()
+    uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+    assert uid != 0 and (os.geteuid() == 0 or uid == os.geteuid())  # never root
+    await broker.reload_crls()  # a reload re-reads the key through the FIFO too
+    assert broker.key_loads == 4
+    for directory in (runtime, site.dir, Path("/dev/shm")):
+        for path in directory.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                assert marker not in data, path
+                assert b"BEGIN PRIVATE KEY" not in data or path.parent == site.dir, path
+    bad = BrokerSettings(
+        tls=BrokerTls(**{**site.settings.tls.__dict__, "server_key_passphrase": b"wrong"}),
+        workdir=site.dir / "work-bad",
+    )
+    with pytest.raises(BrokerError, match="decrypt"):
+        await MosquittoBroker(bad).start()
+
+
+async def test_certificates_decide_who_gets_in_where(site: Site, broker: MosquittoBroker) -> None:
+    reg, op = broker.registration_endpoint, broker.operational_endpoint
+    assert 1883 not in (reg.port, op.port) and reg.host == "127.0.0.1"
+    for endpoint in (reg, op):
+        assert await refused(site, endpoint, None)
+    assert not await refused(site, reg, site.idevid["dev-a"])
+    assert not await refused(site, op, site.ldevid["dev-a"])
+    assert not await refused(site, op, site.service)
+    for chain in (False, True):  # with the chain, the path to the root would verify
+        assert await refused(site, op, site.idevid["dev-a"], chain=chain)
+        assert await refused(site, reg, site.ldevid["dev-a"], chain=chain)
+        assert await refused(site, reg, site.service, chain=chain)
+
+
+async def test_listeners_share_topics_only_for_the_registrar(
+    site: Site, broker: MosquittoBroker
+) -> None:
+    """A factory-certificate session gets its registration pair only, a secondary-certificate
+    session its device subtree only; the registrar (operational listener) reaches both.
+    (One identity has one session at a time: the client id IS the identity.)"""
+    reg, op = broker.registration_endpoint, broker.operational_endpoint
+    async with (
+        mqtt(site, op, site.service) as registrar,
+        mqtt(site, reg, site.idevid["dev-a"]) as dev_a_reg,
+        mqtt(site, op, site.ldevid["dev-b"]) as dev_b_op,
+    ):
+        await registrar.subscribe("devtrust/register/+/request", qos=1)
+        await registrar.subscribe("devices/#", qos=1)
+        await dev_a_reg.subscribe("devtrust/register/dev-a/response", qos=1)
+        await dev_a_reg.subscribe("devices/dev-a/#", qos=1)  # not on this listener
+        await dev_b_op.subscribe("devices/dev-b/#", qos=1)
+        await dev_b_op.subscribe("devtrust/register/dev-b/response", qos=1)  # not here
+        await dev_a_reg.publish("devtrust/register/dev-a/request", b"factory", qos=1)
+        await dev_a_reg.publish("devices/dev-a/t", b"factory-in-devices", qos=1)
+        await dev_b_op.publish("devices/dev-b/t", b"secondary", qos=1)
+        await dev_b_op.publish("devtrust/register/dev-b/request", b"secondary-reg", qos=1)
+        assert sorted(await collect(registrar, 0.4)) == [
+            ("devices/dev-b/t", b"secondary"),
+            ("devtrust/register/dev-a/request", b"factory"),
+        ]
+        for topic in (
+            "devtrust/register/dev-a/response",
+            "devices/dev-a/cmd",
+            "devices/dev-b/cmd",
+            "devtrust/register/dev-b/response",
+        ):
+            await registrar.publish(topic, b"to:" + topic.encode(), qos=1)
+        assert await collect(dev_a_reg, 0.3) == [
+            ("devtrust/register/dev-a/response", b"to:devtrust/register/dev-a/response")
+        ]
+        assert await collect(dev_b_op, 0.2) == [
+            ("devices/dev-b/t", b"secondary"),  # its own publish, back through devices/dev-b/#
+            ("devices/dev-b/cmd", b"to:devices/dev-b/cmd"),
+        ]
+
+
+FOREIGN_FILTERS = [
+    "devices/dev-b/#",
+    "devices/dev-b/t",
+    "devices/+/t",
+    "devices/+/#",
+    "+/dev-b/t",
+    "#",
+    "+/#",
+    "+/+/+",
+    "$share/g/devices/dev-b/t",
+    "$share/g/#",
+    "$SYS/#",
+    "$SYS/broker/clients/connected",
+    "devices//#",
+    "devices/dev-a/../dev-b/t",
+    "devtrust/register/+/request",
+    "devtrust/register/dev-b/response",
+    "$CONTROL/dynamic-security/#",
+]
+FOREIGN_TOPICS = [
+    "devices/dev-b/t",
+    "devices/dev-b/cmd",
+    "devices//t",
+    "devices/dev-a",  # the bare root of its own subtree is not inside it
+    "devices/dev\u2011b/t",  # non-breaking hyphen look-alike
+    "devices/dev-b\u200b/t",  # zero-width space
+    "devices/\u00e9/t",
+    "devtrust/register/dev-b/response",
+    "devtrust/register/dev-a/request",  # its registration topic, but on the wrong listener
+]
+
+
+async def test_a_device_cannot_read_or_write_foreign_topics(
+    site: Site, broker: MosquittoBroker
+) -> None:
+    reg, op = broker.registration_endpoint, broker.operational_endpoint
+    async with (
+        mqtt(site, op, site.service) as registrar,
+        mqtt(site, op, site.ldevid["dev-a"]) as dev_a,
+        mqtt(site, op, site.ldevid["dev-b"]) as dev_b,
+        mqtt(site, reg, site.idevid["dev-c"]) as dev_c_reg,
+    ):
+        for topic_filter in FOREIGN_FILTERS:
+            await dev_a.subscribe(topic_filter, qos=1)  # SUBACK may say "granted"
+        await dev_a.subscribe("devices/dev-a/own", qos=1)
+        await registrar.subscribe("#", qos=1)
+        await registrar.subscribe("devices/#", qos=1)
+        # Foreign traffic from every other party: none of it may reach dev-a.
+        await dev_b.publish("devices/dev-b/t", b"b", qos=1)
+        await dev_c_reg.publish("devtrust/register/dev-c/request", b"req", qos=1)
+        await registrar.publish("devtrust/register/dev-b/response", b"resp", qos=1)
+        await registrar.publish("devices/dev-b/cmd", b"cmd", qos=1)
+        # dev-a's publishes to foreign topics: none may reach the registrar (subscribed #).
+        for topic in FOREIGN_TOPICS:
+            await dev_a.publish(topic, b"from-a", qos=1)
+        await dev_a.publish("devices/dev-a/own", b"mine", qos=1)  # the positive control
+        got_a = await collect(dev_a, 0.5)
+        assert got_a == [("devices/dev-a/own", b"mine")]
+        got_registrar = await collect(registrar, 0.2)
+        assert [m for m in got_registrar if m[1] == b"from-a"] == []
+        assert ("devices/dev-a/own", b"mine") in got_registrar
+        assert ("devices/dev-b/t", b"b") in got_registrar
+
+
+async def test_client_id_takeover_is_impossible_and_clones_are_reported(
+    site: Site, broker: MosquittoBroker
+) -> None:
+    op = broker.operational_endpoint
+    async with (
+        mqtt(site, op, site.service) as registrar,
+        mqtt(site, op, site.ldevid["dev-b"], identifier="dev-b") as dev_b,
+    ):
+        await dev_b.subscribe("devices/dev-b/#", qos=1)
+        async with mqtt(site, op, site.ldevid["dev-a"], identifier="dev-b"):
+            await registrar.publish("devices/dev-b/cmd", b"still-there", qos=1)
+            assert await collect(dev_b, 0.4) == [("devices/dev-b/cmd", b"still-there")]
+        assert broker.clone_signals == []
+        async with mqtt(site, op, site.ldevid["dev-b"], identifier="anything"):
+            await asyncio.sleep(0.2)
+        assert broker.clone_signals == ["dev-b"]  # same certificate twice: clone signal
+
+
+async def test_real_mosquitto_clients_with_a_secondary_certificate(
+    site: Site, broker: MosquittoBroker
+) -> None:
+    op = broker.operational_endpoint
+    cert = site.ldevid["dev-a"]
+    tls = ["--cafile", str(site.root), "--cert", str(cert.cert), "--key", str(cert.key)]
+    common = ["-h", op.host, "-p", str(op.port), "-q", "1", *tls]
+    async with (
+        mqtt(site, op, site.service) as registrar,
+        mqtt(site, op, site.ldevid["dev-b"]) as dev_b,
+    ):
+        await registrar.subscribe("devices/#", qos=1)
+        sub = await asyncio.create_subprocess_exec(
+            "mosquitto_sub",
+            *common,
+            *("-t", "devices/dev-a/#", "-t", "#", "-t", "devices/+/t", "-v", "-C", "1"),
+            *("-W", "5"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        while "dev-a" not in broker.live_sessions():
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # its SUBSCRIBE follows the CONNECT
+        await dev_b.publish("devices/dev-b/t", b"foreign", qos=1)
+        await registrar.publish("devices/dev-a/cmd", b"hello-cli", qos=1)
+        out, err = await asyncio.wait_for(sub.communicate(), 6)
+        assert sub.returncode == 0, err
+        assert out.decode().splitlines() == ["devices/dev-a/cmd hello-cli"]  # first and only
+        await collect(registrar, 0.1)
+        for topic, payload in (("devices/dev-b/t", "spoof"), ("devices/dev-a/t", "legit")):
+            pub = await asyncio.create_subprocess_exec(
+                "mosquitto_pub", *common, "-t", topic, "-m", payload
+            )
+            assert await asyncio.wait_for(pub.wait(), 5) == 0
+        assert await collect(registrar, 0.3) == [("devices/dev-a/t", b"legit")]
+
+
+async def test_revocation_cuts_the_device_within_5_s_and_nobody_else(
+    site: Site, broker: MosquittoBroker
+) -> None:
+    op = broker.operational_endpoint
+    async with (
+        mqtt(site, op, site.service) as registrar,
+        mqtt(site, op, site.ldevid["dev-a"]) as dev_a,
+        mqtt(site, op, site.ldevid["dev-b"]) as dev_b,
+    ):
+        await dev_a.subscribe("devices/dev-a/#", qos=1)
+        await dev_b.subscribe("devices/dev-b/#", qos=1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        site.write_crls(revoked=("dev-a",), number=2)
+        await broker.reload_crls()
+        assert await broker.disconnect("dev-a") == 1
+        with pytest.raises(aiomqtt.MqttError):
+            await asyncio.wait_for(dev_a.publish("devices/dev-a/x", b"x", qos=1), 5)
+            async for _ in dev_a.messages:
+                pass
+        assert loop.time() - started < 5
+        assert await refused(site, op, site.ldevid["dev-a"])
+        await registrar.publish("devices/dev-b/cmd", b"alive", qos=1)
+        assert await collect(dev_b, 0.4) == [("devices/dev-b/cmd", b"alive")]
+        assert await broker.disconnect("dev-a") == 0  # nothing left to cut
+
+
+async def test_block_leaves_a_still_valid_certificate_without_any_access(
+    site: Site, broker: MosquittoBroker
+) -> None:
+    op, reg = broker.operational_endpoint, broker.registration_endpoint
+    async with (
+        mqtt(site, op, site.service) as registrar,
+        mqtt(site, op, site.ldevid["dev-b"]) as dev_b,
+    ):
+        await registrar.subscribe("devices/#", qos=1)
+        await registrar.subscribe("devtrust/register/+/request", qos=1)
+        await dev_b.subscribe("devices/dev-b/#", qos=1)
+        async with mqtt(site, op, site.ldevid["dev-a"]) as dev_a:
+            await dev_a.subscribe("devices/dev-a/#", qos=1)
+            await broker.block("dev-a")
+            with pytest.raises(aiomqtt.MqttError):
+                await asyncio.wait_for(dev_a.publish("devices/dev-a/x", b"x", qos=1), 5)
+                async for _ in dev_a.messages:
+                    pass
+        with pytest.raises(BrokerError):
+            await broker.block(REGISTRAR_IDENTITY)
+        reply_topic = "devtrust/register/dev-a/response"
+        # The still-valid certificates get in again, on either listener, but can do nothing.
+        for endpoint, cert, own, reply in (
+            (op, site.ldevid["dev-a"], "devices/dev-a/t", "devices/dev-a/cmd"),
+            (reg, site.idevid["dev-a"], "devtrust/register/dev-a/request", reply_topic),
+        ):
+            async with mqtt(site, endpoint, cert) as dev_a:
+                await dev_a.subscribe(reply, qos=1)
+                await dev_a.publish(own, b"blocked", qos=1)
+                await registrar.publish(reply, b"to-blocked", qos=1)
+                await registrar.publish("devices/dev-b/cmd", b"alive", qos=1)
+                assert await collect(dev_a, 0.3) == []
+                assert [m for m in await collect(registrar, 0.1) if m[1] == b"blocked"] == []
+                assert await collect(dev_b, 0.1) == [("devices/dev-b/cmd", b"alive")]
+
+
+async def test_expired_crl_refuses_everyone_and_a_missing_crl_is_an_error(
+    site: Site, broker: MosquittoBroker
+) -> None:
+    op = broker.operational_endpoint
+    site.write_crls(next_update=-timedelta(minutes=1), number=3)
+    await broker.reload_crls()
+    assert await refused(site, op, site.ldevid["dev-b"])
+    assert await refused(site, op, site.service)
+    site.settings.tls.crl_file.write_bytes(pem(site.pki.station_crl))
+    with pytest.raises(BrokerError, match="no CRL"):
+        await broker.reload_crls()
+    site.write_crls(number=4)
+    await broker.reload_crls()
+    assert not await refused(site, op, site.ldevid["dev-b"])
