@@ -125,6 +125,8 @@ def init_hq(
                     not_before=moment - BACKDATE,
                     not_after=moment + ROLE_VALIDITY,
                 )
+        # The payload-key KMS key (hq/kms.py): ECDH only, seals site payload keys at rest.
+        SoftwareKey.generate().save(build / "keys" / "kms.key.pem", passphrase)
         (build / "certs" / "root-ca.pem").write_bytes(cert_pem(root_cert))
         for role, cert in role_certs.items():
             (build / "certs" / f"{role.value}.pem").write_bytes(cert_pem(cert))

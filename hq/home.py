@@ -8,7 +8,8 @@ Layout (see ``docs/hq.md``)::
       certs/<role>.pem                 entitlement-signer, audit-receiver, revocation-signer
       keys/root-ca.key.pem             root key (software backend only), PKCS#8 encrypted
       keys/<role>.key.pem              HQ role keys, PKCS#8 encrypted, mode 0600
-      hq.sqlite                        stations, entitlements, audit heads, devices
+      keys/kms.key.pem                 payload-key KMS key (hq/kms.py), PKCS#8 encrypted
+      hq.sqlite                        stations, entitlements, audit heads, devices, sites
 
 Secrets never come from the command line (``ps`` and shell history would show them): the
 keystore passphrase comes from ``DEVTRUST_HQ_PASSPHRASE`` or a passphrase file, the token

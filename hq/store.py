@@ -1,5 +1,7 @@
 """HQ's SQLite database: enrolled stations, issued entitlements, audit heads, reconciliation
-state and the devices every audit export reported.
+state and the devices every audit export reported; since schema 2 also sites, their
+(KMS-sealed) payload keys and bundles, the latest CRL of each station, the root CRL and its
+revocations, and the HQ revocation lists.
 
 One connection per command, autocommit off by hand: every change that belongs together runs
 in one ``BEGIN IMMEDIATE`` … ``COMMIT`` (:meth:`HqStore.transaction`), so an ingest either
@@ -28,10 +30,13 @@ __all__ = [
     "EntitlementRow",
     "HqStore",
     "ReconState",
+    "SiteRow",
+    "StationCrlRow",
     "StationRow",
+    "StoredPayloadKey",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -113,6 +118,94 @@ CREATE TABLE ingests (
     report_json TEXT NOT NULL
 );
 """
+
+
+#: Schema 2 (site commissioning). Applied on top of schema 1 by :meth:`HqStore.open`, so an
+#: HQ database created before sites existed is upgraded in place (tables only, no data moves).
+_SCHEMA_V2 = """
+CREATE TABLE sites (
+    site_id TEXT PRIMARY KEY,
+    ca_public_der BLOB NOT NULL,
+    transport_public_der BLOB NOT NULL,
+    csr_der BLOB NOT NULL,
+    site_ca_der BLOB NOT NULL,
+    enrolled_at INTEGER NOT NULL
+);
+CREATE TABLE site_bundles (
+    site_id TEXT NOT NULL REFERENCES sites(site_id),
+    sequence INTEGER NOT NULL CHECK (sequence >= 1),
+    package_sha256 BLOB NOT NULL,
+    issued_at INTEGER NOT NULL,
+    devices INTEGER NOT NULL,
+    PRIMARY KEY (site_id, sequence)
+);
+CREATE TABLE payload_keys (
+    site_id TEXT NOT NULL REFERENCES sites(site_id),
+    key_id BLOB NOT NULL,
+    created INTEGER NOT NULL,
+    enc BLOB NOT NULL,
+    ct BLOB NOT NULL,
+    is_current INTEGER NOT NULL,
+    PRIMARY KEY (site_id, key_id)
+);
+CREATE TABLE station_crls (
+    station_id TEXT PRIMARY KEY REFERENCES stations(station_id),
+    crl_number INTEGER NOT NULL,
+    this_update INTEGER NOT NULL,
+    next_update INTEGER NOT NULL,
+    crl_der BLOB NOT NULL,
+    recorded_at INTEGER NOT NULL
+);
+CREATE TABLE root_revocations (
+    serial TEXT PRIMARY KEY,
+    revoked_at INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    subject TEXT NOT NULL
+);
+CREATE TABLE root_crls (
+    crl_number INTEGER PRIMARY KEY,
+    this_update INTEGER NOT NULL,
+    next_update INTEGER NOT NULL,
+    crl_der BLOB NOT NULL
+);
+CREATE TABLE revocation_lists (
+    sequence INTEGER PRIMARY KEY,
+    issued INTEGER NOT NULL,
+    package BLOB NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    site_id: str
+    ca_public_der: bytes
+    transport_public_der: bytes
+    csr_der: bytes
+    site_ca_der: bytes
+    enrolled_at: int
+
+
+@dataclass(frozen=True)
+class StoredPayloadKey:
+    """A site payload key as HQ stores it: HPKE-sealed to the HQ KMS key (never in clear)."""
+
+    site_id: str
+    key_id: bytes
+    created: int
+    enc: bytes
+    ct: bytes
+    current: bool
+
+
+@dataclass(frozen=True)
+class StationCrlRow:
+    station_id: str
+    crl_number: int
+    this_update: int
+    next_update: int
+    crl_der: bytes
+    recorded_at: int
 
 
 @dataclass(frozen=True)
@@ -200,7 +293,7 @@ class HqStore:
         store = cls(cls._connect(path))
         # executescript commits any open transaction first, so the script carries its own.
         store._conn.executescript(
-            f"BEGIN IMMEDIATE;{_SCHEMA}"  # noqa: S608 (constants only)
+            f"BEGIN IMMEDIATE;{_SCHEMA}{_SCHEMA_V2}"  # noqa: S608 (constants only)
             f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');COMMIT;"
         )
         return store
@@ -211,6 +304,13 @@ class HqStore:
             raise HomeError(f"database {path} is missing")
         store = cls(cls._connect(path))
         row = store._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is not None and row[0] == "1":
+            # Upgrade 1 -> 2: new tables only. One transaction: a crash leaves schema 1.
+            store._conn.executescript(
+                f"BEGIN IMMEDIATE;{_SCHEMA_V2}"  # noqa: S608 (constants only)
+                "UPDATE meta SET value = '2' WHERE key = 'schema_version';COMMIT;"
+            )
+            row = ("2",)
         if row is None or row[0] != str(SCHEMA_VERSION):
             raise HomeError(f"database {path} has an unknown schema version")
         return store
@@ -496,4 +596,157 @@ class HqStore:
             "INSERT INTO ingests (station_id, export_number, received_at, first_seq, next_seq, "
             "records, violations, report_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (station_id, export_number, now, first_seq, next_seq, records, violations, report_json),
+        )
+
+    # -- sites (schema 2) ----------------------------------------------------------------------
+
+    def site(self, site_id: str) -> SiteRow | None:
+        row = self._conn.execute(
+            "SELECT site_id, ca_public_der, transport_public_der, csr_der, site_ca_der, "
+            "enrolled_at FROM sites WHERE site_id = ?",
+            (site_id,),
+        ).fetchone()
+        return None if row is None else SiteRow(*row)
+
+    def sites(self) -> list[SiteRow]:
+        rows = self._conn.execute(
+            "SELECT site_id, ca_public_der, transport_public_der, csr_der, site_ca_der, "
+            "enrolled_at FROM sites ORDER BY site_id"
+        ).fetchall()
+        return [SiteRow(*r) for r in rows]
+
+    def put_site(self, row: SiteRow) -> None:
+        """Insert or replace a site (inside a transaction)."""
+        self._conn.execute(
+            "INSERT INTO sites VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(site_id) DO UPDATE SET "
+            "ca_public_der = excluded.ca_public_der, "
+            "transport_public_der = excluded.transport_public_der, csr_der = excluded.csr_der, "
+            "site_ca_der = excluded.site_ca_der, enrolled_at = excluded.enrolled_at",
+            (
+                row.site_id,
+                row.ca_public_der,
+                row.transport_public_der,
+                row.csr_der,
+                row.site_ca_der,
+                row.enrolled_at,
+            ),
+        )
+
+    def last_bundle_sequence(self, site_id: str) -> int:
+        row = self._conn.execute(
+            "SELECT MAX(sequence) FROM site_bundles WHERE site_id = ?", (site_id,)
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def put_bundle(
+        self, site_id: str, sequence: int, package_sha256: bytes, issued_at: int, devices: int
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO site_bundles VALUES (?, ?, ?, ?, ?)",
+            (site_id, sequence, package_sha256, issued_at, devices),
+        )
+
+    # -- payload keys (sealed to the HQ KMS key) -------------------------------------------------
+
+    def payload_keys(self, site_id: str) -> list[StoredPayloadKey]:
+        rows = self._conn.execute(
+            "SELECT site_id, key_id, created, enc, ct, is_current FROM payload_keys "
+            "WHERE site_id = ? ORDER BY created, key_id",
+            (site_id,),
+        ).fetchall()
+        return [StoredPayloadKey(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows]
+
+    def put_payload_key(self, key: StoredPayloadKey) -> None:
+        """Store a sealed key (inside a transaction); a current key demotes the others."""
+        if key.current:
+            self._conn.execute(
+                "UPDATE payload_keys SET is_current = 0 WHERE site_id = ?", (key.site_id,)
+            )
+        self._conn.execute(
+            "INSERT INTO payload_keys VALUES (?, ?, ?, ?, ?, ?)",
+            (key.site_id, key.key_id, key.created, key.enc, key.ct, int(key.current)),
+        )
+
+    # -- station CRLs -------------------------------------------------------------------------
+
+    def station_crl(self, station_id: str) -> StationCrlRow | None:
+        row = self._conn.execute(
+            "SELECT station_id, crl_number, this_update, next_update, crl_der, recorded_at "
+            "FROM station_crls WHERE station_id = ?",
+            (station_id,),
+        ).fetchone()
+        return None if row is None else StationCrlRow(*row)
+
+    def station_crls(self) -> list[StationCrlRow]:
+        rows = self._conn.execute(
+            "SELECT station_id, crl_number, this_update, next_update, crl_der, recorded_at "
+            "FROM station_crls ORDER BY station_id"
+        ).fetchall()
+        return [StationCrlRow(*r) for r in rows]
+
+    def put_station_crl(self, row: StationCrlRow) -> None:
+        """Keep ``row`` as the station's latest CRL (the caller checked it is newer)."""
+        self._conn.execute(
+            "INSERT INTO station_crls VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(station_id) DO "
+            "UPDATE SET crl_number = excluded.crl_number, this_update = excluded.this_update, "
+            "next_update = excluded.next_update, crl_der = excluded.crl_der, "
+            "recorded_at = excluded.recorded_at",
+            (
+                row.station_id,
+                row.crl_number,
+                row.this_update,
+                row.next_update,
+                row.crl_der,
+                row.recorded_at,
+            ),
+        )
+
+    def station_ca_certificates(self, station_id: str | None = None) -> list[tuple[str, bytes]]:
+        """(station id, DER) of every distinct station CA certificate HQ issued, newest last."""
+        query = "SELECT station_id, station_ca_der FROM entitlements"
+        args: tuple[str, ...] = ()
+        if station_id is not None:
+            query += " WHERE station_id = ?"
+            args = (station_id,)
+        seen: set[bytes] = set()
+        out: list[tuple[str, bytes]] = []
+        for sid, der in self._conn.execute(query + " ORDER BY station_id, sequence", args):
+            if der not in seen:
+                seen.add(der)
+                out.append((sid, der))
+        return out
+
+    # -- root CRL and revocation lists ------------------------------------------------------------
+
+    def root_revocations(self) -> list[tuple[str, int, str]]:
+        """(serial hex, revoked at, reason) of every CA or role certificate the root revoked."""
+        rows = self._conn.execute(
+            "SELECT serial, revoked_at, reason FROM root_revocations ORDER BY revoked_at, serial"
+        ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def put_root_revocation(self, serial: str, revoked_at: int, reason: str, subject: str) -> None:
+        self._conn.execute(
+            "INSERT INTO root_revocations VALUES (?, ?, ?, ?) ON CONFLICT(serial) DO NOTHING",
+            (serial, revoked_at, reason, subject),
+        )
+
+    def last_root_crl_number(self) -> int:
+        row = self._conn.execute("SELECT MAX(crl_number) FROM root_crls").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def put_root_crl(self, number: int, this_update: int, next_update: int, der: bytes) -> None:
+        self._conn.execute(
+            "INSERT INTO root_crls VALUES (?, ?, ?, ?)", (number, this_update, next_update, der)
+        )
+
+    def latest_revocation_list(self) -> tuple[int, bytes] | None:
+        row = self._conn.execute(
+            "SELECT sequence, package FROM revocation_lists ORDER BY sequence DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def put_revocation_list(self, sequence: int, issued: int, package: bytes) -> None:
+        self._conn.execute(
+            "INSERT INTO revocation_lists VALUES (?, ?, ?)", (sequence, issued, package)
         )

@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 
 from tests.fixtures.pki import Pki, p256, pem
+from tests.test_profiles import service_client_certificate
 from trustcore.profiles import PROFILES, issue_broker_certificate
 
 
@@ -77,6 +78,7 @@ def _profile_certificates(pki: Pki) -> dict[str, x509.Certificate]:
         "idevid": pki.idevid,
         "ldevid": pki.ldevid,
         "broker_server": broker,
+        "service_client": service_client_certificate(pki),
     }
     for role, (cert, _key) in pki.roles.items():
         certs[role.value.replace("-", "_")] = cert

@@ -31,6 +31,7 @@ from trustcore.profiles import (
     issue_factory_certificate,
     issue_root_ca,
     issue_secondary_certificate,
+    issue_service_client_certificate,
     issue_site_ca,
     issue_station_ca,
     site_id_from_certificate,
@@ -38,6 +39,18 @@ from trustcore.profiles import (
 )
 
 DAY = timedelta(days=1)
+
+
+def service_client_certificate(pki: Pki) -> x509.Certificate:
+    return issue_service_client_certificate(
+        pki.site_ca,
+        pki.site_key,
+        p256("service-client").public_key(),
+        service_name="registrar@site",
+        organization="Devtrust Test Site",
+        not_before=pki.now,
+        not_after=pki.now + 30 * DAY,
+    )
 
 
 def all_certificates(pki: Pki) -> dict[str, tuple[x509.Certificate, x509.Certificate]]:
@@ -49,6 +62,7 @@ def all_certificates(pki: Pki) -> dict[str, tuple[x509.Certificate, x509.Certifi
         "idevid": (pki.idevid, pki.station_ca),
         "ldevid": (pki.ldevid, pki.site_ca),
         "broker_server": (pki.broker, pki.site_ca),
+        "service_client": (service_client_certificate(pki), pki.site_ca),
     }
     for role, (cert, _key) in pki.roles.items():
         certs[role.value.replace("-", "_")] = (cert, pki.root)

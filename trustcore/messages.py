@@ -11,7 +11,11 @@ content type                  sender (signing key)    receiver (encrypted to)   
 (file) station enrolment      station CA key (TPM)    — (plain, self-signed)       —
 ``devtrust/entitlement/v1``   HQ entitlement signer   station transport key (TPM)  policy seq
 ``devtrust/audit-export/v1``  station CA key (TPM)    HQ audit receiver            export no.
+(file) site enrolment         site CA key             — (plain, self-signed)       —
+``devtrust/site-bundle/v1``   HQ entitlement signer   site transport key           per site
 ============================  ======================  ===========================  ==========
+
+The site bundle payload lives in :mod:`trustcore.site_bundle`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from trustcore import cbor
 from trustcore.csr import ValidatedCsr, validate_csr
 from trustcore.entitlement import EntitlementPolicy
 from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
-from trustcore.identity import StationId
+from trustcore.identity import SiteId, StationId
 from trustcore.keys import Signer
 from trustcore.profiles import require_p256_public_key
 
@@ -34,6 +38,7 @@ CT_ENTITLEMENT = "devtrust/entitlement/v1"
 CT_AUDIT_EXPORT = "devtrust/audit-export/v1"
 
 _ENROLMENT_DOMAIN = "devtrust/station-enrolment/v1"
+_SITE_ENROLMENT_DOMAIN = "devtrust/site-enrolment/v1"
 MAX_ENROLMENT_SIZE = 64 * 1024
 MAX_ENTITLEMENT_SIZE = 4 * 1024 * 1024
 
@@ -131,6 +136,88 @@ class StationEnrolment:
         except InvalidSignature as exc:
             raise CsrError(
                 "transport key is not bound by the station CA key", reason="bad_signature"
+            ) from exc
+        return csr, transport
+
+
+# -- site enrolment ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteEnrolment:
+    """A building registrar asks HQ for its site CA certificate: the CSR of the site CA key
+    (CN = site id) and the public half of the site transport (ECDH) key, to which HQ
+    encrypts site bundles. Same construction as :class:`StationEnrolment`, with its own type
+    and domain string, so a station request can never be taken for a site request (or the
+    reverse) and a binding signature made for one cannot be replayed as the other."""
+
+    site_id: SiteId
+    csr_der: bytes
+    transport_public_der: bytes
+    binding_signature: bytes
+
+    @staticmethod
+    def _binding_input(site_id: str, csr_der: bytes, transport_der: bytes) -> bytes:
+        return cbor.encode([_SITE_ENROLMENT_DOMAIN, site_id, csr_der, transport_der])
+
+    @classmethod
+    def create(
+        cls,
+        site_id: SiteId,
+        csr_der: bytes,
+        ca_key: Signer,
+        transport_public: ec.EllipticCurvePublicKey,
+    ) -> SiteEnrolment:
+        transport_der = _public_der(transport_public)
+        sig = ca_key.sign(cls._binding_input(site_id.value, csr_der, transport_der))
+        return cls(site_id, csr_der, transport_der, sig)
+
+    def encode(self) -> bytes:
+        return cbor.encode(
+            {
+                "type": _SITE_ENROLMENT_DOMAIN,
+                "site_id": self.site_id.value,
+                "csr": self.csr_der,
+                "transport_key": self.transport_public_der,
+                "binding_sig": self.binding_signature,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> SiteEnrolment:
+        m = cbor.map_of(cbor.decode(data, max_size=MAX_ENROLMENT_SIZE), "site enrolment")
+        cbor.expect_keys(
+            m, {"type", "site_id", "csr", "transport_key", "binding_sig"}, what="site enrolment"
+        )
+        if m["type"] != _SITE_ENROLMENT_DOMAIN:
+            raise EncodingError("not a site enrolment request")
+        try:
+            site_id = SiteId(cbor.field(m, "site_id", str))
+        except InvalidValueError as exc:
+            raise EncodingError(f"bad site id: {exc}") from exc
+        return cls(
+            site_id,
+            cbor.field(m, "csr", bytes),
+            cbor.field(m, "transport_key", bytes),
+            cbor.field(m, "binding_sig", bytes),
+        )
+
+    def verify(self) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:
+        """Check the CSR (self-signature, P-256, CN = site id) and the binding signature;
+        return the validated CSR and the transport public key."""
+        csr = validate_csr(self.csr_der)
+        if csr.common_name != self.site_id.value:
+            raise CsrError("site enrolment CSR CN is not the site id", reason="wrong_name")
+        transport = _load_public(self.transport_public_der, "transport key")
+        try:
+            csr.public_key.verify(
+                self.binding_signature,
+                self._binding_input(self.site_id.value, self.csr_der, self.transport_public_der),
+                ec.ECDSA(hashes.SHA256()),
+            )
+        except InvalidSignature as exc:
+            raise CsrError(
+                "transport key is not bound by the site CA key", reason="bad_signature"
             ) from exc
         return csr, transport
 

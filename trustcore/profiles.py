@@ -7,7 +7,8 @@ Hierarchy (see ``docs/pki.md``)::
     │   └── device factory certificate: IEEE 802.1AR IDevID
     ├── site CA (pathLen 0, one per building registrar)
     │   ├── device secondary certificate: LDevID
-    │   └── MQTT broker server certificate
+    │   ├── MQTT broker server certificate
+    │   └── site service client certificate (the registrar's own MQTT identity)
     └── HQ role certificates: entitlement signer, audit receiver, revocation signer
 
 Every certificate is ECDSA P-256 / SHA-256 with a random 159-bit serial, SKI and AKI; any
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,6 +56,7 @@ __all__ = [
     "issue_role_certificate",
     "issue_root_ca",
     "issue_secondary_certificate",
+    "issue_service_client_certificate",
     "issue_site_ca",
     "issue_station_ca",
     "require_p256_public_key",
@@ -165,6 +168,14 @@ PROFILES: dict[str, CertificateProfile] = {
             path_length=None,
             ku={"digital_signature"},
             eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
+        ),
+        # A site service (the registrar itself) as an MQTT client: clientAuth, no device id.
+        _profile(
+            "service_client",
+            ca=False,
+            path_length=None,
+            ku={"digital_signature"},
+            eku=(ExtendedKeyUsageOID.CLIENT_AUTH,),
         ),
     )
 }
@@ -608,6 +619,42 @@ def issue_broker_certificate(
         not_before=not_before,
         not_after=not_after,
         san=names,
+    )
+
+
+#: A service identity: ``name@site``, never a valid DeviceId (no ``@`` there), so a
+#: service certificate can never be mistaken for a device's (nor reach its topics).
+_SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,30}@[a-z0-9][a-z0-9._-]{0,30}")
+
+
+def issue_service_client_certificate(
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    subject_key: ec.EllipticCurvePublicKey,
+    *,
+    service_name: str,
+    organization: str,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.Certificate:
+    """MQTT client certificate of a site service (e.g. the registrar, CN ``registrar@site``),
+    issued by the site CA: clientAuth, digitalSignature, no SAN.
+
+    Why no SAN: brokers take the identity from the CN, and the only SAN forms that would fit
+    (a device's hardwareModuleName, a URI) would either make it look like a device or fail
+    pkilint. The ``@`` the name must contain is what keeps it apart from every DeviceId."""
+    if not isinstance(service_name, str) or _SERVICE_NAME.fullmatch(service_name) is None:
+        raise ProfileError(f"service name {service_name!r} must look like name@site ([a-z0-9._-])")
+    return _build(
+        PROFILES["service_client"],
+        subject=_name(
+            (NameOID.COMMON_NAME, service_name), (NameOID.ORGANIZATION_NAME, organization)
+        ),
+        subject_key=subject_key,
+        issuer_cert=issuer_cert,
+        issuer_key=issuer_key,
+        not_before=not_before,
+        not_after=not_after,
     )
 
 
