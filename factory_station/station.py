@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -54,6 +54,7 @@ from signers.errors import TpmError
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage, TpmNvCounter
 from trustcore import cbor
 from trustcore.audit import AuditLog, ChainHead, decode_record, encode_export, record_hash
+from trustcore.crl import build_crl
 from trustcore.csr import build_csr
 from trustcore.entitlement import EntitlementPolicy
 from trustcore.errors import (
@@ -860,6 +861,7 @@ class FactoryStation:
                 export_number=number,
                 audit_export=encode_export(records, checkpoint),
                 manifest=tuple(manifest),
+                crl=self._station_crl(active.station_ca, number, now),
             )
             receiver = active.audit_receiver.public_key()
             assert isinstance(receiver, ec.EllipticCurvePublicKey)  # verified at import
@@ -874,6 +876,23 @@ class FactoryStation:
             )
             self._pending_export = (number, self._audit.head.next_seq - 1, now)
             return package, number
+
+    def _station_crl(self, station_ca: x509.Certificate, number: int, now: int) -> bytes:
+        """The station CA's CRL, signed in the TPM. A station never revokes by itself (HQ
+        decides revocations and publishes them in its own signed list), so the list is
+        empty; what matters is that the CA has a current CRL, which brokers require for
+        every issuing CA. Valid until the station CA expires, at most 90 days ahead."""
+        this_update = datetime.fromtimestamp(now, UTC)
+        next_update = min(station_ca.not_valid_after_utc, this_update + timedelta(days=90))
+        crl = build_crl(
+            station_ca,
+            self.ca_key.private_key(),
+            revoked=(),
+            crl_number=number,
+            this_update=this_update,
+            next_update=next_update,
+        )
+        return crl.public_bytes(serialization.Encoding.DER)
 
     def record_export(self, number: int) -> None:
         with self._lock:

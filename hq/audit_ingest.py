@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from hq.errors import ExportRefusedError
 from hq.home import HqHome, HqSecrets
 from hq.report import IngestReport
-from hq.store import AuditHead, DeviceRow, EntitlementRow, HqStore, ReconState
+from hq.store import AuditHead, DeviceRow, EntitlementRow, HqStore, ReconState, StationCrlRow
 from trustcore import cbor
 from trustcore.audit import (
     AuditExport,
@@ -60,11 +60,12 @@ from trustcore.audit import (
     verify_export,
 )
 
-# The exact per-record decoder (type checks, entry hash) ``verify_chain`` uses; private in
-# the core for now (a public streaming verifier is proposed in docs/hq.md).
+# The exact per-record decoder (type checks, entry hash) that ``verify_chain`` uses.
 from trustcore.audit import parse_record as _decode_record
+from trustcore.crl import load_crl, verify_crl
 from trustcore.errors import (
     AuditChainError,
+    CrlError,
     EncodingError,
     ProfileError,
     ReplayError,
@@ -155,6 +156,7 @@ class VerifiedExport:
     export: AuditExport
     checkpoint: Checkpoint
     manifest: tuple[bytes, ...]
+    crl: StationCrlRow | None = None
 
 
 def _check_station_ca(cert: x509.Certificate, root: x509.Certificate, store: HqStore) -> str:
@@ -273,6 +275,7 @@ def verify_audit_package(
         )
     except AuditChainError as exc:
         raise _refuse(exc.reason, f"audit export of {station_id}: {exc.args[0]}") from exc
+    crl = None if payload.crl is None else _station_crl(payload.crl, cert, store, station_id)
     return VerifiedExport(
         station_id=station_id,
         station_ca=cert,
@@ -282,6 +285,31 @@ def verify_audit_package(
         export=export,
         checkpoint=checkpoint,
         manifest=payload.manifest,
+        crl=crl,
+    )
+
+
+def _station_crl(
+    der: bytes, station_ca: x509.Certificate, store: HqStore, station_id: str
+) -> StationCrlRow | None:
+    """The station CA's CRL carried by the export: it must verify against the sender's CA
+    certificate (a bad one refuses the whole export: the package is signed, so it was made
+    so by the station). An older CRL than the one held is ignored, never stored."""
+    try:
+        revocations = verify_crl(der, station_ca, now=None)
+    except CrlError as exc:
+        raise _refuse("bad_crl", f"the station CRL in the export does not verify: {exc}") from exc
+    held = store.station_crl(station_id)
+    if held is not None and held.crl_number >= revocations.crl_number:
+        return None
+    crl = load_crl(der)
+    return StationCrlRow(
+        station_id=station_id,
+        crl_number=revocations.crl_number,
+        this_update=int(crl.last_update_utc.timestamp()),
+        next_update=int(revocations.next_update.timestamp()),
+        crl_der=crl.public_bytes(serialization.Encoding.DER),
+        recorded_at=int(time.time()),
     )
 
 
@@ -754,6 +782,8 @@ def _persist(
     )
     with store.transaction():
         store.put_audit_head(sid, head, now)
+        if verified.crl is not None:
+            store.put_station_crl(verified.crl)
         for eseq, tally in recon.tallies.items():
             r = tally.reconciler
             state = ReconState(

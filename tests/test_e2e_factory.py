@@ -22,6 +22,7 @@ from device_sim.device import vendor_ca_pem
 from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.cli import main as station_main
 from hq.cli import main as hq_main
+from hq.store import HqStore
 from trustcore.sealed import peek
 
 pytestmark = [pytest.mark.tpm, pytest.mark.slow]
@@ -92,6 +93,13 @@ def test_hq_to_factory_to_hq(
     [ent] = report["entitlements"]
     assert ent["issued"] == 10 and ent["per_day"] == {now.date().isoformat(): 10}
     assert report["refused_at_station"] == {"over_daily_limit": 1}
+    # The export carried the station CA's CRL, signed in its TPM; HQ keeps it for sites.
+    store = HqStore.open(hq / "hq.sqlite")
+    try:
+        held = store.station_crl("station-01")
+    finally:
+        store.close()
+    assert held is not None and held.crl_number == 1 and held.next_update > now.timestamp()
 
     # Every factory certificate verifies with OpenSSL against the root and the station CA.
     certs = sorted(fleet.rglob("idevid.pem"))

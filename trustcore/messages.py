@@ -280,6 +280,9 @@ class AuditExportPayload:
     export_number: int
     audit_export: bytes
     manifest: tuple[bytes, ...]
+    #: The station CA's current CRL (DER, signed in the station TPM), so HQ can hand it to
+    #: sites: brokers check revocation for every issuing CA and refuse a CA without a CRL.
+    crl: bytes | None = None
 
     def encode(self) -> bytes:
         return cbor.encode(
@@ -289,6 +292,7 @@ class AuditExportPayload:
                 "export_number": self.export_number,
                 "audit": self.audit_export,
                 "manifest": list(self.manifest),
+                "crl": self.crl,
             }
         )
 
@@ -297,7 +301,7 @@ class AuditExportPayload:
         m = cbor.map_of(cbor.decode(data, max_size=max_size), "audit export")
         cbor.expect_keys(
             m,
-            {"station_id", "entitlement_seq", "export_number", "audit", "manifest"},
+            {"station_id", "entitlement_seq", "export_number", "audit", "manifest", "crl"},
             what="audit export",
         )
         manifest = m["manifest"]
@@ -309,4 +313,5 @@ class AuditExportPayload:
             export_number=cbor.field(m, "export_number", int),
             audit_export=cbor.field(m, "audit", bytes),
             manifest=tuple(manifest),
+            crl=cbor.optional_field(m, "crl", bytes),
         )
