@@ -3,10 +3,14 @@ authentic exports are reconciled across exports and violations reported (exit 1)
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from hq.home import HqHome
 from hq.store import HqStore
@@ -22,6 +26,7 @@ from tests.test_hq_support import (
     run_hq,
 )
 from trustcore.audit import ChainHead, encode_record, record_hash
+from trustcore.crl import build_crl
 from trustcore.identity import StationId
 from trustcore.profiles import issue_root_ca, issue_station_ca
 
@@ -160,6 +165,53 @@ def test_forged_checkpoint(world: World, home: Path, tmp_path: Path) -> None:
     five(slog, world.t0)
     cp = slog.checkpoint(world.t0 + 100, signer=SoftwareKey.ephemeral())
     assert_refused(home, slog.export(world.t0 + 100, checkpoint=cp), tmp_path, "forged_checkpoint")
+
+
+def _crl(world: World, key: SoftwareKey, number: int) -> bytes:
+    ca = world.a.ca_cert
+    assert ca is not None
+    now = datetime.fromtimestamp(world.t0, UTC)
+    if key is world.a.ca_key:
+        crl = build_crl(
+            ca,
+            key.private_key(),
+            revoked=(),
+            crl_number=number,
+            this_update=now,
+            next_update=now + timedelta(days=30),
+        )
+    else:  # a forger: the station's name, another key (build_crl refuses to make this)
+        crl = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca.subject)
+            .last_update(now)
+            .next_update(now + timedelta(days=30))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .sign(key.private_key(), hashes.SHA256())
+        )
+    return crl.public_bytes(Encoding.DER)
+
+
+def test_station_crl_is_kept_and_a_forged_one_refuses_the_export(
+    world: World, home: Path, tmp_path: Path
+) -> None:
+    slog = world.a.new_log()
+    five(slog, world.t0)
+    pending, manifest = list(slog.pending), list(slog.manifest)
+    forged = _crl(world, SoftwareKey.ephemeral(), 1)
+    assert_refused(home, slog.export(world.t0 + 100, crl=forged), tmp_path, "bad_crl")
+    slog.pending, slog.manifest = pending, manifest
+    good = _crl(world, world.a.ca_key, 1)
+    code, report = ingest_json(
+        home, slog.export(world.t0 + 100, crl=good, export_number=1), tmp_path
+    )
+    assert code == 0, report
+    store = HqStore.open(HqHome.open(home).db_path)
+    try:
+        held = store.station_crl("station-a")
+        assert held is not None and held.crl_number == 1
+    finally:
+        store.close()
 
 
 def test_export_signed_by_another_station(world: World, home: Path, tmp_path: Path) -> None:

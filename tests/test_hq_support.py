@@ -195,6 +195,7 @@ class StationLog:
         sender: SoftStation | None = None,
         claimed_station: str | None = None,
         export_number: int | None = None,
+        crl: bytes | None = None,
     ) -> bytes:
         """Seal the pending records (or ``records``) as the next export, then clear them."""
         cp = checkpoint if checkpoint is not None else self.checkpoint(when)
@@ -208,6 +209,7 @@ class StationLog:
             export_number=export_number,
             audit_export=audit,
             manifest=tuple(self.manifest),
+            crl=crl,
         )
         signer = sender or self.station
         assert signer.ca_cert is not None and self.station.audit_receiver is not None
