@@ -95,3 +95,59 @@ def serve(directory: Path) -> None:
         pass
     finally:
         dev.power_off()
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Registration listener host.")
+@click.option("--port", type=click.IntRange(1, 65535), required=True, help="Registration port.")
+@click.option(
+    "--root",
+    "root_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    required=True,
+    help="Manufacturer root certificate(s), PEM: what the devices trust.",
+)
+@click.option("--count", type=click.IntRange(1), help="Only the first N devices.")
+@click.option("--concurrency", type=click.IntRange(1), help="Devices in flight (default: all).")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Summary and per-device results as JSON.")
+def fleet(
+    directory: Path,
+    host: str,
+    port: int,
+    root_file: Path,
+    count: int | None,
+    concurrency: int | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Onboard a load-test fleet (software-key devices under DIRECTORY, one sub-directory
+    per device: idevid.pem, chain.pem, factory.key.pem) through a registrar, all at once."""
+    import asyncio
+
+    from cryptography import x509
+
+    from device_sim.fleet import FleetError, load_fleet, onboard
+    from registrar.broker import Endpoint
+
+    try:
+        roots = x509.load_pem_x509_certificates(root_file.read_bytes())
+        devices = load_fleet(directory, roots, count=count)
+    except (FleetError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    report = asyncio.run(
+        onboard(devices, Endpoint(host, port), concurrency=concurrency, timeout=timeout)
+    )
+    summary = report.summary()
+    if as_json:
+        summary["results"] = [
+            {"device_id": r.device_id, "ok": r.ok, "reason": r.reason, "latency_ms": r.latency_ms}
+            for r in report.results
+        ]
+        click.echo(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            click.echo(f"{key}: {value}")
+    if report.failures:
+        raise SystemExit(1)

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -379,6 +380,9 @@ async def run_mqtt(
                 clean_session=None if v5 else False,
                 keepalive=settings.keepalive,
                 max_queued_outgoing_messages=None,
+                # Without it, Nagle holds the response PUBLISH behind the PUBACK of the
+                # request until the broker's delayed ACK (~40 ms per registration).
+                socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             )
             async with client:
                 await client.subscribe(topic_filter, qos=1)

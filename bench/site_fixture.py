@@ -1,0 +1,694 @@
+"""A complete building site built in code, for benchmarks and fleet tests.
+
+* :func:`build_site_pki` — manufacturer root, one factory station CA, the site CA, the
+  broker's server certificate, the registrar's own client certificate (CN
+  ``registrar@site``) and fresh CRLs; :meth:`SitePki.factory_devices` — N software-key
+  devices with IEEE 802.1AR factory certificates (what the factory line would have made).
+* :func:`write_site` — the same site as files (broker key encrypted, everything 0600 in a
+  private directory) and the :class:`~registrar.broker.BrokerSettings` for it;
+  :func:`load_site` reads it back (used by the registrar process of the benchmarks).
+* :class:`SiteRuntime` — a broker of either kind, and on it either the real registrar
+  (:class:`~registrar.service.RegistrationService` over a real SQLite file, driven by
+  :func:`~registrar.service.run_mqtt`) or a trivial echo responder (the benchmarks'
+  baseline).
+* ``python bench/site_fixture.py serve DIR --broker KIND`` — :class:`SiteRuntime` as a
+  separate process, driven by one-line commands on stdin (``registrar``, ``echo``,
+  ``stop-responder``, ``stats``, ``quit``), answering with one JSON line each. The
+  benchmarks use it so that the registrar runs in its own process, as in production.
+
+Nothing here is for production: keys are generated in software, and the site CA key is
+written unencrypted into the private bench directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiomqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from device_sim.client import DeviceCredentials
+from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
+from registrar.service import MqttRunnerSettings, RegistrationService, SiteAuthority, run_mqtt
+from registrar.store import Store
+from signers.software import SoftwareKey
+from trustcore.crl import build_crl
+from trustcore.identity import DeviceId, SiteId, StationId
+from trustcore.payload import PayloadKey
+from trustcore.profiles import (
+    issue_broker_certificate,
+    issue_factory_certificate,
+    issue_root_ca,
+    issue_service_client_certificate,
+    issue_site_ca,
+    issue_station_ca,
+)
+from trustcore.registration import Admission, AdmissionRule
+from trustcore.topics import REGISTRATION_PREFIX
+from trustcore.verify import ChainVerifier
+
+__all__ = [
+    "MANUFACTURER",
+    "SITE_OPERATOR",
+    "BrokerKind",
+    "FactoryDevice",
+    "SiteFiles",
+    "SitePki",
+    "SiteProcess",
+    "SiteRuntime",
+    "build_site_pki",
+    "client_context",
+    "load_site",
+    "make_broker",
+    "write_site",
+]
+
+MANUFACTURER = "Devtrust Bench Manufacturer"
+SITE_OPERATOR = "Devtrust Bench Site"
+PASSPHRASE = b"bench passphrase, not a secret"
+DAY = timedelta(days=1)
+PEM = serialization.Encoding.PEM
+BrokerKind = Literal["embedded", "mosquitto"]
+
+log = logging.getLogger("bench.site")
+
+
+def _pem(obj: x509.Certificate | x509.CertificateRevocationList) -> bytes:
+    return obj.public_bytes(PEM)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+def _private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+# ----------------------------------------------------------------------------------- PKI
+
+
+@dataclass(frozen=True)
+class FactoryDevice:
+    """A device as it leaves the factory in software-key (load) mode."""
+
+    device_id: DeviceId
+    idevid: x509.Certificate
+    factory_key: SoftwareKey
+    station_ca: x509.Certificate
+    root: x509.Certificate
+
+    def credentials(self) -> DeviceCredentials:
+        return DeviceCredentials(
+            self.device_id, self.idevid, (self.station_ca,), self.factory_key, (self.root,)
+        )
+
+
+@dataclass(frozen=True)
+class SitePki:
+    now: datetime
+    root: x509.Certificate
+    root_key: ec.EllipticCurvePrivateKey
+    station_id: StationId
+    station_ca: x509.Certificate
+    station_key: ec.EllipticCurvePrivateKey
+    site_ca: x509.Certificate
+    site_key: ec.EllipticCurvePrivateKey
+    broker: x509.Certificate
+    broker_key: ec.EllipticCurvePrivateKey
+    registrar: x509.Certificate
+    registrar_key: ec.EllipticCurvePrivateKey
+    crls: tuple[x509.CertificateRevocationList, ...]
+    payload_key: PayloadKey = field(repr=False)
+
+    def issue_idevid(
+        self, device_id: DeviceId, public_key: ec.EllipticCurvePublicKey
+    ) -> x509.Certificate:
+        """A factory certificate from the station CA (as the factory line would issue)."""
+        return issue_factory_certificate(
+            self.station_ca,
+            self.station_key,
+            public_key,
+            device_id=device_id,
+            manufacturer=MANUFACTURER,
+            not_before=self.now - DAY,
+        )
+
+    def factory_device(self, device_id: DeviceId | str) -> FactoryDevice:
+        device = DeviceId(device_id) if isinstance(device_id, str) else device_id
+        key = SoftwareKey.generate()
+        return FactoryDevice(
+            device, self.issue_idevid(device, key.public_key()), key, self.station_ca, self.root
+        )
+
+    def factory_devices(
+        self, count: int, *, prefix: str = "dev-", start: int = 0
+    ) -> list[FactoryDevice]:
+        return [self.factory_device(f"{prefix}{i:06d}") for i in range(start, start + count)]
+
+    def admission(self) -> Admission:
+        """Every device of the one station (an admission rule, as a site bundle may carry)."""
+        return Admission(rules=(AdmissionRule(self.station_id),))
+
+    def verifier(self) -> ChainVerifier:
+        return ChainVerifier([self.root], (self.station_ca,), self.crls)
+
+    def site_authority(self) -> SiteAuthority:
+        return SiteAuthority(self.site_ca, SoftwareKey(self.site_key), SITE_OPERATOR)
+
+
+def build_site_pki(
+    now: datetime | None = None, *, payload_key: PayloadKey | None = None
+) -> SitePki:
+    now = (now or datetime.now(UTC)).replace(microsecond=0)
+    root_key, station_key, site_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    broker_key, registrar_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    root = issue_root_ca(
+        root_key,
+        common_name="Devtrust Bench Root CA",
+        organization=MANUFACTURER,
+        not_before=now - 365 * DAY,
+        not_after=now + 10 * 365 * DAY,
+    )
+    station_id = StationId("station-01")
+    station_ca = issue_station_ca(
+        root,
+        root_key,
+        station_key.public_key(),
+        station_id=station_id,
+        organization=MANUFACTURER,
+        not_before=now - 30 * DAY,
+        not_after=now + 365 * DAY,
+        max_not_after=now + 365 * DAY,
+    )
+    site_ca = issue_site_ca(
+        root,
+        root_key,
+        site_key.public_key(),
+        site_id=SiteId("site-bench"),
+        organization=MANUFACTURER,
+        not_before=now - 30 * DAY,
+        not_after=now + 5 * 365 * DAY,
+    )
+    broker = issue_broker_certificate(
+        site_ca,
+        site_key,
+        broker_key.public_key(),
+        dns_names=["localhost"],
+        ip_addresses=["127.0.0.1"],
+        organization=SITE_OPERATOR,
+        not_before=now - DAY,
+        not_after=now + 365 * DAY,
+    )
+    registrar = issue_service_client_certificate(
+        site_ca,
+        site_key,
+        registrar_key.public_key(),
+        service_name=REGISTRAR_IDENTITY,
+        organization=SITE_OPERATOR,
+        not_before=now - DAY,
+        not_after=now + 365 * DAY,
+    )
+    crls = tuple(
+        build_crl(
+            issuer,
+            key,
+            revoked=[],
+            crl_number=1,
+            this_update=now - timedelta(hours=1),
+            next_update=now + 7 * DAY,
+        )
+        for issuer, key in ((root, root_key), (station_ca, station_key), (site_ca, site_key))
+    )
+    return SitePki(
+        now=now,
+        root=root,
+        root_key=root_key,
+        station_id=station_id,
+        station_ca=station_ca,
+        station_key=station_key,
+        site_ca=site_ca,
+        site_key=site_key,
+        broker=broker,
+        broker_key=broker_key,
+        registrar=registrar,
+        registrar_key=registrar_key,
+        crls=crls,
+        payload_key=payload_key or PayloadKey.generate(),
+    )
+
+
+# --------------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    directory: Path
+    broker: BrokerSettings
+    root: Path
+    registrar_cert: Path  # registrar client certificate + site CA
+    registrar_key: Path
+    database: Path
+
+
+_FILES = {
+    "root": "root.pem",
+    "station": "station-ca.pem",
+    "site": "site-ca.pem",
+    "site_key": "site-ca.key.pem",
+    "broker": "broker.pem",
+    "broker_key": "broker.key.pem",
+    "registrar": "registrar.pem",
+    "registrar_key": "registrar.key.pem",
+    "crls": "crls.pem",
+    "registration_cas": "registration-cas.pem",
+    "operational_cas": "operational-cas.pem",
+    "payload_key": "payload-key.bin",
+}
+
+
+def _files(directory: Path) -> SiteFiles:
+    d = directory
+    settings = BrokerSettings(
+        tls=BrokerTls(
+            server_cert=d / _FILES["broker"],
+            server_key=d / _FILES["broker_key"],
+            server_key_passphrase=PASSPHRASE,
+            registration_cas=d / _FILES["registration_cas"],
+            operational_cas=d / _FILES["operational_cas"],
+            crl_file=d / _FILES["crls"],
+        ),
+        workdir=d / "broker",
+    )
+    return SiteFiles(
+        d,
+        settings,
+        d / _FILES["root"],
+        d / _FILES["registrar"],
+        d / _FILES["registrar_key"],
+        d / "registrar.db",
+    )
+
+
+def write_site(pki: SitePki, directory: Path) -> SiteFiles:
+    """Write the site into ``directory`` (created 0700)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    data = {
+        "root": _pem(pki.root),
+        "station": _pem(pki.station_ca),
+        "site": _pem(pki.site_ca),
+        "site_key": _key_pem(pki.site_key),
+        "broker": _pem(pki.broker) + _pem(pki.site_ca),
+        "broker_key": _key_pem(pki.broker_key, PASSPHRASE),
+        "registrar": _pem(pki.registrar) + _pem(pki.site_ca),
+        "registrar_key": _key_pem(pki.registrar_key),
+        "crls": b"".join(_pem(c) for c in pki.crls),
+        "registration_cas": _pem(pki.root) + _pem(pki.station_ca),
+        "operational_cas": _pem(pki.site_ca),
+        "payload_key": pki.payload_key.key_id + pki.payload_key.key,
+    }
+    for name, content in data.items():
+        _private(directory / _FILES[name], content)
+    return _files(directory)
+
+
+def _load_crls(data: bytes) -> tuple[x509.CertificateRevocationList, ...]:
+    marker = b"-----BEGIN X509 CRL-----"
+    return tuple(
+        x509.load_pem_x509_crl(marker + block) for block in data.split(marker) if block.strip()
+    )
+
+
+def load_site(directory: Path) -> tuple[SitePki, SiteFiles]:
+    """Read a site written by :func:`write_site` (the root and station keys are not there:
+    the registrar process never needs them; those fields hold the site key as filler)."""
+    d = directory
+
+    def cert(name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((d / _FILES[name]).read_bytes())
+
+    def key(name: str, password: bytes | None = None) -> ec.EllipticCurvePrivateKey:
+        k = serialization.load_pem_private_key((d / _FILES[name]).read_bytes(), password)
+        assert isinstance(k, ec.EllipticCurvePrivateKey)
+        return k
+
+    site_key = key("site_key")
+    raw = (d / _FILES["payload_key"]).read_bytes()
+    station = cert("station")
+    pki = SitePki(
+        now=datetime.now(UTC).replace(microsecond=0),
+        root=cert("root"),
+        root_key=site_key,
+        station_id=StationId(
+            str(station.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)[0].value)
+        ),
+        station_ca=station,
+        station_key=site_key,
+        site_ca=cert("site"),
+        site_key=site_key,
+        broker=cert("broker"),
+        broker_key=key("broker_key", PASSPHRASE),
+        registrar=cert("registrar"),
+        registrar_key=key("registrar_key"),
+        crls=_load_crls((d / _FILES["crls"]).read_bytes()),
+        payload_key=PayloadKey(raw[:8], raw[8:]),
+    )
+    return pki, _files(directory)
+
+
+def client_context(
+    root: x509.Certificate, cert_pem: bytes, key: ec.EllipticCurvePrivateKey
+) -> ssl.SSLContext:
+    """A TLS client context: trust ``root``, present ``cert_pem`` (leaf + issuer) with ``key``.
+
+    ``ssl`` loads keys only from files: the key is written to a private temporary file that
+    is deleted at once."""
+    import tempfile
+
+    ctx = ssl.create_default_context(cadata=_pem(root).decode("ascii"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
+        cert_file, key_file = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+        cert_file.write_bytes(cert_pem)
+        _private(key_file, _key_pem(key))
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+# ------------------------------------------------------------------------------- runtime
+
+
+def make_broker(kind: BrokerKind, settings: BrokerSettings) -> Broker:
+    if kind == "embedded":
+        from registrar.broker.embedded import EmbeddedBroker
+
+        return EmbeddedBroker(settings)
+    if kind == "mosquitto":
+        from registrar.broker.mosquitto import MosquittoBroker
+
+        return MosquittoBroker(settings)
+    raise ValueError(f"unknown broker kind {kind!r}")
+
+
+class SiteRuntime:
+    """A started broker and, on demand, the registrar or the echo responder on it."""
+
+    def __init__(self, pki: SitePki, files: SiteFiles, kind: BrokerKind) -> None:
+        self.pki = pki
+        self.files = files
+        self.kind = kind
+        self.broker = make_broker(kind, files.broker)
+        self.store: Store | None = None
+        self.service: RegistrationService | None = None
+        self._responder: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+        self.echoed = 0
+
+    @property
+    def registration_endpoint(self) -> Endpoint:
+        return self.broker.registration_endpoint
+
+    @property
+    def operational_endpoint(self) -> Endpoint:
+        return self.broker.operational_endpoint
+
+    def registrar_tls(self) -> ssl.SSLContext:
+        return client_context(
+            self.pki.root, self.files.registrar_cert.read_bytes(), self.pki.registrar_key
+        )
+
+    def runner_settings(self) -> MqttRunnerSettings:
+        return MqttRunnerSettings(
+            endpoint=self.operational_endpoint,
+            tls=self.registrar_tls(),
+            protocol="5" if self.kind == "mosquitto" else "3.1.1",
+        )
+
+    async def start(self) -> None:
+        await self.broker.start()
+
+    async def start_registrar(self) -> RegistrationService:
+        await self.stop_responder()
+        if self.store is None:
+            self.store = await Store.open(self.files.database)
+        self.service = RegistrationService(
+            store=self.store,
+            verifier=self.pki.verifier(),
+            admission=self.pki.admission(),
+            site=self.pki.site_authority(),
+            payload_key=self.pki.payload_key,
+        )
+        await self._launch(
+            run_mqtt(
+                self.service,
+                self.runner_settings(),
+                ready=(ready := asyncio.Event()),
+                stop=self._new_stop(),
+            ),
+            ready,
+        )
+        return self.service
+
+    async def start_echo(self) -> None:
+        """The baseline: reply to each request with its own bytes, nothing else."""
+        await self.stop_responder()
+        ready = asyncio.Event()
+        await self._launch(self._echo(self.runner_settings(), ready, self._new_stop()), ready)
+
+    def _new_stop(self) -> asyncio.Event:
+        self._stop = asyncio.Event()
+        return self._stop
+
+    async def _launch(self, coro: object, ready: asyncio.Event) -> None:
+        self._responder = asyncio.create_task(coro)  # type: ignore[arg-type]
+        waiter = asyncio.create_task(ready.wait())
+        done, _ = await asyncio.wait(
+            {waiter, self._responder}, timeout=15, return_when=asyncio.FIRST_COMPLETED
+        )
+        if waiter not in done:
+            waiter.cancel()
+            if self._responder.done():
+                self._responder.result()
+            raise RuntimeError("the responder did not subscribe in time")
+
+    async def _echo(
+        self, settings: MqttRunnerSettings, ready: asyncio.Event, stop: asyncio.Event
+    ) -> None:
+        """Same client library, same subscription and QoS as :func:`run_mqtt`."""
+        v5 = settings.protocol == "5"
+        client = aiomqtt.Client(
+            settings.endpoint.host,
+            settings.endpoint.port,
+            identifier=settings.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            tls_context=settings.tls,
+            clean_session=None if v5 else True,
+            max_queued_outgoing_messages=None,
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+        )
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def reply(device: str, payload: bytes) -> None:
+            await client.publish(f"{REGISTRATION_PREFIX}/{device}/response", payload, qos=1)
+            self.echoed += 1
+
+        async with client:
+            await client.subscribe(f"{REGISTRATION_PREFIX}/+/request", qos=1)
+            ready.set()
+            stopper = asyncio.create_task(stop.wait())
+            iterator = client.messages.__aiter__()
+            while True:
+                nxt = asyncio.ensure_future(iterator.__anext__())
+                done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    break
+                message = nxt.result()
+                device = str(message.topic).split("/")[2]
+                payload = message.payload
+                if isinstance(payload, bytes | bytearray):
+                    task = asyncio.create_task(reply(device, bytes(payload)))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stop_responder(self) -> None:
+        if self._responder is not None and self._stop is not None:
+            self._stop.set()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._responder, 10)
+        self._responder = None
+
+    async def stats(self) -> dict[str, object]:
+        out: dict[str, object] = {"echoed": self.echoed, "cpu_s": round(time.process_time(), 2)}
+        pid = getattr(self.broker, "pid", None)
+        if isinstance(pid, int):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks = os.sysconf("SC_CLK_TCK")
+                out["broker_cpu_s"] = round((int(fields[11]) + int(fields[12])) / ticks, 2)
+        if self.service is not None:
+            out["service"] = dict(self.service.stats)
+        if self.store is not None:
+            out["store"] = await self.store.counts()
+            out["commits"] = self.store.commits
+        return out
+
+    async def stop(self) -> None:
+        await self.stop_responder()
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        await self.broker.stop()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(
+        cls, pki: SitePki, files: SiteFiles, kind: BrokerKind
+    ) -> AsyncIterator[SiteRuntime]:
+        site = cls(pki, files, kind)
+        await site.start()
+        try:
+            yield site
+        finally:
+            await site.stop()
+
+
+# ------------------------------------------------------------------- the site as a process
+
+
+class SiteProcess:
+    """``serve`` in a child process, driven over its stdin/stdout (one JSON line each)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, endpoints: dict[str, list[Any]]) -> None:
+        self._proc = proc
+        reg, op = endpoints["registration"], endpoints["operational"]
+        self.registration_endpoint = Endpoint(str(reg[0]), int(reg[1]))
+        self.operational_endpoint = Endpoint(str(op[0]), int(op[1]))
+        self.pid = proc.pid
+
+    @classmethod
+    async def start(
+        cls, directory: Path, kind: BrokerKind, *, extra: Sequence[str] = ()
+    ) -> SiteProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "serve",
+            str(directory),
+            "--broker",
+            kind,
+            *extra,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if not line:
+            raise RuntimeError("the site process died during start-up")
+        return cls(proc, json.loads(line))
+
+    async def command(self, command: str, timeout: float = 120) -> dict[str, object]:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(command.encode() + b"\n")
+        await self._proc.stdin.drain()
+        line = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"the site process died on {command!r}")
+        answer: dict[str, object] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"site process: {answer['error']}")
+        return answer
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.command("quit", timeout=30)
+        try:
+            await asyncio.wait_for(self._proc.wait(), 30)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+
+
+async def _serve(directory: Path, kind: BrokerKind) -> None:
+    pki, files = load_site(directory)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def answer(obj: object) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    async with SiteRuntime.running(pki, files, kind) as site:
+        reg, op = site.registration_endpoint, site.operational_endpoint
+        answer(
+            {
+                "registration": [reg.host, reg.port],
+                "operational": [op.host, op.port],
+                "pid": os.getpid(),
+            }
+        )
+        while True:
+            line = (await reader.readline()).decode().strip()
+            try:
+                if line in ("", "quit"):
+                    answer({"ok": True})
+                    return
+                if line == "registrar":
+                    await site.start_registrar()
+                elif line == "echo":
+                    await site.start_echo()
+                elif line == "stop-responder":
+                    await site.stop_responder()
+                elif line != "stats":
+                    raise ValueError(f"unknown command {line!r}")
+                answer({"ok": True, **(await site.stats())})
+            except Exception as exc:  # report, keep serving
+                answer({"error": repr(exc)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a bench site (broker + registrar).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve")
+    serve.add_argument("directory", type=Path)
+    serve.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("mqtt").setLevel(logging.ERROR)  # paho: "pending publish calls"
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
+    asyncio.run(_serve(args.directory, args.broker))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

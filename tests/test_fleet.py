@@ -1,0 +1,130 @@
+"""Fleet mode against the embedded broker and the real registrar (SQLite file): software-key
+devices and swtpm devices onboard concurrently; a device the site does not admit is refused
+without disturbing the others; load fleets round-trip through their on-disk form."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bench.site_fixture import SitePki, SiteRuntime, build_site_pki, write_site
+from device_sim.client import DeviceClient, DeviceCredentials, TlsIdentity, TpmKeys
+from device_sim.fleet import FleetError, load_fleet, onboard, software_device, write_load_device
+from signers.tpm import Tpm, TpmKey, TpmKeyUsage
+from tests.fixtures.swtpm import SwtpmFactory
+from trustcore.identity import DeviceId
+from trustcore.registration import Admission, AdmissionRule
+
+
+@pytest.fixture(scope="module")
+def site_pki() -> SitePki:
+    return build_site_pki()
+
+
+@pytest.fixture
+async def site(site_pki: SitePki, tmp_path: Path) -> AsyncIterator[SiteRuntime]:
+    files = write_site(site_pki, tmp_path / "site")
+    async with SiteRuntime.running(site_pki, files, "embedded") as runtime:
+        service = await runtime.start_registrar()
+        # Only ids starting with "dev-" are admitted: "zz-..." must be refused.
+        service.update_trust(
+            admission=Admission(rules=(AdmissionRule(site_pki.station_id, "dev-"),))
+        )
+        yield runtime
+
+
+def tpm_device(pki: SitePki, tpm: Tpm, name: str) -> DeviceClient:
+    """A swtpm device: factory key made in its TPM; a software twin certificate for TLS."""
+    device_id = DeviceId(name)
+    factory_key = TpmKey.create(tpm, TpmKeyUsage.SIGN)
+    idevid = pki.issue_idevid(device_id, factory_key.public_key())
+    twin = pki.factory_device(device_id)
+    credentials = DeviceCredentials(device_id, idevid, (pki.station_ca,), factory_key, (pki.root,))
+    return DeviceClient(
+        credentials,
+        TpmKeys(tpm),
+        registration_tls=TlsIdentity((twin.idevid, pki.station_ca), twin.factory_key.private_key()),
+    )
+
+
+@pytest.mark.tpm
+async def test_mixed_fleet_onboards_and_refusal_is_isolated(
+    site: SiteRuntime, site_pki: SitePki, swtpm_factory: SwtpmFactory
+) -> None:
+    software = [software_device(d.credentials()) for d in site_pki.factory_devices(5)]
+    tpms = [Tpm(swtpm_factory().tcti) for _ in range(2)]
+    try:
+        hardware = [tpm_device(site_pki, tpm, f"dev-tpm-{i}") for i, tpm in enumerate(tpms)]
+        stranger = software_device(site_pki.factory_device("zz-000001").credentials())
+        fleet = [*software, *hardware, stranger]
+        report = await onboard(
+            fleet, site.registration_endpoint, timeout=15, attempts=1, progress=False
+        )
+    finally:
+        for tpm in tpms:
+            tpm.close()
+
+    by_id = {r.device_id: r for r in report.results}
+    assert len(by_id) == 8
+    assert by_id["zz-000001"].ok is False
+    assert by_id["zz-000001"].reason == "not_in_manifest"
+    assert report.registered == 7 and report.failures == 1
+    assert report.reasons() == {"not_in_manifest": 1}
+    assert all(by_id[d.device_id.value].ok for d in [*software, *hardware])
+    assert all(r.latency_ms > 0 for r in report.results)
+    summary = report.summary()
+    assert summary["registered"] == 7 and summary["p50_ms"] is not None
+
+    for device in [*software, *hardware]:
+        reg = device.registered
+        assert reg is not None
+        assert reg.current_key == site_pki.payload_key  # unwrapped with the device's own key
+        assert reg.ldevid.public_key() == reg.ldevid_key.public_key()
+        assert reg.ldevid.issuer == site_pki.site_ca.subject
+    for device in hardware:  # the LDevID key and wrap key were made inside the TPM
+        assert device.registered is not None
+        assert isinstance(device.registered.ldevid_key, TpmKey)
+        assert isinstance(device.registered.wrap_key, TpmKey)
+    assert stranger.registered is None
+
+    assert site.store is not None
+    await site.store.record_event(None, "flush", "")
+    assert (await site.store.counts())["devices"] == 7
+    for device in [*software, *hardware]:
+        record = await site.store.device(device.device_id)
+        assert record is not None and record.status == "registered"
+    assert await site.store.device(stranger.device_id) is None
+
+
+async def test_load_fleet_on_disk_round_trip(
+    site: SiteRuntime, site_pki: SitePki, tmp_path: Path
+) -> None:
+    fleet_dir = tmp_path / "fleet"
+    made = site_pki.factory_devices(3, prefix="dev-disk-")
+    for d in made:
+        write_load_device(fleet_dir, d.idevid, (d.station_ca,), d.factory_key.private_key())
+    assert (
+        oct((fleet_dir / made[0].device_id.value / "factory.key.pem").stat().st_mode & 0o777)
+        == "0o600"
+    )
+    devices = load_fleet(fleet_dir, (site_pki.root,), count=2)
+    assert [d.device_id for d in devices] == [m.device_id for m in made[:2]]
+    report = await onboard(devices, site.registration_endpoint, concurrency=1, progress=False)
+    assert report.registered == 2 and report.failures == 0
+
+    with pytest.raises(FleetError, match="holds 3 devices"):
+        load_fleet(fleet_dir, (site_pki.root,), count=4)
+    # A key that does not match its certificate is refused before any connection.
+    other = site_pki.factory_device("dev-disk-other")
+    victim = fleet_dir / made[2].device_id.value
+    (victim / "factory.key.pem").unlink()
+    write_load_device(
+        tmp_path / "other", other.idevid, (other.station_ca,), other.factory_key.private_key()
+    )
+    (tmp_path / "other" / other.device_id.value / "factory.key.pem").rename(
+        victim / "factory.key.pem"
+    )
+    with pytest.raises(FleetError, match="does not match"):
+        load_fleet(fleet_dir, (site_pki.root,))
