@@ -51,6 +51,36 @@ def _station(home: Path, tcti: str | None) -> Iterator[FactoryStation]:
         yield station
 
 
+_APPROVALS = click.option(
+    "--approvals",
+    "approval_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Quorum evidence for an operation the entitlement gates (an approval bundle, or the "
+    "request and its approvals; repeat). Verified, recorded and audited before provisioning.",
+)
+
+
+def _accept_approvals(station: FactoryStation, files: tuple[Path, ...]) -> None:
+    from trustcore.quorum import MAX_EVIDENCE_SIZE
+
+    if not files:
+        return
+    blobs = []
+    for path in files:
+        if path.stat().st_size > MAX_EVIDENCE_SIZE:
+            raise Refused(f"malformed: {path} is larger than {MAX_EVIDENCE_SIZE} bytes")
+        blobs.append(path.read_bytes())
+    with _errors():
+        grant = station.accept_approvals(blobs)
+    what = f"{grant.extra} more on {grant.day}" if grant.day else f"device {grant.device_id}"
+    click.echo(
+        f"quorum approved: {grant.operation} ({what}) by {len(grant.approvers)} approvers, "
+        f"request {grant.request_id.hex()}",
+        err=True,
+    )
+
+
 def _nv_index(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
     try:
         return int(value, 0)
@@ -180,6 +210,7 @@ def _print_result(res: ProvisionResult, as_json: bool) -> None:
     help="Where the device's files go (key blob, idevid.pem); default HOME/devices/<id>.",
 )
 @click.option("--json", "as_json", is_flag=True)
+@_APPROVALS
 def provision(
     home: Path,
     tcti: str | None,
@@ -187,12 +218,14 @@ def provision(
     device_id: str | None,
     device_dir: Path | None,
     as_json: bool,
+    approval_files: tuple[Path, ...],
 ) -> None:
     """Provision one device reached through its TPM's TCTI."""
     from device_sim.device import TpmDevice
     from signers.tpm import Tpm
 
     with _station(home, tcti) as station:
+        _accept_approvals(station, approval_files)
         did = DeviceId(device_id) if device_id else station.allocate_device_id()
         directory = device_dir or home / "devices" / did.value
         directory.mkdir(parents=True, exist_ok=True)
@@ -222,6 +255,7 @@ def provision(
     help="Vendor CA directory: run swtpm_setup for every device (own EK, about 0.6 s each).",
 )
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True)
+@_APPROVALS
 def provision_batch_cmd(
     home: Path,
     tcti: str | None,
@@ -230,6 +264,7 @@ def provision_batch_cmd(
     ek_template: Path | None,
     ek_ca_dir: Path | None,
     workers: int,
+    approval_files: tuple[Path, ...],
 ) -> None:
     """Create COUNT simulated devices (one swtpm each) and provision them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -245,6 +280,8 @@ def provision_batch_cmd(
     )
     try:
         power_on_all(fleet)
+        with _station(home, tcti) as station:
+            _accept_approvals(station, approval_files)
         with (
             _station(home, tcti) as station,
             Progress(

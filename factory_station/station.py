@@ -30,7 +30,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from factory_station import quorum as quorum_grants
 from factory_station.attestation import AttestationVerifier
 from factory_station.errors import (
     EntitlementImportError,
@@ -53,7 +54,14 @@ from factory_station.store import ActiveEntitlement, MonotonicCounter, StationSt
 from signers.errors import TpmError
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage, TpmNvCounter
 from trustcore import cbor
-from trustcore.audit import AuditLog, ChainHead, decode_record, encode_export, record_hash
+from trustcore.audit import (
+    AuditLog,
+    ChainHead,
+    FieldValue,
+    decode_record,
+    encode_export,
+    record_hash,
+)
 from trustcore.crl import build_crl
 from trustcore.csr import build_csr
 from trustcore.entitlement import EntitlementPolicy
@@ -83,6 +91,7 @@ from trustcore.profiles import (
     issue_factory_certificate,
     station_id_from_certificate,
 )
+from trustcore.quorum import QuorumError, encode_bundle, parse_evidence, verify_quorum_rule
 from trustcore.sealed import open_package, peek, seal_package
 from trustcore.verify import ChainVerifier
 
@@ -300,6 +309,7 @@ class FactoryStation:
         self._audit = AuditLog(config.station_id.value, head=self._stored_head())
         self._active: _Active | None = None
         self._pending_export: tuple[int, int, int] | None = None
+        quorum_grants.ensure_tables(store.db)
 
     # ------------------------------------------------------------------------------- init
 
@@ -696,15 +706,85 @@ class FactoryStation:
     def _state(self, active: _Active, device_id: str, now: int) -> tuple[IssuanceState, str]:
         latest = self.store.latest_time()
         day = active.policy.day_of(max(now, latest))
+        issued_today = self.store.counts(active.row.sequence, day)
         return (
             IssuanceState(
                 issued_total=self._counter_value - active.row.counter_base,
-                issued_today=self.store.counts(active.row.sequence, day),
+                issued_today=issued_today,
                 latest_time=latest,
                 device_already_issued=self.store.device_issued(device_id),
+                approved_operations=quorum_grants.approved_operations(
+                    self.store.db, active.policy, active.row.sequence, day, issued_today
+                ),
             ),
             day,
         )
+
+    def accept_approvals(self, evidence: Sequence[bytes]) -> quorum_grants.QuorumGrant:
+        """Verify a quorum bundle for an operation the entitlement gates and store the
+        grant durably with its ``quorum_approved`` audit record (which carries the evidence
+        for HQ). Refusals raise :class:`IssuanceRefused` with the quorum reason."""
+        with self._lock:
+            active = self._require_entitlement()
+            policy = active.policy
+            now = self._clock()
+            day = policy.day_of(max(now, self.store.latest_time()))
+            try:
+                bundle = parse_evidence(evidence)
+                operation = bundle.request.operation
+                if operation == quorum_grants.REISSUE:
+                    raise QuorumError(
+                        "re-issuing a device certificate is not supported by this station yet "
+                        "(its database keeps one certificate per device)",
+                        reason="unsupported",
+                    )
+                params = quorum_grants.check_station_params(
+                    policy, operation, bundle.request.params, day
+                )
+                decision = verify_quorum_rule(
+                    bundle,
+                    policy.quorum_rule(operation),
+                    params=params,
+                    now=now,
+                    used_request_ids=(
+                        {bundle.request.request_id}
+                        if quorum_grants.grant_used(self.store.db, bundle.request.request_id)
+                        else set()
+                    ),
+                    clock_skew_s=policy.clock_skew_s,
+                )
+            except QuorumError as exc:
+                self._audit_refusal("", f"quorum_{exc.reason}")
+                raise IssuanceRefused(f"approvals refused: {exc}", reason=exc.reason) from exc
+            counted = set(decision.approvers)
+            carried = encode_bundle(
+                bundle.request, [a for a in bundle.approvals if a.approver in counted]
+            )
+            fields: dict[str, FieldValue] = {
+                "operation": operation,
+                "request_id": decision.request_id,
+                "approvers": ",".join(a.hex() for a in decision.approvers),
+                "entitlement_seq": active.row.sequence,
+                "evidence": carried,
+            }
+            for name in ("day", "extra", "device_id"):
+                if name in params:
+                    fields[name] = params[name]
+            rec = self._audit.append("quorum_approved", fields, now)
+            try:
+                with self.store.transaction() as db:
+                    grant = quorum_grants.record_grant(db, decision, active.row.sequence, now)
+                    db.execute(
+                        "INSERT INTO audit(seq, record) VALUES (?, ?)",
+                        (self._audit.head.next_seq - 1, rec),
+                    )
+            except QuorumError as exc:
+                self._reload_audit()
+                raise IssuanceRefused(f"approvals refused: {exc}", reason=exc.reason) from exc
+            except BaseException:
+                self._reload_audit()
+                raise
+            return grant
 
     def check(self, device_id: DeviceId, product: str | None = None) -> None:
         """Run the policy checks without issuing (fail early, before device work)."""

@@ -12,7 +12,7 @@ import hashlib
 import os
 import secrets as _random
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -284,14 +284,22 @@ def issue_entitlement(
     secrets: HqSecrets,
     *,
     now: datetime | None = None,
+    approvals: Sequence[bytes] = (),
 ) -> EntitlementResult:
     """Issue the station's next entitlement: a fresh station CA certificate valid no longer
     than the key-use window, the policy with the next monotonic sequence, the audit receiver
     certificate and the product secrets, sealed (signed by the entitlement signer, encrypted
-    to the station's enrolled transport key), and recorded before it is returned."""
+    to the station's enrolled transport key), and recorded before it is returned.
+
+    An entitlement above HQ's quorum threshold needs ``approvals`` (``hq.approvals``): they
+    are checked before anything is signed and consumed with the entitlement's record."""
+    from hq.approvals import ISSUE_ENTITLEMENT, authorize, entitlement_params, precheck
+
     moment = _now(now)
     not_before = _aware("not_before", request.not_before)
     not_after = _aware("not_after", request.not_after)
+    quorum_params = entitlement_params(request)
+    precheck(home, ISSUE_ENTITLEMENT, quorum_params, approvals, now=int(moment.timestamp()))
     if not_after <= int(moment.timestamp()):
         raise EntitlementError("the key-use window has already ended", reason="window_expired")
     for name in request.product_secrets:
@@ -354,7 +362,15 @@ def issue_entitlement(
         )
         # Recorded before the package is handed out: HQ must know every entitlement it issued
         # (the audit of the station is reconciled against it).
-        with store.transaction():
+        with store.transaction() as conn:
+            authorize(
+                home,
+                ISSUE_ENTITLEMENT,
+                quorum_params,
+                approvals,
+                conn=conn,
+                now=int(moment.timestamp()),
+            )
             store.put_entitlement(row, digest)
     finally:
         store.close()

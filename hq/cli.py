@@ -63,6 +63,24 @@ def _secret_options(f: F) -> F:
     )(f)
 
 
+def _approvals_option(f: F) -> F:
+    return click.option(
+        "--approvals",
+        "approval_files",
+        multiple=True,
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        help="Quorum evidence: an approval bundle, or the request and its approval files "
+        "(repeat). See docs/quorum.md.",
+    )(f)
+
+
+def _read_approvals(paths: tuple[Path, ...]) -> list[bytes]:
+    from hq.approvals import read_file
+    from trustcore.quorum import MAX_EVIDENCE_SIZE
+
+    return [read_file(p, MAX_EVIDENCE_SIZE) for p in paths]
+
+
 def _fail(exc: HqError, code: int = 1) -> NoReturn:
     click.echo(f"error: {exc}", err=True)
     sys.exit(code)
@@ -224,6 +242,7 @@ def _parse_quorum(spec: str) -> Any:
 @click.option("--id-digits", type=click.IntRange(1, 18), required=True)
 @click.option("--secret", "secret_specs", multiple=True, help="NAME=@file product secret.")
 @click.option("--quorum", "quorum_specs", multiple=True, help="OP:M:approver-key-file,...")
+@_approvals_option
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output file."
 )
@@ -243,6 +262,7 @@ def entitle_command(
     id_digits: int,
     secret_specs: tuple[str, ...],
     quorum_specs: tuple[str, ...],
+    approval_files: tuple[Path, ...],
     out: Path,
     passphrase_file: Path | None,
     pin_file: Path | None,
@@ -277,7 +297,12 @@ def entitle_command(
         quorum=tuple(_parse_quorum(q) for q in quorum_specs),
     )
     try:
-        result = issue_entitlement(HqHome.open(home), request, HqSecrets(passphrase_file, pin_file))
+        result = issue_entitlement(
+            HqHome.open(home),
+            request,
+            HqSecrets(passphrase_file, pin_file),
+            approvals=_read_approvals(approval_files),
+        )
         write_package(out, result.package)
     except HqError as exc:
         _fail(exc)
@@ -448,6 +473,7 @@ def site_enrol_command(
     help="Limit --admit-station to products (their device-id prefixes).",
 )
 @click.option("--rotate-payload-key", is_flag=True, help="Generate a new current payload key.")
+@_approvals_option
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output file."
 )
@@ -460,6 +486,7 @@ def site_bundle_command(
     admit_stations: tuple[str, ...],
     admit_products: tuple[str, ...],
     rotate_payload_key: bool,
+    approval_files: tuple[Path, ...],
     out: Path,
     passphrase_file: Path | None,
     pin_file: Path | None,
@@ -480,7 +507,12 @@ def site_bundle_command(
         rotate_payload_key=rotate_payload_key,
     )
     try:
-        result = build_site_bundle(HqHome.open(home), request, HqSecrets(passphrase_file, pin_file))
+        result = build_site_bundle(
+            HqHome.open(home),
+            request,
+            HqSecrets(passphrase_file, pin_file),
+            approvals=_read_approvals(approval_files),
+        )
         write_package(out, result.package)
     except HqError as exc:
         _fail(exc)
@@ -505,3 +537,10 @@ def site_bundle_command(
         )
     if not result.manifest and not result.admission:
         console.print("[yellow]warning:[/] this bundle admits no device")
+
+
+# ------------------------------------------------------------------------------ approvals
+
+from hq.approval_cli import approval_group  # noqa: E402 (the group registers below)
+
+main.add_command(approval_group)

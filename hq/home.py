@@ -40,6 +40,7 @@ __all__ = [
     "PIN_ENV",
     "HqConfig",
     "HqHome",
+    "HqQuorumConfig",
     "HqSecrets",
     "Pkcs11Location",
 ]
@@ -84,6 +85,46 @@ class Pkcs11Location:
 
 
 @dataclass(frozen=True)
+class HqQuorumConfig:
+    """The optional ``"quorum"`` section of ``hq.json`` (see ``docs/quorum.md``).
+
+    ``m`` approvals of the HQ approver set authorise a gated operation. Station CA
+    revocation and adding an approver (once the set is non-empty) are always gated; an
+    entitlement is gated when its quota exceeds ``entitlement_quota_above``; site bundles
+    (which carry payload keys) when ``export_payload_key`` is true.
+    """
+
+    m: int = 2
+    entitlement_quota_above: int | None = None
+    export_payload_key: bool = False
+    request_lifetime_s: int = 86400
+
+    _KEYS = frozenset({"m", "entitlement_quota_above", "export_payload_key", "request_lifetime_s"})
+
+    def __post_init__(self) -> None:
+        if type(self.m) is not int or self.m < 1:
+            raise ValueError("quorum.m must be an integer >= 1")
+        q = self.entitlement_quota_above
+        if q is not None and (type(q) is not int or q < 0):
+            raise ValueError("quorum.entitlement_quota_above must be null or an integer >= 0")
+        if type(self.export_payload_key) is not bool:
+            raise ValueError("quorum.export_payload_key must be true or false")
+        if type(self.request_lifetime_s) is not int or not 60 <= self.request_lifetime_s <= (
+            30 * 86400
+        ):
+            raise ValueError("quorum.request_lifetime_s must be 60..2592000")
+
+    def to_map(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in sorted(self._KEYS)}
+
+    @classmethod
+    def from_map(cls, data: Any) -> HqQuorumConfig:
+        if not isinstance(data, dict) or not set(data) <= cls._KEYS:
+            raise ValueError(f"quorum must be a map with keys from {sorted(cls._KEYS)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class HqConfig:
     """``hq.json``: strict (unknown or missing keys are errors)."""
 
@@ -91,6 +132,7 @@ class HqConfig:
     root_pkcs11: Pkcs11Location | None
     created: int
     version: int = CONFIG_VERSION
+    quorum: HqQuorumConfig | None = None
 
     def to_json(self) -> str:
         root: dict[str, Any] = {"backend": "software"}
@@ -107,19 +149,22 @@ class HqConfig:
             "created": self.created,
             "root_key": root,
         }
+        if self.quorum is not None:
+            data["quorum"] = self.quorum.to_map()
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> HqConfig:
         try:
             data = json.loads(text)
-            if not isinstance(data, dict) or set(data) != {
+            if not isinstance(data, dict) or set(data) - {"quorum"} != {
                 "version",
                 "organization",
                 "created",
                 "root_key",
             }:
                 raise ValueError("unexpected keys")
+            quorum = HqQuorumConfig.from_map(data["quorum"]) if "quorum" in data else None
             if data["version"] != CONFIG_VERSION:
                 raise ValueError(f"unsupported version {data['version']!r}")
             root = data["root_key"]
@@ -139,7 +184,7 @@ class HqConfig:
                 raise ValueError("bad organization or created")
         except (ValueError, TypeError) as exc:
             raise HomeError(f"hq.json is invalid: {exc}") from exc
-        return cls(organization=organization, root_pkcs11=location, created=created)
+        return cls(organization=organization, root_pkcs11=location, created=created, quorum=quorum)
 
 
 def _load_cert(path: Path) -> x509.Certificate:

@@ -12,6 +12,7 @@ admission rules, and the site's payload keys re-sealed from the KMS to the site.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -413,12 +414,18 @@ def build_site_bundle(
     secrets: HqSecrets,
     *,
     now: datetime | None = None,
+    approvals: Sequence[bytes] = (),
 ) -> SiteBundleResult:
     """Build, record and return the site's next bundle (see the module docstring).
 
     Everything HQ decides here (a new payload key, the root CRL number, the first revocation
     list, the bundle sequence) commits in one transaction before the package is returned."""
+    from hq.approvals import EXPORT_PAYLOAD_KEY, authorize, precheck, site_bundle_params
+
     moment = _now(now)
+    # The bundle exports the site's payload keys: HQ may require a quorum for that.
+    quorum_params = site_bundle_params(request.site_id)
+    precheck(home, EXPORT_PAYLOAD_KEY, quorum_params, approvals, now=int(moment.timestamp()))
     kms = kms_key(home, secrets)  # fail before anything else on an HQ without a KMS
     store = HqStore.open(home.db_path)
     try:
@@ -430,7 +437,15 @@ def build_site_bundle(
         station_certs, station_crls = _station_material(store, moment)
         transport = serialization.load_der_public_key(site.transport_public_der)
         signer = home.role_key(HqRole.ENTITLEMENT_SIGNER, secrets)
-        with store.transaction():
+        with store.transaction() as conn:
+            authorize(
+                home,
+                EXPORT_PAYLOAD_KEY,
+                quorum_params,
+                approvals,
+                conn=conn,
+                now=int(moment.timestamp()),
+            )
             ensure_site_payload_key(
                 store,
                 kms,

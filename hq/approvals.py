@@ -1,0 +1,835 @@
+"""HQ's side of quorum approvals: the approver set, approval requests, the gates, the
+online endpoint, and the approver's own tools (key creation and signing).
+
+The decision itself is pure (:mod:`trustcore.quorum`); this module adds what needs I/O:
+
+* the **approver set** and its history live in the HQ database (tables created here on
+  first use, beside the schema of :mod:`hq.store`); adding an approver needs a quorum of the
+  existing set once it is non-empty (the first approver bootstraps the set);
+* **requests** HQ wrote are stored so the endpoint can list them and accept approvals for
+  them only; approvals received online are verified on receipt and stored;
+* **consumed request ids** are stored in the same transaction as the operation they
+  authorised, so one quorum authorises one operation, once;
+* the **gates** (:func:`authorize`) that HQ operations call with the evidence files.
+
+Approvers run :func:`approver_signer` and :func:`sign_request_file` on their own machine,
+with their own key (an encrypted keystore or a PKCS#11 token); HQ never sees the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import secrets as _random
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hq.errors import HomeError, HqError, SecretError
+from hq.home import HqHome, HqQuorumConfig
+from hq.store import HqStore
+from signers.errors import SignerError
+from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
+from trustcore.entitlement import QUORUM_OPERATIONS
+from trustcore.errors import EncodingError, InvalidValueError
+from trustcore.keys import Signer, key_id
+from trustcore.quorum import (
+    MAX_APPROVAL_SIZE,
+    Approval,
+    ApprovalRequest,
+    QuorumDecision,
+    QuorumError,
+    check_approval,
+    encode_bundle,
+    parse_evidence,
+    sign_approval,
+    verify_quorum,
+)
+
+__all__ = [
+    "ADD_APPROVER",
+    "APPROVER_PASSPHRASE_ENV",
+    "APPROVER_PIN_ENV",
+    "EXPORT_PAYLOAD_KEY",
+    "HQ_OPERATIONS",
+    "ISSUE_ENTITLEMENT",
+    "REVOKE_STATION_CA",
+    "ApprovalServer",
+    "ApproverRow",
+    "QuorumRefused",
+    "add_approver",
+    "add_approver_params",
+    "approver_signer",
+    "approvers",
+    "authorize",
+    "bundle_from_db",
+    "create_request",
+    "entitlement_params",
+    "gate_required",
+    "make_server",
+    "pending_requests",
+    "record_approval",
+    "revoke_station_ca_params",
+    "site_bundle_params",
+]
+
+ISSUE_ENTITLEMENT: Final = "issue_entitlement"
+REVOKE_STATION_CA: Final = "revoke_station_ca"
+EXPORT_PAYLOAD_KEY: Final = "export_payload_key"
+ADD_APPROVER: Final = "add_approver"
+#: Operations HQ itself gates (the station's are :data:`QUORUM_OPERATIONS`).
+HQ_OPERATIONS: Final = frozenset(
+    {ISSUE_ENTITLEMENT, REVOKE_STATION_CA, EXPORT_PAYLOAD_KEY, ADD_APPROVER}
+)
+
+APPROVER_PASSPHRASE_ENV: Final = "DEVTRUST_APPROVER_PASSPHRASE"  # noqa: S105 (a name)
+APPROVER_PIN_ENV: Final = "DEVTRUST_APPROVER_PIN"
+#: Largest POST body the endpoint reads: one approval.
+MAX_POST_BODY: Final = MAX_APPROVAL_SIZE
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS quorum_approvers (
+    key_id BLOB PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    public_der BLOB NOT NULL,
+    added_at INTEGER NOT NULL,
+    request_id BLOB
+);
+CREATE TABLE IF NOT EXISTS quorum_requests (
+    request_id BLOB PRIMARY KEY,
+    operation TEXT NOT NULL,
+    request_cbor BLOB NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quorum_received (
+    request_id BLOB NOT NULL REFERENCES quorum_requests(request_id),
+    approver BLOB NOT NULL,
+    approval_cbor BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (request_id, approver)
+);
+CREATE TABLE IF NOT EXISTS quorum_consumed (
+    request_id BLOB PRIMARY KEY,
+    operation TEXT NOT NULL,
+    approvers TEXT NOT NULL,
+    consumed_at INTEGER NOT NULL
+);
+"""
+
+
+class QuorumRefused(HqError):
+    """A gated HQ operation was refused for want of a valid quorum (``reason`` from
+    :data:`trustcore.quorum.QUORUM_REASONS`)."""
+
+    reason = "quorum_refused"
+
+
+def _now(now: int | None) -> int:
+    return int(datetime.now(UTC).timestamp()) if now is None else now
+
+
+@contextlib.contextmanager
+def _db(home: HqHome) -> Iterator[HqStore]:
+    store = HqStore.open(home.db_path)
+    try:
+        # Statement by statement: executescript would commit an open transaction.
+        with store.transaction() as conn:
+            _ensure_tables(conn)
+        yield store
+    finally:
+        store.close()
+
+
+def _config(home: HqHome) -> HqQuorumConfig:
+    return home.config.quorum or HqQuorumConfig()
+
+
+# ------------------------------------------------------------------------------ parameters
+
+
+def entitlement_params(request: Any) -> dict[str, Any]:
+    """What an ``issue_entitlement`` quorum approves (from a ``hq.authority``
+    ``EntitlementRequest``): the station, product, quotas, window and id range."""
+    return {
+        "station_id": request.station_id,
+        "product": request.product,
+        "total_quota": request.total_quota,
+        "daily_limit": request.daily_limit,
+        "day_timezone": request.day_timezone,
+        "not_before": int(request.not_before.timestamp()),
+        "not_after": int(request.not_after.timestamp()),
+        "id_prefix": request.id_rule.prefix,
+        "id_first": request.id_rule.first,
+        "id_last": request.id_rule.last,
+        "id_digits": request.id_rule.digits,
+    }
+
+
+def revoke_station_ca_params(station_id: str) -> dict[str, Any]:
+    return {"station_id": station_id}
+
+
+def site_bundle_params(site_id: str) -> dict[str, Any]:
+    """A site bundle exports the site's payload keys to the site's transport key."""
+    return {"site_id": site_id}
+
+
+def add_approver_params(name: str, public_key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return {"name": name, "key_id": key_id(public_key).hex(), "public_key": der}
+
+
+# ------------------------------------------------------------------------------ approvers
+
+
+@dataclass(frozen=True)
+class ApproverRow:
+    key_id: bytes
+    name: str
+    public_der: bytes
+    added_at: int
+
+
+def _approver_rows(conn: sqlite3.Connection) -> list[ApproverRow]:
+    return [
+        ApproverRow(bytes(r[0]), str(r[1]), bytes(r[2]), int(r[3]))
+        for r in conn.execute(
+            "SELECT key_id, name, public_der, added_at FROM quorum_approvers ORDER BY added_at"
+        )
+    ]
+
+
+def approvers(home: HqHome) -> list[ApproverRow]:
+    with _db(home) as store, store.transaction() as conn:
+        return _approver_rows(conn)
+
+
+def _threshold(home: HqHome, operation: str, set_size: int) -> int:
+    m = _config(home).m
+    # Bootstrap: with fewer approvers than m, adding one needs all of them (never zero).
+    return min(m, set_size) if operation == ADD_APPROVER else m
+
+
+def gate_required(
+    home: HqHome,
+    operation: str,
+    params: Mapping[str, Any],
+    conn: sqlite3.Connection | None = None,
+) -> bool:
+    """Whether HQ's policy puts ``operation`` behind the quorum (``docs/quorum.md``). Pass
+    ``conn`` when inside a transaction (a second connection would wait on its lock)."""
+    cfg = _config(home)
+    if operation == REVOKE_STATION_CA:
+        return True
+    if operation == ISSUE_ENTITLEMENT:
+        limit = cfg.entitlement_quota_above
+        return limit is not None and int(params["total_quota"]) > limit
+    if operation == EXPORT_PAYLOAD_KEY:
+        return cfg.export_payload_key
+    if operation == ADD_APPROVER:
+        if conn is not None:
+            _ensure_tables(conn)
+            return bool(_approver_rows(conn))
+        with _db(home) as store, store.transaction() as tx:
+            return bool(_approver_rows(tx))
+    raise QuorumRefused(f"unknown HQ operation {operation!r}", reason="no_quorum")
+
+
+def _used(conn: sqlite3.Connection, request_id: bytes) -> set[bytes]:
+    row = conn.execute(
+        "SELECT 1 FROM quorum_consumed WHERE request_id = ?", (request_id,)
+    ).fetchone()
+    return {request_id} if row else set()
+
+
+def verify_hq_quorum(
+    home: HqHome,
+    conn: sqlite3.Connection,
+    operation: str,
+    params: Mapping[str, Any],
+    evidence: Sequence[bytes],
+    now: int,
+) -> QuorumDecision:
+    """Verify evidence for an HQ operation against the HQ approver set (no consumption)."""
+    try:
+        if not evidence:
+            raise QuorumError(
+                f"{operation} needs a quorum of approvers and no approvals were given",
+                reason="insufficient",
+            )
+        bundle = parse_evidence(evidence)
+        rows = _approver_rows(conn)
+        return verify_quorum(
+            bundle.request,
+            bundle.approvals,
+            operation=operation,
+            params=params,
+            approvers=[r.key_id for r in rows],
+            m=_threshold(home, operation, len(rows)),
+            now=now,
+            used_request_ids=_used(conn, bundle.request.request_id),
+        )
+    except QuorumError as exc:
+        raise QuorumRefused(f"{operation} refused: {exc.args[0]}", reason=exc.reason) from exc
+
+
+def consume(conn: sqlite3.Connection, decision: QuorumDecision, now: int) -> None:
+    """Record ``decision`` as used, inside the caller's transaction (so the operation and
+    the consumption commit together). A concurrent use of the same request loses here."""
+    try:
+        conn.execute(
+            "INSERT INTO quorum_consumed (request_id, operation, approvers, consumed_at) "
+            "VALUES (?, ?, ?, ?)",
+            (
+                decision.request_id,
+                decision.operation,
+                ",".join(a.hex() for a in decision.approvers),
+                now,
+            ),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise QuorumRefused(
+            f"request {decision.request_id.hex()} was already used", reason="replayed"
+        ) from exc
+
+
+def authorize(
+    home: HqHome,
+    operation: str,
+    params: Mapping[str, Any],
+    evidence: Sequence[bytes],
+    *,
+    conn: sqlite3.Connection | None = None,
+    now: int | None = None,
+) -> QuorumDecision | None:
+    """The gate every quorum-gated HQ operation calls before it acts.
+
+    Returns ``None`` when HQ's policy does not gate this operation, the verified and
+    consumed decision when the evidence holds, and raises :class:`QuorumRefused`
+    otherwise. Pass ``conn`` (from ``HqStore.transaction()``) to consume the request id in
+    the operation's own transaction; without it the consumption commits at once (an
+    operation that then fails has used up its approvals: fail closed).
+    """
+    moment = _now(now)
+    if not gate_required(home, operation, params, conn):
+        return None
+    if conn is not None:
+        _ensure_tables(conn)
+        decision = verify_hq_quorum(home, conn, operation, params, evidence, moment)
+        consume(conn, decision, moment)
+        return decision
+    with _db(home) as store, store.transaction() as tx:
+        decision = verify_hq_quorum(home, tx, operation, params, evidence, moment)
+        consume(tx, decision, moment)
+        return decision
+
+
+def _ensure_tables(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def add_approver(
+    home: HqHome,
+    name: str,
+    public_key: ec.EllipticCurvePublicKey,
+    evidence: Sequence[bytes] = (),
+    *,
+    now: int | None = None,
+) -> ApproverRow:
+    """Add an approver to the HQ set. The first one needs no quorum (bootstrap); every
+    later one needs ``min(m, current set size)`` approvals of the current set."""
+    moment = _now(now)
+    if not name or len(name) > 64 or not name.isprintable():
+        raise HqError("approver name must be 1..64 printable characters", reason="bad_request")
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        raise HqError("approver keys are P-256 keys", reason="bad_request")
+    params = add_approver_params(name, public_key)
+    with _db(home) as store, store.transaction() as conn:
+        rows = _approver_rows(conn)
+        kid = key_id(public_key)
+        if any(r.key_id == kid for r in rows):
+            raise HqError(f"key {kid.hex()} is already an approver", reason="already_approver")
+        if any(r.name == name for r in rows):
+            raise HqError(f"an approver is already named {name!r}", reason="already_approver")
+        request_id: bytes | None = None
+        if rows:
+            decision = verify_hq_quorum(home, conn, ADD_APPROVER, params, evidence, moment)
+            consume(conn, decision, moment)
+            request_id = decision.request_id
+        der = params["public_key"]
+        conn.execute(
+            "INSERT INTO quorum_approvers (key_id, name, public_der, added_at, request_id) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (kid, name, der, moment, request_id),
+        )
+    return ApproverRow(kid, name, der, moment)
+
+
+# -------------------------------------------------------------------------------- requests
+
+
+def _station_rule(store: HqStore, station_id: str, operation: str) -> tuple[Any, Any]:
+    last = store.last_entitlement_sequence(station_id)
+    row = store.entitlement(station_id, last) if last else None
+    if row is None:
+        raise HqError(f"station {station_id!r} has no entitlement", reason="unknown_station")
+    rule = row.policy.quorum_rule(operation)
+    if rule is None:
+        raise HqError(
+            f"the entitlement of {station_id} names no quorum for {operation}",
+            reason="no_quorum",
+        )
+    return row.policy, rule
+
+
+def create_request(
+    home: HqHome,
+    operation: str,
+    params: Mapping[str, Any],
+    *,
+    requested_by: str,
+    station_id: str | None = None,
+    lifetime_s: int | None = None,
+    now: int | None = None,
+) -> ApprovalRequest:
+    """Write and store an approval request for ``operation``.
+
+    HQ operations name the HQ approver set and HQ's ``m``. Station operations
+    (:data:`QUORUM_OPERATIONS`) need ``station_id``: the approvers, ``m``, the station id and
+    the entitlement id come from that station's current entitlement, so the approvals are
+    only good for it.
+    """
+    moment = _now(now)
+    lifetime = _config(home).request_lifetime_s if lifetime_s is None else lifetime_s
+    full = dict(params)
+    with _db(home) as store:
+        if operation in QUORUM_OPERATIONS:
+            if station_id is None:
+                raise HqError(f"{operation} is a station operation: name the station")
+            policy, rule = _station_rule(store, station_id, operation)
+            full.update({"station_id": policy.station_id, "entitlement_id": policy.entitlement_id})
+            named, m = tuple(rule.approvers), rule.m
+        elif operation in HQ_OPERATIONS:
+            with store.transaction() as conn:
+                rows = _approver_rows(conn)
+            if not rows:
+                raise HqError("the HQ approver set is empty", reason="no_quorum")
+            named = tuple(r.key_id for r in rows)
+            m = _threshold(home, operation, len(rows))
+            if m > len(named):
+                raise HqError(
+                    f"the HQ quorum needs {m} approvers, the set has {len(named)}",
+                    reason="no_quorum",
+                )
+        else:
+            raise HqError(f"unknown operation {operation!r}", reason="bad_request")
+        try:
+            request = ApprovalRequest(
+                request_id=_random.token_bytes(16),
+                operation=operation,
+                params=full,
+                approvers=named,
+                m=m,
+                created=moment,
+                expires=moment + lifetime,
+                requested_by=requested_by,
+            )
+        except InvalidValueError as exc:
+            raise HqError(f"invalid approval request: {exc}", reason="bad_request") from exc
+        with store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO quorum_requests (request_id, operation, request_cbor, created, "
+                "expires) VALUES (?, ?, ?, ?, ?)",
+                (request.request_id, operation, request.encode(), request.created, request.expires),
+            )
+    return request
+
+
+def _stored_request(conn: sqlite3.Connection, request_id: bytes) -> ApprovalRequest | None:
+    row = conn.execute(
+        "SELECT request_cbor FROM quorum_requests WHERE request_id = ?", (request_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    try:
+        return ApprovalRequest.decode(bytes(row[0]))
+    except EncodingError as exc:
+        raise HomeError(f"stored approval request is corrupt: {exc}") from exc
+
+
+def record_approval(
+    home: HqHome, data: bytes, *, now: int | None = None
+) -> tuple[ApprovalRequest, int]:
+    """Verify one approval on receipt and store it: the request must be one HQ wrote, still
+    open (unexpired, not consumed), the approver named by it, the signature valid. The
+    signature is the authentication. Returns the request and how many distinct approvals
+    it now has. The same approver again replaces their earlier approval."""
+    moment = _now(now)
+    try:
+        approval = Approval.decode(data)
+    except EncodingError as exc:
+        raise QuorumRefused(f"approval does not decode: {exc}", reason="malformed") from exc
+    with _db(home) as store, store.transaction() as conn:
+        request = _stored_request(conn, approval.request_id)
+        if request is None:
+            raise QuorumRefused(
+                f"no request {approval.request_id.hex()} at this HQ", reason="unknown_request"
+            )
+        if _used(conn, request.request_id):
+            raise QuorumRefused("that request was already used", reason="replayed")
+        try:
+            check_approval(request, approval, now=moment)
+        except QuorumError as exc:
+            raise QuorumRefused(f"approval refused: {exc.args[0]}", reason=exc.reason) from exc
+        conn.execute(
+            "INSERT INTO quorum_received (request_id, approver, approval_cbor, received_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (request_id, approver) DO UPDATE SET "
+            "approval_cbor = excluded.approval_cbor, received_at = excluded.received_at",
+            (request.request_id, approval.approver, approval.encode(), moment),
+        )
+        count = conn.execute(
+            "SELECT count(*) FROM quorum_received WHERE request_id = ?", (request.request_id,)
+        ).fetchone()[0]
+    return request, int(count)
+
+
+def pending_requests(home: HqHome, *, now: int | None = None) -> list[tuple[ApprovalRequest, int]]:
+    """Requests still open (unexpired, unconsumed), with their number of approvals."""
+    moment = _now(now)
+    out = []
+    with _db(home) as store, store.transaction() as conn:
+        rows = conn.execute(
+            "SELECT r.request_id, (SELECT count(*) FROM quorum_received a "
+            "WHERE a.request_id = r.request_id) FROM quorum_requests r "
+            "WHERE r.expires > ? AND r.request_id NOT IN (SELECT request_id FROM quorum_consumed) "
+            "ORDER BY r.created",
+            (moment,),
+        ).fetchall()
+        for rid, count in rows:
+            request = _stored_request(conn, bytes(rid))
+            assert request is not None
+            out.append((request, int(count)))
+    return out
+
+
+def bundle_from_db(home: HqHome, request_id: bytes) -> bytes:
+    """The request and every approval received for it, as one bundle file."""
+    with _db(home) as store, store.transaction() as conn:
+        request = _stored_request(conn, request_id)
+        if request is None:
+            raise HqError(f"no request {request_id.hex()}", reason="unknown_request")
+        approvals = [
+            Approval.decode(bytes(r[0]))
+            for r in conn.execute(
+                "SELECT approval_cbor FROM quorum_received WHERE request_id = ? ORDER BY approver",
+                (request_id,),
+            )
+        ]
+    return encode_bundle(request, approvals)
+
+
+def request_summary(request: ApprovalRequest, approvals: int | None = None) -> dict[str, Any]:
+    """A JSON-able view of a request (bytes as hex) for listings and the endpoint."""
+    view: dict[str, Any] = {
+        "request_id": request.request_id.hex(),
+        "operation": request.operation,
+        "params": {k: (v.hex() if isinstance(v, bytes) else v) for k, v in request.params.items()},
+        "approvers": [a.hex() for a in request.approvers],
+        "m": request.m,
+        "created": request.created,
+        "expires": request.expires,
+        "requested_by": request.requested_by,
+        "digest": request.digest.hex(),
+    }
+    if approvals is not None:
+        view["approvals"] = approvals
+    return view
+
+
+# ---------------------------------------------------------------------------- the endpoint
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ApprovalServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: HTTPStatus, obj: Any) -> None:
+        self._send(status, (json.dumps(obj, sort_keys=True) + "\n").encode(), "application/json")
+
+    def _error(self, status: HTTPStatus, reason: str, message: str) -> None:
+        self._json(status, {"error": reason, "message": message})
+
+    def do_GET(self) -> None:
+        home = self.server.home
+        try:
+            if self.path == "/requests":
+                self._json(
+                    HTTPStatus.OK,
+                    [request_summary(r, n) for r, n in pending_requests(home)],
+                )
+                return
+            if self.path.startswith("/requests/"):
+                try:
+                    rid = bytes.fromhex(self.path.removeprefix("/requests/"))
+                except ValueError:
+                    self._error(HTTPStatus.BAD_REQUEST, "malformed", "request id is hex")
+                    return
+                with _db(home) as store, store.transaction() as conn:
+                    request = _stored_request(conn, rid)
+                if request is None:
+                    self._error(HTTPStatus.NOT_FOUND, "unknown_request", "no such request")
+                    return
+                self._send(HTTPStatus.OK, request.encode(), "application/cbor")
+                return
+            self._error(HTTPStatus.NOT_FOUND, "not_found", "GET /requests or /requests/<id>")
+        except HqError as exc:
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, exc.reason, "HQ error")
+
+    def do_POST(self) -> None:
+        if self.path != "/approvals":
+            self._error(HTTPStatus.NOT_FOUND, "not_found", "POST /approvals")
+            return
+        length_text = self.headers.get("Content-Length")
+        if length_text is None or not length_text.isdigit():
+            self.close_connection = True
+            self._error(HTTPStatus.LENGTH_REQUIRED, "malformed", "Content-Length required")
+            return
+        length = int(length_text)
+        if length > MAX_POST_BODY:
+            # Do not read it: a bounded server never buffers what it will refuse.
+            self.close_connection = True
+            self._error(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "oversized", f"at most {MAX_POST_BODY} bytes"
+            )
+            return
+        body = self.rfile.read(length)
+        try:
+            request, count = record_approval(self.server.home, body)
+        except QuorumRefused as exc:
+            status = {
+                "unknown_request": HTTPStatus.NOT_FOUND,
+                "malformed": HTTPStatus.BAD_REQUEST,
+                "replayed": HTTPStatus.CONFLICT,
+                "expired": HTTPStatus.GONE,
+            }.get(exc.reason, HTTPStatus.FORBIDDEN)
+            self._error(status, exc.reason, str(exc.args[0]))
+            return
+        except HqError as exc:
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, exc.reason, "HQ error")
+            return
+        self._json(
+            HTTPStatus.CREATED,
+            {"request_id": request.request_id.hex(), "approvals": count, "m": request.m},
+        )
+
+
+class ApprovalServer(ThreadingHTTPServer):
+    """The online approval endpoint: ``GET /requests`` lists open requests (JSON),
+    ``GET /requests/<id>`` returns one request (CBOR) for review and signing, ``POST
+    /approvals`` takes one approval (CBOR, at most :data:`MAX_POST_BODY` bytes).
+
+    No passwords or sessions: an approval is accepted only if it is signed by a key its
+    request names, for a request this HQ wrote and that is still open. Listing is public to
+    whoever reaches the socket, so the default bind is loopback (reach it over SSH or a
+    reverse proxy with TLS)."""
+
+    daemon_threads = True
+
+    def __init__(self, home: HqHome, address: tuple[str, int], *, verbose: bool = False) -> None:
+        self.home = home
+        self.verbose = verbose
+        super().__init__(address, _Handler)
+
+
+def make_server(
+    home: HqHome, host: str = "127.0.0.1", port: int = 8765, *, verbose: bool = False
+) -> ApprovalServer:
+    """Bind the endpoint (``port`` 0 picks a free one: see ``server_address``)."""
+    try:
+        return ApprovalServer(home, (host, port), verbose=verbose)
+    except OSError as exc:
+        raise HqError(f"cannot listen on {host}:{port}: {exc}", reason="io_error") from exc
+
+
+@contextlib.contextmanager
+def running_server(
+    home: HqHome, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[ApprovalServer]:
+    """The endpoint in a background thread for the duration of the block."""
+    server = make_server(home, host, port)
+    thread = threading.Thread(target=server.serve_forever, name="hq-approvals", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+# ------------------------------------------------------------------------ approver's tools
+
+
+@dataclass(frozen=True)
+class ApproverKeySource:
+    """Where an approver's key is: an encrypted keystore file, or a PKCS#11 token."""
+
+    keystore: Path | None = None
+    passphrase_file: Path | None = None
+    pkcs11_module: str | None = None
+    pkcs11_token: str | None = None
+    pkcs11_key: str | None = None
+    pin_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        token = [self.pkcs11_module, self.pkcs11_token, self.pkcs11_key]
+        if (self.keystore is None) == (not any(token)) or (any(token) and not all(token)):
+            raise HqError(
+                "give either a keystore or all of the PKCS#11 module, token and key label",
+                reason="bad_request",
+            )
+
+    def _passphrase(self) -> bytes:
+        try:
+            if self.passphrase_file is not None:
+                return passphrase_from_file(self.passphrase_file)
+            return passphrase_from_env(APPROVER_PASSPHRASE_ENV)
+        except SignerError as exc:
+            raise SecretError(f"no approver keystore passphrase: {exc}") from exc
+
+    def _pin(self) -> bytes:
+        try:
+            if self.pin_file is not None:
+                return passphrase_from_file(self.pin_file)
+            return passphrase_from_env(APPROVER_PIN_ENV)
+        except SignerError as exc:
+            raise SecretError(f"no approver token PIN: {exc}") from exc
+
+
+def init_approver_key(source: ApproverKeySource) -> ec.EllipticCurvePublicKey:
+    """Create an approver key (never overwriting one) and return its public key."""
+    try:
+        if source.keystore is not None:
+            key = SoftwareKey.generate()
+            key.save(source.keystore, source._passphrase())
+            return key.public_key()
+        from signers.pkcs11 import Pkcs11Key
+
+        assert source.pkcs11_module and source.pkcs11_token and source.pkcs11_key
+        with Pkcs11Key.generate(
+            source.pkcs11_module, source.pkcs11_token, source.pkcs11_key, source._pin()
+        ) as token_key:
+            return token_key.public_key()
+    except SignerError as exc:
+        raise SecretError(f"cannot create the approver key: {exc}") from exc
+
+
+@contextlib.contextmanager
+def approver_signer(source: ApproverKeySource) -> Iterator[Signer]:
+    """The approver's key for the duration of the block (a token session is closed after)."""
+    try:
+        if source.keystore is not None:
+            yield SoftwareKey.load(source.keystore, source._passphrase())
+            return
+        from signers.pkcs11 import Pkcs11Key
+
+        assert source.pkcs11_module and source.pkcs11_token and source.pkcs11_key
+        token_key = Pkcs11Key.open(
+            source.pkcs11_module, source.pkcs11_token, source.pkcs11_key, source._pin()
+        )
+    except SignerError as exc:
+        raise SecretError(f"cannot open the approver key: {exc}") from exc
+    with token_key:
+        yield token_key
+
+
+def sign_request(request: ApprovalRequest, signer: Signer, *, now: int | None = None) -> Approval:
+    """Approve ``request`` (the caller has shown it to the approver). Refuses to sign a
+    request that does not name this key or has expired: such an approval is useless and
+    signing it would only teach people to sign without reading."""
+    moment = _now(now)
+    if key_id(signer.public_key()) not in request.approvers:
+        raise QuorumRefused(
+            "this key is not one of the request's approvers", reason="unknown_approver"
+        )
+    if moment >= request.expires:
+        raise QuorumRefused("the request has expired", reason="expired")
+    return sign_approval(request, signer, now=moment)
+
+
+def request_digest_hex(request: ApprovalRequest) -> str:
+    return hashlib.sha256(request.encode()).hexdigest()
+
+
+def read_file(path: Path, limit: int) -> bytes:
+    """Read an evidence file with a size bound (a USB stick can carry anything)."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise HqError(f"{path} is larger than {limit} bytes", reason="oversized")
+        return path.read_bytes()
+    except OSError as exc:
+        raise HqError(f"cannot read {path}: {exc}", reason="io_error") from exc
+
+
+def precheck(
+    home: HqHome,
+    operation: str,
+    params: Mapping[str, Any],
+    evidence: Sequence[bytes],
+    *,
+    now: int | None = None,
+) -> None:
+    """Verify the quorum of a gated operation *without* consuming it, so an operation
+    refuses before it does any work (signs with the root, seals keys). The operation then
+    calls :func:`authorize` inside its own transaction, which verifies again and consumes."""
+    if not gate_required(home, operation, params):
+        return
+    with _db(home) as store, store.transaction() as conn:
+        verify_hq_quorum(home, conn, operation, params, evidence, _now(now))
+
+
+def authorize_station_ca_revocation(
+    home: HqHome,
+    station_id: str,
+    evidence: Sequence[bytes],
+    *,
+    conn: sqlite3.Connection | None = None,
+    now: int | None = None,
+) -> QuorumDecision:
+    """The gate of ``hq revoke --station-ca``: always needs the HQ quorum. Call it inside
+    the transaction that records the revocation (``conn``) so both commit together."""
+    decision = authorize(
+        home, REVOKE_STATION_CA, revoke_station_ca_params(station_id), evidence, conn=conn, now=now
+    )
+    assert decision is not None  # always gated
+    return decision
