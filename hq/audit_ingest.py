@@ -34,7 +34,7 @@ import gc
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -74,6 +74,7 @@ from trustcore.errors import (
 from trustcore.keys import KeyAgreement, key_id
 from trustcore.messages import CT_AUDIT_EXPORT, AuditExportPayload
 from trustcore.profiles import HqRole, device_id_from_certificate, station_id_from_certificate
+from trustcore.quorum import QuorumError, parse_evidence, verify_quorum_rule
 from trustcore.reconcile import Reconciler, Violation
 from trustcore.sealed import DEFAULT_MAX_SIZE, PackageHeader, open_package, peek
 
@@ -409,6 +410,8 @@ class Reconciliation:
     events: dict[str, int] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)
     max_time: int = 0
+    #: (request id, entitlement seq, day, extra) of quorum grants verified in this export.
+    allowances: list[tuple[bytes, int, str, int]] = field(default_factory=list)
 
 
 def _malformed(seq: int, what: str) -> Violation:
@@ -534,6 +537,10 @@ def reconcile_records(
                 )
             elif tally.state.imported_at_seq is None:
                 tally.state.imported_at_seq = seq
+        elif ev == "quorum_approved":
+            tally = tally_for(f.get("entitlement_seq"), seq, "")
+            if tally is not None:
+                _quorum_grant(out, tally, station_id, store, seq, t, f)
         elif ev == "refused":
             reason = f.get("reason")
             key = reason if type(reason) is str else "?"
@@ -543,6 +550,52 @@ def reconcile_records(
     out.max_time = max_time
     out.tallies = {k: v for k, v in tallies.items() if v is not None}
     return out
+
+
+def _quorum_grant(
+    out: Reconciliation,
+    tally: _Tally,
+    station_id: str,
+    store: HqStore,
+    seq: int,
+    when: int,
+    f: Mapping[str, object],
+) -> None:
+    """A station's record that a quorum let it exceed the daily limit: HQ re-verifies the
+    carried evidence against the entitlement's rule before it counts (a station cannot
+    grant itself more by writing such a record). Other operations are only counted."""
+    if f.get("operation") != "exceed_daily_limit":
+        return
+    policy = tally.row.policy
+    evidence, day, extra = f.get("evidence"), f.get("day"), f.get("extra")
+    try:
+        if type(evidence) is not bytes or type(day) is not str or type(extra) is not int:
+            raise QuorumError("quorum_approved record lacks its evidence", reason="malformed")
+        params = {
+            "station_id": station_id,
+            "entitlement_id": policy.entitlement_id,
+            "day": day,
+            "extra": extra,
+        }
+        used = {a[0] for a in out.allowances}
+        bundle = parse_evidence([evidence])
+        decision = verify_quorum_rule(
+            bundle,
+            policy.quorum_rule("exceed_daily_limit"),
+            params=params,
+            # Judged at the time the station recorded the grant: approvals expire.
+            now=when,
+            used_request_ids=used,
+        )
+        if store.allowance_used(decision.request_id):
+            raise QuorumError("these approvals were already used", reason="replayed")
+    except (QuorumError, EncodingError) as exc:
+        out.violations.append(
+            Violation("invalid_quorum", seq, "", f"exceed_daily_limit approval refused: {exc}")
+        )
+        return
+    tally.reconciler.allow_extra(day, extra)
+    out.allowances.append((decision.request_id, tally.row.sequence, day, extra))
 
 
 def _counter_or_import_violation(
@@ -584,6 +637,7 @@ def _load_tally(store: HqStore, station_id: str, eseq: int) -> _Tally | None:
         issued=state.issued,
         burned=state.burned,
         per_day=store.recon_days(station_id, eseq),
+        day_allowance=store.recon_allowances(station_id, eseq),
         device_ids=ids,
         key_ids=keys,
     )
@@ -784,6 +838,8 @@ def _persist(
         store.put_audit_head(sid, head, now)
         if verified.crl is not None:
             store.put_station_crl(verified.crl)
+        for request_id, eseq, day, extra in recon.allowances:
+            store.put_allowance(request_id, sid, eseq, day, extra)
         for eseq, tally in recon.tallies.items():
             r = tally.reconciler
             state = ReconState(

@@ -123,6 +123,13 @@ CREATE TABLE ingests (
 #: Schema 2 (site commissioning). Applied on top of schema 1 by :meth:`HqStore.open`, so an
 #: HQ database created before sites existed is upgraded in place (tables only, no data moves).
 _SCHEMA_V2 = """
+CREATE TABLE recon_allowances (
+    request_id BLOB PRIMARY KEY,
+    station_id TEXT NOT NULL,
+    entitlement_seq INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    extra INTEGER NOT NULL
+);
 CREATE TABLE sites (
     site_id TEXT PRIMARY KEY,
     ca_public_der BLOB NOT NULL,
@@ -477,6 +484,29 @@ class HqStore:
             (station_id, sequence),
         ).fetchall()
         return {day: count for day, count in rows}
+
+    def recon_allowances(self, station_id: str, sequence: int) -> dict[str, int]:
+        """Extra issuances per day that verified quorum approvals allowed."""
+        rows = self._conn.execute(
+            "SELECT day, sum(extra) FROM recon_allowances WHERE station_id = ? "
+            "AND entitlement_seq = ? GROUP BY day",
+            (station_id, sequence),
+        ).fetchall()
+        return {day: int(extra) for day, extra in rows}
+
+    def allowance_used(self, request_id: bytes) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM recon_allowances WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return row is not None
+
+    def put_allowance(
+        self, request_id: bytes, station_id: str, sequence: int, day: str, extra: int
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO recon_allowances VALUES (?, ?, ?, ?, ?)",
+            (request_id, station_id, sequence, day, extra),
+        )
 
     def put_recon(
         self, station_id: str, sequence: int, state: ReconState, per_day: dict[str, int]

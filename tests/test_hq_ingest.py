@@ -3,6 +3,7 @@ authentic exports are reconciled across exports and violations reported (exit 1)
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hq.home import HqHome
 from hq.store import HqStore
@@ -21,14 +22,17 @@ from tests.test_hq_support import (
     World,
     build_world,
     db_dump,
+    entitle_args,
     ingest,
     ingest_json,
+    midnight_utc,
     run_hq,
 )
 from trustcore.audit import ChainHead, encode_record, record_hash
 from trustcore.crl import build_crl
 from trustcore.identity import StationId
 from trustcore.profiles import issue_root_ca, issue_station_ca
+from trustcore.quorum import ApprovalRequest, encode_bundle, sign_approval
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -503,3 +507,81 @@ def test_two_entitlements_in_one_export(tmp_path: Path) -> None:
     assert code == 1, report
     assert kinds(report) == {"duplicate_device": 1, "over_quota": 1, "over_daily_limit": 1}
     assert [(e["issued"], e["quota"]) for e in report["entitlements"]] == [(1, 20), (2, 1)]
+
+
+# --------------------------------------------------------------- quorum grants at HQ
+
+
+def test_quorum_grant_lifts_the_daily_limit_only_when_its_evidence_verifies(
+    tmp_path: Path,
+) -> None:
+    """A station that exceeded its daily limit under a 2-of-3 quorum is clean at HQ; a grant
+    record whose evidence does not verify (one approval only) is named, and the extra
+    issuances are over the daily limit."""
+    approvers = [SoftwareKey.ephemeral() for _ in range(3)]
+    files = []
+    for i, key in enumerate(approvers):
+        f = tmp_path / f"approver-{i}.pem"
+        f.write_bytes(
+            key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        )
+        files.append(str(f))
+    home = tmp_path / "hq"
+    assert run_hq("init", "--home", str(home), "--org", "Acme").exit_code == 0
+    results = []
+    for sid, m_signing, first in (("station-a", 2, 1), ("station-b", 1, 11)):
+        st = SoftStation(sid)
+        (tmp_path / f"{sid}.enrol").write_bytes(st.enrolment())
+        assert (
+            run_hq("enrol-station", "--home", str(home), str(tmp_path / f"{sid}.enrol")).exit_code
+            == 0
+        )
+        out = tmp_path / f"{sid}.ent"
+        args = entitle_args(home, sid, out, **{"--daily-limit": "3"})
+        r = run_hq(*args, "--quorum", f"exceed_daily_limit:2:{','.join(files)}")
+        assert r.exit_code == 0, r.output
+        st.import_entitlement(out.read_bytes())
+        assert st.policy is not None
+        t0 = int(midnight_utc(1).timestamp()) + 3600
+        day = st.policy.day_of(t0)
+        request = ApprovalRequest(
+            request_id=os.urandom(16),
+            operation="exceed_daily_limit",
+            params={
+                "station_id": sid,
+                "entitlement_id": st.policy.entitlement_id,
+                "day": day,
+                "extra": 2,
+            },
+            approvers=st.policy.quorum[0].approvers,
+            m=2,
+            created=t0 - 60,
+            expires=t0 + 3600,
+            requested_by="ops",
+        )
+        signed = [sign_approval(request, k, now=t0 - 30) for k in approvers[:m_signing]]
+        slog = st.new_log()
+        slog.imported(t0)
+        for i in range(3):
+            slog.issue(f"dev-{first + i:04d}", t0 + 10 + i)
+        slog.record(
+            "quorum_approved",
+            {
+                "operation": "exceed_daily_limit",
+                "request_id": request.request_id,
+                "approvers": "",
+                "entitlement_seq": st.policy.sequence,
+                "day": day,
+                "extra": 2,
+                "evidence": encode_bundle(request, signed),
+            },
+            t0 + 20,
+        )
+        for i in range(3, 5):
+            slog.issue(f"dev-{first + i:04d}", t0 + 30 + i)
+        results.append(ingest_json(home, slog.export(t0 + 100), tmp_path))
+    (code_a, report_a), (code_b, report_b) = results
+    assert code_a == 0 and report_a["status"] == "clean", report_a
+    assert code_b == 1, report_b
+    kinds = sorted(v["kind"] for v in report_b["violations"])
+    assert kinds == ["invalid_quorum", "over_daily_limit", "over_daily_limit"], kinds

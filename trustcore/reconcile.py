@@ -95,6 +95,8 @@ class Reconciler:
     device_ids: set[str] = field(default_factory=set)
     key_ids: set[bytes] = field(default_factory=set)
     violations: list[Violation] = field(default_factory=list)
+    #: Extra issuances a verified quorum allowed on a day (``exceed_daily_limit``).
+    day_allowance: dict[str, int] = field(default_factory=dict)
     _day_start: int = 1
     _day_end: int = 0
     _day: str = ""
@@ -111,7 +113,7 @@ class Reconciler:
         # record that fails it goes through the per-rule checks that name each violation.
         if (
             self.issued + self.burned <= p.total_quota
-            and n <= p.daily_limit
+            and (n <= p.daily_limit or n <= p.daily_limit + self.day_allowance.get(day, 0))
             and p.not_before <= when < p.not_after
             and product == p.product
             and device_id not in self.device_ids
@@ -123,6 +125,11 @@ class Reconciler:
             return
         self._check_issued(seq, when, device_id, key_id, product, n)
 
+    def allow_extra(self, day: str, extra: int) -> None:
+        """A quorum approved ``extra`` issuances beyond the daily limit on ``day`` (the
+        caller verified the approvals); the total quota is never lifted."""
+        self.day_allowance[day] = self.day_allowance.get(day, 0) + extra
+
     def _check_issued(
         self, seq: int, when: int, device_id: str, key_id: bytes, product: str, n: int
     ) -> None:
@@ -130,8 +137,9 @@ class Reconciler:
         used = self.issued + self.burned
         if used > p.total_quota:
             self._flag("over_quota", seq, device_id, f"slot {used} of quota {p.total_quota}")
-        if n > p.daily_limit:
-            self._flag("over_daily_limit", seq, device_id, f"{n} on {self._day} > {p.daily_limit}")
+        limit = p.daily_limit + self.day_allowance.get(self._day, 0)
+        if n > limit:
+            self._flag("over_daily_limit", seq, device_id, f"{n} on {self._day} > {limit}")
         if not p.not_before <= when < p.not_after:
             self._flag("outside_window", seq, device_id, f"time {when} outside the key-use window")
         if not p.id_rule.contains(device_id):
