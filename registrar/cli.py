@@ -5,13 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from registrar.errors import CommissionError, RegistrarError
+
+if TYPE_CHECKING:
+    from registrar.site import SiteHome
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -163,3 +166,508 @@ def commission_command(home: Path, bundle_file: Path, passphrase_file: Path | No
     console.print(table)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+# ----------------------------------------------------------------------------------- run
+
+
+def _open_site(home: Path) -> SiteHome:
+    from registrar.site import SiteHome
+
+    try:
+        return SiteHome.open(home)
+    except RegistrarError as exc:
+        _fail(exc)
+
+
+@main.command("run")
+@_home_option
+@_passphrase_option
+@click.option(
+    "--broker",
+    type=click.Choice(["embedded", "mosquitto"]),
+    default="embedded",
+    show_default=True,
+    help="embedded: amqtt in this process; mosquitto: a Mosquitto process the registrar owns.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
+@click.option("--registration-port", type=click.IntRange(0, 65535), default=8883, show_default=True)
+@click.option("--operational-port", type=click.IntRange(0, 65535), default=8884, show_default=True)
+@click.option(
+    "--crl-check-interval",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds between site CRL refresh checks.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def run_command(
+    home: Path,
+    passphrase_file: Path | None,
+    broker: str,
+    host: str,
+    registration_port: int,
+    operational_port: int,
+    crl_check_interval: float,
+    log_level: str,
+) -> None:
+    """Run the registrar: broker (two mTLS listeners), registration service, revocation,
+    CRL refresh and status, until SIGINT or SIGTERM (graceful stop, exit 0)."""
+    import asyncio
+    import logging
+    import signal
+
+    from registrar.app import AppSettings, RegistrarApp, run_registrar
+    from registrar.site import SiteSecrets
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    site = _open_site(home)
+    try:
+        settings = AppSettings(
+            broker=broker,  # type: ignore[arg-type]
+            host=host,
+            registration_port=registration_port,
+            operational_port=operational_port,
+            crl_check_interval=crl_check_interval,
+        )
+    except RegistrarError as exc:
+        _fail(exc)
+
+    def ready(app: RegistrarApp) -> None:
+        reg, op = app.registration_endpoint, app.operational_endpoint
+        click.echo(
+            f"registrar running for site {site.site_id}: registration {reg.host}:{reg.port}, "
+            f"operational {op.host}:{op.port} ({broker}); stop with Ctrl-C",
+        )
+        sys.stdout.flush()
+
+    async def main_loop() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_registrar(site, SiteSecrets(passphrase_file), settings, stop=stop, ready=ready)
+
+    try:
+        asyncio.run(main_loop())
+    except RegistrarError as exc:
+        _fail(exc)
+    click.echo("registrar stopped")
+
+
+# -------------------------------------------------------------------------------- status
+
+
+def _store_snapshot(site: SiteHome) -> dict[str, Any]:
+    """Counts, devices and recent events from the store (read while a registrar runs, too).
+    A site that never ran has no database yet: nothing is created by reading."""
+    import asyncio
+
+    from registrar.app import store_path
+    from registrar.store import Store
+
+    path = store_path(site)
+    if not path.exists():
+        return {"counts": {}, "devices": [], "registered": [], "revoked": [], "refused": []}
+
+    async def read() -> dict[str, Any]:
+        store = await Store.open(path)
+        try:
+            devices = await store.devices()
+            return {
+                "counts": await store.counts(),
+                "devices": devices,
+                "registered": await store.events(10, "registered"),
+                "revoked": await store.events(10, "revoked"),
+                "refused": await store.events(10, "refused"),
+            }
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def _when(ts: float | int | None) -> str:
+    from datetime import UTC, datetime
+
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@main.command("status")
+@_home_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def status_command(home: Path, as_json: bool) -> None:
+    """Listeners of the running registrar, counts, last registrations and revocations."""
+    import json
+    from dataclasses import asdict
+
+    from registrar.app import read_status
+
+    site = _open_site(home)
+    running = read_status(site)
+    try:
+        snap = _store_snapshot(site)
+    except RegistrarError as exc:
+        _fail(exc)
+    devices = snap["devices"]
+    by_status: dict[str, int] = {}
+    for record in devices:
+        by_status[record.status] = by_status.get(record.status, 0) + 1
+    state = site.commission_state() or {}
+    doc = {
+        "site_id": site.site_id.value,
+        "commissioned": site.commissioned,
+        "bundle_sequence": state.get("bundle_sequence"),
+        "revocation_list_sequence": state.get("revocation_list_sequence"),
+        "running": running is not None,
+        "instance": running,
+        "counts": snap["counts"],
+        "devices": by_status,
+        "last_registrations": [asdict(e) for e in snap["registered"]],
+        "last_revocations": [asdict(e) for e in snap["revoked"]],
+        "last_refusals": [asdict(e) for e in snap["refused"]],
+    }
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    console = Console(highlight=False)
+    table = Table(title=f"site {doc['site_id']}", show_header=False)
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("commissioned", f"bundle {doc['bundle_sequence']}" if site.commissioned else "no")
+    if running is None:
+        table.add_row("registrar", "[yellow]not running[/]")
+    else:
+        table.add_row("registrar", f"running (pid {running['pid']}, {running['broker']} broker)")
+        for name, ep in running["listeners"].items():
+            table.add_row(f"{name} listener", f"{ep['host']}:{ep['port']}")
+        table.add_row("payload key", str(running.get("payload_key")))
+        table.add_row("site CRL valid until", str(running.get("site_crl_next_update")))
+        tele = running.get("telemetry", {})
+        table.add_row(
+            "telemetry", f"{tele.get('messages', 0)} decrypted, {tele.get('rejected', 0)} rejected"
+        )
+    table.add_row("HQ revocation list", f"sequence {doc['revocation_list_sequence']}")
+    table.add_row(
+        "devices",
+        ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none registered",
+    )
+    console.print(table)
+    for alert in (running or {}).get("alerts", []):
+        console.print(f"[bold red]ALERT[/] {alert}")
+    for title, events in (
+        ("last registrations", snap["registered"]),
+        ("last revocations", snap["revoked"]),
+    ):
+        if not events:
+            continue
+        t = Table(title=title)
+        for col in ("time (UTC)", "device", "detail"):
+            t.add_column(col)
+        for e in events:
+            t.add_row(_when(e.time), e.device_id or "-", e.detail)
+        console.print(t)
+
+
+# ------------------------------------------------------------------------------- devices
+
+
+@main.command("devices")
+@_home_option
+@click.option("--json", "as_json", is_flag=True, help="A JSON list.")
+def devices_command(home: Path, as_json: bool) -> None:
+    """Registered devices (status, station, certificates, payload key)."""
+    import json
+
+    site = _open_site(home)
+    try:
+        devices = _store_snapshot(site)["devices"]
+    except RegistrarError as exc:
+        _fail(exc)
+    rows = [
+        {
+            "device_id": d.device_id,
+            "status": d.status,
+            "station_id": d.station_id,
+            "idevid_serial": d.idevid_serial,
+            "ldevid_serial": d.ldevid_serial,
+            "payload_key_id": d.payload_key_id.hex(),
+            "registered_at": d.registered_at,
+            "registrations": d.registrations,
+        }
+        for d in devices
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"{len(rows)} device(s)")
+    for col in ("device", "status", "station", "LDevID serial", "payload key", "registered"):
+        table.add_column(col)
+    for r in rows:
+        status = r["status"] if r["status"] == "registered" else f"[red]{r['status']}[/]"
+        table.add_row(
+            r["device_id"],
+            status,
+            r["station_id"] or "-",
+            r["ldevid_serial"],
+            r["payload_key_id"],
+            _when(r["registered_at"]),
+        )
+    Console(highlight=False).print(table)
+
+
+# ---------------------------------------------------- commands that act live or offline
+
+
+def _live_or_offline(
+    site: SiteHome,
+    command: str,
+    args: dict[str, Any],
+    offline: Callable[[], dict[str, Any]],
+    *,
+    data: bytes | None = None,
+    timeout: float = 10.0,
+) -> tuple[dict[str, Any], bool]:
+    """Run ``offline`` while holding the instance lock when no registrar runs; otherwise
+    hand the command to the running registrar (it applies it live). Returns the result and
+    whether it was applied live."""
+    from registrar.app import instance_lock, read_status, submit_command
+
+    with instance_lock(site, wait=0.0 if read_status(site) else 5.0) as free:
+        if free:
+            return offline(), False
+    answer = submit_command(site, command, args, data=data, timeout=timeout)
+    if answer is None:
+        _fail(
+            RegistrarError(
+                f"the running registrar did not answer within {timeout:.0f} s; the request "
+                "is queued and is applied when the registrar runs",
+                reason="timeout",
+            )
+        )
+    if not answer.get("ok"):
+        click.echo(f"REFUSED ({answer.get('reason')}): {answer.get('error')}", err=True)
+        sys.exit(EXIT_REFUSED)
+    result = answer["result"]
+    assert isinstance(result, dict)
+    return result, True
+
+
+def _run_offline(site: SiteHome, secrets: Any, work: Callable[[Any], Any]) -> Any:
+    import asyncio
+
+    from registrar.app import store_path
+    from registrar.store import Store
+
+    async def go() -> Any:
+        store = await Store.open(store_path(site))
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _refused(exc: RegistrarError) -> NoReturn:
+    click.echo(f"REFUSED ({exc.reason}): {exc.args[0]}", err=True)
+    sys.exit(EXIT_REFUSED)
+
+
+@main.command("revoke")
+@_home_option
+@_passphrase_option
+@click.argument("device_id")
+@click.option(
+    "--reason",
+    type=click.Choice(
+        [
+            "unspecified",
+            "key_compromise",
+            "cloned",
+            "counterfeit",
+            "over_production",
+            "decommissioned",
+        ]
+    ),
+    default="unspecified",
+    show_default=True,
+)
+@click.option("--json", "as_json", is_flag=True)
+def revoke_command(
+    home: Path, passphrase_file: Path | None, device_id: str, reason: str, as_json: bool
+) -> None:
+    """Revoke a registered device: its secondary certificates go on the site CRL, it is
+    blocked in the broker and its live sessions are cut (within seconds when a registrar
+    runs; offline, the registrar applies it when it starts). Exit 2: refused (e.g. the
+    device is not registered here)."""
+    import json
+
+    from registrar.app import revoke_json
+    from registrar.revocation import revoke_device
+    from registrar.site import SiteSecrets
+    from trustcore.errors import InvalidValueError
+    from trustcore.identity import DeviceId
+
+    site = _open_site(home)
+    secrets = SiteSecrets(passphrase_file)
+    try:
+        device = DeviceId(device_id)
+    except InvalidValueError as exc:
+        _refused(RegistrarError(str(exc), reason="bad_device_id"))
+
+    def offline() -> dict[str, Any]:
+        async def work(store: Any) -> dict[str, Any]:
+            return revoke_json(
+                await revoke_device(
+                    home=site, secrets=secrets, store=store, device_id=device, reason=reason
+                )
+            )
+
+        return dict(_run_offline(site, secrets, work))
+
+    try:
+        result, live = _live_or_offline(
+            site, "revoke", {"device_id": device.value, "reason": reason}, offline
+        )
+    except RegistrarError as exc:
+        if exc.reason in ("unknown_device", "bad_reason"):
+            _refused(exc)
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({**result, "live": live}, indent=2, sort_keys=True))
+        return
+    serials = ", ".join(result["serials"])
+    click.echo(
+        f"{result['device_id']} revoked ({result['reason']}): LDevID {serials} on site CRL "
+        f"{result['crl_number']}"
+        + (
+            f"; {result['sessions_cut']} live session(s) cut"
+            if live
+            else "; no registrar running: blocks are applied when it starts"
+        )
+    )
+
+
+@main.command("import-revocations")
+@_home_option
+@_passphrase_option
+@click.argument("list_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True)
+def import_revocations_command(
+    home: Path, passphrase_file: Path | None, list_file: Path, as_json: bool
+) -> None:
+    """Import a revocation list signed by HQ: only a newer list replaces the one held
+    (rollback refused, exit 2); listed factory certificates are refused at registration;
+    registered devices it lists are revoked (live if a registrar runs)."""
+    import json
+
+    from registrar.app import import_json
+    from registrar.revocation import import_revocation_list
+    from registrar.site import SiteSecrets
+
+    site = _open_site(home)
+    secrets = SiteSecrets(passphrase_file)
+    try:
+        package = list_file.read_bytes()
+    except OSError as exc:
+        _fail(RegistrarError(f"cannot read {list_file}: {exc}", reason="io_error"))
+
+    def offline() -> dict[str, Any]:
+        async def work(store: Any) -> dict[str, Any]:
+            result, _ = await import_revocation_list(
+                home=site, secrets=secrets, store=store, package=package
+            )
+            return import_json(result)
+
+        return dict(_run_offline(site, secrets, work))
+
+    try:
+        result, live = _live_or_offline(site, "import-revocations", {}, offline, data=package)
+    except RegistrarError as exc:
+        if exc.reason in ("bad_config", "store_failed", "io_error"):
+            _fail(exc)
+        _refused(exc)
+    if as_json:
+        click.echo(json.dumps({**result, "live": live}, indent=2, sort_keys=True))
+        return
+    click.echo(
+        f"HQ revocation list {result['sequence']} {result['status']} (held: "
+        f"{result['previous']}; {result['entries']} entries); "
+        f"{len(result['revoked'])} registered device(s) revoked"
+        + ("" if live else " (offline: blocks are applied when the registrar starts)")
+    )
+    for r in result["revoked"]:
+        click.echo(f"  revoked {r['device_id']} ({r['reason']})")
+
+
+@main.command("rotate-payload-key")
+@_home_option
+@_passphrase_option
+@click.option("--json", "as_json", is_flag=True)
+def rotate_payload_key_command(home: Path, passphrase_file: Path | None, as_json: bool) -> None:
+    """Make a new AES payload key current and send it, wrapped to each registered device's
+    TPM key, on devices/<id>/keys (retained). Offline, devices get it when the registrar
+    next starts."""
+    import json
+
+    from registrar.revocation import revocation_lock
+    from registrar.site import SiteSecrets, load_commissioned_site
+
+    site = _open_site(home)
+    secrets = SiteSecrets(passphrase_file)
+
+    def offline() -> dict[str, Any]:
+        commissioned = load_commissioned_site(site, secrets)
+        with revocation_lock(site):
+            ring = commissioned.payload_keys.rotate()
+        return {"key_id": ring.current.key_id.hex(), "updates_published": 0}
+
+    try:
+        result, live = _live_or_offline(site, "rotate-payload-key", {}, offline, timeout=30)
+    except RegistrarError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({**result, "live": live}, indent=2, sort_keys=True))
+        return
+    click.echo(
+        f"payload key {result['key_id']} is current; "
+        + (
+            f"{result['updates_published']} device update(s) published"
+            if live
+            else "no registrar running: registered devices get it when it starts"
+        )
+    )
+
+
+@main.command("send-command")
+@_home_option
+@click.argument("device_id")
+@click.argument("message")
+def send_command_command(home: Path, device_id: str, message: str) -> None:
+    """Send MESSAGE to a device on devices/<id>/cmd, encrypted with the current payload key
+    (needs a running registrar)."""
+    from registrar.app import registrar_running, submit_command
+
+    site = _open_site(home)
+    if not registrar_running(site):
+        _fail(RegistrarError("no registrar is running for this site", reason="not_running"))
+    answer = submit_command(
+        site, "send-command", {"device_id": device_id}, data=message.encode("utf-8")
+    )
+    if answer is None:
+        _fail(RegistrarError("the running registrar did not answer", reason="timeout"))
+    if not answer.get("ok"):
+        click.echo(f"REFUSED ({answer.get('reason')}): {answer.get('error')}", err=True)
+        sys.exit(EXIT_REFUSED)
+    click.echo(f"sent on {answer['result']['topic']}")

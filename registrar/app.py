@@ -1,0 +1,969 @@
+"""``registrar run``: the composition root of a site registrar.
+
+:class:`RegistrarApp` wires the commissioned site (``registrar.site``), the durable store,
+a broker backend (embedded amqtt or Mosquitto), the registration service and the
+registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
+
+* **site channel** — the registrar's one MQTT session (identity ``registrar@site``; a
+  broker admits one live session per identity, so registration requests, telemetry, key
+  updates and commands all share it): serves ``devtrust/register/+/request`` through
+  :class:`~registrar.service.RegistrationService`, decrypts ``devices/+/telemetry`` with
+  the site payload keys (counts and digests only, for ``registrar status``), publishes
+  payload-key updates (retained) and commands;
+* **command watcher** — the CLI talks to a running registrar through a spool directory
+  (``SITE/run/commands``): ``revoke``, ``import-revocations``, ``rotate-payload-key`` and
+  ``send-command`` are applied live (polled every ``watch_interval``, 0.2 s) and answered
+  with a result file; it also notices a re-commission (``current`` switched) and reloads
+  the trust material;
+* **CRL timer** — re-issues the site CA CRL when less than half of its validity is left
+  and reloads the broker; reports root/station CRLs that are stale (fail closed) or close
+  to it, loudly, every check;
+* **status** — ``SITE/run/status.json`` (atomic, every ``status_interval``): listeners,
+  counts, telemetry, CRL dates, alerts; ``registrar status`` reads it.
+
+Exactly one registrar runs per site: it holds ``SITE/run/registrar.lock`` (``flock``) for
+its whole life, and an offline CLI command holds the same lock while it works, so the two
+never write the site at the same time (see :func:`instance_lock`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets as _random
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiomqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
+from registrar.errors import BrokerError, ConfigError, RegistrarError
+from registrar.payload_keys import PayloadKeyring
+from registrar.revocation import (
+    ImportResult,
+    RevocationAwareVerifier,
+    RevokeResult,
+    enforce_revocation_list,
+    import_revocation_list,
+    revocation_lock,
+    revoke_device,
+    revoked_device_ids,
+)
+from registrar.service import (
+    KEY_UPDATE_LEVEL,
+    RegistrationService,
+    SiteAuthority,
+    device_id_from_request_topic,
+)
+from registrar.site import (
+    SITE_CRL_VALIDITY,
+    CommissionedSite,
+    SiteHome,
+    SiteSecrets,
+    load_commissioned_site,
+    reissue_site_crl,
+)
+from registrar.store import Store
+from trustcore.errors import InvalidValueError
+from trustcore.identity import DeviceId
+from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
+from trustcore.registration import build_key_update
+from trustcore.revocation import RevocationList
+from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
+
+__all__ = [
+    "COMMAND_LEVEL",
+    "TELEMETRY_LEVEL",
+    "AppSettings",
+    "RegistrarApp",
+    "RotationResult",
+    "SiteChannel",
+    "import_json",
+    "instance_lock",
+    "read_status",
+    "registrar_running",
+    "revoke_json",
+    "run_registrar",
+    "running",
+    "spool_dir",
+    "status_path",
+    "store_path",
+    "submit_command",
+]
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+TELEMETRY_LEVEL = "telemetry"
+COMMAND_LEVEL = "cmd"
+#: Re-issue the site CRL when less than this is left before its nextUpdate.
+SITE_CRL_REFRESH_MARGIN = SITE_CRL_VALIDITY / 2
+#: Root/station CRLs closer than this to nextUpdate are reported (warning) in status/logs.
+CRL_WARNING_MARGIN = timedelta(days=1)
+_RECENT = 50
+_SPOOL_COMMANDS = ("revoke", "import-revocations", "rotate-payload-key", "send-command")
+
+
+def store_path(home: SiteHome) -> Path:
+    """The registrar database (devices, requests, nonces, events)."""
+    return home.path / "registrar.db"
+
+
+def run_dir(home: SiteHome) -> Path:
+    path = home.path / "run"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def status_path(home: SiteHome) -> Path:
+    return home.path / "run" / "status.json"
+
+
+def spool_dir(home: SiteHome) -> Path:
+    path = run_dir(home) / "commands"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------ single instance
+
+
+@contextlib.contextmanager
+def instance_lock(home: SiteHome, *, wait: float = 0.0) -> Iterator[bool]:
+    """Try to take ``SITE/run/registrar.lock``; yield True if this process now holds it
+    (no registrar runs: the caller may work offline), False if a running registrar (or
+    another offline command, for longer than ``wait`` seconds) holds it."""
+    fd = os.open(run_dir(home) / "registrar.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    held = False
+                    break
+                time.sleep(0.05)
+        try:
+            yield held
+        finally:
+            if held:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def registrar_running(home: SiteHome) -> bool:
+    with instance_lock(home) as free:
+        return not free
+
+
+def read_status(home: SiteHome) -> dict[str, Any] | None:
+    """The running registrar's status document, or None when none runs."""
+    if not registrar_running(home):
+        return None
+    try:
+        data = json.loads(status_path(home).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_random.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    tmp.replace(path)
+
+
+# -------------------------------------------------------------------------- command spool
+
+
+def submit_command(
+    home: SiteHome,
+    command: str,
+    args: dict[str, Any],
+    *,
+    data: bytes | None = None,
+    timeout: float = 10.0,
+) -> dict[str, Any] | None:
+    """Hand ``command`` to the running registrar and wait for its answer (the result
+    document: ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error", "reason"}``).
+    None if no answer came within ``timeout`` (the request stays queued: a registrar
+    applies pending requests when it starts)."""
+    if command not in _SPOOL_COMMANDS:
+        raise ValueError(f"unknown command {command!r}")
+    spool = spool_dir(home)
+    ident = f"{time.time_ns():020d}-{_random.token_hex(4)}"
+    if data is not None:
+        data_path = spool / f"{ident}.data"
+        fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        args = {**args, "data": data_path.name}
+    _write_json(spool / f"{ident}.request.json", {"v": 1, "command": command, "args": args})
+    result_path = spool / f"{ident}.result.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result_path.exists():
+            try:
+                result = json.loads(result_path.read_text(encoding="utf-8"))
+            except ValueError:
+                time.sleep(0.02)  # being written (renamed into place, so rare)
+                continue
+            result_path.unlink(missing_ok=True)
+            return result if isinstance(result, dict) else None
+        time.sleep(0.05)
+    return None
+
+
+# ------------------------------------------------------------------------ configuration
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """How ``registrar run`` runs (CLI options; validated here)."""
+
+    broker: Literal["embedded", "mosquitto"] = "embedded"
+    host: str = "127.0.0.1"
+    registration_port: int = 8883
+    operational_port: int = 8884
+    watch_interval: float = 0.2
+    status_interval: float = 0.5
+    crl_check_interval: float = 60.0
+    mosquitto_executable: str = "mosquitto"
+    concurrency: int = 512
+
+    def __post_init__(self) -> None:
+        if self.broker not in ("embedded", "mosquitto"):
+            raise ConfigError(f"unknown broker {self.broker!r}")
+        for port in (self.registration_port, self.operational_port):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"bad port {port}")
+        if min(self.watch_interval, self.status_interval, self.crl_check_interval) <= 0:
+            raise ConfigError("intervals must be positive")
+
+
+@dataclass(frozen=True)
+class RotationResult:
+    key_id: str
+    updates_published: int
+
+
+@dataclass
+class _Telemetry:
+    messages: int = 0
+    rejected: int = 0
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=_RECENT))
+
+
+# ---------------------------------------------------------------------------- MQTT session
+
+
+class SiteChannel:
+    """The registrar's MQTT session on the operational listener.
+
+    Registration requests are served as :func:`registrar.service.run_mqtt` serves them
+    (persistent session, bounded concurrency, reconnect after an outage); this class exists
+    because the registrar also needs to publish (key updates, commands) and read telemetry,
+    and a second session with the same certificate would be a takeover (clone signal).
+    """
+
+    def __init__(
+        self,
+        service: RegistrationService,
+        endpoint: Endpoint,
+        tls: ssl.SSLContext,
+        *,
+        on_telemetry: Callable[[DeviceId, str, bytes], None],
+        concurrency: int = 512,
+        reconnect_delay: float = 0.5,
+    ) -> None:
+        self._service = service
+        self._endpoint = endpoint
+        self._tls = tls
+        self._on_telemetry = on_telemetry
+        self._limit = asyncio.Semaphore(concurrency)
+        self._reconnect_delay = reconnect_delay
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            client = self._client
+            if client is not None and self.connected.is_set():
+                try:
+                    await client.publish(topic, payload, qos=1, retain=retain, timeout=timeout)
+                    return
+                except aiomqtt.MqttError as exc:
+                    if time.monotonic() > deadline:
+                        raise BrokerError(f"cannot publish on {topic}: {exc}") from exc
+            elif time.monotonic() > deadline:
+                raise BrokerError("the registrar's MQTT session is not connected")
+            await asyncio.sleep(0.05)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        while not stop.is_set():
+            try:
+                client = aiomqtt.Client(
+                    self._endpoint.host,
+                    self._endpoint.port,
+                    identifier=REGISTRAR_IDENTITY,
+                    protocol=aiomqtt.ProtocolVersion.V311,
+                    tls_context=self._tls,
+                    clean_session=False,
+                    keepalive=30,
+                    max_queued_outgoing_messages=None,
+                )
+                async with client:
+                    await client.subscribe(f"{REGISTRATION_PREFIX}/+/request", qos=1)
+                    await client.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
+                    self._client = client
+                    self.connected.set()
+                    await self._read(client, stop, tasks)
+            except aiomqtt.MqttError as exc:
+                if stop.is_set():
+                    break
+                log.warning("registrar MQTT session lost (%s); reconnecting", exc)
+            finally:
+                self.connected.clear()
+                self._client = None
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._reconnect_delay)
+
+    async def _read(
+        self, client: aiomqtt.Client, stop: asyncio.Event, tasks: set[asyncio.Task[None]]
+    ) -> None:
+        stopper = asyncio.ensure_future(stop.wait())
+        iterator = client.messages.__aiter__()
+        try:
+            while True:
+                nxt = asyncio.ensure_future(iterator.__anext__())
+                done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await nxt
+                    return
+                message = nxt.result()
+                topic = str(message.topic)
+                payload = message.payload
+                if not isinstance(payload, bytes | bytearray):
+                    continue
+                device = device_id_from_request_topic(topic)
+                if device is not None:
+                    await self._limit.acquire()
+                    task = asyncio.create_task(self._serve(client, device, bytes(payload)))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    continue
+                telemetry = _telemetry_device(topic)
+                if telemetry is not None:
+                    self._on_telemetry(telemetry, topic, bytes(payload))
+                else:
+                    log.warning("ignored message on %r", topic[:200])
+        finally:
+            stopper.cancel()
+
+    async def _serve(self, client: aiomqtt.Client, device: DeviceId, payload: bytes) -> None:
+        try:
+            response = await self._service.handle(device, payload)
+            await client.publish(f"{REGISTRATION_PREFIX}/{device.value}/response", response, qos=1)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not publish the response to %s: %s", device, exc)
+        except Exception:
+            log.exception("registration of %s failed unexpectedly", device)
+        finally:
+            self._limit.release()
+
+
+def _telemetry_device(topic: str) -> DeviceId | None:
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != DEVICE_PREFIX or parts[2] != TELEMETRY_LEVEL:
+        return None
+    try:
+        return DeviceId(parts[1])
+    except InvalidValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------ the app
+
+
+def _operational_tls(home: SiteHome, site: CommissionedSite, passphrase: bytes) -> BrokerTls:
+    """Broker files through the ``current`` symlink, NOT resolved: every reload re-reads
+    the state that is current then (a re-commission, a re-issued CRL)."""
+    current = home.current
+    return BrokerTls(
+        server_cert=current / "broker.pem",
+        server_key=home.key_path("broker"),
+        server_key_passphrase=passphrase,
+        registration_cas=current / "registration-cas.pem",
+        operational_cas=current / "operational-cas.pem",
+        crl_file=current / "crls.pem",
+    )
+
+
+def _client_context(site: CommissionedSite, passphrase: bytes) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(
+        cadata=site.root.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(site.client_cert, site.client_key, password=passphrase)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the registrar client certificate: {exc}") from exc
+    return ctx
+
+
+def _crl_dates(path: Path) -> list[x509.CertificateRevocationList]:
+    data = path.read_bytes()
+    end = b"-----END X509 CRL-----"
+    return [
+        x509.load_pem_x509_crl(block.strip() + b"\n" + end + b"\n")
+        for block in data.split(end)[:-1]
+    ]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat()
+
+
+class RegistrarApp:
+    """One running site registrar. Use :meth:`start` / :meth:`stop`, or :func:`run_registrar`."""
+
+    def __init__(
+        self,
+        home: SiteHome,
+        secrets: SiteSecrets,
+        settings: AppSettings | None = None,
+        *,
+        workdir: Path | None = None,
+    ) -> None:
+        self.home = home
+        self.secrets = secrets
+        self.settings = settings or AppSettings()
+        self._workdir = workdir
+        self._lock_cm: contextlib.AbstractContextManager[bool] | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._telemetry = _Telemetry()
+        self._alerts: list[str] = []
+        self._started = 0.0
+        self._state_target = ""
+        self.site: CommissionedSite | None = None
+        self.store: Store | None = None
+        self.broker: Broker | None = None
+        self.service: RegistrationService | None = None
+        self.channel: SiteChannel | None = None
+        self.keyring: PayloadKeyring | None = None
+        self.revocations: RevocationList | None = None
+        self._revoked: set[DeviceId] = set()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        lock = instance_lock(self.home, wait=10.0)
+        if not lock.__enter__():
+            lock.__exit__(None, None, None)
+            raise ConfigError(
+                f"another registrar (or an offline registrar command) holds {self.home.path}"
+            )
+        self._lock_cm = lock
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        self._started = time.time()
+        passphrase = self.secrets.passphrase()
+        await asyncio.to_thread(self.refresh_site_crl_if_due)
+        site = await asyncio.to_thread(load_commissioned_site, self.home, self.secrets)
+        self.site = site
+        self._state_target = str(self.home.current.readlink())
+        self.keyring = await asyncio.to_thread(site.payload_keys.load)
+        self.revocations = site.revocations
+        self.store = store = await Store.open(store_path(self.home))
+        self._revoked = revoked_device_ids(await store.devices())
+        self.service = RegistrationService(
+            store=store,
+            verifier=self._verifier(site),
+            admission=site.admission,
+            site=SiteAuthority(site.site_ca_cert, site.site_ca_key, site.organization),
+            payload_key=self.keyring.current,
+        )
+        self.check_crls()
+        workdir = self._workdir or run_dir(self.home) / f"broker-{self.settings.broker}"
+        settings = BrokerSettings(
+            tls=_operational_tls(self.home, site, passphrase),
+            workdir=workdir,
+            host=self.settings.host,
+            registration_port=self.settings.registration_port,
+            operational_port=self.settings.operational_port,
+        )
+        broker: Broker
+        if self.settings.broker == "mosquitto":
+            from registrar.broker.mosquitto import MosquittoBroker
+
+            broker = MosquittoBroker(settings, executable=self.settings.mosquitto_executable)
+        else:
+            from registrar.broker.embedded import EmbeddedBroker
+
+            broker = EmbeddedBroker(settings)
+        await broker.start()
+        self.broker = broker
+        # Blocks live in the broker's memory: re-apply every revocation from the store.
+        for device in sorted(self._revoked, key=lambda d: d.value):
+            await broker.block(device.value)
+        # A re-commission while we were down may have brought a newer HQ list.
+        await self._enforce_list()
+        op = broker.operational_endpoint
+        host = "127.0.0.1" if op.host in ("0.0.0.0", "", "::") else op.host  # noqa: S104
+        self.channel = SiteChannel(
+            self.service,
+            Endpoint(host, op.port),
+            _client_context(site, passphrase),
+            on_telemetry=self._telemetry_received,
+            concurrency=self.settings.concurrency,
+        )
+        self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
+        try:
+            await asyncio.wait_for(self.channel.connected.wait(), 15)
+        except TimeoutError as exc:
+            raise BrokerError("the registrar could not connect to its own broker") from exc
+        await self._catch_up_key_updates()
+        self._tasks += [
+            asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
+            asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
+            asyncio.create_task(self._loop(self.settings.status_interval, self._write_status)),
+        ]
+        await self._write_status()
+        log.info(
+            "registrar for site %s running: registration %s, operational %s (%s broker)",
+            self.home.site_id,
+            self.registration_endpoint,
+            self.operational_endpoint,
+            self.settings.broker,
+        )
+
+    async def stop(self) -> None:
+        """Graceful: stop taking requests, let in-flight registrations finish and commit,
+        stop the broker, close the store, release the site."""
+        self._stop.set()
+        for task in self._tasks:
+            if task.get_name() != "channel":
+                task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 10)
+        self._tasks.clear()
+        if self.broker is not None:
+            with contextlib.suppress(BrokerError):
+                await self.broker.stop()
+            self.broker = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        with contextlib.suppress(OSError):
+            status_path(self.home).unlink()
+        if self._lock_cm is not None:
+            self._lock_cm.__exit__(None, None, None)
+            self._lock_cm = None
+
+    @property
+    def registration_endpoint(self) -> Endpoint:
+        return self._require(self.broker).registration_endpoint
+
+    @property
+    def operational_endpoint(self) -> Endpoint:
+        return self._require(self.broker).operational_endpoint
+
+    @staticmethod
+    def _require(value: _T | None) -> _T:
+        if value is None:
+            raise ConfigError("the registrar is not running")
+        return value
+
+    def _verifier(self, site: CommissionedSite) -> RevocationAwareVerifier:
+        assert self.revocations is not None
+        return RevocationAwareVerifier(
+            [site.root],
+            site.station_cas,
+            site.crls,
+            hq_revocations=self.revocations,
+            locally_revoked=self._revoked,
+        )
+
+    async def _loop(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        while not self._stop.is_set():
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("registrar background step %s failed", step.__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
+
+    # -- operations (spool commands and in-process callers) ---------------------------------
+
+    async def revoke(self, device_id: DeviceId, reason: str = "unspecified") -> RevokeResult:
+        result = await revoke_device(
+            home=self.home,
+            secrets=self.secrets,
+            store=self._require(self.store),
+            device_id=device_id,
+            reason=reason,
+            broker=self._require(self.broker),
+        )
+        self._revoked.add(device_id)
+        return result
+
+    async def import_revocations(self, package: bytes) -> ImportResult:
+        result, revocations = await import_revocation_list(
+            home=self.home,
+            secrets=self.secrets,
+            store=self._require(self.store),
+            package=package,
+            broker=self._require(self.broker),
+        )
+        self._set_revocations(revocations)
+        self._revoked.update(DeviceId(r.device_id) for r in result.revoked)
+        return result
+
+    def _set_revocations(self, revocations: RevocationList) -> None:
+        self.revocations = revocations
+        service = self._require(self.service)
+        service.update_trust(verifier=self._verifier(self._require(self.site)))
+
+    async def _enforce_list(self) -> None:
+        assert self.revocations is not None
+        done = await enforce_revocation_list(
+            home=self.home,
+            secrets=self.secrets,
+            store=self._require(self.store),
+            revocations=self.revocations,
+            broker=self.broker,
+        )
+        self._revoked.update(DeviceId(r.device_id) for r in done)
+
+    async def rotate_payload_key(self) -> RotationResult:
+        """New current payload key (sealed at rest), then a signed update wrapped to each
+        registered device, published retained on ``devices/<id>/keys``; new registrations
+        get the new key from now on."""
+        site = self._require(self.site)
+
+        def rotate() -> PayloadKeyring:
+            with revocation_lock(self.home):
+                return site.payload_keys.rotate()
+
+        self.keyring = await asyncio.to_thread(rotate)
+        service = self._require(self.service)
+        updates = await service.key_updates(self.keyring.current)
+        service.use_payload_key(self.keyring.current)
+        channel = self._require(self.channel)
+        for topic, message in updates:
+            await channel.publish(topic, message, retain=True)
+        kid = self.keyring.current.key_id.hex()
+        await self._require(self.store).record_event(
+            None, "payload-key", f"rotated to {kid}; {len(updates)} update(s) published"
+        )
+        log.info("payload key rotated to %s: %d device update(s) published", kid, len(updates))
+        return RotationResult(kid, len(updates))
+
+    async def _catch_up_key_updates(self) -> None:
+        """Devices whose recorded key is not the current one (rotated offline, or a bundle
+        brought a new key) get their update now."""
+        keyring, store = self._require(self.keyring), self._require(self.store)
+        site, channel = self._require(self.site), self._require(self.channel)
+        current = keyring.current
+        issued = int(time.time())
+        sent = 0
+        for record in await store.devices():
+            if record.status != "registered" or record.payload_key_id == current.key_id:
+                continue
+            device = DeviceId(record.device_id)
+            wrap = serialization.load_der_public_key(record.wrap_key_der)
+            message = build_key_update(
+                device_id=device,
+                wrap_key=wrap,  # type: ignore[arg-type]
+                payload_key=current,
+                issued=issued,
+                site_signer=site.site_ca_key,
+            )
+            await channel.publish(device_topic(device, KEY_UPDATE_LEVEL), message, retain=True)
+            await store.set_payload_key(device, current.key_id)
+            sent += 1
+        if sent:
+            log.info("published %d pending payload-key update(s)", sent)
+
+    async def send_command(self, device_id: DeviceId, data: bytes) -> str:
+        """Seal ``data`` with the current payload key and publish it to the device."""
+        keyring = self._require(self.keyring)
+        topic = device_topic(device_id, COMMAND_LEVEL)
+        await self._require(self.channel).publish(topic, seal_payload(keyring.current, topic, data))
+        return topic
+
+    # -- telemetry ----------------------------------------------------------------------------
+
+    def _telemetry_received(self, device: DeviceId, topic: str, payload: bytes) -> None:
+        keyring = self.keyring
+        if keyring is None:
+            return
+        try:
+            plaintext = open_payload(keyring.keys, topic, payload)
+            kid = envelope_key_id(payload).hex()
+        except PayloadError as exc:
+            self._telemetry.rejected += 1
+            log.info("telemetry of %s does not open: %s", device, exc)
+            return
+        self._telemetry.messages += 1
+        self._telemetry.recent.append(
+            {
+                "device_id": device.value,
+                "key_id": kid,
+                "size": len(plaintext),
+                "sha256": hashlib.sha256(plaintext).hexdigest(),
+                "time": round(time.time(), 3),
+            }
+        )
+
+    # -- background duties --------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        target = str(self.home.current.readlink())
+        if target != self._state_target:
+            await self._recommissioned(target)
+        spool = spool_dir(self.home)
+        for request in sorted(spool.glob("*.request.json")):
+            await self._apply_request(request)
+
+    async def _recommissioned(self, target: str) -> None:
+        """A new bundle was commissioned while running: new anchors, CRLs, manifest, HQ
+        list and payload keys for the registrar; the brokers re-read CA bundles and CRLs
+        (new station CAs are only admitted by the embedded broker after a restart)."""
+        log.warning("site re-commissioned (%s -> %s): reloading", self._state_target, target)
+        self._state_target = target
+        site = await asyncio.to_thread(load_commissioned_site, self.home, self.secrets)
+        self.site = site
+        self.keyring = await asyncio.to_thread(site.payload_keys.load)
+        self.revocations = site.revocations
+        service = self._require(self.service)
+        service.update_trust(verifier=self._verifier(site), admission=site.admission)
+        service.use_payload_key(self.keyring.current)
+        await self._require(self.broker).reload_crls()
+        await self._enforce_list()
+        await self._catch_up_key_updates()
+        self.check_crls()
+
+    async def _apply_request(self, request: Path) -> None:
+        ident = request.name.removesuffix(".request.json")
+        result_path = request.with_name(f"{ident}.result.json")
+        data_path: Path | None = None
+        try:
+            doc = json.loads(request.read_text(encoding="utf-8"))
+            command, args = doc["command"], doc["args"]
+            if "data" in args:
+                data_path = request.with_name(Path(str(args["data"])).name)
+            result = await self._dispatch(command, args, data_path)
+            answer: dict[str, Any] = {"ok": True, "result": result}
+        except (RegistrarError, InvalidValueError) as exc:
+            answer = {"ok": False, "error": str(exc.args[0]), "reason": exc.reason}
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            answer = {"ok": False, "error": f"bad request: {exc!r}", "reason": "bad_request"}
+        _write_json(result_path, answer)
+        request.unlink(missing_ok=True)
+        if data_path is not None:
+            data_path.unlink(missing_ok=True)
+
+    async def _dispatch(self, command: str, args: dict[str, Any], data: Path | None) -> Any:
+        if command == "revoke":
+            result = await self.revoke(
+                DeviceId(args["device_id"]), args.get("reason", "unspecified")
+            )
+            return revoke_json(result)
+        if command == "import-revocations":
+            if data is None:
+                raise ValueError("no list")
+            imported = await self.import_revocations(data.read_bytes())
+            return import_json(imported)
+        if command == "rotate-payload-key":
+            rotation = await self.rotate_payload_key()
+            return {"key_id": rotation.key_id, "updates_published": rotation.updates_published}
+        if command == "send-command":
+            if data is None:
+                raise ValueError("no command payload")
+            topic = await self.send_command(DeviceId(args["device_id"]), data.read_bytes())
+            return {"topic": topic}
+        raise ValueError(f"unknown command {command!r}")
+
+    def refresh_site_crl_if_due(self, *, now: datetime | None = None) -> bool:
+        """Re-issue the site CA CRL when less than half of its validity is left (so a
+        registrar that is down for a few days still finds a valid one); True if it did."""
+        moment = datetime.now(UTC) if now is None else now
+        with revocation_lock(self.home):
+            crl = x509.load_pem_x509_crl((self.home.current / "site-crl.pem").read_bytes())
+            next_update = crl.next_update_utc
+            if next_update is not None and next_update - moment > SITE_CRL_REFRESH_MARGIN:
+                return False
+            fresh = reissue_site_crl(self.home, self.secrets, now=moment)
+        log.info(
+            "site CRL re-issued (was valid until %s, now until %s)",
+            _iso(next_update),
+            _iso(fresh.next_update_utc),
+        )
+        return True
+
+    async def _crl_tick(self) -> None:
+        if await asyncio.to_thread(self.refresh_site_crl_if_due) and self.broker is not None:
+            await self.broker.reload_crls()
+        self.check_crls()
+
+    def check_crls(self, *, now: datetime | None = None) -> list[str]:
+        """Root and station CRLs come from HQ only (the registrar cannot re-sign them):
+        stale ones make every factory certificate under them fail (fail closed) until a
+        new site bundle is commissioned. Said loudly, every check."""
+        now = datetime.now(UTC) if now is None else now
+        alerts: list[str] = []
+        site_ca = self.site.site_ca_cert.subject if self.site is not None else None
+        try:
+            crls = _crl_dates(self.home.current / "crls.pem")
+        except (OSError, ValueError) as exc:
+            alerts.append(f"CRL file unreadable: {exc}")
+            crls = []
+        for crl in crls:
+            if crl.issuer == site_ca:
+                continue
+            issuer = crl.issuer.rfc4514_string()
+            next_update = crl.next_update_utc
+            if next_update is None or next_update < now:
+                alerts.append(
+                    f"STALE CRL of {issuer} (nextUpdate {_iso(next_update)}): registrations "
+                    "of devices under it are REFUSED (fail closed) until a new site bundle "
+                    "from HQ is commissioned"
+                )
+            elif next_update - now < CRL_WARNING_MARGIN:
+                alerts.append(
+                    f"CRL of {issuer} runs out at {_iso(next_update)}: commission a new "
+                    "site bundle from HQ before then"
+                )
+        for alert in alerts:
+            (log.error if "STALE" in alert else log.warning)("%s", alert)
+        self._alerts = alerts
+        return alerts
+
+    async def _write_status(self) -> None:
+        broker, store, service = self.broker, self.store, self.service
+        if broker is None or store is None or service is None:
+            return
+        counts = await store.counts()
+        site_crl = x509.load_pem_x509_crl((self.home.current / "site-crl.pem").read_bytes())
+        doc: dict[str, Any] = {
+            "v": 1,
+            "running": True,
+            "pid": os.getpid(),
+            "site_id": self.home.site_id.value,
+            "started": round(self._started, 3),
+            "updated": round(time.time(), 3),
+            "broker": self.settings.broker,
+            "listeners": {
+                "registration": _endpoint_json(broker.registration_endpoint),
+                "operational": _endpoint_json(broker.operational_endpoint),
+            },
+            "connected": self.channel is not None and self.channel.connected.is_set(),
+            "counts": counts,
+            "registrations": dict(service.stats),
+            "revoked_devices": sorted(d.value for d in self._revoked),
+            "payload_key": self.keyring.current.key_id.hex() if self.keyring else None,
+            "revocation_list_sequence": self.revocations.sequence if self.revocations else None,
+            "site_crl_next_update": _iso(site_crl.next_update_utc),
+            "telemetry": {
+                "messages": self._telemetry.messages,
+                "rejected": self._telemetry.rejected,
+                "recent": list(self._telemetry.recent),
+            },
+            "alerts": list(self._alerts),
+        }
+        await asyncio.to_thread(_write_json, status_path(self.home), doc)
+
+
+def _endpoint_json(endpoint: Endpoint) -> dict[str, Any]:
+    return {"host": endpoint.host, "port": endpoint.port}
+
+
+def revoke_json(result: RevokeResult) -> dict[str, Any]:
+    return {
+        "device_id": result.device_id,
+        "reason": result.reason,
+        "serials": list(result.serials),
+        "crl_number": result.crl_number,
+        "already_revoked": result.already_revoked,
+        "sessions_cut": result.sessions_cut,
+    }
+
+
+def import_json(result: ImportResult) -> dict[str, Any]:
+    return {
+        "sequence": result.sequence,
+        "previous": result.previous,
+        "status": result.status,
+        "entries": result.entries,
+        "revoked": [revoke_json(r) for r in result.revoked],
+    }
+
+
+async def run_registrar(
+    home: SiteHome,
+    secrets: SiteSecrets,
+    settings: AppSettings,
+    *,
+    stop: asyncio.Event,
+    ready: Callable[[RegistrarApp], None] | None = None,
+) -> None:
+    """Start, call ``ready``, run until ``stop`` is set, stop gracefully."""
+    app = RegistrarApp(home, secrets, settings)
+    await app.start()
+    try:
+        if ready is not None:
+            ready(app)
+        await stop.wait()
+    finally:
+        await app.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(
+    home: SiteHome, secrets: SiteSecrets, settings: AppSettings | None = None
+) -> AsyncIterator[RegistrarApp]:
+    """``async with running(home, secrets) as app:`` (tests, embedding)."""
+    app = RegistrarApp(home, secrets, settings)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()

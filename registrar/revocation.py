@@ -1,0 +1,379 @@
+"""Revocation in the building: one device (``registrar revoke``) and HQ revocation lists
+(``registrar import-revocations``).
+
+Three layers act on a revocation, in this order (see ``docs/registrar.md``):
+
+1. **Certificates** — the device's LDevID serials (current and every superseded one) go on
+   the site CA CRL, re-signed at once; the brokers refuse new handshakes of those
+   certificates after ``reload_crls``.
+2. **Broker** — the identity is blocked (no publish, subscribe or delivery, on both
+   listeners) and its live sessions are cut; this also covers a TLS identity whose
+   certificate is not on any CRL we sign (e.g. a factory certificate revoked by HQ).
+3. **Registrar** — :class:`RevocationAwareVerifier` refuses registration requests of a
+   device revoked here or listed by HQ (public reason ``revoked``), so a revoked device
+   cannot come back through re-registration with its still-valid factory certificate.
+
+Every step is idempotent: revoking twice, or importing the same list twice, changes
+nothing the second time, and an interrupted revocation is completed by running it again
+(the running registrar also re-applies every block from the store at start).
+
+Writers of the site CRL and of the revocation-list files (``registrar run``'s refresh
+timer, ``registrar revoke`` and ``import-revocations`` run offline) serialise on
+:func:`revocation_lock`, so no re-issue can lose another's entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+
+from registrar.broker import Broker
+from registrar.errors import ConfigError, RegistrarError
+from registrar.site import SiteHome, SiteSecrets, load_commissioned_site, reissue_site_crl
+from registrar.store import DeviceRecord, Store
+from signers.software import write_private_file
+from trustcore.crl import RevokedEntry
+from trustcore.errors import InvalidValueError, ProfileError, VerificationError
+from trustcore.identity import CertSerial, DeviceId, StationId
+from trustcore.profiles import station_id_from_certificate
+from trustcore.revocation import (
+    REVOCATION_REASONS,
+    RevocationList,
+    RevocationListError,
+    open_revocation_list,
+)
+from trustcore.verify import ChainVerifier, VerifiedIdentity
+
+__all__ = [
+    "LOCAL_REVOCATION_REASONS",
+    "ImportResult",
+    "RevocationAwareVerifier",
+    "RevocationError",
+    "RevokeResult",
+    "enforce_revocation_list",
+    "import_revocation_list",
+    "read_revocation_list",
+    "revocation_lock",
+    "revoke_device",
+    "revoked_device_ids",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``registrar revoke --reason``: the same closed set as HQ's list (no free text: it ends
+#: up in CRLs, logs and reports).
+LOCAL_REVOCATION_REASONS = REVOCATION_REASONS
+
+_CRL_REASON = {
+    "key_compromise": x509.ReasonFlags.key_compromise,
+    "cloned": x509.ReasonFlags.key_compromise,
+    "counterfeit": x509.ReasonFlags.privilege_withdrawn,
+    "over_production": x509.ReasonFlags.privilege_withdrawn,
+    "decommissioned": x509.ReasonFlags.cessation_of_operation,
+    "unspecified": x509.ReasonFlags.unspecified,
+}
+
+
+class RevocationError(RegistrarError):
+    """A revocation or a revocation-list import could not be done. ``reason``:
+    ``unknown_device``, ``bad_reason``, ``not_commissioned`` or, for lists, the reason of
+    :class:`trustcore.revocation.RevocationListError` (``rollback``, ``bad_signature``,
+    ``untrusted_sender``, ``revoked_sender``, ``malformed``, ...)."""
+
+    reason = "revocation_failed"
+
+
+# ------------------------------------------------------------------------------ locking
+
+
+@contextlib.contextmanager
+def revocation_lock(home: SiteHome) -> Iterator[None]:
+    """Exclusive lock (``SITE/revocation.lock``, ``flock``) around every read-modify-write
+    of the site CRL, the revocation list and the payload-key file, across processes."""
+    path = home.path / "revocation.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- verifier
+
+
+class RevocationAwareVerifier(ChainVerifier):
+    """A :class:`ChainVerifier` that also refuses factory certificates HQ has listed and
+    devices revoked at this site (``VerificationError`` reason ``revoked``, which the
+    registration protocol reports as the public reason ``revoked``).
+
+    Why here and not in the protocol code: the registration decision already maps a
+    verifier's ``revoked`` to the right answer, and the HQ list is revocation data like a
+    CRL, only signed by HQ instead of the station (which alone holds the station key).
+    ``locally_revoked`` is shared, not copied: the running registrar adds to it and the
+    next request sees the change.
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[x509.Certificate],
+        intermediates: Sequence[x509.Certificate] = (),
+        crls: Iterable[x509.CertificateRevocationList] = (),
+        *,
+        hq_revocations: RevocationList,
+        locally_revoked: set[DeviceId] | None = None,
+    ) -> None:
+        super().__init__(roots, intermediates, crls)
+        self.hq_revocations = hq_revocations
+        self.locally_revoked: set[DeviceId] = set() if locally_revoked is None else locally_revoked
+
+    def verify(
+        self,
+        leaf: x509.Certificate | bytes,
+        *,
+        now: datetime,
+        intermediates: Sequence[x509.Certificate] = (),
+        require_device_id: bool = False,
+    ) -> VerifiedIdentity:
+        identity = super().verify(
+            leaf, now=now, intermediates=intermediates, require_device_id=require_device_id
+        )
+        station: StationId | None
+        try:
+            station = station_id_from_certificate(identity.issuer)
+        except ProfileError:
+            station = None
+        entry = self.hq_revocations.lookup(
+            device_id=identity.device_id, station_id=station, serial=identity.leaf.serial_number
+        )
+        if entry is not None:
+            raise VerificationError(
+                f"listed by HQ revocation list {self.hq_revocations.sequence} "
+                f"({entry.reason}, {entry.device_id}, serial {entry.serial.hex})",
+                reason="revoked",
+            )
+        if identity.device_id is not None and identity.device_id in self.locally_revoked:
+            raise VerificationError(
+                f"{identity.device_id} is revoked at this site", reason="revoked"
+            )
+        return identity
+
+
+# ------------------------------------------------------------------------ one device
+
+
+@dataclass(frozen=True)
+class RevokeResult:
+    device_id: str
+    reason: str
+    serials: tuple[str, ...]  # LDevID serials (hex) now on the site CRL
+    crl_number: int
+    already_revoked: bool
+    sessions_cut: int | None  # None: no broker running (offline revocation)
+
+
+async def revoke_device(
+    *,
+    home: SiteHome,
+    secrets: SiteSecrets,
+    store: Store,
+    device_id: DeviceId,
+    reason: str = "unspecified",
+    broker: Broker | None = None,
+    now: datetime | None = None,
+) -> RevokeResult:
+    """Revoke a registered device: site CRL (all its LDevID serials) → store status and
+    event → (if ``broker``) ``reload_crls`` → ``block`` → ``disconnect``.
+
+    The order matters: the CRL must be in force before the kick, or a client that
+    reconnects at once would get back in (Mosquitto 2.0.11 has no refusal by name).
+    """
+    if reason not in LOCAL_REVOCATION_REASONS:
+        raise RevocationError(
+            f"unknown reason {reason!r} (one of {', '.join(sorted(LOCAL_REVOCATION_REASONS))})",
+            reason="bad_reason",
+        )
+    record = await store.device(device_id)
+    if record is None:
+        raise RevocationError(
+            f"{device_id} is not registered at this site; a factory certificate that must "
+            "never register is revoked by HQ (revocation list)",
+            reason="unknown_device",
+        )
+    moment = datetime.now(UTC) if now is None else now
+    superseded = [s for s, dev, _ in await store.superseded_serials() if dev == device_id.value]
+    serials = tuple(dict.fromkeys([record.ldevid_serial, *superseded]))
+    entries = tuple(
+        RevokedEntry(CertSerial.from_hex(s), moment, _CRL_REASON[reason]) for s in serials
+    )
+    with revocation_lock(home):
+        crl = reissue_site_crl(home, secrets, revoke=entries, now=moment)
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    already = record.status == "revoked"
+    if not already:
+        await store.set_status(device_id, "revoked")
+        await store.record_event(
+            device_id,
+            "revoked",
+            f"reason {reason}; ldevid {', '.join(serials)}; site CRL {number}",
+        )
+    cut: int | None = None
+    if broker is not None:
+        # CRL in force first (new handshakes of its LDevIDs fail), then cut (and count)
+        # the live sessions, then block the identity, then cut again: a session opened in
+        # between with a certificate no CRL of ours lists (its factory certificate) gets
+        # cut as well, and the block leaves it nothing to do if it comes back.
+        await broker.reload_crls()
+        cut = await broker.disconnect(device_id.value)
+        await broker.block(device_id.value)
+        cut += await broker.disconnect(device_id.value)
+    log.warning(
+        "revoked %s (%s): serials %s on site CRL %d%s",
+        device_id,
+        reason,
+        ", ".join(serials),
+        number,
+        "" if cut is None else f", {cut} live session(s) cut",
+    )
+    return RevokeResult(device_id.value, reason, serials, number, already, cut)
+
+
+# -------------------------------------------------------------------- HQ revocation list
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    sequence: int
+    previous: int
+    status: str  # "imported" | "unchanged"
+    entries: int
+    revoked: tuple[RevokeResult, ...]  # registered devices revoked by this import
+
+
+def read_revocation_list(home: SiteHome) -> RevocationList:
+    """The HQ revocation list of the commissioned state (verified when it was stored)."""
+    try:
+        return RevocationList.decode((home.current / "revocation-list.cbor").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the site's revocation list: {exc}") from exc
+
+
+def _root_crl(
+    root: x509.Certificate, crls: Iterable[x509.CertificateRevocationList]
+) -> x509.CertificateRevocationList | None:
+    return next((c for c in crls if c.issuer == root.subject), None)
+
+
+async def import_revocation_list(
+    *,
+    home: SiteHome,
+    secrets: SiteSecrets,
+    store: Store,
+    package: bytes,
+    broker: Broker | None = None,
+    now: datetime | None = None,
+) -> tuple[ImportResult, RevocationList]:
+    """Verify an HQ revocation list and make it the site's list; revoke every registered
+    device it names. Returns the result and the list now in force.
+
+    Only a newer sequence replaces the stored list (an older one is ``rollback``: it would
+    un-revoke devices); the same sequence again changes no file but re-applies the list
+    (which completes an earlier, interrupted import).
+    """
+    moment = datetime.now(UTC) if now is None else now
+    site = load_commissioned_site(home, secrets)
+    with revocation_lock(home):
+        state = home.commission_state()
+        if state is None:
+            raise RevocationError("the site is not commissioned", reason="not_commissioned")
+        held = int(state["revocation_list_sequence"])
+        try:
+            revocations = open_revocation_list(
+                package,
+                root=site.root,
+                now=moment,
+                root_crl=_root_crl(site.root, site.crls),
+                not_older_than=held,
+            )
+        except RevocationListError as exc:
+            raise RevocationError(str(exc), reason=exc.reason) from exc
+        status = "unchanged" if revocations.sequence == held else "imported"
+        if status == "imported":
+            current = home.current
+            write_private_file(current / "revocation-list.sealed", package, overwrite=True)
+            write_private_file(
+                current / "revocation-list.cbor", revocations.encode(), overwrite=True
+            )
+            state["revocation_list_sequence"] = revocations.sequence
+            write_private_file(
+                current / "commission.json",
+                (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(),
+                overwrite=True,
+            )
+    if status == "imported":
+        await store.record_event(
+            None,
+            "revocation-list",
+            f"HQ revocation list {revocations.sequence} imported "
+            f"({len(revocations.entries)} entries; previous {held})",
+        )
+    revoked = await enforce_revocation_list(
+        home=home, secrets=secrets, store=store, revocations=revocations, broker=broker, now=moment
+    )
+    result = ImportResult(revocations.sequence, held, status, len(revocations.entries), revoked)
+    return result, revocations
+
+
+async def enforce_revocation_list(
+    *,
+    home: SiteHome,
+    secrets: SiteSecrets,
+    store: Store,
+    revocations: RevocationList,
+    broker: Broker | None = None,
+    now: datetime | None = None,
+) -> tuple[RevokeResult, ...]:
+    """Revoke every registered device the list names and that is not revoked yet (also used
+    at start-up: a re-commission may have brought a newer list while the registrar was
+    down). Devices listed but not registered are refused when they try (the verifier)."""
+    out = []
+    for record in await store.devices():
+        if record.status == "revoked":
+            continue
+        entry = revocations.lookup(device_id=DeviceId(record.device_id))
+        if entry is None and record.station_id is not None:
+            try:
+                entry = revocations.lookup(
+                    station_id=StationId(record.station_id),
+                    serial=CertSerial.from_hex(record.idevid_serial),
+                )
+            except InvalidValueError:
+                entry = None
+        if entry is None:
+            continue
+        out.append(
+            await revoke_device(
+                home=home,
+                secrets=secrets,
+                store=store,
+                device_id=DeviceId(record.device_id),
+                reason=entry.reason,
+                broker=broker,
+                now=now,
+            )
+        )
+    return tuple(out)
+
+
+def revoked_device_ids(records: Iterable[DeviceRecord]) -> set[DeviceId]:
+    """Device ids of store records whose status is ``revoked``."""
+    return {DeviceId(r.device_id) for r in records if r.status == "revoked"}
