@@ -4,8 +4,10 @@
   broker's server certificate, the registrar's own client certificate (CN
   ``registrar@site``) and fresh CRLs; :meth:`SitePki.factory_devices` — N software-key
   devices with IEEE 802.1AR factory certificates (what the factory line would have made).
-* :func:`write_site` — the same site as files (broker key encrypted, everything 0600 in a
-  private directory) and the :class:`~registrar.broker.BrokerSettings` for it;
+* :func:`write_site` — the same site as files (every private key an encrypted PKCS#8
+  keystore under :data:`PASSPHRASE`, the payload key HPKE-sealed to an encrypted transport
+  key as the real registrar stores it, everything 0600 in a private directory) and the
+  :class:`~registrar.broker.BrokerSettings` for it;
   :func:`load_site` reads it back (used by the registrar process of the benchmarks).
 * :class:`SiteRuntime` — a broker of either kind, and on it either the real registrar
   (:class:`~registrar.service.RegistrationService` over a real SQLite file, driven by
@@ -16,8 +18,10 @@
   ``stop-responder``, ``stats``, ``quit``), answering with one JSON line each. The
   benchmarks use it so that the registrar runs in its own process, as in production.
 
-Nothing here is for production: keys are generated in software, and the site CA key is
-written unencrypted into the private bench directory.
+Nothing here is for production: keys are generated in software and the passphrase is a
+constant. Still, no private or AES key is ever written in plaintext, not even here (bench/
+ships): keys go to disk only encrypted, and into ``ssl`` only through
+:func:`signers.software.load_ssl_identity`.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sim.client import DeviceCredentials
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
+from registrar.payload_keys import PayloadKeyStore
 from registrar.service import MqttRunnerSettings, RegistrationService, SiteAuthority, run_mqtt
 from registrar.store import Store
-from signers.software import SoftwareKey
+from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.crl import build_crl
 from trustcore.identity import DeviceId, SiteId, StationId
 from trustcore.payload import PayloadKey
@@ -96,13 +101,9 @@ def _pem(obj: x509.Certificate | x509.CertificateRevocationList) -> bytes:
     return obj.public_bytes(PEM)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
-    return key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, encryption)
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """An encrypted PKCS#8 keystore under :data:`PASSPHRASE` (never plaintext)."""
+    return SoftwareKey(key).to_encrypted_pem(PASSPHRASE)
 
 
 def _private(path: Path, data: bytes) -> None:
@@ -289,7 +290,8 @@ _FILES = {
     "crls": "crls.pem",
     "registration_cas": "registration-cas.pem",
     "operational_cas": "operational-cas.pem",
-    "payload_key": "payload-key.bin",
+    "transport_key": "transport.key.pem",
+    "payload_keys": "payload-keys.cbor",
 }
 
 
@@ -320,22 +322,26 @@ def write_site(pki: SitePki, directory: Path) -> SiteFiles:
     """Write the site into ``directory`` (created 0700)."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory.chmod(0o700)
+    transport = SoftwareKey.generate()
     data = {
         "root": _pem(pki.root),
         "station": _pem(pki.station_ca),
         "site": _pem(pki.site_ca),
         "site_key": _key_pem(pki.site_key),
         "broker": _pem(pki.broker) + _pem(pki.site_ca),
-        "broker_key": _key_pem(pki.broker_key, PASSPHRASE),
+        "broker_key": _key_pem(pki.broker_key),
         "registrar": _pem(pki.registrar) + _pem(pki.site_ca),
         "registrar_key": _key_pem(pki.registrar_key),
         "crls": b"".join(_pem(c) for c in pki.crls),
         "registration_cas": _pem(pki.root) + _pem(pki.station_ca),
         "operational_cas": _pem(pki.site_ca),
-        "payload_key": pki.payload_key.key_id + pki.payload_key.key,
+        "transport_key": transport.to_encrypted_pem(PASSPHRASE),
     }
     for name, content in data.items():
         _private(directory / _FILES[name], content)
+    # The AES payload key, sealed to the transport key: the registrar's at-rest format.
+    (directory / _FILES["payload_keys"]).unlink(missing_ok=True)
+    PayloadKeyStore(directory / _FILES["payload_keys"], transport).add(pki.payload_key)
     return _files(directory)
 
 
@@ -354,13 +360,11 @@ def load_site(directory: Path) -> tuple[SitePki, SiteFiles]:
     def cert(name: str) -> x509.Certificate:
         return x509.load_pem_x509_certificate((d / _FILES[name]).read_bytes())
 
-    def key(name: str, password: bytes | None = None) -> ec.EllipticCurvePrivateKey:
-        k = serialization.load_pem_private_key((d / _FILES[name]).read_bytes(), password)
-        assert isinstance(k, ec.EllipticCurvePrivateKey)
-        return k
+    def key(name: str) -> SoftwareKey:
+        return SoftwareKey.load(d / _FILES[name], PASSPHRASE)
 
-    site_key = key("site_key")
-    raw = (d / _FILES["payload_key"]).read_bytes()
+    site_key = key("site_key").private_key()
+    payload_key = PayloadKeyStore(d / _FILES["payload_keys"], key("transport_key")).load().current
     station = cert("station")
     pki = SitePki(
         now=datetime.now(UTC).replace(microsecond=0),
@@ -374,11 +378,11 @@ def load_site(directory: Path) -> tuple[SitePki, SiteFiles]:
         site_ca=cert("site"),
         site_key=site_key,
         broker=cert("broker"),
-        broker_key=key("broker_key", PASSPHRASE),
+        broker_key=key("broker_key").private_key(),
         registrar=cert("registrar"),
-        registrar_key=key("registrar_key"),
+        registrar_key=key("registrar_key").private_key(),
         crls=_load_crls((d / _FILES["crls"]).read_bytes()),
-        payload_key=PayloadKey(raw[:8], raw[8:]),
+        payload_key=payload_key,
     )
     return pki, _files(directory)
 
@@ -386,19 +390,11 @@ def load_site(directory: Path) -> tuple[SitePki, SiteFiles]:
 def client_context(
     root: x509.Certificate, cert_pem: bytes, key: ec.EllipticCurvePrivateKey
 ) -> ssl.SSLContext:
-    """A TLS client context: trust ``root``, present ``cert_pem`` (leaf + issuer) with ``key``.
-
-    ``ssl`` loads keys only from files: the key is written to a private temporary file that
-    is deleted at once."""
-    import tempfile
-
+    """A TLS client context: trust ``root``, present ``cert_pem`` (leaf + issuer) with ``key``
+    (handed to ``ssl`` encrypted, see :func:`signers.software.load_ssl_identity`)."""
     ctx = ssl.create_default_context(cadata=_pem(root).decode("ascii"))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
-        cert_file, key_file = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
-        cert_file.write_bytes(cert_pem)
-        _private(key_file, _key_pem(key))
-        ctx.load_cert_chain(cert_file, key_file)
+    load_ssl_identity(ctx, cert_pem, key)
     return ctx
 
 

@@ -109,6 +109,12 @@ def serve(directory: Path) -> None:
     help="Manufacturer root certificate(s), PEM: what the devices trust.",
 )
 @click.option("--count", type=click.IntRange(1), help="Only the first N devices.")
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="File holding the passphrase of the devices' factory keys "
+    "(default: $DEVTRUST_DEVICE_PASSPHRASE).",
+)
 @click.option("--concurrency", type=click.IntRange(1), help="Devices in flight (default: all).")
 @click.option("--timeout", type=float, default=30.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Summary and per-device results as JSON.")
@@ -118,23 +124,33 @@ def fleet(
     port: int,
     root_file: Path,
     count: int | None,
+    passphrase_file: Path | None,
     concurrency: int | None,
     timeout: float,
     as_json: bool,
 ) -> None:
     """Onboard a load-test fleet (software-key devices under DIRECTORY, one sub-directory
-    per device: idevid.pem, chain.pem, factory.key.pem) through a registrar, all at once."""
+    per device: idevid.pem, chain.pem, factory.key.pem encrypted) through a registrar, all
+    at once. The key passphrase is read from --passphrase-file or
+    $DEVTRUST_DEVICE_PASSPHRASE, never from the command line."""
     import asyncio
 
     from cryptography import x509
 
-    from device_sim.fleet import FleetError, load_fleet, onboard
+    from device_sim.fleet import PASSPHRASE_ENV, FleetError, load_fleet, onboard
     from registrar.broker import Endpoint
+    from signers.errors import PassphraseError
+    from signers.software import passphrase_from_env, passphrase_from_file
 
     try:
+        passphrase = (
+            passphrase_from_file(passphrase_file)
+            if passphrase_file is not None
+            else passphrase_from_env(PASSPHRASE_ENV)
+        )
         roots = x509.load_pem_x509_certificates(root_file.read_bytes())
-        devices = load_fleet(directory, roots, count=count)
-    except (FleetError, ValueError, OSError) as exc:
+        devices = load_fleet(directory, roots, passphrase=passphrase, count=count)
+    except (FleetError, PassphraseError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     report = asyncio.run(
         onboard(devices, Endpoint(host, port), concurrency=concurrency, timeout=timeout)

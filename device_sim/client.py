@@ -15,8 +15,9 @@ What is real and what is simulated (see ``docs/registration.md``, "Device TLS"):
   registrar does not rely on the TLS identity for registration (it verifies the signed
   request), but the broker's topic ACL does, so the TLS certificate must name the device.
 
-Private key files for ``ssl`` are written to a private (0700) temporary directory, loaded,
-and deleted at once; they only exist for software keys.
+Software keys reach ``ssl`` through :func:`signers.software.load_ssl_identity`: the key file
+it hands to OpenSSL is encrypted under a one-time random password and deleted at once, so no
+plaintext key ever touches the disk.
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ import contextlib
 import logging
 import os
 import ssl
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Literal, Protocol
 
 import aiomqtt
@@ -40,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from registrar.broker import Endpoint
-from signers.software import SoftwareKey
+from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.csr import build_device_csr
 from trustcore.identity import DeviceId
 from trustcore.keys import KeyAgreement, Signer
@@ -147,19 +146,7 @@ class TlsIdentity:
         its certificate with the site CA, which the root issued) and presenting this identity."""
         ctx = ssl.create_default_context(cadata=trust_pem.decode("ascii"))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        with tempfile.TemporaryDirectory(prefix="devtls-") as tmp:
-            Path(tmp).chmod(0o700)
-            cert_file = Path(tmp) / "cert.pem"
-            key_file = Path(tmp) / "key.pem"
-            cert_file.write_bytes(b"".join(c.public_bytes(PEM) for c in self.certificates))
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(
-                    self.key.private_bytes(
-                        PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                    )
-                )
-            ctx.load_cert_chain(cert_file, key_file)
+        load_ssl_identity(ctx, b"".join(c.public_bytes(PEM) for c in self.certificates), self.key)
         return ctx
 
 

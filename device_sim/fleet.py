@@ -17,14 +17,17 @@ wall-clock time of the whole fleet. A device that fails does not stop the others
 
 Load fleets on disk (``device-sim fleet``): a directory with one sub-directory per device
 holding ``idevid.pem`` (factory certificate), ``chain.pem`` (station CA) and
-``factory.key.pem`` (software factory key, PKCS#8, mode 0600: load-test devices only); see
-:func:`write_load_device` and :func:`load_fleet`.
+``factory.key.pem`` (software factory key of a load-test device: an encrypted PKCS#8
+keystore, :class:`~signers.software.SoftwareKey`, mode 0600); see :func:`write_load_device`
+and :func:`load_fleet`. Even a load-test key is never stored in plaintext: a fleet
+directory gets copied around, and a plaintext key that names a device id in an admitted
+range would register as that device. The passphrase comes from ``DEVTRUST_DEVICE_PASSPHRASE``
+or a passphrase file (see :data:`PASSPHRASE_ENV`), never from the command line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 import statistics
 import time
@@ -48,12 +51,14 @@ from rich.progress import (
 
 from device_sim.client import DeviceClient, DeviceCredentials, DeviceRegistrationError, SoftwareKeys
 from registrar.broker import Endpoint
+from signers.errors import SignerError
 from signers.software import SoftwareKey
 from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.profiles import device_id_from_certificate
 
 __all__ = [
+    "PASSPHRASE_ENV",
     "DeviceResult",
     "FleetError",
     "FleetReport",
@@ -67,6 +72,7 @@ PEM = serialization.Encoding.PEM
 IDEVID_FILE = "idevid.pem"
 CHAIN_FILE = "chain.pem"
 KEY_FILE = "factory.key.pem"
+PASSPHRASE_ENV = "DEVTRUST_DEVICE_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 
 
 class FleetError(RuntimeError):
@@ -207,37 +213,37 @@ async def onboard(
 # ------------------------------------------------------------------------ load fleets on disk
 
 
-def _private_write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def write_load_device(
     directory: Path,
     idevid: x509.Certificate,
     chain: Sequence[x509.Certificate],
     factory_key: ec.EllipticCurvePrivateKey,
+    *,
+    passphrase: bytes,
 ) -> Path:
-    """Write one software-key (load-test) device into ``directory/<device id>``."""
+    """Write one software-key (load-test) device into ``directory/<device id>``; the factory
+    key is encrypted under ``passphrase`` (raises ``FleetError`` if it cannot be)."""
     device_id = device_id_from_certificate(idevid)
     target = directory / device_id.value
     target.mkdir(mode=0o700, parents=True, exist_ok=False)
     (target / IDEVID_FILE).write_bytes(idevid.public_bytes(PEM))
     (target / CHAIN_FILE).write_bytes(b"".join(c.public_bytes(PEM) for c in chain))
-    _private_write(
-        target / KEY_FILE,
-        factory_key.private_bytes(
-            PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    )
+    try:
+        SoftwareKey(factory_key).save(target / KEY_FILE, passphrase)
+    except SignerError as exc:
+        raise FleetError(f"cannot store the factory key of {device_id.value}: {exc}") from exc
     return target
 
 
 def load_fleet(
-    directory: Path, roots: Sequence[x509.Certificate], *, count: int | None = None
+    directory: Path,
+    roots: Sequence[x509.Certificate],
+    *,
+    passphrase: bytes,
+    count: int | None = None,
 ) -> list[DeviceClient]:
-    """The load-mode devices under ``directory`` (sorted by name; the first ``count``)."""
+    """The load-mode devices under ``directory`` (sorted by name; the first ``count``), their
+    factory keys decrypted with ``passphrase``. A plaintext key file is refused."""
     if not directory.is_dir():
         raise FleetError(f"{directory} is not a directory")
     found = sorted(p for p in directory.iterdir() if (p / IDEVID_FILE).is_file())
@@ -252,14 +258,12 @@ def load_fleet(
         try:
             idevid = x509.load_pem_x509_certificate((path / IDEVID_FILE).read_bytes())
             chain = tuple(x509.load_pem_x509_certificates((path / CHAIN_FILE).read_bytes()))
-            key = serialization.load_pem_private_key((path / KEY_FILE).read_bytes(), None)
+            key = SoftwareKey.load(path / KEY_FILE, passphrase)
             device_id: DeviceId = device_id_from_certificate(idevid)
-        except (OSError, ValueError, TypeError, TrustCoreError) as exc:
+        except (OSError, ValueError, TypeError, TrustCoreError, SignerError) as exc:
             raise FleetError(f"device {path} is unusable: {exc}") from exc
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise FleetError(f"device {path}: the factory key is not an EC key")
         if key.public_key() != idevid.public_key():
             raise FleetError(f"device {path}: the factory key does not match {IDEVID_FILE}")
-        credentials = DeviceCredentials(device_id, idevid, chain, SoftwareKey(key), tuple(roots))
+        credentials = DeviceCredentials(device_id, idevid, chain, key, tuple(roots))
         devices.append(software_device(credentials))
     return devices

@@ -22,6 +22,9 @@ from rich.table import Table
 from device_sim.device import vendor_ca_pem
 from device_sim.swtpm import Swtpm, provision_ek_certificate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_building import run_building
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".demo"
 BIN = Path(sys.executable).parent
@@ -66,47 +69,56 @@ def main() -> None:
     provision_ek_certificate(WORK / "vendor-probe-tpm", ca_dir=WORK / "tpm-vendor")
     (WORK / "tpm-vendor.pem").write_bytes(vendor_ca_pem(WORK / "tpm-vendor"))
 
-    with Swtpm(WORK / "station-tpm") as station_tpm:
-        step("3. Factory station: CA and transport keys created inside the station TPM")
-        run(
-            "factory-station", "init", "--home", WORK / "station", "--station-id", "station-01",
-            "--tcti", station_tpm.tcti, "--root", root, "--tpm-vendor-ca", WORK / "tpm-vendor.pem",
-            "--enrolment-out", WORK / "enrolment.cbor",
-        )  # fmt: skip
+    station_tpm = Swtpm(WORK / "station-tpm").start()
+    try:
+        _factory_and_hq(station_tpm, root)
+        run_building(WORK, run, step, summary, station_tpm.tcti, console)
+    finally:
+        station_tpm.stop()
+    _summary(started)
 
-        step("4. HQ enrols the station and issues an entitlement (quota 20, 10 per day)")
-        run("hq", "enrol-station", "--home", WORK / "hq", WORK / "enrolment.cbor")
-        now = datetime.now(UTC)
-        run(
-            "hq", "entitle", "--home", WORK / "hq", "--station", "station-01",
-            "--product", "thermostat", "--quota", "20", "--daily-limit", "10",
-            "--timezone", "UTC", "--not-before", (now - timedelta(hours=1)).isoformat(),
-            "--not-after", (now + timedelta(days=30)).isoformat(), "--id-prefix", "TH-",
-            "--id-first", "0", "--id-last", "999", "--id-digits", "6",
-            "--out", WORK / "entitlement.sealed",
-        )  # fmt: skip
-        run("factory-station", "import-entitlement", "--home", WORK / "station",
-            WORK / "entitlement.sealed")  # fmt: skip
-        summary.append(("entitlement", "imported", "signed by HQ, opened in the station TPM"))
 
-        step("5. Provision 10 devices, each with its own TPM (swtpm + EK certificate)")
-        out = run(
-            "factory-station", "provision-batch", "--home", WORK / "station", "--count", "10",
-            "--devices-dir", WORK / "devices", "--ek-ca-dir", WORK / "tpm-vendor",
-            "--workers", "2",
-        )  # fmt: skip
-        summary.append(("devices provisioned", "10", out.strip().splitlines()[-1]))
+def _factory_and_hq(station_tpm: Swtpm, root: Path) -> None:
+    step("3. Factory station: CA and transport keys created inside the station TPM")
+    run(
+        "factory-station", "init", "--home", WORK / "station", "--station-id", "station-01",
+        "--tcti", station_tpm.tcti, "--root", root, "--tpm-vendor-ca", WORK / "tpm-vendor.pem",
+        "--enrolment-out", WORK / "enrolment.cbor",
+    )  # fmt: skip
 
-        step("6. An 11th device the same day is refused by the entitlement's daily limit")
-        run(
-            "factory-station", "provision-batch", "--home", WORK / "station", "--count", "1",
-            "--devices-dir", WORK / "devices", "--ek-ca-dir", WORK / "tpm-vendor", expect=2,
-        )  # fmt: skip
-        summary.append(("11th device", "refused", "over_daily_limit, no counter slot used"))
+    step("4. HQ enrols the station and issues an entitlement (quota 20, 10 per day)")
+    run("hq", "enrol-station", "--home", WORK / "hq", WORK / "enrolment.cbor")
+    now = datetime.now(UTC)
+    run(
+        "hq", "entitle", "--home", WORK / "hq", "--station", "station-01",
+        "--product", "thermostat", "--quota", "20", "--daily-limit", "10",
+        "--timezone", "UTC", "--not-before", (now - timedelta(hours=1)).isoformat(),
+        "--not-after", (now + timedelta(days=30)).isoformat(), "--id-prefix", "TH-",
+        "--id-first", "0", "--id-last", "999", "--id-digits", "6",
+        "--out", WORK / "entitlement.sealed",
+    )  # fmt: skip
+    run("factory-station", "import-entitlement", "--home", WORK / "station",
+        WORK / "entitlement.sealed")  # fmt: skip
+    summary.append(("entitlement", "imported", "signed by HQ, opened in the station TPM"))
 
-        step("7. Audit log exported (signed in the station TPM, encrypted to HQ)")
-        run("factory-station", "export-audit", "--home", WORK / "station",
-            "--out", WORK / "audit-1.sealed")  # fmt: skip
+    step("5. Provision 10 devices, each with its own TPM (swtpm + EK certificate)")
+    out = run(
+        "factory-station", "provision-batch", "--home", WORK / "station", "--count", "10",
+        "--devices-dir", WORK / "devices", "--ek-ca-dir", WORK / "tpm-vendor",
+        "--workers", "2",
+    )  # fmt: skip
+    summary.append(("devices provisioned", "10", out.strip().splitlines()[-1]))
+
+    step("6. An 11th device the same day is refused by the entitlement's daily limit")
+    run(
+        "factory-station", "provision-batch", "--home", WORK / "station", "--count", "1",
+        "--devices-dir", WORK / "devices", "--ek-ca-dir", WORK / "tpm-vendor", expect=2,
+    )  # fmt: skip
+    summary.append(("11th device", "refused", "over_daily_limit, no counter slot used"))
+
+    step("7. Audit log exported (signed in the station TPM, encrypted to HQ)")
+    run("factory-station", "export-audit", "--home", WORK / "station",
+        "--out", WORK / "audit-1.sealed")  # fmt: skip
 
     step("8. HQ verifies the chain of the audit log and reconciles it with the entitlement")
     run("hq", "ingest-audit", "--home", WORK / "hq", WORK / "audit-1.sealed")
@@ -124,6 +136,11 @@ def main() -> None:
     console.print(f"openssl verify: {ok} of {len(certs)} factory certificates OK")
     summary.append(("openssl verify", f"{ok}/{len(certs)}", "IDevID chain to the root"))
 
+    if ok != len(certs) or len(certs) != 10:
+        raise SystemExit("demo failed: not every factory certificate verified")
+
+
+def _summary(started: float) -> None:
     table = Table(title=f"devtrust demo — {time.perf_counter() - started:.1f} s")
     table.add_column("step")
     table.add_column("result", style="bold green")
@@ -131,8 +148,6 @@ def main() -> None:
     for row in summary:
         table.add_row(*row)
     console.print(table)
-    if ok != len(certs) or len(certs) != 10:
-        raise SystemExit("demo failed: not every factory certificate verified")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,20 @@ crash leaves either the old file or the new one, never a torn or world-readable 
 Passphrases come from an environment variable or a file (:func:`passphrase_from_env`,
 :func:`passphrase_from_file`), never from the command line, where ``ps`` and shell history
 would show them.
+
+Python's ``ssl`` loads a private key only from a file. :func:`load_ssl_identity` is the one
+way a software key enters an ``ssl.SSLContext``: the file it writes is encrypted under a
+random one-time password and deleted at once, so only ciphertext ever touches the disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import ssl
 import stat
+import tempfile
 from pathlib import Path
 from typing import Self
 
@@ -26,6 +33,7 @@ from signers.errors import KeystoreError, PassphraseError, SignerError
 
 __all__ = [
     "SoftwareKey",
+    "load_ssl_identity",
     "passphrase_from_env",
     "passphrase_from_file",
     "write_private_file",
@@ -106,6 +114,54 @@ def write_private_file(path: Path | str, data: bytes, *, overwrite: bool = False
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _write_new_private(path: Path, data: bytes) -> None:
+    """Create ``path`` (must not exist) with mode 0600 and write ``data``; no fsync: the
+    files of :func:`load_ssl_identity` live for milliseconds and are never read back."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def load_ssl_identity(
+    ctx: ssl.SSLContext, chain_pem: bytes, key: ec.EllipticCurvePrivateKey
+) -> None:
+    """Make ``ctx`` present ``chain_pem`` (leaf first, then issuers) with the software ``key``.
+
+    ``ssl`` can only read keys from files (no in-memory or callback API), and this project
+    never writes a private key in plaintext, not even for a moment. So the key is written as
+    PKCS#8 ``ENCRYPTED PRIVATE KEY`` under a fresh random 256-bit password that exists only
+    in this call's memory, into a 0600 file in a private (0700) temporary directory; OpenSSL
+    decrypts it in memory, and the directory is removed before returning (on success or
+    failure). A leftover file after a crash is ciphertext under a forgotten password.
+
+    Raises :class:`KeystoreError` if ``chain_pem`` holds a private key (it would be written
+    in clear) or ``ssl`` refuses the pair (bad certificate, key not matching the leaf).
+    """
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise KeystoreError(f"expected an EC private key, got {type(key).__name__}")
+    if b"PRIVATE KEY" in chain_pem:
+        raise KeystoreError("the certificate chain PEM must not contain a private key")
+    # URL-safe text rather than raw bytes: no NUL byte can truncate it in OpenSSL's callback.
+    password = secrets.token_urlsafe(32).encode("ascii")
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password),
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="devtrust-tls-") as tmp:
+            directory = Path(tmp)
+            directory.chmod(0o700)  # mkdtemp already does; stated so it cannot regress
+            cert_file, key_file = directory / "chain.pem", directory / "key.pem"
+            _write_new_private(cert_file, chain_pem)
+            _write_new_private(key_file, encrypted)
+            ctx.load_cert_chain(cert_file, key_file, password=password)
+    except ssl.SSLError as exc:
+        raise KeystoreError(f"ssl refused the certificate chain or key: {exc}") from exc
+    except OSError as exc:
+        raise KeystoreError(f"cannot stage the TLS identity for ssl: {exc}") from exc
 
 
 class SoftwareKey:

@@ -8,14 +8,27 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives import serialization
 
 from bench.site_fixture import SitePki, SiteRuntime, build_site_pki, write_site
+from device_sim.cli import main
 from device_sim.client import DeviceClient, DeviceCredentials, TlsIdentity, TpmKeys
-from device_sim.fleet import FleetError, load_fleet, onboard, software_device, write_load_device
+from device_sim.fleet import (
+    PASSPHRASE_ENV,
+    FleetError,
+    load_fleet,
+    onboard,
+    software_device,
+    write_load_device,
+)
+from signers.software import SoftwareKey
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage
 from tests.fixtures.swtpm import SwtpmFactory
 from trustcore.identity import DeviceId
 from trustcore.registration import Admission, AdmissionRule
+
+FLEET_PASS = b"load-test fleet passphrase"
 
 
 @pytest.fixture(scope="module")
@@ -104,27 +117,105 @@ async def test_load_fleet_on_disk_round_trip(
     fleet_dir = tmp_path / "fleet"
     made = site_pki.factory_devices(3, prefix="dev-disk-")
     for d in made:
-        write_load_device(fleet_dir, d.idevid, (d.station_ca,), d.factory_key.private_key())
-    assert (
-        oct((fleet_dir / made[0].device_id.value / "factory.key.pem").stat().st_mode & 0o777)
-        == "0o600"
-    )
-    devices = load_fleet(fleet_dir, (site_pki.root,), count=2)
+        write_load_device(
+            fleet_dir,
+            d.idevid,
+            (d.station_ca,),
+            d.factory_key.private_key(),
+            passphrase=FLEET_PASS,
+        )
+    key_file = fleet_dir / made[0].device_id.value / "factory.key.pem"
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    # Only ciphertext on disk: an encrypted keystore that opens with the passphrase alone.
+    stored = key_file.read_bytes()
+    assert stored.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert b"-----BEGIN PRIVATE KEY-----" not in stored
+    assert SoftwareKey.load(key_file, FLEET_PASS).public_key() == made[0].idevid.public_key()
+
+    devices = load_fleet(fleet_dir, (site_pki.root,), passphrase=FLEET_PASS, count=2)
     assert [d.device_id for d in devices] == [m.device_id for m in made[:2]]
     report = await onboard(devices, site.registration_endpoint, concurrency=1, progress=False)
     assert report.registered == 2 and report.failures == 0
 
     with pytest.raises(FleetError, match="holds 3 devices"):
-        load_fleet(fleet_dir, (site_pki.root,), count=4)
+        load_fleet(fleet_dir, (site_pki.root,), passphrase=FLEET_PASS, count=4)
+    with pytest.raises(FleetError, match="wrong passphrase"):
+        load_fleet(fleet_dir, (site_pki.root,), passphrase=b"not the passphrase", count=1)
     # A key that does not match its certificate is refused before any connection.
     other = site_pki.factory_device("dev-disk-other")
     victim = fleet_dir / made[2].device_id.value
     (victim / "factory.key.pem").unlink()
     write_load_device(
-        tmp_path / "other", other.idevid, (other.station_ca,), other.factory_key.private_key()
+        tmp_path / "other",
+        other.idevid,
+        (other.station_ca,),
+        other.factory_key.private_key(),
+        passphrase=FLEET_PASS,
     )
     (tmp_path / "other" / other.device_id.value / "factory.key.pem").rename(
         victim / "factory.key.pem"
     )
     with pytest.raises(FleetError, match="does not match"):
-        load_fleet(fleet_dir, (site_pki.root,))
+        load_fleet(fleet_dir, (site_pki.root,), passphrase=FLEET_PASS)
+
+
+def test_load_fleet_refuses_plaintext_key(site_pki: SitePki, tmp_path: Path) -> None:
+    """A plaintext factory key (an old fleet, or one made by hand) is refused, not used."""
+    device = site_pki.factory_device("dev-plain-000001")
+    target = write_load_device(
+        tmp_path,
+        device.idevid,
+        (device.station_ca,),
+        device.factory_key.private_key(),
+        passphrase=FLEET_PASS,
+    )
+    (target / "factory.key.pem").write_bytes(
+        device.factory_key.private_key().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(FleetError, match="not an encrypted PKCS#8 keystore"):
+        load_fleet(tmp_path, (site_pki.root,), passphrase=FLEET_PASS)
+
+
+def test_fleet_cli_takes_the_passphrase_from_env_or_file_only(
+    site_pki: SitePki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``device-sim fleet`` has no passphrase argument; without the variable or a file it
+    stops before touching the keys, and a wrong passphrase is reported as such."""
+    fleet_dir = tmp_path / "fleet"
+    device = site_pki.factory_device("dev-cli-000001")
+    write_load_device(
+        fleet_dir,
+        device.idevid,
+        (device.station_ca,),
+        device.factory_key.private_key(),
+        passphrase=FLEET_PASS,
+    )
+    root = tmp_path / "root.pem"
+    root.write_bytes(site_pki.root.public_bytes(serialization.Encoding.PEM))
+    args = ["fleet", str(fleet_dir), "--port", "1", "--root", str(root)]
+    runner = CliRunner()
+
+    monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
+    result = runner.invoke(main, args)
+    assert result.exit_code != 0
+    assert f"{PASSPHRASE_ENV} is not set" in result.output
+
+    monkeypatch.setenv(PASSPHRASE_ENV, "wrong")
+    result = runner.invoke(main, args)
+    assert result.exit_code != 0
+    assert "wrong passphrase" in result.output
+
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"also wrong\n")
+    pw.chmod(0o644)  # readable by others: refused before use
+    result = runner.invoke(main, [*args, "--passphrase-file", str(pw)])
+    assert result.exit_code != 0
+    assert "accessible by other users" in result.output
+
+    result = runner.invoke(main, [*args, "--passphrase", "x"])
+    assert result.exit_code != 0
+    assert "No such option" in result.output

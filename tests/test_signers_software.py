@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
+import socket
+import ssl
 import stat
+import tempfile
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from signers.errors import KeystoreError, PassphraseError, SignerError
 from signers.software import (
     SoftwareKey,
+    load_ssl_identity,
     passphrase_from_env,
     passphrase_from_file,
     write_private_file,
@@ -197,3 +208,207 @@ def test_passphrase_from_file(tmp_path: Path) -> None:
         passphrase_from_file(path)
     with pytest.raises(PassphraseError, match="cannot read"):
         passphrase_from_file(tmp_path / "absent")
+
+
+# ------------------------------------------------------------------ ssl: load_ssl_identity
+
+
+def _cert(
+    subject: str,
+    public_key: ec.EllipticCurvePublicKey,
+    issuer: x509.Certificate | None,
+    signer: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool = False,
+    server: bool = False,
+) -> x509.Certificate:
+    now = datetime.now(UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        usage = dict.fromkeys(
+            ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment"),
+            False,
+        )
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                **usage,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        ).add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    else:
+        eku = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+    if issuer:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+            critical=False,
+        )
+    return builder.sign(signer, hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class TlsPki:
+    ca: x509.Certificate
+    server: x509.Certificate
+    server_key: ec.EllipticCurvePrivateKey
+    client: x509.Certificate
+    client_key: ec.EllipticCurvePrivateKey
+
+
+@pytest.fixture(scope="module")
+def tls_pki() -> TlsPki:
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = _cert("test CA", ca_key.public_key(), None, ca_key, ca=True)
+    server = _cert("server", server_key.public_key(), ca, ca_key, server=True)
+    client = _cert("client", client_key.public_key(), ca, ca_key)
+    return TlsPki(ca, server, server_key, client, client_key)
+
+
+def _pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+class _RecordingContext(ssl.SSLContext):
+    """A real SSLContext that notes what the files handed to OpenSSL hold at load time."""
+
+    seen: list[dict[str, object]]
+
+    def load_cert_chain(self, certfile: Any, keyfile: Any = None, password: Any = None) -> None:
+        key_path = Path(keyfile)
+        self.seen.append(
+            {
+                "dir": key_path.parent,
+                "dir_mode": stat.S_IMODE(key_path.parent.stat().st_mode),
+                "key_mode": stat.S_IMODE(key_path.stat().st_mode),
+                "cert_mode": stat.S_IMODE(Path(certfile).stat().st_mode),
+                "key": key_path.read_bytes(),
+                "chain": Path(certfile).read_bytes(),
+                "password": password,
+            }
+        )
+        super().load_cert_chain(certfile, keyfile, password)
+
+
+def test_ssl_identity_puts_only_ciphertext_on_disk(
+    tls_pki: TlsPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # staging lands where we can look
+    ca, leaf, key = tls_pki.ca, tls_pki.client, tls_pki.client_key
+    ctx = _RecordingContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.seen = []
+    load_ssl_identity(ctx, _pem(leaf, ca), key)
+
+    (seen,) = ctx.seen
+    data = seen["key"]
+    assert isinstance(data, bytes)
+    assert data.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert b"BEGIN PRIVATE KEY" not in data and b"BEGIN EC PRIVATE KEY" not in data
+    scalar = key.private_numbers().private_value.to_bytes(32, "big")
+    assert scalar not in base64.b64decode(b"".join(data.splitlines()[1:-1]))
+    with pytest.raises(TypeError):  # useless without the one-time password
+        serialization.load_pem_private_key(data, None)
+    password = seen["password"]
+    assert isinstance(password, bytes) and len(password) >= 32
+    assert password not in data
+    assert serialization.load_pem_private_key(data, password).public_key() == key.public_key()
+    assert seen["chain"] == _pem(leaf, ca)
+    assert (seen["dir_mode"], seen["key_mode"], seen["cert_mode"]) == (0o700, 0o600, 0o600)
+    staging = seen["dir"]
+    assert isinstance(staging, Path) and staging.parent == tmp_path
+    assert staging.name.startswith("devtrust-tls-")
+    assert list(tmp_path.iterdir()) == []  # staging directory removed at once
+
+    again = _RecordingContext(ssl.PROTOCOL_TLS_CLIENT)
+    again.seen = []
+    load_ssl_identity(again, _pem(leaf, ca), key)
+    assert again.seen[0]["password"] != password  # one-time: fresh for every load
+
+
+def test_ssl_identity_mutual_tls_handshake(tls_pki: TlsPki) -> None:
+    """Both ends loaded through the helper complete a real mutual-TLS handshake over
+    loopback, and the server sees the client's certificate (so the key was the right one)."""
+    ca, server_cert, client_cert = tls_pki.ca, tls_pki.server, tls_pki.client
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(cadata=_pem(ca).decode())
+    load_ssl_identity(server_ctx, _pem(server_cert, ca), tls_pki.server_key)
+    client_ctx = ssl.create_default_context(cadata=_pem(ca).decode())
+    load_ssl_identity(client_ctx, _pem(client_cert, ca), tls_pki.client_key)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    seen: dict[str, object] = {}
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                seen["peer"] = tls.getpeercert(binary_form=True)
+                tls.sendall(b"hello")
+        except (OSError, ssl.SSLError) as exc:
+            seen["error"] = exc
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            client_ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            assert tls.recv(5) == b"hello"
+            assert tls.getpeercert(binary_form=True) == server_cert.public_bytes(
+                serialization.Encoding.DER
+            )
+    finally:
+        thread.join(10)
+        listener.close()
+    assert "error" not in seen, seen.get("error")
+    assert seen["peer"] == client_cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_ssl_identity_refusals_leave_nothing(
+    tls_pki: TlsPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ca, leaf, key = tls_pki.ca, tls_pki.client, tls_pki.client_key
+    other = ec.generate_private_key(ec.SECP256R1())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with pytest.raises(KeystoreError, match="ssl refused") as info:
+        load_ssl_identity(ctx, _pem(leaf, ca), other)
+    assert isinstance(info.value.__cause__, ssl.SSLError)
+    assert list(tmp_path.iterdir()) == []  # removed on failure too
+
+    plaintext = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with pytest.raises(KeystoreError, match="must not contain a private key"):
+        load_ssl_identity(ctx, _pem(leaf, ca) + plaintext, key)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeystoreError, match="expected an EC private key"):
+        load_ssl_identity(ctx, _pem(leaf, ca), SoftwareKey.generate())  # type: ignore[arg-type]
