@@ -106,6 +106,7 @@ async def _fleet(
     console.print(f"{len(clients)} devices registered in {register_s:.2f} s")
 
     victim = clients[2]
+    stop = asyncio.Event()
     async with asyncio.TaskGroup() as group:
         sessions: dict[str, Any] = {}
         gone: dict[str, float] = {}
@@ -115,15 +116,18 @@ async def _fleet(
             try:
                 async with client.operational(op) as session:
                     sessions[name] = session
-                    for i in range(1000):
+                    seq = 0
+                    while not stop.is_set():
                         await session.publish_telemetry(
-                            json.dumps({"seq": i, "temp_c": 21.5}).encode()
+                            json.dumps({"seq": seq, "temp_c": 21.5}).encode()
                         )
+                        seq += 1
                         await asyncio.sleep(0.2)
             except aiomqtt.MqttError:  # the revoked device's session is cut
                 gone[name] = time.perf_counter()
 
-        tasks = [group.create_task(live(c)) for c in clients]
+        for c in clients:
+            group.create_task(live(c))
         while len(sessions) < len(clients):
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
@@ -135,8 +139,7 @@ async def _fleet(
         cut_s = gone.get(victim.device_id.value, float("inf")) - t0
         await asyncio.sleep(1.0)
         still = [c.device_id.value for c in clients if c.device_id.value not in gone]
-        for task in tasks:
-            task.cancel()
+        stop.set()  # the sessions end cleanly; the task group waits for them
     for tpm in tpms:
         tpm.close()
     return {
