@@ -351,3 +351,109 @@ def _print_map(m: dict[str, Any], echo: Callable[[str], None], indent: str = "")
             _print_map(value, echo, indent + "  ")
         else:
             echo(f"{indent}{key}: {value}")
+
+
+# ------------------------------------------------------------------------------- plugins
+
+
+@main.group("plugins")
+def plugins_group() -> None:
+    """Issuance plugins (entry-point group devtrust.station_checks), enabled in
+    station.json in run order after the built-in checks. See docs/plugins.md."""
+
+
+@contextmanager
+def _station_config(home: Path) -> Iterator[tuple[Path, Any]]:
+    """station.json under the station lock (no station process may have it open)."""
+    import fcntl
+
+    from factory_station.station import CONFIG_FILE, LOCK_FILE, StationConfig
+
+    path = home / CONFIG_FILE
+    with _errors():
+        try:
+            config = StationConfig.from_json(path.read_text())
+        except OSError as exc:
+            raise Refused(f"{home} is not a station directory: {exc}") from exc
+    with (home / LOCK_FILE).open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise Refused(f"station_state: another process has the station {home} open") from exc
+        yield path, config
+
+
+def _save_config(path: Path, config: Any) -> None:
+    from factory_station.station import _write_atomic
+
+    _write_atomic(path, config.to_json().encode())
+
+
+@plugins_group.command("list")
+@_HOME
+@click.option("--json", "as_json", is_flag=True)
+def plugins_list(home: Path, as_json: bool) -> None:
+    """Installed plugins and the enabled ones (in run order, with their settings)."""
+    from factory_station.plugins import installed_plugins, load_station_plugins
+
+    with _station_config(home) as (_path, config):
+        installed = installed_plugins()
+        problems = load_station_plugins(config.plugins).problems
+    enabled = [p.to_obj() for p in config.plugins]
+    if as_json:
+        doc = {"installed": sorted(installed), "enabled": enabled, "problems": list(problems)}
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo("installed: " + (", ".join(sorted(installed)) or "(none)"))
+    click.echo("enabled (run after the built-in checks, in this order):")
+    for i, entry in enumerate(enabled, 1):
+        click.echo(f"  {i}. {entry['name']} {json.dumps(entry['config'], sort_keys=True)}")
+    if not enabled:
+        click.echo("  (none)")
+    for problem in problems:
+        click.echo(f"PROBLEM: {problem} (every issuance is refused)", err=True)
+
+
+@plugins_group.command("enable")
+@_HOME
+@click.argument("name")
+@click.option("--config", "config_json", default="{}", show_default=True, help="JSON settings.")
+def plugins_enable(home: Path, name: str, config_json: str) -> None:
+    """Enable NAME (or replace its settings, keeping its place); it must be installed and
+    accept the settings."""
+    import dataclasses
+
+    from factory_station.plugins import load_station_plugins
+    from trustcore.policy_chain import PluginSetting
+
+    try:
+        setting = PluginSetting.create(name, json.loads(config_json))
+    except (ValueError, TypeError, InvalidValueError) as exc:
+        raise Refused(f"bad_config: {exc}") from exc
+    problems = load_station_plugins([setting]).problems
+    if problems:
+        raise Refused("plugin_missing: " + "; ".join(problems))
+    with _station_config(home) as (path, config):
+        names = [p.name for p in config.plugins]
+        plugins = list(config.plugins)
+        if name in names:
+            plugins[names.index(name)] = setting
+        else:
+            plugins.append(setting)
+        _save_config(path, dataclasses.replace(config, plugins=tuple(plugins)))
+    click.echo(f"plugin {name} enabled: {setting.config_json}")
+
+
+@plugins_group.command("disable")
+@_HOME
+@click.argument("name")
+def plugins_disable(home: Path, name: str) -> None:
+    """Disable NAME (the built-in checks always stay)."""
+    import dataclasses
+
+    with _station_config(home) as (path, config):
+        if name not in {p.name for p in config.plugins}:
+            raise Refused(f"not_enabled: plugin {name} is not enabled")
+        plugins = tuple(p for p in config.plugins if p.name != name)
+        _save_config(path, dataclasses.replace(config, plugins=plugins))
+    click.echo(f"plugin {name} disabled")

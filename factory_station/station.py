@@ -9,7 +9,8 @@ package.
 
 Station directory (``--home``)::
 
-    station.json            typed configuration (station id, TCTI, NV index, attestation mode)
+    station.json            typed configuration (station id, TCTI, NV index, attestation mode,
+                            enabled issuance plugins: factory_station.plugins)
     root.pem                the manufacturer root certificate, pinned at init
     tpm-vendor-ca.pem       TPM-vendor CA certificates for EK-certificate checks (optional)
     station-ca.tss.pem      station CA key: a TPM-wrapped blob, useless outside this TPM
@@ -25,8 +26,10 @@ worker threads while device-side work overlaps in other threads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
@@ -50,6 +53,7 @@ from factory_station.errors import (
     IssuanceRefused,
     StationStateError,
 )
+from factory_station.plugins import LoadedPlugins, load_station_plugins
 from factory_station.store import ActiveEntitlement, MonotonicCounter, StationStore
 from signers.errors import TpmError
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage, TpmNvCounter
@@ -86,6 +90,7 @@ from trustcore.messages import (
     EntitlementPayload,
     StationEnrolment,
 )
+from trustcore.policy_chain import PluginSetting, plugin_settings
 from trustcore.profiles import (
     HqRole,
     issue_factory_certificate,
@@ -132,6 +137,8 @@ class AttestationMode:
     ALL: Final = frozenset({CERTIFY, UNSAFE_CSR_ONLY})
 
 
+log = logging.getLogger(__name__)
+
 Clock = Callable[[], int]
 CounterWrapper = Callable[[MonotonicCounter], MonotonicCounter]
 
@@ -148,8 +155,11 @@ class StationConfig:
     tcti: str
     nv_index: int
     attestation: str
+    #: Enabled issuance plugins in run order (``factory_station.plugins``); optional key.
+    plugins: tuple[PluginSetting, ...] = ()
 
     _KEYS = frozenset({"version", "station_id", "tcti", "nv_index", "attestation"})
+    _OPTIONAL = frozenset({"plugins"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.tcti, str) or not self.tcti:
@@ -160,28 +170,36 @@ class StationConfig:
             raise StationStateError(f"unknown attestation mode {self.attestation!r}")
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "version": 1,
-                "station_id": self.station_id.value,
-                "tcti": self.tcti,
-                "nv_index": f"0x{self.nv_index:08x}",
-                "attestation": self.attestation,
-            },
-            indent=2,
-        )
+        doc: dict[str, Any] = {
+            "version": 1,
+            "station_id": self.station_id.value,
+            "tcti": self.tcti,
+            "nv_index": f"0x{self.nv_index:08x}",
+            "attestation": self.attestation,
+        }
+        if self.plugins:
+            doc["plugins"] = [p.to_obj() for p in self.plugins]
+        return json.dumps(doc, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> StationConfig:
         try:
             m = json.loads(text)
-            if not isinstance(m, dict) or set(m) != cls._KEYS or m["version"] != 1:
-                raise StationStateError(f"station.json must hold exactly {sorted(cls._KEYS)}")
+            if (
+                not isinstance(m, dict)
+                or not cls._KEYS <= set(m) <= cls._KEYS | cls._OPTIONAL
+                or m["version"] != 1
+            ):
+                raise StationStateError(
+                    f"station.json must hold exactly {sorted(cls._KEYS)} "
+                    f"(optionally {sorted(cls._OPTIONAL)})"
+                )
             return cls(
                 station_id=StationId(m["station_id"]),
                 tcti=str(m["tcti"]),
                 nv_index=int(m["nv_index"], 16),
                 attestation=str(m["attestation"]),
+                plugins=plugin_settings(m.get("plugins", [])),
             )
         except (ValueError, TypeError, InvalidValueError) as exc:
             raise StationStateError(f"station.json is invalid: {exc}") from exc
@@ -310,6 +328,11 @@ class FactoryStation:
         self._active: _Active | None = None
         self._pending_export: tuple[int, int, int] | None = None
         quorum_grants.ensure_tables(store.db)
+        # Built-in checks first, then the configured plugins (which can only add refusals).
+        # A configured plugin that cannot be loaded refuses every issuance (fail closed).
+        self.plugins: LoadedPlugins = load_station_plugins(config.plugins)
+        for problem in self.plugins.problems:
+            log.error("station %s: %s: every issuance is refused", config.station_id, problem)
 
     # ------------------------------------------------------------------------------- init
 
@@ -395,7 +418,7 @@ class FactoryStation:
         except OSError as exc:
             raise StationStateError(f"{home} is not a station directory: {exc}") from exc
         if tcti is not None:
-            config = StationConfig(config.station_id, tcti, config.nv_index, config.attestation)
+            config = dataclasses.replace(config, tcti=tcti)
         lock_file = (home / LOCK_FILE).open("w")  # held for the station's life
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -797,6 +820,7 @@ class FactoryStation:
                     active.policy,
                     state,
                     IssuanceRequest(device_id.value, product or active.policy.product, now),
+                    self.plugins.checks,
                 )
             except PolicyError as exc:
                 self._audit_refusal(device_id.value, exc.reason)
@@ -829,7 +853,10 @@ class FactoryStation:
         state, day = self._state(active, device_id.value, now)
         try:
             check_issuance(
-                policy, state, IssuanceRequest(device_id.value, product or policy.product, now)
+                policy,
+                state,
+                IssuanceRequest(device_id.value, product or policy.product, now),
+                self.plugins.checks,
             )
             if (
                 not active.station_ca.not_valid_before_utc

@@ -544,3 +544,126 @@ def site_bundle_command(
 from hq.approval_cli import approval_group  # noqa: E402 (the group registers below)
 
 main.add_command(approval_group)
+
+
+# ------------------------------------------------------------- counterfeits and revocation
+
+from trustcore.revocation import REVOCATION_REASONS  # noqa: E402
+
+
+@main.command("ingest-report")
+@_home_option
+@click.argument("report_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def ingest_report_command(home: Path, report_file: Path, as_json: bool) -> None:
+    """Verify a site report, store what the site saw, and cross-check it with the audit
+    logs: counterfeit (in no audit log), over-production, clones.
+
+    Exit 0: clean. 1: findings (listed with evidence). 2: report refused. 3: error.
+    """
+    from rich.table import Table
+
+    from hq.counterfeit import ReportRefusedError, ingest_site_report
+
+    try:
+        result = ingest_site_report(HqHome.open(home), report_file.read_bytes())
+    except ReportRefusedError as exc:
+        if as_json:
+            click.echo(json.dumps({"status": "refused", "reason": exc.reason, "message": str(exc)}))
+        else:
+            click.echo(f"REFUSED ({exc.reason}): {exc}", err=True)
+        sys.exit(EXIT_REFUSED)
+    except HqError as exc:
+        _fail(exc, EXIT_ERROR)
+    except OSError as exc:
+        _fail(HqError(f"cannot read {report_file}: {exc}", reason="io_error"), EXIT_ERROR)
+    if as_json:
+        click.echo(json.dumps(result.to_map(), sort_keys=True))
+    else:
+        console = Console(highlight=False)
+        console.print(
+            f"site report {result.sequence} of site {result.site_id}: {result.seen} factory "
+            f"certificate(s) seen, {result.registrations} registration(s), "
+            f"{result.audited_clean} match the audit logs"
+        )
+        if result.findings:
+            table = Table("kind", "device", "station", "serial", "site", "first seen", "reason")
+            for f in result.findings:
+                table.add_row(
+                    f.kind,
+                    f.device_id,
+                    f.station_id,
+                    f.serial,
+                    f.site_id,
+                    datetime.fromtimestamp(f.first_seen).isoformat(),
+                    f.detail,
+                )
+            console.print(table)
+    sys.exit(EXIT_CLEAN if result.clean else EXIT_VIOLATIONS)
+
+
+@main.command("revoke")
+@_home_option
+@click.option("--device", "devices", multiple=True, help="Device id (every certificate of it).")
+@click.option("--serial", "serials", multiple=True, help="STATION:SERIAL (hex) of one certificate.")
+@click.option(
+    "--from-report",
+    "findings_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="JSON output of `hq ingest-report --json`: revoke every finding.",
+)
+@click.option("--station-ca", help="Revoke a whole station CA (needs the HQ quorum).")
+@click.option(
+    "--reason", type=click.Choice(sorted(REVOCATION_REASONS)), help="Override the reason."
+)
+@_approvals_option
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@_secret_options
+def revoke_command(
+    home: Path,
+    devices: tuple[str, ...],
+    serials: tuple[str, ...],
+    findings_file: Path | None,
+    station_ca: str | None,
+    reason: str | None,
+    approval_files: tuple[Path, ...],
+    out: Path,
+    as_json: bool,
+    passphrase_file: Path | None,
+    pin_file: Path | None,
+) -> None:
+    """Append to the HQ revocation list (next sequence, signed by the revocation signer)
+    and write it to --out for `registrar import-revocations` at every site."""
+    from hq.approvals import QuorumRefused
+    from hq.authority import write_package
+    from hq.counterfeit import read_findings, revoke
+
+    if out.exists():
+        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    try:
+        findings = read_findings(findings_file) if findings_file is not None else []
+        result, package = revoke(
+            HqHome.open(home),
+            HqSecrets(passphrase_file, pin_file),
+            devices=devices,
+            serials=serials,
+            findings=findings,
+            station_ca=station_ca,
+            reason=reason,
+            approvals=_read_approvals(approval_files),
+        )
+        write_package(out, package)
+    except HqError as exc:
+        _fail(exc, EXIT_REFUSED if isinstance(exc, QuorumRefused) else 1)
+    if as_json:
+        click.echo(json.dumps({**result.to_map(), "out": str(out)}, sort_keys=True))
+        return
+    click.echo(
+        f"revocation list {result.sequence}: {len(result.added)} device(s) added, "
+        f"{result.already_listed} already listed; written to {out}"
+    )
+    for e in result.added:
+        click.echo(f"  revoked {e.station_id}:{e.serial.hex} {e.device_id} ({e.reason})")
+    for serial in result.station_ca_serials:
+        click.echo(f"  station CA {station_ca} serial {serial} on the root CRL (next site bundle)")

@@ -123,7 +123,7 @@ CREATE TABLE ingests (
 #: Schema 2 (site commissioning). Applied on top of schema 1 by :meth:`HqStore.open`, so an
 #: HQ database created before sites existed is upgraded in place (tables only, no data moves).
 _SCHEMA_V2 = """
-CREATE TABLE recon_allowances (
+CREATE TABLE IF NOT EXISTS recon_allowances (
     request_id BLOB PRIMARY KEY,
     station_id TEXT NOT NULL,
     entitlement_seq INTEGER NOT NULL,

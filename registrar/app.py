@@ -12,7 +12,8 @@ registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
   payload-key updates (retained) and commands;
 * **command watcher** — the CLI talks to a running registrar through a spool directory
   (``SITE/run/commands``): ``revoke``, ``import-revocations``, ``rotate-payload-key`` and
-  ``send-command`` are applied live (polled every ``watch_interval``, 0.2 s) and answered
+  ``send-command`` and ``approve`` are applied live (polled every ``watch_interval``,
+  0.2 s) and answered
   with a result file; it also notices a re-commission (``current`` switched) and reloads
   the trust material;
 * **CRL timer** — re-issues the site CA CRL when less than half of its validity is left
@@ -52,6 +53,7 @@ from cryptography.hazmat.primitives import serialization
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
 from registrar.errors import BrokerError, ConfigError, RegistrarError
 from registrar.payload_keys import PayloadKeyring
+from registrar.plugins import load_site_plugins, read_site_plugins
 from registrar.revocation import (
     ImportResult,
     RevocationAwareVerifier,
@@ -77,12 +79,15 @@ from registrar.site import (
     reissue_site_crl,
 )
 from registrar.store import Store
-from trustcore.errors import InvalidValueError
+from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
-from trustcore.registration import build_key_update
+from trustcore.policy_chain import NamedPlugin
+from trustcore.profiles import station_id_from_certificate
+from trustcore.registration import AdmissionContext, build_key_update, parse_request
 from trustcore.revocation import RevocationList
 from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
+from trustcore.verify import ChainVerifier, load_certificate
 
 __all__ = [
     "COMMAND_LEVEL",
@@ -114,7 +119,7 @@ SITE_CRL_REFRESH_MARGIN = SITE_CRL_VALIDITY / 2
 #: Root/station CRLs closer than this to nextUpdate are reported (warning) in status/logs.
 CRL_WARNING_MARGIN = timedelta(days=1)
 _RECENT = 50
-_SPOOL_COMMANDS = ("revoke", "import-revocations", "rotate-payload-key", "send-command")
+_SPOOL_COMMANDS = ("revoke", "import-revocations", "rotate-payload-key", "send-command", "approve")
 
 
 def store_path(home: SiteHome) -> Path:
@@ -295,8 +300,10 @@ class SiteChannel:
         on_telemetry: Callable[[DeviceId, str, bytes], None],
         concurrency: int = 512,
         reconnect_delay: float = 0.5,
+        on_request: Callable[[DeviceId, bytes], None] | None = None,
     ) -> None:
         self._service = service
+        self._on_request = on_request
         self._endpoint = endpoint
         self._tls = tls
         self._on_telemetry = on_telemetry
@@ -392,6 +399,8 @@ class SiteChannel:
         try:
             response = await self._service.handle(device, payload)
             await client.publish(f"{REGISTRATION_PREFIX}/{device.value}/response", response, qos=1)
+            if self._on_request is not None:
+                self._on_request(device, payload)
         except aiomqtt.MqttError as exc:
             log.warning("could not publish the response to %s: %s", device, exc)
         except Exception:
@@ -516,6 +525,7 @@ class RegistrarApp:
             admission=site.admission,
             site=SiteAuthority(site.site_ca_cert, site.site_ca_key, site.organization),
             payload_key=self.keyring.current,
+            admission_plugins=self._admission_plugins(),
         )
         self.check_crls()
         workdir = self._workdir or run_dir(self.home) / f"broker-{self.settings.broker}"
@@ -550,6 +560,7 @@ class RegistrarApp:
             _client_context(site, passphrase),
             on_telemetry=self._telemetry_received,
             concurrency=self.settings.concurrency,
+            on_request=self._factory_certificate_seen,
         )
         self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
         try:
@@ -731,6 +742,38 @@ class RegistrarApp:
 
     # -- telemetry ----------------------------------------------------------------------------
 
+    def _factory_certificate_seen(self, device: DeviceId, payload: bytes) -> None:
+        """Record the factory certificate of a registration request for ``registrar report``.
+
+        Only a certificate whose chain verifies to the root is recorded (junk cannot fill
+        the table); HQ revocations are NOT applied here (the base verifier), because a
+        revoked certificate that keeps trying is evidence HQ wants too."""
+        service, store = self.service, self.store
+        if service is None or store is None:
+            return
+        try:
+            request = parse_request(payload)
+            identity = ChainVerifier.verify(
+                service.verifier,
+                request.idevid_der,
+                now=datetime.now(UTC),
+                intermediates=[load_certificate(c) for c in request.chain_der],
+                require_device_id=True,
+            )
+            station = station_id_from_certificate(identity.issuer)
+        except (TrustCoreError, ValueError) as exc:
+            log.debug("no factory-certificate sighting for %s: %s", device, exc)
+            return
+        if identity.device_id is None:
+            return
+        store.note_factory_certificate(
+            station_id=station.value,
+            serial=format(identity.leaf.serial_number, "x"),
+            device_id=identity.device_id,
+            der=request.idevid_der,
+            at=int(time.time()),
+        )
+
     def _telemetry_received(self, device: DeviceId, topic: str, payload: bytes) -> None:
         keyring = self.keyring
         if keyring is None:
@@ -801,7 +844,22 @@ class RegistrarApp:
         if data_path is not None:
             data_path.unlink(missing_ok=True)
 
+    def _admission_plugins(self) -> tuple[NamedPlugin[AdmissionContext], ...] | None:
+        """The site's admission plugins (``SITE/plugins.json``); a listed plugin that is
+        not installed or rejects its settings stops the start (fail closed, loudly)."""
+        settings = read_site_plugins(self.home.path)
+        if not settings:
+            return None
+        loaded = load_site_plugins(settings)
+        if loaded.problems:
+            raise ConfigError("admission plugins: " + "; ".join(loaded.problems))
+        return loaded.plugins
+
     async def _dispatch(self, command: str, args: dict[str, Any], data: Path | None) -> Any:
+        if command == "approve":
+            device = DeviceId(args["device_id"])
+            pending = await self._require(self.store).approve(device, at=int(time.time()))
+            return {"device_id": device.value, "was_pending": pending}
         if command == "revoke":
             result = await self.revoke(
                 DeviceId(args["device_id"]), args.get("reason", "unspecified")

@@ -671,3 +671,102 @@ def send_command_command(home: Path, device_id: str, message: str) -> None:
         click.echo(f"REFUSED ({answer.get('reason')}): {answer.get('error')}", err=True)
         sys.exit(EXIT_REFUSED)
     click.echo(f"sent on {answer['result']['topic']}")
+
+
+@main.command("report")
+@_home_option
+@_passphrase_option
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+def report_command(home: Path, passphrase_file: Path | None, out: Path) -> None:
+    """Write the next signed site report for HQ (`hq ingest-report`): every factory
+    certificate seen, with the certificate as evidence, and every registration."""
+    from registrar.report import write_site_report
+    from registrar.site import SiteSecrets
+
+    site = _open_site(home)
+    try:
+        result = write_site_report(site, SiteSecrets(passphrase_file), out)
+    except RegistrarError as exc:
+        _fail(exc)
+    click.echo(
+        f"site report {result.sequence}: {result.seen} factory certificate(s) seen, "
+        f"{result.registered} registration(s); written to {result.out}"
+    )
+
+
+# ------------------------------------------------------------- admission plugins (holds)
+
+
+@main.command("pending")
+@_home_option
+@click.option("--json", "as_json", is_flag=True)
+def pending_command(home: Path, as_json: bool) -> None:
+    """Devices an admission plugin (e.g. hold_unlisted) holds for the installer's approval."""
+    import json
+    from dataclasses import asdict
+
+    from registrar.app import store_path
+    from registrar.store import PendingApproval, Store
+
+    site = _open_site(home)
+
+    async def read() -> list[PendingApproval]:
+        store = await Store.open(store_path(site))
+        try:
+            return await store.pending()
+        finally:
+            await store.close()
+
+    import asyncio
+
+    try:
+        rows = asyncio.run(read())
+    except RegistrarError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no devices waiting for approval")
+    for r in rows:
+        click.echo(
+            f"{r.device_id}  station {r.station_id}  idevid {r.idevid_serial}  "
+            f"held by {r.plugin} ({r.reason})  first {_when(r.first_seen)}  "
+            f"attempts {r.attempts}"
+        )
+
+
+@main.command("approve")
+@_home_option
+@click.argument("device_id")
+def approve_command(home: Path, device_id: str) -> None:
+    """Approve a held device: recorded durably (live through the running registrar, if one
+    runs); the device's next retry registers. Approval admits only a device that passes
+    every other check (chain, revocation, signature, CSR)."""
+    import time
+
+    from trustcore.errors import InvalidValueError
+    from trustcore.identity import DeviceId
+
+    site = _open_site(home)
+    try:
+        device = DeviceId(device_id)
+    except InvalidValueError as exc:
+        _refused(RegistrarError(str(exc), reason="bad_device_id"))
+
+    def offline() -> dict[str, Any]:
+        async def work(store: Any) -> dict[str, Any]:
+            pending = await store.approve(device, at=int(time.time()))
+            return {"device_id": device.value, "was_pending": pending}
+
+        return dict(_run_offline(site, None, work))
+
+    try:
+        result, live = _live_or_offline(site, "approve", {"device_id": device.value}, offline)
+    except RegistrarError as exc:
+        _fail(exc)
+    note = "" if result["was_pending"] else " (it was not pending: pre-approved)"
+    click.echo(
+        f"{result['device_id']} approved{note}; "
+        + ("the running registrar admits its next retry" if live else "admitted from now on")
+    )

@@ -31,7 +31,7 @@ import hashlib
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -47,12 +47,17 @@ from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
 from trustcore.keys import Signer
 from trustcore.payload import PayloadKey
+from trustcore.policy_chain import NamedPlugin
 from trustcore.registration import (
     Admission,
+    AdmissionContext,
+    AdmissionHeld,
     RegistrationError,
     RegistrationRequest,
+    VerifiedRegistration,
     build_error_response,
     build_key_update,
+    decide_admission,
     issue_registration,
     parse_request,
     verify_request,
@@ -107,8 +112,13 @@ class RegistrationService:
         site: SiteAuthority,
         payload_key: PayloadKey,
         clock: Callable[[], datetime] = _utcnow,
+        admission_plugins: Sequence[NamedPlugin[AdmissionContext]] | None = None,
     ) -> None:
+        """``admission_plugins`` None: the built-in admission only (an unlisted device is
+        ``not_in_manifest``). A sequence: the site's plugin chain runs after every built-in
+        check (fail closed: an empty sequence refuses everything, ``empty_policy``)."""
         self._store = store
+        self.admission_plugins = None if admission_plugins is None else tuple(admission_plugins)
         self.verifier = verifier
         self.admission = admission
         self._site = site
@@ -195,7 +205,9 @@ class RegistrationService:
                 now=now,
                 nonce_seen=found.nonce_seen or request.nonce in self._reserved_nonces,
                 key_owner=key_owner,
+                defer_manifest=self.admission_plugins is not None,
             )
+            await self._admit(verified, now)
             issued = issue_registration(
                 verified,
                 site_ca=self._site.certificate,
@@ -248,6 +260,32 @@ class RegistrationService:
             record.ldevid_serial,
         )
         return issued.response
+
+    async def _admit(self, verified: VerifiedRegistration, now: datetime) -> None:
+        """The site's admission plugins (when configured); a hold is recorded durably as a
+        pending approval before the device is told to retry later."""
+        plugins = self.admission_plugins
+        if plugins is None:
+            return
+        device = verified.request.device_id
+        try:
+            approved = not verified.in_manifest and await self._store.is_approved(device)
+            decide_admission(plugins, AdmissionContext.of(verified, approved=approved, now=now))
+        except AdmissionHeld as held:
+            try:
+                await self._store.record_hold(
+                    device,
+                    station_id=verified.station_id.value if verified.station_id else None,
+                    idevid_serial=format(verified.identity.leaf.serial_number, "x"),
+                    plugin=held.decision.plugin,
+                    reason=held.decision.reason,
+                    at=int(now.timestamp()),
+                )
+            except StoreError as exc:
+                raise RegistrationError(str(exc), reason="internal_error") from exc
+            raise
+        except StoreError as exc:
+            raise RegistrationError(str(exc), reason="internal_error") from exc
 
     def _refusal(
         self,

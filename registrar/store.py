@@ -21,7 +21,10 @@ Tables: ``devices`` (one row per registered device: current LDevID, its key, the
 used for payload-key rotation), ``certified_keys`` (every key ever certified, for
 ``csr_foreign_key``), ``requests`` (request digest → stored response: idempotency),
 ``nonces`` (every nonce accepted), ``superseded`` (LDevIDs replaced by a re-registration:
-input to the site CRL), ``events`` (audit trail for ``registrar status``).
+input to the site CRL), ``events`` (audit trail for ``registrar status``), ``pending_approvals`` /
+``approvals`` (devices an admission plugin held, and the installer's approvals), ``factory_certs``
+(every chain-valid factory certificate seen in a registration request, first sighting kept:
+the evidence of ``registrar report``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import aiosqlite
 from registrar.errors import StoreError
 from trustcore.identity import DeviceId
 
-__all__ = ["DeviceRecord", "Event", "Lookup", "Registration", "Store"]
+__all__ = ["DeviceRecord", "Event", "Lookup", "PendingApproval", "Registration", "Store"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,28 @@ CREATE TABLE IF NOT EXISTS events (
     device_id TEXT,
     kind TEXT NOT NULL,
     detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_approvals (
+    device_id TEXT PRIMARY KEY,
+    station_id TEXT,
+    idevid_serial TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS approvals (
+    device_id TEXT PRIMARY KEY,
+    approved_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS factory_certs (
+    station_id TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    der BLOB NOT NULL,
+    first_seen INTEGER NOT NULL,
+    PRIMARY KEY (station_id, serial)
 );
 """
 
@@ -149,6 +174,20 @@ class Lookup:
     response: bytes | None
     nonce_seen: bool
     key_owner: DeviceId | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingApproval:
+    """A device an admission plugin held for the installer (``registrar pending``)."""
+
+    device_id: str
+    station_id: str | None
+    idevid_serial: str
+    plugin: str
+    reason: str
+    first_seen: int
+    last_seen: int
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +346,63 @@ class Store:
         )
         return True
 
+    def note_factory_certificate(
+        self, *, station_id: str, serial: str, device_id: DeviceId, der: bytes, at: int
+    ) -> bool:
+        """Queue a sighting of a chain-valid factory certificate without waiting. The first
+        sighting wins (``INSERT OR IGNORE``): HQ needs when the site first saw it. Dropped
+        (False) when the writer is far behind, like :meth:`note_event`."""
+        if self._queue.qsize() > 50 * self._max_batch:
+            return False
+        self._submit(
+            (
+                "INSERT OR IGNORE INTO factory_certs (station_id, serial, device_id, der, "
+                "first_seen) VALUES (?, ?, ?, ?, ?)",
+                (station_id, serial, device_id.value, der, at),
+            ),
+            False,
+        )
+        return True
+
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        future = self._submit((sql, params), True)
+        assert future is not None
+        await future
+
+    async def record_hold(
+        self,
+        device_id: DeviceId,
+        *,
+        station_id: str | None,
+        idevid_serial: str,
+        plugin: str,
+        reason: str,
+        at: int,
+    ) -> None:
+        """Durably note that ``device_id`` waits for the installer (first sighting kept)."""
+        await self._write(
+            "INSERT INTO pending_approvals (device_id, station_id, idevid_serial, plugin, "
+            "reason, first_seen, last_seen) VALUES (?,?,?,?,?,?,?) ON CONFLICT(device_id) DO "
+            "UPDATE SET last_seen=excluded.last_seen, attempts=pending_approvals.attempts+1, "
+            "station_id=excluded.station_id, idevid_serial=excluded.idevid_serial, "
+            "plugin=excluded.plugin, reason=excluded.reason",
+            (device_id.value, station_id, idevid_serial, plugin, reason, at, at),
+        )
+
+    async def approve(self, device_id: DeviceId, *, at: int) -> bool:
+        """Record the installer's approval (durable, then live: the service reads it on the
+        device's next request) and drop the pending entry. True if the device was pending."""
+        was_pending = await self.is_pending(device_id)
+        await self._write(
+            "INSERT OR REPLACE INTO approvals (device_id, approved_at) VALUES (?, ?)",
+            (device_id.value, at),
+        )
+        await self._write("DELETE FROM pending_approvals WHERE device_id = ?", (device_id.value,))
+        await self._write(
+            _INSERT_EVENT, (at, device_id.value, "approved", "admitted by the installer")
+        )
+        return was_pending
+
     async def set_status(self, device_id: DeviceId, status: str) -> None:
         future = self._submit(
             ("UPDATE devices SET status = ? WHERE device_id = ?", (status, device_id.value)), True
@@ -422,6 +518,29 @@ class Store:
             raise StoreError(f"registrar database read failed: {exc}") from exc
         response, seen, owner = next(iter(rows))
         return Lookup(response, bool(seen), DeviceId(owner) if owner is not None else None)
+
+    async def is_approved(self, device_id: DeviceId) -> bool:
+        try:
+            rows = await self._reader.execute_fetchall(
+                "SELECT EXISTS(SELECT 1 FROM approvals WHERE device_id = ?)", (device_id.value,)
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"registrar database read failed: {exc}") from exc
+        return bool(next(iter(rows))[0])
+
+    async def is_pending(self, device_id: DeviceId) -> bool:
+        rows = await self._reader.execute_fetchall(
+            "SELECT EXISTS(SELECT 1 FROM pending_approvals WHERE device_id = ?)",
+            (device_id.value,),
+        )
+        return bool(next(iter(rows))[0])
+
+    async def pending(self) -> list[PendingApproval]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT device_id, station_id, idevid_serial, plugin, reason, first_seen, "
+            "last_seen, attempts FROM pending_approvals ORDER BY first_seen, device_id"
+        )
+        return [PendingApproval(*row) for row in rows]
 
     async def devices(self) -> list[DeviceRecord]:
         rows = await self._reader.execute_fetchall(

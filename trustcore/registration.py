@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Self
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -52,6 +52,7 @@ from trustcore.hpke import open_, seal
 from trustcore.identity import DeviceId, StationId
 from trustcore.keys import KeyAgreement, Signer, key_id
 from trustcore.payload import KEY_ID_LENGTH, PayloadKey
+from trustcore.policy_chain import CHAIN_REASONS, Decision, NamedPlugin, Verdict, run_chain
 from trustcore.profiles import (
     device_id_from_certificate,
     issue_secondary_certificate,
@@ -67,6 +68,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REASONS",
     "Admission",
+    "AdmissionContext",
+    "AdmissionHeld",
     "AdmissionRule",
     "Issued",
     "KeyUpdate",
@@ -80,6 +83,7 @@ __all__ = [
     "build_error_response",
     "build_key_update",
     "build_request",
+    "decide_admission",
     "issue_registration",
     "open_payload_key",
     "parse_key_update",
@@ -153,6 +157,9 @@ REASONS: dict[str, ReasonInfo] = {
     "stale_request": ReasonInfo(True, _NOT_AUTHORIZED, "retry with current time, new nonce"),
     "replayed_nonce": ReasonInfo(True, _NOT_AUTHORIZED, "retry with a new nonce"),
     "not_in_manifest": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "held_for_approval": ReasonInfo(True, _NOT_AUTHORIZED, "retry later: awaiting installer"),
+    "policy_refused": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "policy_unavailable": ReasonInfo(True, _UNSPECIFIED, "retry later (site policy problem)"),
     "csr_malformed": ReasonInfo(False, _PAYLOAD_FORMAT_INVALID, "stop: device software bug"),
     "csr_bad_signature": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
     "csr_wrong_name": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
@@ -179,6 +186,9 @@ _PUBLIC_MESSAGES: dict[str, str] = {
     "stale_request": "request time is outside the accepted window",
     "replayed_nonce": "nonce was already used",
     "not_in_manifest": "device is not admitted at this site",
+    "held_for_approval": "device is held for the installer's approval",
+    "policy_refused": "a site admission policy refused the device",
+    "policy_unavailable": "the site admission policy cannot decide now",
     "csr_malformed": "CSR is malformed",
     "csr_bad_signature": "CSR signature does not verify",
     "csr_wrong_name": "CSR names another subject or asks for forbidden extensions",
@@ -418,6 +428,9 @@ class VerifiedRegistration:
     ldevid_public_key: ec.EllipticCurvePublicKey
     ldevid_key_id: bytes
     wrap_public_key: ec.EllipticCurvePublicKey
+    #: In the site manifest. False only with ``defer_manifest``: then the admission plugins
+    #: and :func:`decide_admission` must still decide (never issue on this alone).
+    in_manifest: bool = True
 
 
 def _refuse(reason: str, detail: str) -> RegistrationError:
@@ -433,10 +446,15 @@ def verify_request(
     now: datetime,
     nonce_seen: bool,
     key_owner: DeviceId | None,
+    defer_manifest: bool = False,
 ) -> VerifiedRegistration:
-    """See :func:`_verify_request` for the checks. ``cryptography`` emits warnings (not
-    errors) for some odd encodings (e.g. a 10-letter country name); for hostile input they
-    are noise, the checks decide, so they are silenced here rather than printed per request."""
+    """See :func:`_verify_request` for the checks. ``defer_manifest``: a device absent from
+    the manifest is not refused here but returned with ``in_manifest=False``, so the site's
+    admission plugins can see it after every other check passed; the caller must then run
+    :func:`decide_admission`, which still refuses it unless the installer approved it.
+    ``cryptography`` emits warnings (not errors) for some odd encodings (e.g. a 10-letter
+    country name); for hostile input they are noise, the checks decide, so they are
+    silenced here rather than printed per request."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _verify_request(
@@ -447,6 +465,7 @@ def verify_request(
             now=now,
             nonce_seen=nonce_seen,
             key_owner=key_owner,
+            defer_manifest=defer_manifest,
         )
 
 
@@ -459,6 +478,7 @@ def _verify_request(
     now: datetime,
     nonce_seen: bool,
     key_owner: DeviceId | None,
+    defer_manifest: bool = False,
 ) -> VerifiedRegistration:
     """The registrar's decision, in a fixed order (the first failure decides the reason):
 
@@ -507,7 +527,8 @@ def _verify_request(
         station: StationId | None = station_id_from_certificate(identity.issuer)
     except ProfileError:
         station = None
-    if not admission.admits(request.device_id, station):
+    in_manifest = admission.admits(request.device_id, station)
+    if not in_manifest and not defer_manifest:
         raise _refuse("not_in_manifest", f"{request.device_id} (station {station}) not admitted")
     try:
         csr = validate_csr(request.csr_der, expected_device_id=request.device_id)
@@ -536,7 +557,75 @@ def _verify_request(
         ldevid_public_key=csr.public_key,
         ldevid_key_id=ldevid_key_id,
         wrap_public_key=wrap,
+        in_manifest=in_manifest,
     )
+
+
+# ------------------------------------------------------------------- admission plugins
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionContext:
+    """What a site admission plugin sees: a request that passed every built-in check
+    (chain, revocation, signature, freshness, nonce, CSR, wrap key), whether the manifest
+    lists it, and whether the installer approved it (a held device, approved later)."""
+
+    device_id: DeviceId
+    station_id: StationId | None
+    idevid_serial: str
+    in_manifest: bool
+    approved: bool
+    now: datetime
+
+    @property
+    def admitted(self) -> bool:
+        return self.in_manifest or self.approved
+
+    @classmethod
+    def of(cls, verified: VerifiedRegistration, *, approved: bool, now: datetime) -> Self:
+        return cls(
+            device_id=verified.request.device_id,
+            station_id=verified.station_id,
+            idevid_serial=format(verified.identity.leaf.serial_number, "x"),
+            in_manifest=verified.in_manifest,
+            approved=approved,
+            now=now,
+        )
+
+
+class AdmissionHeld(RegistrationError):
+    """A plugin held the device for a person (``held_for_approval``); ``decision`` says
+    which plugin and why, for the pending-approval record."""
+
+    reason = "held_for_approval"
+
+    def __init__(self, message: str, decision: Decision) -> None:
+        super().__init__(message)
+        self.decision = decision
+
+
+def decide_admission(
+    plugins: Sequence[NamedPlugin[AdmissionContext]], context: AdmissionContext
+) -> None:
+    """Run the site's admission plugins (:func:`trustcore.policy_chain.run_chain`, fail
+    closed) and raise :class:`RegistrationError` unless the device may register.
+
+    Plugins can refuse (``policy_refused``; a broken, silent or missing plugin or an empty
+    chain: ``policy_unavailable``) or hold (``held_for_approval``) but never admit: a device
+    neither in the manifest nor approved by the installer is still ``not_in_manifest`` when
+    every plugin allows it."""
+    decision = run_chain(plugins, context)
+    detail = f"plugin {decision.plugin or '(none)'}: {decision.reason}: {decision.message}"
+    if decision.verdict is Verdict.REFUSE:
+        public = "policy_unavailable" if decision.reason in CHAIN_REASONS else "policy_refused"
+        raise _refuse(public, detail)
+    if decision.verdict is Verdict.HOLD:
+        raise AdmissionHeld(detail, decision)
+    if not context.admitted:
+        raise _refuse(
+            "not_in_manifest",
+            f"{context.device_id} (station {context.station_id}) not admitted nor approved",
+        )
 
 
 # ------------------------------------------------------------------------------ issuance

@@ -1,0 +1,534 @@
+"""Counterfeit detection (``hq ingest-report``) and HQ revocation (``hq revoke``).
+
+A site report (:mod:`trustcore.site_report`) lists the factory certificates a site saw. HQ
+verifies the report (the site is enrolled, the package is signed by the site CA key HQ
+recorded at enrolment, its sequence is newer than the last accepted), stores the sightings,
+then cross-checks every sighting:
+
+* ``counterfeit``: the certificate chains to the root through a station CA HQ issued, but
+  no audit log records it (station + serial unknown, or known with another key or device
+  id). Only the station's key can make such a certificate: a stolen or abused station TPM
+  issued it outside the station software.
+* ``over_production``: the audit log records it, but the reconciliation flagged that
+  issuance (over quota, outside the window, ...). Source: the violations HQ stored at
+  ``hq ingest-audit`` (up to 100 per export are stored).
+* ``cloned``: the same factory certificate is currently registered at two sites.
+* ``invalid_evidence``: the reported certificate does not chain to the root (a site bug or a
+  forgery the site should never have admitted).
+
+``hq revoke`` appends to the HQ revocation list (a new, higher sequence, signed by the
+revocation signer) and writes it for sites; revoking a whole station CA needs the HQ quorum
+(:func:`hq.approvals.authorize_station_ca_revocation`) and puts the station CA on the root
+CRL that the next site bundle carries.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hq.errors import HqError
+from hq.home import HqHome, HqSecrets
+from hq.store import HqStore
+from trustcore.errors import ProfileError, TrustCoreError
+from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
+from trustcore.keys import key_id
+from trustcore.profiles import HqRole, site_id_from_certificate, station_id_from_certificate
+from trustcore.revocation import (
+    RevocationList,
+    RevocationListError,
+    RevokedDevice,
+    open_revocation_list,
+    seal_revocation_list,
+)
+from trustcore.site_report import SiteReport, SiteReportError, open_site_report, peek_site_report
+from trustcore.verify import ChainVerifier
+
+__all__ = [
+    "Finding",
+    "IngestSiteReportResult",
+    "ReportRefusedError",
+    "RevocationError",
+    "RevokeResult",
+    "ingest_site_report",
+    "revoke",
+]
+
+FINDING_REASON = {
+    "counterfeit": "counterfeit",
+    "over_production": "over_production",
+    "cloned": "cloned",
+    "invalid_evidence": "counterfeit",
+}
+
+_TABLES = (
+    """CREATE TABLE IF NOT EXISTS site_reports (
+        site_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL, received_at INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS site_sightings (
+        site_id TEXT NOT NULL, station_id TEXT NOT NULL, serial TEXT NOT NULL,
+        device_id TEXT NOT NULL, first_seen INTEGER NOT NULL, registered INTEGER NOT NULL,
+        der BLOB NOT NULL, report_seq INTEGER NOT NULL,
+        PRIMARY KEY (site_id, station_id, serial))""",
+)
+
+
+class ReportRefusedError(HqError):
+    """A site report was refused as a whole (nothing stored); ``reason`` says why."""
+
+    reason = "report_refused"
+
+
+class RevocationError(HqError):
+    """``hq revoke`` could not do what was asked (nothing changed)."""
+
+    reason = "revoke_refused"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One suspicious device, with the evidence HQ holds."""
+
+    kind: str  # counterfeit / over_production / cloned / invalid_evidence
+    station_id: str
+    serial: str
+    device_id: str
+    site_id: str
+    first_seen: int
+    registered: bool
+    detail: str
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "station_id": self.station_id,
+            "serial": self.serial,
+            "device_id": self.device_id,
+            "site_id": self.site_id,
+            "first_seen": self.first_seen,
+            "registered": self.registered,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class IngestSiteReportResult:
+    site_id: str
+    sequence: int
+    seen: int
+    registrations: int
+    findings: tuple[Finding, ...]
+    audited_clean: int  # sightings that match an audit record with no violation
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+    def to_map(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for f in self.findings:
+            counts[f.kind] = counts.get(f.kind, 0) + 1
+        return {
+            "status": "clean" if self.clean else "findings",
+            "site_id": self.site_id,
+            "sequence": self.sequence,
+            "seen": self.seen,
+            "registrations": self.registrations,
+            "audited_clean": self.audited_clean,
+            "finding_counts": counts,
+            "findings": [f.to_map() for f in self.findings],
+        }
+
+
+def _ensure_tables(conn: sqlite3.Connection) -> None:
+    for statement in _TABLES:
+        conn.execute(statement)
+
+
+def _now(now: int | None) -> int:
+    return int(time.time()) if now is None else now
+
+
+def _violations(conn: sqlite3.Connection) -> dict[tuple[str, str], list[str]]:
+    """(station, device id) -> violation kinds/details from every stored audit ingest."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for station, text in conn.execute("SELECT station_id, report_json FROM ingests ORDER BY id"):
+        for v in json.loads(text).get("violations", []):
+            out.setdefault((station, str(v["device_id"])), []).append(
+                f"{v['kind']} (audit seq {v['seq']}): {v['detail']}"
+            )
+    return out
+
+
+def _site_for(store: HqStore, cert: x509.Certificate) -> tuple[SiteId, ec.EllipticCurvePublicKey]:
+    """The enrolled site whose site CA signed (claims to have signed) this report."""
+    try:
+        site_id = site_id_from_certificate(cert)
+    except ProfileError as exc:
+        raise ReportRefusedError(
+            f"report sender is not a site CA: {exc}", reason="unknown_site"
+        ) from exc
+    row = store.site(site_id.value)
+    if row is None:
+        raise ReportRefusedError(f"site {site_id} is not enrolled at HQ", reason="unknown_site")
+    enrolled = x509.load_der_x509_certificate(row.site_ca_der).public_key()
+    if not isinstance(enrolled, ec.EllipticCurvePublicKey):
+        raise ReportRefusedError(f"site {site_id} has no EC site CA key", reason="unknown_site")
+    if key_id(enrolled) != key_id(cert.public_key()):  # type: ignore[arg-type]
+        raise ReportRefusedError(
+            f"report is signed by a key that is not site {site_id}'s enrolled site CA",
+            reason="wrong_sender",
+        )
+    return site_id, enrolled
+
+
+def _chain_verifier(home: HqHome, store: HqStore) -> ChainVerifier:
+    cas = [x509.load_der_x509_certificate(der) for _, der in store.station_ca_certificates()]
+    # Authenticity only: whether a certificate was revoked is HQ's own decision here, so no
+    # CRL is required (a counterfeit is usually not on its station's CRL).
+    return ChainVerifier([home.root_certificate()], cas, require_crl=False)
+
+
+def _check(
+    report: SiteReport,
+    conn: sqlite3.Connection,
+    store: HqStore,
+    verifier: ChainVerifier,
+) -> tuple[list[Finding], int]:
+    audited = {(d.station_id, d.serial): d for d in store.devices()}
+    violations = _violations(conn)
+    site = report.site_id.value
+    findings: list[Finding] = []
+    clean = 0
+    for s in report.seen:
+        station = "" if s.station_id is None else s.station_id.value
+
+        def finding(kind: str, detail: str, s: Any = s, station: str = station) -> Finding:
+            return Finding(
+                kind,
+                station,
+                s.serial.hex,
+                s.device_id.value,
+                site,
+                s.first_seen,
+                s.registered,
+                detail,
+            )
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cert = s.certificate()
+                identity = verifier.verify(
+                    cert,
+                    now=datetime.fromtimestamp(s.first_seen, UTC),
+                    require_device_id=True,
+                )
+            cert_station = station_id_from_certificate(identity.issuer)
+        except (TrustCoreError, ValueError) as exc:
+            findings.append(finding("invalid_evidence", f"certificate does not verify: {exc}"))
+            continue
+        if (
+            cert.serial_number != s.serial.value
+            or identity.device_id != s.device_id
+            or cert_station != s.station_id
+        ):
+            findings.append(
+                finding("invalid_evidence", "the reported fields do not match the certificate")
+            )
+            continue
+        row = audited.get((station, s.serial.hex))
+        public = cert.public_key()
+        if row is None:
+            findings.append(
+                finding(
+                    "counterfeit",
+                    f"chain-valid certificate of station {station} that no audit log records",
+                )
+            )
+            continue
+        if row.device_id != s.device_id.value or row.key_id != key_id(public):  # type: ignore[arg-type]
+            findings.append(
+                finding(
+                    "counterfeit",
+                    f"audit log records serial {s.serial.hex} for {row.device_id} with another key",
+                )
+            )
+            continue
+        flagged = violations.get((station, s.device_id.value))
+        if flagged:
+            findings.append(finding("over_production", "; ".join(flagged)))
+            continue
+        clean += 1
+    # Clones: the same certificate currently registered at another site.
+    for s in report.seen:
+        if not s.registered or s.station_id is None:
+            continue
+        for other, first in conn.execute(
+            "SELECT site_id, first_seen FROM site_sightings WHERE station_id = ? AND serial = ? "
+            "AND site_id != ? AND registered = 1",
+            (s.station_id.value, s.serial.hex, site),
+        ):
+            findings.append(
+                Finding(
+                    "cloned",
+                    s.station_id.value,
+                    s.serial.hex,
+                    s.device_id.value,
+                    site,
+                    s.first_seen,
+                    True,
+                    f"also registered at site {other} (first seen there {first})",
+                )
+            )
+    return findings, clean
+
+
+def ingest_site_report(
+    home: HqHome, package: bytes, *, now: int | None = None
+) -> IngestSiteReportResult:
+    """Verify, store and cross-check a site report. Refusals raise :class:`ReportRefusedError`
+    and store nothing."""
+    moment = _now(now)
+    store = HqStore.open(home.db_path)
+    try:
+        try:
+            cert = peek_site_report(package)
+        except SiteReportError as exc:
+            raise ReportRefusedError(str(exc), reason=exc.reason) from exc
+        with store.transaction() as conn:
+            _ensure_tables(conn)
+            site_id, public = _site_for(store, cert)
+            row = conn.execute(
+                "SELECT sequence FROM site_reports WHERE site_id = ?", (site_id.value,)
+            ).fetchone()
+            try:
+                report = open_site_report(
+                    package,
+                    site_id=site_id,
+                    site_ca_public=public,
+                    last_sequence=None if row is None else int(row[0]),
+                )
+            except SiteReportError as exc:
+                raise ReportRefusedError(str(exc), reason=exc.reason) from exc
+            findings, clean = _check(report, conn, store, _chain_verifier(home, store))
+            conn.execute(
+                "INSERT INTO site_reports VALUES (?, ?, ?) ON CONFLICT(site_id) DO UPDATE SET "
+                "sequence = excluded.sequence, received_at = excluded.received_at",
+                (site_id.value, report.sequence, moment),
+            )
+            conn.executemany(
+                "INSERT INTO site_sightings VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(site_id, station_id, serial) DO UPDATE SET "
+                "registered = excluded.registered, report_seq = excluded.report_seq",
+                [
+                    (
+                        site_id.value,
+                        "" if s.station_id is None else s.station_id.value,
+                        s.serial.hex,
+                        s.device_id.value,
+                        s.first_seen,
+                        int(s.registered),
+                        s.certificate_der,
+                        report.sequence,
+                    )
+                    for s in report.seen
+                ],
+            )
+    finally:
+        store.close()
+    return IngestSiteReportResult(
+        site_id.value,
+        report.sequence,
+        len(report.seen),
+        len(report.registrations),
+        tuple(findings),
+        clean,
+    )
+
+
+# ------------------------------------------------------------------------------ revocation
+
+
+@dataclass(frozen=True)
+class RevokeResult:
+    sequence: int
+    added: tuple[RevokedDevice, ...]
+    already_listed: int
+    station_ca_serials: tuple[str, ...] = field(default=())
+    out: Path | None = None
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "sequence": self.sequence,
+            "added": [e.to_map() for e in self.added],
+            "already_listed": self.already_listed,
+            "station_ca_serials": list(self.station_ca_serials),
+            "out": None if self.out is None else str(self.out),
+        }
+
+
+def _known(conn: sqlite3.Connection, store: HqStore) -> list[tuple[str, str, str]]:
+    """(station, serial, device id) of every factory certificate HQ knows of: audited ones
+    and those seen at sites."""
+    rows = [(d.station_id, d.serial, d.device_id) for d in store.devices()]
+    rows += [
+        (str(a), str(b), str(c))
+        for a, b, c in conn.execute("SELECT station_id, serial, device_id FROM site_sightings")
+    ]
+    return rows
+
+
+def _targets(
+    conn: sqlite3.Connection,
+    store: HqStore,
+    *,
+    devices: Sequence[str],
+    serials: Sequence[str],
+    findings: Sequence[dict[str, Any]],
+    reason: str | None,
+) -> list[tuple[str, str, str, str]]:
+    """(station, serial, device, reason) to revoke; every one must be known to HQ (a typo
+    or a doctored findings file cannot revoke an arbitrary serial)."""
+    known = _known(conn, store)
+    out: list[tuple[str, str, str, str]] = []
+    for device in devices:
+        matches = [k for k in known if k[2] == device]
+        if not matches:
+            raise RevocationError(
+                f"device {device} is unknown to HQ (no audit record, no sighting)"
+            )
+        out += [(s, n, d, reason or "unspecified") for s, n, d in matches]
+    for spec in serials:
+        station, sep, serial = spec.partition(":")
+        if not sep:
+            raise RevocationError(f"--serial {spec!r}: expected STATION:SERIAL")
+        try:
+            serial = CertSerial.from_hex(serial).hex
+        except TrustCoreError as exc:
+            raise RevocationError(f"--serial {spec!r}: {exc}") from exc
+        matches = [k for k in known if k[0] == station and k[1] == serial]
+        if not matches:
+            raise RevocationError(f"certificate {station}:{serial} is unknown to HQ")
+        out.append((station, serial, matches[0][2], reason or "unspecified"))
+    for f in findings:
+        try:
+            key = (str(f["station_id"]), str(f["serial"]), str(f["device_id"]))
+            kind = str(f["kind"])
+        except (KeyError, TypeError) as exc:
+            raise RevocationError(f"findings file: bad finding {f!r}") from exc
+        if kind not in FINDING_REASON:
+            raise RevocationError(f"findings file: unknown finding kind {kind!r}")
+        if key not in known:
+            raise RevocationError(f"findings file names {key[0]}:{key[1]}, unknown to HQ")
+        out.append((*key, reason or FINDING_REASON[kind]))
+    return out
+
+
+def read_findings(path: Path) -> list[dict[str, Any]]:
+    """The findings of an ``hq ingest-report --json`` output file."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RevocationError(f"cannot read findings {path}: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("findings"), list):
+        raise RevocationError(f"{path} is not the JSON output of `hq ingest-report`")
+    return list(doc["findings"])
+
+
+def revoke(
+    home: HqHome,
+    secrets: HqSecrets,
+    *,
+    devices: Sequence[str] = (),
+    serials: Sequence[str] = (),
+    findings: Sequence[dict[str, Any]] = (),
+    station_ca: str | None = None,
+    reason: str | None = None,
+    approvals: Sequence[bytes] = (),
+    now: int | None = None,
+) -> tuple[RevokeResult, bytes]:
+    """Append to the HQ revocation list and return (result, the new signed list).
+
+    The new list's sequence is the last one's + 1 (never lower), so every site replaces the
+    list it holds. ``station_ca`` is quorum-gated; its CA certificates go on the root CRL."""
+    from hq.approvals import authorize_station_ca_revocation
+
+    if not (devices or serials or findings or station_ca):
+        raise RevocationError("nothing to revoke")
+    moment = _now(now)
+    store = HqStore.open(home.db_path)
+    try:
+        with store.transaction() as conn:
+            _ensure_tables(conn)
+            ca_serials: list[str] = []
+            if station_ca is not None:
+                cas = store.station_ca_certificates(station_ca)
+                if not cas:
+                    raise RevocationError(f"HQ issued no CA certificate to station {station_ca}")
+                authorize_station_ca_revocation(home, station_ca, approvals, conn=conn, now=moment)
+                for _, der in cas:
+                    cert = x509.load_der_x509_certificate(der)
+                    serial = format(cert.serial_number, "x")
+                    store.put_root_revocation(
+                        serial, moment, "cACompromise", cert.subject.rfc4514_string()
+                    )
+                    ca_serials.append(serial)
+            targets = _targets(
+                conn, store, devices=devices, serials=serials, findings=findings, reason=reason
+            )
+            latest = store.latest_revocation_list()
+            current = (
+                RevocationList(0, moment)
+                if latest is None
+                else open_revocation_list(
+                    latest[1],
+                    root=home.root_certificate(),
+                    now=datetime.fromtimestamp(moment, UTC),
+                    root_crl=None,
+                    not_older_than=None,
+                )
+            )
+            listed = {(e.station_id.value, e.serial.hex) for e in current.entries}
+            added: list[RevokedDevice] = []
+            already = 0
+            for station, serial, device, why in targets:
+                if (station, serial) in listed:
+                    already += 1
+                    continue
+                listed.add((station, serial))
+                try:
+                    added.append(
+                        RevokedDevice(
+                            StationId(station),
+                            CertSerial.from_hex(serial),
+                            DeviceId(device),
+                            why,
+                            moment,
+                        )
+                    )
+                except TrustCoreError as exc:
+                    raise RevocationError(f"cannot revoke {station}:{serial}: {exc}") from exc
+            if not added and latest is not None and not ca_serials:
+                return RevokeResult(latest[0], (), already), latest[1]
+            nxt = current.with_entries(added, issued=max(moment, current.issued))
+            package = seal_revocation_list(
+                nxt,
+                signer=home.role_key(HqRole.REVOCATION_SIGNER, secrets),
+                signer_cert=home.role_certificate(HqRole.REVOCATION_SIGNER),
+            )
+            store.put_revocation_list(nxt.sequence, nxt.issued, package)
+    except RevocationListError as exc:
+        raise RevocationError(f"the held revocation list does not verify: {exc}") from exc
+    finally:
+        store.close()
+    return RevokeResult(nxt.sequence, tuple(added), already, tuple(ca_serials)), package
