@@ -1,7 +1,11 @@
 """The building half of the demo: a site is commissioned from an HQ bundle, the registrar
 runs (embedded amqtt broker), the devices made at the factory register with their
 TPM-held keys, reconnect with their secondary certificates, send AES-GCM telemetry that
-the registrar decrypts, and one device is revoked and cut off while the others stay.
+the registrar decrypts, and one device is revoked and cut off while the others stay. Then
+the counterfeit story: someone who owns the station box signs 3 extra factory certificates
+with its TPM key (no audit record); they register; the site report reaches HQ, which finds
+them in no audit log, revokes them in its signed list; the site imports it and they are cut
+off while the genuine devices stay connected.
 
 Simulator limit (see docs/registrar.md): Python's ``ssl`` cannot use a key inside a TPM,
 so each simulated device's *TLS layer* presents a stand-in certificate with its device id
@@ -26,12 +30,20 @@ from typing import Any
 import aiomqtt
 from cryptography import x509
 
-from device_sim.client import DeviceClient, DeviceCredentials, Registered, TlsIdentity, TpmKeys
+from device_sim.client import (
+    DeviceClient,
+    DeviceCredentials,
+    Registered,
+    SoftwareKeys,
+    TlsIdentity,
+    TpmKeys,
+)
 from device_sim.device import SimDevice
 from registrar.broker import Endpoint
 from registrar.site import SiteHome, SiteSecrets, load_commissioned_site
 from signers.software import SoftwareKey
 from signers.tpm import Tpm, TpmKey
+from trustcore.identity import DeviceId
 from trustcore.profiles import (
     device_id_from_certificate,
     issue_factory_certificate,
@@ -81,6 +93,7 @@ async def _fleet(
     reg: Endpoint,
     op: Endpoint,
     revoke: Callable[[str], str],
+    counterfeit: Callable[[], Any],
     console: Any,
 ) -> dict[str, Any]:
     tpms = [Tpm(d.tcti) for d in devices]
@@ -139,6 +152,8 @@ async def _fleet(
         cut_s = gone.get(victim.device_id.value, float("inf")) - t0
         await asyncio.sleep(1.0)
         still = [c.device_id.value for c in clients if c.device_id.value not in gone]
+        fakes = await counterfeit()
+        genuine_after = [c.device_id.value for c in clients if c.device_id.value not in gone]
         stop.set()  # the sessions end cleanly; the task group waits for them
     for tpm in tpms:
         tpm.close()
@@ -148,7 +163,85 @@ async def _fleet(
         "victim": victim.device_id.value,
         "cut_s": cut_s,
         "still_connected": len(still),
+        "counterfeit": fakes,
+        "genuine_after": len(genuine_after),
     }
+
+
+def _mint_counterfeits(
+    station_tcti: str, station_home: Path, station_ca: x509.Certificate, root: x509.Certificate,
+    count: int,
+) -> list[DeviceClient]:  # fmt: skip
+    """An attacker who owns the station box uses its TPM key directly, outside the station
+    software: valid factory certificates that no audit log records."""
+    now = datetime.now(UTC)
+    out = []
+    with Tpm(station_tcti) as tpm:
+        station_key = TpmKey.load(tpm, station_home / "station-ca.tss.pem")
+        for n in range(count):
+            key = SoftwareKey.ephemeral()
+            device_id = DeviceId(f"TH-{900 + n:06d}")
+            cert = issue_factory_certificate(
+                station_ca, station_key.private_key(), key.public_key(), device_id=device_id,
+                manufacturer="Acme Devices", not_before=now - timedelta(minutes=5),
+            )  # fmt: skip
+            creds = DeviceCredentials(device_id, cert, (station_ca,), key, (root,))
+            out.append(DeviceClient(creds, SoftwareKeys()))
+    return out
+
+
+async def _counterfeit_story(
+    work: Path, run: Run, station_tcti: str, root: x509.Certificate, station_ca: x509.Certificate,
+    reg: Endpoint, op: Endpoint, console: Any,
+) -> dict[str, Any]:  # fmt: skip
+    site, hq = work / "site", work / "hq"
+    console.rule("[bold]13. A thief uses the station's TPM key outside its software: counterfeits")
+    fakes = _mint_counterfeits(station_tcti, work / "station", station_ca, root, 3)
+    await asyncio.gather(*(f.register(reg) for f in fakes))
+    console.print(f"{len(fakes)} counterfeit devices (valid chain, no audit record) registered")
+    cut: dict[str, float] = {}
+    live = asyncio.Event()
+    connected: set[str] = set()
+
+    async def session(fake: DeviceClient) -> None:
+        try:
+            async with fake.operational(op) as s:
+                connected.add(fake.device_id.value)
+                while True:
+                    await s.publish_telemetry(b'{"temp_c": 99}')
+                    await asyncio.sleep(0.2)
+        except aiomqtt.MqttError:
+            cut[fake.device_id.value] = time.perf_counter()
+        finally:
+            live.set()
+
+    tasks = [asyncio.create_task(session(f)) for f in fakes]
+    while len(connected) < len(fakes):
+        await asyncio.sleep(0.05)
+    report = work / "site-report.sealed"
+    await asyncio.to_thread(run, "registrar", "report", "--home", site, "--out", report)
+    found = await asyncio.to_thread(
+        run, "hq", "ingest-report", "--home", hq, report, "--json", expect=1, quiet=True
+    )
+    (work / "findings.json").write_text(found)
+    findings = json.loads(found.strip().splitlines()[-1])
+    flagged = sorted(f["device_id"] for f in findings["findings"] if f["kind"] == "counterfeit")
+    console.print(f"HQ cross-check flags as counterfeit: {', '.join(flagged)}")
+    t0 = time.perf_counter()
+    await asyncio.to_thread(
+        run, "hq", "revoke", "--home", hq, "--from-report", work / "findings.json",
+        "--out", work / "revocations.sealed",
+    )  # fmt: skip
+    await asyncio.to_thread(
+        run, "registrar", "import-revocations", "--home", site, work / "revocations.sealed"
+    )
+    while len(cut) < len(fakes) and time.perf_counter() - t0 < 15:
+        await asyncio.sleep(0.05)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    worst = max(cut.values(), default=float("inf")) - t0
+    return {"flagged": flagged, "cut": len(cut), "cut_s": worst}
 
 
 def run_building(
@@ -165,7 +258,7 @@ def run_building(
     enrolment = next(site.glob("*enrol*"))
     run("hq", "site", "enrol", "--home", hq, enrolment)
     run("hq", "site", "bundle", "--home", hq, "--site", "site-01",
-        "--devices-from-station", "station-01", "--out", work / "site-bundle.sealed")  # fmt: skip
+        "--admit-station", "station-01", "--out", work / "site-bundle.sealed")  # fmt: skip
     run("registrar", "commission", "--home", site, work / "site-bundle.sealed")
     summary.append(("site commissioned", "site-01", "bundle verified; payload key kept sealed"))
 
@@ -189,6 +282,9 @@ def run_building(
         devices = [d for d in devices if d.certificate() is not None]
         commissioned = load_commissioned_site(SiteHome.open(site), SiteSecrets())
         stand_ins = _stand_in_tls(station_tcti, work / "station", devices, commissioned)
+        stand_in_ca = x509.load_pem_x509_certificate(
+            (devices[0].directory / "chain.pem").read_bytes()
+        )
         for d in devices:
             d.power_on()
         try:
@@ -197,6 +293,8 @@ def run_building(
                     devices, stand_ins, commissioned.root, reg, op,
                     lambda dev: run("registrar", "revoke", "--home", site, dev,
                                     "--reason", "key_compromise"),
+                    lambda: _counterfeit_story(work, run, station_tcti, commissioned.root,
+                                               stand_in_ca, reg, op, console),
                     console,
                 )
             )  # fmt: skip
@@ -217,6 +315,14 @@ def run_building(
     summary.append(("registered", f"{registered}", f"LDevID + wrapped AES key, {took:.2f} s"))
     summary.append(("encrypted telemetry", f"{messages} msgs", f"decrypted; {rejected} rejected"))
     summary.append(("revoked device", result["victim"], f"cut after {cut:.2f} s; {still} stay"))
+    fakes = result["counterfeit"]
+    summary.append(("counterfeit devices", f"{len(fakes['flagged'])} flagged",
+                    f"HQ revoked them; cut after {fakes['cut_s']:.2f} s; "
+                    f"{result['genuine_after']} genuine stay"))  # fmt: skip
+    if len(fakes["flagged"]) != 3 or fakes["cut"] != 3 or fakes["cut_s"] > 5:
+        raise SystemExit("demo failed: the counterfeit devices were not all found and cut off")
+    if result["genuine_after"] != result["registered"] - 1:
+        raise SystemExit("demo failed: a genuine device lost its session")
     if not (result["cut_s"] < 5 and result["still_connected"] == result["registered"] - 1):
         raise SystemExit("demo failed: revocation did not cut exactly the revoked device")
     if messages == 0:
