@@ -12,7 +12,8 @@ Operations and their parameters (the request must carry exactly these)::
     exceed_daily_limit          station_id, entitlement_id, day (YYYY-MM-DD), extra (>= 1)
         up to ``extra`` issuances beyond the daily limit, on that one day
     reissue_device_certificate  station_id, entitlement_id, device_id
-        one more certificate for a device that already has one
+        one more certificate (for a new key) for a device that already has one; the old
+        certificate becomes ``superseded``. Consumed by that one issuance (``used_counter``)
 
 ``station_id`` and ``entitlement_id`` bind the approvals to this station and this
 entitlement: the same bundle is ``wrong_operation`` anywhere else.
@@ -35,9 +36,11 @@ __all__ = [
     "QuorumGrant",
     "approved_operations",
     "check_station_params",
+    "consume_grant",
     "ensure_tables",
     "grant_used",
     "record_grant",
+    "unused_reissue_grant",
 ]
 
 EXCEED_DAILY_LIMIT: Final = "exceed_daily_limit"
@@ -53,7 +56,8 @@ _SCHEMA: Final = (
         extra INTEGER,
         device_id TEXT,
         approvers TEXT NOT NULL,
-        accepted_at INTEGER NOT NULL
+        accepted_at INTEGER NOT NULL,
+        used_counter INTEGER
     ) STRICT""",
     "CREATE INDEX IF NOT EXISTS quorum_grant_day ON quorum_grant(entitlement_seq, day)",
 )
@@ -72,6 +76,9 @@ class QuorumGrant:
 def ensure_tables(db: sqlite3.Connection) -> None:
     for statement in _SCHEMA:
         db.execute(statement)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(quorum_grant)")}
+    if "used_counter" not in columns:  # a table made before re-issues were supported
+        db.execute("ALTER TABLE quorum_grant ADD COLUMN used_counter INTEGER")
 
 
 def check_station_params(
@@ -156,21 +163,46 @@ def record_grant(
     return grant
 
 
+def unused_reissue_grant(
+    db: sqlite3.Connection, entitlement_seq: int, device_id: str
+) -> bytes | None:
+    """The oldest ``reissue_device_certificate`` grant for this device under this
+    entitlement that no issuance has consumed yet (its request id), if any."""
+    row = db.execute(
+        "SELECT request_id FROM quorum_grant WHERE operation = ? AND entitlement_seq = ? "
+        "AND device_id = ? AND used_counter IS NULL ORDER BY accepted_at, rowid LIMIT 1",
+        (REISSUE, entitlement_seq, device_id),
+    ).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def consume_grant(db: sqlite3.Connection, request_id: bytes, counter: int) -> None:
+    """Mark a re-issue grant used by the issuance with this counter value (inside the
+    transaction that completes it): one grant, one certificate."""
+    cur = db.execute(
+        "UPDATE quorum_grant SET used_counter = ? WHERE request_id = ? AND used_counter IS NULL",
+        (counter, request_id),
+    )
+    if cur.rowcount != 1:
+        raise QuorumError(f"grant {request_id.hex()} is already used", reason="replayed")
+
+
 def approved_operations(
     db: sqlite3.Connection,
     policy: EntitlementPolicy,
     entitlement_seq: int,
     day: str,
     issued_today: int,
+    device_id: str = "",
 ) -> frozenset[str]:
     """Which gated operations the durable grants allow for this one issuance:
     ``exceed_daily_limit`` while today's issuances stay below the daily limit plus the sum
-    of today's grants (so a grant of ``extra`` allows exactly ``extra`` more, that day).
-
-    ``reissue_device_certificate`` grants are never produced yet (the station database
-    keeps one certificate per device id; see ``docs/quorum.md``), so it is never returned.
+    of today's grants (so a grant of ``extra`` allows exactly ``extra`` more, that day);
+    ``reissue_device_certificate`` while an unused grant names ``device_id``.
     """
     ops: set[str] = set()
+    if device_id and unused_reissue_grant(db, entitlement_seq, device_id) is not None:
+        ops.add(REISSUE)
     row = db.execute(
         "SELECT coalesce(sum(extra), 0) FROM quorum_grant "
         "WHERE operation = ? AND entitlement_seq = ? AND day = ?",

@@ -737,7 +737,7 @@ class FactoryStation:
                 latest_time=latest,
                 device_already_issued=self.store.device_issued(device_id),
                 approved_operations=quorum_grants.approved_operations(
-                    self.store.db, active.policy, active.row.sequence, day, issued_today
+                    self.store.db, active.policy, active.row.sequence, day, issued_today, device_id
                 ),
             ),
             day,
@@ -755,12 +755,6 @@ class FactoryStation:
             try:
                 bundle = parse_evidence(evidence)
                 operation = bundle.request.operation
-                if operation == quorum_grants.REISSUE:
-                    raise QuorumError(
-                        "re-issuing a device certificate is not supported by this station yet "
-                        "(its database keeps one certificate per device)",
-                        reason="unsupported",
-                    )
                 params = quorum_grants.check_station_params(
                     policy, operation, bundle.request.params, day
                 )
@@ -866,6 +860,7 @@ class FactoryStation:
                 raise PolicyError(
                     "the station CA certificate is not valid now", reason="station_ca_expired"
                 )
+            reissue = self._reissue(active, state.device_already_issued, device_id, public_key)
         except PolicyError as exc:
             self._audit_refusal(device_id.value, exc.reason)
             raise IssuanceRefused(exc.args[0], reason=exc.reason) from exc
@@ -890,27 +885,62 @@ class FactoryStation:
         der = cert.public_bytes(serialization.Encoding.DER)
         serial_hex = f"{cert.serial_number:x}"
         kid = key_id(public_key)
-        rec = self._audit.append(
-            "issued",
-            {
-                "device_id": device_id.value,
-                "serial": serial_hex,
-                "key_id": kid,
-                "product": product or policy.product,
-                "entitlement_seq": active.row.sequence,
-                "counter": counter,
-            },
-            now,
-        )
+        fields: dict[str, FieldValue] = {
+            "device_id": device_id.value,
+            "serial": serial_hex,
+            "key_id": kid,
+            "product": product or policy.product,
+            "entitlement_seq": active.row.sequence,
+            "counter": counter,
+        }
+        if reissue is not None:
+            fields["reissue_of"] = reissue[0]
+        rec = self._audit.append("issued", fields, now)
         try:
             self.store.complete(
-                counter, serial_hex, kid, der, [(self._audit.head.next_seq - 1, rec)]
+                counter,
+                serial_hex,
+                kid,
+                der,
+                [(self._audit.head.next_seq - 1, rec)],
+                supersedes=None if reissue is None else reissue[0],
+                also=None
+                if reissue is None
+                else lambda db: quorum_grants.consume_grant(db, reissue[1], counter),
             )
         except BaseException as exc:
             self._reload_audit()
             self._broken = f"could not record issuance {counter}: {exc}"
             raise
         return IssuedCertificate(device_id, cert, der, counter, serial_hex, kid, active.station_ca)
+
+    def _reissue(
+        self,
+        active: _Active,
+        already_issued: bool,
+        device_id: DeviceId,
+        public_key: ec.EllipticCurvePublicKey,
+    ) -> tuple[str, bytes] | None:
+        """For a device that already has a certificate (the checks let it through only
+        under a ``reissue_device_certificate`` grant): the serial it supersedes and the
+        grant it consumes. Re-checked here so that a check chain without the duplicate
+        check still cannot issue a second current certificate (fail closed), and the key
+        must be new: re-issuing for the same key would only mint a second copy."""
+        if not already_issued:
+            return None
+        old = self.store.issued_serial(device_id.value)
+        grant = quorum_grants.unused_reissue_grant(
+            self.store.db, active.row.sequence, device_id.value
+        )
+        if old is None or grant is None:
+            raise PolicyError(
+                f"device {device_id.value} already has a certificate", reason="duplicate_device"
+            )
+        if self.store.key_used(key_id(public_key)):
+            raise PolicyError(
+                "a re-issued certificate needs a new device key", reason="duplicate_key"
+            )
+        return old, grant
 
     def _increment(self, counter: int, before: int) -> None:
         try:

@@ -28,13 +28,45 @@ more than the quota.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from factory_station.errors import StationStateError
+
+#: ``superseded``: a certificate replaced by a quorum-approved re-issue for the same device
+#: id. The partial unique index keeps at most one ``issued`` row per device, so a re-issue
+#: must retire the old row in the same transaction that completes the new one.
+_ISSUANCE_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
+    counter INTEGER PRIMARY KEY,
+    entitlement_seq INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    time INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'issued', 'burned', 'superseded')),
+    serial TEXT,
+    key_id BLOB,
+    certificate BLOB
+) STRICT;"""
+_ISSUANCE_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS issued_device ON issuance(device_id) WHERE status = 'issued';
+CREATE INDEX IF NOT EXISTS issuance_day ON issuance(entitlement_seq, day);
+"""
+#: Rebuild of a pre-re-issue ``issuance`` table (see ``StationStore._migrate_superseded``).
+_MIGRATE_SUPERSEDED = "".join(
+    (
+        "BEGIN IMMEDIATE;",
+        _ISSUANCE_TABLE.format(name="issuance_v2"),
+        "INSERT INTO issuance_v2 SELECT counter, entitlement_seq, device_id, day, time, "
+        "status, serial, key_id, certificate FROM issuance;",
+        "DROP TABLE issuance;",
+        "ALTER TABLE issuance_v2 RENAME TO issuance;",
+        _ISSUANCE_INDEXES,
+        "COMMIT;",
+    )
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value ANY) STRICT;
@@ -46,19 +78,7 @@ CREATE TABLE IF NOT EXISTS entitlement (
     imported_at INTEGER NOT NULL,
     counter_base INTEGER NOT NULL
 ) STRICT;
-CREATE TABLE IF NOT EXISTS issuance (
-    counter INTEGER PRIMARY KEY,
-    entitlement_seq INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    day TEXT NOT NULL,
-    time INTEGER NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'issued', 'burned')),
-    serial TEXT,
-    key_id BLOB,
-    certificate BLOB
-) STRICT;
-CREATE UNIQUE INDEX IF NOT EXISTS issued_device ON issuance(device_id) WHERE status = 'issued';
-CREATE INDEX IF NOT EXISTS issuance_day ON issuance(entitlement_seq, day);
+{issuance}
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     record BLOB NOT NULL
@@ -68,7 +88,7 @@ CREATE TABLE IF NOT EXISTS audit_export (
     last_seq INTEGER NOT NULL,
     created INTEGER NOT NULL
 ) STRICT;
-"""
+""".replace("{issuance}", _ISSUANCE_TABLE.format(name="issuance") + _ISSUANCE_INDEXES)
 
 
 class MonotonicCounter(Protocol):
@@ -107,11 +127,23 @@ class StationStore:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
+            self._migrate_superseded()
         except sqlite3.DatabaseError as exc:
             raise StationStateError(f"cannot open station database {path}: {exc}") from exc
 
     def close(self) -> None:
         self.db.close()
+
+    def _migrate_superseded(self) -> None:
+        """Databases made before re-issues have a status CHECK without ``superseded``;
+        SQLite cannot alter a CHECK, so the table is rebuilt (rows copied as they are) in
+        one transaction: a crash leaves the old table intact."""
+        row = self.db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'issuance'"
+        ).fetchone()
+        if row is None or "superseded" in row[0]:
+            return
+        self.db.executescript(_MIGRATE_SUPERSEDED)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -225,15 +257,24 @@ class StationStore:
     def counts(self, entitlement_seq: int, day: str) -> int:
         row = self.db.execute(
             "SELECT count(*) FROM issuance WHERE entitlement_seq = ? AND day = ? "
-            "AND status IN ('issued', 'burned', 'pending')",
+            "AND status IN ('issued', 'burned', 'pending', 'superseded')",
             (entitlement_seq, day),
         ).fetchone()
         return int(row[0])
 
     def device_issued(self, device_id: str) -> bool:
+        return self.issued_serial(device_id) is not None
+
+    def issued_serial(self, device_id: str) -> str | None:
+        """The serial (hex) of the device's current certificate, if it has one."""
         row = self.db.execute(
-            "SELECT 1 FROM issuance WHERE device_id = ? AND status = 'issued'", (device_id,)
+            "SELECT serial FROM issuance WHERE device_id = ? AND status = 'issued'", (device_id,)
         ).fetchone()
+        return None if row is None else str(row[0])
+
+    def key_used(self, key_id: bytes) -> bool:
+        """Whether any certificate of this station (current or superseded) has this key."""
+        row = self.db.execute("SELECT 1 FROM issuance WHERE key_id = ?", (key_id,)).fetchone()
         return row is not None
 
     def record_intent(
@@ -283,7 +324,8 @@ class StationStore:
         out: list[bytes] = []
         for serial in serials:
             row = self.db.execute(
-                "SELECT certificate FROM issuance WHERE serial = ? AND status = 'issued'",
+                "SELECT certificate FROM issuance WHERE serial = ? "
+                "AND status IN ('issued', 'superseded')",
                 (serial,),
             ).fetchone()
             if row is None or row[0] is None:
@@ -320,8 +362,24 @@ class StationStore:
         key_id: bytes,
         certificate: bytes,
         audit_records: list[tuple[int, bytes]],
+        *,
+        supersedes: str | None = None,
+        also: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
+        """Mark the intent ``issued`` with its audit record. A re-issue names the serial it
+        ``supersedes`` (retired in the same transaction, so the device never has two current
+        certificates nor none); ``also`` runs inside it too (consuming the quorum grant)."""
         with self.transaction() as db:
+            if supersedes is not None:
+                cur = db.execute(
+                    "UPDATE issuance SET status = 'superseded' "
+                    "WHERE serial = ? AND status = 'issued'",
+                    (supersedes,),
+                )
+                if cur.rowcount != 1:
+                    raise StationStateError(f"no current certificate {supersedes} to supersede")
+            if also is not None:
+                also(db)
             cur = db.execute(
                 "UPDATE issuance SET status = 'issued', serial = ?, key_id = ?, certificate = ? "
                 "WHERE counter = ? AND status = 'pending'",

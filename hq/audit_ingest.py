@@ -74,7 +74,7 @@ from trustcore.errors import (
 from trustcore.keys import KeyAgreement, key_id
 from trustcore.messages import CT_AUDIT_EXPORT, AuditExportPayload
 from trustcore.profiles import HqRole, device_id_from_certificate, station_id_from_certificate
-from trustcore.quorum import QuorumError, parse_evidence, verify_quorum_rule
+from trustcore.quorum import ParamValue, QuorumError, parse_evidence, verify_quorum_rule
 from trustcore.reconcile import Reconciler, Violation
 from trustcore.sealed import DEFAULT_MAX_SIZE, PackageHeader, open_package, peek
 
@@ -412,6 +412,8 @@ class Reconciliation:
     max_time: int = 0
     #: (request id, entitlement seq, day, extra) of quorum grants verified in this export.
     allowances: list[tuple[bytes, int, str, int]] = field(default_factory=list)
+    #: (request id, entitlement seq, device id) of re-issue grants verified in this export.
+    reissue_grants: list[tuple[bytes, int, str]] = field(default_factory=list)
 
 
 def _malformed(seq: int, what: str) -> Violation:
@@ -561,41 +563,65 @@ def _quorum_grant(
     when: int,
     f: Mapping[str, object],
 ) -> None:
-    """A station's record that a quorum let it exceed the daily limit: HQ re-verifies the
-    carried evidence against the entitlement's rule before it counts (a station cannot
-    grant itself more by writing such a record). Other operations are only counted."""
-    if f.get("operation") != "exceed_daily_limit":
+    """A station's record that a quorum let it exceed the daily limit or re-issue a device's
+    certificate: HQ re-verifies the carried evidence against the entitlement's rule before
+    it counts (a station cannot grant itself more by writing such a record). A re-issue
+    grant excuses exactly one later duplicate of that device id. Other operations are only
+    counted."""
+    operation = f.get("operation")
+    if operation not in ("exceed_daily_limit", "reissue_device_certificate"):
         return
     policy = tally.row.policy
-    evidence, day, extra = f.get("evidence"), f.get("day"), f.get("extra")
+    evidence = f.get("evidence")
+    device_id = f.get("device_id")
+    day, extra = f.get("day"), f.get("extra")
+    params: dict[str, ParamValue] = {
+        "station_id": station_id,
+        "entitlement_id": policy.entitlement_id,
+    }
     try:
-        if type(evidence) is not bytes or type(day) is not str or type(extra) is not int:
+        if type(evidence) is not bytes:
             raise QuorumError("quorum_approved record lacks its evidence", reason="malformed")
-        params = {
-            "station_id": station_id,
-            "entitlement_id": policy.entitlement_id,
-            "day": day,
-            "extra": extra,
-        }
-        used = {a[0] for a in out.allowances}
+        if operation == "exceed_daily_limit":
+            if type(day) is not str or type(extra) is not int:
+                raise QuorumError("quorum_approved record lacks day/extra", reason="malformed")
+            params |= {"day": day, "extra": extra}
+        else:
+            if type(device_id) is not str:
+                raise QuorumError("quorum_approved record lacks device_id", reason="malformed")
+            params["device_id"] = device_id
+        used = {a[0] for a in out.allowances} | {r[0] for r in out.reissue_grants}
         bundle = parse_evidence([evidence])
         decision = verify_quorum_rule(
             bundle,
-            policy.quorum_rule("exceed_daily_limit"),
+            policy.quorum_rule(operation),
             params=params,
             # Judged at the time the station recorded the grant: approvals expire.
             now=when,
             used_request_ids=used,
         )
-        if store.allowance_used(decision.request_id):
+        if store.allowance_used(decision.request_id) or store.reissue_grant_known(
+            decision.request_id
+        ):
             raise QuorumError("these approvals were already used", reason="replayed")
     except (QuorumError, EncodingError) as exc:
         out.violations.append(
-            Violation("invalid_quorum", seq, "", f"exceed_daily_limit approval refused: {exc}")
+            Violation(
+                "invalid_quorum",
+                seq,
+                device_id if type(device_id) is str else "",
+                f"{operation} approval refused: {exc}",
+            )
         )
         return
-    tally.reconciler.allow_extra(day, extra)
-    out.allowances.append((decision.request_id, tally.row.sequence, day, extra))
+    if operation == "exceed_daily_limit":
+        assert type(day) is str and type(extra) is int  # checked above
+        tally.reconciler.allow_extra(day, extra)
+        out.allowances.append((decision.request_id, tally.row.sequence, day, extra))
+    else:
+        assert type(device_id) is str  # checked above
+        tally.reconciler.allow_reissue(device_id, decision.request_id)
+        out.reissue_grants.append((decision.request_id, tally.row.sequence, device_id))
 
 
 def _counter_or_import_violation(
@@ -638,6 +664,7 @@ def _load_tally(store: HqStore, station_id: str, eseq: int) -> _Tally | None:
         burned=state.burned,
         per_day=store.recon_days(station_id, eseq),
         day_allowance=store.recon_allowances(station_id, eseq),
+        reissue_grants=store.reissue_grants(station_id, eseq),
         device_ids=ids,
         key_ids=keys,
     )
@@ -780,7 +807,7 @@ def _cross_check_duplicates(store: HqStore, station_id: str, recon: Reconciliati
         first_key: dict[bytes, int] = {}
         for item in recon.issued:
             eseq = first_id.setdefault(item.device_id, item.entitlement_seq)
-            if eseq != item.entitlement_seq:
+            if eseq != item.entitlement_seq and not _approved_reissue(recon, item):
                 recon.violations.append(
                     Violation(
                         "duplicate_device",
@@ -806,7 +833,9 @@ def _cross_check_duplicates(store: HqStore, station_id: str, recon: Reconciliati
         return
     for item in recon.issued:
         where = by_id.get(item.device_id)
-        if where is not None:
+        if where is not None and not (
+            where.startswith(f"{station_id} ") and _approved_reissue(recon, item)
+        ):
             recon.violations.append(
                 Violation("duplicate_device", item.seq, item.device_id, f"also issued by {where}")
             )
@@ -815,6 +844,14 @@ def _cross_check_duplicates(store: HqStore, station_id: str, recon: Reconciliati
             recon.violations.append(
                 Violation("duplicate_key", item.seq, item.device_id, f"key also used by {where}")
             )
+
+
+def _approved_reissue(recon: Reconciliation, item: IssuedEntry) -> bool:
+    """A device id this station certified under an earlier entitlement, re-issued under a
+    verified ``reissue_device_certificate`` grant of the entitlement it is issued under:
+    consume that grant instead of reporting a duplicate."""
+    tally = recon.tallies.get(item.entitlement_seq)
+    return tally is not None and tally.reconciler.take_reissue(item.seq, item.device_id)
 
 
 def _persist(
@@ -840,6 +877,8 @@ def _persist(
             store.put_station_crl(verified.crl)
         for request_id, eseq, day, extra in recon.allowances:
             store.put_allowance(request_id, sid, eseq, day, extra)
+        for request_id, eseq, device_id in recon.reissue_grants:
+            store.put_reissue_grant(request_id, sid, eseq, device_id)
         for eseq, tally in recon.tallies.items():
             r = tally.reconciler
             state = ReconState(
@@ -849,6 +888,8 @@ def _persist(
                 imported_at_seq=tally.state.imported_at_seq,
             )
             store.put_recon(sid, eseq, state, r.per_day)
+            for request_id, audit_seq in r.reissues_used:
+                store.use_reissue_grant(request_id, audit_seq)
         store.put_devices(
             DeviceRow(
                 i.device_id,

@@ -120,6 +120,17 @@ CREATE TABLE ingests (
 """
 
 
+#: Verified ``reissue_device_certificate`` grants from station audit logs; ``used_seq`` is
+#: the audit seq of the re-issue that consumed the grant (NULL while unused).
+_RECON_REISSUES = """CREATE TABLE IF NOT EXISTS recon_reissues (
+    request_id BLOB PRIMARY KEY,
+    station_id TEXT NOT NULL,
+    entitlement_seq INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    used_seq INTEGER
+)"""
+
+
 #: Schema 2 (site commissioning). Applied on top of schema 1 by :meth:`HqStore.open`, so an
 #: HQ database created before sites existed is upgraded in place (tables only, no data moves).
 _SCHEMA_V2 = """
@@ -293,6 +304,10 @@ class HqStore:
             raise HomeError(f"cannot open database {path}: {exc}") from exc
         return conn
 
+    def _ensure_reissue_table(self) -> None:
+        # Added without a schema version bump: one new table, created if missing.
+        self._conn.execute(_RECON_REISSUES)
+
     @classmethod
     def create(cls, path: Path) -> HqStore:
         if path.exists():
@@ -303,6 +318,7 @@ class HqStore:
             f"BEGIN IMMEDIATE;{_SCHEMA}{_SCHEMA_V2}"  # noqa: S608 (constants only)
             f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');COMMIT;"
         )
+        store._ensure_reissue_table()
         return store
 
     @classmethod
@@ -320,6 +336,7 @@ class HqStore:
             row = ("2",)
         if row is None or row[0] != str(SCHEMA_VERSION):
             raise HomeError(f"database {path} has an unknown schema version")
+        store._ensure_reissue_table()
         return store
 
     def close(self) -> None:
@@ -506,6 +523,37 @@ class HqStore:
         self._conn.execute(
             "INSERT INTO recon_allowances VALUES (?, ?, ?, ?, ?)",
             (request_id, station_id, sequence, day, extra),
+        )
+
+    def reissue_grants(self, station_id: str, sequence: int) -> dict[str, list[bytes]]:
+        """Unused verified re-issue grants of one entitlement: device id -> request ids."""
+        out: dict[str, list[bytes]] = {}
+        for device_id, request_id in self._conn.execute(
+            "SELECT device_id, request_id FROM recon_reissues WHERE station_id = ? "
+            "AND entitlement_seq = ? AND used_seq IS NULL ORDER BY rowid",
+            (station_id, sequence),
+        ):
+            out.setdefault(device_id, []).append(bytes(request_id))
+        return out
+
+    def reissue_grant_known(self, request_id: bytes) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM recon_reissues WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return row is not None
+
+    def put_reissue_grant(
+        self, request_id: bytes, station_id: str, sequence: int, device_id: str
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO recon_reissues VALUES (?, ?, ?, ?, NULL)",
+            (request_id, station_id, sequence, device_id),
+        )
+
+    def use_reissue_grant(self, request_id: bytes, audit_seq: int) -> None:
+        self._conn.execute(
+            "UPDATE recon_reissues SET used_seq = ? WHERE request_id = ? AND used_seq IS NULL",
+            (audit_seq, request_id),
         )
 
     def put_recon(

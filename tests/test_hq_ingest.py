@@ -585,3 +585,98 @@ def test_quorum_grant_lifts_the_daily_limit_only_when_its_evidence_verifies(
     assert code_b == 1, report_b
     kinds = sorted(v["kind"] for v in report_b["violations"])
     assert kinds == ["invalid_quorum", "over_daily_limit", "over_daily_limit"], kinds
+
+
+def test_quorum_grant_excuses_one_reissue_only_when_its_evidence_verifies(
+    tmp_path: Path,
+) -> None:
+    """A verified ``reissue_device_certificate`` grant lets exactly one more certificate for
+    its device id through reconciliation (also when the re-issue comes in a later export);
+    a third certificate, a reused key, or a grant whose evidence does not verify are named."""
+    approvers = [SoftwareKey.ephemeral() for _ in range(3)]
+    files = []
+    for i, key in enumerate(approvers):
+        f = tmp_path / f"approver-{i}.pem"
+        f.write_bytes(
+            key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        )
+        files.append(str(f))
+    home = tmp_path / "hq"
+    assert run_hq("init", "--home", str(home), "--org", "Acme").exit_code == 0
+    t0 = int(midnight_utc(1).timestamp()) + 3600
+    stations = {}
+    for sid in ("station-a", "station-b"):
+        st = SoftStation(sid)
+        (tmp_path / f"{sid}.enrol").write_bytes(st.enrolment())
+        assert (
+            run_hq("enrol-station", "--home", str(home), str(tmp_path / f"{sid}.enrol")).exit_code
+            == 0
+        )
+        out = tmp_path / f"{sid}.ent"
+        args = entitle_args(home, sid, out)
+        r = run_hq(*args, "--quorum", f"reissue_device_certificate:2:{','.join(files)}")
+        assert r.exit_code == 0, r.output
+        st.import_entitlement(out.read_bytes())
+        stations[sid] = st
+
+    def grant(slog: StationLog, device_id: str, signers: int, when: int) -> None:
+        policy = slog.policy
+        request = ApprovalRequest(
+            request_id=os.urandom(16),
+            operation="reissue_device_certificate",
+            params={
+                "station_id": policy.station_id,
+                "entitlement_id": policy.entitlement_id,
+                "device_id": device_id,
+            },
+            approvers=policy.quorum[0].approvers,
+            m=2,
+            created=when - 60,
+            expires=when + 3600,
+            requested_by="ops",
+        )
+        signed = [sign_approval(request, k, now=when - 30) for k in approvers[:signers]]
+        slog.record(
+            "quorum_approved",
+            {
+                "operation": "reissue_device_certificate",
+                "request_id": request.request_id,
+                "approvers": "",
+                "entitlement_seq": policy.sequence,
+                "device_id": device_id,
+                "evidence": encode_bundle(request, signed),
+            },
+            when,
+        )
+
+    # Station A: grants for dev-0001 and dev-0002 in export 1, used in exports 1 and 2.
+    slog = stations["station-a"].new_log()
+    slog.imported(t0)
+    slog.issue("dev-0001", t0 + 1)
+    reused = SoftwareKey.ephemeral()
+    slog.issue("dev-0002", t0 + 2, key=reused)
+    grant(slog, "dev-0001", 2, t0 + 3)
+    grant(slog, "dev-0002", 2, t0 + 4)
+    slog.issue("dev-0001", t0 + 5)  # the approved re-issue, new key
+    code, report = ingest_json(home, slog.export(t0 + 10), tmp_path)
+    assert code == 0 and report["status"] == "clean", report
+    slog.issue("dev-0003", t0 + 20)  # an ordinary device does not use a grant
+    code, report = ingest_json(home, slog.export(t0 + 30), tmp_path)
+    assert code == 0 and report["status"] == "clean", report
+    slog.issue("dev-0002", t0 + 40, key=reused)  # grant from export 1, but the key is old
+    slog.issue("dev-0001", t0 + 41)  # a third certificate: its grant is used up
+    code, report = ingest_json(home, slog.export(t0 + 50), tmp_path)
+    assert code == 1, report
+    found = sorted((v["kind"], v["device_id"]) for v in report["violations"])
+    assert found == [("duplicate_device", "dev-0001"), ("duplicate_key", "dev-0002")], found
+
+    # Station B: evidence with one approval of the two needed excuses nothing.
+    slog = stations["station-b"].new_log()
+    slog.imported(t0)
+    slog.issue("dev-0011", t0 + 1)
+    grant(slog, "dev-0011", 1, t0 + 2)
+    slog.issue("dev-0011", t0 + 3)
+    code, report = ingest_json(home, slog.export(t0 + 10), tmp_path)
+    assert code == 1, report
+    found = sorted((v["kind"], v["device_id"]) for v in report["violations"])
+    assert found == [("duplicate_device", "dev-0011"), ("invalid_quorum", "dev-0011")], found

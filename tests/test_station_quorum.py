@@ -5,6 +5,7 @@ refused, and the grant is audited with its evidence (re-verifiable offline)."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from factory_station.cli import main as station_main
 from factory_station.errors import IssuanceRefused
 from factory_station.provision import provision_device
 from factory_station.station import FactoryStation
+from factory_station.store import StationStore
 from signers.software import SoftwareKey
 from tests.fixtures.pki import Pki
 from tests.test_station_support import (
@@ -31,6 +33,7 @@ from tests.test_station_support import (
 )
 from trustcore.audit import decode_record
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule
+from trustcore.identity import DeviceId
 from trustcore.keys import key_id
 from trustcore.messages import CT_ENTITLEMENT, EntitlementPayload
 from trustcore.profiles import HqRole
@@ -229,3 +232,125 @@ def test_provision_cli_refuses_one_of_three(
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "insufficient" in result.output
+
+
+# ------------------------------------------------------------- re-issuing a certificate
+
+
+def _reissue_request(station: FactoryStation, rule: QuorumRule, device_id: str) -> ApprovalRequest:
+    policy = station.policy
+    assert policy is not None
+    now = station.now()
+    return ApprovalRequest(
+        request_id=os.urandom(16),
+        operation="reissue_device_certificate",
+        params={
+            "station_id": policy.station_id,
+            "entitlement_id": policy.entitlement_id,
+            "device_id": device_id,
+        },
+        approvers=rule.approvers,
+        m=rule.m,
+        created=now - 5,
+        expires=now + 3600,
+        requested_by="line-manager",
+    )
+
+
+def test_reissuing_a_certificate_with_two_of_three_approvals_works_once(
+    station_env: StationEnv, approvers: list[SoftwareKey]
+) -> None:
+    env = station_env
+    rule = QuorumRule(
+        "reissue_device_certificate", 2, tuple(key_id(k.public_key()) for k in approvers[:3])
+    )
+    dev = DeviceId("dev-000001")
+    with env.open() as station:
+        station.import_entitlement(_entitlement(env, rule, quota=10, daily=10))
+        first = station.issue(dev, SoftwareKey.ephemeral().public_key())
+        with pytest.raises(IssuanceRefused) as info:
+            station.issue(dev, SoftwareKey.ephemeral().public_key())
+        assert info.value.reason == "duplicate_device"
+
+        now = station.now()
+        request = _reissue_request(station, rule, dev.value)
+        one = encode_bundle(request, [sign_approval(request, approvers[0], now=now)])
+        with pytest.raises(IssuanceRefused) as info:
+            station.accept_approvals([one])
+        assert info.value.reason == "insufficient"
+        with pytest.raises(IssuanceRefused) as info:
+            station.issue(dev, SoftwareKey.ephemeral().public_key())
+        assert info.value.reason == "duplicate_device"
+
+        two = encode_bundle(request, [sign_approval(request, k, now=now) for k in approvers[:2]])
+        grant = station.accept_approvals([two])
+        assert (grant.operation, grant.device_id) == ("reissue_device_certificate", dev.value)
+        # The key must be new: re-issuing for the old key is refused and keeps the grant.
+        with pytest.raises(IssuanceRefused) as info:
+            station.issue(dev, first.certificate.public_key())  # type: ignore[arg-type]
+        assert info.value.reason == "duplicate_key"
+        second = station.issue(dev, SoftwareKey.ephemeral().public_key())
+        assert second.serial_hex != first.serial_hex
+        assert second.counter == first.counter + 1  # the re-issue uses a quota slot
+        rows = station.store.db.execute(
+            "SELECT serial, status FROM issuance WHERE device_id = ? ORDER BY counter",
+            (dev.value,),
+        ).fetchall()
+        assert rows == [(first.serial_hex, "superseded"), (second.serial_hex, "issued")]
+
+        # The grant was for one certificate: a third needs new approvals.
+        with pytest.raises(IssuanceRefused) as info:
+            station.issue(dev, SoftwareKey.ephemeral().public_key())
+        assert info.value.reason == "duplicate_device"
+        with pytest.raises(IssuanceRefused) as info:
+            station.accept_approvals([two])
+        assert info.value.reason == "replayed"
+        # A grant names one device: another device id is untouched by it.
+        other = station.issue(DeviceId("dev-000002"), SoftwareKey.ephemeral().public_key())
+        with pytest.raises(IssuanceRefused) as info:
+            station.issue(other.device_id, SoftwareKey.ephemeral().public_key())
+        assert info.value.reason == "duplicate_device"
+
+        records = [decode_record(raw) for _, raw in station.store.audit_records(0)]
+        issued = [r.fields for r in records if r.event == "issued"]
+        assert [f.get("reissue_of") for f in issued] == [None, first.serial_hex, None]
+        # The export's manifest still carries the superseded certificate its log names.
+        package, _ = station.export_audit()
+        assert package
+
+    with env.open() as station:  # the consumption is durable
+        with pytest.raises(IssuanceRefused) as info:
+            station.issue(dev, SoftwareKey.ephemeral().public_key())
+        assert info.value.reason == "duplicate_device"
+
+
+def test_a_station_database_from_before_reissues_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """CREATE TABLE issuance (
+            counter INTEGER PRIMARY KEY, entitlement_seq INTEGER NOT NULL,
+            device_id TEXT NOT NULL, day TEXT NOT NULL, time INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'issued', 'burned')),
+            serial TEXT, key_id BLOB, certificate BLOB) STRICT;
+        CREATE UNIQUE INDEX issued_device ON issuance(device_id) WHERE status = 'issued';
+        INSERT INTO issuance VALUES (7, 1, 'dev-000001', '2024-01-01', 1, 'issued', 'ab',
+            NULL, NULL);"""
+    )
+    old.close()
+    store = StationStore(path)
+    try:
+        with store.transaction() as db:
+            db.execute("UPDATE issuance SET status = 'superseded' WHERE counter = 7")
+            db.execute(
+                "INSERT INTO issuance VALUES (8, 1, 'dev-000001', '2024-01-01', 2, 'issued', "
+                "'cd', NULL, NULL)"
+            )
+        assert store.issued_serial("dev-000001") == "cd"
+        with pytest.raises(sqlite3.IntegrityError):  # still one current certificate a device
+            store.db.execute(
+                "INSERT INTO issuance VALUES (9, 1, 'dev-000001', '2024-01-01', 3, 'issued', "
+                "'ef', NULL, NULL)"
+            )
+    finally:
+        store.close()

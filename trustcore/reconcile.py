@@ -97,6 +97,11 @@ class Reconciler:
     violations: list[Violation] = field(default_factory=list)
     #: Extra issuances a verified quorum allowed on a day (``exceed_daily_limit``).
     day_allowance: dict[str, int] = field(default_factory=dict)
+    #: Unused verified ``reissue_device_certificate`` grants: device id -> request ids,
+    #: oldest first. Each lets exactly one more certificate for that device id through.
+    reissue_grants: dict[str, list[bytes]] = field(default_factory=dict)
+    #: Grants consumed here: (request id, audit seq of the re-issue it allowed).
+    reissues_used: list[tuple[bytes, int]] = field(default_factory=list)
     _day_start: int = 1
     _day_end: int = 0
     _day: str = ""
@@ -130,6 +135,23 @@ class Reconciler:
         caller verified the approvals); the total quota is never lifted."""
         self.day_allowance[day] = self.day_allowance.get(day, 0) + extra
 
+    def allow_reissue(self, device_id: str, request_id: bytes) -> None:
+        """A quorum approved one more certificate for ``device_id`` (the caller verified
+        the approvals and that the request id is new). It only excuses the duplicate device
+        id: quota, daily limit and a reused key are still violations."""
+        self.reissue_grants.setdefault(device_id, []).append(request_id)
+
+    def take_reissue(self, seq: int, device_id: str) -> bool:
+        """Consume the oldest unused re-issue grant for ``device_id`` for the issuance at
+        ``seq``; False if there is none (then the duplicate is a violation)."""
+        grants = self.reissue_grants.get(device_id)
+        if not grants:
+            return False
+        self.reissues_used.append((grants.pop(0), seq))
+        if not grants:
+            del self.reissue_grants[device_id]
+        return True
+
     def _check_issued(
         self, seq: int, when: int, device_id: str, key_id: bytes, product: str, n: int
     ) -> None:
@@ -147,7 +169,8 @@ class Reconciler:
         if product != p.product:
             self._flag("wrong_product", seq, device_id, f"product {product!r}")
         if device_id in self.device_ids:
-            self._flag("duplicate_device", seq, device_id, "device id issued twice")
+            if not self.take_reissue(seq, device_id):
+                self._flag("duplicate_device", seq, device_id, "device id issued twice")
         else:
             self.device_ids.add(device_id)
         if key_id in self.key_ids:
