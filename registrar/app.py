@@ -38,6 +38,7 @@ import logging
 import os
 import secrets as _random
 import ssl
+import stat
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -237,6 +238,30 @@ def submit_command(
             return result if isinstance(result, dict) else None
         time.sleep(0.05)
     return None
+
+
+#: Largest spool file read (a revocation list or a command payload is far smaller).
+MAX_SPOOL_FILE = 16 * 1024 * 1024
+
+
+def _read_spool_file(path: Path) -> bytes:
+    """Read a spool file that this user wrote: never through a symlink (which could make
+    the registrar read, and send-command send, any file it can read), only a regular file
+    owned by the registrar's own user, and bounded. Raises ``OSError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise PermissionError(f"{path.name} is not a regular file of this user")
+        with os.fdopen(fd, "rb") as handle:
+            fd = -1
+            data = handle.read(MAX_SPOOL_FILE + 1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > MAX_SPOOL_FILE:
+        raise OSError(f"{path.name} is larger than {MAX_SPOOL_FILE} bytes")
+    return data
 
 
 # ------------------------------------------------------------------------ configuration
@@ -829,7 +854,7 @@ class RegistrarApp:
         result_path = request.with_name(f"{ident}.result.json")
         data_path: Path | None = None
         try:
-            doc = json.loads(request.read_text(encoding="utf-8"))
+            doc = json.loads(_read_spool_file(request).decode("utf-8"))
             command, args = doc["command"], doc["args"]
             if "data" in args:
                 data_path = request.with_name(Path(str(args["data"])).name)
@@ -837,8 +862,14 @@ class RegistrarApp:
             answer: dict[str, Any] = {"ok": True, "result": result}
         except (RegistrarError, InvalidValueError) as exc:
             answer = {"ok": False, "error": str(exc.args[0]), "reason": exc.reason}
-        except (ValueError, KeyError, TypeError, OSError) as exc:
+        except (ValueError, KeyError, TypeError, OSError, RecursionError) as exc:
             answer = {"ok": False, "error": f"bad request: {exc!r}", "reason": "bad_request"}
+        except Exception as exc:
+            # Whatever else goes wrong, the request is answered and removed: a request left
+            # in the spool would fail first on every tick and block every later command
+            # (revocations included), even across restarts.
+            log.exception("spool request %s failed", request.name)
+            answer = {"ok": False, "error": f"failed: {exc!r}", "reason": "internal_error"}
         _write_json(result_path, answer)
         request.unlink(missing_ok=True)
         if data_path is not None:
@@ -868,7 +899,7 @@ class RegistrarApp:
         if command == "import-revocations":
             if data is None:
                 raise ValueError("no list")
-            imported = await self.import_revocations(data.read_bytes())
+            imported = await self.import_revocations(_read_spool_file(data))
             return import_json(imported)
         if command == "rotate-payload-key":
             rotation = await self.rotate_payload_key()
@@ -876,7 +907,7 @@ class RegistrarApp:
         if command == "send-command":
             if data is None:
                 raise ValueError("no command payload")
-            topic = await self.send_command(DeviceId(args["device_id"]), data.read_bytes())
+            topic = await self.send_command(DeviceId(args["device_id"]), _read_spool_file(data))
             return {"topic": topic}
         raise ValueError(f"unknown command {command!r}")
 

@@ -150,6 +150,19 @@ class RegistrationService:
         except RegistrationError as exc:
             return self._refusal(topic_device_id, b"", hashlib.sha256(payload).digest(), exc)
         digest = request.digest
+        if request.device_id != topic_device_id:
+            # Before the idempotency shortcuts: a stored (or in-flight) answer is keyed by the
+            # request bytes only and must never be handed out on another device's topic.
+            return self._refusal(
+                topic_device_id,
+                request.nonce,
+                digest,
+                RegistrationError(
+                    f"request names {request.device_id}, topic {topic_device_id}",
+                    reason="device_mismatch",
+                ),
+                request=request,
+            )
         pending = self._inflight.get(digest)
         if pending is not None:
             self.stats["idempotent"] += 1

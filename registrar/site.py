@@ -565,30 +565,48 @@ def commission_site(
     moment = _now(now)
     if len(package) > MAX_SITE_BUNDLE_SIZE:
         raise CommissionError("the bundle is larger than any site bundle", reason="oversized")
+    # Lazy import: registrar.revocation imports this module.
+    from registrar.revocation import revocation_lock
+
     passphrase = secrets.passphrase()
     site_key = home.key("site-ca", secrets)
     transport = home.key("transport", secrets)
+
+    def verify(state: dict[str, Any] | None) -> VerifiedSiteBundle:
+        try:
+            return verify_site_bundle(
+                package,
+                root=home.root_certificate(),
+                transport=transport,
+                site_id=home.site_id,
+                site_ca_public=site_key.public_key(),
+                last_sequence=None if state is None else int(state["bundle_sequence"]),
+                last_revocation_sequence=(
+                    None if state is None else int(state["revocation_list_sequence"])
+                ),
+                now=moment,
+            )
+        except SiteBundleError as exc:
+            raise CommissionError(str(exc.args[0]), reason=exc.reason) from exc
+
     state = home.commission_state()
-    last_seq = None if state is None else int(state["bundle_sequence"])
-    last_rl = None if state is None else int(state["revocation_list_sequence"])
-    try:
-        verified = verify_site_bundle(
-            package,
-            root=home.root_certificate(),
-            transport=transport,
-            site_id=home.site_id,
-            site_ca_public=site_key.public_key(),
-            last_sequence=last_seq,
-            last_revocation_sequence=last_rl,
-            now=moment,
-        )
-    except SiteBundleError as exc:
-        raise CommissionError(str(exc.args[0]), reason=exc.reason) from exc
-    try:
-        state_dir = _write_state(home, verified, package, site_key, transport, passphrase, moment)
-        _switch_current(home, state_dir)
-    except (OSError, SignerError, TrustCoreError) as exc:
-        raise ConfigError(f"cannot write the site state: {exc}") from exc
+    verified = verify(state)  # a refused bundle changes nothing, not even the lock file
+    # Writing and switching happen under the lock every writer of the site CRL and the
+    # revocation list holds (a running registrar's revoke / import-revocations): the state
+    # carried forward (site CRL entries, list sequence) must still be the state when
+    # ``current`` switches, or a live revocation in between would be dropped (un-revoked
+    # on the CRL, or the list rolled back).
+    with revocation_lock(home):
+        fresh = home.commission_state()
+        if fresh != state:  # changed since the check: check again against it
+            verified = verify(fresh)
+        try:
+            state_dir = _write_state(
+                home, verified, package, site_key, transport, passphrase, moment
+            )
+            _switch_current(home, state_dir)
+        except (OSError, SignerError, TrustCoreError) as exc:
+            raise ConfigError(f"cannot write the site state: {exc}") from exc
     warnings: list[str] = []
     for station in verified.stations_without_crl:
         warnings.append(

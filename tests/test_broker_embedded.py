@@ -727,3 +727,36 @@ async def test_broker_key_must_be_encrypted_and_passphrase_right(
             await b.start()
         with pytest.raises(BrokerError):
             _ = b.operational_endpoint
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+async def test_oversized_publish_is_cut_before_it_is_buffered(
+    site: Site, broker: EmbeddedBroker
+) -> None:
+    """amqtt reads a PUBLISH payload with one ``readexactly`` of the announced length (up to
+    256 MiB): a device announcing 200 MiB must be cut at once, not buffered (Mosquitto's
+    ``max_packet_size`` is the same 1 MiB limit)."""
+    topic = b"devices/dev-a/x"
+    body_len = 200 * 1024 * 1024
+    data = (
+        connect_packet()
+        + b"\x30"
+        + _remaining_length(body_len)
+        + len(topic).to_bytes(2, "big")
+        + topic
+        + b"\x00" * 4096
+    )
+    try:
+        await raw_exchange(site, broker.operational_endpoint, site.ldevid["dev-a"], data, wait=3)
+    except TimeoutError:  # (an OSError subclass: checked first)
+        pytest.fail("the broker kept waiting for a 200 MiB PUBLISH")
+    except (OSError, ssl.SSLError):
+        pass  # a reset is as good as a close

@@ -76,6 +76,10 @@ CONNECT_TIMEOUT_S = 10.0
 #: How long ``disconnect`` waits for cut sessions to be torn down inside amqtt.
 CUT_WAIT_S = 3.0
 
+#: Largest single read amqtt may ask for (the PUBLISH payload is one ``readexactly`` of the
+#: announced remaining length, up to 256 MiB): the same 1 MiB as Mosquitto's max_packet_size.
+MAX_READ_BYTES = 1 << 20
+
 _LISTENERS = {"default": Listener.REGISTRATION, "operational": Listener.OPERATIONAL}
 _SUPPORTED_AMQTT = "0.12."
 
@@ -138,6 +142,24 @@ def identify(
     except TrustCoreError as exc:
         raise BrokerError(f"client certificate has no device identity: {exc}") from exc
     return device_principal(device_id, listener)
+
+
+class _BoundedReader(StreamReaderAdapter):  # type: ignore[misc]
+    """amqtt trusts the length a client announces and buffers that much before looking at
+    it; a read above :data:`MAX_READ_BYTES` cuts the connection instead (to amqtt it looks
+    like end of stream, which ends the session the normal way)."""
+
+    def __init__(self, reader: asyncio.StreamReader, transport: asyncio.WriteTransport) -> None:
+        super().__init__(reader)
+        self._transport = transport
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > MAX_READ_BYTES:
+            log.warning("cut a client announcing a %d-byte read", n)
+            self._transport.abort()
+            raise asyncio.IncompleteReadError(b"", None)
+        data: bytes = await super().read(n)
+        return data
 
 
 # ------------------------------------------------------------------------------ TLS
@@ -251,7 +273,9 @@ class _Amqtt(AmqttBroker):  # type: ignore[misc]  # amqtt ships no usable stubs
         self._by_ssl[ssl_object] = conn
         try:
             await self._client_connected(
-                listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer)
+                listener_name,
+                _BoundedReader(reader, writer.transport),
+                StreamWriterAdapter(writer),
             )
         except OSError as exc:  # the peer vanished while amqtt was talking to it
             log.info("connection of %s lost: %r", principal.identity, exc)
