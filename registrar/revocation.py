@@ -307,6 +307,15 @@ async def import_revocation_list(
         except RevocationListError as exc:
             raise RevocationError(str(exc), reason=exc.reason) from exc
         status = "unchanged" if revocations.sequence == held else "imported"
+        if status == "unchanged":
+            stored = home.current / "revocation-list.cbor"
+            if stored.exists() and stored.read_bytes() != revocations.encode():
+                # Two different lists under one sequence number: HQ must never sign that;
+                # refuse rather than guess which one is right.
+                raise RevocationError(
+                    f"revocation list {held} differs from the list {held} already held",
+                    reason="conflicting_list",
+                )
         if status == "imported":
             current = home.current
             write_private_file(current / "revocation-list.sealed", package, overwrite=True)

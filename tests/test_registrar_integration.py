@@ -535,6 +535,15 @@ async def test_every_refusal_and_the_registrar_keeps_serving(
     assert await reason(listed) == "revoked"
     again = json.loads(await run.acli("import-revocations", str(list_file), "--json"))
     assert again["status"] == "unchanged"
+    conflicting = run.home.parent / "revocations-2-other.sealed"
+    conflicting.write_bytes(
+        seal_revocation_list(
+            RevocationList(2, int(time.time()), ()),
+            signer=hq.role_key(HqRole.REVOCATION_SIGNER, secrets),
+            signer_cert=hq.role_certificate(HqRole.REVOCATION_SIGNER),
+        )
+    )
+    assert "conflicting_list" in await run.acli("import-revocations", str(conflicting), code=2)
     older = run.home.parent / "revocations-1.sealed"
     older.write_bytes((base.world.site.current / "revocation-list.sealed").read_bytes())
     rollback = await run.acli("import-revocations", str(older), code=2)
