@@ -115,3 +115,41 @@ def test_sealing_is_cheap() -> None:
         seal_payload(key, TOPIC, data)
     per_message = (time.perf_counter() - start) / 5000
     assert per_message < 50e-6, per_message
+
+
+def test_precomputed_header_matches_the_documented_layout() -> None:
+    """The per-key cached header and AAD prefix are exactly what the format says."""
+    key = vector_key()
+    envelope = seal_payload(key, TOPIC, b"x")
+    assert envelope[:9] == b"\x01" + key.key_id
+    # The vector again through the public opener with a bytearray and a memoryview: the
+    # opener copies neither differently nor trusts them less.
+    vector = doc_vector("payload-envelope")
+    assert open_payload(key, TOPIC, bytearray(vector)) == b"temp=21.5"
+    assert open_payload({key.key_id: key}, TOPIC, memoryview(vector)) == b"temp=21.5"
+
+
+def test_a_key_filed_under_another_id_is_refused() -> None:
+    """Fail closed: a key-id map whose entry holds a key with a different id (a keyring bug)
+    must not be used to open, even when its secret is the right one."""
+    key = vector_key()
+    misfiled = PayloadKey(bytes(8), key.key)
+    with pytest.raises(PayloadError) as info:
+        open_payload({key.key_id: misfiled}, TOPIC, doc_vector("payload-envelope"))
+    assert info.value.reason == "unknown_key"
+
+
+def test_non_utf8_topic_is_a_payload_error() -> None:
+    key = vector_key()
+    with pytest.raises(PayloadError):
+        seal_payload(key, "devices/\udc80/telemetry", b"x")
+    with pytest.raises(PayloadError):
+        open_payload(key, "devices/\udc80/telemetry", doc_vector("payload-envelope"))
+
+
+def test_wrong_version_and_short_envelopes_are_malformed() -> None:
+    vector = doc_vector("payload-envelope")
+    for bad in (b"\x02" + vector[1:], vector[: ENVELOPE_OVERHEAD - 1], b""):
+        with pytest.raises(PayloadError) as info:
+            open_payload(vector_key(), TOPIC, bad)
+        assert info.value.reason == "malformed"
