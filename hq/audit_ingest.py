@@ -55,13 +55,13 @@ from trustcore.audit import (
     AuditRecord,
     ChainHead,
     Checkpoint,
+    SpanEnd,
+    SpanItem,
     decode_export,
+    stream_span,
     verify_checkpoint,
     verify_export,
 )
-
-# The exact per-record decoder (type checks, entry hash) that ``verify_chain`` uses.
-from trustcore.audit import parse_record as _decode_record
 from trustcore.crl import load_crl, verify_crl
 from trustcore.errors import (
     AuditChainError,
@@ -335,23 +335,33 @@ class ChainStream:
         self._done = False
 
     def __iter__(self) -> Iterator[AuditRecord]:
+        """The verified records (the general interface; :func:`reconcile_records` uses
+        :meth:`items`). Only ``seq``, ``time``, ``event`` and ``fields`` are carried:
+        ``prev_hash`` and ``hash`` are empty (the chain was checked, the hashes dropped)."""
+        for seq, when, event, fields in self.items():
+            yield AuditRecord(seq, b"", when, event, fields, b"")
+
+    def items(self) -> Iterator[SpanItem]:
+        """The verified records as ``(seq, time, event, fields)``, decoded once
+        (``trustcore.audit.stream_span``). Any defect sends the whole export to
+        ``verify_export`` to be named.
+
+        (A variant that verified the second half in a forked child was measured: about 3 %
+        faster at a million records, because the parent must unpack what the child decoded;
+        not worth a fork in a service.)"""
         if self._done:
             raise RuntimeError("a ChainStream is iterated once")
         self._done = True
-        decode = _decode_record
-        expected = self._next_seq
-        prev = self._prev
-        for index, raw in enumerate(self._v.export.records):
-            try:
-                rec = decode(raw, index)
-            except AuditChainError:
-                self._name_the_defect()
-            if rec.seq != expected or rec.prev_hash != prev:
-                self._name_the_defect()
-            yield rec
-            prev = rec.hash
-            expected += 1
-        self._next_seq, self._prev = expected, prev
+        records = self._v.export.records
+        n = len(records)
+        if n == 0:
+            return
+        seq0, prev = self._next_seq, self._prev
+        end = SpanEnd()
+        yield from stream_span(records, 0, n, seq0, prev, end)
+        if not end.ok:
+            self._name_the_defect()
+        self._next_seq, self._prev = seq0 + n, end.last_hash
 
     def finish(self) -> ChainHead:
         """The new head, once every record streamed and the chain ends at the signed head."""
@@ -453,9 +463,13 @@ def reconcile_records(
 
     new_entry = tuple.__new__  # IssuedEntry without a Python-level __new__ call
     n_issued = 0
-    for rec in records:
-        seq = rec.seq
-        t = rec.time
+    cur_eseq: object = None  # the entitlement whose state is bound to locals below
+    items: Iterable[SpanItem] = (
+        records.items()
+        if isinstance(records, ChainStream)
+        else ((r.seq, r.time, r.event, r.fields) for r in records)
+    )
+    for seq, t, ev, f in items:
         if t > max_time:
             max_time = t
         elif t + CLOCK_ROLLBACK_TOLERANCE_S < max_time:
@@ -464,8 +478,6 @@ def reconcile_records(
                     "clock_rollback", seq, "", f"time {t} is before {max_time} logged earlier"
                 )
             )
-        ev = rec.event
-        f = rec.fields
         if ev == "issued":  # the hot path: one per device
             n_issued += 1
             try:
@@ -489,12 +501,52 @@ def reconcile_records(
             ):
                 violations.append(_malformed(seq, "issued record has a mistyped field"))
                 continue
-            tally = tallies.get(eseq) if type(eseq) is int else None
-            if tally is None:
-                tally = tally_for(eseq, seq, device_id)
+            if type(eseq) is not int or eseq != cur_eseq:
+                # Another entitlement than the previous record's: bind its reconciler's
+                # state to locals (the loop below is Reconciler.add_issued, inlined).
+                tally = tallies.get(eseq) if type(eseq) is int else None
                 if tally is None:
-                    continue
-            tally.reconciler.add_issued(seq, t, device_id, kid, product)
+                    tally = tally_for(eseq, seq, device_id)
+                    if tally is None:
+                        continue
+                cur_eseq, cur = eseq, tally
+                rc = tally.reconciler
+                p = rc.policy
+                per_day, per_day_get = rc.per_day, rc.per_day.get
+                allowance_get = rc.day_allowance.get
+                ids, keys = rc.device_ids, rc.key_ids
+                quota, daily_limit, product_ok = p.total_quota, p.daily_limit, p.product
+                not_before, not_after = p.not_before, p.not_after
+                id_prefix, id_digits = p.id_rule.prefix, p.id_rule.digits
+                id_first, id_last, id_len = p.id_rule.first, p.id_rule.last, len(p.id_rule.prefix)
+                day_start, day_end, day = 1, 0, ""
+            tally = cur
+            # Reconciler.add_issued: one combined test for the clean case; any record that
+            # fails it goes through the reconciler's per-rule checks, which name each
+            # violation (and the id rule's own ``contains``).
+            used = rc.issued = rc.issued + 1
+            if not day_start <= t < day_end:
+                day_start, day_end, day = p.day_bounds(t)
+            n = per_day_get(day, 0) + 1
+            per_day[day] = n
+            rest = device_id[id_len:]
+            if (
+                used + rc.burned <= quota
+                and (n <= daily_limit or n <= daily_limit + allowance_get(day, 0))
+                and not_before <= t < not_after
+                and product == product_ok
+                and device_id not in ids
+                and kid not in keys
+                and device_id.startswith(id_prefix)
+                and len(rest) == id_digits
+                and rest.isascii()
+                and rest.isdigit()
+                and id_first <= int(rest) <= id_last
+            ):
+                ids.add(device_id)
+                keys.add(kid)
+            else:
+                rc.flag_issued(seq, t, device_id, kid, product, n, (day_start, day_end, day))
             st = tally.state
             if counter > st.last_counter and st.imported_at_seq is not None:
                 st.last_counter = counter

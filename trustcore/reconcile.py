@@ -130,6 +130,23 @@ class Reconciler:
             return
         self._check_issued(seq, when, device_id, key_id, product, n)
 
+    def flag_issued(
+        self,
+        seq: int,
+        when: int,
+        device_id: str,
+        key_id: bytes,
+        product: str,
+        n: int,
+        day: tuple[int, int, str],
+    ) -> None:
+        """The per-rule checks of :meth:`add_issued`, for a caller that inlined its counting
+        (``issued`` and ``per_day`` already include this record, ``n`` is the day's count,
+        ``day`` the local day of ``when`` from ``policy.day_bounds``) and its combined
+        clean-case test, and found the record not clean."""
+        self._day_start, self._day_end, self._day = day
+        self._check_issued(seq, when, device_id, key_id, product, n)
+
     def allow_extra(self, day: str, extra: int) -> None:
         """A quorum approved ``extra`` issuances beyond the daily limit on ``day`` (the
         caller verified the approvals); the total quota is never lifted."""
