@@ -252,7 +252,7 @@ def registrar(request: pytest.FixtureRequest, base: Base) -> Iterator[Running]:
         )  # fmt: skip
     try:
         status = home / "run" / "status.json"
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # generous: CI machines can be heavily loaded
         while not status.exists():
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
@@ -271,7 +271,7 @@ def registrar(request: pytest.FixtureRequest, base: Base) -> Iterator[Running]:
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            code = process.wait(15)
+            code = process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
             raise
