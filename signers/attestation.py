@@ -54,7 +54,6 @@ from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
     TPM2_CAP,
-    TPM2_ECC,
     TPM2_RH,
     TPM2_SE,
     TPMA_OBJECT,
@@ -65,21 +64,20 @@ from tpm2_pytss.types import (
     TPM2B_ID_OBJECT,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
-    TPMS_ECC_PARMS,
-    TPMT_ECC_SCHEME,
-    TPMT_KDF_SCHEME,
     TPMT_PUBLIC,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
-    TPMT_SYM_DEF_OBJECT,
-    TPMU_PUBLIC_PARMS,
-    TPMU_SYM_KEY_BITS,
-    TPMU_SYM_MODE,
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from signers.errors import TpmError, TpmKeyError
-from signers.tpm import ECC_P384_EK_CERT_NV_INDEX, RSA_EK_CERT_NV_INDEX, Tpm, TpmKey
+from signers.tpm import (
+    ECC_P384_EK_CERT_NV_INDEX,
+    RSA_EK_CERT_NV_INDEX,
+    Tpm,
+    TpmKey,
+    storage_primary_template,
+)
 
 __all__ = [
     "AK_ATTRIBUTES",
@@ -558,29 +556,6 @@ def _srk_public_in() -> TPM2B_PUBLIC:
 
 
 def _srk_template() -> TPMT_PUBLIC:
-    """The TCG ECC P-256 storage primary (SRK) template, the parent of ``TSS2 PRIVATE KEY``s
-    made by tpm2-openssl, tpm2-pytss and :class:`~signers.tpm.TpmKey` under the owner."""
-    return TPMT_PUBLIC(
-        type=TPM2_ALG.ECC,
-        nameAlg=TPM2_ALG.SHA256,
-        objectAttributes=TPMA_OBJECT.USERWITHAUTH
-        | TPMA_OBJECT.RESTRICTED
-        | TPMA_OBJECT.DECRYPT
-        | TPMA_OBJECT.NODA
-        | TPMA_OBJECT.FIXEDTPM
-        | TPMA_OBJECT.FIXEDPARENT
-        | TPMA_OBJECT.SENSITIVEDATAORIGIN,
-        authPolicy=b"",
-        parameters=TPMU_PUBLIC_PARMS(
-            eccDetail=TPMS_ECC_PARMS(
-                symmetric=TPMT_SYM_DEF_OBJECT(
-                    algorithm=TPM2_ALG.AES,
-                    keyBits=TPMU_SYM_KEY_BITS(aes=128),
-                    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
-                ),
-                scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
-                curveID=TPM2_ECC.NIST_P256,
-                kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
-            ),
-        ),
-    )
+    """The TCG ECC P-256 storage primary (SRK) template: the very one
+    :class:`~signers.tpm.TpmKey` uses, so a device key blob loads under it."""
+    return storage_primary_template()

@@ -121,10 +121,10 @@ _BASE_ATTRS = (
 @cache
 def _storage_primary_public() -> TPM2B_PUBLIC:
     """The SRK template as a TPM2B_PUBLIC, built once: ESAPI only reads its inputs."""
-    return TPM2B_PUBLIC(publicArea=_storage_primary_template())
+    return TPM2B_PUBLIC(publicArea=storage_primary_template())
 
 
-def _storage_primary_template() -> TPMT_PUBLIC:
+def storage_primary_template() -> TPMT_PUBLIC:
     """The TCG/tpm2-openssl ECC storage primary (SRK) template: same seed, same key."""
     return TPMT_PUBLIC(
         type=TPM2_ALG.ECC,
