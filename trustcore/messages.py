@@ -63,6 +63,56 @@ def _load_public(der: bytes, what: str) -> ec.EllipticCurvePublicKey:
 # -- station enrolment -------------------------------------------------------------------
 
 
+def _binding_input(domain: str, subject_id: str, csr_der: bytes, transport_der: bytes) -> bytes:
+    return cbor.encode([domain, subject_id, csr_der, transport_der])
+
+
+def _encode_enrolment(
+    domain: str, id_key: str, subject_id: str, csr: bytes, transport: bytes, sig: bytes
+) -> bytes:
+    return cbor.encode(
+        {"type": domain, id_key: subject_id, "csr": csr, "transport_key": transport,
+         "binding_sig": sig}
+    )  # fmt: skip
+
+
+def _decode_enrolment(
+    data: bytes, domain: str, id_key: str, what: str
+) -> tuple[str, bytes, bytes, bytes]:
+    m = cbor.map_of(cbor.decode(data, max_size=MAX_ENROLMENT_SIZE), what)
+    cbor.expect_keys(m, {"type", id_key, "csr", "transport_key", "binding_sig"}, what=what)
+    if m["type"] != domain:
+        raise EncodingError(f"not a {what} request")
+    return (
+        cbor.field(m, id_key, str),
+        cbor.field(m, "csr", bytes),
+        cbor.field(m, "transport_key", bytes),
+        cbor.field(m, "binding_sig", bytes),
+    )
+
+
+def _verify_enrolment(
+    domain: str, subject_id: str, csr_der: bytes, transport_der: bytes, sig: bytes, what: str
+) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:
+    """The CSR (self-signature, P-256, CN = the subject id) and the binding signature by the
+    CSR's key over the transport key."""
+    csr = validate_csr(csr_der)
+    if csr.common_name != subject_id:
+        raise CsrError(f"{what} CSR CN is not the {what.split()[0]} id", reason="wrong_name")
+    transport = _load_public(transport_der, "transport key")
+    try:
+        csr.public_key.verify(
+            sig,
+            _binding_input(domain, subject_id, csr_der, transport_der),
+            ec.ECDSA(hashes.SHA256()),
+        )
+    except InvalidSignature as exc:
+        raise CsrError(
+            f"transport key is not bound by the {what.split()[0]} CA key", reason="bad_signature"
+        ) from exc
+    return csr, transport
+
+
 @dataclass(frozen=True)
 class StationEnrolment:
     """A station asks HQ to enrol it: the CSR of its CA key, and the public half of its
@@ -74,10 +124,6 @@ class StationEnrolment:
     transport_public_der: bytes
     binding_signature: bytes
 
-    @staticmethod
-    def _binding_input(station_id: str, csr_der: bytes, transport_der: bytes) -> bytes:
-        return cbor.encode([_ENROLMENT_DOMAIN, station_id, csr_der, transport_der])
-
     @classmethod
     def create(
         cls,
@@ -87,60 +133,33 @@ class StationEnrolment:
         transport_public: ec.EllipticCurvePublicKey,
     ) -> StationEnrolment:
         transport_der = _public_der(transport_public)
-        sig = ca_key.sign(cls._binding_input(station_id.value, csr_der, transport_der))
-        return cls(station_id, csr_der, transport_der, sig)
+        binding = _binding_input(_ENROLMENT_DOMAIN, station_id.value, csr_der, transport_der)
+        return cls(station_id, csr_der, transport_der, ca_key.sign(binding))
 
     def encode(self) -> bytes:
-        return cbor.encode(
-            {
-                "type": "devtrust/station-enrolment/v1",
-                "station_id": self.station_id.value,
-                "csr": self.csr_der,
-                "transport_key": self.transport_public_der,
-                "binding_sig": self.binding_signature,
-            }
-        )
+        return _encode_enrolment(
+            _ENROLMENT_DOMAIN, "station_id", self.station_id.value, self.csr_der,
+            self.transport_public_der, self.binding_signature,
+        )  # fmt: skip
 
     @classmethod
     def decode(cls, data: bytes) -> StationEnrolment:
-        m = cbor.map_of(cbor.decode(data, max_size=MAX_ENROLMENT_SIZE), "station enrolment")
-        cbor.expect_keys(
-            m, {"type", "station_id", "csr", "transport_key", "binding_sig"}, what="enrolment"
+        sid, csr, transport, sig = _decode_enrolment(
+            data, _ENROLMENT_DOMAIN, "station_id", "station enrolment"
         )
-        if m["type"] != "devtrust/station-enrolment/v1":
-            raise EncodingError("not a station enrolment request")
         try:
-            station_id = StationId(cbor.field(m, "station_id", str))
+            station_id = StationId(sid)
         except InvalidValueError as exc:
             raise EncodingError(f"bad station id: {exc}") from exc
-        return cls(
-            station_id,
-            cbor.field(m, "csr", bytes),
-            cbor.field(m, "transport_key", bytes),
-            cbor.field(m, "binding_sig", bytes),
-        )
+        return cls(station_id, csr, transport, sig)
 
     def verify(self) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:
         """Check the CSR (self-signature, P-256, CN = station id) and the binding
         signature; return the validated CSR and the transport public key."""
-        csr = validate_csr(self.csr_der)
-        if csr.common_name != self.station_id.value:
-            raise CsrError("enrolment CSR CN is not the station id", reason="wrong_name")
-        transport = _load_public(self.transport_public_der, "transport key")
-        try:
-            csr.public_key.verify(
-                self.binding_signature,
-                self._binding_input(self.station_id.value, self.csr_der, self.transport_public_der),
-                ec.ECDSA(hashes.SHA256()),
-            )
-        except InvalidSignature as exc:
-            raise CsrError(
-                "transport key is not bound by the station CA key", reason="bad_signature"
-            ) from exc
-        return csr, transport
-
-
-# -- site enrolment ----------------------------------------------------------------------
+        return _verify_enrolment(
+            _ENROLMENT_DOMAIN, self.station_id.value, self.csr_der, self.transport_public_der,
+            self.binding_signature, "station enrolment",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -156,10 +175,6 @@ class SiteEnrolment:
     transport_public_der: bytes
     binding_signature: bytes
 
-    @staticmethod
-    def _binding_input(site_id: str, csr_der: bytes, transport_der: bytes) -> bytes:
-        return cbor.encode([_SITE_ENROLMENT_DOMAIN, site_id, csr_der, transport_der])
-
     @classmethod
     def create(
         cls,
@@ -169,57 +184,33 @@ class SiteEnrolment:
         transport_public: ec.EllipticCurvePublicKey,
     ) -> SiteEnrolment:
         transport_der = _public_der(transport_public)
-        sig = ca_key.sign(cls._binding_input(site_id.value, csr_der, transport_der))
-        return cls(site_id, csr_der, transport_der, sig)
+        binding = _binding_input(_SITE_ENROLMENT_DOMAIN, site_id.value, csr_der, transport_der)
+        return cls(site_id, csr_der, transport_der, ca_key.sign(binding))
 
     def encode(self) -> bytes:
-        return cbor.encode(
-            {
-                "type": _SITE_ENROLMENT_DOMAIN,
-                "site_id": self.site_id.value,
-                "csr": self.csr_der,
-                "transport_key": self.transport_public_der,
-                "binding_sig": self.binding_signature,
-            }
-        )
+        return _encode_enrolment(
+            _SITE_ENROLMENT_DOMAIN, "site_id", self.site_id.value, self.csr_der,
+            self.transport_public_der, self.binding_signature,
+        )  # fmt: skip
 
     @classmethod
     def decode(cls, data: bytes) -> SiteEnrolment:
-        m = cbor.map_of(cbor.decode(data, max_size=MAX_ENROLMENT_SIZE), "site enrolment")
-        cbor.expect_keys(
-            m, {"type", "site_id", "csr", "transport_key", "binding_sig"}, what="site enrolment"
+        sid, csr, transport, sig = _decode_enrolment(
+            data, _SITE_ENROLMENT_DOMAIN, "site_id", "site enrolment"
         )
-        if m["type"] != _SITE_ENROLMENT_DOMAIN:
-            raise EncodingError("not a site enrolment request")
         try:
-            site_id = SiteId(cbor.field(m, "site_id", str))
+            site_id = SiteId(sid)
         except InvalidValueError as exc:
             raise EncodingError(f"bad site id: {exc}") from exc
-        return cls(
-            site_id,
-            cbor.field(m, "csr", bytes),
-            cbor.field(m, "transport_key", bytes),
-            cbor.field(m, "binding_sig", bytes),
-        )
+        return cls(site_id, csr, transport, sig)
 
     def verify(self) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:
         """Check the CSR (self-signature, P-256, CN = site id) and the binding signature;
         return the validated CSR and the transport public key."""
-        csr = validate_csr(self.csr_der)
-        if csr.common_name != self.site_id.value:
-            raise CsrError("site enrolment CSR CN is not the site id", reason="wrong_name")
-        transport = _load_public(self.transport_public_der, "transport key")
-        try:
-            csr.public_key.verify(
-                self.binding_signature,
-                self._binding_input(self.site_id.value, self.csr_der, self.transport_public_der),
-                ec.ECDSA(hashes.SHA256()),
-            )
-        except InvalidSignature as exc:
-            raise CsrError(
-                "transport key is not bound by the site CA key", reason="bad_signature"
-            ) from exc
-        return csr, transport
+        return _verify_enrolment(
+            _SITE_ENROLMENT_DOMAIN, self.site_id.value, self.csr_der, self.transport_public_der,
+            self.binding_signature, "site enrolment",
+        )  # fmt: skip
 
 
 # -- entitlement -------------------------------------------------------------------------
