@@ -28,7 +28,7 @@ from signers.software import SoftwareKey, write_private_file
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule
 from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
 from trustcore.identity import StationId
-from trustcore.keys import Signer
+from trustcore.keys import Signer, spki_der
 from trustcore.messages import CT_ENTITLEMENT, EntitlementPayload, StationEnrolment
 from trustcore.profiles import HqRole, issue_role_certificate, issue_root_ca, issue_station_ca
 from trustcore.sealed import seal_package
@@ -50,19 +50,12 @@ ROLE_VALIDITY = timedelta(days=5 * 365)
 BACKDATE = timedelta(minutes=5)
 
 
-def _now(now: datetime | None) -> datetime:
+def now_utc(now: datetime | None) -> datetime:
+    """``now`` (or the current time) in UTC, whole seconds; naive datetimes are refused."""
     moment = datetime.now(UTC) if now is None else now
     if moment.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     return moment.astimezone(UTC).replace(microsecond=0)
-
-
-def _spki(key: object) -> bytes:
-    assert hasattr(key, "public_bytes")
-    der: bytes = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return der
 
 
 # --------------------------------------------------------------------------------- init
@@ -95,7 +88,7 @@ def init_hq(
         raise HomeError("organisation name must be 1..64 printable characters")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise HomeError(f"{target} already exists and is not empty; refusing to overwrite it")
-    moment = _now(now)
+    moment = now_utc(now)
     passphrase = secrets.passphrase()  # fail before any key is made
     target.parent.mkdir(parents=True, exist_ok=True)
     build = target.parent / f".{target.name}.init-{os.getpid()}-{_random.token_hex(4)}"
@@ -197,15 +190,15 @@ def enrol_station(
     key. A station id already enrolled with another key is refused unless ``replace``: a
     silent key change would let whoever sends a request take over a station's entitlements.
     """
-    moment = int(_now(now).timestamp())
+    moment = int(now_utc(now).timestamp())
     try:
         request = StationEnrolment.decode(enrolment)
         csr, transport = request.verify()
     except (EncodingError, CsrError, InvalidValueError) as exc:
         raise EnrolmentError(f"enrolment request refused: {exc}", reason=exc.reason) from exc
     station_id = request.station_id.value
-    ca_der = _spki(csr.public_key)
-    transport_der = _spki(transport)
+    ca_der = spki_der(csr.public_key)
+    transport_der = spki_der(transport)
     if ca_der == transport_der:
         raise EnrolmentError(
             "the transport key must differ from the station CA key", reason="key_reuse"
@@ -295,7 +288,7 @@ def issue_entitlement(
     are checked before anything is signed and consumed with the entitlement's record."""
     from hq.approvals import ISSUE_ENTITLEMENT, authorize, entitlement_params, precheck
 
-    moment = _now(now)
+    moment = now_utc(now)
     not_before = _aware("not_before", request.not_before)
     not_after = _aware("not_after", request.not_after)
     quorum_params = entitlement_params(request)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from hq.authority import BACKDATE
+from hq.authority import BACKDATE, now_utc
 from hq.errors import HomeError, HqError, SecretError
 from hq.home import HqHome, HqSecrets
 from hq.kms import ensure_site_payload_key, kms_key, site_payload_keys
@@ -34,6 +34,7 @@ from trustcore.errors import (
     ProfileError,
 )
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
+from trustcore.keys import spki_der
 from trustcore.messages import SiteEnrolment
 from trustcore.profiles import HqRole, issue_site_ca
 from trustcore.revocation import RevocationList, seal_revocation_list
@@ -69,21 +70,6 @@ class SiteError(HqError):
     reason = "site_refused"
 
 
-def _now(now: datetime | None) -> datetime:
-    moment = datetime.now(UTC) if now is None else now
-    if moment.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    return moment.astimezone(UTC).replace(microsecond=0)
-
-
-def _spki(key: object) -> bytes:
-    assert hasattr(key, "public_bytes")
-    der: bytes = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return der
-
-
 # ------------------------------------------------------------------------------ enrolment
 
 
@@ -110,14 +96,14 @@ def enrol_site(
     As for stations, a site id already enrolled with other keys is refused unless
     ``replace``: a silent key change would hand the site's payload keys to whoever sent the
     request. The very same request again returns the certificate already issued."""
-    moment = _now(now)
+    moment = now_utc(now)
     try:
         request = SiteEnrolment.decode(enrolment)
         csr, transport = request.verify()
     except (EncodingError, CsrError, InvalidValueError) as exc:
         raise SiteError(f"site enrolment refused: {exc}", reason=exc.reason) from exc
     site_id = request.site_id.value
-    ca_der, transport_der = _spki(csr.public_key), _spki(transport)
+    ca_der, transport_der = spki_der(csr.public_key), spki_der(transport)
     if ca_der == transport_der:
         raise SiteError("the transport key must differ from the site CA key", reason="key_reuse")
     store = HqStore.open(home.db_path)
@@ -194,7 +180,7 @@ def record_station_crl(
     CRL with a lower number than the one held is refused (rollback would un-revoke); the
     same CRL again is a no-op. Stale CRLs are recorded (they are still evidence) but the
     bundle report shows them."""
-    moment = int(_now(now).timestamp())
+    moment = int(now_utc(now).timestamp())
     store = HqStore.open(home.db_path)
     try:
         certs = store.station_ca_certificates(station_id)
@@ -422,7 +408,7 @@ def build_site_bundle(
     list, the bundle sequence) commits in one transaction before the package is returned."""
     from hq.approvals import EXPORT_PAYLOAD_KEY, authorize, precheck, site_bundle_params
 
-    moment = _now(now)
+    moment = now_utc(now)
     # The bundle exports the site's payload keys: HQ may require a quorum for that.
     quorum_params = site_bundle_params(request.site_id)
     precheck(home, EXPORT_PAYLOAD_KEY, quorum_params, approvals, now=int(moment.timestamp()))

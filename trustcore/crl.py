@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustcore.errors import CrlError, ProfileError
 from trustcore.identity import CertSerial
+from trustcore.keys import spki_der
 from trustcore.profiles import require_p256_public_key
 
 __all__ = [
@@ -52,12 +53,6 @@ def _utc(name: str, moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(microsecond=0)
 
 
-def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def _issuer_may_sign_crls(issuer: x509.Certificate) -> bool:
     try:
         ku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -85,7 +80,7 @@ def build_crl(
         issuer_pub = require_p256_public_key(issuer_cert.public_key())
     except ProfileError as exc:
         raise CrlError("CRL issuer certificate key must be ECDSA P-256") from exc
-    if _spki(issuer_pub) != _spki(issuer_key.public_key()):
+    if spki_der(issuer_pub) != spki_der(issuer_key.public_key()):
         raise CrlError("signing key does not match the CRL issuer certificate")
     if not _issuer_may_sign_crls(issuer_cert):
         raise CrlError("issuer is not a CA with cRLSign")

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 
 @runtime_checkable
@@ -37,9 +38,13 @@ class KeyAgreement(Protocol):
     def exchange(self, peer: ec.EllipticCurvePublicKey) -> bytes: ...
 
 
-def key_id(public_key: ec.EllipticCurvePublicKey) -> bytes:
-    """SHA-256 of the DER SubjectPublicKeyInfo: how the core names a key on the wire."""
-    der = public_key.public_bytes(
+def spki_der(public_key: PublicKeyTypes) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key."""
+    return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return hashlib.sha256(der).digest()
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> bytes:
+    """SHA-256 of the DER SubjectPublicKeyInfo: how the core names a key on the wire."""
+    return hashlib.sha256(spki_der(public_key)).digest()

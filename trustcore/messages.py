@@ -31,7 +31,7 @@ from trustcore.csr import ValidatedCsr, validate_csr
 from trustcore.entitlement import EntitlementPolicy
 from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
 from trustcore.identity import SiteId, StationId
-from trustcore.keys import Signer
+from trustcore.keys import Signer, spki_der
 from trustcore.profiles import require_p256_public_key
 
 CT_ENTITLEMENT = "devtrust/entitlement/v1"
@@ -41,12 +41,6 @@ _ENROLMENT_DOMAIN = "devtrust/station-enrolment/v1"
 _SITE_ENROLMENT_DOMAIN = "devtrust/site-enrolment/v1"
 MAX_ENROLMENT_SIZE = 64 * 1024
 MAX_ENTITLEMENT_SIZE = 4 * 1024 * 1024
-
-
-def _public_der(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def _load_public(der: bytes, what: str) -> ec.EllipticCurvePublicKey:
@@ -132,7 +126,7 @@ class StationEnrolment:
         ca_key: Signer,
         transport_public: ec.EllipticCurvePublicKey,
     ) -> StationEnrolment:
-        transport_der = _public_der(transport_public)
+        transport_der = spki_der(transport_public)
         binding = _binding_input(_ENROLMENT_DOMAIN, station_id.value, csr_der, transport_der)
         return cls(station_id, csr_der, transport_der, ca_key.sign(binding))
 
@@ -183,7 +177,7 @@ class SiteEnrolment:
         ca_key: Signer,
         transport_public: ec.EllipticCurvePublicKey,
     ) -> SiteEnrolment:
-        transport_der = _public_der(transport_public)
+        transport_der = spki_der(transport_public)
         binding = _binding_input(_SITE_ENROLMENT_DOMAIN, site_id.value, csr_der, transport_der)
         return cls(site_id, csr_der, transport_der, ca_key.sign(binding))
 

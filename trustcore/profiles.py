@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from trustcore.errors import EncodingError, InvalidValueError, ProfileError
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
+from trustcore.keys import spki_der
 
 __all__ = [
     "IDEVID_NO_EXPIRY",
@@ -218,12 +219,6 @@ def _describe_key(key: object) -> str:
     return type(key).__name__ + (f" ({curve.name})" if curve is not None else "")
 
 
-def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 # ---------------------------------------------------------------- hardwareModuleName DER
 
 
@@ -347,7 +342,9 @@ def _check_issuer(
         raise ProfileError("issuer certificate is not allowed to sign certificates")
     if profile_is_ca and bc.path_length == 0:
         raise ProfileError("issuer has pathLen 0 and cannot sign another CA", reason="path_length")
-    if _spki(require_p256_public_key(issuer_cert.public_key())) != _spki(issuer_key.public_key()):
+    if spki_der(require_p256_public_key(issuer_cert.public_key())) != spki_der(
+        issuer_key.public_key()
+    ):
         raise ProfileError("signing key does not match the issuer certificate")
 
 

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from trustcore import cbor
 from trustcore.entitlement import QuorumRule
 from trustcore.errors import EncodingError, InvalidValueError, TrustCoreError
-from trustcore.keys import Signer, key_id
+from trustcore.keys import Signer, key_id, spki_der
 
 __all__ = [
     "APPROVAL_DOMAIN",
@@ -130,12 +130,6 @@ def _check_params(params: Mapping[str, Any]) -> dict[str, ParamValue]:
 def params_digest(operation: str, params: Mapping[str, Any]) -> bytes:
     """SHA-256 of CBOR ``[PARAMS_DOMAIN, operation, params]``: what an operation is."""
     return hashlib.sha256(cbor.encode([PARAMS_DOMAIN, operation, _check_params(params)])).digest()
-
-
-def _spki(public: ec.EllipticCurvePublicKey) -> bytes:
-    return public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 @dataclass(frozen=True)
@@ -361,7 +355,7 @@ def sign_approval(
         request_digest=request.digest,
         request_id=request.request_id,
         approver=approver,
-        public_key_der=_spki(public),
+        public_key_der=spki_der(public),
         signed_at=now,
         expires=until,
         signature=signer.sign(payload),

@@ -50,7 +50,7 @@ from trustcore.errors import (
 )
 from trustcore.hpke import open_, seal
 from trustcore.identity import DeviceId, StationId
-from trustcore.keys import KeyAgreement, Signer, key_id
+from trustcore.keys import KeyAgreement, Signer, key_id, spki_der
 from trustcore.payload import KEY_ID_LENGTH, PayloadKey
 from trustcore.policy_chain import CHAIN_REASONS, Decision, NamedPlugin, Verdict, run_chain
 from trustcore.profiles import (
@@ -266,12 +266,6 @@ def _verify_sig(public: ec.EllipticCurvePublicKey, sig: bytes, domain: str, body
     return True
 
 
-def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def _load_p256(der: bytes) -> ec.EllipticCurvePublicKey | None:
     try:
         return require_p256_public_key(serialization.load_der_public_key(der))
@@ -319,7 +313,7 @@ def build_request(
         "nonce": nonce,
         "time": time,
         "csr": csr_der,
-        "wrap_key": _spki(wrap_key),
+        "wrap_key": spki_der(wrap_key),
         "idevid": idevid_der,
         "chain": list(chain_der),
     }
@@ -536,8 +530,8 @@ def _verify_request(
         raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), str(exc)) from exc
     except _PARSE_ERRORS as exc:  # escape trustcore.csr (InvalidVersion, UnsupportedAlgorithm)
         raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
-    csr_spki = _spki(csr.public_key)
-    idevid_spki = _spki(idevid_key)
+    csr_spki = spki_der(csr.public_key)
+    idevid_spki = spki_der(idevid_key)
     if csr_spki == idevid_spki:
         raise _refuse("csr_idevid_key", "CSR key is the IDevID key")
     ldevid_key_id = key_id(csr.public_key)
@@ -546,7 +540,7 @@ def _verify_request(
     if request.csr_key_id is not None and request.csr_key_id != ldevid_key_id:
         raise _refuse("csr_malformed", "CSR key id changed between parse and verify")
     wrap = _load_p256(request.wrap_key_der)
-    if wrap is None or request.wrap_key_der != _spki(wrap):
+    if wrap is None or request.wrap_key_der != spki_der(wrap):
         raise _refuse("bad_wrap_key", "wrap key is not a canonical P-256 SPKI")
     if request.wrap_key_der in (csr_spki, idevid_spki):
         raise _refuse("bad_wrap_key", "wrap key must be a separate ECDH key")
@@ -880,7 +874,9 @@ def parse_response(
         got = ldevid.public_key()
     except (*_PARSE_ERRORS, InvalidSignature, ProfileError) as exc:
         raise RegistrationError("LDevID is not issued by the site CA", reason="untrusted") from exc
-    if not isinstance(got, ec.EllipticCurvePublicKey) or _spki(got) != _spki(ldevid_public_key):
+    if not isinstance(got, ec.EllipticCurvePublicKey) or spki_der(got) != spki_der(
+        ldevid_public_key
+    ):
         raise RegistrationError("LDevID certifies another key", reason="csr_foreign_key")
     return RegistrationGranted(ldevid, ldevid_der, site_ca, wrapped)
 

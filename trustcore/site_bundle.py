@@ -50,7 +50,7 @@ from trustcore.errors import (
     VerificationError,
 )
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
-from trustcore.keys import KeyAgreement, Signer, key_id
+from trustcore.keys import KeyAgreement, Signer, key_id, spki_der
 from trustcore.payload import KEY_ID_LENGTH, PayloadKey
 from trustcore.profiles import (
     OID_EKU_ENTITLEMENT_SIGNER,
@@ -371,13 +371,6 @@ def _fail(reason: str, message: str) -> SiteBundleError:
     return SiteBundleError(message, reason=reason)
 
 
-def _spki(key: object) -> bytes:
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def _cert(der: bytes, what: str) -> x509.Certificate:
     try:
         with warnings.catch_warnings():
@@ -500,7 +493,7 @@ def verify_site_bundle(
         raise _fail("bad_certificate", f"site CA certificate: {exc}") from exc
     if cert_site != site_id:
         raise _fail("wrong_site", f"site CA certificate is for {cert_site}, this is {site_id}")
-    if _spki(site_ca.public_key()) != _spki(site_ca_public):
+    if spki_der(site_ca.public_key()) != spki_der(site_ca_public):
         raise _fail("wrong_site_key", "site CA certificate does not certify this site's CA key")
     if not site_ca.not_valid_before_utc <= now <= site_ca.not_valid_after_utc:
         raise _fail("bad_certificate", "site CA certificate is not valid now")
