@@ -70,6 +70,7 @@ from registrar.service import (
     RegistrationService,
     SiteAuthority,
     device_id_from_request_topic,
+    messages_until,
 )
 from registrar.site import (
     SITE_CRL_VALIDITY,
@@ -390,17 +391,8 @@ class SiteChannel:
         self, client: aiomqtt.Client, stop: asyncio.Event, tasks: set[asyncio.Task[None]]
     ) -> None:
         stopper = asyncio.ensure_future(stop.wait())
-        iterator = client.messages.__aiter__()
         try:
-            while True:
-                nxt = asyncio.ensure_future(iterator.__anext__())
-                done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
-                    return
-                message = nxt.result()
+            async for message in messages_until(client, stopper):
                 topic = str(message.topic)
                 payload = message.payload
                 if not isinstance(payload, bytes | bytearray):

@@ -441,7 +441,7 @@ async def run_mqtt(
                     ready.set()
                 stopper = asyncio.create_task(stop.wait())
                 try:
-                    async for message in _until(client, stopper):
+                    async for message in messages_until(client, stopper):
                         device = device_id_from_request_topic(str(message.topic))
                         payload = message.payload
                         if device is None or not isinstance(payload, bytes | bytearray):
@@ -465,7 +465,7 @@ async def run_mqtt(
                 await asyncio.wait_for(stop.wait(), settings.reconnect_delay)
 
 
-async def _until(
+async def messages_until(
     client: aiomqtt.Client, stopper: asyncio.Task[bool]
 ) -> AsyncIterator[aiomqtt.Message]:
     """Iterate ``client.messages`` until ``stopper`` completes."""
