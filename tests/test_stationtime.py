@@ -1,0 +1,87 @@
+"""Pure tests of the station's trusted time (trustcore.stationtime): the TPM ledger across
+boots, anchors from HQ-signed times, and the ceiling they put on the host clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from trustcore.errors import InvalidValueError, PolicyError
+from trustcore.stationtime import (
+    MAX_SIGNED_TIME_AGE_S,
+    TimeAnchor,
+    TpmClockReading,
+    TpmLedger,
+    anchor_at,
+    trusted_time,
+)
+
+T0 = 1_800_000_000
+
+
+def reading(time_ms: int, reset: int = 1, restart: int = 0, safe: bool = True) -> TpmClockReading:
+    return TpmClockReading(time_ms, time_ms, reset, restart, safe)
+
+
+def test_ledger_adds_powered_time_within_and_across_boots() -> None:
+    ledger = TpmLedger.start(reading(5_000))
+    ledger = ledger.advance(reading(65_000))
+    assert ledger.total_ms == 60_000
+    # A new boot (power cycle): only the time since its startup counts, the off time does not.
+    ledger = ledger.advance(reading(2_000, reset=2))
+    assert (ledger.total_ms, ledger.boot) == (62_000, (2, 0))
+    ledger = ledger.advance(reading(3_000, reset=2, restart=1))
+    assert ledger.total_ms == 65_000
+    assert TpmLedger.from_map(ledger.to_map()) == ledger
+
+
+@pytest.mark.parametrize(
+    "later",
+    [reading(4_000), reading(10_000, reset=0), reading(10_000, reset=1, restart=0)],
+)
+def test_ledger_refuses_a_tpm_that_went_back(later: TpmClockReading) -> None:
+    ledger = TpmLedger.start(reading(5_000, reset=1, restart=3))
+    with pytest.raises(PolicyError) as info:
+        ledger.advance(later)
+    assert info.value.reason == "tpm_clock_inconsistent"
+
+
+def test_reading_values_are_checked() -> None:
+    with pytest.raises(InvalidValueError):
+        TpmClockReading(-1, 0, 0, 0, True)
+    with pytest.raises(InvalidValueError):
+        TpmClockReading(0, 0, 2**32, 0, True)
+    assert reading(7).audit_fields() == {
+        "tpm_time": 7, "tpm_clock": 7, "tpm_reset": 1, "tpm_restart": 0, "tpm_safe": 1,
+    }  # fmt: skip
+
+
+def test_trusted_time_moves_with_the_tpm_only() -> None:
+    ledger = TpmLedger.start(reading(1_000))
+    anchor = anchor_at(signed_time=T0, host_now=T0 + 20, ledger=ledger, source="entitlement 1")
+    assert anchor == TimeAnchor(T0 + 20, 0, "entitlement 1")
+    # A day of host clock, ten seconds of TPM: the station vouches for ten seconds.
+    assert trusted_time(anchor, ledger.advance(reading(11_000))) == T0 + 30
+    assert TimeAnchor.from_map(anchor.to_map()) == anchor
+
+
+def test_anchor_clamps_the_host_clock_to_the_signed_time() -> None:
+    ledger = TpmLedger(boot=(1, 0), boot_time_ms=0, total_ms=50_000)
+    # Host behind HQ's signing time: HQ's time wins (the real time is at least that).
+    behind = anchor_at(signed_time=T0, host_now=T0 - 900, ledger=ledger, source="s")
+    assert behind.time == T0
+    # Host far ahead: believed only up to the longest plausible journey of the file.
+    ahead = anchor_at(signed_time=T0, host_now=T0 + 30 * 86400, ledger=ledger, source="s")
+    assert ahead.time == T0 + MAX_SIGNED_TIME_AGE_S
+    # An older signed time never moves trusted time back.
+    later = ledger.advance(reading(10_000, reset=2))
+    again = anchor_at(
+        signed_time=T0 - 86400, host_now=T0 - 86400, ledger=later, source="old", current=behind
+    )
+    assert again.time == T0 + 10 and again.total_ms == 60_000
+
+
+def test_from_map_is_strict() -> None:
+    with pytest.raises(InvalidValueError):
+        TpmLedger.from_map({"reset": 1, "restart": 0, "boot_time_ms": -1, "total_ms": 0})
+    with pytest.raises(InvalidValueError):
+        TimeAnchor.from_map({"time": 1, "total_ms": 0})

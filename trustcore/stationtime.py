@@ -1,0 +1,200 @@
+"""Station time the host cannot wind: HQ-vouched anchors plus TPM-powered time, without I/O.
+
+A factory station enforces a daily limit and a key-use window, both judged by a clock. The
+host clock is the operator's to set, so it is only believed up to a ceiling:
+
+    trusted time = anchor time + TPM-powered time elapsed since the anchor
+
+* The **anchor** is a moment HQ vouches for: the signed ``created`` time of an entitlement
+  package or of an HQ time statement, taken when the station imports it
+  (:func:`anchor_at`, clamped to ``[signed, signed + MAX_SIGNED_TIME_AGE_S]``).
+* **TPM-powered time** is measured with the TPM's ``TPMS_TIME_INFO.time`` (milliseconds
+  since this TPM boot; nobody can set it, not even the owner, unlike ``Clock`` which the
+  owner may move forward with TPM2_ClockSet) and the boot identity ``(resetCount,
+  restartCount)``, which goes up at every TPM startup. :class:`TpmLedger` adds it up across
+  boots; time while the TPM was off counts as zero, because the station cannot know it.
+
+Host time more than the entitlement's ``clock_skew_s`` above the trusted time is refused
+(``clock_ahead``, :func:`trustcore.issuance.check_trusted_time`). Host time set back below
+what the station already recorded stays refused by ``check_clock``. So a clock moved
+forward a day at a time gains nothing: trusted time moves only as fast as real time.
+
+The price is that powered-off time is lost: after the station (with its TPM) was off for
+longer than the skew, the host clock is ahead of the trusted time until HQ vouches for a
+new time (a new entitlement or a time statement). That is deliberate: a power cycle is
+exactly what an attacker would use to pretend that a day passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from trustcore.errors import InvalidValueError, PolicyError
+
+__all__ = [
+    "MAX_SIGNED_TIME_AGE_S",
+    "TimeAnchor",
+    "TpmClockReading",
+    "TpmLedger",
+    "anchor_at",
+    "trusted_time",
+]
+
+#: The most a station believes has passed between HQ signing a time (an entitlement, a time
+#: statement) and the station importing it: time for a file to travel on a USB stick. A
+#: host clock further ahead at import is clamped to this, then ``clock_ahead`` refusals say
+#: that HQ must vouch again.
+MAX_SIGNED_TIME_AGE_S: Final = 7 * 86400
+
+_U32: Final = 2**32
+_U64: Final = 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class TpmClockReading:
+    """One TPM2_ReadClock answer (``TPMS_TIME_INFO``).
+
+    ``time_ms``: milliseconds since this TPM boot's startup, advanced only while powered,
+    settable by nobody. ``clock_ms``: the persistent TPM Clock (the owner can move it
+    forward). ``reset_count``/``restart_count``: the boot identity (every TPM startup raises
+    one of them; TPM2_Clear zeroes both). ``safe``: False when Clock may have gone back
+    (a disorderly shutdown before Clock was saved).
+    """
+
+    time_ms: int
+    clock_ms: int
+    reset_count: int
+    restart_count: int
+    safe: bool
+
+    def __post_init__(self) -> None:
+        for name, value, bound in (
+            ("time_ms", self.time_ms, _U64),
+            ("clock_ms", self.clock_ms, _U64),
+            ("reset_count", self.reset_count, _U32),
+            ("restart_count", self.restart_count, _U32),
+        ):
+            if type(value) is not int or not 0 <= value < bound:
+                raise InvalidValueError(f"TPM clock {name} out of range: {value!r}")
+
+    @property
+    def boot(self) -> tuple[int, int]:
+        """Ordered: a later TPM boot has a larger ``(resetCount, restartCount)``."""
+        return (self.reset_count, self.restart_count)
+
+    def audit_fields(self) -> dict[str, int]:
+        """What a station writes into an audit record so that HQ can check its times."""
+        return {
+            "tpm_time": self.time_ms,
+            "tpm_clock": self.clock_ms,
+            "tpm_reset": self.reset_count,
+            "tpm_restart": self.restart_count,
+            "tpm_safe": int(self.safe),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TpmLedger:
+    """TPM-powered time the station has observed, accumulated across TPM boots.
+
+    ``boot``/``boot_time_ms``: the last reading's boot identity and ``time``; ``total_ms``:
+    powered milliseconds added up since the ledger started. Stored by the station after
+    every reading it acts on.
+    """
+
+    boot: tuple[int, int]
+    boot_time_ms: int
+    total_ms: int
+
+    @classmethod
+    def start(cls, reading: TpmClockReading) -> TpmLedger:
+        return cls(reading.boot, reading.time_ms, 0)
+
+    def advance(self, reading: TpmClockReading) -> TpmLedger:
+        """The ledger after ``reading``. Raises ``PolicyError`` (``tpm_clock_inconsistent``)
+        when the reading cannot follow the last one: the boot counters went down (another
+        TPM, or a cleared one) or ``time`` went back within one boot."""
+        if reading.boot == self.boot:
+            if reading.time_ms < self.boot_time_ms:
+                raise PolicyError(
+                    f"the TPM's time went back within one boot ({reading.time_ms} ms < "
+                    f"{self.boot_time_ms} ms)",
+                    reason="tpm_clock_inconsistent",
+                )
+            return TpmLedger(
+                self.boot, reading.time_ms, self.total_ms + reading.time_ms - self.boot_time_ms
+            )
+        if reading.boot < self.boot:
+            raise PolicyError(
+                f"the TPM's boot counters went back from {self.boot} to {reading.boot}: "
+                "another TPM, or a cleared one",
+                reason="tpm_clock_inconsistent",
+            )
+        # A later boot: the time since its startup was powered; the time the TPM was off
+        # (and the rest of any boot the station never saw) is unknown and counts as zero.
+        return TpmLedger(reading.boot, reading.time_ms, self.total_ms + reading.time_ms)
+
+    def to_map(self) -> dict[str, int]:
+        return {
+            "reset": self.boot[0],
+            "restart": self.boot[1],
+            "boot_time_ms": self.boot_time_ms,
+            "total_ms": self.total_ms,
+        }
+
+    @classmethod
+    def from_map(cls, m: object) -> TpmLedger:
+        if not isinstance(m, dict) or set(m) != {"reset", "restart", "boot_time_ms", "total_ms"}:
+            raise InvalidValueError("a TPM ledger needs reset, restart, boot_time_ms, total_ms")
+        if not all(type(v) is int and v >= 0 for v in m.values()):
+            raise InvalidValueError("TPM ledger values are integers >= 0")
+        return cls((m["reset"], m["restart"]), m["boot_time_ms"], m["total_ms"])
+
+
+@dataclass(frozen=True, slots=True)
+class TimeAnchor:
+    """``time`` (unix seconds) was trustworthy when the ledger stood at ``total_ms``.
+    ``source`` says who vouched (``entitlement 3``, ``time statement 1765000000``)."""
+
+    time: int
+    total_ms: int
+    source: str
+
+    def to_map(self) -> dict[str, int | str]:
+        return {"time": self.time, "total_ms": self.total_ms, "source": self.source}
+
+    @classmethod
+    def from_map(cls, m: object) -> TimeAnchor:
+        if not isinstance(m, dict) or set(m) != {"time", "total_ms", "source"}:
+            raise InvalidValueError("a time anchor needs time, total_ms, source")
+        if type(m["time"]) is not int or type(m["total_ms"]) is not int:
+            raise InvalidValueError("time anchor values are integers")
+        if type(m["source"]) is not str:
+            raise InvalidValueError("time anchor source is a string")
+        return cls(m["time"], m["total_ms"], m["source"])
+
+
+def trusted_time(anchor: TimeAnchor, ledger: TpmLedger) -> int:
+    """The latest time the station can vouch for now (unix seconds)."""
+    return anchor.time + max(0, ledger.total_ms - anchor.total_ms) // 1000
+
+
+def anchor_at(
+    *,
+    signed_time: int,
+    host_now: int,
+    ledger: TpmLedger,
+    source: str,
+    current: TimeAnchor | None = None,
+    max_age_s: int = MAX_SIGNED_TIME_AGE_S,
+) -> TimeAnchor:
+    """A new anchor from a time HQ signed (``signed_time``), imported at host time
+    ``host_now``. The real time is at least ``signed_time`` (HQ signed it before the
+    station saw it) and the host may have waited up to ``max_age_s`` for the file, so the
+    host clock is believed within ``[signed_time, signed_time + max_age_s]``. An anchor never
+    moves trusted time backward: the current trusted time, if later, is kept."""
+    when = min(max(host_now, signed_time), signed_time + max_age_s)
+    if current is not None:
+        when = max(when, trusted_time(current, ledger))
+    return TimeAnchor(when, ledger.total_ms, source)
