@@ -141,7 +141,9 @@ def test_clock_rollback_cannot_reopen_an_expired_window() -> None:
     p = policy()
     late = p.not_after + 10
     with pytest.raises(PolicyError) as e:
-        check_issuance(p, state(latest_time=late, trusted_time=late), req(now=p.not_after - 100_000))
+        check_issuance(
+            p, state(latest_time=late, trusted_time=late), req(now=p.not_after - 100_000)
+        )
     assert e.value.reason in {"clock_rollback", "window_expired"}
     # Even within the skew tolerance, the window is judged by the latest recorded time.
     with pytest.raises(PolicyError) as e:
