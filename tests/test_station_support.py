@@ -69,8 +69,11 @@ class SoftHq:
         station_ca: x509.Certificate | None = None,
         to_transport: object | None = None,
         timezone: str = "UTC",
+        created: int | None = None,
     ) -> bytes:
-        now = int(datetime.now(UTC).timestamp())
+        """``created``: HQ's signing time (default: the real clock); the station anchors
+        its trusted time to it."""
+        now = int(datetime.now(UTC).timestamp()) if created is None else created
         nb = now - 3600 if not_before is None else not_before
         na = now + 30 * 86400 if not_after is None else not_after
         csr, transport = self.enrolment.verify()

@@ -1,0 +1,141 @@
+"""Station time the host cannot wind, on a real swtpm (docs/factory.md "Time").
+
+* the issue's attack: a host clock moved forward a day at a time (limit 5, 15 attempts)
+  issues 5, and the other 10 are refused ``clock_ahead`` and audited with the TPM reading;
+* a clock moved back is refused ``clock_rollback``;
+* a legitimate run over days, with the host clock and the swtpm's clock (libfaketime)
+  moving together, keeps working; a power cycle is not counted as time (``clock_ahead``)
+  until HQ vouches for a new time, here with a new entitlement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from device_sim.swtpm import Swtpm
+from factory_station.errors import IssuanceRefused
+from factory_station.station import FactoryStation
+from tests.fixtures.faketime import FakeTime
+from tests.fixtures.pki import Pki
+from tests.test_station_support import (
+    StationEnv,
+    Vendor,
+    make_station,
+    make_vendor,
+    station_env_fixture,
+)
+from trustcore.audit import decode_record
+from trustcore.identity import DeviceId
+
+DAY = 86400
+
+
+@pytest.fixture(scope="module")
+def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
+    return make_vendor(tmp_path_factory)
+
+
+@pytest.fixture
+def station_env(
+    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
+) -> Iterator[StationEnv]:
+    yield from station_env_fixture(pki, vendor, tmp_path, swtpm_factory)
+
+
+def _try_issue(station: FactoryStation, number: int) -> str:
+    """One issuance for a fresh key: ``issued`` or the refusal reason."""
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    try:
+        station.issue(DeviceId(f"dev-{number:06d}"), key)
+    except IssuanceRefused as exc:
+        return exc.reason
+    return "issued"
+
+
+def _records(station: FactoryStation) -> list[tuple[str, dict[str, object], int]]:
+    out = []
+    for _, raw in station.store.audit_records(0):
+        rec = decode_record(raw)
+        out.append((rec.event, dict(rec.fields), rec.time))
+    return out
+
+
+def test_clock_moved_forward_day_by_day_issues_only_the_daily_limit(
+    station_env: StationEnv,
+) -> None:
+    clock = FakeTime(station_env.home.parent / "host-clock")  # the host clock only
+    with station_env.open(clock=clock.now) as station:
+        station.import_entitlement(station_env.hq.entitlement(quota=20, daily=5))
+        outcomes = []
+        for day in range(3):  # the issue's example: limit 5, 15 attempts on one real day
+            for i in range(5):
+                outcomes.append(_try_issue(station, day * 5 + i + 1))
+            clock.advance(DAY)  # the operator moves the host clock to "tomorrow"
+        assert outcomes == ["issued"] * 5 + ["clock_ahead"] * 10
+        status = station.status()
+        assert status.issued_total == 5
+        assert status.time is not None and status.time["trusted_time"] < clock.now() - DAY
+        refused = [f for e, f, _ in _records(station) if e == "refused"]
+        assert [f["reason"] for f in refused] == ["clock_ahead"] * 10
+        # Each refusal carries the TPM reading it was decided on, in order, for HQ.
+        times = [f["tpm_time"] for f in refused]
+        assert times == sorted(times) and all(
+            f["tpm_reset"] == refused[0]["tpm_reset"] for f in refused
+        )
+        # Moving the clock back below what was recorded is refused as before.
+        clock.advance(-clock.offset - 3600)  # an hour before the real time
+        assert _try_issue(station, 99) == "clock_rollback"
+        assert station.status().issued_total == 5
+
+
+@pytest.fixture
+def faked(tmp_path: Path) -> FakeTime:
+    return FakeTime(tmp_path / "faketime")
+
+
+def test_a_long_run_with_host_and_tpm_clocks_moving_together(
+    pki: Pki,
+    vendor: Vendor,
+    tmp_path: Path,
+    swtpm_factory: Callable[..., Swtpm],
+    faked: FakeTime,
+) -> None:
+    env = make_station(pki, vendor, tmp_path, lambda d: swtpm_factory(d, env=faked.env))
+    number = 0
+
+    def issue_day(station: FactoryStation) -> list[str]:
+        nonlocal number
+        out = []
+        for _ in range(4):
+            number += 1
+            out.append(_try_issue(station, number))
+        return out
+
+    with env.open(clock=faked.now) as station:
+        station.import_entitlement(env.hq.entitlement(quota=40, daily=3))
+        for _ in range(5):  # five days: the TPM's clock moves with the host's
+            assert issue_day(station) == ["issued"] * 3 + ["over_daily_limit"]
+            faked.advance(DAY)
+        assert station.status().issued_total == 15
+    # A power cycle of the station's TPM over two days: the TPM's time restarts and the
+    # time it was off cannot be vouched for, so the host clock is now "ahead".
+    env.swtpm.stop()
+    faked.advance(2 * DAY)
+    env.swtpm.start()
+    with env.open(clock=faked.now) as station:
+        assert issue_day(station) == ["clock_ahead"] * 4
+        # HQ vouches for the date again: a new entitlement signed "now" re-anchors.
+        station.import_entitlement(
+            env.hq.entitlement(sequence=2, quota=40, daily=3, created=faked.now())
+        )
+        assert issue_day(station) == ["issued"] * 3 + ["over_daily_limit"]
+        status = station.status()
+        assert status.time is not None
+        assert status.time["anchor"]["source"] == "entitlement 2"
+        assert abs(status.time["trusted_time"] - faked.now()) <= 5
+        anchored = [f for e, f, _ in _records(station) if e == "entitlement_imported"]
+        assert anchored[-1]["tpm_reset"] > anchored[0]["tpm_reset"]  # the power cycle shows
