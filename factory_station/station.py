@@ -656,9 +656,9 @@ class FactoryStation:
             reading = self._read_tpm_clock()
             ledger, current = self._ledger, self._anchor
         except PolicyError:
-            reading = self._reading
-            assert reading is not None  # set by _read_tpm_clock before advancing
-            ledger, current = TpmLedger.start(reading), None
+            last = self._reading
+            assert last is not None  # set by _read_tpm_clock before advancing
+            reading, ledger, current = last, TpmLedger.start(last), None
         assert ledger is not None
         anchor = anchor_at(
             signed_time=signed_time, host_now=now, ledger=ledger, source=source, current=current

@@ -35,9 +35,11 @@ from trustcore.errors import InvalidValueError, PolicyError
 __all__ = [
     "MAX_SIGNED_TIME_AGE_S",
     "TimeAnchor",
+    "TimeAudit",
     "TpmClockReading",
     "TpmLedger",
     "anchor_at",
+    "expected_anchor",
     "trusted_time",
 ]
 
@@ -198,3 +200,111 @@ def anchor_at(
     if current is not None:
         when = max(when, trusted_time(current, ledger))
     return TimeAnchor(when, ledger.total_ms, source)
+
+
+@dataclass
+class TimeAudit:
+    """HQ's replay of the station's time rule over the TPM readings in its audit records.
+
+    Fed in log order (state carried across exports by the caller, :meth:`to_map`), it adds
+    up TPM-powered time exactly as :class:`TpmLedger` does and, once an anchor was seen,
+    reports a record dated more than ``tolerance_s`` after ``anchor + powered time since``.
+    Each method returns ``None`` or a ``(kind, detail)`` finding: ``tpm_clock_inconsistent``
+    (boot counters or time went back: another TPM, a cleared one, a rewritten reading) or
+    ``clock_ahead_of_tpm`` (the host clock ran ahead of what the TPM vouches for). After an
+    inconsistency the replay restarts from that reading, so one defect is one finding.
+    """
+
+    tolerance_s: int
+    boot: tuple[int, int] | None = None
+    boot_time_ms: int = 0
+    total_ms: int = 0
+    anchor_time: int | None = None
+    anchor_total_ms: int = 0
+
+    def observe(
+        self, when: int, reset: object, restart: object, tpm_time: object
+    ) -> tuple[str, str] | None:
+        if type(reset) is not int or type(restart) is not int or type(tpm_time) is not int:
+            return ("malformed_record", "TPM clock fields are not integers")
+        boot = (reset, restart)
+        finding: tuple[str, str] | None = None
+        if boot == self.boot:
+            if tpm_time >= self.boot_time_ms:
+                self.total_ms += tpm_time - self.boot_time_ms
+            else:
+                finding = (
+                    "tpm_clock_inconsistent",
+                    f"TPM time went back within boot {boot}: {tpm_time} ms after "
+                    f"{self.boot_time_ms} ms",
+                )
+                self.anchor_time = None
+        elif self.boot is None or boot > self.boot:
+            if self.boot is not None:
+                self.total_ms += tpm_time  # a later boot: its time since startup was powered
+        else:
+            finding = (
+                "tpm_clock_inconsistent",
+                f"TPM boot counters went back from {self.boot} to {boot}",
+            )
+            self.anchor_time = None
+        self.boot, self.boot_time_ms = boot, tpm_time
+        if finding is None and self.anchor_time is not None:
+            trusted = self.anchor_time + (self.total_ms - self.anchor_total_ms) // 1000
+            if when > trusted + self.tolerance_s:
+                finding = (
+                    "clock_ahead_of_tpm",
+                    f"time {when} is {when - trusted} s ahead of what the TPM vouches for "
+                    f"({trusted}, anchored at {self.anchor_time})",
+                )
+        return finding
+
+    def anchor(self, anchor_time: int) -> None:
+        """An anchor record (after :meth:`observe` of its own reading)."""
+        self.anchor_time = anchor_time
+        self.anchor_total_ms = self.total_ms
+
+    def to_map(self) -> dict[str, int | None]:
+        return {
+            "reset": None if self.boot is None else self.boot[0],
+            "restart": None if self.boot is None else self.boot[1],
+            "boot_time_ms": self.boot_time_ms,
+            "total_ms": self.total_ms,
+            "anchor_time": self.anchor_time,
+            "anchor_total_ms": self.anchor_total_ms,
+        }
+
+    @classmethod
+    def from_map(cls, m: object, tolerance_s: int) -> TimeAudit:
+        keys = {"reset", "restart", "boot_time_ms", "total_ms", "anchor_time", "anchor_total_ms"}
+        if not isinstance(m, dict) or set(m) != keys:
+            raise InvalidValueError(f"a time audit state needs {sorted(keys)}")
+        if not all(v is None or type(v) is int for v in m.values()):
+            raise InvalidValueError("time audit state values are integers or null")
+        boot = None if m["reset"] is None or m["restart"] is None else (m["reset"], m["restart"])
+        return cls(
+            tolerance_s,
+            boot,
+            m["boot_time_ms"] or 0,
+            m["total_ms"] or 0,
+            m["anchor_time"],
+            m["anchor_total_ms"] or 0,
+        )
+
+
+def expected_anchor(audit: TimeAudit, *, signed_time: int, host_now: int) -> int:
+    """The anchor a station following :func:`anchor_at` must have taken, given what HQ
+    replayed so far (call after :meth:`TimeAudit.observe` of the anchor record's reading)."""
+    ledger = TpmLedger(audit.boot or (0, 0), audit.boot_time_ms, audit.total_ms)
+    current = (
+        None
+        if audit.anchor_time is None
+        else TimeAnchor(audit.anchor_time, audit.anchor_total_ms, "replayed")
+    )
+    return anchor_at(
+        signed_time=signed_time,
+        host_now=host_now,
+        ledger=ledger,
+        source="replayed",
+        current=current,
+    ).time
