@@ -1,0 +1,150 @@
+"""HQ's time findings in ``hq ingest-audit`` (docs/hq.md): records dated after HQ received
+the export, out of order, ahead of what the station's TPM vouches for, TPM readings that
+go back, and anchors the station's rule cannot give. Accepted with findings: exit 1."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from hq.home import HqHome
+from hq.store import HqStore
+from tests.test_hq_support import World, build_world, ingest, ingest_json
+from trustcore.stationtime import MAX_SIGNED_TIME_AGE_S
+
+DAY = 86400
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.mktemp("hq-time-world"))
+
+
+@pytest.fixture
+def home(world: World, tmp_path: Path) -> Path:
+    return world.copy(tmp_path / "hq")
+
+
+def tpm(time_ms: int, reset: int = 1, restart: int = 0) -> dict[str, object]:
+    return {
+        "tpm_time": time_ms,
+        "tpm_clock": time_ms,
+        "tpm_reset": reset,
+        "tpm_restart": restart,
+        "tpm_safe": 1,
+    }
+
+
+def kinds(report: dict[str, object]) -> dict[str, int]:
+    counts = report["violation_counts"]
+    assert isinstance(counts, dict)
+    return counts
+
+
+def hq_signed(home: Path, station_id: str) -> int:
+    store = HqStore.open(HqHome.open(home).db_path)
+    try:
+        row = store.entitlement(station_id, 1)
+    finally:
+        store.close()
+    assert row is not None
+    return row.issued_at
+
+
+def test_a_station_that_follows_its_tpm_is_clean_across_exports(
+    world: World, home: Path, tmp_path: Path
+) -> None:
+    signed = hq_signed(home, "station-a")
+    slog = world.a.new_log()
+    slog.imported(signed + 60, {"signed_time": signed, "anchor_time": signed + 60, **tpm(1_000)})
+    slog.issue("dev-0001", signed + 70, extra=tpm(11_000))
+    code, report = ingest_json(home, slog.export(signed + 80), tmp_path)
+    assert (code, report["status"]) == (0, "clean"), report
+    # The replay continues across exports (state kept at HQ): a power cycle (new boot, the
+    # off time not counted) and a record within what the TPM vouches for stays clean.
+    slog.issue("dev-0002", signed + 75, extra=tpm(5_000, reset=2))
+    code, report = ingest_json(home, slog.export(signed + 90), tmp_path)
+    assert (code, report["status"]) == (0, "clean"), report
+
+
+def test_future_dated_and_out_of_order_table(world: World, home: Path, tmp_path: Path) -> None:
+    now = int(time.time())
+    slog = world.a.new_log()
+    slog.imported(world.t0)
+    slog.issue("dev-0001", now + 2 * DAY)  # dated two days after HQ receives it
+    slog.issue("dev-0002", now + 2 * DAY)  # the same future time again: still reported
+    slog.issue("dev-0003", world.t0 + 60)  # and then back: out of order
+    r = ingest(home, slog.export(world.t0 + 100), tmp_path)
+    assert r.exit_code == 1, r.output  # accepted with findings
+    assert "future_dated" in r.output and "clock_rollback" in r.output
+    store = HqStore.open(HqHome.open(home).db_path)
+    try:
+        devices = [d.device_id for d in store.devices("station-a")]
+    finally:
+        store.close()
+    assert devices == ["dev-0001", "dev-0002", "dev-0003"]  # evidence kept, head moved on
+
+
+def test_future_dated_json(world: World, home: Path, tmp_path: Path) -> None:
+    now = int(time.time())
+    slog = world.a.new_log()
+    slog.imported(world.t0)
+    slog.issue("dev-0001", now + 2 * DAY)
+    slog.issue("dev-0002", now + 2 * DAY)
+    slog.issue("dev-0003", world.t0 + 60)
+    code, report = ingest_json(home, slog.export(world.t0 + 100), tmp_path)
+    assert code == 1 and report["status"] == "violations"
+    assert kinds(report) == {"future_dated": 2, "clock_rollback": 1}
+    flagged = [v for v in report["violations"] if v["kind"] == "future_dated"]
+    assert [v["seq"] for v in flagged] == [1, 2]
+
+
+def test_clock_moved_forward_day_by_day_is_ahead_of_the_tpm(
+    world: World, home: Path, tmp_path: Path
+) -> None:
+    """A station that did not enforce its TPM clock (old software, or tampered): each day
+    forward on the host clock is a few seconds of TPM time. The HQ-vouched anchor is a time
+    statement at t0 so that nothing here is dated after HQ receives it."""
+    slog = world.a.new_log()
+    slog.imported(world.t0)
+    slog.record(
+        "time_anchored",
+        {"signed_time": world.t0, "anchor_time": world.t0, **tpm(1_000)},
+        world.t0,
+    )
+    number = 0
+    for day in range(3):
+        for i in range(5):
+            number += 1
+            when = world.t0 + day * DAY + i
+            slog.issue(f"dev-{number:04d}", when, extra=tpm(2_000 + day * 5_000 + i * 1_000))
+    code, report = ingest_json(home, slog.export(world.t0 + 2 * DAY + 60), tmp_path)
+    assert code == 1, report
+    assert kinds(report) == {"clock_ahead_of_tpm": 10}
+    first = next(v for v in report["violations"] if v["kind"] == "clock_ahead_of_tpm")
+    assert (
+        first["device_id"] == "dev-0006" and "ahead of what the TPM vouches for" in first["detail"]
+    )
+
+
+def test_tpm_readings_that_go_back_and_bad_anchors(
+    world: World, home: Path, tmp_path: Path
+) -> None:
+    signed = hq_signed(home, "station-a")
+    slog = world.a.new_log()
+    # The station claims an anchor far past what HQ's signing time allows.
+    late = signed + MAX_SIGNED_TIME_AGE_S + DAY
+    slog.imported(signed, {"signed_time": signed, "anchor_time": late, **tpm(1_000, reset=5)})
+    slog.issue("dev-0001", signed + 10, extra=tpm(9_000, reset=5))
+    slog.issue("dev-0002", signed + 20, extra=tpm(4_000, reset=5))  # time went back
+    slog.issue("dev-0003", signed + 30, extra=tpm(8_000, reset=4))  # boot counters went back
+    code, report = ingest_json(home, slog.export(signed + 100), tmp_path)
+    assert code == 1, report
+    assert kinds(report) == {"bad_time_anchor": 1, "tpm_clock_inconsistent": 2}
+    # A signed time that is not the one HQ put on the entitlement is reported too.
+    slog2 = world.b.new_log()
+    slog2.imported(signed, {"signed_time": signed - DAY, "anchor_time": signed, **tpm(1_000)})
+    code, report = ingest_json(home, slog2.export(signed + 100), tmp_path)
+    assert code == 1 and kinds(report) == {"bad_time_anchor": 1}, report
