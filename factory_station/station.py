@@ -85,10 +85,12 @@ from trustcore.keys import key_id
 from trustcore.messages import (
     CT_AUDIT_EXPORT,
     CT_ENTITLEMENT,
+    CT_TIME_STATEMENT,
     MAX_ENTITLEMENT_SIZE,
     AuditExportPayload,
     EntitlementPayload,
     StationEnrolment,
+    TimeStatement,
 )
 from trustcore.policy_chain import PluginSetting, plugin_settings
 from trustcore.profiles import (
@@ -128,6 +130,8 @@ DB_FILE: Final = "station.db"
 LOCK_FILE: Final = "station.lock"
 #: A sealed entitlement package: the payload limit plus room for header and certificate.
 MAX_ENTITLEMENT_PACKAGE: Final = MAX_ENTITLEMENT_SIZE + 64 * 1024
+#: A time statement: a few bytes of payload, the header and the signer's certificate.
+MAX_TIME_STATEMENT_PACKAGE: Final = 64 * 1024
 
 
 class AttestationMode:
@@ -664,6 +668,78 @@ class FactoryStation:
             signed_time=signed_time, host_now=now, ledger=ledger, source=source, current=current
         )
         return reading, ledger, anchor
+
+    def import_time_statement(self, package: bytes) -> TimeAnchor:
+        """Re-anchor trusted time on an HQ time statement (``hq time-statement``): signed by
+        the HQ entitlement signer under the pinned root, for this station, newer than any
+        statement imported before. Stored with its ``time_anchored`` audit record; refusals
+        (``EntitlementImportError`` reasons ``malformed``, ``untrusted_sender``, ``tampered``,
+        ``foreign_station``, ``replayed``) change nothing."""
+        with self._lock:
+            self._require_healthy()
+            now = self._clock()
+            try:
+                header = peek(package, max_size=MAX_TIME_STATEMENT_PACKAGE)
+            except SealedPackageError as exc:
+                raise EntitlementImportError(str(exc), reason="malformed") from exc
+            sender = self._verify_sender(header.sender_certificate, now)
+            last = self.store.get_meta("last_time_statement")
+            try:
+                opened = open_package(
+                    package,
+                    receiver=None,
+                    expected_content_type=CT_TIME_STATEMENT,
+                    trusted_sender_public=sender,
+                    last_sequence=last if isinstance(last, int) else None,
+                    max_size=MAX_TIME_STATEMENT_PACKAGE,
+                )
+                statement = TimeStatement.decode(opened.payload)
+            except ReplayError as exc:
+                raise EntitlementImportError(
+                    f"time statement {header.sequence} is not newer than the last one ({last})",
+                    reason="replayed",
+                ) from exc
+            except SealedPackageError as exc:
+                raise EntitlementImportError(
+                    f"{exc}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
+                ) from exc
+            except (EncodingError, InvalidValueError) as exc:
+                raise EntitlementImportError(
+                    f"time statement does not decode: {exc}", reason="malformed"
+                ) from exc
+            if statement.station_id != self.station_id.value:
+                raise EntitlementImportError(
+                    f"the time statement is for station {statement.station_id!r}",
+                    reason="foreign_station",
+                )
+            if statement.time != header.created or header.sequence != header.created:
+                raise EntitlementImportError(
+                    "the time statement's time differs from its signed header", reason="malformed"
+                )
+            reading, ledger, anchor = self._anchor_to(
+                statement.time, now, f"time statement {statement.time}"
+            )
+            fields: dict[str, FieldValue] = {
+                "signed_time": statement.time,
+                "anchor_time": anchor.time,
+            }
+            fields.update(reading.audit_fields())
+            rec = self._audit.append("time_anchored", fields, now)
+            try:
+                with self.store.transaction() as db:
+                    db.execute(
+                        "INSERT INTO audit(seq, record) VALUES (?, ?)",
+                        (self._audit.head.next_seq - 1, rec),
+                    )
+                    meta = self._time_meta(ledger, anchor)
+                    meta["last_time_statement"] = statement.time
+                    for key, value in meta.items():
+                        self.store.set_meta(key, value, db)
+            except BaseException:
+                self._reload_audit()
+                raise
+            self._ledger, self._anchor, self._reading = ledger, anchor, reading
+            return anchor
 
     @staticmethod
     def _time_meta(ledger: TpmLedger, anchor: TimeAnchor | None = None) -> dict[str, object]:

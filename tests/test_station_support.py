@@ -21,7 +21,13 @@ from signers.software import SoftwareKey
 from tests.fixtures.pki import MANUFACTURER, Pki
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy
 from trustcore.identity import StationId
-from trustcore.messages import CT_ENTITLEMENT, EntitlementPayload, StationEnrolment
+from trustcore.messages import (
+    CT_ENTITLEMENT,
+    CT_TIME_STATEMENT,
+    EntitlementPayload,
+    StationEnrolment,
+    TimeStatement,
+)
 from trustcore.profiles import HqRole, issue_station_ca
 from trustcore.sealed import seal_package
 
@@ -121,6 +127,21 @@ class SoftHq:
         )
         self.sent.append(package)
         return package
+
+    def time_statement(
+        self, when: int, *, station_id: str = STATION_ID, role: HqRole = HqRole.ENTITLEMENT_SIGNER
+    ) -> bytes:
+        """What ``hq time-statement`` makes: HQ's time ``when`` for one station, signed."""
+        cert, key = self.pki.roles[role]
+        return seal_package(
+            content_type=CT_TIME_STATEMENT,
+            payload=TimeStatement(station_id, when).encode(),
+            sender=SoftwareKey(key),
+            sender_cert=cert,
+            receiver_public=None,
+            sequence=when,
+            created=when,
+        )
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sim.swtpm import Swtpm
-from factory_station.errors import IssuanceRefused
+from factory_station.errors import EntitlementImportError, IssuanceRefused
 from factory_station.station import FactoryStation
 from tests.fixtures.faketime import FakeTime
 from tests.fixtures.pki import Pki
@@ -30,6 +30,7 @@ from tests.test_station_support import (
 )
 from trustcore.audit import decode_record
 from trustcore.identity import DeviceId
+from trustcore.profiles import HqRole
 
 DAY = 86400
 
@@ -139,3 +140,47 @@ def test_a_long_run_with_host_and_tpm_clocks_moving_together(
         assert abs(status.time["trusted_time"] - faked.now()) <= 5
         anchored = [f for e, f, _ in _records(station) if e == "entitlement_imported"]
         assert anchored[-1]["tpm_reset"] > anchored[0]["tpm_reset"]  # the power cycle shows
+
+
+def test_an_hq_time_statement_re_anchors_after_a_power_cycle(
+    pki: Pki,
+    vendor: Vendor,
+    tmp_path: Path,
+    swtpm_factory: Callable[..., Swtpm],
+    faked: FakeTime,
+) -> None:
+    env = make_station(pki, vendor, tmp_path, lambda d: swtpm_factory(d, env=faked.env))
+    with env.open(clock=faked.now) as station:
+        station.import_entitlement(env.hq.entitlement(quota=40, daily=10))
+        assert _try_issue(station, 1) == "issued"
+    env.swtpm.stop()  # a long weekend, switched off
+    faked.advance(3 * DAY)
+    env.swtpm.start()
+    with env.open(clock=faked.now) as station:
+        assert _try_issue(station, 2) == "clock_ahead"
+        before = _records(station)
+        # Refused without a change: another station's, a replay, a wrong signer, tampered.
+        for package, reason in (
+            (env.hq.time_statement(faked.now(), station_id="station-other"), "foreign_station"),
+            (env.hq.time_statement(faked.now(), role=HqRole.AUDIT_RECEIVER), "untrusted_sender"),
+            (env.hq.time_statement(faked.now())[:-3] + b"\x00\x00\x00", "tampered"),
+            (b"\xa1junk", "malformed"),
+        ):
+            with pytest.raises(EntitlementImportError) as info:
+                station.import_time_statement(package)
+            assert info.value.reason == reason, str(info.value)
+        assert _records(station) == before
+        statement = env.hq.time_statement(faked.now() - 600)  # signed ten minutes ago
+        anchor = station.import_time_statement(statement)
+        assert abs(anchor.time - faked.now()) <= 1 and anchor.source.startswith("time statement")
+        assert _try_issue(station, 2) == "issued"
+        with pytest.raises(EntitlementImportError) as info:
+            station.import_time_statement(statement)
+        assert info.value.reason == "replayed"
+        event, fields, when = _records(station)[-2]
+        assert event == "time_anchored" and fields["anchor_time"] == when
+        assert fields["signed_time"] == faked.now() - 600 and fields["tpm_reset"] == 2
+    # The anchor survives a restart of the station process.
+    with env.open(clock=faked.now) as station:
+        assert station.status().time["anchor"]["source"].startswith("time statement")  # type: ignore[index]
+        assert _try_issue(station, 3) == "issued"
