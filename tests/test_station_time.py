@@ -170,7 +170,8 @@ def test_an_hq_time_statement_re_anchors_after_a_power_cycle(
                 station.import_time_statement(package)
             assert info.value.reason == reason, str(info.value)
         assert _records(station) == before
-        statement = env.hq.time_statement(faked.now() - 600)  # signed ten minutes ago
+        signed_at = faked.now() - 600  # signed ten minutes ago, carried over on a USB stick
+        statement = env.hq.time_statement(signed_at)
         anchor = station.import_time_statement(statement)
         assert abs(anchor.time - faked.now()) <= 1 and anchor.source.startswith("time statement")
         assert _try_issue(station, 2) == "issued"
@@ -179,7 +180,7 @@ def test_an_hq_time_statement_re_anchors_after_a_power_cycle(
         assert info.value.reason == "replayed"
         event, fields, when = _records(station)[-2]
         assert event == "time_anchored" and fields["anchor_time"] == when
-        assert fields["signed_time"] == faked.now() - 600 and fields["tpm_reset"] == 2
+        assert fields["signed_time"] == signed_at and fields["tpm_reset"] == 2
     # The anchor survives a restart of the station process.
     with env.open(clock=faked.now) as station:
         assert station.status().time["anchor"]["source"].startswith("time statement")  # type: ignore[index]
