@@ -11,7 +11,10 @@ import pytest
 
 from hq.home import HqHome
 from hq.store import HqStore
-from tests.test_hq_support import World, build_world, ingest, ingest_json
+from tests.test_hq_support import World, build_world, ingest, ingest_json, run_hq
+from trustcore.messages import CT_TIME_STATEMENT, TimeStatement
+from trustcore.profiles import HqRole
+from trustcore.sealed import open_package
 from trustcore.stationtime import MAX_SIGNED_TIME_AGE_S
 
 DAY = 86400
@@ -148,3 +151,31 @@ def test_tpm_readings_that_go_back_and_bad_anchors(
     slog2.imported(signed, {"signed_time": signed - DAY, "anchor_time": signed, **tpm(1_000)})
     code, report = ingest_json(home, slog2.export(signed + 100), tmp_path)
     assert code == 1 and kinds(report) == {"bad_time_anchor": 1}, report
+
+
+def test_hq_time_statement_command(home: Path, tmp_path: Path) -> None:
+    out = tmp_path / "time.statement"
+    r = run_hq("time-statement", "--home", str(home), "--station", "station-a", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert "time statement for station-a" in r.output
+    signer = HqHome.open(home).role_certificate(HqRole.ENTITLEMENT_SIGNER)
+    opened = open_package(
+        out.read_bytes(),
+        receiver=None,
+        expected_content_type=CT_TIME_STATEMENT,
+        trusted_sender_public=signer.public_key(),  # type: ignore[arg-type]
+        last_sequence=None,
+        max_size=1 << 16,
+    )
+    statement = TimeStatement.decode(opened.payload)
+    assert statement.station_id == "station-a"
+    assert abs(statement.time - time.time()) < 60
+    assert opened.header.created == opened.header.sequence == statement.time
+    # An unknown station: one clear line, no traceback; an existing file is never replaced.
+    r = run_hq(
+        "time-statement", "--home", str(home), "--station", "nobody", "--out", str(tmp_path / "x")
+    )
+    assert r.exit_code == 1 and "not enrolled" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()
+    r = run_hq("time-statement", "--home", str(home), "--station", "station-a", "--out", str(out))
+    assert r.exit_code == 2 and "exists" in r.output
