@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from trustcore.errors import InvalidValueError, PolicyError
+from tests.test_messages import doc_vector
+from trustcore import cbor
+from trustcore.errors import EncodingError, InvalidValueError, PolicyError
+from trustcore.messages import TimeStatement
 from trustcore.stationtime import (
     MAX_SIGNED_TIME_AGE_S,
     TimeAnchor,
@@ -85,3 +88,17 @@ def test_from_map_is_strict() -> None:
         TpmLedger.from_map({"reset": 1, "restart": 0, "boot_time_ms": -1, "total_ms": 0})
     with pytest.raises(InvalidValueError):
         TimeAnchor.from_map({"time": 1, "total_ms": 0})
+
+
+def test_time_statement_vector_and_strict_decoding() -> None:
+    statement = TimeStatement("station-a", 1_800_000_000)
+    assert statement.encode() == doc_vector("time-statement-payload")
+    assert TimeStatement.decode(doc_vector("time-statement-payload")) == statement
+    for bad in (
+        {"station_id": "station-a"},
+        {"station_id": "station-a", "time": 1, "extra": 0},
+        {"station_id": "station-a", "time": -1},
+        {"station_id": 7, "time": 1},
+    ):
+        with pytest.raises(EncodingError):
+            TimeStatement.decode(cbor.encode(bad))
