@@ -72,6 +72,23 @@ def test_a_station_that_follows_its_tpm_is_clean_across_exports(
     assert (code, report["status"]) == (0, "clean"), report
 
 
+def test_a_power_cycle_then_a_time_statement_is_clean(
+    world: World, home: Path, tmp_path: Path
+) -> None:
+    slog = world.a.new_log()
+    slog.imported(world.t0)
+    anchor = {"signed_time": world.t0, "anchor_time": world.t0}
+    slog.record("time_anchored", {**anchor, **tpm(1_000)}, world.t0)
+    slog.issue("dev-0001", world.t0 + 10, extra=tpm(11_000))
+    # Off for a day: the station re-anchors on HQ's word before it issues again.
+    later = world.t0 + DAY
+    anchor = {"signed_time": later - 60, "anchor_time": later}
+    slog.record("time_anchored", {**anchor, **tpm(500, reset=2)}, later)
+    slog.issue("dev-0002", later + 5, extra=tpm(5_500, reset=2))
+    code, report = ingest_json(home, slog.export(later + 60), tmp_path)
+    assert (code, report["status"]) == (0, "clean"), report
+
+
 def test_future_dated_and_out_of_order_table(world: World, home: Path, tmp_path: Path) -> None:
     now = int(time.time())
     slog = world.a.new_log()
