@@ -494,8 +494,12 @@ def reconcile_records(
         tpm_reset = f.get("tpm_reset")
         if tpm_reset is not None:
             found = observe_tpm(t, tpm_reset, f.get("tpm_restart"), f.get("tpm_time"))
-            # An anchor record may be ahead of the old anchor: that is why it re-anchors.
-            if found is not None and not (found[0] == "clock_ahead_of_tpm" and "anchor_time" in f):
+            # An anchor record may be ahead of the old anchor (that is why it re-anchors),
+            # and a refusal did nothing (the station's own ``clock_ahead`` refusals are
+            # counted in ``refused_at_station``): only readings that issued are "ahead".
+            if found is not None and not (
+                found[0] == "clock_ahead_of_tpm" and ("anchor_time" in f or ev == "refused")
+            ):
                 who = f.get("device_id")
                 violations.append(
                     Violation(found[0], seq, who if type(who) is str else "", found[1])

@@ -140,9 +140,13 @@ def test_clock_moved_forward_day_by_day_is_ahead_of_the_tpm(
             number += 1
             when = world.t0 + day * DAY + i
             slog.issue(f"dev-{number:04d}", when, extra=tpm(2_000 + day * 5_000 + i * 1_000))
+    # A station that enforces its TPM clock refuses instead: counted, not a finding.
+    refusal = {"device_id": "dev-0099", "reason": "clock_ahead", **tpm(30_000)}
+    slog.record("refused", refusal, world.t0 + 2 * DAY + 30)
     code, report = ingest_json(home, slog.export(world.t0 + 2 * DAY + 60), tmp_path)
     assert code == 1, report
     assert kinds(report) == {"clock_ahead_of_tpm": 10}
+    assert report["refused_at_station"] == {"clock_ahead": 1}
     first = next(v for v in report["violations"] if v["kind"] == "clock_ahead_of_tpm")
     assert (
         first["device_id"] == "dev-0006" and "ahead of what the TPM vouches for" in first["detail"]

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from device_sim.swtpm import Swtpm
 from factory_station.errors import EntitlementImportError, IssuanceRefused
 from factory_station.station import FactoryStation
-from tests.fixtures.tpm_faketime import FakeTime
 from tests.fixtures.pki import Pki
+from tests.fixtures.tpm_faketime import FakeTime
 from tests.test_station_support import (
     StationEnv,
     Vendor,
