@@ -10,13 +10,17 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sim.swtpm import Swtpm
+from factory_station.cli import main as station_main
 from factory_station.errors import EntitlementImportError, IssuanceRefused
 from factory_station.station import FactoryStation
 from tests.fixtures.pki import Pki
@@ -185,3 +189,22 @@ def test_an_hq_time_statement_re_anchors_after_a_power_cycle(
     with env.open(clock=faked.now) as station:
         assert station.status().time["anchor"]["source"].startswith("time statement")  # type: ignore[index]
         assert _try_issue(station, 3) == "issued"
+
+
+def test_import_time_statement_command(station_env: StationEnv, tmp_path: Path) -> None:
+    runner = CliRunner()
+    home = str(station_env.home)
+    with station_env.open() as station:
+        station.import_entitlement(station_env.hq.entitlement())
+    good, junk = tmp_path / "time.sealed", tmp_path / "junk.sealed"
+    good.write_bytes(station_env.hq.time_statement(int(time.time())))
+    junk.write_bytes(b"\x00" * 40)
+    out = runner.invoke(station_main, ["import-time-statement", "--home", home, str(good)])
+    assert out.exit_code == 0 and "trusted time anchored at" in out.output, out.output
+    for path, reason in ((junk, "malformed"), (good, "replayed")):
+        out = runner.invoke(station_main, ["import-time-statement", "--home", home, str(path)])
+        assert out.exit_code == 2 and reason in out.output, out.output
+        assert "Traceback" not in out.output
+    status = json.loads(runner.invoke(station_main, ["status", "--home", home, "--json"]).output)
+    assert status["time"]["anchor"]["source"].startswith("time statement")
+    assert status["time"]["problem"] is None
