@@ -5,7 +5,9 @@ This is the station's composition root. :meth:`FactoryStation.open` wires the pa
 transport key inside it, the TPM NV counter, the SQLite :class:`StationStore`, the pinned
 root certificate, the clock) and checks that files and TPM agree before anything else
 happens; tests and benchmarks inject a clock or wrap the counter here, never inside the
-package.
+package. The injected clock is the *host* clock: it is believed only up to the trusted time
+(an HQ-signed anchor plus TPM-powered time since, read with TPM2_ReadClock on every
+decision; ``trustcore.stationtime``), so a test that moves it must move the TPM's clock too.
 
 Station directory (``--home``)::
 
@@ -252,7 +254,6 @@ class StationStatus:
 
     def to_map(self) -> dict[str, Any]:
         return {
-            "time": self.time,
             "station_id": self.station_id,
             "tcti": self.tcti,
             "counter": self.counter,
@@ -263,6 +264,7 @@ class StationStatus:
             "remaining": self.remaining,
             "audit_records": self.audit_records,
             "last_export": self.last_export,
+            "time": self.time,
         }
 
 
