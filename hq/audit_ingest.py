@@ -917,6 +917,10 @@ def ingest_audit(
                 verified.manifest, recon.issued, verified.station_ca
             )
             recon.violations.extend(manifest_violations)
+            if verified.checkpoint.time > moment + STATION_TIME_TOLERANCE_S:
+                recon.violations.append(
+                    _future_dated(verified.checkpoint.seq, verified.checkpoint.time, moment)
+                )
             _cross_check_duplicates(store, verified.station_id, recon)
             report = IngestReport.build(
                 verified, head, recon, seconds=time.perf_counter() - started
