@@ -40,6 +40,7 @@ __all__ = [
     "TpmLedger",
     "anchor_at",
     "expected_anchor",
+    "powered_ms",
     "trusted_time",
 ]
 
@@ -96,6 +97,18 @@ class TpmClockReading:
         }
 
 
+def powered_ms(
+    last_boot: tuple[int, int], last_time_ms: int, boot: tuple[int, int], time_ms: int
+) -> int | None:
+    """TPM-powered milliseconds between two readings, as far as they show: within one boot
+    the difference of ``time``; into a later boot the ``time`` since its startup (the time
+    the TPM was off counts as zero). None when the second reading cannot follow the first:
+    ``time`` went back within a boot, or the boot counters went down."""
+    if boot == last_boot:
+        return time_ms - last_time_ms if time_ms >= last_time_ms else None
+    return time_ms if boot > last_boot else None
+
+
 @dataclass(frozen=True, slots=True)
 class TpmLedger:
     """TPM-powered time the station has observed, accumulated across TPM boots.
@@ -117,25 +130,15 @@ class TpmLedger:
         """The ledger after ``reading``. Raises ``PolicyError`` (``tpm_clock_inconsistent``)
         when the reading cannot follow the last one: the boot counters went down (another
         TPM, or a cleared one) or ``time`` went back within one boot."""
-        if reading.boot == self.boot:
-            if reading.time_ms < self.boot_time_ms:
-                raise PolicyError(
-                    f"the TPM's time went back within one boot ({reading.time_ms} ms < "
-                    f"{self.boot_time_ms} ms)",
-                    reason="tpm_clock_inconsistent",
-                )
-            return TpmLedger(
-                self.boot, reading.time_ms, self.total_ms + reading.time_ms - self.boot_time_ms
-            )
-        if reading.boot < self.boot:
+        delta = powered_ms(self.boot, self.boot_time_ms, reading.boot, reading.time_ms)
+        if delta is None:
             raise PolicyError(
-                f"the TPM's boot counters went back from {self.boot} to {reading.boot}: "
+                f"the TPM's reading {reading.boot}/{reading.time_ms} ms cannot follow "
+                f"{self.boot}/{self.boot_time_ms} ms (boot counters or time went back): "
                 "another TPM, or a cleared one",
                 reason="tpm_clock_inconsistent",
             )
-        # A later boot: the time since its startup was powered; the time the TPM was off
-        # (and the rest of any boot the station never saw) is unknown and counts as zero.
-        return TpmLedger(reading.boot, reading.time_ms, self.total_ms + reading.time_ms)
+        return TpmLedger(reading.boot, reading.time_ms, self.total_ms + delta)
 
     def to_map(self) -> dict[str, int]:
         return {
@@ -229,25 +232,17 @@ class TimeAudit:
             return ("malformed_record", "TPM clock fields are not integers")
         boot = (reset, restart)
         finding: tuple[str, str] | None = None
-        if boot == self.boot:
-            if tpm_time >= self.boot_time_ms:
-                self.total_ms += tpm_time - self.boot_time_ms
-            else:
+        if self.boot is not None:
+            delta = powered_ms(self.boot, self.boot_time_ms, boot, tpm_time)
+            if delta is None:
                 finding = (
                     "tpm_clock_inconsistent",
-                    f"TPM time went back within boot {boot}: {tpm_time} ms after "
-                    f"{self.boot_time_ms} ms",
+                    f"TPM reading {boot}/{tpm_time} ms cannot follow "
+                    f"{self.boot}/{self.boot_time_ms} ms (boot counters or time went back)",
                 )
                 self.anchor_time = None
-        elif self.boot is None or boot > self.boot:
-            if self.boot is not None:
-                self.total_ms += tpm_time  # a later boot: its time since startup was powered
-        else:
-            finding = (
-                "tpm_clock_inconsistent",
-                f"TPM boot counters went back from {self.boot} to {boot}",
-            )
-            self.anchor_time = None
+            else:
+                self.total_ms += delta
         self.boot, self.boot_time_ms = boot, tpm_time
         if finding is None and self.anchor_time is not None:
             trusted = self.anchor_time + (self.total_ms - self.anchor_total_ms) // 1000
