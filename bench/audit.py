@@ -64,6 +64,7 @@ from trustcore.messages import (
 )
 from trustcore.profiles import HqRole, issue_factory_certificate
 from trustcore.sealed import open_package, peek, seal_package
+from trustcore.stationtime import TpmClockReading
 
 STATION = "bench-station"
 MANIFEST_SAMPLE = 2000
@@ -165,7 +166,7 @@ def build_records(
 
 def _tpm(seq: int) -> dict[str, object]:
     ms = 1000 + seq
-    return {"tpm_time": ms, "tpm_clock": ms, "tpm_reset": 3, "tpm_restart": 0, "tpm_safe": 1}
+    return dict(TpmClockReading(ms, ms, 3, 0, True).audit_fields(full=seq == 0))
 
 
 def main() -> None:

@@ -609,7 +609,7 @@ class FactoryStation:
                 "signed_time": header.created,
                 "anchor_time": anchor.time,
             }
-            fields.update(reading.audit_fields())
+            fields.update(reading.audit_fields(full=True))
             rec = self._audit.append("entitlement_imported", fields, now)
             try:
                 self.store.record_entitlement(
@@ -725,7 +725,7 @@ class FactoryStation:
                 "signed_time": statement.time,
                 "anchor_time": anchor.time,
             }
-            fields.update(reading.audit_fields())
+            fields.update(reading.audit_fields(full=True))
             rec = self._audit.append("time_anchored", fields, now)
             try:
                 with self.store.transaction() as db:
@@ -1220,7 +1220,7 @@ class FactoryStation:
                 "host_time": self._clock(),
                 "trusted_time": trusted,
                 "anchor": None if self._anchor is None else self._anchor.to_map(),
-                "tpm": None if reading is None else reading.audit_fields(),
+                "tpm": None if reading is None else reading.to_map(),
                 "tpm_powered_ms": None if self._ledger is None else self._ledger.total_ms,
                 "problem": problem,
             }

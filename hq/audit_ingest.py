@@ -491,9 +491,9 @@ def reconcile_records(
             )
         elif t > future:
             violations.append(_future_dated(seq, t, received))
-        tpm_reset = f.get("tpm_reset")
-        if tpm_reset is not None:
-            found = observe_tpm(t, tpm_reset, f.get("tpm_restart"), f.get("tpm_time"))
+        tpm_field = f.get("tpm")
+        if tpm_field is not None:
+            found = observe_tpm(t, tpm_field)
             # An anchor record may be ahead of the old anchor (that is why it re-anchors),
             # and a refusal did nothing (the station's own ``clock_ahead`` refusals are
             # counted in ``refused_at_station``): only readings that issued are "ahead".

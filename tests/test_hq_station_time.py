@@ -15,7 +15,7 @@ from tests.test_hq_support import World, build_world, ingest, ingest_json, run_h
 from trustcore.messages import CT_TIME_STATEMENT, TimeStatement
 from trustcore.profiles import HqRole
 from trustcore.sealed import open_package
-from trustcore.stationtime import MAX_SIGNED_TIME_AGE_S
+from trustcore.stationtime import MAX_SIGNED_TIME_AGE_S, TpmClockReading
 
 DAY = 86400
 
@@ -31,13 +31,8 @@ def home(world: World, tmp_path: Path) -> Path:
 
 
 def tpm(time_ms: int, reset: int = 1, restart: int = 0) -> dict[str, object]:
-    return {
-        "tpm_time": time_ms,
-        "tpm_clock": time_ms,
-        "tpm_reset": reset,
-        "tpm_restart": restart,
-        "tpm_safe": 1,
-    }
+    """The TPM field of a record, as a station writes it."""
+    return dict(TpmClockReading(time_ms, time_ms, reset, restart, True).audit_fields())
 
 
 def kinds(report: dict[str, object]) -> dict[str, int]:

@@ -16,6 +16,7 @@ from trustcore.stationtime import (
     TpmLedger,
     anchor_at,
     trusted_time,
+    unpack_tpm_field,
 )
 
 T0 = 1_800_000_000
@@ -53,9 +54,13 @@ def test_reading_values_are_checked() -> None:
         TpmClockReading(-1, 0, 0, 0, True)
     with pytest.raises(InvalidValueError):
         TpmClockReading(0, 0, 2**32, 0, True)
-    assert reading(7).audit_fields() == {
-        "tpm_time": 7, "tpm_clock": 7, "tpm_reset": 1, "tpm_restart": 0, "tpm_safe": 1,
-    }  # fmt: skip
+    # The compact field every issued record carries: reset u32, restart u32, time u64.
+    fields = TpmClockReading(7, 9, 1, 2, False).audit_fields()
+    assert fields == {"tpm": bytes.fromhex("00000001000000020000000000000007")}
+    assert unpack_tpm_field(fields["tpm"]) == (1, 2, 7)
+    assert unpack_tpm_field(b"\x00" * 15) is None and unpack_tpm_field(7) is None
+    full = TpmClockReading(7, 9, 1, 2, False).audit_fields(full=True)
+    assert (full["tpm_clock"], full["tpm_safe"]) == (9, 0)
 
 
 def test_trusted_time_moves_with_the_tpm_only() -> None:

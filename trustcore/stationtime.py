@@ -27,6 +27,7 @@ exactly what an attacker would use to pretend that a day passed.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -42,6 +43,7 @@ __all__ = [
     "expected_anchor",
     "powered_ms",
     "trusted_time",
+    "unpack_tpm_field",
 ]
 
 #: The most a station believes has passed between HQ signing a time (an entitlement, a time
@@ -52,6 +54,8 @@ MAX_SIGNED_TIME_AGE_S: Final = 7 * 86400
 
 _U32: Final = 2**32
 _U64: Final = 2**64
+#: The ``tpm`` audit field: resetCount u32, restartCount u32, time u64 (ms), big-endian.
+_TPM_FIELD: Final = struct.Struct(">IIQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,15 +90,36 @@ class TpmClockReading:
         """Ordered: a later TPM boot has a larger ``(resetCount, restartCount)``."""
         return (self.reset_count, self.restart_count)
 
-    def audit_fields(self) -> dict[str, int]:
-        """What a station writes into an audit record so that HQ can check its times."""
-        return {
-            "tpm_time": self.time_ms,
-            "tpm_clock": self.clock_ms,
-            "tpm_reset": self.reset_count,
-            "tpm_restart": self.restart_count,
-            "tpm_safe": int(self.safe),
+    def audit_fields(self, *, full: bool = False) -> dict[str, int | bytes]:
+        """What a station writes into an audit record so that HQ can check its times:
+        ``tpm``, 16 bytes (``resetCount`` u32, ``restartCount`` u32, ``time`` u64 ms,
+        big-endian; compact because every ``issued`` record carries it and a million-record
+        export must stay under the package size limit). ``full`` (anchor records) adds
+        ``tpm_clock`` and ``tpm_safe`` (0/1) for diagnosis; HQ's replay does not need them."""
+        out: dict[str, int | bytes] = {
+            "tpm": _TPM_FIELD.pack(self.reset_count, self.restart_count, self.time_ms)
         }
+        if full:
+            out["tpm_clock"] = self.clock_ms
+            out["tpm_safe"] = int(self.safe)
+        return out
+
+    def to_map(self) -> dict[str, int | bool]:
+        return {
+            "time_ms": self.time_ms,
+            "clock_ms": self.clock_ms,
+            "reset_count": self.reset_count,
+            "restart_count": self.restart_count,
+            "safe": self.safe,
+        }
+
+
+def unpack_tpm_field(value: object) -> tuple[int, int, int] | None:
+    """``(resetCount, restartCount, time_ms)`` of a ``tpm`` audit field; None if malformed."""
+    if type(value) is not bytes or len(value) != _TPM_FIELD.size:
+        return None
+    reset, restart, time_ms = _TPM_FIELD.unpack(value)
+    return reset, restart, time_ms
 
 
 def powered_ms(
@@ -225,11 +250,12 @@ class TimeAudit:
     anchor_time: int | None = None
     anchor_total_ms: int = 0
 
-    def observe(
-        self, when: int, reset: object, restart: object, tpm_time: object
-    ) -> tuple[str, str] | None:
-        if type(reset) is not int or type(restart) is not int or type(tpm_time) is not int:
-            return ("malformed_record", "TPM clock fields are not integers")
+    def observe(self, when: int, tpm_field: object) -> tuple[str, str] | None:
+        """One record dated ``when`` with the ``tpm`` audit field ``tpm_field``."""
+        unpacked = unpack_tpm_field(tpm_field)
+        if unpacked is None:
+            return ("malformed_record", "the tpm field is not 16 bytes")
+        reset, restart, tpm_time = unpacked
         boot = (reset, restart)
         finding: tuple[str, str] | None = None
         if self.boot is not None:
