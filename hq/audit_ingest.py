@@ -620,7 +620,18 @@ def reconcile_records(
             if "anchor_time" in f:
                 _time_anchor(violations, time_audit, seq, t, f, tally.row.issued_at)
         elif ev == "time_anchored":
-            _time_anchor(violations, time_audit, seq, t, f, None)
+            signed = f.get("signed_time")
+            if store.time_statement_issued(station_id, signed):
+                _time_anchor(violations, time_audit, seq, t, f, None)
+            else:  # not re-anchored: the replay keeps the anchor HQ can vouch for
+                violations.append(
+                    Violation(
+                        "bad_time_anchor",
+                        seq,
+                        "",
+                        f"HQ issued no time statement at {signed!r} to {station_id}",
+                    )
+                )
         elif ev == "quorum_approved":
             tally = tally_for(f.get("entitlement_seq"), seq, "")
             if tally is not None:

@@ -25,7 +25,9 @@ __all__ = ["issue_time_statement"]
 def issue_time_statement(
     home: HqHome, station_id: str, secrets: HqSecrets, *, now: datetime | None = None
 ) -> tuple[bytes, int]:
-    """A sealed time statement for ``station_id`` at HQ's time now; returns it and the time."""
+    """A sealed time statement for ``station_id`` at HQ's time now; returns it and the time.
+    Recorded in HQ's database before it is returned: ``hq ingest-audit`` checks a station's
+    ``time_anchored`` records against the statements HQ issued."""
     moment = int(now_utc(now).timestamp())
     store = HqStore.open(home.db_path)
     try:
@@ -33,15 +35,17 @@ def issue_time_statement(
             raise EntitlementError(
                 f"station {station_id!r} is not enrolled", reason="unknown_station"
             )
+        package = seal_package(
+            content_type=CT_TIME_STATEMENT,
+            payload=TimeStatement(station_id, moment).encode(),
+            sender=home.role_key(HqRole.ENTITLEMENT_SIGNER, secrets),
+            sender_cert=home.role_certificate(HqRole.ENTITLEMENT_SIGNER),
+            receiver_public=None,
+            sequence=moment,
+            created=moment,
+        )
+        with store.transaction():
+            store.record_time_statement(station_id, moment)
     finally:
         store.close()
-    package = seal_package(
-        content_type=CT_TIME_STATEMENT,
-        payload=TimeStatement(station_id, moment).encode(),
-        sender=home.role_key(HqRole.ENTITLEMENT_SIGNER, secrets),
-        sender_cert=home.role_certificate(HqRole.ENTITLEMENT_SIGNER),
-        receiver_public=None,
-        sequence=moment,
-        created=moment,
-    )
     return package, moment

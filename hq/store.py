@@ -502,6 +502,20 @@ class HqStore:
         except (ValueError, InvalidValueError) as exc:
             raise HomeError(f"stored station time of {station_id} is invalid: {exc}") from exc
 
+    def record_time_statement(self, station_id: str, when: int) -> None:
+        """HQ issued a time statement at ``when`` to the station (kept so that an audit's
+        ``time_anchored`` record can be checked against it)."""
+        self._conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES (?, '1')",
+            (f"time_statement:{station_id}:{when}",),
+        )
+
+    def time_statement_issued(self, station_id: str, when: object) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM meta WHERE key = ?", (f"time_statement:{station_id}:{when}",)
+        ).fetchone()
+        return row is not None
+
     def put_station_time_audit(self, station_id: str, audit: TimeAudit) -> None:
         self._conn.execute(
             "INSERT INTO meta(key, value) VALUES (?, ?) "

@@ -5,13 +5,15 @@ go back, and anchors the station's rule cannot give. Accepted with findings: exi
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from hq.home import HqHome
+from hq.home import HqHome, HqSecrets
+from hq.station_time import issue_time_statement
 from hq.store import HqStore
-from tests.test_hq_support import World, build_world, ingest, ingest_json, run_hq
+from tests.test_hq_support import PASSPHRASE, World, build_world, ingest, ingest_json, run_hq
 from trustcore.messages import CT_TIME_STATEMENT, TimeStatement
 from trustcore.profiles import HqRole
 from trustcore.sealed import open_package
@@ -39,6 +41,18 @@ def kinds(report: dict[str, object]) -> dict[str, int]:
     counts = report["violation_counts"]
     assert isinstance(counts, dict)
     return counts
+
+
+def vouch(home: Path, tmp_path: Path, when: int, station_id: str = "station-a") -> int:
+    """HQ issues a time statement at ``when`` (as ``hq time-statement`` does then)."""
+    pw = tmp_path / "pw"
+    pw.write_text(PASSPHRASE)
+    pw.chmod(0o600)
+    secrets = HqSecrets(passphrase_file=pw)
+    _, moment = issue_time_statement(
+        HqHome.open(home), station_id, secrets, now=datetime.fromtimestamp(when, UTC)
+    )
+    return moment
 
 
 def hq_signed(home: Path, station_id: str) -> int:
@@ -72,16 +86,38 @@ def test_a_power_cycle_then_a_time_statement_is_clean(
 ) -> None:
     slog = world.a.new_log()
     slog.imported(world.t0)
+    vouch(home, tmp_path, world.t0)
     anchor = {"signed_time": world.t0, "anchor_time": world.t0}
     slog.record("time_anchored", {**anchor, **tpm(1_000)}, world.t0)
     slog.issue("dev-0001", world.t0 + 10, extra=tpm(11_000))
     # Off for a day: the station re-anchors on HQ's word before it issues again.
     later = world.t0 + DAY
+    vouch(home, tmp_path, later - 60)
     anchor = {"signed_time": later - 60, "anchor_time": later}
     slog.record("time_anchored", {**anchor, **tpm(500, reset=2)}, later)
     slog.issue("dev-0002", later + 5, extra=tpm(5_500, reset=2))
     code, report = ingest_json(home, slog.export(later + 60), tmp_path)
     assert (code, report["status"]) == (0, "clean"), report
+
+
+def test_a_time_statement_hq_never_issued_does_not_re_anchor(
+    world: World, home: Path, tmp_path: Path
+) -> None:
+    slog = world.a.new_log()
+    slog.imported(world.t0)
+    vouch(home, tmp_path, world.t0)
+    slog.record(
+        "time_anchored", {"signed_time": world.t0, "anchor_time": world.t0, **tpm(1_000)}, world.t0
+    )
+    # A station "re-anchors" a day later on a statement HQ never made, then issues.
+    later = world.t0 + DAY
+    slog.record("time_anchored", {"signed_time": later, "anchor_time": later, **tpm(2_000)}, later)
+    slog.issue("dev-0001", later + 5, extra=tpm(7_000))
+    code, report = ingest_json(home, slog.export(later + 60), tmp_path)
+    assert code == 1, report
+    assert kinds(report) == {"bad_time_anchor": 1, "clock_ahead_of_tpm": 1}
+    bad = next(v for v in report["violations"] if v["kind"] == "bad_time_anchor")
+    assert "no time statement" in bad["detail"] and bad["seq"] == 2
 
 
 def test_future_dated_and_out_of_order_table(world: World, home: Path, tmp_path: Path) -> None:
@@ -129,6 +165,7 @@ def test_clock_moved_forward_day_by_day_is_ahead_of_the_tpm(
     statement at t0 so that nothing here is dated after HQ receives it."""
     slog = world.a.new_log()
     slog.imported(world.t0)
+    vouch(home, tmp_path, world.t0)
     slog.record(
         "time_anchored",
         {"signed_time": world.t0, "anchor_time": world.t0, **tpm(1_000)},
@@ -192,6 +229,12 @@ def test_hq_time_statement_command(home: Path, tmp_path: Path) -> None:
     assert statement.station_id == "station-a"
     assert abs(statement.time - time.time()) < 60
     assert opened.header.created == opened.header.sequence == statement.time
+    store = HqStore.open(HqHome.open(home).db_path)
+    try:  # recorded: the station's time_anchored record will be checked against it
+        assert store.time_statement_issued("station-a", statement.time)
+        assert not store.time_statement_issued("station-b", statement.time)
+    finally:
+        store.close()
     # An unknown station: one clear line, no traceback; an existing file is never replaced.
     r = run_hq(
         "time-statement", "--home", str(home), "--station", "nobody", "--out", str(tmp_path / "x")
