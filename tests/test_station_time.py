@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from device_sim.swtpm import Swtpm
 from factory_station.cli import main as station_main
 from factory_station.errors import EntitlementImportError, IssuanceRefused
 from factory_station.station import FactoryStation
+from hq.cli import main as hq_main
 from tests.fixtures.pki import Pki
 from tests.fixtures.tpm_faketime import FakeTime
 from tests.test_station_support import (
@@ -210,3 +212,52 @@ def test_import_time_statement_command(station_env: StationEnv, tmp_path: Path) 
     status = json.loads(runner.invoke(station_main, ["status", "--home", home, "--json"]).output)
     assert status["time"]["anchor"]["source"].startswith("time statement")
     assert status["time"]["problem"] is None
+
+
+def test_hq_and_station_commands_agree_on_time(
+    tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real commands: ``hq entitle`` and ``hq time-statement`` anchor the station, whose
+    audit export HQ then replays clean (the anchors are the ones HQ signed and recorded)."""
+    monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", "correct horse battery staple")
+    runner = CliRunner()
+
+    def run(cli: object, *args: object, code: int = 0) -> str:
+        result = runner.invoke(cli, [str(a) for a in args])  # type: ignore[arg-type]
+        assert result.exit_code == code, result.output
+        return result.output
+
+    hq, station = tmp_path / "hq", tmp_path / "station"
+    run(hq_main, "init", "--home", hq, "--org", "Acme Devices")
+    tpm = swtpm_factory(tmp_path / "station-tpm")
+    enrolment = tmp_path / "enrolment.cbor"
+    run(
+        station_main, "init", "--home", station, "--station-id", "station-01",
+        "--tcti", tpm.tcti, "--root", hq / "certs" / "root-ca.pem", "--unsafe-csr-only",
+        "--enrolment-out", enrolment,
+    )  # fmt: skip
+    run(hq_main, "enrol-station", "--home", hq, enrolment)
+    now = datetime.now(UTC)
+    entitlement = tmp_path / "entitlement.sealed"
+    run(
+        hq_main, "entitle", "--home", hq, "--station", "station-01", "--product", "thermostat",
+        "--quota", "20", "--daily-limit", "10", "--timezone", "UTC",
+        "--not-before", (now - timedelta(hours=1)).isoformat(),
+        "--not-after", (now + timedelta(days=30)).isoformat(),
+        "--id-prefix", "TH-", "--id-first", "0", "--id-last", "999", "--id-digits", "6",
+        "--out", entitlement,
+    )  # fmt: skip
+    run(station_main, "import-entitlement", "--home", station, entitlement)
+    statement = tmp_path / "time.sealed"
+    run(hq_main, "time-statement", "--home", hq, "--station", "station-01", "--out", statement)
+    assert "trusted time anchored" in run(
+        station_main, "import-time-statement", "--home", station, statement
+    )
+    # The same statement again is refused by the station, clearly (exit 2, one reason).
+    again = run(station_main, "import-time-statement", "--home", station, statement, code=2)
+    assert "replayed" in again
+    export = tmp_path / "audit-1.sealed"
+    run(station_main, "export-audit", "--home", station, "--out", export)
+    report = json.loads(run(hq_main, "ingest-audit", "--home", hq, export, "--json"))
+    assert report["status"] == "clean", report
+    assert report["events"] == {"entitlement_imported": 1, "time_anchored": 1}
