@@ -101,7 +101,11 @@ def test_clock_moved_forward_day_by_day_issues_only_the_daily_limit(
 
 @pytest.fixture
 def faked(tmp_path: Path) -> FakeTime:
-    return FakeTime(tmp_path / "faketime")
+    """Host and swtpm clocks at the next noon UTC, so that no test day crosses midnight."""
+    clock = FakeTime(tmp_path / "faketime")
+    now = clock.now()
+    clock.advance((12 * 3600 - now % DAY) % DAY)
+    return clock
 
 
 def test_a_long_run_with_host_and_tpm_clocks_moving_together(
