@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -261,6 +261,8 @@ class _Active:
     station_ca: x509.Certificate
     audit_receiver: x509.Certificate
     manufacturer: str
+    #: The HQ CRL signer named as cRLIssuer in every IDevID (None: an older entitlement).
+    crl_issuer: x509.Name | None = None
 
 
 def _utc(when: int) -> datetime:
@@ -516,6 +518,11 @@ class FactoryStation:
             station_ca=x509.load_der_x509_certificate(payload.station_ca_cert_der),
             audit_receiver=x509.load_der_x509_certificate(payload.audit_receiver_cert_der),
             manufacturer=_organization(payload.station_ca_cert_der),
+            crl_issuer=(
+                None
+                if payload.crl_signer_cert_der is None
+                else x509.load_der_x509_certificate(payload.crl_signer_cert_der).subject
+            ),
         )
 
     @property
@@ -667,6 +674,17 @@ class FactoryStation:
                 f"the audit receiver certificate is not valid under the root: {exc}",
                 reason="bad_audit_receiver",
             ) from exc
+        if payload.crl_signer_cert_der is not None:
+            try:
+                signer = x509.load_der_x509_certificate(payload.crl_signer_cert_der)
+                ChainVerifier(
+                    [self.root], required_eku=HqRole.CRL_SIGNER.eku, require_crl=False
+                ).verify(signer, now=_utc(now))
+            except (ValueError, VerificationError) as exc:
+                raise EntitlementImportError(
+                    f"the CRL signer certificate is not valid under the root: {exc}",
+                    reason="bad_crl_signer",
+                ) from exc
 
     # ------------------------------------------------------------------------- issuance
 
@@ -877,6 +895,7 @@ class FactoryStation:
                 device_id=device_id,
                 manufacturer=active.manufacturer,
                 not_before=_utc(now),
+                crl_issuer=active.crl_issuer,
             )
         except (TpmError, ProfileError, TrustCoreError) as exc:
             # The slot is consumed but we know no certificate exists: burn it, audited.
@@ -1016,11 +1035,14 @@ class FactoryStation:
 
     def _station_crl(self, station_ca: x509.Certificate, number: int, now: int) -> bytes:
         """The station CA's CRL, signed in the TPM. A station never revokes by itself (HQ
-        decides revocations and publishes them in its own signed list), so the list is
-        empty; what matters is that the CA has a current CRL, which brokers require for
-        every issuing CA. Valid until the station CA expires, at most 90 days ahead."""
+        decides revocations and publishes them in its own signed indirect CRL), so the list
+        is empty; what matters is that the CA has a CRL, which Mosquitto requires for every
+        issuing CA on the registration listener. Valid until the station CA expires: a
+        station switched off for years must not make its devices unregistrable, and an
+        empty CRL of a CA that never revokes says nothing that can go out of date
+        (docs/pki.md, "Station CRLs")."""
         this_update = datetime.fromtimestamp(now, UTC)
-        next_update = min(station_ca.not_valid_after_utc, this_update + timedelta(days=90))
+        next_update = station_ca.not_valid_after_utc
         crl = build_crl(
             station_ca,
             self.ca_key.private_key(),

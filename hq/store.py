@@ -818,6 +818,31 @@ class HqStore:
             "INSERT INTO root_crls VALUES (?, ?, ?, ?)", (number, this_update, next_update, der)
         )
 
+    def latest_root_crl_der(self) -> bytes | None:
+        """DER of the root CRL with the highest number (signed at the last root ceremony)."""
+        row = self._conn.execute(
+            "SELECT crl_der FROM root_crls ORDER BY crl_number DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    # -- HQ indirect CRLs (delegated CRL signer, hq/revocation_data.py) -------------------------
+
+    _HQ_CRLS = (
+        "CREATE TABLE IF NOT EXISTS hq_crls (crl_number INTEGER PRIMARY KEY, "
+        "this_update INTEGER NOT NULL, next_update INTEGER NOT NULL, crl_der BLOB NOT NULL)"
+    )
+
+    def last_hq_crl_number(self) -> int:
+        self._conn.execute(self._HQ_CRLS)
+        row = self._conn.execute("SELECT MAX(crl_number) FROM hq_crls").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def put_hq_crl(self, number: int, this_update: int, next_update: int, der: bytes) -> None:
+        self._conn.execute(self._HQ_CRLS)
+        self._conn.execute(
+            "INSERT INTO hq_crls VALUES (?, ?, ?, ?)", (number, this_update, next_update, der)
+        )
+
     def latest_revocation_list(self) -> tuple[int, bytes] | None:
         row = self._conn.execute(
             "SELECT sequence, package FROM revocation_lists ORDER BY sequence DESC LIMIT 1"

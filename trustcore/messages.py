@@ -220,16 +220,20 @@ class EntitlementPayload:
     station_ca_cert_der: bytes
     audit_receiver_cert_der: bytes
     product_secrets: dict[str, bytes]
+    #: The HQ CRL signer certificate (optional): the station names its subject as the
+    #: cRLIssuer of every IDevID it signs, so HQ's indirect CRL covers them (docs/pki.md).
+    crl_signer_cert_der: bytes | None = None
 
     def encode(self) -> bytes:
-        return cbor.encode(
-            {
-                "policy": self.policy.to_map(),
-                "station_ca_cert": self.station_ca_cert_der,
-                "audit_receiver_cert": self.audit_receiver_cert_der,
-                "product_secrets": dict(self.product_secrets),
-            }
-        )
+        doc: dict[str, object] = {
+            "policy": self.policy.to_map(),
+            "station_ca_cert": self.station_ca_cert_der,
+            "audit_receiver_cert": self.audit_receiver_cert_der,
+            "product_secrets": dict(self.product_secrets),
+        }
+        if self.crl_signer_cert_der is not None:
+            doc["crl_signer_cert"] = self.crl_signer_cert_der
+        return cbor.encode(doc)
 
     @classmethod
     def decode(cls, data: bytes) -> EntitlementPayload:
@@ -237,6 +241,7 @@ class EntitlementPayload:
         cbor.expect_keys(
             m,
             {"policy", "station_ca_cert", "audit_receiver_cert", "product_secrets"},
+            {"crl_signer_cert"},
             what="entitlement",
         )
         secrets = cbor.map_of(m["product_secrets"], "product_secrets")
@@ -248,6 +253,9 @@ class EntitlementPayload:
             station_ca_cert_der=cbor.field(m, "station_ca_cert", bytes),
             audit_receiver_cert_der=cbor.field(m, "audit_receiver_cert", bytes),
             product_secrets=dict(secrets),
+            crl_signer_cert_der=(
+                cbor.field(m, "crl_signer_cert", bytes) if "crl_signer_cert" in m else None
+            ),
         )
 
 
