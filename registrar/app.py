@@ -60,6 +60,7 @@ from registrar.revocation import (
     RevocationAwareVerifier,
     RevokeResult,
     enforce_revocation_list,
+    hq_data_freshness,
     import_revocation_list,
     revocation_lock,
     revoke_device,
@@ -645,6 +646,7 @@ class RegistrarApp:
             site.crls,
             hq_revocations=self.revocations,
             locally_revoked=self._revoked,
+            max_offline_days=site.max_offline_days,
         )
 
     async def _loop(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
@@ -953,10 +955,27 @@ class RegistrarApp:
                     f"CRL of {issuer} runs out at {_iso(next_update)}: commission a new "
                     "site bundle from HQ before then"
                 )
+        if self.revocations is not None and self.site is not None:
+            # Offline tolerance (docs/site.md): warn from 2/3 of HQ's limit for this site,
+            # refuse new registrations past it (the verifier); devices already registered
+            # keep working (their LDevIDs and the site CRL are the registrar's own).
+            fresh = hq_data_freshness(self.revocations, self.site.max_offline_days, now)
+            if fresh.state == "refusing":
+                alerts.append("STALE " + fresh.message())
+            elif fresh.state == "warning":
+                alerts.append(fresh.message())
         for alert in alerts:
             (log.error if "STALE" in alert else log.warning)("%s", alert)
         self._alerts = alerts
         return alerts
+
+    def _hq_data_status(self) -> dict[str, object] | None:
+        """The status.json metric for the age of the newest HQ revocation data (the alert
+        and the log line come from :meth:`check_crls`)."""
+        if self.revocations is None or self.site is None:
+            return None
+        fresh = hq_data_freshness(self.revocations, self.site.max_offline_days, datetime.now(UTC))
+        return fresh.to_json()
 
     async def _write_status(self) -> None:
         broker, store, service = self.broker, self.store, self.service
@@ -982,6 +1001,7 @@ class RegistrarApp:
             "revoked_devices": sorted(d.value for d in self._revoked),
             "payload_key": self.keyring.current.key_id.hex() if self.keyring else None,
             "revocation_list_sequence": self.revocations.sequence if self.revocations else None,
+            "hq_revocation_data": self._hq_data_status(),
             "site_crl_next_update": _iso(site_crl.next_update_utc),
             "telemetry": {
                 "messages": self._telemetry.messages,

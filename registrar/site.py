@@ -97,7 +97,9 @@ __all__ = [
     "commission_site",
     "init_site",
     "load_commissioned_site",
+    "read_crls",
     "reissue_site_crl",
+    "write_crls",
 ]
 
 PASSPHRASE_ENV = "DEVTRUST_SITE_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
@@ -431,6 +433,19 @@ def _load_pem_crls(data: bytes) -> list[x509.CertificateRevocationList]:
     return out
 
 
+def read_crls(home: SiteHome) -> list[x509.CertificateRevocationList]:
+    """Every CRL of the current state's ``crls.pem``."""
+    return _load_pem_crls((home.current / "crls.pem").read_bytes())
+
+
+def write_crls(home: SiteHome, crls: Iterable[x509.CertificateRevocationList]) -> None:
+    """Replace the current state's ``crls.pem`` atomically (callers hold the revocation
+    lock; reload the broker's CRLs after)."""
+    write_private_file(
+        home.current / "crls.pem", b"".join(_crl_pem(c) for c in crls), overwrite=True
+    )
+
+
 def _service_validity(site_ca: x509.Certificate, moment: datetime) -> tuple[datetime, datetime]:
     start = max(moment - BACKDATE, site_ca.not_valid_before_utc)
     end = min(moment + SERVICE_CERT_VALIDITY, site_ca.not_valid_after_utc)
@@ -524,6 +539,7 @@ def _write_state(
             "commissioned_at": int(moment.timestamp()),
             "revocation_list_sequence": verified.revocations.sequence,
             "site_crl_number": number + 1,
+            "max_offline_days": verified.payload.max_offline_days,
         }
         write_private_file(
             staging / "commission.json",
@@ -730,6 +746,8 @@ class CommissionedSite:
     client_cert: Path  # registrar MQTT client certificate + site CA (PEM)
     client_key: Path  # encrypted PKCS#8; the passphrase is the site keystore passphrase
     tls: BrokerTls
+    #: HQ's offline limit for this site (bundle ``max_offline_days``; 30 for older states).
+    max_offline_days: int = 30
 
     def chain_verifier(self) -> ChainVerifier:
         """Verifier for factory certificates: root, station CAs and every CRL."""
@@ -784,4 +802,5 @@ def load_commissioned_site(home: SiteHome, secrets: SiteSecrets) -> Commissioned
         client_cert=state / "registrar-client.pem",
         client_key=home.key_path("registrar-client"),
         tls=broker_tls(home, secrets),
+        max_offline_days=int((home.commission_state() or {}).get("max_offline_days", 30)),
     )

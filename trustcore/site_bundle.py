@@ -270,23 +270,25 @@ class SiteBundlePayload:
             raise InvalidValueError("max_offline_days must be an integer in 1..180")
 
     def encode(self) -> bytes:
-        return cbor.encode(
-            {
-                "v": FORMAT_VERSION,
-                "site_id": self.site_id.value,
-                "site_ca_cert": self.site_ca_cert_der,
-                "root_cert": self.root_cert_der,
-                "station_ca_certs": list(self.station_ca_certs_der),
-                "root_crl": self.root_crl_der,
-                "station_crls": list(self.station_crls_der),
-                "revocation_list": self.revocation_list,
-                "manifest": [e.to_map() for e in self.manifest],
-                "admission": [a.to_map() for a in self.admission],
-                "payload_keys": [k.to_map() for k in self.payload_keys],
-                "current_payload_key": self.current_payload_key,
-                "max_offline_days": self.max_offline_days,
-            }
-        )
+        doc: dict[str, object] = {
+            "v": FORMAT_VERSION,
+            "site_id": self.site_id.value,
+            "site_ca_cert": self.site_ca_cert_der,
+            "root_cert": self.root_cert_der,
+            "station_ca_certs": list(self.station_ca_certs_der),
+            "root_crl": self.root_crl_der,
+            "station_crls": list(self.station_crls_der),
+            "revocation_list": self.revocation_list,
+            "manifest": [e.to_map() for e in self.manifest],
+            "admission": [a.to_map() for a in self.admission],
+            "payload_keys": [k.to_map() for k in self.payload_keys],
+            "current_payload_key": self.current_payload_key,
+        }
+        # Written only when not the default, so bundles of sites that keep 30 days encode
+        # exactly as before (docs/formats.md test vector).
+        if self.max_offline_days != 30:
+            doc["max_offline_days"] = self.max_offline_days
+        return cbor.encode(doc)
 
     @classmethod
     def decode(cls, data: bytes) -> SiteBundlePayload:
