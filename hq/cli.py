@@ -473,6 +473,14 @@ def site_enrol_command(
     help="Limit --admit-station to products (their device-id prefixes).",
 )
 @click.option("--rotate-payload-key", is_flag=True, help="Generate a new current payload key.")
+@click.option(
+    "--max-offline-days",
+    type=int,
+    default=30,
+    show_default=True,
+    help="Days the site may go without fresh HQ revocation data before it refuses new "
+    "registrations (1..180).",
+)
 @_approvals_option
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output file."
@@ -486,6 +494,7 @@ def site_bundle_command(
     admit_stations: tuple[str, ...],
     admit_products: tuple[str, ...],
     rotate_payload_key: bool,
+    max_offline_days: int,
     approval_files: tuple[Path, ...],
     out: Path,
     passphrase_file: Path | None,
@@ -505,6 +514,7 @@ def site_bundle_command(
         admit_stations=admit_stations,
         admit_products=admit_products,
         rotate_payload_key=rotate_payload_key,
+        max_offline_days=max_offline_days,
     )
     try:
         result = build_site_bundle(
@@ -526,6 +536,7 @@ def site_bundle_command(
         f"  station CRLs    {', '.join(result.station_crls) or '-'}\n"
         f"  root CRL        next update {result.root_crl_next_update.isoformat()}\n"
         f"  revocation list sequence {result.revocation_list_sequence}\n"
+        f"  offline limit   {result.max_offline_days} days\n"
         f"  payload keys    {len(result.payload_key_ids)} (current {result.current_payload_key})\n"
         f"  written to      {out} (sha256 {result.package_sha256})"
     )
@@ -537,6 +548,8 @@ def site_bundle_command(
         )
     if not result.manifest and not result.admission:
         console.print("[yellow]warning:[/] this bundle admits no device")
+    if result.warning:
+        console.print(f"[yellow]warning:[/] {result.warning}")
 
 
 # ------------------------------------------------------------------------------ approvals
@@ -667,3 +680,68 @@ def revoke_command(
         click.echo(f"  revoked {e.station_id}:{e.serial.hex} {e.device_id} ({e.reason})")
     for serial in result.station_ca_serials:
         click.echo(f"  station CA {station_ca} serial {serial} on the root CRL (next site bundle)")
+
+
+# ------------------------------------------------------- root ceremony, revocation data
+
+
+@main.command("root-crl")
+@_home_option
+@_secret_options
+def root_crl_command(home: Path, passphrase_file: Path | None, pin_file: Path | None) -> None:
+    """Root ceremony: re-sign the root CRL (valid one year) and create or renew the
+    delegated CRL signer certificate. The only routine use of the root key."""
+    from hq.authority import now_utc
+    from hq.revocation_data import root_ceremony
+
+    try:
+        result = root_ceremony(
+            HqHome.open(home), HqSecrets(passphrase_file, pin_file), now=now_utc(None)
+        )
+    except HqError as exc:
+        _fail(exc)
+    click.echo(
+        f"root CRL {result.root_crl_number}: next update "
+        f"{result.root_crl_next_update.isoformat()}\n"
+        f"CRL signer: {'issued now' if result.crl_signer_issued else 'kept'}, valid until "
+        f"{result.crl_signer_not_after.isoformat()}"
+    )
+
+
+@main.command("publish-revocations")
+@_home_option
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@_secret_options
+def publish_revocations_command(
+    home: Path, out: Path, passphrase_file: Path | None, pin_file: Path | None
+) -> None:
+    """Write the next HQ revocation list with a fresh indirect CRL (no root key): what a
+    site imports with `registrar import-revocations FILE` to stay within its offline
+    limit between bundles."""
+    from hq.authority import now_utc, write_package
+    from hq.revocation_data import latest_root_crl, publish_revocations, root_crl_warning
+    from hq.store import HqStore
+
+    if out.exists():
+        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    moment = now_utc(None)
+    try:
+        hq_home = HqHome.open(home)
+        store = HqStore.open(hq_home.db_path)
+        try:
+            with store.transaction():
+                revocations, package = publish_revocations(
+                    hq_home, store, HqSecrets(passphrase_file, pin_file), moment
+                )
+            warning = root_crl_warning(latest_root_crl(store), moment)
+        finally:
+            store.close()
+        write_package(out, package)
+    except HqError as exc:
+        _fail(exc)
+    click.echo(
+        f"revocation list {revocations.sequence}: {len(revocations.entries)} entries, "
+        f"issued {moment.isoformat()}, written to {out}"
+    )
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
