@@ -360,19 +360,21 @@ def _root_crl(
     return next((c for c in crls if c.issuer == root.subject), None)
 
 
-def _adopt_root_crl(home: SiteHome, root: x509.Certificate, revocations: RevocationList) -> None:
+def _adopt_root_crl(home: SiteHome, root: x509.Certificate, revocations: RevocationList) -> bool:
     """A root CRL carried by an HQ list with a higher number than the one in ``crls.pem``
     replaces it there (call under :func:`revocation_lock`): a site that only receives
     revocation updates still gets the root CRL of each new root ceremony."""
     if revocations.root_crl is None:
-        return
+        return False
     new = load_crl(revocations.root_crl)
     number = verify_crl(new, root, now=None).crl_number
     crls = read_crls(home)
     held = [c for c in crls if c.issuer == root.subject]
     if held and max(verify_crl(c, root, now=None).crl_number for c in held) >= number:
-        return
+        return False
     write_crls(home, [new, *(c for c in crls if c.issuer != root.subject)])
+    log.info("root CRL %d from HQ revocation list %d adopted", number, revocations.sequence)
+    return True
 
 
 async def import_revocation_list(
@@ -409,6 +411,7 @@ async def import_revocation_list(
         except RevocationListError as exc:
             raise RevocationError(str(exc), reason=exc.reason) from exc
         status = "unchanged" if revocations.sequence == held else "imported"
+        adopted = False
         if status == "unchanged":
             stored = home.current / "revocation-list.cbor"
             if stored.exists() and stored.read_bytes() != revocations.encode():
@@ -424,13 +427,15 @@ async def import_revocation_list(
             write_private_file(
                 current / "revocation-list.cbor", revocations.encode(), overwrite=True
             )
-            _adopt_root_crl(home, site.root, revocations)
+            adopted = _adopt_root_crl(home, site.root, revocations)
             state["revocation_list_sequence"] = revocations.sequence
             write_private_file(
                 current / "commission.json",
                 (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(),
                 overwrite=True,
             )
+    if status == "imported" and adopted and broker is not None:
+        await broker.reload_crls()  # the embedded registration listener checks the root CRL
     if status == "imported":
         await store.record_event(
             None,

@@ -40,6 +40,7 @@ import json
 import os
 import secrets as _random
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
