@@ -18,8 +18,8 @@ from trustcore.identity import DeviceId, SiteId, StationId
 from trustcore.profiles import (
     IDEVID_NO_EXPIRY,
     OID_EKU_AUDIT_RECEIVER,
-    OID_EKU_ENTITLEMENT_SIGNER,
     OID_EKU_CRL_SIGNER,
+    OID_EKU_ENTITLEMENT_SIGNER,
     OID_EKU_REVOCATION_SIGNER,
     OID_HARDWARE_MODULE_NAME,
     OID_HW_TYPE_DEVICE,
