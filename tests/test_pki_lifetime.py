@@ -330,3 +330,56 @@ def test_registrar_refuses_new_registrations_past_the_offline_limit_and_warns_be
     RevocationAwareVerifier(
         [root], [world.station_ca], hq_revocations=RevocationList(1, held.issued)
     )
+
+
+def test_a_thiefs_certificate_without_crldp_cannot_escape_the_indirect_crl(
+    factory: tuple[World, ec.EllipticCurvePrivateKey], tmp_path: Path
+) -> None:
+    """Whoever holds a station key can leave the CRLDP out. OpenSSL then fails closed with
+    the root + HQ CRLs ("different CRL scope"), and the project's verifier refuses it as
+    revoked once HQ listed it, even next to a fresh (empty) station CRL."""
+    world, key = factory
+    now = datetime.now(UTC).replace(microsecond=0)
+    stolen = issue_factory_certificate(
+        world.station_ca,
+        key,
+        ec.generate_private_key(ec.SECP256R1()).public_key(),
+        device_id=DeviceId("TH-000777"),
+        manufacturer="Acme Devices",
+        not_before=now,
+    )
+    assert crl_issuers_of(stolen) == ()
+    _know(world, stolen, "TH-000777")
+    _, package = revoke(
+        world.hq,
+        world.hq_secrets,
+        serials=[f"{STATION}:{stolen.serial_number:x}"],
+        reason="counterfeit",
+    )
+    root = world.hq.root_certificate()
+    published = open_revocation_list(
+        package, root=root, now=now, root_crl=None, not_older_than=None
+    )
+    assert published.hq_crl and published.root_crl and published.crl_signer
+    hq_crl, root_crl = load_crl(published.hq_crl), load_crl(published.root_crl)
+    signer = x509.load_der_x509_certificate(published.crl_signer)
+    station_crl = build_crl(
+        world.station_ca, key, revoked=[], crl_number=1, this_update=now - DAY,
+        next_update=now + 30 * DAY,
+    )  # fmt: skip
+    out = _openssl(
+        "-extended_crl", "-crl_check_all",
+        "-CAfile", _write(tmp_path / "root.pem", root),
+        "-untrusted", _write(tmp_path / "station-ca.pem", world.station_ca),
+        "-untrusted", _write(tmp_path / "crl-signer.pem", signer),
+        "-CRLfile", _write(tmp_path / "root-crl.pem", root_crl),
+        "-CRLfile", _write(tmp_path / "hq-indirect-crl.pem", hq_crl),
+        _write(tmp_path / "stolen.pem", stolen),
+    )  # fmt: skip
+    assert "different CRL scope" in out and ": OK" not in out
+    verifier = ChainVerifier(
+        [root], [world.station_ca], [root_crl, station_crl], indirect_crls=[(hq_crl, signer)]
+    )
+    with pytest.raises(VerificationError) as info:
+        verifier.verify(stolen, now=now)
+    assert info.value.reason == "revoked"

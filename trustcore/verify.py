@@ -15,10 +15,12 @@ failures as free text. So :class:`ChainVerifier` runs, in this fixed order:
    signature);
 3. revocation of every certificate below the trust anchor against a verified CRL of its
    issuer: ``revoked``, ``crl_missing`` (fail closed when CRLs are required), ``crl_stale``.
-   A certificate whose CRLDistributionPoints names a cRLIssuer for which an indirect CRL
-   is held (the HQ CRL signer, docs/pki.md) is checked against that CRL instead: it must
-   be fresh, and its issuer's own CRL, when present, only adds revocations (its staleness
-   is ignored: a station switched off years ago signs no new CRL).
+   A certificate listed in a held indirect CRL (the HQ CRL signer's, docs/pki.md) is
+   ``revoked`` whatever else holds. A certificate whose CRLDistributionPoints names a
+   cRLIssuer for which an indirect CRL is held is checked against that CRL instead of its
+   issuer's: it must be fresh, and the issuer's own CRL, when present, only adds
+   revocations (its staleness is ignored: a station switched off years ago signs no new
+   CRL).
 
 The first failing check decides the reason, so a certificate that is both expired and
 revoked is reported ``expired``. Construct a :class:`ChainVerifier` once (it parses the store
@@ -413,13 +415,29 @@ class ChainVerifier:
                 ),
                 None,
             )
+            # An HQ indirect CRL lists certificates of any station CA: a listing counts for
+            # every certificate (a thief's certificate without a CRLDP included).
+            listed = next(
+                (
+                    r
+                    for held in self._indirect.values()
+                    if (r := held.reason_for(issuer.subject, cert.serial_number)) is not None
+                ),
+                None,
+            )
+            if listed is not None:
+                raise VerificationError(
+                    f"{_describe(cert)} (serial {cert.serial_number:x}) is revoked by HQ: "
+                    f"{listed.value}",
+                    reason="revoked",
+                )
             if indirect is not None:
                 try:
                     indirect.check_fresh(now)
                 except CrlError as exc:
                     raise VerificationError(str(exc), reason="crl_stale") from exc
-                reason = indirect.reason_for(issuer.subject, cert.serial_number)
-                if reason is None and revocations is not None:
+                reason = None
+                if revocations is not None:
                     reason = revocations.reason_for(cert.serial_number)  # adds, never blocks
                 if reason is not None:
                     raise VerificationError(
