@@ -358,6 +358,13 @@ def status_command(home: Path, as_json: bool) -> None:
             "telemetry", f"{tele.get('messages', 0)} decrypted, {tele.get('rejected', 0)} rejected"
         )
     table.add_row("HQ revocation list", f"sequence {doc['revocation_list_sequence']}")
+    hq_data = (running or {}).get("hq_revocation_data")
+    if hq_data:
+        table.add_row(
+            "HQ data age",
+            f"{hq_data['age_days']} of {hq_data['max_offline_days']} days "
+            f"({hq_data['state']}; new registrations stop {hq_data['refuse_after']})",
+        )
     table.add_row(
         "devices",
         ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none registered",
