@@ -11,6 +11,7 @@ connects and its telemetry is accepted, a new device is refused with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -164,7 +165,9 @@ async def test_site_past_its_offline_limit_keeps_devices_and_refuses_new_ones(
     assert status["hq_revocation_data"]["state"] == "refusing"
     assert status["hq_revocation_data"]["max_offline_days"] == 1
     assert any("STALE" in a and "limit of 1 days" in a for a in status["alerts"])
-    shown = CliRunner().invoke(registrar_main, ["status", "--home", str(home)])
+    shown = await asyncio.to_thread(
+        CliRunner().invoke, registrar_main, ["status", "--home", str(home)]
+    )
     assert shown.exit_code == 0 and "refusing" in shown.output and "ALERT" in shown.output
     # The registered device is not cut off: it connects and its telemetry is accepted.
     async with early.operational(later.operational) as session:
@@ -189,7 +192,8 @@ async def test_site_past_its_offline_limit_keeps_devices_and_refuses_new_ones(
         check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    result = CliRunner().invoke(
+    result = await asyncio.to_thread(
+        CliRunner().invoke,
         registrar_main,
         ["import-revocations", str(fresh), "--home", str(home),
          "--passphrase-file", str(world.base / "site.pass")],
