@@ -205,6 +205,11 @@ def publish_revocations(
     """Record and return the next HQ revocation list (current entries + ``added``) with a
     fresh indirect CRL, the CRL signer certificate and the newest root CRL. Call inside a
     store transaction. Uses the revocation-signer and CRL-signer keys, never the root's."""
+    if not (home.certs_dir / f"{HqRole.CRL_SIGNER.value}.pem").exists():
+        raise HomeError(
+            "this HQ has no CRL signer yet (made before the role existed): run "
+            "`hq root-crl` once (root ceremony) to create it"
+        )
     current = current_revocations(home, store, moment)
     issued = max(int(moment.timestamp()), current.issued)
     nxt = current.with_entries(added, issued=issued)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hq.counterfeit import revoke
-from hq.errors import SecretError
+from hq.errors import HomeError, SecretError
 from hq.revocation_data import root_ceremony
 from hq.site import SiteBundleRequest, SiteError, build_site_bundle
 from hq.store import DeviceRow, HqStore
@@ -383,3 +383,22 @@ def test_a_thiefs_certificate_without_crldp_cannot_escape_the_indirect_crl(
     with pytest.raises(VerificationError) as info:
         verifier.verify(stolen, now=now)
     assert info.value.reason == "revoked"
+
+
+def test_an_hq_made_before_the_crl_signer_is_upgraded_by_one_root_ceremony(
+    world: World,
+) -> None:
+    """An older HQ has no CRL signer: bundles say what to do, `hq root-crl` creates it."""
+    for path in (
+        world.hq.certs_dir / "crl-signer.pem",
+        world.hq.keys_dir / "crl-signer.key.pem",
+    ):
+        path.unlink()
+    request = SiteBundleRequest(site_id=SITE, devices=("TH-000001",))
+    with pytest.raises(HomeError) as info:
+        build_site_bundle(world.hq, request, world.hq_secrets)
+    assert "hq root-crl" in str(info.value)
+    ceremony = root_ceremony(world.hq, world.hq_secrets, now=datetime.now(UTC))
+    assert ceremony.crl_signer_issued
+    result = build_site_bundle(world.hq, request, world.hq_secrets)
+    assert result.revocation_list_sequence >= 1
