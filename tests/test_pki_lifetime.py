@@ -23,7 +23,7 @@ from hq.revocation_data import root_ceremony
 from hq.site import SiteBundleRequest, SiteError, build_site_bundle
 from hq.store import DeviceRow, HqStore
 from registrar.revocation import RevocationAwareVerifier, hq_data_freshness
-from tests.test_pkilint import SEVERE, _lint_certificate
+from tests.test_pkilint import SEVERE, _findings, _lint_certificate, _tool
 from tests.test_site_bundle import SITE, STATION, World, make_world
 from trustcore.crl import build_crl, load_crl
 from trustcore.errors import VerificationError
@@ -155,6 +155,17 @@ def test_idevid_names_the_crl_signer_and_lints_clean(
     for name, cert in (("idevid", idevid), ("crl-signer", signer)):
         findings = _lint_certificate(_write(tmp_path / f"{name}.pem", cert))
         assert not [f for f in findings if f[0] in SEVERE], (name, findings)
+    # The indirect CRL HQ publishes lints clean as a PKIX CRL as well.
+    revoke(world.hq, world.hq_secrets, devices=["TH-000002", "TH-000003"], reason="cloned")
+    _, package = revoke(world.hq, world.hq_secrets, devices=["TH-000001"], reason="cloned")
+    published = open_revocation_list(
+        package, root=world.hq.root_certificate(), now=datetime.now(UTC), root_crl=None,
+        not_older_than=None,
+    )  # fmt: skip
+    assert published.hq_crl is not None
+    crl_file = _write(tmp_path / "hq-indirect-crl.pem", load_crl(published.hq_crl))
+    findings = _findings([_tool("lint_crl"), "lint", "-t", "CRL", "-p", "PKIX"], crl_file)
+    assert not [f for f in findings if f[0] in SEVERE], findings
 
 
 # ------------------------------------------------------- 2. root offline, indirect CRL
@@ -168,6 +179,9 @@ def test_hq_revoked_counterfeit_is_revoked_for_openssl_with_the_indirect_crl(
     genuine = _idevid(world, key, "TH-000001", now)
     counterfeit = _idevid(world, key, "TH-000666", now)
     _know(world, counterfeit, "TH-000666")
+    # Another revocation first: the counterfeit's entry then inherits its certificateIssuer
+    # from the entry before it (RFC 5280 §5.3.3), which OpenSSL must follow.
+    revoke(world.hq, world.hq_secrets, devices=["TH-000002"], reason="cloned")
     _, package = revoke(
         world.hq,
         world.hq_secrets,
@@ -180,6 +194,9 @@ def test_hq_revoked_counterfeit_is_revoked_for_openssl_with_the_indirect_crl(
     )
     assert published.hq_crl and published.root_crl and published.crl_signer
     hq_crl, root_crl = load_crl(published.hq_crl), load_crl(published.root_crl)
+    entries = list(hq_crl)
+    assert entries[-1].serial_number == counterfeit.serial_number
+    assert len(entries) == 2 and len(entries[-1].extensions) == 1  # reason only: inherited
     signer = x509.load_der_x509_certificate(published.crl_signer)
     files = [
         "-CAfile",

@@ -291,8 +291,8 @@ def build_indirect_crl(
     next_update: datetime,
 ) -> x509.CertificateRevocationList:
     """An indirect CRL signed by a delegated CRL signer (keyUsage cRLSign): IDP
-    ``indirectCRL`` (critical) and a critical certificateIssuer on every entry (RFC 5280
-    §5.3.3 lets entries inherit it; writing it each time leaves nothing to inherit)."""
+    ``indirectCRL`` (critical); entries grouped by issuer, a critical certificateIssuer on
+    the first entry of each group (the first entry always has one)."""
     if not isinstance(signer_key, ec.EllipticCurvePrivateKey) or not isinstance(
         signer_key.curve, ec.SECP256R1
     ):
@@ -334,8 +334,13 @@ def build_indirect_crl(
         .add_extension(idp, critical=True)
     )
     seen: set[tuple[bytes, int]] = set()
-    for entry in revoked:
-        key = (entry.certificate_issuer.public_bytes(), entry.serial.value)
+    previous: bytes | None = None
+    # Grouped by issuer; certificateIssuer on the first entry of each group only, the
+    # others inherit it (RFC 5280 §5.3.3; OpenSSL and verify_indirect_crl both apply it):
+    # about 75 bytes an entry instead of 170, so 200,000 revocations fit MAX_CRL_SIZE.
+    for entry in sorted(revoked, key=lambda e: e.certificate_issuer.public_bytes()):
+        issuer_der = entry.certificate_issuer.public_bytes()
+        key = (issuer_der, entry.serial.value)
         if key in seen:
             raise CrlError(f"serial {entry.serial} of one issuer listed twice")
         seen.add(key)
@@ -343,11 +348,13 @@ def build_indirect_crl(
             x509.RevokedCertificateBuilder()
             .serial_number(entry.serial.value)
             .revocation_date(_utc("revoked_at", entry.revoked_at))
-            .add_extension(
+        )
+        if issuer_der != previous:
+            rc = rc.add_extension(
                 x509.CertificateIssuer([x509.DirectoryName(entry.certificate_issuer)]),
                 critical=True,
             )
-        )
+            previous = issuer_der
         if entry.reason is not x509.ReasonFlags.unspecified:
             rc = rc.add_extension(x509.CRLReason(entry.reason), critical=False)
         builder = builder.add_revoked_certificate(rc.build())
