@@ -419,3 +419,17 @@ def test_an_hq_made_before_the_crl_signer_is_upgraded_by_one_root_ceremony(
     assert ceremony.crl_signer_issued
     result = build_site_bundle(world.hq, request, world.hq_secrets)
     assert result.revocation_list_sequence >= 1
+
+
+def test_hq_warns_before_the_root_crl_goes_stale_and_refuses_after(world: World) -> None:
+    request = SiteBundleRequest(site_id=SITE, devices=("TH-000001",))
+    now = datetime.now(UTC)
+    assert build_site_bundle(world.hq, request, world.hq_secrets, now=now).warning is None
+    soon = build_site_bundle(world.hq, request, world.hq_secrets, now=now + 170 * DAY)
+    assert soon.warning is not None and "hq root-crl" in soon.warning
+    with pytest.raises(SiteError) as info:
+        build_site_bundle(world.hq, request, world.hq_secrets, now=now + 366 * DAY)
+    assert info.value.reason == "root_crl_stale"
+    root_ceremony(world.hq, world.hq_secrets, now=now + 366 * DAY)  # the yearly ceremony
+    later = build_site_bundle(world.hq, request, world.hq_secrets, now=now + 367 * DAY)
+    assert later.warning is None and later.root_crl_next_update > now + 700 * DAY
