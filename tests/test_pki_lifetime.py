@@ -433,3 +433,38 @@ def test_hq_warns_before_the_root_crl_goes_stale_and_refuses_after(world: World)
     root_ceremony(world.hq, world.hq_secrets, now=now + 366 * DAY)  # the yearly ceremony
     later = build_site_bundle(world.hq, request, world.hq_secrets, now=now + 367 * DAY)
     assert later.warning is None and later.root_crl_next_update > now + 700 * DAY
+
+
+def test_a_site_adopts_the_root_crl_of_a_new_ceremony_from_an_hq_list(world: World) -> None:
+    from click.testing import CliRunner
+
+    from hq.revocation_data import publish_revocations
+    from registrar.cli import main as registrar_main
+    from registrar.site import commission_site, read_crls
+
+    request = SiteBundleRequest(site_id=SITE, devices=("TH-000001",))
+    bundle = build_site_bundle(world.hq, request, world.hq_secrets)
+    commission_site(world.site, bundle.package, world.site_secrets)
+    root = world.hq.root_certificate()
+
+    def root_crl_number() -> int:
+        [crl] = [c for c in read_crls(world.site) if c.issuer == root.subject]
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+
+    before = root_crl_number()
+    now = datetime.now(UTC)
+    ceremony = root_ceremony(world.hq, world.hq_secrets, now=now)
+    assert ceremony.root_crl_number > before
+    store = HqStore.open(world.hq.db_path)
+    with store.transaction():
+        _, package = publish_revocations(world.hq, store, world.hq_secrets, now)
+    store.close()
+    path = world.base / "fresh.sealed"
+    path.write_bytes(package)
+    result = CliRunner().invoke(
+        registrar_main,
+        ["import-revocations", str(path), "--home", str(world.site.path),
+         "--passphrase-file", str(world.base / "site.pass")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert root_crl_number() == ceremony.root_crl_number
