@@ -721,6 +721,7 @@ def publish_revocations_command(
     from hq.authority import now_utc, write_package
     from hq.revocation_data import latest_root_crl, publish_revocations, root_crl_warning
     from hq.store import HqStore
+    from trustcore.profiles import HqRole
 
     if out.exists():
         raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
@@ -733,7 +734,9 @@ def publish_revocations_command(
                 revocations, package = publish_revocations(
                     hq_home, store, HqSecrets(passphrase_file, pin_file), moment
                 )
-            warning = root_crl_warning(latest_root_crl(store), moment)
+            warning = root_crl_warning(
+                latest_root_crl(store), moment, hq_home.role_certificate(HqRole.CRL_SIGNER)
+            )
         finally:
             store.close()
         write_package(out, package)

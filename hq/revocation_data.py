@@ -72,9 +72,14 @@ def latest_root_crl(store: HqStore) -> x509.CertificateRevocationList | None:
     return None if der is None else load_crl(der)
 
 
-def root_crl_warning(crl: x509.CertificateRevocationList | None, moment: datetime) -> str | None:
+def root_crl_warning(
+    crl: x509.CertificateRevocationList | None,
+    moment: datetime,
+    crl_signer: x509.Certificate | None = None,
+) -> str | None:
     """A one-line warning when the root CRL is missing or ends within
-    :data:`ROOT_CRL_WARN_BEFORE` of ``moment``, else None."""
+    :data:`ROOT_CRL_WARN_BEFORE` of ``moment`` (or the CRL signer certificate does), else
+    None. Both are renewed by one root ceremony, ``hq root-crl``."""
     if crl is None:
         return "HQ holds no root CRL: run `hq root-crl` (root ceremony)"
     end = crl.next_update_utc
@@ -84,6 +89,12 @@ def root_crl_warning(crl: x509.CertificateRevocationList | None, moment: datetim
         return (
             f"the root CRL ends {end.isoformat()} (in {days} days): run `hq root-crl` "
             "(root ceremony) soon; sites refuse new registrations once it has ended"
+        )
+    if crl_signer is not None and crl_signer.not_valid_after_utc - moment <= ROOT_CRL_WARN_BEFORE:
+        return (
+            f"the CRL signer certificate ends {crl_signer.not_valid_after_utc.isoformat()}: "
+            "run `hq root-crl` (root ceremony) to renew it; sites refuse HQ lists it signs "
+            "after that"
         )
     return None
 
@@ -214,6 +225,11 @@ def publish_revocations(
     issued = max(int(moment.timestamp()), current.issued)
     nxt = current.with_entries(added, issued=issued)
     signer_cert = home.role_certificate(HqRole.CRL_SIGNER)
+    if not signer_cert.not_valid_before_utc <= moment < signer_cert.not_valid_after_utc:
+        raise HomeError(
+            f"the CRL signer certificate is not valid now (it ends "
+            f"{signer_cert.not_valid_after_utc.isoformat()}): run `hq root-crl` to renew it"
+        )
     signer_key = home.role_key(HqRole.CRL_SIGNER, secrets)
     number = store.last_hq_crl_number() + 1
     this_update = datetime.fromtimestamp(issued, UTC) - BACKDATE

@@ -506,5 +506,5 @@ def build_site_bundle(
         revocation_list_sequence=rl_sequence,
         package_sha256=digest.hex(),
         max_offline_days=days,
-        warning=root_crl_warning(root_crl, moment),
+        warning=root_crl_warning(root_crl, moment, home.role_certificate(HqRole.CRL_SIGNER)),
     )

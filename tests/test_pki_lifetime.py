@@ -468,3 +468,27 @@ def test_a_site_adopts_the_root_crl_of_a_new_ceremony_from_an_hq_list(world: Wor
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert root_crl_number() == ceremony.root_crl_number
+
+
+def test_hq_warns_before_the_crl_signer_ends_and_refuses_to_sign_after(world: World) -> None:
+    """A CRL signer certificate that ends makes every list it signs void at the sites: HQ
+    warns 200 days before and then refuses to publish until `hq root-crl` renews it."""
+    from hq.revocation_data import root_crl_warning
+    from hq.site import issue_root_crl
+
+    request = SiteBundleRequest(site_id=SITE, devices=("TH-000001",))
+    signer = world.hq.role_certificate(HqRole.CRL_SIGNER)
+    end = signer.not_valid_after_utc
+    store = HqStore.open(world.hq.db_path)
+    with store.transaction():  # a root CRL alone (no ceremony: the signer is not renewed)
+        crl = issue_root_crl(world.hq, store, world.hq_secrets, end - 100 * DAY)
+    store.close()
+    warning = root_crl_warning(crl, end - 100 * DAY, signer)
+    assert warning is not None and "CRL signer" in warning and "hq root-crl" in warning
+    assert root_crl_warning(crl, end - 300 * DAY, signer) is None
+    with pytest.raises(HomeError, match="hq root-crl"):
+        build_site_bundle(world.hq, request, world.hq_secrets, now=end + DAY)
+    renewed = root_ceremony(world.hq, world.hq_secrets, now=end - 10 * DAY)
+    assert renewed.crl_signer_issued and renewed.crl_signer_not_after > end
+    ok = build_site_bundle(world.hq, request, world.hq_secrets, now=end + DAY)
+    assert ok.warning is None
