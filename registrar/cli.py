@@ -158,6 +158,11 @@ def commission_command(home: Path, bundle_file: Path, passphrase_file: Path | No
         f"sequence {result.revocation_list_sequence}, {result.revoked_devices} device(s)",
     )
     table.add_row(
+        "offline limit",
+        f"{result.max_offline_days} days without fresh HQ revocation data, then new "
+        "registrations are refused",
+    )
+    table.add_row(
         "payload keys",
         f"{len(result.payload_key_ids)} (current {result.current_payload_key}), stored sealed",
     )

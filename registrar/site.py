@@ -368,6 +368,8 @@ class CommissionResult:
     root_crl_next_update: datetime
     broker_names: tuple[str, ...]
     warnings: tuple[str, ...]
+    #: HQ's offline limit for the site (days without fresh HQ revocation data).
+    max_offline_days: int = 30
 
 
 def _ensure_key(home: SiteHome, name: str, passphrase: bytes) -> SoftwareKey:
@@ -655,6 +657,7 @@ def commission_site(
         root_crl_next_update=next_update,
         broker_names=home.config.broker_names + home.config.broker_ips,
         warnings=tuple(warnings),
+        max_offline_days=verified.payload.max_offline_days,
     )
 
 
