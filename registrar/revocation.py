@@ -55,6 +55,7 @@ from trustcore.revocation import (
     REVOCATION_REASONS,
     RevocationList,
     RevocationListError,
+    indirect_crls_of,
     open_revocation_list,
 )
 from trustcore.verify import ChainVerifier, VerifiedIdentity
@@ -208,13 +209,9 @@ class RevocationAwareVerifier(ChainVerifier):
         max_offline_days: int | None = None,
     ) -> None:
         held = list(crls)
-        indirect = []
         if hq_revocations.root_crl is not None:
             held.append(load_crl(hq_revocations.root_crl))  # the newest number wins
-        if hq_revocations.hq_crl is not None and hq_revocations.crl_signer is not None:
-            signer = x509.load_der_x509_certificate(hq_revocations.crl_signer)
-            indirect.append((load_crl(hq_revocations.hq_crl), signer))
-        super().__init__(roots, intermediates, held, indirect_crls=indirect)
+        super().__init__(roots, intermediates, held, indirect_crls=indirect_crls_of(hq_revocations))
         self.hq_revocations = hq_revocations
         self.max_offline_days = max_offline_days
         self.locally_revoked: set[DeviceId] = set() if locally_revoked is None else locally_revoked

@@ -73,7 +73,7 @@ from trustcore.profiles import (
     station_id_from_certificate,
 )
 from trustcore.registration import Admission, AdmissionRule
-from trustcore.revocation import RevocationList
+from trustcore.revocation import RevocationList, indirect_crls_of
 from trustcore.site_bundle import (
     MAX_SITE_BUNDLE_SIZE,
     AdmissionEntry,
@@ -754,8 +754,14 @@ class CommissionedSite:
     max_offline_days: int = 30
 
     def chain_verifier(self) -> ChainVerifier:
-        """Verifier for factory certificates: root, station CAs and every CRL."""
-        return ChainVerifier([self.root], self.station_cas, self.crls)
+        """Verifier for factory certificates: root, station CAs, every CRL and the HQ
+        indirect CRL of the HQ list held (docs/pki.md)."""
+        return ChainVerifier(
+            [self.root],
+            self.station_cas,
+            self.crls,
+            indirect_crls=indirect_crls_of(self.revocations),
+        )
 
 
 def _read_manifest(path: Path) -> tuple[tuple[ManifestEntry, ...], tuple[AdmissionEntry, ...]]:

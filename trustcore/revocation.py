@@ -63,6 +63,7 @@ __all__ = [
     "RevocationList",
     "RevocationListError",
     "RevokedDevice",
+    "indirect_crls_of",
     "open_revocation_list",
     "revoked_at_datetime",
     "seal_revocation_list",
@@ -352,6 +353,16 @@ def open_revocation_list(
     return revocations
 
 
+def indirect_crls_of(
+    revocations: RevocationList,
+) -> list[tuple[x509.CertificateRevocationList, x509.Certificate]]:
+    """The (indirect CRL, CRL signer certificate) pair a list carries, for
+    ``ChainVerifier(indirect_crls=...)`` (empty for a list without one)."""
+    if revocations.hq_crl is None or revocations.crl_signer is None:
+        return []
+    return [(load_crl(revocations.hq_crl), x509.load_der_x509_certificate(revocations.crl_signer))]
+
+
 def _check_crls(revocations: RevocationList, root: x509.Certificate) -> None:
     """The CRLs a list carries must verify: the root CRL against the root, the indirect CRL
     against a CRL-signer certificate under the root (``bad_crl``). Freshness is judged where
@@ -364,11 +375,7 @@ def _check_crls(revocations: RevocationList, root: x509.Certificate) -> None:
             root_crl = load_crl(revocations.root_crl)
             verify_crl(root_crl, root, now=None)
             root_crls.append(root_crl)
-        if revocations.hq_crl is not None and revocations.crl_signer is not None:
-            signer = x509.load_der_x509_certificate(revocations.crl_signer)
-            ChainVerifier(
-                [root], crls=root_crls, indirect_crls=[(load_crl(revocations.hq_crl), signer)]
-            )
+        ChainVerifier([root], crls=root_crls, indirect_crls=indirect_crls_of(revocations))
     except (CrlError, ValueError) as exc:
         raise RevocationListError(f"a CRL in the revocation list: {exc}", reason="bad_crl") from exc
 
