@@ -492,3 +492,32 @@ def test_hq_warns_before_the_crl_signer_ends_and_refuses_to_sign_after(world: Wo
     assert renewed.crl_signer_issued and renewed.crl_signer_not_after > end
     ok = build_site_bundle(world.hq, request, world.hq_secrets, now=end + DAY)
     assert ok.warning is None
+
+
+def test_hq_commands_root_crl_and_bundle_offline_limit(world: World) -> None:
+    from click.testing import CliRunner
+
+    from hq.cli import main as hq_main
+
+    secrets = ["--passphrase-file", str(world.base / "hq.pass")]
+    home = ["--home", str(world.hq.path)]
+    done = CliRunner().invoke(hq_main, ["root-crl", *home, *secrets])
+    assert done.exit_code == 0, done.output
+    assert "root CRL" in done.output and "CRL signer: kept" in done.output
+    for bad in ("0", "181"):
+        out = world.base / f"bundle-{bad}.sealed"
+        refused = CliRunner().invoke(
+            hq_main,
+            ["site", "bundle", *home, "--site", SITE, "--device", "TH-000001",
+             "--max-offline-days", bad, "--out", str(out), *secrets],
+        )  # fmt: skip
+        assert refused.exit_code == 1 and "max offline days must be 1..180" in refused.output
+        assert "Traceback" not in refused.output and not out.exists()
+    out = world.base / "bundle-90.sealed"
+    made = CliRunner().invoke(
+        hq_main,
+        ["site", "bundle", *home, "--site", SITE, "--device", "TH-000001",
+         "--max-offline-days", "90", "--out", str(out), *secrets],
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert "offline limit   90 days" in made.output
