@@ -305,8 +305,8 @@ def issue_entitlement(
     now: datetime | None = None,
     approvals: Sequence[bytes] = (),
 ) -> EntitlementResult:
-    """Issue the station's next entitlement: a fresh station CA certificate valid no longer
-    than the key-use window, the policy with the next monotonic sequence, the audit receiver
+    """Issue the station's next entitlement: a fresh station CA certificate valid until the
+    root ends (devices outlive the key-use window, docs/pki.md), the policy with the next monotonic sequence, the audit receiver
     certificate and the product secrets, sealed (signed by the entitlement signer, encrypted
     to the station's enrolled transport key), and recorded before it is returned.
 

@@ -213,7 +213,7 @@ class SiteEnrolment:
 @dataclass(frozen=True)
 class EntitlementPayload:
     """What an entitlement package carries: the policy, the station CA certificate HQ
-    issued for this entitlement (valid no longer than the policy window), the HQ audit
+    issued for this entitlement (valid until the root ends, docs/pki.md), the HQ audit
     receiver certificate (where audit exports go) and the product secrets to inject."""
 
     policy: EntitlementPolicy
