@@ -521,3 +521,32 @@ def test_hq_commands_root_crl_and_bundle_offline_limit(world: World) -> None:
     )  # fmt: skip
     assert made.exit_code == 0, made.output
     assert "offline limit   90 days" in made.output
+
+
+def test_a_list_cannot_pass_an_old_indirect_crl_off_as_fresh(world: World) -> None:
+    """The site bounds the age of HQ data by the list's ``issued``; that bound holds for the
+    indirect CRL only because its thisUpdate must match (else ``bad_crl``)."""
+    from trustcore.revocation import RevocationListError, seal_revocation_list
+
+    _, package = revoke(world.hq, world.hq_secrets, devices=["TH-000002"], reason="cloned")
+    root = world.hq.root_certificate()
+    now = datetime.now(UTC)
+    held = open_revocation_list(package, root=root, now=now, root_crl=None, not_older_than=None)
+    relabelled = RevocationList(
+        held.sequence + 1,
+        held.issued + 10 * 86400,
+        held.entries,
+        held.hq_crl,
+        held.crl_signer,
+        held.root_crl,
+    )
+    forged = seal_revocation_list(
+        relabelled,
+        signer=world.hq.role_key(HqRole.REVOCATION_SIGNER, world.hq_secrets),
+        signer_cert=world.hq.role_certificate(HqRole.REVOCATION_SIGNER),
+    )
+    with pytest.raises(RevocationListError) as info:
+        open_revocation_list(
+            forged, root=root, now=now + 11 * DAY, root_crl=None, not_older_than=None
+        )
+    assert info.value.reason == "bad_crl"

@@ -71,6 +71,8 @@ __all__ = [
 
 CT_REVOCATION_LIST = "devtrust/revocation-list/v1"
 _CRL_FIELDS = ("hq_crl", "crl_signer", "root_crl")
+#: How far before the list's ``issued`` the indirect CRL's thisUpdate may lie.
+_MAX_CRL_LAG_S = 3600
 FORMAT_VERSION = 1
 #: Room for about 200,000 entries.
 MAX_REVOCATION_LIST_SIZE = 32 * 1024 * 1024
@@ -375,9 +377,18 @@ def _check_crls(revocations: RevocationList, root: x509.Certificate) -> None:
             root_crl = load_crl(revocations.root_crl)
             verify_crl(root_crl, root, now=None)
             root_crls.append(root_crl)
-        ChainVerifier([root], crls=root_crls, indirect_crls=indirect_crls_of(revocations))
+        indirect = indirect_crls_of(revocations)
+        ChainVerifier([root], crls=root_crls, indirect_crls=indirect)
     except (CrlError, ValueError) as exc:
         raise RevocationListError(f"a CRL in the revocation list: {exc}", reason="bad_crl") from exc
+    # HQ signs the indirect CRL when it publishes the list (thisUpdate = issued - 5 min), so
+    # a site's bound on the list's age (``issued``) is a bound on the CRL's thisUpdate too.
+    for crl, _ in indirect:
+        lag = revocations.issued - crl.last_update_utc.timestamp()
+        if not 0 <= lag <= _MAX_CRL_LAG_S:
+            raise RevocationListError(
+                "the HQ CRL's thisUpdate does not match the list's issue time", reason="bad_crl"
+            )
 
 
 def revoked_at_datetime(entry: RevokedDevice) -> datetime:
