@@ -1,0 +1,439 @@
+"""Station CA renewal and re-key, end to end through the real commands, on swtpm.
+
+HQ → station (entitlement) → 2 devices (A) → ``renew-ca`` → ``hq renew-station`` →
+``import-ca`` → 1 device (B, same key, new certificate) → ``renew-ca --rekey`` → HQ →
+``import-ca`` → 1 device (C, new key) → one audit export carrying devices under both keys
+(checkpoint signed by the new key) ingests clean at HQ, the chain unbroken → every factory
+certificate verifies with ``openssl verify`` (its own chain, and a CA file holding all the
+station's CA certificates, as brokers get it) → a site admitting the station registers A
+(old key) and C (new key) on the embedded broker and on Mosquitto.
+
+Refusals: a replayed request, a request signed by the key the station re-keyed away from,
+a request carrying a certificate another HQ issued, tampered bytes, a certificate for
+another key at import, a station whose key the root revoked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from device_sim.client import DeviceClient, DeviceCredentials, TlsIdentity, TpmKeys
+from device_sim.device import SimDevice, vendor_ca_pem
+from device_sim.swtpm import Swtpm, provision_ek_certificate
+from factory_station.cli import main as station_main
+from hq.cli import main as hq_main
+from hq.store import HqStore
+from registrar.app import AppSettings, running
+from registrar.cli import main as registrar_main
+from registrar.site import SiteHome, SiteSecrets
+from signers.software import SoftwareKey
+from signers.tpm import Tpm, TpmKey
+from trustcore.csr import build_csr
+from trustcore.identity import DeviceId, StationId
+from trustcore.profiles import issue_factory_certificate
+from trustcore.station_ca_request import StationCaRequest
+
+pytestmark = [pytest.mark.tpm, pytest.mark.slow]
+
+STATION = "station-01"
+
+
+def _subject() -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, STATION),
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, STATION),
+        ]
+    )
+
+
+def _openssl_verify(root: Path, chain: Path, cert: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", "verify", "-x509_strict", "-purpose", "sslclient",
+         "-CAfile", root, "-untrusted", chain, cert],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+def test_station_ca_renewal_and_rekey(
+    tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", "correct horse battery staple")
+    monkeypatch.setenv("DEVTRUST_SITE_PASSPHRASE", "site passphrase")
+    monkeypatch.setenv("TSS2_LOG", "all+NONE")
+    runner = CliRunner()
+
+    def run(cli: object, *args: object, code: int = 0) -> str:
+        result = runner.invoke(cli, [str(a) for a in args])  # type: ignore[arg-type]
+        assert result.exit_code == code, result.output
+        return result.output
+
+    hq, station = tmp_path / "hq", tmp_path / "station"
+    run(hq_main, "init", "--home", hq, "--org", "Acme Devices")
+    run(hq_main, "init-kms", "--home", hq)
+    root_pem = hq / "certs" / "root-ca.pem"
+    vendor = tmp_path / "vendor"
+    provision_ek_certificate(tmp_path / "probe-tpm", ca_dir=vendor)
+    (tmp_path / "vendor.pem").write_bytes(vendor_ca_pem(vendor))
+    station_tpm = swtpm_factory(tmp_path / "station-tpm")
+    enrolment = tmp_path / "enrolment.cbor"
+    run(
+        station_main, "init", "--home", station, "--station-id", STATION,
+        "--tcti", station_tpm.tcti, "--root", root_pem,
+        "--tpm-vendor-ca", tmp_path / "vendor.pem", "--enrolment-out", enrolment,
+    )  # fmt: skip
+    run(hq_main, "enrol-station", "--home", hq, enrolment)
+    now = datetime.now(UTC)
+    entitlement = tmp_path / "entitlement.sealed"
+    run(
+        hq_main, "entitle", "--home", hq, "--station", STATION, "--product", "thermostat",
+        "--quota", "10", "--daily-limit", "10", "--timezone", "UTC",
+        "--not-before", (now - timedelta(hours=1)).isoformat(),
+        "--not-after", (now + timedelta(days=30)).isoformat(),
+        "--id-prefix", "TH-", "--id-first", "0", "--id-last", "999", "--id-digits", "6",
+        "--out", entitlement,
+    )  # fmt: skip
+    run(station_main, "import-entitlement", "--home", station, entitlement)
+
+    def provision(count: int, into: Path) -> list[Path]:
+        out = run(
+            station_main, "provision-batch", "--home", station, "--count", count,
+            "--devices-dir", into, "--ek-ca-dir", vendor, "--workers", "2",
+        )  # fmt: skip
+        assert f"provisioned {count} of {count}" in out
+        return sorted(p.parent for p in into.rglob("idevid.pem"))
+
+    def chain_of(device: Path) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((device / "chain.pem").read_bytes())
+
+    old_devices = provision(2, tmp_path / "fleet-a")
+    first_ca = chain_of(old_devices[0])
+    export1 = tmp_path / "audit-1.sealed"
+    run(station_main, "export-audit", "--home", station, "--out", export1)
+    report = json.loads(run(hq_main, "ingest-audit", "--home", hq, export1, "--json"))
+    assert report["status"] == "clean", report
+
+    # --- renewal: same TPM key, new certificate -----------------------------------------------
+    renew_req = tmp_path / "renew.req"
+    out = run(station_main, "renew-ca", "--home", station, "--out", renew_req)
+    assert "renewal of the current CA key" in out
+    renewed_pem = tmp_path / "renewed.pem"
+    out = run(hq_main, "renew-station", "--home", hq, renew_req, "--out", renewed_pem)
+    assert "renew issued" in out
+    # the same request again: a replay
+    out = run(hq_main, "renew-station", "--home", hq, renew_req, "--out", tmp_path / "x.pem",
+              code=2)  # fmt: skip
+    assert "replayed" in out and not (tmp_path / "x.pem").exists()
+    out = run(station_main, "import-ca", "--home", station, renewed_pem)
+    assert "station CA renew: imported" in out
+    renewed = x509.load_pem_x509_certificate(renewed_pem.read_bytes())
+    assert renewed.public_key() == first_ca.public_key()
+    assert renewed.serial_number != first_ca.serial_number
+    # Not bounded by the entitlement (30 days): a manufacturer chain outlives its devices' stock.
+    assert renewed.not_valid_after_utc > now + timedelta(days=5 * 365)
+    # importing it twice is harmless
+    assert "already imported" in run(station_main, "import-ca", "--home", station, renewed_pem)
+    renewed_devices = provision(1, tmp_path / "fleet-b")
+    assert chain_of(renewed_devices[0]) == renewed
+
+    # --- re-key: a new key in the TPM, signed by both keys ------------------------------------
+    rekey_req = tmp_path / "rekey.req"
+    out = run(station_main, "renew-ca", "--home", station, "--rekey", "--out", rekey_req)
+    assert "re-key" in out and (station / "station-ca.next.tss.pem").exists()
+    # A certificate for another key is refused at import (the renewal one is for the old key,
+    # still current, so try one made for a stranger's key by a foreign HQ instead).
+    foreign_hq = tmp_path / "foreign-hq"
+    run(hq_main, "init", "--home", foreign_hq, "--org", "Evil Corp")
+    out = run(station_main, "import-ca", "--home", station, foreign_hq / "certs" / "root-ca.pem",
+              code=2)  # fmt: skip
+    assert "wrong_station_ca" in out
+    rekeyed_pem = tmp_path / "rekeyed.pem"
+    out = run(hq_main, "renew-station", "--home", hq, rekey_req, "--out", rekeyed_pem)
+    assert "rekey issued" in out
+    out = run(station_main, "import-ca", "--home", station, rekeyed_pem)
+    assert "station CA rekey: imported" in out
+    rekeyed = x509.load_pem_x509_certificate(rekeyed_pem.read_bytes())
+    assert rekeyed.public_key() != first_ca.public_key() and rekeyed.subject == first_ca.subject
+    assert not (station / "station-ca.next.tss.pem").exists()
+    assert len(list(station.glob("station-ca.retired-*.tss.pem"))) == 1
+    new_devices = provision(1, tmp_path / "fleet-c")
+    assert chain_of(new_devices[0]) == rekeyed
+
+    # --- refusals at HQ -----------------------------------------------------------------------
+    old_key_file = next(station.glob("station-ca.retired-*.tss.pem"))
+    with Tpm(station_tpm.tcti) as tpm:
+        old_key = TpmKey.load(tpm, old_key_file)
+        # the old key asks for another re-key: it is no longer the station's key
+        stale = StationCaRequest.create(
+            station_id=StationId(STATION),
+            csr_der=build_csr(SoftwareKey.ephemeral(), _subject()),
+            current_cert_der=renewed.public_bytes(serialization.Encoding.DER),
+            current_key=old_key,
+            new_key=None,
+            created=int(datetime.now(UTC).timestamp()),
+        )
+        old_key.unload()
+    # a renewal whose CSR is a software key: refused as a key mismatch before anything else
+    (tmp_path / "stale.req").write_bytes(stale.encode())
+    out = run(hq_main, "renew-station", "--home", hq, tmp_path / "stale.req",
+              "--out", tmp_path / "y.pem", code=2)  # fmt: skip
+    assert "key_mismatch" in out
+    with Tpm(station_tpm.tcti) as tpm:
+        old_key = TpmKey.load(tpm, old_key_file)
+        stale = StationCaRequest.create(
+            station_id=StationId(STATION),
+            csr_der=build_csr(old_key, _subject()),
+            current_cert_der=renewed.public_bytes(serialization.Encoding.DER),
+            current_key=old_key,
+            new_key=None,
+            created=int(datetime.now(UTC).timestamp()),
+        )
+        old_key.unload()
+    (tmp_path / "stale.req").write_bytes(stale.encode())
+    out = run(hq_main, "renew-station", "--home", hq, tmp_path / "stale.req",
+              "--out", tmp_path / "y.pem", code=2)  # fmt: skip
+    assert "superseded_key" in out
+    # tampered bytes
+    data = bytearray(rekey_req.read_bytes())
+    data[-10] ^= 0x01
+    (tmp_path / "tampered.req").write_bytes(bytes(data))
+    out = run(hq_main, "renew-station", "--home", hq, tmp_path / "tampered.req",
+              "--out", tmp_path / "y.pem", code=2)  # fmt: skip
+    assert "bad_signature" in out or "malformed" in out
+    assert not (tmp_path / "y.pem").exists()
+
+    # --- audit: one export spanning the re-key ingests clean; the chain continues --------------
+    export2 = tmp_path / "audit-2.sealed"
+    run(station_main, "export-audit", "--home", station, "--out", export2)
+    report = json.loads(run(hq_main, "ingest-audit", "--home", hq, export2, "--json"))
+    assert report["status"] == "clean" and report["violations"] == [], report
+    assert report["events"].get("station_ca_imported") == 2, report["events"]
+    assert report["entitlements"][0]["issued"] == 4
+    store = HqStore.open(hq / "hq.sqlite")
+    try:
+        assert len(store.station_ca_certificates(STATION)) == 3
+        assert len(store.retired_station_crls()) == 1  # the old key's CRL, from export 2
+        assert len(store.station_ca_keys(STATION)) == 2
+    finally:
+        store.close()
+
+    # --- every factory certificate verifies with openssl ---------------------------------------
+    all_cas = tmp_path / "station-cas.pem"
+    all_cas.write_bytes(
+        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (first_ca, renewed, rekeyed))
+    )
+    devices = old_devices + renewed_devices + new_devices
+    for device in devices:
+        for chain in (device / "chain.pem", all_cas):
+            done = _openssl_verify(root_pem, chain, device / "idevid.pem")
+            assert done.returncode == 0, done.stdout + done.stderr
+    # and a device of the old key does not verify under the new key's certificate alone
+    wrong = _openssl_verify(root_pem, tmp_path / "rekeyed.pem", old_devices[0] / "idevid.pem")
+    assert wrong.returncode != 0
+
+    # --- a site admitting the station registers old-key and new-key devices ---------------------
+    site_home = tmp_path / "site"
+    run(registrar_main, "init", "--home", site_home, "--site-id", "building-7", "--root", root_pem)
+    site = SiteHome.open(site_home)
+    run(hq_main, "site", "enrol", "--home", hq, site.enrolment_path)
+    bundle = tmp_path / "bundle.sealed"
+    run(hq_main, "site", "bundle", "--home", hq, "--site", "building-7",
+        "--admit-station", STATION, "--out", bundle)  # fmt: skip
+    run(registrar_main, "commission", "--home", site_home, bundle)
+    # The broker's CA file holds every station CA certificate (same name, two keys), and its
+    # CRL file a current CRL of each key: the old key's comes from the re-keyed station.
+    held = x509.load_pem_x509_certificates((site.current / "registration-cas.pem").read_bytes())
+    assert {first_ca, renewed, rekeyed} <= set(held)
+    crls = (site.current / "crls.pem").read_bytes().split(b"-----END X509 CRL-----")
+    station_crls = [
+        x509.load_pem_x509_crl(c + b"-----END X509 CRL-----") for c in crls if b"BEGIN" in c
+    ]
+    station_crls = [c for c in station_crls if c.issuer == first_ca.subject]
+    assert len(station_crls) == 2
+    assert all(c.is_signature_valid(k.public_key()) for c, k in zip(
+        sorted(station_crls, key=lambda c: c.is_signature_valid(rekeyed.public_key())),
+        (first_ca, rekeyed), strict=True))  # fmt: skip
+
+    # TLS stand-ins (Python's ssl cannot use a TPM key): signed by the station key that
+    # signed each device's factory certificate, loaded from the station's own key blobs.
+    root = x509.load_pem_x509_certificate(root_pem.read_bytes())
+    picks = [(old_devices[0], first_ca, old_key_file), (new_devices[0], rekeyed,
+             station / "station-ca.tss.pem")]  # fmt: skip
+    stand_ins: list[tuple[Path, x509.Certificate, TlsIdentity]] = []
+    with Tpm(station_tpm.tcti) as tpm:
+        for device, ca, key_file in picks:
+            key = TpmKey.load(tpm, key_file)
+            device_id = json.loads((device / "device.json").read_text())["device_id"]
+            tls_key = SoftwareKey.ephemeral()
+            tls_cert = issue_factory_certificate(
+                ca, key.private_key(), tls_key.public_key(), device_id=DeviceId(device_id),
+                manufacturer="Acme Devices", not_before=ca.not_valid_before_utc,
+            )  # fmt: skip
+            key.unload()
+            stand_ins.append((device, ca, TlsIdentity((tls_cert, ca), tls_key.private_key())))
+
+    for broker in ("embedded", "mosquitto"):
+        sims = [SimDevice(d).power_on() for d, _, _ in stand_ins]
+        try:
+            clients = []
+            for sim, (_, ca, tls) in zip(sims, stand_ins, strict=True):
+                cert = sim.certificate()
+                assert cert is not None and sim.tpm is not None
+                device_id = DeviceId(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0]
+                                     .value)  # type: ignore[arg-type]  # fmt: skip
+                creds = DeviceCredentials(device_id, cert, (ca,), sim.key(), (root,))
+                clients.append(DeviceClient(creds, TpmKeys(sim.tpm), registration_tls=tls))
+            asyncio.run(_register_all(site, clients, broker))
+        finally:
+            for sim in sims:
+                sim.power_off()
+
+
+async def _register_all(site: SiteHome, clients: list[DeviceClient], broker: str) -> None:
+    settings = AppSettings(broker=broker, registration_port=0, operational_port=0)  # type: ignore[arg-type]
+    async with running(site, SiteSecrets(), settings) as app:
+        await asyncio.gather(*(c.register(app.registration_endpoint) for c in clients))
+        assert all(c.registered is not None for c in clients)
+
+
+def test_foreign_stale_superseded_and_revoked_requests_are_refused(
+    tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hq.approvals import REVOKE_STATION_CA, create_request, revoke_station_ca_params
+    from hq.home import HqHome
+    from tests.test_hq_approvals import _approvers, _configure
+    from trustcore.profiles import issue_root_ca, issue_station_ca
+    from trustcore.quorum import encode_bundle, sign_approval
+
+    monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", "correct horse battery staple")
+    monkeypatch.setenv("TSS2_LOG", "all+NONE")
+    runner = CliRunner()
+
+    def run(cli: object, *args: object, code: int = 0) -> str:
+        result = runner.invoke(cli, [str(a) for a in args])  # type: ignore[arg-type]
+        assert result.exit_code == code, result.output
+        assert "Traceback" not in result.output
+        return result.output
+
+    hq = tmp_path / "hq"
+    run(hq_main, "init", "--home", hq, "--org", "Acme Devices")
+    root_pem = hq / "certs" / "root-ca.pem"
+    now = datetime.now(UTC)
+
+    def entitled_station(station_id: str) -> Path:
+        home = tmp_path / station_id
+        tpm = swtpm_factory(tmp_path / f"{station_id}-tpm")
+        enrolment = tmp_path / f"{station_id}.cbor"
+        run(
+            station_main, "init", "--home", home, "--station-id", station_id,
+            "--tcti", tpm.tcti, "--root", root_pem, "--unsafe-csr-only",
+            "--enrolment-out", enrolment,
+        )  # fmt: skip
+        run(hq_main, "enrol-station", "--home", hq, enrolment)
+        entitlement = tmp_path / f"{station_id}.sealed"
+        run(
+            hq_main, "entitle", "--home", hq, "--station", station_id, "--product", "thermostat",
+            "--quota", "10", "--daily-limit", "10", "--timezone", "UTC",
+            "--not-before", (now - timedelta(hours=1)).isoformat(),
+            "--not-after", (now + timedelta(days=30)).isoformat(),
+            "--id-prefix", "TH-", "--id-first", "0", "--id-last", "999", "--id-digits", "6",
+            "--out", entitlement,
+        )  # fmt: skip
+        run(station_main, "import-entitlement", "--home", home, entitlement)
+        return home
+
+    station = entitled_station(STATION)
+
+    def hq_refuses(request: bytes, reason: str) -> None:
+        path = tmp_path / "request.req"
+        path.write_bytes(request)
+        out = run(hq_main, "renew-station", "--home", hq, path, "--out", tmp_path / "no.pem",
+                  code=2)  # fmt: skip
+        assert reason in out, out
+        assert not (tmp_path / "no.pem").exists()
+
+    # A station of another manufacturer (its certificate from a foreign root): foreign.
+    evil_key, evil_station = SoftwareKey.ephemeral(), SoftwareKey.ephemeral()
+    evil_root = issue_root_ca(
+        evil_key.private_key(), common_name="Evil Root", organization="Evil",
+        not_before=now - timedelta(days=1), not_after=now + timedelta(days=3650),
+    )  # fmt: skip
+    evil_ca = issue_station_ca(
+        evil_root, evil_key.private_key(), evil_station.public_key(),
+        station_id=StationId(STATION), organization="Evil", not_before=now - timedelta(days=1),
+        not_after=now + timedelta(days=3000), max_not_after=now + timedelta(days=3000),
+    )  # fmt: skip
+
+    def software_request(station_id: str, created: int) -> bytes:
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, station_id),
+                x509.NameAttribute(NameOID.SERIAL_NUMBER, station_id),
+            ]
+        )
+        return StationCaRequest.create(
+            station_id=StationId(station_id),
+            csr_der=build_csr(evil_station, subject),
+            current_cert_der=evil_ca.public_bytes(serialization.Encoding.DER),
+            current_key=evil_station,
+            new_key=None,
+            created=created,
+        ).encode()
+
+    hq_refuses(software_request(STATION, int(now.timestamp())), "foreign_station")
+    hq_refuses(software_request("station-99", int(now.timestamp())), "unknown_station")
+    hq_refuses(software_request(STATION, int((now - timedelta(days=40)).timestamp())),
+               "stale_request")  # fmt: skip
+    hq_refuses(b"\xa1\x01\x02", "malformed")
+
+    # Two re-key requests: the second replaces the pending key, so HQ's answer to the first
+    # no longer matches anything the station holds.
+    first, second = tmp_path / "rekey-1.req", tmp_path / "rekey-2.req"
+    run(station_main, "renew-ca", "--home", station, "--rekey", "--out", first)
+    run(station_main, "renew-ca", "--home", station, "--rekey", "--out", second)
+    out = run(station_main, "renew-ca", "--home", station, "--out", second, code=2)
+    assert "exists" in out
+    answer = tmp_path / "answer-1.pem"
+    run(hq_main, "renew-station", "--home", hq, first, "--out", answer)
+    out = run(station_main, "import-ca", "--home", station, answer, code=2)
+    assert "key_mismatch" in out
+    # HQ moved to the first request's key; the second (signed by the old key) is superseded.
+    hq_refuses(second.read_bytes(), "superseded_key")
+
+    # Another station's certificates are revoked (quorum): no renewal, no re-key way out.
+    other = entitled_station("station-02")
+    home = _configure(hq, m=2)
+    keys = _approvers(home, 2)
+    renew, rekey = tmp_path / "renew-2.req", tmp_path / "rekey-2b.req"
+    run(station_main, "renew-ca", "--home", other, "--out", renew)
+    run(station_main, "renew-ca", "--home", other, "--rekey", "--out", rekey)
+    request = create_request(
+        HqHome.open(hq), REVOKE_STATION_CA, revoke_station_ca_params("station-02"),
+        requested_by="ops",
+    )  # fmt: skip
+    evidence = tmp_path / "approvals.cbor"
+    evidence.write_bytes(
+        encode_bundle(request, [sign_approval(request, k, now=request.created) for k in keys])
+    )
+    run(hq_main, "revoke", "--home", hq, "--station-ca", "station-02", "--approvals", evidence,
+        "--out", tmp_path / "list.sealed")  # fmt: skip
+    hq_refuses(renew.read_bytes(), "station_revoked")
+    hq_refuses(rekey.read_bytes(), "station_revoked")
+    store = HqStore.open(hq / "hq.sqlite")
+    try:
+        assert len(store.station_ca_keys(STATION)) == 2  # the re-key chain: new key, old key
+        assert len(store.station_ca_keys("station-02")) == 1  # nothing issued after revocation
+        assert len(store.station_ca_certificates("station-02")) == 1
+    finally:
+        store.close()
