@@ -361,13 +361,21 @@ def renew_ca(home: Path, tcti: str | None, out: Path, rekey: bool) -> None:
 @main.command("import-ca")
 @_HOME
 @_TCTI
+@click.option(
+    "--rekey",
+    is_flag=True,
+    help="Expect a re-key (a certificate for the pending new key); refuse anything else. "
+    "Without it, renewal or re-key is told from the certificate's key.",
+)
 @click.argument("certificate", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-def import_ca(home: Path, tcti: str | None, certificate: Path) -> None:
+def import_ca(home: Path, tcti: str | None, rekey: bool, certificate: Path) -> None:
     """Import the station CA certificate HQ issued for a renew-ca request."""
     if certificate.stat().st_size > 64 * 1024:
         raise Refused(f"malformed: {certificate} is too large for a certificate")
     with _station(home, tcti) as station:
-        result = station.import_ca_certificate(certificate.read_bytes())
+        result = station.import_ca_certificate(
+            certificate.read_bytes(), expect_rekey=True if rekey else None
+        )
     cert = result.certificate
     click.echo(
         f"station CA {result.kind}: {result.status.replace('_', ' ')}, serial "

@@ -1132,7 +1132,9 @@ class FactoryStation:
             )
             return request.encode()
 
-    def import_ca_certificate(self, data: bytes) -> CaImportResult:
+    def import_ca_certificate(
+        self, data: bytes, *, expect_rekey: bool | None = None
+    ) -> CaImportResult:
         """Take HQ's answer to :meth:`make_ca_request`. The certificate must be a station CA
         certificate for this station, signed by the pinned root, valid now, and certify the
         current CA key (renewal) or the pending re-key key. A re-key switches issuance,
@@ -1175,6 +1177,14 @@ class FactoryStation:
                         reason="key_mismatch",
                     )
                 kind = KIND_REKEY
+            if expect_rekey is not None and expect_rekey != (kind == KIND_REKEY):
+                if pending is not None:
+                    pending.unload()
+                raise EntitlementImportError(
+                    f"expected a {'re-key' if expect_rekey else 'renewal'} certificate, this "
+                    f"one is a {kind}",
+                    reason="key_mismatch",
+                )
             if cert.serial_number == previous.serial_number:
                 if pending is not None:
                     pending.unload()
@@ -1205,7 +1215,13 @@ class FactoryStation:
                     pending.unload()
                 raise
             if pending is not None:
-                ca_renewal.switch_keys(self.home, self.ca_key, pending)
+                try:
+                    ca_renewal.switch_keys(self.home, self.ca_key, pending)
+                except StationStateError as exc:
+                    # The database already says "new key": stop; the next open finishes the
+                    # switch (ca_renewal.finish_key_switch).
+                    self._broken = f"re-key recorded but key files not switched: {exc}"
+                    raise StationStateError(f"{self._broken}; reopen the station") from exc
                 self.ca_key.unload()
                 self.ca_key = pending
                 self._ca_private = pending.private_key()

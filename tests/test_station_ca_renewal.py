@@ -32,6 +32,7 @@ from device_sim.client import DeviceClient, DeviceCredentials, TlsIdentity, TpmK
 from device_sim.device import SimDevice, vendor_ca_pem
 from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.cli import main as station_main
+from factory_station.errors import StationStateError
 from hq.cli import main as hq_main
 from hq.store import HqStore
 from registrar.app import AppSettings, running
@@ -161,7 +162,10 @@ def test_station_ca_renewal_and_rekey(
     rekeyed_pem = tmp_path / "rekeyed.pem"
     out = run(hq_main, "renew-station", "--home", hq, rekey_req, "--out", rekeyed_pem)
     assert "rekey issued" in out
-    out = run(station_main, "import-ca", "--home", station, rekeyed_pem)
+    # --rekey states the expectation: the renewal certificate is not a re-key
+    out = run(station_main, "import-ca", "--home", station, "--rekey", renewed_pem, code=2)
+    assert "key_mismatch" in out
+    out = run(station_main, "import-ca", "--home", station, "--rekey", rekeyed_pem)
     assert "station CA rekey: imported" in out
     rekeyed = x509.load_pem_x509_certificate(rekeyed_pem.read_bytes())
     assert rekeyed.public_key() != first_ca.public_key() and rekeyed.subject == first_ca.subject
@@ -410,6 +414,30 @@ def test_foreign_stale_superseded_and_revoked_requests_are_refused(
     assert "key_mismatch" in out
     # HQ moved to the first request's key; the second (signed by the old key) is superseded.
     hq_refuses(second.read_bytes(), "superseded_key")
+
+    # A crash between recording a re-key and switching the key files: the next open
+    # finishes the switch, and the station then signs with the new key.
+    crashing = entitled_station("station-03")
+    rekey3, answer3 = tmp_path / "rekey-3.req", tmp_path / "answer-3.pem"
+    run(station_main, "renew-ca", "--home", crashing, "--rekey", "--out", rekey3)
+    run(hq_main, "renew-station", "--home", hq, rekey3, "--out", answer3)
+
+    def power_cut(*_: object) -> None:
+        raise StationStateError("power cut")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("factory_station.ca_renewal.switch_keys", power_cut)
+        out = run(station_main, "import-ca", "--home", crashing, answer3, code=2)
+    assert "power cut" in out and (crashing / "station-ca.next.tss.pem").exists()
+    run(station_main, "status", "--home", crashing)  # open: the switch completes
+    assert not (crashing / "station-ca.next.tss.pem").exists()
+    new3 = x509.load_pem_x509_certificate(answer3.read_bytes())
+    renew3 = tmp_path / "renew-3.req"
+    run(station_main, "renew-ca", "--home", crashing, "--out", renew3)
+    sent = StationCaRequest.decode(renew3.read_bytes()).verify()
+    assert sent.current_cert == new3 and sent.new_public == new3.public_key()
+    run(hq_main, "renew-station", "--home", hq, renew3, "--out", tmp_path / "answer-3b.pem")
+    assert "already imported" in run(station_main, "import-ca", "--home", crashing, answer3)
 
     # Another station's certificates are revoked (quorum): no renewal, no re-key way out.
     other = entitled_station("station-02")
