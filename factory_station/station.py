@@ -1066,14 +1066,15 @@ class FactoryStation:
                 cert = ca_renewal.latest_for_key(self.store.db, key.public_key())
                 if cert is None or cert.not_valid_after_utc <= _utc(now):
                     continue
-                this_update = _utc(now)
+                # Valid until the key's certificate ends: the key never revokes anything
+                # again (HQ does), so its empty CRL says nothing that can go out of date.
                 crl = build_crl(
                     cert,
                     key.private_key(),
                     revoked=(),
                     crl_number=number,
-                    this_update=this_update,
-                    next_update=min(cert.not_valid_after_utc, this_update + timedelta(days=90)),
+                    this_update=_utc(now),
+                    next_update=cert.not_valid_after_utc,
                 )
                 out.append(crl.public_bytes(serialization.Encoding.DER))
             finally:

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hq.authority import BACKDATE, now_utc
 from hq.errors import HqError, SecretError
 from hq.home import HqHome, HqSecrets
+from hq.site import issue_root_crl
 from hq.store import HqStore
 from signers.errors import SignerError
 from trustcore.errors import ProfileError
@@ -170,6 +171,8 @@ def renew_station_ca(
         certificate = _issue(home, secrets, verified.new_public, station_id, moment, end, root_cert)
         der = certificate.public_bytes(serialization.Encoding.DER)
         with store.transaction():
+            # A CA certificate was issued: a root ceremony, so the root CRL is re-signed.
+            issue_root_crl(home, store, secrets, moment)
             store.put_station_ca_cert(
                 station_id=station_id,
                 serial=format(certificate.serial_number, "x"),
