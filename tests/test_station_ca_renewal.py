@@ -22,13 +22,21 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiomqtt
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from device_sim.client import DeviceClient, DeviceCredentials, TlsIdentity, TpmKeys
+from device_sim.client import (
+    DeviceClient,
+    DeviceCredentials,
+    DeviceRegistrationError,
+    SoftwareKeys,
+    TlsIdentity,
+    TpmKeys,
+)
 from device_sim.device import SimDevice, vendor_ca_pem
 from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.cli import main as station_main
@@ -275,6 +283,7 @@ def test_station_ca_renewal_and_rekey(
     picks = [(old_devices[0], first_ca, old_key_file), (new_devices[0], rekeyed,
              station / "station-ca.tss.pem")]  # fmt: skip
     stand_ins: list[tuple[Path, x509.Certificate, TlsIdentity]] = []
+    fake: DeviceClient | None = None
     with Tpm(station_tpm.tcti) as tpm:
         for device, ca, key_file in picks:
             key = TpmKey.load(tpm, key_file)
@@ -284,8 +293,20 @@ def test_station_ca_renewal_and_rekey(
                 ca, key.private_key(), tls_key.public_key(), device_id=DeviceId(device_id),
                 manufacturer="Acme Devices", not_before=ca.not_valid_before_utc,
             )  # fmt: skip
-            key.unload()
             stand_ins.append((device, ca, TlsIdentity((tls_cert, ca), tls_key.private_key())))
+            if ca == rekeyed:
+                # A thief with the NEW key mints a device no audit log shows.
+                fake_key = SoftwareKey.ephemeral()
+                fake_cert = issue_factory_certificate(
+                    ca, key.private_key(), fake_key.public_key(),
+                    device_id=DeviceId("TH-000500"), manufacturer="Acme Devices",
+                    not_before=ca.not_valid_before_utc,
+                )  # fmt: skip
+                fake = DeviceClient(
+                    DeviceCredentials(DeviceId("TH-000500"), fake_cert, (ca,), fake_key, (root,)),
+                    SoftwareKeys(),
+                )
+            key.unload()
 
     for broker in ("embedded", "mosquitto"):
         sims = [SimDevice(d).power_on() for d, _, _ in stand_ins]
@@ -298,17 +319,63 @@ def test_station_ca_renewal_and_rekey(
                                      .value)  # type: ignore[arg-type]  # fmt: skip
                 creds = DeviceCredentials(device_id, cert, (ca,), sim.key(), (root,))
                 clients.append(DeviceClient(creds, TpmKeys(sim.tpm), registration_tls=tls))
-            asyncio.run(_register_all(site, clients, broker))
+            assert fake is not None
+            asyncio.run(_register_all(site, [*clients, fake], broker))
         finally:
             for sim in sims:
                 sim.power_off()
 
+    # Counterfeit detection still knows both keys' devices as genuine (site report → HQ).
+    report_file = tmp_path / "report-1.sealed"
+    out = run(registrar_main, "report", "--home", site_home, "--out", report_file)
+    assert "3 factory certificate(s) seen" in out, out
+    findings = json.loads(
+        run(hq_main, "ingest-report", "--home", hq, report_file, "--json", code=1)
+    )
+    assert findings["seen"] == 3 and findings["audited_clean"] == 2, findings
+    [finding] = findings["findings"]
+    assert finding["kind"] == "counterfeit" and finding["device_id"] == "TH-000500", finding
+    # HQ revokes it; the site takes the list; the fake is refused, genuine devices of both
+    # keys still register.
+    findings_file = tmp_path / "findings.json"
+    findings_file.write_text(json.dumps(findings))
+    out = run(hq_main, "revoke", "--home", hq, "--from-report", findings_file,
+              "--out", tmp_path / "list-2.sealed")  # fmt: skip
+    assert "1 device(s) added" in out
+    run(registrar_main, "import-revocations", "--home", site_home, tmp_path / "list-2.sealed")
+    sims = [SimDevice(d).power_on() for d, _, _ in stand_ins]
+    try:
+        clients = []
+        for sim, (_, ca, tls) in zip(sims, stand_ins, strict=True):
+            cert = sim.certificate()
+            assert cert is not None and sim.tpm is not None
+            creds = DeviceCredentials(
+                DeviceId(str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)),
+                cert, (ca,), sim.key(), (root,),
+            )  # fmt: skip
+            clients.append(DeviceClient(creds, TpmKeys(sim.tpm), registration_tls=tls))
+        asyncio.run(_register_all(site, clients, "embedded", refused=fake))
+    finally:
+        for sim in sims:
+            sim.power_off()
 
-async def _register_all(site: SiteHome, clients: list[DeviceClient], broker: str) -> None:
+
+async def _register_all(
+    site: SiteHome, clients: list[DeviceClient], broker: str, refused: DeviceClient | None = None
+) -> None:
     settings = AppSettings(broker=broker, registration_port=0, operational_port=0)  # type: ignore[arg-type]
     async with running(site, SiteSecrets(), settings) as app:
         await asyncio.gather(*(c.register(app.registration_endpoint) for c in clients))
         assert all(c.registered is not None for c in clients)
+        if refused is not None:
+            with pytest.raises((DeviceRegistrationError, aiomqtt.MqttError)) as err:
+                await refused.register(
+                    app.registration_endpoint, timeout=1.0, resend_after=1.0, attempts=1
+                )
+            # refused at connect (the registrar's broker plugin) or by the registrar
+            assert isinstance(err.value, aiomqtt.MqttConnectError) or (
+                getattr(err.value, "reason", None) == "revoked"
+            ), repr(err.value)
 
 
 def test_foreign_stale_superseded_and_revoked_requests_are_refused(
