@@ -24,6 +24,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from aiomqtt.exceptions import MqttConnectError
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -373,7 +374,7 @@ async def _register_all(
                     app.registration_endpoint, timeout=1.0, resend_after=1.0, attempts=1
                 )
             # refused at connect (the registrar's broker plugin) or by the registrar
-            assert isinstance(err.value, aiomqtt.MqttConnectError) or (
+            assert isinstance(err.value, MqttConnectError) or (
                 getattr(err.value, "reason", None) == "revoked"
             ), repr(err.value)
 
