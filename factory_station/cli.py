@@ -392,6 +392,7 @@ def status(home: Path, tcti: str | None, as_json: bool) -> None:
     """Show the station's counter, entitlement and usage."""
     with _station(home, tcti) as station:
         st = station.status().to_map()
+        st["station_ca"] = station.station_ca_summary()
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return

@@ -1229,6 +1229,20 @@ class FactoryStation:
             self._load_active()
             return CaImportResult(kind, "imported", cert, f"{previous.serial_number:x}")
 
+    def station_ca_summary(self) -> dict[str, Any] | None:
+        """The CA certificate in use, its key, a pending re-key, retired keys (status)."""
+        with self._lock:
+            if self._active is None:
+                return None
+            cert = self._active.station_ca
+            return {
+                "serial": f"{cert.serial_number:x}",
+                "key_id": key_id(self.ca_key.public_key()).hex(),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "rekey_pending": (self.home / ca_renewal.NEXT_CA_KEY_FILE).exists(),
+                "retired_keys": len(ca_renewal.retired_key_files(self.home)),
+            }
+
     def _append_audit(self, event: str, fields: dict[str, FieldValue], now: int) -> None:
         rec = self._audit.append(event, fields, now)
         try:

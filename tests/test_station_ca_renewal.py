@@ -180,6 +180,9 @@ def test_station_ca_renewal_and_rekey(
     assert rekeyed.public_key() != first_ca.public_key() and rekeyed.subject == first_ca.subject
     assert not (station / "station-ca.next.tss.pem").exists()
     assert len(list(station.glob("station-ca.retired-*.tss.pem"))) == 1
+    status = json.loads(run(station_main, "status", "--home", station, "--json"))
+    assert status["station_ca"]["serial"] == f"{rekeyed.serial_number:x}"
+    assert status["station_ca"]["retired_keys"] == 1 and not status["station_ca"]["rekey_pending"]
     new_devices = provision(1, tmp_path / "fleet-c")
     assert chain_of(new_devices[0]) == rekeyed
 
