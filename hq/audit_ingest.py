@@ -190,10 +190,16 @@ def _check_station_ca(cert: x509.Certificate, root: x509.Certificate, store: HqS
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     # The current CA key, or one the station re-keyed away from (hq.station_ca): an export
-    # written before a re-key and carried to HQ after it is still the station's own log.
-    if spki not in store.station_ca_keys(station_id):
+    # written before a re-key and carried to HQ after it is still the station's own log —
+    # until HQ accepted one signed by a newer key (HqStore.station_export_keys).
+    if spki not in store.station_export_keys(station_id):
+        closed = spki in store.station_ca_keys(station_id)
         raise _refuse(
-            "foreign_station", f"sender key is not the enrolled CA key of station {station_id!r}"
+            "foreign_station",
+            f"sender key of station {station_id!r} was superseded by a re-key and the station "
+            "already exports with its new key"
+            if closed
+            else f"sender key is not the enrolled CA key of station {station_id!r}",
         )
     if not store.station_ca_issued(station_id, cert.public_bytes(serialization.Encoding.DER)):
         raise _refuse(
@@ -985,6 +991,7 @@ def _persist(
             store.put_station_crl(verified.crl)
         for issuer_key_id, row in verified.retired_crls:
             store.put_retired_station_crl(issuer_key_id, row)
+        store.put_station_export_key(sid, spki_der(verified.station_ca.public_key()))
         for request_id, eseq, day, extra in recon.allowances:
             store.put_allowance(request_id, sid, eseq, day, extra)
         for request_id, eseq, device_id in recon.reissue_grants:

@@ -156,6 +156,12 @@ _STATION_CA_RENEWALS = (
     recorded_at INTEGER NOT NULL,
     PRIMARY KEY (station_id, issuer_key_id)
 )""",
+    # The CA key of the last export HQ accepted from each station: once a re-keyed station
+    # signs with its new key, exports signed by an older key are refused.
+    """CREATE TABLE IF NOT EXISTS station_export_keys (
+    station_id TEXT PRIMARY KEY,
+    ca_public_der BLOB NOT NULL
+)""",
 )
 
 
@@ -551,6 +557,25 @@ class HqStore:
             if row is None or row[0] in keys:
                 return keys
             keys.append(row[0])
+
+    def station_export_keys(self, station_id: str) -> list[bytes]:
+        """The keys an export of ``station_id`` may be signed with now: its re-key chain
+        (:meth:`station_ca_keys`) down to the key of the last export HQ accepted. A key
+        older than that one is closed for good (a stolen old key cannot fork the log)."""
+        keys = self.station_ca_keys(station_id)
+        row = self._conn.execute(
+            "SELECT ca_public_der FROM station_export_keys WHERE station_id = ?", (station_id,)
+        ).fetchone()
+        if row is not None and row[0] in keys:
+            keys = keys[: keys.index(row[0]) + 1]
+        return keys
+
+    def put_station_export_key(self, station_id: str, ca_public_der: bytes) -> None:
+        self._conn.execute(
+            "INSERT INTO station_export_keys VALUES (?, ?) ON CONFLICT(station_id) DO UPDATE "
+            "SET ca_public_der = excluded.ca_public_der",
+            (station_id, ca_public_der),
+        )
 
     def retired_station_crls(self) -> list[StationCrlRow]:
         """The latest CRL of every retired station CA key (one row per station and key)."""

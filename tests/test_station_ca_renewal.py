@@ -171,6 +171,12 @@ def test_station_ca_renewal_and_rekey(
     rekeyed_pem = tmp_path / "rekeyed.pem"
     out = run(hq_main, "renew-station", "--home", hq, rekey_req, "--out", rekeyed_pem)
     assert "rekey issued" in out
+    # An export signed by the old key, delivered after HQ moved the station to the new key:
+    # still the station's own log (its re-key chain), ingested clean.
+    export_old = tmp_path / "audit-2.sealed"
+    run(station_main, "export-audit", "--home", station, "--out", export_old)
+    report = json.loads(run(hq_main, "ingest-audit", "--home", hq, export_old, "--json"))
+    assert report["status"] == "clean" and report["entitlements"][0]["issued"] == 3, report
     # --rekey states the expectation: the renewal certificate is not a re-key
     out = run(station_main, "import-ca", "--home", station, "--rekey", renewed_pem, code=2)
     assert "key_mismatch" in out
@@ -230,16 +236,34 @@ def test_station_ca_renewal_and_rekey(
     assert not (tmp_path / "y.pem").exists()
 
     # --- audit: one export spanning the re-key ingests clean; the chain continues --------------
-    export2 = tmp_path / "audit-2.sealed"
-    run(station_main, "export-audit", "--home", station, "--out", export2)
-    report = json.loads(run(hq_main, "ingest-audit", "--home", hq, export2, "--json"))
+    export3 = tmp_path / "audit-3.sealed"
+    run(station_main, "export-audit", "--home", station, "--out", export3)
+    report = json.loads(run(hq_main, "ingest-audit", "--home", hq, export3, "--json"))
     assert report["status"] == "clean" and report["violations"] == [], report
-    assert report["events"].get("station_ca_imported") == 2, report["events"]
+    assert report["events"].get("station_ca_imported") == 1, report["events"]
     assert report["entitlements"][0]["issued"] == 4
+    # Now that the station exports with its new key, the old key is closed for exports: a
+    # thief of the old key cannot fork the log HQ holds.
+    from hq.home import HqHome
+    from trustcore.messages import CT_AUDIT_EXPORT
+    from trustcore.profiles import HqRole
+    from trustcore.sealed import seal_package
+
+    receiver = HqHome.open(hq).role_certificate(HqRole.AUDIT_RECEIVER).public_key()
+    with Tpm(station_tpm.tcti) as tpm:
+        old_key = TpmKey.load(tpm, next(station.glob("station-ca.retired-*.tss.pem")))
+        forged = seal_package(
+            content_type=CT_AUDIT_EXPORT, payload=b"\xa0", sender=old_key, sender_cert=renewed,
+            receiver_public=receiver, sequence=9, created=int(datetime.now(UTC).timestamp()),
+        )  # type: ignore[arg-type]  # fmt: skip
+        old_key.unload()
+    (tmp_path / "forged.sealed").write_bytes(forged)
+    out = run(hq_main, "ingest-audit", "--home", hq, tmp_path / "forged.sealed", code=2)
+    assert "foreign_station" in out and "superseded" in out, out
     store = HqStore.open(hq / "hq.sqlite")
     try:
         assert len(store.station_ca_certificates(STATION)) == 3
-        assert len(store.retired_station_crls()) == 1  # the old key's CRL, from export 2
+        assert len(store.retired_station_crls()) == 1  # the old key's CRL, from export 3
         assert len(store.station_ca_keys(STATION)) == 2
     finally:
         store.close()
