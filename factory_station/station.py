@@ -1106,7 +1106,7 @@ class FactoryStation:
                     self.ca_key.unload()
                     new_key = TpmKey.create(self.tpm, TpmKeyUsage.SIGN)
                     new_key.save(self.home / ca_renewal.NEXT_CA_KEY_FILE, overwrite=True)
-                csr = build_csr(new_key or self.ca_key, subject)
+                csr = build_csr(self.ca_key if new_key is None else new_key, subject)
                 request = StationCaRequest.create(
                     station_id=self.station_id,
                     csr_der=csr,

@@ -560,3 +560,83 @@ def test_foreign_stale_superseded_and_revoked_requests_are_refused(
         assert len(store.station_ca_certificates("station-02")) == 1
     finally:
         store.close()
+
+
+def test_year_two_renewal_after_the_entitlement_ended_then_more_devices(
+    tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ten-year story's year 2, with clocks injected at the composition roots: the
+    first entitlement (30 days) ended long ago; the station renews its CA certificate, HQ
+    issues a new entitlement, the station makes more devices; the year-0 device and the
+    year-2 device both verify (openssl, at year 2 and at year 7)."""
+    from factory_station.station import FactoryStation
+    from hq.authority import EntitlementRequest, issue_entitlement
+    from hq.home import HqHome, HqSecrets
+    from hq.station_ca import renew_station_ca
+    from trustcore.entitlement import DeviceIdRule
+
+    monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", "correct horse battery staple")
+    monkeypatch.setenv("TSS2_LOG", "all+NONE")
+    runner = CliRunner()
+    hq, home = tmp_path / "hq", tmp_path / "station"
+    t0 = datetime.now(UTC).replace(microsecond=0)
+    year2 = t0 + timedelta(days=400)
+    assert runner.invoke(hq_main, ["init", "--home", str(hq), "--org", "Acme"]).exit_code == 0
+    tpm = swtpm_factory(tmp_path / "station-tpm")
+    root_pem = (hq / "certs" / "root-ca.pem").read_bytes()
+    enrolment = FactoryStation.init(
+        home, station_id=StationId(STATION), tcti=tpm.tcti, root_pem=root_pem,
+        attestation="unsafe-csr-only",
+    )  # fmt: skip
+    hq_home, secrets = HqHome.open(hq), HqSecrets()
+    from hq.authority import enrol_station
+
+    enrol_station(hq_home, enrolment.encode(), now=t0)
+
+    def entitle(start: datetime) -> bytes:
+        return issue_entitlement(
+            hq_home,
+            EntitlementRequest(
+                station_id=STATION,
+                product="thermostat",
+                total_quota=10,
+                daily_limit=10,
+                day_timezone="UTC",
+                not_before=start - timedelta(hours=1),
+                not_after=start + timedelta(days=30),
+                id_rule=DeviceIdRule("TH-", 0, 999, 6),
+            ),
+            secrets,
+            now=start,
+        ).package
+
+    def make_device(station: FactoryStation, n: int) -> tuple[x509.Certificate, x509.Certificate]:
+        issued = station.issue(DeviceId(f"TH-{n:06d}"), SoftwareKey.ephemeral().public_key())
+        return issued.certificate, issued.station_ca
+
+    clock = {"now": int(t0.timestamp())}
+    with FactoryStation.open(home, clock=lambda: clock["now"]) as station:
+        station.import_entitlement(entitle(t0))
+        year0_device, year0_ca = make_device(station, 1)
+        clock["now"] = int(year2.timestamp())
+        request = station.make_ca_request(rekey=False)
+        result = renew_station_ca(hq_home, request, secrets, now=year2)
+        imported = station.import_ca_certificate(result.pem())
+        assert imported.kind == "renew" and imported.status == "imported"
+        station.import_entitlement(entitle(year2))
+        year2_device, year2_ca = make_device(station, 2)
+    assert year2_ca != year0_ca and year2_ca.public_key() == year0_ca.public_key()
+    cas = tmp_path / "cas.pem"
+    cas.write_bytes(
+        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (year0_ca, year2_ca))
+    )
+    for device in (year0_device, year2_device):
+        path = tmp_path / f"{device.serial_number:x}.pem"
+        path.write_bytes(device.public_bytes(serialization.Encoding.PEM))
+        for when in (year2, t0 + timedelta(days=7 * 365)):
+            done = subprocess.run(
+                ["openssl", "verify", "-attime", str(int(when.timestamp())),
+                 "-CAfile", str(hq / "certs" / "root-ca.pem"), "-untrusted", str(cas), str(path)],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, (when, done.stdout + done.stderr)
