@@ -305,6 +305,35 @@ def test_station_ca_renewal_and_rekey(
         sorted(station_crls, key=lambda c: c.is_signature_valid(rekeyed.public_key())),
         (first_ca, rekeyed), strict=True))  # fmt: skip
 
+    # OpenSSL with the site's CRL file (root CRL + one CRL per station key): old-key and
+    # new-key devices both pass the revocation check of their own issuer.
+    for device in (old_devices[0], new_devices[0]):
+        done = subprocess.run(
+            ["openssl", "verify", "-crl_check_all", "-CAfile", root_pem, "-untrusted", all_cas,
+             "-CRLfile", site.current / "crls.pem", device / "idevid.pem"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    # Without the retired key's CRL (what a site would get if the re-keyed station did not
+    # sign one), the old-key device fails the check: that CRL is what keeps it registrable.
+    pems = (site.current / "crls.pem").read_bytes().split(b"-----END X509 CRL-----")
+    kept = [
+        p + b"-----END X509 CRL-----"
+        for p in pems
+        if b"BEGIN" in p
+        and not x509.load_pem_x509_crl(p + b"-----END X509 CRL-----").is_signature_valid(
+            first_ca.public_key()  # type: ignore[arg-type]
+        )
+    ]
+    partial = tmp_path / "crls-without-retired.pem"
+    partial.write_bytes(b"\n".join(kept) + b"\n")
+    done = subprocess.run(
+        ["openssl", "verify", "-crl_check_all", "-CAfile", root_pem, "-untrusted", all_cas,
+         "-CRLfile", partial, old_devices[0] / "idevid.pem"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "unable to get certificate CRL" in done.stdout + done.stderr
+
     # TLS stand-ins (Python's ssl cannot use a TPM key): signed by the station key that
     # signed each device's factory certificate, loaded from the station's own key blobs.
     root = x509.load_pem_x509_certificate(root_pem.read_bytes())
