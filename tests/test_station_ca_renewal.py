@@ -524,6 +524,9 @@ def test_foreign_stale_superseded_and_revoked_requests_are_refused(
     hq_refuses(software_request(STATION, int((now - timedelta(days=40)).timestamp())),
                "stale_request")  # fmt: skip
     hq_refuses(b"\xa1\x01\x02", "malformed")
+    (tmp_path / "junk.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nnope\n")
+    out = run(station_main, "import-ca", "--home", station, tmp_path / "junk.pem", code=2)
+    assert "malformed" in out
 
     # Two re-key requests: the second replaces the pending key, so HQ's answer to the first
     # no longer matches anything the station holds.
