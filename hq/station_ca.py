@@ -98,7 +98,10 @@ def renew_station_ca(
         ) from exc
     req = verified.request
     station_id = req.station_id.value
-    created = datetime.fromtimestamp(req.created, moment.tzinfo)
+    try:
+        created = datetime.fromtimestamp(req.created, moment.tzinfo)
+    except (OverflowError, ValueError, OSError) as exc:
+        raise StationCaError("the request's time is out of range", reason="malformed") from exc
     if created > moment + MAX_CLOCK_AHEAD:
         raise StationCaError(
             f"the request is dated {created.isoformat()}, ahead of HQ's clock",

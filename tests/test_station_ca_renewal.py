@@ -524,6 +524,7 @@ def test_foreign_stale_superseded_and_revoked_requests_are_refused(
     hq_refuses(software_request(STATION, int((now - timedelta(days=40)).timestamp())),
                "stale_request")  # fmt: skip
     hq_refuses(b"\xa1\x01\x02", "malformed")
+    hq_refuses(software_request(STATION, 2**62), "malformed")  # a time out of range
     (tmp_path / "junk.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nnope\n")
     out = run(station_main, "import-ca", "--home", station, tmp_path / "junk.pem", code=2)
     assert "malformed" in out
