@@ -14,6 +14,9 @@ Station directory (``--home``)::
     root.pem                the manufacturer root certificate, pinned at init
     tpm-vendor-ca.pem       TPM-vendor CA certificates for EK-certificate checks (optional)
     station-ca.tss.pem      station CA key: a TPM-wrapped blob, useless outside this TPM
+    station-ca.next.tss.pem a re-key's new CA key until its certificate is imported;
+    station-ca.retired-*    CA keys re-keyed away from, which sign only their CRL
+                            (both: factory_station.ca_renewal)
     transport.tss.pem       transport (ECDH) key: a TPM-wrapped blob, for entitlements
     enrolment.cbor          the enrolment request for HQ (CSR + transport key, bound)
     station.db              SQLite: entitlements, issuances, audit log, exports
