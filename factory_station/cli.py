@@ -354,8 +354,13 @@ def renew_ca(home: Path, tcti: str | None, out: Path, rekey: bool) -> None:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(request)
     tmp.replace(out)
+    from trustcore.keys import key_id
+    from trustcore.station_ca_request import StationCaRequest
+
+    new_key = key_id(StationCaRequest.decode(request).verify().new_public).hex()
     what = "re-key (new CA key pending in the TPM)" if rekey else "renewal of the current CA key"
     click.echo(f"station CA request ({what}) written to {out}; take it to HQ")
+    click.echo(f"  key to certify: {new_key}")
 
 
 @main.command("import-ca")

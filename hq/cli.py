@@ -173,12 +173,14 @@ def enrol_command(home: Path, replace: bool, enrolment_file: Path) -> None:
     "--not-after",
     help="End of the new certificate's validity (ISO 8601 with zone; default: the root's end).",
 )
+@_approvals_option
 @_secret_options
 def renew_station_command(
     home: Path,
     request_file: Path,
     out: Path,
     not_after: str | None,
+    approval_files: tuple[Path, ...],
     passphrase_file: Path | None,
     pin_file: Path | None,
 ) -> None:
@@ -196,6 +198,7 @@ def renew_station_command(
             request_file.read_bytes(),
             HqSecrets(passphrase_file, pin_file),
             not_after=end,
+            approvals=_read_approvals(approval_files),
         )
         write_package(out, result.pem())
     except HqError as exc:

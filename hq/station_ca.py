@@ -22,13 +22,15 @@ certificate must outlive every device made under it (docs/pki.md). It runs until
 ``not_after`` (default: the root's end). It is recorded (``station_ca_certs``) with the
 request id before it is returned; a re-key also makes the new key the station's current CA
 key, keeping the audit head (the chain continues; exports signed by the old key still
-verify). Not quorum-gated: a renewal or re-key grants no new issuing power (the entitlement
-still bounds it) and is asked for by the key HQ already trusts; see docs/hq.md.
+verify). A renewal is never quorum-gated (same key, no new power); a re-key is when HQ's
+policy says so (``hq.json`` ``quorum.station_rekey``, off by default): the approvers then
+approve this station *and this new key* (``rekey_station_ca``); see docs/hq.md.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -87,8 +89,19 @@ def renew_station_ca(
     *,
     not_after: datetime | None = None,
     now: datetime | None = None,
+    approvals: Sequence[bytes] = (),
 ) -> StationCaResult:
-    """Verify a station's renewal or re-key request and issue its new CA certificate."""
+    """Verify a station's renewal or re-key request and issue its new CA certificate. A
+    re-key needs ``approvals`` (``hq.approvals``, operation ``rekey_station_ca`` for this
+    station and this new key) when HQ's quorum policy gates it (``station_rekey``)."""
+    from hq.approvals import (
+        REKEY_STATION_CA,
+        QuorumRefused,
+        authorize,
+        precheck,
+        rekey_station_ca_params,
+    )
+
     moment = now_utc(now)
     try:
         verified = StationCaRequest.decode(request).verify()
@@ -167,13 +180,32 @@ def renew_station_ca(
                     reason="station_revoked",
                 )
         new_spki = spki_der(verified.new_public)
-        if req.kind == KIND_REKEY and _key_known(store, new_spki):
-            raise StationCaError(
-                "the new key is already known to HQ (a station or site key)", reason="key_reuse"
-            )
+        new_key_id = hashlib.sha256(new_spki).hexdigest()
+        quorum = rekey_station_ca_params(station_id, new_key_id)
+        if req.kind == KIND_REKEY:
+            if _key_known(store, new_spki):
+                raise StationCaError(
+                    "the new key is already known to HQ (a station or site key)",
+                    reason="key_reuse",
+                )
+            # Verified before the root signs anything; consumed with the record below.
+            try:
+                precheck(home, REKEY_STATION_CA, quorum, approvals, now=int(moment.timestamp()))
+            except QuorumRefused as exc:
+                raise StationCaError(
+                    f"{exc.args[0]} (approvers approve: hq approval request --operation "
+                    f"rekey_station_ca --param station_id={station_id} --param "
+                    f"key_id={new_key_id})",
+                    reason=exc.reason,
+                ) from exc
         certificate = _issue(home, secrets, verified.new_public, station_id, moment, end, root_cert)
         der = certificate.public_bytes(serialization.Encoding.DER)
-        with store.transaction():
+        with store.transaction() as conn:
+            if req.kind == KIND_REKEY:
+                authorize(
+                    home, REKEY_STATION_CA, quorum, approvals, conn=conn,
+                    now=int(moment.timestamp()),
+                )  # fmt: skip
             # A CA certificate was issued: a root ceremony, so the root CRL is re-signed.
             issue_root_crl(home, store, secrets, moment)
             store.put_station_ca_cert(
@@ -193,7 +225,7 @@ def renew_station_ca(
         req.kind,
         certificate,
         format(current.serial_number, "x"),
-        hashlib.sha256(new_spki).hexdigest(),
+        new_key_id,
     )
 
 

@@ -438,7 +438,13 @@ async def _register_all(
 def test_foreign_stale_superseded_and_revoked_requests_are_refused(
     tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hq.approvals import REVOKE_STATION_CA, create_request, revoke_station_ca_params
+    from hq.approvals import (
+        REKEY_STATION_CA,
+        REVOKE_STATION_CA,
+        create_request,
+        rekey_station_ca_params,
+        revoke_station_ca_params,
+    )
     from hq.home import HqHome
     from tests.test_hq_approvals import _approvers, _configure
     from trustcore.profiles import issue_root_ca, issue_station_ca
@@ -569,8 +575,40 @@ def test_foreign_stale_superseded_and_revoked_requests_are_refused(
 
     # Another station's certificates are revoked (quorum): no renewal, no re-key way out.
     other = entitled_station("station-02")
-    home = _configure(hq, m=2)
+    gated = entitled_station("station-04")
+    home = _configure(hq, m=2, station_rekey=True)
     keys = _approvers(home, 2)
+
+    # HQ's policy gates re-keys: without approvals refused (and told which key to approve);
+    # approvals for another key do not count; approvals for this station and key do. A
+    # renewal (same key) is not gated.
+    rekey4 = tmp_path / "rekey-4.req"
+    out = run(station_main, "renew-ca", "--home", gated, "--rekey", "--out", rekey4)
+    new_key_id = out.split("key to certify: ")[1].split()[0]
+    hq_refuses(rekey4.read_bytes(), "insufficient")
+    assert f"key_id={new_key_id}" in run(
+        hq_main, "renew-station", "--home", hq, rekey4, "--out", tmp_path / "no.pem", code=2
+    )
+
+    def approvals_for(params: dict[str, object]) -> Path:
+        request = create_request(HqHome.open(hq), REKEY_STATION_CA, params, requested_by="ops")
+        path = tmp_path / f"approvals-{request.request_id.hex()}.cbor"
+        path.write_bytes(
+            encode_bundle(request, [sign_approval(request, k, now=request.created) for k in keys])
+        )
+        return path
+
+    wrong = approvals_for(rekey_station_ca_params("station-04", "00" * 32))
+    out = run(hq_main, "renew-station", "--home", hq, rekey4, "--approvals", wrong,
+              "--out", tmp_path / "no.pem", code=2)  # fmt: skip
+    assert "rekey_station_ca refused" in out and not (tmp_path / "no.pem").exists()
+    right = approvals_for(rekey_station_ca_params("station-04", new_key_id))
+    answer4 = tmp_path / "answer-4.pem"
+    run(hq_main, "renew-station", "--home", hq, rekey4, "--approvals", right, "--out", answer4)
+    run(station_main, "import-ca", "--home", gated, "--rekey", answer4)
+    renew4 = tmp_path / "renew-4.req"
+    run(station_main, "renew-ca", "--home", gated, "--out", renew4)
+    run(hq_main, "renew-station", "--home", hq, renew4, "--out", tmp_path / "answer-4b.pem")
     renew, rekey = tmp_path / "renew-2.req", tmp_path / "rekey-2b.req"
     run(station_main, "renew-ca", "--home", other, "--out", renew)
     run(station_main, "renew-ca", "--home", other, "--rekey", "--out", rekey)
