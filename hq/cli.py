@@ -211,6 +211,37 @@ def renew_station_command(
     )
 
 
+@main.command("station-cas")
+@_home_option
+@click.option("--station", "station_id", required=True)
+@click.option("--json", "as_json", is_flag=True)
+def station_cas_command(home: Path, station_id: str, as_json: bool) -> None:
+    """Every CA certificate HQ issued to a station (entitlements, renewals, re-keys)."""
+    from hq.station_ca import station_ca_history
+
+    try:
+        rows = station_ca_history(HqHome.open(home), station_id)
+    except HqError as exc:
+        _fail(exc, 2)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        flags = [
+            name
+            for name, on in (
+                ("current key", row["current_key"]),
+                ("exports accepted", row["exports_accepted"]),
+                ("REVOKED", row["revoked"]),
+            )
+            if on
+        ]
+        click.echo(
+            f"{row['serial']}  key {str(row['key_id'])[:16]}  {row['not_before']} .. "
+            f"{row['not_after']}  {', '.join(flags)}"
+        )
+
+
 # ------------------------------------------------------------------------------- entitle
 
 

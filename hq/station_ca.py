@@ -56,7 +56,13 @@ from trustcore.station_ca_request import (
     StationCaRequestError,
 )
 
-__all__ = ["MAX_REQUEST_AGE", "StationCaError", "StationCaResult", "renew_station_ca"]
+__all__ = [
+    "MAX_REQUEST_AGE",
+    "StationCaError",
+    "StationCaResult",
+    "renew_station_ca",
+    "station_ca_history",
+]
 
 #: How old a request may be when HQ sees it (it travels on a USB stick, not for months).
 MAX_REQUEST_AGE: Final = timedelta(days=30)
@@ -227,6 +233,39 @@ def renew_station_ca(
         format(current.serial_number, "x"),
         new_key_id,
     )
+
+
+def station_ca_history(home: HqHome, station_id: str) -> list[dict[str, object]]:
+    """Every CA certificate HQ issued to ``station_id`` (entitlements, renewals, re-keys),
+    oldest first: serial, key id, validity, whether its key is the current one, whether
+    exports may still be signed by it, and whether the root revoked it."""
+    store = HqStore.open(home.db_path)
+    try:
+        if store.station(station_id) is None:
+            raise StationCaError(
+                f"station {station_id!r} is not enrolled", reason="unknown_station"
+            )
+        keys = store.station_ca_keys(station_id)
+        open_keys = store.station_export_keys(station_id)
+        revoked = {serial for serial, _, _ in store.root_revocations()}
+        out: list[dict[str, object]] = []
+        for _, der in store.station_ca_certificates(station_id):
+            cert = x509.load_der_x509_certificate(der)
+            spki = spki_der(cert.public_key())
+            out.append(
+                {
+                    "serial": format(cert.serial_number, "x"),
+                    "key_id": hashlib.sha256(spki).hexdigest(),
+                    "not_before": cert.not_valid_before_utc.isoformat(),
+                    "not_after": cert.not_valid_after_utc.isoformat(),
+                    "current_key": bool(keys) and spki == keys[0],
+                    "exports_accepted": spki in open_keys,
+                    "revoked": format(cert.serial_number, "x") in revoked,
+                }
+            )
+        return out
+    finally:
+        store.close()
 
 
 def _key_known(store: HqStore, spki: bytes) -> bool:

@@ -268,6 +268,14 @@ def test_station_ca_renewal_and_rekey(
     finally:
         store.close()
 
+    history = json.loads(run(hq_main, "station-cas", "--home", hq, "--station", STATION, "--json"))
+    assert [h["serial"] for h in history] == [
+        f"{c.serial_number:x}" for c in (first_ca, renewed, rekeyed)
+    ]
+    assert [h["current_key"] for h in history] == [False, False, True]
+    assert [h["exports_accepted"] for h in history] == [False, False, True]
+    assert not any(h["revoked"] for h in history)
+
     # --- every factory certificate verifies with openssl ---------------------------------------
     all_cas = tmp_path / "station-cas.pem"
     all_cas.write_bytes(
