@@ -157,6 +157,91 @@ def enrol_command(home: Path, replace: bool, enrolment_file: Path) -> None:
     )
 
 
+# ------------------------------------------------------------------------- renew-station
+
+
+@main.command("renew-station")
+@_home_option
+@click.argument("request_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Where to write the new station CA certificate (PEM) for factory-station import-ca.",
+)
+@click.option(
+    "--not-after",
+    help="End of the new certificate's validity (ISO 8601 with zone; default: the root's end).",
+)
+@_approvals_option
+@_secret_options
+def renew_station_command(
+    home: Path,
+    request_file: Path,
+    out: Path,
+    not_after: str | None,
+    approval_files: tuple[Path, ...],
+    passphrase_file: Path | None,
+    pin_file: Path | None,
+) -> None:
+    """Issue a station's new CA certificate from its renew-ca request (renewal or re-key)."""
+    from hq.authority import write_package
+    from hq.station_ca import renew_station_ca
+    from trustcore.station_ca_request import MAX_REQUEST_SIZE
+
+    if request_file.stat().st_size > MAX_REQUEST_SIZE:
+        _fail(HqError(f"{request_file} is too large for a request", reason="malformed"), 2)
+    end = None if not_after is None else _parse_time(not_after, "--not-after")
+    try:
+        result = renew_station_ca(
+            HqHome.open(home),
+            request_file.read_bytes(),
+            HqSecrets(passphrase_file, pin_file),
+            not_after=end,
+            approvals=_read_approvals(approval_files),
+        )
+        write_package(out, result.pem())
+    except HqError as exc:
+        _fail(exc, 2)
+    cert = result.certificate
+    Console(highlight=False).print(
+        f"station {result.station_id}: {result.kind} issued, serial {cert.serial_number:x} "
+        f"(previous {result.previous_serial})\n  CA key      {result.key_id}\n"
+        f"  valid until {cert.not_valid_after_utc.isoformat()}\n  written to  {out}"
+    )
+
+
+@main.command("station-cas")
+@_home_option
+@click.option("--station", "station_id", required=True)
+@click.option("--json", "as_json", is_flag=True)
+def station_cas_command(home: Path, station_id: str, as_json: bool) -> None:
+    """Every CA certificate HQ issued to a station (entitlements, renewals, re-keys)."""
+    from hq.station_ca import station_ca_history
+
+    try:
+        rows = station_ca_history(HqHome.open(home), station_id)
+    except HqError as exc:
+        _fail(exc, 2)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        flags = [
+            name
+            for name, on in (
+                ("current key", row["current_key"]),
+                ("exports accepted", row["exports_accepted"]),
+                ("REVOKED", row["revoked"]),
+            )
+            if on
+        ]
+        click.echo(
+            f"{row['serial']}  key {str(row['key_id'])[:16]}  {row['not_before']} .. "
+            f"{row['not_after']}  {', '.join(flags)}"
+        )
+
+
 # ------------------------------------------------------------------------------- entitle
 
 

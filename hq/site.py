@@ -377,12 +377,17 @@ def _station_material(
     """Every station CA certificate still valid (or not yet valid) at ``moment`` (a station
     has one per entitlement, all with the same key), and the CRLs HQ holds for them."""
     certs = []
+    # A revoked station CA certificate stays out (the root CRL refuses it anyway); renewed
+    # and re-keyed ones (hq.station_ca) are all in: devices made under any still verify.
+    revoked = {serial for serial, _, _ in store.root_revocations()}
     for station_id, der in store.station_ca_certificates():
         cert = x509.load_der_x509_certificate(der)
-        if cert.not_valid_after_utc > moment:
+        if cert.not_valid_after_utc > moment and format(cert.serial_number, "x") not in revoked:
             certs.append((station_id, der))
     stations = {sid for sid, _ in certs}
     crls = [row for row in store.station_crls() if row.station_id in stations]
+    # The CRLs of keys a station re-keyed away from: one per retired key.
+    crls += [row for row in store.retired_station_crls() if row.station_id in stations]
     return certs, crls
 
 

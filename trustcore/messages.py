@@ -276,18 +276,23 @@ class AuditExportPayload:
     #: The station CA's current CRL (DER, signed in the station TPM), so HQ can hand it to
     #: sites: brokers check revocation for every issuing CA and refuse a CA without a CRL.
     crl: bytes | None = None
+    #: CRLs signed by the CA keys the station re-keyed away from (``factory-station
+    #: import-ca``), so the devices made under an old key keep a current CRL at sites.
+    #: Encoded only when present (an export without re-key keeps its bytes).
+    retired_crls: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
-        return cbor.encode(
-            {
-                "station_id": self.station_id,
-                "entitlement_seq": self.entitlement_sequence,
-                "export_number": self.export_number,
-                "audit": self.audit_export,
-                "manifest": list(self.manifest),
-                "crl": self.crl,
-            }
-        )
+        m: dict[str, object] = {
+            "station_id": self.station_id,
+            "entitlement_seq": self.entitlement_sequence,
+            "export_number": self.export_number,
+            "audit": self.audit_export,
+            "manifest": list(self.manifest),
+            "crl": self.crl,
+        }
+        if self.retired_crls:
+            m["retired_crls"] = list(self.retired_crls)
+        return cbor.encode(m)
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int) -> AuditExportPayload:
@@ -295,11 +300,15 @@ class AuditExportPayload:
         cbor.expect_keys(
             m,
             {"station_id", "entitlement_seq", "export_number", "audit", "manifest", "crl"},
+            {"retired_crls"},
             what="audit export",
         )
         manifest = m["manifest"]
         if not isinstance(manifest, list) or not all(isinstance(c, bytes) for c in manifest):
             raise EncodingError("manifest must be a list of DER certificates")
+        retired = m.get("retired_crls", [])
+        if not isinstance(retired, list) or not all(isinstance(c, bytes) for c in retired):
+            raise EncodingError("retired_crls must be a list of DER CRLs")
         return cls(
             station_id=cbor.field(m, "station_id", str),
             entitlement_sequence=cbor.field(m, "entitlement_seq", int),
@@ -307,4 +316,5 @@ class AuditExportPayload:
             audit_export=cbor.field(m, "audit", bytes),
             manifest=tuple(manifest),
             crl=cbor.optional_field(m, "crl", bytes),
+            retired_crls=tuple(retired),
         )
