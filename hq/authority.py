@@ -306,7 +306,8 @@ def issue_entitlement(
     approvals: Sequence[bytes] = (),
 ) -> EntitlementResult:
     """Issue the station's next entitlement: a fresh station CA certificate valid until the
-    root ends (devices outlive the key-use window, docs/pki.md), the policy with the next monotonic sequence, the audit receiver
+    root ends (devices outlive the key-use window, docs/pki.md), the policy with the next
+    monotonic sequence, the audit receiver
     certificate and the product secrets, sealed (signed by the entitlement signer, encrypted
     to the station's enrolled transport key), and recorded before it is returned.
 
