@@ -274,6 +274,9 @@ class RegistrationService:
         digest = request.digest
         try:
             found = await self._store.lookup(digest, request.nonce, request.csr_key_id)
+            previous = (
+                None if found.response is not None else await self._store.device(request.device_id)
+            )
         except StoreError as exc:
             return self._refusal(
                 topic_device_id,
@@ -301,7 +304,7 @@ class RegistrationService:
                 defer_manifest=self.admission_plugins is not None,
             )
             await self._admit(verified, now)
-            previous = await self._previous(verified, now)
+            await self._expired_policy(previous, verified, now)
             authority = self.issuing_authority()
             issued = issue_registration(
                 verified,
@@ -359,25 +362,27 @@ class RegistrationService:
             await self._superseded(request.device_id, (previous.ldevid_serial,))
         return issued.response
 
-    async def _previous(self, verified: VerifiedRegistration, now: datetime) -> DeviceRecord | None:
-        """The device's record before this re-registration (None: first registration). An
-        expired LDevID under ``expired_reregistration = "approval"`` is held until the
-        installer approves (an approval given after it expired)."""
+    async def _expired_policy(
+        self, previous: DeviceRecord | None, verified: VerifiedRegistration, now: datetime
+    ) -> None:
+        """A re-registration whose LDevID expired, under ``expired_reregistration =
+        "approval"``, is held until the installer approves (an approval given after the
+        certificate expired). Awaits nothing on the common path (no expired LDevID): the
+        nonce and key reservations after the decision must follow it without a gap."""
         device = verified.request.device_id
+        if (
+            previous is None
+            or previous.status != "registered"
+            or self.policy.expired_reregistration != "approval"
+        ):
+            return
+        expired_at = x509.load_der_x509_certificate(previous.ldevid_der).not_valid_after_utc
+        if now <= expired_at:
+            return
         try:
-            previous = await self._store.device(device)
-            if (
-                previous is None
-                or previous.status != "registered"
-                or self.policy.expired_reregistration != "approval"
-            ):
-                return previous
-            expired_at = x509.load_der_x509_certificate(previous.ldevid_der).not_valid_after_utc
-            if now <= expired_at:
-                return previous
             approved = await self._store.approved_at(device)
             if approved is not None and approved >= int(expired_at.timestamp()):
-                return previous
+                return
             await self._store.record_hold(
                 device,
                 station_id=verified.station_id.value if verified.station_id else None,
@@ -411,6 +416,7 @@ class RegistrationService:
         try:
             found = await self._store.lookup(digest, request.nonce, request.csr_key_id)
             known = await self._store.renewal_lookup(device)
+            current = await self._store.device(device)
         except StoreError as exc:
             return self._refusal(
                 device,
@@ -447,11 +453,17 @@ class RegistrationService:
         )
         self._renewing.add(device)
         try:
-            return await self._renew(request, facts, now)
+            return await self._renew(request, facts, current, now)
         finally:
             self._renewing.discard(device)
 
-    async def _renew(self, request: RenewalRequest, facts: RenewalFacts, now: datetime) -> bytes:
+    async def _renew(
+        self,
+        request: RenewalRequest,
+        facts: RenewalFacts,
+        current: DeviceRecord | None,
+        now: datetime,
+    ) -> bytes:
         device, digest = request.device_id, request.digest
         try:
             verified = verify_renewal(
@@ -462,9 +474,8 @@ class RegistrationService:
                 now=now,
                 policy=self.policy,
             )
-            current = await self._store.device(device)
-            if current is None:
-                raise RegistrationError(f"{device} vanished", reason="ldevid_unknown")
+            if current is None:  # verify_renewal refuses an unregistered device first
+                raise RegistrationError(f"{device} is not registered", reason="ldevid_unknown")
             wrap = serialization.load_der_public_key(current.wrap_key_der)
             authority = self.issuing_authority()
             issued = issue_ldevid(
@@ -480,14 +491,6 @@ class RegistrationService:
                 payload_key=self.payload_key,
                 now=now,
                 validity=self.policy.validity,
-            )
-        except StoreError as exc:
-            return self._refusal(
-                device,
-                request.nonce,
-                digest,
-                RegistrationError(str(exc), reason="internal_error"),
-                request=request,
             )
         except RegistrationError as exc:
             return self._refusal(device, request.nonce, digest, exc, request=request)
