@@ -229,3 +229,35 @@ async def test_swtpm_device_renews_with_a_new_tpm_key_and_retries_are_idempotent
     reg = device.registered
     assert reg.ldevid_key is not before and isinstance(reg.ldevid_key, TpmKey)
     assert reg.ldevid.public_key() == reg.ldevid_key.public_key()
+
+
+async def test_a_superseded_serial_missing_from_the_crl_is_listed_at_start(
+    base: Base, tmp_path: Path
+) -> None:
+    """The crash window between the commit of a new certificate and the CRL: a registrar
+    that starts finds the superseded serial in its store and puts it on the site CRL."""
+    import sqlite3
+
+    from cryptography import x509
+
+    from registrar.app import AppSettings, running, store_path
+    from registrar.site import SiteHome
+    from registrar.store import Store
+
+    home_path = tmp_path / "site"
+    shutil.copytree(base.site_template, home_path, symlinks=True)
+    home = SiteHome.open(home_path)
+    store = await Store.open(store_path(home))
+    await store.close()
+    with sqlite3.connect(store_path(home)) as db:
+        db.execute(
+            "INSERT INTO superseded (ldevid_serial, device_id, superseded_at) VALUES (?, ?, ?)",
+            ("5eed0001", "TH-000899", int(time.time())),
+        )
+    settings = AppSettings(registration_port=0, operational_port=0)
+    async with running(home, base.world.site_secrets, settings):
+        crl = x509.load_pem_x509_crl((home_path / "current" / "site-crl.pem").read_bytes())
+        entry = crl.get_revoked_certificate_by_serial_number(0x5EED0001)
+        assert entry is not None
+        reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+        assert reason is x509.ReasonFlags.superseded
