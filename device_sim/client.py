@@ -75,8 +75,8 @@ PEM = serialization.Encoding.PEM
 TELEMETRY = "telemetry"
 COMMANDS = "cmd"
 KEYS = "keys"
-RENEW = "renew"
-RENEWED = "renewed"
+#: ``devices/<id>/renewal/request`` and ``.../response`` (``registrar.service``).
+RENEWAL = "renewal"
 #: Devices renew from this fraction of their LDevID's life on (the site default too).
 RENEW_FROM = 2 / 3
 
@@ -461,7 +461,7 @@ class DeviceClient:
             session = OperationalSession(self, client)
             await client.subscribe(device_topic(self.device_id, COMMANDS), qos=1)
             await client.subscribe(device_topic(self.device_id, KEYS), qos=1)
-            await client.subscribe(device_topic(self.device_id, RENEWED), qos=1)
+            await client.subscribe(device_topic(self.device_id, RENEWAL, "response"), qos=1)
             reader = asyncio.create_task(session._read())
             try:
                 yield session
@@ -497,8 +497,8 @@ class OperationalSession:
     async def _read(self) -> None:
         device_id = self._device.device_id
         keys_topic = device_topic(device_id, KEYS)
-        renewed_topic = device_topic(device_id, RENEWED)
-        renew_topic = device_topic(device_id, RENEW)
+        renewed_topic = device_topic(device_id, RENEWAL, "response")
+        renew_topic = device_topic(device_id, RENEWAL, "request")
         async for message in self.client.messages:
             topic = str(message.topic)
             payload = message.payload
@@ -522,8 +522,8 @@ class OperationalSession:
     async def renew(self, *, timeout: float = 10.0, resend_after: float = 3.0) -> Registered:
         """Renew the LDevID over THIS session (the operational listener, authenticated by
         the current LDevID): publish a request signed by the current key with a CSR for a
-        new TPM key on ``devices/<id>/renew`` and wait for the signed answer on
-        ``devices/<id>/renewed``. The identical request is re-sent after ``resend_after``
+        new TPM key on ``devices/<id>/renewal/request`` and wait for the signed answer on
+        ``devices/<id>/renewal/response``. The identical request is re-sent after ``resend_after``
         s (the registrar answers idempotently: no second certificate). Answers that do not
         verify are ignored. On success the device holds the new LDevID (the old one is on
         the site CRL already: reconnect with the new one; the registrar cuts a session left
@@ -532,7 +532,7 @@ class OperationalSession:
         reg = self._reg
         request, new_key = await asyncio.to_thread(device.new_renewal_request)
         parsed = parse_renewal_request(request)
-        topic = device_topic(device.device_id, RENEW)
+        topic = device_topic(device.device_id, RENEWAL, "request")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self.client.publish(topic, request, qos=1)

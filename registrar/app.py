@@ -8,9 +8,9 @@ registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
   broker admits one live session per identity, so registration requests, telemetry, key
   updates and commands all share it): serves ``devtrust/register/+/request`` through
   :class:`~registrar.service.RegistrationService`, serves LDevID renewals on
-  ``devices/+/renew`` (answer on ``devices/<id>/renewed``), decrypts ``devices/+/telemetry`` with
-  the site payload keys (counts and digests only, for ``registrar status``), publishes
-  payload-key updates (retained) and commands;
+  ``devices/+/renewal/request`` (answer on ``devices/<id>/renewal/response``), decrypts
+  ``devices/+/telemetry`` with the site payload keys (counts and digests only, for
+  ``registrar status``), publishes payload-key updates (retained) and commands;
 * **command watcher** — the CLI talks to a running registrar through a spool directory
   (``SITE/run/commands``): ``revoke``, ``import-revocations``, ``rotate-payload-key`` and
   ``send-command`` and ``approve`` are applied live (polled every ``watch_interval``,
@@ -69,8 +69,8 @@ from registrar.revocation import (
 )
 from registrar.service import (
     KEY_UPDATE_LEVEL,
+    RENEWAL_LEVEL,
     RENEWAL_REQUEST_LEVEL,
-    RENEWAL_RESPONSE_LEVEL,
     RegistrationService,
     SiteAuthority,
     device_id_from_renewal_topic,
@@ -446,7 +446,7 @@ class SiteChannel:
     ) -> None:
         try:
             response = await self._service.handle_renewal(device, payload)
-            await client.publish(device_topic(device, RENEWAL_RESPONSE_LEVEL), response, qos=1)
+            await client.publish(device_topic(device, RENEWAL_LEVEL, "response"), response, qos=1)
         except aiomqtt.MqttError as exc:
             log.warning("could not publish the renewal answer to %s: %s", device, exc)
         except Exception:

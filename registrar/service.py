@@ -87,6 +87,7 @@ from trustcore.verify import ChainVerifier
 
 __all__ = [
     "KEY_UPDATE_LEVEL",
+    "RENEWAL_LEVEL",
     "RENEWAL_REQUEST_LEVEL",
     "RENEWAL_RESPONSE_LEVEL",
     "MqttRunnerSettings",
@@ -101,11 +102,13 @@ log = logging.getLogger(__name__)
 
 #: ``devices/<id>/keys``: where payload-key updates are published (retained, QoS 1).
 KEY_UPDATE_LEVEL = "keys"
-#: ``devices/<id>/renew`` (device -> registrar) and ``devices/<id>/renewed`` (registrar ->
-#: device), on the operational listener: inside the device's own subtree, so neither broker
-#: needs a new ACL rule and no device can read another's answer.
-RENEWAL_REQUEST_LEVEL = "renew"
-RENEWAL_RESPONSE_LEVEL = "renewed"
+#: ``devices/<id>/renewal/request`` (device -> registrar) and ``devices/<id>/renewal/response``
+#: (registrar -> device), on the operational listener: inside the device's own subtree, so
+#: neither broker needs a new ACL rule and no device can read another's answer.
+#: (``devices/<id>/renew`` is the site's "renew now" command of a site CA rollover.)
+RENEWAL_LEVEL = "renewal"
+RENEWAL_REQUEST_LEVEL = "renewal/request"
+RENEWAL_RESPONSE_LEVEL = "renewal/response"
 #: Called with (device, superseded LDevID serials in hex) after a replacing certificate is
 #: committed and before its answer is returned.
 SupersededHook = Callable[[DeviceId, tuple[str, ...]], Awaitable[None]]
@@ -215,7 +218,7 @@ class RegistrationService:
         )
 
     async def handle_renewal(self, topic_device_id: DeviceId, payload: bytes) -> bytes:
-        """The answer to a renewal request received on ``devices/<id>/renew``."""
+        """The answer to a renewal request received on ``devices/<id>/renewal/request``."""
         try:
             request = parse_renewal_request(payload)
         except RegistrationError as exc:
@@ -633,9 +636,9 @@ def device_id_from_request_topic(topic: str) -> DeviceId | None:
 
 
 def device_id_from_renewal_topic(topic: str) -> DeviceId | None:
-    """``devices/<id>/renew`` -> DeviceId; None for anything else."""
+    """``devices/<id>/renewal/request`` -> DeviceId; None for anything else."""
     parts = topic.split("/")
-    if len(parts) != 3 or parts[0] != DEVICE_PREFIX or parts[2] != RENEWAL_REQUEST_LEVEL:
+    if len(parts) != 4 or parts[0] != DEVICE_PREFIX or "/".join(parts[2:]) != RENEWAL_REQUEST_LEVEL:
         return None
     try:
         return DeviceId(parts[1])

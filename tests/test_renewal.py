@@ -252,8 +252,14 @@ def test_renew_from_two_thirds_and_policy_bounds(pki: Pki, tmp_path: Path) -> No
 
 
 def test_renewal_topic_parsing() -> None:
-    assert device_id_from_renewal_topic("devices/dev-1/renew") == DeviceId("dev-1")
-    for bad in ("devices/dev-1/renewed", "devices/+/renew", "devices/dev-1/renew/x", "renew"):
+    assert device_id_from_renewal_topic("devices/dev-1/renewal/request") == DeviceId("dev-1")
+    for bad in (
+        "devices/dev-1/renewal/response",
+        "devices/+/renewal/request",
+        "devices/dev-1/renew",
+        "devices/dev-1/renewal/request/x",
+        "renewal/request",
+    ):
         assert device_id_from_renewal_topic(bad) is None
 
 

@@ -207,7 +207,7 @@ async def test_swtpm_device_renews_with_a_new_tpm_key_and_retries_are_idempotent
     assert outcome == "current"  # young certificate: nothing to do
     async with device.operational(run.operational) as session:
         request, new_key = await asyncio.to_thread(device.new_renewal_request)
-        topic = "devices/TH-000811/renew"
+        topic = "devices/TH-000811/renewal/request"
         for _ in range(3):  # the device did not see an answer and re-sends the same bytes
             await session.client.publish(topic, request, qos=1)
         answers = [await asyncio.wait_for(session._renewal_answers.get(), 10) for _ in range(3)]
