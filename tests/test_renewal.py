@@ -511,3 +511,50 @@ async def test_schema_1_database_is_migrated(pki: Pki, tmp_path: Path) -> None:
 
 def test_now_is_utc(pki: Pki) -> None:
     assert pki.now.tzinfo is not None and pki.now.utcoffset() == UTC.utcoffset(None)
+
+
+def test_ldevid_policy_cli_shows_writes_and_refuses_bad_values(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from registrar.cli import main as registrar_main
+    from tests.test_site_bundle import make_world
+
+    world = make_world(tmp_path / "w")
+    home = str(world.site.path)
+    runner = CliRunner()
+    shown = runner.invoke(registrar_main, ["ldevid-policy", "--home", home, "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["validity_days"] == 365
+    changed = runner.invoke(
+        registrar_main,
+        [
+            "ldevid-policy", "--home", home, "--validity-days", "90", "--renew-from", "0.75",
+            "--expired-reregistration", "approval",
+        ],
+    )  # fmt: skip
+    assert changed.exit_code == 0, changed.output
+    assert "restart" in changed.output
+    policy = read_ldevid_policy(world.site.path)
+    assert (policy.validity, policy.renew_from) == (90 * DAY, 0.75)
+    assert policy.expired_reregistration == "approval"
+    refused = runner.invoke(
+        registrar_main,
+        [
+            "ldevid-policy",
+            "--home",
+            home,
+            "--validity-days",
+            "1",
+            "--min-interval-seconds",
+            "86400",
+        ],
+    )
+    assert refused.exit_code == 2
+    assert "REFUSED (bad_policy)" in refused.output and "Traceback" not in refused.output
+    assert read_ldevid_policy(world.site.path) == policy  # unchanged
+    (world.site.path / "ldevid.json").write_text("{not json")
+    broken = runner.invoke(registrar_main, ["ldevid-policy", "--home", home])
+    assert broken.exit_code == 2
+    assert "REFUSED (bad_config)" in broken.output

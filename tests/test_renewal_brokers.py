@@ -261,3 +261,17 @@ async def test_a_superseded_serial_missing_from_the_crl_is_listed_at_start(
         assert entry is not None
         reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
         assert reason is x509.ReasonFlags.superseded
+
+
+def test_embedded_subscription_table_survives_changes_while_iterated() -> None:
+    """amqtt iterates its subscription table across awaits; a SUBSCRIBE or disconnect in
+    between used to raise "dictionary changed size during iteration" (seen in this suite)."""
+    from registrar.broker.embedded import _SnapshotDict
+
+    table = _SnapshotDict({"devices/a/cmd": [], "devices/b/cmd": []})
+    for topic_filter in table:
+        table[topic_filter + "/x"] = []
+    assert len(table) == 4
+    for topic_filter, _ in table.items():
+        del table[topic_filter]
+    assert table == {}

@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import version
@@ -221,6 +221,20 @@ class _Connection:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _SnapshotDict(dict[str, Any]):
+    """amqtt 0.12.1's subscription table, iterated over a snapshot. amqtt loops over it with
+    ``await`` inside (each broadcast awaits the topic plugin per filter; a connecting
+    client's retained replay awaits per filter), so a SUBSCRIBE or a disconnect of another
+    client in between raised "dictionary changed size during iteration" and lost that
+    broadcast. Seen in the suite once devices subscribed one more filter (renewal answers)."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(dict.keys(self)))
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return list(dict.items(self))
+
+
 class _Amqtt(AmqttBroker):  # type: ignore[misc]  # amqtt ships no usable stubs
     """amqtt's broker with our TLS, identity binding, kick registry and delivery fixes."""
 
@@ -228,6 +242,7 @@ class _Amqtt(AmqttBroker):  # type: ignore[misc]  # amqtt ships no usable stubs
         self, config: BrokerConfig, policy: AccessPolicy, tls: dict[str, _ListenerTls]
     ) -> None:
         super().__init__(config)
+        self._subscriptions: dict[str, Any] = _SnapshotDict(self.__dict__["_subscriptions"])
         self._policy = policy
         self._tls = tls
         self._by_ssl: dict[ssl.SSLObject, _Connection] = {}
