@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives import serialization
 
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
 from registrar.errors import BrokerError, ConfigError, RegistrarError
-from registrar.ldevid_policy import read_ldevid_policy
+from registrar.ldevid_policy import policy_json, read_ldevid_policy
 from registrar.payload_keys import PayloadKeyring
 from registrar.plugins import load_site_plugins, read_site_plugins
 from registrar.revocation import (
@@ -1026,6 +1026,8 @@ class RegistrarApp:
             "connected": self.channel is not None and self.channel.connected.is_set(),
             "counts": counts,
             "registrations": dict(service.stats),
+            "ldevid_policy": policy_json(service.policy),
+            "superseded_sessions_cut": self.superseded.cut_sessions if self.superseded else 0,
             "revoked_devices": sorted(d.value for d in self._revoked),
             "payload_key": self.keyring.current.key_id.hex() if self.keyring else None,
             "revocation_list_sequence": self.revocations.sequence if self.revocations else None,

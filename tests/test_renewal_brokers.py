@@ -190,6 +190,10 @@ async def test_renewed_and_re_registered_old_ldevids_are_refused_at_connect(
     ]
     assert (b["registrations"], b["renewals"]) == (2, 0)
     assert [c["state"] for c in b["certificates"]] == ["superseded", "current"]
+    status = json.loads((run.home / "run" / "status.json").read_text())
+    assert status["ldevid_policy"]["handover_seconds"] == 1.0
+    assert status["registrations"]["renewed"] >= 1
+    assert status["superseded_sessions_cut"] >= 1
     table = await run.acli("devices", "--certificates", passphrase=False)
     assert "LDevID certificates per device" in table
 
