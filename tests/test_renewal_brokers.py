@@ -279,3 +279,24 @@ def test_embedded_subscription_table_survives_changes_while_iterated() -> None:
     for topic_filter, _ in table.items():
         del table[topic_filter]
     assert table == {}
+
+
+async def test_a_device_whose_ldevid_was_superseded_behind_its_back_registers_again(
+    base: Base, registrar: Running
+) -> None:
+    """The device never got the answer that replaced its certificate (here: a second
+    client with the same factory identity registered): its old LDevID is refused at connect,
+    and ``keep_certified`` falls back to the IDevID instead of giving up."""
+    run = registrar
+    device = software_device(base, "TH-000821")
+    await device.register(run.registration)
+    twin = DeviceClient(device.credentials, device.keys)  # same device, other memory
+    await twin.register(run.registration)
+    device.renew_from = 1e-9  # due now
+    assert device.registered is not None
+    stale = device.registered.ldevid
+    assert await device.keep_certified(run.registration, run.operational) == "registered"
+    assert device.registered.ldevid.serial_number != stale.serial_number
+    async with device.operational(run.operational) as session:
+        await session.publish_telemetry(b"back again")
+        await run.telemetry_seen("TH-000821", b"back again")
