@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives import serialization
 
 from registrar.broker import REGISTRAR_IDENTITY, Endpoint
 from registrar.errors import RegistrationRefused, StoreError
-from registrar.store import DeviceRecord, Registration, Store
+from registrar.store import DeviceRecord, Lookup, Registration, Store
 from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
 from trustcore.keys import Signer
@@ -276,9 +276,8 @@ class RegistrationService:
     async def _process(self, topic_device_id: DeviceId, request: RegistrationRequest) -> bytes:
         digest = request.digest
         try:
-            found = await self._store.lookup(digest, request.nonce, request.csr_key_id)
-            previous = (
-                None if found.response is not None else await self._store.device(request.device_id)
+            found = await self._store.lookup(
+                digest, request.nonce, request.csr_key_id, request.device_id
             )
         except StoreError as exc:
             return self._refusal(
@@ -307,7 +306,7 @@ class RegistrationService:
                 defer_manifest=self.admission_plugins is not None,
             )
             await self._admit(verified, now)
-            await self._expired_policy(previous, verified, now)
+            await self._expired_policy(found, verified, now)
             authority = self.issuing_authority()
             issued = issue_registration(
                 verified,
@@ -361,12 +360,13 @@ class RegistrationService:
             record.idevid_serial,
             record.ldevid_serial,
         )
-        if previous is not None and previous.ldevid_serial != record.ldevid_serial:
-            await self._superseded(request.device_id, (previous.ldevid_serial,))
+        previous = found.previous_serial
+        if previous is not None and previous != record.ldevid_serial:
+            await self._superseded(request.device_id, (previous,))
         return issued.response
 
     async def _expired_policy(
-        self, previous: DeviceRecord | None, verified: VerifiedRegistration, now: datetime
+        self, found: Lookup, verified: VerifiedRegistration, now: datetime
     ) -> None:
         """A re-registration whose LDevID expired, under ``expired_reregistration =
         "approval"``, is held until the installer approves (an approval given after the
@@ -374,12 +374,12 @@ class RegistrationService:
         nonce and key reservations after the decision must follow it without a gap."""
         device = verified.request.device_id
         if (
-            previous is None
-            or previous.status != "registered"
+            found.previous_ldevid_der is None
+            or found.previous_status != "registered"
             or self.policy.expired_reregistration != "approval"
         ):
             return
-        expired_at = x509.load_der_x509_certificate(previous.ldevid_der).not_valid_after_utc
+        expired_at = x509.load_der_x509_certificate(found.previous_ldevid_der).not_valid_after_utc
         if now <= expired_at:
             return
         try:

@@ -175,6 +175,16 @@ _LOOKUP = (
     "EXISTS(SELECT 1 FROM nonces WHERE nonce = ?), "
     "(SELECT device_id FROM certified_keys WHERE key_id = ?)"
 )
+#: The same plus the device's current LDevID (serial, status, DER): a re-registration must
+#: supersede it, and the expired-LDevID policy looks at it; still one round trip.
+_LOOKUP_DEVICE = (
+    "SELECT (SELECT response FROM requests WHERE digest = ?), "
+    "EXISTS(SELECT 1 FROM nonces WHERE nonce = ?), "
+    "(SELECT device_id FROM certified_keys WHERE key_id = ?), "
+    "(SELECT ldevid_serial FROM devices WHERE device_id = ?), "
+    "(SELECT status FROM devices WHERE device_id = ?), "
+    "(SELECT ldevid_der FROM devices WHERE device_id = ?)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +253,10 @@ class Lookup:
     response: bytes | None
     nonce_seen: bool
     key_owner: DeviceId | None
+    #: The device's record before this request (``lookup(..., device_id=...)`` only).
+    previous_serial: str | None = None
+    previous_status: str | None = None
+    previous_ldevid_der: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -627,14 +641,32 @@ class Store:
 
     # -- reads -------------------------------------------------------------------------------
 
-    async def lookup(self, digest: bytes, nonce: bytes, key_id: bytes | None) -> Lookup:
-        """One round trip: stored response for ``digest``, nonce seen, owner of ``key_id``."""
+    async def lookup(
+        self,
+        digest: bytes,
+        nonce: bytes,
+        key_id: bytes | None,
+        device_id: DeviceId | None = None,
+    ) -> Lookup:
+        """One round trip: stored response for ``digest``, nonce seen, owner of ``key_id``
+        (and, with ``device_id``, that device's current LDevID)."""
         try:
-            rows = await self._reader.execute_fetchall(_LOOKUP, (digest, nonce, key_id or b""))
+            if device_id is None:
+                rows = await self._reader.execute_fetchall(_LOOKUP, (digest, nonce, key_id or b""))
+            else:
+                dev = device_id.value
+                rows = await self._reader.execute_fetchall(
+                    _LOOKUP_DEVICE, (digest, nonce, key_id or b"", dev, dev, dev)
+                )
         except sqlite3.Error as exc:
             raise StoreError(f"registrar database read failed: {exc}") from exc
-        response, seen, owner = next(iter(rows))
-        return Lookup(response, bool(seen), DeviceId(owner) if owner is not None else None)
+        row = next(iter(rows))
+        response, seen, owner = row[:3]
+        found = Lookup(response, bool(seen), DeviceId(owner) if owner is not None else None)
+        if device_id is None:
+            return found
+        serial, status, der = row[3:]
+        return Lookup(found.response, found.nonce_seen, found.key_owner, serial, status, der)
 
     async def is_approved(self, device_id: DeviceId) -> bool:
         try:
