@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from device_sim.client import DeviceClient, DeviceCredentials, SoftwareKeys
 from registrar.errors import ConfigError
@@ -223,6 +225,34 @@ def test_renewal_request_parsing_is_strict(pki: Pki) -> None:
     with pytest.raises(RegistrationError) as err:
         parse_renewal_request(cbor.encode({"body": cbor.encode(body), "sig": outer["sig"]}))
     assert err.value.reason == "unsupported_version"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.binary(max_size=600),
+    field_name=st.sampled_from(["v", "device_id", "nonce", "time", "csr", "ldevid"]),
+    value=st.one_of(st.integers(), st.binary(max_size=80), st.text(max_size=20), st.none()),
+)
+def test_renewal_parser_refuses_junk_with_a_reason(
+    pki: Pki, data: bytes, field_name: str, value: object
+) -> None:
+    """Random bytes and a valid request with one field replaced: a RegistrationError with a
+    reason code, never another exception."""
+    cur = ldevid(pki, "dev-500001", start=pki.now - DAY)
+    good, _ = renewal(pki, cur, nonce=b"n" * 32)
+    outer = cbor.decode(good, max_size=8192)
+    body = cbor.decode(outer["body"], max_size=8192)
+    body[field_name] = value
+    mutated = cbor.encode({"body": cbor.encode(body), "sig": outer["sig"]})
+    for candidate in (data, mutated):
+        try:
+            parsed = parse_renewal_request(candidate)
+        except RegistrationError as exc:
+            assert exc.reason in ("malformed", "oversized", "unsupported_version")
+            continue
+        # It parsed: the decision still refuses it cleanly (bad signature at the latest).
+        reason = reason_of(pki, candidate, Facts(cur.cert.serial_number), now=pki.now)
+        assert reason != "ok" or parsed.body == cbor.decode(good, max_size=8192)["body"]
 
 
 def test_renew_from_two_thirds_and_policy_bounds(pki: Pki, tmp_path: Path) -> None:
