@@ -300,3 +300,26 @@ async def test_a_device_whose_ldevid_was_superseded_behind_its_back_registers_ag
     async with device.operational(run.operational) as session:
         await session.publish_telemetry(b"back again")
         await run.telemetry_seen("TH-000821", b"back again")
+
+
+async def test_a_device_that_reconnects_at_once_is_not_cut_by_the_hand_over(
+    base: Base, registrar: Running
+) -> None:
+    """The usual path: the device renews, closes the old session and reconnects with its
+    new certificate before the hand-over ends; that session is never cut (Mosquitto cannot
+    see certificates: it must tell from the connection after the CRL reload)."""
+    run = registrar
+    device = software_device(base, "TH-000831")
+    await device.register(run.registration)
+    async with device.operational(run.operational) as session:
+        await session.renew()
+    async with device.operational(run.operational) as session:
+        deadline = time.monotonic() + 2.0  # twice the 1 s hand-over
+        sent = 0
+        while time.monotonic() < deadline:
+            await session.publish_telemetry(b"new certificate %d" % sent)
+            sent += 1
+            await asyncio.sleep(0.1)
+        await session.publish_telemetry(b"still connected")
+        await run.telemetry_seen("TH-000831", b"still connected")
+    assert sent >= 10
