@@ -305,6 +305,7 @@ async def revoke_device(
     already = record.status == "revoked"
     if not already:
         await store.set_status(device_id, "revoked")
+        await store.mark_revoked(device_id, at=int(moment.timestamp()))
         await store.record_event(
             device_id,
             "revoked",
