@@ -41,8 +41,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from registrar.broker import Endpoint
 from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.csr import build_device_csr
+from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
-from trustcore.keys import KeyAgreement, Signer
+from trustcore.keys import KeyAgreement, Signer, key_id
 from trustcore.payload import PayloadError, PayloadKey, open_payload, seal_payload
 from trustcore.registration import (
     RegistrationDenied,
@@ -54,6 +55,7 @@ from trustcore.registration import (
     parse_request,
     parse_response,
 )
+from trustcore.site_rollover import RENEW_LEVEL, RenewNow, parse_renew_now
 from trustcore.topics import device_topic, registration_request_topic, registration_response_topic
 
 __all__ = [
@@ -180,6 +182,7 @@ class Registered:
     payload_keys: dict[bytes, PayloadKey]
     current_key_id: bytes
     key_issued: int = 0
+    renew_issued: int = 0
 
     @property
     def current_key(self) -> PayloadKey:
@@ -373,6 +376,7 @@ class DeviceClient:
             session = OperationalSession(self, client)
             await client.subscribe(device_topic(self.device_id, COMMANDS), qos=1)
             await client.subscribe(device_topic(self.device_id, KEYS), qos=1)
+            await client.subscribe(device_topic(self.device_id, RENEW_LEVEL), qos=1)
             reader = asyncio.create_task(session._read())
             try:
                 yield session
@@ -394,6 +398,9 @@ class OperationalSession:
         self.client = client
         self.commands: asyncio.Queue[bytes] = asyncio.Queue()
         self.key_updates = 0
+        #: verified "renew now" commands (site CA rollover) for the device's CURRENT
+        #: site CA; see :class:`device_sim.agent.DeviceAgent`, which obeys them
+        self.renew_requests: asyncio.Queue[RenewNow] = asyncio.Queue()
 
     @property
     def _reg(self) -> Registered:
@@ -407,6 +414,7 @@ class OperationalSession:
     async def _read(self) -> None:
         device_id = self._device.device_id
         keys_topic = device_topic(device_id, KEYS)
+        renew_topic = device_topic(device_id, RENEW_LEVEL)
         async for message in self.client.messages:
             topic = str(message.topic)
             payload = message.payload
@@ -415,12 +423,40 @@ class OperationalSession:
             if topic == keys_topic:
                 self._key_update(bytes(payload))
                 continue
+            if topic == renew_topic:
+                self._renew_request(bytes(payload))
+                continue
             try:
                 self.commands.put_nowait(
                     open_payload(self._reg.payload_keys, topic, bytes(payload))
                 )
             except PayloadError as exc:
                 log.warning("%s dropped a command on %s: %s", device_id, topic, exc)
+
+    def _renew_request(self, payload: bytes) -> None:
+        """A "renew now" signed by the site CA of the current LDevID, for another CA: queue
+        it. An empty (cleared retained) message, one for the CA the device is already on,
+        or one that does not verify is ignored."""
+        if not payload:
+            return
+        reg = self._reg
+        try:
+            renew = parse_renew_now(
+                payload,
+                device_id=self._device.device_id,
+                site_ca=reg.site_ca,
+                newer_than=reg.renew_issued,
+            )
+        except TrustCoreError as exc:
+            log.info("%s ignored a renew command: %s", self._device.device_id, exc)
+            return
+        reg.renew_issued = renew.issued
+        current_ca = reg.site_ca.public_key()
+        if isinstance(current_ca, ec.EllipticCurvePublicKey) and key_id(current_ca) == (
+            renew.issuing_ca
+        ):
+            return
+        self.renew_requests.put_nowait(renew)
 
     def _key_update(self, payload: bytes) -> None:
         reg = self._reg

@@ -65,6 +65,7 @@ from registrar.revocation import (
     revoke_device,
     revoked_device_ids,
 )
+from registrar.rollover import RolloverError, dependents, retire_site_ca
 from registrar.service import (
     KEY_UPDATE_LEVEL,
     RegistrationService,
@@ -83,11 +84,13 @@ from registrar.site import (
 from registrar.store import Store
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
+from trustcore.keys import Signer
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
 from trustcore.profiles import station_id_from_certificate
 from trustcore.registration import AdmissionContext, build_key_update, parse_request
 from trustcore.revocation import RevocationList
+from trustcore.site_rollover import RENEW_LEVEL, build_renew_now
 from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
 from trustcore.verify import ChainVerifier, load_certificate
 
@@ -121,7 +124,15 @@ SITE_CRL_REFRESH_MARGIN = SITE_CRL_VALIDITY / 2
 #: Root/station CRLs closer than this to nextUpdate are reported (warning) in status/logs.
 CRL_WARNING_MARGIN = timedelta(days=1)
 _RECENT = 50
-_SPOOL_COMMANDS = ("revoke", "import-revocations", "rotate-payload-key", "send-command", "approve")
+_SPOOL_COMMANDS = (
+    "revoke",
+    "import-revocations",
+    "rotate-payload-key",
+    "send-command",
+    "approve",
+    "migrate-ca",
+    "retire-ca",
+)
 
 
 def store_path(home: SiteHome) -> Path:
@@ -338,6 +349,10 @@ class SiteChannel:
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
 
+    def use_tls(self, tls: ssl.SSLContext) -> None:
+        """A new client certificate (site CA rollover): used from the next (re)connect."""
+        self._tls = tls
+
     async def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
     ) -> None:
@@ -465,6 +480,14 @@ def _client_context(site: CommissionedSite, passphrase: bytes) -> ssl.SSLContext
     return ctx
 
 
+def _site_authority(site: CommissionedSite) -> SiteAuthority:
+    """The issuing site CA (and, during a rollover overlap, the retiring one)."""
+    retiring: tuple[tuple[x509.Certificate, Signer], ...] = ()
+    if site.retiring_ca_cert is not None and site.retiring_ca_key is not None:
+        retiring = ((site.retiring_ca_cert, site.retiring_ca_key),)
+    return SiteAuthority(site.site_ca_cert, site.site_ca_key, site.organization, retiring=retiring)
+
+
 def _crl_dates(path: Path) -> list[x509.CertificateRevocationList]:
     data = path.read_bytes()
     end = b"-----END X509 CRL-----"
@@ -540,7 +563,7 @@ class RegistrarApp:
             store=store,
             verifier=self._verifier(site),
             admission=site.admission,
-            site=SiteAuthority(site.site_ca_cert, site.site_ca_key, site.organization),
+            site=_site_authority(site),
             payload_key=self.keyring.current,
             admission_plugins=self._admission_plugins(),
         )
@@ -728,8 +751,9 @@ class RegistrarApp:
         """Devices whose recorded key is not the current one (rotated offline, or a bundle
         brought a new key) get their update now."""
         keyring, store = self._require(self.keyring), self._require(self.store)
-        site, channel = self._require(self.site), self._require(self.channel)
+        channel = self._require(self.channel)
         current = keyring.current
+        authority = self._require(self.service).site_authority
         issued = int(time.time())
         sent = 0
         for record in await store.devices():
@@ -742,13 +766,52 @@ class RegistrarApp:
                 wrap_key=wrap,  # type: ignore[arg-type]
                 payload_key=current,
                 issued=issued,
-                site_signer=site.site_ca_key,
+                site_signer=authority.signer_for(record.ldevid_der),
             )
             await channel.publish(device_topic(device, KEY_UPDATE_LEVEL), message, retain=True)
             await store.set_payload_key(device, current.key_id)
             sent += 1
         if sent:
             log.info("published %d pending payload-key update(s)", sent)
+
+    # -- site CA rollover (registrar.rollover) -----------------------------------------
+
+    async def migrate_ca(self) -> int:
+        """Ask every registered device whose live LDevID comes from the retiring site CA to
+        renew now: a "renew now" signed by that CA, retained on ``devices/<id>/renew`` (an
+        offline device gets it when it reconnects). Returns how many were published."""
+        site, store = self._require(self.site), self._require(self.store)
+        retiring, key = site.retiring_ca_cert, site.retiring_ca_key
+        if retiring is None or key is None:
+            raise RolloverError("no site CA is retiring", reason="nothing_to_retire")
+        channel = self._require(self.channel)
+        issued = time.time_ns() // 1000  # microseconds: two commands in one second differ
+        sent = 0
+        for record in dependents(await store.devices(), retiring, datetime.now(UTC)):
+            device = DeviceId(record.device_id)
+            message = build_renew_now(
+                device_id=device, issued=issued, issuing_ca=site.site_ca_cert, signer=key
+            )
+            await channel.publish(device_topic(device, RENEW_LEVEL), message, retain=True)
+            sent += 1
+        await store.record_event(None, "rollover", f"renew-now published to {sent} device(s)")
+        log.info("site CA rollover: renew-now published to %d device(s)", sent)
+        return sent
+
+    async def retire_ca(self) -> dict[str, Any]:
+        """``registrar.rollover.retire_site_ca`` live: then reload (brokers stop trusting the
+        retired CA) and clear the retained renew commands."""
+        store = self._require(self.store)
+        records = await store.devices()
+        result = await asyncio.to_thread(retire_site_ca, self.home, records)
+        await self._recommissioned(str(self.home.current.readlink()))
+        channel = self._require(self.channel)
+        for record in records:
+            if record.status == "registered":
+                topic = device_topic(DeviceId(record.device_id), RENEW_LEVEL)
+                await channel.publish(topic, b"", retain=True)
+        await store.record_event(None, "rollover", f"retired {result.retired}")
+        return {"retired": result.retired, "key": result.key_name, "state": result.state_dir.name}
 
     async def send_command(self, device_id: DeviceId, data: bytes) -> str:
         """Seal ``data`` with the current payload key and publish it to the device."""
@@ -836,6 +899,10 @@ class RegistrarApp:
         service = self._require(self.service)
         service.update_trust(verifier=self._verifier(site), admission=site.admission)
         service.use_payload_key(self.keyring.current)
+        # A site CA rollover activated or retired: new issuer, new client certificate.
+        service.use_site_authority(_site_authority(site))
+        if self.channel is not None:
+            self.channel.use_tls(_client_context(site, self.secrets.passphrase()))
         await self._require(self.broker).reload_crls()
         await self._enforce_list()
         await self._catch_up_key_updates()
@@ -896,6 +963,10 @@ class RegistrarApp:
         if command == "rotate-payload-key":
             rotation = await self.rotate_payload_key()
             return {"key_id": rotation.key_id, "updates_published": rotation.updates_published}
+        if command == "migrate-ca":
+            return {"published": await self.migrate_ca()}
+        if command == "retire-ca":
+            return await self.retire_ca()
         if command == "send-command":
             if data is None:
                 raise ValueError("no command payload")
@@ -931,14 +1002,18 @@ class RegistrarApp:
         new site bundle is commissioned. Said loudly, every check."""
         now = datetime.now(UTC) if now is None else now
         alerts: list[str] = []
-        site_ca = self.site.site_ca_cert.subject if self.site is not None else None
+        own = set()
+        if self.site is not None:
+            own.add(self.site.site_ca_cert.subject)
+            if self.site.retiring_ca_cert is not None:
+                own.add(self.site.retiring_ca_cert.subject)
         try:
             crls = _crl_dates(self.home.current / "crls.pem")
         except (OSError, ValueError) as exc:
             alerts.append(f"CRL file unreadable: {exc}")
             crls = []
         for crl in crls:
-            if crl.issuer == site_ca:
+            if crl.issuer in own:  # the site's own CRLs: re-issued by this registrar
                 continue
             issuer = crl.issuer.rfc4514_string()
             next_update = crl.next_update_utc
@@ -983,6 +1058,14 @@ class RegistrarApp:
             "payload_key": self.keyring.current.key_id.hex() if self.keyring else None,
             "revocation_list_sequence": self.revocations.sequence if self.revocations else None,
             "site_crl_next_update": _iso(site_crl.next_update_utc),
+            "site_ca": {
+                "issuing": self.site.site_ca_cert.subject.rfc4514_string() if self.site else None,
+                "retiring": (
+                    self.site.retiring_ca_cert.subject.rfc4514_string()
+                    if self.site is not None and self.site.retiring_ca_cert is not None
+                    else None
+                ),
+            },
             "telemetry": {
                 "messages": self._telemetry.messages,
                 "rejected": self._telemetry.rejected,
