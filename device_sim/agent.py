@@ -67,6 +67,7 @@ class DeviceAgent:
         renew: Renewer,
         interval: float = 0.1,
         retry_delay: float = 0.2,
+        renew_backoff: float = 5.0,
     ) -> None:
         self.client = client
         self.operational = operational
@@ -76,6 +77,9 @@ class DeviceAgent:
         self.stats = AgentStats()
         self.connected = asyncio.Event()
         self._last_ok = 0.0
+        self.renew_backoff = renew_backoff
+        self._renew_pending = False
+        self._renew_not_before = 0.0
 
     def _published(self) -> None:
         now = time.monotonic()
@@ -86,6 +90,7 @@ class DeviceAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            renew_due = False
             try:
                 async with self.client.operational(self.operational) as session:
                     self.stats.connects += 1
@@ -93,32 +98,37 @@ class DeviceAgent:
                     assert reg is not None
                     self.stats.issuers.append(reg.ldevid.issuer.rfc4514_string())
                     self.connected.set()
-                    if await self._serve(session, stop):
-                        continue  # renewed: reconnect at once with the new LDevID
+                    renew_due = await self._serve(session, stop)
             except (aiomqtt.MqttError, OSError) as exc:
                 self.stats.errors.append(f"session: {exc}")
             finally:
                 self.connected.clear()
+            if renew_due:
+                # The operational session is closed first: the registration listener
+                # connection uses the same identity, and a second live session of one
+                # identity is a clone signal (the broker would cut the first one anyway).
+                try:
+                    await self.renew(self.client)
+                    self.stats.renewals += 1
+                    continue  # reconnect at once with the new LDevID
+                except (DeviceRegistrationError, aiomqtt.MqttError, OSError) as exc:
+                    self.stats.errors.append(f"renew: {exc}")
+                    # stay in service on the current LDevID; try again after a back-off
+                    self._renew_pending = True
+                    self._renew_not_before = time.monotonic() + self.renew_backoff
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.retry_delay)
 
     async def _serve(self, session: OperationalSession, stop: asyncio.Event) -> bool:
-        """Publish telemetry until stopped (False) or renewed (True). A renewal runs while
-        this session stays up; only a new LDevID in hand ends it (then the caller
-        reconnects with that LDevID)."""
+        """Publish telemetry until stopped (False) or a renewal is due (True)."""
         n = 0
-        renew_pending = False
         while not stop.is_set():
             while not session.renew_requests.empty():
                 session.renew_requests.get_nowait()
-                renew_pending = True
-            if renew_pending:
-                try:
-                    await self.renew(self.client)
-                    self.stats.renewals += 1
-                    return True
-                except (DeviceRegistrationError, aiomqtt.MqttError, OSError) as exc:
-                    self.stats.errors.append(f"renew: {exc}")  # retried next round
+                self._renew_pending = True
+            if self._renew_pending and time.monotonic() >= self._renew_not_before:
+                self._renew_pending = False
+                return True
             await session.publish_telemetry(f"reading {n}".encode())
             self._published()
             n += 1
