@@ -798,12 +798,12 @@ class RegistrarApp:
         log.info("site CA rollover: renew-now published to %d device(s)", sent)
         return sent
 
-    async def retire_ca(self) -> dict[str, Any]:
+    async def retire_ca(self, *, now: datetime | None = None) -> dict[str, Any]:
         """``registrar.rollover.retire_site_ca`` live: then reload (brokers stop trusting the
         retired CA) and clear the retained renew commands."""
         store = self._require(self.store)
         records = await store.devices()
-        result = await asyncio.to_thread(retire_site_ca, self.home, records)
+        result = await asyncio.to_thread(retire_site_ca, self.home, records, now=now)
         await self._recommissioned(str(self.home.current.readlink()))
         channel = self._require(self.channel)
         for record in records:
@@ -992,9 +992,24 @@ class RegistrarApp:
         return True
 
     async def _crl_tick(self) -> None:
+        await self.retire_expired_ca()
         if await asyncio.to_thread(self.refresh_site_crl_if_due) and self.broker is not None:
             await self.broker.reload_crls()
         self.check_crls()
+
+    async def retire_expired_ca(self, *, now: datetime | None = None) -> bool:
+        """A retiring site CA that has expired can have no live LDevID left (an LDevID
+        never outlives its CA): it is retired automatically, so nobody has to remember the
+        last step of a rollover before its CRL can no longer be signed."""
+        site = self.site
+        moment = datetime.now(UTC) if now is None else now
+        if site is None or site.retiring_ca_cert is None:
+            return False
+        if moment < site.retiring_ca_cert.not_valid_after_utc:
+            return False
+        log.warning("the retiring site CA has expired: retiring it now")
+        await self.retire_ca(now=moment)
+        return True
 
     def check_crls(self, *, now: datetime | None = None) -> list[str]:
         """Root and station CRLs come from HQ only (the registrar cannot re-sign them):

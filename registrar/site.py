@@ -799,8 +799,11 @@ def reissue_site_crl(
     own = [crl]
     if retiring is not None:
         old_cert = _current_cert(home, "retiring-ca.pem")
-        old_crl = _sign_site_crl(old_cert, home.key(retiring, secrets), entries, number + 1, moment)
-        own.append(old_crl)
+        if moment < old_cert.not_valid_after_utc:
+            key = home.key(retiring, secrets)
+            own.append(_sign_site_crl(old_cert, key, entries, number + 1, moment))
+        else:  # expired: nothing of it verifies any more; ``registrar run`` retires it
+            own.append(x509.load_pem_x509_crl((home.current / "retiring-crl.pem").read_bytes()))
     subjects = {c.issuer for c in own}
     others = [
         c

@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from hq.cli import main as hq_main
 from hq.site import SiteError, rollover_site_ca
+from registrar.app import AppSettings, running
 from registrar.cli import main as registrar_main
 from registrar.errors import CommissionError
 from registrar.rollover import (
@@ -31,6 +32,7 @@ from registrar.rollover import (
     retire_site_ca,
     rollover_status,
 )
+from registrar.service import SiteAuthority
 from registrar.site import commission_site, load_commissioned_site, reissue_site_crl
 from registrar.store import DeviceRecord
 from signers.software import SoftwareKey
@@ -341,3 +343,46 @@ def test_rollover_cli_end_to_end(world: World, tmp_path: Path) -> None:
     (tmp_path / "junk").write_bytes(b"junk")
     out = run(hq_main, "site", "rollover", *hq, str(tmp_path / "junk"), code=1)
     assert out.startswith("error: malformed")
+
+
+def test_key_updates_are_signed_by_the_ca_the_device_knows(world: World) -> None:
+    old, new = activated(world)
+    site = load_commissioned_site(world.site, world.site_secrets)
+    assert site.retiring_ca_key is not None
+    authority = SiteAuthority(
+        new, site.site_ca_key, "Acme", retiring=((old, site.retiring_ca_key),)
+    )
+    der = serialization.Encoding.DER
+    on_old = ldevid(old, site.retiring_ca_key, "TH-000001").public_bytes(der)
+    on_new = ldevid(new, site.site_ca_key, "TH-000002").public_bytes(der)
+    assert authority.signer_for(on_old) is site.retiring_ca_key
+    assert authority.signer_for(on_new) is site.site_ca_key
+    assert authority.signer_for(b"junk") is site.site_ca_key
+
+
+async def test_an_expired_retiring_ca_is_retired_automatically(world: World) -> None:
+    commission_site(world.site, world.bundle(), world.site_secrets)
+    begun = begin_rollover(world.site, world.site_secrets)
+    # HQ signs two seconds "later", so the new CA outlives the old one by that much
+    later = datetime.now(UTC) + timedelta(seconds=2)
+    rollover_site_ca(world.hq, begun.request_path.read_bytes(), world.hq_secrets, now=later)
+    commission_site(world.site, world.bundle(), world.site_secrets)
+    site = load_commissioned_site(world.site, world.site_secrets)
+    old = site.retiring_ca_cert
+    assert old is not None and site.site_ca_cert.not_valid_after_utc > old.not_valid_after_utc
+    past_old = old.not_valid_after_utc + timedelta(seconds=1)
+    # the site CRL can still be re-issued after the old CA expired (its CRL is kept as is)
+    before = (world.site.current / "retiring-crl.pem").read_bytes()
+    saved = {n: (world.site.current / n).read_bytes() for n in ("crls.pem", "site-crl.pem")}
+    reissue_site_crl(world.site, world.site_secrets, now=past_old)
+    assert (world.site.current / "retiring-crl.pem").read_bytes() == before
+    for name, data in saved.items():  # back to today's CRLs (those are dated in year 5)
+        (world.site.current / name).write_bytes(data)
+    settings = AppSettings(registration_port=0, operational_port=0)
+    async with running(world.site, world.site_secrets, settings) as app:
+        assert not await app.retire_expired_ca()  # still valid now: nothing happens
+        assert app.site is not None and app.site.retiring_ca_cert == old
+        assert await app.retire_expired_ca(now=past_old)
+        assert app.site.retiring_ca_cert is None
+        assert app.service is not None and app.service.site_authority.retiring == ()
+    assert not world.site.key_path("site-ca").exists()
