@@ -55,7 +55,7 @@ from trustcore.registration import (
     parse_request,
     parse_response,
 )
-from trustcore.site_rollover import RENEW_LEVEL, RenewNow, parse_renew_now
+from trustcore.site_rollover import ROLLOVER_LEVEL, RenewNow, parse_renew_now
 from trustcore.topics import device_topic, registration_request_topic, registration_response_topic
 
 __all__ = [
@@ -376,7 +376,7 @@ class DeviceClient:
             session = OperationalSession(self, client)
             await client.subscribe(device_topic(self.device_id, COMMANDS), qos=1)
             await client.subscribe(device_topic(self.device_id, KEYS), qos=1)
-            await client.subscribe(device_topic(self.device_id, RENEW_LEVEL), qos=1)
+            await client.subscribe(device_topic(self.device_id, ROLLOVER_LEVEL), qos=1)
             reader = asyncio.create_task(session._read())
             try:
                 yield session
@@ -414,7 +414,7 @@ class OperationalSession:
     async def _read(self) -> None:
         device_id = self._device.device_id
         keys_topic = device_topic(device_id, KEYS)
-        renew_topic = device_topic(device_id, RENEW_LEVEL)
+        rollover_topic = device_topic(device_id, ROLLOVER_LEVEL)
         async for message in self.client.messages:
             topic = str(message.topic)
             payload = message.payload
@@ -423,7 +423,7 @@ class OperationalSession:
             if topic == keys_topic:
                 self._key_update(bytes(payload))
                 continue
-            if topic == renew_topic:
+            if topic == rollover_topic:
                 self._renew_request(bytes(payload))
                 continue
             try:

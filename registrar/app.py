@@ -90,7 +90,7 @@ from trustcore.policy_chain import NamedPlugin
 from trustcore.profiles import station_id_from_certificate
 from trustcore.registration import AdmissionContext, build_key_update, parse_request
 from trustcore.revocation import RevocationList
-from trustcore.site_rollover import RENEW_LEVEL, build_renew_now
+from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
 from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
 from trustcore.verify import ChainVerifier, load_certificate
 
@@ -567,6 +567,7 @@ class RegistrarApp:
             payload_key=self.keyring.current,
             admission_plugins=self._admission_plugins(),
         )
+        self.service.use_site_authority(_site_authority(site))  # + the retiring CA, if any
         self.check_crls()
         workdir = self._workdir or run_dir(self.home) / f"broker-{self.settings.broker}"
         settings = BrokerSettings(
@@ -778,7 +779,7 @@ class RegistrarApp:
 
     async def migrate_ca(self) -> int:
         """Ask every registered device whose live LDevID comes from the retiring site CA to
-        renew now: a "renew now" signed by that CA, retained on ``devices/<id>/renew`` (an
+        renew now: a "renew now" signed by that CA, retained on ``devices/<id>/rollover`` (an
         offline device gets it when it reconnects). Returns how many were published."""
         site, store = self._require(self.site), self._require(self.store)
         retiring, key = site.retiring_ca_cert, site.retiring_ca_key
@@ -792,7 +793,7 @@ class RegistrarApp:
             message = build_renew_now(
                 device_id=device, issued=issued, issuing_ca=site.site_ca_cert, signer=key
             )
-            await channel.publish(device_topic(device, RENEW_LEVEL), message, retain=True)
+            await channel.publish(device_topic(device, ROLLOVER_LEVEL), message, retain=True)
             sent += 1
         await store.record_event(None, "rollover", f"renew-now published to {sent} device(s)")
         log.info("site CA rollover: renew-now published to %d device(s)", sent)
@@ -808,7 +809,7 @@ class RegistrarApp:
         channel = self._require(self.channel)
         for record in records:
             if record.status == "registered":
-                topic = device_topic(DeviceId(record.device_id), RENEW_LEVEL)
+                topic = device_topic(DeviceId(record.device_id), ROLLOVER_LEVEL)
                 await channel.publish(topic, b"", retain=True)
         await store.record_event(None, "rollover", f"retired {result.retired}")
         return {"retired": result.retired, "key": result.key_name, "state": result.state_dir.name}

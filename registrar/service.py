@@ -144,6 +144,8 @@ class RegistrationService:
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
         self._reserved_nonces: set[bytes] = set()
         self._reserved_keys: dict[bytes, DeviceId] = {}
+        #: Earlier site CAs whose LDevIDs may still renew (site CA rollover adds them).
+        self.previous_site_cas: tuple[x509.Certificate, ...] = ()
         self.stats: dict[str, int] = {"ok": 0, "idempotent": 0}
 
     # -- configuration that changes at run time ------------------------------------------
@@ -157,6 +159,7 @@ class RegistrationService:
         responses come from ``site`` from the next request on."""
         self._site = site
         self._site_der = site.der
+        self.previous_site_cas = tuple(cert for cert, _ in site.retiring)
 
     def update_trust(
         self, *, verifier: ChainVerifier | None = None, admission: Admission | None = None

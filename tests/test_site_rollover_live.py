@@ -206,10 +206,13 @@ async def test_site_ca_rollover_without_downtime(
             ),
             what="the registrar to load the new CA",
         )
+        deadline = time.monotonic() + 10  # the broker reload follows the registrar's
+        while await broker_issuer(registrar, old_c_context) != new_ca.subject:
+            assert time.monotonic() < deadline, "the broker never presented the new CA"
+            await asyncio.sleep(0.05)
 
         # -- overlap: the broker presents the new CA; old LDevIDs still connect; new
         #    registrations get the new CA; the online devices never stopped
-        assert await broker_issuer(registrar, old_c_context) == new_ca.subject
         async with c.operational(registrar.operational) as session:
             reading = b"old LDevID during the overlap"
             await session.publish_telemetry(reading)

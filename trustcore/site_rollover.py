@@ -17,7 +17,7 @@ the continuity signature proves that whoever holds the site's current CA key ask
 change. HQ accepts it only if ``previous_ca`` is the key it enrolled for that site, so a
 stolen enrolment file or a fresh key alone cannot take a site over.
 
-**Renew now** (MQTT ``devices/<id>/renew``, registrar → device, retained)::
+**Renew now** (MQTT ``devices/<id>/rollover``, registrar → device, retained)::
 
     {"v": 1, "device_id": tstr, "issued": uint, "issuing_ca": bstr}   # signed envelope
 
@@ -44,7 +44,7 @@ from trustcore.keys import Signer, key_id, spki_der
 from trustcore.messages import SiteEnrolment
 
 __all__ = [
-    "RENEW_LEVEL",
+    "ROLLOVER_LEVEL",
     "RenewNow",
     "RolloverError",
     "SiteCaRollover",
@@ -55,8 +55,8 @@ __all__ = [
 
 ROLLOVER_TYPE = "devtrust/site-ca-rollover/v1"
 RENEW_DOMAIN = "devtrust/renew-now/v1"
-#: ``devices/<id>/renew``: where a registrar asks a device to renew its LDevID.
-RENEW_LEVEL = "renew"
+#: ``devices/<id>/rollover``: where a registrar asks a device to renew its LDevID.
+ROLLOVER_LEVEL = "rollover"
 MAX_ROLLOVER_SIZE = 64 * 1024
 MAX_RENEW_SIZE = 4 * 1024
 _VERSION = 1
