@@ -9,6 +9,7 @@ online throughout: ``tests/test_site_rollover_live.py``.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,6 +51,7 @@ from trustcore.site_rollover import (
     SiteCaRollover,
     build_renew_now,
     parse_renew_now,
+    renew_now_body,
     site_ca_generation,
 )
 
@@ -384,3 +386,18 @@ async def test_an_expired_retiring_ca_is_retired_automatically(world: World) -> 
         assert app.site.retiring_ca_cert is None
         assert app.service is not None and app.service.site_authority.retiring == ()
     assert not world.site.key_path("site-ca").exists()
+
+
+def _doc_vector(name: str) -> bytes:
+    text = (Path(__file__).parent.parent / "docs" / "formats.md").read_text()
+    match = re.search(rf"<!-- vector: {re.escape(name)} -->\s*```hex\n(.*?)```", text, re.S)
+    assert match, name
+    return bytes.fromhex("".join(match.group(1).split()))
+
+
+def test_documented_vectors() -> None:
+    request = SiteCaRollover(b"\x01\x02", b"\x03\x04", b"\x05\x06")
+    assert request.encode() == _doc_vector("site-ca-rollover")
+    assert SiteCaRollover.decode(_doc_vector("site-ca-rollover")) == request
+    body = renew_now_body(DeviceId("TH-000001"), 1700000000, bytes(range(32)))
+    assert body == _doc_vector("renew-now-body")

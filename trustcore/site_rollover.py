@@ -50,6 +50,7 @@ __all__ = [
     "SiteCaRollover",
     "build_renew_now",
     "parse_renew_now",
+    "renew_now_body",
     "site_ca_generation",
 ]
 
@@ -176,6 +177,16 @@ def _renew_input(body: bytes) -> bytes:
     return cbor.encode([RENEW_DOMAIN, body])
 
 
+def renew_now_body(device_id: DeviceId, issued: int, issuing_ca_key_id: bytes) -> bytes:
+    """The signed body of a renew command (deterministic CBOR; ``docs/formats.md``)."""
+    if len(issuing_ca_key_id) != 32:
+        raise RolloverError("issuing_ca must be a 32-byte key id")
+    return cbor.encode(
+        {"v": _VERSION, "device_id": device_id.value, "issued": issued,
+         "issuing_ca": issuing_ca_key_id}
+    )  # fmt: skip
+
+
 def build_renew_now(
     *, device_id: DeviceId, issued: int, issuing_ca: x509.Certificate, signer: Signer
 ) -> bytes:
@@ -183,14 +194,7 @@ def build_renew_now(
     new_ca = issuing_ca.public_key()
     if not isinstance(new_ca, ec.EllipticCurvePublicKey):
         raise RolloverError("the issuing CA must have a P-256 key")
-    body = cbor.encode(
-        {
-            "v": _VERSION,
-            "device_id": device_id.value,
-            "issued": issued,
-            "issuing_ca": key_id(new_ca),
-        }
-    )
+    body = renew_now_body(device_id, issued, key_id(new_ca))
     return cbor.encode({"body": body, "sig": signer.sign(_renew_input(body))})
 
 
