@@ -42,8 +42,10 @@ from tests.test_registrar_integration import (
     registrar,
     software_device,
     tpm_device,
+    write_tls_files,
 )
 from tests.test_site_bundle import SITE, STATION, make_world
+from trustcore.payload import seal_payload
 from trustcore.profiles import device_id_from_certificate, issue_secondary_certificate
 
 __all__ = ["registrar"]  # the module-scoped `registrar run` fixture, on both brokers
@@ -155,6 +157,27 @@ async def broker_issuer(registrar: Running, ctx: ssl.SSLContext) -> x509.Name:
     return x509.load_der_x509_certificate(der).issuer
 
 
+async def mosquitto_pub(
+    running: Running, base: Base, device: DeviceClient, cert: Path, key: Path
+) -> int:
+    """Exit code of `mosquitto_pub` (not our code) publishing one sealed reading with the
+    given LDevID files on the device's telemetry topic."""
+    reg = device.registered
+    assert reg is not None
+    topic = f"devices/{device.device_id.value}/telemetry"
+    message = cert.with_suffix(".msg")
+    message.write_bytes(seal_payload(reg.current_key, topic, b"mosquitto_pub reading"))
+    (cert.parent / "root.pem").write_bytes(base.root_pem)
+    op = running.operational
+    process = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-h", op.host, "-p", str(op.port), "-q", "1",
+        "--cafile", str(cert.parent / "root.pem"), "--cert", str(cert), "--key", str(key),
+        "-i", device.device_id.value, "-t", topic, "-f", str(message),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    return await asyncio.wait_for(process.wait(), 15)
+
+
 async def test_site_ca_rollover_without_downtime(
     base: Base, registrar: Running, tmp_path: Path
 ) -> None:
@@ -229,6 +252,11 @@ async def test_site_ca_rollover_without_downtime(
         assert all(x.stats.connects == 1 for x in agents.values())  # nobody was dropped
         out = await registrar.acli("rollover-ca", "--retire", code=2)
         assert "ca_in_use" in out and "TH-000103" in out
+        # a standard client with c's gen-1 LDevID still gets in during the overlap
+        old_files = tmp_path / "old"
+        old_files.mkdir()
+        old_cert, old_key = write_tls_files(old_files, c)
+        assert await mosquitto_pub(registrar, base, c, old_cert, old_key) == 0
 
         # -- migrate: renew-now to every device on the old CA; c is offline and gets its
         #    (retained) command when it comes back
@@ -255,6 +283,7 @@ async def test_site_ca_rollover_without_downtime(
         assert "retired" in out and "brokers reloaded" in out
         assert not (registrar.home / "keys" / "site-ca.key.pem").exists()
         assert await refused_at_tls(registrar.operational, old_c_context)
+        assert await mosquitto_pub(registrar, base, c, old_cert, old_key) != 0
         sent = {k: x.stats.telemetry for k, x in agents.items()}
         await until(
             lambda: all(x.stats.telemetry > sent[k] + 3 for k, x in agents.items()),
