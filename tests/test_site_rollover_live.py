@@ -198,6 +198,7 @@ async def test_site_ca_rollover_without_downtime(
     old_ca = base.site_ca
     assert c.registered is not None and c.registered.ldevid.issuer == old_ca.subject
     old_c_context = c.operational_context()  # c's gen-1 LDevID, for the end
+    figures: dict[str, object] = {"broker": registrar.broker}
     stop = asyncio.Event()
     renew = reregister(registrar.registration)
     agents = {d.device_id.value: DeviceAgent(d, registrar.operational, renew=renew) for d in (a, b)}
@@ -215,6 +216,7 @@ async def test_site_ca_rollover_without_downtime(
             "--admit-station", STATION, "--admit-product", "thermo", "--out", str(bundle),
         )  # fmt: skip
         sent = {k: x.stats.telemetry for k, x in agents.items()}
+        t_commission = time.monotonic()
         assert "rolled over" in await registrar.acli("commission", str(bundle))
         new_ca = x509.load_pem_x509_certificate(
             (registrar.home / "current" / "site-ca.pem").read_bytes()
@@ -233,6 +235,7 @@ async def test_site_ca_rollover_without_downtime(
         while await broker_issuer(registrar, old_c_context) != new_ca.subject:
             assert time.monotonic() < deadline, "the broker never presented the new CA"
             await asyncio.sleep(0.05)
+        figures["activation_s"] = round(time.monotonic() - t_commission, 2)
 
         # -- overlap: the broker presents the new CA; old LDevIDs still connect; new
         #    registrations get the new CA; the online devices never stopped
@@ -260,12 +263,14 @@ async def test_site_ca_rollover_without_downtime(
 
         # -- migrate: renew-now to every device on the old CA; c is offline and gets its
         #    (retained) command when it comes back
+        t_migrate = time.monotonic()
         out = await registrar.acli("rollover-ca", "--migrate-all", passphrase=False)
         assert "renew-now sent to 3 device(s)" in out
         await until(
             lambda: all(x.stats.renewals == 1 and x.connected.is_set() for x in agents.values()),
             what="the online devices to renew",
         )
+        figures["migrate_online_s"] = round(time.monotonic() - t_migrate, 2)
         agents["TH-000103"] = late = DeviceAgent(c, registrar.operational, renew=renew)
         tasks.append(asyncio.create_task(late.run(stop)))
         await until(lambda: late.stats.renewals == 1 and late.connected.is_set(), what="c")
@@ -279,8 +284,10 @@ async def test_site_ca_rollover_without_downtime(
         assert status["devices_on_retiring"] == 0 and status["devices_on_issuing"] == 4
 
         # -- retire: the old CA leaves the brokers' trust, its key is destroyed
+        t_retire = time.monotonic()
         out = await registrar.acli("rollover-ca", "--retire")
         assert "retired" in out and "brokers reloaded" in out
+        figures["retire_s"] = round(time.monotonic() - t_retire, 2)
         assert not (registrar.home / "keys" / "site-ca.key.pem").exists()
         assert await refused_at_tls(registrar.operational, old_c_context)
         assert await mosquitto_pub(registrar, base, c, old_cert, old_key) != 0
@@ -297,6 +304,11 @@ async def test_site_ca_rollover_without_downtime(
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+    figures["longest_telemetry_gap_s"] = {
+        k: round(x.stats.longest_gap, 2) for k, x in agents.items()
+    }
+    figures["connects"] = {k: x.stats.connects for k, x in agents.items()}
+    print("rollover figures:", json.dumps(figures, sort_keys=True))  # shown with -s
     for name, agent in agents.items():
         assert agent.stats.issuers[-1] == new_ca.subject.rfc4514_string(), name
         assert not [e for e in agent.stats.errors if e.startswith("renew")], agent.stats.errors
