@@ -123,6 +123,9 @@ COMMAND_LEVEL = "cmd"
 SITE_CRL_REFRESH_MARGIN = SITE_CRL_VALIDITY / 2
 #: Root/station CRLs closer than this to nextUpdate are reported (warning) in status/logs.
 CRL_WARNING_MARGIN = timedelta(days=1)
+#: A site CA closer than this to its end is reported: time to `registrar rollover-ca`
+#: (LDevIDs are cut at the CA's end, so they get shorter and shorter after this point).
+SITE_CA_WARNING_MARGIN = timedelta(days=365)
 _RECENT = 50
 _SPOOL_COMMANDS = (
     "revoke",
@@ -1043,6 +1046,13 @@ class RegistrarApp:
                 alerts.append(
                     f"CRL of {issuer} runs out at {_iso(next_update)}: commission a new "
                     "site bundle from HQ before then"
+                )
+        if self.site is not None:
+            end = self.site.site_ca_cert.not_valid_after_utc
+            if end - now < SITE_CA_WARNING_MARGIN:
+                alerts.append(
+                    f"the site CA expires at {_iso(end)}: roll it over now (`registrar "
+                    "rollover-ca`, docs/site.md); new LDevIDs end with it"
                 )
         for alert in alerts:
             (log.error if "STALE" in alert else log.warning)("%s", alert)

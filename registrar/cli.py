@@ -353,6 +353,13 @@ def status_command(home: Path, as_json: bool) -> None:
             table.add_row(f"{name} listener", f"{ep['host']}:{ep['port']}")
         table.add_row("payload key", str(running.get("payload_key")))
         table.add_row("site CRL valid until", str(running.get("site_crl_next_update")))
+        site_ca = running.get("site_ca") or {}
+        if site_ca.get("issuing"):
+            retiring = site_ca.get("retiring")
+            table.add_row(
+                "site CA",
+                str(site_ca["issuing"]) + (f" (retiring: {retiring})" if retiring else ""),
+            )
         tele = running.get("telemetry", {})
         table.add_row(
             "telemetry", f"{tele.get('messages', 0)} decrypted, {tele.get('rejected', 0)} rejected"

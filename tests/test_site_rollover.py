@@ -360,7 +360,9 @@ def test_key_updates_are_signed_by_the_ca_the_device_knows(world: World) -> None
     assert authority.signer_for(b"junk") is site.site_ca_key
 
 
-async def test_an_expired_retiring_ca_is_retired_automatically(world: World) -> None:
+async def test_an_expired_retiring_ca_is_retired_automatically_and_expiry_is_announced(
+    world: World,
+) -> None:
     commission_site(world.site, world.bundle(), world.site_secrets)
     begun = begin_rollover(world.site, world.site_secrets)
     # HQ signs two seconds "later", so the new CA outlives the old one by that much
@@ -380,6 +382,11 @@ async def test_an_expired_retiring_ca_is_retired_automatically(world: World) -> 
         (world.site.current / name).write_bytes(data)
     settings = AppSettings(registration_port=0, operational_port=0)
     async with running(world.site, world.site_secrets, settings) as app:
+        assert not any("site CA expires" in a for a in app.check_crls())
+        year_5 = site.site_ca_cert.not_valid_after_utc - timedelta(days=30)
+        assert any(
+            "site CA expires" in a and "rollover-ca" in a for a in app.check_crls(now=year_5)
+        )
         assert not await app.retire_expired_ca()  # still valid now: nothing happens
         assert app.site is not None and app.site.retiring_ca_cert == old
         assert await app.retire_expired_ca(now=past_old)
