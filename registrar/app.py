@@ -483,12 +483,16 @@ def _client_context(site: CommissionedSite, passphrase: bytes) -> ssl.SSLContext
     return ctx
 
 
-def _site_authority(site: CommissionedSite) -> SiteAuthority:
+def _site_authority(
+    site: CommissionedSite, ldevid_validity: timedelta = timedelta(days=365)
+) -> SiteAuthority:
     """The issuing site CA (and, during a rollover overlap, the retiring one)."""
     retiring: tuple[tuple[x509.Certificate, Signer], ...] = ()
     if site.retiring_ca_cert is not None and site.retiring_ca_key is not None:
         retiring = ((site.retiring_ca_cert, site.retiring_ca_key),)
-    return SiteAuthority(site.site_ca_cert, site.site_ca_key, site.organization, retiring=retiring)
+    return SiteAuthority(
+        site.site_ca_cert, site.site_ca_key, site.organization, ldevid_validity, retiring=retiring
+    )
 
 
 def _crl_dates(path: Path) -> list[x509.CertificateRevocationList]:
@@ -904,7 +908,8 @@ class RegistrarApp:
         service.update_trust(verifier=self._verifier(site), admission=site.admission)
         service.use_payload_key(self.keyring.current)
         # A site CA rollover activated or retired: new issuer, new client certificate.
-        service.use_site_authority(_site_authority(site))
+        validity = service.site_authority.ldevid_validity  # the site's LDevID policy
+        service.use_site_authority(_site_authority(site, validity))
         if self.channel is not None:
             self.channel.use_tls(_client_context(site, self.secrets.passphrase()))
         await self._require(self.broker).reload_crls()
