@@ -34,7 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from registrar.errors import ConfigError, RegistrarError
+from registrar.errors import ConfigError, RolloverError
 from registrar.site import (
     SITE_CA_KEY,
     SiteHome,
@@ -65,10 +65,6 @@ __all__ = [
 REQUEST_FILE = "rollover-request.cbor"
 #: How many dependent device ids a refusal names.
 _NAMED = 10
-
-
-class RolloverError(RegistrarError):
-    reason = "rollover_refused"
 
 
 @dataclass(frozen=True)
