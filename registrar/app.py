@@ -896,8 +896,9 @@ class RegistrarApp:
 
     async def _recommissioned(self, target: str) -> None:
         """A new bundle was commissioned while running: new anchors, CRLs, manifest, HQ
-        list and payload keys for the registrar; the brokers re-read CA bundles and CRLs
-        (new station CAs are only admitted by the embedded broker after a restart)."""
+        list and payload keys for the registrar; the brokers re-read their certificate, CA
+        bundles and CRLs; a site CA rollover (activated or retired) switches the issuing
+        CA and the registrar's client certificate (used from its next reconnect)."""
         log.warning("site re-commissioned (%s -> %s): reloading", self._state_target, target)
         self._state_target = target
         site = await asyncio.to_thread(load_commissioned_site, self.home, self.secrets)

@@ -8,12 +8,12 @@ Layout (see ``docs/site.md``)::
       keys/site-ca.key.pem           site CA key          (PKCS#8, encrypted, 0600)
       keys/site-ca-g2.key.pem        a later site CA key (rollover, ``registrar rollover-ca``);
                                      commission.json names the issuing and retiring keys
-      rollover.json                  a rollover in progress: the next key, not yet activated
-      rollover-request.cbor          its request to carry to HQ (``hq site rollover``)
       keys/transport.key.pem         site transport key   (ECDH: opens bundles, payload keys)
       keys/broker.key.pem            broker TLS key       (made at the first commission)
       keys/registrar-client.key.pem  the registrar's own MQTT client key
       enrolment.cbor                 the site enrolment request to carry to HQ
+      rollover.json                  a rollover in progress: the next key, not yet activated
+      rollover-request.cbor          its request to carry to HQ (``hq site rollover``)
       current -> state-000003        symlink to the commissioned state, swapped atomically
       state-000003/
         commission.json              bundle sequence, digest, times, revocation list sequence
