@@ -65,7 +65,13 @@ from registrar.revocation import (
     revoke_device,
     revoked_device_ids,
 )
-from registrar.rollover import RolloverError, dependents, retire_site_ca
+from registrar.rollover import (
+    RolloverError,
+    dependents,
+    migration_requested,
+    note_migration,
+    retire_site_ca,
+)
 from registrar.service import (
     KEY_UPDATE_LEVEL,
     RegistrationService,
@@ -616,6 +622,8 @@ class RegistrarApp:
         except TimeoutError as exc:
             raise BrokerError("the registrar could not connect to its own broker") from exc
         await self._catch_up_key_updates()
+        if site.retiring_ca_cert is not None and migration_requested(self.home):
+            await self.migrate_ca()  # the retained commands died with the previous broker
         self._tasks += [
             asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
@@ -787,11 +795,15 @@ class RegistrarApp:
     async def migrate_ca(self) -> int:
         """Ask every registered device whose live LDevID comes from the retiring site CA to
         renew now: a "renew now" signed by that CA, retained on ``devices/<id>/rollover`` (an
-        offline device gets it when it reconnects). Returns how many were published."""
+        offline device gets it when it reconnects). Returns how many were published.
+
+        The request is recorded (``SITE/rollover-migrate.json``): the brokers keep retained
+        messages in memory only, so a restarted registrar publishes them again."""
         site, store = self._require(self.site), self._require(self.store)
         retiring, key = site.retiring_ca_cert, site.retiring_ca_key
         if retiring is None or key is None:
             raise RolloverError("no site CA is retiring", reason="nothing_to_retire")
+        await asyncio.to_thread(note_migration, self.home)
         channel = self._require(self.channel)
         issued = time.time_ns() // 1000  # microseconds: two commands in one second differ
         sent = 0

@@ -58,6 +58,8 @@ __all__ = [
     "RolloverError",
     "begin_rollover",
     "dependents",
+    "migration_requested",
+    "note_migration",
     "retire_site_ca",
     "rollover_status",
 ]
@@ -199,6 +201,22 @@ def _load(path: Path) -> x509.Certificate | None:
         return None
 
 
+# ------------------------------------------------------------------------------ migrate
+
+_MIGRATE_FILE = "rollover-migrate.json"
+
+
+def note_migration(home: SiteHome, *, now: datetime | None = None) -> None:
+    """Record that ``--migrate-all`` was asked for (until the retiring CA is retired)."""
+    moment = int((now or datetime.now(UTC)).timestamp())
+    doc = (json.dumps({"v": 1, "requested": moment}) + "\n").encode()
+    write_private_file(home.path / _MIGRATE_FILE, doc, overwrite=True)
+
+
+def migration_requested(home: SiteHome) -> bool:
+    return (home.path / _MIGRATE_FILE).is_file()
+
+
 # ------------------------------------------------------------------------------- retire
 
 
@@ -254,6 +272,7 @@ def retire_site_ca(
         state_dir = _retired_state(home, cert, moment)
         _switch_current(home, state_dir)
         _destroy_key_file(home.key_path(retiring))
+        (home.path / _MIGRATE_FILE).unlink(missing_ok=True)
     return RetireResult(cert.subject.rfc4514_string(), retiring, state_dir)
 
 

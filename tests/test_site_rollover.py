@@ -8,21 +8,24 @@ online throughout: ``tests/test_site_rollover_live.py``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiomqtt
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from device_sim.client import TlsIdentity
 from hq.cli import main as hq_main
 from hq.site import SiteError, rollover_site_ca
-from registrar.app import AppSettings, running
+from registrar.app import AppSettings, running, store_path
 from registrar.cli import main as registrar_main
 from registrar.errors import CommissionError
 from registrar.rollover import (
@@ -30,12 +33,13 @@ from registrar.rollover import (
     RolloverError,
     begin_rollover,
     dependents,
+    migration_requested,
     retire_site_ca,
     rollover_status,
 )
 from registrar.service import SiteAuthority
 from registrar.site import commission_site, load_commissioned_site, reissue_site_crl
-from registrar.store import DeviceRecord
+from registrar.store import DeviceRecord, Registration, Store
 from signers.software import SoftwareKey
 from tests.test_site_bundle import SITE, World, world, world_template
 from trustcore.crl import RevokedEntry
@@ -408,3 +412,65 @@ def test_documented_vectors() -> None:
     assert SiteCaRollover.decode(_doc_vector("site-ca-rollover")) == request
     body = renew_now_body(DeviceId("TH-000001"), 1700000000, bytes(range(32)))
     assert body == _doc_vector("renew-now-body")
+
+
+async def test_a_restarted_registrar_publishes_pending_renew_commands_again(
+    world: World,
+) -> None:
+    """The brokers keep retained messages in memory: after `--migrate-all` and a restart, a
+    device still on the old CA (offline during both) still finds its renew command."""
+    old, new = activated(world)
+    site = load_commissioned_site(world.site, world.site_secrets)
+    assert site.retiring_ca_key is not None
+    device, key = DeviceId("TH-000001"), SoftwareKey.ephemeral()
+    now = datetime.now(UTC)
+    cert = issue_secondary_certificate(
+        old, site.retiring_ca_key.private_key(), key.public_key(), device_id=device,
+        organization="Acme Devices", not_before=max(now - DAY, old.not_valid_before_utc),
+        not_after=now + 30 * DAY,
+    )  # fmt: skip
+    store = await Store.open(store_path(world.site))
+    wrap = (
+        SoftwareKey.ephemeral()
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    await store.record_registration(
+        Registration(
+            device,
+            None,
+            "a1",
+            format(cert.serial_number, "x"),
+            cert.public_bytes(serialization.Encoding.DER),
+            key_id(key.public_key()),
+            wrap,
+            b"\0" * 8,
+            b"\1" * 32,
+            b"",
+            b"\2" * 32,
+            int(now.timestamp()),
+            int(now.timestamp()),
+        )
+    )
+    await store.close()
+    settings = AppSettings(registration_port=0, operational_port=0)
+    async with running(world.site, world.site_secrets, settings) as app:
+        assert await app.migrate_ca() == 1
+    assert migration_requested(world.site)
+    async with running(world.site, world.site_secrets, settings) as app:
+        endpoint = app.operational_endpoint
+        root_pem = world.site.root_certificate().public_bytes(PEM)
+        tls = TlsIdentity((cert, old), key.private_key()).context(root_pem)
+        async with aiomqtt.Client(
+            endpoint.host, endpoint.port, identifier=device.value, tls_context=tls
+        ) as client:
+            await client.subscribe(f"devices/{device.value}/rollover", qos=1)
+            message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
+        assert isinstance(message.payload, bytes)
+        renew = parse_renew_now(message.payload, device_id=device, site_ca=old)
+        assert renew.issuing_ca == key_id(new.public_key())  # type: ignore[arg-type]
+        # the device still depends on the old CA: it cannot retire yet (the request stays)
+        with pytest.raises(RolloverError) as e:
+            await app.retire_ca()
+        assert e.value.reason == "ca_in_use"
+    assert migration_requested(world.site)
