@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,7 +23,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from device_sim.client import TlsIdentity
+from device_sim.agent import DeviceAgent
+from device_sim.client import (
+    DeviceClient,
+    DeviceCredentials,
+    DeviceRegistrationError,
+    Registered,
+    SoftwareKeys,
+    TlsIdentity,
+)
 from hq.cli import main as hq_main
 from hq.site import SiteError, rollover_site_ca
 from registrar.app import AppSettings, running, store_path
@@ -469,6 +478,35 @@ async def test_a_restarted_registrar_publishes_pending_renew_commands_again(
         assert isinstance(message.payload, bytes)
         renew = parse_renew_now(message.payload, device_id=device, site_ca=old)
         assert renew.issuing_ca == key_id(new.public_key())  # type: ignore[arg-type]
+        # the simulated device obeys it; a renewal that fails leaves it in service on its
+        # current LDevID and is retried only after a back-off
+        assert app.keyring is not None
+        payload_key = app.keyring.current
+        sim = DeviceClient(
+            DeviceCredentials(device, cert, (old,), key, (world.site.root_certificate(),)),
+            SoftwareKeys(),
+        )
+        sim.registered = Registered(
+            cert, old, key, SoftwareKey.ephemeral(), {payload_key.key_id: payload_key},
+            payload_key.key_id,
+        )  # fmt: skip
+        attempts: list[float] = []
+
+        async def failing(_: DeviceClient) -> None:
+            attempts.append(time.monotonic())
+            raise DeviceRegistrationError("registrar unreachable", reason="timeout", retry=True)
+
+        agent = DeviceAgent(sim, endpoint, renew=failing, renew_backoff=30.0)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        deadline = time.monotonic() + 10
+        while not (attempts and agent.connected.is_set() and agent.stats.telemetry >= 5):
+            assert time.monotonic() < deadline, agent.stats
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        assert len(attempts) == 1 and agent.stats.renewals == 0
+        assert agent.stats.errors == ["renew: registrar unreachable"]
         # the device still depends on the old CA: it cannot retire yet (the request stays)
         with pytest.raises(RolloverError) as e:
             await app.retire_ca()
