@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import version
@@ -220,6 +220,21 @@ class _Connection:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _Subscriptions(dict[str, list[tuple[Session, int]]]):
+    """amqtt 0.12's subscription table, iterated over a snapshot.
+
+    ``Broker._run_broadcast`` walks ``_subscriptions.items()`` and awaits inside the loop;
+    a SUBSCRIBE handled meanwhile (a device reconnecting, e.g. with a renewed LDevID)
+    changes the dict and the broadcast task dies with "dictionary changed size during
+    iteration" — that message is then lost for every remaining subscriber."""
+
+    def items(self) -> list[tuple[str, list[tuple[Session, int]]]]:  # type: ignore[override]
+        return list(super().items())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+
 class _Amqtt(AmqttBroker):  # type: ignore[misc]  # amqtt ships no usable stubs
     """amqtt's broker with our TLS, identity binding, kick registry and delivery fixes."""
 
@@ -227,6 +242,7 @@ class _Amqtt(AmqttBroker):  # type: ignore[misc]  # amqtt ships no usable stubs
         self, config: BrokerConfig, policy: AccessPolicy, tls: dict[str, _ListenerTls]
     ) -> None:
         super().__init__(config)
+        self._subscriptions = _Subscriptions(self._subscriptions)  # type: ignore[has-type]
         self._policy = policy
         self._tls = tls
         self._by_ssl: dict[ssl.SSLObject, _Connection] = {}
