@@ -5,9 +5,9 @@ listener: it publishes telemetry at an interval, reconnects after any loss (brok
 a session cut), and obeys a verified "renew now" (site CA rollover,
 ``trustcore.site_rollover``) by getting a new LDevID from the site's issuing CA and
 reconnecting with it. How the new LDevID is obtained is a pluggable coroutine
-(``renew``): the default registers again with the factory identity on the registration
-listener (the registrar supersedes the old LDevID); LDevID renewal over MQTT on the
-operational listener plugs in here.
+(``renew``): :func:`renew_or_register` renews over MQTT on the operational listener
+(``DeviceClient.renew``) and falls back to registering again with the IDevID;
+:func:`reregister` only registers again.
 
 Counters (connects, telemetry sent, renewals, errors) let tests show that no step of a
 rollover took the device out of service for longer than a reconnect.
@@ -27,7 +27,7 @@ import aiomqtt
 from device_sim.client import DeviceClient, DeviceRegistrationError, OperationalSession
 from registrar.broker import Endpoint
 
-__all__ = ["AgentStats", "DeviceAgent", "Renewer", "reregister"]
+__all__ = ["AgentStats", "DeviceAgent", "Renewer", "renew_or_register", "reregister"]
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,31 @@ Renewer = Callable[[DeviceClient], Awaitable[None]]
 
 
 def reregister(registration: Endpoint) -> Renewer:
-    """The default renewer: register again (factory identity, registration listener)."""
+    """Register again (factory identity, registration listener)."""
 
     async def renew(client: DeviceClient) -> None:
         await client.register(registration)
+
+    return renew
+
+
+def renew_or_register(registration: Endpoint, operational: Endpoint) -> Renewer:
+    """LDevID renewal over MQTT on the operational listener (authenticated by the current
+    LDevID); registration again with the IDevID if the renewal is refused for good or the
+    listener no longer takes the certificate. A refusal with retry advice (``busy``,
+    ``too_early``) is raised: the agent stays in service and tries again after a back-off."""
+
+    async def renew(client: DeviceClient) -> None:
+        try:
+            await client.renew(operational)
+        except DeviceRegistrationError as exc:
+            if exc.retry or exc.reason == "ldevid_revoked":
+                raise
+            log.warning("%s: renewal refused (%s); registering again", client.device_id, exc)
+            await client.register(registration)
+        except aiomqtt.MqttError as exc:
+            log.warning("%s: cannot renew (%s); registering again", client.device_id, exc)
+            await client.register(registration)
 
     return renew
 

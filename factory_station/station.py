@@ -5,7 +5,9 @@ This is the station's composition root. :meth:`FactoryStation.open` wires the pa
 transport key inside it, the TPM NV counter, the SQLite :class:`StationStore`, the pinned
 root certificate, the clock) and checks that files and TPM agree before anything else
 happens; tests and benchmarks inject a clock or wrap the counter here, never inside the
-package.
+package. The injected clock is the *host* clock: it is believed only up to the trusted time
+(an HQ-signed anchor plus TPM-powered time since, read with TPM2_ReadClock on every
+decision; ``trustcore.stationtime``), so a test that moves it must move the TPM's clock too.
 
 Station directory (``--home``)::
 
@@ -14,6 +16,9 @@ Station directory (``--home``)::
     root.pem                the manufacturer root certificate, pinned at init
     tpm-vendor-ca.pem       TPM-vendor CA certificates for EK-certificate checks (optional)
     station-ca.tss.pem      station CA key: a TPM-wrapped blob, useless outside this TPM
+    station-ca.next.tss.pem a re-key's new CA key until its certificate is imported;
+    station-ca.retired-*    CA keys re-keyed away from, which sign only their CRL
+                            (both: factory_station.ca_renewal)
     transport.tss.pem       transport (ECDH) key: a TPM-wrapped blob, for entitlements
     enrolment.cbor          the enrolment request for HQ (CSR + transport key, bound)
     station.db              SQLite: entitlements, issuances, audit log, exports
@@ -35,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -45,6 +50,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from factory_station import ca_renewal
 from factory_station import quorum as quorum_grants
 from factory_station.attestation import AttestationVerifier
 from factory_station.errors import (
@@ -85,10 +91,12 @@ from trustcore.keys import key_id
 from trustcore.messages import (
     CT_AUDIT_EXPORT,
     CT_ENTITLEMENT,
+    CT_TIME_STATEMENT,
     MAX_ENTITLEMENT_SIZE,
     AuditExportPayload,
     EntitlementPayload,
     StationEnrolment,
+    TimeStatement,
 )
 from trustcore.policy_chain import PluginSetting, plugin_settings
 from trustcore.profiles import (
@@ -98,11 +106,20 @@ from trustcore.profiles import (
 )
 from trustcore.quorum import QuorumError, encode_bundle, parse_evidence, verify_quorum_rule
 from trustcore.sealed import open_package, peek, seal_package
+from trustcore.station_ca_request import KIND_REKEY, KIND_RENEW, StationCaRequest
+from trustcore.stationtime import (
+    TimeAnchor,
+    TpmClockReading,
+    TpmLedger,
+    anchor_at,
+    trusted_time,
+)
 from trustcore.verify import ChainVerifier
 
 __all__ = [
     "DEFAULT_NV_INDEX",
     "AttestationMode",
+    "CaImportResult",
     "FactoryStation",
     "ImportedEntitlement",
     "IssuedCertificate",
@@ -121,6 +138,8 @@ DB_FILE: Final = "station.db"
 LOCK_FILE: Final = "station.lock"
 #: A sealed entitlement package: the payload limit plus room for header and certificate.
 MAX_ENTITLEMENT_PACKAGE: Final = MAX_ENTITLEMENT_SIZE + 64 * 1024
+#: A time statement: a few bytes of payload, the header and the signer's certificate.
+MAX_TIME_STATEMENT_PACKAGE: Final = 64 * 1024
 
 
 class AttestationMode:
@@ -219,6 +238,17 @@ class IssuedCertificate:
 
 
 @dataclass(frozen=True)
+class CaImportResult:
+    """What ``import-ca`` did: ``kind`` is ``renew`` or ``rekey``; ``status`` ``imported``
+    or ``already_imported``."""
+
+    kind: str
+    status: str
+    certificate: x509.Certificate
+    previous_serial: str
+
+
+@dataclass(frozen=True)
 class ImportedEntitlement:
     policy: EntitlementPolicy
     counter_base: int
@@ -236,6 +266,8 @@ class StationStatus:
     remaining: int
     audit_records: int
     last_export: int | None
+    #: Trusted time: the anchor, the TPM reading and the ceiling on the host clock.
+    time: dict[str, Any] | None = None
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -249,6 +281,7 @@ class StationStatus:
             "remaining": self.remaining,
             "audit_records": self.audit_records,
             "last_export": self.last_export,
+            "time": self.time,
         }
 
 
@@ -261,6 +294,8 @@ class _Active:
     station_ca: x509.Certificate
     audit_receiver: x509.Certificate
     manufacturer: str
+    #: The HQ CRL signer named as cRLIssuer in every IDevID (None: an older entitlement).
+    crl_issuer: x509.Name | None = None
 
 
 def _utc(when: int) -> datetime:
@@ -327,6 +362,11 @@ class FactoryStation:
         self._audit = AuditLog(config.station_id.value, head=self._stored_head())
         self._active: _Active | None = None
         self._pending_export: tuple[int, int, int] | None = None
+        # Trusted time (trustcore.stationtime): the TPM ledger and HQ-vouched anchor.
+        self._ledger: TpmLedger | None
+        self._anchor: TimeAnchor | None
+        self._ledger, self._anchor = store.time_state()
+        self._reading: TpmClockReading | None = None
         quorum_grants.ensure_tables(store.db)
         # Built-in checks first, then the configured plugins (which can only add refusals).
         # A configured plugin that cannot be loaded refuses every issuance (fail closed).
@@ -438,6 +478,8 @@ class FactoryStation:
                 counter = wrap_counter(counter)
             store = StationStore(home / DB_FILE)
             opened.append(store)
+            ca_renewal.ensure_table(store.db)
+            ca_key = ca_renewal.finish_key_switch(home, tpm, store.db, ca_key)
             station = cls(
                 home=home,
                 config=config,
@@ -513,9 +555,20 @@ class FactoryStation:
         self._active = _Active(
             row=row,
             policy=payload.policy,
-            station_ca=x509.load_der_x509_certificate(payload.station_ca_cert_der),
+            # The newest certificate for the CA key in use: a renewed or re-keyed one
+            # (import-ca) wins over the entitlement's own.
+            station_ca=ca_renewal.current_certificate(
+                self.store.db,
+                self.ca_key.public_key(),
+                x509.load_der_x509_certificate(payload.station_ca_cert_der),
+            ),
             audit_receiver=x509.load_der_x509_certificate(payload.audit_receiver_cert_der),
             manufacturer=_organization(payload.station_ca_cert_der),
+            crl_issuer=(
+                None
+                if payload.crl_signer_cert_der is None
+                else x509.load_der_x509_certificate(payload.crl_signer_cert_der).subject
+            ),
         )
 
     @property
@@ -577,15 +630,19 @@ class FactoryStation:
             policy = payload.policy
             self._check_payload(payload, header.sequence, now)
             base = self._counter_value
-            rec = self._audit.append(
-                "entitlement_imported",
-                {
-                    "entitlement_id": policy.entitlement_id,
-                    "entitlement_seq": policy.sequence,
-                    "counter_base": base,
-                },
-                now,
+            # HQ signed this package at header.created: the station's new time anchor.
+            reading, ledger, anchor = self._anchor_to(
+                header.created, now, f"entitlement {policy.sequence}"
             )
+            fields: dict[str, FieldValue] = {
+                "entitlement_id": policy.entitlement_id,
+                "entitlement_seq": policy.sequence,
+                "counter_base": base,
+                "signed_time": header.created,
+                "anchor_time": anchor.time,
+            }
+            fields.update(reading.audit_fields(full=True))
+            rec = self._audit.append("entitlement_imported", fields, now)
             try:
                 self.store.record_entitlement(
                     sequence=policy.sequence,
@@ -595,13 +652,135 @@ class FactoryStation:
                     imported_at=now,
                     counter_base=base,
                     audit_records=[(self._audit.head.next_seq - 1, rec)],
+                    meta=self._time_meta(ledger, anchor),
                 )
             except BaseException:
                 self._reload_audit()
                 raise
+            self._ledger, self._anchor, self._reading = ledger, anchor, reading
             self._load_active()
             self._id_cursor = None
             return ImportedEntitlement(policy=policy, counter_base=base)
+
+    # ---------------------------------------------------------------------- trusted time
+
+    def _read_tpm_clock(self) -> TpmClockReading:
+        """TPM2_ReadClock and the ledger advanced by it (kept in memory, stored with the
+        next write). Raises ``PolicyError`` (``tpm_clock_inconsistent``) if the TPM's time
+        went back: the ledger then stays where it was until HQ vouches for a time again."""
+        try:
+            reading = self.tpm.read_clock()
+        except TpmError as exc:
+            raise StationStateError(f"station TPM: {exc}") from exc
+        self._reading = reading
+        ledger = self._ledger
+        self._ledger = TpmLedger.start(reading) if ledger is None else ledger.advance(reading)
+        return reading
+
+    def trusted_time(self) -> int | None:
+        """The latest time the station can vouch for (anchor + TPM-powered time since), as of
+        the last TPM reading; None before the first anchor."""
+        if self._anchor is None or self._ledger is None:
+            return None
+        return trusted_time(self._anchor, self._ledger)
+
+    def _anchor_to(
+        self, signed_time: int, now: int, source: str
+    ) -> tuple[TpmClockReading, TpmLedger, TimeAnchor]:
+        """A new anchor at a time HQ signed (not stored yet). A TPM whose time cannot follow
+        the ledger (another boot lineage, a cleared TPM) starts a new ledger here: HQ's
+        signature, not the old ledger, vouches for the new anchor."""
+        try:
+            reading = self._read_tpm_clock()
+            ledger, current = self._ledger, self._anchor
+        except PolicyError:
+            last = self._reading
+            assert last is not None  # set by _read_tpm_clock before advancing
+            reading, ledger, current = last, TpmLedger.start(last), None
+        assert ledger is not None
+        anchor = anchor_at(
+            signed_time=signed_time, host_now=now, ledger=ledger, source=source, current=current
+        )
+        return reading, ledger, anchor
+
+    def import_time_statement(self, package: bytes) -> TimeAnchor:
+        """Re-anchor trusted time on an HQ time statement (``hq time-statement``): signed by
+        the HQ entitlement signer under the pinned root, for this station, newer than any
+        statement imported before. Stored with its ``time_anchored`` audit record; refusals
+        (``EntitlementImportError`` reasons ``malformed``, ``untrusted_sender``, ``tampered``,
+        ``foreign_station``, ``replayed``) change nothing."""
+        with self._lock:
+            self._require_healthy()
+            now = self._clock()
+            try:
+                header = peek(package, max_size=MAX_TIME_STATEMENT_PACKAGE)
+            except SealedPackageError as exc:
+                raise EntitlementImportError(str(exc), reason="malformed") from exc
+            sender = self._verify_sender(header.sender_certificate, now)
+            last = self.store.get_meta("last_time_statement")
+            try:
+                opened = open_package(
+                    package,
+                    receiver=None,
+                    expected_content_type=CT_TIME_STATEMENT,
+                    trusted_sender_public=sender,
+                    last_sequence=last if isinstance(last, int) else None,
+                    max_size=MAX_TIME_STATEMENT_PACKAGE,
+                )
+                statement = TimeStatement.decode(opened.payload)
+            except ReplayError as exc:
+                raise EntitlementImportError(
+                    f"time statement {header.sequence} is not newer than the last one ({last})",
+                    reason="replayed",
+                ) from exc
+            except SealedPackageError as exc:
+                raise EntitlementImportError(
+                    f"{exc}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
+                ) from exc
+            except (EncodingError, InvalidValueError) as exc:
+                raise EntitlementImportError(
+                    f"time statement does not decode: {exc}", reason="malformed"
+                ) from exc
+            if statement.station_id != self.station_id.value:
+                raise EntitlementImportError(
+                    f"the time statement is for station {statement.station_id!r}",
+                    reason="foreign_station",
+                )
+            if statement.time != header.created or header.sequence != header.created:
+                raise EntitlementImportError(
+                    "the time statement's time differs from its signed header", reason="malformed"
+                )
+            reading, ledger, anchor = self._anchor_to(
+                statement.time, now, f"time statement {statement.time}"
+            )
+            fields: dict[str, FieldValue] = {
+                "signed_time": statement.time,
+                "anchor_time": anchor.time,
+            }
+            fields.update(reading.audit_fields(full=True))
+            rec = self._audit.append("time_anchored", fields, now)
+            try:
+                with self.store.transaction() as db:
+                    db.execute(
+                        "INSERT INTO audit(seq, record) VALUES (?, ?)",
+                        (self._audit.head.next_seq - 1, rec),
+                    )
+                    meta = self._time_meta(ledger, anchor)
+                    meta["last_time_statement"] = statement.time
+                    for key, value in meta.items():
+                        self.store.set_meta(key, value, db)
+            except BaseException:
+                self._reload_audit()
+                raise
+            self._ledger, self._anchor, self._reading = ledger, anchor, reading
+            return anchor
+
+    @staticmethod
+    def _time_meta(ledger: TpmLedger, anchor: TimeAnchor | None = None) -> dict[str, object]:
+        meta: dict[str, object] = {"tpm_ledger": json.dumps(ledger.to_map(), sort_keys=True)}
+        if anchor is not None:
+            meta["time_anchor"] = json.dumps(anchor.to_map(), sort_keys=True)
+        return meta
 
     def _verify_sender(
         self, certificate: Callable[[], x509.Certificate], now: int
@@ -667,6 +846,17 @@ class FactoryStation:
                 f"the audit receiver certificate is not valid under the root: {exc}",
                 reason="bad_audit_receiver",
             ) from exc
+        if payload.crl_signer_cert_der is not None:
+            try:
+                signer = x509.load_der_x509_certificate(payload.crl_signer_cert_der)
+                ChainVerifier(
+                    [self.root], required_eku=HqRole.CRL_SIGNER.eku, require_crl=False
+                ).verify(signer, now=_utc(now))
+            except (ValueError, VerificationError) as exc:
+                raise EntitlementImportError(
+                    f"the CRL signer certificate is not valid under the root: {exc}",
+                    reason="bad_crl_signer",
+                ) from exc
 
     # ------------------------------------------------------------------------- issuance
 
@@ -706,10 +896,13 @@ class FactoryStation:
         with self._lock:
             self._audit_refusal(device_id, reason)
 
-    def _audit_refusal(self, device_id: str, reason: str) -> None:
-        rec = self._audit.append(
-            "refused", {"device_id": device_id, "reason": reason}, self._clock()
-        )
+    def _audit_refusal(
+        self, device_id: str, reason: str, reading: TpmClockReading | None = None
+    ) -> None:
+        fields: dict[str, FieldValue] = {"device_id": device_id, "reason": reason}
+        if reading is not None:  # a policy refusal: the TPM reading it was decided on
+            fields.update(reading.audit_fields())
+        rec = self._audit.append("refused", fields, self._clock())
         try:
             self.store.append_audit([(self._audit.head.next_seq - 1, rec)])
         except BaseException:
@@ -739,6 +932,7 @@ class FactoryStation:
                 approved_operations=quorum_grants.approved_operations(
                     self.store.db, active.policy, active.row.sequence, day, issued_today, device_id
                 ),
+                trusted_time=self.trusted_time(),
             ),
             day,
         )
@@ -808,8 +1002,9 @@ class FactoryStation:
         with self._lock:
             active = self._require_entitlement()
             now = self._clock()
-            state, _ = self._state(active, device_id.value, now)
             try:
+                self._read_tpm_clock()
+                state, _ = self._state(active, device_id.value, now)
                 check_issuance(
                     active.policy,
                     state,
@@ -817,7 +1012,7 @@ class FactoryStation:
                     self.plugins.checks,
                 )
             except PolicyError as exc:
-                self._audit_refusal(device_id.value, exc.reason)
+                self._audit_refusal(device_id.value, exc.reason, self._reading)
                 raise IssuanceRefused(exc.args[0], reason=exc.reason) from exc
 
     def issue(
@@ -844,8 +1039,9 @@ class FactoryStation:
         active = self._require_entitlement()
         policy = active.policy
         now = self._clock()
-        state, day = self._state(active, device_id.value, now)
         try:
+            reading = self._read_tpm_clock()
+            state, day = self._state(active, device_id.value, now)
             check_issuance(
                 policy,
                 state,
@@ -862,12 +1058,15 @@ class FactoryStation:
                 )
             reissue = self._reissue(active, state.device_already_issued, device_id, public_key)
         except PolicyError as exc:
-            self._audit_refusal(device_id.value, exc.reason)
+            self._audit_refusal(device_id.value, exc.reason, self._reading)
             raise IssuanceRefused(exc.args[0], reason=exc.reason) from exc
 
         before = self._counter_value
         counter = before + 1
-        self.store.record_intent(counter, active.row.sequence, device_id.value, day, now)
+        assert self._ledger is not None  # advanced by _read_tpm_clock above
+        self.store.record_intent(
+            counter, active.row.sequence, device_id.value, day, now, self._time_meta(self._ledger)
+        )
         self._increment(counter, before)
         try:
             cert = issue_factory_certificate(
@@ -877,6 +1076,7 @@ class FactoryStation:
                 device_id=device_id,
                 manufacturer=active.manufacturer,
                 not_before=_utc(now),
+                crl_issuer=active.crl_issuer,
             )
         except (TpmError, ProfileError, TrustCoreError) as exc:
             # The slot is consumed but we know no certificate exists: burn it, audited.
@@ -893,6 +1093,7 @@ class FactoryStation:
             "entitlement_seq": active.row.sequence,
             "counter": counter,
         }
+        fields.update(reading.audit_fields())
         if reissue is not None:
             fields["reissue_of"] = reissue[0]
         rec = self._audit.append("issued", fields, now)
@@ -999,6 +1200,7 @@ class FactoryStation:
                 audit_export=encode_export(records, checkpoint),
                 manifest=tuple(manifest),
                 crl=self._station_crl(active.station_ca, number, now),
+                retired_crls=self._retired_crls(number, now),
             )
             receiver = active.audit_receiver.public_key()
             assert isinstance(receiver, ec.EllipticCurvePublicKey)  # verified at import
@@ -1016,11 +1218,14 @@ class FactoryStation:
 
     def _station_crl(self, station_ca: x509.Certificate, number: int, now: int) -> bytes:
         """The station CA's CRL, signed in the TPM. A station never revokes by itself (HQ
-        decides revocations and publishes them in its own signed list), so the list is
-        empty; what matters is that the CA has a current CRL, which brokers require for
-        every issuing CA. Valid until the station CA expires, at most 90 days ahead."""
+        decides revocations and publishes them in its own signed indirect CRL), so the list
+        is empty; what matters is that the CA has a CRL, which Mosquitto requires for every
+        issuing CA on the registration listener. Valid until the station CA expires: a
+        station switched off for years must not make its devices unregistrable, and an
+        empty CRL of a CA that never revokes says nothing that can go out of date
+        (docs/pki.md, "Station CRLs")."""
         this_update = datetime.fromtimestamp(now, UTC)
-        next_update = min(station_ca.not_valid_after_utc, this_update + timedelta(days=90))
+        next_update = station_ca.not_valid_after_utc
         crl = build_crl(
             station_ca,
             self.ca_key.private_key(),
@@ -1030,6 +1235,203 @@ class FactoryStation:
             next_update=next_update,
         )
         return crl.public_bytes(serialization.Encoding.DER)
+
+    def _retired_crls(self, number: int, now: int) -> tuple[bytes, ...]:
+        """An empty CRL signed by each CA key the station re-keyed away from, so devices
+        made under it keep a current CRL at sites. Each key is loaded for this and unloaded
+        again (a raw swtpm has three object slots)."""
+        out = []
+        for path in ca_renewal.retired_key_files(self.home):
+            self.transport_key.unload()
+            key = TpmKey.load(self.tpm, path)
+            try:
+                cert = ca_renewal.latest_for_key(self.store.db, key.public_key())
+                if cert is None or cert.not_valid_after_utc <= _utc(now):
+                    continue
+                # Valid until the key's certificate ends: the key never revokes anything
+                # again (HQ does), so its empty CRL says nothing that can go out of date.
+                crl = build_crl(
+                    cert,
+                    key.private_key(),
+                    revoked=(),
+                    crl_number=number,
+                    this_update=_utc(now),
+                    next_update=cert.not_valid_after_utc,
+                )
+                out.append(crl.public_bytes(serialization.Encoding.DER))
+            finally:
+                key.unload()
+        return tuple(out)
+
+    # ------------------------------------------------------------ CA renewal and re-key
+
+    def make_ca_request(self, *, rekey: bool) -> bytes:
+        """A signed request for HQ (``hq renew-station``): renewal of the current CA key's
+        certificate, or (``rekey``) a new CA key created in the TPM now and kept as the
+        pending key until its certificate is imported. A new re-key request replaces an
+        earlier pending key. Audited as ``ca_requested``."""
+        with self._lock:
+            active = self._require_entitlement()
+            now = self._clock()
+            current = active.station_ca
+            subject = x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, self.station_id.value),
+                    x509.NameAttribute(NameOID.SERIAL_NUMBER, self.station_id.value),
+                ]
+            )
+            new_key: TpmKey | None = None
+            try:
+                if rekey:
+                    # Free the slots (both keys reload from their blobs on next use).
+                    self.transport_key.unload()
+                    self.ca_key.unload()
+                    new_key = TpmKey.create(self.tpm, TpmKeyUsage.SIGN)
+                    new_key.save(self.home / ca_renewal.NEXT_CA_KEY_FILE, overwrite=True)
+                csr = build_csr(self.ca_key if new_key is None else new_key, subject)
+                request = StationCaRequest.create(
+                    station_id=self.station_id,
+                    csr_der=csr,
+                    current_cert_der=current.public_bytes(serialization.Encoding.DER),
+                    current_key=self.ca_key,
+                    new_key=new_key,
+                    created=now,
+                )
+            except TpmError as exc:
+                raise StationStateError(f"station TPM: {exc}") from exc
+            finally:
+                if new_key is not None:
+                    new_key.unload()
+            certified = new_key.public_key() if new_key is not None else self.ca_key.public_key()
+            self._append_audit(
+                "ca_requested",
+                {
+                    "kind": request.kind,
+                    "request_id": request.request_id,
+                    "key_id": key_id(certified),
+                    "current_serial": f"{current.serial_number:x}",
+                },
+                now,
+            )
+            return request.encode()
+
+    def import_ca_certificate(
+        self, data: bytes, *, expect_rekey: bool | None = None
+    ) -> CaImportResult:
+        """Take HQ's answer to :meth:`make_ca_request`. The certificate must be a station CA
+        certificate for this station, signed by the pinned root, valid now, and certify the
+        current CA key (renewal) or the pending re-key key. A re-key switches issuance,
+        checkpoints and the station CRL to the new key in the same step; the audit chain
+        simply continues (record ``station_ca_imported``). Refusals: ``wrong_station_ca``,
+        ``key_mismatch``, ``stale_certificate``."""
+        with self._lock:
+            active = self._require_entitlement()
+            now = self._clock()
+            try:
+                cert = (
+                    x509.load_pem_x509_certificate(data)
+                    if data.lstrip().startswith(b"-----")
+                    else x509.load_der_x509_certificate(data)
+                )
+                public = cert.public_key()
+            except ValueError as exc:
+                raise EntitlementImportError(
+                    f"the certificate does not parse: {exc}", reason="malformed"
+                ) from exc
+            _check_station_ca(cert, self.root, self.station_id, now)
+            if not isinstance(public, ec.EllipticCurvePublicKey):
+                raise EntitlementImportError("not a P-256 key", reason="wrong_station_ca")
+            previous = active.station_ca
+            spki = _spki(public)
+            pending: TpmKey | None = None
+            nxt = self.home / ca_renewal.NEXT_CA_KEY_FILE
+            if spki == _spki(self.ca_key.public_key()):
+                kind = KIND_RENEW
+            else:
+                if nxt.exists():
+                    self.transport_key.unload()
+                    pending = TpmKey.load(self.tpm, nxt)
+                if pending is None or _spki(pending.public_key()) != spki:
+                    if pending is not None:
+                        pending.unload()
+                    raise EntitlementImportError(
+                        "the certificate certifies neither the station's CA key nor its "
+                        "pending re-key key",
+                        reason="key_mismatch",
+                    )
+                kind = KIND_REKEY
+            if expect_rekey is not None and expect_rekey != (kind == KIND_REKEY):
+                if pending is not None:
+                    pending.unload()
+                raise EntitlementImportError(
+                    f"expected a {'re-key' if expect_rekey else 'renewal'} certificate, this "
+                    f"one is a {kind}",
+                    reason="key_mismatch",
+                )
+            if cert.serial_number == previous.serial_number:
+                if pending is not None:
+                    pending.unload()
+                return CaImportResult(kind, "already_imported", cert, f"{previous.serial_number:x}")
+            if kind == KIND_RENEW and cert.not_valid_before_utc < previous.not_valid_before_utc:
+                raise EntitlementImportError(
+                    "the certificate is older than the one in use", reason="stale_certificate"
+                )
+            fields: dict[str, FieldValue] = {
+                "kind": kind,
+                "serial": f"{cert.serial_number:x}",
+                "key_id": key_id(public),
+                "previous_serial": f"{previous.serial_number:x}",
+                "previous_key_id": key_id(self.ca_key.public_key()),
+            }
+            rec = self._audit.append("station_ca_imported", fields, now)
+            try:
+                with self.store.transaction() as db:
+                    ca_renewal.record_certificate(db, previous, "previous", now)
+                    ca_renewal.record_certificate(db, cert, kind, now)
+                    db.execute(
+                        "INSERT INTO audit(seq, record) VALUES (?, ?)",
+                        (self._audit.head.next_seq - 1, rec),
+                    )
+            except BaseException:
+                self._reload_audit()
+                if pending is not None:
+                    pending.unload()
+                raise
+            if pending is not None:
+                try:
+                    ca_renewal.switch_keys(self.home, self.ca_key, pending)
+                except StationStateError as exc:
+                    # The database already says "new key": stop; the next open finishes the
+                    # switch (ca_renewal.finish_key_switch).
+                    self._broken = f"re-key recorded but key files not switched: {exc}"
+                    raise StationStateError(f"{self._broken}; reopen the station") from exc
+                self.ca_key.unload()
+                self.ca_key = pending
+                self._ca_private = pending.private_key()
+            self._load_active()
+            return CaImportResult(kind, "imported", cert, f"{previous.serial_number:x}")
+
+    def station_ca_summary(self) -> dict[str, Any] | None:
+        """The CA certificate in use, its key, a pending re-key, retired keys (status)."""
+        with self._lock:
+            if self._active is None:
+                return None
+            cert = self._active.station_ca
+            return {
+                "serial": f"{cert.serial_number:x}",
+                "key_id": key_id(self.ca_key.public_key()).hex(),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "rekey_pending": (self.home / ca_renewal.NEXT_CA_KEY_FILE).exists(),
+                "retired_keys": len(ca_renewal.retired_key_files(self.home)),
+            }
+
+    def _append_audit(self, event: str, fields: dict[str, FieldValue], now: int) -> None:
+        rec = self._audit.append(event, fields, now)
+        try:
+            self.store.append_audit([(self._audit.head.next_seq - 1, rec)])
+        except BaseException:
+            self._reload_audit()
+            raise
 
     def record_export(self, number: int) -> None:
         with self._lock:
@@ -1049,14 +1451,35 @@ class FactoryStation:
 
     # --------------------------------------------------------------------------- status
 
+    def time_status(self) -> dict[str, Any]:
+        """The station's view of time, for ``status``: host clock, trusted time (None
+        without an anchor), the anchor and the TPM reading it was computed from."""
+        with self._lock:
+            problem = None
+            try:
+                reading: TpmClockReading | None = self._read_tpm_clock()
+            except PolicyError as exc:
+                reading, problem = self._reading, exc.reason
+            trusted = self.trusted_time()
+            return {
+                "host_time": self._clock(),
+                "trusted_time": trusted,
+                "anchor": None if self._anchor is None else self._anchor.to_map(),
+                "tpm": None if reading is None else reading.to_map(),
+                "tpm_powered_ms": None if self._ledger is None else self._ledger.total_ms,
+                "problem": problem,
+            }
+
     def status(self) -> StationStatus:
         with self._lock:
+            time_info = self.time_status()
             active = self._active
             last = self.store.last_export()
             if active is None:
                 return StationStatus(
                     self.station_id.value, self.config.tcti, self._counter_value, None,
                     0, 0, 0, 0, self.store.audit_count(), None if last is None else last[0],
+                    time_info,
                 )  # fmt: skip
             now = self._clock()
             state, _ = self._state(active, "", now)
@@ -1084,6 +1507,7 @@ class FactoryStation:
                 remaining=max(0, p.total_quota - state.issued_total),
                 audit_records=self.store.audit_count(),
                 last_export=None if last is None else last[0],
+                time=time_info,
             )
 
     @contextlib.contextmanager

@@ -70,12 +70,13 @@ from trustcore.errors import (
     ReplayError,
     SealedPackageError,
 )
-from trustcore.keys import KeyAgreement, key_id
+from trustcore.keys import KeyAgreement, key_id, spki_der
 from trustcore.messages import CT_AUDIT_EXPORT, AuditExportPayload
 from trustcore.profiles import HqRole, device_id_from_certificate, station_id_from_certificate
 from trustcore.quorum import ParamValue, QuorumError, parse_evidence, verify_quorum_rule
 from trustcore.reconcile import Reconciler, Violation
 from trustcore.sealed import DEFAULT_MAX_SIZE, PackageHeader, open_package, peek
+from trustcore.stationtime import TimeAudit, expected_anchor
 
 __all__ = [
     "CLOCK_ROLLBACK_TOLERANCE_S",
@@ -129,10 +130,18 @@ HQ_VIOLATION_KINDS = (
     "manifest_unlisted",
     "manifest_mismatch",
     "manifest_bad_certificate",
+    "future_dated",
+    "clock_ahead_of_tpm",
+    "tpm_clock_inconsistent",
+    "bad_time_anchor",
 )
 #: A record more than this many seconds older than the latest time already logged means
 #: the station's clock went back (which could reopen a window or a day's allowance).
 CLOCK_ROLLBACK_TOLERANCE_S = 300
+#: How far a station's record may be dated after HQ received the export, and ahead of the
+#: time its TPM vouches for, before HQ reports it: the most any entitlement lets a station's
+#: clock be off (``EntitlementPolicy.clock_skew_s`` is at most 3600 s).
+STATION_TIME_TOLERANCE_S = 3600
 _SERIAL_HEX = re.compile(r"[0-9a-f]{1,40}")
 
 
@@ -157,6 +166,11 @@ class VerifiedExport:
     checkpoint: Checkpoint
     manifest: tuple[bytes, ...]
     crl: StationCrlRow | None = None
+    #: CRLs of the station's retired CA keys: (issuer key id, row).
+    retired_crls: tuple[tuple[bytes, StationCrlRow], ...] = ()
+    #: Every CA certificate HQ issued to the station (renewals and re-keys included): the
+    #: manifest may hold devices signed under any of them.
+    station_cas: tuple[x509.Certificate, ...] = ()
 
 
 def _check_station_ca(cert: x509.Certificate, root: x509.Certificate, store: HqStore) -> str:
@@ -184,9 +198,17 @@ def _check_station_ca(cert: x509.Certificate, root: x509.Certificate, store: HqS
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    if spki != station.ca_public_der:
+    # The current CA key, or one the station re-keyed away from (hq.station_ca): an export
+    # written before a re-key and carried to HQ after it is still the station's own log —
+    # until HQ accepted one signed by a newer key (HqStore.station_export_keys).
+    if spki not in store.station_export_keys(station_id):
+        closed = spki in store.station_ca_keys(station_id)
         raise _refuse(
-            "foreign_station", f"sender key is not the enrolled CA key of station {station_id!r}"
+            "foreign_station",
+            f"sender key of station {station_id!r} was superseded by a re-key and the station "
+            "already exports with its new key"
+            if closed
+            else f"sender key is not the enrolled CA key of station {station_id!r}",
         )
     if not store.station_ca_issued(station_id, cert.public_bytes(serialization.Encoding.DER)):
         raise _refuse(
@@ -276,6 +298,12 @@ def verify_audit_package(
     except AuditChainError as exc:
         raise _refuse(exc.reason, f"audit export of {station_id}: {exc.args[0]}") from exc
     crl = None if payload.crl is None else _station_crl(payload.crl, cert, store, station_id)
+    station_cas = tuple(
+        x509.load_der_x509_certificate(der) for _, der in store.station_ca_certificates(station_id)
+    )
+    retired = tuple(
+        _retired_crl(der, cert, station_cas, store, station_id) for der in payload.retired_crls
+    )
     return VerifiedExport(
         station_id=station_id,
         station_ca=cert,
@@ -286,7 +314,40 @@ def verify_audit_package(
         checkpoint=checkpoint,
         manifest=payload.manifest,
         crl=crl,
+        retired_crls=retired,
+        station_cas=station_cas,
     )
+
+
+def _retired_crl(
+    der: bytes,
+    sender: x509.Certificate,
+    station_cas: Sequence[x509.Certificate],
+    store: HqStore,
+    station_id: str,
+) -> tuple[bytes, StationCrlRow]:
+    """A CRL signed by one of the station's retired CA keys (not the sender's key): it must
+    verify against a certificate HQ issued to the station for a key of its re-key chain."""
+    keys = set(store.station_ca_keys(station_id))
+    sender_key = spki_der(sender.public_key())
+    for ca in station_cas:
+        ca_key = spki_der(ca.public_key())
+        if ca_key == sender_key or ca_key not in keys:
+            continue
+        try:
+            revocations = verify_crl(der, ca, now=None)
+        except CrlError:
+            continue
+        crl = load_crl(der)
+        return revocations.issuer_key_id, StationCrlRow(
+            station_id=station_id,
+            crl_number=revocations.crl_number,
+            this_update=int(crl.last_update_utc.timestamp()),
+            next_update=int(revocations.next_update.timestamp()),
+            crl_der=crl.public_bytes(serialization.Encoding.DER),
+            recorded_at=int(time.time()),
+        )
+    raise _refuse("bad_crl", "a retired-key CRL in the export does not verify")
 
 
 def _station_crl(
@@ -414,6 +475,8 @@ class Reconciliation:
     allowances: list[tuple[bytes, int, str, int]] = field(default_factory=list)
     #: (request id, entitlement seq, device id) of re-issue grants verified in this export.
     reissue_grants: list[tuple[bytes, int, str]] = field(default_factory=list)
+    #: HQ's replay of the station's trusted time (state carried across exports).
+    time_audit: TimeAudit | None = None
 
 
 def _malformed(seq: int, what: str) -> Violation:
@@ -421,11 +484,24 @@ def _malformed(seq: int, what: str) -> Violation:
 
 
 def reconcile_records(
-    records: Iterable[AuditRecord], *, station_id: str, store: HqStore, start: AuditHead
+    records: Iterable[AuditRecord],
+    *,
+    station_id: str,
+    store: HqStore,
+    start: AuditHead,
+    received: int | None = None,
 ) -> Reconciliation:
     """Feed every record to the reconciler of its entitlement (state carried over from
-    earlier exports, loaded from ``store``). One pass, O(1) per record."""
-    out = Reconciliation(max_time=start.max_time)
+    earlier exports, loaded from ``store``). One pass, O(1) per record.
+
+    Time findings: ``future_dated`` (dated more than ``STATION_TIME_TOLERANCE_S`` after
+    ``received``, when HQ got the export), ``clock_rollback`` (out of order: older than a
+    time already logged), and from the TPM readings (``trustcore.stationtime.TimeAudit``)
+    ``clock_ahead_of_tpm``, ``tpm_clock_inconsistent`` and ``bad_time_anchor``."""
+    time_audit = store.station_time_audit(station_id, STATION_TIME_TOLERANCE_S)
+    out = Reconciliation(max_time=start.max_time, time_audit=time_audit)
+    observe_tpm = time_audit.observe
+    future = (1 << 62) if received is None else received + STATION_TIME_TOLERANCE_S
     tallies: dict[int, _Tally | None] = {}
     violations = out.violations
     issued_append = out.issued.append
@@ -457,12 +533,29 @@ def reconcile_records(
     for seq, _, t, ev, f, _ in records:
         if t > max_time:
             max_time = t
+            if t > future:
+                violations.append(_future_dated(seq, t, received))
         elif t + CLOCK_ROLLBACK_TOLERANCE_S < max_time:
             violations.append(
                 Violation(
                     "clock_rollback", seq, "", f"time {t} is before {max_time} logged earlier"
                 )
             )
+        elif t > future:
+            violations.append(_future_dated(seq, t, received))
+        tpm_field = f.get("tpm")
+        if tpm_field is not None:
+            found = observe_tpm(t, tpm_field)
+            # An anchor record may be ahead of the old anchor (that is why it re-anchors),
+            # and a refusal did nothing (the station's own ``clock_ahead`` refusals are
+            # counted in ``refused_at_station``): only readings that issued are "ahead".
+            if found is not None and not (
+                found[0] == "clock_ahead_of_tpm" and ("anchor_time" in f or ev == "refused")
+            ):
+                who = f.get("device_id")
+                violations.append(
+                    Violation(found[0], seq, who if type(who) is str else "", found[1])
+                )
         if ev == "issued":  # the hot path: one per device
             n_issued += 1
             try:
@@ -576,6 +669,21 @@ def reconcile_records(
                 )
             elif tally.state.imported_at_seq is None:
                 tally.state.imported_at_seq = seq
+            if "anchor_time" in f:
+                _time_anchor(violations, time_audit, seq, t, f, tally.row.issued_at)
+        elif ev == "time_anchored":
+            signed = f.get("signed_time")
+            if store.time_statement_issued(station_id, signed):
+                _time_anchor(violations, time_audit, seq, t, f, None)
+            else:  # not re-anchored: the replay keeps the anchor HQ can vouch for
+                violations.append(
+                    Violation(
+                        "bad_time_anchor",
+                        seq,
+                        "",
+                        f"HQ issued no time statement at {signed!r} to {station_id}",
+                    )
+                )
         elif ev == "quorum_approved":
             tally = tally_for(f.get("entitlement_seq"), seq, "")
             if tally is not None:
@@ -589,6 +697,50 @@ def reconcile_records(
     out.max_time = max_time
     out.tallies = {k: v for k, v in tallies.items() if v is not None}
     return out
+
+
+def _future_dated(seq: int, when: int, received: int | None) -> Violation:
+    return Violation(
+        "future_dated",
+        seq,
+        "",
+        f"time {when} is {when - (received or 0)} s after HQ received the export "
+        f"(tolerance {STATION_TIME_TOLERANCE_S} s)",
+    )
+
+
+def _time_anchor(
+    violations: list[Violation],
+    audit: TimeAudit,
+    seq: int,
+    when: int,
+    f: Mapping[str, object],
+    hq_signed: int | None,
+) -> None:
+    """An anchor record (``entitlement_imported`` with ``anchor_time``, ``time_anchored``):
+    the anchor must be the one the station's rule gives for the time HQ signed (for an
+    entitlement HQ knows it: ``hq_signed``). HQ replays with the anchor it computes, so a
+    station that claims a later one gains nothing in the replay."""
+    signed, claimed = f.get("signed_time"), f.get("anchor_time")
+    if type(signed) is not int or type(claimed) is not int:
+        violations.append(_malformed(seq, "anchor record lacks signed_time/anchor_time"))
+        return
+    if hq_signed is not None and signed != hq_signed:
+        violations.append(
+            Violation("bad_time_anchor", seq, "", f"signed time {signed} is not HQ's {hq_signed}")
+        )
+        signed = hq_signed
+    expected = expected_anchor(audit, signed_time=signed, host_now=when)
+    if claimed > expected + audit.tolerance_s:
+        violations.append(
+            Violation(
+                "bad_time_anchor",
+                seq,
+                "",
+                f"anchor {claimed} is {claimed - expected} s after the {expected} the rule gives",
+            )
+        )
+    audit.anchor(expected)
 
 
 def _quorum_grant(
@@ -709,7 +861,9 @@ def _load_tally(store: HqStore, station_id: str, eseq: int) -> _Tally | None:
 
 
 def check_manifest(
-    manifest: Sequence[bytes], issued: Sequence[IssuedEntry], station_ca: x509.Certificate
+    manifest: Sequence[bytes],
+    issued: Sequence[IssuedEntry],
+    station_ca: x509.Certificate | Sequence[x509.Certificate],
 ) -> tuple[list[Violation], dict[int, bytes]]:
     """Pair each manifest certificate with its ``issued`` record by serial number. A record
     without a certificate, a certificate without a record (an issuance the log does not
@@ -717,10 +871,11 @@ def check_manifest(
     violations and the verified certificates by serial."""
     violations: list[Violation] = []
     by_serial: dict[int, tuple[str, bytes, bytes]] = {}
+    cas = [station_ca] if isinstance(station_ca, x509.Certificate) else list(station_ca)
     for index, der in enumerate(manifest):
         try:
             cert = x509.load_der_x509_certificate(der)
-            cert.verify_directly_issued_by(station_ca)
+            _verify_by_any(cert, cas)
             device_id = device_id_from_certificate(cert).value
             public = cert.public_key()
             kid = key_id(public)  # type: ignore[arg-type]
@@ -779,6 +934,28 @@ def check_manifest(
     return violations, verified
 
 
+def _verify_by_any(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> None:
+    """``cert`` is signed by one of ``cas`` (same station name, one key per re-key): the
+    one whose key id matches the certificate's AKI first, then the others."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        wanted = aki.key_identifier
+    except x509.ExtensionNotFound:
+        wanted = None
+    ordered = sorted(
+        cas,
+        key=lambda ca: x509.SubjectKeyIdentifier.from_public_key(ca.public_key()).digest != wanted,
+    )
+    error: Exception = ValueError("no station CA certificate")
+    for ca in ordered:
+        try:
+            cert.verify_directly_issued_by(ca)
+            return
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            error = exc
+    raise error
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause the cyclic GC while a million records are built: they hold no cycles, and
@@ -817,13 +994,21 @@ def ingest_audit(
             )
             chain = ChainStream(verified)
             recon = reconcile_records(
-                chain, station_id=verified.station_id, store=store, start=verified.start
+                chain,
+                station_id=verified.station_id,
+                store=store,
+                start=verified.start,
+                received=moment,
             )
             head = chain.finish()  # refuses unless the chain ended exactly at the signed head
             manifest_violations, certs = check_manifest(
-                verified.manifest, recon.issued, verified.station_ca
+                verified.manifest, recon.issued, verified.station_cas or verified.station_ca
             )
             recon.violations.extend(manifest_violations)
+            if verified.checkpoint.time > moment + STATION_TIME_TOLERANCE_S:
+                recon.violations.append(
+                    _future_dated(verified.checkpoint.seq, verified.checkpoint.time, moment)
+                )
             _cross_check_duplicates(store, verified.station_id, recon)
             report = IngestReport.build(
                 verified, head, recon, seconds=time.perf_counter() - started
@@ -910,8 +1095,13 @@ def _persist(
     )
     with store.transaction():
         store.put_audit_head(sid, head, now)
+        if recon.time_audit is not None:
+            store.put_station_time_audit(sid, recon.time_audit)
         if verified.crl is not None:
             store.put_station_crl(verified.crl)
+        for issuer_key_id, row in verified.retired_crls:
+            store.put_retired_station_crl(issuer_key_id, row)
+        store.put_station_export_key(sid, spki_der(verified.station_ca.public_key()))
         for request_id, eseq, day, extra in recon.allowances:
             store.put_allowance(request_id, sid, eseq, day, extra)
         for request_id, eseq, device_id in recon.reissue_grants:

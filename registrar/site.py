@@ -46,6 +46,7 @@ import json
 import os
 import secrets as _random
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -78,7 +79,7 @@ from trustcore.profiles import (
     station_id_from_certificate,
 )
 from trustcore.registration import Admission, AdmissionRule
-from trustcore.revocation import RevocationList
+from trustcore.revocation import RevocationList, indirect_crls_of
 from trustcore.site_bundle import (
     MAX_SITE_BUNDLE_SIZE,
     AdmissionEntry,
@@ -104,7 +105,9 @@ __all__ = [
     "init_site",
     "issuing_ca_key",
     "load_commissioned_site",
+    "read_crls",
     "reissue_site_crl",
+    "write_crls",
 ]
 
 PASSPHRASE_ENV = "DEVTRUST_SITE_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
@@ -409,6 +412,8 @@ class CommissionResult:
     root_crl_next_update: datetime
     broker_names: tuple[str, ...]
     warnings: tuple[str, ...]
+    #: HQ's offline limit for the site (days without fresh HQ revocation data).
+    max_offline_days: int = 30
 
 
 def _ensure_key(home: SiteHome, name: str, passphrase: bytes) -> SoftwareKey:
@@ -473,6 +478,19 @@ def _load_pem_crls(data: bytes) -> list[x509.CertificateRevocationList]:
     for block in data.split(_CRL_END)[:-1]:
         out.append(x509.load_pem_x509_crl(block.strip() + b"\n" + _CRL_END + b"\n"))
     return out
+
+
+def read_crls(home: SiteHome) -> list[x509.CertificateRevocationList]:
+    """Every CRL of the current state's ``crls.pem``."""
+    return _load_pem_crls((home.current / "crls.pem").read_bytes())
+
+
+def write_crls(home: SiteHome, crls: Iterable[x509.CertificateRevocationList]) -> None:
+    """Replace the current state's ``crls.pem`` atomically (callers hold the revocation
+    lock; reload the broker's CRLs after)."""
+    write_private_file(
+        home.current / "crls.pem", b"".join(_crl_pem(c) for c in crls), overwrite=True
+    )
 
 
 def _service_validity(site_ca: x509.Certificate, moment: datetime) -> tuple[datetime, datetime]:
@@ -602,6 +620,7 @@ def _write_state(
             "revocation_list_sequence": verified.revocations.sequence,
             "site_crl_number": number + 1,
             "site_ca_key": cas.issuing_name,
+            "max_offline_days": verified.payload.max_offline_days,
         }
         if cas.retiring is not None:
             state["retiring_ca_key"] = cas.retiring[0]
@@ -771,6 +790,7 @@ def commission_site(
         root_crl_next_update=next_update,
         broker_names=home.config.broker_names + home.config.broker_ips,
         warnings=tuple(warnings),
+        max_offline_days=verified.payload.max_offline_days,
     )
 
 
@@ -880,10 +900,18 @@ class CommissionedSite:
     #: during a site CA rollover overlap: the previous CA (still trusted) and its key
     retiring_ca_cert: x509.Certificate | None = None
     retiring_ca_key: SoftwareKey | None = None
+    #: HQ's offline limit for this site (bundle ``max_offline_days``; 30 for older states).
+    max_offline_days: int = 30
 
     def chain_verifier(self) -> ChainVerifier:
-        """Verifier for factory certificates: root, station CAs and every CRL."""
-        return ChainVerifier([self.root], self.station_cas, self.crls)
+        """Verifier for factory certificates: root, station CAs, every CRL and the HQ
+        indirect CRL of the HQ list held (docs/pki.md)."""
+        return ChainVerifier(
+            [self.root],
+            self.station_cas,
+            self.crls,
+            indirect_crls=indirect_crls_of(self.revocations),
+        )
 
 
 def _read_manifest(path: Path) -> tuple[tuple[ManifestEntry, ...], tuple[AdmissionEntry, ...]]:
@@ -947,4 +975,5 @@ def load_commissioned_site(home: SiteHome, secrets: SiteSecrets) -> Commissioned
         tls=broker_tls(home, secrets),
         retiring_ca_cert=retiring_cert,
         retiring_ca_key=retiring_key,
+        max_offline_days=int((home.commission_state() or {}).get("max_offline_days", 30)),
     )

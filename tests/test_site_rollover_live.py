@@ -5,7 +5,8 @@ swtpm, two with software keys) that stay online through every step:
 begin (``registrar rollover-ca``) → HQ (``hq site rollover``, ``hq site bundle``) →
 activate (``registrar commission`` while running) → overlap (old LDevIDs still connect,
 new ones come from the new CA, the broker presents the new CA) → ``--migrate-all`` (signed
-"renew now"; the devices re-register and reconnect, an offline one when it comes back) →
+"renew now"; the devices renew their LDevID over MQTT and reconnect, an offline one when it
+comes back) →
 ``--retire`` (refused while a device depends on the old CA; then the old LDevIDs are
 refused at the TLS handshake and the old key is gone).
 """
@@ -27,7 +28,7 @@ from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from device_sim.agent import DeviceAgent, reregister
+from device_sim.agent import DeviceAgent, renew_or_register
 from device_sim.client import DeviceClient, Registered, TlsIdentity
 from device_sim.swtpm import Swtpm
 from hq.cli import main as hq_main
@@ -200,7 +201,7 @@ async def test_site_ca_rollover_without_downtime(
     old_c_context = c.operational_context()  # c's gen-1 LDevID, for the end
     figures: dict[str, object] = {"broker": registrar.broker}
     stop = asyncio.Event()
-    renew = reregister(registrar.registration)
+    renew = renew_or_register(registrar.registration, registrar.operational)
     agents = {d.device_id.value: DeviceAgent(d, registrar.operational, renew=renew) for d in (a, b)}
     tasks = [asyncio.create_task(agent.run(stop)) for agent in agents.values()]
     try:
@@ -277,6 +278,9 @@ async def test_site_ca_rollover_without_downtime(
         for device in (a, b, c):
             assert device.registered is not None
             assert device.registered.ldevid.issuer == new_ca.subject
+            # moved by LDevID renewal over MQTT (authenticated by the old-CA LDevID, which
+            # the registrar accepts during the overlap and renews at once), not re-registration
+            assert [p.issuer for p in device.registered.previous] == [old_ca.subject]
             assert openssl_verify(
                 tmp_path, base.root_pem, new_ca, device.registered.ldevid
             ).endswith("OK")
