@@ -50,13 +50,19 @@ from registrar.service import SiteAuthority
 from registrar.site import commission_site, load_commissioned_site, reissue_site_crl
 from registrar.store import DeviceRecord, Registration, Store
 from signers.software import SoftwareKey
+from tests.fixtures.pki import Pki
+from tests.test_renewal import Facts as RenewalFacts_
+from tests.test_renewal import ldevid as renewal_ldevid
+from tests.test_renewal import renewal as renewal_request
 from tests.test_site_bundle import SITE, World, world, world_template
 from trustcore.crl import RevokedEntry
 from trustcore.csr import build_csr
 from trustcore.identity import CertSerial, DeviceId, SiteId
 from trustcore.keys import key_id
 from trustcore.messages import SiteEnrolment
-from trustcore.profiles import issue_secondary_certificate
+from trustcore.profiles import issue_secondary_certificate, issue_site_ca
+from trustcore.registration import RegistrationError
+from trustcore.renewal import LdevidPolicy, parse_renewal_request, verify_renewal
 from trustcore.site_rollover import (
     RolloverError as CoreRolloverError,
 )
@@ -512,3 +518,28 @@ async def test_a_restarted_registrar_publishes_pending_renew_commands_again(
             await app.retire_ca()
         assert e.value.reason == "ca_in_use"
     assert migration_requested(world.site)
+
+
+def test_an_ldevid_of_a_retiring_site_ca_renews_without_the_rate_limit(pki: Pki) -> None:
+    """Renewal's rate limit (``min_interval``) does not hold back a rollover migration: an
+    LDevID of a retiring site CA renews at once; one of the issuing CA is still limited."""
+    now = pki.now
+    current = renewal_ldevid(pki, "dev-500001", start=now - timedelta(minutes=1))
+    facts = RenewalFacts_(current.cert.serial_number, issued_at=now - timedelta(minutes=1))
+    request = parse_renewal_request(renewal_request(pki, current)[0])
+    next_ca = issue_site_ca(
+        pki.root, pki.root_key, SoftwareKey.ephemeral().public_key(), site_id=pki.site_id,
+        organization="Acme Devices", not_before=max(now - DAY, pki.root.not_valid_before_utc),
+        not_after=now + 300 * DAY, generation=2,
+    )  # fmt: skip
+
+    def decide(site_cas: list[x509.Certificate]) -> None:
+        verify_renewal(
+            request, topic_device_id=DeviceId("dev-500001"), site_cas=site_cas,
+            facts=facts.build(), now=now, policy=LdevidPolicy(),
+        )  # fmt: skip
+
+    with pytest.raises(RegistrationError) as e:
+        decide([pki.site_ca])  # its CA still issues: rate-limited
+    assert e.value.reason == "too_early"
+    decide([next_ca, pki.site_ca])  # after a rollover: renewed at once
