@@ -41,8 +41,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from registrar.broker import Endpoint
 from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.csr import build_device_csr
+from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
-from trustcore.keys import KeyAgreement, Signer
+from trustcore.keys import KeyAgreement, Signer, key_id
 from trustcore.payload import PayloadError, PayloadKey, open_payload, seal_payload
 from trustcore.registration import (
     RegistrationDenied,
@@ -55,6 +56,7 @@ from trustcore.registration import (
     parse_response,
 )
 from trustcore.renewal import build_renewal_request, parse_renewal_request, renewal_due
+from trustcore.site_rollover import ROLLOVER_LEVEL, RenewNow, parse_renew_now
 from trustcore.topics import device_topic, registration_request_topic, registration_response_topic
 
 __all__ = [
@@ -185,6 +187,7 @@ class Registered:
     payload_keys: dict[bytes, PayloadKey]
     current_key_id: bytes
     key_issued: int = 0
+    renew_issued: int = 0
 
     #: Every LDevID this device held before the current one (oldest first).
     previous: list[x509.Certificate] = field(default_factory=list)
@@ -475,6 +478,7 @@ class DeviceClient:
             session = OperationalSession(self, client)
             await client.subscribe(device_topic(self.device_id, COMMANDS), qos=1)
             await client.subscribe(device_topic(self.device_id, KEYS), qos=1)
+            await client.subscribe(device_topic(self.device_id, ROLLOVER_LEVEL), qos=1)
             await client.subscribe(device_topic(self.device_id, RENEWAL, "response"), qos=1)
             reader = asyncio.create_task(session._read())
             try:
@@ -497,6 +501,9 @@ class OperationalSession:
         self.client = client
         self.commands: asyncio.Queue[bytes] = asyncio.Queue()
         self.key_updates = 0
+        #: verified "renew now" commands (site CA rollover) for the device's CURRENT
+        #: site CA; see :class:`device_sim.agent.DeviceAgent`, which obeys them
+        self.renew_requests: asyncio.Queue[RenewNow] = asyncio.Queue()
         self._renewal_answers: asyncio.Queue[bytes] = asyncio.Queue()
 
     @property
@@ -511,6 +518,7 @@ class OperationalSession:
     async def _read(self) -> None:
         device_id = self._device.device_id
         keys_topic = device_topic(device_id, KEYS)
+        rollover_topic = device_topic(device_id, ROLLOVER_LEVEL)
         renewed_topic = device_topic(device_id, RENEWAL, "response")
         renew_topic = device_topic(device_id, RENEWAL, "request")
         async for message in self.client.messages:
@@ -520,6 +528,9 @@ class OperationalSession:
                 continue
             if topic == keys_topic:
                 self._key_update(bytes(payload))
+                continue
+            if topic == rollover_topic:
+                self._renew_request(bytes(payload))
                 continue
             if topic == renewed_topic:
                 self._renewal_answers.put_nowait(bytes(payload))
@@ -532,6 +543,31 @@ class OperationalSession:
                 )
             except PayloadError as exc:
                 log.warning("%s dropped a command on %s: %s", device_id, topic, exc)
+
+    def _renew_request(self, payload: bytes) -> None:
+        """A "renew now" signed by the site CA of the current LDevID, for another CA: queue
+        it. An empty (cleared retained) message, one for the CA the device is already on,
+        or one that does not verify is ignored."""
+        if not payload:
+            return
+        reg = self._reg
+        try:
+            renew = parse_renew_now(
+                payload,
+                device_id=self._device.device_id,
+                site_ca=reg.site_ca,
+                newer_than=reg.renew_issued,
+            )
+        except TrustCoreError as exc:
+            log.info("%s ignored a renew command: %s", self._device.device_id, exc)
+            return
+        reg.renew_issued = renew.issued
+        current_ca = reg.site_ca.public_key()
+        if isinstance(current_ca, ec.EllipticCurvePublicKey) and key_id(current_ca) == (
+            renew.issuing_ca
+        ):
+            return
+        self.renew_requests.put_nowait(renew)
 
     async def renew(self, *, timeout: float = 10.0, resend_after: float = 3.0) -> Registered:
         """Renew the LDevID over THIS session (the operational listener, authenticated by

@@ -68,6 +68,13 @@ from registrar.revocation import (
     revoke_device,
     revoked_device_ids,
 )
+from registrar.rollover import (
+    RolloverError,
+    dependents,
+    migration_requested,
+    note_migration,
+    retire_site_ca,
+)
 from registrar.service import (
     KEY_UPDATE_LEVEL,
     RENEWAL_LEVEL,
@@ -90,11 +97,13 @@ from registrar.store import Store
 from registrar.supersede import SupersededCertificates
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
+from trustcore.keys import Signer
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
 from trustcore.profiles import station_id_from_certificate
 from trustcore.registration import AdmissionContext, build_key_update, parse_request
 from trustcore.revocation import RevocationList
+from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
 from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
 from trustcore.verify import ChainVerifier, load_certificate
 
@@ -127,8 +136,19 @@ COMMAND_LEVEL = "cmd"
 SITE_CRL_REFRESH_MARGIN = SITE_CRL_VALIDITY / 2
 #: Root/station CRLs closer than this to nextUpdate are reported (warning) in status/logs.
 CRL_WARNING_MARGIN = timedelta(days=1)
+#: A site CA closer than this to its end is reported: time to `registrar rollover-ca`
+#: (LDevIDs are cut at the CA's end, so they get shorter and shorter after this point).
+SITE_CA_WARNING_MARGIN = timedelta(days=365)
 _RECENT = 50
-_SPOOL_COMMANDS = ("revoke", "import-revocations", "rotate-payload-key", "send-command", "approve")
+_SPOOL_COMMANDS = (
+    "revoke",
+    "import-revocations",
+    "rotate-payload-key",
+    "send-command",
+    "approve",
+    "migrate-ca",
+    "retire-ca",
+)
 
 
 def store_path(home: SiteHome) -> Path:
@@ -345,6 +365,10 @@ class SiteChannel:
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
 
+    def use_tls(self, tls: ssl.SSLContext) -> None:
+        """A new client certificate (site CA rollover): used from the next (re)connect."""
+        self._tls = tls
+
     async def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
     ) -> None:
@@ -495,6 +519,18 @@ def _client_context(site: CommissionedSite, passphrase: bytes) -> ssl.SSLContext
     return ctx
 
 
+def _site_authority(
+    site: CommissionedSite, ldevid_validity: timedelta = timedelta(days=365)
+) -> SiteAuthority:
+    """The issuing site CA (and, during a rollover overlap, the retiring one)."""
+    retiring: tuple[tuple[x509.Certificate, Signer], ...] = ()
+    if site.retiring_ca_cert is not None and site.retiring_ca_key is not None:
+        retiring = ((site.retiring_ca_cert, site.retiring_ca_key),)
+    return SiteAuthority(
+        site.site_ca_cert, site.site_ca_key, site.organization, ldevid_validity, retiring=retiring
+    )
+
+
 def _crl_dates(path: Path) -> list[x509.CertificateRevocationList]:
     data = path.read_bytes()
     end = b"-----END X509 CRL-----"
@@ -579,6 +615,7 @@ class RegistrarApp:
             admission_plugins=self._admission_plugins(),
             policy=policy,
         )
+        self.service.use_site_authority(_site_authority(site, policy.validity))  # + retiring
         self.check_crls()
         workdir = self._workdir or run_dir(self.home) / f"broker-{self.settings.broker}"
         settings = BrokerSettings(
@@ -628,6 +665,8 @@ class RegistrarApp:
         except TimeoutError as exc:
             raise BrokerError("the registrar could not connect to its own broker") from exc
         await self._catch_up_key_updates()
+        if site.retiring_ca_cert is not None and migration_requested(self.home):
+            await self.migrate_ca()  # the retained commands died with the previous broker
         self._tasks += [
             asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
@@ -775,8 +814,9 @@ class RegistrarApp:
         """Devices whose recorded key is not the current one (rotated offline, or a bundle
         brought a new key) get their update now."""
         keyring, store = self._require(self.keyring), self._require(self.store)
-        site, channel = self._require(self.site), self._require(self.channel)
+        channel = self._require(self.channel)
         current = keyring.current
+        authority = self._require(self.service).site_authority
         issued = int(time.time())
         sent = 0
         for record in await store.devices():
@@ -789,13 +829,56 @@ class RegistrarApp:
                 wrap_key=wrap,  # type: ignore[arg-type]
                 payload_key=current,
                 issued=issued,
-                site_signer=site.site_ca_key,
+                site_signer=authority.signer_for(record.ldevid_der),
             )
             await channel.publish(device_topic(device, KEY_UPDATE_LEVEL), message, retain=True)
             await store.set_payload_key(device, current.key_id)
             sent += 1
         if sent:
             log.info("published %d pending payload-key update(s)", sent)
+
+    # -- site CA rollover (registrar.rollover) -----------------------------------------
+
+    async def migrate_ca(self) -> int:
+        """Ask every registered device whose live LDevID comes from the retiring site CA to
+        renew now: a "renew now" signed by that CA, retained on ``devices/<id>/rollover`` (an
+        offline device gets it when it reconnects). Returns how many were published.
+
+        The request is recorded (``SITE/rollover-migrate.json``): the brokers keep retained
+        messages in memory only, so a restarted registrar publishes them again."""
+        site, store = self._require(self.site), self._require(self.store)
+        retiring, key = site.retiring_ca_cert, site.retiring_ca_key
+        if retiring is None or key is None:
+            raise RolloverError("no site CA is retiring", reason="nothing_to_retire")
+        await asyncio.to_thread(note_migration, self.home)
+        channel = self._require(self.channel)
+        issued = time.time_ns() // 1000  # microseconds: two commands in one second differ
+        sent = 0
+        for record in dependents(await store.devices(), retiring, datetime.now(UTC)):
+            device = DeviceId(record.device_id)
+            message = build_renew_now(
+                device_id=device, issued=issued, issuing_ca=site.site_ca_cert, signer=key
+            )
+            await channel.publish(device_topic(device, ROLLOVER_LEVEL), message, retain=True)
+            sent += 1
+        await store.record_event(None, "rollover", f"renew-now published to {sent} device(s)")
+        log.info("site CA rollover: renew-now published to %d device(s)", sent)
+        return sent
+
+    async def retire_ca(self, *, now: datetime | None = None) -> dict[str, Any]:
+        """``registrar.rollover.retire_site_ca`` live: then reload (brokers stop trusting the
+        retired CA) and clear the retained renew commands."""
+        store = self._require(self.store)
+        records = await store.devices()
+        result = await asyncio.to_thread(retire_site_ca, self.home, records, now=now)
+        await self._recommissioned(str(self.home.current.readlink()))
+        channel = self._require(self.channel)
+        for record in records:
+            if record.status == "registered":
+                topic = device_topic(DeviceId(record.device_id), ROLLOVER_LEVEL)
+                await channel.publish(topic, b"", retain=True)
+        await store.record_event(None, "rollover", f"retired {result.retired}")
+        return {"retired": result.retired, "key": result.key_name, "state": result.state_dir.name}
 
     async def send_command(self, device_id: DeviceId, data: bytes) -> str:
         """Seal ``data`` with the current payload key and publish it to the device."""
@@ -872,8 +955,9 @@ class RegistrarApp:
 
     async def _recommissioned(self, target: str) -> None:
         """A new bundle was commissioned while running: new anchors, CRLs, manifest, HQ
-        list and payload keys for the registrar; the brokers re-read CA bundles and CRLs
-        (new station CAs are only admitted by the embedded broker after a restart)."""
+        list and payload keys for the registrar; the brokers re-read their certificate, CA
+        bundles and CRLs; a site CA rollover (activated or retired) switches the issuing
+        CA and the registrar's client certificate (used from its next reconnect)."""
         log.warning("site re-commissioned (%s -> %s): reloading", self._state_target, target)
         self._state_target = target
         site = await asyncio.to_thread(load_commissioned_site, self.home, self.secrets)
@@ -883,6 +967,11 @@ class RegistrarApp:
         service = self._require(self.service)
         service.update_trust(verifier=self._verifier(site), admission=site.admission)
         service.use_payload_key(self.keyring.current)
+        # A site CA rollover activated or retired: new issuer, new client certificate.
+        validity = service.site_authority.ldevid_validity  # the site's LDevID policy
+        service.use_site_authority(_site_authority(site, validity))
+        if self.channel is not None:
+            self.channel.use_tls(_client_context(site, self.secrets.passphrase()))
         await self._require(self.broker).reload_crls()
         await self._enforce_list()
         await self._catch_up_key_updates()
@@ -943,6 +1032,10 @@ class RegistrarApp:
         if command == "rotate-payload-key":
             rotation = await self.rotate_payload_key()
             return {"key_id": rotation.key_id, "updates_published": rotation.updates_published}
+        if command == "migrate-ca":
+            return {"published": await self.migrate_ca()}
+        if command == "retire-ca":
+            return await self.retire_ca()
         if command == "send-command":
             if data is None:
                 raise ValueError("no command payload")
@@ -968,11 +1061,26 @@ class RegistrarApp:
         return True
 
     async def _crl_tick(self) -> None:
+        await self.retire_expired_ca()
         if await asyncio.to_thread(self.refresh_site_crl_if_due) and self.broker is not None:
             await self.broker.reload_crls()
         if self.superseded is not None and self.store is not None:
             await self.superseded.reconcile(self.store)
         self.check_crls()
+
+    async def retire_expired_ca(self, *, now: datetime | None = None) -> bool:
+        """A retiring site CA that has expired can have no live LDevID left (an LDevID
+        never outlives its CA): it is retired automatically, so nobody has to remember the
+        last step of a rollover before its CRL can no longer be signed."""
+        site = self.site
+        moment = datetime.now(UTC) if now is None else now
+        if site is None or site.retiring_ca_cert is None:
+            return False
+        if moment < site.retiring_ca_cert.not_valid_after_utc:
+            return False
+        log.warning("the retiring site CA has expired: retiring it now")
+        await self.retire_ca(now=moment)
+        return True
 
     def check_crls(self, *, now: datetime | None = None) -> list[str]:
         """Root and station CRLs come from HQ only (the registrar cannot re-sign them):
@@ -980,14 +1088,18 @@ class RegistrarApp:
         new site bundle is commissioned. Said loudly, every check."""
         now = datetime.now(UTC) if now is None else now
         alerts: list[str] = []
-        site_ca = self.site.site_ca_cert.subject if self.site is not None else None
+        own = set()
+        if self.site is not None:
+            own.add(self.site.site_ca_cert.subject)
+            if self.site.retiring_ca_cert is not None:
+                own.add(self.site.retiring_ca_cert.subject)
         try:
             crls = _crl_dates(self.home.current / "crls.pem")
         except (OSError, ValueError) as exc:
             alerts.append(f"CRL file unreadable: {exc}")
             crls = []
         for crl in crls:
-            if crl.issuer == site_ca:
+            if crl.issuer in own:  # the site's own CRLs: re-issued by this registrar
                 continue
             issuer = crl.issuer.rfc4514_string()
             next_update = crl.next_update_utc
@@ -1001,6 +1113,13 @@ class RegistrarApp:
                 alerts.append(
                     f"CRL of {issuer} runs out at {_iso(next_update)}: commission a new "
                     "site bundle from HQ before then"
+                )
+        if self.site is not None:
+            end = self.site.site_ca_cert.not_valid_after_utc
+            if end - now < SITE_CA_WARNING_MARGIN:
+                alerts.append(
+                    f"the site CA expires at {_iso(end)}: roll it over now (`registrar "
+                    "rollover-ca`, docs/site.md); new LDevIDs end with it"
                 )
         if self.revocations is not None and self.site is not None:
             # Offline tolerance (docs/site.md): warn from 2/3 of HQ's limit for this site,
@@ -1052,6 +1171,14 @@ class RegistrarApp:
             "revocation_list_sequence": self.revocations.sequence if self.revocations else None,
             "hq_revocation_data": self._hq_data_status(),
             "site_crl_next_update": _iso(site_crl.next_update_utc),
+            "site_ca": {
+                "issuing": self.site.site_ca_cert.subject.rfc4514_string() if self.site else None,
+                "retiring": (
+                    self.site.retiring_ca_cert.subject.rfc4514_string()
+                    if self.site is not None and self.site.retiring_ca_cert is not None
+                    else None
+                ),
+            },
             "telemetry": {
                 "messages": self._telemetry.messages,
                 "rejected": self._telemetry.rejected,

@@ -366,6 +366,13 @@ def status_command(home: Path, as_json: bool) -> None:
             table.add_row(f"{name} listener", f"{ep['host']}:{ep['port']}")
         table.add_row("payload key", str(running.get("payload_key")))
         table.add_row("site CRL valid until", str(running.get("site_crl_next_update")))
+        site_ca = running.get("site_ca") or {}
+        if site_ca.get("issuing"):
+            retiring = site_ca.get("retiring")
+            table.add_row(
+                "site CA",
+                str(site_ca["issuing"]) + (f" (retiring: {retiring})" if retiring else ""),
+            )
         tele = running.get("telemetry", {})
         table.add_row(
             "telemetry", f"{tele.get('messages', 0)} decrypted, {tele.get('rejected', 0)} rejected"
@@ -907,4 +914,168 @@ def approve_command(home: Path, device_id: str) -> None:
     click.echo(
         f"{result['device_id']} approved{note}; "
         + ("the running registrar admits its next retry" if live else "admitted from now on")
+    )
+
+
+# ------------------------------------------------------------------------ site CA rollover
+
+
+@main.command("rollover-ca")
+@_home_option
+@_passphrase_option
+@click.option(
+    "--migrate-all",
+    "action",
+    flag_value="migrate",
+    help="Send a signed 'renew now' to every device still on the retiring CA (live only).",
+)
+@click.option(
+    "--retire",
+    "action",
+    flag_value="retire",
+    help="Stop trusting the retiring CA and destroy its key (refused while devices use it).",
+)
+@click.option("--status", "action", flag_value="status", help="Show the site CAs and devices.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Begin: also copy the rollover request here (for HQ).",
+)
+@click.option("--json", "as_json", is_flag=True)
+def rollover_ca_command(
+    home: Path, passphrase_file: Path | None, action: str | None, out: Path | None, as_json: bool
+) -> None:
+    """Roll the site CA over without downtime (docs/site.md, "Site CA rollover").
+
+    Without a flag: make the next site CA key and the request for HQ (`hq site rollover`);
+    the next site bundle carries the new CA and `registrar commission` activates it (new
+    LDevIDs come from it; both CAs are trusted). Then --migrate-all (or let devices renew),
+    and --retire. Exit 2: refused (e.g. ca_in_use, rollover_in_progress)."""
+    import json
+
+    from registrar.site import SiteSecrets
+
+    site = _open_site(home)
+    secrets = SiteSecrets(passphrase_file)
+    if action == "status":
+        _rollover_status(site, secrets, as_json)
+    elif action == "migrate":
+        _rollover_migrate(site, as_json)
+    elif action == "retire":
+        _rollover_retire(site, secrets, as_json)
+    else:
+        from registrar.rollover import begin_rollover
+
+        try:
+            begun = begin_rollover(site, secrets)
+            if out is not None:
+                from signers.software import write_private_file
+
+                write_private_file(out, begun.request_path.read_bytes())
+        except RegistrarError as exc:
+            if exc.reason in ("rollover_in_progress", "not_commissioned"):
+                _refused(exc)
+            _fail(exc)
+        except OSError as exc:
+            _fail(RegistrarError(f"cannot write {out}: {exc}", reason="io_error"))
+        if as_json:
+            doc = {
+                "status": begun.status,
+                "request": str(begun.request_path),
+                "key": begun.key_name,
+                "key_id": begun.key_id,
+            }
+            click.echo(json.dumps(doc, indent=2, sort_keys=True))
+            return
+        click.echo(
+            f"site CA rollover {begun.status}: next CA key {begun.key_name} ({begun.key_id})\n"
+            f"  request  {out or begun.request_path}\n"
+            "next: at HQ `hq site rollover REQUEST` and `hq site bundle --site "
+            f"{site.site_id} ...`; here `registrar commission BUNDLE`"
+        )
+
+
+def _rollover_records(site: SiteHome, secrets: Any) -> list[Any]:
+    """The store's device records (read while a registrar runs, too)."""
+    del secrets
+    return list(_store_snapshot(site)["devices"])
+
+
+def _rollover_status(site: SiteHome, secrets: Any, as_json: bool) -> None:
+    import json
+
+    from registrar.rollover import rollover_status
+
+    try:
+        doc = rollover_status(site, _rollover_records(site, secrets))
+    except RegistrarError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    issuing, retiring = doc["issuing"], doc["retiring"]
+    cert = issuing["certificate"] or {}
+    click.echo(
+        f"issuing CA   {cert.get('subject')} (key {issuing['key']}, until "
+        f"{cert.get('not_after')}): {doc['devices_on_issuing']} device(s)"
+    )
+    if retiring is not None:
+        old = retiring["certificate"] or {}
+        click.echo(
+            f"retiring CA  {old.get('subject')} (key {retiring['key']}): "
+            f"{doc['devices_on_retiring']} device(s) still on it"
+            + (f" ({', '.join(doc['retiring_dependents'])})" if doc["retiring_dependents"] else "")
+        )
+    if doc["pending_key"]:
+        click.echo(f"pending      next key {doc['pending_key']}: waiting for HQ's certificate")
+
+
+def _rollover_migrate(site: SiteHome, as_json: bool) -> None:
+    import json
+
+    from registrar.app import registrar_running, submit_command
+
+    if not registrar_running(site):
+        _fail(
+            RegistrarError(
+                "no registrar is running: --migrate-all publishes to devices through it",
+                reason="not_running",
+            )
+        )
+    answer = submit_command(site, "migrate-ca", {}, timeout=60)
+    if answer is None:
+        _fail(RegistrarError("the running registrar did not answer", reason="timeout"))
+    if not answer.get("ok"):
+        click.echo(f"REFUSED ({answer.get('reason')}): {answer.get('error')}", err=True)
+        sys.exit(EXIT_REFUSED)
+    if as_json:
+        click.echo(json.dumps(answer["result"], indent=2, sort_keys=True))
+        return
+    click.echo(
+        f"renew-now sent to {answer['result']['published']} device(s) on the retiring CA; "
+        "`registrar rollover-ca --status` shows who is still on it"
+    )
+
+
+def _rollover_retire(site: SiteHome, secrets: Any, as_json: bool) -> None:
+    import json
+
+    from registrar.rollover import retire_site_ca
+
+    def offline() -> dict[str, Any]:
+        result = retire_site_ca(site, _rollover_records(site, secrets))
+        return {"retired": result.retired, "key": result.key_name, "state": result.state_dir.name}
+
+    try:
+        result, live = _live_or_offline(site, "retire-ca", {}, offline, timeout=30)
+    except RegistrarError as exc:
+        if exc.reason in ("ca_in_use", "nothing_to_retire"):
+            _refused(exc)
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({**result, "live": live}, indent=2, sort_keys=True))
+        return
+    click.echo(
+        f"retired {result['retired']}: no longer trusted, key {result['key']} destroyed"
+        + ("; brokers reloaded" if live else "")
     )

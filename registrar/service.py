@@ -128,9 +128,25 @@ class SiteAuthority:
     organization: str
     ldevid_validity: timedelta = timedelta(days=365)
 
+    #: a site CA rollover overlap: the retiring CA(s) and their keys. They issue nothing
+    #: new; they still sign what a device on one of their LDevIDs must verify with the site
+    #: CA it knows (payload-key updates, "renew now").
+    retiring: tuple[tuple[x509.Certificate, Signer], ...] = ()
+
     @property
     def der(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.DER)
+
+    def signer_for(self, ldevid_der: bytes) -> Signer:
+        """The key of the site CA that issued ``ldevid_der`` (the issuing CA's otherwise)."""
+        try:
+            issuer = x509.load_der_x509_certificate(ldevid_der).issuer
+        except ValueError:
+            return self.signer
+        for cert, signer in self.retiring:
+            if cert.subject == issuer:
+                return signer
+        return self.signer
 
 
 class RegistrationService:
@@ -181,6 +197,17 @@ class RegistrationService:
         return (self.issuing_authority().certificate, *self.previous_site_cas)
 
     # -- configuration that changes at run time ------------------------------------------
+
+    @property
+    def site_authority(self) -> SiteAuthority:
+        return self._site
+
+    def use_site_authority(self, site: SiteAuthority) -> None:
+        """A site CA rollover was activated (or its old CA retired): new LDevIDs and signed
+        responses come from ``site`` from the next request on."""
+        self._site = site
+        self._site_der = site.der
+        self.previous_site_cas = tuple(cert for cert, _ in site.retiring)
 
     def update_trust(
         self, *, verifier: ChainVerifier | None = None, admission: Admission | None = None
@@ -610,7 +637,7 @@ class RegistrationService:
                 wrap_key=wrap,  # type: ignore[arg-type]
                 payload_key=new_key,
                 issued=issued,
-                site_signer=self._site.signer,
+                site_signer=self._site.signer_for(record.ldevid_der),
             )
             out.append((device_topic(device, KEY_UPDATE_LEVEL), message))
             await self._store.set_payload_key(device, new_key.key_id)

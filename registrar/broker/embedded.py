@@ -572,8 +572,18 @@ class EmbeddedBroker:
             name: await asyncio.to_thread(_build_context, self._settings, lt.listener)
             for name, lt in self._tls.items()
         }
+        # The CA bundles are re-read too (a site CA rollover adds, then removes, an
+        # operational issuer; a new bundle may bring station CAs).
+        tls = self._settings.tls
+        issuers = {
+            Listener.REGISTRATION: _issuing_cas(_load_pem_certificates(tls.registration_cas)),
+            Listener.OPERATIONAL: _issuing_cas(_load_pem_certificates(tls.operational_cas)),
+        }
+        if not all(issuers.values()):
+            raise BrokerError("a listener has no issuing CA in its bundle")
         for name, ctx in fresh.items():
             self._tls[name].current = ctx
+            self._tls[name].issuers = issuers[self._tls[name].listener]
         log.info("CRLs reloaded from %s", self._settings.tls.crl_file)
 
     async def disconnect(self, identity: str) -> int:
