@@ -42,6 +42,7 @@ from registrar.broker import Endpoint
 from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.csr import build_device_csr
 from trustcore.identity import DeviceId
+from trustcore.key_rotation import build_key_ack, key_ack_topic
 from trustcore.keys import KeyAgreement, Signer
 from trustcore.payload import PayloadError, PayloadKey, open_payload, seal_payload
 from trustcore.registration import (
@@ -394,6 +395,7 @@ class OperationalSession:
         self.client = client
         self.commands: asyncio.Queue[bytes] = asyncio.Queue()
         self.key_updates = 0
+        self.key_acks = 0
 
     @property
     def _reg(self) -> Registered:
@@ -413,7 +415,9 @@ class OperationalSession:
             if not isinstance(payload, bytes | bytearray):
                 continue
             if topic == keys_topic:
-                self._key_update(bytes(payload))
+                applied = self._key_update(bytes(payload))
+                if applied is not None:
+                    await self._acknowledge(*applied)
                 continue
             try:
                 self.commands.put_nowait(
@@ -422,7 +426,19 @@ class OperationalSession:
             except PayloadError as exc:
                 log.warning("%s dropped a command on %s: %s", device_id, topic, exc)
 
-    def _key_update(self, payload: bytes) -> None:
+    async def _acknowledge(self, key: PayloadKey, issued: int) -> None:
+        """Prove to the registrar that this device now holds ``key``: until it does, the
+        registrar keeps sending the update (``docs/registrar.md``, key rotation)."""
+        device_id = self._device.device_id
+        ack = build_key_ack(key, device_id, issued)
+        try:
+            await self.client.publish(key_ack_topic(device_id), ack, qos=1)
+            self.key_acks += 1
+        except aiomqtt.MqttError as exc:  # the registrar re-sends; the next one is acked
+            log.warning("%s could not acknowledge key %s: %s", device_id, key.key_id.hex(), exc)
+
+    def _key_update(self, payload: bytes) -> tuple[PayloadKey, int] | None:
+        """Apply a signed key update; the new key and the update's ``issued``, or None."""
         reg = self._reg
         try:
             update = parse_key_update(
@@ -434,8 +450,9 @@ class OperationalSession:
             key = open_payload_key(reg.wrap_key, self._device.device_id, update.payload_key)
         except RegistrationError as exc:
             log.warning("%s refused a key update: %s", self._device.device_id, exc)
-            return
+            return None
         reg.payload_keys[key.key_id] = key
         reg.current_key_id = key.key_id
         reg.key_issued = update.issued
         self.key_updates += 1
+        return key, update.issued

@@ -9,7 +9,9 @@ registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
   updates and commands all share it): serves ``devtrust/register/+/request`` through
   :class:`~registrar.service.RegistrationService`, decrypts ``devices/+/telemetry`` with
   the site payload keys (counts and digests only, for ``registrar status``), publishes
-  payload-key updates (retained) and commands;
+  payload-key updates (retained) and commands, and reads the devices' key acknowledgements
+  (:mod:`registrar.key_distribution`: a device is on a new payload key only once it proved
+  it holds it; updates are re-sent at every start and reconnection until then);
 * **command watcher** — the CLI talks to a running registrar through a spool directory
   (``SITE/run/commands``): ``revoke``, ``import-revocations``, ``rotate-payload-key`` and
   ``send-command`` and ``approve`` are applied live (polled every ``watch_interval``,
@@ -41,7 +43,7 @@ import ssl
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,6 +55,7 @@ from cryptography.hazmat.primitives import serialization
 
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
 from registrar.errors import BrokerError, ConfigError, RegistrarError
+from registrar.key_distribution import KeyDistributor
 from registrar.payload_keys import PayloadKeyring
 from registrar.plugins import load_site_plugins, read_site_plugins
 from registrar.revocation import (
@@ -66,7 +69,6 @@ from registrar.revocation import (
     revoked_device_ids,
 )
 from registrar.service import (
-    KEY_UPDATE_LEVEL,
     RegistrationService,
     SiteAuthority,
     device_id_from_request_topic,
@@ -83,10 +85,11 @@ from registrar.site import (
 from registrar.store import Store
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
+from trustcore.key_rotation import KEY_ACK_LEVELS
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
 from trustcore.profiles import station_id_from_certificate
-from trustcore.registration import AdmissionContext, build_key_update, parse_request
+from trustcore.registration import AdmissionContext, parse_request
 from trustcore.revocation import RevocationList
 from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
 from trustcore.verify import ChainVerifier, load_certificate
@@ -302,6 +305,8 @@ class RotationResult:
 class _Telemetry:
     messages: int = 0
     rejected: int = 0
+    #: Refused because their payload key is past its grace period (also in ``rejected``).
+    retired_key: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=_RECENT))
 
 
@@ -323,16 +328,20 @@ class SiteChannel:
         endpoint: Endpoint,
         tls: ssl.SSLContext,
         *,
-        on_telemetry: Callable[[DeviceId, str, bytes], None],
+        on_telemetry: Callable[[DeviceId, str, bytes, bool], None],
         concurrency: int = 512,
         reconnect_delay: float = 0.5,
         on_request: Callable[[DeviceId, bytes], None] | None = None,
+        on_key_ack: Callable[[DeviceId, bytes, bool], Awaitable[None]] | None = None,
+        on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self._service = service
         self._on_request = on_request
         self._endpoint = endpoint
         self._tls = tls
         self._on_telemetry = on_telemetry
+        self._on_key_ack = on_key_ack
+        self._on_connected = on_connected
         self._limit = asyncio.Semaphore(concurrency)
         self._reconnect_delay = reconnect_delay
         self._client: aiomqtt.Client | None = None
@@ -372,8 +381,16 @@ class SiteChannel:
                 async with client:
                     await client.subscribe(f"{REGISTRATION_PREFIX}/+/request", qos=1)
                     await client.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
+                    if self._on_key_ack is not None:
+                        await client.subscribe(_KEY_ACK_FILTER, qos=1)
                     self._client = client
                     self.connected.set()
+                    if self._on_connected is not None:
+                        # e.g. pending key updates: the broker may have restarted and lost
+                        # its retained messages; served while the read loop runs.
+                        task = asyncio.create_task(self._on_connected())
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
                     await self._read(client, stop, tasks)
             except aiomqtt.MqttError as exc:
                 if stop.is_set():
@@ -406,7 +423,9 @@ class SiteChannel:
                     continue
                 telemetry = _telemetry_device(topic)
                 if telemetry is not None:
-                    self._on_telemetry(telemetry, topic, bytes(payload))
+                    self._on_telemetry(telemetry, topic, bytes(payload), bool(message.retain))
+                elif (acked := _key_ack_device(topic)) is not None and self._on_key_ack:
+                    await self._on_key_ack(acked, bytes(payload), bool(message.retain))
                 else:
                     log.warning("ignored message on %r", topic[:200])
         finally:
@@ -424,6 +443,19 @@ class SiteChannel:
             log.exception("registration of %s failed unexpectedly", device)
         finally:
             self._limit.release()
+
+
+_KEY_ACK_FILTER = "/".join((DEVICE_PREFIX, "+", *KEY_ACK_LEVELS))
+
+
+def _key_ack_device(topic: str) -> DeviceId | None:
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != DEVICE_PREFIX or tuple(parts[2:]) != KEY_ACK_LEVELS:
+        return None
+    try:
+        return DeviceId(parts[1])
+    except InvalidValueError:
+        return None
 
 
 def _telemetry_device(topic: str) -> DeviceId | None:
@@ -488,8 +520,12 @@ class RegistrarApp:
         settings: AppSettings | None = None,
         *,
         workdir: Path | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.home = home
+        #: The registrar's clock for payload-key rotation (the grace period); tests move it.
+        self._clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
+        self.keys: KeyDistributor | None = None
         self.secrets = secrets
         self.settings = settings or AppSettings()
         self._workdir = workdir
@@ -569,6 +605,14 @@ class RegistrarApp:
             await broker.block(device.value)
         # A re-commission while we were down may have brought a newer HQ list.
         await self._enforce_list()
+        self.keys = KeyDistributor(
+            store=store,
+            site_signer=site.site_ca_key,
+            publish=self._publish_retained,
+            clock=self._clock,
+            grace_s=self.home.config.payload_key_grace_s,
+        )
+        await self.keys.start(self.keyring)
         op = broker.operational_endpoint
         host = "127.0.0.1" if op.host in ("0.0.0.0", "", "::") else op.host  # noqa: S104
         self.channel = SiteChannel(
@@ -578,13 +622,14 @@ class RegistrarApp:
             on_telemetry=self._telemetry_received,
             concurrency=self.settings.concurrency,
             on_request=self._factory_certificate_seen,
+            on_key_ack=self.keys.on_ack,
+            on_connected=self._catch_up_key_updates,
         )
         self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
         try:
             await asyncio.wait_for(self.channel.connected.wait(), 15)
         except TimeoutError as exc:
             raise BrokerError("the registrar could not connect to its own broker") from exc
-        await self._catch_up_key_updates()
         self._tasks += [
             asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
@@ -610,6 +655,9 @@ class RegistrarApp:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)
         self._tasks.clear()
+        if self.keys is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.keys.wait_idle(), 10)
         if self.broker is not None:
             with contextlib.suppress(BrokerError):
                 await self.broker.stop()
@@ -703,7 +751,9 @@ class RegistrarApp:
     async def rotate_payload_key(self) -> RotationResult:
         """New current payload key (sealed at rest), then a signed update wrapped to each
         registered device, published retained on ``devices/<id>/keys``; new registrations
-        get the new key from now on."""
+        get the new key from now on. A device counts as on the new key only once it has
+        acknowledged it (:mod:`registrar.key_distribution`); the previous key is accepted
+        for the site's grace period."""
         site = self._require(self.site)
 
         def rotate() -> PayloadKeyring:
@@ -712,43 +762,26 @@ class RegistrarApp:
 
         self.keyring = await asyncio.to_thread(rotate)
         service = self._require(self.service)
-        updates = await service.key_updates(self.keyring.current)
         service.use_payload_key(self.keyring.current)
-        channel = self._require(self.channel)
-        for topic, message in updates:
-            await channel.publish(topic, message, retain=True)
+        keys = self._require(self.keys)
+        await keys.use_keyring(self.keyring)
+        sent = await keys.push_pending()
         kid = self.keyring.current.key_id.hex()
         await self._require(self.store).record_event(
-            None, "payload-key", f"rotated to {kid}; {len(updates)} update(s) published"
+            None, "payload-key", f"rotated to {kid}; {sent} update(s) published"
         )
-        log.info("payload key rotated to %s: %d device update(s) published", kid, len(updates))
-        return RotationResult(kid, len(updates))
+        log.info("payload key rotated to %s: %d device update(s) published", kid, sent)
+        return RotationResult(kid, sent)
+
+    async def _publish_retained(self, topic: str, message: bytes) -> None:
+        await self._require(self.channel).publish(topic, message, retain=True)
 
     async def _catch_up_key_updates(self) -> None:
-        """Devices whose recorded key is not the current one (rotated offline, or a bundle
-        brought a new key) get their update now."""
-        keyring, store = self._require(self.keyring), self._require(self.store)
-        site, channel = self._require(self.site), self._require(self.channel)
-        current = keyring.current
-        issued = int(time.time())
-        sent = 0
-        for record in await store.devices():
-            if record.status != "registered" or record.payload_key_id == current.key_id:
-                continue
-            device = DeviceId(record.device_id)
-            wrap = serialization.load_der_public_key(record.wrap_key_der)
-            message = build_key_update(
-                device_id=device,
-                wrap_key=wrap,  # type: ignore[arg-type]
-                payload_key=current,
-                issued=issued,
-                site_signer=site.site_ca_key,
-            )
-            await channel.publish(device_topic(device, KEY_UPDATE_LEVEL), message, retain=True)
-            await store.set_payload_key(device, current.key_id)
-            sent += 1
-        if sent:
-            log.info("published %d pending payload-key update(s)", sent)
+        """Devices not yet on the current key (rotated offline or while they were away, a
+        bundle brought a new key, an update lost with a broker restart) get it (again)."""
+        keys = self._require(self.keys)
+        await keys.use_keyring(self._require(self.keyring))
+        await keys.push_pending()
 
     async def send_command(self, device_id: DeviceId, data: bytes) -> str:
         """Seal ``data`` with the current payload key and publish it to the device."""
@@ -791,16 +824,28 @@ class RegistrarApp:
             at=int(time.time()),
         )
 
-    def _telemetry_received(self, device: DeviceId, topic: str, payload: bytes) -> None:
-        keyring = self.keyring
-        if keyring is None:
+    def _telemetry_received(
+        self, device: DeviceId, topic: str, payload: bytes, retained: bool = False
+    ) -> None:
+        keyring, keys = self.keyring, self.keys
+        if keyring is None or keys is None:
             return
         try:
             plaintext = open_payload(keyring.keys, topic, payload)
-            kid = envelope_key_id(payload).hex()
+            key_id = envelope_key_id(payload)
         except PayloadError as exc:
             self._telemetry.rejected += 1
             log.info("telemetry of %s does not open: %s", device, exc)
+            return
+        kid = key_id.hex()
+        if not keys.check_telemetry(device, key_id, retained=retained):
+            self._telemetry.rejected += 1
+            self._telemetry.retired_key += 1
+            log.warning(
+                "telemetry of %s under retired payload key %s refused (grace period over)",
+                device,
+                kid,
+            )
             return
         self._telemetry.messages += 1
         self._telemetry.recent.append(
@@ -983,9 +1028,17 @@ class RegistrarApp:
             "payload_key": self.keyring.current.key_id.hex() if self.keyring else None,
             "revocation_list_sequence": self.revocations.sequence if self.revocations else None,
             "site_crl_next_update": _iso(site_crl.next_update_utc),
+            "payload_keys": await self.keys.rows() if self.keys is not None else [],
+            "payload_key_grace_s": self.home.config.payload_key_grace_s,
+            "key_updates": {
+                "sent": self.keys.updates_sent if self.keys is not None else 0,
+                "acks": self.keys.acks if self.keys is not None else 0,
+            },
+            "now": round(self._clock().timestamp(), 3),
             "telemetry": {
                 "messages": self._telemetry.messages,
                 "rejected": self._telemetry.rejected,
+                "retired_key": self._telemetry.retired_key,
                 "recent": list(self._telemetry.recent),
             },
             "alerts": list(self._alerts),
