@@ -114,6 +114,7 @@ def init_command(
 ) -> None:
     """Create the site CA and transport keys and the enrolment request for HQ."""
     from registrar.site import SiteSecrets, init_site
+    from trustcore.key_rotation import DEFAULT_GRACE_S
 
     if not broker_names and not broker_ips:
         broker_names, broker_ips = ("localhost",), ("127.0.0.1",)
@@ -126,7 +127,7 @@ def init_command(
             organization=organization,
             broker_names=broker_names,
             broker_ips=broker_ips,
-            **({} if grace_s is None else {"payload_key_grace_s": grace_s}),
+            payload_key_grace_s=DEFAULT_GRACE_S if grace_s is None else grace_s,
         )
     except RegistrarError as exc:
         _fail(exc)
