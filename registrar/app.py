@@ -47,7 +47,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import aiomqtt
 from cryptography import x509
@@ -113,6 +113,9 @@ __all__ = [
     "store_path",
     "submit_command",
 ]
+
+if TYPE_CHECKING:
+    from registrar.broker.mosquitto import MosquittoBroker
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -526,6 +529,9 @@ class RegistrarApp:
         #: The registrar's clock for payload-key rotation (the grace period); tests move it.
         self._clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self.keys: KeyDistributor | None = None
+        #: The Mosquitto process this registrar owns (restarted by the watcher if it dies).
+        self._mosquitto: MosquittoBroker | None = None
+        self._broker_restarts = 0
         self.secrets = secrets
         self.settings = settings or AppSettings()
         self._workdir = workdir
@@ -594,6 +600,7 @@ class RegistrarApp:
             from registrar.broker.mosquitto import MosquittoBroker
 
             broker = MosquittoBroker(settings, executable=self.settings.mosquitto_executable)
+            self._mosquitto = broker
         else:
             from registrar.broker.embedded import EmbeddedBroker
 
@@ -662,6 +669,7 @@ class RegistrarApp:
             with contextlib.suppress(BrokerError):
                 await self.broker.stop()
             self.broker = None
+            self._mosquitto = None
         if self.store is not None:
             await self.store.close()
             self.store = None
@@ -861,6 +869,11 @@ class RegistrarApp:
     # -- background duties --------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        mosquitto = self._mosquitto
+        if mosquitto is not None and mosquitto.exited and await mosquitto.revive():
+            # Same ports and blocks; the site channel reconnects by itself and re-sends the
+            # payload-key updates the dead broker's retained messages held.
+            self._broker_restarts += 1
         target = str(self.home.current.readlink())
         if target != self._state_target:
             await self._recommissioned(target)
@@ -1017,6 +1030,8 @@ class RegistrarApp:
             "started": round(self._started, 3),
             "updated": round(time.time(), 3),
             "broker": self.settings.broker,
+            "broker_pid": self._mosquitto.pid if self._mosquitto is not None else os.getpid(),
+            "broker_restarts": self._broker_restarts,
             "listeners": {
                 "registration": _endpoint_json(broker.registration_endpoint),
                 "operational": _endpoint_json(broker.operational_endpoint),

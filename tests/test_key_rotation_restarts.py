@@ -281,3 +281,47 @@ async def test_offline_device_gets_the_current_key_after_restarts_and_old_key_re
     # the offline CLI view agrees (store + key file, no passphrase)
     out = json.loads(await reg.acli("status", "--json", passphrase=False))
     assert {r["key_id"]: r["devices"] for r in out["payload_keys"]}[new.hex()] == 3
+
+
+@pytest.fixture
+def mosquitto_registrar(base: Base, tmp_path: Path) -> Iterator[Registrar]:
+    home = tmp_path / "site"
+    shutil.copytree(base.site_template, home, symlinks=True)
+    faketime = tmp_path / "faketime"
+    faketime.write_text("+0\n")
+    reg = Registrar("mosquitto", home, base.world.base / "site.pass", faketime, tmp_path / "log")
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+async def test_mosquitto_dies_after_a_rotation_and_the_offline_device_still_gets_the_key(
+    base: Base, mosquitto_registrar: Registrar
+) -> None:
+    """Only the broker restarts (killed; the registrar brings it back on the same ports):
+    its retained messages are gone, and the registrar re-sends the pending update as soon
+    as its session is back."""
+    reg = mosquitto_registrar
+    assert reg.registration is not None and reg.operational is not None
+    device = tpm_device(base, "TH-000711", base.tpms[2])
+    registered = await device.register(reg.registration)
+    rotated = json.loads(await reg.acli("rotate-payload-key", "--json"))
+    new = bytes.fromhex(rotated["key_id"])
+    assert rotated["updates_published"] == 1 and registered.current_key_id != new
+    before = reg.status_doc()
+    os.kill(before["broker_pid"], signal.SIGKILL)
+    after = await reg.wait_status(
+        lambda d: d["broker_restarts"] == 1 and d["connected"] and d["key_updates"]["sent"] >= 2,
+        "mosquitto was not restarted, or the update was not re-sent",
+    )
+    assert after["broker_pid"] != before["broker_pid"]
+    assert after["listeners"] == before["listeners"]  # same ports: devices need no new config
+    async with device.operational(reg.operational) as session:
+        await _wait_key(registered, new)
+        assert session.key_acks == 1
+    doc = await reg.wait_status(
+        lambda d: reg.key_rows(d)[new.hex()]["devices"] == 1, "the ack was not recorded"
+    )
+    assert reg.key_rows(doc)[new.hex()]["state"] == "current"
