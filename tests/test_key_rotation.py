@@ -310,3 +310,21 @@ async def test_rows_list_current_first_with_devices_per_key(rig: Rig) -> None:
     assert [r["devices"] for r in rows] == [0, 1]
     with pytest.raises(TrustCoreError):
         parse_grace("forever")
+
+
+def test_key_ack_doc_vector_byte_for_byte() -> None:
+    import re
+
+    from trustcore import cbor
+    from trustcore.payload import _seal
+
+    text = (Path(__file__).parent.parent / "docs" / "formats.md").read_text()
+    match = re.search(r"<!-- vector: key-ack -->\s*```hex\n(.*?)```", text, re.S)
+    assert match
+    vector = bytes.fromhex("".join(match.group(1).split()))
+    key = PayloadKey(bytes.fromhex("0001020304050607"), bytes(range(32)))
+    device = DeviceId("dev-0001")
+    plaintext = cbor.encode({"v": 1, "issued": 1767225600})
+    assert _seal(key, key_ack_topic(device), plaintext, bytes(range(100, 112))) == vector
+    ack = parse_key_ack({key.key_id: key}, device, vector)
+    assert (ack.key_id, ack.issued) == (key.key_id, 1767225600)
