@@ -335,7 +335,7 @@ class SiteChannel:
         concurrency: int = 512,
         reconnect_delay: float = 0.5,
         on_request: Callable[[DeviceId, bytes], None] | None = None,
-        on_key_ack: Callable[[DeviceId, bytes, bool], Awaitable[None]] | None = None,
+        on_key_ack: Callable[[DeviceId, bytes, bool], object] | None = None,
         on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self._service = service
@@ -428,7 +428,7 @@ class SiteChannel:
                 if telemetry is not None:
                     self._on_telemetry(telemetry, topic, bytes(payload), bool(message.retain))
                 elif (acked := _key_ack_device(topic)) is not None and self._on_key_ack:
-                    await self._on_key_ack(acked, bytes(payload), bool(message.retain))
+                    self._on_key_ack(acked, bytes(payload), bool(message.retain))
                 else:
                     log.warning("ignored message on %r", topic[:200])
         finally:
@@ -629,7 +629,7 @@ class RegistrarApp:
             on_telemetry=self._telemetry_received,
             concurrency=self.settings.concurrency,
             on_request=self._factory_certificate_seen,
-            on_key_ack=self.keys.on_ack,
+            on_key_ack=self.keys.ack_received,
             on_connected=self._catch_up_key_updates,
         )
         self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))

@@ -208,28 +208,37 @@ class KeyDistributor:
                 self._held[device.value] = key_id  # one confirmation, not one per message
                 self._spawn(self._confirm(device, key_id))
             return True
-        accepted = self._schedule.accepts(key_id, self._now())
+        now = self._now()
+        accepted = self._schedule.accepts(key_id, now)
         if not accepted:
             self.refused[key_id] += 1
         if not retained:
-            self._spawn(self._repush(device, key_id))
+            self._repush_soon(device, key_id, now)
         return accepted
 
-    async def on_ack(self, device: DeviceId, payload: bytes, retained: bool = False) -> None:
+    def ack_received(self, device: DeviceId, payload: bytes, retained: bool = False) -> bool:
         """An acknowledgement on ``devices/<id>/keys/ack``: proof that ``device`` holds the
-        key it names (it opens only with that key, on that device's topic)."""
+        key it names (it opens only with that key, on that device's topic). The store is
+        updated in the background (group commit; the MQTT read loop never waits for it).
+        True if the ack verified."""
         if retained:  # a stored copy proves nothing about the device now
-            return
+            return False
+        keyring = self._keyring
+        if keyring is None:
+            return False
         try:
-            ack = parse_key_ack(self.keyring.keys, device, payload)
+            ack = parse_key_ack(keyring.keys, device, payload)
         except TrustCoreError as exc:
             log.info("key acknowledgement of %s refused: %s", device, exc)
-            return
+            return False
         self.acks += 1
-        if ack.key_id == self.keyring.current.key_id:
-            await self._confirm(device, ack.key_id)
-        else:  # acknowledged an older update: it still needs the current key
-            await self._repush(device, ack.key_id)
+        if ack.key_id != keyring.current.key_id:
+            # acknowledged an older update: it still needs the current key
+            self._repush_soon(device, ack.key_id, self._now())
+        elif self._held.get(device.value) != ack.key_id:
+            self._held[device.value] = ack.key_id
+            self._spawn(self._confirm(device, ack.key_id))
+        return True
 
     def _spawn(self, work: Awaitable[None]) -> None:
         async def run() -> None:
@@ -243,21 +252,28 @@ class KeyDistributor:
         task.add_done_callback(self._tasks.discard)
 
     async def _confirm(self, device: DeviceId, key_id: bytes) -> None:
-        record = await self._store.device(device)
-        if record is None or record.status != "registered":
-            return
-        if record.payload_key_id != key_id:
-            await self._store.set_payload_key(device, key_id)
-            log.info("%s is on payload key %s", device, key_id.hex())
-        self._held[device.value] = key_id
+        try:
+            record = await self._store.device(device)
+            if record is None or record.status != "registered":
+                return
+            if record.payload_key_id != key_id:
+                await self._store.set_payload_key(device, key_id)
+                log.info("%s is on payload key %s", device, key_id.hex())
+        except RegistrarError:
+            self._held.pop(device.value, None)  # not recorded: the next proof tries again
+            raise
 
-    async def _repush(self, device: DeviceId, used: bytes) -> None:
-        """``device`` proved it holds the older key ``used``: send the current key again."""
-        now = self._now()
+    def _repush_soon(self, device: DeviceId, used: bytes, now: int) -> None:
+        """At most once per device every ``REPUSH_INTERVAL_S`` (a flood of old-key
+        telemetry must not become a flood of updates)."""
         last = self._last_repush.get(device.value)
         if last is not None and 0 <= now - last < REPUSH_INTERVAL_S:
             return
         self._last_repush[device.value] = now
+        self._spawn(self._repush(device, used))
+
+    async def _repush(self, device: DeviceId, used: bytes) -> None:
+        """``device`` proved it holds the older key ``used``: send the current key again."""
         record = await self._store.device(device)
         if record is None or record.status != "registered":
             return
