@@ -870,10 +870,15 @@ class RegistrarApp:
 
     async def _watch(self) -> None:
         mosquitto = self._mosquitto
-        if mosquitto is not None and mosquitto.exited and await mosquitto.revive():
+        if mosquitto is not None and mosquitto.exited:
             # Same ports and blocks; the site channel reconnects by itself and re-sends the
-            # payload-key updates the dead broker's retained messages held.
-            self._broker_restarts += 1
+            # payload-key updates the dead broker's retained messages held. A failed restart
+            # is retried at the next tick; spool commands are still answered meanwhile.
+            try:
+                if await mosquitto.revive():
+                    self._broker_restarts += 1
+            except BrokerError as exc:
+                log.error("could not restart mosquitto: %s", exc)
         target = str(self.home.current.readlink())
         if target != self._state_target:
             await self._recommissioned(target)
