@@ -614,7 +614,7 @@ class RegistrarApp:
         await self._enforce_list()
         self.keys = KeyDistributor(
             store=store,
-            site_signer=site.site_ca_key,
+            signer_for=lambda _record: self._require(self.site).site_ca_key,
             publish=self._publish_retained,
             clock=self._clock,
             grace_s=self.home.config.payload_key_grace_s,

@@ -94,19 +94,21 @@ async def load_schedule(store: Store, grace_s: int) -> KeySchedule:
 
 
 class KeyDistributor:
-    """See the module docstring. ``publish(topic, message)`` publishes retained, QoS 1."""
+    """See the module docstring. ``publish(topic, message)`` publishes retained, QoS 1;
+    ``signer_for(record)`` is the site CA key a device's update is signed with (the CA that
+    issued its LDevID: the device verifies the update with the site CA it knows)."""
 
     def __init__(
         self,
         *,
         store: Store,
-        site_signer: Signer,
+        signer_for: Callable[[DeviceRecord], Signer],
         publish: Publish,
         clock: Callable[[], datetime],
         grace_s: int,
     ) -> None:
         self._store = store
-        self._signer = site_signer
+        self._signer_for = signer_for
         self._publish = publish
         self._clock = clock
         self._schedule = KeySchedule((), grace_s)
@@ -186,7 +188,7 @@ class KeyDistributor:
             wrap_key=wrap,
             payload_key=key,
             issued=issued,
-            site_signer=self._signer,
+            site_signer=self._signer_for(record),
         )
         await self._publish(device_topic(device, KEY_UPDATE_LEVEL), message)
         self._last_issued[record.device_id] = issued

@@ -162,7 +162,7 @@ class Rig:
     def distributor(self, store: Store | None = None, grace_s: int = 7 * DAY) -> KeyDistributor:
         return KeyDistributor(
             store=store or self.store,
-            site_signer=SoftwareKey(self.pki.site_key),
+            signer_for=lambda _record: SoftwareKey(self.pki.site_key),
             publish=self.publish,
             clock=self.clock,
             grace_s=grace_s,
