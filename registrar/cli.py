@@ -461,17 +461,17 @@ def status_command(home: Path, as_json: bool) -> None:
         keys = Table(
             title=f"payload keys (grace {_duration(site.config.payload_key_grace_s)})"
         )
-        for col in ("key id", "state", "current from", "superseded", "retires", "devices on it"):
+        keys.add_column("key id", no_wrap=True)
+        for col in ("state", "superseded", "retires", "devices on it", "refused"):
             keys.add_column(col)
         for row in payload_keys:
-            refused = row.get("telemetry_refused") or 0
             keys.add_row(
                 row["key_id"],
-                row["state"] + (f" ({refused} refused)" if refused else ""),
-                _when(row["current_from"]),
-                _when(row["superseded_at"]),
-                _when(row["retires_at"]),
+                row["state"],
+                _when(row["superseded_at"])[:16],
+                _when(row["retires_at"])[:16],
                 str(row["devices"]),
+                str(row.get("telemetry_refused") or 0),
             )
         console.print(keys)
     for title, events in (

@@ -23,7 +23,7 @@ from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki, p256
 from tests.test_registration import ADMIT_STATION, Dev, make_dev, make_request, verifier
 from trustcore.errors import TrustCoreError
-from trustcore.identity import DeviceId
+from trustcore.identity import DeviceId, SiteId
 from trustcore.key_rotation import (
     DEFAULT_GRACE_S,
     KeyPeriod,
@@ -332,3 +332,27 @@ def test_key_ack_doc_vector_byte_for_byte() -> None:
     assert _seal(key, key_ack_topic(device), plaintext, bytes(range(100, 112))) == vector
     ack = parse_key_ack({key.key_id: key}, device, vector)
     assert (ack.key_id, ack.issued) == (key.key_id, 1767225600)
+
+
+def test_configure_sets_the_grace_period_and_refuses_bad_input(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from registrar.cli import main as registrar_main
+    from registrar.site import SiteHome
+
+    config = SiteConfig(SiteId("site-07"), "Acme", 1, ("localhost",), ())
+    (tmp_path / "site.json").write_text(config.to_json())
+    run = CliRunner()
+    shown = run.invoke(registrar_main, ["configure", "--home", str(tmp_path)])
+    assert shown.exit_code == 0 and "payload key grace: 7d" in shown.output
+    done = run.invoke(
+        registrar_main, ["configure", "--home", str(tmp_path), "--payload-key-grace", "12h"]
+    )
+    assert done.exit_code == 0 and "payload key grace: 12h" in done.output
+    assert SiteHome.open(tmp_path).config.payload_key_grace_s == 12 * 3600
+    bad = run.invoke(
+        registrar_main, ["configure", "--home", str(tmp_path), "--payload-key-grace", "7w"]
+    )
+    assert bad.exit_code == 2 and "not a duration" in bad.output
+    assert bad.exception is None or isinstance(bad.exception, SystemExit)
+    assert SiteHome.open(tmp_path).config.payload_key_grace_s == 12 * 3600

@@ -278,9 +278,12 @@ async def test_offline_device_gets_the_current_key_after_restarts_and_old_key_re
         lambda d: reg.key_rows(d)[new.hex()]["devices"] == 3, "laggard not on the new key"
     )
     assert reg.key_rows(doc)[old.hex()]["devices"] == 0
-    # the offline CLI view agrees (store + key file, no passphrase)
+    # what the operator reads: per key, its state and how many devices are still on it
     out = json.loads(await reg.acli("status", "--json", passphrase=False))
     assert {r["key_id"]: r["devices"] for r in out["payload_keys"]}[new.hex()] == 3
+    text = await reg.acli("status", passphrase=False)
+    assert "payload keys (grace 1h)" in text
+    assert new.hex() in text and old.hex() in text and "retired" in text
 
 
 @pytest.fixture
