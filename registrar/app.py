@@ -585,6 +585,7 @@ class RegistrarApp:
             site=SiteAuthority(site.site_ca_cert, site.site_ca_key, site.organization),
             payload_key=self.keyring.current,
             admission_plugins=self._admission_plugins(),
+            clock=self._clock,
         )
         self.check_crls()
         workdir = self._workdir or run_dir(self.home) / f"broker-{self.settings.broker}"
