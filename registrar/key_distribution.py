@@ -37,7 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from registrar.errors import RegistrarError
+from registrar.errors import RegistrarError, StoreError
 from registrar.payload_keys import PayloadKeyring
 from registrar.service import KEY_UPDATE_LEVEL
 from registrar.store import DeviceRecord, Store
@@ -89,8 +89,12 @@ def key_rows(
 
 
 async def load_schedule(store: Store, grace_s: int) -> KeySchedule:
-    periods = tuple(KeyPeriod(*row) for row in await store.key_periods())
-    return KeySchedule(periods, grace_s)
+    """The persisted schedule (``StoreError`` if the table holds an impossible state)."""
+    try:
+        periods = tuple(KeyPeriod(*row) for row in await store.key_periods())
+        return KeySchedule(periods, grace_s)
+    except TrustCoreError as exc:
+        raise StoreError(f"payload key periods in the registrar database: {exc}") from exc
 
 
 class KeyDistributor:
