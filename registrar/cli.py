@@ -376,11 +376,17 @@ def _payload_key_rows(site: SiteHome, snap: dict[str, Any]) -> list[dict[str, An
         current, ids = listed_key_ids(site.payload_keys_path)
     except RegistrarError:
         return []
-    schedule = KeySchedule(
-        tuple(KeyPeriod(*p) for p in snap["key_periods"]), site.config.payload_key_grace_s
-    )
-    if current is not None:  # what a registrar starting now would record
-        schedule = schedule.with_current(current, int(time.time()))
+    from trustcore.errors import TrustCoreError
+
+    try:
+        schedule = KeySchedule(
+            tuple(KeyPeriod(*p) for p in snap["key_periods"]), site.config.payload_key_grace_s
+        )
+        if current is not None:  # what a registrar starting now would record
+            schedule = schedule.with_current(current, int(time.time()))
+    except TrustCoreError as exc:
+        click.echo(f"warning: payload key periods unreadable: {exc}", err=True)
+        return []
     return key_rows(schedule, ids, snap["per_key"], int(time.time()))
 
 
