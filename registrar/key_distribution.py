@@ -252,6 +252,8 @@ class KeyDistributor:
                 await work
             except (RegistrarError, TrustCoreError) as exc:
                 log.warning("payload-key bookkeeping failed: %s", exc)
+            except Exception as exc:  # a background task must never die unobserved
+                log.error("payload-key bookkeeping failed unexpectedly: %r", exc)
 
         task = asyncio.ensure_future(run())
         self._tasks.add(task)
