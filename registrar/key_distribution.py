@@ -37,7 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from registrar.errors import RegistrarError, StoreError
+from registrar.errors import BrokerError, RegistrarError, StoreError
 from registrar.payload_keys import PayloadKeyring
 from registrar.service import KEY_UPDATE_LEVEL
 from registrar.store import DeviceRecord, Store
@@ -169,11 +169,25 @@ class KeyDistributor:
     async def push_pending(self) -> int:
         """An update for every registered device not (yet) on the current key."""
         current = self.keyring.current.key_id
+        pending = [
+            r
+            for r in await self._store.devices()
+            if r.status == "registered" and r.payload_key_id != current
+        ]
         sent = 0
-        for record in await self._store.devices():
-            if record.status == "registered" and record.payload_key_id != current:
+        for record in pending:
+            try:
                 await self._push(record)
-                sent += 1
+            except BrokerError as exc:
+                log.warning(
+                    "payload-key updates: %d of %d sent; the rest follow when the registrar's "
+                    "MQTT session is back (%s)",
+                    sent,
+                    len(pending),
+                    exc,
+                )
+                break
+            sent += 1
         if sent:
             log.info("published %d payload-key update(s) awaiting acknowledgement", sent)
         return sent
