@@ -52,7 +52,8 @@ __all__ = ["REPUSH_INTERVAL_S", "KeyDistributor", "key_rows", "load_schedule"]
 
 log = logging.getLogger(__name__)
 
-#: At most one re-send per device per this many seconds when it uses an older key.
+#: When a device uses an older key, the current one is sent again unless an update went to
+#: it less than this many seconds ago.
 REPUSH_INTERVAL_S = 10
 
 Publish = Callable[[str, bytes], Awaitable[None]]
@@ -210,6 +211,7 @@ class KeyDistributor:
         )
         await self._publish(device_topic(device, KEY_UPDATE_LEVEL), message)
         self._last_issued[record.device_id] = issued
+        self._last_repush[record.device_id] = now  # telemetry in flight: no second copy
         self.updates_sent += 1
         await self._store.record_key_offer(device, key.key_id, issued, now)
 
@@ -286,8 +288,9 @@ class KeyDistributor:
             raise
 
     def _repush_soon(self, device: DeviceId, used: bytes, now: int) -> None:
-        """At most once per device every ``REPUSH_INTERVAL_S`` (a flood of old-key
-        telemetry must not become a flood of updates)."""
+        """At most one update per device every ``REPUSH_INTERVAL_S``, counting every update
+        sent (a flood of old-key telemetry, or the telemetry still in flight when a rotation
+        sends the update, must not become a flood of updates)."""
         last = self._last_repush.get(device.value)
         if last is not None and 0 <= now - last < REPUSH_INTERVAL_S:
             return
