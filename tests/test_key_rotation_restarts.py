@@ -41,6 +41,7 @@ from tests.test_registrar_integration import (
     REGISTRAR,
     Base,
     base,
+    refused_at_tls,
     software_device,
     tpm_device,
 )
@@ -305,11 +306,15 @@ async def test_mosquitto_dies_after_a_rotation_and_the_offline_device_still_gets
 ) -> None:
     """Only the broker restarts (killed; the registrar brings it back on the same ports):
     its retained messages are gone, and the registrar re-sends the pending update as soon
-    as its session is back."""
+    as its session is back. A device revoked before the crash stays refused after it."""
     reg = mosquitto_registrar
     assert reg.registration is not None and reg.operational is not None
     device = tpm_device(base, "TH-000711", base.tpms[2])
-    registered = await device.register(reg.registration)
+    revoked = software_device(base, "TH-000712")
+    registered, _ = await asyncio.gather(
+        device.register(reg.registration), revoked.register(reg.registration)
+    )
+    await reg.acli("revoke", "TH-000712")
     rotated = json.loads(await reg.acli("rotate-payload-key", "--json"))
     new = bytes.fromhex(rotated["key_id"])
     assert rotated["updates_published"] == 1 and registered.current_key_id != new
@@ -321,6 +326,7 @@ async def test_mosquitto_dies_after_a_rotation_and_the_offline_device_still_gets
     )
     assert after["broker_pid"] != before["broker_pid"]
     assert after["listeners"] == before["listeners"]  # same ports: devices need no new config
+    assert await refused_at_tls(reg.operational, revoked.operational_context())
     async with device.operational(reg.operational) as session:
         await _wait_key(registered, new)
         assert session.key_acks == 1
