@@ -798,10 +798,11 @@ class RegistrarApp:
             log.warning("pending payload-key updates not all sent (%s): sent again later", exc)
 
     async def send_command(self, device_id: DeviceId, data: bytes) -> str:
-        """Seal ``data`` with the current payload key and publish it to the device."""
-        keyring = self._require(self.keyring)
+        """Seal ``data`` with the payload key the device holds (the current one, or an older
+        one it has not yet replaced while that is in its grace period) and publish it."""
+        key = await self._require(self.keys).key_for(device_id)
         topic = device_topic(device_id, COMMAND_LEVEL)
-        await self._require(self.channel).publish(topic, seal_payload(keyring.current, topic, data))
+        await self._require(self.channel).publish(topic, seal_payload(key, topic, data))
         return topic
 
     # -- telemetry ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.key_rotation import KeyPeriod, KeySchedule, KeyState, parse_key_ack
 from trustcore.keys import Signer
+from trustcore.payload import PayloadKey
 from trustcore.registration import build_key_update
 from trustcore.topics import device_topic
 
@@ -309,6 +310,17 @@ class KeyDistributor:
             self._held.pop(device.value, None)
         await self._push(record)
         log.info("%s used an older payload key: the current one was sent again", device)
+
+    async def key_for(self, device: DeviceId) -> PayloadKey:
+        """The key to seal a command to ``device`` with: the one it acknowledged, while that
+        is still accepted; the current key otherwise (never a retired one)."""
+        keyring = self.keyring
+        record = await self._store.device(device)
+        if record is not None and record.payload_key_id != keyring.current.key_id:
+            held = keyring.keys.get(record.payload_key_id)
+            if held is not None and self._schedule.accepts(held.key_id, self._now()):
+                return held
+        return keyring.current
 
     # -- status -------------------------------------------------------------------------------
 

@@ -297,8 +297,11 @@ async def test_old_key_accepted_in_grace_refused_after_and_the_device_gets_the_k
         assert keys.check_telemetry(dev.device_id, old.key_id)
     await keys.wait_idle()
     assert len(rig.published) == sent + 1
+    # commands are sealed with the key the device holds while it is accepted
+    assert await keys.key_for(dev.device_id) == old
     rig.clock.advance(seconds=3600)
     assert keys.schedule.state(old.key_id, int(rig.clock().timestamp())) is KeyState.RETIRED
+    assert await keys.key_for(dev.device_id) == rig.keyring.current  # never a retired key
     assert not keys.check_telemetry(dev.device_id, old.key_id)
     assert keys.refused[old.key_id] == 1
     await keys.wait_idle()
