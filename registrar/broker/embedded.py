@@ -21,9 +21,11 @@ because amqtt's own defaults do not fit (see docs/broker.md, "Embedded (amqtt)")
 * **Kicking**: amqtt has no API for it; the broker keeps its own registry of live TLS
   transports per identity and aborts them (:meth:`EmbeddedBroker.disconnect`).
 * **Delivery fixes**: retained messages are filtered per receiver (amqtt replays the
-  retained messages of *every* subscription filter to each connecting client), and QoS 1
+  retained messages of *every* subscription filter to each connecting client), QoS 1
   messages already acknowledged to a publisher are routed before its session is torn down
-  (amqtt acknowledges before routing and dropped the rest on disconnect).
+  (amqtt acknowledges before routing and dropped the rest on disconnect), and the
+  subscription table is iterated on snapshots (a SUBSCRIBE during a broadcast made amqtt
+  drop that message: :class:`_SnapshotSubscriptions`).
 
 The overridden amqtt internals are version-specific: the module refuses to start on an
 amqtt other than 0.12.x rather than silently run without its checks.
@@ -35,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import version
@@ -220,6 +222,22 @@ class _Connection:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _SnapshotSubscriptions(dict[str, list[tuple[Session, int]]]):
+    """amqtt's subscription table, iterated on snapshots.
+
+    amqtt 0.12.1 iterates ``_subscriptions`` across awaits (``_run_broadcast``; the retained
+    replay for a returning persistent session): a SUBSCRIBE, UNSUBSCRIBE or disconnect in
+    between raised "dictionary changed size during iteration" and the message being routed
+    was lost for every subscriber after that point (seen under load in the integration
+    tests). Iterating a copy of the keys, and of each subscriber list, fixes both."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def items(self) -> list[tuple[str, list[tuple[Session, int]]]]:  # type: ignore[override]
+        return [(k, list(v)) for k, v in super().items()]
+
+
 class _Amqtt(AmqttBroker):  # type: ignore[misc]  # amqtt ships no usable stubs
     """amqtt's broker with our TLS, identity binding, kick registry and delivery fixes."""
 
@@ -227,6 +245,7 @@ class _Amqtt(AmqttBroker):  # type: ignore[misc]  # amqtt ships no usable stubs
         self, config: BrokerConfig, policy: AccessPolicy, tls: dict[str, _ListenerTls]
     ) -> None:
         super().__init__(config)
+        self._subscriptions = _SnapshotSubscriptions()
         self._policy = policy
         self._tls = tls
         self._by_ssl: dict[ssl.SSLObject, _Connection] = {}
