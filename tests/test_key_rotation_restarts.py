@@ -129,7 +129,7 @@ class Registrar:
         assert isinstance(doc, dict)
         return doc
 
-    async def wait_status(self, check: Any, what: str, timeout: float = 15) -> dict[str, Any]:
+    async def wait_status(self, check: Any, what: str, timeout: float = 30) -> dict[str, Any]:
         """Poll the running registrar's status document (rewritten every 0.5 s)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -177,7 +177,7 @@ def registrar(request: pytest.FixtureRequest, base: Base, tmp_path: Path) -> Ite
         reg.stop()
 
 
-async def _wait_key(registered: Registered, key_id: bytes, timeout: float = 10) -> None:
+async def _wait_key(registered: Registered, key_id: bytes, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while registered.current_key_id != key_id:
         assert time.monotonic() < deadline, "the key update did not arrive"
@@ -259,7 +259,7 @@ async def test_offline_device_gets_the_current_key_after_restarts_and_old_key_re
         telemetry = device_topic(device, "telemetry")
         stale = seal_payload(laggard_reg.payload_keys[old], telemetry, b"under the retired key")
         await raw.publish(telemetry, stale, qos=1)
-        message = await asyncio.wait_for(anext(aiter(raw.messages)), 10)
+        message = await asyncio.wait_for(anext(aiter(raw.messages)), 20)
         update = parse_key_update(
             bytes(message.payload),  # type: ignore[arg-type]
             device_id=device,
