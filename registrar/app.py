@@ -884,7 +884,7 @@ class RegistrarApp:
             try:
                 if await mosquitto.revive():
                     self._broker_restarts += 1
-            except BrokerError as exc:
+            except (BrokerError, OSError) as exc:
                 log.error("could not restart mosquitto: %s", exc)
         target = str(self.home.current.readlink())
         if target != self._state_target:

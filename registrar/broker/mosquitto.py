@@ -623,7 +623,7 @@ class MosquittoBroker:
                 await self._admin_reader
             self._admin_reader = None
         if self._admin_stack is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
+            with contextlib.suppress(aiomqtt.MqttError, OSError):  # its broker is gone
                 await self._admin_stack.aclose()
             self._admin_stack, self._admin = None, None
         await self._shutdown_process()
