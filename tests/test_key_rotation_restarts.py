@@ -237,6 +237,21 @@ async def test_offline_device_gets_the_current_key_after_restarts_and_old_key_re
     )
     assert reg.key_rows(doc)[old.hex()]["devices"] == 1  # only the laggard is left on it
 
+    # -- within the grace period the old key is still accepted ------------------------------
+    device = DeviceId("TH-000703")
+    telemetry = device_topic(device, "telemetry")
+    laggard_reg = laggard.registered
+    async with aiomqtt.Client(
+        reg.operational.host,
+        reg.operational.port,
+        identifier=device.value,
+        tls_context=laggard.operational_context(),
+    ) as raw:
+        marker = b"laggard, old key, in the grace period"
+        sealed = seal_payload(laggard_reg.payload_keys[old], telemetry, marker)
+        await raw.publish(telemetry, sealed, qos=1)
+        assert await _telemetry_key(reg, "TH-000703", marker) == old.hex()
+
     # -- the grace period ends (the registrar's clock moves; nobody sleeps) -----------------
     await reg.move_clock(JUMP_S)
     # and 15 s more: any update a reconnection after the jump sent is older than the 10 s
@@ -244,8 +259,6 @@ async def test_offline_device_gets_the_current_key_after_restarts_and_old_key_re
     await reg.move_clock(JUMP_S + 15)
     doc = reg.status_doc()
     assert reg.key_rows(doc)[old.hex()]["state"] == "retired"
-    laggard_reg = laggard.registered
-    device = DeviceId("TH-000703")
     keys_topic = device_topic(device, "keys")
     async with aiomqtt.Client(
         reg.operational.host,
@@ -256,7 +269,6 @@ async def test_offline_device_gets_the_current_key_after_restarts_and_old_key_re
         # drop the retained update: from now on only a re-push can bring the key
         await raw.publish(keys_topic, b"", qos=1, retain=True)
         await raw.subscribe(keys_topic, qos=1)
-        telemetry = device_topic(device, "telemetry")
         stale = seal_payload(laggard_reg.payload_keys[old], telemetry, b"under the retired key")
         await raw.publish(telemetry, stale, qos=1)
         message = await asyncio.wait_for(anext(aiter(raw.messages)), 20)
