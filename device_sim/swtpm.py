@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -117,6 +118,7 @@ class Swtpm:
         *,
         swtpm_bin: str = "swtpm",
         stop_timeout: float = _STOP_TIMEOUT,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self._owns_state = state_dir is None
         self.state_dir = (
@@ -125,6 +127,9 @@ class Swtpm:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._bin = swtpm_bin
         self._stop_timeout = stop_timeout
+        #: Extra environment for the swtpm process (e.g. libfaketime, so that a test can move
+        #: the TPM's clock together with the host clock it controls).
+        self._env = dict(env) if env else None
         self._proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         #: Seconds from spawn until the control channel answered (last start).
@@ -195,7 +200,11 @@ class Swtpm:
         ]
         try:
             return subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=None if self._env is None else {**os.environ, **self._env},
             )
         except OSError as exc:
             raise SwtpmError(f"cannot run {self._bin}: {exc}") from exc
