@@ -43,6 +43,7 @@ from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.csr import build_device_csr
 from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
+from trustcore.key_rotation import build_key_ack, key_ack_topic
 from trustcore.keys import KeyAgreement, Signer, key_id
 from trustcore.payload import PayloadError, PayloadKey, open_payload, seal_payload
 from trustcore.registration import (
@@ -504,6 +505,7 @@ class OperationalSession:
         #: verified "renew now" commands (site CA rollover) for the device's CURRENT
         #: site CA; see :class:`device_sim.agent.DeviceAgent`, which obeys them
         self.renew_requests: asyncio.Queue[RenewNow] = asyncio.Queue()
+        self.key_acks = 0
         self._renewal_answers: asyncio.Queue[bytes] = asyncio.Queue()
 
     @property
@@ -527,7 +529,9 @@ class OperationalSession:
             if not isinstance(payload, bytes | bytearray):
                 continue
             if topic == keys_topic:
-                self._key_update(bytes(payload))
+                applied = self._key_update(bytes(payload))
+                if applied is not None:
+                    await self._acknowledge(*applied)
                 continue
             if topic == rollover_topic:
                 self._renew_request(bytes(payload))
@@ -627,7 +631,19 @@ class OperationalSession:
             reg.current_key_id = key.key_id  # the registrar's current payload key
             return reg
 
-    def _key_update(self, payload: bytes) -> None:
+    async def _acknowledge(self, key: PayloadKey, issued: int) -> None:
+        """Prove to the registrar that this device now holds ``key``: until it does, the
+        registrar keeps sending the update (``docs/registrar.md``, key rotation)."""
+        device_id = self._device.device_id
+        ack = build_key_ack(key, device_id, issued)
+        try:
+            await self.client.publish(key_ack_topic(device_id), ack, qos=1)
+            self.key_acks += 1
+        except aiomqtt.MqttError as exc:  # the registrar re-sends; the next one is acked
+            log.warning("%s could not acknowledge key %s: %s", device_id, key.key_id.hex(), exc)
+
+    def _key_update(self, payload: bytes) -> tuple[PayloadKey, int] | None:
+        """Apply a signed key update; the new key and the update's ``issued``, or None."""
         reg = self._reg
         try:
             update = parse_key_update(
@@ -639,8 +655,9 @@ class OperationalSession:
             key = open_payload_key(reg.wrap_key, self._device.device_id, update.payload_key)
         except RegistrationError as exc:
             log.warning("%s refused a key update: %s", self._device.device_id, exc)
-            return
+            return None
         reg.payload_keys[key.key_id] = key
         reg.current_key_id = key.key_id
         reg.key_issued = update.issued
         self.key_updates += 1
+        return key, update.issued

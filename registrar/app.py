@@ -10,7 +10,10 @@ registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
   :class:`~registrar.service.RegistrationService`, serves LDevID renewals on
   ``devices/+/renewal/request`` (answer on ``devices/<id>/renewal/response``), decrypts
   ``devices/+/telemetry`` with the site payload keys (counts and digests only, for
-  ``registrar status``), publishes payload-key updates (retained) and commands;
+  ``registrar status``), publishes payload-key updates (retained) and commands, and reads
+  the devices' key acknowledgements (:mod:`registrar.key_distribution`: a device is on a
+  new payload key only once it proved it holds it; updates are re-sent at every start and
+  reconnection until then);
 * **command watcher** — the CLI talks to a running registrar through a spool directory
   (``SITE/run/commands``): ``revoke``, ``import-revocations``, ``rotate-payload-key`` and
   ``send-command`` and ``approve`` are applied live (polled every ``watch_interval``,
@@ -42,11 +45,11 @@ import ssl
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import aiomqtt
 from cryptography import x509
@@ -54,6 +57,7 @@ from cryptography.hazmat.primitives import serialization
 
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
 from registrar.errors import BrokerError, ConfigError, RegistrarError
+from registrar.key_distribution import KeyDistributor
 from registrar.ldevid_policy import policy_json, read_ldevid_policy
 from registrar.payload_keys import PayloadKeyring
 from registrar.plugins import load_site_plugins, read_site_plugins
@@ -76,7 +80,6 @@ from registrar.rollover import (
     retire_site_ca,
 )
 from registrar.service import (
-    KEY_UPDATE_LEVEL,
     RENEWAL_LEVEL,
     RENEWAL_REQUEST_LEVEL,
     RegistrationService,
@@ -97,11 +100,12 @@ from registrar.store import Store
 from registrar.supersede import SupersededCertificates
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
+from trustcore.key_rotation import KEY_ACK_LEVELS
 from trustcore.keys import Signer
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
 from trustcore.profiles import station_id_from_certificate
-from trustcore.registration import AdmissionContext, build_key_update, parse_request
+from trustcore.registration import AdmissionContext, parse_request
 from trustcore.revocation import RevocationList
 from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
 from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
@@ -126,6 +130,9 @@ __all__ = [
     "store_path",
     "submit_command",
 ]
+
+if TYPE_CHECKING:
+    from registrar.broker.mosquitto import MosquittoBroker
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -329,6 +336,8 @@ class RotationResult:
 class _Telemetry:
     messages: int = 0
     rejected: int = 0
+    #: Refused because their payload key is past its grace period (also in ``rejected``).
+    retired_key: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=_RECENT))
 
 
@@ -350,16 +359,20 @@ class SiteChannel:
         endpoint: Endpoint,
         tls: ssl.SSLContext,
         *,
-        on_telemetry: Callable[[DeviceId, str, bytes], None],
+        on_telemetry: Callable[[DeviceId, str, bytes, bool], None],
         concurrency: int = 512,
         reconnect_delay: float = 0.5,
         on_request: Callable[[DeviceId, bytes], None] | None = None,
+        on_key_ack: Callable[[DeviceId, bytes, bool], object] | None = None,
+        on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self._service = service
         self._on_request = on_request
         self._endpoint = endpoint
         self._tls = tls
         self._on_telemetry = on_telemetry
+        self._on_key_ack = on_key_ack
+        self._on_connected = on_connected
         self._limit = asyncio.Semaphore(concurrency)
         self._reconnect_delay = reconnect_delay
         self._client: aiomqtt.Client | None = None
@@ -404,8 +417,16 @@ class SiteChannel:
                     await client.subscribe(f"{REGISTRATION_PREFIX}/+/request", qos=1)
                     await client.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
                     await client.subscribe(f"{DEVICE_PREFIX}/+/{RENEWAL_REQUEST_LEVEL}", qos=1)
+                    if self._on_key_ack is not None:
+                        await client.subscribe(_KEY_ACK_FILTER, qos=1)
                     self._client = client
                     self.connected.set()
+                    if self._on_connected is not None:
+                        # e.g. pending key updates: the broker may have restarted and lost
+                        # its retained messages; served while the read loop runs.
+                        task = asyncio.create_task(self._on_connected())
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
                     await self._read(client, stop, tasks)
             except aiomqtt.MqttError as exc:
                 if stop.is_set():
@@ -447,7 +468,9 @@ class SiteChannel:
                     continue
                 telemetry = _telemetry_device(topic)
                 if telemetry is not None:
-                    self._on_telemetry(telemetry, topic, bytes(payload))
+                    self._on_telemetry(telemetry, topic, bytes(payload), bool(message.retain))
+                elif (acked := _key_ack_device(topic)) is not None and self._on_key_ack:
+                    self._on_key_ack(acked, bytes(payload), bool(message.retain))
                 else:
                     log.warning("ignored message on %r", topic[:200])
         finally:
@@ -478,6 +501,19 @@ class SiteChannel:
             log.exception("renewal of %s failed unexpectedly", device)
         finally:
             self._limit.release()
+
+
+_KEY_ACK_FILTER = "/".join((DEVICE_PREFIX, "+", *KEY_ACK_LEVELS))
+
+
+def _key_ack_device(topic: str) -> DeviceId | None:
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != DEVICE_PREFIX or tuple(parts[2:]) != KEY_ACK_LEVELS:
+        return None
+    try:
+        return DeviceId(parts[1])
+    except InvalidValueError:
+        return None
 
 
 def _telemetry_device(topic: str) -> DeviceId | None:
@@ -554,8 +590,15 @@ class RegistrarApp:
         settings: AppSettings | None = None,
         *,
         workdir: Path | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.home = home
+        #: The registrar's clock for payload-key rotation (the grace period); tests move it.
+        self._clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
+        self.keys: KeyDistributor | None = None
+        #: The Mosquitto process this registrar owns (restarted by the watcher if it dies).
+        self._mosquitto: MosquittoBroker | None = None
+        self._broker_restarts = 0
         self.secrets = secrets
         self.settings = settings or AppSettings()
         self._workdir = workdir
@@ -614,6 +657,7 @@ class RegistrarApp:
             payload_key=self.keyring.current,
             admission_plugins=self._admission_plugins(),
             policy=policy,
+            clock=self._clock,
         )
         self.service.use_site_authority(_site_authority(site, policy.validity))  # + retiring
         self.check_crls()
@@ -630,6 +674,7 @@ class RegistrarApp:
             from registrar.broker.mosquitto import MosquittoBroker
 
             broker = MosquittoBroker(settings, executable=self.settings.mosquitto_executable)
+            self._mosquitto = broker
         else:
             from registrar.broker.embedded import EmbeddedBroker
 
@@ -649,6 +694,16 @@ class RegistrarApp:
         )
         self.service.on_superseded = self.superseded.supersede
         await self.superseded.reconcile(store)
+        self.keys = KeyDistributor(
+            store=store,
+            signer_for=lambda record: self._require(self.service).site_authority.signer_for(
+                record.ldevid_der
+            ),
+            publish=self._publish_retained,
+            clock=self._clock,
+            grace_s=self.home.config.payload_key_grace_s,
+        )
+        await self.keys.start(self.keyring)
         op = broker.operational_endpoint
         host = "127.0.0.1" if op.host in ("0.0.0.0", "", "::") else op.host  # noqa: S104
         self.channel = SiteChannel(
@@ -658,13 +713,14 @@ class RegistrarApp:
             on_telemetry=self._telemetry_received,
             concurrency=self.settings.concurrency,
             on_request=self._factory_certificate_seen,
+            on_key_ack=self.keys.ack_received,
+            on_connected=self._catch_up_key_updates,
         )
         self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
         try:
             await asyncio.wait_for(self.channel.connected.wait(), 15)
         except TimeoutError as exc:
             raise BrokerError("the registrar could not connect to its own broker") from exc
-        await self._catch_up_key_updates()
         if site.retiring_ca_cert is not None and migration_requested(self.home):
             await self.migrate_ca()  # the retained commands died with the previous broker
         self._tasks += [
@@ -692,6 +748,9 @@ class RegistrarApp:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)
         self._tasks.clear()
+        if self.keys is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.keys.wait_idle(), 10)
         if self.superseded is not None:
             await self.superseded.close()
             self.superseded = None
@@ -699,6 +758,7 @@ class RegistrarApp:
             with contextlib.suppress(BrokerError):
                 await self.broker.stop()
             self.broker = None
+            self._mosquitto = None
         if self.store is not None:
             await self.store.close()
             self.store = None
@@ -789,7 +849,9 @@ class RegistrarApp:
     async def rotate_payload_key(self) -> RotationResult:
         """New current payload key (sealed at rest), then a signed update wrapped to each
         registered device, published retained on ``devices/<id>/keys``; new registrations
-        get the new key from now on."""
+        get the new key from now on. A device counts as on the new key only once it has
+        acknowledged it (:mod:`registrar.key_distribution`); the previous key is accepted
+        for the site's grace period."""
         site = self._require(self.site)
 
         def rotate() -> PayloadKeyring:
@@ -798,44 +860,31 @@ class RegistrarApp:
 
         self.keyring = await asyncio.to_thread(rotate)
         service = self._require(self.service)
-        updates = await service.key_updates(self.keyring.current)
         service.use_payload_key(self.keyring.current)
-        channel = self._require(self.channel)
-        for topic, message in updates:
-            await channel.publish(topic, message, retain=True)
+        keys = self._require(self.keys)
+        await keys.use_keyring(self.keyring)
+        sent = await keys.push_pending()
         kid = self.keyring.current.key_id.hex()
         await self._require(self.store).record_event(
-            None, "payload-key", f"rotated to {kid}; {len(updates)} update(s) published"
+            None, "payload-key", f"rotated to {kid}; {sent} update(s) published"
         )
-        log.info("payload key rotated to %s: %d device update(s) published", kid, len(updates))
-        return RotationResult(kid, len(updates))
+        log.info("payload key rotated to %s: %d device update(s) published", kid, sent)
+        return RotationResult(kid, sent)
+
+    async def _publish_retained(self, topic: str, message: bytes) -> None:
+        await self._require(self.channel).publish(topic, message, retain=True)
 
     async def _catch_up_key_updates(self) -> None:
-        """Devices whose recorded key is not the current one (rotated offline, or a bundle
-        brought a new key) get their update now."""
-        keyring, store = self._require(self.keyring), self._require(self.store)
-        channel = self._require(self.channel)
-        current = keyring.current
-        authority = self._require(self.service).site_authority
-        issued = int(time.time())
-        sent = 0
-        for record in await store.devices():
-            if record.status != "registered" or record.payload_key_id == current.key_id:
-                continue
-            device = DeviceId(record.device_id)
-            wrap = serialization.load_der_public_key(record.wrap_key_der)
-            message = build_key_update(
-                device_id=device,
-                wrap_key=wrap,  # type: ignore[arg-type]
-                payload_key=current,
-                issued=issued,
-                site_signer=authority.signer_for(record.ldevid_der),
-            )
-            await channel.publish(device_topic(device, KEY_UPDATE_LEVEL), message, retain=True)
-            await store.set_payload_key(device, current.key_id)
-            sent += 1
-        if sent:
-            log.info("published %d pending payload-key update(s)", sent)
+        """Devices not yet on the current key (rotated offline or while they were away, a
+        bundle brought a new key, an update lost with a broker restart) get it (again).
+        Runs at every (re)connection of the site channel; if the session drops meanwhile,
+        the next reconnection sends what is still pending."""
+        keys = self._require(self.keys)
+        try:
+            await keys.use_keyring(self._require(self.keyring))
+            await keys.push_pending()
+        except RegistrarError as exc:
+            log.warning("pending payload-key updates not all sent (%s): sent again later", exc)
 
     # -- site CA rollover (registrar.rollover) -----------------------------------------
 
@@ -881,10 +930,11 @@ class RegistrarApp:
         return {"retired": result.retired, "key": result.key_name, "state": result.state_dir.name}
 
     async def send_command(self, device_id: DeviceId, data: bytes) -> str:
-        """Seal ``data`` with the current payload key and publish it to the device."""
-        keyring = self._require(self.keyring)
+        """Seal ``data`` with the payload key the device holds (the current one, or an older
+        one it has not yet replaced while that is in its grace period) and publish it."""
+        key = await self._require(self.keys).key_for(device_id)
         topic = device_topic(device_id, COMMAND_LEVEL)
-        await self._require(self.channel).publish(topic, seal_payload(keyring.current, topic, data))
+        await self._require(self.channel).publish(topic, seal_payload(key, topic, data))
         return topic
 
     # -- telemetry ----------------------------------------------------------------------------
@@ -921,16 +971,28 @@ class RegistrarApp:
             at=int(time.time()),
         )
 
-    def _telemetry_received(self, device: DeviceId, topic: str, payload: bytes) -> None:
-        keyring = self.keyring
-        if keyring is None:
+    def _telemetry_received(
+        self, device: DeviceId, topic: str, payload: bytes, retained: bool = False
+    ) -> None:
+        keyring, keys = self.keyring, self.keys
+        if keyring is None or keys is None:
             return
         try:
             plaintext = open_payload(keyring.keys, topic, payload)
-            kid = envelope_key_id(payload).hex()
+            key_id = envelope_key_id(payload)
         except PayloadError as exc:
             self._telemetry.rejected += 1
             log.info("telemetry of %s does not open: %s", device, exc)
+            return
+        kid = key_id.hex()
+        if not keys.check_telemetry(device, key_id, retained=retained):
+            self._telemetry.rejected += 1
+            self._telemetry.retired_key += 1
+            log.warning(
+                "telemetry of %s under retired payload key %s refused (grace period over)",
+                device,
+                kid,
+            )
             return
         self._telemetry.messages += 1
         self._telemetry.recent.append(
@@ -946,6 +1008,16 @@ class RegistrarApp:
     # -- background duties --------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        mosquitto = self._mosquitto
+        if mosquitto is not None and mosquitto.exited:
+            # Same ports and blocks; the site channel reconnects by itself and re-sends the
+            # payload-key updates the dead broker's retained messages held. A failed restart
+            # is retried at the next tick; spool commands are still answered meanwhile.
+            try:
+                if await mosquitto.revive():
+                    self._broker_restarts += 1
+            except (BrokerError, OSError) as exc:
+                log.error("could not restart mosquitto: %s", exc)
         target = str(self.home.current.readlink())
         if target != self._state_target:
             await self._recommissioned(target)
@@ -1157,6 +1229,8 @@ class RegistrarApp:
             "started": round(self._started, 3),
             "updated": round(time.time(), 3),
             "broker": self.settings.broker,
+            "broker_pid": self._mosquitto.pid if self._mosquitto is not None else os.getpid(),
+            "broker_restarts": self._broker_restarts,
             "listeners": {
                 "registration": _endpoint_json(broker.registration_endpoint),
                 "operational": _endpoint_json(broker.operational_endpoint),
@@ -1179,9 +1253,17 @@ class RegistrarApp:
                     else None
                 ),
             },
+            "payload_keys": await self.keys.rows() if self.keys is not None else [],
+            "payload_key_grace_s": self.home.config.payload_key_grace_s,
+            "key_updates": {
+                "sent": self.keys.updates_sent if self.keys is not None else 0,
+                "acks": self.keys.acks if self.keys is not None else 0,
+            },
+            "now": round(self._clock().timestamp(), 3),
             "telemetry": {
                 "messages": self._telemetry.messages,
                 "rejected": self._telemetry.rejected,
+                "retired_key": self._telemetry.retired_key,
                 "recent": list(self._telemetry.recent),
             },
             "alerts": list(self._alerts),

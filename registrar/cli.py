@@ -54,6 +54,29 @@ def _passphrase_option(f: F) -> F:
     )(f)
 
 
+def _grace(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """``--payload-key-grace``: 7d, 12h, 30m, 90s (or seconds) -> seconds."""
+    if value is None:
+        return None
+    from trustcore.errors import TrustCoreError
+    from trustcore.key_rotation import parse_grace
+
+    try:
+        return parse_grace(value)
+    except TrustCoreError as exc:
+        raise click.BadParameter(str(exc.args[0])) from exc
+
+
+def _grace_option(f: F) -> F:
+    return click.option(
+        "--payload-key-grace",
+        "grace_s",
+        callback=_grace,
+        help="How long telemetry under a superseded payload key is still accepted "
+        "(e.g. 7d, 12h; default 7d, at most 365d).",
+    )(f)
+
+
 def _fail(exc: RegistrarError, code: int = EXIT_ERROR) -> NoReturn:
     click.echo(f"error: {exc}", err=True)
     sys.exit(code)
@@ -77,6 +100,7 @@ def _fail(exc: RegistrarError, code: int = EXIT_ERROR) -> NoReturn:
     "--broker-name", "broker_names", multiple=True, help="Broker DNS name (default localhost)."
 )
 @click.option("--broker-ip", "broker_ips", multiple=True, help="Broker IP (default 127.0.0.1).")
+@_grace_option
 @_passphrase_option
 def init_command(
     home: Path,
@@ -85,10 +109,12 @@ def init_command(
     organization: str,
     broker_names: tuple[str, ...],
     broker_ips: tuple[str, ...],
+    grace_s: int | None,
     passphrase_file: Path | None,
 ) -> None:
     """Create the site CA and transport keys and the enrolment request for HQ."""
     from registrar.site import SiteSecrets, init_site
+    from trustcore.key_rotation import DEFAULT_GRACE_S
 
     if not broker_names and not broker_ips:
         broker_names, broker_ips = ("localhost",), ("127.0.0.1",)
@@ -101,6 +127,7 @@ def init_command(
             organization=organization,
             broker_names=broker_names,
             broker_ips=broker_ips,
+            payload_key_grace_s=DEFAULT_GRACE_S if grace_s is None else grace_s,
         )
     except RegistrarError as exc:
         _fail(exc)
@@ -114,6 +141,35 @@ def init_command(
         f"next: take the enrolment file to HQ (`hq site enrol`), bring back the site bundle "
         f"and run `registrar commission`"
     )
+
+
+@main.command("configure")
+@_home_option
+@_grace_option
+def configure_command(home: Path, grace_s: int | None) -> None:
+    """Change site settings in site.json (a running registrar applies them at its next
+    start). --payload-key-grace: how long an old payload key is accepted after rotation."""
+    from registrar.app import registrar_running
+    from registrar.site import configure_site
+
+    site = _open_site(home)
+    if grace_s is None:
+        click.echo(f"payload key grace: {_duration(site.config.payload_key_grace_s)}")
+        return
+    try:
+        site = configure_site(site, payload_key_grace_s=grace_s)
+    except RegistrarError as exc:
+        _fail(exc)
+    running = registrar_running(site)
+    note = " (the running registrar applies it at its next start)" if running else ""
+    click.echo(f"payload key grace: {_duration(site.config.payload_key_grace_s)}{note}")
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 # ---------------------------------------------------------------------------- commission
@@ -288,6 +344,8 @@ def _store_snapshot(site: SiteHome) -> dict[str, Any]:
             "registered": [],
             "revoked": [],
             "refused": [],
+            "key_periods": [],
+            "per_key": {},
         }
 
     async def read() -> dict[str, Any]:
@@ -301,11 +359,42 @@ def _store_snapshot(site: SiteHome) -> dict[str, Any]:
                 "registered": await store.events(10, "registered"),
                 "revoked": await store.events(10, "revoked"),
                 "refused": await store.events(10, "refused"),
+                "key_periods": await store.key_periods(),
+                "per_key": await store.devices_per_payload_key(),
             }
         finally:
             await store.close()
 
     return asyncio.run(read())
+
+
+def _payload_key_rows(site: SiteHome, snap: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per payload key: state and devices on it, from the store and the key file (key ids
+    only, nothing decrypted), for a site whose registrar is not running."""
+    import time
+
+    from registrar.key_distribution import key_rows
+    from registrar.payload_keys import listed_key_ids
+    from trustcore.key_rotation import KeyPeriod, KeySchedule
+
+    if not site.commissioned:
+        return []
+    try:
+        current, ids = listed_key_ids(site.payload_keys_path)
+    except RegistrarError:
+        return []
+    from trustcore.errors import TrustCoreError
+
+    try:
+        schedule = KeySchedule(
+            tuple(KeyPeriod(*p) for p in snap["key_periods"]), site.config.payload_key_grace_s
+        )
+        if current is not None:  # what a registrar starting now would record
+            schedule = schedule.with_current(current, int(time.time()))
+    except TrustCoreError as exc:
+        click.echo(f"warning: payload key periods unreadable: {exc}", err=True)
+        return []
+    return key_rows(schedule, ids, snap["per_key"], int(time.time()))
 
 
 def _when(ts: float | int | None) -> str:
@@ -337,6 +426,7 @@ def status_command(home: Path, as_json: bool) -> None:
     for record in devices:
         by_status[record.status] = by_status.get(record.status, 0) + 1
     state = site.commission_state() or {}
+    payload_keys = (running or {}).get("payload_keys") or _payload_key_rows(site, snap)
     doc = {
         "site_id": site.site_id.value,
         "commissioned": site.commissioned,
@@ -349,6 +439,8 @@ def status_command(home: Path, as_json: bool) -> None:
         "last_registrations": [asdict(e) for e in snap["registered"]],
         "last_revocations": [asdict(e) for e in snap["revoked"]],
         "last_refusals": [asdict(e) for e in snap["refused"]],
+        "payload_keys": payload_keys,
+        "payload_key_grace_s": site.config.payload_key_grace_s,
     }
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
@@ -392,6 +484,23 @@ def status_command(home: Path, as_json: bool) -> None:
     console.print(table)
     for alert in (running or {}).get("alerts", []):
         console.print(f"[bold red]ALERT[/] {alert}")
+    if payload_keys:
+        keys = Table(
+            title=f"payload keys (grace {_duration(site.config.payload_key_grace_s)})"
+        )
+        keys.add_column("key id", no_wrap=True)
+        for col in ("state", "superseded", "retires", "devices on it", "refused"):
+            keys.add_column(col)
+        for row in payload_keys:
+            keys.add_row(
+                row["key_id"],
+                row["state"],
+                _when(row["superseded_at"])[:16],
+                _when(row["retires_at"])[:16],
+                str(row["devices"]),
+                str(row.get("telemetry_refused") or 0),
+            )
+        console.print(keys)
     for title, events in (
         ("last registrations", snap["registered"]),
         ("last revocations", snap["revoked"]),

@@ -68,7 +68,6 @@ from trustcore.registration import (
     RegistrationRequest,
     VerifiedRegistration,
     build_error_response,
-    build_key_update,
     decide_admission,
     issue_ldevid,
     issue_registration,
@@ -82,7 +81,7 @@ from trustcore.renewal import (
     parse_renewal_request,
     verify_renewal,
 )
-from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
+from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX
 from trustcore.verify import ChainVerifier
 
 __all__ = [
@@ -619,29 +618,7 @@ class RegistrationService:
         )
 
     # -- payload-key rotation ----------------------------------------------------------------
-
-    async def key_updates(self, new_key: PayloadKey) -> list[tuple[str, bytes]]:
-        """(topic, message) per registered device: ``new_key`` wrapped to its ECDH key.
-
-        The caller publishes them retained with QoS 1 (a device offline now gets its update
-        when it reconnects) and then :meth:`use_payload_key` for new registrations."""
-        issued = int(self._clock().timestamp())
-        out: list[tuple[str, bytes]] = []
-        for record in await self._store.devices():
-            if record.status != "registered":
-                continue
-            device = DeviceId(record.device_id)
-            wrap = serialization.load_der_public_key(record.wrap_key_der)
-            message = build_key_update(
-                device_id=device,
-                wrap_key=wrap,  # type: ignore[arg-type]
-                payload_key=new_key,
-                issued=issued,
-                site_signer=self._site.signer_for(record.ldevid_der),
-            )
-            out.append((device_topic(device, KEY_UPDATE_LEVEL), message))
-            await self._store.set_payload_key(device, new_key.key_id)
-        return out
+    # Updates to registered devices are built and tracked by registrar.key_distribution.
 
     def use_payload_key(self, key: PayloadKey) -> None:
         self.payload_key = key

@@ -41,6 +41,7 @@ previous state exactly as it was. Secrets: the keystore passphrase comes from
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -71,6 +72,7 @@ from trustcore.crl import RevokedEntry, build_crl, verify_crl
 from trustcore.csr import build_csr
 from trustcore.errors import CrlError, EncodingError, InvalidValueError, TrustCoreError
 from trustcore.identity import CertSerial, SiteId
+from trustcore.key_rotation import DEFAULT_GRACE_S, MAX_GRACE_S
 from trustcore.keys import key_id
 from trustcore.messages import SiteEnrolment
 from trustcore.profiles import (
@@ -102,6 +104,7 @@ __all__ = [
     "broker_settings",
     "broker_tls",
     "commission_site",
+    "configure_site",
     "init_site",
     "issuing_ca_key",
     "load_commissioned_site",
@@ -152,7 +155,8 @@ class SiteSecrets:
 
 @dataclass(frozen=True)
 class SiteConfig:
-    """``site.json``: strict (unknown or missing keys are errors)."""
+    """``site.json``: strict (unknown or missing keys are errors; ``payload_key_grace_s``
+    may be absent in files written before it existed: 7 days)."""
 
     site_id: SiteId
     organization: str
@@ -160,6 +164,14 @@ class SiteConfig:
     broker_names: tuple[str, ...]
     broker_ips: tuple[str, ...]
     version: int = CONFIG_VERSION
+    #: Telemetry under a payload key is accepted this long after the key was superseded.
+    payload_key_grace_s: int = DEFAULT_GRACE_S
+
+    def __post_init__(self) -> None:
+        if type(self.payload_key_grace_s) is not int or not (
+            0 <= self.payload_key_grace_s <= MAX_GRACE_S
+        ):
+            raise ConfigError(f"payload_key_grace_s must be 0..{MAX_GRACE_S} seconds")
 
     def to_json(self) -> str:
         data = {
@@ -169,6 +181,7 @@ class SiteConfig:
             "created": self.created,
             "broker_names": list(self.broker_names),
             "broker_ips": list(self.broker_ips),
+            "payload_key_grace_s": self.payload_key_grace_s,
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -177,7 +190,8 @@ class SiteConfig:
         try:
             data = json.loads(text)
             keys = {"version", "site_id", "organization", "created", "broker_names", "broker_ips"}
-            if not isinstance(data, dict) or set(data) != keys:
+            optional = {"payload_key_grace_s"}
+            if not isinstance(data, dict) or not keys <= set(data) <= keys | optional:
                 raise ValueError("unexpected keys")
             if data["version"] != CONFIG_VERSION:
                 raise ValueError(f"unsupported version {data['version']!r}")
@@ -192,6 +206,7 @@ class SiteConfig:
                 data["created"],
                 tuple(names),
                 tuple(ips),
+                payload_key_grace_s=data.get("payload_key_grace_s", DEFAULT_GRACE_S),
             )
         except (ValueError, TypeError, InvalidValueError) as exc:
             raise ConfigError(f"site.json is invalid: {exc}") from exc
@@ -342,6 +357,7 @@ def init_site(
     broker_names: tuple[str, ...] = ("localhost",),
     broker_ips: tuple[str, ...] = ("127.0.0.1",),
     now: datetime | None = None,
+    payload_key_grace_s: int = DEFAULT_GRACE_S,
 ) -> SiteInitResult:
     """Create a site home: pin the root, make the site CA and transport keys (encrypted
     keystore) and write the enrolment request. Never overwrites; all-or-nothing (built in a
@@ -375,7 +391,14 @@ def init_site(
         csr = build_csr(ca, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, sid.value)]))
         request = SiteEnrolment.create(sid, csr, ca, transport.public_key())
         (build / "enrolment.cbor").write_bytes(request.encode())
-        config = SiteConfig(sid, org, int(moment.timestamp()), broker_names, broker_ips)
+        config = SiteConfig(
+            sid,
+            org,
+            int(moment.timestamp()),
+            broker_names,
+            broker_ips,
+            payload_key_grace_s=payload_key_grace_s,
+        )
         (build / "site.json").write_text(config.to_json(), encoding="utf-8")
         try:
             build.rename(target)
@@ -392,6 +415,16 @@ def init_site(
         key_id(transport.public_key()).hex(),
         hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).hexdigest(),
     )
+
+
+def configure_site(home: SiteHome, *, payload_key_grace_s: int | None = None) -> SiteHome:
+    """Change settings in ``site.json`` (atomically); the returned home carries them. A
+    running registrar reads them at its next start."""
+    config = home.config
+    if payload_key_grace_s is not None:
+        config = dataclasses.replace(config, payload_key_grace_s=payload_key_grace_s)
+    write_private_file(home.path / "site.json", config.to_json().encode(), overwrite=True)
+    return SiteHome(home.path, config)
 
 
 # ----------------------------------------------------------------------------- commission

@@ -21,9 +21,11 @@ because amqtt's own defaults do not fit (see docs/broker.md, "Embedded (amqtt)")
 * **Kicking**: amqtt has no API for it; the broker keeps its own registry of live TLS
   transports per identity and aborts them (:meth:`EmbeddedBroker.disconnect`).
 * **Delivery fixes**: retained messages are filtered per receiver (amqtt replays the
-  retained messages of *every* subscription filter to each connecting client), and QoS 1
+  retained messages of *every* subscription filter to each connecting client), QoS 1
   messages already acknowledged to a publisher are routed before its session is torn down
-  (amqtt acknowledges before routing and dropped the rest on disconnect).
+  (amqtt acknowledges before routing and dropped the rest on disconnect), and the
+  subscription table is iterated on snapshots (a SUBSCRIBE during a broadcast made amqtt
+  drop that message: :class:`_SnapshotDict`).
 
 The overridden amqtt internals are version-specific: the module refuses to start on an
 amqtt other than 0.12.x rather than silently run without its checks.
