@@ -10,7 +10,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -543,10 +543,6 @@ async def test_schema_1_database_is_migrated(pki: Pki, tmp_path: Path) -> None:
 
     with pytest.raises(StoreError):
         await Store.open(env.db)
-
-
-def test_now_is_utc(pki: Pki) -> None:
-    assert pki.now.tzinfo is not None and pki.now.utcoffset() == UTC.utcoffset(None)
 
 
 def test_ldevid_policy_cli_shows_writes_and_refuses_bad_values(tmp_path: Path) -> None:
