@@ -94,6 +94,7 @@ from registrar.site import (
     SiteHome,
     SiteSecrets,
     load_commissioned_site,
+    reissue_service_certificates,
     reissue_site_crl,
 )
 from registrar.store import Store
@@ -639,6 +640,7 @@ class RegistrarApp:
         self._started = time.time()
         passphrase = self.secrets.passphrase()
         await asyncio.to_thread(self.refresh_site_crl_if_due)
+        await asyncio.to_thread(self.refresh_service_certificates_if_due)
         site = await asyncio.to_thread(load_commissioned_site, self.home, self.secrets)
         self.site = site
         self._state_target = str(self.home.current.readlink())
@@ -1132,8 +1134,36 @@ class RegistrarApp:
         )
         return True
 
+    def refresh_service_certificates_if_due(self, *, now: datetime | None = None) -> bool:
+        """Re-issue the broker server certificate and the registrar client certificate from
+        the site CA key once they pass half of their life (docs/site.md, "A year without
+        HQ"): an HQ bundle is not needed for them, so a site cut off from HQ keeps its
+        operational listener. True if it did (reload the brokers, use the new client
+        certificate)."""
+        moment = datetime.now(UTC) if now is None else now
+        with revocation_lock(self.home):
+            end = reissue_service_certificates(self.home, self.secrets, now=moment)
+        if end is None:
+            return False
+        log.info("broker and registrar service certificates re-issued (valid until %s)", _iso(end))
+        return True
+
+    async def _renew_service_certificates(self) -> None:
+        """The live half of :meth:`refresh_service_certificates_if_due`: both brokers serve
+        the new server certificate to new handshakes (reload: no session is dropped) and
+        the registrar's own MQTT session uses the new client certificate from its next
+        connect."""
+        if not await asyncio.to_thread(self.refresh_service_certificates_if_due):
+            return
+        if self.broker is not None:
+            await self.broker.reload_crls()
+        if self.channel is not None and self.site is not None:
+            ctx = await asyncio.to_thread(_client_context, self.site, self.secrets.passphrase())
+            self.channel.use_tls(ctx)
+
     async def _crl_tick(self) -> None:
         await self.retire_expired_ca()
+        await self._renew_service_certificates()
         if await asyncio.to_thread(self.refresh_site_crl_if_due) and self.broker is not None:
             await self.broker.reload_crls()
         if self.superseded is not None and self.store is not None:

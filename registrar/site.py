@@ -109,6 +109,7 @@ __all__ = [
     "issuing_ca_key",
     "load_commissioned_site",
     "read_crls",
+    "reissue_service_certificates",
     "reissue_site_crl",
     "write_crls",
 ]
@@ -870,6 +871,71 @@ def reissue_site_crl(
         write_private_file(home.current / "retiring-crl.pem", _crl_pem(own[1]), overwrite=True)
     write_private_file(home.current / "site-crl.pem", _crl_pem(crl), overwrite=True)
     return crl
+
+
+def _service_due(cert: x509.Certificate, moment: datetime) -> bool:
+    """Past half of its life (or already ended)."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return moment >= start + (end - start) / 2
+
+
+def reissue_service_certificates(
+    home: SiteHome, secrets: SiteSecrets, *, now: datetime | None = None, force: bool = False
+) -> datetime | None:
+    """Re-issue the broker server certificate and the registrar's MQTT client certificate
+    of the current state from the site CA key this site holds (no HQ), with the same keys,
+    when either has passed half of its life (``force``: now). Their end is capped at the
+    issuing site CA's own end; nothing is re-issued when that would not move the end
+    (a site CA close to its end needs a rollover, which ``check_crls`` says loudly).
+    Replaces ``broker.pem`` and ``registrar-client.pem`` (each atomically); callers hold
+    the revocation lock and reload the brokers after. Returns the new end, or None."""
+    if not home.commissioned:
+        raise ConfigError("the site is not commissioned yet")
+    moment = _now(now)
+    broker_old = _current_cert(home, "broker.pem")
+    client_old = _current_cert(home, "registrar-client.pem")
+    site_ca = _current_cert(home, "site-ca.pem")
+    due = force or _service_due(broker_old, moment) or _service_due(client_old, moment)
+    if not due or moment >= site_ca.not_valid_after_utc:
+        return None
+    start, end = _service_validity(site_ca, moment)
+    stale_issuer = broker_old.issuer != site_ca.subject or client_old.issuer != site_ca.subject
+    if (
+        not force
+        and not stale_issuer
+        and end <= min(broker_old.not_valid_after_utc, client_old.not_valid_after_utc)
+    ):
+        return None
+    site_key = issuing_ca_key(home, secrets)
+    if site_key.public_key() != site_ca.public_key():
+        raise ConfigError("the issuing site CA key does not match the current site CA")
+    org = home.config.organization
+    broker_cert = issue_broker_certificate(
+        site_ca,
+        site_key.private_key(),
+        home.key("broker", secrets).public_key(),
+        dns_names=list(home.config.broker_names),
+        ip_addresses=list(home.config.broker_ips),
+        organization=org,
+        not_before=start,
+        not_after=end,
+    )
+    client_cert = issue_service_client_certificate(
+        site_ca,
+        site_key.private_key(),
+        home.key("registrar-client", secrets).public_key(),
+        service_name=REGISTRAR_IDENTITY,
+        organization=org,
+        not_before=start,
+        not_after=end,
+    )
+    write_private_file(
+        home.current / "registrar-client.pem", _pem(client_cert) + _pem(site_ca), overwrite=True
+    )
+    write_private_file(
+        home.current / "broker.pem", _pem(broker_cert) + _pem(site_ca), overwrite=True
+    )
+    return end
 
 
 # ------------------------------------------------------------------------ the running site
