@@ -1148,23 +1148,26 @@ class RegistrarApp:
         log.info("broker and registrar service certificates re-issued (valid until %s)", _iso(end))
         return True
 
-    async def _renew_service_certificates(self) -> None:
-        """The live half of :meth:`refresh_service_certificates_if_due`: both brokers serve
-        the new server certificate to new handshakes (reload: no session is dropped) and
-        the registrar's own MQTT session uses the new client certificate from its next
-        connect."""
+    async def _renew_service_certificates(self) -> bool:
+        """The live half of :meth:`refresh_service_certificates_if_due`: the registrar's
+        own MQTT session uses the new client certificate from its next connect; the caller
+        reloads the brokers (new handshakes get the new server certificate; a reload drops
+        no session). True if they were re-issued."""
         if not await asyncio.to_thread(self.refresh_service_certificates_if_due):
-            return
-        if self.broker is not None:
-            await self.broker.reload_crls()
+            return False
         if self.channel is not None and self.site is not None:
             ctx = await asyncio.to_thread(_client_context, self.site, self.secrets.passphrase())
             self.channel.use_tls(ctx)
+        return True
 
     async def _crl_tick(self) -> None:
         await self.retire_expired_ca()
-        await self._renew_service_certificates()
-        if await asyncio.to_thread(self.refresh_site_crl_if_due) and self.broker is not None:
+        # One reload for both: after a long gap (a registrar that was down, a clock that
+        # jumped) the service certificates and the site CRL are due together, and a
+        # handshake between two reloads would meet the new certificate with a stale CRL.
+        renewed = await self._renew_service_certificates()
+        refreshed = await asyncio.to_thread(self.refresh_site_crl_if_due)
+        if (renewed or refreshed) and self.broker is not None:
             await self.broker.reload_crls()
         if self.superseded is not None and self.store is not None:
             await self.superseded.reconcile(self.store)
