@@ -20,11 +20,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
+from hq.site import SiteBundleRequest, build_site_bundle
+from registrar.site import commission_site, reissue_service_certificates
 from tests.fixtures.faketime import LIBFAKETIME, FakeClock
+from tests.test_site_bundle import SITE, STATION, make_world
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,3 +65,41 @@ def test_two_years_without_hq_keeps_operational_devices(broker: str, tmp_path: P
     # broker, whose registration listener checks the whole chain (the root CRL is stale).
     expected = "revocation_unavailable" if broker == "mosquitto" else "handshake_refused"
     assert report["late_registration"] == expected
+
+
+def test_service_certificates_reissued_at_half_life_capped_at_the_site_ca(tmp_path: Path) -> None:
+    """In process: nothing before half life; past it, new broker and registrar certificates
+    (same keys, issued by the site CA, one year); near the site CA's end, capped at it, and
+    not re-issued again while that would not move the end."""
+    world = make_world(tmp_path / "w")
+    bundle = build_site_bundle(
+        world.hq, SiteBundleRequest(site_id=SITE, admit_stations=(STATION,)), world.hq_secrets
+    )
+    home, secrets = world.site, world.site_secrets
+    commission_site(home, bundle.package, secrets)
+
+    def cert(name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((home.current / name).read_bytes())
+
+    first, client = cert("broker.pem"), cert("registrar-client.pem")
+    site_ca = cert("site-ca.pem")
+    start = first.not_valid_before_utc
+    assert reissue_service_certificates(home, secrets, now=start + timedelta(days=100)) is None
+    assert cert("broker.pem") == first
+    day200 = start + timedelta(days=200)
+    end = reissue_service_certificates(home, secrets, now=day200)
+    assert end is not None and end > first.not_valid_after_utc
+    for name, old in (("broker.pem", first), ("registrar-client.pem", client)):
+        new = cert(name)
+        assert new.serial_number != old.serial_number
+        assert new.public_key() == old.public_key()  # same key, in the keystore
+        assert new.issuer == site_ca.subject and new.not_valid_after_utc == end
+        new.verify_directly_issued_by(site_ca)
+    assert cert("broker.pem").subject == first.subject
+    # Close to the site CA's end: capped at it, then nothing more to gain.
+    late = site_ca.not_valid_after_utc - timedelta(days=100)
+    assert reissue_service_certificates(home, secrets, now=late) == site_ca.not_valid_after_utc
+    capped = cert("broker.pem")
+    assert reissue_service_certificates(home, secrets, now=late + timedelta(days=80)) is None
+    assert cert("broker.pem") == capped
+    assert reissue_service_certificates(home, secrets, now=site_ca.not_valid_after_utc) is None
