@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ from registrar.broker.amqtt_plugins import (
     service_principal,
 )
 from registrar.errors import BrokerError
+from signers.errors import KeystoreError
+from signers.software import write_private_file
 from trustcore.errors import TrustCoreError
 from trustcore.profiles import device_id_from_certificate
 from trustcore.topics import Listener
@@ -188,9 +191,38 @@ def _verify_flags(listener: Listener) -> ssl.VerifyFlags:
     return ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
 
 
+_CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.*?-----END X509 CRL-----\r?\n?", re.DOTALL)
+
+
+def _operational_crl_file(settings: BrokerSettings) -> Path:
+    """The CRLs of the operational CAs only (the site CA CRLs the registrar keeps fresh),
+    in a private file of the work directory: the operational listener must not depend on
+    anything HQ signs (the root CRL goes stale when a site hears nothing from HQ for a
+    year; with a leaf-only check it is not consulted anyway, this makes it explicit)."""
+    tls = settings.tls
+    subjects = {c.subject for c in _load_pem_certificates(tls.operational_cas)}
+    try:
+        blocks = _CRL_BLOCK.findall(tls.crl_file.read_bytes())
+        own = [b for b in blocks if x509.load_pem_x509_crl(b).issuer in subjects]
+    except (OSError, ValueError) as exc:
+        raise BrokerError(f"cannot read the CRL file {tls.crl_file}: {exc}") from exc
+    if not own:
+        raise BrokerError("no CRL of an operational CA: every LDevID would be refused")
+    settings.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = settings.workdir / "operational-crls.pem"
+    try:
+        write_private_file(target, b"".join(own), overwrite=True)
+    except KeystoreError as exc:
+        raise BrokerError(str(exc)) from exc
+    return target
+
+
 def _build_context(settings: BrokerSettings, listener: Listener) -> ssl.SSLContext:
     tls = settings.tls
     cafile = tls.registration_cas if listener is Listener.REGISTRATION else tls.operational_cas
+    crl_file = (
+        tls.crl_file if listener is Listener.REGISTRATION else _operational_crl_file(settings)
+    )
     try:
         encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in tls.server_key.read_bytes()
     except OSError as exc:
@@ -204,7 +236,7 @@ def _build_context(settings: BrokerSettings, listener: Listener) -> ssl.SSLConte
         # Encrypted PKCS#8 only: the passphrase decrypts it in memory, never on disk.
         ctx.load_cert_chain(tls.server_cert, tls.server_key, password=tls.server_key_passphrase)
         ctx.load_verify_locations(cafile=cafile)
-        ctx.load_verify_locations(cafile=tls.crl_file)  # PEM CRLs land in the same store
+        ctx.load_verify_locations(cafile=crl_file)  # PEM CRLs land in the same store
     except (OSError, ssl.SSLError) as exc:
         raise BrokerError(f"cannot build the {listener.value} TLS context: {exc}") from exc
     ctx.verify_flags = _verify_flags(listener)
