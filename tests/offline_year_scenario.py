@@ -4,8 +4,9 @@ starts it with ``FakeClock.env()``; see that test's docstring).
 Everything here (HQ, the site, the devices, ``registrar run`` and the Mosquitto it starts)
 reads the same libfaketime file, so the devices check the broker's certificate, and the
 brokers the devices' certificates, on the same simulated date. The scenario moves the date
-while the registrar runs (its CRL tick must do the work, live) and restarts it once at the
-end (the start path). Prints one JSON report on stdout; any failed check raises.
+while the registrar runs (its CRL tick must do the work, live), then the registrar is down
+from day 750 to day 1000 (the start path). Prints one JSON report on stdout; any failed
+check raises.
 
     python -m tests.offline_year_scenario BROKER WORKDIR
 """
@@ -217,15 +218,19 @@ async def scenario(broker: str, work: Path) -> dict[str, Any]:
     status = reg.status()
     assert status["hq_revocation_data"]["state"] == "refusing", status["hq_revocation_data"]
 
-    # The start path: a restart on day 750 (the registrar's own client certificate must
-    # be current, or it cannot reach its own broker), then a new registration is refused.
+    # The start path: the registrar is down from day 750 to day 1000. At start it re-issues
+    # the service certificates (past half their life by then) before its broker starts,
+    # and its own session must connect with its client certificate.
     reg.stop()
+    down_from = served.not_valid_after_utc
+    clock.set(t0 + 1000 * DAY)
     reg = Registrar(home, world.base / "site.pass", broker, log)
+    served = served_certificate(reg.operational)
+    assert served.not_valid_after_utc > down_from, served.not_valid_after_utc
+    assert served.not_valid_before_utc <= clock.now()
+    report["restart"] = {"day": 1000, "served_until_days": (served.not_valid_after_utc - t0).days}
     for dev in devices:
-        async with dev.operational(reg.operational) as session:
-            data = f"after restart:{dev.device_id.value}".encode()
-            await session.publish_telemetry(data)
-            reg.telemetry_seen(dev.device_id.value, data)
+        await use_and_renew(reg, dev, "day1000 after restart")
     # Refused, fail closed. Mosquitto checks only the leaf's CRL at the handshake (the
     # station CRL, still valid here), so the registrar answers with the reason; the
     # embedded broker checks the whole chain on the registration listener
