@@ -1278,6 +1278,15 @@ class RegistrarApp:
             "revocation_list_sequence": self.revocations.sequence if self.revocations else None,
             "hq_revocation_data": self._hq_data_status(),
             "site_crl_next_update": _iso(site_crl.next_update_utc),
+            # re-issued by this registrar at half life ("Service certificates")
+            "service_certificates": {
+                name: _iso(
+                    x509.load_pem_x509_certificate(
+                        (self.home.current / f"{name}.pem").read_bytes()
+                    ).not_valid_after_utc
+                )
+                for name in ("broker", "registrar-client")
+            },
             "site_ca": {
                 "issuing": self.site.site_ca_cert.subject.rfc4514_string() if self.site else None,
                 "retiring": (

@@ -229,6 +229,9 @@ async def scenario(broker: str, work: Path) -> dict[str, Any]:
     assert served.not_valid_after_utc > down_from, served.not_valid_after_utc
     assert served.not_valid_before_utc <= clock.now()
     report["restart"] = {"day": 1000, "served_until_days": (served.not_valid_after_utc - t0).days}
+    shown = reg.status()["service_certificates"]
+    assert shown["broker"] == served.not_valid_after_utc.isoformat(), shown
+    assert shown["registrar-client"] == shown["broker"], shown
     for dev in devices:
         await use_and_renew(reg, dev, "day1000 after restart")
     # Refused, fail closed. Mosquitto checks only the leaf's CRL at the handshake (the
