@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -117,6 +118,7 @@ class Swtpm:
         *,
         swtpm_bin: str = "swtpm",
         stop_timeout: float = _STOP_TIMEOUT,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self._owns_state = state_dir is None
         self.state_dir = (
@@ -125,6 +127,9 @@ class Swtpm:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._bin = swtpm_bin
         self._stop_timeout = stop_timeout
+        #: The process environment (None: inherit). Tests pass a libfaketime environment
+        #: so the TPM clock walks with a simulated date (docs/lifecycle.md).
+        self._env = None if env is None else dict(env)
         self._proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         #: Seconds from spawn until the control channel answered (last start).
@@ -195,7 +200,11 @@ class Swtpm:
         ]
         try:
             return subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=self._env,
             )
         except OSError as exc:
             raise SwtpmError(f"cannot run {self._bin}: {exc}") from exc

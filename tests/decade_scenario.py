@@ -1,0 +1,519 @@
+"""Ten years in a minute: the driver of ``tests/test_decade.py``.
+
+This process runs on the simulated clock itself (started with ``FakeClock.env()``): it
+moves the date for itself and for every process it starts — the ``hq``,
+``factory-station`` and ``registrar`` commands, ``registrar run`` and the Mosquitto it
+owns, ``openssl`` and ``mosquitto_pub`` — by rewriting the one libfaketime file
+(``tests/fixtures/faketime.py``). The devices run here, as :class:`DeviceClient` objects
+with software keys (load-test mode), so their TLS identity at the broker *is* their factory
+certificate and then their current LDevID: what the broker accepts or refuses is the real
+question, not a stand-in. The station signs in its own swtpm; that swtpm is faked with
+monotonic time too, so its TPM clock walks with the date (the station's trusted time).
+
+Phases follow the issue's timeline (manufacture, entitlement end, 18 months in stock, a site
+offline from HQ for 60 days, registration, year-2 station CA, renewals, year-4 site CA
+rollover, year-6 revocation, year-10 end state). Every phase records its figures; the JSON
+written to ``--out`` is what the test asserts and what ``docs/lifecycle.md`` shows.
+
+A phase whose product feature is missing from this checkout is recorded as ``blocked`` with
+the feature it needs, and the timeline stops there (later phases depend on it).
+
+Run: ``python -m tests.decade_scenario --work DIR --out figures.json`` under the fake clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from device_sim.client import DeviceClient, DeviceCredentials, SoftwareKeys, TlsIdentity
+from device_sim.swtpm import Swtpm
+from registrar.broker import Endpoint
+from signers.software import SoftwareKey
+from tests.fixtures.faketime import FakeClock
+from trustcore.csr import build_device_csr
+from trustcore.identity import DeviceId
+
+PEM = serialization.Encoding.PEM
+BIN = Path(sys.executable).parent
+DAY = timedelta(days=1)
+YEAR = timedelta(days=365)
+SITE = "site-01"
+STATION = "station-01"
+ORG = "Acme Devices"
+OFFLINE_DAYS = 60  # the site hears nothing from HQ for this long before the devices arrive
+OFFLINE_LIMIT = 90  # what HQ allows this site (issue: default 30, up to 180)
+
+
+class Blocked(Exception):
+    """The feature a phase needs is not in this checkout."""
+
+
+# ------------------------------------------------------------------------------ the world
+
+
+@dataclass
+class Device:
+    client: DeviceClient
+    made: datetime
+    ldevids: list[x509.Certificate] = field(default_factory=list)
+    #: Superseded LDevIDs with their keys (kept only in memory, to prove the broker refuses them).
+    superseded: list[tuple[x509.Certificate, Any]] = field(default_factory=list)
+    session: asyncio.Task[None] | None = None
+    online: asyncio.Event = field(default_factory=asyncio.Event)
+    cut_at: float | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    revoked: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.client.device_id.value
+
+
+class SoftwareDeviceEndpoint:
+    """The station's view of a load-test device: a software factory key; the station runs
+    ``--unsafe-csr-only`` so it asks for no TPM attestation (docs/factory.md)."""
+
+    def __init__(self) -> None:
+        self.key = SoftwareKey.ephemeral()
+        self.certificate: x509.Certificate | None = None
+        self.chain: x509.Certificate | None = None
+
+    def prepare(self, device_id: DeviceId) -> bytes:
+        return build_device_csr(self.key, device_id)
+
+    def attestation_identity(self) -> Any:
+        raise AssertionError("unsafe-csr-only station asked for attestation")
+
+    def attest(self, challenge: Any) -> Any:
+        raise AssertionError("unsafe-csr-only station asked for attestation")
+
+    def store_certificate(
+        self, device_id: DeviceId, certificate_der: bytes, chain_der: bytes
+    ) -> None:
+        self.certificate = x509.load_der_x509_certificate(certificate_der)
+        self.chain = x509.load_der_x509_certificate(chain_der)
+
+
+class World:
+    def __init__(self, work: Path, clock: FakeClock) -> None:
+        self.work = work
+        self.clock = clock
+        self.hq = work / "hq"
+        self.station = work / "station"
+        self.site = work / "site"
+        self.hq_pass = self._secret_file("hq.pass")
+        self.site_pass = self._secret_file("site.pass")
+        self.root_pem = self.hq / "certs" / "root-ca.pem"
+        self.devices: list[Device] = []
+        self.registrar: subprocess.Popen[bytes] | None = None
+        self.reg: Endpoint | None = None
+        self.op: Endpoint | None = None
+        self.station_tpm: Swtpm | None = None
+        self.bundles = 0
+        self.phases: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self._help: dict[str, str | None] = {}
+
+    def _secret_file(self, name: str) -> Path:
+        path = self.work / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+        return path
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def run(self, *args: object, expect: int | None = 0, timeout: float = 60) -> str:
+        argv = [str(a) for a in args]
+        exe = argv[0] if argv[0].startswith("/") else str(BIN / argv[0])
+        if not Path(exe).exists():
+            exe = shutil.which(argv[0]) or exe
+        done = subprocess.run(
+            [exe, *argv[1:]], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if expect is not None and done.returncode != expect:
+            raise AssertionError(
+                f"{' '.join(argv)} exited {done.returncode} (expected {expect}):\n"
+                f"{done.stdout}\n{done.stderr}"
+            )
+        return done.stdout + done.stderr
+
+    def hq_cmd(self, *args: object, expect: int | None = 0) -> str:
+        words = [str(a) for a in args if not str(a).startswith(("-", "/"))][:2]
+        secret = (
+            ["--passphrase-file", self.hq_pass]
+            if self.has("hq", *words, "--passphrase-file")
+            else []
+        )
+        return self.run("hq", *args, "--home", self.hq, *secret, expect=expect)
+
+    def station_cmd(self, *args: object, expect: int | None = 0) -> str:
+        return self.run("factory-station", *args, "--home", self.station, expect=expect)
+
+    def site_cmd(self, *args: object, expect: int | None = 0) -> str:
+        return self.run("registrar", *args, "--home", self.site,
+                        "--passphrase-file", self.site_pass, expect=expect)  # fmt: skip
+
+    def has(self, *argv: str) -> bool:
+        """A product command (or option) exists in this checkout."""
+        *command, option = argv if argv[-1].startswith("--") else (*argv, "")
+        key = " ".join(command)
+        if key not in self._help:
+            done = subprocess.run(
+                [str(BIN / command[0]), *command[1:], "--help"], capture_output=True, text=True
+            )
+            self._help[key] = done.stdout if done.returncode == 0 else None
+        text = self._help[key]
+        return text is not None and (not option or option in text)
+
+    # -- phases -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def phase(self, name: str, what: str) -> Iterator[dict[str, Any]]:
+        began = time.monotonic()
+        row: dict[str, Any] = {"phase": name, "date": self.clock.now().date().isoformat(),
+                               "what": what, "status": "ok"}  # fmt: skip
+        try:
+            yield row
+        except Blocked as exc:
+            row["status"] = "blocked"
+            row["needs"] = str(exc)
+            raise
+        except BaseException as exc:
+            row["status"] = "failed"
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            row["traceback"] = traceback.format_exc()
+            raise
+        finally:
+            row["wall_s"] = round(time.monotonic() - began, 2)
+            row["ldevids_issued"] = sum(len(d.ldevids) for d in self.devices)
+            row["superseded"] = sum(len(d.superseded) for d in self.devices)
+            row["online"] = sum(1 for d in self.devices if d.online.is_set())
+            row["devices"] = len(self.devices)
+            self.phases.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+
+    # -- HQ, station, site -----------------------------------------------------------------
+
+    def entitle(self, seq_name: str, start: datetime, days: int, quota: int) -> None:
+        out = self.work / f"entitlement-{seq_name}.sealed"
+        self.hq_cmd(
+            "entitle", "--station", STATION, "--product", "thermostat", "--quota", quota,
+            "--daily-limit", 5, "--timezone", "UTC",
+            "--not-before", (start - timedelta(hours=1)).isoformat(),
+            "--not-after", (start + timedelta(days=days)).isoformat(),
+            "--id-prefix", "TH-", "--id-first", 0, "--id-last", 999, "--id-digits", 6,
+            "--out", out,
+        )  # fmt: skip
+        self.station_cmd("import-entitlement", out)
+
+    def manufacture(self, count: int) -> list[Device]:
+        from factory_station.provision import provision_device
+        from factory_station.station import FactoryStation
+
+        assert self.station_tpm is not None
+        root = x509.load_pem_x509_certificate(self.root_pem.read_bytes())
+        made = []
+        with FactoryStation.open(self.station, tcti=self.station_tpm.tcti) as station:
+            for _ in range(count):
+                endpoint = SoftwareDeviceEndpoint()
+                result = provision_device(station, endpoint)
+                assert endpoint.certificate is not None and endpoint.chain is not None
+                creds = DeviceCredentials(
+                    result.device_id, endpoint.certificate, (endpoint.chain,), endpoint.key,
+                    (root,),
+                )  # fmt: skip
+                made.append(Device(DeviceClient(creds, SoftwareKeys()), self.clock.now()))
+        for dev in made:
+            directory = self.work / "devices" / dev.name
+            directory.mkdir(parents=True, exist_ok=True)
+            creds = dev.client.credentials
+            (directory / "idevid.pem").write_bytes(creds.idevid.public_bytes(PEM))
+            (directory / "chain.pem").write_bytes(creds.chain[0].public_bytes(PEM))
+        self.devices += made
+        return made
+
+    def audit_to_hq(self, n: int) -> None:
+        out = self.work / f"audit-{n}.sealed"
+        self.station_cmd("export-audit", "--out", out)
+        self.hq_cmd("ingest-audit", out)
+
+    def openssl_verify(self, dev: Device, *extra: str) -> str:
+        directory = self.work / "devices" / dev.name
+        return self.run(
+            "/usr/bin/openssl", "verify", "-x509_strict", "-purpose", "sslclient", *extra,
+            "-CAfile", self.root_pem, "-untrusted", directory / "chain.pem",
+            directory / "idevid.pem", expect=None,
+        )  # fmt: skip
+
+    def bundle(self) -> Path:
+        """HQ makes the site's next bundle (fresh revocation data); the site commissions it."""
+        self.bundles += 1
+        out = self.work / f"site-bundle-{self.bundles}.sealed"
+        extra: list[object] = []
+        if self.has("hq", "site", "bundle", "--max-offline-days"):
+            extra += ["--max-offline-days", OFFLINE_LIMIT]
+        self.hq_cmd("site", "bundle", "--site", SITE, "--admit-station", STATION,
+                    "--out", out, *extra)  # fmt: skip
+        self.site_cmd("commission", out)
+        return out
+
+    # -- the registrar ---------------------------------------------------------------------
+
+    def start_registrar(self) -> None:
+        log = (self.work / "registrar.log").open("ab")
+        self.registrar = subprocess.Popen(
+            [str(BIN / "registrar"), "run", "--home", str(self.site), "--passphrase-file",
+             str(self.site_pass), "--broker", "mosquitto", "--registration-port", "0",
+             "--operational-port", "0", "--crl-check-interval", "0.5"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        status = self.site / "run" / "status.json"
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.registrar.poll() is None, self.log_tail()
+            assert time.monotonic() < deadline, "registrar did not start\n" + self.log_tail()
+            with contextlib.suppress(OSError, ValueError):
+                doc = json.loads(status.read_text())
+                if doc.get("connected") and doc.get("pid") == self.registrar.pid:
+                    break
+            time.sleep(0.05)
+        self.reg = Endpoint(**doc["listeners"]["registration"])
+        self.op = Endpoint(**doc["listeners"]["operational"])
+
+    def stop_registrar(self) -> None:
+        if self.registrar is None:
+            return
+        self.registrar.send_signal(signal.SIGTERM)
+        try:
+            self.registrar.wait(30)
+        except subprocess.TimeoutExpired:
+            self.registrar.kill()
+            self.registrar.wait()
+        self.registrar = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        path = self.work / "registrar.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def status(self) -> dict[str, Any]:
+        doc = json.loads((self.site / "run" / "status.json").read_text())
+        assert isinstance(doc, dict)
+        return doc
+
+    def registered_devices(self) -> dict[str, dict[str, Any]]:
+        rows = json.loads(self.run("registrar", "devices", "--home", self.site, "--json"))
+        return {r["device_id"]: r for r in rows}
+
+    # -- device sessions ---------------------------------------------------------------------
+
+    def op_context(self, cert: x509.Certificate, key: Any, site_ca: x509.Certificate) -> Any:
+        private = key.private_key() if hasattr(key, "private_key") else key
+        return TlsIdentity((cert, site_ca), private).context(self.root_pem.read_bytes())
+
+    async def go_online(self, dev: Device) -> None:
+        """A live operational session with the current LDevID, telemetry every 0.3 s."""
+        assert self.op is not None and dev.client.registered is not None
+        dev.stop = asyncio.Event()
+        dev.online = asyncio.Event()
+        dev.cut_at = None
+        op = self.op
+
+        async def live() -> None:
+            try:
+                async with dev.client.operational(op) as session:
+                    seq = 0
+                    while not dev.stop.is_set():
+                        stamp = self.clock.now().isoformat()
+                        await session.publish_telemetry(
+                            json.dumps({"seq": seq, "at": stamp}).encode()
+                        )
+                        dev.online.set()
+                        seq += 1
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(dev.stop.wait(), 0.3)
+            except aiomqtt.MqttError:
+                dev.cut_at = time.monotonic()
+            finally:
+                dev.online.clear()
+
+        dev.session = asyncio.create_task(live(), name=f"live-{dev.name}")
+        deadline = time.monotonic() + 15
+        while not dev.online.is_set():
+            if dev.session.done():
+                await dev.session
+                raise AssertionError(f"{dev.name} could not go online")
+            assert time.monotonic() < deadline, f"{dev.name} did not go online"
+            await asyncio.sleep(0.02)
+
+    async def go_offline(self, dev: Device) -> None:
+        if dev.session is not None:
+            dev.stop.set()
+            await dev.session
+            dev.session = None
+
+    async def refused_at_broker(self, cert: x509.Certificate, key: Any) -> bool:
+        """True if the operational listener refuses this certificate (TLS or CONNECT)."""
+        assert self.op is not None
+        issuer = next((c for c in self.site_cas() if c.subject == cert.issuer), self.site_cas()[0])
+        ctx = self.op_context(cert, key, issuer)
+        try:
+            async with aiomqtt.Client(
+                self.op.host, self.op.port, tls_context=ctx, timeout=5,
+                identifier=cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value,
+            ) as client:  # fmt: skip
+                await client.publish("devices/x/probe", b"", qos=1)
+                return False
+        except aiomqtt.MqttError:
+            return True
+
+    def site_cas(self) -> list[x509.Certificate]:
+        cas = self.site / "current" / "operational-cas.pem"
+        root = x509.load_pem_x509_certificate(self.root_pem.read_bytes())
+        return [c for c in x509.load_pem_x509_certificates(cas.read_bytes()) if c != root]
+
+    async def wait_broker_ready(self, dev: Device, timeout: float = 20) -> float:
+        """After a date jump the registrar re-issues its site CRL on its next tick and
+        reloads the broker: wait until a current certificate connects again (the signal)."""
+        reg = dev.client.registered
+        assert reg is not None
+        began = time.monotonic()
+        while True:
+            if not await self.refused_at_broker(reg.ldevid, reg.ldevid_key):
+                return time.monotonic() - began
+            assert time.monotonic() - began < timeout, "broker never accepted\n" + self.log_tail()
+            await asyncio.sleep(0.2)
+
+
+# ------------------------------------------------------------------------------ scenario
+
+
+async def scenario(w: World) -> None:
+    t0 = w.clock.now()
+
+    with w.phase("manufacture", "HQ, station (TPM), entitlement of 30 days, 3 devices") as row:
+        w.hq_cmd("init", "--org", ORG)
+        w.station_tpm = Swtpm(w.work / "station-tpm", env=w.clock.env(monotonic=True)).start()
+        w.run(
+            "factory-station", "init", "--home", w.station, "--station-id", STATION,
+            "--tcti", w.station_tpm.tcti, "--root", w.root_pem, "--unsafe-csr-only",
+            "--enrolment-out", w.work / "enrolment.cbor",
+        )  # fmt: skip
+        w.hq_cmd("enrol-station", w.work / "enrolment.cbor")
+        w.entitle("1", t0, 30, 10)
+        made = w.manufacture(3)
+        w.audit_to_hq(1)
+        row["made"] = [d.name for d in made]
+        station_ca = made[0].client.credentials.chain[0]
+        row["station_ca_not_after"] = station_ca.not_valid_after_utc.date().isoformat()
+        if station_ca.not_valid_after_utc < t0 + 5 * YEAR:
+            raise Blocked("pki: a station CA that outlives its entitlement")
+        later = int((t0 + 5 * YEAR).timestamp())
+        outs = [w.openssl_verify(d, "-attime", str(later)) for d in made]
+        assert all(o.strip().endswith("OK") for o in outs), outs
+        row["openssl_attime_plus_5y"] = f"{len(outs)}/{len(outs)} OK"
+
+    w.clock.set(t0 + 31 * DAY)
+    with w.phase("entitlement ends", "the station refuses to make a 4th device") as row:
+        try:
+            w.manufacture(1)
+        except Exception as exc:  # the station's refusal, with its reason code
+            row["refused"] = getattr(exc, "reason", type(exc).__name__)
+        else:
+            raise AssertionError("the station issued after its entitlement window")
+        outs = [w.openssl_verify(d) for d in w.devices]
+        assert all(o.strip().endswith("OK") for o in outs), outs
+        row["openssl_now"] = f"{len(outs)}/{len(outs)} OK"
+
+    w.clock.set(t0 + 548 * DAY)
+    with w.phase("18 months in stock", "installer commissions the site from HQ's bundle") as row:
+        if not w.has("hq", "site", "bundle", "--max-offline-days"):
+            raise Blocked("pki: per-site offline limit (hq site bundle --max-offline-days)")
+        w.run("registrar", "init", "--home", w.site, "--site-id", SITE, "--root", w.root_pem,
+              "--org", "Tower One", "--passphrase-file", w.site_pass)  # fmt: skip
+        w.hq_cmd("site", "enrol", next(w.site.glob("*enrol*")))
+        w.bundle()
+        w.start_registrar()
+        outs = [w.openssl_verify(d) for d in w.devices]
+        assert all(o.strip().endswith("OK") for o in outs), outs
+        row["openssl_now"] = f"{len(outs)}/{len(outs)} OK"
+
+    w.clock.advance(OFFLINE_DAYS * DAY)
+    with w.phase(
+        "site offline 60 days", f"no word from HQ for {OFFLINE_DAYS} days; devices register"
+    ) as row:
+        assert w.reg is not None
+        began = time.monotonic()
+        for dev in w.devices:
+            reg = await dev.client.register(w.reg)
+            dev.ldevids.append(reg.ldevid)
+        row["register_s"] = round(time.monotonic() - began, 2)
+        for dev in w.devices:
+            await w.go_online(dev)
+        row["alerts"] = len(w.status().get("alerts", []))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    clock = FakeClock.inherited()
+    args.work.mkdir(parents=True, exist_ok=True)
+    world = World(args.work, clock)
+    outcome = "ok"
+    try:
+        asyncio.run(_run(world))
+    except Blocked as exc:
+        outcome = f"blocked: {exc}"
+    except BaseException:
+        outcome = "failed"
+        traceback.print_exc()
+    finally:
+        world.stop_registrar()
+        if world.station_tpm is not None:
+            world.station_tpm.stop()
+        args.out.write_text(
+            json.dumps(
+                {"outcome": outcome, "wall_s": round(time.monotonic() - world.started, 1),
+                 "phases": world.phases}, indent=2,
+            )
+        )  # fmt: skip
+    sys.exit(0 if outcome != "failed" else 1)
+
+
+async def _run(world: World) -> None:
+    try:
+        await scenario(world)
+    finally:
+        for dev in world.devices:
+            with contextlib.suppress(Exception):
+                await world.go_offline(dev)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        tempfile.tempdir = None
+        main()
