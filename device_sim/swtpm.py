@@ -127,9 +127,9 @@ class Swtpm:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._bin = swtpm_bin
         self._stop_timeout = stop_timeout
-        #: The process environment (None: inherit). Tests pass a libfaketime environment
-        #: so the TPM clock walks with a simulated date (docs/lifecycle.md).
-        self._env = None if env is None else dict(env)
+        #: Extra environment for the swtpm process (e.g. libfaketime, so that a test can move
+        #: the TPM's clock together with the host clock it controls).
+        self._env = dict(env) if env else None
         self._proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         #: Seconds from spawn until the control channel answered (last start).
@@ -204,7 +204,7 @@ class Swtpm:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                env=self._env,
+                env=None if self._env is None else {**os.environ, **self._env},
             )
         except OSError as exc:
             raise SwtpmError(f"cannot run {self._bin}: {exc}") from exc
