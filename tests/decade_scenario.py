@@ -134,6 +134,7 @@ class World:
         self.phases: list[dict[str, Any]] = []
         self.started = time.monotonic()
         self._help: dict[str, str | None] = {}
+        self.rollover_pending = False
 
     def _secret_file(self, name: str) -> Path:
         path = self.work / name
@@ -327,6 +328,71 @@ class World:
         rows = json.loads(self.run("registrar", "devices", "--home", self.site, "--json"))
         return {r["device_id"]: r for r in rows}
 
+    def hq_visit(self, row: dict[str, Any]) -> None:
+        """HQ is heard from: a root ceremony re-signs the root CRL (valid a year) when the
+        product has one, and a fresh site bundle is commissioned while the registrar runs."""
+        if self.has("hq", "root-crl"):
+            self.hq_cmd("root-crl")
+        self.bundle()
+        row["bundle"] = self.bundles
+
+    def live(self) -> list[Device]:
+        return [d for d in self.devices if d.client.registered is not None and not d.revoked]
+
+    def site_cas_now(self) -> list[x509.Certificate]:
+        return self.site_cas()
+
+    async def telemetry_from(self, devices: list[Device], timeout: float = 10) -> None:
+        """The registrar decrypted fresh telemetry from each of ``devices``."""
+        wanted = {d.name for d in devices}
+        since = self.clock.now().timestamp() - 5
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                recent = self.status()["telemetry"]["recent"]
+                seen = {e["device_id"] for e in recent if float(e.get("time", 0)) >= since}
+                if wanted <= seen:
+                    return
+            assert time.monotonic() < deadline, f"no telemetry from {wanted - seen}"
+            await asyncio.sleep(0.1)
+
+    async def until_refused(self, cert: x509.Certificate, key: Any, timeout: float = 5) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.refused_at_broker(cert, key):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    def mosquitto_pub_refuses(self, pairs: list[tuple[x509.Certificate, Any]]) -> int:
+        """``mosquitto_pub`` (a real client) with each certificate; how many were refused.
+        The keys are superseded test keys, written 0600 to a private directory that is
+        removed at once."""
+        assert self.op is not None
+        refused = 0
+        with tempfile.TemporaryDirectory(prefix="superseded-") as tmp:
+            for n, (cert, key) in enumerate(pairs):
+                private = key.private_key() if hasattr(key, "private_key") else key
+                issuer = next((c for c in self.site_cas() if c.subject == cert.issuer), None)
+                chain = cert.public_bytes(PEM) + (issuer.public_bytes(PEM) if issuer else b"")
+                cert_file, key_file = Path(tmp) / f"{n}.pem", Path(tmp) / f"{n}.key"
+                cert_file.write_bytes(chain)
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(private.private_bytes(PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))  # fmt: skip
+                name = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+                done = subprocess.run(
+                    ["mosquitto_pub", "-h", self.op.host, "-p", str(self.op.port), "-i",
+                     str(name), "--cafile", str(self.root_pem), "--cert", str(cert_file),
+                     "--key", str(key_file), "-t", f"devices/{name}/telemetry", "-m", "x",
+                     "-q", "1"],
+                    capture_output=True, text=True, timeout=15, check=False,
+                )  # fmt: skip
+                key_file.unlink()
+                refused += done.returncode != 0
+        return refused
+
     # -- device sessions ---------------------------------------------------------------------
 
     def op_context(self, cert: x509.Certificate, key: Any, site_ca: x509.Certificate) -> Any:
@@ -394,12 +460,21 @@ class World:
         root = x509.load_pem_x509_certificate(self.root_pem.read_bytes())
         return [c for c in x509.load_pem_x509_certificates(cas.read_bytes()) if c != root]
 
-    async def wait_broker_ready(self, dev: Device, timeout: float = 20) -> float:
+    async def wait_broker_ready(self, dev: Device | None, timeout: float = 20) -> float:
         """After a date jump the registrar re-issues its site CRL on its next tick and
-        reloads the broker: wait until a current certificate connects again (the signal)."""
+        reloads the broker: wait until a current certificate connects again (the signal).
+        Before any device holds one: until the status says the site CRL is fresh."""
+        began = time.monotonic()
+        if dev is None:
+            while True:
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    fresh = datetime.fromisoformat(self.status()["site_crl_next_update"])
+                    if fresh > self.clock.now():
+                        return time.monotonic() - began
+                assert time.monotonic() - began < timeout, "site CRL never re-issued"
+                await asyncio.sleep(0.1)
         reg = dev.client.registered
         assert reg is not None
-        began = time.monotonic()
         while True:
             if not await self.refused_at_broker(reg.ldevid, reg.ldevid_key):
                 return time.monotonic() - began
@@ -465,6 +540,7 @@ async def scenario(w: World) -> None:
         "site offline 60 days", f"no word from HQ for {OFFLINE_DAYS} days; devices register"
     ) as row:
         assert w.reg is not None
+        await w.wait_broker_ready(None)
         began = time.monotonic()
         for dev in w.devices:
             reg = await dev.client.register(w.reg)
@@ -472,7 +548,159 @@ async def scenario(w: World) -> None:
         row["register_s"] = round(time.monotonic() - began, 2)
         for dev in w.devices:
             await w.go_online(dev)
-        row["alerts"] = len(w.status().get("alerts", []))
+        await w.telemetry_from(w.devices)
+        row["alerts"] = w.status().get("alerts", [])
+    registered_on = w.clock.now()
+    last_hq = w.clock.now() - OFFLINE_DAYS * DAY
+
+    # Years 1-10: the devices renew from 2/3 of their LDevID's life on (about every 8
+    # months); HQ is heard from about once a year; the year-2, year-4 and year-6 events
+    # happen at the first round after their date.
+    events = {"station": t0 + 2 * YEAR, "rollover": t0 + 4 * YEAR, "revoke": t0 + 6 * YEAR}
+    end = t0 + 10 * YEAR
+    when = registered_on
+    while True:
+        when = min(when + RENEW_EVERY, end)
+        w.clock.set(when)
+        await w.wait_broker_ready(w.live()[0])
+        if w.clock.now() - last_hq >= YEAR - 30 * DAY:
+            with w.phase("HQ contact", "root CRL ceremony, fresh site bundle") as row:
+                w.hq_visit(row)
+            last_hq = w.clock.now()
+        if "station" in events and w.clock.now() >= events["station"]:
+            del events["station"]
+            with w.phase("station CA renewal", "new station CA certificate, 2 more devices"):
+                await year2_station(w)
+        if "rollover" in events and w.clock.now() >= events["rollover"]:
+            del events["rollover"]
+            with w.phase("site CA rollover", "new site CA; devices move at renewal") as row:
+                await year4_rollover_begin(w, row)
+        with w.phase("renewals", "every live device renews its LDevID over MQTT") as row:
+            await renewal_round(w, row)
+        if w.rollover_pending and all(
+            d.client.registered is not None and d.client.registered.site_ca == w.site_cas_now()[-1]
+            for d in w.live()
+        ):
+            with w.phase("old site CA retired", "no live certificate depends on it") as row:
+                row["output"] = w.site_cmd("rollover-ca", "--retire").strip().splitlines()[-1]
+                w.rollover_pending = False
+        if "revoke" in events and w.clock.now() >= events["revoke"]:
+            del events["revoke"]
+            with w.phase("revocation", "one device revoked while connected") as row:
+                await year6_revocation(w, row)
+        if when >= end:
+            break
+
+    with w.phase("year 10", "every other device online, registered once, one certificate") as row:
+        await final_checks(w, row)
+
+
+RENEW_EVERY = timedelta(days=240)  # 2/3 of a one-year LDevID, rounded down
+
+
+async def year2_station(w: World) -> None:
+    """The station gets a new CA certificate (same TPM key), a new entitlement, makes two
+    more devices; HQ's next bundle tells the site; they register."""
+    if not w.has("factory-station", "renew-ca"):
+        raise Blocked("stationca: factory-station renew-ca / hq renew-station / import-ca")
+    request, cert = w.work / "station-ca-request.cbor", w.work / "station-ca-2.pem"
+    w.station_cmd("renew-ca", "--out", request)
+    w.hq_cmd("renew-station", request, "--out", cert)
+    w.station_cmd("import-ca", cert)
+    now = w.clock.now()
+    w.entitle("2", now, 30, 10)
+    made = w.manufacture(2)
+    w.audit_to_hq(2)
+    w.bundle()
+    await w.wait_broker_ready(w.live()[0])
+    assert w.reg is not None
+    for dev in made:
+        reg = await dev.client.register(w.reg)
+        dev.ldevids.append(reg.ldevid)
+        await w.go_online(dev)
+    await w.telemetry_from(made)
+
+
+async def year4_rollover_begin(w: World, row: dict[str, Any]) -> None:
+    if not w.has("registrar", "rollover-ca"):
+        raise Blocked("rollover: registrar rollover-ca / hq site rollover")
+    request = w.work / "site-rollover-request.cbor"
+    w.site_cmd("rollover-ca", "--out", request)
+    w.hq_cmd("site", "rollover", request)
+    w.bundle()
+    await w.wait_broker_ready(w.live()[0])
+    w.rollover_pending = True
+    row["site_cas"] = len(w.site_cas_now())
+
+
+async def renewal_round(w: World, row: dict[str, Any]) -> None:
+    """Each live device: leave its session, wake up as a device does (renew when due),
+    reconnect with the new LDevID; its old certificate must be refused at the broker."""
+    if not hasattr(DeviceClient, "keep_certified"):
+        raise Blocked("renewal: LDevID renewal over MQTT (DeviceClient.keep_certified)")
+    assert w.reg is not None and w.op is not None
+    outcomes: dict[str, str] = {}
+    began = time.monotonic()
+    for dev in w.live():
+        reg = dev.client.registered
+        assert reg is not None
+        old = (reg.ldevid, reg.ldevid_key)
+        await w.go_offline(dev)
+        outcome = await dev.client.keep_certified(w.reg, w.op)  # type: ignore[attr-defined]
+        outcomes[dev.name] = outcome
+        assert outcome == "renewed", f"{dev.name}: {outcome}"
+        new = dev.client.registered
+        assert new is not None and new.ldevid.serial_number != old[0].serial_number
+        dev.ldevids.append(new.ldevid)
+        dev.superseded.append(old)
+        await w.go_online(dev)
+        assert await w.until_refused(*old), f"{dev.name}: superseded LDevID still accepted"
+    row["renewed"] = len(outcomes)
+    row["per_device_s"] = round((time.monotonic() - began) / max(1, len(outcomes)), 2)
+    await w.telemetry_from(w.live())
+
+
+async def year6_revocation(w: World, row: dict[str, Any]) -> None:
+    victim = w.live()[1]
+    others = [d for d in w.live() if d is not victim]
+    assert victim.online.is_set()
+    t_start = time.monotonic()
+    w.site_cmd("revoke", victim.name, "--reason", "key_compromise")
+    t_done = time.monotonic()
+    while victim.cut_at is None and time.monotonic() - t_done < 5:
+        await asyncio.sleep(0.01)
+    assert victim.cut_at is not None, "the revoked device's session was not cut"
+    victim.revoked = True
+    row["victim"] = victim.name
+    row["cut_after_command_s"] = round(victim.cut_at - t_done, 3)
+    row["cut_from_command_start_s"] = round(victim.cut_at - t_start, 3)
+    assert victim.cut_at - t_done <= 1.0
+    assert all(d.online.is_set() for d in others), "another device lost its session"
+    reg = victim.client.registered
+    assert reg is not None
+    assert await w.until_refused(reg.ldevid, reg.ldevid_key)
+
+
+async def final_checks(w: World, row: dict[str, Any]) -> None:
+    records = w.registered_devices()
+    live = w.live()
+    assert len(live) == len(w.devices) - 1
+    for dev in live:
+        rec = records[dev.name]
+        reg = dev.client.registered
+        assert reg is not None and dev.online.is_set(), dev.name
+        assert rec["status"] == "registered", rec
+        assert rec["registrations"] == 1, rec
+        assert int(rec["ldevid_serial"], 16) == reg.ldevid.serial_number, rec
+        assert reg.ldevid.not_valid_after_utc > w.clock.now()
+    victim = next(d for d in w.devices if d.revoked)
+    assert records[victim.name]["status"] != "registered"
+    await w.telemetry_from(live)
+    superseded = [pair for d in w.devices for pair in d.superseded]
+    refused = await asyncio.to_thread(w.mosquitto_pub_refuses, superseded)
+    row["superseded_refused_mosquitto_pub"] = f"{refused}/{len(superseded)}"
+    assert refused == len(superseded)
+    row["ldevids_per_device"] = {d.name: len(d.ldevids) for d in w.devices}
 
 
 def main() -> None:
