@@ -135,6 +135,7 @@ class World:
         self.started = time.monotonic()
         self._help: dict[str, str | None] = {}
         self.rollover_pending = False
+        self.blocked: list[str] = []
 
     def _secret_file(self, name: str) -> Path:
         path = self.work / name
@@ -211,9 +212,21 @@ class World:
             row["ldevids_issued"] = sum(len(d.ldevids) for d in self.devices)
             row["superseded"] = sum(len(d.superseded) for d in self.devices)
             row["online"] = sum(1 for d in self.devices if d.online.is_set())
+            offline = [d.name for d in self.live() if not d.online.is_set()]
+            if offline and row["status"] != "ok":
+                row["offline"] = offline
             row["devices"] = len(self.devices)
             self.phases.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+
+    @contextlib.contextmanager
+    def optional(self) -> Iterator[None]:
+        """An event later phases do not depend on: if its feature is missing, the phase is
+        recorded as blocked and the timeline goes on (the run still ends blocked)."""
+        try:
+            yield
+        except Blocked as exc:
+            self.blocked.append(str(exc))
 
     # -- HQ, station, site -----------------------------------------------------------------
 
@@ -361,7 +374,7 @@ class World:
         while time.monotonic() < deadline:
             if await self.refused_at_broker(cert, key):
                 return True
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.02)
         return False
 
     def mosquitto_pub_refuses(self, pairs: list[tuple[x509.Certificate, Any]]) -> int:
@@ -441,19 +454,14 @@ class World:
             dev.session = None
 
     async def refused_at_broker(self, cert: x509.Certificate, key: Any) -> bool:
-        """True if the operational listener refuses this certificate (TLS or CONNECT)."""
+        """True if the operational listener refuses this certificate: a TLS alert (or a
+        closed connection) instead of a CONNACK to an MQTT CONNECT. Exact and fast: a
+        timeout is an error here, never taken for a refusal."""
         assert self.op is not None
-        issuer = next((c for c in self.site_cas() if c.subject == cert.issuer), self.site_cas()[0])
-        ctx = self.op_context(cert, key, issuer)
-        try:
-            async with aiomqtt.Client(
-                self.op.host, self.op.port, tls_context=ctx, timeout=5,
-                identifier=cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value,
-            ) as client:  # fmt: skip
-                await client.publish("devices/x/probe", b"", qos=1)
-                return False
-        except aiomqtt.MqttError:
-            return True
+        issuer = next((c for c in self.site_cas() if c.subject == cert.issuer), None)
+        ctx = self.op_context(cert, key, issuer or self.site_cas()[0])
+        name = str(cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+        return await asyncio.to_thread(_mqtt_connect_refused, self.op, ctx, name)
 
     def site_cas(self) -> list[x509.Certificate]:
         cas = self.site / "current" / "operational-cas.pem"
@@ -475,11 +483,35 @@ class World:
                 await asyncio.sleep(0.1)
         reg = dev.client.registered
         assert reg is not None
+        was_online = dev.online.is_set()
+        await self.go_offline(dev)  # a probe with its identity would take its session over
         while True:
             if not await self.refused_at_broker(reg.ldevid, reg.ldevid_key):
+                if was_online:
+                    await self.go_online(dev)
                 return time.monotonic() - began
             assert time.monotonic() - began < timeout, "broker never accepted\n" + self.log_tail()
             await asyncio.sleep(0.2)
+
+
+def _mqtt_connect_refused(endpoint: Endpoint, ctx: Any, client_id: str) -> bool:
+    import socket
+    import ssl
+
+    ident = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(ident).to_bytes(2, "big") + ident
+    packet = b"\x10" + bytes([len(body)]) + body
+    with socket.create_connection((endpoint.host, endpoint.port), timeout=10) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname=endpoint.host) as tls:
+                tls.sendall(packet)
+                answer = tls.recv(4)
+        except (ssl.SSLError, ConnectionError):
+            return True
+    if not answer:
+        return True  # closed without a CONNACK
+    assert answer[0] == 0x20, answer  # CONNACK
+    return answer[3] != 0  # a refusal return code
 
 
 # ------------------------------------------------------------------------------ scenario
@@ -554,7 +586,7 @@ async def scenario(w: World) -> None:
     last_hq = w.clock.now() - OFFLINE_DAYS * DAY
 
     # Years 1-10: the devices renew from 2/3 of their LDevID's life on (about every 8
-    # months); HQ is heard from about once a year; the year-2, year-4 and year-6 events
+    # months); HQ is heard from at most every 250 days; the year-2, year-4 and year-6 events
     # happen at the first round after their date.
     events = {"station": t0 + 2 * YEAR, "rollover": t0 + 4 * YEAR, "revoke": t0 + 6 * YEAR}
     end = t0 + 10 * YEAR
@@ -563,17 +595,17 @@ async def scenario(w: World) -> None:
         when = min(when + RENEW_EVERY, end)
         w.clock.set(when)
         await w.wait_broker_ready(w.live()[0])
-        if w.clock.now() - last_hq >= YEAR - 30 * DAY:
+        if w.clock.now() - last_hq >= HQ_EVERY:
             with w.phase("HQ contact", "root CRL ceremony, fresh site bundle") as row:
                 w.hq_visit(row)
             last_hq = w.clock.now()
         if "station" in events and w.clock.now() >= events["station"]:
             del events["station"]
-            with w.phase("station CA renewal", "new station CA certificate, 2 more devices"):
+            with w.optional(), w.phase("station CA renewal", "new station CA cert, 2 more devices"):
                 await year2_station(w)
         if "rollover" in events and w.clock.now() >= events["rollover"]:
             del events["rollover"]
-            with w.phase("site CA rollover", "new site CA; devices move at renewal") as row:
+            with w.optional(), w.phase("site CA rollover", "new site CA; devices move") as row:
                 await year4_rollover_begin(w, row)
         with w.phase("renewals", "every live device renews its LDevID over MQTT") as row:
             await renewal_round(w, row)
@@ -593,9 +625,15 @@ async def scenario(w: World) -> None:
 
     with w.phase("year 10", "every other device online, registered once, one certificate") as row:
         await final_checks(w, row)
+    if w.blocked:  # the timeline went on without them; the run is still incomplete
+        raise Blocked("; ".join(w.blocked))
 
 
-RENEW_EVERY = timedelta(days=240)  # 2/3 of a one-year LDevID, rounded down
+#: How often the site hears from HQ. A site that hears nothing for a year loses service:
+#: its broker and registrar-client certificates (365 days) are re-issued only when a
+#: bundle is commissioned, and the root CRL (365 days) comes only from HQ (docs/lifecycle.md).
+HQ_EVERY = timedelta(days=200)
+RENEW_EVERY = timedelta(days=250)  # just past 2/3 of a one-year LDevID (243 days)
 
 
 async def year2_station(w: World) -> None:
@@ -640,23 +678,44 @@ async def renewal_round(w: World, row: dict[str, Any]) -> None:
         raise Blocked("renewal: LDevID renewal over MQTT (DeviceClient.keep_certified)")
     assert w.reg is not None and w.op is not None
     outcomes: dict[str, str] = {}
+    steps = dict.fromkeys(("offline", "renew", "online", "old_refused"), 0.0)
     began = time.monotonic()
-    for dev in w.live():
+
+    async def one(dev: Device) -> None:
         reg = dev.client.registered
         assert reg is not None
+        if not dev.client.renewal_due():  # type: ignore[attr-defined]
+            outcomes[dev.name] = "current"  # registered less than 2/3 of a life ago
+            if not dev.online.is_set():
+                await w.go_online(dev)
+            return
         old = (reg.ldevid, reg.ldevid_key)
+        t = time.monotonic()
         await w.go_offline(dev)
+        steps["offline"] += time.monotonic() - t
+        t = time.monotonic()
         outcome = await dev.client.keep_certified(w.reg, w.op)  # type: ignore[attr-defined]
+        steps["renew"] += time.monotonic() - t
         outcomes[dev.name] = outcome
         assert outcome == "renewed", f"{dev.name}: {outcome}"
         new = dev.client.registered
         assert new is not None and new.ldevid.serial_number != old[0].serial_number
         dev.ldevids.append(new.ldevid)
         dev.superseded.append(old)
-        await w.go_online(dev)
+        # Before the device reconnects: a probe that got in would take its session over.
+        t = time.monotonic()
         assert await w.until_refused(*old), f"{dev.name}: superseded LDevID still accepted"
-    row["renewed"] = len(outcomes)
-    row["per_device_s"] = round((time.monotonic() - began) / max(1, len(outcomes)), 2)
+        steps["old_refused"] += time.monotonic() - t
+        t = time.monotonic()
+        await w.go_online(dev)
+        steps["online"] += time.monotonic() - t
+
+    await asyncio.gather(*(one(d) for d in w.live()))
+    renewed = sum(1 for o in outcomes.values() if o == "renewed")
+    assert renewed, outcomes
+    row["renewed"] = renewed
+    row["round_s"] = round(time.monotonic() - began, 2)
+    row["steps_s"] = {k: round(v, 2) for k, v in steps.items()}
     await w.telemetry_from(w.live())
 
 
