@@ -342,10 +342,13 @@ class World:
         return {r["device_id"]: r for r in rows}
 
     def hq_visit(self, row: dict[str, Any]) -> None:
-        """HQ is heard from: a root ceremony re-signs the root CRL (valid a year) when the
-        product has one, and a fresh site bundle is commissioned while the registrar runs."""
+        """HQ is heard from: a root ceremony re-signs the root CRL (valid a year) and renews
+        the role certificates that end within a year, and a fresh site bundle is
+        commissioned while the registrar runs."""
         if self.has("hq", "root-crl"):
             self.hq_cmd("root-crl")
+        if self.has("hq", "renew-roles"):
+            row["roles"] = self.hq_cmd("renew-roles").count("renewed")
         self.bundle()
         row["bundle"] = self.bundles
 
