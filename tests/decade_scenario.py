@@ -133,6 +133,7 @@ class World:
         self.bundles = 0
         self.phases: list[dict[str, Any]] = []
         self.started = time.monotonic()
+        self.t0 = clock.now()
         self._help: dict[str, str | None] = {}
         self.rollover_pending = False
         self.blocked: list[str] = []
@@ -765,6 +766,34 @@ async def final_checks(w: World, row: dict[str, Any]) -> None:
     row["ldevids_per_device"] = {d.name: len(d.ldevids) for d in w.devices}
 
 
+def markdown_table(figures: dict[str, Any]) -> str:
+    """The timeline as the Markdown table docs/lifecycle.md shows."""
+    lines = [
+        "| simulated date | phase | what happened | wall s | LDevIDs issued | superseded "
+        "| devices online |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for row in figures["phases"]:
+        detail = row["what"]
+        extra = {k: v for k, v in row.items() if k in _SHOWN}
+        if extra:
+            detail += " (" + ", ".join(f"{k}: {v}" for k, v in extra.items()) + ")"
+        if row["status"] != "ok":
+            detail += f" **{row['status']}**: {row.get('needs') or row.get('error', '')}"
+        lines.append(
+            f"| {row['date']} | {row['phase']} | {detail} | {row['wall_s']} "
+            f"| {row['ldevids_issued']} | {row['superseded']} | {row['online']}/{row['devices']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+_SHOWN = (
+    "refused", "openssl_attime_plus_5y", "openssl_now", "register_s", "renewed", "round_s",
+    "victim", "cut_after_command_s", "cut_from_command_start_s", "roles",
+    "superseded_refused_mosquitto_pub",
+)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, required=True)
@@ -788,7 +817,7 @@ def main() -> None:
         args.out.write_text(
             json.dumps(
                 {"outcome": outcome, "wall_s": round(time.monotonic() - world.started, 1),
-                 "phases": world.phases}, indent=2,
+                 "started": world.t0.isoformat(), "phases": world.phases}, indent=2,
             )
         )  # fmt: skip
     sys.exit(0 if outcome != "failed" else 1)

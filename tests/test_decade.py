@@ -14,24 +14,33 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.decade_scenario import markdown_table
 from tests.fixtures.faketime import FakeClock
 
 pytestmark = [pytest.mark.tpm, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Every phase of the timeline, in order.
-PHASES = (
+#: The issue's timeline, in the order the phases first happen.
+TIMELINE = (
     "manufacture",
     "entitlement ends",
     "18 months in stock",
     "site offline 60 days",
+    "station CA renewal",
+    "renewals",
+    "site CA rollover",
+    "old site CA retired",
+    "revocation",
+    "year 10",
 )
+YEAR = timedelta(days=365)
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +62,35 @@ def decade(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     figures["test_wall_s"] = round(time.monotonic() - began, 1)
     figures["stderr"] = done.stderr[-6000:]
     figures["returncode"] = done.returncode
+    # The figures docs/lifecycle.md shows (regenerate them from these two files).
     (ROOT / ".decade-figures.json").write_text(json.dumps(figures, indent=2))
+    (ROOT / ".decade-figures.md").write_text(markdown_table(figures))
     yield figures
 
 
 def _phase(figures: dict[str, Any], name: str) -> dict[str, Any]:
-    for row in figures["phases"]:
-        if row["phase"] == name:
-            assert row["status"] == "ok", json.dumps(row, indent=2) + figures["stderr"]
-            return dict(row)
-    raise AssertionError(f"phase {name!r} did not run: {figures['outcome']}\n{figures['stderr']}")
+    rows = _phases(figures, name)
+    assert rows, f"phase {name!r} did not run: {figures['outcome']}\n{figures['stderr']}"
+    return rows[0]
 
 
-def test_every_phase_of_the_decade_passes(decade: dict[str, Any]) -> None:
-    assert decade["returncode"] == 0, decade["stderr"]
+def _phases(figures: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    rows = [dict(r) for r in figures["phases"] if r["phase"] == name]
+    for row in rows:
+        assert row["status"] == "ok", json.dumps(row, indent=2) + figures["stderr"]
+    return rows
+
+
+def test_the_whole_decade_passes_well_under_two_minutes(decade: dict[str, Any]) -> None:
+    failed = [r for r in decade["phases"] if r["status"] != "ok"]
+    assert not failed, json.dumps(failed, indent=2) + decade["stderr"]
     assert decade["outcome"] == "ok", decade["outcome"] + "\n" + decade["stderr"]
-    assert [r["phase"] for r in decade["phases"]] == list(PHASES)
+    assert decade["returncode"] == 0, decade["stderr"]
+    first_seen = list(dict.fromkeys(r["phase"] for r in decade["phases"]))
+    assert [p for p in first_seen if p in TIMELINE] == list(TIMELINE)
+    started = datetime.fromisoformat(decade["started"])
+    last = datetime.fromisoformat(decade["phases"][-1]["date"]).replace(tzinfo=UTC)
+    assert last >= started + 10 * YEAR - timedelta(days=2)
     assert decade["test_wall_s"] < 120
 
 
@@ -85,3 +107,24 @@ def test_an_offline_site_still_registers(decade: dict[str, Any]) -> None:
     row = _phase(decade, "site offline 60 days")
     assert row["online"] == row["devices"] == 3
     assert row["ldevids_issued"] == 3
+
+
+def test_renewals_through_the_decade_and_superseded_certificates_refused(
+    decade: dict[str, Any],
+) -> None:
+    rounds = _phases(decade, "renewals")
+    assert len(rounds) >= 12  # one-year LDevIDs renewed from 2/3 of their life, years 2..10
+    assert sum(r["renewed"] for r in rounds) >= 50
+    end = _phase(decade, "year 10")
+    assert end["superseded"] >= 50
+    refused, total = map(int, end["superseded_refused_mosquitto_pub"].split("/"))
+    assert refused == total == end["superseded"]
+    assert end["online"] == end["devices"] - 1  # everyone but the revoked device
+
+
+def test_revoked_in_year_6_and_cut_within_a_second(decade: dict[str, Any]) -> None:
+    row = _phase(decade, "revocation")
+    started = datetime.fromisoformat(decade["started"])
+    assert datetime.fromisoformat(row["date"]).replace(tzinfo=UTC) >= started + 6 * YEAR
+    assert row["cut_after_command_s"] <= 1.0
+    assert row["online"] == row["devices"] - 1
