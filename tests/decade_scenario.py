@@ -353,6 +353,11 @@ class World:
         self.bundle()
         row["bundle"] = self.bundles
 
+    def rollover_status(self) -> dict[str, Any]:
+        doc = json.loads(self.site_cmd("rollover-ca", "--status", "--json"))
+        assert isinstance(doc, dict)
+        return doc
+
     def live(self) -> list[Device]:
         return [d for d in self.devices if d.client.registered is not None and not d.revoked]
 
@@ -613,13 +618,18 @@ async def scenario(w: World) -> None:
                 await year4_rollover_begin(w, row)
         with w.phase("renewals", "every live device renews its LDevID over MQTT") as row:
             await renewal_round(w, row)
-        if w.rollover_pending and all(
-            d.client.registered is not None and d.client.registered.site_ca == w.site_cas_now()[-1]
-            for d in w.live()
-        ):
+        if w.rollover_pending and w.rollover_status()["devices_on_retiring"] == 0:
             with w.phase("old site CA retired", "no live certificate depends on it") as row:
+                before = w.rollover_status()
                 row["output"] = w.site_cmd("rollover-ca", "--retire").strip().splitlines()[-1]
+                after = w.rollover_status()
+                assert after["retiring"] is None, after
+                issuing = after["issuing"]["certificate"]
+                row["issuing_ca"] = issuing.get("serial") or issuing.get("subject")
+                row["devices_on_new_ca"] = before["devices_on_issuing"]
+                assert before["devices_on_issuing"] == len(w.live())
                 w.rollover_pending = False
+                await w.wait_broker_ready(w.live()[0])
         if "revoke" in events and w.clock.now() >= events["revoke"]:
             del events["revoke"]
             with w.phase("revocation", "one device revoked while connected") as row:
