@@ -160,7 +160,7 @@ class World:
                 f"{' '.join(argv)} exited {done.returncode} (expected {expect}):\n"
                 f"{done.stdout}\n{done.stderr}"
             )
-        return done.stdout + done.stderr
+        return done.stdout
 
     def hq_cmd(self, *args: object, expect: int | None = 0) -> str:
         words = [str(a) for a in args if not str(a).startswith(("-", "/"))][:2]
