@@ -40,6 +40,8 @@ TIMELINE = (
     "revocation",
     "year 10",
 )
+#: The site CA (five years) rolls over in years 4 and 8.
+ROLLOVERS = 2
 YEAR = timedelta(days=365)
 
 
@@ -113,13 +115,24 @@ def test_renewals_through_the_decade_and_superseded_certificates_refused(
     decade: dict[str, Any],
 ) -> None:
     rounds = _phases(decade, "renewals")
-    assert len(rounds) >= 12  # one-year LDevIDs renewed from 2/3 of their life, years 2..10
-    assert sum(r["renewed"] for r in rounds) >= 50
+    assert len(rounds) >= 10  # one-year LDevIDs renewed from 2/3 of their life, years 2..10
+    assert sum(r["renewed"] for r in rounds) >= 40
     end = _phase(decade, "year 10")
-    assert end["superseded"] >= 50
+    assert end["superseded"] >= 40
     refused, total = map(int, end["superseded_refused_mosquitto_pub"].split("/"))
     assert refused == total == end["superseded"]
     assert end["online"] == end["devices"] - 1  # everyone but the revoked device
+
+
+def test_the_site_ca_rolls_over_twice_and_the_old_one_is_retired(decade: dict[str, Any]) -> None:
+    started = datetime.fromisoformat(decade["started"])
+    begun = _phases(decade, "site CA rollover")
+    retired = _phases(decade, "old site CA retired")
+    assert len(begun) == len(retired) == ROLLOVERS
+    first = datetime.fromisoformat(begun[0]["date"]).replace(tzinfo=UTC)
+    assert started + 4 * YEAR <= first < started + 5 * YEAR
+    for row in retired:
+        assert row["devices_on_new_ca"] == row["online"]  # nobody left behind, all online
 
 
 def test_revoked_in_year_6_and_cut_within_a_second(decade: dict[str, Any]) -> None:
