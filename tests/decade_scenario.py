@@ -134,7 +134,6 @@ class World:
         self.phases: list[dict[str, Any]] = []
         self.started = time.monotonic()
         self.t0 = clock.now()
-        self._help: dict[str, str | None] = {}
         self.rollover_pending = False
         self.blocked: list[str] = []
 
@@ -179,16 +178,23 @@ class World:
                         "--passphrase-file", self.site_pass, expect=expect)  # fmt: skip
 
     def has(self, *argv: str) -> bool:
-        """A product command (or option) exists in this checkout."""
-        *command, option = argv if argv[-1].startswith("--") else (*argv, "")
-        key = " ".join(command)
-        if key not in self._help:
-            done = subprocess.run(
-                [str(BIN / command[0]), *command[1:], "--help"], capture_output=True, text=True
-            )
-            self._help[key] = done.stdout if done.returncode == 0 else None
-        text = self._help[key]
-        return text is not None and (not option or option in text)
+        """A product command (or option) exists in this checkout: read from the click
+        command tree in this process (no ``--help`` child per question)."""
+        import importlib
+
+        import click
+
+        *words, option = argv if argv[-1].startswith("--") else (*argv, "")
+        module = {"hq": "hq.cli", "registrar": "registrar.cli", "factory-station":
+                  "factory_station.cli"}[words[0]]  # fmt: skip
+        command: click.Command | None = importlib.import_module(module).main
+        for word in words[1:]:
+            if not isinstance(command, click.Group):
+                return False
+            command = command.commands.get(word)
+        if command is None:
+            return False
+        return not option or any(option in p.opts for p in command.params)
 
     # -- phases -----------------------------------------------------------------------------
 
@@ -688,7 +694,7 @@ async def year2_station(w: World) -> None:
 async def rollover_begin(w: World, row: dict[str, Any]) -> None:
     if not w.has("registrar", "rollover-ca"):
         raise Blocked("rollover: registrar rollover-ca / hq site rollover")
-    request = w.work / "site-rollover-request.cbor"
+    request = w.work / f"site-rollover-request-{w.clock.now().date()}.cbor"
     w.site_cmd("rollover-ca", "--out", request)
     w.hq_cmd("site", "rollover", request)
     w.bundle()
