@@ -190,7 +190,7 @@ class World:
         command: click.Command | None = importlib.import_module(module).main
         for word in words[1:]:
             if not isinstance(command, click.Group):
-                return False
+                break  # the rest are the command's arguments
             command = command.commands.get(word)
         if command is None:
             return False
