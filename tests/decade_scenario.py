@@ -796,6 +796,9 @@ async def final_checks(w: World, row: dict[str, Any]) -> None:
     row["superseded_refused_mosquitto_pub"] = f"{refused}/{len(superseded)}"
     assert refused == len(superseded)
     row["ldevids_per_device"] = {d.name: len(d.ldevids) for d in w.devices}
+    log = (w.work / "registrar.log").read_text(errors="replace")
+    row["registrar_tracebacks"] = log.count("Traceback")
+    assert "Traceback" not in log, w.log_tail(80)
 
 
 def markdown_table(figures: dict[str, Any]) -> str:
