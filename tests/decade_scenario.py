@@ -376,9 +376,6 @@ class World:
     def live(self) -> list[Device]:
         return [d for d in self.devices if d.client.registered is not None and not d.revoked]
 
-    def site_cas_now(self) -> list[x509.Certificate]:
-        return self.site_cas()
-
     async def telemetry_from(self, devices: list[Device], timeout: float = 10) -> None:
         """The registrar decrypted fresh telemetry from each of ``devices``."""
         wanted = {d.name for d in devices}
@@ -704,7 +701,7 @@ async def rollover_begin(w: World, row: dict[str, Any]) -> None:
     w.bundle()
     await w.wait_broker_ready(w.live()[0])
     w.rollover_pending = True
-    row["site_cas"] = len(w.site_cas_now())
+    row["site_cas"] = len(w.site_cas())
 
 
 async def renewal_round(w: World, row: dict[str, Any]) -> None:
@@ -868,6 +865,4 @@ async def _run(world: World) -> None:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        tempfile.tempdir = None
-        main()
+    main()
