@@ -565,12 +565,15 @@ async def scenario(w: World) -> None:
 
     w.clock.set(t0 + 31 * DAY)
     with w.phase("entitlement ends", "the station refuses to make a 4th device") as row:
+        from factory_station.errors import IssuanceRefused
+
         try:
             w.manufacture(1)
-        except Exception as exc:  # the station's refusal, with its reason code
-            row["refused"] = getattr(exc, "reason", type(exc).__name__)
+        except IssuanceRefused as exc:  # the station's refusal, audited, with its reason
+            row["refused"] = exc.reason
         else:
             raise AssertionError("the station issued after its entitlement window")
+        assert row["refused"] == "window_expired", row["refused"]
         outs = [w.openssl_verify(d) for d in w.devices]
         assert all(o.strip().endswith("OK") for o in outs), outs
         row["openssl_now"] = f"{len(outs)}/{len(outs)} OK"
