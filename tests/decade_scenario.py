@@ -788,6 +788,22 @@ async def final_checks(w: World, row: dict[str, Any]) -> None:
         assert rec["registrations"] == 1, rec
         assert int(rec["ldevid_serial"], 16) == reg.ldevid.serial_number, rec
         assert reg.ldevid.not_valid_after_utc > w.clock.now()
+    # One current certificate: of every LDevID a device ever held, exactly one is neither
+    # on the site CRL nor expired, and it is the one the registrar records.
+    crl = x509.load_pem_x509_crl((w.site / "current" / "site-crl.pem").read_bytes())
+    now = w.clock.now()
+    for dev in live:
+        usable = [
+            c
+            for c in dev.ldevids
+            if c.not_valid_after_utc > now
+            and crl.get_revoked_certificate_by_serial_number(c.serial_number) is None
+            and c.issuer == crl.issuer
+        ]
+        assert [c.serial_number for c in usable] == [
+            dev.client.registered.ldevid.serial_number  # type: ignore[union-attr]
+        ], dev.name
+    row["one_current_certificate"] = f"{len(live)}/{len(live)}"
     victim = next(d for d in w.devices if d.revoked)
     assert records[victim.name]["status"] != "registered"
     await w.telemetry_from(live)
@@ -825,7 +841,7 @@ def markdown_table(figures: dict[str, Any]) -> str:
 _SHOWN = (
     "refused", "openssl_attime_plus_5y", "openssl_now", "register_s", "renewed", "round_s",
     "victim", "cut_after_command_s", "cut_from_command_start_s", "roles",
-    "superseded_refused_mosquitto_pub",
+    "superseded_refused_mosquitto_pub", "one_current_certificate",
 )  # fmt: skip
 
 
