@@ -54,6 +54,7 @@ from trustcore.registration import (
     parse_request,
     parse_response,
 )
+from trustcore.renewal import build_renewal_request, parse_renewal_request, renewal_due
 from trustcore.topics import device_topic, registration_request_topic, registration_response_topic
 
 __all__ = [
@@ -74,6 +75,10 @@ PEM = serialization.Encoding.PEM
 TELEMETRY = "telemetry"
 COMMANDS = "cmd"
 KEYS = "keys"
+#: ``devices/<id>/renewal/request`` and ``.../response`` (``registrar.service``).
+RENEWAL = "renewal"
+#: Devices renew from this fraction of their LDevID's life on (the site default too).
+RENEW_FROM = 2 / 3
 
 
 class DeviceRegistrationError(RuntimeError):
@@ -181,6 +186,9 @@ class Registered:
     current_key_id: bytes
     key_issued: int = 0
 
+    #: Every LDevID this device held before the current one (oldest first).
+    previous: list[x509.Certificate] = field(default_factory=list)
+
     @property
     def current_key(self) -> PayloadKey:
         return self.payload_keys[self.current_key_id]
@@ -190,7 +198,11 @@ Protocol_ = Literal["3.1.1", "5"]
 
 
 def _client(
-    endpoint: Endpoint, identifier: str, tls: ssl.SSLContext, protocol: Protocol_
+    endpoint: Endpoint,
+    identifier: str,
+    tls: ssl.SSLContext,
+    protocol: Protocol_,
+    timeout: float | None = None,
 ) -> aiomqtt.Client:
     return aiomqtt.Client(
         endpoint.host,
@@ -199,6 +211,7 @@ def _client(
         tls_context=tls,
         protocol=aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311,
         keepalive=30,
+        timeout=timeout,
     )
 
 
@@ -216,7 +229,11 @@ class DeviceClient:
         operational_tls: Callable[[Registered], TlsIdentity] | None = None,
         protocol: Protocol_ = "3.1.1",
         clock: Callable[[], float] = time.time,
+        renew_from: float = RENEW_FROM,
     ) -> None:
+        if not 0.0 < renew_from < 1.0:
+            raise ValueError("renew_from must be strictly between 0 and 1")
+        self.renew_from = renew_from
         self.credentials = credentials
         self.keys = keys
         self._registration_tls = registration_tls
@@ -360,19 +377,105 @@ class DeviceClient:
         )
         return self.registered
 
+    # -- LDevID renewal and re-registration ---------------------------------------------------
+
+    def now(self) -> datetime:
+        """The device's clock (injectable: tests walk a device through years)."""
+        return _aware(self._clock())
+
+    def renewal_due(self, now: datetime | None = None) -> bool:
+        """True from ``renew_from`` of the current LDevID's life on."""
+        if self.registered is None:
+            return False
+        moment = _aware(self._clock()) if now is None else now
+        return renewal_due(self.registered.ldevid, moment, self.renew_from)
+
+    def ldevid_expired(self, now: datetime | None = None) -> bool:
+        if self.registered is None:
+            return True
+        moment = _aware(self._clock()) if now is None else now
+        return moment > self.registered.ldevid.not_valid_after_utc
+
+    def new_renewal_request(self) -> tuple[bytes, Signer]:
+        """A renewal request: CSR for a NEW key from the key factory (TPM), signed by the
+        current LDevID key."""
+        if self.registered is None:
+            raise DeviceRegistrationError("register first", reason="not_registered")
+        new_key = self.keys.new_signing_key()
+        request = build_renewal_request(
+            device_id=self.device_id,
+            nonce=os.urandom(32),
+            time=int(self._clock()),
+            csr_der=build_device_csr(new_key, self.device_id),
+            ldevid_der=self.registered.ldevid.public_bytes(serialization.Encoding.DER),
+            ldevid_key=self.registered.ldevid_key,
+        )
+        return request, new_key
+
+    async def renew(
+        self,
+        endpoint: Endpoint,
+        *,
+        timeout: float = 10.0,
+        resend_after: float = 3.0,
+        tls: ssl.SSLContext | None = None,
+        connect_timeout: float | None = None,
+    ) -> Registered:
+        """Renew over a fresh operational session (see :meth:`OperationalSession.renew`).
+        ``connect_timeout``: a certificate the broker refuses (on the CRL) shows as a
+        CONNECT without answer under TLS 1.3, so a short one saves the device's time.
+        Returns with the new LDevID in ``registered``; reconnect to use it."""
+        async with self.operational(endpoint, tls=tls, connect_timeout=connect_timeout) as session:
+            return await session.renew(timeout=timeout, resend_after=resend_after)
+
+    async def keep_certified(
+        self, registration: Endpoint, operational: Endpoint, *, timeout: float = 10.0
+    ) -> Literal["current", "renewed", "registered"]:
+        """What a device does when it wakes up: nothing if its LDevID is young; renew it
+        from ``renew_from`` of its life on; register again with the IDevID if it has none,
+        it expired (switched off too long), or the registrar refuses the renewal for good
+        (superseded, unknown). Retryable refusals (``too_early``, ``busy``) raise."""
+        if self.registered is None or self.ldevid_expired():
+            await self.register(registration, timeout=timeout)
+            return "registered"
+        if not self.renewal_due():
+            return "current"
+        try:
+            await self.renew(operational, timeout=timeout, connect_timeout=3.0)
+        except DeviceRegistrationError as exc:
+            if exc.retry or exc.reason == "ldevid_revoked":
+                raise
+            log.warning("%s: renewal refused (%s); registering again", self.device_id, exc)
+            await self.register(registration, timeout=timeout)
+            return "registered"
+        except aiomqtt.MqttError as exc:
+            # The operational listener refuses the certificate (e.g. already on the CRL):
+            # the IDevID still works on the registration listener.
+            log.warning("%s: cannot renew (%s); registering again", self.device_id, exc)
+            await self.register(registration, timeout=timeout)
+            return "registered"
+        return "renewed"
+
     @contextlib.asynccontextmanager
     async def operational(
-        self, endpoint: Endpoint, *, tls: ssl.SSLContext | None = None
+        self,
+        endpoint: Endpoint,
+        *,
+        tls: ssl.SSLContext | None = None,
+        connect_timeout: float | None = None,
     ) -> AsyncIterator[OperationalSession]:
         """Connect to the operational listener with the LDevID; subscribe to commands and
         key updates under the device's own subtree."""
         if self.registered is None:
             raise DeviceRegistrationError("register first", reason="not_registered")
         context = tls or self.operational_context()
-        async with _client(endpoint, self.device_id.value, context, self.protocol) as client:
+        async with _client(
+            endpoint, self.device_id.value, context, self.protocol, connect_timeout
+        ) as client:
             session = OperationalSession(self, client)
             await client.subscribe(device_topic(self.device_id, COMMANDS), qos=1)
             await client.subscribe(device_topic(self.device_id, KEYS), qos=1)
+            await client.subscribe(device_topic(self.device_id, RENEWAL, "response"), qos=1)
             reader = asyncio.create_task(session._read())
             try:
                 yield session
@@ -394,6 +497,7 @@ class OperationalSession:
         self.client = client
         self.commands: asyncio.Queue[bytes] = asyncio.Queue()
         self.key_updates = 0
+        self._renewal_answers: asyncio.Queue[bytes] = asyncio.Queue()
 
     @property
     def _reg(self) -> Registered:
@@ -407,6 +511,8 @@ class OperationalSession:
     async def _read(self) -> None:
         device_id = self._device.device_id
         keys_topic = device_topic(device_id, KEYS)
+        renewed_topic = device_topic(device_id, RENEWAL, "response")
+        renew_topic = device_topic(device_id, RENEWAL, "request")
         async for message in self.client.messages:
             topic = str(message.topic)
             payload = message.payload
@@ -415,12 +521,75 @@ class OperationalSession:
             if topic == keys_topic:
                 self._key_update(bytes(payload))
                 continue
+            if topic == renewed_topic:
+                self._renewal_answers.put_nowait(bytes(payload))
+                continue
+            if topic == renew_topic:
+                continue  # our own request, echoed by the devices/<id>/# subscription
             try:
                 self.commands.put_nowait(
                     open_payload(self._reg.payload_keys, topic, bytes(payload))
                 )
             except PayloadError as exc:
                 log.warning("%s dropped a command on %s: %s", device_id, topic, exc)
+
+    async def renew(self, *, timeout: float = 10.0, resend_after: float = 3.0) -> Registered:
+        """Renew the LDevID over THIS session (the operational listener, authenticated by
+        the current LDevID): publish a request signed by the current key with a CSR for a
+        new TPM key on ``devices/<id>/renewal/request`` and wait for the signed answer on
+        ``devices/<id>/renewal/response``. The identical request is re-sent after ``resend_after``
+        s (the registrar answers idempotently: no second certificate). Answers that do not
+        verify are ignored. On success the device holds the new LDevID (the old one is on
+        the site CRL already: reconnect with the new one; the registrar cuts a session left
+        on the old certificate after its hand-over time)."""
+        device = self._device
+        reg = self._reg
+        request, new_key = await asyncio.to_thread(device.new_renewal_request)
+        parsed = parse_renewal_request(request)
+        topic = device_topic(device.device_id, RENEWAL, "request")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.client.publish(topic, request, qos=1)
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeviceRegistrationError(
+                    "no valid renewal answer", reason="timeout", retry=True
+                )
+            try:
+                payload = await asyncio.wait_for(
+                    self._renewal_answers.get(), min(remaining, resend_after)
+                )
+            except TimeoutError:
+                await self.client.publish(topic, request, qos=1)  # same bytes: idempotent
+                continue
+            try:
+                result = parse_response(
+                    payload,
+                    device_id=device.device_id,
+                    nonce=parsed.nonce,
+                    request_digest=parsed.digest,
+                    ldevid_public_key=new_key.public_key(),
+                    roots=device.credentials.roots,
+                    now=device.now(),
+                )
+            except RegistrationError as exc:
+                log.warning("%s ignored a renewal answer: %s", device.device_id, exc)
+                continue
+            if isinstance(result, RegistrationDenied):
+                raise DeviceRegistrationError(
+                    f"renewal refused: {result.reason}: {result.message}",
+                    reason=result.reason,
+                    retry=result.retry,
+                )
+            key = open_payload_key(reg.wrap_key, device.device_id, result.payload_key)
+            reg.payload_keys[key.key_id] = key
+            reg.previous.append(reg.ldevid)
+            reg.ldevid = result.ldevid
+            reg.site_ca = result.site_ca
+            reg.ldevid_key = new_key
+            reg.current_key_id = key.key_id  # the registrar's current payload key
+            return reg
 
     def _key_update(self, payload: bytes) -> None:
         reg = self._reg

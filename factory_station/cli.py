@@ -330,6 +330,65 @@ def export_audit(home: Path, tcti: str | None, out: Path) -> None:
     click.echo(f"audit export {number} written to {out} ({status.audit_records} records in log)")
 
 
+@main.command("renew-ca")
+@_HOME
+@_TCTI
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the signed request for HQ (hq renew-station).",
+)
+@click.option(
+    "--rekey",
+    is_flag=True,
+    help="Create a new CA key in the TPM and ask HQ to certify it (signed by the new key and "
+    "the current one); without it, ask for a new certificate for the current key.",
+)
+def renew_ca(home: Path, tcti: str | None, out: Path, rekey: bool) -> None:
+    """Ask HQ for a new station CA certificate: renewal (same TPM key) or --rekey."""
+    if out.exists():
+        raise Refused(f"exists: {out} already exists; not overwriting it")
+    with _station(home, tcti) as station:
+        request = station.make_ca_request(rekey=rekey)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(request)
+    tmp.replace(out)
+    from trustcore.keys import key_id
+    from trustcore.station_ca_request import StationCaRequest
+
+    new_key = key_id(StationCaRequest.decode(request).verify().new_public).hex()
+    what = "re-key (new CA key pending in the TPM)" if rekey else "renewal of the current CA key"
+    click.echo(f"station CA request ({what}) written to {out}; take it to HQ")
+    click.echo(f"  key to certify: {new_key}")
+
+
+@main.command("import-ca")
+@_HOME
+@_TCTI
+@click.option(
+    "--rekey",
+    is_flag=True,
+    help="Expect a re-key (a certificate for the pending new key); refuse anything else. "
+    "Without it, renewal or re-key is told from the certificate's key.",
+)
+@click.argument("certificate", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def import_ca(home: Path, tcti: str | None, rekey: bool, certificate: Path) -> None:
+    """Import the station CA certificate HQ issued for a renew-ca request."""
+    if certificate.stat().st_size > 64 * 1024:
+        raise Refused(f"malformed: {certificate} is too large for a certificate")
+    with _station(home, tcti) as station:
+        result = station.import_ca_certificate(
+            certificate.read_bytes(), expect_rekey=True if rekey else None
+        )
+    cert = result.certificate
+    click.echo(
+        f"station CA {result.kind}: {result.status.replace('_', ' ')}, serial "
+        f"{cert.serial_number:x} (previous {result.previous_serial}), valid until "
+        f"{cert.not_valid_after_utc.isoformat()}"
+    )
+
+
 @main.command()
 @_HOME
 @_TCTI
@@ -338,6 +397,7 @@ def status(home: Path, tcti: str | None, as_json: bool) -> None:
     """Show the station's counter, entitlement and usage."""
     with _station(home, tcti) as station:
         st = station.status().to_map()
+        st["station_ca"] = station.station_ca_summary()
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return

@@ -14,6 +14,9 @@ Station directory (``--home``)::
     root.pem                the manufacturer root certificate, pinned at init
     tpm-vendor-ca.pem       TPM-vendor CA certificates for EK-certificate checks (optional)
     station-ca.tss.pem      station CA key: a TPM-wrapped blob, useless outside this TPM
+    station-ca.next.tss.pem a re-key's new CA key until its certificate is imported;
+    station-ca.retired-*    CA keys re-keyed away from, which sign only their CRL
+                            (both: factory_station.ca_renewal)
     transport.tss.pem       transport (ECDH) key: a TPM-wrapped blob, for entitlements
     enrolment.cbor          the enrolment request for HQ (CSR + transport key, bound)
     station.db              SQLite: entitlements, issuances, audit log, exports
@@ -35,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -45,6 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from factory_station import ca_renewal
 from factory_station import quorum as quorum_grants
 from factory_station.attestation import AttestationVerifier
 from factory_station.errors import (
@@ -98,11 +102,13 @@ from trustcore.profiles import (
 )
 from trustcore.quorum import QuorumError, encode_bundle, parse_evidence, verify_quorum_rule
 from trustcore.sealed import open_package, peek, seal_package
+from trustcore.station_ca_request import KIND_REKEY, KIND_RENEW, StationCaRequest
 from trustcore.verify import ChainVerifier
 
 __all__ = [
     "DEFAULT_NV_INDEX",
     "AttestationMode",
+    "CaImportResult",
     "FactoryStation",
     "ImportedEntitlement",
     "IssuedCertificate",
@@ -219,6 +225,17 @@ class IssuedCertificate:
 
 
 @dataclass(frozen=True)
+class CaImportResult:
+    """What ``import-ca`` did: ``kind`` is ``renew`` or ``rekey``; ``status`` ``imported``
+    or ``already_imported``."""
+
+    kind: str
+    status: str
+    certificate: x509.Certificate
+    previous_serial: str
+
+
+@dataclass(frozen=True)
 class ImportedEntitlement:
     policy: EntitlementPolicy
     counter_base: int
@@ -261,6 +278,8 @@ class _Active:
     station_ca: x509.Certificate
     audit_receiver: x509.Certificate
     manufacturer: str
+    #: The HQ CRL signer named as cRLIssuer in every IDevID (None: an older entitlement).
+    crl_issuer: x509.Name | None = None
 
 
 def _utc(when: int) -> datetime:
@@ -438,6 +457,8 @@ class FactoryStation:
                 counter = wrap_counter(counter)
             store = StationStore(home / DB_FILE)
             opened.append(store)
+            ca_renewal.ensure_table(store.db)
+            ca_key = ca_renewal.finish_key_switch(home, tpm, store.db, ca_key)
             station = cls(
                 home=home,
                 config=config,
@@ -513,9 +534,20 @@ class FactoryStation:
         self._active = _Active(
             row=row,
             policy=payload.policy,
-            station_ca=x509.load_der_x509_certificate(payload.station_ca_cert_der),
+            # The newest certificate for the CA key in use: a renewed or re-keyed one
+            # (import-ca) wins over the entitlement's own.
+            station_ca=ca_renewal.current_certificate(
+                self.store.db,
+                self.ca_key.public_key(),
+                x509.load_der_x509_certificate(payload.station_ca_cert_der),
+            ),
             audit_receiver=x509.load_der_x509_certificate(payload.audit_receiver_cert_der),
             manufacturer=_organization(payload.station_ca_cert_der),
+            crl_issuer=(
+                None
+                if payload.crl_signer_cert_der is None
+                else x509.load_der_x509_certificate(payload.crl_signer_cert_der).subject
+            ),
         )
 
     @property
@@ -667,6 +699,17 @@ class FactoryStation:
                 f"the audit receiver certificate is not valid under the root: {exc}",
                 reason="bad_audit_receiver",
             ) from exc
+        if payload.crl_signer_cert_der is not None:
+            try:
+                signer = x509.load_der_x509_certificate(payload.crl_signer_cert_der)
+                ChainVerifier(
+                    [self.root], required_eku=HqRole.CRL_SIGNER.eku, require_crl=False
+                ).verify(signer, now=_utc(now))
+            except (ValueError, VerificationError) as exc:
+                raise EntitlementImportError(
+                    f"the CRL signer certificate is not valid under the root: {exc}",
+                    reason="bad_crl_signer",
+                ) from exc
 
     # ------------------------------------------------------------------------- issuance
 
@@ -877,6 +920,7 @@ class FactoryStation:
                 device_id=device_id,
                 manufacturer=active.manufacturer,
                 not_before=_utc(now),
+                crl_issuer=active.crl_issuer,
             )
         except (TpmError, ProfileError, TrustCoreError) as exc:
             # The slot is consumed but we know no certificate exists: burn it, audited.
@@ -999,6 +1043,7 @@ class FactoryStation:
                 audit_export=encode_export(records, checkpoint),
                 manifest=tuple(manifest),
                 crl=self._station_crl(active.station_ca, number, now),
+                retired_crls=self._retired_crls(number, now),
             )
             receiver = active.audit_receiver.public_key()
             assert isinstance(receiver, ec.EllipticCurvePublicKey)  # verified at import
@@ -1016,11 +1061,14 @@ class FactoryStation:
 
     def _station_crl(self, station_ca: x509.Certificate, number: int, now: int) -> bytes:
         """The station CA's CRL, signed in the TPM. A station never revokes by itself (HQ
-        decides revocations and publishes them in its own signed list), so the list is
-        empty; what matters is that the CA has a current CRL, which brokers require for
-        every issuing CA. Valid until the station CA expires, at most 90 days ahead."""
+        decides revocations and publishes them in its own signed indirect CRL), so the list
+        is empty; what matters is that the CA has a CRL, which Mosquitto requires for every
+        issuing CA on the registration listener. Valid until the station CA expires: a
+        station switched off for years must not make its devices unregistrable, and an
+        empty CRL of a CA that never revokes says nothing that can go out of date
+        (docs/pki.md, "Station CRLs")."""
         this_update = datetime.fromtimestamp(now, UTC)
-        next_update = min(station_ca.not_valid_after_utc, this_update + timedelta(days=90))
+        next_update = station_ca.not_valid_after_utc
         crl = build_crl(
             station_ca,
             self.ca_key.private_key(),
@@ -1030,6 +1078,203 @@ class FactoryStation:
             next_update=next_update,
         )
         return crl.public_bytes(serialization.Encoding.DER)
+
+    def _retired_crls(self, number: int, now: int) -> tuple[bytes, ...]:
+        """An empty CRL signed by each CA key the station re-keyed away from, so devices
+        made under it keep a current CRL at sites. Each key is loaded for this and unloaded
+        again (a raw swtpm has three object slots)."""
+        out = []
+        for path in ca_renewal.retired_key_files(self.home):
+            self.transport_key.unload()
+            key = TpmKey.load(self.tpm, path)
+            try:
+                cert = ca_renewal.latest_for_key(self.store.db, key.public_key())
+                if cert is None or cert.not_valid_after_utc <= _utc(now):
+                    continue
+                # Valid until the key's certificate ends: the key never revokes anything
+                # again (HQ does), so its empty CRL says nothing that can go out of date.
+                crl = build_crl(
+                    cert,
+                    key.private_key(),
+                    revoked=(),
+                    crl_number=number,
+                    this_update=_utc(now),
+                    next_update=cert.not_valid_after_utc,
+                )
+                out.append(crl.public_bytes(serialization.Encoding.DER))
+            finally:
+                key.unload()
+        return tuple(out)
+
+    # ------------------------------------------------------------ CA renewal and re-key
+
+    def make_ca_request(self, *, rekey: bool) -> bytes:
+        """A signed request for HQ (``hq renew-station``): renewal of the current CA key's
+        certificate, or (``rekey``) a new CA key created in the TPM now and kept as the
+        pending key until its certificate is imported. A new re-key request replaces an
+        earlier pending key. Audited as ``ca_requested``."""
+        with self._lock:
+            active = self._require_entitlement()
+            now = self._clock()
+            current = active.station_ca
+            subject = x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, self.station_id.value),
+                    x509.NameAttribute(NameOID.SERIAL_NUMBER, self.station_id.value),
+                ]
+            )
+            new_key: TpmKey | None = None
+            try:
+                if rekey:
+                    # Free the slots (both keys reload from their blobs on next use).
+                    self.transport_key.unload()
+                    self.ca_key.unload()
+                    new_key = TpmKey.create(self.tpm, TpmKeyUsage.SIGN)
+                    new_key.save(self.home / ca_renewal.NEXT_CA_KEY_FILE, overwrite=True)
+                csr = build_csr(self.ca_key if new_key is None else new_key, subject)
+                request = StationCaRequest.create(
+                    station_id=self.station_id,
+                    csr_der=csr,
+                    current_cert_der=current.public_bytes(serialization.Encoding.DER),
+                    current_key=self.ca_key,
+                    new_key=new_key,
+                    created=now,
+                )
+            except TpmError as exc:
+                raise StationStateError(f"station TPM: {exc}") from exc
+            finally:
+                if new_key is not None:
+                    new_key.unload()
+            certified = new_key.public_key() if new_key is not None else self.ca_key.public_key()
+            self._append_audit(
+                "ca_requested",
+                {
+                    "kind": request.kind,
+                    "request_id": request.request_id,
+                    "key_id": key_id(certified),
+                    "current_serial": f"{current.serial_number:x}",
+                },
+                now,
+            )
+            return request.encode()
+
+    def import_ca_certificate(
+        self, data: bytes, *, expect_rekey: bool | None = None
+    ) -> CaImportResult:
+        """Take HQ's answer to :meth:`make_ca_request`. The certificate must be a station CA
+        certificate for this station, signed by the pinned root, valid now, and certify the
+        current CA key (renewal) or the pending re-key key. A re-key switches issuance,
+        checkpoints and the station CRL to the new key in the same step; the audit chain
+        simply continues (record ``station_ca_imported``). Refusals: ``wrong_station_ca``,
+        ``key_mismatch``, ``stale_certificate``."""
+        with self._lock:
+            active = self._require_entitlement()
+            now = self._clock()
+            try:
+                cert = (
+                    x509.load_pem_x509_certificate(data)
+                    if data.lstrip().startswith(b"-----")
+                    else x509.load_der_x509_certificate(data)
+                )
+                public = cert.public_key()
+            except ValueError as exc:
+                raise EntitlementImportError(
+                    f"the certificate does not parse: {exc}", reason="malformed"
+                ) from exc
+            _check_station_ca(cert, self.root, self.station_id, now)
+            if not isinstance(public, ec.EllipticCurvePublicKey):
+                raise EntitlementImportError("not a P-256 key", reason="wrong_station_ca")
+            previous = active.station_ca
+            spki = _spki(public)
+            pending: TpmKey | None = None
+            nxt = self.home / ca_renewal.NEXT_CA_KEY_FILE
+            if spki == _spki(self.ca_key.public_key()):
+                kind = KIND_RENEW
+            else:
+                if nxt.exists():
+                    self.transport_key.unload()
+                    pending = TpmKey.load(self.tpm, nxt)
+                if pending is None or _spki(pending.public_key()) != spki:
+                    if pending is not None:
+                        pending.unload()
+                    raise EntitlementImportError(
+                        "the certificate certifies neither the station's CA key nor its "
+                        "pending re-key key",
+                        reason="key_mismatch",
+                    )
+                kind = KIND_REKEY
+            if expect_rekey is not None and expect_rekey != (kind == KIND_REKEY):
+                if pending is not None:
+                    pending.unload()
+                raise EntitlementImportError(
+                    f"expected a {'re-key' if expect_rekey else 'renewal'} certificate, this "
+                    f"one is a {kind}",
+                    reason="key_mismatch",
+                )
+            if cert.serial_number == previous.serial_number:
+                if pending is not None:
+                    pending.unload()
+                return CaImportResult(kind, "already_imported", cert, f"{previous.serial_number:x}")
+            if kind == KIND_RENEW and cert.not_valid_before_utc < previous.not_valid_before_utc:
+                raise EntitlementImportError(
+                    "the certificate is older than the one in use", reason="stale_certificate"
+                )
+            fields: dict[str, FieldValue] = {
+                "kind": kind,
+                "serial": f"{cert.serial_number:x}",
+                "key_id": key_id(public),
+                "previous_serial": f"{previous.serial_number:x}",
+                "previous_key_id": key_id(self.ca_key.public_key()),
+            }
+            rec = self._audit.append("station_ca_imported", fields, now)
+            try:
+                with self.store.transaction() as db:
+                    ca_renewal.record_certificate(db, previous, "previous", now)
+                    ca_renewal.record_certificate(db, cert, kind, now)
+                    db.execute(
+                        "INSERT INTO audit(seq, record) VALUES (?, ?)",
+                        (self._audit.head.next_seq - 1, rec),
+                    )
+            except BaseException:
+                self._reload_audit()
+                if pending is not None:
+                    pending.unload()
+                raise
+            if pending is not None:
+                try:
+                    ca_renewal.switch_keys(self.home, self.ca_key, pending)
+                except StationStateError as exc:
+                    # The database already says "new key": stop; the next open finishes the
+                    # switch (ca_renewal.finish_key_switch).
+                    self._broken = f"re-key recorded but key files not switched: {exc}"
+                    raise StationStateError(f"{self._broken}; reopen the station") from exc
+                self.ca_key.unload()
+                self.ca_key = pending
+                self._ca_private = pending.private_key()
+            self._load_active()
+            return CaImportResult(kind, "imported", cert, f"{previous.serial_number:x}")
+
+    def station_ca_summary(self) -> dict[str, Any] | None:
+        """The CA certificate in use, its key, a pending re-key, retired keys (status)."""
+        with self._lock:
+            if self._active is None:
+                return None
+            cert = self._active.station_ca
+            return {
+                "serial": f"{cert.serial_number:x}",
+                "key_id": key_id(self.ca_key.public_key()).hex(),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "rekey_pending": (self.home / ca_renewal.NEXT_CA_KEY_FILE).exists(),
+                "retired_keys": len(ca_renewal.retired_key_files(self.home)),
+            }
+
+    def _append_audit(self, event: str, fields: dict[str, FieldValue], now: int) -> None:
+        rec = self._audit.append(event, fields, now)
+        try:
+            self.store.append_audit([(self._audit.head.next_seq - 1, rec)])
+        except BaseException:
+            self._reload_audit()
+            raise
 
     def record_export(self, number: int) -> None:
         with self._lock:

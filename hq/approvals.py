@@ -63,6 +63,7 @@ __all__ = [
     "EXPORT_PAYLOAD_KEY",
     "HQ_OPERATIONS",
     "ISSUE_ENTITLEMENT",
+    "REKEY_STATION_CA",
     "REVOKE_STATION_CA",
     "ApprovalServer",
     "ApproverRow",
@@ -87,9 +88,11 @@ ISSUE_ENTITLEMENT: Final = "issue_entitlement"
 REVOKE_STATION_CA: Final = "revoke_station_ca"
 EXPORT_PAYLOAD_KEY: Final = "export_payload_key"
 ADD_APPROVER: Final = "add_approver"
+#: A station CA re-key (``hq.station_ca``): a new root-certified signing key for a station.
+REKEY_STATION_CA: Final = "rekey_station_ca"
 #: Operations HQ itself gates (the station's are :data:`QUORUM_OPERATIONS`).
 HQ_OPERATIONS: Final = frozenset(
-    {ISSUE_ENTITLEMENT, REVOKE_STATION_CA, EXPORT_PAYLOAD_KEY, ADD_APPROVER}
+    {ISSUE_ENTITLEMENT, REVOKE_STATION_CA, EXPORT_PAYLOAD_KEY, ADD_APPROVER, REKEY_STATION_CA}
 )
 
 APPROVER_PASSPHRASE_ENV: Final = "DEVTRUST_APPROVER_PASSPHRASE"  # noqa: S105 (a name)
@@ -180,6 +183,11 @@ def revoke_station_ca_params(station_id: str) -> dict[str, Any]:
     return {"station_id": station_id}
 
 
+def rekey_station_ca_params(station_id: str, key_id_hex: str) -> dict[str, Any]:
+    """A re-key quorum approves one new key (hex SHA-256 of its SPKI) for one station."""
+    return {"station_id": station_id, "key_id": key_id_hex}
+
+
 def site_bundle_params(site_id: str) -> dict[str, Any]:
     """A site bundle exports the site's payload keys to the site's transport key."""
     return {"site_id": site_id}
@@ -239,6 +247,8 @@ def gate_required(
         return limit is not None and int(params["total_quota"]) > limit
     if operation == EXPORT_PAYLOAD_KEY:
         return cfg.export_payload_key
+    if operation == REKEY_STATION_CA:
+        return cfg.station_rekey
     if operation == ADD_APPROVER:
         if conn is not None:
             _ensure_tables(conn)

@@ -70,7 +70,7 @@ from trustcore.errors import (
     ReplayError,
     SealedPackageError,
 )
-from trustcore.keys import KeyAgreement, key_id
+from trustcore.keys import KeyAgreement, key_id, spki_der
 from trustcore.messages import CT_AUDIT_EXPORT, AuditExportPayload
 from trustcore.profiles import HqRole, device_id_from_certificate, station_id_from_certificate
 from trustcore.quorum import ParamValue, QuorumError, parse_evidence, verify_quorum_rule
@@ -157,6 +157,11 @@ class VerifiedExport:
     checkpoint: Checkpoint
     manifest: tuple[bytes, ...]
     crl: StationCrlRow | None = None
+    #: CRLs of the station's retired CA keys: (issuer key id, row).
+    retired_crls: tuple[tuple[bytes, StationCrlRow], ...] = ()
+    #: Every CA certificate HQ issued to the station (renewals and re-keys included): the
+    #: manifest may hold devices signed under any of them.
+    station_cas: tuple[x509.Certificate, ...] = ()
 
 
 def _check_station_ca(cert: x509.Certificate, root: x509.Certificate, store: HqStore) -> str:
@@ -184,9 +189,17 @@ def _check_station_ca(cert: x509.Certificate, root: x509.Certificate, store: HqS
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    if spki != station.ca_public_der:
+    # The current CA key, or one the station re-keyed away from (hq.station_ca): an export
+    # written before a re-key and carried to HQ after it is still the station's own log —
+    # until HQ accepted one signed by a newer key (HqStore.station_export_keys).
+    if spki not in store.station_export_keys(station_id):
+        closed = spki in store.station_ca_keys(station_id)
         raise _refuse(
-            "foreign_station", f"sender key is not the enrolled CA key of station {station_id!r}"
+            "foreign_station",
+            f"sender key of station {station_id!r} was superseded by a re-key and the station "
+            "already exports with its new key"
+            if closed
+            else f"sender key is not the enrolled CA key of station {station_id!r}",
         )
     if not store.station_ca_issued(station_id, cert.public_bytes(serialization.Encoding.DER)):
         raise _refuse(
@@ -276,6 +289,12 @@ def verify_audit_package(
     except AuditChainError as exc:
         raise _refuse(exc.reason, f"audit export of {station_id}: {exc.args[0]}") from exc
     crl = None if payload.crl is None else _station_crl(payload.crl, cert, store, station_id)
+    station_cas = tuple(
+        x509.load_der_x509_certificate(der) for _, der in store.station_ca_certificates(station_id)
+    )
+    retired = tuple(
+        _retired_crl(der, cert, station_cas, store, station_id) for der in payload.retired_crls
+    )
     return VerifiedExport(
         station_id=station_id,
         station_ca=cert,
@@ -286,7 +305,40 @@ def verify_audit_package(
         checkpoint=checkpoint,
         manifest=payload.manifest,
         crl=crl,
+        retired_crls=retired,
+        station_cas=station_cas,
     )
+
+
+def _retired_crl(
+    der: bytes,
+    sender: x509.Certificate,
+    station_cas: Sequence[x509.Certificate],
+    store: HqStore,
+    station_id: str,
+) -> tuple[bytes, StationCrlRow]:
+    """A CRL signed by one of the station's retired CA keys (not the sender's key): it must
+    verify against a certificate HQ issued to the station for a key of its re-key chain."""
+    keys = set(store.station_ca_keys(station_id))
+    sender_key = spki_der(sender.public_key())
+    for ca in station_cas:
+        ca_key = spki_der(ca.public_key())
+        if ca_key == sender_key or ca_key not in keys:
+            continue
+        try:
+            revocations = verify_crl(der, ca, now=None)
+        except CrlError:
+            continue
+        crl = load_crl(der)
+        return revocations.issuer_key_id, StationCrlRow(
+            station_id=station_id,
+            crl_number=revocations.crl_number,
+            this_update=int(crl.last_update_utc.timestamp()),
+            next_update=int(revocations.next_update.timestamp()),
+            crl_der=crl.public_bytes(serialization.Encoding.DER),
+            recorded_at=int(time.time()),
+        )
+    raise _refuse("bad_crl", "a retired-key CRL in the export does not verify")
 
 
 def _station_crl(
@@ -709,7 +761,9 @@ def _load_tally(store: HqStore, station_id: str, eseq: int) -> _Tally | None:
 
 
 def check_manifest(
-    manifest: Sequence[bytes], issued: Sequence[IssuedEntry], station_ca: x509.Certificate
+    manifest: Sequence[bytes],
+    issued: Sequence[IssuedEntry],
+    station_ca: x509.Certificate | Sequence[x509.Certificate],
 ) -> tuple[list[Violation], dict[int, bytes]]:
     """Pair each manifest certificate with its ``issued`` record by serial number. A record
     without a certificate, a certificate without a record (an issuance the log does not
@@ -717,10 +771,11 @@ def check_manifest(
     violations and the verified certificates by serial."""
     violations: list[Violation] = []
     by_serial: dict[int, tuple[str, bytes, bytes]] = {}
+    cas = [station_ca] if isinstance(station_ca, x509.Certificate) else list(station_ca)
     for index, der in enumerate(manifest):
         try:
             cert = x509.load_der_x509_certificate(der)
-            cert.verify_directly_issued_by(station_ca)
+            _verify_by_any(cert, cas)
             device_id = device_id_from_certificate(cert).value
             public = cert.public_key()
             kid = key_id(public)  # type: ignore[arg-type]
@@ -779,6 +834,28 @@ def check_manifest(
     return violations, verified
 
 
+def _verify_by_any(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> None:
+    """``cert`` is signed by one of ``cas`` (same station name, one key per re-key): the
+    one whose key id matches the certificate's AKI first, then the others."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        wanted = aki.key_identifier
+    except x509.ExtensionNotFound:
+        wanted = None
+    ordered = sorted(
+        cas,
+        key=lambda ca: x509.SubjectKeyIdentifier.from_public_key(ca.public_key()).digest != wanted,
+    )
+    error: Exception = ValueError("no station CA certificate")
+    for ca in ordered:
+        try:
+            cert.verify_directly_issued_by(ca)
+            return
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            error = exc
+    raise error
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause the cyclic GC while a million records are built: they hold no cycles, and
@@ -821,7 +898,7 @@ def ingest_audit(
             )
             head = chain.finish()  # refuses unless the chain ended exactly at the signed head
             manifest_violations, certs = check_manifest(
-                verified.manifest, recon.issued, verified.station_ca
+                verified.manifest, recon.issued, verified.station_cas or verified.station_ca
             )
             recon.violations.extend(manifest_violations)
             _cross_check_duplicates(store, verified.station_id, recon)
@@ -912,6 +989,9 @@ def _persist(
         store.put_audit_head(sid, head, now)
         if verified.crl is not None:
             store.put_station_crl(verified.crl)
+        for issuer_key_id, row in verified.retired_crls:
+            store.put_retired_station_crl(issuer_key_id, row)
+        store.put_station_export_key(sid, spki_der(verified.station_ca.public_key()))
         for request_id, eseq, day, extra in recon.allowances:
             store.put_allowance(request_id, sid, eseq, day, extra)
         for request_id, eseq, device_id in recon.reissue_grants:

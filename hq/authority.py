@@ -25,6 +25,7 @@ from hq.home import HqConfig, HqHome, HqSecrets, Pkcs11Location, cert_pem
 from hq.store import EntitlementRow, HqStore, StationRow
 from signers.errors import SignerError
 from signers.software import SoftwareKey, write_private_file
+from trustcore.crl import build_crl
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule
 from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
 from trustcore.identity import StationId
@@ -45,6 +46,12 @@ __all__ = [
 
 ROOT_VALIDITY = timedelta(days=20 * 365)
 ROLE_VALIDITY = timedelta(days=5 * 365)
+#: A device made on the last day of an entitlement must verify for this long (stock plus
+#: a ten-year field life): HQ refuses an entitlement whose window ends later than the
+#: root's notAfter minus this, because the station CA cannot outlive the root.
+DEVICE_LIFETIME = timedelta(days=12 * 365)
+#: The root CRL, signed only at a root ceremony (CA issuance or revocation, ``hq root-crl``).
+ROOT_CRL_VALIDITY = timedelta(days=365)
 #: Certificates start a little in the past so a station whose clock is slightly behind
 #: HQ's does not see them as not yet valid.
 BACKDATE = timedelta(minutes=5)
@@ -118,12 +125,31 @@ def init_hq(
                     not_before=moment - BACKDATE,
                     not_after=moment + ROLE_VALIDITY,
                 )
+            # The first root CRL, while the root key is at hand (docs/pki.md).
+            root_crl = build_crl(
+                root_cert,
+                root.private_key(),
+                revoked=(),
+                crl_number=1,
+                this_update=moment - BACKDATE,
+                next_update=moment + ROOT_CRL_VALIDITY,
+            )
         # The payload-key KMS key (hq/kms.py): ECDH only, seals site payload keys at rest.
         SoftwareKey.generate().save(build / "keys" / "kms.key.pem", passphrase)
         (build / "certs" / "root-ca.pem").write_bytes(cert_pem(root_cert))
         for role, cert in role_certs.items():
             (build / "certs" / f"{role.value}.pem").write_bytes(cert_pem(cert))
-        HqStore.create(build / "hq.sqlite").close()
+        store = HqStore.create(build / "hq.sqlite")
+        try:
+            with store.transaction():
+                store.put_root_crl(
+                    1,
+                    int((moment - BACKDATE).timestamp()),
+                    int((moment + ROOT_CRL_VALIDITY).timestamp()),
+                    root_crl.public_bytes(serialization.Encoding.DER),
+                )
+        finally:
+            store.close()
         config = HqConfig(organization, root_pkcs11, int(moment.timestamp()))
         (build / "hq.json").write_text(config.to_json(), encoding="utf-8")
         try:
@@ -279,8 +305,9 @@ def issue_entitlement(
     now: datetime | None = None,
     approvals: Sequence[bytes] = (),
 ) -> EntitlementResult:
-    """Issue the station's next entitlement: a fresh station CA certificate valid no longer
-    than the key-use window, the policy with the next monotonic sequence, the audit receiver
+    """Issue the station's next entitlement: a fresh station CA certificate valid until the
+    root ends (devices outlive the key-use window, docs/pki.md), the policy with the next
+    monotonic sequence, the audit receiver
     certificate and the product secrets, sealed (signed by the entitlement signer, encrypted
     to the station's enrolled transport key), and recorded before it is returned.
 
@@ -332,6 +359,7 @@ def issue_entitlement(
                 serialization.Encoding.DER
             ),
             product_secrets=dict(request.product_secrets),
+            crl_signer_cert_der=_crl_signer_der(home),
         )
         transport = serialization.load_der_public_key(station.transport_public_der)
         package = seal_package(
@@ -365,9 +393,21 @@ def issue_entitlement(
                 now=int(moment.timestamp()),
             )
             store.put_entitlement(row, digest)
+            # A CA certificate was issued: a root ceremony, so the root CRL is re-signed.
+            from hq.site import issue_root_crl
+
+            issue_root_crl(home, store, secrets, moment)
     finally:
         store.close()
     return EntitlementResult(package, policy, station_ca, digest.hex())
+
+
+def _crl_signer_der(home: HqHome) -> bytes | None:
+    """The CRL signer certificate the station names in its IDevIDs' CRLDistributionPoints
+    (None for an HQ made before the role existed, until ``hq root-crl`` creates it)."""
+    if not (home.certs_dir / f"{HqRole.CRL_SIGNER.value}.pem").exists():
+        return None
+    return home.role_certificate(HqRole.CRL_SIGNER).public_bytes(serialization.Encoding.DER)
 
 
 def _issue_station_ca(
@@ -379,13 +419,20 @@ def _issue_station_ca(
     moment: datetime,
 ) -> x509.Certificate:
     """The station CA certificate for this entitlement: the enrolled CA key, valid from the
-    window start (never before the root) until the window end, never longer."""
+    window start (or now, whichever is earlier; never before the root) until the root's
+    notAfter. It outlives the entitlement on purpose: the devices it signs must verify for
+    their whole life; the window bounds issuance (station policy, HQ audit), docs/pki.md."""
     subject_key = serialization.load_der_public_key(station.ca_public_der)
     start = datetime.fromtimestamp(policy.not_before - policy.clock_skew_s, UTC)
-    start = max(start, root_cert.not_valid_before_utc)
-    end = datetime.fromtimestamp(policy.not_after, UTC)
-    if end > root_cert.not_valid_after_utc:
-        raise EntitlementError("the key-use window ends after the root CA expires")
+    start = max(min(start, moment - BACKDATE), root_cert.not_valid_before_utc)
+    window_end = datetime.fromtimestamp(policy.not_after, UTC)
+    end = root_cert.not_valid_after_utc
+    if window_end + DEVICE_LIFETIME > end:
+        raise EntitlementError(
+            f"the root CA ends {end.isoformat()}: devices made until {window_end.isoformat()} "
+            f"would not verify for {DEVICE_LIFETIME.days // 365} years (a new root is needed)",
+            reason="root_too_short",
+        )
     root: Signer
     with home.root_key(secrets) as root:
         try:
@@ -397,7 +444,7 @@ def _issue_station_ca(
                 organization=home.config.organization,
                 not_before=start,
                 not_after=end,
-                max_not_after=end,
+                max_not_after=root_cert.not_valid_after_utc,
             )
         except ProfileError as exc:
             raise EntitlementError(f"cannot issue the station CA: {exc}") from exc

@@ -157,6 +157,91 @@ def enrol_command(home: Path, replace: bool, enrolment_file: Path) -> None:
     )
 
 
+# ------------------------------------------------------------------------- renew-station
+
+
+@main.command("renew-station")
+@_home_option
+@click.argument("request_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Where to write the new station CA certificate (PEM) for factory-station import-ca.",
+)
+@click.option(
+    "--not-after",
+    help="End of the new certificate's validity (ISO 8601 with zone; default: the root's end).",
+)
+@_approvals_option
+@_secret_options
+def renew_station_command(
+    home: Path,
+    request_file: Path,
+    out: Path,
+    not_after: str | None,
+    approval_files: tuple[Path, ...],
+    passphrase_file: Path | None,
+    pin_file: Path | None,
+) -> None:
+    """Issue a station's new CA certificate from its renew-ca request (renewal or re-key)."""
+    from hq.authority import write_package
+    from hq.station_ca import renew_station_ca
+    from trustcore.station_ca_request import MAX_REQUEST_SIZE
+
+    if request_file.stat().st_size > MAX_REQUEST_SIZE:
+        _fail(HqError(f"{request_file} is too large for a request", reason="malformed"), 2)
+    end = None if not_after is None else _parse_time(not_after, "--not-after")
+    try:
+        result = renew_station_ca(
+            HqHome.open(home),
+            request_file.read_bytes(),
+            HqSecrets(passphrase_file, pin_file),
+            not_after=end,
+            approvals=_read_approvals(approval_files),
+        )
+        write_package(out, result.pem())
+    except HqError as exc:
+        _fail(exc, 2)
+    cert = result.certificate
+    Console(highlight=False).print(
+        f"station {result.station_id}: {result.kind} issued, serial {cert.serial_number:x} "
+        f"(previous {result.previous_serial})\n  CA key      {result.key_id}\n"
+        f"  valid until {cert.not_valid_after_utc.isoformat()}\n  written to  {out}"
+    )
+
+
+@main.command("station-cas")
+@_home_option
+@click.option("--station", "station_id", required=True)
+@click.option("--json", "as_json", is_flag=True)
+def station_cas_command(home: Path, station_id: str, as_json: bool) -> None:
+    """Every CA certificate HQ issued to a station (entitlements, renewals, re-keys)."""
+    from hq.station_ca import station_ca_history
+
+    try:
+        rows = station_ca_history(HqHome.open(home), station_id)
+    except HqError as exc:
+        _fail(exc, 2)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        flags = [
+            name
+            for name, on in (
+                ("current key", row["current_key"]),
+                ("exports accepted", row["exports_accepted"]),
+                ("REVOKED", row["revoked"]),
+            )
+            if on
+        ]
+        click.echo(
+            f"{row['serial']}  key {str(row['key_id'])[:16]}  {row['not_before']} .. "
+            f"{row['not_after']}  {', '.join(flags)}"
+        )
+
+
 # ------------------------------------------------------------------------------- entitle
 
 
@@ -473,6 +558,14 @@ def site_enrol_command(
     help="Limit --admit-station to products (their device-id prefixes).",
 )
 @click.option("--rotate-payload-key", is_flag=True, help="Generate a new current payload key.")
+@click.option(
+    "--max-offline-days",
+    type=int,
+    default=30,
+    show_default=True,
+    help="Days the site may go without fresh HQ revocation data before it refuses new "
+    "registrations (1..180).",
+)
 @_approvals_option
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output file."
@@ -486,6 +579,7 @@ def site_bundle_command(
     admit_stations: tuple[str, ...],
     admit_products: tuple[str, ...],
     rotate_payload_key: bool,
+    max_offline_days: int,
     approval_files: tuple[Path, ...],
     out: Path,
     passphrase_file: Path | None,
@@ -505,6 +599,7 @@ def site_bundle_command(
         admit_stations=admit_stations,
         admit_products=admit_products,
         rotate_payload_key=rotate_payload_key,
+        max_offline_days=max_offline_days,
     )
     try:
         result = build_site_bundle(
@@ -526,6 +621,7 @@ def site_bundle_command(
         f"  station CRLs    {', '.join(result.station_crls) or '-'}\n"
         f"  root CRL        next update {result.root_crl_next_update.isoformat()}\n"
         f"  revocation list sequence {result.revocation_list_sequence}\n"
+        f"  offline limit   {result.max_offline_days} days\n"
         f"  payload keys    {len(result.payload_key_ids)} (current {result.current_payload_key})\n"
         f"  written to      {out} (sha256 {result.package_sha256})"
     )
@@ -537,6 +633,8 @@ def site_bundle_command(
         )
     if not result.manifest and not result.admission:
         console.print("[yellow]warning:[/] this bundle admits no device")
+    if result.warning:
+        console.print(f"[yellow]warning:[/] {result.warning}")
 
 
 # ------------------------------------------------------------------------------ approvals
@@ -693,3 +791,69 @@ def renew_roles_command(
     for r in done:
         state = "renewed" if r.renewed else "current"
         click.echo(f"{r.role}: {state}, valid until {r.not_after.isoformat()}")
+# ------------------------------------------------------- root ceremony, revocation data
+
+
+@main.command("root-crl")
+@_home_option
+@_secret_options
+def root_crl_command(home: Path, passphrase_file: Path | None, pin_file: Path | None) -> None:
+    """Root ceremony: re-sign the root CRL (valid one year) and create or renew the
+    delegated CRL signer certificate. The only routine use of the root key."""
+    from hq.authority import now_utc
+    from hq.revocation_data import root_ceremony
+
+    try:
+        result = root_ceremony(
+            HqHome.open(home), HqSecrets(passphrase_file, pin_file), now=now_utc(None)
+        )
+    except HqError as exc:
+        _fail(exc)
+    click.echo(
+        f"root CRL {result.root_crl_number}: next update "
+        f"{result.root_crl_next_update.isoformat()}\n"
+        f"CRL signer: {'issued now' if result.crl_signer_issued else 'kept'}, valid until "
+        f"{result.crl_signer_not_after.isoformat()}"
+    )
+
+
+@main.command("publish-revocations")
+@_home_option
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@_secret_options
+def publish_revocations_command(
+    home: Path, out: Path, passphrase_file: Path | None, pin_file: Path | None
+) -> None:
+    """Write the next HQ revocation list with a fresh indirect CRL (no root key): what a
+    site imports with `registrar import-revocations FILE` to stay within its offline
+    limit between bundles."""
+    from hq.authority import now_utc, write_package
+    from hq.revocation_data import latest_root_crl, publish_revocations, root_crl_warning
+    from hq.store import HqStore
+    from trustcore.profiles import HqRole
+
+    if out.exists():
+        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    moment = now_utc(None)
+    try:
+        hq_home = HqHome.open(home)
+        store = HqStore.open(hq_home.db_path)
+        try:
+            with store.transaction():
+                revocations, package = publish_revocations(
+                    hq_home, store, HqSecrets(passphrase_file, pin_file), moment
+                )
+            warning = root_crl_warning(
+                latest_root_crl(store), moment, hq_home.role_certificate(HqRole.CRL_SIGNER)
+            )
+        finally:
+            store.close()
+        write_package(out, package)
+    except HqError as exc:
+        _fail(exc)
+    click.echo(
+        f"revocation list {revocations.sequence}: {len(revocations.entries)} entries, "
+        f"issued {moment.isoformat()}, written to {out}"
+    )
+    if warning:
+        click.echo(f"warning: {warning}", err=True)

@@ -39,17 +39,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hq.errors import HqError
 from hq.home import HqHome, HqSecrets
+from hq.revocation_data import current_revocations, publish_revocations
+from hq.site import issue_root_crl
 from hq.store import HqStore
 from trustcore.errors import ProfileError, TrustCoreError
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
 from trustcore.keys import key_id
-from trustcore.profiles import HqRole, site_id_from_certificate, station_id_from_certificate
+from trustcore.profiles import site_id_from_certificate, station_id_from_certificate
 from trustcore.revocation import (
-    RevocationList,
     RevocationListError,
     RevokedDevice,
-    open_revocation_list,
-    seal_revocation_list,
 )
 from trustcore.site_report import SiteReport, SiteReportError, open_site_report, peek_site_report
 from trustcore.verify import ChainVerifier
@@ -487,17 +486,8 @@ def revoke(
                 conn, store, devices=devices, serials=serials, findings=findings, reason=reason
             )
             latest = store.latest_revocation_list()
-            current = (
-                RevocationList(0, moment)
-                if latest is None
-                else open_revocation_list(
-                    latest[1],
-                    root=home.root_certificate(),
-                    now=datetime.fromtimestamp(moment, UTC),
-                    root_crl=None,
-                    not_older_than=None,
-                )
-            )
+            at = datetime.fromtimestamp(moment, UTC)
+            current = current_revocations(home, store, at)
             listed = {(e.station_id.value, e.serial.hex) for e in current.entries}
             added: list[RevokedDevice] = []
             already = 0
@@ -520,13 +510,11 @@ def revoke(
                     raise RevocationError(f"cannot revoke {station}:{serial}: {exc}") from exc
             if not added and latest is not None and not ca_serials:
                 return RevokeResult(latest[0], (), already), latest[1]
-            nxt = current.with_entries(added, issued=max(moment, current.issued))
-            package = seal_revocation_list(
-                nxt,
-                signer=home.role_key(HqRole.REVOCATION_SIGNER, secrets),
-                signer_cert=home.role_certificate(HqRole.REVOCATION_SIGNER),
-            )
-            store.put_revocation_list(nxt.sequence, nxt.issued, package)
+            if ca_serials:
+                # A CA certificate revoked: a root ceremony, the root CRL is re-signed now.
+                issue_root_crl(home, store, secrets, at)
+            # The new list carries a fresh indirect CRL (CRL signer key, never the root's).
+            nxt, package = publish_revocations(home, store, secrets, at, added=tuple(added))
     except RevocationListError as exc:
         raise RevocationError(f"the held revocation list does not verify: {exc}") from exc
     finally:

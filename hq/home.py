@@ -91,15 +91,20 @@ class HqQuorumConfig:
     ``m`` approvals of the HQ approver set authorise a gated operation. Station CA
     revocation and adding an approver (once the set is non-empty) are always gated; an
     entitlement is gated when its quota exceeds ``entitlement_quota_above``; site bundles
-    (which carry payload keys) when ``export_payload_key`` is true.
+    (which carry payload keys) when ``export_payload_key`` is true; a station CA re-key
+    (``hq renew-station`` of a re-key request) when ``station_rekey`` is true.
     """
 
     m: int = 2
     entitlement_quota_above: int | None = None
     export_payload_key: bool = False
     request_lifetime_s: int = 86400
+    station_rekey: bool = False
 
-    _KEYS = frozenset({"m", "entitlement_quota_above", "export_payload_key", "request_lifetime_s"})
+    _KEYS = frozenset(
+        {"m", "entitlement_quota_above", "export_payload_key", "request_lifetime_s",
+         "station_rekey"}
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if type(self.m) is not int or self.m < 1:
@@ -109,6 +114,8 @@ class HqQuorumConfig:
             raise ValueError("quorum.entitlement_quota_above must be null or an integer >= 0")
         if type(self.export_payload_key) is not bool:
             raise ValueError("quorum.export_payload_key must be true or false")
+        if type(self.station_rekey) is not bool:
+            raise ValueError("quorum.station_rekey must be true or false")
         if type(self.request_lifetime_s) is not int or not 60 <= self.request_lifetime_s <= (
             30 * 86400
         ):

@@ -2,11 +2,12 @@
 of each station, and write the site bundle a registrar commissions itself from.
 
 The bundle (``trustcore.site_bundle``) is sealed by the entitlement signer to the site's
-transport key with a per-site monotonic sequence. It carries a **fresh root CRL** signed at
-bundle time (nextUpdate = :data:`ROOT_CRL_VALIDITY` later: a site must receive a new bundle
-within that time, or its brokers fail closed and refuse every factory certificate), the
-latest CRL HQ holds for each station, the current HQ revocation list, the manifest and
-admission rules, and the site's payload keys re-sealed from the KMS to the site.
+transport key with a per-site monotonic sequence. It carries the newest **root CRL** (signed
+at the last root ceremony, :data:`ROOT_CRL_VALIDITY`; making a bundle never uses the root
+key), the latest CRL HQ holds for each station, a freshly published HQ revocation list
+(with the indirect CRL signed by the delegated CRL signer, ``hq.revocation_data``), the
+site's offline limit (``max_offline_days``), the manifest and admission rules, and the
+site's payload keys re-sealed from the KMS to the site.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from hq.authority import BACKDATE, now_utc
+from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, now_utc
 from hq.errors import HomeError, HqError, SecretError
 from hq.home import HqHome, HqSecrets
 from hq.kms import ensure_site_payload_key, kms_key, site_payload_keys
@@ -37,7 +38,6 @@ from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
 from trustcore.keys import spki_der
 from trustcore.messages import SiteEnrolment
 from trustcore.profiles import HqRole, issue_site_ca
-from trustcore.revocation import RevocationList, seal_revocation_list
 from trustcore.site_bundle import (
     AdmissionEntry,
     ManifestEntry,
@@ -47,6 +47,7 @@ from trustcore.site_bundle import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_OFFLINE_DAYS",
     "ROOT_CRL_VALIDITY",
     "SITE_CA_VALIDITY",
     "SiteBundleRequest",
@@ -61,9 +62,9 @@ __all__ = [
 ]
 
 SITE_CA_VALIDITY = timedelta(days=5 * 365)
-#: Root CRL lifetime in a bundle. Short enough that a revoked station or site CA stops
-#: working everywhere within a week; long enough for a courier with a USB stick.
-ROOT_CRL_VALIDITY = timedelta(days=7)
+#: How long a site may go without fresh HQ revocation data before it refuses new
+#: registrations, unless HQ chooses otherwise for the site (1..MAX_OFFLINE_DAYS).
+DEFAULT_MAX_OFFLINE_DAYS = 30
 
 
 class SiteError(HqError):
@@ -149,6 +150,8 @@ def enrol_site(
             )
             with store.transaction():
                 store.put_site(row)
+                # A CA certificate was issued: a root ceremony, so the root CRL is re-signed.
+                issue_root_crl(home, store, secrets, moment)
             status = "enrolled" if existing is None else "replaced"
     finally:
         store.close()
@@ -264,23 +267,6 @@ def issue_root_crl(
     return crl
 
 
-def _current_revocation_list(
-    home: HqHome, store: HqStore, secrets: HqSecrets, moment: datetime
-) -> tuple[int, bytes]:
-    """The newest HQ revocation list; the first (empty, sequence 1) is made on demand."""
-    latest = store.latest_revocation_list()
-    if latest is not None:
-        return latest
-    empty = RevocationList(sequence=1, issued=int(moment.timestamp()))
-    package = seal_revocation_list(
-        empty,
-        signer=home.role_key(HqRole.REVOCATION_SIGNER, secrets),
-        signer_cert=home.role_certificate(HqRole.REVOCATION_SIGNER),
-    )
-    store.put_revocation_list(empty.sequence, empty.issued, package)
-    return empty.sequence, package
-
-
 # ----------------------------------------------------------------------------------- bundle
 
 
@@ -296,6 +282,9 @@ class SiteBundleRequest:
     admit_stations: tuple[str, ...] = ()
     admit_products: tuple[str, ...] = ()
     rotate_payload_key: bool = False
+    #: Days the site may go without fresh HQ revocation data before it refuses new
+    #: registrations (1..MAX_OFFLINE_DAYS; docs/site.md).
+    max_offline_days: int = DEFAULT_MAX_OFFLINE_DAYS
 
 
 @dataclass(frozen=True)
@@ -313,6 +302,9 @@ class SiteBundleResult:
     root_crl_next_update: datetime
     revocation_list_sequence: int
     package_sha256: str
+    max_offline_days: int = DEFAULT_MAX_OFFLINE_DAYS
+    #: A warning for the operator (root CRL ending soon), or None.
+    warning: str | None = None
 
 
 def _manifest(store: HqStore, request: SiteBundleRequest) -> tuple[ManifestEntry, ...]:
@@ -385,12 +377,17 @@ def _station_material(
     """Every station CA certificate still valid (or not yet valid) at ``moment`` (a station
     has one per entitlement, all with the same key), and the CRLs HQ holds for them."""
     certs = []
+    # A revoked station CA certificate stays out (the root CRL refuses it anyway); renewed
+    # and re-keyed ones (hq.station_ca) are all in: devices made under any still verify.
+    revoked = {serial for serial, _, _ in store.root_revocations()}
     for station_id, der in store.station_ca_certificates():
         cert = x509.load_der_x509_certificate(der)
-        if cert.not_valid_after_utc > moment:
+        if cert.not_valid_after_utc > moment and format(cert.serial_number, "x") not in revoked:
             certs.append((station_id, der))
     stations = {sid for sid, _ in certs}
     crls = [row for row in store.station_crls() if row.station_id in stations]
+    # The CRLs of keys a station re-keyed away from: one per retired key.
+    crls += [row for row in store.retired_station_crls() if row.station_id in stations]
     return certs, crls
 
 
@@ -407,8 +404,19 @@ def build_site_bundle(
     Everything HQ decides here (a new payload key, the root CRL number, the first revocation
     list, the bundle sequence) commits in one transaction before the package is returned."""
     from hq.approvals import EXPORT_PAYLOAD_KEY, authorize, precheck, site_bundle_params
+    from hq.revocation_data import (
+        MAX_OFFLINE_DAYS,
+        latest_root_crl,
+        publish_revocations,
+        root_crl_warning,
+    )
 
     moment = now_utc(now)
+    days = request.max_offline_days
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_OFFLINE_DAYS:
+        raise SiteError(
+            f"max offline days must be 1..{MAX_OFFLINE_DAYS}, not {days!r}", reason="bad_request"
+        )
     # The bundle exports the site's payload keys: HQ may require a quorum for that.
     quorum_params = site_bundle_params(request.site_id)
     precheck(home, EXPORT_PAYLOAD_KEY, quorum_params, approvals, now=int(moment.timestamp()))
@@ -444,8 +452,19 @@ def build_site_bundle(
                 seal_payload_key(transport, k, created=int(moment.timestamp()))  # type: ignore[arg-type]
                 for k in keys
             )
-            root_crl = issue_root_crl(home, store, secrets, moment)
-            rl_sequence, rl_package = _current_revocation_list(home, store, secrets, moment)
+            # The root CRL of the last root ceremony: making a bundle never uses the root key.
+            root_crl = latest_root_crl(store)
+            if (
+                root_crl is None
+                or root_crl.next_update_utc is None
+                or (root_crl.next_update_utc <= moment)
+            ):
+                raise SiteError(
+                    "HQ has no current root CRL: run `hq root-crl` (root ceremony) first",
+                    reason="root_crl_stale",
+                )
+            revocations, rl_package = publish_revocations(home, store, secrets, moment)
+            rl_sequence = revocations.sequence
             payload = SiteBundlePayload(
                 site_id=SiteId(site.site_id),
                 site_ca_cert_der=site.site_ca_der,
@@ -458,6 +477,7 @@ def build_site_bundle(
                 admission=admission,
                 payload_keys=sealed_keys,
                 current_payload_key=current,
+                max_offline_days=days,
             )
             sequence = store.last_bundle_sequence(site.site_id) + 1
             package = seal_site_bundle(
@@ -490,4 +510,6 @@ def build_site_bundle(
         root_crl_next_update=next_update,
         revocation_list_sequence=rl_sequence,
         package_sha256=digest.hex(),
+        max_offline_days=days,
+        warning=root_crl_warning(root_crl, moment, home.role_certificate(HqRole.CRL_SIGNER)),
     )

@@ -131,6 +131,40 @@ _RECON_REISSUES = """CREATE TABLE IF NOT EXISTS recon_reissues (
 )"""
 
 
+#: Station CA certificates HQ issued outside an entitlement (``hq renew-station``: renewal
+#: of the same key or re-key to a new one), and the CRLs of a station's retired CA keys
+#: (a re-keyed station keeps signing an empty CRL with its old key so that the devices made
+#: under it still have a current CRL at every site). Added without a schema version bump.
+_STATION_CA_RENEWALS = (
+    """CREATE TABLE IF NOT EXISTS station_ca_certs (
+    serial TEXT PRIMARY KEY,
+    station_id TEXT NOT NULL,
+    cert_der BLOB NOT NULL,
+    ca_public_der BLOB NOT NULL,
+    previous_public_der BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    request_id BLOB NOT NULL UNIQUE,
+    issued_at INTEGER NOT NULL
+)""",
+    """CREATE TABLE IF NOT EXISTS station_retired_crls (
+    station_id TEXT NOT NULL,
+    issuer_key_id BLOB NOT NULL,
+    crl_number INTEGER NOT NULL,
+    this_update INTEGER NOT NULL,
+    next_update INTEGER NOT NULL,
+    crl_der BLOB NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    PRIMARY KEY (station_id, issuer_key_id)
+)""",
+    # The CA key of the last export HQ accepted from each station: once a re-keyed station
+    # signs with its new key, exports signed by an older key are refused.
+    """CREATE TABLE IF NOT EXISTS station_export_keys (
+    station_id TEXT PRIMARY KEY,
+    ca_public_der BLOB NOT NULL
+)""",
+)
+
+
 #: Schema 2 (site commissioning). Applied on top of schema 1 by :meth:`HqStore.open`, so an
 #: HQ database created before sites existed is upgraded in place (tables only, no data moves).
 _SCHEMA_V2 = """
@@ -307,6 +341,8 @@ class HqStore:
     def _ensure_reissue_table(self) -> None:
         # Added without a schema version bump: one new table, created if missing.
         self._conn.execute(_RECON_REISSUES)
+        for statement in _STATION_CA_RENEWALS:
+            self._conn.execute(statement)
 
     @classmethod
     def create(cls, path: Path) -> HqStore:
@@ -462,10 +498,104 @@ class HqStore:
     def station_ca_issued(self, station_id: str, cert_der: bytes) -> bool:
         """Whether HQ issued exactly this station CA certificate to this station."""
         row = self._conn.execute(
-            "SELECT 1 FROM entitlements WHERE station_id = ? AND station_ca_der = ?",
-            (station_id, cert_der),
+            "SELECT 1 FROM entitlements WHERE station_id = ? AND station_ca_der = ? "
+            "UNION ALL SELECT 1 FROM station_ca_certs WHERE station_id = ? AND cert_der = ?",
+            (station_id, cert_der, station_id, cert_der),
         ).fetchone()
         return row is not None
+
+    # -- station CA renewal and re-key (hq.station_ca) ----------------------------------------
+
+    def station_ca_request_used(self, request_id: bytes) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM station_ca_certs WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return row is not None
+
+    def put_station_ca_cert(
+        self,
+        *,
+        station_id: str,
+        serial: str,
+        cert_der: bytes,
+        ca_public_der: bytes,
+        previous_public_der: bytes,
+        kind: str,
+        request_id: bytes,
+        issued_at: int,
+    ) -> None:
+        """Record a renewed or re-keyed station CA certificate; a re-key also makes the new
+        key the station's current CA key (future entitlements certify it). Call inside a
+        transaction. The audit head is kept: a re-keyed station continues its chain."""
+        c = self._conn
+        c.execute(
+            "INSERT INTO station_ca_certs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (serial, station_id, cert_der, ca_public_der, previous_public_der, kind,
+             request_id, issued_at),
+        )  # fmt: skip
+        if ca_public_der != previous_public_der:
+            c.execute(
+                "UPDATE stations SET ca_public_der = ? WHERE station_id = ?",
+                (ca_public_der, station_id),
+            )
+
+    def station_ca_keys(self, station_id: str) -> list[bytes]:
+        """The SPKIs a station's exports may be signed with: its current CA key first, then
+        the keys it re-keyed away from, newest first (a re-key chain; an enrolment with
+        ``--replace`` starts a new chain, so keys before it do not count)."""
+        station = self.station(station_id)
+        if station is None:
+            return []
+        keys = [station.ca_public_der]
+        while True:
+            row = self._conn.execute(
+                "SELECT previous_public_der FROM station_ca_certs WHERE station_id = ? AND "
+                "ca_public_der = ? AND previous_public_der != ca_public_der "
+                "ORDER BY issued_at DESC LIMIT 1",
+                (station_id, keys[-1]),
+            ).fetchone()
+            if row is None or row[0] in keys:
+                return keys
+            keys.append(row[0])
+
+    def station_export_keys(self, station_id: str) -> list[bytes]:
+        """The keys an export of ``station_id`` may be signed with now: its re-key chain
+        (:meth:`station_ca_keys`) down to the key of the last export HQ accepted. A key
+        older than that one is closed for good (a stolen old key cannot fork the log)."""
+        keys = self.station_ca_keys(station_id)
+        row = self._conn.execute(
+            "SELECT ca_public_der FROM station_export_keys WHERE station_id = ?", (station_id,)
+        ).fetchone()
+        if row is not None and row[0] in keys:
+            keys = keys[: keys.index(row[0]) + 1]
+        return keys
+
+    def put_station_export_key(self, station_id: str, ca_public_der: bytes) -> None:
+        self._conn.execute(
+            "INSERT INTO station_export_keys VALUES (?, ?) ON CONFLICT(station_id) DO UPDATE "
+            "SET ca_public_der = excluded.ca_public_der",
+            (station_id, ca_public_der),
+        )
+
+    def retired_station_crls(self) -> list[StationCrlRow]:
+        """The latest CRL of every retired station CA key (one row per station and key)."""
+        rows = self._conn.execute(
+            "SELECT station_id, crl_number, this_update, next_update, crl_der, recorded_at "
+            "FROM station_retired_crls ORDER BY station_id, issuer_key_id"
+        ).fetchall()
+        return [StationCrlRow(*r) for r in rows]
+
+    def put_retired_station_crl(self, issuer_key_id: bytes, row: StationCrlRow) -> None:
+        """Keep ``row`` as the latest CRL of a retired key, unless a newer one is held."""
+        self._conn.execute(
+            "INSERT INTO station_retired_crls VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(station_id, issuer_key_id) DO UPDATE SET "
+            "crl_number = excluded.crl_number, this_update = excluded.this_update, "
+            "next_update = excluded.next_update, crl_der = excluded.crl_der, "
+            "recorded_at = excluded.recorded_at WHERE excluded.crl_number > crl_number",
+            (row.station_id, issuer_key_id, row.crl_number, row.this_update, row.next_update,
+             row.crl_der, row.recorded_at),
+        )  # fmt: skip
 
     # -- audit heads and reconciliation state -------------------------------------------------
 
@@ -792,6 +922,15 @@ class HqStore:
             if der not in seen:
                 seen.add(der)
                 out.append((sid, der))
+        # Renewed and re-keyed certificates (hq.station_ca): every one HQ issued, so that
+        # devices made under any of them keep verifying.
+        query = "SELECT station_id, cert_der FROM station_ca_certs"
+        if station_id is not None:
+            query += " WHERE station_id = ?"
+        for sid, der in self._conn.execute(query + " ORDER BY issued_at, serial", args):
+            if der not in seen:
+                seen.add(der)
+                out.append((sid, der))
         return out
 
     # -- root CRL and revocation lists ------------------------------------------------------------
@@ -816,6 +955,31 @@ class HqStore:
     def put_root_crl(self, number: int, this_update: int, next_update: int, der: bytes) -> None:
         self._conn.execute(
             "INSERT INTO root_crls VALUES (?, ?, ?, ?)", (number, this_update, next_update, der)
+        )
+
+    def latest_root_crl_der(self) -> bytes | None:
+        """DER of the root CRL with the highest number (signed at the last root ceremony)."""
+        row = self._conn.execute(
+            "SELECT crl_der FROM root_crls ORDER BY crl_number DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    # -- HQ indirect CRLs (delegated CRL signer, hq/revocation_data.py) -------------------------
+
+    _HQ_CRLS = (
+        "CREATE TABLE IF NOT EXISTS hq_crls (crl_number INTEGER PRIMARY KEY, "
+        "this_update INTEGER NOT NULL, next_update INTEGER NOT NULL, crl_der BLOB NOT NULL)"
+    )
+
+    def last_hq_crl_number(self) -> int:
+        self._conn.execute(self._HQ_CRLS)
+        row = self._conn.execute("SELECT MAX(crl_number) FROM hq_crls").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def put_hq_crl(self, number: int, this_update: int, next_update: int, der: bytes) -> None:
+        self._conn.execute(self._HQ_CRLS)
+        self._conn.execute(
+            "INSERT INTO hq_crls VALUES (?, ?, ?, ?)", (number, this_update, next_update, der)
         )
 
     def latest_revocation_list(self) -> tuple[int, bytes] | None:

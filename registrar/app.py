@@ -7,9 +7,10 @@ registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
 * **site channel** — the registrar's one MQTT session (identity ``registrar@site``; a
   broker admits one live session per identity, so registration requests, telemetry, key
   updates and commands all share it): serves ``devtrust/register/+/request`` through
-  :class:`~registrar.service.RegistrationService`, decrypts ``devices/+/telemetry`` with
-  the site payload keys (counts and digests only, for ``registrar status``), publishes
-  payload-key updates (retained) and commands;
+  :class:`~registrar.service.RegistrationService`, serves LDevID renewals on
+  ``devices/+/renewal/request`` (answer on ``devices/<id>/renewal/response``), decrypts
+  ``devices/+/telemetry`` with the site payload keys (counts and digests only, for
+  ``registrar status``), publishes payload-key updates (retained) and commands;
 * **command watcher** — the CLI talks to a running registrar through a spool directory
   (``SITE/run/commands``): ``revoke``, ``import-revocations``, ``rotate-payload-key`` and
   ``send-command`` and ``approve`` are applied live (polled every ``watch_interval``,
@@ -53,6 +54,7 @@ from cryptography.hazmat.primitives import serialization
 
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
 from registrar.errors import BrokerError, ConfigError, RegistrarError
+from registrar.ldevid_policy import policy_json, read_ldevid_policy
 from registrar.payload_keys import PayloadKeyring
 from registrar.plugins import load_site_plugins, read_site_plugins
 from registrar.revocation import (
@@ -60,6 +62,7 @@ from registrar.revocation import (
     RevocationAwareVerifier,
     RevokeResult,
     enforce_revocation_list,
+    hq_data_freshness,
     import_revocation_list,
     revocation_lock,
     revoke_device,
@@ -67,8 +70,11 @@ from registrar.revocation import (
 )
 from registrar.service import (
     KEY_UPDATE_LEVEL,
+    RENEWAL_LEVEL,
+    RENEWAL_REQUEST_LEVEL,
     RegistrationService,
     SiteAuthority,
+    device_id_from_renewal_topic,
     device_id_from_request_topic,
     messages_until,
 )
@@ -81,6 +87,7 @@ from registrar.site import (
     reissue_site_crl,
 )
 from registrar.store import Store
+from registrar.supersede import SupersededCertificates
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
@@ -372,6 +379,7 @@ class SiteChannel:
                 async with client:
                     await client.subscribe(f"{REGISTRATION_PREFIX}/+/request", qos=1)
                     await client.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
+                    await client.subscribe(f"{DEVICE_PREFIX}/+/{RENEWAL_REQUEST_LEVEL}", qos=1)
                     self._client = client
                     self.connected.set()
                     await self._read(client, stop, tasks)
@@ -404,6 +412,15 @@ class SiteChannel:
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     continue
+                renewing = device_id_from_renewal_topic(topic)
+                if renewing is not None:
+                    await self._limit.acquire()
+                    task = asyncio.create_task(
+                        self._serve_renewal(client, renewing, bytes(payload))
+                    )
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    continue
                 telemetry = _telemetry_device(topic)
                 if telemetry is not None:
                     self._on_telemetry(telemetry, topic, bytes(payload))
@@ -422,6 +439,19 @@ class SiteChannel:
             log.warning("could not publish the response to %s: %s", device, exc)
         except Exception:
             log.exception("registration of %s failed unexpectedly", device)
+        finally:
+            self._limit.release()
+
+    async def _serve_renewal(
+        self, client: aiomqtt.Client, device: DeviceId, payload: bytes
+    ) -> None:
+        try:
+            response = await self._service.handle_renewal(device, payload)
+            await client.publish(device_topic(device, RENEWAL_LEVEL, "response"), response, qos=1)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not publish the renewal answer to %s: %s", device, exc)
+        except Exception:
+            log.exception("renewal of %s failed unexpectedly", device)
         finally:
             self._limit.release()
 
@@ -508,6 +538,7 @@ class RegistrarApp:
         self.keyring: PayloadKeyring | None = None
         self.revocations: RevocationList | None = None
         self._revoked: set[DeviceId] = set()
+        self.superseded: SupersededCertificates | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -536,13 +567,17 @@ class RegistrarApp:
         self.revocations = site.revocations
         self.store = store = await Store.open(store_path(self.home))
         self._revoked = revoked_device_ids(await store.devices())
+        policy = read_ldevid_policy(self.home.path)
         self.service = RegistrationService(
             store=store,
             verifier=self._verifier(site),
             admission=site.admission,
-            site=SiteAuthority(site.site_ca_cert, site.site_ca_key, site.organization),
+            site=SiteAuthority(
+                site.site_ca_cert, site.site_ca_key, site.organization, policy.validity
+            ),
             payload_key=self.keyring.current,
             admission_plugins=self._admission_plugins(),
+            policy=policy,
         )
         self.check_crls()
         workdir = self._workdir or run_dir(self.home) / f"broker-{self.settings.broker}"
@@ -569,6 +604,14 @@ class RegistrarApp:
             await broker.block(device.value)
         # A re-commission while we were down may have brought a newer HQ list.
         await self._enforce_list()
+        self.superseded = SupersededCertificates(
+            home=self.home,
+            secrets=self.secrets,
+            broker=broker,
+            handover_seconds=policy.handover_seconds,
+        )
+        self.service.on_superseded = self.superseded.supersede
+        await self.superseded.reconcile(store)
         op = broker.operational_endpoint
         host = "127.0.0.1" if op.host in ("0.0.0.0", "", "::") else op.host  # noqa: S104
         self.channel = SiteChannel(
@@ -610,6 +653,9 @@ class RegistrarApp:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)
         self._tasks.clear()
+        if self.superseded is not None:
+            await self.superseded.close()
+            self.superseded = None
         if self.broker is not None:
             with contextlib.suppress(BrokerError):
                 await self.broker.stop()
@@ -645,6 +691,7 @@ class RegistrarApp:
             site.crls,
             hq_revocations=self.revocations,
             locally_revoked=self._revoked,
+            max_offline_days=site.max_offline_days,
         )
 
     async def _loop(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
@@ -923,6 +970,8 @@ class RegistrarApp:
     async def _crl_tick(self) -> None:
         if await asyncio.to_thread(self.refresh_site_crl_if_due) and self.broker is not None:
             await self.broker.reload_crls()
+        if self.superseded is not None and self.store is not None:
+            await self.superseded.reconcile(self.store)
         self.check_crls()
 
     def check_crls(self, *, now: datetime | None = None) -> list[str]:
@@ -953,10 +1002,27 @@ class RegistrarApp:
                     f"CRL of {issuer} runs out at {_iso(next_update)}: commission a new "
                     "site bundle from HQ before then"
                 )
+        if self.revocations is not None and self.site is not None:
+            # Offline tolerance (docs/site.md): warn from 2/3 of HQ's limit for this site,
+            # refuse new registrations past it (the verifier); devices already registered
+            # keep working (their LDevIDs and the site CRL are the registrar's own).
+            fresh = hq_data_freshness(self.revocations, self.site.max_offline_days, now)
+            if fresh.state == "refusing":
+                alerts.append("STALE " + fresh.message())
+            elif fresh.state == "warning":
+                alerts.append(fresh.message())
         for alert in alerts:
             (log.error if "STALE" in alert else log.warning)("%s", alert)
         self._alerts = alerts
         return alerts
+
+    def _hq_data_status(self) -> dict[str, object] | None:
+        """The status.json metric for the age of the newest HQ revocation data (the alert
+        and the log line come from :meth:`check_crls`)."""
+        if self.revocations is None or self.site is None:
+            return None
+        fresh = hq_data_freshness(self.revocations, self.site.max_offline_days, datetime.now(UTC))
+        return fresh.to_json()
 
     async def _write_status(self) -> None:
         broker, store, service = self.broker, self.store, self.service
@@ -979,9 +1045,12 @@ class RegistrarApp:
             "connected": self.channel is not None and self.channel.connected.is_set(),
             "counts": counts,
             "registrations": dict(service.stats),
+            "ldevid_policy": policy_json(service.policy),
+            "superseded_sessions_cut": self.superseded.cut_sessions if self.superseded else 0,
             "revoked_devices": sorted(d.value for d in self._revoked),
             "payload_key": self.keyring.current.key_id.hex() if self.keyring else None,
             "revocation_list_sequence": self.revocations.sequence if self.revocations else None,
+            "hq_revocation_data": self._hq_data_status(),
             "site_crl_next_update": _iso(site_crl.next_update_utc),
             "telemetry": {
                 "messages": self._telemetry.messages,

@@ -158,6 +158,11 @@ def commission_command(home: Path, bundle_file: Path, passphrase_file: Path | No
         f"sequence {result.revocation_list_sequence}, {result.revoked_devices} device(s)",
     )
     table.add_row(
+        "offline limit",
+        f"{result.max_offline_days} days without fresh HQ revocation data, then new "
+        "registrations are refused",
+    )
+    table.add_row(
         "payload keys",
         f"{len(result.payload_key_ids)} (current {result.current_payload_key}), stored sealed",
     )
@@ -276,7 +281,14 @@ def _store_snapshot(site: SiteHome) -> dict[str, Any]:
 
     path = store_path(site)
     if not path.exists():
-        return {"counts": {}, "devices": [], "registered": [], "revoked": [], "refused": []}
+        return {
+            "counts": {},
+            "devices": [],
+            "certificates": [],
+            "registered": [],
+            "revoked": [],
+            "refused": [],
+        }
 
     async def read() -> dict[str, Any]:
         store = await Store.open(path)
@@ -285,6 +297,7 @@ def _store_snapshot(site: SiteHome) -> dict[str, Any]:
             return {
                 "counts": await store.counts(),
                 "devices": devices,
+                "certificates": await store.certificates(),
                 "registered": await store.events(10, "registered"),
                 "revoked": await store.events(10, "revoked"),
                 "refused": await store.events(10, "refused"),
@@ -358,6 +371,13 @@ def status_command(home: Path, as_json: bool) -> None:
             "telemetry", f"{tele.get('messages', 0)} decrypted, {tele.get('rejected', 0)} rejected"
         )
     table.add_row("HQ revocation list", f"sequence {doc['revocation_list_sequence']}")
+    hq_data = (running or {}).get("hq_revocation_data")
+    if hq_data:
+        table.add_row(
+            "HQ data age",
+            f"{hq_data['age_days']} of {hq_data['max_offline_days']} days "
+            f"({hq_data['state']}; new registrations stop {hq_data['refuse_after']})",
+        )
     table.add_row(
         "devices",
         ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none registered",
@@ -385,15 +405,35 @@ def status_command(home: Path, as_json: bool) -> None:
 @main.command("devices")
 @_home_option
 @click.option("--json", "as_json", is_flag=True, help="A JSON list.")
-def devices_command(home: Path, as_json: bool) -> None:
-    """Registered devices (status, station, certificates, payload key)."""
+@click.option(
+    "--certificates",
+    "show_chain",
+    is_flag=True,
+    help="Also list every LDevID of each device (issued, notAfter, superseded, revoked).",
+)
+def devices_command(home: Path, as_json: bool, show_chain: bool) -> None:
+    """Registered devices (status, station, certificates, payload key). Each device's chain
+    of LDevIDs (registration and renewals) is in the JSON as ``certificates``."""
     import json
 
     site = _open_site(home)
     try:
-        devices = _store_snapshot(site)["devices"]
+        snapshot = _store_snapshot(site)
     except RegistrarError as exc:
         _fail(exc)
+    chains: dict[str, list[dict[str, Any]]] = {}
+    for c in snapshot["certificates"]:
+        chains.setdefault(c.device_id, []).append(
+            {
+                "serial": c.serial,
+                "kind": c.kind,
+                "state": c.state,
+                "issued_at": c.issued_at,
+                "not_after": c.not_after,
+                "superseded_at": c.superseded_at,
+                "revoked_at": c.revoked_at,
+            }
+        )
     rows = [
         {
             "device_id": d.device_id,
@@ -404,14 +444,17 @@ def devices_command(home: Path, as_json: bool) -> None:
             "payload_key_id": d.payload_key_id.hex(),
             "registered_at": d.registered_at,
             "registrations": d.registrations,
+            "renewals": sum(1 for c in chains.get(d.device_id, []) if c["kind"] == "renewal"),
+            "certificates": chains.get(d.device_id, []),
         }
-        for d in devices
+        for d in snapshot["devices"]
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
         return
     table = Table(title=f"{len(rows)} device(s)")
-    for col in ("device", "status", "station", "LDevID serial", "payload key", "registered"):
+    columns = ("device", "status", "station", "LDevID serial", "payload key", "registered")
+    for col in (*columns, "renewals"):
         table.add_column(col)
     for r in rows:
         status = r["status"] if r["status"] == "registered" else f"[red]{r['status']}[/]"
@@ -422,8 +465,103 @@ def devices_command(home: Path, as_json: bool) -> None:
             r["ldevid_serial"],
             r["payload_key_id"],
             _when(r["registered_at"]),
+            str(r["renewals"]),
         )
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    console.print(table)
+    if not show_chain:
+        return
+    chain_table = Table(title="LDevID certificates per device (oldest first)")
+    for col in ("device", "serial", "kind", "state", "issued", "notAfter", "superseded", "revoked"):
+        chain_table.add_column(col)
+    for r in rows:
+        for c in r["certificates"]:
+            chain_table.add_row(
+                r["device_id"],
+                c["serial"],
+                c["kind"],
+                c["state"],
+                _when(c["issued_at"]),
+                _when(c["not_after"]),
+                _when(c["superseded_at"]),
+                _when(c["revoked_at"]),
+            )
+    console.print(chain_table)
+
+
+@main.command("ldevid-policy")
+@_home_option
+@click.option("--validity-days", type=click.FloatRange(min=0.007), help="LDevID validity.")
+@click.option(
+    "--renew-from",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Fraction of the LDevID life from which devices renew (default 2/3).",
+)
+@click.option(
+    "--min-interval-seconds",
+    type=click.FloatRange(min=0),
+    help="Refuse (too_early) renewing a certificate younger than this (default 3600).",
+)
+@click.option(
+    "--handover-seconds",
+    type=click.FloatRange(0, 3600),
+    help="Time a renewed device has to reconnect before its old session is cut (default 10).",
+)
+@click.option(
+    "--expired-reregistration",
+    type=click.Choice(["allow", "approval"]),
+    help="A device whose LDevID expired registers again: allowed, or held for approval.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def ldevid_policy_command(
+    home: Path,
+    validity_days: float | None,
+    renew_from: float | None,
+    min_interval_seconds: float | None,
+    handover_seconds: float | None,
+    expired_reregistration: str | None,
+    as_json: bool,
+) -> None:
+    """Show or change the site's LDevID life cycle (``SITE/ldevid.json``); without options
+    it shows the policy in force. ``registrar run`` reads it at start."""
+    import dataclasses
+    import json
+    from datetime import timedelta
+
+    from registrar.errors import ConfigError
+    from registrar.ldevid_policy import policy_json, read_ldevid_policy, write_ldevid_policy
+    from trustcore.errors import InvalidValueError
+
+    site = _open_site(home)
+    try:
+        policy = read_ldevid_policy(site.path)
+        changes: dict[str, Any] = {}
+        if validity_days is not None:
+            changes["validity"] = timedelta(days=validity_days)
+        if renew_from is not None:
+            changes["renew_from"] = renew_from
+        if min_interval_seconds is not None:
+            changes["min_interval"] = timedelta(seconds=min_interval_seconds)
+        if handover_seconds is not None:
+            changes["handover_seconds"] = handover_seconds
+        if expired_reregistration is not None:
+            changes["expired_reregistration"] = expired_reregistration
+        if changes:
+            try:
+                policy = dataclasses.replace(policy, **changes)
+            except InvalidValueError as exc:
+                raise ConfigError(str(exc), reason="bad_policy") from exc
+            write_ldevid_policy(site.path, policy)
+    except RegistrarError as exc:
+        _refused(exc)
+    doc = policy_json(policy)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    for key in sorted(doc):
+        click.echo(f"{key}: {doc[key]}")
+    if changes:
+        click.echo("saved; restart `registrar run` to apply")
 
 
 # ---------------------------------------------------- commands that act live or offline

@@ -31,16 +31,23 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 
 from registrar.broker import Broker
 from registrar.errors import ConfigError, RegistrarError
-from registrar.site import SiteHome, SiteSecrets, load_commissioned_site, reissue_site_crl
+from registrar.site import (
+    SiteHome,
+    SiteSecrets,
+    load_commissioned_site,
+    read_crls,
+    reissue_site_crl,
+    write_crls,
+)
 from registrar.store import DeviceRecord, Store
 from signers.software import write_private_file
-from trustcore.crl import RevokedEntry
+from trustcore.crl import RevokedEntry, load_crl, verify_crl
 from trustcore.errors import InvalidValueError, ProfileError, VerificationError
 from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.profiles import station_id_from_certificate
@@ -48,17 +55,20 @@ from trustcore.revocation import (
     REVOCATION_REASONS,
     RevocationList,
     RevocationListError,
+    indirect_crls_of,
     open_revocation_list,
 )
 from trustcore.verify import ChainVerifier, VerifiedIdentity
 
 __all__ = [
     "LOCAL_REVOCATION_REASONS",
+    "HqDataFreshness",
     "ImportResult",
     "RevocationAwareVerifier",
     "RevocationError",
     "RevokeResult",
     "enforce_revocation_list",
+    "hq_data_freshness",
     "import_revocation_list",
     "read_revocation_list",
     "revocation_lock",
@@ -108,6 +118,65 @@ def revocation_lock(home: SiteHome) -> Iterator[None]:
         os.close(fd)
 
 
+# ------------------------------------------------------------------ offline tolerance
+
+#: The site warns from this fraction of its offline limit on (status alert, log, metric).
+OFFLINE_WARN_FRACTION = 2 / 3
+
+
+@dataclass(frozen=True)
+class HqDataFreshness:
+    """How old the newest HQ revocation data held by the site is, against its limit."""
+
+    issued: datetime
+    age: timedelta
+    max_offline_days: int
+    state: str  # "ok", "warning" (from 2/3 of the limit) or "refusing" (past it)
+
+    @property
+    def refuse_after(self) -> datetime:
+        return self.issued + timedelta(days=self.max_offline_days)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "issued": self.issued.isoformat(),
+            "age_days": round(self.age.total_seconds() / 86400, 2),
+            "max_offline_days": self.max_offline_days,
+            "refuse_after": self.refuse_after.isoformat(),
+            "state": self.state,
+        }
+
+    def message(self) -> str:
+        days = self.age.total_seconds() / 86400
+        if self.state == "refusing":
+            return (
+                f"HQ revocation data is {days:.1f} days old, past this site's limit of "
+                f"{self.max_offline_days} days: new registrations are refused until a new "
+                "bundle or `registrar import-revocations` brings fresh data"
+            )
+        return (
+            f"HQ revocation data is {days:.1f} days old; new registrations stop at "
+            f"{self.refuse_after.isoformat()} (limit {self.max_offline_days} days) unless "
+            "fresh data arrives (bundle or `registrar import-revocations`)"
+        )
+
+
+def hq_data_freshness(
+    revocations: RevocationList, max_offline_days: int, now: datetime
+) -> HqDataFreshness:
+    """Age of the newest HQ revocation data (the list's ``issued``: HQ re-publishes it,
+    with a fresh indirect CRL, at every bundle and ``hq publish-revocations``)."""
+    issued = datetime.fromtimestamp(revocations.issued, UTC)
+    age = now - issued
+    limit = timedelta(days=max_offline_days)
+    state = "ok"
+    if age > limit:
+        state = "refusing"
+    elif age >= limit * OFFLINE_WARN_FRACTION:
+        state = "warning"
+    return HqDataFreshness(issued, age, max_offline_days, state)
+
+
 # ----------------------------------------------------------------------------- verifier
 
 
@@ -121,6 +190,12 @@ class RevocationAwareVerifier(ChainVerifier):
     CRL, only signed by HQ instead of the station (which alone holds the station key).
     ``locally_revoked`` is shared, not copied: the running registrar adds to it and the
     next request sees the change.
+
+    The HQ list also brings the indirect CRL (signed by HQ's CRL signer), the revocation
+    source for factory certificates that name it (``ChainVerifier``), and possibly a newer
+    root CRL than the bundle's. With ``max_offline_days``, a list older than that many days
+    refuses every verification (``crl_stale``, public ``revocation_unavailable``): the
+    site no longer knows what HQ revoked (docs/site.md, offline limit).
     """
 
     def __init__(
@@ -131,9 +206,14 @@ class RevocationAwareVerifier(ChainVerifier):
         *,
         hq_revocations: RevocationList,
         locally_revoked: set[DeviceId] | None = None,
+        max_offline_days: int | None = None,
     ) -> None:
-        super().__init__(roots, intermediates, crls)
+        held = list(crls)
+        if hq_revocations.root_crl is not None:
+            held.append(load_crl(hq_revocations.root_crl))  # the newest number wins
+        super().__init__(roots, intermediates, held, indirect_crls=indirect_crls_of(hq_revocations))
         self.hq_revocations = hq_revocations
+        self.max_offline_days = max_offline_days
         self.locally_revoked: set[DeviceId] = set() if locally_revoked is None else locally_revoked
 
     def verify(
@@ -144,6 +224,10 @@ class RevocationAwareVerifier(ChainVerifier):
         intermediates: Sequence[x509.Certificate] = (),
         require_device_id: bool = False,
     ) -> VerifiedIdentity:
+        if self.max_offline_days is not None:
+            fresh = hq_data_freshness(self.hq_revocations, self.max_offline_days, now)
+            if fresh.state == "refusing":
+                raise VerificationError(fresh.message(), reason="crl_stale")
         identity = super().verify(
             leaf, now=now, intermediates=intermediates, require_device_id=require_device_id
         )
@@ -221,6 +305,7 @@ async def revoke_device(
     already = record.status == "revoked"
     if not already:
         await store.set_status(device_id, "revoked")
+        await store.mark_revoked(device_id, at=int(moment.timestamp()))
         await store.record_event(
             device_id,
             "revoked",
@@ -273,6 +358,23 @@ def _root_crl(
     return next((c for c in crls if c.issuer == root.subject), None)
 
 
+def _adopt_root_crl(home: SiteHome, root: x509.Certificate, revocations: RevocationList) -> bool:
+    """A root CRL carried by an HQ list with a higher number than the one in ``crls.pem``
+    replaces it there (call under :func:`revocation_lock`): a site that only receives
+    revocation updates still gets the root CRL of each new root ceremony."""
+    if revocations.root_crl is None:
+        return False
+    new = load_crl(revocations.root_crl)
+    number = verify_crl(new, root, now=None).crl_number
+    crls = read_crls(home)
+    held = [c for c in crls if c.issuer == root.subject]
+    if held and max(verify_crl(c, root, now=None).crl_number for c in held) >= number:
+        return False
+    write_crls(home, [new, *(c for c in crls if c.issuer != root.subject)])
+    log.info("root CRL %d from HQ revocation list %d adopted", number, revocations.sequence)
+    return True
+
+
 async def import_revocation_list(
     *,
     home: SiteHome,
@@ -307,6 +409,7 @@ async def import_revocation_list(
         except RevocationListError as exc:
             raise RevocationError(str(exc), reason=exc.reason) from exc
         status = "unchanged" if revocations.sequence == held else "imported"
+        adopted = False
         if status == "unchanged":
             stored = home.current / "revocation-list.cbor"
             if stored.exists() and stored.read_bytes() != revocations.encode():
@@ -322,12 +425,15 @@ async def import_revocation_list(
             write_private_file(
                 current / "revocation-list.cbor", revocations.encode(), overwrite=True
             )
+            adopted = _adopt_root_crl(home, site.root, revocations)
             state["revocation_list_sequence"] = revocations.sequence
             write_private_file(
                 current / "commission.json",
                 (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(),
                 overwrite=True,
             )
+    if status == "imported" and adopted and broker is not None:
+        await broker.reload_crls()  # the embedded registration listener checks the root CRL
     if status == "imported":
         await store.record_event(
             None,

@@ -21,6 +21,18 @@ Re-registration of an already registered device (new nonce, new CSR) is allowed:
 may have lost its LDevID or been reset. The new LDevID replaces the old one, whose serial is
 recorded in ``superseded`` for the site CRL, and an event is written. The CSR key may be the
 device's own previous key (a retry after a lost response) but never another device's key.
+A device whose LDevID has expired re-registers the same way; the site's
+:class:`~trustcore.renewal.LdevidPolicy` may require the installer's approval for that
+(``expired_reregistration = "approval"``: held like an unlisted device, ``registrar approve``).
+
+LDevID renewal (:meth:`RegistrationService.handle_renewal`, ``trustcore.renewal``) runs
+through the same pipeline: parse, idempotency by request digest (same bytes, same answer, no
+second certificate), one store look-up, the pure decision, the one issuance
+(:func:`trustcore.registration.issue_ldevid` with :meth:`RegistrationService.issuing_authority`),
+the durable record, then the answer. Whenever a certificate replaces another (renewal or
+re-registration), ``on_superseded`` is awaited after the commit and BEFORE the answer is
+returned: the registrar puts the old serial on the site CRL and reloads the broker there, so
+the old certificate is refused at connect from the moment the new one exists.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import hashlib
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -42,7 +54,7 @@ from cryptography.hazmat.primitives import serialization
 
 from registrar.broker import REGISTRAR_IDENTITY, Endpoint
 from registrar.errors import RegistrationRefused, StoreError
-from registrar.store import Registration, Store
+from registrar.store import DeviceRecord, Lookup, Registration, Store
 from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
 from trustcore.keys import Signer
@@ -58,18 +70,30 @@ from trustcore.registration import (
     build_error_response,
     build_key_update,
     decide_admission,
+    issue_ldevid,
     issue_registration,
     parse_request,
     verify_request,
 )
-from trustcore.topics import REGISTRATION_PREFIX, device_topic
+from trustcore.renewal import (
+    LdevidPolicy,
+    RenewalFacts,
+    RenewalRequest,
+    parse_renewal_request,
+    verify_renewal,
+)
+from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
 from trustcore.verify import ChainVerifier
 
 __all__ = [
     "KEY_UPDATE_LEVEL",
+    "RENEWAL_LEVEL",
+    "RENEWAL_REQUEST_LEVEL",
+    "RENEWAL_RESPONSE_LEVEL",
     "MqttRunnerSettings",
     "RegistrationService",
     "SiteAuthority",
+    "device_id_from_renewal_topic",
     "device_id_from_request_topic",
     "run_mqtt",
 ]
@@ -78,6 +102,16 @@ log = logging.getLogger(__name__)
 
 #: ``devices/<id>/keys``: where payload-key updates are published (retained, QoS 1).
 KEY_UPDATE_LEVEL = "keys"
+#: ``devices/<id>/renewal/request`` (device -> registrar) and ``devices/<id>/renewal/response``
+#: (registrar -> device), on the operational listener: inside the device's own subtree, so
+#: neither broker needs a new ACL rule and no device can read another's answer.
+#: (``devices/<id>/renew`` is the site's "renew now" command of a site CA rollover.)
+RENEWAL_LEVEL = "renewal"
+RENEWAL_REQUEST_LEVEL = "renewal/request"
+RENEWAL_RESPONSE_LEVEL = "renewal/response"
+#: Called with (device, superseded LDevID serials in hex) after a replacing certificate is
+#: committed and before its answer is returned.
+SupersededHook = Callable[[DeviceId, tuple[str, ...]], Awaitable[None]]
 
 
 def _utcnow() -> datetime:
@@ -113,6 +147,8 @@ class RegistrationService:
         payload_key: PayloadKey,
         clock: Callable[[], datetime] = _utcnow,
         admission_plugins: Sequence[NamedPlugin[AdmissionContext]] | None = None,
+        policy: LdevidPolicy | None = None,
+        on_superseded: SupersededHook | None = None,
     ) -> None:
         """``admission_plugins`` None: the built-in admission only (an unlisted device is
         ``not_in_manifest``). A sequence: the site's plugin chain runs after every built-in
@@ -128,7 +164,21 @@ class RegistrationService:
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
         self._reserved_nonces: set[bytes] = set()
         self._reserved_keys: dict[bytes, DeviceId] = {}
-        self.stats: dict[str, int] = {"ok": 0, "idempotent": 0}
+        self._renewing: set[DeviceId] = set()
+        self.policy = policy or LdevidPolicy(validity=site.ldevid_validity)
+        self.on_superseded = on_superseded
+        #: Earlier site CAs whose LDevIDs may still renew (site CA rollover adds them).
+        self.previous_site_cas: tuple[x509.Certificate, ...] = ()
+        self.stats: dict[str, int] = {"ok": 0, "idempotent": 0, "renewed": 0}
+
+    def issuing_authority(self) -> SiteAuthority:
+        """The CA that issues every new LDevID (registration and renewal): the ONE place a
+        site CA rollover switches."""
+        return self._site
+
+    def accepted_ldevid_issuers(self) -> tuple[x509.Certificate, ...]:
+        """CAs whose LDevIDs may authenticate a renewal: the current one and earlier ones."""
+        return (self.issuing_authority().certificate, *self.previous_site_cas)
 
     # -- configuration that changes at run time ------------------------------------------
 
@@ -163,6 +213,39 @@ class RegistrationService:
                 ),
                 request=request,
             )
+        return await self._deduplicated(
+            topic_device_id, request, lambda: self._process(topic_device_id, request)
+        )
+
+    async def handle_renewal(self, topic_device_id: DeviceId, payload: bytes) -> bytes:
+        """The answer to a renewal request received on ``devices/<id>/renewal/request``."""
+        try:
+            request = parse_renewal_request(payload)
+        except RegistrationError as exc:
+            return self._refusal(topic_device_id, b"", hashlib.sha256(payload).digest(), exc)
+        if request.device_id != topic_device_id:
+            return self._refusal(
+                topic_device_id,
+                request.nonce,
+                request.digest,
+                RegistrationError(
+                    f"request names {request.device_id}, topic {topic_device_id}",
+                    reason="device_mismatch",
+                ),
+                request=request,
+            )
+        return await self._deduplicated(
+            topic_device_id, request, lambda: self._process_renewal(request)
+        )
+
+    async def _deduplicated(
+        self,
+        topic_device_id: DeviceId,
+        request: RegistrationRequest | RenewalRequest,
+        process: Callable[[], Awaitable[bytes]],
+    ) -> bytes:
+        """An identical request in progress gets that one's answer (no second issuance)."""
+        digest = request.digest
         pending = self._inflight.get(digest)
         if pending is not None:
             self.stats["idempotent"] += 1
@@ -170,7 +253,7 @@ class RegistrationService:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = future
         try:
-            response = await self._process(topic_device_id, request)
+            response = await process()
         except BaseException as exc:
             # Whoever waits on this identical request gets an internal_error refusal (never
             # the exception: it may carry internal detail).
@@ -193,7 +276,9 @@ class RegistrationService:
     async def _process(self, topic_device_id: DeviceId, request: RegistrationRequest) -> bytes:
         digest = request.digest
         try:
-            found = await self._store.lookup(digest, request.nonce, request.csr_key_id)
+            found = await self._store.lookup(
+                digest, request.nonce, request.csr_key_id, request.device_id
+            )
         except StoreError as exc:
             return self._refusal(
                 topic_device_id,
@@ -221,15 +306,17 @@ class RegistrationService:
                 defer_manifest=self.admission_plugins is not None,
             )
             await self._admit(verified, now)
+            await self._expired_policy(found, verified, now)
+            authority = self.issuing_authority()
             issued = issue_registration(
                 verified,
-                site_ca=self._site.certificate,
-                site_ca_der=self._site_der,
-                site_signer=self._site.signer,
-                organization=self._site.organization,
+                site_ca=authority.certificate,
+                site_ca_der=authority.der,
+                site_signer=authority.signer,
+                organization=authority.organization,
                 payload_key=self.payload_key,
                 now=now,
-                validity=self._site.ldevid_validity,
+                validity=self.policy.validity,
             )
         except RegistrationError as exc:
             return self._refusal(topic_device_id, request.nonce, digest, exc, request=request)
@@ -247,6 +334,7 @@ class RegistrationService:
             nonce=request.nonce,
             request_time=request.time,
             at=int(now.timestamp()),
+            ldevid_not_after=int(issued.ldevid.not_valid_after_utc.timestamp()),
         )
         # Reserve until committed: a second request with this nonce or this key, arriving
         # while the first sits in the group-commit queue, must be refused too.
@@ -272,6 +360,180 @@ class RegistrationService:
             record.idevid_serial,
             record.ldevid_serial,
         )
+        previous = found.previous_serial
+        if previous is not None and previous != record.ldevid_serial:
+            await self._superseded(request.device_id, (previous,))
+        return issued.response
+
+    async def _expired_policy(
+        self, found: Lookup, verified: VerifiedRegistration, now: datetime
+    ) -> None:
+        """A re-registration whose LDevID expired, under ``expired_reregistration =
+        "approval"``, is held until the installer approves (an approval given after the
+        certificate expired). Awaits nothing on the common path (no expired LDevID): the
+        nonce and key reservations after the decision must follow it without a gap."""
+        device = verified.request.device_id
+        if (
+            found.previous_ldevid_der is None
+            or found.previous_status != "registered"
+            or self.policy.expired_reregistration != "approval"
+        ):
+            return
+        expired_at = x509.load_der_x509_certificate(found.previous_ldevid_der).not_valid_after_utc
+        if now <= expired_at:
+            return
+        try:
+            approved = await self._store.approved_at(device)
+            if approved is not None and approved >= int(expired_at.timestamp()):
+                return
+            await self._store.record_hold(
+                device,
+                station_id=verified.station_id.value if verified.station_id else None,
+                idevid_serial=format(verified.identity.leaf.serial_number, "x"),
+                plugin="ldevid_policy",
+                reason="ldevid_expired",
+                at=int(now.timestamp()),
+            )
+        except StoreError as exc:
+            raise RegistrationError(str(exc), reason="internal_error") from exc
+        raise RegistrationError(
+            f"{device}: LDevID expired {expired_at}; site policy: re-registration needs "
+            f"`registrar approve {device}`",
+            reason="held_for_approval",
+        )
+
+    async def _superseded(self, device: DeviceId, serials: tuple[str, ...]) -> None:
+        """Tell the registrar (site CRL + broker) before the new certificate is handed out;
+        a failure there is logged, not sent to the device: its new certificate is committed,
+        and the registrar re-applies every superseded serial at its next CRL check."""
+        hook = self.on_superseded
+        if hook is None:
+            return
+        try:
+            await hook(device, serials)
+        except Exception:
+            log.exception("could not put superseded LDevID(s) %s of %s on the CRL", serials, device)
+
+    async def _process_renewal(self, request: RenewalRequest) -> bytes:
+        device, digest = request.device_id, request.digest
+        try:
+            found = await self._store.lookup(digest, request.nonce, request.csr_key_id)
+            known = await self._store.renewal_lookup(device)
+            current = await self._store.device(device)
+        except StoreError as exc:
+            return self._refusal(
+                device,
+                request.nonce,
+                digest,
+                RegistrationError(str(exc), reason="internal_error"),
+                request=request,
+            )
+        if found.response is not None:
+            self.stats["idempotent"] += 1
+            return found.response
+        if device in self._renewing:
+            # Two different renewals of one device at once: one wins, the other retries.
+            return self._refusal(
+                device,
+                request.nonce,
+                digest,
+                RegistrationError(f"{device} is renewing already", reason="busy"),
+                request=request,
+            )
+        key_owner = found.key_owner
+        if key_owner is None and request.csr_key_id is not None:
+            key_owner = self._reserved_keys.get(request.csr_key_id)
+        now = self._clock()
+        facts = RenewalFacts(
+            current_serial=None if known.current_serial is None else int(known.current_serial, 16),
+            status=known.status,
+            superseded_serials=frozenset(int(s, 16) for s in known.superseded),
+            issued_at=(
+                None if known.issued_at is None else datetime.fromtimestamp(known.issued_at, UTC)
+            ),
+            nonce_seen=found.nonce_seen or request.nonce in self._reserved_nonces,
+            key_owner=key_owner,
+        )
+        self._renewing.add(device)
+        try:
+            return await self._renew(request, facts, current, now)
+        finally:
+            self._renewing.discard(device)
+
+    async def _renew(
+        self,
+        request: RenewalRequest,
+        facts: RenewalFacts,
+        current: DeviceRecord | None,
+        now: datetime,
+    ) -> bytes:
+        device, digest = request.device_id, request.digest
+        try:
+            verified = verify_renewal(
+                request,
+                topic_device_id=device,
+                site_cas=self.accepted_ldevid_issuers(),
+                facts=facts,
+                now=now,
+                policy=self.policy,
+            )
+            if current is None:  # verify_renewal refuses an unregistered device first
+                raise RegistrationError(f"{device} is not registered", reason="ldevid_unknown")
+            wrap = serialization.load_der_public_key(current.wrap_key_der)
+            authority = self.issuing_authority()
+            issued = issue_ldevid(
+                device_id=device,
+                nonce=request.nonce,
+                request_digest=digest,
+                ldevid_public_key=verified.new_public_key,
+                wrap_public_key=wrap,  # type: ignore[arg-type]
+                site_ca=authority.certificate,
+                site_ca_der=authority.der,
+                site_signer=authority.signer,
+                organization=authority.organization,
+                payload_key=self.payload_key,
+                now=now,
+                validity=self.policy.validity,
+            )
+        except RegistrationError as exc:
+            return self._refusal(device, request.nonce, digest, exc, request=request)
+        record = Registration(
+            device_id=device,
+            station_id=current.station_id,
+            idevid_serial=current.idevid_serial,
+            ldevid_serial=format(issued.ldevid.serial_number, "x"),
+            ldevid_der=issued.ldevid_der,
+            ldevid_key_id=verified.new_key_id,
+            wrap_key_der=current.wrap_key_der,
+            payload_key_id=issued.payload_key_id,
+            request_digest=digest,
+            response=issued.response,
+            nonce=request.nonce,
+            request_time=request.time,
+            at=int(now.timestamp()),
+            kind="renewal",
+            ldevid_not_after=int(issued.ldevid.not_valid_after_utc.timestamp()),
+        )
+        self._reserved_nonces.add(request.nonce)
+        self._reserved_keys[verified.new_key_id] = device
+        try:
+            await self._store.record_registration(record)
+        except StoreError as exc:
+            return self._refusal(
+                device,
+                request.nonce,
+                digest,
+                RegistrationError(str(exc), reason="internal_error"),
+                request=request,
+            )
+        finally:
+            self._reserved_nonces.discard(request.nonce)
+            self._reserved_keys.pop(verified.new_key_id, None)
+        self.stats["renewed"] += 1
+        log.info(
+            "renewed %s: ldevid %s replaces %s", device, record.ldevid_serial, current.ldevid_serial
+        )
+        await self._superseded(device, (current.ldevid_serial,))
         return issued.response
 
     async def _admit(self, verified: VerifiedRegistration, now: datetime) -> None:
@@ -307,13 +569,14 @@ class RegistrationService:
         digest: bytes,
         exc: RegistrationError,
         *,
-        request: RegistrationRequest | None = None,
+        request: RegistrationRequest | RenewalRequest | None = None,
     ) -> bytes:
         refused = RegistrationRefused(str(exc), reason=exc.reason)
         self.stats[refused.reason] = self.stats.get(refused.reason, 0) + 1
         # Internal detail goes to the log and (for parsed requests) to the event table; the
         # device gets only the public reason code and message.
-        log.info("refused registration on %s: %s", device_id, refused)
+        what = "renewal" if isinstance(request, RenewalRequest) else "registration"
+        log.info("refused %s on %s: %s", what, device_id, refused)
         if request is not None:
             try:
                 self._store.note_event(device_id, "refused", str(refused)[:500])
@@ -368,6 +631,17 @@ def device_id_from_request_topic(topic: str) -> DeviceId | None:
     middle = topic[len(prefix) : -len("/request")]
     try:
         return DeviceId(middle)
+    except InvalidValueError:
+        return None
+
+
+def device_id_from_renewal_topic(topic: str) -> DeviceId | None:
+    """``devices/<id>/renewal/request`` -> DeviceId; None for anything else."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != DEVICE_PREFIX or "/".join(parts[2:]) != RENEWAL_REQUEST_LEVEL:
+        return None
+    try:
+        return DeviceId(parts[1])
     except InvalidValueError:
         return None
 

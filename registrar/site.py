@@ -40,6 +40,7 @@ import json
 import os
 import secrets as _random
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -72,7 +73,7 @@ from trustcore.profiles import (
     station_id_from_certificate,
 )
 from trustcore.registration import Admission, AdmissionRule
-from trustcore.revocation import RevocationList
+from trustcore.revocation import RevocationList, indirect_crls_of
 from trustcore.site_bundle import (
     MAX_SITE_BUNDLE_SIZE,
     AdmissionEntry,
@@ -97,7 +98,9 @@ __all__ = [
     "commission_site",
     "init_site",
     "load_commissioned_site",
+    "read_crls",
     "reissue_site_crl",
+    "write_crls",
 ]
 
 PASSPHRASE_ENV = "DEVTRUST_SITE_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
@@ -365,6 +368,8 @@ class CommissionResult:
     root_crl_next_update: datetime
     broker_names: tuple[str, ...]
     warnings: tuple[str, ...]
+    #: HQ's offline limit for the site (days without fresh HQ revocation data).
+    max_offline_days: int = 30
 
 
 def _ensure_key(home: SiteHome, name: str, passphrase: bytes) -> SoftwareKey:
@@ -429,6 +434,19 @@ def _load_pem_crls(data: bytes) -> list[x509.CertificateRevocationList]:
     for block in data.split(_CRL_END)[:-1]:
         out.append(x509.load_pem_x509_crl(block.strip() + b"\n" + _CRL_END + b"\n"))
     return out
+
+
+def read_crls(home: SiteHome) -> list[x509.CertificateRevocationList]:
+    """Every CRL of the current state's ``crls.pem``."""
+    return _load_pem_crls((home.current / "crls.pem").read_bytes())
+
+
+def write_crls(home: SiteHome, crls: Iterable[x509.CertificateRevocationList]) -> None:
+    """Replace the current state's ``crls.pem`` atomically (callers hold the revocation
+    lock; reload the broker's CRLs after)."""
+    write_private_file(
+        home.current / "crls.pem", b"".join(_crl_pem(c) for c in crls), overwrite=True
+    )
 
 
 def _service_validity(site_ca: x509.Certificate, moment: datetime) -> tuple[datetime, datetime]:
@@ -524,6 +542,7 @@ def _write_state(
             "commissioned_at": int(moment.timestamp()),
             "revocation_list_sequence": verified.revocations.sequence,
             "site_crl_number": number + 1,
+            "max_offline_days": verified.payload.max_offline_days,
         }
         write_private_file(
             staging / "commission.json",
@@ -638,6 +657,7 @@ def commission_site(
         root_crl_next_update=next_update,
         broker_names=home.config.broker_names + home.config.broker_ips,
         warnings=tuple(warnings),
+        max_offline_days=verified.payload.max_offline_days,
     )
 
 
@@ -733,10 +753,18 @@ class CommissionedSite:
     client_cert: Path  # registrar MQTT client certificate + site CA (PEM)
     client_key: Path  # encrypted PKCS#8; the passphrase is the site keystore passphrase
     tls: BrokerTls
+    #: HQ's offline limit for this site (bundle ``max_offline_days``; 30 for older states).
+    max_offline_days: int = 30
 
     def chain_verifier(self) -> ChainVerifier:
-        """Verifier for factory certificates: root, station CAs and every CRL."""
-        return ChainVerifier([self.root], self.station_cas, self.crls)
+        """Verifier for factory certificates: root, station CAs, every CRL and the HQ
+        indirect CRL of the HQ list held (docs/pki.md)."""
+        return ChainVerifier(
+            [self.root],
+            self.station_cas,
+            self.crls,
+            indirect_crls=indirect_crls_of(self.revocations),
+        )
 
 
 def _read_manifest(path: Path) -> tuple[tuple[ManifestEntry, ...], tuple[AdmissionEntry, ...]]:
@@ -787,4 +815,5 @@ def load_commissioned_site(home: SiteHome, secrets: SiteSecrets) -> Commissioned
         client_cert=state / "registrar-client.pem",
         client_key=home.key_path("registrar-client"),
         tls=broker_tls(home, secrets),
+        max_offline_days=int((home.commission_state() or {}).get("max_offline_days", 30)),
     )

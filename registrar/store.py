@@ -24,7 +24,13 @@ used for payload-key rotation), ``certified_keys`` (every key ever certified, fo
 input to the site CRL), ``events`` (audit trail for ``registrar status``), ``pending_approvals`` /
 ``approvals`` (devices an admission plugin held, and the installer's approvals), ``factory_certs``
 (every chain-valid factory certificate seen in a registration request, first sighting kept:
-the evidence of ``registrar report``).
+the evidence of ``registrar report``), ``certificates`` (schema 2: every LDevID ever issued,
+per device, with its kind — registration or renewal — and its issued, notAfter, superseded
+and revoked times: the chain that ``registrar devices --certificates`` shows).
+
+Schema versions: 1 (initial); 2 adds ``certificates``. Opening a version-1 database migrates
+it in one transaction (the table is filled from ``devices`` and ``superseded``; times not
+known then stay NULL). A database newer than this code is refused.
 """
 
 from __future__ import annotations
@@ -44,11 +50,20 @@ import aiosqlite
 from registrar.errors import StoreError
 from trustcore.identity import DeviceId
 
-__all__ = ["DeviceRecord", "Event", "Lookup", "PendingApproval", "Registration", "Store"]
+__all__ = [
+    "CertificateRecord",
+    "DeviceRecord",
+    "Event",
+    "Lookup",
+    "PendingApproval",
+    "Registration",
+    "RenewalLookup",
+    "Store",
+]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
@@ -105,6 +120,16 @@ CREATE TABLE IF NOT EXISTS approvals (
     device_id TEXT PRIMARY KEY,
     approved_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    issued_at INTEGER,
+    not_after INTEGER,
+    superseded_at INTEGER,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates (device_id);
 CREATE TABLE IF NOT EXISTS factory_certs (
     station_id TEXT NOT NULL,
     serial TEXT NOT NULL,
@@ -129,6 +154,18 @@ _UPSERT_DEVICE = (
     "registered_at=excluded.registered_at, registrations=devices.registrations+1, "
     "status='registered'"
 )
+_RENEW_DEVICE = (
+    "UPDATE devices SET ldevid_serial = ?, ldevid_der = ?, ldevid_key_id = ?, "
+    "payload_key_id = ? WHERE device_id = ?"
+)
+_SUPERSEDE_CERTS = (
+    "UPDATE certificates SET superseded_at = ? WHERE device_id = ? AND serial != ? "
+    "AND superseded_at IS NULL"
+)
+_INSERT_CERT = (
+    "INSERT OR IGNORE INTO certificates (serial, device_id, kind, issued_at, not_after) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
 _INSERT_KEY = "INSERT OR IGNORE INTO certified_keys (key_id, device_id) VALUES (?, ?)"
 _INSERT_REQUEST = "INSERT INTO requests (digest, device_id, response, created) VALUES (?,?,?,?)"
 _INSERT_NONCE = "INSERT INTO nonces (nonce, device_id, time) VALUES (?, ?, ?)"
@@ -137,6 +174,16 @@ _LOOKUP = (
     "SELECT (SELECT response FROM requests WHERE digest = ?), "
     "EXISTS(SELECT 1 FROM nonces WHERE nonce = ?), "
     "(SELECT device_id FROM certified_keys WHERE key_id = ?)"
+)
+#: The same plus the device's current LDevID (serial, status, DER): a re-registration must
+#: supersede it, and the expired-LDevID policy looks at it; still one round trip.
+_LOOKUP_DEVICE = (
+    "SELECT (SELECT response FROM requests WHERE digest = ?), "
+    "EXISTS(SELECT 1 FROM nonces WHERE nonce = ?), "
+    "(SELECT device_id FROM certified_keys WHERE key_id = ?), "
+    "(SELECT ldevid_serial FROM devices WHERE device_id = ?), "
+    "(SELECT status FROM devices WHERE device_id = ?), "
+    "(SELECT ldevid_der FROM devices WHERE device_id = ?)"
 )
 
 
@@ -157,6 +204,38 @@ class Registration:
     nonce: bytes
     request_time: int
     at: int
+    #: "registration" (IDevID, ``registrations`` + 1) or "renewal" (LDevID, same device row).
+    kind: str = "registration"
+    ldevid_not_after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    """One LDevID in a device's chain of certificates (times: unix seconds or None)."""
+
+    serial: str
+    device_id: str
+    kind: str
+    issued_at: int | None
+    not_after: int | None
+    superseded_at: int | None
+    revoked_at: int | None
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "superseded" if self.superseded_at is not None else "current"
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalLookup:
+    """What the store knows about a device for a renewal decision."""
+
+    current_serial: str | None
+    status: str
+    superseded: frozenset[str]
+    issued_at: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +253,10 @@ class Lookup:
     response: bytes | None
     nonce_seen: bool
     key_owner: DeviceId | None
+    #: The device's record before this request (``lookup(..., device_id=...)`` only).
+    previous_serial: str | None = None
+    previous_status: str | None = None
+    previous_ldevid_der: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +301,14 @@ def _statements(
     if isinstance(item, tuple):
         return [item]
     dev = item.device_id.value
-    return [
-        (_SUPERSEDE, (item.at, dev, item.ldevid_serial)),
+    renewal = item.kind == "renewal"
+    device_row = (
         (
+            _RENEW_DEVICE,
+            (item.ldevid_serial, item.ldevid_der, item.ldevid_key_id, item.payload_key_id, dev),
+        )
+        if renewal
+        else (
             _UPSERT_DEVICE,
             (
                 dev,
@@ -233,20 +321,52 @@ def _statements(
                 item.payload_key_id,
                 item.at,
             ),
-        ),
+        )
+    )
+    detail = f"ldevid {item.ldevid_serial} idevid {item.idevid_serial}"
+    return [
+        (_SUPERSEDE, (item.at, dev, item.ldevid_serial)),
+        device_row,
+        (_SUPERSEDE_CERTS, (item.at, dev, item.ldevid_serial)),
+        (_INSERT_CERT, (item.ldevid_serial, dev, item.kind, item.at, item.ldevid_not_after)),
         (_INSERT_KEY, (item.ldevid_key_id, dev)),
         (_INSERT_REQUEST, (item.request_digest, dev, item.response, item.at)),
         (_INSERT_NONCE, (item.nonce, dev, item.request_time)),
-        (
-            _INSERT_EVENT,
-            (
-                item.at,
-                dev,
-                "registered",
-                f"ldevid {item.ldevid_serial} idevid {item.idevid_serial}",
-            ),
-        ),
+        (_INSERT_EVENT, (item.at, dev, "renewed" if renewal else "registered", detail)),
     ]
+
+
+async def _migrate_1_to_2(db: aiosqlite.Connection) -> None:
+    """Fill ``certificates`` from what schema 1 kept (one transaction)."""
+    from cryptography import x509
+
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        rows = await db.execute_fetchall(
+            "SELECT device_id, ldevid_serial, ldevid_der, registered_at, status FROM devices"
+        )
+        for device_id, serial, der, at, status in rows:
+            try:
+                not_after: int | None = int(
+                    x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+                )
+            except ValueError:
+                not_after = None
+            await db.execute(
+                "INSERT OR IGNORE INTO certificates (serial, device_id, kind, issued_at, "
+                "not_after, revoked_at) VALUES (?, ?, 'registration', ?, ?, ?)",
+                (serial, device_id, at, not_after, at if status == "revoked" else None),
+            )
+        await db.execute(
+            "INSERT OR IGNORE INTO certificates (serial, device_id, kind, superseded_at) "
+            "SELECT ldevid_serial, device_id, 'registration', superseded_at FROM superseded"
+        )
+        await db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+        await db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+        raise
 
 
 class Store:
@@ -286,6 +406,10 @@ class Store:
             )
             rows = await writer.execute_fetchall("SELECT value FROM meta WHERE key='schema'")
             found = next(iter(rows))[0]
+            if found == "1":
+                await _migrate_1_to_2(writer)
+                found = "2"
+                log.info("registrar database %s migrated to schema 2", path)
             if found != str(SCHEMA_VERSION):
                 await writer.close()
                 raise StoreError(f"database schema {found}, this registrar knows {SCHEMA_VERSION}")
@@ -410,6 +534,13 @@ class Store:
         assert future is not None
         await future
 
+    async def mark_revoked(self, device_id: DeviceId, *, at: int) -> None:
+        """Every LDevID of ``device_id`` not revoked yet gets ``revoked_at`` (chain record)."""
+        await self._write(
+            "UPDATE certificates SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL",
+            (at, device_id.value),
+        )
+
     async def set_payload_key(self, device_id: DeviceId, payload_key_id: bytes) -> None:
         future = self._submit(
             (
@@ -510,14 +641,32 @@ class Store:
 
     # -- reads -------------------------------------------------------------------------------
 
-    async def lookup(self, digest: bytes, nonce: bytes, key_id: bytes | None) -> Lookup:
-        """One round trip: stored response for ``digest``, nonce seen, owner of ``key_id``."""
+    async def lookup(
+        self,
+        digest: bytes,
+        nonce: bytes,
+        key_id: bytes | None,
+        device_id: DeviceId | None = None,
+    ) -> Lookup:
+        """One round trip: stored response for ``digest``, nonce seen, owner of ``key_id``
+        (and, with ``device_id``, that device's current LDevID)."""
         try:
-            rows = await self._reader.execute_fetchall(_LOOKUP, (digest, nonce, key_id or b""))
+            if device_id is None:
+                rows = await self._reader.execute_fetchall(_LOOKUP, (digest, nonce, key_id or b""))
+            else:
+                dev = device_id.value
+                rows = await self._reader.execute_fetchall(
+                    _LOOKUP_DEVICE, (digest, nonce, key_id or b"", dev, dev, dev)
+                )
         except sqlite3.Error as exc:
             raise StoreError(f"registrar database read failed: {exc}") from exc
-        response, seen, owner = next(iter(rows))
-        return Lookup(response, bool(seen), DeviceId(owner) if owner is not None else None)
+        row = next(iter(rows))
+        response, seen, owner = row[:3]
+        found = Lookup(response, bool(seen), DeviceId(owner) if owner is not None else None)
+        if device_id is None:
+            return found
+        serial, status, der = row[3:]
+        return Lookup(found.response, found.nonce_seen, found.key_owner, serial, status, der)
 
     async def is_approved(self, device_id: DeviceId) -> bool:
         try:
@@ -575,6 +724,54 @@ class Store:
             "SELECT ldevid_serial, device_id, superseded_at FROM superseded ORDER BY superseded_at"
         )
         return [(r[0], r[1], r[2]) for r in rows]
+
+    async def certificates(self, device_id: DeviceId | None = None) -> list[CertificateRecord]:
+        """The chain of LDevIDs per device, oldest first (all devices when None)."""
+        sql = (
+            "SELECT serial, device_id, kind, issued_at, not_after, superseded_at, revoked_at "
+            "FROM certificates"
+        )
+        order = " ORDER BY device_id, COALESCE(issued_at, superseded_at), rowid"
+        try:
+            if device_id is None:
+                rows = await self._reader.execute_fetchall(sql + order)
+            else:
+                rows = await self._reader.execute_fetchall(
+                    sql + " WHERE device_id = ?" + order, (device_id.value,)
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"registrar database read failed: {exc}") from exc
+        return [CertificateRecord(*row) for row in rows]
+
+    async def renewal_lookup(self, device_id: DeviceId) -> RenewalLookup:
+        """Current serial, status, superseded serials and issue time of the current LDevID."""
+        try:
+            rows = list(
+                await self._reader.execute_fetchall(
+                    "SELECT d.ldevid_serial, d.status, COALESCE(c.issued_at, d.registered_at) "
+                    "FROM devices d LEFT JOIN certificates c ON c.serial = d.ldevid_serial "
+                    "WHERE d.device_id = ?",
+                    (device_id.value,),
+                )
+            )
+            old = await self._reader.execute_fetchall(
+                "SELECT ldevid_serial FROM superseded WHERE device_id = ?", (device_id.value,)
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"registrar database read failed: {exc}") from exc
+        superseded = frozenset(str(r[0]) for r in old)
+        if not rows:
+            return RenewalLookup(None, "unregistered", superseded, None)
+        serial, status, issued = rows[0]
+        return RenewalLookup(str(serial), str(status), superseded, issued)
+
+    async def approved_at(self, device_id: DeviceId) -> int | None:
+        rows = list(
+            await self._reader.execute_fetchall(
+                "SELECT approved_at FROM approvals WHERE device_id = ?", (device_id.value,)
+            )
+        )
+        return int(rows[0][0]) if rows else None
 
     async def events(self, limit: int = 20, kind: str | None = None) -> list[Event]:
         if kind is None:

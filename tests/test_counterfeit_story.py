@@ -55,8 +55,13 @@ from signers.tpm import Tpm, TpmKey
 from tests.test_hq_approvals import _approvers, _configure
 from tests.test_registrar_integration import until_cut
 from trustcore.identity import DeviceId
-from trustcore.profiles import issue_factory_certificate, issue_secondary_certificate
+from trustcore.profiles import (
+    crl_issuers_of,
+    issue_factory_certificate,
+    issue_secondary_certificate,
+)
 from trustcore.quorum import encode_bundle
+from trustcore.revocation import RevocationList
 
 pytestmark = [pytest.mark.tpm, pytest.mark.slow]
 
@@ -121,6 +126,12 @@ def test_counterfeit_story(
     try:
         stolen = TpmKey.load(attacker_tpm, station / "station-ca.tss.pem")
 
+        # A careful thief copies the CRL distribution point of a genuine IDevID (HQ's CRL
+        # signer); a careless one leaves it out. Both are caught (see the end of the story).
+        crl_issuer = crl_issuers_of(
+            x509.load_pem_x509_certificate((device_dirs[0] / "idevid.pem").read_bytes())
+        )[0]
+
         def sign_with_stolen_key(device_id: str, public: object) -> x509.Certificate:
             return issue_factory_certificate(
                 station_ca,
@@ -129,6 +140,7 @@ def test_counterfeit_story(
                 device_id=DeviceId(device_id),
                 manufacturer="Acme Devices",
                 not_before=max(station_ca.not_valid_before_utc, datetime.now(UTC) - DAY),
+                crl_issuer=crl_issuer if device_id in COUNTERFEITS[:3] else None,
             )
 
         counterfeit_keys = {d: SoftwareKey.ephemeral() for d in COUNTERFEITS}
@@ -306,6 +318,7 @@ async def _site_story(
             assert max(cut) < 5 and time.monotonic() - started < 5
             for s in good:
                 await s.publish_telemetry(b"genuine and still here")
+        await asyncio.to_thread(_standard_tools_agree, tmp_path, hq, list_file, genuine, fakes)
         # refused on re-registration
         for fake in fakes:
             with pytest.raises((DeviceRegistrationError, aiomqtt.MqttError)):
@@ -313,3 +326,63 @@ async def _site_story(
         # and the genuine ones keep working after reconnecting
         async with genuine[0].operational(op) as s:
             await s.publish_telemetry(b"after revocation")
+
+
+def _standard_tools_agree(
+    tmp_path: Path,
+    hq: Path,
+    list_file: Path,
+    genuine: list[DeviceClient],
+    fakes: list[DeviceClient],
+) -> None:
+    """HQ's decision is visible to `openssl verify` through the indirect CRL the list
+    carries (docs/pki.md): revoked with the CRL signer's distribution point, out of every
+    CRL's scope (fails closed) without one; the genuine devices verify OK."""
+    import subprocess
+
+    from cryptography.hazmat.primitives import serialization
+
+    from trustcore.revocation import open_revocation_list
+
+    root = x509.load_pem_x509_certificate((hq / "certs" / "root-ca.pem").read_bytes())
+    published: RevocationList = open_revocation_list(
+        list_file.read_bytes(), root=root, now=datetime.now(UTC), root_crl=None,
+        not_older_than=None,
+    )  # fmt: skip
+    assert published.hq_crl and published.root_crl and published.crl_signer
+    pem = serialization.Encoding.PEM
+    d = tmp_path / "openssl"
+    d.mkdir()
+    station_ca = genuine[0].credentials.chain[0]
+    files = {
+        "root.pem": root.public_bytes(pem),
+        "station-ca.pem": station_ca.public_bytes(pem),
+        "crl-signer.pem": x509.load_der_x509_certificate(published.crl_signer).public_bytes(pem),
+        "root-crl.pem": x509.load_der_x509_crl(published.root_crl).public_bytes(pem),
+        "hq-indirect-crl.pem": x509.load_der_x509_crl(published.hq_crl).public_bytes(pem),
+    }
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+
+    def verify(device: DeviceClient) -> str:
+        leaf = d / f"{device.device_id}.pem"
+        leaf.write_bytes(device.credentials.idevid.public_bytes(pem))
+        done = subprocess.run(
+            [
+                "openssl", "verify", "-extended_crl", "-crl_check_all",
+                "-CAfile", d / "root.pem", "-untrusted", d / "station-ca.pem",
+                "-untrusted", d / "crl-signer.pem", "-CRLfile", d / "root-crl.pem",
+                "-CRLfile", d / "hq-indirect-crl.pem", leaf,
+            ],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        return done.stdout + done.stderr
+
+    for fake in fakes:
+        expected = (
+            "certificate revoked" if fake.device_id.value in COUNTERFEITS[:3]
+            else "different CRL scope"
+        )  # fmt: skip
+        assert expected in verify(fake), fake.device_id
+    for device in genuine:
+        assert ": OK" in verify(device), device.device_id

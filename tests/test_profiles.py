@@ -18,6 +18,7 @@ from trustcore.identity import DeviceId, SiteId, StationId
 from trustcore.profiles import (
     IDEVID_NO_EXPIRY,
     OID_EKU_AUDIT_RECEIVER,
+    OID_EKU_CRL_SIGNER,
     OID_EKU_ENTITLEMENT_SIGNER,
     OID_EKU_REVOCATION_SIGNER,
     OID_HARDWARE_MODULE_NAME,
@@ -126,6 +127,7 @@ def test_role_ekus_are_distinct_project_oids(pki: Pki) -> None:
         HqRole.ENTITLEMENT_SIGNER: OID_EKU_ENTITLEMENT_SIGNER,
         HqRole.AUDIT_RECEIVER: OID_EKU_AUDIT_RECEIVER,
         HqRole.REVOCATION_SIGNER: OID_EKU_REVOCATION_SIGNER,
+        HqRole.CRL_SIGNER: OID_EKU_CRL_SIGNER,
     }
     assert all(o.dotted_string.startswith("1.3.6.1.4.1.55555.1.3.") for o in ekus.values())
     audit, _ = pki.roles[HqRole.AUDIT_RECEIVER]

@@ -783,11 +783,14 @@ def test_site_crl_is_reissued_at_half_life_and_stale_hq_crls_are_reported(
     later = datetime.now(UTC) + SITE_CRL_VALIDITY / 2 + timedelta(hours=1)
     assert app.refresh_site_crl_if_due(now=later) is True
     assert next_update() > first
-    # root/station CRLs (HQ's, 7 days): near the end a warning, past it STALE (fail closed)
+    # HQ's CRLs: this world's station CRL lasts 7 days, the root CRL (root ceremony) a
+    # year; near the end a warning, past it STALE (fail closed)
     assert app.check_crls() == []
     warn = app.check_crls(now=datetime.now(UTC) + timedelta(days=6, hours=12))
-    assert warn and all("runs out" in a for a in warn)
+    assert len(warn) == 1 and "runs out" in warn[0] and "Station" in warn[0]
     with caplog.at_level(logging.ERROR, logger="registrar.app"):
         stale = app.check_crls(now=datetime.now(UTC) + timedelta(days=8))
-    assert len(stale) == 2 and all("STALE" in a and "REFUSED" in a for a in stale)
-    assert sum("STALE" in r.getMessage() for r in caplog.records) == 2
+    assert len(stale) == 1 and all("STALE" in a and "REFUSED" in a for a in stale)
+    assert sum("STALE" in r.getMessage() for r in caplog.records) == 1
+    stale = app.check_crls(now=datetime.now(UTC) + timedelta(days=366))
+    assert any("STALE" in a and "Root CA" in a for a in stale)

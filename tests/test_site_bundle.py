@@ -338,10 +338,14 @@ def test_bundle_sequence_and_rotation(world: World) -> None:
     assert second.sequence == first.sequence + 1
     assert len(second.payload.payload_keys) == 2
     assert second.payload.current_payload_key != first.payload.current_payload_key
-    assert (
-        second.root_crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        > first.root_crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    # The root key stays offline: bundles carry the root CRL of the last ceremony, and a
+    # freshly published HQ revocation list (next sequence, new indirect CRL).
+    assert second.root_crl.public_bytes(serialization.Encoding.DER) == first.root_crl.public_bytes(
+        serialization.Encoding.DER
     )
+    assert second.revocations.sequence == first.revocations.sequence + 1
+    assert second.revocations.hq_crl is not None and first.revocations.hq_crl is not None
+    assert second.revocations.hq_crl != first.revocations.hq_crl
 
 
 def test_devices_from_station_and_whole_station_rule(world: World) -> None:

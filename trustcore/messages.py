@@ -213,23 +213,27 @@ class SiteEnrolment:
 @dataclass(frozen=True)
 class EntitlementPayload:
     """What an entitlement package carries: the policy, the station CA certificate HQ
-    issued for this entitlement (valid no longer than the policy window), the HQ audit
+    issued for this entitlement (valid until the root ends, docs/pki.md), the HQ audit
     receiver certificate (where audit exports go) and the product secrets to inject."""
 
     policy: EntitlementPolicy
     station_ca_cert_der: bytes
     audit_receiver_cert_der: bytes
     product_secrets: dict[str, bytes]
+    #: The HQ CRL signer certificate (optional): the station names its subject as the
+    #: cRLIssuer of every IDevID it signs, so HQ's indirect CRL covers them (docs/pki.md).
+    crl_signer_cert_der: bytes | None = None
 
     def encode(self) -> bytes:
-        return cbor.encode(
-            {
-                "policy": self.policy.to_map(),
-                "station_ca_cert": self.station_ca_cert_der,
-                "audit_receiver_cert": self.audit_receiver_cert_der,
-                "product_secrets": dict(self.product_secrets),
-            }
-        )
+        doc: dict[str, object] = {
+            "policy": self.policy.to_map(),
+            "station_ca_cert": self.station_ca_cert_der,
+            "audit_receiver_cert": self.audit_receiver_cert_der,
+            "product_secrets": dict(self.product_secrets),
+        }
+        if self.crl_signer_cert_der is not None:
+            doc["crl_signer_cert"] = self.crl_signer_cert_der
+        return cbor.encode(doc)
 
     @classmethod
     def decode(cls, data: bytes) -> EntitlementPayload:
@@ -237,6 +241,7 @@ class EntitlementPayload:
         cbor.expect_keys(
             m,
             {"policy", "station_ca_cert", "audit_receiver_cert", "product_secrets"},
+            {"crl_signer_cert"},
             what="entitlement",
         )
         secrets = cbor.map_of(m["product_secrets"], "product_secrets")
@@ -248,6 +253,9 @@ class EntitlementPayload:
             station_ca_cert_der=cbor.field(m, "station_ca_cert", bytes),
             audit_receiver_cert_der=cbor.field(m, "audit_receiver_cert", bytes),
             product_secrets=dict(secrets),
+            crl_signer_cert_der=(
+                cbor.field(m, "crl_signer_cert", bytes) if "crl_signer_cert" in m else None
+            ),
         )
 
 
@@ -268,18 +276,23 @@ class AuditExportPayload:
     #: The station CA's current CRL (DER, signed in the station TPM), so HQ can hand it to
     #: sites: brokers check revocation for every issuing CA and refuse a CA without a CRL.
     crl: bytes | None = None
+    #: CRLs signed by the CA keys the station re-keyed away from (``factory-station
+    #: import-ca``), so the devices made under an old key keep a current CRL at sites.
+    #: Encoded only when present (an export without re-key keeps its bytes).
+    retired_crls: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
-        return cbor.encode(
-            {
-                "station_id": self.station_id,
-                "entitlement_seq": self.entitlement_sequence,
-                "export_number": self.export_number,
-                "audit": self.audit_export,
-                "manifest": list(self.manifest),
-                "crl": self.crl,
-            }
-        )
+        m: dict[str, object] = {
+            "station_id": self.station_id,
+            "entitlement_seq": self.entitlement_sequence,
+            "export_number": self.export_number,
+            "audit": self.audit_export,
+            "manifest": list(self.manifest),
+            "crl": self.crl,
+        }
+        if self.retired_crls:
+            m["retired_crls"] = list(self.retired_crls)
+        return cbor.encode(m)
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int) -> AuditExportPayload:
@@ -287,11 +300,15 @@ class AuditExportPayload:
         cbor.expect_keys(
             m,
             {"station_id", "entitlement_seq", "export_number", "audit", "manifest", "crl"},
+            {"retired_crls"},
             what="audit export",
         )
         manifest = m["manifest"]
         if not isinstance(manifest, list) or not all(isinstance(c, bytes) for c in manifest):
             raise EncodingError("manifest must be a list of DER certificates")
+        retired = m.get("retired_crls", [])
+        if not isinstance(retired, list) or not all(isinstance(c, bytes) for c in retired):
+            raise EncodingError("retired_crls must be a list of DER CRLs")
         return cls(
             station_id=cbor.field(m, "station_id", str),
             entitlement_sequence=cbor.field(m, "entitlement_seq", int),
@@ -299,4 +316,5 @@ class AuditExportPayload:
             audit_export=cbor.field(m, "audit", bytes),
             manifest=tuple(manifest),
             crl=cbor.optional_field(m, "crl", bytes),
+            retired_crls=tuple(retired),
         )

@@ -40,6 +40,7 @@ from trustcore.keys import spki_der
 __all__ = [
     "IDEVID_NO_EXPIRY",
     "OID_EKU_AUDIT_RECEIVER",
+    "OID_EKU_CRL_SIGNER",
     "OID_EKU_ENTITLEMENT_SIGNER",
     "OID_EKU_REVOCATION_SIGNER",
     "OID_HARDWARE_MODULE_NAME",
@@ -48,6 +49,8 @@ __all__ = [
     "PROJECT_ARC",
     "CertificateProfile",
     "HqRole",
+    "crl_distribution_point",
+    "crl_issuers_of",
     "decode_hardware_module_name",
     "device_id_from_certificate",
     "encode_hardware_module_name",
@@ -74,6 +77,9 @@ OID_HW_TYPE_DEVICE = ObjectIdentifier(f"{PROJECT_ARC}.1.1")
 OID_EKU_ENTITLEMENT_SIGNER = ObjectIdentifier(f"{PROJECT_ARC}.1.3.1")
 OID_EKU_AUDIT_RECEIVER = ObjectIdentifier(f"{PROJECT_ARC}.1.3.2")
 OID_EKU_REVOCATION_SIGNER = ObjectIdentifier(f"{PROJECT_ARC}.1.3.3")
+#: The delegated HQ CRL signer: signs the HQ indirect CRL of factory certificates
+#: (docs/pki.md "Revocation of factory certificates"), so the root key stays offline.
+OID_EKU_CRL_SIGNER = ObjectIdentifier(f"{PROJECT_ARC}.1.3.4")
 #: id-on-hardwareModuleName (RFC 4108 §5), the SAN form IEEE 802.1AR uses for device ids.
 OID_HARDWARE_MODULE_NAME = ObjectIdentifier("1.3.6.1.5.5.7.8.4")
 #: IEEE 802.1AR §8.5 / RFC 5280 §4.1.2.5: "no well-defined expiration date".
@@ -86,6 +92,7 @@ class HqRole(enum.Enum):
     ENTITLEMENT_SIGNER = "entitlement-signer"
     AUDIT_RECEIVER = "audit-receiver"
     REVOCATION_SIGNER = "revocation-signer"
+    CRL_SIGNER = "crl-signer"
 
     @property
     def eku(self) -> ObjectIdentifier:
@@ -96,6 +103,7 @@ _ROLE_EKU = {
     HqRole.ENTITLEMENT_SIGNER: OID_EKU_ENTITLEMENT_SIGNER,
     HqRole.AUDIT_RECEIVER: OID_EKU_AUDIT_RECEIVER,
     HqRole.REVOCATION_SIGNER: OID_EKU_REVOCATION_SIGNER,
+    HqRole.CRL_SIGNER: OID_EKU_CRL_SIGNER,
 }
 
 
@@ -147,6 +155,15 @@ PROFILES: dict[str, CertificateProfile] = {
             path_length=None,
             ku={"digital_signature"},
             eku=(OID_EKU_REVOCATION_SIGNER,),
+        ),
+        # cRLSign only: an end entity (not a CA) that signs the HQ indirect CRL; OpenSSL
+        # needs nothing else of a CRL issuer (checked with openssl verify -extended_crl).
+        _profile(
+            "crl_signer",
+            ca=False,
+            path_length=None,
+            ku={"crl_sign"},
+            eku=(OID_EKU_CRL_SIGNER,),
         ),
         _profile(
             "idevid",
@@ -359,6 +376,7 @@ def _build(
     not_after: datetime,
     san: Sequence[x509.GeneralName] = (),
     allow_beyond_issuer: bool = False,
+    crl_issuer: x509.Name | None = None,
 ) -> x509.Certificate:
     issuer_key = _require_p256_private_key(issuer_key)
     subject_key = require_p256_public_key(subject_key)
@@ -401,7 +419,39 @@ def _build(
         builder = builder.add_extension(x509.ExtendedKeyUsage(list(profile.eku)), critical=False)
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(san)), critical=False)
+    if crl_issuer is not None:
+        builder = builder.add_extension(crl_distribution_point(crl_issuer), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
+
+
+def crl_distribution_point(crl_issuer: x509.Name) -> x509.CRLDistributionPoints:
+    """CRLDistributionPoints with one point naming only its cRLIssuer (RFC 5280 §4.2.1.13):
+    the certificate's revocation is published in an indirect CRL signed by ``crl_issuer``
+    (the HQ CRL signer), not by the CA that issued it. OpenSSL puts an indirect CRL in
+    scope for a certificate only through this field (``crl_crldp_check``)."""
+    if not isinstance(crl_issuer, x509.Name) or not len(crl_issuer):
+        raise ProfileError("crl_issuer must be a non-empty x509.Name")
+    point = x509.DistributionPoint(
+        full_name=None,
+        relative_name=None,
+        reasons=None,
+        crl_issuer=[x509.DirectoryName(crl_issuer)],
+    )
+    return x509.CRLDistributionPoints([point])
+
+
+def crl_issuers_of(cert: x509.Certificate) -> tuple[x509.Name, ...]:
+    """The cRLIssuer names of ``cert``'s CRLDistributionPoints (empty if none)."""
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return ()
+    names: list[x509.Name] = []
+    for point in points:
+        for general in point.crl_issuer or ():
+            if isinstance(general, x509.DirectoryName):
+                names.append(general.value)
+    return tuple(names)
 
 
 def issue_root_ca(
@@ -437,10 +487,12 @@ def issue_station_ca(
     not_after: datetime,
     max_not_after: datetime,
 ) -> x509.Certificate:
-    """Factory station CA (pathLen 0). ``max_not_after`` is the entitlement's end: a station
-    certificate must never outlive the authority HQ granted to the station."""
+    """Factory station CA (pathLen 0). ``max_not_after`` is the bound HQ allows (the root's
+    notAfter): the certificate must stay verifiable for the whole life of the devices it
+    signs, so it does not end with the entitlement; the entitlement bounds *issuance*
+    (``trustcore.issuance``, HQ's audit), not verification (docs/pki.md)."""
     if _utc("not_after", not_after) > _utc("max_not_after", max_not_after):
-        raise ProfileError("station CA validity exceeds its bound (entitlement end)")
+        raise ProfileError("station CA validity exceeds its bound (max_not_after)")
     subject = _name(
         (NameOID.COMMON_NAME, f"Factory Station CA {station_id}"),
         (NameOID.ORGANIZATION_NAME, organization),
@@ -534,8 +586,12 @@ def issue_factory_certificate(
     not_before: datetime,
     not_after: datetime = IDEVID_NO_EXPIRY,
     hw_type: ObjectIdentifier = OID_HW_TYPE_DEVICE,
+    crl_issuer: x509.Name | None = None,
 ) -> x509.Certificate:
     """Device factory certificate, an IEEE 802.1AR IDevID signed by a station CA.
+
+    ``crl_issuer`` (the HQ CRL signer's name) adds a CRLDistributionPoints whose cRLIssuer
+    names it: HQ, not the station, publishes this certificate's revocation (indirect CRL).
 
     The device id appears three times (CN for Mosquitto, serialNumber per 802.1AR, and the
     hardwareModuleName SAN that ``cryptography``'s verifier and pkilint accept); readers
@@ -553,6 +609,7 @@ def issue_factory_certificate(
         not_after=end,
         san=[hardware_module_name(device_id, hw_type)],
         allow_beyond_issuer=end == IDEVID_NO_EXPIRY,
+        crl_issuer=crl_issuer,
     )
 
 

@@ -84,12 +84,16 @@ __all__ = [
     "build_key_update",
     "build_request",
     "decide_admission",
+    "envelope_signature_valid",
+    "issue_ldevid",
     "issue_registration",
+    "open_envelope",
     "open_payload_key",
     "parse_key_update",
     "parse_request",
     "parse_response",
     "public_message",
+    "sign_envelope",
     "verify_request",
     "wrap_payload_key",
 ]
@@ -140,6 +144,7 @@ _PACKET_TOO_LARGE = 0x95
 _UNSPECIFIED = 0x80
 _QUOTA_EXCEEDED = 0x97
 _STOP = "stop: needs the installer or the manufacturer"
+_REREGISTER = "register again with the factory certificate (IDevID)"
 
 #: Every public reason code. ``docs/registration.md`` renders this table.
 REASONS: dict[str, ReasonInfo] = {
@@ -165,6 +170,14 @@ REASONS: dict[str, ReasonInfo] = {
     "csr_wrong_name": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
     "csr_idevid_key": ReasonInfo(False, _NOT_AUTHORIZED, "stop: make a new TPM key"),
     "csr_foreign_key": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    # LDevID renewal (trustcore.renewal): the device falls back to registering again with
+    # its factory certificate (IDevID) on the registration listener.
+    "ldevid_expired": ReasonInfo(False, _NOT_AUTHORIZED, _REREGISTER),
+    "ldevid_superseded": ReasonInfo(False, _NOT_AUTHORIZED, _REREGISTER),
+    "ldevid_revoked": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
+    "ldevid_unknown": ReasonInfo(False, _NOT_AUTHORIZED, _REREGISTER),
+    "too_early": ReasonInfo(True, _QUOTA_EXCEEDED, "retry after the renewal interval"),
+    "csr_reused_key": ReasonInfo(False, _NOT_AUTHORIZED, "stop: make a new TPM key"),
     "bad_wrap_key": ReasonInfo(False, _NOT_AUTHORIZED, "stop: device software bug"),
     "busy": ReasonInfo(True, _QUOTA_EXCEEDED, "retry later with a new request"),
     "internal_error": ReasonInfo(True, _UNSPECIFIED, "retry later with a new request"),
@@ -195,6 +208,12 @@ _PUBLIC_MESSAGES: dict[str, str] = {
     "csr_idevid_key": "CSR reuses the factory key",
     "csr_foreign_key": "CSR key belongs to another device",
     "bad_wrap_key": "wrap key is not a distinct P-256 public key",
+    "ldevid_expired": "the secondary certificate has expired: register again",
+    "ldevid_superseded": "the secondary certificate was replaced: register again",
+    "ldevid_revoked": "the secondary certificate is revoked",
+    "ldevid_unknown": "the secondary certificate is not known here: register again",
+    "too_early": "renewed too recently: retry later",
+    "csr_reused_key": "CSR reuses the current secondary key",
     "busy": "registrar is busy",
     "internal_error": "registrar could not complete the registration",
 }
@@ -231,6 +250,24 @@ def public_message(reason: str) -> str:
 
 
 # ------------------------------------------------------------------------ signed envelope
+
+
+def sign_envelope(domain: str, body: dict[str, Any], signer: Signer) -> bytes:
+    """``{"body", "sig"}`` for ``body`` under ``domain`` (every message of this protocol
+    family, including :mod:`trustcore.renewal`, uses this one envelope)."""
+    return _envelope(domain, body, signer)
+
+
+def open_envelope(data: bytes, max_size: int, what: str) -> tuple[bytes, bytes, dict[Any, Any]]:
+    """Decode an envelope: (body bytes, signature, body map). Signatures are the caller's
+    job (:func:`envelope_signature_valid`). Raises ``RegistrationError``."""
+    return _open_envelope(data, max_size, what)
+
+
+def envelope_signature_valid(
+    public: ec.EllipticCurvePublicKey, sig: bytes, domain: str, body: bytes
+) -> bool:
+    return _verify_sig(public, sig, domain, body)
 
 
 def _signed_input(domain: str, body: bytes) -> bytes:
@@ -682,14 +719,47 @@ def issue_registration(
     validity: timedelta = timedelta(days=365),
 ) -> Issued:
     """Issue the LDevID (site CA), wrap the payload key, sign the ``ok`` response."""
+    return issue_ldevid(
+        device_id=verified.request.device_id,
+        nonce=verified.request.nonce,
+        request_digest=verified.request.digest,
+        ldevid_public_key=verified.ldevid_public_key,
+        wrap_public_key=verified.wrap_public_key,
+        site_ca=site_ca,
+        site_ca_der=site_ca_der,
+        site_signer=site_signer,
+        organization=organization,
+        payload_key=payload_key,
+        now=now,
+        validity=validity,
+    )
+
+
+def issue_ldevid(
+    *,
+    device_id: DeviceId,
+    nonce: bytes,
+    request_digest: bytes,
+    ldevid_public_key: ec.EllipticCurvePublicKey,
+    wrap_public_key: ec.EllipticCurvePublicKey,
+    site_ca: x509.Certificate,
+    site_ca_der: bytes,
+    site_signer: Signer,
+    organization: str,
+    payload_key: PayloadKey,
+    now: datetime,
+    validity: timedelta = timedelta(days=365),
+) -> Issued:
+    """The one issuance of an LDevID, for registration and renewal alike: certificate
+    (validity ``now - 5 min ... min(now + validity, site CA notAfter)``), payload key
+    wrapped to the device's ECDH key, signed ``ok`` response bound to the request."""
     start = max(now - timedelta(minutes=5), site_ca.not_valid_before_utc)
     end = min(now + validity, site_ca.not_valid_after_utc)
-    device_id = verified.request.device_id
     try:
         ldevid = issue_secondary_certificate(
             site_ca,
             site_signer.private_key(),
-            verified.ldevid_public_key,
+            ldevid_public_key,
             device_id=device_id,
             organization=organization,
             not_before=start,
@@ -702,11 +772,11 @@ def issue_registration(
         "v": PROTOCOL_VERSION,
         "status": "ok",
         "device_id": device_id.value,
-        "nonce": verified.request.nonce,
-        "request": verified.request.digest,
+        "nonce": nonce,
+        "request": request_digest,
         "ldevid": ldevid_der,
         "site_ca": site_ca_der,
-        "payload_key": wrap_payload_key(payload_key, device_id, verified.wrap_public_key),
+        "payload_key": wrap_payload_key(payload_key, device_id, wrap_public_key),
     }
     return Issued(
         response=_envelope(RESPONSE_DOMAIN, body, site_signer),

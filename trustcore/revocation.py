@@ -15,7 +15,14 @@ number, and the payload repeats it, so a list cannot be re-sealed under another 
 
     payload = {"v": 1, "seq": uint, "issued": uint,
                "entries": [{"station_id": tstr, "serial": tstr (lowercase hex),
-                            "device_id": tstr, "reason": tstr, "time": uint}, ...]}
+                            "device_id": tstr, "reason": tstr, "time": uint}, ...],
+               ? "hq_crl": bstr,       ; the HQ indirect CRL (DER) of the same entries
+               ? "crl_signer": bstr,   ; the CRL signer's certificate (DER), root-issued
+               ? "root_crl": bstr}     ; the newest root CRL (DER), signed at a ceremony
+
+``issued`` is when HQ published this list: HQ re-publishes (next sequence, same entries,
+fresh indirect CRL) at every site bundle and with ``hq publish-revocations``, so a site
+measures how old its newest HQ revocation data is from it (docs/site.md, offline limit).
 
 Each list is complete (not a delta): a site keeps only the newest one, and a list older than
 the one it holds is refused (rollback would un-revoke devices).
@@ -33,7 +40,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustcore import cbor
+from trustcore.crl import load_crl, verify_crl
 from trustcore.errors import (
+    CrlError,
     EncodingError,
     InvalidValueError,
     SealedPackageError,
@@ -47,18 +56,23 @@ from trustcore.sealed import open_package, peek, seal_package
 from trustcore.verify import ChainVerifier
 
 __all__ = [
+    "CRL_REASONS",
     "CT_REVOCATION_LIST",
     "MAX_REVOCATION_LIST_SIZE",
     "REVOCATION_REASONS",
     "RevocationList",
     "RevocationListError",
     "RevokedDevice",
+    "indirect_crls_of",
     "open_revocation_list",
     "revoked_at_datetime",
     "seal_revocation_list",
 ]
 
 CT_REVOCATION_LIST = "devtrust/revocation-list/v1"
+_CRL_FIELDS = ("hq_crl", "crl_signer", "root_crl")
+#: How far before the list's ``issued`` the indirect CRL's thisUpdate may lie.
+_MAX_CRL_LAG_S = 3600
 FORMAT_VERSION = 1
 #: Room for about 200,000 entries.
 MAX_REVOCATION_LIST_SIZE = 32 * 1024 * 1024
@@ -76,10 +90,22 @@ REVOCATION_REASONS = frozenset(
 )
 
 
+#: The CRL reason code written for each HQ reason (indirect CRL, site CRL).
+CRL_REASONS: dict[str, x509.ReasonFlags] = {
+    "key_compromise": x509.ReasonFlags.key_compromise,
+    "cloned": x509.ReasonFlags.key_compromise,
+    "counterfeit": x509.ReasonFlags.privilege_withdrawn,
+    "over_production": x509.ReasonFlags.privilege_withdrawn,
+    "decommissioned": x509.ReasonFlags.cessation_of_operation,
+    "unspecified": x509.ReasonFlags.unspecified,
+}
+
+
 class RevocationListError(TrustCoreError):
     """A revocation list was refused. ``reason``: ``malformed``, ``oversized``,
     ``untrusted_sender``, ``revoked_sender``, ``bad_signature``, ``wrong_sender``,
-    ``wrong_content_type``, ``not_signed_only``, ``rollback``, ``sequence_mismatch``."""
+    ``wrong_content_type``, ``not_signed_only``, ``rollback``, ``sequence_mismatch``,
+    ``bad_crl``."""
 
     reason = "malformed"
 
@@ -148,6 +174,11 @@ class RevocationList:
     sequence: int
     issued: int
     entries: tuple[RevokedDevice, ...] = ()
+    #: DER of the HQ indirect CRL, the CRL signer certificate and the root CRL (optional:
+    #: lists made before the delegated CRL signer existed carry none).
+    hq_crl: bytes | None = None
+    crl_signer: bytes | None = None
+    root_crl: bytes | None = None
 
     def __post_init__(self) -> None:
         _uint(self.sequence, "sequence")
@@ -163,8 +194,16 @@ class RevocationList:
             seen.add(k)
 
     def with_entries(self, added: Iterable[RevokedDevice], *, issued: int) -> RevocationList:
-        """The next list: this one plus ``added``, with the next sequence number."""
+        """The next list: this one plus ``added``, with the next sequence number (without
+        CRLs: the publisher attaches fresh ones, :meth:`with_crls`)."""
         return RevocationList(self.sequence + 1, issued, self.entries + tuple(added))
+
+    def with_crls(
+        self, *, hq_crl: bytes | None, crl_signer: bytes | None, root_crl: bytes | None
+    ) -> RevocationList:
+        return RevocationList(
+            self.sequence, self.issued, self.entries, hq_crl, crl_signer, root_crl
+        )
 
     @property
     def device_ids(self) -> frozenset[DeviceId]:
@@ -194,24 +233,37 @@ class RevocationList:
         return None
 
     def encode(self) -> bytes:
-        return cbor.encode(
-            {
-                "v": FORMAT_VERSION,
-                "seq": self.sequence,
-                "issued": self.issued,
-                "entries": [e.to_map() for e in self.entries],
-            }
-        )
+        doc: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "seq": self.sequence,
+            "issued": self.issued,
+            "entries": [e.to_map() for e in self.entries],
+        }
+        for name in _CRL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                doc[name] = value
+        return cbor.encode(doc)
 
     @classmethod
     def decode(cls, data: bytes) -> RevocationList:
         m = cbor.map_of(cbor.decode(data, max_size=MAX_REVOCATION_LIST_SIZE), "revocation list")
-        cbor.expect_keys(m, {"v", "seq", "issued", "entries"}, what="revocation list")
+        cbor.expect_keys(
+            m, {"v", "seq", "issued", "entries"}, set(_CRL_FIELDS), what="revocation list"
+        )
         if cbor.field(m, "v", int) != FORMAT_VERSION:
             raise EncodingError(f"unsupported revocation list version {m['v']!r}")
         entries = tuple(RevokedDevice.from_map(e) for e in cbor.field(m, "entries", list))
+        crls = {n: cbor.field(m, n, bytes) if n in m else None for n in _CRL_FIELDS}
         try:
-            return cls(cbor.field(m, "seq", int), cbor.field(m, "issued", int), entries)
+            return cls(
+                cbor.field(m, "seq", int),
+                cbor.field(m, "issued", int),
+                entries,
+                crls["hq_crl"],
+                crls["crl_signer"],
+                crls["root_crl"],
+            )
         except InvalidValueError as exc:
             raise EncodingError(f"bad revocation list: {exc}") from exc
 
@@ -293,6 +345,7 @@ def open_revocation_list(
             f"payload sequence {revocations.sequence} != package sequence {header.sequence}",
             reason="sequence_mismatch",
         )
+    _check_crls(revocations, root)
     if not_older_than is not None and revocations.sequence < not_older_than:
         raise RevocationListError(
             f"revocation list {revocations.sequence} is older than the one held "
@@ -300,6 +353,42 @@ def open_revocation_list(
             reason="rollback",
         )
     return revocations
+
+
+def indirect_crls_of(
+    revocations: RevocationList,
+) -> list[tuple[x509.CertificateRevocationList, x509.Certificate]]:
+    """The (indirect CRL, CRL signer certificate) pair a list carries, for
+    ``ChainVerifier(indirect_crls=...)`` (empty for a list without one)."""
+    if revocations.hq_crl is None or revocations.crl_signer is None:
+        return []
+    return [(load_crl(revocations.hq_crl), x509.load_der_x509_certificate(revocations.crl_signer))]
+
+
+def _check_crls(revocations: RevocationList, root: x509.Certificate) -> None:
+    """The CRLs a list carries must verify: the root CRL against the root, the indirect CRL
+    against a CRL-signer certificate under the root (``bad_crl``). Freshness is judged where
+    they are used (a site's verifier, its offline limit)."""
+    if revocations.hq_crl is not None and revocations.crl_signer is None:
+        raise RevocationListError("the list has an HQ CRL but no CRL signer", reason="bad_crl")
+    try:
+        root_crls = []
+        if revocations.root_crl is not None:
+            root_crl = load_crl(revocations.root_crl)
+            verify_crl(root_crl, root, now=None)
+            root_crls.append(root_crl)
+        indirect = indirect_crls_of(revocations)
+        ChainVerifier([root], crls=root_crls, indirect_crls=indirect)
+    except (CrlError, ValueError) as exc:
+        raise RevocationListError(f"a CRL in the revocation list: {exc}", reason="bad_crl") from exc
+    # HQ signs the indirect CRL when it publishes the list (thisUpdate = issued - 5 min), so
+    # a site's bound on the list's age (``issued``) is a bound on the CRL's thisUpdate too.
+    for crl, _ in indirect:
+        lag = revocations.issued - crl.last_update_utc.timestamp()
+        if not 0 <= lag <= _MAX_CRL_LAG_S:
+            raise RevocationListError(
+                "the HQ CRL's thisUpdate does not match the list's issue time", reason="bad_crl"
+            )
 
 
 def revoked_at_datetime(entry: RevokedDevice) -> datetime:

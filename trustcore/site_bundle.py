@@ -260,24 +260,35 @@ class SiteBundlePayload:
     admission: tuple[AdmissionEntry, ...]
     payload_keys: tuple[SealedPayloadKey, ...]
     current_payload_key: bytes
+    #: How many days the site may go without fresh HQ revocation data (the newest list's
+    #: ``issued``) before it refuses new registrations; 1..180, HQ's choice per site.
+    max_offline_days: int = 30
+
+    def __post_init__(self) -> None:
+        days = self.max_offline_days
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 180:
+            raise InvalidValueError("max_offline_days must be an integer in 1..180")
 
     def encode(self) -> bytes:
-        return cbor.encode(
-            {
-                "v": FORMAT_VERSION,
-                "site_id": self.site_id.value,
-                "site_ca_cert": self.site_ca_cert_der,
-                "root_cert": self.root_cert_der,
-                "station_ca_certs": list(self.station_ca_certs_der),
-                "root_crl": self.root_crl_der,
-                "station_crls": list(self.station_crls_der),
-                "revocation_list": self.revocation_list,
-                "manifest": [e.to_map() for e in self.manifest],
-                "admission": [a.to_map() for a in self.admission],
-                "payload_keys": [k.to_map() for k in self.payload_keys],
-                "current_payload_key": self.current_payload_key,
-            }
-        )
+        doc: dict[str, object] = {
+            "v": FORMAT_VERSION,
+            "site_id": self.site_id.value,
+            "site_ca_cert": self.site_ca_cert_der,
+            "root_cert": self.root_cert_der,
+            "station_ca_certs": list(self.station_ca_certs_der),
+            "root_crl": self.root_crl_der,
+            "station_crls": list(self.station_crls_der),
+            "revocation_list": self.revocation_list,
+            "manifest": [e.to_map() for e in self.manifest],
+            "admission": [a.to_map() for a in self.admission],
+            "payload_keys": [k.to_map() for k in self.payload_keys],
+            "current_payload_key": self.current_payload_key,
+        }
+        # Written only when not the default, so bundles of sites that keep 30 days encode
+        # exactly as before (docs/formats.md test vector).
+        if self.max_offline_days != 30:
+            doc["max_offline_days"] = self.max_offline_days
+        return cbor.encode(doc)
 
     @classmethod
     def decode(cls, data: bytes) -> SiteBundlePayload:
@@ -298,6 +309,7 @@ class SiteBundlePayload:
                 "payload_keys",
                 "current_payload_key",
             },
+            {"max_offline_days"},
             what="site bundle",
         )
         if cbor.field(m, "v", int) != FORMAT_VERSION:
@@ -306,21 +318,29 @@ class SiteBundlePayload:
             site_id = SiteId(cbor.field(m, "site_id", str))
         except InvalidValueError as exc:
             raise EncodingError(f"bad site id: {exc}") from exc
-        return cls(
-            site_id=site_id,
-            site_ca_cert_der=cbor.field(m, "site_ca_cert", bytes),
-            root_cert_der=cbor.field(m, "root_cert", bytes),
-            station_ca_certs_der=_list_of_bytes(m, "station_ca_certs"),
-            root_crl_der=cbor.field(m, "root_crl", bytes),
-            station_crls_der=_list_of_bytes(m, "station_crls"),
-            revocation_list=cbor.field(m, "revocation_list", bytes),
-            manifest=tuple(ManifestEntry.from_map(e) for e in cbor.field(m, "manifest", list)),
-            admission=tuple(AdmissionEntry.from_map(a) for a in cbor.field(m, "admission", list)),
-            payload_keys=tuple(
-                SealedPayloadKey.from_map(k) for k in cbor.field(m, "payload_keys", list)
-            ),
-            current_payload_key=cbor.field(m, "current_payload_key", bytes, size=KEY_ID_LENGTH),
-        )
+        try:
+            return cls(
+                site_id=site_id,
+                site_ca_cert_der=cbor.field(m, "site_ca_cert", bytes),
+                root_cert_der=cbor.field(m, "root_cert", bytes),
+                station_ca_certs_der=_list_of_bytes(m, "station_ca_certs"),
+                root_crl_der=cbor.field(m, "root_crl", bytes),
+                station_crls_der=_list_of_bytes(m, "station_crls"),
+                revocation_list=cbor.field(m, "revocation_list", bytes),
+                manifest=tuple(ManifestEntry.from_map(e) for e in cbor.field(m, "manifest", list)),
+                admission=tuple(
+                    AdmissionEntry.from_map(a) for a in cbor.field(m, "admission", list)
+                ),
+                payload_keys=tuple(
+                    SealedPayloadKey.from_map(k) for k in cbor.field(m, "payload_keys", list)
+                ),
+                current_payload_key=cbor.field(m, "current_payload_key", bytes, size=KEY_ID_LENGTH),
+                max_offline_days=(
+                    cbor.field(m, "max_offline_days", int) if "max_offline_days" in m else 30
+                ),
+            )
+        except InvalidValueError as exc:
+            raise EncodingError(f"bad site bundle: {exc}") from exc
 
 
 def seal_site_bundle(

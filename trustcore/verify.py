@@ -15,6 +15,12 @@ failures as free text. So :class:`ChainVerifier` runs, in this fixed order:
    signature);
 3. revocation of every certificate below the trust anchor against a verified CRL of its
    issuer: ``revoked``, ``crl_missing`` (fail closed when CRLs are required), ``crl_stale``.
+   A certificate listed in a held indirect CRL (the HQ CRL signer's, docs/pki.md) is
+   ``revoked`` whatever else holds. A certificate whose CRLDistributionPoints names a
+   cRLIssuer for which an indirect CRL is held is checked against that CRL instead of its
+   issuer's: it must be fresh, and the issuer's own CRL, when present, only adds
+   revocations (its staleness is ignored: a station switched off years ago signs no new
+   CRL).
 
 The first failing check decides the reason, so a certificate that is both expired and
 revoked is reported ``expired``. Construct a :class:`ChainVerifier` once (it parses the store
@@ -36,14 +42,16 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification as libverify
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
-from trustcore.crl import RevocationSet, verify_crl
+from trustcore.crl import IndirectRevocationSet, RevocationSet, verify_crl, verify_indirect_crl
 from trustcore.errors import X509_PARSE_ERRORS, CrlError, ProfileError, VerificationError
 from trustcore.identity import DeviceId
 from trustcore.profiles import (
     OID_EKU_AUDIT_RECEIVER,
+    OID_EKU_CRL_SIGNER,
     OID_EKU_ENTITLEMENT_SIGNER,
     OID_EKU_REVOCATION_SIGNER,
     OID_HARDWARE_MODULE_NAME,
+    crl_issuers_of,
     device_id_from_certificate,
 )
 
@@ -147,6 +155,7 @@ class ChainVerifier:
         required_eku: ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
         require_crl: bool = True,
         require_san: bool | None = None,
+        indirect_crls: Iterable[tuple[x509.CertificateRevocationList, x509.Certificate]] = (),
     ) -> None:
         if not roots:
             raise VerificationError("no trust anchors given", reason="untrusted")
@@ -174,6 +183,36 @@ class ChainVerifier:
                 self._pending.setdefault(crl.issuer.public_bytes(), []).append(crl)
             else:
                 self._add(verify_crl(crl, issuer, now=None), issuer)
+        self._indirect: dict[bytes, IndirectRevocationSet] = {}
+        for crl, signer in indirect_crls:
+            self._add_indirect(crl, signer)
+
+    def _add_indirect(self, crl: x509.CertificateRevocationList, signer: x509.Certificate) -> None:
+        """Accept an indirect CRL whose signer is a CRL-signer role certificate under one of
+        the roots, valid when it signed, and not on a root CRL held (fail closed: CrlError)."""
+        revocations = verify_indirect_crl(crl, signer, now=None)
+        try:
+            identity = ChainVerifier(
+                self._roots, required_eku=OID_EKU_CRL_SIGNER, require_crl=False
+            ).verify(signer, now=revocations.this_update)
+        except VerificationError as exc:
+            raise CrlError(
+                f"indirect CRL signer is not trusted: {exc}", reason="crl_wrong_issuer"
+            ) from exc
+        root_crl = self._crls.get((identity.root.subject.public_bytes(), _key_id(identity.root)))
+        if root_crl is not None and signer.serial_number in root_crl:
+            raise CrlError(
+                "the indirect CRL signer is revoked by the root", reason="crl_wrong_issuer"
+            )
+        key = crl.issuer.public_bytes()
+        current = self._indirect.get(key)
+        if current is None or revocations.crl_number > current.crl_number:
+            self._indirect[key] = revocations
+
+    @property
+    def indirect_revocations(self) -> tuple[IndirectRevocationSet, ...]:
+        """The indirect CRLs in force (newest per signer name)."""
+        return tuple(self._indirect.values())
 
     def _add(self, revocations: RevocationSet, issuer: x509.Certificate) -> None:
         key = (issuer.subject.public_bytes(), revocations.issuer_key_id)
@@ -368,6 +407,45 @@ class ChainVerifier:
         """Every certificate below the anchor is checked against its issuer's CRL."""
         for cert, issuer in itertools.pairwise(chain):
             revocations = self._revocations_for(issuer)
+            indirect = next(
+                (
+                    self._indirect[name.public_bytes()]
+                    for name in crl_issuers_of(cert)
+                    if name.public_bytes() in self._indirect
+                ),
+                None,
+            )
+            # An HQ indirect CRL lists certificates of any station CA: a listing counts for
+            # every certificate (a thief's certificate without a CRLDP included).
+            listed = next(
+                (
+                    r
+                    for held in self._indirect.values()
+                    if (r := held.reason_for(issuer.subject, cert.serial_number)) is not None
+                ),
+                None,
+            )
+            if listed is not None:
+                raise VerificationError(
+                    f"{_describe(cert)} (serial {cert.serial_number:x}) is revoked by HQ: "
+                    f"{listed.value}",
+                    reason="revoked",
+                )
+            if indirect is not None:
+                try:
+                    indirect.check_fresh(now)
+                except CrlError as exc:
+                    raise VerificationError(str(exc), reason="crl_stale") from exc
+                reason = None
+                if revocations is not None:
+                    reason = revocations.reason_for(cert.serial_number)  # adds, never blocks
+                if reason is not None:
+                    raise VerificationError(
+                        f"{_describe(cert)} (serial {cert.serial_number:x}) is revoked: "
+                        f"{reason.value}",
+                        reason="revoked",
+                    )
+                continue
             if revocations is None:
                 if self._require_crl:
                     raise VerificationError(

@@ -85,3 +85,20 @@ class Broker(Protocol):
         """Deny ``identity`` everything from now on (connect, publish, subscribe), on both
         listeners, even if its certificate still verifies (belt and braces for revocation,
         and the only mechanism for an identity whose CRL cannot be updated yet)."""
+
+    def connection_mark(self, identity: str) -> int:
+        """How many connections ``identity`` has made so far (a mark for
+        :meth:`cut_superseded`; take it after the superseded serials' CRL is in force)."""
+        ...
+
+    async def cut_superseded(self, identity: str, serials: frozenset[int], mark: int) -> int:
+        """Cut live sessions of ``identity`` that still use a certificate whose serial is in
+        ``serials`` (superseded LDevIDs, already on the CRL); sessions with its current
+        certificate stay. Returns how many were cut.
+
+        A broker that can see each session's certificate (embedded) checks the serial. One
+        that cannot (Mosquitto 2.0.11) relies on one session per identity (the client id is
+        the identity): if ``identity`` connected after ``mark``, that connection used a
+        certificate not on the CRL and took over every older session, so nothing is left
+        to cut; otherwise its live session predates the CRL and is cut."""
+        ...

@@ -281,6 +281,7 @@ class MosquittoBroker:
         self._log_tail: deque[str] = deque(maxlen=200)
         self._sessions: dict[str, int] = {}
         self._ended: dict[str, int] = {}  # identity -> sessions ended so far (monotonic)
+        self._connects: dict[str, int] = {}  # identity -> connections so far (monotonic)
         self._session_changed = asyncio.Event()
         self._clone_signals: list[str] = []
         self._blocked: set[str] = set()
@@ -497,6 +498,7 @@ class MosquittoBroker:
             if match := _CONNECTED.match(line):
                 name = match.group(1)
                 self._sessions[name] = self._sessions.get(name, 0) + 1
+                self._connects[name] = self._connects.get(name, 0) + 1
             elif match := _TAKEOVER.match(line):
                 name = match.group(1)
                 self._clone_signals.append(name)
@@ -666,6 +668,22 @@ class MosquittoBroker:
         if before:
             await self._wait_gone(identity, ended, 5)
         return before
+
+    def connection_mark(self, identity: str) -> int:
+        return self._connects.get(identity, 0)
+
+    async def cut_superseded(self, identity: str, serials: frozenset[int], mark: int) -> int:
+        """Mosquitto 2.0.11 cannot tell which certificate a session uses: see
+        :meth:`registrar.broker.Broker.cut_superseded` for why a connection after ``mark``
+        means nothing is left to cut. Otherwise the live session (if any) is kicked; the
+        device reconnects with its new certificate (the old one is on the CRL)."""
+        identity = _check_identity(identity)
+        if self._connects.get(identity, 0) > mark or not self._sessions.get(identity, 0):
+            return 0
+        cut = await self.disconnect(identity)
+        if cut:
+            log.warning("cut the session of %s still on a superseded LDevID", identity)
+        return cut
 
     async def block(self, identity: str) -> None:
         """Deny ``identity`` everything on both listeners, then cut its session.
