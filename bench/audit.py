@@ -64,6 +64,7 @@ from trustcore.messages import (
 )
 from trustcore.profiles import HqRole, issue_factory_certificate
 from trustcore.sealed import open_package, peek, seal_package
+from trustcore.stationtime import TpmClockReading
 
 STATION = "bench-station"
 MANIFEST_SAMPLE = 2000
@@ -73,7 +74,9 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def setup_hq(base: Path, entries: int) -> tuple[HqHome, HqSecrets, SoftwareKey, EntitlementPayload]:
+def setup_hq(
+    base: Path, entries: int
+) -> tuple[HqHome, HqSecrets, SoftwareKey, EntitlementPayload, int]:
     pw = base / "pw"
     pw.write_bytes(os.urandom(16).hex().encode())
     pw.chmod(0o600)
@@ -108,13 +111,18 @@ def setup_hq(base: Path, entries: int) -> tuple[HqHome, HqSecrets, SoftwareKey, 
         last_sequence=None,
         max_size=1 << 22,
     )
-    return home, secrets, ca_key, EntitlementPayload.decode(opened.payload)
+    payload = EntitlementPayload.decode(opened.payload)
+    return home, secrets, ca_key, payload, header.created
 
 
-def build_records(entries: int, payload: EntitlementPayload) -> tuple[list[bytes], bytes, int]:
-    """The station's records. Encoded with cbor2's canonical C encoder (for maps with text
-    keys only it is the RFC 8949 §4.2.1 encoding): identical bytes to ``encode_record``,
-    checked on the first records, 10x faster to build."""
+def build_records(
+    entries: int, payload: EntitlementPayload, signed_time: int
+) -> tuple[list[bytes], bytes, int]:
+    """The station's records, with the TPM clock fields a station writes (docs/factory.md
+    "Time"; the TPM's time advances 1 ms per record, as fast as the record times), so HQ's
+    time replay runs as in production. Encoded with cbor2's canonical C encoder (for maps
+    with text keys only it is the RFC 8949 §4.2.1 encoding): identical bytes to
+    ``encode_record``, checked on the first records, 10x faster to build."""
     policy = payload.policy
     t = policy.not_before + 3600
     records: list[bytes] = []
@@ -129,6 +137,9 @@ def build_records(entries: int, payload: EntitlementPayload) -> tuple[list[bytes
                 "entitlement_id": policy.entitlement_id,
                 "entitlement_seq": policy.sequence,
                 "counter_base": 0,
+                "signed_time": signed_time,
+                "anchor_time": t,
+                **_tpm(0),
             }
         else:
             event = "issued"
@@ -139,6 +150,7 @@ def build_records(entries: int, payload: EntitlementPayload) -> tuple[list[bytes
                 "product": "thermo",
                 "entitlement_seq": policy.sequence,
                 "counter": seq,
+                **_tpm(seq),
             }
         when = t + seq // 1000
         m = {"seq": seq, "prev": prev, "time": when, "event": event, "fields": fields}
@@ -150,6 +162,11 @@ def build_records(entries: int, payload: EntitlementPayload) -> tuple[list[bytes
         if seq % step == step - 1:
             progress(f"built {seq + 1:,} / {entries:,} records")
     return records, prev, t + entries // 1000
+
+
+def _tpm(seq: int) -> dict[str, object]:
+    ms = 1000 + seq
+    return dict(TpmClockReading(ms, ms, 3, 0, True).audit_fields(full=seq == 0))
 
 
 def main() -> None:
@@ -164,9 +181,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
         base = Path(tmp)
         progress(f"setting up HQ and station in {base}")
-        home, secrets, ca_key, payload = setup_hq(base, n)
+        home, secrets, ca_key, payload, signed_time = setup_hq(base, n)
         station_ca = x509.load_der_x509_certificate(payload.station_ca_cert_der)
-        records, last_hash, last_time = build_records(n, payload)
+        records, last_hash, last_time = build_records(n, payload, signed_time)
         checkpoint = sign_checkpoint(
             Checkpoint(station_id=STATION, seq=n - 1, head_hash=last_hash, time=last_time, count=n),
             ca_key,
@@ -199,7 +216,11 @@ def main() -> None:
                 t1 = time.perf_counter()
                 chain = ChainStream(verified)
                 recon = reconcile_records(
-                    chain, station_id=STATION, store=store, start=verified.start
+                    chain,
+                    station_id=STATION,
+                    store=store,
+                    start=verified.start,
+                    received=last_time,
                 )
                 head = chain.finish()
                 t2 = time.perf_counter()

@@ -12,7 +12,8 @@ Prints progress on stderr and one JSON object on the last line of stdout:
 * ``tpm_only_per_s``: the same TPM commands one provisioning issues (device: storage
   primary + TPM2_CreateLoaded of the key, TPM2_Sign of the CSR, EK certificate read +
   persistent-EK check + AK derivation, TPM2_Certify + TPM2_ActivateCredential with the
-  P-384 EK; station: NV increment + read, TPM2_Sign of the certificate) on fresh device
+  P-384 EK; station: two TPM2_ReadClock (trusted time, at the pre-check and at issue), NV
+  increment + read, TPM2_Sign of the certificate) on fresh device
   TPMs connected exactly as in the full run (connection made at power-on, outside the
   clock), called bare in the same thread-pool shape, expressed as provisionings per second;
 * ``overhead_ratio`` = tpm_only_per_s / devices_per_s: the cost of everything that is not
@@ -246,6 +247,8 @@ def main() -> int:
                     nonce=challenge.nonce,
                 )
                 with station_lock:
+                    station.tpm.read_clock()  # check(): trusted time
+                    station.tpm.read_clock()  # issue(): trusted time
                     bench_counter.increment()
                     station.ca_key.sign(tbs)
 

@@ -179,6 +179,22 @@ def import_entitlement(home: Path, tcti: str | None, package: Path) -> None:
     )
 
 
+@main.command("import-time-statement")
+@_HOME
+@_TCTI
+@click.argument("package", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def import_time_statement(home: Path, tcti: str | None, package: Path) -> None:
+    """Re-anchor the station's trusted time on an HQ time statement (hq time-statement)."""
+    from datetime import UTC, datetime
+
+    with _station(home, tcti) as station:
+        anchor = station.import_time_statement(package.read_bytes())
+    click.echo(
+        f"trusted time anchored at {datetime.fromtimestamp(anchor.time, UTC).isoformat()} "
+        f"({anchor.source})"
+    )
+
+
 def _print_result(res: ProvisionResult, as_json: bool) -> None:
     if as_json:
         click.echo(

@@ -5,7 +5,9 @@ This is the station's composition root. :meth:`FactoryStation.open` wires the pa
 transport key inside it, the TPM NV counter, the SQLite :class:`StationStore`, the pinned
 root certificate, the clock) and checks that files and TPM agree before anything else
 happens; tests and benchmarks inject a clock or wrap the counter here, never inside the
-package.
+package. The injected clock is the *host* clock: it is believed only up to the trusted time
+(an HQ-signed anchor plus TPM-powered time since, read with TPM2_ReadClock on every
+decision; ``trustcore.stationtime``), so a test that moves it must move the TPM's clock too.
 
 Station directory (``--home``)::
 
@@ -89,10 +91,12 @@ from trustcore.keys import key_id
 from trustcore.messages import (
     CT_AUDIT_EXPORT,
     CT_ENTITLEMENT,
+    CT_TIME_STATEMENT,
     MAX_ENTITLEMENT_SIZE,
     AuditExportPayload,
     EntitlementPayload,
     StationEnrolment,
+    TimeStatement,
 )
 from trustcore.policy_chain import PluginSetting, plugin_settings
 from trustcore.profiles import (
@@ -103,6 +107,13 @@ from trustcore.profiles import (
 from trustcore.quorum import QuorumError, encode_bundle, parse_evidence, verify_quorum_rule
 from trustcore.sealed import open_package, peek, seal_package
 from trustcore.station_ca_request import KIND_REKEY, KIND_RENEW, StationCaRequest
+from trustcore.stationtime import (
+    TimeAnchor,
+    TpmClockReading,
+    TpmLedger,
+    anchor_at,
+    trusted_time,
+)
 from trustcore.verify import ChainVerifier
 
 __all__ = [
@@ -127,6 +138,8 @@ DB_FILE: Final = "station.db"
 LOCK_FILE: Final = "station.lock"
 #: A sealed entitlement package: the payload limit plus room for header and certificate.
 MAX_ENTITLEMENT_PACKAGE: Final = MAX_ENTITLEMENT_SIZE + 64 * 1024
+#: A time statement: a few bytes of payload, the header and the signer's certificate.
+MAX_TIME_STATEMENT_PACKAGE: Final = 64 * 1024
 
 
 class AttestationMode:
@@ -253,6 +266,8 @@ class StationStatus:
     remaining: int
     audit_records: int
     last_export: int | None
+    #: Trusted time: the anchor, the TPM reading and the ceiling on the host clock.
+    time: dict[str, Any] | None = None
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -266,6 +281,7 @@ class StationStatus:
             "remaining": self.remaining,
             "audit_records": self.audit_records,
             "last_export": self.last_export,
+            "time": self.time,
         }
 
 
@@ -346,6 +362,11 @@ class FactoryStation:
         self._audit = AuditLog(config.station_id.value, head=self._stored_head())
         self._active: _Active | None = None
         self._pending_export: tuple[int, int, int] | None = None
+        # Trusted time (trustcore.stationtime): the TPM ledger and HQ-vouched anchor.
+        self._ledger: TpmLedger | None
+        self._anchor: TimeAnchor | None
+        self._ledger, self._anchor = store.time_state()
+        self._reading: TpmClockReading | None = None
         quorum_grants.ensure_tables(store.db)
         # Built-in checks first, then the configured plugins (which can only add refusals).
         # A configured plugin that cannot be loaded refuses every issuance (fail closed).
@@ -609,15 +630,19 @@ class FactoryStation:
             policy = payload.policy
             self._check_payload(payload, header.sequence, now)
             base = self._counter_value
-            rec = self._audit.append(
-                "entitlement_imported",
-                {
-                    "entitlement_id": policy.entitlement_id,
-                    "entitlement_seq": policy.sequence,
-                    "counter_base": base,
-                },
-                now,
+            # HQ signed this package at header.created: the station's new time anchor.
+            reading, ledger, anchor = self._anchor_to(
+                header.created, now, f"entitlement {policy.sequence}"
             )
+            fields: dict[str, FieldValue] = {
+                "entitlement_id": policy.entitlement_id,
+                "entitlement_seq": policy.sequence,
+                "counter_base": base,
+                "signed_time": header.created,
+                "anchor_time": anchor.time,
+            }
+            fields.update(reading.audit_fields(full=True))
+            rec = self._audit.append("entitlement_imported", fields, now)
             try:
                 self.store.record_entitlement(
                     sequence=policy.sequence,
@@ -627,13 +652,135 @@ class FactoryStation:
                     imported_at=now,
                     counter_base=base,
                     audit_records=[(self._audit.head.next_seq - 1, rec)],
+                    meta=self._time_meta(ledger, anchor),
                 )
             except BaseException:
                 self._reload_audit()
                 raise
+            self._ledger, self._anchor, self._reading = ledger, anchor, reading
             self._load_active()
             self._id_cursor = None
             return ImportedEntitlement(policy=policy, counter_base=base)
+
+    # ---------------------------------------------------------------------- trusted time
+
+    def _read_tpm_clock(self) -> TpmClockReading:
+        """TPM2_ReadClock and the ledger advanced by it (kept in memory, stored with the
+        next write). Raises ``PolicyError`` (``tpm_clock_inconsistent``) if the TPM's time
+        went back: the ledger then stays where it was until HQ vouches for a time again."""
+        try:
+            reading = self.tpm.read_clock()
+        except TpmError as exc:
+            raise StationStateError(f"station TPM: {exc}") from exc
+        self._reading = reading
+        ledger = self._ledger
+        self._ledger = TpmLedger.start(reading) if ledger is None else ledger.advance(reading)
+        return reading
+
+    def trusted_time(self) -> int | None:
+        """The latest time the station can vouch for (anchor + TPM-powered time since), as of
+        the last TPM reading; None before the first anchor."""
+        if self._anchor is None or self._ledger is None:
+            return None
+        return trusted_time(self._anchor, self._ledger)
+
+    def _anchor_to(
+        self, signed_time: int, now: int, source: str
+    ) -> tuple[TpmClockReading, TpmLedger, TimeAnchor]:
+        """A new anchor at a time HQ signed (not stored yet). A TPM whose time cannot follow
+        the ledger (another boot lineage, a cleared TPM) starts a new ledger here: HQ's
+        signature, not the old ledger, vouches for the new anchor."""
+        try:
+            reading = self._read_tpm_clock()
+            ledger, current = self._ledger, self._anchor
+        except PolicyError:
+            last = self._reading
+            assert last is not None  # set by _read_tpm_clock before advancing
+            reading, ledger, current = last, TpmLedger.start(last), None
+        assert ledger is not None
+        anchor = anchor_at(
+            signed_time=signed_time, host_now=now, ledger=ledger, source=source, current=current
+        )
+        return reading, ledger, anchor
+
+    def import_time_statement(self, package: bytes) -> TimeAnchor:
+        """Re-anchor trusted time on an HQ time statement (``hq time-statement``): signed by
+        the HQ entitlement signer under the pinned root, for this station, newer than any
+        statement imported before. Stored with its ``time_anchored`` audit record; refusals
+        (``EntitlementImportError`` reasons ``malformed``, ``untrusted_sender``, ``tampered``,
+        ``foreign_station``, ``replayed``) change nothing."""
+        with self._lock:
+            self._require_healthy()
+            now = self._clock()
+            try:
+                header = peek(package, max_size=MAX_TIME_STATEMENT_PACKAGE)
+            except SealedPackageError as exc:
+                raise EntitlementImportError(str(exc), reason="malformed") from exc
+            sender = self._verify_sender(header.sender_certificate, now)
+            last = self.store.get_meta("last_time_statement")
+            try:
+                opened = open_package(
+                    package,
+                    receiver=None,
+                    expected_content_type=CT_TIME_STATEMENT,
+                    trusted_sender_public=sender,
+                    last_sequence=last if isinstance(last, int) else None,
+                    max_size=MAX_TIME_STATEMENT_PACKAGE,
+                )
+                statement = TimeStatement.decode(opened.payload)
+            except ReplayError as exc:
+                raise EntitlementImportError(
+                    f"time statement {header.sequence} is not newer than the last one ({last})",
+                    reason="replayed",
+                ) from exc
+            except SealedPackageError as exc:
+                raise EntitlementImportError(
+                    f"{exc}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
+                ) from exc
+            except (EncodingError, InvalidValueError) as exc:
+                raise EntitlementImportError(
+                    f"time statement does not decode: {exc}", reason="malformed"
+                ) from exc
+            if statement.station_id != self.station_id.value:
+                raise EntitlementImportError(
+                    f"the time statement is for station {statement.station_id!r}",
+                    reason="foreign_station",
+                )
+            if statement.time != header.created or header.sequence != header.created:
+                raise EntitlementImportError(
+                    "the time statement's time differs from its signed header", reason="malformed"
+                )
+            reading, ledger, anchor = self._anchor_to(
+                statement.time, now, f"time statement {statement.time}"
+            )
+            fields: dict[str, FieldValue] = {
+                "signed_time": statement.time,
+                "anchor_time": anchor.time,
+            }
+            fields.update(reading.audit_fields(full=True))
+            rec = self._audit.append("time_anchored", fields, now)
+            try:
+                with self.store.transaction() as db:
+                    db.execute(
+                        "INSERT INTO audit(seq, record) VALUES (?, ?)",
+                        (self._audit.head.next_seq - 1, rec),
+                    )
+                    meta = self._time_meta(ledger, anchor)
+                    meta["last_time_statement"] = statement.time
+                    for key, value in meta.items():
+                        self.store.set_meta(key, value, db)
+            except BaseException:
+                self._reload_audit()
+                raise
+            self._ledger, self._anchor, self._reading = ledger, anchor, reading
+            return anchor
+
+    @staticmethod
+    def _time_meta(ledger: TpmLedger, anchor: TimeAnchor | None = None) -> dict[str, object]:
+        meta: dict[str, object] = {"tpm_ledger": json.dumps(ledger.to_map(), sort_keys=True)}
+        if anchor is not None:
+            meta["time_anchor"] = json.dumps(anchor.to_map(), sort_keys=True)
+        return meta
 
     def _verify_sender(
         self, certificate: Callable[[], x509.Certificate], now: int
@@ -749,10 +896,13 @@ class FactoryStation:
         with self._lock:
             self._audit_refusal(device_id, reason)
 
-    def _audit_refusal(self, device_id: str, reason: str) -> None:
-        rec = self._audit.append(
-            "refused", {"device_id": device_id, "reason": reason}, self._clock()
-        )
+    def _audit_refusal(
+        self, device_id: str, reason: str, reading: TpmClockReading | None = None
+    ) -> None:
+        fields: dict[str, FieldValue] = {"device_id": device_id, "reason": reason}
+        if reading is not None:  # a policy refusal: the TPM reading it was decided on
+            fields.update(reading.audit_fields())
+        rec = self._audit.append("refused", fields, self._clock())
         try:
             self.store.append_audit([(self._audit.head.next_seq - 1, rec)])
         except BaseException:
@@ -782,6 +932,7 @@ class FactoryStation:
                 approved_operations=quorum_grants.approved_operations(
                     self.store.db, active.policy, active.row.sequence, day, issued_today, device_id
                 ),
+                trusted_time=self.trusted_time(),
             ),
             day,
         )
@@ -851,8 +1002,9 @@ class FactoryStation:
         with self._lock:
             active = self._require_entitlement()
             now = self._clock()
-            state, _ = self._state(active, device_id.value, now)
             try:
+                self._read_tpm_clock()
+                state, _ = self._state(active, device_id.value, now)
                 check_issuance(
                     active.policy,
                     state,
@@ -860,7 +1012,7 @@ class FactoryStation:
                     self.plugins.checks,
                 )
             except PolicyError as exc:
-                self._audit_refusal(device_id.value, exc.reason)
+                self._audit_refusal(device_id.value, exc.reason, self._reading)
                 raise IssuanceRefused(exc.args[0], reason=exc.reason) from exc
 
     def issue(
@@ -887,8 +1039,9 @@ class FactoryStation:
         active = self._require_entitlement()
         policy = active.policy
         now = self._clock()
-        state, day = self._state(active, device_id.value, now)
         try:
+            reading = self._read_tpm_clock()
+            state, day = self._state(active, device_id.value, now)
             check_issuance(
                 policy,
                 state,
@@ -905,12 +1058,15 @@ class FactoryStation:
                 )
             reissue = self._reissue(active, state.device_already_issued, device_id, public_key)
         except PolicyError as exc:
-            self._audit_refusal(device_id.value, exc.reason)
+            self._audit_refusal(device_id.value, exc.reason, self._reading)
             raise IssuanceRefused(exc.args[0], reason=exc.reason) from exc
 
         before = self._counter_value
         counter = before + 1
-        self.store.record_intent(counter, active.row.sequence, device_id.value, day, now)
+        assert self._ledger is not None  # advanced by _read_tpm_clock above
+        self.store.record_intent(
+            counter, active.row.sequence, device_id.value, day, now, self._time_meta(self._ledger)
+        )
         self._increment(counter, before)
         try:
             cert = issue_factory_certificate(
@@ -937,6 +1093,7 @@ class FactoryStation:
             "entitlement_seq": active.row.sequence,
             "counter": counter,
         }
+        fields.update(reading.audit_fields())
         if reissue is not None:
             fields["reissue_of"] = reissue[0]
         rec = self._audit.append("issued", fields, now)
@@ -1294,14 +1451,35 @@ class FactoryStation:
 
     # --------------------------------------------------------------------------- status
 
+    def time_status(self) -> dict[str, Any]:
+        """The station's view of time, for ``status``: host clock, trusted time (None
+        without an anchor), the anchor and the TPM reading it was computed from."""
+        with self._lock:
+            problem = None
+            try:
+                reading: TpmClockReading | None = self._read_tpm_clock()
+            except PolicyError as exc:
+                reading, problem = self._reading, exc.reason
+            trusted = self.trusted_time()
+            return {
+                "host_time": self._clock(),
+                "trusted_time": trusted,
+                "anchor": None if self._anchor is None else self._anchor.to_map(),
+                "tpm": None if reading is None else reading.to_map(),
+                "tpm_powered_ms": None if self._ledger is None else self._ledger.total_ms,
+                "problem": problem,
+            }
+
     def status(self) -> StationStatus:
         with self._lock:
+            time_info = self.time_status()
             active = self._active
             last = self.store.last_export()
             if active is None:
                 return StationStatus(
                     self.station_id.value, self.config.tcti, self._counter_value, None,
                     0, 0, 0, 0, self.store.audit_count(), None if last is None else last[0],
+                    time_info,
                 )  # fmt: skip
             now = self._clock()
             state, _ = self._state(active, "", now)
@@ -1329,6 +1507,7 @@ class FactoryStation:
                 remaining=max(0, p.total_quota - state.issued_total),
                 audit_records=self.store.audit_count(),
                 last_export=None if last is None else last[0],
+                time=time_info,
             )
 
     @contextlib.contextmanager

@@ -27,6 +27,7 @@ more than the quota.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Protocol
 
 from factory_station.errors import StationStateError
+from trustcore.errors import InvalidValueError
+from trustcore.stationtime import TimeAnchor, TpmLedger
 
 #: ``superseded``: a certificate replaced by a quorum-approved re-issue for the same device
 #: id. The partial unique index keeps at most one ``issued`` row per device, so a re-issue
@@ -189,8 +192,10 @@ class StationStore:
         imported_at: int,
         counter_base: int,
         audit_records: list[tuple[int, bytes]],
+        meta: dict[str, object] | None = None,
     ) -> None:
-        """Store an accepted entitlement and its audit record in one transaction."""
+        """Store an accepted entitlement and its audit record in one transaction (with
+        ``meta`` values that must change with it: the station's new time anchor)."""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO entitlement(sequence, entitlement_id, policy, package, imported_at, "
@@ -198,6 +203,8 @@ class StationStore:
                 (sequence, entitlement_id, policy_cbor, package, imported_at, counter_base),
             )
             db.executemany("INSERT INTO audit(seq, record) VALUES (?, ?)", audit_records)
+            for key, value in (meta or {}).items():
+                self.set_meta(key, value, db)
 
     def last_entitlement_sequence(self) -> int:
         row = self.db.execute("SELECT max(sequence) FROM entitlement").fetchone()
@@ -278,7 +285,13 @@ class StationStore:
         return row is not None
 
     def record_intent(
-        self, counter: int, entitlement_seq: int, device_id: str, day: str, when: int
+        self,
+        counter: int,
+        entitlement_seq: int,
+        device_id: str,
+        day: str,
+        when: int,
+        meta: dict[str, object] | None = None,
     ) -> None:
         with self.transaction() as db:
             db.execute(
@@ -288,6 +301,23 @@ class StationStore:
             )
             if when > self.latest_time():
                 self.set_meta("latest_time", when, db)
+            for key, value in (meta or {}).items():
+                self.set_meta(key, value, db)
+
+    # -- trusted time (trustcore.stationtime) ------------------------------------------
+    def time_state(self) -> tuple[TpmLedger | None, TimeAnchor | None]:
+        """The stored TPM ledger and time anchor (None before the first of each)."""
+        out: list[object] = []
+        for key, kind in (("tpm_ledger", TpmLedger), ("time_anchor", TimeAnchor)):
+            raw = self.get_meta(key)
+            if raw is None:
+                out.append(None)
+                continue
+            try:
+                out.append(kind.from_map(json.loads(str(raw))))
+            except (ValueError, InvalidValueError) as exc:
+                raise StationStateError(f"stored {key} is invalid: {exc}") from exc
+        return out[0], out[1]  # type: ignore[return-value]
 
     def burn(self, counter: int, audit_records: list[tuple[int, bytes]]) -> None:
         """Mark a pending issuance whose counter slot is consumed but whose certificate was

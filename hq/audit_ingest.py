@@ -76,6 +76,7 @@ from trustcore.profiles import HqRole, device_id_from_certificate, station_id_fr
 from trustcore.quorum import ParamValue, QuorumError, parse_evidence, verify_quorum_rule
 from trustcore.reconcile import Reconciler, Violation
 from trustcore.sealed import DEFAULT_MAX_SIZE, PackageHeader, open_package, peek
+from trustcore.stationtime import TimeAudit, expected_anchor
 
 __all__ = [
     "CLOCK_ROLLBACK_TOLERANCE_S",
@@ -129,10 +130,18 @@ HQ_VIOLATION_KINDS = (
     "manifest_unlisted",
     "manifest_mismatch",
     "manifest_bad_certificate",
+    "future_dated",
+    "clock_ahead_of_tpm",
+    "tpm_clock_inconsistent",
+    "bad_time_anchor",
 )
 #: A record more than this many seconds older than the latest time already logged means
 #: the station's clock went back (which could reopen a window or a day's allowance).
 CLOCK_ROLLBACK_TOLERANCE_S = 300
+#: How far a station's record may be dated after HQ received the export, and ahead of the
+#: time its TPM vouches for, before HQ reports it: the most any entitlement lets a station's
+#: clock be off (``EntitlementPolicy.clock_skew_s`` is at most 3600 s).
+STATION_TIME_TOLERANCE_S = 3600
 _SERIAL_HEX = re.compile(r"[0-9a-f]{1,40}")
 
 
@@ -466,6 +475,8 @@ class Reconciliation:
     allowances: list[tuple[bytes, int, str, int]] = field(default_factory=list)
     #: (request id, entitlement seq, device id) of re-issue grants verified in this export.
     reissue_grants: list[tuple[bytes, int, str]] = field(default_factory=list)
+    #: HQ's replay of the station's trusted time (state carried across exports).
+    time_audit: TimeAudit | None = None
 
 
 def _malformed(seq: int, what: str) -> Violation:
@@ -473,11 +484,24 @@ def _malformed(seq: int, what: str) -> Violation:
 
 
 def reconcile_records(
-    records: Iterable[AuditRecord], *, station_id: str, store: HqStore, start: AuditHead
+    records: Iterable[AuditRecord],
+    *,
+    station_id: str,
+    store: HqStore,
+    start: AuditHead,
+    received: int | None = None,
 ) -> Reconciliation:
     """Feed every record to the reconciler of its entitlement (state carried over from
-    earlier exports, loaded from ``store``). One pass, O(1) per record."""
-    out = Reconciliation(max_time=start.max_time)
+    earlier exports, loaded from ``store``). One pass, O(1) per record.
+
+    Time findings: ``future_dated`` (dated more than ``STATION_TIME_TOLERANCE_S`` after
+    ``received``, when HQ got the export), ``clock_rollback`` (out of order: older than a
+    time already logged), and from the TPM readings (``trustcore.stationtime.TimeAudit``)
+    ``clock_ahead_of_tpm``, ``tpm_clock_inconsistent`` and ``bad_time_anchor``."""
+    time_audit = store.station_time_audit(station_id, STATION_TIME_TOLERANCE_S)
+    out = Reconciliation(max_time=start.max_time, time_audit=time_audit)
+    observe_tpm = time_audit.observe
+    future = (1 << 62) if received is None else received + STATION_TIME_TOLERANCE_S
     tallies: dict[int, _Tally | None] = {}
     violations = out.violations
     issued_append = out.issued.append
@@ -509,12 +533,29 @@ def reconcile_records(
     for seq, _, t, ev, f, _ in records:
         if t > max_time:
             max_time = t
+            if t > future:
+                violations.append(_future_dated(seq, t, received))
         elif t + CLOCK_ROLLBACK_TOLERANCE_S < max_time:
             violations.append(
                 Violation(
                     "clock_rollback", seq, "", f"time {t} is before {max_time} logged earlier"
                 )
             )
+        elif t > future:
+            violations.append(_future_dated(seq, t, received))
+        tpm_field = f.get("tpm")
+        if tpm_field is not None:
+            found = observe_tpm(t, tpm_field)
+            # An anchor record may be ahead of the old anchor (that is why it re-anchors),
+            # and a refusal did nothing (the station's own ``clock_ahead`` refusals are
+            # counted in ``refused_at_station``): only readings that issued are "ahead".
+            if found is not None and not (
+                found[0] == "clock_ahead_of_tpm" and ("anchor_time" in f or ev == "refused")
+            ):
+                who = f.get("device_id")
+                violations.append(
+                    Violation(found[0], seq, who if type(who) is str else "", found[1])
+                )
         if ev == "issued":  # the hot path: one per device
             n_issued += 1
             try:
@@ -628,6 +669,21 @@ def reconcile_records(
                 )
             elif tally.state.imported_at_seq is None:
                 tally.state.imported_at_seq = seq
+            if "anchor_time" in f:
+                _time_anchor(violations, time_audit, seq, t, f, tally.row.issued_at)
+        elif ev == "time_anchored":
+            signed = f.get("signed_time")
+            if store.time_statement_issued(station_id, signed):
+                _time_anchor(violations, time_audit, seq, t, f, None)
+            else:  # not re-anchored: the replay keeps the anchor HQ can vouch for
+                violations.append(
+                    Violation(
+                        "bad_time_anchor",
+                        seq,
+                        "",
+                        f"HQ issued no time statement at {signed!r} to {station_id}",
+                    )
+                )
         elif ev == "quorum_approved":
             tally = tally_for(f.get("entitlement_seq"), seq, "")
             if tally is not None:
@@ -641,6 +697,50 @@ def reconcile_records(
     out.max_time = max_time
     out.tallies = {k: v for k, v in tallies.items() if v is not None}
     return out
+
+
+def _future_dated(seq: int, when: int, received: int | None) -> Violation:
+    return Violation(
+        "future_dated",
+        seq,
+        "",
+        f"time {when} is {when - (received or 0)} s after HQ received the export "
+        f"(tolerance {STATION_TIME_TOLERANCE_S} s)",
+    )
+
+
+def _time_anchor(
+    violations: list[Violation],
+    audit: TimeAudit,
+    seq: int,
+    when: int,
+    f: Mapping[str, object],
+    hq_signed: int | None,
+) -> None:
+    """An anchor record (``entitlement_imported`` with ``anchor_time``, ``time_anchored``):
+    the anchor must be the one the station's rule gives for the time HQ signed (for an
+    entitlement HQ knows it: ``hq_signed``). HQ replays with the anchor it computes, so a
+    station that claims a later one gains nothing in the replay."""
+    signed, claimed = f.get("signed_time"), f.get("anchor_time")
+    if type(signed) is not int or type(claimed) is not int:
+        violations.append(_malformed(seq, "anchor record lacks signed_time/anchor_time"))
+        return
+    if hq_signed is not None and signed != hq_signed:
+        violations.append(
+            Violation("bad_time_anchor", seq, "", f"signed time {signed} is not HQ's {hq_signed}")
+        )
+        signed = hq_signed
+    expected = expected_anchor(audit, signed_time=signed, host_now=when)
+    if claimed > expected + audit.tolerance_s:
+        violations.append(
+            Violation(
+                "bad_time_anchor",
+                seq,
+                "",
+                f"anchor {claimed} is {claimed - expected} s after the {expected} the rule gives",
+            )
+        )
+    audit.anchor(expected)
 
 
 def _quorum_grant(
@@ -894,13 +994,21 @@ def ingest_audit(
             )
             chain = ChainStream(verified)
             recon = reconcile_records(
-                chain, station_id=verified.station_id, store=store, start=verified.start
+                chain,
+                station_id=verified.station_id,
+                store=store,
+                start=verified.start,
+                received=moment,
             )
             head = chain.finish()  # refuses unless the chain ended exactly at the signed head
             manifest_violations, certs = check_manifest(
                 verified.manifest, recon.issued, verified.station_cas or verified.station_ca
             )
             recon.violations.extend(manifest_violations)
+            if verified.checkpoint.time > moment + STATION_TIME_TOLERANCE_S:
+                recon.violations.append(
+                    _future_dated(verified.checkpoint.seq, verified.checkpoint.time, moment)
+                )
             _cross_check_duplicates(store, verified.station_id, recon)
             report = IngestReport.build(
                 verified, head, recon, seconds=time.perf_counter() - started
@@ -987,6 +1095,8 @@ def _persist(
     )
     with store.transaction():
         store.put_audit_head(sid, head, now)
+        if recon.time_audit is not None:
+            store.put_station_time_audit(sid, recon.time_audit)
         if verified.crl is not None:
             store.put_station_crl(verified.crl)
         for issuer_key_id, row in verified.retired_crls:

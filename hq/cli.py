@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -472,6 +472,36 @@ def init_kms_command(home: Path, passphrase_file: Path | None, pin_file: Path | 
     except HqError as exc:
         _fail(exc)
     Console().print("KMS key created" if created else "this HQ already has a KMS key")
+
+
+@main.command("time-statement")
+@_home_option
+@click.option("--station", "station_id", required=True)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output file."
+)
+@_secret_options
+def time_statement_command(
+    home: Path, station_id: str, out: Path, passphrase_file: Path | None, pin_file: Path | None
+) -> None:
+    """HQ vouches for the current time to a station (docs/factory.md "Time"): for a station
+    that was off longer than its clock tolerance, or that must trust a new date."""
+    from hq.authority import write_package
+    from hq.station_time import issue_time_statement
+
+    if out.exists():
+        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    try:
+        package, moment = issue_time_statement(
+            HqHome.open(home), station_id, HqSecrets(passphrase_file, pin_file)
+        )
+        write_package(out, package)
+    except HqError as exc:
+        _fail(exc)
+    Console(highlight=False).print(
+        f"time statement for {station_id}: {datetime.fromtimestamp(moment, UTC).isoformat()} "
+        f"written to {out}"
+    )
 
 
 @main.command("station-crl")

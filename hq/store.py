@@ -11,6 +11,7 @@ moves the audit head *and* stores its devices and counters, or changes nothing. 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ from hq.errors import HomeError
 from trustcore import cbor
 from trustcore.audit import ZERO_HASH
 from trustcore.entitlement import EntitlementPolicy
-from trustcore.errors import EncodingError
+from trustcore.errors import EncodingError, InvalidValueError
+from trustcore.stationtime import TimeAudit
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -615,6 +617,40 @@ class HqStore:
             "last_export = excluded.last_export, max_time = excluded.max_time, "
             "updated_at = excluded.updated_at",
             (station_id, head.next_seq, head.head_hash, head.last_export, head.max_time, now),
+        )
+
+    def station_time_audit(self, station_id: str, tolerance_s: int) -> TimeAudit:
+        """HQ's replay of the station's trusted time so far (a fresh one for a new station).
+        Kept in ``meta`` as JSON under ``station_time:<id>``: no schema change."""
+        row = self._conn.execute(
+            "SELECT value FROM meta WHERE key = ?", (f"station_time:{station_id}",)
+        ).fetchone()
+        if row is None:
+            return TimeAudit(tolerance_s)
+        try:
+            return TimeAudit.from_map(json.loads(row[0]), tolerance_s)
+        except (ValueError, InvalidValueError) as exc:
+            raise HomeError(f"stored station time of {station_id} is invalid: {exc}") from exc
+
+    def record_time_statement(self, station_id: str, when: int) -> None:
+        """HQ issued a time statement at ``when`` to the station (kept so that an audit's
+        ``time_anchored`` record can be checked against it)."""
+        self._conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES (?, '1')",
+            (f"time_statement:{station_id}:{when}",),
+        )
+
+    def time_statement_issued(self, station_id: str, when: object) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM meta WHERE key = ?", (f"time_statement:{station_id}:{when}",)
+        ).fetchone()
+        return row is not None
+
+    def put_station_time_audit(self, station_id: str, audit: TimeAudit) -> None:
+        self._conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (f"station_time:{station_id}", json.dumps(audit.to_map(), sort_keys=True)),
         )
 
     def recon_state(self, station_id: str, sequence: int) -> ReconState:

@@ -123,13 +123,14 @@ class StationLog:
         self.pending.append(raw)
         return raw
 
-    def imported(self, when: int) -> None:
+    def imported(self, when: int, extra: dict[str, object] | None = None) -> None:
         self.record(
             "entitlement_imported",
             {
                 "entitlement_id": self.policy.entitlement_id,
                 "entitlement_seq": self.policy.sequence,
                 "counter_base": self.counter,
+                **(extra or {}),
             },
             when,
         )
@@ -142,6 +143,7 @@ class StationLog:
         key: SoftwareKey | None = None,
         in_manifest: bool = True,
         product: str | None = None,
+        extra: dict[str, object] | None = None,
     ) -> x509.Certificate:
         st = self.station
         assert st.ca_cert is not None
@@ -164,6 +166,7 @@ class StationLog:
                 "product": product or self.policy.product,
                 "entitlement_seq": self.policy.sequence,
                 "counter": self.counter,
+                **(extra or {}),
             },
             when,
         )

@@ -12,6 +12,7 @@ import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from click.testing import CliRunner
@@ -136,18 +137,28 @@ def test_station_plugins_fail_closed_and_shift_hours_works(
         with pytest.raises(IssuanceRefused) as info:
             station.check(DeviceId("dev-000001"), product="another-product")
         assert info.value.reason == "wrong_product"
-    # shift_hours, Berlin time: 10:00 CEST inside, 23:30 CEST outside.
-    shifts = {"shifts": ["06:00-14:00", "14:00-22:00"], "timezone": "Europe/Berlin"}
-    _configure(env, {"name": "allows"}, {"name": "shift_hours", "config": shifts})
-    # Tomorrow (inside the entitlement window, after every time already recorded), first
-    # inside then outside, so the station's anti-rollback check never interferes.
-    tomorrow = datetime.now(UTC) + timedelta(days=1)
-    inside = int(tomorrow.replace(hour=8, minute=0).timestamp())  # 09:00 or 10:00 local
-    outside = int(tomorrow.replace(hour=21, minute=45).timestamp())  # 22:45 or 23:45 local
-    assert _refusal(env, clock=lambda: inside) is None
-    assert _refusal(env, clock=lambda: outside) == "outside_shift"
+    # shift_hours, Berlin time, judged at the real clock (a station's host clock may not run
+    # ahead of the time its TPM vouches for): a shift around now, then one later today.
+    berlin = datetime.now(ZoneInfo("Europe/Berlin"))
+
+    def shift(start_h: int, end_h: int) -> str:
+        start, end = berlin + timedelta(hours=start_h), berlin + timedelta(hours=end_h)
+        return f"{start:%H:%M}-{end:%H:%M}"
+
+    _configure(
+        env,
+        {"name": "allows"},
+        {"name": "shift_hours", "config": {"shifts": [shift(-2, 2)], "timezone": "Europe/Berlin"}},
+    )
+    assert _refusal(env) is None
+    _configure(
+        env,
+        {"name": "allows"},
+        {"name": "shift_hours", "config": {"shifts": [shift(3, 5)], "timezone": "Europe/Berlin"}},
+    )
+    assert _refusal(env) == "outside_shift"
     # The refusal is audited like any other.
-    with env.open(clock=lambda: outside) as station:
+    with env.open() as station:
         assert any(r.get("reason") == "outside_shift" for r in _audit(station))
 
 

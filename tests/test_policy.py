@@ -36,7 +36,11 @@ def policy(**kw: object) -> EntitlementPolicy:
 
 def state(**kw: object) -> IssuanceState:
     base: dict[str, object] = dict(
-        issued_total=0, issued_today=0, latest_time=T0 - 60, device_already_issued=False
+        issued_total=0,
+        issued_today=0,
+        latest_time=T0 - 60,
+        device_already_issued=False,
+        trusted_time=T0,
     )
     base.update(kw)
     return IssuanceState(**base)  # type: ignore[arg-type]
@@ -116,7 +120,10 @@ def test_allows_a_good_issuance() -> None:
     [
         ({"latest_time": T0 + 3600}, {}, "clock_rollback"),
         ({"latest_time": T0 - 8000}, {"now": T0 - 7200}, "not_yet_valid"),
-        ({}, {"now": T0 + 31 * 86400}, "window_expired"),
+        ({"trusted_time": T0 + 31 * 86400}, {"now": T0 + 31 * 86400}, "window_expired"),
+        ({"trusted_time": T0 - 301}, {}, "clock_ahead"),
+        ({"trusted_time": T0 - 86400}, {"now": T0 + 86400}, "clock_ahead"),
+        ({"trusted_time": None}, {}, "no_time_anchor"),
         ({}, {"product": "doorbell"}, "wrong_product"),
         ({}, {"device_id": "TH-001000"}, "id_out_of_range"),
         ({"device_already_issued": True}, {}, "duplicate_device"),
@@ -134,11 +141,13 @@ def test_clock_rollback_cannot_reopen_an_expired_window() -> None:
     p = policy()
     late = p.not_after + 10
     with pytest.raises(PolicyError) as e:
-        check_issuance(p, state(latest_time=late), req(now=p.not_after - 100_000))
+        check_issuance(
+            p, state(latest_time=late, trusted_time=late), req(now=p.not_after - 100_000)
+        )
     assert e.value.reason in {"clock_rollback", "window_expired"}
     # Even within the skew tolerance, the window is judged by the latest recorded time.
     with pytest.raises(PolicyError) as e:
-        check_issuance(p, state(latest_time=late), req(now=late - 60))
+        check_issuance(p, state(latest_time=late, trusted_time=late), req(now=late - 60))
     assert e.value.reason == "window_expired"
 
 

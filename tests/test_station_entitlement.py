@@ -70,11 +70,19 @@ def test_import_records_counter_base_and_audit(station_env: StationEnv) -> None:
         ((_, raw),) = list(station.store.audit_records(0))
         record = decode_record(raw)
         assert record.event == "entitlement_imported"
-        assert record.fields == {
+        fields = dict(record.fields)
+        tpm = {k: fields.pop(k) for k in list(fields) if k.startswith("tpm")}
+        signed, anchor = fields.pop("signed_time"), fields.pop("anchor_time")
+        assert fields == {
             "entitlement_id": "ent-1",
             "entitlement_seq": 1,
             "counter_base": counter,
         }
+        # HQ's signing time anchors the station's trusted time (host clock within 7 days).
+        assert isinstance(signed, int) and signed <= anchor == record.time
+        assert set(tpm) == {"tpm", "tpm_clock", "tpm_safe"}
+        assert status.time is not None and status.time["anchor"]["source"] == "entitlement 1"
+        assert 0 <= status.time["trusted_time"] - anchor <= 60
     # Survives a restart.
     with station_env.open() as station:
         assert station.policy is not None and station.policy.sequence == 1

@@ -36,6 +36,7 @@ from trustcore.keys import key_id
 from trustcore.messages import CT_AUDIT_EXPORT, AuditExportPayload
 from trustcore.profiles import HqRole, device_id_from_certificate
 from trustcore.sealed import open_package
+from trustcore.stationtime import unpack_tpm_field
 
 pytestmark = pytest.mark.tpm
 
@@ -86,7 +87,13 @@ def test_ten_devices_then_the_daily_limit_and_openssl_accepts_each(
         issued = [f for e, f in events if e == "issued"]
         assert len(issued) == 10
         assert [e for e, _ in events].count("refused") == 1
-        assert events[-1] == ("refused", {"device_id": "dev-000011", "reason": "over_daily_limit"})
+        event, refused = events[-1]
+        assert (event, refused["device_id"], refused["reason"]) == (
+            "refused", "dev-000011", "over_daily_limit",
+        )  # fmt: skip
+        # Every record carries the TPM clock reading it was decided on (HQ checks them).
+        readings = [unpack_tpm_field(f["tpm"]) for f in (*issued, refused)]
+        assert None not in readings and readings == sorted(readings)  # type: ignore[type-var]
 
         assert station.station_ca_certificate is not None
         station_ca_pem.write_bytes(station.station_ca_certificate.public_bytes(Encoding.PEM))

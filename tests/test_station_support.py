@@ -21,7 +21,13 @@ from signers.software import SoftwareKey
 from tests.fixtures.pki import MANUFACTURER, Pki
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy
 from trustcore.identity import StationId
-from trustcore.messages import CT_ENTITLEMENT, EntitlementPayload, StationEnrolment
+from trustcore.messages import (
+    CT_ENTITLEMENT,
+    CT_TIME_STATEMENT,
+    EntitlementPayload,
+    StationEnrolment,
+    TimeStatement,
+)
 from trustcore.profiles import HqRole, issue_station_ca
 from trustcore.sealed import seal_package
 
@@ -69,8 +75,11 @@ class SoftHq:
         station_ca: x509.Certificate | None = None,
         to_transport: object | None = None,
         timezone: str = "UTC",
+        created: int | None = None,
     ) -> bytes:
-        now = int(datetime.now(UTC).timestamp())
+        """``created``: HQ's signing time (default: the real clock); the station anchors
+        its trusted time to it."""
+        now = int(datetime.now(UTC).timestamp()) if created is None else created
         nb = now - 3600 if not_before is None else not_before
         na = now + 30 * 86400 if not_after is None else not_after
         csr, transport = self.enrolment.verify()
@@ -118,6 +127,21 @@ class SoftHq:
         )
         self.sent.append(package)
         return package
+
+    def time_statement(
+        self, when: int, *, station_id: str = STATION_ID, role: HqRole = HqRole.ENTITLEMENT_SIGNER
+    ) -> bytes:
+        """What ``hq time-statement`` makes: HQ's time ``when`` for one station, signed."""
+        cert, key = self.pki.roles[role]
+        return seal_package(
+            content_type=CT_TIME_STATEMENT,
+            payload=TimeStatement(station_id, when).encode(),
+            sender=SoftwareKey(key),
+            sender_cert=cert,
+            receiver_public=None,
+            sequence=when,
+            created=when,
+        )
 
 
 @dataclass

@@ -25,6 +25,9 @@ class IssuanceState:
     slots burned by a crash between counter increment and certificate release, so a crash
     can never yield one more certificate). ``latest_time`` is the highest clock reading the
     station has ever recorded: a wall clock set back below it is a clock rollback.
+    ``trusted_time`` is the ceiling the host clock may not pass by more than the policy's
+    skew (HQ-vouched anchor + TPM-powered time since, :mod:`trustcore.stationtime`); None
+    when the station has no anchor, which refuses (fail closed).
     """
 
     issued_total: int
@@ -32,6 +35,7 @@ class IssuanceState:
     latest_time: int
     device_already_issued: bool
     approved_operations: frozenset[str] = frozenset()
+    trusted_time: int | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,23 @@ def check_clock(p: EntitlementPolicy, s: IssuanceState, r: IssuanceRequest) -> N
             f"the clock reads {r.now}, earlier than time {s.latest_time} already recorded: "
             "clock rollback",
             reason="clock_rollback",
+        )
+
+
+def check_trusted_time(p: EntitlementPolicy, s: IssuanceState, r: IssuanceRequest) -> None:
+    # A host clock moved forward (a day at a time, say) must not open a new day's allowance
+    # or reach past the window: it may not run ahead of the TPM-measured trusted time.
+    if s.trusted_time is None:
+        raise PolicyError(
+            "the station has no trusted time: import an entitlement or an HQ time statement",
+            reason="no_time_anchor",
+        )
+    if r.now > s.trusted_time + p.clock_skew_s:
+        raise PolicyError(
+            f"the clock reads {r.now}, {r.now - s.trusted_time} s ahead of the time the TPM "
+            f"vouches for ({s.trusted_time}; tolerance {p.clock_skew_s} s): clock moved "
+            "forward, or the station was off; import an HQ time statement or a new entitlement",
+            reason="clock_ahead",
         )
 
 
@@ -109,6 +130,7 @@ def check_daily_limit(p: EntitlementPolicy, s: IssuanceState, r: IssuanceRequest
 #: The station's checks, in the order they run.
 DEFAULT_CHECKS: tuple[Check, ...] = (
     check_clock,
+    check_trusted_time,
     check_window,
     check_product,
     check_device_id,

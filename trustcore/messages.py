@@ -318,3 +318,31 @@ class AuditExportPayload:
             crl=cbor.optional_field(m, "crl", bytes),
             retired_crls=tuple(retired),
         )
+
+
+CT_TIME_STATEMENT = "devtrust/time-statement/v1"
+
+
+@dataclass(frozen=True)
+class TimeStatement:
+    """HQ vouches that it is at least ``time`` (unix seconds) for station ``station_id``.
+
+    Travels as a signed, unencrypted sealed package (sender: the HQ entitlement signer;
+    ``sequence`` and ``created`` both equal ``time``, so a station accepts only newer
+    statements). A station re-anchors its trusted time with it (``trustcore.stationtime``),
+    e.g. after it was switched off longer than its clock tolerance."""
+
+    station_id: str
+    time: int
+
+    def encode(self) -> bytes:
+        return cbor.encode({"station_id": self.station_id, "time": self.time})
+
+    @classmethod
+    def decode(cls, data: bytes) -> TimeStatement:
+        m = cbor.map_of(cbor.decode(data, max_size=1024), "time statement")
+        cbor.expect_keys(m, {"station_id", "time"}, what="time statement")
+        statement = cls(cbor.field(m, "station_id", str), cbor.field(m, "time", int))
+        if statement.time < 0:
+            raise EncodingError("time statement time must be >= 0")
+        return statement
