@@ -41,8 +41,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from registrar.broker import Endpoint
 from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.csr import build_device_csr
+from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
-from trustcore.keys import KeyAgreement, Signer
+from trustcore.key_rotation import build_key_ack, key_ack_topic
+from trustcore.keys import KeyAgreement, Signer, key_id
 from trustcore.payload import PayloadError, PayloadKey, open_payload, seal_payload
 from trustcore.registration import (
     RegistrationDenied,
@@ -55,6 +57,7 @@ from trustcore.registration import (
     parse_response,
 )
 from trustcore.renewal import build_renewal_request, parse_renewal_request, renewal_due
+from trustcore.site_rollover import ROLLOVER_LEVEL, RenewNow, parse_renew_now
 from trustcore.topics import device_topic, registration_request_topic, registration_response_topic
 
 __all__ = [
@@ -185,6 +188,7 @@ class Registered:
     payload_keys: dict[bytes, PayloadKey]
     current_key_id: bytes
     key_issued: int = 0
+    renew_issued: int = 0
 
     #: Every LDevID this device held before the current one (oldest first).
     previous: list[x509.Certificate] = field(default_factory=list)
@@ -475,6 +479,7 @@ class DeviceClient:
             session = OperationalSession(self, client)
             await client.subscribe(device_topic(self.device_id, COMMANDS), qos=1)
             await client.subscribe(device_topic(self.device_id, KEYS), qos=1)
+            await client.subscribe(device_topic(self.device_id, ROLLOVER_LEVEL), qos=1)
             await client.subscribe(device_topic(self.device_id, RENEWAL, "response"), qos=1)
             reader = asyncio.create_task(session._read())
             try:
@@ -497,6 +502,10 @@ class OperationalSession:
         self.client = client
         self.commands: asyncio.Queue[bytes] = asyncio.Queue()
         self.key_updates = 0
+        #: verified "renew now" commands (site CA rollover) for the device's CURRENT
+        #: site CA; see :class:`device_sim.agent.DeviceAgent`, which obeys them
+        self.renew_requests: asyncio.Queue[RenewNow] = asyncio.Queue()
+        self.key_acks = 0
         self._renewal_answers: asyncio.Queue[bytes] = asyncio.Queue()
 
     @property
@@ -511,6 +520,7 @@ class OperationalSession:
     async def _read(self) -> None:
         device_id = self._device.device_id
         keys_topic = device_topic(device_id, KEYS)
+        rollover_topic = device_topic(device_id, ROLLOVER_LEVEL)
         renewed_topic = device_topic(device_id, RENEWAL, "response")
         renew_topic = device_topic(device_id, RENEWAL, "request")
         async for message in self.client.messages:
@@ -519,7 +529,12 @@ class OperationalSession:
             if not isinstance(payload, bytes | bytearray):
                 continue
             if topic == keys_topic:
-                self._key_update(bytes(payload))
+                applied = self._key_update(bytes(payload))
+                if applied is not None:
+                    await self._acknowledge(*applied)
+                continue
+            if topic == rollover_topic:
+                self._renew_request(bytes(payload))
                 continue
             if topic == renewed_topic:
                 self._renewal_answers.put_nowait(bytes(payload))
@@ -532,6 +547,31 @@ class OperationalSession:
                 )
             except PayloadError as exc:
                 log.warning("%s dropped a command on %s: %s", device_id, topic, exc)
+
+    def _renew_request(self, payload: bytes) -> None:
+        """A "renew now" signed by the site CA of the current LDevID, for another CA: queue
+        it. An empty (cleared retained) message, one for the CA the device is already on,
+        or one that does not verify is ignored."""
+        if not payload:
+            return
+        reg = self._reg
+        try:
+            renew = parse_renew_now(
+                payload,
+                device_id=self._device.device_id,
+                site_ca=reg.site_ca,
+                newer_than=reg.renew_issued,
+            )
+        except TrustCoreError as exc:
+            log.info("%s ignored a renew command: %s", self._device.device_id, exc)
+            return
+        reg.renew_issued = renew.issued
+        current_ca = reg.site_ca.public_key()
+        if isinstance(current_ca, ec.EllipticCurvePublicKey) and key_id(current_ca) == (
+            renew.issuing_ca
+        ):
+            return
+        self.renew_requests.put_nowait(renew)
 
     async def renew(self, *, timeout: float = 10.0, resend_after: float = 3.0) -> Registered:
         """Renew the LDevID over THIS session (the operational listener, authenticated by
@@ -591,7 +631,19 @@ class OperationalSession:
             reg.current_key_id = key.key_id  # the registrar's current payload key
             return reg
 
-    def _key_update(self, payload: bytes) -> None:
+    async def _acknowledge(self, key: PayloadKey, issued: int) -> None:
+        """Prove to the registrar that this device now holds ``key``: until it does, the
+        registrar keeps sending the update (``docs/registrar.md``, key rotation)."""
+        device_id = self._device.device_id
+        ack = build_key_ack(key, device_id, issued)
+        try:
+            await self.client.publish(key_ack_topic(device_id), ack, qos=1)
+            self.key_acks += 1
+        except aiomqtt.MqttError as exc:  # the registrar re-sends; the next one is acked
+            log.warning("%s could not acknowledge key %s: %s", device_id, key.key_id.hex(), exc)
+
+    def _key_update(self, payload: bytes) -> tuple[PayloadKey, int] | None:
+        """Apply a signed key update; the new key and the update's ``issued``, or None."""
         reg = self._reg
         try:
             update = parse_key_update(
@@ -603,8 +655,9 @@ class OperationalSession:
             key = open_payload_key(reg.wrap_key, self._device.device_id, update.payload_key)
         except RegistrationError as exc:
             log.warning("%s refused a key update: %s", self._device.device_id, exc)
-            return
+            return None
         reg.payload_keys[key.key_id] = key
         reg.current_key_id = key.key_id
         reg.key_issued = update.issued
         self.key_updates += 1
+        return key, update.issued

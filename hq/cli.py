@@ -571,6 +571,48 @@ def site_enrol_command(
     )
 
 
+@site_group.command("rollover")
+@_home_option
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the new site CA certificate (PEM) here.",
+)
+@click.argument("request_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@_secret_options
+def site_rollover_command(
+    home: Path,
+    out: Path | None,
+    request_file: Path,
+    passphrase_file: Path | None,
+    pin_file: Path | None,
+) -> None:
+    """Issue a site's next CA certificate from its rollover request (`registrar rollover-ca`);
+    the next `hq site bundle` carries it to the site."""
+    from cryptography.hazmat.primitives import serialization
+
+    from hq.authority import write_package
+    from hq.site import rollover_site_ca
+
+    try:
+        result = rollover_site_ca(
+            HqHome.open(home), request_file.read_bytes(), HqSecrets(passphrase_file, pin_file)
+        )
+        if out is not None:
+            write_package(out, result.site_ca_cert.public_bytes(serialization.Encoding.PEM))
+    except HqError as exc:
+        _fail(exc)
+    cert = result.site_ca_cert
+    Console(highlight=False).print(
+        f"site {result.site_id}: {result.status.replace('_', ' ')}\n"
+        f"  new site CA   {cert.subject.rfc4514_string()}\n"
+        f"                serial {cert.serial_number:x}, valid until "
+        f"{cert.not_valid_after_utc.isoformat()}\n"
+        f"  CA key        {result.ca_key_id}\n"
+        f"next: `hq site bundle --site {result.site_id} ...` and `registrar commission` at the site"
+    )
+
+
 @site_group.command("bundle")
 @_home_option
 @click.option("--site", "site_id", required=True, help="Enrolled site id.")

@@ -45,6 +45,7 @@ from trustcore.site_bundle import (
     seal_payload_key,
     seal_site_bundle,
 )
+from trustcore.site_rollover import RolloverError, SiteCaRollover, site_ca_generation
 
 __all__ = [
     "DEFAULT_MAX_OFFLINE_DAYS",
@@ -59,6 +60,7 @@ __all__ = [
     "enrol_site",
     "issue_root_crl",
     "record_station_crl",
+    "rollover_site_ca",
 ]
 
 SITE_CA_VALIDITY = timedelta(days=5 * 365)
@@ -160,6 +162,94 @@ def enrol_site(
         status,
         cert,
         hashlib.sha256(ca_der).hexdigest(),
+        hashlib.sha256(transport_der).hexdigest(),
+    )
+
+
+def rollover_site_ca(
+    home: HqHome, request_bytes: bytes, secrets: HqSecrets, *, now: datetime | None = None
+) -> SiteEnrolmentResult:
+    """Issue the next site CA certificate of an enrolled site from a rollover request
+    (``registrar rollover-ca``, :class:`trustcore.site_rollover.SiteCaRollover`).
+
+    The request must be signed by the site CA key HQ holds for the site (continuity) and
+    carry a valid enrolment of the new key with the site's **same** transport key (bundles
+    stay readable). The new certificate (generation + 1, :data:`SITE_CA_VALIDITY`) replaces
+    the recorded one: the next ``hq site bundle`` carries it, and the site activates it at
+    ``registrar commission``. The same request again returns the certificate already issued
+    (status ``already_rolled_over``)."""
+    moment = now_utc(now)
+    try:
+        request = SiteCaRollover.decode(request_bytes)
+        enrolment = request.site_enrolment()
+        csr, transport = enrolment.verify()
+    except (EncodingError, CsrError, InvalidValueError) as exc:
+        raise SiteError(f"site CA rollover refused: {exc}", reason=exc.reason) from exc
+    site_id = enrolment.site_id.value
+    new_der, transport_der = spki_der(csr.public_key), spki_der(transport)
+    store = HqStore.open(home.db_path)
+    try:
+        existing = store.site(site_id)
+        if existing is None:
+            raise SiteError(f"site {site_id!r} is not enrolled", reason="unknown_site")
+        if existing.ca_public_der == new_der and existing.csr_der == enrolment.csr_der:
+            cert = x509.load_der_x509_certificate(existing.site_ca_der)
+            status = "already_rolled_over"
+        else:
+            try:
+                request.verify(existing.ca_public_der)
+            except (RolloverError, EncodingError, CsrError) as exc:
+                raise SiteError(
+                    f"site CA rollover refused: {exc.args[0]}", reason=exc.reason
+                ) from exc
+            if transport_der != existing.transport_public_der:
+                raise SiteError(
+                    "a rollover keeps the site transport key (re-enrol with --replace to "
+                    "change it)",
+                    reason="wrong_transport_key",
+                )
+            if new_der == transport_der:
+                raise SiteError(
+                    "the transport key must differ from the site CA key", reason="key_reuse"
+                )
+            previous = x509.load_der_x509_certificate(existing.site_ca_der)
+            root_cert = home.root_certificate()
+            end = min(moment + SITE_CA_VALIDITY, root_cert.not_valid_after_utc)
+            start = max(moment - BACKDATE, root_cert.not_valid_before_utc)
+            with home.root_key(secrets) as root:
+                try:
+                    cert = issue_site_ca(
+                        root_cert,
+                        root.private_key(),
+                        csr.public_key,
+                        site_id=SiteId(site_id),
+                        organization=home.config.organization,
+                        not_before=start,
+                        not_after=end,
+                        generation=site_ca_generation(previous) + 1,
+                    )
+                except ProfileError as exc:
+                    raise SiteError(f"cannot issue the site CA: {exc}") from exc
+                except SignerError as exc:
+                    raise SecretError(f"the root key failed to sign: {exc}") from exc
+            row = SiteRow(
+                site_id,
+                new_der,
+                transport_der,
+                enrolment.csr_der,
+                cert.public_bytes(serialization.Encoding.DER),
+                existing.enrolled_at,
+            )
+            with store.transaction():
+                store.put_site(row)
+            status = "rolled_over"
+    finally:
+        store.close()
+    return SiteEnrolmentResult(
+        site_id,
+        status,
+        cert,
+        hashlib.sha256(new_der).hexdigest(),
         hashlib.sha256(transport_der).hexdigest(),
     )
 

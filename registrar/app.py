@@ -10,7 +10,10 @@ registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
   :class:`~registrar.service.RegistrationService`, serves LDevID renewals on
   ``devices/+/renewal/request`` (answer on ``devices/<id>/renewal/response``), decrypts
   ``devices/+/telemetry`` with the site payload keys (counts and digests only, for
-  ``registrar status``), publishes payload-key updates (retained) and commands;
+  ``registrar status``), publishes payload-key updates (retained) and commands, and reads
+  the devices' key acknowledgements (:mod:`registrar.key_distribution`: a device is on a
+  new payload key only once it proved it holds it; updates are re-sent at every start and
+  reconnection until then);
 * **command watcher** — the CLI talks to a running registrar through a spool directory
   (``SITE/run/commands``): ``revoke``, ``import-revocations``, ``rotate-payload-key`` and
   ``send-command`` and ``approve`` are applied live (polled every ``watch_interval``,
@@ -42,11 +45,11 @@ import ssl
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import aiomqtt
 from cryptography import x509
@@ -54,6 +57,7 @@ from cryptography.hazmat.primitives import serialization
 
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
 from registrar.errors import BrokerError, ConfigError, RegistrarError
+from registrar.key_distribution import KeyDistributor
 from registrar.ldevid_policy import policy_json, read_ldevid_policy
 from registrar.payload_keys import PayloadKeyring
 from registrar.plugins import load_site_plugins, read_site_plugins
@@ -68,8 +72,14 @@ from registrar.revocation import (
     revoke_device,
     revoked_device_ids,
 )
+from registrar.rollover import (
+    RolloverError,
+    dependents,
+    migration_requested,
+    note_migration,
+    retire_site_ca,
+)
 from registrar.service import (
-    KEY_UPDATE_LEVEL,
     RENEWAL_LEVEL,
     RENEWAL_REQUEST_LEVEL,
     RegistrationService,
@@ -90,11 +100,14 @@ from registrar.store import Store
 from registrar.supersede import SupersededCertificates
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
+from trustcore.key_rotation import KEY_ACK_LEVELS
+from trustcore.keys import Signer
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
 from trustcore.profiles import station_id_from_certificate
-from trustcore.registration import AdmissionContext, build_key_update, parse_request
+from trustcore.registration import AdmissionContext, parse_request
 from trustcore.revocation import RevocationList
+from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
 from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
 from trustcore.verify import ChainVerifier, load_certificate
 
@@ -118,6 +131,9 @@ __all__ = [
     "submit_command",
 ]
 
+if TYPE_CHECKING:
+    from registrar.broker.mosquitto import MosquittoBroker
+
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
@@ -127,8 +143,19 @@ COMMAND_LEVEL = "cmd"
 SITE_CRL_REFRESH_MARGIN = SITE_CRL_VALIDITY / 2
 #: Root/station CRLs closer than this to nextUpdate are reported (warning) in status/logs.
 CRL_WARNING_MARGIN = timedelta(days=1)
+#: A site CA closer than this to its end is reported: time to `registrar rollover-ca`
+#: (LDevIDs are cut at the CA's end, so they get shorter and shorter after this point).
+SITE_CA_WARNING_MARGIN = timedelta(days=365)
 _RECENT = 50
-_SPOOL_COMMANDS = ("revoke", "import-revocations", "rotate-payload-key", "send-command", "approve")
+_SPOOL_COMMANDS = (
+    "revoke",
+    "import-revocations",
+    "rotate-payload-key",
+    "send-command",
+    "approve",
+    "migrate-ca",
+    "retire-ca",
+)
 
 
 def store_path(home: SiteHome) -> Path:
@@ -309,6 +336,8 @@ class RotationResult:
 class _Telemetry:
     messages: int = 0
     rejected: int = 0
+    #: Refused because their payload key is past its grace period (also in ``rejected``).
+    retired_key: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=_RECENT))
 
 
@@ -330,20 +359,28 @@ class SiteChannel:
         endpoint: Endpoint,
         tls: ssl.SSLContext,
         *,
-        on_telemetry: Callable[[DeviceId, str, bytes], None],
+        on_telemetry: Callable[[DeviceId, str, bytes, bool], None],
         concurrency: int = 512,
         reconnect_delay: float = 0.5,
         on_request: Callable[[DeviceId, bytes], None] | None = None,
+        on_key_ack: Callable[[DeviceId, bytes, bool], object] | None = None,
+        on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self._service = service
         self._on_request = on_request
         self._endpoint = endpoint
         self._tls = tls
         self._on_telemetry = on_telemetry
+        self._on_key_ack = on_key_ack
+        self._on_connected = on_connected
         self._limit = asyncio.Semaphore(concurrency)
         self._reconnect_delay = reconnect_delay
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
+
+    def use_tls(self, tls: ssl.SSLContext) -> None:
+        """A new client certificate (site CA rollover): used from the next (re)connect."""
+        self._tls = tls
 
     async def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
@@ -380,8 +417,16 @@ class SiteChannel:
                     await client.subscribe(f"{REGISTRATION_PREFIX}/+/request", qos=1)
                     await client.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
                     await client.subscribe(f"{DEVICE_PREFIX}/+/{RENEWAL_REQUEST_LEVEL}", qos=1)
+                    if self._on_key_ack is not None:
+                        await client.subscribe(_KEY_ACK_FILTER, qos=1)
                     self._client = client
                     self.connected.set()
+                    if self._on_connected is not None:
+                        # e.g. pending key updates: the broker may have restarted and lost
+                        # its retained messages; served while the read loop runs.
+                        task = asyncio.create_task(self._on_connected())
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
                     await self._read(client, stop, tasks)
             except aiomqtt.MqttError as exc:
                 if stop.is_set():
@@ -423,7 +468,9 @@ class SiteChannel:
                     continue
                 telemetry = _telemetry_device(topic)
                 if telemetry is not None:
-                    self._on_telemetry(telemetry, topic, bytes(payload))
+                    self._on_telemetry(telemetry, topic, bytes(payload), bool(message.retain))
+                elif (acked := _key_ack_device(topic)) is not None and self._on_key_ack:
+                    self._on_key_ack(acked, bytes(payload), bool(message.retain))
                 else:
                     log.warning("ignored message on %r", topic[:200])
         finally:
@@ -454,6 +501,19 @@ class SiteChannel:
             log.exception("renewal of %s failed unexpectedly", device)
         finally:
             self._limit.release()
+
+
+_KEY_ACK_FILTER = "/".join((DEVICE_PREFIX, "+", *KEY_ACK_LEVELS))
+
+
+def _key_ack_device(topic: str) -> DeviceId | None:
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != DEVICE_PREFIX or tuple(parts[2:]) != KEY_ACK_LEVELS:
+        return None
+    try:
+        return DeviceId(parts[1])
+    except InvalidValueError:
+        return None
 
 
 def _telemetry_device(topic: str) -> DeviceId | None:
@@ -495,6 +555,18 @@ def _client_context(site: CommissionedSite, passphrase: bytes) -> ssl.SSLContext
     return ctx
 
 
+def _site_authority(
+    site: CommissionedSite, ldevid_validity: timedelta = timedelta(days=365)
+) -> SiteAuthority:
+    """The issuing site CA (and, during a rollover overlap, the retiring one)."""
+    retiring: tuple[tuple[x509.Certificate, Signer], ...] = ()
+    if site.retiring_ca_cert is not None and site.retiring_ca_key is not None:
+        retiring = ((site.retiring_ca_cert, site.retiring_ca_key),)
+    return SiteAuthority(
+        site.site_ca_cert, site.site_ca_key, site.organization, ldevid_validity, retiring=retiring
+    )
+
+
 def _crl_dates(path: Path) -> list[x509.CertificateRevocationList]:
     data = path.read_bytes()
     end = b"-----END X509 CRL-----"
@@ -518,8 +590,15 @@ class RegistrarApp:
         settings: AppSettings | None = None,
         *,
         workdir: Path | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.home = home
+        #: The registrar's clock for payload-key rotation (the grace period); tests move it.
+        self._clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
+        self.keys: KeyDistributor | None = None
+        #: The Mosquitto process this registrar owns (restarted by the watcher if it dies).
+        self._mosquitto: MosquittoBroker | None = None
+        self._broker_restarts = 0
         self.secrets = secrets
         self.settings = settings or AppSettings()
         self._workdir = workdir
@@ -578,7 +657,9 @@ class RegistrarApp:
             payload_key=self.keyring.current,
             admission_plugins=self._admission_plugins(),
             policy=policy,
+            clock=self._clock,
         )
+        self.service.use_site_authority(_site_authority(site, policy.validity))  # + retiring
         self.check_crls()
         workdir = self._workdir or run_dir(self.home) / f"broker-{self.settings.broker}"
         settings = BrokerSettings(
@@ -593,6 +674,7 @@ class RegistrarApp:
             from registrar.broker.mosquitto import MosquittoBroker
 
             broker = MosquittoBroker(settings, executable=self.settings.mosquitto_executable)
+            self._mosquitto = broker
         else:
             from registrar.broker.embedded import EmbeddedBroker
 
@@ -612,6 +694,16 @@ class RegistrarApp:
         )
         self.service.on_superseded = self.superseded.supersede
         await self.superseded.reconcile(store)
+        self.keys = KeyDistributor(
+            store=store,
+            signer_for=lambda record: self._require(self.service).site_authority.signer_for(
+                record.ldevid_der
+            ),
+            publish=self._publish_retained,
+            clock=self._clock,
+            grace_s=self.home.config.payload_key_grace_s,
+        )
+        await self.keys.start(self.keyring)
         op = broker.operational_endpoint
         host = "127.0.0.1" if op.host in ("0.0.0.0", "", "::") else op.host  # noqa: S104
         self.channel = SiteChannel(
@@ -621,13 +713,16 @@ class RegistrarApp:
             on_telemetry=self._telemetry_received,
             concurrency=self.settings.concurrency,
             on_request=self._factory_certificate_seen,
+            on_key_ack=self.keys.ack_received,
+            on_connected=self._catch_up_key_updates,
         )
         self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
         try:
             await asyncio.wait_for(self.channel.connected.wait(), 15)
         except TimeoutError as exc:
             raise BrokerError("the registrar could not connect to its own broker") from exc
-        await self._catch_up_key_updates()
+        if site.retiring_ca_cert is not None and migration_requested(self.home):
+            await self.migrate_ca()  # the retained commands died with the previous broker
         self._tasks += [
             asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
@@ -653,6 +748,9 @@ class RegistrarApp:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)
         self._tasks.clear()
+        if self.keys is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.keys.wait_idle(), 10)
         if self.superseded is not None:
             await self.superseded.close()
             self.superseded = None
@@ -660,6 +758,7 @@ class RegistrarApp:
             with contextlib.suppress(BrokerError):
                 await self.broker.stop()
             self.broker = None
+            self._mosquitto = None
         if self.store is not None:
             await self.store.close()
             self.store = None
@@ -750,7 +849,9 @@ class RegistrarApp:
     async def rotate_payload_key(self) -> RotationResult:
         """New current payload key (sealed at rest), then a signed update wrapped to each
         registered device, published retained on ``devices/<id>/keys``; new registrations
-        get the new key from now on."""
+        get the new key from now on. A device counts as on the new key only once it has
+        acknowledged it (:mod:`registrar.key_distribution`); the previous key is accepted
+        for the site's grace period."""
         site = self._require(self.site)
 
         def rotate() -> PayloadKeyring:
@@ -759,49 +860,81 @@ class RegistrarApp:
 
         self.keyring = await asyncio.to_thread(rotate)
         service = self._require(self.service)
-        updates = await service.key_updates(self.keyring.current)
         service.use_payload_key(self.keyring.current)
-        channel = self._require(self.channel)
-        for topic, message in updates:
-            await channel.publish(topic, message, retain=True)
+        keys = self._require(self.keys)
+        await keys.use_keyring(self.keyring)
+        sent = await keys.push_pending()
         kid = self.keyring.current.key_id.hex()
         await self._require(self.store).record_event(
-            None, "payload-key", f"rotated to {kid}; {len(updates)} update(s) published"
+            None, "payload-key", f"rotated to {kid}; {sent} update(s) published"
         )
-        log.info("payload key rotated to %s: %d device update(s) published", kid, len(updates))
-        return RotationResult(kid, len(updates))
+        log.info("payload key rotated to %s: %d device update(s) published", kid, sent)
+        return RotationResult(kid, sent)
+
+    async def _publish_retained(self, topic: str, message: bytes) -> None:
+        await self._require(self.channel).publish(topic, message, retain=True)
 
     async def _catch_up_key_updates(self) -> None:
-        """Devices whose recorded key is not the current one (rotated offline, or a bundle
-        brought a new key) get their update now."""
-        keyring, store = self._require(self.keyring), self._require(self.store)
-        site, channel = self._require(self.site), self._require(self.channel)
-        current = keyring.current
-        issued = int(time.time())
+        """Devices not yet on the current key (rotated offline or while they were away, a
+        bundle brought a new key, an update lost with a broker restart) get it (again).
+        Runs at every (re)connection of the site channel; if the session drops meanwhile,
+        the next reconnection sends what is still pending."""
+        keys = self._require(self.keys)
+        try:
+            await keys.use_keyring(self._require(self.keyring))
+            await keys.push_pending()
+        except RegistrarError as exc:
+            log.warning("pending payload-key updates not all sent (%s): sent again later", exc)
+
+    # -- site CA rollover (registrar.rollover) -----------------------------------------
+
+    async def migrate_ca(self) -> int:
+        """Ask every registered device whose live LDevID comes from the retiring site CA to
+        renew now: a "renew now" signed by that CA, retained on ``devices/<id>/rollover`` (an
+        offline device gets it when it reconnects). Returns how many were published.
+
+        The request is recorded (``SITE/rollover-migrate.json``): the brokers keep retained
+        messages in memory only, so a restarted registrar publishes them again."""
+        site, store = self._require(self.site), self._require(self.store)
+        retiring, key = site.retiring_ca_cert, site.retiring_ca_key
+        if retiring is None or key is None:
+            raise RolloverError("no site CA is retiring", reason="nothing_to_retire")
+        await asyncio.to_thread(note_migration, self.home)
+        channel = self._require(self.channel)
+        issued = time.time_ns() // 1000  # microseconds: two commands in one second differ
         sent = 0
-        for record in await store.devices():
-            if record.status != "registered" or record.payload_key_id == current.key_id:
-                continue
+        for record in dependents(await store.devices(), retiring, datetime.now(UTC)):
             device = DeviceId(record.device_id)
-            wrap = serialization.load_der_public_key(record.wrap_key_der)
-            message = build_key_update(
-                device_id=device,
-                wrap_key=wrap,  # type: ignore[arg-type]
-                payload_key=current,
-                issued=issued,
-                site_signer=site.site_ca_key,
+            message = build_renew_now(
+                device_id=device, issued=issued, issuing_ca=site.site_ca_cert, signer=key
             )
-            await channel.publish(device_topic(device, KEY_UPDATE_LEVEL), message, retain=True)
-            await store.set_payload_key(device, current.key_id)
+            await channel.publish(device_topic(device, ROLLOVER_LEVEL), message, retain=True)
             sent += 1
-        if sent:
-            log.info("published %d pending payload-key update(s)", sent)
+        await store.record_event(None, "rollover", f"renew-now published to {sent} device(s)")
+        log.info("site CA rollover: renew-now published to %d device(s)", sent)
+        return sent
+
+    async def retire_ca(self, *, now: datetime | None = None) -> dict[str, Any]:
+        """``registrar.rollover.retire_site_ca`` live: then reload (brokers stop trusting the
+        retired CA) and clear the retained renew commands."""
+        store = self._require(self.store)
+        records = await store.devices()
+        result = await asyncio.to_thread(retire_site_ca, self.home, records, now=now)
+        await self._recommissioned(str(self.home.current.readlink()))
+        channel = self._require(self.channel)
+        for record in records:
+            if record.status == "registered":
+                topic = device_topic(DeviceId(record.device_id), ROLLOVER_LEVEL)
+                await channel.publish(topic, b"", retain=True)
+        await store.record_event(None, "rollover", f"retired {result.retired}")
+        return {"retired": result.retired, "key": result.key_name, "state": result.state_dir.name}
 
     async def send_command(self, device_id: DeviceId, data: bytes) -> str:
-        """Seal ``data`` with the current payload key and publish it to the device."""
-        keyring = self._require(self.keyring)
+        """Seal ``data`` with the payload key the device holds (the current one, or an older
+        one it has not yet replaced while that is in its grace period) and publish it."""
+        key = await self._require(self.keys).key_for(device_id)
         topic = device_topic(device_id, COMMAND_LEVEL)
-        await self._require(self.channel).publish(topic, seal_payload(keyring.current, topic, data))
+        await self._require(self.channel).publish(topic, seal_payload(key, topic, data))
         return topic
 
     # -- telemetry ----------------------------------------------------------------------------
@@ -838,16 +971,28 @@ class RegistrarApp:
             at=int(time.time()),
         )
 
-    def _telemetry_received(self, device: DeviceId, topic: str, payload: bytes) -> None:
-        keyring = self.keyring
-        if keyring is None:
+    def _telemetry_received(
+        self, device: DeviceId, topic: str, payload: bytes, retained: bool = False
+    ) -> None:
+        keyring, keys = self.keyring, self.keys
+        if keyring is None or keys is None:
             return
         try:
             plaintext = open_payload(keyring.keys, topic, payload)
-            kid = envelope_key_id(payload).hex()
+            key_id = envelope_key_id(payload)
         except PayloadError as exc:
             self._telemetry.rejected += 1
             log.info("telemetry of %s does not open: %s", device, exc)
+            return
+        kid = key_id.hex()
+        if not keys.check_telemetry(device, key_id, retained=retained):
+            self._telemetry.rejected += 1
+            self._telemetry.retired_key += 1
+            log.warning(
+                "telemetry of %s under retired payload key %s refused (grace period over)",
+                device,
+                kid,
+            )
             return
         self._telemetry.messages += 1
         self._telemetry.recent.append(
@@ -863,6 +1008,16 @@ class RegistrarApp:
     # -- background duties --------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        mosquitto = self._mosquitto
+        if mosquitto is not None and mosquitto.exited:
+            # Same ports and blocks; the site channel reconnects by itself and re-sends the
+            # payload-key updates the dead broker's retained messages held. A failed restart
+            # is retried at the next tick; spool commands are still answered meanwhile.
+            try:
+                if await mosquitto.revive():
+                    self._broker_restarts += 1
+            except (BrokerError, OSError) as exc:
+                log.error("could not restart mosquitto: %s", exc)
         target = str(self.home.current.readlink())
         if target != self._state_target:
             await self._recommissioned(target)
@@ -872,8 +1027,9 @@ class RegistrarApp:
 
     async def _recommissioned(self, target: str) -> None:
         """A new bundle was commissioned while running: new anchors, CRLs, manifest, HQ
-        list and payload keys for the registrar; the brokers re-read CA bundles and CRLs
-        (new station CAs are only admitted by the embedded broker after a restart)."""
+        list and payload keys for the registrar; the brokers re-read their certificate, CA
+        bundles and CRLs; a site CA rollover (activated or retired) switches the issuing
+        CA and the registrar's client certificate (used from its next reconnect)."""
         log.warning("site re-commissioned (%s -> %s): reloading", self._state_target, target)
         self._state_target = target
         site = await asyncio.to_thread(load_commissioned_site, self.home, self.secrets)
@@ -883,6 +1039,11 @@ class RegistrarApp:
         service = self._require(self.service)
         service.update_trust(verifier=self._verifier(site), admission=site.admission)
         service.use_payload_key(self.keyring.current)
+        # A site CA rollover activated or retired: new issuer, new client certificate.
+        validity = service.site_authority.ldevid_validity  # the site's LDevID policy
+        service.use_site_authority(_site_authority(site, validity))
+        if self.channel is not None:
+            self.channel.use_tls(_client_context(site, self.secrets.passphrase()))
         await self._require(self.broker).reload_crls()
         await self._enforce_list()
         await self._catch_up_key_updates()
@@ -943,6 +1104,10 @@ class RegistrarApp:
         if command == "rotate-payload-key":
             rotation = await self.rotate_payload_key()
             return {"key_id": rotation.key_id, "updates_published": rotation.updates_published}
+        if command == "migrate-ca":
+            return {"published": await self.migrate_ca()}
+        if command == "retire-ca":
+            return await self.retire_ca()
         if command == "send-command":
             if data is None:
                 raise ValueError("no command payload")
@@ -968,11 +1133,26 @@ class RegistrarApp:
         return True
 
     async def _crl_tick(self) -> None:
+        await self.retire_expired_ca()
         if await asyncio.to_thread(self.refresh_site_crl_if_due) and self.broker is not None:
             await self.broker.reload_crls()
         if self.superseded is not None and self.store is not None:
             await self.superseded.reconcile(self.store)
         self.check_crls()
+
+    async def retire_expired_ca(self, *, now: datetime | None = None) -> bool:
+        """A retiring site CA that has expired can have no live LDevID left (an LDevID
+        never outlives its CA): it is retired automatically, so nobody has to remember the
+        last step of a rollover before its CRL can no longer be signed."""
+        site = self.site
+        moment = datetime.now(UTC) if now is None else now
+        if site is None or site.retiring_ca_cert is None:
+            return False
+        if moment < site.retiring_ca_cert.not_valid_after_utc:
+            return False
+        log.warning("the retiring site CA has expired: retiring it now")
+        await self.retire_ca(now=moment)
+        return True
 
     def check_crls(self, *, now: datetime | None = None) -> list[str]:
         """Root and station CRLs come from HQ only (the registrar cannot re-sign them):
@@ -980,14 +1160,18 @@ class RegistrarApp:
         new site bundle is commissioned. Said loudly, every check."""
         now = datetime.now(UTC) if now is None else now
         alerts: list[str] = []
-        site_ca = self.site.site_ca_cert.subject if self.site is not None else None
+        own = set()
+        if self.site is not None:
+            own.add(self.site.site_ca_cert.subject)
+            if self.site.retiring_ca_cert is not None:
+                own.add(self.site.retiring_ca_cert.subject)
         try:
             crls = _crl_dates(self.home.current / "crls.pem")
         except (OSError, ValueError) as exc:
             alerts.append(f"CRL file unreadable: {exc}")
             crls = []
         for crl in crls:
-            if crl.issuer == site_ca:
+            if crl.issuer in own:  # the site's own CRLs: re-issued by this registrar
                 continue
             issuer = crl.issuer.rfc4514_string()
             next_update = crl.next_update_utc
@@ -1001,6 +1185,13 @@ class RegistrarApp:
                 alerts.append(
                     f"CRL of {issuer} runs out at {_iso(next_update)}: commission a new "
                     "site bundle from HQ before then"
+                )
+        if self.site is not None:
+            end = self.site.site_ca_cert.not_valid_after_utc
+            if end - now < SITE_CA_WARNING_MARGIN:
+                alerts.append(
+                    f"the site CA expires at {_iso(end)}: roll it over now (`registrar "
+                    "rollover-ca`, docs/site.md); new LDevIDs end with it"
                 )
         if self.revocations is not None and self.site is not None:
             # Offline tolerance (docs/site.md): warn from 2/3 of HQ's limit for this site,
@@ -1038,6 +1229,8 @@ class RegistrarApp:
             "started": round(self._started, 3),
             "updated": round(time.time(), 3),
             "broker": self.settings.broker,
+            "broker_pid": self._mosquitto.pid if self._mosquitto is not None else os.getpid(),
+            "broker_restarts": self._broker_restarts,
             "listeners": {
                 "registration": _endpoint_json(broker.registration_endpoint),
                 "operational": _endpoint_json(broker.operational_endpoint),
@@ -1052,9 +1245,25 @@ class RegistrarApp:
             "revocation_list_sequence": self.revocations.sequence if self.revocations else None,
             "hq_revocation_data": self._hq_data_status(),
             "site_crl_next_update": _iso(site_crl.next_update_utc),
+            "site_ca": {
+                "issuing": self.site.site_ca_cert.subject.rfc4514_string() if self.site else None,
+                "retiring": (
+                    self.site.retiring_ca_cert.subject.rfc4514_string()
+                    if self.site is not None and self.site.retiring_ca_cert is not None
+                    else None
+                ),
+            },
+            "payload_keys": await self.keys.rows() if self.keys is not None else [],
+            "payload_key_grace_s": self.home.config.payload_key_grace_s,
+            "key_updates": {
+                "sent": self.keys.updates_sent if self.keys is not None else 0,
+                "acks": self.keys.acks if self.keys is not None else 0,
+            },
+            "now": round(self._clock().timestamp(), 3),
             "telemetry": {
                 "messages": self._telemetry.messages,
                 "rejected": self._telemetry.rejected,
+                "retired_key": self._telemetry.retired_key,
                 "recent": list(self._telemetry.recent),
             },
             "alerts": list(self._alerts),

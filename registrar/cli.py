@@ -54,6 +54,29 @@ def _passphrase_option(f: F) -> F:
     )(f)
 
 
+def _grace(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """``--payload-key-grace``: 7d, 12h, 30m, 90s (or seconds) -> seconds."""
+    if value is None:
+        return None
+    from trustcore.errors import TrustCoreError
+    from trustcore.key_rotation import parse_grace
+
+    try:
+        return parse_grace(value)
+    except TrustCoreError as exc:
+        raise click.BadParameter(str(exc.args[0])) from exc
+
+
+def _grace_option(f: F) -> F:
+    return click.option(
+        "--payload-key-grace",
+        "grace_s",
+        callback=_grace,
+        help="How long telemetry under a superseded payload key is still accepted "
+        "(e.g. 7d, 12h; default 7d, at most 365d).",
+    )(f)
+
+
 def _fail(exc: RegistrarError, code: int = EXIT_ERROR) -> NoReturn:
     click.echo(f"error: {exc}", err=True)
     sys.exit(code)
@@ -77,6 +100,7 @@ def _fail(exc: RegistrarError, code: int = EXIT_ERROR) -> NoReturn:
     "--broker-name", "broker_names", multiple=True, help="Broker DNS name (default localhost)."
 )
 @click.option("--broker-ip", "broker_ips", multiple=True, help="Broker IP (default 127.0.0.1).")
+@_grace_option
 @_passphrase_option
 def init_command(
     home: Path,
@@ -85,10 +109,12 @@ def init_command(
     organization: str,
     broker_names: tuple[str, ...],
     broker_ips: tuple[str, ...],
+    grace_s: int | None,
     passphrase_file: Path | None,
 ) -> None:
     """Create the site CA and transport keys and the enrolment request for HQ."""
     from registrar.site import SiteSecrets, init_site
+    from trustcore.key_rotation import DEFAULT_GRACE_S
 
     if not broker_names and not broker_ips:
         broker_names, broker_ips = ("localhost",), ("127.0.0.1",)
@@ -101,6 +127,7 @@ def init_command(
             organization=organization,
             broker_names=broker_names,
             broker_ips=broker_ips,
+            payload_key_grace_s=DEFAULT_GRACE_S if grace_s is None else grace_s,
         )
     except RegistrarError as exc:
         _fail(exc)
@@ -114,6 +141,35 @@ def init_command(
         f"next: take the enrolment file to HQ (`hq site enrol`), bring back the site bundle "
         f"and run `registrar commission`"
     )
+
+
+@main.command("configure")
+@_home_option
+@_grace_option
+def configure_command(home: Path, grace_s: int | None) -> None:
+    """Change site settings in site.json (a running registrar applies them at its next
+    start). --payload-key-grace: how long an old payload key is accepted after rotation."""
+    from registrar.app import registrar_running
+    from registrar.site import configure_site
+
+    site = _open_site(home)
+    if grace_s is None:
+        click.echo(f"payload key grace: {_duration(site.config.payload_key_grace_s)}")
+        return
+    try:
+        site = configure_site(site, payload_key_grace_s=grace_s)
+    except RegistrarError as exc:
+        _fail(exc)
+    running = registrar_running(site)
+    note = " (the running registrar applies it at its next start)" if running else ""
+    click.echo(f"payload key grace: {_duration(site.config.payload_key_grace_s)}{note}")
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 # ---------------------------------------------------------------------------- commission
@@ -288,6 +344,8 @@ def _store_snapshot(site: SiteHome) -> dict[str, Any]:
             "registered": [],
             "revoked": [],
             "refused": [],
+            "key_periods": [],
+            "per_key": {},
         }
 
     async def read() -> dict[str, Any]:
@@ -301,11 +359,42 @@ def _store_snapshot(site: SiteHome) -> dict[str, Any]:
                 "registered": await store.events(10, "registered"),
                 "revoked": await store.events(10, "revoked"),
                 "refused": await store.events(10, "refused"),
+                "key_periods": await store.key_periods(),
+                "per_key": await store.devices_per_payload_key(),
             }
         finally:
             await store.close()
 
     return asyncio.run(read())
+
+
+def _payload_key_rows(site: SiteHome, snap: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per payload key: state and devices on it, from the store and the key file (key ids
+    only, nothing decrypted), for a site whose registrar is not running."""
+    import time
+
+    from registrar.key_distribution import key_rows
+    from registrar.payload_keys import listed_key_ids
+    from trustcore.key_rotation import KeyPeriod, KeySchedule
+
+    if not site.commissioned:
+        return []
+    try:
+        current, ids = listed_key_ids(site.payload_keys_path)
+    except RegistrarError:
+        return []
+    from trustcore.errors import TrustCoreError
+
+    try:
+        schedule = KeySchedule(
+            tuple(KeyPeriod(*p) for p in snap["key_periods"]), site.config.payload_key_grace_s
+        )
+        if current is not None:  # what a registrar starting now would record
+            schedule = schedule.with_current(current, int(time.time()))
+    except TrustCoreError as exc:
+        click.echo(f"warning: payload key periods unreadable: {exc}", err=True)
+        return []
+    return key_rows(schedule, ids, snap["per_key"], int(time.time()))
 
 
 def _when(ts: float | int | None) -> str:
@@ -337,6 +426,7 @@ def status_command(home: Path, as_json: bool) -> None:
     for record in devices:
         by_status[record.status] = by_status.get(record.status, 0) + 1
     state = site.commission_state() or {}
+    payload_keys = (running or {}).get("payload_keys") or _payload_key_rows(site, snap)
     doc = {
         "site_id": site.site_id.value,
         "commissioned": site.commissioned,
@@ -349,6 +439,8 @@ def status_command(home: Path, as_json: bool) -> None:
         "last_registrations": [asdict(e) for e in snap["registered"]],
         "last_revocations": [asdict(e) for e in snap["revoked"]],
         "last_refusals": [asdict(e) for e in snap["refused"]],
+        "payload_keys": payload_keys,
+        "payload_key_grace_s": site.config.payload_key_grace_s,
     }
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
@@ -366,6 +458,13 @@ def status_command(home: Path, as_json: bool) -> None:
             table.add_row(f"{name} listener", f"{ep['host']}:{ep['port']}")
         table.add_row("payload key", str(running.get("payload_key")))
         table.add_row("site CRL valid until", str(running.get("site_crl_next_update")))
+        site_ca = running.get("site_ca") or {}
+        if site_ca.get("issuing"):
+            retiring = site_ca.get("retiring")
+            table.add_row(
+                "site CA",
+                str(site_ca["issuing"]) + (f" (retiring: {retiring})" if retiring else ""),
+            )
         tele = running.get("telemetry", {})
         table.add_row(
             "telemetry", f"{tele.get('messages', 0)} decrypted, {tele.get('rejected', 0)} rejected"
@@ -385,6 +484,23 @@ def status_command(home: Path, as_json: bool) -> None:
     console.print(table)
     for alert in (running or {}).get("alerts", []):
         console.print(f"[bold red]ALERT[/] {alert}")
+    if payload_keys:
+        keys = Table(
+            title=f"payload keys (grace {_duration(site.config.payload_key_grace_s)})"
+        )
+        keys.add_column("key id", no_wrap=True)
+        for col in ("state", "superseded", "retires", "devices on it", "refused"):
+            keys.add_column(col)
+        for row in payload_keys:
+            keys.add_row(
+                row["key_id"],
+                row["state"],
+                _when(row["superseded_at"])[:16],
+                _when(row["retires_at"])[:16],
+                str(row["devices"]),
+                str(row.get("telemetry_refused") or 0),
+            )
+        console.print(keys)
     for title, events in (
         ("last registrations", snap["registered"]),
         ("last revocations", snap["revoked"]),
@@ -907,4 +1023,168 @@ def approve_command(home: Path, device_id: str) -> None:
     click.echo(
         f"{result['device_id']} approved{note}; "
         + ("the running registrar admits its next retry" if live else "admitted from now on")
+    )
+
+
+# ------------------------------------------------------------------------ site CA rollover
+
+
+@main.command("rollover-ca")
+@_home_option
+@_passphrase_option
+@click.option(
+    "--migrate-all",
+    "action",
+    flag_value="migrate",
+    help="Send a signed 'renew now' to every device still on the retiring CA (live only).",
+)
+@click.option(
+    "--retire",
+    "action",
+    flag_value="retire",
+    help="Stop trusting the retiring CA and destroy its key (refused while devices use it).",
+)
+@click.option("--status", "action", flag_value="status", help="Show the site CAs and devices.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Begin: also copy the rollover request here (for HQ).",
+)
+@click.option("--json", "as_json", is_flag=True)
+def rollover_ca_command(
+    home: Path, passphrase_file: Path | None, action: str | None, out: Path | None, as_json: bool
+) -> None:
+    """Roll the site CA over without downtime (docs/site.md, "Site CA rollover").
+
+    Without a flag: make the next site CA key and the request for HQ (`hq site rollover`);
+    the next site bundle carries the new CA and `registrar commission` activates it (new
+    LDevIDs come from it; both CAs are trusted). Then --migrate-all (or let devices renew),
+    and --retire. Exit 2: refused (e.g. ca_in_use, rollover_in_progress)."""
+    import json
+
+    from registrar.site import SiteSecrets
+
+    site = _open_site(home)
+    secrets = SiteSecrets(passphrase_file)
+    if action == "status":
+        _rollover_status(site, secrets, as_json)
+    elif action == "migrate":
+        _rollover_migrate(site, as_json)
+    elif action == "retire":
+        _rollover_retire(site, secrets, as_json)
+    else:
+        from registrar.rollover import begin_rollover
+
+        try:
+            begun = begin_rollover(site, secrets)
+            if out is not None:
+                from signers.software import write_private_file
+
+                write_private_file(out, begun.request_path.read_bytes())
+        except RegistrarError as exc:
+            if exc.reason in ("rollover_in_progress", "not_commissioned"):
+                _refused(exc)
+            _fail(exc)
+        except OSError as exc:
+            _fail(RegistrarError(f"cannot write {out}: {exc}", reason="io_error"))
+        if as_json:
+            doc = {
+                "status": begun.status,
+                "request": str(begun.request_path),
+                "key": begun.key_name,
+                "key_id": begun.key_id,
+            }
+            click.echo(json.dumps(doc, indent=2, sort_keys=True))
+            return
+        click.echo(
+            f"site CA rollover {begun.status}: next CA key {begun.key_name} ({begun.key_id})\n"
+            f"  request  {out or begun.request_path}\n"
+            "next: at HQ `hq site rollover REQUEST` and `hq site bundle --site "
+            f"{site.site_id} ...`; here `registrar commission BUNDLE`"
+        )
+
+
+def _rollover_records(site: SiteHome, secrets: Any) -> list[Any]:
+    """The store's device records (read while a registrar runs, too)."""
+    del secrets
+    return list(_store_snapshot(site)["devices"])
+
+
+def _rollover_status(site: SiteHome, secrets: Any, as_json: bool) -> None:
+    import json
+
+    from registrar.rollover import rollover_status
+
+    try:
+        doc = rollover_status(site, _rollover_records(site, secrets))
+    except RegistrarError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    issuing, retiring = doc["issuing"], doc["retiring"]
+    cert = issuing["certificate"] or {}
+    click.echo(
+        f"issuing CA   {cert.get('subject')} (key {issuing['key']}, until "
+        f"{cert.get('not_after')}): {doc['devices_on_issuing']} device(s)"
+    )
+    if retiring is not None:
+        old = retiring["certificate"] or {}
+        click.echo(
+            f"retiring CA  {old.get('subject')} (key {retiring['key']}): "
+            f"{doc['devices_on_retiring']} device(s) still on it"
+            + (f" ({', '.join(doc['retiring_dependents'])})" if doc["retiring_dependents"] else "")
+        )
+    if doc["pending_key"]:
+        click.echo(f"pending      next key {doc['pending_key']}: waiting for HQ's certificate")
+
+
+def _rollover_migrate(site: SiteHome, as_json: bool) -> None:
+    import json
+
+    from registrar.app import registrar_running, submit_command
+
+    if not registrar_running(site):
+        _fail(
+            RegistrarError(
+                "no registrar is running: --migrate-all publishes to devices through it",
+                reason="not_running",
+            )
+        )
+    answer = submit_command(site, "migrate-ca", {}, timeout=60)
+    if answer is None:
+        _fail(RegistrarError("the running registrar did not answer", reason="timeout"))
+    if not answer.get("ok"):
+        click.echo(f"REFUSED ({answer.get('reason')}): {answer.get('error')}", err=True)
+        sys.exit(EXIT_REFUSED)
+    if as_json:
+        click.echo(json.dumps(answer["result"], indent=2, sort_keys=True))
+        return
+    click.echo(
+        f"renew-now sent to {answer['result']['published']} device(s) on the retiring CA; "
+        "`registrar rollover-ca --status` shows who is still on it"
+    )
+
+
+def _rollover_retire(site: SiteHome, secrets: Any, as_json: bool) -> None:
+    import json
+
+    from registrar.rollover import retire_site_ca
+
+    def offline() -> dict[str, Any]:
+        result = retire_site_ca(site, _rollover_records(site, secrets))
+        return {"retired": result.retired, "key": result.key_name, "state": result.state_dir.name}
+
+    try:
+        result, live = _live_or_offline(site, "retire-ca", {}, offline, timeout=30)
+    except RegistrarError as exc:
+        if exc.reason in ("ca_in_use", "nothing_to_retire"):
+            _refused(exc)
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({**result, "live": live}, indent=2, sort_keys=True))
+        return
+    click.echo(
+        f"retired {result['retired']}: no longer trusted, key {result['key']} destroyed"
+        + ("; brokers reloaded" if live else "")
     )

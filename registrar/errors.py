@@ -7,6 +7,7 @@
     ├── CommissionError      a site bundle was refused (``reason`` says why)
     ├── BrokerError          the broker could not be started, reloaded or commanded
     ├── StoreError           the registrar database failed
+    ├── RolloverError        a site CA rollover step was refused (``ca_in_use``, ...)
     └── RegistrationRefused  one device's registration was refused (``reason`` is the public
                              reason code sent to the device; details go to the log only)
 """
@@ -34,6 +35,10 @@ class BrokerError(RegistrarError):
 
 class StoreError(RegistrarError):
     reason = "store_failed"
+
+
+class RolloverError(RegistrarError):
+    reason = "rollover_refused"
 
 
 class RegistrationRefused(RegistrarError):

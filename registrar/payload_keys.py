@@ -31,7 +31,7 @@ from trustcore.hpke import open_, seal
 from trustcore.keys import KeyAgreement
 from trustcore.payload import KEY_ID_LENGTH, PayloadKey
 
-__all__ = ["PayloadKeyStore", "PayloadKeyring"]
+__all__ = ["PayloadKeyStore", "PayloadKeyring", "listed_key_ids"]
 
 _AT_REST_INFO = "devtrust/payload-key-at-rest/v1"
 _MAX_FILE = 1024 * 1024
@@ -49,6 +49,29 @@ def _info(kid: bytes) -> bytes:
     return cbor.encode([_AT_REST_INFO, kid])
 
 
+def _read_file(path: Path) -> tuple[bytes | None, list[dict[str, object]]]:
+    if not path.exists():
+        return None, []
+    try:
+        doc = cbor.map_of(cbor.decode(path.read_bytes(), max_size=_MAX_FILE), "keys")
+        cbor.expect_keys(doc, {"v", "current", "keys"}, what="payload key file")
+        if cbor.field(doc, "v", int) != 1:
+            raise EncodingError("unknown payload key file version")
+        current = cbor.field(doc, "current", bytes, size=KEY_ID_LENGTH)
+        entries = [cbor.map_of(e, "key entry") for e in cbor.field(doc, "keys", list)]
+    except (EncodingError, OSError) as exc:
+        raise ConfigError(f"payload key file {path} is unreadable: {exc}") from exc
+    return current, entries
+
+
+def listed_key_ids(path: Path | str) -> tuple[bytes | None, list[bytes]]:
+    """The current key id and every stored key id, read without decrypting anything (key
+    ids are not secret): for ``registrar status`` without the site passphrase."""
+    current, entries = _read_file(Path(path))
+    ids = [e["key_id"] for e in entries if isinstance(e.get("key_id"), bytes)]
+    return current, [bytes(i) for i in ids if isinstance(i, bytes)]
+
+
 class PayloadKeyStore:
     def __init__(self, path: Path | str, transport: KeyAgreement) -> None:
         self.path = Path(path)
@@ -58,18 +81,7 @@ class PayloadKeyStore:
         return self.path.exists()
 
     def _read(self) -> tuple[bytes | None, list[dict[str, object]]]:
-        if not self.path.exists():
-            return None, []
-        try:
-            doc = cbor.map_of(cbor.decode(self.path.read_bytes(), max_size=_MAX_FILE), "keys")
-            cbor.expect_keys(doc, {"v", "current", "keys"}, what="payload key file")
-            if cbor.field(doc, "v", int) != 1:
-                raise EncodingError("unknown payload key file version")
-            current = cbor.field(doc, "current", bytes, size=KEY_ID_LENGTH)
-            entries = [cbor.map_of(e, "key entry") for e in cbor.field(doc, "keys", list)]
-        except (EncodingError, OSError) as exc:
-            raise ConfigError(f"payload key file {self.path} is unreadable: {exc}") from exc
-        return current, entries
+        return _read_file(self.path)
 
     def load(self) -> PayloadKeyring:
         """Decrypt every key with the transport key (``ConfigError`` if any fails)."""

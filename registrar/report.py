@@ -23,7 +23,7 @@ from cryptography import x509
 
 from registrar.app import store_path
 from registrar.errors import ConfigError, RegistrarError
-from registrar.site import SiteHome, SiteSecrets
+from registrar.site import SiteHome, SiteSecrets, issuing_ca_key
 from trustcore.errors import InvalidValueError
 from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.site_report import SeenCertificate, SiteRegistration, SiteReport, seal_site_report
@@ -139,7 +139,7 @@ def write_site_report(
     if not home.commissioned:
         raise ConfigError("the site is not commissioned: run `registrar commission` first")
     moment = int(time.time()) if now is None else now
-    key = home.key("site-ca", secrets)
+    key = issuing_ca_key(home, secrets)
     try:
         cert = x509.load_pem_x509_certificate((home.current / "site-ca.pem").read_bytes())
     except (OSError, ValueError) as exc:

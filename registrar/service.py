@@ -68,7 +68,6 @@ from trustcore.registration import (
     RegistrationRequest,
     VerifiedRegistration,
     build_error_response,
-    build_key_update,
     decide_admission,
     issue_ldevid,
     issue_registration,
@@ -82,7 +81,7 @@ from trustcore.renewal import (
     parse_renewal_request,
     verify_renewal,
 )
-from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
+from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX
 from trustcore.verify import ChainVerifier
 
 __all__ = [
@@ -128,9 +127,25 @@ class SiteAuthority:
     organization: str
     ldevid_validity: timedelta = timedelta(days=365)
 
+    #: a site CA rollover overlap: the retiring CA(s) and their keys. They issue nothing
+    #: new; they still sign what a device on one of their LDevIDs must verify with the site
+    #: CA it knows (payload-key updates, "renew now").
+    retiring: tuple[tuple[x509.Certificate, Signer], ...] = ()
+
     @property
     def der(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.DER)
+
+    def signer_for(self, ldevid_der: bytes) -> Signer:
+        """The key of the site CA that issued ``ldevid_der`` (the issuing CA's otherwise)."""
+        try:
+            issuer = x509.load_der_x509_certificate(ldevid_der).issuer
+        except ValueError:
+            return self.signer
+        for cert, signer in self.retiring:
+            if cert.subject == issuer:
+                return signer
+        return self.signer
 
 
 class RegistrationService:
@@ -181,6 +196,17 @@ class RegistrationService:
         return (self.issuing_authority().certificate, *self.previous_site_cas)
 
     # -- configuration that changes at run time ------------------------------------------
+
+    @property
+    def site_authority(self) -> SiteAuthority:
+        return self._site
+
+    def use_site_authority(self, site: SiteAuthority) -> None:
+        """A site CA rollover was activated (or its old CA retired): new LDevIDs and signed
+        responses come from ``site`` from the next request on."""
+        self._site = site
+        self._site_der = site.der
+        self.previous_site_cas = tuple(cert for cert, _ in site.retiring)
 
     def update_trust(
         self, *, verifier: ChainVerifier | None = None, admission: Admission | None = None
@@ -592,29 +618,7 @@ class RegistrationService:
         )
 
     # -- payload-key rotation ----------------------------------------------------------------
-
-    async def key_updates(self, new_key: PayloadKey) -> list[tuple[str, bytes]]:
-        """(topic, message) per registered device: ``new_key`` wrapped to its ECDH key.
-
-        The caller publishes them retained with QoS 1 (a device offline now gets its update
-        when it reconnects) and then :meth:`use_payload_key` for new registrations."""
-        issued = int(self._clock().timestamp())
-        out: list[tuple[str, bytes]] = []
-        for record in await self._store.devices():
-            if record.status != "registered":
-                continue
-            device = DeviceId(record.device_id)
-            wrap = serialization.load_der_public_key(record.wrap_key_der)
-            message = build_key_update(
-                device_id=device,
-                wrap_key=wrap,  # type: ignore[arg-type]
-                payload_key=new_key,
-                issued=issued,
-                site_signer=self._site.signer,
-            )
-            out.append((device_topic(device, KEY_UPDATE_LEVEL), message))
-            await self._store.set_payload_key(device, new_key.key_id)
-        return out
+    # Updates to registered devices are built and tracked by registrar.key_distribution.
 
     def use_payload_key(self, key: PayloadKey) -> None:
         self.payload_key = key

@@ -6,10 +6,14 @@ Layout (see ``docs/site.md``)::
       site.json                      site id, organisation, broker names (strict JSON)
       certs/root-ca.pem              the manufacturer root, pinned at init (--root)
       keys/site-ca.key.pem           site CA key          (PKCS#8, encrypted, 0600)
+      keys/site-ca-g2.key.pem        a later site CA key (rollover, ``registrar rollover-ca``);
+                                     commission.json names the issuing and retiring keys
       keys/transport.key.pem         site transport key   (ECDH: opens bundles, payload keys)
       keys/broker.key.pem            broker TLS key       (made at the first commission)
       keys/registrar-client.key.pem  the registrar's own MQTT client key
       enrolment.cbor                 the site enrolment request to carry to HQ
+      rollover.json                  a rollover in progress: the next key, not yet activated
+      rollover-request.cbor          its request to carry to HQ (``hq site rollover``)
       current -> state-000003        symlink to the commissioned state, swapped atomically
       state-000003/
         commission.json              bundle sequence, digest, times, revocation list sequence
@@ -20,6 +24,8 @@ Layout (see ``docs/site.md``)::
         operational-cas.pem          site CA (operational listener)
         crls.pem                     root CRL + station CRLs + site CA CRL (PEM)
         site-crl.pem                 the site CA CRL alone (re-issued by the registrar)
+        retiring-ca.pem              during a site CA rollover: the previous site CA
+        retiring-crl.pem             ... and its CRL (same entries, kept fresh too)
         manifest.cbor                manifest and admission rules
         revocation-list.sealed       the HQ revocation list as received (signed)
         revocation-list.cbor         its verified content
@@ -35,6 +41,7 @@ previous state exactly as it was. Secrets: the keystore passphrase comes from
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -65,6 +72,7 @@ from trustcore.crl import RevokedEntry, build_crl, verify_crl
 from trustcore.csr import build_csr
 from trustcore.errors import CrlError, EncodingError, InvalidValueError, TrustCoreError
 from trustcore.identity import CertSerial, SiteId
+from trustcore.key_rotation import DEFAULT_GRACE_S, MAX_GRACE_S
 from trustcore.keys import key_id
 from trustcore.messages import SiteEnrolment
 from trustcore.profiles import (
@@ -96,7 +104,9 @@ __all__ = [
     "broker_settings",
     "broker_tls",
     "commission_site",
+    "configure_site",
     "init_site",
+    "issuing_ca_key",
     "load_commissioned_site",
     "read_crls",
     "reissue_site_crl",
@@ -112,6 +122,9 @@ SITE_CRL_VALIDITY = timedelta(days=7)
 SERVICE_CERT_VALIDITY = timedelta(days=365)
 BACKDATE = timedelta(minutes=5)
 _STATE_PREFIX = "state-"
+#: Keystore name of the first site CA key (``registrar init``); later keys are named by
+#: ``registrar rollover-ca`` and recorded in ``commission.json``.
+SITE_CA_KEY = "site-ca"
 
 
 def _now(now: datetime | None) -> datetime:
@@ -142,7 +155,8 @@ class SiteSecrets:
 
 @dataclass(frozen=True)
 class SiteConfig:
-    """``site.json``: strict (unknown or missing keys are errors)."""
+    """``site.json``: strict (unknown or missing keys are errors; ``payload_key_grace_s``
+    may be absent in files written before it existed: 7 days)."""
 
     site_id: SiteId
     organization: str
@@ -150,6 +164,14 @@ class SiteConfig:
     broker_names: tuple[str, ...]
     broker_ips: tuple[str, ...]
     version: int = CONFIG_VERSION
+    #: Telemetry under a payload key is accepted this long after the key was superseded.
+    payload_key_grace_s: int = DEFAULT_GRACE_S
+
+    def __post_init__(self) -> None:
+        if type(self.payload_key_grace_s) is not int or not (
+            0 <= self.payload_key_grace_s <= MAX_GRACE_S
+        ):
+            raise ConfigError(f"payload_key_grace_s must be 0..{MAX_GRACE_S} seconds")
 
     def to_json(self) -> str:
         data = {
@@ -159,6 +181,7 @@ class SiteConfig:
             "created": self.created,
             "broker_names": list(self.broker_names),
             "broker_ips": list(self.broker_ips),
+            "payload_key_grace_s": self.payload_key_grace_s,
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -167,7 +190,8 @@ class SiteConfig:
         try:
             data = json.loads(text)
             keys = {"version", "site_id", "organization", "created", "broker_names", "broker_ips"}
-            if not isinstance(data, dict) or set(data) != keys:
+            optional = {"payload_key_grace_s"}
+            if not isinstance(data, dict) or not keys <= set(data) <= keys | optional:
                 raise ValueError("unexpected keys")
             if data["version"] != CONFIG_VERSION:
                 raise ValueError(f"unsupported version {data['version']!r}")
@@ -182,6 +206,7 @@ class SiteConfig:
                 data["created"],
                 tuple(names),
                 tuple(ips),
+                payload_key_grace_s=data.get("payload_key_grace_s", DEFAULT_GRACE_S),
             )
         except (ValueError, TypeError, InvalidValueError) as exc:
             raise ConfigError(f"site.json is invalid: {exc}") from exc
@@ -250,6 +275,33 @@ class SiteHome:
         except SignerError as exc:
             raise ConfigError(f"cannot open the {name} key: {exc}", reason="bad_secret") from exc
 
+    @property
+    def rollover_path(self) -> Path:
+        """``rollover.json``: a site CA rollover begun and not yet activated."""
+        return self.path / "rollover.json"
+
+    def pending_rollover_key(self) -> str | None:
+        """The keystore name of the next site CA key of a rollover in progress, if any."""
+        if not self.rollover_path.is_file():
+            return None
+        try:
+            data = json.loads(self.rollover_path.read_text(encoding="utf-8"))
+            name = data["key"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{self.rollover_path} is unreadable: {exc}") from exc
+        if not isinstance(name, str) or not name.startswith(SITE_CA_KEY):
+            raise ConfigError(f"{self.rollover_path} names no site CA key")
+        return name
+
+    def ca_key_names(self) -> tuple[str, str | None]:
+        """(issuing, retiring) site CA keystore names of the commissioned state."""
+        state = self.commission_state() or {}
+        issuing = state.get("site_ca_key", SITE_CA_KEY)
+        retiring = state.get("retiring_ca_key")
+        if not isinstance(issuing, str) or not (retiring is None or isinstance(retiring, str)):
+            raise ConfigError("commission.json names no usable site CA key")
+        return issuing, retiring
+
     def commission_state(self) -> dict[str, Any] | None:
         path = self.current / "commission.json"
         if not path.is_file():
@@ -261,6 +313,13 @@ class SiteHome:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} is not a JSON object")
         return data
+
+
+def issuing_ca_key(home: SiteHome, secrets: SiteSecrets) -> SoftwareKey:
+    """THE current issuing site CA key (the one state-wide answer to "which CA signs new
+    LDevIDs, the broker and registrar certificates, site CRLs and site reports"); its
+    certificate is ``current/site-ca.pem``. Changes only when a rollover is activated."""
+    return home.key(home.ca_key_names()[0], secrets)
 
 
 # ----------------------------------------------------------------------------------- init
@@ -298,6 +357,7 @@ def init_site(
     broker_names: tuple[str, ...] = ("localhost",),
     broker_ips: tuple[str, ...] = ("127.0.0.1",),
     now: datetime | None = None,
+    payload_key_grace_s: int = DEFAULT_GRACE_S,
 ) -> SiteInitResult:
     """Create a site home: pin the root, make the site CA and transport keys (encrypted
     keystore) and write the enrolment request. Never overwrites; all-or-nothing (built in a
@@ -331,7 +391,14 @@ def init_site(
         csr = build_csr(ca, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, sid.value)]))
         request = SiteEnrolment.create(sid, csr, ca, transport.public_key())
         (build / "enrolment.cbor").write_bytes(request.encode())
-        config = SiteConfig(sid, org, int(moment.timestamp()), broker_names, broker_ips)
+        config = SiteConfig(
+            sid,
+            org,
+            int(moment.timestamp()),
+            broker_names,
+            broker_ips,
+            payload_key_grace_s=payload_key_grace_s,
+        )
         (build / "site.json").write_text(config.to_json(), encoding="utf-8")
         try:
             build.rename(target)
@@ -348,6 +415,16 @@ def init_site(
         key_id(transport.public_key()).hex(),
         hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).hexdigest(),
     )
+
+
+def configure_site(home: SiteHome, *, payload_key_grace_s: int | None = None) -> SiteHome:
+    """Change settings in ``site.json`` (atomically); the returned home carries them. A
+    running registrar reads them at its next start."""
+    config = home.config
+    if payload_key_grace_s is not None:
+        config = dataclasses.replace(config, payload_key_grace_s=payload_key_grace_s)
+    write_private_file(home.path / "site.json", config.to_json().encode(), overwrite=True)
+    return SiteHome(home.path, config)
 
 
 # ----------------------------------------------------------------------------- commission
@@ -455,6 +532,25 @@ def _service_validity(site_ca: x509.Certificate, moment: datetime) -> tuple[date
     return start, end
 
 
+@dataclass(frozen=True)
+class _SiteCas:
+    """The site CAs a new state is written with: the issuing one (the bundle's) and, during
+    a rollover overlap, the retiring one (still trusted, its CRL still kept fresh)."""
+
+    issuing_name: str
+    retiring: tuple[str, SoftwareKey, x509.Certificate] | None = None
+    #: the certificate the current ``site-crl.pem`` is verified with (None: bundle's CA)
+    previous_crl_issuer: x509.Certificate | None = None
+
+
+def _current_cert(home: SiteHome, name: str) -> x509.Certificate:
+    path = home.current / name
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"the commissioned state is damaged ({path}): {exc}") from exc
+
+
 def _write_state(
     home: SiteHome,
     verified: VerifiedSiteBundle,
@@ -463,8 +559,10 @@ def _write_state(
     transport: SoftwareKey,
     passphrase: bytes,
     moment: datetime,
+    cas: _SiteCas | None = None,
 ) -> Path:
     """Build the state directory for ``verified`` beside the current one; return it."""
+    cas = cas or _SiteCas(SITE_CA_KEY)
     site_ca = verified.site_ca_cert
     org = home.config.organization
     broker_key = _ensure_key(home, "broker", passphrase)
@@ -489,8 +587,18 @@ def _write_state(
         not_before=start,
         not_after=end,
     )
-    entries, number = _previous_site_crl(home, site_ca)
+    entries, number = _previous_site_crl(home, cas.previous_crl_issuer or site_ca)
     site_crl = _sign_site_crl(site_ca, site_key, entries, number + 1, moment)
+    # During a rollover overlap every site CA lists every serial the site revoked (one
+    # entry list, one CRL number, each CA signs its own copy).
+    retiring_files: dict[str, bytes] = {}
+    retiring_crls: tuple[x509.CertificateRevocationList, ...] = ()
+    retiring_cas: tuple[x509.Certificate, ...] = ()
+    if cas.retiring is not None:
+        _, old_key, old_cert = cas.retiring
+        old_crl = _sign_site_crl(old_cert, old_key, entries, number + 1, moment)
+        retiring_files = {"retiring-ca.pem": _pem(old_cert), "retiring-crl.pem": _crl_pem(old_crl)}
+        retiring_crls, retiring_cas = (old_crl,), (old_cert,)
 
     staging = home.path / f".{_STATE_PREFIX}{verified.sequence:06d}.{_random.token_hex(4)}"
     staging.mkdir(mode=0o700)
@@ -502,11 +610,13 @@ def _write_state(
             "registration-cas.pem": b"".join(
                 _pem(c) for c in (home.root_certificate(), *verified.station_cas)
             ),
-            "operational-cas.pem": _pem(site_ca),
+            "operational-cas.pem": b"".join(_pem(c) for c in (site_ca, *retiring_cas)),
             "crls.pem": b"".join(
-                _crl_pem(c) for c in (verified.root_crl, *verified.station_crls, site_crl)
+                _crl_pem(c)
+                for c in (verified.root_crl, *verified.station_crls, site_crl, *retiring_crls)
             ),
             "site-crl.pem": _crl_pem(site_crl),
+            **retiring_files,
             "manifest.cbor": cbor.encode(
                 {
                     "v": 1,
@@ -542,8 +652,11 @@ def _write_state(
             "commissioned_at": int(moment.timestamp()),
             "revocation_list_sequence": verified.revocations.sequence,
             "site_crl_number": number + 1,
+            "site_ca_key": cas.issuing_name,
             "max_offline_days": verified.payload.max_offline_days,
         }
+        if cas.retiring is not None:
+            state["retiring_ca_key"] = cas.retiring[0]
         write_private_file(
             staging / "commission.json",
             (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(),
@@ -575,6 +688,30 @@ def _switch_current(home: SiteHome, state_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _state_cas(home: SiteHome, secrets: SiteSecrets, *, activation: bool) -> _SiteCas:
+    """Which site CAs the next state carries: on activation the pending key issues and the
+    current issuing CA retires; otherwise the current ones carry forward."""
+    issuing, retiring = home.ca_key_names()
+    if not home.commissioned:
+        return _SiteCas(issuing)
+    if activation:
+        pending = home.pending_rollover_key()
+        assert pending is not None
+        if retiring is not None:
+            raise CommissionError(
+                "a previous rollover is still in its overlap: retire its CA first "
+                "(`registrar rollover-ca --retire`)",
+                reason="rollover_in_progress",
+            )
+        old_cert = _current_cert(home, "site-ca.pem")
+        return _SiteCas(pending, (issuing, home.key(issuing, secrets), old_cert), old_cert)
+    if retiring is None:
+        return _SiteCas(issuing)
+    return _SiteCas(
+        issuing, (retiring, home.key(retiring, secrets), _current_cert(home, "retiring-ca.pem"))
+    )
+
+
 def commission_site(
     home: SiteHome, package: bytes, secrets: SiteSecrets, *, now: datetime | None = None
 ) -> CommissionResult:
@@ -588,10 +725,9 @@ def commission_site(
     from registrar.revocation import revocation_lock
 
     passphrase = secrets.passphrase()
-    site_key = home.key("site-ca", secrets)
     transport = home.key("transport", secrets)
 
-    def verify(state: dict[str, Any] | None) -> VerifiedSiteBundle:
+    def verify_with(state: dict[str, Any] | None, site_key: SoftwareKey) -> VerifiedSiteBundle:
         try:
             return verify_site_bundle(
                 package,
@@ -608,6 +744,25 @@ def commission_site(
         except SiteBundleError as exc:
             raise CommissionError(str(exc.args[0]), reason=exc.reason) from exc
 
+    # The bundle's site CA is either the issuing one, or (a rollover being activated) the
+    # certificate HQ issued for the pending next key (``registrar rollover-ca``).
+    activation = False
+    site_key = issuing_ca_key(home, secrets)
+
+    def verify(state: dict[str, Any] | None) -> VerifiedSiteBundle:
+        nonlocal activation, site_key
+        activation, site_key = False, issuing_ca_key(home, secrets)
+        try:
+            return verify_with(state, site_key)
+        except CommissionError as exc:
+            pending = home.pending_rollover_key()
+            if exc.reason != "wrong_site_key" or pending is None:
+                raise
+            next_key = home.key(pending, secrets)
+            verified = verify_with(state, next_key)
+            activation, site_key = True, next_key
+            return verified
+
     state = home.commission_state()
     verified = verify(state)  # a refused bundle changes nothing, not even the lock file
     # Writing and switching happen under the lock every writer of the site CRL and the
@@ -619,14 +774,25 @@ def commission_site(
         fresh = home.commission_state()
         if fresh != state:  # changed since the check: check again against it
             verified = verify(fresh)
+        cas = _state_cas(home, secrets, activation=activation)
         try:
             state_dir = _write_state(
-                home, verified, package, site_key, transport, passphrase, moment
+                home, verified, package, site_key, transport, passphrase, moment, cas
             )
             _switch_current(home, state_dir)
         except (OSError, SignerError, TrustCoreError) as exc:
             raise ConfigError(f"cannot write the site state: {exc}") from exc
-    warnings: list[str] = []
+        if activation:
+            home.rollover_path.unlink(missing_ok=True)
+    if activation:
+        warnings_prefix: tuple[str, ...] = (
+            f"site CA rolled over to {verified.site_ca_cert.subject.rfc4514_string()}: new "
+            "LDevIDs come from it; the previous CA stays trusted until `registrar rollover-ca "
+            "--retire` (move devices with `--migrate-all` or at their next renewal)",
+        )
+    else:
+        warnings_prefix = ()
+    warnings: list[str] = list(warnings_prefix)
     for station in verified.stations_without_crl:
         warnings.append(
             f"no CRL for station {station}: the registration listener refuses its devices "
@@ -674,7 +840,7 @@ def reissue_site_crl(
     if not home.commissioned:
         raise ConfigError("the site is not commissioned yet")
     moment = _now(now)
-    site_key = home.key("site-ca", secrets)
+    site_key = issuing_ca_key(home, secrets)
     site_ca = x509.load_pem_x509_certificate((home.current / "site-ca.pem").read_bytes())
     entries, number = _previous_site_crl(home, site_ca)
     known = {e.serial.value for e in entries}
@@ -683,14 +849,28 @@ def reissue_site_crl(
             known.add(entry.serial.value)
             entries.append(entry)
     crl = _sign_site_crl(site_ca, site_key, entries, number + 1, moment)
+    # A rollover overlap: the retiring CA's CRL gets the same entries (it may have issued
+    # any serial being revoked) and stays as fresh as the issuing one.
+    retiring = home.ca_key_names()[1]
+    own = [crl]
+    if retiring is not None:
+        old_cert = _current_cert(home, "retiring-ca.pem")
+        if moment < old_cert.not_valid_after_utc:
+            key = home.key(retiring, secrets)
+            own.append(_sign_site_crl(old_cert, key, entries, number + 1, moment))
+        else:  # expired: nothing of it verifies any more; ``registrar run`` retires it
+            own.append(x509.load_pem_x509_crl((home.current / "retiring-crl.pem").read_bytes()))
+    subjects = {c.issuer for c in own}
     others = [
         c
         for c in _load_pem_crls((home.current / "crls.pem").read_bytes())
-        if c.issuer != site_ca.subject
+        if c.issuer not in subjects
     ]
     write_private_file(
-        home.current / "crls.pem", b"".join(_crl_pem(c) for c in (*others, crl)), overwrite=True
+        home.current / "crls.pem", b"".join(_crl_pem(c) for c in (*others, *own)), overwrite=True
     )
+    if retiring is not None:
+        write_private_file(home.current / "retiring-crl.pem", _crl_pem(own[1]), overwrite=True)
     write_private_file(home.current / "site-crl.pem", _crl_pem(crl), overwrite=True)
     return crl
 
@@ -753,6 +933,9 @@ class CommissionedSite:
     client_cert: Path  # registrar MQTT client certificate + site CA (PEM)
     client_key: Path  # encrypted PKCS#8; the passphrase is the site keystore passphrase
     tls: BrokerTls
+    #: during a site CA rollover overlap: the previous CA (still trusted) and its key
+    retiring_ca_cert: x509.Certificate | None = None
+    retiring_ca_key: SoftwareKey | None = None
     #: HQ's offline limit for this site (bundle ``max_offline_days``; 30 for older states).
     max_offline_days: int = 30
 
@@ -782,9 +965,14 @@ def load_commissioned_site(home: SiteHome, secrets: SiteSecrets) -> Commissioned
     if not home.commissioned:
         raise ConfigError("the site is not commissioned: run `registrar commission` first")
     state = home.current.resolve()
-    site_key = home.key("site-ca", secrets)
+    issuing, retiring = home.ca_key_names()
+    site_key = home.key(issuing, secrets)
     transport = home.key("transport", secrets)
+    retiring_cert = retiring_key = None
     try:
+        if retiring is not None:
+            retiring_key = home.key(retiring, secrets)
+            retiring_cert = x509.load_pem_x509_certificate((state / "retiring-ca.pem").read_bytes())
         site_ca = x509.load_pem_x509_certificate((state / "site-ca.pem").read_bytes())
         cas = x509.load_pem_x509_certificates((state / "registration-cas.pem").read_bytes())
         crls = _load_pem_crls((state / "crls.pem").read_bytes())
@@ -792,7 +980,13 @@ def load_commissioned_site(home: SiteHome, secrets: SiteSecrets) -> Commissioned
     except (OSError, ValueError, EncodingError) as exc:
         raise ConfigError(f"the commissioned state {state} is damaged: {exc}") from exc
     if site_ca.public_key() != site_key.public_key():
-        raise ConfigError("the site CA certificate does not match keys/site-ca.key.pem")
+        raise ConfigError(f"the site CA certificate does not match keys/{issuing}.key.pem")
+    if (
+        retiring_cert is not None
+        and retiring_key is not None
+        and retiring_cert.public_key() != retiring_key.public_key()
+    ):
+        raise ConfigError(f"the retiring site CA does not match keys/{retiring}.key.pem")
     root = home.root_certificate()
     manifest, rules = _read_manifest(state / "manifest.cbor")
     admission = Admission(
@@ -815,5 +1009,7 @@ def load_commissioned_site(home: SiteHome, secrets: SiteSecrets) -> Commissioned
         client_cert=state / "registrar-client.pem",
         client_key=home.key_path("registrar-client"),
         tls=broker_tls(home, secrets),
+        retiring_ca_cert=retiring_cert,
+        retiring_ca_key=retiring_key,
         max_offline_days=int((home.commission_state() or {}).get("max_offline_days", 30)),
     )

@@ -26,7 +26,11 @@ input to the site CRL), ``events`` (audit trail for ``registrar status``), ``pen
 (every chain-valid factory certificate seen in a registration request, first sighting kept:
 the evidence of ``registrar report``), ``certificates`` (schema 2: every LDevID ever issued,
 per device, with its kind — registration or renewal — and its issued, notAfter, superseded
-and revoked times: the chain that ``registrar devices --certificates`` shows).
+and revoked times: the chain that ``registrar devices --certificates`` shows),
+``payload_key_periods`` (when each payload key was current here: the grace period counts
+from there) and ``key_offers`` (the last payload-key update sent to each device;
+``devices.payload_key_id`` is the key the device *acknowledged*, see
+:mod:`registrar.key_distribution`; both tables are created at open, in any schema version).
 
 Schema versions: 1 (initial); 2 adds ``certificates``. Opening a version-1 database migrates
 it in one transaction (the table is filled from ``devices`` and ``superseded``; times not
@@ -137,6 +141,24 @@ CREATE TABLE IF NOT EXISTS factory_certs (
     der BLOB NOT NULL,
     first_seen INTEGER NOT NULL,
     PRIMARY KEY (station_id, serial)
+);
+"""
+
+#: Payload-key rotation (``registrar.key_distribution``): created at open, also in old files.
+_KEY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS payload_key_periods (
+    key_id BLOB PRIMARY KEY,
+    current_from INTEGER NOT NULL,
+    superseded_at INTEGER
+);
+-- registrar status counts devices per acknowledged key every 0.5 s: a covering index
+-- (100,000 devices: about 10 ms instead of 50 ms)
+CREATE INDEX IF NOT EXISTS devices_by_payload_key ON devices (status, payload_key_id);
+CREATE TABLE IF NOT EXISTS key_offers (
+    device_id TEXT PRIMARY KEY,
+    key_id BLOB NOT NULL,
+    issued INTEGER NOT NULL,
+    offered_at INTEGER NOT NULL
 );
 """
 
@@ -400,6 +422,7 @@ class Store:
             await writer.execute("PRAGMA synchronous=FULL")
             await writer.execute("PRAGMA foreign_keys=ON")
             await writer.executescript(_SCHEMA)
+            await writer.executescript(_KEY_SCHEMA)
             await writer.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
@@ -786,3 +809,47 @@ class Store:
                 (kind, limit),
             )
         return [Event(*row) for row in rows]
+
+    # -- payload-key rotation (registrar.key_distribution) -------------------------------
+
+    async def key_periods(self) -> list[tuple[bytes, int, int | None]]:
+        """(key id, current from, superseded at or None) of every key current here once."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT key_id, current_from, superseded_at FROM payload_key_periods "
+            "ORDER BY current_from, key_id"
+        )
+        return [(bytes(r[0]), r[1], r[2]) for r in rows]
+
+    async def save_key_period(
+        self, key_id: bytes, current_from: int, superseded_at: int | None
+    ) -> None:
+        await self._write(
+            "INSERT INTO payload_key_periods (key_id, current_from, superseded_at) "
+            "VALUES (?, ?, ?) ON CONFLICT(key_id) DO UPDATE SET "
+            "current_from=excluded.current_from, superseded_at=excluded.superseded_at",
+            (key_id, current_from, superseded_at),
+        )
+
+    async def key_offers(self) -> dict[str, tuple[bytes, int, int]]:
+        """device id -> (key id, issued, offered at) of the last update sent to it."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT device_id, key_id, issued, offered_at FROM key_offers"
+        )
+        return {r[0]: (bytes(r[1]), r[2], r[3]) for r in rows}
+
+    async def record_key_offer(
+        self, device_id: DeviceId, key_id: bytes, issued: int, at: int
+    ) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO key_offers (device_id, key_id, issued, offered_at) "
+            "VALUES (?, ?, ?, ?)",
+            (device_id.value, key_id, issued, at),
+        )
+
+    async def devices_per_payload_key(self) -> dict[bytes, int]:
+        """Registered devices per acknowledged payload key id."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT payload_key_id, COUNT(*) FROM devices WHERE status = 'registered' "
+            "GROUP BY payload_key_id"
+        )
+        return {bytes(r[0]): r[1] for r in rows}

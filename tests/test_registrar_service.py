@@ -22,12 +22,11 @@ from tests.test_registration import ADMIT_STATION, Dev, make_dev, make_request, 
 from trustcore import cbor
 from trustcore.csr import build_device_csr
 from trustcore.identity import DeviceId
-from trustcore.payload import PayloadKey, open_payload, seal_payload
+from trustcore.payload import PayloadKey
 from trustcore.registration import (
     RegistrationDenied,
     RegistrationGranted,
     open_payload_key,
-    parse_key_update,
     parse_request,
     parse_response,
 )
@@ -235,24 +234,6 @@ async def test_group_commit_shares_transactions(env: Env) -> None:
     commits = env.store.commits - before
     assert commits < 30, commits
     assert (await env.store.counts())["devices"] == 120
-
-
-async def test_payload_key_rotation_reaches_registered_devices(env: Env) -> None:
-    dev = make_dev("dev-200010")
-    req = make_request(env.pki, dev)
-    await env.service.handle(dev.device_id, req)
-    new_key = PayloadKey.generate()
-    updates = await env.service.key_updates(new_key)
-    assert [t for t, _ in updates] == [f"devices/{dev.device_id}/keys"]
-    update = parse_key_update(
-        updates[0][1], device_id=dev.device_id, site_ca=env.pki.site_ca, newer_than=0
-    )
-    key = open_payload_key(dev.wrap_key, dev.device_id, update.payload_key)
-    assert key == new_key
-    topic = f"devices/{dev.device_id}/telemetry"
-    assert open_payload(key, topic, seal_payload(new_key, topic, b"hello")) == b"hello"
-    record = await env.store.device(dev.device_id)
-    assert record is not None and record.payload_key_id == new_key.key_id
 
 
 def test_payload_keys_at_rest(tmp_path: Path) -> None:

@@ -518,10 +518,18 @@ def issue_site_ca(
     organization: str,
     not_before: datetime,
     not_after: datetime,
+    generation: int = 1,
 ) -> x509.Certificate:
-    """Site (building registrar) CA, pathLen 0: signs LDevIDs and the broker certificate."""
+    """Site (building registrar) CA, pathLen 0: signs LDevIDs and the broker certificate.
+
+    ``generation`` > 1 (a CA rollover, ``trustcore.site_rollover``) gives the CN a
+    ``G<n>`` suffix, so two CAs of one site never share a subject name: during the overlap
+    OpenSSL, Mosquitto and the CRL files find each CA's CRL by issuer name."""
+    if type(generation) is not int or not 1 <= generation <= 9999:
+        raise ProfileError("site CA generation must be 1..9999")
+    suffix = "" if generation == 1 else f" G{generation}"
     subject = _name(
-        (NameOID.COMMON_NAME, f"Site CA {site_id}"),
+        (NameOID.COMMON_NAME, f"Site CA {site_id}{suffix}"),
         (NameOID.ORGANIZATION_NAME, organization),
         (NameOID.SERIAL_NUMBER, site_id.value),
     )

@@ -300,7 +300,9 @@ def verify_renewal(
        an earlier one, ``ldevid_unknown`` otherwise);
     6. validity now (``ldevid_expired``: register again with the IDevID; ``not_yet_valid``);
     7. rate limit: the current certificate is at least ``policy.min_interval`` old
-       (``too_early``, retry later);
+       (``too_early``, retry later) — unless it comes from a retiring site CA (not
+       ``site_cas[0]``, the issuing one): a site CA rollover moves it at once, and it can
+       happen only once per certificate (the new one is from the issuing CA);
     8. CSR: parses, self-signature, P-256, names the device (``csr_*``); a key never
        certified before, for any device (``csr_reused_key`` for its own, ``csr_foreign_key``
        for another's).
@@ -356,7 +358,11 @@ def _verify(
         raise _refuse("ldevid_expired", f"LDevID {serial:x} expired {current.not_valid_after_utc}")
     if now < current.not_valid_before_utc:
         raise _refuse("not_yet_valid", f"LDevID {serial:x} not valid before its notBefore")
-    if facts.issued_at is not None and now - facts.issued_at < policy.min_interval:
+    if (
+        facts.issued_at is not None
+        and now - facts.issued_at < policy.min_interval
+        and _issued_by(current, site_cas[:1])  # a retiring CA's LDevID moves at once
+    ):
         raise _refuse(
             "too_early",
             f"LDevID {serial:x} issued {facts.issued_at}, minimum interval {policy.min_interval}",

@@ -21,9 +21,11 @@ because amqtt's own defaults do not fit (see docs/broker.md, "Embedded (amqtt)")
 * **Kicking**: amqtt has no API for it; the broker keeps its own registry of live TLS
   transports per identity and aborts them (:meth:`EmbeddedBroker.disconnect`).
 * **Delivery fixes**: retained messages are filtered per receiver (amqtt replays the
-  retained messages of *every* subscription filter to each connecting client), and QoS 1
+  retained messages of *every* subscription filter to each connecting client), QoS 1
   messages already acknowledged to a publisher are routed before its session is torn down
-  (amqtt acknowledges before routing and dropped the rest on disconnect).
+  (amqtt acknowledges before routing and dropped the rest on disconnect), and the
+  subscription table is iterated on snapshots (a SUBSCRIBE during a broadcast made amqtt
+  drop that message: :class:`_SnapshotDict`).
 
 The overridden amqtt internals are version-specific: the module refuses to start on an
 amqtt other than 0.12.x rather than silently run without its checks.
@@ -572,8 +574,18 @@ class EmbeddedBroker:
             name: await asyncio.to_thread(_build_context, self._settings, lt.listener)
             for name, lt in self._tls.items()
         }
+        # The CA bundles are re-read too (a site CA rollover adds, then removes, an
+        # operational issuer; a new bundle may bring station CAs).
+        tls = self._settings.tls
+        issuers = {
+            Listener.REGISTRATION: _issuing_cas(_load_pem_certificates(tls.registration_cas)),
+            Listener.OPERATIONAL: _issuing_cas(_load_pem_certificates(tls.operational_cas)),
+        }
+        if not all(issuers.values()):
+            raise BrokerError("a listener has no issuing CA in its bundle")
         for name, ctx in fresh.items():
             self._tls[name].current = ctx
+            self._tls[name].issuers = issuers[self._tls[name].listener]
         log.info("CRLs reloaded from %s", self._settings.tls.crl_file)
 
     async def disconnect(self, identity: str) -> int:

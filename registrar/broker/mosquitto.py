@@ -598,6 +598,43 @@ class MosquittoBroker:
             self._owned_runtime = None
         self._runtime = None
 
+    @property
+    def exited(self) -> bool:
+        """True when the Mosquitto process died (crash, kill) after a successful start."""
+        process = self._process
+        return self._ports is not None and process is not None and process.returncode is not None
+
+    async def revive(self) -> bool:
+        """Restart a Mosquitto that died, on the same ports, with the same blocks (rendered
+        into its ACL files). False if it is running. Its retained messages and sessions are
+        gone: the registrar's session reconnects and re-sends what it owes (pending
+        payload-key updates, see ``registrar.key_distribution``)."""
+        if not self.exited:
+            return False
+        assert self._process is not None and self._ports is not None and self._runtime is not None
+        log.error(
+            "mosquitto %s exited (code %s): restarting it on the same ports | %s",
+            self._process.pid,
+            self._process.returncode,
+            self._tail(),
+        )
+        registration, operational, _admin = self._ports
+        if self._admin_reader is not None:
+            self._admin_reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._admin_reader
+            self._admin_reader = None
+        if self._admin_stack is not None:
+            with contextlib.suppress(aiomqtt.MqttError, OSError):  # its broker is gone
+                await self._admin_stack.aclose()
+            self._admin_stack, self._admin = None, None
+        await self._shutdown_process()
+        self._settings = dataclasses.replace(
+            self._settings, registration_port=registration, operational_port=operational
+        )
+        await self._start_once(self._runtime, _Owner.for_process(self._run_user))
+        return True
+
     async def _shutdown_process(self) -> None:
         process, self._process = self._process, None
         if process is not None and process.returncode is None:
