@@ -123,7 +123,6 @@ def test_renewals_through_the_decade_and_superseded_certificates_refused(
     assert refused == total == end["superseded"]
     assert end["online"] == end["devices"] - 1  # everyone but the revoked device
     assert end["one_current_certificate"] == f"{end['online']}/{end['online']}"
-    assert end["registrar_tracebacks"] == 0
 
 
 def test_the_site_ca_rolls_over_twice_and_the_old_one_is_retired(decade: dict[str, Any]) -> None:
