@@ -839,6 +839,30 @@ def revoke_command(
         click.echo(f"  station CA {station_ca} serial {serial} on the root CRL (next site bundle)")
 
 
+# --------------------------------------------------------------------------- renew-roles
+
+
+@main.command("renew-roles")
+@_home_option
+@click.option("--force", is_flag=True, help="Renew every role certificate, due or not.")
+@_secret_options
+def renew_roles_command(
+    home: Path, force: bool, passphrase_file: Path | None, pin_file: Path | None
+) -> None:
+    """Root ceremony: re-issue (same keys) the HQ role certificates that end within a year,
+    so HQ keeps signing bundles, entitlements and revocation lists for the devices' whole
+    life (docs/lifecycle.md)."""
+    from hq.roles import renew_role_certificates
+
+    try:
+        done = renew_role_certificates(
+            HqHome.open(home), HqSecrets(passphrase_file, pin_file), force=force
+        )
+    except HqError as exc:
+        _fail(exc)
+    for r in done:
+        state = "renewed" if r.renewed else "current"
+        click.echo(f"{r.role}: {state}, valid until {r.not_after.isoformat()}")
 # ------------------------------------------------------- root ceremony, revocation data
 
 

@@ -845,7 +845,10 @@ def reissue_site_crl(
     site_ca = x509.load_pem_x509_certificate((home.current / "site-ca.pem").read_bytes())
     entries, number = _previous_site_crl(home, site_ca)
     known = {e.serial.value for e in entries}
-    entries += [e for e in revoke if e.serial.value not in known]
+    for entry in revoke:  # idempotent: a serial queued twice (two callers) is listed once
+        if entry.serial.value not in known:
+            known.add(entry.serial.value)
+            entries.append(entry)
     crl = _sign_site_crl(site_ca, site_key, entries, number + 1, moment)
     # A rollover overlap: the retiring CA's CRL gets the same entries (it may have issued
     # any serial being revoked) and stays as fresh as the issuing one.

@@ -24,6 +24,7 @@ from device_sim.swtpm import Swtpm, provision_ek_certificate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_building import run_building
+from demo_later import run_years_later
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".demo"
@@ -73,6 +74,8 @@ def main() -> None:
     try:
         _factory_and_hq(station_tpm, root)
         run_building(WORK, run, step, summary, station_tpm.tcti, console)
+        run_years_later(WORK, step, summary, station_tpm.tcti, console)
+        _openssl_years_later(root)
     finally:
         station_tpm.stop()
     _summary(started)
@@ -138,6 +141,69 @@ def _factory_and_hq(station_tpm: Swtpm, root: Path) -> None:
 
     if ok != len(certs) or len(certs) != 10:
         raise SystemExit("demo failed: not every factory certificate verified")
+
+
+def _openssl_years_later(root: Path) -> None:
+    """Standard tools agree: every factory certificate the demo made verifies five years
+    from now (the station CA outlives its entitlement), and a counterfeit HQ revoked is
+    reported revoked with HQ's indirect CRL (docs/pki.md)."""
+    step("15. OpenSSL, five years from now, and on the counterfeits HQ revoked")
+    later = int((datetime.now(UTC) + timedelta(days=5 * 365)).timestamp())
+    certs = sorted((WORK / "devices").rglob("idevid.pem"))
+    ok = 0
+    for cert in certs:
+        argv = ["/usr/bin/openssl", "verify", "-attime", str(later), "-purpose", "sslclient"]
+        argv += ["-CAfile", str(root), "-untrusted", str(cert.parent / "chain.pem"), str(cert)]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603
+        ok += done.returncode == 0 and done.stdout.strip().endswith("OK")
+    console.print(f"openssl verify -attime +5 years: {ok} of {len(certs)} factory certificates OK")
+    summary.append(("openssl at +5 years", f"{ok}/{len(certs)}", "every factory certificate OK"))
+    if ok != len(certs) or not certs:
+        raise SystemExit("demo failed: a factory certificate does not verify at +5 years")
+    revoked = _counterfeits_revoked(root)
+    summary.append(("openssl -crl_check_all", f"{revoked} revoked",
+                    "counterfeits HQ revoked, with HQ's indirect CRL"))  # fmt: skip
+
+
+def _counterfeits_revoked(root: Path) -> int:
+    """``openssl verify -extended_crl -crl_check_all`` on each counterfeit HQ revoked, with
+    the root CRL and the HQ indirect CRL its revocation list carries."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from trustcore.revocation import open_revocation_list
+
+    root_cert = x509.load_pem_x509_certificate(root.read_bytes())
+    hq_list = open_revocation_list(
+        (WORK / "revocations.sealed").read_bytes(), root=root_cert, now=datetime.now(UTC),
+        root_crl=None, not_older_than=None,
+    )  # fmt: skip
+    if hq_list.hq_crl is None or hq_list.crl_signer is None or hq_list.root_crl is None:
+        raise SystemExit("demo failed: HQ's revocation list carries no indirect CRL")
+    files = WORK / "openssl"
+    files.mkdir(exist_ok=True)
+    pems = {
+        "crl-signer.pem": x509.load_der_x509_certificate(hq_list.crl_signer),
+        "root-crl.pem": x509.load_der_x509_crl(hq_list.root_crl),
+        "hq-indirect-crl.pem": x509.load_der_x509_crl(hq_list.hq_crl),
+    }
+    for name, obj in pems.items():
+        (files / name).write_bytes(obj.public_bytes(Encoding.PEM))
+    revoked = 0
+    fakes = sorted((WORK / "counterfeits").glob("TH-*.pem"))
+    for fake in fakes:
+        argv = ["/usr/bin/openssl", "verify", "-extended_crl", "-crl_check_all"]
+        argv += ["-CAfile", str(root), "-untrusted", str(WORK / "counterfeits" / "station-ca.pem")]
+        argv += ["-untrusted", str(files / "crl-signer.pem")]
+        argv += ["-CRLfile", str(files / "root-crl.pem"), "-CRLfile"]
+        argv += [str(files / "hq-indirect-crl.pem"), str(fake)]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603
+        said = (done.stdout + done.stderr).strip().splitlines()
+        console.print(f"{fake.name}: {said[-2] if len(said) > 1 else said[-1]}")
+        revoked += "certificate revoked" in done.stdout + done.stderr
+    if revoked != len(fakes) or not fakes:
+        raise SystemExit("demo failed: openssl did not report the counterfeits as revoked")
+    return revoked
 
 
 def _summary(started: float) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import aiomqtt
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from device_sim.client import (
     DeviceClient,
@@ -173,9 +174,26 @@ def _mint_counterfeits(
     count: int,
 ) -> list[DeviceClient]:  # fmt: skip
     """An attacker who owns the station box uses its TPM key directly, outside the station
-    software: valid factory certificates that no audit log records."""
+    software: valid factory certificates that no audit log records. They copy a genuine
+    certificate's profile, CRL distribution point included; written to .demo/counterfeits/
+    for the OpenSSL check at the end."""
     now = datetime.now(UTC)
     out = []
+    work = station_home.parent
+    genuine = x509.load_pem_x509_certificate(
+        next((work / "devices").rglob("idevid.pem")).read_bytes()
+    )
+    extra: dict[str, Any] = {}
+    try:
+        crldp = genuine.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        issuer = crldp[0].crl_issuer
+        if issuer and isinstance(issuer[0], x509.DirectoryName):
+            extra["crl_issuer"] = issuer[0].value  # HQ's CRL signer names the CRL
+    except x509.ExtensionNotFound:
+        pass
+    fakes_dir = work / "counterfeits"
+    fakes_dir.mkdir(exist_ok=True)
+    (fakes_dir / "station-ca.pem").write_bytes(station_ca.public_bytes(Encoding.PEM))
     with Tpm(station_tcti) as tpm:
         station_key = TpmKey.load(tpm, station_home / "station-ca.tss.pem")
         for n in range(count):
@@ -183,8 +201,9 @@ def _mint_counterfeits(
             device_id = DeviceId(f"TH-{900 + n:06d}")
             cert = issue_factory_certificate(
                 station_ca, station_key.private_key(), key.public_key(), device_id=device_id,
-                manufacturer="Acme Devices", not_before=now - timedelta(minutes=5),
+                manufacturer="Acme Devices", not_before=now - timedelta(minutes=5), **extra,
             )  # fmt: skip
+            (fakes_dir / f"{device_id.value}.pem").write_bytes(cert.public_bytes(Encoding.PEM))
             creds = DeviceCredentials(device_id, cert, (station_ca,), key, (root,))
             out.append(DeviceClient(creds, SoftwareKeys()))
     return out

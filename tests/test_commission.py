@@ -133,6 +133,20 @@ def test_recommission_keeps_local_revocations_and_rotated_keys(world: World) -> 
     ]
 
 
+def test_site_crl_lists_a_serial_once_whoever_queued_it(world: World) -> None:
+    """Two callers (a renewal's hook and the registrar's reconcile tick) can queue the same
+    superseded serial in one batch, or one already listed: the CRL lists it once (found by
+    the ten-year test: 'serial ... listed twice' made the whole batch fail)."""
+    commission_site(world.site, world.bundle(), world.site_secrets)
+    serial, other = CertSerial.random(), CertSerial.random()
+    when = datetime.now(UTC) - DAY
+    twice = (RevokedEntry(serial, when), RevokedEntry(other, when), RevokedEntry(serial, when))
+    crl = reissue_site_crl(world.site, world.site_secrets, revoke=twice)
+    assert sorted(e.serial_number for e in crl) == sorted((serial.value, other.value))
+    again = reissue_site_crl(world.site, world.site_secrets, revoke=(RevokedEntry(other, when),))
+    assert sorted(e.serial_number for e in again) == sorted((serial.value, other.value))
+
+
 # ------------------------------------------------------------------------------ refusals
 
 
