@@ -959,11 +959,12 @@ class HqStore:
                 seen.add(der)
                 out.append((sid, der))
         # Renewed and re-keyed certificates (hq.station_ca): every one HQ issued, so that
-        # devices made under any of them keep verifying.
+        # devices made under any of them keep verifying. rowid breaks ties: a renewal and a
+        # re-key in the same second keep the order they were issued in.
         query = "SELECT station_id, cert_der FROM station_ca_certs"
         if station_id is not None:
             query += " WHERE station_id = ?"
-        for sid, der in self._conn.execute(query + " ORDER BY issued_at, serial", args):
+        for sid, der in self._conn.execute(query + " ORDER BY issued_at, rowid", args):
             if der not in seen:
                 seen.add(der)
                 out.append((sid, der))
