@@ -665,9 +665,9 @@ async def scenario(w: World) -> None:
         raise Blocked("; ".join(w.blocked))
 
 
-#: How often the site hears from HQ. A site that hears nothing for a year loses service:
-#: its broker and registrar-client certificates (365 days) are re-issued only when a
-#: bundle is commissioned, and the root CRL (365 days) comes only from HQ (docs/lifecycle.md).
+#: How often the site hears from HQ: root ceremonies (root CRL, role certificates before
+#: year 5), the site CA rollovers and fresh revocation data. (The registrar no longer needs
+#: HQ to keep its own broker and client certificates: tests/test_offline_year.py.)
 HQ_EVERY = timedelta(days=250)
 RENEW_EVERY = timedelta(days=300)  # past 2/3 of a one-year LDevID (243 days), before its end
 
