@@ -801,6 +801,10 @@ class RegistrarApp:
                 await step()
             except asyncio.CancelledError:
                 raise
+            except (RegistrarError, TrustCoreError) as exc:
+                # A known failure (e.g. the broker did not confirm a CRL reload in time): one
+                # line; the step runs again at the next tick and repairs what is missing.
+                log.error("registrar background step %s failed: %s", step.__name__, exc)
             except Exception:
                 log.exception("registrar background step %s failed", step.__name__)
             with contextlib.suppress(TimeoutError):

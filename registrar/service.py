@@ -53,9 +53,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from registrar.broker import REGISTRAR_IDENTITY, Endpoint
-from registrar.errors import RegistrationRefused, StoreError
+from registrar.errors import RegistrarError, RegistrationRefused, StoreError
 from registrar.store import DeviceRecord, Lookup, Registration, Store
-from trustcore.errors import InvalidValueError
+from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.keys import Signer
 from trustcore.payload import PayloadKey
@@ -437,6 +437,10 @@ class RegistrationService:
             return
         try:
             await hook(device, serials)
+        except (RegistrarError, TrustCoreError) as exc:
+            log.error(
+                "could not put superseded LDevID(s) %s of %s on the CRL: %s", serials, device, exc
+            )
         except Exception:
             log.exception("could not put superseded LDevID(s) %s of %s on the CRL", serials, device)
 

@@ -36,10 +36,12 @@ from datetime import UTC, datetime
 from cryptography import x509
 
 from registrar.broker import Broker
+from registrar.errors import RegistrarError
 from registrar.revocation import revocation_lock
 from registrar.site import SiteHome, SiteSecrets, reissue_site_crl
 from registrar.store import Store
 from trustcore.crl import RevokedEntry
+from trustcore.errors import TrustCoreError
 from trustcore.identity import CertSerial, DeviceId
 
 __all__ = ["SupersededCertificates"]
@@ -117,6 +119,8 @@ class SupersededCertificates:
         await asyncio.sleep(self._handover)
         try:
             self.cut_sessions += await self._broker.cut_superseded(device.value, serials, mark)
+        except (RegistrarError, TrustCoreError) as exc:
+            log.error("could not cut a superseded session of %s: %s", device, exc)
         except Exception:
             log.exception("could not cut a superseded session of %s", device)
 
