@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from registrar.errors import CommissionError, RegistrarError
+from signers.errors import SignerError
+from signers.software import write_private_file
 
 if TYPE_CHECKING:
     from registrar.site import SiteHome
@@ -1078,15 +1080,13 @@ def rollover_ca_command(
         try:
             begun = begin_rollover(site, secrets)
             if out is not None:
-                from signers.software import write_private_file
-
                 write_private_file(out, begun.request_path.read_bytes())
         except RegistrarError as exc:
             if exc.reason in ("rollover_in_progress", "not_commissioned"):
                 _refused(exc)
             _fail(exc)
-        except OSError as exc:
-            _fail(RegistrarError(f"cannot write {out}: {exc}", reason="io_error"))
+        except (OSError, SignerError) as exc:  # e.g. --out names a file that exists
+            _fail(RegistrarError(f"cannot write the request: {exc}", reason="io_error"))
         if as_json:
             doc = {
                 "status": begun.status,

@@ -324,6 +324,13 @@ def test_rollover_cli_end_to_end(world: World, tmp_path: Path) -> None:
 
     out = run(registrar_main, "rollover-ca", *site, "--out", str(tmp_path / "req.cbor"))
     assert "rollover begun" in out and (world.site.path / REQUEST_FILE).exists()
+    # --out naming a file that exists: a one-line error, not a traceback; the file is kept
+    before = (tmp_path / "req.cbor").read_bytes()
+    again = runner.invoke(
+        registrar_main, ["rollover-ca", *site, "--out", str(tmp_path / "req.cbor")]
+    )
+    assert isinstance(again.exception, SystemExit) and again.exit_code == 1, again.output
+    assert "already exists" in again.output and (tmp_path / "req.cbor").read_bytes() == before
     out = run(
         hq_main,
         "site",
