@@ -39,7 +39,8 @@ from trustcore.profiles import HqRole, crl_issuers_of, issue_factory_certificate
 
 REGISTRAR = Path(sys.executable).parent / "registrar"
 HQ = Path(sys.executable).parent / "hq"
-FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+#: the thread-safe build: the plain one returned wrong dates to concurrent threads
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 
 
 @pytest.fixture(scope="module")
