@@ -364,21 +364,9 @@ class RegistrationService:
         )
         # Reserve until committed: a second request with this nonce or this key, arriving
         # while the first sits in the group-commit queue, must be refused too.
-        self._reserved_nonces.add(request.nonce)
-        self._reserved_keys[verified.ldevid_key_id] = request.device_id
-        try:
-            await self._store.record_registration(record)
-        except StoreError as exc:
-            return self._refusal(
-                topic_device_id,
-                request.nonce,
-                digest,
-                RegistrationError(str(exc), reason="internal_error"),
-                request=request,
-            )
-        finally:
-            self._reserved_nonces.discard(request.nonce)
-            self._reserved_keys.pop(verified.ldevid_key_id, None)
+        failed = await self._record_reserved(record, request.nonce, verified.ldevid_key_id)
+        if failed is not None:
+            return self._refusal(topic_device_id, request.nonce, digest, failed, request=request)
         self.stats["ok"] += 1
         log.info(
             "registered %s (idevid %s, ldevid %s)",
@@ -544,27 +532,33 @@ class RegistrationService:
             kind="renewal",
             ldevid_not_after=int(issued.ldevid.not_valid_after_utc.timestamp()),
         )
-        self._reserved_nonces.add(request.nonce)
-        self._reserved_keys[verified.new_key_id] = device
-        try:
-            await self._store.record_registration(record)
-        except StoreError as exc:
-            return self._refusal(
-                device,
-                request.nonce,
-                digest,
-                RegistrationError(str(exc), reason="internal_error"),
-                request=request,
-            )
-        finally:
-            self._reserved_nonces.discard(request.nonce)
-            self._reserved_keys.pop(verified.new_key_id, None)
+        failed = await self._record_reserved(record, request.nonce, verified.new_key_id)
+        if failed is not None:
+            return self._refusal(device, request.nonce, digest, failed, request=request)
         self.stats["renewed"] += 1
         log.info(
             "renewed %s: ldevid %s replaces %s", device, record.ldevid_serial, current.ldevid_serial
         )
         await self._superseded(device, (current.ldevid_serial,))
         return issued.response
+
+    async def _record_reserved(
+        self, record: Registration, nonce: bytes, key_id: bytes
+    ) -> RegistrationError | None:
+        """Commit ``record`` (registration or renewal) with its nonce and new key reserved
+        until the commit: a second request with this nonce or key, arriving while the first
+        sits in the group-commit queue, is refused too. A store failure is returned as the
+        ``internal_error`` the device is told."""
+        self._reserved_nonces.add(nonce)
+        self._reserved_keys[key_id] = record.device_id
+        try:
+            await self._store.record_registration(record)
+        except StoreError as exc:
+            return RegistrationError(str(exc), reason="internal_error")
+        finally:
+            self._reserved_nonces.discard(nonce)
+            self._reserved_keys.pop(key_id, None)
+        return None
 
     async def _admit(self, verified: VerifiedRegistration, now: datetime) -> None:
         """The site's admission plugins (when configured); a hold is recorded durably as a

@@ -196,6 +196,29 @@ def _key_id(cert: x509.Certificate) -> bytes:
         ).digest
 
 
+def _signed_and_numbered(
+    crl: x509.CertificateRevocationList, signer: x509.Certificate, role: str
+) -> tuple[datetime, int]:
+    """The checks every CRL passes, direct or indirect: P-256 key, ECDSA-SHA256 signature
+    that verifies, a nextUpdate (absent = never fresh: fail closed) and a CRL number."""
+    try:
+        public = require_p256_public_key(signer.public_key())
+    except ProfileError as exc:
+        raise CrlError(f"CRL {role} key is not P-256", reason="crl_wrong_issuer") from exc
+    if not isinstance(crl.signature_hash_algorithm, hashes.SHA256):
+        raise CrlError("CRL is not signed with ECDSA-SHA256", reason="crl_bad_signature")
+    if not crl.is_signature_valid(public):
+        raise CrlError("CRL signature does not verify", reason="crl_bad_signature")
+    next_update = crl.next_update_utc
+    if next_update is None:
+        raise CrlError("CRL has no nextUpdate; it can never be judged fresh", reason="crl_stale")
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound as exc:
+        raise CrlError("CRL has no CRL number", reason="malformed") from exc
+    return next_update, number
+
+
 def verify_crl(
     crl: x509.CertificateRevocationList | bytes,
     issuer_cert: x509.Certificate,
@@ -222,21 +245,7 @@ def verify_crl(
         raise CrlError("CRL AKI does not match the CA key", reason="crl_wrong_issuer")
     if not _issuer_may_sign_crls(issuer_cert):
         raise CrlError("CA is not allowed to sign CRLs (no cRLSign)", reason="crl_wrong_issuer")
-    try:
-        issuer_pub = require_p256_public_key(issuer_cert.public_key())
-    except ProfileError as exc:
-        raise CrlError("CRL issuer key is not P-256", reason="crl_wrong_issuer") from exc
-    if not isinstance(crl.signature_hash_algorithm, hashes.SHA256):
-        raise CrlError("CRL is not signed with ECDSA-SHA256", reason="crl_bad_signature")
-    if not crl.is_signature_valid(issuer_pub):
-        raise CrlError("CRL signature does not verify", reason="crl_bad_signature")
-    next_update = crl.next_update_utc
-    if next_update is None:
-        raise CrlError("CRL has no nextUpdate; it can never be judged fresh", reason="crl_stale")
-    try:
-        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound as exc:
-        raise CrlError("CRL has no CRL number", reason="malformed") from exc
+    next_update, number = _signed_and_numbered(crl, issuer_cert, "issuer")
     entries: dict[int, x509.ReasonFlags] = {}
     try:
         for revoked in crl:
@@ -424,21 +433,7 @@ def verify_indirect_crl(
         raise CrlError("the CRL's IssuingDistributionPoint is not indirectCRL", reason="bad_crl")
     if not _may_sign_crls_as_delegate(signer_cert):
         raise CrlError("CRL signer certificate lacks cRLSign", reason="crl_wrong_issuer")
-    try:
-        signer_pub = require_p256_public_key(signer_cert.public_key())
-    except ProfileError as exc:
-        raise CrlError("CRL signer key is not P-256", reason="crl_wrong_issuer") from exc
-    if not isinstance(crl.signature_hash_algorithm, hashes.SHA256):
-        raise CrlError("CRL is not signed with ECDSA-SHA256", reason="crl_bad_signature")
-    if not crl.is_signature_valid(signer_pub):
-        raise CrlError("CRL signature does not verify", reason="crl_bad_signature")
-    next_update = crl.next_update_utc
-    if next_update is None:
-        raise CrlError("CRL has no nextUpdate; it can never be judged fresh", reason="crl_stale")
-    try:
-        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound as exc:
-        raise CrlError("CRL has no CRL number", reason="malformed") from exc
+    next_update, number = _signed_and_numbered(crl, signer_cert, "signer")
     entries: dict[tuple[bytes, int], x509.ReasonFlags] = {}
     current_issuer = crl.issuer
     try:
