@@ -65,12 +65,12 @@ from registrar.revocation import (
     ImportResult,
     RevocationAwareVerifier,
     RevokeResult,
+    crl_numbers,
     enforce_revocation_list,
     hq_data_freshness,
     import_revocation_list,
     revocation_lock,
     revoke_device,
-    revoked_device_ids,
 )
 from registrar.rollover import (
     RolloverError,
@@ -97,7 +97,7 @@ from registrar.site import (
     reissue_service_certificates,
     reissue_site_crl,
 )
-from registrar.store import Store
+from registrar.store import Store, StoreLocation, parse_store_location
 from registrar.supersede import SupersededCertificates
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
@@ -128,6 +128,7 @@ __all__ = [
     "running",
     "spool_dir",
     "status_path",
+    "store_location",
     "store_path",
     "submit_command",
 ]
@@ -162,6 +163,12 @@ _SPOOL_COMMANDS = (
 def store_path(home: SiteHome) -> Path:
     """The registrar database (devices, requests, nonces, events)."""
     return home.path / "registrar.db"
+
+
+def store_location(home: SiteHome, store: str | None = None) -> StoreLocation:
+    """``--store URL`` (``postgresql://…``, ``sqlite:///path`` or a path), or the site
+    home's SQLite file when None."""
+    return parse_store_location(store) if store else parse_store_location(store_path(home))
 
 
 def run_dir(home: SiteHome) -> Path:
@@ -316,6 +323,8 @@ class AppSettings:
     crl_check_interval: float = 60.0
     mosquitto_executable: str = "mosquitto"
     concurrency: int = 512
+    #: ``--store URL``; None: the site home's SQLite file (:func:`store_location`).
+    store: str | None = None
 
     def __post_init__(self) -> None:
         if self.broker not in ("embedded", "mosquitto"):
@@ -646,8 +655,8 @@ class RegistrarApp:
         self._state_target = str(self.home.current.readlink())
         self.keyring = await asyncio.to_thread(site.payload_keys.load)
         self.revocations = site.revocations
-        self.store = store = await Store.open(store_path(self.home))
-        self._revoked = revoked_device_ids(await store.devices())
+        self.store = store = await Store.open(store_location(self.home, self.settings.store))
+        self._revoked = await store.revoked_device_ids()
         policy = read_ldevid_policy(self.home.path)
         self.service = RegistrationService(
             store=store,
@@ -693,6 +702,7 @@ class RegistrarApp:
             secrets=self.secrets,
             broker=broker,
             handover_seconds=policy.handover_seconds,
+            store=store,
         )
         self.service.on_superseded = self.superseded.supersede
         await self.superseded.reconcile(store)
@@ -1121,16 +1131,19 @@ class RegistrarApp:
             return {"topic": topic}
         raise ValueError(f"unknown command {command!r}")
 
-    def refresh_site_crl_if_due(self, *, now: datetime | None = None) -> bool:
+    def refresh_site_crl_if_due(
+        self, *, now: datetime | None = None, crl_number: Callable[[int], int] | None = None
+    ) -> bool:
         """Re-issue the site CA CRL when less than half of its validity is left (so a
-        registrar that is down for a few days still finds a valid one); True if it did."""
+        registrar that is down for a few days still finds a valid one); True if it did.
+        ``crl_number``: the store's sequence (:func:`registrar.revocation.crl_numbers`)."""
         moment = datetime.now(UTC) if now is None else now
         with revocation_lock(self.home):
             crl = x509.load_pem_x509_crl((self.home.current / "site-crl.pem").read_bytes())
             next_update = crl.next_update_utc
             if next_update is not None and next_update - moment > SITE_CRL_REFRESH_MARGIN:
                 return False
-            fresh = reissue_site_crl(self.home, self.secrets, now=moment)
+            fresh = reissue_site_crl(self.home, self.secrets, now=moment, crl_number=crl_number)
         log.info(
             "site CRL re-issued (was valid until %s, now until %s)",
             _iso(next_update),
@@ -1170,7 +1183,8 @@ class RegistrarApp:
         # jumped) the service certificates and the site CRL are due together, and a
         # handshake between two reloads would meet the new certificate with a stale CRL.
         renewed = await self._renew_service_certificates()
-        refreshed = await asyncio.to_thread(self.refresh_site_crl_if_due)
+        numbers = None if self.store is None else crl_numbers(self.store)
+        refreshed = await asyncio.to_thread(self.refresh_site_crl_if_due, crl_number=numbers)
         if (renewed or refreshed) and self.broker is not None:
             await self.broker.reload_crls()
         if self.superseded is not None and self.store is not None:

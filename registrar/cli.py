@@ -56,6 +56,18 @@ def _passphrase_option(f: F) -> F:
     )(f)
 
 
+def _store_option(f: F) -> F:
+    return click.option(
+        "--store",
+        "store",
+        envvar="DEVTRUST_REGISTRAR_STORE",
+        metavar="URL",
+        help="The registrar store: postgresql://user@host:port/db (several instances share "
+        "it), sqlite:///path or a path (default: the site home's SQLite file; "
+        "$DEVTRUST_REGISTRAR_STORE).",
+    )(f)
+
+
 def _grace(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
     """``--payload-key-grace``: 7d, 12h, 30m, 90s (or seconds) -> seconds."""
     if value is None:
@@ -269,6 +281,7 @@ def _open_site(home: Path) -> SiteHome:
     default="info",
     show_default=True,
 )
+@_store_option
 def run_command(
     home: Path,
     passphrase_file: Path | None,
@@ -278,6 +291,7 @@ def run_command(
     operational_port: int,
     crl_check_interval: float,
     log_level: str,
+    store: str | None,
 ) -> None:
     """Run the registrar: broker (two mTLS listeners), registration service, revocation,
     CRL refresh and status, until SIGINT or SIGTERM (graceful stop, exit 0)."""
@@ -285,7 +299,7 @@ def run_command(
     import logging
     import signal
 
-    from registrar.app import AppSettings, RegistrarApp, run_registrar
+    from registrar.app import AppSettings, RegistrarApp, run_registrar, store_location
     from registrar.site import SiteSecrets
 
     logging.basicConfig(
@@ -300,7 +314,9 @@ def run_command(
             registration_port=registration_port,
             operational_port=operational_port,
             crl_check_interval=crl_check_interval,
+            store=store,
         )
+        store_location(site, store)  # a bad URL: one line now, not at start-up
     except RegistrarError as exc:
         _fail(exc)
 
@@ -329,16 +345,16 @@ def run_command(
 # -------------------------------------------------------------------------------- status
 
 
-def _store_snapshot(site: SiteHome) -> dict[str, Any]:
+def _store_snapshot(site: SiteHome, store_url: str | None = None) -> dict[str, Any]:
     """Counts, devices and recent events from the store (read while a registrar runs, too).
     A site that never ran has no database yet: nothing is created by reading."""
     import asyncio
 
-    from registrar.app import store_path
+    from registrar.app import store_location
     from registrar.store import Store
 
-    path = store_path(site)
-    if not path.exists():
+    location = store_location(site, store_url)
+    if location.kind == "sqlite" and not location.path.exists():
         return {
             "counts": {},
             "devices": [],
@@ -351,7 +367,7 @@ def _store_snapshot(site: SiteHome) -> dict[str, Any]:
         }
 
     async def read() -> dict[str, Any]:
-        store = await Store.open(path)
+        store = await Store.open(location)
         try:
             devices = await store.devices()
             return {
@@ -409,8 +425,9 @@ def _when(ts: float | int | None) -> str:
 
 @main.command("status")
 @_home_option
+@_store_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-def status_command(home: Path, as_json: bool) -> None:
+def status_command(home: Path, store: str | None, as_json: bool) -> None:
     """Listeners of the running registrar, counts, last registrations and revocations."""
     import json
     from dataclasses import asdict
@@ -420,7 +437,7 @@ def status_command(home: Path, as_json: bool) -> None:
     site = _open_site(home)
     running = read_status(site)
     try:
-        snap = _store_snapshot(site)
+        snap = _store_snapshot(site, store)
     except RegistrarError as exc:
         _fail(exc)
     devices = snap["devices"]
@@ -529,14 +546,15 @@ def status_command(home: Path, as_json: bool) -> None:
     is_flag=True,
     help="Also list every LDevID of each device (issued, notAfter, superseded, revoked).",
 )
-def devices_command(home: Path, as_json: bool, show_chain: bool) -> None:
+@_store_option
+def devices_command(home: Path, as_json: bool, show_chain: bool, store: str | None) -> None:
     """Registered devices (status, station, certificates, payload key). Each device's chain
     of LDevIDs (registration and renewals) is in the JSON as ``certificates``."""
     import json
 
     site = _open_site(home)
     try:
-        snapshot = _store_snapshot(site)
+        snapshot = _store_snapshot(site, store)
     except RegistrarError as exc:
         _fail(exc)
     chains: dict[str, list[dict[str, Any]]] = {}
@@ -719,14 +737,16 @@ def _live_or_offline(
     return result, True
 
 
-def _run_offline(site: SiteHome, secrets: Any, work: Callable[[Any], Any]) -> Any:
+def _run_offline(
+    site: SiteHome, secrets: Any, work: Callable[[Any], Any], store_url: str | None = None
+) -> Any:
     import asyncio
 
-    from registrar.app import store_path
+    from registrar.app import store_location
     from registrar.store import Store
 
     async def go() -> Any:
-        store = await Store.open(store_path(site))
+        store = await Store.open(store_location(site, store_url))
         try:
             return await work(store)
         finally:
@@ -760,8 +780,14 @@ def _refused(exc: RegistrarError) -> NoReturn:
     show_default=True,
 )
 @click.option("--json", "as_json", is_flag=True)
+@_store_option
 def revoke_command(
-    home: Path, passphrase_file: Path | None, device_id: str, reason: str, as_json: bool
+    home: Path,
+    passphrase_file: Path | None,
+    device_id: str,
+    reason: str,
+    as_json: bool,
+    store: str | None,
 ) -> None:
     """Revoke a registered device: its secondary certificates go on the site CRL, it is
     blocked in the broker and its live sessions are cut (within seconds when a registrar
@@ -783,14 +809,14 @@ def revoke_command(
         _refused(RegistrarError(str(exc), reason="bad_device_id"))
 
     def offline() -> dict[str, Any]:
-        async def work(store: Any) -> dict[str, Any]:
+        async def work(opened: Any) -> dict[str, Any]:
             return revoke_json(
                 await revoke_device(
-                    home=site, secrets=secrets, store=store, device_id=device, reason=reason
+                    home=site, secrets=secrets, store=opened, device_id=device, reason=reason
                 )
             )
 
-        return dict(_run_offline(site, secrets, work))
+        return dict(_run_offline(site, secrets, work, store))
 
     try:
         result, live = _live_or_offline(
@@ -820,8 +846,9 @@ def revoke_command(
 @_passphrase_option
 @click.argument("list_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True)
+@_store_option
 def import_revocations_command(
-    home: Path, passphrase_file: Path | None, list_file: Path, as_json: bool
+    home: Path, passphrase_file: Path | None, list_file: Path, as_json: bool, store: str | None
 ) -> None:
     """Import a revocation list signed by HQ: only a newer list replaces the one held
     (rollback refused, exit 2); listed factory certificates are refused at registration;
@@ -840,13 +867,13 @@ def import_revocations_command(
         _fail(RegistrarError(f"cannot read {list_file}: {exc}", reason="io_error"))
 
     def offline() -> dict[str, Any]:
-        async def work(store: Any) -> dict[str, Any]:
+        async def work(opened: Any) -> dict[str, Any]:
             result, _ = await import_revocation_list(
-                home=site, secrets=secrets, store=store, package=package
+                home=site, secrets=secrets, store=opened, package=package
             )
             return import_json(result)
 
-        return dict(_run_offline(site, secrets, work))
+        return dict(_run_offline(site, secrets, work, store))
 
     try:
         result, live = _live_or_offline(site, "import-revocations", {}, offline, data=package)
@@ -933,7 +960,10 @@ def send_command_command(home: Path, device_id: str, message: str) -> None:
 @_home_option
 @_passphrase_option
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
-def report_command(home: Path, passphrase_file: Path | None, out: Path) -> None:
+@_store_option
+def report_command(
+    home: Path, passphrase_file: Path | None, out: Path, store: str | None
+) -> None:
     """Write the next signed site report for HQ (`hq ingest-report`): every factory
     certificate seen, with the certificate as evidence, and every registration."""
     from registrar.report import write_site_report
@@ -941,7 +971,7 @@ def report_command(home: Path, passphrase_file: Path | None, out: Path) -> None:
 
     site = _open_site(home)
     try:
-        result = write_site_report(site, SiteSecrets(passphrase_file), out)
+        result = write_site_report(site, SiteSecrets(passphrase_file), out, store=store)
     except RegistrarError as exc:
         _fail(exc)
     click.echo(
@@ -956,22 +986,23 @@ def report_command(home: Path, passphrase_file: Path | None, out: Path) -> None:
 @main.command("pending")
 @_home_option
 @click.option("--json", "as_json", is_flag=True)
-def pending_command(home: Path, as_json: bool) -> None:
+@_store_option
+def pending_command(home: Path, as_json: bool, store: str | None) -> None:
     """Devices an admission plugin (e.g. hold_unlisted) holds for the installer's approval."""
     import json
     from dataclasses import asdict
 
-    from registrar.app import store_path
+    from registrar.app import store_location
     from registrar.store import PendingApproval, Store
 
     site = _open_site(home)
 
     async def read() -> list[PendingApproval]:
-        store = await Store.open(store_path(site))
+        opened = await Store.open(store_location(site, store))
         try:
-            return await store.pending()
+            return await opened.pending()
         finally:
-            await store.close()
+            await opened.close()
 
     import asyncio
 
@@ -995,7 +1026,8 @@ def pending_command(home: Path, as_json: bool) -> None:
 @main.command("approve")
 @_home_option
 @click.argument("device_id")
-def approve_command(home: Path, device_id: str) -> None:
+@_store_option
+def approve_command(home: Path, device_id: str, store: str | None) -> None:
     """Approve a held device: recorded durably (live through the running registrar, if one
     runs); the device's next retry registers. Approval admits only a device that passes
     every other check (chain, revocation, signature, CSR)."""
@@ -1011,11 +1043,11 @@ def approve_command(home: Path, device_id: str) -> None:
         _refused(RegistrarError(str(exc), reason="bad_device_id"))
 
     def offline() -> dict[str, Any]:
-        async def work(store: Any) -> dict[str, Any]:
-            pending = await store.approve(device, at=int(time.time()))
+        async def work(opened: Any) -> dict[str, Any]:
+            pending = await opened.approve(device, at=int(time.time()))
             return {"device_id": device.value, "was_pending": pending}
 
-        return dict(_run_offline(site, None, work))
+        return dict(_run_offline(site, None, work, store))
 
     try:
         result, live = _live_or_offline(site, "approve", {"device_id": device.value}, offline)

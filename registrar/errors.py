@@ -7,6 +7,8 @@
     ├── CommissionError      a site bundle was refused (``reason`` says why)
     ├── BrokerError          the broker could not be started, reloaded or commanded
     ├── StoreError           the registrar database failed
+    │   └── StoreConflict    a write the database refused as a duplicate (the same request,
+    │                        nonce or serial committed already, e.g. by another instance)
     ├── RolloverError        a site CA rollover step was refused (``ca_in_use``, ...)
     └── RegistrationRefused  one device's registration was refused (``reason`` is the public
                              reason code sent to the device; details go to the log only)
@@ -35,6 +37,10 @@ class BrokerError(RegistrarError):
 
 class StoreError(RegistrarError):
     reason = "store_failed"
+
+
+class StoreConflict(StoreError):
+    reason = "store_conflict"
 
 
 class RolloverError(RegistrarError):

@@ -147,7 +147,8 @@ class KeyDistributor:
     async def start(self, keyring: PayloadKeyring) -> None:
         """Load the schedule and the last update per device; note the current key."""
         self._schedule = await load_schedule(self._store, self._schedule.grace_s)
-        self._last_issued = {d: o[1] for d, o in (await self._store.key_offers()).items()}
+        # ``_last_issued`` fills per chunk when updates are built (a registry of millions
+        # is not read into memory at start)
         await self.use_keyring(keyring)
 
     async def use_keyring(self, keyring: PayloadKeyring) -> None:
@@ -177,22 +178,17 @@ class KeyDistributor:
         concurrently (QoS 1 acknowledgements overlap instead of one round trip each) and
         their offers recorded concurrently (one group commit instead of one fsync each)."""
         current = self.keyring.current.key_id
-        pending = [
-            r
-            for r in await self._store.devices()
-            if r.status == "registered" and r.payload_key_id != current
-        ]
         sent = 0
-        for first in range(0, len(pending), PUSH_CHUNK):
-            chunk = pending[first : first + PUSH_CHUNK]
+        async for chunk in self._store.device_pages(
+            size=PUSH_CHUNK, status="registered", not_key=current
+        ):
             try:
                 sent += await self._push_many(chunk)
             except BrokerError as exc:
                 log.warning(
-                    "payload-key updates: %d of %d sent; the rest follow when the registrar's "
+                    "payload-key updates: %d sent; the rest follow when the registrar's "
                     "MQTT session is back (%s)",
                     sent,
-                    len(pending),
                     exc,
                 )
                 break
@@ -206,6 +202,9 @@ class KeyDistributor:
     async def _push_many(self, records: list[DeviceRecord]) -> int:
         key = self.keyring.current
         now = self._now()
+        unknown = [r.device_id for r in records if r.device_id not in self._last_issued]
+        for device_id, offer in (await self._store.key_offers(unknown)).items():
+            self._last_issued[device_id] = offer[1]
         updates: list[tuple[DeviceId, int, bytes]] = []
         for record in records:
             device = DeviceId(record.device_id)

@@ -1,7 +1,7 @@
 """``registrar report``: the signed site report for HQ (format: :mod:`trustcore.site_report`).
 
-Reads the registrar database directly (SQLite in WAL mode: a running registrar keeps
-writing while the report reads a consistent snapshot), signs with the site CA key, and
+Reads the registrar store (either backend; a running registrar keeps writing while the
+report reads a consistent view), signs with the site CA key, and
 advances the site's report sequence in ``report.seq``. The sequence file is written before
 the report file (atomically, fsynced, under a lock), so a crash can skip a number but never
 reuse one: HQ refuses any report not newer than the last it accepted.
@@ -9,26 +9,32 @@ reuse one: HQ refuses any report not newer than the last it accepted.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
-import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 
-from registrar.app import store_path
-from registrar.errors import ConfigError, RegistrarError
+from registrar.app import store_location
+from registrar.errors import ConfigError, RegistrarError, StoreError
 from registrar.site import SiteHome, SiteSecrets, issuing_ca_key
+from registrar.store import DeviceRecord, Store
 from trustcore.errors import InvalidValueError
 from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.site_report import SeenCertificate, SiteRegistration, SiteReport, seal_site_report
 
-__all__ = ["ReportResult", "build_site_report", "write_site_report"]
+__all__ = [
+    "ReportData",
+    "ReportResult",
+    "build_site_report",
+    "read_report_data",
+    "write_site_report",
+]
 
 
 @dataclass(frozen=True)
@@ -70,37 +76,38 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-def _read_db(home: SiteHome) -> tuple[list[Any], list[Any]]:
-    path = store_path(home)
-    if not path.exists():
-        return [], []
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise ConfigError(f"cannot open {path}: {exc}", reason="store_failed") from exc
-    try:
-        try:
-            seen = conn.execute(
-                "SELECT station_id, serial, device_id, der, first_seen FROM factory_certs "
-                "ORDER BY first_seen, station_id, serial"
-            ).fetchall()
-        except sqlite3.OperationalError:  # a database from before sightings were recorded
-            seen = []
-        devices = conn.execute(
-            "SELECT device_id, station_id, idevid_serial, ldevid_serial, registered_at, "
-            "registrations, status FROM devices ORDER BY device_id"
-        ).fetchall()
-    except sqlite3.Error as exc:
-        raise ConfigError(f"cannot read {path}: {exc}", reason="store_failed") from exc
-    finally:
-        conn.close()
-    return seen, devices
+@dataclass(frozen=True)
+class ReportData:
+    """What the report is made of, as read from the store."""
+
+    seen: tuple[tuple[str, str, str, bytes, int], ...]  # station, serial, device, DER, first
+    devices: tuple[DeviceRecord, ...]
 
 
-def build_site_report(home: SiteHome, *, sequence: int, now: int) -> SiteReport:
-    """The report of everything the registrar database holds (pure read)."""
-    seen_rows, device_rows = _read_db(home)
-    registered = {(row[1], row[2]) for row in device_rows}  # (station, idevid serial)
+async def read_report_data(store: Store) -> ReportData:
+    """Sightings and registrations, read through the store (a running registrar keeps
+    writing meanwhile: SQLite WAL and PostgreSQL both give consistent reads)."""
+    return ReportData(tuple(await store.factory_sightings()), tuple(await store.devices()))
+
+
+def _read_store(home: SiteHome, store: str | None) -> ReportData:
+    location = store_location(home, store)
+    if location.kind == "sqlite" and not location.path.exists():
+        return ReportData((), ())
+
+    async def read() -> ReportData:
+        async with await Store.open(location) as opened:
+            return await read_report_data(opened)
+
+    try:
+        return asyncio.run(read())
+    except StoreError as exc:
+        raise ConfigError(f"cannot read the registrar store: {exc}", reason="store_failed") from exc
+
+
+def build_site_report(home: SiteHome, data: ReportData, *, sequence: int, now: int) -> SiteReport:
+    """The report of everything the registrar store holds (pure)."""
+    registered = {(d.station_id, d.idevid_serial) for d in data.devices}
     try:
         seen = tuple(
             SeenCertificate(
@@ -111,19 +118,19 @@ def build_site_report(home: SiteHome, *, sequence: int, now: int) -> SiteReport:
                 (station, serial) in registered,
                 bytes(der),
             )
-            for station, serial, device, der, first in seen_rows
+            for station, serial, device, der, first in data.seen
         )
         regs = tuple(
             SiteRegistration(
-                DeviceId(dev),
-                None if station is None else StationId(station),
-                CertSerial.from_hex(idevid),
-                CertSerial.from_hex(ldevid),
-                int(at),
-                int(count),
-                str(status),
+                DeviceId(d.device_id),
+                None if d.station_id is None else StationId(d.station_id),
+                CertSerial.from_hex(d.idevid_serial),
+                CertSerial.from_hex(d.ldevid_serial),
+                int(d.registered_at),
+                int(d.registrations),
+                str(d.status),
             )
-            for dev, station, idevid, ldevid, at, count, status in device_rows
+            for d in data.devices
         )
         return SiteReport(home.site_id, sequence, now, seen, regs)
     except InvalidValueError as exc:
@@ -131,9 +138,15 @@ def build_site_report(home: SiteHome, *, sequence: int, now: int) -> SiteReport:
 
 
 def write_site_report(
-    home: SiteHome, secrets: SiteSecrets, out: Path, *, now: int | None = None
+    home: SiteHome,
+    secrets: SiteSecrets,
+    out: Path,
+    *,
+    now: int | None = None,
+    store: str | None = None,
 ) -> ReportResult:
-    """Build, sign (site CA) and write the next report to ``out`` (never overwritten)."""
+    """Build, sign (site CA) and write the next report to ``out`` (never overwritten).
+    ``store``: the ``--store`` URL (None: the site home's SQLite file)."""
     if out.exists():
         raise RegistrarError(f"{out} exists; refusing to overwrite it", reason="io_error")
     if not home.commissioned:
@@ -150,7 +163,7 @@ def write_site_report(
             last = int(seq_path.read_text()) if seq_path.exists() else 0
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {seq_path}: {exc}") from exc
-        report = build_site_report(home, sequence=last + 1, now=moment)
+        report = build_site_report(home, _read_store(home, store), sequence=last + 1, now=moment)
         package = seal_site_report(report, site_ca_key=key, site_ca_cert=cert)
         try:
             _atomic_write(seq_path, str(report.sequence).encode())

@@ -24,12 +24,13 @@ timer, ``registrar revoke`` and ``import-revocations`` run offline) serialise on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -48,7 +49,7 @@ from registrar.site import (
 from registrar.store import DeviceRecord, Store
 from signers.software import write_private_file
 from trustcore.crl import RevokedEntry, load_crl, verify_crl
-from trustcore.errors import InvalidValueError, ProfileError, VerificationError
+from trustcore.errors import ProfileError, VerificationError
 from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.profiles import station_id_from_certificate
 from trustcore.revocation import (
@@ -67,13 +68,13 @@ __all__ = [
     "RevocationAwareVerifier",
     "RevocationError",
     "RevokeResult",
+    "crl_numbers",
     "enforce_revocation_list",
     "hq_data_freshness",
     "import_revocation_list",
     "read_revocation_list",
     "revocation_lock",
     "revoke_device",
-    "revoked_device_ids",
 ]
 
 log = logging.getLogger(__name__)
@@ -294,13 +295,18 @@ async def revoke_device(
             reason="unknown_device",
         )
     moment = datetime.now(UTC) if now is None else now
-    superseded = [s for s, dev, _ in await store.superseded_serials() if dev == device_id.value]
+    superseded = [s for s, _, _ in await store.superseded_serials(device_id)]
     serials = tuple(dict.fromkeys([record.ldevid_serial, *superseded]))
     entries = tuple(
         RevokedEntry(CertSerial.from_hex(s), moment, _CRL_REASON[reason]) for s in serials
     )
-    with revocation_lock(home):
-        crl = reissue_site_crl(home, secrets, revoke=entries, now=moment)
+    numbers = crl_numbers(store)
+
+    def reissue() -> x509.CertificateRevocationList:
+        with revocation_lock(home):
+            return reissue_site_crl(home, secrets, revoke=entries, now=moment, crl_number=numbers)
+
+    crl = await asyncio.to_thread(reissue)
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     already = record.status == "revoked"
     if not already:
@@ -460,28 +466,30 @@ async def enforce_revocation_list(
     """Revoke every registered device the list names and that is not revoked yet (also used
     at start-up: a re-commission may have brought a newer list while the registrar was
     down). Devices listed but not registered are refused when they try (the verifier)."""
+    # One bounded look-up per list entry (by device id first, then by factory certificate),
+    # never a walk over the whole registry.
     out = []
-    for record in await store.devices():
-        if record.status == "revoked":
+    matched: list[tuple[DeviceRecord, str]] = []
+    for entry in revocations.entries:
+        record = await store.device(entry.device_id)
+        if record is not None:
+            matched.append((record, entry.reason))
+    for entry in revocations.entries:
+        record = await store.device_by_idevid(entry.station_id.value, entry.serial.hex)
+        if record is not None:
+            matched.append((record, entry.reason))
+    done: set[str] = set()
+    for record, reason in matched:
+        if record.status == "revoked" or record.device_id in done:
             continue
-        entry = revocations.lookup(device_id=DeviceId(record.device_id))
-        if entry is None and record.station_id is not None:
-            try:
-                entry = revocations.lookup(
-                    station_id=StationId(record.station_id),
-                    serial=CertSerial.from_hex(record.idevid_serial),
-                )
-            except InvalidValueError:
-                entry = None
-        if entry is None:
-            continue
+        done.add(record.device_id)
         out.append(
             await revoke_device(
                 home=home,
                 secrets=secrets,
                 store=store,
                 device_id=DeviceId(record.device_id),
-                reason=entry.reason,
+                reason=reason,
                 broker=broker,
                 now=now,
             )
@@ -489,6 +497,13 @@ async def enforce_revocation_list(
     return tuple(out)
 
 
-def revoked_device_ids(records: Iterable[DeviceRecord]) -> set[DeviceId]:
-    """Device ids of store records whose status is ``revoked``."""
-    return {DeviceId(r.device_id) for r in records if r.status == "revoked"}
+def crl_numbers(store: Store) -> Callable[[int], int]:
+    """``crl_number`` for :func:`registrar.site.reissue_site_crl` run in a worker thread
+    (under the blocking :func:`revocation_lock`): the store's site-wide CRL sequence, asked
+    on this event loop. Call from the event loop's thread."""
+    loop = asyncio.get_running_loop()
+
+    def next_number(at_least: int) -> int:
+        return asyncio.run_coroutine_threadsafe(store.next_crl_number(at_least), loop).result(60)
+
+    return next_number

@@ -47,7 +47,7 @@ import json
 import os
 import secrets as _random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -834,22 +834,30 @@ def reissue_site_crl(
     *,
     revoke: tuple[RevokedEntry, ...] = (),
     now: datetime | None = None,
+    crl_number: Callable[[int], int] | None = None,
 ) -> x509.CertificateRevocationList:
     """Sign the next site CA CRL (previous entries + ``revoke``) and replace ``site-crl.pem``
     and ``crls.pem`` of the current state (each file atomically). For ``registrar run``
-    (refresh before nextUpdate) and ``registrar revoke``; reload the broker's CRLs after."""
+    (refresh before nextUpdate) and ``registrar revoke``; reload the broker's CRLs after.
+
+    ``crl_number(at_least)`` hands out the number (the store's site-wide sequence, shared
+    by every registrar instance: :meth:`registrar.store.Store.next_crl_number`); without
+    it the number is the current file's plus one (one registrar, or the store not open)."""
     if not home.commissioned:
         raise ConfigError("the site is not commissioned yet")
     moment = _now(now)
     site_key = issuing_ca_key(home, secrets)
     site_ca = x509.load_pem_x509_certificate((home.current / "site-ca.pem").read_bytes())
-    entries, number = _previous_site_crl(home, site_ca)
+    entries, previous = _previous_site_crl(home, site_ca)
+    number = previous + 1 if crl_number is None else crl_number(previous + 1)
+    if number <= previous:
+        raise ConfigError(f"CRL number {number} is not above the current site CRL's {previous}")
     known = {e.serial.value for e in entries}
     for entry in revoke:  # idempotent: a serial queued twice (two callers) is listed once
         if entry.serial.value not in known:
             known.add(entry.serial.value)
             entries.append(entry)
-    crl = _sign_site_crl(site_ca, site_key, entries, number + 1, moment)
+    crl = _sign_site_crl(site_ca, site_key, entries, number, moment)
     # A rollover overlap: the retiring CA's CRL gets the same entries (it may have issued
     # any serial being revoked) and stays as fresh as the issuing one.
     retiring = home.ca_key_names()[1]
@@ -858,7 +866,7 @@ def reissue_site_crl(
         old_cert = _current_cert(home, "retiring-ca.pem")
         if moment < old_cert.not_valid_after_utc:
             key = home.key(retiring, secrets)
-            own.append(_sign_site_crl(old_cert, key, entries, number + 1, moment))
+            own.append(_sign_site_crl(old_cert, key, entries, number, moment))
         else:  # expired: nothing of it verifies any more; ``registrar run`` retires it
             own.append(x509.load_pem_x509_crl((home.current / "retiring-crl.pem").read_bytes()))
     subjects = {c.issuer for c in own}

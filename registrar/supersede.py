@@ -37,7 +37,7 @@ from cryptography import x509
 
 from registrar.broker import Broker
 from registrar.errors import RegistrarError
-from registrar.revocation import revocation_lock
+from registrar.revocation import crl_numbers, revocation_lock
 from registrar.site import SiteHome, SiteSecrets, reissue_site_crl
 from registrar.store import Store
 from trustcore.crl import RevokedEntry
@@ -64,7 +64,10 @@ class SupersededCertificates:
         broker: Broker,
         handover_seconds: float,
         clock: Callable[[], datetime] = _now,
+        store: Store | None = None,
     ) -> None:
+        """``store``: CRL numbers come from its site-wide sequence (several instances)."""
+        self._store = store
         self._home = home
         self._secrets = secrets
         self._broker = broker
@@ -99,7 +102,8 @@ class SupersededCertificates:
                 batch, self._pending = self._pending, []
                 try:
                     merged = tuple(e for group, _ in batch for e in group)
-                    await asyncio.to_thread(self._reissue, merged)
+                    numbers = None if self._store is None else crl_numbers(self._store)
+                    await asyncio.to_thread(self._reissue, merged, numbers)
                     await self._broker.reload_crls()
                 except BaseException as exc:
                     for _, waiting in batch:
@@ -111,9 +115,13 @@ class SupersededCertificates:
                             waiting.set_result(None)
         await future
 
-    def _reissue(self, entries: tuple[RevokedEntry, ...]) -> None:
+    def _reissue(
+        self, entries: tuple[RevokedEntry, ...], numbers: Callable[[int], int] | None
+    ) -> None:
         with revocation_lock(self._home):
-            reissue_site_crl(self._home, self._secrets, revoke=entries, now=self._clock())
+            reissue_site_crl(
+                self._home, self._secrets, revoke=entries, now=self._clock(), crl_number=numbers
+            )
 
     async def _cut_later(self, device: DeviceId, serials: frozenset[int], mark: int) -> None:
         await asyncio.sleep(self._handover)

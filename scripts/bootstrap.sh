@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc openssl
-              mosquitto mosquitto-clients softhsm2 libfaketime)
+              mosquitto mosquitto-clients softhsm2 libfaketime postgresql)
 VENV=.venv
 STAMP="$VENV/.devtrust-installed"
 WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/devtrust/wheels"

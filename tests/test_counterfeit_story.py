@@ -48,7 +48,7 @@ from hq.cli import main as hq_main
 from hq.home import HqHome
 from registrar.app import AppSettings, running
 from registrar.cli import main as registrar_main
-from registrar.report import build_site_report
+from registrar.report import build_site_report, read_report_data
 from registrar.site import SiteHome, SiteSecrets
 from signers.software import SoftwareKey
 from signers.tpm import Tpm, TpmKey
@@ -273,7 +273,12 @@ async def _site_story(
 
         # the site report: sightings are queued writes; wait until the 15 are committed
         deadline = time.monotonic() + 5
-        while len(seen := build_site_report(site, sequence=1, now=0).seen) < 15:
+        assert app.store is not None
+        while True:
+            data = await read_report_data(app.store)
+            seen = build_site_report(site, data, sequence=1, now=0).seen
+            if len(seen) >= 15:
+                break
             assert time.monotonic() < deadline, f"only {len(seen)} sightings"
             await asyncio.sleep(0.05)
         report_file = tmp_path / "report-1.sealed"

@@ -1,4 +1,5 @@
-"""RegistrationService.handle driven directly (no broker) on real SQLite files: idempotency,
+"""RegistrationService.handle driven directly (no broker) on both real stores (a SQLite file
+and a PostgreSQL database): idempotency,
 replay, foreign keys, re-registration, junk, durability across reopen, group commit,
 payload-key storage and rotation."""
 
@@ -33,7 +34,7 @@ from trustcore.registration import (
 
 
 class Env:
-    def __init__(self, pki: Pki, db: Path, store: Store, payload_key: PayloadKey) -> None:
+    def __init__(self, pki: Pki, db: str, store: Store, payload_key: PayloadKey) -> None:
         self.pki = pki
         self.db = db
         self.store = store
@@ -64,8 +65,8 @@ class Env:
 
 
 @pytest.fixture
-async def env(pki: Pki, tmp_path: Path) -> AsyncIterator[Env]:
-    db = tmp_path / "registrar.db"
+async def env(pki: Pki, store_location: str) -> AsyncIterator[Env]:
+    db = store_location
     store = await Store.open(db)
     try:
         yield Env(pki, db, store, PayloadKey.generate())

@@ -538,7 +538,7 @@ async def test_schema_1_database_is_migrated(pki: Pki, tmp_path: Path) -> None:
     finally:
         await store.close()
     with sqlite3.connect(env.db) as db:
-        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
     from registrar.errors import StoreError
 
     with pytest.raises(StoreError):
