@@ -4,10 +4,12 @@
 a broker backend (embedded amqtt or Mosquitto), the registration service and the
 registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
 
-* **site channel** — the registrar's one MQTT session (identity ``registrar@site``; a
-  broker admits one live session per identity, so registration requests, telemetry, key
-  updates and commands all share it): serves ``devtrust/register/+/request`` through
-  :class:`~registrar.service.RegistrationService`, serves LDevID renewals on
+* **site channel** — the registrar's one MQTT session (:mod:`registrar.channel`; identity
+  ``registrar@site``; a broker admits one live session per identity, so registration
+  requests, telemetry, key updates and commands all share it): serves
+  ``devtrust/register/+/request`` through :class:`~registrar.service.RegistrationService`
+  (the only place requests are parsed and verified; it hands back the verified factory
+  certificate, recorded for ``registrar report``), serves LDevID renewals on
   ``devices/+/renewal/request`` (answer on ``devices/<id>/renewal/response``), decrypts
   ``devices/+/telemetry`` with the site payload keys (counts and digests only, for
   ``registrar status``), publishes payload-key updates (retained) and commands, and reads
@@ -45,17 +47,17 @@ import ssl
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import aiomqtt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
+from registrar.broker import Broker, BrokerSettings, BrokerTls, Endpoint
+from registrar.channel import TELEMETRY_LEVEL, MqttChannel, MqttChannelSettings, SiteTraffic
 from registrar.errors import BrokerError, ConfigError, RegistrarError
 from registrar.key_distribution import KeyDistributor
 from registrar.ldevid_policy import policy_json, read_ldevid_policy
@@ -79,15 +81,7 @@ from registrar.rollover import (
     note_migration,
     retire_site_ca,
 )
-from registrar.service import (
-    RENEWAL_LEVEL,
-    RENEWAL_REQUEST_LEVEL,
-    RegistrationService,
-    SiteAuthority,
-    device_id_from_renewal_topic,
-    device_id_from_request_topic,
-    messages_until,
-)
+from registrar.service import FactorySighting, RegistrationService, SiteAuthority
 from registrar.site import (
     SITE_CRL_VALIDITY,
     CommissionedSite,
@@ -101,16 +95,13 @@ from registrar.store import Store, StoreLocation, parse_store_location
 from registrar.supersede import SupersededCertificates
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
-from trustcore.key_rotation import KEY_ACK_LEVELS
 from trustcore.keys import Signer
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
-from trustcore.profiles import station_id_from_certificate
-from trustcore.registration import AdmissionContext, parse_request
+from trustcore.registration import AdmissionContext
 from trustcore.revocation import RevocationList
 from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
-from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
-from trustcore.verify import ChainVerifier, load_certificate
+from trustcore.topics import device_topic
 
 __all__ = [
     "COMMAND_LEVEL",
@@ -118,7 +109,6 @@ __all__ = [
     "AppSettings",
     "RegistrarApp",
     "RotationResult",
-    "SiteChannel",
     "import_json",
     "instance_lock",
     "read_status",
@@ -139,7 +129,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-TELEMETRY_LEVEL = "telemetry"
 COMMAND_LEVEL = "cmd"
 #: Re-issue the site CRL when less than this is left before its nextUpdate.
 SITE_CRL_REFRESH_MARGIN = SITE_CRL_VALIDITY / 2
@@ -351,191 +340,6 @@ class _Telemetry:
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=_RECENT))
 
 
-# ---------------------------------------------------------------------------- MQTT session
-
-
-class SiteChannel:
-    """The registrar's MQTT session on the operational listener.
-
-    Registration requests are served as :func:`registrar.service.run_mqtt` serves them
-    (persistent session, bounded concurrency, reconnect after an outage); this class exists
-    because the registrar also needs to publish (key updates, commands) and read telemetry,
-    and a second session with the same certificate would be a takeover (clone signal).
-    """
-
-    def __init__(
-        self,
-        service: RegistrationService,
-        endpoint: Endpoint,
-        tls: ssl.SSLContext,
-        *,
-        on_telemetry: Callable[[DeviceId, str, bytes, bool], None],
-        concurrency: int = 512,
-        reconnect_delay: float = 0.5,
-        on_request: Callable[[DeviceId, bytes], None] | None = None,
-        on_key_ack: Callable[[DeviceId, bytes, bool], object] | None = None,
-        on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
-    ) -> None:
-        self._service = service
-        self._on_request = on_request
-        self._endpoint = endpoint
-        self._tls = tls
-        self._on_telemetry = on_telemetry
-        self._on_key_ack = on_key_ack
-        self._on_connected = on_connected
-        self._limit = asyncio.Semaphore(concurrency)
-        self._reconnect_delay = reconnect_delay
-        self._client: aiomqtt.Client | None = None
-        self.connected = asyncio.Event()
-
-    def use_tls(self, tls: ssl.SSLContext) -> None:
-        """A new client certificate (site CA rollover): used from the next (re)connect."""
-        self._tls = tls
-
-    async def publish(
-        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            client = self._client
-            if client is not None and self.connected.is_set():
-                try:
-                    await client.publish(topic, payload, qos=1, retain=retain, timeout=timeout)
-                    return
-                except aiomqtt.MqttError as exc:
-                    if time.monotonic() > deadline:
-                        raise BrokerError(f"cannot publish on {topic}: {exc}") from exc
-            elif time.monotonic() > deadline:
-                raise BrokerError("the registrar's MQTT session is not connected")
-            await asyncio.sleep(0.05)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        tasks: set[asyncio.Task[None]] = set()
-        while not stop.is_set():
-            try:
-                client = aiomqtt.Client(
-                    self._endpoint.host,
-                    self._endpoint.port,
-                    identifier=REGISTRAR_IDENTITY,
-                    protocol=aiomqtt.ProtocolVersion.V311,
-                    tls_context=self._tls,
-                    clean_session=False,
-                    keepalive=30,
-                    max_queued_outgoing_messages=None,
-                )
-                async with client:
-                    await client.subscribe(f"{REGISTRATION_PREFIX}/+/request", qos=1)
-                    await client.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
-                    await client.subscribe(f"{DEVICE_PREFIX}/+/{RENEWAL_REQUEST_LEVEL}", qos=1)
-                    if self._on_key_ack is not None:
-                        await client.subscribe(_KEY_ACK_FILTER, qos=1)
-                    self._client = client
-                    self.connected.set()
-                    if self._on_connected is not None:
-                        # e.g. pending key updates: the broker may have restarted and lost
-                        # its retained messages; served while the read loop runs.
-                        task = asyncio.create_task(self._on_connected())
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                    await self._read(client, stop, tasks)
-            except aiomqtt.MqttError as exc:
-                if stop.is_set():
-                    break
-                log.warning("registrar MQTT session lost (%s); reconnecting", exc)
-            finally:
-                self.connected.clear()
-                self._client = None
-                if tasks:
-                    await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._reconnect_delay)
-
-    async def _read(
-        self, client: aiomqtt.Client, stop: asyncio.Event, tasks: set[asyncio.Task[None]]
-    ) -> None:
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            async for message in messages_until(client, stopper):
-                topic = str(message.topic)
-                payload = message.payload
-                if not isinstance(payload, bytes | bytearray):
-                    continue
-                device = device_id_from_request_topic(topic)
-                if device is not None:
-                    await self._limit.acquire()
-                    task = asyncio.create_task(self._serve(client, device, bytes(payload)))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    continue
-                renewing = device_id_from_renewal_topic(topic)
-                if renewing is not None:
-                    await self._limit.acquire()
-                    task = asyncio.create_task(
-                        self._serve_renewal(client, renewing, bytes(payload))
-                    )
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    continue
-                telemetry = _telemetry_device(topic)
-                if telemetry is not None:
-                    self._on_telemetry(telemetry, topic, bytes(payload), bool(message.retain))
-                elif (acked := _key_ack_device(topic)) is not None and self._on_key_ack:
-                    self._on_key_ack(acked, bytes(payload), bool(message.retain))
-                else:
-                    log.warning("ignored message on %r", topic[:200])
-        finally:
-            stopper.cancel()
-
-    async def _serve(self, client: aiomqtt.Client, device: DeviceId, payload: bytes) -> None:
-        try:
-            response = await self._service.handle(device, payload)
-            await client.publish(f"{REGISTRATION_PREFIX}/{device.value}/response", response, qos=1)
-            if self._on_request is not None:
-                self._on_request(device, payload)
-        except aiomqtt.MqttError as exc:
-            log.warning("could not publish the response to %s: %s", device, exc)
-        except Exception:
-            log.exception("registration of %s failed unexpectedly", device)
-        finally:
-            self._limit.release()
-
-    async def _serve_renewal(
-        self, client: aiomqtt.Client, device: DeviceId, payload: bytes
-    ) -> None:
-        try:
-            response = await self._service.handle_renewal(device, payload)
-            await client.publish(device_topic(device, RENEWAL_LEVEL, "response"), response, qos=1)
-        except aiomqtt.MqttError as exc:
-            log.warning("could not publish the renewal answer to %s: %s", device, exc)
-        except Exception:
-            log.exception("renewal of %s failed unexpectedly", device)
-        finally:
-            self._limit.release()
-
-
-_KEY_ACK_FILTER = "/".join((DEVICE_PREFIX, "+", *KEY_ACK_LEVELS))
-
-
-def _key_ack_device(topic: str) -> DeviceId | None:
-    parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != DEVICE_PREFIX or tuple(parts[2:]) != KEY_ACK_LEVELS:
-        return None
-    try:
-        return DeviceId(parts[1])
-    except InvalidValueError:
-        return None
-
-
-def _telemetry_device(topic: str) -> DeviceId | None:
-    parts = topic.split("/")
-    if len(parts) != 3 or parts[0] != DEVICE_PREFIX or parts[2] != TELEMETRY_LEVEL:
-        return None
-    try:
-        return DeviceId(parts[1])
-    except InvalidValueError:
-        return None
-
-
 # ------------------------------------------------------------------------------ the app
 
 
@@ -623,7 +427,7 @@ class RegistrarApp:
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.service: RegistrationService | None = None
-        self.channel: SiteChannel | None = None
+        self.channel: MqttChannel | None = None
         self.keyring: PayloadKeyring | None = None
         self.revocations: RevocationList | None = None
         self._revoked: set[DeviceId] = set()
@@ -718,15 +522,19 @@ class RegistrarApp:
         await self.keys.start(self.keyring)
         op = broker.operational_endpoint
         host = "127.0.0.1" if op.host in ("0.0.0.0", "", "::") else op.host  # noqa: S104
-        self.channel = SiteChannel(
-            self.service,
-            Endpoint(host, op.port),
+        self.channel = MqttChannel(
+            MqttChannelSettings(
+                endpoint=Endpoint(host, op.port),
+                workers=self.settings.concurrency,
+            ),
             _client_context(site, passphrase),
-            on_telemetry=self._telemetry_received,
-            concurrency=self.settings.concurrency,
-            on_request=self._factory_certificate_seen,
-            on_key_ack=self.keys.ack_received,
-            on_connected=self._catch_up_key_updates,
+            SiteTraffic(
+                register=self._register,
+                renew=self._renew,
+                telemetry=self._telemetry_received,
+                key_ack=self.keys.ack_received,
+                connected=self._catch_up_key_updates,
+            ),
         )
         self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
         try:
@@ -955,36 +763,28 @@ class RegistrarApp:
 
     # -- telemetry ----------------------------------------------------------------------------
 
-    def _factory_certificate_seen(self, device: DeviceId, payload: bytes) -> None:
-        """Record the factory certificate of a registration request for ``registrar report``.
+    async def _register(self, device: DeviceId, payload: bytes) -> bytes:
+        """One registration: the service parses and verifies it once and hands back the
+        verified factory certificate, recorded here for ``registrar report``."""
+        return await self._require(self.service).handle(
+            device, payload, seen=self._factory_certificate_seen
+        )
 
-        Only a certificate whose chain verifies to the root is recorded (junk cannot fill
-        the table); HQ revocations are NOT applied here (the base verifier), because a
-        revoked certificate that keeps trying is evidence HQ wants too."""
-        service, store = self.service, self.store
-        if service is None or store is None:
-            return
-        try:
-            request = parse_request(payload)
-            identity = ChainVerifier.verify(
-                service.verifier,
-                request.idevid_der,
-                now=datetime.now(UTC),
-                intermediates=[load_certificate(c) for c in request.chain_der],
-                require_device_id=True,
-            )
-            station = station_id_from_certificate(identity.issuer)
-        except (TrustCoreError, ValueError) as exc:
-            log.debug("no factory-certificate sighting for %s: %s", device, exc)
-            return
-        if identity.device_id is None:
+    async def _renew(self, device: DeviceId, payload: bytes) -> bytes:
+        return await self._require(self.service).handle_renewal(device, payload)
+
+    def _factory_certificate_seen(self, sighting: FactorySighting) -> None:
+        """Record a factory certificate whose chain the service verified (junk cannot
+        fill the table), at the moment on the service's clock."""
+        store = self.store
+        if store is None:
             return
         store.note_factory_certificate(
-            station_id=station.value,
-            serial=format(identity.leaf.serial_number, "x"),
-            device_id=identity.device_id,
-            der=request.idevid_der,
-            at=int(time.time()),
+            station_id=sighting.station_id,
+            serial=sighting.serial,
+            device_id=sighting.device_id,
+            der=sighting.der,
+            at=int(sighting.at.timestamp()),
         )
 
     def _telemetry_received(
