@@ -659,6 +659,7 @@ def commissioned_runtime(home: Path, passphrase_file: Path, kind: BrokerKind) ->
 
 
 _RUNNING = re.compile(rb"registration (\S+):(\d+), operational (\S+):(\d+)")
+_JOINED = re.compile(rb"serving on (\S+):(\d+)")
 
 
 class RegistrarProcess:
@@ -710,6 +711,9 @@ class RegistrarProcess:
                 reg = Endpoint(match.group(1).decode(), int(match.group(2)))
                 op = Endpoint(match.group(3).decode(), int(match.group(4)))
                 return cls(proc, reg, op)
+            if (match := _JOINED.search(line)) is not None:  # --join: no listener of its own
+                op = Endpoint(match.group(1).decode(), int(match.group(2)))
+                return cls(proc, op, op)
 
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.pid)

@@ -55,8 +55,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from registrar.broker import Broker, BrokerSettings, BrokerTls, Endpoint
+from broker_config.render import MAX_REGISTRAR_INSTANCES, instance_identity
+from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
 from registrar.channel import TELEMETRY_LEVEL, MqttChannel, MqttChannelSettings, SiteTraffic
 from registrar.errors import BrokerError, ConfigError, RegistrarError
 from registrar.key_distribution import KeyDistributor
@@ -93,12 +95,15 @@ from registrar.site import (
 )
 from registrar.store import Store, StoreLocation, parse_store_location
 from registrar.supersede import SupersededCertificates
+from signers.software import load_ssl_identity
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.keys import Signer
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
+from trustcore.profiles import issue_service_client_certificate
 from trustcore.registration import AdmissionContext
+from trustcore.renewal import LdevidPolicy
 from trustcore.revocation import RevocationList
 from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
 from trustcore.topics import device_topic
@@ -110,6 +115,7 @@ __all__ = [
     "RegistrarApp",
     "RotationResult",
     "import_json",
+    "instance_context",
     "instance_lock",
     "read_status",
     "registrar_running",
@@ -138,6 +144,10 @@ CRL_WARNING_MARGIN = timedelta(days=1)
 #: (LDevIDs are cut at the CA's end, so they get shorter and shorter after this point).
 SITE_CA_WARNING_MARGIN = timedelta(days=365)
 _RECENT = 50
+#: The shared-subscription group of a site's registrar instances (Mosquitto).
+SHARED_GROUP = "registrars"
+#: Validity of a joining instance's in-memory client certificate.
+INSTANCE_CERT_VALIDITY = timedelta(days=7)
 _SPOOL_COMMANDS = (
     "revoke",
     "import-revocations",
@@ -314,10 +324,29 @@ class AppSettings:
     concurrency: int = 512
     #: ``--store URL``; None: the site home's SQLite file (:func:`store_location`).
     store: str | None = None
+    #: ``--instance N``: this registrar's number among the site's instances (1: the one
+    #: that runs the broker and the site duties; 2..16 join it, see :attr:`join`).
+    instance: int = 1
+    #: ``--join HOST:PORT``: the operational listener of the Mosquitto broker that instance
+    #: 1 runs; this instance serves requests there and starts no broker of its own.
+    join: Endpoint | None = None
 
     def __post_init__(self) -> None:
         if self.broker not in ("embedded", "mosquitto"):
             raise ConfigError(f"unknown broker {self.broker!r}")
+        if not 1 <= self.instance <= MAX_REGISTRAR_INSTANCES:
+            raise ConfigError(f"--instance must be 1..{MAX_REGISTRAR_INSTANCES}")
+        if self.instance > 1 or self.join is not None:
+            if self.broker != "mosquitto":
+                raise ConfigError(
+                    "the embedded broker serves one registrar instance (MQTT 3.1.1 has no "
+                    "shared subscriptions): several instances need --broker mosquitto"
+                )
+            if self.join is None or self.instance == 1:
+                raise ConfigError(
+                    "instance 1 runs the broker; instances 2..16 join it with "
+                    "--instance N --join HOST:PORT (its operational listener)"
+                )
         for port in (self.registration_port, self.operational_port):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"bad port {port}")
@@ -366,6 +395,29 @@ def _client_context(site: CommissionedSite, passphrase: bytes) -> ssl.SSLContext
         ctx.load_cert_chain(site.client_cert, site.client_key, password=passphrase)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the registrar client certificate: {exc}") from exc
+    return ctx
+
+
+def instance_context(site: CommissionedSite, instance: int) -> ssl.SSLContext:
+    """The client identity of registrar instance ``instance`` (2..16): a fresh key made in
+    memory and a certificate for ``registrar.<n>@site`` from the site CA, valid for a week
+    (an instance restarts with a new one). The key never leaves this process."""
+    now = datetime.now(UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    not_after = min(now + INSTANCE_CERT_VALIDITY, site.site_ca_cert.not_valid_after_utc)
+    cert = issue_service_client_certificate(
+        site.site_ca_cert,
+        site.site_ca_key.private_key(),
+        key.public_key(),
+        service_name=instance_identity(REGISTRAR_IDENTITY, instance),
+        organization=site.organization,
+        not_before=now - timedelta(minutes=5),
+        not_after=not_after,
+    )
+    pem = serialization.Encoding.PEM
+    ctx = ssl.create_default_context(cadata=site.root.public_bytes(pem).decode("ascii"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_ssl_identity(ctx, cert.public_bytes(pem) + site.site_ca_cert.public_bytes(pem), key)
     return ctx
 
 
@@ -432,10 +484,21 @@ class RegistrarApp:
         self.revocations: RevocationList | None = None
         self._revoked: set[DeviceId] = set()
         self.superseded: SupersededCertificates | None = None
+        self._superseded_due = asyncio.Event()
 
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        join = self.settings.join
+        if join is not None:
+            # Instance 1 holds the site lock (offline commands wait for it); a joining
+            # instance may run on another machine and coordinates through the store only.
+            try:
+                await self._start_joined(join)
+            except BaseException:
+                await self.stop()
+                raise
+            return
         lock = instance_lock(self.home, wait=10.0)
         if not lock.__enter__():
             lock.__exit__(None, None, None)
@@ -449,18 +512,21 @@ class RegistrarApp:
             await self.stop()
             raise
 
-    async def _start(self) -> None:
-        self._started = time.time()
-        passphrase = self.secrets.passphrase()
-        await asyncio.to_thread(self.refresh_site_crl_if_due)
-        await asyncio.to_thread(self.refresh_service_certificates_if_due)
+    async def _open_service(self) -> tuple[CommissionedSite, Store, LdevidPolicy]:
+        """The commissioned site, the store and the registration service (every instance)."""
         site = await asyncio.to_thread(load_commissioned_site, self.home, self.secrets)
         self.site = site
         self._state_target = str(self.home.current.readlink())
         self.keyring = await asyncio.to_thread(site.payload_keys.load)
         self.revocations = site.revocations
-        self.store = store = await Store.open(store_location(self.home, self.settings.store))
-        self._revoked = await store.revoked_device_ids()
+        location = store_location(self.home, self.settings.store)
+        if self.settings.join is not None and location.kind != "postgres":
+            raise ConfigError(
+                "several registrar instances share one PostgreSQL store "
+                "(--store postgresql://…); a SQLite store serves one instance"
+            )
+        self.store = store = await Store.open(location)
+        self._revoked.update(await store.revoked_device_ids())
         policy = read_ldevid_policy(self.home.path)
         self.service = RegistrationService(
             store=store,
@@ -475,6 +541,53 @@ class RegistrarApp:
             clock=self._clock,
         )
         self.service.use_site_authority(_site_authority(site, policy.validity))  # + retiring
+        return site, store, policy
+
+    def _channel_settings(self, endpoint: Endpoint, *, site_duties: bool) -> MqttChannelSettings:
+        """Mosquitto: MQTT v5, requests through ``$share/registrars/…`` (one instance or
+        several, the same path); amqtt: MQTT 3.1.1, one instance."""
+        mosquitto = self.settings.broker == "mosquitto"
+        return MqttChannelSettings(
+            endpoint=endpoint,
+            client_id=instance_identity(REGISTRAR_IDENTITY, self.settings.instance),
+            protocol="5" if mosquitto else "3.1.1",
+            shared_group=SHARED_GROUP if mosquitto else None,
+            site_duties=site_duties,
+            workers=self.settings.concurrency,
+        )
+
+    async def _start_joined(self, join: Endpoint) -> None:
+        """Instance 2..16: serve requests on the broker instance 1 runs. No broker, no
+        spool, no CRL timer, no key distribution (instance 1's duties); it follows the
+        other instances through the store's change feed (revocations, payload keys)."""
+        self._started = time.time()
+        site, _store, _policy = await self._open_service()
+        tls = await asyncio.to_thread(instance_context, site, self.settings.instance)
+        self.channel = MqttChannel(
+            self._channel_settings(join, site_duties=False),
+            tls,
+            SiteTraffic(register=self._register, renew=self._renew),
+        )
+        self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
+        self._tasks.append(asyncio.create_task(self._follow_changes(), name="changes"))
+        try:
+            await asyncio.wait_for(self.channel.connected.wait(), 15)
+        except TimeoutError as exc:
+            raise BrokerError(f"instance {self.settings.instance} could not join {join}") from exc
+        log.info(
+            "registrar instance %d for site %s serving on %s:%d",
+            self.settings.instance,
+            self.home.site_id,
+            join.host,
+            join.port,
+        )
+
+    async def _start(self) -> None:
+        self._started = time.time()
+        passphrase = self.secrets.passphrase()
+        await asyncio.to_thread(self.refresh_site_crl_if_due)
+        await asyncio.to_thread(self.refresh_service_certificates_if_due)
+        site, store, policy = await self._open_service()
         self.check_crls()
         workdir = self._workdir or run_dir(self.home) / f"broker-{self.settings.broker}"
         settings = BrokerSettings(
@@ -508,7 +621,7 @@ class RegistrarApp:
             handover_seconds=policy.handover_seconds,
             store=store,
         )
-        self.service.on_superseded = self.superseded.supersede
+        self._require(self.service).on_superseded = self.superseded.supersede
         await self.superseded.reconcile(store)
         self.keys = KeyDistributor(
             store=store,
@@ -519,14 +632,11 @@ class RegistrarApp:
             clock=self._clock,
             grace_s=self.home.config.payload_key_grace_s,
         )
-        await self.keys.start(self.keyring)
+        await self.keys.start(self._require(self.keyring))
         op = broker.operational_endpoint
         host = "127.0.0.1" if op.host in ("0.0.0.0", "", "::") else op.host  # noqa: S104
         self.channel = MqttChannel(
-            MqttChannelSettings(
-                endpoint=Endpoint(host, op.port),
-                workers=self.settings.concurrency,
-            ),
+            self._channel_settings(Endpoint(host, op.port), site_duties=True),
             _client_context(site, passphrase),
             SiteTraffic(
                 register=self._register,
@@ -547,6 +657,8 @@ class RegistrarApp:
             asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
             asyncio.create_task(self._loop(self.settings.status_interval, self._write_status)),
+            asyncio.create_task(self._follow_changes(), name="changes"),
+            asyncio.create_task(self._reconcile_superseded(), name="superseded"),
         ]
         await self._write_status()
         log.info(
@@ -627,6 +739,53 @@ class RegistrarApp:
                 log.exception("registrar background step %s failed", step.__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval)
+
+    # -- other instances (the store's change feed) -----------------------------------------
+
+    async def _follow_changes(self) -> None:
+        """What other instances commit (PostgreSQL's feed arrives within milliseconds): a
+        revocation is refused here from the next request on; a payload-key rotation
+        (instance 1) is used for the next registration; a registration or renewal that
+        superseded an LDevID gets it onto the site CRL (instance 1, which owns the broker).
+        A ``resync`` (the feed reconnected or fell behind) re-reads the revocations."""
+        store = self._require(self.store)
+        async for change in store.changes():
+            if change.origin == store.instance:
+                continue
+            try:
+                if change.kind == "revoked" and change.device_id is not None:
+                    self._revoked.add(DeviceId(change.device_id))
+                elif change.kind == "resync":
+                    self._revoked.update(await store.revoked_device_ids())
+                    self._superseded_due.set()
+                elif change.kind == "payload_key" and change.device_id is None:
+                    await self._reload_payload_key()
+                elif change.kind in ("registered", "renewed"):
+                    self._superseded_due.set()
+            except (RegistrarError, TrustCoreError, OSError) as exc:
+                log.error("change %s from %s not applied: %s", change.kind, change.origin, exc)
+
+    async def _reload_payload_key(self) -> None:
+        site, service = self._require(self.site), self._require(self.service)
+        self.keyring = await asyncio.to_thread(site.payload_keys.load)
+        service.use_payload_key(self.keyring.current)
+        log.info(
+            "payload key %s in use (rotated by another instance)", self.keyring.current.key_id.hex()
+        )
+
+    async def _reconcile_superseded(self) -> None:
+        """Instance 1: LDevIDs superseded by registrations and renewals that other
+        instances served go onto the site CRL (one CRL for a burst of them)."""
+        while not self._stop.is_set():
+            await self._superseded_due.wait()
+            await asyncio.sleep(0.1)
+            self._superseded_due.clear()
+            if self.superseded is None or self.store is None:
+                continue
+            try:
+                await self.superseded.reconcile(self.store)
+            except (RegistrarError, TrustCoreError, OSError) as exc:
+                log.error("superseded LDevIDs of other instances not on the CRL yet: %s", exc)
 
     # -- operations (spool commands and in-process callers) ---------------------------------
 

@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from broker_config.render import (
     MosquittoConfig,
     listener_trust,
+    registrar_identities,
     render_mosquitto_conf,
     render_operational_acl,
     render_registration_acl,
@@ -733,8 +734,8 @@ class MosquittoBroker:
         this object the registrar re-applies them from its store.
         """
         identity = _check_identity(identity)
-        if identity == self._registrar_identity:
-            raise BrokerError("refusing to block the registrar's own identity")
+        if identity in registrar_identities(self._registrar_identity):
+            raise BrokerError("refusing to block a registrar instance's identity")
         self._blocked.add(identity)
         await self.reload_crls()
         await self.disconnect(identity)

@@ -1,0 +1,233 @@
+"""Several ``registrar run`` instances on one site: real processes, one real Mosquitto (run
+by instance 1), one real PostgreSQL database shared by all, software-key devices.
+
+* a fleet registers through three instances: every device exactly once (one device row,
+  one certificate, unique serials), and every instance served part of it (MQTT v5 shared
+  subscription);
+* a revocation received by one instance (the spool of instance 1) is enforced by all three
+  within a second (store change feed), and the live session is cut once;
+* kill -9 of one of three instances while a fleet registers: nothing lost, nothing
+  duplicated, devices whose request died with it succeed by re-sending, and registrations
+  go on after the kill (the rate after it is measured);
+* one instance only on SQLite or on the embedded broker: a clear one-line error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from click.testing import CliRunner
+
+from bench.site_fixture import BenchSite, RegistrarProcess, build_commissioned_site
+from device_sim.client import DeviceClient, Registered
+from device_sim.fleet import software_device
+from registrar.app import instance_context, submit_command
+from registrar.cli import main as registrar_main
+from registrar.site import SiteHome, load_commissioned_site
+from registrar.store import Store
+from tests.fixtures.postgres import PgServer, create_database, drop_database
+from trustcore.registration import RegistrationDenied, parse_request, parse_response
+from trustcore.topics import registration_request_topic, registration_response_topic
+
+pytestmark = [pytest.mark.slow]
+
+
+@dataclass
+class Site:
+    bench: BenchSite
+    store_url: str
+    registrars: list[RegistrarProcess]
+    logs: Path
+
+    def log_of(self, instance: int) -> str:
+        return (self.logs / f"registrar-{instance}.log").read_text(errors="replace")
+
+
+@pytest.fixture
+async def site(tmp_path: Path, pg_server: PgServer) -> AsyncIterator[Site]:
+    """Instance 1 (Mosquitto, site duties) and instances 2 and 3 joining it."""
+    bench = build_commissioned_site(tmp_path / "world")
+    name = create_database(pg_server)
+    url = pg_server.url_of(name)
+    registrars: list[RegistrarProcess] = []
+    try:
+        first = await RegistrarProcess.start(
+            bench,
+            [
+                *("--broker", "mosquitto", "--registration-port", "0", "--operational-port", "0"),
+                *("--store", url),
+            ],
+            log_file=tmp_path / "registrar-1.log",
+        )
+        registrars.append(first)
+        op = first.operational_endpoint
+        for k in (2, 3):
+            registrars.append(
+                await RegistrarProcess.start(
+                    bench,
+                    [
+                        *("--broker", "mosquitto", "--instance", str(k)),
+                        *("--join", f"{op.host}:{op.port}", "--store", url),
+                    ],
+                    log_file=tmp_path / f"registrar-{k}.log",
+                )
+            )
+        yield Site(bench, url, registrars, tmp_path)
+    finally:
+        codes = [await r.stop() for r in reversed(registrars)]
+        drop_database(pg_server, name)
+    assert all(code in (0, -9) for code in codes), codes
+
+
+async def _totals(url: str) -> tuple[int, int, int]:
+    """(device rows, certificates, distinct serials) in the shared store."""
+    store = await Store.open(url)
+    try:
+        devices = (await store.counts())["devices"]
+        certificates = await store.certificates()
+    finally:
+        await store.close()
+    return devices, len(certificates), len({c.serial for c in certificates})
+
+
+async def _register_all(
+    devices: list[DeviceClient], site: Site, done: list[float] | None = None
+) -> list[Registered | BaseException]:
+    endpoint = site.registrars[0].registration_endpoint
+
+    async def one(device: DeviceClient) -> Registered:
+        # resend_after: the identical request again when no answer came (an instance died
+        # with it); the answer is idempotent.
+        registered = await device.register(endpoint, timeout=30, resend_after=1.0, attempts=2)
+        if done is not None:
+            done.append(time.monotonic())
+        return registered
+
+    return await asyncio.gather(*(one(d) for d in devices), return_exceptions=True)
+
+
+async def test_three_instances_register_a_fleet_exactly_once(site: Site) -> None:
+    devices = [software_device(d.credentials()) for d in site.bench.factory_devices(90)]
+    results = await _register_all(devices, site)
+    failed = [r for r in results if not isinstance(r, Registered)]
+    assert not failed, failed[:3]
+    serials = {r.ldevid.serial_number for r in results if isinstance(r, Registered)}
+    assert len(serials) == 90
+    assert await _totals(site.store_url) == (90, 90, 90)
+    # the request stream was split: each instance registered some of the fleet
+    served = [site.log_of(k).count("INFO registrar.service: registered ") for k in (1, 2, 3)]
+    assert sum(served) == 90 and min(served) > 0, served
+
+
+async def _injected_refusals(site: Site, device: DeviceClient, count: int) -> list[str]:
+    """Fresh registration requests of ``device`` published past the broker's block (as
+    registrar instance 16 may, on the operational listener), so that the instances, not
+    the broker, must refuse them; returns the reasons answered."""
+    home = SiteHome.open(site.bench.home)
+    commissioned = load_commissioned_site(home, site.bench.secrets())
+    tls = instance_context(commissioned, 16)
+    op = site.registrars[0].operational_endpoint
+    reasons: list[str] = []
+    async with aiomqtt.Client(
+        op.host,
+        op.port,
+        identifier="registrar.16@site",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        tls_context=tls,
+    ) as client:
+        await client.subscribe(registration_response_topic(device.device_id), qos=1)
+        messages = client.messages.__aiter__()
+        for _ in range(count):
+            request, ldevid_key, _wrap = device.new_request()
+            parsed = parse_request(request)
+            await client.publish(registration_request_topic(device.device_id), request, qos=1)
+            message = await asyncio.wait_for(messages.__anext__(), 10)
+            assert isinstance(message.payload, bytes)
+            result = parse_response(
+                message.payload,
+                device_id=device.device_id,
+                nonce=parsed.nonce,
+                request_digest=parsed.digest,
+                ldevid_public_key=ldevid_key.public_key(),
+                roots=(site.bench.root,),
+                now=datetime.now(UTC),
+            )
+            reasons.append(result.reason if isinstance(result, RegistrationDenied) else "granted")
+    return reasons
+
+
+async def test_revocation_is_enforced_by_every_instance_and_cut_once(site: Site) -> None:
+    devices = [software_device(d.credentials()) for d in site.bench.factory_devices(6)]
+    results = await _register_all(devices, site)
+    assert all(isinstance(r, Registered) for r in results), results
+    victim = devices[0]
+    async with victim.operational(site.registrars[0].operational_endpoint):
+        answer = await asyncio.to_thread(
+            submit_command,
+            SiteHome.open(site.bench.home),
+            "revoke",
+            {"device_id": victim.device_id.value, "reason": "key_compromise"},
+        )
+        revoked_at = time.monotonic()
+    assert answer is not None and answer["ok"], answer
+    assert answer["result"]["sessions_cut"] == 1  # cut once, by the instance owning the broker
+    await asyncio.sleep(0.2)
+    reasons = await _injected_refusals(site, victim, 9)
+    assert time.monotonic() - revoked_at < 1.0 + 9 * 0.1  # the first ones well within 1 s
+    assert reasons == ["revoked"] * 9, reasons
+    refused = [
+        site.log_of(k).count(f"refused registration on {victim.device_id}") for k in (1, 2, 3)
+    ]
+    assert sum(refused) == 9 and min(refused) > 0, refused  # every instance refused some
+    # the others are untouched
+    assert (await _totals(site.store_url))[0] == 6
+
+
+async def test_kill_one_of_three_under_load_loses_and_duplicates_nothing(site: Site) -> None:
+    devices = [software_device(d.credentials()) for d in site.bench.factory_devices(240)]
+    done: list[float] = []
+    started = time.monotonic()
+    wave = asyncio.ensure_future(_register_all(devices, site, done))
+    while len(done) < 60:
+        assert not wave.done() and time.monotonic() - started < 60
+        await asyncio.sleep(0.01)
+    site.registrars[2].kill()
+    killed = time.monotonic()
+    results = await wave
+    failed = [r for r in results if not isinstance(r, Registered)]
+    assert not failed, failed[:3]
+    assert await _totals(site.store_url) == (240, 240, 240)  # no loss, no duplicate
+    after = sorted(t for t in done if t > killed)
+    assert len(after) > 60  # registrations went on after the kill
+    span = after[-1] - killed
+    rate_before = 60 / (killed - started)
+    rate_after = len(after) / span
+    print(f"kill -9 under load: {rate_before:.0f}/s before, {rate_after:.0f}/s after")
+    assert rate_after > 0.25 * rate_before
+
+
+def test_one_instance_only_on_sqlite_or_embedded(tmp_path: Path) -> None:
+    bench = build_commissioned_site(tmp_path / "world")
+    base = ["run", "--home", str(bench.home), "--passphrase-file", str(bench.passphrase_file)]
+    runner = CliRunner()
+    sqlite = runner.invoke(
+        registrar_main,
+        [*base, "--broker", "mosquitto", "--instance", "2", "--join", "127.0.0.1:1883"],
+    )
+    assert sqlite.exit_code == 1, sqlite.output
+    assert "share one PostgreSQL store" in sqlite.output
+    embedded = runner.invoke(registrar_main, [*base, "--instance", "2", "--join", "h:1"])
+    assert embedded.exit_code == 1 and "embedded broker serves one" in embedded.output
+    no_join = runner.invoke(registrar_main, [*base, "--broker", "mosquitto", "--instance", "2"])
+    assert no_join.exit_code == 1 and "--join HOST:PORT" in no_join.output
+    bad = runner.invoke(registrar_main, [*base, "--broker", "mosquitto", "--join", "nohost"])
+    assert bad.exit_code == 1 and "HOST:PORT" in bad.output
+    for result in (sqlite, embedded, no_join, bad):
+        assert "Traceback" not in result.output
