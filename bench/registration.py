@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,11 +219,18 @@ class BrokerTier(Protocol):
         """``registrar run`` options of instance ``instance`` (2..K)."""
         ...
 
-    def echo(
-        self, site: BenchSite, workdir: Path
-    ) -> contextlib.AbstractAsyncContextManager[Endpoint]:
-        """The broker with the echo responder on it; yields its registration listener."""
+    def echo(self, site: BenchSite, workdir: Path) -> contextlib.AbstractAsyncContextManager[Echo]:
+        """The broker with the echo responder on it."""
         ...
+
+
+@dataclass(frozen=True)
+class Echo:
+    """The echo baseline's registration listener, and the CPU seconds its responder has
+    used so far (the channel alone: the same client and workers as ``registrar run``)."""
+
+    endpoint: Endpoint
+    cpu_seconds: Callable[[], Awaitable[float]]
 
 
 class _SiteBroker:
@@ -248,12 +255,17 @@ class _SiteBroker:
         ]
 
     @contextlib.asynccontextmanager
-    async def echo(self, site: BenchSite, workdir: Path) -> AsyncIterator[Endpoint]:
+    async def echo(self, site: BenchSite, workdir: Path) -> AsyncIterator[Echo]:
         extra = ("--passphrase-file", str(site.passphrase_file))
         process = await SiteProcess.start(site.home, self.name, extra=extra)  # type: ignore[arg-type]
+
+        async def cpu() -> float:
+            value = (await process.command("stats")).get("cpu_s")
+            return float(value) if isinstance(value, int | float) else 0.0
+
         try:
             await process.command("echo")
-            yield process.registration_endpoint
+            yield Echo(process.registration_endpoint, cpu)
         finally:
             await process.close()
 
@@ -365,8 +377,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         load, idle = prepared[:n], prepared[n:]
 
         log(f"baseline: {n} devices, echo responder on {tier.name}")
-        async with tier.echo(site, base) as endpoint:
-            echo_rate, echo_out = await wave(load, endpoint, args.timeout, "echo", args.connecting)
+        async with tier.echo(site, base) as echo:
+            echo_cpu0 = await echo.cpu_seconds()
+            echo_rate, echo_out = await wave(
+                load, echo.endpoint, args.timeout, "echo", args.connecting
+            )
+            echo_cpu = await echo.cpu_seconds() - echo_cpu0
         echo_failures = sum(o.response is None for o in echo_out)
 
         async with bench_store(args.store, site) as (store_args, location):
@@ -425,6 +441,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         ),
         "instances": k,
         "store": args.store,
+        # the channel alone (echo responder: same MQTT client, subscriptions and workers)
+        "echo_cpu_ms_per_request": round(echo_cpu * 1000 / n, 3),
         "latency_samples": len(latencies),
         "echo_failures": echo_failures,
         "failure_kinds": problems,

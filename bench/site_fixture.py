@@ -490,7 +490,7 @@ class SiteRuntime:
         self._responder = None
 
     async def stats(self) -> dict[str, object]:
-        out: dict[str, object] = {"echoed": self.echoed, "cpu_s": round(time.process_time(), 2)}
+        out: dict[str, object] = {"echoed": self.echoed, "cpu_s": round(time.process_time(), 3)}
         pid = getattr(self.broker, "pid", None)
         if isinstance(pid, int):
             with contextlib.suppress(OSError, ValueError, IndexError):
@@ -683,11 +683,19 @@ class RegistrarProcess:
         timeout: float = 60.0,
     ) -> RegistrarProcess:
         """``registrar run --home … --passphrase-file … ARGS``; returns once it serves."""
+        entry = "import sys; from registrar.cli import main; sys.exit(main())"
+        profile = os.environ.get("DEVTRUST_BENCH_PROFILE")  # a directory: cProfile each one
+        if profile:
+            target = Path(profile) / f"{log_file.stem}.prof"
+            entry = (
+                "import cProfile; from registrar.cli import main; "
+                f"cProfile.run('main()', {str(target)!r})"
+            )
         with log_file.open("ab") as stderr:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-c",
-                "import sys; from registrar.cli import main; sys.exit(main())",
+                entry,
                 "run",
                 "--home",
                 str(site.home),
@@ -753,8 +761,11 @@ class SiteProcess:
     async def start(
         cls, directory: Path, kind: BrokerKind, *, extra: Sequence[str] = ()
     ) -> SiteProcess:
+        profile = os.environ.get("DEVTRUST_BENCH_PROFILE")  # a directory: cProfile it
+        wrap = ["-m", "cProfile", "-o", str(Path(profile) / "site.prof")] if profile else []
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            *wrap,
             str(Path(__file__).resolve()),
             "serve",
             str(directory),
