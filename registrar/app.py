@@ -146,6 +146,8 @@ SITE_CA_WARNING_MARGIN = timedelta(days=365)
 _RECENT = 50
 #: The shared-subscription group of a site's registrar instances (Mosquitto).
 SHARED_GROUP = "registrars"
+#: How long a joining instance waits for instance 1 to put a superseded LDevID on the CRL.
+SUPERSEDE_WAIT = 5.0
 #: Validity of a joining instance's in-memory client certificate.
 INSTANCE_CERT_VALIDITY = timedelta(days=7)
 _SPOOL_COMMANDS = (
@@ -485,6 +487,8 @@ class RegistrarApp:
         self._revoked: set[DeviceId] = set()
         self.superseded: SupersededCertificates | None = None
         self._superseded_due = asyncio.Event()
+        self._superseded_devices: set[DeviceId] = set()
+        self._superseded_resync = False
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -562,6 +566,7 @@ class RegistrarApp:
         other instances through the store's change feed (revocations, payload keys)."""
         self._started = time.time()
         site, _store, _policy = await self._open_service()
+        self._require(self.service).on_superseded = self._superseded_elsewhere
         tls = await asyncio.to_thread(instance_context, site, self.settings.instance)
         self.channel = MqttChannel(
             self._channel_settings(join, site_duties=False),
@@ -757,10 +762,12 @@ class RegistrarApp:
                     self._revoked.add(DeviceId(change.device_id))
                 elif change.kind == "resync":
                     self._revoked.update(await store.revoked_device_ids())
+                    self._superseded_resync = True
                     self._superseded_due.set()
                 elif change.kind == "payload_key" and change.device_id is None:
                     await self._reload_payload_key()
-                elif change.kind in ("registered", "renewed"):
+                elif change.kind in ("registered", "renewed") and change.device_id is not None:
+                    self._superseded_devices.add(DeviceId(change.device_id))
                     self._superseded_due.set()
             except (RegistrarError, TrustCoreError, OSError) as exc:
                 log.error("change %s from %s not applied: %s", change.kind, change.origin, exc)
@@ -774,18 +781,54 @@ class RegistrarApp:
         )
 
     async def _reconcile_superseded(self) -> None:
-        """Instance 1: LDevIDs superseded by registrations and renewals that other
-        instances served go onto the site CRL (one CRL for a burst of them)."""
+        """Instance 1: an LDevID that another instance superseded (renewal,
+        re-registration) gets the same treatment as one superseded here: onto the site CRL
+        at once (one CRL for a burst), the session still on it cut after the hand-over."""
         while not self._stop.is_set():
             await self._superseded_due.wait()
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.02)  # a burst of changes: one pass
             self._superseded_due.clear()
-            if self.superseded is None or self.store is None:
+            devices, self._superseded_devices = self._superseded_devices, set()
+            resync, self._superseded_resync = self._superseded_resync, False
+            superseded, store = self.superseded, self.store
+            if superseded is None or store is None:
                 continue
             try:
-                await self.superseded.reconcile(self.store)
+                if resync:
+                    await superseded.reconcile(store)
+                listed = await asyncio.to_thread(self._site_crl_serials)
+                due: list[tuple[DeviceId, tuple[str, ...]]] = []
+                for device in devices:
+                    rows = await store.superseded_serials(device)
+                    missing = tuple(s for s, _, _ in rows if int(s, 16) not in listed)
+                    if missing:
+                        due.append((device, missing))
+                await asyncio.gather(*(superseded.supersede(d, serials) for d, serials in due))
             except (RegistrarError, TrustCoreError, OSError) as exc:
                 log.error("superseded LDevIDs of other instances not on the CRL yet: %s", exc)
+
+    def _site_crl_serials(self) -> set[int]:
+        crl = x509.load_pem_x509_crl((self.home.current / "site-crl.pem").read_bytes())
+        return {entry.serial_number for entry in crl}
+
+    async def _superseded_elsewhere(self, device: DeviceId, serials: tuple[str, ...]) -> None:
+        """A joining instance's ``on_superseded``: instance 1 (the broker's owner) puts the
+        old LDevID on the site CRL when the change feed tells it; the answer waits until
+        the site CRL lists it (as on instance 1, the old certificate is refused from the
+        moment the new one is handed out), at most ``SUPERSEDE_WAIT`` seconds."""
+        wanted = {int(s, 16) for s in serials}
+        deadline = time.monotonic() + SUPERSEDE_WAIT
+        while not wanted <= await asyncio.to_thread(self._site_crl_serials):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "superseded LDevID(s) %s of %s not on the site CRL after %.0f s (instance "
+                    "1 down?): answered anyway; instance 1 adds them when it runs",
+                    ", ".join(serials),
+                    device,
+                    SUPERSEDE_WAIT,
+                )
+                return
+            await asyncio.sleep(0.02)
 
     # -- operations (spool commands and in-process callers) ---------------------------------
 

@@ -4,6 +4,7 @@ by instance 1), one real PostgreSQL database shared by all, software-key devices
 * a fleet registers through three instances: every device exactly once (one device row,
   one certificate, unique serials), and every instance served part of it (MQTT v5 shared
   subscription);
+* a renewal served by any instance answers only once the old LDevID is on the site CRL;
 * a revocation received by one instance (the spool of instance 1) is enforced by all three
   within a second (store change feed), and the live session is cut once;
 * kill -9 of one of three instances while a fleet registers: nothing lost, nothing
@@ -24,6 +25,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from click.testing import CliRunner
+from cryptography import x509
 
 from bench.site_fixture import BenchSite, RegistrarProcess, build_commissioned_site
 from device_sim.client import DeviceClient, Registered
@@ -54,6 +56,19 @@ class Site:
 async def site(tmp_path: Path, pg_server: PgServer) -> AsyncIterator[Site]:
     """Instance 1 (Mosquitto, site duties) and instances 2 and 3 joining it."""
     bench = build_commissioned_site(tmp_path / "world")
+    policy = CliRunner().invoke(
+        registrar_main,
+        [
+            "ldevid-policy",
+            "--home",
+            str(bench.home),
+            "--min-interval-seconds",
+            "0",
+            "--handover-seconds",
+            "1",
+        ],
+    )
+    assert policy.exit_code == 0, policy.output
     name = create_database(pg_server)
     url = pg_server.url_of(name)
     registrars: list[RegistrarProcess] = []
@@ -188,6 +203,25 @@ async def test_revocation_is_enforced_by_every_instance_and_cut_once(site: Site)
     assert sum(refused) == 9 and min(refused) > 0, refused  # every instance refused some
     # the others are untouched
     assert (await _totals(site.store_url))[0] == 6
+
+
+async def test_renewal_on_any_instance_puts_the_old_ldevid_on_the_crl_first(site: Site) -> None:
+    """Whichever instance serves a renewal, the answer comes only once the site CRL (which
+    instance 1 re-issues) lists the superseded LDevID."""
+    devices = [software_device(d.credentials()) for d in site.bench.factory_devices(6)]
+    results = await _register_all(devices, site)
+    assert all(isinstance(r, Registered) for r in results), results
+    crl_path = site.bench.home / "current" / "site-crl.pem"
+    op = site.registrars[0].operational_endpoint
+    for device in devices:
+        assert device.registered is not None
+        old = device.registered.ldevid.serial_number
+        renewed = await device.renew(op, timeout=20)
+        assert renewed.ldevid.serial_number != old
+        listed = {e.serial_number for e in x509.load_pem_x509_crl(crl_path.read_bytes())}
+        assert old in listed, f"{device.device_id}: old LDevID not on the CRL when renewed"
+    renewals = [site.log_of(k).count("INFO registrar.service: renewed ") for k in (1, 2, 3)]
+    assert sum(renewals) == 6 and renewals[1] + renewals[2] > 0, renewals
 
 
 async def test_kill_one_of_three_under_load_loses_and_duplicates_nothing(site: Site) -> None:
