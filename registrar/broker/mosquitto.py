@@ -119,6 +119,22 @@ class _Owner:
             os.chown(path, self.uid, self.gid)
 
 
+def _launch_argv(executable: str, conf: Path, owner: _Owner) -> list[str]:
+    """``mosquitto -c CONF``, under ``setpriv --pdeathsig TERM`` when it exists: Mosquitto
+    then ends with the registrar that owns it, even a registrar killed with SIGKILL (an
+    orphan would keep the site's ports, and its kick password died with the registrar).
+    As root, setpriv also switches to ``run_user`` first: Mosquitto's own switch would
+    clear the parent-death signal (Linux clears it on a credential change)."""
+    setpriv = shutil.which("setpriv")
+    argv = [executable, "-c", str(conf)]
+    if setpriv is None:
+        return argv
+    if os.geteuid() == 0:
+        ids = ["--reuid", str(owner.uid), "--regid", str(owner.gid), "--init-groups"]
+        return [setpriv, *ids, "--pdeathsig", "TERM", *argv]
+    return [setpriv, "--pdeathsig", "TERM", *argv]
+
+
 class _KeyPipe:
     """Serves the decrypted server key through a FIFO, once per open, while armed.
 
@@ -462,9 +478,7 @@ class MosquittoBroker:
         self._log_tail.clear()
         self._sessions.clear()
         self._process = await asyncio.create_subprocess_exec(
-            self._executable,
-            "-c",
-            str(conf),
+            *_launch_argv(self._executable, conf, owner),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
