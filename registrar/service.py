@@ -390,6 +390,8 @@ class RegistrationService:
         # while the first sits in the group-commit queue, must be refused too.
         failed = await self._record_reserved(record, request.nonce, verified.ldevid_key_id)
         if failed is not None:
+            if (stored := await self._answered_elsewhere(digest)) is not None:
+                return stored
             return self._refusal(topic_device_id, request.nonce, digest, failed, request=request)
         self.stats["ok"] += 1
         log.info(
@@ -573,6 +575,8 @@ class RegistrationService:
         )
         failed = await self._record_reserved(record, request.nonce, verified.new_key_id)
         if failed is not None:
+            if (stored := await self._answered_elsewhere(digest)) is not None:
+                return stored
             return self._refusal(device, request.nonce, digest, failed, request=request)
         self.stats["renewed"] += 1
         log.info(
@@ -598,6 +602,20 @@ class RegistrationService:
             self._reserved_nonces.discard(nonce)
             self._reserved_keys.pop(key_id, None)
         return None
+
+    async def _answered_elsewhere(self, digest: bytes) -> bytes | None:
+        """After a failed commit: the answer another registrar instance committed for the
+        same request bytes meanwhile (a device re-sent its request while the first copy was
+        being served elsewhere; the unique request digest let one commit win). Answering
+        with it, not with a refusal, keeps the device from starting a second registration
+        (a second certificate)."""
+        try:
+            found = await self._store.lookup(digest, b"", None)
+        except StoreError:
+            return None
+        if found.response is not None:
+            self.stats["idempotent"] += 1
+        return found.response
 
     async def _admit(self, verified: VerifiedRegistration, now: datetime) -> None:
         """The site's admission plugins (when configured); a hold is recorded durably as a

@@ -10,6 +10,7 @@ by instance 1), one real PostgreSQL database shared by all, software-key devices
 * kill -9 of one of three instances while a fleet registers: nothing lost, nothing
   duplicated, devices whose request died with it succeed by re-sending, and registrations
   go on after the kill (the rate after it is measured);
+* the same request served by two instances at once: one certificate, the same answer;
 * one instance only on SQLite or on the embedded broker: a clear one-line error.
 """
 
@@ -27,11 +28,17 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 
-from bench.site_fixture import BenchSite, RegistrarProcess, build_commissioned_site
+from bench.site_fixture import (
+    BenchSite,
+    RegistrarProcess,
+    build_commissioned_site,
+    build_site_pki,
+)
 from device_sim.client import DeviceClient, Registered
 from device_sim.fleet import software_device
 from registrar.app import instance_context, submit_command
 from registrar.cli import main as registrar_main
+from registrar.service import RegistrationService
 from registrar.site import SiteHome, load_commissioned_site
 from registrar.store import Store
 from tests.fixtures.postgres import PgServer, create_database, drop_database
@@ -245,6 +252,38 @@ async def test_kill_one_of_three_under_load_loses_and_duplicates_nothing(site: S
     rate_after = len(after) / span
     print(f"kill -9 under load: {rate_before:.0f}/s before, {rate_after:.0f}/s after")
     assert rate_after > 0.25 * rate_before
+
+
+async def test_two_instances_serving_one_request_issue_one_certificate(
+    pg_server: PgServer,
+) -> None:
+    """The same request bytes reach two instances at once (a device re-sent it while the
+    first copy was being served): both answer with the one committed grant."""
+    pki = build_site_pki()
+    name = create_database(pg_server)
+    stores = [await Store.open(pg_server.url_of(name)) for _ in range(2)]
+    try:
+        services = [
+            RegistrationService(
+                store=store,
+                verifier=pki.verifier(),
+                admission=pki.admission(),
+                site=pki.site_authority(),
+                payload_key=pki.payload_key,
+            )
+            for store in stores
+        ]
+        for _ in range(5):
+            device = software_device(pki.factory_device(f"dev-{_:06d}").credentials())
+            request, _key, _wrap = device.new_request()
+            answers = await asyncio.gather(*(s.handle(device.device_id, request) for s in services))
+            assert answers[0] == answers[1]
+        certificates = await stores[0].certificates()
+        assert len(certificates) == 5 and (await stores[0].counts())["devices"] == 5
+    finally:
+        for store in stores:
+            await store.close()
+        drop_database(pg_server, name)
 
 
 def test_one_instance_only_on_sqlite_or_embedded(tmp_path: Path) -> None:
