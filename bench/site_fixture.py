@@ -706,6 +706,18 @@ class RegistrarProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
             )
+        try:
+            return await cls._serving(proc, log_file, timeout)
+        except BaseException:  # did not start, or the caller gave up: no process left over
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+
+    @classmethod
+    async def _serving(
+        cls, proc: asyncio.subprocess.Process, log_file: Path, timeout: float
+    ) -> RegistrarProcess:
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout
         while True:

@@ -63,6 +63,7 @@ from registrar.channel import TELEMETRY_LEVEL, MqttChannel, MqttChannelSettings,
 from registrar.errors import BrokerError, ConfigError, RegistrarError
 from registrar.key_distribution import KeyDistributor
 from registrar.ldevid_policy import policy_json, read_ldevid_policy
+from registrar.leadership import SiteDuties
 from registrar.payload_keys import PayloadKeyring
 from registrar.plugins import load_site_plugins, read_site_plugins
 from registrar.revocation import (
@@ -332,6 +333,9 @@ class AppSettings:
     #: ``--join HOST:PORT``: the operational listener of the Mosquitto broker that instance
     #: 1 runs; this instance serves requests there and starts no broker of its own.
     join: Endpoint | None = None
+    #: ``--standby`` (PostgreSQL store): wait for the site duties while another registrar
+    #: of the site holds them, and take over when it stops (:mod:`registrar.leadership`).
+    standby: bool = False
 
     def __post_init__(self) -> None:
         if self.broker not in ("embedded", "mosquitto"):
@@ -348,6 +352,10 @@ class AppSettings:
                 raise ConfigError(
                     "instance 1 runs the broker; instances 2..16 join it with "
                     "--instance N --join HOST:PORT (its operational listener)"
+                )
+            if self.standby:
+                raise ConfigError(
+                    "--standby is for a registrar that runs the site duties, not --join"
                 )
         for port in (self.registration_port, self.operational_port):
             if not 0 <= port <= 65535:
@@ -489,6 +497,9 @@ class RegistrarApp:
         self._superseded_due = asyncio.Event()
         self._superseded_devices: set[DeviceId] = set()
         self._superseded_resync = False
+        self._duties: SiteDuties | None = None
+        #: Set when this registrar must stop on its own (the site-duties lock was lost).
+        self.halted = asyncio.Event()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -587,8 +598,28 @@ class RegistrarApp:
             join.port,
         )
 
+    async def _take_site_duties(self) -> None:
+        """With a PostgreSQL store, the site duties are held through an advisory lock (one
+        registrar per site runs them, wherever it runs; ``--standby`` waits to take over).
+        Taken before anything of the site is written."""
+        location = store_location(self.home, self.settings.store)
+        if location.kind != "postgres":
+            return
+        duties = await SiteDuties.acquire(
+            location.url, self.home.site_id.value, standby=self.settings.standby
+        )
+        assert duties is not None  # no stop event: a standby waits until it is cancelled
+        self._duties = duties
+
+        async def watch() -> None:
+            await duties.lost.wait()
+            self.halted.set()
+
+        self._tasks.append(asyncio.create_task(watch(), name="duties"))
+
     async def _start(self) -> None:
         self._started = time.time()
+        await self._take_site_duties()
         passphrase = self.secrets.passphrase()
         await asyncio.to_thread(self.refresh_site_crl_if_due)
         await asyncio.to_thread(self.refresh_service_certificates_if_due)
@@ -701,6 +732,9 @@ class RegistrarApp:
             self.store = None
         with contextlib.suppress(OSError):
             status_path(self.home).unlink()
+        if self._duties is not None:
+            await self._duties.release()
+            self._duties = None
         if self._lock_cm is not None:
             self._lock_cm.__exit__(None, None, None)
             self._lock_cm = None
@@ -1366,15 +1400,33 @@ async def run_registrar(
     stop: asyncio.Event,
     ready: Callable[[RegistrarApp], None] | None = None,
 ) -> None:
-    """Start, call ``ready``, run until ``stop`` is set, stop gracefully."""
+    """Start (a standby waits for the site duties meanwhile), call ``ready``, run until
+    ``stop`` is set, stop gracefully. ``RegistrarError`` when the registrar had to stop on
+    its own (the site-duties lock was lost: another registrar may run them now)."""
     app = RegistrarApp(home, secrets, settings)
-    await app.start()
+    starting = asyncio.ensure_future(app.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # stopped while standing by (or starting)
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    starting.result()
+    halted = asyncio.ensure_future(app.halted.wait())
     try:
         if ready is not None:
             ready(app)
-        await stop.wait()
+        await asyncio.wait({stopping, halted}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        stopping.cancel()
+        halted.cancel()
         await app.stop()
+    if app.halted.is_set() and not stop.is_set():
+        raise ConfigError(
+            "the site-duties lock was lost (store unreachable): stopped, so that the duties "
+            "never run twice; start again when the store is back"
+        )
 
 
 @contextlib.asynccontextmanager

@@ -307,6 +307,12 @@ def _open_site(home: Path) -> SiteHome:
     help="Serve on the Mosquitto broker that instance 1 runs (its operational listener) "
     "instead of starting one; needs a PostgreSQL --store shared with instance 1.",
 )
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="PostgreSQL store: if another registrar runs this site's duties, wait and take "
+    "over when it stops (instead of refusing to start).",
+)
 @_store_option
 def run_command(
     home: Path,
@@ -319,6 +325,7 @@ def run_command(
     log_level: str,
     instance: int,
     join: str | None,
+    standby: bool,
     store: str | None,
 ) -> None:
     """Run the registrar: broker (two mTLS listeners), registration service, revocation,
@@ -349,6 +356,7 @@ def run_command(
             store=store,
             instance=instance,
             join=None if join is None else _endpoint(join),
+            standby=standby,
         )
         store_location(site, store)  # a bad URL: one line now, not at start-up
     except RegistrarError as exc:

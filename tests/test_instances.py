@@ -10,6 +10,8 @@ by instance 1), one real PostgreSQL database shared by all, software-key devices
 * kill -9 of one of three instances while a fleet registers: nothing lost, nothing
   duplicated, devices whose request died with it succeed by re-sending, and registrations
   go on after the kill (the rate after it is measured);
+* two registrars that would both run the site duties: the second is refused, or with
+  ``--standby`` takes over when the first is killed;
 * the same request served by two instances at once: one certificate, the same answer;
 * one instance only on SQLite or on the embedded broker: a clear one-line error.
 """
@@ -17,6 +19,8 @@ by instance 1), one real PostgreSQL database shared by all, software-key devices
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -252,6 +256,60 @@ async def test_kill_one_of_three_under_load_loses_and_duplicates_nothing(site: S
     rate_after = len(after) / span
     print(f"kill -9 under load: {rate_before:.0f}/s before, {rate_after:.0f}/s after")
     assert rate_after > 0.25 * rate_before
+
+
+async def test_site_duties_run_once_and_a_standby_takes_over(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    """Two registrars that would both run the site duties (each its own broker, e.g. two
+    machines) on one store: the second is refused, or with --standby waits and takes
+    over when the first is killed; devices then register through the standby's broker."""
+    bench = build_commissioned_site(tmp_path / "world")
+    other = tmp_path / "other-machine"
+    shutil.copytree(bench.home, other, symlinks=True)
+    standby_site = dataclasses.replace(bench, home=other)
+    name = create_database(pg_server)
+    url = pg_server.url_of(name)
+    own = ["--broker", "mosquitto", "--registration-port", "0", "--operational-port", "0"]
+    first = await RegistrarProcess.start(
+        bench, [*own, "--store", url], log_file=tmp_path / "first.log"
+    )
+    standby: asyncio.Future[RegistrarProcess] | None = None
+    try:
+        with pytest.raises(RuntimeError):
+            await RegistrarProcess.start(
+                standby_site, [*own, "--store", url], log_file=tmp_path / "second.log"
+            )
+        second_log = (tmp_path / "second.log").read_text()
+        assert "another registrar runs the duties of site" in second_log
+        assert "Traceback" not in second_log
+        standby = asyncio.ensure_future(
+            RegistrarProcess.start(
+                standby_site, [*own, "--store", url, "--standby"], log_file=tmp_path / "sb.log"
+            )
+        )
+        before = [software_device(d.credentials()) for d in bench.factory_devices(5)]
+        for device in before:
+            await device.register(first.registration_endpoint, timeout=10)
+        assert not standby.done()  # waiting while the first runs the duties
+        first.kill()
+        killed = time.monotonic()
+        taken = await asyncio.wait_for(standby, 30)
+        takeover = time.monotonic() - killed
+        print(f"standby took over the site duties {takeover:.2f} s after kill -9")
+        after = [software_device(d.credentials()) for d in bench.factory_devices(5, start=5)]
+        for device in after:
+            await device.register(taken.registration_endpoint, timeout=10)
+        assert await _totals(url) == (10, 10, 10)
+        assert takeover < 10
+    finally:
+        if standby is not None:
+            if standby.done() and not standby.exception():
+                await standby.result().stop()
+            else:
+                standby.cancel()
+        await first.stop()
+        drop_database(pg_server, name)
 
 
 async def test_two_instances_serving_one_request_issue_one_certificate(
