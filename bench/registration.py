@@ -23,7 +23,9 @@ Progress goes to stderr; the LAST line of stdout is one JSON object with:
 * ``baseline_echo_per_s``: the same N devices and requests, same run, same broker kind and
   configuration, answered by the registrar's own channel (:class:`registrar.channel.
   MqttChannel`) with a handler that returns the request bytes (bare mTLS connect + request +
-  reply); ``ratio`` = baseline_echo_per_s / registrations_per_s;
+  reply); ``ratio`` = baseline_echo_per_s / registrations_per_s. Echo and registration waves
+  alternate ``--rounds`` times (3; fresh devices for each registration wave) with both
+  servers up and the other idle; rates and CPU are medians over the rounds (``per_round``);
 * ``p50_ms`` / ``p99_ms``: 100 further devices registering one after another on an idle
   system, each from its TCP connect to the answer;
 * ``registrar_cpu_ms_per_registration``: CPU (user + system, ``/proc/<pid>/stat``) of ALL
@@ -358,9 +360,25 @@ def _broker_cpu(first: RegistrarProcess) -> float | None:
     return total
 
 
+@dataclass
+class Round:
+    """One echo wave and one registration wave, back to back (same devices' requests for
+    the echo, fresh devices for the registrations)."""
+
+    echo_rate: float
+    echo_cpu: float
+    reg_rate: float
+    registrar_cpu: float
+    broker_cpu: float | None
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
     tier = BROKERS[args.broker]
-    n, lat_n, k = args.devices, args.latency_count, args.instances
+    n, lat_n, k, rounds = args.devices, args.latency_count, args.instances, args.rounds
     if k > tier.max_instances:
         raise SystemExit(f"--broker {tier.name} runs at most {tier.max_instances} instance(s)")
     if k > 1 and args.store != "postgres":
@@ -369,35 +387,46 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         base = Path(tmp)
         t = time.perf_counter()
         site = build_commissioned_site(base / "world")
-        devices = site.factory_devices(n + lat_n)
-        log(f"site commissioned, {n + lat_n} devices made in {time.perf_counter() - t:.1f} s")
+        devices = site.factory_devices(rounds * n + lat_n)
+        log(f"site commissioned, {len(devices)} devices made in {time.perf_counter() - t:.1f} s")
         t = time.perf_counter()
         prepared = prepare(devices)
         log(f"keys, CSRs, signed requests, TLS contexts in {time.perf_counter() - t:.1f} s")
-        load, idle = prepared[:n], prepared[n:]
+        loads = [prepared[r * n : (r + 1) * n] for r in range(rounds)]
+        idle = prepared[rounds * n :]
 
-        log(f"baseline: {n} devices, echo responder on {tier.name}")
-        async with tier.echo(site, base) as echo:
-            echo_cpu0 = await echo.cpu_seconds()
-            echo_rate, echo_out = await wave(
-                load, echo.endpoint, args.timeout, "echo", args.connecting
-            )
-            echo_cpu = await echo.cpu_seconds() - echo_cpu0
-        echo_failures = sum(o.response is None for o in echo_out)
-
-        async with bench_store(args.store, site) as (store_args, location):
+        results: list[Round] = []
+        reg_out: list[Outcome] = []
+        echo_failures = 0
+        # Both stay up for the whole run, each idle while the other is measured: an echo
+        # wave and a registration wave alternate, so a noisy neighbour hits both alike.
+        async with tier.echo(site, base) as echo, bench_store(args.store, site) as store:
+            store_args, location = store
             registrars = await start_registrars(tier, site, k, store_args, base)
             try:
                 endpoint = registrars[0].registration_endpoint
                 pids = [p.pid for p in registrars]
                 log(f"registrar run x{k} (pids {pids}, {args.store}): {endpoint}")
                 await asyncio.sleep(0.5)  # start-up work (status, CRL check) out of the way
-                cpu0, broker0 = _cpu(registrars), _broker_cpu(registrars[0])
-                reg_rate, reg_out = await wave(
-                    load, endpoint, args.timeout, "registration", args.connecting
-                )
-                cpu1, broker1 = _cpu(registrars), _broker_cpu(registrars[0])
-                log(f"registrar CPU during the wave: {cpu1 - cpu0:.2f} s")
+                for r, load in enumerate(loads, 1):
+                    e0 = await echo.cpu_seconds()
+                    echo_rate, echo_out = await wave(
+                        load, echo.endpoint, args.timeout, f"echo {r}/{rounds}", args.connecting
+                    )
+                    echo_cpu = await echo.cpu_seconds() - e0
+                    echo_failures += sum(o.response is None for o in echo_out)
+                    cpu0, broker0 = _cpu(registrars), _broker_cpu(registrars[0])
+                    reg_rate, out = await wave(
+                        load, endpoint, args.timeout, f"registration {r}/{rounds}", args.connecting
+                    )
+                    cpu1, broker1 = _cpu(registrars), _broker_cpu(registrars[0])
+                    reg_out += out
+                    broker = None if broker0 is None or broker1 is None else broker1 - broker0
+                    results.append(Round(echo_rate, echo_cpu, reg_rate, cpu1 - cpu0, broker))
+                    log(
+                        f"round {r}: echo {echo_rate:.0f}/s, registration {reg_rate:.0f}/s, "
+                        f"registrar CPU {(cpu1 - cpu0) * 1000 / n:.2f} ms per registration"
+                    )
                 await asyncio.sleep(1.0)  # idle before the latency series
                 latencies: list[float] = []
                 lat_out: list[Outcome] = []
@@ -419,13 +448,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             failures += 1
             key = problem.split(":")[0]
             problems[key] = problems.get(key, 0) + 1
-    held = n + lat_n - failures
+    held = len(prepared) - failures
     if totals["devices"] != held or totals["certificates"] != held:
         log(f"the store holds {totals}, the devices hold {held} registrations")
         failures = max(failures, abs(totals["devices"] - held), abs(totals["certificates"] - held))
     latencies.sort()
     p99_index = max(0, round(0.99 * len(latencies)) - 1)
-    broker_cpu = None if broker0 is None or broker1 is None else broker1 - broker0
+    reg_rate = _median([r.reg_rate for r in results])
+    echo_rate = _median([r.echo_rate for r in results])
+    brokers = [r.broker_cpu for r in results if r.broker_cpu is not None]
     return {
         "broker": tier.name,
         "devices": n,
@@ -435,14 +466,26 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "ratio": round(echo_rate / reg_rate, 3) if reg_rate else None,
         "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
         "p99_ms": round(latencies[p99_index], 2) if latencies else None,
-        "registrar_cpu_ms_per_registration": round((cpu1 - cpu0) * 1000 / n, 3),
-        "broker_cpu_ms_per_registration": (
-            None if broker_cpu is None else round(broker_cpu * 1000 / n, 3)
+        "registrar_cpu_ms_per_registration": round(
+            _median([r.registrar_cpu for r in results]) * 1000 / n, 3
         ),
         "instances": k,
         "store": args.store,
+        # medians over the rounds; per round below
+        "rounds": rounds,
+        "broker_cpu_ms_per_registration": (
+            round(_median(brokers) * 1000 / n, 3) if brokers else None
+        ),
         # the channel alone (echo responder: same MQTT client, subscriptions and workers)
-        "echo_cpu_ms_per_request": round(echo_cpu * 1000 / n, 3),
+        "echo_cpu_ms_per_request": round(_median([r.echo_cpu for r in results]) * 1000 / n, 3),
+        "per_round": [
+            {
+                "registrations_per_s": round(r.reg_rate, 1),
+                "baseline_echo_per_s": round(r.echo_rate, 1),
+                "registrar_cpu_ms": round(r.registrar_cpu * 1000 / n, 3),
+            }
+            for r in results
+        ],
         "latency_samples": len(latencies),
         "echo_failures": echo_failures,
         "failure_kinds": problems,
@@ -459,6 +502,13 @@ def main() -> int:
     parser.add_argument("--broker", choices=sorted(BROKERS), default="mosquitto")
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="echo and registration waves alternate this many times (fresh devices each "
+        "registration wave); rates and CPU are the medians",
+    )
     parser.add_argument("--latency-count", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument(
@@ -469,8 +519,8 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true", help="JSON on the last line only")
     args = parser.parse_args()
-    if args.devices < 1 or args.instances < 1:
-        parser.error("--devices and --instances must be at least 1")
+    if min(args.devices, args.instances, args.rounds) < 1:
+        parser.error("--devices, --instances and --rounds must be at least 1")
     result = asyncio.run(run(args))
     if args.json:
         print(json.dumps(result))
