@@ -28,9 +28,13 @@ registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
 * **status** — ``SITE/run/status.json`` (atomic, every ``status_interval``): listeners,
   counts, telemetry, CRL dates, alerts; ``registrar status`` reads it.
 
-Exactly one registrar runs per site: it holds ``SITE/run/registrar.lock`` (``flock``) for
-its whole life, and an offline CLI command holds the same lock while it works, so the two
-never write the site at the same time (see :func:`instance_lock`).
+Exactly one registrar runs a site's duties: it holds ``SITE/run/registrar.lock``
+(``flock``) for its whole life, and an offline CLI command holds the same lock while it
+works, so the two never write the site at the same time (see :func:`instance_lock`); with
+a PostgreSQL store it also holds the site-duties advisory lock (:mod:`registrar.leadership`,
+``--standby`` to take over). Further instances (``--instance N --join HOST:PORT``, Mosquitto
+and PostgreSQL) only serve registrations and renewals beside it and follow the others
+through the store's change feed (:mod:`registrar.instances`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from broker_config.render import MAX_REGISTRAR_INSTANCES, instance_identity
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
 from registrar.channel import TELEMETRY_LEVEL, MqttChannel, MqttChannelSettings, SiteTraffic
 from registrar.errors import BrokerError, ConfigError, RegistrarError
+from registrar.instances import OtherInstances
 from registrar.key_distribution import KeyDistributor
 from registrar.ldevid_policy import policy_json, read_ldevid_policy
 from registrar.leadership import SiteDuties
@@ -147,8 +152,6 @@ SITE_CA_WARNING_MARGIN = timedelta(days=365)
 _RECENT = 50
 #: The shared-subscription group of a site's registrar instances (Mosquitto).
 SHARED_GROUP = "registrars"
-#: How long a joining instance waits for instance 1 to put a superseded LDevID on the CRL.
-SUPERSEDE_WAIT = 5.0
 #: Validity of a joining instance's in-memory client certificate.
 INSTANCE_CERT_VALIDITY = timedelta(days=7)
 _SPOOL_COMMANDS = (
@@ -408,11 +411,10 @@ def _client_context(site: CommissionedSite, passphrase: bytes) -> ssl.SSLContext
     return ctx
 
 
-def instance_context(site: CommissionedSite, instance: int) -> ssl.SSLContext:
+def instance_context(site: CommissionedSite, instance: int, now: datetime) -> ssl.SSLContext:
     """The client identity of registrar instance ``instance`` (2..16): a fresh key made in
     memory and a certificate for ``registrar.<n>@site`` from the site CA, valid for a week
-    (an instance restarts with a new one). The key never leaves this process."""
-    now = datetime.now(UTC)
+    from ``now`` (an instance restarts with a new one). The key never leaves this process."""
     key = ec.generate_private_key(ec.SECP256R1())
     not_after = min(now + INSTANCE_CERT_VALIDITY, site.site_ca_cert.not_valid_after_utc)
     cert = issue_service_client_certificate(
@@ -494,9 +496,6 @@ class RegistrarApp:
         self.revocations: RevocationList | None = None
         self._revoked: set[DeviceId] = set()
         self.superseded: SupersededCertificates | None = None
-        self._superseded_due = asyncio.Event()
-        self._superseded_devices: set[DeviceId] = set()
-        self._superseded_resync = False
         self._duties: SiteDuties | None = None
         #: Set when this registrar must stop on its own (the site-duties lock was lost).
         self.halted = asyncio.Event()
@@ -577,15 +576,15 @@ class RegistrarApp:
         other instances through the store's change feed (revocations, payload keys)."""
         self._started = time.time()
         site, _store, _policy = await self._open_service()
-        self._require(self.service).on_superseded = self._superseded_elsewhere
-        tls = await asyncio.to_thread(instance_context, site, self.settings.instance)
+        others = self._follow_instances(site_duties=False)
+        self._require(self.service).on_superseded = others.superseded_on_crl
+        tls = await asyncio.to_thread(instance_context, site, self.settings.instance, self._clock())
         self.channel = MqttChannel(
             self._channel_settings(join, site_duties=False),
             tls,
             SiteTraffic(register=self._register, renew=self._renew),
         )
         self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
-        self._tasks.append(asyncio.create_task(self._follow_changes(), name="changes"))
         try:
             await asyncio.wait_for(self.channel.connected.wait(), 15)
         except TimeoutError as exc:
@@ -693,9 +692,9 @@ class RegistrarApp:
             asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
             asyncio.create_task(self._loop(self.settings.status_interval, self._write_status)),
-            asyncio.create_task(self._follow_changes(), name="changes"),
-            asyncio.create_task(self._reconcile_superseded(), name="superseded"),
         ]
+        if store.backend == "postgres":  # SQLite: one instance, no one else's changes
+            self._follow_instances(site_duties=True)
         await self._write_status()
         log.info(
             "registrar for site %s running: registration %s, operational %s (%s broker)",
@@ -779,32 +778,21 @@ class RegistrarApp:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval)
 
-    # -- other instances (the store's change feed) -----------------------------------------
+    # -- other instances (registrar.instances) --------------------------------------------
 
-    async def _follow_changes(self) -> None:
-        """What other instances commit (PostgreSQL's feed arrives within milliseconds): a
-        revocation is refused here from the next request on; a payload-key rotation
-        (instance 1) is used for the next registration; a registration or renewal that
-        superseded an LDevID gets it onto the site CRL (instance 1, which owns the broker).
-        A ``resync`` (the feed reconnected or fell behind) re-reads the revocations."""
-        store = self._require(self.store)
-        async for change in store.changes():
-            if change.origin == store.instance:
-                continue
-            try:
-                if change.kind == "revoked" and change.device_id is not None:
-                    self._revoked.add(DeviceId(change.device_id))
-                elif change.kind == "resync":
-                    self._revoked.update(await store.revoked_device_ids())
-                    self._superseded_resync = True
-                    self._superseded_due.set()
-                elif change.kind == "payload_key" and change.device_id is None:
-                    await self._reload_payload_key()
-                elif change.kind in ("registered", "renewed") and change.device_id is not None:
-                    self._superseded_devices.add(DeviceId(change.device_id))
-                    self._superseded_due.set()
-            except (RegistrarError, TrustCoreError, OSError) as exc:
-                log.error("change %s from %s not applied: %s", change.kind, change.origin, exc)
+    def _follow_instances(self, *, site_duties: bool) -> OtherInstances:
+        """Other instances on the same PostgreSQL store (nothing to follow on SQLite)."""
+        others = OtherInstances(
+            store=self._require(self.store),
+            revoked=self._revoked,
+            site_crl=lambda: self.home.current / "site-crl.pem",
+            reload_payload_key=self._reload_payload_key,
+            superseded=self.superseded if site_duties else None,
+        )
+        self._tasks.append(asyncio.create_task(others.follow(), name="instances"))
+        if site_duties:
+            self._tasks.append(asyncio.create_task(others.reconcile_superseded(), name="crl"))
+        return others
 
     async def _reload_payload_key(self) -> None:
         site, service = self._require(self.site), self._require(self.service)
@@ -813,56 +801,6 @@ class RegistrarApp:
         log.info(
             "payload key %s in use (rotated by another instance)", self.keyring.current.key_id.hex()
         )
-
-    async def _reconcile_superseded(self) -> None:
-        """Instance 1: an LDevID that another instance superseded (renewal,
-        re-registration) gets the same treatment as one superseded here: onto the site CRL
-        at once (one CRL for a burst), the session still on it cut after the hand-over."""
-        while not self._stop.is_set():
-            await self._superseded_due.wait()
-            await asyncio.sleep(0.02)  # a burst of changes: one pass
-            self._superseded_due.clear()
-            devices, self._superseded_devices = self._superseded_devices, set()
-            resync, self._superseded_resync = self._superseded_resync, False
-            superseded, store = self.superseded, self.store
-            if superseded is None or store is None:
-                continue
-            try:
-                if resync:
-                    await superseded.reconcile(store)
-                listed = await asyncio.to_thread(self._site_crl_serials)
-                due: list[tuple[DeviceId, tuple[str, ...]]] = []
-                for device in devices:
-                    rows = await store.superseded_serials(device)
-                    missing = tuple(s for s, _, _ in rows if int(s, 16) not in listed)
-                    if missing:
-                        due.append((device, missing))
-                await asyncio.gather(*(superseded.supersede(d, serials) for d, serials in due))
-            except (RegistrarError, TrustCoreError, OSError) as exc:
-                log.error("superseded LDevIDs of other instances not on the CRL yet: %s", exc)
-
-    def _site_crl_serials(self) -> set[int]:
-        crl = x509.load_pem_x509_crl((self.home.current / "site-crl.pem").read_bytes())
-        return {entry.serial_number for entry in crl}
-
-    async def _superseded_elsewhere(self, device: DeviceId, serials: tuple[str, ...]) -> None:
-        """A joining instance's ``on_superseded``: instance 1 (the broker's owner) puts the
-        old LDevID on the site CRL when the change feed tells it; the answer waits until
-        the site CRL lists it (as on instance 1, the old certificate is refused from the
-        moment the new one is handed out), at most ``SUPERSEDE_WAIT`` seconds."""
-        wanted = {int(s, 16) for s in serials}
-        deadline = time.monotonic() + SUPERSEDE_WAIT
-        while not wanted <= await asyncio.to_thread(self._site_crl_serials):
-            if time.monotonic() > deadline:
-                log.warning(
-                    "superseded LDevID(s) %s of %s not on the site CRL after %.0f s (instance "
-                    "1 down?): answered anyway; instance 1 adds them when it runs",
-                    ", ".join(serials),
-                    device,
-                    SUPERSEDE_WAIT,
-                )
-                return
-            await asyncio.sleep(0.02)
 
     # -- operations (spool commands and in-process callers) ---------------------------------
 

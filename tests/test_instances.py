@@ -158,7 +158,7 @@ async def _injected_refusals(site: Site, device: DeviceClient, count: int) -> li
     the broker, must refuse them; returns the reasons answered."""
     home = SiteHome.open(site.bench.home)
     commissioned = load_commissioned_site(home, site.bench.secrets())
-    tls = instance_context(commissioned, 16)
+    tls = instance_context(commissioned, 16, datetime.now(UTC))
     op = site.registrars[0].operational_endpoint
     reasons: list[str] = []
     async with aiomqtt.Client(

@@ -119,6 +119,17 @@ class _Owner:
             os.chown(path, self.uid, self.gid)
 
 
+def _broker_env() -> dict[str, str]:
+    """The registrar's environment without its secrets (the keystore passphrase may be
+    there, ``DEVTRUST_*_PASSPHRASE``/``_PIN``): Mosquitto needs none of them. The rest is
+    kept (``PATH``, locale, and e.g. a ``LD_PRELOAD`` fake clock of the time-travel tests)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith("DEVTRUST_") and k.endswith(("PASSPHRASE", "PIN", "PASSWORD")))
+    }
+
+
 def _launch_argv(executable: str, conf: Path, owner: _Owner) -> list[str]:
     """``mosquitto -c CONF``, under ``setpriv --pdeathsig TERM`` when it exists: Mosquitto
     then ends with the registrar that owns it, even a registrar killed with SIGKILL (an
@@ -482,6 +493,7 @@ class MosquittoBroker:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            env=_broker_env(),
         )
         self._log_task = asyncio.create_task(self._read_log(self._process))
         deadline = time.monotonic() + self._start_timeout
