@@ -3,7 +3,7 @@ by instance 1), one real PostgreSQL database shared by all, software-key devices
 
 * a fleet registers through three instances: every device exactly once (one device row,
   one certificate, unique serials), and every instance served part of it (MQTT v5 shared
-  subscription);
+  subscription); telemetry is processed once, by the site-duties instance;
 * a renewal served by any instance answers only once the old LDevID is on the site CRL;
 * a revocation received by one instance (the spool of instance 1) is enforced by all three
   within a second (store change feed), and the live session is cut once;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -150,6 +151,20 @@ async def test_three_instances_register_a_fleet_exactly_once(site: Site) -> None
     # the request stream was split: each instance registered some of the fleet
     served = [site.log_of(k).count("INFO registrar.service: registered ") for k in (1, 2, 3)]
     assert sum(served) == 90 and min(served) > 0, served
+    # telemetry is processed once (by the site-duties instance), not once per instance
+    op = site.registrars[0].operational_endpoint
+    for device in devices[:3]:
+        async with device.operational(op) as session:
+            for i in range(2):
+                await session.publish_telemetry(f"reading {i}".encode())
+    status = site.bench.home / "run" / "status.json"
+    deadline = time.monotonic() + 10
+    while json.loads(status.read_text())["telemetry"]["messages"] < 6:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # two more status writes: nothing counted twice
+    assert json.loads(status.read_text())["telemetry"]["messages"] == 6
+    assert all("telemetry" not in site.log_of(k) for k in (2, 3))
 
 
 async def _injected_refusals(site: Site, device: DeviceClient, count: int) -> list[str]:
