@@ -156,7 +156,7 @@ def phase_breakdown(
             request = reg.parse_request(p.request)
             laps.lap("request_parse")
             leaf = x509.load_der_x509_certificate(request.idevid_der)
-            inter = [x509.load_der_x509_certificate(c) for c in request.chain_der]
+            inter = verifier.load_intermediates(request.chain_der)
             identity = verifier.verify(leaf, now=now, intermediates=inter, require_device_id=True)
             laps.lap("chain_verification")
             idevid_key = identity.leaf.public_key()

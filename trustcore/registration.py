@@ -533,7 +533,7 @@ def _verify_request(
         )
     try:
         leaf = x509.load_der_x509_certificate(request.idevid_der)
-        chain = [x509.load_der_x509_certificate(c) for c in request.chain_der]
+        chain = verifier.load_intermediates(request.chain_der)
         identity = verifier.verify(leaf, now=now, intermediates=chain, require_device_id=True)
     except _PARSE_ERRORS as exc:
         raise _refuse("untrusted", f"a certificate does not parse: {exc}") from exc

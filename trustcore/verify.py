@@ -25,6 +25,16 @@ failures as free text. So :class:`ChainVerifier` runs, in this fixed order:
 The first failing check decides the reason, so a certificate that is both expired and
 revoked is reported ``expired``. Construct a :class:`ChainVerifier` once (it parses the store
 and verifies each CRL's signature once) and call :meth:`ChainVerifier.verify` per client.
+
+Verified CA paths are remembered (per verifier, so new CRLs or roots start afresh): once a
+client's issuing CA has been part of a chain that passed every check, the next chain that
+brings the same intermediates is path-built by the library with that CA as its only anchor
+(the leaf's signature, validity and the library's end-entity checks, every time) and the
+CA's already verified path above it is re-checked for validity at ``now``; step 1 and the
+revocation of EVERY certificate of the chain (step 3) run for every request as before.
+Anything unusual (an out-of-validity CA, a failed anchored check, name constraints) takes
+the full path, which also gives the precise reason. This saves the CA's own signature check
+and path building per client: a site verifies thousands of devices of a few stations.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification as libverify
@@ -71,6 +82,9 @@ _SAN_REQUIRED_FOR = frozenset({ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsage
 _MAX_CHAIN_DEPTH = 4
 #: Upper bound on certificate size accepted by :func:`load_certificate`.
 MAX_CERTIFICATE_SIZE = 16 * 1024
+#: Verified CA paths remembered per verifier (one per distinct set of intermediates a
+#: client brought; a site sees a handful of station CAs). Full: the oldest is forgotten.
+_MAX_REMEMBERED_PATHS = 64
 
 
 _LOAD_ERRORS: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, CryptographyDeprecationWarning)
@@ -133,6 +147,15 @@ def _key_id(cert: x509.Certificate) -> bytes:
     return x509.SubjectKeyIdentifier.from_public_key(key).digest
 
 
+@dataclass(frozen=True, slots=True)
+class _KnownPath:
+    """A CA path that verified (issuing CA first, trust anchor last) and a library store
+    holding only its issuing CA."""
+
+    tail: tuple[x509.Certificate, ...]
+    anchor: libverify.Store
+
+
 def _describe(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
 
@@ -186,6 +209,11 @@ class ChainVerifier:
         self._indirect: dict[bytes, IndirectRevocationSet] = {}
         for crl, signer in indirect_crls:
             self._add_indirect(crl, signer)
+        #: presented intermediates -> (the issuing CA's verified path up to the anchor, a
+        #: library store holding only that CA). Filled only by chains that passed every check.
+        self._paths: dict[tuple[x509.Certificate, ...], _KnownPath] = {}
+        #: DER -> parsed certificate, for the intermediates of remembered paths only.
+        self._parsed: dict[bytes, x509.Certificate] = {}
 
     def _add_indirect(self, crl: x509.CertificateRevocationList, signer: x509.Certificate) -> None:
         """Accept an indirect CRL whose signer is a CRL-signer role certificate under one of
@@ -263,11 +291,17 @@ class ChainVerifier:
         moment = _utc(now)
         if not isinstance(leaf, x509.Certificate):
             leaf = load_certificate(leaf)
+        presented = tuple(intermediates)
         try:
             device_id = self._check_leaf(leaf, moment, require_device_id)
-            untrusted = list(self._intermediates) + list(intermediates)
-            chain = self._build_path(leaf, untrusted, moment)
-            self._check_revocation(chain, moment)
+            chain = self._known_path(leaf, presented, moment)
+            if chain is None:
+                untrusted = list(self._intermediates) + list(presented)
+                chain = self._build_path(leaf, untrusted, moment)
+                self._check_revocation(chain, moment)
+                self._remember(presented, chain)
+            else:
+                self._check_revocation(chain, moment)
         except X509_PARSE_ERRORS as exc:
             # cryptography parses some fields (names, keys, extensions) lazily, on first
             # access: a mangled certificate can fail deep inside any check.
@@ -277,6 +311,59 @@ class ChainVerifier:
         return VerifiedIdentity(
             subject=leaf.subject, device_id=device_id, leaf=leaf, chain=chain, issuer=chain[1]
         )
+
+    @property
+    def remembered_paths(self) -> int:
+        """How many verified CA paths this verifier remembers (see the module docstring)."""
+        return len(self._paths)
+
+    def load_intermediates(self, ders: Sequence[bytes]) -> tuple[x509.Certificate, ...]:
+        """Parse the intermediates a client brought (``x509.load_der_x509_certificate``
+        errors propagate); those of a remembered verified path are not parsed again."""
+        parsed = self._parsed
+        return tuple(parsed.get(der) or x509.load_der_x509_certificate(der) for der in ders)
+
+    def _known_path(
+        self, leaf: x509.Certificate, presented: tuple[x509.Certificate, ...], now: datetime
+    ) -> tuple[x509.Certificate, ...] | None:
+        """The chain through a remembered, already verified CA path, or None (full path)."""
+        known = self._paths.get(presented)
+        if known is None or leaf.issuer != known.tail[0].subject:
+            return None
+        if any(not c.not_valid_before_utc <= now <= c.not_valid_after_utc for c in known.tail):
+            return None  # the full path says which one and why
+        verifier = (
+            libverify.PolicyBuilder()
+            .store(known.anchor)
+            .time(now)
+            .max_chain_depth(_MAX_CHAIN_DEPTH)
+            .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
+            .build_client_verifier()
+        )
+        try:
+            verified = verifier.verify(leaf, [])
+        except libverify.VerificationError:
+            return None
+        if len(verified.chain) != 2 or verified.chain[1] != known.tail[0]:
+            return None
+        return (leaf, *known.tail)
+
+    def _remember(
+        self, presented: tuple[x509.Certificate, ...], chain: tuple[x509.Certificate, ...]
+    ) -> None:
+        """Remember the verified path above ``chain``'s leaf, unless a certificate on it
+        carries name constraints (they constrain each leaf: the library checks them)."""
+        tail = chain[1:]
+        if presented in self._paths or any(_ext(c, x509.NameConstraints) is not None for c in tail):
+            return
+        if len(self._paths) >= _MAX_REMEMBERED_PATHS:
+            oldest = next(iter(self._paths))
+            del self._paths[oldest]
+            for cert in oldest:
+                self._parsed.pop(cert.public_bytes(serialization.Encoding.DER), None)
+        self._paths[presented] = _KnownPath(tail, libverify.Store([tail[0]]))
+        for cert in presented:
+            self._parsed[cert.public_bytes(serialization.Encoding.DER)] = cert
 
     def _check_leaf(
         self, leaf: x509.Certificate, now: datetime, require_device_id: bool
