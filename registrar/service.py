@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import socket
@@ -132,8 +133,9 @@ class SiteAuthority:
     #: CA it knows (payload-key updates, "renew now").
     retiring: tuple[tuple[x509.Certificate, Signer], ...] = ()
 
-    @property
+    @functools.cached_property
     def der(self) -> bytes:
+        """The site CA certificate's DER (in every response: encoded once)."""
         return self.certificate.public_bytes(serialization.Encoding.DER)
 
     def signer_for(self, ldevid_der: bytes) -> Signer:

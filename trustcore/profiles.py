@@ -393,13 +393,7 @@ def _build(
             end > issuer_cert.not_valid_after_utc and not allow_beyond_issuer
         ):
             raise ProfileError(f"{profile.name} validity must lie within the issuer's validity")
-        try:
-            ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
-        except x509.ExtensionNotFound:
-            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                require_p256_public_key(issuer_cert.public_key())
-            )
+        aki = _authority_key_id(issuer_cert)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -422,6 +416,17 @@ def _build(
     if crl_issuer is not None:
         builder = builder.add_extension(crl_distribution_point(crl_issuer), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _authority_key_id(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The AKI of what ``issuer_cert`` signs: its SKI, else derived from its key."""
+    try:
+        ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            require_p256_public_key(issuer_cert.public_key())
+        )
 
 
 def crl_distribution_point(crl_issuer: x509.Name) -> x509.CRLDistributionPoints:
@@ -632,17 +637,103 @@ def issue_secondary_certificate(
     not_after: datetime,
     hw_type: ObjectIdentifier = OID_HW_TYPE_DEVICE,
 ) -> x509.Certificate:
-    """Device secondary certificate (LDevID) issued on site by the site CA."""
-    return _build(
-        PROFILES["ldevid"],
-        subject=_device_subject(device_id, organization),
-        subject_key=subject_key,
-        issuer_cert=issuer_cert,
-        issuer_key=issuer_key,
-        not_before=not_before,
-        not_after=not_after,
-        san=[hardware_module_name(device_id, hw_type)],
+    """Device secondary certificate (LDevID) issued on site by the site CA.
+
+    The same certificate :func:`_build` makes for the ``ldevid`` profile (tests compare the
+    bytes), with what depends only on the issuer (its checks, name, AKI, the fixed
+    extensions) prepared once per site CA and key: a registrar issues thousands."""
+    issuer = _ldevid_issuer(issuer_cert, issuer_key)
+    subject_key = require_p256_public_key(subject_key)
+    start, end = _utc("not_before", not_before), _utc("not_after", not_after)
+    if start >= end:
+        raise ProfileError("not_before must be earlier than not_after")
+    if start < issuer.not_before or end > issuer.not_after:
+        raise ProfileError("ldevid validity must lie within the issuer's validity")
+    extensions = [
+        *issuer.leading,
+        x509.Extension(
+            x509.oid.ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+            False,
+            x509.SubjectKeyIdentifier.from_public_key(subject_key),
+        ),
+        *issuer.trailing,
+        x509.Extension(
+            x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+            False,
+            x509.SubjectAlternativeName([hardware_module_name(device_id, hw_type)]),
+        ),
+    ]
+    # The constructor takes what the builder's one-per-call methods would set; every value
+    # was checked above (or by the issuer's preparation), the serial is CertSerial's.
+    return x509.CertificateBuilder(
+        issuer_name=issuer.name,
+        subject_name=_device_subject(device_id, organization),
+        public_key=subject_key,
+        serial_number=CertSerial.random().value,
+        not_valid_before=start,
+        not_valid_after=end,
+        extensions=extensions,
+    ).sign(issuer.key, hashes.SHA256())
+
+
+@dataclass(frozen=True, slots=True)
+class _PreparedIssuer:
+    """An LDevID issuer after :func:`_check_issuer`: its name, validity, AKI and the fixed
+    extensions of the ``ldevid`` profile, in :func:`_build`'s order (BC, KU | SKI | AKI,
+    EKU | SAN)."""
+
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    name: x509.Name
+    not_before: datetime
+    not_after: datetime
+    leading: tuple[x509.Extension[x509.ExtensionType], ...]
+    trailing: tuple[x509.Extension[x509.ExtensionType], ...]
+
+
+#: Recently prepared issuers; a key object is matched by identity (a TPM- or token-backed
+#: key object that changes per call is simply prepared again).
+_PREPARED: list[_PreparedIssuer] = []
+_MAX_PREPARED = 8
+
+
+def _ldevid_issuer(
+    issuer_cert: x509.Certificate, issuer_key: ec.EllipticCurvePrivateKey
+) -> _PreparedIssuer:
+    for prepared in _PREPARED:
+        if prepared.key is issuer_key and prepared.certificate == issuer_cert:
+            return prepared
+    profile = PROFILES["ldevid"]
+    issuer_key = _require_p256_private_key(issuer_key)
+    _check_issuer(issuer_cert, issuer_key, profile.ca)
+    ext = x509.oid.ExtensionOID
+    leading: list[x509.Extension[x509.ExtensionType]] = [
+        x509.Extension(
+            ext.BASIC_CONSTRAINTS,
+            True,
+            x509.BasicConstraints(ca=profile.ca, path_length=profile.path_length),
+        ),
+        x509.Extension(ext.KEY_USAGE, True, _key_usage(profile.key_usage)),
+    ]
+    trailing: list[x509.Extension[x509.ExtensionType]] = [
+        x509.Extension(ext.AUTHORITY_KEY_IDENTIFIER, False, _authority_key_id(issuer_cert))
+    ]
+    if profile.eku:
+        trailing.append(
+            x509.Extension(ext.EXTENDED_KEY_USAGE, False, x509.ExtendedKeyUsage(list(profile.eku)))
+        )
+    prepared = _PreparedIssuer(
+        certificate=issuer_cert,
+        key=issuer_key,
+        name=issuer_cert.subject,
+        not_before=issuer_cert.not_valid_before_utc,
+        not_after=issuer_cert.not_valid_after_utc,
+        leading=tuple(leading),
+        trailing=tuple(trailing),
     )
+    _PREPARED.insert(0, prepared)
+    del _PREPARED[_MAX_PREPARED:]
+    return prepared
 
 
 def issue_broker_certificate(
