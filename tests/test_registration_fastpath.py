@@ -1,0 +1,85 @@
+"""The registration fast path keeps every check: the CSR parsed once is the one checked, a
+CSR whose key was never looked up is refused, and a registrar whose trust data changes
+after a station CA's path was remembered refuses that station's devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from registrar.service import RegistrationService, SiteAuthority
+from registrar.store import Store
+from signers.software import SoftwareKey
+from tests.fixtures.pki import SITE_OPERATOR, Pki, make_crl
+from tests.test_registration import ADMIT_STATION, decide, make_dev, make_request
+from trustcore.csr import build_device_csr
+from trustcore.keys import key_id, spki_der
+from trustcore.payload import PayloadKey
+from trustcore.registration import RegistrationDenied, RegistrationGranted, parse_request
+from trustcore.registration import parse_response as parse_registration_response
+from trustcore.verify import ChainVerifier
+
+
+def test_the_csr_is_parsed_once_with_its_key_id(pki: Pki) -> None:
+    dev = make_dev("dev-310001")
+    request = parse_request(make_request(pki, dev))
+    assert request.csr is not None
+    assert request.csr_spki == spki_der(dev.ldevid_key.public_key())
+    assert request.csr_key_id == key_id(dev.ldevid_key.public_key())
+    assert decide(make_request(pki, dev)) == "ok"
+
+
+def test_a_csr_that_only_parses_late_is_refused(pki: Pki) -> None:
+    """A PEM CSR has no key id at parse time, so its key's owner was never looked up:
+    refused rather than certified unchecked."""
+    dev = make_dev("dev-310002")
+    pem = x509.load_der_x509_csr(build_device_csr(dev.ldevid_key, dev.device_id)).public_bytes(
+        serialization.Encoding.PEM
+    )
+    request = parse_request(make_request(pki, dev, csr=pem))
+    assert request.csr is None and request.csr_key_id is None
+    assert decide(make_request(pki, dev, csr=pem)) == "csr_malformed"
+
+
+async def test_new_trust_data_after_a_remembered_path_refuses_the_station(
+    pki: Pki, tmp_path: Path
+) -> None:
+    store = await Store.open(str(tmp_path / "registrar.db"))
+    try:
+        first = ChainVerifier([pki.root], crls=pki.crls)
+        service = RegistrationService(
+            store=store,
+            verifier=first,
+            admission=ADMIT_STATION,
+            site=SiteAuthority(pki.site_ca, SoftwareKey(pki.site_key), SITE_OPERATOR),
+            payload_key=PayloadKey.generate(),
+            clock=lambda: pki.now,
+        )
+
+        async def register(name: str) -> RegistrationGranted | RegistrationDenied:
+            dev = make_dev(name)
+            data = make_request(pki, dev)
+            parsed = parse_request(data)
+            response = await service.handle(dev.device_id, data)
+            return parse_registration_response(
+                response,
+                device_id=dev.device_id,
+                nonce=parsed.nonce,
+                request_digest=parsed.digest,
+                ldevid_public_key=dev.ldevid_key.public_key(),
+                roots=[pki.root],
+                now=pki.now,
+            )
+
+        assert isinstance(await register("dev-310003"), RegistrationGranted)
+        assert first.remembered_paths == 1
+        assert isinstance(await register("dev-310004"), RegistrationGranted)
+        # HQ revokes the station CA: the registrar gets a verifier with the new root CRL
+        root_crl = make_crl(pki.now, pki.root, pki.root_key, revoked=(pki.station_ca,), number=2)
+        service.update_trust(verifier=ChainVerifier([pki.root], crls=(*pki.crls, root_crl)))
+        refused = await register("dev-310005")
+        assert isinstance(refused, RegistrationDenied) and refused.reason == "revoked"
+    finally:
+        await store.close()
