@@ -22,6 +22,7 @@ used through ``builder.sign``.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -250,6 +251,7 @@ def _der_tlv(tag: int, body: bytes) -> bytes:
     return bytes([tag]) + _der_length(len(body)) + body
 
 
+@functools.lru_cache(maxsize=64)
 def _der_oid_body(oid: ObjectIdentifier) -> bytes:
     arcs = [int(a) for a in oid.dotted_string.split(".")]
     out = bytearray()
@@ -298,6 +300,12 @@ def decode_hardware_module_name(der: bytes) -> tuple[ObjectIdentifier, bytes]:
     serial, pos = _der_read(seq, pos, 0x04)
     if pos != len(seq) or not oid_body:
         raise EncodingError("malformed HardwareModuleName")
+    return _oid_of_body(oid_body), serial
+
+
+@functools.lru_cache(maxsize=64)
+def _oid_of_body(oid_body: bytes) -> ObjectIdentifier:
+    """The OID of a DER OID value (one hwType per product line: decoded once each)."""
     arcs: list[int] = []
     value = 0
     for i, byte in enumerate(oid_body):
@@ -311,7 +319,7 @@ def decode_hardware_module_name(der: bytes) -> tuple[ObjectIdentifier, bytes]:
             raise EncodingError("truncated OID")
     first = arcs[0]
     head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
-    return ObjectIdentifier(".".join(str(a) for a in [*head, *arcs[1:]])), serial
+    return ObjectIdentifier(".".join(str(a) for a in [*head, *arcs[1:]]))
 
 
 def hardware_module_name(

@@ -149,11 +149,11 @@ def _key_id(cert: x509.Certificate) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class _KnownPath:
-    """A CA path that verified (issuing CA first, trust anchor last) and a library store
-    holding only its issuing CA."""
+    """A CA path that verified (issuing CA first, trust anchor last) and the library's
+    policy (all but the time) with only its issuing CA as the anchor."""
 
     tail: tuple[x509.Certificate, ...]
-    anchor: libverify.Store
+    policy: libverify.PolicyBuilder
 
 
 def _describe(cert: x509.Certificate) -> str:
@@ -214,6 +214,7 @@ class ChainVerifier:
         self._paths: dict[tuple[x509.Certificate, ...], _KnownPath] = {}
         #: DER -> parsed certificate, for the intermediates of remembered paths only.
         self._parsed: dict[bytes, x509.Certificate] = {}
+        self._ca_ids: dict[x509.Certificate, tuple[bytes, bytes]] = {}
 
     def _add_indirect(self, crl: x509.CertificateRevocationList, signer: x509.Certificate) -> None:
         """Accept an indirect CRL whose signer is a CRL-signer role certificate under one of
@@ -263,8 +264,18 @@ class ChainVerifier:
             candidates = [ca for ca in candidates if _key_id(ca) == aki.key_identifier]
         return candidates[0] if candidates else None
 
+    def _ca_id(self, ca: x509.Certificate) -> tuple[bytes, bytes]:
+        """(subject DER, key id) of a CA on a verified chain: how its CRLs are found. A pure
+        function of the certificate, kept for the CAs this verifier sees (a few)."""
+        known = self._ca_ids.get(ca)
+        if known is None:
+            known = (ca.subject.public_bytes(), _key_id(ca))
+            if len(self._ca_ids) < _MAX_REMEMBERED_PATHS * 4:
+                self._ca_ids[ca] = known
+        return known
+
     def _revocations_for(self, issuer: x509.Certificate) -> RevocationSet | None:
-        key = (issuer.subject.public_bytes(), _key_id(issuer))
+        key = self._ca_id(issuer)
         pending = self._pending.get(key[0])
         if pending:
             for crl in list(pending):
@@ -332,16 +343,8 @@ class ChainVerifier:
             return None
         if any(not c.not_valid_before_utc <= now <= c.not_valid_after_utc for c in known.tail):
             return None  # the full path says which one and why
-        verifier = (
-            libverify.PolicyBuilder()
-            .store(known.anchor)
-            .time(now)
-            .max_chain_depth(_MAX_CHAIN_DEPTH)
-            .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
-            .build_client_verifier()
-        )
         try:
-            verified = verifier.verify(leaf, [])
+            verified = known.policy.time(now).build_client_verifier().verify(leaf, [])
         except libverify.VerificationError:
             return None
         if len(verified.chain) != 2 or verified.chain[1] != known.tail[0]:
@@ -361,7 +364,13 @@ class ChainVerifier:
             del self._paths[oldest]
             for cert in oldest:
                 self._parsed.pop(cert.public_bytes(serialization.Encoding.DER), None)
-        self._paths[presented] = _KnownPath(tail, libverify.Store([tail[0]]))
+        policy = (
+            libverify.PolicyBuilder()
+            .store(libverify.Store([tail[0]]))
+            .max_chain_depth(_MAX_CHAIN_DEPTH)
+            .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
+        )
+        self._paths[presented] = _KnownPath(tail, policy)
         for cert in presented:
             self._parsed[cert.public_bytes(serialization.Encoding.DER)] = cert
 
@@ -504,11 +513,12 @@ class ChainVerifier:
             )
             # An HQ indirect CRL lists certificates of any station CA: a listing counts for
             # every certificate (a thief's certificate without a CRLDP included).
+            issuer_der = self._ca_id(issuer)[0]
             listed = next(
                 (
                     r
                     for held in self._indirect.values()
-                    if (r := held.reason_for(issuer.subject, cert.serial_number)) is not None
+                    if (r := held.reason_for_der(issuer_der, cert.serial_number)) is not None
                 ),
                 None,
             )
