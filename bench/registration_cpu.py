@@ -162,7 +162,7 @@ def phase_breakdown(
             inter = verifier.load_intermediates(request.chain_der)
             identity = verifier.verify(leaf, now=now, intermediates=inter, require_device_id=True)
             laps.lap("chain_verification")
-            idevid_key = identity.leaf.public_key()
+            idevid_key = identity.leaf_key
             assert isinstance(idevid_key, ec.EllipticCurvePublicKey)
             assert reg.envelope_signature_valid(
                 idevid_key, request.signature, reg.REQUEST_DOMAIN, request.body
@@ -170,7 +170,9 @@ def phase_breakdown(
             laps.lap("request_signature")
             station_id_from_certificate(identity.issuer)
             assert request.csr is not None and request.csr_spki is not None
-            csr = check_csr(request.csr, expected_device_id=request.device_id)
+            csr = check_csr(
+                request.csr, expected_device_id=request.device_id, public_key=request.csr_key
+            )
             assert request.csr_spki != spki_der(idevid_key)
             assert request.csr_key_id == hashlib.sha256(request.csr_spki).digest()
             wrap = load_canonical_p256_spki(request.wrap_key_der)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trustcore.errors import (
@@ -189,12 +190,15 @@ def check_csr(
     *,
     expected_device_id: DeviceId | None = None,
     expected_subject: x509.Name | None = None,
+    public_key: PublicKeyTypes | None = None,
 ) -> ValidatedCsr:
-    """The checks of :func:`validate_csr` on a CSR already parsed by :func:`load_csr`."""
-    try:
-        public_key = csr.public_key()
-    except X509_PARSE_ERRORS as exc:
-        raise CsrError("CSR public key is not usable", reason="wrong_key_type") from exc
+    """The checks of :func:`validate_csr` on a CSR already parsed by :func:`load_csr`;
+    ``public_key``: the key the caller already took from this very CSR object."""
+    if public_key is None:
+        try:
+            public_key = csr.public_key()
+        except X509_PARSE_ERRORS as exc:
+            raise CsrError("CSR public key is not usable", reason="wrong_key_type") from exc
     try:
         key = require_p256_public_key(public_key)
     except ProfileError as exc:

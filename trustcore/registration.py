@@ -329,6 +329,7 @@ class RegistrationRequest:
     #: The CSR as parsed once here (None if it does not parse as DER), and its SPKI:
     #: :func:`verify_request` checks this object rather than parsing the bytes again.
     csr: x509.CertificateSigningRequest | None = field(repr=False, compare=False, default=None)
+    csr_key: ec.EllipticCurvePublicKey | None = field(repr=False, compare=False, default=None)
     csr_spki: bytes | None = field(repr=False, compare=False, default=None)
 
 
@@ -395,17 +396,19 @@ def parse_request(data: bytes) -> RegistrationRequest:
     except (EncodingError, InvalidValueError) as exc:
         raise RegistrationError(f"registration request: {exc}") from exc
     csr_object: x509.CertificateSigningRequest | None = None
+    csr_public: ec.EllipticCurvePublicKey | None = None
     csr_spki: bytes | None = None
     csr_key: bytes | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             csr_object = x509.load_der_x509_csr(csr)
-            csr_spki = spki_der(require_p256_public_key(csr_object.public_key()))
+            csr_public = require_p256_public_key(csr_object.public_key())
+            csr_spki = spki_der(csr_public)
             csr_key = hashlib.sha256(csr_spki).digest()  # = keys.key_id
     except (*_PARSE_ERRORS, ProfileError):
         # refused by verify_request with the precise CSR reason
-        csr_object, csr_spki, csr_key = None, None, None
+        csr_object, csr_public, csr_spki, csr_key = None, None, None, None
     return RegistrationRequest(
         device_id=device_id,
         nonce=nonce,
@@ -419,6 +422,7 @@ def parse_request(data: bytes) -> RegistrationRequest:
         digest=hashlib.sha256(data).digest(),
         csr_key_id=csr_key,
         csr=csr_object,
+        csr_key=csr_public,
         csr_spki=csr_spki,
     )
 
@@ -550,7 +554,7 @@ def _verify_request(
             "device_mismatch",
             f"certificate names {identity.device_id}, request {request.device_id}",
         )
-    idevid_key = identity.leaf.public_key()
+    idevid_key = identity.leaf_key or identity.leaf.public_key()
     if not isinstance(idevid_key, ec.EllipticCurvePublicKey) or not _verify_sig(
         idevid_key, request.signature, REQUEST_DOMAIN, request.body
     ):
@@ -569,7 +573,9 @@ def _verify_request(
         raise _refuse("not_in_manifest", f"{request.device_id} (station {station}) not admitted")
     try:
         if request.csr is not None:
-            csr = check_csr(request.csr, expected_device_id=request.device_id)
+            csr = check_csr(
+                request.csr, expected_device_id=request.device_id, public_key=request.csr_key
+            )
         else:
             csr = validate_csr(request.csr_der, expected_device_id=request.device_id)
     except CsrError as exc:

@@ -114,6 +114,8 @@ class VerifiedIdentity:
     leaf: x509.Certificate
     chain: tuple[x509.Certificate, ...]
     issuer: x509.Certificate
+    #: The leaf's public key as parsed for the checks (always ECDSA P-256 when verified).
+    leaf_key: ec.EllipticCurvePublicKey | None = None
 
     @property
     def root(self) -> x509.Certificate:
@@ -304,7 +306,7 @@ class ChainVerifier:
             leaf = load_certificate(leaf)
         presented = tuple(intermediates)
         try:
-            device_id = self._check_leaf(leaf, moment, require_device_id)
+            device_id, leaf_key = self._check_leaf(leaf, moment, require_device_id)
             chain = self._known_path(leaf, presented, moment)
             if chain is None:
                 untrusted = list(self._intermediates) + list(presented)
@@ -320,7 +322,12 @@ class ChainVerifier:
                 f"certificate does not parse: {exc}", reason="malformed"
             ) from exc
         return VerifiedIdentity(
-            subject=leaf.subject, device_id=device_id, leaf=leaf, chain=chain, issuer=chain[1]
+            subject=leaf.subject,
+            device_id=device_id,
+            leaf=leaf,
+            chain=chain,
+            issuer=chain[1],
+            leaf_key=leaf_key,
         )
 
     @property
@@ -376,7 +383,7 @@ class ChainVerifier:
 
     def _check_leaf(
         self, leaf: x509.Certificate, now: datetime, require_device_id: bool
-    ) -> DeviceId | None:
+    ) -> tuple[DeviceId | None, ec.EllipticCurvePublicKey]:
         try:
             key = leaf.public_key()
         except (ValueError, TypeError) as exc:
@@ -440,7 +447,7 @@ class ChainVerifier:
                 raise VerificationError(f"device identity: {exc}", reason="malformed") from exc
         elif require_device_id:
             raise VerificationError("no hardwareModuleName device id", reason="missing_san")
-        return device_id
+        return device_id, key
 
     def _build_path(
         self, leaf: x509.Certificate, untrusted: list[x509.Certificate], now: datetime
