@@ -14,7 +14,8 @@ request, the same functions the service calls for that stage, on a separate set 
 (medians in µs). ``pure_path_us`` is the median of parse_request + verify_request +
 issue_registration for one request (the service's pure functions, end to end);
 ``store_and_async`` is what the wave cost beyond it: the store's look-up and group commit,
-the event loop, the bookkeeping around the stages.
+the event loop, the bookkeeping around the stages, and logging (set up as ``registrar run``
+does it).
 
 ``baseline_ms`` is the bare cryptographic floor of one registration measured in the same
 run with the same keys: 4 ECDSA verifications (station CA by the root, IDevID by the station
@@ -30,6 +31,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import statistics
 import sys
@@ -314,8 +316,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--phase-samples", type=int, default=300)
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="the service's logging, configured as `registrar run` does (default info)",
+    )
     parser.add_argument("--json", action="store_true", help="JSON on the last line only")
     args = parser.parse_args()
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     result = asyncio.run(run(args))
     if args.json:
         print(json.dumps(result))
