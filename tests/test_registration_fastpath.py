@@ -1,9 +1,11 @@
 """The registration fast path keeps every check: the CSR parsed once is the one checked, a
-CSR whose key was never looked up is refused, and a registrar whose trust data changes
-after a station CA's path was remembered refuses that station's devices."""
+CSR whose key was never looked up is refused, and after a station CA's path was remembered
+the registrar still refuses that station's devices once the CA has expired at the
+service's clock or new trust data revokes it."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -47,6 +49,7 @@ async def test_new_trust_data_after_a_remembered_path_refuses_the_station(
     pki: Pki, tmp_path: Path
 ) -> None:
     store = await Store.open(str(tmp_path / "registrar.db"))
+    clock = [pki.now]
     try:
         first = ChainVerifier([pki.root], crls=pki.crls)
         service = RegistrationService(
@@ -55,12 +58,12 @@ async def test_new_trust_data_after_a_remembered_path_refuses_the_station(
             admission=ADMIT_STATION,
             site=SiteAuthority(pki.site_ca, SoftwareKey(pki.site_key), SITE_OPERATOR),
             payload_key=PayloadKey.generate(),
-            clock=lambda: pki.now,
+            clock=lambda: clock[0],
         )
 
         async def register(name: str) -> RegistrationGranted | RegistrationDenied:
             dev = make_dev(name)
-            data = make_request(pki, dev)
+            data = make_request(pki, dev, time=int(clock[0].timestamp()))
             parsed = parse_request(data)
             response = await service.handle(dev.device_id, data)
             return parse_registration_response(
@@ -70,10 +73,15 @@ async def test_new_trust_data_after_a_remembered_path_refuses_the_station(
                 request_digest=parsed.digest,
                 ldevid_public_key=dev.ldevid_key.public_key(),
                 roots=[pki.root],
-                now=pki.now,
+                now=pki.now,  # the device's clock, at which the site CA is valid
             )
 
         assert isinstance(await register("dev-310003"), RegistrationGranted)
+        # the service's clock passes the station CA's notAfter: refused, path remembered or not
+        clock[0] = pki.station_ca.not_valid_after_utc + timedelta(seconds=1)
+        expired = await register("dev-310006")
+        assert isinstance(expired, RegistrationDenied) and expired.reason == "expired"
+        clock[0] = pki.now
         assert first.remembered_paths == 1
         assert isinstance(await register("dev-310004"), RegistrationGranted)
         # HQ revokes the station CA: the registrar gets a verifier with the new root CRL
