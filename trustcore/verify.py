@@ -211,11 +211,12 @@ class ChainVerifier:
         self._indirect: dict[bytes, IndirectRevocationSet] = {}
         for crl, signer in indirect_crls:
             self._add_indirect(crl, signer)
-        #: presented intermediates -> (the issuing CA's verified path up to the anchor, a
-        #: library store holding only that CA). Filled only by chains that passed every check.
+        #: presented intermediates -> the issuing CA's verified path up to the anchor and the
+        #: library policy anchored at that CA. Filled only by chains that passed every check.
         self._paths: dict[tuple[x509.Certificate, ...], _KnownPath] = {}
         #: DER -> parsed certificate, for the intermediates of remembered paths only.
         self._parsed: dict[bytes, x509.Certificate] = {}
+        #: CA certificate -> (subject DER, key id), see :meth:`_ca_id`.
         self._ca_ids: dict[x509.Certificate, tuple[bytes, bytes]] = {}
 
     def _add_indirect(self, crl: x509.CertificateRevocationList, signer: x509.Certificate) -> None:
