@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -16,6 +17,7 @@ from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki, make_crl
 from tests.test_registration import ADMIT_STATION, decide, make_dev, make_request
+from trustcore import cbor, registration
 from trustcore.csr import build_device_csr
 from trustcore.keys import key_id, spki_der
 from trustcore.payload import PayloadKey
@@ -91,3 +93,12 @@ async def test_new_trust_data_after_a_remembered_path_refuses_the_station(
         assert isinstance(refused, RegistrationDenied) and refused.reason == "revoked"
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("size", [0, 23, 24, 255, 256, 1500, 65535, 65536])
+def test_assembled_envelopes_are_the_encoders_bytes(size: int) -> None:
+    body, sig = bytes(range(256)) * (size // 256) + bytes(size % 256), b"\x30" * 71
+    for domain in ("devtrust/registration-request/v1", "devtrust/registration-response/v1"):
+        assert registration._signed_input(domain, body) == cbor.encode([domain, body])
+    assert registration._envelope_bytes(body, sig) == cbor.encode({"body": body, "sig": sig})
+    assert cbor.bytes_head(size) + body == cbor.encode(body)

@@ -28,6 +28,7 @@ from trustcore.errors import EncodingError
 __all__ = [
     "MAX_DEPTH",
     "REFUSE_TAGS",
+    "bytes_head",
     "decode",
     "encode",
     "encode_reference",
@@ -130,6 +131,15 @@ def encode(obj: object) -> bytes:
         except Exception:  # e.g. a lone surrogate: let the reference encoder say why
             return encode_reference(obj)
     return encode_reference(obj)
+
+
+def bytes_head(length: int) -> bytes:
+    """The head of a byte string of ``length`` bytes (``head + data`` = ``encode(data)``):
+    for callers that assemble a fixed message shape around large byte strings without
+    copying them through the encoder (tests/test_cbor.py checks the equality)."""
+    if not 0 <= length <= _UINT64_MAX:
+        raise EncodingError("byte string length out of range")
+    return _head(2, length)
 
 
 def encode_reference(obj: object) -> bytes:

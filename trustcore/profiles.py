@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import hashlib
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
@@ -662,7 +663,17 @@ def issue_secondary_certificate(
         x509.Extension(
             x509.oid.ExtensionOID.SUBJECT_KEY_IDENTIFIER,
             False,
-            x509.SubjectKeyIdentifier.from_public_key(subject_key),
+            # = SubjectKeyIdentifier.from_public_key: SHA-1 of the subjectPublicKey BIT
+            # STRING's content (RFC 5280 §4.2.1.2 method 1), without its DER round trip.
+            x509.SubjectKeyIdentifier(
+                hashlib.sha1(
+                    subject_key.public_bytes(
+                        serialization.Encoding.X962,
+                        serialization.PublicFormat.UncompressedPoint,
+                    ),
+                    usedforsecurity=False,
+                ).digest()
+            ),
         ),
         *issuer.trailing,
         x509.Extension(

@@ -25,6 +25,7 @@ and which MQTT v5 reason code the refusal corresponds to.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections.abc import Sequence
@@ -270,13 +271,37 @@ def envelope_signature_valid(
     return _verify_sig(public, sig, domain, body)
 
 
+@functools.cache
+def _domain_head(domain: str) -> bytes:
+    return b"\x82" + cbor.encode(domain)  # array of 2, then the domain text
+
+
+#: ``{"body": …, "sig": …}`` in deterministic order: "sig" (63 …) sorts before "body" (64 …).
+_ENVELOPE_SIG_KEY = b"\xa2" + cbor.encode("sig")
+_ENVELOPE_BODY_KEY = cbor.encode("body")
+
+
 def _signed_input(domain: str, body: bytes) -> bytes:
-    return cbor.encode([domain, body])
+    """``cbor.encode([domain, body])``, assembled without copying ``body`` through the
+    encoder (tests/test_registration_fastpath.py compares the bytes)."""
+    return _domain_head(domain) + cbor.bytes_head(len(body)) + body
+
+
+def _envelope_bytes(body: bytes, sig: bytes) -> bytes:
+    """``cbor.encode({"body": body, "sig": sig})``, assembled (same test)."""
+    return (
+        _ENVELOPE_SIG_KEY
+        + cbor.bytes_head(len(sig))
+        + sig
+        + _ENVELOPE_BODY_KEY
+        + cbor.bytes_head(len(body))
+        + body
+    )
 
 
 def _envelope(domain: str, body: dict[str, Any], signer: Signer) -> bytes:
     body_bytes = cbor.encode(body)
-    return cbor.encode({"body": body_bytes, "sig": signer.sign(_signed_input(domain, body_bytes))})
+    return _envelope_bytes(body_bytes, signer.sign(_signed_input(domain, body_bytes)))
 
 
 def _open_envelope(data: bytes, max_size: int, what: str) -> tuple[bytes, bytes, dict[Any, Any]]:
