@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification as libverify
-from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
 from trustcore.crl import IndirectRevocationSet, RevocationSet, verify_crl, verify_indirect_crl
 from trustcore.errors import X509_PARSE_ERRORS, CrlError, ProfileError, VerificationError
@@ -134,6 +134,17 @@ def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extensi
     except x509.ExtensionNotFound:
         return None
     except X509_PARSE_ERRORS as exc:  # duplicate or unparsable extension
+        raise VerificationError(
+            f"certificate extensions are malformed: {exc}", reason="malformed"
+        ) from exc
+
+
+def _extensions_by_oid(cert: x509.Certificate) -> dict[ObjectIdentifier, x509.ExtensionType]:
+    """Every extension value of ``cert`` by OID, in one pass (``cryptography`` refuses a
+    certificate with a duplicate extension, reported like :func:`_ext` as ``malformed``)."""
+    try:
+        return {ext.oid: ext.value for ext in cert.extensions}
+    except X509_PARSE_ERRORS as exc:
         raise VerificationError(
             f"certificate extensions are malformed: {exc}", reason="malformed"
         ) from exc
@@ -406,8 +417,9 @@ class ChainVerifier:
                 pass
             else:
                 raise VerificationError("self-signed end-entity certificate", reason="untrusted")
-        bc = _ext(leaf, x509.BasicConstraints)
-        ku = _ext(leaf, x509.KeyUsage)
+        exts = _extensions_by_oid(leaf)
+        bc = exts.get(ExtensionOID.BASIC_CONSTRAINTS)
+        ku = exts.get(ExtensionOID.KEY_USAGE)
         if (isinstance(bc, x509.BasicConstraints) and bc.ca) or (
             isinstance(ku, x509.KeyUsage) and ku.key_cert_sign
         ):
@@ -424,7 +436,7 @@ class ChainVerifier:
             raise VerificationError(
                 f"certificate expired at {leaf.not_valid_after_utc.isoformat()}", reason="expired"
             )
-        eku = _ext(leaf, x509.ExtendedKeyUsage)
+        eku = exts.get(ExtensionOID.EXTENDED_KEY_USAGE)
         # No EKU would mean "any purpose" to RFC 5280; we require the purpose to be explicit.
         if not isinstance(eku, x509.ExtendedKeyUsage) or self._required_eku not in eku:
             raise VerificationError(
@@ -434,7 +446,7 @@ class ChainVerifier:
         needed = _REQUIRED_KEY_USAGE.get(self._required_eku)
         if needed is not None and (not isinstance(ku, x509.KeyUsage) or not getattr(ku, needed)):
             raise VerificationError(f"key usage lacks {needed}", reason="wrong_key_usage")
-        san = _ext(leaf, x509.SubjectAlternativeName)
+        san = exts.get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
         if self._require_san and not isinstance(san, x509.SubjectAlternativeName):
             raise VerificationError("certificate has no subjectAltName", reason="missing_san")
         device_id: DeviceId | None = None
