@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from registrar.errors import ConfigError, StoreConflict, StoreError
-from registrar.store import Change, Registration, Store, parse_store_location
+from registrar.store import (
+    Change,
+    FactorySighting,
+    Registration,
+    Store,
+    parse_store_location,
+)
 from trustcore.identity import DeviceId
 
 
@@ -176,6 +182,38 @@ async def test_paged_and_bounded_reads(store_location: str) -> None:
         found = await store.device_by_idevid("line-1", regs[7].idevid_serial)
         assert found is not None and found.device_id == "dev-000007"
         assert [p async for p in store.device_pages(size=10, not_key=b"k" * 8)] == []
+
+
+async def test_bulk_import_writes_what_a_registration_writes_in_chunks(
+    store_location: str,
+) -> None:
+    """The preload of a large registry: every row a live registration writes (so replay
+    protection and idempotency hold for imported devices too), chunk by chunk."""
+    regs = [registration(f"dev-{i:06d}") for i in range(25)]
+    seen = [
+        FactorySighting("line-1", r.idevid_serial, r.device_id.value, b"der", r.at) for r in regs
+    ]
+    done: list[int] = []
+    async with await Store.open(store_location) as store:
+        count = await store.import_registrations(
+            iter(regs), sightings=iter(seen), chunk=10, progress=done.append
+        )
+        assert count == 25 and done == [10, 20, 25]
+        counts = await store.counts()
+        assert counts["devices"] == counts["requests"] == counts["nonces"] == 25
+        assert counts["certified_keys"] == counts["events"] == 25
+        again = await store.lookup(regs[3].request_digest, regs[3].nonce, regs[3].ldevid_key_id)
+        assert again.response == regs[3].response and again.nonce_seen
+        assert again.key_owner == regs[3].device_id
+        assert len(await store.factory_sightings()) == 25
+        assert [c.serial for c in await store.certificates(regs[9].device_id)] == [
+            regs[9].ldevid_serial
+        ]
+        # a device imported twice: that chunk is refused as a whole, the others stay
+        with pytest.raises(StoreConflict):
+            await store.import_registrations([registration("dev-000100"), regs[0]])
+        assert await store.device(DeviceId("dev-000100")) is None
+        assert (await store.counts())["devices"] == 25
 
 
 async def test_a_newer_postgres_schema_is_refused(pg_database: str) -> None:

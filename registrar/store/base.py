@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, TypeVar
 
 from registrar.errors import StoreConflict, StoreError
 from registrar.store import statements as q
@@ -20,6 +21,7 @@ from registrar.store.records import (
     Change,
     DeviceRecord,
     Event,
+    FactorySighting,
     Lookup,
     PendingApproval,
     Registration,
@@ -30,6 +32,7 @@ from trustcore.identity import DeviceId
 __all__ = ["Backend", "Store"]
 
 log = logging.getLogger(__name__)
+_I = TypeVar("_I")
 
 #: Changes a subscriber may fall behind by before it gets a ``resync`` instead.
 _FEED_LIMIT = 10_000
@@ -66,9 +69,12 @@ class Backend(Protocol):
         writer task only)."""
         ...
 
-    async def bulk_insert(
-        self, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
-    ) -> int: ...
+    async def bulk_load(
+        self, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
+    ) -> None:
+        """One transaction: each (table, columns, rows) loaded in order (COPY on PostgreSQL;
+        on the writer connection, never concurrently with :meth:`transaction`)."""
+        ...
 
     async def listen(self, deliver: Callable[[Change], None]) -> None:
         """Deliver every change other connections commit, until cancelled (reconnecting
@@ -119,6 +125,8 @@ class Store:
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._subscribers: set[asyncio.Queue[Change]] = set()
+        #: The writer connection is one: the writer task and bulk loads take turns.
+        self._exclusive = asyncio.Lock()
         #: Transactions committed and writes they carried (group-commit effectiveness).
         self.commits = 0
         self.writes = 0
@@ -362,51 +370,57 @@ class Store:
         await self._write(q.PRUNE_NONCES, (int(before),))
         await self._write(q.PRUNE_REQUESTS, (int(before),))
 
-    async def import_registrations(self, registrations: Iterable[Registration]) -> int:
-        """Bulk-load registered devices (a registry migration; the scale benchmark): the
-        device, certificate and certified-key rows of each, in one transaction (COPY on
-        PostgreSQL). No events, requests, nonces or changes. Returns the count."""
-        rows = list(registrations)
-        b = self._backend
-        await b.bulk_insert(
-            "devices",
-            (
-                "device_id",
-                "station_id",
-                "idevid_serial",
-                "ldevid_serial",
-                "ldevid_der",
-                "ldevid_key_id",
-                "wrap_key",
-                "payload_key_id",
-                "registered_at",
-            ),
-            (
-                (
-                    r.device_id.value,
-                    r.station_id,
-                    r.idevid_serial,
-                    r.ldevid_serial,
-                    r.ldevid_der,
-                    r.ldevid_key_id,
-                    r.wrap_key_der,
-                    r.payload_key_id,
-                    r.at,
-                )
-                for r in rows
-            ),
-        )
-        await b.bulk_insert(
-            "certificates",
-            ("serial", "device_id", "kind", "issued_at", "not_after"),
-            ((r.ldevid_serial, r.device_id.value, r.kind, r.at, r.ldevid_not_after) for r in rows),
-        )
-        await b.bulk_insert(
-            "certified_keys",
-            ("key_id", "device_id"),
-            ((r.ldevid_key_id, r.device_id.value) for r in rows),
-        )
-        return len(rows)
+    async def import_registrations(
+        self,
+        registrations: Iterable[Registration],
+        *,
+        sightings: Iterable[FactorySighting] = (),
+        chunk: int = 10_000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Bulk-load registered devices (a registry migration; the scale benchmark's
+        preload): per registration the rows a live registration writes — device,
+        certificate, certified key, request→response, nonce, ``registered`` event — then
+        the factory-certificate ``sightings``. COPY on PostgreSQL, ``executemany`` on
+        SQLite; ``chunk`` registrations (or sightings) per transaction, so memory is
+        bounded by one chunk whatever the size of the import. No change-feed entries.
+
+        Each chunk commits on its own: an import that fails part-way (a device, serial,
+        digest or nonce already present: ``StoreConflict``) keeps the chunks before it.
+        ``progress`` is called with the running count after each chunk. Returns the
+        number of registrations loaded."""
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
+        count = 0
+        for part in _chunks(registrations, chunk):
+            await self._bulk(_registration_tables(part))
+            count += len(part)
+            if progress is not None:
+                progress(count)
+        for seen in _chunks(sightings, chunk):
+            await self._bulk(
+                [
+                    (
+                        "factory_certs",
+                        ("station_id", "serial", "device_id", "der", "first_seen"),
+                        [(f.station_id, f.serial, f.device_id, f.der, f.first_seen) for f in seen],
+                    )
+                ]
+            )
+        return count
+
+    async def _bulk(
+        self, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
+    ) -> None:
+        if self._task is None or self._task.done():
+            raise StoreError("registrar database is closed")
+        async with self._exclusive:
+            try:
+                await self._backend.bulk_load(tables)
+            except self._backend.errors as exc:
+                if self._backend.is_conflict(exc):
+                    raise StoreConflict(f"registrar database refused a duplicate: {exc}") from exc
+                raise StoreError(f"registrar database bulk load failed: {exc}") from exc
 
     # -- the writer task --------------------------------------------------------------------
 
@@ -438,7 +452,8 @@ class Store:
 
     async def _run_call(self, call: _Call) -> None:
         try:
-            rows = await self._backend.call(call.sql, call.params)
+            async with self._exclusive:
+                rows = await self._backend.call(call.sql, call.params)
         except self._backend.errors as exc:
             if not call.future.done():
                 call.future.set_exception(StoreError(f"registrar database write failed: {exc}"))
@@ -490,9 +505,10 @@ class Store:
             if isinstance(item, tuple):
                 groups.append({})
             changes.extend(write.changes)
-        await self._backend.transaction(
-            [g for g in groups if g], devices=registered, changes=changes
-        )
+        async with self._exclusive:
+            await self._backend.transaction(
+                [g for g in groups if g], devices=registered, changes=changes
+            )
         self.commits += 1
         self.writes += len(batch)
         if self._backend.local_feed:
@@ -754,6 +770,81 @@ class Store:
             "GROUP BY payload_key_id"
         )
         return {bytes(r[0]): int(r[1]) for r in rows}
+
+
+def _chunks(items: Iterable[_I], size: int) -> Iterator[list[_I]]:
+    it = iter(items)
+    while part := list(itertools.islice(it, size)):
+        yield part
+
+
+def _registration_tables(
+    part: Sequence[Registration],
+) -> list[tuple[str, Sequence[str], list[tuple[Any, ...]]]]:
+    """The rows :func:`statements.statements_of` would write for each registration."""
+    return [
+        (
+            "devices",
+            (
+                "device_id",
+                "station_id",
+                "idevid_serial",
+                "ldevid_serial",
+                "ldevid_der",
+                "ldevid_key_id",
+                "wrap_key",
+                "payload_key_id",
+                "registered_at",
+            ),
+            [
+                (
+                    r.device_id.value,
+                    r.station_id,
+                    r.idevid_serial,
+                    r.ldevid_serial,
+                    r.ldevid_der,
+                    r.ldevid_key_id,
+                    r.wrap_key_der,
+                    r.payload_key_id,
+                    r.at,
+                )
+                for r in part
+            ],
+        ),
+        (
+            "certificates",
+            ("serial", "device_id", "kind", "issued_at", "not_after"),
+            [(r.ldevid_serial, r.device_id.value, r.kind, r.at, r.ldevid_not_after) for r in part],
+        ),
+        (
+            "certified_keys",
+            ("key_id", "device_id"),
+            [(r.ldevid_key_id, r.device_id.value) for r in part],
+        ),
+        (
+            "requests",
+            ("digest", "device_id", "response", "created"),
+            [(r.request_digest, r.device_id.value, r.response, r.at) for r in part],
+        ),
+        (
+            "nonces",
+            ("nonce", "device_id", "time"),
+            [(r.nonce, r.device_id.value, r.request_time) for r in part],
+        ),
+        (
+            "events",
+            ("time", "device_id", "kind", "detail"),
+            [
+                (
+                    r.at,
+                    r.device_id.value,
+                    "renewed" if r.kind == "renewal" else "registered",
+                    f"ldevid {r.ldevid_serial} idevid {r.idevid_serial}",
+                )
+                for r in part
+            ],
+        ),
+    ]
 
 
 def _bytes(value: object) -> bytes | None:

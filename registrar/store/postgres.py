@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 import psycopg
@@ -264,18 +264,16 @@ class PostgresBackend:
                     raise
         raise AssertionError("unreachable")
 
-    async def bulk_insert(
-        self, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
-    ) -> int:
+    async def bulk_load(
+        self, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
+    ) -> None:
         conn = await self._connection()
-        count = 0
         async with conn.transaction(), conn.cursor() as cur:
-            statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-            async with cur.copy(statement.encode()) as copy:
-                for row in rows:
-                    await copy.write_row(row)
-                    count += 1
-        return count
+            for table, columns, rows in tables:
+                statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+                async with cur.copy(statement.encode()) as copy:
+                    for row in rows:
+                        await copy.write_row(row)
 
     async def listen(self, deliver: Callable[[Change], None]) -> None:
         delay = 0.05

@@ -1,0 +1,373 @@
+"""Registration latency and registrar memory on an empty and on a large registry.
+
+    python bench/registry_scale.py --preload 1000000 --store sqlite --json
+    python bench/registry_scale.py --preload 1000000 --store postgres --json
+
+Progress goes to stderr; the LAST line of stdout is one JSON object:
+
+* ``p50_ms_empty`` / ``p50_ms_full``: median time of one registration through
+  :meth:`registrar.service.RegistrationService.handle` — the code ``registrar run`` serves
+  requests with: parse, idempotency and nonce look-up, chain verification, LDevID issuance,
+  payload-key wrap, durable group commit (SQLite ``synchronous=FULL`` / PostgreSQL
+  ``synchronous_commit=on``), signed response — over a real store, ``--registrations``
+  devices one after another, first on the empty registry, then after ``--preload N``
+  registered devices were bulk-loaded (:meth:`registrar.store.Store.import_registrations`:
+  device, LDevID record, certified key, request digest→response, nonce, event and factory
+  certificate sighting per device, in a separate process);
+* ``ratio``: ``p50_ms_full / p50_ms_empty`` (same run, same machine);
+* ``peak_rss_mb``: the peak resident memory (``VmHWM``, reset just before) of this
+  process while it opens the full registry, does the registrar's start-up reads of it
+  (revoked devices, superseded serials, devices pending a payload key, status counts,
+  devices per payload key) and serves the registrations, with the registrar's status
+  refresh (counts, devices per key) running every 0.5 s beside them, as ``registrar run``
+  does. ``peak_rss_mb_empty`` is the same on the empty registry.
+
+Every response is parsed as the device would (signature, LDevID, payload key): a refusal
+or a bad response is a failure (``failures``), and the run exits non-zero.
+
+The PostgreSQL store is a fresh database on ``--pg-url`` (default: the machine's server on
+127.0.0.1:5432), dropped at the end unless ``--keep``; the SQLite file lives in a temporary
+directory (``--dir`` to choose; it needs about 5 GB per million devices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from bench.site_fixture import SitePki, build_site_pki
+from device_sim.client import DeviceClient, SoftwareKeys
+from registrar.service import RegistrationService
+from registrar.store import FactorySighting, Registration, Store
+from trustcore.identity import DeviceId
+from trustcore.registration import RegistrationGranted, parse_request, parse_response
+
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+#: How often ``registrar run`` refreshes its status file (``AppSettings.status_interval``).
+STATUS_INTERVAL = 0.5
+
+
+def say(msg: str) -> None:
+    print(f"[registry_scale] {msg}", file=sys.stderr, flush=True)
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+# ------------------------------------------------------------------------------ preload
+
+
+def synthetic_registrations(
+    count: int, *, at: int, payload_key_id: bytes, sizes: dict[str, int]
+) -> Iterator[tuple[Registration, FactorySighting]]:
+    """``count`` registered devices ``pre-0000000``…, with rows of the sizes a real
+    registration writes (``sizes``: DER and response lengths measured from one). Unique
+    serials, key ids, digests and nonces; registered on the current payload key (no
+    payload-key update pending)."""
+    rnd = os.urandom
+    for i in range(count):
+        device = DeviceId(f"pre-{i:07d}")
+        reg = Registration(
+            device_id=device,
+            station_id="station-01",
+            idevid_serial=rnd(16).hex(),
+            ldevid_serial=rnd(16).hex(),
+            ldevid_der=rnd(sizes["ldevid"]),
+            ldevid_key_id=rnd(20),
+            wrap_key_der=rnd(sizes["wrap_key"]),
+            payload_key_id=payload_key_id,
+            request_digest=rnd(32),
+            response=rnd(sizes["response"]),
+            nonce=rnd(32),
+            request_time=at,
+            at=at,
+            ldevid_not_after=at + 365 * 86400,
+        )
+        seen = FactorySighting(
+            "station-01", reg.idevid_serial, device.value, rnd(sizes["idevid"]), at
+        )
+        yield reg, seen
+
+
+async def _preload(location: str, count: int, key_hex: str, sizes: dict[str, int]) -> None:
+    at = int(time.time())
+    key = bytes.fromhex(key_hex)
+    start = time.perf_counter()
+
+    def progress(done: int) -> None:
+        if done % 100_000 == 0 or done == count:
+            rate = done / (time.perf_counter() - start)
+            say(f"preload: {done:,} devices ({rate:,.0f}/s)")
+
+    async with await Store.open(location) as store:
+        await store.import_registrations(
+            (r for r, _ in synthetic_registrations(count, at=at, payload_key_id=key, sizes=sizes)),
+            sightings=(
+                s for _, s in synthetic_registrations(count, at=at, payload_key_id=key, sizes=sizes)
+            ),
+            progress=progress,
+        )
+
+
+def preload(location: str, count: int, key_id: bytes, sizes: dict[str, int]) -> float:
+    """Bulk-load in a child process (its memory is not the serving registrar's)."""
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "_preload",
+            location,
+            str(count),
+            key_id.hex(),
+            json.dumps(sizes),
+        ],
+        check=True,
+    )
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------ serving
+
+
+class Phase:
+    """One measurement: open the store, start-up reads, registrations with status ticks."""
+
+    def __init__(self, pki: SitePki, location: str, registrations: int) -> None:
+        self.pki = pki
+        self.location = location
+        self.registrations = registrations
+        self.failures = 0
+        self.status_ticks = 0
+        self.status_ms: list[float] = []
+
+    def requests(self, prefix: str) -> list[tuple[DeviceId, bytes]]:
+        out = []
+        for i in range(self.registrations):
+            device = DeviceClient(
+                self.pki.factory_device(f"{prefix}{i:06d}").credentials(), SoftwareKeys()
+            )
+            request, _, _ = device.new_request()
+            out.append((device.device_id, request))
+        return out
+
+    async def _status(self, store: Store, stop: asyncio.Event) -> None:
+        """What ``registrar run`` reads for ``status.json`` every ``status_interval``."""
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            await store.counts()
+            await store.devices_per_payload_key()
+            self.status_ms.append((time.perf_counter() - t0) * 1000)
+            self.status_ticks += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), STATUS_INTERVAL)
+
+    async def run(self, prefix: str) -> dict[str, Any]:
+        requests = self.requests(prefix)
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        store = await Store.open(self.location)
+        try:
+            # the registrar's start-up reads of the registry (RegistrarApp._start)
+            await store.revoked_device_ids()
+            await store.superseded_serials()
+            async for _ in store.device_pages(
+                size=256, status="registered", not_key=self.pki.payload_key.key_id
+            ):
+                pass
+            counts = await store.counts()
+            await store.devices_per_payload_key()
+            startup_ms = (time.perf_counter() - t0) * 1000
+            service = RegistrationService(
+                store=store,
+                verifier=self.pki.verifier(),
+                admission=self.pki.admission(),
+                site=self.pki.site_authority(),
+                payload_key=self.pki.payload_key,
+            )
+            stop = asyncio.Event()
+            status = asyncio.create_task(self._status(store, stop))
+            times = []
+            for device, request in requests:
+                t = time.perf_counter()
+                response = await service.handle(device, request)
+                times.append((time.perf_counter() - t) * 1000)
+                if not self._granted(device, request, response):
+                    self.failures += 1
+            stop.set()
+            await status
+        finally:
+            await store.close()
+        times.sort()
+        return {
+            "p50_ms": statistics.median(times),
+            "p90_ms": times[int(len(times) * 0.9)],
+            "startup_ms": startup_ms,
+            "peak_rss_mb": _rss_mb("VmHWM"),
+            "devices_before": counts["devices"],
+            "status_ms_p50": statistics.median(self.status_ms) if self.status_ms else 0.0,
+        }
+
+    def _granted(self, device: DeviceId, request: bytes, response: bytes) -> bool:
+        parsed = parse_request(request)
+        key = x509.load_der_x509_csr(parsed.csr_der).public_key()
+        try:
+            answer = parse_response(
+                response,
+                device_id=device,
+                nonce=parsed.nonce,
+                request_digest=parsed.digest,
+                ldevid_public_key=key,  # type: ignore[arg-type]
+                roots=[self.pki.root],
+                now=datetime.now(UTC),
+            )
+        except Exception as exc:  # a response the device cannot use is a failure
+            say(f"bad response for {device}: {exc!r}")
+            return False
+        return isinstance(answer, RegistrationGranted)
+
+
+async def measure_sizes(pki: SitePki, location: str) -> dict[str, int]:
+    """Row sizes of one real registration (then forgotten: a throw-away store)."""
+    device = pki.factory_device("size-000000")
+    request, _, _ = DeviceClient(device.credentials(), SoftwareKeys()).new_request()
+    async with await Store.open(location) as store:
+        service = RegistrationService(
+            store=store,
+            verifier=pki.verifier(),
+            admission=pki.admission(),
+            site=pki.site_authority(),
+            payload_key=pki.payload_key,
+        )
+        response = await service.handle(device.device_id, request)
+        record = await store.device(device.device_id)
+    if record is None:
+        raise RuntimeError("the sizing registration was refused")
+    return {
+        "ldevid": len(record.ldevid_der),
+        "wrap_key": len(record.wrap_key_der),
+        "response": len(response),
+        "idevid": len(device.idevid.public_bytes(serialization.Encoding.DER)),
+    }
+
+
+# --------------------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def store_location(kind: str, directory: Path, pg_url: str, keep: bool) -> Iterator[str]:
+    if kind == "sqlite":
+        yield str(directory / "registrar.db")
+        return
+    import psycopg
+
+    name = f"devtrust_regscale_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}".encode())
+    try:
+        yield pg_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        if keep:
+            say(f"kept database {name}")
+        else:
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+
+
+async def bench(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    pki = build_site_pki()
+    sizes = await measure_sizes(pki, str(directory / "sizing.db"))
+    say(f"row sizes from a real registration: {sizes}")
+    with store_location(args.store, directory, args.pg_url, args.keep) as location:
+        empty_phase = Phase(pki, location, args.registrations)
+        empty = await empty_phase.run("new-")
+        empty_failures = empty_phase.failures
+        say(f"empty registry: p50 {empty['p50_ms']:.2f} ms, peak RSS {empty['peak_rss_mb']:.0f} MB")
+        seconds = preload(location, args.preload, pki.payload_key.key_id, sizes)
+        say(f"preloaded {args.preload:,} devices in {seconds:.0f} s")
+        if args.store == "sqlite":
+            size = sum(f.stat().st_size for f in directory.glob("registrar.db*"))
+            say(f"SQLite files: {size / 2**30:.2f} GiB")
+        full_phase = Phase(pki, location, args.registrations)
+        full = await full_phase.run("old-")
+        say(f"full registry: p50 {full['p50_ms']:.2f} ms, peak RSS {full['peak_rss_mb']:.0f} MB")
+        failures = empty_failures + full_phase.failures
+    return {
+        "store": args.store,
+        "preload": args.preload,
+        "registrations": args.registrations,
+        "p50_ms_empty": round(empty["p50_ms"], 3),
+        "p50_ms_full": round(full["p50_ms"], 3),
+        "ratio": round(full["p50_ms"] / empty["p50_ms"], 3),
+        "p90_ms_empty": round(empty["p90_ms"], 3),
+        "p90_ms_full": round(full["p90_ms"], 3),
+        "peak_rss_mb": round(full["peak_rss_mb"], 1),
+        "peak_rss_mb_empty": round(empty["peak_rss_mb"], 1),
+        "startup_ms_empty": round(empty["startup_ms"], 1),
+        "startup_ms_full": round(full["startup_ms"], 1),
+        "status_ms_p50_full": round(full["status_ms_p50"], 1),
+        "devices_full": full["devices_before"],
+        "preload_s": round(seconds, 1),
+        "failures": failures,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_preload"]:
+        location, count, key_hex, sizes = argv[1:5]
+        asyncio.run(_preload(location, int(count), key_hex, json.loads(sizes)))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preload", type=int, default=100_000, help="devices in the full registry")
+    parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--registrations", type=int, default=300, help="per phase")
+    parser.add_argument("--pg-url", default=DEFAULT_PG, help="admin URL of a PostgreSQL server")
+    parser.add_argument("--dir", type=Path, default=None, help="work directory (SQLite file)")
+    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--json", action="store_true", help="(the last line is always JSON)")
+    args = parser.parse_args(argv)
+    if args.preload < 0 or args.registrations < 10:
+        parser.error("--preload must be >= 0 and --registrations >= 10")
+    directory = args.dir or Path(tempfile.mkdtemp(prefix="registry-scale-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        result = asyncio.run(bench(args, directory))
+    finally:
+        if args.dir is None and not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+    print(json.dumps(result))
+    return 1 if result["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
