@@ -45,6 +45,8 @@ class Backend(Protocol):
 
     name: str
     errors: tuple[type[Exception], ...]
+    #: Among ``errors``: the database cannot be reached or used right now (retry later).
+    unavailable: tuple[type[Exception], ...]
     #: ORDER BY of a device's certificate chain (insertion order is engine-specific).
     certificate_order: str
     #: True: the store delivers its own changes after commit (no cross-process feed).
@@ -465,7 +467,8 @@ class Store:
         try:
             await self._apply(batch)
         except self._backend.errors as exc:
-            if len(batch) == 1:
+            if len(batch) == 1 or isinstance(exc, self._backend.unavailable):
+                # one write, or the database is unreachable: nothing to gain one by one
                 self._finish(batch, exc)
                 return
             log.warning(
@@ -516,11 +519,12 @@ class Store:
                 self._deliver(change)
 
     def _finish(self, batch: Sequence[_Write], exc: BaseException | None) -> None:
+        dropped = sum(1 for write in batch if write.future is None)
+        if exc is not None and dropped:
+            log.warning("dropped %d queued event(s): %s", dropped, exc)
         for write in batch:
             fut = write.future
             if fut is None:
-                if exc is not None:
-                    log.warning("dropped a queued event: %s", exc)
                 continue
             if fut.done():
                 continue

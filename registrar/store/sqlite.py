@@ -218,6 +218,7 @@ class SqliteBackend:
 
     name = "sqlite"
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    unavailable: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
     certificate_order = "rowid"
     local_feed = True
 
