@@ -367,6 +367,13 @@ class PostgresBackend:
                     raise
         raise AssertionError("unreachable")
 
+    async def estimated_rows(self, tables: Sequence[str]) -> dict[str, int]:
+        rows = await self.fetchall(
+            "SELECT relname, n_live_tup FROM pg_stat_user_tables WHERE relname = ANY(?)",
+            (list(tables),),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
     async def bulk_load(
         self, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
     ) -> None:
