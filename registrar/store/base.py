@@ -28,6 +28,7 @@ from registrar.store.records import (
     RenewalLookup,
 )
 from trustcore.identity import DeviceId
+from trustcore.registration import FRESHNESS_SECONDS
 
 __all__ = ["Backend", "Store"]
 
@@ -36,6 +37,13 @@ _I = TypeVar("_I")
 
 #: Changes a subscriber may fall behind by before it gets a ``resync`` instead.
 _FEED_LIMIT = 10_000
+#: Replay records (nonces, stored responses) older than the newest one by more than this are
+#: pruned. Safe: a request is accepted only within ``FRESHNESS_SECONDS`` of the registrar's
+#: clock, so the newest request time is at most that far ahead of the clock, and a request
+#: older than the clock by more than that is refused as stale before its nonce is looked at.
+REPLAY_RETENTION = 2 * FRESHNESS_SECONDS + 60
+_PRUNE_EVERY = 60.0
+_PRUNE_BATCH = 2_000
 #: :meth:`Store.counts` counts tables smaller than this exactly, larger ones by estimate.
 EXACT_COUNT_BELOW = 20_000
 
@@ -135,6 +143,9 @@ class Store:
         self._subscribers: set[asyncio.Queue[Change]] = set()
         #: The writer connection is one: the writer task and bulk loads take turns.
         self._exclusive = asyncio.Lock()
+        #: Replay-record pruning by the writer (monotonic time of the last pass).
+        self._last_prune = -_PRUNE_EVERY
+        self._prune_backlog = False
         #: (valid until, monotonic; result) of an expensive :meth:`devices_per_payload_key`.
         self._per_key: tuple[float, dict[bytes, int]] | None = None
         #: Transactions committed and writes they carried (group-commit effectiveness).
@@ -380,6 +391,41 @@ class Store:
         await self._write(q.PRUNE_NONCES, (int(before),))
         await self._write(q.PRUNE_REQUESTS, (int(before),))
 
+    async def prune_expired_replay_records(self) -> int:
+        """Prune nonces and stored responses that can no longer matter (see
+        :data:`REPLAY_RETENTION`) now, in batches, through the writer; returns how many
+        rows went. The writer also does this by itself after a commit, at most every
+        minute, one batch per commit while a backlog remains: tables of nonces do not
+        grow with the life of the site, only with the registrations of the last minutes."""
+        total = 0
+        while True:
+            rows = await self._call(q.PRUNE_EXPIRED_NONCES, (REPLAY_RETENTION, _PRUNE_BATCH))
+            more = await self._call(q.PRUNE_EXPIRED_REQUESTS, (REPLAY_RETENTION, _PRUNE_BATCH))
+            total += len(rows) + len(more)
+            if len(rows) < _PRUNE_BATCH and len(more) < _PRUNE_BATCH:
+                return total
+
+    async def _prune_step(self) -> None:
+        """From the writer task after a commit: one bounded batch when due."""
+        now = time.monotonic()
+        if not self._prune_backlog and now - self._last_prune < _PRUNE_EVERY:
+            return
+        self._last_prune = now
+        try:
+            async with self._exclusive:
+                rows = await self._backend.call(
+                    q.PRUNE_EXPIRED_NONCES, (REPLAY_RETENTION, _PRUNE_BATCH)
+                )
+                more = await self._backend.call(
+                    q.PRUNE_EXPIRED_REQUESTS, (REPLAY_RETENTION, _PRUNE_BATCH)
+                )
+        except self._backend.errors as exc:
+            log.warning("pruning expired nonces failed (next time again): %s", exc)
+            return
+        self._prune_backlog = max(len(rows), len(more)) >= _PRUNE_BATCH
+        if rows or more:
+            log.debug("pruned %d expired nonces and %d stored responses", len(rows), len(more))
+
     async def import_registrations(
         self,
         registrations: Iterable[Registration],
@@ -457,6 +503,7 @@ class Store:
                     break
                 batch.append(nxt)
             await self._commit_batch(batch)
+            await self._prune_step()
             if held is not None:
                 await self._run_call(held)
 

@@ -80,6 +80,17 @@ NEXT_CRL_NUMBER = (
 )
 PRUNE_NONCES = "DELETE FROM nonces WHERE time < ?"
 PRUNE_REQUESTS = "DELETE FROM requests WHERE created < ?"
+#: At most ``?`` (second parameter) replay records older than the newest by more than ``?``
+#: (first): bounded transactions, and the time comes from the committed data (a nonce's
+#: request time was within the freshness window of the registrar's clock when accepted).
+PRUNE_EXPIRED_NONCES = (
+    "DELETE FROM nonces WHERE nonce IN (SELECT nonce FROM nonces WHERE "
+    "time < (SELECT MAX(time) FROM nonces) - ? LIMIT ?) RETURNING 1"
+)
+PRUNE_EXPIRED_REQUESTS = (
+    "DELETE FROM requests WHERE digest IN (SELECT digest FROM requests WHERE "
+    "created < (SELECT MAX(created) FROM requests) - ? LIMIT ?) RETURNING 1"
+)
 
 
 def statements_of(item: Item) -> list[tuple[str, tuple[Any, ...]]]:
