@@ -202,7 +202,20 @@ async def test_paged_and_bounded_reads(store_location: str) -> None:
         assert await store.revoked_device_ids() == {DeviceId("dev-000003")}
         found = await store.device_by_idevid("line-1", regs[7].idevid_serial)
         assert found is not None and found.device_id == "dev-000007"
-        assert [p async for p in store.device_pages(size=10, not_key=b"k" * 8)] == []
+        assert [
+            p async for p in store.device_pages(size=10, status="registered", not_key=b"k" * 8)
+        ] == []
+        # devices still on older keys: every one, key by key, each key's in id order
+        for i, key in ((4, b"a" * 8), (5, b"z" * 8), (6, b"a" * 8), (3, b"b" * 8)):
+            await store.set_payload_key(DeviceId(f"dev-{i:06d}"), key)
+        pending = [
+            d.device_id
+            async for p in store.device_pages(size=1, status="registered", not_key=b"k" * 8)
+            for d in p
+        ]
+        assert pending == ["dev-000004", "dev-000006", "dev-000005"]  # dev-000003: revoked
+        registered = [d async for p in store.device_pages(size=7, status="registered") for d in p]
+        assert len(registered) == 24 and all(d.status == "registered" for d in registered)
 
 
 async def test_bulk_import_writes_what_a_registration_writes_in_chunks(

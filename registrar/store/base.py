@@ -653,20 +653,34 @@ class Store:
     async def device_pages(
         self, *, size: int = 1000, status: str | None = None, not_key: bytes | None = None
     ) -> AsyncIterator[list[DeviceRecord]]:
-        """Devices in pages of ``size`` by device id (keyset paging: memory bounded by one
-        page), optionally only those with ``status`` and not on payload key ``not_key``."""
-        where = ["device_id > ?"]
-        extra: list[Any] = []
-        if status is not None:
-            where.append("status = ?")
-            extra.append(status)
+        """Devices in pages of at most ``size`` (keyset paging: memory bounded by one page),
+        optionally only those with ``status``, and (with a ``status``) not on payload key
+        ``not_key``. Each page costs index look-ups, never a scan of the registry: devices
+        not on ``not_key`` come key by key (the few payload keys there are, found by a
+        skip scan of the ``(status, payload_key_id, device_id)`` index), each key's in
+        device-id order; the others in device-id order."""
         if not_key is not None:
-            where.append("payload_key_id != ?")
-            extra.append(not_key)
-        sql = f"{q.SELECT_DEVICES} WHERE {' AND '.join(where)} ORDER BY device_id LIMIT ?"
+            if status is None:
+                raise ValueError("device_pages(not_key=...) needs a status")
+            keys = await self._rows(q.PAYLOAD_KEYS_OF_STATUS, (status, status))
+            for (key,) in keys:
+                if bytes(key) == not_key:
+                    continue
+                async for page in self._pages(q.DEVICES_ON_KEY, (status, key), size):
+                    yield page
+            return
+        async for page in self._pages(q.DEVICES_AFTER, (), size):
+            if status is not None:
+                page = [d for d in page if d.status == status]
+            if page:
+                yield page
+
+    async def _pages(
+        self, sql: str, head: tuple[Any, ...], size: int
+    ) -> AsyncIterator[list[DeviceRecord]]:
         after = ""
         while True:
-            rows = await self._rows(sql, (after, *extra, size))
+            rows = await self._rows(sql, (*head, after, size))
             if not rows:
                 return
             yield [_device(row) for row in rows]

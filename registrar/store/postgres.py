@@ -50,7 +50,7 @@ __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresBackend"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The NOTIFY channel of the change feed.
 CHANNEL = "registrar_changes"
 #: Advisory-lock key space: migrations (one key) and per-device registration locks.
@@ -146,7 +146,14 @@ CREATE TABLE crl_number (id INTEGER PRIMARY KEY CHECK (id = 1), number BIGINT NO
 """
 
 #: version -> DDL; each applied in one transaction.
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_1}
+#: 2: devices still on an older payload key, in device-id order, without a table scan
+#: (``Store.device_pages(not_key=...)``: the payload-key catch-up at every start).
+_SCHEMA_2 = """
+CREATE INDEX devices_by_key_and_id ON devices (status, payload_key_id, device_id);
+DROP INDEX devices_by_payload_key
+"""
+
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2}
 
 _CONNECT: dict[str, Any] = {
     "autocommit": True,
