@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -309,3 +312,26 @@ def test_change_values_round_trip_and_refuse_junk() -> None:
             Change.decode(junk)
     with pytest.raises(ValueError):
         Change("exploded", None)
+
+
+def test_registry_scale_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    """``bench/registry_scale.py`` at a tiny size: the production service over a preloaded
+    store, one JSON object on the last line, no failed registration."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "registry_scale.py"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(bench),
+            *("--preload", "500", "--registrations", "20"),
+            *("--store", "sqlite", "--dir", str(tmp_path), "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["failures"] == 0 and result["registrations"] == 20
+    assert result["devices_full"] == 500
+    assert result["p50_ms_full"] > 0 and result["ratio"] > 0
+    assert 0 < result["peak_rss_mb"] < 1000
