@@ -182,14 +182,28 @@ class Registry:
         t0 = time.perf_counter()
         store = self._store = await Store.open(self.location)
         # the registrar's start-up reads of the registry (RegistrarApp._start)
+        steps: dict[str, float] = {}
+
+        def lap(name: str, since: float) -> float:
+            now = time.perf_counter()
+            steps[name] = round((now - since) * 1000, 1)
+            return now
+
+        t = lap("open", t0)
         await store.revoked_device_ids()
+        t = lap("revoked", t)
         await store.superseded_serials()
+        t = lap("superseded", t)
         async for _ in store.device_pages(
             size=256, status="registered", not_key=self.pki.payload_key.key_id
         ):
             pass
+        t = lap("pending_key", t)
         self.devices = (await store.counts())["devices"]
+        t = lap("counts", t)
         await store.devices_per_payload_key()
+        lap("per_key", t)
+        say(f"{self.name}: start-up reads (ms) {steps}")
         self.startup_ms = (time.perf_counter() - t0) * 1000
         self._service = RegistrationService(
             store=store,
