@@ -92,6 +92,11 @@ class Backend(Protocol):
         on the writer connection, never concurrently with :meth:`transaction`)."""
         ...
 
+    async def after_bulk_load(self, tables: Sequence[str]) -> None:
+        """Planner statistics (and, PostgreSQL, the visibility map: index-only scans) for
+        tables that just grew by a bulk load."""
+        ...
+
     async def listen(self, deliver: Callable[[Change], None]) -> None:
         """Deliver every change other connections commit, until cancelled (reconnecting
         on its own; a ``resync`` change after each reconnection)."""
@@ -463,6 +468,12 @@ class Store:
                     )
                 ]
             )
+        if count:
+            async with self._exclusive:
+                try:
+                    await self._backend.after_bulk_load(_IMPORTED_TABLES)
+                except self._backend.errors as exc:
+                    raise StoreError(f"registrar database bulk load failed: {exc}") from exc
         return count
 
     async def _bulk(
@@ -866,6 +877,17 @@ class Store:
         cost = time.monotonic() - now
         self._per_key = (now + 50 * cost, result) if cost >= 0.005 else None
         return dict(result)
+
+
+_IMPORTED_TABLES = (
+    "devices",
+    "certificates",
+    "certified_keys",
+    "requests",
+    "nonces",
+    "events",
+    "factory_certs",
+)
 
 
 def _chunks(items: Iterable[_I], size: int) -> Iterator[list[_I]]:

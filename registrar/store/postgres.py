@@ -381,6 +381,13 @@ class PostgresBackend:
         )
         return {str(r[0]): int(r[1]) for r in rows}
 
+    async def after_bulk_load(self, tables: Sequence[str]) -> None:
+        # as after any bulk load: statistics, and an all-visible map so that counting
+        # index scans (devices per payload key) need not visit every heap page
+        conn = await self._connection()
+        for table in tables:
+            await conn.execute(f"VACUUM (ANALYZE) {table}".encode())
+
     async def bulk_load(
         self, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
     ) -> None:

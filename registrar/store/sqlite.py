@@ -295,6 +295,12 @@ class SqliteBackend:
         rows = await self._reader.execute_fetchall(f"SELECT {parts}")
         return dict(zip(tables, (int(v) for v in next(iter(rows))), strict=True))
 
+    async def after_bulk_load(self, tables: Sequence[str]) -> None:
+        # approximate statistics: a bounded sample per index, seconds not minutes
+        await self._db.execute("PRAGMA analysis_limit = 1000")
+        for table in tables:
+            await self._db.execute(f"ANALYZE {table}")
+
     async def bulk_load(
         self, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
     ) -> None:
