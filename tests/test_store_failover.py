@@ -28,6 +28,7 @@ from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki
 from tests.fixtures.postgres import PrivatePostgres
 from tests.test_registration import ADMIT_STATION, Dev, make_dev, make_request, verifier
+from tests.test_store import next_change
 from trustcore.payload import PayloadKey
 from trustcore.registration import (
     RegistrationDenied,
@@ -49,16 +50,21 @@ def cluster() -> Iterator[PrivatePostgres]:
 
 
 @pytest.fixture
-async def served(pki: Pki, cluster: PrivatePostgres) -> AsyncIterator[RegistrationService]:
+async def served(
+    pki: Pki, cluster: PrivatePostgres
+) -> AsyncIterator[tuple[RegistrationService, Store]]:
     store = await Store.open(cluster.url)
     try:
-        yield RegistrationService(
-            store=store,
-            verifier=verifier(),
-            admission=ADMIT_STATION,
-            site=SiteAuthority(pki.site_ca, SoftwareKey(pki.site_key), SITE_OPERATOR),
-            payload_key=PayloadKey.generate(),
-            clock=lambda: pki.now,
+        yield (
+            RegistrationService(
+                store=store,
+                verifier=verifier(),
+                admission=ADMIT_STATION,
+                site=SiteAuthority(pki.site_ca, SoftwareKey(pki.site_key), SITE_OPERATOR),
+                payload_key=PayloadKey.generate(),
+                clock=lambda: pki.now,
+            ),
+            store,
         )
     finally:
         await store.close()
@@ -95,9 +101,10 @@ def registry_rows(url: str) -> dict[str, set[str]]:
 
 
 async def test_postgres_killed_and_restarted_under_registrations(
-    pki: Pki, cluster: PrivatePostgres, served: RegistrationService
+    pki: Pki, cluster: PrivatePostgres, served: tuple[RegistrationService, Store]
 ) -> None:
-    service = served
+    service, store = served
+    feed = store.changes()
     first = make_dev("dev-300000")
     first_request = make_request(pki, first)
     assert isinstance(
@@ -140,6 +147,9 @@ async def test_postgres_killed_and_restarted_under_registrations(
     assert time.monotonic() - start < 5.0  # about 1 s: no pool timeout, no hang
 
     await asyncio.to_thread(cluster.start)
+    # the change feed (LISTEN) is back too, and says that notifications may have been lost
+    assert (await next_change(feed, "resync", timeout=10)).kind == "resync"
+    await feed.aclose()
 
     # nothing half-written; every granted device durable
     rows = registry_rows(cluster.url)
