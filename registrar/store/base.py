@@ -148,6 +148,8 @@ class Store:
         self._subscribers: set[asyncio.Queue[Change]] = set()
         #: The writer connection is one: the writer task and bulk loads take turns.
         self._exclusive = asyncio.Lock()
+        #: Writes in the last group commit (1: no load, no batch window).
+        self._last_batch = 0
         #: Replay-record pruning by the writer (monotonic time of the last pass).
         self._last_prune = -_PRUNE_EVERY
         self._prune_backlog = False
@@ -501,7 +503,10 @@ class Store:
                 await self._run_call(first)
                 continue
             batch = [first]
-            if self._window > 0:
+            # Wait for companions only under load (the last batch had several writes): a
+            # lone write after a quiet spell commits at once. A wave's first write goes
+            # alone, and the writes that queue during its commit form the next batch.
+            if self._window > 0 and self._last_batch > 1:
                 await asyncio.sleep(self._window)
             held: _Call | None = None
             while len(batch) < self._max_batch and not self._queue.empty():
@@ -513,6 +518,7 @@ class Store:
                     held = nxt
                     break
                 batch.append(nxt)
+            self._last_batch = len(batch)
             await self._commit_batch(batch)
             await self._prune_step()
             if held is not None:
