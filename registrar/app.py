@@ -901,13 +901,16 @@ class RegistrarApp:
         channel = self._require(self.channel)
         issued = time.time_ns() // 1000  # microseconds: two commands in one second differ
         sent = 0
-        for record in dependents(await store.devices(), retiring, datetime.now(UTC)):
-            device = DeviceId(record.device_id)
-            message = build_renew_now(
-                device_id=device, issued=issued, issuing_ca=site.site_ca_cert, signer=key
-            )
-            await channel.publish(device_topic(device, ROLLOVER_LEVEL), message, retain=True)
-            sent += 1
+        moment = datetime.now(UTC)
+        # page by page: this runs at start-up too, and must not read the registry at once
+        async for page in store.device_pages(status="registered"):
+            for record in dependents(page, retiring, moment):
+                device = DeviceId(record.device_id)
+                message = build_renew_now(
+                    device_id=device, issued=issued, issuing_ca=site.site_ca_cert, signer=key
+                )
+                await channel.publish(device_topic(device, ROLLOVER_LEVEL), message, retain=True)
+                sent += 1
         await store.record_event(None, "rollover", f"renew-now published to {sent} device(s)")
         log.info("site CA rollover: renew-now published to %d device(s)", sent)
         return sent
