@@ -552,8 +552,9 @@ class HqStore:
         """Load many audited devices at once (a migration from another registry, the scale
         benchmark): ``COPY`` on PostgreSQL, ``executemany`` in transactions of 200,000 rows
         on SQLite. Outside :meth:`transaction` each chunk commits on its own (a failure
-        keeps the chunks already loaded); ``progress`` gets the running count."""
-        return self._conn.copy_rows(
+        keeps the chunks already loaded); ``progress`` gets the running count. The planner's
+        statistics are refreshed afterwards (PostgreSQL), so the next query plans with them."""
+        count = self._conn.copy_rows(
             "devices",
             _DEVICE_COLUMNS,
             (
@@ -571,6 +572,8 @@ class HqStore:
             ),
             progress,
         )
+        self._conn.analyze("devices")
+        return count
 
     def device_count(self) -> int:
         row = self._conn.execute("SELECT count(*) FROM devices").fetchone()

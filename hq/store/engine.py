@@ -87,6 +87,10 @@ class Connection:
         """Bulk-insert ``rows`` (inside or outside a transaction); returns the count."""
         raise NotImplementedError
 
+    def analyze(self, table: str) -> None:
+        """Refresh the planner's statistics of ``table`` after a bulk load."""
+        raise NotImplementedError
+
     def begin(self) -> None:
         raise NotImplementedError
 
@@ -199,6 +203,11 @@ class _Sqlite(Connection):
         if chunk:
             flush()
         return count
+
+    def analyze(self, table: str) -> None:
+        # SQLite plans the registry joins on their indexes without statistics, and its
+        # ANALYZE reads the whole table: nothing to do.
+        return
 
     def begin(self) -> None:
         self.execute("BEGIN IMMEDIATE")
@@ -330,6 +339,9 @@ class _Postgres(Connection):
         if progress is not None:
             progress(count)
         return count
+
+    def analyze(self, table: str) -> None:
+        self.execute(f"ANALYZE {table}")
 
     def begin(self) -> None:
         self.execute("BEGIN")
