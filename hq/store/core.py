@@ -54,6 +54,19 @@ _DEVICE_COLUMNS = (
 )
 
 
+def _device_tuple(r: DeviceRow) -> tuple[object, ...]:
+    return (
+        r.device_id,
+        r.serial,
+        r.station_id,
+        r.entitlement_seq,
+        r.key_id,
+        r.audit_seq,
+        r.issued_time,
+        r.certificate,
+    )
+
+
 def _policy_from_blob(blob: bytes) -> EntitlementPolicy:
     try:
         return EntitlementPolicy.from_map(cbor.decode(blob, max_size=1 << 20))
@@ -528,23 +541,9 @@ class HqStore:
         return out
 
     def put_devices(self, rows: Iterable[DeviceRow]) -> int:
-        return self._conn.executemany(
-            "INSERT INTO devices (device_id, serial, station_id, entitlement_seq, key_id, "
-            "audit_seq, issued_time, certificate) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                (
-                    r.device_id,
-                    r.serial,
-                    r.station_id,
-                    r.entitlement_seq,
-                    r.key_id,
-                    r.audit_seq,
-                    r.issued_time,
-                    r.certificate,
-                )
-                for r in rows
-            ),
-        )
+        """Record devices an export reported (inside the ingest's transaction): ``COPY`` on
+        PostgreSQL, ``executemany`` on SQLite."""
+        return self._conn.copy_rows("devices", _DEVICE_COLUMNS, (_device_tuple(r) for r in rows))
 
     def bulk_put_devices(
         self, rows: Iterable[DeviceRow], progress: Callable[[int], None] | None = None
@@ -555,22 +554,7 @@ class HqStore:
         keeps the chunks already loaded); ``progress`` gets the running count. The planner's
         statistics are refreshed afterwards (PostgreSQL), so the next query plans with them."""
         count = self._conn.copy_rows(
-            "devices",
-            _DEVICE_COLUMNS,
-            (
-                (
-                    r.device_id,
-                    r.serial,
-                    r.station_id,
-                    r.entitlement_seq,
-                    r.key_id,
-                    r.audit_seq,
-                    r.issued_time,
-                    r.certificate,
-                )
-                for r in rows
-            ),
-            progress,
+            "devices", _DEVICE_COLUMNS, (_device_tuple(r) for r in rows), progress
         )
         self._conn.analyze("devices")
         return count
