@@ -4,6 +4,7 @@ authentic exports are reconciled across exports and violations reported (exit 1)
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hq.home import HqHome
 from hq.store import HqStore
 from signers.software import SoftwareKey
+from tests.fixtures.postgres import PgServer, create_database, drop_database
 from tests.test_hq_support import (
     SoftStation,
     StationLog,
@@ -55,7 +57,7 @@ def assert_refused(home: Path, package: bytes, tmp: Path, reason: str) -> None:
 def assert_enrolled_key(home: Path, station: SoftStation) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    store = HqStore.open(home / "hq.sqlite")
+    store = HqStore.open(HqHome.open(home).store_location)
     try:
         row = store.station(station.station_id)
     finally:
@@ -66,15 +68,29 @@ def assert_enrolled_key(home: Path, station: SoftStation) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    """One HQ with stations A and B enrolled and entitled; each test works on a copy."""
-    return build_world(tmp_path_factory.mktemp("hq-world"))
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    """One HQ with stations A and B enrolled and entitled, on each store engine; each test
+    works on a copy (on PostgreSQL a database made from the world's as a template)."""
+    if request.param == "sqlite":
+        yield build_world(tmp_path_factory.mktemp("hq-world"))
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    name = create_database(server, "hq_world")
+    try:
+        yield build_world(tmp_path_factory.mktemp("hq-world"), server.url_of(name))
+    finally:
+        drop_database(server, name)
 
 
 @pytest.fixture
-def home(world: World, tmp_path: Path) -> Path:
-    return world.copy(tmp_path / "hq")
+def home(world: World, tmp_path: Path) -> Iterator[Path]:
+    try:
+        yield world.copy(tmp_path / "hq")
+    finally:
+        world.drop_copies()
 
 
 # ------------------------------------------------------------------------- the attacks
@@ -95,7 +111,7 @@ def test_clean_export_then_continuation(world: World, home: Path, tmp_path: Path
     assert (report["first_seq"], report["next_seq"]) == (5, 7)
     [ent] = report["entitlements"]
     assert (ent["issued"], ent["burned"]) == (5, 1)
-    store = HqStore.open(HqHome.open(home).db_path)
+    store = HqStore.open(HqHome.open(home).store_location)
     try:
         devices = store.devices("station-a")
         assert [d.device_id for d in devices] == [f"dev-{i:04d}" for i in range(1, 6)]
@@ -210,7 +226,7 @@ def test_station_crl_is_kept_and_a_forged_one_refuses_the_export(
         home, slog.export(world.t0 + 100, crl=good, export_number=1), tmp_path
     )
     assert code == 0, report
-    store = HqStore.open(HqHome.open(home).db_path)
+    store = HqStore.open(HqHome.open(home).store_location)
     try:
         held = store.station_crl("station-a")
         assert held is not None and held.crl_number == 1
