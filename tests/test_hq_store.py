@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
+from hq.counterfeit import ReportRefusedError, RevocationError, ingest_site_report, revoke
 from hq.errors import StoreConflict, StoreError
-from hq.home import HqHome
+from hq.home import HqHome, HqSecrets
+from hq.site import enrol_site
 from hq.store import (
     SCHEMA_VERSION,
     AuditHead,
@@ -25,7 +31,13 @@ from hq.store import (
     parse_store_location,
 )
 from hq.store.schema import SQLITE_MIGRATIONS
-from tests.test_hq_support import run_hq
+from signers.software import SoftwareKey
+from tests.test_hq_support import PASSPHRASE, build_world, ingest, run_hq
+from trustcore.csr import build_csr
+from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
+from trustcore.messages import SiteEnrolment
+from trustcore.profiles import issue_factory_certificate
+from trustcore.site_report import SeenCertificate, SiteReport, seal_site_report
 
 
 def _location(value: str) -> StoreLocation:
@@ -264,3 +276,67 @@ def test_cli_records_the_store_and_every_command_uses_it(pg_database: str, tmp_p
     # the same URL cannot become a second HQ
     r = run_hq("init", "--home", str(tmp_path / "hq2"), "--org", "Acme", "--store", pg_database)
     assert r.exit_code == 1 and "already holds an HQ" in r.output, r.output
+
+
+def _site(home: HqHome, site_id: str) -> tuple[SoftwareKey, x509.Certificate]:
+    ca, transport = SoftwareKey.ephemeral(), SoftwareKey.ephemeral()
+    csr = build_csr(ca, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site_id)]))
+    request = SiteEnrolment.create(SiteId(site_id), csr, ca, transport.public_key())
+    return ca, enrol_site(home, request.encode(), HqSecrets()).site_ca_cert
+
+
+def _seen(cert: x509.Certificate, device: str, *, registered: bool = True) -> SeenCertificate:
+    return SeenCertificate(
+        StationId("station-a"),
+        CertSerial(cert.serial_number),
+        DeviceId(device),
+        int(time.time()),
+        registered,
+        cert.public_bytes(serialization.Encoding.DER),
+    )
+
+
+def test_counterfeit_check_and_revocation_on_each_engine(
+    store_location: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``hq ingest-audit`` → ``hq ingest-report`` → ``hq revoke`` through the store of each
+    engine: audited, counterfeit and cloned certificates are told apart, and revocation
+    finds devices by id and by certificate without reading the registry."""
+    monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", PASSPHRASE)
+    world = build_world(tmp_path, store_location if "://" in store_location else None)
+    home = HqHome.open(world.home)
+    slog = world.a.new_log()
+    slog.imported(world.t0)
+    certs = [slog.issue(f"dev-{i:04d}", world.t0 + i) for i in (1, 2, 3)]
+    assert ingest(world.home, slog.export(world.t0 + 100), tmp_path).exit_code == 0
+    assert world.a.ca_cert is not None
+    forged = issue_factory_certificate(
+        world.a.ca_cert,
+        world.a.ca_key.private_key(),
+        SoftwareKey.ephemeral().public_key(),
+        device_id=DeviceId("dev-0050"),
+        manufacturer="Acme",
+        not_before=world.a.ca_cert.not_valid_before_utc,
+    )
+    key_1, cert_1 = _site(home, "site-1")
+    key_2, cert_2 = _site(home, "site-2")
+    now = int(time.time())
+    first = SiteReport(SiteId("site-2"), 1, now, (_seen(certs[0], "dev-0001"),), ())
+    ingest_site_report(home, seal_site_report(first, site_ca_key=key_2, site_ca_cert=cert_2))
+    seen = [_seen(c, f"dev-{i:04d}") for i, c in zip((1, 2, 3), certs, strict=True)]
+    seen.append(_seen(forged, "dev-0050", registered=False))
+    report = SiteReport(SiteId("site-1"), 1, now, tuple(seen), ())
+    result = ingest_site_report(
+        home, seal_site_report(report, site_ca_key=key_1, site_ca_cert=cert_1)
+    )
+    kinds = sorted((f.kind, f.device_id) for f in result.findings)
+    assert kinds == [("cloned", "dev-0001"), ("counterfeit", "dev-0050")]
+    assert result.audited_clean == 3
+    revoked, _ = revoke(home, HqSecrets(), findings=[f.to_map() for f in result.findings])
+    assert sorted(e.device_id.value for e in revoked.added) == ["dev-0001", "dev-0050"]
+    revoked, _ = revoke(home, HqSecrets(), devices=["dev-0002"])
+    assert [e.serial.value for e in revoked.added] == [certs[1].serial_number]
+    with pytest.raises(RevocationError, match="unknown to HQ"):
+        revoke(home, HqSecrets(), devices=["dev-0099"])
+    with pytest.raises(ReportRefusedError):  # the same report again: a replay
+        ingest_site_report(home, seal_site_report(report, site_ca_key=key_1, site_ca_cert=cert_1))
