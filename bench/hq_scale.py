@@ -20,9 +20,10 @@ child process so its memory is not counted) — it times exactly what the comman
 * ``ingest_entries_per_s``: ``hq ingest-audit`` (:func:`hq.audit_ingest.ingest_audit`) of
   the next export (decrypt, verify, reconcile, duplicate checks against the registry, store).
 
-``peak_rss_mb`` is this process's peak (the measurements; the preload runs in a child).
-Ratios compare the full registry with the baseline of the same run. Progress goes to
-stderr; the JSON object is the last line of stdout.
+Each is the median of ``--repeat`` runs (3), after one untimed warm-up report and export.
+``peak_rss_mb`` is this process's peak (the preload runs in a child). Ratios compare the
+full registry with the baseline of the same run. Progress goes to stderr; the JSON object
+is the last line of stdout.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import multiprocessing
 import os
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -322,45 +324,56 @@ def measure(
     home: HqHome,
     secrets: HqSecrets,
     site: Site,
-    report_seq: int,
+    report_seqs: range,
     sightings: Sightings,
-    export: bytes,
+    exports: list[bytes],
     entries: int,
 ) -> dict[str, float]:
-    now = int(time.time())
-    package = site_report(site, report_seq, sightings.seen, now)
-    t0 = time.perf_counter()
-    result = ingest_site_report(home, package, now=now)
-    report_s = time.perf_counter() - t0
-    counts = result.to_map()["finding_counts"]
-    store = HqStore.open(home.store_location)
-    try:
-        keys = [
-            ("" if s.station_id is None else s.station_id.value, s.serial.hex)
-            for s in sightings.seen
-        ]
+    """Medians over ``len(report_seqs)`` site reports (each a new sequence of the same
+    sightings), as many registry queries, and ``len(exports)`` consecutive exports."""
+    report_s: list[float] = []
+    db_s: list[float] = []
+    ingest_rates: list[float] = []
+    keys = [
+        ("" if s.station_id is None else s.station_id.value, s.serial.hex) for s in sightings.seen
+    ]
+    for seq in report_seqs:
+        now = int(time.time())
+        package = site_report(site, seq, sightings.seen, now)
         t0 = time.perf_counter()
-        found = store.audited_certificates(keys)
-        db_s = time.perf_counter() - t0
-    finally:
-        store.close()
-    t0 = time.perf_counter()
-    ingested = ingest_audit(home, export, secrets)
-    ingest_s = time.perf_counter() - t0
-    if ingested.violation_count:
-        raise SystemExit(f"the bench export had violations: {ingested.to_map(max_violations=3)}")
+        result = ingest_site_report(home, package, now=now)
+        report_s.append(time.perf_counter() - t0)
+        store = HqStore.open(home.store_location)
+        try:
+            t0 = time.perf_counter()
+            found = store.audited_certificates(keys)
+            db_s.append(time.perf_counter() - t0)
+        finally:
+            store.close()
+    counts = result.to_map()["finding_counts"]
+    for export in exports:
+        t0 = time.perf_counter()
+        ingested = ingest_audit(home, export, secrets)
+        ingest_rates.append(entries / (time.perf_counter() - t0))
+        if ingested.violation_count:
+            raise SystemExit(f"bench export had violations: {ingested.to_map(max_violations=3)}")
     progress(
-        f"  report {report_s:.3f} s (findings {counts}, audited {len(found):,}), "
-        f"registry query {db_s * 1000:.1f} ms, ingest {entries / ingest_s:,.0f} entries/s"
+        f"  report {_ms(report_s)} (findings {counts}, audited {len(found):,}), "
+        f"registry query {_ms(db_s)}, ingest {[round(r) for r in ingest_rates]} entries/s"
     )
     return {
-        "report_check_seconds": report_s,
-        "cross_check_db_seconds": db_s,
-        "ingest_entries_per_s": entries / ingest_s,
+        "report_check_seconds": statistics.median(report_s),
+        "cross_check_db_seconds": statistics.median(db_s),
+        "cross_check_db_first_seconds": db_s[0],
+        "ingest_entries_per_s": statistics.median(ingest_rates),
         "counterfeit": counts.get("counterfeit", 0),
         "cloned": counts.get("cloned", 0),
         "audited_clean": result.audited_clean,
     }
+
+
+def _ms(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v * 1000:.0f}" for v in values) + "] ms"
 
 
 def main() -> None:
@@ -372,10 +385,11 @@ def main() -> None:
     parser.add_argument(
         "--pg-admin-url", default=os.environ.get("DEVTRUST_BENCH_PG", DEFAULT_ADMIN_URL)
     )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per phase (medians)")
     parser.add_argument("--json", action="store_true", help="(the last line is always JSON)")
     args = parser.parse_args()
-    if args.devices < 0 or args.report < 100 or args.entries < 1:
-        parser.error("--devices >= 0, --report >= 100, --entries >= 1")
+    if args.devices < 0 or args.report < 100 or args.entries < 1 or args.repeat < 1:
+        parser.error("--devices >= 0, --report >= 100, --entries >= 1, --repeat >= 1")
 
     db_name = f"hq_scale_{uuid.uuid4().hex[:10]}"
     store_url = None
@@ -398,7 +412,9 @@ def main() -> None:
 
 def run(base: Path, args: argparse.Namespace, store_url: str | None) -> dict[str, object]:
     progress(f"setting up HQ ({args.store}) in {base}")
-    home, secrets, station = setup_hq(base, store_url, quota=2 * args.entries + 10)
+    home, secrets, station = setup_hq(
+        base, store_url, quota=(2 * args.repeat + 1) * args.entries + 10
+    )
     site_a = enrol_bench_site(home, secrets, "site-a")
     site_b = enrol_bench_site(home, secrets, "site-b")
     progress(f"building a {args.report:,}-certificate site report")
@@ -411,12 +427,16 @@ def run(base: Path, args: argparse.Namespace, store_url: str | None) -> dict[str
         store.close()
     # The other site reported the clones as registered there first.
     ingest_site_report(home, site_report(site_b, 1, sightings.clones, int(time.time())))
-    progress(f"building two audit exports of {args.entries:,} records")
+    r = args.repeat
+    progress(f"building {2 * r} consecutive audit exports of {args.entries:,} records")
     log = Exports(station)
-    exports = [log.next_export(args.entries), log.next_export(args.entries)]
+    exports = [log.next_export(args.entries) for _ in range(2 * r + 1)]
+    progress("warm-up (untimed): one report, one export")
+    ingest_site_report(home, site_report(site_a, 1, sightings.seen, int(time.time())))
+    ingest_audit(home, exports.pop(0), secrets)
 
     progress(f"baseline: registry of {len(sightings.audited):,} devices")
-    small = measure(home, secrets, site_a, 1, sightings, exports[0], args.entries)
+    small = measure(home, secrets, site_a, range(2, r + 2), sightings, exports[:r], args.entries)
     rss_small = rss_mb()
 
     progress(f"preloading {args.devices:,} devices ({args.store})")
@@ -436,13 +456,16 @@ def run(base: Path, args: argparse.Namespace, store_url: str | None) -> dict[str
         store.close()
 
     progress(f"full: registry of {registry:,} devices")
-    full = measure(home, secrets, site_a, 2, sightings, exports[1], args.entries)
+    full = measure(
+        home, secrets, site_a, range(r + 2, 2 * r + 2), sightings, exports[r:], args.entries
+    )
     peak = rss_mb()
     return {
         "store": args.store,
         "devices": registry,
         "report_size": args.report,
         "export_entries": args.entries,
+        "repeat": args.repeat,
         "preload_seconds": round(preload_s, 1),
         "preload_devices_per_s": round(args.devices / preload_s) if args.devices else 0,
         "report_check_seconds": round(full["report_check_seconds"], 3),
@@ -452,6 +475,7 @@ def run(base: Path, args: argparse.Namespace, store_url: str | None) -> dict[str
         ),
         "cross_check_db_seconds": round(full["cross_check_db_seconds"], 4),
         "cross_check_db_seconds_baseline": round(small["cross_check_db_seconds"], 4),
+        "cross_check_db_first_seconds": round(full["cross_check_db_first_seconds"], 4),
         "cross_check_db_ratio": round(
             full["cross_check_db_seconds"] / small["cross_check_db_seconds"], 3
         ),
