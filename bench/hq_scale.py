@@ -385,6 +385,9 @@ def main() -> None:
     parser.add_argument(
         "--pg-admin-url", default=os.environ.get("DEVTRUST_BENCH_PG", DEFAULT_ADMIN_URL)
     )
+    parser.add_argument(
+        "--keep-db", action="store_true", help="keep the PostgreSQL database (for EXPLAIN)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per phase (medians)")
     parser.add_argument("--json", action="store_true", help="(the last line is always JSON)")
     args = parser.parse_args()
@@ -404,7 +407,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-hq-scale-") as tmp:
             result = run(Path(tmp), args, store_url)
     finally:
-        if store_url is not None:
+        if store_url is not None and args.keep_db:
+            progress(f"kept {store_url}")
+        elif store_url is not None:
             with psycopg.connect(args.pg_admin_url, autocommit=True) as conn:
                 conn.execute(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)".encode())
     print(json.dumps(result))
