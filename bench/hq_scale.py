@@ -433,7 +433,7 @@ def run(base: Path, args: argparse.Namespace, store_url: str | None) -> dict[str
     # The other site reported the clones as registered there first.
     ingest_site_report(home, site_report(site_b, 1, sightings.clones, int(time.time())))
     r = args.repeat
-    progress(f"building {2 * r} consecutive audit exports of {args.entries:,} records")
+    progress(f"building {2 * r + 1} consecutive audit exports of {args.entries:,} records")
     log = Exports(station)
     exports = [log.next_export(args.entries) for _ in range(2 * r + 1)]
     progress("warm-up (untimed): one report, one export")
