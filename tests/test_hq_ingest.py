@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hq.home import HqHome
 from hq.store import HqStore
 from signers.software import SoftwareKey
-from tests.fixtures.postgres import PgServer, create_database, drop_database
 from tests.test_hq_support import (
     SoftStation,
     StationLog,
@@ -25,10 +24,12 @@ from tests.test_hq_support import (
     build_world,
     db_dump,
     entitle_args,
+    home_copy,
     ingest,
     ingest_json,
     midnight_utc,
     run_hq,
+    world_on_each_store,
 )
 from trustcore.audit import ChainHead, encode_record, record_hash
 from trustcore.crl import build_crl
@@ -74,23 +75,12 @@ def world(
 ) -> Iterator[World]:
     """One HQ with stations A and B enrolled and entitled, on each store engine; each test
     works on a copy (on PostgreSQL a database made from the world's as a template)."""
-    if request.param == "sqlite":
-        yield build_world(tmp_path_factory.mktemp("hq-world"))
-        return
-    server: PgServer = request.getfixturevalue("pg_server")
-    name = create_database(server, "hq_world")
-    try:
-        yield build_world(tmp_path_factory.mktemp("hq-world"), server.url_of(name))
-    finally:
-        drop_database(server, name)
+    yield from world_on_each_store(request, tmp_path_factory, "hq-world")
 
 
 @pytest.fixture
-def home(world: World, tmp_path: Path) -> Iterator[Path]:
-    try:
-        yield world.copy(tmp_path / "hq")
-    finally:
-        world.drop_copies()
+def home(world: World, tmp_path: Path) -> Path:
+    return home_copy(world, tmp_path)
 
 
 # ------------------------------------------------------------------------- the attacks

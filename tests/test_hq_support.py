@@ -12,12 +12,14 @@ import os
 import shutil
 import sqlite3
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -26,6 +28,7 @@ from psycopg import sql
 
 from hq.cli import main as hq_main
 from signers.software import SoftwareKey
+from tests.fixtures.postgres import PgServer, create_database, drop_database
 from trustcore.audit import AuditLog, ChainHead, encode_export
 from trustcore.csr import build_csr
 from trustcore.entitlement import EntitlementPolicy
@@ -340,6 +343,32 @@ def build_world(base: Path, store: str | None = None) -> World:
     return World(
         home, stations[0], stations[1], int(midnight_utc(2).timestamp()) + 3600, store=store
     )
+
+
+def world_on_each_store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, prefix: str
+) -> Iterator[World]:
+    """Body of a module's ``world`` fixture parametrized ``["sqlite", "postgres"]``: the
+    same prepared HQ on either engine (on PostgreSQL in a fresh database, dropped after)."""
+    if request.param == "sqlite":
+        yield build_world(tmp_path_factory.mktemp(prefix))
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    name = create_database(server, "hq_world")
+    world: World | None = None
+    try:
+        world = build_world(tmp_path_factory.mktemp(prefix), server.url_of(name))
+        yield world
+    finally:
+        if world is not None:
+            world.drop_copies()  # once per module: every DROP DATABASE waits for a checkpoint
+        drop_database(server, name)
+
+
+def home_copy(world: World, tmp_path: Path) -> Path:
+    """Body of a module's ``home`` fixture: a private copy of the world for one test (its
+    database, on PostgreSQL, is dropped with the world's)."""
+    return world.copy(tmp_path / "hq")
 
 
 def ingest(home: Path, package: bytes, tmp: Path, *, name: str | None = None) -> Result:
