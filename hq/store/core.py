@@ -530,14 +530,18 @@ class HqStore:
         c.temp_table(
             "report_certs", "station_id TEXT, serial TEXT", ("station_id", "serial"), certificates
         )
-        out: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
-        for station, serial, device, key in c.execute(
-            "SELECT d.station_id, d.serial, d.device_id, d.key_id FROM report_certs r "
-            "JOIN devices d ON d.station_id = r.station_id AND d.serial = r.serial "
-            "ORDER BY d.id"
-        ):
-            out.setdefault((station, serial), []).append((device, bytes(key)))
+        # No ORDER BY in SQL: ordering by the registry's id made SQLite scan the whole
+        # registry in id order instead of probing its index once per reported certificate.
+        rows = sorted(
+            c.execute(
+                "SELECT d.id, d.station_id, d.serial, d.device_id, d.key_id FROM report_certs r "
+                "JOIN devices d ON d.station_id = r.station_id AND d.serial = r.serial"
+            )
+        )
         c.execute("DELETE FROM report_certs")
+        out: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
+        for _, station, serial, device, key in rows:
+            out.setdefault((station, serial), []).append((device, bytes(key)))
         return out
 
     def put_devices(self, rows: Iterable[DeviceRow]) -> int:
@@ -737,12 +741,15 @@ class HqStore:
             "report_certs", "station_id TEXT, serial TEXT", ("station_id", "serial"), certificates
         )
         out: dict[tuple[str, str], list[tuple[str, int]]] = {}
-        for station, serial, other, first in c.execute(
-            "SELECT s.station_id, s.serial, s.site_id, s.first_seen FROM report_certs r "
-            "JOIN site_sightings s ON s.station_id = r.station_id AND s.serial = r.serial "
-            "WHERE s.site_id != ? AND s.registered = 1 ORDER BY s.site_id",
-            (site_id,),
-        ):
+        rows = sorted(  # sorted here, not in SQL: see audited_certificates
+            c.execute(
+                "SELECT s.station_id, s.serial, s.site_id, s.first_seen FROM report_certs r "
+                "JOIN site_sightings s ON s.station_id = r.station_id AND s.serial = r.serial "
+                "WHERE s.site_id != ? AND s.registered = 1",
+                (site_id,),
+            )
+        )
+        for station, serial, other, first in rows:
             out.setdefault((station, serial), []).append((str(other), int(first)))
         c.execute("DELETE FROM report_certs")
         return out
