@@ -417,10 +417,9 @@ def _manifest(store: HqStore, request: SiteBundleRequest) -> tuple[ManifestEntry
     wanted = set(request.devices)
     if wanted:
         found: set[str] = set()
-        for row in store.devices():
-            if row.device_id in wanted:
-                found.add(row.device_id)
-                add(row.device_id, row.serial, row.station_id)
+        for row in store.devices_with_ids(sorted(wanted)):
+            found.add(row.device_id)
+            add(row.device_id, row.serial, row.station_id)
         missing = sorted(wanted - found)
         if missing:
             raise SiteError(

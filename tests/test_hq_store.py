@@ -122,6 +122,9 @@ def test_cross_check_is_a_join_with_the_registry(store: HqStore) -> None:
     assert [d for d, _ in found[asked[1]]] == ["dev-00000007", "dev-reissued"]
     # the temporary table is per call: a second call sees only its own batch
     assert store.audited_certificates([asked[3]]) == {}
+    # a site bundle's named devices: a join on the device-id index, oldest record first
+    named = store.devices_with_ids(["dev-00000042", "dev-reissued", "dev-unknown"])
+    assert named == [_device(42), _device(7, device="dev-reissued")]
 
 
 def test_devices_elsewhere(store: HqStore) -> None:
