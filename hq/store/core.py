@@ -503,7 +503,7 @@ class HqStore:
         )
         by_id = {
             row[0]: f"{row[1]} entitlement {row[2]}"
-            for row in c.execute(
+            for row in c.probe(
                 "SELECT n.device_id, d.station_id, d.entitlement_seq FROM new_devices n "
                 "JOIN devices d ON d.device_id = n.device_id "
                 "WHERE d.station_id != ? OR d.entitlement_seq != n.entitlement_seq",
@@ -512,7 +512,7 @@ class HqStore:
         }
         by_key = {
             bytes(row[0]): f"{row[1]} entitlement {row[2]}"
-            for row in c.execute(
+            for row in c.probe(
                 "SELECT n.key_id, d.station_id, d.entitlement_seq FROM new_devices n "
                 "JOIN devices d ON d.key_id = n.key_id "
                 "WHERE d.station_id != ? OR d.entitlement_seq != n.entitlement_seq",
@@ -537,7 +537,7 @@ class HqStore:
         # No ORDER BY in SQL: ordering by the registry's id made SQLite scan the whole
         # registry in id order instead of probing its index once per reported certificate.
         rows = sorted(
-            c.execute(
+            c.probe(
                 "SELECT d.id, d.station_id, d.serial, d.device_id, d.key_id FROM report_certs r "
                 "JOIN devices d ON d.station_id = r.station_id AND d.serial = r.serial"
             )
@@ -554,7 +554,7 @@ class HqStore:
         c = self._conn
         c.temp_table("wanted_devices", "device_id TEXT", ("device_id",), ((d,) for d in device_ids))
         rows = sorted(  # sorted here, not in SQL: see audited_certificates
-            c.execute(
+            c.probe(
                 "SELECT d.id, d.device_id, d.serial, d.station_id, d.entitlement_seq, d.key_id, "
                 "d.audit_seq, d.issued_time, d.certificate FROM wanted_devices w "
                 "JOIN devices d ON d.device_id = w.device_id"
@@ -763,7 +763,7 @@ class HqStore:
         )
         out: dict[tuple[str, str], list[tuple[str, int]]] = {}
         rows = sorted(  # sorted here, not in SQL: see audited_certificates
-            c.execute(
+            c.probe(
                 "SELECT s.station_id, s.serial, s.site_id, s.first_seen FROM report_certs r "
                 "JOIN site_sightings s ON s.station_id = r.station_id AND s.serial = r.serial "
                 "WHERE s.site_id != ? AND s.registered = 1",
