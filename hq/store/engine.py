@@ -327,14 +327,16 @@ class _Postgres(Connection):
         # Measured on a 1,000,000-device registry: PostgreSQL estimated 50 matches for a
         # 10,000-row batch and chose to hash the whole registry (a sequential scan, 0.4 s,
         # growing with the registry). Hash and merge joins are off for this statement
-        # only, so the join probes the index once per batch row. (Inside a transaction
-        # that fails, PostgreSQL reverts the SETs with it.)
+        # only, so the join probes the index once per batch row. (In a transaction that
+        # failed, the rollback reverts the SETs.)
         self.execute("SET enable_hashjoin = off")
         self.execute("SET enable_mergejoin = off")
-        rows = self.execute(sql, params).fetchall()
-        self.execute("RESET enable_hashjoin")
-        self.execute("RESET enable_mergejoin")
-        return rows
+        try:
+            return self.execute(sql, params).fetchall()
+        finally:
+            if self._conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
+                self.execute("RESET enable_hashjoin")
+                self.execute("RESET enable_mergejoin")
 
     def temp_table(
         self, name: str, columns: str, names: Sequence[str], rows: Iterable[Sequence[Any]]
