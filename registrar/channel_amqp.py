@@ -1,0 +1,183 @@
+"""Registration requests from a RabbitMQ cluster, over AMQP 0-9-1 (a request source).
+
+Devices stay plain MQTT 3.1.1 clients: a request published on
+``devtrust/register/<id>/request`` reaches ``amq.topic`` as routing key
+``devtrust.register.<id>.request``. :class:`AmqpRequestSource` owns one durable **quorum
+queue** bound to that pattern; every registrar instance consumes from it (competing
+consumers: each request goes to one instance; the queue is replicated on every node, so a
+node failure loses nothing). The answer is published back through ``amq.topic`` with the
+response topic's routing key, where the device's MQTT subscription picks it up.
+
+Delivery is at-least-once: a request is acknowledged only after its response has been
+confirmed by the broker (publisher confirms). If an instance dies in between, the request
+is delivered again to another instance, which answers it idempotently (the registration
+service keys retries on the request digest and nonce).
+
+The instance connects to the nodes' AMQP listeners in turn with the registrar's
+administrator (see :mod:`registrar.broker.rabbitmq_auth`) and reconnects after a node loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+from registrar.broker.rabbitmq import REGISTRATION_QUEUE, amqp_to_mqtt, mqtt_to_amqp
+from registrar.errors import BrokerError
+from registrar.service import device_id_from_request_topic
+from trustcore.identity import DeviceId
+from trustcore.topics import REGISTRATION_PREFIX, registration_response_topic
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[DeviceId, bytes], Awaitable[bytes]]
+#: The binding: every device's registration request (``*`` is one MQTT level).
+REQUEST_BINDING = mqtt_to_amqp(f"{REGISTRATION_PREFIX}/+/request")
+
+
+@dataclass(frozen=True)
+class AmqpEndpoint:
+    """One node's AMQP listener and the credentials of the registrar's administrator."""
+
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+
+    def url(self) -> str:
+        user, password = quote(self.username, safe=""), quote(self.password, safe="")
+        return f"amqp://{user}:{password}@{self.host}:{self.port}/"
+
+
+class AmqpRequestSource:
+    """Consumes registration requests and publishes the answers (see the module text)."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[AmqpEndpoint],
+        handle: Handler,
+        *,
+        prefetch: int = 128,
+        reconnect_delay: float = 0.5,
+        on_answered: Callable[[DeviceId], None] | None = None,
+    ) -> None:
+        if not endpoints:
+            raise BrokerError("no AMQP endpoint")
+        if not 0 < prefetch <= 65535:
+            raise BrokerError(f"bad prefetch {prefetch}")
+        self._endpoints = tuple(endpoints)
+        self._handle = handle
+        self._prefetch = prefetch
+        self._reconnect_delay = reconnect_delay
+        self._on_answered = on_answered
+        self.connected = asyncio.Event()
+        self.answered = 0
+        self.endpoint: AmqpEndpoint | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; move to the next node when one is lost."""
+        index = 0
+        while not stop.is_set():
+            endpoint = self._endpoints[index % len(self._endpoints)]
+            index += 1
+            try:
+                await self._serve(endpoint, stop)
+            except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, OSError) as exc:
+                if stop.is_set():
+                    break
+                log.warning(
+                    "AMQP session with %s:%s lost (%s); next node",
+                    endpoint.host,
+                    endpoint.port,
+                    exc,
+                )
+            finally:
+                self.connected.clear()
+                self.endpoint = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._reconnect_delay)
+
+    async def _serve(self, endpoint: AmqpEndpoint, stop: asyncio.Event) -> None:
+        connection = await aio_pika.connect(endpoint.url(), timeout=5)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            await channel.set_qos(prefetch_count=self._prefetch)
+            queue = await channel.declare_queue(
+                REGISTRATION_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await queue.bind("amq.topic", routing_key=REQUEST_BINDING)
+            exchange = await channel.get_exchange("amq.topic", ensure=False)
+            tasks: set[asyncio.Task[None]] = set()
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                task = asyncio.create_task(self._answer(exchange, message))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+            tag = await queue.consume(on_message)
+            self.endpoint = endpoint
+            self.connected.set()
+            closed = asyncio.ensure_future(_closed(connection, channel))
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                done, _ = await asyncio.wait({closed, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+                stopper.cancel()
+            if stopper in done:
+                with contextlib.suppress(aio_pika.exceptions.AMQPException, aiormq.AMQPError):
+                    await queue.cancel(tag)
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                return
+            raise BrokerError("the AMQP connection closed")
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def _answer(self, exchange: AbstractExchange, message: AbstractIncomingMessage) -> None:
+        device = device_id_from_request_topic(amqp_to_mqtt(message.routing_key or ""))
+        if device is None:
+            log.warning("dropped a request on %r", (message.routing_key or "")[:200])
+            await message.reject(requeue=False)
+            return
+        try:
+            response = await self._handle(device, message.body)
+        except Exception:
+            log.exception("registration of %s failed unexpectedly", device)
+            await message.reject(requeue=False)
+            return
+        try:
+            await exchange.publish(
+                aio_pika.Message(response, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=mqtt_to_amqp(registration_response_topic(device)),
+            )
+            await message.ack()
+        except (aio_pika.exceptions.AMQPException, aiormq.AMQPError, OSError) as exc:
+            # Not acknowledged: the request comes back (to this or another instance).
+            log.warning("could not answer %s: %s", device, exc)
+            return
+        self.answered += 1
+        if self._on_answered is not None:
+            self._on_answered(device)
+
+
+async def _closed(connection: aio_pika.abc.AbstractConnection, channel: AbstractChannel) -> None:
+    """Returns when the connection or the channel is gone."""
+    done = asyncio.get_running_loop().create_future()
+
+    def closed(*_args: object) -> None:
+        if not done.done():
+            done.set_result(None)
+
+    connection.close_callbacks.add(closed)
+    channel.close_callbacks.add(closed)
+    await done

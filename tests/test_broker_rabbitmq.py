@@ -1,0 +1,512 @@
+"""The clustered broker tier: a real 3-node RabbitMQ 3.10 cluster of this module's own.
+
+What is real: the nodes (rendered by ``registrar.broker.rabbitmq``), mutual TLS with CRLs,
+the registrar's HTTP auth backend deciding from a real SQLite registry, the registration
+service consuming requests from a quorum queue over AMQP, and devices that are plain
+MQTT 3.1.1 clients (``device_sim``). Access is judged by DELIVERY, as on Mosquitto.
+
+The cluster is started once for the module (its start-up time is printed) and torn down
+completely (no stray beam process); the node-kill test runs last and kills node 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import stat
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import aio_pika
+import aiomqtt
+import pytest
+import pytest_asyncio
+from cryptography.hazmat.primitives import serialization
+
+from bench.site_fixture import FactoryDevice, SitePki, build_site_pki
+from device_sim.client import DeviceClient, Registered, SoftwareKeys
+from registrar.broker import Endpoint
+from registrar.broker.rabbitmq import (
+    NodeFiles,
+    RabbitManagement,
+    RabbitMQConfig,
+    RabbitMQTier,
+    RabbitNode,
+    SiteTls,
+    amqp_to_mqtt,
+    mqtt_to_amqp,
+    render_advanced_config,
+    render_rabbitmq_conf,
+)
+from registrar.broker.rabbitmq_auth import ADMIN_USER, AuthBackend, AuthPolicy, Standing, decide
+from registrar.channel_amqp import AmqpEndpoint, AmqpRequestSource
+from registrar.errors import ConfigError
+from registrar.service import RegistrationService
+from registrar.store import Store
+from tests.fixtures.rabbitmq import RabbitCluster, start_cluster, stray_beams
+from trustcore.crl import RevokedEntry, build_crl
+from trustcore.identity import CertSerial
+from trustcore.payload import open_payload
+
+pytestmark = [pytest.mark.slow]
+#: The cluster, its auth backend and the registrar instances live in the module's loop.
+IN_CLUSTER_LOOP = pytest.mark.asyncio(loop_scope="module")
+
+V311 = aiomqtt.ProtocolVersion.V311
+ADMIN_PASSWORD = "a-test-admin-password-of-enough-length"
+FOREIGN_FILTERS = ("#", "+/#", "devices/#", "devices/+/t", "devices/dev-b/#", "devtrust/#")
+FOREIGN_TOPICS = ("devices/dev-b/t", "devtrust/register/dev-b/response", "other", "devices/x")
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def _config(**changes: object) -> RabbitMQConfig:
+    node = RabbitNode("n-1@localhost", "127.0.0.1", 30001, 30002, 30003, 30004)
+    values: dict[str, object] = {"nodes": (node,), "auth_url": "http://127.0.0.1:30009/auth"}
+    values.update(changes)
+    return RabbitMQConfig(**values)  # type: ignore[arg-type]
+
+
+def test_rendered_node_config_is_mtls_only_with_crls_and_the_http_backend(tmp_path: Path) -> None:
+    config = _config()
+    conf = render_rabbitmq_conf(config, config.nodes[0])
+    assert "mqtt.listeners.tcp = none" in conf
+    assert "mqtt.listeners.ssl.default = 127.0.0.1:30002" in conf
+    assert "mqtt.allow_anonymous = false" in conf and "auth_backends.1 = http" in conf
+    assert "auth_backends.2" not in conf and "listeners.ssl = none" in conf
+    advanced = render_advanced_config(NodeFiles(tmp_path), config, "pw")
+    for option in ("{verify, verify_peer}", "{fail_if_no_peer_cert, true}", "{crl_check, true}"):
+        assert option in advanced
+    assert "ssl_crl_hash_dir" in advanced and "'tlsv1.1'" not in advanced
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"auth_url": 'http://x/"]}'},
+        {"nodes": ()},
+        {"vhost": "other"},
+        {"tls_versions": ("tlsv1.1",)},
+    ],
+)
+def test_bad_configuration_is_refused(change: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        _config(**change)
+    with pytest.raises(ConfigError):
+        RabbitNode("bad name", "127.0.0.1", 1, 2, 3, 4)
+    with pytest.raises(ConfigError):
+        render_advanced_config(NodeFiles(Path('/tmp/x"]}.')), _config(), "pw")
+
+
+def test_topic_mapping_round_trips() -> None:
+    for topic in ("devices/dev.1/t", "devtrust/register/+/request", "a/#"):
+        assert amqp_to_mqtt(mqtt_to_amqp(topic)) == topic
+    assert mqtt_to_amqp("devices/dev.1/+") == "devices.dev/1.*"
+
+
+POLICY = AuthPolicy(ADMIN_PASSWORD)
+
+
+def _topic(user: str, permission: str, key: str, client: str | None = None) -> dict[str, str]:
+    return {
+        "username": user,
+        "vhost": "/",
+        "resource": "topic",
+        "name": "amq.topic",
+        "permission": permission,
+        "routing_key": key,
+        "variable_map.client_id": client or user,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "standing", "expected"),
+    [
+        ("user", {"username": "dev-a"}, Standing.REGISTERED, "allow"),
+        ("user", {"username": "dev-a", "password": ""}, Standing.REGISTERED, "deny"),
+        ("user", {"username": "dev-a"}, Standing.REFUSED, "deny"),
+        ("user", {"username": "registrar@site"}, Standing.UNKNOWN, "deny"),
+        ("user", {"username": ADMIN_USER}, Standing.UNKNOWN, "deny"),
+        ("user", {"username": ADMIN_USER, "password": "x"}, Standing.UNKNOWN, "deny"),
+        (
+            "user",
+            {"username": ADMIN_USER, "password": ADMIN_PASSWORD},
+            Standing.UNKNOWN,
+            "allow administrator management",
+        ),
+        ("vhost", {"username": "dev-a", "vhost": "/", "client_id": "dev-b"}, "registered", "deny"),
+        ("vhost", {"username": "dev-a", "vhost": "/", "client_id": "dev-a"}, "registered", "allow"),
+        ("vhost", {"username": "dev-a", "vhost": "x", "client_id": "dev-a"}, "registered", "deny"),
+        ("topic", _topic("dev-a", "write", "devices.dev-a.t"), Standing.REGISTERED, "allow"),
+        ("topic", _topic("dev-a", "write", "devices.dev-a.t"), Standing.UNKNOWN, "deny"),
+        ("topic", _topic("dev-a", "read", "devices.dev-a.#"), Standing.REGISTERED, "allow"),
+        ("topic", _topic("dev-a", "read", "devices.*.#"), Standing.REGISTERED, "deny"),
+        ("topic", _topic("dev-a", "read", "#"), Standing.REGISTERED, "deny"),
+        ("topic", _topic("dev-a", "write", "devices.dev-b.t"), Standing.REGISTERED, "deny"),
+        ("topic", _topic("dev-a", "write", "devices.dev-a.t", "dev-b"), "registered", "deny"),
+        ("topic", _topic("dev-a", "write", "devtrust.register.dev-a.request"), "unknown", "allow"),
+        ("topic", _topic("dev-a", "read", "devtrust.register.dev-a.response"), "unknown", "allow"),
+        ("topic", _topic("dev-a", "read", "devtrust.register.*.response"), "unknown", "deny"),
+        ("topic", _topic("dev-a", "write", "devtrust.register.dev-b.request"), "unknown", "deny"),
+        (
+            "resource",
+            {
+                "username": "dev-a",
+                "vhost": "/",
+                "resource": "queue",
+                "name": "mqtt-subscription-dev-aqos1",
+                "permission": "configure",
+            },
+            "registered",
+            "allow",
+        ),
+        (
+            "resource",
+            {
+                "username": "dev-a",
+                "vhost": "/",
+                "resource": "queue",
+                "name": "mqtt-subscription-dev-bqos1",
+                "permission": "read",
+            },
+            "registered",
+            "deny",
+        ),
+        (
+            "resource",
+            {
+                "username": "dev-a",
+                "vhost": "/",
+                "resource": "exchange",
+                "name": "amq.direct",
+                "permission": "write",
+            },
+            "registered",
+            "deny",
+        ),
+        ("nonsense", {"username": "dev-a", "vhost": "/"}, Standing.REGISTERED, "deny"),
+    ],
+)
+def test_decisions(kind: str, params: dict[str, str], standing: str, expected: str) -> None:
+    assert decide(kind, params, POLICY, standing) == expected
+
+
+def test_a_second_live_connection_is_refused() -> None:
+    params = {"username": "dev-a", "vhost": "/", "client_id": "dev-a"}
+    assert decide("vhost", params, POLICY, Standing.REGISTERED, live_connections=1) == "deny"
+
+
+# ------------------------------------------------------------------------- the cluster
+
+
+@dataclass
+class Tier:
+    pki: SitePki
+    dir: Path
+    cluster: RabbitCluster
+    store: Store
+    backend: AuthBackend
+    management: RabbitManagement
+    tier: RabbitMQTier
+    sources: list[AmqpRequestSource]
+    stop: asyncio.Event
+    registered: dict[str, DeviceClient]
+
+    def endpoint(self, index: int) -> Endpoint:
+        node = self.cluster.nodes[index]
+        return Endpoint(node.host, node.mqtts_port)
+
+    def amqp(self, index: int) -> AmqpEndpoint:
+        node = self.cluster.nodes[index]
+        return AmqpEndpoint(node.host, node.amqp_port, ADMIN_USER, ADMIN_PASSWORD)
+
+
+def _site_tls(pki: SitePki, crls: tuple[object, ...] | None = None) -> SiteTls:
+    def pem(obj: object) -> bytes:
+        return obj.public_bytes(serialization.Encoding.PEM)  # type: ignore[attr-defined]
+
+    return SiteTls(
+        server_chain_pem=pem(pki.broker) + pem(pki.site_ca),
+        server_key=pki.broker_key,
+        ca_bundle_pem=pem(pki.root) + pem(pki.station_ca) + pem(pki.site_ca),
+        crls_pem=b"".join(pem(c) for c in (crls or pki.crls)),
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def tier(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tier]:
+    d = tmp_path_factory.mktemp("rabbitmq")
+    pki = build_site_pki()
+    store = await Store.open(d / "registrar.db")
+    service = RegistrationService(
+        store=store,
+        verifier=pki.verifier(),
+        admission=pki.admission(),
+        site=pki.site_authority(),
+        payload_key=pki.payload_key,
+    )
+    stack = contextlib.AsyncExitStack()
+    async with stack:
+        stack.push_async_callback(store.close)
+        backend = AuthBackend(store, POLICY)
+        await backend.start()
+        stack.push_async_callback(backend.stop)
+        started = time.monotonic()
+        cluster = await asyncio.to_thread(
+            start_cluster,
+            d / "cluster",
+            _site_tls(pki),
+            f"http://127.0.0.1:{backend.port}",
+            (ADMIN_USER, ADMIN_PASSWORD),
+        )
+        print(f"\n3-node RabbitMQ cluster ready in {time.monotonic() - started:.1f} s")
+
+        async def stop_cluster() -> None:
+            await asyncio.to_thread(cluster.stop)
+            assert stray_beams(cluster) == []
+
+        stack.push_async_callback(stop_cluster)
+        management = RabbitManagement(cluster.nodes, ADMIN_USER, ADMIN_PASSWORD)
+        stack.push_async_callback(management.close)
+        backend.use_live_connections(management)
+        crl_file = d / "crls.pem"
+        crl_file.write_bytes(_site_tls(pki).crls_pem)
+        rabbit = RabbitMQTier(cluster.config, cluster.files, crl_file, management, backend.blocked)
+        stop = asyncio.Event()
+        # Two registrar instances (competing consumers), each on its own node.
+        sources = [
+            AmqpRequestSource([cluster_amqp(cluster, i), cluster_amqp(cluster, 2)], service.handle)
+            for i in (0, 1)
+        ]
+        runners = [asyncio.create_task(s.run(stop)) for s in sources]
+
+        async def stop_sources() -> None:
+            stop.set()
+            await asyncio.gather(*runners, return_exceptions=True)
+
+        stack.push_async_callback(stop_sources)
+        for source in sources:
+            await asyncio.wait_for(source.connected.wait(), 15)
+        yield Tier(pki, d, cluster, store, backend, management, rabbit, sources, stop, {})
+
+
+def cluster_amqp(cluster: RabbitCluster, index: int) -> AmqpEndpoint:
+    node = cluster.nodes[index]
+    return AmqpEndpoint(node.host, node.amqp_port, ADMIN_USER, ADMIN_PASSWORD)
+
+
+def mqtt(
+    tier: Tier,
+    index: int,
+    client: DeviceClient,
+    *,
+    identifier: str | None = None,
+    idevid: bool = False,
+    timeout: float = 5,
+) -> aiomqtt.Client:
+    endpoint = tier.endpoint(index)
+    context = client.registration_context() if idevid else client.operational_context()
+    return aiomqtt.Client(
+        endpoint.host,
+        endpoint.port,
+        identifier=identifier or client.device_id.value,
+        protocol=V311,
+        tls_context=context,
+        timeout=timeout,
+        keepalive=10,
+    )
+
+
+async def collect(client: aiomqtt.Client, seconds: float) -> list[tuple[str, bytes]]:
+    got: list[tuple[str, bytes]] = []
+
+    async def read() -> None:
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            got.append((message.topic.value, message.payload))
+
+    with contextlib.suppress(TimeoutError, aiomqtt.MqttError):
+        await asyncio.wait_for(read(), seconds)
+    return got
+
+
+async def registered(tier: Tier, name: str, node: int = 0) -> DeviceClient:
+    """A device registered through the cluster (once per name and module)."""
+    if name not in tier.registered:
+        device: FactoryDevice = tier.pki.factory_device(name)
+        client = DeviceClient(device.credentials(), SoftwareKeys())
+        await client.register(tier.endpoint(node), timeout=10)
+        tier.registered[name] = client
+    return tier.registered[name]
+
+
+@contextlib.asynccontextmanager
+async def amqp_tap(
+    tier: Tier, binding: str, node: int = 0
+) -> AsyncIterator[asyncio.Queue[tuple[str, bytes]]]:
+    """A test-side AMQP consumer (the registrar's administrator) on ``binding``."""
+    connection = await aio_pika.connect(tier.amqp(node).url())
+    got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind("amq.topic", routing_key=binding)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            got.put_nowait((amqp_to_mqtt(message.routing_key or ""), message.body))
+            await message.ack()
+
+        await queue.consume(on_message)
+        yield got
+    finally:
+        await connection.close()
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+
+@IN_CLUSTER_LOOP
+async def test_cluster_runs_on_its_own_ports_and_files(tier: Tier) -> None:
+    nodes = await tier.management.cluster_nodes()
+    assert sorted(nodes) == sorted(n.name for n in tier.cluster.nodes)
+    assert all(nodes.values())
+    for node in tier.cluster.nodes:
+        assert {5672, 1883, 8883, 15672} & {
+            node.amqp_port,
+            node.mqtts_port,
+            node.management_port,
+        } == set()
+        files = tier.cluster.files[node.name]
+        cookie = files.home / ".erlang.cookie"
+        assert stat.S_IMODE(cookie.stat().st_mode) == 0o400
+        assert b"ENCRYPTED PRIVATE KEY" in files.server_key.read_bytes()
+        assert stat.S_IMODE(files.advanced.stat().st_mode) == 0o600
+        assert len(list(files.crl_dir.iterdir())) == 3
+
+
+@IN_CLUSTER_LOOP
+async def test_register_then_operate_with_the_payload_key(tier: Tier) -> None:
+    """Registration over MQTT on node 1 and node 2 (requests consumed over AMQP from the
+    quorum queue by two registrar instances); telemetry sealed with the payload key."""
+    devices = [await registered(tier, f"reg-{i}", node=i % 2) for i in range(6)]
+    assert all(isinstance(d.registered, Registered) for d in devices)
+    assert sum(s.answered for s in tier.sources) >= 6
+    device = devices[0]
+    async with amqp_tap(tier, mqtt_to_amqp(f"devices/{device.device_id.value}/#")) as tap:
+        async with device.operational(tier.endpoint(2)) as session:
+            await session.publish_telemetry(b'{"t": 21.5}')
+        topic, envelope = await asyncio.wait_for(tap.get(), 5)
+    assert topic == f"devices/{device.device_id.value}/telemetry"
+    assert open_payload(tier.pki.payload_key, topic, envelope) == b'{"t": 21.5}'
+
+
+@IN_CLUSTER_LOOP
+async def test_unregistered_device_gets_only_its_registration_pair(tier: Tier) -> None:
+    fresh = DeviceClient(tier.pki.factory_device("fresh-1").credentials(), SoftwareKeys())
+    async with amqp_tap(tier, "devices.#") as tap:
+        async with mqtt(tier, 0, fresh, idevid=True) as client:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish("devices/fresh-1/t", b"too early", qos=1, timeout=2)
+        await asyncio.sleep(0.3)
+        assert tap.empty()
+
+
+@IN_CLUSTER_LOOP
+async def test_a_device_cannot_read_or_write_foreign_topics(tier: Tier) -> None:
+    dev_a, dev_b = await registered(tier, "dev-a"), await registered(tier, "dev-b", node=1)
+    async with (
+        mqtt(tier, 0, dev_a) as a,
+        mqtt(tier, 1, dev_b) as b,
+        amqp_tap(tier, "#") as tap,
+    ):
+        for topic_filter in FOREIGN_FILTERS:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await a.subscribe(topic_filter, qos=1, timeout=2)
+    # A refused SUBSCRIBE may cost dev-a its connection: judge delivery on a fresh one.
+    async with (
+        mqtt(tier, 0, dev_a) as a,
+        mqtt(tier, 1, dev_b) as b,
+        amqp_tap(tier, "#") as tap,
+    ):
+        await a.subscribe("devices/dev-a/own", qos=1)
+        await b.publish("devices/dev-b/t", b"b", qos=1)
+        got_a = await collect(a, 0.5)
+        assert got_a == []
+        for topic in FOREIGN_TOPICS:
+            async with mqtt(tier, 0, dev_a) as escape:
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await escape.publish(topic, b"from-a", qos=1, timeout=2)
+        await a.publish("devices/dev-a/own", b"mine", qos=1)
+        assert await collect(a, 0.5) == [("devices/dev-a/own", b"mine")]
+        seen = []
+        while not tap.empty():
+            seen.append(tap.get_nowait())
+        assert [m for m in seen if m[1] == b"from-a"] == []
+        assert ("devices/dev-a/own", b"mine") in seen and ("devices/dev-b/t", b"b") in seen
+
+
+@IN_CLUSTER_LOOP
+async def test_client_id_takeover_and_clones_are_refused(tier: Tier) -> None:
+    dev_a, dev_b = await registered(tier, "dev-a"), await registered(tier, "dev-b", node=1)
+    async with mqtt(tier, 1, dev_b) as b:
+        await b.subscribe("devices/dev-b/#", qos=1)
+        with pytest.raises(aiomqtt.MqttError):  # dev-a's certificate, dev-b's client id
+            async with mqtt(tier, 0, dev_a, identifier="dev-b"):
+                pass
+        with pytest.raises(aiomqtt.MqttError):  # the same certificate again: a clone
+            async with mqtt(tier, 2, dev_b):
+                pass
+        assert "dev-b" in tier.backend.clone_signals
+        with pytest.raises(aiomqtt.MqttError):  # a password instead of the certificate
+            endpoint = tier.endpoint(0)
+            async with aiomqtt.Client(
+                endpoint.host,
+                endpoint.port,
+                identifier="dev-b",
+                username="dev-b",
+                password="",
+                protocol=V311,
+                tls_context=dev_a.operational_context(),
+                timeout=5,
+            ):
+                pass
+        await b.publish("devices/dev-b/cmd", b"still-there", qos=1)
+        assert await collect(b, 0.5) == [("devices/dev-b/cmd", b"still-there")]
+
+
+@IN_CLUSTER_LOOP
+async def test_revocation_cuts_the_device_on_any_node_and_nobody_else(tier: Tier) -> None:
+    victim, bystander = await registered(tier, "rev-a"), await registered(tier, "rev-b")
+    async with mqtt(tier, 2, victim) as v, mqtt(tier, 1, bystander) as b:
+        await v.subscribe("devices/rev-a/#", qos=1)
+        await b.subscribe("devices/rev-b/#", qos=1)
+        started = time.monotonic()
+        assert victim.registered is not None
+        await tier.store.mark_revoked(victim.device_id, at=int(time.time()))
+        serial = CertSerial(victim.registered.ldevid.serial_number)
+        site_crl = build_crl(
+            tier.pki.site_ca,
+            tier.pki.site_key,
+            revoked=[RevokedEntry(serial, tier.pki.now)],
+            crl_number=2,
+            this_update=tier.pki.now - timedelta(minutes=5),
+            next_update=tier.pki.now + timedelta(days=7),
+        )
+        crls = (*tier.pki.crls[:2], site_crl)
+        tier.tier.crl_file.write_bytes(_site_tls(tier.pki, crls).crls_pem)
+        await tier.tier.reload_crls()
+        assert await tier.tier.disconnect("rev-a") == 1
+        with pytest.raises(aiomqtt.MqttError):
+            await asyncio.wait_for(v.publish("devices/rev-a/x", b"x", qos=1), 5)
+            async for _ in v.messages:
+                pass
+        assert time.monotonic() - started < 5
+        with pytest.raises(aiomqtt.MqttError):
+            async with mqtt(tier, 0, victim):
+                pass
+        await b.publish("devices/rev-b/x", b"alive", qos=1)
+        assert await collect(b, 0.5) == [("devices/rev-b/x", b"alive")]
