@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -31,6 +31,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from registrar.broker.rabbitmq import REGISTRATION_QUEUE, amqp_to_mqtt, mqtt_to_amqp
+from registrar.broker.rabbitmq_auth import LiveSessions
 from registrar.errors import BrokerError
 from registrar.service import device_id_from_request_topic
 from trustcore.identity import DeviceId
@@ -181,3 +182,100 @@ async def _closed(connection: aio_pika.abc.AbstractConnection, channel: Abstract
     connection.close_callbacks.add(closed)
     channel.close_callbacks.add(closed)
     await done
+
+
+class ConnectionEvents:
+    """Feeds a :class:`~registrar.broker.rabbitmq_auth.LiveSessions` table from the
+    cluster's ``amq.rabbitmq.event`` exchange, and drops the sessions of nodes the
+    management API reports down (a killed node sends no ``connection.closed``).
+
+    Each registrar instance has its own exclusive queue, so each has the whole picture.
+    After a reconnect the table is rebuilt from scratch (events may have been missed)."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[AmqpEndpoint],
+        sessions: LiveSessions,
+        nodes: Callable[[], Awaitable[dict[str, bool]]],
+        *,
+        poll_interval: float = 1.0,
+        reconnect_delay: float = 0.5,
+    ) -> None:
+        if not endpoints:
+            raise BrokerError("no AMQP endpoint")
+        self._endpoints = tuple(endpoints)
+        self._sessions = sessions
+        self._nodes = nodes
+        self._poll_interval = poll_interval
+        self._reconnect_delay = reconnect_delay
+        self.connected = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        poller = asyncio.create_task(self._poll_nodes(stop))
+        index = 0
+        try:
+            while not stop.is_set():
+                endpoint = self._endpoints[index % len(self._endpoints)]
+                index += 1
+                try:
+                    await self._follow(endpoint, stop)
+                except (aiormq.AMQPError, aio_pika.exceptions.AMQPException, OSError) as exc:
+                    if stop.is_set():
+                        break
+                    log.warning("connection events from %s lost (%s)", endpoint.host, exc)
+                finally:
+                    self.connected.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._reconnect_delay)
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+
+    async def _follow(self, endpoint: AmqpEndpoint, stop: asyncio.Event) -> None:
+        connection = await aio_pika.connect(endpoint.url(), timeout=5)
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            for key in ("connection.created", "connection.closed"):
+                await queue.bind("amq.rabbitmq.event", routing_key=key)
+
+            async def on_event(message: AbstractIncomingMessage) -> None:
+                self._apply(message.routing_key or "", message.headers)
+                await message.ack()
+
+            await queue.consume(on_event)
+            self.connected.set()
+            closed = asyncio.ensure_future(_closed(connection, channel))
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({closed, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+                stopper.cancel()
+            if not stop.is_set():
+                raise BrokerError("the event connection closed")
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    def _apply(self, kind: str, headers: Mapping[str, object]) -> None:
+        def text(key: str) -> str:
+            value = headers.get(key)
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+        if kind == "connection.created":
+            self._sessions.created(text("node"), text("name"), text("user"))
+        elif kind == "connection.closed":
+            self._sessions.closed(text("node"), text("name"))
+
+    async def _poll_nodes(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                for node, running in (await self._nodes()).items():
+                    if not running:
+                        self._sessions.node_down(node)
+            except BrokerError as exc:
+                log.warning("cannot read the cluster's nodes: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._poll_interval)

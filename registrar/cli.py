@@ -504,9 +504,7 @@ def status_command(home: Path, store: str | None, as_json: bool) -> None:
     for alert in (running or {}).get("alerts", []):
         console.print(f"[bold red]ALERT[/] {alert}")
     if payload_keys:
-        keys = Table(
-            title=f"payload keys (grace {_duration(site.config.payload_key_grace_s)})"
-        )
+        keys = Table(title=f"payload keys (grace {_duration(site.config.payload_key_grace_s)})")
         keys.add_column("key id", no_wrap=True)
         for col in ("state", "superseded", "retires", "devices on it", "refused"):
             keys.add_column(col)
@@ -961,9 +959,7 @@ def send_command_command(home: Path, device_id: str, message: str) -> None:
 @_passphrase_option
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
 @_store_option
-def report_command(
-    home: Path, passphrase_file: Path | None, out: Path, store: str | None
-) -> None:
+def report_command(home: Path, passphrase_file: Path | None, out: Path, store: str | None) -> None:
     """Write the next signed site report for HQ (`hq ingest-report`): every factory
     certificate seen, with the certificate as evidence, and every registration."""
     from registrar.report import write_site_report

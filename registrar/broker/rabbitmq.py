@@ -54,8 +54,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from registrar.errors import BrokerError, ConfigError
 
-#: Plugins a node needs: MQTT, the management API (for the live cut) and the HTTP backend.
-PLUGINS = ("rabbitmq_management", "rabbitmq_mqtt", "rabbitmq_auth_backend_http")
+#: Plugins a node needs: MQTT, the management API (for the live cut), the HTTP backend and
+#: the event exchange (connection events: the registrar's table of live sessions).
+PLUGINS = (
+    "rabbitmq_management",
+    "rabbitmq_mqtt",
+    "rabbitmq_auth_backend_http",
+    "rabbitmq_event_exchange",
+)
 #: Name of the quorum queue registration requests are consumed from.
 REGISTRATION_QUEUE = "devtrust.registration.requests"
 

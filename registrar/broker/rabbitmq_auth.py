@@ -13,7 +13,8 @@ module decides everything, live, from the registry (a revocation needs no broker
   with its administrator, and a rogue station CA could mint that CN).
 * **vhost** (``/vhost``): the site vhost only; the MQTT client id must equal the
   certificate identity (otherwise a device could take over another's session), and a
-  second live connection of an identity is refused (a clone signal, reported).
+  second live connection of an identity is refused (a clone signal, reported; the live
+  connections come from the cluster's connection events, :class:`LiveSessions`).
 * **resource** (``/resource``): a device may use its own MQTT subscription queues
   (``mqtt-subscription-<id>qos0|1``) and read/write ``amq.topic``; nothing else.
 * **topic** (``/topic``): routing keys are MQTT topics with ``/`` → ``.`` (and ``.`` →
@@ -62,10 +63,32 @@ class DeviceDirectory(Protocol):
     async def device(self, device_id: DeviceId) -> DeviceRecord | None: ...
 
 
-class LiveConnections(Protocol):
-    """How many connections an identity has right now (the management API)."""
+class LiveSessions:
+    """Identity → its live connections, as the cluster's connection events report them.
 
-    async def connections(self, identity: str) -> list[dict[str, object]]: ...
+    Why not ask the management API during the vhost check: the node's HTTP client is then
+    busy waiting for this backend, and the management API needs this same backend to
+    authenticate the request: measured, the two wait for each other until a timeout.
+    So the table is fed from ``amq.rabbitmq.event`` (``connection.created``/``closed``,
+    see :class:`registrar.channel_amqp.ConnectionEvents`); a node that went down takes its
+    connections with it (:meth:`node_down`), since a dead node sends no ``closed``.
+    """
+
+    def __init__(self) -> None:
+        self._users: dict[tuple[str, str], str] = {}  # (node, connection name) -> user
+
+    def created(self, node: str, name: str, user: str) -> None:
+        self._users[(node, name)] = user
+
+    def closed(self, node: str, name: str) -> None:
+        self._users.pop((node, name), None)
+
+    def node_down(self, node: str) -> None:
+        for key in [k for k in self._users if k[0] == node]:
+            del self._users[key]
+
+    def count(self, identity: str) -> int:
+        return sum(1 for user in self._users.values() if user == identity)
 
 
 class Standing:
@@ -185,7 +208,7 @@ class AuthBackend:
         policy: AuthPolicy,
         *,
         blocked: set[str] | None = None,
-        live: LiveConnections | None = None,
+        live: LiveSessions | None = None,
         on_clone: Callable[[str], Awaitable[None] | None] | None = None,
     ) -> None:
         self._directory = directory
@@ -199,8 +222,9 @@ class AuthBackend:
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
-    def use_live_connections(self, live: LiveConnections) -> None:
-        self._live = live
+    @property
+    def live(self) -> LiveSessions | None:
+        return self._live
 
     @property
     def port(self) -> int:
@@ -234,7 +258,7 @@ class AuthBackend:
                 and username != ADMIN_USER
                 and params.get("client_id") == username
             ):
-                live = await self._live_count(username)
+                live = self._live_count(username)
             verdict = decide(kind, params, self._policy, standing, live)
             if kind == "vhost" and live and username != ADMIN_USER:
                 self.clone_signals.append(username)
@@ -243,6 +267,9 @@ class AuthBackend:
                     result = self._on_clone(username)
                     if result is not None:
                         await result
+            log.debug(
+                "%s %s -> %s", kind, {k: v for k, v in params.items() if k != "password"}, verdict
+            )
             if verdict == DENY and kind in ("user", "vhost"):
                 log.info("refused %s for %r", kind, username[:80])
             return verdict
@@ -250,10 +277,10 @@ class AuthBackend:
             log.exception("auth backend error (%s): deny", kind)
             return DENY
 
-    async def _live_count(self, identity: str) -> int:
+    def _live_count(self, identity: str) -> int:
         if self._live is None:
-            raise BrokerError("no live-connection source: cannot check for clones")
-        return len(await self._live.connections(identity))
+            raise BrokerError("no live-session table: cannot check for clones")
+        return self._live.count(identity)
 
     async def _handle(self, request: web.Request) -> web.Response:
         kind = request.match_info.get("kind", "")
