@@ -342,6 +342,60 @@ def run_command(
     click.echo("registrar stopped")
 
 
+# ------------------------------------------------------------------------- broker-config
+
+
+@main.command("broker-config")
+@click.argument("kind", type=click.Choice(["rabbitmq"]))
+@_home_option
+@_passphrase_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory for one sub-directory per node (created 0700).",
+)
+@click.option(
+    "--node",
+    "nodes",
+    multiple=True,
+    required=True,
+    metavar="NAME@HOST,IP,AMQP,MQTTS,MANAGEMENT,DIST",
+    help="One cluster node (repeat for each).",
+)
+@click.option("--auth-url", required=True, help="The registrar's HTTP auth backend URL.")
+def broker_config_command(
+    kind: str,
+    home: Path,
+    passphrase_file: Path | None,
+    out: Path,
+    nodes: tuple[str, ...],
+    auth_url: str,
+) -> None:
+    """Render a RabbitMQ cluster's per-node configuration from the site (see docs/broker.md)."""
+    from registrar.broker import BrokerTls
+    from registrar.broker.rabbitmq import RabbitMQConfig, parse_node, render_cluster, site_tls
+    from registrar.site import SiteSecrets
+
+    site = _open_site(home)
+    try:
+        config = RabbitMQConfig(nodes=tuple(parse_node(n) for n in nodes), auth_url=auth_url)
+        current = site.current
+        tls = BrokerTls(
+            server_cert=current / "broker.pem",
+            server_key=site.key_path("broker"),
+            server_key_passphrase=SiteSecrets(passphrase_file).passphrase(),
+            registration_cas=current / "registration-cas.pem",
+            operational_cas=current / "operational-cas.pem",
+            crl_file=current / "crls.pem",
+        )
+        files = render_cluster(out, config, site_tls(tls))
+    except RegistrarError as exc:
+        _fail(exc)
+    for name, node_files in files.items():
+        click.echo(f"{kind} node {name}: {node_files.directory}")
+
+
 # -------------------------------------------------------------------------------- status
 
 

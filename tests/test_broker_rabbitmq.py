@@ -24,6 +24,7 @@ import aio_pika
 import aiomqtt
 import pytest
 import pytest_asyncio
+from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from bench.site_fixture import FactoryDevice, SitePki, build_site_pki
@@ -50,10 +51,13 @@ from registrar.broker.rabbitmq_auth import (
     decide,
 )
 from registrar.channel_amqp import AmqpEndpoint, AmqpRequestSource, ConnectionEvents
+from registrar.cli import main as registrar_main
 from registrar.errors import ConfigError
 from registrar.service import RegistrationService
+from registrar.site import commission_site
 from registrar.store import Store
 from tests.fixtures.rabbitmq import RabbitCluster, start_cluster, stray_beams
+from tests.test_site_bundle import STATION, make_world
 from trustcore.crl import RevokedEntry, build_crl
 from trustcore.identity import CertSerial
 from trustcore.payload import open_payload
@@ -113,6 +117,33 @@ def test_topic_mapping_round_trips() -> None:
     for topic in ("devices/dev.1/t", "devtrust/register/+/request", "a/#"):
         assert amqp_to_mqtt(mqtt_to_amqp(topic)) == topic
     assert mqtt_to_amqp("devices/dev.1/+") == "devices.dev/1.*"
+
+
+def test_broker_config_command_renders_every_node_from_the_site(tmp_path: Path) -> None:
+    world = make_world(tmp_path / "w")
+    bundle = world.bundle(devices=("TH-000001",), admit_stations=(STATION,))
+    commission_site(world.site, bundle, world.site_secrets)
+    assert world.site_secrets.passphrase_file is not None
+    common = ["broker-config", "rabbitmq", "--home", str(world.site.path)]
+    common += ["--passphrase-file", str(world.site_secrets.passphrase_file)]
+    nodes = ["--node", "r-1@localhost,127.0.0.1,30001,30002,30003,30004"]
+    nodes += ["--node", "r-2@localhost,127.0.0.1,30011,30012,30013,30014"]
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(
+        registrar_main, [*common, *nodes, "--out", str(out), "--auth-url", "http://127.0.0.1:9/a"]
+    )
+    assert result.exit_code == 0, result.output
+    for short in ("r-1", "r-2"):
+        files = NodeFiles(out / short)
+        assert "cluster_formation.classic_config.nodes.2 = r-2@localhost" in files.conf.read_text()
+        assert b"ENCRYPTED PRIVATE KEY" in files.server_key.read_bytes()
+        assert len(list(files.crl_dir.iterdir())) >= 2
+        assert stat.S_IMODE(files.directory.stat().st_mode) == 0o700
+    bad = runner.invoke(
+        registrar_main, [*common, "--node", "r-1@localhost,x", "--out", str(out), "--auth-url", "u"]
+    )
+    assert bad.exit_code != 0 and "bad node" in bad.output and "Traceback" not in bad.output
 
 
 POLICY = AuthPolicy(ADMIN_PASSWORD)

@@ -52,6 +52,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from registrar.broker import BrokerTls
 from registrar.errors import BrokerError, ConfigError
 
 #: Plugins a node needs: MQTT, the management API (for the live cut), the HTTP backend and
@@ -322,6 +323,50 @@ class SiteTls:
     server_key: ec.EllipticCurvePrivateKey = field(repr=False)
     ca_bundle_pem: bytes  # manufacturer root, station CAs, site CA(s)
     crls_pem: bytes  # one CRL per issuing CA
+
+
+def site_tls(tls: BrokerTls) -> SiteTls:
+    """The node material from the site's broker files (the same files Mosquitto gets): the
+    encrypted broker key is decrypted into memory only; one CA bundle for both
+    hierarchies (RabbitMQ 3.10 has one ``ssl_options`` for all MQTT TLS listeners)."""
+    try:
+        key = serialization.load_pem_private_key(
+            tls.server_key.read_bytes(), password=tls.server_key_passphrase
+        )
+        bundle = tls.registration_cas.read_bytes() + tls.operational_cas.read_bytes()
+        chain, crls = tls.server_cert.read_bytes(), tls.crl_file.read_bytes()
+    except (OSError, ValueError, TypeError) as exc:
+        raise BrokerError(f"cannot read the site's broker files: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError("the broker key must be an EC private key")
+    return SiteTls(server_chain_pem=chain, server_key=key, ca_bundle_pem=bundle, crls_pem=crls)
+
+
+def parse_node(spec: str) -> RabbitNode:
+    """``NAME@HOST,IP,AMQP,MQTTS,MANAGEMENT,DIST`` (the CLI's ``--node``)."""
+    parts = spec.split(",")
+    try:
+        if len(parts) != 6:
+            raise ValueError("six fields")
+        amqp, mqtts, management, dist = (int(p) for p in parts[2:])
+    except ValueError as exc:
+        raise ConfigError(
+            f"bad node {spec!r}: expected NAME@HOST,IP,AMQP,MQTTS,MANAGEMENT,DIST"
+        ) from exc
+    return RabbitNode(parts[0], parts[1], amqp, mqtts, management, dist)
+
+
+def render_cluster(
+    out: Path, config: RabbitMQConfig, tls: SiteTls, cookie: str | None = None
+) -> dict[str, NodeFiles]:
+    """``registrar broker-config rabbitmq``: every node's directory under ``out``."""
+    cookie = cookie or secrets.token_hex(24)
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o700)
+    files = {n.name: NodeFiles(out / n.short) for n in config.nodes}
+    for node in config.nodes:
+        write_node_files(files[node.name], config, node, tls, cookie)
+    return files
 
 
 def write_node_files(
