@@ -41,6 +41,7 @@ from registrar.broker.rabbitmq import (
     mqtt_to_amqp,
     render_advanced_config,
     render_rabbitmq_conf,
+    write_crl_hash_dir,
 )
 from registrar.broker.rabbitmq_auth import (
     ADMIN_USER,
@@ -52,7 +53,7 @@ from registrar.broker.rabbitmq_auth import (
 )
 from registrar.channel_amqp import AmqpEndpoint, AmqpRequestSource, ConnectionEvents
 from registrar.cli import main as registrar_main
-from registrar.errors import ConfigError
+from registrar.errors import BrokerError, ConfigError
 from registrar.service import RegistrationService
 from registrar.site import commission_site
 from registrar.store import Store
@@ -144,6 +145,32 @@ def test_broker_config_command_renders_every_node_from_the_site(tmp_path: Path) 
         registrar_main, [*common, "--node", "r-1@localhost,x", "--out", str(out), "--auth-url", "u"]
     )
     assert bad.exit_code != 0 and "bad node" in bad.output and "Traceback" not in bad.output
+
+
+def test_live_sessions_follow_events_and_forget_a_dead_node() -> None:
+    live = LiveSessions()
+    live.created("n1", "c1", "dev-a")
+    live.created("n3", "c2", "dev-a")
+    live.created("n3", "c3", "dev-b")
+    assert (live.count("dev-a"), live.count("dev-b")) == (2, 1)
+    live.closed("n1", "c1")
+    live.closed("n1", "never-seen")
+    live.node_down("n3")
+    assert (live.count("dev-a"), live.count("dev-b")) == (0, 0)
+
+
+def test_crl_hash_dir_is_replaced_whole_and_refuses_junk(tmp_path: Path) -> None:
+    pki = build_site_pki()
+    bundle = _site_tls(pki).crls_pem
+    (tmp_path / "stale.r0").write_bytes(b"old")
+    assert write_crl_hash_dir(tmp_path, bundle) == 3
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3 and all(n.endswith(".r0") and len(n) == 11 for n in names)
+    with pytest.raises(BrokerError):
+        write_crl_hash_dir(tmp_path, b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n")
+    with pytest.raises(BrokerError):
+        write_crl_hash_dir(tmp_path, b"not a crl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # unchanged
 
 
 POLICY = AuthPolicy(ADMIN_PASSWORD)
@@ -569,6 +596,47 @@ async def test_revocation_cuts_the_device_on_any_node_and_nobody_else(tier: Tier
                 pass
         await b.publish("devices/rev-b/x", b"alive", qos=1)
         assert await collect(b, 0.5) == [("devices/rev-b/x", b"alive")]
+
+
+@IN_CLUSTER_LOOP
+async def test_block_refuses_a_still_valid_certificate_and_cuts_it(tier: Tier) -> None:
+    blocked, other = await registered(tier, "blk-a"), await registered(tier, "blk-b")
+    async with mqtt(tier, 1, blocked) as session, mqtt(tier, 0, other) as bystander:
+        await session.subscribe("devices/blk-a/#", qos=1)
+        await tier.tier.block("blk-a")
+        assert await collect(session, 3) == []  # the session was closed
+        await bystander.publish("devices/blk-b/x", b"ok", qos=1)
+    await gone(tier, "blk-a")
+    with pytest.raises(aiomqtt.MqttError):
+        async with mqtt(tier, 0, blocked):
+            pass
+
+
+@IN_CLUSTER_LOOP
+async def test_an_expired_crl_refuses_every_certificate_of_its_issuer(tier: Tier) -> None:
+    """Fail closed: a site CRL past nextUpdate refuses every LDevID at the handshake."""
+    device = await registered(tier, "crl-a")
+    good = tier.tier.crl_file.read_bytes()
+    expired = build_crl(
+        tier.pki.site_ca,
+        tier.pki.site_key,
+        revoked=[],
+        crl_number=100,
+        this_update=tier.pki.now - timedelta(days=8),
+        next_update=tier.pki.now - timedelta(days=1),
+    )
+    try:
+        tier.tier.crl_file.write_bytes(_site_tls(tier.pki, (*tier.pki.crls[:2], expired)).crls_pem)
+        await tier.tier.reload_crls()
+        with pytest.raises(aiomqtt.MqttError):
+            async with mqtt(tier, 0, device):
+                pass
+    finally:
+        tier.tier.crl_file.write_bytes(good)
+        await tier.tier.reload_crls()
+    await gone(tier, "crl-a")
+    async with mqtt(tier, 0, device):  # the fresh CRL is read at the next handshake
+        pass
 
 
 @dataclass
