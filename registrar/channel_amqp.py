@@ -6,7 +6,11 @@ Devices stay plain MQTT 3.1.1 clients: a request published on
 queue** bound to that pattern; every registrar instance consumes from it (competing
 consumers: each request goes to one instance; the queue is replicated on every node, so a
 node failure loses nothing). The answer is published back through ``amq.topic`` with the
-response topic's routing key, where the device's MQTT subscription picks it up.
+response topic's routing key, where the device's MQTT subscription picks it up. LDevID
+renewals (``devices/<id>/renewal/request``, answered on ``devices/<id>/renewal/response``)
+go through the same queue when a ``renew`` handler is given, and :meth:`publish` sends
+anything else the registrar has for devices (commands): the shape of the registrar's
+request-source seam, so ``registrar run`` can use this source beside its MQTT channel.
 
 Delivery is at-least-once: a request is acknowledged only after its response has been
 confirmed by the broker (publisher confirms). If an instance dies in between, the request
@@ -33,15 +37,27 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from registrar.broker.rabbitmq import REGISTRATION_QUEUE, amqp_to_mqtt, mqtt_to_amqp
 from registrar.broker.rabbitmq_auth import LiveSessions
 from registrar.errors import BrokerError
-from registrar.service import device_id_from_request_topic
+from registrar.service import (
+    RENEWAL_LEVEL,
+    RENEWAL_REQUEST_LEVEL,
+    device_id_from_renewal_topic,
+    device_id_from_request_topic,
+)
 from trustcore.identity import DeviceId
-from trustcore.topics import REGISTRATION_PREFIX, registration_response_topic
+from trustcore.topics import (
+    DEVICE_PREFIX,
+    REGISTRATION_PREFIX,
+    device_topic,
+    registration_response_topic,
+)
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[DeviceId, bytes], Awaitable[bytes]]
 #: The binding: every device's registration request (``*`` is one MQTT level).
 REQUEST_BINDING = mqtt_to_amqp(f"{REGISTRATION_PREFIX}/+/request")
+#: Every device's LDevID renewal request (answered on ``devices/<id>/renewal/response``).
+RENEWAL_BINDING = mqtt_to_amqp(f"{DEVICE_PREFIX}/+/{RENEWAL_REQUEST_LEVEL}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,7 @@ class AmqpRequestSource:
         self,
         endpoints: Sequence[AmqpEndpoint],
         handle: Handler,
+        renew: Handler | None = None,
         *,
         prefetch: int = 128,
         reconnect_delay: float = 0.5,
@@ -76,6 +93,8 @@ class AmqpRequestSource:
             raise BrokerError(f"bad prefetch {prefetch}")
         self._endpoints = tuple(endpoints)
         self._handle = handle
+        self._renew = renew
+        self._exchange: AbstractExchange | None = None
         self._prefetch = prefetch
         self._reconnect_delay = reconnect_delay
         self._on_answered = on_answered
@@ -103,6 +122,7 @@ class AmqpRequestSource:
             finally:
                 self.connected.clear()
                 self.endpoint = None
+                self._exchange = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._reconnect_delay)
 
@@ -115,7 +135,10 @@ class AmqpRequestSource:
                 REGISTRATION_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
             )
             await queue.bind("amq.topic", routing_key=REQUEST_BINDING)
+            if self._renew is not None:
+                await queue.bind("amq.topic", routing_key=RENEWAL_BINDING)
             exchange = await channel.get_exchange("amq.topic", ensure=False)
+            self._exchange = exchange
             tasks: set[asyncio.Task[None]] = set()
 
             async def on_message(message: AbstractIncomingMessage) -> None:
@@ -144,22 +167,34 @@ class AmqpRequestSource:
             with contextlib.suppress(Exception):
                 await connection.close()
 
+    def _route(self, routing_key: str) -> tuple[DeviceId, Handler, str] | None:
+        """(device, handler, answer topic) for a request's routing key; None: not ours."""
+        topic = amqp_to_mqtt(routing_key)
+        device = device_id_from_request_topic(topic)
+        if device is not None:
+            return device, self._handle, registration_response_topic(device)
+        device = device_id_from_renewal_topic(topic)
+        if device is not None and self._renew is not None:
+            return device, self._renew, device_topic(device, RENEWAL_LEVEL, "response")
+        return None
+
     async def _answer(self, exchange: AbstractExchange, message: AbstractIncomingMessage) -> None:
-        device = device_id_from_request_topic(amqp_to_mqtt(message.routing_key or ""))
-        if device is None:
+        route = self._route(message.routing_key or "")
+        if route is None:
             log.warning("dropped a request on %r", (message.routing_key or "")[:200])
             await message.reject(requeue=False)
             return
+        device, handler, answer_topic = route
         try:
-            response = await self._handle(device, message.body)
+            response = await handler(device, message.body)
         except Exception:
-            log.exception("registration of %s failed unexpectedly", device)
+            log.exception("request of %s on %s failed unexpectedly", device, answer_topic)
             await message.reject(requeue=False)
             return
         try:
             await exchange.publish(
                 aio_pika.Message(response, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                routing_key=mqtt_to_amqp(registration_response_topic(device)),
+                routing_key=mqtt_to_amqp(answer_topic),
             )
             await message.ack()
         except (aio_pika.exceptions.AMQPException, aiormq.AMQPError, OSError) as exc:
@@ -169,6 +204,39 @@ class AmqpRequestSource:
         self.answered += 1
         if self._on_answered is not None:
             self._on_answered(device)
+
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
+    ) -> None:
+        """Publish to MQTT subscribers through ``amq.topic`` (confirmed by the broker).
+
+        ``retain`` is refused: RabbitMQ 3.10 keeps retained messages only for MQTT
+        publishers, so an AMQP publish can never be retained (use an MQTT session)."""
+        if retain:
+            raise BrokerError("retained messages cannot be published over AMQP")
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            exchange = self._exchange
+            if exchange is not None and self.connected.is_set():
+                try:
+                    await asyncio.wait_for(
+                        exchange.publish(
+                            aio_pika.Message(
+                                payload, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+                            ),
+                            routing_key=mqtt_to_amqp(topic),
+                        ),
+                        max(0.1, deadline - asyncio.get_running_loop().time()),
+                    )
+                    return
+                except (aio_pika.exceptions.AMQPException, aiormq.AMQPError, OSError) as exc:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise BrokerError(f"cannot publish on {topic}: {exc}") from exc
+                except TimeoutError as exc:
+                    raise BrokerError(f"cannot publish on {topic}: timed out") from exc
+            elif asyncio.get_running_loop().time() > deadline:
+                raise BrokerError("the registrar's AMQP session is not connected")
+            await asyncio.sleep(0.05)
 
 
 async def _closed(connection: aio_pika.abc.AbstractConnection, channel: AbstractChannel) -> None:

@@ -61,7 +61,8 @@ from tests.fixtures.rabbitmq import RabbitCluster, start_cluster, stray_beams
 from tests.test_site_bundle import STATION, make_world
 from trustcore.crl import RevokedEntry, build_crl
 from trustcore.identity import CertSerial
-from trustcore.payload import open_payload
+from trustcore.payload import open_payload, seal_payload
+from trustcore.renewal import LdevidPolicy
 
 pytestmark = [pytest.mark.slow]
 #: The cluster, its auth backend and the registrar instances live in the module's loop.
@@ -313,6 +314,7 @@ async def tier(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tier]:
         admission=pki.admission(),
         site=pki.site_authority(),
         payload_key=pki.payload_key,
+        policy=LdevidPolicy(min_interval=timedelta(0)),  # renew at once in the test
     )
     stack = contextlib.AsyncExitStack()
     async with stack:
@@ -347,7 +349,11 @@ async def tier(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tier]:
         stop = asyncio.Event()
         # Two registrar instances (competing consumers), each on its own node.
         sources = [
-            AmqpRequestSource([cluster_amqp(cluster, i), cluster_amqp(cluster, 2)], service.handle)
+            AmqpRequestSource(
+                [cluster_amqp(cluster, i), cluster_amqp(cluster, 2)],
+                service.handle,
+                renew=service.handle_renewal,
+            )
             for i in (0, 1)
         ]
         runners = [asyncio.create_task(s.run(stop)) for s in (*sources, events)]
@@ -474,6 +480,22 @@ async def test_register_then_operate_with_the_payload_key(tier: Tier) -> None:
         topic, envelope = await asyncio.wait_for(tap.get(), 5)
     assert topic == f"devices/{device.device_id.value}/telemetry"
     assert open_payload(tier.pki.payload_key, topic, envelope) == b'{"t": 21.5}'
+
+
+@IN_CLUSTER_LOOP
+async def test_renewal_and_commands_go_through_the_amqp_source(tier: Tier) -> None:
+    device = await registered(tier, "ren-a")
+    assert device.registered is not None
+    old = device.registered.ldevid.serial_number
+    renewed = await device.renew(tier.endpoint(1), timeout=10)
+    assert renewed.ldevid.serial_number != old
+    await gone(tier, "ren-a")
+    async with device.operational(tier.endpoint(2)) as session:  # on the new LDevID
+        topic = "devices/ren-a/cmd"
+        with pytest.raises(BrokerError):  # RabbitMQ cannot retain what AMQP publishes
+            await tier.sources[0].publish(topic, b"x", retain=True)
+        await tier.sources[1].publish(topic, seal_payload(tier.pki.payload_key, topic, b"on"))
+        assert await asyncio.wait_for(session.commands.get(), 5) == b"on"
 
 
 @IN_CLUSTER_LOOP
