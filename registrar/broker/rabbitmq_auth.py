@@ -239,7 +239,8 @@ class AuthBackend:
         record = await self._directory.device(device)
         if record is None:
             return Standing.UNKNOWN
-        return Standing.REFUSED if record.status == "revoked" else Standing.REGISTERED
+        # Fail closed: only the one status that means "in good standing" is trusted.
+        return Standing.REGISTERED if record.status == "registered" else Standing.REFUSED
 
     async def _standing_for(self, kind: str, params: Mapping[str, str], username: str) -> str:
         """The registry is read only where its answer can change the decision: connect
