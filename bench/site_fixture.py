@@ -9,14 +9,15 @@
   key as the real registrar stores it, everything 0600 in a private directory) and the
   :class:`~registrar.broker.BrokerSettings` for it;
   :func:`load_site` reads it back (used by the registrar process of the benchmarks).
-* :class:`SiteRuntime` — a broker of either kind, and on it either the real registrar
-  (:class:`~registrar.service.RegistrationService` over a real SQLite file, driven by
-  :func:`~registrar.service.run_mqtt`) or a trivial echo responder (the benchmarks'
-  baseline).
-* ``python bench/site_fixture.py serve DIR --broker KIND`` — :class:`SiteRuntime` as a
-  separate process, driven by one-line commands on stdin (``registrar``, ``echo``,
-  ``stop-responder``, ``stats``, ``quit``), answering with one JSON line each. The
-  benchmarks use it so that the registrar runs in its own process, as in production.
+* :func:`build_commissioned_site` — a site home commissioned from a real HQ bundle (HQ root,
+  an enrolled and entitled station whose CA key is in software, so the bench can make
+  factory devices); :class:`RegistrarProcess` — ``registrar run`` on it, the one way
+  registrations are served (benchmarks and fleet tests use nothing else).
+* :class:`SiteRuntime` — a broker of either kind with the echo responder on it (the
+  benchmarks' baseline: the registrar's own channel answering each request with its bytes).
+* ``python bench/site_fixture.py serve DIR --broker KIND [--passphrase-file F]`` —
+  :class:`SiteRuntime` as a separate process, driven by one-line commands on stdin
+  (``echo``, ``stop-responder``, ``stats``, ``quit``), answering with one JSON line each.
 
 Nothing here is for production: keys are generated in software and the passphrase is a
 constant. Still, no private or AES key is ever written in plaintext, not even here (bench/
@@ -32,7 +33,7 @@ import contextlib
 import json
 import logging
 import os
-import socket
+import re
 import ssl
 import sys
 import time
@@ -45,16 +46,16 @@ from typing import Any, Literal
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import aiomqtt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sim.client import DeviceCredentials
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
+from registrar.channel import MqttChannel, MqttChannelSettings, SiteTraffic
 from registrar.payload_keys import PayloadKeyStore
-from registrar.service import MqttRunnerSettings, RegistrationService, SiteAuthority, run_mqtt
-from registrar.store import Store
+from registrar.service import SiteAuthority
+from registrar.site import SiteSecrets
 from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.crl import build_crl
 from trustcore.identity import DeviceId, SiteId, StationId
@@ -68,22 +69,26 @@ from trustcore.profiles import (
     issue_station_ca,
 )
 from trustcore.registration import Admission, AdmissionRule
-from trustcore.topics import REGISTRATION_PREFIX
 from trustcore.verify import ChainVerifier
 
 __all__ = [
     "MANUFACTURER",
     "SITE_OPERATOR",
+    "BenchSite",
     "BrokerKind",
     "FactoryDevice",
+    "RegistrarProcess",
     "SiteFiles",
     "SitePki",
     "SiteProcess",
     "SiteRuntime",
+    "build_commissioned_site",
     "build_site_pki",
     "client_context",
+    "commissioned_runtime",
     "load_site",
     "make_broker",
+    "process_cpu_seconds",
     "write_site",
 ]
 
@@ -414,18 +419,27 @@ def make_broker(kind: BrokerKind, settings: BrokerSettings) -> Broker:
 
 
 class SiteRuntime:
-    """A started broker and, on demand, the registrar or the echo responder on it."""
+    """A started broker and, on demand, the echo responder on it: the benchmarks' baseline,
+    served by the registrar's own channel (:class:`registrar.channel.MqttChannel`, same
+    client, subscriptions and worker pool) with a handler that answers each request with
+    its own bytes. Registrations are served by ``registrar run`` only
+    (:class:`RegistrarProcess`)."""
 
-    def __init__(self, pki: SitePki, files: SiteFiles, kind: BrokerKind) -> None:
-        self.pki = pki
-        self.files = files
+    def __init__(
+        self, broker: BrokerSettings, registrar_tls: ssl.SSLContext, kind: BrokerKind
+    ) -> None:
         self.kind = kind
-        self.broker = make_broker(kind, files.broker)
-        self.store: Store | None = None
-        self.service: RegistrationService | None = None
+        self.broker = make_broker(kind, broker)
+        self._tls = registrar_tls
         self._responder: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
         self.echoed = 0
+
+    @classmethod
+    def of_files(cls, pki: SitePki, files: SiteFiles, kind: BrokerKind) -> SiteRuntime:
+        """The broker of a site written by :func:`write_site`."""
+        tls = client_context(pki.root, files.registrar_cert.read_bytes(), pki.registrar_key)
+        return cls(files.broker, tls, kind)
 
     @property
     def registration_endpoint(self) -> Endpoint:
@@ -435,56 +449,30 @@ class SiteRuntime:
     def operational_endpoint(self) -> Endpoint:
         return self.broker.operational_endpoint
 
-    def registrar_tls(self) -> ssl.SSLContext:
-        return client_context(
-            self.pki.root, self.files.registrar_cert.read_bytes(), self.pki.registrar_key
-        )
-
-    def runner_settings(self) -> MqttRunnerSettings:
-        return MqttRunnerSettings(
-            endpoint=self.operational_endpoint,
-            tls=self.registrar_tls(),
-            protocol="5" if self.kind == "mosquitto" else "3.1.1",
-        )
-
     async def start(self) -> None:
         await self.broker.start()
-
-    async def start_registrar(self) -> RegistrationService:
-        await self.stop_responder()
-        if self.store is None:
-            self.store = await Store.open(self.files.database)
-        self.service = RegistrationService(
-            store=self.store,
-            verifier=self.pki.verifier(),
-            admission=self.pki.admission(),
-            site=self.pki.site_authority(),
-            payload_key=self.pki.payload_key,
-        )
-        await self._launch(
-            run_mqtt(
-                self.service,
-                self.runner_settings(),
-                ready=(ready := asyncio.Event()),
-                stop=self._new_stop(),
-            ),
-            ready,
-        )
-        return self.service
 
     async def start_echo(self) -> None:
         """The baseline: reply to each request with its own bytes, nothing else."""
         await self.stop_responder()
-        ready = asyncio.Event()
-        await self._launch(self._echo(self.runner_settings(), ready, self._new_stop()), ready)
 
-    def _new_stop(self) -> asyncio.Event:
+        async def echo(device: DeviceId, payload: bytes) -> bytes:
+            self.echoed += 1
+            return payload
+
+        op = self.operational_endpoint
+        channel = MqttChannel(
+            MqttChannelSettings(
+                endpoint=op,
+                protocol="5" if self.kind == "mosquitto" else "3.1.1",
+                shared_group="registrars" if self.kind == "mosquitto" else None,
+            ),
+            self._tls,
+            SiteTraffic(register=echo, renew=echo),
+        )
         self._stop = asyncio.Event()
-        return self._stop
-
-    async def _launch(self, coro: object, ready: asyncio.Event) -> None:
-        self._responder = asyncio.create_task(coro)  # type: ignore[arg-type]
-        waiter = asyncio.create_task(ready.wait())
+        self._responder = asyncio.create_task(channel.run(self._stop))
+        waiter = asyncio.create_task(channel.connected.wait())
         done, _ = await asyncio.wait(
             {waiter, self._responder}, timeout=15, return_when=asyncio.FIRST_COMPLETED
         )
@@ -492,49 +480,7 @@ class SiteRuntime:
             waiter.cancel()
             if self._responder.done():
                 self._responder.result()
-            raise RuntimeError("the responder did not subscribe in time")
-
-    async def _echo(
-        self, settings: MqttRunnerSettings, ready: asyncio.Event, stop: asyncio.Event
-    ) -> None:
-        """Same client library, same subscription and QoS as :func:`run_mqtt`."""
-        v5 = settings.protocol == "5"
-        client = aiomqtt.Client(
-            settings.endpoint.host,
-            settings.endpoint.port,
-            identifier=settings.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            tls_context=settings.tls,
-            clean_session=None if v5 else True,
-            max_queued_outgoing_messages=None,
-            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-        )
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def reply(device: str, payload: bytes) -> None:
-            await client.publish(f"{REGISTRATION_PREFIX}/{device}/response", payload, qos=1)
-            self.echoed += 1
-
-        async with client:
-            await client.subscribe(f"{REGISTRATION_PREFIX}/+/request", qos=1)
-            ready.set()
-            stopper = asyncio.create_task(stop.wait())
-            iterator = client.messages.__aiter__()
-            while True:
-                nxt = asyncio.ensure_future(iterator.__anext__())
-                done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    break
-                message = nxt.result()
-                device = str(message.topic).split("/")[2]
-                payload = message.payload
-                if isinstance(payload, bytes | bytearray):
-                    task = asyncio.create_task(reply(device, bytes(payload)))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+            raise RuntimeError("the echo responder did not subscribe in time")
 
     async def stop_responder(self) -> None:
         if self._responder is not None and self._stop is not None:
@@ -544,25 +490,15 @@ class SiteRuntime:
         self._responder = None
 
     async def stats(self) -> dict[str, object]:
-        out: dict[str, object] = {"echoed": self.echoed, "cpu_s": round(time.process_time(), 2)}
+        out: dict[str, object] = {"echoed": self.echoed, "cpu_s": round(time.process_time(), 3)}
         pid = getattr(self.broker, "pid", None)
         if isinstance(pid, int):
             with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                ticks = os.sysconf("SC_CLK_TCK")
-                out["broker_cpu_s"] = round((int(fields[11]) + int(fields[12])) / ticks, 2)
-        if self.service is not None:
-            out["service"] = dict(self.service.stats)
-        if self.store is not None:
-            out["store"] = await self.store.counts()
-            out["commits"] = self.store.commits
+                out["broker_cpu_s"] = round(process_cpu_seconds(pid), 2)
         return out
 
     async def stop(self) -> None:
         await self.stop_responder()
-        if self.store is not None:
-            await self.store.close()
-            self.store = None
         await self.broker.stop()
 
     @classmethod
@@ -570,12 +506,254 @@ class SiteRuntime:
     async def running(
         cls, pki: SitePki, files: SiteFiles, kind: BrokerKind
     ) -> AsyncIterator[SiteRuntime]:
-        site = cls(pki, files, kind)
+        site = cls.of_files(pki, files, kind)
         await site.start()
         try:
             yield site
         finally:
             await site.stop()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (``/proc/<pid>/stat``; children excluded)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------- a commissioned site home
+
+
+@dataclass(frozen=True)
+class BenchSite:
+    """A site home commissioned from a real HQ bundle (``registrar run`` serves it), and
+    the station that makes its devices (software CA key: the bench's factory line)."""
+
+    home: Path
+    passphrase_file: Path
+    root: x509.Certificate
+    station_ca: x509.Certificate
+    station_key: SoftwareKey
+    id_prefix: str
+
+    def secrets(self) -> SiteSecrets:
+        return SiteSecrets(self.passphrase_file)
+
+    def issue_idevid(
+        self, device_id: DeviceId, public_key: ec.EllipticCurvePublicKey
+    ) -> x509.Certificate:
+        """A factory certificate from the station CA (as the factory line would issue)."""
+        return issue_factory_certificate(
+            self.station_ca,
+            self.station_key.private_key(),
+            public_key,
+            device_id=device_id,
+            manufacturer=MANUFACTURER,
+            not_before=max(self.station_ca.not_valid_before_utc, datetime.now(UTC) - DAY),
+        )
+
+    def factory_device(self, device_id: DeviceId | str) -> FactoryDevice:
+        device = DeviceId(device_id) if isinstance(device_id, str) else device_id
+        key = SoftwareKey.generate()
+        idevid = self.issue_idevid(device, key.public_key())
+        return FactoryDevice(device, idevid, key, self.station_ca, self.root)
+
+    def factory_devices(
+        self, count: int, *, start: int = 0, prefix: str | None = None
+    ) -> list[FactoryDevice]:
+        """``count`` devices ``<prefix><number, 6 digits>`` (admitted: the site's prefix)."""
+        prefix = self.id_prefix if prefix is None else prefix
+        ids = (f"{prefix}{i:06d}" for i in range(start, start + count))
+        return [self.factory_device(device_id) for device_id in ids]
+
+
+def _secret_file(path: Path, value: str) -> Path:
+    _private(path, value.encode() + b"\n")
+    return path
+
+
+def build_commissioned_site(base: Path, *, id_prefix: str = "dev-") -> BenchSite:
+    """HQ (root CA), one enrolled and entitled station (product ``bench``, ids
+    ``<id_prefix>000000``-``999999``), and an enrolled site commissioned from HQ's bundle,
+    which admits every device of that station and product. About a second."""
+    from hq.authority import EntitlementRequest, enrol_station, init_hq, issue_entitlement
+    from hq.home import HqHome, HqSecrets
+    from hq.site import SiteBundleRequest, build_site_bundle, enrol_site, record_station_crl
+    from registrar.site import SiteHome, commission_site, init_site
+    from trustcore.csr import build_csr
+    from trustcore.entitlement import DeviceIdRule
+    from trustcore.messages import StationEnrolment
+
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    hq_secrets = HqSecrets(_secret_file(base / "hq.pass", "bench hq passphrase"))
+    init_hq(base / "hq", organization=MANUFACTURER, secrets=hq_secrets)
+    hq = HqHome.open(base / "hq")
+    station = "station-bench"
+    ca, transport = SoftwareKey.generate(), SoftwareKey.generate()
+    csr = build_csr(ca, x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, station)]))
+    enrol_station(
+        hq, StationEnrolment.create(StationId(station), csr, ca, transport.public_key()).encode()
+    )
+    now = datetime.now(UTC)
+    entitlement = issue_entitlement(
+        hq,
+        EntitlementRequest(
+            station,
+            "bench",
+            1_000_000,
+            1_000_000,
+            "UTC",
+            now - DAY,
+            now + 30 * DAY,
+            DeviceIdRule(id_prefix, 0, 999_999, 6),
+        ),
+        hq_secrets,
+    )
+    crl = build_crl(
+        entitlement.station_ca_cert,
+        ca.private_key(),
+        revoked=[],
+        crl_number=1,
+        this_update=now - DAY,
+        next_update=now + 7 * DAY,
+    )
+    record_station_crl(hq, station, crl.public_bytes(serialization.Encoding.DER))
+    site_pass = _secret_file(base / "site.pass", "bench site passphrase")
+    secrets = SiteSecrets(site_pass)
+    root_pem = (hq.certs_dir / "root-ca.pem").read_bytes()
+    enrolment = init_site(base / "site", site_id="site-bench", root_pem=root_pem, secrets=secrets)
+    enrol_site(hq, enrolment.enrolment_path.read_bytes(), hq_secrets)
+    bundle = build_site_bundle(
+        hq,
+        SiteBundleRequest(
+            site_id="site-bench",
+            devices=(),
+            admit_stations=(station,),
+            admit_products=("bench",),
+            rotate_payload_key=False,
+        ),
+        hq_secrets,
+    ).package
+    commission_site(SiteHome.open(base / "site"), bundle, secrets)
+    return BenchSite(
+        base / "site",
+        site_pass,
+        x509.load_pem_x509_certificate(root_pem),
+        entitlement.station_ca_cert,
+        ca,
+        id_prefix,
+    )
+
+
+def commissioned_runtime(home: Path, passphrase_file: Path, kind: BrokerKind) -> SiteRuntime:
+    """The broker of a commissioned site (its own work directory) with the registrar's
+    client certificate, for the echo baseline (no registrar runs meanwhile)."""
+    from registrar.site import SiteHome, broker_settings, load_commissioned_site
+
+    site_home, secrets = SiteHome.open(home), SiteSecrets(passphrase_file)
+    site = load_commissioned_site(site_home, secrets)
+    ctx = ssl.create_default_context(cadata=_pem(site.root).decode("ascii"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(site.client_cert, site.client_key, password=secrets.passphrase())
+    settings = broker_settings(site_home, secrets, workdir=home / "run" / f"echo-{kind}")
+    return SiteRuntime(settings, ctx, kind)
+
+
+_RUNNING = re.compile(rb"registration (\S+):(\d+), operational (\S+):(\d+)")
+_JOINED = re.compile(rb"serving on (\S+):(\d+)")
+
+
+class RegistrarProcess:
+    """One ``registrar run`` process: the production entry point, nothing else."""
+
+    def __init__(
+        self, proc: asyncio.subprocess.Process, registration: Endpoint, operational: Endpoint
+    ) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+        self.registration_endpoint = registration
+        self.operational_endpoint = operational
+
+    @classmethod
+    async def start(
+        cls,
+        site: BenchSite,
+        args: Sequence[str],
+        *,
+        log_file: Path,
+        timeout: float = 60.0,
+    ) -> RegistrarProcess:
+        """``registrar run --home … --passphrase-file … ARGS``; returns once it serves."""
+        entry = "import sys; from registrar.cli import main; sys.exit(main())"
+        profile = os.environ.get("DEVTRUST_BENCH_PROFILE")  # a directory: cProfile each one
+        if profile:
+            target = Path(profile) / f"{log_file.stem}.prof"
+            entry = (
+                "import cProfile; from registrar.cli import main; "
+                f"cProfile.run('main()', {str(target)!r})"
+            )
+        with log_file.open("ab") as stderr:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                entry,
+                "run",
+                "--home",
+                str(site.home),
+                "--passphrase-file",
+                str(site.passphrase_file),
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+            )
+        try:
+            return await cls._serving(proc, log_file, timeout)
+        except BaseException:  # did not start, or the caller gave up: no process left over
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+
+    @classmethod
+    async def _serving(
+        cls, proc: asyncio.subprocess.Process, log_file: Path, timeout: float
+    ) -> RegistrarProcess:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            line = await asyncio.wait_for(proc.stdout.readline(), max(left, 0.01))
+            if not line:
+                await proc.wait()
+                tail = log_file.read_text(errors="replace").splitlines()[-5:]
+                raise RuntimeError(f"registrar run exited ({proc.returncode}): {tail}")
+            if (match := _RUNNING.search(line)) is not None:
+                reg = Endpoint(match.group(1).decode(), int(match.group(2)))
+                op = Endpoint(match.group(3).decode(), int(match.group(4)))
+                return cls(proc, reg, op)
+            if (match := _JOINED.search(line)) is not None:  # --join: no listener of its own
+                op = Endpoint(match.group(1).decode(), int(match.group(2)))
+                return cls(proc, op, op)
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.pid)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing cleaned up."""
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+
+    async def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful stop), SIGKILL after ``timeout``; the exit code."""
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.terminate()
+            try:
+                await asyncio.wait_for(self._proc.wait(), timeout)
+            except TimeoutError:
+                self.kill()
+                await self._proc.wait()
+        return self._proc.returncode if self._proc.returncode is not None else -1
 
 
 # ------------------------------------------------------------------- the site as a process
@@ -595,8 +773,11 @@ class SiteProcess:
     async def start(
         cls, directory: Path, kind: BrokerKind, *, extra: Sequence[str] = ()
     ) -> SiteProcess:
+        profile = os.environ.get("DEVTRUST_BENCH_PROFILE")  # a directory: cProfile it
+        wrap = ["-m", "cProfile", "-o", str(Path(profile) / "site.prof")] if profile else []
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            *wrap,
             str(Path(__file__).resolve()),
             "serve",
             str(directory),
@@ -634,8 +815,12 @@ class SiteProcess:
             await self._proc.wait()
 
 
-async def _serve(directory: Path, kind: BrokerKind) -> None:
-    pki, files = load_site(directory)
+async def _serve(directory: Path, kind: BrokerKind, passphrase_file: Path | None) -> None:
+    if passphrase_file is None:
+        pki, files = load_site(directory)
+        site = SiteRuntime.of_files(pki, files, kind)
+    else:
+        site = commissioned_runtime(directory, passphrase_file, kind)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -644,7 +829,8 @@ async def _serve(directory: Path, kind: BrokerKind) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
         sys.stdout.flush()
 
-    async with SiteRuntime.running(pki, files, kind) as site:
+    await site.start()
+    try:
         reg, op = site.registration_endpoint, site.operational_endpoint
         answer(
             {
@@ -659,9 +845,7 @@ async def _serve(directory: Path, kind: BrokerKind) -> None:
                 if line in ("", "quit"):
                     answer({"ok": True})
                     return
-                if line == "registrar":
-                    await site.start_registrar()
-                elif line == "echo":
+                if line == "echo":
                     await site.start_echo()
                 elif line == "stop-responder":
                     await site.stop_responder()
@@ -670,19 +854,26 @@ async def _serve(directory: Path, kind: BrokerKind) -> None:
                 answer({"ok": True, **(await site.stats())})
             except Exception as exc:  # report, keep serving
                 answer({"error": repr(exc)})
+    finally:
+        await site.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a bench site (broker + registrar).")
+    parser = argparse.ArgumentParser(description="Run a bench site's broker (+ echo responder).")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve")
     serve.add_argument("directory", type=Path)
     serve.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
+    serve.add_argument(
+        "--passphrase-file",
+        type=Path,
+        help="DIRECTORY is a commissioned site home (build_commissioned_site), not write_site's",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("mqtt").setLevel(logging.ERROR)  # paho: "pending publish calls"
     logging.getLogger("amqtt").setLevel(logging.ERROR)
-    asyncio.run(_serve(args.directory, args.broker))
+    asyncio.run(_serve(args.directory, args.broker, args.passphrase_file))
     return 0
 
 

@@ -26,6 +26,29 @@ _HOST = re.compile(r"[A-Za-z0-9.:\-]{1,253}")
 #: A device id (trustcore.identity.DeviceId) or the registrar's identity, which adds "@".
 _IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+#: Registrar instances one site may run on one broker; each has its own identity.
+MAX_REGISTRAR_INSTANCES = 16
+
+
+def instance_identity(base: str, instance: int) -> str:
+    """The broker identity (certificate CN, and client id under ``use_username_as_clientid``)
+    of registrar instance ``instance`` of a site whose registrar is ``base``
+    (``registrar@site``): ``base`` itself for the first, ``registrar.<n>@site`` for the
+    others. A second session with one client id is a takeover, so instances need distinct
+    names; "@" is in no device id, so no device certificate can carry one of them."""
+    if not isinstance(instance, int) or not 1 <= instance <= MAX_REGISTRAR_INSTANCES:
+        raise InvalidValueError(f"instance must be 1..{MAX_REGISTRAR_INSTANCES}, not {instance!r}")
+    if instance == 1:
+        return base
+    name, at, domain = base.partition("@")
+    if not at:
+        raise InvalidValueError(f"registrar identity {base!r} has no '@'")
+    return f"{name}.{instance}@{domain}"
+
+
+def registrar_identities(base: str) -> tuple[str, ...]:
+    """Every identity the operational ACL grants the registrar's topics."""
+    return tuple(instance_identity(base, n) for n in range(1, MAX_REGISTRAR_INSTANCES + 1))
 
 
 @dataclass(frozen=True)
@@ -74,10 +97,14 @@ class MosquittoConfig:
             "dynsec_plugin",
         ):
             _check_path(name, getattr(self, name))
-        if _IDENTITY.fullmatch(self.registrar_identity) is None:
+        if (
+            _IDENTITY.fullmatch(self.registrar_identity) is None
+            or "@" not in self.registrar_identity
+        ):
             raise InvalidValueError(f"bad registrar identity {self.registrar_identity!r}")
+        registrars = registrar_identities(self.registrar_identity)
         for name in self.blocked:
-            if _IDENTITY.fullmatch(name) is None or name == self.registrar_identity:
+            if _IDENTITY.fullmatch(name) is None or name in registrars:
                 raise InvalidValueError(f"bad blocked identity {name!r}")
         if _USER.fullmatch(self.run_user) is None:
             raise InvalidValueError(f"bad run_user {self.run_user!r}")
@@ -131,9 +158,14 @@ def render_registration_acl(config: MosquittoConfig) -> str:
 
 
 def render_operational_acl(config: MosquittoConfig) -> str:
-    """ACL of the operational listener: the registrar's grants, then ``devices/<id>/#``."""
+    """ACL of the operational listener: the grants of every registrar instance identity
+    (:func:`registrar_identities`), then ``devices/<id>/#``."""
+    grants = "".join(
+        f"user {name}\ntopic readwrite devtrust/register/#\ntopic readwrite devices/#\n\n"
+        for name in registrar_identities(config.registrar_identity)
+    )
     return _template("operational_acl.tmpl").substitute(
-        registrar=config.registrar_identity, blocked=_blocked_section(config)
+        registrars=grants, blocked=_blocked_section(config)
     )
 
 

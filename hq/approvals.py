@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import secrets as _random
-import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,9 +34,9 @@ from typing import Any, Final
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.errors import HomeError, HqError, SecretError
+from hq.errors import HomeError, HqError, SecretError, StoreConflict
 from hq.home import HqHome, HqQuorumConfig
-from hq.store import HqStore
+from hq.store import Connection, HqStore
 from signers.errors import SignerError
 from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
 from trustcore.entitlement import QUORUM_OPERATIONS
@@ -100,36 +99,6 @@ APPROVER_PIN_ENV: Final = "DEVTRUST_APPROVER_PIN"
 #: Largest POST body the endpoint reads: one approval.
 MAX_POST_BODY: Final = MAX_APPROVAL_SIZE
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS quorum_approvers (
-    key_id BLOB PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    public_der BLOB NOT NULL,
-    added_at INTEGER NOT NULL,
-    request_id BLOB
-);
-CREATE TABLE IF NOT EXISTS quorum_requests (
-    request_id BLOB PRIMARY KEY,
-    operation TEXT NOT NULL,
-    request_cbor BLOB NOT NULL,
-    created INTEGER NOT NULL,
-    expires INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS quorum_received (
-    request_id BLOB NOT NULL REFERENCES quorum_requests(request_id),
-    approver BLOB NOT NULL,
-    approval_cbor BLOB NOT NULL,
-    received_at INTEGER NOT NULL,
-    PRIMARY KEY (request_id, approver)
-);
-CREATE TABLE IF NOT EXISTS quorum_consumed (
-    request_id BLOB PRIMARY KEY,
-    operation TEXT NOT NULL,
-    approvers TEXT NOT NULL,
-    consumed_at INTEGER NOT NULL
-);
-"""
-
 
 class QuorumRefused(HqError):
     """A gated HQ operation was refused for want of a valid quorum (``reason`` from
@@ -144,11 +113,8 @@ def _now(now: int | None) -> int:
 
 @contextlib.contextmanager
 def _db(home: HqHome) -> Iterator[HqStore]:
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
-        # Statement by statement: executescript would commit an open transaction.
-        with store.transaction() as conn:
-            _ensure_tables(conn)
         yield store
     finally:
         store.close()
@@ -211,7 +177,7 @@ class ApproverRow:
     added_at: int
 
 
-def _approver_rows(conn: sqlite3.Connection) -> list[ApproverRow]:
+def _approver_rows(conn: Connection) -> list[ApproverRow]:
     return [
         ApproverRow(bytes(r[0]), str(r[1]), bytes(r[2]), int(r[3]))
         for r in conn.execute(
@@ -235,7 +201,7 @@ def gate_required(
     home: HqHome,
     operation: str,
     params: Mapping[str, Any],
-    conn: sqlite3.Connection | None = None,
+    conn: Connection | None = None,
 ) -> bool:
     """Whether HQ's policy puts ``operation`` behind the quorum (``docs/quorum.md``). Pass
     ``conn`` when inside a transaction (a second connection would wait on its lock)."""
@@ -251,14 +217,13 @@ def gate_required(
         return cfg.station_rekey
     if operation == ADD_APPROVER:
         if conn is not None:
-            _ensure_tables(conn)
             return bool(_approver_rows(conn))
         with _db(home) as store, store.transaction() as tx:
             return bool(_approver_rows(tx))
     raise QuorumRefused(f"unknown HQ operation {operation!r}", reason="no_quorum")
 
 
-def _used(conn: sqlite3.Connection, request_id: bytes) -> set[bytes]:
+def _used(conn: Connection, request_id: bytes) -> set[bytes]:
     row = conn.execute(
         "SELECT 1 FROM quorum_consumed WHERE request_id = ?", (request_id,)
     ).fetchone()
@@ -267,7 +232,7 @@ def _used(conn: sqlite3.Connection, request_id: bytes) -> set[bytes]:
 
 def verify_hq_quorum(
     home: HqHome,
-    conn: sqlite3.Connection,
+    conn: Connection,
     operation: str,
     params: Mapping[str, Any],
     evidence: Sequence[bytes],
@@ -296,7 +261,7 @@ def verify_hq_quorum(
         raise QuorumRefused(f"{operation} refused: {exc.args[0]}", reason=exc.reason) from exc
 
 
-def consume(conn: sqlite3.Connection, decision: QuorumDecision, now: int) -> None:
+def consume(conn: Connection, decision: QuorumDecision, now: int) -> None:
     """Record ``decision`` as used, inside the caller's transaction (so the operation and
     the consumption commit together). A concurrent use of the same request loses here."""
     try:
@@ -310,7 +275,7 @@ def consume(conn: sqlite3.Connection, decision: QuorumDecision, now: int) -> Non
                 now,
             ),
         )
-    except sqlite3.IntegrityError as exc:
+    except StoreConflict as exc:
         raise QuorumRefused(
             f"request {decision.request_id.hex()} was already used", reason="replayed"
         ) from exc
@@ -322,7 +287,7 @@ def authorize(
     params: Mapping[str, Any],
     evidence: Sequence[bytes],
     *,
-    conn: sqlite3.Connection | None = None,
+    conn: Connection | None = None,
     now: int | None = None,
 ) -> QuorumDecision | None:
     """The gate every quorum-gated HQ operation calls before it acts.
@@ -337,7 +302,6 @@ def authorize(
     if not gate_required(home, operation, params, conn):
         return None
     if conn is not None:
-        _ensure_tables(conn)
         decision = verify_hq_quorum(home, conn, operation, params, evidence, moment)
         consume(conn, decision, moment)
         return decision
@@ -345,12 +309,6 @@ def authorize(
         decision = verify_hq_quorum(home, tx, operation, params, evidence, moment)
         consume(tx, decision, moment)
         return decision
-
-
-def _ensure_tables(conn: sqlite3.Connection) -> None:
-    for statement in _SCHEMA.split(";"):
-        if statement.strip():
-            conn.execute(statement)
 
 
 def add_approver(
@@ -472,7 +430,7 @@ def create_request(
     return request
 
 
-def _stored_request(conn: sqlite3.Connection, request_id: bytes) -> ApprovalRequest | None:
+def _stored_request(conn: Connection, request_id: bytes) -> ApprovalRequest | None:
     row = conn.execute(
         "SELECT request_cbor FROM quorum_requests WHERE request_id = ?", (request_id,)
     ).fetchone()
@@ -833,7 +791,7 @@ def authorize_station_ca_revocation(
     station_id: str,
     evidence: Sequence[bytes],
     *,
-    conn: sqlite3.Connection | None = None,
+    conn: Connection | None = None,
     now: int | None = None,
 ) -> QuorumDecision:
     """The gate of ``hq revoke --station-ca``: always needs the HQ quorum. Call it inside

@@ -985,7 +985,7 @@ def ingest_audit(
     moment = int((now or datetime.now(UTC)).timestamp())
     root_cert = home.root_certificate()
     audit_key = home.role_key(HqRole.AUDIT_RECEIVER, secrets)
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         started = time.perf_counter()
         with gc_paused():

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from hq.errors import EnrolmentError, EntitlementError, HomeError, SecretError
 from hq.home import HqConfig, HqHome, HqSecrets, Pkcs11Location, cert_pem
-from hq.store import EntitlementRow, HqStore, StationRow
+from hq.store import EntitlementRow, HqStore, StationRow, parse_store_location
 from signers.errors import SignerError
 from signers.software import SoftwareKey, write_private_file
 from trustcore.crl import build_crl
@@ -83,16 +83,20 @@ def init_hq(
     organization: str,
     secrets: HqSecrets,
     root_pkcs11: Pkcs11Location | None = None,
+    store: str | None = None,
     now: datetime | None = None,
 ) -> InitResult:
     """Create a new HQ in ``home`` (absent or an empty directory; never overwritten).
 
     Everything is built in a private sibling directory and renamed into place at the end, so
     a failure half-way leaves no half-initialised HQ behind and ``home`` is untouched.
+    ``store``: a PostgreSQL URL (an empty database) instead of ``hq.sqlite`` in ``home``;
+    recorded in ``hq.json`` so that every later command opens it.
     """
     target = Path(home)
     if not organization or not organization.isprintable() or len(organization) > 64:
         raise HomeError("organisation name must be 1..64 printable characters")
+    location = None if store is None else parse_store_location(store)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise HomeError(f"{target} already exists and is not empty; refusing to overwrite it")
     moment = now_utc(now)
@@ -139,18 +143,18 @@ def init_hq(
         (build / "certs" / "root-ca.pem").write_bytes(cert_pem(root_cert))
         for role, cert in role_certs.items():
             (build / "certs" / f"{role.value}.pem").write_bytes(cert_pem(cert))
-        store = HqStore.create(build / "hq.sqlite")
+        db = HqStore.create(build / "hq.sqlite" if location is None else location)
         try:
-            with store.transaction():
-                store.put_root_crl(
+            with db.transaction():
+                db.put_root_crl(
                     1,
                     int((moment - BACKDATE).timestamp()),
                     int((moment + ROOT_CRL_VALIDITY).timestamp()),
                     root_crl.public_bytes(serialization.Encoding.DER),
                 )
         finally:
-            store.close()
-        config = HqConfig(organization, root_pkcs11, int(moment.timestamp()))
+            db.close()
+        config = HqConfig(organization, root_pkcs11, int(moment.timestamp()), store=store)
         (build / "hq.json").write_text(config.to_json(), encoding="utf-8")
         try:
             # rename() onto an empty directory replaces it; onto a non-empty one it fails, so
@@ -229,7 +233,7 @@ def enrol_station(
         raise EnrolmentError(
             "the transport key must differ from the station CA key", reason="key_reuse"
         )
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         existing = store.station(station_id)
         if existing is not None and (
@@ -325,7 +329,7 @@ def issue_entitlement(
     for name in request.product_secrets:
         if not name or not name.isprintable() or len(name) > 64:
             raise EntitlementError(f"bad product secret name {name!r}")
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         station = store.station(request.station_id)
         if station is None:

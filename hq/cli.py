@@ -95,6 +95,13 @@ def _fail(exc: HqError, code: int = 1) -> NoReturn:
 @click.option("--root-pkcs11-module", help="PKCS#11 module holding the root key.")
 @click.option("--root-pkcs11-token", help="Token label.")
 @click.option("--root-pkcs11-key", help="Key label (generated in the token if absent).")
+@click.option(
+    "--store",
+    metavar="URL",
+    help="HQ database: postgresql://user@host:port/db (an empty database; no password in "
+    "the URL, use ~/.pgpass). Recorded in hq.json: every later command uses it. "
+    "Default: hq.sqlite in the HQ directory.",
+)
 @_secret_options
 def init_command(
     home: Path,
@@ -102,6 +109,7 @@ def init_command(
     root_pkcs11_module: str | None,
     root_pkcs11_token: str | None,
     root_pkcs11_key: str | None,
+    store: str | None,
     passphrase_file: Path | None,
     pin_file: Path | None,
 ) -> None:
@@ -122,6 +130,7 @@ def init_command(
             organization=organization,
             secrets=HqSecrets(passphrase_file, pin_file),
             root_pkcs11=location,
+            store=store,
         )
     except HqError as exc:
         _fail(exc)
@@ -909,7 +918,7 @@ def publish_revocations_command(
     moment = now_utc(None)
     try:
         hq_home = HqHome.open(home)
-        store = HqStore.open(hq_home.db_path)
+        store = HqStore.open(hq_home.store_location)
         try:
             with store.transaction():
                 revocations, package = publish_revocations(

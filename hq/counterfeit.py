@@ -25,7 +25,6 @@ CRL that the next site bundle carries.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import warnings
 from collections.abc import Sequence
@@ -69,16 +68,6 @@ FINDING_REASON = {
     "cloned": "cloned",
     "invalid_evidence": "counterfeit",
 }
-
-_TABLES = (
-    """CREATE TABLE IF NOT EXISTS site_reports (
-        site_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL, received_at INTEGER NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS site_sightings (
-        site_id TEXT NOT NULL, station_id TEXT NOT NULL, serial TEXT NOT NULL,
-        device_id TEXT NOT NULL, first_seen INTEGER NOT NULL, registered INTEGER NOT NULL,
-        der BLOB NOT NULL, report_seq INTEGER NOT NULL,
-        PRIMARY KEY (site_id, station_id, serial))""",
-)
 
 
 class ReportRefusedError(HqError):
@@ -148,19 +137,14 @@ class IngestSiteReportResult:
         }
 
 
-def _ensure_tables(conn: sqlite3.Connection) -> None:
-    for statement in _TABLES:
-        conn.execute(statement)
-
-
 def _now(now: int | None) -> int:
     return int(time.time()) if now is None else now
 
 
-def _violations(conn: sqlite3.Connection) -> dict[tuple[str, str], list[str]]:
+def _violations(store: HqStore) -> dict[tuple[str, str], list[str]]:
     """(station, device id) -> violation kinds/details from every stored audit ingest."""
     out: dict[tuple[str, str], list[str]] = {}
-    for station, text in conn.execute("SELECT station_id, report_json FROM ingests ORDER BY id"):
+    for station, text in store.ingest_violations():
         for v in json.loads(text).get("violations", []):
             out.setdefault((station, str(v["device_id"])), []).append(
                 f"{v['kind']} (audit seq {v['seq']}): {v['detail']}"
@@ -199,12 +183,15 @@ def _chain_verifier(home: HqHome, store: HqStore) -> ChainVerifier:
 
 def _check(
     report: SiteReport,
-    conn: sqlite3.Connection,
     store: HqStore,
     verifier: ChainVerifier,
 ) -> tuple[list[Finding], int]:
-    audited = {(d.station_id, d.serial): d for d in store.devices()}
-    violations = _violations(conn)
+    # The audit records of exactly the reported certificates: one indexed join in the
+    # database, whatever the size of the registry (never the registry in Python).
+    audited = store.audited_certificates(
+        ("" if s.station_id is None else s.station_id.value, s.serial.hex) for s in report.seen
+    )
+    violations = _violations(store)
     site = report.site_id.value
     findings: list[Finding] = []
     clean = 0
@@ -245,9 +232,9 @@ def _check(
                 finding("invalid_evidence", "the reported fields do not match the certificate")
             )
             continue
-        row = audited.get((station, s.serial.hex))
+        records = audited.get((station, s.serial.hex))
         public = cert.public_key()
-        if row is None:
+        if not records:
             findings.append(
                 finding(
                     "counterfeit",
@@ -255,11 +242,14 @@ def _check(
                 )
             )
             continue
-        if row.device_id != s.device_id.value or row.key_id != key_id(public):  # type: ignore[arg-type]
+        # The newest record of that certificate decides (as the registry's order did).
+        recorded_device, recorded_key = records[-1]
+        if recorded_device != s.device_id.value or recorded_key != key_id(public):  # type: ignore[arg-type]
             findings.append(
                 finding(
                     "counterfeit",
-                    f"audit log records serial {s.serial.hex} for {row.device_id} with another key",
+                    f"audit log records serial {s.serial.hex} for {recorded_device} "
+                    "with another key",
                 )
             )
             continue
@@ -269,14 +259,13 @@ def _check(
             continue
         clean += 1
     # Clones: the same certificate currently registered at another site.
-    for s in report.seen:
-        if not s.registered or s.station_id is None:
-            continue
-        for other, first in conn.execute(
-            "SELECT site_id, first_seen FROM site_sightings WHERE station_id = ? AND serial = ? "
-            "AND site_id != ? AND registered = 1",
-            (s.station_id.value, s.serial.hex, site),
-        ):
+    registered = [s for s in report.seen if s.registered and s.station_id is not None]
+    elsewhere = store.registered_elsewhere(
+        site, ((s.station_id.value, s.serial.hex) for s in registered if s.station_id)
+    )
+    for s in registered:
+        assert s.station_id is not None
+        for other, first in elsewhere.get((s.station_id.value, s.serial.hex), ()):
             findings.append(
                 Finding(
                     "cloned",
@@ -298,50 +287,39 @@ def ingest_site_report(
     """Verify, store and cross-check a site report. Refusals raise :class:`ReportRefusedError`
     and store nothing."""
     moment = _now(now)
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         try:
             cert = peek_site_report(package)
         except SiteReportError as exc:
             raise ReportRefusedError(str(exc), reason=exc.reason) from exc
-        with store.transaction() as conn:
-            _ensure_tables(conn)
+        with store.transaction():
             site_id, public = _site_for(store, cert)
-            row = conn.execute(
-                "SELECT sequence FROM site_reports WHERE site_id = ?", (site_id.value,)
-            ).fetchone()
             try:
                 report = open_site_report(
                     package,
                     site_id=site_id,
                     site_ca_public=public,
-                    last_sequence=None if row is None else int(row[0]),
+                    last_sequence=store.site_report_sequence(site_id.value),
                 )
             except SiteReportError as exc:
                 raise ReportRefusedError(str(exc), reason=exc.reason) from exc
-            findings, clean = _check(report, conn, store, _chain_verifier(home, store))
-            conn.execute(
-                "INSERT INTO site_reports VALUES (?, ?, ?) ON CONFLICT(site_id) DO UPDATE SET "
-                "sequence = excluded.sequence, received_at = excluded.received_at",
-                (site_id.value, report.sequence, moment),
-            )
-            conn.executemany(
-                "INSERT INTO site_sightings VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(site_id, station_id, serial) DO UPDATE SET "
-                "registered = excluded.registered, report_seq = excluded.report_seq",
-                [
+            findings, clean = _check(report, store, _chain_verifier(home, store))
+            store.put_site_report(
+                site_id.value,
+                report.sequence,
+                moment,
+                (
                     (
-                        site_id.value,
                         "" if s.station_id is None else s.station_id.value,
                         s.serial.hex,
                         s.device_id.value,
                         s.first_seen,
-                        int(s.registered),
+                        s.registered,
                         s.certificate_der,
-                        report.sequence,
                     )
                     for s in report.seen
-                ],
+                ),
             )
     finally:
         store.close()
@@ -376,19 +354,7 @@ class RevokeResult:
         }
 
 
-def _known(conn: sqlite3.Connection, store: HqStore) -> list[tuple[str, str, str]]:
-    """(station, serial, device id) of every factory certificate HQ knows of: audited ones
-    and those seen at sites."""
-    rows = [(d.station_id, d.serial, d.device_id) for d in store.devices()]
-    rows += [
-        (str(a), str(b), str(c))
-        for a, b, c in conn.execute("SELECT station_id, serial, device_id FROM site_sightings")
-    ]
-    return rows
-
-
 def _targets(
-    conn: sqlite3.Connection,
     store: HqStore,
     *,
     devices: Sequence[str],
@@ -397,11 +363,11 @@ def _targets(
     reason: str | None,
 ) -> list[tuple[str, str, str, str]]:
     """(station, serial, device, reason) to revoke; every one must be known to HQ (a typo
-    or a doctored findings file cannot revoke an arbitrary serial)."""
-    known = _known(conn, store)
+    or a doctored findings file cannot revoke an arbitrary serial). Known: audited by HQ or
+    seen at a site, looked up item by item (the registry may hold tens of millions)."""
     out: list[tuple[str, str, str, str]] = []
     for device in devices:
-        matches = [k for k in known if k[2] == device]
+        matches = store.known_certificates(device_ids=[device])
         if not matches:
             raise RevocationError(
                 f"device {device} is unknown to HQ (no audit record, no sighting)"
@@ -415,7 +381,7 @@ def _targets(
             serial = CertSerial.from_hex(serial).hex
         except TrustCoreError as exc:
             raise RevocationError(f"--serial {spec!r}: {exc}") from exc
-        matches = [k for k in known if k[0] == station and k[1] == serial]
+        matches = store.known_certificates(certificates=[(station, serial)])
         if not matches:
             raise RevocationError(f"certificate {station}:{serial} is unknown to HQ")
         out.append((station, serial, matches[0][2], reason or "unspecified"))
@@ -427,7 +393,7 @@ def _targets(
             raise RevocationError(f"findings file: bad finding {f!r}") from exc
         if kind not in FINDING_REASON:
             raise RevocationError(f"findings file: unknown finding kind {kind!r}")
-        if key not in known:
+        if key not in store.known_certificates(certificates=[key[:2]]):
             raise RevocationError(f"findings file names {key[0]}:{key[1]}, unknown to HQ")
         out.append((*key, reason or FINDING_REASON[kind]))
     return out
@@ -465,10 +431,9 @@ def revoke(
     if not (devices or serials or findings or station_ca):
         raise RevocationError("nothing to revoke")
     moment = _now(now)
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         with store.transaction() as conn:
-            _ensure_tables(conn)
             ca_serials: list[str] = []
             if station_ca is not None:
                 cas = store.station_ca_certificates(station_ca)
@@ -483,7 +448,7 @@ def revoke(
                     )
                     ca_serials.append(serial)
             targets = _targets(
-                conn, store, devices=devices, serials=serials, findings=findings, reason=reason
+                store, devices=devices, serials=serials, findings=findings, reason=reason
             )
             latest = store.latest_revocation_list()
             at = datetime.fromtimestamp(moment, UTC)

@@ -4,6 +4,8 @@
 
     HqError
     ├── HomeError            the HQ directory is missing, damaged or already initialised
+    │   └── StoreError       the HQ database cannot be opened or refused a statement
+    │       └── StoreConflict    a unique or foreign key constraint refused a write
     ├── SecretError          no passphrase / PIN, a wrong one, or a key that cannot be opened
     ├── EnrolmentError       a station enrolment request was refused (``reason``)
     ├── EntitlementError     an entitlement cannot be issued (unknown station, bad policy)
@@ -11,10 +13,10 @@
                              attack: gap, fork, reorder, truncation, rewritten_entry,
                              forged_checkpoint, wrong_station, foreign_station, replayed, ...)
 
-Library and core errors (``trustcore``, ``signers``, ``sqlite3``, ``OSError``) are chained
-with ``raise ... from exc`` so the cause stays visible. A *refused* export is different from
-an export with *policy violations*: the first is not accepted at all (nothing is stored),
-the second is accepted, stored and reported (see ``docs/hq.md``).
+Library and core errors (``trustcore``, ``signers``, ``sqlite3``, ``psycopg``, ``OSError``)
+are chained with ``raise ... from exc`` so the cause stays visible. A *refused* export is
+different from an export with *policy violations*: the first is not accepted at all (nothing
+is stored), the second is accepted, stored and reported (see ``docs/hq.md``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ __all__ = [
     "HomeError",
     "HqError",
     "SecretError",
+    "StoreConflict",
+    "StoreError",
 ]
 
 
@@ -37,6 +41,16 @@ class HqError(ReasonedError):
 
 class HomeError(HqError):
     reason = "bad_home"
+
+
+class StoreError(HomeError):
+    """The HQ database (SQLite file or PostgreSQL server) failed; nothing was half-written."""
+
+    reason = "store_error"
+
+
+class StoreConflict(StoreError):
+    reason = "store_conflict"
 
 
 class SecretError(HqError):

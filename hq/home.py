@@ -10,6 +10,7 @@ Layout (see ``docs/hq.md``)::
       keys/<role>.key.pem              HQ role keys, PKCS#8 encrypted, mode 0600
       keys/kms.key.pem                 payload-key KMS key (hq/kms.py), PKCS#8 encrypted
       hq.sqlite                        stations, entitlements, audit heads, devices, sites
+                                       (or a PostgreSQL database: ``"store"`` in hq.json)
 
 Secrets never come from the command line (``ps`` and shell history would show them): the
 keystore passphrase comes from ``DEVTRUST_HQ_PASSPHRASE`` or a passphrase file, the token
@@ -29,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from hq.errors import HomeError, SecretError
+from hq.store.location import StoreLocation, parse_store_location
 from signers.errors import SignerError
 from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
 from trustcore.keys import Signer
@@ -140,6 +142,13 @@ class HqConfig:
     created: int
     version: int = CONFIG_VERSION
     quorum: HqQuorumConfig | None = None
+    #: The HQ database when it is not ``hq.sqlite`` in the HQ directory: a PostgreSQL URL
+    #: (without a password, see :func:`hq.store.parse_store_location`).
+    store: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.store is not None:
+            parse_store_location(self.store)
 
     def to_json(self) -> str:
         root: dict[str, Any] = {"backend": "software"}
@@ -158,13 +167,15 @@ class HqConfig:
         }
         if self.quorum is not None:
             data["quorum"] = self.quorum.to_map()
+        if self.store is not None:
+            data["store"] = self.store
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> HqConfig:
         try:
             data = json.loads(text)
-            if not isinstance(data, dict) or set(data) - {"quorum"} != {
+            if not isinstance(data, dict) or set(data) - {"quorum", "store"} != {
                 "version",
                 "organization",
                 "created",
@@ -189,9 +200,21 @@ class HqConfig:
             organization, created = data["organization"], data["created"]
             if not isinstance(organization, str) or type(created) is not int:
                 raise ValueError("bad organization or created")
+            store = data.get("store")
+            if store is not None and not isinstance(store, str):
+                raise ValueError("store must be a URL string")
         except (ValueError, TypeError) as exc:
             raise HomeError(f"hq.json is invalid: {exc}") from exc
-        return cls(organization=organization, root_pkcs11=location, created=created, quorum=quorum)
+        try:
+            return cls(
+                organization=organization,
+                root_pkcs11=location,
+                created=created,
+                quorum=quorum,
+                store=store,
+            )
+        except HomeError as exc:
+            raise HomeError(f"hq.json is invalid: {exc}") from exc
 
 
 def _load_cert(path: Path) -> x509.Certificate:
@@ -229,6 +252,13 @@ class HqHome:
     @property
     def db_path(self) -> Path:
         return self.path / "hq.sqlite"
+
+    @property
+    def store_location(self) -> StoreLocation:
+        """Where this HQ's database is: ``hq.json``'s ``store``, else ``hq.sqlite`` here."""
+        if self.config.store is None:
+            return StoreLocation("sqlite", path=self.db_path)
+        return parse_store_location(self.config.store)
 
     @staticmethod
     def cert_name(role: HqRole | None) -> str:

@@ -154,7 +154,7 @@ def root_ceremony(home: HqHome, secrets: HqSecrets, *, now: datetime) -> Ceremon
     from hq.site import issue_root_crl
 
     issued = _ensure_crl_signer(home, secrets, now)
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         with store.transaction():
             crl = issue_root_crl(home, store, secrets, now)

@@ -109,7 +109,7 @@ def enrol_site(
     ca_der, transport_der = spki_der(csr.public_key), spki_der(transport)
     if ca_der == transport_der:
         raise SiteError("the transport key must differ from the site CA key", reason="key_reuse")
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         existing = store.site(site_id)
         if existing is not None and (
@@ -187,7 +187,7 @@ def rollover_site_ca(
         raise SiteError(f"site CA rollover refused: {exc}", reason=exc.reason) from exc
     site_id = enrolment.site_id.value
     new_der, transport_der = spki_der(csr.public_key), spki_der(transport)
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         existing = store.site(site_id)
         if existing is None:
@@ -274,7 +274,7 @@ def record_station_crl(
     same CRL again is a no-op. Stale CRLs are recorded (they are still evidence) but the
     bundle report shows them."""
     moment = int(now_utc(now).timestamp())
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         certs = store.station_ca_certificates(station_id)
         if not certs:
@@ -417,10 +417,9 @@ def _manifest(store: HqStore, request: SiteBundleRequest) -> tuple[ManifestEntry
     wanted = set(request.devices)
     if wanted:
         found: set[str] = set()
-        for row in store.devices():
-            if row.device_id in wanted:
-                found.add(row.device_id)
-                add(row.device_id, row.serial, row.station_id)
+        for row in store.devices_with_ids(sorted(wanted)):
+            found.add(row.device_id)
+            add(row.device_id, row.serial, row.station_id)
         missing = sorted(wanted - found)
         if missing:
             raise SiteError(
@@ -511,7 +510,7 @@ def build_site_bundle(
     quorum_params = site_bundle_params(request.site_id)
     precheck(home, EXPORT_PAYLOAD_KEY, quorum_params, approvals, now=int(moment.timestamp()))
     kms = kms_key(home, secrets)  # fail before anything else on an HQ without a KMS
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         site = store.site(request.site_id)
         if site is None:

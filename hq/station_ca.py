@@ -142,7 +142,7 @@ def renew_station_ca(
             f"root's ({root_cert.not_valid_after_utc.isoformat()})",
             reason="bad_validity",
         )
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         if store.station_ca_request_used(req.request_id):
             raise StationCaError(
@@ -239,7 +239,7 @@ def station_ca_history(home: HqHome, station_id: str) -> list[dict[str, object]]
     """Every CA certificate HQ issued to ``station_id`` (entitlements, renewals, re-keys),
     oldest first: serial, key id, validity, whether its key is the current one, whether
     exports may still be signed by it, and whether the root revoked it."""
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         if store.station(station_id) is None:
             raise StationCaError(

@@ -29,7 +29,7 @@ def issue_time_statement(
     Recorded in HQ's database before it is returned: ``hq ingest-audit`` checks a station's
     ``time_anchored`` records against the statements HQ issued."""
     moment = int(now_utc(now).timestamp())
-    store = HqStore.open(home.db_path)
+    store = HqStore.open(home.store_location)
     try:
         if store.station(station_id) is None:
             raise EntitlementError(

@@ -4,10 +4,12 @@
 a broker backend (embedded amqtt or Mosquitto), the registration service and the
 registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
 
-* **site channel** — the registrar's one MQTT session (identity ``registrar@site``; a
-  broker admits one live session per identity, so registration requests, telemetry, key
-  updates and commands all share it): serves ``devtrust/register/+/request`` through
-  :class:`~registrar.service.RegistrationService`, serves LDevID renewals on
+* **site channel** — the registrar's one MQTT session (:mod:`registrar.channel`; identity
+  ``registrar@site``; a broker admits one live session per identity, so registration
+  requests, telemetry, key updates and commands all share it): serves
+  ``devtrust/register/+/request`` through :class:`~registrar.service.RegistrationService`
+  (the only place requests are parsed and verified; it hands back the verified factory
+  certificate, recorded for ``registrar report``), serves LDevID renewals on
   ``devices/+/renewal/request`` (answer on ``devices/<id>/renewal/response``), decrypts
   ``devices/+/telemetry`` with the site payload keys (counts and digests only, for
   ``registrar status``), publishes payload-key updates (retained) and commands, and reads
@@ -26,9 +28,13 @@ registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
 * **status** — ``SITE/run/status.json`` (atomic, every ``status_interval``): listeners,
   counts, telemetry, CRL dates, alerts; ``registrar status`` reads it.
 
-Exactly one registrar runs per site: it holds ``SITE/run/registrar.lock`` (``flock``) for
-its whole life, and an offline CLI command holds the same lock while it works, so the two
-never write the site at the same time (see :func:`instance_lock`).
+Exactly one registrar runs a site's duties: it holds ``SITE/run/registrar.lock``
+(``flock``) for its whole life, and an offline CLI command holds the same lock while it
+works, so the two never write the site at the same time (see :func:`instance_lock`); with
+a PostgreSQL store it also holds the site-duties advisory lock (:mod:`registrar.leadership`,
+``--standby`` to take over). Further instances (``--instance N --join HOST:PORT``, Mosquitto
+and PostgreSQL) only serve registrations and renewals beside it and follow the others
+through the store's change feed (:mod:`registrar.instances`).
 """
 
 from __future__ import annotations
@@ -45,20 +51,24 @@ import ssl
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import aiomqtt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from broker_config.render import MAX_REGISTRAR_INSTANCES, instance_identity
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
+from registrar.channel import TELEMETRY_LEVEL, MqttChannel, MqttChannelSettings, SiteTraffic
 from registrar.errors import BrokerError, ConfigError, RegistrarError
+from registrar.instances import OtherInstances
 from registrar.key_distribution import KeyDistributor
 from registrar.ldevid_policy import policy_json, read_ldevid_policy
+from registrar.leadership import SiteDuties
 from registrar.payload_keys import PayloadKeyring
 from registrar.plugins import load_site_plugins, read_site_plugins
 from registrar.revocation import (
@@ -79,15 +89,7 @@ from registrar.rollover import (
     note_migration,
     retire_site_ca,
 )
-from registrar.service import (
-    RENEWAL_LEVEL,
-    RENEWAL_REQUEST_LEVEL,
-    RegistrationService,
-    SiteAuthority,
-    device_id_from_renewal_topic,
-    device_id_from_request_topic,
-    messages_until,
-)
+from registrar.service import FactorySighting, RegistrationService, SiteAuthority
 from registrar.site import (
     SITE_CRL_VALIDITY,
     CommissionedSite,
@@ -99,18 +101,18 @@ from registrar.site import (
 )
 from registrar.store import Store, StoreLocation, parse_store_location
 from registrar.supersede import SupersededCertificates
+from signers.software import load_ssl_identity
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
-from trustcore.key_rotation import KEY_ACK_LEVELS
 from trustcore.keys import Signer
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
-from trustcore.profiles import station_id_from_certificate
-from trustcore.registration import AdmissionContext, parse_request
+from trustcore.profiles import issue_service_client_certificate
+from trustcore.registration import AdmissionContext
+from trustcore.renewal import LdevidPolicy
 from trustcore.revocation import RevocationList
 from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
-from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
-from trustcore.verify import ChainVerifier, load_certificate
+from trustcore.topics import device_topic
 
 __all__ = [
     "COMMAND_LEVEL",
@@ -118,8 +120,8 @@ __all__ = [
     "AppSettings",
     "RegistrarApp",
     "RotationResult",
-    "SiteChannel",
     "import_json",
+    "instance_context",
     "instance_lock",
     "read_status",
     "registrar_running",
@@ -139,7 +141,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-TELEMETRY_LEVEL = "telemetry"
 COMMAND_LEVEL = "cmd"
 #: Re-issue the site CRL when less than this is left before its nextUpdate.
 SITE_CRL_REFRESH_MARGIN = SITE_CRL_VALIDITY / 2
@@ -149,6 +150,10 @@ CRL_WARNING_MARGIN = timedelta(days=1)
 #: (LDevIDs are cut at the CA's end, so they get shorter and shorter after this point).
 SITE_CA_WARNING_MARGIN = timedelta(days=365)
 _RECENT = 50
+#: The shared-subscription group of a site's registrar instances (Mosquitto).
+SHARED_GROUP = "registrars"
+#: Validity of a joining instance's in-memory client certificate.
+INSTANCE_CERT_VALIDITY = timedelta(days=7)
 _SPOOL_COMMANDS = (
     "revoke",
     "import-revocations",
@@ -325,10 +330,36 @@ class AppSettings:
     concurrency: int = 512
     #: ``--store URL``; None: the site home's SQLite file (:func:`store_location`).
     store: str | None = None
+    #: ``--instance N``: this registrar's number among the site's instances (1: the one
+    #: that runs the broker and the site duties; 2..16 join it, see :attr:`join`).
+    instance: int = 1
+    #: ``--join HOST:PORT``: the operational listener of the Mosquitto broker that instance
+    #: 1 runs; this instance serves requests there and starts no broker of its own.
+    join: Endpoint | None = None
+    #: ``--standby`` (PostgreSQL store): wait for the site duties while another registrar
+    #: of the site holds them, and take over when it stops (:mod:`registrar.leadership`).
+    standby: bool = False
 
     def __post_init__(self) -> None:
         if self.broker not in ("embedded", "mosquitto"):
             raise ConfigError(f"unknown broker {self.broker!r}")
+        if not 1 <= self.instance <= MAX_REGISTRAR_INSTANCES:
+            raise ConfigError(f"--instance must be 1..{MAX_REGISTRAR_INSTANCES}")
+        if self.instance > 1 or self.join is not None:
+            if self.broker != "mosquitto":
+                raise ConfigError(
+                    "the embedded broker serves one registrar instance (MQTT 3.1.1 has no "
+                    "shared subscriptions): several instances need --broker mosquitto"
+                )
+            if self.join is None or self.instance == 1:
+                raise ConfigError(
+                    "instance 1 runs the broker; instances 2..16 join it with "
+                    "--instance N --join HOST:PORT (its operational listener)"
+                )
+            if self.standby:
+                raise ConfigError(
+                    "--standby is for a registrar that runs the site duties, not --join"
+                )
         for port in (self.registration_port, self.operational_port):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"bad port {port}")
@@ -349,191 +380,6 @@ class _Telemetry:
     #: Refused because their payload key is past its grace period (also in ``rejected``).
     retired_key: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=_RECENT))
-
-
-# ---------------------------------------------------------------------------- MQTT session
-
-
-class SiteChannel:
-    """The registrar's MQTT session on the operational listener.
-
-    Registration requests are served as :func:`registrar.service.run_mqtt` serves them
-    (persistent session, bounded concurrency, reconnect after an outage); this class exists
-    because the registrar also needs to publish (key updates, commands) and read telemetry,
-    and a second session with the same certificate would be a takeover (clone signal).
-    """
-
-    def __init__(
-        self,
-        service: RegistrationService,
-        endpoint: Endpoint,
-        tls: ssl.SSLContext,
-        *,
-        on_telemetry: Callable[[DeviceId, str, bytes, bool], None],
-        concurrency: int = 512,
-        reconnect_delay: float = 0.5,
-        on_request: Callable[[DeviceId, bytes], None] | None = None,
-        on_key_ack: Callable[[DeviceId, bytes, bool], object] | None = None,
-        on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
-    ) -> None:
-        self._service = service
-        self._on_request = on_request
-        self._endpoint = endpoint
-        self._tls = tls
-        self._on_telemetry = on_telemetry
-        self._on_key_ack = on_key_ack
-        self._on_connected = on_connected
-        self._limit = asyncio.Semaphore(concurrency)
-        self._reconnect_delay = reconnect_delay
-        self._client: aiomqtt.Client | None = None
-        self.connected = asyncio.Event()
-
-    def use_tls(self, tls: ssl.SSLContext) -> None:
-        """A new client certificate (site CA rollover): used from the next (re)connect."""
-        self._tls = tls
-
-    async def publish(
-        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            client = self._client
-            if client is not None and self.connected.is_set():
-                try:
-                    await client.publish(topic, payload, qos=1, retain=retain, timeout=timeout)
-                    return
-                except aiomqtt.MqttError as exc:
-                    if time.monotonic() > deadline:
-                        raise BrokerError(f"cannot publish on {topic}: {exc}") from exc
-            elif time.monotonic() > deadline:
-                raise BrokerError("the registrar's MQTT session is not connected")
-            await asyncio.sleep(0.05)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        tasks: set[asyncio.Task[None]] = set()
-        while not stop.is_set():
-            try:
-                client = aiomqtt.Client(
-                    self._endpoint.host,
-                    self._endpoint.port,
-                    identifier=REGISTRAR_IDENTITY,
-                    protocol=aiomqtt.ProtocolVersion.V311,
-                    tls_context=self._tls,
-                    clean_session=False,
-                    keepalive=30,
-                    max_queued_outgoing_messages=None,
-                )
-                async with client:
-                    await client.subscribe(f"{REGISTRATION_PREFIX}/+/request", qos=1)
-                    await client.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
-                    await client.subscribe(f"{DEVICE_PREFIX}/+/{RENEWAL_REQUEST_LEVEL}", qos=1)
-                    if self._on_key_ack is not None:
-                        await client.subscribe(_KEY_ACK_FILTER, qos=1)
-                    self._client = client
-                    self.connected.set()
-                    if self._on_connected is not None:
-                        # e.g. pending key updates: the broker may have restarted and lost
-                        # its retained messages; served while the read loop runs.
-                        task = asyncio.create_task(self._on_connected())
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                    await self._read(client, stop, tasks)
-            except aiomqtt.MqttError as exc:
-                if stop.is_set():
-                    break
-                log.warning("registrar MQTT session lost (%s); reconnecting", exc)
-            finally:
-                self.connected.clear()
-                self._client = None
-                if tasks:
-                    await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._reconnect_delay)
-
-    async def _read(
-        self, client: aiomqtt.Client, stop: asyncio.Event, tasks: set[asyncio.Task[None]]
-    ) -> None:
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            async for message in messages_until(client, stopper):
-                topic = str(message.topic)
-                payload = message.payload
-                if not isinstance(payload, bytes | bytearray):
-                    continue
-                device = device_id_from_request_topic(topic)
-                if device is not None:
-                    await self._limit.acquire()
-                    task = asyncio.create_task(self._serve(client, device, bytes(payload)))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    continue
-                renewing = device_id_from_renewal_topic(topic)
-                if renewing is not None:
-                    await self._limit.acquire()
-                    task = asyncio.create_task(
-                        self._serve_renewal(client, renewing, bytes(payload))
-                    )
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    continue
-                telemetry = _telemetry_device(topic)
-                if telemetry is not None:
-                    self._on_telemetry(telemetry, topic, bytes(payload), bool(message.retain))
-                elif (acked := _key_ack_device(topic)) is not None and self._on_key_ack:
-                    self._on_key_ack(acked, bytes(payload), bool(message.retain))
-                else:
-                    log.warning("ignored message on %r", topic[:200])
-        finally:
-            stopper.cancel()
-
-    async def _serve(self, client: aiomqtt.Client, device: DeviceId, payload: bytes) -> None:
-        try:
-            response = await self._service.handle(device, payload)
-            await client.publish(f"{REGISTRATION_PREFIX}/{device.value}/response", response, qos=1)
-            if self._on_request is not None:
-                self._on_request(device, payload)
-        except aiomqtt.MqttError as exc:
-            log.warning("could not publish the response to %s: %s", device, exc)
-        except Exception:
-            log.exception("registration of %s failed unexpectedly", device)
-        finally:
-            self._limit.release()
-
-    async def _serve_renewal(
-        self, client: aiomqtt.Client, device: DeviceId, payload: bytes
-    ) -> None:
-        try:
-            response = await self._service.handle_renewal(device, payload)
-            await client.publish(device_topic(device, RENEWAL_LEVEL, "response"), response, qos=1)
-        except aiomqtt.MqttError as exc:
-            log.warning("could not publish the renewal answer to %s: %s", device, exc)
-        except Exception:
-            log.exception("renewal of %s failed unexpectedly", device)
-        finally:
-            self._limit.release()
-
-
-_KEY_ACK_FILTER = "/".join((DEVICE_PREFIX, "+", *KEY_ACK_LEVELS))
-
-
-def _key_ack_device(topic: str) -> DeviceId | None:
-    parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != DEVICE_PREFIX or tuple(parts[2:]) != KEY_ACK_LEVELS:
-        return None
-    try:
-        return DeviceId(parts[1])
-    except InvalidValueError:
-        return None
-
-
-def _telemetry_device(topic: str) -> DeviceId | None:
-    parts = topic.split("/")
-    if len(parts) != 3 or parts[0] != DEVICE_PREFIX or parts[2] != TELEMETRY_LEVEL:
-        return None
-    try:
-        return DeviceId(parts[1])
-    except InvalidValueError:
-        return None
 
 
 # ------------------------------------------------------------------------------ the app
@@ -562,6 +408,28 @@ def _client_context(site: CommissionedSite, passphrase: bytes) -> ssl.SSLContext
         ctx.load_cert_chain(site.client_cert, site.client_key, password=passphrase)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the registrar client certificate: {exc}") from exc
+    return ctx
+
+
+def instance_context(site: CommissionedSite, instance: int, now: datetime) -> ssl.SSLContext:
+    """The client identity of registrar instance ``instance`` (2..16): a fresh key made in
+    memory and a certificate for ``registrar.<n>@site`` from the site CA, valid for a week
+    from ``now`` (an instance restarts with a new one). The key never leaves this process."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    not_after = min(now + INSTANCE_CERT_VALIDITY, site.site_ca_cert.not_valid_after_utc)
+    cert = issue_service_client_certificate(
+        site.site_ca_cert,
+        site.site_ca_key.private_key(),
+        key.public_key(),
+        service_name=instance_identity(REGISTRAR_IDENTITY, instance),
+        organization=site.organization,
+        not_before=now - timedelta(minutes=5),
+        not_after=not_after,
+    )
+    pem = serialization.Encoding.PEM
+    ctx = ssl.create_default_context(cadata=site.root.public_bytes(pem).decode("ascii"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_ssl_identity(ctx, cert.public_bytes(pem) + site.site_ca_cert.public_bytes(pem), key)
     return ctx
 
 
@@ -623,15 +491,28 @@ class RegistrarApp:
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.service: RegistrationService | None = None
-        self.channel: SiteChannel | None = None
+        self.channel: MqttChannel | None = None
         self.keyring: PayloadKeyring | None = None
         self.revocations: RevocationList | None = None
         self._revoked: set[DeviceId] = set()
         self.superseded: SupersededCertificates | None = None
+        self._duties: SiteDuties | None = None
+        #: Set when this registrar must stop on its own (the site-duties lock was lost).
+        self.halted = asyncio.Event()
 
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        join = self.settings.join
+        if join is not None:
+            # Instance 1 holds the site lock (offline commands wait for it); a joining
+            # instance may run on another machine and coordinates through the store only.
+            try:
+                await self._start_joined(join)
+            except BaseException:
+                await self.stop()
+                raise
+            return
         lock = instance_lock(self.home, wait=10.0)
         if not lock.__enter__():
             lock.__exit__(None, None, None)
@@ -645,18 +526,21 @@ class RegistrarApp:
             await self.stop()
             raise
 
-    async def _start(self) -> None:
-        self._started = time.time()
-        passphrase = self.secrets.passphrase()
-        await asyncio.to_thread(self.refresh_site_crl_if_due)
-        await asyncio.to_thread(self.refresh_service_certificates_if_due)
+    async def _open_service(self) -> tuple[CommissionedSite, Store, LdevidPolicy]:
+        """The commissioned site, the store and the registration service (every instance)."""
         site = await asyncio.to_thread(load_commissioned_site, self.home, self.secrets)
         self.site = site
         self._state_target = str(self.home.current.readlink())
         self.keyring = await asyncio.to_thread(site.payload_keys.load)
         self.revocations = site.revocations
-        self.store = store = await Store.open(store_location(self.home, self.settings.store))
-        self._revoked = await store.revoked_device_ids()
+        location = store_location(self.home, self.settings.store)
+        if self.settings.join is not None and location.kind != "postgres":
+            raise ConfigError(
+                "several registrar instances share one PostgreSQL store "
+                "(--store postgresql://…); a SQLite store serves one instance"
+            )
+        self.store = store = await Store.open(location)
+        self._revoked.update(await store.revoked_device_ids())
         policy = read_ldevid_policy(self.home.path)
         self.service = RegistrationService(
             store=store,
@@ -671,6 +555,74 @@ class RegistrarApp:
             clock=self._clock,
         )
         self.service.use_site_authority(_site_authority(site, policy.validity))  # + retiring
+        return site, store, policy
+
+    def _channel_settings(self, endpoint: Endpoint, *, site_duties: bool) -> MqttChannelSettings:
+        """Mosquitto: MQTT v5, requests through ``$share/registrars/…`` (one instance or
+        several, the same path); amqtt: MQTT 3.1.1, one instance."""
+        mosquitto = self.settings.broker == "mosquitto"
+        return MqttChannelSettings(
+            endpoint=endpoint,
+            client_id=instance_identity(REGISTRAR_IDENTITY, self.settings.instance),
+            protocol="5" if mosquitto else "3.1.1",
+            shared_group=SHARED_GROUP if mosquitto else None,
+            site_duties=site_duties,
+            workers=self.settings.concurrency,
+        )
+
+    async def _start_joined(self, join: Endpoint) -> None:
+        """Instance 2..16: serve requests on the broker instance 1 runs. No broker, no
+        spool, no CRL timer, no key distribution (instance 1's duties); it follows the
+        other instances through the store's change feed (revocations, payload keys)."""
+        self._started = time.time()
+        site, _store, _policy = await self._open_service()
+        others = self._follow_instances(site_duties=False)
+        self._require(self.service).on_superseded = others.superseded_on_crl
+        tls = await asyncio.to_thread(instance_context, site, self.settings.instance, self._clock())
+        self.channel = MqttChannel(
+            self._channel_settings(join, site_duties=False),
+            tls,
+            SiteTraffic(register=self._register, renew=self._renew),
+        )
+        self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
+        try:
+            await asyncio.wait_for(self.channel.connected.wait(), 15)
+        except TimeoutError as exc:
+            raise BrokerError(f"instance {self.settings.instance} could not join {join}") from exc
+        log.info(
+            "registrar instance %d for site %s serving on %s:%d",
+            self.settings.instance,
+            self.home.site_id,
+            join.host,
+            join.port,
+        )
+
+    async def _take_site_duties(self) -> None:
+        """With a PostgreSQL store, the site duties are held through an advisory lock (one
+        registrar per site runs them, wherever it runs; ``--standby`` waits to take over).
+        Taken before anything of the site is written."""
+        location = store_location(self.home, self.settings.store)
+        if location.kind != "postgres":
+            return
+        duties = await SiteDuties.acquire(
+            location.url, self.home.site_id.value, standby=self.settings.standby
+        )
+        assert duties is not None  # no stop event: a standby waits until it is cancelled
+        self._duties = duties
+
+        async def watch() -> None:
+            await duties.lost.wait()
+            self.halted.set()
+
+        self._tasks.append(asyncio.create_task(watch(), name="duties"))
+
+    async def _start(self) -> None:
+        self._started = time.time()
+        await self._take_site_duties()
+        passphrase = self.secrets.passphrase()
+        await asyncio.to_thread(self.refresh_site_crl_if_due)
+        await asyncio.to_thread(self.refresh_service_certificates_if_due)
+        site, store, policy = await self._open_service()
         self.check_crls()
         workdir = self._workdir or run_dir(self.home) / f"broker-{self.settings.broker}"
         settings = BrokerSettings(
@@ -704,7 +656,7 @@ class RegistrarApp:
             handover_seconds=policy.handover_seconds,
             store=store,
         )
-        self.service.on_superseded = self.superseded.supersede
+        self._require(self.service).on_superseded = self.superseded.supersede
         await self.superseded.reconcile(store)
         self.keys = KeyDistributor(
             store=store,
@@ -715,18 +667,19 @@ class RegistrarApp:
             clock=self._clock,
             grace_s=self.home.config.payload_key_grace_s,
         )
-        await self.keys.start(self.keyring)
+        await self.keys.start(self._require(self.keyring))
         op = broker.operational_endpoint
         host = "127.0.0.1" if op.host in ("0.0.0.0", "", "::") else op.host  # noqa: S104
-        self.channel = SiteChannel(
-            self.service,
-            Endpoint(host, op.port),
+        self.channel = MqttChannel(
+            self._channel_settings(Endpoint(host, op.port), site_duties=True),
             _client_context(site, passphrase),
-            on_telemetry=self._telemetry_received,
-            concurrency=self.settings.concurrency,
-            on_request=self._factory_certificate_seen,
-            on_key_ack=self.keys.ack_received,
-            on_connected=self._catch_up_key_updates,
+            SiteTraffic(
+                register=self._register,
+                renew=self._renew,
+                telemetry=self._telemetry_received,
+                key_ack=self.keys.ack_received,
+                connected=self._catch_up_key_updates,
+            ),
         )
         self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
         try:
@@ -740,6 +693,8 @@ class RegistrarApp:
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
             asyncio.create_task(self._loop(self.settings.status_interval, self._write_status)),
         ]
+        if store.backend == "postgres":  # SQLite: one instance, no one else's changes
+            self._follow_instances(site_duties=True)
         await self._write_status()
         log.info(
             "registrar for site %s running: registration %s, operational %s (%s broker)",
@@ -776,6 +731,9 @@ class RegistrarApp:
             self.store = None
         with contextlib.suppress(OSError):
             status_path(self.home).unlink()
+        if self._duties is not None:
+            await self._duties.release()
+            self._duties = None
         if self._lock_cm is not None:
             self._lock_cm.__exit__(None, None, None)
             self._lock_cm = None
@@ -819,6 +777,30 @@ class RegistrarApp:
                 log.exception("registrar background step %s failed", step.__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval)
+
+    # -- other instances (registrar.instances) --------------------------------------------
+
+    def _follow_instances(self, *, site_duties: bool) -> OtherInstances:
+        """Other instances on the same PostgreSQL store (nothing to follow on SQLite)."""
+        others = OtherInstances(
+            store=self._require(self.store),
+            revoked=self._revoked,
+            site_crl=lambda: self.home.current / "site-crl.pem",
+            reload_payload_key=self._reload_payload_key,
+            superseded=self.superseded if site_duties else None,
+        )
+        self._tasks.append(asyncio.create_task(others.follow(), name="instances"))
+        if site_duties:
+            self._tasks.append(asyncio.create_task(others.reconcile_superseded(), name="crl"))
+        return others
+
+    async def _reload_payload_key(self) -> None:
+        site, service = self._require(self.site), self._require(self.service)
+        self.keyring = await asyncio.to_thread(site.payload_keys.load)
+        service.use_payload_key(self.keyring.current)
+        log.info(
+            "payload key %s in use (rotated by another instance)", self.keyring.current.key_id.hex()
+        )
 
     # -- operations (spool commands and in-process callers) ---------------------------------
 
@@ -919,13 +901,16 @@ class RegistrarApp:
         channel = self._require(self.channel)
         issued = time.time_ns() // 1000  # microseconds: two commands in one second differ
         sent = 0
-        for record in dependents(await store.devices(), retiring, datetime.now(UTC)):
-            device = DeviceId(record.device_id)
-            message = build_renew_now(
-                device_id=device, issued=issued, issuing_ca=site.site_ca_cert, signer=key
-            )
-            await channel.publish(device_topic(device, ROLLOVER_LEVEL), message, retain=True)
-            sent += 1
+        moment = datetime.now(UTC)
+        # page by page: this runs at start-up too, and must not read the registry at once
+        async for page in store.device_pages(status="registered"):
+            for record in dependents(page, retiring, moment):
+                device = DeviceId(record.device_id)
+                message = build_renew_now(
+                    device_id=device, issued=issued, issuing_ca=site.site_ca_cert, signer=key
+                )
+                await channel.publish(device_topic(device, ROLLOVER_LEVEL), message, retain=True)
+                sent += 1
         await store.record_event(None, "rollover", f"renew-now published to {sent} device(s)")
         log.info("site CA rollover: renew-now published to %d device(s)", sent)
         return sent
@@ -955,36 +940,28 @@ class RegistrarApp:
 
     # -- telemetry ----------------------------------------------------------------------------
 
-    def _factory_certificate_seen(self, device: DeviceId, payload: bytes) -> None:
-        """Record the factory certificate of a registration request for ``registrar report``.
+    async def _register(self, device: DeviceId, payload: bytes) -> bytes:
+        """One registration: the service parses and verifies it once and hands back the
+        verified factory certificate, recorded here for ``registrar report``."""
+        return await self._require(self.service).handle(
+            device, payload, seen=self._factory_certificate_seen
+        )
 
-        Only a certificate whose chain verifies to the root is recorded (junk cannot fill
-        the table); HQ revocations are NOT applied here (the base verifier), because a
-        revoked certificate that keeps trying is evidence HQ wants too."""
-        service, store = self.service, self.store
-        if service is None or store is None:
-            return
-        try:
-            request = parse_request(payload)
-            identity = ChainVerifier.verify(
-                service.verifier,
-                request.idevid_der,
-                now=datetime.now(UTC),
-                intermediates=[load_certificate(c) for c in request.chain_der],
-                require_device_id=True,
-            )
-            station = station_id_from_certificate(identity.issuer)
-        except (TrustCoreError, ValueError) as exc:
-            log.debug("no factory-certificate sighting for %s: %s", device, exc)
-            return
-        if identity.device_id is None:
+    async def _renew(self, device: DeviceId, payload: bytes) -> bytes:
+        return await self._require(self.service).handle_renewal(device, payload)
+
+    def _factory_certificate_seen(self, sighting: FactorySighting) -> None:
+        """Record a factory certificate whose chain the service verified (junk cannot
+        fill the table), at the moment on the service's clock."""
+        store = self.store
+        if store is None:
             return
         store.note_factory_certificate(
-            station_id=station.value,
-            serial=format(identity.leaf.serial_number, "x"),
-            device_id=identity.device_id,
-            der=request.idevid_der,
-            at=int(time.time()),
+            station_id=sighting.station_id,
+            serial=sighting.serial,
+            device_id=sighting.device_id,
+            der=sighting.der,
+            at=int(sighting.at.timestamp()),
         )
 
     def _telemetry_received(
@@ -1364,15 +1341,33 @@ async def run_registrar(
     stop: asyncio.Event,
     ready: Callable[[RegistrarApp], None] | None = None,
 ) -> None:
-    """Start, call ``ready``, run until ``stop`` is set, stop gracefully."""
+    """Start (a standby waits for the site duties meanwhile), call ``ready``, run until
+    ``stop`` is set, stop gracefully. ``RegistrarError`` when the registrar had to stop on
+    its own (the site-duties lock was lost: another registrar may run them now)."""
     app = RegistrarApp(home, secrets, settings)
-    await app.start()
+    starting = asyncio.ensure_future(app.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # stopped while standing by (or starting)
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    starting.result()
+    halted = asyncio.ensure_future(app.halted.wait())
     try:
         if ready is not None:
             ready(app)
-        await stop.wait()
+        await asyncio.wait({stopping, halted}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        stopping.cancel()
+        halted.cancel()
         await app.stop()
+    if app.halted.is_set() and not stop.is_set():
+        raise ConfigError(
+            "the site-duties lock was lost (store unreachable): stopped, so that the duties "
+            "never run twice; start again when the store is back"
+        )
 
 
 @contextlib.asynccontextmanager

@@ -11,11 +11,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from registrar.errors import CommissionError, RegistrarError
+from registrar.errors import CommissionError, ConfigError, RegistrarError
 from signers.errors import SignerError
 from signers.software import write_private_file
 
 if TYPE_CHECKING:
+    from registrar.broker import Endpoint
     from registrar.site import SiteHome
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -246,6 +247,17 @@ def commission_command(home: Path, bundle_file: Path, passphrase_file: Path | No
 # ----------------------------------------------------------------------------------- run
 
 
+def _endpoint(value: str) -> Endpoint:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> Endpoint; a one-line ConfigError otherwise."""
+    from registrar.broker import Endpoint
+
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--join needs HOST:PORT, not {value!r}")
+    return Endpoint(host, int(port))
+
+
 def _open_site(home: Path) -> SiteHome:
     from registrar.site import SiteHome
 
@@ -281,6 +293,26 @@ def _open_site(home: Path) -> SiteHome:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--instance",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="This registrar's number among the site's instances (2..16 need --join).",
+)
+@click.option(
+    "--join",
+    metavar="HOST:PORT",
+    default=None,
+    help="Serve on the Mosquitto broker that instance 1 runs (its operational listener) "
+    "instead of starting one; needs a PostgreSQL --store shared with instance 1.",
+)
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="PostgreSQL store: if another registrar runs this site's duties, wait and take "
+    "over when it stops (instead of refusing to start).",
+)
 @_store_option
 def run_command(
     home: Path,
@@ -291,10 +323,17 @@ def run_command(
     operational_port: int,
     crl_check_interval: float,
     log_level: str,
+    instance: int,
+    join: str | None,
+    standby: bool,
     store: str | None,
 ) -> None:
     """Run the registrar: broker (two mTLS listeners), registration service, revocation,
-    CRL refresh and status, until SIGINT or SIGTERM (graceful stop, exit 0)."""
+    CRL refresh and status, until SIGINT or SIGTERM (graceful stop, exit 0).
+
+    Several instances per site (Mosquitto, PostgreSQL store): instance 1 runs as usual;
+    each further instance runs ``--instance N --join HOST:PORT`` with the same ``--store``
+    and shares the request stream through MQTT v5 shared subscriptions."""
     import asyncio
     import logging
     import signal
@@ -315,12 +354,22 @@ def run_command(
             operational_port=operational_port,
             crl_check_interval=crl_check_interval,
             store=store,
+            instance=instance,
+            join=None if join is None else _endpoint(join),
+            standby=standby,
         )
         store_location(site, store)  # a bad URL: one line now, not at start-up
     except RegistrarError as exc:
         _fail(exc)
 
     def ready(app: RegistrarApp) -> None:
+        if settings.join is not None:
+            click.echo(
+                f"registrar instance {instance} running for site {site.site_id}: serving on "
+                f"{settings.join.host}:{settings.join.port} ({broker}); stop with Ctrl-C"
+            )
+            sys.stdout.flush()
+            return
         reg, op = app.registration_endpoint, app.operational_endpoint
         click.echo(
             f"registrar running for site {site.site_id}: registration {reg.host}:{reg.port}, "
@@ -716,7 +765,6 @@ def ldevid_policy_command(
     import json
     from datetime import timedelta
 
-    from registrar.errors import ConfigError
     from registrar.ldevid_policy import policy_json, read_ldevid_policy, write_ldevid_policy
     from trustcore.errors import InvalidValueError
 

@@ -1,8 +1,11 @@
-"""The registration service: one request in, one signed response out; and its MQTT runner.
+"""The registration service: one request in, one signed response out.
 
 :class:`RegistrationService` is broker-agnostic: ``handle(topic_device_id, payload)`` returns
 the response bytes to publish on the device's response topic. It is driven directly by the
-tests (no broker) and by :func:`run_mqtt` in production.
+tests (no broker) and, in production, by ``registrar run`` (:mod:`registrar.app`) through
+the site channel (:mod:`registrar.channel`). The request is parsed and its chain verified
+here only, once: a caller that needs the verified factory certificate (``registrar
+report``'s sightings) passes ``seen`` and gets a :class:`FactorySighting`.
 
 Per request, in order:
 
@@ -38,21 +41,16 @@ the old certificate is refused at connect from the moment the new one exists.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import hashlib
 import logging
-import socket
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
-import aiomqtt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from registrar.broker import REGISTRAR_IDENTITY, Endpoint
 from registrar.errors import RegistrarError, RegistrationRefused, StoreError
 from registrar.store import DeviceRecord, Lookup, Registration, Store
 from trustcore.errors import InvalidValueError, TrustCoreError
@@ -89,12 +87,11 @@ __all__ = [
     "RENEWAL_LEVEL",
     "RENEWAL_REQUEST_LEVEL",
     "RENEWAL_RESPONSE_LEVEL",
-    "MqttRunnerSettings",
+    "FactorySighting",
     "RegistrationService",
     "SiteAuthority",
     "device_id_from_renewal_topic",
     "device_id_from_request_topic",
-    "run_mqtt",
 ]
 
 log = logging.getLogger(__name__)
@@ -117,6 +114,23 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class FactorySighting:
+    """A factory certificate whose chain the service verified while serving a request: the
+    evidence ``registrar report`` sends to HQ (station, serial in hex, device, DER, and the
+    moment on the service's clock). Made from the one verification of the request."""
+
+    station_id: str
+    serial: str
+    device_id: DeviceId
+    der: bytes
+    at: datetime
+
+
+#: Receives the sighting of a request whose factory certificate verified (see ``handle``).
+SightingSink = Callable[[FactorySighting], None]
+
+
 @dataclass(frozen=True)
 class SiteAuthority:
     """The site CA as the registrar uses it: certificate, its key (any Signer: software,
@@ -132,8 +146,9 @@ class SiteAuthority:
     #: CA it knows (payload-key updates, "renew now").
     retiring: tuple[tuple[x509.Certificate, Signer], ...] = ()
 
-    @property
+    @functools.cached_property
     def der(self) -> bytes:
+        """The site CA certificate's DER (in every response: encoded once)."""
         return self.certificate.public_bytes(serialization.Encoding.DER)
 
     def signer_for(self, ldevid_der: bytes) -> Signer:
@@ -219,8 +234,12 @@ class RegistrationService:
 
     # -- the request path ------------------------------------------------------------------
 
-    async def handle(self, topic_device_id: DeviceId, payload: bytes) -> bytes:
-        """The response to publish on ``topic_device_id``'s response topic."""
+    async def handle(
+        self, topic_device_id: DeviceId, payload: bytes, *, seen: SightingSink | None = None
+    ) -> bytes:
+        """The response to publish on ``topic_device_id``'s response topic. ``seen`` is
+        called with the :class:`FactorySighting` of a request whose factory certificate
+        verified (before the answer is returned; not for a retry answered from the store)."""
         try:
             request = parse_request(payload)
         except RegistrationError as exc:
@@ -240,7 +259,7 @@ class RegistrationService:
                 request=request,
             )
         return await self._deduplicated(
-            topic_device_id, request, lambda: self._process(topic_device_id, request)
+            topic_device_id, request, lambda: self._process(topic_device_id, request, seen)
         )
 
     async def handle_renewal(self, topic_device_id: DeviceId, payload: bytes) -> bytes:
@@ -299,7 +318,12 @@ class RegistrationService:
         finally:
             del self._inflight[digest]
 
-    async def _process(self, topic_device_id: DeviceId, request: RegistrationRequest) -> bytes:
+    async def _process(
+        self,
+        topic_device_id: DeviceId,
+        request: RegistrationRequest,
+        seen: SightingSink | None = None,
+    ) -> bytes:
         digest = request.digest
         try:
             found = await self._store.lookup(
@@ -331,6 +355,8 @@ class RegistrationService:
                 key_owner=key_owner,
                 defer_manifest=self.admission_plugins is not None,
             )
+            if seen is not None:
+                self._sighted(verified, now, seen)
             await self._admit(verified, now)
             await self._expired_policy(found, verified, now)
             authority = self.issuing_authority()
@@ -366,9 +392,14 @@ class RegistrationService:
         # while the first sits in the group-commit queue, must be refused too.
         failed = await self._record_reserved(record, request.nonce, verified.ldevid_key_id)
         if failed is not None:
+            if (stored := await self._answered_elsewhere(digest)) is not None:
+                return stored
             return self._refusal(topic_device_id, request.nonce, digest, failed, request=request)
         self.stats["ok"] += 1
-        log.info(
+        # DEBUG, not INFO: the registration is already an event row of the same commit
+        # (``registrar status``), and a formatted log line per device cost about 25 µs of
+        # the registrar's CPU per registration (bench/registration_cpu.py).
+        log.debug(
             "registered %s (idevid %s, ldevid %s)",
             request.device_id,
             record.idevid_serial,
@@ -378,6 +409,21 @@ class RegistrationService:
         if previous is not None and previous != record.ldevid_serial:
             await self._superseded(request.device_id, (previous,))
         return issued.response
+
+    @staticmethod
+    def _sighted(verified: VerifiedRegistration, now: datetime, seen: SightingSink) -> None:
+        identity, station = verified.identity, verified.station_id
+        if identity.device_id is None or station is None:
+            return
+        seen(
+            FactorySighting(
+                station_id=station.value,
+                serial=format(identity.leaf.serial_number, "x"),
+                device_id=identity.device_id,
+                der=verified.request.idevid_der,
+                at=now,
+            )
+        )
 
     async def _expired_policy(
         self, found: Lookup, verified: VerifiedRegistration, now: datetime
@@ -534,6 +580,8 @@ class RegistrationService:
         )
         failed = await self._record_reserved(record, request.nonce, verified.new_key_id)
         if failed is not None:
+            if (stored := await self._answered_elsewhere(digest)) is not None:
+                return stored
             return self._refusal(device, request.nonce, digest, failed, request=request)
         self.stats["renewed"] += 1
         log.info(
@@ -559,6 +607,20 @@ class RegistrationService:
             self._reserved_nonces.discard(nonce)
             self._reserved_keys.pop(key_id, None)
         return None
+
+    async def _answered_elsewhere(self, digest: bytes) -> bytes | None:
+        """After a failed commit: the answer another registrar instance committed for the
+        same request bytes meanwhile (a device re-sent its request while the first copy was
+        being served elsewhere; the unique request digest let one commit win). Answering
+        with it, not with a refusal, keeps the device from starting a second registration
+        (a second certificate)."""
+        try:
+            found = await self._store.lookup(digest, b"", None)
+        except StoreError:
+            return None
+        if found.response is not None:
+            self.stats["idempotent"] += 1
+        return found.response
 
     async def _admit(self, verified: VerifiedRegistration, now: datetime) -> None:
         """The site's admission plugins (when configured); a hold is recorded durably as a
@@ -622,7 +684,7 @@ class RegistrationService:
         self.payload_key = key
 
 
-# ------------------------------------------------------------------------------ MQTT runner
+# ----------------------------------------------------------------------------------- topics
 
 
 def device_id_from_request_topic(topic: str) -> DeviceId | None:
@@ -646,133 +708,3 @@ def device_id_from_renewal_topic(topic: str) -> DeviceId | None:
         return DeviceId(parts[1])
     except InvalidValueError:
         return None
-
-
-@dataclass(frozen=True)
-class MqttRunnerSettings:
-    """How the registrar's own MQTT client reaches the broker.
-
-    ``protocol`` "3.1.1" for amqtt; "5" for Mosquitto, where ``shared_group`` makes several
-    registrar instances share the request stream (``$share/<group>/...``). ``tls`` is a
-    client context holding the registrar's site-CA certificate (CN ``registrar@site``) and
-    trusting the broker's certificate."""
-
-    endpoint: Endpoint
-    tls: ssl.SSLContext
-    protocol: Literal["3.1.1", "5"] = "3.1.1"
-    shared_group: str | None = None
-    client_id: str = REGISTRAR_IDENTITY
-    concurrency: int = 512
-    reconnect_delay: float = 0.5
-    keepalive: int = 30
-
-
-def _request_filter(settings: MqttRunnerSettings) -> str:
-    base = f"{REGISTRATION_PREFIX}/+/request"
-    if settings.shared_group is not None:
-        if settings.protocol != "5":
-            raise ValueError("shared subscriptions need MQTT v5")
-        return f"$share/{settings.shared_group}/{base}"
-    return base
-
-
-async def run_mqtt(
-    service: RegistrationService,
-    settings: MqttRunnerSettings,
-    *,
-    ready: asyncio.Event | None = None,
-    stop: asyncio.Event | None = None,
-) -> None:
-    """Serve registration requests until ``stop`` is set (or the task is cancelled).
-
-    Reconnects after a broker outage. The session is persistent (clean session off), so
-    requests published while the registrar was away are delivered when it returns. QoS 1 is
-    acknowledged by the client library on receipt: if the registrar dies between the ack and
-    the publish of the response, the device retries the identical request and gets the
-    stored (or a freshly made) answer — that is why responses are idempotent.
-    """
-    stop = stop or asyncio.Event()
-    topic_filter = _request_filter(settings)
-    limit = asyncio.Semaphore(settings.concurrency)
-    tasks: set[asyncio.Task[None]] = set()
-    v5 = settings.protocol == "5"
-    while not stop.is_set():
-        try:
-            client = aiomqtt.Client(
-                settings.endpoint.host,
-                settings.endpoint.port,
-                identifier=settings.client_id,
-                protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-                tls_context=settings.tls,
-                clean_session=None if v5 else False,
-                keepalive=settings.keepalive,
-                max_queued_outgoing_messages=None,
-                # Without it, Nagle holds the response PUBLISH behind the PUBACK of the
-                # request until the broker's delayed ACK (~40 ms per registration).
-                socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-            )
-            async with client:
-                await client.subscribe(topic_filter, qos=1)
-                if ready is not None:
-                    ready.set()
-                stopper = asyncio.create_task(stop.wait())
-                try:
-                    async for message in messages_until(client, stopper):
-                        device = device_id_from_request_topic(str(message.topic))
-                        payload = message.payload
-                        if device is None or not isinstance(payload, bytes | bytearray):
-                            log.warning("ignored message on %s", message.topic)
-                            continue
-                        await limit.acquire()
-                        task = asyncio.create_task(
-                            _serve_one(service, client, device, bytes(payload), limit)
-                        )
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                finally:
-                    stopper.cancel()
-                    if tasks:
-                        await asyncio.gather(*tasks, return_exceptions=True)
-        except aiomqtt.MqttError as exc:
-            if stop.is_set():
-                break
-            log.warning("registrar MQTT connection lost (%s); reconnecting", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), settings.reconnect_delay)
-
-
-async def messages_until(
-    client: aiomqtt.Client, stopper: asyncio.Task[bool]
-) -> AsyncIterator[aiomqtt.Message]:
-    """Iterate ``client.messages`` until ``stopper`` completes."""
-    iterator = client.messages.__aiter__()
-    while True:
-        nxt = asyncio.ensure_future(iterator.__anext__())
-        done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if nxt not in done:
-            nxt.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await nxt
-            return
-        try:
-            yield nxt.result()
-        except StopAsyncIteration:
-            return
-
-
-async def _serve_one(
-    service: RegistrationService,
-    client: aiomqtt.Client,
-    device: DeviceId,
-    payload: bytes,
-    limit: asyncio.Semaphore,
-) -> None:
-    try:
-        response = await service.handle(device, payload)
-        await client.publish(f"{REGISTRATION_PREFIX}/{device.value}/response", response, qos=1)
-    except aiomqtt.MqttError as exc:
-        log.warning("could not publish the response to %s: %s", device, exc)
-    except Exception:
-        log.exception("registration of %s failed unexpectedly", device)
-    finally:
-        limit.release()

@@ -224,3 +224,47 @@ def test_random_bytes_never_escape_encoding_error(data: bytes) -> None:
     except EncodingError:
         return
     assert cbor.encode(value) == data  # whatever is accepted is exactly canonical
+
+
+# -------------------------------------------------------------- the C encoder fast path
+
+_text_keyed = st.recursive(
+    _scalars,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_text_keyed | _values)
+def test_encode_is_byte_identical_to_the_reference_encoder(value: Any) -> None:
+    """Whether cbor2's C encoder or the §4.2.1 reference encoder writes it, the bytes are
+    the same (text-keyed maps take the C path, anything else the reference)."""
+    assert cbor.encode(value) == cbor.encode_reference(value)
+
+
+def test_c_path_is_taken_only_for_its_data_model() -> None:
+    registration_like = {
+        "v": 1,
+        "status": "ok",
+        "nonce": b"\x01" * 32,
+        "payload_key": {"key_id": b"k" * 8, "enc": b"e" * 65, "ct": b"c" * 48},
+        "chain": [b"x" * 700, b"y" * 650],
+        "retry": False,
+        "aa": None,
+        "z" * 30: -(2**64),
+    }
+    assert cbor._c_encodable(registration_like, 0)
+    assert cbor.encode(registration_like) == cbor.encode_reference(registration_like)
+    for outside in ({1: 2}, (1, 2), [2**64], [True, 1.0], {"a": bytearray(b"x")}):
+        assert not cbor._c_encodable(outside, 0)
+    deep: Any = 0
+    for _ in range(cbor.MAX_DEPTH + 1):
+        deep = [deep]
+    assert not cbor._c_encodable(deep, 0)
+    with pytest.raises(EncodingError):
+        cbor.encode(deep)
+    with pytest.raises(EncodingError):
+        cbor.encode({"a": "\ud800"})

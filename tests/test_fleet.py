@@ -1,6 +1,7 @@
-"""Fleet mode against the embedded broker and the real registrar (SQLite file): software-key
-devices and swtpm devices onboard concurrently; a device the site does not admit is refused
-without disturbing the others; load fleets round-trip through their on-disk form."""
+"""Fleet mode against the real registrar (``registrar run``'s composition root, embedded
+broker, SQLite) on a site commissioned from an HQ bundle: software-key devices and swtpm
+devices onboard concurrently; a device the site does not admit is refused without
+disturbing the others; load fleets round-trip through their on-disk form."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
-from bench.site_fixture import SitePki, SiteRuntime, build_site_pki, write_site
+from bench.site_fixture import BenchSite, SitePki, build_commissioned_site, build_site_pki
 from device_sim.cli import main
 from device_sim.client import DeviceClient, DeviceCredentials, TlsIdentity, TpmKeys
 from device_sim.fleet import (
@@ -22,11 +23,12 @@ from device_sim.fleet import (
     software_device,
     write_load_device,
 )
+from registrar.app import AppSettings, RegistrarApp, running
+from registrar.site import SiteHome
 from signers.software import SoftwareKey
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage
 from tests.fixtures.swtpm import SwtpmFactory
 from trustcore.identity import DeviceId
-from trustcore.registration import Admission, AdmissionRule
 
 FLEET_PASS = b"load-test fleet passphrase"
 
@@ -37,18 +39,19 @@ def site_pki() -> SitePki:
 
 
 @pytest.fixture
-async def site(site_pki: SitePki, tmp_path: Path) -> AsyncIterator[SiteRuntime]:
-    files = write_site(site_pki, tmp_path / "site")
-    async with SiteRuntime.running(site_pki, files, "embedded") as runtime:
-        service = await runtime.start_registrar()
-        # Only ids starting with "dev-" are admitted: "zz-..." must be refused.
-        service.update_trust(
-            admission=Admission(rules=(AdmissionRule(site_pki.station_id, "dev-"),))
-        )
-        yield runtime
+def bench_site(tmp_path: Path) -> BenchSite:
+    """Admits every device of its station whose id starts with "dev-" ("zz-…" is refused)."""
+    return build_commissioned_site(tmp_path / "world", id_prefix="dev-")
 
 
-def tpm_device(pki: SitePki, tpm: Tpm, name: str) -> DeviceClient:
+@pytest.fixture
+async def site(bench_site: BenchSite) -> AsyncIterator[RegistrarApp]:
+    settings = AppSettings(registration_port=0, operational_port=0)
+    async with running(SiteHome.open(bench_site.home), bench_site.secrets(), settings) as app:
+        yield app
+
+
+def tpm_device(pki: BenchSite, tpm: Tpm, name: str) -> DeviceClient:
     """A swtpm device: factory key made in its TPM; a software twin certificate for TLS."""
     device_id = DeviceId(name)
     factory_key = TpmKey.create(tpm, TpmKeyUsage.SIGN)
@@ -64,13 +67,13 @@ def tpm_device(pki: SitePki, tpm: Tpm, name: str) -> DeviceClient:
 
 @pytest.mark.tpm
 async def test_mixed_fleet_onboards_and_refusal_is_isolated(
-    site: SiteRuntime, site_pki: SitePki, swtpm_factory: SwtpmFactory
+    site: RegistrarApp, bench_site: BenchSite, swtpm_factory: SwtpmFactory
 ) -> None:
-    software = [software_device(d.credentials()) for d in site_pki.factory_devices(5)]
+    software = [software_device(d.credentials()) for d in bench_site.factory_devices(5)]
     tpms = [Tpm(swtpm_factory().tcti) for _ in range(2)]
     try:
-        hardware = [tpm_device(site_pki, tpm, f"dev-tpm-{i}") for i, tpm in enumerate(tpms)]
-        stranger = software_device(site_pki.factory_device("zz-000001").credentials())
+        hardware = [tpm_device(bench_site, tpm, f"dev-tpm-{i}") for i, tpm in enumerate(tpms)]
+        stranger = software_device(bench_site.factory_device("zz-000001").credentials())
         fleet = [*software, *hardware, stranger]
         report = await onboard(
             fleet, site.registration_endpoint, timeout=15, attempts=1, progress=False
@@ -93,9 +96,10 @@ async def test_mixed_fleet_onboards_and_refusal_is_isolated(
     for device in [*software, *hardware]:
         reg = device.registered
         assert reg is not None
-        assert reg.current_key == site_pki.payload_key  # unwrapped with the device's own key
+        assert site.keyring is not None and site.site is not None
+        assert reg.current_key == site.keyring.current  # unwrapped with the device's own key
         assert reg.ldevid.public_key() == reg.ldevid_key.public_key()
-        assert reg.ldevid.issuer == site_pki.site_ca.subject
+        assert reg.ldevid.issuer == site.site.site_ca_cert.subject
     for device in hardware:  # the LDevID key and wrap key were made inside the TPM
         assert device.registered is not None
         assert isinstance(device.registered.ldevid_key, TpmKey)
@@ -112,10 +116,10 @@ async def test_mixed_fleet_onboards_and_refusal_is_isolated(
 
 
 async def test_load_fleet_on_disk_round_trip(
-    site: SiteRuntime, site_pki: SitePki, tmp_path: Path
+    site: RegistrarApp, bench_site: BenchSite, tmp_path: Path
 ) -> None:
     fleet_dir = tmp_path / "fleet"
-    made = site_pki.factory_devices(3, prefix="dev-disk-")
+    made = bench_site.factory_devices(3, prefix="dev-disk-")
     for d in made:
         write_load_device(
             fleet_dir,
@@ -132,17 +136,17 @@ async def test_load_fleet_on_disk_round_trip(
     assert b"-----BEGIN PRIVATE KEY-----" not in stored
     assert SoftwareKey.load(key_file, FLEET_PASS).public_key() == made[0].idevid.public_key()
 
-    devices = load_fleet(fleet_dir, (site_pki.root,), passphrase=FLEET_PASS, count=2)
+    devices = load_fleet(fleet_dir, (bench_site.root,), passphrase=FLEET_PASS, count=2)
     assert [d.device_id for d in devices] == [m.device_id for m in made[:2]]
     report = await onboard(devices, site.registration_endpoint, concurrency=1, progress=False)
     assert report.registered == 2 and report.failures == 0
 
     with pytest.raises(FleetError, match="holds 3 devices"):
-        load_fleet(fleet_dir, (site_pki.root,), passphrase=FLEET_PASS, count=4)
+        load_fleet(fleet_dir, (bench_site.root,), passphrase=FLEET_PASS, count=4)
     with pytest.raises(FleetError, match="wrong passphrase"):
-        load_fleet(fleet_dir, (site_pki.root,), passphrase=b"not the passphrase", count=1)
+        load_fleet(fleet_dir, (bench_site.root,), passphrase=b"not the passphrase", count=1)
     # A key that does not match its certificate is refused before any connection.
-    other = site_pki.factory_device("dev-disk-other")
+    other = bench_site.factory_device("dev-disk-other")
     victim = fleet_dir / made[2].device_id.value
     (victim / "factory.key.pem").unlink()
     write_load_device(
@@ -156,7 +160,7 @@ async def test_load_fleet_on_disk_round_trip(
         victim / "factory.key.pem"
     )
     with pytest.raises(FleetError, match="does not match"):
-        load_fleet(fleet_dir, (site_pki.root,), passphrase=FLEET_PASS)
+        load_fleet(fleet_dir, (bench_site.root,), passphrase=FLEET_PASS)
 
 
 def test_load_fleet_refuses_plaintext_key(site_pki: SitePki, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import pytest
 from cryptography.hazmat.primitives import hpke as pyca_hpke
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from signers.software import SoftwareKey
 from trustcore import hpke
@@ -166,3 +167,24 @@ def test_seal_refuses_non_p256_receiver() -> None:
     other = ec.generate_private_key(ec.SECP384R1()).public_key()
     with pytest.raises(TypeError):
         hpke.seal(other, b"x", info=b"", aad=b"")
+
+
+@pytest.mark.parametrize("aead", [hpke.AES_128_GCM, hpke.AES_256_GCM])
+@pytest.mark.parametrize("info", [b"", RFC_INFO, b"i" * 300])
+def test_seal_is_byte_identical_to_the_reference_key_schedule(aead: hpke.Aead, info: bytes) -> None:
+    """seal() with an empty aad runs in cryptography's HPKE; for the ephemeral key it chose
+    (enc), the RFC 9180 key schedule of this module (checked against A.3.1 above) gives
+    exactly the same ciphertext."""
+    receiver = SoftwareKey.generate()
+    plaintext = bytes(range(32))
+    enc, ct = hpke.seal(receiver.public_key(), plaintext, info=info, aad=b"", aead=aead)
+    assert len(enc) == hpke.ENC_LENGTH and enc[0] == 0x04
+    ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), enc)
+    dh = receiver.exchange(ephemeral)
+    shared = hpke._shared_secret(dh, enc, _point(receiver.public_key()))
+    key, base_nonce = hpke._key_schedule(shared, info, aead)
+    assert AESGCM(key).encrypt(base_nonce, plaintext, b"") == ct
+    assert hpke.open_(receiver, enc, ct, info=info, aad=b"", aead=aead) == plaintext
+    # a non-empty aad takes the reference path; both open the same way
+    enc2, ct2 = hpke.seal(receiver.public_key(), plaintext, info=info, aad=b"x", aead=aead)
+    assert hpke.open_(receiver, enc2, ct2, info=info, aad=b"x", aead=aead) == plaintext

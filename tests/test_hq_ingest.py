@@ -4,6 +4,7 @@ authentic exports are reconciled across exports and violations reported (exit 1)
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ from tests.test_hq_support import (
     build_world,
     db_dump,
     entitle_args,
+    home_copy,
     ingest,
     ingest_json,
     midnight_utc,
     run_hq,
+    world_on_each_store,
 )
 from trustcore.audit import ChainHead, encode_record, record_hash
 from trustcore.crl import build_crl
@@ -55,7 +58,7 @@ def assert_refused(home: Path, package: bytes, tmp: Path, reason: str) -> None:
 def assert_enrolled_key(home: Path, station: SoftStation) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    store = HqStore.open(home / "hq.sqlite")
+    store = HqStore.open(HqHome.open(home).store_location)
     try:
         row = store.station(station.station_id)
     finally:
@@ -66,15 +69,18 @@ def assert_enrolled_key(home: Path, station: SoftStation) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    """One HQ with stations A and B enrolled and entitled; each test works on a copy."""
-    return build_world(tmp_path_factory.mktemp("hq-world"))
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    """One HQ with stations A and B enrolled and entitled, on each store engine; each test
+    works on a copy (on PostgreSQL a database made from the world's as a template)."""
+    yield from world_on_each_store(request, tmp_path_factory, "hq-world")
 
 
 @pytest.fixture
 def home(world: World, tmp_path: Path) -> Path:
-    return world.copy(tmp_path / "hq")
+    return home_copy(world, tmp_path)
 
 
 # ------------------------------------------------------------------------- the attacks
@@ -95,7 +101,7 @@ def test_clean_export_then_continuation(world: World, home: Path, tmp_path: Path
     assert (report["first_seq"], report["next_seq"]) == (5, 7)
     [ent] = report["entitlements"]
     assert (ent["issued"], ent["burned"]) == (5, 1)
-    store = HqStore.open(HqHome.open(home).db_path)
+    store = HqStore.open(HqHome.open(home).store_location)
     try:
         devices = store.devices("station-a")
         assert [d.device_id for d in devices] == [f"dev-{i:04d}" for i in range(1, 6)]
@@ -210,7 +216,7 @@ def test_station_crl_is_kept_and_a_forged_one_refuses_the_export(
         home, slog.export(world.t0 + 100, crl=good, export_number=1), tmp_path
     )
     assert code == 0, report
-    store = HqStore.open(HqHome.open(home).db_path)
+    store = HqStore.open(HqHome.open(home).store_location)
     try:
         held = store.station_crl("station-a")
         assert held is not None and held.crl_number == 1

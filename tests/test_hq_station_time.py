@@ -5,6 +5,7 @@ go back, and anchors the station's rule cannot give. Accepted with findings: exi
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,7 +14,15 @@ import pytest
 from hq.home import HqHome, HqSecrets
 from hq.station_time import issue_time_statement
 from hq.store import HqStore
-from tests.test_hq_support import PASSPHRASE, World, build_world, ingest, ingest_json, run_hq
+from tests.test_hq_support import (
+    PASSPHRASE,
+    World,
+    home_copy,
+    ingest,
+    ingest_json,
+    run_hq,
+    world_on_each_store,
+)
 from trustcore.messages import CT_TIME_STATEMENT, TimeStatement
 from trustcore.profiles import HqRole
 from trustcore.sealed import open_package
@@ -22,14 +31,16 @@ from trustcore.stationtime import MAX_SIGNED_TIME_AGE_S, TpmClockReading
 DAY = 86400
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return build_world(tmp_path_factory.mktemp("hq-time-world"))
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    yield from world_on_each_store(request, tmp_path_factory, "hq-time-world")
 
 
 @pytest.fixture
 def home(world: World, tmp_path: Path) -> Path:
-    return world.copy(tmp_path / "hq")
+    return home_copy(world, tmp_path)
 
 
 def tpm(time_ms: int, reset: int = 1, restart: int = 0) -> dict[str, object]:
@@ -56,7 +67,7 @@ def vouch(home: Path, tmp_path: Path, when: int, station_id: str = "station-a") 
 
 
 def hq_signed(home: Path, station_id: str) -> int:
-    store = HqStore.open(HqHome.open(home).db_path)
+    store = HqStore.open(HqHome.open(home).store_location)
     try:
         row = store.entitlement(station_id, 1)
     finally:
@@ -130,7 +141,7 @@ def test_future_dated_and_out_of_order_table(world: World, home: Path, tmp_path:
     r = ingest(home, slog.export(world.t0 + 100), tmp_path)
     assert r.exit_code == 1, r.output  # accepted with findings
     assert "future_dated" in r.output and "clock_rollback" in r.output
-    store = HqStore.open(HqHome.open(home).db_path)
+    store = HqStore.open(HqHome.open(home).store_location)
     try:
         devices = [d.device_id for d in store.devices("station-a")]
     finally:
@@ -229,7 +240,7 @@ def test_hq_time_statement_command(home: Path, tmp_path: Path) -> None:
     assert statement.station_id == "station-a"
     assert abs(statement.time - time.time()) < 60
     assert opened.header.created == opened.header.sequence == statement.time
-    store = HqStore.open(HqHome.open(home).db_path)
+    store = HqStore.open(HqHome.open(home).store_location)
     try:  # recorded: the station's time_anchored record will be checked against it
         assert store.time_statement_issued("station-a", statement.time)
         assert not store.time_statement_issued("station-b", statement.time)

@@ -11,18 +11,24 @@ import json
 import os
 import shutil
 import sqlite3
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
+from psycopg import sql
 
 from hq.cli import main as hq_main
 from signers.software import SoftwareKey
+from tests.fixtures.postgres import PgServer, create_database, drop_database
 from trustcore.audit import AuditLog, ChainHead, encode_export
 from trustcore.csr import build_csr
 from trustcore.entitlement import EntitlementPolicy
@@ -47,7 +53,25 @@ def run_hq(*args: str, env: dict[str, str] | None = None) -> Result:
 
 
 def db_dump(home: Path) -> list[str]:
-    """Every row of every table: compared before and after to prove nothing changed."""
+    """Every row of every table: compared before and after to prove nothing changed (the
+    HQ's SQLite file, or its PostgreSQL database when ``hq.json`` names one)."""
+    url = json.loads((home / "hq.json").read_text()).get("store")
+    if url is not None:
+        with psycopg.connect(url) as pg:
+            tables = [
+                r[0]
+                for r in pg.execute(
+                    "SELECT table_name FROM information_schema.tables "
+                    "WHERE table_schema = 'public' ORDER BY table_name"
+                )
+            ]
+            return [
+                f"{table}: {row[0]}"
+                for table in tables
+                for row in pg.execute(
+                    sql.SQL("SELECT t::text FROM {} t ORDER BY 1").format(sql.Identifier(table))
+                )
+            ]
     conn = sqlite3.connect(home / "hq.sqlite")
     try:
         return list(conn.iterdump())
@@ -242,10 +266,38 @@ class World:
     a: SoftStation
     b: SoftStation
     t0: int  # a time inside the key-use window, 01:00 UTC on the window's first day
+    store: str | None = None  # the PostgreSQL URL when the HQ runs on PostgreSQL
+    copies: list[str] = field(default_factory=list)  # databases made by copy()
 
     def copy(self, dest: Path) -> Path:
+        """A private HQ to change: the directory, and on PostgreSQL a new database made
+        from the world's as a template (dropped by :meth:`drop_copies`)."""
         shutil.copytree(self.home, dest)
+        if self.store is not None:
+            base, _, template = self.store.rpartition("/")
+            name = f"{template}_{uuid.uuid4().hex[:8]}"
+            with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                        sql.Identifier(name), sql.Identifier(template)
+                    )
+                )
+            self.copies.append(name)
+            config = json.loads((dest / "hq.json").read_text())
+            config["store"] = f"{base}/{name}"
+            (dest / "hq.json").write_text(json.dumps(config))
         return dest
+
+    def drop_copies(self) -> None:
+        if self.store is None:
+            return
+        base = self.store.rpartition("/")[0]
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            for name in self.copies:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+        self.copies.clear()
 
 
 def entitle_args(home: Path, station: str, out: Path, **overrides: str) -> list[str]:
@@ -270,9 +322,11 @@ def entitle_args(home: Path, station: str, out: Path, **overrides: str) -> list[
     return args
 
 
-def build_world(base: Path) -> World:
+def build_world(base: Path, store: str | None = None) -> World:
+    """Stations A and B enrolled and entitled, on ``store`` (a PostgreSQL URL) or SQLite."""
     home = base / "hq"
-    r = run_hq("init", "--home", str(home), "--org", "Acme")
+    more = [] if store is None else ["--store", store]
+    r = run_hq("init", "--home", str(home), "--org", "Acme", *more)
     assert r.exit_code == 0, r.output
     stations = []
     for sid in ("station-a", "station-b"):
@@ -286,7 +340,35 @@ def build_world(base: Path) -> World:
         assert r.exit_code == 0, r.output
         st.import_entitlement(out.read_bytes())
         stations.append(st)
-    return World(home, stations[0], stations[1], int(midnight_utc(2).timestamp()) + 3600)
+    return World(
+        home, stations[0], stations[1], int(midnight_utc(2).timestamp()) + 3600, store=store
+    )
+
+
+def world_on_each_store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, prefix: str
+) -> Iterator[World]:
+    """Body of a module's ``world`` fixture parametrized ``["sqlite", "postgres"]``: the
+    same prepared HQ on either engine (on PostgreSQL in a fresh database, dropped after)."""
+    if request.param == "sqlite":
+        yield build_world(tmp_path_factory.mktemp(prefix))
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    name = create_database(server, "hq_world")
+    world: World | None = None
+    try:
+        world = build_world(tmp_path_factory.mktemp(prefix), server.url_of(name))
+        yield world
+    finally:
+        if world is not None:
+            world.drop_copies()  # once per module: every DROP DATABASE waits for a checkpoint
+        drop_database(server, name)
+
+
+def home_copy(world: World, tmp_path: Path) -> Path:
+    """Body of a module's ``home`` fixture: a private copy of the world for one test (its
+    database, on PostgreSQL, is dropped with the world's)."""
+    return world.copy(tmp_path / "hq")
 
 
 def ingest(home: Path, package: bytes, tmp: Path, *, name: str | None = None) -> Result:

@@ -6,13 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from registrar.errors import ConfigError, StoreConflict, StoreError
-from registrar.store import Change, Registration, Store, parse_store_location
+from registrar.store import (
+    Change,
+    FactorySighting,
+    Registration,
+    Store,
+    parse_store_location,
+)
+from registrar.store.base import EXACT_COUNT_BELOW, REPLAY_RETENTION
 from trustcore.identity import DeviceId
 
 
@@ -164,6 +174,26 @@ async def test_replay_records_are_pruned_by_age(store_location: str) -> None:
         assert (await store.counts())["devices"] == 2  # the registrations stay
 
 
+async def test_expired_nonces_are_pruned_by_the_writer_itself(store_location: str) -> None:
+    """No clock needed: records older than the newest by more than REPLAY_RETENTION go, in
+    bounded batches, after a commit (and on demand)."""
+    now = 1_800_000_000
+    old = [registration(f"dev-{i:06d}", at=now - REPLAY_RETENTION - 10) for i in range(5)]
+    edge = registration("dev-000100", at=now - REPLAY_RETENTION + 10)
+    async with await Store.open(store_location) as store:
+        await store.import_registrations([*old, edge])
+        await store.record_registration(registration("dev-000200", at=now))
+        await store.next_crl_number(1)  # the writer is sequential: its prune ran before this
+        for r in old:
+            gone = await store.lookup(r.request_digest, r.nonce, None)
+            assert gone.response is None and not gone.nonce_seen
+        kept = await store.lookup(edge.request_digest, edge.nonce, None)
+        assert kept.response == edge.response and kept.nonce_seen
+        assert (await store.counts())["nonces"] == 2
+        assert (await store.counts())["devices"] == 7  # the registrations stay
+        assert await store.prune_expired_replay_records() == 0
+
+
 async def test_paged_and_bounded_reads(store_location: str) -> None:
     async with await Store.open(store_location) as store:
         regs = [registration(f"dev-{i:06d}") for i in range(25)]
@@ -175,7 +205,81 @@ async def test_paged_and_bounded_reads(store_location: str) -> None:
         assert await store.revoked_device_ids() == {DeviceId("dev-000003")}
         found = await store.device_by_idevid("line-1", regs[7].idevid_serial)
         assert found is not None and found.device_id == "dev-000007"
-        assert [p async for p in store.device_pages(size=10, not_key=b"k" * 8)] == []
+        assert [
+            p async for p in store.device_pages(size=10, status="registered", not_key=b"k" * 8)
+        ] == []
+        # devices still on older keys: every one, key by key, each key's in id order
+        for i, key in ((4, b"a" * 8), (5, b"z" * 8), (6, b"a" * 8), (3, b"b" * 8)):
+            await store.set_payload_key(DeviceId(f"dev-{i:06d}"), key)
+        pending = [
+            d.device_id
+            async for p in store.device_pages(size=1, status="registered", not_key=b"k" * 8)
+            for d in p
+        ]
+        assert pending == ["dev-000004", "dev-000006", "dev-000005"]  # dev-000003: revoked
+        registered = [d async for p in store.device_pages(size=7, status="registered") for d in p]
+        assert len(registered) == 24 and all(d.status == "registered" for d in registered)
+
+
+async def test_bulk_import_writes_what_a_registration_writes_in_chunks(
+    store_location: str,
+) -> None:
+    """The preload of a large registry: every row a live registration writes (so replay
+    protection and idempotency hold for imported devices too), chunk by chunk."""
+    regs = [registration(f"dev-{i:06d}") for i in range(25)]
+    seen = [
+        FactorySighting("line-1", r.idevid_serial, r.device_id.value, b"der", r.at) for r in regs
+    ]
+    done: list[int] = []
+    async with await Store.open(store_location) as store:
+        count = await store.import_registrations(
+            iter(regs), sightings=iter(seen), chunk=10, progress=done.append
+        )
+        assert count == 25 and done == [10, 20, 25]
+        counts = await store.counts()
+        assert counts["devices"] == counts["requests"] == counts["nonces"] == 25
+        assert counts["certified_keys"] == counts["events"] == 25
+        again = await store.lookup(regs[3].request_digest, regs[3].nonce, regs[3].ldevid_key_id)
+        assert again.response == regs[3].response and again.nonce_seen
+        assert again.key_owner == regs[3].device_id
+        assert len(await store.factory_sightings()) == 25
+        assert [c.serial for c in await store.certificates(regs[9].device_id)] == [
+            regs[9].ldevid_serial
+        ]
+        # a device imported twice: that chunk is refused as a whole, the others stay
+        with pytest.raises(StoreConflict):
+            await store.import_registrations([registration("dev-000100"), regs[0]])
+        assert await store.device(DeviceId("dev-000100")) is None
+        assert (await store.counts())["devices"] == 25
+
+
+async def test_status_counts_of_a_large_registry_come_from_the_engine(
+    store_location: str,
+) -> None:
+    """Above ``EXACT_COUNT_BELOW`` rows the counts are the engine's estimates (no table
+    scan twice a second); the devices-per-key count is right."""
+    n = EXACT_COUNT_BELOW + 500
+    async with await Store.open(store_location) as store:
+        await store.import_registrations(registration(f"dev-{i:06d}") for i in range(n))
+        await store.record_registration(registration("dev-999999"))
+        expected = n + 1
+        names = ("devices", "requests", "nonces", "certified_keys", "events")
+
+        def close(counts: dict[str, int]) -> bool:
+            return all(abs(counts[t] - expected) <= expected // 100 for t in names)
+
+        # SQLite: the rowid range (exact without deletions) at once; PostgreSQL: its
+        # statistics, which follow the writes within seconds
+        deadline = asyncio.get_running_loop().time() + 20
+        counts = await store.counts()
+        while not close(counts) and asyncio.get_running_loop().time() < deadline:
+            assert store.backend == "postgres", counts
+            assert all(EXACT_COUNT_BELOW <= counts[t] <= expected for t in names), counts
+            await asyncio.sleep(0.2)
+            counts = await store.counts()
+        assert close(counts), counts
+        assert counts["superseded"] == 0
+        assert await store.devices_per_payload_key() == {b"k" * 8: n + 1}
 
 
 async def test_a_newer_postgres_schema_is_refused(pg_database: str) -> None:
@@ -208,3 +312,26 @@ def test_change_values_round_trip_and_refuse_junk() -> None:
             Change.decode(junk)
     with pytest.raises(ValueError):
         Change("exploded", None)
+
+
+def test_registry_scale_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    """``bench/registry_scale.py`` at a tiny size: the production service over a preloaded
+    store, one JSON object on the last line, no failed registration."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "registry_scale.py"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(bench),
+            *("--preload", "500", "--registrations", "20"),
+            *("--store", "sqlite", "--dir", str(tmp_path), "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["failures"] == 0 and result["registrations"] == 20
+    assert result["devices_full"] == 500
+    assert result["p50_ms_full"] > 0 and result["ratio"] > 0
+    assert 0 < result["peak_rss_mb"] < 1000

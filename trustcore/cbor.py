@@ -28,8 +28,10 @@ from trustcore.errors import EncodingError
 __all__ = [
     "MAX_DEPTH",
     "REFUSE_TAGS",
+    "bytes_head",
     "decode",
     "encode",
+    "encode_reference",
     "expect_keys",
     "field",
     "map_of",
@@ -116,10 +118,56 @@ def _encode_into(obj: object, out: list[bytes], depth: int) -> None:
 
 def encode(obj: object) -> bytes:
     """Encode ``obj`` as deterministic CBOR; :class:`EncodingError` for anything outside the
-    allowed data model (floats, tags, sets, bignums, non-int/str map keys, ...)."""
+    allowed data model (floats, tags, sets, bignums, non-int/str map keys, ...).
+
+    Every message of the protocols uses text map keys only; for such values cbor2's C
+    encoder in canonical mode writes exactly the §4.2.1 bytes (length-first key order is the
+    bytewise order when every key is a text string: see :func:`decode`), at a fraction of the
+    cost. Anything else (int keys, tuples, subclasses, out-of-range ints) takes the
+    reference encoder :func:`encode_reference`; tests/test_cbor.py checks both agree."""
+    if _c_encodable(obj, 0):
+        try:
+            return cbor2.dumps(obj, canonical=True)
+        except Exception:  # e.g. a lone surrogate: let the reference encoder say why
+            return encode_reference(obj)
+    return encode_reference(obj)
+
+
+def bytes_head(length: int) -> bytes:
+    """The head of a byte string of ``length`` bytes (``head + data`` = ``encode(data)``):
+    for callers that assemble a fixed message shape around large byte strings without
+    copying them through the encoder (tests/test_cbor.py checks the equality)."""
+    if not 0 <= length <= _UINT64_MAX:
+        raise EncodingError("byte string length out of range")
+    return _head(2, length)
+
+
+def encode_reference(obj: object) -> bytes:
+    """The reference encoder, written from RFC 8949 §4.2.1 (any allowed value)."""
     out: list[bytes] = []
     _encode_into(obj, out, 0)
     return b"".join(out)
+
+
+def _c_encodable(obj: object, depth: int) -> bool:
+    """True when ``obj`` is built only of exact ``str``/``bytes``/``bool``/``None``,
+    64-bit ``int``, ``list`` and ``dict`` with ``str`` keys, nested at most
+    :data:`MAX_DEPTH` levels: the values for which cbor2's canonical output is §4.2.1."""
+    if depth > MAX_DEPTH:
+        return False
+    kind = type(obj)
+    if kind is str or kind is bytes or kind is bool or obj is None:
+        return True
+    if kind is int:
+        return _NINT64_MIN <= cast(int, obj) <= _UINT64_MAX
+    if kind is list:
+        return all(_c_encodable(v, depth + 1) for v in cast(list[Any], obj))
+    if kind is dict:
+        return all(
+            type(k) is str and _c_encodable(v, depth + 1)
+            for k, v in cast(dict[Any, Any], obj).items()
+        )
+    return False
 
 
 def _refuse_tag(value: object, immutable: bool) -> NoReturn:

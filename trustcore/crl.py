@@ -387,8 +387,14 @@ class IndirectRevocationSet:
     def reason_for(
         self, certificate_issuer: x509.Name, serial: CertSerial | int
     ) -> x509.ReasonFlags | None:
+        return self.reason_for_der(certificate_issuer.public_bytes(), serial)
+
+    def reason_for_der(
+        self, certificate_issuer_der: bytes, serial: CertSerial | int
+    ) -> x509.ReasonFlags | None:
+        """:meth:`reason_for` with the issuer's name already in DER."""
         value = serial.value if isinstance(serial, CertSerial) else serial
-        return self.entries.get((certificate_issuer.public_bytes(), value))
+        return self.entries.get((certificate_issuer_der, value))
 
     def check_fresh(self, now: datetime) -> None:
         """As :meth:`RevocationSet.check_fresh`."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trustcore.errors import (
@@ -33,7 +34,15 @@ from trustcore.profiles import (
     require_p256_public_key,
 )
 
-__all__ = ["MAX_CSR_SIZE", "ValidatedCsr", "build_csr", "build_device_csr", "validate_csr"]
+__all__ = [
+    "MAX_CSR_SIZE",
+    "ValidatedCsr",
+    "build_csr",
+    "build_device_csr",
+    "check_csr",
+    "load_csr",
+    "validate_csr",
+]
 
 #: A P-256 CSR is about 300 bytes; 8 KiB leaves room for PEM and a SAN, and stops a hostile
 #: client from making us parse megabytes.
@@ -165,11 +174,31 @@ def validate_csr(
     """
     if len(data) > max_size:
         raise CsrError(f"CSR is larger than {max_size} bytes", reason="malformed")
-    csr = _load(data)
-    try:
-        public_key = csr.public_key()
-    except X509_PARSE_ERRORS as exc:
-        raise CsrError("CSR public key is not usable", reason="wrong_key_type") from exc
+    return check_csr(
+        _load(data), expected_device_id=expected_device_id, expected_subject=expected_subject
+    )
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """Parse a PEM or DER CSR of at most :data:`MAX_CSR_SIZE` bytes (``malformed``), for a
+    caller that parses once and checks later with :func:`check_csr`."""
+    return _load(data)
+
+
+def check_csr(
+    csr: x509.CertificateSigningRequest,
+    *,
+    expected_device_id: DeviceId | None = None,
+    expected_subject: x509.Name | None = None,
+    public_key: PublicKeyTypes | None = None,
+) -> ValidatedCsr:
+    """The checks of :func:`validate_csr` on a CSR already parsed by :func:`load_csr`;
+    ``public_key``: the key the caller already took from this very CSR object."""
+    if public_key is None:
+        try:
+            public_key = csr.public_key()
+        except X509_PARSE_ERRORS as exc:
+            raise CsrError("CSR public key is not usable", reason="wrong_key_type") from exc
     try:
         key = require_p256_public_key(public_key)
     except ProfileError as exc:
@@ -179,7 +208,8 @@ def validate_csr(
     if not csr.is_signature_valid:
         # The requester does not hold the private key of the public key it asks us to certify.
         raise CsrError("CSR signature does not verify", reason="bad_signature")
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    subject = csr.subject
+    cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1 or not isinstance(cns[0].value, str) or not cns[0].value:
         raise CsrError("CSR subject must hold exactly one CN", reason="wrong_name")
     cn = cns[0].value
@@ -193,12 +223,12 @@ def validate_csr(
                 f"CSR CN {cn!r} is not the expected device {expected_device_id}",
                 reason="wrong_name",
             )
-        serials = csr.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+        serials = subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
         if any(attr.value != cn for attr in serials):
             raise CsrError("CSR serialNumber differs from its CN", reason="wrong_name")
-    if expected_subject is not None and csr.subject != expected_subject:
+    if expected_subject is not None and subject != expected_subject:
         raise CsrError("CSR subject is not the expected subject", reason="wrong_name")
     _check_extensions(csr, cn)
     return ValidatedCsr(
-        csr=csr, public_key=key, subject=csr.subject, common_name=cn, device_id=device_id
+        csr=csr, public_key=key, subject=subject, common_name=cn, device_id=device_id
     )

@@ -8,6 +8,9 @@ receiver's key except ECDH, so the key schedule is built here from reviewed prim
 against the RFC 9180 Appendix A.3 test vector and interoperates with ``cryptography``'s
 HPKE in both directions (see tests/test_hpke.py).
 
+Sealing with an empty ``aad`` (the payload-key wrap) goes through ``cryptography``'s HPKE,
+which computes the same bytes natively; opening always runs here (ECDH only).
+
 Only the single-shot form is offered (one message per encapsulation, sequence number 0):
 every sealed package gets a fresh ephemeral key, so nonce reuse cannot happen.
 """
@@ -19,6 +22,7 @@ import hmac
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hpke as pyca_hpke
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -53,6 +57,16 @@ AES_128_GCM = Aead(0x0001, 16)
 AES_256_GCM = Aead(0x0002, 32)
 
 _KEM_SUITE_ID = b"KEM" + KEM_ID_P256_SHA256.to_bytes(2, "big")
+#: The same suites in ``cryptography.hazmat.primitives.hpke`` (sealing only: opening needs
+#: the receiver's private key object, which a TPM-held key does not offer).
+_PYCA_SUITES = {
+    AES_128_GCM.aead_id: pyca_hpke.Suite(
+        pyca_hpke.KEM.P256, pyca_hpke.KDF.HKDF_SHA256, pyca_hpke.AEAD.AES_128_GCM
+    ),
+    AES_256_GCM.aead_id: pyca_hpke.Suite(
+        pyca_hpke.KEM.P256, pyca_hpke.KDF.HKDF_SHA256, pyca_hpke.AEAD.AES_256_GCM
+    ),
+}
 
 
 def _extract(salt: bytes, ikm: bytes) -> bytes:
@@ -151,6 +165,14 @@ def seal(
     ``info`` is bound into the key schedule and ``aad`` into the AEAD tag: a ciphertext opens
     only with exactly the same ``info`` and ``aad``.
     """
+    receiver_public = _check_p256(receiver_public)
+    suite = _PYCA_SUITES.get(aead.aead_id)
+    if suite is not None and not aad:
+        # cryptography's own single-shot HPKE (RFC 9180 base mode, empty aad): the same
+        # bytes as _seal_with_ephemeral for the same ephemeral key (tests/test_hpke.py
+        # re-derives them), without this module's key schedule in Python.
+        sealed = suite.encrypt(plaintext, receiver_public, info)
+        return sealed[:ENC_LENGTH], sealed[ENC_LENGTH:]
     ephemeral = ec.generate_private_key(ec.SECP256R1())
     return _seal_with_ephemeral(
         ephemeral, receiver_public, plaintext, info=info, aad=aad, aead=aead

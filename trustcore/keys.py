@@ -48,3 +48,25 @@ def spki_der(public_key: PublicKeyTypes) -> bytes:
 def key_id(public_key: ec.EllipticCurvePublicKey) -> bytes:
     """SHA-256 of the DER SubjectPublicKeyInfo: how the core names a key on the wire."""
     return hashlib.sha256(spki_der(public_key)).digest()
+
+
+#: A P-256 SubjectPublicKeyInfo in DER is always these 26 bytes (SEQUENCE, AlgorithmIdentifier
+#: id-ecPublicKey + prime256v1, BIT STRING header) followed by the 65-byte uncompressed point.
+P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200")
+P256_SPKI_LENGTH = len(P256_SPKI_PREFIX) + 65
+
+
+def load_canonical_p256_spki(der: bytes) -> ec.EllipticCurvePublicKey | None:
+    """The key of a canonical P-256 SPKI (exactly what ``spki_der`` writes: named curve,
+    uncompressed point on the curve), else None. A prefix comparison replaces parsing and
+    re-encoding; ``from_encoded_point`` refuses coordinates outside the field and points
+    off the curve."""
+    if len(der) != P256_SPKI_LENGTH or not der.startswith(P256_SPKI_PREFIX):
+        return None
+    point = der[len(P256_SPKI_PREFIX) :]
+    if point[0] != 0x04:
+        return None
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except ValueError:
+        return None

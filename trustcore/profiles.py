@@ -22,6 +22,8 @@ used through ``builder.sign``.
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
@@ -250,6 +252,7 @@ def _der_tlv(tag: int, body: bytes) -> bytes:
     return bytes([tag]) + _der_length(len(body)) + body
 
 
+@functools.lru_cache(maxsize=64)
 def _der_oid_body(oid: ObjectIdentifier) -> bytes:
     arcs = [int(a) for a in oid.dotted_string.split(".")]
     out = bytearray()
@@ -298,6 +301,12 @@ def decode_hardware_module_name(der: bytes) -> tuple[ObjectIdentifier, bytes]:
     serial, pos = _der_read(seq, pos, 0x04)
     if pos != len(seq) or not oid_body:
         raise EncodingError("malformed HardwareModuleName")
+    return _oid_of_body(oid_body), serial
+
+
+@functools.lru_cache(maxsize=64)
+def _oid_of_body(oid_body: bytes) -> ObjectIdentifier:
+    """The OID of a DER OID value (one hwType per product line: decoded once each)."""
     arcs: list[int] = []
     value = 0
     for i, byte in enumerate(oid_body):
@@ -311,7 +320,7 @@ def decode_hardware_module_name(der: bytes) -> tuple[ObjectIdentifier, bytes]:
             raise EncodingError("truncated OID")
     first = arcs[0]
     head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
-    return ObjectIdentifier(".".join(str(a) for a in [*head, *arcs[1:]])), serial
+    return ObjectIdentifier(".".join(str(a) for a in [*head, *arcs[1:]]))
 
 
 def hardware_module_name(
@@ -393,13 +402,7 @@ def _build(
             end > issuer_cert.not_valid_after_utc and not allow_beyond_issuer
         ):
             raise ProfileError(f"{profile.name} validity must lie within the issuer's validity")
-        try:
-            ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
-        except x509.ExtensionNotFound:
-            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                require_p256_public_key(issuer_cert.public_key())
-            )
+        aki = _authority_key_id(issuer_cert)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -422,6 +425,17 @@ def _build(
     if crl_issuer is not None:
         builder = builder.add_extension(crl_distribution_point(crl_issuer), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _authority_key_id(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The AKI of what ``issuer_cert`` signs: its SKI, else derived from its key."""
+    try:
+        ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            require_p256_public_key(issuer_cert.public_key())
+        )
 
 
 def crl_distribution_point(crl_issuer: x509.Name) -> x509.CRLDistributionPoints:
@@ -632,17 +646,113 @@ def issue_secondary_certificate(
     not_after: datetime,
     hw_type: ObjectIdentifier = OID_HW_TYPE_DEVICE,
 ) -> x509.Certificate:
-    """Device secondary certificate (LDevID) issued on site by the site CA."""
-    return _build(
-        PROFILES["ldevid"],
-        subject=_device_subject(device_id, organization),
-        subject_key=subject_key,
-        issuer_cert=issuer_cert,
-        issuer_key=issuer_key,
-        not_before=not_before,
-        not_after=not_after,
-        san=[hardware_module_name(device_id, hw_type)],
+    """Device secondary certificate (LDevID) issued on site by the site CA.
+
+    The same certificate :func:`_build` makes for the ``ldevid`` profile (tests compare the
+    bytes), with what depends only on the issuer (its checks, name, AKI, the fixed
+    extensions) prepared once per site CA and key: a registrar issues thousands."""
+    issuer = _ldevid_issuer(issuer_cert, issuer_key)
+    subject_key = require_p256_public_key(subject_key)
+    start, end = _utc("not_before", not_before), _utc("not_after", not_after)
+    if start >= end:
+        raise ProfileError("not_before must be earlier than not_after")
+    if start < issuer.not_before or end > issuer.not_after:
+        raise ProfileError("ldevid validity must lie within the issuer's validity")
+    extensions = [
+        *issuer.leading,
+        x509.Extension(
+            x509.oid.ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+            False,
+            # = SubjectKeyIdentifier.from_public_key: SHA-1 of the subjectPublicKey BIT
+            # STRING's content (RFC 5280 §4.2.1.2 method 1), without its DER round trip.
+            x509.SubjectKeyIdentifier(
+                hashlib.sha1(
+                    subject_key.public_bytes(
+                        serialization.Encoding.X962,
+                        serialization.PublicFormat.UncompressedPoint,
+                    ),
+                    usedforsecurity=False,
+                ).digest()
+            ),
+        ),
+        *issuer.trailing,
+        x509.Extension(
+            x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+            False,
+            x509.SubjectAlternativeName([hardware_module_name(device_id, hw_type)]),
+        ),
+    ]
+    # The constructor takes what the builder's one-per-call methods would set; every value
+    # was checked above (or by the issuer's preparation), the serial is CertSerial's.
+    return x509.CertificateBuilder(
+        issuer_name=issuer.name,
+        subject_name=_device_subject(device_id, organization),
+        public_key=subject_key,
+        serial_number=CertSerial.random().value,
+        not_valid_before=start,
+        not_valid_after=end,
+        extensions=extensions,
+    ).sign(issuer.key, hashes.SHA256())
+
+
+@dataclass(frozen=True, slots=True)
+class _PreparedIssuer:
+    """An LDevID issuer after :func:`_check_issuer`: its name, validity, AKI and the fixed
+    extensions of the ``ldevid`` profile, in :func:`_build`'s order (BC, KU | SKI | AKI,
+    EKU | SAN)."""
+
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    name: x509.Name
+    not_before: datetime
+    not_after: datetime
+    leading: tuple[x509.Extension[x509.ExtensionType], ...]
+    trailing: tuple[x509.Extension[x509.ExtensionType], ...]
+
+
+#: Recently prepared issuers; a key object is matched by identity (a TPM- or token-backed
+#: key object that changes per call is simply prepared again).
+_PREPARED: list[_PreparedIssuer] = []
+_MAX_PREPARED = 8
+
+
+def _ldevid_issuer(
+    issuer_cert: x509.Certificate, issuer_key: ec.EllipticCurvePrivateKey
+) -> _PreparedIssuer:
+    for prepared in _PREPARED:
+        if prepared.key is issuer_key and prepared.certificate == issuer_cert:
+            return prepared
+    profile = PROFILES["ldevid"]
+    issuer_key = _require_p256_private_key(issuer_key)
+    _check_issuer(issuer_cert, issuer_key, profile.ca)
+    ext = x509.oid.ExtensionOID
+    leading: list[x509.Extension[x509.ExtensionType]] = [
+        x509.Extension(
+            ext.BASIC_CONSTRAINTS,
+            True,
+            x509.BasicConstraints(ca=profile.ca, path_length=profile.path_length),
+        ),
+        x509.Extension(ext.KEY_USAGE, True, _key_usage(profile.key_usage)),
+    ]
+    trailing: list[x509.Extension[x509.ExtensionType]] = [
+        x509.Extension(ext.AUTHORITY_KEY_IDENTIFIER, False, _authority_key_id(issuer_cert))
+    ]
+    if profile.eku:
+        trailing.append(
+            x509.Extension(ext.EXTENDED_KEY_USAGE, False, x509.ExtendedKeyUsage(list(profile.eku)))
+        )
+    prepared = _PreparedIssuer(
+        certificate=issuer_cert,
+        key=issuer_key,
+        name=issuer_cert.subject,
+        not_before=issuer_cert.not_valid_before_utc,
+        not_after=issuer_cert.not_valid_after_utc,
+        leading=tuple(leading),
+        trailing=tuple(trailing),
     )
+    _PREPARED.insert(0, prepared)
+    del _PREPARED[_MAX_PREPARED:]
+    return prepared
 
 
 def issue_broker_certificate(

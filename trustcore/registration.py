@@ -25,6 +25,7 @@ and which MQTT v5 reason code the refusal corresponds to.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustcore import cbor
-from trustcore.csr import MAX_CSR_SIZE, validate_csr
+from trustcore.csr import MAX_CSR_SIZE, check_csr, validate_csr
 from trustcore.errors import (
     CsrError,
     EncodingError,
@@ -50,7 +51,7 @@ from trustcore.errors import (
 )
 from trustcore.hpke import open_, seal
 from trustcore.identity import DeviceId, StationId
-from trustcore.keys import KeyAgreement, Signer, key_id, spki_der
+from trustcore.keys import KeyAgreement, Signer, load_canonical_p256_spki, spki_der
 from trustcore.payload import KEY_ID_LENGTH, PayloadKey
 from trustcore.policy_chain import CHAIN_REASONS, Decision, NamedPlugin, Verdict, run_chain
 from trustcore.profiles import (
@@ -270,13 +271,37 @@ def envelope_signature_valid(
     return _verify_sig(public, sig, domain, body)
 
 
+@functools.cache
+def _domain_head(domain: str) -> bytes:
+    return b"\x82" + cbor.encode(domain)  # array of 2, then the domain text
+
+
+#: ``{"body": …, "sig": …}`` in deterministic order: "sig" (63 …) sorts before "body" (64 …).
+_ENVELOPE_SIG_KEY = b"\xa2" + cbor.encode("sig")
+_ENVELOPE_BODY_KEY = cbor.encode("body")
+
+
 def _signed_input(domain: str, body: bytes) -> bytes:
-    return cbor.encode([domain, body])
+    """``cbor.encode([domain, body])``, assembled without copying ``body`` through the
+    encoder (tests/test_registration_fastpath.py compares the bytes)."""
+    return _domain_head(domain) + cbor.bytes_head(len(body)) + body
+
+
+def _envelope_bytes(body: bytes, sig: bytes) -> bytes:
+    """``cbor.encode({"body": body, "sig": sig})``, assembled (same test)."""
+    return (
+        _ENVELOPE_SIG_KEY
+        + cbor.bytes_head(len(sig))
+        + sig
+        + _ENVELOPE_BODY_KEY
+        + cbor.bytes_head(len(body))
+        + body
+    )
 
 
 def _envelope(domain: str, body: dict[str, Any], signer: Signer) -> bytes:
     body_bytes = cbor.encode(body)
-    return cbor.encode({"body": body_bytes, "sig": signer.sign(_signed_input(domain, body_bytes))})
+    return _envelope_bytes(body_bytes, signer.sign(_signed_input(domain, body_bytes)))
 
 
 def _open_envelope(data: bytes, max_size: int, what: str) -> tuple[bytes, bytes, dict[Any, Any]]:
@@ -297,17 +322,13 @@ def _open_envelope(data: bytes, max_size: int, what: str) -> tuple[bytes, bytes,
 
 def _verify_sig(public: ec.EllipticCurvePublicKey, sig: bytes, domain: str, body: bytes) -> bool:
     try:
-        public.verify(sig, _signed_input(domain, body), ec.ECDSA(hashes.SHA256()))
+        public.verify(sig, _signed_input(domain, body), _ECDSA_SHA256)
     except InvalidSignature:
         return False
     return True
 
 
-def _load_p256(der: bytes) -> ec.EllipticCurvePublicKey | None:
-    try:
-        return require_p256_public_key(serialization.load_der_public_key(der))
-    except (*_PARSE_ERRORS, ProfileError):
-        return None
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 # -------------------------------------------------------------------------------- request
@@ -330,6 +351,11 @@ class RegistrationRequest:
     signature: bytes = field(repr=False)
     digest: bytes = field(repr=False)
     csr_key_id: bytes | None = field(repr=False, default=None)
+    #: The CSR as parsed once here (None if it does not parse as DER), and its SPKI:
+    #: :func:`verify_request` checks this object rather than parsing the bytes again.
+    csr: x509.CertificateSigningRequest | None = field(repr=False, compare=False, default=None)
+    csr_key: ec.EllipticCurvePublicKey | None = field(repr=False, compare=False, default=None)
+    csr_spki: bytes | None = field(repr=False, compare=False, default=None)
 
 
 def build_request(
@@ -394,14 +420,20 @@ def parse_request(data: bytes) -> RegistrationRequest:
             raise EncodingError(f"chain must be at most {MAX_CHAIN_LENGTH} DER certificates")
     except (EncodingError, InvalidValueError) as exc:
         raise RegistrationError(f"registration request: {exc}") from exc
+    csr_object: x509.CertificateSigningRequest | None = None
+    csr_public: ec.EllipticCurvePublicKey | None = None
+    csr_spki: bytes | None = None
+    csr_key: bytes | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            csr_key: bytes | None = key_id(
-                require_p256_public_key(x509.load_der_x509_csr(csr).public_key())
-            )
+            csr_object = x509.load_der_x509_csr(csr)
+            csr_public = require_p256_public_key(csr_object.public_key())
+            csr_spki = spki_der(csr_public)
+            csr_key = hashlib.sha256(csr_spki).digest()  # = keys.key_id
     except (*_PARSE_ERRORS, ProfileError):
-        csr_key = None  # refused by verify_request with the precise CSR reason
+        # refused by verify_request with the precise CSR reason
+        csr_object, csr_public, csr_spki, csr_key = None, None, None, None
     return RegistrationRequest(
         device_id=device_id,
         nonce=nonce,
@@ -414,6 +446,9 @@ def parse_request(data: bytes) -> RegistrationRequest:
         signature=sig,
         digest=hashlib.sha256(data).digest(),
         csr_key_id=csr_key,
+        csr=csr_object,
+        csr_key=csr_public,
+        csr_spki=csr_spki,
     )
 
 
@@ -533,7 +568,7 @@ def _verify_request(
         )
     try:
         leaf = x509.load_der_x509_certificate(request.idevid_der)
-        chain = [x509.load_der_x509_certificate(c) for c in request.chain_der]
+        chain = verifier.load_intermediates(request.chain_der)
         identity = verifier.verify(leaf, now=now, intermediates=chain, require_device_id=True)
     except _PARSE_ERRORS as exc:
         raise _refuse("untrusted", f"a certificate does not parse: {exc}") from exc
@@ -544,7 +579,7 @@ def _verify_request(
             "device_mismatch",
             f"certificate names {identity.device_id}, request {request.device_id}",
         )
-    idevid_key = identity.leaf.public_key()
+    idevid_key = identity.leaf_key or identity.leaf.public_key()
     if not isinstance(idevid_key, ec.EllipticCurvePublicKey) or not _verify_sig(
         idevid_key, request.signature, REQUEST_DOMAIN, request.body
     ):
@@ -562,22 +597,32 @@ def _verify_request(
     if not in_manifest and not defer_manifest:
         raise _refuse("not_in_manifest", f"{request.device_id} (station {station}) not admitted")
     try:
-        csr = validate_csr(request.csr_der, expected_device_id=request.device_id)
+        if request.csr is not None:
+            csr = check_csr(
+                request.csr, expected_device_id=request.device_id, public_key=request.csr_key
+            )
+        else:
+            csr = validate_csr(request.csr_der, expected_device_id=request.device_id)
     except CsrError as exc:
         raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), str(exc)) from exc
     except _PARSE_ERRORS as exc:  # escape trustcore.csr (InvalidVersion, UnsupportedAlgorithm)
         raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
-    csr_spki = spki_der(csr.public_key)
+    if request.csr is csr.csr and request.csr_spki is not None:
+        csr_spki = request.csr_spki  # the SPKI of this very CSR object, taken at parse time
+    else:
+        csr_spki = spki_der(csr.public_key)
     idevid_spki = spki_der(idevid_key)
     if csr_spki == idevid_spki:
         raise _refuse("csr_idevid_key", "CSR key is the IDevID key")
-    ldevid_key_id = key_id(csr.public_key)
+    ldevid_key_id = hashlib.sha256(csr_spki).digest()  # = keys.key_id(csr.public_key)
     if key_owner is not None and key_owner != request.device_id:
         raise _refuse("csr_foreign_key", f"CSR key already certified for {key_owner}")
-    if request.csr_key_id is not None and request.csr_key_id != ldevid_key_id:
+    # Fail closed: the key-owner look-up was made with request.csr_key_id; a CSR that
+    # parsed only now (e.g. PEM) was never looked up.
+    if request.csr_key_id != ldevid_key_id:
         raise _refuse("csr_malformed", "CSR key id changed between parse and verify")
-    wrap = _load_p256(request.wrap_key_der)
-    if wrap is None or request.wrap_key_der != spki_der(wrap):
+    wrap = load_canonical_p256_spki(request.wrap_key_der)
+    if wrap is None:
         raise _refuse("bad_wrap_key", "wrap key is not a canonical P-256 SPKI")
     if request.wrap_key_der in (csr_spki, idevid_spki):
         raise _refuse("bad_wrap_key", "wrap key must be a separate ECDH key")

@@ -25,6 +25,16 @@ failures as free text. So :class:`ChainVerifier` runs, in this fixed order:
 The first failing check decides the reason, so a certificate that is both expired and
 revoked is reported ``expired``. Construct a :class:`ChainVerifier` once (it parses the store
 and verifies each CRL's signature once) and call :meth:`ChainVerifier.verify` per client.
+
+Verified CA paths are remembered (per verifier, so new CRLs or roots start afresh): once a
+client's issuing CA has been part of a chain that passed every check, the next chain that
+brings the same intermediates is path-built by the library with that CA as its only anchor
+(the leaf's signature, validity and the library's end-entity checks, every time) and the
+CA's already verified path above it is re-checked for validity at ``now``; step 1 and the
+revocation of EVERY certificate of the chain (step 3) run for every request as before.
+Anything unusual (an out-of-validity CA, a failed anchored check, name constraints) takes
+the full path, which also gives the precise reason. This saves the CA's own signature check
+and path building per client: a site verifies thousands of devices of a few stations.
 """
 
 from __future__ import annotations
@@ -37,10 +47,11 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification as libverify
-from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
 from trustcore.crl import IndirectRevocationSet, RevocationSet, verify_crl, verify_indirect_crl
 from trustcore.errors import X509_PARSE_ERRORS, CrlError, ProfileError, VerificationError
@@ -71,6 +82,9 @@ _SAN_REQUIRED_FOR = frozenset({ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsage
 _MAX_CHAIN_DEPTH = 4
 #: Upper bound on certificate size accepted by :func:`load_certificate`.
 MAX_CERTIFICATE_SIZE = 16 * 1024
+#: Verified CA paths remembered per verifier (one per distinct set of intermediates a
+#: client brought; a site sees a handful of station CAs). Full: the oldest is forgotten.
+_MAX_REMEMBERED_PATHS = 64
 
 
 _LOAD_ERRORS: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, CryptographyDeprecationWarning)
@@ -100,6 +114,8 @@ class VerifiedIdentity:
     leaf: x509.Certificate
     chain: tuple[x509.Certificate, ...]
     issuer: x509.Certificate
+    #: The leaf's public key as parsed for the checks (always ECDSA P-256 when verified).
+    leaf_key: ec.EllipticCurvePublicKey | None = None
 
     @property
     def root(self) -> x509.Certificate:
@@ -123,6 +139,17 @@ def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extensi
         ) from exc
 
 
+def _extensions_by_oid(cert: x509.Certificate) -> dict[ObjectIdentifier, x509.ExtensionType]:
+    """Every extension value of ``cert`` by OID, in one pass (``cryptography`` refuses a
+    certificate with a duplicate extension, reported like :func:`_ext` as ``malformed``)."""
+    try:
+        return {ext.oid: ext.value for ext in cert.extensions}
+    except X509_PARSE_ERRORS as exc:
+        raise VerificationError(
+            f"certificate extensions are malformed: {exc}", reason="malformed"
+        ) from exc
+
+
 def _key_id(cert: x509.Certificate) -> bytes:
     ski = _ext(cert, x509.SubjectKeyIdentifier)
     if isinstance(ski, x509.SubjectKeyIdentifier):
@@ -131,6 +158,15 @@ def _key_id(cert: x509.Certificate) -> bytes:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         return b""
     return x509.SubjectKeyIdentifier.from_public_key(key).digest
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownPath:
+    """A CA path that verified (issuing CA first, trust anchor last) and the library's
+    policy (all but the time) with only its issuing CA as the anchor."""
+
+    tail: tuple[x509.Certificate, ...]
+    policy: libverify.PolicyBuilder
 
 
 def _describe(cert: x509.Certificate) -> str:
@@ -186,6 +222,13 @@ class ChainVerifier:
         self._indirect: dict[bytes, IndirectRevocationSet] = {}
         for crl, signer in indirect_crls:
             self._add_indirect(crl, signer)
+        #: presented intermediates -> the issuing CA's verified path up to the anchor and the
+        #: library policy anchored at that CA. Filled only by chains that passed every check.
+        self._paths: dict[tuple[x509.Certificate, ...], _KnownPath] = {}
+        #: DER -> parsed certificate, for the intermediates of remembered paths only.
+        self._parsed: dict[bytes, x509.Certificate] = {}
+        #: CA certificate -> (subject DER, key id), see :meth:`_ca_id`.
+        self._ca_ids: dict[x509.Certificate, tuple[bytes, bytes]] = {}
 
     def _add_indirect(self, crl: x509.CertificateRevocationList, signer: x509.Certificate) -> None:
         """Accept an indirect CRL whose signer is a CRL-signer role certificate under one of
@@ -235,8 +278,18 @@ class ChainVerifier:
             candidates = [ca for ca in candidates if _key_id(ca) == aki.key_identifier]
         return candidates[0] if candidates else None
 
+    def _ca_id(self, ca: x509.Certificate) -> tuple[bytes, bytes]:
+        """(subject DER, key id) of a CA on a verified chain: how its CRLs are found. A pure
+        function of the certificate, kept for the CAs this verifier sees (a few)."""
+        known = self._ca_ids.get(ca)
+        if known is None:
+            known = (ca.subject.public_bytes(), _key_id(ca))
+            if len(self._ca_ids) < _MAX_REMEMBERED_PATHS * 4:
+                self._ca_ids[ca] = known
+        return known
+
     def _revocations_for(self, issuer: x509.Certificate) -> RevocationSet | None:
-        key = (issuer.subject.public_bytes(), _key_id(issuer))
+        key = self._ca_id(issuer)
         pending = self._pending.get(key[0])
         if pending:
             for crl in list(pending):
@@ -263,11 +316,17 @@ class ChainVerifier:
         moment = _utc(now)
         if not isinstance(leaf, x509.Certificate):
             leaf = load_certificate(leaf)
+        presented = tuple(intermediates)
         try:
-            device_id = self._check_leaf(leaf, moment, require_device_id)
-            untrusted = list(self._intermediates) + list(intermediates)
-            chain = self._build_path(leaf, untrusted, moment)
-            self._check_revocation(chain, moment)
+            device_id, leaf_key = self._check_leaf(leaf, moment, require_device_id)
+            chain = self._known_path(leaf, presented, moment)
+            if chain is None:
+                untrusted = list(self._intermediates) + list(presented)
+                chain = self._build_path(leaf, untrusted, moment)
+                self._check_revocation(chain, moment)
+                self._remember(presented, chain)
+            else:
+                self._check_revocation(chain, moment)
         except X509_PARSE_ERRORS as exc:
             # cryptography parses some fields (names, keys, extensions) lazily, on first
             # access: a mangled certificate can fail deep inside any check.
@@ -275,12 +334,68 @@ class ChainVerifier:
                 f"certificate does not parse: {exc}", reason="malformed"
             ) from exc
         return VerifiedIdentity(
-            subject=leaf.subject, device_id=device_id, leaf=leaf, chain=chain, issuer=chain[1]
+            subject=leaf.subject,
+            device_id=device_id,
+            leaf=leaf,
+            chain=chain,
+            issuer=chain[1],
+            leaf_key=leaf_key,
         )
+
+    @property
+    def remembered_paths(self) -> int:
+        """How many verified CA paths this verifier remembers (see the module docstring)."""
+        return len(self._paths)
+
+    def load_intermediates(self, ders: Sequence[bytes]) -> tuple[x509.Certificate, ...]:
+        """Parse the intermediates a client brought (``x509.load_der_x509_certificate``
+        errors propagate); those of a remembered verified path are not parsed again."""
+        parsed = self._parsed
+        return tuple(parsed.get(der) or x509.load_der_x509_certificate(der) for der in ders)
+
+    def _known_path(
+        self, leaf: x509.Certificate, presented: tuple[x509.Certificate, ...], now: datetime
+    ) -> tuple[x509.Certificate, ...] | None:
+        """The chain through a remembered, already verified CA path, or None (full path)."""
+        known = self._paths.get(presented)
+        if known is None or leaf.issuer != known.tail[0].subject:
+            return None
+        if any(not c.not_valid_before_utc <= now <= c.not_valid_after_utc for c in known.tail):
+            return None  # the full path says which one and why
+        try:
+            verified = known.policy.time(now).build_client_verifier().verify(leaf, [])
+        except libverify.VerificationError:
+            return None
+        if len(verified.chain) != 2 or verified.chain[1] != known.tail[0]:
+            return None
+        return (leaf, *known.tail)
+
+    def _remember(
+        self, presented: tuple[x509.Certificate, ...], chain: tuple[x509.Certificate, ...]
+    ) -> None:
+        """Remember the verified path above ``chain``'s leaf, unless a certificate on it
+        carries name constraints (they constrain each leaf: the library checks them)."""
+        tail = chain[1:]
+        if presented in self._paths or any(_ext(c, x509.NameConstraints) is not None for c in tail):
+            return
+        if len(self._paths) >= _MAX_REMEMBERED_PATHS:
+            oldest = next(iter(self._paths))
+            del self._paths[oldest]
+            for cert in oldest:
+                self._parsed.pop(cert.public_bytes(serialization.Encoding.DER), None)
+        policy = (
+            libverify.PolicyBuilder()
+            .store(libverify.Store([tail[0]]))
+            .max_chain_depth(_MAX_CHAIN_DEPTH)
+            .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
+        )
+        self._paths[presented] = _KnownPath(tail, policy)
+        for cert in presented:
+            self._parsed[cert.public_bytes(serialization.Encoding.DER)] = cert
 
     def _check_leaf(
         self, leaf: x509.Certificate, now: datetime, require_device_id: bool
-    ) -> DeviceId | None:
+    ) -> tuple[DeviceId | None, ec.EllipticCurvePublicKey]:
         try:
             key = leaf.public_key()
         except (ValueError, TypeError) as exc:
@@ -302,8 +417,9 @@ class ChainVerifier:
                 pass
             else:
                 raise VerificationError("self-signed end-entity certificate", reason="untrusted")
-        bc = _ext(leaf, x509.BasicConstraints)
-        ku = _ext(leaf, x509.KeyUsage)
+        exts = _extensions_by_oid(leaf)
+        bc = exts.get(ExtensionOID.BASIC_CONSTRAINTS)
+        ku = exts.get(ExtensionOID.KEY_USAGE)
         if (isinstance(bc, x509.BasicConstraints) and bc.ca) or (
             isinstance(ku, x509.KeyUsage) and ku.key_cert_sign
         ):
@@ -320,7 +436,7 @@ class ChainVerifier:
             raise VerificationError(
                 f"certificate expired at {leaf.not_valid_after_utc.isoformat()}", reason="expired"
             )
-        eku = _ext(leaf, x509.ExtendedKeyUsage)
+        eku = exts.get(ExtensionOID.EXTENDED_KEY_USAGE)
         # No EKU would mean "any purpose" to RFC 5280; we require the purpose to be explicit.
         if not isinstance(eku, x509.ExtendedKeyUsage) or self._required_eku not in eku:
             raise VerificationError(
@@ -330,7 +446,7 @@ class ChainVerifier:
         needed = _REQUIRED_KEY_USAGE.get(self._required_eku)
         if needed is not None and (not isinstance(ku, x509.KeyUsage) or not getattr(ku, needed)):
             raise VerificationError(f"key usage lacks {needed}", reason="wrong_key_usage")
-        san = _ext(leaf, x509.SubjectAlternativeName)
+        san = exts.get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
         if self._require_san and not isinstance(san, x509.SubjectAlternativeName):
             raise VerificationError("certificate has no subjectAltName", reason="missing_san")
         device_id: DeviceId | None = None
@@ -344,7 +460,7 @@ class ChainVerifier:
                 raise VerificationError(f"device identity: {exc}", reason="malformed") from exc
         elif require_device_id:
             raise VerificationError("no hardwareModuleName device id", reason="missing_san")
-        return device_id
+        return device_id, key
 
     def _build_path(
         self, leaf: x509.Certificate, untrusted: list[x509.Certificate], now: datetime
@@ -417,11 +533,12 @@ class ChainVerifier:
             )
             # An HQ indirect CRL lists certificates of any station CA: a listing counts for
             # every certificate (a thief's certificate without a CRLDP included).
+            issuer_der = self._ca_id(issuer)[0]
             listed = next(
                 (
                     r
                     for held in self._indirect.values()
-                    if (r := held.reason_for(issuer.subject, cert.serial_number)) is not None
+                    if (r := held.reason_for_der(issuer_der, cert.serial_number)) is not None
                 ),
                 None,
             )

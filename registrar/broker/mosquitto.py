@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from broker_config.render import (
     MosquittoConfig,
     listener_trust,
+    registrar_identities,
     render_mosquitto_conf,
     render_operational_acl,
     render_registration_acl,
@@ -116,6 +117,33 @@ class _Owner:
     def own(self, path: Path) -> None:
         if os.geteuid() == 0:
             os.chown(path, self.uid, self.gid)
+
+
+def _broker_env() -> dict[str, str]:
+    """The registrar's environment without its secrets (the keystore passphrase may be
+    there, ``DEVTRUST_*_PASSPHRASE``/``_PIN``): Mosquitto needs none of them. The rest is
+    kept (``PATH``, locale, and e.g. a ``LD_PRELOAD`` fake clock of the time-travel tests)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith("DEVTRUST_") and k.endswith(("PASSPHRASE", "PIN", "PASSWORD")))
+    }
+
+
+def _launch_argv(executable: str, conf: Path, owner: _Owner) -> list[str]:
+    """``mosquitto -c CONF``, under ``setpriv --pdeathsig TERM`` when it exists: Mosquitto
+    then ends with the registrar that owns it, even a registrar killed with SIGKILL (an
+    orphan would keep the site's ports, and its kick password died with the registrar).
+    As root, setpriv also switches to ``run_user`` first: Mosquitto's own switch would
+    clear the parent-death signal (Linux clears it on a credential change)."""
+    setpriv = shutil.which("setpriv")
+    argv = [executable, "-c", str(conf)]
+    if setpriv is None:
+        return argv
+    if os.geteuid() == 0:
+        ids = ["--reuid", str(owner.uid), "--regid", str(owner.gid), "--init-groups"]
+        return [setpriv, *ids, "--pdeathsig", "TERM", *argv]
+    return [setpriv, "--pdeathsig", "TERM", *argv]
 
 
 class _KeyPipe:
@@ -461,12 +489,11 @@ class MosquittoBroker:
         self._log_tail.clear()
         self._sessions.clear()
         self._process = await asyncio.create_subprocess_exec(
-            self._executable,
-            "-c",
-            str(conf),
+            *_launch_argv(self._executable, conf, owner),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            env=_broker_env(),
         )
         self._log_task = asyncio.create_task(self._read_log(self._process))
         deadline = time.monotonic() + self._start_timeout
@@ -733,8 +760,8 @@ class MosquittoBroker:
         this object the registrar re-applies them from its store.
         """
         identity = _check_identity(identity)
-        if identity == self._registrar_identity:
-            raise BrokerError("refusing to block the registrar's own identity")
+        if identity in registrar_identities(self._registrar_identity):
+            raise BrokerError("refusing to block a registrar instance's identity")
         self._blocked.add(identity)
         await self.reload_crls()
         await self.disconnect(identity)

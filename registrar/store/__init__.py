@@ -27,7 +27,8 @@ window with in-memory reservations (and, across instances, the unique keys do).
 Tables: ``devices`` (one row per registered device: current LDevID, its key, the wrap key
 used for payload-key rotation), ``certified_keys`` (every key ever certified, for
 ``csr_foreign_key``), ``requests`` (request digest → stored response: idempotency),
-``nonces`` (every nonce accepted; both pruned by :meth:`Store.prune_replay_records`),
+``nonces`` (every nonce accepted; both pruned by the writer itself once no request that
+old can be fresh, see :meth:`Store.prune_expired_replay_records`),
 ``superseded`` (LDevIDs replaced by a re-registration: input to the site CRL), ``events``
 (audit trail for ``registrar status``), ``pending_approvals`` / ``approvals`` (devices an
 admission plugin held, and the installer's approvals), ``factory_certs`` (every chain-valid
@@ -37,6 +38,13 @@ kind — registration or renewal — and its issued, notAfter, superseded and re
 the chain that ``registrar devices --certificates`` shows; the serial is the primary key),
 ``payload_key_periods`` and ``key_offers`` (payload-key rotation, see
 :mod:`registrar.key_distribution`) and ``crl_number`` (the site CRL counter, one row).
+
+Large registries: nothing the running registrar does reads the registry whole. Status
+counts come from the engine's estimates above 20,000 rows, devices per payload key from
+an index scan reused for 50x its cost, devices pending a payload key from an index per key;
+operator listings page (:meth:`Store.device_pages`). :meth:`Store.import_registrations`
+bulk-loads (COPY / big transactions) in bounded chunks. ``bench/registry_scale.py``
+measures it.
 
 Change feed: :meth:`Store.changes` yields :class:`Change` values (revocations, status
 changes, registrations and renewals — which supersede —, approvals, payload-key changes)
@@ -53,6 +61,7 @@ from registrar.store.records import (
     Change,
     DeviceRecord,
     Event,
+    FactorySighting,
     Lookup,
     PendingApproval,
     Registration,
@@ -64,6 +73,7 @@ __all__ = [
     "Change",
     "DeviceRecord",
     "Event",
+    "FactorySighting",
     "Lookup",
     "PendingApproval",
     "Registration",

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, TypeVar
 
 from registrar.errors import StoreConflict, StoreError
 from registrar.store import statements as q
@@ -20,19 +21,31 @@ from registrar.store.records import (
     Change,
     DeviceRecord,
     Event,
+    FactorySighting,
     Lookup,
     PendingApproval,
     Registration,
     RenewalLookup,
 )
 from trustcore.identity import DeviceId
+from trustcore.registration import FRESHNESS_SECONDS
 
 __all__ = ["Backend", "Store"]
 
 log = logging.getLogger(__name__)
+_I = TypeVar("_I")
 
 #: Changes a subscriber may fall behind by before it gets a ``resync`` instead.
 _FEED_LIMIT = 10_000
+#: Replay records (nonces, stored responses) older than the newest one by more than this are
+#: pruned. Safe: a request is accepted only within ``FRESHNESS_SECONDS`` of the registrar's
+#: clock, so the newest request time is at most that far ahead of the clock, and a request
+#: older than the clock by more than that is refused as stale before its nonce is looked at.
+REPLAY_RETENTION = 2 * FRESHNESS_SECONDS + 60
+_PRUNE_EVERY = 60.0
+_PRUNE_BATCH = 2_000
+#: :meth:`Store.counts` counts tables smaller than this exactly, larger ones by estimate.
+EXACT_COUNT_BELOW = 20_000
 
 
 class Backend(Protocol):
@@ -42,6 +55,8 @@ class Backend(Protocol):
 
     name: str
     errors: tuple[type[Exception], ...]
+    #: Among ``errors``: the database cannot be reached or used right now (retry later).
+    unavailable: tuple[type[Exception], ...]
     #: ORDER BY of a device's certificate chain (insertion order is engine-specific).
     certificate_order: str
     #: True: the store delivers its own changes after commit (no cross-process feed).
@@ -61,14 +76,26 @@ class Backend(Protocol):
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
 
+    async def estimated_rows(self, tables: Sequence[str]) -> dict[str, int]:
+        """The engine's cheap row-count estimate per table (no table scan)."""
+        ...
+
     async def call(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """One statement that writes and returns rows, in its own transaction (from the
         writer task only)."""
         ...
 
-    async def bulk_insert(
-        self, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
-    ) -> int: ...
+    async def bulk_load(
+        self, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
+    ) -> None:
+        """One transaction: each (table, columns, rows) loaded in order (COPY on PostgreSQL;
+        on the writer connection, never concurrently with :meth:`transaction`)."""
+        ...
+
+    async def after_bulk_load(self, tables: Sequence[str]) -> None:
+        """Planner statistics (and, PostgreSQL, the visibility map: index-only scans) for
+        tables that just grew by a bulk load."""
+        ...
 
     async def listen(self, deliver: Callable[[Change], None]) -> None:
         """Deliver every change other connections commit, until cancelled (reconnecting
@@ -119,6 +146,15 @@ class Store:
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._subscribers: set[asyncio.Queue[Change]] = set()
+        #: The writer connection is one: the writer task and bulk loads take turns.
+        self._exclusive = asyncio.Lock()
+        #: Writes in the last group commit (1: no load, no batch window).
+        self._last_batch = 0
+        #: Replay-record pruning by the writer (monotonic time of the last pass).
+        self._last_prune = -_PRUNE_EVERY
+        self._prune_backlog = False
+        #: (valid until, monotonic; result) of an expensive :meth:`devices_per_payload_key`.
+        self._per_key: tuple[float, dict[bytes, int]] | None = None
         #: Transactions committed and writes they carried (group-commit effectiveness).
         self.commits = 0
         self.writes = 0
@@ -362,51 +398,98 @@ class Store:
         await self._write(q.PRUNE_NONCES, (int(before),))
         await self._write(q.PRUNE_REQUESTS, (int(before),))
 
-    async def import_registrations(self, registrations: Iterable[Registration]) -> int:
-        """Bulk-load registered devices (a registry migration; the scale benchmark): the
-        device, certificate and certified-key rows of each, in one transaction (COPY on
-        PostgreSQL). No events, requests, nonces or changes. Returns the count."""
-        rows = list(registrations)
-        b = self._backend
-        await b.bulk_insert(
-            "devices",
-            (
-                "device_id",
-                "station_id",
-                "idevid_serial",
-                "ldevid_serial",
-                "ldevid_der",
-                "ldevid_key_id",
-                "wrap_key",
-                "payload_key_id",
-                "registered_at",
-            ),
-            (
-                (
-                    r.device_id.value,
-                    r.station_id,
-                    r.idevid_serial,
-                    r.ldevid_serial,
-                    r.ldevid_der,
-                    r.ldevid_key_id,
-                    r.wrap_key_der,
-                    r.payload_key_id,
-                    r.at,
+    async def prune_expired_replay_records(self) -> int:
+        """Prune nonces and stored responses that can no longer matter (see
+        :data:`REPLAY_RETENTION`) now, in batches, through the writer; returns how many
+        rows went. The writer also does this by itself after a commit, at most every
+        minute, one batch per commit while a backlog remains: tables of nonces do not
+        grow with the life of the site, only with the registrations of the last minutes."""
+        total = 0
+        while True:
+            rows = await self._call(q.PRUNE_EXPIRED_NONCES, (REPLAY_RETENTION, _PRUNE_BATCH))
+            more = await self._call(q.PRUNE_EXPIRED_REQUESTS, (REPLAY_RETENTION, _PRUNE_BATCH))
+            total += len(rows) + len(more)
+            if len(rows) < _PRUNE_BATCH and len(more) < _PRUNE_BATCH:
+                return total
+
+    async def _prune_step(self) -> None:
+        """From the writer task after a commit: one bounded batch when due."""
+        now = time.monotonic()
+        if not self._prune_backlog and now - self._last_prune < _PRUNE_EVERY:
+            return
+        self._last_prune = now
+        try:
+            async with self._exclusive:
+                rows = await self._backend.call(
+                    q.PRUNE_EXPIRED_NONCES, (REPLAY_RETENTION, _PRUNE_BATCH)
                 )
-                for r in rows
-            ),
-        )
-        await b.bulk_insert(
-            "certificates",
-            ("serial", "device_id", "kind", "issued_at", "not_after"),
-            ((r.ldevid_serial, r.device_id.value, r.kind, r.at, r.ldevid_not_after) for r in rows),
-        )
-        await b.bulk_insert(
-            "certified_keys",
-            ("key_id", "device_id"),
-            ((r.ldevid_key_id, r.device_id.value) for r in rows),
-        )
-        return len(rows)
+                more = await self._backend.call(
+                    q.PRUNE_EXPIRED_REQUESTS, (REPLAY_RETENTION, _PRUNE_BATCH)
+                )
+        except self._backend.errors as exc:
+            log.warning("pruning expired nonces failed (next time again): %s", exc)
+            return
+        self._prune_backlog = max(len(rows), len(more)) >= _PRUNE_BATCH
+        if rows or more:
+            log.debug("pruned %d expired nonces and %d stored responses", len(rows), len(more))
+
+    async def import_registrations(
+        self,
+        registrations: Iterable[Registration],
+        *,
+        sightings: Iterable[FactorySighting] = (),
+        chunk: int = 10_000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Bulk-load registered devices (a registry migration; the scale benchmark's
+        preload): per registration the rows a live registration writes — device,
+        certificate, certified key, request→response, nonce, ``registered`` event — then
+        the factory-certificate ``sightings``. COPY on PostgreSQL, ``executemany`` on
+        SQLite; ``chunk`` registrations (or sightings) per transaction, so memory is
+        bounded by one chunk whatever the size of the import. No change-feed entries.
+
+        Each chunk commits on its own: an import that fails part-way (a device, serial,
+        digest or nonce already present: ``StoreConflict``) keeps the chunks before it.
+        ``progress`` is called with the running count after each chunk. Returns the
+        number of registrations loaded."""
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
+        count = 0
+        for part in _chunks(registrations, chunk):
+            await self._bulk(_registration_tables(part))
+            count += len(part)
+            if progress is not None:
+                progress(count)
+        for seen in _chunks(sightings, chunk):
+            await self._bulk(
+                [
+                    (
+                        "factory_certs",
+                        ("station_id", "serial", "device_id", "der", "first_seen"),
+                        [(f.station_id, f.serial, f.device_id, f.der, f.first_seen) for f in seen],
+                    )
+                ]
+            )
+        if count:
+            async with self._exclusive:
+                try:
+                    await self._backend.after_bulk_load(_IMPORTED_TABLES)
+                except self._backend.errors as exc:
+                    raise StoreError(f"registrar database bulk load failed: {exc}") from exc
+        return count
+
+    async def _bulk(
+        self, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
+    ) -> None:
+        if self._task is None or self._task.done():
+            raise StoreError("registrar database is closed")
+        async with self._exclusive:
+            try:
+                await self._backend.bulk_load(tables)
+            except self._backend.errors as exc:
+                if self._backend.is_conflict(exc):
+                    raise StoreConflict(f"registrar database refused a duplicate: {exc}") from exc
+                raise StoreError(f"registrar database bulk load failed: {exc}") from exc
 
     # -- the writer task --------------------------------------------------------------------
 
@@ -420,7 +503,10 @@ class Store:
                 await self._run_call(first)
                 continue
             batch = [first]
-            if self._window > 0:
+            # Wait for companions only under load (the last batch had several writes): a
+            # lone write after a quiet spell commits at once. A wave's first write goes
+            # alone, and the writes that queue during its commit form the next batch.
+            if self._window > 0 and self._last_batch > 1:
                 await asyncio.sleep(self._window)
             held: _Call | None = None
             while len(batch) < self._max_batch and not self._queue.empty():
@@ -432,13 +518,16 @@ class Store:
                     held = nxt
                     break
                 batch.append(nxt)
+            self._last_batch = len(batch)
             await self._commit_batch(batch)
+            await self._prune_step()
             if held is not None:
                 await self._run_call(held)
 
     async def _run_call(self, call: _Call) -> None:
         try:
-            rows = await self._backend.call(call.sql, call.params)
+            async with self._exclusive:
+                rows = await self._backend.call(call.sql, call.params)
         except self._backend.errors as exc:
             if not call.future.done():
                 call.future.set_exception(StoreError(f"registrar database write failed: {exc}"))
@@ -450,7 +539,8 @@ class Store:
         try:
             await self._apply(batch)
         except self._backend.errors as exc:
-            if len(batch) == 1:
+            if len(batch) == 1 or isinstance(exc, self._backend.unavailable):
+                # one write, or the database is unreachable: nothing to gain one by one
                 self._finish(batch, exc)
                 return
             log.warning(
@@ -490,9 +580,10 @@ class Store:
             if isinstance(item, tuple):
                 groups.append({})
             changes.extend(write.changes)
-        await self._backend.transaction(
-            [g for g in groups if g], devices=registered, changes=changes
-        )
+        async with self._exclusive:
+            await self._backend.transaction(
+                [g for g in groups if g], devices=registered, changes=changes
+            )
         self.commits += 1
         self.writes += len(batch)
         if self._backend.local_feed:
@@ -500,11 +591,12 @@ class Store:
                 self._deliver(change)
 
     def _finish(self, batch: Sequence[_Write], exc: BaseException | None) -> None:
+        dropped = sum(1 for write in batch if write.future is None)
+        if exc is not None and dropped:
+            log.warning("dropped %d queued event(s): %s", dropped, exc)
         for write in batch:
             fut = write.future
             if fut is None:
-                if exc is not None:
-                    log.warning("dropped a queued event: %s", exc)
                 continue
             if fut.done():
                 continue
@@ -578,20 +670,34 @@ class Store:
     async def device_pages(
         self, *, size: int = 1000, status: str | None = None, not_key: bytes | None = None
     ) -> AsyncIterator[list[DeviceRecord]]:
-        """Devices in pages of ``size`` by device id (keyset paging: memory bounded by one
-        page), optionally only those with ``status`` and not on payload key ``not_key``."""
-        where = ["device_id > ?"]
-        extra: list[Any] = []
-        if status is not None:
-            where.append("status = ?")
-            extra.append(status)
+        """Devices in pages of at most ``size`` (keyset paging: memory bounded by one page),
+        optionally only those with ``status``, and (with a ``status``) not on payload key
+        ``not_key``. Each page costs index look-ups, never a scan of the registry: devices
+        not on ``not_key`` come key by key (the few payload keys there are, found by a
+        skip scan of the ``(status, payload_key_id, device_id)`` index), each key's in
+        device-id order; the others in device-id order."""
         if not_key is not None:
-            where.append("payload_key_id != ?")
-            extra.append(not_key)
-        sql = f"{q.SELECT_DEVICES} WHERE {' AND '.join(where)} ORDER BY device_id LIMIT ?"
+            if status is None:
+                raise ValueError("device_pages(not_key=...) needs a status")
+            keys = await self._rows(q.PAYLOAD_KEYS_OF_STATUS, (status, status))
+            for (key,) in keys:
+                if bytes(key) == not_key:
+                    continue
+                async for page in self._pages(q.DEVICES_ON_KEY, (status, key), size):
+                    yield page
+            return
+        async for page in self._pages(q.DEVICES_AFTER, (), size):
+            if status is not None:
+                page = [d for d in page if d.status == status]
+            if page:
+                yield page
+
+    async def _pages(
+        self, sql: str, head: tuple[Any, ...], size: int
+    ) -> AsyncIterator[list[DeviceRecord]]:
         after = ""
         while True:
-            rows = await self._rows(sql, (after, *extra, size))
+            rows = await self._rows(sql, (*head, after, size))
             if not rows:
                 return
             yield [_device(row) for row in rows]
@@ -617,13 +723,24 @@ class Store:
         return {DeviceId(r[0]) for r in rows}
 
     async def counts(self) -> dict[str, int]:
-        rows = await self._rows(
-            "SELECT (SELECT COUNT(*) FROM devices), (SELECT COUNT(*) FROM requests), "
-            "(SELECT COUNT(*) FROM nonces), (SELECT COUNT(*) FROM certified_keys), "
-            "(SELECT COUNT(*) FROM superseded), (SELECT COUNT(*) FROM events)"
-        )
+        """Rows per table, for ``registrar status`` (refreshed every half second while the
+        registrar runs). Exact below :data:`EXACT_COUNT_BELOW` rows; above, the engine's
+        own estimate — PostgreSQL's live-tuple statistics (may lag a few seconds),
+        SQLite's rowid range (exact for tables nothing is deleted from) — because an exact
+        count reads the whole table: about 250 ms for a million devices, twice a second."""
         names = ("devices", "requests", "nonces", "certified_keys", "superseded", "events")
-        return dict(zip(names, (int(v) for v in rows[0]), strict=True))
+        try:
+            estimates = await self._backend.estimated_rows(names)
+        except self._backend.errors as exc:
+            raise StoreError(f"registrar database read failed: {exc}") from exc
+        small = [n for n in names if estimates.get(n, 0) < EXACT_COUNT_BELOW]
+        out = {n: max(0, int(estimates.get(n, 0))) for n in names}
+        if small:
+            counted = (f"(SELECT COUNT(*) FROM {n})" for n in small)  # noqa: S608 - fixed names
+            sql = "SELECT " + ", ".join(counted)
+            rows = await self._rows(sql)
+            out.update(zip(small, (int(v) for v in rows[0]), strict=True))
+        return out
 
     async def superseded_serials(
         self, device_id: DeviceId | None = None
@@ -748,12 +865,110 @@ class Store:
         )
 
     async def devices_per_payload_key(self) -> dict[bytes, int]:
-        """Registered devices per acknowledged payload key id."""
+        """Registered devices per acknowledged payload key id (``registrar status``, every
+        half second). The count reads every registered device's index entry (about 110 ms
+        for a million on SQLite), so a result is reused for 50 times what it cost to
+        compute (at most 2% of the database's time; a million devices: a few seconds
+        stale); results that cost under 5 ms are not reused (a small site sees each
+        acknowledgement at once)."""
+        cached = self._per_key
+        now = time.monotonic()
+        if cached is not None and now < cached[0]:
+            return dict(cached[1])
         rows = await self._rows(
             "SELECT payload_key_id, COUNT(*) FROM devices WHERE status = 'registered' "
             "GROUP BY payload_key_id"
         )
-        return {bytes(r[0]): int(r[1]) for r in rows}
+        result = {bytes(r[0]): int(r[1]) for r in rows}
+        cost = time.monotonic() - now
+        self._per_key = (now + 50 * cost, result) if cost >= 0.005 else None
+        return dict(result)
+
+
+_IMPORTED_TABLES = (
+    "devices",
+    "certificates",
+    "certified_keys",
+    "requests",
+    "nonces",
+    "events",
+    "factory_certs",
+)
+
+
+def _chunks(items: Iterable[_I], size: int) -> Iterator[list[_I]]:
+    it = iter(items)
+    while part := list(itertools.islice(it, size)):
+        yield part
+
+
+def _registration_tables(
+    part: Sequence[Registration],
+) -> list[tuple[str, Sequence[str], list[tuple[Any, ...]]]]:
+    """The rows :func:`statements.statements_of` would write for each registration."""
+    return [
+        (
+            "devices",
+            (
+                "device_id",
+                "station_id",
+                "idevid_serial",
+                "ldevid_serial",
+                "ldevid_der",
+                "ldevid_key_id",
+                "wrap_key",
+                "payload_key_id",
+                "registered_at",
+            ),
+            [
+                (
+                    r.device_id.value,
+                    r.station_id,
+                    r.idevid_serial,
+                    r.ldevid_serial,
+                    r.ldevid_der,
+                    r.ldevid_key_id,
+                    r.wrap_key_der,
+                    r.payload_key_id,
+                    r.at,
+                )
+                for r in part
+            ],
+        ),
+        (
+            "certificates",
+            ("serial", "device_id", "kind", "issued_at", "not_after"),
+            [(r.ldevid_serial, r.device_id.value, r.kind, r.at, r.ldevid_not_after) for r in part],
+        ),
+        (
+            "certified_keys",
+            ("key_id", "device_id"),
+            [(r.ldevid_key_id, r.device_id.value) for r in part],
+        ),
+        (
+            "requests",
+            ("digest", "device_id", "response", "created"),
+            [(r.request_digest, r.device_id.value, r.response, r.at) for r in part],
+        ),
+        (
+            "nonces",
+            ("nonce", "device_id", "time"),
+            [(r.nonce, r.device_id.value, r.request_time) for r in part],
+        ),
+        (
+            "events",
+            ("time", "device_id", "kind", "detail"),
+            [
+                (
+                    r.at,
+                    r.device_id.value,
+                    "renewed" if r.kind == "renewal" else "registered",
+                    f"ldevid {r.ldevid_serial} idevid {r.idevid_serial}",
+                )
+                for r in part
+            ],
+        ),
+    ]
 
 
 def _bytes(value: object) -> bytes | None:

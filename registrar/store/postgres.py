@@ -16,10 +16,15 @@ Several registrar instances share one database. What keeps them apart:
   that makes it (delivered only if it commits).
 
 Durability: the default ``synchronous_commit = on`` — a commit has reached the server's WAL
-on disk before the registrar replies. Connections lost (a PostgreSQL restart) are
-re-opened: the writer on its next batch (the batch in flight fails, its devices retry),
-readers through the pool (one retry per read), the listener with back-off, followed by a
-``resync`` change because notifications sent meanwhile are lost.
+on disk before the registrar replies. A PostgreSQL restart (or crash) is survived without a
+registrar restart: the batch in flight fails as a whole (its registrations are refused with
+the retryable ``internal_error``; nothing half-written: one transaction each); the writer
+reconnects at its next BEGIN (a connection found dead there is replaced and the batch
+begun again: nothing was sent yet); reads that find the server gone close their pool at
+once and open a fresh one, waiting at most a second (requests during an outage are refused
+within about a second instead of waiting for the pool's timeout); the listener reconnects
+with back-off, followed by a ``resync`` change because notifications sent meanwhile are
+lost. (``tests/test_store_failover.py``: kill -9 under registrations, restart.)
 
 Schema versions live in ``schema_version``; migrations run under an advisory lock so two
 instances starting together do not both migrate.
@@ -28,8 +33,10 @@ instances starting together do not both migrate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 import psycopg
@@ -43,12 +50,16 @@ __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresBackend"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The NOTIFY channel of the change feed.
 CHANNEL = "registrar_changes"
 #: Advisory-lock key space: migrations (one key) and per-device registration locks.
 _MIGRATION_LOCK = 0x5E6157A7
 _DEVICE_LOCK_SPACE = 7301
+#: Seconds a read waits for a pooled connection (all busy under load), and for a fresh
+#: pool after a failure (fail fast while the server is down: the device retries).
+_POOL_WAIT = 10.0
+_OUTAGE_POOL_WAIT = 1.0
 
 _SCHEMA_1 = """
 CREATE TABLE devices (
@@ -135,7 +146,14 @@ CREATE TABLE crl_number (id INTEGER PRIMARY KEY CHECK (id = 1), number BIGINT NO
 """
 
 #: version -> DDL; each applied in one transaction.
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_1}
+#: 2: devices still on an older payload key, in device-id order, without a table scan
+#: (``Store.device_pages(not_key=...)``: the payload-key catch-up at every start).
+_SCHEMA_2 = """
+CREATE INDEX devices_by_key_and_id ON devices (status, payload_key_id, device_id);
+DROP INDEX devices_by_payload_key
+"""
+
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2}
 
 _CONNECT: dict[str, Any] = {
     "autocommit": True,
@@ -183,6 +201,7 @@ class PostgresBackend:
 
     name = "postgres"
     errors: tuple[type[Exception], ...] = (psycopg.Error, PoolTimeout)
+    unavailable: tuple[type[Exception], ...] = (psycopg.OperationalError,)
     certificate_order = "seq"
     local_feed = False
 
@@ -191,13 +210,18 @@ class PostgresBackend:
         self._pool = pool
         self._writer: psycopg.AsyncConnection[Any] | None = None
         self._ready = asyncio.Event()
+        #: Reads: monotonic time of the first failure of an outage (None: the pool is fine),
+        #: the attempt to open a fresh pool in progress, and old pools being closed.
+        self._broken_since: float | None = None
+        self._repooling: asyncio.Task[AsyncConnectionPool[Any]] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, url: str) -> Self:
         try:
             await _migrate(url)
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                url, min_size=1, max_size=4, kwargs=dict(_CONNECT), open=False, timeout=10
+                url, min_size=1, max_size=4, kwargs=dict(_CONNECT), open=False, timeout=_POOL_WAIT
             )
             await pool.open(wait=True, timeout=10)
         except (psycopg.Error, PoolTimeout) as exc:
@@ -227,55 +251,153 @@ class PostgresBackend:
         devices: Sequence[str],
         changes: Sequence[Change],
     ) -> None:
+        conn = await self._begin()
+        try:
+            async with conn.cursor() as cur:
+                if devices:
+                    await cur.execute(
+                        "SELECT pg_advisory_xact_lock(%s, hashtext(d)) "
+                        "FROM (SELECT DISTINCT d FROM unnest(%s::text[]) AS d ORDER BY d) AS s",
+                        (_DEVICE_LOCK_SPACE, sorted(set(devices))),
+                    )
+                for grouped in groups:
+                    for sql, rows in grouped.items():
+                        await cur.executemany(_pg(sql), rows)
+                if changes:
+                    await cur.execute(
+                        "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) WITH ORDINALITY "
+                        "AS t(p, n) ORDER BY n",
+                        (CHANNEL, [c.encode() for c in changes]),
+                    )
+            await conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback(conn)
+            raise
+
+    async def _begin(self) -> psycopg.AsyncConnection[Any]:
+        """BEGIN on the writer connection. A connection the server dropped since its last
+        use (a restart) fails right here, before anything of the transaction was sent:
+        reconnect and begin once more, so the first write after a restart succeeds."""
         conn = await self._connection()
-        async with conn.transaction(), conn.cursor() as cur:
-            if devices:
-                await cur.execute(
-                    "SELECT pg_advisory_xact_lock(%s, hashtext(d)) "
-                    "FROM (SELECT DISTINCT d FROM unnest(%s::text[]) AS d ORDER BY d) AS s",
-                    (_DEVICE_LOCK_SPACE, sorted(set(devices))),
-                )
-            for grouped in groups:
-                for sql, rows in grouped.items():
-                    await cur.executemany(_pg(sql), rows)
-            if changes:
-                await cur.execute(
-                    "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) WITH ORDINALITY AS t(p, n) "
-                    "ORDER BY n",
-                    (CHANNEL, [c.encode() for c in changes]),
-                )
+        try:
+            await conn.execute("BEGIN")
+        except psycopg.OperationalError:
+            if not conn.broken:
+                raise
+            conn = await self._connection()
+            await conn.execute("BEGIN")
+        return conn
+
+    @staticmethod
+    async def _rollback(conn: psycopg.AsyncConnection[Any]) -> None:
+        if conn.broken or conn.closed:
+            return  # the server rolls back what it never saw committed
+        try:
+            await conn.execute("ROLLBACK")
+        except psycopg.Error as exc:
+            log.debug("rollback failed: %s", exc)
+
+    def _new_pool(self) -> AsyncConnectionPool[Any]:
+        return AsyncConnectionPool(
+            self._url, min_size=1, max_size=4, kwargs=dict(_CONNECT), open=False, timeout=_POOL_WAIT
+        )
+
+    async def _read_pool(self) -> AsyncConnectionPool[Any]:
+        """The pool for reads. After a failure (server restarted or unreachable) the old
+        pool may hold dead connections and retry connecting with a back-off of seconds:
+        a fresh pool is opened instead, waiting at most a second, so reads during an
+        outage fail fast (the device retries) and the first read after it succeeds.
+        Concurrent reads share one attempt."""
+        if self._broken_since is None:
+            return self._pool
+        attempt = self._repooling
+        if attempt is None or attempt.done():
+            attempt = self._repooling = asyncio.create_task(self._fresh_pool())
+        return await asyncio.shield(attempt)
+
+    async def _fresh_pool(self) -> AsyncConnectionPool[Any]:
+        fresh = self._new_pool()
+        try:
+            await fresh.open(wait=True, timeout=_OUTAGE_POOL_WAIT)
+        except BaseException:
+            await fresh.close()
+            raise
+        self._pool = fresh
+        if self._broken_since is not None:
+            log.warning(
+                "registrar database reachable again after %.1f s",
+                time.monotonic() - self._broken_since,
+            )
+        self._broken_since = None
+        return fresh
+
+    def _read_failed(self) -> None:
+        """A read found the server gone: close the pool now (reads queued for one of its
+        connections fail at once instead of waiting for the pool's timeout) and let the
+        next read open a fresh one."""
+        if self._broken_since is None:
+            self._broken_since = time.monotonic()
+            log.warning("registrar database read failed: reconnecting")
+            self._retire(self._pool)
+
+    def _retire(self, pool: AsyncConnectionPool[Any]) -> None:
+        task = asyncio.create_task(pool.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def call(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        conn = await self._connection()
-        async with conn.transaction():
+        conn = await self._begin()
+        try:
             cur = await conn.execute(_pg(sql), params)
-            return list(await cur.fetchall())
+            rows = list(await cur.fetchall())
+            await conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback(conn)
+            raise
+        return rows
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         for attempt in (1, 2):
+            pool = await self._read_pool()
             try:
-                async with self._pool.connection() as conn:
+                async with pool.connection() as conn:
                     cur = await conn.execute(_pg(sql), params)
                     return list(await cur.fetchall())
+            except PoolTimeout:
+                self._read_failed()
+                raise
             except psycopg.OperationalError:
-                # A connection the server dropped (restart): the pool replaces it; a read
-                # is safe to repeat once.
+                # A pooled connection the server dropped (restart): a read is safe to
+                # repeat once, from a fresh pool.
+                self._read_failed()
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    async def bulk_insert(
-        self, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
-    ) -> int:
+    async def estimated_rows(self, tables: Sequence[str]) -> dict[str, int]:
+        rows = await self.fetchall(
+            "SELECT relname, n_live_tup FROM pg_stat_user_tables WHERE relname = ANY(?)",
+            (list(tables),),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def after_bulk_load(self, tables: Sequence[str]) -> None:
+        # as after any bulk load: statistics, and an all-visible map so that counting
+        # index scans (devices per payload key) need not visit every heap page
         conn = await self._connection()
-        count = 0
+        for table in tables:
+            await conn.execute(f"VACUUM (ANALYZE) {table}".encode())
+
+    async def bulk_load(
+        self, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
+    ) -> None:
+        conn = await self._connection()
         async with conn.transaction(), conn.cursor() as cur:
-            statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-            async with cur.copy(statement.encode()) as copy:
-                for row in rows:
-                    await copy.write_row(row)
-                    count += 1
-        return count
+            for table, columns, rows in tables:
+                statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+                async with cur.copy(statement.encode()) as copy:
+                    for row in rows:
+                        await copy.write_row(row)
 
     async def listen(self, deliver: Callable[[Change], None]) -> None:
         delay = 0.05
@@ -318,7 +440,12 @@ class PostgresBackend:
         if self._writer is not None:
             await self._writer.close()
             self._writer = None
+        if self._repooling is not None and not self._repooling.done():
+            with contextlib.suppress(BaseException):
+                await self._repooling
         await self._pool.close()
+        for task in list(self._closing):
+            await task
 
 
 def _safe(url: str) -> str:

@@ -13,6 +13,7 @@ __all__ = [
     "Change",
     "DeviceRecord",
     "Event",
+    "FactorySighting",
     "Lookup",
     "PendingApproval",
     "Registration",
@@ -40,6 +41,17 @@ class Registration:
     #: "registration" (IDevID, ``registrations`` + 1) or "renewal" (LDevID, same device row).
     kind: str = "registration"
     ldevid_not_after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FactorySighting:
+    """A chain-valid factory certificate seen in a registration request (first sighting)."""
+
+    station_id: str
+    serial: str
+    device_id: str
+    der: bytes = field(repr=False)
+    first_seen: int
 
 
 @dataclass(frozen=True, slots=True)

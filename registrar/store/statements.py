@@ -72,6 +72,24 @@ DEVICE_COLUMNS = (
     "payload_key_id, registered_at, registrations, status"
 )
 SELECT_DEVICES = f"SELECT {DEVICE_COLUMNS} FROM devices"  # noqa: S608 - constant text
+#: Keyset pages of devices by id (the primary key), and of the devices on one payload key
+#: with one status (the ``(status, payload_key_id, device_id)`` index); ``?`` last: after
+#: this device id, at most this many.
+DEVICES_AFTER = f"{SELECT_DEVICES} WHERE device_id > ? ORDER BY device_id LIMIT ?"
+DEVICES_ON_KEY = (
+    f"{SELECT_DEVICES} WHERE status = ? AND payload_key_id = ? AND device_id > ? "
+    "ORDER BY device_id LIMIT ?"
+)
+#: The distinct payload keys of devices with a status (``?`` twice), by a skip scan: one
+#: index look-up per key instead of a scan of every device.
+PAYLOAD_KEYS_OF_STATUS = (
+    "WITH RECURSIVE k(id) AS ("
+    "SELECT (SELECT payload_key_id FROM devices WHERE status = ? "
+    "ORDER BY payload_key_id LIMIT 1) "
+    "UNION ALL SELECT (SELECT payload_key_id FROM devices WHERE status = ? "
+    "AND payload_key_id > k.id ORDER BY payload_key_id LIMIT 1) FROM k WHERE k.id IS NOT NULL"
+    ") SELECT id FROM k WHERE id IS NOT NULL"
+)
 #: Next site CRL number, never below ``?`` (the number of the CRL file already signed):
 #: one statement under the counter row's lock, so two instances never get the same number.
 NEXT_CRL_NUMBER = (
@@ -80,6 +98,17 @@ NEXT_CRL_NUMBER = (
 )
 PRUNE_NONCES = "DELETE FROM nonces WHERE time < ?"
 PRUNE_REQUESTS = "DELETE FROM requests WHERE created < ?"
+#: At most ``?`` (second parameter) replay records older than the newest by more than ``?``
+#: (first): bounded transactions, and the time comes from the committed data (a nonce's
+#: request time was within the freshness window of the registrar's clock when accepted).
+PRUNE_EXPIRED_NONCES = (
+    "DELETE FROM nonces WHERE nonce IN (SELECT nonce FROM nonces WHERE "
+    "time < (SELECT MAX(time) FROM nonces) - ? LIMIT ?) RETURNING 1"
+)
+PRUNE_EXPIRED_REQUESTS = (
+    "DELETE FROM requests WHERE digest IN (SELECT digest FROM requests WHERE "
+    "created < (SELECT MAX(created) FROM requests) - ? LIMIT ?) RETURNING 1"
+)
 
 
 def statements_of(item: Item) -> list[tuple[str, tuple[Any, ...]]]:

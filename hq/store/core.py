@@ -1,318 +1,74 @@
-"""HQ's SQLite database: enrolled stations, issued entitlements, audit heads, reconciliation
-state and the devices every audit export reported; since schema 2 also sites, their
-(KMS-sealed) payload keys and bundles, the latest CRL of each station, the root CRL and its
-revocations, and the HQ revocation lists.
+"""The HQ store: enrolled stations, issued entitlements, audit heads, reconciliation state
+and the devices every audit export reported; sites, their (KMS-sealed) payload keys and
+bundles, the latest CRL of each station, the root CRL and its revocations, the HQ revocation
+lists, the quorum and the site reports — on SQLite (the default, a file in the HQ directory)
+or PostgreSQL (``hq init --store postgresql://…``, for a registry of tens of millions of
+devices). The SQL is written once (:mod:`hq.store.engine`).
 
-One connection per command, autocommit off by hand: every change that belongs together runs
-in one ``BEGIN IMMEDIATE`` … ``COMMIT`` (:meth:`HqStore.transaction`), so an ingest either
-moves the audit head *and* stores its devices and counters, or changes nothing. ``synchronous
-= FULL`` because a head that was reported as stored must survive a power cut.
+One connection per command: every change that belongs together runs in one transaction
+(:meth:`HqStore.transaction`), so an ingest either moves the audit head *and* stores its
+devices and counters, or changes nothing.
+
+Fleet scale: nothing here loads the device registry into Python. The counterfeit
+cross-check (:meth:`HqStore.audited_certificates`) and the duplicate checks of an ingest
+put the batch's keys into a temporary table and join it with the indexed registry;
+:meth:`HqStore.bulk_put_devices` loads with ``COPY`` on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from hq.errors import HomeError
+from hq.store.engine import Connection, connect
+from hq.store.location import StoreLocation
+from hq.store.records import (
+    AuditHead,
+    DeviceRow,
+    EntitlementRow,
+    ReconState,
+    SiteRow,
+    StationCrlRow,
+    StationRow,
+    StoredPayloadKey,
+)
 from trustcore import cbor
-from trustcore.audit import ZERO_HASH
 from trustcore.entitlement import EntitlementPolicy
 from trustcore.errors import EncodingError, InvalidValueError
 from trustcore.stationtime import TimeAudit
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "AuditHead",
-    "DeviceRow",
-    "EntitlementRow",
-    "HqStore",
-    "ReconState",
-    "SiteRow",
-    "StationCrlRow",
-    "StationRow",
-    "StoredPayloadKey",
-]
+__all__ = ["HqStore"]
 
-SCHEMA_VERSION = 2
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE stations (
-    station_id TEXT PRIMARY KEY,
-    ca_public_der BLOB NOT NULL,
-    transport_public_der BLOB NOT NULL,
-    csr_der BLOB NOT NULL,
-    enrolled_at INTEGER NOT NULL,
-    generation INTEGER NOT NULL
-);
-CREATE TABLE enrolment_history (
-    id INTEGER PRIMARY KEY,
-    station_id TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    ca_public_der BLOB NOT NULL,
-    transport_public_der BLOB NOT NULL,
-    enrolled_at INTEGER NOT NULL,
-    replaced_at INTEGER
-);
-CREATE TABLE entitlements (
-    station_id TEXT NOT NULL REFERENCES stations(station_id),
-    sequence INTEGER NOT NULL CHECK (sequence >= 1),
-    entitlement_id TEXT NOT NULL UNIQUE,
-    policy_cbor BLOB NOT NULL,
-    station_ca_der BLOB NOT NULL,
-    station_ca_serial TEXT NOT NULL,
-    package_sha256 BLOB NOT NULL,
-    issued_at INTEGER NOT NULL,
-    PRIMARY KEY (station_id, sequence)
-);
-CREATE TABLE audit_heads (
-    station_id TEXT PRIMARY KEY REFERENCES stations(station_id),
-    next_seq INTEGER NOT NULL,
-    head_hash BLOB NOT NULL,
-    last_export INTEGER NOT NULL,
-    max_time INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-CREATE TABLE recon_state (
-    station_id TEXT NOT NULL,
-    entitlement_seq INTEGER NOT NULL,
-    issued INTEGER NOT NULL,
-    burned INTEGER NOT NULL,
-    last_counter INTEGER NOT NULL,
-    imported_at_seq INTEGER,
-    PRIMARY KEY (station_id, entitlement_seq)
-);
-CREATE TABLE recon_days (
-    station_id TEXT NOT NULL,
-    entitlement_seq INTEGER NOT NULL,
-    day TEXT NOT NULL,
-    count INTEGER NOT NULL,
-    PRIMARY KEY (station_id, entitlement_seq, day)
-);
-CREATE TABLE devices (
-    id INTEGER PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    serial TEXT NOT NULL,
-    station_id TEXT NOT NULL,
-    entitlement_seq INTEGER NOT NULL,
-    key_id BLOB NOT NULL,
-    audit_seq INTEGER NOT NULL,
-    issued_time INTEGER NOT NULL,
-    certificate BLOB
-);
-CREATE INDEX devices_device_id ON devices(device_id);
-CREATE INDEX devices_key_id ON devices(key_id);
-CREATE INDEX devices_entitlement ON devices(station_id, entitlement_seq);
-CREATE TABLE ingests (
-    id INTEGER PRIMARY KEY,
-    station_id TEXT NOT NULL,
-    export_number INTEGER NOT NULL,
-    received_at INTEGER NOT NULL,
-    first_seq INTEGER NOT NULL,
-    next_seq INTEGER NOT NULL,
-    records INTEGER NOT NULL,
-    violations INTEGER NOT NULL,
-    report_json TEXT NOT NULL
-);
-"""
-
-
-#: Verified ``reissue_device_certificate`` grants from station audit logs; ``used_seq`` is
-#: the audit seq of the re-issue that consumed the grant (NULL while unused).
-_RECON_REISSUES = """CREATE TABLE IF NOT EXISTS recon_reissues (
-    request_id BLOB PRIMARY KEY,
-    station_id TEXT NOT NULL,
-    entitlement_seq INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    used_seq INTEGER
-)"""
-
-
-#: Station CA certificates HQ issued outside an entitlement (``hq renew-station``: renewal
-#: of the same key or re-key to a new one), and the CRLs of a station's retired CA keys
-#: (a re-keyed station keeps signing an empty CRL with its old key so that the devices made
-#: under it still have a current CRL at every site). Added without a schema version bump.
-_STATION_CA_RENEWALS = (
-    """CREATE TABLE IF NOT EXISTS station_ca_certs (
-    serial TEXT PRIMARY KEY,
-    station_id TEXT NOT NULL,
-    cert_der BLOB NOT NULL,
-    ca_public_der BLOB NOT NULL,
-    previous_public_der BLOB NOT NULL,
-    kind TEXT NOT NULL,
-    request_id BLOB NOT NULL UNIQUE,
-    issued_at INTEGER NOT NULL
-)""",
-    """CREATE TABLE IF NOT EXISTS station_retired_crls (
-    station_id TEXT NOT NULL,
-    issuer_key_id BLOB NOT NULL,
-    crl_number INTEGER NOT NULL,
-    this_update INTEGER NOT NULL,
-    next_update INTEGER NOT NULL,
-    crl_der BLOB NOT NULL,
-    recorded_at INTEGER NOT NULL,
-    PRIMARY KEY (station_id, issuer_key_id)
-)""",
-    # The CA key of the last export HQ accepted from each station: once a re-keyed station
-    # signs with its new key, exports signed by an older key are refused.
-    """CREATE TABLE IF NOT EXISTS station_export_keys (
-    station_id TEXT PRIMARY KEY,
-    ca_public_der BLOB NOT NULL
-)""",
+_DEVICE_COLUMNS = (
+    "device_id",
+    "serial",
+    "station_id",
+    "entitlement_seq",
+    "key_id",
+    "audit_seq",
+    "issued_time",
+    "certificate",
 )
 
 
-#: Schema 2 (site commissioning). Applied on top of schema 1 by :meth:`HqStore.open`, so an
-#: HQ database created before sites existed is upgraded in place (tables only, no data moves).
-_SCHEMA_V2 = """
-CREATE TABLE IF NOT EXISTS recon_allowances (
-    request_id BLOB PRIMARY KEY,
-    station_id TEXT NOT NULL,
-    entitlement_seq INTEGER NOT NULL,
-    day TEXT NOT NULL,
-    extra INTEGER NOT NULL
-);
-CREATE TABLE sites (
-    site_id TEXT PRIMARY KEY,
-    ca_public_der BLOB NOT NULL,
-    transport_public_der BLOB NOT NULL,
-    csr_der BLOB NOT NULL,
-    site_ca_der BLOB NOT NULL,
-    enrolled_at INTEGER NOT NULL
-);
-CREATE TABLE site_bundles (
-    site_id TEXT NOT NULL REFERENCES sites(site_id),
-    sequence INTEGER NOT NULL CHECK (sequence >= 1),
-    package_sha256 BLOB NOT NULL,
-    issued_at INTEGER NOT NULL,
-    devices INTEGER NOT NULL,
-    PRIMARY KEY (site_id, sequence)
-);
-CREATE TABLE payload_keys (
-    site_id TEXT NOT NULL REFERENCES sites(site_id),
-    key_id BLOB NOT NULL,
-    created INTEGER NOT NULL,
-    enc BLOB NOT NULL,
-    ct BLOB NOT NULL,
-    is_current INTEGER NOT NULL,
-    PRIMARY KEY (site_id, key_id)
-);
-CREATE TABLE station_crls (
-    station_id TEXT PRIMARY KEY REFERENCES stations(station_id),
-    crl_number INTEGER NOT NULL,
-    this_update INTEGER NOT NULL,
-    next_update INTEGER NOT NULL,
-    crl_der BLOB NOT NULL,
-    recorded_at INTEGER NOT NULL
-);
-CREATE TABLE root_revocations (
-    serial TEXT PRIMARY KEY,
-    revoked_at INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    subject TEXT NOT NULL
-);
-CREATE TABLE root_crls (
-    crl_number INTEGER PRIMARY KEY,
-    this_update INTEGER NOT NULL,
-    next_update INTEGER NOT NULL,
-    crl_der BLOB NOT NULL
-);
-CREATE TABLE revocation_lists (
-    sequence INTEGER PRIMARY KEY,
-    issued INTEGER NOT NULL,
-    package BLOB NOT NULL
-);
-"""
+def _device_tuple(r: DeviceRow) -> tuple[object, ...]:
+    return (
+        r.device_id,
+        r.serial,
+        r.station_id,
+        r.entitlement_seq,
+        r.key_id,
+        r.audit_seq,
+        r.issued_time,
+        r.certificate,
+    )
 
 
-@dataclass(frozen=True)
-class SiteRow:
-    site_id: str
-    ca_public_der: bytes
-    transport_public_der: bytes
-    csr_der: bytes
-    site_ca_der: bytes
-    enrolled_at: int
-
-
-@dataclass(frozen=True)
-class StoredPayloadKey:
-    """A site payload key as HQ stores it: HPKE-sealed to the HQ KMS key (never in clear)."""
-
-    site_id: str
-    key_id: bytes
-    created: int
-    enc: bytes
-    ct: bytes
-    current: bool
-
-
-@dataclass(frozen=True)
-class StationCrlRow:
-    station_id: str
-    crl_number: int
-    this_update: int
-    next_update: int
-    crl_der: bytes
-    recorded_at: int
-
-
-@dataclass(frozen=True)
-class StationRow:
-    station_id: str
-    ca_public_der: bytes
-    transport_public_der: bytes
-    csr_der: bytes
-    enrolled_at: int
-    generation: int
-
-
-@dataclass(frozen=True)
-class EntitlementRow:
-    station_id: str
-    sequence: int
-    entitlement_id: str
-    policy: EntitlementPolicy
-    station_ca_der: bytes
-    station_ca_serial: str
-    issued_at: int
-
-
-@dataclass(frozen=True)
-class AuditHead:
-    """What HQ accepted last from a station (a new station: seq 0, zero hash, no export)."""
-
-    next_seq: int = 0
-    head_hash: bytes = ZERO_HASH
-    last_export: int | None = None
-    max_time: int = 0
-
-
-@dataclass
-class ReconState:
-    """Reconciliation state of one entitlement carried across exports."""
-
-    issued: int = 0
-    burned: int = 0
-    last_counter: int = -1
-    imported_at_seq: int | None = None
-
-
-@dataclass(frozen=True)
-class DeviceRow:
-    device_id: str
-    serial: str
-    station_id: str
-    entitlement_seq: int
-    key_id: bytes
-    audit_seq: int
-    issued_time: int
-    certificate: bytes | None
+def _blob(value: object) -> bytes | None:
+    return None if value is None else bytes(value)  # type: ignore[call-overload]
 
 
 def _policy_from_blob(blob: bytes) -> EntitlementPolicy:
@@ -322,78 +78,49 @@ def _policy_from_blob(blob: bytes) -> EntitlementPolicy:
         raise HomeError(f"stored entitlement policy is corrupt: {exc}") from exc
 
 
-class HqStore:
-    """The HQ database. ``create`` makes a new one; ``open`` refuses a missing one."""
+def _location(where: StoreLocation | Path) -> StoreLocation:
+    return where if isinstance(where, StoreLocation) else StoreLocation("sqlite", path=where)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+
+class HqStore:
+    """The HQ database. ``create`` makes a new one; ``open`` refuses a missing one and
+    migrates an older one forward (see :mod:`hq.store.schema`)."""
+
+    def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._in_tx = False
 
-    @classmethod
-    def _connect(cls, path: Path) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(path, isolation_level=None)
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-        except sqlite3.Error as exc:
-            raise HomeError(f"cannot open database {path}: {exc}") from exc
-        return conn
-
-    def _ensure_reissue_table(self) -> None:
-        # Added without a schema version bump: one new table, created if missing.
-        self._conn.execute(_RECON_REISSUES)
-        for statement in _STATION_CA_RENEWALS:
-            self._conn.execute(statement)
+    @property
+    def engine(self) -> str:
+        """``sqlite`` or ``postgres``."""
+        return self._conn.engine
 
     @classmethod
-    def create(cls, path: Path) -> HqStore:
-        if path.exists():
-            raise HomeError(f"database {path} already exists")
-        store = cls(cls._connect(path))
-        # executescript commits any open transaction first, so the script carries its own.
-        store._conn.executescript(
-            f"BEGIN IMMEDIATE;{_SCHEMA}{_SCHEMA_V2}"  # noqa: S608 (constants only)
-            f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');COMMIT;"
-        )
-        store._ensure_reissue_table()
-        return store
+    def create(cls, where: StoreLocation | Path) -> HqStore:
+        return cls(connect(_location(where), create=True))
 
     @classmethod
-    def open(cls, path: Path) -> HqStore:
-        if not path.is_file():
-            raise HomeError(f"database {path} is missing")
-        store = cls(cls._connect(path))
-        row = store._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is not None and row[0] == "1":
-            # Upgrade 1 -> 2: new tables only. One transaction: a crash leaves schema 1.
-            store._conn.executescript(
-                f"BEGIN IMMEDIATE;{_SCHEMA_V2}"  # noqa: S608 (constants only)
-                "UPDATE meta SET value = '2' WHERE key = 'schema_version';COMMIT;"
-            )
-            row = ("2",)
-        if row is None or row[0] != str(SCHEMA_VERSION):
-            raise HomeError(f"database {path} has an unknown schema version")
-        store._ensure_reissue_table()
-        return store
+    def open(cls, where: StoreLocation | Path) -> HqStore:
+        return cls(connect(_location(where), create=False))
 
     def close(self) -> None:
         self._conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic unit: everything inside commits together or not at all."""
+    def transaction(self) -> Iterator[Connection]:
+        """One atomic unit: everything inside commits together or not at all. Writers are
+        serialised (SQLite ``BEGIN IMMEDIATE``; PostgreSQL an advisory lock)."""
         if self._in_tx:
             raise RuntimeError("nested transaction")
-        self._conn.execute("BEGIN IMMEDIATE")
+        self._conn.begin()
         self._in_tx = True
         try:
             yield self._conn
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            self._conn.rollback()
             raise
         else:
-            self._conn.execute("COMMIT")
+            self._conn.commit()
         finally:
             self._in_tx = False
 
@@ -594,7 +321,8 @@ class HqStore:
             "ON CONFLICT(station_id, issuer_key_id) DO UPDATE SET "
             "crl_number = excluded.crl_number, this_update = excluded.this_update, "
             "next_update = excluded.next_update, crl_der = excluded.crl_der, "
-            "recorded_at = excluded.recorded_at WHERE excluded.crl_number > crl_number",
+            "recorded_at = excluded.recorded_at "
+            "WHERE excluded.crl_number > station_retired_crls.crl_number",
             (row.station_id, issuer_key_id, row.crl_number, row.this_update, row.next_update,
              row.crl_der, row.recorded_at),
         )  # fmt: skip
@@ -636,7 +364,7 @@ class HqStore:
         """HQ issued a time statement at ``when`` to the station (kept so that an audit's
         ``time_anchored`` record can be checked against it)."""
         self._conn.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES (?, '1')",
+            "INSERT INTO meta(key, value) VALUES (?, '1') ON CONFLICT DO NOTHING",
             (f"time_statement:{station_id}:{when}",),
         )
 
@@ -764,17 +492,18 @@ class HqStore:
         self, station_id: str, entries: Sequence[tuple[str, bytes, int]]
     ) -> tuple[dict[str, str], dict[bytes, str]]:
         """Which of ``entries`` (device id, key id, entitlement seq) HQ already saw under
-        another entitlement or station: maps of device id / key id to where it was seen."""
+        another entitlement or station: maps of device id / key id to where it was seen.
+        One indexed join of the batch against the registry (never the registry in Python)."""
         c = self._conn
-        c.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS new_devices "
-            "(device_id TEXT, key_id BLOB, entitlement_seq INTEGER)"
+        c.temp_table(
+            "new_devices",
+            "device_id TEXT, key_id BLOB, entitlement_seq INTEGER",
+            ("device_id", "key_id", "entitlement_seq"),
+            entries,
         )
-        c.execute("DELETE FROM new_devices")
-        c.executemany("INSERT INTO new_devices VALUES (?, ?, ?)", entries)
         by_id = {
             row[0]: f"{row[1]} entitlement {row[2]}"
-            for row in c.execute(
+            for row in c.probe(
                 "SELECT n.device_id, d.station_id, d.entitlement_seq FROM new_devices n "
                 "JOIN devices d ON d.device_id = n.device_id "
                 "WHERE d.station_id != ? OR d.entitlement_seq != n.entitlement_seq",
@@ -782,8 +511,8 @@ class HqStore:
             )
         }
         by_key = {
-            row[0]: f"{row[1]} entitlement {row[2]}"
-            for row in c.execute(
+            bytes(row[0]): f"{row[1]} entitlement {row[2]}"
+            for row in c.probe(
                 "SELECT n.key_id, d.station_id, d.entitlement_seq FROM new_devices n "
                 "JOIN devices d ON d.key_id = n.key_id "
                 "WHERE d.station_id != ? OR d.entitlement_seq != n.entitlement_seq",
@@ -793,25 +522,71 @@ class HqStore:
         c.execute("DELETE FROM new_devices")
         return by_id, by_key
 
-    def put_devices(self, rows: Iterable[DeviceRow]) -> int:
-        cur = self._conn.executemany(
-            "INSERT INTO devices (device_id, serial, station_id, entitlement_seq, key_id, "
-            "audit_seq, issued_time, certificate) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                (
-                    r.device_id,
-                    r.serial,
-                    r.station_id,
-                    r.entitlement_seq,
-                    r.key_id,
-                    r.audit_seq,
-                    r.issued_time,
-                    r.certificate,
-                )
-                for r in rows
-            ),
+    def audited_certificates(
+        self, certificates: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[tuple[str, bytes]]]:
+        """The audit records of the given factory certificates ((station id, serial hex)
+        pairs, e.g. every sighting of a site report): (station, serial) -> [(device id, key
+        id)] for those some audit export recorded. The pairs go into a temporary table (COPY
+        on PostgreSQL) joined with the registry on its (station, serial) index, so the cost
+        follows the report's size, not the registry's."""
+        c = self._conn
+        c.temp_table(
+            "report_certs", "station_id TEXT, serial TEXT", ("station_id", "serial"), certificates
         )
-        return cur.rowcount
+        # No ORDER BY in SQL: ordering by the registry's id made SQLite scan the whole
+        # registry in id order instead of probing its index once per reported certificate.
+        rows = sorted(
+            c.probe(
+                "SELECT d.id, d.station_id, d.serial, d.device_id, d.key_id FROM report_certs r "
+                "JOIN devices d ON d.station_id = r.station_id AND d.serial = r.serial"
+            )
+        )
+        c.execute("DELETE FROM report_certs")
+        out: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
+        for _, station, serial, device, key in rows:
+            out.setdefault((station, serial), []).append((device, bytes(key)))
+        return out
+
+    def devices_with_ids(self, device_ids: Iterable[str]) -> list[DeviceRow]:
+        """The audit records of the given device ids, oldest first: one join of the ids
+        with the registry's device-id index (a site bundle names a few of millions)."""
+        c = self._conn
+        c.temp_table("wanted_devices", "device_id TEXT", ("device_id",), ((d,) for d in device_ids))
+        rows = sorted(  # sorted here, not in SQL: see audited_certificates
+            c.probe(
+                "SELECT d.id, d.device_id, d.serial, d.station_id, d.entitlement_seq, d.key_id, "
+                "d.audit_seq, d.issued_time, d.certificate FROM wanted_devices w "
+                "JOIN devices d ON d.device_id = w.device_id"
+            )
+        )
+        c.execute("DELETE FROM wanted_devices")
+        return [
+            DeviceRow(r[1], r[2], r[3], r[4], bytes(r[5]), r[6], r[7], _blob(r[8])) for r in rows
+        ]
+
+    def put_devices(self, rows: Iterable[DeviceRow]) -> int:
+        """Record devices an export reported (inside the ingest's transaction): ``COPY`` on
+        PostgreSQL, ``executemany`` on SQLite."""
+        return self._conn.copy_rows("devices", _DEVICE_COLUMNS, (_device_tuple(r) for r in rows))
+
+    def bulk_put_devices(
+        self, rows: Iterable[DeviceRow], progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Load many audited devices at once (a migration from another registry, the scale
+        benchmark): ``COPY`` on PostgreSQL, ``executemany`` in transactions of 200,000 rows
+        on SQLite. Outside :meth:`transaction` each chunk commits on its own (a failure
+        keeps the chunks already loaded); ``progress`` gets the running count. The planner's
+        statistics are refreshed afterwards (PostgreSQL), so the next query plans with them."""
+        count = self._conn.copy_rows(
+            "devices", _DEVICE_COLUMNS, (_device_tuple(r) for r in rows), progress
+        )
+        self._conn.analyze("devices")
+        return count
+
+    def device_count(self) -> int:
+        row = self._conn.execute("SELECT count(*) FROM devices").fetchone()
+        return int(row[0])
 
     def devices(self, station_id: str | None = None) -> list[DeviceRow]:
         query = (
@@ -823,6 +598,58 @@ class HqStore:
             query += " WHERE station_id = ?"
             args = (station_id,)
         return [DeviceRow(*r) for r in self._conn.execute(query + " ORDER BY id", args)]
+
+    def ingest_violations(self) -> list[tuple[str, str]]:
+        """(station id, report JSON) of every stored audit ingest that found violations."""
+        return [
+            (str(station), str(text))
+            for station, text in self._conn.execute(
+                "SELECT station_id, report_json FROM ingests WHERE violations > 0 ORDER BY id"
+            )
+        ]
+
+    def known_certificates(
+        self, *, device_ids: Iterable[str] = (), certificates: Iterable[tuple[str, str]] = ()
+    ) -> list[tuple[str, str, str]]:
+        """(station, serial, device id) of the factory certificates HQ knows of — audited
+        ones, then ones seen at sites — for the given device ids and (station, serial)
+        pairs. Indexed look-ups, one per asked item (revocation asks for a few)."""
+        out: list[tuple[str, str, str]] = []
+        seen: set[tuple[str, str, str]] = set()
+
+        def add(rows: Iterable[tuple[object, ...]]) -> None:
+            for a, b, c in rows:
+                key = (str(a), str(b), str(c))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(key)
+
+        conn = self._conn
+        for device in device_ids:
+            add(
+                conn.execute(
+                    "SELECT station_id, serial, device_id FROM devices WHERE device_id = ?",
+                    (device,),
+                )
+            )
+            add(conn.execute(
+                "SELECT station_id, serial, device_id FROM site_sightings WHERE device_id = ?",
+                (device,),
+            ))  # fmt: skip
+        for station, serial in certificates:
+            add(
+                conn.execute(
+                    "SELECT station_id, serial, device_id FROM devices "
+                    "WHERE station_id = ? AND serial = ?",
+                    (station, serial),
+                )
+            )
+            add(conn.execute(
+                "SELECT station_id, serial, device_id FROM site_sightings "
+                "WHERE station_id = ? AND serial = ?",
+                (station, serial),
+            ))  # fmt: skip
+        return out
 
     def put_ingest(
         self,
@@ -889,6 +716,64 @@ class HqStore:
             "INSERT INTO site_bundles VALUES (?, ?, ?, ?, ?)",
             (site_id, sequence, package_sha256, issued_at, devices),
         )
+
+    # -- site reports and sightings (hq.counterfeit) -----------------------------------------
+
+    def site_report_sequence(self, site_id: str) -> int | None:
+        """The sequence of the last report HQ accepted from ``site_id`` (None: none yet)."""
+        row = self._conn.execute(
+            "SELECT sequence FROM site_reports WHERE site_id = ?", (site_id,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def put_site_report(
+        self,
+        site_id: str,
+        sequence: int,
+        now: int,
+        sightings: Iterable[tuple[str, str, str, int, bool, bytes]],
+    ) -> None:
+        """Record an accepted report and its sightings ((station, serial, device id, first
+        seen, registered, certificate DER)); inside a transaction."""
+        c = self._conn
+        c.execute(
+            "INSERT INTO site_reports VALUES (?, ?, ?) ON CONFLICT(site_id) DO UPDATE SET "
+            "sequence = excluded.sequence, received_at = excluded.received_at",
+            (site_id, sequence, now),
+        )
+        c.executemany(
+            "INSERT INTO site_sightings VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(site_id, station_id, serial) DO UPDATE SET "
+            "registered = excluded.registered, report_seq = excluded.report_seq",
+            (
+                (site_id, station, serial, device, first, int(registered), der, sequence)
+                for station, serial, device, first, registered, der in sightings
+            ),
+        )
+
+    def registered_elsewhere(
+        self, site_id: str, certificates: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[tuple[str, int]]]:
+        """Which of the given factory certificates ((station, serial)) are registered at a
+        site other than ``site_id``: (station, serial) -> [(site, first seen there)]. One
+        join of the batch with the sightings' (station, serial) index."""
+        c = self._conn
+        c.temp_table(
+            "report_certs", "station_id TEXT, serial TEXT", ("station_id", "serial"), certificates
+        )
+        out: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        rows = sorted(  # sorted here, not in SQL: see audited_certificates
+            c.probe(
+                "SELECT s.station_id, s.serial, s.site_id, s.first_seen FROM report_certs r "
+                "JOIN site_sightings s ON s.station_id = r.station_id AND s.serial = r.serial "
+                "WHERE s.site_id != ? AND s.registered = 1",
+                (site_id,),
+            )
+        )
+        for station, serial, other, first in rows:
+            out.setdefault((station, serial), []).append((str(other), int(first)))
+        c.execute("DELETE FROM report_certs")
+        return out
 
     # -- payload keys (sealed to the HQ KMS key) -------------------------------------------------
 
@@ -1003,18 +888,11 @@ class HqStore:
 
     # -- HQ indirect CRLs (delegated CRL signer, hq/revocation_data.py) -------------------------
 
-    _HQ_CRLS = (
-        "CREATE TABLE IF NOT EXISTS hq_crls (crl_number INTEGER PRIMARY KEY, "
-        "this_update INTEGER NOT NULL, next_update INTEGER NOT NULL, crl_der BLOB NOT NULL)"
-    )
-
     def last_hq_crl_number(self) -> int:
-        self._conn.execute(self._HQ_CRLS)
         row = self._conn.execute("SELECT MAX(crl_number) FROM hq_crls").fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
     def put_hq_crl(self, number: int, this_update: int, next_update: int, der: bytes) -> None:
-        self._conn.execute(self._HQ_CRLS)
         self._conn.execute(
             "INSERT INTO hq_crls VALUES (?, ?, ?, ?)", (number, this_update, next_update, der)
         )

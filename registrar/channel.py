@@ -1,0 +1,353 @@
+"""The registrar's broker session: where requests come from and where answers go.
+
+``registrar run`` (:mod:`registrar.app`) serves every registration and renewal through one
+:class:`RequestSource`; this module owns that seam and its MQTT implementation,
+:class:`MqttChannel`. The service (:mod:`registrar.service`) never sees the broker: it gets
+``(device, request bytes)`` and returns answer bytes. A source for another transport (an
+AMQP consumer on a RabbitMQ quorum queue) implements the same protocol beside this one.
+
+One MQTT session per registrar instance carries everything the instance does on the
+broker: registration requests (``devtrust/register/+/request``), renewals
+(``devices/+/renewal/request``), and, on the instance that runs the site's duties,
+telemetry and payload-key acknowledgements; plus what the registrar publishes (answers,
+payload-key updates, commands). A second session with the same client id would be a
+takeover, so each instance has its own identity (:func:`instance_identity`).
+
+Several instances share the request stream with MQTT v5 shared subscriptions
+(``$share/<group>/…``): the broker hands each request to one of them. Telemetry and key
+acknowledgements are subscribed without ``$share`` by the one instance that runs the site
+duties (``site_duties``): processed once, and retained acknowledgements still arrive.
+
+Per message there is no task: a fixed pool of workers takes requests from a bounded
+queue (the queue full, the read loop waits: back-pressure onto the broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from registrar.broker import REGISTRAR_IDENTITY, Endpoint
+from registrar.errors import BrokerError, ConfigError
+from registrar.service import (
+    RENEWAL_LEVEL,
+    RENEWAL_REQUEST_LEVEL,
+    device_id_from_renewal_topic,
+    device_id_from_request_topic,
+)
+from trustcore.errors import InvalidValueError
+from trustcore.identity import DeviceId
+from trustcore.key_rotation import KEY_ACK_LEVELS
+from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
+
+__all__ = [
+    "MAX_INSTANCES",
+    "TELEMETRY_LEVEL",
+    "MqttChannel",
+    "MqttChannelSettings",
+    "RequestSource",
+    "SiteTraffic",
+    "instance_identity",
+]
+
+log = logging.getLogger(__name__)
+
+TELEMETRY_LEVEL = "telemetry"
+#: Registrar instances one site may run (each has its own broker identity, see below).
+MAX_INSTANCES = 16
+_KEY_ACK_FILTER = "/".join((DEVICE_PREFIX, "+", *KEY_ACK_LEVELS))
+
+
+def instance_identity(instance: int, base: str = REGISTRAR_IDENTITY) -> str:
+    """The broker identity (certificate CN and client id) of registrar instance
+    ``instance``: ``registrar@site`` for the first, ``registrar.<n>@site`` for the others.
+    "@" is in no device id, so no device certificate can carry one of these names."""
+    if not 1 <= instance <= MAX_INSTANCES:
+        raise ConfigError(f"instance must be 1..{MAX_INSTANCES}, not {instance}")
+    if instance == 1:
+        return base
+    name, _, domain = base.partition("@")
+    return f"{name}.{instance}@{domain}"
+
+
+@dataclass(frozen=True)
+class SiteTraffic:
+    """What the registrar does with what arrives: ``register`` and ``renew`` answer a
+    request (the bytes to publish back); ``telemetry`` and ``key_ack`` take site messages;
+    ``connected`` runs after every (re)connection (e.g. re-send pending key updates)."""
+
+    register: Callable[[DeviceId, bytes], Awaitable[bytes]]
+    renew: Callable[[DeviceId, bytes], Awaitable[bytes]]
+    telemetry: Callable[[DeviceId, str, bytes, bool], None] | None = None
+    key_ack: Callable[[DeviceId, bytes, bool], object] | None = None
+    connected: Callable[[], Coroutine[Any, Any, None]] | None = None
+
+
+class RequestSource(Protocol):
+    """A broker session that delivers requests to :class:`SiteTraffic` and publishes."""
+
+    connected: asyncio.Event
+
+    def use_tls(self, tls: ssl.SSLContext) -> None:
+        """A new client certificate: used from the next (re)connect."""
+        ...
+
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
+    ) -> None: ...
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, reconnecting after a broker outage."""
+        ...
+
+
+@dataclass(frozen=True)
+class MqttChannelSettings:
+    """How one registrar instance talks MQTT.
+
+    ``protocol`` "3.1.1" (amqtt, one instance, persistent session) or "5" (Mosquitto);
+    ``shared_group``: requests and renewals through ``$share/<group>/…`` (v5 only);
+    ``site_duties``: also subscribe to telemetry and key acknowledgements (one instance per
+    site); ``workers``: requests served at once."""
+
+    endpoint: Endpoint
+    client_id: str = REGISTRAR_IDENTITY
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    shared_group: str | None = None
+    site_duties: bool = True
+    workers: int = 512
+    reconnect_delay: float = 0.5
+    keepalive: int = 30
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("3.1.1", "5"):
+            raise ConfigError(f"unknown MQTT protocol {self.protocol!r}")
+        if self.shared_group is not None:
+            if self.protocol != "5":
+                raise ConfigError("shared subscriptions need MQTT v5")
+            if not self.shared_group or any(c in self.shared_group for c in "/+#$"):
+                raise ConfigError(f"bad shared subscription group {self.shared_group!r}")
+        if not 1 <= self.workers <= 10_000:
+            raise ConfigError("workers must be 1..10000")
+        if self.reconnect_delay <= 0 or self.keepalive < 5:
+            raise ConfigError("reconnect_delay must be positive and keepalive at least 5 s")
+
+    def request_filters(self) -> tuple[str, str]:
+        """The registration and renewal filters (shared when several instances serve)."""
+        filters = (
+            f"{REGISTRATION_PREFIX}/+/request",
+            f"{DEVICE_PREFIX}/+/{RENEWAL_REQUEST_LEVEL}",
+        )
+        if self.shared_group is None:
+            return filters
+        share = f"$share/{self.shared_group}/"
+        return (share + filters[0], share + filters[1])
+
+
+_Job = tuple[bool, DeviceId, bytes]  # (renewal?, device, request)
+
+
+class MqttChannel:
+    """:class:`RequestSource` over one aiomqtt session (see the module docstring)."""
+
+    def __init__(
+        self, settings: MqttChannelSettings, tls: ssl.SSLContext, traffic: SiteTraffic
+    ) -> None:
+        self._settings = settings
+        self._tls = tls
+        self._traffic = traffic
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        #: Requests answered (registrations and renewals), for status and benchmarks.
+        self.served = 0
+
+    def use_tls(self, tls: ssl.SSLContext) -> None:
+        self._tls = tls
+
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            client = self._client
+            if client is not None and self.connected.is_set():
+                try:
+                    await client.publish(topic, payload, qos=1, retain=retain, timeout=timeout)
+                    return
+                except aiomqtt.MqttError as exc:
+                    if time.monotonic() > deadline:
+                        raise BrokerError(f"cannot publish on {topic}: {exc}") from exc
+            elif time.monotonic() > deadline:
+                raise BrokerError("the registrar's MQTT session is not connected")
+            await asyncio.sleep(0.05)
+
+    def _client_for(self) -> aiomqtt.Client:
+        s = self._settings
+        v5 = s.protocol == "5"
+        properties = None
+        if v5:
+            # A clean session that ends with the connection: requests the broker handed to
+            # an instance that died are not kept for it (the device retries and another
+            # instance answers), and a reconnecting instance starts afresh.
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0
+        session: dict[str, Any] = (
+            {"clean_start": True, "properties": properties} if v5 else {"clean_session": False}
+        )
+        client = aiomqtt.Client(
+            s.endpoint.host,
+            s.endpoint.port,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            tls_context=self._tls,
+            **session,
+            keepalive=s.keepalive,
+            max_queued_outgoing_messages=None,
+            # paho's default of 20 QoS 1 messages in flight would queue answers behind
+            # each other when hundreds of devices register at once.
+            max_inflight_messages=max(s.workers, 20),
+            # Without it, Nagle holds the answer PUBLISH behind the PUBACK of the request
+            # until the broker's delayed ACK (~40 ms per registration).
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+        )
+        # aiomqtt logs a warning for every publish while more than 10 wait for their
+        # PUBACK: with a pool of workers that is every answer of a busy minute (measured:
+        # 939 warnings for 1,000 registrations), and a log line costs more than the publish.
+        client.pending_calls_threshold = 2 * s.workers
+        return client
+
+    async def run(self, stop: asyncio.Event) -> None:
+        background: set[asyncio.Task[None]] = set()
+        while not stop.is_set():
+            queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * self._settings.workers)
+            workers: list[asyncio.Task[None]] = []
+            try:
+                client = self._client_for()
+                async with client:
+                    await self._subscribe(client)
+                    self._client = client
+                    workers = [
+                        asyncio.create_task(self._worker(client, queue))
+                        for _ in range(self._settings.workers)
+                    ]
+                    self.connected.set()
+                    if self._traffic.connected is not None:
+                        task = asyncio.create_task(self._traffic.connected())
+                        background.add(task)
+                        task.add_done_callback(background.discard)
+                    await self._read_until(client, queue, stop)
+                    # Graceful stop: requests already taken are answered before we leave.
+                    for _ in workers:
+                        await queue.put(None)
+                    await asyncio.gather(*workers, return_exceptions=True)
+            except aiomqtt.MqttError as exc:
+                if stop.is_set():
+                    break
+                log.warning("registrar MQTT session lost (%s); reconnecting", exc)
+            finally:
+                self.connected.clear()
+                self._client = None
+                for worker in workers:
+                    worker.cancel()
+                if workers:
+                    await asyncio.gather(*workers, return_exceptions=True)
+                if background:
+                    await asyncio.gather(*background, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._settings.reconnect_delay)
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        for topic_filter in self._settings.request_filters():
+            await client.subscribe(topic_filter, qos=1)
+        if self._settings.site_duties:
+            if self._traffic.telemetry is not None:
+                await client.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
+            if self._traffic.key_ack is not None:
+                await client.subscribe(_KEY_ACK_FILTER, qos=1)
+
+    async def _read_until(
+        self, client: aiomqtt.Client, queue: asyncio.Queue[_Job | None], stop: asyncio.Event
+    ) -> None:
+        reader = asyncio.create_task(self._read(client, queue))
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not reader.done():
+                reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader  # re-raises MqttError when the session was lost
+
+    async def _read(self, client: aiomqtt.Client, queue: asyncio.Queue[_Job | None]) -> None:
+        traffic = self._traffic
+        async for message in client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                continue
+            topic = message.topic.value
+            device = device_id_from_request_topic(topic)
+            if device is not None:
+                await queue.put((False, device, bytes(payload)))
+                continue
+            renewing = device_id_from_renewal_topic(topic)
+            if renewing is not None:
+                await queue.put((True, renewing, bytes(payload)))
+                continue
+            telemetry = _telemetry_device(topic)
+            if telemetry is not None and traffic.telemetry is not None:
+                traffic.telemetry(telemetry, topic, bytes(payload), bool(message.retain))
+            elif (acked := _key_ack_device(topic)) is not None and traffic.key_ack is not None:
+                traffic.key_ack(acked, bytes(payload), bool(message.retain))
+            else:
+                log.warning("ignored message on %r", topic[:200])
+
+    async def _worker(self, client: aiomqtt.Client, queue: asyncio.Queue[_Job | None]) -> None:
+        traffic = self._traffic
+        while (job := await queue.get()) is not None:
+            renewal, device, payload = job
+            try:
+                if renewal:
+                    answer = await traffic.renew(device, payload)
+                    topic = device_topic(device, RENEWAL_LEVEL, "response")
+                else:
+                    answer = await traffic.register(device, payload)
+                    topic = f"{REGISTRATION_PREFIX}/{device.value}/response"
+                await client.publish(topic, answer, qos=1)
+                self.served += 1
+            except aiomqtt.MqttError as exc:
+                log.warning("could not publish the answer to %s: %s", device, exc)
+            except Exception:
+                what = "renewal" if renewal else "registration"
+                log.exception("%s of %s failed unexpectedly", what, device)
+
+
+def _key_ack_device(topic: str) -> DeviceId | None:
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != DEVICE_PREFIX or tuple(parts[2:]) != KEY_ACK_LEVELS:
+        return None
+    try:
+        return DeviceId(parts[1])
+    except InvalidValueError:
+        return None
+
+
+def _telemetry_device(topic: str) -> DeviceId | None:
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != DEVICE_PREFIX or parts[2] != TELEMETRY_LEVEL:
+        return None
+    try:
+        return DeviceId(parts[1])
+    except InvalidValueError:
+        return None

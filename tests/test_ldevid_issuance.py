@@ -1,0 +1,86 @@
+"""The LDevID issuance fast path (issuer prepared once per site CA and key) makes exactly the
+certificate the generic profile builder makes, and keeps every issuer check."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.fixtures.pki import SITE_OPERATOR, Pki, p256
+from trustcore.errors import ProfileError
+from trustcore.identity import CertSerial, DeviceId
+from trustcore.profiles import (
+    PROFILES,
+    _build,
+    _device_subject,
+    hardware_module_name,
+    issue_secondary_certificate,
+)
+
+DEVICE = DeviceId("dev-777001")
+
+
+def test_prepared_issuer_makes_the_profile_builders_certificate(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serial = CertSerial.random()
+    monkeypatch.setattr(CertSerial, "random", staticmethod(lambda: serial))
+    key = p256("ldevid-bytes").public_key()
+    start, end = pki.now - timedelta(minutes=5), pki.now + timedelta(days=365)
+    for _ in range(2):  # first call prepares the issuer, the second uses it
+        fast = issue_secondary_certificate(
+            pki.site_ca,
+            pki.site_key,
+            key,
+            device_id=DEVICE,
+            organization=SITE_OPERATOR,
+            not_before=start,
+            not_after=end,
+        )
+        reference = _build(
+            PROFILES["ldevid"],
+            subject=_device_subject(DEVICE, SITE_OPERATOR),
+            subject_key=key,
+            issuer_cert=pki.site_ca,
+            issuer_key=pki.site_key,
+            not_before=start,
+            not_after=end,
+            san=[hardware_module_name(DEVICE)],
+        )
+        assert fast.tbs_certificate_bytes == reference.tbs_certificate_bytes
+        fast.verify_directly_issued_by(pki.site_ca)
+
+
+def test_prepared_issuer_keeps_the_issuer_checks(pki: Pki) -> None:
+    key = p256("ldevid-checks").public_key()
+    common = {
+        "device_id": DEVICE,
+        "organization": SITE_OPERATOR,
+        "not_before": pki.now,
+        "not_after": pki.now + timedelta(days=30),
+    }
+    issue_secondary_certificate(pki.site_ca, pki.site_key, key, **common)  # type: ignore[arg-type]
+    # the same CA certificate with another key object, and a key that is not the CA's
+    with pytest.raises(ProfileError, match="does not match"):
+        issue_secondary_certificate(pki.site_ca, pki.station_key, key, **common)  # type: ignore[arg-type]
+    with pytest.raises(ProfileError):
+        issue_secondary_certificate(pki.ldevid, pki.ldevid_key, key, **common)  # type: ignore[arg-type]
+    with pytest.raises(ProfileError, match="within the issuer"):
+        issue_secondary_certificate(
+            pki.site_ca,
+            pki.site_key,
+            key,
+            device_id=DEVICE,
+            organization=SITE_OPERATOR,
+            not_before=pki.now,
+            not_after=pki.site_ca.not_valid_after_utc + timedelta(seconds=1),
+        )
+    with pytest.raises(ProfileError):
+        issue_secondary_certificate(
+            pki.site_ca,
+            pki.site_key,
+            ec.generate_private_key(ec.SECP384R1()).public_key(),
+            **common,  # type: ignore[arg-type]
+        )
