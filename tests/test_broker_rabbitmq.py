@@ -504,7 +504,7 @@ async def test_unregistered_device_gets_only_its_registration_pair(tier: Tier) -
     async with amqp_tap(tier, "devices.#") as tap:
         async with mqtt(tier, 0, fresh, idevid=True) as client:
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.publish("devices/fresh-1/t", b"too early", qos=1, timeout=1)
+                await client.publish("devices/fresh-1/t", b"too early", qos=1, timeout=0.5)
         await asyncio.sleep(0.3)
         assert tap.empty()
 
@@ -529,7 +529,7 @@ async def test_a_device_cannot_read_or_write_foreign_topics(tier: Tier) -> None:
             await gone(tier, "dev-a")
             async with mqtt(tier, 0, dev_a) as a:
                 with contextlib.suppress(aiomqtt.MqttError):
-                    await a.subscribe(topic_filter, qos=1, timeout=1)
+                    await a.subscribe(topic_filter, qos=1, timeout=0.5)
                 await b.publish("devices/dev-b/t", b"b", qos=1)
                 await exchange.publish(  # what the registrar answers dev-b
                     aio_pika.Message(b"r"),
@@ -540,7 +540,7 @@ async def test_a_device_cannot_read_or_write_foreign_topics(tier: Tier) -> None:
             await gone(tier, "dev-a")
             async with mqtt(tier, 0, dev_a) as a:
                 with contextlib.suppress(aiomqtt.MqttError):
-                    await a.publish(topic, b"from-a", qos=1, timeout=1)
+                    await a.publish(topic, b"from-a", qos=1, timeout=0.5)
         await gone(tier, "dev-a")
         async with mqtt(tier, 0, dev_a) as a:  # the positive control
             await a.subscribe("devices/dev-a/own", qos=1)
