@@ -411,6 +411,60 @@ def run_command(
     click.echo("registrar stopped")
 
 
+# ------------------------------------------------------------------------- broker-config
+
+
+@main.command("broker-config")
+@click.argument("kind", type=click.Choice(["rabbitmq"]))
+@_home_option
+@_passphrase_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory for one sub-directory per node (created 0700).",
+)
+@click.option(
+    "--node",
+    "nodes",
+    multiple=True,
+    required=True,
+    metavar="NAME@HOST,IP,AMQP,MQTTS,MANAGEMENT,DIST",
+    help="One cluster node (repeat for each).",
+)
+@click.option("--auth-url", required=True, help="The registrar's HTTP auth backend URL.")
+def broker_config_command(
+    kind: str,
+    home: Path,
+    passphrase_file: Path | None,
+    out: Path,
+    nodes: tuple[str, ...],
+    auth_url: str,
+) -> None:
+    """Render a RabbitMQ cluster's per-node configuration from the site (see docs/broker.md)."""
+    from registrar.broker import BrokerTls
+    from registrar.broker.rabbitmq import RabbitMQConfig, parse_node, render_cluster, site_tls
+    from registrar.site import SiteSecrets
+
+    site = _open_site(home)
+    try:
+        config = RabbitMQConfig(nodes=tuple(parse_node(n) for n in nodes), auth_url=auth_url)
+        current = site.current
+        tls = BrokerTls(
+            server_cert=current / "broker.pem",
+            server_key=site.key_path("broker"),
+            server_key_passphrase=SiteSecrets(passphrase_file).passphrase(),
+            registration_cas=current / "registration-cas.pem",
+            operational_cas=current / "operational-cas.pem",
+            crl_file=current / "crls.pem",
+        )
+        files = render_cluster(out, config, site_tls(tls))
+    except RegistrarError as exc:
+        _fail(exc)
+    for name, node_files in files.items():
+        click.echo(f"{kind} node {name}: {node_files.directory}")
+
+
 # -------------------------------------------------------------------------------- status
 
 
@@ -573,9 +627,7 @@ def status_command(home: Path, store: str | None, as_json: bool) -> None:
     for alert in (running or {}).get("alerts", []):
         console.print(f"[bold red]ALERT[/] {alert}")
     if payload_keys:
-        keys = Table(
-            title=f"payload keys (grace {_duration(site.config.payload_key_grace_s)})"
-        )
+        keys = Table(title=f"payload keys (grace {_duration(site.config.payload_key_grace_s)})")
         keys.add_column("key id", no_wrap=True)
         for col in ("state", "superseded", "retires", "devices on it", "refused"):
             keys.add_column(col)
@@ -1029,9 +1081,7 @@ def send_command_command(home: Path, device_id: str, message: str) -> None:
 @_passphrase_option
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
 @_store_option
-def report_command(
-    home: Path, passphrase_file: Path | None, out: Path, store: str | None
-) -> None:
+def report_command(home: Path, passphrase_file: Path | None, out: Path, store: str | None) -> None:
     """Write the next signed site report for HQ (`hq ingest-report`): every factory
     certificate seen, with the certificate as evidence, and every registration."""
     from registrar.report import write_site_report

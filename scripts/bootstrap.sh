@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc openssl
-              mosquitto mosquitto-clients softhsm2 libfaketime postgresql)
+              mosquitto mosquitto-clients softhsm2 libfaketime postgresql
+              rabbitmq-server)
 VENV=.venv
 STAMP="$VENV/.devtrust-installed"
 WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/devtrust/wheels"

@@ -9,6 +9,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -372,3 +373,41 @@ def test_scale_bench_runs_the_production_path(pg_server: PgServer) -> None:
         "report_check_ratio",
     ):
         assert result[key] > 0, key
+
+
+def test_writers_are_serialised(store_location: str) -> None:
+    """Two HQ commands writing at once: the second transaction starts only after the first
+    committed (SQLite BEGIN IMMEDIATE; PostgreSQL the advisory writer lock), so a
+    read-check-write step (next CRL number, next sequence) is never interleaved."""
+    where = _location(store_location)
+    HqStore.create(where).close()
+    entered, order = threading.Event(), []
+
+    def other_writer() -> None:
+        second = HqStore.open(where)  # its own connection, as another command has
+        try:
+            entered.wait(5)
+            with second.transaction():
+                n = second.last_hq_crl_number()
+                order.append(("second", n))
+                second.put_hq_crl(n + 1, 0, 0, b"b")
+        finally:
+            second.close()
+
+    first = HqStore.open(where)
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    try:
+        with first.transaction():
+            n = first.last_hq_crl_number()
+            entered.set()
+            thread.join(0.5)  # the other writer is still waiting for our commit
+            assert thread.is_alive()
+            first.put_hq_crl(n + 1, 0, 0, b"a")
+            order.append(("first", n))
+        thread.join(10)
+        assert order == [("first", 0), ("second", 1)]
+        assert first.last_hq_crl_number() == 2
+    finally:
+        thread.join(10)
+        first.close()
