@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench.site_fixture import FactoryDevice, SitePki, build_site_pki
+from registrar.cli import serving_gc
 from registrar.service import RegistrationService
 from registrar.store import Store
 from signers.software import SoftwareKey
@@ -275,6 +276,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # Warm-up: first-use costs (CRL verification, imports) stay out of the figures.
             warm = prepare(pki, 20, start=10**6)
             await wave(service, warm, args.concurrency)
+            serving_gc()  # as `registrar run` once it serves
             floors, services, walls, failures = [], [], [], 0
             for i, batch in enumerate(batches):
                 floors.append(crypto_floor_ms(pki, batch))
