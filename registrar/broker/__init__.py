@@ -87,8 +87,10 @@ class Broker(Protocol):
         and the only mechanism for an identity whose CRL cannot be updated yet)."""
 
     def connection_mark(self, identity: str) -> int:
-        """How many connections ``identity`` has made so far (a mark for
-        :meth:`cut_superseded`; take it after the superseded serials' CRL is in force)."""
+        """A mark for :meth:`cut_superseded` (take it after the superseded serials' CRL is
+        in force): later connections of ``identity`` compare greater. Brokers keep this
+        without a table of every identity ever seen (memory must not grow with the
+        registry)."""
         ...
 
     async def cut_superseded(self, identity: str, serials: frozenset[int], mark: int) -> int:

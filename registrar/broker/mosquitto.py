@@ -307,9 +307,13 @@ class MosquittoBroker:
         self._process: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._log_tail: deque[str] = deque(maxlen=200)
+        # Only identities with a live session, or one a kick is waiting on, are kept: the
+        # bookkeeping must not grow with every device the site ever saw.
         self._sessions: dict[str, int] = {}
-        self._ended: dict[str, int] = {}  # identity -> sessions ended so far (monotonic)
-        self._connects: dict[str, int] = {}  # identity -> connections so far (monotonic)
+        self._connect_seq = 0  # connections logged so far, all identities
+        self._last_connect: dict[str, int] = {}  # live identity -> seq of its last connect
+        self._gone_watch: dict[str, int] = {}  # identity being kicked -> sessions ended since
+        self._watchers: dict[str, int] = {}  # identity -> kicks waiting on it
         self._session_changed = asyncio.Event()
         self._clone_signals: list[str] = []
         self._blocked: set[str] = set()
@@ -525,7 +529,8 @@ class MosquittoBroker:
             if match := _CONNECTED.match(line):
                 name = match.group(1)
                 self._sessions[name] = self._sessions.get(name, 0) + 1
-                self._connects[name] = self._connects.get(name, 0) + 1
+                self._connect_seq += 1
+                self._last_connect[name] = self._connect_seq
             elif match := _TAKEOVER.match(line):
                 name = match.group(1)
                 self._clone_signals.append(name)
@@ -533,12 +538,14 @@ class MosquittoBroker:
                 self._sessions[name] = max(self._sessions.get(name, 1) - 1, 0)
             elif match := _GONE.match(line):
                 name = match.group(1) or match.group(2)
-                self._ended[name] = self._ended.get(name, 0) + 1
+                if name in self._gone_watch:
+                    self._gone_watch[name] += 1
                 left = self._sessions.get(name, 1) - 1
                 if left > 0:
                     self._sessions[name] = left
                 else:
                     self._sessions.pop(name, None)
+                    self._last_connect.pop(name, None)
             self._session_changed.set()
 
     async def _connect_admin(self, port: int, user: str, password: str, deadline: float) -> None:
@@ -702,10 +709,11 @@ class MosquittoBroker:
         await self._command({"command": "getDefaultACLAccess"})
 
     async def _wait_gone(self, identity: str, ended_before: int, timeout: float) -> None:
-        """Wait until Mosquitto logged the end of the session (a reconnect that follows at
-        once, e.g. before the CRL is updated, does not count as "still connected")."""
+        """Wait until Mosquitto logged the end of a session of ``identity`` since its
+        watch began (a reconnect that follows at once, e.g. before the CRL is updated, does
+        not count as "still connected")."""
         deadline = time.monotonic() + timeout
-        while self._ended.get(identity, 0) <= ended_before:
+        while self._gone_watch.get(identity, 0) <= ended_before:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BrokerError(f"the session of {identity} was not cut in {timeout} s")
@@ -724,17 +732,23 @@ class MosquittoBroker:
         """
         identity = _check_identity(identity)
         before = self._sessions.get(identity, 0)
-        ended = self._ended.get(identity, 0)
-        create = {"command": "createClient", "username": identity}
-        await self._checked(create, tolerate="already exists")
-        await self._checked({"command": "disableClient", "username": identity})
-        await self._checked({"command": "enableClient", "username": identity})
-        if before:
-            await self._wait_gone(identity, ended, 5)
+        ended = self._gone_watch.setdefault(identity, 0)
+        self._watchers[identity] = self._watchers.get(identity, 0) + 1
+        try:
+            create = {"command": "createClient", "username": identity}
+            await self._checked(create, tolerate="already exists")
+            await self._checked({"command": "disableClient", "username": identity})
+            await self._checked({"command": "enableClient", "username": identity})
+            if before:
+                await self._wait_gone(identity, ended, 5)
+        finally:
+            self._watchers[identity] -= 1
+            if not self._watchers[identity]:
+                del self._watchers[identity], self._gone_watch[identity]
         return before
 
     def connection_mark(self, identity: str) -> int:
-        return self._connects.get(identity, 0)
+        return self._connect_seq
 
     async def cut_superseded(self, identity: str, serials: frozenset[int], mark: int) -> int:
         """Mosquitto 2.0.11 cannot tell which certificate a session uses: see
@@ -742,7 +756,7 @@ class MosquittoBroker:
         means nothing is left to cut. Otherwise the live session (if any) is kicked; the
         device reconnects with its new certificate (the old one is on the CRL)."""
         identity = _check_identity(identity)
-        if self._connects.get(identity, 0) > mark or not self._sessions.get(identity, 0):
+        if self._last_connect.get(identity, 0) > mark or not self._sessions.get(identity, 0):
             return 0
         cut = await self.disconnect(identity)
         if cut:
