@@ -21,6 +21,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 import pytest_asyncio
+from click.testing import CliRunner
 
 from bench.site_fixture import BenchSite, RegistrarProcess, build_commissioned_site
 from device_sim.client import DeviceClient, Registered
@@ -30,6 +31,7 @@ from registrar.broker import BrokerTls, Endpoint
 from registrar.broker.rabbitmq import RabbitNode, site_tls
 from registrar.broker.rabbitmq_auth import ADMIN_USER
 from registrar.broker.rabbitmq_site import admin_password
+from registrar.cli import main as registrar_main
 from registrar.site import SiteHome
 from registrar.store import Store
 from tests.fixtures.postgres import PgServer, create_database, drop_database
@@ -73,6 +75,14 @@ async def run_site(
 ) -> AsyncIterator[RunSite]:
     d = tmp_path_factory.mktemp("rabbit-run")
     bench = build_commissioned_site(d / "world")
+    policy = CliRunner().invoke(
+        registrar_main,
+        [
+            *("ldevid-policy", "--home", str(bench.home)),
+            *("--min-interval-seconds", "0", "--handover-seconds", "1"),
+        ],
+    )
+    assert policy.exit_code == 0, policy.output
     home = SiteHome.open(bench.home)
     passphrase = bench.secrets().passphrase()
     current = home.current
@@ -178,6 +188,32 @@ async def test_revocation_through_the_spool_cuts_the_live_session(run_site: RunS
                 pass
 
 
+async def test_a_session_left_on_a_renewed_ldevid_is_cut_after_the_handover(
+    run_site: RunSite,
+) -> None:
+    (device,) = (
+        software_device(d.credentials()) for d in run_site.bench.factory_devices(1, start=700)
+    )
+    await _register(run_site, [device])
+    assert device.registered is not None
+    old_serial = device.registered.ldevid.serial_number
+    old_tls = device.operational_context()
+    async with device.operational(run_site.endpoint(0)) as session:
+        renewed = await session.renew(timeout=20)
+        assert renewed.ldevid.serial_number != old_serial
+        # the registrar cuts this session (old certificate) after the 1 s hand-over
+        with pytest.raises(aiomqtt.MqttError):
+            for _ in range(100):
+                await session.publish_telemetry(b"old certificate")
+                await asyncio.sleep(0.1)
+    # the new LDevID gets in; the old one is refused at the handshake (CRL hash dirs)
+    async with device.operational(run_site.endpoint(1)) as fresh:
+        await fresh.publish_telemetry(b"new certificate")
+    with pytest.raises((aiomqtt.MqttError, OSError)):
+        async with device.operational(run_site.endpoint(2), tls=old_tls):
+            pass
+
+
 async def test_both_instances_served_part_of_the_stream_and_stop_gracefully(
     run_site: RunSite,
 ) -> None:
@@ -189,4 +225,4 @@ async def test_both_instances_served_part_of_the_stream_and_stop_gracefully(
         found = re.search(r"answered (\d+) requests", run_site.log_of(k))
         assert found is not None, run_site.log_of(k)[-2000:]
         served.append(int(found.group(1)))
-    assert sum(served) == 42 and min(served) > 0, served  # competing consumers
+    assert sum(served) == 44 and min(served) > 0, served  # competing consumers
