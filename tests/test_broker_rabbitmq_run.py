@@ -37,7 +37,8 @@ from registrar.store import Store
 from tests.fixtures.postgres import PgServer, create_database, drop_database
 from tests.fixtures.rabbitmq import RabbitCluster, boot_cluster, plan_cluster, stray_beams
 
-pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.slow]
+IN_LOOP = pytest.mark.asyncio(loop_scope="module")
 
 
 @dataclass
@@ -140,6 +141,7 @@ async def _register(site: RunSite, devices: list[DeviceClient]) -> list[Register
     return list(await asyncio.gather(*(one(i, d) for i, d in enumerate(devices))))
 
 
+@IN_LOOP
 async def test_two_registrar_processes_share_the_queue_and_devices_operate(
     run_site: RunSite,
 ) -> None:
@@ -163,6 +165,7 @@ async def test_two_registrar_processes_share_the_queue_and_devices_operate(
     assert "telemetry" not in run_site.log_of(2)
 
 
+@IN_LOOP
 async def test_revocation_through_the_spool_cuts_the_live_session(run_site: RunSite) -> None:
     victim, bystander = (
         software_device(d.credentials()) for d in run_site.bench.factory_devices(2, start=500)
@@ -188,6 +191,7 @@ async def test_revocation_through_the_spool_cuts_the_live_session(run_site: RunS
                 pass
 
 
+@IN_LOOP
 async def test_a_session_left_on_a_renewed_ldevid_is_cut_after_the_handover(
     run_site: RunSite,
 ) -> None:
@@ -214,6 +218,7 @@ async def test_a_session_left_on_a_renewed_ldevid_is_cut_after_the_handover(
             pass
 
 
+@IN_LOOP
 async def test_both_instances_served_part_of_the_stream_and_stop_gracefully(
     run_site: RunSite,
 ) -> None:
@@ -226,3 +231,36 @@ async def test_both_instances_served_part_of_the_stream_and_stop_gracefully(
         assert found is not None, run_site.log_of(k)[-2000:]
         served.append(int(found.group(1)))
     assert sum(served) == 44 and min(served) > 0, served  # competing consumers
+
+
+@pytest.fixture(scope="module")
+def site_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_commissioned_site(tmp_path_factory.mktemp("rabbit-options")).home
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--broker", "rabbitmq", "--auth-port", "40000"], "at least one --rabbitmq-node"),
+        (
+            ["--broker", "rabbitmq", "--rabbitmq-node", "r-1@localhost,127.0.0.1,1,2,3,4"],
+            "needs --auth-port",
+        ),
+        (["--rabbitmq-node", "r-1@localhost,127.0.0.1,1,2,3,4", "--auth-port", "40000"], "only it"),
+        (["--broker", "rabbitmq", "--rabbitmq-node", "junk", "--auth-port", "40000"], "bad node"),
+        (
+            [
+                *("--broker", "rabbitmq", "--rabbitmq-node", "r-1@localhost,127.0.0.1,1,2,3,4"),
+                *("--auth-port", "40000", "--join", "127.0.0.1:1"),
+            ],
+            "no --join",
+        ),
+    ],
+)
+def test_bad_rabbitmq_options_are_one_line_errors(
+    site_home: Path, options: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(registrar_main, ["run", "--home", str(site_home), *options])
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
