@@ -29,6 +29,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -225,6 +226,7 @@ class MqttChannel:
         # PUBACK: with a pool of workers that is every answer of a busy minute (measured:
         # 939 warnings for 1,000 registrations), and a log line costs more than the publish.
         client.pending_calls_threshold = 2 * s.workers
+        _coalesce_writes(client, asyncio.get_running_loop())
         return client
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -331,6 +333,45 @@ class MqttChannel:
             except Exception:
                 what = "renewal" if renewal else "registration"
                 log.exception("%s of %s failed unexpectedly", what, device)
+
+
+def _coalesce_writes(client: aiomqtt.Client, loop: asyncio.AbstractEventLoop) -> None:
+    """Write paho's outgoing packets from the loop, in one go per loop iteration.
+
+    For every packet it queues (each answer, each PUBACK of a request) paho asks aiomqtt to
+    watch the socket for writability, and aiomqtt does it through ``call_soon_threadsafe``:
+    a self-pipe wake-up, an ``add_writer`` (epoll_ctl), one more poll, the write, then a
+    ``remove_writer`` (epoll_ctl): about twice per registration. On the loop's thread the
+    socket is nearly always writable: the packets queued during one iteration are written
+    by one ``loop_write`` at the next (``call_soon``: paho's locks are released by then),
+    and only what the socket refuses (or a failing write, which aiomqtt then reports) goes
+    to aiomqtt's own writer. Calls from another thread (the connect runs in an executor)
+    keep aiomqtt's path."""
+    paho = client._client
+    aiomqtt_register = paho.on_socket_register_write
+    if aiomqtt_register is None:
+        return
+    loop_thread = threading.get_ident()
+
+    def flush(userdata: Any, sock: Any) -> None:
+        current = paho.socket()
+        if current is None or current is not sock:
+            return  # a connection that has gone: paho unregistered it
+        try:
+            paho.loop_write()
+        except Exception:  # aiomqtt's own writer fails the same way and reports it
+            aiomqtt_register(paho, userdata, current)
+            return
+        if paho.want_write():  # the socket refused part of it: wait for writability
+            aiomqtt_register(paho, userdata, current)
+
+    def register_write(_: Any, userdata: Any, sock: Any) -> None:
+        if threading.get_ident() == loop_thread:
+            loop.call_soon(flush, userdata, sock)
+        else:
+            aiomqtt_register(paho, userdata, sock)
+
+    paho.on_socket_register_write = register_write
 
 
 def _key_ack_device(topic: str) -> DeviceId | None:
