@@ -67,23 +67,27 @@ class OtherInstances:
     async def follow(self) -> None:
         """Apply what other instances commit, until cancelled."""
         store = self._store
-        async for change in store.changes():
-            if change.origin == store.instance:
-                continue
-            try:
-                if change.kind == "revoked" and change.device_id is not None:
-                    self._revoked.add(DeviceId(change.device_id))
-                elif change.kind == "resync":
-                    self._revoked.update(await store.revoked_device_ids())
-                    self._resync = True
-                    self._due.set()
-                elif change.kind == "payload_key" and change.device_id is None:
-                    await self._reload_payload_key()
-                elif change.kind in ("registered", "renewed") and change.device_id is not None:
-                    self._devices.add(DeviceId(change.device_id))
-                    self._due.set()
-            except (RegistrarError, TrustCoreError, OSError) as exc:
-                log.error("change %s from %s not applied: %s", change.kind, change.origin, exc)
+        feed = store.changes()
+        try:
+            async for change in feed:
+                if change.origin == store.instance:
+                    continue
+                try:
+                    if change.kind == "revoked" and change.device_id is not None:
+                        self._revoked.add(DeviceId(change.device_id))
+                    elif change.kind == "resync":
+                        self._revoked.update(await store.revoked_device_ids())
+                        self._resync = True
+                        self._due.set()
+                    elif change.kind == "payload_key" and change.device_id is None:
+                        await self._reload_payload_key()
+                    elif change.kind in ("registered", "renewed") and change.device_id is not None:
+                        self._devices.add(DeviceId(change.device_id))
+                        self._due.set()
+                except (RegistrarError, TrustCoreError, OSError) as exc:
+                    log.error("change %s from %s not applied: %s", change.kind, change.origin, exc)
+        finally:
+            await feed.aclose()
 
     async def reconcile_superseded(self) -> None:
         """The site-duties instance: an LDevID another instance superseded gets the same

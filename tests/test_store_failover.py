@@ -112,8 +112,9 @@ async def test_postgres_killed_and_restarted_under_registrations(
         RegistrationGranted,
     )
 
-    # 40 devices register at once; the server is killed as soon as some have committed
-    devs = [make_dev(f"dev-3{i:05d}") for i in range(1, 41)]
+    # 200 devices register at once (enough that some are still in flight however fast the
+    # commits are); the server is killed as soon as some have committed
+    devs = [make_dev(f"dev-3{i:05d}") for i in range(1, 201)]
     requests = {d.device_id: make_request(pki, d) for d in devs}
 
     async def kill_when_some_committed() -> None:
@@ -132,7 +133,7 @@ async def test_postgres_killed_and_restarted_under_registrations(
     }
     granted = {d for d, a in outcome.items() if isinstance(a, RegistrationGranted)}
     refused = {d: a for d, a in outcome.items() if isinstance(a, RegistrationDenied)}
-    assert len(granted) + len(refused) == 40
+    assert len(granted) + len(refused) == len(devs)
     assert refused, "the kill came too late to catch a registration in flight"
     for denial in refused.values():
         assert denial.retry, denial.reason
@@ -175,6 +176,6 @@ async def test_postgres_killed_and_restarted_under_registrations(
     assert isinstance(replayed, RegistrationDenied) and replayed.reason == "replayed_nonce"
 
     rows = registry_rows(cluster.url)
-    assert len(rows["devices"]) == 42
+    assert len(rows["devices"]) == len(devs) + 2
     for table, ids in rows.items():
         assert ids == rows["devices"], table

@@ -131,6 +131,27 @@ def default_instance_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class ChangeFeed:
+    """One subscription to :meth:`Store.changes`: subscribed when made, so nothing
+    committed between making it and first reading it is missed."""
+
+    def __init__(self, subscribers: set[asyncio.Queue[Change]]) -> None:
+        self._subscribers = subscribers
+        self._queue: asyncio.Queue[Change] = asyncio.Queue()
+        subscribers.add(self._queue)
+
+    def __aiter__(self) -> ChangeFeed:
+        return self
+
+    async def __anext__(self) -> Change:
+        if self._queue not in self._subscribers:
+            raise StopAsyncIteration
+        return await self._queue.get()
+
+    async def aclose(self) -> None:
+        self._subscribers.discard(self._queue)
+
+
 class Store:
     """Open with :meth:`open` (``registrar.store.open_store``); close with :meth:`close`
     (or ``async with``)."""
@@ -226,18 +247,13 @@ class Store:
 
     # -- change feed -------------------------------------------------------------------------
 
-    async def changes(self) -> AsyncIterator[Change]:
-        """Every change committed from now on, by this instance and (PostgreSQL) by every
-        other instance on the same database, in commit order per writer. A subscriber
-        that falls more than 10,000 changes behind gets one ``resync`` instead of the
-        rest (re-read what matters from the store)."""
-        feed: asyncio.Queue[Change] = asyncio.Queue()
-        self._subscribers.add(feed)
-        try:
-            while True:
-                yield await feed.get()
-        finally:
-            self._subscribers.discard(feed)
+    def changes(self) -> ChangeFeed:
+        """Every change committed from now on — from the moment this is called, not from
+        the first iteration — by this instance and (PostgreSQL) by every other instance on
+        the same database, in commit order per writer. A subscriber that falls more than
+        10,000 changes behind gets one ``resync`` instead of the rest (re-read what matters
+        from the store). ``aclose()`` ends the subscription."""
+        return ChangeFeed(self._subscribers)
 
     def _deliver(self, change: Change) -> None:
         for feed in self._subscribers:
