@@ -56,7 +56,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -212,6 +212,8 @@ class BrokerTier(Protocol):
 
     name: str
     max_instances: int
+    #: False: no echo baseline on this broker (the echo waves are skipped).
+    has_echo: bool
 
     def first_args(self) -> list[str]:
         """``registrar run`` options of the first instance."""
@@ -237,6 +239,8 @@ class Echo:
 
 class _SiteBroker:
     """A broker the first registrar instance starts and owns (embedded, Mosquitto)."""
+
+    has_echo = True
 
     def __init__(self, name: str, max_instances: int) -> None:
         self.name = name
@@ -272,10 +276,106 @@ class _SiteBroker:
             await process.close()
 
 
-#: ``--broker`` choices. A RabbitMQ tier adds an entry here (its nodes, its echo).
+class _RabbitCluster:
+    """A 3-node RabbitMQ cluster rendered from the site (the production renderer) and run
+    on this machine's own ports; every ``registrar run --broker rabbitmq`` instance
+    consumes the one quorum queue and serves the auth backend on its own port (the nodes
+    ask instance 1's).
+
+    No echo baseline: an echo responder on the same cluster would have to consume the
+    same routing keys as the registrars, which run meanwhile (``baseline_echo_per_s`` and
+    ``ratio`` are null for this broker)."""
+
+    name = "rabbitmq"
+    max_instances = 16
+    has_echo = False
+
+    def __init__(self) -> None:
+        self.cluster: Any = None
+        self.auth_ports: list[int] = []
+
+    def _args(self, instance: int) -> list[str]:
+        nodes = [
+            a
+            for n in self.cluster.nodes
+            for a in (
+                "--rabbitmq-node",
+                f"{n.name},{n.host},{n.amqp_port},{n.mqtts_port},{n.management_port},{n.dist_port}",
+            )
+        ]
+        return [
+            *("--broker", "rabbitmq", "--instance", str(instance)),
+            *("--auth-port", str(self.auth_ports[instance - 1])),
+            *("--rabbitmq-config", str(self.cluster.base), *nodes),
+        ]
+
+    def first_args(self) -> list[str]:
+        return self._args(1)
+
+    def joined_args(self, instance: int, first: RegistrarProcess) -> list[str]:
+        return self._args(instance)
+
+    @contextlib.asynccontextmanager
+    async def echo(self, site: BenchSite, workdir: Path) -> AsyncIterator[Echo]:
+        """Starts the nodes (no echo: see the class text); they form the cluster while
+        the registrars start."""
+        from registrar.broker import BrokerTls
+        from registrar.broker.rabbitmq import site_tls
+        from registrar.broker.rabbitmq_auth import ADMIN_USER
+        from registrar.broker.rabbitmq_site import admin_password
+        from registrar.site import SiteHome
+        from tests.fixtures.rabbitmq import plan_cluster
+
+        home = SiteHome.open(site.home)
+        passphrase = site.secrets().passphrase()
+        tls = site_tls(
+            BrokerTls(
+                server_cert=home.current / "broker.pem",
+                server_key=home.key_path("broker"),
+                server_key_passphrase=passphrase,
+                registration_cas=home.current / "registration-cas.pem",
+                operational_cas=home.current / "operational-cas.pem",
+                crl_file=home.current / "crls.pem",
+            )
+        )
+        self.auth_ports = _free_ports(self.max_instances)
+        admin = (ADMIN_USER, admin_password(passphrase, home.site_id.value))
+        auth = f"http://127.0.0.1:{self.auth_ports[0]}"
+        self.cluster = cluster = plan_cluster(workdir / "rabbit", tls, auth, admin)
+        t = time.perf_counter()
+        for node in cluster.nodes:
+            cluster.start_node(node)
+        try:
+            await asyncio.to_thread(cluster.wait_listening, cluster.nodes)
+            log(f"RabbitMQ nodes listening in {time.perf_counter() - t:.1f} s")
+            endpoint = Endpoint(cluster.nodes[0].host, cluster.nodes[0].mqtts_port)
+
+            async def no_cpu() -> float:
+                return 0.0
+
+            yield Echo(endpoint, no_cpu)
+        finally:
+            await asyncio.to_thread(cluster.stop)
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+#: ``--broker`` choices.
 BROKERS: dict[str, BrokerTier] = {
     "mosquitto": _SiteBroker("mosquitto", 16),
     "embedded": _SiteBroker("embedded", 1),
+    "rabbitmq": _RabbitCluster(),
 }
 
 
@@ -409,12 +509,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 log(f"registrar run x{k} (pids {pids}, {args.store}): {endpoint}")
                 await asyncio.sleep(0.5)  # start-up work (status, CRL check) out of the way
                 for r, load in enumerate(loads, 1):
-                    e0 = await echo.cpu_seconds()
-                    echo_rate, echo_out = await wave(
-                        load, echo.endpoint, args.timeout, f"echo {r}/{rounds}", args.connecting
-                    )
-                    echo_cpu = await echo.cpu_seconds() - e0
-                    echo_failures += sum(o.response is None for o in echo_out)
+                    echo_rate = echo_cpu = 0.0
+                    if tier.has_echo:
+                        e0 = await echo.cpu_seconds()
+                        echo_rate, echo_out = await wave(
+                            load, echo.endpoint, args.timeout, f"echo {r}/{rounds}", args.connecting
+                        )
+                        echo_cpu = await echo.cpu_seconds() - e0
+                        echo_failures += sum(o.response is None for o in echo_out)
                     cpu0, broker0 = _cpu(registrars), _broker_cpu(registrars[0])
                     reg_rate, out = await wave(
                         load, endpoint, args.timeout, f"registration {r}/{rounds}", args.connecting
@@ -462,8 +564,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "devices": n,
         "registrations_per_s": round(reg_rate, 1),
         "failures": failures,
-        "baseline_echo_per_s": round(echo_rate, 1),
-        "ratio": round(echo_rate / reg_rate, 3) if reg_rate else None,
+        "baseline_echo_per_s": round(echo_rate, 1) if tier.has_echo else None,
+        "ratio": round(echo_rate / reg_rate, 3) if reg_rate and tier.has_echo else None,
         "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
         "p99_ms": round(latencies[p99_index], 2) if latencies else None,
         "registrar_cpu_ms_per_registration": round(

@@ -63,7 +63,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker_config.render import MAX_REGISTRAR_INSTANCES, instance_identity
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
-from registrar.channel import TELEMETRY_LEVEL, MqttChannel, MqttChannelSettings, SiteTraffic
+from registrar.channel import (
+    TELEMETRY_LEVEL,
+    MqttChannel,
+    MqttChannelSettings,
+    RequestSource,
+    SiteTraffic,
+)
 from registrar.errors import BrokerError, ConfigError, RegistrarError
 from registrar.instances import OtherInstances
 from registrar.key_distribution import KeyDistributor
@@ -137,6 +143,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from registrar.broker.mosquitto import MosquittoBroker
+    from registrar.broker.rabbitmq_site import RabbitMQSite, RabbitMQSiteSettings
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -319,7 +326,7 @@ def _read_spool_file(path: Path) -> bytes:
 class AppSettings:
     """How ``registrar run`` runs (CLI options; validated here)."""
 
-    broker: Literal["embedded", "mosquitto"] = "embedded"
+    broker: Literal["embedded", "mosquitto", "rabbitmq"] = "embedded"
     host: str = "127.0.0.1"
     registration_port: int = 8883
     operational_port: int = 8884
@@ -339,13 +346,22 @@ class AppSettings:
     #: ``--standby`` (PostgreSQL store): wait for the site duties while another registrar
     #: of the site holds them, and take over when it stops (:mod:`registrar.leadership`).
     standby: bool = False
+    #: ``--broker rabbitmq``: the operator's cluster (nodes, auth backend port, CRL dirs).
+    #: Every instance consumes the one quorum queue (no --join); instance 1 runs the site
+    #: duties (:mod:`registrar.broker.rabbitmq_site`).
+    rabbitmq: RabbitMQSiteSettings | None = None
 
     def __post_init__(self) -> None:
-        if self.broker not in ("embedded", "mosquitto"):
+        if self.broker not in ("embedded", "mosquitto", "rabbitmq"):
             raise ConfigError(f"unknown broker {self.broker!r}")
         if not 1 <= self.instance <= MAX_REGISTRAR_INSTANCES:
             raise ConfigError(f"--instance must be 1..{MAX_REGISTRAR_INSTANCES}")
-        if self.instance > 1 or self.join is not None:
+        if (self.broker == "rabbitmq") != (self.rabbitmq is not None):
+            raise ConfigError("--broker rabbitmq needs the cluster's nodes, and only it")
+        if self.broker == "rabbitmq":
+            if self.join is not None:
+                raise ConfigError("on RabbitMQ every instance consumes the queue: no --join")
+        elif self.instance > 1 or self.join is not None:
             if self.broker != "mosquitto":
                 raise ConfigError(
                     "the embedded broker serves one registrar instance (MQTT 3.1.1 has no "
@@ -433,6 +449,24 @@ def instance_context(site: CommissionedSite, instance: int, now: datetime) -> ss
     return ctx
 
 
+def _amqp_source(rabbit: RabbitMQSite, traffic: SiteTraffic, *, site_duties: bool) -> RequestSource:
+    """RabbitMQ: requests from the quorum queue (competing consumers: every instance is
+    equal); the site-duty holder also reads telemetry and key acknowledgements."""
+    from registrar.channel_amqp import AmqpRequestSource, SiteEvents
+
+    events = None
+    if site_duties and traffic.telemetry is not None and traffic.key_ack is not None:
+        events = SiteEvents(traffic.telemetry, traffic.key_ack)
+    return AmqpRequestSource(
+        rabbit.amqp,
+        traffic.register,
+        renew=traffic.renew,
+        site_events=events,
+        on_connected=traffic.connected,
+        retain_as_plain=True,
+    )
+
+
 def _site_authority(
     site: CommissionedSite, ldevid_validity: timedelta = timedelta(days=365)
 ) -> SiteAuthority:
@@ -491,7 +525,7 @@ class RegistrarApp:
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.service: RegistrationService | None = None
-        self.channel: MqttChannel | None = None
+        self.channel: RequestSource | None = None
         self.keyring: PayloadKeyring | None = None
         self.revocations: RevocationList | None = None
         self._revoked: set[DeviceId] = set()
@@ -504,7 +538,7 @@ class RegistrarApp:
 
     async def start(self) -> None:
         join = self.settings.join
-        if join is not None:
+        if join is not None or (self.settings.broker == "rabbitmq" and self.settings.instance > 1):
             # Instance 1 holds the site lock (offline commands wait for it); a joining
             # instance may run on another machine and coordinates through the store only.
             try:
@@ -534,7 +568,8 @@ class RegistrarApp:
         self.keyring = await asyncio.to_thread(site.payload_keys.load)
         self.revocations = site.revocations
         location = store_location(self.home, self.settings.store)
-        if self.settings.join is not None and location.kind != "postgres":
+        several = self.settings.join is not None or self.settings.instance > 1
+        if several and location.kind != "postgres":
             raise ConfigError(
                 "several registrar instances share one PostgreSQL store "
                 "(--store postgresql://…); a SQLite store serves one instance"
@@ -570,20 +605,27 @@ class RegistrarApp:
             workers=self.settings.concurrency,
         )
 
-    async def _start_joined(self, join: Endpoint) -> None:
+    async def _start_joined(self, join: Endpoint | None) -> None:
         """Instance 2..16: serve requests on the broker instance 1 runs. No broker, no
         spool, no CRL timer, no key distribution (instance 1's duties); it follows the
-        other instances through the store's change feed (revocations, payload keys)."""
+        other instances through the store's change feed (revocations, payload keys).
+        On RabbitMQ it also serves the auth backend (every instance does)."""
         self._started = time.time()
-        site, _store, _policy = await self._open_service()
+        site, store, _policy = await self._open_service()
         others = self._follow_instances(site_duties=False)
         self._require(self.service).on_superseded = others.superseded_on_crl
-        tls = await asyncio.to_thread(instance_context, site, self.settings.instance, self._clock())
-        self.channel = MqttChannel(
-            self._channel_settings(join, site_duties=False),
-            tls,
-            SiteTraffic(register=self._register, renew=self._renew),
-        )
+        traffic = SiteTraffic(register=self._register, renew=self._renew)
+        if join is None:
+            rabbit = await self._start_rabbitmq(site, store)
+            self.channel = _amqp_source(rabbit, traffic, site_duties=False)
+            join = rabbit.registration_endpoint
+        else:
+            tls = await asyncio.to_thread(
+                instance_context, site, self.settings.instance, self._clock()
+            )
+            self.channel = MqttChannel(
+                self._channel_settings(join, site_duties=False), tls, traffic
+            )
         self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
         try:
             await asyncio.wait_for(self.channel.connected.wait(), 15)
@@ -616,6 +658,20 @@ class RegistrarApp:
 
         self._tasks.append(asyncio.create_task(watch(), name="duties"))
 
+    async def _start_rabbitmq(self, site: CommissionedSite, store: Store) -> RabbitMQSite:
+        """The registrar's part of an operator-run RabbitMQ cluster (the auth backend)."""
+        from registrar.broker.rabbitmq_site import RabbitMQSite, admin_password
+
+        rabbit = RabbitMQSite(
+            self._require(self.settings.rabbitmq),
+            store,
+            admin_password(self.secrets.passphrase(), self.home.site_id.value),
+            _operational_tls(self.home, site, self.secrets.passphrase()).crl_file,
+        )
+        await rabbit.start()
+        self.broker = rabbit
+        return rabbit
+
     async def _start(self) -> None:
         self._started = time.time()
         await self._take_site_duties()
@@ -633,7 +689,10 @@ class RegistrarApp:
             operational_port=self.settings.operational_port,
         )
         broker: Broker
-        if self.settings.broker == "mosquitto":
+        rabbit: RabbitMQSite | None = None
+        if self.settings.broker == "rabbitmq":
+            broker = rabbit = await self._start_rabbitmq(site, store)
+        elif self.settings.broker == "mosquitto":
             from registrar.broker.mosquitto import MosquittoBroker
 
             broker = MosquittoBroker(settings, executable=self.settings.mosquitto_executable)
@@ -642,7 +701,8 @@ class RegistrarApp:
             from registrar.broker.embedded import EmbeddedBroker
 
             broker = EmbeddedBroker(settings)
-        await broker.start()
+        if rabbit is None:
+            await broker.start()
         self.broker = broker
         # Blocks live in the broker's memory: re-apply every revocation from the store.
         for device in sorted(self._revoked, key=lambda d: d.value):
@@ -670,17 +730,21 @@ class RegistrarApp:
         await self.keys.start(self._require(self.keyring))
         op = broker.operational_endpoint
         host = "127.0.0.1" if op.host in ("0.0.0.0", "", "::") else op.host  # noqa: S104
-        self.channel = MqttChannel(
-            self._channel_settings(Endpoint(host, op.port), site_duties=True),
-            _client_context(site, passphrase),
-            SiteTraffic(
-                register=self._register,
-                renew=self._renew,
-                telemetry=self._telemetry_received,
-                key_ack=self.keys.ack_received,
-                connected=self._catch_up_key_updates,
-            ),
+        traffic = SiteTraffic(
+            register=self._register,
+            renew=self._renew,
+            telemetry=self._telemetry_received,
+            key_ack=self.keys.ack_received,
+            connected=self._catch_up_key_updates,
         )
+        if rabbit is not None:
+            self.channel = _amqp_source(rabbit, traffic, site_duties=True)
+        else:
+            self.channel = MqttChannel(
+                self._channel_settings(Endpoint(host, op.port), site_duties=True),
+                _client_context(site, passphrase),
+                traffic,
+            )
         self._tasks.append(asyncio.create_task(self.channel.run(self._stop), name="channel"))
         try:
             await asyncio.wait_for(self.channel.connected.wait(), 15)

@@ -26,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import ssl
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 import aio_pika
@@ -43,7 +45,9 @@ from registrar.service import (
     device_id_from_renewal_topic,
     device_id_from_request_topic,
 )
+from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
+from trustcore.key_rotation import KEY_ACK_LEVELS
 from trustcore.topics import (
     DEVICE_PREFIX,
     REGISTRATION_PREFIX,
@@ -58,6 +62,36 @@ Handler = Callable[[DeviceId, bytes], Awaitable[bytes]]
 REQUEST_BINDING = mqtt_to_amqp(f"{REGISTRATION_PREFIX}/+/request")
 #: Every device's LDevID renewal request (answered on ``devices/<id>/renewal/response``).
 RENEWAL_BINDING = mqtt_to_amqp(f"{DEVICE_PREFIX}/+/{RENEWAL_REQUEST_LEVEL}")
+#: The site-duty queue: telemetry and payload-key acknowledgements of every device, read by
+#: the one instance that holds the site duties (bounded: the oldest go first).
+SITE_EVENTS_QUEUE = "devtrust.site.events"
+SITE_EVENTS_MAX = 100_000
+TELEMETRY_BINDING = mqtt_to_amqp(f"{DEVICE_PREFIX}/+/telemetry")
+KEY_ACK_BINDING = mqtt_to_amqp("/".join((DEVICE_PREFIX, "+", *KEY_ACK_LEVELS)))
+
+
+@dataclass(frozen=True)
+class SiteEvents:
+    """The site duties' callbacks: telemetry ``(device, topic, payload, retained)`` and
+    key acknowledgements ``(device, payload, retained)``; AMQP has no retained flag."""
+
+    telemetry: Callable[[DeviceId, str, bytes, bool], None]
+    key_ack: Callable[[DeviceId, bytes, bool], object]
+
+
+def _site_event(topic: str) -> tuple[str, DeviceId] | None:
+    parts = topic.split("/")
+    if len(parts) < 3 or parts[0] != DEVICE_PREFIX:
+        return None
+    kind = "telemetry" if parts[2:] == ["telemetry"] else None
+    if tuple(parts[2:]) == KEY_ACK_LEVELS:
+        kind = "key_ack"
+    if kind is None:
+        return None
+    try:
+        return kind, DeviceId(parts[1])
+    except InvalidValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -86,6 +120,9 @@ class AmqpRequestSource:
         prefetch: int = 128,
         reconnect_delay: float = 0.5,
         on_answered: Callable[[DeviceId], None] | None = None,
+        site_events: SiteEvents | None = None,
+        on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
+        retain_as_plain: bool = False,
     ) -> None:
         if not endpoints:
             raise BrokerError("no AMQP endpoint")
@@ -98,6 +135,12 @@ class AmqpRequestSource:
         self._prefetch = prefetch
         self._reconnect_delay = reconnect_delay
         self._on_answered = on_answered
+        self._site_events = site_events
+        self._on_connected = on_connected
+        #: ``registrar run``: a retained publish (payload-key update) goes out plain; the
+        #: registrar re-sends what is pending itself (see ``publish``).
+        self._retain_as_plain = retain_as_plain
+        self._background: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
         self.answered = 0
         self.endpoint: AmqpEndpoint | None = None
@@ -125,6 +168,7 @@ class AmqpRequestSource:
                 self._exchange = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._reconnect_delay)
+        log.info("AMQP request source stopped: answered %d requests", self.answered)
 
     async def _serve(self, endpoint: AmqpEndpoint, stop: asyncio.Event) -> None:
         connection = await aio_pika.connect(endpoint.url(), timeout=5)
@@ -147,8 +191,14 @@ class AmqpRequestSource:
                 task.add_done_callback(tasks.discard)
 
             tag = await queue.consume(on_message)
+            if self._site_events is not None:
+                await self._consume_site_events(channel)
             self.endpoint = endpoint
             self.connected.set()
+            if self._on_connected is not None:
+                task = asyncio.create_task(self._on_connected())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             closed = asyncio.ensure_future(_closed(connection, channel))
             stopper = asyncio.ensure_future(stop.wait())
             try:
@@ -166,6 +216,36 @@ class AmqpRequestSource:
         finally:
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    async def _consume_site_events(self, channel: AbstractChannel) -> None:
+        events = self._site_events
+        assert events is not None
+        queue = await channel.declare_queue(
+            SITE_EVENTS_QUEUE,
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-max-length": SITE_EVENTS_MAX},
+        )
+        await queue.bind("amq.topic", routing_key=TELEMETRY_BINDING)
+        await queue.bind("amq.topic", routing_key=KEY_ACK_BINDING)
+
+        async def on_event(message: AbstractIncomingMessage) -> None:
+            topic = amqp_to_mqtt(message.routing_key or "")
+            found = _site_event(topic)
+            try:
+                if found is not None and found[0] == "telemetry":
+                    events.telemetry(found[1], topic, message.body, False)
+                elif found is not None:
+                    events.key_ack(found[1], message.body, False)
+                else:
+                    log.warning("ignored a site event on %r", topic[:200])
+            except Exception:
+                log.exception("site event on %s failed", topic[:200])
+            await message.ack()
+
+        await queue.consume(on_event)
+
+    def use_tls(self, tls: ssl.SSLContext) -> None:
+        """The AMQP session logs in with the administrator's password, not a certificate."""
 
     def _route(self, routing_key: str) -> tuple[DeviceId, Handler, str] | None:
         """(device, handler, answer topic) for a request's routing key; None: not ours."""
@@ -211,8 +291,11 @@ class AmqpRequestSource:
         """Publish to MQTT subscribers through ``amq.topic`` (confirmed by the broker).
 
         ``retain`` is refused: RabbitMQ 3.10 keeps retained messages only for MQTT
-        publishers, so an AMQP publish can never be retained (use an MQTT session)."""
-        if retain:
+        publishers, so an AMQP publish can never be retained (use an MQTT session) --
+        unless the source was made with ``retain_as_plain`` (the registrar's key updates:
+        it re-sends what is still pending at every reconnection and when a device's
+        telemetry shows an old key, so a device away at publish time still gets it)."""
+        if retain and not self._retain_as_plain:
             raise BrokerError("retained messages cannot be published over AMQP")
         deadline = asyncio.get_running_loop().time() + timeout
         while True:

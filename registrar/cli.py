@@ -291,10 +291,11 @@ def serving_gc() -> None:
 @_passphrase_option
 @click.option(
     "--broker",
-    type=click.Choice(["embedded", "mosquitto"]),
+    type=click.Choice(["embedded", "mosquitto", "rabbitmq"]),
     default="embedded",
     show_default=True,
-    help="embedded: amqtt in this process; mosquitto: a Mosquitto process the registrar owns.",
+    help="embedded: amqtt in this process; mosquitto: a Mosquitto process the registrar owns; "
+    "rabbitmq: the operator's cluster (--rabbitmq-node, --auth-port).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
 @click.option("--registration-port", type=click.IntRange(0, 65535), default=8883, show_default=True)
@@ -332,6 +333,27 @@ def serving_gc() -> None:
     help="PostgreSQL store: if another registrar runs this site's duties, wait and take "
     "over when it stops (instead of refusing to start).",
 )
+@click.option(
+    "--rabbitmq-node",
+    "rabbitmq_nodes",
+    multiple=True,
+    metavar="NAME@HOST,IP,AMQP,MQTTS,MANAGEMENT,DIST",
+    help="--broker rabbitmq: a cluster node, as given to broker-config (repeat for each).",
+)
+@click.option(
+    "--rabbitmq-config",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="--broker rabbitmq: the directory broker-config rendered; the CRL hash directories "
+    "of the nodes found there are rewritten at every CRL change.",
+)
+@click.option(
+    "--auth-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="--broker rabbitmq: serve the nodes' HTTP auth backend here (loopback), the port "
+    "of broker-config's --auth-url.",
+)
 @_store_option
 def run_command(
     home: Path,
@@ -345,6 +367,9 @@ def run_command(
     instance: int,
     join: str | None,
     standby: bool,
+    rabbitmq_nodes: tuple[str, ...],
+    rabbitmq_config: Path | None,
+    auth_port: int | None,
     store: str | None,
 ) -> None:
     """Run the registrar: broker (two mTLS listeners), registration service, revocation,
@@ -352,7 +377,9 @@ def run_command(
 
     Several instances per site (Mosquitto, PostgreSQL store): instance 1 runs as usual;
     each further instance runs ``--instance N --join HOST:PORT`` with the same ``--store``
-    and shares the request stream through MQTT v5 shared subscriptions."""
+    and shares the request stream through MQTT v5 shared subscriptions. On RabbitMQ
+    (``--broker rabbitmq``) every instance consumes the one quorum queue: give each its
+    ``--instance N`` and the same nodes; instance 1 runs the site duties."""
     import asyncio
     import logging
     import signal
@@ -366,8 +393,22 @@ def run_command(
     )
     site = _open_site(home)
     try:
+        rabbitmq = None
+        if broker == "rabbitmq" or rabbitmq_nodes or auth_port is not None:
+            from registrar.broker.rabbitmq import parse_node
+            from registrar.broker.rabbitmq_site import RabbitMQSiteSettings
+
+            parsed = tuple(parse_node(n) for n in rabbitmq_nodes)
+            rabbitmq = RabbitMQSiteSettings(
+                nodes=parsed,
+                auth_port=auth_port or 0,
+                crl_dirs=()
+                if rabbitmq_config is None
+                else RabbitMQSiteSettings.crl_dirs_in(rabbitmq_config, parsed),
+            )
         settings = AppSettings(
             broker=broker,  # type: ignore[arg-type]
+            rabbitmq=rabbitmq,
             host=host,
             registration_port=registration_port,
             operational_port=operational_port,
@@ -383,6 +424,15 @@ def run_command(
 
     def ready(app: RegistrarApp) -> None:
         serving_gc()
+        if settings.rabbitmq is not None:
+            reg = app.registration_endpoint
+            click.echo(
+                f"registrar instance {instance} running for site {site.site_id}: serving on "
+                f"{reg.host}:{reg.port} (rabbitmq, {len(settings.rabbitmq.nodes)} node(s), auth "
+                f"backend 127.0.0.1:{settings.rabbitmq.auth_port}); stop with Ctrl-C"
+            )
+            sys.stdout.flush()
+            return
         if settings.join is not None:
             click.echo(
                 f"registrar instance {instance} running for site {site.site_id}: serving on "

@@ -76,9 +76,15 @@ class LiveSessions:
 
     def __init__(self) -> None:
         self._users: dict[tuple[str, str], str] = {}  # (node, connection name) -> user
+        self._created: dict[str, int] = {}  # user -> connections made so far
 
     def created(self, node: str, name: str, user: str) -> None:
         self._users[(node, name)] = user
+        self._created[user] = self._created.get(user, 0) + 1
+
+    def created_count(self, identity: str) -> int:
+        """How many connections ``identity`` has made (a mark for superseded cuts)."""
+        return self._created.get(identity, 0)
 
     def closed(self, node: str, name: str) -> None:
         self._users.pop((node, name), None)
