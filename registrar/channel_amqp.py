@@ -341,7 +341,10 @@ class ConnectionEvents:
     management API reports down (a killed node sends no ``connection.closed``).
 
     Each registrar instance has its own exclusive queue, so each has the whole picture.
-    After a reconnect the table is rebuilt from scratch (events may have been missed)."""
+    Known gap: events missed while this stream was down are not replayed after its
+    reconnect, so a connection that closed meanwhile stays in the table until its node is
+    reported down (its identity's next connect is refused as a clone until then); the way
+    out is to rebuild the table from the management API's connection list at reconnect."""
 
     def __init__(
         self,

@@ -160,6 +160,26 @@ def test_live_sessions_follow_events_and_forget_a_dead_node() -> None:
     assert (live.count("dev-a"), live.count("dev-b")) == (0, 0)
 
 
+def test_live_sessions_marks_and_nothing_kept_for_gone_identities() -> None:
+    live = LiveSessions()
+    live.created("n1", "c1", "dev-a")
+    mark = live.mark()
+    assert not live.created_since("dev-a", mark)  # the connection before the mark
+    live.created("n1", "c1", "dev-a")  # the same event twice changes nothing
+    assert live.count("dev-a") == 1 and not live.created_since("dev-a", mark)
+    live.created("n2", "c2", "dev-a")  # a reconnect after the mark (new certificate)
+    assert live.created_since("dev-a", mark) and live.count("dev-a") == 2
+    for i in range(1000):  # a thousand devices come and go
+        live.created("n1", f"x{i}", f"dev-{i}")
+        live.closed("n1", f"x{i}")
+    live.closed("n1", "c1")
+    live.closed("n2", "c2")
+    assert len(live) == 0 and live.count("dev-a") == 0
+    assert not live.created_since("dev-a", mark)
+    assert live.mark() > mark
+    assert (live._live, live._last_created) == ({}, {})  # nothing grows with the fleet
+
+
 def test_crl_hash_dir_is_replaced_whole_and_refuses_junk(tmp_path: Path) -> None:
     pki = build_site_pki()
     bundle = _site_tls(pki).crls_pem

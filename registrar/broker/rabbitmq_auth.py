@@ -75,26 +75,50 @@ class LiveSessions:
     """
 
     def __init__(self) -> None:
+        # Only live connections are kept (plus one counter): nothing here grows with every
+        # device the site ever saw, and a count is a dictionary look-up, not a scan.
         self._users: dict[tuple[str, str], str] = {}  # (node, connection name) -> user
-        self._created: dict[str, int] = {}  # user -> connections made so far
+        self._live: dict[str, int] = {}  # user -> live connections
+        self._seq = 0  # connections created so far, all users
+        self._last_created: dict[str, int] = {}  # live user -> seq of its newest connection
 
     def created(self, node: str, name: str, user: str) -> None:
-        self._users[(node, name)] = user
-        self._created[user] = self._created.get(user, 0) + 1
+        key = (node, name)
+        if key in self._users:  # the same event twice: nothing new
+            return
+        self._users[key] = user
+        self._live[user] = self._live.get(user, 0) + 1
+        self._seq += 1
+        self._last_created[user] = self._seq
 
-    def created_count(self, identity: str) -> int:
-        """How many connections ``identity`` has made (a mark for superseded cuts)."""
-        return self._created.get(identity, 0)
+    def mark(self) -> int:
+        """A mark for superseded cuts: connections created later compare greater
+        (:meth:`created_since`)."""
+        return self._seq
+
+    def created_since(self, identity: str, mark: int) -> bool:
+        """Whether ``identity`` has a live connection created after ``mark``."""
+        return self._last_created.get(identity, 0) > mark
 
     def closed(self, node: str, name: str) -> None:
-        self._users.pop((node, name), None)
+        user = self._users.pop((node, name), None)
+        if user is None:
+            return
+        left = self._live[user] - 1
+        if left:
+            self._live[user] = left
+        else:
+            del self._live[user], self._last_created[user]
 
     def node_down(self, node: str) -> None:
         for key in [k for k in self._users if k[0] == node]:
-            del self._users[key]
+            self.closed(*key)
 
     def count(self, identity: str) -> int:
-        return sum(1 for user in self._users.values() if user == identity)
+        return self._live.get(identity, 0)
+
+    def __len__(self) -> int:
+        return len(self._users)
 
 
 class Standing:

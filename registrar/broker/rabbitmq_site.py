@@ -161,9 +161,9 @@ class RabbitMQSite:
             await self.disconnect(identity)
 
     def connection_mark(self, identity: str) -> int:
-        return self.live.created_count(identity)
+        return self.live.mark()
 
     async def cut_superseded(self, identity: str, serials: frozenset[int], mark: int) -> int:
-        if self.live.created_count(identity) > mark:
+        if self.live.created_since(identity, mark):
             return 0  # that connection passed the CRL (new certificate); one per identity
         return await self.disconnect(identity)
