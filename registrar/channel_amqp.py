@@ -343,8 +343,10 @@ class ConnectionEvents:
     Each registrar instance has its own exclusive queue, so each has the whole picture.
     Known gap: events missed while this stream was down are not replayed after its
     reconnect, so a connection that closed meanwhile stays in the table until its node is
-    reported down (its identity's next connect is refused as a clone until then); the way
-    out is to rebuild the table from the management API's connection list at reconnect."""
+    reported down (its identity's next connect is refused as a clone until then). The
+    management API's connection list is not a fix: it comes from the statistics database,
+    which lags (a connection made a moment ago was missing from it, measured), so replacing
+    the table with it would forget live sessions."""
 
     def __init__(
         self,
