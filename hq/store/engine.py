@@ -16,6 +16,7 @@ without the URL's password, so no traceback reaches an HQ user.
 from __future__ import annotations
 
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,34 +57,39 @@ class Cursor(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
 
-class Connection:
+class Connection(ABC):
     """The engine-neutral API; see :class:`_Sqlite` and :class:`_Postgres`."""
 
     engine: str
     where: str
 
+    @abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def script(self, sql: str) -> None:
         """Run several statements (schema text; no parameters)."""
-        raise NotImplementedError
+        ...
 
     def probe(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """All rows of a join of a batch (a :meth:`temp_table`) with an indexed registry
         table, run as one index probe per batch row whatever the planner estimates."""
         return self.execute(sql, params).fetchall()
 
+    @abstractmethod
     def temp_table(
         self, name: str, columns: str, names: Sequence[str], rows: Iterable[Sequence[Any]]
     ) -> int:
         """A session-private table holding exactly ``rows`` (a batch to join with the
         registry); ``columns`` is its DDL in ``TEXT``/``BLOB``/``INTEGER`` terms."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def copy_rows(
         self,
         table: str,
@@ -92,23 +98,28 @@ class Connection:
         progress: Callable[[int], None] | None = None,
     ) -> int:
         """Bulk-insert ``rows`` (inside or outside a transaction); returns the count."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def analyze(self, table: str) -> None:
         """Refresh the planner's statistics of ``table`` after a bulk load."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def begin(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def commit(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def rollback(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        ...
 
     def _error(self, exc: Exception) -> StoreError:
         if isinstance(exc, sqlite3.IntegrityError | psycopg.errors.IntegrityError):
