@@ -224,8 +224,8 @@ def test_request_passes_the_registrars_checks() -> None:
     request = parse_request(data)
     assert request.device_id == DEVICE and request.nonce == NONCE and request.time == TIME
     # the idempotency key and the response's `request` field: SHA-256 of the whole envelope
-    assert request.digest == hashlib.sha256(data).digest() == doc_vector(
-        "registration-request-digest"
+    assert (
+        request.digest == hashlib.sha256(data).digest() == doc_vector("registration-request-digest")
     )
     # the signature covers CBOR [domain, body bytes]: the exact body bytes, not a re-encoding
     factory = inputs.keys["factory"].public_key()
@@ -285,7 +285,9 @@ def test_response_verifies_on_the_device_and_unwraps_the_payload_key() -> None:
     assert key == PAYLOAD_KEY
     # another device id in `info` does not open it
     with pytest.raises(RegistrationError):
-        open_payload_key(SoftwareKey(inputs.keys["wrap"]), DeviceId("TH-000002"), result.payload_key)
+        open_payload_key(
+            SoftwareKey(inputs.keys["wrap"]), DeviceId("TH-000002"), result.payload_key
+        )
     # a response for another request (another digest) is not accepted
     with pytest.raises(RegistrationError):
         parse_response(
