@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from factory_station.errors import FactoryStationError
-from factory_station.provision import ProvisionResult, provision_batch, provision_device
+from factory_station.provision import ProvisionResult, provision_device
 from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactoryStation
 from signers.errors import SignerError
 from trustcore.errors import InvalidValueError, TrustCoreError
@@ -285,45 +285,41 @@ def provision_batch_cmd(
     """Create COUNT simulated devices (one swtpm each) and provision them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from device_sim.device import create_fleet, power_off_all, power_on_all
+    from device_sim.fleet import FleetError
+    from device_sim.fleet_build import build_fleet
 
     if (ek_template is None) == (ek_ca_dir is None):
         raise click.UsageError("give exactly one of --ek-template or --ek-ca-dir")
-    existing = len(list(devices_dir.glob("dev-*"))) if devices_dir.exists() else 0
     click.echo(f"manufacturing {count} device TPMs ...", err=True)
-    fleet = create_fleet(
-        devices_dir, count, template=ek_template, ek_ca_dir=ek_ca_dir, start_index=existing
-    )
-    try:
-        power_on_all(fleet)
-        with _station(home, tcti) as station:
-            _accept_approvals(station, approval_files)
-        with (
-            _station(home, tcti) as station,
-            Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                "{task.fields[last]}",
-                transient=False,
-            ) as bar,
-        ):
-            task = bar.add_task("provisioning", total=count, last="")
-            refused: list[str] = []
+    with (
+        _station(home, tcti) as station,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            "{task.fields[last]}",
+            transient=False,
+        ) as bar,
+    ):
+        _accept_approvals(station, approval_files)
+        task = bar.add_task("provisioning", total=count, last="")
+        refused: list[str] = []
 
-            def done(res: ProvisionResult | None, err: FactoryStationError | None) -> None:
-                if res is not None:
-                    bar.update(task, advance=1, last=res.device_id.value)
-                elif err is not None:
-                    refused.append(str(err))
-                    bar.update(task, advance=1, last=f"[red]{err.reason}")
+        def done(res: ProvisionResult | None, err: FactoryStationError | None) -> None:
+            if res is not None:
+                bar.update(task, advance=1, last=res.device_id.value)
+            elif err is not None:
+                refused.append(str(err))
+                bar.update(task, advance=1, last=f"[red]{err.reason}")
 
-            result = provision_batch(
-                station, [d.endpoint for d in fleet], workers=workers, on_done=done
-            )
-    finally:
-        power_off_all(fleet)
+        try:
+            result = build_fleet(
+                station, devices_dir, count, "tpm", ek_template=ek_template,
+                ek_ca_dir=ek_ca_dir, workers=workers, on_done=done,
+            )  # fmt: skip
+        except FleetError as exc:
+            raise click.ClickException(str(exc)) from exc
     click.echo(
         f"provisioned {len(result.provisioned)} of {count} devices in {result.seconds:.2f} s "
         f"({result.devices_per_s:.1f} devices/s)"
