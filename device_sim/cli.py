@@ -206,7 +206,7 @@ def build_fleet_cmd(
         "refused": refusals,
         "seconds": round(result.seconds, 3),
         "devices_per_s": round(result.devices_per_s, 1),
-        "device_ids": [r.device_id.value for r in result.provisioned],
+        "device_ids": sorted(r.device_id.value for r in result.provisioned),
     }
     if as_json:
         click.echo(json.dumps(summary))
