@@ -1,8 +1,8 @@
 """The minimal device of ``docs/device-minimal.md`` (paho-mqtt + cryptography + cbor2, no
 project code), extracted from the document and run as its own process against a real
-``registrar run`` (embedded broker, SQLite) on a site commissioned from an HQ bundle: it
-must end registered, with an LDevID that ``openssl verify`` accepts and the site's payload
-key, and its telemetry must reach the operational listener."""
+``registrar run`` (embedded broker and Mosquitto, SQLite) on a site commissioned from an HQ
+bundle: it must end registered, with an LDevID that ``openssl verify`` accepts and the
+site's payload key, and its telemetry must reach the operational listener."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -67,7 +69,9 @@ class Run:
     record: DeviceRecord | None
 
 
-async def run_minimal_device(tmp_path: Path, device_id: str) -> Run:
+async def run_minimal_device(
+    tmp_path: Path, device_id: str, broker: Literal["embedded", "mosquitto"] = "embedded"
+) -> Run:
     """A site admitting "dev-…" devices, ``registrar run`` on it, and the minimal device
     (a software-key load device as ``device-sim build-fleet`` writes one) run against it."""
     site = build_commissioned_site(tmp_path / "world", id_prefix="dev-")
@@ -86,7 +90,7 @@ async def run_minimal_device(tmp_path: Path, device_id: str) -> Run:
     pass_file = tmp_path / "device.pass"
     pass_file.write_bytes(PASSPHRASE + b"\n")
     pass_file.chmod(0o600)
-    settings = AppSettings(registration_port=0, operational_port=0)
+    settings = AppSettings(broker=broker, registration_port=0, operational_port=0)
     async with running(SiteHome.open(site.home), site.secrets(), settings) as app:
         reg, op = app.registration_endpoint, app.operational_endpoint
         proc = await asyncio.create_subprocess_exec(
@@ -114,8 +118,11 @@ async def run_minimal_device(tmp_path: Path, device_id: str) -> Run:
         )
 
 
-async def test_minimal_device_registers_against_a_real_registrar(tmp_path: Path) -> None:
-    run = await run_minimal_device(tmp_path, "dev-min-000001")
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+async def test_minimal_device_registers_against_a_real_registrar(
+    tmp_path: Path, broker: Literal["embedded", "mosquitto"]
+) -> None:
+    run = await run_minimal_device(tmp_path, "dev-min-000001", broker)
     assert run.returncode == 0, run.err.decode()
     assert b"Traceback" not in run.err
     result = json.loads(run.out.decode().strip().splitlines()[-1])
