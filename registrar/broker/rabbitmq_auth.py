@@ -40,7 +40,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from registrar.broker import REGISTRAR_IDENTITY
+from registrar.broker import REGISTRAR_IDENTITY, is_device_identity
 from registrar.broker.rabbitmq import amqp_to_mqtt
 from registrar.errors import BrokerError
 from registrar.store.records import DeviceRecord
@@ -116,6 +116,10 @@ class LiveSessions:
 
     def count(self, identity: str) -> int:
         return self._live.get(identity, 0)
+
+    def devices(self) -> int:
+        """Live device connections (service identities contain ``@``)."""
+        return sum(n for user, n in self._live.items() if is_device_identity(user))
 
     def __len__(self) -> int:
         return len(self._users)
