@@ -412,7 +412,7 @@ def run_command(
     from registrar.site import SiteSecrets
     from trustcore.logformat import configure_logging
 
-    configure_logging(log_level, log_format)  # type: ignore[arg-type]  # click.Choice
+    configure_logging(log_level, log_format, command="registrar")  # type: ignore[arg-type]
     site = _open_site(home)
     try:
         rabbitmq = None

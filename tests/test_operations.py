@@ -275,3 +275,62 @@ def test_two_apps_in_one_process_have_their_own_registries(
     name = "devtrust_registrar_request_seconds_count"
     assert sample(first, name, 'kind="registration"') == 1
     assert sample(second, name, 'kind="registration"') == 0
+
+
+# ------------------------------------------------------------------------------ JSON logs
+
+
+def test_json_formatter_keeps_a_traceback_and_extras_on_one_line() -> None:
+    import io
+    import logging
+
+    from trustcore.logformat import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("devtrust.test.json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise ValueError("bad\nvalue")
+        except ValueError:
+            logger.exception("failed for %s", "dev-1", extra={"device_id": "dev-1"})
+        logger.warning("plain ünïcode")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "failed for dev-1" and first["level"] == "ERROR"
+    assert first["device_id"] == "dev-1"
+    assert "ValueError: bad\nvalue" in first["exc"] and "Traceback" in first["exc"]
+    assert datetime.fromisoformat(first["ts"]).tzinfo is not None
+    assert second == {**second, "message": "plain ünïcode", "level": "WARNING"}
+
+
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [
+        ("hq", ["station-cas", "--home", "{tmp}/no-hq", "--station", "s1"]),
+        ("factory-station", ["status", "--home", "{tmp}/no-station"]),
+        ("registrar", ["run", "--home", "{tmp}/no-site"]),
+        ("hq", ["station-cas", "--no-such-option"]),
+    ],
+)
+def test_every_stderr_line_of_each_cli_is_json_in_json_mode(
+    tmp_path: Path, command: str, args: list[str]
+) -> None:
+    """The refusal of each CLI (and click's usage error) arrive as JSON records."""
+    argv = [str(REGISTRAR.parent / command)]
+    if command == "registrar":
+        argv += [args[0], "--log-format", "json", *(a.format(tmp=tmp_path) for a in args[1:])]
+    else:
+        argv += ["--log-format", "json", *(a.format(tmp=tmp_path) for a in args)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0, result.stderr  # refused (exit codes: docs of each CLI)
+    lines = result.stderr.splitlines()
+    assert lines
+    records = [json.loads(line) for line in lines]
+    assert {r["logger"] for r in records} == {f"{command}.stderr"}
+    assert records[-1]["level"] == "ERROR"
+    assert "Traceback" not in result.stderr
