@@ -71,9 +71,9 @@ def test_service_sets_the_required_hardening(name: str) -> None:
     service = unit_keys((SYSTEMD / name).read_text())["Service"]
     for key, value in REQUIRED.items():
         assert service.get(key) == [value], (name, key, service.get(key))
-    assert service["ReadWritePaths"] and all(p.startswith("/var/lib/devtrust/") for p in service[
-        "ReadWritePaths"
-    ])
+    assert service["ReadWritePaths"] and all(
+        p.startswith("/var/lib/devtrust/") for p in service["ReadWritePaths"]
+    )
     (command,) = service["ExecStart"]
     assert "--log-format json" in command
     # no secret in the unit or the service's environment

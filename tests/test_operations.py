@@ -209,9 +209,7 @@ async def test_healthz_is_503_naming_each_failing_check(ops_site: OpsSite, tmp_p
     app = RegistrarApp(
         SiteHome.open(home),
         SiteSecrets(ops_site.passphrase_file),
-        AppSettings(
-            registration_port=0, operational_port=0, metrics=Endpoint("127.0.0.1", 0)
-        ),
+        AppSettings(registration_port=0, operational_port=0, metrics=Endpoint("127.0.0.1", 0)),
         clock=lambda: datetime.now(UTC) + offset[0],
     )
     await app.start()
