@@ -673,6 +673,9 @@ def status_command(home: Path, store: str | None, as_json: bool) -> None:
         table.add_row("registrar", f"running (pid {running['pid']}, {running['broker']} broker)")
         for name, ep in running["listeners"].items():
             table.add_row(f"{name} listener", f"{ep['host']}:{ep['port']}")
+        if running.get("metrics"):
+            ep = running["metrics"]
+            table.add_row("metrics", f"http://{ep['host']}:{ep['port']}/metrics, /healthz")
         table.add_row("payload key", str(running.get("payload_key")))
         table.add_row("site CRL valid until", str(running.get("site_crl_next_update")))
         site_ca = running.get("site_ca") or {}
