@@ -145,3 +145,17 @@ def test_logrotate_keeps_dated_copies_of_sealed_exports(tmp_path: Path) -> None:
     assert re.fullmatch(r"audit-export\.sealed-\d{8}-\d+", rotated.name), rotated.name
     assert rotated.read_bytes() == sealed  # renamed as is: not truncated, not compressed
     assert not export.exists()  # nocreate: the next export writes a new file
+
+
+def test_security_md_names_only_tests_that_exist() -> None:
+    """docs/security.md cites ``tests/FILE.py::test_name`` for each attack: every one must
+    be a test function in that file (renaming a test must update the threat model)."""
+    text = (ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    cited = set(re.findall(r"(tests/\w+\.py)::(test_\w+)", text))
+    assert len(cited) > 60
+    missing = []
+    for path, name in sorted(cited):
+        source = (ROOT / path).read_text(encoding="utf-8") if (ROOT / path).exists() else ""
+        if not re.search(rf"^(async )?def {name}\(", source, re.MULTILINE):
+            missing.append(f"{path}::{name}")
+    assert not missing, missing
