@@ -99,14 +99,16 @@ def sample(exposition: str, name: str, labels: str = "") -> float:
 
 
 @contextlib.contextmanager
-def registrar_process(ops: OpsSite, home: Path, stderr: Path) -> Iterator[dict[str, object]]:
+def registrar_process(
+    ops: OpsSite, home: Path, stderr: Path, broker: str
+) -> Iterator[dict[str, object]]:
     """``registrar run`` with metrics on a free loopback port and JSON logs; yields the
     status document once it runs; stops it with SIGTERM (exit 0)."""
     with stderr.open("wb") as err:
         process = subprocess.Popen(
             [
                 str(REGISTRAR), "run", "--home", str(home),
-                "--passphrase-file", str(ops.passphrase_file), "--broker", "embedded",
+                "--passphrase-file", str(ops.passphrase_file), "--broker", broker,
                 "--registration-port", "0", "--operational-port", "0",
                 "--metrics-port", "0", "--log-format", "json", "--log-level", "info",
             ],
@@ -132,12 +134,13 @@ def registrar_process(ops: OpsSite, home: Path, stderr: Path) -> Iterator[dict[s
     assert b"metrics http://127.0.0.1:" in out
 
 
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
 async def test_registrar_run_metrics_move_health_is_ok_and_logs_are_json(
-    ops_site: OpsSite, tmp_path: Path
+    ops_site: OpsSite, tmp_path: Path, broker: str
 ) -> None:
     home = ops_site.copy(tmp_path / "site")
     log = tmp_path / "registrar.err"
-    with registrar_process(ops_site, home, log) as status:
+    with registrar_process(ops_site, home, log, broker) as status:
         metrics = status["metrics"]
         assert isinstance(metrics, dict) and metrics["host"] == "127.0.0.1"
         base = f"http://127.0.0.1:{metrics['port']}"
@@ -166,7 +169,8 @@ async def test_registrar_run_metrics_move_health_is_ok_and_logs_are_json(
         assert refused.value.reason == "not_in_manifest"
 
         async with device.operational(operational):
-            # the embedded broker counts the session once its CONNECT is processed
+            # the broker counts the session once its CONNECT is processed (Mosquitto: once
+            # its log line is read), and the registration session once its end is
             deadline = time.monotonic() + 5
             while True:
                 _, during = await curl(f"{base}/metrics")
@@ -332,3 +336,17 @@ def test_every_stderr_line_of_each_cli_is_json_in_json_mode(
     assert {r["logger"] for r in records} == {f"{command}.stderr"}
     assert records[-1]["level"] == "ERROR"
     assert "Traceback" not in result.stderr
+
+
+def test_latency_histogram_buckets_are_cumulative_and_le_is_inclusive() -> None:
+    from registrar.errors import ConfigError
+    from registrar.metrics import LatencyHistogram
+
+    h = LatencyHistogram((0.01, 0.1))
+    for seconds in (0.001, 0.01, 0.05, 0.1, 7.0):
+        h.observe(seconds)
+    buckets, total = h.cumulative()
+    assert buckets == [("0.01", 2), ("0.1", 4), ("+Inf", 5)]
+    assert total == pytest.approx(7.161)
+    with pytest.raises(ConfigError):
+        LatencyHistogram((0.1, 0.01))

@@ -360,7 +360,8 @@ class MosquittoBroker:
         return list(self._clone_signals)
 
     def connected_devices(self) -> int:
-        return sum(n for name, n in self._sessions.items() if is_device_identity(name))
+        # not the random dynamic-security admin user (no "@" in it), nor service identities
+        return sum(n for name, n in self.live_sessions().items() if is_device_identity(name))
 
     def live_sessions(self) -> dict[str, int]:
         """Identity → number of live sessions, as Mosquitto's log reported them."""
