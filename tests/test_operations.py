@@ -12,6 +12,7 @@ import contextlib
 import json
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -188,6 +189,17 @@ async def test_registrar_run_metrics_move_health_is_ok_and_logs_are_json(
         assert age and all(float(line.rpartition(" ")[2]) > 0 for line in age), during
         code, body = await curl(f"{base}/nothing")
         assert code == 404
+        if broker == "embedded":
+            # docs/operations.md: the online backup of the live SQLite store has the device
+            copy = tmp_path / "backup.db"
+            backup = subprocess.run(
+                ["sqlite3", str(home / "registrar.db"), f".backup {copy}"],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert backup.returncode == 0, backup.stderr
+            with contextlib.closing(sqlite3.connect(copy)) as db:
+                rows = db.execute("SELECT device_id, status FROM devices").fetchall()
+            assert rows == [("TH-000001", "registered")]
 
     lines = log.read_text(encoding="utf-8").splitlines()
     assert lines, "no log output"
