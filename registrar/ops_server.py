@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from registrar.broker import Endpoint
 from registrar.errors import ConfigError
+from registrar.http_listener import start_http
 from registrar.metrics import CONTENT_TYPE_LATEST, Health, RegistrarMetrics
 
 log = logging.getLogger(__name__)
@@ -65,20 +65,14 @@ class OpsServer:
         app = web.Application(client_max_size=1024)
         app.router.add_get("/metrics", self._metrics_page)
         app.router.add_get("/healthz", self._health_page)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
+            runner, bound = await start_http(app, host, port)
         except OSError as exc:
-            sock.close()
             raise ConfigError(
                 f"the metrics listener cannot listen on {host}:{port}: {exc}"
             ) from exc
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.SockSite(runner, sock, backlog=64).start()
         self._runner = runner
-        self._endpoint = Endpoint(host, sock.getsockname()[1])
+        self._endpoint = Endpoint(host, bound)
         log.info("metrics and health on http://%s:%d/", host, self._endpoint.port)
 
     async def stop(self) -> None:

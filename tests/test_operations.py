@@ -362,3 +362,25 @@ def test_latency_histogram_buckets_are_cumulative_and_le_is_inclusive() -> None:
     assert total == pytest.approx(7.161)
     with pytest.raises(ConfigError):
         LatencyHistogram((0.1, 0.01))
+
+
+async def test_rabbitmq_auth_backend_serves_and_counts_only_device_sessions() -> None:
+    """The auth backend and the metrics listener bind through one helper
+    (``registrar.http_listener``); the RabbitMQ live-session table counts devices only."""
+    from registrar.broker.rabbitmq_auth import ADMIN_USER, AuthBackend, AuthPolicy, LiveSessions
+
+    live = LiveSessions()
+    live.created("n1", "c1", "TH-000001")
+    live.created("n1", "c2", "registrar@site")
+    live.created("n2", "c3", ADMIN_USER)
+    live.created("n2", "c4", "TH-000002")
+    live.closed("n2", "c4")
+    assert live.devices() == 1 and len(live) == 3
+
+    backend = AuthBackend(lambda _identity: None, AuthPolicy("x" * 32), live=live)  # type: ignore[arg-type]
+    await backend.start("127.0.0.1", 0)
+    try:
+        code, body = await curl(f"http://127.0.0.1:{backend.port}/nothing")
+        assert (code, body) == (200, "deny")
+    finally:
+        await backend.stop()
