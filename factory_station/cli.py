@@ -17,6 +17,7 @@ from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactorySt
 from signers.errors import SignerError
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId, StationId
+from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
 
 _HOME = click.option(
     "--home",
@@ -90,12 +91,22 @@ def _nv_index(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="devtrust")
-def main() -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: log records and this command's diagnostics as one JSON object per line "
+    "on stderr (docs/operations.md).",
+)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+def main(log_format: LogFormat, log_level: str) -> None:
     """Factory signing station: keeps its CA key inside its TPM, enforces the entitlement
     HQ issued to it (quota, daily limit, key-use window, device-id range), has each
     device's own TPM create the device key, signs the factory certificate (IDevID) and
     keeps a hash-chained, signed audit log that it exports, encrypted, to HQ.
     """
+    configure_logging(log_level, log_format, command="factory-station")
 
 
 @main.command()
