@@ -292,6 +292,28 @@ def _der_read(data: bytes, pos: int, tag: int) -> tuple[bytes, int]:
     return data[pos : pos + length], pos + length
 
 
+def tbs_names_der(cert: x509.Certificate) -> tuple[bytes, bytes]:
+    """(issuer, subject) of ``cert`` as the DER bytes it carries, read straight from its
+    TBSCertificate (RFC 5280 §4.1) without building ``x509.Name`` objects (each access to
+    ``cert.issuer``/``cert.subject`` builds a fresh one). Equal bytes are the same name;
+    unequal bytes may still be equal names in another string encoding. Raises
+    ``EncodingError`` on a TBS this reader does not follow."""
+    tbs = cert.tbs_certificate_bytes
+    body, _ = _der_read(tbs, 0, 0x30)
+    pos = 0
+    if body[:1] == b"\xa0":  # [0] EXPLICIT version
+        pos = _der_read(body, pos, 0xA0)[1]
+    pos = _der_read(body, pos, 0x02)[1]  # serialNumber
+    pos = _der_read(body, pos, 0x30)[1]  # signature AlgorithmIdentifier
+    start = pos
+    pos = _der_read(body, pos, 0x30)[1]
+    issuer = body[start:pos]
+    pos = _der_read(body, pos, 0x30)[1]  # validity
+    start = pos
+    pos = _der_read(body, pos, 0x30)[1]
+    return issuer, body[start:pos]
+
+
 def decode_hardware_module_name(der: bytes) -> tuple[ObjectIdentifier, bytes]:
     """Parse a HardwareModuleName strictly (no trailing bytes); return (hwType, hwSerialNum)."""
     seq, end = _der_read(der, 0, 0x30)
