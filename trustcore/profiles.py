@@ -249,7 +249,12 @@ def _der_length(n: int) -> bytes:
 
 
 def _der_tlv(tag: int, body: bytes) -> bytes:
-    return bytes([tag]) + _der_length(len(body)) + body
+    n = len(body)
+    if n < 0x80:  # nearly every TLV of a certificate: no call, no list
+        return bytes((tag, n)) + body
+    if n < 0x10000:
+        return bytes((tag, 0x82, n >> 8, n & 0xFF) if n > 0xFF else (tag, 0x81, n)) + body
+    return bytes([tag]) + _der_length(n) + body
 
 
 @functools.lru_cache(maxsize=64)
@@ -690,7 +695,7 @@ def issue_secondary_certificate(
         0x30,
         _der_tlv(
             0xA0,  # otherName [0]
-            _der_tlv(0x06, _der_oid_body(OID_HARDWARE_MODULE_NAME))
+            _HW_MODULE_NAME_OID_DER
             + _der_tlv(0xA0, encode_hardware_module_name(hw_type, device_id.value.encode("ascii"))),
         ),
     )
@@ -725,6 +730,7 @@ def issue_secondary_certificate(
 #: AlgorithmIdentifier ecdsa-with-SHA256 (RFC 5758 §3.2: no parameters).
 _ECDSA_SHA256_ALGORITHM = bytes.fromhex("300a06082a8648ce3d040302")
 _SKI_OID_DER = bytes.fromhex("0603551d0e")
+_HW_MODULE_NAME_OID_DER = bytes.fromhex("06082b06010505070804")  # 1.3.6.1.5.5.7.8.4
 _SAN_OID_DER = bytes.fromhex("0603551d11")
 
 
