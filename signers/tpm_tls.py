@@ -263,18 +263,37 @@ def _sign(
         return 0
 
 
-def _finish(eckey: int | None) -> None:
-    with _registry_lock:
-        _registry.pop(eckey or 0, None)
+def _finish(
+    eckey: int | None,
+    registry: dict[int, TpmKey] = _registry,
+    lock: threading.Lock = _registry_lock,
+) -> None:
+    """EC_KEY_free of one of our keys. It may run while the interpreter shuts down (an
+    SSLContext collected last), after this module's globals are gone: hence the bound
+    defaults, and nothing that can raise."""
+    try:
+        with lock:
+            registry.pop(eckey or 0, None)
+    except BaseException:  # noqa: S110 - nothing to report to during shutdown
+        pass
 
 
-def _copy(dest: int | None, src: int | None) -> int:
-    with _registry_lock:
-        key = _registry.get(src or 0)
-        if key is None:
-            return 0
-        _registry[dest or 0] = key
-        return 1
+def _copy(
+    dest: int | None,
+    src: int | None,
+    registry: dict[int, TpmKey] = _registry,
+    lock: threading.Lock = _registry_lock,
+) -> int:
+    """EC_KEY_copy onto a new EC_KEY: it signs with the same TPM key."""
+    try:
+        with lock:
+            key = registry.get(src or 0)
+            if key is None:
+                return 0
+            registry[dest or 0] = key
+            return 1
+    except BaseException:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -304,6 +323,12 @@ def _method() -> _Method:
         ctypes.byref(set_public),
     )
     sign, finish, copy = _SIGN(_sign), _FINISH(_finish), _COPY(_copy)
+    # OpenSSL keeps raw pointers to these thunks in a method that lives as long as the
+    # process; an SSL_CTX freed during interpreter shutdown calls ``finish``. A reference
+    # that no module teardown drops keeps them valid to the very end (freed thunks were a
+    # segmentation fault at exit).
+    for thunk in (sign, finish, copy):
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(thunk))
     # sign_sig stays OpenSSL's: it would need the private scalar, which this key lacks, so
     # a caller going that way fails instead of signing with anything else.
     lib.EC_KEY_METHOD_set_sign(meth, sign, setup, sign_sig)

@@ -353,6 +353,43 @@ async def test_a_tpm_that_fails_during_the_handshake_is_a_clean_ssl_error(
             tpm.close()
 
 
+def test_a_context_alive_at_interpreter_exit_is_freed_cleanly(tmp_path: Path) -> None:
+    """An SSLContext holding a TPM key that is collected during interpreter shutdown runs
+    the EC_KEY finish callback then: the process must still exit 0 (it once segfaulted)."""
+    code = f"""
+import datetime
+from pathlib import Path
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from device_sim.swtpm import Swtpm
+from signers.tpm import Tpm, TpmKey, TpmKeyUsage
+from signers.tpm_tls import tpm_client_context
+now = datetime.datetime.now(datetime.UTC)
+ca_key = ec.generate_private_key(ec.SECP256R1())
+def cert(public):
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(public)
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(1))
+            .sign(ca_key, hashes.SHA256()))
+swtpm = Swtpm(Path({str(tmp_path)!r})).start()
+key = TpmKey.create(Tpm(swtpm.tcti), TpmKeyUsage.SIGN)
+class Holder:
+    pass
+holder = Holder()
+holder.cycle = holder  # collected only at shutdown
+holder.ctx = tpm_client_context([cert(key.public_key())], key,
+    trust_pem=cert(ca_key.public_key()).public_bytes(serialization.Encoding.PEM))
+swtpm.stop()
+print("exiting")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "exiting"), out
+
+
 # --------------------------------------------------------------------------- timing
 
 
