@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from bench.site_fixture import BenchSite, SitePki, build_commissioned_site, build_site_pki
 from device_sim.cli import main
-from device_sim.client import DeviceClient, DeviceCredentials, TlsIdentity, TpmKeys
+from device_sim.client import DeviceClient, DeviceCredentials, TpmKeys
 from device_sim.fleet import (
     PASSPHRASE_ENV,
     FleetError,
@@ -52,17 +52,12 @@ async def site(bench_site: BenchSite) -> AsyncIterator[RegistrarApp]:
 
 
 def tpm_device(pki: BenchSite, tpm: Tpm, name: str) -> DeviceClient:
-    """A swtpm device: factory key made in its TPM; a software twin certificate for TLS."""
+    """A swtpm device: factory key made in its TPM, which also signs its TLS handshakes."""
     device_id = DeviceId(name)
     factory_key = TpmKey.create(tpm, TpmKeyUsage.SIGN)
     idevid = pki.issue_idevid(device_id, factory_key.public_key())
-    twin = pki.factory_device(device_id)
     credentials = DeviceCredentials(device_id, idevid, (pki.station_ca,), factory_key, (pki.root,))
-    return DeviceClient(
-        credentials,
-        TpmKeys(tpm),
-        registration_tls=TlsIdentity((twin.idevid, pki.station_ca), twin.factory_key.private_key()),
-    )
+    return DeviceClient(credentials, TpmKeys(tpm))
 
 
 @pytest.mark.tpm
