@@ -28,7 +28,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from registrar.broker import Endpoint
 from signers.software import SoftwareKey
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage
 from trustcore.identity import DeviceId
+from trustcore.keys import Signer
 from trustcore.profiles import issue_secondary_certificate
 
 DEVICE = DeviceId("dev-tls-000001")
@@ -66,7 +68,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 async def measure(
     endpoint: Endpoint,
-    contexts: dict[str, Callable[[], ssl.SSLContext]],
+    contexts: Mapping[str, Callable[[], ssl.SSLContext]],
     *,
     n: int,
     versions: Sequence[ssl.TLSVersion] = (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3),
@@ -119,7 +121,10 @@ async def run(broker_kind: str, n: int) -> dict[str, Any]:
         try:
             root_pem = files.root.read_bytes()
             identities: dict[str, TlsIdentity] = {}
-            keys = {"tpm": TpmKey.create(tpm, TpmKeyUsage.SIGN), "software": SoftwareKey.generate()}
+            keys: dict[str, Signer] = {
+                "tpm": TpmKey.create(tpm, TpmKeyUsage.SIGN),
+                "software": SoftwareKey.generate(),
+            }
             for kind, key in keys.items():
                 cert = issue_secondary_certificate(
                     pki.site_ca,
@@ -131,7 +136,7 @@ async def run(broker_kind: str, n: int) -> dict[str, Any]:
                     not_after=pki.now + (pki.site_ca.not_valid_after_utc - pki.now) / 2,
                 )
                 identities[kind] = TlsIdentity.from_signer((cert, pki.site_ca), key)
-            contexts = {k: (lambda i=i: i.context(root_pem)) for k, i in identities.items()}
+            contexts = {k: partial(i.context, root_pem) for k, i in identities.items()}
             figures = await measure(broker.operational_endpoint, contexts, n=n)
         finally:
             await broker.stop()

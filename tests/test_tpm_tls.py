@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import aiomqtt
@@ -417,7 +418,7 @@ async def test_handshake_time_tpm_versus_software_key(
         "tpm": TlsIdentity.from_signer(dev.ldevid, dev.ldevid_key),
         "software": TlsIdentity.from_signer((soft_cert, site.pki.site_ca), soft),
     }
-    contexts = {k: (lambda i=i: i.context(site.root_pem)) for k, i in identities.items()}
+    contexts = {k: partial(i.context, site.root_pem) for k, i in identities.items()}
     results = await measure(broker.operational_endpoint, contexts, n=5)
     with capsys.disabled():
         medians = {k: v["connack_ms"]["median"] for k, v in results.items()}
