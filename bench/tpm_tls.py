@@ -75,11 +75,11 @@ async def measure(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{"<version> <kind>": {"context_ms", "handshake_ms", "connack_ms"}}``; raises if a
     connection is not accepted (CONNACK 0)."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    samples: dict[str, tuple[list[float], list[float], list[float]]] = {}
     for version in versions:
-        for kind, make in contexts.items():
-            built, shaken, acked = [], [], []
-            for _ in range(n):
+        # Kinds alternate connection by connection, so a change in machine load hits both.
+        for _ in range(n):
+            for kind, make in contexts.items():
                 t0 = time.perf_counter()
                 ctx = make()
                 ctx.minimum_version = ctx.maximum_version = version
@@ -99,15 +99,14 @@ async def measure(
                         await writer.wait_closed()
                 if answer != CONNACK_OK:
                     raise RuntimeError(f"{kind} over {version.name}: CONNACK {answer.hex()}")
+                built, shaken, acked = samples.setdefault(f"{version.name} {kind}", ([], [], []))
                 built.append(t1 - t0)
                 shaken.append(t2 - t1)
                 acked.append(t3 - t1)
-            out[f"{version.name} {kind}"] = {
-                "context_ms": _stats(built),
-                "handshake_ms": _stats(shaken),
-                "connack_ms": _stats(acked),
-            }
-    return out
+    return {
+        name: {"context_ms": _stats(b), "handshake_ms": _stats(h), "connack_ms": _stats(a)}
+        for name, (b, h, a) in samples.items()
+    }
 
 
 async def run(broker_kind: str, n: int) -> dict[str, Any]:
