@@ -6,10 +6,9 @@ Each device is a :class:`~device_sim.client.DeviceClient` doing its real registr
 * **load mode** — software keys (:class:`~device_sim.client.SoftwareKeys`), for hundreds or
   thousands of devices in one process; the TLS identity is the device's own IDevID and key;
 * **TPM mode** — one swtpm per device (:class:`~device_sim.client.TpmKeys`): the factory
-  key, the new LDevID key and the wrap key live in the device's TPM. Python's ``ssl`` cannot
-  use a TPM key, so the TLS layer needs a software certificate for the same device id (see
-  ``device_sim.client``); the registrar does not rely on TLS for identity (it verifies the
-  request signed by the TPM factory key).
+  key, the new LDevID key and the wrap key live in the device's TPM, and the factory key
+  also signs its TLS handshakes (``signers.tpm_tls``); the registrar still does not rely on
+  TLS for identity (it verifies the request signed by the TPM factory key).
 
 :func:`onboard` returns a :class:`FleetReport`: one :class:`DeviceResult` per device (ok or
 the registrar's public reason code, latency from connect to the verified response) and the

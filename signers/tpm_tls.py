@@ -348,8 +348,9 @@ def _ssl_ctx_pointer(lib: OpenSslBinding, ctx: ssl.SSLContext) -> int:
     if not pointer:
         raise TlsBindingError("the SSLContext has no SSL_CTX")
     verify = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}[ctx.verify_mode]
+    # SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT: the bits the verify mode sets
     if lib.SSL_CTX_get_options(pointer) != int(ctx.options) or (
-        lib.SSL_CTX_get_verify_mode(pointer) != verify
+        lib.SSL_CTX_get_verify_mode(pointer) & 3 != verify
     ):
         raise TlsBindingError("unexpected SSLContext layout: cannot locate its SSL_CTX")
     return pointer
