@@ -77,7 +77,6 @@ log = logging.getLogger(__name__)
 LIBCRYPTO = "libcrypto.so.3"
 
 _NID_P256 = 415  # NID_X9_62_prime256v1
-_EVP_PKEY_EC = 408
 _SSL_CTRL_CHAIN_CERT = 89  # SSL_CTX_add1_chain_cert(ctx, x) == SSL_CTX_ctrl(ctx, 89, 1, x)
 _SSL_CTRL_SET_CLIENT_SIGALGS_LIST = 102
 _SHA256_LEN = 32
@@ -96,14 +95,8 @@ _SIGN = ctypes.CFUNCTYPE(
     _vp,  # r
     _vp,  # eckey
 )
-_SIGN_SETUP = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp, _vp, _vp)
-_SIGN_SIG = ctypes.CFUNCTYPE(_vp, _vp, ctypes.c_int, _vp, _vp, _vp)
-_INIT = ctypes.CFUNCTYPE(ctypes.c_int, _vp)
 _FINISH = ctypes.CFUNCTYPE(None, _vp)
 _COPY = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp)
-_SET_GROUP = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp)
-_SET_PRIVATE = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp)
-_SET_PUBLIC = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp)
 
 # (name, restype, argtypes) of every OpenSSL function used here.
 _FUNCTIONS: tuple[tuple[str, object, list[object]], ...] = (

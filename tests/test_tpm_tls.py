@@ -13,10 +13,13 @@ import asyncio
 import contextlib
 import gc
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +28,7 @@ import aiomqtt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sim.client import TlsIdentity
 from device_sim.swtpm import Swtpm
@@ -42,6 +46,7 @@ from signers.tpm_tls import (
     tpm_client_context,
 )
 from tests.fixtures.pki import DAY, MANUFACTURER, SITE_OPERATOR, Pki, make_crl, pem
+from tests.test_broker_mosquitto import refused_with
 from trustcore.identity import DeviceId
 from trustcore.profiles import issue_factory_certificate, issue_secondary_certificate
 
@@ -78,6 +83,19 @@ class Site:
         self.settings.tls.crl_file.write_bytes(b"".join(pem(c) for c in crls))
 
 
+def ldevid_for(pki: Pki, public_key: ec.EllipticCurvePublicKey) -> x509.Certificate:
+    """An LDevID for the test device from the site CA."""
+    return issue_secondary_certificate(
+        pki.site_ca,
+        pki.site_key,
+        public_key,
+        device_id=DeviceId(DEVICE),
+        organization=SITE_OPERATOR,
+        not_before=pki.now - DAY,
+        not_after=pki.now + 30 * DAY,
+    )
+
+
 @pytest.fixture(scope="module")
 def swtpm_device(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
     swtpm = Swtpm(tmp_path_factory.mktemp("tpm-tls-device")).start()
@@ -93,15 +111,7 @@ def swtpm_device(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             manufacturer=MANUFACTURER,
             not_before=pki.now - DAY,
         )
-        ldevid = issue_secondary_certificate(
-            pki.site_ca,
-            pki.site_key,
-            ldevid_key.public_key(),
-            device_id=DeviceId(DEVICE),
-            organization=SITE_OPERATOR,
-            not_before=pki.now - DAY,
-            not_after=pki.now + 30 * DAY,
-        )
+        ldevid = ldevid_for(pki, ldevid_key.public_key())
         yield Device(tpm, factory_key, (idevid, pki.station_ca), ldevid_key, (ldevid, pki.site_ca))
     finally:
         tpm.close()
@@ -179,32 +189,6 @@ async def connected(endpoint: Endpoint, ctx: ssl.SSLContext, *, echo: bool) -> N
         assert message.payload == b"signed in the TPM"
 
 
-CONNECT = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x3c\x00\x01x"  # MQTT 3.1.1, client id "x"
-
-
-async def refused(endpoint: Endpoint, ctx: ssl.SSLContext) -> bool:
-    """True if the broker never answers an MQTT CONNECT over this TLS identity (under TLS
-    1.3 the server's refusal of the client certificate arrives after the client's
-    handshake, as an alert on the first read)."""
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(endpoint.host, endpoint.port, ssl=ctx), 5
-        )
-    except (ssl.SSLError, ConnectionError):
-        return True
-    try:
-        writer.write(CONNECT)
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(4), 5)
-    except (ssl.SSLError, ConnectionError):
-        return True
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
-    return answer != b"\x20\x02\x00\x00"
-
-
 # ------------------------------------------------------------------------------ brokers
 
 
@@ -220,8 +204,8 @@ async def test_tpm_keys_carry_the_device_through_both_listeners(
     operational = context(site, dev.ldevid, dev.ldevid_key, version)
     await connected(broker.operational_endpoint, operational, echo=True)
     # each listener admits only its own issuer's certificates, TPM key or not
-    assert await refused(broker.registration_endpoint, operational)
-    assert await refused(broker.operational_endpoint, registration)
+    assert await refused_with(broker.registration_endpoint, operational)
+    assert await refused_with(broker.operational_endpoint, registration)
 
 
 async def test_a_revoked_ldevid_is_refused_at_the_handshake(site: Site, broker: Broker) -> None:
@@ -229,7 +213,7 @@ async def test_a_revoked_ldevid_is_refused_at_the_handshake(site: Site, broker: 
     CRL and the broker reloaded it, the TPM-held key no longer completes a session."""
     dev = site.device
     for version in (TLS12, TLS13):
-        assert not await refused(
+        assert not await refused_with(
             broker.operational_endpoint, context(site, dev.ldevid, dev.ldevid_key, version)
         )
     site.write_crls(revoked=(dev.ldevid[0],), number=2)
@@ -237,12 +221,52 @@ async def test_a_revoked_ldevid_is_refused_at_the_handshake(site: Site, broker: 
         await broker.reload_crls()
         for version in (TLS12, TLS13):
             ctx = context(site, dev.ldevid, dev.ldevid_key, version)
-            assert await refused(broker.operational_endpoint, ctx)
+            assert await refused_with(broker.operational_endpoint, ctx)
         # the factory identity on the registration listener is untouched
         ctx = context(site, dev.idevid, dev.factory_key, TLS13)
-        assert not await refused(broker.registration_endpoint, ctx)
+        assert not await refused_with(broker.registration_endpoint, ctx)
     finally:
         site.write_crls(number=3)
+
+
+async def test_concurrent_handshakes_share_one_tpm_with_other_work(
+    site: Site, broker: Broker
+) -> None:
+    """Four threads complete handshakes with one TPM-held key while a fifth makes and drops
+    keys in the same TPM (as a device does while registering): the TPM lock serialises the
+    commands and the 3 object slots suffice. TLS 1.2, where the server's Finished follows
+    its check of the client's CertificateVerify (no MQTT session: concurrent sessions of
+    one identity are a clone signal by design)."""
+    dev, endpoint = site.device, broker.operational_endpoint
+    ctx = context(site, dev.ldevid, dev.ldevid_key, TLS12)
+    stop = threading.Event()
+
+    def connect(_: int) -> str | None:
+        with (
+            socket.create_connection((endpoint.host, endpoint.port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname=endpoint.host) as tls,
+        ):
+            return tls.version()
+
+    def churn() -> int:
+        made = 0
+        while not stop.is_set():
+            TpmKey.create(dev.tpm, TpmKeyUsage.ECDH).unload()
+            made += 1
+        return made
+
+    def run_all() -> tuple[list[str | None], int]:
+        with ThreadPoolExecutor(max_workers=5) as pool:
+            churning = pool.submit(churn)
+            try:
+                answers = list(pool.map(connect, range(20)))
+            finally:
+                stop.set()
+            return answers, churning.result()
+
+    # off the event loop: the embedded broker runs on it
+    answers, made = await asyncio.to_thread(run_all)
+    assert answers == ["TLSv1.2"] * 20 and made > 0
 
 
 # --------------------------------------------------------------------- binding checks
@@ -333,15 +357,7 @@ async def test_a_tpm_that_fails_during_the_handshake_is_a_clean_ssl_error(
     swtpm = Swtpm(tmp_path / "tpm").start()
     tpm = Tpm(swtpm.tcti)
     key = TpmKey.create(tpm, TpmKeyUsage.SIGN)
-    ldevid = issue_secondary_certificate(
-        pki.site_ca,
-        pki.site_key,
-        key.public_key(),
-        device_id=DeviceId(DEVICE),
-        organization=SITE_OPERATOR,
-        not_before=pki.now - DAY,
-        not_after=pki.now + 30 * DAY,
-    )
+    ldevid = ldevid_for(pki, key.public_key())
     ctx = context(site, (ldevid, pki.site_ca), key, TLS12)
     swtpm.stop()
     try:
@@ -405,15 +421,7 @@ async def test_handshake_time_tpm_versus_software_key(
 
     dev = site.device
     soft = SoftwareKey.ephemeral()
-    soft_cert = issue_secondary_certificate(
-        site.pki.site_ca,
-        site.pki.site_key,
-        soft.public_key(),
-        device_id=DeviceId(DEVICE),
-        organization=SITE_OPERATOR,
-        not_before=site.pki.now - DAY,
-        not_after=site.pki.now + DAY,
-    )
+    soft_cert = ldevid_for(site.pki, soft.public_key())
     identities = {
         "tpm": TlsIdentity.from_signer(dev.ldevid, dev.ldevid_key),
         "software": TlsIdentity.from_signer((soft_cert, site.pki.site_ca), soft),
