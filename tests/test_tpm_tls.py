@@ -380,7 +380,6 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from device_sim.client import TlsIdentity
 from device_sim.swtpm import Swtpm
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage
 from signers.tpm_tls import tpm_client_context

@@ -174,7 +174,8 @@ PROFILES: dict[str, CertificateProfile] = {
             ku={"digital_signature"},
             eku=(ExtendedKeyUsageOID.CLIENT_AUTH,),
         ),
-        # keyAgreement as well: the registrar wraps the payload key to the LDevID key (ECDH).
+        # keyAgreement is set but unused: payload keys are wrapped to the device's separate
+        # ECDH key (the request's wrap_key), never to the LDevID key (docs/pki.md).
         _profile(
             "ldevid",
             ca=False,
