@@ -18,9 +18,11 @@ from device_sim.client import DeviceClient, DeviceCredentials, TpmKeys
 from device_sim.fleet import (
     PASSPHRASE_ENV,
     FleetError,
+    fleet_kind,
     load_fleet,
     onboard,
     software_device,
+    tpm_fleet,
     write_load_device,
 )
 from registrar.app import AppSettings, RegistrarApp, running
@@ -218,3 +220,24 @@ def test_fleet_cli_takes_the_passphrase_from_env_or_file_only(
     result = runner.invoke(main, [*args, "--passphrase", "x"])
     assert result.exit_code != 0
     assert "No such option" in result.output
+
+
+def test_fleet_layouts_are_told_apart_and_never_mixed(tmp_path: Path) -> None:
+    """Software-key device directories (idevid.pem) and swtpm ones (tpm/) are the two
+    layouts; a directory holding both is refused, as is a TPM device no station provisioned."""
+    (tmp_path / "soft" / "TH-000001").mkdir(parents=True)
+    (tmp_path / "soft" / "TH-000001" / "idevid.pem").write_bytes(b"")
+    assert fleet_kind(tmp_path / "soft") == "software"
+    (tmp_path / "tpm" / "dev-00000" / "tpm").mkdir(parents=True)
+    assert fleet_kind(tmp_path / "tpm") == "tpm"
+    with (
+        pytest.raises(FleetError, match="not provisioned by a station"),
+        tpm_fleet(tmp_path / "tpm", []),
+    ):
+        pass
+    with pytest.raises(FleetError, match="2 asked for"), tpm_fleet(tmp_path / "tpm", [], count=2):
+        pass
+    (tmp_path / "tpm" / "TH-000001").mkdir()
+    (tmp_path / "tpm" / "TH-000001" / "idevid.pem").write_bytes(b"")
+    with pytest.raises(FleetError, match="mixes TPM and software-key devices"):
+        fleet_kind(tmp_path / "tpm")
