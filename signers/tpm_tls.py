@@ -7,8 +7,8 @@ TPM2_Sign on the device's key (:meth:`signers.tpm.TpmKey.sign_digest`). OpenSSL 
 handshake digest, key exchange and record encryption in software as always and calls the
 callback once per handshake, in the CertificateVerify step, with the 32-byte SHA-256 digest;
 the TPM returns the ECDSA signature. No private key material exists outside the TPM, no
-key file is written, and no TPM object slot is used beyond the key itself (measured facts:
-``../shared/PLATFORM-NOTES.md`` of the project, "TLS with a key that stays in the TPM").
+key file is written, and no TPM object slot is used beyond the key itself (what was tried
+and measured: ``docs/registration.md``, "Device TLS"; ``bench/tpm_tls.py``).
 
 Why not the tpm2-openssl provider: it moves the handshake's hashing into the TPM (one object
 slot per hash: a raw swtpm has three), hides P-256 from TLS 1.2's groups, and then runs
