@@ -7,6 +7,8 @@
     ├── KeystoreError          an encrypted key file could not be written, read or decrypted
     │                          (wrong passphrase, corrupt or foreign file, empty passphrase)
     ├── PassphraseError        no usable passphrase (variable unset, file missing or empty)
+    ├── TlsBindingError        a TPM key cannot be given to Python's ssl (another OpenSSL,
+    │                          unexpected SSLContext layout, key and certificate differ)
     └── TpmError               the TPM is unreachable or a TPM command failed
         └── TpmKeyError        a wrapped TPM key blob is malformed or has the wrong usage
 
@@ -16,7 +18,14 @@ Library exceptions (``cryptography``, ``tpm2_pytss``, ``OSError``) are always ch
 
 from __future__ import annotations
 
-__all__ = ["KeystoreError", "PassphraseError", "SignerError", "TpmError", "TpmKeyError"]
+__all__ = [
+    "KeystoreError",
+    "PassphraseError",
+    "SignerError",
+    "TlsBindingError",
+    "TpmError",
+    "TpmKeyError",
+]
 
 
 class SignerError(Exception):
@@ -29,6 +38,10 @@ class KeystoreError(SignerError):
 
 class PassphraseError(SignerError):
     """A keystore passphrase could not be obtained from its configured source."""
+
+
+class TlsBindingError(SignerError):
+    """A TPM key could not be installed as the TLS key of an ``ssl.SSLContext``."""
 
 
 class TpmError(SignerError):

@@ -33,6 +33,7 @@ templates are built once per process, and an NV counter's ESYS handle is resolve
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -56,6 +57,7 @@ from tpm2_pytss.constants import (
     TPM2_HC,
     TPM2_NT,
     TPM2_RH,
+    TPM2_ST,
     TPMA_NV,
     TPMA_OBJECT,
 )
@@ -63,6 +65,7 @@ from tpm2_pytss.cryptography import tpm_ecc_private_key
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import (
     TPM2B_DATA,
+    TPM2B_DIGEST,
     TPM2B_ECC_POINT,
     TPM2B_NV_PUBLIC,
     TPM2B_PUBLIC,
@@ -75,6 +78,7 @@ from tpm2_pytss.types import (
     TPMT_PUBLIC,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF_OBJECT,
+    TPMT_TK_HASHCHECK,
     TPMU_PUBLIC_PARMS,
     TPMU_SYM_KEY_BITS,
     TPMU_SYM_MODE,
@@ -433,6 +437,10 @@ class Tpm:
             raise TpmError(f"NV index 0x{index:08x} does not hold a DER certificate") from exc
 
 
+_ECDSA_SHA256 = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+_ECDSA_SHA256.details.ecdsa.hashAlg = TPM2_ALG.SHA256
+
+
 class _TpmEccPrivateKey(tpm_ecc_private_key):  # type: ignore[misc]
     """``tpm_ecc_private_key`` that reloads its key if it was evicted, under the TPM lock."""
 
@@ -456,11 +464,12 @@ class _TpmEccPrivateKey(tpm_ecc_private_key):  # type: ignore[misc]
         """The base class assigns the handle once; ours is always looked up live."""
 
     def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
-        with self._owner._tpm.lock:
-            try:
-                return bytes(super().sign(data, signature_algorithm))
-            except TSS2_Exception as exc:
-                raise TpmError(f"TPM2_Sign failed: {exc}") from exc
+        """ECDSA-SHA256 only (the key's scheme is pinned to it)."""
+        if not isinstance(signature_algorithm, ec.ECDSA):
+            raise TpmKeyError("a TPM signing key does ECDSA only")
+        if isinstance(signature_algorithm.algorithm, hashes.SHA256):
+            return self._owner.sign_digest(hashlib.sha256(data).digest())
+        raise TpmKeyError("a TPM signing key signs with SHA-256 only")
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
         return self._owner.exchange(peer_public_key)
@@ -564,9 +573,26 @@ class TpmKey:
 
     def sign(self, data: bytes) -> bytes:
         """DER ECDSA-SHA256 signature computed by the TPM."""
+        return self.sign_digest(hashlib.sha256(data).digest())
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """DER ECDSA signature by the TPM over a SHA-256 ``digest`` computed elsewhere (a
+        TLS handshake transcript, see :mod:`signers.tpm_tls`): one TPM2_Sign."""
         if self.usage is not TpmKeyUsage.SIGN:
-            raise TpmKeyError("this TPM key is an ECDH key and cannot sign")
-        return self.private_key().sign(data, ec.ECDSA(hashes.SHA256()))
+            raise TpmKeyError(f"this TPM key ({self.usage.value}) cannot sign")
+        if len(digest) != 32:
+            raise TpmKeyError(f"a SHA-256 digest has 32 bytes, got {len(digest)}")
+        with self._tpm.lock:
+            try:
+                signature = self._tpm.esapi.sign(
+                    self._tpm._touch(self),
+                    TPM2B_DIGEST(digest),
+                    _ECDSA_SHA256,
+                    TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL),
+                )
+            except TSS2_Exception as exc:
+                raise TpmError(f"TPM2_Sign failed: {exc}") from exc
+        return bytes(signature)
 
     def exchange(self, peer: ec.EllipticCurvePublicKey) -> bytes:
         """ECDH (TPM2_ECDH_ZGen): the shared x coordinate, 32 bytes, as ``cryptography``."""
