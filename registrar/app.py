@@ -71,6 +71,7 @@ from registrar.channel import (
     SiteTraffic,
 )
 from registrar.errors import BrokerError, ConfigError, RegistrarError
+from registrar.est import EstServer, EstTraffic, est_server_context
 from registrar.instances import OtherInstances
 from registrar.key_distribution import KeyDistributor
 from registrar.ldevid_policy import policy_json, read_ldevid_policy
@@ -114,7 +115,7 @@ from trustcore.keys import Signer
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
 from trustcore.profiles import issue_service_client_certificate
-from trustcore.registration import AdmissionContext
+from trustcore.registration import AdmissionContext, RegistrationRequest
 from trustcore.renewal import LdevidPolicy
 from trustcore.revocation import RevocationList
 from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
@@ -330,6 +331,11 @@ class AppSettings:
     host: str = "127.0.0.1"
     registration_port: int = 8883
     operational_port: int = 8884
+    #: ``--est-port``: the EST (RFC 7030) listener (:mod:`registrar.est`); None: none.
+    #: Served by the instance that runs the site duties.
+    est_port: int | None = None
+    #: ``--est-host``; None: :attr:`host`.
+    est_host: str | None = None
     watch_interval: float = 0.2
     status_interval: float = 0.5
     crl_check_interval: float = 60.0
@@ -376,7 +382,9 @@ class AppSettings:
                 raise ConfigError(
                     "--standby is for a registrar that runs the site duties, not --join"
                 )
-        for port in (self.registration_port, self.operational_port):
+        if self.est_port is not None and (self.join is not None or self.instance > 1):
+            raise ConfigError("--est-port is served by instance 1 (the site duties)")
+        for port in (self.registration_port, self.operational_port, self.est_port or 0):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"bad port {port}")
         if min(self.watch_interval, self.status_interval, self.crl_check_interval) <= 0:
@@ -526,6 +534,7 @@ class RegistrarApp:
         self.broker: Broker | None = None
         self.service: RegistrationService | None = None
         self.channel: RequestSource | None = None
+        self.est: EstServer | None = None
         self.keyring: PayloadKeyring | None = None
         self.revocations: RevocationList | None = None
         self._revoked: set[DeviceId] = set()
@@ -752,6 +761,8 @@ class RegistrarApp:
             raise BrokerError("the registrar could not connect to its own broker") from exc
         if site.retiring_ca_cert is not None and migration_requested(self.home):
             await self.migrate_ca()  # the retained commands died with the previous broker
+        if self.settings.est_port is not None:
+            await self._start_est(passphrase)
         self._tasks += [
             asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
@@ -768,10 +779,50 @@ class RegistrarApp:
             self.settings.broker,
         )
 
+    async def _start_est(self, passphrase: bytes) -> None:
+        """The EST listener (:mod:`registrar.est`): the same service entry points as the
+        MQTT channel, the broker's server certificate, client CAs of both listeners."""
+        current = self.home.current
+        tls = await asyncio.to_thread(
+            est_server_context,
+            current / "broker.pem",
+            self.home.key_path("broker"),
+            passphrase,
+            (current / "registration-cas.pem", current / "operational-cas.pem"),
+        )
+        service = self._require(self.service)
+
+        async def register(device: DeviceId, request: RegistrationRequest) -> bytes:
+            return await service.handle_request(
+                device, request, seen=self._factory_certificate_seen
+            )
+
+        def ca_certificates() -> list[x509.Certificate]:
+            site = self._require(self.site)
+            return [service.issuing_authority().certificate, site.root]
+
+        est = EstServer(
+            EstTraffic(
+                register=register,
+                renew=service.handle_renewal_request,
+                ca_certificates=ca_certificates,
+                clock=self._clock,
+            ),
+            tls,
+        )
+        await est.start(self.settings.est_host or self.settings.host, self._require_est_port())
+        self.est = est
+
+    def _require_est_port(self) -> int:
+        return self._require(self.settings.est_port)
+
     async def stop(self) -> None:
         """Graceful: stop taking requests, let in-flight registrations finish and commit,
         stop the broker, close the store, release the site."""
         self._stop.set()
+        if self.est is not None:
+            await self.est.stop()
+            self.est = None
         for task in self._tasks:
             if task.get_name() != "channel":
                 task.cancel()
@@ -1326,7 +1377,11 @@ class RegistrarApp:
             "listeners": {
                 "registration": _endpoint_json(broker.registration_endpoint),
                 "operational": _endpoint_json(broker.operational_endpoint),
+                **({} if self.est is None else {"est": _endpoint_json(self.est.endpoint)}),
             },
+            "est_answers": {}
+            if self.est is None
+            else {str(k): v for k, v in self.est.answered.items()},
             "connected": self.channel is not None and self.channel.connected.is_set(),
             "counts": counts,
             "registrations": dict(service.stats),

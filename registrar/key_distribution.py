@@ -208,6 +208,9 @@ class KeyDistributor:
         updates: list[tuple[DeviceId, int, bytes]] = []
         for record in records:
             device = DeviceId(record.device_id)
+            if not record.wrap_key_der:
+                # Enrolled over EST: no ECDH wrap key registered (docs/est.md), so no update.
+                continue
             wrap = serialization.load_der_public_key(record.wrap_key_der)
             if not isinstance(wrap, ec.EllipticCurvePublicKey):
                 log.error("%s has no usable wrap key; no payload-key update", device)
