@@ -1,0 +1,380 @@
+"""EST (RFC 7030) on ``registrar run --est-port``, with clients this project did not write:
+``curl`` + ``openssl`` (PKCS#10 in, PKCS#7 out) and strongSwan's ``pki --est`` /
+``pki --estca``; the certificates they get then work on the operational MQTT listener with
+``mosquitto_pub``, and a superseded one stops working there.
+
+The site is commissioned from a real HQ bundle; the factory certificates are issued by the
+HQ-enrolled, entitled station CA (as in ``tests/test_registrar_integration.py``) for
+device keys that are software key files in a private tmp directory (the clients are
+third-party programs reading files: that is the point). Refusals are checked to answer
+with the RFC's status codes and a readable reason, and to store nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from registrar.broker import Endpoint
+from registrar.site import commission_site
+from tests.test_registrar_integration import DAY, MANUFACTURER, REGISTRAR
+from tests.test_site_bundle import STATION, World, make_world
+from trustcore.est import CSR_ATTRS_DER
+from trustcore.identity import DeviceId
+from trustcore.profiles import device_id_from_certificate, issue_factory_certificate
+
+pytestmark = [pytest.mark.slow]
+
+PEM = serialization.Encoding.PEM
+EST = "/.well-known/est"
+
+
+@dataclass
+class Site:
+    world: World
+    home: Path
+    process: subprocess.Popen[bytes]
+    est: Endpoint
+    operational: Endpoint
+    root: Path  # manufacturer root (PEM): the clients' trust anchor
+    log: Path
+
+    def url(self, operation: str = "") -> str:
+        return f"https://{self.est.host}:{self.est.port}{EST}/{operation}"
+
+    def status(self) -> dict[str, Any]:
+        data = json.loads((self.home / "run" / "status.json").read_text())
+        assert isinstance(data, dict)
+        return data
+
+    def status_after(self, previous: float) -> dict[str, Any]:
+        """The first status.json written after ``previous`` (its ``updated``)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            doc = self.status()
+            if doc["updated"] > previous:
+                return doc
+            time.sleep(0.05)
+        raise AssertionError("status.json was not rewritten")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """``registrar run --broker mosquitto --est-port 0`` on a commissioned site (manifest:
+    TH-000001; rule: every TH- device of the station; renewals not rate-limited)."""
+    tmp = tmp_path_factory.mktemp("est")
+    world = make_world(tmp / "w")
+    bundle = world.bundle(
+        devices=("TH-000001",), admit_stations=(STATION,), admit_products=("thermo",)
+    )
+    commission_site(world.site, bundle, world.site_secrets)
+    home = world.site.path
+    root = tmp / "root.pem"
+    shutil.copyfile(world.hq.certs_dir / "root-ca.pem", root)
+    # A fresh LDevID may renew at once (the default rate limit is an hour).
+    policy = run(
+        str(REGISTRAR), "ldevid-policy", "--home", str(home),
+        "--min-interval-seconds", "0", "--handover-seconds", "1",
+    )  # fmt: skip
+    assert policy.returncode == 0, policy.stderr
+    log = tmp / "registrar.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                str(REGISTRAR), "run", "--home", str(home),
+                "--passphrase-file", str(world.base / "site.pass"), "--broker", "mosquitto",
+                "--registration-port", "0", "--operational-port", "0", "--est-port", "0",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        status = home / "run" / "status.json"
+        deadline = time.monotonic() + 60
+        while not status.exists():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        listeners = json.loads(status.read_text())["listeners"]
+        yield Site(
+            world,
+            home,
+            process,
+            Endpoint(**listeners["est"]),
+            Endpoint(**listeners["operational"]),
+            root,
+            log,
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    text = log.read_text()
+    assert code == 0, text
+    assert "Traceback" not in text, text
+
+
+# ------------------------------------------------------------------------ device files
+
+
+def _private_file(path: Path, data: bytes) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def write_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """A software P-256 key file (PKCS#8 PEM, 0600, in the test's private tmp dir)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    _private_file(
+        path,
+        key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+    return key
+
+
+def factory_device(site: Site, directory: Path, device_id: str) -> tuple[Path, Path]:
+    """(IDevID chain PEM, factory key file) of a device made by the entitled station."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = write_key(directory / "factory.key")
+    world = site.world
+    cert = issue_factory_certificate(
+        world.station_ca,
+        world.station_key.private_key(),
+        key.public_key(),
+        device_id=DeviceId(device_id),
+        manufacturer=MANUFACTURER,
+        not_before=max(world.station_ca.not_valid_before_utc, datetime.now(UTC) - DAY),
+    )
+    chain = directory / "idevid.pem"
+    chain.write_bytes(cert.public_bytes(PEM) + world.station_ca.public_bytes(PEM))
+    return chain, directory / "factory.key"
+
+
+def run(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(argv, input=stdin, capture_output=True, check=False, timeout=30)
+
+
+def openssl_csr(directory: Path, device_id: str, name: str) -> tuple[Path, Path]:
+    """A new key and a DER PKCS#10 for it, made by ``openssl`` (CN = serialNumber = id)."""
+    key = directory / f"{name}.key"
+    write_key(key)
+    csr = directory / f"{name}.csr.der"
+    made = run(
+        "openssl", "req", "-new", "-key", str(key), "-sha256", "-outform", "DER",
+        "-subj", f"/CN={device_id}/serialNumber={device_id}", "-out", str(csr),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    return key, csr
+
+
+def curl(
+    site: Site,
+    operation: str,
+    *,
+    cert: Path | None = None,
+    key: Path | None = None,
+    body: bytes | None = None,
+    content_type: str = "application/pkcs10",
+) -> tuple[int, bytes]:
+    """(HTTP status, body) from a real ``curl`` against the EST listener."""
+    argv = ["curl", "-sS", "--cacert", str(site.root), "-w", "\n%{http_code}"]
+    if cert is not None and key is not None:
+        argv += ["--cert", str(cert), "--key", str(key)]
+    if body is not None:
+        argv += ["-H", f"Content-Type: {content_type}", "--data-binary", "@-"]
+    done = run(*argv, site.url(operation), stdin=body)
+    assert done.returncode == 0, done.stderr
+    payload, _, code = done.stdout.rpartition(b"\n")
+    return int(code), payload
+
+
+def pkcs7_certificates(body: bytes, directory: Path, name: str) -> Path:
+    """``base64 -d | openssl pkcs7 -inform DER -print_certs`` into ``name``.pem."""
+    der = directory / f"{name}.p7.der"
+    der.write_bytes(base64.b64decode(body))
+    out = directory / f"{name}.pem"
+    printed = run("openssl", "pkcs7", "-inform", "DER", "-in", str(der), "-print_certs",
+                  "-out", str(out))  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    return out
+
+
+def mosquitto_pub(site: Site, cert: Path, key: Path, device_id: str) -> int:
+    op = site.operational
+    done = run(
+        "mosquitto_pub", "-h", op.host, "-p", str(op.port), "-q", "1",
+        "--cafile", str(site.root), "--cert", str(cert), "--key", str(key),
+        "-t", f"devices/{device_id}/telemetry", "-m", "probe",
+    )  # fmt: skip
+    return done.returncode
+
+
+def openssl_verify(site: Site, directory: Path, cert: Path) -> str:
+    chain = directory / "trust.pem"
+    chain.write_bytes(site.root.read_bytes() + (site.home / "current" / "site-ca.pem").read_bytes())
+    done = run(
+        "openssl", "verify", "-CAfile", str(chain), "-crl_check",
+        "-CRLfile", str(site.home / "current" / "site-crl.pem"), str(cert),
+    )  # fmt: skip
+    return (done.stdout + done.stderr).decode()
+
+
+def b64(path: Path) -> bytes:
+    """One line, as strongSwan needs it (and curl sends it as is)."""
+    return base64.b64encode(path.read_bytes())
+
+
+def device_count(site: Site) -> int:
+    doc = site.status_after(time.time())
+    return int(doc["counts"]["devices"])
+
+
+# ------------------------------------------------------------------------------- tests
+
+
+def test_curl_openssl_enrol_reenrol_and_mqtt(site: Site, tmp_path: Path) -> None:
+    """cacerts, csrattrs, simpleenroll with the factory certificate, the LDevID on the
+    operational listener, idempotent retry, simplereenroll with the LDevID: the old one is
+    refused at connect from then on, the new one works."""
+    device = "TH-000001"
+    idevid, factory_key = factory_device(site, tmp_path, device)
+
+    code, body = curl(site, "cacerts")
+    assert code == 200
+    cas = pkcs7_certificates(body, tmp_path, "cacerts").read_text()
+    site_ca = (site.home / "current" / "site-ca.pem").read_text()
+    assert site_ca.strip() in cas and site.root.read_text().strip() in cas
+
+    code, body = curl(site, "csrattrs")
+    assert code == 200 and base64.b64decode(body) == CSR_ATTRS_DER
+    parsed = run("openssl", "asn1parse", "-inform", "DER", stdin=base64.b64decode(body))
+    assert b"ecdsa-with-SHA256" in parsed.stdout and b"prime256v1" in parsed.stdout
+
+    key1, csr1 = openssl_csr(tmp_path, device, "ldevid1")
+    code, body = curl(site, "simpleenroll", cert=idevid, key=factory_key, body=b64(csr1))
+    assert code == 200, body
+    ldevid1 = pkcs7_certificates(body, tmp_path, "ldevid1")
+    assert ": OK" in openssl_verify(site, tmp_path, ldevid1)
+    cert1 = x509.load_pem_x509_certificate(ldevid1.read_bytes())
+    assert device_id_from_certificate(cert1) == DeviceId(device)
+    assert mosquitto_pub(site, ldevid1, key1, device) == 0
+
+    # The same CSR again (a lost answer): the same certificate, not a second one.
+    code, again = curl(site, "simpleenroll", cert=idevid, key=factory_key, body=b64(csr1))
+    assert code == 200
+    assert x509.load_pem_x509_certificate(
+        pkcs7_certificates(again, tmp_path, "again").read_bytes()
+    ).serial_number == cert1.serial_number
+
+    key2, csr2 = openssl_csr(tmp_path, device, "ldevid2")
+    code, body = curl(site, "simplereenroll", cert=ldevid1, key=key1, body=b64(csr2))
+    assert code == 200, body
+    ldevid2 = pkcs7_certificates(body, tmp_path, "ldevid2")
+    cert2 = x509.load_pem_x509_certificate(ldevid2.read_bytes())
+    assert cert2.serial_number != cert1.serial_number
+    assert "certificate revoked" in openssl_verify(site, tmp_path, ldevid1)
+    assert mosquitto_pub(site, ldevid1, key1, device) != 0
+    assert mosquitto_pub(site, ldevid2, key2, device) == 0
+
+    # The superseded LDevID cannot re-enrol any more (readable reason, 403).
+    _, csr3 = openssl_csr(tmp_path, device, "ldevid3")
+    code, body = curl(site, "simplereenroll", cert=ldevid1, key=key1, body=b64(csr3))
+    assert code == 403 and body.startswith(b"ldevid_superseded: "), body
+
+
+def test_strongswan_pki_estca_est_and_reenrol(site: Site, tmp_path: Path) -> None:
+    """strongSwan ``pki --estca`` and ``pki --est`` (client certificate), then the LDevID on
+    the operational listener; ``pki --est`` again with that LDevID renews it."""
+    device = "TH-000102"  # admitted by the station rule (not listed in the manifest)
+    idevid, factory_key = factory_device(site, tmp_path, device)
+    url = site.url()
+    ca = run("pki", "--estca", "--url", url, "--cacert", str(site.root),
+             "--caout", str(tmp_path / "estca.pem"), "--outform", "pem")  # fmt: skip
+    assert ca.returncode == 0, ca.stdout + ca.stderr
+    fetched = b"".join(p.read_bytes() for p in tmp_path.glob("estca*.pem"))
+    site_ca = x509.load_pem_x509_certificate((site.home / "current" / "site-ca.pem").read_bytes())
+    assert site_ca in x509.load_pem_x509_certificates(fetched)
+
+    key1, csr1 = openssl_csr(tmp_path, device, "pki1")
+    cert1 = tmp_path / "pki1.pem"
+    enrol = run("pki", "--est", "--url", url, "--cacert", str(site.root), "--in", str(csr1),
+                "--cert", str(idevid), "--key", str(factory_key), "--outform", "pem")  # fmt: skip
+    assert enrol.returncode == 0, enrol.stderr
+    cert1.write_bytes(enrol.stdout)
+    ldevid1 = x509.load_pem_x509_certificate(enrol.stdout)
+    assert ldevid1.issuer == site_ca.subject
+    assert mosquitto_pub(site, cert1, key1, device) == 0
+
+    key2, csr2 = openssl_csr(tmp_path, device, "pki2")
+    renew = run("pki", "--est", "--url", url, "--cacert", str(site.root), "--in", str(csr2),
+                "--cert", str(cert1), "--key", str(key1), "--outform", "pem")  # fmt: skip
+    assert renew.returncode == 0, renew.stderr
+    cert2 = tmp_path / "pki2.pem"
+    cert2.write_bytes(renew.stdout)
+    assert x509.load_pem_x509_certificate(renew.stdout).serial_number != ldevid1.serial_number
+    assert mosquitto_pub(site, cert2, key2, device) == 0
+    assert mosquitto_pub(site, cert1, key1, device) != 0
+
+
+def test_refusals_have_rfc_status_a_reason_and_store_nothing(site: Site, tmp_path: Path) -> None:
+    before = device_count(site)
+    idevid, factory_key = factory_device(site, tmp_path / "a", "TH-000201")
+    _, csr = openssl_csr(tmp_path / "a", "TH-000201", "good")
+
+    # No client certificate: 401. serverkeygen: 501 with the reason.
+    assert curl(site, "simpleenroll", body=b64(csr))[0] == 401
+    code, body = curl(site, "serverkeygen", cert=idevid, key=factory_key, body=b64(csr))
+    assert code == 501 and body.startswith(b"serverkeygen_refused: ")
+
+    # A CSR naming another device; a CSR that is not base64; a wrong media type.
+    _, other = openssl_csr(tmp_path / "a", "TH-000202", "other")
+    code, body = curl(site, "simpleenroll", cert=idevid, key=factory_key, body=b64(other))
+    assert code == 400 and body.startswith(b"csr_wrong_name: "), body
+    code, body = curl(site, "simpleenroll", cert=idevid, key=factory_key, body=b"%%%")
+    assert code == 400 and body.startswith(b"csr_malformed: "), body
+    code, _ = curl(
+        site, "simpleenroll", cert=idevid, key=factory_key, body=b64(csr), content_type="text/x"
+    )
+    assert code == 415
+
+    # A device no rule admits (not a TH- id), and a factory certificate on simplereenroll.
+    outsider, outsider_key = factory_device(site, tmp_path / "b", "XY-000001")
+    _, outsider_csr = openssl_csr(tmp_path / "b", "XY-000001", "x")
+    code, body = curl(
+        site, "simpleenroll", cert=outsider, key=outsider_key, body=b64(outsider_csr)
+    )
+    assert code == 403 and body.startswith(b"not_in_manifest: "), body
+    code, body = curl(site, "simplereenroll", cert=idevid, key=factory_key, body=b64(csr))
+    assert code == 403 and body.startswith(b"ldevid_unknown: "), body
+
+    # The factory key as the "new" key: refused like over MQTT.
+    idevid_csr = tmp_path / "a" / "idevid.csr.der"
+    made = run("openssl", "req", "-new", "-key", str(factory_key), "-sha256", "-outform", "DER",
+               "-subj", "/CN=TH-000201/serialNumber=TH-000201", "-out", str(idevid_csr))  # fmt: skip
+    assert made.returncode == 0
+    code, body = curl(site, "simpleenroll", cert=idevid, key=factory_key, body=b64(idevid_csr))
+    assert code == 400 and body.startswith(b"csr_idevid_key: "), body
+
+    assert device_count(site) == before  # nothing stored for any refusal
+    answered = site.status()["est_answers"]
+    assert answered["403"] >= 2 and answered["400"] >= 3
