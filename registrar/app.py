@@ -807,6 +807,7 @@ class RegistrarApp:
                 renew=service.handle_renewal_request,
                 ca_certificates=ca_certificates,
                 clock=self._clock,
+                ldevid_issuers=service.accepted_ldevid_issuers,
             ),
             tls,
         )

@@ -11,8 +11,8 @@ plugins, CSR checks, store, idempotency, events, the superseded certificate on t
 and turns the signed answer into HTTP (:func:`trustcore.est.answer_from_response`).
 
 Operations under ``/.well-known/est/``: ``cacerts`` (site CA + manufacturer root, no client
-certificate needed, RFC 7030 §4.1.1), ``csrattrs``, ``simpleenroll``, ``simplereenroll``;
-``serverkeygen`` and ``fullcmc`` are refused with 501 (keys are made in the device's TPM;
+certificate needed, RFC 7030 §4.1.1), ``csrattrs``, ``simpleenroll``, ``simplereenroll`` (with an LDevID: renewal; with a factory certificate: the first
+enrolment, as ``pki --est`` asks for it); ``serverkeygen`` and ``fullcmc`` are refused with 501 (keys are made in the device's TPM;
 no CMC). No CA labels, no HTTP authentication, no proof-of-possession linking
 (``tls-unique``): ``docs/est.md``.
 
@@ -96,6 +96,9 @@ class EstTraffic:
     renew: Callable[[DeviceId, RenewalRequest], Awaitable[bytes]]
     ca_certificates: Callable[[], list[x509.Certificate]]
     clock: Callable[[], datetime]
+    #: The site CAs whose LDevIDs may renew (current and retiring): the routing of
+    #: ``/simplereenroll`` (see :meth:`EstServer._enrol`).
+    ldevid_issuers: Callable[[], tuple[x509.Certificate, ...]]
 
 
 class EstServer:
@@ -173,10 +176,19 @@ class EstServer:
             text = f"unsupported_media_type: send application/pkcs10, not {media[:60]!r}\n"
             return self._send(EstAnswer(415, text.encode(), _TEXT))
         try:
-            device = device_id_from_certificate(x509.load_der_x509_certificate(peer))
+            presented = x509.load_der_x509_certificate(peer)
+            device = device_id_from_certificate(presented)
         except (ProfileError, ValueError) as exc:
             log.info("EST: refused a client certificate that names no device: %s", exc)
             return self._send(refusal("bad_certificate"))
+        if renewal and not any(
+            presented.issuer == ca.subject for ca in self._traffic.ldevid_issuers()
+        ):
+            # /simplereenroll authenticated with a FACTORY certificate is the first enrolment
+            # (strongSwan's ``pki --est`` sends every certificate-authenticated request to
+            # /simplereenroll): the registration path, which verifies the IDevID in full.
+            # The issuer name only routes; each path verifies the certificate itself.
+            renewal = False
         try:
             csr_der = decode_csr_body(await request.read())
             nonce = secrets.token_bytes(_NONCE_BYTES)
