@@ -11,10 +11,11 @@ plugins, CSR checks, store, idempotency, events, the superseded certificate on t
 and turns the signed answer into HTTP (:func:`trustcore.est.answer_from_response`).
 
 Operations under ``/.well-known/est/``: ``cacerts`` (site CA + manufacturer root, no client
-certificate needed, RFC 7030 §4.1.1), ``csrattrs``, ``simpleenroll``, ``simplereenroll`` (with an LDevID: renewal; with a factory certificate: the first
-enrolment, as ``pki --est`` asks for it); ``serverkeygen`` and ``fullcmc`` are refused with 501 (keys are made in the device's TPM;
-no CMC). No CA labels, no HTTP authentication, no proof-of-possession linking
-(``tls-unique``): ``docs/est.md``.
+certificate needed, RFC 7030 §4.1.1), ``csrattrs``, ``simpleenroll``, ``simplereenroll``
+(with an LDevID: renewal; with a factory certificate: the first enrolment, as strongSwan's
+``pki --est`` asks for it); ``serverkeygen`` and ``fullcmc`` are refused with 501 (keys are
+made in the device's TPM; no CMC). No CA labels, no HTTP authentication, no
+proof-of-possession linking (``tls-unique``): ``docs/est.md``.
 
 TLS: the broker's server certificate (site CA), TLS 1.2+, client certificates verified
 against the manufacturer root, the station CAs and the site CA(s), WITHOUT the time check

@@ -370,8 +370,10 @@ def test_refusals_have_rfc_status_a_reason_and_store_nothing(site: Site, tmp_pat
 
     # The factory key as the "new" key: refused like over MQTT.
     idevid_csr = tmp_path / "a" / "idevid.csr.der"
-    made = run("openssl", "req", "-new", "-key", str(factory_key), "-sha256", "-outform", "DER",
-               "-subj", "/CN=TH-000201/serialNumber=TH-000201", "-out", str(idevid_csr))  # fmt: skip
+    made = run(
+        "openssl", "req", "-new", "-key", str(factory_key), "-sha256", "-outform", "DER",
+        "-subj", "/CN=TH-000201/serialNumber=TH-000201", "-out", str(idevid_csr),
+    )  # fmt: skip
     assert made.returncode == 0
     code, body = curl(site, "simpleenroll", cert=idevid, key=factory_key, body=b64(idevid_csr))
     assert code == 400 and body.startswith(b"csr_idevid_key: "), body
