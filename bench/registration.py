@@ -42,7 +42,9 @@ base64 CSR, the certs-only PKCS#7 answer (checked after the clock stops: an LDev
 the site CA for the device and the key of its CSR; EST carries no payload key). Same JSON
 fields; the echo baseline stays the MQTT one (a bare mTLS request/reply), and each round also
 runs an MQTT registration wave of fresh devices on the same registrar, so the same run gives
-``mqtt_registrations_per_s`` and ``est_vs_mqtt`` (EST rate / MQTT rate, medians).
+``mqtt_registrations_per_s``, ``est_vs_mqtt`` (EST rate / MQTT rate, medians) and
+``mqtt_registrar_cpu_ms_per_registration``. The registrar's CPU for EST includes the TLS
+handshake and HTTP, which for MQTT are the broker's.
 
 Broker kinds are entries of :data:`BROKERS` (:class:`BrokerTier`): how to start the first
 and the further registrar instances, and the echo baseline on that broker.
@@ -557,6 +559,7 @@ class Round:
     broker_cpu: float | None
     #: ``--transport est``: the MQTT registration wave of the same round (else None).
     mqtt_rate: float | None = None
+    mqtt_cpu: float | None = None
 
 
 def _median(values: Sequence[float]) -> float:
@@ -617,8 +620,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         )
                         echo_cpu = await echo.cpu_seconds() - e0
                         echo_failures += sum(o.response is None for o in echo_out)
-                    mqtt_rate = None
+                    mqtt_rate = mqtt_cpu = None
                     if est:
+                        m_cpu0 = _cpu(registrars)
                         mqtt_rate, m_out = await wave(
                             mqtt_loads[r - 1],
                             mqtt_endpoint,
@@ -627,6 +631,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                             args.connecting,
                         )
                         mqtt_out += m_out
+                        mqtt_cpu = _cpu(registrars) - m_cpu0
                     cpu0, broker0 = _cpu(registrars), _broker_cpu(registrars[0])
                     reg_rate, out = await wave(
                         load,
@@ -640,7 +645,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     reg_out += out
                     broker = None if broker0 is None or broker1 is None else broker1 - broker0
                     results.append(
-                        Round(echo_rate, echo_cpu, reg_rate, cpu1 - cpu0, broker, mqtt_rate)
+                        Round(
+                            echo_rate, echo_cpu, reg_rate, cpu1 - cpu0, broker, mqtt_rate, mqtt_cpu
+                        )
                     )
                     log(
                         f"round {r}: echo {echo_rate:.0f}/s, {transport} registration "
@@ -686,11 +693,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     brokers = [r.broker_cpu for r in results if r.broker_cpu is not None]
     mqtt_rates = [r.mqtt_rate for r in results if r.mqtt_rate is not None]
     mqtt_rate = _median(mqtt_rates) if mqtt_rates else None
+    mqtt_cpus = [r.mqtt_cpu for r in results if r.mqtt_cpu is not None]
     return {
         "broker": tier.name,
         "transport": transport,
         "mqtt_registrations_per_s": round(mqtt_rate, 1) if mqtt_rate else None,
         "est_vs_mqtt": round(reg_rate / mqtt_rate, 3) if mqtt_rate and est else None,
+        "mqtt_registrar_cpu_ms_per_registration": (
+            round(_median(mqtt_cpus) * 1000 / n, 3) if mqtt_cpus else None
+        ),
         "devices": n,
         "registrations_per_s": round(reg_rate, 1),
         "failures": failures,
