@@ -70,7 +70,7 @@ from registrar.channel import (
     RequestSource,
     SiteTraffic,
 )
-from registrar.errors import BrokerError, ConfigError, RegistrarError
+from registrar.errors import BrokerError, ConfigError, RegistrarError, StoreError
 from registrar.est import EstServer, EstTraffic, est_server_context
 from registrar.instances import OtherInstances
 from registrar.key_distribution import KeyDistributor
@@ -111,15 +111,16 @@ from registrar.supersede import SupersededCertificates
 from signers.software import load_ssl_identity
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
-from trustcore.keys import Signer
+from trustcore.keys import Signer, spki_der
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
 from trustcore.profiles import issue_service_client_certificate
-from trustcore.registration import AdmissionContext, RegistrationRequest
+from trustcore.registration import AdmissionContext, RegistrationError, RegistrationRequest
 from trustcore.renewal import LdevidPolicy
 from trustcore.revocation import RevocationList
 from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
 from trustcore.topics import device_topic
+from trustcore.wrap_key import parse_wrap_key_registration, verify_wrap_key
 
 __all__ = [
     "COMMAND_LEVEL",
@@ -540,6 +541,7 @@ class RegistrarApp:
         self._revoked: set[DeviceId] = set()
         self.superseded: SupersededCertificates | None = None
         self._duties: SiteDuties | None = None
+        self._background: set[asyncio.Task[None]] = set()
         #: Set when this registrar must stop on its own (the site-duties lock was lost).
         self.halted = asyncio.Event()
 
@@ -745,6 +747,7 @@ class RegistrarApp:
             telemetry=self._telemetry_received,
             key_ack=self.keys.ack_received,
             connected=self._catch_up_key_updates,
+            wrap_key=self._wrap_key_received,
         )
         if rabbit is not None:
             self.channel = _amqp_source(rabbit, traffic, site_duties=True)
@@ -824,6 +827,8 @@ class RegistrarApp:
         if self.est is not None:
             await self.est.stop()
             self.est = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         for task in self._tasks:
             if task.get_name() != "channel":
                 task.cancel()
@@ -1065,6 +1070,43 @@ class RegistrarApp:
 
     async def _renew(self, device: DeviceId, payload: bytes) -> bytes:
         return await self._require(self.service).handle_renewal(device, payload)
+
+    def _wrap_key_received(self, device: DeviceId, payload: bytes) -> None:
+        task = asyncio.create_task(self._record_wrap_key(device, payload))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _record_wrap_key(self, device: DeviceId, payload: bytes) -> None:
+        """The wrap key of a device enrolled over EST (:mod:`trustcore.wrap_key`): verified,
+        recorded once, then the current payload key goes to the device as a payload-key
+        update. A refusal is logged and written as an event; the device gets no answer
+        (it keeps waiting for the update, as for a lost message)."""
+        store, keys, service = self.store, self.keys, self.service
+        if store is None or keys is None or service is None:
+            return
+        try:
+            message = parse_wrap_key_registration(payload)
+            record = await store.device(device)
+            registered = record is not None and record.status == "registered"
+            wrap = verify_wrap_key(
+                message,
+                topic_device_id=device,
+                site_cas=service.accepted_ldevid_issuers(),
+                current_serial=int(record.ldevid_serial, 16) if registered and record else None,
+                now=self._clock(),
+            )
+            assert record is not None
+            der = spki_der(wrap)
+            stored = await store.set_wrap_key(device, record.ldevid_serial, der)
+            if stored is None or stored.wrap_key_der != der:
+                raise RegistrationError(f"{device} has a wrap key already", reason="bad_wrap_key")
+            await keys.offer(stored)
+            log.info("recorded the wrap key of %s; payload key sent", device)
+        except RegistrationError as exc:
+            log.info("refused the wrap key of %s: %s", device, exc)
+            store.note_event(device, "refused", f"wrap key: {exc}"[:500])
+        except (StoreError, BrokerError) as exc:
+            log.warning("wrap key of %s not recorded now: %s", device, exc)
 
     def _factory_certificate_seen(self, sighting: FactorySighting) -> None:
         """Record a factory certificate whose chain the service verified (junk cannot

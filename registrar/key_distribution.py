@@ -199,6 +199,11 @@ class KeyDistributor:
     async def _push(self, record: DeviceRecord) -> None:
         await self._push_many([record])
 
+    async def offer(self, record: DeviceRecord) -> None:
+        """Send the current payload key to one device now (its wrap key was just recorded:
+        a device enrolled over EST, ``trustcore.wrap_key``); re-sent until acknowledged."""
+        await self._push(record)
+
     async def _push_many(self, records: list[DeviceRecord]) -> int:
         key = self.keyring.current
         now = self._now()

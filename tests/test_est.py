@@ -32,11 +32,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from registrar.broker import Endpoint
 from registrar.site import commission_site
+from signers.software import SoftwareKey
 from tests.test_registrar_integration import DAY, MANUFACTURER, REGISTRAR
 from tests.test_site_bundle import STATION, World, make_world
 from trustcore.est import CSR_ATTRS_DER
 from trustcore.identity import DeviceId
 from trustcore.profiles import device_id_from_certificate, issue_factory_certificate
+from trustcore.registration import open_payload_key, parse_key_update
+from trustcore.wrap_key import build_wrap_key_registration
 
 pytestmark = [pytest.mark.slow]
 
@@ -381,3 +384,46 @@ def test_refusals_have_rfc_status_a_reason_and_store_nothing(site: Site, tmp_pat
     assert device_count(site) == before  # nothing stored for any refusal
     answered = site.status()["est_answers"]
     assert answered["403"] >= 2 and answered["400"] >= 3
+
+
+def test_an_est_device_gets_its_payload_key_over_mqtt(site: Site, tmp_path: Path) -> None:
+    """EST carries no payload key: the device publishes its wrap key (signed by its LDevID)
+    on ``devices/<id>/keys/wrap`` and receives the payload key as a payload-key update on
+    ``devices/<id>/keys``, with ``mosquitto_pub`` / ``mosquitto_sub``."""
+    device = "TH-000301"
+    idevid, factory_key = factory_device(site, tmp_path, device)
+    ldevid_key, csr = openssl_csr(tmp_path, device, "ldevid")
+    code, body = curl(site, "simpleenroll", cert=idevid, key=factory_key, body=b64(csr))
+    assert code == 200, body
+    ldevid = pkcs7_certificates(body, tmp_path, "ldevid")
+    cert = x509.load_pem_x509_certificate(ldevid.read_bytes())
+    key = serialization.load_pem_private_key(ldevid_key.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    wrap = SoftwareKey.ephemeral()
+    message = tmp_path / "wrap.cbor"
+    message.write_bytes(
+        build_wrap_key_registration(
+            device_id=DeviceId(device),
+            time=int(time.time()),
+            wrap_key=wrap.public_key(),
+            ldevid_der=cert.public_bytes(serialization.Encoding.DER),
+            ldevid_key=SoftwareKey(key),
+        )
+    )
+    op = site.operational
+    tls = ["--cafile", str(site.root), "--cert", str(ldevid), "--key", str(ldevid_key)]
+    sent = run("mosquitto_pub", "-h", op.host, "-p", str(op.port), "-q", "1", *tls,
+               "-t", f"devices/{device}/keys/wrap", "-f", str(message))  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    got = run("mosquitto_sub", "-h", op.host, "-p", str(op.port), "-q", "1", *tls,
+              "-t", f"devices/{device}/keys", "-C", "1", "-W", "15", "-F", "%x")  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    site_ca = x509.load_pem_x509_certificate((site.home / "current" / "site-ca.pem").read_bytes())
+    update = parse_key_update(
+        bytes.fromhex(got.stdout.decode().strip()),
+        device_id=DeviceId(device),
+        site_ca=site_ca,
+        newer_than=0,
+    )
+    payload_key = open_payload_key(wrap, DeviceId(device), update.payload_key)
+    assert payload_key.key_id.hex() == site.status()["payload_key"]
