@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from signers.software import SoftwareKey
-from tests.fixtures.pki import Pki
+from tests.fixtures.pki import Pki, p256
 from tests.test_registration import ADMIT_STATION, der, make_dev, make_request, verifier
 from trustcore.csr import build_device_csr
 from trustcore.est import (
@@ -29,6 +29,7 @@ from trustcore.est import (
 )
 from trustcore.identity import DeviceId
 from trustcore.payload import PayloadKey
+from trustcore.profiles import issue_secondary_certificate
 from trustcore.registration import (
     REASONS,
     Admission,
@@ -40,6 +41,11 @@ from trustcore.registration import (
     verify_request,
 )
 from trustcore.renewal import tls_bound_renewal
+from trustcore.wrap_key import (
+    build_wrap_key_registration,
+    parse_wrap_key_registration,
+    verify_wrap_key,
+)
 
 DER = serialization.Encoding.DER
 
@@ -207,3 +213,64 @@ def test_renewal_request_bound_to_the_peer_certificate(pki: Pki) -> None:
         )
     assert info.value.reason == "oversized"
     assert isinstance(x509.load_der_x509_csr(csr), x509.CertificateSigningRequest)
+
+
+# ------------------------------------------------------------- wrap key after EST enrolment
+
+
+def _ldevid(pki: Pki, name: str, key: SoftwareKey) -> x509.Certificate:
+    return issue_secondary_certificate(
+        pki.site_ca,
+        pki.site_key,
+        key.public_key(),
+        device_id=DeviceId(name),
+        organization="Site",
+        not_before=pki.now - timedelta(days=1),
+        not_after=pki.now + timedelta(days=30),
+    )
+
+
+def wrap_key_reason(
+    pki: Pki,
+    *,
+    topic: str = "dev-700010",
+    signer: SoftwareKey | None = None,
+    wrap: SoftwareKey | None = None,
+    current: int | None = None,
+    time_shift: int = 0,
+    cas: tuple[x509.Certificate, ...] | None = None,
+) -> str:
+    key = SoftwareKey(p256("ldevid-wrap-test"))
+    cert = _ldevid(pki, "dev-700010", key)
+    message = build_wrap_key_registration(
+        device_id=DeviceId("dev-700010"),
+        time=int(pki.now.timestamp()) + time_shift,
+        wrap_key=(wrap or SoftwareKey(p256("wrap-wrap-test"))).public_key(),
+        ldevid_der=der(cert),
+        ldevid_key=signer or key,
+    )
+    try:
+        verify_wrap_key(
+            parse_wrap_key_registration(message),
+            topic_device_id=DeviceId(topic),
+            site_cas=cas if cas is not None else (pki.site_ca,),
+            current_serial=cert.serial_number if current is None else current,
+            now=pki.now,
+        )
+    except RegistrationError as exc:
+        return exc.reason
+    return "ok"
+
+
+def test_wrap_key_registration_checks_in_order(pki: Pki) -> None:
+    assert wrap_key_reason(pki) == "ok"
+    assert wrap_key_reason(pki, topic="dev-700011") == "device_mismatch"
+    assert wrap_key_reason(pki, cas=(pki.station_ca,)) == "ldevid_unknown"
+    assert wrap_key_reason(pki, signer=SoftwareKey(p256("someone"))) == "bad_signature"
+    assert wrap_key_reason(pki, time_shift=-1000) == "stale_request"
+    assert wrap_key_reason(pki, current=1) == "ldevid_superseded"
+    same = SoftwareKey(p256("ldevid-wrap-test"))  # the LDevID key as its own wrap key
+    assert wrap_key_reason(pki, wrap=same) == "bad_wrap_key"
+    with pytest.raises(RegistrationError) as info:
+        parse_wrap_key_registration(b"\xa0" * 3000)
+    assert info.value.reason == "oversized"
