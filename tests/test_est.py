@@ -302,10 +302,13 @@ def test_curl_openssl_enrol_reenrol_and_mqtt(site: Site, tmp_path: Path) -> None
     assert mosquitto_pub(site, ldevid1, key1, device) != 0
     assert mosquitto_pub(site, ldevid2, key2, device) == 0
 
-    # The superseded LDevID cannot re-enrol any more (readable reason, 403).
+    # The superseded LDevID cannot re-enrol any more (readable reason, 403), and an LDevID
+    # is no factory certificate for a first enrolment.
     _, csr3 = openssl_csr(tmp_path, device, "ldevid3")
     code, body = curl(site, "simplereenroll", cert=ldevid1, key=key1, body=b64(csr3))
     assert code == 403 and body.startswith(b"ldevid_superseded: "), body
+    code, body = curl(site, "simpleenroll", cert=ldevid2, key=key2, body=b64(csr3))
+    assert code == 403 and body.startswith(b"untrusted: "), body
 
 
 def test_strongswan_pki_estca_est_and_reenrol(site: Site, tmp_path: Path) -> None:
