@@ -14,11 +14,14 @@ from datetime import timedelta
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from signers.software import SoftwareKey
 from tests.fixtures.pki import Pki, p256
 from tests.test_registration import ADMIT_STATION, der, make_dev, make_request, verifier
+from tests.test_sealed import doc_vector
+from trustcore import cbor
 from trustcore.csr import build_device_csr
 from trustcore.est import (
     CSR_ATTRS_DER,
@@ -28,6 +31,7 @@ from trustcore.est import (
     refusal,
 )
 from trustcore.identity import DeviceId
+from trustcore.keys import spki_der
 from trustcore.payload import PayloadKey
 from trustcore.profiles import issue_secondary_certificate
 from trustcore.registration import (
@@ -45,6 +49,7 @@ from trustcore.wrap_key import (
     build_wrap_key_registration,
     parse_wrap_key_registration,
     verify_wrap_key,
+    wrap_key_body,
 )
 
 DER = serialization.Encoding.DER
@@ -274,3 +279,14 @@ def test_wrap_key_registration_checks_in_order(pki: Pki) -> None:
     with pytest.raises(RegistrationError) as info:
         parse_wrap_key_registration(b"\xa0" * 3000)
     assert info.value.reason == "oversized"
+
+
+def test_documented_vectors() -> None:
+    body = wrap_key_body(
+        DeviceId("TH-000001"),
+        1700000000,
+        spki_der(ec.derive_private_key(7, ec.SECP256R1()).public_key()),
+        b"\x30\x03\x02\x01\x01",
+    )
+    assert cbor.encode(body) == doc_vector("wrap-key-body")
+    assert doc_vector("est-csrattrs") == CSR_ATTRS_DER

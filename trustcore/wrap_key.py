@@ -57,6 +57,7 @@ __all__ = [
     "build_wrap_key_registration",
     "parse_wrap_key_registration",
     "verify_wrap_key",
+    "wrap_key_body",
 ]
 
 WRAP_KEY_DOMAIN = "devtrust/wrap-key/v1"
@@ -88,14 +89,21 @@ def build_wrap_key_registration(
     ldevid_key: Signer,
 ) -> bytes:
     """The device side: signed by its current LDevID key (in its TPM)."""
-    body = {
+    body = wrap_key_body(device_id, time, spki_der(wrap_key), ldevid_der)
+    return sign_envelope(WRAP_KEY_DOMAIN, body, ldevid_key)
+
+
+def wrap_key_body(
+    device_id: DeviceId, time: int, wrap_key_der: bytes, ldevid_der: bytes
+) -> dict[str, object]:
+    """The signed body (``docs/formats.md``, "Wrap key after an EST enrolment")."""
+    return {
         "v": PROTOCOL_VERSION,
         "device_id": device_id.value,
         "time": time,
-        "wrap_key": spki_der(wrap_key),
+        "wrap_key": wrap_key_der,
         "ldevid": ldevid_der,
     }
-    return sign_envelope(WRAP_KEY_DOMAIN, body, ldevid_key)
 
 
 def parse_wrap_key_registration(data: bytes) -> WrapKeyRegistration:
