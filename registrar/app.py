@@ -765,7 +765,7 @@ class RegistrarApp:
         if site.retiring_ca_cert is not None and migration_requested(self.home):
             await self.migrate_ca()  # the retained commands died with the previous broker
         if self.settings.est_port is not None:
-            await self._start_est(passphrase)
+            await self._start_est()
         self._tasks += [
             asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
@@ -782,17 +782,25 @@ class RegistrarApp:
             self.settings.broker,
         )
 
-    async def _start_est(self, passphrase: bytes) -> None:
-        """The EST listener (:mod:`registrar.est`): the same service entry points as the
-        MQTT channel, the broker's server certificate, client CAs of both listeners."""
+    def _est_context(self) -> ssl.SSLContext:
+        """The EST listener's TLS from the current files: the broker's server certificate,
+        the client CAs of both listeners (re-read after a re-commission or re-issue)."""
         current = self.home.current
-        tls = await asyncio.to_thread(
-            est_server_context,
+        return est_server_context(
             current / "broker.pem",
             self.home.key_path("broker"),
-            passphrase,
+            self.secrets.passphrase(),
             (current / "registration-cas.pem", current / "operational-cas.pem"),
         )
+
+    async def _reload_est(self) -> None:
+        if self.est is not None:
+            self.est.use_tls(await asyncio.to_thread(self._est_context))
+
+    async def _start_est(self) -> None:
+        """The EST listener (:mod:`registrar.est`): the same service entry points as the
+        MQTT channel."""
+        tls = await asyncio.to_thread(self._est_context)
         service = self._require(self.service)
 
         async def register(device: DeviceId, request: RegistrationRequest) -> bytes:
@@ -814,11 +822,9 @@ class RegistrarApp:
             ),
             tls,
         )
-        await est.start(self.settings.est_host or self.settings.host, self._require_est_port())
+        port = self._require(self.settings.est_port)
+        await est.start(self.settings.est_host or self.settings.host, port)
         self.est = est
-
-    def _require_est_port(self) -> int:
-        return self._require(self.settings.est_port)
 
     async def stop(self) -> None:
         """Graceful: stop taking requests, let in-flight registrations finish and commit,
@@ -1196,6 +1202,7 @@ class RegistrarApp:
         if self.channel is not None:
             self.channel.use_tls(_client_context(site, self.secrets.passphrase()))
         await self._require(self.broker).reload_crls()
+        await self._reload_est()
         await self._enforce_list()
         await self._catch_up_key_updates()
         self.check_crls()
@@ -1310,6 +1317,7 @@ class RegistrarApp:
         if self.channel is not None and self.site is not None:
             ctx = await asyncio.to_thread(_client_context, self.site, self.secrets.passphrase())
             self.channel.use_tls(ctx)
+        await self._reload_est()
         return True
 
     async def _crl_tick(self) -> None:

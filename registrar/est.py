@@ -108,6 +108,9 @@ class EstServer:
     def __init__(self, traffic: EstTraffic, tls: ssl.SSLContext) -> None:
         self._traffic = traffic
         self._tls = tls
+        #: What new handshakes use (:meth:`use_tls`); ``_tls`` is the listening context.
+        self._current = tls
+        tls.sni_callback = self._select_context
         self._runner: web.AppRunner | None = None
         self._endpoint: Endpoint | None = None
         #: Answers by HTTP status (for status.json and tests).
@@ -139,6 +142,19 @@ class EstServer:
         await web.SockSite(runner, sock, ssl_context=self._tls, backlog=512).start()
         self._endpoint = Endpoint(host, sock.getsockname()[1])
         self._runner = runner
+
+    def use_tls(self, tls: ssl.SSLContext) -> None:
+        """New server certificate or client CAs (re-issued service certificates, a
+        re-commission, a site CA rollover): used from the next handshake, no restart."""
+        self._current = tls
+
+    def _select_context(
+        self, ssl_object: ssl.SSLObject, _server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        # OpenSSL calls this for every ClientHello (server_name None without SNI), before
+        # the certificate is chosen: the place to swap in the current context.
+        if self._current is not context:
+            ssl_object.context = self._current
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -12,11 +12,13 @@ with the RFC's status codes and a readable reason, and to store nothing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,13 +33,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from registrar.broker import Endpoint
+from registrar.est import EstServer, EstTraffic, est_server_context
 from registrar.site import commission_site
 from signers.software import SoftwareKey
+from tests.fixtures.pki import Pki
 from tests.test_registrar_integration import DAY, MANUFACTURER, REGISTRAR
 from tests.test_site_bundle import STATION, World, make_world
 from trustcore.est import CSR_ATTRS_DER
 from trustcore.identity import DeviceId
-from trustcore.profiles import device_id_from_certificate, issue_factory_certificate
+from trustcore.profiles import (
+    device_id_from_certificate,
+    issue_broker_certificate,
+    issue_factory_certificate,
+)
 from trustcore.registration import open_payload_key, parse_key_update
 from trustcore.wrap_key import build_wrap_key_registration
 
@@ -430,3 +438,67 @@ def test_an_est_device_gets_its_payload_key_over_mqtt(site: Site, tmp_path: Path
     )
     payload_key = open_payload_key(wrap, DeviceId(device), update.payload_key)
     assert payload_key.key_id.hex() == site.status()["payload_key"]
+
+
+async def test_the_est_listener_takes_new_tls_material_without_a_restart(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """``EstServer.use_tls`` (re-issued broker certificate, re-commission, CA rollover):
+    the next handshake presents the new server certificate; the listener stays up."""
+
+    def server_files(name: str) -> tuple[Path, Path, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = issue_broker_certificate(
+            pki.site_ca,
+            pki.site_key,
+            key.public_key(),
+            dns_names=["localhost"],
+            ip_addresses=["127.0.0.1"],
+            organization="Site",
+            not_before=pki.now - DAY,
+            not_after=pki.now + DAY,
+        )
+        chain = tmp_path / f"{name}.pem"
+        chain.write_bytes(cert.public_bytes(PEM) + pki.site_ca.public_bytes(PEM))
+        encrypted = serialization.BestAvailableEncryption(b"pass phrase")
+        keyfile = _private_file(
+            tmp_path / f"{name}.key",
+            key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, encrypted),
+        )
+        return chain, keyfile, cert
+
+    root = tmp_path / "root.pem"
+    root.write_bytes(pki.root.public_bytes(PEM))
+
+    def never(*_: object) -> Any:
+        raise AssertionError("no enrolment in this test")
+
+    first, second = server_files("one"), server_files("two")
+    server = EstServer(
+        EstTraffic(
+            register=never,
+            renew=never,
+            ca_certificates=lambda: [pki.site_ca, pki.root],
+            clock=lambda: pki.now,
+            ldevid_issuers=lambda: (pki.site_ca,),
+        ),
+        est_server_context(first[0], first[1], b"pass phrase", (root,)),
+    )
+    await server.start("127.0.0.1", 0)
+    client = ssl.create_default_context(cafile=root)
+
+    async def presented() -> bytes:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", server.endpoint.port, ssl=client, server_hostname="127.0.0.1"
+        )
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        await writer.wait_closed()
+        return bytes(der)
+
+    try:
+        assert await presented() == first[2].public_bytes(serialization.Encoding.DER)
+        server.use_tls(est_server_context(second[0], second[1], b"pass phrase", (root,)))
+        assert await presented() == second[2].public_bytes(serialization.Encoding.DER)
+    finally:
+        await server.stop()
