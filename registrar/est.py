@@ -231,6 +231,11 @@ class EstServer:
             answer = refusal(exc.reason)
         except web.HTTPRequestEntityTooLarge:
             answer = refusal("oversized")
+        except Exception:
+            # As the MQTT channel's worker does: logged with detail, the device gets the
+            # public internal_error (never a traceback, never a 500 with aiohttp's text).
+            log.exception("EST %s of %s failed unexpectedly", _what(renewal), device)
+            answer = refusal("internal_error")
         if answer.reason is not None:
             log.info("EST: %s of %s refused: %s", _what(renewal), device, answer.reason)
         return self._send(answer)
