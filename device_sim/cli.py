@@ -97,6 +97,130 @@ def serve(directory: Path) -> None:
         dev.power_off()
 
 
+class Refused(click.ClickException):
+    """A refusal by the factory station: exit code 2 with the reason first."""
+
+    exit_code = 2
+
+
+def _device_passphrase(passphrase_file: Path | None) -> bytes:
+    """The devices' keystore passphrase: --passphrase-file or $DEVTRUST_DEVICE_PASSPHRASE,
+    never the command line."""
+    from device_sim.fleet import PASSPHRASE_ENV
+    from signers.software import passphrase_from_env, passphrase_from_file
+
+    if passphrase_file is not None:
+        return passphrase_from_file(passphrase_file)
+    return passphrase_from_env(PASSPHRASE_ENV)
+
+
+@main.command("build-fleet")
+@click.option(
+    "--station",
+    "station_home",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    required=True,
+    help="The factory station's directory (factory-station init).",
+)
+@click.option("--tcti", default=None, help="Override the station TPM TCTI (station.json).")
+@click.option("--count", type=click.IntRange(1), required=True, help="Devices to make.")
+@click.option(
+    "--keys",
+    type=click.Choice(["software", "tpm"]),
+    required=True,
+    help="software: load-test devices (encrypted software factory keys; the station must be "
+    "--unsafe-csr-only); tpm: one swtpm per device, key made and attested in it.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The fleet directory (created; one sub-directory per device).",
+)
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="software: file holding the passphrase for the factory keys "
+    "(default: $DEVTRUST_DEVICE_PASSPHRASE).",
+)
+@click.option(
+    "--ek-template",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="tpm: copy this TPM state (with an EK certificate) for every device (fast).",
+)
+@click.option(
+    "--ek-ca-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="tpm: TPM vendor CA directory: swtpm_setup makes each device its own EK certificate.",
+)
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON summary line.")
+def build_fleet_cmd(
+    station_home: Path,
+    tcti: str | None,
+    count: int,
+    keys: str,
+    out: Path,
+    passphrase_file: Path | None,
+    ek_template: Path | None,
+    ek_ca_dir: Path | None,
+    workers: int,
+    as_json: bool,
+) -> None:
+    """Make COUNT devices at a real factory station (its entitlement, NV counter, TPM
+    signature and audit log apply to each) for `device-sim fleet`. Exit 2 if the station
+    refused any device (quota, daily limit, window, ...)."""
+    from device_sim.fleet import FleetError
+    from device_sim.fleet_build import build_fleet
+    from factory_station.errors import FactoryStationError
+    from factory_station.station import FactoryStation
+    from signers.errors import PassphraseError, SignerError
+    from trustcore.errors import TrustCoreError
+
+    software = keys == "software"
+    if software and (ek_template or ek_ca_dir):
+        raise click.UsageError("--ek-template / --ek-ca-dir are for --keys tpm")
+    if not software and passphrase_file is not None:
+        raise click.UsageError("--passphrase-file is for --keys software")
+    if not software and (ek_template is None) == (ek_ca_dir is None):
+        raise click.UsageError("--keys tpm needs exactly one of --ek-template or --ek-ca-dir")
+    try:
+        passphrase = _device_passphrase(passphrase_file) if software else None
+        with FactoryStation.open(station_home, tcti=tcti) as station:
+            result = build_fleet(
+                station, out, count, "software" if software else "tpm",
+                passphrase=passphrase, ek_template=ek_template, ek_ca_dir=ek_ca_dir,
+                workers=workers,
+            )  # fmt: skip
+    except FactoryStationError as exc:
+        raise Refused(str(exc)) from exc
+    except (TrustCoreError, SignerError) as exc:
+        raise Refused(f"{type(exc).__name__}: {exc}") from exc
+    except (FleetError, PassphraseError, DeviceStateError, SwtpmError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    refusals = [str(err) for _, err in result.refused]
+    summary = {
+        "fleet": str(out),
+        "keys": keys,
+        "built": len(result.provisioned),
+        "refused": refusals,
+        "seconds": round(result.seconds, 3),
+        "devices_per_s": round(result.devices_per_s, 1),
+        "device_ids": sorted(r.device_id.value for r in result.provisioned),
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(
+            f"built {summary['built']} of {count} {keys}-key devices in {out} "
+            f"({result.seconds:.2f} s, {result.devices_per_s:.1f} devices/s)"
+        )
+        for message in refusals:
+            click.echo(f"refused: {message}", err=True)
+    if result.refused:
+        raise SystemExit(2)
+
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Registration listener host.")
@@ -130,24 +254,20 @@ def fleet(
     as_json: bool,
 ) -> None:
     """Onboard a load-test fleet (software-key devices under DIRECTORY, one sub-directory
-    per device: idevid.pem, chain.pem, factory.key.pem encrypted) through a registrar, all
-    at once. The key passphrase is read from --passphrase-file or
-    $DEVTRUST_DEVICE_PASSPHRASE, never from the command line."""
+    per device: idevid.pem, chain.pem, factory.key.pem encrypted; `device-sim build-fleet
+    --keys software` makes one) through a registrar, all at once. The key passphrase is
+    read from --passphrase-file or $DEVTRUST_DEVICE_PASSPHRASE, never from the command
+    line."""
     import asyncio
 
     from cryptography import x509
 
-    from device_sim.fleet import PASSPHRASE_ENV, FleetError, load_fleet, onboard
+    from device_sim.fleet import FleetError, load_fleet, onboard
     from registrar.broker import Endpoint
     from signers.errors import PassphraseError
-    from signers.software import passphrase_from_env, passphrase_from_file
 
     try:
-        passphrase = (
-            passphrase_from_file(passphrase_file)
-            if passphrase_file is not None
-            else passphrase_from_env(PASSPHRASE_ENV)
-        )
+        passphrase = _device_passphrase(passphrase_file)
         roots = x509.load_pem_x509_certificates(root_file.read_bytes())
         devices = load_fleet(directory, roots, passphrase=passphrase, count=count)
     except (FleetError, PassphraseError, ValueError, OSError) as exc:

@@ -72,6 +72,8 @@ PEM = serialization.Encoding.PEM
 IDEVID_FILE = "idevid.pem"
 CHAIN_FILE = "chain.pem"
 KEY_FILE = "factory.key.pem"
+#: The swtpm state of a TPM device (``device_sim.device``): not a load-test device.
+TPM_STATE_DIR = "tpm"
 PASSPHRASE_ENV = "DEVTRUST_DEVICE_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 
 
@@ -255,6 +257,13 @@ def load_fleet(
         raise FleetError(f"no devices under {directory} (each needs {IDEVID_FILE})")
     devices: list[DeviceClient] = []
     for path in found:
+        if (path / TPM_STATE_DIR).is_dir():
+            # Its factory key is in its swtpm: Python's ssl cannot present it until the TLS
+            # layer signs in the TPM (docs/registration.md, "Device TLS").
+            raise FleetError(
+                f"{path} is a TPM device (its key is in {TPM_STATE_DIR}/): `fleet` onboards "
+                "software-key devices (build-fleet --keys software)"
+            )
         try:
             idevid = x509.load_pem_x509_certificate((path / IDEVID_FILE).read_bytes())
             chain = tuple(x509.load_pem_x509_certificates((path / CHAIN_FILE).read_bytes()))

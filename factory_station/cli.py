@@ -12,11 +12,12 @@ from typing import Any
 import click
 
 from factory_station.errors import FactoryStationError
-from factory_station.provision import ProvisionResult, provision_batch, provision_device
+from factory_station.provision import ProvisionResult, provision_device
 from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactoryStation
 from signers.errors import SignerError
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId, StationId
+from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
 
 _HOME = click.option(
     "--home",
@@ -90,12 +91,22 @@ def _nv_index(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="devtrust")
-def main() -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: log records and this command's diagnostics as one JSON object per line "
+    "on stderr (docs/operations.md).",
+)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+def main(log_format: LogFormat, log_level: str) -> None:
     """Factory signing station: keeps its CA key inside its TPM, enforces the entitlement
     HQ issued to it (quota, daily limit, key-use window, device-id range), has each
     device's own TPM create the device key, signs the factory certificate (IDevID) and
     keeps a hash-chained, signed audit log that it exports, encrypted, to HQ.
     """
+    configure_logging(log_level, log_format, command="factory-station")
 
 
 @main.command()
@@ -285,45 +296,41 @@ def provision_batch_cmd(
     """Create COUNT simulated devices (one swtpm each) and provision them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from device_sim.device import create_fleet, power_off_all, power_on_all
+    from device_sim.fleet import FleetError
+    from device_sim.fleet_build import build_fleet
 
     if (ek_template is None) == (ek_ca_dir is None):
         raise click.UsageError("give exactly one of --ek-template or --ek-ca-dir")
-    existing = len(list(devices_dir.glob("dev-*"))) if devices_dir.exists() else 0
     click.echo(f"manufacturing {count} device TPMs ...", err=True)
-    fleet = create_fleet(
-        devices_dir, count, template=ek_template, ek_ca_dir=ek_ca_dir, start_index=existing
-    )
-    try:
-        power_on_all(fleet)
-        with _station(home, tcti) as station:
-            _accept_approvals(station, approval_files)
-        with (
-            _station(home, tcti) as station,
-            Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                "{task.fields[last]}",
-                transient=False,
-            ) as bar,
-        ):
-            task = bar.add_task("provisioning", total=count, last="")
-            refused: list[str] = []
+    with (
+        _station(home, tcti) as station,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            "{task.fields[last]}",
+            transient=False,
+        ) as bar,
+    ):
+        _accept_approvals(station, approval_files)
+        task = bar.add_task("provisioning", total=count, last="")
+        refused: list[str] = []
 
-            def done(res: ProvisionResult | None, err: FactoryStationError | None) -> None:
-                if res is not None:
-                    bar.update(task, advance=1, last=res.device_id.value)
-                elif err is not None:
-                    refused.append(str(err))
-                    bar.update(task, advance=1, last=f"[red]{err.reason}")
+        def done(res: ProvisionResult | None, err: FactoryStationError | None) -> None:
+            if res is not None:
+                bar.update(task, advance=1, last=res.device_id.value)
+            elif err is not None:
+                refused.append(str(err))
+                bar.update(task, advance=1, last=f"[red]{err.reason}")
 
-            result = provision_batch(
-                station, [d.endpoint for d in fleet], workers=workers, on_done=done
-            )
-    finally:
-        power_off_all(fleet)
+        try:
+            result = build_fleet(
+                station, devices_dir, count, "tpm", ek_template=ek_template,
+                ek_ca_dir=ek_ca_dir, workers=workers, on_done=done,
+            )  # fmt: skip
+        except FleetError as exc:
+            raise click.ClickException(str(exc)) from exc
     click.echo(
         f"provisioned {len(result.provisioned)} of {count} devices in {result.seconds:.2f} s "
         f"({result.devices_per_s:.1f} devices/s)"

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from hq.errors import ExportRefusedError, HqError
 from hq.home import HqHome, HqSecrets, Pkcs11Location
+from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,7 +27,16 @@ EXIT_ERROR = 3
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="devtrust")
-def main() -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: log records and this command's diagnostics as one JSON object per line "
+    "on stderr (docs/operations.md).",
+)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+def main(log_format: LogFormat, log_level: str) -> None:
     """Headquarters: the manufacturer root CA, entitlements for factory stations, the
     payload-key KMS, audit reconciliation, counterfeit detection and revocation.
 
@@ -38,6 +48,7 @@ def main() -> None:
     DEVTRUST_HQ_PASSPHRASE or --passphrase-file, a token PIN from DEVTRUST_HQ_PIN or
     --pin-file. See docs/hq.md.
     """
+    configure_logging(log_level, log_format, command="hq")
 
 
 def _home_option(f: F) -> F:

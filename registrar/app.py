@@ -76,6 +76,15 @@ from registrar.instances import OtherInstances
 from registrar.key_distribution import KeyDistributor
 from registrar.ldevid_policy import policy_json, read_ldevid_policy
 from registrar.leadership import SiteDuties
+from registrar.metrics import (
+    CrlReading,
+    Health,
+    HealthInputs,
+    Readings,
+    RegistrarMetrics,
+    decide_health,
+)
+from registrar.ops_server import OpsServer
 from registrar.payload_keys import PayloadKeyring
 from registrar.plugins import load_site_plugins, read_site_plugins
 from registrar.revocation import (
@@ -116,7 +125,7 @@ from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_
 from trustcore.policy_chain import NamedPlugin
 from trustcore.profiles import issue_service_client_certificate
 from trustcore.registration import AdmissionContext, RegistrationError, RegistrationRequest
-from trustcore.renewal import LdevidPolicy
+from trustcore.renewal import LdevidPolicy, RenewalRequest
 from trustcore.revocation import RevocationList
 from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
 from trustcore.topics import device_topic
@@ -357,6 +366,9 @@ class AppSettings:
     #: Every instance consumes the one quorum queue (no --join); instance 1 runs the site
     #: duties (:mod:`registrar.broker.rabbitmq_site`).
     rabbitmq: RabbitMQSiteSettings | None = None
+    #: ``--metrics-port`` / ``--metrics-host``: serve ``/metrics`` and ``/healthz`` there
+    #: (:mod:`registrar.ops_server`); None: no operations listener.
+    metrics: Endpoint | None = None
 
     def __post_init__(self) -> None:
         if self.broker not in ("embedded", "mosquitto", "rabbitmq"):
@@ -385,7 +397,10 @@ class AppSettings:
                 )
         if self.est_port is not None and (self.join is not None or self.instance > 1):
             raise ConfigError("--est-port is served by instance 1 (the site duties)")
-        for port in (self.registration_port, self.operational_port, self.est_port or 0):
+        ports = [self.registration_port, self.operational_port, self.est_port or 0]
+        if self.metrics is not None:
+            ports.append(self.metrics.port)
+        for port in ports:
             if not 0 <= port <= 65535:
                 raise ConfigError(f"bad port {port}")
         if min(self.watch_interval, self.status_interval, self.crl_check_interval) <= 0:
@@ -544,6 +559,11 @@ class RegistrarApp:
         self._background: set[asyncio.Task[None]] = set()
         #: Set when this registrar must stop on its own (the site-duties lock was lost).
         self.halted = asyncio.Event()
+        #: Prometheus registry of this app (``--metrics-port``; docs/operations.md).
+        self.metrics = RegistrarMetrics(self._readings)
+        self.ops: OpsServer | None = None
+        #: The enforced CRLs' dates, refreshed by :meth:`check_crls` (metrics, health).
+        self._crl_readings: tuple[CrlReading, ...] = ()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -642,6 +662,7 @@ class RegistrarApp:
             await asyncio.wait_for(self.channel.connected.wait(), 15)
         except TimeoutError as exc:
             raise BrokerError(f"instance {self.settings.instance} could not join {join}") from exc
+        await self._start_ops()
         log.info(
             "registrar instance %d for site %s serving on %s:%d",
             self.settings.instance,
@@ -773,6 +794,7 @@ class RegistrarApp:
         ]
         if store.backend == "postgres":  # SQLite: one instance, no one else's changes
             self._follow_instances(site_duties=True)
+        await self._start_ops()
         await self._write_status()
         log.info(
             "registrar for site %s running: registration %s, operational %s (%s broker)",
@@ -803,19 +825,14 @@ class RegistrarApp:
         tls = await asyncio.to_thread(self._est_context)
         service = self._require(self.service)
 
-        async def register(device: DeviceId, request: RegistrationRequest) -> bytes:
-            return await service.handle_request(
-                device, request, seen=self._factory_certificate_seen
-            )
-
         def ca_certificates() -> list[x509.Certificate]:
             site = self._require(self.site)
             return [service.issuing_authority().certificate, site.root]
 
         est = EstServer(
             EstTraffic(
-                register=register,
-                renew=service.handle_renewal_request,
+                register=self._register_request,
+                renew=self._renew_request,
                 ca_certificates=ca_certificates,
                 clock=self._clock,
                 ldevid_issuers=service.accepted_ldevid_issuers,
@@ -835,6 +852,9 @@ class RegistrarApp:
             self.est = None
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self.ops is not None:
+            await self.ops.stop()
+            self.ops = None
         for task in self._tasks:
             if task.get_name() != "channel":
                 task.cancel()
@@ -868,6 +888,76 @@ class RegistrarApp:
     @property
     def registration_endpoint(self) -> Endpoint:
         return self._require(self.broker).registration_endpoint
+
+    @property
+    def metrics_endpoint(self) -> Endpoint | None:
+        """Where ``/metrics`` and ``/healthz`` are served (None: not enabled)."""
+        return None if self.ops is None else self.ops.endpoint
+
+    # -- operations: metrics and health (registrar.metrics, registrar.ops_server) -------------
+
+    async def _start_ops(self) -> None:
+        if self.settings.metrics is None:
+            return
+        ops = OpsServer(self.metrics, self.health, self.settings.metrics)
+        await ops.start()
+        self.ops = ops
+
+    def _revocation_data_expires(self) -> float | None:
+        if self.revocations is None or self.site is None:
+            return None
+        return self.revocations.issued + self.site.max_offline_days * 86_400.0
+
+    def _readings(self) -> Readings:
+        """A snapshot for the Prometheus collector (scrape time, in the event loop)."""
+        service, broker, keys, channel = self.service, self.broker, self.keys, self.channel
+        return Readings(
+            now=self._clock().timestamp(),
+            answers=dict(service.stats) if service is not None else {},
+            connected_devices=broker.connected_devices() if broker is not None else 0,
+            broker_connected=channel is not None and channel.connected.is_set(),
+            broker_restarts=self._broker_restarts,
+            crls=self._crl_readings,
+            revocation_data_expires=self._revocation_data_expires(),
+            key_updates_sent=keys.updates_sent if keys is not None else 0,
+            key_updates_acknowledged=keys.acks if keys is not None else 0,
+            telemetry_messages=self._telemetry.messages,
+            telemetry_rejected=self._telemetry.rejected,
+        )
+
+    async def health(self) -> Health:
+        """``/healthz``: the store answers (2 s), the registrar's MQTT session is up, the
+        HQ revocation data and HQ-signed CRLs are not expired (on the app's clock)."""
+        store_error: str | None = None
+        if self.store is None:
+            store_error = "not open"
+        else:
+            try:
+                await asyncio.wait_for(self.store.ping(), 2.0)
+            except TimeoutError:
+                store_error = "no answer in 2 s"
+            except RegistrarError as exc:
+                store_error = str(exc)
+        now = self._clock().timestamp()
+        expires = self._revocation_data_expires()
+        own = set()
+        if self.site is not None:
+            own.add(self.site.site_ca_cert.subject.rfc4514_string())
+            if self.site.retiring_ca_cert is not None:
+                own.add(self.site.retiring_ca_cert.subject.rfc4514_string())
+        stale = tuple(
+            crl.issuer
+            for crl in self._crl_readings
+            if crl.issuer not in own and (crl.next_update is None or crl.next_update < now)
+        )
+        return decide_health(
+            HealthInputs(
+                store_error=store_error,
+                broker_connected=self.channel is not None and self.channel.connected.is_set(),
+                revocation_data_left=None if expires is None else expires - now,
+                stale_crls=stale,
+            )
+        )
 
     @property
     def operational_endpoint(self) -> Endpoint:
@@ -1070,12 +1160,33 @@ class RegistrarApp:
     async def _register(self, device: DeviceId, payload: bytes) -> bytes:
         """One registration: the service parses and verifies it once and hands back the
         verified factory certificate, recorded here for ``registrar report``."""
-        return await self._require(self.service).handle(
+        started = time.perf_counter()
+        answer = await self._require(self.service).handle(
             device, payload, seen=self._factory_certificate_seen
         )
+        self.metrics.registration_latency.observe(time.perf_counter() - started)
+        return answer
+
+    async def _register_request(self, device: DeviceId, request: RegistrationRequest) -> bytes:
+        """The same for a request a transport authenticated (EST, :mod:`registrar.est`)."""
+        started = time.perf_counter()
+        answer = await self._require(self.service).handle_request(
+            device, request, seen=self._factory_certificate_seen
+        )
+        self.metrics.registration_latency.observe(time.perf_counter() - started)
+        return answer
 
     async def _renew(self, device: DeviceId, payload: bytes) -> bytes:
-        return await self._require(self.service).handle_renewal(device, payload)
+        started = time.perf_counter()
+        answer = await self._require(self.service).handle_renewal(device, payload)
+        self.metrics.renewal_latency.observe(time.perf_counter() - started)
+        return answer
+
+    async def _renew_request(self, device: DeviceId, request: RenewalRequest) -> bytes:
+        started = time.perf_counter()
+        answer = await self._require(self.service).handle_renewal_request(device, request)
+        self.metrics.renewal_latency.observe(time.perf_counter() - started)
+        return answer
 
     def _wrap_key_received(self, device: DeviceId, payload: bytes) -> None:
         task = asyncio.create_task(self._record_wrap_key(device, payload))
@@ -1364,6 +1475,14 @@ class RegistrarApp:
         except (OSError, ValueError) as exc:
             alerts.append(f"CRL file unreadable: {exc}")
             crls = []
+        self._crl_readings = tuple(
+            CrlReading(
+                crl.issuer.rfc4514_string(),
+                crl.last_update_utc.timestamp(),
+                None if crl.next_update_utc is None else crl.next_update_utc.timestamp(),
+            )
+            for crl in crls
+        )
         for crl in crls:
             if crl.issuer in own:  # the site's own CRLs: re-issued by this registrar
                 continue
@@ -1434,6 +1553,7 @@ class RegistrarApp:
             if self.est is None
             else {str(k): v for k, v in self.est.answered.items()},
             "connected": self.channel is not None and self.channel.connected.is_set(),
+            "metrics": None if self.ops is None else _endpoint_json(self.ops.endpoint),
             "counts": counts,
             "registrations": dict(service.stats),
             "ldevid_policy": policy_json(service.policy),

@@ -31,21 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from registrar.broker import REGISTRAR_IDENTITY, Endpoint
 from registrar.errors import BrokerError, ConfigError
+from registrar.mqtt_session import MqttSession, MqttSessionError
 from registrar.service import (
     RENEWAL_LEVEL,
     RENEWAL_REQUEST_LEVEL,
@@ -170,7 +166,8 @@ _Job = tuple[bool, DeviceId, bytes]  # (renewal?, device, request)
 
 
 class MqttChannel:
-    """:class:`RequestSource` over one aiomqtt session (see the module docstring)."""
+    """:class:`RequestSource` over one :class:`~registrar.mqtt_session.MqttSession` at a
+    time (see the module docstring)."""
 
     def __init__(
         self, settings: MqttChannelSettings, tls: ssl.SSLContext, traffic: SiteTraffic
@@ -178,7 +175,7 @@ class MqttChannel:
         self._settings = settings
         self._tls = tls
         self._traffic = traffic
-        self._client: aiomqtt.Client | None = None
+        self._session: MqttSession | None = None
         self.connected = asyncio.Event()
         #: Requests answered (registrations and renewals), for status and benchmarks.
         self.served = 0
@@ -191,109 +188,94 @@ class MqttChannel:
     ) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            client = self._client
-            if client is not None and self.connected.is_set():
+            session = self._session
+            if session is not None and session.is_open and self.connected.is_set():
                 try:
-                    await client.publish(topic, payload, qos=1, retain=retain, timeout=timeout)
+                    await session.publish(topic, payload, retain=retain, timeout=timeout)
                     return
-                except aiomqtt.MqttError as exc:
+                except MqttSessionError as exc:
                     if time.monotonic() > deadline:
                         raise BrokerError(f"cannot publish on {topic}: {exc}") from exc
             elif time.monotonic() > deadline:
                 raise BrokerError("the registrar's MQTT session is not connected")
             await asyncio.sleep(0.05)
 
-    def _client_for(self) -> aiomqtt.Client:
+    async def _open(self) -> MqttSession:
         s = self._settings
-        v5 = s.protocol == "5"
-        properties = None
-        if v5:
-            # A clean session that ends with the connection: requests the broker handed to
-            # an instance that died are not kept for it (the device retries and another
-            # instance answers), and a reconnecting instance starts afresh.
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = 0
-        session: dict[str, Any] = (
-            {"clean_start": True, "properties": properties} if v5 else {"clean_session": False}
-        )
-        client = aiomqtt.Client(
+        # v5: a clean session that ends with the connection (Session Expiry 0): requests
+        # the broker handed to an instance that died are not kept for it (the device
+        # retries and another instance answers), and a reconnecting instance starts
+        # afresh. 3.1.1 (amqtt, one instance): a persistent session keeps requests that
+        # arrive while the registrar reconnects.
+        return await MqttSession.open(
             s.endpoint.host,
             s.endpoint.port,
-            identifier=s.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            tls_context=self._tls,
-            **session,
+            tls=self._tls,
+            client_id=s.client_id,
+            protocol=s.protocol,
+            clean=s.protocol == "5",
             keepalive=s.keepalive,
-            max_queued_outgoing_messages=None,
-            # paho's default of 20 QoS 1 messages in flight would queue answers behind
-            # each other when hundreds of devices register at once.
-            max_inflight_messages=max(s.workers, 20),
-            # Without it, Nagle holds the answer PUBLISH behind the PUBACK of the request
-            # until the broker's delayed ACK (~40 ms per registration).
-            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+            backlog=2 * s.workers,
         )
-        # aiomqtt logs a warning for every publish while more than 10 wait for their
-        # PUBACK: with a pool of workers that is every answer of a busy minute (measured:
-        # 939 warnings for 1,000 registrations), and a log line costs more than the publish.
-        client.pending_calls_threshold = 2 * s.workers
-        _coalesce_writes(client, asyncio.get_running_loop())
-        return client
 
     async def run(self, stop: asyncio.Event) -> None:
         background: set[asyncio.Task[None]] = set()
         while not stop.is_set():
             queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * self._settings.workers)
             workers: list[asyncio.Task[None]] = []
+            session: MqttSession | None = None
             try:
-                client = self._client_for()
-                async with client:
-                    await self._subscribe(client)
-                    self._client = client
-                    workers = [
-                        asyncio.create_task(self._worker(client, queue))
-                        for _ in range(self._settings.workers)
-                    ]
-                    self.connected.set()
-                    if self._traffic.connected is not None:
-                        task = asyncio.create_task(self._traffic.connected())
-                        background.add(task)
-                        task.add_done_callback(background.discard)
-                    await self._read_until(client, queue, stop)
-                    # Graceful stop: requests already taken are answered before we leave.
-                    for _ in workers:
-                        await queue.put(None)
-                    await asyncio.gather(*workers, return_exceptions=True)
-            except aiomqtt.MqttError as exc:
+                session = await self._open()
+                await self._subscribe(session)
+                self._session = session
+                workers = [
+                    asyncio.create_task(self._worker(session, queue))
+                    for _ in range(self._settings.workers)
+                ]
+                self.connected.set()
+                if self._traffic.connected is not None:
+                    task = asyncio.create_task(self._traffic.connected())
+                    background.add(task)
+                    task.add_done_callback(background.discard)
+                await self._read_until(session, queue, stop)
+                # Graceful stop: requests already taken are answered before we leave.
+                for _ in workers:
+                    await queue.put(None)
+                await asyncio.gather(*workers, return_exceptions=True)
+                await session.disconnect()
+            except MqttSessionError as exc:
                 if stop.is_set():
                     break
                 log.warning("registrar MQTT session lost (%s); reconnecting", exc)
             finally:
                 self.connected.clear()
-                self._client = None
+                self._session = None
                 for worker in workers:
                     worker.cancel()
                 if workers:
                     await asyncio.gather(*workers, return_exceptions=True)
+                if session is not None:
+                    session.abort()
                 if background:
                     await asyncio.gather(*background, return_exceptions=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._settings.reconnect_delay)
 
-    async def _subscribe(self, client: aiomqtt.Client) -> None:
+    async def _subscribe(self, session: MqttSession) -> None:
         for topic_filter in self._settings.request_filters():
-            await client.subscribe(topic_filter, qos=1)
+            await session.subscribe(topic_filter, qos=1)
         if self._settings.site_duties:
             if self._traffic.telemetry is not None:
-                await client.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
+                await session.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
             if self._traffic.key_ack is not None:
-                await client.subscribe(_KEY_ACK_FILTER, qos=1)
+                await session.subscribe(_KEY_ACK_FILTER, qos=1)
             if self._traffic.wrap_key is not None:
-                await client.subscribe(_WRAP_KEY_FILTER, qos=1)
+                await session.subscribe(_WRAP_KEY_FILTER, qos=1)
 
     async def _read_until(
-        self, client: aiomqtt.Client, queue: asyncio.Queue[_Job | None], stop: asyncio.Event
+        self, session: MqttSession, queue: asyncio.Queue[_Job | None], stop: asyncio.Event
     ) -> None:
-        reader = asyncio.create_task(self._read(client, queue))
+        reader = asyncio.create_task(self._read(session, queue))
         stopper = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -302,36 +284,37 @@ class MqttChannel:
             if not reader.done():
                 reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await reader  # re-raises MqttError when the session was lost
+                await reader  # re-raises MqttSessionError when the session was lost
 
-    async def _read(self, client: aiomqtt.Client, queue: asyncio.Queue[_Job | None]) -> None:
+    async def _read(self, session: MqttSession, queue: asyncio.Queue[_Job | None]) -> None:
         traffic = self._traffic
-        async for message in client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                continue
-            topic = message.topic.value
+        while True:
+            message = await session.next_message()
+            topic, payload = message.topic, message.payload
             device = device_id_from_request_topic(topic)
             if device is not None:
-                await queue.put((False, device, bytes(payload)))
+                await queue.put((False, device, payload))
                 continue
             renewing = device_id_from_renewal_topic(topic)
             if renewing is not None:
-                await queue.put((True, renewing, bytes(payload)))
+                await queue.put((True, renewing, payload))
                 continue
             telemetry = _telemetry_device(topic)
             if telemetry is not None and traffic.telemetry is not None:
-                traffic.telemetry(telemetry, topic, bytes(payload), bool(message.retain))
+                traffic.telemetry(telemetry, topic, payload, message.retain)
             elif (acked := _key_ack_device(topic)) is not None and traffic.key_ack is not None:
-                traffic.key_ack(acked, bytes(payload), bool(message.retain))
+                traffic.key_ack(acked, payload, message.retain)
             elif (
                 wrapping := _levels_device(topic, WRAP_KEY_LEVELS)
             ) is not None and traffic.wrap_key is not None:
-                traffic.wrap_key(wrapping, bytes(payload))
+                traffic.wrap_key(wrapping, payload)
             else:
                 log.warning("ignored message on %r", topic[:200])
 
-    async def _worker(self, client: aiomqtt.Client, queue: asyncio.Queue[_Job | None]) -> None:
+    async def _worker(self, session: MqttSession, queue: asyncio.Queue[_Job | None]) -> None:
+        """Answer requests. The answer's PUBACK is not awaited here (a worker waiting for
+        it would hold a request slot for a network round trip): :meth:`_answered` counts
+        it or logs why it failed."""
         traffic = self._traffic
         while (job := await queue.get()) is not None:
             renewal, device, payload = job
@@ -342,52 +325,27 @@ class MqttChannel:
                 else:
                     answer = await traffic.register(device, payload)
                     topic = f"{REGISTRATION_PREFIX}/{device.value}/response"
-                await client.publish(topic, answer, qos=1)
-                self.served += 1
-            except aiomqtt.MqttError as exc:
+                try:
+                    acked = session.publish_nowait(topic, answer)
+                except MqttSessionError:  # no Receive Maximum credit: wait for one
+                    await session.publish(topic, answer)
+                    self.served += 1
+                else:
+                    acked.add_done_callback(functools.partial(self._answered, device))
+            except MqttSessionError as exc:
                 log.warning("could not publish the answer to %s: %s", device, exc)
             except Exception:
                 what = "renewal" if renewal else "registration"
                 log.exception("%s of %s failed unexpectedly", what, device)
 
-
-def _coalesce_writes(client: aiomqtt.Client, loop: asyncio.AbstractEventLoop) -> None:
-    """Write paho's outgoing packets from the loop, in one go per loop iteration.
-
-    For every packet it queues (each answer, each PUBACK of a request) paho asks aiomqtt to
-    watch the socket for writability, and aiomqtt does it through ``call_soon_threadsafe``:
-    a self-pipe wake-up, an ``add_writer`` (epoll_ctl), one more poll, the write, then a
-    ``remove_writer`` (epoll_ctl): about twice per registration. On the loop's thread the
-    socket is nearly always writable: the packets queued during one iteration are written
-    by one ``loop_write`` at the next (``call_soon``: paho's locks are released by then),
-    and only what the socket refuses (or a failing write, which aiomqtt then reports) goes
-    to aiomqtt's own writer. Calls from another thread (the connect runs in an executor)
-    keep aiomqtt's path."""
-    paho = client._client
-    aiomqtt_register = paho.on_socket_register_write
-    if aiomqtt_register is None:
-        return
-    loop_thread = threading.get_ident()
-
-    def flush(userdata: Any, sock: Any) -> None:
-        current = paho.socket()
-        if current is None or current is not sock:
-            return  # a connection that has gone: paho unregistered it
-        try:
-            paho.loop_write()
-        except Exception:  # aiomqtt's own writer fails the same way and reports it
-            aiomqtt_register(paho, userdata, current)
+    def _answered(self, device: DeviceId, acked: asyncio.Future[None]) -> None:
+        if acked.cancelled():
             return
-        if paho.want_write():  # the socket refused part of it: wait for writability
-            aiomqtt_register(paho, userdata, current)
-
-    def register_write(_: Any, userdata: Any, sock: Any) -> None:
-        if threading.get_ident() == loop_thread:
-            loop.call_soon(flush, userdata, sock)
+        error = acked.exception()
+        if error is None:
+            self.served += 1
         else:
-            aiomqtt_register(paho, userdata, sock)
-
-    paho.on_socket_register_write = register_write
+            log.warning("could not publish the answer to %s: %s", device, error)
 
 
 def _key_ack_device(topic: str) -> DeviceId | None:

@@ -322,6 +322,26 @@ def serving_gc() -> None:
     show_default=True,
 )
 @click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per log line on stderr (docs/operations.md).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics and /healthz on this port (0: any free port; default: off).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the metrics listener (unauthenticated: keep it on loopback or a "
+    "management network).",
+)
+@click.option(
     "--instance",
     type=click.IntRange(1, 16),
     default=1,
@@ -374,6 +394,9 @@ def run_command(
     est_host: str | None,
     crl_check_interval: float,
     log_level: str,
+    log_format: str,
+    metrics_port: int | None,
+    metrics_host: str,
     instance: int,
     join: str | None,
     standby: bool,
@@ -391,16 +414,14 @@ def run_command(
     (``--broker rabbitmq``) every instance consumes the one quorum queue: give each its
     ``--instance N`` and the same nodes; instance 1 runs the site duties."""
     import asyncio
-    import logging
     import signal
 
     from registrar.app import AppSettings, RegistrarApp, run_registrar, store_location
+    from registrar.broker import Endpoint
     from registrar.site import SiteSecrets
+    from trustcore.logformat import configure_logging
 
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(log_level, log_format, command="registrar")  # type: ignore[arg-type]
     site = _open_site(home)
     try:
         rabbitmq = None
@@ -429,6 +450,7 @@ def run_command(
             instance=instance,
             join=None if join is None else _endpoint(join),
             standby=standby,
+            metrics=None if metrics_port is None else Endpoint(metrics_host, metrics_port),
         )
         store_location(site, store)  # a bad URL: one line now, not at start-up
     except RegistrarError as exc:
@@ -454,9 +476,11 @@ def run_command(
             return
         reg, op = app.registration_endpoint, app.operational_endpoint
         est = "" if app.est is None else f", EST {app.est.endpoint.host}:{app.est.endpoint.port}"
+        metrics = app.metrics_endpoint
+        served = "" if metrics is None else f", metrics http://{metrics.host}:{metrics.port}/"
         click.echo(
             f"registrar running for site {site.site_id}: registration {reg.host}:{reg.port}, "
-            f"operational {op.host}:{op.port}{est} ({broker}); stop with Ctrl-C",
+            f"operational {op.host}:{op.port}{est} ({broker}){served}; stop with Ctrl-C",
         )
         sys.stdout.flush()
 
@@ -661,6 +685,9 @@ def status_command(home: Path, store: str | None, as_json: bool) -> None:
         table.add_row("registrar", f"running (pid {running['pid']}, {running['broker']} broker)")
         for name, ep in running["listeners"].items():
             table.add_row(f"{name} listener", f"{ep['host']}:{ep['port']}")
+        if running.get("metrics"):
+            ep = running["metrics"]
+            table.add_row("metrics", f"http://{ep['host']}:{ep['port']}/metrics, /healthz")
         table.add_row("payload key", str(running.get("payload_key")))
         table.add_row("site CRL valid until", str(running.get("site_crl_next_update")))
         site_ca = running.get("site_ca") or {}

@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
-import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from cryptography import x509
 
 from registrar.broker import Endpoint
 from registrar.errors import ConfigError
+from registrar.http_listener import start_http
 from trustcore.errors import ProfileError
 from trustcore.est import (
     CSR_ATTRS_DER,
@@ -130,17 +130,11 @@ class EstServer:
         app.router.add_post(f"{EST_PREFIX}/simplereenroll", self._simplereenroll)
         for refused in ("serverkeygen", "fullcmc"):
             app.router.add_route("*", f"{EST_PREFIX}/{refused}", self._not_supported)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
+            runner, bound = await start_http(app, host, port, ssl_context=self._tls, backlog=512)
         except OSError as exc:
-            sock.close()
             raise ConfigError(f"the EST listener cannot listen on {host}:{port}: {exc}") from exc
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.SockSite(runner, sock, ssl_context=self._tls, backlog=512).start()
-        self._endpoint = Endpoint(host, sock.getsockname()[1])
+        self._endpoint = Endpoint(host, bound)
         self._runner = runner
 
     def use_tls(self, tls: ssl.SSLContext) -> None:

@@ -84,6 +84,7 @@ from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX
 from trustcore.verify import ChainVerifier
 
 __all__ = [
+    "ANSWERED",
     "KEY_UPDATE_LEVEL",
     "RENEWAL_LEVEL",
     "RENEWAL_REQUEST_LEVEL",
@@ -109,6 +110,11 @@ RENEWAL_RESPONSE_LEVEL = "renewal/response"
 #: Called with (device, superseded LDevID serials in hex) after a replacing certificate is
 #: committed and before its answer is returned.
 SupersededHook = Callable[[DeviceId, tuple[str, ...]], Awaitable[None]]
+
+
+#: The ``stats`` keys that are not refusals: LDevID issued on registration, a stored answer
+#: given again (retry), LDevID renewed. Every other key is a public refusal reason code.
+ANSWERED = ("ok", "idempotent", "renewed")
 
 
 def _utcnow() -> datetime:
@@ -200,7 +206,9 @@ class RegistrationService:
         self.on_superseded = on_superseded
         #: Earlier site CAs whose LDevIDs may still renew (site CA rollover adds them).
         self.previous_site_cas: tuple[x509.Certificate, ...] = ()
-        self.stats: dict[str, int] = {"ok": 0, "idempotent": 0, "renewed": 0}
+        #: Answers given: :data:`ANSWERED` outcomes, and every refusal under its public reason
+        #: code (``registrar status``, the Prometheus counters of :mod:`registrar.metrics`).
+        self.stats: dict[str, int] = dict.fromkeys(ANSWERED, 0)
 
     def issuing_authority(self) -> SiteAuthority:
         """The CA that issues every new LDevID (registration and renewal): the ONE place a

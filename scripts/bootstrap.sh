@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc openssl curl
               strongswan-pki libstrongswan-extra-plugins libstrongswan-standard-plugins
               mosquitto mosquitto-clients softhsm2 libfaketime postgresql
-              rabbitmq-server)
+              rabbitmq-server systemd logrotate curl sqlite3)
 VENV=.venv
 STAMP="$VENV/.devtrust-installed"
 WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/devtrust/wheels"

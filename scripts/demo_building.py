@@ -264,6 +264,29 @@ async def _counterfeit_story(
     return {"flagged": flagged, "cut": len(cut), "cut_s": worst}
 
 
+def _operations(endpoint: dict[str, Any]) -> dict[str, Any]:
+    """Read the registrar's Prometheus endpoint and health check, as a monitoring system
+    would (docs/operations.md)."""
+    import urllib.error
+    import urllib.request
+
+    base = f"http://{endpoint['host']}:{endpoint['port']}"
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as page:  # noqa: S310 - loopback
+        text = page.read().decode()
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as page:  # noqa: S310
+            health = json.loads(page.read())["status"]
+    except urllib.error.HTTPError as exc:  # 503: a check failed
+        health = json.loads(exc.read())["failing"]
+    values = [line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#")]
+    prefix = "devtrust_registrar_"
+    return {
+        "registered": sum(float(v) for k, v in values if k == f"{prefix}registrations_total"),
+        "refused": sum(float(v) for k, v in values if k.startswith(f"{prefix}refusals_total")),
+        "health": health,
+    }
+
+
 def run_building(
     work: Path, run: Run, step: Callable[[str], None], summary: list[tuple[str, str, str]],
     station_tcti: str, console: Any,
@@ -287,7 +310,7 @@ def run_building(
     proc = subprocess.Popen(  # noqa: S603 - our own command
         [str(Path(sys.executable).parent / "registrar"), "run", "--home", str(site),
          "--registration-port", "0", "--operational-port", "0", "--est-port", "0",
-         "--crl-check-interval", "5"],
+         "--crl-check-interval", "5", "--metrics-port", "0"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -324,6 +347,7 @@ def run_building(
             for d in devices:
                 d.power_off()
         status = json.loads(run("registrar", "status", "--home", site, "--json", quiet=True))
+        ops = _operations(status["instance"]["metrics"])
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -349,6 +373,10 @@ def run_building(
         raise SystemExit("demo failed: revocation did not cut exactly the revoked device")
     if messages == 0:
         raise SystemExit("demo failed: no telemetry reached the registrar")
+    summary.append(("metrics, health", f"{ops['registered']:.0f} registrations",
+                    f"{ops['refused']:.0f} refusals; /healthz {ops['health']}"))  # fmt: skip
+    if ops["registered"] < registered:
+        raise SystemExit("demo failed: /metrics does not count the registrations")
 
 
 def _est_cacerts(

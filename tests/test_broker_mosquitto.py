@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import aiomqtt
 import pytest
@@ -33,6 +34,7 @@ from broker_config.render import (
 from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, BrokerTls, Endpoint
 from registrar.broker.mosquitto import MosquittoBroker
 from registrar.errors import BrokerError
+from registrar.mqtt_session import MqttSession, MqttSessionError
 from tests.fixtures.pki import DAY, MANUFACTURER, SITE_OPERATOR, Pki, make_crl, p256, pem
 from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
@@ -645,3 +647,64 @@ async def test_expired_crl_refuses_everyone_and_a_missing_crl_is_an_error(
     site.write_crls(number=4)
     await broker.reload_crls()
     assert not await refused(site, op, site.ldevid["dev-b"])
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_the_registrars_own_session_on_real_mosquitto(
+    site: Site, broker: MosquittoBroker, protocol: Literal["3.1.1", "5"]
+) -> None:
+    """:class:`registrar.mqtt_session.MqttSession` (what ``registrar run`` serves with) with
+    the registrar's certificate: its subscriptions receive what a device publishes with
+    ``mosquitto_pub``, its retained QoS 1 publish reaches a later ``mosquitto_sub``, and
+    after DISCONNECT it refuses to publish."""
+    op = broker.operational_endpoint
+    ctx = ssl.create_default_context(cafile=site.root)
+    ctx.load_cert_chain(site.service.cert, site.service.key)
+    session = await MqttSession.open(
+        op.host, op.port, tls=ctx, client_id=REGISTRAR_IDENTITY, protocol=protocol, timeout=5
+    )
+    cert = site.ldevid["dev-a"]
+    tls = ["--cafile", str(site.root), "--cert", str(cert.cert), "--key", str(cert.key)]
+    common = [
+        "-h",
+        op.host,
+        "-p",
+        str(op.port),
+        "-q",
+        "1",
+        "-V",
+        "5" if protocol == "5" else "311",
+        *tls,
+    ]
+    try:
+        await session.subscribe("devices/+/telemetry")
+        pub = await asyncio.create_subprocess_exec(
+            "mosquitto_pub", *common, "-t", "devices/dev-a/telemetry", "-m", "t1", "-r"
+        )
+        assert await asyncio.wait_for(pub.wait(), 5) == 0
+        message = await asyncio.wait_for(session.next_message(), 5)
+        assert (message.topic, message.payload) == ("devices/dev-a/telemetry", b"t1")
+        await session.publish("devices/dev-a/cmd", b"hello-session", retain=True)
+        sub = await asyncio.create_subprocess_exec(
+            "mosquitto_sub",
+            *common,
+            "-t",
+            "devices/dev-a/cmd",
+            "-v",
+            "-C",
+            "1",
+            "-W",
+            "5",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(sub.communicate(), 6)
+        assert sub.returncode == 0, err
+        assert out.decode().splitlines() == ["devices/dev-a/cmd hello-session"]
+        await session.publish("devices/dev-a/cmd", b"", retain=True)  # clear it again
+        await session.publish("devices/dev-a/telemetry", b"", retain=True)
+    finally:
+        await session.disconnect()
+    assert not session.is_open
+    with pytest.raises(MqttSessionError):
+        await session.publish("devices/dev-a/cmd", b"after close")

@@ -7,16 +7,20 @@ from datetime import timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.fixtures.pki import SITE_OPERATOR, Pki, p256
 from trustcore.errors import ProfileError
-from trustcore.identity import CertSerial, DeviceId
+from trustcore.identity import CertSerial, DeviceId, SiteId
 from trustcore.profiles import (
     PROFILES,
     _build,
     _device_subject,
+    device_id_from_certificate,
     hardware_module_name,
+    issue_root_ca,
     issue_secondary_certificate,
+    issue_site_ca,
 )
 
 DEVICE = DeviceId("dev-777001")
@@ -51,6 +55,80 @@ def test_prepared_issuer_makes_the_profile_builders_certificate(
         )
         assert fast.tbs_certificate_bytes == reference.tbs_certificate_bytes
         fast.verify_directly_issued_by(pki.site_ca)
+
+
+@pytest.mark.parametrize(
+    ("device", "organization", "start_offset", "lifetime"),
+    [
+        ("a", SITE_OPERATOR, timedelta(0), timedelta(days=1)),
+        (
+            "Dev-9.x-" + "y" * 56,
+            "Société Générale — Bâtiment B",
+            timedelta(microseconds=7),
+            timedelta(days=3650),
+        ),
+        (
+            "0",
+            "O" * 200,
+            timedelta(days=-1),
+            timedelta(days=365 * 30),
+        ),  # past 2050: GeneralizedTime
+    ],
+)
+def test_assembled_ldevid_matches_the_builder_for_any_id_name_and_date(
+    pki: Pki,
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    organization: str,
+    start_offset: timedelta,
+    lifetime: timedelta,
+) -> None:
+    """Long, short and punctuated ids, non-ASCII and long organizations, microseconds in the
+    start (dropped) and an end past 2049 (GeneralizedTime), with a CA valid long enough."""
+    root_key = p256("root-long")
+    root = issue_root_ca(
+        root_key,
+        common_name="Long Root",
+        organization=SITE_OPERATOR,
+        not_before=pki.now - timedelta(days=3),
+        not_after=pki.now + timedelta(days=365 * 41),
+    )
+    long_ca = issue_site_ca(
+        root,
+        root_key,
+        pki.site_key.public_key(),
+        site_id=SiteId("site-long"),
+        organization=SITE_OPERATOR,
+        not_before=pki.now - timedelta(days=2),
+        not_after=pki.now + timedelta(days=365 * 40),
+    )
+    serial = CertSerial.random()
+    monkeypatch.setattr(CertSerial, "random", staticmethod(lambda: serial))
+    key = p256(f"ldevid-{device}").public_key()
+    start, end = pki.now + start_offset, pki.now + start_offset + lifetime
+    fast = issue_secondary_certificate(
+        long_ca,
+        pki.site_key,
+        key,
+        device_id=DeviceId(device),
+        organization=organization,
+        not_before=start,
+        not_after=end,
+    )
+    reference = _build(
+        PROFILES["ldevid"],
+        subject=_device_subject(DeviceId(device), organization),
+        subject_key=key,
+        issuer_cert=long_ca,
+        issuer_key=pki.site_key,
+        not_before=start,
+        not_after=end,
+        san=[hardware_module_name(DeviceId(device))],
+    )
+    assert fast.tbs_certificate_bytes == reference.tbs_certificate_bytes
+    assert fast.public_bytes(Encoding.DER)[-len(fast.signature) :] == fast.signature
+    fast.verify_directly_issued_by(long_ca)
+    assert device_id_from_certificate(fast) == DeviceId(device)
 
 
 def test_prepared_issuer_keeps_the_issuer_checks(pki: Pki) -> None:

@@ -560,6 +560,16 @@ class VerifiedRegistration:
     in_manifest: bool = True
 
 
+@functools.lru_cache(maxsize=256)
+def _station_of(ca: x509.Certificate) -> StationId | None:
+    """The station id of the CA that issued an IDevID (None: not a station CA's name); a
+    site sees few station CAs and every registration asks."""
+    try:
+        return station_id_from_certificate(ca)
+    except ProfileError:
+        return None
+
+
 def _refuse(reason: str, detail: str) -> RegistrationError:
     return RegistrationError(detail, reason=reason)
 
@@ -654,10 +664,7 @@ def _verify_request(
         raise _refuse("stale_request", f"request time {request.time}, registrar time {now_s}")
     if nonce_seen:
         raise _refuse("replayed_nonce", f"nonce {request.nonce.hex()} already used")
-    try:
-        station: StationId | None = station_id_from_certificate(identity.issuer)
-    except ProfileError:
-        station = None
+    station = _station_of(identity.issuer)
     in_manifest = admission.admits(request.device_id, station)
     if not in_manifest and not defer_manifest:
         raise _refuse("not_in_manifest", f"{request.device_id} (station {station}) not admitted")

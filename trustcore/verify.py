@@ -54,7 +54,13 @@ from cryptography.x509 import verification as libverify
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
 from trustcore.crl import IndirectRevocationSet, RevocationSet, verify_crl, verify_indirect_crl
-from trustcore.errors import X509_PARSE_ERRORS, CrlError, ProfileError, VerificationError
+from trustcore.errors import (
+    X509_PARSE_ERRORS,
+    CrlError,
+    EncodingError,
+    ProfileError,
+    VerificationError,
+)
 from trustcore.identity import DeviceId
 from trustcore.profiles import (
     OID_EKU_AUDIT_RECEIVER,
@@ -64,6 +70,7 @@ from trustcore.profiles import (
     OID_HARDWARE_MODULE_NAME,
     crl_issuers_of,
     device_id_from_certificate,
+    tbs_names_der,
 )
 
 __all__ = ["ChainVerifier", "VerifiedIdentity", "load_certificate", "verify_client_chain"]
@@ -109,13 +116,16 @@ def load_certificate(data: bytes) -> x509.Certificate:
 class VerifiedIdentity:
     """Who presented a chain that verified. ``chain`` runs leaf first, trust anchor last."""
 
-    subject: x509.Name
     device_id: DeviceId | None
     leaf: x509.Certificate
     chain: tuple[x509.Certificate, ...]
     issuer: x509.Certificate
     #: The leaf's public key as parsed for the checks (always ECDSA P-256 when verified).
     leaf_key: ec.EllipticCurvePublicKey | None = None
+
+    @property
+    def subject(self) -> x509.Name:
+        return self.leaf.subject
 
     @property
     def root(self) -> x509.Certificate:
@@ -167,6 +177,17 @@ class _KnownPath:
 
     tail: tuple[x509.Certificate, ...]
     policy: libverify.PolicyBuilder
+    #: The issuing CA's subject as encoded in its certificate (see ``tbs_names_der``).
+    issuer_subject: bytes
+
+
+def _names_der(cert: x509.Certificate) -> tuple[bytes, bytes]:
+    """(issuer, subject) DER as the certificate carries them; for a TBS the short reader
+    does not follow, the library's re-encoding."""
+    try:
+        return tbs_names_der(cert)
+    except EncodingError:
+        return cert.issuer.public_bytes(), cert.subject.public_bytes()
 
 
 def _describe(cert: x509.Certificate) -> str:
@@ -334,7 +355,6 @@ class ChainVerifier:
                 f"certificate does not parse: {exc}", reason="malformed"
             ) from exc
         return VerifiedIdentity(
-            subject=leaf.subject,
             device_id=device_id,
             leaf=leaf,
             chain=chain,
@@ -358,8 +378,8 @@ class ChainVerifier:
     ) -> tuple[x509.Certificate, ...] | None:
         """The chain through a remembered, already verified CA path, or None (full path)."""
         known = self._paths.get(presented)
-        if known is None or leaf.issuer != known.tail[0].subject:
-            return None
+        if known is None or _names_der(leaf)[0] != known.issuer_subject:
+            return None  # (a name encoded otherwise takes the full path: still correct)
         if any(not c.not_valid_before_utc <= now <= c.not_valid_after_utc for c in known.tail):
             return None  # the full path says which one and why
         try:
@@ -389,7 +409,7 @@ class ChainVerifier:
             .max_chain_depth(_MAX_CHAIN_DEPTH)
             .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
         )
-        self._paths[presented] = _KnownPath(tail, policy)
+        self._paths[presented] = _KnownPath(tail, policy, _names_der(tail[0])[1])
         for cert in presented:
             self._parsed[cert.public_bytes(serialization.Encoding.DER)] = cert
 
@@ -410,7 +430,10 @@ class ChainVerifier:
                 reason="wrong_key_type",
             )
         # A self-signed leaf vouches for itself only: say so rather than "unknown issuer".
-        if leaf.issuer == leaf.subject:
+        # (Compared as encoded: a self-signed leaf with its names encoded two ways is
+        # refused as "untrusted" all the same, by the path check.)
+        issuer_der, subject_der = _names_der(leaf)
+        if issuer_der == subject_der:
             try:
                 leaf.verify_directly_issued_by(leaf)
             except (ValueError, TypeError, InvalidSignature):

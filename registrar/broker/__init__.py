@@ -30,6 +30,12 @@ from typing import Protocol
 REGISTRAR_IDENTITY = "registrar@site"
 
 
+def is_device_identity(identity: str) -> bool:
+    """Device ids cannot contain ``@``; every service identity (registrar, its instances,
+    broker administrators) does."""
+    return "@" not in identity
+
+
 @dataclass(frozen=True)
 class Endpoint:
     host: str
@@ -85,6 +91,12 @@ class Broker(Protocol):
         """Deny ``identity`` everything from now on (connect, publish, subscribe), on both
         listeners, even if its certificate still verifies (belt and braces for revocation,
         and the only mechanism for an identity whose CRL cannot be updated yet)."""
+
+    def connected_devices(self) -> int:
+        """Live device sessions right now (service identities, which contain ``@``, are not
+        counted): the ``devtrust_registrar_connected_devices`` gauge. Read at scrape time,
+        from what the broker keeps anyway (no per-connection cost)."""
+        ...
 
     def connection_mark(self, identity: str) -> int:
         """A mark for :meth:`cut_superseded` (take it after the superseded serials' CRL is

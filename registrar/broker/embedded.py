@@ -55,7 +55,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, Endpoint
+from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, Endpoint, is_device_identity
 from registrar.broker.amqtt_plugins import (
     AccessPolicy,
     CertificateAuthPlugin,
@@ -658,7 +658,14 @@ class EmbeddedBroker:
         self._policy.block(identity)
         log.warning("identity %s blocked (connect, publish, subscribe, delivery)", identity)
 
-    # -- introspection (status, tests)
+    # -- introspection (status, metrics, tests)
+    def connected_devices(self) -> int:
+        if self._amqtt is None:
+            return 0
+        return sum(
+            1 for c in self._amqtt.all_connections() if is_device_identity(c.principal.identity)
+        )
+
     def live_sessions(self, identity: str) -> int:
         """How many live connections ``identity`` has right now."""
         return len(self._require().connections(identity))

@@ -57,7 +57,7 @@ from broker_config.render import (
     render_operational_acl,
     render_registration_acl,
 )
-from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, Endpoint
+from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, Endpoint, is_device_identity
 from registrar.errors import BrokerError
 from trustcore.errors import InvalidValueError
 
@@ -358,6 +358,10 @@ class MosquittoBroker:
         """Identities whose session was replaced by a second one with the same identity
         (the certificate is in use twice: a clone signal for the registrar to log)."""
         return list(self._clone_signals)
+
+    def connected_devices(self) -> int:
+        # not the random dynamic-security admin user (no "@" in it), nor service identities
+        return sum(n for name, n in self.live_sessions().items() if is_device_identity(name))
 
     def live_sessions(self) -> dict[str, int]:
         """Identity → number of live sessions, as Mosquitto's log reported them."""

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,9 +39,10 @@ from typing import Protocol
 
 from aiohttp import web
 
-from registrar.broker import REGISTRAR_IDENTITY
+from registrar.broker import REGISTRAR_IDENTITY, is_device_identity
 from registrar.broker.rabbitmq import amqp_to_mqtt
 from registrar.errors import BrokerError
+from registrar.http_listener import start_http
 from registrar.store.records import DeviceRecord
 from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
@@ -116,6 +116,10 @@ class LiveSessions:
 
     def count(self, identity: str) -> int:
         return self._live.get(identity, 0)
+
+    def devices(self) -> int:
+        """Live device connections (service identities contain ``@``)."""
+        return sum(n for user, n in self._live.items() if is_device_identity(user))
 
     def __len__(self) -> int:
         return len(self._users)
@@ -344,17 +348,13 @@ class AuthBackend:
             raise BrokerError("the auth backend listens on loopback unless it has mTLS")
         app = web.Application(client_max_size=16 * 1024)
         app.router.add_route("*", "/{kind}", self._handle)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
+            runner, bound = await start_http(
+                app, host, port, ssl_context=ssl_context, backlog=512
+            )
         except OSError as exc:
-            sock.close()
             raise BrokerError(f"the auth backend cannot listen on {host}:{port}: {exc}") from exc
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.SockSite(runner, sock, ssl_context=ssl_context, backlog=512).start()
-        self._port = sock.getsockname()[1]
+        self._port = bound
         self._runner = runner
 
     async def stop(self) -> None:

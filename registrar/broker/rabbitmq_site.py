@@ -160,6 +160,9 @@ class RabbitMQSite:
         with contextlib.suppress(BrokerError):  # at start the nodes may not be up yet
             await self.disconnect(identity)
 
+    def connected_devices(self) -> int:
+        return self.live.devices()
+
     def connection_mark(self, identity: str) -> int:
         return self.live.mark()
 

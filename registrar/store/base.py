@@ -733,6 +733,12 @@ class Store:
         )
         return _device(rows[0]) if rows else None
 
+    async def ping(self) -> None:
+        """One trivial read, and the writer is alive: ``StoreError`` otherwise (health)."""
+        if self._task is None or self._task.done():
+            raise StoreError("registrar database writer is not running")
+        await self._rows("SELECT 1")
+
     async def revoked_device_ids(self) -> set[DeviceId]:
         """Devices whose status is ``revoked`` (an index range, not a scan of the registry)."""
         rows = await self._rows("SELECT device_id FROM devices WHERE status = 'revoked'")

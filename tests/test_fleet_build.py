@@ -1,0 +1,191 @@
+"""``device-sim build-fleet`` at a real factory station (swtpm station TPM, HQ entitlement),
+then ``device-sim fleet`` on the result against ``registrar run``: the user story of a load
+test without any benchmark code, through the real commands only.
+
+HQ init → station init (``--unsafe-csr-only``: a load-test station) → enrol → entitle →
+build-fleet (software keys) → export-audit → HQ ingest-audit (every device accounted for)
+→ site init/enrol/bundle/commission → registrar run → device-sim fleet: all registered.
+A station that attests device keys refuses software devices before any work, and a TPM
+fleet is built through the same station path (one swtpm per device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from cryptography import x509
+
+from device_sim.cli import main as device_main
+from device_sim.device import SimDevice, manufacture_tpm_template, vendor_ca_pem
+from device_sim.swtpm import Swtpm
+from factory_station.cli import main as station_main
+from hq.cli import main as hq_main
+from registrar.app import AppSettings, running
+from registrar.cli import main as registrar_main
+from registrar.site import SiteHome, SiteSecrets
+from trustcore.profiles import device_id_from_certificate
+
+pytestmark = pytest.mark.tpm
+
+BIN = Path(sys.executable).parent
+
+
+def invoke(cli: object, *args: object, code: int = 0) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args])  # type: ignore[arg-type]
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def secret_file(path: Path, value: str) -> Path:
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def station_with_entitlement(
+    tmp: Path, swtpm: Swtpm, *, unsafe: bool, vendor_pem: Path | None = None
+) -> tuple[Path, Path]:
+    """HQ and an entitled station ``station-01`` (ids ``TH-000000``…): (HQ home, station)."""
+    hq, station = tmp / "hq", tmp / "station"
+    invoke(hq_main, "init", "--home", hq, "--org", "Acme Devices")
+    enrolment = tmp / "enrolment.cbor"
+    mode = ["--unsafe-csr-only"] if unsafe else ["--tpm-vendor-ca", vendor_pem]
+    invoke(
+        station_main, "init", "--home", station, "--station-id", "station-01",
+        "--tcti", swtpm.tcti, "--root", hq / "certs" / "root-ca.pem", *mode,
+        "--enrolment-out", enrolment,
+    )  # fmt: skip
+    invoke(hq_main, "enrol-station", "--home", hq, enrolment)
+    now = datetime.now(UTC)
+    entitlement = tmp / "entitlement.sealed"
+    invoke(
+        hq_main, "entitle", "--home", hq, "--station", "station-01", "--product", "thermo",
+        "--quota", "20", "--daily-limit", "20", "--timezone", "UTC",
+        "--not-before", (now - timedelta(hours=1)).isoformat(),
+        "--not-after", (now + timedelta(days=30)).isoformat(), "--id-prefix", "TH-",
+        "--id-first", "0", "--id-last", "999", "--id-digits", "6", "--out", entitlement,
+    )  # fmt: skip
+    invoke(station_main, "import-entitlement", "--home", station, entitlement)
+    return hq, station
+
+
+async def test_build_a_software_fleet_and_onboard_it(
+    tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", "hq passphrase for the fleet test")
+    station_tpm = swtpm_factory(tmp_path / "station-tpm")
+    hq, station = station_with_entitlement(tmp_path, station_tpm, unsafe=True)
+    device_pass = secret_file(tmp_path / "devices.pass", "load-test fleet passphrase")
+    fleet = tmp_path / "fleet"
+
+    line = invoke(
+        device_main, "build-fleet", "--station", station, "--count", "4", "--keys", "software",
+        "--out", fleet, "--passphrase-file", device_pass, "--json",
+    )  # fmt: skip
+    built = json.loads(line)
+    assert built["built"] == 4 and built["refused"] == []
+    assert built["device_ids"] == [f"TH-{i:06d}" for i in range(4)]
+    for device_id in built["device_ids"]:
+        key_file = fleet / device_id / "factory.key.pem"
+        assert key_file.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+        cert = x509.load_pem_x509_certificate((fleet / device_id / "idevid.pem").read_bytes())
+        assert device_id_from_certificate(cert).value == device_id
+    status = json.loads(invoke(station_main, "status", "--home", station, "--json"))
+    assert status["issued_total"] == 4
+
+    # HQ sees every one of them in the station's audit log.
+    export = tmp_path / "audit-1.sealed"
+    invoke(station_main, "export-audit", "--home", station, "--out", export)
+    report = json.loads(invoke(hq_main, "ingest-audit", "--home", hq, export, "--json"))
+    assert report["status"] == "clean" and report["entitlements"][0]["issued"] == 4
+
+    # A site admitting the station; the registrar serves; the fleet onboards.
+    site = tmp_path / "site"
+    site_pass = secret_file(tmp_path / "site.pass", "site passphrase for the fleet test")
+    monkeypatch.setenv("DEVTRUST_SITE_PASSPHRASE", "site passphrase for the fleet test")
+    root = hq / "certs" / "root-ca.pem"
+    invoke(registrar_main, "init", "--home", site, "--site-id", "site-01", "--root", root)
+    invoke(hq_main, "site", "enrol", "--home", hq, next(site.glob("*enrol*")))
+    bundle = tmp_path / "bundle.sealed"
+    invoke(
+        hq_main, "site", "bundle", "--home", hq, "--site", "site-01",
+        "--admit-station", "station-01", "--out", bundle,
+    )  # fmt: skip
+    invoke(registrar_main, "commission", "--home", site, bundle)
+
+    settings = AppSettings(registration_port=0, operational_port=0)
+    async with running(SiteHome.open(site), SiteSecrets(site_pass), settings) as app:
+        reg = app.registration_endpoint
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "device-sim"), "fleet", str(fleet), "--host", reg.host,
+            "--port", str(reg.port), "--root", str(root), "--passphrase-file", str(device_pass),
+            "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+        assert proc.returncode == 0, err.decode()
+        assert app.store is not None
+        counts = await app.store.counts()
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert summary["registered"] == 4 and summary["failures"] == 0
+    assert sorted(r["device_id"] for r in summary["results"]) == built["device_ids"]
+    assert counts["devices"] == 4
+
+    # The entitlement still counts: 16 left; asking for 17 more builds 16 and is refused.
+    out_text = invoke(
+        device_main, "build-fleet", "--station", station, "--count", "17", "--keys",
+        "software", "--out", fleet, "--passphrase-file", device_pass, code=2,
+    )  # fmt: skip
+    assert "built 16 of 17" in out_text and "over_quota" in out_text
+
+
+def test_software_devices_need_a_load_test_station(
+    tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A station that attests device keys refuses software keys up front (nothing issued,
+    nothing written) and builds a TPM fleet through the same path, each key attested."""
+    monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", "hq passphrase for the fleet test")
+    monkeypatch.setenv("DEVTRUST_DEVICE_PASSPHRASE", "load-test fleet passphrase")
+    vendor = tmp_path / "vendor"
+    template = manufacture_tpm_template(tmp_path / "ek-template", ek_ca_dir=vendor)
+    vendor_pem = tmp_path / "vendor.pem"
+    vendor_pem.write_bytes(vendor_ca_pem(vendor))
+    station_tpm = swtpm_factory(tmp_path / "station-tpm")
+    _, station = station_with_entitlement(
+        tmp_path, station_tpm, unsafe=False, vendor_pem=vendor_pem
+    )
+
+    refused = invoke(
+        device_main, "build-fleet", "--station", station, "--count", "2", "--keys", "software",
+        "--out", tmp_path / "soft", code=1,
+    )  # fmt: skip
+    assert "--unsafe-csr-only" in refused and "Traceback" not in refused
+    assert not (tmp_path / "soft").exists()
+    invoke(
+        device_main, "build-fleet", "--station", station, "--count", "2", "--keys", "tpm",
+        "--out", tmp_path / "soft", "--passphrase-file", vendor_pem, code=2,
+    )  # fmt: skip
+
+    line = invoke(
+        device_main, "build-fleet", "--station", station, "--count", "2", "--keys", "tpm",
+        "--out", tmp_path / "tpm-fleet", "--ek-template", template, "--json",
+    )  # fmt: skip
+    assert json.loads(line)["built"] == 2
+    devices = [SimDevice(d) for d in sorted((tmp_path / "tpm-fleet").iterdir())]
+    assert sorted(d.info()["device_id"] for d in devices) == ["TH-000000", "TH-000001"]
+    assert all((d.directory / "device-key.tss.pem").exists() for d in devices)
+    status = json.loads(invoke(station_main, "status", "--home", station, "--json"))
+    assert status["issued_total"] == 2
+    # `fleet` says clearly that it onboards software-key devices only.
+    root = tmp_path / "hq" / "certs" / "root-ca.pem"
+    out = invoke(
+        device_main, "fleet", tmp_path / "tpm-fleet", "--port", "1", "--root", root, code=1
+    )
+    assert "is a TPM device" in out
