@@ -3,11 +3,12 @@
 ``pki --estca``; the certificates they get then work on the operational MQTT listener with
 ``mosquitto_pub``, and a superseded one stops working there.
 
-The site is commissioned from a real HQ bundle; the factory certificates are issued by the
-HQ-enrolled, entitled station CA (as in ``tests/test_registrar_integration.py``) for
-device keys that are software key files in a private tmp directory (the clients are
-third-party programs reading files: that is the point). Refusals are checked to answer
-with the RFC's status codes and a readable reason, and to store nothing.
+The devices come from a real factory station (``device-sim build-fleet --keys software``:
+entitlement, TPM NV counter, factory certificate signed in the station's TPM, audit record,
+ingested by HQ), and the site is commissioned from HQ's bundle. Their factory keys are
+software keys, handed to the clients as key files in the test's private tmp directory (the
+clients are third-party programs reading files: that is the point). Refusals are checked to
+answer with the RFC's status codes and a readable reason, and to store nothing.
 """
 
 from __future__ import annotations
@@ -16,14 +17,12 @@ import asyncio
 import base64
 import json
 import os
-import shutil
 import signal
 import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +31,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from device_sim.cli import main as device_main
+from device_sim.swtpm import Swtpm
+from factory_station.cli import main as station_main
+from hq.cli import main as hq_main
 from registrar.broker import Endpoint
+from registrar.cli import main as registrar_main
 from registrar.est import EstServer, EstTraffic, est_server_context
-from registrar.site import commission_site
 from signers.software import SoftwareKey
 from tests.fixtures.pki import Pki
-from tests.test_registrar_integration import DAY, MANUFACTURER, REGISTRAR
-from tests.test_site_bundle import STATION, World, make_world
+from tests.test_fleet_build import invoke, secret_file, station_with_entitlement
+from tests.test_registrar_integration import DAY, REGISTRAR
 from trustcore.est import CSR_ATTRS_DER
 from trustcore.identity import DeviceId
 from trustcore.profiles import (
     device_id_from_certificate,
     issue_broker_certificate,
-    issue_factory_certificate,
 )
 from trustcore.registration import open_payload_key, parse_key_update
 from trustcore.wrap_key import build_wrap_key_registration
@@ -55,14 +57,22 @@ PEM = serialization.Encoding.PEM
 EST = "/.well-known/est"
 
 
+#: Devices the station provisions for this module; the site's bundle lists all but the
+#: last two (``TH-000006``, ``TH-000007``: made by the same station, not admitted here).
+FLEET = 8
+ADMITTED = FLEET - 2
+OUTSIDER = f"TH-{FLEET - 2:06d}"
+
+
 @dataclass
 class Site:
-    world: World
     home: Path
     process: subprocess.Popen[bytes]
     est: Endpoint
     operational: Endpoint
     root: Path  # manufacturer root (PEM): the clients' trust anchor
+    fleet: Path  # device-sim build-fleet output: <id>/idevid.pem, chain.pem, factory.key.pem
+    fleet_passphrase: bytes
     log: Path
 
     def url(self, operation: str = "") -> str:
@@ -86,30 +96,52 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    """``registrar run --broker mosquitto --est-port 0`` on a commissioned site (manifest:
-    TH-000001; rule: every TH- device of the station; renewals not rate-limited)."""
+    """The real flow, by the commands a user types: HQ; a load-test factory station (its CA
+    key in a swtpm, ``--unsafe-csr-only``) entitled for ``TH-`` ids; ``device-sim
+    build-fleet --keys software`` provisions FLEET devices through it (entitlement, TPM NV
+    counter, certificate signed in the station's TPM, audit record); HQ ingests the audit;
+    the site is enrolled and commissioned from HQ's bundle listing the first ADMITTED
+    devices; ``registrar run --broker mosquitto --est-port 0`` (renewals not rate-limited)."""
     tmp = tmp_path_factory.mktemp("est")
-    world = make_world(tmp / "w")
-    bundle = world.bundle(
-        devices=("TH-000001",), admit_stations=(STATION,), admit_products=("thermo",)
-    )
-    commission_site(world.site, bundle, world.site_secrets)
-    home = world.site.path
-    root = tmp / "root.pem"
-    shutil.copyfile(world.hq.certs_dir / "root-ca.pem", root)
-    # A fresh LDevID may renew at once (the default rate limit is an hour).
-    policy = run(
-        str(REGISTRAR), "ldevid-policy", "--home", str(home),
-        "--min-interval-seconds", "0", "--handover-seconds", "1",
-    )  # fmt: skip
-    assert policy.returncode == 0, policy.stderr
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DEVTRUST_HQ_PASSPHRASE", "hq passphrase for the EST test")
+        env.setenv("DEVTRUST_SITE_PASSPHRASE", "site passphrase for the EST test")
+        station_tpm = Swtpm(tmp / "station-tpm").start()
+        try:
+            hq, station = station_with_entitlement(tmp, station_tpm, unsafe=True)
+            fleet_pass = secret_file(tmp / "devices.pass", "EST test fleet passphrase")
+            fleet = tmp / "fleet"
+            line = invoke(
+                device_main, "build-fleet", "--station", station, "--count", FLEET,
+                "--keys", "software", "--out", fleet, "--passphrase-file", fleet_pass, "--json",
+            )  # fmt: skip
+            built = json.loads(line)
+            assert built["built"] == FLEET
+            export = tmp / "audit-1.sealed"
+            invoke(station_main, "export-audit", "--home", station, "--out", export)
+            invoke(hq_main, "ingest-audit", "--home", hq, export, "--json")
+        finally:
+            station_tpm.stop()
+        home = tmp / "site"
+        site_pass = secret_file(tmp / "site.pass", "site passphrase for the EST test")
+        root = hq / "certs" / "root-ca.pem"
+        invoke(registrar_main, "init", "--home", home, "--site-id", "site-01", "--root", root)
+        invoke(hq_main, "site", "enrol", "--home", hq, next(home.glob("*enrol*")))
+        bundle = tmp / "bundle.sealed"
+        listed = [a for i in range(ADMITTED) for a in ("--device", f"TH-{i:06d}")]
+        invoke(hq_main, "site", "bundle", "--home", hq, "--site", "site-01", *listed,
+               "--out", bundle)  # fmt: skip
+        invoke(registrar_main, "commission", "--home", home, bundle)
+        # A fresh LDevID may renew at once (the default rate limit is an hour).
+        invoke(registrar_main, "ldevid-policy", "--home", home,
+               "--min-interval-seconds", "0", "--handover-seconds", "1")  # fmt: skip
     log = tmp / "registrar.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
-                str(REGISTRAR), "run", "--home", str(home),
-                "--passphrase-file", str(world.base / "site.pass"), "--broker", "mosquitto",
-                "--registration-port", "0", "--operational-port", "0", "--est-port", "0",
+                str(REGISTRAR), "run", "--home", str(home), "--passphrase-file", str(site_pass),
+                "--broker", "mosquitto", "--registration-port", "0", "--operational-port", "0",
+                "--est-port", "0",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -123,12 +155,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             time.sleep(0.05)
         listeners = json.loads(status.read_text())["listeners"]
         yield Site(
-            world,
             home,
             process,
             Endpoint(**listeners["est"]),
             Endpoint(**listeners["operational"]),
             root,
+            fleet,
+            fleet_pass.read_text().strip().encode(),
             log,
         )
     finally:
@@ -164,21 +197,19 @@ def write_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def factory_device(site: Site, directory: Path, device_id: str) -> tuple[Path, Path]:
-    """(IDevID chain PEM, factory key file) of a device made by the entitled station."""
+    """(IDevID + station CA chain PEM, factory key file) of a device the station made: its
+    encrypted keystore from the fleet, decrypted into a 0600 file in the test's private tmp
+    directory for the third-party clients (they read key files)."""
     directory.mkdir(parents=True, exist_ok=True)
-    key = write_key(directory / "factory.key")
-    world = site.world
-    cert = issue_factory_certificate(
-        world.station_ca,
-        world.station_key.private_key(),
-        key.public_key(),
-        device_id=DeviceId(device_id),
-        manufacturer=MANUFACTURER,
-        not_before=max(world.station_ca.not_valid_before_utc, datetime.now(UTC) - DAY),
-    )
+    made = site.fleet / device_id
     chain = directory / "idevid.pem"
-    chain.write_bytes(cert.public_bytes(PEM) + world.station_ca.public_bytes(PEM))
-    return chain, directory / "factory.key"
+    chain.write_bytes((made / "idevid.pem").read_bytes() + (made / "chain.pem").read_bytes())
+    key = SoftwareKey.load(made / "factory.key.pem", site.fleet_passphrase).private_key()
+    keyfile = _private_file(
+        directory / "factory.key",
+        key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+    return chain, keyfile
 
 
 def run(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -267,7 +298,7 @@ def test_curl_openssl_enrol_reenrol_and_mqtt(site: Site, tmp_path: Path) -> None
     """cacerts, csrattrs, simpleenroll with the factory certificate, the LDevID on the
     operational listener, idempotent retry, simplereenroll with the LDevID: the old one is
     refused at connect from then on, the new one works."""
-    device = "TH-000001"
+    device = "TH-000000"
     idevid, factory_key = factory_device(site, tmp_path, device)
 
     code, body = curl(site, "cacerts")
@@ -322,7 +353,7 @@ def test_curl_openssl_enrol_reenrol_and_mqtt(site: Site, tmp_path: Path) -> None
 def test_strongswan_pki_estca_est_and_reenrol(site: Site, tmp_path: Path) -> None:
     """strongSwan ``pki --estca`` and ``pki --est`` (client certificate), then the LDevID on
     the operational listener; ``pki --est`` again with that LDevID renews it."""
-    device = "TH-000102"  # admitted by the station rule (not listed in the manifest)
+    device = "TH-000001"
     idevid, factory_key = factory_device(site, tmp_path, device)
     url = f"https://{site.est.host}:{site.est.port}"  # pki adds /.well-known/est/<op>
     ca = run("pki", "--estca", "--url", url, "--cacert", str(site.root),
@@ -355,8 +386,8 @@ def test_strongswan_pki_estca_est_and_reenrol(site: Site, tmp_path: Path) -> Non
 
 def test_refusals_have_rfc_status_a_reason_and_store_nothing(site: Site, tmp_path: Path) -> None:
     before = device_count(site)
-    idevid, factory_key = factory_device(site, tmp_path / "a", "TH-000201")
-    _, csr = openssl_csr(tmp_path / "a", "TH-000201", "good")
+    idevid, factory_key = factory_device(site, tmp_path / "a", "TH-000002")
+    _, csr = openssl_csr(tmp_path / "a", "TH-000002", "good")
 
     # No client certificate: 401. serverkeygen: 501 with the reason.
     assert curl(site, "simpleenroll", body=b64(csr))[0] == 401
@@ -374,10 +405,10 @@ def test_refusals_have_rfc_status_a_reason_and_store_nothing(site: Site, tmp_pat
     )
     assert code == 415
 
-    # A device no rule admits (not a TH- id), on both operations (simplereenroll with a
-    # factory certificate is a first enrolment: the same registration checks).
-    outsider, outsider_key = factory_device(site, tmp_path / "b", "XY-000001")
-    _, outsider_csr = openssl_csr(tmp_path / "b", "XY-000001", "x")
+    # A device of the same station that the site's manifest does not list, on both
+    # operations (simplereenroll with a factory certificate is a first enrolment).
+    outsider, outsider_key = factory_device(site, tmp_path / "b", OUTSIDER)
+    _, outsider_csr = openssl_csr(tmp_path / "b", OUTSIDER, "x")
     for operation in ("simpleenroll", "simplereenroll"):
         code, body = curl(site, operation, cert=outsider, key=outsider_key, body=b64(outsider_csr))
         assert code == 403 and body.startswith(b"not_in_manifest: "), body
@@ -386,7 +417,7 @@ def test_refusals_have_rfc_status_a_reason_and_store_nothing(site: Site, tmp_pat
     idevid_csr = tmp_path / "a" / "idevid.csr.der"
     made = run(
         "openssl", "req", "-new", "-key", str(factory_key), "-sha256", "-outform", "DER",
-        "-subj", "/CN=TH-000201/serialNumber=TH-000201", "-out", str(idevid_csr),
+        "-subj", "/CN=TH-000002/serialNumber=TH-000002", "-out", str(idevid_csr),
     )  # fmt: skip
     assert made.returncode == 0
     code, body = curl(site, "simpleenroll", cert=idevid, key=factory_key, body=b64(idevid_csr))
@@ -401,7 +432,7 @@ def test_an_est_device_gets_its_payload_key_over_mqtt(site: Site, tmp_path: Path
     """EST carries no payload key: the device publishes its wrap key (signed by its LDevID)
     on ``devices/<id>/keys/wrap`` and receives the payload key as a payload-key update on
     ``devices/<id>/keys``, with ``mosquitto_pub`` / ``mosquitto_sub``."""
-    device = "TH-000301"
+    device = "TH-000003"
     idevid, factory_key = factory_device(site, tmp_path, device)
     ldevid_key, csr = openssl_csr(tmp_path, device, "ldevid")
     code, body = curl(site, "simpleenroll", cert=idevid, key=factory_key, body=b64(csr))
