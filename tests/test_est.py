@@ -470,6 +470,36 @@ def test_an_est_device_gets_its_payload_key_over_mqtt(site: Site, tmp_path: Path
     payload_key = open_payload_key(wrap, DeviceId(device), update.payload_key)
     assert payload_key.key_id.hex() == site.status()["payload_key"]
 
+    # Set once: another wrap key (a thief holding the LDevID key) is refused, and the
+    # retained update still opens only with the first one.
+    other = SoftwareKey.ephemeral()
+    message.write_bytes(
+        build_wrap_key_registration(
+            device_id=DeviceId(device),
+            time=int(time.time()),
+            wrap_key=other.public_key(),
+            ldevid_der=cert.public_bytes(serialization.Encoding.DER),
+            ldevid_key=SoftwareKey(key),
+        )
+    )
+    sent = run("mosquitto_pub", "-h", op.host, "-p", str(op.port), "-q", "1", *tls,
+               "-t", f"devices/{device}/keys/wrap", "-f", str(message))  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    deadline = time.monotonic() + 10
+    refused = f"refused the wrap key of {device}"
+    while refused not in site.log.read_text():
+        assert time.monotonic() < deadline, "the second wrap key was not refused"
+        time.sleep(0.05)
+    again = run("mosquitto_sub", "-h", op.host, "-p", str(op.port), "-q", "1", *tls,
+                "-t", f"devices/{device}/keys", "-C", "1", "-W", "15", "-F", "%x")  # fmt: skip
+    retained = parse_key_update(
+        bytes.fromhex(again.stdout.decode().strip()),
+        device_id=DeviceId(device),
+        site_ca=site_ca,
+        newer_than=0,
+    )
+    assert open_payload_key(wrap, DeviceId(device), retained.payload_key) == payload_key
+
 
 async def test_the_est_listener_takes_new_tls_material_without_a_restart(
     pki: Pki, tmp_path: Path
