@@ -66,6 +66,7 @@ __all__ = [
     "RenewalRequest",
     "VerifiedRenewal",
     "build_renewal_request",
+    "issued_by",
     "parse_renewal_request",
     "renew_from",
     "renewal_due",
@@ -300,7 +301,8 @@ def _refuse(reason: str, detail: str) -> RegistrationError:
     return RegistrationError(detail, reason=reason)
 
 
-def _issued_by(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> bool:
+def issued_by(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> bool:
+    """True if one of ``cas`` signed ``cert`` (name and signature; no other check)."""
     for ca in cas:
         if ca.subject != cert.issuer:
             continue
@@ -361,7 +363,7 @@ def _verify(
         current = x509.load_der_x509_certificate(request.ldevid_der)
     except _PARSE_ERRORS as exc:
         raise _refuse("ldevid_unknown", f"LDevID does not parse: {exc}") from exc
-    if not _issued_by(current, site_cas):
+    if not issued_by(current, site_cas):
         raise _refuse("ldevid_unknown", "LDevID is not issued by this site's CA")
     try:
         named = device_id_from_certificate(current)
@@ -398,7 +400,7 @@ def _verify(
     if (
         facts.issued_at is not None
         and now - facts.issued_at < policy.min_interval
-        and _issued_by(current, site_cas[:1])  # a retiring CA's LDevID moves at once
+        and issued_by(current, site_cas[:1])  # a retiring CA's LDevID moves at once
     ):
         raise _refuse(
             "too_early",

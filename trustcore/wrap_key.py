@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustcore import cbor
@@ -48,6 +47,7 @@ from trustcore.registration import (
     open_envelope,
     sign_envelope,
 )
+from trustcore.renewal import issued_by
 
 __all__ = [
     "MAX_WRAP_KEY_SIZE",
@@ -66,7 +66,6 @@ WRAP_KEY_LEVELS = ("keys", "wrap")
 #: A real message is about 0.8 KiB (LDevID ~600 B, SPKI 91 B, signature 72 B).
 MAX_WRAP_KEY_SIZE = 2 * 1024
 _FIELDS = {"v", "device_id", "time", "wrap_key", "ldevid"}
-_NOT_ISSUED: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, InvalidSignature)
 _UNUSABLE: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, ProfileError)
 
 
@@ -158,15 +157,7 @@ def _verify(
         raise _refuse("device_mismatch", f"message names {device}, topic {topic_device_id}")
     try:
         ldevid = x509.load_der_x509_certificate(message.ldevid_der)
-        issued = False
-        for ca in site_cas:
-            if ca.subject == ldevid.issuer:
-                try:
-                    ldevid.verify_directly_issued_by(ca)
-                except _NOT_ISSUED:
-                    continue
-                issued = True
-                break
+        issued = issued_by(ldevid, site_cas)
         named = device_id_from_certificate(ldevid) if issued else None
     except _UNUSABLE as exc:
         raise _refuse("ldevid_unknown", f"LDevID does not parse or names no device: {exc}") from exc
