@@ -17,6 +17,7 @@ broker's CRL check.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import ssl
@@ -30,7 +31,7 @@ from typing import Any
 
 import aiomqtt
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
 from device_sim.client import (
     DeviceClient,
@@ -278,12 +279,12 @@ def run_building(
     run("registrar", "commission", "--home", site, work / "site-bundle.sealed")
     summary.append(("site commissioned", "site-01", "bundle verified; payload key kept sealed"))
 
-    step("11. The registrar runs: embedded amqtt broker, two mutual-TLS listeners")
+    step("11. The registrar runs: embedded amqtt broker, two mutual-TLS listeners, and EST")
     log = (work / "registrar.log").open("wb")
     proc = subprocess.Popen(  # noqa: S603 - our own command
         [str(Path(sys.executable).parent / "registrar"), "run", "--home", str(site),
-         "--registration-port", "0", "--operational-port", "0", "--crl-check-interval", "5",
-         "--metrics-port", "0"],
+         "--registration-port", "0", "--operational-port", "0", "--est-port", "0",
+         "--crl-check-interval", "5", "--metrics-port", "0"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -293,6 +294,7 @@ def run_building(
         console.print(
             f"registration listener {reg.host}:{reg.port}, operational {op.host}:{op.port}"
         )
+        _est_cacerts(Endpoint(**status["listeners"]["est"]), root, step, summary, console)
 
         step("12. Devices register (TPM-signed requests), reconnect, send encrypted telemetry")
         devices = [SimDevice(d) for d in sorted((work / "devices").iterdir())]
@@ -351,6 +353,29 @@ def run_building(
                     f"{ops['refused']:.0f} refusals; /healthz {ops['health']}"))  # fmt: skip
     if ops["registered"] < registered:
         raise SystemExit("demo failed: /metrics does not count the registrations")
+
+
+def _est_cacerts(
+    est: Endpoint, root: Path, step: Callable[[str], None],
+    summary: list[tuple[str, str, str]], console: Any,
+) -> None:  # fmt: skip
+    """EST (RFC 7030, docs/est.md): a plain curl, trusting only the manufacturer root, gets
+    the site's CA certificates. (Enrolment with curl/pki needs the device key in a file:
+    tests/test_est.py; these devices' keys stay in their TPMs.)"""
+    step("11b. EST listener (RFC 7030): plain curl fetches the site CA certificates")
+    url = f"https://{est.host}:{est.port}/.well-known/est/cacerts"
+    console.print(f"[dim]$ curl --cacert hq/certs/root-ca.pem {url}[/dim]")
+    fetched = subprocess.run(  # noqa: S603 - fixed argv, no shell
+        ["curl", "-sS", "--cacert", str(root), url],  # noqa: S607 - curl from PATH
+        capture_output=True,
+        check=False,
+    )
+    if fetched.returncode != 0:
+        raise SystemExit(f"demo failed: EST cacerts: {fetched.stderr.decode().strip()}")
+    certs = pkcs7.load_der_pkcs7_certificates(base64.b64decode(fetched.stdout))
+    for cert in certs:
+        console.print(f"  {cert.subject.rfc4514_string()}")
+    summary.append(("EST listener", f"{len(certs)} CA certs", "curl /cacerts (PKCS#7)"))
 
 
 def _wait_status(site: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
