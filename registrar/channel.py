@@ -20,11 +20,10 @@ acknowledgements are subscribed without ``$share`` by the one instance that runs
 duties (``site_duties``): processed once, and retained acknowledgements still arrive.
 
 Per message there is no task: a fixed pool of workers takes requests from a bounded
-queue (the queue full, the read loop waits). That bounds the registrar's own work in
-flight, not what it accepts from the broker: paho acknowledges a QoS 1 message on receipt
-and aiomqtt's incoming queue is unbounded, so a flood waits in this process's memory rather
-than at the broker (a known limit; the broker's per-client in-flight and queue limits are
-the real brake).
+queue (the queue full, the read loop waits), and the session under it
+(:mod:`registrar.mqtt_session`) stops reading its socket past ``2 × workers`` undelivered
+messages, so a flood waits at the broker (TCP backpressure, then the broker's per-client
+queue limits), not in this process's memory.
 """
 
 from __future__ import annotations

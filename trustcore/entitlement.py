@@ -17,7 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from trustcore.errors import EncodingError, InvalidValueError, PolicyError
 
-_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # entitlement id, product
+_DEVICE_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
 _OPERATION = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 #: Operations an entitlement may put behind a quorum of approvers.
@@ -42,7 +43,9 @@ class DeviceIdRule:
     digits: int
 
     def __post_init__(self) -> None:
-        _require(bool(_ID_CHARS.fullmatch(self.prefix + "0")), f"bad id prefix {self.prefix!r}")
+        _require(
+            bool(_DEVICE_ID_CHARS.fullmatch(self.prefix + "0")), f"bad id prefix {self.prefix!r}"
+        )
         _require(1 <= self.digits <= 18, "digits must be 1..18")
         _require(0 <= self.first <= self.last < 10**self.digits, "empty or too wide id range")
 
@@ -100,7 +103,7 @@ class EntitlementPolicy:
 
     def __post_init__(self) -> None:
         _require(bool(_ID_CHARS.fullmatch(self.entitlement_id)), "bad entitlement id")
-        _require(bool(_ID_CHARS.fullmatch(self.station_id)), "bad station id")
+        _require(bool(_DEVICE_ID_CHARS.fullmatch(self.station_id)), "bad station id")
         _require(bool(_ID_CHARS.fullmatch(self.product)), "bad product")
         _require(self.sequence >= 1, "sequence starts at 1")
         _require(self.total_quota >= 0 and self.daily_limit >= 0, "negative quota")
