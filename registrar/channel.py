@@ -21,7 +21,7 @@ duties (``site_duties``): processed once, and retained acknowledgements still ar
 
 Per message there is no task: a fixed pool of workers takes requests from a bounded
 queue (the queue full, the read loop waits), and the session under it
-(:mod:`registrar.mqtt_session`) stops reading its socket past ``2 × workers`` undelivered
+(:mod:`registrar.mqtt_session`) stops reading its socket past ``2 * workers`` undelivered
 messages, so a flood waits at the broker (TCP backpressure, then the broker's per-client
 queue limits), not in this process's memory.
 """
