@@ -1,0 +1,341 @@
+"""Product secrets of the entitlement provisioned into device TPMs (issue 10, item 5).
+
+Pure: the secret rules of the policy (encoding, validation) and the decision
+(``trustcore.device_secrets``), and HQ's reconciler over ``secret_provisioned`` records.
+With swtpm (station TPM and two device TPMs, each with its own EK and seeds): a device gets
+the secret as an imported HMAC key and proves it with TPM2_HMAC; the blob made for it does
+not import into the other device's TPM (TPM_RC_INTEGRITY); the object neither unseals nor
+duplicates; a device that names another TPM's storage key is refused; a request outside
+the rule is refused and audited; the station database holds no plaintext.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from tpm2_pytss import TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CC, TPM2_RC, TPM2_SE
+from tpm2_pytss.types import (
+    TPM2B_DATA,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPMT_SYM_DEF,
+    TPMT_SYM_DEF_OBJECT,
+)
+
+from device_sim.device import SimDevice, TpmDevice, read_secret_object
+from device_sim.swtpm import Swtpm
+from factory_station.errors import AttestationError, IssuanceRefused
+from factory_station.provision import provision_device
+from signers.errors import TpmImportError, TpmKeyError
+from signers.tpm import storage_primary_template
+from signers.tpm_import import SecretImport, secret_hmac
+from tests.fixtures.pki import Pki
+from tests.test_station_support import (
+    PRODUCT,
+    StationEnv,
+    Vendor,
+    make_vendor,
+    station_env_fixture,
+)
+from trustcore.audit import decode_record
+from trustcore.device_secrets import check_secret_use, secrets_for_device
+from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, SecretRule
+from trustcore.errors import EncodingError, InvalidValueError, PolicyError
+from trustcore.identity import DeviceId
+from trustcore.reconcile import Reconciler
+
+NOW = 1_800_000_000
+DAY = 86_400
+FW_KEY = bytes(range(32))
+TOKEN = b"cloud-token-0123456789abcdef"
+
+
+def _policy(*rules: SecretRule) -> EntitlementPolicy:
+    return EntitlementPolicy(
+        entitlement_id="ent-1",
+        station_id="station-t1",
+        sequence=1,
+        product=PRODUCT,
+        total_quota=10,
+        daily_limit=10,
+        day_timezone="UTC",
+        not_before=NOW - DAY,
+        not_after=NOW + 30 * DAY,
+        id_rule=DeviceIdRule("dev-", 1, 999_999, 6),
+        secrets=rules,
+    )
+
+
+FW_RULE = SecretRule("fw-key", (PRODUCT,), 1, 5, NOW + DAY)
+TOKEN_RULE = SecretRule("cloud-token", (PRODUCT,), 3, 3, NOW + DAY)
+
+
+# ------------------------------------------------------------------------------------ pure
+
+
+def test_secret_rules_round_trip_and_old_policies_keep_their_bytes() -> None:
+    policy = _policy(FW_RULE, TOKEN_RULE)
+    assert EntitlementPolicy.from_map(policy.to_map()) == policy
+    plain = _policy()
+    assert "secrets" not in plain.to_map()  # a policy without secrets encodes as before
+    m = policy.to_map()
+    m["secrets"][0]["extra"] = 1
+    with pytest.raises(EncodingError, match="unknown"):
+        EntitlementPolicy.from_map(m)
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (SecretRule("fw-key", (PRODUCT,), 0, 5, NOW + DAY), "outside the entitlement"),
+        (SecretRule("fw-key", (PRODUCT,), 1, 5, NOW + 31 * DAY), "inside the key-use window"),
+    ],
+)
+def test_a_rule_cannot_reach_past_the_entitlement(rule: SecretRule, message: str) -> None:
+    with pytest.raises(InvalidValueError, match=message):
+        _policy(rule)
+
+
+def test_bad_rules_are_refused() -> None:
+    with pytest.raises(InvalidValueError, match="one rule per product secret"):
+        _policy(FW_RULE, FW_RULE)
+    with pytest.raises(InvalidValueError, match="no product"):
+        SecretRule("fw-key", (), 1, 5, NOW)
+    with pytest.raises(InvalidValueError, match="bad secret name"):
+        SecretRule("../etc", (PRODUCT,), 1, 5, NOW)
+
+
+def test_which_device_gets_which_secret() -> None:
+    policy = _policy(FW_RULE, TOKEN_RULE)
+    names = [r.name for r in secrets_for_device(policy, "dev-000003", PRODUCT, NOW)]
+    assert names == ["fw-key", "cloud-token"]
+    assert [r.name for r in secrets_for_device(policy, "dev-000001", PRODUCT, NOW)] == ["fw-key"]
+    assert secrets_for_device(policy, "dev-000006", PRODUCT, NOW) == ()
+    assert secrets_for_device(policy, "dev-000003", PRODUCT, NOW + DAY) == ()  # expired
+    cases = [
+        ("nope", "dev-000001", PRODUCT, NOW, "secret_unknown"),
+        ("cloud-token", "dev-000001", PRODUCT, NOW, "secret_device_out_of_range"),
+        ("fw-key", "dev-000001", "toaster", NOW, "secret_wrong_product"),
+        ("fw-key", "dev-000001", PRODUCT, NOW + DAY, "secret_expired"),
+        ("fw-key", "dev-000001", PRODUCT, NOW - 2 * DAY, "secret_expired"),
+    ]
+    for name, device, product, when, reason in cases:
+        with pytest.raises(PolicyError) as info:
+            check_secret_use(policy, name, device, product, when)
+        assert info.value.reason == reason, (name, device)
+    with pytest.raises(PolicyError) as info:
+        secrets_for_device(policy, "dev-000001", PRODUCT, NOW, ["fw-key", "cloud-token"])
+    assert info.value.reason == "secret_device_out_of_range"
+
+
+def test_hq_reconciler_counts_secret_uses_and_flags_uses_outside_the_rule() -> None:
+    rec = Reconciler(_policy(FW_RULE, TOKEN_RULE))
+    rec.add_issued(1, NOW, "dev-000001", b"\x01" * 32, PRODUCT)
+    rec.add_issued(2, NOW, "dev-000003", b"\x03" * 32, PRODUCT)
+    rec.add_secret(3, NOW, "dev-000001", "fw-key", PRODUCT)
+    rec.add_secret(4, NOW, "dev-000003", "fw-key", PRODUCT)
+    rec.add_secret(5, NOW, "dev-000003", "cloud-token", PRODUCT)
+    assert rec.report().clean
+    rec.add_secret(6, NOW, "dev-000001", "cloud-token", PRODUCT)  # not its device range
+    rec.add_secret(7, NOW + DAY, "dev-000001", "fw-key", PRODUCT)  # after the rule's end
+    rec.add_secret(8, NOW, "dev-000004", "fw-key", PRODUCT)  # no certificate
+    rec.add_secret(9, NOW, "dev-000001", "unknown", PRODUCT)
+    report = rec.report()
+    assert report.secret_uses == {"fw-key": 4, "cloud-token": 2, "unknown": 1}
+    assert [(v.kind, v.seq) for v in report.violations] == [
+        ("secret_outside_policy", 6),
+        ("secret_outside_policy", 7),
+        ("secret_outside_policy", 8),
+        ("secret_outside_policy", 9),
+    ]
+    assert "secret_device_out_of_range" in report.violations[0].detail
+    assert report.to_map()["secret_uses"] == {"cloud-token": 2, "fw-key": 4, "unknown": 1}
+
+
+# ------------------------------------------------------------------------------ with swtpm
+
+
+@pytest.fixture(scope="module")
+def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
+    return make_vendor(tmp_path_factory)
+
+
+@pytest.fixture
+def station_env(
+    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
+) -> Iterator[StationEnv]:
+    yield from station_env_fixture(pki, vendor, tmp_path, swtpm_factory)
+
+
+class RecordingDevice(TpmDevice):
+    """A device that keeps the import blobs it was sent (to try them elsewhere), and can be
+    told to name another TPM's storage key."""
+
+    def __init__(self, device: SimDevice, lie_parent: bytes | None = None) -> None:
+        assert device.tpm is not None
+        super().__init__(device.tpm, device.directory)
+        self.received: list[SecretImport] = []
+        self.lie_parent = lie_parent
+
+    def storage_parent(self) -> bytes:
+        return self.lie_parent if self.lie_parent is not None else super().storage_parent()
+
+    def import_secrets(self, device_id: DeviceId, imports: Sequence[SecretImport]) -> None:
+        self.received.extend(imports)
+        super().import_secrets(device_id, imports)
+
+
+def _own_tpm_device(env: StationEnv, vendor: Vendor, name: str) -> SimDevice:
+    """A device whose TPM has its own EK and seeds (not a copy of the template's)."""
+    return SimDevice.manufacture(env.devices_dir / name, ek_ca_dir=vendor.ca_dir).power_on()
+
+
+def _entitlement(env: StationEnv, *, until: int) -> bytes:
+    return env.hq.entitlement(
+        secrets={"fw-key": FW_KEY, "cloud-token": TOKEN},
+        secret_rules=(
+            SecretRule("fw-key", (PRODUCT,), 1, 5, until),
+            SecretRule("cloud-token", (PRODUCT,), 3, 3, until),
+        ),
+    )
+
+
+@pytest.mark.tpm
+def test_a_secret_lives_only_in_the_device_tpm_it_was_made_for(
+    station_env: StationEnv, vendor: Vendor
+) -> None:
+    env = station_env
+    now = int(datetime.now(UTC).timestamp())
+    a_dev = _own_tpm_device(env, vendor, "a")
+    b_dev = _own_tpm_device(env, vendor, "b")
+    try:
+        with env.open() as station:
+            station.import_entitlement(_entitlement(env, until=now + DAY))
+            a = RecordingDevice(a_dev)
+            result = provision_device(station, a, DeviceId("dev-000001"))
+            assert result.secrets == ("fw-key",)  # cloud-token is for dev-000003 only
+            [blob] = a.received
+            assert blob.name == "fw-key"
+
+            # The device proves it holds the secret: HMAC computed inside its TPM, checked by
+            # whoever knows the secret (here: the plaintext HQ put in the entitlement).
+            challenge = os.urandom(32)
+            assert a_dev.endpoint.secret_hmac("fw-key", challenge) == secret_hmac(
+                FW_KEY, challenge
+            )
+            # After a power cycle, from the TPM-wrapped object on disk.
+            a_dev.power_off()
+            a_dev.power_on()
+            assert a_dev.endpoint.secret_hmac("fw-key", b"again") == secret_hmac(FW_KEY, b"again")
+
+            # Another device's TPM cannot import the blob: the seed was encrypted to A's
+            # storage key, so B derives the wrong integrity key.
+            assert b_dev.tpm is not None
+            with pytest.raises(TpmImportError) as info:
+                b_dev.tpm.import_object(blob.public, blob.duplicate, blob.seed)
+            assert info.value.rc is not None
+            assert info.value.rc & 0xBF == TPM2_RC.INTEGRITY  # format-1 code, parameter 3
+            assert "integrity check failed" in str(info.value)
+            # Nor load what A's TPM made of it (wrapped by A's storage key).
+            a_obj = (a_dev.directory / "secrets" / "fw-key.cbor").read_bytes()
+            assert FW_KEY not in a_obj
+            stored = read_secret_object(a_dev.directory, "fw-key")
+            assert stored is not None
+            public, private = stored
+            with pytest.raises(TpmKeyError, match="refused the imported object"):
+                b_dev.tpm.hmac_with(public, private, b"x")
+
+            # Inside A, the object does HMAC only: no unseal, no duplication out.
+            _assert_not_extractable(a_dev, public, private)
+
+            # B names A's storage key (it would want A's blobs): the attestation's qualified
+            # name shows B's key was not loaded under it.
+            b = RecordingDevice(b_dev, lie_parent=a_dev.endpoint.storage_parent())
+            with pytest.raises(AttestationError) as refused:
+                provision_device(station, b, DeviceId("dev-000003"))
+            assert refused.value.reason == "parent_mismatch"
+            assert b.received == []
+
+            # A secret outside its rule is refused before any device work, and audited.
+            c_dev = env.device()
+            with pytest.raises(IssuanceRefused) as info2:
+                provision_device(
+                    station, c_dev.endpoint, DeviceId("dev-000002"), secrets=["cloud-token"]
+                )
+            assert info2.value.reason == "secret_device_out_of_range"
+            assert c_dev.certificate() is None
+
+            events = [decode_record(r) for _, r in station.store.audit_records(0)]
+            given = [r.fields for r in events if r.event == "secret_provisioned"]
+            assert given == [
+                {
+                    "device_id": "dev-000001",
+                    "secret": "fw-key",
+                    "product": PRODUCT,
+                    "entitlement_seq": 1,
+                    "parent": given[0]["parent"],
+                }
+            ]
+            refused_reasons = [r.fields["reason"] for r in events if r.event == "refused"]
+            assert refused_reasons == ["attestation_parent_mismatch", "secret_device_out_of_range"]
+
+        # No plaintext secret anywhere in the station's files.
+        for path in env.home.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert FW_KEY not in data and TOKEN not in data, path
+    finally:
+        a_dev.power_off()
+        b_dev.power_off()
+
+
+def _assert_not_extractable(device: SimDevice, public: bytes, private: bytes) -> None:
+    tpm = device.tpm
+    assert tpm is not None
+    ectx = tpm.esapi
+    with tpm.lock:
+        srk, *_ = ectx.create_primary(
+            in_sensitive=TPM2B_SENSITIVE_CREATE(),
+            in_public=TPM2B_PUBLIC(publicArea=storage_primary_template()),
+            primary_handle=ESYS_TR.OWNER,
+        )
+        try:
+            handle = ectx.load(
+                srk, TPM2B_PRIVATE.unmarshal(private)[0], TPM2B_PUBLIC.unmarshal(public)[0]
+            )
+        finally:
+            ectx.flush_context(srk)
+        try:
+            with pytest.raises(TSS2_Exception) as unseal:
+                ectx.unseal(handle)
+            assert unseal.value.rc & 0xBF == TPM2_RC.ATTRIBUTES
+            # TPM2_Duplicate needs the DUP role: a policy session whose digest is the
+            # object's authPolicy. It is empty, so even the right command code fails.
+            session = ectx.start_auth_session(
+                tpm_key=ESYS_TR.NONE,
+                bind=ESYS_TR.NONE,
+                session_type=TPM2_SE.POLICY,
+                symmetric=TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                auth_hash=TPM2_ALG.SHA256,
+            )
+            try:
+                ectx.policy_command_code(session, TPM2_CC.Duplicate)
+                with pytest.raises(TSS2_Exception) as dup:
+                    ectx.duplicate(
+                        handle,
+                        ESYS_TR.RH_NULL,
+                        TPM2B_DATA(),
+                        TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+                        session1=session,
+                    )
+                assert dup.value.rc & 0xBF == TPM2_RC.POLICY_FAIL
+            finally:
+                ectx.flush_context(session)
+        finally:
+            ectx.flush_context(handle)
