@@ -334,6 +334,7 @@ class SimDevice:
             **data,
             "subject": cert.subject.rfc4514_string() if cert else None,
             "issuer": cert.issuer.rfc4514_string() if cert else None,
+            "secrets": sorted(p.stem for p in (self.directory / SECRETS_DIR).glob("*.cbor")),
         }
 
     @property

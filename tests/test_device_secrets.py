@@ -11,12 +11,14 @@ the rule is refused and audited; the station database holds no plaintext.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CC, TPM2_RC, TPM2_SE
 from tpm2_pytss.types import (
@@ -28,10 +30,13 @@ from tpm2_pytss.types import (
     TPMT_SYM_DEF_OBJECT,
 )
 
-from device_sim.device import SimDevice, TpmDevice, read_secret_object
-from device_sim.swtpm import Swtpm
+from device_sim.cli import main as device_main
+from device_sim.device import SimDevice, TpmDevice, read_secret_object, vendor_ca_pem
+from device_sim.swtpm import Swtpm, provision_ek_certificate
+from factory_station.cli import main as station_main
 from factory_station.errors import AttestationError, IssuanceRefused
 from factory_station.provision import provision_device
+from hq.cli import main as hq_main
 from signers.errors import TpmImportError, TpmKeyError
 from signers.tpm import storage_primary_template
 from signers.tpm_import import SecretImport, secret_hmac
@@ -226,9 +231,7 @@ def test_a_secret_lives_only_in_the_device_tpm_it_was_made_for(
             # The device proves it holds the secret: HMAC computed inside its TPM, checked by
             # whoever knows the secret (here: the plaintext HQ put in the entitlement).
             challenge = os.urandom(32)
-            assert a_dev.endpoint.secret_hmac("fw-key", challenge) == secret_hmac(
-                FW_KEY, challenge
-            )
+            assert a_dev.endpoint.secret_hmac("fw-key", challenge) == secret_hmac(FW_KEY, challenge)
             # After a power cycle, from the TPM-wrapped object on disk.
             a_dev.power_off()
             a_dev.power_on()
@@ -339,3 +342,103 @@ def _assert_not_extractable(device: SimDevice, public: bytes, private: bytes) ->
                 ectx.flush_context(session)
         finally:
             ectx.flush_context(handle)
+
+
+# ------------------------------------------------------------------- through the commands
+
+
+@pytest.mark.tpm
+@pytest.mark.slow
+def test_hq_secret_to_device_tpm_and_back_to_hq_reconciliation(
+    tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``hq entitle --secret --secret-rule`` → ``factory-station provision`` imports it into
+    the device TPM → ``device-sim secret-hmac`` proves it → ``hq ingest-audit`` counts it."""
+    monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", "correct horse battery staple")
+    runner = CliRunner()
+
+    def run(cli: object, *args: object, code: int = 0) -> str:
+        result = runner.invoke(cli, [str(a) for a in args])  # type: ignore[arg-type]
+        assert result.exit_code == code, result.output
+        return result.output
+
+    hq, station = tmp_path / "hq", tmp_path / "station"
+    run(hq_main, "init", "--home", hq, "--org", "Acme Devices")
+    vendor = tmp_path / "vendor"
+    provision_ek_certificate(tmp_path / "probe-tpm", ca_dir=vendor)
+    (tmp_path / "vendor.pem").write_bytes(vendor_ca_pem(vendor))
+    station_tpm = swtpm_factory(tmp_path / "station-tpm")
+    enrolment = tmp_path / "enrolment.cbor"
+    run(
+        station_main, "init", "--home", station, "--station-id", "station-01",
+        "--tcti", station_tpm.tcti, "--root", hq / "certs" / "root-ca.pem",
+        "--tpm-vendor-ca", tmp_path / "vendor.pem", "--enrolment-out", enrolment,
+    )  # fmt: skip
+    run(hq_main, "enrol-station", "--home", hq, enrolment)
+
+    (tmp_path / "fw.key").write_bytes(FW_KEY)
+    (tmp_path / "token").write_bytes(TOKEN)
+    now = datetime.now(UTC)
+    entitlement = tmp_path / "entitlement.sealed"
+    out = run(
+        hq_main, "entitle", "--home", hq, "--station", "station-01", "--product", "thermostat",
+        "--quota", "5", "--daily-limit", "5", "--timezone", "UTC",
+        "--not-before", (now - timedelta(hours=1)).isoformat(),
+        "--not-after", (now + timedelta(days=30)).isoformat(),
+        "--id-prefix", "TH-", "--id-first", "0", "--id-last", "999", "--id-digits", "6",
+        "--secret", f"fw-key=@{tmp_path / 'fw.key'}",
+        "--secret", f"cloud-token=@{tmp_path / 'token'}",
+        "--secret-rule", f"cloud-token:0-0:{(now + timedelta(days=1)).isoformat()}",
+        "--out", entitlement,
+    )  # fmt: skip
+    assert "cloud-token (devices 0..0" in out and "fw-key (devices 0..999" in out
+    run(station_main, "import-entitlement", "--home", station, entitlement)
+
+    devices = []
+    for i in range(2):
+        dev = SimDevice.manufacture(tmp_path / f"dev{i}", ek_ca_dir=vendor).power_on()
+        assert dev.tpm is not None
+        dev.tpm.close()  # the station takes the single-client swtpm socket
+        dev.tpm = None
+        devices.append(dev)
+
+    def provision(dev: SimDevice, *extra: str, code: int = 0) -> str:
+        return run(
+            station_main, "provision", "--home", station, "--device-tcti", dev.tcti,
+            "--device-dir", dev.directory, "--json", *extra, code=code,
+        )  # fmt: skip
+
+    try:
+        first = json.loads(provision(devices[0]))
+        assert first["device_id"] == "TH-000000"
+        assert sorted(first["secrets"]) == ["cloud-token", "fw-key"]
+        # Asking for the cloud token for TH-000001 is outside its rule: refused, exit 2.
+        out = provision(devices[1], "--secret", "cloud-token", code=2)
+        assert "secret_device_out_of_range" in out
+        second = json.loads(provision(devices[1]))
+        assert second["secrets"] == ["fw-key"]
+    finally:
+        for dev in devices:
+            dev.power_off()
+
+    challenge = os.urandom(16)
+    for dev in devices:
+        mac = run(
+            device_main, "secret-hmac", dev.directory, "--name", "fw-key",
+            "--challenge", challenge.hex(),
+        )  # fmt: skip
+        assert mac.strip() == secret_hmac(FW_KEY, challenge).hex()
+    out = run(
+        device_main, "secret-hmac", devices[1].directory, "--name", "cloud-token",
+        "--challenge", "00", code=1,
+    )  # fmt: skip
+    assert "holds no product secret 'cloud-token'" in out
+
+    export = tmp_path / "audit-1.sealed"
+    run(station_main, "export-audit", "--home", station, "--out", export)
+    report = json.loads(run(hq_main, "ingest-audit", "--home", hq, export, "--json"))
+    assert report["status"] == "clean", report
+    assert report["events"]["secret_provisioned"] == 3
+    [ent] = report["entitlements"]
+    assert ent["secret_uses"] == {"cloud-token": 1, "fw-key": 2}
+    assert report["refused_at_station"] == {"secret_device_out_of_range": 1}
