@@ -34,7 +34,7 @@ from device_sim.cli import main as device_main
 from device_sim.device import SimDevice, TpmDevice, read_secret_object, vendor_ca_pem
 from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.cli import main as station_main
-from factory_station.errors import AttestationError, IssuanceRefused
+from factory_station.errors import AttestationError, EntitlementImportError, IssuanceRefused
 from factory_station.provision import provision_device
 from hq.cli import main as hq_main
 from signers.errors import TpmImportError, TpmKeyError
@@ -378,7 +378,25 @@ def test_hq_secret_to_device_tpm_and_back_to_hq_reconciliation(
 
     (tmp_path / "fw.key").write_bytes(FW_KEY)
     (tmp_path / "token").write_bytes(TOKEN)
+    (tmp_path / "short").write_bytes(b"pin1")
     now = datetime.now(UTC)
+    base = [
+        "entitle", "--home", hq, "--station", "station-01", "--product", "thermostat",
+        "--quota", "5", "--daily-limit", "5", "--timezone", "UTC",
+        "--not-before", (now - timedelta(hours=1)).isoformat(),
+        "--not-after", (now + timedelta(days=30)).isoformat(),
+        "--id-prefix", "TH-", "--id-first", "0", "--id-last", "999", "--id-digits", "6",
+        "--out", tmp_path / "refused.sealed",
+    ]  # fmt: skip
+    # Refused at HQ, nothing written: a value no TPM HMAC key takes, a rule without its
+    # secret, a malformed rule.
+    out = run(hq_main, *base, "--secret", f"pin=@{tmp_path / 'short'}", code=1)
+    assert "bad_secret" in out and "4 bytes" in out
+    out = run(hq_main, *base, "--secret-rule", f"ghost:0-1:{now.isoformat()}", code=1)
+    assert "rule for a secret not given" in out
+    out = run(hq_main, *base, "--secret-rule", "fw-key:0:tomorrow", code=2)
+    assert "NAME:FIRST-LAST:UNTIL" in out
+    assert not (tmp_path / "refused.sealed").exists()
     entitlement = tmp_path / "entitlement.sealed"
     out = run(
         hq_main, "entitle", "--home", hq, "--station", "station-01", "--product", "thermostat",
@@ -442,3 +460,28 @@ def test_hq_secret_to_device_tpm_and_back_to_hq_reconciliation(
     [ent] = report["entitlements"]
     assert ent["secret_uses"] == {"cloud-token": 1, "fw-key": 2}
     assert report["refused_at_station"] == {"secret_device_out_of_range": 1}
+
+
+@pytest.mark.tpm
+def test_the_station_refuses_secrets_without_a_rule_or_unfit_for_a_tpm(
+    station_env: StationEnv,
+) -> None:
+    env = station_env
+    now = int(datetime.now(UTC).timestamp())
+    rule = SecretRule("fw-key", (PRODUCT,), 1, 5, now + DAY)
+    with env.open() as station:
+        cases = [
+            ({"fw-key": FW_KEY}, ()),  # a secret without a rule
+            ({}, (rule,)),  # a rule without its secret
+            ({"fw-key": b"short"}, (rule,)),  # no TPM HMAC key of 5 bytes
+        ]
+        for sequence, (values, rules) in enumerate(cases, start=1):
+            package = env.hq.entitlement(sequence=sequence, secrets=values, secret_rules=rules)
+            with pytest.raises(EntitlementImportError) as info:
+                station.import_entitlement(package)
+            assert info.value.reason == "bad_secrets"
+        assert station.policy is None  # nothing imported
+        # Without secrets in the entitlement nothing changes for provisioning.
+        station.import_entitlement(env.hq.entitlement(sequence=4))
+        result = provision_device(station, env.device().endpoint)
+        assert result.secrets == ()
