@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.serialization import Encoding
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CC, TPM2_RC, TPM2_SE
 from tpm2_pytss.types import (
@@ -36,6 +37,7 @@ from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.cli import main as station_main
 from factory_station.errors import AttestationError, EntitlementImportError, IssuanceRefused
 from factory_station.provision import provision_device
+from factory_station.station import AttestationMode, FactoryStation
 from hq.cli import main as hq_main
 from signers.errors import TpmImportError, TpmKeyError
 from signers.tpm import storage_primary_template
@@ -43,6 +45,8 @@ from signers.tpm_import import SecretImport, secret_hmac
 from tests.fixtures.pki import Pki
 from tests.test_station_support import (
     PRODUCT,
+    STATION_ID,
+    SoftHq,
     StationEnv,
     Vendor,
     make_vendor,
@@ -52,7 +56,7 @@ from trustcore.audit import decode_record
 from trustcore.device_secrets import check_secret_use, secrets_for_device
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, SecretRule
 from trustcore.errors import EncodingError, InvalidValueError, PolicyError
-from trustcore.identity import DeviceId
+from trustcore.identity import DeviceId, StationId
 from trustcore.reconcile import Reconciler
 
 NOW = 1_800_000_000
@@ -485,3 +489,40 @@ def test_the_station_refuses_secrets_without_a_rule_or_unfit_for_a_tpm(
         station.import_entitlement(env.hq.entitlement(sequence=4))
         result = provision_device(station, env.device().endpoint)
         assert result.secrets == ()
+
+
+@pytest.mark.tpm
+def test_no_secret_without_attestation(
+    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
+) -> None:
+    """An ``unsafe-csr-only`` station cannot tell a device TPM's storage key from a key the
+    device made up, so it gives no secret (fail closed) and issues nothing either."""
+    tpm = swtpm_factory(tmp_path / "station-tpm")
+    root_pem = pki.root.public_bytes(Encoding.PEM)
+    home = tmp_path / "station"
+    enrolment = FactoryStation.init(
+        home,
+        station_id=StationId(STATION_ID),
+        tcti=tpm.tcti,
+        root_pem=root_pem,
+        attestation=AttestationMode.UNSAFE_CSR_ONLY,
+    )
+    hq = SoftHq(pki, enrolment)
+    now = int(datetime.now(UTC).timestamp())
+    with FactoryStation.open(home, tcti=tpm.tcti) as station:
+        station.import_entitlement(
+            hq.entitlement(
+                secrets={"fw-key": FW_KEY},
+                secret_rules=(SecretRule("fw-key", (PRODUCT,), 1, 5, now + DAY),),
+            )
+        )
+        dev = SimDevice.manufacture(tmp_path / "dev", template=vendor.template).power_on()
+        try:
+            with pytest.raises(IssuanceRefused) as info:
+                provision_device(station, dev.endpoint, DeviceId("dev-000001"))
+            assert info.value.reason == "secret_needs_attestation"
+            assert station.status().issued_total == 0 and dev.certificate() is None
+            # A device outside every rule gets no secret and needs none.
+            assert provision_device(station, dev.endpoint, DeviceId("dev-000006")).secrets == ()
+        finally:
+            dev.power_off()
