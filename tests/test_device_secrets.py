@@ -97,6 +97,8 @@ def test_secret_rules_round_trip_and_old_policies_keep_their_bytes() -> None:
     m["secrets"][0]["extra"] = 1
     with pytest.raises(EncodingError, match="unknown"):
         EntitlementPolicy.from_map(m)
+    with pytest.raises(EncodingError, match="present but empty"):
+        EntitlementPolicy.from_map(plain.to_map() | {"secrets": []})
 
 
 @pytest.mark.parametrize(

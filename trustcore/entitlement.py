@@ -233,6 +233,9 @@ class EntitlementPolicy:
         try:
             optional = {"secrets"} & set(m) if isinstance(m, dict) else set()
             _exact_keys(m, cls._KEYS | optional, "entitlement policy")
+            if optional and m["secrets"] == []:
+                # One encoding per policy: no secrets means no key, never an empty list.
+                raise EncodingError("entitlement policy: secrets is present but empty")
             rule = m["id_rule"]
             _exact_keys(rule, {"prefix", "first", "last", "digits"}, "id_rule")
             quorum = []
