@@ -72,6 +72,27 @@ def show(directory: Path, as_json: bool) -> None:
         click.echo(f"{key}: {value}")
 
 
+@main.command("secret-hmac")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--name", required=True, help="Product secret name.")
+@click.option("--challenge", required=True, help="Challenge, hex (at most 1024 bytes).")
+def secret_hmac(directory: Path, name: str, challenge: str) -> None:
+    """Prove the device holds a product secret: print HMAC-SHA256(secret, challenge) in hex,
+    computed inside the device's TPM (the secret itself never leaves it)."""
+    from signers.errors import SignerError
+
+    try:
+        data = bytes.fromhex(challenge)
+    except ValueError as exc:
+        raise click.BadParameter("not hex", param_hint="--challenge") from exc
+    try:
+        with SimDevice(directory) as dev:
+            mac = dev.endpoint.secret_hmac(name, data)
+    except (DeviceStateError, SwtpmError, SignerError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(mac.hex())
+
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
 def serve(directory: Path) -> None:

@@ -215,6 +215,7 @@ def _print_result(res: ProvisionResult, as_json: bool) -> None:
                     "serial": res.issued.serial_hex,
                     "counter": res.issued.counter,
                     "key_id": res.issued.key_id.hex(),
+                    "secrets": list(res.secrets),
                 }
             )
         )
@@ -222,6 +223,7 @@ def _print_result(res: ProvisionResult, as_json: bool) -> None:
         click.echo(
             f"provisioned {res.device_id} serial {res.issued.serial_hex} "
             f"(counter {res.issued.counter}, {res.seconds * 1000:.1f} ms)"
+            + (f"; secrets in its TPM: {', '.join(res.secrets)}" if res.secrets else "")
         )
 
 
@@ -236,6 +238,13 @@ def _print_result(res: ProvisionResult, as_json: bool) -> None:
     default=None,
     help="Where the device's files go (key blob, idevid.pem); default HOME/devices/<id>.",
 )
+@click.option(
+    "--secret",
+    "secret_names",
+    multiple=True,
+    help="Product secret to import into the device TPM (repeatable); default: every secret "
+    "the entitlement's rules give this device. One outside its rule is refused.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @_APPROVALS
 def provision(
@@ -244,10 +253,12 @@ def provision(
     device_tcti: str,
     device_id: str | None,
     device_dir: Path | None,
+    secret_names: tuple[str, ...],
     as_json: bool,
     approval_files: tuple[Path, ...],
 ) -> None:
-    """Provision one device reached through its TPM's TCTI."""
+    """Provision one device reached through its TPM's TCTI (and import the product secrets
+    its entitlement rules give it into that TPM)."""
     from device_sim.device import TpmDevice
     from signers.tpm import Tpm
 
@@ -257,7 +268,12 @@ def provision(
         directory = device_dir or home / "devices" / did.value
         directory.mkdir(parents=True, exist_ok=True)
         with Tpm(device_tcti) as device_tpm:
-            res = provision_device(station, TpmDevice(device_tpm, directory), did)
+            res = provision_device(
+                station,
+                TpmDevice(device_tpm, directory),
+                did,
+                secrets=list(secret_names) if secret_names else None,
+            )
     _print_result(res, as_json)
 
 

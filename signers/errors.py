@@ -11,6 +11,8 @@
     │                          unexpected SSLContext layout, key and certificate differ)
     └── TpmError               the TPM is unreachable or a TPM command failed
         └── TpmKeyError        a wrapped TPM key blob is malformed or has the wrong usage
+            └── TpmImportError an import blob was refused by the TPM (``rc``: its response
+                               code; TPM_RC_INTEGRITY when made for another TPM's storage key)
 
 Library exceptions (``cryptography``, ``tpm2_pytss``, ``OSError``) are always chained with
 ``raise ... from exc`` so the cause stays visible in logs while callers catch one tree.
@@ -24,6 +26,7 @@ __all__ = [
     "SignerError",
     "TlsBindingError",
     "TpmError",
+    "TpmImportError",
     "TpmKeyError",
 ]
 
@@ -50,3 +53,14 @@ class TpmError(SignerError):
 
 class TpmKeyError(TpmError):
     """A wrapped TPM key is malformed, foreign, or used for what its attributes forbid."""
+
+
+class TpmImportError(TpmKeyError):
+    """The TPM refused an import (duplication) blob: made for another TPM's storage key,
+    tampered with, or with attributes the TPM does not accept. ``rc`` is the TPM response
+    code (``TPM2_RC.INTEGRITY`` = 0x09F, reported as 0x3DF with the parameter number, for a
+    blob wrapped to another storage key), ``None`` when refused before the TPM saw it."""
+
+    def __init__(self, message: str, rc: int | None = None) -> None:
+        super().__init__(message)
+        self.rc = rc

@@ -67,7 +67,9 @@ from tpm2_pytss.types import (
     TPM2B_DATA,
     TPM2B_DIGEST,
     TPM2B_ECC_POINT,
+    TPM2B_ENCRYPTED_SECRET,
     TPM2B_NV_PUBLIC,
+    TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPM2B_TEMPLATE,
@@ -84,7 +86,7 @@ from tpm2_pytss.types import (
     TPMU_SYM_MODE,
 )
 
-from signers.errors import TpmError, TpmKeyError
+from signers.errors import TpmError, TpmImportError, TpmKeyError
 from signers.software import write_private_file
 from trustcore.stationtime import TpmClockReading
 
@@ -121,6 +123,10 @@ _BASE_ATTRS = (
     | TPMA_OBJECT.USERWITHAUTH
     | TPMA_OBJECT.NODA
 )
+
+
+#: TPM2_Import's symmetricAlg: no inner wrapper (see Tpm.import_object).
+_NO_INNER_WRAPPER = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
 
 
 @cache
@@ -386,6 +392,86 @@ class Tpm:
         else:
             self._loaded.move_to_end(id(key))
         return key._handle
+
+    # -- imported objects (product secrets: signers.tpm_import) ---------------------------------
+
+    def storage_public(self) -> bytes:
+        """The marshalled TPMT_PUBLIC of this TPM's storage primary (SRK): what a sender
+        wraps an import blob to. Derived and flushed again at once (no slot kept)."""
+        with self.lock:
+            self._make_room()
+            try:
+                handle, public, *_ = self.esapi.create_primary(
+                    in_sensitive=TPM2B_SENSITIVE_CREATE(),
+                    in_public=_storage_primary_public(),
+                    primary_handle=ESYS_TR.OWNER,
+                )
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+            self.esapi.flush_context(handle)
+            return bytes(public.publicArea.marshal())
+
+    def import_object(self, public: bytes, duplicate: bytes, seed: bytes) -> bytes:
+        """TPM2_Import a duplication blob under the storage primary; returns the object's
+        new private part (marshalled TPM2B_PRIVATE), wrapped by this TPM's storage key and
+        loadable only here. No inner wrapper (the outer one, keyed by an ECDH seed only this
+        TPM can recover, carries confidentiality and integrity). Raises
+        :class:`TpmImportError` with the TPM's response code when the TPM refuses."""
+        try:
+            pub, used1 = TPM2B_PUBLIC.unmarshal(public)
+            dup, used2 = TPM2B_PRIVATE.unmarshal(duplicate)
+            enc_seed, used3 = TPM2B_ENCRYPTED_SECRET.unmarshal(seed)
+        except Exception as exc:  # the TSS unmarshal raises TSS2_Exception or TypeError
+            raise TpmImportError(f"malformed import blob: {exc}") from exc
+        if (used1, used2, used3) != (len(public), len(duplicate), len(seed)):
+            raise TpmImportError("malformed import blob: trailing bytes")
+        with self.lock:
+            self._make_room()
+            ectx = self.esapi
+            try:
+                primary = self._create_primary()
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+            try:
+                private = ectx.import_(primary, TPM2B_DATA(), pub, dup, enc_seed, _NO_INNER_WRAPPER)
+            except TSS2_Exception as exc:
+                raise TpmImportError(f"TPM2_Import refused the blob: {exc}", int(exc.rc)) from exc
+            finally:
+                ectx.flush_context(primary)
+            return bytes(private.marshal())
+
+    def hmac_with(self, public: bytes, private: bytes, data: bytes) -> bytes:
+        """TPM2_Load an imported HMAC key (``public`` and the ``private`` that
+        :meth:`import_object` returned), TPM2_HMAC-SHA256 ``data`` with it, flush it.
+        ``data`` is at most 1024 bytes (TPM2B_MAX_BUFFER)."""
+        if len(data) > 1024:
+            raise TpmError("HMAC input longer than 1024 bytes")
+        try:
+            pub, _ = TPM2B_PUBLIC.unmarshal(public)
+            priv, _ = TPM2B_PRIVATE.unmarshal(private)
+        except Exception as exc:  # the TSS unmarshal raises TSS2_Exception or TypeError
+            raise TpmKeyError(f"malformed imported object: {exc}") from exc
+        with self.lock:
+            self._make_room()
+            ectx = self.esapi
+            try:
+                primary = self._create_primary()
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+            try:
+                handle = ectx.load(primary, priv, pub)
+            except TSS2_Exception as exc:
+                raise TpmKeyError(
+                    f"TPM refused the imported object (another TPM's, or tampered): {exc}"
+                ) from exc
+            finally:
+                ectx.flush_context(primary)
+            try:
+                return bytes(ectx.hmac(handle, data, TPM2_ALG.SHA256))
+            except TSS2_Exception as exc:
+                raise TpmError(f"TPM2_HMAC failed: {exc}") from exc
+            finally:
+                ectx.flush_context(handle)
 
     # -- clock ---------------------------------------------------------------------------------
 
