@@ -17,6 +17,7 @@ from string import Template
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from broker_config.tls_policy import MIN_TLS_VERSION, TLS12_CIPHERS, TLS13_CIPHERSUITES
 from trustcore.errors import InvalidValueError
 
 #: Debian's path of the dynamic-security plugin shipped with mosquitto 2.0.
@@ -143,6 +144,9 @@ def render_mosquitto_conf(config: MosquittoConfig) -> str:
         dynsec_config=config.dynsec_config,
         max_packet_size=config.max_packet_size,
         run_user=config.run_user,
+        tls_version=MIN_TLS_VERSION,
+        tls12_ciphers=TLS12_CIPHERS,
+        tls13_ciphersuites=TLS13_CIPHERSUITES,
     )
 
 

@@ -137,7 +137,12 @@ DEVICES = ("dev-a", "dev-b", "dev-c")
 
 @pytest.fixture(scope="module")
 def site(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Site:
-    d = tmp_path_factory.mktemp("mosquitto-site")
+    return build_site(pki, tmp_path_factory.mktemp("mosquitto-site"))
+
+
+def build_site(pki: Pki, d: Path) -> Site:
+    """Broker settings, device certificates (IDevID, LDevID) and CRLs in directory ``d``
+    (also used by the TLS policy tests of both brokers)."""
     (d / "broker.pem").write_bytes(pem(pki.broker) + pem(pki.site_ca))
     (d / "broker-key.pem").write_bytes(
         pki.broker_key.private_bytes(

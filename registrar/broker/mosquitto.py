@@ -59,6 +59,7 @@ from broker_config.render import (
 )
 from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, Endpoint
 from registrar.errors import BrokerError
+from signers.child_env import child_env
 from trustcore.errors import InvalidValueError
 
 log = logging.getLogger(__name__)
@@ -117,17 +118,6 @@ class _Owner:
     def own(self, path: Path) -> None:
         if os.geteuid() == 0:
             os.chown(path, self.uid, self.gid)
-
-
-def _broker_env() -> dict[str, str]:
-    """The registrar's environment without its secrets (the keystore passphrase may be
-    there, ``DEVTRUST_*_PASSPHRASE``/``_PIN``): Mosquitto needs none of them. The rest is
-    kept (``PATH``, locale, and e.g. a ``LD_PRELOAD`` fake clock of the time-travel tests)."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not (k.startswith("DEVTRUST_") and k.endswith(("PASSPHRASE", "PIN", "PASSWORD")))
-    }
 
 
 def _launch_argv(executable: str, conf: Path, owner: _Owner) -> list[str]:
@@ -497,7 +487,7 @@ class MosquittoBroker:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env=_broker_env(),
+            env=child_env(),  # allow-list: no passphrase reaches the broker
         )
         self._log_task = asyncio.create_task(self._read_log(self._process))
         deadline = time.monotonic() + self._start_timeout

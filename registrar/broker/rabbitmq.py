@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from registrar.broker import BrokerTls
 from registrar.errors import BrokerError, ConfigError
+from signers.child_env import child_env
 
 #: Plugins a node needs: MQTT, the management API (for the live cut), the HTTP backend and
 #: the event exchange (connection events: the registrar's table of live sessions).
@@ -416,6 +417,7 @@ def crl_subject_hash(crl_pem: bytes) -> str:
             capture_output=True,
             check=True,
             timeout=10,
+            env=child_env(),
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise BrokerError(f"openssl could not hash a CRL: {exc}") from exc
