@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
 import stat
@@ -487,8 +488,9 @@ FOREIGN_TOPICS = [
 
 
 async def test_a_device_cannot_read_or_write_foreign_topics(
-    site: Site, broker: MosquittoBroker
+    site: Site, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="registrar.broker.mosquitto")
     reg, op = broker.registration_endpoint, broker.operational_endpoint
     async with (
         mqtt(site, op, site.service) as registrar,
@@ -516,6 +518,10 @@ async def test_a_device_cannot_read_or_write_foreign_topics(
         assert [m for m in got_registrar if m[1] == b"from-a"] == []
         assert ("devices/dev-a/own", b"mine") in got_registrar
         assert ("devices/dev-b/t", b"b") in got_registrar
+        # Each refused PUBLISH left a trace: who, which topic (the own topic did not).
+        assert broker.acl_denials == len(FOREIGN_TOPICS)
+        assert "ACL denied PUBLISH from dev-a on topic 'devices/dev-b/t'" in caplog.text
+        assert "'devices/dev-a/own'" not in caplog.text
 
 
 async def test_client_id_takeover_is_impossible_and_clones_are_reported(

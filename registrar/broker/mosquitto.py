@@ -80,6 +80,11 @@ _GONE = re.compile(
     r"|Socket error on client (\S+?), disconnecting)"
 )
 _TAKEOVER = re.compile(r"^Client (\S+) already connected, closing old connection")
+#: An ACL denial (debug level in 2.0.11): "Denied PUBLISH from dev-a (d0, q1, r0, m1,
+#: 'devices/dev-b/t', ... (1 bytes))".
+_DENIED = re.compile(r"^Denied (\S+) from (\S+) \(.*?'(.*)', \.\.\. \(\d+ bytes\)\)$")
+#: Per-packet debug chatter: dropped unread (a line per packet at full message rate).
+_CHATTER = ("Received ", "Sending ", "\t", "Denied ")
 
 
 def _check_identity(identity: str) -> str:
@@ -306,6 +311,7 @@ class MosquittoBroker:
         self._watchers: dict[str, int] = {}  # identity -> kicks waiting on it
         self._session_changed = asyncio.Event()
         self._clone_signals: list[str] = []
+        self._acl_denials = 0
         self._blocked: set[str] = set()
         self._key_pipe: _KeyPipe | None = None
         self._admin: aiomqtt.Client | None = None
@@ -348,6 +354,12 @@ class MosquittoBroker:
         """Identities whose session was replaced by a second one with the same identity
         (the certificate is in use twice: a clone signal for the registrar to log)."""
         return list(self._clone_signals)
+
+    @property
+    def acl_denials(self) -> int:
+        """ACL denials Mosquitto logged since this object was made (each is also a warning
+        in the registrar's log: who, what, which topic)."""
+        return self._acl_denials
 
     def live_sessions(self) -> dict[str, int]:
         """Identity → number of live sessions, as Mosquitto's log reported them."""
@@ -514,6 +526,16 @@ class MosquittoBroker:
         assert process.stderr is not None
         while line_bytes := await process.stderr.readline():
             line = line_bytes.decode("utf-8", "replace").rstrip()
+            if line.startswith(_CHATTER):
+                if match := _DENIED.match(line):
+                    self._acl_denials += 1
+                    log.warning(
+                        "ACL denied %s from %s on topic %r",
+                        match.group(1),
+                        match.group(2),
+                        match.group(3),
+                    )
+                continue
             self._log_tail.append(line)
             log.debug("mosquitto: %s", line)
             if match := _CONNECTED.match(line):
