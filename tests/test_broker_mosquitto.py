@@ -656,3 +656,29 @@ async def test_expired_crl_refuses_everyone_and_a_missing_crl_is_an_error(
     site.write_crls(number=4)
     await broker.reload_crls()
     assert not await refused(site, op, site.ldevid["dev-b"])
+
+
+@pytest.mark.parametrize("failure", ["passphrase", "executable", "config"])
+async def test_a_failed_start_leaves_no_temporary_directory(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    settings = BrokerSettings(tls=site.settings.tls, workdir=tmp_path / "work")
+    executable = "mosquitto"
+    if failure == "passphrase":
+        settings = BrokerSettings(
+            tls=BrokerTls(**{**site.settings.tls.__dict__, "server_key_passphrase": b"wrong"}),
+            workdir=tmp_path / "work",
+        )
+    elif failure == "executable":
+        executable = str(tmp_path / "no-such-mosquitto")
+    else:
+        executable = "/bin/false"  # starts, exits at once
+    site.write_crls()
+    broker = MosquittoBroker(settings, executable=executable)
+    with pytest.raises(BrokerError):
+        await broker.start()
+    assert list(scratch.iterdir()) == []
+    assert broker.pid is None and broker.runtime_dir is None

@@ -442,18 +442,23 @@ class MosquittoBroker:
         if self._process is not None:
             raise BrokerError("the broker is already running")
         owner = _Owner.for_process(self._run_user)
+        key = self._decrypt_key()  # before any directory exists: a bad passphrase leaves none
         workdir = self._runtime = self._prepare_workdir(owner)
-        self._key_pipe = _KeyPipe(workdir / "server-key.fifo", self._decrypt_key(), owner)
         last_error: BrokerError | None = None
-        for _attempt in range(3):  # a free port can be taken between choosing and binding
-            try:
-                await self._start_once(workdir, owner)
-                return
-            except BrokerError as exc:
-                last_error = exc
-                await self._shutdown_process()
-                if "Address already in use" not in "\n".join(self._log_tail):
-                    break
+        try:
+            self._key_pipe = _KeyPipe(workdir / "server-key.fifo", key, owner)
+            for _attempt in range(3):  # a free port can be taken between choosing and binding
+                try:
+                    await self._start_once(workdir, owner)
+                    return
+                except BrokerError as exc:
+                    last_error = exc
+                    await self._shutdown_process()
+                    if "Address already in use" not in "\n".join(self._log_tail):
+                        break
+        except BaseException:
+            await self.stop()  # no process, FIFO or temporary directory is left behind
+            raise
         await self.stop()
         assert last_error is not None
         raise last_error
@@ -494,13 +499,16 @@ class MosquittoBroker:
         loaded = self._key_pipe.arm(_KEY_LOADS_START)
         self._log_tail.clear()
         self._sessions.clear()
-        self._process = await asyncio.create_subprocess_exec(
-            *_launch_argv(self._executable, conf, owner),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=child_env(),  # allow-list: no passphrase reaches the broker
-        )
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *_launch_argv(self._executable, conf, owner),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=child_env(),  # allow-list: no passphrase reaches the broker
+            )
+        except OSError as exc:
+            raise BrokerError(f"cannot run {self._executable}: {exc}") from exc
         self._log_task = asyncio.create_task(self._read_log(self._process))
         deadline = time.monotonic() + self._start_timeout
         try:
