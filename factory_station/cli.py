@@ -15,6 +15,7 @@ from factory_station.errors import FactoryStationError
 from factory_station.provision import ProvisionResult, provision_batch, provision_device
 from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactoryStation
 from signers.errors import SignerError
+from signers.private_files import private_umask
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId, StationId
 
@@ -96,6 +97,7 @@ def main() -> None:
     device's own TPM create the device key, signs the factory certificate (IDevID) and
     keeps a hash-chained, signed audit log that it exports, encrypted, to HQ.
     """
+    private_umask()  # every file this command creates: 0600, directories 0700
 
 
 @main.command()

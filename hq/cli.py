@@ -14,6 +14,7 @@ from rich.console import Console
 
 from hq.errors import ExportRefusedError, HqError
 from hq.home import HqHome, HqSecrets, Pkcs11Location
+from signers.private_files import private_umask
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,6 +39,7 @@ def main() -> None:
     DEVTRUST_HQ_PASSPHRASE or --passphrase-file, a token PIN from DEVTRUST_HQ_PIN or
     --pin-file. See docs/hq.md.
     """
+    private_umask()  # every file this command creates: 0600, directories 0700
 
 
 def _home_option(f: F) -> F:
