@@ -22,7 +22,8 @@ import pytest
 from broker_config.tls_policy import TLS12_CIPHERS
 from registrar.broker.embedded import EmbeddedBroker
 from registrar.broker.mosquitto import MosquittoBroker
-from tests.fixtures.pki import Pki
+from registrar.errors import BrokerError
+from tests.fixtures.pki import Pki, pem
 from tests.test_broker_mosquitto import CONNECT, ClientCert, Site, build_site
 
 CONNACK_OK = b"\x20\x02\x00\x00"
@@ -200,3 +201,28 @@ async def test_mosquitto_gets_no_secret_in_its_environment(
     assert secret.encode() not in raw
     assert b"SOME_UNKNOWN_SETTING" not in env  # an allow-list, not a deny-list
     assert env[b"PATH"] == os.environ["PATH"].encode()
+
+
+async def test_a_station_without_crl_is_explained_to_the_operator_and_the_device(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HQ holds no CRL of the station: its devices are refused (fail closed) with an alert,
+    and the registrar's log says why, at start and at each refusal."""
+    site.write_crls(number=7)
+    crls = site.settings.tls.crl_file.read_bytes()
+    site.settings.tls.crl_file.write_bytes(crls.replace(pem(site.pki.station_crl), b""))
+    broker = EmbeddedBroker(site.settings)
+    try:
+        with caplog.at_level(logging.WARNING, logger="registrar.broker.embedded"):
+            await broker.start()
+            port = broker.registration_endpoint.port
+            refused = await s_client(site, port, site.idevid["dev-a"])
+        assert not refused.connected and "alert unknown ca" in refused.output, refused.output
+        assert "the registration listener refuses its devices" in caplog.text
+        assert "the site holds no CRL of its issuer" in caplog.text
+        # Mosquitto will not start on such a file at all, and says which CA lacks its CRL.
+        with pytest.raises(BrokerError, match=r"no CRL of .* for the registration listener"):
+            await MosquittoBroker(site.settings).start()
+    finally:
+        await broker.stop()
+        site.write_crls(number=8)

@@ -315,6 +315,26 @@ def _refusal_reason(exc: ssl.SSLError) -> str:
 _X509_V_ERR_UNABLE_TO_GET_CRL = 3
 
 
+def _warn_issuers_without_crl(
+    settings: BrokerSettings, issuers: tuple[x509.Certificate, ...]
+) -> None:
+    """Log each registration issuer (station CA) the CRL file has no CRL of: OpenSSL refuses
+    every device of it ("unable to get certificate CRL", alert ``unknown_ca`` to the device),
+    and the operator should know why before the first device calls."""
+    try:
+        blocks = _CRL_BLOCK.findall(settings.tls.crl_file.read_bytes())
+        have = {x509.load_pem_x509_crl(b).issuer for b in blocks}
+    except (OSError, ValueError):
+        return  # _build_context reports an unreadable file
+    for ca in issuers:
+        if ca.subject not in have:
+            log.warning(
+                "no CRL of %s (HQ sent none): the registration listener refuses its devices "
+                "until a site bundle or revocation list brings one",
+                ca.subject.rfc4514_string(),
+            )
+
+
 def _build_context(settings: BrokerSettings, listener: Listener) -> ssl.SSLContext:
     tls = settings.tls
     cafile = tls.registration_cas if listener is Listener.REGISTRATION else tls.operational_cas
@@ -644,6 +664,7 @@ class EmbeddedBroker:
         operational_issuers = _issuing_cas(_load_pem_certificates(tls.operational_cas))
         if not registration_issuers or not operational_issuers:
             raise BrokerError("a listener has no issuing CA in its bundle")
+        _warn_issuers_without_crl(self._settings, registration_issuers)
         for name, listener, issuers in (
             ("default", Listener.REGISTRATION, registration_issuers),
             ("operational", Listener.OPERATIONAL, operational_issuers),
@@ -717,6 +738,7 @@ class EmbeddedBroker:
         }
         if not all(issuers.values()):
             raise BrokerError("a listener has no issuing CA in its bundle")
+        _warn_issuers_without_crl(self._settings, issuers[Listener.REGISTRATION])
         for name, ctx in fresh.items():
             self._tls[name].current = ctx
             self._tls[name].issuers = issuers[self._tls[name].listener]
