@@ -31,6 +31,7 @@ from broker_config.render import (
     render_operational_acl,
     render_registration_acl,
 )
+from broker_config.tls_policy import TLS12_CIPHERS, TLS13_CIPHERSUITES
 from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, BrokerTls, Endpoint
 from registrar.broker.mosquitto import MosquittoBroker
 from registrar.errors import BrokerError
@@ -314,6 +315,13 @@ def test_rendered_config_has_no_default_listener_and_mtls_everywhere(tmp_path: P
     assert lines.count("use_username_as_clientid true") == 2
     assert lines.count("allow_anonymous false") == 3
     assert "listener 20003 127.0.0.1" in lines
+    # TLS policy on both device listeners (broker_config.tls_policy), none on the admin one
+    assert lines.count("tls_version tlsv1.2") == 2
+    assert lines.count(f"ciphers {TLS12_CIPHERS}") == 2
+    assert lines.count(f"ciphers_tls1.3 {TLS13_CIPHERSUITES}") == 2
+    assert "log_type debug" in lines  # the only level with ACL denials in 2.0.11
+    quiet = render_mosquitto_conf(_config(tmp_path, log_acl_denials=False)).splitlines()
+    assert "log_type debug" not in quiet
 
 
 @pytest.mark.parametrize(

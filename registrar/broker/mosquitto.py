@@ -281,8 +281,10 @@ class MosquittoBroker:
     """A Mosquitto process owned by the registrar (see the module docstring).
 
     ``executable`` and ``run_user`` are settings for unusual installations; tests use the
-    defaults. Only loopback or the configured host is listened on; never port 1883 unless
-    asked for explicitly.
+    defaults. ``log_acl_denials`` (default on) turns on Mosquitto's debug log, the only
+    level at which 2.0.11 reports ACL denials; a site at full telemetry rate may turn it off
+    (see docs/broker.md for its cost). Only loopback or the configured host is listened
+    on; never port 1883 unless asked for explicitly.
     """
 
     def __init__(
@@ -293,12 +295,14 @@ class MosquittoBroker:
         executable: str = "mosquitto",
         run_user: str = "mosquitto",
         start_timeout: float = 10.0,
+        log_acl_denials: bool = True,
     ) -> None:
         self._settings = settings
         self._registrar_identity = _check_identity(registrar_identity)
         self._executable = executable
         self._run_user = run_user
         self._start_timeout = start_timeout
+        self._log_acl_denials = log_acl_denials
         self._process: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._log_tail: deque[str] = deque(maxlen=200)
@@ -485,6 +489,7 @@ class MosquittoBroker:
             registrar_identity=self._registrar_identity,
             blocked=frozenset(self._blocked),
             run_user=owner.name,
+            log_acl_denials=self._log_acl_denials,
         )
         # Random and containing ":", so no certificate CN can be this name by design or luck.
         admin_user = self._admin_user = f"devtrust:admin:{secrets.token_hex(8)}"
