@@ -83,6 +83,9 @@ _TAKEOVER = re.compile(r"^Client (\S+) already connected, closing old connection
 #: An ACL denial (debug level in 2.0.11): "Denied PUBLISH from dev-a (d0, q1, r0, m1,
 #: 'devices/dev-b/t', ... (1 bytes))".
 _DENIED = re.compile(r"^Denied (\S+) from (\S+) \(.*?'(.*)', \.\.\. \(\d+ bytes\)\)$")
+#: A refused TLS handshake: "Client connection from 127.0.0.1 failed: error:0A000086:SSL
+#: routines::certificate verify failed."
+_TLS_REFUSED = re.compile(r"^Client connection from (\S+) failed: (.*?)\.?$")
 #: Per-packet debug chatter: dropped unread (a line per packet at full message rate).
 _CHATTER = ("Received ", "Sending ", "\t", "Denied ")
 
@@ -551,7 +554,9 @@ class MosquittoBroker:
                 continue
             self._log_tail.append(line)
             log.debug("mosquitto: %s", line)
-            if match := _CONNECTED.match(line):
+            if match := _TLS_REFUSED.match(line):
+                log.warning("mosquitto refused a TLS handshake from %s: %s", *match.groups())
+            elif match := _CONNECTED.match(line):
                 name = match.group(1)
                 self._sessions[name] = self._sessions.get(name, 0) + 1
                 self._connect_seq += 1
