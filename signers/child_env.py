@@ -41,6 +41,10 @@ _ALLOWED = frozenset(
         "FAKETIME_NO_CACHE",
         "FAKETIME_DONT_FAKE_MONOTONIC",
         "FAKETIME_DONT_RESET",
+        # names of the faked clock's semaphore and shared memory, set by libfaketime in the
+        # parent: a child that runs as another user (Mosquitto dropping to its user) cannot
+        # make its own under the same pid once setpriv, as root, has (measured)
+        "FAKETIME_SHARED",
         # the TSS C library's log switch (silences its stderr noise)
         "TSS2_LOG",
     }
