@@ -11,6 +11,7 @@ import click
 
 from device_sim.device import DeviceStateError, SimDevice, create_fleet
 from device_sim.swtpm import SwtpmError
+from signers.private_files import private_umask
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +21,7 @@ def main() -> None:
     device) or, for large load tests, software keys. Devices are provisioned at a factory
     station and register at a building's registrar.
     """
+    private_umask()  # every file this command creates: 0600, directories 0700
 
 
 @main.command()

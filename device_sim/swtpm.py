@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from signers.child_env import child_env
+
 __all__ = ["Swtpm", "SwtpmError", "provision_ek_certificate"]
 
 _PORT_RANGE = (20000, 32000)  # below Linux's default ephemeral range 32768-60999
@@ -204,7 +206,7 @@ class Swtpm:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                env=None if self._env is None else {**os.environ, **self._env},
+                env=child_env(self._env),
             )
         except OSError as exc:
             raise SwtpmError(f"cannot run {self._bin}: {exc}") from exc
@@ -316,10 +318,9 @@ def provision_ek_certificate(
         str(setup_conf),
         "--overwrite",
     ]
-    env = dict(os.environ)
     # swtpm_setup looks for per-user config under XDG_CONFIG_HOME; point it at the CA dir
     # so a stray ~/.config/swtpm_setup.conf cannot change the outcome.
-    env["XDG_CONFIG_HOME"] = str(ca)
+    env = child_env({"XDG_CONFIG_HOME": str(ca)})
     try:
         result = subprocess.run(  # noqa: S603 - fixed argv, no shell
             cmd, capture_output=True, env=env, timeout=120, check=False

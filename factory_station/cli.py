@@ -15,6 +15,7 @@ from factory_station.errors import FactoryStationError
 from factory_station.provision import ProvisionResult, provision_device
 from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactoryStation
 from signers.errors import SignerError
+from signers.private_files import private_umask
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId, StationId
 from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
@@ -107,6 +108,7 @@ def main(log_format: LogFormat, log_level: str) -> None:
     keeps a hash-chained, signed audit log that it exports, encrypted, to HQ.
     """
     configure_logging(log_level, log_format, command="factory-station")
+    private_umask()  # every file this command creates: 0600, directories 0700
 
 
 @main.command()

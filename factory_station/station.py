@@ -61,7 +61,8 @@ from factory_station.errors import (
 )
 from factory_station.plugins import LoadedPlugins, load_station_plugins
 from factory_station.store import ActiveEntitlement, MonotonicCounter, StationStore
-from signers.errors import TpmError, TpmImportError
+from signers.errors import SignerError, TpmError, TpmImportError
+from signers.private_files import private_home
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage, TpmNvCounter
 from signers.tpm_import import SecretImport, build_secret_import
 from trustcore import cbor
@@ -412,7 +413,7 @@ class FactoryStation:
             except ValueError as exc:
                 raise StationStateError(f"TPM vendor CA does not parse: {exc}") from exc
         config = StationConfig(station_id, tcti, nv_index, attestation)
-        home.mkdir(parents=True, exist_ok=True)
+        private_home(home)
         with Tpm(tcti) as tpm:
             ca_key = TpmKey.create(tpm, TpmKeyUsage.SIGN)
             transport = TpmKey.create(tpm, TpmKeyUsage.ECDH)
@@ -463,6 +464,10 @@ class FactoryStation:
             raise StationStateError(f"{home} is not a station directory: {exc}") from exc
         if tcti is not None:
             config = dataclasses.replace(config, tcti=tcti)
+        try:
+            private_home(home)  # station.db, its journal, exports: 0600; directories 0700
+        except SignerError as exc:
+            raise StationStateError(str(exc)) from exc
         lock_file = (home / LOCK_FILE).open("w")  # held for the station's life
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from hq.errors import ExportRefusedError, HqError
 from hq.home import HqHome, HqSecrets, Pkcs11Location
+from signers.private_files import private_umask
 from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,6 +50,7 @@ def main(log_format: LogFormat, log_level: str) -> None:
     --pin-file. See docs/hq.md.
     """
     configure_logging(log_level, log_format, command="hq")
+    private_umask()  # every file this command creates: 0600, directories 0700
 
 
 def _home_option(f: F) -> F:

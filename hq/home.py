@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives import serialization
 
 from hq.errors import HomeError, SecretError
 from hq.store.location import StoreLocation, parse_store_location
-from signers.errors import SignerError
+from signers.errors import KeystoreError, SignerError
+from signers.private_files import private_home
 from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
 from trustcore.keys import Signer
 from trustcore.profiles import HqRole
@@ -272,6 +273,10 @@ class HqHome:
         cfg = cls.config_path_of(home)
         if not cfg.is_file():
             raise HomeError(f"{home} is not an HQ directory (no hq.json); run `hq init` first")
+        try:
+            private_home(home)  # 0700/0600 whatever made the files (docs/security: modes)
+        except KeystoreError as exc:
+            raise HomeError(str(exc)) from exc
         try:
             text = cfg.read_text(encoding="utf-8")
         except OSError as exc:

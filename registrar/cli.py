@@ -13,6 +13,7 @@ from rich.table import Table
 
 from registrar.errors import CommissionError, ConfigError, RegistrarError
 from signers.errors import SignerError
+from signers.private_files import private_umask
 from signers.software import write_private_file
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ def main() -> None:
     The site keystore passphrase comes from DEVTRUST_SITE_PASSPHRASE or --passphrase-file,
     never from the command line. See docs/site.md.
     """
+    private_umask()  # every file this command creates: 0600, directories 0700
 
 
 def _home_option(f: F) -> F:

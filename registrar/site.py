@@ -61,6 +61,7 @@ from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, BrokerTls
 from registrar.errors import CommissionError, ConfigError
 from registrar.payload_keys import PayloadKeyStore
 from signers.errors import SignerError
+from signers.private_files import private_home
 from signers.software import (
     SoftwareKey,
     passphrase_from_env,
@@ -228,6 +229,10 @@ class SiteHome:
             raise ConfigError(
                 f"{home} is not a site directory (no site.json): run `registrar init`"
             )
+        try:
+            private_home(home)  # 0700/0600 whatever made the files
+        except SignerError as exc:
+            raise ConfigError(str(exc)) from exc
         try:
             text = cfg.read_text(encoding="utf-8")
         except OSError as exc:

@@ -261,6 +261,26 @@ def _operations(endpoint: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _tls_policy(endpoint: Endpoint) -> str:
+    """What a plain `openssl s_client` gets from the registration listener: the version and
+    suite it negotiates, and whether TLS 1.1 and a CBC suite are refused (docs/broker.md)."""
+
+    def hello(*args: str) -> str:
+        done = subprocess.run(  # noqa: S603 - fixed argv
+            ["openssl", "s_client", "-connect", f"{endpoint.host}:{endpoint.port}", *args],  # noqa: S607
+            input=b"", capture_output=True, timeout=10, check=False,
+        )  # fmt: skip
+        out = done.stdout.decode(errors="replace")
+        line = next((x for x in out.splitlines() if x.startswith("New, ")), "")
+        return line.removeprefix("New, ").split(", Cipher is ")[0] if line else "?"
+
+    best = hello()
+    old = hello("-tls1_1")
+    cbc = hello("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA")
+    refused = "refused" if old == cbc == "(NONE)" else "ACCEPTED"
+    return f"{best} negotiated; TLS 1.1 and CBC {refused}"
+
+
 def run_building(
     work: Path, run: Run, step: Callable[[str], None], summary: list[tuple[str, str, str]],
     station_tcti: str, console: Any,
@@ -295,6 +315,9 @@ def run_building(
             f"registration listener {reg.host}:{reg.port}, operational {op.host}:{op.port}"
         )
         _est_cacerts(Endpoint(**status["listeners"]["est"]), root, step, summary, console)
+        policy = _tls_policy(reg)
+        console.print(f"TLS policy (openssl s_client): {policy}")
+        summary.append(("broker TLS policy", "1.2+ AEAD", policy))
 
         step("12. Devices register (TPM-signed requests), reconnect, send encrypted telemetry")
         devices = [SimDevice(d) for d in sorted((work / "devices").iterdir())]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
 import stat
@@ -31,6 +32,7 @@ from broker_config.render import (
     render_operational_acl,
     render_registration_acl,
 )
+from broker_config.tls_policy import TLS12_CIPHERS, TLS13_CIPHERSUITES
 from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, BrokerTls, Endpoint
 from registrar.broker.mosquitto import MosquittoBroker
 from registrar.errors import BrokerError
@@ -139,7 +141,12 @@ DEVICES = ("dev-a", "dev-b", "dev-c")
 
 @pytest.fixture(scope="module")
 def site(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Site:
-    d = tmp_path_factory.mktemp("mosquitto-site")
+    return build_site(pki, tmp_path_factory.mktemp("mosquitto-site"))
+
+
+def build_site(pki: Pki, d: Path) -> Site:
+    """Broker settings, device certificates (IDevID, LDevID) and CRLs in directory ``d``
+    (also used by the TLS policy tests of both brokers)."""
     (d / "broker.pem").write_bytes(pem(pki.broker) + pem(pki.site_ca))
     (d / "broker-key.pem").write_bytes(
         pki.broker_key.private_bytes(
@@ -316,6 +323,13 @@ def test_rendered_config_has_no_default_listener_and_mtls_everywhere(tmp_path: P
     assert lines.count("use_username_as_clientid true") == 2
     assert lines.count("allow_anonymous false") == 3
     assert "listener 20003 127.0.0.1" in lines
+    # TLS policy on both device listeners (broker_config.tls_policy), none on the admin one
+    assert lines.count("tls_version tlsv1.2") == 2
+    assert lines.count(f"ciphers {TLS12_CIPHERS}") == 2
+    assert lines.count(f"ciphers_tls1.3 {TLS13_CIPHERSUITES}") == 2
+    assert "log_type debug" in lines  # the only level with ACL denials in 2.0.11
+    quiet = render_mosquitto_conf(_config(tmp_path, log_acl_denials=False)).splitlines()
+    assert "log_type debug" not in quiet
 
 
 @pytest.mark.parametrize(
@@ -490,8 +504,9 @@ FOREIGN_TOPICS = [
 
 
 async def test_a_device_cannot_read_or_write_foreign_topics(
-    site: Site, broker: MosquittoBroker
+    site: Site, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="registrar.broker.mosquitto")
     reg, op = broker.registration_endpoint, broker.operational_endpoint
     async with (
         mqtt(site, op, site.service) as registrar,
@@ -519,6 +534,10 @@ async def test_a_device_cannot_read_or_write_foreign_topics(
         assert [m for m in got_registrar if m[1] == b"from-a"] == []
         assert ("devices/dev-a/own", b"mine") in got_registrar
         assert ("devices/dev-b/t", b"b") in got_registrar
+        # Each refused PUBLISH left a trace: who, which topic (the own topic did not).
+        assert broker.acl_denials == len(FOREIGN_TOPICS)
+        assert "ACL denied PUBLISH from dev-a on topic 'devices/dev-b/t'" in caplog.text
+        assert "'devices/dev-a/own'" not in caplog.text
 
 
 async def test_client_id_takeover_is_impossible_and_clones_are_reported(
@@ -714,3 +733,29 @@ async def test_the_registrars_own_session_on_real_mosquitto(
     assert not session.is_open
     with pytest.raises(MqttSessionError):
         await session.publish("devices/dev-a/cmd", b"after close")
+
+
+@pytest.mark.parametrize("failure", ["passphrase", "executable", "config"])
+async def test_a_failed_start_leaves_no_temporary_directory(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    settings = BrokerSettings(tls=site.settings.tls, workdir=tmp_path / "work")
+    executable = "mosquitto"
+    if failure == "passphrase":
+        settings = BrokerSettings(
+            tls=BrokerTls(**{**site.settings.tls.__dict__, "server_key_passphrase": b"wrong"}),
+            workdir=tmp_path / "work",
+        )
+    elif failure == "executable":
+        executable = str(tmp_path / "no-such-mosquitto")
+    else:
+        executable = "/bin/false"  # starts, exits at once
+    site.write_crls()
+    broker = MosquittoBroker(settings, executable=executable)
+    with pytest.raises(BrokerError):
+        await broker.start()
+    assert list(scratch.iterdir()) == []
+    assert broker.pid is None and broker.runtime_dir is None

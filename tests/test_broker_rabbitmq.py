@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import stat
 import time
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +30,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from bench.site_fixture import FactoryDevice, SitePki, build_site_pki
+from broker_config.tls_policy import TLS12_CIPHERS, TLS13_CIPHERSUITES
 from device_sim.client import DeviceClient, Registered, SoftwareKeys
 from registrar.broker import Endpoint
 from registrar.broker.rabbitmq import (
@@ -95,6 +98,9 @@ def test_rendered_node_config_is_mtls_only_with_crls_and_the_http_backend(tmp_pa
     for option in ("{verify, verify_peer}", "{fail_if_no_peer_cert, true}", "{crl_check, true}"):
         assert option in advanced
     assert "ssl_crl_hash_dir" in advanced and "'tlsv1.1'" not in advanced
+    # the AEAD-only suites of broker_config.tls_policy, and no session reuse
+    assert f'{{ciphers, "{TLS13_CIPHERSUITES}:{TLS12_CIPHERS}"}}' in advanced
+    assert "{reuse_sessions, false}" in advanced and "{honor_cipher_order, true}" in advanced
 
 
 @pytest.mark.parametrize(
@@ -480,6 +486,50 @@ async def test_cluster_runs_on_its_own_ports_and_files(tier: Tier) -> None:
         assert b"ENCRYPTED PRIVATE KEY" in files.server_key.read_bytes()
         assert stat.S_IMODE(files.advanced.stat().st_mode) == 0o600
         assert len(list(files.crl_dir.iterdir())) == 3
+
+
+async def _handshake(tier: Tier, ctx: ssl.SSLContext) -> tuple[str, str]:
+    """(version, cipher) a TLS client gets from node 0's MQTT listener; raises on refusal."""
+    endpoint = tier.endpoint(0)
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(endpoint.host, endpoint.port, ssl=ctx), 10
+    )
+    try:
+        tls = writer.get_extra_info("ssl_object")
+        return tls.version(), tls.cipher()[0]
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+@IN_CLUSTER_LOOP
+async def test_tls_policy_on_the_cluster(tier: Tier) -> None:
+    """TLS 1.3 preferred, TLS 1.2 with AES-GCM accepted; TLS 1.1 and CBC suites refused."""
+    device = DeviceClient(tier.pki.factory_device("tls-1").credentials(), SoftwareKeys())
+
+    def context(**settings: object) -> ssl.SSLContext:
+        ctx = device.registration_context()
+        for name, value in settings.items():
+            if name == "ciphers":
+                ctx.set_ciphers(str(value))
+            else:
+                setattr(ctx, name, value)
+        return ctx
+
+    assert await _handshake(tier, context()) == ("TLSv1.3", "TLS_AES_256_GCM_SHA384")
+    v12 = ssl.TLSVersion.TLSv1_2
+    gcm = context(maximum_version=v12, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
+    assert await _handshake(tier, gcm) == ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256")
+    cbc_suites = "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0"
+    cbc = context(maximum_version=v12, ciphers=cbc_suites)
+    v11 = ssl.TLSVersion.TLSv1_1
+    with warnings.catch_warnings():  # the client must be able to offer TLS 1.1 at all
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = context(minimum_version=v11, maximum_version=v11, ciphers="DEFAULT:@SECLEVEL=0")
+    for refused in (cbc, old):
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await _handshake(tier, refused)
 
 
 @IN_CLUSTER_LOOP

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -50,6 +52,7 @@ from registrar.report import build_site_report, read_report_data
 from registrar.site import SiteHome, SiteSecrets
 from signers.software import SoftwareKey
 from signers.tpm import Tpm, TpmKey
+from tests.hygiene import log_leaks, loose_state
 from tests.test_hq_approvals import _approvers, _configure
 from tests.test_registrar_integration import until_cut
 from trustcore.identity import DeviceId
@@ -68,11 +71,17 @@ COUNTERFEITS = [f"TH-{n:06d}" for n in range(500, 505)]
 
 
 def test_counterfeit_story(
-    tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    swtpm_factory: Callable[..., Swtpm],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)  # every log line of the run is scanned for secrets
     monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", "correct horse battery staple")
     monkeypatch.setenv("DEVTRUST_SITE_PASSPHRASE", "site passphrase")
     monkeypatch.setenv("TSS2_LOG", "all+NONE")
+    product_secret = os.urandom(32)
+    (tmp_path / "product.secret").write_bytes(product_secret)
     runner = CliRunner()
 
     def run(cli: object, *args: object, code: int = 0) -> str:
@@ -104,7 +113,7 @@ def test_counterfeit_story(
         "--not-before", (now - timedelta(hours=1)).isoformat(),
         "--not-after", (now + timedelta(days=30)).isoformat(),
         "--id-prefix", "TH-", "--id-first", "0", "--id-last", "999", "--id-digits", "6",
-        "--out", entitlement,
+        "--secret", f"firmware-key=@{tmp_path / 'product.secret'}", "--out", entitlement,
     )  # fmt: skip
     run(station_main, "import-entitlement", "--home", station, entitlement)
     fleet = tmp_path / "fleet"
@@ -184,6 +193,12 @@ def test_counterfeit_story(
             for d in COUNTERFEITS
         ]
         asyncio.run(_site_story(tmp_path, hq, site, secrets, genuine, fakes, run))
+        payload_keys = {
+            f"payload key {key_id.hex()}": payload.key
+            for device in genuine
+            if device.registered is not None
+            for key_id, payload in device.registered.payload_keys.items()
+        }
     finally:
         for sim in sims:
             sim.power_off()
@@ -216,6 +231,20 @@ def test_counterfeit_story(
         ["import-revocations", "--home", str(site_home), str(tmp_path / "list-2.sealed")],
     )
     assert older.exit_code == 2 and "rollback" in older.output, older.output
+
+    # --- what the run leaves behind: no secret in any log line, no readable state ----------
+    assert payload_keys and len(caplog.records) > 100
+    leaks = log_leaks(
+        caplog.records,
+        {
+            "HQ passphrase": b"correct horse battery staple",
+            "site passphrase": b"site passphrase",
+            "entitlement secret": product_secret,
+            **payload_keys,
+        },
+    )
+    assert leaks == []
+    assert loose_state(hq, station, site_home, fleet) == []
 
 
 async def _site_story(

@@ -33,8 +33,10 @@ amqtt other than 0.12.x rather than silently run without its checks.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import contextlib
+import ctypes
 import logging
 import re
 import ssl
@@ -55,6 +57,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
+from broker_config.tls_policy import TLS12_CIPHERS
 from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, Endpoint, is_device_identity
 from registrar.broker.amqtt_plugins import (
     AccessPolicy,
@@ -217,6 +220,121 @@ def _operational_crl_file(settings: BrokerSettings) -> Path:
     return target
 
 
+# OpenSSL constants (ssl.h) for the one setting Python's ssl module does not expose.
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_SSL_SESS_CACHE_OFF = 0
+
+
+def _libssl() -> ctypes.CDLL:
+    """The libssl that Python's ``_ssl`` is linked against (symbols resolve through it)."""
+    lib = ctypes.CDLL(_ssl.__file__)
+    lib.OpenSSL_version_num.restype = ctypes.c_ulong
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    return lib
+
+
+def _disable_session_cache(ctx: ssl.SSLContext) -> None:
+    """``SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF)``, which ``ssl`` lacks.
+
+    Why: a resumed TLS 1.2 session (session id, server-side cache) skips certificate
+    verification, so a device revoked after its first handshake would resume its old
+    session without meeting the new CRL. Tickets are off by ``OP_NO_TICKET`` and
+    ``num_tickets = 0``; the cache needs this call. The ``SSL_CTX *`` follows the object
+    header in CPython's ``PySSLContext``; it is checked (same OpenSSL build, same options
+    word) before use, and anything unexpected raises: the broker does not start rather
+    than run with resumption on.
+    """
+    lib = _libssl()
+    if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
+        raise BrokerError("ssl and the loaded libssl differ: cannot turn off session reuse")
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer or lib.SSL_CTX_get_options(pointer) != int(ctx.options):
+        raise BrokerError("cannot reach the SSL_CTX of a context: session reuse stays off?")
+    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) != _SSL_SESS_CACHE_OFF:
+        raise BrokerError("OpenSSL kept its session cache on")
+
+
+def _apply_tls_policy(ctx: ssl.SSLContext) -> None:
+    """``broker_config.tls_policy`` on a server context: TLS 1.2 minimum (1.3 preferred, as
+    the highest both sides offer), AEAD suites only, no session resumption of any kind,
+    and an alert to the client when its handshake is refused (:class:`_AlertingSSLObject`)."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)  # TLS 1.3: OpenSSL's default suites = TLS13_CIPHERSUITES
+    ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.num_tickets = 0
+    _disable_session_cache(ctx)
+    ctx.sslobject_class = _AlertingSSLObject
+
+
+class _AlertingSSLObject(ssl.SSLObject):
+    """A server-side ``SSLObject`` whose refused handshakes reach the client as a TLS alert.
+
+    asyncio's SSL transport aborts the socket as soon as ``do_handshake`` raises, and the
+    alert OpenSSL wrote into the outgoing buffer (``certificate revoked``, ``unknown CA``,
+    ``handshake failure``...) was never sent: a refused device saw a bare connection reset
+    and could not tell a revocation from a network fault. Here a refusal is logged (with
+    OpenSSL's reason: the registrar's trace of why a device was turned away) and held back
+    for one round: ``do_handshake`` reports "want read", on which asyncio flushes the
+    outgoing buffer (the alert); the next call — more data from the client, or its close —
+    raises the refusal and the connection ends as before. A client that neither sends nor
+    closes is cut by the handshake timeout.
+    """
+
+    _refusal: ssl.SSLError | None = None
+
+    def do_handshake(self) -> None:
+        if self._refusal is not None:
+            raise self._refusal
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            self._refusal = exc
+            log.warning("refused a TLS handshake: %s", _refusal_reason(exc))
+            raise ssl.SSLWantReadError("refusal alert pending") from exc
+
+
+def _refusal_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = f"client certificate: {exc.verify_message} (X509 error {exc.verify_code})"
+        if exc.verify_code == _X509_V_ERR_UNABLE_TO_GET_CRL:
+            reason += (
+                "; the site holds no CRL of its issuer (a station CA without a CRL from HQ:"
+                " its devices are refused until HQ sends one)"
+            )
+        return reason
+    return str(exc.reason or exc)
+
+
+_X509_V_ERR_UNABLE_TO_GET_CRL = 3
+
+
+def _warn_issuers_without_crl(
+    settings: BrokerSettings, issuers: tuple[x509.Certificate, ...]
+) -> None:
+    """Log each registration issuer (station CA) the CRL file has no CRL of: OpenSSL refuses
+    every device of it ("unable to get certificate CRL", alert ``unknown_ca`` to the device),
+    and the operator should know why before the first device calls."""
+    try:
+        blocks = _CRL_BLOCK.findall(settings.tls.crl_file.read_bytes())
+        have = {x509.load_pem_x509_crl(b).issuer for b in blocks}
+    except (OSError, ValueError):
+        return  # _build_context reports an unreadable file
+    for ca in issuers:
+        if ca.subject not in have:
+            log.warning(
+                "no CRL of %s (HQ sent none): the registration listener refuses its devices "
+                "until a site bundle or revocation list brings one",
+                ca.subject.rfc4514_string(),
+            )
+
+
 def _build_context(settings: BrokerSettings, listener: Listener) -> ssl.SSLContext:
     tls = settings.tls
     cafile = tls.registration_cas if listener is Listener.REGISTRATION else tls.operational_cas
@@ -230,7 +348,7 @@ def _build_context(settings: BrokerSettings, listener: Listener) -> ssl.SSLConte
     if not encrypted:
         raise BrokerError(f"the broker key {tls.server_key} must be encrypted PKCS#8")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _apply_tls_policy(ctx)
     ctx.verify_mode = ssl.CERT_REQUIRED
     try:
         # Encrypted PKCS#8 only: the passphrase decrypts it in memory, never on disk.
@@ -317,6 +435,8 @@ class _Amqtt(AmqttBroker):  # type: ignore[misc]  # amqtt ships no usable stubs
         try:
             if not der:  # CERT_REQUIRED makes this unreachable; fail closed anyway
                 raise BrokerError("no client certificate")
+            if ssl_object.session_reused:  # the cache is off; fail closed if one slips by
+                raise BrokerError("resumed TLS session (its certificate was not re-verified)")
             principal = identify(lt.listener, der, lt.issuers)
         except BrokerError as exc:
             log.warning("refused on %s listener: %s", lt.listener.value, exc)
@@ -544,6 +664,7 @@ class EmbeddedBroker:
         operational_issuers = _issuing_cas(_load_pem_certificates(tls.operational_cas))
         if not registration_issuers or not operational_issuers:
             raise BrokerError("a listener has no issuing CA in its bundle")
+        _warn_issuers_without_crl(self._settings, registration_issuers)
         for name, listener, issuers in (
             ("default", Listener.REGISTRATION, registration_issuers),
             ("operational", Listener.OPERATIONAL, operational_issuers),
@@ -617,6 +738,7 @@ class EmbeddedBroker:
         }
         if not all(issuers.values()):
             raise BrokerError("a listener has no issuing CA in its bundle")
+        _warn_issuers_without_crl(self._settings, issuers[Listener.REGISTRATION])
         for name, ctx in fresh.items():
             self._tls[name].current = ctx
             self._tls[name].issuers = issuers[self._tls[name].listener]

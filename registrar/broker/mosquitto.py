@@ -59,6 +59,7 @@ from broker_config.render import (
 )
 from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, Endpoint, is_device_identity
 from registrar.errors import BrokerError
+from signers.child_env import child_env
 from trustcore.errors import InvalidValueError
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,14 @@ _GONE = re.compile(
     r"|Socket error on client (\S+?), disconnecting)"
 )
 _TAKEOVER = re.compile(r"^Client (\S+) already connected, closing old connection")
+#: An ACL denial (debug level in 2.0.11): "Denied PUBLISH from dev-a (d0, q1, r0, m1,
+#: 'devices/dev-b/t', ... (1 bytes))".
+_DENIED = re.compile(r"^Denied (\S+) from (\S+) \(.*?'(.*)', \.\.\. \(\d+ bytes\)\)$")
+#: A refused TLS handshake: "Client connection from 127.0.0.1 failed: error:0A000086:SSL
+#: routines::certificate verify failed."
+_TLS_REFUSED = re.compile(r"^Client connection from (\S+) failed: (.*?)\.?$")
+#: Per-packet debug chatter: dropped unread (a line per packet at full message rate).
+_CHATTER = ("Received ", "Sending ", "\t", "Denied ")
 
 
 def _check_identity(identity: str) -> str:
@@ -117,17 +126,6 @@ class _Owner:
     def own(self, path: Path) -> None:
         if os.geteuid() == 0:
             os.chown(path, self.uid, self.gid)
-
-
-def _broker_env() -> dict[str, str]:
-    """The registrar's environment without its secrets (the keystore passphrase may be
-    there, ``DEVTRUST_*_PASSPHRASE``/``_PIN``): Mosquitto needs none of them. The rest is
-    kept (``PATH``, locale, and e.g. a ``LD_PRELOAD`` fake clock of the time-travel tests)."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not (k.startswith("DEVTRUST_") and k.endswith(("PASSPHRASE", "PIN", "PASSWORD")))
-    }
 
 
 def _launch_argv(executable: str, conf: Path, owner: _Owner) -> list[str]:
@@ -286,8 +284,10 @@ class MosquittoBroker:
     """A Mosquitto process owned by the registrar (see the module docstring).
 
     ``executable`` and ``run_user`` are settings for unusual installations; tests use the
-    defaults. Only loopback or the configured host is listened on; never port 1883 unless
-    asked for explicitly.
+    defaults. ``log_acl_denials`` (default on) turns on Mosquitto's debug log, the only
+    level at which 2.0.11 reports ACL denials; a site at full telemetry rate may turn it off
+    (see docs/broker.md for its cost). Only loopback or the configured host is listened
+    on; never port 1883 unless asked for explicitly.
     """
 
     def __init__(
@@ -298,12 +298,14 @@ class MosquittoBroker:
         executable: str = "mosquitto",
         run_user: str = "mosquitto",
         start_timeout: float = 10.0,
+        log_acl_denials: bool = True,
     ) -> None:
         self._settings = settings
         self._registrar_identity = _check_identity(registrar_identity)
         self._executable = executable
         self._run_user = run_user
         self._start_timeout = start_timeout
+        self._log_acl_denials = log_acl_denials
         self._process: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._log_tail: deque[str] = deque(maxlen=200)
@@ -316,6 +318,7 @@ class MosquittoBroker:
         self._watchers: dict[str, int] = {}  # identity -> kicks waiting on it
         self._session_changed = asyncio.Event()
         self._clone_signals: list[str] = []
+        self._acl_denials = 0
         self._blocked: set[str] = set()
         self._key_pipe: _KeyPipe | None = None
         self._admin: aiomqtt.Client | None = None
@@ -362,6 +365,12 @@ class MosquittoBroker:
     def connected_devices(self) -> int:
         # not the random dynamic-security admin user (no "@" in it), nor service identities
         return sum(n for name, n in self.live_sessions().items() if is_device_identity(name))
+
+    @property
+    def acl_denials(self) -> int:
+        """ACL denials Mosquitto logged since this object was made (each is also a warning
+        in the registrar's log: who, what, which topic)."""
+        return self._acl_denials
 
     def live_sessions(self) -> dict[str, int]:
         """Identity → number of live sessions, as Mosquitto's log reported them."""
@@ -444,18 +453,23 @@ class MosquittoBroker:
         if self._process is not None:
             raise BrokerError("the broker is already running")
         owner = _Owner.for_process(self._run_user)
+        key = self._decrypt_key()  # before any directory exists: a bad passphrase leaves none
         workdir = self._runtime = self._prepare_workdir(owner)
-        self._key_pipe = _KeyPipe(workdir / "server-key.fifo", self._decrypt_key(), owner)
         last_error: BrokerError | None = None
-        for _attempt in range(3):  # a free port can be taken between choosing and binding
-            try:
-                await self._start_once(workdir, owner)
-                return
-            except BrokerError as exc:
-                last_error = exc
-                await self._shutdown_process()
-                if "Address already in use" not in "\n".join(self._log_tail):
-                    break
+        try:
+            self._key_pipe = _KeyPipe(workdir / "server-key.fifo", key, owner)
+            for _attempt in range(3):  # a free port can be taken between choosing and binding
+                try:
+                    await self._start_once(workdir, owner)
+                    return
+                except BrokerError as exc:
+                    last_error = exc
+                    await self._shutdown_process()
+                    if "Address already in use" not in "\n".join(self._log_tail):
+                        break
+        except BaseException:
+            await self.stop()  # no process, FIFO or temporary directory is left behind
+            raise
         await self.stop()
         assert last_error is not None
         raise last_error
@@ -482,6 +496,7 @@ class MosquittoBroker:
             registrar_identity=self._registrar_identity,
             blocked=frozenset(self._blocked),
             run_user=owner.name,
+            log_acl_denials=self._log_acl_denials,
         )
         # Random and containing ":", so no certificate CN can be this name by design or luck.
         admin_user = self._admin_user = f"devtrust:admin:{secrets.token_hex(8)}"
@@ -496,13 +511,16 @@ class MosquittoBroker:
         loaded = self._key_pipe.arm(_KEY_LOADS_START)
         self._log_tail.clear()
         self._sessions.clear()
-        self._process = await asyncio.create_subprocess_exec(
-            *_launch_argv(self._executable, conf, owner),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=_broker_env(),
-        )
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *_launch_argv(self._executable, conf, owner),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=child_env(),  # allow-list: no passphrase reaches the broker
+            )
+        except OSError as exc:
+            raise BrokerError(f"cannot run {self._executable}: {exc}") from exc
         self._log_task = asyncio.create_task(self._read_log(self._process))
         deadline = time.monotonic() + self._start_timeout
         try:
@@ -528,9 +546,21 @@ class MosquittoBroker:
         assert process.stderr is not None
         while line_bytes := await process.stderr.readline():
             line = line_bytes.decode("utf-8", "replace").rstrip()
+            if line.startswith(_CHATTER):
+                if match := _DENIED.match(line):
+                    self._acl_denials += 1
+                    log.warning(
+                        "ACL denied %s from %s on topic %r",
+                        match.group(1),
+                        match.group(2),
+                        match.group(3),
+                    )
+                continue
             self._log_tail.append(line)
             log.debug("mosquitto: %s", line)
-            if match := _CONNECTED.match(line):
+            if match := _TLS_REFUSED.match(line):
+                log.warning("mosquitto refused a TLS handshake from %s: %s", *match.groups())
+            elif match := _CONNECTED.match(line):
                 name = match.group(1)
                 self._sessions[name] = self._sessions.get(name, 0) + 1
                 self._connect_seq += 1

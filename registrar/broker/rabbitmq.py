@@ -52,8 +52,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from broker_config.tls_policy import TLS12_CIPHERS, TLS13_CIPHERSUITES
 from registrar.broker import BrokerTls
 from registrar.errors import BrokerError, ConfigError
+from signers.child_env import child_env
 
 #: Plugins a node needs: MQTT, the management API (for the live cut), the HTTP backend and
 #: the event exchange (connection events: the registrar's table of live sessions).
@@ -245,7 +247,8 @@ cluster_partition_handling = pause_minority
 
 def render_advanced_config(files: NodeFiles, config: RabbitMQConfig, key_password: str) -> str:
     """``ssl_options`` (certificate, encrypted key and its password, CAs, peer verification,
-    versions, CRL hash directory). Mode 0600: it carries the key's password."""
+    versions, the AEAD suites of ``broker_config.tls_policy``, no session reuse, CRL hash
+    directory). Mode 0600: it carries the key's password."""
     versions = ", ".join(f"'{v}'" for v in config.tls_versions)
     return f"""\
 %% advanced.config rendered by registrar.broker.rabbitmq -- do not edit by hand.
@@ -258,6 +261,9 @@ def render_advanced_config(files: NodeFiles, config: RabbitMQConfig, key_passwor
     {{fail_if_no_peer_cert, true}},
     {{depth, 3}},
     {{versions, [{versions}]}},
+    {{ciphers, {_erlang_string(TLS13_CIPHERSUITES + ":" + TLS12_CIPHERS)}}},
+    {{honor_cipher_order, true}},
+    {{reuse_sessions, false}},
     {{crl_check, true}},
     {{crl_cache, {{ssl_crl_hash_dir, {{internal, [{{dir, {_erlang_string(files.crl_dir)}}}]}}}}}}
 ]}}]}}].
@@ -416,6 +422,7 @@ def crl_subject_hash(crl_pem: bytes) -> str:
             capture_output=True,
             check=True,
             timeout=10,
+            env=child_env(),
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise BrokerError(f"openssl could not hash a CRL: {exc}") from exc
