@@ -420,7 +420,7 @@ def create_request(
                 requested_by=requested_by,
             )
         except InvalidValueError as exc:
-            raise HqError(f"invalid approval request: {exc}", reason="bad_request") from exc
+            raise HqError(f"invalid approval request: {exc.message}", reason="bad_request") from exc
         with store.transaction() as conn:
             conn.execute(
                 "INSERT INTO quorum_requests (request_id, operation, request_cbor, created, "
@@ -439,7 +439,7 @@ def _stored_request(conn: Connection, request_id: bytes) -> ApprovalRequest | No
     try:
         return ApprovalRequest.decode(bytes(row[0]))
     except EncodingError as exc:
-        raise HomeError(f"stored approval request is corrupt: {exc}") from exc
+        raise HomeError(f"stored approval request is corrupt: {exc.message}") from exc
 
 
 def record_approval(
@@ -453,7 +453,7 @@ def record_approval(
     try:
         approval = Approval.decode(data)
     except EncodingError as exc:
-        raise QuorumRefused(f"approval does not decode: {exc}", reason="malformed") from exc
+        raise QuorumRefused(f"approval does not decode: {exc.message}", reason="malformed") from exc
     with _db(home) as store, store.transaction() as conn:
         request = _stored_request(conn, approval.request_id)
         if request is None:

@@ -225,7 +225,9 @@ def enrol_station(
         request = StationEnrolment.decode(enrolment)
         csr, transport = request.verify()
     except (EncodingError, CsrError, InvalidValueError) as exc:
-        raise EnrolmentError(f"enrolment request refused: {exc}", reason=exc.reason) from exc
+        raise EnrolmentError(
+            f"enrolment request refused: {exc.message}", reason=exc.reason
+        ) from exc
     station_id = request.station_id.value
     ca_der = spki_der(csr.public_key)
     transport_der = spki_der(transport)
@@ -352,7 +354,7 @@ def issue_entitlement(
                 quorum=request.quorum,
             )
         except InvalidValueError as exc:
-            raise EntitlementError(f"invalid policy: {exc}", reason="bad_policy") from exc
+            raise EntitlementError(f"invalid policy: {exc.message}", reason="bad_policy") from exc
         root_cert = home.root_certificate()
         signer = home.role_key(HqRole.ENTITLEMENT_SIGNER, secrets)
         station_ca = _issue_station_ca(home, station, policy, root_cert, secrets, moment)
@@ -451,7 +453,7 @@ def _issue_station_ca(
                 max_not_after=root_cert.not_valid_after_utc,
             )
         except ProfileError as exc:
-            raise EntitlementError(f"cannot issue the station CA: {exc}") from exc
+            raise EntitlementError(f"cannot issue the station CA: {exc.message}") from exc
         except SignerError as exc:
             raise SecretError(f"the root key failed to sign: {exc}") from exc
 

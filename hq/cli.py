@@ -24,7 +24,46 @@ EXIT_REFUSED = 2
 EXIT_ERROR = 3
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Commands whose exit 1 means "accepted with findings": any other failure there is 3.
+_ERROR_EXIT = {"ingest-audit": EXIT_ERROR, "ingest-report": EXIT_ERROR}
+
+
+class _HqGroup(click.Group):
+    """The last line of defence of every ``hq`` command: whatever escapes a command (an
+    ``HqError`` raised outside its ``try``, an unreadable file, a bug reached by hostile
+    input) ends as one line ``error: reason: message`` and the command's documented error
+    exit code, never a traceback — and never exit 1 where 1 means "accepted with findings".
+    Commands still map their own refusals first; the fuzz targets (tests/fuzz) call the
+    functions behind the commands, so this net hides nothing from them."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta["hq.command"] = name
+        return name, command, rest
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except HqError as exc:
+            _fail(exc, _error_exit(ctx))
+        except OSError as exc:
+            _fail(HqError(str(exc), reason="io_error"), _error_exit(ctx))
+        except Exception as exc:  # the net for what no command expected
+            _fail(
+                HqError(f"unexpected {type(exc).__name__}: {exc}", reason="internal_error"),
+                _error_exit(ctx),
+            )
+
+
+def _error_exit(ctx: click.Context) -> int:
+    return _ERROR_EXIT.get(str(ctx.meta.get("hq.command")), 1)
+
+
+@click.group(cls=_HqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="devtrust")
 def main() -> None:
     """Headquarters: the manufacturer root CA, entitlements for factory stations, the
@@ -82,7 +121,8 @@ def _read_approvals(paths: tuple[Path, ...]) -> list[bytes]:
 
 
 def _fail(exc: HqError, code: int = 1) -> NoReturn:
-    click.echo(f"error: {exc}", err=True)
+    """One line on stderr, whatever the message holds."""
+    click.echo(f"error: {' '.join(str(exc).split())}", err=True)
     sys.exit(code)
 
 
@@ -318,7 +358,7 @@ def _parse_quorum(spec: str) -> Any:
     try:
         return QuorumRule(op, int(m_text), approvers)
     except InvalidValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--quorum") from exc
+        raise click.BadParameter(exc.message, param_hint="--quorum") from exc
 
 
 @main.command("entitle")
@@ -377,7 +417,7 @@ def entitle_command(
     try:
         rule = DeviceIdRule(id_prefix, id_first, id_last, id_digits)
     except InvalidValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--id-*") from exc
+        raise click.BadParameter(exc.message, param_hint="--id-*") from exc
     request = EntitlementRequest(
         station_id=station_id,
         product=product,
@@ -748,9 +788,11 @@ def ingest_report_command(home: Path, report_file: Path, as_json: bool) -> None:
         result = ingest_site_report(HqHome.open(home), report_file.read_bytes())
     except ReportRefusedError as exc:
         if as_json:
-            click.echo(json.dumps({"status": "refused", "reason": exc.reason, "message": str(exc)}))
+            click.echo(
+                json.dumps({"status": "refused", "reason": exc.reason, "message": exc.message})
+            )
         else:
-            click.echo(f"REFUSED ({exc.reason}): {exc}", err=True)
+            click.echo(f"REFUSED ({exc.reason}): {exc.message}", err=True)
         sys.exit(EXIT_REFUSED)
     except HqError as exc:
         _fail(exc, EXIT_ERROR)
@@ -872,6 +914,8 @@ def renew_roles_command(
     for r in done:
         state = "renewed" if r.renewed else "current"
         click.echo(f"{r.role}: {state}, valid until {r.not_after.isoformat()}")
+
+
 # ------------------------------------------------------- root ceremony, revocation data
 
 

@@ -158,7 +158,7 @@ def _site_for(store: HqStore, cert: x509.Certificate) -> tuple[SiteId, ec.Ellipt
         site_id = site_id_from_certificate(cert)
     except ProfileError as exc:
         raise ReportRefusedError(
-            f"report sender is not a site CA: {exc}", reason="unknown_site"
+            f"report sender is not a site CA: {exc.message}", reason="unknown_site"
         ) from exc
     row = store.site(site_id.value)
     if row is None:
@@ -292,7 +292,7 @@ def ingest_site_report(
         try:
             cert = peek_site_report(package)
         except SiteReportError as exc:
-            raise ReportRefusedError(str(exc), reason=exc.reason) from exc
+            raise ReportRefusedError(exc.message, reason=exc.reason) from exc
         with store.transaction():
             site_id, public = _site_for(store, cert)
             try:
@@ -303,7 +303,7 @@ def ingest_site_report(
                     last_sequence=store.site_report_sequence(site_id.value),
                 )
             except SiteReportError as exc:
-                raise ReportRefusedError(str(exc), reason=exc.reason) from exc
+                raise ReportRefusedError(exc.message, reason=exc.reason) from exc
             findings, clean = _check(report, store, _chain_verifier(home, store))
             store.put_site_report(
                 site_id.value,
@@ -380,7 +380,7 @@ def _targets(
         try:
             serial = CertSerial.from_hex(serial).hex
         except TrustCoreError as exc:
-            raise RevocationError(f"--serial {spec!r}: {exc}") from exc
+            raise RevocationError(f"--serial {spec!r}: {exc.message}") from exc
         matches = store.known_certificates(certificates=[(station, serial)])
         if not matches:
             raise RevocationError(f"certificate {station}:{serial} is unknown to HQ")
@@ -472,7 +472,9 @@ def revoke(
                         )
                     )
                 except TrustCoreError as exc:
-                    raise RevocationError(f"cannot revoke {station}:{serial}: {exc}") from exc
+                    raise RevocationError(
+                        f"cannot revoke {station}:{serial}: {exc.message}"
+                    ) from exc
             if not added and latest is not None and not ca_serials:
                 return RevokeResult(latest[0], (), already), latest[1]
             if ca_serials:
@@ -481,7 +483,7 @@ def revoke(
             # The new list carries a fresh indirect CRL (CRL signer key, never the root's).
             nxt, package = publish_revocations(home, store, secrets, at, added=tuple(added))
     except RevocationListError as exc:
-        raise RevocationError(f"the held revocation list does not verify: {exc}") from exc
+        raise RevocationError(f"the held revocation list does not verify: {exc.message}") from exc
     finally:
         store.close()
     return RevokeResult(nxt.sequence, tuple(added), already, tuple(ca_serials)), package

@@ -205,7 +205,7 @@ def parse_renewal_request(data: bytes) -> RenewalRequest:
         if len(csr) > MAX_CSR_SIZE or not 0 < len(ldevid) <= MAX_CERT_SIZE:
             raise EncodingError("a field is too long")
     except (EncodingError, InvalidValueError) as exc:
-        raise RegistrationError(f"renewal request: {exc}") from exc
+        raise RegistrationError(f"renewal request: {exc.message}") from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -332,7 +332,7 @@ def _verify(
     try:
         named = device_id_from_certificate(current)
     except ProfileError as exc:
-        raise _refuse("ldevid_unknown", f"LDevID names no device: {exc}") from exc
+        raise _refuse("ldevid_unknown", f"LDevID names no device: {exc.message}") from exc
     if named != device:
         raise _refuse("device_mismatch", f"LDevID names {named}, request {device}")
     public = current.public_key()
@@ -370,7 +370,7 @@ def _verify(
     try:
         csr = validate_csr(request.csr_der, expected_device_id=device)
     except CsrError as exc:
-        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), str(exc)) from exc
+        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
     except _PARSE_ERRORS as exc:  # hostile DER escaping trustcore.csr
         raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
     new_id = key_id(csr.public_key)

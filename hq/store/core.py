@@ -75,7 +75,7 @@ def _policy_from_blob(blob: bytes) -> EntitlementPolicy:
     try:
         return EntitlementPolicy.from_map(cbor.decode(blob, max_size=1 << 20))
     except EncodingError as exc:
-        raise HomeError(f"stored entitlement policy is corrupt: {exc}") from exc
+        raise HomeError(f"stored entitlement policy is corrupt: {exc.message}") from exc
 
 
 def _location(where: StoreLocation | Path) -> StoreLocation:
