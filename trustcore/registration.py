@@ -60,8 +60,7 @@ from trustcore.profiles import (
     require_p256_public_key,
     station_id_from_certificate,
 )
-from trustcore.verify import ChainVerifier, VerifiedIdentity
-from trustcore.x509parse import parsed_certificate
+from trustcore.verify import ChainVerifier, VerifiedIdentity, load_certificate
 
 __all__ = [
     "FRESHNESS_SECONDS",
@@ -902,9 +901,9 @@ def _check_site_ca(
     """The site CA must be a CA certificate issued directly by a manufacturer root, valid
     now: that is what lets the device trust a registrar it has never seen."""
     try:
-        ca = parsed_certificate(x509.load_der_x509_certificate(der))
+        ca = load_certificate(der)  # parsed completely; a deprecated encoding is refused
         bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except (*_PARSE_ERRORS, x509.ExtensionNotFound) as exc:
+    except (*_PARSE_ERRORS, x509.ExtensionNotFound, VerificationError) as exc:
         raise RegistrationError("site CA certificate is malformed", reason="untrusted") from exc
     if not bc.ca or not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
         raise RegistrationError("site CA is not a valid CA now", reason="untrusted")
