@@ -10,16 +10,34 @@ defect is refused there, with the loader's reason, and everything downstream rea
 that are known to parse.
 
 Each function raises ``ValueError`` (chained to the library's error) on the first field
-that does not parse, and returns its argument otherwise.
+that does not parse, and returns its argument otherwise. A field the library only warns
+about (e.g. a CSR attribute of the wrong length) is refused too: half-valid is not valid.
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from cryptography import x509
 
 from trustcore.errors import X509_PARSE_ERRORS
 
 __all__ = ["parsed_certificate", "parsed_crl", "parsed_csr"]
+
+
+_ERRORS: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, Warning)
+
+
+@contextmanager
+def _strict(what: str) -> Iterator[None]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+    except _ERRORS as exc:
+        raise ValueError(f"{what} field does not parse: {exc}") from exc
 
 
 def _touch_extensions(extensions: x509.Extensions) -> None:
@@ -30,39 +48,33 @@ def _touch_extensions(extensions: x509.Extensions) -> None:
 def parsed_certificate(cert: x509.Certificate) -> x509.Certificate:
     """Read every lazily parsed field of ``cert``: names, validity, extensions, public key
     and signature algorithm."""
-    try:
+    with _strict("certificate"):
         _ = (cert.version, cert.serial_number, cert.subject, cert.issuer)
         _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
         _ = (cert.signature_hash_algorithm, cert.signature_algorithm_parameters)
         _touch_extensions(cert.extensions)
         cert.public_key()
-    except X509_PARSE_ERRORS as exc:
-        raise ValueError(f"certificate field does not parse: {exc}") from exc
     return cert
 
 
 def parsed_csr(csr: x509.CertificateSigningRequest) -> x509.CertificateSigningRequest:
     """Read the subject, extensions, attributes and signature algorithm of ``csr`` (not its
     public key: an unusable key is the caller's ``wrong_key_type``, not ``malformed``)."""
-    try:
+    with _strict("CSR"):
         _ = (csr.subject, csr.signature_hash_algorithm, csr.signature_algorithm_parameters)
         _touch_extensions(csr.extensions)
         for attribute in csr.attributes:
             _ = attribute.value
-    except X509_PARSE_ERRORS as exc:
-        raise ValueError(f"CSR field does not parse: {exc}") from exc
     return csr
 
 
 def parsed_crl(crl: x509.CertificateRevocationList) -> x509.CertificateRevocationList:
     """Read the issuer, dates, extensions, signature algorithm and every entry of ``crl``."""
-    try:
+    with _strict("CRL"):
         _ = (crl.issuer, crl.last_update_utc, crl.next_update_utc)
         _ = (crl.signature_hash_algorithm, crl.signature_algorithm_parameters)
         _touch_extensions(crl.extensions)
         for revoked in crl:
             _ = (revoked.serial_number, revoked.revocation_date_utc)
             _touch_extensions(revoked.extensions)
-    except X509_PARSE_ERRORS as exc:
-        raise ValueError(f"CRL field does not parse: {exc}") from exc
     return crl
