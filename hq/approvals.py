@@ -246,6 +246,14 @@ def verify_hq_quorum(
                 reason="insufficient",
             )
         bundle = parse_evidence(evidence)
+        # Approvals answer a request this HQ wrote (hq approval request): a request made at
+        # another HQ, even one that shares approvers, authorises nothing here.
+        stored = _stored_request(conn, bundle.request.request_id)
+        if stored is None or stored.digest != bundle.request.digest:
+            raise QuorumError(
+                f"request {bundle.request.request_id.hex()} was not written by this HQ",
+                reason="foreign_request",
+            )
         rows = _approver_rows(conn)
         return verify_quorum(
             bundle.request,

@@ -376,6 +376,12 @@ def _parse_quorum(spec: str) -> Any:
 @click.option("--id-digits", type=click.IntRange(1, 18), required=True)
 @click.option("--secret", "secret_specs", multiple=True, help="NAME=@file product secret.")
 @click.option("--quorum", "quorum_specs", multiple=True, help="OP:M:approver-key-file,...")
+@click.option(
+    "--allow-overlap",
+    is_flag=True,
+    help="Issue even if the device-id range overlaps another station's entitlement "
+    "(recorded in HQ's database as an override).",
+)
 @_approvals_option
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output file."
@@ -396,12 +402,16 @@ def entitle_command(
     id_digits: int,
     secret_specs: tuple[str, ...],
     quorum_specs: tuple[str, ...],
+    allow_overlap: bool,
     approval_files: tuple[Path, ...],
     out: Path,
     passphrase_file: Path | None,
     pin_file: Path | None,
 ) -> None:
-    """Issue the next entitlement to an enrolled station (sealed to that station)."""
+    """Issue the next entitlement to an enrolled station (sealed to that station).
+
+    A device-id range that overlaps another station's entitlement is refused
+    (``overlapping_range``) unless --allow-overlap, which is recorded."""
     from hq.authority import EntitlementRequest, issue_entitlement, write_package
     from trustcore.entitlement import DeviceIdRule
     from trustcore.errors import InvalidValueError
@@ -429,6 +439,7 @@ def entitle_command(
         id_rule=rule,
         product_secrets=secrets_map,
         quorum=tuple(_parse_quorum(q) for q in quorum_specs),
+        allow_overlap=allow_overlap,
     )
     try:
         result = issue_entitlement(
@@ -458,6 +469,8 @@ def entitle_command(
         f"  written to   {out} (sha256 {result.package_sha256})",
         highlight=False,
     )
+    for overlap in result.overlaps:
+        click.echo(f"warning: overlapping_range (overridden, recorded): {overlap}", err=True)
 
 
 # -------------------------------------------------------------------------- ingest-audit

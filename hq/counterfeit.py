@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hq.errors import HqError
@@ -152,8 +154,15 @@ def _violations(store: HqStore) -> dict[tuple[str, str], list[str]]:
     return out
 
 
-def _site_for(store: HqStore, cert: x509.Certificate) -> tuple[SiteId, ec.EllipticCurvePublicKey]:
-    """The enrolled site whose site CA signed (claims to have signed) this report."""
+def _site_for(
+    store: HqStore, cert: x509.Certificate, root: x509.Certificate
+) -> tuple[SiteId, ec.EllipticCurvePublicKey]:
+    """The enrolled site whose site CA signed (claims to have signed) this report.
+
+    The key alone is not enough: a second HQ that enrolled the same site keys would accept
+    this HQ's reports (and the reverse). The sender certificate must be the very site CA
+    certificate this HQ issued to the site, signed by this HQ's root (``foreign_site``),
+    as ``hq ingest-audit`` requires of a station (``foreign_station``)."""
     try:
         site_id = site_id_from_certificate(cert)
     except ProfileError as exc:
@@ -171,6 +180,18 @@ def _site_for(store: HqStore, cert: x509.Certificate) -> tuple[SiteId, ec.Ellipt
             f"report is signed by a key that is not site {site_id}'s enrolled site CA",
             reason="wrong_sender",
         )
+    if cert.public_bytes(serialization.Encoding.DER) != row.site_ca_der:
+        raise ReportRefusedError(
+            f"report's site CA certificate (serial {cert.serial_number:x}) is not the one this "
+            f"HQ issued to site {site_id}",
+            reason="foreign_site",
+        )
+    try:
+        cert.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ReportRefusedError(
+            "report's site CA certificate is not issued by this HQ's root", reason="foreign_site"
+        ) from exc
     return site_id, enrolled
 
 
@@ -294,7 +315,7 @@ def ingest_site_report(
         except SiteReportError as exc:
             raise ReportRefusedError(exc.message, reason=exc.reason) from exc
         with store.transaction():
-            site_id, public = _site_for(store, cert)
+            site_id, public = _site_for(store, cert, home.root_certificate())
             try:
                 report = open_site_report(
                     package,

@@ -97,6 +97,7 @@ QUORUM_REASONS: Final = frozenset(
         "replayed",  # the request id was already consumed
         "bad_signature",  # an approval's signature or key does not verify
         "malformed",  # undecodable or inconsistent evidence
+        "foreign_request",  # HQ gates: a request this HQ did not write (hq.approvals)
     }
 )
 
