@@ -15,6 +15,7 @@ from factory_station.errors import FactoryStationError
 from factory_station.provision import ProvisionResult, provision_batch, provision_device
 from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactoryStation
 from signers.errors import SignerError
+from trustcore.cli_net import guarded_group
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId, StationId
 
@@ -88,7 +89,7 @@ def _nv_index(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
         raise click.BadParameter(f"not an integer: {value!r}") from exc
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=guarded_group(2), context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="devtrust")
 def main() -> None:
     """Factory signing station: keeps its CA key inside its TPM, enforces the entitlement

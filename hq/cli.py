@@ -14,6 +14,7 @@ from rich.console import Console
 
 from hq.errors import ExportRefusedError, HqError
 from hq.home import HqHome, HqSecrets, Pkcs11Location
+from trustcore.cli_net import guarded_group
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -24,43 +25,9 @@ EXIT_REFUSED = 2
 EXIT_ERROR = 3
 
 
-#: Commands whose exit 1 means "accepted with findings": any other failure there is 3.
-_ERROR_EXIT = {"ingest-audit": EXIT_ERROR, "ingest-report": EXIT_ERROR}
-
-
-class _HqGroup(click.Group):
-    """The last line of defence of every ``hq`` command: whatever escapes a command (an
-    ``HqError`` raised outside its ``try``, an unreadable file, a bug reached by hostile
-    input) ends as one line ``error: reason: message`` and the command's documented error
-    exit code, never a traceback — and never exit 1 where 1 means "accepted with findings".
-    Commands still map their own refusals first; the fuzz targets (tests/fuzz) call the
-    functions behind the commands, so this net hides nothing from them."""
-
-    def resolve_command(
-        self, ctx: click.Context, args: list[str]
-    ) -> tuple[str | None, click.Command | None, list[str]]:
-        name, command, rest = super().resolve_command(ctx, args)
-        ctx.meta["hq.command"] = name
-        return name, command, rest
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except HqError as exc:
-            _fail(exc, _error_exit(ctx))
-        except OSError as exc:
-            _fail(HqError(str(exc), reason="io_error"), _error_exit(ctx))
-        except Exception as exc:  # the net for what no command expected
-            _fail(
-                HqError(f"unexpected {type(exc).__name__}: {exc}", reason="internal_error"),
-                _error_exit(ctx),
-            )
-
-
-def _error_exit(ctx: click.Context) -> int:
-    return _ERROR_EXIT.get(str(ctx.meta.get("hq.command")), 1)
+#: ``ingest-audit`` / ``ingest-report``: exit 1 means "accepted with findings", so any
+#: failure there that the command did not map itself is 3 (trustcore/cli_net.py).
+_HqGroup = guarded_group(1, {"ingest-audit": EXIT_ERROR, "ingest-report": EXIT_ERROR})
 
 
 @click.group(cls=_HqGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,6 +14,7 @@ from rich.table import Table
 from registrar.errors import CommissionError, ConfigError, RegistrarError
 from signers.errors import SignerError
 from signers.software import write_private_file
+from trustcore.cli_net import guarded_group
 
 if TYPE_CHECKING:
     from registrar.broker import Endpoint
@@ -26,7 +27,9 @@ EXIT_ERROR = 1
 EXIT_REFUSED = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=guarded_group(EXIT_ERROR), context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(package_name="devtrust")
 def main() -> None:
     """Site registrar: devices connect over mutual-TLS MQTT with their factory
