@@ -34,6 +34,7 @@ from trustcore.keys import KeyAgreement
 from trustcore.messages import (
     CT_AUDIT_EXPORT,
     CT_ENTITLEMENT,
+    CT_TIME_STATEMENT,
     AuditExportPayload,
     EntitlementPayload,
     SiteEnrolment,
@@ -158,6 +159,7 @@ def _sealed_package(world: FuzzWorld, data: bytes) -> object:
         CT_AUDIT_EXPORT: lambda p: AuditExportPayload.decode(p, max_size=1 << 24),
         CT_SITE_BUNDLE: SiteBundlePayload.decode,
         CT_SITE_REPORT: SiteReport.decode,
+        CT_TIME_STATEMENT: TimeStatement.decode,
     }
     decoder = decoders.get(header.content_type)
     return None if decoder is None else decoder(opened.payload)

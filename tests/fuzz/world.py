@@ -22,6 +22,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from hq.approvals import (
+    ADD_APPROVER,
+    REVOKE_STATION_CA,
+    add_approver,
+    add_approver_params,
+    create_request,
+    revoke_station_ca_params,
+)
 from hq.home import HqHome, HqSecrets
 from hq.site import enrol_site
 from signers.software import SoftwareKey
@@ -31,11 +39,10 @@ from tests.test_registration import make_dev, make_request
 from trustcore.crl import RevokedEntry, build_crl
 from trustcore.csr import build_csr, build_device_csr
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
-from trustcore.keys import key_id
 from trustcore.messages import CT_AUDIT_EXPORT, SiteEnrolment
 from trustcore.payload import PayloadKey
 from trustcore.profiles import HqRole
-from trustcore.quorum import ApprovalRequest, encode_bundle, sign_approval
+from trustcore.quorum import encode_bundle, sign_approval
 from trustcore.registration import build_error_response, build_key_update, issue_ldevid
 from trustcore.sealed import open_package, peek
 from trustcore.site_report import SeenCertificate, SiteReport, seal_site_report
@@ -196,24 +203,30 @@ def build_fuzz_world(base: Path) -> FuzzWorld:
         "--admit-station", "station-a", "--out", str(bundle_path),
     )  # fmt: skip
     assert r.exit_code == 0, r.output
+    statement_path = base / "time-statement.bin"
+    r = run_hq(
+        "time-statement", "--home", str(hq.home), "--station", "station-a",
+        "--out", str(statement_path),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
     revocations_path = base / "revocations.bin"
     r = run_hq("publish-revocations", "--home", str(hq.home), "--out", str(revocations_path))
     assert r.exit_code == 0, r.output
 
-    # quorum evidence: a request and two approvals, as one bundle and as separate files
-    approvers = [SoftwareKey.ephemeral() for _ in range(2)]
-    t = int(time.time())
-    approval_request = ApprovalRequest(
-        request_id=os.urandom(16),
-        operation="revoke_station_ca",
-        params={"station_id": "station-a"},
-        approvers=tuple(sorted(key_id(a.public_key()) for a in approvers)),
-        m=2,
-        created=t,
-        expires=t + 3600,
-        requested_by="fuzz",
+    # quorum evidence: a request HQ wrote and its approval, as one bundle and as files
+    alice, bob = SoftwareKey.ephemeral(), SoftwareKey.ephemeral()
+    add_approver(home, "alice", alice.public_key())
+    adding = create_request(
+        home, ADD_APPROVER, add_approver_params("bob", bob.public_key()), requested_by="fuzz"
     )
-    approvals = [sign_approval(approval_request, a, now=t) for a in approvers]
+    bundle = encode_bundle(adding, [sign_approval(adding, alice, now=adding.created)])
+    add_approver(home, "bob", bob.public_key(), [bundle])
+    approval_request = create_request(
+        home, REVOKE_STATION_CA, revoke_station_ca_params("station-a"), requested_by="fuzz"
+    )
+    approvals = [
+        sign_approval(approval_request, k, now=approval_request.created) for k in (alice, bob)
+    ]
 
     # a station enrolment and a station CSR / device CSR
     station_c = SoftStation("station-c")
@@ -249,6 +262,7 @@ def build_fuzz_world(base: Path) -> FuzzWorld:
         *seeds["site_bundle"],
         *seeds["site_report"],
         *seeds["revocation_list"],
+        statement_path.read_bytes(),
     ]
     seeds["audit_export_payload"] = [_audit_payload(audit_package, hq, secrets)]
     world = FuzzWorld(
