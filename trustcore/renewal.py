@@ -57,6 +57,7 @@ from trustcore.registration import (
     open_envelope,
     sign_envelope,
 )
+from trustcore.x509parse import parsed_certificate
 
 __all__ = [
     "MAX_RENEWAL_SIZE",
@@ -324,7 +325,8 @@ def _verify(
     if device != topic_device_id:
         raise _refuse("device_mismatch", f"request names {device}, topic {topic_device_id}")
     try:
-        current = x509.load_der_x509_certificate(request.ldevid_der)
+        # parsed completely here: a bad issuer or key must not raise in _issued_by
+        current = parsed_certificate(x509.load_der_x509_certificate(request.ldevid_der))
     except _PARSE_ERRORS as exc:
         raise _refuse("ldevid_unknown", f"LDevID does not parse: {exc}") from exc
     if not _issued_by(current, site_cas):

@@ -274,6 +274,24 @@ def _key_update(world: FuzzWorld, data: bytes) -> object:
     return parse_key_update(data, device_id=reg.device_id, site_ca=reg.pki.site_ca, newer_than=0)
 
 
+def _renewal_request(world: FuzzWorld, data: bytes) -> object:
+    """The registrar's renewal decision (``devices/<id>/renewal/request``)."""
+    from trustcore.renewal import LdevidPolicy, RenewalFacts, parse_renewal_request, verify_renewal
+
+    reg = world.registration
+    assert reg is not None
+    request = parse_renewal_request(data)
+    facts = RenewalFacts(reg.pki.ldevid.serial_number, "registered", frozenset(), None, False, None)
+    return verify_renewal(
+        request,
+        topic_device_id=reg.pki.device_id,
+        site_cas=[reg.pki.site_ca],
+        facts=facts,
+        now=reg.pki.now,
+        policy=LdevidPolicy(),
+    )
+
+
 def _decoders(world: FuzzWorld, data: bytes) -> object:
     """The payload decoders behind the signatures, and the other small messages."""
     from trustcore.quorum import Approval, ApprovalRequest
@@ -417,6 +435,7 @@ TARGETS: dict[str, Target] = {
         Target("registration_request", "registration_request", _registration_request, TC),
         Target("registration_response", "registration_response", _registration_response, TC),
         Target("key_update", "key_update", _key_update, TC),
+        Target("renewal_request", "renewal_request", _renewal_request, TC),
         Target("decoders", "decoders", _decoders, TC),
         Target("topics", "topics", _topics, ()),
         Target("hq_enrol_station", "station_enrolment", _hq_enrol_station, HQ, True),

@@ -44,6 +44,7 @@ from trustcore.payload import PayloadKey
 from trustcore.profiles import HqRole
 from trustcore.quorum import encode_bundle, sign_approval
 from trustcore.registration import build_error_response, build_key_update, issue_ldevid
+from trustcore.renewal import build_renewal_request
 from trustcore.sealed import open_package, peek
 from trustcore.site_report import SeenCertificate, SiteReport, seal_site_report
 
@@ -67,6 +68,7 @@ class Registration:
     response_ok: bytes
     response_refused: bytes
     key_update: bytes
+    renewal: bytes
 
 
 @dataclass(eq=False)
@@ -138,6 +140,14 @@ def _registration() -> Registration:
         issued=int(pki.now.timestamp()),
         site_signer=site_signer,
     )
+    renewal = build_renewal_request(
+        device_id=pki.device_id,
+        nonce=os.urandom(32),
+        time=int(pki.now.timestamp()),
+        csr_der=build_device_csr(SoftwareKey.ephemeral(), pki.device_id),
+        ldevid_der=_der(pki.ldevid),
+        ldevid_key=SoftwareKey(pki.ldevid_key),
+    )
     return Registration(
         pki,
         dev.device_id,
@@ -148,6 +158,7 @@ def _registration() -> Registration:
         ok.response,
         refused,
         update,
+        renewal,
     )
 
 
@@ -254,6 +265,7 @@ def build_fuzz_world(base: Path) -> FuzzWorld:
         "registration_request": [registration.request],
         "registration_response": [registration.response_ok, registration.response_refused],
         "key_update": [registration.key_update],
+        "renewal_request": [registration.renewal],
         "station_crl": [station_crl],
     }
     seeds["sealed_package"] = [
