@@ -145,7 +145,7 @@ def init(
     try:
         sid = StationId(station_id)
     except InvalidValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--station-id") from exc
+        raise click.BadParameter(exc.message, param_hint="--station-id") from exc
     with _errors():
         enrolment = FactoryStation.init(
             home,

@@ -268,7 +268,7 @@ def sign_command(request_file: Path, out: Path, yes: bool, **kw: Any) -> None:
     try:
         request = ApprovalRequest.decode(read_file(request_file, MAX_REQUEST_SIZE))
     except EncodingError as exc:
-        raise click.BadParameter(f"{request_file}: {exc.message}") from exc
+        raise click.BadParameter(f"{request_file}: {exc}") from exc
     except HqError as exc:
         _fail(exc)
     render_request(request, Console(highlight=False))

@@ -859,7 +859,7 @@ def ldevid_policy_command(
             try:
                 policy = dataclasses.replace(policy, **changes)
             except InvalidValueError as exc:
-                raise ConfigError(str(exc), reason="bad_policy") from exc
+                raise ConfigError(exc.message, reason="bad_policy") from exc
             write_ldevid_policy(site.path, policy)
     except RegistrarError as exc:
         _refused(exc)
@@ -979,7 +979,7 @@ def revoke_command(
     try:
         device = DeviceId(device_id)
     except InvalidValueError as exc:
-        _refused(RegistrarError(str(exc), reason="bad_device_id"))
+        _refused(RegistrarError(exc.message, reason="bad_device_id"))
 
     def offline() -> dict[str, Any]:
         async def work(opened: Any) -> dict[str, Any]:
@@ -1211,7 +1211,7 @@ def approve_command(home: Path, device_id: str, store: str | None) -> None:
     try:
         device = DeviceId(device_id)
     except InvalidValueError as exc:
-        _refused(RegistrarError(str(exc), reason="bad_device_id"))
+        _refused(RegistrarError(exc.message, reason="bad_device_id"))
 
     def offline() -> dict[str, Any]:
         async def work(opened: Any) -> dict[str, Any]:
