@@ -14,7 +14,7 @@ from rich.console import Console
 
 from hq.errors import ExportRefusedError, HqError
 from hq.home import HqHome, HqSecrets, Pkcs11Location
-from trustcore.cli_net import guarded_group
+from trustcore.cli_net import guarded_group, one_line_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,9 +88,7 @@ def _read_approvals(paths: tuple[Path, ...]) -> list[bytes]:
 
 
 def _fail(exc: HqError, code: int = 1) -> NoReturn:
-    """One line on stderr, whatever the message holds."""
-    click.echo(f"error: {' '.join(str(exc).split())}", err=True)
-    sys.exit(code)
+    one_line_error(exc.reason, exc.message, code)
 
 
 # -------------------------------------------------------------------------------- init
