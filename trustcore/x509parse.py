@@ -37,7 +37,8 @@ def _strict(what: str) -> Iterator[None]:
             warnings.simplefilter("error")
             yield
     except _ERRORS as exc:
-        raise ValueError(f"{what} field does not parse: {exc}") from exc
+        # the caller names the object ("CSR does not parse: ..."); say only what failed
+        raise ValueError(str(exc) or f"a {what} field {type(exc).__name__}") from exc
 
 
 def _touch_extensions(extensions: x509.Extensions) -> None:
