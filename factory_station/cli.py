@@ -16,6 +16,7 @@ from factory_station.provision import ProvisionResult, provision_device
 from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactoryStation
 from signers.errors import SignerError
 from signers.private_files import private_umask
+from trustcore.cli_net import guarded_group
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId, StationId
 from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
@@ -90,7 +91,7 @@ def _nv_index(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
         raise click.BadParameter(f"not an integer: {value!r}") from exc
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=guarded_group(2), context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="devtrust")
 @click.option(
     "--log-format",
@@ -157,7 +158,7 @@ def init(
     try:
         sid = StationId(station_id)
     except InvalidValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--station-id") from exc
+        raise click.BadParameter(exc.message, param_hint="--station-id") from exc
     with _errors():
         enrolment = FactoryStation.init(
             home,

@@ -166,7 +166,9 @@ def provision_device(
             csr = validate_csr(csr_der, expected_device_id=did)
         except CsrError as exc:
             station.refuse(did.value, f"csr_{exc.reason}")
-            raise AttestationError(f"CSR refused: {exc}", reason=f"csr_{exc.reason}") from exc
+            raise AttestationError(
+                f"CSR refused: {exc.message}", reason=f"csr_{exc.reason}"
+            ) from exc
         verifier = station.attestation_verifier()
         if verifier is not None:
             try:

@@ -606,7 +606,7 @@ class FactoryStation:
             try:
                 header = peek(package, max_size=MAX_ENTITLEMENT_PACKAGE)
             except SealedPackageError as exc:
-                raise EntitlementImportError(str(exc), reason="malformed") from exc
+                raise EntitlementImportError(exc.message, reason="malformed") from exc
             sender = self._verify_sender(header.sender_certificate, now)
             try:
                 opened = open_package(
@@ -626,7 +626,7 @@ class FactoryStation:
                 ) from exc
             except SealedPackageError as exc:
                 raise EntitlementImportError(
-                    f"{exc}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
+                    f"{exc.message}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
                 ) from exc
             except TpmError as exc:
                 raise StationStateError(f"TPM ECDH failed: {exc}") from exc
@@ -634,7 +634,7 @@ class FactoryStation:
                 payload = EntitlementPayload.decode(opened.payload)
             except (EncodingError, InvalidValueError) as exc:
                 raise EntitlementImportError(
-                    f"entitlement payload does not decode: {exc}", reason="malformed"
+                    f"entitlement payload does not decode: {exc.message}", reason="malformed"
                 ) from exc
             policy = payload.policy
             self._check_payload(payload, header.sequence, now)
@@ -735,7 +735,7 @@ class FactoryStation:
             try:
                 header = peek(package, max_size=MAX_TIME_STATEMENT_PACKAGE)
             except SealedPackageError as exc:
-                raise EntitlementImportError(str(exc), reason="malformed") from exc
+                raise EntitlementImportError(exc.message, reason="malformed") from exc
             sender = self._verify_sender(header.sender_certificate, now)
             last = self.store.get_meta("last_time_statement")
             try:
@@ -755,11 +755,11 @@ class FactoryStation:
                 ) from exc
             except SealedPackageError as exc:
                 raise EntitlementImportError(
-                    f"{exc}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
+                    f"{exc.message}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
                 ) from exc
             except (EncodingError, InvalidValueError) as exc:
                 raise EntitlementImportError(
-                    f"time statement does not decode: {exc}", reason="malformed"
+                    f"time statement does not decode: {exc.message}", reason="malformed"
                 ) from exc
             if statement.station_id != self.station_id.value:
                 raise EntitlementImportError(
@@ -986,7 +986,9 @@ class FactoryStation:
                 )
             except QuorumError as exc:
                 self._audit_refusal("", f"quorum_{exc.reason}")
-                raise IssuanceRefused(f"approvals refused: {exc}", reason=exc.reason) from exc
+                raise IssuanceRefused(
+                    f"approvals refused: {exc.message}", reason=exc.reason
+                ) from exc
             counted = set(decision.approvers)
             carried = encode_bundle(
                 bundle.request, [a for a in bundle.approvals if a.approver in counted]
@@ -1011,7 +1013,9 @@ class FactoryStation:
                     )
             except QuorumError as exc:
                 self._reload_audit()
-                raise IssuanceRefused(f"approvals refused: {exc}", reason=exc.reason) from exc
+                raise IssuanceRefused(
+                    f"approvals refused: {exc.message}", reason=exc.reason
+                ) from exc
             except BaseException:
                 self._reload_audit()
                 raise
@@ -1525,7 +1529,7 @@ class FactoryStation:
                 except StationStateError as exc:
                     # The database already says "new key": stop; the next open finishes the
                     # switch (ca_renewal.finish_key_switch).
-                    self._broken = f"re-key recorded but key files not switched: {exc}"
+                    self._broken = f"re-key recorded but key files not switched: {exc.message}"
                     raise StationStateError(f"{self._broken}; reopen the station") from exc
                 self.ca_key.unload()
                 self.ca_key = pending
@@ -1680,6 +1684,6 @@ def _check_station_ca(
         if station_id_from_certificate(ca) != station_id:
             raise refuse("the station CA certificate names another station")
     except ProfileError as exc:
-        raise refuse(f"the station CA certificate has no station id: {exc}") from exc
+        raise refuse(f"the station CA certificate has no station id: {exc.message}") from exc
     if not ca.not_valid_before_utc <= _utc(now) < ca.not_valid_after_utc:
         raise refuse("the station CA certificate is not valid now")

@@ -246,6 +246,14 @@ def verify_hq_quorum(
                 reason="insufficient",
             )
         bundle = parse_evidence(evidence)
+        # Approvals answer a request this HQ wrote (hq approval request): a request made at
+        # another HQ, even one that shares approvers, authorises nothing here.
+        stored = _stored_request(conn, bundle.request.request_id)
+        if stored is None or stored.digest != bundle.request.digest:
+            raise QuorumError(
+                f"request {bundle.request.request_id.hex()} was not written by this HQ",
+                reason="foreign_request",
+            )
         rows = _approver_rows(conn)
         return verify_quorum(
             bundle.request,
@@ -420,7 +428,7 @@ def create_request(
                 requested_by=requested_by,
             )
         except InvalidValueError as exc:
-            raise HqError(f"invalid approval request: {exc}", reason="bad_request") from exc
+            raise HqError(f"invalid approval request: {exc.message}", reason="bad_request") from exc
         with store.transaction() as conn:
             conn.execute(
                 "INSERT INTO quorum_requests (request_id, operation, request_cbor, created, "
@@ -439,7 +447,7 @@ def _stored_request(conn: Connection, request_id: bytes) -> ApprovalRequest | No
     try:
         return ApprovalRequest.decode(bytes(row[0]))
     except EncodingError as exc:
-        raise HomeError(f"stored approval request is corrupt: {exc}") from exc
+        raise HomeError(f"stored approval request is corrupt: {exc.message}") from exc
 
 
 def record_approval(
@@ -453,7 +461,7 @@ def record_approval(
     try:
         approval = Approval.decode(data)
     except EncodingError as exc:
-        raise QuorumRefused(f"approval does not decode: {exc}", reason="malformed") from exc
+        raise QuorumRefused(f"approval does not decode: {exc.message}", reason="malformed") from exc
     with _db(home) as store, store.transaction() as conn:
         request = _stored_request(conn, approval.request_id)
         if request is None:

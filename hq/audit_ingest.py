@@ -179,7 +179,7 @@ def _check_station_ca(cert: x509.Certificate, root: x509.Certificate, store: HqS
     try:
         station_id = station_id_from_certificate(cert).value
     except ProfileError as exc:
-        raise _refuse("foreign_station", f"sender is not a station CA: {exc}") from exc
+        raise _refuse("foreign_station", f"sender is not a station CA: {exc.message}") from exc
     try:
         cert.verify_directly_issued_by(root)
     except (ValueError, TypeError, InvalidSignature) as exc:
@@ -280,7 +280,7 @@ def verify_audit_package(
     try:
         payload = AuditExportPayload.decode(opened.payload, max_size=max_size)
     except EncodingError as exc:
-        raise _refuse("malformed", f"audit export payload: {exc}") from exc
+        raise _refuse("malformed", f"audit export payload: {exc.message}") from exc
     if payload.station_id != station_id:
         raise _refuse(
             "wrong_station",
@@ -359,7 +359,9 @@ def _station_crl(
     try:
         revocations = verify_crl(der, station_ca, now=None)
     except CrlError as exc:
-        raise _refuse("bad_crl", f"the station CRL in the export does not verify: {exc}") from exc
+        raise _refuse(
+            "bad_crl", f"the station CRL in the export does not verify: {exc.message}"
+        ) from exc
     held = store.station_crl(station_id)
     if held is not None and held.crl_number >= revocations.crl_number:
         return None
@@ -807,7 +809,7 @@ def _quorum_grant(
                 "invalid_quorum",
                 seq,
                 device_id if type(device_id) is str else "",
-                f"{operation} approval refused: {exc}",
+                f"{operation} approval refused: {exc.message}",
             )
         )
         return

@@ -226,7 +226,9 @@ def enrol_station(
         request = StationEnrolment.decode(enrolment)
         csr, transport = request.verify()
     except (EncodingError, CsrError, InvalidValueError) as exc:
-        raise EnrolmentError(f"enrolment request refused: {exc}", reason=exc.reason) from exc
+        raise EnrolmentError(
+            f"enrolment request refused: {exc.message}", reason=exc.reason
+        ) from exc
     station_id = request.station_id.value
     ca_der = spki_der(csr.public_key)
     transport_der = spki_der(transport)
@@ -289,6 +291,9 @@ class EntitlementRequest:
     #: Rules for some of ``product_secrets``; a secret without one goes to every device of
     #: the entitlement, of its product, until the key-use window ends.
     secret_rules: tuple[SecretRule, ...] = ()
+    #: Issue even when the device-id range overlaps another station's entitlement: an
+    #: explicit operator decision, recorded in ``entitlement_overrides`` (docs/hq.md).
+    allow_overlap: bool = False
 
 
 @dataclass(frozen=True)
@@ -297,6 +302,9 @@ class EntitlementResult:
     policy: EntitlementPolicy
     station_ca_cert: x509.Certificate
     package_sha256: str
+    #: Entitlements of other stations whose device-id range this one overlaps (issued
+    #: only with ``allow_overlap``; each recorded as an override).
+    overlaps: tuple[str, ...] = ()
 
 
 def _aware(name: str, moment: datetime) -> int:
@@ -355,7 +363,15 @@ def issue_entitlement(
                 secrets=secret_rules,
             )
         except InvalidValueError as exc:
-            raise EntitlementError(f"invalid policy: {exc}", reason="bad_policy") from exc
+            raise EntitlementError(f"invalid policy: {exc.message}", reason="bad_policy") from exc
+        overlaps = _overlapping_entitlements(store, station.station_id, request.id_rule)
+        if overlaps and not request.allow_overlap:
+            raise EntitlementError(
+                f"device ids {_id_span(request.id_rule)} overlap {', '.join(overlaps[:3])}"
+                f"{' and more' if len(overlaps) > 3 else ''}: two stations would make devices "
+                "with the same id (--allow-overlap to issue anyway; it is recorded)",
+                reason="overlapping_range",
+            )
         root_cert = home.root_certificate()
         signer = home.role_key(HqRole.ENTITLEMENT_SIGNER, secrets)
         station_ca = _issue_station_ca(home, station, policy, root_cert, secrets, moment)
@@ -400,13 +416,34 @@ def issue_entitlement(
                 now=int(moment.timestamp()),
             )
             store.put_entitlement(row, digest)
+            if overlaps:
+                store.put_entitlement_override(
+                    station.station_id,
+                    sequence,
+                    "overlapping_range",
+                    f"device ids {_id_span(request.id_rule)} overlap {', '.join(overlaps)}",
+                    int(moment.timestamp()),
+                )
             # A CA certificate was issued: a root ceremony, so the root CRL is re-signed.
             from hq.site import issue_root_crl
 
             issue_root_crl(home, store, secrets, moment)
     finally:
         store.close()
-    return EntitlementResult(package, policy, station_ca, digest.hex())
+    return EntitlementResult(package, policy, station_ca, digest.hex(), tuple(overlaps))
+
+
+def _id_span(rule: DeviceIdRule) -> str:
+    return f"{rule.device_id(rule.first)}..{rule.device_id(rule.last)}"
+
+
+def _overlapping_entitlements(store: HqStore, station_id: str, rule: DeviceIdRule) -> list[str]:
+    """The entitlements of other stations that allow a device id ``rule`` allows too."""
+    return [
+        f"station {other} entitlement {sequence} ({_id_span(theirs)})"
+        for other, sequence, theirs in store.other_stations_id_rules(station_id)
+        if rule.overlaps(theirs)
+    ]
 
 
 def _secret_rules(request: EntitlementRequest, not_after: int) -> tuple[SecretRule, ...]:
@@ -488,7 +525,7 @@ def _issue_station_ca(
                 max_not_after=root_cert.not_valid_after_utc,
             )
         except ProfileError as exc:
-            raise EntitlementError(f"cannot issue the station CA: {exc}") from exc
+            raise EntitlementError(f"cannot issue the station CA: {exc.message}") from exc
         except SignerError as exc:
             raise SecretError(f"the root key failed to sign: {exc}") from exc
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from hq.errors import ExportRefusedError, HqError
 from hq.home import HqHome, HqSecrets, Pkcs11Location
 from signers.private_files import private_umask
+from trustcore.cli_net import guarded_group, one_line_error
 from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -26,7 +27,12 @@ EXIT_REFUSED = 2
 EXIT_ERROR = 3
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: ``ingest-audit`` / ``ingest-report``: exit 1 means "accepted with findings", so any
+#: failure there that the command did not map itself is 3 (trustcore/cli_net.py).
+_HqGroup = guarded_group(1, {"ingest-audit": EXIT_ERROR, "ingest-report": EXIT_ERROR})
+
+
+@click.group(cls=_HqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="devtrust")
 @click.option(
     "--log-format",
@@ -95,8 +101,7 @@ def _read_approvals(paths: tuple[Path, ...]) -> list[bytes]:
 
 
 def _fail(exc: HqError, code: int = 1) -> NoReturn:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(code)
+    one_line_error(exc.reason, exc.message, code)
 
 
 # -------------------------------------------------------------------------------- init
@@ -359,7 +364,7 @@ def _parse_quorum(spec: str) -> Any:
     try:
         return QuorumRule(op, int(m_text), approvers)
     except InvalidValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--quorum") from exc
+        raise click.BadParameter(exc.message, param_hint="--quorum") from exc
 
 
 @main.command("entitle")
@@ -390,6 +395,12 @@ def _parse_quorum(spec: str) -> Any:
     "--not-after.",
 )
 @click.option("--quorum", "quorum_specs", multiple=True, help="OP:M:approver-key-file,...")
+@click.option(
+    "--allow-overlap",
+    is_flag=True,
+    help="Issue even if the device-id range overlaps another station's entitlement "
+    "(recorded in HQ's database as an override).",
+)
 @_approvals_option
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output file."
@@ -411,12 +422,16 @@ def entitle_command(
     secret_specs: tuple[str, ...],
     secret_rule_specs: tuple[str, ...],
     quorum_specs: tuple[str, ...],
+    allow_overlap: bool,
     approval_files: tuple[Path, ...],
     out: Path,
     passphrase_file: Path | None,
     pin_file: Path | None,
 ) -> None:
-    """Issue the next entitlement to an enrolled station (sealed to that station)."""
+    """Issue the next entitlement to an enrolled station (sealed to that station).
+
+    A device-id range that overlaps another station's entitlement is refused
+    (``overlapping_range``) unless --allow-overlap, which is recorded."""
     from hq.authority import EntitlementRequest, issue_entitlement, write_package
     from trustcore.entitlement import DeviceIdRule
     from trustcore.errors import InvalidValueError
@@ -432,7 +447,7 @@ def entitle_command(
     try:
         rule = DeviceIdRule(id_prefix, id_first, id_last, id_digits)
     except InvalidValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--id-*") from exc
+        raise click.BadParameter(exc.message, param_hint="--id-*") from exc
     request = EntitlementRequest(
         station_id=station_id,
         product=product,
@@ -445,6 +460,7 @@ def entitle_command(
         product_secrets=secrets_map,
         quorum=tuple(_parse_quorum(q) for q in quorum_specs),
         secret_rules=tuple(_parse_secret_rule(r, product) for r in secret_rule_specs),
+        allow_overlap=allow_overlap,
     )
     try:
         result = issue_entitlement(
@@ -474,6 +490,8 @@ def entitle_command(
         f"  written to   {out} (sha256 {result.package_sha256})",
         highlight=False,
     )
+    for overlap in result.overlaps:
+        click.echo(f"warning: overlapping_range (overridden, recorded): {overlap}", err=True)
 
 
 # -------------------------------------------------------------------------- ingest-audit
@@ -804,9 +822,11 @@ def ingest_report_command(home: Path, report_file: Path, as_json: bool) -> None:
         result = ingest_site_report(HqHome.open(home), report_file.read_bytes())
     except ReportRefusedError as exc:
         if as_json:
-            click.echo(json.dumps({"status": "refused", "reason": exc.reason, "message": str(exc)}))
+            click.echo(
+                json.dumps({"status": "refused", "reason": exc.reason, "message": exc.message})
+            )
         else:
-            click.echo(f"REFUSED ({exc.reason}): {exc}", err=True)
+            click.echo(f"REFUSED ({exc.reason}): {exc.message}", err=True)
         sys.exit(EXIT_REFUSED)
     except HqError as exc:
         _fail(exc, EXIT_ERROR)
@@ -928,6 +948,8 @@ def renew_roles_command(
     for r in done:
         state = "renewed" if r.renewed else "current"
         click.echo(f"{r.role}: {state}, valid until {r.not_after.isoformat()}")
+
+
 # ------------------------------------------------------- root ceremony, revocation data
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hq.errors import HqError
@@ -152,13 +154,20 @@ def _violations(store: HqStore) -> dict[tuple[str, str], list[str]]:
     return out
 
 
-def _site_for(store: HqStore, cert: x509.Certificate) -> tuple[SiteId, ec.EllipticCurvePublicKey]:
-    """The enrolled site whose site CA signed (claims to have signed) this report."""
+def _site_for(
+    store: HqStore, cert: x509.Certificate, root: x509.Certificate
+) -> tuple[SiteId, ec.EllipticCurvePublicKey]:
+    """The enrolled site whose site CA signed (claims to have signed) this report.
+
+    The key alone is not enough: a second HQ that enrolled the same site keys would accept
+    this HQ's reports (and the reverse). The sender certificate must be the very site CA
+    certificate this HQ issued to the site, signed by this HQ's root (``foreign_site``),
+    as ``hq ingest-audit`` requires of a station (``foreign_station``)."""
     try:
         site_id = site_id_from_certificate(cert)
     except ProfileError as exc:
         raise ReportRefusedError(
-            f"report sender is not a site CA: {exc}", reason="unknown_site"
+            f"report sender is not a site CA: {exc.message}", reason="unknown_site"
         ) from exc
     row = store.site(site_id.value)
     if row is None:
@@ -171,6 +180,18 @@ def _site_for(store: HqStore, cert: x509.Certificate) -> tuple[SiteId, ec.Ellipt
             f"report is signed by a key that is not site {site_id}'s enrolled site CA",
             reason="wrong_sender",
         )
+    if cert.public_bytes(serialization.Encoding.DER) != row.site_ca_der:
+        raise ReportRefusedError(
+            f"report's site CA certificate (serial {cert.serial_number:x}) is not the one this "
+            f"HQ issued to site {site_id}",
+            reason="foreign_site",
+        )
+    try:
+        cert.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ReportRefusedError(
+            "report's site CA certificate is not issued by this HQ's root", reason="foreign_site"
+        ) from exc
     return site_id, enrolled
 
 
@@ -292,9 +313,9 @@ def ingest_site_report(
         try:
             cert = peek_site_report(package)
         except SiteReportError as exc:
-            raise ReportRefusedError(str(exc), reason=exc.reason) from exc
+            raise ReportRefusedError(exc.message, reason=exc.reason) from exc
         with store.transaction():
-            site_id, public = _site_for(store, cert)
+            site_id, public = _site_for(store, cert, home.root_certificate())
             try:
                 report = open_site_report(
                     package,
@@ -303,7 +324,7 @@ def ingest_site_report(
                     last_sequence=store.site_report_sequence(site_id.value),
                 )
             except SiteReportError as exc:
-                raise ReportRefusedError(str(exc), reason=exc.reason) from exc
+                raise ReportRefusedError(exc.message, reason=exc.reason) from exc
             findings, clean = _check(report, store, _chain_verifier(home, store))
             store.put_site_report(
                 site_id.value,
@@ -380,7 +401,7 @@ def _targets(
         try:
             serial = CertSerial.from_hex(serial).hex
         except TrustCoreError as exc:
-            raise RevocationError(f"--serial {spec!r}: {exc}") from exc
+            raise RevocationError(f"--serial {spec!r}: {exc.message}") from exc
         matches = store.known_certificates(certificates=[(station, serial)])
         if not matches:
             raise RevocationError(f"certificate {station}:{serial} is unknown to HQ")
@@ -472,7 +493,9 @@ def revoke(
                         )
                     )
                 except TrustCoreError as exc:
-                    raise RevocationError(f"cannot revoke {station}:{serial}: {exc}") from exc
+                    raise RevocationError(
+                        f"cannot revoke {station}:{serial}: {exc.message}"
+                    ) from exc
             if not added and latest is not None and not ca_serials:
                 return RevokeResult(latest[0], (), already), latest[1]
             if ca_serials:
@@ -481,7 +504,7 @@ def revoke(
             # The new list carries a fresh indirect CRL (CRL signer key, never the root's).
             nxt, package = publish_revocations(home, store, secrets, at, added=tuple(added))
     except RevocationListError as exc:
-        raise RevocationError(f"the held revocation list does not verify: {exc}") from exc
+        raise RevocationError(f"the held revocation list does not verify: {exc.message}") from exc
     finally:
         store.close()
     return RevokeResult(nxt.sequence, tuple(added), already, tuple(ca_serials)), package

@@ -215,7 +215,7 @@ class HqConfig:
                 store=store,
             )
         except HomeError as exc:
-            raise HomeError(f"hq.json is invalid: {exc}") from exc
+            raise HomeError(f"hq.json is invalid: {exc.message}") from exc
 
 
 def _load_cert(path: Path) -> x509.Certificate:

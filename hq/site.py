@@ -104,7 +104,7 @@ def enrol_site(
         request = SiteEnrolment.decode(enrolment)
         csr, transport = request.verify()
     except (EncodingError, CsrError, InvalidValueError) as exc:
-        raise SiteError(f"site enrolment refused: {exc}", reason=exc.reason) from exc
+        raise SiteError(f"site enrolment refused: {exc.message}", reason=exc.reason) from exc
     site_id = request.site_id.value
     ca_der, transport_der = spki_der(csr.public_key), spki_der(transport)
     if ca_der == transport_der:
@@ -139,7 +139,7 @@ def enrol_site(
                         not_after=end,
                     )
                 except ProfileError as exc:
-                    raise SiteError(f"cannot issue the site CA: {exc}") from exc
+                    raise SiteError(f"cannot issue the site CA: {exc.message}") from exc
                 except SignerError as exc:
                     raise SecretError(f"the root key failed to sign: {exc}") from exc
             row = SiteRow(
@@ -184,7 +184,7 @@ def rollover_site_ca(
         enrolment = request.site_enrolment()
         csr, transport = enrolment.verify()
     except (EncodingError, CsrError, InvalidValueError) as exc:
-        raise SiteError(f"site CA rollover refused: {exc}", reason=exc.reason) from exc
+        raise SiteError(f"site CA rollover refused: {exc.message}", reason=exc.reason) from exc
     site_id = enrolment.site_id.value
     new_der, transport_der = spki_der(csr.public_key), spki_der(transport)
     store = HqStore.open(home.store_location)
@@ -229,7 +229,7 @@ def rollover_site_ca(
                         generation=site_ca_generation(previous) + 1,
                     )
                 except ProfileError as exc:
-                    raise SiteError(f"cannot issue the site CA: {exc}") from exc
+                    raise SiteError(f"cannot issue the site CA: {exc.message}") from exc
                 except SignerError as exc:
                     raise SecretError(f"the root key failed to sign: {exc}") from exc
             row = SiteRow(
@@ -287,7 +287,7 @@ def record_station_crl(
         try:
             revocations = verify_crl(crl_der, issuer, now=None)
         except CrlError as exc:
-            raise SiteError(f"station CRL refused: {exc}", reason=exc.reason) from exc
+            raise SiteError(f"station CRL refused: {exc.message}", reason=exc.reason) from exc
         der = load_crl(crl_der).public_bytes(serialization.Encoding.DER)
         held = store.station_crl(station_id)
         if held is not None and held.crl_der == der:
@@ -406,7 +406,7 @@ def _manifest(store: HqStore, request: SiteBundleRequest) -> tuple[ManifestEntry
                 DeviceId(device_id), CertSerial.from_hex(serial), StationId(station_id)
             )
         except InvalidValueError as exc:
-            raise HomeError(f"stored device {device_id!r} is malformed: {exc}") from exc
+            raise HomeError(f"stored device {device_id!r} is malformed: {exc.message}") from exc
         entries.setdefault((device_id, entry.serial.hex, station_id), entry)
 
     for station in request.devices_from_stations:
@@ -456,7 +456,7 @@ def _admission(store: HqStore, request: SiteBundleRequest) -> tuple[AdmissionEnt
                 try:
                     rules.append(AdmissionEntry(StationId(station), product, prefix))
                 except InvalidValueError as exc:
-                    raise SiteError(f"cannot admit {product!r}: {exc}") from exc
+                    raise SiteError(f"cannot admit {product!r}: {exc.message}") from exc
     return tuple(rules)
 
 

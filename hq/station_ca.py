@@ -299,6 +299,6 @@ def _issue(
                 max_not_after=end,
             )
         except ProfileError as exc:
-            raise StationCaError(f"cannot issue the station CA: {exc}") from exc
+            raise StationCaError(f"cannot issue the station CA: {exc.message}") from exc
         except SignerError as exc:
             raise SecretError(f"the root key failed to sign: {exc}") from exc

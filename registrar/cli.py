@@ -15,6 +15,7 @@ from registrar.errors import CommissionError, ConfigError, RegistrarError
 from signers.errors import SignerError
 from signers.private_files import private_umask
 from signers.software import write_private_file
+from trustcore.cli_net import guarded_group
 
 if TYPE_CHECKING:
     from registrar.broker import Endpoint
@@ -27,7 +28,9 @@ EXIT_ERROR = 1
 EXIT_REFUSED = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=guarded_group(EXIT_ERROR), context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(package_name="devtrust")
 def main() -> None:
     """Site registrar: devices connect over mutual-TLS MQTT with their factory
@@ -898,7 +901,7 @@ def ldevid_policy_command(
             try:
                 policy = dataclasses.replace(policy, **changes)
             except InvalidValueError as exc:
-                raise ConfigError(str(exc), reason="bad_policy") from exc
+                raise ConfigError(exc.message, reason="bad_policy") from exc
             write_ldevid_policy(site.path, policy)
     except RegistrarError as exc:
         _refused(exc)
@@ -1018,7 +1021,7 @@ def revoke_command(
     try:
         device = DeviceId(device_id)
     except InvalidValueError as exc:
-        _refused(RegistrarError(str(exc), reason="bad_device_id"))
+        _refused(RegistrarError(exc.message, reason="bad_device_id"))
 
     def offline() -> dict[str, Any]:
         async def work(opened: Any) -> dict[str, Any]:
@@ -1250,7 +1253,7 @@ def approve_command(home: Path, device_id: str, store: str | None) -> None:
     try:
         device = DeviceId(device_id)
     except InvalidValueError as exc:
-        _refused(RegistrarError(str(exc), reason="bad_device_id"))
+        _refused(RegistrarError(exc.message, reason="bad_device_id"))
 
     def offline() -> dict[str, Any]:
         async def work(opened: Any) -> dict[str, Any]:

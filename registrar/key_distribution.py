@@ -98,7 +98,7 @@ async def load_schedule(store: Store, grace_s: int) -> KeySchedule:
         periods = tuple(KeyPeriod(*row) for row in await store.key_periods())
         return KeySchedule(periods, grace_s)
     except TrustCoreError as exc:
-        raise StoreError(f"payload key periods in the registrar database: {exc}") from exc
+        raise StoreError(f"payload key periods in the registrar database: {exc.message}") from exc
 
 
 class KeyDistributor:

@@ -101,7 +101,9 @@ class PayloadKeyStore:
                     aad=b"",
                 )
             except (EncodingError, SealedPackageError) as exc:
-                raise ConfigError(f"payload key in {self.path} does not open: {exc}") from exc
+                raise ConfigError(
+                    f"payload key in {self.path} does not open: {exc.message}"
+                ) from exc
             keys[kid] = PayloadKey(kid, secret)
         if current not in keys:
             raise ConfigError("current payload key id is not among the stored keys")

@@ -102,7 +102,9 @@ def _read_store(home: SiteHome, store: str | None) -> ReportData:
     try:
         return asyncio.run(read())
     except StoreError as exc:
-        raise ConfigError(f"cannot read the registrar store: {exc}", reason="store_failed") from exc
+        raise ConfigError(
+            f"cannot read the registrar store: {exc.message}", reason="store_failed"
+        ) from exc
 
 
 def build_site_report(home: SiteHome, data: ReportData, *, sequence: int, now: int) -> SiteReport:
@@ -134,7 +136,7 @@ def build_site_report(home: SiteHome, data: ReportData, *, sequence: int, now: i
         )
         return SiteReport(home.site_id, sequence, now, seen, regs)
     except InvalidValueError as exc:
-        raise RegistrarError(f"registrar database holds a bad value: {exc}") from exc
+        raise RegistrarError(f"registrar database holds a bad value: {exc.message}") from exc
 
 
 def write_site_report(

@@ -413,7 +413,7 @@ async def import_revocation_list(
                 not_older_than=held,
             )
         except RevocationListError as exc:
-            raise RevocationError(str(exc), reason=exc.reason) from exc
+            raise RevocationError(exc.message, reason=exc.reason) from exc
         status = "unchanged" if revocations.sequence == held else "imported"
         adopted = False
         if status == "unchanged":

@@ -365,7 +365,7 @@ class RegistrationService:
                 topic_device_id,
                 request.nonce,
                 digest,
-                RegistrationError(str(exc), reason="internal_error"),
+                RegistrationError(exc.message, reason="internal_error"),
                 request=request,
             )
         if found.response is not None:
@@ -486,7 +486,7 @@ class RegistrationService:
                 at=int(now.timestamp()),
             )
         except StoreError as exc:
-            raise RegistrationError(str(exc), reason="internal_error") from exc
+            raise RegistrationError(exc.message, reason="internal_error") from exc
         raise RegistrationError(
             f"{device}: LDevID expired {expired_at}; site policy: re-registration needs "
             f"`registrar approve {device}`",
@@ -520,7 +520,7 @@ class RegistrationService:
                 device,
                 request.nonce,
                 digest,
-                RegistrationError(str(exc), reason="internal_error"),
+                RegistrationError(exc.message, reason="internal_error"),
                 request=request,
             )
         if found.response is not None:
@@ -633,7 +633,7 @@ class RegistrationService:
         try:
             await self._store.record_registration(record)
         except StoreError as exc:
-            return RegistrationError(str(exc), reason="internal_error")
+            return RegistrationError(exc.message, reason="internal_error")
         finally:
             self._reserved_nonces.discard(nonce)
             self._reserved_keys.pop(key_id, None)
@@ -674,10 +674,10 @@ class RegistrationService:
                     at=int(now.timestamp()),
                 )
             except StoreError as exc:
-                raise RegistrationError(str(exc), reason="internal_error") from exc
+                raise RegistrationError(exc.message, reason="internal_error") from exc
             raise
         except StoreError as exc:
-            raise RegistrationError(str(exc), reason="internal_error") from exc
+            raise RegistrationError(exc.message, reason="internal_error") from exc
 
     def _refusal(
         self,

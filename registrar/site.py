@@ -372,7 +372,7 @@ def init_site(
     try:
         sid = SiteId(site_id)
     except InvalidValueError as exc:
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(exc.message) from exc
     root = _check_root(root_pem)
     root_orgs = root.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     org = organization or (str(root_orgs[0].value) if root_orgs else site_id)

@@ -93,6 +93,13 @@ def _factory_and_hq(station_tpm: Swtpm, root: Path) -> None:
 
     step("4. HQ enrols the station and issues an entitlement (quota 20, 10 per day)")
     run("hq", "enrol-station", "--home", WORK / "hq", WORK / "enrolment.cbor")
+    # A tampered request (the CSR's signature algorithm OID one byte off) is refused in one
+    # line, exit 1, nothing stored: hostile input never ends in a traceback (docs/hq.md).
+    oid = bytes.fromhex("06082a8648ce3d040302")  # ecdsa-with-SHA256
+    tampered = (WORK / "enrolment.cbor").read_bytes().replace(oid, oid[:-1] + b"\x09", 1)
+    (WORK / "enrolment-tampered.cbor").write_bytes(tampered)
+    run("hq", "enrol-station", "--home", WORK / "hq", WORK / "enrolment-tampered.cbor", expect=1)
+    summary.append(("tampered enrolment", "refused", "malformed, one line, no traceback"))
     now = datetime.now(UTC)
     # A product secret (e.g. a firmware-update HMAC key) that every device gets in its TPM.
     fw_key = secrets.token_bytes(32)

@@ -283,7 +283,9 @@ def decode_record(record: bytes) -> AuditRecord:
     try:
         cbor.decode(record, max_size=_MAX_RECORD_SIZE)
     except EncodingError as exc:
-        raise AuditChainError(f"record is not valid CBOR: {exc}", reason="malformed") from exc
+        raise AuditChainError(
+            f"record is not valid CBOR: {exc.message}", reason="malformed"
+        ) from exc
     return parse_record(record, 0)
 
 
@@ -492,7 +494,7 @@ def verify_checkpoint(
         if checkpoint.seq < 0 or checkpoint.time < 0 or checkpoint.count < 0:
             raise EncodingError("checkpoint integers must be >= 0")
     except EncodingError as exc:
-        raise AuditChainError(f"checkpoint: {exc}", reason="malformed") from exc
+        raise AuditChainError(f"checkpoint: {exc.message}", reason="malformed") from exc
     if checkpoint.station_id != station_id:
         _fail(
             "wrong_station",

@@ -26,10 +26,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from trustcore.errors import CrlError, ProfileError
+from trustcore.errors import X509_PARSE_ERRORS, CrlError, ProfileError
 from trustcore.identity import CertSerial
 from trustcore.keys import spki_der
 from trustcore.profiles import require_p256_public_key
+from trustcore.x509parse import parsed_crl
 
 __all__ = [
     "MAX_CRL_SIZE",
@@ -138,9 +139,9 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
         raise CrlError("CRL exceeds the size limit", reason="malformed")
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_crl(bytes(data))
-        return x509.load_der_x509_crl(bytes(data))
-    except ValueError as exc:
+            return parsed_crl(x509.load_pem_x509_crl(bytes(data)))
+        return parsed_crl(x509.load_der_x509_crl(bytes(data)))
+    except X509_PARSE_ERRORS as exc:
         raise CrlError(f"CRL does not parse: {exc}", reason="malformed") from exc
 
 
@@ -232,6 +233,11 @@ def verify_crl(
     """
     if isinstance(crl, bytes | bytearray):
         crl = load_crl(bytes(crl))
+    else:
+        try:
+            parsed_crl(crl)
+        except ValueError as exc:
+            raise CrlError(f"CRL does not parse: {exc}", reason="malformed") from exc
     if crl.issuer != issuer_cert.subject:
         raise CrlError("CRL issuer name does not match the CA", reason="crl_wrong_issuer")
     key_id = _key_id(issuer_cert)

@@ -33,6 +33,7 @@ from trustcore.profiles import (
     hardware_module_name,
     require_p256_public_key,
 )
+from trustcore.x509parse import parsed_csr
 
 __all__ = [
     "MAX_CSR_SIZE",
@@ -114,8 +115,8 @@ def _load(data: bytes) -> x509.CertificateSigningRequest:
         raise CsrError(f"CSR is larger than {MAX_CSR_SIZE} bytes", reason="malformed")
     try:
         if bytes(data).lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_csr(bytes(data))
-        return x509.load_der_x509_csr(bytes(data))
+            return parsed_csr(x509.load_pem_x509_csr(bytes(data)))
+        return parsed_csr(x509.load_der_x509_csr(bytes(data)))
     except X509_PARSE_ERRORS as exc:
         raise CsrError(f"CSR does not parse: {exc}", reason="malformed") from exc
 
@@ -203,9 +204,16 @@ def check_csr(
         key = require_p256_public_key(public_key)
     except ProfileError as exc:
         raise CsrError("CSR key must be ECDSA P-256", reason="wrong_key_type") from exc
-    if not isinstance(csr.signature_hash_algorithm, hashes.SHA256):
-        raise CsrError("CSR must be signed with ECDSA-SHA256", reason="bad_signature")
-    if not csr.is_signature_valid:
+    try:
+        # Also for a CSR parsed elsewhere: an unknown signature OID or a bad subject raises
+        # here, on first access (trustcore.x509parse).
+        parsed_csr(csr)
+        if not isinstance(csr.signature_hash_algorithm, hashes.SHA256):
+            raise CsrError("CSR must be signed with ECDSA-SHA256", reason="bad_signature")
+        signature_valid = csr.is_signature_valid
+    except X509_PARSE_ERRORS as exc:
+        raise CsrError(f"CSR does not parse: {exc}", reason="malformed") from exc
+    if not signature_valid:
         # The requester does not hold the private key of the public key it asks us to certify.
         raise CsrError("CSR signature does not verify", reason="bad_signature")
     subject = csr.subject

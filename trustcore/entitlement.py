@@ -57,6 +57,23 @@ class DeviceIdRule:
             return False
         return self.first <= int(rest) <= self.last
 
+    def overlaps(self, other: DeviceIdRule) -> bool:
+        """Whether some device id is allowed by both rules (two stations must never be
+        entitled to make the same id). Ids are ``prefix + number`` of a fixed width, so a
+        common id has one length; the shorter prefix must begin the longer one, and what
+        the longer prefix adds must be digits, which fixes the leading digits of the
+        shorter rule's number: the rest is an interval test."""
+        short, long_ = sorted((self, other), key=lambda r: len(r.prefix))
+        if len(short.prefix) + short.digits != len(long_.prefix) + long_.digits:
+            return False
+        if not long_.prefix.startswith(short.prefix):
+            return False
+        extra = long_.prefix[len(short.prefix) :]
+        if extra and not (extra.isascii() and extra.isdigit()):
+            return False
+        base = int(extra) * 10**long_.digits if extra else 0
+        return max(short.first, base + long_.first) <= min(short.last, base + long_.last)
+
     def device_id(self, number: int) -> str:
         """The id of the ``number``-th device; raises if outside the range."""
         if not self.first <= number <= self.last:

@@ -47,9 +47,19 @@ class ReasonedError(Exception):
     reason: str = "error"
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
         if reason is not None:
             self.reason = reason
+        # A wrapper that passed on ``str(inner)`` (reason included) would print the reason
+        # twice ("malformed: malformed: ..."): keep it once. Wrappers pass ``inner.message``.
+        prefix = f"{self.reason}: "
+        while isinstance(message, str) and message.startswith(prefix):
+            message = message[len(prefix) :]
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        """The human message without the reason (what a wrapping error embeds)."""
+        return str(self.args[0]) if self.args else ""
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.args[0]}" if self.args else self.reason

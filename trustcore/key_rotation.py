@@ -100,7 +100,7 @@ def parse_key_ack(keys: Mapping[bytes, PayloadKey], device_id: DeviceId, envelop
             raise EncodingError("unknown key ack version")
         issued = cbor.field(body, "issued", int)
     except EncodingError as exc:
-        raise KeyRotationError(f"key ack: {exc}") from exc
+        raise KeyRotationError(f"key ack: {exc.message}") from exc
     return KeyAck(device_id, bytes(envelope[1 : 1 + KEY_ID_LENGTH]), issued)
 
 

@@ -29,7 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from trustcore import cbor
 from trustcore.csr import ValidatedCsr, validate_csr
 from trustcore.entitlement import EntitlementPolicy
-from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
+from trustcore.errors import (
+    X509_PARSE_ERRORS,
+    CsrError,
+    EncodingError,
+    InvalidValueError,
+    ProfileError,
+)
 from trustcore.identity import SiteId, StationId
 from trustcore.keys import Signer, spki_der
 from trustcore.profiles import require_p256_public_key
@@ -46,7 +52,7 @@ MAX_ENTITLEMENT_SIZE = 4 * 1024 * 1024
 def _load_public(der: bytes, what: str) -> ec.EllipticCurvePublicKey:
     try:
         key = serialization.load_der_public_key(der)
-    except (ValueError, TypeError) as exc:
+    except X509_PARSE_ERRORS as exc:  # UnsupportedAlgorithm for an unknown curve OID
         raise EncodingError(f"{what} is not a DER public key") from exc
     try:
         return require_p256_public_key(key)
@@ -144,7 +150,7 @@ class StationEnrolment:
         try:
             station_id = StationId(sid)
         except InvalidValueError as exc:
-            raise EncodingError(f"bad station id: {exc}") from exc
+            raise EncodingError(f"bad station id: {exc.message}") from exc
         return cls(station_id, csr, transport, sig)
 
     def verify(self) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:
@@ -195,7 +201,7 @@ class SiteEnrolment:
         try:
             site_id = SiteId(sid)
         except InvalidValueError as exc:
-            raise EncodingError(f"bad site id: {exc}") from exc
+            raise EncodingError(f"bad site id: {exc.message}") from exc
         return cls(site_id, csr, transport, sig)
 
     def verify(self) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-from trustcore.errors import EncodingError, InvalidValueError, ProfileError
+from trustcore.errors import X509_PARSE_ERRORS, EncodingError, InvalidValueError, ProfileError
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
 from trustcore.keys import spki_der
 
@@ -929,6 +929,15 @@ def _single_attribute(name: x509.Name, oid: ObjectIdentifier, label: str) -> str
     return values[0].value
 
 
+#: A name that is not a valid id, or a subject / SAN that does not parse at all (hostile DER
+#: raises only when the field is first read).
+_IDENTITY_ERRORS: tuple[type[Exception], ...] = (
+    EncodingError,
+    InvalidValueError,
+    *X509_PARSE_ERRORS,
+)
+
+
 def device_id_from_certificate(
     cert: x509.Certificate, *, hw_type: ObjectIdentifier = OID_HW_TYPE_DEVICE
 ) -> DeviceId:
@@ -961,7 +970,7 @@ def device_id_from_certificate(
         except UnicodeDecodeError as exc:
             raise ProfileError("hwSerialNum is not ASCII") from exc
         device_id = DeviceId(cn)
-    except (EncodingError, InvalidValueError) as exc:
+    except _IDENTITY_ERRORS as exc:
         raise ProfileError(f"device identity is malformed: {exc}") from exc
     if not cn == serial == san_id:
         raise ProfileError(
@@ -974,7 +983,7 @@ def station_id_from_certificate(cert: x509.Certificate) -> StationId:
     """The station id of a station CA certificate (subject serialNumber)."""
     try:
         return StationId(_single_attribute(cert.subject, NameOID.SERIAL_NUMBER, "serialNumber"))
-    except InvalidValueError as exc:
+    except _IDENTITY_ERRORS as exc:
         raise ProfileError(f"station id is malformed: {exc}") from exc
 
 
@@ -982,5 +991,5 @@ def site_id_from_certificate(cert: x509.Certificate) -> SiteId:
     """The site id of a site CA certificate (subject serialNumber)."""
     try:
         return SiteId(_single_attribute(cert.subject, NameOID.SERIAL_NUMBER, "serialNumber"))
-    except InvalidValueError as exc:
+    except _IDENTITY_ERRORS as exc:
         raise ProfileError(f"site id is malformed: {exc}") from exc

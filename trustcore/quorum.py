@@ -97,6 +97,7 @@ QUORUM_REASONS: Final = frozenset(
         "replayed",  # the request id was already consumed
         "bad_signature",  # an approval's signature or key does not verify
         "malformed",  # undecodable or inconsistent evidence
+        "foreign_request",  # HQ gates: a request this HQ did not write (hq.approvals)
     }
 )
 
@@ -412,7 +413,9 @@ def parse_evidence(blobs: Sequence[bytes]) -> ApprovalBundle:
             else:
                 raise EncodingError(f"unknown quorum evidence type {kind!r}")
         except EncodingError as exc:
-            raise QuorumError(f"quorum evidence refused: {exc}", reason="malformed") from exc
+            raise QuorumError(
+                f"quorum evidence refused: {exc.message}", reason="malformed"
+            ) from exc
     if len(requests) != 1:
         raise QuorumError(
             f"quorum evidence must name exactly one request, found {len(requests)}",
@@ -465,7 +468,7 @@ def verify_quorum(
     try:
         wanted_digest = params_digest(operation, params)
     except InvalidValueError as exc:
-        raise QuorumError(f"bad operation parameters: {exc}", reason="malformed") from exc
+        raise QuorumError(f"bad operation parameters: {exc.message}", reason="malformed") from exc
     if request.operation != operation or request.params_digest != wanted_digest:
         raise QuorumError(
             f"the approvals are for {request.operation!r} with other parameters, not for "

@@ -60,7 +60,7 @@ from trustcore.profiles import (
     require_p256_public_key,
     station_id_from_certificate,
 )
-from trustcore.verify import ChainVerifier, VerifiedIdentity
+from trustcore.verify import ChainVerifier, VerifiedIdentity, load_certificate
 
 __all__ = [
     "FRESHNESS_SECONDS",
@@ -318,7 +318,7 @@ def _open_envelope(data: bytes, max_size: int, what: str) -> tuple[bytes, bytes,
         body = cbor.map_of(cbor.decode(body_bytes, max_size=max_size), f"{what} body")
     except EncodingError as exc:
         reason = "oversized" if exc.reason == "oversized" else "malformed"
-        raise RegistrationError(f"{what}: {exc}", reason=reason) from exc
+        raise RegistrationError(f"{what}: {exc.message}", reason=reason) from exc
     return body_bytes, sig, body
 
 
@@ -426,7 +426,7 @@ def parse_request(data: bytes) -> RegistrationRequest:
         ):
             raise EncodingError(f"chain must be at most {MAX_CHAIN_LENGTH} DER certificates")
     except (EncodingError, InvalidValueError) as exc:
-        raise RegistrationError(f"registration request: {exc}") from exc
+        raise RegistrationError(f"registration request: {exc.message}") from exc
     csr_object, csr_public, csr_spki, csr_key = parsed_csr(csr)
     return RegistrationRequest(
         device_id=device_id,
@@ -644,7 +644,7 @@ def _verify_request(
     except _PARSE_ERRORS as exc:
         raise _refuse("untrusted", f"a certificate does not parse: {exc}") from exc
     except VerificationError as exc:
-        raise _refuse(_VERIFY_TO_PUBLIC.get(exc.reason, "bad_certificate"), str(exc)) from exc
+        raise _refuse(_VERIFY_TO_PUBLIC.get(exc.reason, "bad_certificate"), exc.message) from exc
     if identity.device_id != request.device_id:
         raise _refuse(
             "device_mismatch",
@@ -676,7 +676,7 @@ def _verify_request(
         else:
             csr = validate_csr(request.csr_der, expected_device_id=request.device_id)
     except CsrError as exc:
-        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), str(exc)) from exc
+        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
     except _PARSE_ERRORS as exc:  # escape trustcore.csr (InvalidVersion, UnsupportedAlgorithm)
         raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
     if request.csr is csr.csr and request.csr_spki is not None:
@@ -886,7 +886,9 @@ def issue_ldevid(
             not_after=end,
         )
     except ProfileError as exc:
-        raise RegistrationError(f"LDevID issuance failed: {exc}", reason="internal_error") from exc
+        raise RegistrationError(
+            f"LDevID issuance failed: {exc.message}", reason="internal_error"
+        ) from exc
     ldevid_der = ldevid.public_bytes(serialization.Encoding.DER)
     body = {
         "v": PROTOCOL_VERSION,
@@ -975,9 +977,9 @@ def _check_site_ca(
     """The site CA must be a CA certificate issued directly by a manufacturer root, valid
     now: that is what lets the device trust a registrar it has never seen."""
     try:
-        ca = x509.load_der_x509_certificate(der)
+        ca = load_certificate(der)  # parsed completely; a deprecated encoding is refused
         bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except (*_PARSE_ERRORS, x509.ExtensionNotFound) as exc:
+    except (*_PARSE_ERRORS, x509.ExtensionNotFound, VerificationError) as exc:
         raise RegistrationError("site CA certificate is malformed", reason="untrusted") from exc
     if not bc.ca or not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
         raise RegistrationError("site CA is not a valid CA now", reason="untrusted")
@@ -1056,7 +1058,7 @@ def parse_response(
         ldevid_der = cbor.field(body, "ldevid", bytes)
         wrapped = _wrapped(body["payload_key"])
     except EncodingError as exc:
-        raise RegistrationError(f"response: {exc}") from exc
+        raise RegistrationError(f"response: {exc.message}") from exc
     try:
         ldevid = x509.load_der_x509_certificate(ldevid_der)
         ldevid.verify_directly_issued_by(site_ca)
@@ -1120,7 +1122,7 @@ def parse_key_update(
         issued = cbor.field(body, "issued", int)
         wrapped = _wrapped(body["payload_key"])
     except EncodingError as exc:
-        raise RegistrationError(f"key update: {exc}") from exc
+        raise RegistrationError(f"key update: {exc.message}") from exc
     if issued <= newer_than:
         raise RegistrationError("key update is not newer than the current one", reason="replayed")
     return KeyUpdate(device_id, issued, wrapped)

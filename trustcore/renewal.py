@@ -57,6 +57,7 @@ from trustcore.registration import (
     open_envelope,
     sign_envelope,
 )
+from trustcore.x509parse import parsed_certificate
 
 __all__ = [
     "MAX_RENEWAL_SIZE",
@@ -247,7 +248,7 @@ def parse_renewal_request(data: bytes) -> RenewalRequest:
         if len(csr) > MAX_CSR_SIZE or not 0 < len(ldevid) <= MAX_CERT_SIZE:
             raise EncodingError("a field is too long")
     except (EncodingError, InvalidValueError) as exc:
-        raise RegistrationError(f"renewal request: {exc}") from exc
+        raise RegistrationError(f"renewal request: {exc.message}") from exc
     csr_key = _csr_key_id(csr)
     return RenewalRequest(
         device_id=device_id,
@@ -360,7 +361,8 @@ def _verify(
     if device != topic_device_id:
         raise _refuse("device_mismatch", f"request names {device}, topic {topic_device_id}")
     try:
-        current = x509.load_der_x509_certificate(request.ldevid_der)
+        # parsed completely here: a bad issuer or key must not raise in _issued_by
+        current = parsed_certificate(x509.load_der_x509_certificate(request.ldevid_der))
     except _PARSE_ERRORS as exc:
         raise _refuse("ldevid_unknown", f"LDevID does not parse: {exc}") from exc
     if not issued_by(current, site_cas):
@@ -368,7 +370,7 @@ def _verify(
     try:
         named = device_id_from_certificate(current)
     except ProfileError as exc:
-        raise _refuse("ldevid_unknown", f"LDevID names no device: {exc}") from exc
+        raise _refuse("ldevid_unknown", f"LDevID names no device: {exc.message}") from exc
     if named != device:
         raise _refuse("device_mismatch", f"LDevID names {named}, request {device}")
     public = current.public_key()
@@ -409,7 +411,7 @@ def _verify(
     try:
         csr = validate_csr(request.csr_der, expected_device_id=device)
     except CsrError as exc:
-        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), str(exc)) from exc
+        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
     except _PARSE_ERRORS as exc:  # hostile DER escaping trustcore.csr
         raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
     new_id = key_id(csr.public_key)

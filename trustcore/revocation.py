@@ -164,7 +164,7 @@ class RevokedDevice:
                 cbor.field(m, "time", int),
             )
         except InvalidValueError as exc:
-            raise EncodingError(f"bad revocation entry: {exc}") from exc
+            raise EncodingError(f"bad revocation entry: {exc.message}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +265,7 @@ class RevocationList:
                 crls["root_crl"],
             )
         except InvalidValueError as exc:
-            raise EncodingError(f"bad revocation list: {exc}") from exc
+            raise EncodingError(f"bad revocation list: {exc.message}") from exc
 
 
 def seal_revocation_list(
@@ -304,7 +304,7 @@ def open_revocation_list(
         header = peek(package, max_size=MAX_REVOCATION_LIST_SIZE)
         cert = header.sender_certificate()
     except SealedPackageError as exc:
-        raise RevocationListError(f"revocation list: {exc}", reason=exc.reason) from exc
+        raise RevocationListError(f"revocation list: {exc.message}", reason=exc.reason) from exc
     if header.content_type != CT_REVOCATION_LIST:
         raise RevocationListError(
             f"not a revocation list ({header.content_type!r})", reason="wrong_content_type"
@@ -323,7 +323,9 @@ def open_revocation_list(
             verifier.verify(cert, now=now)
     except VerificationError as exc:
         reason = "revoked_sender" if exc.reason == "revoked" else "untrusted_sender"
-        raise RevocationListError(f"revocation signer certificate: {exc}", reason=reason) from exc
+        raise RevocationListError(
+            f"revocation signer certificate: {exc.message}", reason=reason
+        ) from exc
     public = cert.public_key()
     assert isinstance(public, ec.EllipticCurvePublicKey)  # the verifier checked P-256
     try:
@@ -337,9 +339,11 @@ def open_revocation_list(
         )
         revocations = RevocationList.decode(opened.payload)
     except SealedPackageError as exc:
-        raise RevocationListError(f"revocation list: {exc}", reason=exc.reason) from exc
+        raise RevocationListError(f"revocation list: {exc.message}", reason=exc.reason) from exc
     except EncodingError as exc:
-        raise RevocationListError(f"revocation list payload: {exc}", reason=exc.reason) from exc
+        raise RevocationListError(
+            f"revocation list payload: {exc.message}", reason=exc.reason
+        ) from exc
     if revocations.sequence != header.sequence:
         raise RevocationListError(
             f"payload sequence {revocations.sequence} != package sequence {header.sequence}",

@@ -43,8 +43,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
 from trustcore import cbor, hpke
-from trustcore.errors import EncodingError, InvalidValueError, ReplayError, SealedPackageError
+from trustcore.errors import (
+    X509_PARSE_ERRORS,
+    EncodingError,
+    InvalidValueError,
+    ReplayError,
+    SealedPackageError,
+)
 from trustcore.keys import KeyAgreement, Signer, key_id
+from trustcore.x509parse import parsed_certificate
 
 __all__ = [
     "ALG_HPKE",
@@ -70,6 +77,10 @@ _MAX_CONTENT_TYPE = 128
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024
 
 
+#: What loading a hostile sender certificate may raise (a warning is refused too).
+_CERT_ERRORS: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, CryptographyDeprecationWarning)
+
+
 @dataclass(frozen=True, slots=True)
 class PackageHeader:
     """The signed header of a package. From :func:`peek` it is NOT yet verified."""
@@ -93,8 +104,8 @@ class PackageHeader:
             # forbidden by RFC 5280) is refused, not half-accepted.
             with warnings.catch_warnings():
                 warnings.simplefilter("error", CryptographyDeprecationWarning)
-                return x509.load_der_x509_certificate(self.sender_cert_der)
-        except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
+                return parsed_certificate(x509.load_der_x509_certificate(self.sender_cert_der))
+        except _CERT_ERRORS as exc:
             raise SealedPackageError(
                 "embedded sender certificate is not valid DER", reason="malformed"
             ) from exc
@@ -253,7 +264,7 @@ def _parse(package: bytes, max_size: int) -> _Parsed:
         sig = cbor.field(top, "sig", bytes)
     except EncodingError as exc:
         reason = "oversized" if exc.reason == "oversized" else "malformed"
-        raise SealedPackageError(str(exc), reason=reason) from exc
+        raise SealedPackageError(exc.message, reason=reason) from exc
     header = PackageHeader(
         content_type=content_type,
         sender_key_id=sender,

@@ -126,7 +126,7 @@ class ManifestEntry:
                 StationId(cbor.field(m, "station_id", str)),
             )
         except InvalidValueError as exc:
-            raise EncodingError(f"bad manifest entry: {exc}") from exc
+            raise EncodingError(f"bad manifest entry: {exc.message}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +169,7 @@ class AdmissionEntry:
                 cbor.field(m, "id_prefix", str),
             )
         except InvalidValueError as exc:
-            raise EncodingError(f"bad admission entry: {exc}") from exc
+            raise EncodingError(f"bad admission entry: {exc.message}") from exc
 
 
 def _valid_prefix(prefix: str) -> bool:
@@ -217,7 +217,7 @@ class SealedPayloadKey:
                 cbor.field(m, "ct", bytes),
             )
         except InvalidValueError as exc:
-            raise EncodingError(f"bad payload key entry: {exc}") from exc
+            raise EncodingError(f"bad payload key entry: {exc.message}") from exc
 
 
 def _at_rest_info(kid: bytes) -> bytes:
@@ -317,7 +317,7 @@ class SiteBundlePayload:
         try:
             site_id = SiteId(cbor.field(m, "site_id", str))
         except InvalidValueError as exc:
-            raise EncodingError(f"bad site id: {exc}") from exc
+            raise EncodingError(f"bad site id: {exc.message}") from exc
         try:
             return cls(
                 site_id=site_id,
@@ -340,7 +340,7 @@ class SiteBundlePayload:
                 ),
             )
         except InvalidValueError as exc:
-            raise EncodingError(f"bad site bundle: {exc}") from exc
+            raise EncodingError(f"bad site bundle: {exc.message}") from exc
 
 
 def seal_site_bundle(
@@ -448,7 +448,7 @@ def verify_site_bundle(
     try:
         header = peek(package, max_size=MAX_SITE_BUNDLE_SIZE)
     except SealedPackageError as exc:
-        raise _fail(exc.reason, f"not a site bundle: {exc}") from exc
+        raise _fail(exc.reason, f"not a site bundle: {exc.message}") from exc
     if header.content_type != CT_SITE_BUNDLE:
         raise _fail("wrong_content_type", f"content type is {header.content_type!r}")
     if not header.encrypted:
@@ -465,7 +465,9 @@ def verify_site_bundle(
                 [root], required_eku=OID_EKU_ENTITLEMENT_SIGNER, require_crl=False
             ).verify(sender_cert, now=now)
     except (SealedPackageError, VerificationError) as exc:
-        raise _fail("untrusted_sender", f"sender is not HQ's entitlement signer: {exc}") from exc
+        raise _fail(
+            "untrusted_sender", f"sender is not HQ's entitlement signer: {exc.message}"
+        ) from exc
     sender_public = sender_cert.public_key()
     assert isinstance(sender_public, ec.EllipticCurvePublicKey)  # checked by the verifier
     try:
@@ -484,11 +486,11 @@ def verify_site_bundle(
             f"({last_sequence}): a replayed or older bundle",
         ) from exc
     except SealedPackageError as exc:
-        raise _fail(exc.reason, f"bundle refused: {exc}") from exc
+        raise _fail(exc.reason, f"bundle refused: {exc.message}") from exc
     try:
         payload = SiteBundlePayload.decode(opened.payload)
     except EncodingError as exc:
-        raise _fail(exc.reason, f"bundle payload: {exc}") from exc
+        raise _fail(exc.reason, f"bundle payload: {exc.message}") from exc
     if payload.site_id != site_id:
         raise _fail("wrong_site", f"bundle is for site {payload.site_id}, this is {site_id}")
     if payload.root_cert_der != root.public_bytes(serialization.Encoding.DER):
@@ -501,7 +503,7 @@ def verify_site_bundle(
         raise _fail("bad_crl", "root CRL does not parse") from exc
     except CrlError as exc:
         reason = "crl_stale" if exc.reason in ("crl_stale", "crl_not_yet_valid") else "bad_crl"
-        raise _fail(reason, f"root CRL: {exc}") from exc
+        raise _fail(reason, f"root CRL: {exc.message}") from exc
     if sender_cert.serial_number in root_revocations:
         raise _fail("revoked_sender", "the root CRL revokes the bundle sender's certificate")
 
@@ -510,7 +512,7 @@ def verify_site_bundle(
     try:
         cert_site = site_id_from_certificate(site_ca)
     except ProfileError as exc:
-        raise _fail("bad_certificate", f"site CA certificate: {exc}") from exc
+        raise _fail("bad_certificate", f"site CA certificate: {exc.message}") from exc
     if cert_site != site_id:
         raise _fail("wrong_site", f"site CA certificate is for {cert_site}, this is {site_id}")
     if spki_der(site_ca.public_key()) != spki_der(site_ca_public):
@@ -527,7 +529,7 @@ def verify_site_bundle(
         try:
             station_id_from_certificate(cert)
         except ProfileError as exc:
-            raise _fail("bad_certificate", f"station CA certificate #{i}: {exc}") from exc
+            raise _fail("bad_certificate", f"station CA certificate #{i}: {exc.message}") from exc
         station_cas.append(cert)
 
     station_crls: list[x509.CertificateRevocationList] = []
@@ -567,7 +569,7 @@ def verify_site_bundle(
         )
     except RevocationListError as exc:
         reason = "revocation_rollback" if exc.reason == "rollback" else "bad_revocation_list"
-        raise _fail(reason, f"HQ revocation list: {exc}") from exc
+        raise _fail(reason, f"HQ revocation list: {exc.message}") from exc
 
     if not payload.payload_keys:
         raise _fail("bad_payload_key", "the bundle carries no payload key")
@@ -581,7 +583,7 @@ def verify_site_bundle(
             open_sealed_payload_key(transport, sealed)
         except (SealedPackageError, TrustCoreError) as exc:
             raise _fail(
-                "bad_payload_key", f"payload key {sealed.key_id.hex()} does not open: {exc}"
+                "bad_payload_key", f"payload key {sealed.key_id.hex()} does not open: {exc.message}"
             ) from exc
 
     return VerifiedSiteBundle(

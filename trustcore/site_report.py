@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustcore import cbor
 from trustcore.errors import (
+    X509_PARSE_ERRORS,
     EncodingError,
     InvalidValueError,
     ReplayError,
@@ -45,6 +46,7 @@ from trustcore.errors import (
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
 from trustcore.keys import Signer, key_id
 from trustcore.sealed import open_package, peek, seal_package
+from trustcore.x509parse import parsed_certificate
 
 __all__ = [
     "CT_SITE_REPORT",
@@ -116,8 +118,8 @@ class SeenCertificate:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return x509.load_der_x509_certificate(self.certificate_der)
-        except ValueError as exc:
+                return parsed_certificate(x509.load_der_x509_certificate(self.certificate_der))
+        except X509_PARSE_ERRORS as exc:
             raise EncodingError(f"seen certificate does not parse: {exc}") from exc
 
     def to_map(self) -> dict[str, Any]:
@@ -151,7 +153,7 @@ class SeenCertificate:
                 cbor.field(m, "cert", bytes),
             )
         except InvalidValueError as exc:
-            raise EncodingError(f"bad seen certificate: {exc}") from exc
+            raise EncodingError(f"bad seen certificate: {exc.message}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +223,7 @@ class SiteRegistration:
                 cbor.field(m, "status", str),
             )
         except InvalidValueError as exc:
-            raise EncodingError(f"bad registration: {exc}") from exc
+            raise EncodingError(f"bad registration: {exc.message}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +290,7 @@ class SiteReport:
                 regs,
             )
         except InvalidValueError as exc:
-            raise EncodingError(f"bad site report: {exc}") from exc
+            raise EncodingError(f"bad site report: {exc.message}") from exc
 
 
 def seal_site_report(
@@ -319,7 +321,7 @@ def peek_site_report(package: bytes) -> x509.Certificate:
             raise SiteReportError("a site report is signed-only", reason="not_signed_only")
         return header.sender_certificate()
     except SealedPackageError as exc:
-        raise SiteReportError(f"site report: {exc}", reason=exc.reason) from exc
+        raise SiteReportError(f"site report: {exc.message}", reason=exc.reason) from exc
 
 
 def open_site_report(
@@ -350,11 +352,11 @@ def open_site_report(
         )
         report = SiteReport.decode(opened.payload)
     except ReplayError as exc:
-        raise SiteReportError(f"site report: {exc}", reason="replayed") from exc
+        raise SiteReportError(f"site report: {exc.message}", reason="replayed") from exc
     except SealedPackageError as exc:
-        raise SiteReportError(f"site report: {exc}", reason=exc.reason) from exc
+        raise SiteReportError(f"site report: {exc.message}", reason=exc.reason) from exc
     except EncodingError as exc:
-        raise SiteReportError(f"site report payload: {exc}", reason="malformed") from exc
+        raise SiteReportError(f"site report payload: {exc.message}", reason="malformed") from exc
     if report.sequence != opened.header.sequence:
         raise SiteReportError(
             f"payload sequence {report.sequence} != package sequence {opened.header.sequence}",

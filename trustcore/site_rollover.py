@@ -222,7 +222,7 @@ def parse_renew_now(
         issued = cbor.field(m, "issued", int)
         target = cbor.field(m, "issuing_ca", bytes, size=32)
     except EncodingError as exc:
-        raise RolloverError(f"renew command: {exc}", reason="malformed") from exc
+        raise RolloverError(f"renew command: {exc.message}", reason="malformed") from exc
     if issued <= newer_than:
         raise RolloverError("renew command is not newer than the last one", reason="replayed")
     return RenewNow(device_id, issued, target)

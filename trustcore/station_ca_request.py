@@ -185,7 +185,7 @@ class StationCaRequest:
             )
         except (EncodingError, InvalidValueError) as exc:
             raise StationCaRequestError(
-                f"station CA request does not decode: {exc}", reason="malformed"
+                f"station CA request does not decode: {exc.message}", reason="malformed"
             ) from exc
 
     # -- checking one (HQ) ---------------------------------------------------------------
@@ -197,7 +197,7 @@ class StationCaRequest:
         try:
             csr = validate_csr(self.csr_der)
         except CsrError as exc:
-            raise StationCaRequestError(f"request CSR: {exc}", reason=exc.reason) from exc
+            raise StationCaRequestError(f"request CSR: {exc.message}", reason=exc.reason) from exc
         if csr.common_name != self.station_id.value:
             raise StationCaRequestError("request CSR CN is not the station id", reason="wrong_name")
         try:

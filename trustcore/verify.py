@@ -72,6 +72,7 @@ from trustcore.profiles import (
     device_id_from_certificate,
     tbs_names_der,
 )
+from trustcore.x509parse import parsed_certificate
 
 __all__ = ["ChainVerifier", "VerifiedIdentity", "load_certificate", "verify_client_chain"]
 
@@ -106,8 +107,8 @@ def load_certificate(data: bytes) -> x509.Certificate:
         with warnings.catch_warnings():
             warnings.simplefilter("error", CryptographyDeprecationWarning)
             if bytes(data).lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(bytes(data))
-            return x509.load_der_x509_certificate(bytes(data))
+                return parsed_certificate(x509.load_pem_x509_certificate(bytes(data)))
+            return parsed_certificate(x509.load_der_x509_certificate(bytes(data)))
     except _LOAD_ERRORS as exc:
         raise VerificationError(f"certificate does not parse: {exc}", reason="malformed") from exc
 
@@ -261,7 +262,7 @@ class ChainVerifier:
             ).verify(signer, now=revocations.this_update)
         except VerificationError as exc:
             raise CrlError(
-                f"indirect CRL signer is not trusted: {exc}", reason="crl_wrong_issuer"
+                f"indirect CRL signer is not trusted: {exc.message}", reason="crl_wrong_issuer"
             ) from exc
         root_crl = self._crls.get((identity.root.subject.public_bytes(), _key_id(identity.root)))
         if root_crl is not None and signer.serial_number in root_crl:
@@ -491,7 +492,9 @@ class ChainVerifier:
             try:
                 device_id = device_id_from_certificate(leaf)
             except ProfileError as exc:
-                raise VerificationError(f"device identity: {exc}", reason="malformed") from exc
+                raise VerificationError(
+                    f"device identity: {exc.message}", reason="malformed"
+                ) from exc
         elif require_device_id:
             raise VerificationError("no hardwareModuleName device id", reason="missing_san")
         return device_id, key
@@ -586,7 +589,7 @@ class ChainVerifier:
                 try:
                     indirect.check_fresh(now)
                 except CrlError as exc:
-                    raise VerificationError(str(exc), reason="crl_stale") from exc
+                    raise VerificationError(exc.message, reason="crl_stale") from exc
                 reason = None
                 if revocations is not None:
                     reason = revocations.reason_for(cert.serial_number)  # adds, never blocks
@@ -607,7 +610,7 @@ class ChainVerifier:
             try:
                 revocations.check_fresh(now)
             except CrlError as exc:
-                raise VerificationError(str(exc), reason="crl_stale") from exc
+                raise VerificationError(exc.message, reason="crl_stale") from exc
             reason = revocations.reason_for(cert.serial_number)
             if reason is not None:
                 raise VerificationError(

@@ -36,7 +36,7 @@ from hq.store.records import (
     StoredPayloadKey,
 )
 from trustcore import cbor
-from trustcore.entitlement import EntitlementPolicy
+from trustcore.entitlement import DeviceIdRule, EntitlementPolicy
 from trustcore.errors import EncodingError, InvalidValueError
 from trustcore.stationtime import TimeAudit
 
@@ -75,7 +75,7 @@ def _policy_from_blob(blob: bytes) -> EntitlementPolicy:
     try:
         return EntitlementPolicy.from_map(cbor.decode(blob, max_size=1 << 20))
     except EncodingError as exc:
-        raise HomeError(f"stored entitlement policy is corrupt: {exc}") from exc
+        raise HomeError(f"stored entitlement policy is corrupt: {exc.message}") from exc
 
 
 def _location(where: StoreLocation | Path) -> StoreLocation:
@@ -211,6 +211,32 @@ class HqStore:
                 row.issued_at,
             ),
         )
+
+    def other_stations_id_rules(self, station_id: str) -> list[tuple[str, int, DeviceIdRule]]:
+        """(station, sequence, device-id rule) of every entitlement HQ issued to any other
+        station: a new entitlement must not overlap them (``hq entitle``)."""
+        rows = self._conn.execute(
+            "SELECT station_id, sequence, policy_cbor FROM entitlements WHERE station_id <> ? "
+            "ORDER BY station_id, sequence",
+            (station_id,),
+        ).fetchall()
+        return [(r[0], int(r[1]), _policy_from_blob(r[2]).id_rule) for r in rows]
+
+    def put_entitlement_override(
+        self, station_id: str, sequence: int, kind: str, detail: str, recorded_at: int
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO entitlement_overrides VALUES (?, ?, ?, ?, ?)",
+            (station_id, sequence, kind, detail, recorded_at),
+        )
+
+    def entitlement_overrides(self) -> list[tuple[str, int, str, str, int]]:
+        """Every overridden check: (station, sequence, kind, detail, recorded at)."""
+        rows = self._conn.execute(
+            "SELECT station_id, sequence, kind, detail, recorded_at FROM entitlement_overrides "
+            "ORDER BY recorded_at, station_id, sequence"
+        ).fetchall()
+        return [(r[0], int(r[1]), r[2], r[3], int(r[4])) for r in rows]
 
     def entitlement(self, station_id: str, sequence: int) -> EntitlementRow | None:
         row = self._conn.execute(

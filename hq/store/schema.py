@@ -8,12 +8,14 @@ SQLite (``meta.schema_version``):
 3. the tables earlier code created on first use (re-issue grants, station CA renewals and
    retired CRLs, export keys, HQ indirect CRLs, the quorum tables, site reports and their
    sightings, all ``IF NOT EXISTS`` because an older file may hold them already) and the
-   indexes the counterfeit cross-check needs at fleet scale.
+   indexes the counterfeit cross-check needs at fleet scale;
+4. ``entitlement_overrides``: the safety checks an operator overrode when HQ issued an
+   entitlement (``hq entitle --allow-overlap``), kept as evidence beside the entitlement.
 
 PostgreSQL (same ``meta`` row): 1. everything SQLite has at 3, with PostgreSQL types
-(``BYTEA``, ``BIGINT``, identity columns). Two tables get an explicit ``rowid`` identity
-column so that ``ORDER BY rowid`` (insertion order, SQLite's implicit column) means the same
-on both engines.
+(``BYTEA``, ``BIGINT``, identity columns); 2. SQLite's 4. Two tables get an explicit
+``rowid`` identity column so that ``ORDER BY rowid`` (insertion order, SQLite's implicit
+column) means the same on both engines.
 
 Each migration runs in one transaction: a crash leaves the previous version.
 """
@@ -23,8 +25,8 @@ from __future__ import annotations
 __all__ = ["POSTGRES_MIGRATIONS", "POSTGRES_VERSION", "SCHEMA_VERSION", "SQLITE_MIGRATIONS"]
 
 #: The newest SQLite schema version (the PostgreSQL one is :data:`POSTGRES_VERSION`).
-SCHEMA_VERSION = 3
-POSTGRES_VERSION = 1
+SCHEMA_VERSION = 4
+POSTGRES_VERSION = 2
 
 _SQLITE_1 = """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE stations (
@@ -492,5 +494,22 @@ CREATE INDEX site_sightings_certificate ON site_sightings(station_id, serial);
 CREATE INDEX site_sightings_device ON site_sightings(device_id)
 """
 
-SQLITE_MIGRATIONS: dict[int, str] = {1: _SQLITE_1, 2: _SQLITE_2, 3: _SQLITE_3}
-POSTGRES_MIGRATIONS: dict[int, str] = {1: _POSTGRES_1}
+# Overridden safety checks, one row per check and entitlement (hq entitle --allow-overlap).
+_OVERRIDES = """CREATE TABLE IF NOT EXISTS entitlement_overrides (
+    station_id TEXT NOT NULL,
+    sequence {int} NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    recorded_at {int} NOT NULL,
+    PRIMARY KEY (station_id, sequence, kind),
+    FOREIGN KEY (station_id, sequence) REFERENCES entitlements(station_id, sequence)
+)
+"""
+
+SQLITE_MIGRATIONS: dict[int, str] = {
+    1: _SQLITE_1,
+    2: _SQLITE_2,
+    3: _SQLITE_3,
+    4: _OVERRIDES.format(int="INTEGER"),
+}
+POSTGRES_MIGRATIONS: dict[int, str] = {1: _POSTGRES_1, 2: _OVERRIDES.format(int="BIGINT")}

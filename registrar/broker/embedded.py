@@ -148,7 +148,7 @@ def identify(
     try:
         device_id = device_id_from_certificate(leaf)
     except TrustCoreError as exc:
-        raise BrokerError(f"client certificate has no device identity: {exc}") from exc
+        raise BrokerError(f"client certificate has no device identity: {exc.message}") from exc
     return device_principal(device_id, listener)
 
 
