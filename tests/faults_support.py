@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -131,18 +132,19 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
 
 
-# A directory on a filesystem that is full: a 4 KiB tmpfs mounted in a private mount
+# A directory on a filesystem that is full: a small tmpfs mounted in a private mount
 # namespace (``unshare --user --map-root-user --mount``: no root needed, the mount vanishes
-# with the process). The command runs once on the full filesystem, the directory is listed,
-# the filesystem grows (space freed) and the command runs again.
+# with the process) and filled up. The command runs once on the full filesystem, the
+# directory is listed, the filler is deleted (space freed) and the command runs again.
 _UNSHARE = ("unshare", "--user", "--map-root-user", "--mount")
 _FULL_DIR_SCRIPT = """
 set -u
 dir="$1"; logs="$2"; shift 2
-mount -t tmpfs -o size=4k,mode=0700 devtrust-full "$dir" || exit 90
+mount -t tmpfs -o size=64k,mode=0700 devtrust-full "$dir" || exit 90
+head -c 1M /dev/zero >"$dir/.filler" 2>/dev/null
 "$@" >"$logs/out1" 2>"$logs/err1"; echo "$?" >"$logs/rc1"
-ls -A "$dir" >"$logs/ls1"
-mount -o remount,size=1m "$dir" || exit 91
+ls -A "$dir" | grep -vx .filler >"$logs/ls1"
+rm -f "$dir/.filler"
 "$@" >"$logs/out2" 2>"$logs/err2"; echo "$?" >"$logs/rc2"
 ls -A "$dir" >"$logs/ls2"
 """
@@ -178,3 +180,60 @@ def run_on_full_directory(directory: Path, logs: Path, argv: Sequence[str]) -> F
         return (logs / f"ls{n}").read_text().split()
 
     return FullDirRuns(outcome(1), files(1), outcome(2), files(2))
+
+
+def run_with_little_space(
+    home: Path, work: Path, steps: Sequence[tuple[int | None, Sequence[str]]], *, size_kib: int
+) -> list[Outcome]:
+    """Run commands against ``home`` on a filesystem with little space left: a private
+    tmpfs of ``size_kib`` mounted over ``home`` (its files copied in), filled before each
+    step until only ``free`` bytes are left (``None``: the filler is removed: space
+    freed). Afterwards ``home`` holds what the commands left (copied back out)."""
+    import shlex
+
+    work.mkdir(parents=True, exist_ok=True)
+    stage, back = work / "stage", work / "back"
+    lines = [
+        "set -eu",
+        f"cp -a {shlex.quote(str(home))} {shlex.quote(str(stage))}",
+        f"mount -t tmpfs -o size={size_kib}k devtrust-full {shlex.quote(str(home))}",
+        f"cp -a {shlex.quote(str(stage))}/. {shlex.quote(str(home))}/",
+        "set +e",
+    ]
+    filler = shlex.quote(str(home / ".filler"))
+    for n, (free, argv) in enumerate(steps):
+        lines.append(f"rm -f {filler}")
+        if free is not None:
+            lines.append(
+                f"avail=$(df --output=avail -B1 {shlex.quote(str(home))} | tail -1); "
+                f"head -c $((avail - {free})) /dev/zero > {filler} 2>/dev/null"
+            )
+        log = shlex.quote(str(work / f"step{n}"))
+        lines.append(f"{shlex.join(argv)} >{log}.out 2>{log}.err; echo $? >{log}.rc")
+    lines += [
+        f"rm -f {filler}",
+        f"cp -a {shlex.quote(str(home))}/. {shlex.quote(str(back))}/ || exit 92",
+    ]
+    back.mkdir()
+    proc = subprocess.run(
+        [*_UNSHARE, "sh", "-c", "\n".join(lines)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    shutil.rmtree(home)
+    shutil.copytree(back, home, symlinks=True)
+    outcomes = []
+    for n in range(len(steps)):
+        log = work / f"step{n}"
+        outcomes.append(
+            Outcome(
+                int(Path(f"{log}.rc").read_text()),
+                Path(f"{log}.out").read_text(),
+                Path(f"{log}.err").read_text(),
+                0.0,
+            )
+        )
+    return outcomes

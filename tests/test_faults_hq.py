@@ -235,7 +235,7 @@ def test_disk_full_while_writing_a_site_bundle(
 
 
 def test_bundle_on_a_full_disk(bundle_world: Path, tmp_path: Path) -> None:
-    """The bundle's directory is full (a 4 KiB tmpfs; a bundle is about 5 KiB): a one-line
+    """The bundle's directory is on a full filesystem (a filled tmpfs): a one-line
     error, no file and no temporary file left; with space again, the next run writes it."""
     base = tmp_path / "w"
     shutil.copytree(bundle_world, base, symlinks=True)
