@@ -517,8 +517,14 @@ class FactoryStation:
     def close(self) -> None:
         with self._lock:
             self.store.close()
-            self.tpm.close()
-            self._lock_file.close()
+            try:
+                self.tpm.close()
+            except SignerError as exc:
+                # The TPM went away (its process died, the bus reset): the error that
+                # brought us here, if any, is the one to report, not this one.
+                log.warning("station TPM did not close cleanly: %s", exc)
+            finally:
+                self._lock_file.close()
 
     def __enter__(self) -> FactoryStation:
         return self

@@ -10,8 +10,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import random
+import signal
 import sqlite3
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import pytest
 from device_sim.device import SimDevice
 from device_sim.swtpm import Swtpm
 from tests.faults_support import (
+    Outcome,
     assert_one_line_error,
     command,
     run,
@@ -102,6 +107,16 @@ def _ledger(env: StationEnv) -> dict[str, object]:
         "consumed": consumed,
         "counter_base": base[-1][0],
     }
+
+
+def _pending(env: StationEnv) -> list[int]:
+    """Issuances a crash left between intent and record (the next start resolves them)."""
+    conn = sqlite3.connect(env.home / "station.db")
+    try:
+        rows = conn.execute("SELECT counter FROM issuance WHERE status = 'pending'").fetchall()
+    finally:
+        conn.close()
+    return [r[0] for r in rows]
 
 
 def _digest(path: Path) -> str:
@@ -220,3 +235,94 @@ def test_audit_export_to_a_full_disk(station_env: StationEnv, tmp_path: Path) ->
     assert "audit export 1 written" in runs.freed.stdout
     assert runs.files_when_freed == ["audit.sealed"]
     assert _status(env)["last_export"] == 1  # recorded once
+
+
+# ------------------------------------------------------------------ swtpm killed mid-run
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _kill_when(proc: subprocess.Popen[str], trigger: Callable[[], bool], pid: int) -> bool:
+    """Poll ``trigger`` (every millisecond) while ``proc`` runs; SIGKILL ``pid`` once it
+    holds. False if the run ended first."""
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if trigger():
+            os.kill(pid, signal.SIGKILL)
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def _trigger(
+    when: str, wal: Path, wal_before: int, device_dir: Path, delay: float
+) -> Callable[[], bool]:
+    """When to kill, read from outside the station: its first or second database write
+    (a WAL frame is a 4 KiB page and a 24-byte header), the device's key file, a time."""
+    began = time.monotonic()
+    return {
+        "db-write": lambda: _size(wal) > wal_before,
+        "db-write-2": lambda: _size(wal) > wal_before + 4096 + 24,
+        "device-key": lambda: (device_dir / "device-key.tss.pem").exists(),
+        "random": lambda: time.monotonic() - began > delay,
+    }[when]
+
+
+@pytest.mark.parametrize("victim", ["device", "station"])
+def test_swtpm_killed_mid_provisioning(
+    station_env: StationEnv, swtpm_factory: Callable[..., Swtpm], victim: str
+) -> None:
+    """The device's TPM, or the station's own, is SIGKILLed during a ``provision`` run and
+    powered up again, at moments read from outside: when the station's database is first
+    written (the intent, before the TPM counter moves), when the device's key file appears
+    (key made, attestation and issuance ahead), and at random times. Each run ends in a
+    release or a clean refusal; afterwards every consumed counter value has one audit
+    record (issued or slot_burned), the quota arithmetic holds and the station provisions
+    again."""
+    env = station_env
+    rng = random.Random(f"swtpm-{victim}")
+    device, tpm = _new_device(env, swtpm_factory, "timing")
+    clean = run(_provision(env, device, tpm))
+    assert clean.code == 0, clean
+    wal = env.home / "station.db-wal"
+    outcomes = []
+    for n, when in enumerate(["db-write", "db-write-2", "device-key", "random", "random"]):
+        device, tpm = _new_device(env, swtpm_factory, f"v{n}")
+        target = tpm if victim == "device" else env.swtpm
+        delay = rng.uniform(0.3, 0.9) * clean.seconds
+        trigger = _trigger(when, wal, _size(wal), device.directory, delay)
+        proc = subprocess.Popen(
+            _provision(env, device, tpm), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        killed = _kill_when(proc, trigger, target.pid)
+        out, err = proc.communicate(timeout=60)
+        target.restart()
+        outcome = Outcome(proc.returncode, out, err, 0.0)
+        outcomes.append((when, killed, outcome))
+        assert "Traceback" not in err, err
+        if outcome.code == 0:
+            assert device.certificate() is not None
+        else:
+            assert outcome.code == EXIT_REFUSED, outcome
+            assert err.strip().splitlines()[-1].startswith("Error: "), err
+        pending = _pending(env)
+        shown = run(_station(env, "status", "--json"))  # the next start repairs and says so
+        assert shown.code == 0, shown
+        for counter in pending:
+            assert f"recovered: issuance {counter} " in shown.stderr, shown.stderr
+        status = json.loads(shown.stdout)
+        ledger = _ledger(env)
+        assert status["issued_total"] == ledger["issued"] + ledger["burned"]
+        assert status["counter"] - status["entitlement"]["counter_base"] == status["issued_total"]
+    for when, killed, o in outcomes:
+        print(victim, when, killed, o.code, o.stderr.strip().splitlines()[-1:])
+    assert any(o.code != 0 for _, _, o in outcomes), "no run was interrupted"
+    device, tpm = _new_device(env, swtpm_factory, "after")
+    again = run(_provision(env, device, tpm))
+    assert again.code == 0, again
+    assert device.certificate() is not None
