@@ -324,8 +324,7 @@ def serving_gc() -> None:
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
-    help="Serve Prometheus /metrics and /healthz on this port (0: any free port; "
-    "default: off).",
+    help="Serve Prometheus /metrics and /healthz on this port (0: any free port; default: off).",
 )
 @click.option(
     "--metrics-host",
