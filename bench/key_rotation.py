@@ -124,7 +124,7 @@ async def run(devices: int, directory: Path) -> dict[str, float | int]:
 
 
 def _self_signed(key: SoftwareKey) -> x509.Certificate:
-    """A stand-in site CA certificate for the devices to verify updates with."""
+    """A substitute site CA certificate for the devices to verify updates with."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench site CA")])
     moment = datetime.now(UTC)
     return (

@@ -35,6 +35,17 @@ Progress goes to stderr; the LAST line of stdout is one JSON object with:
 * ``instances``, ``store`` (``sqlite`` or ``postgres``; PostgreSQL: a database created on
   127.0.0.1:5432, or ``$DEVTRUST_BENCH_PG``, and dropped at the end).
 
+``--transport est``: the registration waves and the latency series go through the
+registrar's EST listener (``registrar run --est-port 0``): per device a new HTTPS connection
+with its factory certificate (mutual TLS), ``POST /.well-known/est/simpleenroll`` with its
+base64 CSR, the certs-only PKCS#7 answer (checked after the clock stops: an LDevID issued by
+the site CA for the device and the key of its CSR; EST carries no payload key). Same JSON
+fields; the echo baseline stays the MQTT one (a bare mTLS request/reply), and each round also
+runs an MQTT registration wave of fresh devices on the same registrar, so the same run gives
+``mqtt_registrations_per_s``, ``est_vs_mqtt`` (EST rate / MQTT rate, medians) and
+``mqtt_registrar_cpu_ms_per_registration``. The registrar's CPU for EST includes the TLS
+handshake and HTTP, which for MQTT are the broker's.
+
 Broker kinds are entries of :data:`BROKERS` (:class:`BrokerTier`): how to start the first
 and the further registrar instances, and the echo baseline on that broker.
 """
@@ -43,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -56,9 +68,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs7
 
 from bench.lean_mqtt import LeanMqtt
 from bench.site_fixture import (
@@ -72,6 +88,8 @@ from bench.site_fixture import (
 from device_sim.client import DeviceClient, SoftwareKeys
 from registrar.broker import Endpoint
 from signers.software import SoftwareKey
+from trustcore.keys import spki_der
+from trustcore.profiles import device_id_from_certificate
 from trustcore.registration import (
     RegistrationError,
     RegistrationGranted,
@@ -80,6 +98,9 @@ from trustcore.registration import (
     parse_response,
 )
 from trustcore.topics import registration_request_topic, registration_response_topic
+
+Transport = Literal["mqtt", "est"]
+EST_ENROL = "/.well-known/est/simpleenroll"
 
 PG_ADMIN = os.environ.get("DEVTRUST_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -97,6 +118,8 @@ class Prepared:
     tls: ssl.SSLContext
     request_topic: str
     response_topic: str
+    #: The base64 of the request's CSR: the body of an EST enrolment.
+    est_body: bytes
 
 
 @dataclass
@@ -122,14 +145,21 @@ def prepare(devices: list[FactoryDevice]) -> list[Prepared]:
                 client.registration_context(),
                 registration_request_topic(device.device_id),
                 registration_response_topic(device.device_id),
+                base64.b64encode(parse_request(request).csr_der),
             )
         )
     return out
 
 
 async def one(
-    p: Prepared, endpoint: Endpoint, timeout: float, gate: asyncio.Semaphore | None = None
+    p: Prepared,
+    endpoint: Endpoint,
+    timeout: float,
+    gate: asyncio.Semaphore | None = None,
+    transport: Transport = "mqtt",
 ) -> Outcome:
+    if transport == "est":
+        return await one_est(p, endpoint, timeout, gate)
     started = time.perf_counter()
     try:
         async with gate or contextlib.nullcontext():
@@ -155,8 +185,39 @@ async def one(
         await client.disconnect()
 
 
+async def one_est(
+    p: Prepared, endpoint: Endpoint, timeout: float, gate: asyncio.Semaphore | None = None
+) -> Outcome:
+    """One EST enrolment: a new HTTPS connection with the factory certificate (mTLS),
+    ``POST simpleenroll``, the PKCS#7 answer (checked after the clock stops)."""
+    started = time.perf_counter()
+    connector = aiohttp.TCPConnector(ssl=p.tls, force_close=True)
+    url = f"https://{endpoint.host}:{endpoint.port}{EST_ENROL}"
+    try:
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as session:
+            async with gate or contextlib.nullcontext():
+                response = await session.post(
+                    url, data=p.est_body, headers={"Content-Type": "application/pkcs10"}
+                )
+            async with response:
+                body = await response.read()
+                finished = time.perf_counter()
+                if response.status != 200:
+                    return Outcome(started, None, None, f"refused: HTTP {response.status}")
+                return Outcome(started, finished, body)
+    except Exception as exc:
+        return Outcome(started, None, None, f"exchange: {exc!r}")
+
+
 async def wave(
-    prepared: list[Prepared], endpoint: Endpoint, timeout: float, label: str, connecting: int
+    prepared: list[Prepared],
+    endpoint: Endpoint,
+    timeout: float,
+    label: str,
+    connecting: int,
+    transport: Transport = "mqtt",
 ) -> tuple[float, list[Outcome]]:
     """Everyone at once, at most ``connecting`` TCP+TLS+CONNECT handshakes in flight;
     returns (per second, outcomes)."""
@@ -166,7 +227,7 @@ async def wave(
 
     async def tracked(p: Prepared) -> Outcome:
         nonlocal done
-        result = await one(p, endpoint, timeout, gate)
+        result = await one(p, endpoint, timeout, gate, transport)
         done += 1
         if done % max(1, total // 10) == 0:
             log(f"  {label}: {done}/{total}")
@@ -181,8 +242,34 @@ async def wave(
     return len(ok) / (last - first), outcomes
 
 
-def check(p: Prepared, outcome: Outcome, roots: tuple[object, ...]) -> str | None:
+def check_est(p: Prepared, outcome: Outcome, site_ca: x509.Certificate) -> str | None:
+    """None if the PKCS#7 answer holds an LDevID from the site CA for this device and the
+    key of its CSR."""
+    if outcome.response is None:
+        return outcome.error or "no response"
+    try:
+        (ldevid,) = pkcs7.load_der_pkcs7_certificates(base64.b64decode(outcome.response))
+        ldevid.verify_directly_issued_by(site_ca)
+    except Exception as exc:
+        return f"bad response: {exc!r}"
+    if device_id_from_certificate(ldevid) != p.device.device_id:
+        return "bad response: another device"
+    if spki_der(ldevid.public_key()) != spki_der(p.ldevid_key.public_key()):
+        return "bad response: another key"
+    return None
+
+
+def check(
+    p: Prepared,
+    outcome: Outcome,
+    roots: tuple[object, ...],
+    transport: Transport = "mqtt",
+    site_ca: x509.Certificate | None = None,
+) -> str | None:
     """None if the device ends registered (verified response, payload key opens)."""
+    if transport == "est":
+        assert site_ca is not None
+        return check_est(p, outcome, site_ca)
     if outcome.response is None:
         return outcome.error or "no response"
     parsed = parse_request(p.request)
@@ -470,6 +557,9 @@ class Round:
     reg_rate: float
     registrar_cpu: float
     broker_cpu: float | None
+    #: ``--transport est``: the MQTT registration wave of the same round (else None).
+    mqtt_rate: float | None = None
+    mqtt_cpu: float | None = None
 
 
 def _median(values: Sequence[float]) -> float:
@@ -483,17 +573,27 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         raise SystemExit(f"--broker {tier.name} runs at most {tier.max_instances} instance(s)")
     if k > 1 and args.store != "postgres":
         raise SystemExit("several instances share one PostgreSQL store: add --store postgres")
+    transport: Transport = args.transport
+    est = transport == "est"
+    if est and (k > 1 or tier.name == "rabbitmq"):
+        raise SystemExit("--transport est: one registrar instance (it serves EST), MQTT broker")
     with tempfile.TemporaryDirectory(prefix="bench-registration-") as tmp:
         base = Path(tmp)
         t = time.perf_counter()
         site = build_commissioned_site(base / "world")
-        devices = site.factory_devices(rounds * n + lat_n)
+        site_ca = x509.load_pem_x509_certificate(
+            (site.home / "current" / "site-ca.pem").read_bytes()
+        )
+        waves = 2 if est else 1  # EST: an MQTT registration wave of its own in each round
+        devices = site.factory_devices(waves * rounds * n + lat_n)
         log(f"site commissioned, {len(devices)} devices made in {time.perf_counter() - t:.1f} s")
         t = time.perf_counter()
         prepared = prepare(devices)
         log(f"keys, CSRs, signed requests, TLS contexts in {time.perf_counter() - t:.1f} s")
         loads = [prepared[r * n : (r + 1) * n] for r in range(rounds)]
-        idle = prepared[rounds * n :]
+        mqtt_loads = [prepared[(rounds + r) * n : (rounds + r + 1) * n] for r in range(rounds)]
+        idle = prepared[waves * rounds * n :]
+        mqtt_out: list[Outcome] = []
 
         results: list[Round] = []
         reg_out: list[Outcome] = []
@@ -502,9 +602,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         # wave and a registration wave alternate, so a noisy neighbour hits both alike.
         async with tier.echo(site, base) as echo, bench_store(args.store, site) as store:
             store_args, location = store
-            registrars = await start_registrars(tier, site, k, store_args, base)
+            est_args = ["--est-port", "0"] if est else []
+            registrars = await start_registrars(tier, site, k, [*store_args, *est_args], base)
             try:
-                endpoint = registrars[0].registration_endpoint
+                mqtt_endpoint = registrars[0].registration_endpoint
+                endpoint = registrars[0].est_endpoint if est else mqtt_endpoint
+                assert endpoint is not None, "registrar run did not report its EST listener"
                 pids = [p.pid for p in registrars]
                 log(f"registrar run x{k} (pids {pids}, {args.store}): {endpoint}")
                 await asyncio.sleep(0.5)  # start-up work (status, CRL check) out of the way
@@ -517,23 +620,46 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         )
                         echo_cpu = await echo.cpu_seconds() - e0
                         echo_failures += sum(o.response is None for o in echo_out)
+                    mqtt_rate = mqtt_cpu = None
+                    if est:
+                        m_cpu0 = _cpu(registrars)
+                        mqtt_rate, m_out = await wave(
+                            mqtt_loads[r - 1],
+                            mqtt_endpoint,
+                            args.timeout,
+                            f"MQTT registration {r}/{rounds}",
+                            args.connecting,
+                        )
+                        mqtt_out += m_out
+                        mqtt_cpu = _cpu(registrars) - m_cpu0
                     cpu0, broker0 = _cpu(registrars), _broker_cpu(registrars[0])
                     reg_rate, out = await wave(
-                        load, endpoint, args.timeout, f"registration {r}/{rounds}", args.connecting
+                        load,
+                        endpoint,
+                        args.timeout,
+                        f"{transport} registration {r}/{rounds}",
+                        args.connecting,
+                        transport,
                     )
                     cpu1, broker1 = _cpu(registrars), _broker_cpu(registrars[0])
                     reg_out += out
                     broker = None if broker0 is None or broker1 is None else broker1 - broker0
-                    results.append(Round(echo_rate, echo_cpu, reg_rate, cpu1 - cpu0, broker))
+                    results.append(
+                        Round(
+                            echo_rate, echo_cpu, reg_rate, cpu1 - cpu0, broker, mqtt_rate, mqtt_cpu
+                        )
+                    )
                     log(
-                        f"round {r}: echo {echo_rate:.0f}/s, registration {reg_rate:.0f}/s, "
-                        f"registrar CPU {(cpu1 - cpu0) * 1000 / n:.2f} ms per registration"
+                        f"round {r}: echo {echo_rate:.0f}/s, {transport} registration "
+                        f"{reg_rate:.0f}/s"
+                        + ("" if mqtt_rate is None else f", MQTT registration {mqtt_rate:.0f}/s")
+                        + f", registrar CPU {(cpu1 - cpu0) * 1000 / n:.2f} ms per registration"
                     )
                 await asyncio.sleep(1.0)  # idle before the latency series
                 latencies: list[float] = []
                 lat_out: list[Outcome] = []
                 for p in idle:
-                    o = await one(p, endpoint, args.timeout)
+                    o = await one(p, endpoint, args.timeout, None, transport)
                     lat_out.append(o)
                     if o.finished is not None:
                         latencies.append((o.finished - o.started) * 1000)
@@ -544,13 +670,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     roots = (site.root,)
     problems: dict[str, int] = {}
     failures = 0
-    for p, o in zip(prepared, reg_out + lat_out, strict=True):
-        problem = check(p, o, roots)
+    checked = [
+        (p, o, transport)
+        for p, o in zip(
+            [*[p for load in loads for p in load], *idle], reg_out + lat_out, strict=True
+        )
+    ] + [(p, o, "mqtt") for p, o in zip([p for m in mqtt_loads for p in m], mqtt_out, strict=True)]
+    for p, o, how in checked:
+        problem = check(p, o, roots, how, site_ca)
         if problem is not None:
             failures += 1
             key = problem.split(":")[0]
             problems[key] = problems.get(key, 0) + 1
-    held = len(prepared) - failures
+    held = len(checked) - failures
     if totals["devices"] != held or totals["certificates"] != held:
         log(f"the store holds {totals}, the devices hold {held} registrations")
         failures = max(failures, abs(totals["devices"] - held), abs(totals["certificates"] - held))
@@ -559,8 +691,17 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     reg_rate = _median([r.reg_rate for r in results])
     echo_rate = _median([r.echo_rate for r in results])
     brokers = [r.broker_cpu for r in results if r.broker_cpu is not None]
+    mqtt_rates = [r.mqtt_rate for r in results if r.mqtt_rate is not None]
+    mqtt_rate = _median(mqtt_rates) if mqtt_rates else None
+    mqtt_cpus = [r.mqtt_cpu for r in results if r.mqtt_cpu is not None]
     return {
         "broker": tier.name,
+        "transport": transport,
+        "mqtt_registrations_per_s": round(mqtt_rate, 1) if mqtt_rate else None,
+        "est_vs_mqtt": round(reg_rate / mqtt_rate, 3) if mqtt_rate and est else None,
+        "mqtt_registrar_cpu_ms_per_registration": (
+            round(_median(mqtt_cpus) * 1000 / n, 3) if mqtt_cpus else None
+        ),
         "devices": n,
         "registrations_per_s": round(reg_rate, 1),
         "failures": failures,
@@ -585,6 +726,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 "registrations_per_s": round(r.reg_rate, 1),
                 "baseline_echo_per_s": round(r.echo_rate, 1),
                 "registrar_cpu_ms": round(r.registrar_cpu * 1000 / n, 3),
+                "mqtt_registrations_per_s": None if r.mqtt_rate is None else round(r.mqtt_rate, 1),
             }
             for r in results
         ],
@@ -604,6 +746,13 @@ def main() -> int:
     parser.add_argument("--broker", choices=sorted(BROKERS), default="mosquitto")
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument(
+        "--transport",
+        choices=["mqtt", "est"],
+        default="mqtt",
+        help="est: registrations through the EST listener (plus an MQTT wave per round for "
+        "the comparison in the same run)",
+    )
     parser.add_argument(
         "--rounds",
         type=int,

@@ -659,6 +659,7 @@ def commissioned_runtime(home: Path, passphrase_file: Path, kind: BrokerKind) ->
 
 
 _RUNNING = re.compile(rb"registration (\S+):(\d+), operational (\S+):(\d+)")
+_EST = re.compile(rb"EST (\S+):(\d+)")
 _JOINED = re.compile(rb"serving on (\S+):(\d+)")
 
 
@@ -666,12 +667,18 @@ class RegistrarProcess:
     """One ``registrar run`` process: the production entry point, nothing else."""
 
     def __init__(
-        self, proc: asyncio.subprocess.Process, registration: Endpoint, operational: Endpoint
+        self,
+        proc: asyncio.subprocess.Process,
+        registration: Endpoint,
+        operational: Endpoint,
+        est: Endpoint | None = None,
     ) -> None:
         self._proc = proc
         self.pid = proc.pid
         self.registration_endpoint = registration
         self.operational_endpoint = operational
+        #: ``--est-port``: the EST listener (None without it).
+        self.est_endpoint = est
 
     @classmethod
     async def start(
@@ -730,7 +737,13 @@ class RegistrarProcess:
             if (match := _RUNNING.search(line)) is not None:
                 reg = Endpoint(match.group(1).decode(), int(match.group(2)))
                 op = Endpoint(match.group(3).decode(), int(match.group(4)))
-                return cls(proc, reg, op)
+                est_match = _EST.search(line)
+                est = (
+                    None
+                    if est_match is None
+                    else Endpoint(est_match.group(1).decode(), int(est_match.group(2)))
+                )
+                return cls(proc, reg, op, est)
             if (match := _JOINED.search(line)) is not None:  # --join: no listener of its own
                 op = Endpoint(match.group(1).decode(), int(match.group(2)))
                 return cls(proc, op, op)

@@ -72,6 +72,27 @@ def show(directory: Path, as_json: bool) -> None:
         click.echo(f"{key}: {value}")
 
 
+@main.command("secret-hmac")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--name", required=True, help="Product secret name.")
+@click.option("--challenge", required=True, help="Challenge, hex (at most 1024 bytes).")
+def secret_hmac(directory: Path, name: str, challenge: str) -> None:
+    """Prove the device holds a product secret: print HMAC-SHA256(secret, challenge) in hex,
+    computed inside the device's TPM (the secret itself never leaves it)."""
+    from signers.errors import SignerError
+
+    try:
+        data = bytes.fromhex(challenge)
+    except ValueError as exc:
+        raise click.BadParameter("not hex", param_hint="--challenge") from exc
+    try:
+        with SimDevice(directory) as dev:
+            mac = dev.endpoint.secret_hmac(name, data)
+    except (DeviceStateError, SwtpmError, SignerError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(mac.hex())
+
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
 def serve(directory: Path) -> None:
@@ -253,28 +274,34 @@ def fleet(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Onboard a load-test fleet (software-key devices under DIRECTORY, one sub-directory
-    per device: idevid.pem, chain.pem, factory.key.pem encrypted; `device-sim build-fleet
-    --keys software` makes one) through a registrar, all at once. The key passphrase is
-    read from --passphrase-file or $DEVTRUST_DEVICE_PASSPHRASE, never from the command
-    line."""
+    """Onboard a fleet through a registrar, all at once: software-key devices under
+    DIRECTORY (one sub-directory per device: idevid.pem, chain.pem, factory.key.pem
+    encrypted; `device-sim build-fleet --keys software`), or swtpm devices (`build-fleet
+    --keys tpm`: each is powered on, and every key, TLS included, stays in its TPM). The
+    software keys' passphrase is read from --passphrase-file or $DEVTRUST_DEVICE_PASSPHRASE,
+    never from the command line."""
     import asyncio
+    import contextlib
 
     from cryptography import x509
 
-    from device_sim.fleet import FleetError, load_fleet, onboard
+    from device_sim.fleet import FleetError, fleet_kind, load_fleet, onboard, tpm_fleet
     from registrar.broker import Endpoint
     from signers.errors import PassphraseError
 
-    try:
-        passphrase = _device_passphrase(passphrase_file)
-        roots = x509.load_pem_x509_certificates(root_file.read_bytes())
-        devices = load_fleet(directory, roots, passphrase=passphrase, count=count)
-    except (FleetError, PassphraseError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    report = asyncio.run(
-        onboard(devices, Endpoint(host, port), concurrency=concurrency, timeout=timeout)
-    )
+    with contextlib.ExitStack() as stack:
+        try:
+            roots = x509.load_pem_x509_certificates(root_file.read_bytes())
+            if fleet_kind(directory) == "tpm":
+                devices = stack.enter_context(tpm_fleet(directory, roots, count=count))
+            else:
+                passphrase = _device_passphrase(passphrase_file)
+                devices = load_fleet(directory, roots, passphrase=passphrase, count=count)
+        except (FleetError, PassphraseError, ValueError, OSError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        report = asyncio.run(
+            onboard(devices, Endpoint(host, port), concurrency=concurrency, timeout=timeout)
+        )
     summary = report.summary()
     if as_json:
         summary["results"] = [

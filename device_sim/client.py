@@ -1,23 +1,20 @@
 """A simulated device's network life: register over MQTT, reconnect with its secondary
 certificate, publish encrypted telemetry, receive encrypted commands and rotated keys.
 
-What is real and what is simulated (see ``docs/registration.md``, "Device TLS"):
+What is real (see ``docs/registration.md``, "Device TLS"):
 
 * Everything the registrar *verifies* is done by the device's keys: the registration request
   is signed by the factory (IDevID) key, the CSR by the new LDevID key, and the payload key
   is unwrapped by a separate ECDH key. With :class:`TpmKeys` those keys live in the device's
   swtpm (TPM keys are single-purpose: the LDevID key signs, the wrap key does ECDH).
-* The mutual-TLS layer needs the private key of the client certificate inside Python's
-  ``ssl`` module, which can only load key *files* (no callback, no TPM). So a TLS identity
-  is an explicit :class:`TlsIdentity`: in software-key mode (load tests) it is simply the
-  device's own IDevID/LDevID key; for a swtpm device the caller supplies a software
-  certificate for the same device id (``registration_tls`` / ``operational_tls``). The
-  registrar does not rely on the TLS identity for registration (it verifies the signed
-  request), but the broker's topic ACL does, so the TLS certificate must name the device.
-
-Software keys reach ``ssl`` through :func:`signers.software.load_ssl_identity`: the key file
-it hands to OpenSSL is encrypted under a one-time random password and deleted at once, so no
-plaintext key ever touches the disk.
+* The mutual-TLS layer uses the same keys: a :class:`TlsIdentity` is the device's own
+  certificate with the key it certifies, the IDevID with the factory key on the
+  registration listener, the LDevID with its key on the operational one. A TPM key is
+  given to ``ssl`` by :mod:`signers.tpm_tls` (OpenSSL calls TPM2_Sign for the handshake's
+  CertificateVerify; the key never leaves the TPM); a software key (load tests) by
+  :func:`signers.software.load_ssl_identity`, whose key file is encrypted under a one-time
+  random password and deleted at once, so no plaintext key ever touches the disk. So a
+  revoked certificate is refused by the broker's CRL check at the handshake.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import aiomqtt
 from cryptography import x509
@@ -59,6 +56,9 @@ from trustcore.registration import (
 from trustcore.renewal import build_renewal_request, parse_renewal_request, renewal_due
 from trustcore.site_rollover import ROLLOVER_LEVEL, RenewNow, parse_renew_now
 from trustcore.topics import device_topic, registration_request_topic, registration_response_topic
+
+if TYPE_CHECKING:
+    from signers.tpm import TpmKey
 
 __all__ = [
     "DeviceClient",
@@ -137,21 +137,30 @@ class TpmKeys:
 
 @dataclass(frozen=True)
 class TlsIdentity:
-    """A client certificate chain and its software private key, for Python's ``ssl``."""
+    """A client certificate chain and the key it certifies: a software private key, or a
+    TPM key that signs the handshake inside the TPM."""
 
     certificates: tuple[x509.Certificate, ...]  # leaf first, then its issuing CA
-    key: ec.EllipticCurvePrivateKey = field(repr=False)
+    key: ec.EllipticCurvePrivateKey | TpmKey = field(repr=False)
 
     @classmethod
     def from_signer(cls, certificates: Sequence[x509.Certificate], signer: Signer) -> TlsIdentity:
-        """Only for software keys: a TPM key cannot be handed to ``ssl``."""
-        if not isinstance(signer, SoftwareKey):
-            raise TypeError("ssl can only use a software key; supply a TlsIdentity for TPM devices")
-        return cls(tuple(certificates), signer.private_key())
+        """The device's own certificate with its own key (software or TPM)."""
+        if isinstance(signer, SoftwareKey):
+            return cls(tuple(certificates), signer.private_key())
+        from signers.tpm import TpmKey
+
+        if isinstance(signer, TpmKey):
+            return cls(tuple(certificates), signer)
+        raise TypeError(f"no TLS binding for a {type(signer).__name__} key")
 
     def context(self, trust_pem: bytes) -> ssl.SSLContext:
         """A client context trusting ``trust_pem`` (manufacturer root: the broker presents
         its certificate with the site CA, which the root issued) and presenting this identity."""
+        if not isinstance(self.key, ec.EllipticCurvePrivateKey):
+            from signers.tpm_tls import tpm_client_context
+
+            return tpm_client_context(self.certificates, self.key, trust_pem=trust_pem)
         ctx = ssl.create_default_context(cadata=trust_pem.decode("ascii"))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         load_ssl_identity(ctx, b"".join(c.public_bytes(PEM) for c in self.certificates), self.key)
@@ -220,9 +229,11 @@ def _client(
 
 
 class DeviceClient:
-    """One simulated device. ``registration_tls`` defaults to the IDevID with the factory
-    key (software factory keys only); ``operational_tls`` defaults to the LDevID with its
-    key (software LDevID keys only)."""
+    """One simulated device. Its TLS identities are its own certificates with their keys
+    (software or TPM): the IDevID with the factory key on the registration listener, the
+    LDevID with its key on the operational one. ``registration_tls`` / ``operational_tls``
+    replace them only where a test needs a device that presents one certificate in TLS and
+    another in its signed request."""
 
     def __init__(
         self,

@@ -9,6 +9,10 @@ Device directory::
     idevid.pem            the factory certificate (IEEE 802.1AR IDevID)
     chain.pem             the issuing station CA certificate (what TLS clients send)
     device.json           {"device_id", "key", "certificate", "chain", "serial"}
+    secrets/NAME.cbor     a product secret imported into the TPM: {"public", "private"}, the
+                          private part wrapped by this TPM's storage key (useless elsewhere;
+                          the secret itself never leaves the TPM: HMAC only, see
+                          signers.tpm_import)
 
 A device is "manufactured" (:meth:`SimDevice.manufacture`) with a TPM that already carries
 an EK certificate, as a real TPM leaves its vendor: either a fresh ``swtpm_setup`` run
@@ -25,6 +29,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -38,7 +43,10 @@ from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.attestation import CredentialChallenge
 from signers.attestation import AttestationEvidence, AttestationIdentity, TpmAttestor
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage
+from signers.tpm_import import SecretImport, check_secret_public
+from trustcore import cbor
 from trustcore.csr import build_device_csr
+from trustcore.errors import EncodingError
 from trustcore.identity import DeviceId
 
 __all__ = [
@@ -58,6 +66,8 @@ KEY_FILE = "device-key.tss.pem"
 CERT_FILE = "idevid.pem"
 CHAIN_FILE = "chain.pem"
 DEVICE_FILE = "device.json"
+SECRETS_DIR = "secrets"
+_SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class DeviceStateError(RuntimeError):
@@ -118,6 +128,8 @@ class TpmDevice:
         self.key: TpmKey | None = None
         self.device_id: DeviceId | None = None
         self.certificate_der: bytes | None = None
+        #: Imported product secrets: name -> (public, TPM-wrapped private).
+        self.secrets: dict[str, tuple[bytes, bytes]] = {}
 
     def prepare(self, device_id: DeviceId) -> bytes:
         """Have the TPM create a non-exportable P-256 key; return a CSR signed by it."""
@@ -170,6 +182,59 @@ class TpmDevice:
             "serial": f"{cert.serial_number:x}",
         }
         _write_atomic(self.directory / DEVICE_FILE, json.dumps(info, indent=2).encode())
+
+    # -- product secrets -----------------------------------------------------------------------
+
+    def storage_parent(self) -> bytes:
+        """The storage primary's public area, which the factory wraps secrets to."""
+        return self.tpm.storage_public()
+
+    def import_secrets(self, device_id: DeviceId, imports: Sequence[SecretImport]) -> None:
+        """TPM2_Import each blob (after checking it is a non-duplicable, non-unsealable HMAC
+        key) and keep the TPM-wrapped result beside the TPM state."""
+        if device_id != self.device_id:
+            raise DeviceStateError(f"secrets for {device_id}, device prepared {self.device_id}")
+        for item in imports:
+            check_secret_name(item.name)
+            check_secret_public(item.public)
+            private = self.tpm.import_object(item.public, item.duplicate, item.seed)
+            self.secrets[item.name] = (item.public, private)
+            if self.directory is not None:
+                folder = self.directory / SECRETS_DIR
+                folder.mkdir(exist_ok=True)
+                data = cbor.encode({"public": item.public, "private": private})
+                _write_atomic(folder / f"{item.name}.cbor", data)
+
+    def secret_hmac(self, name: str, challenge: bytes) -> bytes:
+        """Prove this device holds product secret ``name``: HMAC-SHA256 over ``challenge``
+        computed inside the TPM (whoever knows the secret checks it with
+        ``signers.tpm_import.secret_hmac``)."""
+        entry = self.secrets.get(name)
+        if entry is None and self.directory is not None:
+            entry = read_secret_object(self.directory, name)
+        if entry is None:
+            raise DeviceStateError(f"this device holds no product secret {name!r}")
+        return self.tpm.hmac_with(entry[0], entry[1], challenge)
+
+
+def check_secret_name(name: str) -> None:
+    """A secret name is a file name here: the entitlement's id characters only."""
+    if not _SECRET_NAME.fullmatch(name):
+        raise DeviceStateError(f"bad product secret name {name!r}")
+
+
+def read_secret_object(directory: Path, name: str) -> tuple[bytes, bytes] | None:
+    """The stored (public, private) of an imported secret, or None."""
+    check_secret_name(name)
+    path = directory / SECRETS_DIR / f"{name}.cbor"
+    if not path.exists():
+        return None
+    try:
+        m = cbor.map_of(cbor.decode(path.read_bytes(), max_size=4096), "secret object")
+        cbor.expect_keys(m, {"public", "private"}, what="secret object")
+        return cbor.field(m, "public", bytes), cbor.field(m, "private", bytes)
+    except EncodingError as exc:
+        raise DeviceStateError(f"{path} is not a secret object: {exc}") from exc
 
 
 class SimDevice:
@@ -269,6 +334,7 @@ class SimDevice:
             **data,
             "subject": cert.subject.rfc4514_string() if cert else None,
             "issuer": cert.issuer.rfc4514_string() if cert else None,
+            "secrets": sorted(p.stem for p in (self.directory / SECRETS_DIR).glob("*.cbor")),
         }
 
     @property

@@ -6,10 +6,9 @@ Each device is a :class:`~device_sim.client.DeviceClient` doing its real registr
 * **load mode** — software keys (:class:`~device_sim.client.SoftwareKeys`), for hundreds or
   thousands of devices in one process; the TLS identity is the device's own IDevID and key;
 * **TPM mode** — one swtpm per device (:class:`~device_sim.client.TpmKeys`): the factory
-  key, the new LDevID key and the wrap key live in the device's TPM. Python's ``ssl`` cannot
-  use a TPM key, so the TLS layer needs a software certificate for the same device id (see
-  ``device_sim.client``); the registrar does not rely on TLS for identity (it verifies the
-  request signed by the TPM factory key).
+  key, the new LDevID key and the wrap key live in the device's TPM, and the factory key
+  also signs its TLS handshakes (``signers.tpm_tls``); the registrar still does not rely on
+  TLS for identity (it verifies the request signed by the TPM factory key).
 
 :func:`onboard` returns a :class:`FleetReport`: one :class:`DeviceResult` per device (ok or
 the registrar's public reason code, latency from connect to the verified response) and the
@@ -23,18 +22,24 @@ and :func:`load_fleet`. Even a load-test key is never stored in plaintext: a fle
 directory gets copied around, and a plaintext key that names a device id in an admitted
 range would register as that device. The passphrase comes from ``DEVTRUST_DEVICE_PASSPHRASE``
 or a passphrase file (see :data:`PASSPHRASE_ENV`), never from the command line.
+
+TPM fleets on disk (``device-sim build-fleet --keys tpm``): device directories of
+:mod:`device_sim.device` (swtpm state, TPM-wrapped key blob, certificates);
+:func:`tpm_fleet` powers them on for the onboarding and off after it (:func:`fleet_kind`
+tells the two layouts apart).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 from cryptography import x509
@@ -49,7 +54,15 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from device_sim.client import DeviceClient, DeviceCredentials, DeviceRegistrationError, SoftwareKeys
+from device_sim.client import (
+    DeviceClient,
+    DeviceCredentials,
+    DeviceRegistrationError,
+    SoftwareKeys,
+    TpmKeys,
+)
+from device_sim.device import DeviceStateError, SimDevice, power_off_all, power_on_all
+from device_sim.swtpm import SwtpmError
 from registrar.broker import Endpoint
 from signers.errors import SignerError
 from signers.software import SoftwareKey
@@ -62,9 +75,11 @@ __all__ = [
     "DeviceResult",
     "FleetError",
     "FleetReport",
+    "fleet_kind",
     "load_fleet",
     "onboard",
     "software_device",
+    "tpm_fleet",
     "write_load_device",
 ]
 
@@ -237,6 +252,67 @@ def write_load_device(
     return target
 
 
+def fleet_kind(directory: Path) -> Literal["software", "tpm"]:
+    """``tpm`` if the devices under ``directory`` have swtpm states (``build-fleet --keys
+    tpm``), ``software`` if none has; a mix is refused."""
+    if not directory.is_dir():
+        raise FleetError(f"{directory} is not a directory")
+    kinds = {
+        (p / TPM_STATE_DIR).is_dir()
+        for p in directory.iterdir()
+        if (p / IDEVID_FILE).is_file() or (p / TPM_STATE_DIR).is_dir()
+    }
+    if kinds == {True, False}:
+        raise FleetError(f"{directory} mixes TPM and software-key devices: onboard them apart")
+    return "tpm" if kinds == {True} else "software"
+
+
+@contextlib.contextmanager
+def tpm_fleet(
+    directory: Path, roots: Sequence[x509.Certificate], *, count: int | None = None
+) -> Iterator[list[DeviceClient]]:
+    """The swtpm devices under ``directory`` (sorted by name; the first ``count``), powered
+    on while the block runs and off after it. Every key of theirs is in their TPM: the
+    factory key signs the registration request and the TLS handshakes
+    (:mod:`signers.tpm_tls`), the LDevID and wrap keys are made there."""
+    if not directory.is_dir():
+        raise FleetError(f"{directory} is not a directory")
+    found = sorted(p for p in directory.iterdir() if (p / TPM_STATE_DIR).is_dir())
+    if count is not None:
+        if count > len(found):
+            raise FleetError(f"{directory} holds {len(found)} devices, {count} asked for")
+        found = found[:count]
+    if not found:
+        raise FleetError(f"no TPM devices under {directory} (each needs {TPM_STATE_DIR}/)")
+    try:
+        sims = [SimDevice(p) for p in found]
+        unprovisioned = [str(s.directory) for s in sims if s.certificate() is None]
+    except (DeviceStateError, OSError, ValueError) as exc:
+        raise FleetError(f"unusable TPM device: {exc}") from exc
+    if unprovisioned:
+        raise FleetError(f"not provisioned by a station (no {IDEVID_FILE}): {unprovisioned[0]}")
+    try:
+        power_on_all(sims)
+        clients = []
+        for sim in sims:
+            cert = sim.certificate()
+            assert cert is not None and sim.tpm is not None  # checked above; powered on
+            chain = tuple(
+                x509.load_pem_x509_certificates((sim.directory / CHAIN_FILE).read_bytes())
+            )
+            credentials = DeviceCredentials(
+                device_id_from_certificate(cert), cert, chain, sim.key(), tuple(roots)
+            )
+            clients.append(DeviceClient(credentials, TpmKeys(sim.tpm)))
+    except (DeviceStateError, SwtpmError, SignerError, TrustCoreError, OSError, ValueError) as exc:
+        power_off_all(sims)
+        raise FleetError(f"cannot power on the TPM fleet: {exc}") from exc
+    try:
+        yield clients
+    finally:
+        power_off_all(sims)
+
+
 def load_fleet(
     directory: Path,
     roots: Sequence[x509.Certificate],
@@ -258,11 +334,8 @@ def load_fleet(
     devices: list[DeviceClient] = []
     for path in found:
         if (path / TPM_STATE_DIR).is_dir():
-            # Its factory key is in its swtpm: Python's ssl cannot present it until the TLS
-            # layer signs in the TPM (docs/registration.md, "Device TLS").
             raise FleetError(
-                f"{path} is a TPM device (its key is in {TPM_STATE_DIR}/): `fleet` onboards "
-                "software-key devices (build-fleet --keys software)"
+                f"{path} is a TPM device (its key is in {TPM_STATE_DIR}/): see tpm_fleet"
             )
         try:
             idevid = x509.load_pem_x509_certificate((path / IDEVID_FILE).read_bytes())

@@ -23,7 +23,7 @@ that cannot be built at all is a :class:`~device_sim.fleet.FleetError`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +37,7 @@ from factory_station.provision import BatchResult, ProvisionResult, provision_ba
 from factory_station.station import AttestationMode, FactoryStation
 from signers.attestation import AttestationEvidence, AttestationIdentity
 from signers.software import SoftwareKey
+from signers.tpm_import import SecretImport
 from trustcore.csr import build_device_csr
 from trustcore.identity import DeviceId
 
@@ -67,6 +68,12 @@ class SoftwareDevice:
 
     def attest(self, challenge: CredentialChallenge) -> AttestationEvidence:
         raise FleetError("a software-key device has no TPM to attest its key")
+
+    def storage_parent(self) -> bytes:
+        raise FleetError("a software-key device has no TPM to hold product secrets")
+
+    def import_secrets(self, device_id: DeviceId, imports: Sequence[SecretImport]) -> None:
+        raise FleetError("a software-key device has no TPM to hold product secrets")
 
     def store_certificate(
         self, device_id: DeviceId, certificate_der: bytes, chain_der: bytes

@@ -62,12 +62,15 @@ from tpm2_pytss.types import TPMS_ATTEST, TPMT_PUBLIC
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template, make_credential
 
 from factory_station.errors import AttestationError
+from signers.errors import TpmImportError
+from signers.tpm_import import check_storage_public, tpm_name
 
 __all__ = [
     "ATTESTATION_REASONS",
     "TCG_KP_EK_CERTIFICATE",
     "AttestationVerifier",
     "CredentialChallenge",
+    "VerifiedStorageParent",
 ]
 
 #: Stable reason strings of :class:`AttestationError` raised here.
@@ -94,6 +97,8 @@ ATTESTATION_REASONS: Final = frozenset(
         #                          adminWithPolicy)
         "key_type",  # not a P-256 signing key with a SHA-256 name
         "key_mismatch",  # the attested key is not the CSR's key
+        "parent_unacceptable",  # the storage parent is not a TPM-resident storage key
+        "parent_mismatch",  # the certified key was not loaded under that storage parent
     }
 )
 
@@ -102,6 +107,7 @@ TCG_KP_EK_CERTIFICATE: Final = ObjectIdentifier("2.23.133.8.1")
 
 TPM_GENERATED_VALUE: Final = 0xFF544347
 _ECC_P384_EK_CERT_INDEX: Final = 0x01C00016  # TCG: high-range ECC NIST P-384 EK certificate
+_TPM_RH_OWNER: Final = (0x40000001).to_bytes(4, "big")  # the owner hierarchy's name
 _NONCE_SIZE = 32
 _SECRET_SIZE = 32
 _MAX_INPUT = 4096  # any TPM structure we accept is far smaller
@@ -119,6 +125,16 @@ class CredentialChallenge(NamedTuple):
     credential_blob: bytes
     encrypted_secret: bytes
     nonce: bytes
+
+
+class VerifiedStorageParent(NamedTuple):
+    """A device TPM's storage primary (marshalled TPMT_PUBLIC) that the attestation showed
+    to be the parent of the certified device key, in the TPM that owns the certified EK:
+    what the station may wrap product secrets to (only
+    :meth:`AttestationVerifier.storage_parent` makes one)."""
+
+    public_area: bytes
+    name: bytes
 
 
 class _State(Enum):
@@ -271,6 +287,8 @@ class AttestationVerifier:
         self._ak_public = b""
         self._ak_key: ec.EllipticCurvePublicKey | None = None
         self._ek_certificate: x509.Certificate | None = None
+        self._qualified_name = b""
+        self._certified_name = b""
 
     @property
     def ek_certificate(self) -> x509.Certificate:
@@ -417,6 +435,7 @@ class AttestationVerifier:
             raise _fail("nonce_mismatch", "the attestation is not over this challenge's nonce")
 
         key = _parse_public(certified_public, "key_malformed", "certified public area")
+        self._certified_name = _name_of(certified_public)
         if not hmac.compare_digest(bytes(info.attested.certify.name), _name_of(certified_public)):
             raise _fail("name_mismatch", "the attested name is not that of the given public area")
         x, y = _check_certified_key(key)
@@ -427,4 +446,37 @@ class AttestationVerifier:
         csr = csr_public_key.public_numbers()
         if (csr.x, csr.y) != (x, y):
             raise _fail("key_mismatch", "the attested TPM key is not the CSR's key")
+        self._qualified_name = bytes(info.attested.certify.qualifiedName)
         self._state = _State.DONE
+
+    def storage_parent(self, public_area: bytes) -> VerifiedStorageParent:
+        """After a successful :meth:`finish`: accept ``public_area`` as the device TPM's
+        storage primary (SRK) only if the certified key was loaded under it.
+
+        TPM2_Certify attests the key's *qualified name*, which the TPM computes from the
+        actual parent chain: QN(key) = nameAlg || H(QN(parent) || name(key)), and for a
+        primary of the owner hierarchy QN(SRK) = nameAlg || H(TPM_RH_OWNER || name(SRK)).
+        So a matching QN proves that the SRK with exactly this public area (hence this
+        point, fixedTPM, restricted decrypt) is an owner-hierarchy primary of the TPM that
+        owns the certified EK: a secret wrapped to it opens in that TPM and nowhere else.
+        A device that sends some other key's public area (a software key it could decrypt
+        with) fails here."""
+        if self._state is not _State.DONE:
+            raise _fail("protocol_state", "storage_parent() needs a finished attestation")
+        if not isinstance(public_area, bytes) or not 0 < len(public_area) <= _MAX_INPUT:
+            raise _fail("parent_unacceptable", "the storage parent must be 1..4096 bytes")
+        try:
+            check_storage_public(public_area)
+        except TpmImportError as exc:
+            raise _fail("parent_unacceptable", str(exc)) from exc
+        name = tpm_name(public_area)
+        owner_qn = b"\x00\x0b" + hashlib.sha256(_TPM_RH_OWNER + name).digest()
+        if not hmac.compare_digest(
+            self._qualified_name,
+            b"\x00\x0b" + hashlib.sha256(owner_qn + self._certified_name).digest(),
+        ):
+            raise _fail(
+                "parent_mismatch",
+                "the attested key was not loaded under this storage parent in the device TPM",
+            )
+        return VerifiedStorageParent(public_area, name)

@@ -218,6 +218,7 @@ def _print_result(res: ProvisionResult, as_json: bool) -> None:
                     "serial": res.issued.serial_hex,
                     "counter": res.issued.counter,
                     "key_id": res.issued.key_id.hex(),
+                    "secrets": list(res.secrets),
                 }
             )
         )
@@ -225,6 +226,7 @@ def _print_result(res: ProvisionResult, as_json: bool) -> None:
         click.echo(
             f"provisioned {res.device_id} serial {res.issued.serial_hex} "
             f"(counter {res.issued.counter}, {res.seconds * 1000:.1f} ms)"
+            + (f"; secrets in its TPM: {', '.join(res.secrets)}" if res.secrets else "")
         )
 
 
@@ -239,6 +241,13 @@ def _print_result(res: ProvisionResult, as_json: bool) -> None:
     default=None,
     help="Where the device's files go (key blob, idevid.pem); default HOME/devices/<id>.",
 )
+@click.option(
+    "--secret",
+    "secret_names",
+    multiple=True,
+    help="Product secret to import into the device TPM (repeatable); default: every secret "
+    "the entitlement's rules give this device. One outside its rule is refused.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @_APPROVALS
 def provision(
@@ -247,10 +256,12 @@ def provision(
     device_tcti: str,
     device_id: str | None,
     device_dir: Path | None,
+    secret_names: tuple[str, ...],
     as_json: bool,
     approval_files: tuple[Path, ...],
 ) -> None:
-    """Provision one device reached through its TPM's TCTI."""
+    """Provision one device reached through its TPM's TCTI (and import the product secrets
+    its entitlement rules give it into that TPM)."""
     from device_sim.device import TpmDevice
     from signers.tpm import Tpm
 
@@ -264,7 +275,12 @@ def provision(
         except SignerError as exc:
             raise Refused(f"device_error: cannot reach the device TPM: {exc}") from exc
         try:
-            res = provision_device(station, TpmDevice(device_tpm, directory), did)
+            res = provision_device(
+                station,
+                TpmDevice(device_tpm, directory),
+                did,
+                secrets=list(secret_names) if secret_names else None,
+            )
         finally:
             try:
                 device_tpm.close()

@@ -10,6 +10,11 @@ counter slot; only :meth:`FactoryStation.issue` touches the counter)::
     5. attestation: EK certificate → credential activation → TPM2_Certify of the CSR's key
     6. station issues (intent → NV increment → sign in TPM + audit + complete)
     7. release: the certificate is written to the device
+    8. product secrets (only when the entitlement's rules give this device any): each is
+       wrapped to the device TPM's storage primary, which step 5 proved to be the parent of
+       the certified key, audited as ``secret_provisioned``, and imported by the device
+       (TPM2_Import: from then on usable only inside that TPM). Needs attestation (fail
+       closed: ``secret_needs_attestation`` in the ``unsafe-csr-only`` mode).
 
 A batch overlaps device-side work (steps 3 to 5: each device is its own TPM process, and
 tpm2-pytss releases the GIL inside TPM calls) with station-side work (step 6, serialised by
@@ -27,7 +32,7 @@ from typing import Protocol, TypeVar
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from factory_station.attestation import CredentialChallenge
+from factory_station.attestation import CredentialChallenge, VerifiedStorageParent
 from factory_station.errors import (
     AttestationError,
     DeviceError,
@@ -37,6 +42,7 @@ from factory_station.errors import (
 from factory_station.station import FactoryStation, IssuedCertificate
 from signers.attestation import AttestationEvidence, AttestationIdentity
 from signers.errors import SignerError
+from signers.tpm_import import SecretImport
 from trustcore.csr import validate_csr
 from trustcore.errors import CsrError
 from trustcore.identity import DeviceId
@@ -79,12 +85,24 @@ class DeviceEndpoint(Protocol):
         self, device_id: DeviceId, certificate_der: bytes, chain_der: bytes
     ) -> None: ...
 
+    def storage_parent(self) -> bytes:
+        """The device TPM's storage primary public area (marshalled TPMT_PUBLIC); asked only
+        when the device is to receive product secrets."""
+        ...
+
+    def import_secrets(self, device_id: DeviceId, imports: Sequence[SecretImport]) -> None:
+        """TPM2_Import each product secret blob under the storage primary and keep the
+        results (TPM-wrapped, useless elsewhere)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ProvisionResult:
     device_id: DeviceId
     issued: IssuedCertificate
     seconds: float
+    #: Names of the product secrets imported into the device's TPM.
+    secrets: tuple[str, ...] = ()
 
 
 @dataclass
@@ -117,14 +135,28 @@ def provision_device(
     device_id: DeviceId | None = None,
     *,
     product: str | None = None,
+    secrets: Sequence[str] | None = None,
 ) -> ProvisionResult:
     """Provision one device end to end (module docstring); raises a
-    :class:`FactoryStationError` subclass on refusal, with the refusal audited."""
+    :class:`FactoryStationError` subclass on refusal, with the refusal audited.
+
+    ``secrets``: the product secrets to give it; ``None`` gives every secret whose rule
+    covers this device, an explicit list refuses (before any device work) when one of them
+    is outside its rule."""
     began = time.perf_counter()
     allocated = device_id is None
     did = station.allocate_device_id() if device_id is None else device_id
+    parent: VerifiedStorageParent | None = None
     try:
         station.check(did, product)
+        wanted = station.check_secrets(did, secrets, product)
+        if wanted and station.attestation_verifier() is None:
+            station.refuse(did.value, "secret_needs_attestation")
+            raise IssuanceRefused(
+                "product secrets go only to an attested device TPM; this station runs "
+                "unsafe-csr-only",
+                reason="secret_needs_attestation",
+            )
         try:
             csr_der = _device_call("key creation", lambda: device.prepare(did))
         except DeviceError:
@@ -148,6 +180,9 @@ def provision_device(
                     evidence.certified_public,
                     csr.public_key,
                 )
+                if wanted:
+                    srk = _device_call("storage parent", device.storage_parent)
+                    parent = verifier.storage_parent(srk)
             except AttestationError as exc:
                 station.refuse(did.value, f"attestation_{exc.reason}")
                 raise
@@ -167,7 +202,13 @@ def provision_device(
             did, issued.der, issued.station_ca.public_bytes(Encoding.DER)
         ),
     )
-    return ProvisionResult(did, issued, time.perf_counter() - began)
+    imported: tuple[str, ...] = ()
+    if parent is not None:
+        # Audited as provisioned before the device imports: from here the blob is out.
+        blobs = station.provision_secrets(did, parent, wanted, product=product)
+        _device_call("secret import", lambda: device.import_secrets(did, blobs))
+        imported = tuple(b.name for b in blobs)
+    return ProvisionResult(did, issued, time.perf_counter() - began, imported)
 
 
 def provision_batch(

@@ -50,9 +50,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from factory_station import ca_renewal
+from factory_station import ca_renewal, product_secrets
 from factory_station import quorum as quorum_grants
-from factory_station.attestation import AttestationVerifier
+from factory_station.attestation import AttestationVerifier, VerifiedStorageParent
 from factory_station.errors import (
     EntitlementImportError,
     FactoryStationError,
@@ -61,9 +61,10 @@ from factory_station.errors import (
 )
 from factory_station.plugins import LoadedPlugins, load_station_plugins
 from factory_station.store import ActiveEntitlement, MonotonicCounter, StationStore
-from signers.errors import SignerError, TpmError
+from signers.errors import SignerError, TpmError, TpmImportError
 from signers.software import write_private_file
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage, TpmNvCounter
+from signers.tpm_import import SecretImport, build_secret_import
 from trustcore import cbor
 from trustcore.audit import (
     AuditLog,
@@ -75,7 +76,8 @@ from trustcore.audit import (
 )
 from trustcore.crl import build_crl
 from trustcore.csr import build_csr
-from trustcore.entitlement import EntitlementPolicy
+from trustcore.device_secrets import secrets_for_device
+from trustcore.entitlement import EntitlementPolicy, SecretRule
 from trustcore.errors import (
     EncodingError,
     InvalidValueError,
@@ -368,6 +370,8 @@ class FactoryStation:
         self._anchor: TimeAnchor | None
         self._ledger, self._anchor = store.time_state()
         self._reading: TpmClockReading | None = None
+        #: Opened product secrets of the active entitlement (memory only, never written).
+        self._secrets_cache: dict[int, dict[str, bytes]] = {}
         quorum_grants.ensure_tables(store.db)
         # Built-in checks first, then the configured plugins (which can only add refusals).
         # A configured plugin that cannot be loaded refuses every issuance (fail closed).
@@ -657,6 +661,17 @@ class FactoryStation:
                 ) from exc
             policy = payload.policy
             self._check_payload(payload, header.sequence, now)
+            product_secrets.check_payload_secrets(policy, payload.product_secrets)
+            meta: dict[str, object] = {}
+            if payload.product_secrets:
+                # Plaintext secrets never reach the database: sealed to our own TPM key.
+                meta[product_secrets.meta_key(policy.sequence)] = product_secrets.seal_at_rest(
+                    self.transport_key.public_key(),
+                    self.station_id.value,
+                    policy.sequence,
+                    payload.product_secrets,
+                )
+            stored = dataclasses.replace(payload, product_secrets={}).encode()
             base = self._counter_value
             # HQ signed this package at header.created: the station's new time anchor.
             reading, ledger, anchor = self._anchor_to(
@@ -676,11 +691,11 @@ class FactoryStation:
                     sequence=policy.sequence,
                     entitlement_id=policy.entitlement_id,
                     policy_cbor=cbor.encode(policy.to_map()),
-                    package=opened.payload,
+                    package=stored,
                     imported_at=now,
                     counter_base=base,
                     audit_records=[(self._audit.head.next_seq - 1, rec)],
-                    meta=self._time_meta(ledger, anchor),
+                    meta=self._time_meta(ledger, anchor) | meta,
                 )
             except BaseException:
                 self._reload_audit()
@@ -1200,6 +1215,108 @@ class FactoryStation:
             self._reload_audit()
             self._broken = f"could not record burned slot {counter}"
             raise
+
+    # ------------------------------------------------------------------- product secrets
+
+    def check_secrets(
+        self, device_id: DeviceId, names: Sequence[str] | None, product: str | None = None
+    ) -> tuple[str, ...]:
+        """The product secrets ``device_id`` gets under the policy (``names=None``: all its
+        rules give it); a name outside its rule is refused (audited) with a ``secret_*``
+        reason (``trustcore.device_secrets``). Run before device work, like :meth:`check`."""
+        with self._lock:
+            active = self._require_entitlement()
+            rules = self._secret_rules(active, device_id, names, product)
+            return tuple(r.name for r in rules)
+
+    def _secret_rules(
+        self,
+        active: _Active,
+        device_id: DeviceId,
+        names: Sequence[str] | None,
+        product: str | None,
+    ) -> tuple[SecretRule, ...]:
+        if names is None and not active.policy.secrets:
+            return ()  # the common case: no product secrets, no database read
+        # Judged at the latest time ever recorded: setting the clock back cannot reopen a
+        # secret whose provisioning period ended.
+        when = max(self._clock(), self.store.latest_time())
+        try:
+            return secrets_for_device(
+                active.policy, device_id.value, product or active.policy.product, when, names
+            )
+        except PolicyError as exc:
+            self._audit_refusal(device_id.value, exc.reason)
+            raise IssuanceRefused(exc.args[0], reason=exc.reason) from exc
+
+    def provision_secrets(
+        self,
+        device_id: DeviceId,
+        parent: VerifiedStorageParent,
+        names: Sequence[str] | None = None,
+        *,
+        product: str | None = None,
+    ) -> tuple[SecretImport, ...]:
+        """Wrap the product secrets the policy gives ``device_id`` to its TPM's storage
+        primary (verified by the attestation that certified its key) and audit one
+        ``secret_provisioned`` record per secret. The device must hold a certificate of
+        this station. The plaintext is opened in memory (one ECDH in the station TPM per
+        entitlement and process) and never written anywhere."""
+        with self._lock:
+            active = self._require_entitlement()
+            if not self.store.device_issued(device_id.value):
+                self._audit_refusal(device_id.value, "secret_device_not_issued")
+                raise IssuanceRefused(
+                    f"device {device_id.value} has no certificate from this station",
+                    reason="secret_device_not_issued",
+                )
+            rules = self._secret_rules(active, device_id, names, product)
+            if not rules:
+                return ()
+            values = self._secret_values(active)
+            try:
+                blobs = tuple(
+                    build_secret_import(parent.public_area, r.name, values[r.name]) for r in rules
+                )
+            except TpmImportError as exc:
+                raise FactoryStationError(f"cannot wrap a product secret: {exc}") from exc
+            now = self._clock()
+            records = []
+            for rule in rules:
+                fields: dict[str, FieldValue] = {
+                    "device_id": device_id.value,
+                    "secret": rule.name,
+                    "product": product or active.policy.product,
+                    "entitlement_seq": active.row.sequence,
+                    "parent": parent.name,
+                }
+                rec = self._audit.append("secret_provisioned", fields, now)
+                records.append((self._audit.head.next_seq - 1, rec))
+            try:
+                self.store.append_audit(records)
+            except BaseException:
+                self._reload_audit()
+                raise
+            return blobs
+
+    def _secret_values(self, active: _Active) -> dict[str, bytes]:
+        seq = active.row.sequence
+        cached = self._secrets_cache.get(seq)
+        if cached is not None:
+            return cached
+        sealed = self.store.get_meta(product_secrets.meta_key(seq))
+        if not isinstance(sealed, bytes):
+            raise StationStateError(f"the product secrets of entitlement {seq} are missing")
+        try:
+            values = product_secrets.open_at_rest(
+                self.transport_key, self.station_id.value, seq, sealed
+            )
+        except (SealedPackageError, EncodingError) as exc:
+            raise StationStateError(f"cannot open the stored product secrets: {exc}") from exc
+        except TpmError as exc:
+            raise StationStateError(f"TPM ECDH failed: {exc}") from exc
+        self._secrets_cache = {seq: values}
+        return values
 
     # ---------------------------------------------------------------------- audit export
 

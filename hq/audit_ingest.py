@@ -688,6 +688,14 @@ def reconcile_records(
             tally = tally_for(f.get("entitlement_seq"), seq, "")
             if tally is not None:
                 _quorum_grant(out, tally, station_id, store, seq, t, f)
+        elif ev == "secret_provisioned":
+            device_id, secret, product = f.get("device_id"), f.get("secret"), f.get("product")
+            if type(device_id) is not str or type(secret) is not str or type(product) is not str:
+                violations.append(_malformed(seq, "secret_provisioned lacks a well-typed field"))
+                continue
+            tally = tally_for(f.get("entitlement_seq"), seq, device_id)
+            if tally is not None:
+                tally.reconciler.add_secret(seq, t, device_id, secret, product)
         elif ev == "refused":
             reason = f.get("reason")
             key = reason if type(reason) is str else "?"

@@ -26,7 +26,8 @@ from hq.store import EntitlementRow, HqStore, StationRow, parse_store_location
 from signers.errors import SignerError
 from signers.software import SoftwareKey, write_private_file
 from trustcore.crl import build_crl
-from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule
+from trustcore.device_secrets import MAX_SECRET_BYTES, MIN_SECRET_BYTES
+from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule, SecretRule
 from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
 from trustcore.identity import StationId
 from trustcore.keys import Signer, spki_der
@@ -285,6 +286,9 @@ class EntitlementRequest:
     id_rule: DeviceIdRule
     product_secrets: Mapping[str, bytes] = field(default_factory=dict)
     quorum: tuple[QuorumRule, ...] = ()
+    #: Rules for some of ``product_secrets``; a secret without one goes to every device of
+    #: the entitlement, of its product, until the key-use window ends.
+    secret_rules: tuple[SecretRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -326,9 +330,7 @@ def issue_entitlement(
     precheck(home, ISSUE_ENTITLEMENT, quorum_params, approvals, now=int(moment.timestamp()))
     if not_after <= int(moment.timestamp()):
         raise EntitlementError("the key-use window has already ended", reason="window_expired")
-    for name in request.product_secrets:
-        if not name or not name.isprintable() or len(name) > 64:
-            raise EntitlementError(f"bad product secret name {name!r}")
+    secret_rules = _secret_rules(request, not_after)
     store = HqStore.open(home.store_location)
     try:
         station = store.station(request.station_id)
@@ -350,6 +352,7 @@ def issue_entitlement(
                 not_after=not_after,
                 id_rule=request.id_rule,
                 quorum=request.quorum,
+                secrets=secret_rules,
             )
         except InvalidValueError as exc:
             raise EntitlementError(f"invalid policy: {exc}", reason="bad_policy") from exc
@@ -404,6 +407,40 @@ def issue_entitlement(
     finally:
         store.close()
     return EntitlementResult(package, policy, station_ca, digest.hex())
+
+
+def _secret_rules(request: EntitlementRequest, not_after: int) -> tuple[SecretRule, ...]:
+    """One rule per product secret (explicit, or the default: all of the entitlement's
+    devices of its product until the window ends); each value must fit a device TPM's
+    HMAC key (``trustcore.device_secrets``)."""
+    explicit = {r.name: r for r in request.secret_rules}
+    if len(explicit) != len(request.secret_rules):
+        raise EntitlementError("two rules for one product secret", reason="bad_policy")
+    orphans = sorted(set(explicit) - set(request.product_secrets))
+    if orphans:
+        raise EntitlementError(f"rule for a secret not given: {orphans}", reason="bad_policy")
+    rules = []
+    for name, value in sorted(request.product_secrets.items()):
+        if not MIN_SECRET_BYTES <= len(value) <= MAX_SECRET_BYTES:
+            raise EntitlementError(
+                f"product secret {name!r} is {len(value)} bytes; a device TPM HMAC key takes "
+                f"{MIN_SECRET_BYTES}..{MAX_SECRET_BYTES}",
+                reason="bad_secret",
+            )
+        try:
+            rules.append(
+                explicit.get(name)
+                or SecretRule(
+                    name,
+                    (request.product,),
+                    request.id_rule.first,
+                    request.id_rule.last,
+                    not_after,
+                )
+            )
+        except InvalidValueError as exc:
+            raise EntitlementError(f"bad product secret: {exc}", reason="bad_secret") from exc
+    return tuple(rules)
 
 
 def _crl_signer_der(home: HqHome) -> bytes | None:

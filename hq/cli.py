@@ -285,6 +285,34 @@ def _parse_secret(spec: str) -> tuple[str, bytes]:
         raise click.BadParameter(f"cannot read {ref[1:]}: {exc}", param_hint="--secret") from exc
 
 
+def _parse_secret_rule(spec: str, product: str) -> Any:
+    from trustcore.entitlement import SecretRule
+    from trustcore.errors import InvalidValueError
+
+    name, _, rest = spec.partition(":")
+    numbers, _, until = rest.partition(":")
+    first, dash, last = numbers.partition("-")
+    if not name or not dash or not first.isdigit() or not last.isdigit() or not until:
+        raise click.BadParameter(
+            f"expected NAME:FIRST-LAST:UNTIL, got {spec!r}", param_hint="--secret-rule"
+        )
+    moment = _parse_time(until, "--secret-rule")
+    try:
+        return SecretRule(name, (product,), int(first), int(last), int(moment.timestamp()))
+    except InvalidValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--secret-rule") from exc
+
+
+def _secrets_summary(policy: Any) -> str:
+    if not policy.secrets:
+        return "-"
+    return ", ".join(
+        f"{r.name} (devices {r.first}..{r.last} until "
+        f"{datetime.fromtimestamp(r.not_after).astimezone().isoformat()})"
+        for r in policy.secrets
+    )
+
+
 def _approver_key_id(path: Path) -> bytes:
     """Key id of an approver: a PEM/DER public key or certificate file."""
     from cryptography import x509
@@ -345,7 +373,20 @@ def _parse_quorum(spec: str) -> Any:
 @click.option("--id-first", type=click.IntRange(min=0), required=True)
 @click.option("--id-last", type=click.IntRange(min=0), required=True)
 @click.option("--id-digits", type=click.IntRange(1, 18), required=True)
-@click.option("--secret", "secret_specs", multiple=True, help="NAME=@file product secret.")
+@click.option(
+    "--secret",
+    "secret_specs",
+    multiple=True,
+    help="NAME=@file product secret (16..64 bytes), provisioned into device TPMs.",
+)
+@click.option(
+    "--secret-rule",
+    "secret_rule_specs",
+    multiple=True,
+    help="NAME:FIRST-LAST:UNTIL: only device numbers FIRST..LAST get secret NAME, and only "
+    "before UNTIL (ISO 8601 with zone). Default: every device of the entitlement until "
+    "--not-after.",
+)
 @click.option("--quorum", "quorum_specs", multiple=True, help="OP:M:approver-key-file,...")
 @_approvals_option
 @click.option(
@@ -366,6 +407,7 @@ def entitle_command(
     id_last: int,
     id_digits: int,
     secret_specs: tuple[str, ...],
+    secret_rule_specs: tuple[str, ...],
     quorum_specs: tuple[str, ...],
     approval_files: tuple[Path, ...],
     out: Path,
@@ -400,6 +442,7 @@ def entitle_command(
         id_rule=rule,
         product_secrets=secrets_map,
         quorum=tuple(_parse_quorum(q) for q in quorum_specs),
+        secret_rules=tuple(_parse_secret_rule(r, product) for r in secret_rule_specs),
     )
     try:
         result = issue_entitlement(
@@ -422,7 +465,7 @@ def entitle_command(
         f"  window       {datetime.fromtimestamp(p.not_before).astimezone().isoformat()} .. "
         f"{datetime.fromtimestamp(p.not_after).astimezone().isoformat()}\n"
         f"  device ids   {first} .. {last}\n"
-        f"  secrets      {', '.join(sorted(secrets_map)) or '-'}\n"
+        f"  secrets      {_secrets_summary(p)}\n"
         f"  quorum       {quorum}\n"
         f"  station CA   serial {result.station_ca_cert.serial_number:x}, valid until "
         f"{result.station_ca_cert.not_valid_after_utc.isoformat()}\n"

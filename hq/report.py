@@ -124,6 +124,15 @@ def render_ingest(report: IngestReport, console: Console) -> None:
     head.add_row("events", ", ".join(f"{k} {v}" for k, v in report.events.items()) or "-")
     if report.refused:
         head.add_row("refused at station", ", ".join(f"{k} {v}" for k, v in report.refused.items()))
+    uses: dict[str, int] = {}
+    for e in report.entitlements:
+        for name, n in e.secret_uses.items():
+            uses[name] = uses.get(name, 0) + n
+    if uses:
+        head.add_row(
+            "product secrets provisioned",
+            ", ".join(f"{escape(k)} {v}" for k, v in sorted(uses.items())),
+        )
     head.add_row("manifest certificates", str(report.manifest_certs))
     console.print(head)
 

@@ -70,7 +70,8 @@ from registrar.channel import (
     RequestSource,
     SiteTraffic,
 )
-from registrar.errors import BrokerError, ConfigError, RegistrarError
+from registrar.errors import BrokerError, ConfigError, RegistrarError, StoreError
+from registrar.est import EstServer, EstTraffic, est_server_context
 from registrar.instances import OtherInstances
 from registrar.key_distribution import KeyDistributor
 from registrar.ldevid_policy import policy_json, read_ldevid_policy
@@ -119,15 +120,16 @@ from registrar.supersede import SupersededCertificates
 from signers.software import load_ssl_identity
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
-from trustcore.keys import Signer
+from trustcore.keys import Signer, spki_der
 from trustcore.payload import PayloadError, envelope_key_id, open_payload, seal_payload
 from trustcore.policy_chain import NamedPlugin
 from trustcore.profiles import issue_service_client_certificate
-from trustcore.registration import AdmissionContext
-from trustcore.renewal import LdevidPolicy
+from trustcore.registration import AdmissionContext, RegistrationError, RegistrationRequest
+from trustcore.renewal import LdevidPolicy, RenewalRequest
 from trustcore.revocation import RevocationList
 from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
 from trustcore.topics import device_topic
+from trustcore.wrap_key import parse_wrap_key_registration, verify_wrap_key
 
 __all__ = [
     "COMMAND_LEVEL",
@@ -339,6 +341,11 @@ class AppSettings:
     host: str = "127.0.0.1"
     registration_port: int = 8883
     operational_port: int = 8884
+    #: ``--est-port``: the EST (RFC 7030) listener (:mod:`registrar.est`); None: none.
+    #: Served by the instance that runs the site duties.
+    est_port: int | None = None
+    #: ``--est-host``; None: :attr:`host`.
+    est_host: str | None = None
     watch_interval: float = 0.2
     status_interval: float = 0.5
     crl_check_interval: float = 60.0
@@ -388,7 +395,9 @@ class AppSettings:
                 raise ConfigError(
                     "--standby is for a registrar that runs the site duties, not --join"
                 )
-        ports = [self.registration_port, self.operational_port]
+        if self.est_port is not None and (self.join is not None or self.instance > 1):
+            raise ConfigError("--est-port is served by instance 1 (the site duties)")
+        ports = [self.registration_port, self.operational_port, self.est_port or 0]
         if self.metrics is not None:
             ports.append(self.metrics.port)
         for port in ports:
@@ -541,11 +550,13 @@ class RegistrarApp:
         self.broker: Broker | None = None
         self.service: RegistrationService | None = None
         self.channel: RequestSource | None = None
+        self.est: EstServer | None = None
         self.keyring: PayloadKeyring | None = None
         self.revocations: RevocationList | None = None
         self._revoked: set[DeviceId] = set()
         self.superseded: SupersededCertificates | None = None
         self._duties: SiteDuties | None = None
+        self._background: set[asyncio.Task[None]] = set()
         #: Set when this registrar must stop on its own (the site-duties lock was lost).
         self.halted = asyncio.Event()
         #: Prometheus registry of this app (``--metrics-port``; docs/operations.md).
@@ -757,6 +768,7 @@ class RegistrarApp:
             telemetry=self._telemetry_received,
             key_ack=self.keys.ack_received,
             connected=self._catch_up_key_updates,
+            wrap_key=self._wrap_key_received,
         )
         if rabbit is not None:
             self.channel = _amqp_source(rabbit, traffic, site_duties=True)
@@ -773,6 +785,8 @@ class RegistrarApp:
             raise BrokerError("the registrar could not connect to its own broker") from exc
         if site.retiring_ca_cert is not None and migration_requested(self.home):
             await self.migrate_ca()  # the retained commands died with the previous broker
+        if self.settings.est_port is not None:
+            await self._start_est()
         self._tasks += [
             asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
@@ -790,10 +804,54 @@ class RegistrarApp:
             self.settings.broker,
         )
 
+    def _est_context(self) -> ssl.SSLContext:
+        """The EST listener's TLS from the current files: the broker's server certificate,
+        the client CAs of both listeners (re-read after a re-commission or re-issue)."""
+        current = self.home.current
+        return est_server_context(
+            current / "broker.pem",
+            self.home.key_path("broker"),
+            self.secrets.passphrase(),
+            (current / "registration-cas.pem", current / "operational-cas.pem"),
+        )
+
+    async def _reload_est(self) -> None:
+        if self.est is not None:
+            self.est.use_tls(await asyncio.to_thread(self._est_context))
+
+    async def _start_est(self) -> None:
+        """The EST listener (:mod:`registrar.est`): the same service entry points as the
+        MQTT channel."""
+        tls = await asyncio.to_thread(self._est_context)
+        service = self._require(self.service)
+
+        def ca_certificates() -> list[x509.Certificate]:
+            site = self._require(self.site)
+            return [service.issuing_authority().certificate, site.root]
+
+        est = EstServer(
+            EstTraffic(
+                register=self._register_request,
+                renew=self._renew_request,
+                ca_certificates=ca_certificates,
+                clock=self._clock,
+                ldevid_issuers=service.accepted_ldevid_issuers,
+            ),
+            tls,
+        )
+        port = self._require(self.settings.est_port)
+        await est.start(self.settings.est_host or self.settings.host, port)
+        self.est = est
+
     async def stop(self) -> None:
         """Graceful: stop taking requests, let in-flight registrations finish and commit,
         stop the broker, close the store, release the site."""
         self._stop.set()
+        if self.est is not None:
+            await self.est.stop()
+            self.est = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         if self.ops is not None:
             await self.ops.stop()
             self.ops = None
@@ -1109,11 +1167,63 @@ class RegistrarApp:
         self.metrics.registration_latency.observe(time.perf_counter() - started)
         return answer
 
+    async def _register_request(self, device: DeviceId, request: RegistrationRequest) -> bytes:
+        """The same for a request a transport authenticated (EST, :mod:`registrar.est`)."""
+        started = time.perf_counter()
+        answer = await self._require(self.service).handle_request(
+            device, request, seen=self._factory_certificate_seen
+        )
+        self.metrics.registration_latency.observe(time.perf_counter() - started)
+        return answer
+
     async def _renew(self, device: DeviceId, payload: bytes) -> bytes:
         started = time.perf_counter()
         answer = await self._require(self.service).handle_renewal(device, payload)
         self.metrics.renewal_latency.observe(time.perf_counter() - started)
         return answer
+
+    async def _renew_request(self, device: DeviceId, request: RenewalRequest) -> bytes:
+        started = time.perf_counter()
+        answer = await self._require(self.service).handle_renewal_request(device, request)
+        self.metrics.renewal_latency.observe(time.perf_counter() - started)
+        return answer
+
+    def _wrap_key_received(self, device: DeviceId, payload: bytes) -> None:
+        task = asyncio.create_task(self._record_wrap_key(device, payload))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _record_wrap_key(self, device: DeviceId, payload: bytes) -> None:
+        """The wrap key of a device enrolled over EST (:mod:`trustcore.wrap_key`): verified,
+        recorded once, then the current payload key goes to the device as a payload-key
+        update. A refusal is logged and written as an event; the device gets no answer
+        (it keeps waiting for the update, as for a lost message)."""
+        store, keys, service = self.store, self.keys, self.service
+        if store is None or keys is None or service is None:
+            return
+        try:
+            message = parse_wrap_key_registration(payload)
+            record = await store.device(device)
+            registered = record is not None and record.status == "registered"
+            wrap = verify_wrap_key(
+                message,
+                topic_device_id=device,
+                site_cas=service.accepted_ldevid_issuers(),
+                current_serial=int(record.ldevid_serial, 16) if registered and record else None,
+                now=self._clock(),
+            )
+            assert record is not None
+            der = spki_der(wrap)
+            stored = await store.set_wrap_key(device, record.ldevid_serial, der)
+            if stored is None or stored.wrap_key_der != der:
+                raise RegistrationError(f"{device} has a wrap key already", reason="bad_wrap_key")
+            await keys.offer(stored)
+            log.info("recorded the wrap key of %s; payload key sent", device)
+        except RegistrationError as exc:
+            log.info("refused the wrap key of %s: %s", device, exc)
+            store.note_event(device, "refused", f"wrap key: {exc}"[:500])
+        except (StoreError, BrokerError) as exc:
+            log.warning("wrap key of %s not recorded now: %s", device, exc)
 
     def _factory_certificate_seen(self, sighting: FactorySighting) -> None:
         """Record a factory certificate whose chain the service verified (junk cannot
@@ -1203,6 +1313,7 @@ class RegistrarApp:
         if self.channel is not None:
             self.channel.use_tls(_client_context(site, self.secrets.passphrase()))
         await self._require(self.broker).reload_crls()
+        await self._reload_est()
         await self._enforce_list()
         await self._catch_up_key_updates()
         self.check_crls()
@@ -1317,6 +1428,7 @@ class RegistrarApp:
         if self.channel is not None and self.site is not None:
             ctx = await asyncio.to_thread(_client_context, self.site, self.secrets.passphrase())
             self.channel.use_tls(ctx)
+        await self._reload_est()
         return True
 
     async def _crl_tick(self) -> None:
@@ -1435,7 +1547,11 @@ class RegistrarApp:
             "listeners": {
                 "registration": _endpoint_json(broker.registration_endpoint),
                 "operational": _endpoint_json(broker.operational_endpoint),
+                **({} if self.est is None else {"est": _endpoint_json(self.est.endpoint)}),
             },
+            "est_answers": {}
+            if self.est is None
+            else {str(k): v for k, v in self.est.answered.items()},
             "connected": self.channel is not None and self.channel.connected.is_set(),
             "metrics": None if self.ops is None else _endpoint_json(self.ops.endpoint),
             "counts": counts,

@@ -9,9 +9,10 @@ AMQP consumer on a RabbitMQ quorum queue) implements the same protocol beside th
 One MQTT session per registrar instance carries everything the instance does on the
 broker: registration requests (``devtrust/register/+/request``), renewals
 (``devices/+/renewal/request``), and, on the instance that runs the site's duties,
-telemetry and payload-key acknowledgements; plus what the registrar publishes (answers,
-payload-key updates, commands). A second session with the same client id would be a
-takeover, so each instance has its own identity (:func:`instance_identity`).
+telemetry, payload-key acknowledgements and the wrap keys of devices enrolled over EST;
+plus what the registrar publishes (answers, payload-key updates, commands). A second
+session with the same client id would be a takeover, so each instance has its own identity
+(:func:`instance_identity`).
 
 Several instances share the request stream with MQTT v5 shared subscriptions
 (``$share/<group>/…``): the broker hands each request to one of them. Telemetry and key
@@ -19,11 +20,10 @@ acknowledgements are subscribed without ``$share`` by the one instance that runs
 duties (``site_duties``): processed once, and retained acknowledgements still arrive.
 
 Per message there is no task: a fixed pool of workers takes requests from a bounded
-queue (the queue full, the read loop waits). That bounds the registrar's own work in
-flight, not what it accepts from the broker: paho acknowledges a QoS 1 message on receipt
-and aiomqtt's incoming queue is unbounded, so a flood waits in this process's memory rather
-than at the broker (a known limit; the broker's per-client in-flight and queue limits are
-the real brake).
+queue (the queue full, the read loop waits), and the session under it
+(:mod:`registrar.mqtt_session`) stops reading its socket past ``2 * workers`` undelivered
+messages, so a flood waits at the broker (TCP backpressure, then the broker's per-client
+queue limits), not in this process's memory.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
 from trustcore.key_rotation import KEY_ACK_LEVELS
 from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
+from trustcore.wrap_key import WRAP_KEY_LEVELS
 
 __all__ = [
     "MAX_INSTANCES",
@@ -68,6 +69,7 @@ TELEMETRY_LEVEL = "telemetry"
 #: Registrar instances one site may run (each has its own broker identity, see below).
 MAX_INSTANCES = 16
 _KEY_ACK_FILTER = "/".join((DEVICE_PREFIX, "+", *KEY_ACK_LEVELS))
+_WRAP_KEY_FILTER = "/".join((DEVICE_PREFIX, "+", *WRAP_KEY_LEVELS))
 
 
 def instance_identity(instance: int, base: str = REGISTRAR_IDENTITY) -> str:
@@ -93,6 +95,9 @@ class SiteTraffic:
     telemetry: Callable[[DeviceId, str, bytes, bool], None] | None = None
     key_ack: Callable[[DeviceId, bytes, bool], object] | None = None
     connected: Callable[[], Coroutine[Any, Any, None]] | None = None
+    #: ``devices/<id>/keys/wrap``: the wrap key of a device enrolled over EST
+    #: (:mod:`trustcore.wrap_key`), site duties only.
+    wrap_key: Callable[[DeviceId, bytes], object] | None = None
 
 
 class RequestSource(Protocol):
@@ -263,6 +268,8 @@ class MqttChannel:
                 await session.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
             if self._traffic.key_ack is not None:
                 await session.subscribe(_KEY_ACK_FILTER, qos=1)
+            if self._traffic.wrap_key is not None:
+                await session.subscribe(_WRAP_KEY_FILTER, qos=1)
 
     async def _read_until(
         self, session: MqttSession, queue: asyncio.Queue[_Job | None], stop: asyncio.Event
@@ -296,6 +303,10 @@ class MqttChannel:
                 traffic.telemetry(telemetry, topic, payload, message.retain)
             elif (acked := _key_ack_device(topic)) is not None and traffic.key_ack is not None:
                 traffic.key_ack(acked, payload, message.retain)
+            elif (
+                wrapping := _levels_device(topic, WRAP_KEY_LEVELS)
+            ) is not None and traffic.wrap_key is not None:
+                traffic.wrap_key(wrapping, payload)
             else:
                 log.warning("ignored message on %r", topic[:200])
 
@@ -337,8 +348,13 @@ class MqttChannel:
 
 
 def _key_ack_device(topic: str) -> DeviceId | None:
+    return _levels_device(topic, KEY_ACK_LEVELS)
+
+
+def _levels_device(topic: str, levels: tuple[str, ...]) -> DeviceId | None:
+    """``devices/<id>/<levels…>`` -> DeviceId; None for anything else."""
     parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != DEVICE_PREFIX or tuple(parts[2:]) != KEY_ACK_LEVELS:
+    if len(parts) != 2 + len(levels) or parts[0] != DEVICE_PREFIX or tuple(parts[2:]) != levels:
         return None
     try:
         return DeviceId(parts[1])

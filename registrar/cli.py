@@ -301,6 +301,14 @@ def serving_gc() -> None:
 @click.option("--registration-port", type=click.IntRange(0, 65535), default=8883, show_default=True)
 @click.option("--operational-port", type=click.IntRange(0, 65535), default=8884, show_default=True)
 @click.option(
+    "--est-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve EST (RFC 7030, HTTPS with mutual TLS) on this port (0: any free port); "
+    "see docs/est.md. Off without it.",
+)
+@click.option("--est-host", default=None, help="EST listen address (default: --host).")
+@click.option(
     "--crl-check-interval",
     type=click.FloatRange(min=0.1),
     default=60.0,
@@ -382,6 +390,8 @@ def run_command(
     host: str,
     registration_port: int,
     operational_port: int,
+    est_port: int | None,
+    est_host: str | None,
     crl_check_interval: float,
     log_level: str,
     log_format: str,
@@ -433,6 +443,8 @@ def run_command(
             host=host,
             registration_port=registration_port,
             operational_port=operational_port,
+            est_port=est_port,
+            est_host=est_host,
             crl_check_interval=crl_check_interval,
             store=store,
             instance=instance,
@@ -463,11 +475,12 @@ def run_command(
             sys.stdout.flush()
             return
         reg, op = app.registration_endpoint, app.operational_endpoint
+        est = "" if app.est is None else f", EST {app.est.endpoint.host}:{app.est.endpoint.port}"
         metrics = app.metrics_endpoint
         served = "" if metrics is None else f", metrics http://{metrics.host}:{metrics.port}/"
         click.echo(
             f"registrar running for site {site.site_id}: registration {reg.host}:{reg.port}, "
-            f"operational {op.host}:{op.port} ({broker}){served}; stop with Ctrl-C",
+            f"operational {op.host}:{op.port}{est} ({broker}){served}; stop with Ctrl-C",
         )
         sys.stdout.flush()
 

@@ -1,7 +1,7 @@
 """One way the registrar serves HTTP in its event loop (aiohttp): the RabbitMQ auth backend
-(:mod:`registrar.broker.rabbitmq_auth`) and the operations listener
-(:mod:`registrar.ops_server`). The socket is bound here, before aiohttp sees it, so that
-port 0 works and the chosen port is known."""
+(:mod:`registrar.broker.rabbitmq_auth`), the operations listener
+(:mod:`registrar.ops_server`) and the EST listener (:mod:`registrar.est`). The socket is
+bound here, before aiohttp sees it, so that port 0 works and the chosen port is known."""
 
 from __future__ import annotations
 

@@ -199,6 +199,11 @@ class KeyDistributor:
     async def _push(self, record: DeviceRecord) -> None:
         await self._push_many([record])
 
+    async def offer(self, record: DeviceRecord) -> None:
+        """Send the current payload key to one device now (its wrap key was just recorded:
+        a device enrolled over EST, ``trustcore.wrap_key``); re-sent until acknowledged."""
+        await self._push(record)
+
     async def _push_many(self, records: list[DeviceRecord]) -> int:
         key = self.keyring.current
         now = self._now()
@@ -208,6 +213,9 @@ class KeyDistributor:
         updates: list[tuple[DeviceId, int, bytes]] = []
         for record in records:
             device = DeviceId(record.device_id)
+            if not record.wrap_key_der:
+                # Enrolled over EST: no ECDH wrap key registered (docs/est.md), so no update.
+                continue
             wrap = serialization.load_der_public_key(record.wrap_key_der)
             if not isinstance(wrap, ec.EllipticCurvePublicKey):
                 log.error("%s has no usable wrap key; no payload-key update", device)

@@ -50,6 +50,7 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from registrar.errors import RegistrarError, RegistrationRefused, StoreError
 from registrar.store import DeviceRecord, Lookup, Registration, Store
@@ -252,6 +253,20 @@ class RegistrationService:
             request = parse_request(payload)
         except RegistrationError as exc:
             return self._refusal(topic_device_id, b"", hashlib.sha256(payload).digest(), exc)
+        return await self.handle_request(topic_device_id, request, seen=seen)
+
+    async def handle_request(
+        self,
+        topic_device_id: DeviceId,
+        request: RegistrationRequest,
+        *,
+        seen: SightingSink | None = None,
+    ) -> bytes:
+        """The one registration path of every transport, from the parsed request on: MQTT
+        and AMQP through :meth:`handle` (bytes signed by the factory key), EST through
+        :func:`trustcore.registration.tls_bound_request` (the TLS peer's factory
+        certificate; :mod:`registrar.est`). ``topic_device_id`` is the identity the
+        transport names (topic, or the TLS peer certificate)."""
         digest = request.digest
         if request.device_id != topic_device_id:
             # Before the idempotency shortcuts: a stored (or in-flight) answer is keyed by the
@@ -276,6 +291,14 @@ class RegistrationService:
             request = parse_renewal_request(payload)
         except RegistrationError as exc:
             return self._refusal(topic_device_id, b"", hashlib.sha256(payload).digest(), exc)
+        return await self.handle_renewal_request(topic_device_id, request)
+
+    async def handle_renewal_request(
+        self, topic_device_id: DeviceId, request: RenewalRequest
+    ) -> bytes:
+        """The one renewal path of every transport from the parsed request on (MQTT through
+        :meth:`handle_renewal`, EST ``simplereenroll`` through
+        :func:`trustcore.renewal.tls_bound_renewal`)."""
         if request.device_id != topic_device_id:
             return self._refusal(
                 topic_device_id,
@@ -551,14 +574,14 @@ class RegistrationService:
             )
             if current is None:  # verify_renewal refuses an unregistered device first
                 raise RegistrationError(f"{device} is not registered", reason="ldevid_unknown")
-            wrap = serialization.load_der_public_key(current.wrap_key_der)
+            wrap = _wrap_key(current)
             authority = self.issuing_authority()
             issued = issue_ldevid(
                 device_id=device,
                 nonce=request.nonce,
                 request_digest=digest,
                 ldevid_public_key=verified.new_public_key,
-                wrap_public_key=wrap,  # type: ignore[arg-type]
+                wrap_public_key=wrap,
                 site_ca=authority.certificate,
                 site_ca_der=authority.der,
                 site_signer=authority.signer,
@@ -690,6 +713,19 @@ class RegistrationService:
 
     def use_payload_key(self, key: PayloadKey) -> None:
         self.payload_key = key
+
+
+def _wrap_key(record: DeviceRecord) -> ec.EllipticCurvePublicKey | None:
+    """The device's registered ECDH wrap key; None for a device enrolled over EST (it has
+    none: its answers carry no payload key, ``docs/est.md``)."""
+    if not record.wrap_key_der:
+        return None
+    wrap = serialization.load_der_public_key(record.wrap_key_der)
+    if not isinstance(wrap, ec.EllipticCurvePublicKey):
+        raise RegistrationError(
+            f"{record.device_id}: stored wrap key is not EC", reason="internal_error"
+        )
+    return wrap
 
 
 # ----------------------------------------------------------------------------------- topics

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc openssl
+DEB_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc openssl curl
+              strongswan-pki libstrongswan-extra-plugins libstrongswan-standard-plugins
               mosquitto mosquitto-clients softhsm2 libfaketime postgresql
               rabbitmq-server systemd logrotate curl sqlite3)
 VENV=.venv

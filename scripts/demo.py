@@ -7,6 +7,8 @@ Run with ``make demo``. Everything is written under ``.demo/`` (recreated each r
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import shutil
@@ -92,12 +94,16 @@ def _factory_and_hq(station_tpm: Swtpm, root: Path) -> None:
     step("4. HQ enrols the station and issues an entitlement (quota 20, 10 per day)")
     run("hq", "enrol-station", "--home", WORK / "hq", WORK / "enrolment.cbor")
     now = datetime.now(UTC)
+    # A product secret (e.g. a firmware-update HMAC key) that every device gets in its TPM.
+    fw_key = secrets.token_bytes(32)
+    (WORK / "fw-key.bin").write_bytes(fw_key)
     run(
         "hq", "entitle", "--home", WORK / "hq", "--station", "station-01",
         "--product", "thermostat", "--quota", "20", "--daily-limit", "10",
         "--timezone", "UTC", "--not-before", (now - timedelta(hours=1)).isoformat(),
         "--not-after", (now + timedelta(days=30)).isoformat(), "--id-prefix", "TH-",
         "--id-first", "0", "--id-last", "999", "--id-digits", "6",
+        "--secret", f"fw-key=@{WORK / 'fw-key.bin'}",
         "--out", WORK / "entitlement.sealed",
     )  # fmt: skip
     run("factory-station", "import-entitlement", "--home", WORK / "station",
@@ -111,6 +117,16 @@ def _factory_and_hq(station_tpm: Swtpm, root: Path) -> None:
         "--workers", "2",
     )  # fmt: skip
     summary.append(("devices provisioned", "10", out.strip().splitlines()[-1]))
+
+    step("5b. A device proves it holds the product secret: HMAC inside its own TPM")
+    challenge = secrets.token_bytes(16)
+    mac = run("device-sim", "secret-hmac", WORK / "devices" / "dev-00000", "--name", "fw-key",
+              "--challenge", challenge.hex())  # fmt: skip
+    expected = hmac.new(fw_key, challenge, hashlib.sha256).hexdigest()
+    if mac.strip() != expected:
+        raise SystemExit("demo failed: the device's TPM HMAC does not match the secret")
+    console.print("HQ checks it with the secret it issued: match")
+    summary.append(("product secret", "in device TPM", "imported HMAC key, proven by HMAC"))
 
     step("6. An 11th device the same day is refused by the entitlement's daily limit")
     run(

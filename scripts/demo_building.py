@@ -7,18 +7,20 @@ with its TPM key (no audit record); they register; the site report reaches HQ, w
 them in no audit log, revokes them in its signed list; the site imports it and they are cut
 off while the genuine devices stay connected.
 
-Simulator limit (see docs/registrar.md): Python's ``ssl`` cannot use a key inside a TPM,
-so each simulated device's *TLS layer* presents a stand-in certificate with its device id
-for a software key. Everything the registrar verifies for identity (the registration
-request signed by the factory key, the CSR of the new key, the payload-key unwrap) is done
-by the keys inside the device's swtpm.
+Every device's mutual TLS is its own: the IDevID with the factory key on the registration
+listener, the LDevID with its key on the operational one, both keys inside the device's
+swtpm (OpenSSL calls TPM2_Sign for each handshake, ``signers.tpm_tls``). So revocation
+works at the handshake too: the revoked device's next TLS handshake is refused by the
+broker's CRL check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -29,14 +31,12 @@ from typing import Any
 
 import aiomqtt
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
 from device_sim.client import (
     DeviceClient,
     DeviceCredentials,
-    Registered,
     SoftwareKeys,
-    TlsIdentity,
     TpmKeys,
 )
 from device_sim.device import SimDevice
@@ -48,48 +48,13 @@ from trustcore.identity import DeviceId
 from trustcore.profiles import (
     device_id_from_certificate,
     issue_factory_certificate,
-    issue_secondary_certificate,
 )
 
 Run = Callable[..., str]
 
 
-def _stand_in_tls(
-    station_tcti: str, station_home: Path, devices: list[SimDevice], site: Any
-) -> dict[str, tuple[TlsIdentity, TlsIdentity]]:
-    """The simulator's TLS stand-ins (software keys, same device ids): one for the
-    registration listener (from the station CA, signed in the station TPM) and one for the
-    operational listener (from the site CA)."""
-    out = {}
-    now = datetime.now(UTC)
-    with Tpm(station_tcti) as tpm:
-        station_key = TpmKey.load(tpm, station_home / "station-ca.tss.pem")
-        for dev in devices:
-            cert = dev.certificate()
-            assert cert is not None
-            station_ca = x509.load_pem_x509_certificate((dev.directory / "chain.pem").read_bytes())
-            device_id = device_id_from_certificate(cert)
-            reg_key, op_key = SoftwareKey.ephemeral(), SoftwareKey.ephemeral()
-            reg_cert = issue_factory_certificate(
-                station_ca, station_key.private_key(), reg_key.public_key(),
-                device_id=device_id, manufacturer="Acme Devices",
-                not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=1),
-            )  # fmt: skip
-            op_cert = issue_secondary_certificate(
-                site.site_ca_cert, site.site_ca_key.private_key(), op_key.public_key(),
-                device_id=device_id, organization=site.organization,
-                not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=1),
-            )  # fmt: skip
-            out[device_id.value] = (
-                TlsIdentity((reg_cert, station_ca), reg_key.private_key()),
-                TlsIdentity((op_cert, site.site_ca_cert), op_key.private_key()),
-            )
-    return out
-
-
 async def _fleet(
     devices: list[SimDevice],
-    stand_ins: dict[str, tuple[TlsIdentity, TlsIdentity]],
     root: x509.Certificate,
     reg: Endpoint,
     op: Endpoint,
@@ -105,15 +70,8 @@ async def _fleet(
         chain = (x509.load_pem_x509_certificate((dev.directory / "chain.pem").read_bytes()),)
         key = TpmKey.load(tpm, dev.directory / "device-key.tss.pem")
         device_id = device_id_from_certificate(cert)
-        reg_tls, op_tls = stand_ins[device_id.value]
-
-        def operational(_: Registered, tls: TlsIdentity = op_tls) -> TlsIdentity:
-            return tls
-
         creds = DeviceCredentials(device_id, cert, chain, key, (root,))
-        clients.append(
-            DeviceClient(creds, TpmKeys(tpm), registration_tls=reg_tls, operational_tls=operational)
-        )
+        clients.append(DeviceClient(creds, TpmKeys(tpm)))
     started = time.perf_counter()
     await asyncio.gather(*(c.register(reg) for c in clients))
     register_s = time.perf_counter() - started
@@ -151,6 +109,11 @@ async def _fleet(
         while victim.device_id.value not in gone and time.perf_counter() - t0 < 10:
             await asyncio.sleep(0.02)
         cut_s = gone.get(victim.device_id.value, float("inf")) - t0
+        refused = await _handshake_refused(op, victim.operational_context())
+        console.print(
+            f"{victim.device_id} reconnects with its TPM-held LDevID key: "
+            + ("handshake refused (the broker's CRL lists it)" if refused else "ADMITTED")
+        )
         await asyncio.sleep(1.0)
         still = [c.device_id.value for c in clients if c.device_id.value not in gone]
         fakes = await counterfeit()
@@ -163,10 +126,22 @@ async def _fleet(
         "register_s": register_s,
         "victim": victim.device_id.value,
         "cut_s": cut_s,
+        "handshake_refused": refused,
         "still_connected": len(still),
         "counterfeit": fakes,
         "genuine_after": len(genuine_after),
     }
+
+
+async def _handshake_refused(endpoint: Endpoint, ctx: ssl.SSLContext) -> bool:
+    """True if a TLS 1.2 handshake with ``ctx`` fails: the certificate check refused it."""
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        _, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=ctx)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    writer.close()
+    return False
 
 
 def _mint_counterfeits(
@@ -304,12 +279,12 @@ def run_building(
     run("registrar", "commission", "--home", site, work / "site-bundle.sealed")
     summary.append(("site commissioned", "site-01", "bundle verified; payload key kept sealed"))
 
-    step("11. The registrar runs: embedded amqtt broker, two mutual-TLS listeners")
+    step("11. The registrar runs: embedded amqtt broker, two mutual-TLS listeners, and EST")
     log = (work / "registrar.log").open("wb")
     proc = subprocess.Popen(  # noqa: S603 - our own command
         [str(Path(sys.executable).parent / "registrar"), "run", "--home", str(site),
-         "--registration-port", "0", "--operational-port", "0", "--crl-check-interval", "5",
-         "--metrics-port", "0"],
+         "--registration-port", "0", "--operational-port", "0", "--est-port", "0",
+         "--crl-check-interval", "5", "--metrics-port", "0"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -319,13 +294,13 @@ def run_building(
         console.print(
             f"registration listener {reg.host}:{reg.port}, operational {op.host}:{op.port}"
         )
+        _est_cacerts(Endpoint(**status["listeners"]["est"]), root, step, summary, console)
 
         step("12. Devices register (TPM-signed requests), reconnect, send encrypted telemetry")
         devices = [SimDevice(d) for d in sorted((work / "devices").iterdir())]
         devices = [d for d in devices if d.certificate() is not None]
         commissioned = load_commissioned_site(SiteHome.open(site), SiteSecrets())
-        stand_ins = _stand_in_tls(station_tcti, work / "station", devices, commissioned)
-        stand_in_ca = x509.load_pem_x509_certificate(
+        station_ca = x509.load_pem_x509_certificate(
             (devices[0].directory / "chain.pem").read_bytes()
         )
         for d in devices:
@@ -333,11 +308,11 @@ def run_building(
         try:
             result = asyncio.run(
                 _fleet(
-                    devices, stand_ins, commissioned.root, reg, op,
+                    devices, commissioned.root, reg, op,
                     lambda dev: run("registrar", "revoke", "--home", site, dev,
                                     "--reason", "key_compromise"),
                     lambda: _counterfeit_story(work, run, station_tcti, commissioned.root,
-                                               stand_in_ca, reg, op, console),
+                                               station_ca, reg, op, console),
                     console,
                 )
             )  # fmt: skip
@@ -358,7 +333,8 @@ def run_building(
     cut, still = result["cut_s"], result["still_connected"]
     summary.append(("registered", f"{registered}", f"LDevID + wrapped AES key, {took:.2f} s"))
     summary.append(("encrypted telemetry", f"{messages} msgs", f"decrypted; {rejected} rejected"))
-    summary.append(("revoked device", result["victim"], f"cut after {cut:.2f} s; {still} stay"))
+    summary.append(("revoked device", result["victim"], f"cut after {cut:.2f} s; {still} stay; "
+                    "its TLS handshake refused (CRL)"))  # fmt: skip
     fakes = result["counterfeit"]
     summary.append(("counterfeit devices", f"{len(fakes['flagged'])} flagged",
                     f"HQ revoked them; cut after {fakes['cut_s']:.2f} s; "
@@ -367,6 +343,8 @@ def run_building(
         raise SystemExit("demo failed: the counterfeit devices were not all found and cut off")
     if result["genuine_after"] != result["registered"] - 1:
         raise SystemExit("demo failed: a genuine device lost its session")
+    if not result["handshake_refused"]:
+        raise SystemExit("demo failed: the revoked LDevID still completes a TLS handshake")
     if not (result["cut_s"] < 5 and result["still_connected"] == result["registered"] - 1):
         raise SystemExit("demo failed: revocation did not cut exactly the revoked device")
     if messages == 0:
@@ -375,6 +353,29 @@ def run_building(
                     f"{ops['refused']:.0f} refusals; /healthz {ops['health']}"))  # fmt: skip
     if ops["registered"] < registered:
         raise SystemExit("demo failed: /metrics does not count the registrations")
+
+
+def _est_cacerts(
+    est: Endpoint, root: Path, step: Callable[[str], None],
+    summary: list[tuple[str, str, str]], console: Any,
+) -> None:  # fmt: skip
+    """EST (RFC 7030, docs/est.md): a plain curl, trusting only the manufacturer root, gets
+    the site's CA certificates. (Enrolment with curl/pki needs the device key in a file:
+    tests/test_est.py; these devices' keys stay in their TPMs.)"""
+    step("11b. EST listener (RFC 7030): plain curl fetches the site CA certificates")
+    url = f"https://{est.host}:{est.port}/.well-known/est/cacerts"
+    console.print(f"[dim]$ curl --cacert hq/certs/root-ca.pem {url}[/dim]")
+    fetched = subprocess.run(  # noqa: S603 - fixed argv, no shell
+        ["curl", "-sS", "--cacert", str(root), url],  # noqa: S607 - curl from PATH
+        capture_output=True,
+        check=False,
+    )
+    if fetched.returncode != 0:
+        raise SystemExit(f"demo failed: EST cacerts: {fetched.stderr.decode().strip()}")
+    certs = pkcs7.load_der_pkcs7_certificates(base64.b64decode(fetched.stdout))
+    for cert in certs:
+        console.print(f"  {cert.subject.rfc4514_string()}")
+    summary.append(("EST listener", f"{len(certs)} CA certs", "curl /cacerts (PKCS#7)"))
 
 
 def _wait_status(site: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:

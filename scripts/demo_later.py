@@ -159,16 +159,12 @@ def _wait_status(site: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
 async def _devices(args: Any) -> dict[str, Any]:
     from cryptography import x509
 
-    from device_sim.client import DeviceClient, DeviceCredentials, Registered, TlsIdentity, TpmKeys
+    from device_sim.client import DeviceClient, DeviceCredentials, TpmKeys
     from device_sim.device import SimDevice
     from registrar.broker import Endpoint
     from registrar.site import SiteHome, SiteSecrets, load_commissioned_site
-    from signers.software import SoftwareKey
     from signers.tpm import Tpm, TpmKey
-    from trustcore.profiles import device_id_from_certificate, issue_secondary_certificate
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from demo_building import _stand_in_tls
+    from trustcore.profiles import device_id_from_certificate
 
     clock = FakeClock.inherited()
     work = Path(args.work)
@@ -188,23 +184,6 @@ async def _devices(args: Any) -> dict[str, Any]:
         for d in devices
         if (c := d.certificate()) is not None and device_id_from_certificate(c).value not in revoked
     ]
-    stand_ins = _stand_in_tls(args.station_tcti, work / "station", devices, site)
-
-    def operational_for(device_id: Any) -> Callable[[Registered], TlsIdentity]:
-        def issue(_: Registered) -> TlsIdentity:
-            """The simulator's TLS stand-in, issued at the (simulated) time of use (see
-            demo_building): a site-CA certificate for a software key with the device's id."""
-            key = SoftwareKey.ephemeral()
-            now = datetime.now(UTC)
-            cert = issue_secondary_certificate(
-                site.site_ca_cert, site.site_ca_key.private_key(), key.public_key(),
-                device_id=device_id, organization=site.organization,
-                not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=1),
-            )  # fmt: skip
-            return TlsIdentity((cert, site.site_ca_cert), key.private_key())
-
-        return issue
-
     for d in devices:
         d.power_on()
     tpms = [Tpm(d.tcti) for d in devices]
@@ -217,15 +196,7 @@ async def _devices(args: Any) -> dict[str, Any]:
             key = TpmKey.load(tpm, dev.directory / "device-key.tss.pem")
             device_id = device_id_from_certificate(cert)
             creds = DeviceCredentials(device_id, cert, chain, key, (root,))
-            reg_tls, _ = stand_ins[device_id.value]
-            clients.append(
-                DeviceClient(
-                    creds,
-                    TpmKeys(tpm),
-                    registration_tls=reg_tls,
-                    operational_tls=operational_for(device_id),
-                )
-            )
+            clients.append(DeviceClient(creds, TpmKeys(tpm)))  # TLS keys: in the TPM
         registered_on = clock.now().date().isoformat()
         for c in clients:  # nothing in memory: as after a power cycle with expired LDevIDs
             outcome = await c.keep_certified(reg_ep, op_ep)  # type: ignore[attr-defined]

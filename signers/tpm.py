@@ -33,6 +33,7 @@ templates are built once per process, and an NV counter's ESYS handle is resolve
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -56,6 +57,7 @@ from tpm2_pytss.constants import (
     TPM2_HC,
     TPM2_NT,
     TPM2_RH,
+    TPM2_ST,
     TPMA_NV,
     TPMA_OBJECT,
 )
@@ -63,8 +65,11 @@ from tpm2_pytss.cryptography import tpm_ecc_private_key
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import (
     TPM2B_DATA,
+    TPM2B_DIGEST,
     TPM2B_ECC_POINT,
+    TPM2B_ENCRYPTED_SECRET,
     TPM2B_NV_PUBLIC,
+    TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPM2B_TEMPLATE,
@@ -75,12 +80,13 @@ from tpm2_pytss.types import (
     TPMT_PUBLIC,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF_OBJECT,
+    TPMT_TK_HASHCHECK,
     TPMU_PUBLIC_PARMS,
     TPMU_SYM_KEY_BITS,
     TPMU_SYM_MODE,
 )
 
-from signers.errors import TpmError, TpmKeyError
+from signers.errors import TpmError, TpmImportError, TpmKeyError
 from signers.software import write_private_file
 from trustcore.stationtime import TpmClockReading
 
@@ -117,6 +123,10 @@ _BASE_ATTRS = (
     | TPMA_OBJECT.USERWITHAUTH
     | TPMA_OBJECT.NODA
 )
+
+
+#: TPM2_Import's symmetricAlg: no inner wrapper (see Tpm.import_object).
+_NO_INNER_WRAPPER = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
 
 
 @cache
@@ -383,6 +393,86 @@ class Tpm:
             self._loaded.move_to_end(id(key))
         return key._handle
 
+    # -- imported objects (product secrets: signers.tpm_import) ---------------------------------
+
+    def storage_public(self) -> bytes:
+        """The marshalled TPMT_PUBLIC of this TPM's storage primary (SRK): what a sender
+        wraps an import blob to. Derived and flushed again at once (no slot kept)."""
+        with self.lock:
+            self._make_room()
+            try:
+                handle, public, *_ = self.esapi.create_primary(
+                    in_sensitive=TPM2B_SENSITIVE_CREATE(),
+                    in_public=_storage_primary_public(),
+                    primary_handle=ESYS_TR.OWNER,
+                )
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+            self.esapi.flush_context(handle)
+            return bytes(public.publicArea.marshal())
+
+    def import_object(self, public: bytes, duplicate: bytes, seed: bytes) -> bytes:
+        """TPM2_Import a duplication blob under the storage primary; returns the object's
+        new private part (marshalled TPM2B_PRIVATE), wrapped by this TPM's storage key and
+        loadable only here. No inner wrapper (the outer one, keyed by an ECDH seed only this
+        TPM can recover, carries confidentiality and integrity). Raises
+        :class:`TpmImportError` with the TPM's response code when the TPM refuses."""
+        try:
+            pub, used1 = TPM2B_PUBLIC.unmarshal(public)
+            dup, used2 = TPM2B_PRIVATE.unmarshal(duplicate)
+            enc_seed, used3 = TPM2B_ENCRYPTED_SECRET.unmarshal(seed)
+        except Exception as exc:  # the TSS unmarshal raises TSS2_Exception or TypeError
+            raise TpmImportError(f"malformed import blob: {exc}") from exc
+        if (used1, used2, used3) != (len(public), len(duplicate), len(seed)):
+            raise TpmImportError("malformed import blob: trailing bytes")
+        with self.lock:
+            self._make_room()
+            ectx = self.esapi
+            try:
+                primary = self._create_primary()
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+            try:
+                private = ectx.import_(primary, TPM2B_DATA(), pub, dup, enc_seed, _NO_INNER_WRAPPER)
+            except TSS2_Exception as exc:
+                raise TpmImportError(f"TPM2_Import refused the blob: {exc}", int(exc.rc)) from exc
+            finally:
+                ectx.flush_context(primary)
+            return bytes(private.marshal())
+
+    def hmac_with(self, public: bytes, private: bytes, data: bytes) -> bytes:
+        """TPM2_Load an imported HMAC key (``public`` and the ``private`` that
+        :meth:`import_object` returned), TPM2_HMAC-SHA256 ``data`` with it, flush it.
+        ``data`` is at most 1024 bytes (TPM2B_MAX_BUFFER)."""
+        if len(data) > 1024:
+            raise TpmError("HMAC input longer than 1024 bytes")
+        try:
+            pub, _ = TPM2B_PUBLIC.unmarshal(public)
+            priv, _ = TPM2B_PRIVATE.unmarshal(private)
+        except Exception as exc:  # the TSS unmarshal raises TSS2_Exception or TypeError
+            raise TpmKeyError(f"malformed imported object: {exc}") from exc
+        with self.lock:
+            self._make_room()
+            ectx = self.esapi
+            try:
+                primary = self._create_primary()
+            except TSS2_Exception as exc:
+                raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+            try:
+                handle = ectx.load(primary, priv, pub)
+            except TSS2_Exception as exc:
+                raise TpmKeyError(
+                    f"TPM refused the imported object (another TPM's, or tampered): {exc}"
+                ) from exc
+            finally:
+                ectx.flush_context(primary)
+            try:
+                return bytes(ectx.hmac(handle, data, TPM2_ALG.SHA256))
+            except TSS2_Exception as exc:
+                raise TpmError(f"TPM2_HMAC failed: {exc}") from exc
+            finally:
+                ectx.flush_context(handle)
+
     # -- clock ---------------------------------------------------------------------------------
 
     def read_clock(self) -> TpmClockReading:
@@ -433,6 +523,10 @@ class Tpm:
             raise TpmError(f"NV index 0x{index:08x} does not hold a DER certificate") from exc
 
 
+_ECDSA_SHA256 = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+_ECDSA_SHA256.details.ecdsa.hashAlg = TPM2_ALG.SHA256
+
+
 class _TpmEccPrivateKey(tpm_ecc_private_key):  # type: ignore[misc]
     """``tpm_ecc_private_key`` that reloads its key if it was evicted, under the TPM lock."""
 
@@ -456,11 +550,12 @@ class _TpmEccPrivateKey(tpm_ecc_private_key):  # type: ignore[misc]
         """The base class assigns the handle once; ours is always looked up live."""
 
     def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
-        with self._owner._tpm.lock:
-            try:
-                return bytes(super().sign(data, signature_algorithm))
-            except TSS2_Exception as exc:
-                raise TpmError(f"TPM2_Sign failed: {exc}") from exc
+        """ECDSA-SHA256 only (the key's scheme is pinned to it)."""
+        if not isinstance(signature_algorithm, ec.ECDSA):
+            raise TpmKeyError("a TPM signing key does ECDSA only")
+        if isinstance(signature_algorithm.algorithm, hashes.SHA256):
+            return self._owner.sign_digest(hashlib.sha256(data).digest())
+        raise TpmKeyError("a TPM signing key signs with SHA-256 only")
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
         return self._owner.exchange(peer_public_key)
@@ -564,9 +659,26 @@ class TpmKey:
 
     def sign(self, data: bytes) -> bytes:
         """DER ECDSA-SHA256 signature computed by the TPM."""
+        return self.sign_digest(hashlib.sha256(data).digest())
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """DER ECDSA signature by the TPM over a SHA-256 ``digest`` computed elsewhere (a
+        TLS handshake transcript, see :mod:`signers.tpm_tls`): one TPM2_Sign."""
         if self.usage is not TpmKeyUsage.SIGN:
-            raise TpmKeyError("this TPM key is an ECDH key and cannot sign")
-        return self.private_key().sign(data, ec.ECDSA(hashes.SHA256()))
+            raise TpmKeyError(f"this TPM key ({self.usage.value}) cannot sign")
+        if len(digest) != 32:
+            raise TpmKeyError(f"a SHA-256 digest has 32 bytes, got {len(digest)}")
+        with self._tpm.lock:
+            try:
+                signature = self._tpm.esapi.sign(
+                    self._tpm._touch(self),
+                    TPM2B_DIGEST(digest),
+                    _ECDSA_SHA256,
+                    TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL),
+                )
+            except TSS2_Exception as exc:
+                raise TpmError(f"TPM2_Sign failed: {exc}") from exc
+        return bytes(signature)
 
     def exchange(self, peer: ec.EllipticCurvePublicKey) -> bytes:
         """ECDH (TPM2_ECDH_ZGen): the shared x coordinate, 32 bytes, as ``cryptography``."""

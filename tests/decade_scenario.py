@@ -7,7 +7,7 @@ owns, ``openssl`` and ``mosquitto_pub`` — by rewriting the one libfaketime fil
 (``tests/fixtures/faketime.py``). The devices run here, as :class:`DeviceClient` objects
 with software keys (load-test mode), so their TLS identity at the broker *is* their factory
 certificate and then their current LDevID: what the broker accepts or refuses is the real
-question, not a stand-in. The station signs in its own swtpm; that swtpm is faked with
+question. The station signs in its own swtpm; that swtpm is faked with
 monotonic time too, so its TPM clock walks with the date (the station's trusted time).
 
 Phases follow the issue's timeline (manufacture, entitlement end, 18 months in stock, a site

@@ -246,11 +246,17 @@ CONNECT = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x3c\x00\x01x"  # MQTT 3.1.1, client
 async def refused(
     site: Site, endpoint: Endpoint, cert: ClientCert | None, *, chain: bool = False
 ) -> bool:
-    """True if the broker never accepts an MQTT CONNECT over this TLS identity (the TLS 1.3
-    refusal arrives as an alert on the first read, so a raw CONNECT is sent and read)."""
+    """True if the broker never accepts an MQTT CONNECT over this TLS identity."""
     ctx = ssl.create_default_context(cafile=site.root)
     if cert is not None:
         ctx.load_cert_chain(cert.chain if chain else cert.cert, cert.key)
+    return await refused_with(endpoint, ctx)
+
+
+async def refused_with(endpoint: Endpoint, ctx: ssl.SSLContext) -> bool:
+    """True if the broker never accepts an MQTT CONNECT over the TLS context ``ctx`` (the
+    TLS 1.3 refusal arrives as an alert on the first read, so a raw CONNECT is sent and
+    read)."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(endpoint.host, endpoint.port, ssl=ctx), 5

@@ -35,9 +35,7 @@ from device_sim.client import (
     DeviceClient,
     DeviceCredentials,
     DeviceRegistrationError,
-    Registered,
     SoftwareKeys,
-    TlsIdentity,
     TpmKeys,
 )
 from device_sim.device import SimDevice, vendor_ca_pem
@@ -58,7 +56,6 @@ from trustcore.identity import DeviceId
 from trustcore.profiles import (
     crl_issuers_of,
     issue_factory_certificate,
-    issue_secondary_certificate,
 )
 from trustcore.quorum import encode_bundle
 from trustcore.revocation import RevocationList
@@ -147,13 +144,9 @@ def test_counterfeit_story(
         counterfeit_certs = {
             d: sign_with_stolen_key(d, k.public_key()) for d, k in counterfeit_keys.items()
         }
-        # Test harness, not attack: the simulator's software TLS stand-ins for the swtpm
-        # devices (Python's ssl cannot use a TPM key) need a station-CA signature too.
         genuine_ids = [
             json.loads((d / "device.json").read_text())["device_id"] for d in device_dirs
         ]
-        tls_keys = {d: SoftwareKey.ephemeral() for d in genuine_ids}
-        tls_certs = {d: sign_with_stolen_key(d, k.public_key()) for d, k in tls_keys.items()}
     finally:
         attacker_tpm.close()
 
@@ -173,23 +166,6 @@ def test_counterfeit_story(
         "--admit-station", STATION, "--out", bundle)  # fmt: skip
     run(registrar_main, "commission", "--home", site_home, bundle)
     secrets = SiteSecrets()
-    site_ca = x509.load_pem_x509_certificate((site.current / "site-ca.pem").read_bytes())
-    site_key = site.key("site-ca", secrets)
-
-    def operational_tls(device_id: str) -> TlsIdentity:
-        key = SoftwareKey.ephemeral()
-        moment = datetime.now(UTC)
-        cert = issue_secondary_certificate(
-            site_ca,
-            site_key.private_key(),
-            key.public_key(),
-            device_id=DeviceId(device_id),
-            organization=site.config.organization,
-            not_before=max(site_ca.not_valid_before_utc, moment - DAY),
-            not_after=moment + DAY,
-        )
-        return TlsIdentity((cert, site_ca), key.private_key())
-
     sims = [SimDevice(d).power_on() for d in device_dirs]
     try:
         genuine: list[DeviceClient] = []
@@ -197,21 +173,7 @@ def test_counterfeit_story(
             cert = sim.certificate()
             assert cert is not None and sim.tpm is not None
             creds = DeviceCredentials(DeviceId(device_id), cert, (station_ca,), sim.key(), (root,))
-            op = operational_tls(device_id)
-
-            def op_tls(_: Registered, op: TlsIdentity = op) -> TlsIdentity:
-                return op
-
-            genuine.append(
-                DeviceClient(
-                    creds,
-                    TpmKeys(sim.tpm),
-                    registration_tls=TlsIdentity(
-                        (tls_certs[device_id], station_ca), tls_keys[device_id].private_key()
-                    ),
-                    operational_tls=op_tls,
-                )
-            )
+            genuine.append(DeviceClient(creds, TpmKeys(sim.tpm)))
         fakes = [
             DeviceClient(
                 DeviceCredentials(

@@ -14,13 +14,15 @@ from cryptography.hazmat.primitives import serialization
 
 from bench.site_fixture import BenchSite, SitePki, build_commissioned_site, build_site_pki
 from device_sim.cli import main
-from device_sim.client import DeviceClient, DeviceCredentials, TlsIdentity, TpmKeys
+from device_sim.client import DeviceClient, DeviceCredentials, TpmKeys
 from device_sim.fleet import (
     PASSPHRASE_ENV,
     FleetError,
+    fleet_kind,
     load_fleet,
     onboard,
     software_device,
+    tpm_fleet,
     write_load_device,
 )
 from registrar.app import AppSettings, RegistrarApp, running
@@ -52,17 +54,12 @@ async def site(bench_site: BenchSite) -> AsyncIterator[RegistrarApp]:
 
 
 def tpm_device(pki: BenchSite, tpm: Tpm, name: str) -> DeviceClient:
-    """A swtpm device: factory key made in its TPM; a software twin certificate for TLS."""
+    """A swtpm device: factory key made in its TPM, which also signs its TLS handshakes."""
     device_id = DeviceId(name)
     factory_key = TpmKey.create(tpm, TpmKeyUsage.SIGN)
     idevid = pki.issue_idevid(device_id, factory_key.public_key())
-    twin = pki.factory_device(device_id)
     credentials = DeviceCredentials(device_id, idevid, (pki.station_ca,), factory_key, (pki.root,))
-    return DeviceClient(
-        credentials,
-        TpmKeys(tpm),
-        registration_tls=TlsIdentity((twin.idevid, pki.station_ca), twin.factory_key.private_key()),
-    )
+    return DeviceClient(credentials, TpmKeys(tpm))
 
 
 @pytest.mark.tpm
@@ -223,3 +220,24 @@ def test_fleet_cli_takes_the_passphrase_from_env_or_file_only(
     result = runner.invoke(main, [*args, "--passphrase", "x"])
     assert result.exit_code != 0
     assert "No such option" in result.output
+
+
+def test_fleet_layouts_are_told_apart_and_never_mixed(tmp_path: Path) -> None:
+    """Software-key device directories (idevid.pem) and swtpm ones (tpm/) are the two
+    layouts; a directory holding both is refused, as is a TPM device no station provisioned."""
+    (tmp_path / "soft" / "TH-000001").mkdir(parents=True)
+    (tmp_path / "soft" / "TH-000001" / "idevid.pem").write_bytes(b"")
+    assert fleet_kind(tmp_path / "soft") == "software"
+    (tmp_path / "tpm" / "dev-00000" / "tpm").mkdir(parents=True)
+    assert fleet_kind(tmp_path / "tpm") == "tpm"
+    with (
+        pytest.raises(FleetError, match="not provisioned by a station"),
+        tpm_fleet(tmp_path / "tpm", []),
+    ):
+        pass
+    with pytest.raises(FleetError, match="2 asked for"), tpm_fleet(tmp_path / "tpm", [], count=2):
+        pass
+    (tmp_path / "tpm" / "TH-000001").mkdir()
+    (tmp_path / "tpm" / "TH-000001" / "idevid.pem").write_bytes(b"")
+    with pytest.raises(FleetError, match="mixes TPM and software-key devices"):
+        fleet_kind(tmp_path / "tpm")

@@ -6,7 +6,8 @@ HQ init → station init (``--unsafe-csr-only``: a load-test station) → enrol 
 build-fleet (software keys) → export-audit → HQ ingest-audit (every device accounted for)
 → site init/enrol/bundle/commission → registrar run → device-sim fleet: all registered.
 A station that attests device keys refuses software devices before any work, and a TPM
-fleet is built through the same station path (one swtpm per device).
+fleet is built through the same station path (one swtpm per device) and onboarded by
+``device-sim fleet`` with every key, the TLS key included, in the devices' TPMs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -76,6 +78,39 @@ def station_with_entitlement(
     return hq, station
 
 
+async def onboard_fleet(
+    tmp: Path, hq: Path, monkeypatch: pytest.MonkeyPatch, fleet: Path, *extra: str
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Commission a site admitting ``station-01``, run its registrar, and run
+    ``device-sim fleet`` on ``fleet``: its JSON summary and the store's counts."""
+    site = tmp / "site"
+    site_pass = secret_file(tmp / "site.pass", "site passphrase for the fleet test")
+    monkeypatch.setenv("DEVTRUST_SITE_PASSPHRASE", "site passphrase for the fleet test")
+    root = hq / "certs" / "root-ca.pem"
+    invoke(registrar_main, "init", "--home", site, "--site-id", "site-01", "--root", root)
+    invoke(hq_main, "site", "enrol", "--home", hq, next(site.glob("*enrol*")))
+    bundle = tmp / "bundle.sealed"
+    invoke(
+        hq_main, "site", "bundle", "--home", hq, "--site", "site-01",
+        "--admit-station", "station-01", "--out", bundle,
+    )  # fmt: skip
+    invoke(registrar_main, "commission", "--home", site, bundle)
+
+    settings = AppSettings(registration_port=0, operational_port=0)
+    async with running(SiteHome.open(site), SiteSecrets(site_pass), settings) as app:
+        reg = app.registration_endpoint
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "device-sim"), "fleet", str(fleet), "--host", reg.host,
+            "--port", str(reg.port), "--root", str(root), *extra,
+            "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+        assert proc.returncode == 0, (out + err).decode()
+        assert app.store is not None
+        counts = await app.store.counts()
+    return json.loads(out.decode().strip().splitlines()[-1]), counts
+
+
 async def test_build_a_software_fleet_and_onboard_it(
     tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,32 +143,9 @@ async def test_build_a_software_fleet_and_onboard_it(
     assert report["status"] == "clean" and report["entitlements"][0]["issued"] == 4
 
     # A site admitting the station; the registrar serves; the fleet onboards.
-    site = tmp_path / "site"
-    site_pass = secret_file(tmp_path / "site.pass", "site passphrase for the fleet test")
-    monkeypatch.setenv("DEVTRUST_SITE_PASSPHRASE", "site passphrase for the fleet test")
-    root = hq / "certs" / "root-ca.pem"
-    invoke(registrar_main, "init", "--home", site, "--site-id", "site-01", "--root", root)
-    invoke(hq_main, "site", "enrol", "--home", hq, next(site.glob("*enrol*")))
-    bundle = tmp_path / "bundle.sealed"
-    invoke(
-        hq_main, "site", "bundle", "--home", hq, "--site", "site-01",
-        "--admit-station", "station-01", "--out", bundle,
-    )  # fmt: skip
-    invoke(registrar_main, "commission", "--home", site, bundle)
-
-    settings = AppSettings(registration_port=0, operational_port=0)
-    async with running(SiteHome.open(site), SiteSecrets(site_pass), settings) as app:
-        reg = app.registration_endpoint
-        proc = await asyncio.create_subprocess_exec(
-            str(BIN / "device-sim"), "fleet", str(fleet), "--host", reg.host,
-            "--port", str(reg.port), "--root", str(root), "--passphrase-file", str(device_pass),
-            "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-        assert proc.returncode == 0, err.decode()
-        assert app.store is not None
-        counts = await app.store.counts()
-    summary = json.loads(out.decode().strip().splitlines()[-1])
+    summary, counts = await onboard_fleet(
+        tmp_path, hq, monkeypatch, fleet, "--passphrase-file", str(device_pass)
+    )
     assert summary["registered"] == 4 and summary["failures"] == 0
     assert sorted(r["device_id"] for r in summary["results"]) == built["device_ids"]
     assert counts["devices"] == 4
@@ -146,11 +158,12 @@ async def test_build_a_software_fleet_and_onboard_it(
     assert "built 16 of 17" in out_text and "over_quota" in out_text
 
 
-def test_software_devices_need_a_load_test_station(
+async def test_software_devices_need_a_load_test_station(
     tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A station that attests device keys refuses software keys up front (nothing issued,
-    nothing written) and builds a TPM fleet through the same path, each key attested."""
+    nothing written) and builds a TPM fleet through the same path, each key attested;
+    ``device-sim fleet`` onboards it with every key in the devices' TPMs, TLS included."""
     monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", "hq passphrase for the fleet test")
     monkeypatch.setenv("DEVTRUST_DEVICE_PASSPHRASE", "load-test fleet passphrase")
     vendor = tmp_path / "vendor"
@@ -173,19 +186,23 @@ def test_software_devices_need_a_load_test_station(
         "--out", tmp_path / "soft", "--passphrase-file", vendor_pem, code=2,
     )  # fmt: skip
 
+    fleet = tmp_path / "tpm-fleet"
     line = invoke(
         device_main, "build-fleet", "--station", station, "--count", "2", "--keys", "tpm",
-        "--out", tmp_path / "tpm-fleet", "--ek-template", template, "--json",
+        "--out", fleet, "--ek-template", template, "--json",
     )  # fmt: skip
     assert json.loads(line)["built"] == 2
-    devices = [SimDevice(d) for d in sorted((tmp_path / "tpm-fleet").iterdir())]
+    devices = [SimDevice(d) for d in sorted(fleet.iterdir())]
     assert sorted(d.info()["device_id"] for d in devices) == ["TH-000000", "TH-000001"]
     assert all((d.directory / "device-key.tss.pem").exists() for d in devices)
     status = json.loads(invoke(station_main, "status", "--home", station, "--json"))
     assert status["issued_total"] == 2
-    # `fleet` says clearly that it onboards software-key devices only.
-    root = tmp_path / "hq" / "certs" / "root-ca.pem"
-    out = invoke(
-        device_main, "fleet", tmp_path / "tpm-fleet", "--port", "1", "--root", root, code=1
-    )
-    assert "is a TPM device" in out
+    # HQ takes the station's audit export (and with it the station's CRL, without which
+    # the registration listener refuses every device of the station at the handshake).
+    hq = tmp_path / "hq"
+    export = tmp_path / "audit-1.sealed"
+    invoke(station_main, "export-audit", "--home", station, "--out", export)
+    invoke(hq_main, "ingest-audit", "--home", hq, export, "--json")
+    summary, counts = await onboard_fleet(tmp_path, hq, monkeypatch, fleet)
+    assert summary["registered"] == 2 and summary["failures"] == 0
+    assert counts["devices"] == 2

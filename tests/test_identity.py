@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from trustcore.errors import InvalidValueError
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
 
-VALID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+VALID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
 IDENTIFIER_TYPES = (DeviceId, StationId, SiteId)
 valid_ids = st.from_regex(VALID, fullmatch=True)
 
@@ -107,3 +107,11 @@ def test_random_serials_are_in_range_and_distinct() -> None:
     assert all(0 < s.value < 2**159 for s in serials)
     # 159 random bits: across 200 draws at least one uses the top 8 bits.
     assert max(s.value for s in serials).bit_length() > 151
+
+
+@pytest.mark.parametrize("kind", IDENTIFIER_TYPES)
+def test_an_underscore_is_refused_it_cannot_be_a_printable_string(kind: type[DeviceId]) -> None:
+    """The id is the certificate's serialNumber (PrintableString): with ``_`` the
+    certificate would not parse, so the id is refused where it is made."""
+    with pytest.raises(InvalidValueError, match="ASCII only"):
+        kind("dev_1")

@@ -189,7 +189,7 @@ def test_shift_hours_unit_and_bad_settings() -> None:
     ):
         with pytest.raises(ValueError):
             ShiftHours(bad)
-    # A bad setting fails closed at load time: the stand-in refuses every issuance.
+    # A bad setting fails closed at load time: the placeholder refuses every issuance.
     loaded = load_station_plugins([PluginSetting.create("shift_hours", {"shifts": []})])
     assert loaded.problems and "cannot be loaded" in loaded.problems[0]
 

@@ -190,5 +190,6 @@ def test_reconciler_clean_and_violations() -> None:
         "wrong_product": 1,
         "duplicate_device": 1,
         "duplicate_key": 1,
+        "secret_outside_policy": 0,
     }
     assert r.report().to_map()["issued"] == 14

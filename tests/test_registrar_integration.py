@@ -5,9 +5,8 @@ Each broker gets one registrar process for the whole module (its own copy of the
 its own database); devices are built once. What is real: the HQ bundle, commissioning,
 the CLI (``registrar run / status / devices / revoke / import-revocations /
 rotate-payload-key / send-command``), the brokers, mTLS, the registration protocol, the
-device keys in swtpm (factory key, LDevID key, payload-key unwrap). What is simulated: a
-swtpm device's TLS layer uses a software certificate with the same device id (Python's
-``ssl`` cannot use a TPM key; see ``docs/registrar.md``).
+device keys in swtpm (factory key, LDevID key, payload-key unwrap). A swtpm device's TLS
+identities are its IDevID and LDevID with their TPM keys (``signers.tpm_tls``).
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from device_sim.client import (
     DeviceClient,
     DeviceCredentials,
     DeviceRegistrationError,
-    Registered,
     SoftwareKeys,
     TlsIdentity,
     TpmKeys,
@@ -59,7 +57,7 @@ from trustcore.csr import build_device_csr
 from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.keys import Signer
 from trustcore.payload import seal_payload
-from trustcore.profiles import HqRole, issue_factory_certificate, issue_secondary_certificate
+from trustcore.profiles import HqRole, issue_factory_certificate
 from trustcore.registration import (
     RegistrationDenied,
     RegistrationGranted,
@@ -140,23 +138,6 @@ def factory_certificate(
     )
 
 
-def secondary_tls(base: Base, device_id: DeviceId) -> TlsIdentity:
-    """The simulator's TLS stand-in for a swtpm device: a site-CA certificate for a
-    software key with the device's id (the real LDevID key stays in the TPM)."""
-    key = SoftwareKey.ephemeral()
-    now = datetime.now(UTC)
-    cert = issue_secondary_certificate(
-        base.site_ca,
-        base.site_key.private_key(),
-        key.public_key(),
-        device_id=device_id,
-        organization=base.world.site.config.organization,
-        not_before=max(base.site_ca.not_valid_before_utc, now - DAY),
-        not_after=now + DAY,
-    )
-    return TlsIdentity((cert, base.site_ca), key.private_key())
-
-
 def software_device(base: Base, device_id: str) -> DeviceClient:
     """Load-test style device: software keys; its TLS certificates ARE its IDevID/LDevID."""
     key = SoftwareKey.ephemeral()
@@ -174,19 +155,7 @@ def tpm_device(base: Base, device_id: str, tpm: Tpm) -> DeviceClient:
     creds = DeviceCredentials(
         DeviceId(device_id), cert, (base.world.station_ca,), factory_key, (root,)
     )
-    tls_key = SoftwareKey.ephemeral()
-    registration_tls = TlsIdentity(
-        (factory_certificate(base, device_id, tls_key), base.world.station_ca),
-        tls_key.private_key(),
-    )
-    operational = secondary_tls(base, DeviceId(device_id))
-
-    def op_tls(_: Registered) -> TlsIdentity:
-        return operational
-
-    return DeviceClient(
-        creds, TpmKeys(tpm), registration_tls=registration_tls, operational_tls=op_tls
-    )
+    return DeviceClient(creds, TpmKeys(tpm))
 
 
 # ------------------------------------------------------------------------- the registrar
@@ -350,6 +319,23 @@ def _nonce_digest(request: bytes) -> tuple[bytes, bytes]:
 
     parsed = parse_request(request)
     return parsed.nonce, parsed.digest
+
+
+async def handshake_refused(endpoint: Endpoint, ctx: ssl.SSLContext) -> bool:
+    """True if the TLS 1.2 handshake itself fails (an alert, or the broker dropping the
+    connection mid-handshake): the broker's certificate check (CRL), not an MQTT-level
+    refusal such as the identity block, turned the client away."""
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(endpoint.host, endpoint.port, ssl=ctx), 5
+        )
+    except (ssl.SSLError, ConnectionError):
+        return True
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+    return False
 
 
 async def refused_at_tls(endpoint: Endpoint, ctx: ssl.SSLContext) -> bool:
@@ -644,8 +630,8 @@ async def test_revoking_a_connected_device_cuts_it_within_5_s_and_nobody_else(
     base: Base, registrar: Running
 ) -> None:
     run = registrar
-    victim = software_device(base, "TH-000401")  # its TLS certificate IS its LDevID
-    other = tpm_device(base, "TH-000402", base.tpms[2])
+    victim = tpm_device(base, "TH-000401", base.tpms[2])  # its LDevID key is in its TPM
+    other = tpm_device(base, "TH-000402", base.tpms[1])
     third = software_device(base, "TH-000403")
     await asyncio.gather(*(d.register(run.registration) for d in (victim, other, third)))
     async with (
@@ -666,8 +652,11 @@ async def test_revoking_a_connected_device_cuts_it_within_5_s_and_nobody_else(
         reading = b"third after revocation"
         await st.publish_telemetry(reading)
         await run.telemetry_seen("TH-000403", reading)
-    # the revoked LDevID no longer gets in; the site CRL lists it
+    # the revoked LDevID no longer gets in: the broker's CRL check refuses the handshake
+    # signed by the TPM-held key (not only the identity block)
     assert await refused_at_tls(run.operational, victim.operational_context())
+    assert await handshake_refused(run.operational, victim.operational_context())
+    assert not await handshake_refused(run.operational, other.operational_context())
     crl = x509.load_pem_x509_crl((run.home / "current" / "site-crl.pem").read_bytes())
     assert victim.registered is not None
     assert crl.get_revoked_certificate_by_serial_number(victim.registered.ldevid.serial_number)

@@ -20,7 +20,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -29,16 +29,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from device_sim.agent import DeviceAgent, renew_or_register
-from device_sim.client import DeviceClient, Registered, TlsIdentity
+from device_sim.client import DeviceClient
 from device_sim.swtpm import Swtpm
 from hq.cli import main as hq_main
-from registrar.site import SiteHome, SiteSecrets, commission_site
-from signers.software import SoftwareKey
+from registrar.site import commission_site
 from signers.tpm import Tpm
 from tests.test_registrar_integration import (
     Base,
     Running,
-    factory_certificate,
     refused_at_tls,
     registrar,
     software_device,
@@ -47,7 +45,6 @@ from tests.test_registrar_integration import (
 )
 from tests.test_site_bundle import SITE, STATION, make_world
 from trustcore.payload import seal_payload
-from trustcore.profiles import device_id_from_certificate, issue_secondary_certificate
 
 __all__ = ["registrar"]  # the module-scoped `registrar run` fixture, on both brokers
 
@@ -82,44 +79,6 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Base]:
     finally:
         tpm.close()
         swtpm.stop()
-
-
-def rolling_tpm_device(base: Base, device_id: str, tpm: Tpm, running: Running) -> DeviceClient:
-    """A swtpm device (factory, LDevID and wrap keys in its TPM) whose TLS stand-in
-    (Python's ssl cannot use a TPM key) is a software certificate for its id from the site
-    CA that issued its CURRENT LDevID, so it follows the rollover like the real key does."""
-    tpm_client = tpm_device(base, device_id, tpm)
-    cache: dict[int, TlsIdentity] = {}
-
-    def identity(reg: Registered) -> TlsIdentity:
-        if reg.ldevid.serial_number not in cache:
-            site = SiteHome.open(running.home)
-            secrets = SiteSecrets(running.passphrase_file)
-            keys = [site.key(n, secrets) for n in site.ca_key_names() if n is not None]
-            key = next(k for k in keys if k.public_key() == reg.site_ca.public_key())
-            own, now = SoftwareKey.ephemeral(), datetime.now(UTC)
-            cert = issue_secondary_certificate(
-                reg.site_ca,
-                key.private_key(),
-                own.public_key(),
-                device_id=device_id_from_certificate(reg.ldevid),
-                organization=site.config.organization,
-                not_before=max(reg.site_ca.not_valid_before_utc, now - DAY),
-                not_after=now + DAY,
-            )
-            cache[reg.ldevid.serial_number] = TlsIdentity((cert, reg.site_ca), own.private_key())
-        return cache[reg.ldevid.serial_number]
-
-    return DeviceClient(
-        tpm_client.credentials,
-        tpm_client.keys,
-        registration_tls=TlsIdentity(
-            (factory_certificate(base, device_id, key := SoftwareKey.ephemeral()),
-             base.world.station_ca),
-            key.private_key(),
-        ),
-        operational_tls=identity,
-    )  # fmt: skip
 
 
 def telemetry_since(running: Running, since: float) -> set[str]:
@@ -192,7 +151,7 @@ async def test_site_ca_rollover_without_downtime(
         return result.output
 
     # -- before: three registered devices, two of them online sending telemetry
-    a = rolling_tpm_device(base, "TH-000001", base.tpms[0], registrar)
+    a = tpm_device(base, "TH-000001", base.tpms[0])
     b, c = software_device(base, "TH-000102"), software_device(base, "TH-000103")
     for device in (a, b, c):
         await device.register(registrar.registration)

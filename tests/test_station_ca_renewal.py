@@ -35,7 +35,6 @@ from device_sim.client import (
     DeviceCredentials,
     DeviceRegistrationError,
     SoftwareKeys,
-    TlsIdentity,
     TpmKeys,
 )
 from device_sim.device import SimDevice, vendor_ca_pem
@@ -342,49 +341,35 @@ def test_station_ca_renewal_and_rekey(
     )  # fmt: skip
     assert done.returncode != 0 and "unable to get certificate CRL" in done.stdout + done.stderr
 
-    # TLS stand-ins (Python's ssl cannot use a TPM key): signed by the station key that
-    # signed each device's factory certificate, loaded from the station's own key blobs.
+    # A thief with the NEW station key mints a device no audit log shows. The genuine
+    # devices of both keys connect with their own IDevID and TPM-held factory key.
     root = x509.load_pem_x509_certificate(root_pem.read_bytes())
-    picks = [(old_devices[0], first_ca, old_key_file), (new_devices[0], rekeyed,
-             station / "station-ca.tss.pem")]  # fmt: skip
-    stand_ins: list[tuple[Path, x509.Certificate, TlsIdentity]] = []
-    fake: DeviceClient | None = None
+    devices = [(old_devices[0], first_ca), (new_devices[0], rekeyed)]
     with Tpm(station_tpm.tcti) as tpm:
-        for device, ca, key_file in picks:
-            key = TpmKey.load(tpm, key_file)
-            device_id = json.loads((device / "device.json").read_text())["device_id"]
-            tls_key = SoftwareKey.ephemeral()
-            tls_cert = issue_factory_certificate(
-                ca, key.private_key(), tls_key.public_key(), device_id=DeviceId(device_id),
-                manufacturer="Acme Devices", not_before=ca.not_valid_before_utc,
-            )  # fmt: skip
-            stand_ins.append((device, ca, TlsIdentity((tls_cert, ca), tls_key.private_key())))
-            if ca == rekeyed:
-                # A thief with the NEW key mints a device no audit log shows.
-                fake_key = SoftwareKey.ephemeral()
-                fake_cert = issue_factory_certificate(
-                    ca, key.private_key(), fake_key.public_key(),
-                    device_id=DeviceId("TH-000500"), manufacturer="Acme Devices",
-                    not_before=ca.not_valid_before_utc,
-                )  # fmt: skip
-                fake = DeviceClient(
-                    DeviceCredentials(DeviceId("TH-000500"), fake_cert, (ca,), fake_key, (root,)),
-                    SoftwareKeys(),
-                )
-            key.unload()
+        key = TpmKey.load(tpm, station / "station-ca.tss.pem")
+        fake_key = SoftwareKey.ephemeral()
+        fake_cert = issue_factory_certificate(
+            rekeyed, key.private_key(), fake_key.public_key(),
+            device_id=DeviceId("TH-000500"), manufacturer="Acme Devices",
+            not_before=rekeyed.not_valid_before_utc,
+        )  # fmt: skip
+        fake = DeviceClient(
+            DeviceCredentials(DeviceId("TH-000500"), fake_cert, (rekeyed,), fake_key, (root,)),
+            SoftwareKeys(),
+        )
+        key.unload()
 
     for broker in ("embedded", "mosquitto"):
-        sims = [SimDevice(d).power_on() for d, _, _ in stand_ins]
+        sims = [SimDevice(d).power_on() for d, _ in devices]
         try:
             clients = []
-            for sim, (_, ca, tls) in zip(sims, stand_ins, strict=True):
+            for sim, (_, ca) in zip(sims, devices, strict=True):
                 cert = sim.certificate()
                 assert cert is not None and sim.tpm is not None
                 device_id = DeviceId(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0]
                                      .value)  # type: ignore[arg-type]  # fmt: skip
                 creds = DeviceCredentials(device_id, cert, (ca,), sim.key(), (root,))
-                clients.append(DeviceClient(creds, TpmKeys(sim.tpm), registration_tls=tls))
-            assert fake is not None
+                clients.append(DeviceClient(creds, TpmKeys(sim.tpm)))
             asyncio.run(_register_all(site, [*clients, fake], broker))
         finally:
             for sim in sims:
@@ -408,17 +393,17 @@ def test_station_ca_renewal_and_rekey(
               "--out", tmp_path / "list-2.sealed")  # fmt: skip
     assert "1 device(s) added" in out
     run(registrar_main, "import-revocations", "--home", site_home, tmp_path / "list-2.sealed")
-    sims = [SimDevice(d).power_on() for d, _, _ in stand_ins]
+    sims = [SimDevice(d).power_on() for d, _ in devices]
     try:
         clients = []
-        for sim, (_, ca, tls) in zip(sims, stand_ins, strict=True):
+        for sim, (_, ca) in zip(sims, devices, strict=True):
             cert = sim.certificate()
             assert cert is not None and sim.tpm is not None
             creds = DeviceCredentials(
                 DeviceId(str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)),
                 cert, (ca,), sim.key(), (root,),
             )  # fmt: skip
-            clients.append(DeviceClient(creds, TpmKeys(sim.tpm), registration_tls=tls))
+            clients.append(DeviceClient(creds, TpmKeys(sim.tpm)))
         asyncio.run(_register_all(site, clients, "embedded", refused=fake))
     finally:
         for sim in sims:

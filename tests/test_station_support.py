@@ -19,7 +19,7 @@ from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.station import FactoryStation
 from signers.software import SoftwareKey
 from tests.fixtures.pki import MANUFACTURER, Pki
-from trustcore.entitlement import DeviceIdRule, EntitlementPolicy
+from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, SecretRule
 from trustcore.identity import StationId
 from trustcore.messages import (
     CT_ENTITLEMENT,
@@ -76,6 +76,8 @@ class SoftHq:
         to_transport: object | None = None,
         timezone: str = "UTC",
         created: int | None = None,
+        secrets: dict[str, bytes] | None = None,
+        secret_rules: tuple[SecretRule, ...] = (),
     ) -> bytes:
         """``created``: HQ's signing time (default: the real clock); the station anchors
         its trusted time to it."""
@@ -107,13 +109,14 @@ class SoftHq:
             not_before=nb,
             not_after=na,
             id_rule=rule or DeviceIdRule("dev-", 1, 999_999, 6),
+            secrets=secret_rules,
         )
         audit_cert, _ = self.pki.roles[HqRole.AUDIT_RECEIVER]
         payload = EntitlementPayload(
             policy=policy,
             station_ca_cert_der=station_ca.public_bytes(Encoding.DER),
             audit_receiver_cert_der=audit_cert.public_bytes(Encoding.DER),
-            product_secrets={"wifi-psk": b"secret"},
+            product_secrets=secrets or {},
         )
         signer_cert, signer_key = self.pki.roles[HqRole.ENTITLEMENT_SIGNER]
         package = seal_package(

@@ -17,7 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from trustcore.errors import EncodingError, InvalidValueError, PolicyError
 
-_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # entitlement id, product
+_DEVICE_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
 _OPERATION = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 #: Operations an entitlement may put behind a quorum of approvers.
@@ -42,7 +43,9 @@ class DeviceIdRule:
     digits: int
 
     def __post_init__(self) -> None:
-        _require(bool(_ID_CHARS.fullmatch(self.prefix + "0")), f"bad id prefix {self.prefix!r}")
+        _require(
+            bool(_DEVICE_ID_CHARS.fullmatch(self.prefix + "0")), f"bad id prefix {self.prefix!r}"
+        )
         _require(1 <= self.digits <= 18, "digits must be 1..18")
         _require(0 <= self.first <= self.last < 10**self.digits, "empty or too wide id range")
 
@@ -80,6 +83,56 @@ class QuorumRule:
 
 
 @dataclass(frozen=True)
+class SecretRule:
+    """Which devices of the entitlement get product secret ``name`` (the entitlement's
+    ``product_secrets`` carry the value), and until when: devices of a product in
+    ``products`` whose number under the entitlement's id rule is in ``[first, last]``,
+    provisioned before ``not_after`` (unix seconds). The station enforces it before it
+    builds a device's import blob; HQ re-checks every ``secret_provisioned`` record."""
+
+    name: str
+    products: tuple[str, ...]
+    first: int
+    last: int
+    not_after: int
+
+    def __post_init__(self) -> None:
+        _require(bool(_ID_CHARS.fullmatch(self.name)), f"bad secret name {self.name!r}")
+        _require(bool(self.products), f"secret {self.name!r} names no product")
+        _require(
+            all(_ID_CHARS.fullmatch(p) for p in self.products), f"bad product in {self.name!r}"
+        )
+        _require(len(set(self.products)) == len(self.products), "duplicate product")
+        _require(0 <= self.first <= self.last, f"empty device range for secret {self.name!r}")
+
+    def covers(self, id_rule: DeviceIdRule, device_id: str) -> bool:
+        """True when ``device_id`` is one of this rule's device numbers."""
+        return id_rule.contains(device_id) and (
+            self.first <= int(device_id[len(id_rule.prefix) :]) <= self.last
+        )
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "products": list(self.products),
+            "first": self.first,
+            "last": self.last,
+            "not_after": self.not_after,
+        }
+
+    @classmethod
+    def from_map(cls, m: Any) -> SecretRule:
+        _exact_keys(m, {"name", "products", "first", "last", "not_after"}, "secret rule")
+        return cls(
+            _typed(m["name"], str, "secret name"),
+            tuple(_typed(p, str, "product") for p in _typed(m["products"], list, "products")),
+            _typed(m["first"], int, "first"),
+            _typed(m["last"], int, "last"),
+            _typed(m["not_after"], int, "not_after"),
+        )
+
+
+@dataclass(frozen=True)
 class EntitlementPolicy:
     """The rules one station enforces. Times are unix seconds (UTC); the daily limit
     counts calendar days in ``day_timezone`` (an IANA name, e.g. ``Asia/Shanghai``)."""
@@ -96,11 +149,14 @@ class EntitlementPolicy:
     id_rule: DeviceIdRule
     quorum: tuple[QuorumRule, ...] = ()
     clock_skew_s: int = 300
+    #: One rule per product secret the entitlement carries (names match
+    #: ``EntitlementPayload.product_secrets`` exactly; checked at HQ and at import).
+    secrets: tuple[SecretRule, ...] = ()
     _zone: ZoneInfo = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _require(bool(_ID_CHARS.fullmatch(self.entitlement_id)), "bad entitlement id")
-        _require(bool(_ID_CHARS.fullmatch(self.station_id)), "bad station id")
+        _require(bool(_DEVICE_ID_CHARS.fullmatch(self.station_id)), "bad station id")
         _require(bool(_ID_CHARS.fullmatch(self.product)), "bad product")
         _require(self.sequence >= 1, "sequence starts at 1")
         _require(self.total_quota >= 0 and self.daily_limit >= 0, "negative quota")
@@ -109,6 +165,17 @@ class EntitlementPolicy:
         _require(0 <= self.clock_skew_s <= 3600, "clock skew tolerance must be 0..3600 s")
         ops = [q.operation for q in self.quorum]
         _require(len(set(ops)) == len(ops), "one quorum rule per operation")
+        names = [r.name for r in self.secrets]
+        _require(len(set(names)) == len(names), "one rule per product secret")
+        for r in self.secrets:
+            _require(
+                self.id_rule.first <= r.first and r.last <= self.id_rule.last,
+                f"secret {r.name!r}: devices outside the entitlement's id range",
+            )
+            _require(
+                self.not_before < r.not_after <= self.not_after,
+                f"secret {r.name!r}: provisioning must end inside the key-use window",
+            )
         try:
             zone = ZoneInfo(self.day_timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -117,6 +184,9 @@ class EntitlementPolicy:
 
     def quorum_rule(self, operation: str) -> QuorumRule | None:
         return next((q for q in self.quorum if q.operation == operation), None)
+
+    def secret_rule(self, name: str) -> SecretRule | None:
+        return next((r for r in self.secrets if r.name == name), None)
 
     def day_of(self, when: int) -> str:
         """The calendar day (``YYYY-MM-DD`` in ``day_timezone``) that ``when`` falls in."""
@@ -131,6 +201,12 @@ class EntitlementPolicy:
         return int(start.timestamp()), int(nxt.timestamp()), start.date().isoformat()
 
     def to_map(self) -> dict[str, Any]:
+        m = self._base_map()
+        if self.secrets:  # absent when empty: a policy without secrets keeps its bytes
+            m["secrets"] = [r.to_map() for r in self.secrets]
+        return m
+
+    def _base_map(self) -> dict[str, Any]:
         return {
             "entitlement_id": self.entitlement_id,
             "station_id": self.station_id,
@@ -158,7 +234,11 @@ class EntitlementPolicy:
     def from_map(cls, m: Any) -> EntitlementPolicy:
         """Strict: unknown or missing keys and wrong types are errors, never defaults."""
         try:
-            _exact_keys(m, cls._KEYS, "entitlement policy")
+            optional = {"secrets"} & set(m) if isinstance(m, dict) else set()
+            _exact_keys(m, cls._KEYS | optional, "entitlement policy")
+            if optional and m["secrets"] == []:
+                # One encoding per policy: no secrets means no key, never an empty list.
+                raise EncodingError("entitlement policy: secrets is present but empty")
             rule = m["id_rule"]
             _exact_keys(rule, {"prefix", "first", "last", "digits"}, "id_rule")
             quorum = []
@@ -192,6 +272,9 @@ class EntitlementPolicy:
                 ),
                 quorum=tuple(quorum),
                 clock_skew_s=_typed(m["clock_skew_s"], int, "clock_skew_s"),
+                secrets=tuple(
+                    SecretRule.from_map(r) for r in _typed(m.get("secrets", []), list, "secrets")
+                ),
             )
         except InvalidValueError as exc:
             raise EncodingError(f"invalid entitlement policy: {exc.args[0]}") from exc

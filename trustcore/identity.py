@@ -20,9 +20,11 @@ from trustcore.errors import InvalidValueError
 
 __all__ = ["CertSerial", "DeviceId", "SiteId", "StationId"]
 
-#: ASCII letter or digit first, then letters, digits, ``.``, ``_`` or ``-``; 1 to 64 chars.
-#: No ``/ + # $``, whitespace, control or non-ASCII characters can pass.
-_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: ASCII letter or digit first, then letters, digits, ``.`` or ``-``; 1 to 64 chars.
+#: No ``/ + # $``, whitespace, control or non-ASCII characters can pass. No ``_`` either:
+#: the id is the certificate subject's serialNumber, a PrintableString (RFC 5280, X.520),
+#: which cannot hold one (a certificate with it does not parse).
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
 
 
 def _check_identifier(kind: str, value: object) -> str:
@@ -31,7 +33,7 @@ def _check_identifier(kind: str, value: object) -> str:
     # fullmatch: ``$`` in a pattern would also accept a trailing newline.
     if _IDENTIFIER.fullmatch(value) is None:
         raise InvalidValueError(
-            f"{kind} {value!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}} (ASCII only)"
+            f"{kind} {value!r} must match [A-Za-z0-9][A-Za-z0-9.-]{{0,63}} (ASCII only)"
         )
     return value
 

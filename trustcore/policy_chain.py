@@ -113,7 +113,7 @@ class NamedPlugin(Generic[C]):
 
 
 def missing_plugin(name: str, detail: str, reason: str = "plugin_missing") -> NamedPlugin[Any]:
-    """A stand-in for a configured plugin that could not be loaded (not installed:
+    """A placeholder for a configured plugin that could not be loaded (not installed:
     ``plugin_missing``; its factory refused the settings: ``plugin_error``). It refuses every
     request, so a missing plugin fails closed on every decision, not only at start-up."""
 

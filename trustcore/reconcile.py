@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trustcore.device_secrets import check_secret_use
 from trustcore.entitlement import EntitlementPolicy
+from trustcore.errors import PolicyError
 
 VIOLATION_KINDS = (
     "over_quota",
@@ -22,6 +24,7 @@ VIOLATION_KINDS = (
     "wrong_product",
     "duplicate_device",
     "duplicate_key",
+    "secret_outside_policy",
 )
 
 
@@ -51,6 +54,8 @@ class ReconciliationReport:
     daily_limit: int
     violations: tuple[Violation, ...]
     burned: int = 0  # counter slots consumed without a certificate (count toward the quota)
+    #: ``secret_provisioned`` records per product secret name (this export).
+    secret_uses: dict[str, int] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
@@ -71,6 +76,7 @@ class ReconciliationReport:
             "quota": self.quota,
             "daily_limit": self.daily_limit,
             "per_day": dict(sorted(self.per_day.items())),
+            "secret_uses": dict(sorted(self.secret_uses.items())),
             "clean": self.clean,
             "violation_counts": self.counts(),
             "violations": [v.to_map() for v in self.violations[:max_violations]],
@@ -102,6 +108,8 @@ class Reconciler:
     reissue_grants: dict[str, list[bytes]] = field(default_factory=dict)
     #: Grants consumed here: (request id, audit seq of the re-issue it allowed).
     reissues_used: list[tuple[bytes, int]] = field(default_factory=list)
+    #: Product secrets handed to devices (``secret_provisioned``), per secret name.
+    secret_uses: dict[str, int] = field(default_factory=dict)
     _day_start: int = 1
     _day_end: int = 0
     _day: str = ""
@@ -207,6 +215,26 @@ class Reconciler:
                 f"burned slot {used} of quota {self.policy.total_quota}",
             )
 
+    def add_secret(self, seq: int, when: int, device_id: str, secret: str, product: str) -> None:
+        """A ``secret_provisioned`` record: counted, and flagged ``secret_outside_policy``
+        when the entitlement's rule for that secret does not give it to that device at that
+        time (``trustcore.device_secrets``, the station's own check), or when the device
+        holds no certificate under this entitlement (secrets go only to devices the station
+        issued, after the issuance record)."""
+        self.secret_uses[secret] = self.secret_uses.get(secret, 0) + 1
+        try:
+            check_secret_use(self.policy, secret, device_id, product, when)
+        except PolicyError as exc:
+            self._flag("secret_outside_policy", seq, device_id, f"{secret}: {exc}")
+            return
+        if device_id not in self.device_ids:
+            self._flag(
+                "secret_outside_policy",
+                seq,
+                device_id,
+                f"{secret}: the device has no certificate under this entitlement",
+            )
+
     def _flag(self, kind: str, seq: int, device_id: str, detail: str) -> None:
         self.violations.append(Violation(kind, seq, device_id, detail))
 
@@ -220,4 +248,5 @@ class Reconciler:
             daily_limit=self.policy.daily_limit,
             violations=tuple(self.violations),
             burned=self.burned,
+            secret_uses=dict(self.secret_uses),
         )

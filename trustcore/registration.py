@@ -93,8 +93,10 @@ __all__ = [
     "parse_key_update",
     "parse_request",
     "parse_response",
+    "parsed_csr",
     "public_message",
     "sign_envelope",
+    "tls_bound_request",
     "verify_request",
     "wrap_payload_key",
 ]
@@ -356,6 +358,11 @@ class RegistrationRequest:
     csr: x509.CertificateSigningRequest | None = field(repr=False, compare=False, default=None)
     csr_key: ec.EllipticCurvePublicKey | None = field(repr=False, compare=False, default=None)
     csr_spki: bytes | None = field(repr=False, compare=False, default=None)
+    #: True only for a request made by a transport that authenticated the holder of the
+    #: IDevID key itself (:func:`tls_bound_request`: EST over mutual TLS, the IDevID is the
+    #: TLS peer certificate): there is no envelope signature to check, the handshake was
+    #: the proof of possession. Never set by :func:`parse_request` (bytes from a broker).
+    transport_authenticated: bool = field(repr=False, default=False)
 
 
 def build_request(
@@ -420,20 +427,7 @@ def parse_request(data: bytes) -> RegistrationRequest:
             raise EncodingError(f"chain must be at most {MAX_CHAIN_LENGTH} DER certificates")
     except (EncodingError, InvalidValueError) as exc:
         raise RegistrationError(f"registration request: {exc}") from exc
-    csr_object: x509.CertificateSigningRequest | None = None
-    csr_public: ec.EllipticCurvePublicKey | None = None
-    csr_spki: bytes | None = None
-    csr_key: bytes | None = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            csr_object = x509.load_der_x509_csr(csr)
-            csr_public = require_p256_public_key(csr_object.public_key())
-            csr_spki = spki_der(csr_public)
-            csr_key = hashlib.sha256(csr_spki).digest()  # = keys.key_id
-    except (*_PARSE_ERRORS, ProfileError):
-        # refused by verify_request with the precise CSR reason
-        csr_object, csr_public, csr_spki, csr_key = None, None, None, None
+    csr_object, csr_public, csr_spki, csr_key = parsed_csr(csr)
     return RegistrationRequest(
         device_id=device_id,
         nonce=nonce,
@@ -449,6 +443,72 @@ def parse_request(data: bytes) -> RegistrationRequest:
         csr=csr_object,
         csr_key=csr_public,
         csr_spki=csr_spki,
+    )
+
+
+def parsed_csr(
+    csr_der: bytes,
+) -> tuple[
+    x509.CertificateSigningRequest | None,
+    ec.EllipticCurvePublicKey | None,
+    bytes | None,
+    bytes | None,
+]:
+    """The CSR parsed once (object, P-256 key, SPKI, key id), or four Nones if it does not
+    parse: :func:`verify_request` then refuses it with the precise ``csr_*`` reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            csr_object = x509.load_der_x509_csr(csr_der)
+            csr_public = require_p256_public_key(csr_object.public_key())
+            csr_spki = spki_der(csr_public)
+    except (*_PARSE_ERRORS, ProfileError):
+        return None, None, None, None
+    return csr_object, csr_public, csr_spki, hashlib.sha256(csr_spki).digest()  # = keys.key_id
+
+
+#: Domain of the idempotency key of a transport-authenticated registration (EST).
+TLS_BOUND_DOMAIN = "devtrust/est-simpleenroll/v1"
+
+
+def tls_bound_request(
+    *,
+    device_id: DeviceId,
+    idevid_der: bytes,
+    csr_der: bytes,
+    chain_der: Sequence[bytes],
+    nonce: bytes,
+    time: int,
+) -> RegistrationRequest:
+    """A registration request whose sender a transport authenticated (EST ``simpleenroll``
+    over mutual TLS): ``idevid_der`` MUST be the certificate the TLS peer proved it holds the
+    key of, ``device_id`` the id that certificate names (the "topic" of this transport).
+    :func:`verify_request` runs every check of a signed request on it except the envelope
+    signature (the handshake replaced it); freshness and nonce are the transport's (a fresh
+    handshake; ``nonce`` made by the server). No wrap key: the payload key is not part of
+    an EST answer (``docs/est.md``). ``digest`` (the idempotency key) covers the IDevID and
+    the CSR: the same CSR sent again by the same device gets the stored certificate."""
+    if len(csr_der) > MAX_CSR_SIZE or not 0 < len(idevid_der) <= MAX_CERT_SIZE:
+        raise RegistrationError("EST request: CSR or certificate too large", reason="oversized")
+    if len(chain_der) > MAX_CHAIN_LENGTH:
+        raise RegistrationError(f"chain must be at most {MAX_CHAIN_LENGTH} certificates")
+    csr_object, csr_public, csr_spki, csr_key = parsed_csr(csr_der)
+    return RegistrationRequest(
+        device_id=device_id,
+        nonce=nonce,
+        time=time,
+        csr_der=csr_der,
+        wrap_key_der=b"",
+        idevid_der=idevid_der,
+        chain_der=tuple(chain_der),
+        body=b"",
+        signature=b"",
+        digest=hashlib.sha256(cbor.encode([TLS_BOUND_DOMAIN, idevid_der, csr_der])).digest(),
+        csr_key_id=csr_key,
+        csr=csr_object,
+        csr_key=csr_public,
+        csr_spki=csr_spki,
+        transport_authenticated=True,
     )
 
 
@@ -493,7 +553,8 @@ class VerifiedRegistration:
     station_id: StationId | None
     ldevid_public_key: ec.EllipticCurvePublicKey
     ldevid_key_id: bytes
-    wrap_public_key: ec.EllipticCurvePublicKey
+    #: None only for a transport-authenticated (EST) request: no payload key in its answer.
+    wrap_public_key: ec.EllipticCurvePublicKey | None
     #: In the site manifest. False only with ``defer_manifest``: then the admission plugins
     #: and :func:`decide_admission` must still decide (never issue on this alone).
     in_manifest: bool = True
@@ -590,7 +651,11 @@ def _verify_request(
             f"certificate names {identity.device_id}, request {request.device_id}",
         )
     idevid_key = identity.leaf_key or identity.leaf.public_key()
-    if not isinstance(idevid_key, ec.EllipticCurvePublicKey) or not _verify_sig(
+    if not isinstance(idevid_key, ec.EllipticCurvePublicKey):
+        raise _refuse("bad_signature", "the IDevID key is not an EC key")
+    # A transport-authenticated request (EST, tls_bound_request): the TLS handshake proved
+    # possession of this very key; every other request carries the envelope signature.
+    if not request.transport_authenticated and not _verify_sig(
         idevid_key, request.signature, REQUEST_DOMAIN, request.body
     ):
         raise _refuse("bad_signature", "request signature does not verify with the IDevID key")
@@ -628,11 +693,13 @@ def _verify_request(
     # parsed only now (e.g. PEM) was never looked up.
     if request.csr_key_id != ldevid_key_id:
         raise _refuse("csr_malformed", "CSR key id changed between parse and verify")
-    wrap = load_canonical_p256_spki(request.wrap_key_der)
-    if wrap is None:
-        raise _refuse("bad_wrap_key", "wrap key is not a canonical P-256 SPKI")
-    if request.wrap_key_der in (csr_spki, idevid_spki):
-        raise _refuse("bad_wrap_key", "wrap key must be a separate ECDH key")
+    wrap: ec.EllipticCurvePublicKey | None = None
+    if not (request.transport_authenticated and request.wrap_key_der == b""):
+        wrap = load_canonical_p256_spki(request.wrap_key_der)
+        if wrap is None:
+            raise _refuse("bad_wrap_key", "wrap key is not a canonical P-256 SPKI")
+        if request.wrap_key_der in (csr_spki, idevid_spki):
+            raise _refuse("bad_wrap_key", "wrap key must be a separate ECDH key")
     return VerifiedRegistration(
         request=request,
         identity=identity,
@@ -793,7 +860,7 @@ def issue_ldevid(
     nonce: bytes,
     request_digest: bytes,
     ldevid_public_key: ec.EllipticCurvePublicKey,
-    wrap_public_key: ec.EllipticCurvePublicKey,
+    wrap_public_key: ec.EllipticCurvePublicKey | None,
     site_ca: x509.Certificate,
     site_ca_der: bytes,
     site_signer: Signer,
@@ -804,7 +871,8 @@ def issue_ldevid(
 ) -> Issued:
     """The one issuance of an LDevID, for registration and renewal alike: certificate
     (validity ``now - 5 min ... min(now + validity, site CA notAfter)``), payload key
-    wrapped to the device's ECDH key, signed ``ok`` response bound to the request."""
+    wrapped to the device's ECDH key, signed ``ok`` response bound to the request. A device
+    without a wrap key (enrolled over EST) gets an ``ok`` answer without ``payload_key``."""
     start = max(now - timedelta(minutes=5), site_ca.not_valid_before_utc)
     end = min(now + validity, site_ca.not_valid_after_utc)
     try:
@@ -828,8 +896,9 @@ def issue_ldevid(
         "request": request_digest,
         "ldevid": ldevid_der,
         "site_ca": site_ca_der,
-        "payload_key": wrap_payload_key(payload_key, device_id, wrap_public_key),
     }
+    if wrap_public_key is not None:
+        body["payload_key"] = wrap_payload_key(payload_key, device_id, wrap_public_key)
     return Issued(
         response=_envelope(RESPONSE_DOMAIN, body, site_signer),
         ldevid=ldevid,

@@ -66,9 +66,11 @@ __all__ = [
     "RenewalRequest",
     "VerifiedRenewal",
     "build_renewal_request",
+    "issued_by",
     "parse_renewal_request",
     "renew_from",
     "renewal_due",
+    "tls_bound_renewal",
     "verify_renewal",
 ]
 
@@ -155,6 +157,46 @@ class RenewalRequest:
     signature: bytes = field(repr=False)
     digest: bytes = field(repr=False)
     csr_key_id: bytes | None = field(repr=False, default=None)
+    #: True only for :func:`tls_bound_renewal` (EST ``simplereenroll``: the current LDevID is
+    #: the TLS peer certificate, the handshake proved its key): no envelope signature.
+    transport_authenticated: bool = field(repr=False, default=False)
+
+
+#: Domain of the idempotency key of a transport-authenticated renewal (EST).
+TLS_BOUND_RENEWAL_DOMAIN = "devtrust/est-simplereenroll/v1"
+
+
+def tls_bound_renewal(
+    *, device_id: DeviceId, ldevid_der: bytes, csr_der: bytes, nonce: bytes, time: int
+) -> RenewalRequest:
+    """A renewal whose sender a transport authenticated with its current LDevID (EST
+    ``simplereenroll`` over mutual TLS): ``ldevid_der`` MUST be the TLS peer certificate.
+    :func:`verify_renewal` runs every check except the envelope signature."""
+    if len(csr_der) > MAX_CSR_SIZE or not 0 < len(ldevid_der) <= MAX_CERT_SIZE:
+        raise RegistrationError("EST request: CSR or certificate too large", reason="oversized")
+    return RenewalRequest(
+        device_id=device_id,
+        nonce=nonce,
+        time=time,
+        csr_der=csr_der,
+        ldevid_der=ldevid_der,
+        body=b"",
+        signature=b"",
+        digest=hashlib.sha256(
+            cbor.encode([TLS_BOUND_RENEWAL_DOMAIN, ldevid_der, csr_der])
+        ).digest(),
+        csr_key_id=_csr_key_id(csr_der),
+        transport_authenticated=True,
+    )
+
+
+def _csr_key_id(csr: bytes) -> bytes | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return key_id(require_p256_public_key(x509.load_der_x509_csr(csr).public_key()))
+    except (*_PARSE_ERRORS, ProfileError):
+        return None  # refused by verify_renewal with the precise CSR reason
 
 
 def build_renewal_request(
@@ -206,14 +248,7 @@ def parse_renewal_request(data: bytes) -> RenewalRequest:
             raise EncodingError("a field is too long")
     except (EncodingError, InvalidValueError) as exc:
         raise RegistrationError(f"renewal request: {exc}") from exc
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            csr_key: bytes | None = key_id(
-                require_p256_public_key(x509.load_der_x509_csr(csr).public_key())
-            )
-    except (*_PARSE_ERRORS, ProfileError):
-        csr_key = None  # refused by verify_renewal with the precise CSR reason
+    csr_key = _csr_key_id(csr)
     return RenewalRequest(
         device_id=device_id,
         nonce=nonce,
@@ -266,7 +301,8 @@ def _refuse(reason: str, detail: str) -> RegistrationError:
     return RegistrationError(detail, reason=reason)
 
 
-def _issued_by(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> bool:
+def issued_by(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> bool:
+    """True if one of ``cas`` signed ``cert`` (name and signature; no other check)."""
     for ca in cas:
         if ca.subject != cert.issuer:
             continue
@@ -327,7 +363,7 @@ def _verify(
         current = x509.load_der_x509_certificate(request.ldevid_der)
     except _PARSE_ERRORS as exc:
         raise _refuse("ldevid_unknown", f"LDevID does not parse: {exc}") from exc
-    if not _issued_by(current, site_cas):
+    if not issued_by(current, site_cas):
         raise _refuse("ldevid_unknown", "LDevID is not issued by this site's CA")
     try:
         named = device_id_from_certificate(current)
@@ -336,7 +372,10 @@ def _verify(
     if named != device:
         raise _refuse("device_mismatch", f"LDevID names {named}, request {device}")
     public = current.public_key()
-    if not isinstance(public, ec.EllipticCurvePublicKey) or not envelope_signature_valid(
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise _refuse("bad_signature", "the LDevID key is not an EC key")
+    # EST (tls_bound_renewal): the TLS handshake proved possession of this LDevID's key.
+    if not request.transport_authenticated and not envelope_signature_valid(
         public, request.signature, RENEWAL_REQUEST_DOMAIN, request.body
     ):
         raise _refuse("bad_signature", "renewal request signature does not verify with the LDevID")
@@ -361,7 +400,7 @@ def _verify(
     if (
         facts.issued_at is not None
         and now - facts.issued_at < policy.min_interval
-        and _issued_by(current, site_cas[:1])  # a retiring CA's LDevID moves at once
+        and issued_by(current, site_cas[:1])  # a retiring CA's LDevID moves at once
     ):
         raise _refuse(
             "too_early",

@@ -339,8 +339,9 @@ class ChainVerifier:
             leaf = load_certificate(leaf)
         presented = tuple(intermediates)
         try:
-            device_id, leaf_key = self._check_leaf(leaf, moment, require_device_id)
-            chain = self._known_path(leaf, presented, moment)
+            names = _names_der(leaf)
+            device_id, leaf_key = self._check_leaf(leaf, names, moment, require_device_id)
+            chain = self._known_path(leaf, names[0], presented, moment)
             if chain is None:
                 untrusted = list(self._intermediates) + list(presented)
                 chain = self._build_path(leaf, untrusted, moment)
@@ -374,11 +375,16 @@ class ChainVerifier:
         return tuple(parsed.get(der) or x509.load_der_x509_certificate(der) for der in ders)
 
     def _known_path(
-        self, leaf: x509.Certificate, presented: tuple[x509.Certificate, ...], now: datetime
+        self,
+        leaf: x509.Certificate,
+        issuer_der: bytes,
+        presented: tuple[x509.Certificate, ...],
+        now: datetime,
     ) -> tuple[x509.Certificate, ...] | None:
-        """The chain through a remembered, already verified CA path, or None (full path)."""
+        """The chain through a remembered, already verified CA path, or None (full path).
+        ``issuer_der``: the leaf's issuer as encoded (``_names_der``)."""
         known = self._paths.get(presented)
-        if known is None or _names_der(leaf)[0] != known.issuer_subject:
+        if known is None or issuer_der != known.issuer_subject:
             return None  # (a name encoded otherwise takes the full path: still correct)
         if any(not c.not_valid_before_utc <= now <= c.not_valid_after_utc for c in known.tail):
             return None  # the full path says which one and why
@@ -414,8 +420,13 @@ class ChainVerifier:
             self._parsed[cert.public_bytes(serialization.Encoding.DER)] = cert
 
     def _check_leaf(
-        self, leaf: x509.Certificate, now: datetime, require_device_id: bool
+        self,
+        leaf: x509.Certificate,
+        names: tuple[bytes, bytes],
+        now: datetime,
+        require_device_id: bool,
     ) -> tuple[DeviceId | None, ec.EllipticCurvePublicKey]:
+        """``names``: the leaf's (issuer, subject) as encoded (``_names_der``)."""
         try:
             key = leaf.public_key()
         except (ValueError, TypeError) as exc:
@@ -432,7 +443,7 @@ class ChainVerifier:
         # A self-signed leaf vouches for itself only: say so rather than "unknown issuer".
         # (Compared as encoded: a self-signed leaf with its names encoded two ways is
         # refused as "untrusted" all the same, by the path check.)
-        issuer_der, subject_der = _names_der(leaf)
+        issuer_der, subject_der = names
         if issuer_der == subject_der:
             try:
                 leaf.verify_directly_issued_by(leaf)

@@ -6,7 +6,7 @@ same facts as the built-in checks in :mod:`trustcore.issuance`. The configured p
 as ONE extra check after :data:`~trustcore.issuance.DEFAULT_CHECKS` (they can add refusals,
 never remove a built-in check), composed by :func:`trustcore.policy_chain.run_chain` with
 holds disallowed (a provisioning cannot wait for a person). A configured plugin that is
-not installed, or whose factory rejects its settings, becomes a stand-in that refuses every
+not installed, or whose factory rejects its settings, becomes a placeholder that refuses every
 issuance; :func:`load_station_plugins` also reports it so the operator sees it at start-up.
 """
 

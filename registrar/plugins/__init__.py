@@ -10,7 +10,7 @@ They run after every built-in check (:func:`trustcore.registration.decide_admiss
 can refuse or hold a device, never admit one the manifest (or the installer) did not. A
 listed plugin that is not installed, or rejects its settings, is reported by
 :func:`load_site_plugins` (``registrar run`` refuses to start) and, should the service run
-anyway, replaced by a stand-in that refuses every registration.
+anyway, replaced by a placeholder that refuses every registration.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ CONFIG_FILE = "plugins.json"
 
 @dataclass(frozen=True)
 class LoadedAdmission:
-    """Configured plugins in order (stand-ins for broken ones) and the problems found."""
+    """Configured plugins in order (placeholders for broken ones) and the problems found."""
 
     plugins: tuple[NamedPlugin[AdmissionContext], ...]
     problems: tuple[str, ...]

@@ -916,6 +916,19 @@ class Store:
             (device_id.value, key_id, issued, at),
         )
 
+    async def set_wrap_key(
+        self, device_id: DeviceId, ldevid_serial: str, wrap_key_der: bytes
+    ) -> DeviceRecord | None:
+        """Record the wrap key of a device enrolled without one (EST), while ``ldevid_serial``
+        is still its current certificate. Set once: a device that has a wrap key keeps it.
+        Returns the device's record as stored afterwards (None: not registered)."""
+        await self._write(
+            "UPDATE devices SET wrap_key = ? "
+            "WHERE device_id = ? AND ldevid_serial = ? AND length(wrap_key) = 0",
+            (wrap_key_der, device_id.value, ldevid_serial),
+        )
+        return await self.device(device_id)
+
     async def devices_per_payload_key(self) -> dict[bytes, int]:
         """Registered devices per acknowledged payload key id (``registrar status``, every
         half second). The count reads every registered device's index entry (about 110 ms
