@@ -88,6 +88,7 @@ class DeviceAgent:
         renew: Renewer,
         interval: float = 0.1,
         retry_delay: float = 0.2,
+        max_retry_delay: float = 5.0,
         renew_backoff: float = 5.0,
     ) -> None:
         self.client = client
@@ -95,6 +96,10 @@ class DeviceAgent:
         self.renew = renew
         self.interval = interval
         self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+        #: The next reading to send: it moves on only once the broker acknowledged the
+        #: current one (QoS 1 PUBACK), so a reading lost with a connection is sent again.
+        self.reading = 0
         self.stats = AgentStats()
         self.connected = asyncio.Event()
         self._last_ok = 0.0
@@ -110,11 +115,13 @@ class DeviceAgent:
         self.stats.telemetry += 1
 
     async def run(self, stop: asyncio.Event) -> None:
+        delay = self.retry_delay
         while not stop.is_set():
             renew_due = False
             try:
                 async with self.client.operational(self.operational) as session:
                     self.stats.connects += 1
+                    delay = self.retry_delay  # connected: the back-off starts again
                     reg = self.client.registered
                     assert reg is not None
                     self.stats.issuers.append(reg.ldevid.issuer.rfc4514_string())
@@ -137,12 +144,14 @@ class DeviceAgent:
                     # stay in service on the current LDevID; try again after a back-off
                     self._renew_pending = True
                     self._renew_not_before = time.monotonic() + self.renew_backoff
+            # Exponential back-off while the broker stays away (a restarting broker is
+            # not hammered by every device at once), capped at ``max_retry_delay``.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.retry_delay)
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(2 * delay, self.max_retry_delay)
 
     async def _serve(self, session: OperationalSession, stop: asyncio.Event) -> bool:
         """Publish telemetry until stopped (False) or a renewal is due (True)."""
-        n = 0
         while not stop.is_set():
             while not session.renew_requests.empty():
                 session.renew_requests.get_nowait()
@@ -150,9 +159,9 @@ class DeviceAgent:
             if self._renew_pending and time.monotonic() >= self._renew_not_before:
                 self._renew_pending = False
                 return True
-            await session.publish_telemetry(f"reading {n}".encode())
+            await session.publish_telemetry(f"reading {self.reading}".encode())
             self._published()
-            n += 1
+            self.reading += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval)
         return False

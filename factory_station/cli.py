@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,8 @@ from trustcore.cli_net import guarded_group
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId, StationId
 from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
+
+log = logging.getLogger(__name__)
 
 _HOME = click.option(
     "--home",
@@ -270,13 +273,22 @@ def provision(
         did = DeviceId(device_id) if device_id else station.allocate_device_id()
         directory = device_dir or home / "devices" / did.value
         directory.mkdir(parents=True, exist_ok=True)
-        with Tpm(device_tcti) as device_tpm:
+        try:
+            device_tpm = Tpm(device_tcti)
+        except SignerError as exc:
+            raise Refused(f"device_error: cannot reach the device TPM: {exc}") from exc
+        try:
             res = provision_device(
                 station,
                 TpmDevice(device_tpm, directory),
                 did,
                 secrets=list(secret_names) if secret_names else None,
             )
+        finally:
+            try:
+                device_tpm.close()
+            except SignerError as exc:  # the outcome above stands; the TPM went away after
+                log.warning("device TPM at %s did not close cleanly: %s", device_tcti, exc)
     _print_result(res, as_json)
 
 

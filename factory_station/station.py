@@ -35,7 +35,7 @@ import dataclasses
 import fcntl
 import json
 import logging
-import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,6 +63,7 @@ from factory_station.plugins import LoadedPlugins, load_station_plugins
 from factory_station.store import ActiveEntitlement, MonotonicCounter, StationStore
 from signers.errors import SignerError, TpmError, TpmImportError
 from signers.private_files import private_home
+from signers.software import write_private_file
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage, TpmNvCounter
 from signers.tpm_import import SecretImport, build_secret_import
 from trustcore import cbor
@@ -312,12 +313,12 @@ def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    """Replace ``path`` atomically (0600): on a full disk the old file stays and no
+    temporary file is left behind (``StationStateError`` naming the file)."""
+    try:
+        write_private_file(path, data, overwrite=True)
+    except SignerError as exc:
+        raise StationStateError(str(exc)) from exc
 
 
 def _load_pem_certs(path: Path) -> list[x509.Certificate]:
@@ -508,6 +509,14 @@ class FactoryStation:
             for thing in reversed(opened):
                 thing.close()
             raise StationStateError(f"station TPM: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            # A damaged file is refused before anything writes to it (fail closed: the
+            # operator restores or re-initialises; the station never repairs it in place).
+            for thing in reversed(opened):
+                thing.close()
+            raise StationStateError(
+                f"station database {home / DB_FILE} is damaged or unreadable: {exc}"
+            ) from exc
         except BaseException:
             for thing in reversed(opened):
                 thing.close()
@@ -517,8 +526,14 @@ class FactoryStation:
     def close(self) -> None:
         with self._lock:
             self.store.close()
-            self.tpm.close()
-            self._lock_file.close()
+            try:
+                self.tpm.close()
+            except SignerError as exc:
+                # The TPM went away (its process died, the bus reset): the error that
+                # brought us here, if any, is the one to report, not this one.
+                log.warning("station TPM did not close cleanly: %s", exc)
+            finally:
+                self._lock_file.close()
 
     def __enter__(self) -> FactoryStation:
         return self
@@ -552,6 +567,19 @@ class FactoryStation:
                 records.append((self._audit.head.next_seq - 1, rec))
             if records:
                 self.store.db.executemany("INSERT INTO audit(seq, record) VALUES (?, ?)", records)
+        for counter in recovery.aborted:
+            log.warning(
+                "recovered: issuance %d was interrupted before the TPM counter moved; "
+                "dropped (no slot used)",
+                counter,
+            )
+        for counter, device_id in recovery.burned:
+            log.warning(
+                "recovered: issuance %d for %s was interrupted after the TPM counter moved; "
+                "slot burned and audited (slot_burned)",
+                counter,
+                device_id,
+            )
         if records:
             self._reload_audit()
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -150,13 +150,23 @@ class StationStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One write transaction. A database that cannot be written (disk full, I/O error,
+        damaged file) raises :class:`StationStateError` naming the file; whatever the
+        transaction wrote is rolled back (SQLite never applies half a commit)."""
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.IntegrityError:
+            raise  # a constraint the caller maps to its own refusal
+        except sqlite3.DatabaseError as exc:
+            raise StationStateError(f"cannot write station database {self.path}: {exc}") from exc
 
     # -- meta ---------------------------------------------------------------------------
     def get_meta(self, key: str) -> object | None:

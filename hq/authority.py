@@ -535,5 +535,5 @@ def write_package(path: Path, data: bytes) -> None:
     but there is no reason to let others copy it)."""
     try:
         write_private_file(path, data)
-    except SignerError as exc:
-        raise HomeError(str(exc)) from exc
+    except SignerError as exc:  # the output's directory (a USB stick): full, read-only, …
+        raise HomeError(str(exc), reason="output_not_written") from exc

@@ -310,12 +310,10 @@ async def revoke_device(
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     already = record.status == "revoked"
     if not already:
-        await store.set_status(device_id, "revoked")
-        await store.mark_revoked(device_id, at=int(moment.timestamp()))
-        await store.record_event(
+        await store.record_revocation(
             device_id,
-            "revoked",
-            f"reason {reason}; ldevid {', '.join(serials)}; site CRL {number}",
+            at=int(moment.timestamp()),
+            detail=f"reason {reason}; ldevid {', '.join(serials)}; site CRL {number}",
         )
     cut: int | None = None
     if broker is not None:

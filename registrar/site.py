@@ -880,9 +880,14 @@ def reissue_site_crl(
         for c in _load_pem_crls((home.current / "crls.pem").read_bytes())
         if c.issuer not in subjects
     ]
-    write_private_file(
-        home.current / "crls.pem", b"".join(_crl_pem(c) for c in (*others, *own)), overwrite=True
-    )
+    try:
+        write_private_file(
+            home.current / "crls.pem",
+            b"".join(_crl_pem(c) for c in (*others, *own)),
+            overwrite=True,
+        )
+    except SignerError as exc:  # disk full, read-only: the old CRL file stays whole
+        raise ConfigError(f"the site CRL was not written: {exc}", reason="site_files") from exc
     if retiring is not None:
         write_private_file(home.current / "retiring-crl.pem", _crl_pem(own[1]), overwrite=True)
     write_private_file(home.current / "site-crl.pem", _crl_pem(crl), overwrite=True)

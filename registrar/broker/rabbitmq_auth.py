@@ -349,9 +349,7 @@ class AuthBackend:
         app = web.Application(client_max_size=16 * 1024)
         app.router.add_route("*", "/{kind}", self._handle)
         try:
-            runner, bound = await start_http(
-                app, host, port, ssl_context=ssl_context, backlog=512
-            )
+            runner, bound = await start_http(app, host, port, ssl_context=ssl_context, backlog=512)
         except OSError as exc:
             raise BrokerError(f"the auth backend cannot listen on {host}:{port}: {exc}") from exc
         self._port = bound

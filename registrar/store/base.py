@@ -26,6 +26,7 @@ from registrar.store.records import (
     PendingApproval,
     Registration,
     RenewalLookup,
+    Statements,
 )
 from trustcore.identity import DeviceId
 from trustcore.registration import FRESHNESS_SECONDS
@@ -157,9 +158,18 @@ class Store:
     (or ``async with``)."""
 
     def __init__(
-        self, backend: Backend, *, batch_window: float, max_batch: int, instance: str
+        self,
+        backend: Backend,
+        *,
+        batch_window: float,
+        max_batch: int,
+        instance: str,
+        where: str = "",
     ) -> None:
         self._backend = backend
+        #: Named in write errors, so an operator knows which file or database (no secret:
+        #: a PostgreSQL URL is shown without its password).
+        self._what = f"registrar database {where}".rstrip()
         self._window = batch_window
         self._max_batch = max_batch
         self.instance = instance
@@ -213,6 +223,7 @@ class Store:
             batch_window=batch_window,
             max_batch=max_batch,
             instance=instance or default_instance_name(),
+            where=str(where.path) if where.kind == "sqlite" else str(where),
         )
         store._task = asyncio.create_task(store._writer(), name="registrar-store-writer")
         if not backend.local_feed:
@@ -380,6 +391,25 @@ class Store:
             self._change(kind, device_id, detail=status),
         )
 
+    async def record_revocation(self, device_id: DeviceId, *, at: int, detail: str) -> None:
+        """A local revocation in one transaction: the device's status, ``revoked_at`` on
+        each of its LDevIDs and the ``revoked`` event. A failure (a full disk) leaves
+        none of them: the revocation is retried whole, never half recorded."""
+        dev = device_id.value
+        future = self._submit(
+            Statements(
+                (
+                    (q.REVOKE_DEVICE, (dev,)),
+                    (q.REVOKE_CERTS, (at, dev)),
+                    (q.INSERT_EVENT, (int(time.time()), dev, "revoked", detail)),
+                )
+            ),
+            True,
+            self._change("revoked", device_id, detail="revoked"),
+        )
+        assert future is not None
+        await future
+
     async def mark_revoked(self, device_id: DeviceId, *, at: int) -> None:
         """Every LDevID of ``device_id`` not revoked yet gets ``revoked_at`` (chain record)."""
         await self._write(
@@ -546,7 +576,7 @@ class Store:
                 rows = await self._backend.call(call.sql, call.params)
         except self._backend.errors as exc:
             if not call.future.done():
-                call.future.set_exception(StoreError(f"registrar database write failed: {exc}"))
+                call.future.set_exception(StoreError(f"{self._what}: write failed: {exc}"))
         else:
             if not call.future.done():
                 call.future.set_result(rows)
@@ -583,7 +613,7 @@ class Store:
         changes: list[Change] = []
         for write in batch:
             item = write.item
-            if isinstance(item, tuple) or (
+            if isinstance(item, tuple | Statements) or (
                 isinstance(item, Registration) and item.device_id.value in devices
             ):
                 groups.append({})
@@ -593,7 +623,7 @@ class Store:
                 registered.append(item.device_id.value)
             for sql, params in q.statements_of(item):
                 groups[-1].setdefault(sql, []).append(params)
-            if isinstance(item, tuple):
+            if isinstance(item, tuple | Statements):
                 groups.append({})
             changes.extend(write.changes)
         async with self._exclusive:
@@ -623,7 +653,7 @@ class Store:
                     StoreConflict(f"registrar database refused a duplicate write: {exc}")
                 )
             else:
-                fut.set_exception(StoreError(f"registrar database write failed: {exc}"))
+                fut.set_exception(StoreError(f"{self._what}: write failed: {exc}"))
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from trustcore.identity import DeviceId
 
@@ -18,6 +19,7 @@ __all__ = [
     "PendingApproval",
     "Registration",
     "RenewalLookup",
+    "Statements",
 ]
 
 
@@ -89,6 +91,13 @@ class Event:
     device_id: str | None
     kind: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """Ad-hoc statements that commit together or not at all (one queued write)."""
+
+    statements: tuple[tuple[str, tuple[Any, ...]], ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from registrar.store.records import Change, Event, Registration
+from registrar.store.records import Change, Event, Registration, Statements
 
 __all__ = ["Item", "changes_of", "statements_of"]
 
-#: A queued write: a registration or renewal, an event, or one ad-hoc statement.
-Item = Registration | Event | tuple[str, tuple[Any, ...]]
+#: A queued write: a registration or renewal, an event, one ad-hoc statement, or ad-hoc
+#: statements that belong together.
+Item = Registration | Event | Statements | tuple[str, tuple[Any, ...]]
 
 SUPERSEDE = (
     "INSERT INTO superseded (ldevid_serial, device_id, superseded_at) "
@@ -52,6 +53,8 @@ INSERT_KEY = "INSERT INTO certified_keys (key_id, device_id) VALUES (?, ?) ON CO
 INSERT_REQUEST = "INSERT INTO requests (digest, device_id, response, created) VALUES (?,?,?,?)"
 INSERT_NONCE = "INSERT INTO nonces (nonce, device_id, time) VALUES (?, ?, ?)"
 INSERT_EVENT = "INSERT INTO events (time, device_id, kind, detail) VALUES (?, ?, ?, ?)"
+REVOKE_DEVICE = "UPDATE devices SET status = 'revoked' WHERE device_id = ?"
+REVOKE_CERTS = "UPDATE certificates SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL"
 LOOKUP = (
     "SELECT (SELECT response FROM requests WHERE digest = ?), "
     "EXISTS(SELECT 1 FROM nonces WHERE nonce = ?), "
@@ -117,6 +120,8 @@ def statements_of(item: Item) -> list[tuple[str, tuple[Any, ...]]]:
         return [(INSERT_EVENT, (item.time, item.device_id, item.kind, item.detail))]
     if isinstance(item, tuple):
         return [item]
+    if isinstance(item, Statements):
+        return list(item.statements)
     dev = item.device_id.value
     renewal = item.kind == "renewal"
     device_row = (
