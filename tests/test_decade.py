@@ -93,7 +93,10 @@ def _phases(figures: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return rows
 
 
-def test_the_whole_decade_passes_well_under_two_minutes(decade: dict[str, Any]) -> None:
+def test_the_whole_decade_passes(decade: dict[str, Any]) -> None:
+    """Every phase ok, in order, ten years covered. Its wall time is a figure
+    (``test_wall_s`` in .decade-figures.json, about a minute on a quiet machine), not an
+    assertion: speed is measured by bench/, and a timed test fails on a busy machine."""
     failed = [r for r in decade["phases"] if r["status"] != "ok"]
     assert not failed, json.dumps(failed, indent=2) + decade["stderr"]
     assert decade["outcome"] == "ok", decade["outcome"] + "\n" + decade["stderr"]
@@ -103,7 +106,6 @@ def test_the_whole_decade_passes_well_under_two_minutes(decade: dict[str, Any]) 
     started = datetime.fromisoformat(decade["started"])
     last = datetime.fromisoformat(decade["phases"][-1]["date"]).replace(tzinfo=UTC)
     assert last >= started + 10 * YEAR - timedelta(days=2)
-    assert decade["test_wall_s"] < 120
 
 
 def test_factory_certificates_outlive_the_entitlement(decade: dict[str, Any]) -> None:
