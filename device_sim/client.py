@@ -456,7 +456,9 @@ class DeviceClient:
         if not self.renewal_due():
             return "current"
         try:
-            await self.renew(operational, timeout=timeout, connect_timeout=3.0)
+            # 6 s: a refused certificate (TLS 1.3: a CONNECT without answer) costs the
+            # device that long; a busy broker host needs more than 3 s for a handshake.
+            await self.renew(operational, timeout=timeout, connect_timeout=6.0)
         except DeviceRegistrationError as exc:
             if exc.retry or exc.reason == "ldevid_revoked":
                 raise

@@ -180,7 +180,9 @@ class MqttSession(asyncio.Protocol):
         self._flush_scheduled = False
         self._paused = False
         self._inbox: collections.deque[Inbound] = collections.deque()
-        self._inbox_ready = asyncio.Event()
+        #: The reader waiting in :meth:`next_message` (one at a time), woken by a delivery
+        #: or by the end of the session.
+        self._reader: asyncio.Future[None] | None = None
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._next_id = 0
         self._credits = 65535
@@ -362,7 +364,7 @@ class MqttSession(asyncio.Protocol):
         if not topic:
             raise MqttSessionError("PUBLISH without a topic")
         self._inbox.append(Inbound(topic, body[pos:], bool(first & 0x01)))
-        self._inbox_ready.set()
+        self._wake_reader()
         self._update_reading()
 
     # --------------------------------------------------------------- the API
@@ -373,13 +375,13 @@ class MqttSession(asyncio.Protocol):
         while not self._inbox:
             if self.closed.done():
                 raise self.closed.result()
-            self._inbox_ready.clear()
-            waiter: asyncio.Future[Any] = asyncio.ensure_future(self._inbox_ready.wait())
-            closed: asyncio.Future[Any] = self.closed
+            if self._reader is not None and not self._reader.done():
+                raise MqttSessionError("next_message is already awaited by another reader")
+            self._reader = self._loop.create_future()
             try:
-                await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                await self._reader
             finally:
-                waiter.cancel()
+                self._reader = None
         message = self._inbox.popleft()
         if self._paused:
             self._update_reading()
@@ -493,6 +495,11 @@ class MqttSession(asyncio.Protocol):
         if self._paused:
             self._update_reading()
 
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
     def _update_reading(self) -> None:
         """Stop reading past the backlog (backpressure), unless a publisher waits for a
         credit: its PUBACKs arrive on the same stream."""
@@ -563,6 +570,6 @@ class MqttSession(asyncio.Protocol):
         for fut in pending:
             if not fut.done():
                 fut.set_exception(error)
-        self._inbox_ready.set()
+        self._wake_reader()
         with contextlib.suppress(Exception):
             self._buffer.clear()

@@ -221,11 +221,13 @@ async def _counterfeit_story(
     findings = json.loads(found.strip().splitlines()[-1])
     flagged = sorted(f["device_id"] for f in findings["findings"] if f["kind"] == "counterfeit")
     console.print(f"HQ cross-check flags as counterfeit: {', '.join(flagged)}")
-    t0 = time.perf_counter()
     await asyncio.to_thread(
         run, "hq", "revoke", "--home", hq, "--from-report", work / "findings.json",
         "--out", work / "revocations.sealed",
     )  # fmt: skip
+    # Timed from the site's side: the sealed revocations travel from HQ to the building
+    # (a file, any time later); the cut counts from the installer's import command.
+    t0 = time.perf_counter()
     await asyncio.to_thread(
         run, "registrar", "import-revocations", "--home", site, work / "revocations.sealed"
     )
@@ -360,7 +362,7 @@ def run_building(
                     "its TLS handshake refused (CRL)"))  # fmt: skip
     fakes = result["counterfeit"]
     summary.append(("counterfeit devices", f"{len(fakes['flagged'])} flagged",
-                    f"HQ revoked them; cut after {fakes['cut_s']:.2f} s; "
+                    f"HQ revoked them; cut {fakes['cut_s']:.2f} s after the site's import; "
                     f"{result['genuine_after']} genuine stay"))  # fmt: skip
     if len(fakes["flagged"]) != 3 or fakes["cut"] != 3 or fakes["cut_s"] > 5:
         raise SystemExit("demo failed: the counterfeit devices were not all found and cut off")

@@ -947,8 +947,9 @@ def device_id_from_certificate(
     one device and whose SAN (what the registrar may log) says another is refused.
     """
     try:
-        cn = _single_attribute(cert.subject, NameOID.COMMON_NAME, "CN")
-        serial = _single_attribute(cert.subject, NameOID.SERIAL_NUMBER, "serialNumber")
+        subject = cert.subject  # each access builds the Name anew
+        cn = _single_attribute(subject, NameOID.COMMON_NAME, "CN")
+        serial = _single_attribute(subject, NameOID.SERIAL_NUMBER, "serialNumber")
         try:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         except x509.ExtensionNotFound as exc:

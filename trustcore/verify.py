@@ -251,6 +251,8 @@ class ChainVerifier:
         self._parsed: dict[bytes, x509.Certificate] = {}
         #: CA certificate -> (subject DER, key id), see :meth:`_ca_id`.
         self._ca_ids: dict[x509.Certificate, tuple[bytes, bytes]] = {}
+        #: CA certificate -> its encoded cRLIssuer names, see :meth:`_crl_issuer_ders`.
+        self._crl_issuers: dict[x509.Certificate, tuple[bytes, ...]] = {}
 
     def _add_indirect(self, crl: x509.CertificateRevocationList, signer: x509.Certificate) -> None:
         """Accept an indirect CRL whose signer is a CRL-signer role certificate under one of
@@ -309,6 +311,16 @@ class ChainVerifier:
             if len(self._ca_ids) < _MAX_REMEMBERED_PATHS * 4:
                 self._ca_ids[ca] = known
         return known
+
+    def _crl_issuer_ders(self, cert: x509.Certificate, *, cached: bool) -> tuple[bytes, ...]:
+        """The encoded cRLIssuer names of ``cert``'s CRL distribution points; kept for the
+        CAs on verified chains (``cached``: a few, asked at every verification)."""
+        if cached and (known := self._crl_issuers.get(cert)) is not None:
+            return known
+        ders = tuple(name.public_bytes() for name in crl_issuers_of(cert))
+        if cached and len(self._crl_issuers) < _MAX_REMEMBERED_PATHS * 4:
+            self._crl_issuers[cert] = ders
+        return ders
 
     def _revocations_for(self, issuer: x509.Certificate) -> RevocationSet | None:
         key = self._ca_id(issuer)
@@ -558,13 +570,13 @@ class ChainVerifier:
 
     def _check_revocation(self, chain: tuple[x509.Certificate, ...], now: datetime) -> None:
         """Every certificate below the anchor is checked against its issuer's CRL."""
-        for cert, issuer in itertools.pairwise(chain):
+        for depth, (cert, issuer) in enumerate(itertools.pairwise(chain)):
             revocations = self._revocations_for(issuer)
             indirect = next(
                 (
-                    self._indirect[name.public_bytes()]
-                    for name in crl_issuers_of(cert)
-                    if name.public_bytes() in self._indirect
+                    held
+                    for der in self._crl_issuer_ders(cert, cached=depth > 0)
+                    if (held := self._indirect.get(der)) is not None
                 ),
                 None,
             )

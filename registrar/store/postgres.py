@@ -45,6 +45,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from registrar.errors import StoreError
 from registrar.store.records import Change
+from trustcore.store_location import safe_url
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresBackend"]
 
@@ -225,13 +226,13 @@ class PostgresBackend:
             )
             await pool.open(wait=True, timeout=10)
         except (psycopg.Error, PoolTimeout) as exc:
-            raise StoreError(f"cannot open registrar database {_safe(url)}: {exc}") from exc
+            raise StoreError(f"cannot open registrar database {safe_url(url)}: {exc}") from exc
         backend = cls(url, pool)
         try:
             await backend._connection()
         except psycopg.Error as exc:
             await pool.close()
-            raise StoreError(f"cannot open registrar database {_safe(url)}: {exc}") from exc
+            raise StoreError(f"cannot open registrar database {safe_url(url)}: {exc}") from exc
         return backend
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
@@ -464,10 +465,3 @@ class PostgresBackend:
             await task
 
 
-def _safe(url: str) -> str:
-    """The URL without a password, for messages."""
-    head, sep, tail = url.partition("@")
-    if not sep or ":" not in head.split("//", 1)[-1]:
-        return url
-    scheme, _, user = head.partition("//")
-    return f"{scheme}//{user.split(':', 1)[0]}:***@{tail}"
