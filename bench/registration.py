@@ -591,7 +591,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         prepared = prepare(devices)
         log(f"keys, CSRs, signed requests, TLS contexts in {time.perf_counter() - t:.1f} s")
         loads = [prepared[r * n : (r + 1) * n] for r in range(rounds)]
-        mqtt_loads = [prepared[(rounds + r) * n : (rounds + r + 1) * n] for r in range(rounds)]
+        mqtt_loads = (
+            [prepared[(rounds + r) * n : (rounds + r + 1) * n] for r in range(rounds)]
+            if est
+            else []
+        )
         idle = prepared[waves * rounds * n :]
         mqtt_out: list[Outcome] = []
 
