@@ -30,7 +30,6 @@ worker threads while device-side work overlaps in other threads.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import json
@@ -38,7 +37,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1663,11 +1662,6 @@ class FactoryStation:
                 last_export=None if last is None else last[0],
                 time=time_info,
             )
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        with self._lock:
-            yield
 
 
 _SEALED_REASONS = {

@@ -135,13 +135,6 @@ def begin_rollover(
 # ------------------------------------------------------------------------------- status
 
 
-def _issuer_of(der: bytes) -> x509.Name | None:
-    try:
-        return x509.load_der_x509_certificate(der).issuer
-    except ValueError:
-        return None
-
-
 def dependents(
     records: list[DeviceRecord], ca: x509.Certificate, now: datetime
 ) -> list[DeviceRecord]:

@@ -325,7 +325,6 @@ class MosquittoBroker:
         self._admin_stack: contextlib.AsyncExitStack | None = None
         self._admin_reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._command_lock = asyncio.Lock()
         self._ports: tuple[int, int, int] | None = None
         self._config: MosquittoConfig | None = None
         self._runtime: Path | None = None
