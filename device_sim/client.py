@@ -35,6 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from device_sim.errors import DeviceSimError
 from registrar.broker import Endpoint
 from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.csr import build_device_csr
@@ -84,13 +85,12 @@ RENEWAL = "renewal"
 RENEW_FROM = 2 / 3
 
 
-class DeviceRegistrationError(RuntimeError):
+class DeviceRegistrationError(DeviceSimError):
     """Registration did not succeed; ``reason`` is the registrar's public reason code (or
     ``timeout`` / ``no_valid_response``), ``retry`` its advice."""
 
     def __init__(self, message: str, *, reason: str, retry: bool = False) -> None:
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason=reason)
         self.retry = retry
 
 

@@ -39,6 +39,7 @@ from typing import Any, Self
 
 from cryptography import x509
 
+from device_sim.errors import DeviceSimError
 from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.attestation import CredentialChallenge
 from signers.attestation import AttestationEvidence, AttestationIdentity, TpmAttestor
@@ -70,8 +71,10 @@ SECRETS_DIR = "secrets"
 _SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-class DeviceStateError(RuntimeError):
+class DeviceStateError(DeviceSimError):
     """A device directory is missing, incomplete or inconsistent."""
+
+    reason = "bad_device_state"
 
 
 def _write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from device_sim.errors import DeviceSimError
 from signers.child_env import child_env
 
 __all__ = ["Swtpm", "SwtpmError", "provision_ek_certificate"]
@@ -41,8 +42,10 @@ _STOP_TIMEOUT = 5.0
 _CMD_GET_CAPABILITY = 1  # swtpm control channel command (big-endian uint32)
 
 
-class SwtpmError(RuntimeError):
+class SwtpmError(DeviceSimError):
     """swtpm could not be started, did not answer, or provisioning failed."""
+
+    reason = "swtpm_failed"
 
 
 def _port_free(port: int) -> bool:
