@@ -64,7 +64,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker_config.render import MAX_REGISTRAR_INSTANCES, instance_identity
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
 from registrar.channel import (
-    TELEMETRY_LEVEL,
     MqttChannel,
     MqttChannelSettings,
     RequestSource,
@@ -127,13 +126,11 @@ from trustcore.profiles import issue_service_client_certificate
 from trustcore.registration import AdmissionContext, RegistrationError, RegistrationRequest
 from trustcore.renewal import LdevidPolicy, RenewalRequest
 from trustcore.revocation import RevocationList
-from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
-from trustcore.topics import device_topic
+from trustcore.site_rollover import build_renew_now
+from trustcore.topics import COMMAND_LEVEL, ROLLOVER_LEVEL, device_topic
 from trustcore.wrap_key import parse_wrap_key_registration, verify_wrap_key
 
 __all__ = [
-    "COMMAND_LEVEL",
-    "TELEMETRY_LEVEL",
     "AppSettings",
     "RegistrarApp",
     "RotationResult",
@@ -159,7 +156,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-COMMAND_LEVEL = "cmd"
 #: Re-issue the site CRL when less than this is left before its nextUpdate.
 SITE_CRL_REFRESH_MARGIN = SITE_CRL_VALIDITY / 2
 #: Root/station CRLs closer than this to nextUpdate are reported (warning) in status/logs.

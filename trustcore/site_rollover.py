@@ -44,7 +44,6 @@ from trustcore.keys import Signer, key_id, spki_der
 from trustcore.messages import SiteEnrolment
 
 __all__ = [
-    "ROLLOVER_LEVEL",
     "RenewNow",
     "SiteCaRollover",
     "SiteRolloverError",
@@ -56,8 +55,6 @@ __all__ = [
 
 ROLLOVER_TYPE = "devtrust/site-ca-rollover/v1"
 RENEW_DOMAIN = "devtrust/renew-now/v1"
-#: ``devices/<id>/rollover``: where a registrar asks a device to renew its LDevID.
-ROLLOVER_LEVEL = "rollover"
 MAX_ROLLOVER_SIZE = 64 * 1024
 MAX_RENEW_SIZE = 4 * 1024
 _VERSION = 1
