@@ -61,8 +61,7 @@ from factory_station.errors import (
 from factory_station.plugins import LoadedPlugins, load_station_plugins
 from factory_station.store import ActiveEntitlement, MonotonicCounter, StationStore
 from signers.errors import SignerError, TpmError, TpmImportError
-from signers.private_files import private_home
-from signers.software import write_private_file
+from signers.private_files import private_home, write_private_file
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage, TpmNvCounter
 from signers.tpm_import import SecretImport, build_secret_import
 from trustcore import cbor

@@ -116,6 +116,8 @@ from registrar.site import (
 )
 from registrar.store import Store, StoreLocation, parse_store_location
 from registrar.supersede import SupersededCertificates
+from signers.errors import SignerError
+from signers.private_files import write_private_file
 from signers.software import load_ssl_identity
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
@@ -252,13 +254,13 @@ def read_status(home: SiteHome) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_random.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    tmp.replace(path)
+def _write_json(path: Path, data: dict[str, Any], *, sync: bool = True) -> None:
+    """Atomically (a reader polls these files), 0600; ``sync=False`` for status snapshots."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    try:
+        write_private_file(path, text.encode(), overwrite=True, sync=sync)
+    except SignerError as exc:
+        raise RegistrarError(exc.message, reason="io_error") from exc
 
 
 # -------------------------------------------------------------------------- command spool
@@ -1591,7 +1593,7 @@ class RegistrarApp:
             },
             "alerts": list(self._alerts),
         }
-        await asyncio.to_thread(_write_json, status_path(self.home), doc)
+        await asyncio.to_thread(_write_json, status_path(self.home), doc, sync=False)
 
 
 def _endpoint_json(endpoint: Endpoint) -> dict[str, Any]:

@@ -45,7 +45,8 @@ from registrar.site import (
 )
 from registrar.store import DeviceRecord
 from signers.errors import SignerError
-from signers.software import SoftwareKey, write_private_file
+from signers.private_files import write_private_file
+from signers.software import SoftwareKey
 from trustcore.csr import build_csr
 from trustcore.keys import key_id
 from trustcore.messages import SiteEnrolment
