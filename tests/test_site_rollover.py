@@ -517,7 +517,8 @@ async def test_a_restarted_registrar_publishes_pending_renew_commands_again(
         stop.set()
         await task
         assert len(attempts) == 1 and agent.stats.renewals == 0
-        assert agent.stats.errors == ["renew: registrar unreachable"]
+        # the device's error names its reason, as every ReasonedError does
+        assert agent.stats.errors == ["renew: timeout: registrar unreachable"]
         # the device still depends on the old CA: it cannot retire yet (the request stays)
         with pytest.raises(RolloverError) as e:
             await app.retire_ca()
