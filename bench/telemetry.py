@@ -63,8 +63,9 @@ from bench.site_fixture import (
 from trustcore.identity import DeviceId
 from trustcore.payload import PayloadKey, open_payload, seal_payload
 from trustcore.profiles import issue_secondary_certificate
+from trustcore.topics import TELEMETRY_LEVEL, device_topic, every_device_filter
 
-TOPIC_FILTER = "devices/+/telemetry"
+TOPIC_FILTER = every_device_filter(TELEMETRY_LEVEL)
 
 
 def log(message: str) -> None:
@@ -188,7 +189,7 @@ async def _publishers(
         client = await LeanMqtt.connect(
             setup.host, setup.port, _context(setup, ident), ident.client_id
         )
-        devices.append((client, f"devices/{ident.client_id}/telemetry"))
+        devices.append((client, device_topic(DeviceId(ident.client_id), TELEMETRY_LEVEL)))
     key = PayloadKey(setup.key_id, setup.key)
     plaintext = os.urandom(size)
     conn.send("ready")
@@ -388,7 +389,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "messages": total,
         "plaintext_bytes": args.size,
         "envelope_bytes": len(
-            seal_payload(pki.payload_key, "devices/x/telemetry", b"x" * args.size)
+            seal_payload(
+                pki.payload_key, device_topic(DeviceId("x"), TELEMETRY_LEVEL), b"x" * args.size
+            )
         ),
         "plain_msgs_per_s": round(p, 1),
         "encrypted_msgs_per_s": round(e, 1),

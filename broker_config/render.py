@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from broker_config.tls_policy import MIN_TLS_VERSION, TLS12_CIPHERS, TLS13_CIPHERSUITES
 from trustcore.errors import InvalidValueError
+from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, REQUEST_LEVEL, RESPONSE_LEVEL
 
 #: Debian's path of the dynamic-security plugin shipped with mosquitto 2.0.
 DYNSEC_PLUGIN = PurePath("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
@@ -162,18 +163,25 @@ def _blocked_section(config: MosquittoConfig) -> str:
 
 def render_registration_acl(config: MosquittoConfig) -> str:
     """ACL of the registration listener: each device's request/response pair only."""
-    return _template("registration_acl.tmpl").substitute(blocked=_blocked_section(config))
+    return _template("registration_acl.tmpl").substitute(
+        blocked=_blocked_section(config),
+        register=REGISTRATION_PREFIX,
+        request=REQUEST_LEVEL,
+        response=RESPONSE_LEVEL,
+    )
 
 
 def render_operational_acl(config: MosquittoConfig) -> str:
     """ACL of the operational listener: the grants of every registrar instance identity
     (:func:`registrar_identities`), then ``devices/<id>/#``."""
     grants = "".join(
-        f"user {name}\ntopic readwrite devtrust/register/#\ntopic readwrite devices/#\n\n"
+        f"user {name}\n"
+        f"topic readwrite {REGISTRATION_PREFIX}/#\n"
+        f"topic readwrite {DEVICE_PREFIX}/#\n\n"
         for name in registrar_identities(config.registrar_identity)
     )
     return _template("operational_acl.tmpl").substitute(
-        registrars=grants, blocked=_blocked_section(config)
+        registrars=grants, blocked=_blocked_section(config), devices=DEVICE_PREFIX
     )
 
 

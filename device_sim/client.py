@@ -35,12 +35,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from device_sim.errors import DeviceSimError
 from registrar.broker import Endpoint
 from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.csr import build_device_csr
 from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
-from trustcore.key_rotation import build_key_ack, key_ack_topic
+from trustcore.key_rotation import build_key_ack
 from trustcore.keys import KeyAgreement, Signer, key_id
 from trustcore.payload import PayloadError, PayloadKey, open_payload, seal_payload
 from trustcore.registration import (
@@ -54,8 +55,19 @@ from trustcore.registration import (
     parse_response,
 )
 from trustcore.renewal import build_renewal_request, parse_renewal_request, renewal_due
-from trustcore.site_rollover import ROLLOVER_LEVEL, RenewNow, parse_renew_now
-from trustcore.topics import device_topic, registration_request_topic, registration_response_topic
+from trustcore.site_rollover import RenewNow, parse_renew_now
+from trustcore.topics import (
+    COMMAND_LEVEL,
+    KEYS_LEVEL,
+    ROLLOVER_LEVEL,
+    TELEMETRY_LEVEL,
+    device_topic,
+    key_ack_topic,
+    registration_request_topic,
+    registration_response_topic,
+    renewal_request_topic,
+    renewal_response_topic,
+)
 
 if TYPE_CHECKING:
     from signers.tpm import TpmKey
@@ -75,22 +87,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PEM = serialization.Encoding.PEM
-TELEMETRY = "telemetry"
-COMMANDS = "cmd"
-KEYS = "keys"
-#: ``devices/<id>/renewal/request`` and ``.../response`` (``registrar.service``).
-RENEWAL = "renewal"
 #: Devices renew from this fraction of their LDevID's life on (the site default too).
 RENEW_FROM = 2 / 3
 
 
-class DeviceRegistrationError(RuntimeError):
+class DeviceRegistrationError(DeviceSimError):
     """Registration did not succeed; ``reason`` is the registrar's public reason code (or
     ``timeout`` / ``no_valid_response``), ``retry`` its advice."""
 
     def __init__(self, message: str, *, reason: str, retry: bool = False) -> None:
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason=reason)
         self.retry = retry
 
 
@@ -490,10 +496,10 @@ class DeviceClient:
             endpoint, self.device_id.value, context, self.protocol, connect_timeout
         ) as client:
             session = OperationalSession(self, client)
-            await client.subscribe(device_topic(self.device_id, COMMANDS), qos=1)
-            await client.subscribe(device_topic(self.device_id, KEYS), qos=1)
+            await client.subscribe(device_topic(self.device_id, COMMAND_LEVEL), qos=1)
+            await client.subscribe(device_topic(self.device_id, KEYS_LEVEL), qos=1)
             await client.subscribe(device_topic(self.device_id, ROLLOVER_LEVEL), qos=1)
-            await client.subscribe(device_topic(self.device_id, RENEWAL, "response"), qos=1)
+            await client.subscribe(renewal_response_topic(self.device_id), qos=1)
             reader = asyncio.create_task(session._read())
             try:
                 yield session
@@ -526,16 +532,18 @@ class OperationalSession:
         assert self._device.registered is not None
         return self._device.registered
 
-    async def publish_telemetry(self, data: bytes, *, level: str = TELEMETRY, qos: int = 1) -> None:
+    async def publish_telemetry(
+        self, data: bytes, *, level: str = TELEMETRY_LEVEL, qos: int = 1
+    ) -> None:
         topic = device_topic(self._device.device_id, level)
         await self.client.publish(topic, seal_payload(self._reg.current_key, topic, data), qos=qos)
 
     async def _read(self) -> None:
         device_id = self._device.device_id
-        keys_topic = device_topic(device_id, KEYS)
+        keys_topic = device_topic(device_id, KEYS_LEVEL)
         rollover_topic = device_topic(device_id, ROLLOVER_LEVEL)
-        renewed_topic = device_topic(device_id, RENEWAL, "response")
-        renew_topic = device_topic(device_id, RENEWAL, "request")
+        renewed_topic = renewal_response_topic(device_id)
+        renew_topic = renewal_request_topic(device_id)
         async for message in self.client.messages:
             topic = str(message.topic)
             payload = message.payload
@@ -599,7 +607,7 @@ class OperationalSession:
         reg = self._reg
         request, new_key = await asyncio.to_thread(device.new_renewal_request)
         parsed = parse_renewal_request(request)
-        topic = device_topic(device.device_id, RENEWAL, "request")
+        topic = renewal_request_topic(device.device_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self.client.publish(topic, request, qos=1)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import time
@@ -39,9 +38,12 @@ from typing import Any, Self
 
 from cryptography import x509
 
+from device_sim.errors import DeviceSimError
 from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.attestation import CredentialChallenge
 from signers.attestation import AttestationEvidence, AttestationIdentity, TpmAttestor
+from signers.errors import SignerError
+from signers.private_files import write_private_file
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage
 from signers.tpm_import import SecretImport, check_secret_public
 from trustcore import cbor
@@ -70,20 +72,19 @@ SECRETS_DIR = "secrets"
 _SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-class DeviceStateError(RuntimeError):
+class DeviceStateError(DeviceSimError):
     """A device directory is missing, incomplete or inconsistent."""
+
+    reason = "bad_device_state"
 
 
 def _write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     """Write-then-rename, so a reader never sees half a file. ``sync=False`` skips the
     fsync for files that a later synced write in the same directory commits."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        write_private_file(path, data, overwrite=True, sync=sync)
+    except SignerError as exc:
+        raise DeviceStateError(exc.message) from exc
 
 
 def _pem(kind: str, der: bytes) -> bytes:

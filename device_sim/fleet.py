@@ -62,6 +62,7 @@ from device_sim.client import (
     TpmKeys,
 )
 from device_sim.device import DeviceStateError, SimDevice, power_off_all, power_on_all
+from device_sim.errors import DeviceSimError
 from device_sim.swtpm import SwtpmError
 from registrar.broker import Endpoint
 from signers.errors import SignerError
@@ -92,8 +93,10 @@ TPM_STATE_DIR = "tpm"
 PASSPHRASE_ENV = "DEVTRUST_DEVICE_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 
 
-class FleetError(RuntimeError):
+class FleetError(DeviceSimError):
     """A load fleet directory is missing or inconsistent."""
+
+    reason = "bad_fleet"
 
 
 @dataclass(frozen=True)

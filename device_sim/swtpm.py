@@ -16,21 +16,22 @@ treat each instance as owned by exactly one :class:`signers.tpm.Tpm` connection.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import socket
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from device_sim.errors import DeviceSimError
 from signers.child_env import child_env
+from signers.errors import SignerError
+from signers.private_files import write_private_file
 
 __all__ = ["Swtpm", "SwtpmError", "provision_ek_certificate"]
 
@@ -41,8 +42,10 @@ _STOP_TIMEOUT = 5.0
 _CMD_GET_CAPABILITY = 1  # swtpm control channel command (big-endian uint32)
 
 
-class SwtpmError(RuntimeError):
+class SwtpmError(DeviceSimError):
     """swtpm could not be started, did not answer, or provisioning failed."""
+
+    reason = "swtpm_failed"
 
 
 def _port_free(port: int) -> bool:
@@ -264,9 +267,10 @@ def _write_if_changed(path: Path, text: str) -> None:
             return
     except FileNotFoundError:
         pass
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        write_private_file(path, text.encode(), overwrite=True, sync=False)
+    except SignerError as exc:
+        raise SwtpmError(exc.message) from exc
 
 
 def provision_ek_certificate(

@@ -16,7 +16,7 @@ from factory_station.errors import FactoryStationError
 from factory_station.provision import ProvisionResult, provision_device
 from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactoryStation
 from signers.errors import SignerError
-from signers.private_files import private_umask
+from signers.private_files import private_umask, write_private_file
 from trustcore.cli_net import guarded_group
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId, StationId
@@ -405,9 +405,10 @@ def renew_ca(home: Path, tcti: str | None, out: Path, rekey: bool) -> None:
         raise Refused(f"exists: {out} already exists; not overwriting it")
     with _station(home, tcti) as station:
         request = station.make_ca_request(rekey=rekey)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(request)
-    tmp.replace(out)
+    try:
+        write_private_file(out, request)
+    except SignerError as exc:
+        raise Refused(f"io_error: {exc.message}") from exc
     from trustcore.keys import key_id
     from trustcore.station_ca_request import StationCaRequest
 

@@ -1,6 +1,8 @@
-"""Errors of the factory station. Everything it raises derives from ``FactoryStationError``.
+"""Errors of the factory station. Everything it raises derives from ``FactoryStationError``
+(whose base is the shared ``trustcore.errors.ReasonedError``).
 
-::
+The tree names every subclass, wherever it is defined (``tests/test_error_trees.py`` checks
+it against the code)::
 
     FactoryStationError
     ├── StationStateError       the station's files are missing, corrupt or older than its TPM

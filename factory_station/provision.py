@@ -41,10 +41,9 @@ from factory_station.errors import (
 )
 from factory_station.station import FactoryStation, IssuedCertificate
 from signers.attestation import AttestationEvidence, AttestationIdentity
-from signers.errors import SignerError
 from signers.tpm_import import SecretImport
 from trustcore.csr import validate_csr
-from trustcore.errors import CsrError
+from trustcore.errors import CsrError, ReasonedError
 from trustcore.identity import DeviceId
 
 __all__ = [
@@ -120,10 +119,12 @@ _T = TypeVar("_T")
 
 
 def _device_call(what: str, fn: Callable[[], _T]) -> _T:
-    """Device failures (TPM errors, nonsense answers) become ``DeviceError``."""
+    """Device failures (TPM errors, nonsense answers) become ``DeviceError``. A device's own
+    errors derive from the shared ``ReasonedError`` (``device_sim``'s, the signers'), which
+    this package cannot name without importing the device side."""
     try:
         return fn()
-    except (SignerError, OSError, ValueError, TypeError, RuntimeError) as exc:
+    except (ReasonedError, OSError, ValueError, TypeError, RuntimeError) as exc:
         if isinstance(exc, FactoryStationError):
             raise
         raise DeviceError(f"device failed during {what}: {exc}") from exc

@@ -30,7 +30,6 @@ worker threads while device-side work overlaps in other threads.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import json
@@ -38,7 +37,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,8 +61,7 @@ from factory_station.errors import (
 from factory_station.plugins import LoadedPlugins, load_station_plugins
 from factory_station.store import ActiveEntitlement, MonotonicCounter, StationStore
 from signers.errors import SignerError, TpmError, TpmImportError
-from signers.private_files import private_home
-from signers.software import write_private_file
+from signers.private_files import private_home, write_private_file
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage, TpmNvCounter
 from signers.tpm_import import SecretImport, build_secret_import
 from trustcore import cbor
@@ -1663,11 +1661,6 @@ class FactoryStation:
                 last_export=None if last is None else last[0],
                 time=time_info,
             )
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        with self._lock:
-            yield
 
 
 _SEALED_REASONS = {

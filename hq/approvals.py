@@ -19,7 +19,6 @@ with their own key (an encrypted keystore or a PKCS#11 token); HQ never sees the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import secrets as _random
 import threading
@@ -760,10 +759,6 @@ def sign_request(request: ApprovalRequest, signer: Signer, *, now: int | None = 
     if moment >= request.expires:
         raise QuorumRefused("the request has expired", reason="expired")
     return sign_approval(request, signer, now=moment)
-
-
-def request_digest_hex(request: ApprovalRequest) -> str:
-    return hashlib.sha256(request.encode()).hexdigest()
 
 
 def read_file(path: Path, limit: int) -> bytes:

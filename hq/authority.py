@@ -24,7 +24,8 @@ from hq.errors import EnrolmentError, EntitlementError, HomeError, SecretError
 from hq.home import HqConfig, HqHome, HqSecrets, Pkcs11Location, cert_pem
 from hq.store import EntitlementRow, HqStore, StationRow, parse_store_location
 from signers.errors import SignerError
-from signers.software import SoftwareKey, write_private_file
+from signers.private_files import write_private_file
+from signers.software import SoftwareKey
 from trustcore.crl import build_crl
 from trustcore.device_secrets import MAX_SECRET_BYTES, MIN_SECRET_BYTES
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule, SecretRule

@@ -58,7 +58,7 @@ __all__ = [
     "Finding",
     "IngestSiteReportResult",
     "ReportRefusedError",
-    "RevocationError",
+    "RevokeRefusedError",
     "RevokeResult",
     "ingest_site_report",
     "revoke",
@@ -78,7 +78,7 @@ class ReportRefusedError(HqError):
     reason = "report_refused"
 
 
-class RevocationError(HqError):
+class RevokeRefusedError(HqError):
     """``hq revoke`` could not do what was asked (nothing changed)."""
 
     reason = "revoke_refused"
@@ -390,32 +390,32 @@ def _targets(
     for device in devices:
         matches = store.known_certificates(device_ids=[device])
         if not matches:
-            raise RevocationError(
+            raise RevokeRefusedError(
                 f"device {device} is unknown to HQ (no audit record, no sighting)"
             )
         out += [(s, n, d, reason or "unspecified") for s, n, d in matches]
     for spec in serials:
         station, sep, serial = spec.partition(":")
         if not sep:
-            raise RevocationError(f"--serial {spec!r}: expected STATION:SERIAL")
+            raise RevokeRefusedError(f"--serial {spec!r}: expected STATION:SERIAL")
         try:
             serial = CertSerial.from_hex(serial).hex
         except TrustCoreError as exc:
-            raise RevocationError(f"--serial {spec!r}: {exc.message}") from exc
+            raise RevokeRefusedError(f"--serial {spec!r}: {exc.message}") from exc
         matches = store.known_certificates(certificates=[(station, serial)])
         if not matches:
-            raise RevocationError(f"certificate {station}:{serial} is unknown to HQ")
+            raise RevokeRefusedError(f"certificate {station}:{serial} is unknown to HQ")
         out.append((station, serial, matches[0][2], reason or "unspecified"))
     for f in findings:
         try:
             key = (str(f["station_id"]), str(f["serial"]), str(f["device_id"]))
             kind = str(f["kind"])
         except (KeyError, TypeError) as exc:
-            raise RevocationError(f"findings file: bad finding {f!r}") from exc
+            raise RevokeRefusedError(f"findings file: bad finding {f!r}") from exc
         if kind not in FINDING_REASON:
-            raise RevocationError(f"findings file: unknown finding kind {kind!r}")
+            raise RevokeRefusedError(f"findings file: unknown finding kind {kind!r}")
         if key not in store.known_certificates(certificates=[key[:2]]):
-            raise RevocationError(f"findings file names {key[0]}:{key[1]}, unknown to HQ")
+            raise RevokeRefusedError(f"findings file names {key[0]}:{key[1]}, unknown to HQ")
         out.append((*key, reason or FINDING_REASON[kind]))
     return out
 
@@ -425,9 +425,9 @@ def read_findings(path: Path) -> list[dict[str, Any]]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise RevocationError(f"cannot read findings {path}: {exc}") from exc
+        raise RevokeRefusedError(f"cannot read findings {path}: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("findings"), list):
-        raise RevocationError(f"{path} is not the JSON output of `hq ingest-report`")
+        raise RevokeRefusedError(f"{path} is not the JSON output of `hq ingest-report`")
     return list(doc["findings"])
 
 
@@ -450,7 +450,7 @@ def revoke(
     from hq.approvals import authorize_station_ca_revocation
 
     if not (devices or serials or findings or station_ca):
-        raise RevocationError("nothing to revoke")
+        raise RevokeRefusedError("nothing to revoke")
     moment = _now(now)
     store = HqStore.open(home.store_location)
     try:
@@ -459,7 +459,7 @@ def revoke(
             if station_ca is not None:
                 cas = store.station_ca_certificates(station_ca)
                 if not cas:
-                    raise RevocationError(f"HQ issued no CA certificate to station {station_ca}")
+                    raise RevokeRefusedError(f"HQ issued no CA certificate to station {station_ca}")
                 authorize_station_ca_revocation(home, station_ca, approvals, conn=conn, now=moment)
                 for _, der in cas:
                     cert = x509.load_der_x509_certificate(der)
@@ -493,7 +493,7 @@ def revoke(
                         )
                     )
                 except TrustCoreError as exc:
-                    raise RevocationError(
+                    raise RevokeRefusedError(
                         f"cannot revoke {station}:{serial}: {exc.message}"
                     ) from exc
             if not added and latest is not None and not ca_serials:
@@ -504,7 +504,9 @@ def revoke(
             # The new list carries a fresh indirect CRL (CRL signer key, never the root's).
             nxt, package = publish_revocations(home, store, secrets, at, added=tuple(added))
     except RevocationListError as exc:
-        raise RevocationError(f"the held revocation list does not verify: {exc.message}") from exc
+        raise RevokeRefusedError(
+            f"the held revocation list does not verify: {exc.message}"
+        ) from exc
     finally:
         store.close()
     return RevokeResult(nxt.sequence, tuple(added), already, tuple(ca_serials)), package

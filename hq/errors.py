@@ -1,6 +1,8 @@
-"""Errors of the HQ component. Everything :mod:`hq` raises on purpose derives from ``HqError``.
+"""Errors of the HQ component. Everything :mod:`hq` raises on purpose derives from ``HqError``
+(whose base is the shared ``trustcore.errors.ReasonedError``).
 
-::
+The tree names every subclass, wherever it is defined (``tests/test_error_trees.py`` checks
+it against the code); classes outside this module carry their module in brackets::
 
     HqError
     ├── HomeError            the HQ directory is missing, damaged or already initialised
@@ -9,9 +11,14 @@
     ├── SecretError          no passphrase / PIN, a wrong one, or a key that cannot be opened
     ├── EnrolmentError       a station enrolment request was refused (``reason``)
     ├── EntitlementError     an entitlement cannot be issued (unknown station, bad policy)
-    └── ExportRefusedError   an audit export was refused as a whole (``reason`` names the
-                             attack: gap, fork, reorder, truncation, rewritten_entry,
-                             forged_checkpoint, wrong_station, foreign_station, replayed, ...)
+    ├── ExportRefusedError   an audit export was refused as a whole (``reason`` names the
+    │                        attack: gap, fork, reorder, truncation, rewritten_entry,
+    │                        forged_checkpoint, wrong_station, foreign_station, replayed, ...)
+    ├── QuorumRefused        a gated operation lacks a valid quorum [approvals]
+    ├── ReportRefusedError   a site report was refused as a whole [counterfeit]
+    ├── RevokeRefusedError   ``hq revoke`` could not do what was asked [counterfeit]
+    ├── SiteError            a site enrolment, rollover or bundle was refused [site]
+    └── StationCaError       a station CA renewal or re-key request was refused [station_ca]
 
 Library and core errors (``trustcore``, ``signers``, ``sqlite3``, ``psycopg``, ``OSError``)
 are chained with ``raise ... from exc`` so the cause stays visible. A *refused* export is

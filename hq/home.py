@@ -261,10 +261,6 @@ class HqHome:
             return StoreLocation("sqlite", path=self.db_path)
         return parse_store_location(self.config.store)
 
-    @staticmethod
-    def cert_name(role: HqRole | None) -> str:
-        return ROOT_NAME if role is None else role.value
-
     # -- opening ----------------------------------------------------------------------------
 
     @classmethod

@@ -30,6 +30,7 @@ from hq.errors import HomeError, SecretError
 from hq.home import HqHome, HqSecrets, cert_pem
 from hq.store import HqStore
 from signers.errors import SignerError
+from signers.private_files import write_private_file
 from signers.software import SoftwareKey
 from trustcore.crl import IndirectEntry, build_indirect_crl, load_crl
 from trustcore.profiles import HqRole, issue_role_certificate
@@ -140,9 +141,7 @@ def _ensure_crl_signer(home: HqHome, secrets: HqSecrets, moment: datetime) -> bo
             secrets.passphrase(),
             overwrite=True,
         )
-        tmp = path.with_suffix(".pem.tmp")
-        tmp.write_bytes(cert_pem(cert))
-        tmp.replace(path)
+        write_private_file(path, cert_pem(cert), overwrite=True)
     except (OSError, SignerError) as exc:
         raise HomeError(f"cannot write the CRL signer: {exc}") from exc
     return True

@@ -20,6 +20,7 @@ from hq.authority import BACKDATE, ROLE_VALIDITY, now_utc
 from hq.errors import HomeError, SecretError
 from hq.home import HqHome, HqSecrets, cert_pem
 from signers.errors import SignerError
+from signers.private_files import write_private_file
 from trustcore.errors import ProfileError
 from trustcore.profiles import HqRole, issue_role_certificate
 
@@ -81,11 +82,9 @@ def renew_role_certificates(
                 raise SecretError(f"the root key failed to sign the {role.value}: {exc}") from exc
     for role, cert in issued.items():
         path = home.certs_dir / f"{role.value}.pem"
-        tmp = path.with_suffix(".pem.tmp")
         try:
-            tmp.write_bytes(cert_pem(cert))
-            tmp.replace(path)
-        except OSError as exc:
+            write_private_file(path, cert_pem(cert), overwrite=True)
+        except SignerError as exc:
             raise HomeError(f"cannot write {path}: {exc}") from exc
         out.append(RoleRenewal(role.value, True, cert.not_valid_after_utc))
     return sorted(out, key=lambda r: r.role)

@@ -45,7 +45,7 @@ from trustcore.site_bundle import (
     seal_payload_key,
     seal_site_bundle,
 )
-from trustcore.site_rollover import RolloverError, SiteCaRollover, site_ca_generation
+from trustcore.site_rollover import SiteCaRollover, SiteRolloverError, site_ca_generation
 
 __all__ = [
     "DEFAULT_MAX_OFFLINE_DAYS",
@@ -198,7 +198,7 @@ def rollover_site_ca(
         else:
             try:
                 request.verify(existing.ca_public_der)
-            except (RolloverError, EncodingError, CsrError) as exc:
+            except (SiteRolloverError, EncodingError, CsrError) as exc:
                 raise SiteError(
                     f"site CA rollover refused: {exc.args[0]}", reason=exc.reason
                 ) from exc

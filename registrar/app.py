@@ -64,7 +64,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker_config.render import MAX_REGISTRAR_INSTANCES, instance_identity
 from registrar.broker import REGISTRAR_IDENTITY, Broker, BrokerSettings, BrokerTls, Endpoint
 from registrar.channel import (
-    TELEMETRY_LEVEL,
     MqttChannel,
     MqttChannelSettings,
     RequestSource,
@@ -117,6 +116,8 @@ from registrar.site import (
 )
 from registrar.store import Store, StoreLocation, parse_store_location
 from registrar.supersede import SupersededCertificates
+from signers.errors import SignerError
+from signers.private_files import write_private_file
 from signers.software import load_ssl_identity
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import DeviceId
@@ -127,13 +128,11 @@ from trustcore.profiles import issue_service_client_certificate
 from trustcore.registration import AdmissionContext, RegistrationError, RegistrationRequest
 from trustcore.renewal import LdevidPolicy, RenewalRequest
 from trustcore.revocation import RevocationList
-from trustcore.site_rollover import ROLLOVER_LEVEL, build_renew_now
-from trustcore.topics import device_topic
+from trustcore.site_rollover import build_renew_now
+from trustcore.topics import COMMAND_LEVEL, ROLLOVER_LEVEL, device_topic
 from trustcore.wrap_key import parse_wrap_key_registration, verify_wrap_key
 
 __all__ = [
-    "COMMAND_LEVEL",
-    "TELEMETRY_LEVEL",
     "AppSettings",
     "RegistrarApp",
     "RotationResult",
@@ -159,7 +158,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-COMMAND_LEVEL = "cmd"
 #: Re-issue the site CRL when less than this is left before its nextUpdate.
 SITE_CRL_REFRESH_MARGIN = SITE_CRL_VALIDITY / 2
 #: Root/station CRLs closer than this to nextUpdate are reported (warning) in status/logs.
@@ -256,13 +254,13 @@ def read_status(home: SiteHome) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_random.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    tmp.replace(path)
+def _write_json(path: Path, data: dict[str, Any], *, sync: bool = True) -> None:
+    """Atomically (a reader polls these files), 0600; ``sync=False`` for status snapshots."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    try:
+        write_private_file(path, text.encode(), overwrite=True, sync=sync)
+    except SignerError as exc:
+        raise RegistrarError(exc.message, reason="io_error") from exc
 
 
 # -------------------------------------------------------------------------- command spool
@@ -1595,7 +1593,7 @@ class RegistrarApp:
             },
             "alerts": list(self._alerts),
         }
-        await asyncio.to_thread(_write_json, status_path(self.home), doc)
+        await asyncio.to_thread(_write_json, status_path(self.home), doc, sync=False)
 
 
 def _endpoint_json(endpoint: Endpoint) -> dict[str, Any]:

@@ -41,21 +41,22 @@ from typing import Any, Literal, Protocol
 from registrar.broker import REGISTRAR_IDENTITY, Endpoint
 from registrar.errors import BrokerError, ConfigError
 from registrar.mqtt_session import MqttSession, MqttSessionError
-from registrar.service import (
-    RENEWAL_LEVEL,
-    RENEWAL_REQUEST_LEVEL,
-    device_id_from_renewal_topic,
-    device_id_from_request_topic,
-)
-from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
-from trustcore.key_rotation import KEY_ACK_LEVELS
-from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX, device_topic
-from trustcore.wrap_key import WRAP_KEY_LEVELS
+from trustcore.topics import (
+    KEY_ACK_LEVELS,
+    REGISTRATION_REQUEST_FILTER,
+    RENEWAL_REQUEST_LEVELS,
+    TELEMETRY_LEVEL,
+    WRAP_KEY_LEVELS,
+    device_of,
+    device_of_registration_request,
+    every_device_filter,
+    registration_response_topic,
+    renewal_response_topic,
+)
 
 __all__ = [
     "MAX_INSTANCES",
-    "TELEMETRY_LEVEL",
     "MqttChannel",
     "MqttChannelSettings",
     "RequestSource",
@@ -65,11 +66,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TELEMETRY_LEVEL = "telemetry"
 #: Registrar instances one site may run (each has its own broker identity, see below).
 MAX_INSTANCES = 16
-_KEY_ACK_FILTER = "/".join((DEVICE_PREFIX, "+", *KEY_ACK_LEVELS))
-_WRAP_KEY_FILTER = "/".join((DEVICE_PREFIX, "+", *WRAP_KEY_LEVELS))
 
 
 def instance_identity(instance: int, base: str = REGISTRAR_IDENTITY) -> str:
@@ -151,10 +149,7 @@ class MqttChannelSettings:
 
     def request_filters(self) -> tuple[str, str]:
         """The registration and renewal filters (shared when several instances serve)."""
-        filters = (
-            f"{REGISTRATION_PREFIX}/+/request",
-            f"{DEVICE_PREFIX}/+/{RENEWAL_REQUEST_LEVEL}",
-        )
+        filters = (REGISTRATION_REQUEST_FILTER, every_device_filter(*RENEWAL_REQUEST_LEVELS))
         if self.shared_group is None:
             return filters
         share = f"$share/{self.shared_group}/"
@@ -265,11 +260,11 @@ class MqttChannel:
             await session.subscribe(topic_filter, qos=1)
         if self._settings.site_duties:
             if self._traffic.telemetry is not None:
-                await session.subscribe(f"{DEVICE_PREFIX}/+/{TELEMETRY_LEVEL}", qos=1)
+                await session.subscribe(every_device_filter(TELEMETRY_LEVEL), qos=1)
             if self._traffic.key_ack is not None:
-                await session.subscribe(_KEY_ACK_FILTER, qos=1)
+                await session.subscribe(every_device_filter(*KEY_ACK_LEVELS), qos=1)
             if self._traffic.wrap_key is not None:
-                await session.subscribe(_WRAP_KEY_FILTER, qos=1)
+                await session.subscribe(every_device_filter(*WRAP_KEY_LEVELS), qos=1)
 
     async def _read_until(
         self, session: MqttSession, queue: asyncio.Queue[_Job | None], stop: asyncio.Event
@@ -290,21 +285,23 @@ class MqttChannel:
         while True:
             message = await session.next_message()
             topic, payload = message.topic, message.payload
-            device = device_id_from_request_topic(topic)
+            device = device_of_registration_request(topic)
             if device is not None:
                 await queue.put((False, device, payload))
                 continue
-            renewing = device_id_from_renewal_topic(topic)
+            renewing = device_of(topic, *RENEWAL_REQUEST_LEVELS)
             if renewing is not None:
                 await queue.put((True, renewing, payload))
                 continue
-            telemetry = _telemetry_device(topic)
+            telemetry = device_of(topic, TELEMETRY_LEVEL)
             if telemetry is not None and traffic.telemetry is not None:
                 traffic.telemetry(telemetry, topic, payload, message.retain)
-            elif (acked := _key_ack_device(topic)) is not None and traffic.key_ack is not None:
+            elif (acked := device_of(topic, *KEY_ACK_LEVELS)) is not None and (
+                traffic.key_ack is not None
+            ):
                 traffic.key_ack(acked, payload, message.retain)
             elif (
-                wrapping := _levels_device(topic, WRAP_KEY_LEVELS)
+                wrapping := device_of(topic, *WRAP_KEY_LEVELS)
             ) is not None and traffic.wrap_key is not None:
                 traffic.wrap_key(wrapping, payload)
             else:
@@ -320,10 +317,10 @@ class MqttChannel:
             try:
                 if renewal:
                     answer = await traffic.renew(device, payload)
-                    topic = device_topic(device, RENEWAL_LEVEL, "response")
+                    topic = renewal_response_topic(device)
                 else:
                     answer = await traffic.register(device, payload)
-                    topic = f"{REGISTRATION_PREFIX}/{device.value}/response"
+                    topic = registration_response_topic(device)
                 try:
                     acked = session.publish_nowait(topic, answer)
                 except MqttSessionError:  # no Receive Maximum credit: wait for one
@@ -345,28 +342,3 @@ class MqttChannel:
             self.served += 1
         else:
             log.warning("could not publish the answer to %s: %s", device, error)
-
-
-def _key_ack_device(topic: str) -> DeviceId | None:
-    return _levels_device(topic, KEY_ACK_LEVELS)
-
-
-def _levels_device(topic: str, levels: tuple[str, ...]) -> DeviceId | None:
-    """``devices/<id>/<levels…>`` -> DeviceId; None for anything else."""
-    parts = topic.split("/")
-    if len(parts) != 2 + len(levels) or parts[0] != DEVICE_PREFIX or tuple(parts[2:]) != levels:
-        return None
-    try:
-        return DeviceId(parts[1])
-    except InvalidValueError:
-        return None
-
-
-def _telemetry_device(topic: str) -> DeviceId | None:
-    parts = topic.split("/")
-    if len(parts) != 3 or parts[0] != DEVICE_PREFIX or parts[2] != TELEMETRY_LEVEL:
-        return None
-    try:
-        return DeviceId(parts[1])
-    except InvalidValueError:
-        return None

@@ -39,35 +39,32 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from registrar.broker.rabbitmq import REGISTRATION_QUEUE, amqp_to_mqtt, mqtt_to_amqp
 from registrar.broker.rabbitmq_auth import LiveSessions
 from registrar.errors import BrokerError
-from registrar.service import (
-    RENEWAL_LEVEL,
-    RENEWAL_REQUEST_LEVEL,
-    device_id_from_renewal_topic,
-    device_id_from_request_topic,
-)
-from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
-from trustcore.key_rotation import KEY_ACK_LEVELS
 from trustcore.topics import (
-    DEVICE_PREFIX,
-    REGISTRATION_PREFIX,
-    device_topic,
+    KEY_ACK_LEVELS,
+    REGISTRATION_REQUEST_FILTER,
+    RENEWAL_REQUEST_LEVELS,
+    TELEMETRY_LEVEL,
+    device_of,
+    device_of_registration_request,
+    every_device_filter,
     registration_response_topic,
+    renewal_response_topic,
 )
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[DeviceId, bytes], Awaitable[bytes]]
 #: The binding: every device's registration request (``*`` is one MQTT level).
-REQUEST_BINDING = mqtt_to_amqp(f"{REGISTRATION_PREFIX}/+/request")
+REQUEST_BINDING = mqtt_to_amqp(REGISTRATION_REQUEST_FILTER)
 #: Every device's LDevID renewal request (answered on ``devices/<id>/renewal/response``).
-RENEWAL_BINDING = mqtt_to_amqp(f"{DEVICE_PREFIX}/+/{RENEWAL_REQUEST_LEVEL}")
+RENEWAL_BINDING = mqtt_to_amqp(every_device_filter(*RENEWAL_REQUEST_LEVELS))
 #: The site-duty queue: telemetry and payload-key acknowledgements of every device, read by
 #: the one instance that holds the site duties (bounded: the oldest go first).
 SITE_EVENTS_QUEUE = "devtrust.site.events"
 SITE_EVENTS_MAX = 100_000
-TELEMETRY_BINDING = mqtt_to_amqp(f"{DEVICE_PREFIX}/+/telemetry")
-KEY_ACK_BINDING = mqtt_to_amqp("/".join((DEVICE_PREFIX, "+", *KEY_ACK_LEVELS)))
+TELEMETRY_BINDING = mqtt_to_amqp(every_device_filter(TELEMETRY_LEVEL))
+KEY_ACK_BINDING = mqtt_to_amqp(every_device_filter(*KEY_ACK_LEVELS))
 
 
 @dataclass(frozen=True)
@@ -80,18 +77,11 @@ class SiteEvents:
 
 
 def _site_event(topic: str) -> tuple[str, DeviceId] | None:
-    parts = topic.split("/")
-    if len(parts) < 3 or parts[0] != DEVICE_PREFIX:
-        return None
-    kind = "telemetry" if parts[2:] == ["telemetry"] else None
-    if tuple(parts[2:]) == KEY_ACK_LEVELS:
-        kind = "key_ack"
-    if kind is None:
-        return None
-    try:
-        return kind, DeviceId(parts[1])
-    except InvalidValueError:
-        return None
+    if (device := device_of(topic, TELEMETRY_LEVEL)) is not None:
+        return "telemetry", device
+    if (device := device_of(topic, *KEY_ACK_LEVELS)) is not None:
+        return "key_ack", device
+    return None
 
 
 @dataclass(frozen=True)
@@ -250,12 +240,12 @@ class AmqpRequestSource:
     def _route(self, routing_key: str) -> tuple[DeviceId, Handler, str] | None:
         """(device, handler, answer topic) for a request's routing key; None: not ours."""
         topic = amqp_to_mqtt(routing_key)
-        device = device_id_from_request_topic(topic)
+        device = device_of_registration_request(topic)
         if device is not None:
             return device, self._handle, registration_response_topic(device)
-        device = device_id_from_renewal_topic(topic)
+        device = device_of(topic, *RENEWAL_REQUEST_LEVELS)
         if device is not None and self._renew is not None:
-            return device, self._renew, device_topic(device, RENEWAL_LEVEL, "response")
+            return device, self._renew, renewal_response_topic(device)
         return None
 
     async def _answer(self, exchange: AbstractExchange, message: AbstractIncomingMessage) -> None:

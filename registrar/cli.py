@@ -13,8 +13,7 @@ from rich.table import Table
 
 from registrar.errors import CommissionError, ConfigError, RegistrarError
 from signers.errors import SignerError
-from signers.private_files import private_umask
-from signers.software import write_private_file
+from signers.private_files import private_umask, write_private_file
 from trustcore.cli_net import guarded_group
 
 if TYPE_CHECKING:

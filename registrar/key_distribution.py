@@ -39,7 +39,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from registrar.errors import BrokerError, RegistrarError, StoreError
 from registrar.payload_keys import PayloadKeyring
-from registrar.service import KEY_UPDATE_LEVEL
 from registrar.store import DeviceRecord, Store
 from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
@@ -47,7 +46,7 @@ from trustcore.key_rotation import KeyPeriod, KeySchedule, KeyState, parse_key_a
 from trustcore.keys import Signer
 from trustcore.payload import PayloadKey
 from trustcore.registration import build_key_update
-from trustcore.topics import device_topic
+from trustcore.topics import KEYS_LEVEL, device_topic
 
 __all__ = ["REPUSH_INTERVAL_S", "KeyDistributor", "key_rows", "load_schedule"]
 
@@ -230,7 +229,7 @@ class KeyDistributor:
             )
             updates.append((device, issued, message))
         results = await asyncio.gather(
-            *(self._publish(device_topic(d, KEY_UPDATE_LEVEL), m) for d, _, m in updates),
+            *(self._publish(device_topic(d, KEYS_LEVEL), m) for d, _, m in updates),
             return_exceptions=True,
         )
         published = [u for u, r in zip(updates, results, strict=True) if r is None]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from registrar.errors import ConfigError
-from signers.software import write_private_file
+from signers.private_files import write_private_file
 from trustcore.errors import InvalidValueError
 from trustcore.renewal import LdevidPolicy
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registrar.errors import ConfigError
-from signers.software import write_private_file
+from signers.private_files import write_private_file
 from trustcore import cbor
 from trustcore.errors import EncodingError, SealedPackageError
 from trustcore.hpke import open_, seal

@@ -24,6 +24,8 @@ from registrar.app import store_location
 from registrar.errors import ConfigError, RegistrarError, StoreError
 from registrar.site import SiteHome, SiteSecrets, issuing_ca_key
 from registrar.store import DeviceRecord, Store
+from signers.errors import SignerError
+from signers.private_files import write_private_file
 from trustcore.errors import InvalidValueError
 from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.site_report import SeenCertificate, SiteRegistration, SiteReport, seal_site_report
@@ -58,22 +60,6 @@ def _locked(home: SiteHome) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 @dataclass(frozen=True)
@@ -168,8 +154,10 @@ def write_site_report(
         report = build_site_report(home, _read_store(home, store), sequence=last + 1, now=moment)
         package = seal_site_report(report, site_ca_key=key, site_ca_cert=cert)
         try:
-            _atomic_write(seq_path, str(report.sequence).encode())
-            _atomic_write(out, package)
-        except OSError as exc:
-            raise RegistrarError(f"cannot write the report: {exc}", reason="io_error") from exc
+            write_private_file(seq_path, str(report.sequence).encode(), overwrite=True)
+            write_private_file(out, package, overwrite=True)
+        except SignerError as exc:
+            raise RegistrarError(
+                f"cannot write the report: {exc.message}", reason="io_error"
+            ) from exc
     return ReportResult(report.sequence, len(report.seen), len(report.registrations), out)

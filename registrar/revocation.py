@@ -47,7 +47,7 @@ from registrar.site import (
     write_crls,
 )
 from registrar.store import DeviceRecord, Store
-from signers.software import write_private_file
+from signers.private_files import write_private_file
 from trustcore.crl import RevokedEntry, load_crl, verify_crl
 from trustcore.errors import ProfileError, VerificationError
 from trustcore.identity import CertSerial, DeviceId, StationId

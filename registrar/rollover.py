@@ -45,7 +45,8 @@ from registrar.site import (
 )
 from registrar.store import DeviceRecord
 from signers.errors import SignerError
-from signers.software import SoftwareKey, write_private_file
+from signers.private_files import write_private_file
+from signers.software import SoftwareKey
 from trustcore.csr import build_csr
 from trustcore.keys import key_id
 from trustcore.messages import SiteEnrolment
@@ -133,13 +134,6 @@ def begin_rollover(
 
 
 # ------------------------------------------------------------------------------- status
-
-
-def _issuer_of(der: bytes) -> x509.Name | None:
-    try:
-        return x509.load_der_x509_certificate(der).issuer
-    except ValueError:
-        return None
 
 
 def dependents(

@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from registrar.errors import RegistrarError, RegistrationRefused, StoreError
 from registrar.store import DeviceRecord, Lookup, Registration, Store
-from trustcore.errors import InvalidValueError, TrustCoreError
+from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.keys import Signer
 from trustcore.payload import PayloadKey
@@ -80,33 +80,17 @@ from trustcore.renewal import (
     parse_renewal_request,
     verify_renewal,
 )
-from trustcore.topics import DEVICE_PREFIX, REGISTRATION_PREFIX
 from trustcore.verify import ChainVerifier
 
 __all__ = [
     "ANSWERED",
-    "KEY_UPDATE_LEVEL",
-    "RENEWAL_LEVEL",
-    "RENEWAL_REQUEST_LEVEL",
-    "RENEWAL_RESPONSE_LEVEL",
     "FactorySighting",
     "RegistrationService",
     "SiteAuthority",
-    "device_id_from_renewal_topic",
-    "device_id_from_request_topic",
 ]
 
 log = logging.getLogger(__name__)
 
-#: ``devices/<id>/keys``: where payload-key updates are published (retained, QoS 1).
-KEY_UPDATE_LEVEL = "keys"
-#: ``devices/<id>/renewal/request`` (device -> registrar) and ``devices/<id>/renewal/response``
-#: (registrar -> device), on the operational listener: inside the device's own subtree, so
-#: neither broker needs a new ACL rule and no device can read another's answer.
-#: (``devices/<id>/renew`` is the site's "renew now" command of a site CA rollover.)
-RENEWAL_LEVEL = "renewal"
-RENEWAL_REQUEST_LEVEL = "renewal/request"
-RENEWAL_RESPONSE_LEVEL = "renewal/response"
 #: Called with (device, superseded LDevID serials in hex) after a replacing certificate is
 #: committed and before its answer is returned.
 SupersededHook = Callable[[DeviceId, tuple[str, ...]], Awaitable[None]]
@@ -727,28 +711,3 @@ def _wrap_key(record: DeviceRecord) -> ec.EllipticCurvePublicKey | None:
         )
     return wrap
 
-
-# ----------------------------------------------------------------------------------- topics
-
-
-def device_id_from_request_topic(topic: str) -> DeviceId | None:
-    """``devtrust/register/<id>/request`` -> DeviceId; None for anything else."""
-    prefix = REGISTRATION_PREFIX + "/"
-    if not topic.startswith(prefix) or not topic.endswith("/request"):
-        return None
-    middle = topic[len(prefix) : -len("/request")]
-    try:
-        return DeviceId(middle)
-    except InvalidValueError:
-        return None
-
-
-def device_id_from_renewal_topic(topic: str) -> DeviceId | None:
-    """``devices/<id>/renewal/request`` -> DeviceId; None for anything else."""
-    parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != DEVICE_PREFIX or "/".join(parts[2:]) != RENEWAL_REQUEST_LEVEL:
-        return None
-    try:
-        return DeviceId(parts[1])
-    except InvalidValueError:
-        return None

@@ -61,13 +61,8 @@ from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, BrokerTls
 from registrar.errors import CommissionError, ConfigError
 from registrar.payload_keys import PayloadKeyStore
 from signers.errors import SignerError
-from signers.private_files import private_home
-from signers.software import (
-    SoftwareKey,
-    passphrase_from_env,
-    passphrase_from_file,
-    write_private_file,
-)
+from signers.private_files import private_home, write_private_file
+from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
 from trustcore import cbor
 from trustcore.crl import RevokedEntry, build_crl, verify_crl
 from trustcore.csr import build_csr

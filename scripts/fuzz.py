@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from signers.private_files import write_private_file
+
 ROOT = Path(__file__).resolve().parent.parent
 INSTRUMENT = ["trustcore", "hq", "registrar", "signers"]
 _INSTRUMENTED_MODULES = ("trustcore.registration", "trustcore.site_bundle", "trustcore.quorum",
@@ -87,9 +89,7 @@ class _Stats:
             "signatures": self.signatures,
             "kept": self.kept,
         }
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
-        tmp.replace(self.path)
+        write_private_file(self.path, json.dumps(doc).encode(), overwrite=True, sync=False)
 
 
 def _child_atheris(target_name: str, seconds: int, stats_path: Path, corpus_out: Path) -> None:

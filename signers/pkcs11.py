@@ -79,26 +79,38 @@ _P256_POINT_LEN = 65  # 0x04 || X || Y
 class Pkcs11Error(SignerError):
     """The PKCS#11 module could not be loaded or the token refused or failed a call."""
 
+    reason = "pkcs11_failed"
+
 
 class Pkcs11PinError(Pkcs11Error):
     """The PIN is empty, wrong, locked or expired."""
+
+    reason = "bad_pin"
 
 
 class Pkcs11TokenNotFoundError(Pkcs11Error):
     """No token, or more than one, carries the requested label."""
 
+    reason = "token_not_found"
+
 
 class Pkcs11KeyNotFoundError(Pkcs11Error):
     """No key with the requested label is in the token."""
+
+    reason = "key_not_found"
 
 
 class Pkcs11KeyError(Pkcs11Error):
     """The key exists but is unfit: ambiguous label, wrong type or curve, exportable, or
     asked for an operation or algorithm it does not support."""
 
+    reason = "unfit_key"
+
 
 class KeyNotExportableError(Pkcs11KeyError):
     """A token key's private scalar cannot be read: that is the point of the token."""
+
+    reason = "not_exportable"
 
 
 _PIN_ERRORS: tuple[type[Exception], ...] = (

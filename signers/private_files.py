@@ -11,18 +11,30 @@ total rather than per file, and it is applied in two places:
 * :func:`private_home` when a component opens its home: the directory is created 0700 and
   anything already there (an older version's files, an operator's copy) is tightened.
 
-:func:`loose_paths` lists what breaks the rule (for tests and status checks).
+:func:`loose_paths` lists what breaks the rule (for tests and status checks), and
+:func:`write_private_file` is the project's one atomic write: every component writes a file
+that others may read at any moment (keys, certificates, bundles, broker configuration,
+status) through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from signers.errors import KeystoreError
 
-__all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "loose_paths", "private_home", "private_umask"]
+__all__ = [
+    "PRIVATE_DIR",
+    "PRIVATE_FILE",
+    "loose_paths",
+    "private_home",
+    "private_umask",
+    "write_private_file",
+]
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -69,3 +81,65 @@ def loose_paths(path: Path | str) -> list[tuple[Path, int]]:
         if not stat.S_ISLNK(st.st_mode) and st.st_mode & _GROUP_OTHER:
             found.append((candidate, stat.S_IMODE(st.st_mode)))
     return found
+
+
+def write_private_file(
+    path: Path | str,
+    data: bytes,
+    *,
+    overwrite: bool = False,
+    mode: int = PRIVATE_FILE,
+    sync: bool = True,
+    prepare: Callable[[Path], None] | None = None,
+) -> None:
+    """Write ``data`` atomically to ``path``, with mode 0600 unless ``mode`` says otherwise
+    (the process umask applies on top).
+
+    A temporary file in the same directory (``.NAME.PID.RANDOM.tmp``) is created with
+    ``O_EXCL`` and ``mode`` (so the bytes are never visible to others, not even briefly),
+    written in full, fsynced, handed to ``prepare`` (e.g. a chown to the broker's user),
+    then moved into place; the directory is fsynced too so the rename survives a power
+    cut. A reader sees the old file or the new one, never half of one, and on any failure
+    (a full disk, ``prepare`` raising) the temporary file is removed and ``path`` is as it
+    was. Without ``overwrite`` an existing file is never replaced: losing a key to a typo is
+    worse than an error. ``sync=False`` skips both fsyncs, for files regenerated from
+    durable state at every start (broker configuration, status snapshots) or that a later
+    synced write in the same directory commits.
+
+    Raises :class:`KeystoreError` (the cause chained) if the file cannot be written.
+    """
+    dest = Path(path)
+    directory = dest.parent
+    tmp = directory / f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if prepare is not None:
+            prepare(tmp)
+        if overwrite:
+            tmp.replace(dest)
+        else:
+            # link() fails if dest exists: no check-then-act race with another writer.
+            os.link(tmp, dest)
+            tmp.unlink()
+        if sync:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except FileExistsError as exc:
+        raise KeystoreError(f"{dest} already exists (pass overwrite=True to replace it)") from exc
+    except OSError as exc:
+        raise KeystoreError(f"cannot write {dest}: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

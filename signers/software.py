@@ -17,7 +17,6 @@ random one-time password and deleted at once, so only ciphertext ever touches th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import ssl
@@ -30,13 +29,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from signers.errors import KeystoreError, PassphraseError, SignerError
+from signers.private_files import write_private_file
 
 __all__ = [
     "SoftwareKey",
     "load_ssl_identity",
     "passphrase_from_env",
     "passphrase_from_file",
-    "write_private_file",
 ]
 
 _MIN_PASSPHRASE = 1  # refuse empty; length policy belongs to the operator's setup
@@ -73,47 +72,6 @@ def passphrase_from_file(path: Path | str) -> bytes:
     if len(data) < _MIN_PASSPHRASE:
         raise PassphraseError(f"passphrase file {p} is empty")
     return data
-
-
-def write_private_file(path: Path | str, data: bytes, *, overwrite: bool = False) -> None:
-    """Write ``data`` atomically to ``path`` with mode 0600.
-
-    A temporary file in the same directory is created with ``O_EXCL`` and mode 0600 (so the
-    bytes are never visible to others, not even briefly), fsynced, then moved into place;
-    the directory is fsynced too so the rename survives a power cut. Without ``overwrite`` an
-    existing file is never replaced: losing a key to a typo is worse than an error.
-    """
-    dest = Path(path)
-    directory = dest.parent
-    tmp = directory / f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            tmp.replace(dest)
-        else:
-            # link() fails if dest exists: no check-then-act race with another writer.
-            os.link(tmp, dest)
-            tmp.unlink()
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except FileExistsError as exc:
-        raise KeystoreError(f"{dest} already exists (pass overwrite=True to replace it)") from exc
-    except OSError as exc:
-        raise KeystoreError(f"cannot write {dest}: {exc}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def _write_new_private(path: Path, data: bytes) -> None:
@@ -227,7 +185,7 @@ class SoftwareKey:
         return cls(key)
 
     def save(self, path: Path | str, passphrase: bytes, *, overwrite: bool = False) -> None:
-        """Encrypt and write atomically with mode 0600 (see :func:`write_private_file`)."""
+        """Encrypt and write atomically with mode 0600 (:func:`write_private_file`)."""
         write_private_file(path, self.to_encrypted_pem(passphrase), overwrite=overwrite)
 
     @classmethod

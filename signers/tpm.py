@@ -87,7 +87,7 @@ from tpm2_pytss.types import (
 )
 
 from signers.errors import TpmError, TpmImportError, TpmKeyError
-from signers.software import write_private_file
+from signers.private_files import write_private_file
 from trustcore.stationtime import TpmClockReading
 
 __all__ = [

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from hq.counterfeit import ReportRefusedError, RevocationError, ingest_site_report, revoke
+from hq.counterfeit import ReportRefusedError, RevokeRefusedError, ingest_site_report, revoke
 from hq.errors import StoreConflict, StoreError
 from hq.home import HqHome, HqSecrets
 from hq.site import enrol_site
@@ -343,7 +343,7 @@ def test_counterfeit_check_and_revocation_on_each_engine(
     assert sorted(e.device_id.value for e in revoked.added) == ["dev-0001", "dev-0050"]
     revoked, _ = revoke(home, HqSecrets(), devices=["dev-0002"])
     assert [e.serial.value for e in revoked.added] == [certs[1].serial_number]
-    with pytest.raises(RevocationError, match="unknown to HQ"):
+    with pytest.raises(RevokeRefusedError, match="unknown to HQ"):
         revoke(home, HqSecrets(), devices=["dev-0099"])
     with pytest.raises(ReportRefusedError):  # the same report again: a replay
         ingest_site_report(home, seal_site_report(report, site_ca_key=key_1, site_ca_cert=cert_1))

@@ -31,12 +31,12 @@ from trustcore.key_rotation import (
     KeySchedule,
     KeyState,
     build_key_ack,
-    key_ack_topic,
     parse_grace,
     parse_key_ack,
 )
 from trustcore.payload import PayloadError, PayloadKey
 from trustcore.registration import open_payload_key, parse_key_update
+from trustcore.topics import key_ack_topic
 
 K1, K2, K3 = (bytes([i]) * 8 for i in (1, 2, 3))
 DAY = 86400

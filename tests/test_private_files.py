@@ -1,4 +1,5 @@
-"""The two hygiene helpers every component uses: private file modes and child environments."""
+"""The hygiene helpers every component uses: private file modes, the one atomic write and child
+environments."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from signers.child_env import child_env
-from signers.errors import SignerError
-from signers.private_files import loose_paths, private_home, private_umask
+from signers.errors import KeystoreError, SignerError
+from signers.private_files import loose_paths, private_home, private_umask, write_private_file
 
 
 def test_private_home_tightens_an_existing_tree_without_following_links(tmp_path: Path) -> None:
@@ -72,3 +73,45 @@ def test_child_env_is_an_allow_list() -> None:
     assert child_env({"XDG_CONFIG_HOME": "/x"}, parent={})["XDG_CONFIG_HOME"] == "/x"
     with pytest.raises(SignerError, match="DEVTRUST_SITE_PASSPHRASE"):
         child_env({"DEVTRUST_SITE_PASSPHRASE": "x"}, parent={})
+
+
+def test_write_private_file_atomic_mode(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    write_private_file(path, b"abc")
+    assert path.read_bytes() == b"abc"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(KeystoreError, match="already exists"):
+        write_private_file(path, b"other")  # never replaced without overwrite
+    write_private_file(path, b"new", overwrite=True, sync=False)
+    assert path.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["blob"]
+
+
+def test_write_private_file_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:
+    """A failure after the temporary file exists (here the ``prepare`` step, as a chown to
+    the broker's user could fail) leaves the old file as it was and no temporary file."""
+    path = tmp_path / "acl"
+    write_private_file(path, b"old")
+    seen: list[Path] = []
+
+    def refuse(tmp: Path) -> None:
+        seen.append(tmp)
+        assert tmp.read_bytes() == b"new"  # complete before it is handed over
+        assert stat.S_IMODE(tmp.stat().st_mode) == 0o600
+        raise PermissionError("chown refused")
+
+    with pytest.raises(KeystoreError, match="chown refused"):
+        write_private_file(path, b"new", overwrite=True, prepare=refuse)
+    assert len(seen) == 1 and not seen[0].exists()
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["acl"]
+    with pytest.raises(KeystoreError, match="cannot write"):
+        write_private_file(tmp_path / "missing-dir" / "x", b"x")
+
+
+def test_write_private_file_mode_for_a_stricter_file(tmp_path: Path) -> None:
+    cookie = tmp_path / ".erlang.cookie"
+    write_private_file(cookie, b"c" * 20, mode=0o400)
+    assert stat.S_IMODE(cookie.stat().st_mode) == 0o400
+    write_private_file(cookie, b"d" * 20, mode=0o400, overwrite=True)  # a rename, not a write
+    assert cookie.read_bytes() == b"d" * 20

@@ -15,7 +15,7 @@ from cryptography import x509
 
 from registrar.errors import ConfigError
 from registrar.payload_keys import PayloadKeyStore
-from registrar.service import RegistrationService, SiteAuthority, device_id_from_request_topic
+from registrar.service import RegistrationService, SiteAuthority
 from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki, p256
@@ -30,6 +30,11 @@ from trustcore.registration import (
     open_payload_key,
     parse_request,
     parse_response,
+)
+from trustcore.topics import (
+    device_of_registration_request,
+    registration_request_topic,
+    registration_response_topic,
 )
 
 
@@ -257,7 +262,10 @@ def test_payload_keys_at_rest(tmp_path: Path) -> None:
 
 
 def test_request_topic_parsing() -> None:
-    assert device_id_from_request_topic("devtrust/register/dev-1/request") == DeviceId("dev-1")
+    topic = "devtrust/register/dev-1/request"
+    assert device_of_registration_request(topic) == DeviceId("dev-1")
+    assert registration_request_topic(DeviceId("dev-1")) == topic
+    assert registration_response_topic(DeviceId("dev-1")) == "devtrust/register/dev-1/response"
     for bad in (
         "devtrust/register/+/request",
         "devtrust/register/a/b/request",
@@ -265,7 +273,7 @@ def test_request_topic_parsing() -> None:
         "devtrust/register/dev-1/response",
         "devices/dev-1/request",
     ):
-        assert device_id_from_request_topic(bad) is None
+        assert device_of_registration_request(bad) is None
 
 
 async def test_device_client_request_is_accepted_and_its_keys_open_the_answer(env: Env) -> None:

@@ -7,6 +7,7 @@ import functools
 import os
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -555,3 +556,19 @@ def test_reason_table_is_complete() -> None:
     assert not REASONS["not_in_manifest"].retry
     assert not REASONS["revoked"].retry
     assert replace(REASONS["busy"]).retry
+    with pytest.raises(TypeError):
+        REASONS["busy"] = REASONS["internal_error"]  # type: ignore[index]
+
+
+def test_docs_render_the_one_reason_table() -> None:
+    """``docs/registration.md`` shows every row of :data:`REASONS` as the code has it (the
+    public message a device is sent, its retry advice, MQTT code and action) and no other."""
+    doc = (Path(__file__).parents[1] / "docs" / "registration.md").read_text()
+    table = doc.split("| reason | retry | MQTT v5 | device action | public message |\n")[1]
+    rows = {}
+    for line in table.splitlines()[1:]:
+        if not line.startswith("| `"):
+            break
+        reason, retry, mqtt, action, message = (c.strip() for c in line.strip("|").split(" | "))
+        rows[reason.strip("`")] = (retry == "yes", int(mqtt, 16), action, message)
+    assert rows == {r: (i.retry, i.mqtt_reason, i.action, i.message) for r, i in REASONS.items()}

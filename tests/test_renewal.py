@@ -22,11 +22,7 @@ from hypothesis import strategies as st
 from device_sim.client import DeviceClient, DeviceCredentials, SoftwareKeys
 from registrar.errors import ConfigError
 from registrar.ldevid_policy import read_ldevid_policy, write_ldevid_policy
-from registrar.service import (
-    RegistrationService,
-    SiteAuthority,
-    device_id_from_renewal_topic,
-)
+from registrar.service import RegistrationService, SiteAuthority
 from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki, p256
@@ -51,6 +47,12 @@ from trustcore.renewal import (
     renew_from,
     renewal_due,
     verify_renewal,
+)
+from trustcore.topics import (
+    RENEWAL_REQUEST_LEVELS,
+    device_of,
+    renewal_request_topic,
+    renewal_response_topic,
 )
 
 DAY = timedelta(days=1)
@@ -288,7 +290,10 @@ def test_renew_from_two_thirds_and_policy_bounds(pki: Pki, tmp_path: Path) -> No
 
 
 def test_renewal_topic_parsing() -> None:
-    assert device_id_from_renewal_topic("devices/dev-1/renewal/request") == DeviceId("dev-1")
+    dev = DeviceId("dev-1")
+    assert renewal_request_topic(dev) == "devices/dev-1/renewal/request"
+    assert renewal_response_topic(dev) == "devices/dev-1/renewal/response"
+    assert device_of("devices/dev-1/renewal/request", *RENEWAL_REQUEST_LEVELS) == dev
     for bad in (
         "devices/dev-1/renewal/response",
         "devices/+/renewal/request",
@@ -296,7 +301,7 @@ def test_renewal_topic_parsing() -> None:
         "devices/dev-1/renewal/request/x",
         "renewal/request",
     ):
-        assert device_id_from_renewal_topic(bad) is None
+        assert device_of(bad, *RENEWAL_REQUEST_LEVELS) is None
 
 
 # ----------------------------------------------------------------------- the service

@@ -27,7 +27,6 @@ from signers.software import (
     load_ssl_identity,
     passphrase_from_env,
     passphrase_from_file,
-    write_private_file,
 )
 from trustcore.keys import KeyAgreement, Signer
 
@@ -174,13 +173,6 @@ def test_ephemeral_never_persisted(tmp_path: Path) -> None:
     with pytest.raises(KeystoreError, match="never persisted"):
         key.save(tmp_path / "e.pem", PASS)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_write_private_file_atomic_mode(tmp_path: Path) -> None:
-    path = tmp_path / "blob"
-    write_private_file(path, b"abc")
-    assert path.read_bytes() == b"abc"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_passphrase_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -99,3 +102,65 @@ def test_allowed_filter_never_matches_a_foreign_topic(
     filt, topic = "/".join(flevels), "/".join(tlevels)
     if OP.allows(Access.SUBSCRIBE, filt) and _matches(filt, topic):
         assert OP.allows(Access.PUBLISH, topic), (filt, topic)
+
+
+def test_topic_names_are_built_only_in_the_topics_module() -> None:
+    """No string literal outside ``trustcore/topics.py`` spells a topic or a filter of the
+    layout (``devtrust/register/...``, ``devices/...``, ``.../+/...``): every component
+    builds them with the helpers, so the layout is defined once (docstrings may show it)."""
+    root = Path(__file__).parents[1]
+    packages = ("trustcore", "signers", "device_sim", "hq", "factory_station", "registrar")
+    layout = ("devtrust/register", "devices/")
+    found = []
+    for path in sorted(
+        p for pkg in (*packages, "broker_config") for p in (root / pkg).rglob("*.py")
+    ):
+        if path == root / "trustcore" / "topics.py":
+            continue
+        text = path.read_text()
+        if not any(marker in text for marker in (*layout, "/+/")):
+            continue  # nothing to look at: skip the parse
+        tree = ast.parse(text)
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docstrings
+                and (node.value.startswith(layout) or "/+/" in node.value)
+            ):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert found == []
+
+
+def test_helpers_build_the_documented_layout() -> None:
+    from trustcore.topics import (
+        KEY_ACK_LEVELS,
+        REGISTRATION_REQUEST_FILTER,
+        TELEMETRY_LEVEL,
+        device_of,
+        device_of_registration_request,
+        every_device_filter,
+        key_ack_topic,
+        registration_response_topic,
+        renewal_request_topic,
+        renewal_response_topic,
+    )
+
+    assert registration_response_topic(A) == "devtrust/register/dev-a/response"
+    assert REGISTRATION_REQUEST_FILTER == "devtrust/register/+/request"
+    assert device_of_registration_request("devtrust/register/dev-a/request") == A
+    assert renewal_request_topic(A) == "devices/dev-a/renewal/request"
+    assert renewal_response_topic(A) == "devices/dev-a/renewal/response"
+    assert key_ack_topic(A) == "devices/dev-a/keys/ack"
+    assert every_device_filter(TELEMETRY_LEVEL) == "devices/+/telemetry"
+    assert device_of("devices/dev-a/keys/ack", *KEY_ACK_LEVELS) == A
+    assert device_of("devices/dev-a/keys/ack", TELEMETRY_LEVEL) is None
+    assert device_of("devices/+/telemetry", TELEMETRY_LEVEL) is None  # not a device id
+    assert device_of("devices/dev-a/telemetry/x", TELEMETRY_LEVEL) is None

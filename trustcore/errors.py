@@ -1,18 +1,36 @@
-"""Errors of the trust core. Every error the core raises derives from ``TrustCoreError``.
+"""Errors of the trust core. Every error the core raises derives from ``TrustCoreError``,
+whose base ``ReasonedError`` is also the base of every other package's root.
 
-::
+The tree names every subclass, wherever it is defined (``tests/test_error_trees.py`` checks
+it against the code); classes outside this module carry their module in brackets::
 
-    TrustCoreError
-    ├── EncodingError              malformed, oversized or non-canonical input bytes
-    ├── InvalidValueError          a value object (DeviceId, Serial, ...) refused its input
-    ├── ProfileError               a certificate would violate its profile
-    ├── CsrError                   a CSR is malformed, badly signed or asks for what policy forbids
-    ├── VerificationError          a certificate chain was refused (``reason`` says why)
-    ├── CrlError                   a CRL is malformed, badly signed or stale
-    ├── SealedPackageError         a sealed package was refused (``reason`` says why)
-    │   └── ReplayError            its sequence number is not newer than the last one accepted
-    ├── AuditChainError            an audit log broke continuity (``reason`` names the attack)
-    └── PolicyError                a policy check refused an operation
+    ReasonedError                  shared base: a stable ``reason`` besides the message
+    └── TrustCoreError
+        ├── EncodingError              malformed, oversized or non-canonical input bytes
+        ├── InvalidValueError          a value object (DeviceId, Serial, ...) refused its input
+        ├── ProfileError               a certificate would violate its profile
+        ├── CsrError                   a CSR is malformed, badly signed or asks for what
+        │                              policy forbids
+        ├── VerificationError          a certificate chain was refused (``reason`` says why)
+        ├── CrlError                   a CRL is malformed, badly signed or stale
+        ├── SealedPackageError         a sealed package was refused (``reason`` says why)
+        │   └── ReplayError            its sequence number is not newer than the last one
+        ├── AuditChainError            an audit log broke continuity (``reason`` names the
+        │                              attack)
+        ├── PolicyError                a policy check refused an operation
+        ├── RegistrationError          a registration message was refused [registration]
+        │   └── AdmissionHeld          a plugin held the device for a person [registration]
+        ├── RevocationListError        a revocation list was refused [revocation]
+        ├── StationCaRequestError      a station CA renewal / re-key request was refused
+        │                              [station_ca_request]
+        ├── SiteReportError            a site report was refused [site_report]
+        ├── SiteBundleError            a site bundle was refused [site_bundle]
+        ├── QuorumError                approvals do not make the quorum [quorum]
+        ├── SiteRolloverError          a site CA rollover request or renew command does not
+        │                              verify [site_rollover]
+        ├── KeyRotationError           a key acknowledgement or grace setting was refused
+        │                              [key_rotation]
+        └── PayloadError               a payload envelope was refused [payload]
 
 Each refusal carries a short machine-readable ``reason`` (a stable string that callers map to
 public reason codes) and a human message. Library exceptions are chained with

@@ -36,11 +36,10 @@ from trustcore import cbor
 from trustcore.errors import EncodingError, TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.payload import KEY_ID_LENGTH, PayloadKey, open_payload, seal_payload
-from trustcore.topics import device_topic
+from trustcore.topics import key_ack_topic
 
 __all__ = [
     "DEFAULT_GRACE_S",
-    "KEY_ACK_LEVELS",
     "MAX_GRACE_S",
     "KeyAck",
     "KeyPeriod",
@@ -48,13 +47,10 @@ __all__ = [
     "KeySchedule",
     "KeyState",
     "build_key_ack",
-    "key_ack_topic",
     "parse_grace",
     "parse_key_ack",
 ]
 
-#: ``devices/<id>/keys/ack``: the device's acknowledgement of a payload-key update.
-KEY_ACK_LEVELS = ("keys", "ack")
 #: Old payload keys are accepted this long after they stop being current (7 days).
 DEFAULT_GRACE_S = 7 * 86400
 #: Longest grace a site may configure (a year: beyond that a key never really retires).
@@ -67,10 +63,6 @@ class KeyRotationError(TrustCoreError):
     """A key acknowledgement or a grace setting was refused (``reason`` says why)."""
 
     reason = "malformed"
-
-
-def key_ack_topic(device_id: DeviceId) -> str:
-    return device_topic(device_id, *KEY_ACK_LEVELS)
 
 
 def build_key_ack(key: PayloadKey, device_id: DeviceId, issued: int) -> bytes:

@@ -28,9 +28,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Self
 
 from cryptography import x509
@@ -133,93 +134,102 @@ _PARSE_ERRORS = (
 
 @dataclass(frozen=True, slots=True)
 class ReasonInfo:
-    """What a public reason code tells the device: retry (with a NEW request, after a
-    back-off) or stop and wait for a person; and the matching MQTT v5 reason code."""
+    """Everything one public reason code means, in one row: whether the device should
+    retry (with a NEW request, after a back-off) or stop and wait for a person, the matching
+    MQTT v5 reason code, the action the device takes, and the public ``message`` the device
+    is sent. The internal detail of a refusal (which check failed on what) is the
+    :class:`RegistrationError`'s own message, for the log only."""
 
     retry: bool
     mqtt_reason: int
     action: str
+    message: str
 
 
 _NOT_AUTHORIZED = 0x87
-_PAYLOAD_FORMAT_INVALID = 0x99
-_PACKET_TOO_LARGE = 0x95
+_BAD_FORMAT = 0x99  # payload format invalid
+_TOO_LARGE = 0x95  # packet too large
 _UNSPECIFIED = 0x80
 _QUOTA_EXCEEDED = 0x97
 _STOP = "stop: needs the installer or the manufacturer"
+_BUG = "stop: device software bug"
+_NEW_KEY = "stop: make a new TPM key"
 _REREGISTER = "register again with the factory certificate (IDevID)"
 
-#: Every public reason code. ``docs/registration.md`` renders this table.
-REASONS: dict[str, ReasonInfo] = {
-    "malformed": ReasonInfo(False, _PAYLOAD_FORMAT_INVALID, "stop: device software bug"),
-    "oversized": ReasonInfo(False, _PACKET_TOO_LARGE, "stop: device software bug"),
-    "unsupported_version": ReasonInfo(False, _PAYLOAD_FORMAT_INVALID, "stop: update firmware"),
-    "device_mismatch": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "untrusted": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "expired": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "not_yet_valid": ReasonInfo(True, _NOT_AUTHORIZED, "retry after checking the clock"),
-    "revoked": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "bad_certificate": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "revocation_unavailable": ReasonInfo(True, _UNSPECIFIED, "retry later (site CRL problem)"),
-    "bad_signature": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "stale_request": ReasonInfo(True, _NOT_AUTHORIZED, "retry with current time, new nonce"),
-    "replayed_nonce": ReasonInfo(True, _NOT_AUTHORIZED, "retry with a new nonce"),
-    "not_in_manifest": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "held_for_approval": ReasonInfo(True, _NOT_AUTHORIZED, "retry later: awaiting installer"),
-    "policy_refused": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "policy_unavailable": ReasonInfo(True, _UNSPECIFIED, "retry later (site policy problem)"),
-    "csr_malformed": ReasonInfo(False, _PAYLOAD_FORMAT_INVALID, "stop: device software bug"),
-    "csr_bad_signature": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "csr_wrong_name": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "csr_idevid_key": ReasonInfo(False, _NOT_AUTHORIZED, "stop: make a new TPM key"),
-    "csr_foreign_key": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    # LDevID renewal (trustcore.renewal): the device falls back to registering again with
-    # its factory certificate (IDevID) on the registration listener.
-    "ldevid_expired": ReasonInfo(False, _NOT_AUTHORIZED, _REREGISTER),
-    "ldevid_superseded": ReasonInfo(False, _NOT_AUTHORIZED, _REREGISTER),
-    "ldevid_revoked": ReasonInfo(False, _NOT_AUTHORIZED, _STOP),
-    "ldevid_unknown": ReasonInfo(False, _NOT_AUTHORIZED, _REREGISTER),
-    "too_early": ReasonInfo(True, _QUOTA_EXCEEDED, "retry after the renewal interval"),
-    "csr_reused_key": ReasonInfo(False, _NOT_AUTHORIZED, "stop: make a new TPM key"),
-    "bad_wrap_key": ReasonInfo(False, _NOT_AUTHORIZED, "stop: device software bug"),
-    "busy": ReasonInfo(True, _QUOTA_EXCEEDED, "retry later with a new request"),
-    "internal_error": ReasonInfo(True, _UNSPECIFIED, "retry later with a new request"),
-}
-
-#: Public text per reason: ``message`` never carries internal detail (that goes to the log).
-_PUBLIC_MESSAGES: dict[str, str] = {
-    "malformed": "request is not a valid registration request",
-    "oversized": "request is too large",
-    "unsupported_version": "protocol version not supported",
-    "device_mismatch": "device id differs between topic, request and certificate",
-    "untrusted": "factory certificate is not trusted here",
-    "expired": "factory certificate (or its issuer) has expired",
-    "not_yet_valid": "factory certificate is not valid yet",
-    "revoked": "factory certificate (or its issuer) is revoked",
-    "bad_certificate": "factory certificate does not fit the device profile",
-    "revocation_unavailable": "revocation status cannot be checked now",
-    "bad_signature": "request signature does not verify with the factory certificate",
-    "stale_request": "request time is outside the accepted window",
-    "replayed_nonce": "nonce was already used",
-    "not_in_manifest": "device is not admitted at this site",
-    "held_for_approval": "device is held for the installer's approval",
-    "policy_refused": "a site admission policy refused the device",
-    "policy_unavailable": "the site admission policy cannot decide now",
-    "csr_malformed": "CSR is malformed",
-    "csr_bad_signature": "CSR signature does not verify",
-    "csr_wrong_name": "CSR names another subject or asks for forbidden extensions",
-    "csr_idevid_key": "CSR reuses the factory key",
-    "csr_foreign_key": "CSR key belongs to another device",
-    "bad_wrap_key": "wrap key is not a distinct P-256 public key",
-    "ldevid_expired": "the secondary certificate has expired: register again",
-    "ldevid_superseded": "the secondary certificate was replaced: register again",
-    "ldevid_revoked": "the secondary certificate is revoked",
-    "ldevid_unknown": "the secondary certificate is not known here: register again",
-    "too_early": "renewed too recently: retry later",
-    "csr_reused_key": "CSR reuses the current secondary key",
-    "busy": "registrar is busy",
-    "internal_error": "registrar could not complete the registration",
-}
+#: Every public reason code, the one table of them (read-only). ``docs/registration.md``
+#: renders it; ``tests/test_registration.py`` checks the rendering against it.
+# fmt: off
+REASONS: Mapping[str, ReasonInfo] = MappingProxyType({
+    # reason: ReasonInfo(retry, MQTT v5 reason code, device action,
+    #                    public message)
+    "malformed": ReasonInfo(False, _BAD_FORMAT, _BUG,
+        "request is not a valid registration request"),
+    "oversized": ReasonInfo(False, _TOO_LARGE, _BUG,
+        "request is too large"),
+    "unsupported_version": ReasonInfo(False, _BAD_FORMAT, "stop: update firmware",
+        "protocol version not supported"),
+    "device_mismatch": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "device id differs between topic, request and certificate"),
+    "untrusted": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "factory certificate is not trusted here"),
+    "expired": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "factory certificate (or its issuer) has expired"),
+    "not_yet_valid": ReasonInfo(True, _NOT_AUTHORIZED, "retry after checking the clock",
+        "factory certificate is not valid yet"),
+    "revoked": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "factory certificate (or its issuer) is revoked"),
+    "bad_certificate": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "factory certificate does not fit the device profile"),
+    "revocation_unavailable": ReasonInfo(True, _UNSPECIFIED, "retry later (site CRL problem)",
+        "revocation status cannot be checked now"),
+    "bad_signature": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "request signature does not verify with the factory certificate"),
+    "stale_request": ReasonInfo(True, _NOT_AUTHORIZED, "retry with current time, new nonce",
+        "request time is outside the accepted window"),
+    "replayed_nonce": ReasonInfo(True, _NOT_AUTHORIZED, "retry with a new nonce",
+        "nonce was already used"),
+    "not_in_manifest": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "device is not admitted at this site"),
+    "held_for_approval": ReasonInfo(True, _NOT_AUTHORIZED,
+        "wait; retry after the installer approves (`registrar approve`)",
+        "device is held for the installer's approval"),
+    "policy_refused": ReasonInfo(False, _NOT_AUTHORIZED, "stop: needs the installer",
+        "a site admission policy refused the device"),
+    "policy_unavailable": ReasonInfo(True, _UNSPECIFIED,
+        "retry later (site policy plugin missing or failing: fail closed)",
+        "the site admission policy cannot decide now"),
+    "csr_malformed": ReasonInfo(False, _BAD_FORMAT, _BUG,
+        "CSR is malformed"),
+    "csr_bad_signature": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "CSR signature does not verify"),
+    "csr_wrong_name": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "CSR names another subject or asks for forbidden extensions"),
+    "csr_idevid_key": ReasonInfo(False, _NOT_AUTHORIZED, _NEW_KEY,
+        "CSR reuses the factory key"),
+    "csr_foreign_key": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "CSR key belongs to another device"),
+    # LDevID renewal (trustcore.renewal): the device falls back to registering again
+    # with its factory certificate (IDevID) on the registration listener.
+    "ldevid_expired": ReasonInfo(False, _NOT_AUTHORIZED, _REREGISTER,
+        "the secondary certificate has expired: register again"),
+    "ldevid_superseded": ReasonInfo(False, _NOT_AUTHORIZED, _REREGISTER,
+        "the secondary certificate was replaced: register again"),
+    "ldevid_revoked": ReasonInfo(False, _NOT_AUTHORIZED, _STOP,
+        "the secondary certificate is revoked"),
+    "ldevid_unknown": ReasonInfo(False, _NOT_AUTHORIZED, _REREGISTER,
+        "the secondary certificate is not known here: register again"),
+    "too_early": ReasonInfo(True, _QUOTA_EXCEEDED, "retry after the renewal interval",
+        "renewed too recently: retry later"),
+    "csr_reused_key": ReasonInfo(False, _NOT_AUTHORIZED, _NEW_KEY,
+        "CSR reuses the current secondary key"),
+    "bad_wrap_key": ReasonInfo(False, _NOT_AUTHORIZED, _BUG,
+        "wrap key is not a distinct P-256 public key"),
+    "busy": ReasonInfo(True, _QUOTA_EXCEEDED, "retry later with a new request",
+        "registrar is busy"),
+    "internal_error": ReasonInfo(True, _UNSPECIFIED, "retry later with a new request",
+        "registrar could not complete the registration"),
+})
+# fmt: on
 
 #: ChainVerifier reasons -> public reason (finer certificate defects collapse into one code:
 #: the device's action is the same, and the log keeps the detail).
@@ -249,7 +259,9 @@ class RegistrationError(TrustCoreError):
 
 
 def public_message(reason: str) -> str:
-    return _PUBLIC_MESSAGES.get(reason, "registration refused")
+    """What the device is told for ``reason`` (never internal detail)."""
+    info = REASONS.get(reason)
+    return "registration refused" if info is None else info.message
 
 
 # ------------------------------------------------------------------------ signed envelope

@@ -44,10 +44,9 @@ from trustcore.keys import Signer, key_id, spki_der
 from trustcore.messages import SiteEnrolment
 
 __all__ = [
-    "ROLLOVER_LEVEL",
     "RenewNow",
-    "RolloverError",
     "SiteCaRollover",
+    "SiteRolloverError",
     "build_renew_now",
     "parse_renew_now",
     "renew_now_body",
@@ -56,14 +55,12 @@ __all__ = [
 
 ROLLOVER_TYPE = "devtrust/site-ca-rollover/v1"
 RENEW_DOMAIN = "devtrust/renew-now/v1"
-#: ``devices/<id>/rollover``: where a registrar asks a device to renew its LDevID.
-ROLLOVER_LEVEL = "rollover"
 MAX_ROLLOVER_SIZE = 64 * 1024
 MAX_RENEW_SIZE = 4 * 1024
 _VERSION = 1
 
 
-class RolloverError(TrustCoreError):
+class SiteRolloverError(TrustCoreError):
     """A rollover request or a renew command does not verify (``reason`` says why); in the
     ``TrustCoreError`` tree beside ``EncodingError``."""
 
@@ -131,23 +128,23 @@ class SiteCaRollover:
         signed this request, and that the new key differs from it. The inner enrolment's
         own checks (CSR, binding) are the caller's (``SiteEnrolment.verify``)."""
         if self.previous_ca != enrolled_ca_spki:
-            raise RolloverError(
+            raise SiteRolloverError(
                 "the request is not signed by the site CA key HQ enrolled", reason="wrong_site_key"
             )
         try:
             previous = serialization.load_der_public_key(self.previous_ca)
         except (ValueError, TypeError) as exc:
-            raise RolloverError("previous CA key is not a DER public key") from exc
+            raise SiteRolloverError("previous CA key is not a DER public key") from exc
         if not isinstance(previous, ec.EllipticCurvePublicKey) or not _verify(
             previous, self.continuity_sig, _continuity_input(self.enrolment, self.previous_ca)
         ):
-            raise RolloverError(
+            raise SiteRolloverError(
                 "continuity signature by the current site CA key does not verify",
                 reason="bad_signature",
             )
         enrolment = self.site_enrolment()
         if spki_der(validate_csr(enrolment.csr_der).public_key) == self.previous_ca:
-            raise RolloverError("the new site CA key is the current one", reason="key_reuse")
+            raise SiteRolloverError("the new site CA key is the current one", reason="key_reuse")
         return enrolment
 
 
@@ -180,7 +177,7 @@ def _renew_input(body: bytes) -> bytes:
 def renew_now_body(device_id: DeviceId, issued: int, issuing_ca_key_id: bytes) -> bytes:
     """The signed body of a renew command (deterministic CBOR; ``docs/formats.md``)."""
     if len(issuing_ca_key_id) != 32:
-        raise RolloverError("issuing_ca must be a 32-byte key id")
+        raise SiteRolloverError("issuing_ca must be a 32-byte key id")
     return cbor.encode(
         {"v": _VERSION, "device_id": device_id.value, "issued": issued,
          "issuing_ca": issuing_ca_key_id}
@@ -193,7 +190,7 @@ def build_renew_now(
     """``signer``: the key of the CA that issued the device's current LDevID."""
     new_ca = issuing_ca.public_key()
     if not isinstance(new_ca, ec.EllipticCurvePublicKey):
-        raise RolloverError("the issuing CA must have a P-256 key")
+        raise SiteRolloverError("the issuing CA must have a P-256 key")
     body = renew_now_body(device_id, issued, key_id(new_ca))
     return cbor.encode({"body": body, "sig": signer.sign(_renew_input(body))})
 
@@ -202,7 +199,7 @@ def parse_renew_now(
     data: bytes, *, device_id: DeviceId, site_ca: x509.Certificate, newer_than: int = 0
 ) -> RenewNow:
     """The device side: verify a renew command with the site CA of its current LDevID.
-    Raises :class:`RolloverError` for anything that does not verify."""
+    Raises :class:`SiteRolloverError` for anything that does not verify."""
     try:
         outer = cbor.map_of(cbor.decode(data, max_size=MAX_RENEW_SIZE), "renew command")
         cbor.expect_keys(outer, {"body", "sig"}, what="renew command")
@@ -212,17 +209,19 @@ def parse_renew_now(
         if not isinstance(public, ec.EllipticCurvePublicKey) or not _verify(
             public, sig, _renew_input(body)
         ):
-            raise RolloverError("renew command signature does not verify", reason="bad_signature")
+            raise SiteRolloverError(
+                "renew command signature does not verify", reason="bad_signature"
+            )
         m = cbor.map_of(cbor.decode(body, max_size=MAX_RENEW_SIZE), "renew command body")
         cbor.expect_keys(m, {"v", "device_id", "issued", "issuing_ca"}, what="renew command")
         if cbor.field(m, "v", int) != _VERSION:
-            raise RolloverError("renew command version", reason="unsupported_version")
+            raise SiteRolloverError("renew command version", reason="unsupported_version")
         if cbor.field(m, "device_id", str) != device_id.value:
-            raise RolloverError("renew command for another device", reason="device_mismatch")
+            raise SiteRolloverError("renew command for another device", reason="device_mismatch")
         issued = cbor.field(m, "issued", int)
         target = cbor.field(m, "issuing_ca", bytes, size=32)
     except EncodingError as exc:
-        raise RolloverError(f"renew command: {exc.message}", reason="malformed") from exc
+        raise SiteRolloverError(f"renew command: {exc.message}", reason="malformed") from exc
     if issued <= newer_than:
-        raise RolloverError("renew command is not newer than the last one", reason="replayed")
+        raise SiteRolloverError("renew command is not newer than the last one", reason="replayed")
     return RenewNow(device_id, issued, target)

@@ -5,7 +5,18 @@ Layout (``<id>`` is a :class:`~trustcore.identity.DeviceId`, which cannot contai
 
     devtrust/register/<id>/request    device → registrar   (registration listener)
     devtrust/register/<id>/response   registrar → device   (registration listener)
-    devices/<id>/...                  the device's own subtree (operational listener)
+    devices/<id>/...                  the device's own subtree (operational listener):
+        telemetry                     device → registrar   sealed payload (trustcore.payload)
+        keys                          registrar → device   payload-key update (retained)
+        keys/ack                      device → registrar   acknowledgement (key_rotation)
+        keys/wrap                     device → registrar   wrap key after EST (wrap_key)
+        renewal/request               device → registrar   LDevID renewal (renewal)
+        renewal/response              registrar → device
+        rollover                      registrar → device   renew-now (site_rollover, retained)
+        cmd                           registrar → device   an operator's command
+
+Every level name is defined here and nowhere else; the other modules build topics, filters
+and bindings with the helpers below and parse them with :func:`device_of`.
 
 A device may use exactly its own subtree and nothing else. Subscription filters are
 compared as *sets of topics*, not as strings: a filter is allowed only when every topic it
@@ -27,6 +38,26 @@ REGISTRATION_PREFIX = "devtrust/register"
 DEVICE_PREFIX = "devices"
 MAX_TOPIC_BYTES = 65535
 
+REQUEST_LEVEL = "request"
+RESPONSE_LEVEL = "response"
+TELEMETRY_LEVEL = "telemetry"
+#: ``devices/<id>/keys``: payload-key updates.
+KEYS_LEVEL = "keys"
+#: ``devices/<id>/keys/ack``: the device's acknowledgement of a payload-key update.
+KEY_ACK_LEVELS = (KEYS_LEVEL, "ack")
+#: ``devices/<id>/keys/wrap``: inside the device's own subtree (no new broker ACL rule).
+WRAP_KEY_LEVELS = (KEYS_LEVEL, "wrap")
+#: ``devices/<id>/renewal/request`` (device -> registrar) and ``.../renewal/response``
+#: (registrar -> device), on the operational listener: inside the device's own subtree, so
+#: neither broker needs a new ACL rule and no device can read another's answer.
+RENEWAL_LEVEL = "renewal"
+RENEWAL_REQUEST_LEVELS = (RENEWAL_LEVEL, REQUEST_LEVEL)
+RENEWAL_RESPONSE_LEVELS = (RENEWAL_LEVEL, RESPONSE_LEVEL)
+#: ``devices/<id>/rollover``: where a registrar asks a device to renew its LDevID.
+ROLLOVER_LEVEL = "rollover"
+#: ``devices/<id>/cmd``: an operator's command to one device.
+COMMAND_LEVEL = "cmd"
+
 
 class Listener(Enum):
     """Which listener a session came in on decides which subtree its identity may use."""
@@ -41,17 +72,61 @@ class Access(Enum):
 
 
 def registration_request_topic(device_id: DeviceId) -> str:
-    return f"{REGISTRATION_PREFIX}/{device_id.value}/request"
+    return f"{REGISTRATION_PREFIX}/{device_id.value}/{REQUEST_LEVEL}"
 
 
 def registration_response_topic(device_id: DeviceId) -> str:
-    return f"{REGISTRATION_PREFIX}/{device_id.value}/response"
+    return f"{REGISTRATION_PREFIX}/{device_id.value}/{RESPONSE_LEVEL}"
 
 
 def device_topic(device_id: DeviceId, *levels: str) -> str:
     topic = "/".join((DEVICE_PREFIX, device_id.value, *levels))
     validate_topic_name(topic)
     return topic
+
+
+def renewal_request_topic(device_id: DeviceId) -> str:
+    return device_topic(device_id, *RENEWAL_REQUEST_LEVELS)
+
+
+def renewal_response_topic(device_id: DeviceId) -> str:
+    return device_topic(device_id, *RENEWAL_RESPONSE_LEVELS)
+
+
+def key_ack_topic(device_id: DeviceId) -> str:
+    return device_topic(device_id, *KEY_ACK_LEVELS)
+
+
+#: Every device's registration request (a subscription filter of the registrar).
+REGISTRATION_REQUEST_FILTER = f"{REGISTRATION_PREFIX}/+/{REQUEST_LEVEL}"
+
+
+def every_device_filter(*levels: str) -> str:
+    """``devices/+/<levels…>``: the same levels of every device (a registrar's filter)."""
+    return "/".join((DEVICE_PREFIX, "+", *levels))
+
+
+def device_of(topic: str, *levels: str) -> DeviceId | None:
+    """``devices/<id>/<levels…>`` -> the device id; ``None`` for any other topic."""
+    parts = topic.split("/")
+    if len(parts) != 2 + len(levels) or parts[0] != DEVICE_PREFIX or tuple(parts[2:]) != levels:
+        return None
+    try:
+        return DeviceId(parts[1])
+    except InvalidValueError:
+        return None
+
+
+def device_of_registration_request(topic: str) -> DeviceId | None:
+    """``devtrust/register/<id>/request`` -> the device id; ``None`` for anything else."""
+    prefix = REGISTRATION_PREFIX + "/"
+    suffix = "/" + REQUEST_LEVEL
+    if not topic.startswith(prefix) or not topic.endswith(suffix):
+        return None
+    try:
+        return DeviceId(topic[len(prefix) : -len(suffix)])
+    except InvalidValueError:
+        return None
 
 
 def _check_utf8(text: str) -> bytes:

@@ -276,11 +276,6 @@ class ChainVerifier:
         if current is None or revocations.crl_number > current.crl_number:
             self._indirect[key] = revocations
 
-    @property
-    def indirect_revocations(self) -> tuple[IndirectRevocationSet, ...]:
-        """The indirect CRLs in force (newest per signer name)."""
-        return tuple(self._indirect.values())
-
     def _add(self, revocations: RevocationSet, issuer: x509.Certificate) -> None:
         key = (issuer.subject.public_bytes(), revocations.issuer_key_id)
         current = self._crls.get(key)

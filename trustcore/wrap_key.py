@@ -4,8 +4,8 @@ An MQTT registration request carries the device's ECDH wrap key (``wrap_key``), 
 answer the payload key wrapped to it. EST (RFC 7030) carries a CSR only: a device enrolled
 over EST holds an LDevID but no payload key. It gets one over MQTT, on the operational
 listener with that LDevID, by publishing its wrap key once on its own topic
-``devices/<id>/keys/wrap`` (:data:`WRAP_KEY_LEVELS`); the registrar records it and sends
-the payload key as an ordinary payload-key update on ``devices/<id>/keys`` (retained,
+``devices/<id>/keys/wrap`` (:data:`trustcore.topics.WRAP_KEY_LEVELS`); the registrar records
+it and sends the payload key as an ordinary payload-key update on ``devices/<id>/keys`` (retained,
 acknowledged on ``devices/<id>/keys/ack``, ``docs/registration.md``).
 
 Message — domain ``devtrust/wrap-key/v1``, signed by the device's CURRENT LDevID key, in the
@@ -52,7 +52,6 @@ from trustcore.renewal import issued_by
 __all__ = [
     "MAX_WRAP_KEY_SIZE",
     "WRAP_KEY_DOMAIN",
-    "WRAP_KEY_LEVELS",
     "WrapKeyRegistration",
     "build_wrap_key_registration",
     "parse_wrap_key_registration",
@@ -61,8 +60,6 @@ __all__ = [
 ]
 
 WRAP_KEY_DOMAIN = "devtrust/wrap-key/v1"
-#: ``devices/<id>/keys/wrap``: inside the device's own subtree (no new broker ACL rule).
-WRAP_KEY_LEVELS = ("keys", "wrap")
 #: A real message is about 0.8 KiB (LDevID ~600 B, SPKI 91 B, signature 72 B).
 MAX_WRAP_KEY_SIZE = 2 * 1024
 _FIELDS = {"v", "device_id", "time", "wrap_key", "ldevid"}

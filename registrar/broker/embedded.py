@@ -69,7 +69,7 @@ from registrar.broker.amqtt_plugins import (
 )
 from registrar.errors import BrokerError
 from signers.errors import KeystoreError
-from signers.software import write_private_file
+from signers.private_files import write_private_file
 from trustcore.errors import TrustCoreError
 from trustcore.profiles import device_id_from_certificate
 from trustcore.topics import Listener

@@ -60,6 +60,8 @@ from broker_config.render import (
 from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, Endpoint, is_device_identity
 from registrar.errors import BrokerError
 from signers.child_env import child_env
+from signers.errors import SignerError
+from signers.private_files import write_private_file
 from trustcore.errors import InvalidValueError
 
 log = logging.getLogger(__name__)
@@ -326,7 +328,6 @@ class MosquittoBroker:
         self._admin_stack: contextlib.AsyncExitStack | None = None
         self._admin_reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._command_lock = asyncio.Lock()
         self._ports: tuple[int, int, int] | None = None
         self._config: MosquittoConfig | None = None
         self._runtime: Path | None = None
@@ -426,15 +427,12 @@ class MosquittoBroker:
 
     def _write_private(self, target: Path, data: bytes, owner: _Owner) -> None:
         """Atomically (Mosquitto may read the target at any moment), mode 0600, owned by
-        the broker's user."""
-        tmp = target.with_name(target.name + ".tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        owner.own(tmp)
-        tmp.replace(target)
+        the broker's user; not fsynced: rendered again from the site's state at every
+        start and reload."""
+        try:
+            write_private_file(target, data, overwrite=True, sync=False, prepare=owner.own)
+        except SignerError as exc:
+            raise BrokerError(exc.message) from exc
 
     def _decrypt_key(self) -> bytes:
         tls = self._settings.tls

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import secrets
 import subprocess
@@ -56,6 +55,8 @@ from broker_config.tls_policy import TLS12_CIPHERS, TLS13_CIPHERSUITES
 from registrar.broker import BrokerTls
 from registrar.errors import BrokerError, ConfigError
 from signers.child_env import child_env
+from signers.errors import SignerError
+from signers.private_files import write_private_file
 
 #: Plugins a node needs: MQTT, the management API (for the live cut), the HTTP backend and
 #: the event exchange (connection events: the registrar's table of live sessions).
@@ -308,17 +309,12 @@ def _erlang_ip(host: str) -> str:
 
 
 def _write_private(target: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomic (a node may read ``target`` at any moment), private from the first byte."""
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    """Atomic (a node may read ``target`` at any moment), private from the first byte; not
+    fsynced: rendered again from the site's state at every start and reload."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        tmp.replace(target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+        write_private_file(target, data, overwrite=True, mode=mode, sync=False)
+    except SignerError as exc:
+        raise BrokerError(exc.message) from exc
 
 
 @dataclass(frozen=True)

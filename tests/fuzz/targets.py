@@ -322,9 +322,18 @@ def _decoders(world: FuzzWorld, data: bytes) -> object:
 
 def _topics(world: FuzzWorld, data: bytes) -> object:
     """Registrar topic parsing and the device ACL: a bool or None, never an exception."""
-    from registrar.service import device_id_from_renewal_topic, device_id_from_request_topic
     from trustcore.errors import InvalidValueError
-    from trustcore.topics import Access, Listener, device_access, validate_topic_filter
+    from trustcore.topics import (
+        KEY_ACK_LEVELS,
+        RENEWAL_REQUEST_LEVELS,
+        TELEMETRY_LEVEL,
+        Access,
+        Listener,
+        device_access,
+        device_of,
+        device_of_registration_request,
+        validate_topic_filter,
+    )
 
     topic = data.decode("utf-8", "surrogateescape")  # lone surrogates: not valid UTF-8
     device = DeviceId("dev-a")
@@ -335,8 +344,12 @@ def _topics(world: FuzzWorld, data: bytes) -> object:
             assert isinstance(allowed, bool)
             if allowed and listener is Listener.OPERATIONAL:
                 assert topic.startswith("devices/dev-a/"), topic
-    for parse in (device_id_from_request_topic, device_id_from_renewal_topic):
-        found = parse(topic)
+    for found in (
+        device_of_registration_request(topic),
+        device_of(topic, *RENEWAL_REQUEST_LEVELS),
+        device_of(topic, TELEMETRY_LEVEL),
+        device_of(topic, *KEY_ACK_LEVELS),
+    ):
         assert found is None or isinstance(found, DeviceId)
     with contextlib.suppress(InvalidValueError):
         validate_topic_filter(topic)

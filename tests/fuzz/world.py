@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -300,8 +299,3 @@ def _audit_payload(package: bytes, hq: World, secrets: HqSecrets) -> bytes:
         last_sequence=None,
         max_size=1 << 24,
     ).payload
-
-
-def copy_world(world: FuzzWorld, dest: Path) -> Path:
-    shutil.copytree(world.hq.home, dest)
-    return dest
