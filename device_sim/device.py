@@ -40,8 +40,12 @@ from typing import Any, Self
 from cryptography import x509
 
 from device_sim.swtpm import Swtpm, provision_ek_certificate
-from factory_station.attestation import CredentialChallenge
-from signers.attestation import AttestationEvidence, AttestationIdentity, TpmAttestor
+from signers.attestation import (
+    AttestationEvidence,
+    AttestationIdentity,
+    CredentialChallenge,
+    TpmAttestor,
+)
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage
 from signers.tpm_import import SecretImport, check_secret_public
 from trustcore import cbor
