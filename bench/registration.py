@@ -32,6 +32,11 @@ Progress goes to stderr; the LAST line of stdout is one JSON object with:
   ``registrar run`` processes during the N-device wave only, divided by N. The Mosquitto
   process is not a registrar process (its CPU is reported apart, ``broker_cpu_ms_per_
   registration``); the embedded broker runs inside the registrar and is counted;
+* ``crypto_floor_ms``: the bare cryptography of one registration (4 ECDSA verifications,
+  2 signatures, one ECDH + AES-GCM seal) timed in this process just before each
+  registration wave: how fast the machine is right then (it moves by 2x on this shared
+  host); ``registrar_cpu_vs_floor`` = registrar CPU per registration / that floor, the
+  figure to compare across runs;
 * ``instances``, ``store`` (``sqlite`` or ``postgres``; PostgreSQL: a database created on
   127.0.0.1:5432, or ``$DEVTRUST_BENCH_PG``, and dropped at the end).
 
@@ -560,6 +565,37 @@ class Round:
     #: ``--transport est``: the MQTT registration wave of the same round (else None).
     mqtt_rate: float | None = None
     mqtt_cpu: float | None = None
+    #: :func:`crypto_floor_ms` measured just before the registration wave.
+    floor_ms: float = 0.0
+
+
+def crypto_floor_ms(samples: int = 200) -> float:
+    """CPU ms, in this process now, of the bare cryptography one registration needs (the
+    same floor as ``bench/registration_cpu.py``): 4 ECDSA P-256 verifications, 2
+    signatures and one HPKE-style seal (ephemeral key, ECDH, AES-256-GCM). Measured next
+    to each wave, it says how fast this machine is at that moment: ``registrar_cpu_ms``
+    divided by it is comparable across runs and machines."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    ecdsa = ec.ECDSA(hashes.SHA256())
+    signer = ec.generate_private_key(ec.SECP256R1())
+    peer = ec.generate_private_key(ec.SECP256R1()).public_key()
+    tbs = os.urandom(450)  # an IDevID's TBSCertificate is about this size
+    signature = signer.sign(tbs, ecdsa)
+    public = signer.public_key()
+    aead = AESGCM(os.urandom(32))
+    started = time.process_time()
+    for _ in range(samples):
+        for _ in range(4):
+            public.verify(signature, tbs, ecdsa)
+        signer.sign(tbs, ecdsa)
+        signer.sign(tbs, ecdsa)
+        ephemeral = ec.generate_private_key(ec.SECP256R1())
+        ephemeral.exchange(ec.ECDH(), peer)
+        aead.encrypt(b"\0" * 12, b"\0" * 32, b"")
+    return (time.process_time() - started) * 1000 / samples
 
 
 def _median(values: Sequence[float]) -> float:
@@ -591,7 +627,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         prepared = prepare(devices)
         log(f"keys, CSRs, signed requests, TLS contexts in {time.perf_counter() - t:.1f} s")
         loads = [prepared[r * n : (r + 1) * n] for r in range(rounds)]
-        mqtt_loads = [prepared[(rounds + r) * n : (rounds + r + 1) * n] for r in range(rounds)]
+        mqtt_loads = (
+            [prepared[(rounds + r) * n : (rounds + r + 1) * n] for r in range(rounds)]
+            if est
+            else []
+        )
         idle = prepared[waves * rounds * n :]
         mqtt_out: list[Outcome] = []
 
@@ -632,6 +672,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         )
                         mqtt_out += m_out
                         mqtt_cpu = _cpu(registrars) - m_cpu0
+                    floor_ms = crypto_floor_ms()
                     cpu0, broker0 = _cpu(registrars), _broker_cpu(registrars[0])
                     reg_rate, out = await wave(
                         load,
@@ -646,7 +687,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     broker = None if broker0 is None or broker1 is None else broker1 - broker0
                     results.append(
                         Round(
-                            echo_rate, echo_cpu, reg_rate, cpu1 - cpu0, broker, mqtt_rate, mqtt_cpu
+                            echo_rate,
+                            echo_cpu,
+                            reg_rate,
+                            cpu1 - cpu0,
+                            broker,
+                            mqtt_rate,
+                            mqtt_cpu,
+                            floor_ms,
                         )
                     )
                     log(
@@ -711,6 +759,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "p99_ms": round(latencies[p99_index], 2) if latencies else None,
         "registrar_cpu_ms_per_registration": round(
             _median([r.registrar_cpu for r in results]) * 1000 / n, 3
+        ),
+        # this machine's speed in the same run (see crypto_floor_ms), and the registrar's
+        # CPU per registration in units of it
+        "crypto_floor_ms": round(_median([r.floor_ms for r in results]), 3),
+        "registrar_cpu_vs_floor": round(
+            _median([r.registrar_cpu * 1000 / n / r.floor_ms for r in results]), 2
         ),
         "instances": k,
         "store": args.store,

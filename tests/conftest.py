@@ -8,12 +8,17 @@ import pytest
 pytest_plugins = ["tests.fixtures.pki", "tests.fixtures.swtpm", "tests.fixtures.postgres"]
 
 
+#: The umask the test session started with, taken at import (before any fixture ran a
+#: command in process).
+_SESSION_UMASK = os.umask(0o022)
+os.umask(_SESSION_UMASK)
+
+
 @pytest.fixture(autouse=True)
 def _restore_umask() -> Iterator[None]:
     """Every command sets umask 077 (signers.private_files) and tests run commands in
-    process: give the next test the umask it started with (a fake-clock file, for one,
-    must stay readable by Mosquitto's user)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
+    process, also from module-scoped fixtures: every test starts and ends with the
+    session's umask (a fake-clock file, for one, must stay readable by Mosquitto's user)."""
+    os.umask(_SESSION_UMASK)
     yield
-    os.umask(mask)
+    os.umask(_SESSION_UMASK)

@@ -111,11 +111,13 @@ async def test_tls_versions_and_suites(
     old = await s_client(site, port, cert, "-tls1_1")
     assert not old.connected and old.version == "(NONE)"
     assert re.search(r"alert protocol version|no protocols available", old.output), old.output
-    # the registrar's log says so, and why (Mosquitto's line arrives through its stderr)
-    async with asyncio.timeout(5):
-        while "refused a TLS handshake" not in caplog.text:
-            await asyncio.sleep(0.01)
-    assert re.search(r"unsupported.protocol", caplog.text, re.I), caplog.text
+    if isinstance(broker, EmbeddedBroker):
+        # the registrar's log says so, and why. (Mosquitto 2.0.11 writes its own line for
+        # this refusal in about one run of three: docs/broker.md; the alert is what counts.)
+        async with asyncio.timeout(5):
+            while "refused a TLS handshake" not in caplog.text:
+                await asyncio.sleep(0.01)
+        assert re.search(r"unsupported.protocol", caplog.text, re.I), caplog.text
     cbc = await s_client(site, port, cert, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA")
     assert not cbc.connected and "alert handshake failure" in cbc.output, cbc.output
     cbc256 = await s_client(site, port, cert, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-SHA384")

@@ -88,6 +88,7 @@ _DENIED = re.compile(r"^Denied (\S+) from (\S+) \(.*?'(.*)', \.\.\. \(\d+ bytes\
 _TLS_REFUSED = re.compile(r"^Client connection from (\S+) failed: (.*?)\.?$")
 #: Per-packet debug chatter: dropped unread (a line per packet at full message rate).
 _CHATTER = ("Received ", "Sending ", "\t", "Denied ")
+_CHATTER_BYTES = tuple(c.encode() for c in _CHATTER)
 
 
 def _check_identity(identity: str) -> str:
@@ -543,44 +544,59 @@ class MosquittoBroker:
         return " | ".join(list(self._log_tail)[-8:]) or "(no output)"
 
     async def _read_log(self, process: asyncio.subprocess.Process) -> None:
+        """Mosquitto's stderr, line by line, read in chunks: with the ACL-denial trace on
+        Mosquitto writes a debug line per packet (about a dozen per registration), and a
+        ``readline`` per line cost the registrar more than the line's own handling. The
+        per-packet chatter is dropped on its first bytes, before any decoding."""
         assert process.stderr is not None
-        while line_bytes := await process.stderr.readline():
-            line = line_bytes.decode("utf-8", "replace").rstrip()
-            if line.startswith(_CHATTER):
-                if match := _DENIED.match(line):
-                    self._acl_denials += 1
-                    log.warning(
-                        "ACL denied %s from %s on topic %r",
-                        match.group(1),
-                        match.group(2),
-                        match.group(3),
-                    )
-                continue
-            self._log_tail.append(line)
-            log.debug("mosquitto: %s", line)
-            if match := _TLS_REFUSED.match(line):
-                log.warning("mosquitto refused a TLS handshake from %s: %s", *match.groups())
-            elif match := _CONNECTED.match(line):
-                name = match.group(1)
-                self._sessions[name] = self._sessions.get(name, 0) + 1
-                self._connect_seq += 1
-                self._last_connect[name] = self._connect_seq
-            elif match := _TAKEOVER.match(line):
-                name = match.group(1)
-                self._clone_signals.append(name)
-                log.warning("second session for identity %s: clone signal", name)
-                self._sessions[name] = max(self._sessions.get(name, 1) - 1, 0)
-            elif match := _GONE.match(line):
-                name = match.group(1) or match.group(2)
-                if name in self._gone_watch:
-                    self._gone_watch[name] += 1
-                left = self._sessions.get(name, 1) - 1
-                if left > 0:
-                    self._sessions[name] = left
-                else:
-                    self._sessions.pop(name, None)
-                    self._last_connect.pop(name, None)
-            self._session_changed.set()
+        pending = b""
+        while chunk := await process.stderr.read(1 << 16):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for raw in lines:
+                if raw.startswith(_CHATTER_BYTES) and not raw.startswith(b"Denied "):
+                    continue
+                self._log_line(raw.decode("utf-8", "replace").rstrip())
+        if pending:
+            self._log_line(pending.decode("utf-8", "replace").rstrip())
+
+    def _log_line(self, line: str) -> None:
+        """One line of Mosquitto's log: ACL denials, refused handshakes, sessions."""
+        if line.startswith(_CHATTER):
+            if match := _DENIED.match(line):
+                self._acl_denials += 1
+                log.warning(
+                    "ACL denied %s from %s on topic %r",
+                    match.group(1),
+                    match.group(2),
+                    match.group(3),
+                )
+            return
+        self._log_tail.append(line)
+        log.debug("mosquitto: %s", line)
+        if match := _TLS_REFUSED.match(line):
+            log.warning("mosquitto refused a TLS handshake from %s: %s", *match.groups())
+        elif match := _CONNECTED.match(line):
+            name = match.group(1)
+            self._sessions[name] = self._sessions.get(name, 0) + 1
+            self._connect_seq += 1
+            self._last_connect[name] = self._connect_seq
+        elif match := _TAKEOVER.match(line):
+            name = match.group(1)
+            self._clone_signals.append(name)
+            log.warning("second session for identity %s: clone signal", name)
+            self._sessions[name] = max(self._sessions.get(name, 1) - 1, 0)
+        elif match := _GONE.match(line):
+            name = match.group(1) or match.group(2)
+            if name in self._gone_watch:
+                self._gone_watch[name] += 1
+            left = self._sessions.get(name, 1) - 1
+            if left > 0:
+                self._sessions[name] = left
+            else:
+                self._sessions.pop(name, None)
+                self._last_connect.pop(name, None)
+        self._session_changed.set()
 
     async def _connect_admin(self, port: int, user: str, password: str, deadline: float) -> None:
         while True:
