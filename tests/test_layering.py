@@ -18,6 +18,7 @@ cannot pass unnoticed.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,10 +73,20 @@ def modules_of(root: Path, tops: Iterable[str]) -> dict[str, Path]:
     return found
 
 
+@functools.cache
+def parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), str(path))
+
+
+@functools.cache
+def nodes(path: Path) -> tuple[ast.AST, ...]:
+    return tuple(ast.walk(parse(path)))
+
+
 def imports_of(name: str, path: Path, known: set[str]) -> Iterator[Import]:
     """Every import statement of the module (anywhere in it), resolved to module names."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in nodes(path):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield Import(name, alias.name, (), node.lineno)
@@ -176,8 +187,7 @@ def private_reach_ins(root: Path, tops: Iterable[str]) -> list[str]:
                 if n.startswith("_") and not n.startswith("__") and imp.target != name:
                     bad.append(f"{name}:{imp.line} imports {imp.target}.{n}")
         bound: dict[str, str] = {}
-        tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
+        for node in nodes(path):
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.asname and top(alias.name) in ALLOWED:
@@ -187,7 +197,7 @@ def private_reach_ins(root: Path, tops: Iterable[str]) -> list[str]:
                     full = f"{node.module}.{alias.name}"
                     if full in known:
                         bound[alias.asname or alias.name] = full
-        for node in ast.walk(tree):
+        for node in nodes(path):
             if (
                 isinstance(node, ast.Attribute)
                 and isinstance(node.value, ast.Name)
