@@ -38,16 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hq.audit_ingest import (
     ChainStream,
     IssuedEntry,
-    _cross_check_duplicates,
-    _persist,
     check_manifest,
     gc_paused,
     reconcile_records,
+    record_ingest,
     verify_audit_package,
 )
 from hq.authority import EntitlementRequest, enrol_station, init_hq, issue_entitlement
 from hq.home import HqHome, HqSecrets
-from hq.report import IngestReport
 from hq.store import HqStore
 from signers.software import SoftwareKey
 from trustcore.audit import ZERO_HASH, Checkpoint, encode_export, encode_record, sign_checkpoint
@@ -229,9 +227,7 @@ def main() -> None:
                 )
                 # Storing (not part of the target): duplicates against the DB, then one
                 # transaction with the head, the counters and every device.
-                _cross_check_duplicates(store, STATION, recon)
-                report = IngestReport.build(verified, head, recon, seconds=t2 - t0)
-                _persist(store, verified, head, recon, {}, report, last_time)
+                record_ingest(store, verified, head, recon, {}, started=t0, received=last_time)
                 t3 = time.perf_counter()
         finally:
             store.close()

@@ -91,8 +91,8 @@ from bench.site_fixture import (
     process_cpu_seconds,
 )
 from device_sim.client import DeviceClient, SoftwareKeys
-from registrar.broker import Endpoint
 from signers.software import SoftwareKey
+from trustcore.endpoint import Endpoint
 from trustcore.keys import spki_der
 from trustcore.profiles import device_id_from_certificate
 from trustcore.registration import (

@@ -39,9 +39,9 @@ if __package__ in (None, ""):
 from bench.site_fixture import SITE_OPERATOR, build_site_pki, make_broker, write_site
 from device_sim.client import TlsIdentity
 from device_sim.swtpm import Swtpm
-from registrar.broker import Endpoint
 from signers.software import SoftwareKey
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage
+from trustcore.endpoint import Endpoint
 from trustcore.identity import DeviceId
 from trustcore.keys import Signer
 from trustcore.profiles import issue_secondary_certificate

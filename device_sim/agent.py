@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import aiomqtt
 
 from device_sim.client import DeviceClient, DeviceRegistrationError, OperationalSession
-from registrar.broker import Endpoint
+from trustcore.endpoint import Endpoint
 
 __all__ = ["AgentStats", "DeviceAgent", "Renewer", "renew_or_register", "reregister"]
 

@@ -1,26 +1,58 @@
-"""``device-sim``: simulated devices and fleets."""
+"""``device-sim``: simulated devices and fleets, and the factory line that provisions them.
+
+The factory-line commands (``provision``, ``build-fleet``) open a real factory station
+(:mod:`factory_station`) and hand it simulated devices: this module and
+:mod:`device_sim.fleet_build` are the only ones of the package that import the station
+(``tests/test_layering.py``); the device runtime (TPM, registration client, agent, fleet
+onboarding) depends on ``trustcore`` and ``signers`` only.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from device_sim.device import DeviceStateError, SimDevice, create_fleet
 from device_sim.swtpm import SwtpmError
 from signers.private_files import private_umask
+from trustcore.cli_net import guarded_group
+from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
+
+if TYPE_CHECKING:
+    from factory_station.provision import ProvisionResult
+    from factory_station.station import FactoryStation
+
+log = logging.getLogger(__name__)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=guarded_group(1, {"provision": 2, "build-fleet": 2}),
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(package_name="devtrust")
-def main() -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: log records and this command's diagnostics as one JSON object per line "
+    "on stderr (docs/operations.md).",
+)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+def main(log_format: LogFormat, log_level: str) -> None:
     """Simulated devices: each has its own TPM (one swtpm process and state directory per
     device) or, for large load tests, software keys. Devices are provisioned at a factory
-    station and register at a building's registrar.
+    station (`provision`, `build-fleet`) and register at a building's registrar.
     """
+    configure_logging(log_level, log_format, command="device-sim")
     private_umask()  # every file this command creates: 0600, directories 0700
 
 
@@ -99,7 +131,7 @@ def secret_hmac(directory: Path, name: str, challenge: str) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
 def serve(directory: Path) -> None:
     """Power the device's TPM on and print its TCTI until interrupted (for
-    ``factory-station provision --device-tcti``)."""
+    ``device-sim provision --device-tcti``)."""
     try:
         dev = SimDevice(directory)
         dev.power_on()
@@ -137,15 +169,154 @@ def _device_passphrase(passphrase_file: Path | None) -> bytes:
     return passphrase_from_env(PASSPHRASE_ENV)
 
 
-@main.command("build-fleet")
-@click.option(
+# --------------------------------------------------------------- at a factory station
+
+_STATION = click.option(
     "--station",
     "station_home",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     required=True,
     help="The factory station's directory (factory-station init).",
 )
-@click.option("--tcti", default=None, help="Override the station TPM TCTI (station.json).")
+_STATION_TCTI = click.option(
+    "--tcti", default=None, help="Override the station TPM TCTI (station.json)."
+)
+_APPROVALS = click.option(
+    "--approvals",
+    "approval_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Quorum evidence for an operation the entitlement gates (an approval bundle, or the "
+    "request and its approvals; repeat). Verified, recorded and audited by the station "
+    "before provisioning.",
+)
+
+
+@contextmanager
+def _at_station(home: Path, tcti: str | None) -> Iterator[FactoryStation]:
+    """The station at ``home``, opened for one command; its refusals (and core or signer
+    errors) end the command as :class:`Refused` (exit 2, reason first)."""
+    from factory_station.errors import FactoryStationError
+    from factory_station.station import FactoryStation
+    from signers.errors import SignerError
+    from trustcore.errors import TrustCoreError
+
+    try:
+        with FactoryStation.open(home, tcti=tcti) as station:
+            yield station
+    except FactoryStationError as exc:
+        raise Refused(str(exc)) from exc
+    except (TrustCoreError, SignerError) as exc:
+        raise Refused(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _accept_approvals(station: FactoryStation, files: tuple[Path, ...]) -> None:
+    from trustcore.quorum import MAX_EVIDENCE_SIZE
+
+    if not files:
+        return
+    blobs = []
+    for path in files:
+        if path.stat().st_size > MAX_EVIDENCE_SIZE:
+            raise Refused(f"malformed: {path} is larger than {MAX_EVIDENCE_SIZE} bytes")
+        blobs.append(path.read_bytes())
+    grant = station.accept_approvals(blobs)
+    what = f"{grant.extra} more on {grant.day}" if grant.day else f"device {grant.device_id}"
+    click.echo(
+        f"quorum approved: {grant.operation} ({what}) by {len(grant.approvers)} approvers, "
+        f"request {grant.request_id.hex()}",
+        err=True,
+    )
+
+
+def _print_result(res: ProvisionResult, as_json: bool) -> None:
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "device_id": res.device_id.value,
+                    "serial": res.issued.serial_hex,
+                    "counter": res.issued.counter,
+                    "key_id": res.issued.key_id.hex(),
+                    "secrets": list(res.secrets),
+                }
+            )
+        )
+    else:
+        click.echo(
+            f"provisioned {res.device_id} serial {res.issued.serial_hex} "
+            f"(counter {res.issued.counter}, {res.seconds * 1000:.1f} ms)"
+            + (f"; secrets in its TPM: {', '.join(res.secrets)}" if res.secrets else "")
+        )
+
+
+@main.command()
+@_STATION
+@_STATION_TCTI
+@click.option(
+    "--device-tcti", required=True, help="TCTI of the device's TPM (`device-sim serve`)."
+)
+@click.option("--device-id", default=None, help="Device id (default: next unused id).")
+@click.option(
+    "--device-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the device's files go (key blob, idevid.pem); default STATION/devices/<id>.",
+)
+@click.option(
+    "--secret",
+    "secret_names",
+    multiple=True,
+    help="Product secret to import into the device TPM (repeatable); default: every secret "
+    "the entitlement's rules give this device. One outside its rule is refused.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@_APPROVALS
+def provision(
+    station_home: Path,
+    tcti: str | None,
+    device_tcti: str,
+    device_id: str | None,
+    device_dir: Path | None,
+    secret_names: tuple[str, ...],
+    as_json: bool,
+    approval_files: tuple[Path, ...],
+) -> None:
+    """The station provisions one device reached through its TPM's TCTI (and imports the
+    product secrets its entitlement rules give it into that TPM). Exit 2 on a refusal."""
+    from device_sim.device import TpmDevice
+    from factory_station.provision import provision_device
+    from signers.errors import SignerError
+    from signers.tpm import Tpm
+    from trustcore.identity import DeviceId
+
+    with _at_station(station_home, tcti) as station:
+        _accept_approvals(station, approval_files)
+        did = DeviceId(device_id) if device_id else station.allocate_device_id()
+        directory = device_dir or station_home / "devices" / did.value
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            device_tpm = Tpm(device_tcti)
+        except SignerError as exc:
+            raise Refused(f"device_error: cannot reach the device TPM: {exc}") from exc
+        try:
+            res = provision_device(
+                station,
+                TpmDevice(device_tpm, directory),
+                did,
+                secrets=list(secret_names) if secret_names else None,
+            )
+        finally:
+            try:
+                device_tpm.close()
+            except SignerError as exc:  # the outcome above stands; the TPM went away after
+                log.warning("device TPM at %s did not close cleanly: %s", device_tcti, exc)
+    _print_result(res, as_json)
+
+
+@main.command("build-fleet")
+@_STATION
+@_STATION_TCTI
 @click.option("--count", type=click.IntRange(1), required=True, help="Devices to make.")
 @click.option(
     "--keys",
@@ -178,6 +349,7 @@ def _device_passphrase(passphrase_file: Path | None) -> bytes:
 )
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON summary line.")
+@_APPROVALS
 def build_fleet_cmd(
     station_home: Path,
     tcti: str | None,
@@ -189,16 +361,14 @@ def build_fleet_cmd(
     ek_ca_dir: Path | None,
     workers: int,
     as_json: bool,
+    approval_files: tuple[Path, ...],
 ) -> None:
     """Make COUNT devices at a real factory station (its entitlement, NV counter, TPM
     signature and audit log apply to each) for `device-sim fleet`. Exit 2 if the station
     refused any device (quota, daily limit, window, ...)."""
     from device_sim.fleet import FleetError
     from device_sim.fleet_build import build_fleet
-    from factory_station.errors import FactoryStationError
-    from factory_station.station import FactoryStation
-    from signers.errors import PassphraseError, SignerError
-    from trustcore.errors import TrustCoreError
+    from signers.errors import PassphraseError
 
     software = keys == "software"
     if software and (ek_template or ek_ca_dir):
@@ -209,16 +379,15 @@ def build_fleet_cmd(
         raise click.UsageError("--keys tpm needs exactly one of --ek-template or --ek-ca-dir")
     try:
         passphrase = _device_passphrase(passphrase_file) if software else None
-        with FactoryStation.open(station_home, tcti=tcti) as station:
+        if not as_json:
+            click.echo(f"manufacturing and provisioning {count} {keys}-key devices ...", err=True)
+        with _at_station(station_home, tcti) as station:
+            _accept_approvals(station, approval_files)
             result = build_fleet(
                 station, out, count, "software" if software else "tpm",
                 passphrase=passphrase, ek_template=ek_template, ek_ca_dir=ek_ca_dir,
                 workers=workers,
             )  # fmt: skip
-    except FactoryStationError as exc:
-        raise Refused(str(exc)) from exc
-    except (TrustCoreError, SignerError) as exc:
-        raise Refused(f"{type(exc).__name__}: {exc}") from exc
     except (FleetError, PassphraseError, DeviceStateError, SwtpmError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     refusals = [str(err) for _, err in result.refused]
@@ -288,8 +457,8 @@ def fleet(
     from cryptography import x509
 
     from device_sim.fleet import FleetError, fleet_kind, load_fleet, onboard, tpm_fleet
-    from registrar.broker import Endpoint
     from signers.errors import PassphraseError
+    from trustcore.endpoint import Endpoint
 
     with contextlib.ExitStack() as stack:
         try:

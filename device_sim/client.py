@@ -36,9 +36,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sim.errors import DeviceSimError
-from registrar.broker import Endpoint
 from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.csr import build_device_csr
+from trustcore.endpoint import Endpoint
 from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.key_rotation import build_key_ack

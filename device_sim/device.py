@@ -40,8 +40,12 @@ from cryptography import x509
 
 from device_sim.errors import DeviceSimError
 from device_sim.swtpm import Swtpm, provision_ek_certificate
-from factory_station.attestation import CredentialChallenge
-from signers.attestation import AttestationEvidence, AttestationIdentity, TpmAttestor
+from signers.attestation import (
+    AttestationEvidence,
+    AttestationIdentity,
+    CredentialChallenge,
+    TpmAttestor,
+)
 from signers.errors import SignerError
 from signers.private_files import write_private_file
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage

@@ -64,9 +64,9 @@ from device_sim.client import (
 from device_sim.device import DeviceStateError, SimDevice, power_off_all, power_on_all
 from device_sim.errors import DeviceSimError
 from device_sim.swtpm import SwtpmError
-from registrar.broker import Endpoint
 from signers.errors import SignerError
 from signers.software import SoftwareKey
+from trustcore.endpoint import Endpoint
 from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.profiles import device_id_from_certificate

@@ -1,5 +1,4 @@
-"""Building a fleet at a real factory station (``device-sim build-fleet``,
-``factory-station provision-batch``).
+"""Building a fleet at a real factory station (``device-sim build-fleet``).
 
 Every device goes through the one provisioning path of the station,
 :func:`factory_station.provision.provision_batch`: ids from the entitlement's rule, policy
@@ -31,11 +30,10 @@ from cryptography import x509
 
 from device_sim.device import create_fleet, power_off_all, power_on_all
 from device_sim.fleet import FleetError, write_load_device
-from factory_station.attestation import CredentialChallenge
 from factory_station.errors import FactoryStationError
 from factory_station.provision import BatchResult, ProvisionResult, provision_batch
 from factory_station.station import AttestationMode, FactoryStation
-from signers.attestation import AttestationEvidence, AttestationIdentity
+from signers.attestation import AttestationEvidence, AttestationIdentity, CredentialChallenge
 from signers.software import SoftwareKey
 from signers.tpm_import import SecretImport
 from trustcore.csr import build_device_csr

@@ -62,6 +62,7 @@ from tpm2_pytss.types import TPMS_ATTEST, TPMT_PUBLIC
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template, make_credential
 
 from factory_station.errors import AttestationError
+from signers.attestation import CredentialChallenge
 from signers.errors import TpmImportError
 from signers.tpm_import import check_storage_public, tpm_name
 
@@ -115,16 +116,6 @@ _MAX_INPUT = 4096  # any TPM structure we accept is far smaller
 _RESIDENT = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
 _AK_REQUIRED = _RESIDENT | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT
 _AK_FORBIDDEN = TPMA_OBJECT.DECRYPT | TPMA_OBJECT.ADMINWITHPOLICY
-
-
-class CredentialChallenge(NamedTuple):
-    """What the station sends to the device: a TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET
-    (marshalled, for TPM2_ActivateCredential) and the nonce for TPM2_Certify's qualifyingData.
-    """
-
-    credential_blob: bytes
-    encrypted_secret: bytes
-    nonce: bytes
 
 
 class VerifiedStorageParent(NamedTuple):

@@ -1,10 +1,13 @@
-"""``factory-station``: the factory NUC signing station."""
+"""``factory-station``: the factory NUC signing station.
+
+Station-only commands (init, entitlements, time statements, audit export, CA renewal, status,
+plugins). Provisioning devices needs a device as well: ``device-sim provision`` and
+``device-sim build-fleet`` drive this station with simulated devices, so this package never
+imports the simulator (``tests/test_layering.py``)."""
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,16 +16,13 @@ from typing import Any
 import click
 
 from factory_station.errors import FactoryStationError
-from factory_station.provision import ProvisionResult, provision_device
 from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactoryStation
 from signers.errors import SignerError
 from signers.private_files import private_umask, write_private_file
 from trustcore.cli_net import guarded_group
 from trustcore.errors import InvalidValueError, TrustCoreError
-from trustcore.identity import DeviceId, StationId
+from trustcore.identity import StationId
 from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
-
-log = logging.getLogger(__name__)
 
 _HOME = click.option(
     "--home",
@@ -55,36 +55,6 @@ def _errors() -> Iterator[None]:
 def _station(home: Path, tcti: str | None) -> Iterator[FactoryStation]:
     with _errors(), FactoryStation.open(home, tcti=tcti) as station:
         yield station
-
-
-_APPROVALS = click.option(
-    "--approvals",
-    "approval_files",
-    multiple=True,
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Quorum evidence for an operation the entitlement gates (an approval bundle, or the "
-    "request and its approvals; repeat). Verified, recorded and audited before provisioning.",
-)
-
-
-def _accept_approvals(station: FactoryStation, files: tuple[Path, ...]) -> None:
-    from trustcore.quorum import MAX_EVIDENCE_SIZE
-
-    if not files:
-        return
-    blobs = []
-    for path in files:
-        if path.stat().st_size > MAX_EVIDENCE_SIZE:
-            raise Refused(f"malformed: {path} is larger than {MAX_EVIDENCE_SIZE} bytes")
-        blobs.append(path.read_bytes())
-    with _errors():
-        grant = station.accept_approvals(blobs)
-    what = f"{grant.extra} more on {grant.day}" if grant.day else f"device {grant.device_id}"
-    click.echo(
-        f"quorum approved: {grant.operation} ({what}) by {len(grant.approvers)} approvers, "
-        f"request {grant.request_id.hex()}",
-        err=True,
-    )
 
 
 def _nv_index(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
@@ -210,166 +180,6 @@ def import_time_statement(home: Path, tcti: str | None, package: Path) -> None:
         f"trusted time anchored at {datetime.fromtimestamp(anchor.time, UTC).isoformat()} "
         f"({anchor.source})"
     )
-
-
-def _print_result(res: ProvisionResult, as_json: bool) -> None:
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "device_id": res.device_id.value,
-                    "serial": res.issued.serial_hex,
-                    "counter": res.issued.counter,
-                    "key_id": res.issued.key_id.hex(),
-                    "secrets": list(res.secrets),
-                }
-            )
-        )
-    else:
-        click.echo(
-            f"provisioned {res.device_id} serial {res.issued.serial_hex} "
-            f"(counter {res.issued.counter}, {res.seconds * 1000:.1f} ms)"
-            + (f"; secrets in its TPM: {', '.join(res.secrets)}" if res.secrets else "")
-        )
-
-
-@main.command()
-@_HOME
-@_TCTI
-@click.option("--device-tcti", required=True, help="TCTI of the device's TPM.")
-@click.option("--device-id", default=None, help="Device id (default: next unused id).")
-@click.option(
-    "--device-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where the device's files go (key blob, idevid.pem); default HOME/devices/<id>.",
-)
-@click.option(
-    "--secret",
-    "secret_names",
-    multiple=True,
-    help="Product secret to import into the device TPM (repeatable); default: every secret "
-    "the entitlement's rules give this device. One outside its rule is refused.",
-)
-@click.option("--json", "as_json", is_flag=True)
-@_APPROVALS
-def provision(
-    home: Path,
-    tcti: str | None,
-    device_tcti: str,
-    device_id: str | None,
-    device_dir: Path | None,
-    secret_names: tuple[str, ...],
-    as_json: bool,
-    approval_files: tuple[Path, ...],
-) -> None:
-    """Provision one device reached through its TPM's TCTI (and import the product secrets
-    its entitlement rules give it into that TPM)."""
-    from device_sim.device import TpmDevice
-    from signers.tpm import Tpm
-
-    with _station(home, tcti) as station:
-        _accept_approvals(station, approval_files)
-        did = DeviceId(device_id) if device_id else station.allocate_device_id()
-        directory = device_dir or home / "devices" / did.value
-        directory.mkdir(parents=True, exist_ok=True)
-        try:
-            device_tpm = Tpm(device_tcti)
-        except SignerError as exc:
-            raise Refused(f"device_error: cannot reach the device TPM: {exc}") from exc
-        try:
-            res = provision_device(
-                station,
-                TpmDevice(device_tpm, directory),
-                did,
-                secrets=list(secret_names) if secret_names else None,
-            )
-        finally:
-            try:
-                device_tpm.close()
-            except SignerError as exc:  # the outcome above stands; the TPM went away after
-                log.warning("device TPM at %s did not close cleanly: %s", device_tcti, exc)
-    _print_result(res, as_json)
-
-
-@main.command("provision-batch")
-@_HOME
-@_TCTI
-@click.option("--count", type=click.IntRange(1), required=True)
-@click.option(
-    "--devices-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Directory in which to create the simulated devices.",
-)
-@click.option(
-    "--ek-template",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    help="Copy this TPM state (with EK certificate) for every device (fast).",
-)
-@click.option(
-    "--ek-ca-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Vendor CA directory: run swtpm_setup for every device (own EK, about 0.6 s each).",
-)
-@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True)
-@_APPROVALS
-def provision_batch_cmd(
-    home: Path,
-    tcti: str | None,
-    count: int,
-    devices_dir: Path,
-    ek_template: Path | None,
-    ek_ca_dir: Path | None,
-    workers: int,
-    approval_files: tuple[Path, ...],
-) -> None:
-    """Create COUNT simulated devices (one swtpm each) and provision them."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    from device_sim.fleet import FleetError
-    from device_sim.fleet_build import build_fleet
-
-    if (ek_template is None) == (ek_ca_dir is None):
-        raise click.UsageError("give exactly one of --ek-template or --ek-ca-dir")
-    click.echo(f"manufacturing {count} device TPMs ...", err=True)
-    with (
-        _station(home, tcti) as station,
-        Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            "{task.fields[last]}",
-            transient=False,
-        ) as bar,
-    ):
-        _accept_approvals(station, approval_files)
-        task = bar.add_task("provisioning", total=count, last="")
-        refused: list[str] = []
-
-        def done(res: ProvisionResult | None, err: FactoryStationError | None) -> None:
-            if res is not None:
-                bar.update(task, advance=1, last=res.device_id.value)
-            elif err is not None:
-                refused.append(str(err))
-                bar.update(task, advance=1, last=f"[red]{err.reason}")
-
-        try:
-            result = build_fleet(
-                station, devices_dir, count, "tpm", ek_template=ek_template,
-                ek_ca_dir=ek_ca_dir, workers=workers, on_done=done,
-            )  # fmt: skip
-        except FleetError as exc:
-            raise click.ClickException(str(exc)) from exc
-    click.echo(
-        f"provisioned {len(result.provisioned)} of {count} devices in {result.seconds:.2f} s "
-        f"({result.devices_per_s:.1f} devices/s)"
-    )
-    for message in refused:
-        click.echo(f"refused: {message}", err=True)
-    if result.refused:
-        sys.exit(2)
 
 
 @main.command("export-audit")
@@ -499,9 +309,8 @@ def _station_config(home: Path) -> Iterator[tuple[Path, Any]]:
 
 
 def _save_config(path: Path, config: Any) -> None:
-    from factory_station.station import _write_atomic
-
-    _write_atomic(path, config.to_json().encode())
+    with _errors():
+        write_private_file(path, config.to_json().encode(), overwrite=True)
 
 
 @plugins_group.command("list")

@@ -1,7 +1,7 @@
 """Quorum-gated operations at the factory station: what an approval bundle grants.
 
 The entitlement names, per operation, the approver keys and ``m`` (``QuorumRule``). An
-approval bundle brought to the station (``factory-station provision --approvals FILE...``)
+approval bundle brought to the station (``device-sim provision --approvals FILE...``)
 is verified offline against that rule by :func:`trustcore.quorum.verify_quorum`, then
 turned into a durable **grant** in the station database, in the same transaction as its
 ``quorum_approved`` audit record (which carries the evidence itself, so HQ can re-verify

@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hq.errors import HomeError, HqError, SecretError, StoreConflict
 from hq.home import HqHome, HqQuorumConfig
-from hq.store import Connection, HqStore
+from hq.store import ApproverRow, Connection, HqStore
+from hq.store import quorum as quorum_tables
 from signers.errors import SignerError
 from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
 from trustcore.entitlement import QUORUM_OPERATIONS
@@ -168,26 +169,9 @@ def add_approver_params(name: str, public_key: ec.EllipticCurvePublicKey) -> dic
 # ------------------------------------------------------------------------------ approvers
 
 
-@dataclass(frozen=True)
-class ApproverRow:
-    key_id: bytes
-    name: str
-    public_der: bytes
-    added_at: int
-
-
-def _approver_rows(conn: Connection) -> list[ApproverRow]:
-    return [
-        ApproverRow(bytes(r[0]), str(r[1]), bytes(r[2]), int(r[3]))
-        for r in conn.execute(
-            "SELECT key_id, name, public_der, added_at FROM quorum_approvers ORDER BY added_at"
-        )
-    ]
-
-
 def approvers(home: HqHome) -> list[ApproverRow]:
     with _db(home) as store, store.transaction() as conn:
-        return _approver_rows(conn)
+        return quorum_tables.approvers(conn)
 
 
 def _threshold(home: HqHome, operation: str, set_size: int) -> int:
@@ -216,17 +200,14 @@ def gate_required(
         return cfg.station_rekey
     if operation == ADD_APPROVER:
         if conn is not None:
-            return bool(_approver_rows(conn))
+            return bool(quorum_tables.approvers(conn))
         with _db(home) as store, store.transaction() as tx:
-            return bool(_approver_rows(tx))
+            return bool(quorum_tables.approvers(tx))
     raise QuorumRefused(f"unknown HQ operation {operation!r}", reason="no_quorum")
 
 
 def _used(conn: Connection, request_id: bytes) -> set[bytes]:
-    row = conn.execute(
-        "SELECT 1 FROM quorum_consumed WHERE request_id = ?", (request_id,)
-    ).fetchone()
-    return {request_id} if row else set()
+    return {request_id} if quorum_tables.request_consumed(conn, request_id) else set()
 
 
 def verify_hq_quorum(
@@ -253,7 +234,7 @@ def verify_hq_quorum(
                 f"request {bundle.request.request_id.hex()} was not written by this HQ",
                 reason="foreign_request",
             )
-        rows = _approver_rows(conn)
+        rows = quorum_tables.approvers(conn)
         return verify_quorum(
             bundle.request,
             bundle.approvals,
@@ -272,15 +253,12 @@ def consume(conn: Connection, decision: QuorumDecision, now: int) -> None:
     """Record ``decision`` as used, inside the caller's transaction (so the operation and
     the consumption commit together). A concurrent use of the same request loses here."""
     try:
-        conn.execute(
-            "INSERT INTO quorum_consumed (request_id, operation, approvers, consumed_at) "
-            "VALUES (?, ?, ?, ?)",
-            (
-                decision.request_id,
-                decision.operation,
-                ",".join(a.hex() for a in decision.approvers),
-                now,
-            ),
+        quorum_tables.consume_request(
+            conn,
+            decision.request_id,
+            decision.operation,
+            ",".join(a.hex() for a in decision.approvers),
+            now,
         )
     except StoreConflict as exc:
         raise QuorumRefused(
@@ -337,7 +315,7 @@ def add_approver(
         raise HqError("approver keys are P-256 keys", reason="bad_request")
     params = add_approver_params(name, public_key)
     with _db(home) as store, store.transaction() as conn:
-        rows = _approver_rows(conn)
+        rows = quorum_tables.approvers(conn)
         kid = key_id(public_key)
         if any(r.key_id == kid for r in rows):
             raise HqError(f"key {kid.hex()} is already an approver", reason="already_approver")
@@ -348,13 +326,9 @@ def add_approver(
             decision = verify_hq_quorum(home, conn, ADD_APPROVER, params, evidence, moment)
             consume(conn, decision, moment)
             request_id = decision.request_id
-        der = params["public_key"]
-        conn.execute(
-            "INSERT INTO quorum_approvers (key_id, name, public_der, added_at, request_id) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (kid, name, der, moment, request_id),
-        )
-    return ApproverRow(kid, name, der, moment)
+        row = ApproverRow(kid, name, params["public_key"], moment)
+        quorum_tables.add_approver(conn, row, request_id)
+    return row
 
 
 # -------------------------------------------------------------------------------- requests
@@ -403,7 +377,7 @@ def create_request(
             named, m = tuple(rule.approvers), rule.m
         elif operation in HQ_OPERATIONS:
             with store.transaction() as conn:
-                rows = _approver_rows(conn)
+                rows = quorum_tables.approvers(conn)
             if not rows:
                 raise HqError("the HQ approver set is empty", reason="no_quorum")
             named = tuple(r.key_id for r in rows)
@@ -429,22 +403,23 @@ def create_request(
         except InvalidValueError as exc:
             raise HqError(f"invalid approval request: {exc.message}", reason="bad_request") from exc
         with store.transaction() as conn:
-            conn.execute(
-                "INSERT INTO quorum_requests (request_id, operation, request_cbor, created, "
-                "expires) VALUES (?, ?, ?, ?, ?)",
-                (request.request_id, operation, request.encode(), request.created, request.expires),
+            quorum_tables.put_request(
+                conn,
+                request.request_id,
+                operation,
+                request.encode(),
+                request.created,
+                request.expires,
             )
     return request
 
 
 def _stored_request(conn: Connection, request_id: bytes) -> ApprovalRequest | None:
-    row = conn.execute(
-        "SELECT request_cbor FROM quorum_requests WHERE request_id = ?", (request_id,)
-    ).fetchone()
-    if row is None:
+    blob = quorum_tables.request_blob(conn, request_id)
+    if blob is None:
         return None
     try:
-        return ApprovalRequest.decode(bytes(row[0]))
+        return ApprovalRequest.decode(blob)
     except EncodingError as exc:
         raise HomeError(f"stored approval request is corrupt: {exc.message}") from exc
 
@@ -473,16 +448,10 @@ def record_approval(
             check_approval(request, approval, now=moment)
         except QuorumError as exc:
             raise QuorumRefused(f"approval refused: {exc.args[0]}", reason=exc.reason) from exc
-        conn.execute(
-            "INSERT INTO quorum_received (request_id, approver, approval_cbor, received_at) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT (request_id, approver) DO UPDATE SET "
-            "approval_cbor = excluded.approval_cbor, received_at = excluded.received_at",
-            (request.request_id, approval.approver, approval.encode(), moment),
+        count = quorum_tables.put_approval(
+            conn, request.request_id, approval.approver, approval.encode(), moment
         )
-        count = conn.execute(
-            "SELECT count(*) FROM quorum_received WHERE request_id = ?", (request.request_id,)
-        ).fetchone()[0]
-    return request, int(count)
+    return request, count
 
 
 def pending_requests(home: HqHome, *, now: int | None = None) -> list[tuple[ApprovalRequest, int]]:
@@ -490,17 +459,10 @@ def pending_requests(home: HqHome, *, now: int | None = None) -> list[tuple[Appr
     moment = _now(now)
     out = []
     with _db(home) as store, store.transaction() as conn:
-        rows = conn.execute(
-            "SELECT r.request_id, (SELECT count(*) FROM quorum_received a "
-            "WHERE a.request_id = r.request_id) FROM quorum_requests r "
-            "WHERE r.expires > ? AND r.request_id NOT IN (SELECT request_id FROM quorum_consumed) "
-            "ORDER BY r.created",
-            (moment,),
-        ).fetchall()
-        for rid, count in rows:
-            request = _stored_request(conn, bytes(rid))
+        for rid, count in quorum_tables.open_requests(conn, moment):
+            request = _stored_request(conn, rid)
             assert request is not None
-            out.append((request, int(count)))
+            out.append((request, count))
     return out
 
 
@@ -510,13 +472,7 @@ def bundle_from_db(home: HqHome, request_id: bytes) -> bytes:
         request = _stored_request(conn, request_id)
         if request is None:
             raise HqError(f"no request {request_id.hex()}", reason="unknown_request")
-        approvals = [
-            Approval.decode(bytes(r[0]))
-            for r in conn.execute(
-                "SELECT approval_cbor FROM quorum_received WHERE request_id = ? ORDER BY approver",
-                (request_id,),
-            )
-        ]
+        approvals = [Approval.decode(b) for b in quorum_tables.approval_blobs(conn, request_id)]
     return encode_bundle(request, approvals)
 
 

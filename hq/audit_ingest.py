@@ -89,6 +89,7 @@ __all__ = [
     "check_manifest",
     "ingest_audit",
     "reconcile_records",
+    "record_ingest",
     "verify_audit_package",
 ]
 
@@ -1019,13 +1020,44 @@ def ingest_audit(
                 recon.violations.append(
                     _future_dated(verified.checkpoint.seq, verified.checkpoint.time, moment)
                 )
-            _cross_check_duplicates(store, verified.station_id, recon)
-            report = IngestReport.build(
-                verified, head, recon, seconds=time.perf_counter() - started
+            report = record_ingest(
+                store, verified, head, recon, certs, started=started, received=moment
             )
-            _persist(store, verified, head, recon, certs, report, moment)
     finally:
         store.close()
+    return report
+
+
+def record_ingest(
+    store: HqStore,
+    verified: VerifiedExport,
+    head: ChainHead,
+    recon: Reconciliation,
+    certs: dict[int, bytes],
+    *,
+    started: float,
+    received: int,
+) -> IngestReport:
+    """Store one verified and reconciled export (the last step of :func:`ingest_audit`,
+    also timed on its own by ``bench/audit.py``): duplicates against earlier exports, the
+    report (``seconds`` since ``started``, a ``time.perf_counter()`` value), then one
+    transaction with the head, the counters, every device and the report."""
+    _cross_check_duplicates(store, verified.station_id, recon)
+    report = IngestReport(
+        station_id=verified.station_id,
+        export_number=verified.export_number,
+        first_seq=verified.start.next_seq,
+        next_seq=head.next_seq,
+        records=head.next_seq - verified.start.next_seq,
+        head_hash=head.head_hash.hex(),
+        events=dict(sorted(recon.events.items())),
+        refused=dict(sorted(recon.refused.items())),
+        entitlements=tuple(recon.tallies[k].reconciler.report() for k in sorted(recon.tallies)),
+        violations=tuple(recon.violations),
+        manifest_certs=len(verified.manifest),
+        seconds=time.perf_counter() - started,
+    )
+    _persist(store, verified, head, recon, certs, report, received)
     return report
 
 

@@ -26,11 +26,11 @@ from hq.store import EntitlementRow, HqStore, StationRow, parse_store_location
 from signers.errors import SignerError
 from signers.private_files import write_private_file
 from signers.software import SoftwareKey
-from trustcore.crl import build_crl
+from trustcore.crl import RevokedEntry, build_crl
 from trustcore.device_secrets import MAX_SECRET_BYTES, MIN_SECRET_BYTES
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule, SecretRule
 from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
-from trustcore.identity import StationId
+from trustcore.identity import CertSerial, StationId
 from trustcore.keys import Signer, spki_der
 from trustcore.messages import CT_ENTITLEMENT, EntitlementPayload, StationEnrolment
 from trustcore.profiles import HqRole, issue_role_certificate, issue_root_ca, issue_station_ca
@@ -44,6 +44,7 @@ __all__ = [
     "enrol_station",
     "init_hq",
     "issue_entitlement",
+    "issue_root_crl",
 ]
 
 ROOT_VALIDITY = timedelta(days=20 * 365)
@@ -426,8 +427,6 @@ def issue_entitlement(
                     int(moment.timestamp()),
                 )
             # A CA certificate was issued: a root ceremony, so the root CRL is re-signed.
-            from hq.site import issue_root_crl
-
             issue_root_crl(home, store, secrets, moment)
     finally:
         store.close()
@@ -538,3 +537,41 @@ def write_package(path: Path, data: bytes) -> None:
         write_private_file(path, data)
     except SignerError as exc:  # the output's directory (a USB stick): full, read-only, …
         raise HomeError(str(exc), reason="output_not_written") from exc
+
+
+def issue_root_crl(
+    home: HqHome, store: HqStore, secrets: HqSecrets, moment: datetime
+) -> x509.CertificateRevocationList:
+    """A fresh root CRL (next CRL number) of every CA/role certificate the root revoked;
+    recorded in the store (call inside a transaction)."""
+    root_cert = home.root_certificate()
+    entries = [
+        RevokedEntry(
+            CertSerial.from_hex(serial),
+            datetime.fromtimestamp(at, UTC),
+            x509.ReasonFlags(reason),
+        )
+        for serial, at, reason in store.root_revocations()
+    ]
+    number = store.last_root_crl_number() + 1
+    this_update = moment - BACKDATE
+    next_update = moment + ROOT_CRL_VALIDITY
+    with home.root_key(secrets) as root:
+        try:
+            crl = build_crl(
+                root_cert,
+                root.private_key(),
+                revoked=entries,
+                crl_number=number,
+                this_update=this_update,
+                next_update=next_update,
+            )
+        except SignerError as exc:
+            raise SecretError(f"the root key failed to sign the CRL: {exc}") from exc
+    store.put_root_crl(
+        number,
+        int(this_update.timestamp()),
+        int(next_update.timestamp()),
+        crl.public_bytes(serialization.Encoding.DER),
+    )
+    return crl

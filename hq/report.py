@@ -9,17 +9,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from trustcore.audit import ChainHead
 from trustcore.reconcile import ReconciliationReport, Violation
-
-if TYPE_CHECKING:
-    from hq.audit_ingest import Reconciliation, VerifiedExport
 
 __all__ = ["IngestReport", "RefusalReport", "render_ingest", "render_refusal"]
 
@@ -42,25 +38,6 @@ class IngestReport:
     violations: tuple[Violation, ...]  # HQ-level (manifest, duplicates across entitlements...)
     manifest_certs: int
     seconds: float
-
-    @classmethod
-    def build(
-        cls, verified: VerifiedExport, chain: ChainHead, recon: Reconciliation, *, seconds: float
-    ) -> IngestReport:
-        return cls(
-            station_id=verified.station_id,
-            export_number=verified.export_number,
-            first_seq=verified.start.next_seq,
-            next_seq=chain.next_seq,
-            records=chain.next_seq - verified.start.next_seq,
-            head_hash=chain.head_hash.hex(),
-            events=dict(sorted(recon.events.items())),
-            refused=dict(sorted(recon.refused.items())),
-            entitlements=tuple(recon.tallies[k].reconciler.report() for k in sorted(recon.tallies)),
-            violations=tuple(recon.violations),
-            manifest_certs=len(verified.manifest),
-            seconds=seconds,
-        )
 
     def all_violations(self) -> list[Violation]:
         out = [v for e in self.entitlements for v in e.violations]

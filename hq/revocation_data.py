@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from hq.authority import BACKDATE, ROLE_VALIDITY, ROOT_CRL_VALIDITY
+from hq.authority import BACKDATE, ROLE_VALIDITY, ROOT_CRL_VALIDITY, issue_root_crl
 from hq.errors import HomeError, SecretError
 from hq.home import HqHome, HqSecrets, cert_pem
 from hq.store import HqStore
@@ -150,8 +150,6 @@ def _ensure_crl_signer(home: HqHome, secrets: HqSecrets, moment: datetime) -> bo
 def root_ceremony(home: HqHome, secrets: HqSecrets, *, now: datetime) -> CeremonyResult:
     """``hq root-crl``: re-sign the root CRL and make sure the CRL signer certificate
     exists and has more than a year to run (both need the root key)."""
-    from hq.site import issue_root_crl
-
     issued = _ensure_crl_signer(home, secrets, now)
     store = HqStore.open(home.store_location)
     try:

@@ -15,18 +15,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, now_utc
+from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl, now_utc
 from hq.errors import HomeError, HqError, SecretError
 from hq.home import HqHome, HqSecrets
 from hq.kms import ensure_site_payload_key, kms_key, site_payload_keys
 from hq.store import HqStore, SiteRow, StationCrlRow
 from signers.errors import SignerError
-from trustcore.crl import RevokedEntry, build_crl, load_crl, verify_crl
+from trustcore.crl import load_crl, verify_crl
 from trustcore.errors import (
     CrlError,
     CsrError,
@@ -58,7 +58,6 @@ __all__ = [
     "StationCrlResult",
     "build_site_bundle",
     "enrol_site",
-    "issue_root_crl",
     "record_station_crl",
     "rollover_site_ca",
 ]
@@ -317,44 +316,6 @@ def record_station_crl(
 
 
 # --------------------------------------------------------------------------------- root CRL
-
-
-def issue_root_crl(
-    home: HqHome, store: HqStore, secrets: HqSecrets, moment: datetime
-) -> x509.CertificateRevocationList:
-    """A fresh root CRL (next CRL number) of every CA/role certificate the root revoked;
-    recorded in the store (call inside a transaction)."""
-    root_cert = home.root_certificate()
-    entries = [
-        RevokedEntry(
-            CertSerial.from_hex(serial),
-            datetime.fromtimestamp(at, UTC),
-            x509.ReasonFlags(reason),
-        )
-        for serial, at, reason in store.root_revocations()
-    ]
-    number = store.last_root_crl_number() + 1
-    this_update = moment - BACKDATE
-    next_update = moment + ROOT_CRL_VALIDITY
-    with home.root_key(secrets) as root:
-        try:
-            crl = build_crl(
-                root_cert,
-                root.private_key(),
-                revoked=entries,
-                crl_number=number,
-                this_update=this_update,
-                next_update=next_update,
-            )
-        except SignerError as exc:
-            raise SecretError(f"the root key failed to sign the CRL: {exc}") from exc
-    store.put_root_crl(
-        number,
-        int(this_update.timestamp()),
-        int(next_update.timestamp()),
-        crl.public_bytes(serialization.Encoding.DER),
-    )
-    return crl
 
 
 # ----------------------------------------------------------------------------------- bundle

@@ -40,10 +40,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.authority import BACKDATE, now_utc
+from hq.authority import BACKDATE, issue_root_crl, now_utc
 from hq.errors import HqError, SecretError
 from hq.home import HqHome, HqSecrets
-from hq.site import issue_root_crl
 from hq.store import HqStore
 from signers.errors import SignerError
 from trustcore.errors import ProfileError

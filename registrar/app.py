@@ -94,7 +94,6 @@ from registrar.revocation import (
     enforce_revocation_list,
     hq_data_freshness,
     import_revocation_list,
-    revocation_lock,
     revoke_device,
 )
 from registrar.rollover import (
@@ -113,6 +112,7 @@ from registrar.site import (
     load_commissioned_site,
     reissue_service_certificates,
     reissue_site_crl,
+    revocation_lock,
 )
 from registrar.store import Store, StoreLocation, parse_store_location
 from registrar.supersede import SupersededCertificates

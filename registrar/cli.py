@@ -17,8 +17,8 @@ from signers.private_files import private_umask, write_private_file
 from trustcore.cli_net import guarded_group
 
 if TYPE_CHECKING:
-    from registrar.broker import Endpoint
     from registrar.site import SiteHome
+    from trustcore.endpoint import Endpoint
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -253,7 +253,7 @@ def commission_command(home: Path, bundle_file: Path, passphrase_file: Path | No
 
 def _endpoint(value: str) -> Endpoint:
     """``HOST:PORT`` (``[v6]:PORT`` too) -> Endpoint; a one-line ConfigError otherwise."""
-    from registrar.broker import Endpoint
+    from trustcore.endpoint import Endpoint
 
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
@@ -421,8 +421,8 @@ def run_command(
     import signal
 
     from registrar.app import AppSettings, RegistrarApp, run_registrar, store_location
-    from registrar.broker import Endpoint
     from registrar.site import SiteSecrets
+    from trustcore.endpoint import Endpoint
     from trustcore.logformat import configure_logging
 
     configure_logging(log_level, log_format, command="registrar")  # type: ignore[arg-type]
@@ -1118,8 +1118,7 @@ def rotate_payload_key_command(home: Path, passphrase_file: Path | None, as_json
     next starts."""
     import json
 
-    from registrar.revocation import revocation_lock
-    from registrar.site import SiteSecrets, load_commissioned_site
+    from registrar.site import SiteSecrets, load_commissioned_site, revocation_lock
 
     site = _open_site(home)
     secrets = SiteSecrets(passphrase_file)

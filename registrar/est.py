@@ -39,9 +39,9 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from registrar.broker import Endpoint
 from registrar.errors import ConfigError
 from registrar.http_listener import start_http
+from trustcore.endpoint import Endpoint
 from trustcore.errors import ProfileError
 from trustcore.est import (
     CSR_ATTRS_DER,

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from registrar.broker import Endpoint
 from registrar.errors import ConfigError
 from registrar.http_listener import start_http
 from registrar.metrics import CONTENT_TYPE_LATEST, Health, RegistrarMetrics
+from trustcore.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 

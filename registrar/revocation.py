@@ -19,18 +19,15 @@ nothing the second time, and an interrupted revocation is completed by running i
 
 Writers of the site CRL and of the revocation-list files (``registrar run``'s refresh
 timer, ``registrar revoke`` and ``import-revocations`` run offline) serialise on
-:func:`revocation_lock`, so no re-issue can lose another's entry.
+:func:`registrar.site.revocation_lock`, so no re-issue can lose another's entry.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import json
 import logging
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -44,6 +41,7 @@ from registrar.site import (
     load_commissioned_site,
     read_crls,
     reissue_site_crl,
+    revocation_lock,
     write_crls,
 )
 from registrar.store import DeviceRecord, Store
@@ -73,7 +71,6 @@ __all__ = [
     "hq_data_freshness",
     "import_revocation_list",
     "read_revocation_list",
-    "revocation_lock",
     "revoke_device",
 ]
 
@@ -100,23 +97,6 @@ class RevocationError(RegistrarError):
     ``untrusted_sender``, ``revoked_sender``, ``malformed``, ...)."""
 
     reason = "revocation_failed"
-
-
-# ------------------------------------------------------------------------------ locking
-
-
-@contextlib.contextmanager
-def revocation_lock(home: SiteHome) -> Iterator[None]:
-    """Exclusive lock (``SITE/revocation.lock``, ``flock``) around every read-modify-write
-    of the site CRL, the revocation list and the payload-key file, across processes."""
-    path = home.path / "revocation.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 # ------------------------------------------------------------------ offline tolerance

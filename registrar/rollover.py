@@ -39,9 +39,10 @@ from registrar.site import (
     SITE_CA_KEY,
     SiteHome,
     SiteSecrets,
-    _crl_pem,
-    _load_pem_crls,
-    _switch_current,
+    crl_pem,
+    load_pem_crls,
+    revocation_lock,
+    switch_current,
 )
 from registrar.store import DeviceRecord
 from signers.errors import SignerError
@@ -91,8 +92,6 @@ def begin_rollover(
     """Make the next site CA key and the request HQ signs (``hq site rollover``). A rollover
     already begun returns its request again (same key: idempotent). Refused before the first
     commission and while a previous rollover's CA has not been retired."""
-    from registrar.revocation import revocation_lock
-
     if not home.commissioned:
         raise RolloverError("the site is not commissioned yet", reason="not_commissioned")
     request_path = home.path / REQUEST_FILE
@@ -243,8 +242,6 @@ def retire_site_ca(
     it (else :class:`RolloverError` ``ca_in_use``, naming devices). Writes a new state
     directory (a copy of the current one without the retiring CA and its CRL) and switches
     ``current`` to it atomically; a running registrar reloads its brokers from it."""
-    from registrar.revocation import revocation_lock
-
     moment = now or datetime.now(UTC)
     with revocation_lock(home):
         retiring = home.ca_key_names()[1]
@@ -264,7 +261,7 @@ def retire_site_ca(
                 reason="ca_in_use",
             )
         state_dir = _retired_state(home, cert, moment)
-        _switch_current(home, state_dir)
+        switch_current(home, state_dir)
         _destroy_key_file(home.key_path(retiring))
         (home.path / _MIGRATE_FILE).unlink(missing_ok=True)
     return RetireResult(cert.subject.rfc4514_string(), retiring, state_dir)
@@ -295,11 +292,11 @@ def _retired_state(home: SiteHome, retiring: x509.Certificate, moment: datetime)
         )
         crls = [
             c
-            for c in _load_pem_crls((staging / "crls.pem").read_bytes())
+            for c in load_pem_crls((staging / "crls.pem").read_bytes())
             if c.issuer != retiring.subject
         ]
         write_private_file(
-            staging / "crls.pem", b"".join(_crl_pem(c) for c in crls), overwrite=True
+            staging / "crls.pem", b"".join(crl_pem(c) for c in crls), overwrite=True
         )
         (staging / "retiring-ca.pem").unlink(missing_ok=True)
         (staging / "retiring-crl.pem").unlink(missing_ok=True)

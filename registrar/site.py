@@ -41,13 +41,15 @@ previous state exactly as it was. Secrets: the keystore passphrase comes from
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import secrets as _random
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -101,12 +103,16 @@ __all__ = [
     "broker_tls",
     "commission_site",
     "configure_site",
+    "crl_pem",
     "init_site",
     "issuing_ca_key",
     "load_commissioned_site",
+    "load_pem_crls",
     "read_crls",
     "reissue_service_certificates",
     "reissue_site_crl",
+    "revocation_lock",
+    "switch_current",
     "write_crls",
 ]
 
@@ -316,6 +322,23 @@ class SiteHome:
         return data
 
 
+@contextlib.contextmanager
+def revocation_lock(home: SiteHome) -> Iterator[None]:
+    """Exclusive lock (``SITE/revocation.lock``, ``flock``) around every read-modify-write
+    of the site CRL, the revocation list and the payload-key file, across processes
+    (commissioning, rollover, ``registrar revoke`` / ``import-revocations`` and the running
+    registrar's refresh). Here, beside :class:`SiteHome`, so every writer of the site
+    state reaches it without importing :mod:`registrar.revocation`."""
+    path = home.path / "revocation.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def issuing_ca_key(home: SiteHome, secrets: SiteSecrets) -> SoftwareKey:
     """THE current issuing site CA key (the one state-wide answer to "which CA signs new
     LDevIDs, the broker and registrar certificates, site CRLs and site reports"); its
@@ -499,14 +522,14 @@ def _sign_site_crl(
     )
 
 
-def _crl_pem(crl: x509.CertificateRevocationList) -> bytes:
+def crl_pem(crl: x509.CertificateRevocationList) -> bytes:
     return crl.public_bytes(serialization.Encoding.PEM)
 
 
 _CRL_END = b"-----END X509 CRL-----"
 
 
-def _load_pem_crls(data: bytes) -> list[x509.CertificateRevocationList]:
+def load_pem_crls(data: bytes) -> list[x509.CertificateRevocationList]:
     """Every CRL of a PEM bundle (``cryptography`` only parses one at a time)."""
     out = []
     for block in data.split(_CRL_END)[:-1]:
@@ -516,14 +539,14 @@ def _load_pem_crls(data: bytes) -> list[x509.CertificateRevocationList]:
 
 def read_crls(home: SiteHome) -> list[x509.CertificateRevocationList]:
     """Every CRL of the current state's ``crls.pem``."""
-    return _load_pem_crls((home.current / "crls.pem").read_bytes())
+    return load_pem_crls((home.current / "crls.pem").read_bytes())
 
 
 def write_crls(home: SiteHome, crls: Iterable[x509.CertificateRevocationList]) -> None:
     """Replace the current state's ``crls.pem`` atomically (callers hold the revocation
     lock; reload the broker's CRLs after)."""
     write_private_file(
-        home.current / "crls.pem", b"".join(_crl_pem(c) for c in crls), overwrite=True
+        home.current / "crls.pem", b"".join(crl_pem(c) for c in crls), overwrite=True
     )
 
 
@@ -598,7 +621,7 @@ def _write_state(
     if cas.retiring is not None:
         _, old_key, old_cert = cas.retiring
         old_crl = _sign_site_crl(old_cert, old_key, entries, number + 1, moment)
-        retiring_files = {"retiring-ca.pem": _pem(old_cert), "retiring-crl.pem": _crl_pem(old_crl)}
+        retiring_files = {"retiring-ca.pem": _pem(old_cert), "retiring-crl.pem": crl_pem(old_crl)}
         retiring_crls, retiring_cas = (old_crl,), (old_cert,)
 
     staging = home.path / f".{_STATE_PREFIX}{verified.sequence:06d}.{_random.token_hex(4)}"
@@ -613,10 +636,10 @@ def _write_state(
             ),
             "operational-cas.pem": b"".join(_pem(c) for c in (site_ca, *retiring_cas)),
             "crls.pem": b"".join(
-                _crl_pem(c)
+                crl_pem(c)
                 for c in (verified.root_crl, *verified.station_crls, site_crl, *retiring_crls)
             ),
-            "site-crl.pem": _crl_pem(site_crl),
+            "site-crl.pem": crl_pem(site_crl),
             **retiring_files,
             "manifest.cbor": cbor.encode(
                 {
@@ -672,7 +695,7 @@ def _write_state(
     return final
 
 
-def _switch_current(home: SiteHome, state_dir: Path) -> None:
+def switch_current(home: SiteHome, state_dir: Path) -> None:
     """Point ``current`` at ``state_dir`` with one atomic rename, then drop old states
     (the previous one is kept for inspection)."""
     link = home.path / f".current.{_random.token_hex(4)}"
@@ -722,9 +745,6 @@ def commission_site(
     moment = _now(now)
     if len(package) > MAX_SITE_BUNDLE_SIZE:
         raise CommissionError("the bundle is larger than any site bundle", reason="oversized")
-    # Lazy import: registrar.revocation imports this module.
-    from registrar.revocation import revocation_lock
-
     passphrase = secrets.passphrase()
     transport = home.key("transport", secrets)
 
@@ -780,7 +800,7 @@ def commission_site(
             state_dir = _write_state(
                 home, verified, package, site_key, transport, passphrase, moment, cas
             )
-            _switch_current(home, state_dir)
+            switch_current(home, state_dir)
         except (OSError, SignerError, TrustCoreError) as exc:
             raise ConfigError(f"cannot write the site state: {exc}") from exc
         if activation:
@@ -872,20 +892,20 @@ def reissue_site_crl(
     subjects = {c.issuer for c in own}
     others = [
         c
-        for c in _load_pem_crls((home.current / "crls.pem").read_bytes())
+        for c in load_pem_crls((home.current / "crls.pem").read_bytes())
         if c.issuer not in subjects
     ]
     try:
         write_private_file(
             home.current / "crls.pem",
-            b"".join(_crl_pem(c) for c in (*others, *own)),
+            b"".join(crl_pem(c) for c in (*others, *own)),
             overwrite=True,
         )
     except SignerError as exc:  # disk full, read-only: the old CRL file stays whole
         raise ConfigError(f"the site CRL was not written: {exc}", reason="site_files") from exc
     if retiring is not None:
-        write_private_file(home.current / "retiring-crl.pem", _crl_pem(own[1]), overwrite=True)
-    write_private_file(home.current / "site-crl.pem", _crl_pem(crl), overwrite=True)
+        write_private_file(home.current / "retiring-crl.pem", crl_pem(own[1]), overwrite=True)
+    write_private_file(home.current / "site-crl.pem", crl_pem(crl), overwrite=True)
     return crl
 
 
@@ -1054,7 +1074,7 @@ def load_commissioned_site(home: SiteHome, secrets: SiteSecrets) -> Commissioned
             retiring_cert = x509.load_pem_x509_certificate((state / "retiring-ca.pem").read_bytes())
         site_ca = x509.load_pem_x509_certificate((state / "site-ca.pem").read_bytes())
         cas = x509.load_pem_x509_certificates((state / "registration-cas.pem").read_bytes())
-        crls = _load_pem_crls((state / "crls.pem").read_bytes())
+        crls = load_pem_crls((state / "crls.pem").read_bytes())
         revocations = RevocationList.decode((state / "revocation-list.cbor").read_bytes())
     except (OSError, ValueError, EncodingError) as exc:
         raise ConfigError(f"the commissioned state {state} is damaged: {exc}") from exc

@@ -6,7 +6,7 @@ real device off). :class:`SupersededCertificates` does it in two steps:
 
 1. **At issuance, before the answer leaves** (``RegistrationService.on_superseded``): the old
    serials go on the site CA CRL (reason ``superseded``, re-signed under
-   :func:`registrar.revocation.revocation_lock`) and the broker reloads its CRLs: from then on
+   :func:`registrar.site.revocation_lock`) and the broker reloads its CRLs: from then on
    a TLS handshake with the old certificate fails, on both brokers. Concurrent supersessions
    are signed and reloaded together (one CRL and one reload for a burst of renewals).
 2. **After ``handover_seconds``**: a live session still on the old certificate is cut
@@ -37,8 +37,8 @@ from cryptography import x509
 
 from registrar.broker import Broker
 from registrar.errors import RegistrarError
-from registrar.revocation import crl_numbers, revocation_lock
-from registrar.site import SiteHome, SiteSecrets, reissue_site_crl
+from registrar.revocation import crl_numbers
+from registrar.site import SiteHome, SiteSecrets, reissue_site_crl, revocation_lock
 from registrar.store import Store
 from trustcore.crl import RevokedEntry
 from trustcore.errors import TrustCoreError

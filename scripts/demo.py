@@ -119,8 +119,8 @@ def _factory_and_hq(station_tpm: Swtpm, root: Path) -> None:
 
     step("5. Provision 10 devices, each with its own TPM (swtpm + EK certificate)")
     out = run(
-        "factory-station", "provision-batch", "--home", WORK / "station", "--count", "10",
-        "--devices-dir", WORK / "devices", "--ek-ca-dir", WORK / "tpm-vendor",
+        "device-sim", "build-fleet", "--station", WORK / "station", "--keys", "tpm",
+        "--count", "10", "--out", WORK / "devices", "--ek-ca-dir", WORK / "tpm-vendor",
         "--workers", "2",
     )  # fmt: skip
     summary.append(("devices provisioned", "10", out.strip().splitlines()[-1]))
@@ -137,8 +137,8 @@ def _factory_and_hq(station_tpm: Swtpm, root: Path) -> None:
 
     step("6. An 11th device the same day is refused by the entitlement's daily limit")
     run(
-        "factory-station", "provision-batch", "--home", WORK / "station", "--count", "1",
-        "--devices-dir", WORK / "devices", "--ek-ca-dir", WORK / "tpm-vendor", expect=2,
+        "device-sim", "build-fleet", "--station", WORK / "station", "--keys", "tpm",
+        "--count", "1", "--out", WORK / "devices", "--ek-ca-dir", WORK / "tpm-vendor", expect=2,
     )  # fmt: skip
     summary.append(("11th device", "refused", "over_daily_limit, no counter slot used"))
 

@@ -40,10 +40,10 @@ from device_sim.client import (
     TpmKeys,
 )
 from device_sim.device import SimDevice
-from registrar.broker import Endpoint
 from registrar.site import SiteHome, SiteSecrets, load_commissioned_site
 from signers.software import SoftwareKey
 from signers.tpm import Tpm, TpmKey
+from trustcore.endpoint import Endpoint
 from trustcore.identity import DeviceId
 from trustcore.profiles import (
     device_id_from_certificate,

@@ -161,9 +161,9 @@ async def _devices(args: Any) -> dict[str, Any]:
 
     from device_sim.client import DeviceClient, DeviceCredentials, TpmKeys
     from device_sim.device import SimDevice
-    from registrar.broker import Endpoint
     from registrar.site import SiteHome, SiteSecrets, load_commissioned_site
     from signers.tpm import Tpm, TpmKey
+    from trustcore.endpoint import Endpoint
     from trustcore.profiles import device_id_from_certificate
 
     clock = FakeClock.inherited()

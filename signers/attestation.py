@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import cache
-from typing import Final, Literal, TypeVar
+from typing import Final, Literal, NamedTuple, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -85,6 +85,7 @@ __all__ = [
     "RSA_EK_PERSISTENT_HANDLE",
     "AttestationEvidence",
     "AttestationIdentity",
+    "CredentialChallenge",
     "TpmAttestor",
     "ak_template",
 ]
@@ -179,6 +180,17 @@ def _ek_public_area(template: str, cert_key: object) -> bytes:
             raise TpmError("the EK certificate does not hold an RSA-2048 key")
         area.unique.rsa = cert_key.public_numbers().n.to_bytes(256, "big")
     return bytes(area.marshal())
+
+
+class CredentialChallenge(NamedTuple):
+    """What the station sends to the device (``factory_station.attestation`` makes it): a
+    TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (marshalled, for TPM2_ActivateCredential) and
+    the nonce for TPM2_Certify's qualifyingData. Here, beside the device's answer
+    (:class:`AttestationEvidence`), because both sides of the protocol speak it."""
+
+    credential_blob: bytes
+    encrypted_secret: bytes
+    nonce: bytes
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ BIN = Path(sys.executable).parent
 
 
 def command(name: str, *args: str) -> list[str]:
-    """A console script of this project (``hq``, ``factory-station``, ``registrar``)."""
+    """A console script of this project (``hq``, ``factory-station``, ``registrar``,
+    ``device-sim``)."""
     return [str(BIN / name), *args]
 
 

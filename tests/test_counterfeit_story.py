@@ -33,6 +33,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 
+from device_sim.cli import main as device_main
 from device_sim.client import (
     DeviceClient,
     DeviceCredentials,
@@ -118,10 +119,10 @@ def test_counterfeit_story(
     run(station_main, "import-entitlement", "--home", station, entitlement)
     fleet = tmp_path / "fleet"
     out = run(
-        station_main, "provision-batch", "--home", station, "--count", "10",
-        "--devices-dir", fleet, "--ek-ca-dir", vendor, "--workers", "2",
+        device_main, "build-fleet", "--station", station, "--keys", "tpm", "--count", "10",
+        "--out", fleet, "--ek-ca-dir", vendor, "--workers", "2",
     )  # fmt: skip
-    assert "provisioned 10 of 10" in out
+    assert "built 10 of 10" in out
     device_dirs = sorted(p.parent for p in fleet.rglob("idevid.pem"))
     assert len(device_dirs) == 10
     station_ca = x509.load_pem_x509_certificate((device_dirs[0] / "chain.pem").read_bytes())

@@ -358,8 +358,9 @@ def _assert_not_extractable(device: SimDevice, public: bytes, private: bytes) ->
 def test_hq_secret_to_device_tpm_and_back_to_hq_reconciliation(
     tmp_path: Path, swtpm_factory: Callable[..., Swtpm], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``hq entitle --secret --secret-rule`` → ``factory-station provision`` imports it into
-    the device TPM → ``device-sim secret-hmac`` proves it → ``hq ingest-audit`` counts it."""
+    """``hq entitle --secret --secret-rule`` → ``device-sim provision`` (at the station)
+    imports it into the device TPM → ``device-sim secret-hmac`` proves it → ``hq ingest-audit``
+    counts it."""
     monkeypatch.setenv("DEVTRUST_HQ_PASSPHRASE", "correct horse battery staple")
     runner = CliRunner()
 
@@ -428,7 +429,7 @@ def test_hq_secret_to_device_tpm_and_back_to_hq_reconciliation(
 
     def provision(dev: SimDevice, *extra: str, code: int = 0) -> str:
         return run(
-            station_main, "provision", "--home", station, "--device-tcti", dev.tcti,
+            device_main, "provision", "--station", station, "--device-tcti", dev.tcti,
             "--device-dir", dev.directory, "--json", *extra, code=code,
         )  # fmt: skip
 

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 
+from device_sim.cli import main as device_main
 from device_sim.device import vendor_ca_pem
 from device_sim.swtpm import Swtpm, provision_ek_certificate
 from factory_station.cli import main as station_main
@@ -72,15 +73,15 @@ def test_hq_to_factory_to_hq(
 
     fleet = tmp_path / "fleet"
     out = run(
-        station_main, "provision-batch", "--home", station, "--count", "10",
-        "--devices-dir", fleet, "--ek-ca-dir", vendor, "--workers", "2",
+        device_main, "build-fleet", "--station", station, "--keys", "tpm", "--count", "10",
+        "--out", fleet, "--ek-ca-dir", vendor, "--workers", "2",
     )  # fmt: skip
-    assert "provisioned 10 of 10" in out
+    assert "built 10 of 10" in out
 
     # The 11th device on the same day: refused, clearly, and no counter slot consumed.
     out = run(
-        station_main, "provision-batch", "--home", station, "--count", "1",
-        "--devices-dir", fleet, "--ek-ca-dir", vendor, code=2,
+        device_main, "build-fleet", "--station", station, "--keys", "tpm", "--count", "1",
+        "--out", fleet, "--ek-ca-dir", vendor, code=2,
     )  # fmt: skip
     assert "over_daily_limit" in out and "daily limit of 10" in out
     status = json.loads(run(station_main, "status", "--home", station, "--json"))

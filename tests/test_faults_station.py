@@ -66,9 +66,11 @@ def _station(env: StationEnv, *args: str) -> list[str]:
 
 
 def _provision(env: StationEnv, device: SimDevice, tpm: Swtpm) -> list[str]:
-    return _station(
-        env, "provision", "--device-tcti", tpm.tcti, "--device-dir", str(device.directory), "--json"
-    )
+    """``device-sim provision``: the station provisions a device reached by its TPM's TCTI."""
+    return command(
+        "device-sim", "provision", "--station", str(env.home), "--tcti", env.swtpm.tcti,
+        "--device-tcti", tpm.tcti, "--device-dir", str(device.directory), "--json",
+    )  # fmt: skip
 
 
 def _status(env: StationEnv) -> dict[str, int]:

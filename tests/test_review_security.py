@@ -13,7 +13,6 @@ import pytest
 from cryptography import x509
 
 from registrar.app import RegistrarApp, spool_dir
-from registrar.revocation import revocation_lock
 from registrar.service import RegistrationService, SiteAuthority
 from registrar.site import (
     SiteConfig,
@@ -21,6 +20,7 @@ from registrar.site import (
     SiteSecrets,
     commission_site,
     reissue_site_crl,
+    revocation_lock,
 )
 from registrar.store import Store
 from signers.software import SoftwareKey

@@ -30,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from device_sim.cli import main as device_main
 from device_sim.client import (
     DeviceClient,
     DeviceCredentials,
@@ -117,10 +118,10 @@ def test_station_ca_renewal_and_rekey(
 
     def provision(count: int, into: Path) -> list[Path]:
         out = run(
-            station_main, "provision-batch", "--home", station, "--count", count,
-            "--devices-dir", into, "--ek-ca-dir", vendor, "--workers", "2",
+            device_main, "build-fleet", "--station", station, "--keys", "tpm", "--count", count,
+            "--out", into, "--ek-ca-dir", vendor, "--workers", "2",
         )  # fmt: skip
-        assert f"provisioned {count} of {count}" in out
+        assert f"built {count} of {count}" in out
         return sorted(p.parent for p in into.rglob("idevid.pem"))
 
     def chain_of(device: Path) -> x509.Certificate:

@@ -1,6 +1,7 @@
 """The ``factory-station`` commands end to end on swtpm: init (enrolment written),
-import-entitlement (and a refused replay, exit 2), provision-batch, provision, status,
-export-audit; ``device-sim show`` then sees the factory certificate."""
+import-entitlement (and a refused replay, exit 2), devices provisioned at it (``device-sim
+build-fleet --keys tpm`` and ``device-sim provision``), status, export-audit; ``device-sim
+show`` then sees the factory certificate."""
 
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ def test_cli_init_import_provision_status_export(
         assert out.exit_code == code, out.output
         return out.output
 
+    def device(*args: str, code: int = 0) -> str:
+        out = runner.invoke(device_main, [*args])
+        assert out.exit_code == code, out.output
+        return out.output
+
     run(
         "init",
         "--home",
@@ -84,26 +90,28 @@ def test_cli_init_import_provision_status_export(
     replay = run("import-entitlement", "--home", str(home), str(package), code=2)
     assert "replayed" in replay
 
-    out = run(
-        "provision-batch",
-        "--home",
+    out = device(
+        "build-fleet",
+        "--station",
         str(home),
         "--count",
         "3",
-        "--devices-dir",
+        "--keys",
+        "tpm",
+        "--out",
         str(tmp_path / "fleet"),
         "--ek-template",
         str(vendor.template),
         "--workers",
         "2",
     )
-    assert "provisioned 3 of 3" in out
+    assert "built 3 of 3 tpm-key devices" in out
 
     dev = SimDevice.manufacture(tmp_path / "single", template=vendor.template)
     dev_tpm = swtpm_factory(dev.state_dir)
-    line = run(
+    line = device(
         "provision",
-        "--home",
+        "--station",
         str(home),
         "--device-tcti",
         dev_tpm.tcti,
@@ -118,9 +126,9 @@ def test_cli_init_import_provision_status_export(
     info = json.loads(shown.output)
     assert info["provisioned"] is True and info["device_id"] == "dev-000100"
 
-    refused = run(
+    refused = device(
         "provision",
-        "--home",
+        "--station",
         str(home),
         "--device-tcti",
         dev_tpm.tcti,

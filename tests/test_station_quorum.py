@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from device_sim.cli import main as device_main
 from device_sim.swtpm import Swtpm
-from factory_station.cli import main as station_main
 from factory_station.errors import IssuanceRefused
 from factory_station.provision import provision_device
 from factory_station.station import FactoryStation
@@ -223,9 +223,9 @@ def test_provision_cli_refuses_one_of_three(
     (tmp_path / "req.cbor").write_bytes(request.encode())
     (tmp_path / "a0.cbor").write_bytes(sign_approval(request, approvers[0], now=now).encode())
     result = CliRunner().invoke(
-        station_main,
+        device_main,
         [
-            "provision", "--home", str(env.home), "--tcti", env.swtpm.tcti,
+            "provision", "--station", str(env.home), "--tcti", env.swtpm.tcti,
             "--device-tcti", "swtpm:host=127.0.0.1,port=1",  # never reached
             "--approvals", str(tmp_path / "req.cbor"), "--approvals", str(tmp_path / "a0.cbor"),
         ],

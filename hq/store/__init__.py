@@ -2,8 +2,9 @@
 
 Layout: :mod:`.records` (values), :mod:`.location` (``hq init --store URL``, pure),
 :mod:`.schema` (versioned migrations per engine, pure), :mod:`.engine` (one connection API
-over ``sqlite3`` and psycopg 3), :mod:`.core` (:class:`HqStore`, the only SQL HQ runs
-besides the quorum's and its callers' statements through :meth:`HqStore.transaction`).
+over ``sqlite3`` and psycopg 3), :mod:`.core` (:class:`HqStore`) and :mod:`.quorum` (the
+quorum's tables, on the caller's :meth:`HqStore.transaction` connection): the only SQL HQ
+runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from hq.store.core import HqStore
 from hq.store.engine import Connection, Cursor
 from hq.store.location import StoreLocation, parse_store_location
 from hq.store.records import (
+    ApproverRow,
     AuditHead,
     DeviceRow,
     EntitlementRow,
@@ -25,6 +27,7 @@ from hq.store.schema import SCHEMA_VERSION
 
 __all__ = [
     "SCHEMA_VERSION",
+    "ApproverRow",
     "AuditHead",
     "Connection",
     "Cursor",

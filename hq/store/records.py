@@ -8,6 +8,7 @@ from trustcore.audit import ZERO_HASH
 from trustcore.entitlement import EntitlementPolicy
 
 __all__ = [
+    "ApproverRow",
     "AuditHead",
     "DeviceRow",
     "EntitlementRow",
@@ -102,3 +103,13 @@ class DeviceRow:
     audit_seq: int
     issued_time: int
     certificate: bytes | None
+
+
+@dataclass(frozen=True)
+class ApproverRow:
+    """One HQ approver: key id, unique name, public key (SPKI DER), when added."""
+
+    key_id: bytes
+    name: str
+    public_der: bytes
+    added_at: int

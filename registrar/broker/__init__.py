@@ -21,6 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from trustcore.endpoint import Endpoint
+
+__all__ = [
+    "REGISTRAR_IDENTITY",
+    "Broker",
+    "BrokerSettings",
+    "BrokerTls",
+    "Endpoint",
+    "is_device_identity",
+]
+
 #: CN of the registrar's own MQTT client certificate (issued by the site CA). It contains
 #: ``@``, which no DeviceId can, so no device identity collides with it. The registrar client
 #: connects to the OPERATIONAL listener (site CA); listeners share one topic space, so it
@@ -34,12 +45,6 @@ def is_device_identity(identity: str) -> bool:
     """Device ids cannot contain ``@``; every service identity (registrar, its instances,
     broker administrators) does."""
     return "@" not in identity
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from registrar.broker import Endpoint
 from registrar.broker.rabbitmq import (
     NodeFiles,
     RabbitManagement,
@@ -52,6 +51,7 @@ from registrar.broker.rabbitmq_auth import (
 )
 from registrar.channel_amqp import AmqpEndpoint, ConnectionEvents
 from registrar.errors import BrokerError, ConfigError
+from trustcore.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 
