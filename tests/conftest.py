@@ -4,8 +4,15 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 pytest_plugins = ["tests.fixtures.pki", "tests.fixtures.swtpm", "tests.fixtures.postgres"]
+
+# No per-example deadline: on a shared 2-core machine one example can take 10x its usual
+# time, and hypothesis would then report a correct property as failed (DeadlineExceeded).
+# Example counts stay as each test sets them.
+settings.register_profile("devtrust", deadline=None)
+settings.load_profile("devtrust")
 
 
 #: The umask the test session started with, taken at import (before any fixture ran a
