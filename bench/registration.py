@@ -72,6 +72,7 @@ from bench.site_fixture import (
 from device_sim.client import DeviceClient, SoftwareKeys
 from registrar.broker import Endpoint
 from signers.software import SoftwareKey
+from trustcore.payload import PayloadKey
 from trustcore.registration import (
     RegistrationError,
     RegistrationGranted,
@@ -181,8 +182,11 @@ async def wave(
     return len(ok) / (last - first), outcomes
 
 
-def check(p: Prepared, outcome: Outcome, roots: tuple[object, ...]) -> str | None:
-    """None if the device ends registered (verified response, payload key opens)."""
+def granted(
+    p: Prepared, outcome: Outcome, roots: tuple[object, ...]
+) -> tuple[RegistrationGranted, PayloadKey] | str:
+    """The device's registration (verified response, the payload key it unwrapped), or
+    what went wrong."""
     if outcome.response is None:
         return outcome.error or "no response"
     parsed = parse_request(p.request)
@@ -200,8 +204,13 @@ def check(p: Prepared, outcome: Outcome, roots: tuple[object, ...]) -> str | Non
         return f"bad response: {exc}"
     if not isinstance(result, RegistrationGranted):
         return f"refused: {result.reason}"
-    open_payload_key(p.wrap_key, p.device.device_id, result.payload_key)
-    return None
+    return result, open_payload_key(p.wrap_key, p.device.device_id, result.payload_key)
+
+
+def check(p: Prepared, outcome: Outcome, roots: tuple[object, ...]) -> str | None:
+    """None if the device ends registered (verified response, payload key opens)."""
+    result = granted(p, outcome, roots)
+    return result if isinstance(result, str) else None
 
 
 # ------------------------------------------------------------------------- broker tiers
