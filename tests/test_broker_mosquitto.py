@@ -645,3 +645,13 @@ async def test_expired_crl_refuses_everyone_and_a_missing_crl_is_an_error(
     site.write_crls(number=4)
     await broker.reload_crls()
     assert not await refused(site, op, site.ldevid["dev-b"])
+
+
+async def test_concurrent_reloads_are_serialised(broker: MosquittoBroker) -> None:
+    """A revocation and a burst of renewals reload at the same time (found by the soak,
+    ``bench/soak.py``): each reload must get its own SIGHUP and key reads, none may time out
+    or disarm the key pipe under another."""
+    await asyncio.wait_for(asyncio.gather(*(broker.reload_crls() for _ in range(4))), 30)
+    assert broker.key_loads == 4  # the last reload read the key through the FIFO in full
+    await broker.reload_crls()  # and the pipe is left ready for the next one
+    assert broker.key_loads == 4
