@@ -226,10 +226,11 @@ class Soak:
         self.phase = "onboarding"
         self.stopping = False
         self.reading = os.urandom(args.size)
-        self.keepalive = max(60, math.ceil(args.interval * 2))
+        self.keepalive = max(args.keepalive, math.ceil(args.interval * 2))
         self.samples: list[Sample] = []
         self.status: dict[str, Any] = {}
         self.broker_pid: int | None = None
+        self.loadavg: list[float] = []
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -445,24 +446,7 @@ class Soak:
     # -- revocation ------------------------------------------------------------------------
 
     async def cli(self, *args: str) -> dict[str, Any]:
-        """The real ``registrar`` CLI (a child process); its ``--json`` answer."""
-        proc = await asyncio.create_subprocess_exec(
-            str(REGISTRAR),
-            *args,
-            "--home",
-            str(self.site.home),
-            "--passphrase-file",
-            str(self.site.passphrase_file),
-            "--json",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"registrar {args[0]} exited {proc.returncode}: {err.decode()}")
-        answer = json.loads(out)
-        assert isinstance(answer, dict)
-        return answer
+        return await registrar_cli(self.site, *args)
 
     async def revoke(self, d: SoakDevice) -> None:
         async with d.lock:
@@ -568,13 +552,18 @@ class Soak:
 
     async def open_sessions(self) -> None:
         gate = asyncio.Semaphore(self.args.connecting)
+        done, total = 0, len(self.devices)
 
         async def one(d: SoakDevice) -> None:
+            nonlocal done
             async with gate:
                 try:
                     await self.connect(d)
                 except Exception as exc:
                     self.error("connect", d, exc)
+            done += 1
+            if done % max(1, total // 10) == 0:
+                log(f"  operational sessions: {done}/{total}")
 
         await asyncio.gather(*(one(d) for d in self.devices))
 
@@ -621,21 +610,22 @@ class Soak:
 # ------------------------------------------------------------------------------ the run
 
 
-async def set_policy(site: BenchSite) -> None:
+async def registrar_cli(site: BenchSite, *args: str, passphrase: bool = True) -> dict[str, Any]:
+    """The real ``registrar`` CLI on the site (a child process); its ``--json`` answer."""
+    secret = ("--passphrase-file", str(site.passphrase_file)) if passphrase else ()
     proc = await asyncio.create_subprocess_exec(
         str(REGISTRAR),
-        "ldevid-policy",
-        "--home",
-        str(site.home),
-        "--min-interval-seconds",
-        "0",
-        "--json",
-        stdout=asyncio.subprocess.DEVNULL,
+        *args,
+        *("--home", str(site.home), *secret, "--json"),
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await proc.communicate()
+    out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"registrar ldevid-policy: {err.decode()}")
+        raise RuntimeError(f"registrar {args[0]} exited {proc.returncode}: {err.decode()}")
+    answer = json.loads(out)
+    assert isinstance(answer, dict)
+    return answer
 
 
 def raise_fd_limit(devices: int) -> int:
@@ -693,32 +683,46 @@ def draw(
     soak_window: tuple[float, float],
     png: Path,
     title: str,
+    min_gap: float,
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    minutes = [s.t / 60 for s in samples]
-    fig, (mem, rate, cpu) = plt.subplots(3, 1, sharex=True, figsize=(8, 7.2))
-    for name in PROCESSES:
-        pts = [(s.t / 60, s.rss_mb[name]) for s in samples if name in s.rss_mb]
-        mem.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1.2)
-    mem.set_ylabel("RSS (MB)")
-    mem.legend(loc="upper left", fontsize=8)
+    # rates from the periodic samples only (the extra ones at phase changes are close to a
+    # periodic one and would turn a few counts into a spike)
+    rated = [samples[0]] if samples else []
+    for s in samples[1:]:
+        if s.t - rated[-1].t >= min_gap:
+            rated.append(s)
+    minutes = [s.t / 60 for s in rated]
+    fig, (mem, bench, rate, cpu) = plt.subplots(
+        4, 1, sharex=True, figsize=(8, 9), gridspec_kw={"height_ratios": [3, 2, 3, 2]}
+    )
+    colours = {"registrar": "tab:blue", "mosquitto": "tab:orange", "bench": "tab:green"}
+    for ax, names in ((mem, ("registrar", "mosquitto")), (bench, ("bench",))):
+        for name in names:
+            pts = [(s.t / 60, s.rss_mb[name]) for s in samples if name in s.rss_mb]
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], label=name, color=colours[name], lw=1.2
+            )
+        ax.set_ylabel("RSS (MB)")
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="upper left", fontsize=8)
     mem.set_title(title, fontsize=10)
 
     def per_s(values: list[int]) -> list[float]:
         out = [0.0]
-        for (a, b), (sa, sb) in zip(pairwise(values), pairwise(samples), strict=True):
+        for (a, b), (sa, sb) in zip(pairwise(values), pairwise(rated), strict=True):
             out.append((b - a) / max(sb.t - sa.t, 1e-6))
         return out
 
-    rate.plot(minutes, per_s([s.received for s in samples]), label="telemetry received / s")
-    rate.plot(minutes, per_s([s.registered for s in samples]), label="registrations / s")
+    rate.plot(minutes, per_s([s.received for s in rated]), label="telemetry received / s")
+    rate.plot(minutes, per_s([s.registered for s in rated]), label="registrations / s")
     rate.plot(
         minutes,
-        [60 * v for v in per_s([s.renewals for s in samples])],
+        [60 * v for v in per_s([s.renewals for s in rated])],
         label="renewals / min",
         linewidth=0.8,
     )
@@ -726,14 +730,14 @@ def draw(
     rate.legend(loc="upper left", fontsize=8)
     for name in PROCESSES:
         pts = []
-        for a, b in pairwise(samples):
+        for a, b in pairwise(rated):
             if name in a.cpu_s and name in b.cpu_s:
                 pts.append((b.t / 60, 100 * (b.cpu_s[name] - a.cpu_s[name]) / (b.t - a.t)))
-        cpu.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1.0)
+        cpu.plot([p[0] for p in pts], [p[1] for p in pts], label=name, color=colours[name], lw=1)
     cpu.set_ylabel("CPU (% of a core)")
     cpu.set_xlabel("minutes since the registrar started")
     cpu.legend(loc="upper left", fontsize=8)
-    for ax in (mem, rate, cpu):
+    for ax in (mem, bench, rate, cpu):
         ax.axvspan(soak_window[0] / 60, soak_window[1] / 60, color="0.93", zorder=0)
         for t, kind in events:
             ax.axvline(
@@ -761,7 +765,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         base = Path(tmp)
         t = time.perf_counter()
         site = build_commissioned_site(base / "world")
-        await set_policy(site)
+        # a device may renew at any moment (the bench paces the renewals)
+        await registrar_cli(site, "ldevid-policy", "--min-interval-seconds", "0", passphrase=False)
         devices = site.factory_devices(args.devices)
         prepared = prepare(devices)
         log(
@@ -813,8 +818,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             victims = random.Random(1).sample(soak.devices, min(args.revocations, registered))
             soak_start = soak.now()
             soak.sample()
+            soak.loadavg.append(round(os.getloadavg()[0], 2))
             await soak.soak(args.minutes * 60, victims)
             soak_end = soak.now()
+            soak.loadavg.append(round(os.getloadavg()[0], 2))
             soak.sample()
             # 3. drain, stop, check the store
             await soak.drain()
@@ -851,6 +858,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         png,
         f"soak: {args.devices} devices, Mosquitto + SQLite, {args.minutes:g} min, "
         f"telemetry every {args.interval:g} s per device",
+        args.sample_every / 2,
     )
     errors = sum(c.errors.values())
     soak_s = soak_end - soak_start
@@ -883,6 +891,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "reconnects": c.reconnects,
         "memory": memory_summary(soak.samples, soak_start, soak_end),
         "cpu_percent": cpu_summary(soak.samples, soak_start, soak_end),
+        # other work on the machine: 1-minute load average at the soak's start and end
+        "loadavg": [soak.loadavg[0], soak.loadavg[-1]] if soak.loadavg else [],
         "samples": len(soak.samples),
         "sample_every_s": args.sample_every,
         "registrar_counts": {
@@ -916,6 +926,13 @@ def main() -> int:
         type=float,
         default=300.0,
         help="seconds for every live device to hold a rotated key",
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=int,
+        default=900,
+        help="MQTT keep-alive of the devices' sessions, s (telemetry keeps them alive during "
+        "the soak; this covers the wait between a device's connect and the soak's start)",
     )
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds")
     parser.add_argument("--connecting", type=int, default=64, help="handshakes in flight")
