@@ -890,6 +890,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "revocation_cut_seconds": c.revocation_cut_s,
         "reconnects": c.reconnects,
         "memory": memory_summary(soak.samples, soak_start, soak_end),
+        # every sample: seconds since the registrar started, phase, RSS MB per process
+        "memory_series": {
+            "t_s": [s.t for s in soak.samples],
+            "phase": [s.phase for s in soak.samples],
+            **{n: [s.rss_mb.get(n) for s in soak.samples] for n in PROCESSES},
+        },
+        "soak_window_s": [round(soak_start, 1), round(soak_end, 1)],
         "cpu_percent": cpu_summary(soak.samples, soak_start, soak_end),
         # other work on the machine: 1-minute load average at the soak's start and end
         "loadavg": [soak.loadavg[0], soak.loadavg[-1]] if soak.loadavg else [],

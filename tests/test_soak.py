@@ -55,6 +55,9 @@ def test_soak_smoke_run_has_no_errors_and_reports_every_field(tmp_path: Path) ->
         assert isinstance(mem["slope_mb_per_min"], float), name
     assert set(result["cpu_percent"]) == {"registrar", "mosquitto", "bench"}
     assert result["samples"] >= 15
+    series = result["memory_series"]
+    assert len(series["t_s"]) == len(series["bench"]) == result["samples"]
+    assert "soak" in series["phase"] and all(v is not None for v in series["registrar"])
     assert Path(result["png"]) == png
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and 10_000 < len(data) < 200_000
