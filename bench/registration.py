@@ -94,6 +94,7 @@ from device_sim.client import DeviceClient, SoftwareKeys
 from signers.software import SoftwareKey
 from trustcore.endpoint import Endpoint
 from trustcore.keys import spki_der
+from trustcore.payload import PayloadKey
 from trustcore.profiles import device_id_from_certificate
 from trustcore.registration import (
     RegistrationError,
@@ -264,17 +265,11 @@ def check_est(p: Prepared, outcome: Outcome, site_ca: x509.Certificate) -> str |
     return None
 
 
-def check(
-    p: Prepared,
-    outcome: Outcome,
-    roots: tuple[object, ...],
-    transport: Transport = "mqtt",
-    site_ca: x509.Certificate | None = None,
-) -> str | None:
-    """None if the device ends registered (verified response, payload key opens)."""
-    if transport == "est":
-        assert site_ca is not None
-        return check_est(p, outcome, site_ca)
+def granted(
+    p: Prepared, outcome: Outcome, roots: tuple[object, ...]
+) -> tuple[RegistrationGranted, PayloadKey] | str:
+    """The device's registration (verified response, the payload key it unwrapped), or
+    what went wrong."""
     if outcome.response is None:
         return outcome.error or "no response"
     parsed = parse_request(p.request)
@@ -292,8 +287,22 @@ def check(
         return f"bad response: {exc}"
     if not isinstance(result, RegistrationGranted):
         return f"refused: {result.reason}"
-    open_payload_key(p.wrap_key, p.device.device_id, result.payload_key)
-    return None
+    return result, open_payload_key(p.wrap_key, p.device.device_id, result.payload_key)
+
+
+def check(
+    p: Prepared,
+    outcome: Outcome,
+    roots: tuple[object, ...],
+    transport: Transport = "mqtt",
+    site_ca: x509.Certificate | None = None,
+) -> str | None:
+    """None if the device ends registered (verified response, payload key opens)."""
+    if transport == "est":
+        assert site_ca is not None
+        return check_est(p, outcome, site_ca)
+    result = granted(p, outcome, roots)
+    return result if isinstance(result, str) else None
 
 
 # ------------------------------------------------------------------------- broker tiers

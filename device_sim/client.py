@@ -212,6 +212,20 @@ class Registered:
     def current_key(self) -> PayloadKey:
         return self.payload_keys[self.current_key_id]
 
+    def apply_key_update(self, device_id: DeviceId, payload: bytes) -> tuple[PayloadKey, int]:
+        """Verify a signed payload-key update (``devices/<id>/keys``) from the site CA,
+        unwrap the key with the wrap key and make it current; the key and the update's
+        ``issued`` (to acknowledge). ``RegistrationError`` if it does not verify, or
+        (reason ``replayed``) is not newer than the last one applied."""
+        update = parse_key_update(
+            payload, device_id=device_id, site_ca=self.site_ca, newer_than=self.key_issued
+        )
+        key = open_payload_key(self.wrap_key, device_id, update.payload_key)
+        self.payload_keys[key.key_id] = key
+        self.current_key_id = key.key_id
+        self.key_issued = update.issued
+        return key, update.issued
+
 
 Protocol_ = Literal["3.1.1", "5"]
 
@@ -433,6 +447,39 @@ class DeviceClient:
         )
         return request, new_key
 
+    def accept_renewal(self, request: bytes, new_key: Signer, payload: bytes) -> Registered:
+        """Take the answer to the renewal ``request`` (from :meth:`new_renewal_request`, for
+        ``new_key``): verify it, unwrap the payload key, make the new LDevID current.
+        ``RegistrationError``: the answer does not verify (ignore it, keep waiting);
+        ``DeviceRegistrationError``: the registrar refused the renewal."""
+        reg = self.registered
+        if reg is None:
+            raise DeviceRegistrationError("register first", reason="not_registered")
+        parsed = parse_renewal_request(request)
+        result = parse_response(
+            payload,
+            device_id=self.device_id,
+            nonce=parsed.nonce,
+            request_digest=parsed.digest,
+            ldevid_public_key=new_key.public_key(),
+            roots=self.credentials.roots,
+            now=self.now(),
+        )
+        if isinstance(result, RegistrationDenied):
+            raise DeviceRegistrationError(
+                f"renewal refused: {result.reason}: {result.message}",
+                reason=result.reason,
+                retry=result.retry,
+            )
+        key = open_payload_key(reg.wrap_key, self.device_id, result.payload_key)
+        reg.payload_keys[key.key_id] = key
+        reg.previous.append(reg.ldevid)
+        reg.ldevid = result.ldevid
+        reg.site_ca = result.site_ca
+        reg.ldevid_key = new_key
+        reg.current_key_id = key.key_id  # the registrar's current payload key
+        return reg
+
     async def renew(
         self,
         endpoint: Endpoint,
@@ -604,9 +651,7 @@ class OperationalSession:
         the site CRL already: reconnect with the new one; the registrar cuts a session left
         on the old certificate after its hand-over time)."""
         device = self._device
-        reg = self._reg
         request, new_key = await asyncio.to_thread(device.new_renewal_request)
-        parsed = parse_renewal_request(request)
         topic = renewal_request_topic(device.device_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -625,32 +670,10 @@ class OperationalSession:
                 await self.client.publish(topic, request, qos=1)  # same bytes: idempotent
                 continue
             try:
-                result = parse_response(
-                    payload,
-                    device_id=device.device_id,
-                    nonce=parsed.nonce,
-                    request_digest=parsed.digest,
-                    ldevid_public_key=new_key.public_key(),
-                    roots=device.credentials.roots,
-                    now=device.now(),
-                )
+                return device.accept_renewal(request, new_key, payload)
             except RegistrationError as exc:
                 log.warning("%s ignored a renewal answer: %s", device.device_id, exc)
                 continue
-            if isinstance(result, RegistrationDenied):
-                raise DeviceRegistrationError(
-                    f"renewal refused: {result.reason}: {result.message}",
-                    reason=result.reason,
-                    retry=result.retry,
-                )
-            key = open_payload_key(reg.wrap_key, device.device_id, result.payload_key)
-            reg.payload_keys[key.key_id] = key
-            reg.previous.append(reg.ldevid)
-            reg.ldevid = result.ldevid
-            reg.site_ca = result.site_ca
-            reg.ldevid_key = new_key
-            reg.current_key_id = key.key_id  # the registrar's current payload key
-            return reg
 
     async def _acknowledge(self, key: PayloadKey, issued: int) -> None:
         """Prove to the registrar that this device now holds ``key``: until it does, the
@@ -665,20 +688,10 @@ class OperationalSession:
 
     def _key_update(self, payload: bytes) -> tuple[PayloadKey, int] | None:
         """Apply a signed key update; the new key and the update's ``issued``, or None."""
-        reg = self._reg
         try:
-            update = parse_key_update(
-                payload,
-                device_id=self._device.device_id,
-                site_ca=reg.site_ca,
-                newer_than=reg.key_issued,
-            )
-            key = open_payload_key(reg.wrap_key, self._device.device_id, update.payload_key)
+            applied = self._reg.apply_key_update(self._device.device_id, payload)
         except RegistrationError as exc:
             log.warning("%s refused a key update: %s", self._device.device_id, exc)
             return None
-        reg.payload_keys[key.key_id] = key
-        reg.current_key_id = key.key_id
-        reg.key_issued = update.issued
         self.key_updates += 1
-        return key, update.issued
+        return applied

@@ -759,3 +759,13 @@ async def test_a_failed_start_leaves_no_temporary_directory(
         await broker.start()
     assert list(scratch.iterdir()) == []
     assert broker.pid is None and broker.runtime_dir is None
+
+
+async def test_concurrent_reloads_are_serialised(broker: MosquittoBroker) -> None:
+    """A revocation and a burst of renewals reload at the same time (found by the soak,
+    ``bench/soak.py``): each reload must get its own SIGHUP and key reads, none may time out
+    or disarm the key pipe under another."""
+    await asyncio.wait_for(asyncio.gather(*(broker.reload_crls() for _ in range(4))), 30)
+    assert broker.key_loads == 4  # the last reload read the key through the FIFO in full
+    await broker.reload_crls()  # and the pipe is left ready for the next one
+    assert broker.key_loads == 4

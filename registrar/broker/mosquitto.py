@@ -328,6 +328,9 @@ class MosquittoBroker:
         self._admin_stack: contextlib.AsyncExitStack | None = None
         self._admin_reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        # One reload at a time: two overlapping ones would re-arm the key pipe under each
+        # other (SIGHUPs coalesce), so one waits in vain and its disarm stalls the other.
+        self._reload_lock = asyncio.Lock()
         self._ports: tuple[int, int, int] | None = None
         self._config: MosquittoConfig | None = None
         self._runtime: Path | None = None
@@ -740,21 +743,23 @@ class MosquittoBroker:
         "Has run" is observed, not guessed: during the reload Mosquitto reads the key FIFO
         twice per device listener, and loads that listener's CRL right after; its main loop
         is single threaded, so a dynsec round trip answered after those reads comes after
-        the whole reload.
+        the whole reload. Concurrent callers (a revocation during a burst of renewals) are
+        served one after the other.
         """
-        process, pipe, config = self._process, self._key_pipe, self._config
-        if process is None or pipe is None or config is None or process.returncode is not None:
-            raise BrokerError("the broker is not running")
-        self._config = dataclasses.replace(config, blocked=frozenset(self._blocked))
-        assert self._runtime is not None
-        self._write_trust(self._runtime, _Owner.for_process(self._run_user))
-        loaded = pipe.arm(_KEY_LOADS_RELOAD)
-        try:
-            process.send_signal(signal.SIGHUP)
-            await self._wait_event(loaded, time.monotonic() + 5, "reload")
-        finally:
-            pipe.disarm()
-        await self._command({"command": "getDefaultACLAccess"})
+        async with self._reload_lock:
+            process, pipe, config = self._process, self._key_pipe, self._config
+            if process is None or pipe is None or config is None or process.returncode is not None:
+                raise BrokerError("the broker is not running")
+            self._config = dataclasses.replace(config, blocked=frozenset(self._blocked))
+            assert self._runtime is not None
+            self._write_trust(self._runtime, _Owner.for_process(self._run_user))
+            loaded = pipe.arm(_KEY_LOADS_RELOAD)
+            try:
+                process.send_signal(signal.SIGHUP)
+                await self._wait_event(loaded, time.monotonic() + 5, "reload")
+            finally:
+                pipe.disarm()
+            await self._command({"command": "getDefaultACLAccess"})
 
     async def _wait_gone(self, identity: str, ended_before: int, timeout: float) -> None:
         """Wait until Mosquitto logged the end of a session of ``identity`` since its
