@@ -82,13 +82,19 @@ from bench.site_fixture import (
     build_commissioned_site,
     process_cpu_seconds,
 )
-from device_sim.client import KEYS, RENEWAL, TELEMETRY, DeviceClient, Registered, SoftwareKeys
+from device_sim.client import DeviceClient, Registered, SoftwareKeys
 from registrar.broker import Endpoint
 from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId
 from trustcore.key_rotation import build_key_ack, key_ack_topic
 from trustcore.payload import seal_payload
-from trustcore.topics import device_topic
+from trustcore.topics import (
+    KEYS_LEVEL,
+    RENEWAL_REQUEST_LEVELS,
+    RENEWAL_RESPONSE_LEVELS,
+    TELEMETRY_LEVEL,
+    device_topic,
+)
 
 REGISTRAR = Path(sys.executable).parent / "registrar"
 PROCESSES = ("registrar", "mosquitto", "bench")
@@ -315,8 +321,10 @@ class Soak:
         mqtt.on_message = lambda topic, payload: self.message(d, topic, payload)
         mqtt.closed.add_done_callback(lambda _f: self.closed(d, mqtt))
         d.mqtt = mqtt
-        await asyncio.wait_for(mqtt.subscribe(d.topic(KEYS), 1), self.args.timeout)
-        await asyncio.wait_for(mqtt.subscribe(d.topic(RENEWAL, "response"), 1), self.args.timeout)
+        await asyncio.wait_for(mqtt.subscribe(d.topic(KEYS_LEVEL), 1), self.args.timeout)
+        await asyncio.wait_for(
+            mqtt.subscribe(d.topic(*RENEWAL_RESPONSE_LEVELS), 1), self.args.timeout
+        )
 
     def closed(self, d: SoakDevice, mqtt: LeanMqtt) -> None:
         """A session ended that the device did not close itself."""
@@ -332,7 +340,7 @@ class Soak:
             await mqtt.disconnect()
 
     def message(self, d: SoakDevice, topic: str, payload: bytes) -> None:
-        if topic == d.topic(KEYS):
+        if topic == d.topic(KEYS_LEVEL):
             if not payload:
                 return
             try:
@@ -348,7 +356,7 @@ class Soak:
                 key_ack_topic(d.device_id), build_key_ack(key, d.device_id, issued), 1
             )
             ack.add_done_callback(lambda f: self.acked(d, f))
-        elif topic == d.topic(RENEWAL, "response") and d.answers is not None:
+        elif topic == d.topic(*RENEWAL_RESPONSE_LEVELS) and d.answers is not None:
             d.answers.put_nowait(payload)
 
     def acked(self, d: SoakDevice, fut: asyncio.Future[None]) -> None:
@@ -378,7 +386,7 @@ class Soak:
                         await self.connect(d)
                     mqtt = d.mqtt
                     assert mqtt is not None
-                    topic = d.topic(TELEMETRY)
+                    topic = d.topic(TELEMETRY_LEVEL)
                     data = seal_payload(d.registered.current_key, topic, self.reading)
                     await asyncio.wait_for(mqtt.publish(topic, data, 1), self.args.timeout)
                     self.c.sent += 1
@@ -409,7 +417,7 @@ class Soak:
         d.answers = asyncio.Queue()
         try:
             await asyncio.wait_for(
-                mqtt.publish(d.topic(RENEWAL, "request"), request, 1), self.args.timeout
+                mqtt.publish(d.topic(*RENEWAL_REQUEST_LEVELS), request, 1), self.args.timeout
             )
             deadline = time.monotonic() + self.args.timeout
             while True:
@@ -478,7 +486,7 @@ class Soak:
                     d.device_id.value,
                     timeout=5,
                 )
-                await asyncio.wait_for(again.subscribe(d.topic(KEYS), 1), 5)
+                await asyncio.wait_for(again.subscribe(d.topic(KEYS_LEVEL), 1), 5)
             except Exception:  # refused (TLS alert, CRL, block): as it must be
                 self.c.revocations += 1
                 self.c.events.append((self.now(), "revocation"))
