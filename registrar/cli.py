@@ -917,6 +917,18 @@ def ldevid_policy_command(
 # ---------------------------------------------------- commands that act live or offline
 
 
+def _rotation_wait(site: SiteHome) -> float:
+    """How long ``rotate-payload-key`` waits for the running registrar: it answers once
+    every registered device's update is published (about 3 ms each on this class of
+    machine: 10,000 devices took ~30 s in bench/soak.py), so 30 s plus 10 ms a device."""
+    from registrar.app import read_status
+
+    status = read_status(site) or {}
+    counts = status.get("counts")
+    devices = counts.get("devices", 0) if isinstance(counts, dict) else 0
+    return 30.0 + 0.01 * (devices if isinstance(devices, int) and devices > 0 else 0)
+
+
 def _live_or_offline(
     site: SiteHome,
     command: str,
@@ -939,7 +951,8 @@ def _live_or_offline(
         _fail(
             RegistrarError(
                 f"the running registrar did not answer within {timeout:.0f} s; the request "
-                "is queued and is applied when the registrar runs",
+                "stays queued and the registrar applies it (it may be doing so now): see "
+                "`registrar status` and its log",
                 reason="timeout",
             )
         )
@@ -1130,7 +1143,9 @@ def rotate_payload_key_command(home: Path, passphrase_file: Path | None, as_json
         return {"key_id": ring.current.key_id.hex(), "updates_published": 0}
 
     try:
-        result, live = _live_or_offline(site, "rotate-payload-key", {}, offline, timeout=30)
+        result, live = _live_or_offline(
+            site, "rotate-payload-key", {}, offline, timeout=_rotation_wait(site)
+        )
     except RegistrarError as exc:
         _fail(exc)
     if as_json:
