@@ -28,6 +28,7 @@ from trustcore.errors import EncodingError
 __all__ = [
     "MAX_DEPTH",
     "REFUSE_TAGS",
+    "array_head",
     "bytes_head",
     "decode",
     "encode",
@@ -142,6 +143,14 @@ def bytes_head(length: int) -> bytes:
     return _head(2, length)
 
 
+def array_head(length: int) -> bytes:
+    """The head of an array of ``length`` items (head + the items' encodings = the array's
+    encoding), for the same callers as :func:`bytes_head`."""
+    if not 0 <= length <= _UINT64_MAX:
+        raise EncodingError("array length out of range")
+    return _head(4, length)
+
+
 def encode_reference(obj: object) -> bytes:
     """The reference encoder, written from RFC 8949 §4.2.1 (any allowed value)."""
     out: list[bytes] = []
@@ -215,6 +224,55 @@ def _plain_with_text_keys(obj: object, depth: int) -> bool:
     return False
 
 
+#: Byte strings at least this long (values of a top-level map) are not re-encoded by
+#: :func:`decode`: see :func:`_matches_around_blobs`.
+_BLOB_SIZE = 1 << 16
+
+
+def _matches_around_blobs(m: dict[Any, Any], data: bytes) -> bool:
+    """True when ``data`` (which cbor2 decoded into the map ``m``) is exactly the
+    deterministic encoding of ``m``, comparing every byte except the contents of the large
+    byte strings among its values; False when ``m`` has none, or on any difference (the
+    caller's full check then names it).
+
+    Sound without reading those contents: the compared bytes fix every head, key and small
+    value, so ``data`` parses into the same tree as the deterministic encoding with each
+    large byte string at the same offset and length, and what sits there is what the
+    decoder returned for it. Saves a re-encoding and a comparison of hundreds of MB for an
+    audit export (each layer of it is checked once)."""
+    if not any(type(v) is bytes and len(v) >= _BLOB_SIZE for v in m.values()):
+        return False
+    try:
+        items: list[tuple[bytes, object]] = []
+        for key, value in m.items():
+            if type(key) is not str and type(key) is not int:
+                return False
+            items.append((encode(key), value))
+        items.sort(key=lambda kv: kv[0])  # RFC 8949 §4.2.1: bytewise order of encoded keys
+        view = memoryview(data)
+        pos = 0
+        for part, skip in _map_parts(len(m), items):
+            end = pos + len(part)
+            if view[pos:end] != part:
+                return False
+            pos = end + skip
+    except EncodingError:
+        return False
+    return pos == len(data)
+
+
+def _map_parts(count: int, items: list[tuple[bytes, object]]) -> Iterator[tuple[bytes, int]]:
+    """The deterministic encoding of a map, as (bytes, length of a large byte string that
+    follows them and is not included)."""
+    yield _head(5, count), 0
+    for key, value in items:
+        yield key, 0
+        if type(value) is bytes and len(value) >= _BLOB_SIZE:
+            yield _head(2, len(value)), len(value)
+        else:
+            yield encode(value), 0
+
+
 def decode(data: bytes, *, max_size: int) -> Any:
     """Decode exactly one deterministic CBOR item from ``data``.
 
@@ -243,6 +301,10 @@ def decode(data: bytes, *, max_size: int) -> Any:
         )
     except Exception as exc:  # cbor2's C decoder raises several types; all mean "malformed"
         raise EncodingError(f"not well-formed CBOR: {exc}") from exc
+    # Large byte strings in a top-level map (a sealed package's ciphertext, an export inside
+    # its payload): compare everything but their contents, without copying them again.
+    if type(obj) is dict and _matches_around_blobs(obj, data):
+        return obj
     # Fast path: cbor2's C encoder in canonical mode sorts keys length-first (RFC 7049),
     # which is the RFC 8949 bytewise order exactly when every map key is a text string. So
     # when the data model is plain and all keys are text, its output is authoritative.
