@@ -1,15 +1,15 @@
 """Decoding an audit export's records for HQ: ``trustcore.audit.stream_chain`` (the one
 record decoder and chain check), with the well-formed ``issued`` records -- a million per
-export -- gathered into columns (:class:`IssuedRun`) that the reconciler reads without
-touching a dict; any other record stays an ``AuditRecord``.
+export -- gathered into runs of flat tuples (:class:`IssuedRun`) that the reconciler reads
+without touching a dict; any other record stays an ``AuditRecord``.
 
 A large export is decoded in chunks by worker processes (both cores of a small HQ host,
 the reconciler consuming chunk k while the workers decode the next ones). Each chunk is
 verified from the hash of the record just before it, so the chunks verified one by one
 are the chain verified whole: record ``a`` of a chunk must name SHA-256 of the export's
 record ``a - 1``, which its own chunk checked in turn. Workers receive no input (they are
-forked with the export in memory) and send back columns of strings and small integers,
-which cost the parent about a tenth of decoding the records itself.
+forked with the export in memory) and send back tuples of strings, bytes and small
+integers, which cost the parent about a tenth of decoding the records itself.
 """
 
 from __future__ import annotations
@@ -18,11 +18,18 @@ import hashlib
 import multiprocessing
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from trustcore.audit import AuditRecord, ChainEnd, stream_chain
 
-__all__ = ["POOL_THRESHOLD", "DecodedChunk", "IssuedRun", "decode_chunks", "split_records"]
+__all__ = [
+    "POOL_THRESHOLD",
+    "DecodedChunk",
+    "IssuedRow",
+    "IssuedRun",
+    "decode_chunks",
+    "split_records",
+]
 
 #: Exports with fewer records are decoded in the calling process (a fork costs ~20 ms).
 POOL_THRESHOLD = 50_000
@@ -32,20 +39,17 @@ WORKERS = 2
 _SERIAL_HEX = re.compile(r"[0-9a-f]{1,40}")
 
 
+#: One ``issued`` record as the reconciler reads it: (seq, time, tpm reading or None,
+#: device id, serial, key id, product, counter, entitlement seq).
+IssuedRow = tuple[int, int, Any, str, str, bytes, str, int, Any]
+
+
 class IssuedRun(NamedTuple):
     """Consecutive ``issued`` records with exactly the fields a station writes, each of
     exactly its type (``serial`` lowercase hex, ``key_id`` 32 bytes; the ``tpm`` reading
-    bytes, or absent: ``None``), as columns."""
+    bytes, or absent: ``None``), one flat tuple each (:data:`IssuedRow`)."""
 
-    seqs: list[int]
-    times: list[int]
-    tpms: list[bytes | None]
-    device_ids: list[str]
-    serials: list[str]
-    key_ids: list[bytes]
-    products: list[str]
-    counters: list[int]
-    eseqs: list[int]
+    rows: list[IssuedRow]
 
 
 class DecodedChunk(NamedTuple):
@@ -62,7 +66,7 @@ def split_records(records: Iterable[AuditRecord]) -> list[IssuedRun | AuditRecor
     :class:`IssuedRun`. The reconciler treats every other record field by field."""
     items: list[IssuedRun | AuditRecord] = []
     serial_ok = _SERIAL_HEX.fullmatch
-    run: IssuedRun | None = None
+    rows: list[IssuedRow] | None = None
     for record in records:
         f = record[4]
         size = len(f)
@@ -81,20 +85,14 @@ def split_records(records: Iterable[AuditRecord]) -> list[IssuedRun | AuditRecor
                 and (size == 6 or type(tpm) is bytes)  # 6: all but the tpm reading
                 and serial_ok(serial) is not None
             ):
-                if run is None:
-                    run = IssuedRun([], [], [], [], [], [], [], [], [])
-                    items.append(run)
-                run.seqs.append(record[0])
-                run.times.append(record[2])
-                run.tpms.append(tpm)
-                run.device_ids.append(device_id)
-                run.serials.append(serial)
-                run.key_ids.append(kid)
-                run.products.append(product)
-                run.counters.append(counter)
-                run.eseqs.append(eseq)
+                if rows is None:
+                    rows = []
+                    items.append(IssuedRun(rows))
+                rows.append(
+                    (record[0], record[2], tpm, device_id, serial, kid, product, counter, eseq)
+                )
                 continue
-        run = None
+        rows = None
         items.append(record)
     return items
 

@@ -44,7 +44,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from hq.audit_chunks import IssuedRun, decode_chunks
+from hq.audit_chunks import IssuedRow, IssuedRun, decode_chunks
 from hq.errors import ExportRefusedError
 from hq.home import HqHome, HqSecrets
 from hq.report import IngestReport
@@ -485,17 +485,8 @@ def reconcile_records(
     r = _RecordReconciler(station_id, store, start, received)
     for item in records:
         if type(item) is IssuedRun:
-            r.times(item.seqs, item.times, item.tpms, item.device_ids, exempt_ahead=False)
-            r.issued(
-                item.seqs,
-                item.times,
-                item.device_ids,
-                item.serials,
-                item.key_ids,
-                item.products,
-                item.counters,
-                item.eseqs,
-            )
+            r.times(item.rows, exempt_ahead=False)
+            r.issued(item.rows)
         else:
             r.record(item)  # type: ignore[arg-type]
     return r.result()
@@ -542,15 +533,7 @@ class _RecordReconciler:
             )
         return tally
 
-    def times(
-        self,
-        seqs: Sequence[int],
-        times: Sequence[int],
-        tpms: Sequence[object],
-        whos: Sequence[str],
-        *,
-        exempt_ahead: bool,
-    ) -> None:
+    def times(self, rows: Sequence[IssuedRow], *, exempt_ahead: bool) -> None:
         """The station's clock over these records: order, future dating, TPM replay.
         ``exempt_ahead``: an anchor record may be ahead of the old anchor (that is why it
         re-anchors), and a refusal did nothing (the station's own ``clock_ahead`` refusals
@@ -558,7 +541,7 @@ class _RecordReconciler:
         violations, received, future = self.violations, self.received, self.future
         observe_tpm = self.time_audit.observe
         max_time = self.max_time
-        for seq, t, tpm, who in zip(seqs, times, tpms, whos, strict=True):
+        for seq, t, tpm, who, _, _, _, _, _ in rows:
             if t > max_time:
                 max_time = t
                 if t > future:
@@ -577,17 +560,7 @@ class _RecordReconciler:
                     violations.append(Violation(found[0], seq, who, found[1]))
         self.max_time = max_time
 
-    def issued(
-        self,
-        seqs: Sequence[int],
-        times: Sequence[int],
-        device_ids: Sequence[str],
-        serials: Sequence[str],
-        key_ids: Sequence[bytes],
-        products: Sequence[str],
-        counters: Sequence[int],
-        eseqs: Sequence[object],
-    ) -> None:
+    def issued(self, rows: Sequence[IssuedRow]) -> None:
         """Well-typed ``issued`` records (after :meth:`times`): the counter and import
         checks are HQ's, the entitlement's rules are its reconciler's."""
         violations = self.violations
@@ -596,10 +569,8 @@ class _RecordReconciler:
         batch_append = batch.append
         cur_eseq, cur, st = self.cur_eseq, self.cur, self.cur_state
         new_entry = tuple.__new__  # IssuedEntry without a Python-level __new__ call
-        self.n_issued += len(seqs)
-        for seq, t, device_id, serial, kid, product, counter, eseq in zip(
-            seqs, times, device_ids, serials, key_ids, products, counters, eseqs, strict=True
-        ):
+        self.n_issued += len(rows)
+        for seq, t, _, device_id, serial, kid, product, counter, eseq in rows:
             if type(eseq) is not int or eseq != cur_eseq:
                 # Another entitlement than the previous record's: the run of issued records
                 # for the previous one goes to its reconciler first.
@@ -626,10 +597,7 @@ class _RecordReconciler:
         seq, _, t, ev, f, _ = record
         who = f.get("device_id")
         self.times(
-            (seq,),
-            (t,),
-            (f.get("tpm"),),
-            (who if type(who) is str else "",),
+            ((seq, t, f.get("tpm"), who if type(who) is str else "", "", b"", "", 0, 0),),
             exempt_ahead="anchor_time" in f or ev == "refused",
         )
         violations = self.violations
@@ -734,7 +702,7 @@ class _RecordReconciler:
             self.n_issued += 1
             self.violations.append(_malformed(seq, "issued record has a mistyped field"))
             return
-        self.issued((seq,), (t,), (device_id,), (serial,), (kid,), (product,), (counter,), (eseq,))
+        self.issued(((seq, t, None, device_id, serial, kid, product, counter, eseq),))
 
     def result(self) -> Reconciliation:
         out = self.out

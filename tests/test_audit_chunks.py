@@ -59,7 +59,7 @@ def in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_runs_and_single_records() -> None:
     ok, _head, items = one_pass(build(30))
     assert ok
-    kinds = [(type(i).__name__, len(i.seqs) if type(i) is IssuedRun else i.seq) for i in items]
+    kinds = [(type(i).__name__, len(i.rows) if type(i) is IssuedRun else i.seq) for i in items]
     assert kinds == [
         ("AuditRecord", 0),
         ("IssuedRun", 8),  # 1..8
@@ -71,8 +71,10 @@ def test_runs_and_single_records() -> None:
     ]
     run = items[3]
     assert type(run) is IssuedRun
-    assert run.seqs[0] == 10 and run.tpms[0] is None and run.tpms[1] == (11).to_bytes(16, "big")
-    assert run.device_ids[-1] == "dev-0016" and run.key_ids[2] == (12).to_bytes(32, "big")
+    first, second = run.rows[:2]
+    assert first[:3] == (10, T0 + 10, None) and second[2] == (11).to_bytes(16, "big")
+    assert run.rows[-1][3] == "dev-0016" and run.rows[2][5] == (12).to_bytes(32, "big")
+    assert run.rows[2][4:] == ("d", (12).to_bytes(32, "big"), "thermo", 12, 1)
 
 
 def test_worker_chunks_equal_one_pass(in_workers: None) -> None:
@@ -90,7 +92,7 @@ def _records_of(items: list[object]) -> list[tuple[object, ...]]:
     out: list[tuple[object, ...]] = []
     for item in items:
         if type(item) is IssuedRun:
-            out.extend(zip(*item, strict=True))
+            out.extend(item.rows)
         else:
             out.append(tuple(item))  # type: ignore[call-overload]
     return out

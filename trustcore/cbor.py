@@ -183,24 +183,21 @@ def _refuse_tag(value: object, immutable: bool) -> NoReturn:
     raise cbor2.CBORDecodeError("CBOR tags are not allowed")
 
 
-class _RefuseEveryTag(Mapping[int, Any]):
+class _RefuseEveryTag(dict[int, Any]):
     """A semantic-decoder table that claims every tag and refuses it.
 
     cbor2 decodes many tags by itself (bigfloats, regexes, shared references, ...), some at
     real CPU or memory cost; claiming them all keeps hostile input from reaching that code.
+    An empty ``dict`` whose lookups all answer "refuse", not a ``Mapping`` class: cbor2
+    checks the table on every ``loads``, and for a ``Mapping`` that costs about 0.6 µs a
+    call (a third of decoding an audit record). tests/test_cbor.py checks tags are refused.
     """
 
-    def __getitem__(self, tag: int) -> Any:
+    def __missing__(self, tag: int) -> Any:
         return _refuse_tag
 
     def __contains__(self, tag: object) -> bool:
         return True
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
 
 
 REFUSE_TAGS: Mapping[int, Any] = _RefuseEveryTag()
