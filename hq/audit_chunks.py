@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from trustcore.audit import AuditRecord, ChainEnd, stream_chain
@@ -117,7 +117,7 @@ def _decode_in_worker(bounds: tuple[int, int]) -> DecodedChunk:
 
 def decode_chunks(
     records: Sequence[bytes], start_seq: int, start_hash: bytes
-) -> Iterator[DecodedChunk]:
+) -> Generator[DecodedChunk, None, None]:
     """The records' chunks, decoded and chain-checked, in order. Stop at the first chunk
     that is not ``ok`` (the caller names the defect on the whole export)."""
     if len(records) < POOL_THRESHOLD:
