@@ -572,14 +572,19 @@ def _export_is_canonical(data: bytes, records: list[bytes], checkpoint: bytes) -
     prefix = empty[: -len(_EMPTY_TAIL)] + cbor.array_head(len(records))
     suffix = cbor.encode("checkpoint") + checkpoint
     lengths = list(map(len, records))
-    size = len(prefix) + sum(lengths) + len(lengths) + len(suffix)
-    # A byte string's head is 1 byte below 24 bytes, 2 below 256, 3 below 65536, 5 below
-    # 2**32 (records are far smaller than the export limit).
-    size += sum(1 for n in lengths if n >= 24)
-    size += sum(1 for n in lengths if n >= 256)
-    size += sum(2 for n in lengths if n >= 65536)
-    size += sum(4 for n in lengths if n >= 1 << 32)
+    size = len(prefix) + sum(lengths) + len(suffix)
+    # The shortest heads: their length grows with the string's, so when the shortest and
+    # the longest record have heads of one length, every record has (the usual case).
+    shortest, longest = min(lengths, default=0), max(lengths, default=0)
+    if _head_length(shortest) == _head_length(longest):
+        size += len(lengths) * _head_length(shortest)
+    else:
+        size += sum(map(_head_length, lengths))
     return len(data) == size and data.startswith(prefix) and data.endswith(suffix)
+
+
+def _head_length(length: int) -> int:
+    return len(cbor.bytes_head(length))
 
 
 # What ``{..., "records": [], "checkpoint": None}`` ends with (keys in deterministic order:
