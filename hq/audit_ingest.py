@@ -40,24 +40,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple, NoReturn
 
-import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from hq.audit_chunks import IssuedRow, IssuedRun, decode_chunks
 from hq.errors import ExportRefusedError
 from hq.home import HqHome, HqSecrets
 from hq.report import IngestReport
 from hq.store import AuditHead, DeviceRow, EntitlementRow, HqStore, ReconState, StationCrlRow
-from trustcore import cbor
 from trustcore.audit import (
     AuditExport,
     AuditRecord,
-    ChainEnd,
     ChainHead,
     Checkpoint,
     decode_export,
-    stream_chain,
     verify_checkpoint,
     verify_export,
 )
@@ -74,8 +71,8 @@ from trustcore.keys import KeyAgreement, key_id, spki_der
 from trustcore.messages import CT_AUDIT_EXPORT, AuditExportPayload
 from trustcore.profiles import HqRole, device_id_from_certificate, station_id_from_certificate
 from trustcore.quorum import ParamValue, QuorumError, parse_evidence, verify_quorum_rule
-from trustcore.reconcile import Reconciler, Violation
-from trustcore.sealed import DEFAULT_MAX_SIZE, PackageHeader, open_package, peek
+from trustcore.reconcile import IssuedRecord, Reconciler, Violation
+from trustcore.sealed import DEFAULT_MAX_SIZE, open_package, peek
 from trustcore.stationtime import TimeAudit, expected_anchor
 
 __all__ = [
@@ -218,27 +215,6 @@ def _check_station_ca(cert: x509.Certificate, root: x509.Certificate, store: HqS
     return station_id
 
 
-def _peek_header(package: bytes, max_size: int) -> PackageHeader:
-    """``peek`` without re-encoding a ciphertext of up to 256 MB: ``peek`` checks the header
-    of a stub package with an empty ``ct`` (0.1 s instead of 0.5 s for a million records).
-    The header only decides whom to trust; ``open_package`` then checks the real package,
-    strictly. Whenever the stub cannot be made, the real package goes to ``peek``."""
-    stub = package
-    if len(package) <= max_size:
-        try:
-            top = cbor2.loads(
-                package,
-                max_depth=cbor.MAX_DEPTH,
-                allow_indefinite=False,
-                semantic_decoders=cbor.REFUSE_TAGS,
-            )
-            if type(top) is dict and type(top.get("ct")) is bytes:
-                stub = cbor.encode({**top, "ct": b""})
-        except Exception:  # any decoder error: let peek() name it on the real package
-            stub = package
-    return peek(stub, max_size=max_size)
-
-
 def verify_audit_package(
     package: bytes,
     *,
@@ -251,7 +227,7 @@ def verify_audit_package(
     the chain itself is verified by :class:`ChainStream`. Raises :class:`ExportRefusedError`;
     never writes."""
     try:
-        header = _peek_header(package, max_size)
+        header = peek(package, max_size=max_size)
         if header.content_type != CT_AUDIT_EXPORT:
             raise _refuse(
                 "wrong_content_type", f"package is {header.content_type!r}, not an audit export"
@@ -384,11 +360,11 @@ class ChainStream:
     Why not ``trustcore.audit.verify_export`` directly: it keeps every decoded record (about
     1.5 KB each), and building a million of them costs more in memory growth than the
     verification itself (measured: 8.4 s for 10^6 records kept, 2.8 s streamed; see
-    docs/hq.md). The per-record checks are the very same (``trustcore.audit``'s record
-    decoder, then ``seq`` and ``prev`` continuity), and on the first defect, or if the chain
-    does not end exactly at the signed head, the whole export goes to ``verify_export``,
-    which names the attack (gap, fork, reorder, ...). Nothing the stream yields may be
-    stored before :meth:`finish` returns.
+    docs/hq.md). The per-record checks are the very same (``trustcore.audit.stream_chain``,
+    run by ``hq.audit_chunks``, in worker processes for a large export), and on the first
+    defect, or if the chain does not end exactly at the signed head, the whole export goes
+    to ``verify_export``, which names the attack (gap, fork, reorder, ...). Nothing the
+    stream yields may be stored before :meth:`finish` returns.
     """
 
     def __init__(self, verified: VerifiedExport) -> None:
@@ -397,13 +373,11 @@ class ChainStream:
         self._prev = verified.start.head_hash
         self._done = False
 
-    def __iter__(self) -> Iterator[AuditRecord]:
-        """The verified records, decoded once (``trustcore.audit.stream_chain``). Any
-        defect sends the whole export to ``verify_export`` to be named.
-
-        (A variant that verified the second half in a forked child was measured: about 3 %
-        faster at a million records, because the parent must unpack what the child decoded;
-        not worth a fork in a service.)"""
+    def __iter__(self) -> Iterator[IssuedRun | AuditRecord]:
+        """The verified records in order, decoded once (``hq.audit_chunks``: runs of
+        well-formed ``issued`` records as columns, every other record as it is; decoded by
+        worker processes for a large export). Any defect sends the whole export to
+        ``verify_export`` to be named."""
         if self._done:
             raise RuntimeError("a ChainStream is iterated once")
         self._done = True
@@ -411,11 +385,17 @@ class ChainStream:
         if not records:
             return
         seq0 = self._next_seq
-        end = ChainEnd()
-        yield from stream_chain(records, seq0, self._prev, end)
-        if not end.ok:
-            self._name_the_defect()
-        self._next_seq, self._prev = seq0 + len(records), end.last_hash
+        last = self._prev
+        chunks = decode_chunks(records, seq0, self._prev)
+        try:
+            for chunk in chunks:
+                if not chunk.ok:
+                    self._name_the_defect()
+                yield from chunk.items
+                last = chunk.last_hash
+        finally:
+            chunks.close()  # stops the worker processes at once, also on a refusal
+        self._next_seq, self._prev = seq0 + len(records), last
 
     def finish(self) -> ChainHead:
         """The new head, once every record streamed and the chain ends at the signed head."""
@@ -487,164 +467,158 @@ def _malformed(seq: int, what: str) -> Violation:
 
 
 def reconcile_records(
-    records: Iterable[AuditRecord],
+    records: Iterable[IssuedRun | AuditRecord],
     *,
     station_id: str,
     store: HqStore,
     start: AuditHead,
     received: int | None = None,
 ) -> Reconciliation:
-    """Feed every record to the reconciler of its entitlement (state carried over from
-    earlier exports, loaded from ``store``). One pass, O(1) per record.
+    """Feed every record (as :class:`ChainStream` yields them: runs of well-formed
+    ``issued`` records as columns, any other record as it is) to the reconciler of its
+    entitlement (state carried over from earlier exports, loaded from ``store``). One pass,
+    O(1) per record.
 
     Time findings: ``future_dated`` (dated more than ``STATION_TIME_TOLERANCE_S`` after
     ``received``, when HQ got the export), ``clock_rollback`` (out of order: older than a
     time already logged), and from the TPM readings (``trustcore.stationtime.TimeAudit``)
     ``clock_ahead_of_tpm``, ``tpm_clock_inconsistent`` and ``bad_time_anchor``."""
-    time_audit = store.station_time_audit(station_id, STATION_TIME_TOLERANCE_S)
-    out = Reconciliation(max_time=start.max_time, time_audit=time_audit)
-    observe_tpm = time_audit.observe
-    future = (1 << 62) if received is None else received + STATION_TIME_TOLERANCE_S
-    tallies: dict[int, _Tally | None] = {}
-    violations = out.violations
-    issued_append = out.issued.append
-    events = out.events
-    max_time = start.max_time
-    serial_ok = _SERIAL_HEX.fullmatch
+    r = _RecordReconciler(station_id, store, start, received)
+    for item in records:
+        if type(item) is IssuedRun:
+            r.times(item.rows, exempt_ahead=False)
+            r.issued(item.rows)
+        else:
+            r.record(item)  # type: ignore[arg-type]
+    return r.result()
 
-    def tally_for(eseq: object, seq: int, device_id: str) -> _Tally | None:
+
+class _RecordReconciler:
+    """The state of :func:`reconcile_records`: every record passes :meth:`times`, then
+    :meth:`issued` (runs of issued records, the hot path) or :meth:`record` (any other)."""
+
+    def __init__(
+        self, station_id: str, store: HqStore, start: AuditHead, received: int | None
+    ) -> None:
+        self.station_id, self.store, self.received = station_id, store, received
+        self.time_audit = store.station_time_audit(station_id, STATION_TIME_TOLERANCE_S)
+        self.out = Reconciliation(max_time=start.max_time, time_audit=self.time_audit)
+        self.violations = self.out.violations
+        self.max_time = start.max_time
+        self.future = (1 << 62) if received is None else received + STATION_TIME_TOLERANCE_S
+        self.tallies: dict[int, _Tally | None] = {}
+        self.n_issued = 0
+        #: The entitlement of the current run of issued records, its tally and state.
+        self.cur_eseq: object = None
+        self.cur: _Tally | None = None
+        self.cur_state = ReconState()
+        #: The current run of issued records, handed to its reconciler in one call
+        #: (Reconciler.add_issued_batch) before any other record or another entitlement's.
+        self.batch: list[IssuedRecord] = []
+
+    def tally_for(self, eseq: object, seq: int, device_id: str) -> _Tally | None:
         if type(eseq) is not int:
-            violations.append(_malformed(seq, "entitlement_seq is not an integer"))
+            self.violations.append(_malformed(seq, "entitlement_seq is not an integer"))
             return None
-        if eseq not in tallies:
-            tallies[eseq] = _load_tally(store, station_id, eseq)
-        tally = tallies[eseq]
+        if eseq not in self.tallies:
+            self.tallies[eseq] = _load_tally(self.store, self.station_id, eseq)
+        tally = self.tallies[eseq]
         if tally is None:
-            violations.append(
+            self.violations.append(
                 Violation(
                     "unknown_entitlement",
                     seq,
                     device_id,
-                    f"entitlement {eseq} was never issued to {station_id}",
+                    f"entitlement {eseq} was never issued to {self.station_id}",
                 )
             )
         return tally
 
-    new_entry = tuple.__new__  # IssuedEntry without a Python-level __new__ call
-    n_issued = 0
-    cur_eseq: object = None  # the entitlement whose state is bound to locals below
-    for seq, _, t, ev, f, _ in records:
-        if t > max_time:
-            max_time = t
-            if t > future:
-                violations.append(_future_dated(seq, t, received))
-        elif t + CLOCK_ROLLBACK_TOLERANCE_S < max_time:
-            violations.append(
-                Violation(
-                    "clock_rollback", seq, "", f"time {t} is before {max_time} logged earlier"
-                )
-            )
-        elif t > future:
-            violations.append(_future_dated(seq, t, received))
-        tpm_field = f.get("tpm")
-        if tpm_field is not None:
-            found = observe_tpm(t, tpm_field)
-            # An anchor record may be ahead of the old anchor (that is why it re-anchors),
-            # and a refusal did nothing (the station's own ``clock_ahead`` refusals are
-            # counted in ``refused_at_station``): only readings that issued are "ahead".
-            if found is not None and not (
-                found[0] == "clock_ahead_of_tpm" and ("anchor_time" in f or ev == "refused")
-            ):
-                who = f.get("device_id")
+    def times(self, rows: Sequence[IssuedRow], *, exempt_ahead: bool) -> None:
+        """The station's clock over these records: order, future dating, TPM replay.
+        ``exempt_ahead``: an anchor record may be ahead of the old anchor (that is why it
+        re-anchors), and a refusal did nothing (the station's own ``clock_ahead`` refusals
+        are counted in ``refused_at_station``): only readings that issued are "ahead"."""
+        violations, received, future = self.violations, self.received, self.future
+        observe_tpm = self.time_audit.observe
+        max_time = self.max_time
+        for seq, t, tpm, who, _, _, _, _, _ in rows:
+            if t > max_time:
+                max_time = t
+                if t > future:
+                    violations.append(_future_dated(seq, t, received))
+            elif t + CLOCK_ROLLBACK_TOLERANCE_S < max_time:
                 violations.append(
-                    Violation(found[0], seq, who if type(who) is str else "", found[1])
+                    Violation(
+                        "clock_rollback", seq, "", f"time {t} is before {max_time} logged earlier"
+                    )
                 )
-        if ev == "issued":  # the hot path: one per device
-            n_issued += 1
-            try:
-                device_id = f["device_id"]
-                serial = f["serial"]
-                kid = f["key_id"]
-                product = f["product"]
-                counter = f["counter"]
-                eseq = f["entitlement_seq"]
-            except KeyError:
-                violations.append(_malformed(seq, "issued record lacks a field"))
-                continue
-            if (
-                type(device_id) is not str
-                or type(serial) is not str
-                or type(kid) is not bytes
-                or type(product) is not str
-                or type(counter) is not int
-                or len(kid) != 32
-                or serial_ok(serial) is None
-            ):
-                violations.append(_malformed(seq, "issued record has a mistyped field"))
-                continue
+            elif t > future:
+                violations.append(_future_dated(seq, t, received))
+            if tpm is not None:
+                found = observe_tpm(t, tpm)
+                if found is not None and not (exempt_ahead and found[0] == "clock_ahead_of_tpm"):
+                    violations.append(Violation(found[0], seq, who, found[1]))
+        self.max_time = max_time
+
+    def issued(self, rows: Sequence[IssuedRow]) -> None:
+        """Well-typed ``issued`` records (after :meth:`times`): the counter and import
+        checks are HQ's, the entitlement's rules are its reconciler's."""
+        violations = self.violations
+        issued_append = self.out.issued.append
+        batch = self.batch
+        batch_append = batch.append
+        cur_eseq, cur, st = self.cur_eseq, self.cur, self.cur_state
+        new_entry = tuple.__new__  # IssuedEntry without a Python-level __new__ call
+        self.n_issued += len(rows)
+        for seq, t, _, device_id, serial, kid, product, counter, eseq in rows:
             if type(eseq) is not int or eseq != cur_eseq:
-                # Another entitlement than the previous record's: bind its reconciler's
-                # state to locals (the loop below is Reconciler.add_issued, inlined).
-                tally = tallies.get(eseq) if type(eseq) is int else None
+                # Another entitlement than the previous record's: the run of issued records
+                # for the previous one goes to its reconciler first.
+                if batch:
+                    _end_run(cur, batch)
+                tally = self.tallies.get(eseq) if type(eseq) is int else None
                 if tally is None:
-                    tally = tally_for(eseq, seq, device_id)
+                    tally = self.tally_for(eseq, seq, device_id)
                     if tally is None:
                         continue
-                cur_eseq, cur = eseq, tally
-                rc = tally.reconciler
-                p = rc.policy
-                per_day, per_day_get = rc.per_day, rc.per_day.get
-                allowance_get = rc.day_allowance.get
-                ids, keys = rc.device_ids, rc.key_ids
-                quota, daily_limit, product_ok = p.total_quota, p.daily_limit, p.product
-                not_before, not_after = p.not_before, p.not_after
-                id_prefix, id_digits = p.id_rule.prefix, p.id_rule.digits
-                id_first, id_last, id_len = p.id_rule.first, p.id_rule.last, len(p.id_rule.prefix)
-                day_start, day_end, day = 1, 0, ""
-            tally = cur
-            # Reconciler.add_issued: one combined test for the clean case; any record that
-            # fails it goes through the reconciler's per-rule checks, which name each
-            # violation (and the id rule's own ``contains``).
-            used = rc.issued = rc.issued + 1
-            if not day_start <= t < day_end:
-                day_start, day_end, day = p.day_bounds(t)
-            n = per_day_get(day, 0) + 1
-            per_day[day] = n
-            rest = device_id[id_len:]
-            if (
-                used + rc.burned <= quota
-                and (n <= daily_limit or n <= daily_limit + allowance_get(day, 0))
-                and not_before <= t < not_after
-                and product == product_ok
-                and device_id not in ids
-                and kid not in keys
-                and device_id.startswith(id_prefix)
-                and len(rest) == id_digits
-                and rest.isascii()
-                and rest.isdigit()
-                and id_first <= int(rest) <= id_last
-            ):
-                ids.add(device_id)
-                keys.add(kid)
-            else:
-                rc.flag_issued(seq, t, device_id, kid, product, n, (day_start, day_end, day))
-            st = tally.state
+                cur_eseq, cur, st = eseq, tally, tally.state
+            batch_append((seq, t, device_id, kid, product))
             if counter > st.last_counter and st.imported_at_seq is not None:
                 st.last_counter = counter
             else:
-                _counter_or_import_violation(violations, st, tally, seq, device_id, counter)
+                assert cur is not None  # set with st
+                _counter_or_import_violation(violations, st, cur, seq, device_id, counter)
             issued_append(new_entry(IssuedEntry, (device_id, serial, kid, eseq, seq, t)))
-            continue
+        self.cur_eseq, self.cur, self.cur_state = cur_eseq, cur, st
+
+    def record(self, record: AuditRecord) -> None:
+        """Any record that is not part of an :class:`IssuedRun` (for an ``issued`` one: a
+        missing, extra or mistyped field)."""
+        seq, _, t, ev, f, _ = record
+        who = f.get("device_id")
+        self.times(
+            ((seq, t, f.get("tpm"), who if type(who) is str else "", "", b"", "", 0, 0),),
+            exempt_ahead="anchor_time" in f or ev == "refused",
+        )
+        violations = self.violations
+        if ev == "issued":
+            self._one_issued(seq, t, f)
+            return
+        if self.batch:  # every other record sees the reconciler after the issued ones before
+            _end_run(self.cur, self.batch)
+        events = self.out.events
         events[ev] = events.get(ev, 0) + 1
+        store, station_id, time_audit = self.store, self.station_id, self.time_audit
         if ev == "slot_burned":
             device_id = f.get("device_id")
             counter = f.get("counter")
             if type(device_id) is not str or type(counter) is not int:
                 violations.append(_malformed(seq, "slot_burned record lacks a well-typed field"))
-                continue
-            tally = tally_for(f.get("entitlement_seq"), seq, device_id)
+                return
+            tally = self.tally_for(f.get("entitlement_seq"), seq, device_id)
             if tally is None:
-                continue
+                return
             tally.reconciler.add_burned(seq, device_id)
             if counter <= tally.state.last_counter:
                 violations.append(
@@ -656,10 +630,10 @@ def reconcile_records(
             ent_id = f.get("entitlement_id")
             if type(ent_id) is not str or type(f.get("counter_base")) is not int:
                 violations.append(_malformed(seq, "entitlement_imported lacks a field"))
-                continue
-            tally = tally_for(f.get("entitlement_seq"), seq, "")
+                return
+            tally = self.tally_for(f.get("entitlement_seq"), seq, "")
             if tally is None:
-                continue
+                return
             if ent_id != tally.row.entitlement_id:
                 violations.append(
                     Violation(
@@ -688,26 +662,68 @@ def reconcile_records(
                     )
                 )
         elif ev == "quorum_approved":
-            tally = tally_for(f.get("entitlement_seq"), seq, "")
+            tally = self.tally_for(f.get("entitlement_seq"), seq, "")
             if tally is not None:
-                _quorum_grant(out, tally, station_id, store, seq, t, f)
+                _quorum_grant(self.out, tally, station_id, store, seq, t, f)
         elif ev == "secret_provisioned":
             device_id, secret, product = f.get("device_id"), f.get("secret"), f.get("product")
             if type(device_id) is not str or type(secret) is not str or type(product) is not str:
                 violations.append(_malformed(seq, "secret_provisioned lacks a well-typed field"))
-                continue
-            tally = tally_for(f.get("entitlement_seq"), seq, device_id)
+                return
+            tally = self.tally_for(f.get("entitlement_seq"), seq, device_id)
             if tally is not None:
                 tally.reconciler.add_secret(seq, t, device_id, secret, product)
         elif ev == "refused":
             reason = f.get("reason")
             key = reason if type(reason) is str else "?"
-            out.refused[key] = out.refused.get(key, 0) + 1
-    if n_issued:
-        events["issued"] = events.get("issued", 0) + n_issued
-    out.max_time = max_time
-    out.tallies = {k: v for k, v in tallies.items() if v is not None}
-    return out
+            self.out.refused[key] = self.out.refused.get(key, 0) + 1
+
+    def _one_issued(self, seq: int, t: int, f: Mapping[str, object]) -> None:
+        """An ``issued`` record outside a run: its fields checked one by one."""
+        try:
+            device_id = f["device_id"]
+            serial = f["serial"]
+            kid = f["key_id"]
+            product = f["product"]
+            counter = f["counter"]
+            eseq = f["entitlement_seq"]
+        except KeyError:
+            self.n_issued += 1
+            self.violations.append(_malformed(seq, "issued record lacks a field"))
+            return
+        if (
+            type(device_id) is not str
+            or type(serial) is not str
+            or type(kid) is not bytes
+            or type(product) is not str
+            or type(counter) is not int
+            or len(kid) != 32
+            or _SERIAL_HEX.fullmatch(serial) is None
+        ):
+            self.n_issued += 1
+            self.violations.append(_malformed(seq, "issued record has a mistyped field"))
+            return
+        self.issued(((seq, t, None, device_id, serial, kid, product, counter, eseq),))
+
+    def result(self) -> Reconciliation:
+        out = self.out
+        if self.batch:
+            _end_run(self.cur, self.batch)
+        if self.n_issued:
+            out.events["issued"] = out.events.get("issued", 0) + self.n_issued
+        out.max_time = self.max_time
+        out.tallies = {k: v for k, v in self.tallies.items() if v is not None}
+        # Each run's clock findings were listed before its issuance findings: back to log
+        # order (stable: within one record, clock findings first, as they are checked).
+        out.violations.sort(key=lambda v: v.seq)
+        return out
+
+
+def _end_run(tally: _Tally | None, batch: list[IssuedRecord]) -> None:
+    """Hand a run of issued records to the reconciler of their entitlement, and empty it."""
+    assert tally is not None  # a run is only started once its entitlement is known
+    tally.reconciler.add_issued_batch(batch)
+    batch.clear()
 
 
 def _future_dated(seq: int, when: int, received: int | None) -> Violation:

@@ -431,3 +431,39 @@ def test_random_records_refused_cleanly(records: list[bytes]) -> None:
 def test_random_exports_refused_cleanly(data: bytes) -> None:
     with pytest.raises(AuditChainError):
         verify(data)
+
+
+def test_export_encoding_is_checked_without_reencoding_records() -> None:
+    """decode_export compares the bytes around the records and the total length: a longer
+    head for one record, an unsorted map, an unsorted checkpoint or a trailing byte
+    is still refused."""
+    log = AuditLog("station-1")
+    records = [*issue(log, 3), bytes(300)]  # a record of 300 bytes has a 3-byte head
+    cp = log.make_checkpoint(STATION_KEY, T0)
+    data = audit.encode_export(records, cp)
+    assert audit.decode_export(data, max_size=1 << 20).records == tuple(records)
+    one = cbor.bytes_head(len(records[1])) + records[1]
+    long_head = b"\x59" + len(records[1]).to_bytes(2, "big") + records[1]
+    cp_map = cbor.decode(cp, max_size=4096)
+    variants = {
+        "non-shortest record head": data.replace(one, long_head, 1),
+        "keys out of order": b"\xa3"
+        + cbor.encode("v")
+        + cbor.encode(1)
+        + cbor.encode("checkpoint")
+        + cp
+        + cbor.encode("records")
+        + cbor.encode(records),
+        "unsorted checkpoint": data[: -len(cp)]
+        + b"\xa2"
+        + cbor.encode("body")
+        + cbor.encode(cp_map["body"])
+        + cbor.encode("sig")
+        + cbor.encode(cp_map["sig"]),
+        "trailing byte": data + b"\x00",
+    }
+    for what, variant in variants.items():
+        assert variant != data, what
+        with pytest.raises(AuditChainError) as err:
+            audit.decode_export(variant, max_size=1 << 20)
+        assert err.value.reason == "malformed", what

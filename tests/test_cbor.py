@@ -268,3 +268,37 @@ def test_c_path_is_taken_only_for_its_data_model() -> None:
         cbor.encode(deep)
     with pytest.raises(EncodingError):
         cbor.encode({"a": "\ud800"})
+
+
+def test_large_byte_strings_are_checked_around_not_reencoded() -> None:
+    """A top-level map with a large byte string (a sealed package's ciphertext) takes the
+    path that compares everything but the string's content: it refuses the same things."""
+    blob = bytes(range(256)) * 512  # 128 KiB
+    value = {"v": 1, "ct": blob, "hdr": {"a": 1, "bb": [b"x", None]}, "z": blob[:100]}
+    data = cbor.encode(value)
+    assert cbor.decode(data, max_size=1 << 20) == value
+    head = cbor.bytes_head(len(blob))
+    long_head = b"\x5b" + len(blob).to_bytes(8, "big")
+    small = cbor.encode({"a": 1, "bb": [b"x", None]})
+    bad = {
+        "trailing byte": data + b"\x00",
+        "non-shortest blob head": data.replace(head + blob[:4], long_head + blob[:4], 1),
+        "non-shortest small int": data.replace(
+            small, small.replace(b"\x61a\x01", b"\x61a\x18\x01")
+        ),
+        "keys out of order": b"\xa4"
+        + cbor.encode("v")
+        + cbor.encode(1)
+        + cbor.encode("ct")
+        + head
+        + blob
+        + cbor.encode("z")
+        + cbor.encode(blob[:100])
+        + cbor.encode("hdr")
+        + small,
+        "float": data.replace(b"\x61v\x01", b"\x61v\xf9\x3c\x00"),
+    }
+    for what, variant in bad.items():
+        assert variant != data, what
+        with pytest.raises(EncodingError):
+            cbor.decode(variant, max_size=1 << 20)

@@ -686,3 +686,31 @@ def test_quorum_grant_excuses_one_reissue_only_when_its_evidence_verifies(
     assert code == 1, report
     found = sorted((v["kind"], v["device_id"]) for v in report["violations"])
     assert found == [("duplicate_device", "dev-0011"), ("invalid_quorum", "dev-0011")], found
+
+
+# ----------------------------------------------- the worker-process path of a large export
+
+
+@pytest.fixture
+def in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode every export in worker processes, two records a chunk (hq.audit_chunks)."""
+    from hq import audit_chunks
+
+    monkeypatch.setattr(audit_chunks, "POOL_THRESHOLD", 1)
+    monkeypatch.setattr(audit_chunks, "CHUNK_SIZE", 2)
+
+
+def test_worker_path_clean_and_continuation(
+    world: World, home: Path, tmp_path: Path, in_workers: None
+) -> None:
+    test_clean_export_then_continuation(world, home, tmp_path)
+
+
+def test_worker_path_violations(world: World, home: Path, tmp_path: Path, in_workers: None) -> None:
+    test_window_range_duplicate_product(world, home, tmp_path)
+
+
+def test_worker_path_rewritten_entry(
+    world: World, home: Path, tmp_path: Path, in_workers: None
+) -> None:
+    test_rewritten_entry(world, home, tmp_path)

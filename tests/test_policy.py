@@ -193,3 +193,70 @@ def test_reconciler_clean_and_violations() -> None:
         "secret_outside_policy": 0,
     }
     assert r.report().to_map()["issued"] == 14
+
+
+def _mixed_log(p: EntitlementPolicy) -> list[tuple[int, int, str, bytes, str]]:
+    """Issued records that hit every rule, across two local days and past the quota."""
+    out = [(i, T0 + i, f"TH-{i:06d}", bytes([i]) * 32, "thermostat") for i in range(12)]
+    out += [
+        (12, T0 + 86400, "TH-000003", b"\x03" * 32, "doorbell"),  # dup id + key, product
+        (13, T0 + 86401, "TH-002000", b"\x20" * 32, "thermostat"),  # id out of range
+        (14, T0 + 86402, "th-000015", b"\x22" * 32, "thermostat"),  # wrong prefix
+        (15, T0 + 86403, "TH-00016", b"\x23" * 32, "thermostat"),  # too few digits
+        (16, T0 + 86404, "TH-00001\u0667", b"\x24" * 32, "thermostat"),  # non-ASCII digit
+        (17, p.not_after + 5, "TH-000017", b"\x25" * 32, "thermostat"),  # window, quota
+    ]
+    return out
+
+
+def test_reconciler_batch_equals_one_by_one() -> None:
+    """HQ's path (runs of records through ``add_issued_batch``, split wherever another
+    record interrupts) reports exactly what one call per record reports."""
+    p = policy(total_quota=16, daily_limit=10)
+    log = _mixed_log(p)
+    single = Reconciler(p)
+    for item in log:
+        single.add_issued(*item)
+    for cut in (0, 5, 11, 13, len(log)):
+        batched = Reconciler(p)
+        batched.add_issued_batch(log[:cut])
+        batched.add_issued_batch(iter(log[cut:]))  # any iterable
+        assert batched.report() == single.report()
+    report = single.report()
+    assert report.issued == 18
+    assert report.per_day == {p.day_of(T0): 12, p.day_of(T0 + 86400): 5, p.day_of(p.not_after): 1}
+    counts = report.counts()
+    assert counts["over_daily_limit"] == 2  # records 10 and 11
+    assert counts["id_out_of_range"] == 4
+    assert counts["over_quota"] == 2 and counts["outside_window"] == 1
+    assert counts["duplicate_device"] == counts["duplicate_key"] == counts["wrong_product"] == 1
+    assert [v.seq for v in report.violations if v.kind == "id_out_of_range"] == [13, 14, 15, 16]
+
+
+def test_reconciler_batch_sees_allowance_burn_and_reissue_between_runs() -> None:
+    """What happens between two runs (a quorum allowance, a burned slot, a re-issue
+    grant) applies to the next run, exactly as HQ interleaves them."""
+    p = policy(total_quota=14, daily_limit=5)
+    r = Reconciler(p)
+    r.add_issued_batch((i, T0 + i, f"TH-{i:06d}", bytes([i]) * 32, "thermostat") for i in range(5))
+    day = p.day_of(T0)
+    r.allow_extra(day, 2)
+    r.allow_reissue("TH-000001", b"req-1")
+    r.add_burned(5, "TH-000099")
+    r.add_issued_batch(
+        [
+            (6, T0 + 6, "TH-000006", b"\x06" * 32, "thermostat"),  # 6th: allowed by the quorum
+            (7, T0 + 7, "TH-000001", b"\x41" * 32, "thermostat"),  # 7th, granted re-issue
+            (8, T0 + 8, "TH-000001", b"\x42" * 32, "thermostat"),  # 8th: over, grant used up
+        ]
+    )
+    assert r.reissues_used == [(b"req-1", 7)]
+    assert [(v.kind, v.seq) for v in r.violations] == [
+        ("over_daily_limit", 8),
+        ("duplicate_device", 8),
+    ]
+    r.add_issued_batch([(i, T0 + i, f"TH-{i:06d}", bytes([i]) * 32, "thermostat") for i in (20,)])
+    r2 = Reconciler(p, issued=13, burned=1)
+    r2.add_issued_batch([(30, T0 + 86400, "TH-000030", b"\x30" * 32, "thermostat")])
+    assert [v.kind for v in r2.violations] == ["over_quota"]  # slot 15 of 14: burned counts
+    assert r.issued == 9 and r.burned == 1

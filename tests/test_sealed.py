@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -400,3 +402,31 @@ def test_random_mutations_of_a_valid_package_refused(data: st.DataObject) -> Non
             last_sequence=None,
             max_size=4096,
         )
+
+
+def test_signature_input_is_the_specified_encoding() -> None:
+    """The signature covers CBOR ``[domain, header, enc, ct]``; HQ hashes it in pieces
+    (a 200 MB ciphertext is not copied), which must be the very same bytes."""
+    header = sealed.PackageHeader("t/v1", b"\x01" * 32, b"cert", b"\x02" * 32, 5, 6)
+    for ct in (b"", b"x", bytes(23), bytes(24), bytes(70_000)):
+        for enc in (None, b"\x04" * 65):
+            spec = cbor.encode(["devtrust/sealed/v1/sig", header.to_cbor_map(), enc, ct])
+            assert sealed._sig_input(header, enc, ct) == spec
+            assert sealed._sig_digest(header, enc, ct) == hashlib.sha256(spec).digest()
+
+
+def test_large_package_opens_and_a_late_flip_is_refused(hq: Party, station: Party) -> None:
+    payload = os.urandom(300_000)
+    pkg = sealed.seal_package(
+        content_type="entitlement",
+        payload=payload,
+        sender=hq.key,
+        sender_cert=hq.cert,
+        receiver_public=station.key.public_key(),
+        sequence=5,
+        created=1_700_000_000,
+    )
+    assert open_(pkg, hq, station).payload == payload
+    flipped = bytearray(pkg)
+    flipped[-1000] ^= 1  # inside the ciphertext
+    assert reason_of(bytes(flipped), hq, station) == "bad_signature"

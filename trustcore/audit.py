@@ -527,10 +527,8 @@ def decode_export(data: bytes, *, max_size: int) -> AuditExport:
     """Split an export into raw records and the signed checkpoint (structure only: call
     :func:`verify_export` to verify it).
 
-    Canonical form is checked with cbor2's C encoder rather than :func:`cbor.decode`'s
-    Python re-encoding (1.5 s for a million records): every map in an export has text keys
-    only, and for text keys cbor2's length-first order equals RFC 8949 §4.2.1 bytewise
-    order; the types are checked before that comparison.
+    The deterministic form is checked without re-encoding the records
+    (:func:`_export_is_canonical`: about 0.1 s instead of 0.4 s for a million).
     """
     if not isinstance(data, bytes):
         raise TypeError("export must be bytes")
@@ -549,16 +547,49 @@ def decode_export(data: bytes, *, max_size: int) -> AuditExport:
         if cbor.field(top, "v", int) != EXPORT_VERSION:
             raise EncodingError(f"unsupported export version {top['v']!r}")
         records = cbor.field(top, "records", list)
-        if not all(type(r) is bytes for r in records):
+        if not set(map(type, records)) <= {bytes}:  # a C loop over a million items
             raise EncodingError("export records must be byte strings")
         checkpoint = cbor.encode(cbor.map_of(top["checkpoint"], "checkpoint"))
     except AuditChainError:
         raise
     except Exception as exc:  # decoder errors of any type, and EncodingError
         raise AuditChainError(f"export is malformed: {exc}", reason="malformed") from exc
-    if cbor2.dumps(top, canonical=True) != data:
+    if not _export_is_canonical(data, records, checkpoint):
         _fail("malformed", "export is not in deterministic encoding (or has trailing bytes)")
     return AuditExport(records=tuple(records), checkpoint=checkpoint)
+
+
+def _export_is_canonical(data: bytes, records: list[bytes], checkpoint: bytes) -> bool:
+    """Whether ``data`` (decoded into ``records`` and the checkpoint map whose deterministic
+    encoding is ``checkpoint``) is the deterministic encoding of the export, without
+    re-encoding a million records: the bytes before the first record and after the last
+    are compared, and the length must be the deterministic one. Every item's encoding is
+    at least as long as its shortest (deterministic) form, so equal lengths mean each
+    record's head is the shortest and nothing trails."""
+    # The deterministic encoding with no records and a null checkpoint, cut before the
+    # (empty) array: the map head, "v" and its value, the "records" key.
+    empty = cbor.encode({"v": EXPORT_VERSION, "records": [], "checkpoint": None})
+    prefix = empty[: -len(_EMPTY_TAIL)] + cbor.array_head(len(records))
+    suffix = cbor.encode("checkpoint") + checkpoint
+    lengths = list(map(len, records))
+    size = len(prefix) + sum(lengths) + len(suffix)
+    # The shortest heads: their length grows with the string's, so when the shortest and
+    # the longest record have heads of one length, every record has (the usual case).
+    shortest, longest = min(lengths, default=0), max(lengths, default=0)
+    if _head_length(shortest) == _head_length(longest):
+        size += len(lengths) * _head_length(shortest)
+    else:
+        size += sum(map(_head_length, lengths))
+    return len(data) == size and data.startswith(prefix) and data.endswith(suffix)
+
+
+def _head_length(length: int) -> int:
+    return len(cbor.bytes_head(length))
+
+
+# What ``{..., "records": [], "checkpoint": None}`` ends with (keys in deterministic order:
+# "v", "records", "checkpoint").
+_EMPTY_TAIL = b"\x80" + cbor.encode("checkpoint") + b"\xf6"
 
 
 def verify_export(

@@ -31,6 +31,7 @@ caller decided to trust.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
@@ -132,7 +134,24 @@ class OpenedPackage:
 
 
 def _sig_input(header: PackageHeader, enc: bytes | None, ct: bytes) -> bytes:
-    return cbor.encode([_DOMAIN_SIG, header.to_cbor_map(), enc, ct])
+    """What the sender signs: CBOR ``[domain, header, enc, ct]``."""
+    return _sig_prefix(header, enc, len(ct)) + ct
+
+
+def _sig_prefix(header: PackageHeader, enc: bytes | None, ct_length: int) -> bytes:
+    """:func:`_sig_input` up to the ciphertext's bytes: the encoding of a list is its head
+    and its items' encodings, and an item ``ct`` is ``bytes_head(len(ct)) + ct``
+    (tests/test_sealed.py checks the equality with ``cbor.encode``)."""
+    empty = cbor.encode([_DOMAIN_SIG, header.to_cbor_map(), enc, b""])
+    return empty[:-1] + cbor.bytes_head(ct_length)  # drop the empty ct (0x40)
+
+
+def _sig_digest(header: PackageHeader, enc: bytes | None, ct: bytes) -> bytes:
+    """SHA-256 of :func:`_sig_input` without building it: a ciphertext of hundreds of MB is
+    hashed in place instead of copied first."""
+    digest = hashlib.sha256(_sig_prefix(header, enc, len(ct)))
+    digest.update(ct)
+    return digest.digest()
 
 
 def _hpke_info(header: PackageHeader) -> bytes:
@@ -319,7 +338,9 @@ def open_package(
         )
     try:
         trusted_sender_public.verify(
-            parsed.sig, _sig_input(header, parsed.enc, parsed.ct), ec.ECDSA(hashes.SHA256())
+            parsed.sig,
+            _sig_digest(header, parsed.enc, parsed.ct),
+            ec.ECDSA(Prehashed(hashes.SHA256())),
         )
     except InvalidSignature as exc:
         raise SealedPackageError(
