@@ -17,7 +17,19 @@ Prints progress on stderr and one JSON object on the last line of stdout:
   TPMs connected exactly as in the full run (connection made at power-on, outside the
   clock), called bare in the same thread-pool shape, expressed as provisionings per second;
 * ``overhead_ratio`` = tpm_only_per_s / devices_per_s: the cost of everything that is not
-  the TPM.
+  the TPM;
+* ``station_cpu_ms_per_device``: CPU time of this process (user + system, all its threads;
+  ``time.process_time``, which never counts child processes) during the full provisioning,
+  per provisioned device. The station runs in this process and every TPM, the station's
+  and the devices', is a separate swtpm child process, so this is the station's own cost:
+  its Python, SQLite, ``cryptography`` and the TSS client library (marshalling, the ESYS
+  crypto) for the station's commands and for the device commands it drives;
+* ``device_client_cpu_ms_per_device``: the part of it spent inside the device's side of the
+  protocol (``DeviceEndpoint`` calls: the device's TSS client creating its key, building its
+  CSR, reading its EK certificate, answering the challenge, writing its files), measured as
+  the CPU time of the worker thread during each call (``time.thread_time``); on a real line
+  each device runs that on its own processor;
+* ``station_own_cpu_ms_per_device`` = the difference: what the station itself spends.
 
 Device TPMs are copies of one template state with an EK certificate (``swtpm_setup`` takes
 about 0.6 s per TPM; copies share the template's EK, which changes nothing in the cost).
@@ -101,6 +113,32 @@ def software_hq(now: datetime) -> tuple[object, ...]:
         )
         roles[role] = (cert, key)
     return root, root_key, roles
+
+
+class TimedEndpoint:
+    """Forwards every call to a device endpoint and adds up the calling thread's CPU time
+    inside it (the device's side of the protocol, run in this process by the simulator)."""
+
+    def __init__(self, inner: object, totals: list[float], lock: threading.Lock) -> None:
+        self._inner = inner
+        self._totals = totals
+        self._lock = lock
+
+    def __getattr__(self, name: str) -> object:
+        target = getattr(self._inner, name)
+        if not callable(target):
+            return target
+
+        def timed(*args: object, **kwargs: object) -> object:
+            t0 = time.thread_time()
+            try:
+                return target(*args, **kwargs)
+            finally:
+                spent = time.thread_time() - t0
+                with self._lock:
+                    self._totals[0] += spent
+
+        return timed
 
 
 def main() -> int:
@@ -202,17 +240,28 @@ def main() -> int:
             profiler = cProfile.Profile() if args.profile else None
             if profiler:
                 profiler.enable()
+            device_cpu = [0.0]
+            endpoints = [TimedEndpoint(d.endpoint, device_cpu, lock) for d in fleet]
+            cpu0 = time.process_time()
             result = provision_batch(
-                station, [d.endpoint for d in fleet], workers=args.workers, on_done=on_done
+                station,
+                endpoints,  # type: ignore[arg-type]
+                workers=args.workers,
+                on_done=on_done,
             )
+            station_cpu = time.process_time() - cpu0
             if profiler:
                 profiler.disable()
             if result.refused:
                 log(f"REFUSED: {[str(e) for _, e in result.refused][:3]}")
             devices_per_s = len(result.provisioned) / result.seconds
+            done = max(1, len(result.provisioned))
+            cpu_ms = 1000 * station_cpu / done
+            device_ms = 1000 * device_cpu[0] / done
             log(
                 f"full provisioning: {len(result.provisioned)} in {result.seconds:.2f} s "
-                f"= {devices_per_s:.1f} devices/s"
+                f"= {devices_per_s:.1f} devices/s, process CPU {cpu_ms:.2f} ms per device "
+                f"({device_ms:.2f} in device calls, {cpu_ms - device_ms:.2f} station's own)"
             )
             power_off_all(fleet)
 
@@ -281,8 +330,12 @@ def main() -> int:
         "swtpm_startup_ms_per_device": round(startup_each * 1000, 2),
         "tpm_only_per_s": round(tpm_only_per_s, 1),
         "overhead_ratio": round(tpm_only_per_s / devices_per_s, 3),
+        "station_cpu_ms_per_device": round(cpu_ms, 2),
+        "device_client_cpu_ms_per_device": round(device_ms, 2),
+        "station_own_cpu_ms_per_device": round(cpu_ms - device_ms, 2),
         "target_devices_per_s": 100,
         "target_overhead_ratio": 1.5,
+        "target_station_cpu_ms_per_device": 4.0,
     }
     print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
     return 0

@@ -549,6 +549,12 @@ class _TpmEccPrivateKey(tpm_ecc_private_key):  # type: ignore[misc]
     def _handle(self, value: Any) -> None:
         """The base class assigns the handle once; ours is always looked up live."""
 
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The owner's key object, built once from the same public area (the base class
+        converts the TPM structure again on every call: ~0.1 ms, and the certificate
+        builder asks for it on every certificate the station signs)."""
+        return self._owner.public_key()
+
     def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         """ECDSA-SHA256 only (the key's scheme is pinned to it)."""
         if not isinstance(signature_algorithm, ec.ECDSA):

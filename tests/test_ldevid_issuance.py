@@ -1,5 +1,6 @@
-"""The LDevID issuance fast path (issuer prepared once per site CA and key) makes exactly the
-certificate the generic profile builder makes, and keeps every issuer check."""
+"""The device-certificate fast path (issuer prepared once per CA certificate and key: LDevIDs
+at the registrar, IDevIDs at the factory station) makes exactly the certificate the generic
+profile builder makes, and keeps every issuer check."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.fixtures.pki import SITE_OPERATOR, Pki, p256
+from tests.fixtures.pki import MANUFACTURER, SITE_OPERATOR, Pki, p256
 from trustcore.errors import ProfileError
 from trustcore.identity import CertSerial, DeviceId, SiteId
 from trustcore.profiles import (
+    IDEVID_NO_EXPIRY,
     PROFILES,
+    HqRole,
     _build,
     _device_subject,
     device_id_from_certificate,
     hardware_module_name,
+    issue_factory_certificate,
     issue_root_ca,
     issue_secondary_certificate,
     issue_site_ca,
@@ -55,6 +59,58 @@ def test_prepared_issuer_makes_the_profile_builders_certificate(
         )
         assert fast.tbs_certificate_bytes == reference.tbs_certificate_bytes
         fast.verify_directly_issued_by(pki.site_ca)
+
+
+@pytest.mark.parametrize("with_crl_issuer", [False, True])
+@pytest.mark.parametrize("lifetime", [None, timedelta(days=30)])
+def test_prepared_station_issuer_makes_the_profile_builders_idevid(
+    pki: Pki,
+    monkeypatch: pytest.MonkeyPatch,
+    with_crl_issuer: bool,
+    lifetime: timedelta | None,
+) -> None:
+    serial = CertSerial.random()
+    monkeypatch.setattr(CertSerial, "random", staticmethod(lambda: serial))
+    key = p256("idevid-bytes").public_key()
+    crl_issuer = pki.roles[HqRole.REVOCATION_SIGNER][0].subject if with_crl_issuer else None
+    start = pki.now - timedelta(minutes=5)
+    end = IDEVID_NO_EXPIRY if lifetime is None else start + lifetime
+    for _ in range(2):  # first call prepares the issuer, the second uses it
+        fast = issue_factory_certificate(
+            pki.station_ca,
+            pki.station_key,
+            key,
+            device_id=DEVICE,
+            manufacturer=MANUFACTURER,
+            not_before=start,
+            not_after=end,
+            crl_issuer=crl_issuer,
+        )
+        reference = _build(
+            PROFILES["idevid"],
+            subject=_device_subject(DEVICE, MANUFACTURER),
+            subject_key=key,
+            issuer_cert=pki.station_ca,
+            issuer_key=pki.station_key,
+            not_before=start,
+            not_after=end,
+            san=[hardware_module_name(DEVICE)],
+            allow_beyond_issuer=end == IDEVID_NO_EXPIRY,
+            crl_issuer=crl_issuer,
+        )
+        assert fast.tbs_certificate_bytes == reference.tbs_certificate_bytes
+        fast.verify_directly_issued_by(pki.station_ca)
+    # Only 99991231235959Z may outlive the station CA (checked on the prepared issuer too).
+    with pytest.raises(ProfileError, match="validity"):
+        issue_factory_certificate(
+            pki.station_ca,
+            pki.station_key,
+            key,
+            device_id=DEVICE,
+            manufacturer=MANUFACTURER,
+            not_before=start,
+            not_after=pki.station_ca.not_valid_after_utc + timedelta(days=1),
+        )
 
 
 @pytest.mark.parametrize(

@@ -647,19 +647,19 @@ def issue_factory_certificate(
     hardwareModuleName SAN that ``cryptography``'s verifier and pkilint accept); readers
     cross-check all three. ``not_after`` defaults to 99991231235959Z, which 802.1AR uses for a
     device identity meant to last the device's life; only that value may outlive the issuer.
+
+    The same certificate :func:`_build` makes for the ``idevid`` profile (tests compare the
+    bytes), with the issuer checked and its parts prepared once per station CA certificate,
+    key object and CRL issuer.
     """
-    end = _utc("not_after", not_after)
-    return _build(
-        PROFILES["idevid"],
-        subject=_device_subject(device_id, manufacturer),
-        subject_key=subject_key,
-        issuer_cert=issuer_cert,
-        issuer_key=issuer_key,
-        not_before=not_before,
-        not_after=end,
-        san=[hardware_module_name(device_id, hw_type)],
-        allow_beyond_issuer=end == IDEVID_NO_EXPIRY,
-        crl_issuer=crl_issuer,
+    issuer = _prepared_issuer("idevid", issuer_cert, issuer_key, crl_issuer)
+    start, end = _utc("not_before", not_before), _utc("not_after", not_after)
+    if start >= end:
+        raise ProfileError("not_before must be earlier than not_after")
+    if start < issuer.not_before or (end > issuer.not_after and end != IDEVID_NO_EXPIRY):
+        raise ProfileError("idevid validity must lie within the issuer's validity")
+    return _issue_device_certificate(
+        issuer, subject_key, device_id, manufacturer, start, end, hw_type
     )
 
 
@@ -679,13 +679,34 @@ def issue_secondary_certificate(
     The same certificate :func:`_build` makes for the ``ldevid`` profile (tests compare the
     bytes), with what depends only on the issuer (its checks, name, AKI, the fixed
     extensions) prepared once per site CA and key: a registrar issues thousands."""
-    issuer = _ldevid_issuer(issuer_cert, issuer_key)
-    subject_key = require_p256_public_key(subject_key)
+    issuer = _prepared_issuer("ldevid", issuer_cert, issuer_key)
     start, end = _utc("not_before", not_before), _utc("not_after", not_after)
     if start >= end:
         raise ProfileError("not_before must be earlier than not_after")
     if start < issuer.not_before or end > issuer.not_after:
         raise ProfileError("ldevid validity must lie within the issuer's validity")
+    return _issue_device_certificate(
+        issuer, subject_key, device_id, organization, start, end, hw_type
+    )
+
+
+def _issue_device_certificate(
+    issuer: _PreparedIssuer,
+    subject_key: ec.EllipticCurvePublicKey,
+    device_id: DeviceId,
+    organization: str,
+    start: datetime,
+    end: datetime,
+    hw_type: ObjectIdentifier,
+) -> x509.Certificate:
+    """The IDevID or LDevID certificate :func:`_build` makes for ``issuer``'s profile, byte
+    for byte (tests/test_ldevid_issuance.py compares them), assembled from parts prepared
+    once per issuer: building it through ``CertificateBuilder`` cost about 65 µs per device
+    beyond the signature (x509.Name and extension objects, then their encoding), and the
+    issuer checks another 50 µs."""
+    if not isinstance(device_id, DeviceId):
+        raise ProfileError("device_id must be a DeviceId")
+    subject_key = require_p256_public_key(subject_key)
     subject_spki = subject_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -705,6 +726,7 @@ def issue_secondary_certificate(
         + _extension_der(_SKI_OID_DER, False, _der_tlv(0x04, ski))
         + issuer.trailing_der
         + _extension_der(_SAN_OID_DER, False, san)
+        + issuer.closing_der
     )
     serial = CertSerial.random().value
     tbs = _der_tlv(
@@ -718,10 +740,6 @@ def issue_secondary_certificate(
         + subject_spki
         + _der_tlv(0xA3, _der_tlv(0x30, extensions)),
     )
-    # The TBS is what ``_build`` makes for the ``ldevid`` profile, byte for byte
-    # (tests/test_ldevid_issuance.py compares them), assembled from parts prepared once
-    # per issuer: building it through ``CertificateBuilder`` cost about 65 µs per device
-    # beyond the signature (x509.Name and extension objects, then their encoding).
     signature = issuer.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
     return x509.load_der_x509_certificate(
         _der_tlv(0x30, tbs + _ECDSA_SHA256_ALGORITHM + _der_tlv(0x03, b"\x00" + signature))
@@ -774,10 +792,11 @@ _SERIAL_NUMBER_OID_DER = bytes.fromhex("0603550405")
 
 @dataclass(frozen=True, slots=True)
 class _PreparedIssuer:
-    """An LDevID issuer after :func:`_check_issuer`: its name, validity, AKI and the fixed
-    extensions of the ``ldevid`` profile, in :func:`_build`'s order (BC, KU | SKI | AKI,
-    EKU | SAN)."""
+    """An IDevID or LDevID issuer after :func:`_check_issuer`: its name, validity, AKI and
+    the fixed extensions of its profile, in :func:`_build`'s order (BC, KU | SKI | AKI, EKU |
+    SAN | CRLDistributionPoints)."""
 
+    profile: str
     certificate: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     #: The issuer's subject as ``x509.Name`` encodes it (what ``_build`` writes).
@@ -787,6 +806,9 @@ class _PreparedIssuer:
     #: DER of the extensions before the SKI (BC, KU) and between SKI and SAN (AKI, EKU).
     leading_der: bytes
     trailing_der: bytes
+    #: DER of the extension after the SAN: the CRLDistributionPoints naming ``crl_issuer``.
+    closing_der: bytes
+    crl_issuer: x509.Name | None
     #: Organization name -> its encoded RDN (a site has one or two).
     organizations: dict[str, bytes] = field(default_factory=dict)
 
@@ -797,13 +819,21 @@ _PREPARED: list[_PreparedIssuer] = []
 _MAX_PREPARED = 8
 
 
-def _ldevid_issuer(
-    issuer_cert: x509.Certificate, issuer_key: ec.EllipticCurvePrivateKey
+def _prepared_issuer(
+    profile_name: str,
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    crl_issuer: x509.Name | None = None,
 ) -> _PreparedIssuer:
     for prepared in _PREPARED:
-        if prepared.key is issuer_key and prepared.certificate == issuer_cert:
+        if (
+            prepared.profile == profile_name
+            and prepared.key is issuer_key
+            and prepared.certificate == issuer_cert
+            and (prepared.crl_issuer is crl_issuer or prepared.crl_issuer == crl_issuer)
+        ):
             return prepared
-    profile = PROFILES["ldevid"]
+    profile = PROFILES[profile_name]
     issuer_key = _require_p256_private_key(issuer_key)
     _check_issuer(issuer_cert, issuer_key, profile.ca)
     ext = x509.oid.ExtensionOID
@@ -822,7 +852,13 @@ def _ldevid_issuer(
         trailing.append(
             x509.Extension(ext.EXTENDED_KEY_USAGE, False, x509.ExtendedKeyUsage(list(profile.eku)))
         )
+    closing: list[x509.Extension[x509.ExtensionType]] = []
+    if crl_issuer is not None:
+        closing.append(
+            x509.Extension(ext.CRL_DISTRIBUTION_POINTS, False, crl_distribution_point(crl_issuer))
+        )
     prepared = _PreparedIssuer(
+        profile=profile_name,
         certificate=issuer_cert,
         key=issuer_key,
         name_der=issuer_cert.subject.public_bytes(),
@@ -830,6 +866,8 @@ def _ldevid_issuer(
         not_after=issuer_cert.not_valid_after_utc,
         leading_der=b"".join(_encoded_extension(e) for e in leading),
         trailing_der=b"".join(_encoded_extension(e) for e in trailing),
+        closing_der=b"".join(_encoded_extension(e) for e in closing),
+        crl_issuer=crl_issuer,
     )
     _PREPARED.insert(0, prepared)
     del _PREPARED[_MAX_PREPARED:]
