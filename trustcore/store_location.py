@@ -4,13 +4,15 @@ with this one function and wrap its ``InvalidValueError`` in their own error typ
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from trustcore.errors import InvalidValueError
 
-__all__ = ["StoreLocation", "parse_store_location", "safe_url"]
+__all__ = ["PG_CONNECT", "StoreLocation", "parse_store_location", "pg_placeholders", "safe_url"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,21 @@ def safe_url(url: str) -> str:
         return url
     scheme, _, user = head.partition("//")
     return f"{scheme}//{user.split(':', 1)[0]}:***@{tail}"
+
+
+#: psycopg connection settings every PostgreSQL store uses (the registrar's and HQ's).
+PG_CONNECT: dict[str, Any] = {
+    "autocommit": True,
+    "connect_timeout": 5,
+    # a dead server behind a silent network is noticed in about 20 s, not hours
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 2,
+}
+
+
+@functools.lru_cache(maxsize=1024)
+def pg_placeholders(sql: str) -> str:
+    """``?`` placeholders to psycopg's ``%s`` (the stores' SQL has no ``?``/``%`` literals)."""
+    return sql.replace("?", "%s")

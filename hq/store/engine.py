@@ -31,6 +31,7 @@ from hq.store.schema import (
     SCHEMA_VERSION,
     SQLITE_MIGRATIONS,
 )
+from trustcore.store_location import PG_CONNECT, pg_placeholders
 
 __all__ = ["Connection", "Cursor", "connect"]
 
@@ -281,23 +282,6 @@ class _Sqlite(Connection):
 
 # ------------------------------------------------------------------------------ PostgreSQL
 
-_CONNECT: dict[str, Any] = {
-    "autocommit": True,
-    "connect_timeout": 5,
-    # a dead server behind a silent network is noticed in about 20 s, not hours
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 2,
-}
-
-
-def _pg(sql: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 - a deliberate memo
-    """``?`` placeholders to psycopg's ``%s`` (the store's SQL has no ``?``/``%`` literals)."""
-    out = cache.get(sql)
-    if out is None:
-        out = cache[sql] = sql.replace("?", "%s")
-    return out
 
 
 class _Postgres(Connection):
@@ -309,20 +293,20 @@ class _Postgres(Connection):
     def __init__(self, url: str) -> None:
         self.where = safe_url(url)
         try:
-            self._conn = psycopg.connect(url, **_CONNECT)
+            self._conn = psycopg.connect(url, **PG_CONNECT)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open HQ database {self.where}: {exc}") from exc
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         try:
-            return self._conn.execute(_pg(sql).encode(), params)
+            return self._conn.execute(pg_placeholders(sql).encode(), params)
         except psycopg.Error as exc:
             raise self._error(exc) from exc
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         try:
             with self._conn.cursor() as cur:
-                cur.executemany(_pg(sql).encode(), rows)
+                cur.executemany(pg_placeholders(sql).encode(), rows)
                 return cur.rowcount
         except psycopg.Error as exc:
             raise self._error(exc) from exc

@@ -45,7 +45,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from registrar.errors import StoreError
 from registrar.store.records import Change
-from trustcore.store_location import safe_url
+from trustcore.store_location import PG_CONNECT, pg_placeholders, safe_url
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresBackend"]
 
@@ -156,27 +156,10 @@ DROP INDEX devices_by_payload_key
 
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2}
 
-_CONNECT: dict[str, Any] = {
-    "autocommit": True,
-    "connect_timeout": 5,
-    # a dead server behind a silent network is noticed in about 20 s, not hours
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 2,
-}
-
-
-def _pg(sql: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 - a deliberate memo
-    """``?`` placeholders to psycopg's ``%s`` (the store's SQL has no ``?``/``%`` literals)."""
-    out = cache.get(sql)
-    if out is None:
-        out = cache[sql] = sql.replace("?", "%s")
-    return out
 
 
 async def _migrate(url: str) -> None:
-    conn = await psycopg.AsyncConnection.connect(url, **_CONNECT)
+    conn = await psycopg.AsyncConnection.connect(url, **PG_CONNECT)
     try:
         await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -222,7 +205,7 @@ class PostgresBackend:
         try:
             await _migrate(url)
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                url, min_size=1, max_size=4, kwargs=dict(_CONNECT), open=False, timeout=_POOL_WAIT
+                url, min_size=1, max_size=4, kwargs=dict(PG_CONNECT), open=False, timeout=_POOL_WAIT
             )
             await pool.open(wait=True, timeout=10)
         except (psycopg.Error, PoolTimeout) as exc:
@@ -242,7 +225,7 @@ class PostgresBackend:
                 log.warning("registrar database connection lost; reconnecting")
                 await conn.close()
             self._writer = None
-            conn = self._writer = await psycopg.AsyncConnection.connect(self._url, **_CONNECT)
+            conn = self._writer = await psycopg.AsyncConnection.connect(self._url, **PG_CONNECT)
         return conn
 
     async def transaction(
@@ -263,7 +246,7 @@ class PostgresBackend:
                     )
                 for grouped in groups:
                     for sql, rows in grouped.items():
-                        await cur.executemany(_pg(sql), rows)
+                        await cur.executemany(pg_placeholders(sql), rows)
                 if changes:
                     await cur.execute(
                         "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) WITH ORDINALITY "
@@ -300,7 +283,12 @@ class PostgresBackend:
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         return AsyncConnectionPool(
-            self._url, min_size=1, max_size=4, kwargs=dict(_CONNECT), open=False, timeout=_POOL_WAIT
+            self._url,
+            min_size=1,
+            max_size=4,
+            kwargs=dict(PG_CONNECT),
+            open=False,
+            timeout=_POOL_WAIT,
         )
 
     async def _read_pool(self) -> AsyncConnectionPool[Any]:
@@ -349,7 +337,7 @@ class PostgresBackend:
     async def call(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         conn = await self._begin()
         try:
-            cur = await conn.execute(_pg(sql), params)
+            cur = await conn.execute(pg_placeholders(sql), params)
             rows = list(await cur.fetchall())
             await conn.execute("COMMIT")
         except BaseException:
@@ -362,7 +350,7 @@ class PostgresBackend:
             pool = await self._read_pool()
             try:
                 async with pool.connection() as conn:
-                    cur = await conn.execute(_pg(sql), params)
+                    cur = await conn.execute(pg_placeholders(sql), params)
                     return list(await cur.fetchall())
             except PoolTimeout:
                 self._read_failed()
@@ -421,7 +409,7 @@ class PostgresBackend:
         first = True
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self._url, **_CONNECT)
+                conn = await psycopg.AsyncConnection.connect(self._url, **PG_CONNECT)
             except psycopg.Error as exc:
                 log.debug("change feed: cannot connect (%s); retrying in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
