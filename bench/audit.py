@@ -44,15 +44,10 @@ from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hq.audit_ingest import (
-    ChainStream,
-    IssuedEntry,
-    check_manifest,
-    gc_paused,
-    reconcile_records,
-    record_ingest,
-    verify_audit_package,
-)
+from hq.audit_ingest import gc_paused, record_ingest
+from hq.audit_manifest import check_manifest
+from hq.audit_reconcile import IssuedEntry, reconcile_records
+from hq.audit_verify import ChainStream, verify_audit_package
 from hq.authority import EntitlementRequest, enrol_station, init_hq, issue_entitlement
 from hq.home import HqHome, HqSecrets
 from hq.store import HqStore
