@@ -18,20 +18,22 @@ from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 from rich.table import Table
 
+from hq.approval_server import make_server
 from hq.approvals import (
-    APPROVER_PASSPHRASE_ENV,
-    APPROVER_PIN_ENV,
-    ApproverKeySource,
     add_approver,
-    approver_signer,
     approvers,
     bundle_from_db,
     create_request,
-    init_approver_key,
-    make_server,
     pending_requests,
     read_file,
     request_summary,
+)
+from hq.approver_tools import (
+    APPROVER_PASSPHRASE_ENV,
+    APPROVER_PIN_ENV,
+    ApproverKeySource,
+    approver_signer,
+    init_approver_key,
     sign_request,
 )
 from hq.errors import HqError

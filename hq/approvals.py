@@ -1,5 +1,4 @@
-"""HQ's side of quorum approvals: the approver set, approval requests, the gates, the
-online endpoint, and the approver's own tools (key creation and signing).
+"""HQ's side of quorum approvals: the approver set, approval requests and the gates.
 
 The decision itself is pure (:mod:`trustcore.quorum`); this module adds what needs I/O:
 
@@ -10,40 +9,34 @@ The decision itself is pure (:mod:`trustcore.quorum`); this module adds what nee
   them only; approvals received online are verified on receipt and stored;
 * **consumed request ids** are stored in the same transaction as the operation they
   authorised, so one quorum authorises one operation, once;
-* the **gates** (:func:`authorize`) that HQ operations call with the evidence files.
+* the **gates** (:func:`authorize`, :func:`precheck`) that HQ operations call with the
+  evidence files.
 
-Approvers run :func:`approver_signer` and :func:`sign_request_file` on their own machine,
-with their own key (an encrypted keystore or a PKCS#11 token); HQ never sees the key.
+Beside it, by duty: :mod:`hq.approval_server` (the online endpoint, ``hq approval serve``)
+and :mod:`hq.approver_tools` (the approver's own key and signing, run on the approver's
+machine; HQ never sees the key); :mod:`hq.approval_cli` is the command group.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets as _random
-import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.errors import HomeError, HqError, SecretError, StoreConflict
+from hq.errors import HomeError, HqError, StoreConflict
 from hq.home import HqHome, HqQuorumConfig
 from hq.store import ApproverRow, Connection, HqStore
 from hq.store import quorum as quorum_tables
-from signers.errors import SignerError
-from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
 from trustcore.entitlement import QUORUM_OPERATIONS
 from trustcore.errors import EncodingError, InvalidValueError
-from trustcore.keys import Signer, key_id
+from trustcore.keys import key_id
 from trustcore.quorum import (
-    MAX_APPROVAL_SIZE,
     Approval,
     ApprovalRequest,
     QuorumDecision,
@@ -51,37 +44,37 @@ from trustcore.quorum import (
     check_approval,
     encode_bundle,
     parse_evidence,
-    sign_approval,
     verify_quorum,
 )
 
 __all__ = [
     "ADD_APPROVER",
-    "APPROVER_PASSPHRASE_ENV",
-    "APPROVER_PIN_ENV",
     "EXPORT_PAYLOAD_KEY",
     "HQ_OPERATIONS",
     "ISSUE_ENTITLEMENT",
     "REKEY_STATION_CA",
     "REVOKE_STATION_CA",
-    "ApprovalServer",
     "ApproverRow",
     "QuorumRefused",
     "add_approver",
     "add_approver_params",
-    "approver_signer",
     "approvers",
     "authorize",
+    "authorize_station_ca_revocation",
     "bundle_from_db",
     "create_request",
     "entitlement_params",
     "gate_required",
-    "make_server",
     "pending_requests",
+    "precheck",
+    "read_file",
     "record_approval",
+    "request_summary",
     "revoke_station_ca_params",
     "site_bundle_params",
+    "stored_request",
 ]
+
 
 ISSUE_ENTITLEMENT: Final = "issue_entitlement"
 REVOKE_STATION_CA: Final = "revoke_station_ca"
@@ -93,11 +86,6 @@ REKEY_STATION_CA: Final = "rekey_station_ca"
 HQ_OPERATIONS: Final = frozenset(
     {ISSUE_ENTITLEMENT, REVOKE_STATION_CA, EXPORT_PAYLOAD_KEY, ADD_APPROVER, REKEY_STATION_CA}
 )
-
-APPROVER_PASSPHRASE_ENV: Final = "DEVTRUST_APPROVER_PASSPHRASE"  # noqa: S105 (a name)
-APPROVER_PIN_ENV: Final = "DEVTRUST_APPROVER_PIN"
-#: Largest POST body the endpoint reads: one approval.
-MAX_POST_BODY: Final = MAX_APPROVAL_SIZE
 
 
 class QuorumRefused(HqError):
@@ -424,6 +412,12 @@ def _stored_request(conn: Connection, request_id: bytes) -> ApprovalRequest | No
         raise HomeError(f"stored approval request is corrupt: {exc.message}") from exc
 
 
+def stored_request(home: HqHome, request_id: bytes) -> ApprovalRequest | None:
+    """A request this HQ wrote, as stored (an approver reviews it before signing), or None."""
+    with _db(home) as store, store.transaction() as conn:
+        return _stored_request(conn, request_id)
+
+
 def record_approval(
     home: HqHome, data: bytes, *, now: int | None = None
 ) -> tuple[ApprovalRequest, int]:
@@ -492,229 +486,6 @@ def request_summary(request: ApprovalRequest, approvals: int | None = None) -> d
     if approvals is not None:
         view["approvals"] = approvals
     return view
-
-
-# ---------------------------------------------------------------------------- the endpoint
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: ApprovalServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        if self.server.verbose:
-            super().log_message(format, *args)
-
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: HTTPStatus, obj: Any) -> None:
-        self._send(status, (json.dumps(obj, sort_keys=True) + "\n").encode(), "application/json")
-
-    def _error(self, status: HTTPStatus, reason: str, message: str) -> None:
-        self._json(status, {"error": reason, "message": message})
-
-    def do_GET(self) -> None:
-        home = self.server.home
-        try:
-            if self.path == "/requests":
-                self._json(
-                    HTTPStatus.OK,
-                    [request_summary(r, n) for r, n in pending_requests(home)],
-                )
-                return
-            if self.path.startswith("/requests/"):
-                try:
-                    rid = bytes.fromhex(self.path.removeprefix("/requests/"))
-                except ValueError:
-                    self._error(HTTPStatus.BAD_REQUEST, "malformed", "request id is hex")
-                    return
-                with _db(home) as store, store.transaction() as conn:
-                    request = _stored_request(conn, rid)
-                if request is None:
-                    self._error(HTTPStatus.NOT_FOUND, "unknown_request", "no such request")
-                    return
-                self._send(HTTPStatus.OK, request.encode(), "application/cbor")
-                return
-            self._error(HTTPStatus.NOT_FOUND, "not_found", "GET /requests or /requests/<id>")
-        except HqError as exc:
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, exc.reason, "HQ error")
-
-    def do_POST(self) -> None:
-        if self.path != "/approvals":
-            self._error(HTTPStatus.NOT_FOUND, "not_found", "POST /approvals")
-            return
-        length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.isdigit():
-            self.close_connection = True
-            self._error(HTTPStatus.LENGTH_REQUIRED, "malformed", "Content-Length required")
-            return
-        length = int(length_text)
-        if length > MAX_POST_BODY:
-            # Do not read it: a bounded server never buffers what it will refuse.
-            self.close_connection = True
-            self._error(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "oversized", f"at most {MAX_POST_BODY} bytes"
-            )
-            return
-        body = self.rfile.read(length)
-        try:
-            request, count = record_approval(self.server.home, body)
-        except QuorumRefused as exc:
-            status = {
-                "unknown_request": HTTPStatus.NOT_FOUND,
-                "malformed": HTTPStatus.BAD_REQUEST,
-                "replayed": HTTPStatus.CONFLICT,
-                "expired": HTTPStatus.GONE,
-            }.get(exc.reason, HTTPStatus.FORBIDDEN)
-            self._error(status, exc.reason, str(exc.args[0]))
-            return
-        except HqError as exc:
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, exc.reason, "HQ error")
-            return
-        self._json(
-            HTTPStatus.CREATED,
-            {"request_id": request.request_id.hex(), "approvals": count, "m": request.m},
-        )
-
-
-class ApprovalServer(ThreadingHTTPServer):
-    """The online approval endpoint: ``GET /requests`` lists open requests (JSON),
-    ``GET /requests/<id>`` returns one request (CBOR) for review and signing, ``POST
-    /approvals`` takes one approval (CBOR, at most :data:`MAX_POST_BODY` bytes).
-
-    No passwords or sessions: an approval is accepted only if it is signed by a key its
-    request names, for a request this HQ wrote and that is still open. Listing is public to
-    whoever reaches the socket, so the default bind is loopback (reach it over SSH or a
-    reverse proxy with TLS)."""
-
-    daemon_threads = True
-
-    def __init__(self, home: HqHome, address: tuple[str, int], *, verbose: bool = False) -> None:
-        self.home = home
-        self.verbose = verbose
-        super().__init__(address, _Handler)
-
-
-def make_server(
-    home: HqHome, host: str = "127.0.0.1", port: int = 8765, *, verbose: bool = False
-) -> ApprovalServer:
-    """Bind the endpoint (``port`` 0 picks a free one: see ``server_address``)."""
-    try:
-        return ApprovalServer(home, (host, port), verbose=verbose)
-    except OSError as exc:
-        raise HqError(f"cannot listen on {host}:{port}: {exc}", reason="io_error") from exc
-
-
-@contextlib.contextmanager
-def running_server(
-    home: HqHome, host: str = "127.0.0.1", port: int = 0
-) -> Iterator[ApprovalServer]:
-    """The endpoint in a background thread for the duration of the block."""
-    server = make_server(home, host, port)
-    thread = threading.Thread(target=server.serve_forever, name="hq-approvals", daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-# ------------------------------------------------------------------------ approver's tools
-
-
-@dataclass(frozen=True)
-class ApproverKeySource:
-    """Where an approver's key is: an encrypted keystore file, or a PKCS#11 token."""
-
-    keystore: Path | None = None
-    passphrase_file: Path | None = None
-    pkcs11_module: str | None = None
-    pkcs11_token: str | None = None
-    pkcs11_key: str | None = None
-    pin_file: Path | None = None
-
-    def __post_init__(self) -> None:
-        token = [self.pkcs11_module, self.pkcs11_token, self.pkcs11_key]
-        if (self.keystore is None) == (not any(token)) or (any(token) and not all(token)):
-            raise HqError(
-                "give either a keystore or all of the PKCS#11 module, token and key label",
-                reason="bad_request",
-            )
-
-    def _passphrase(self) -> bytes:
-        try:
-            if self.passphrase_file is not None:
-                return passphrase_from_file(self.passphrase_file)
-            return passphrase_from_env(APPROVER_PASSPHRASE_ENV)
-        except SignerError as exc:
-            raise SecretError(f"no approver keystore passphrase: {exc}") from exc
-
-    def _pin(self) -> bytes:
-        try:
-            if self.pin_file is not None:
-                return passphrase_from_file(self.pin_file)
-            return passphrase_from_env(APPROVER_PIN_ENV)
-        except SignerError as exc:
-            raise SecretError(f"no approver token PIN: {exc}") from exc
-
-
-def init_approver_key(source: ApproverKeySource) -> ec.EllipticCurvePublicKey:
-    """Create an approver key (never overwriting one) and return its public key."""
-    try:
-        if source.keystore is not None:
-            key = SoftwareKey.generate()
-            key.save(source.keystore, source._passphrase())
-            return key.public_key()
-        from signers.pkcs11 import Pkcs11Key
-
-        assert source.pkcs11_module and source.pkcs11_token and source.pkcs11_key
-        with Pkcs11Key.generate(
-            source.pkcs11_module, source.pkcs11_token, source.pkcs11_key, source._pin()
-        ) as token_key:
-            return token_key.public_key()
-    except SignerError as exc:
-        raise SecretError(f"cannot create the approver key: {exc}") from exc
-
-
-@contextlib.contextmanager
-def approver_signer(source: ApproverKeySource) -> Iterator[Signer]:
-    """The approver's key for the duration of the block (a token session is closed after)."""
-    try:
-        if source.keystore is not None:
-            yield SoftwareKey.load(source.keystore, source._passphrase())
-            return
-        from signers.pkcs11 import Pkcs11Key
-
-        assert source.pkcs11_module and source.pkcs11_token and source.pkcs11_key
-        token_key = Pkcs11Key.open(
-            source.pkcs11_module, source.pkcs11_token, source.pkcs11_key, source._pin()
-        )
-    except SignerError as exc:
-        raise SecretError(f"cannot open the approver key: {exc}") from exc
-    with token_key:
-        yield token_key
-
-
-def sign_request(request: ApprovalRequest, signer: Signer, *, now: int | None = None) -> Approval:
-    """Approve ``request`` (the caller has shown it to the approver). Refuses to sign a
-    request that does not name this key or has expired: such an approval is useless and
-    signing it would only teach people to sign without reading."""
-    moment = _now(now)
-    if key_id(signer.public_key()) not in request.approvers:
-        raise QuorumRefused(
-            "this key is not one of the request's approvers", reason="unknown_approver"
-        )
-    if moment >= request.expires:
-        raise QuorumRefused("the request has expired", reason="expired")
-    return sign_approval(request, signer, now=moment)
 
 
 def read_file(path: Path, limit: int) -> bytes:

@@ -38,8 +38,9 @@ from signers.private_files import write_private_file
 ROOT = Path(__file__).resolve().parent.parent
 INSTRUMENT = ["trustcore", "hq", "registrar", "signers"]
 _INSTRUMENTED_MODULES = ("trustcore.registration", "trustcore.site_bundle", "trustcore.quorum",
-                         "hq.audit_ingest", "hq.counterfeit", "hq.site", "hq.approvals",
-                         "registrar.service")  # fmt: skip
+                         "hq.audit_ingest", "hq.audit_verify", "hq.audit_reconcile",
+                         "hq.audit_manifest", "hq.counterfeit", "hq.site", "hq.approvals",
+                         "hq.approval_server", "registrar.service")  # fmt: skip
 
 
 def _have_atheris() -> bool:

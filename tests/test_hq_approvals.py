@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hq.approval_server import running_server
 from hq.approvals import (
     EXPORT_PAYLOAD_KEY,
     REVOKE_STATION_CA,
@@ -24,7 +25,6 @@ from hq.approvals import (
     bundle_from_db,
     create_request,
     revoke_station_ca_params,
-    running_server,
     site_bundle_params,
 )
 from hq.home import HqHome, HqQuorumConfig
