@@ -36,6 +36,7 @@ from hq.approver_tools import (
     init_approver_key,
     sign_request,
 )
+from hq.cli_options import home_option
 from hq.errors import HqError
 from hq.home import HqHome
 from trustcore.errors import EncodingError
@@ -54,11 +55,6 @@ _INT = re.compile(r"-?[0-9]{1,18}")
 def _fail(exc: HqError, code: int = 1) -> NoReturn:
     click.echo(f"error: {exc}", err=True)
     sys.exit(code)
-
-
-_home = click.option(
-    "--home", required=True, type=click.Path(path_type=Path, file_okay=False), help="HQ directory."
-)
 
 
 def _key_source_options(f: Any) -> Any:
@@ -158,7 +154,7 @@ def approver_init(public_out: Path | None, **kw: Any) -> None:
 
 
 @approver_group.command("add")
-@_home
+@home_option
 @click.option("--name", required=True, help="Who holds the key (unique).")
 @click.option(
     "--public-key", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True)
@@ -189,7 +185,7 @@ def approver_add(home: Path, name: str, public_key: Path, approval_files: tuple[
 
 
 @approver_group.command("list")
-@_home
+@home_option
 def approver_list(home: Path) -> None:
     """List the HQ approver set."""
     try:
@@ -217,7 +213,7 @@ def _param(spec: str) -> tuple[str, Any]:
 
 
 @approval_group.command("request")
-@_home
+@home_option
 @click.option("--operation", required=True, help="e.g. issue_entitlement, exceed_daily_limit.")
 @click.option(
     "--param",
@@ -319,7 +315,7 @@ def bundle_command(
 
 
 @approval_group.command("pending")
-@_home
+@home_option
 def pending_command(home: Path) -> None:
     """List open requests and how many approvals each has."""
     try:
@@ -335,7 +331,7 @@ def pending_command(home: Path) -> None:
 
 
 @approval_group.command("serve")
-@_home
+@home_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
 def serve_command(home: Path, host: str, port: int) -> None:

@@ -2,9 +2,10 @@
 
 Layout: :mod:`.records` (values), :mod:`.location` (``hq init --store URL``, pure),
 :mod:`.schema` (versioned migrations per engine, pure), :mod:`.engine` (one connection API
-over ``sqlite3`` and psycopg 3), :mod:`.core` (:class:`HqStore`) and :mod:`.quorum` (the
-quorum's tables, on the caller's :meth:`HqStore.transaction` connection): the only SQL HQ
-runs.
+over ``sqlite3`` and psycopg 3), :mod:`.core` (:class:`HqStore`: the tables of
+:mod:`.stations`, :mod:`.audit` and :mod:`.sites` on the connection of :mod:`.base`) and
+:mod:`.quorum` (the quorum's tables, on the caller's :meth:`HqStore.transaction`
+connection): the only SQL HQ runs.
 """
 
 from __future__ import annotations
