@@ -54,6 +54,7 @@ from cryptography.x509 import verification as libverify
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
 from trustcore.crl import IndirectRevocationSet, RevocationSet, verify_crl, verify_indirect_crl
+from trustcore.der import tbs_names_der
 from trustcore.errors import (
     X509_PARSE_ERRORS,
     CrlError,
@@ -70,7 +71,6 @@ from trustcore.profiles import (
     OID_HARDWARE_MODULE_NAME,
     crl_issuers_of,
     device_id_from_certificate,
-    tbs_names_der,
 )
 from trustcore.x509parse import parsed_certificate
 
