@@ -30,7 +30,7 @@ import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 import aiomqtt
@@ -76,6 +76,7 @@ from trustcore.topics import (
     renewal_request_topic,
     renewal_response_topic,
 )
+from trustcore.utctime import from_unix
 
 __all__ = [
     "DeviceClient",
@@ -262,7 +263,7 @@ class DeviceClient:
                     request_digest=parsed.digest,
                     ldevid_public_key=ldevid_key.public_key(),
                     roots=self.credentials.roots,
-                    now=_aware(self._clock()),
+                    now=from_unix(self._clock()),
                 )
             except RegistrationError as exc:
                 log.warning("%s ignored a response: %s", self.device_id, exc)
@@ -293,19 +294,19 @@ class DeviceClient:
 
     def now(self) -> datetime:
         """The device's clock (injectable: tests walk a device through years)."""
-        return _aware(self._clock())
+        return from_unix(self._clock())
 
     def renewal_due(self, now: datetime | None = None) -> bool:
         """True from ``renew_from`` of the current LDevID's life on."""
         if self.registered is None:
             return False
-        moment = _aware(self._clock()) if now is None else now
+        moment = from_unix(self._clock()) if now is None else now
         return renewal_due(self.registered.ldevid, moment, self.renew_from)
 
     def ldevid_expired(self, now: datetime | None = None) -> bool:
         if self.registered is None:
             return True
-        moment = _aware(self._clock()) if now is None else now
+        moment = from_unix(self._clock()) if now is None else now
         return moment > self.registered.ldevid.not_valid_after_utc
 
     def new_renewal_request(self) -> tuple[bytes, Signer]:
@@ -431,10 +432,6 @@ class DeviceClient:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await reader
-
-
-def _aware(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
 
 
 class OperationalSession:

@@ -23,6 +23,7 @@ from trustcore.der import encode_hardware_module_name
 from trustcore.errors import ProfileError
 from trustcore.identity import CertSerial, DeviceId
 from trustcore.keys import spki_der
+from trustcore.utctime import whole_seconds
 
 __all__ = [
     "IDEVID_NO_EXPIRY",
@@ -47,7 +48,6 @@ __all__ = [
     "require_p256_private_key",
     "require_p256_public_key",
     "x509_name",
-    "x509_time",
 ]
 
 #: Project private arc. PLACEHOLDER private enterprise number: replace 55555 by the
@@ -232,13 +232,6 @@ def hardware_module_name(
 # ------------------------------------------------------------------------------- builders
 
 
-def x509_time(name: str, moment: datetime) -> datetime:
-    """X.509 times are UTC seconds; refuse naive datetimes (local-time bugs) outright."""
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise ProfileError(f"{name} must be timezone-aware")
-    return moment.astimezone(UTC).replace(microsecond=0)
-
-
 def key_usage_extension(names: frozenset[str]) -> x509.KeyUsage:
     unknown = names - set(_KU_FIELDS)
     if unknown:
@@ -285,7 +278,8 @@ def build_certificate(
 ) -> x509.Certificate:
     issuer_key = require_p256_private_key(issuer_key)
     subject_key = require_p256_public_key(subject_key)
-    start, end = x509_time("not_before", not_before), x509_time("not_after", not_after)
+    start = whole_seconds("not_before", not_before, ProfileError)
+    end = whole_seconds("not_after", not_after, ProfileError)
     if start >= end:
         raise ProfileError("not_before must be earlier than not_after")
     if issuer_cert is None:

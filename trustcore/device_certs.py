@@ -30,7 +30,6 @@ from trustcore.cert_builder import (
     key_usage_extension,
     require_p256_private_key,
     require_p256_public_key,
-    x509_time,
 )
 from trustcore.der import (
     der_oid_body,
@@ -42,6 +41,7 @@ from trustcore.der import (
 )
 from trustcore.errors import ProfileError
 from trustcore.identity import CertSerial, DeviceId
+from trustcore.utctime import whole_seconds
 
 __all__ = ["issue_factory_certificate", "issue_secondary_certificate"]
 
@@ -73,7 +73,8 @@ def issue_factory_certificate(
     key object and CRL issuer.
     """
     issuer = _prepared_issuer("idevid", issuer_cert, issuer_key, crl_issuer)
-    start, end = x509_time("not_before", not_before), x509_time("not_after", not_after)
+    start = whole_seconds("not_before", not_before, ProfileError)
+    end = whole_seconds("not_after", not_after, ProfileError)
     if start >= end:
         raise ProfileError("not_before must be earlier than not_after")
     if start < issuer.not_before or (end > issuer.not_after and end != IDEVID_NO_EXPIRY):
@@ -100,7 +101,8 @@ def issue_secondary_certificate(
     bytes), with what depends only on the issuer (its checks, name, AKI, the fixed
     extensions) prepared once per site CA and key: a registrar issues thousands."""
     issuer = _prepared_issuer("ldevid", issuer_cert, issuer_key)
-    start, end = x509_time("not_before", not_before), x509_time("not_after", not_after)
+    start = whole_seconds("not_before", not_before, ProfileError)
+    end = whole_seconds("not_after", not_after, ProfileError)
     if start >= end:
         raise ProfileError("not_before must be earlier than not_after")
     if start < issuer.not_before or end > issuer.not_after:

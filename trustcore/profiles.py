@@ -55,7 +55,6 @@ from trustcore.cert_builder import (
     require_p256_private_key,
     require_p256_public_key,
     x509_name,
-    x509_time,
 )
 from trustcore.cert_identity import (
     device_id_from_certificate,
@@ -69,6 +68,7 @@ from trustcore.der import (
 from trustcore.device_certs import issue_factory_certificate, issue_secondary_certificate
 from trustcore.errors import ProfileError
 from trustcore.identity import SiteId, StationId
+from trustcore.utctime import whole_seconds
 
 __all__ = [
     "IDEVID_NO_EXPIRY",
@@ -141,7 +141,8 @@ def issue_station_ca(
     notAfter): the certificate must stay verifiable for the whole life of the devices it
     signs, so it does not end with the entitlement; the entitlement bounds *issuance*
     (``trustcore.issuance``, HQ's audit), not verification (docs/pki.md)."""
-    if x509_time("not_after", not_after) > x509_time("max_not_after", max_not_after):
+    bound = whole_seconds("max_not_after", max_not_after, ProfileError)
+    if whole_seconds("not_after", not_after, ProfileError) > bound:
         raise ProfileError("station CA validity exceeds its bound (max_not_after)")
     subject = x509_name(
         (NameOID.COMMON_NAME, f"Factory Station CA {station_id}"),

@@ -39,10 +39,11 @@ and path building per client: a site verifies thousands of devices of a few stat
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -55,6 +56,7 @@ from trustcore.der import tbs_names_der
 from trustcore.errors import X509_PARSE_ERRORS, CrlError, EncodingError, VerificationError
 from trustcore.identity import DeviceId
 from trustcore.profiles import OID_EKU_CRL_SIGNER, crl_issuers_of
+from trustcore.utctime import aware_utc
 from trustcore.verify_leaf import SAN_REQUIRED_FOR, check_leaf, load_certificate
 
 __all__ = ["ChainVerifier", "VerifiedIdentity", "load_certificate", "verify_client_chain"]
@@ -87,10 +89,8 @@ class VerifiedIdentity:
         return self.chain[-1]
 
 
-def _utc(now: datetime) -> datetime:
-    if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
-        raise VerificationError("verification time must be timezone-aware", reason="malformed")
-    return now.astimezone(UTC)
+#: A naive or missing verification time is a malformed request to the verifier.
+_BAD_TIME = functools.partial(VerificationError, reason="malformed")
 
 
 def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
@@ -283,7 +283,7 @@ class ChainVerifier:
         require_device_id: bool = False,
     ) -> VerifiedIdentity:
         """Verify ``leaf`` (plus any ``intermediates`` it brought) at time ``now``."""
-        moment = _utc(now)
+        moment = aware_utc("verification time", now, _BAD_TIME)
         if not isinstance(leaf, x509.Certificate):
             leaf = load_certificate(leaf)
         presented = tuple(intermediates)
