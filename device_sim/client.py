@@ -15,6 +15,10 @@ What is real (see ``docs/registration.md``, "Device TLS"):
   :func:`signers.software.load_ssl_identity`, whose key file is encrypted under a one-time
   random password and deleted at once, so no plaintext key ever touches the disk. So a
   revoked certificate is refused by the broker's CRL check at the handshake.
+
+Owns :class:`DeviceClient` (registration, renewal, re-registration) and
+:class:`OperationalSession`; what the device holds (key factories, TLS identities,
+credentials, registered state) is :mod:`device_sim.credentials`'s, re-exported here.
 """
 
 from __future__ import annotations
@@ -25,18 +29,23 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal, Protocol
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Literal
 
 import aiomqtt
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from device_sim.credentials import (
+    DeviceCredentials,
+    KeyFactory,
+    Registered,
+    SoftwareKeys,
+    TlsIdentity,
+    TpmKeys,
+)
 from device_sim.errors import DeviceSimError
-from signers.software import SoftwareKey, load_ssl_identity
 from trustcore.csr import build_device_csr
 from trustcore.endpoint import Endpoint
 from trustcore.errors import TrustCoreError
@@ -50,7 +59,6 @@ from trustcore.registration import (
     RegistrationGranted,
     build_request,
     open_payload_key,
-    parse_key_update,
     parse_request,
     parse_response,
 )
@@ -68,9 +76,7 @@ from trustcore.topics import (
     renewal_request_topic,
     renewal_response_topic,
 )
-
-if TYPE_CHECKING:
-    from signers.tpm import TpmKey
+from trustcore.utctime import from_unix
 
 __all__ = [
     "DeviceClient",
@@ -86,7 +92,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PEM = serialization.Encoding.PEM
 #: Devices renew from this fraction of their LDevID's life on (the site default too).
 RENEW_FROM = 2 / 3
 
@@ -98,133 +103,6 @@ class DeviceRegistrationError(DeviceSimError):
     def __init__(self, message: str, *, reason: str, retry: bool = False) -> None:
         super().__init__(message, reason=reason)
         self.retry = retry
-
-
-# ----------------------------------------------------------------------------------- keys
-
-
-class KeyFactory(Protocol):
-    """Where the device makes new keys: its TPM, or software in load-test mode."""
-
-    def new_signing_key(self) -> Signer: ...
-
-    def new_ecdh_key(self) -> KeyAgreement: ...
-
-
-class SoftwareKeys:
-    """Load-test mode: ephemeral software keys (they refuse to be saved to disk)."""
-
-    def new_signing_key(self) -> Signer:
-        return SoftwareKey.ephemeral()
-
-    def new_ecdh_key(self) -> KeyAgreement:
-        return SoftwareKey.ephemeral()
-
-
-class TpmKeys:
-    """Keys created inside the device's TPM (swtpm), non-exportable, single-purpose."""
-
-    def __init__(self, tpm: object) -> None:
-        self._tpm = tpm
-
-    def new_signing_key(self) -> Signer:
-        from signers.tpm import TpmKey, TpmKeyUsage
-
-        return TpmKey.create(self._tpm, TpmKeyUsage.SIGN)  # type: ignore[arg-type]
-
-    def new_ecdh_key(self) -> KeyAgreement:
-        from signers.tpm import TpmKey, TpmKeyUsage
-
-        return TpmKey.create(self._tpm, TpmKeyUsage.ECDH)  # type: ignore[arg-type]
-
-
-# ------------------------------------------------------------------------------------ TLS
-
-
-@dataclass(frozen=True)
-class TlsIdentity:
-    """A client certificate chain and the key it certifies: a software private key, or a
-    TPM key that signs the handshake inside the TPM."""
-
-    certificates: tuple[x509.Certificate, ...]  # leaf first, then its issuing CA
-    key: ec.EllipticCurvePrivateKey | TpmKey = field(repr=False)
-
-    @classmethod
-    def from_signer(cls, certificates: Sequence[x509.Certificate], signer: Signer) -> TlsIdentity:
-        """The device's own certificate with its own key (software or TPM)."""
-        if isinstance(signer, SoftwareKey):
-            return cls(tuple(certificates), signer.private_key())
-        from signers.tpm import TpmKey
-
-        if isinstance(signer, TpmKey):
-            return cls(tuple(certificates), signer)
-        raise TypeError(f"no TLS binding for a {type(signer).__name__} key")
-
-    def context(self, trust_pem: bytes) -> ssl.SSLContext:
-        """A client context trusting ``trust_pem`` (manufacturer root: the broker presents
-        its certificate with the site CA, which the root issued) and presenting this identity."""
-        if not isinstance(self.key, ec.EllipticCurvePrivateKey):
-            from signers.tpm_tls import tpm_client_context
-
-            return tpm_client_context(self.certificates, self.key, trust_pem=trust_pem)
-        ctx = ssl.create_default_context(cadata=trust_pem.decode("ascii"))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        load_ssl_identity(ctx, b"".join(c.public_bytes(PEM) for c in self.certificates), self.key)
-        return ctx
-
-
-# ------------------------------------------------------------------------------ the device
-
-
-@dataclass(frozen=True)
-class DeviceCredentials:
-    """What the factory left on the device: its id, IDevID, the station CA chain, the
-    factory key (usually in the TPM) and the manufacturer root(s) it trusts."""
-
-    device_id: DeviceId
-    idevid: x509.Certificate
-    chain: tuple[x509.Certificate, ...]
-    factory_key: Signer
-    roots: tuple[x509.Certificate, ...]
-
-    @property
-    def roots_pem(self) -> bytes:
-        return b"".join(r.public_bytes(PEM) for r in self.roots)
-
-
-@dataclass
-class Registered:
-    """The device after registration: LDevID, its key, the wrap key, payload keys."""
-
-    ldevid: x509.Certificate
-    site_ca: x509.Certificate
-    ldevid_key: Signer
-    wrap_key: KeyAgreement
-    payload_keys: dict[bytes, PayloadKey]
-    current_key_id: bytes
-    key_issued: int = 0
-    renew_issued: int = 0
-
-    #: Every LDevID this device held before the current one (oldest first).
-    previous: list[x509.Certificate] = field(default_factory=list)
-
-    @property
-    def current_key(self) -> PayloadKey:
-        return self.payload_keys[self.current_key_id]
-
-    def apply_key_update(self, device_id: DeviceId, payload: bytes) -> tuple[PayloadKey, int]:
-        """Verify a signed payload-key update (``devices/<id>/keys``) from the site CA,
-        unwrap the key with the wrap key and make it current; the key and the update's
-        ``issued`` (to acknowledge). ``RegistrationError`` if it does not verify, or
-        (reason ``replayed``) is not newer than the last one applied."""
-        update = parse_key_update(
-            payload, device_id=device_id, site_ca=self.site_ca, newer_than=self.key_issued
-        )
-        key = open_payload_key(self.wrap_key, device_id, update.payload_key)
-        self.payload_keys[key.key_id] = key
-        self.current_key_id = key.key_id
-        self.key_issued = update.issued
-        return key, update.issued
 
 
 Protocol_ = Literal["3.1.1", "5"]
@@ -385,7 +263,7 @@ class DeviceClient:
                     request_digest=parsed.digest,
                     ldevid_public_key=ldevid_key.public_key(),
                     roots=self.credentials.roots,
-                    now=_aware(self._clock()),
+                    now=from_unix(self._clock()),
                 )
             except RegistrationError as exc:
                 log.warning("%s ignored a response: %s", self.device_id, exc)
@@ -416,19 +294,19 @@ class DeviceClient:
 
     def now(self) -> datetime:
         """The device's clock (injectable: tests walk a device through years)."""
-        return _aware(self._clock())
+        return from_unix(self._clock())
 
     def renewal_due(self, now: datetime | None = None) -> bool:
         """True from ``renew_from`` of the current LDevID's life on."""
         if self.registered is None:
             return False
-        moment = _aware(self._clock()) if now is None else now
+        moment = from_unix(self._clock()) if now is None else now
         return renewal_due(self.registered.ldevid, moment, self.renew_from)
 
     def ldevid_expired(self, now: datetime | None = None) -> bool:
         if self.registered is None:
             return True
-        moment = _aware(self._clock()) if now is None else now
+        moment = from_unix(self._clock()) if now is None else now
         return moment > self.registered.ldevid.not_valid_after_utc
 
     def new_renewal_request(self) -> tuple[bytes, Signer]:
@@ -554,10 +432,6 @@ class DeviceClient:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await reader
-
-
-def _aware(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
 
 
 class OperationalSession:

@@ -11,14 +11,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.fixtures.pki import MANUFACTURER, SITE_OPERATOR, Pki, p256
+from trustcore.cert_builder import build_certificate, device_subject
 from trustcore.errors import ProfileError
 from trustcore.identity import CertSerial, DeviceId, SiteId
 from trustcore.profiles import (
     IDEVID_NO_EXPIRY,
     PROFILES,
     HqRole,
-    _build,
-    _device_subject,
     device_id_from_certificate,
     hardware_module_name,
     issue_factory_certificate,
@@ -47,9 +46,9 @@ def test_prepared_issuer_makes_the_profile_builders_certificate(
             not_before=start,
             not_after=end,
         )
-        reference = _build(
+        reference = build_certificate(
             PROFILES["ldevid"],
-            subject=_device_subject(DEVICE, SITE_OPERATOR),
+            subject=device_subject(DEVICE, SITE_OPERATOR),
             subject_key=key,
             issuer_cert=pki.site_ca,
             issuer_key=pki.site_key,
@@ -86,9 +85,9 @@ def test_prepared_station_issuer_makes_the_profile_builders_idevid(
             not_after=end,
             crl_issuer=crl_issuer,
         )
-        reference = _build(
+        reference = build_certificate(
             PROFILES["idevid"],
-            subject=_device_subject(DEVICE, MANUFACTURER),
+            subject=device_subject(DEVICE, MANUFACTURER),
             subject_key=key,
             issuer_cert=pki.station_ca,
             issuer_key=pki.station_key,
@@ -171,9 +170,9 @@ def test_assembled_ldevid_matches_the_builder_for_any_id_name_and_date(
         not_before=start,
         not_after=end,
     )
-    reference = _build(
+    reference = build_certificate(
         PROFILES["ldevid"],
-        subject=_device_subject(DeviceId(device), organization),
+        subject=device_subject(DeviceId(device), organization),
         subject_key=key,
         issuer_cert=long_ca,
         issuer_key=pki.site_key,

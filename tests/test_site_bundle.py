@@ -46,9 +46,11 @@ from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
 from trustcore.messages import SiteEnrolment, StationEnrolment
 from trustcore.profiles import PROFILES, issue_service_client_certificate
 from trustcore.site_bundle import (
+    SITE_BUNDLE_CHECKS,
     AdmissionEntry,
     ManifestEntry,
     SealedPayloadKey,
+    SiteBundleError,
     SiteBundlePayload,
     open_sealed_payload_key,
     verify_site_bundle,
@@ -330,6 +332,32 @@ def test_bundle_round_trip(world: World) -> None:
     opened = [open_sealed_payload_key(transport, k) for k in p.payload_keys]
     assert [(k.key_id, k.key) for k in opened] == [(k.key_id, k.key) for k in keys]
     assert p.current_payload_key == current
+
+
+def test_refusals_name_the_check_that_refused(world: World) -> None:
+    """The checks run in the documented order, and a refusal names the one that refused."""
+    assert [c.__name__ for c in SITE_BUNDLE_CHECKS] == [
+        "check_sealed_header",
+        "check_sender",
+        "check_open",
+        "check_payload",
+        "check_root",
+        "check_root_crl",
+        "check_sender_not_revoked",
+        "check_site_ca",
+        "check_station_cas",
+        "check_station_crls",
+        "check_revocation_list",
+        "check_payload_keys",
+    ]
+    with pytest.raises(SiteBundleError) as e:
+        _verify(world, b"\xa0")
+    assert (e.value.reason, e.value.check) == ("malformed", "check_sealed_header")
+    package = world.bundle()
+    verified = _verify(world, package)
+    with pytest.raises(SiteBundleError) as e:
+        _verify(world, package, last=verified.sequence)
+    assert (e.value.reason, e.value.check) == ("replayed", "check_open")
 
 
 def test_bundle_sequence_and_rotation(world: World) -> None:

@@ -1,6 +1,8 @@
 """The hash-chained audit log of a factory station, its signed checkpoints and its exports.
 
-Record (deterministic CBOR map; entry hash = SHA-256 of the record's exact bytes)::
+Owns chain verification, checkpoints, exports and the station-side builder
+(:class:`AuditLog`). One record's format and decoding are :mod:`trustcore.audit_record`'s
+(re-exported here)::
 
     {"seq": uint, "prev": bstr(32), "time": uint, "event": tstr,
      "fields": {tstr => int / tstr / bstr / bool / null}}
@@ -70,8 +72,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, NoReturn
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
@@ -79,6 +81,19 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustcore import cbor
+from trustcore.audit_record import (
+    SCALAR_TYPE_SET,
+    ZERO_HASH,
+    AuditRecord,
+    ChainHead,
+    FieldValue,
+    check_name,
+    check_uint,
+    decode_record,
+    encode_record,
+    parse_record,
+    record_hash,
+)
 from trustcore.errors import AuditChainError, EncodingError, InvalidValueError
 from trustcore.keys import Signer
 
@@ -105,52 +120,9 @@ __all__ = [
     "verify_export",
 ]
 
-ZERO_HASH = bytes(32)
 EXPORT_VERSION = 1
 _CHECKPOINT_DOMAIN = "devtrust/audit-checkpoint/v1"
-_MAX_NAME = 128
-_MAX_RECORD_SIZE = 64 * 1024
 _MAX_CHECKPOINT_SIZE = 4096
-_RECORD_KEYS = frozenset({"seq", "prev", "time", "event", "fields"})
-_SCALAR_TYPES = (int, str, bytes, bool, type(None))
-_SCALAR_TYPE_SET = frozenset(_SCALAR_TYPES)
-
-FieldValue = int | str | bytes | bool | None
-
-
-class AuditRecord(NamedTuple):
-    """One verified record. A NamedTuple, not a dataclass: a million are built per export
-    and tuple construction is the cheapest immutable object Python has."""
-
-    seq: int
-    prev_hash: bytes
-    time: int
-    event: str
-    fields: dict[str, FieldValue]
-    hash: bytes  # SHA-256 of the record's bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ChainHead:
-    """Where a chain stands: the next ``seq`` to expect and the hash of the last record.
-
-    After :func:`verify_chain`, ``records`` holds the verified records in order so that the
-    reconciler never decodes them twice.
-    """
-
-    next_seq: int = 0
-    head_hash: bytes = ZERO_HASH
-    records: tuple[AuditRecord, ...] = field(default=(), repr=False, compare=False)
-
-    @property
-    def last_seq(self) -> int:
-        """``seq`` of the last record (-1 for an empty log)."""
-        return self.next_seq - 1
-
-    @property
-    def count(self) -> int:
-        """Number of records in the log up to the head."""
-        return self.next_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,112 +153,8 @@ class AuditExport:
     checkpoint: bytes  # deterministic CBOR of the signed checkpoint map
 
 
-# ---------------------------------------------------------------------------------------------
-# Records
-
-
 def _fail(reason: str, message: str) -> NoReturn:
     raise AuditChainError(message, reason=reason)
-
-
-def _check_uint(value: object, what: str) -> int:
-    if type(value) is not int or value < 0:
-        raise InvalidValueError(f"{what} must be an integer >= 0")
-    return value
-
-
-def _check_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= _MAX_NAME:
-        raise InvalidValueError(f"{what} must be a string of 1..{_MAX_NAME} characters")
-    return value
-
-
-def _check_fields(fields: Mapping[str, FieldValue]) -> dict[str, FieldValue]:
-    out: dict[str, FieldValue] = {}
-    for key, value in fields.items():
-        _check_name(key, "field name")
-        if not isinstance(value, _SCALAR_TYPES):
-            raise InvalidValueError(
-                f"field {key!r}: values must be int, str, bytes, bool or None "
-                f"(not {type(value).__name__})"
-            )
-        out[key] = value
-    return out
-
-
-def encode_record(
-    seq: int, prev_hash: bytes, time: int, event: str, fields: Mapping[str, FieldValue]
-) -> bytes:
-    """The deterministic encoding of one record (what the station appends and hashes)."""
-    _check_uint(seq, "seq")
-    _check_uint(time, "time")
-    _check_name(event, "event")
-    if not isinstance(prev_hash, bytes) or len(prev_hash) != 32:
-        raise InvalidValueError("prev_hash must be 32 bytes")
-    if seq == 0 and prev_hash != ZERO_HASH:
-        raise InvalidValueError("record 0 must have the zero prev hash")
-    return cbor.encode(
-        {
-            "seq": seq,
-            "prev": prev_hash,
-            "time": time,
-            "event": event,
-            "fields": _check_fields(fields),
-        }
-    )
-
-
-def record_hash(record: bytes) -> bytes:
-    """Entry hash: SHA-256 of the record's exact bytes."""
-    return hashlib.sha256(record).digest()
-
-
-def parse_record(raw: bytes, index: int) -> AuditRecord:
-    """Decode one record with cbor2's C decoder and the type tests a record needs; no
-    re-encoding (see the module docstring for why that is sound)."""
-    try:
-        m = cbor2.loads(
-            raw,
-            max_depth=4,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-            semantic_decoders=cbor.REFUSE_TAGS,
-        )
-        seq = m["seq"]
-        prev = m["prev"]
-        time = m["time"]
-        event = m["event"]
-        fields = m["fields"]
-    except Exception as exc:  # any decoder error, a non-map, or a missing key
-        raise AuditChainError(f"record #{index} is not a valid record", reason="malformed") from exc
-    if (
-        len(m) != 5
-        or type(seq) is not int
-        or seq < 0
-        or type(prev) is not bytes
-        or len(prev) != 32
-        or type(time) is not int
-        or time < 0
-        or type(event) is not str
-        or type(fields) is not dict
-    ):
-        _fail("malformed", f"record #{index} has a missing, extra or mistyped field")
-    for key, value in fields.items():
-        if type(key) is not str or not isinstance(value, _SCALAR_TYPES):
-            _fail("malformed", f"record #{index}: event fields must be flat str -> scalar")
-    return AuditRecord(seq, prev, time, event, fields, hashlib.sha256(raw).digest())
-
-
-def decode_record(record: bytes) -> AuditRecord:
-    """Strictly decode one record (deterministic encoding enforced); for tools and tests.
-    Bulk verification uses :func:`verify_chain`."""
-    try:
-        cbor.decode(record, max_size=_MAX_RECORD_SIZE)
-    except EncodingError as exc:
-        raise AuditChainError(
-            f"record is not valid CBOR: {exc.message}", reason="malformed"
-        ) from exc
-    return parse_record(record, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +221,7 @@ def stream_chain(
     loads = cbor2.loads
     sha256 = hashlib.sha256
     refuse_tags = cbor.REFUSE_TAGS
-    scalar_types = _SCALAR_TYPE_SET
+    scalar_types = SCALAR_TYPE_SET
     new = tuple.__new__  # an AuditRecord without a Python-level __new__ call
     end.ok = False
     expected = start_seq
@@ -462,10 +330,10 @@ def _checkpoint_sig_input(body: Mapping[str, Any]) -> bytes:
 
 def sign_checkpoint(checkpoint: Checkpoint, signer: Signer) -> bytes:
     """The signed checkpoint bytes (deterministic CBOR map ``{"body", "sig"}``)."""
-    _check_name(checkpoint.station_id, "station_id")
-    _check_uint(checkpoint.seq, "seq")
-    _check_uint(checkpoint.time, "time")
-    _check_uint(checkpoint.count, "count")
+    check_name(checkpoint.station_id, "station_id")
+    check_uint(checkpoint.seq, "seq")
+    check_uint(checkpoint.time, "time")
+    check_uint(checkpoint.count, "count")
     if not isinstance(checkpoint.head_hash, bytes) or len(checkpoint.head_hash) != 32:
         raise InvalidValueError("head_hash must be 32 bytes")
     body = checkpoint.to_cbor_map()
@@ -647,9 +515,9 @@ class AuditLog:
     record before acting on it, and resumes after a restart with the stored head)."""
 
     def __init__(self, station_id: str, *, head: ChainHead | None = None) -> None:
-        self._station_id = _check_name(station_id, "station_id")
+        self._station_id = check_name(station_id, "station_id")
         start = head if head is not None else ChainHead()
-        self._next_seq = _check_uint(start.next_seq, "next_seq")
+        self._next_seq = check_uint(start.next_seq, "next_seq")
         if not isinstance(start.head_hash, bytes) or len(start.head_hash) != 32:
             raise InvalidValueError("head_hash must be 32 bytes")
         if (self._next_seq == 0) != (start.head_hash == ZERO_HASH):
@@ -680,7 +548,7 @@ class AuditLog:
             station_id=self._station_id,
             seq=self._next_seq - 1,
             head_hash=self._head_hash,
-            time=_check_uint(time, "time"),
+            time=check_uint(time, "time"),
             count=self._next_seq,
         )
         return sign_checkpoint(checkpoint, signer)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import types
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -30,6 +30,7 @@ from trustcore.errors import X509_PARSE_ERRORS, CrlError, ProfileError
 from trustcore.identity import CertSerial
 from trustcore.keys import spki_der
 from trustcore.profiles import require_p256_public_key
+from trustcore.utctime import whole_seconds
 from trustcore.x509parse import parsed_crl
 
 __all__ = [
@@ -57,12 +58,6 @@ class RevokedEntry:
     serial: CertSerial
     revoked_at: datetime
     reason: x509.ReasonFlags = x509.ReasonFlags.unspecified
-
-
-def _utc(name: str, moment: datetime) -> datetime:
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise CrlError(f"{name} must be timezone-aware")
-    return moment.astimezone(UTC).replace(microsecond=0)
 
 
 def _issuer_may_sign_crls(issuer: x509.Certificate) -> bool:
@@ -98,7 +93,8 @@ def build_crl(
         raise CrlError("issuer is not a CA with cRLSign")
     if not 0 <= crl_number < 1 << 159:
         raise CrlError("CRL number must be a non-negative integer below 2**159")
-    start, end = _utc("this_update", this_update), _utc("next_update", next_update)
+    start = whole_seconds("this_update", this_update, CrlError)
+    end = whole_seconds("next_update", next_update, CrlError)
     if end <= start:
         raise CrlError("next_update must be later than this_update")
     try:
@@ -122,7 +118,7 @@ def build_crl(
         rc = (
             x509.RevokedCertificateBuilder()
             .serial_number(entry.serial.value)
-            .revocation_date(_utc("revoked_at", entry.revoked_at))
+            .revocation_date(whole_seconds("revoked_at", entry.revoked_at, CrlError))
         )
         # RFC 5280 §5.3.1: the reason code should be absent rather than "unspecified".
         if entry.reason is not x509.ReasonFlags.unspecified:
@@ -178,7 +174,7 @@ class RevocationSet:
     def check_fresh(self, now: datetime) -> None:
         """Raise ``crl_stale`` if ``now`` is past nextUpdate, ``crl_not_yet_valid`` if it is
         before thisUpdate (a CRL from the future means a wrong clock or a forged CRL)."""
-        moment = _utc("now", now)
+        moment = whole_seconds("now", now, CrlError)
         if moment >= self.next_update:
             raise CrlError(
                 f"CRL of {self.issuer.rfc4514_string()} expired at {self.next_update.isoformat()}",
@@ -322,7 +318,8 @@ def build_indirect_crl(
         raise CrlError("CRL signer certificate lacks keyUsage cRLSign")
     if not 0 <= crl_number < 1 << 159:
         raise CrlError("CRL number must be a non-negative integer below 2**159")
-    start, end = _utc("this_update", this_update), _utc("next_update", next_update)
+    start = whole_seconds("this_update", this_update, CrlError)
+    end = whole_seconds("next_update", next_update, CrlError)
     if end <= start:
         raise CrlError("next_update must be later than this_update")
     idp = x509.IssuingDistributionPoint(
@@ -362,7 +359,7 @@ def build_indirect_crl(
         rc = (
             x509.RevokedCertificateBuilder()
             .serial_number(entry.serial.value)
-            .revocation_date(_utc("revoked_at", entry.revoked_at))
+            .revocation_date(whole_seconds("revoked_at", entry.revoked_at, CrlError))
         )
         if issuer_der != previous:
             rc = rc.add_extension(
@@ -404,7 +401,7 @@ class IndirectRevocationSet:
 
     def check_fresh(self, now: datetime) -> None:
         """As :meth:`RevocationSet.check_fresh`."""
-        moment = _utc("now", now)
+        moment = whole_seconds("now", now, CrlError)
         if moment >= self.next_update:
             raise CrlError(
                 f"indirect CRL of {self.issuer.rfc4514_string()} expired at "

@@ -57,6 +57,7 @@ from trustcore.registration import (
     open_envelope,
     sign_envelope,
 )
+from trustcore.utctime import to_unix
 from trustcore.x509parse import parsed_certificate
 
 __all__ = [
@@ -381,7 +382,7 @@ def _verify(
         public, request.signature, RENEWAL_REQUEST_DOMAIN, request.body
     ):
         raise _refuse("bad_signature", "renewal request signature does not verify with the LDevID")
-    now_s = int(now.timestamp())
+    now_s = to_unix(now)
     if abs(now_s - request.time) > FRESHNESS_SECONDS:
         raise _refuse("stale_request", f"request time {request.time}, registrar time {now_s}")
     if facts.nonce_seen:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -53,6 +53,7 @@ from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.keys import Signer
 from trustcore.profiles import OID_EKU_REVOCATION_SIGNER
 from trustcore.sealed import open_package, peek, seal_package
+from trustcore.utctime import from_unix
 from trustcore.verify import ChainVerifier
 
 __all__ = [
@@ -397,4 +398,4 @@ def _check_crls(revocations: RevocationList, root: x509.Certificate) -> None:
 
 def revoked_at_datetime(entry: RevokedDevice) -> datetime:
     """The revocation time as an aware datetime (for CRL entries and display)."""
-    return datetime.fromtimestamp(entry.revoked_at, UTC)
+    return from_unix(entry.revoked_at)

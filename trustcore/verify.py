@@ -4,12 +4,12 @@
 certificate, CA constraints and name chaining. It does no revocation checking and reports
 failures as free text. So :class:`ChainVerifier` runs, in this fixed order:
 
-1. leaf pre-checks, each with its own reason: ``wrong_key_type`` (only P-256), ``ca_leaf``
-   (basicConstraints CA:TRUE or keyCertSign on an end entity), ``not_yet_valid``, ``expired``,
-   ``wrong_eku`` (required EKU absent; anyExtendedKeyUsage does not count),
-   ``wrong_key_usage``, ``missing_san`` (client/server certificates), ``malformed`` (a device
-   identity whose CN, serialNumber and hardwareModuleName disagree), ``untrusted``
-   (self-signed leaf);
+1. leaf pre-checks (:func:`trustcore.verify_leaf.check_leaf`), each with its own reason:
+   ``wrong_key_type`` (only P-256), ``ca_leaf`` (basicConstraints CA:TRUE or keyCertSign on
+   an end entity), ``not_yet_valid``, ``expired``, ``wrong_eku`` (required EKU absent;
+   anyExtendedKeyUsage does not count), ``wrong_key_usage``, ``missing_san`` (client/server
+   certificates), ``malformed`` (a device identity whose CN, serialNumber and
+   hardwareModuleName disagree), ``untrusted`` (self-signed leaf);
 2. the library's path building, errors mapped to ``path_length``, ``expired``,
    ``not_yet_valid`` (for an intermediate) or ``untrusted`` (unknown / wrong issuer, bad
    signature);
@@ -39,78 +39,34 @@ and path building per client: a site verifies thousands of devices of a few stat
 
 from __future__ import annotations
 
+import functools
 import itertools
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification as libverify
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from trustcore.crl import IndirectRevocationSet, RevocationSet, verify_crl, verify_indirect_crl
-from trustcore.errors import (
-    X509_PARSE_ERRORS,
-    CrlError,
-    EncodingError,
-    ProfileError,
-    VerificationError,
-)
+from trustcore.der import tbs_names_der
+from trustcore.errors import X509_PARSE_ERRORS, CrlError, EncodingError, VerificationError
 from trustcore.identity import DeviceId
-from trustcore.profiles import (
-    OID_EKU_AUDIT_RECEIVER,
-    OID_EKU_CRL_SIGNER,
-    OID_EKU_ENTITLEMENT_SIGNER,
-    OID_EKU_REVOCATION_SIGNER,
-    OID_HARDWARE_MODULE_NAME,
-    crl_issuers_of,
-    device_id_from_certificate,
-    tbs_names_der,
-)
-from trustcore.x509parse import parsed_certificate
+from trustcore.profiles import OID_EKU_CRL_SIGNER, crl_issuers_of
+from trustcore.utctime import aware_utc
+from trustcore.verify_leaf import SAN_REQUIRED_FOR, check_leaf, load_certificate
 
 __all__ = ["ChainVerifier", "VerifiedIdentity", "load_certificate", "verify_client_chain"]
 
-#: Key usage bit an end entity needs for what its EKU lets it do.
-_REQUIRED_KEY_USAGE: dict[ObjectIdentifier, str] = {
-    ExtendedKeyUsageOID.CLIENT_AUTH: "digital_signature",
-    ExtendedKeyUsageOID.SERVER_AUTH: "digital_signature",
-    OID_EKU_ENTITLEMENT_SIGNER: "digital_signature",
-    OID_EKU_REVOCATION_SIGNER: "digital_signature",
-    OID_EKU_AUDIT_RECEIVER: "key_agreement",
-}
-_SAN_REQUIRED_FOR = frozenset({ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH})
 #: Root -> station/site CA -> leaf is depth 2; one spare level makes the library report a
 #: too-deep chain as a pathLen violation (which we check) rather than a depth limit.
 _MAX_CHAIN_DEPTH = 4
-#: Upper bound on certificate size accepted by :func:`load_certificate`.
-MAX_CERTIFICATE_SIZE = 16 * 1024
 #: Verified CA paths remembered per verifier (one per distinct set of intermediates a
 #: client brought; a site sees a handful of station CAs). Full: the oldest is forgotten.
 _MAX_REMEMBERED_PATHS = 64
-
-
-_LOAD_ERRORS: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, CryptographyDeprecationWarning)
-
-
-def load_certificate(data: bytes) -> x509.Certificate:
-    """Parse a PEM or DER certificate, refusing junk and oversized input (``malformed``)."""
-    if not isinstance(data, bytes | bytearray) or len(data) > MAX_CERTIFICATE_SIZE:
-        raise VerificationError("certificate is not bytes or too large", reason="malformed")
-    try:
-        # A certificate cryptography only warns about (e.g. a negative serial) is refused.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", CryptographyDeprecationWarning)
-            if bytes(data).lstrip().startswith(b"-----BEGIN"):
-                return parsed_certificate(x509.load_pem_x509_certificate(bytes(data)))
-            return parsed_certificate(x509.load_der_x509_certificate(bytes(data)))
-    except _LOAD_ERRORS as exc:
-        raise VerificationError(f"certificate does not parse: {exc}", reason="malformed") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +89,8 @@ class VerifiedIdentity:
         return self.chain[-1]
 
 
-def _utc(now: datetime) -> datetime:
-    if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
-        raise VerificationError("verification time must be timezone-aware", reason="malformed")
-    return now.astimezone(UTC)
+#: A naive or missing verification time is a malformed request to the verifier.
+_BAD_TIME = functools.partial(VerificationError, reason="malformed")
 
 
 def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
@@ -145,17 +99,6 @@ def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extensi
     except x509.ExtensionNotFound:
         return None
     except X509_PARSE_ERRORS as exc:  # duplicate or unparsable extension
-        raise VerificationError(
-            f"certificate extensions are malformed: {exc}", reason="malformed"
-        ) from exc
-
-
-def _extensions_by_oid(cert: x509.Certificate) -> dict[ObjectIdentifier, x509.ExtensionType]:
-    """Every extension value of ``cert`` by OID, in one pass (``cryptography`` refuses a
-    certificate with a duplicate extension, reported like :func:`_ext` as ``malformed``)."""
-    try:
-        return {ext.oid: ext.value for ext in cert.extensions}
-    except X509_PARSE_ERRORS as exc:
         raise VerificationError(
             f"certificate extensions are malformed: {exc}", reason="malformed"
         ) from exc
@@ -222,9 +165,7 @@ class ChainVerifier:
         self._store = libverify.Store(list(self._roots))
         self._required_eku = required_eku
         self._require_crl = require_crl
-        self._require_san = (
-            required_eku in _SAN_REQUIRED_FOR if require_san is None else require_san
-        )
+        self._require_san = required_eku in SAN_REQUIRED_FOR if require_san is None else require_san
         self._root_ids = {(r.subject.public_bytes(), _key_id(r)) for r in self._roots}
         # End-entity checks are ours (done before the library, with precise reasons), so the
         # library's EE policy is permit_all; the CA policy stays the Web PKI default.
@@ -342,13 +283,20 @@ class ChainVerifier:
         require_device_id: bool = False,
     ) -> VerifiedIdentity:
         """Verify ``leaf`` (plus any ``intermediates`` it brought) at time ``now``."""
-        moment = _utc(now)
+        moment = aware_utc("verification time", now, _BAD_TIME)
         if not isinstance(leaf, x509.Certificate):
             leaf = load_certificate(leaf)
         presented = tuple(intermediates)
         try:
             names = _names_der(leaf)
-            device_id, leaf_key = self._check_leaf(leaf, names, moment, require_device_id)
+            device_id, leaf_key = check_leaf(
+                leaf,
+                names,
+                moment,
+                required_eku=self._required_eku,
+                require_san=self._require_san,
+                require_device_id=require_device_id,
+            )
             chain = self._known_path(leaf, names[0], presented, moment)
             if chain is None:
                 untrusted = list(self._intermediates) + list(presented)
@@ -426,85 +374,6 @@ class ChainVerifier:
         self._paths[presented] = _KnownPath(tail, policy, _names_der(tail[0])[1])
         for cert in presented:
             self._parsed[cert.public_bytes(serialization.Encoding.DER)] = cert
-
-    def _check_leaf(
-        self,
-        leaf: x509.Certificate,
-        names: tuple[bytes, bytes],
-        now: datetime,
-        require_device_id: bool,
-    ) -> tuple[DeviceId | None, ec.EllipticCurvePublicKey]:
-        """``names``: the leaf's (issuer, subject) as encoded (``_names_der``)."""
-        try:
-            key = leaf.public_key()
-        except (ValueError, TypeError) as exc:
-            raise VerificationError("leaf key does not parse", reason="wrong_key_type") from exc
-        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
-            key.curve, ec.SECP256R1
-        ):
-            raise VerificationError(
-                f"leaf key is {type(key).__name__}"
-                f"{' ' + key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else ''}"
-                ", only ECDSA P-256 is accepted",
-                reason="wrong_key_type",
-            )
-        # A self-signed leaf vouches for itself only: say so rather than "unknown issuer".
-        # (Compared as encoded: a self-signed leaf with its names encoded two ways is
-        # refused as "untrusted" all the same, by the path check.)
-        issuer_der, subject_der = names
-        if issuer_der == subject_der:
-            try:
-                leaf.verify_directly_issued_by(leaf)
-            except (ValueError, TypeError, InvalidSignature):
-                pass
-            else:
-                raise VerificationError("self-signed end-entity certificate", reason="untrusted")
-        exts = _extensions_by_oid(leaf)
-        bc = exts.get(ExtensionOID.BASIC_CONSTRAINTS)
-        ku = exts.get(ExtensionOID.KEY_USAGE)
-        if (isinstance(bc, x509.BasicConstraints) and bc.ca) or (
-            isinstance(ku, x509.KeyUsage) and ku.key_cert_sign
-        ):
-            # A CA certificate as a client identity would let its holder mint more identities.
-            raise VerificationError(
-                "a CA certificate is not an end-entity identity", reason="ca_leaf"
-            )
-        if now < leaf.not_valid_before_utc:
-            raise VerificationError(
-                f"certificate is valid from {leaf.not_valid_before_utc.isoformat()}",
-                reason="not_yet_valid",
-            )
-        if now > leaf.not_valid_after_utc:
-            raise VerificationError(
-                f"certificate expired at {leaf.not_valid_after_utc.isoformat()}", reason="expired"
-            )
-        eku = exts.get(ExtensionOID.EXTENDED_KEY_USAGE)
-        # No EKU would mean "any purpose" to RFC 5280; we require the purpose to be explicit.
-        if not isinstance(eku, x509.ExtendedKeyUsage) or self._required_eku not in eku:
-            raise VerificationError(
-                f"certificate lacks extended key usage {self._required_eku.dotted_string}",
-                reason="wrong_eku",
-            )
-        needed = _REQUIRED_KEY_USAGE.get(self._required_eku)
-        if needed is not None and (not isinstance(ku, x509.KeyUsage) or not getattr(ku, needed)):
-            raise VerificationError(f"key usage lacks {needed}", reason="wrong_key_usage")
-        san = exts.get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-        if self._require_san and not isinstance(san, x509.SubjectAlternativeName):
-            raise VerificationError("certificate has no subjectAltName", reason="missing_san")
-        device_id: DeviceId | None = None
-        has_hw_name = isinstance(san, x509.SubjectAlternativeName) and any(
-            o.type_id == OID_HARDWARE_MODULE_NAME for o in san.get_values_for_type(x509.OtherName)
-        )
-        if has_hw_name:
-            try:
-                device_id = device_id_from_certificate(leaf)
-            except ProfileError as exc:
-                raise VerificationError(
-                    f"device identity: {exc.message}", reason="malformed"
-                ) from exc
-        elif require_device_id:
-            raise VerificationError("no hardwareModuleName device id", reason="missing_san")
-        return device_id, key
 
     def _build_path(
         self, leaf: x509.Certificate, untrusted: list[x509.Certificate], now: datetime

@@ -48,6 +48,7 @@ from trustcore.registration import (
     sign_envelope,
 )
 from trustcore.renewal import issued_by
+from trustcore.utctime import to_unix
 
 __all__ = [
     "MAX_WRAP_KEY_SIZE",
@@ -167,7 +168,7 @@ def _verify(
         public, message.signature, WRAP_KEY_DOMAIN, message.body
     ):
         raise _refuse("bad_signature", "wrap-key message does not verify with the LDevID")
-    now_s = int(now.timestamp())
+    now_s = to_unix(now)
     if abs(now_s - message.time) > FRESHNESS_SECONDS:
         raise _refuse("stale_request", f"message time {message.time}, registrar time {now_s}")
     if current_serial is None:

@@ -1,0 +1,188 @@
+"""One audit record: its format, its encoding and its strict, fast decoding.
+
+Owns the record (deterministic CBOR map; entry hash = SHA-256 of the record's exact
+bytes)::
+
+    {"seq": uint, "prev": bstr(32), "time": uint, "event": tstr,
+     "fields": {tstr => int / tstr / bstr / bool / null}}
+
+and the values a chain is made of (:class:`AuditRecord`, :class:`ChainHead`). Chains,
+checkpoints and exports are :mod:`trustcore.audit`'s, which re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple, NoReturn
+
+import cbor2
+
+from trustcore import cbor
+from trustcore.errors import AuditChainError, EncodingError, InvalidValueError
+
+__all__ = [
+    "SCALAR_TYPE_SET",
+    "ZERO_HASH",
+    "AuditRecord",
+    "ChainHead",
+    "FieldValue",
+    "check_name",
+    "check_uint",
+    "decode_record",
+    "encode_record",
+    "parse_record",
+    "record_hash",
+]
+
+ZERO_HASH = bytes(32)
+_MAX_NAME = 128
+_MAX_RECORD_SIZE = 64 * 1024
+_RECORD_KEYS = frozenset({"seq", "prev", "time", "event", "fields"})
+_SCALAR_TYPES = (int, str, bytes, bool, type(None))
+#: The types an event field value may have (one set lookup per value in the hot loop).
+SCALAR_TYPE_SET = frozenset(_SCALAR_TYPES)
+
+FieldValue = int | str | bytes | bool | None
+
+
+class AuditRecord(NamedTuple):
+    """One verified record. A NamedTuple, not a dataclass: a million are built per export
+    and tuple construction is the cheapest immutable object Python has."""
+
+    seq: int
+    prev_hash: bytes
+    time: int
+    event: str
+    fields: dict[str, FieldValue]
+    hash: bytes  # SHA-256 of the record's bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """Where a chain stands: the next ``seq`` to expect and the hash of the last record.
+
+    After :func:`verify_chain`, ``records`` holds the verified records in order so that the
+    reconciler never decodes them twice.
+    """
+
+    next_seq: int = 0
+    head_hash: bytes = ZERO_HASH
+    records: tuple[AuditRecord, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def last_seq(self) -> int:
+        """``seq`` of the last record (-1 for an empty log)."""
+        return self.next_seq - 1
+
+    @property
+    def count(self) -> int:
+        """Number of records in the log up to the head."""
+        return self.next_seq
+
+
+def _fail(reason: str, message: str) -> NoReturn:
+    raise AuditChainError(message, reason=reason)
+
+
+def check_uint(value: object, what: str) -> int:
+    """``value`` if it is an int >= 0 (not a bool), else ``InvalidValueError``."""
+    if type(value) is not int or value < 0:
+        raise InvalidValueError(f"{what} must be an integer >= 0")
+    return value
+
+
+def check_name(value: object, what: str) -> str:
+    """``value`` if it is a string of 1..128 characters, else ``InvalidValueError``."""
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_NAME:
+        raise InvalidValueError(f"{what} must be a string of 1..{_MAX_NAME} characters")
+    return value
+
+
+def _check_fields(fields: Mapping[str, FieldValue]) -> dict[str, FieldValue]:
+    out: dict[str, FieldValue] = {}
+    for key, value in fields.items():
+        check_name(key, "field name")
+        if not isinstance(value, _SCALAR_TYPES):
+            raise InvalidValueError(
+                f"field {key!r}: values must be int, str, bytes, bool or None "
+                f"(not {type(value).__name__})"
+            )
+        out[key] = value
+    return out
+
+
+def encode_record(
+    seq: int, prev_hash: bytes, time: int, event: str, fields: Mapping[str, FieldValue]
+) -> bytes:
+    """The deterministic encoding of one record (what the station appends and hashes)."""
+    check_uint(seq, "seq")
+    check_uint(time, "time")
+    check_name(event, "event")
+    if not isinstance(prev_hash, bytes) or len(prev_hash) != 32:
+        raise InvalidValueError("prev_hash must be 32 bytes")
+    if seq == 0 and prev_hash != ZERO_HASH:
+        raise InvalidValueError("record 0 must have the zero prev hash")
+    return cbor.encode(
+        {
+            "seq": seq,
+            "prev": prev_hash,
+            "time": time,
+            "event": event,
+            "fields": _check_fields(fields),
+        }
+    )
+
+
+def record_hash(record: bytes) -> bytes:
+    """Entry hash: SHA-256 of the record's exact bytes."""
+    return hashlib.sha256(record).digest()
+
+
+def parse_record(raw: bytes, index: int) -> AuditRecord:
+    """Decode one record with cbor2's C decoder and the type tests a record needs; no
+    re-encoding (see the module docstring for why that is sound)."""
+    try:
+        m = cbor2.loads(
+            raw,
+            max_depth=4,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            semantic_decoders=cbor.REFUSE_TAGS,
+        )
+        seq = m["seq"]
+        prev = m["prev"]
+        time = m["time"]
+        event = m["event"]
+        fields = m["fields"]
+    except Exception as exc:  # any decoder error, a non-map, or a missing key
+        raise AuditChainError(f"record #{index} is not a valid record", reason="malformed") from exc
+    if (
+        len(m) != 5
+        or type(seq) is not int
+        or seq < 0
+        or type(prev) is not bytes
+        or len(prev) != 32
+        or type(time) is not int
+        or time < 0
+        or type(event) is not str
+        or type(fields) is not dict
+    ):
+        _fail("malformed", f"record #{index} has a missing, extra or mistyped field")
+    for key, value in fields.items():
+        if type(key) is not str or not isinstance(value, _SCALAR_TYPES):
+            _fail("malformed", f"record #{index}: event fields must be flat str -> scalar")
+    return AuditRecord(seq, prev, time, event, fields, hashlib.sha256(raw).digest())
+
+
+def decode_record(record: bytes) -> AuditRecord:
+    """Strictly decode one record (deterministic encoding enforced); for tools and tests.
+    Bulk verification uses :func:`verify_chain`."""
+    try:
+        cbor.decode(record, max_size=_MAX_RECORD_SIZE)
+    except EncodingError as exc:
+        raise AuditChainError(
+            f"record is not valid CBOR: {exc.message}", reason="malformed"
+        ) from exc
+    return parse_record(record, 0)
