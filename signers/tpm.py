@@ -18,7 +18,9 @@ userWithAuth`` plus ``sign`` (signing keys, scheme pinned to ECDSA-SHA256) or ``
 has both: one key, one purpose.
 
 Templates and the check of a loaded blob's attributes are in :mod:`signers.tpm_templates`,
-NV counters in :mod:`signers.tpm_nv` (both re-exported here).
+NV counters in :mod:`signers.tpm_nv` (both re-exported here), and the
+``cryptography`` private-key face of a key (:meth:`TpmKey.private_key`) in
+:mod:`signers.tpm_crypto`.
 
 Object slots
 ------------
@@ -45,14 +47,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HC, TPM2_RH, TPM2_ST
-from tpm2_pytss.cryptography import tpm_ecc_private_key
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import (
     TPM2B_DATA,
@@ -70,6 +70,7 @@ from tpm2_pytss.types import (
 
 from signers.errors import TpmError, TpmImportError, TpmKeyError
 from signers.private_files import write_private_file
+from signers.tpm_crypto import TpmEccPrivateKey
 from signers.tpm_nv import TpmNvCounter
 from signers.tpm_templates import (
     ECDSA_SHA256,
@@ -403,52 +404,6 @@ class Tpm:
             raise TpmError(f"NV index 0x{index:08x} does not hold a DER certificate") from exc
 
 
-class _TpmEccPrivateKey(tpm_ecc_private_key):  # type: ignore[misc]
-    """``tpm_ecc_private_key`` that reloads its key if it was evicted, under the TPM lock."""
-
-    def __init__(self, owner: TpmKey) -> None:
-        # What tpm_ecc_private_key.__init__ sets, without its TPM2_ReadPublic round trip: the
-        # public area is the blob's, which TPM2_Load bound to the private part (the TPM
-        # checks the integrity of the private blob against the public area's name) and
-        # usage_of checked (ECC, P-256). The key loads on first use, through _handle.
-        self._owner = owner
-        self._ectx = owner._tpm.esapi
-        self._session = ESYS_TR.PASSWORD
-        self._public = owner._blob.public.publicArea
-        self._curve = ec.SECP256R1
-
-    @property
-    def _handle(self) -> ESYS_TR:
-        return self._owner._tpm.key_handle(self._owner)
-
-    @_handle.setter
-    def _handle(self, value: Any) -> None:
-        """The base class assigns the handle once; ours is always looked up live."""
-
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        """The owner's key object, built once from the same public area (the base class
-        converts the TPM structure again on every call: ~0.1 ms, and the certificate
-        builder asks for it on every certificate the station signs)."""
-        return self._owner.public_key()
-
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
-        """ECDSA-SHA256 only (the key's scheme is pinned to it)."""
-        if not isinstance(signature_algorithm, ec.ECDSA):
-            raise TpmKeyError("a TPM signing key does ECDSA only")
-        if isinstance(signature_algorithm.algorithm, hashes.SHA256):
-            return self._owner.sign_digest(hashlib.sha256(data).digest())
-        raise TpmKeyError("a TPM signing key signs with SHA-256 only")
-
-    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        return self._owner.exchange(peer_public_key)
-
-    def __copy__(self) -> _TpmEccPrivateKey:
-        return _TpmEccPrivateKey(self._owner)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _TpmEccPrivateKey:
-        return _TpmEccPrivateKey(self._owner)
-
-
 class TpmKey:
     """A P-256 key that lives in a TPM; implements ``Signer`` (SIGN) or ``KeyAgreement`` (ECDH).
 
@@ -465,7 +420,7 @@ class TpmKey:
         self._public = ec.EllipticCurvePublicNumbers(
             int.from_bytes(bytes(pub.x), "big"), int.from_bytes(bytes(pub.y), "big"), ec.SECP256R1()
         ).public_key()
-        self._priv: _TpmEccPrivateKey | None = None
+        self._priv: TpmEccPrivateKey | None = None
 
     @classmethod
     def create(cls, tpm: Tpm, usage: TpmKeyUsage = TpmKeyUsage.SIGN) -> Self:
@@ -531,12 +486,17 @@ class TpmKey:
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
 
+    def _loaded_handle(self) -> ESYS_TR:
+        return self._tpm.key_handle(self)
+
     def private_key(self) -> ec.EllipticCurvePrivateKey:
         """An ``EllipticCurvePrivateKey`` whose operations run inside the TPM."""
         if self.usage is TpmKeyUsage.ATTEST:
             raise TpmKeyError("an attestation key signs only TPM attestations (use certify)")
         if self._priv is None:
-            self._priv = _TpmEccPrivateKey(self)
+            self._priv = TpmEccPrivateKey(
+                self, self._tpm.esapi, self._blob.public.publicArea, self._loaded_handle
+            )
         return self._priv
 
     def sign(self, data: bytes) -> bytes:
