@@ -7,19 +7,20 @@ import-ca`` takes HQ's answer (:meth:`FactoryStation.import_ca_certificate`).
 
 This module owns:
 
-* the ``ca_certificates`` table: every station CA certificate the station used or imported
-  (DER, key id), so the station always knows which certificate goes with which key;
+* which recorded station CA certificate is current for a key (the ``ca_certificates`` table
+  itself, every certificate the station used or imported, is :mod:`factory_station.ca_store`);
 * the key files: ``station-ca.tss.pem`` (the CA key in use), ``station-ca.next.tss.pem``
   (a re-key waiting for its certificate) and ``station-ca.retired-<key id>.tss.pem`` (keys
   the station re-keyed away from: they no longer sign devices or checkpoints, only an empty
   CRL in each audit export so that devices made under them keep a current CRL at sites);
 * :func:`finish_key_switch`: the file half of a re-key import, repeated at open when a crash
   fell between the database commit and the renames (the database decides).
+
+The request and import flows themselves are :mod:`factory_station.ca_requests`.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -28,6 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from factory_station.ca_store import CaCertificateStore
+from factory_station.config import CA_KEY_FILE
 from factory_station.errors import StationStateError
 from signers.tpm import Tpm, TpmKey
 from trustcore.keys import key_id, spki_der
@@ -36,46 +39,28 @@ __all__ = [
     "CA_KEY_FILE",
     "NEXT_CA_KEY_FILE",
     "current_certificate",
-    "ensure_table",
     "finish_key_switch",
     "latest_for_key",
     "record_certificate",
     "retired_key_files",
 ]
 
-CA_KEY_FILE: Final = "station-ca.tss.pem"
 NEXT_CA_KEY_FILE: Final = "station-ca.next.tss.pem"
 _RETIRED_PREFIX: Final = "station-ca.retired-"
 _SUFFIX: Final = ".tss.pem"
 
-_TABLE: Final = """CREATE TABLE IF NOT EXISTS ca_certificates (
-    id INTEGER PRIMARY KEY,
-    serial TEXT NOT NULL UNIQUE,
-    key_id BLOB NOT NULL,
-    cert_der BLOB NOT NULL,
-    kind TEXT NOT NULL,
-    imported_at INTEGER NOT NULL
-)"""
 
-
-def ensure_table(db: sqlite3.Connection) -> None:
-    db.execute(_TABLE)
-
-
-def record_certificate(db: sqlite3.Connection, cert: x509.Certificate, kind: str, now: int) -> bool:
+def record_certificate(
+    certs: CaCertificateStore, cert: x509.Certificate, kind: str, now: int
+) -> bool:
     """Remember ``cert`` (inside the caller's transaction); False if it was known."""
-    cur = db.execute(
-        "INSERT OR IGNORE INTO ca_certificates (serial, key_id, cert_der, kind, imported_at) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (
-            format(cert.serial_number, "x"),
-            _kid(cert),
-            cert.public_bytes(serialization.Encoding.DER),
-            kind,
-            now,
-        ),
+    return certs.record(
+        serial=format(cert.serial_number, "x"),
+        key_id=_kid(cert),
+        cert_der=cert.public_bytes(serialization.Encoding.DER),
+        kind=kind,
+        now=now,
     )
-    return cur.rowcount == 1
 
 
 def _kid(cert: x509.Certificate) -> bytes:
@@ -84,15 +69,12 @@ def _kid(cert: x509.Certificate) -> bytes:
     return key_id(public)
 
 
-def _certificates(db: sqlite3.Connection, kid: bytes) -> list[x509.Certificate]:
-    rows = db.execute(
-        "SELECT cert_der FROM ca_certificates WHERE key_id = ? ORDER BY id", (kid,)
-    ).fetchall()
-    return [x509.load_der_x509_certificate(r[0]) for r in rows]
+def _certificates(certs: CaCertificateStore, kid: bytes) -> list[x509.Certificate]:
+    return [x509.load_der_x509_certificate(der) for der in certs.certificates_der(kid)]
 
 
 def latest_for_key(
-    db: sqlite3.Connection,
+    certs: CaCertificateStore,
     public: ec.EllipticCurvePublicKey,
     also: Sequence[x509.Certificate] = (),
 ) -> x509.Certificate | None:
@@ -100,7 +82,7 @@ def latest_for_key(
     the imported ones and ``also`` (the active entitlement's certificate)."""
     want = spki_der(public)
     candidates = [c for c in also if spki_der(c.public_key()) == want]
-    candidates += _certificates(db, key_id(public))
+    candidates += _certificates(certs, key_id(public))
     if not candidates:
         return None
     best = candidates[0]
@@ -111,12 +93,14 @@ def latest_for_key(
 
 
 def current_certificate(
-    db: sqlite3.Connection, ca_public: ec.EllipticCurvePublicKey, entitlement_cert: x509.Certificate
+    certs: CaCertificateStore,
+    ca_public: ec.EllipticCurvePublicKey,
+    entitlement_cert: x509.Certificate,
 ) -> x509.Certificate:
     """The certificate the station issues under: the newest one for its current CA key. The
     entitlement's own certificate when nothing newer was imported; after a re-key, the
     entitlement's certificate names the old key and is never chosen."""
-    best = latest_for_key(db, ca_public, (entitlement_cert,))
+    best = latest_for_key(certs, ca_public, (entitlement_cert,))
     return entitlement_cert if best is None else best
 
 
@@ -128,7 +112,7 @@ def retired_name(public: ec.EllipticCurvePublicKey) -> str:
     return f"{_RETIRED_PREFIX}{key_id(public).hex()[:16]}{_SUFFIX}"
 
 
-def finish_key_switch(home: Path, tpm: Tpm, db: sqlite3.Connection, ca_key: TpmKey) -> TpmKey:
+def finish_key_switch(home: Path, tpm: Tpm, certs: CaCertificateStore, ca_key: TpmKey) -> TpmKey:
     """Complete a re-key whose certificate is recorded but whose key files were not yet
     switched (a crash between the commit and the renames): the pending key becomes the CA
     key, the old one is retired. Returns the CA key to use."""
@@ -138,11 +122,7 @@ def finish_key_switch(home: Path, tpm: Tpm, db: sqlite3.Connection, ca_key: TpmK
     ca_key.unload()  # a raw swtpm has three object slots
     pending = TpmKey.load(tpm, nxt)
     pending_public = pending.public_key()
-    recorded = db.execute(
-        "SELECT 1 FROM ca_certificates WHERE key_id = ? AND kind = 'rekey'",
-        (key_id(pending_public),),
-    ).fetchone()
-    if recorded is None:
+    if not certs.rekey_recorded(key_id(pending_public)):
         pending.unload()  # a re-key still waiting for HQ's certificate
         return ca_key
     switch_keys(home, ca_key, pending)

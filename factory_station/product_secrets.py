@@ -1,7 +1,8 @@
 """The entitlement's product secrets at the station: kept encrypted at rest, opened in memory,
 wrapped for one device TPM at a time.
 
-What this module owns (``FactoryStation.provision_secrets`` drives it):
+What this module owns (:class:`SecretProvisioner`, behind ``FactoryStation.check_secrets``
+and ``FactoryStation.provision_secrets``):
 
 * **At rest**: the station stores the entitlement payload *without* its product secrets;
   the secrets are sealed again (HPKE, ``trustcore.hpke``) to the station's own transport
@@ -18,18 +19,35 @@ What this module owns (``FactoryStation.provision_secrets`` drives it):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from factory_station.errors import EntitlementImportError
+from factory_station.attestation import VerifiedStorageParent
+from factory_station.core import ActiveState, StationCore
+from factory_station.errors import (
+    EntitlementImportError,
+    FactoryStationError,
+    IssuanceRefused,
+    StationStateError,
+)
+from signers.errors import TpmError, TpmImportError
+from signers.tpm_import import SecretImport, build_secret_import
 from trustcore import cbor, hpke
-from trustcore.device_secrets import MAX_SECRET_BYTES, MIN_SECRET_BYTES
-from trustcore.entitlement import EntitlementPolicy
-from trustcore.errors import EncodingError
+from trustcore.audit import FieldValue
+from trustcore.device_secrets import MAX_SECRET_BYTES, MIN_SECRET_BYTES, secrets_for_device
+from trustcore.entitlement import EntitlementPolicy, SecretRule
+from trustcore.errors import EncodingError, PolicyError, SealedPackageError
+from trustcore.identity import DeviceId
 from trustcore.keys import KeyAgreement
 
-__all__ = ["check_payload_secrets", "meta_key", "open_at_rest", "seal_at_rest"]
+__all__ = [
+    "SecretProvisioner",
+    "check_payload_secrets",
+    "meta_key",
+    "open_at_rest",
+    "seal_at_rest",
+]
 
 _INFO = b"devtrust/station-product-secrets/v1"
 
@@ -91,3 +109,109 @@ def open_at_rest(
     if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in m.items()):
         raise EncodingError("product secrets map names to byte strings")
     return dict(m)
+
+
+class SecretProvisioner:
+    """The product-secret duty of one opened station (state: the opened secrets of the
+    active entitlement, in memory only, never written)."""
+
+    def __init__(self, core: StationCore) -> None:
+        self.core = core
+        self._cache: dict[int, dict[str, bytes]] = {}
+
+    def check_secrets(
+        self, device_id: DeviceId, names: Sequence[str] | None, product: str | None = None
+    ) -> tuple[str, ...]:
+        """The product secrets ``device_id`` gets under the policy (``names=None``: all its
+        rules give it); a name outside its rule is refused (audited) with a ``secret_*``
+        reason (``trustcore.device_secrets``). Run before device work, like :meth:`check`."""
+        with self.core.lock:
+            active = self.core.require_entitlement()
+            rules = self._secret_rules(active, device_id, names, product)
+            return tuple(r.name for r in rules)
+
+    def _secret_rules(
+        self,
+        active: ActiveState,
+        device_id: DeviceId,
+        names: Sequence[str] | None,
+        product: str | None,
+    ) -> tuple[SecretRule, ...]:
+        if names is None and not active.policy.secrets:
+            return ()  # the common case: no product secrets, no database read
+        # Judged at the latest time ever recorded: setting the clock back cannot reopen a
+        # secret whose provisioning period ended.
+        when = max(self.core.clock(), self.core.store.latest_time())
+        try:
+            return secrets_for_device(
+                active.policy, device_id.value, product or active.policy.product, when, names
+            )
+        except PolicyError as exc:
+            self.core.audit_refusal(device_id.value, exc.reason)
+            raise IssuanceRefused(exc.args[0], reason=exc.reason) from exc
+
+    def provision_secrets(
+        self,
+        device_id: DeviceId,
+        parent: VerifiedStorageParent,
+        names: Sequence[str] | None = None,
+        *,
+        product: str | None = None,
+    ) -> tuple[SecretImport, ...]:
+        """Wrap the product secrets the policy gives ``device_id`` to its TPM's storage
+        primary (verified by the attestation that certified its key) and audit one
+        ``secret_provisioned`` record per secret. The device must hold a certificate of
+        this station. The plaintext is opened in memory (one ECDH in the station TPM per
+        entitlement and process) and never written anywhere."""
+        with self.core.lock:
+            active = self.core.require_entitlement()
+            if not self.core.store.device_issued(device_id.value):
+                self.core.audit_refusal(device_id.value, "secret_device_not_issued")
+                raise IssuanceRefused(
+                    f"device {device_id.value} has no certificate from this station",
+                    reason="secret_device_not_issued",
+                )
+            rules = self._secret_rules(active, device_id, names, product)
+            if not rules:
+                return ()
+            values = self._secret_values(active)
+            try:
+                blobs = tuple(
+                    build_secret_import(parent.public_area, r.name, values[r.name]) for r in rules
+                )
+            except TpmImportError as exc:
+                raise FactoryStationError(f"cannot wrap a product secret: {exc}") from exc
+            now = self.core.clock()
+            records = []
+            for rule in rules:
+                fields: dict[str, FieldValue] = {
+                    "device_id": device_id.value,
+                    "secret": rule.name,
+                    "product": product or active.policy.product,
+                    "entitlement_seq": active.row.sequence,
+                    "parent": parent.name,
+                }
+                records.append(self.core.next_record("secret_provisioned", fields, now))
+            try:
+                self.core.store.append_audit(records)
+            except BaseException:
+                self.core.reload_audit()
+                raise
+            return blobs
+
+    def _secret_values(self, active: ActiveState) -> dict[str, bytes]:
+        seq = active.row.sequence
+        cached = self._cache.get(seq)
+        if cached is not None:
+            return cached
+        sealed = self.core.store.get_meta(meta_key(seq))
+        if not isinstance(sealed, bytes):
+            raise StationStateError(f"the product secrets of entitlement {seq} are missing")
+        try:
+            values = open_at_rest(self.core.transport_key, self.core.station_id.value, seq, sealed)
+        except (SealedPackageError, EncodingError) as exc:
+            raise StationStateError(f"cannot open the stored product secrets: {exc}") from exc
+        except TpmError as exc:
+            raise StationStateError(f"TPM ECDH failed: {exc}") from exc
+        self._cache = {seq: values}
+        return values

@@ -6,6 +6,8 @@ is verified offline against that rule by :func:`trustcore.quorum.verify_quorum`,
 turned into a durable **grant** in the station database, in the same transaction as its
 ``quorum_approved`` audit record (which carries the evidence itself, so HQ can re-verify
 it). The request id is the grant's primary key: the same approvals never grant twice.
+This module takes a bundle in (:func:`accept_approvals`) and decides what grants allow; the
+``quorum_grant`` table and its SQL are :mod:`factory_station.grant_store`.
 
 Operations and their parameters (the request must carry exactly these)::
 
@@ -22,22 +24,32 @@ entitlement: the same bundle is ``wrong_operation`` anywhere else.
 from __future__ import annotations
 
 import re
-import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from factory_station.core import StationCore
+from factory_station.errors import IssuanceRefused
+from factory_station.grant_store import GrantStore
+from trustcore.audit import FieldValue
 from trustcore.entitlement import EntitlementPolicy
-from trustcore.quorum import ParamValue, QuorumDecision, QuorumError
+from trustcore.quorum import (
+    ParamValue,
+    QuorumDecision,
+    QuorumError,
+    encode_bundle,
+    parse_evidence,
+    verify_quorum_rule,
+)
 
 __all__ = [
     "EXCEED_DAILY_LIMIT",
     "REISSUE",
     "QuorumGrant",
+    "accept_approvals",
     "approved_operations",
     "check_station_params",
     "consume_grant",
-    "ensure_tables",
     "grant_used",
     "record_grant",
     "unused_reissue_grant",
@@ -46,21 +58,6 @@ __all__ = [
 EXCEED_DAILY_LIMIT: Final = "exceed_daily_limit"
 REISSUE: Final = "reissue_device_certificate"
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-
-_SCHEMA: Final = (
-    """CREATE TABLE IF NOT EXISTS quorum_grant (
-        request_id BLOB PRIMARY KEY,
-        operation TEXT NOT NULL,
-        entitlement_seq INTEGER NOT NULL,
-        day TEXT,
-        extra INTEGER,
-        device_id TEXT,
-        approvers TEXT NOT NULL,
-        accepted_at INTEGER NOT NULL,
-        used_counter INTEGER
-    ) STRICT""",
-    "CREATE INDEX IF NOT EXISTS quorum_grant_day ON quorum_grant(entitlement_seq, day)",
-)
 
 
 @dataclass(frozen=True)
@@ -71,14 +68,6 @@ class QuorumGrant:
     day: str | None = None
     extra: int | None = None
     device_id: str | None = None
-
-
-def ensure_tables(db: sqlite3.Connection) -> None:
-    for statement in _SCHEMA:
-        db.execute(statement)
-    columns = {row[1] for row in db.execute("PRAGMA table_info(quorum_grant)")}
-    if "used_counter" not in columns:  # a table made before re-issues were supported
-        db.execute("ALTER TABLE quorum_grant ADD COLUMN used_counter INTEGER")
 
 
 def check_station_params(
@@ -122,13 +111,12 @@ def check_station_params(
     return dict(params)
 
 
-def grant_used(db: sqlite3.Connection, request_id: bytes) -> bool:
-    row = db.execute("SELECT 1 FROM quorum_grant WHERE request_id = ?", (request_id,)).fetchone()
-    return row is not None
+def grant_used(grants: GrantStore, request_id: bytes) -> bool:
+    return grants.used(request_id)
 
 
 def record_grant(
-    db: sqlite3.Connection, decision: QuorumDecision, entitlement_seq: int, now: int
+    grants: GrantStore, decision: QuorumDecision, entitlement_seq: int, now: int
 ) -> QuorumGrant:
     """Insert the grant (inside the caller's transaction); a second use is ``replayed``."""
     p = decision.params
@@ -140,55 +128,33 @@ def record_grant(
         extra=p.get("extra") if decision.operation == EXCEED_DAILY_LIMIT else None,  # type: ignore[arg-type]
         device_id=p.get("device_id") if decision.operation == REISSUE else None,  # type: ignore[arg-type]
     )
-    try:
-        db.execute(
-            "INSERT INTO quorum_grant (request_id, operation, entitlement_seq, day, extra, "
-            "device_id, approvers, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                grant.request_id,
-                grant.operation,
-                entitlement_seq,
-                grant.day,
-                grant.extra,
-                grant.device_id,
-                ",".join(a.hex() for a in grant.approvers),
-                now,
-            ),
-        )
-    except sqlite3.IntegrityError as exc:
-        raise QuorumError(
-            f"request {decision.request_id.hex()} was already used at this station",
-            reason="replayed",
-        ) from exc
+    grants.insert(
+        request_id=grant.request_id,
+        operation=grant.operation,
+        entitlement_seq=entitlement_seq,
+        day=grant.day,
+        extra=grant.extra,
+        device_id=grant.device_id,
+        approvers=grant.approvers,
+        accepted_at=now,
+    )
     return grant
 
 
-def unused_reissue_grant(
-    db: sqlite3.Connection, entitlement_seq: int, device_id: str
-) -> bytes | None:
+def unused_reissue_grant(grants: GrantStore, entitlement_seq: int, device_id: str) -> bytes | None:
     """The oldest ``reissue_device_certificate`` grant for this device under this
     entitlement that no issuance has consumed yet (its request id), if any."""
-    row = db.execute(
-        "SELECT request_id FROM quorum_grant WHERE operation = ? AND entitlement_seq = ? "
-        "AND device_id = ? AND used_counter IS NULL ORDER BY accepted_at, rowid LIMIT 1",
-        (REISSUE, entitlement_seq, device_id),
-    ).fetchone()
-    return None if row is None else bytes(row[0])
+    return grants.oldest_unused(REISSUE, entitlement_seq, device_id)
 
 
-def consume_grant(db: sqlite3.Connection, request_id: bytes, counter: int) -> None:
+def consume_grant(grants: GrantStore, request_id: bytes, counter: int) -> None:
     """Mark a re-issue grant used by the issuance with this counter value (inside the
     transaction that completes it): one grant, one certificate."""
-    cur = db.execute(
-        "UPDATE quorum_grant SET used_counter = ? WHERE request_id = ? AND used_counter IS NULL",
-        (counter, request_id),
-    )
-    if cur.rowcount != 1:
-        raise QuorumError(f"grant {request_id.hex()} is already used", reason="replayed")
+    grants.consume(request_id, counter)
 
 
 def approved_operations(
-    db: sqlite3.Connection,
+    grants: GrantStore,
     policy: EntitlementPolicy,
     entitlement_seq: int,
     day: str,
@@ -201,13 +167,65 @@ def approved_operations(
     ``reissue_device_certificate`` while an unused grant names ``device_id``.
     """
     ops: set[str] = set()
-    if device_id and unused_reissue_grant(db, entitlement_seq, device_id) is not None:
+    if device_id and unused_reissue_grant(grants, entitlement_seq, device_id) is not None:
         ops.add(REISSUE)
-    row = db.execute(
-        "SELECT coalesce(sum(extra), 0) FROM quorum_grant "
-        "WHERE operation = ? AND entitlement_seq = ? AND day = ?",
-        (EXCEED_DAILY_LIMIT, entitlement_seq, day),
-    ).fetchone()
-    if issued_today < policy.daily_limit + int(row[0]):
+    extra = grants.extra_granted(EXCEED_DAILY_LIMIT, entitlement_seq, day)
+    if issued_today < policy.daily_limit + extra:
         ops.add(EXCEED_DAILY_LIMIT)
     return frozenset(ops)
+
+
+def accept_approvals(core: StationCore, evidence: Sequence[bytes]) -> QuorumGrant:
+    """Verify a quorum bundle for an operation the entitlement gates and store the
+    grant durably with its ``quorum_approved`` audit record (which carries the evidence
+    for HQ). Refusals raise :class:`IssuanceRefused` with the quorum reason."""
+    with core.lock:
+        active = core.require_entitlement()
+        policy = active.policy
+        now = core.clock()
+        day = policy.day_of(max(now, core.store.latest_time()))
+        try:
+            bundle = parse_evidence(evidence)
+            operation = bundle.request.operation
+            params = check_station_params(policy, operation, bundle.request.params, day)
+            decision = verify_quorum_rule(
+                bundle,
+                policy.quorum_rule(operation),
+                params=params,
+                now=now,
+                used_request_ids=(
+                    {bundle.request.request_id}
+                    if grant_used(core.store.grants, bundle.request.request_id)
+                    else set()
+                ),
+                clock_skew_s=policy.clock_skew_s,
+            )
+        except QuorumError as exc:
+            core.audit_refusal("", f"quorum_{exc.reason}")
+            raise IssuanceRefused(f"approvals refused: {exc.message}", reason=exc.reason) from exc
+        counted = set(decision.approvers)
+        carried = encode_bundle(
+            bundle.request, [a for a in bundle.approvals if a.approver in counted]
+        )
+        fields: dict[str, FieldValue] = {
+            "operation": operation,
+            "request_id": decision.request_id,
+            "approvers": ",".join(a.hex() for a in decision.approvers),
+            "entitlement_seq": active.row.sequence,
+            "evidence": carried,
+        }
+        for name in ("day", "extra", "device_id"):
+            if name in params:
+                fields[name] = params[name]
+        record = core.next_record("quorum_approved", fields, now)
+        try:
+            with core.store.transaction():
+                grant = record_grant(core.store.grants, decision, active.row.sequence, now)
+                core.store.insert_audit([record])
+        except QuorumError as exc:
+            core.reload_audit()
+            raise IssuanceRefused(f"approvals refused: {exc.message}", reason=exc.reason) from exc
+        except BaseException:
+            core.reload_audit()
+            raise
+        return grant

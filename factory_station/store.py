@@ -23,6 +23,11 @@ A crash after 1 leaves a pending row with the counter still at n: the row is dro
 ``burned`` — it counts against the quota and the audit log says so — because the station
 cannot know whether a certificate escaped. Either way no crash can yield one certificate
 more than the quota.
+
+Every database read and write of the station goes through :class:`StationStore`; the
+quorum grants and the station CA certificates are tables of their own, reached through it
+(``StationStore.grants``: :mod:`factory_station.grant_store`; ``StationStore.ca_certificates``:
+:mod:`factory_station.ca_store`) on the same connection, so they share its transactions.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from factory_station.ca_store import CaCertificateStore
 from factory_station.errors import StationStateError
+from factory_station.grant_store import GrantStore
 from trustcore.errors import InvalidValueError
 from trustcore.stationtime import TimeAnchor, TpmLedger
 
@@ -133,6 +140,8 @@ class StationStore:
             self._migrate_superseded()
         except sqlite3.DatabaseError as exc:
             raise StationStateError(f"cannot open station database {path}: {exc}") from exc
+        self.grants = GrantStore(self.db)
+        self.ca_certificates = CaCertificateStore(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -404,7 +413,7 @@ class StationStore:
         audit_records: list[tuple[int, bytes]],
         *,
         supersedes: str | None = None,
-        also: Callable[[sqlite3.Connection], None] | None = None,
+        also: Callable[[], None] | None = None,
     ) -> None:
         """Mark the intent ``issued`` with its audit record. A re-issue names the serial it
         ``supersedes`` (retired in the same transaction, so the device never has two current
@@ -419,7 +428,7 @@ class StationStore:
                 if cur.rowcount != 1:
                     raise StationStateError(f"no current certificate {supersedes} to supersede")
             if also is not None:
-                also(db)
+                also()
             cur = db.execute(
                 "UPDATE issuance SET status = 'issued', serial = ?, key_id = ?, certificate = ? "
                 "WHERE counter = ? AND status = 'pending'",
@@ -430,9 +439,19 @@ class StationStore:
             db.executemany("INSERT INTO audit(seq, record) VALUES (?, ?)", audit_records)
 
     # -- audit ----------------------------------------------------------------------------
-    def append_audit(self, records: list[tuple[int, bytes]]) -> None:
+    def append_audit(
+        self, records: list[tuple[int, bytes]], meta: dict[str, object] | None = None
+    ) -> None:
+        """Commit audit records (with ``meta`` values that must change with them: a new
+        time anchor) in one transaction."""
         with self.transaction() as db:
             db.executemany("INSERT INTO audit(seq, record) VALUES (?, ?)", records)
+            for key, value in (meta or {}).items():
+                self.set_meta(key, value, db)
+
+    def insert_audit(self, records: list[tuple[int, bytes]]) -> None:
+        """Audit records written inside the caller's open :meth:`transaction`."""
+        self.db.executemany("INSERT INTO audit(seq, record) VALUES (?, ?)", records)
 
     def audit_head(self) -> tuple[int, bytes] | None:
         row = self.db.execute("SELECT seq, record FROM audit ORDER BY seq DESC LIMIT 1").fetchone()

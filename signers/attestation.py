@@ -346,7 +346,7 @@ class TpmAttestor:
             return self._ak
         tpm = self._tpm
         ectx = tpm.esapi
-        tpm._make_room(keep=id(self))
+        tpm.make_room(keep=id(self))
         handle, public, *_ = _tpm_call(
             "TPM2_CreatePrimary (AK)",
             lambda: ectx.create_primary(
@@ -362,7 +362,7 @@ class TpmAttestor:
             raise TpmError("the AK changed: the endorsement hierarchy was reset")
         self._ak_public = ak_public
         self._ak = handle
-        tpm._hold(id(self), handle, self._forget_ak)
+        tpm.hold(id(self), handle, self._forget_ak)
         return handle
 
     def _forget_ak(self) -> None:
@@ -373,7 +373,7 @@ class TpmAttestor:
         handle, self._ak = self._ak, None
         if handle is None:
             return
-        self._tpm._unhold(id(self))
+        self._tpm.unhold(id(self))
         ectx = self._tpm.esapi
         _tpm_call("TPM2_FlushContext (AK)", lambda: ectx.flush_context(handle))
 
@@ -493,16 +493,16 @@ class TpmAttestor:
         if not 0 < len(nonce) <= _MAX_NONCE:
             raise TpmError(f"nonce must be 1..{_MAX_NONCE} bytes")
         ectx = self._tpm.esapi
-        if isinstance(key, TpmKey) and key._tpm is self._tpm:
+        if isinstance(key, TpmKey) and key.tpm is self._tpm:
             # From the Tpm's cache: still loaded from its creation in the usual flow. The
             # cache evicts keys (or other holders) for room, never our AK.
-            handle = self._tpm._touch(key, keep=id(self))
-            certified_public = bytes(key._blob.public.publicArea.marshal())
+            handle = self._tpm.key_handle(key, keep=id(self))
+            certified_public = key.public_area()
             flush_key = False
         else:
             blob = _tss_blob(key)
             certified_public = bytes(blob.public.publicArea.marshal())
-            self._tpm._make_room(keep=id(self))
+            self._tpm.make_room(keep=id(self))
             # Storage primary (re-derived, flushed at once) + key, next to the AK: exactly
             # libtpms' three slots; the key is flushed right after TPM2_Certify.
             srk, *_ = _tpm_call(

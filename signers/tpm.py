@@ -17,6 +17,11 @@ userWithAuth`` plus ``sign`` (signing keys, scheme pinned to ECDSA-SHA256) or ``
 (ECDH keys: TPM2_ECDH_ZGen requires ``decrypt`` and refuses restricted keys). A key never
 has both: one key, one purpose.
 
+Templates and the check of a loaded blob's attributes are in :mod:`signers.tpm_templates`,
+NV counters in :mod:`signers.tpm_nv` (both re-exported here), and the
+``cryptography`` private-key face of a key (:meth:`TpmKey.private_key`) in
+:mod:`signers.tpm_crypto`.
+
 Object slots
 ------------
 libtpms has 3 transient object slots and a raw swtpm socket has no resource manager.
@@ -24,7 +29,8 @@ libtpms has 3 transient object slots and a raw swtpm socket has no resource mana
 flushes the primary right after each create/load, and keeps at most
 :data:`MAX_LOADED_KEYS` keys loaded, evicting the least recently used one (a key is
 transparently reloaded from its blob on next use). Another user of the connection (the
-attestation key of :mod:`signers.attestation`) may *hold* a slot across calls; held slots
+attestation key of :mod:`signers.attestation`) may *hold* a slot across calls
+(:meth:`Tpm.make_room`, :meth:`Tpm.hold`, :meth:`Tpm.unhold`, :meth:`Tpm.key_handle`); held slots
 count against the same budget and are released (flushed) first-come when a key needs room.
 
 Cost (the factory provisions 100 devices/s): a key is made with one TPM2_CreateLoaded,
@@ -39,55 +45,41 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
-from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss import ESAPI, TSS2_Exception
-from tpm2_pytss.constants import (
-    ESYS_TR,
-    TPM2_ALG,
-    TPM2_CAP,
-    TPM2_ECC,
-    TPM2_HC,
-    TPM2_NT,
-    TPM2_RH,
-    TPM2_ST,
-    TPMA_NV,
-    TPMA_OBJECT,
-)
-from tpm2_pytss.cryptography import tpm_ecc_private_key
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HC, TPM2_RH, TPM2_ST
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import (
     TPM2B_DATA,
     TPM2B_DIGEST,
     TPM2B_ECC_POINT,
     TPM2B_ENCRYPTED_SECRET,
-    TPM2B_NV_PUBLIC,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPM2B_TEMPLATE,
-    TPMS_ECC_PARMS,
-    TPMS_NV_PUBLIC,
-    TPMT_ECC_SCHEME,
-    TPMT_KDF_SCHEME,
-    TPMT_PUBLIC,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF_OBJECT,
     TPMT_TK_HASHCHECK,
-    TPMU_PUBLIC_PARMS,
-    TPMU_SYM_KEY_BITS,
-    TPMU_SYM_MODE,
 )
 
 from signers.errors import TpmError, TpmImportError, TpmKeyError
 from signers.private_files import write_private_file
+from signers.tpm_crypto import TpmEccPrivateKey
+from signers.tpm_nv import TpmNvCounter
+from signers.tpm_templates import (
+    ECDSA_SHA256,
+    TpmKeyUsage,
+    key_template_bytes,
+    storage_primary_public,
+    storage_primary_template,
+    usage_of,
+)
 from trustcore.stationtime import TpmClockReading
 
 __all__ = [
@@ -99,6 +91,7 @@ __all__ = [
     "TpmKey",
     "TpmKeyUsage",
     "TpmNvCounter",
+    "storage_primary_template",
 ]
 
 #: TCG EK credential profile NV indices (swtpm_setup writes both).
@@ -110,121 +103,9 @@ ECC_P384_EK_CERT_NV_INDEX = 0x01C00016
 MAX_LOADED_KEYS = 2
 
 _TPM2_PT_NV_BUFFER_MAX = 0x12C  # TPM2_PT_FIXED + 44; not named in tpm2-pytss 3.0
-_OWNER_NV_FIRST = 0x01000000  # TCG handle registry: owner-defined NV indices
-_OWNER_NV_LAST = 0x013FFFFF
-
-# NODA: these keys have an empty authValue, so dictionary-attack protection guards nothing,
-# while every non-orderly shutdown (power loss, a killed swtpm) after using a DA-protected
-# key counts as a failed attempt; three of those lock the TPM for 1000 s.
-_BASE_ATTRS = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.NODA
-)
-
 
 #: TPM2_Import's symmetricAlg: no inner wrapper (see Tpm.import_object).
 _NO_INNER_WRAPPER = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
-
-
-@cache
-def _storage_primary_public() -> TPM2B_PUBLIC:
-    """The SRK template as a TPM2B_PUBLIC, built once: ESAPI only reads its inputs."""
-    return TPM2B_PUBLIC(publicArea=storage_primary_template())
-
-
-def storage_primary_template() -> TPMT_PUBLIC:
-    """The TCG/tpm2-openssl ECC storage primary (SRK) template: same seed, same key."""
-    return TPMT_PUBLIC(
-        type=TPM2_ALG.ECC,
-        nameAlg=TPM2_ALG.SHA256,
-        objectAttributes=TPMA_OBJECT.USERWITHAUTH
-        | TPMA_OBJECT.RESTRICTED
-        | TPMA_OBJECT.DECRYPT
-        | TPMA_OBJECT.NODA
-        | TPMA_OBJECT.FIXEDTPM
-        | TPMA_OBJECT.FIXEDPARENT
-        | TPMA_OBJECT.SENSITIVEDATAORIGIN,
-        authPolicy=b"",
-        parameters=TPMU_PUBLIC_PARMS(
-            eccDetail=TPMS_ECC_PARMS(
-                symmetric=TPMT_SYM_DEF_OBJECT(
-                    algorithm=TPM2_ALG.AES,
-                    keyBits=TPMU_SYM_KEY_BITS(aes=128),
-                    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
-                ),
-                scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
-                curveID=TPM2_ECC.NIST_P256,
-                kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
-            ),
-        ),
-    )
-
-
-class TpmKeyUsage(Enum):
-    """What a TPM key may do; fixed in its attributes at creation, checked at load."""
-
-    SIGN = "sign"
-    ECDH = "ecdh"
-    #: Restricted signing key: signs only TPM-generated attestation (TPM2_Certify/Quote),
-    #: so a verifier knows a ``TPMS_ATTEST`` it signed was not forged by software.
-    ATTEST = "attest"
-
-
-def _key_template(usage: TpmKeyUsage) -> TPMT_PUBLIC:
-    if usage is TpmKeyUsage.SIGN or usage is TpmKeyUsage.ATTEST:
-        attrs = _BASE_ATTRS | TPMA_OBJECT.SIGN_ENCRYPT
-        if usage is TpmKeyUsage.ATTEST:
-            attrs |= TPMA_OBJECT.RESTRICTED
-        scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.ECDSA)
-        scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
-    else:
-        attrs = _BASE_ATTRS | TPMA_OBJECT.DECRYPT
-        scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL)
-    return TPMT_PUBLIC(
-        type=TPM2_ALG.ECC,
-        nameAlg=TPM2_ALG.SHA256,
-        objectAttributes=attrs,
-        authPolicy=b"",
-        parameters=TPMU_PUBLIC_PARMS(
-            eccDetail=TPMS_ECC_PARMS(
-                symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-                scheme=scheme,
-                curveID=TPM2_ECC.NIST_P256,
-                kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
-            ),
-        ),
-    )
-
-
-@cache
-def _key_template_bytes(usage: TpmKeyUsage) -> bytes:
-    """The marshalled TPMT_PUBLIC template for TPM2_CreateLoaded (built once per usage)."""
-    return bytes(_key_template(usage).marshal())
-
-
-def _usage_of(public: TPMT_PUBLIC) -> TpmKeyUsage:
-    """Check a loaded blob's public area against what this module creates (fail closed)."""
-    if public.type != TPM2_ALG.ECC:
-        raise TpmKeyError("TPM key is not an ECC key")
-    if public.parameters.eccDetail.curveID != TPM2_ECC.NIST_P256:
-        raise TpmKeyError("TPM key is not on P-256")
-    attrs = int(public.objectAttributes)
-    if attrs & _BASE_ATTRS != _BASE_ATTRS:
-        raise TpmKeyError("TPM key lacks fixedTPM/fixedParent/sensitiveDataOrigin/userWithAuth")
-    sign = bool(attrs & TPMA_OBJECT.SIGN_ENCRYPT)
-    decrypt = bool(attrs & TPMA_OBJECT.DECRYPT)
-    if attrs & TPMA_OBJECT.RESTRICTED:
-        if sign and not decrypt:
-            return TpmKeyUsage.ATTEST
-        raise TpmKeyError("restricted TPM key that is not an attestation key")
-    if sign and not decrypt:
-        return TpmKeyUsage.SIGN
-    if decrypt and not sign:
-        return TpmKeyUsage.ECDH
-    raise TpmKeyError("TPM key must be either a signing or an ECDH key, not both or neither")
 
 
 class Tpm:
@@ -312,12 +193,12 @@ class Tpm:
     def _create_primary(self) -> ESYS_TR:
         handle, *_ = self.esapi.create_primary(
             in_sensitive=TPM2B_SENSITIVE_CREATE(),
-            in_public=_storage_primary_public(),
+            in_public=storage_primary_public(),
             primary_handle=ESYS_TR.OWNER,
         )
         return handle
 
-    def _make_room(self, *, keep: int | None = None) -> None:
+    def make_room(self, *, keep: int | None = None) -> None:
         """Free slots until one more object plus a transient primary fit.
 
         Cached keys go first (least recently used), then slots held by other users (oldest
@@ -333,13 +214,13 @@ class Tpm:
                 return
             self._release_held(others[0])
 
-    def _hold(self, owner: int, handle: ESYS_TR, forget: Callable[[], None]) -> None:
+    def hold(self, owner: int, handle: ESYS_TR, forget: Callable[[], None]) -> None:
         """Record that ``owner`` keeps ``handle`` loaded across calls (it counts against
         :data:`MAX_LOADED_KEYS`). ``forget`` is called, without TPM access, when the slot is
         taken back (flushed here, or by :meth:`flush_transients`)."""
         self._held[owner] = (handle, forget)
 
-    def _unhold(self, owner: int) -> None:
+    def unhold(self, owner: int) -> None:
         """``owner`` flushed its handle itself: forget the record."""
         self._held.pop(owner, None)
 
@@ -367,7 +248,7 @@ class Tpm:
 
     def _load_blob(self, key: TpmKey, keep: int | None = None) -> ESYS_TR:
         """Load ``key``'s wrapped blob (under a fresh primary, flushed right after)."""
-        self._make_room(keep=keep)
+        self.make_room(keep=keep)
         ectx = self.esapi
         try:
             primary = self._create_primary()
@@ -385,7 +266,7 @@ class Tpm:
         self._loaded[id(key)] = key
         return handle
 
-    def _touch(self, key: TpmKey, keep: int | None = None) -> ESYS_TR:
+    def key_handle(self, key: TpmKey, keep: int | None = None) -> ESYS_TR:
         """``key``'s handle, loading it if needed (never releasing the holder ``keep``)."""
         if key._handle is None:
             key._handle = self._load_blob(key, keep)
@@ -399,11 +280,11 @@ class Tpm:
         """The marshalled TPMT_PUBLIC of this TPM's storage primary (SRK): what a sender
         wraps an import blob to. Derived and flushed again at once (no slot kept)."""
         with self.lock:
-            self._make_room()
+            self.make_room()
             try:
                 handle, public, *_ = self.esapi.create_primary(
                     in_sensitive=TPM2B_SENSITIVE_CREATE(),
-                    in_public=_storage_primary_public(),
+                    in_public=storage_primary_public(),
                     primary_handle=ESYS_TR.OWNER,
                 )
             except TSS2_Exception as exc:
@@ -426,7 +307,7 @@ class Tpm:
         if (used1, used2, used3) != (len(public), len(duplicate), len(seed)):
             raise TpmImportError("malformed import blob: trailing bytes")
         with self.lock:
-            self._make_room()
+            self.make_room()
             ectx = self.esapi
             try:
                 primary = self._create_primary()
@@ -452,7 +333,7 @@ class Tpm:
         except Exception as exc:  # the TSS unmarshal raises TSS2_Exception or TypeError
             raise TpmKeyError(f"malformed imported object: {exc}") from exc
         with self.lock:
-            self._make_room()
+            self.make_room()
             ectx = self.esapi
             try:
                 primary = self._create_primary()
@@ -523,56 +404,6 @@ class Tpm:
             raise TpmError(f"NV index 0x{index:08x} does not hold a DER certificate") from exc
 
 
-_ECDSA_SHA256 = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
-_ECDSA_SHA256.details.ecdsa.hashAlg = TPM2_ALG.SHA256
-
-
-class _TpmEccPrivateKey(tpm_ecc_private_key):  # type: ignore[misc]
-    """``tpm_ecc_private_key`` that reloads its key if it was evicted, under the TPM lock."""
-
-    def __init__(self, owner: TpmKey) -> None:
-        # What tpm_ecc_private_key.__init__ sets, without its TPM2_ReadPublic round trip: the
-        # public area is the blob's, which TPM2_Load bound to the private part (the TPM
-        # checks the integrity of the private blob against the public area's name) and
-        # _usage_of checked (ECC, P-256). The key loads on first use, through _handle.
-        self._owner = owner
-        self._ectx = owner._tpm.esapi
-        self._session = ESYS_TR.PASSWORD
-        self._public = owner._blob.public.publicArea
-        self._curve = ec.SECP256R1
-
-    @property
-    def _handle(self) -> ESYS_TR:
-        return self._owner._tpm._touch(self._owner)
-
-    @_handle.setter
-    def _handle(self, value: Any) -> None:
-        """The base class assigns the handle once; ours is always looked up live."""
-
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        """The owner's key object, built once from the same public area (the base class
-        converts the TPM structure again on every call: ~0.1 ms, and the certificate
-        builder asks for it on every certificate the station signs)."""
-        return self._owner.public_key()
-
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
-        """ECDSA-SHA256 only (the key's scheme is pinned to it)."""
-        if not isinstance(signature_algorithm, ec.ECDSA):
-            raise TpmKeyError("a TPM signing key does ECDSA only")
-        if isinstance(signature_algorithm.algorithm, hashes.SHA256):
-            return self._owner.sign_digest(hashlib.sha256(data).digest())
-        raise TpmKeyError("a TPM signing key signs with SHA-256 only")
-
-    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        return self._owner.exchange(peer_public_key)
-
-    def __copy__(self) -> _TpmEccPrivateKey:
-        return _TpmEccPrivateKey(self._owner)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _TpmEccPrivateKey:
-        return _TpmEccPrivateKey(self._owner)
-
-
 class TpmKey:
     """A P-256 key that lives in a TPM; implements ``Signer`` (SIGN) or ``KeyAgreement`` (ECDH).
 
@@ -583,20 +414,20 @@ class TpmKey:
     def __init__(self, tpm: Tpm, blob: TSSPrivKey) -> None:
         self._tpm = tpm
         self._blob = blob
-        self.usage = _usage_of(blob.public.publicArea)
+        self.usage = usage_of(blob.public.publicArea)
         self._handle: ESYS_TR | None = None
         pub = blob.public.publicArea.unique.ecc
         self._public = ec.EllipticCurvePublicNumbers(
             int.from_bytes(bytes(pub.x), "big"), int.from_bytes(bytes(pub.y), "big"), ec.SECP256R1()
         ).public_key()
-        self._priv: _TpmEccPrivateKey | None = None
+        self._priv: TpmEccPrivateKey | None = None
 
     @classmethod
     def create(cls, tpm: Tpm, usage: TpmKeyUsage = TpmKeyUsage.SIGN) -> Self:
         """Have the TPM generate a new non-exportable key; it is loaded and ready to use."""
         with tpm.lock:
             ectx = tpm.esapi
-            tpm._make_room()
+            tpm.make_room()
             try:
                 primary = tpm._create_primary()
             except TSS2_Exception as exc:
@@ -604,7 +435,7 @@ class TpmKey:
             try:
                 # One round trip instead of TPM2_Create + TPM2_Load; same key, same blob.
                 handle, private, public = ectx.create_loaded(
-                    primary, TPM2B_SENSITIVE_CREATE(), TPM2B_TEMPLATE(_key_template_bytes(usage))
+                    primary, TPM2B_SENSITIVE_CREATE(), TPM2B_TEMPLATE(key_template_bytes(usage))
                 )
             except TSS2_Exception as exc:
                 raise TpmError(f"TPM2_CreateLoaded failed: {exc}") from exc
@@ -626,7 +457,7 @@ class TpmKey:
             raise TpmKeyError("only empty-auth keys under the owner storage primary are supported")
         key = cls(tpm, blob)
         with tpm.lock:
-            tpm._touch(key)  # fail now, not on first use, if the blob is foreign
+            tpm.key_handle(key)  # fail now, not on first use, if the blob is foreign
         return key
 
     def to_pem(self) -> bytes:
@@ -655,12 +486,17 @@ class TpmKey:
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
 
+    def _loaded_handle(self) -> ESYS_TR:
+        return self._tpm.key_handle(self)
+
     def private_key(self) -> ec.EllipticCurvePrivateKey:
         """An ``EllipticCurvePrivateKey`` whose operations run inside the TPM."""
         if self.usage is TpmKeyUsage.ATTEST:
             raise TpmKeyError("an attestation key signs only TPM attestations (use certify)")
         if self._priv is None:
-            self._priv = _TpmEccPrivateKey(self)
+            self._priv = TpmEccPrivateKey(
+                self, self._tpm.esapi, self._blob.public.publicArea, self._loaded_handle
+            )
         return self._priv
 
     def sign(self, data: bytes) -> bytes:
@@ -677,9 +513,9 @@ class TpmKey:
         with self._tpm.lock:
             try:
                 signature = self._tpm.esapi.sign(
-                    self._tpm._touch(self),
+                    self._tpm.key_handle(self),
                     TPM2B_DIGEST(digest),
-                    _ECDSA_SHA256,
+                    ECDSA_SHA256,
                     TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL),
                 )
             except TSS2_Exception as exc:
@@ -700,7 +536,7 @@ class TpmKey:
         point.point.y = nums.y.to_bytes(32, "big")
         with self._tpm.lock:
             try:
-                out = self._tpm.esapi.ecdh_zgen(self._tpm._touch(self), point)
+                out = self._tpm.esapi.ecdh_zgen(self._tpm.key_handle(self), point)
             except TSS2_Exception as exc:
                 raise TpmError(f"TPM2_ECDH_ZGen failed: {exc}") from exc
         return bytes(out.point.x).rjust(32, b"\0")
@@ -721,10 +557,10 @@ class TpmKey:
         scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
         with self._tpm.lock:
             try:
-                subject_handle = self._tpm._touch(subject)
+                subject_handle = self._tpm.key_handle(subject)
                 attest, signature = self._tpm.esapi.certify(
                     subject_handle,
-                    self._tpm._touch(self),
+                    self._tpm.key_handle(self),
                     TPM2B_DATA(qualifying_data),
                     scheme,
                     session1=ESYS_TR.PASSWORD,
@@ -733,6 +569,15 @@ class TpmKey:
             except TSS2_Exception as exc:
                 raise TpmError(f"TPM2_Certify failed: {exc}") from exc
         return TpmCertification(attest=bytes(attest), signature=bytes(signature))
+
+    @property
+    def tpm(self) -> Tpm:
+        """The TPM this key lives in."""
+        return self._tpm
+
+    def public_area(self) -> bytes:
+        """The key's marshalled TPMT_PUBLIC (what TPM2_Certify certifies and names)."""
+        return bytes(self._blob.public.publicArea.marshal())
 
     def tpm_name(self) -> bytes:
         """The TPM name of this key: nameAlg (SHA-256) || SHA-256(TPMT_PUBLIC)."""
@@ -748,91 +593,3 @@ class TpmCertification:
 
     attest: bytes
     signature: bytes
-
-
-class TpmNvCounter:
-    """A TPM NV counter (TPM2_NT_COUNTER): a 64-bit value that can only go up.
-
-    Used for anti-rollback (quota counters): restoring an old database cannot lower it, and
-    even undefining and redefining the index does not reset it, because the TPM starts a new
-    counter at the highest value any counter ever had. Authorised by the owner hierarchy.
-    """
-
-    def __init__(self, tpm: Tpm, index: int) -> None:
-        if not _OWNER_NV_FIRST <= index <= _OWNER_NV_LAST:
-            raise TpmError(f"NV index 0x{index:08x} is outside the owner range")
-        self._tpm = tpm
-        self.index = index
-        self._handle: ESYS_TR | None = None
-
-    def exists(self) -> bool:
-        with self._tpm.lock:
-            ectx = self._tpm.esapi
-            _, data = ectx.get_capability(TPM2_CAP.HANDLES, self.index, 1)
-            handles = data.data.handles
-            return handles.count > 0 and int(handles.handle[0]) == self.index
-
-    def define(self, *, exist_ok: bool = True) -> Self:
-        """Create the index if needed and make it readable (first increment)."""
-        with self._tpm.lock:
-            if self.exists():
-                if not exist_ok:
-                    raise TpmError(f"NV index 0x{self.index:08x} already defined")
-                self._check_is_counter()
-                return self
-            attrs = (
-                (TPM2_NT.COUNTER << TPMA_NV.TPM2_NT_SHIFT)
-                | TPMA_NV.OWNERWRITE
-                | TPMA_NV.OWNERREAD
-                | TPMA_NV.NO_DA
-            )
-            public = TPM2B_NV_PUBLIC(
-                nvPublic=TPMS_NV_PUBLIC(
-                    nvIndex=self.index, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=8
-                )
-            )
-            try:
-                # A redefined index is a new object for ESYS: use the handle it returns.
-                self._handle = self._tpm.esapi.nv_define_space(b"", public)
-            except TSS2_Exception as exc:
-                self._handle = None
-                raise TpmError(f"cannot define NV counter 0x{self.index:08x}: {exc}") from exc
-            self.increment()  # a counter cannot be read before its first increment
-            return self
-
-    def _nv(self) -> ESYS_TR:
-        """The index's ESYS handle, resolved once (TPM2_NV_ReadPublic) per counter object.
-
-        ESYS keeps the name and refreshes it itself after the first write; every command on
-        the index still goes to the TPM, which refuses an undefined or redefined index.
-        """
-        if self._handle is None:
-            try:
-                self._handle = self._tpm.esapi.tr_from_tpmpublic(self.index)
-            except TSS2_Exception as exc:
-                raise TpmError(f"NV counter 0x{self.index:08x} is not defined") from exc
-        return self._handle
-
-    def _check_is_counter(self) -> None:
-        pub, _ = self._tpm.esapi.nv_read_public(self._nv())
-        if TPMA_NV(pub.nvPublic.attributes).nt != TPM2_NT.COUNTER:
-            raise TpmError(f"NV index 0x{self.index:08x} is not a counter")
-
-    def increment(self) -> int:
-        """Add one and return the new value."""
-        with self._tpm.lock:
-            try:
-                self._tpm.esapi.nv_increment(self._nv(), auth_handle=ESYS_TR.OWNER)
-            except TSS2_Exception as exc:
-                self._handle = None  # resolve afresh next time (the index may have changed)
-                raise TpmError(f"cannot increment NV counter 0x{self.index:08x}: {exc}") from exc
-            return self.read()
-
-    def read(self) -> int:
-        with self._tpm.lock:
-            try:
-                data = self._tpm.esapi.nv_read(self._nv(), 8, 0, auth_handle=ESYS_TR.OWNER)
-            except TSS2_Exception as exc:
-                self._handle = None
-                raise TpmError(f"cannot read NV counter 0x{self.index:08x}: {exc}") from exc
-            return int.from_bytes(bytes(data), "big")
