@@ -110,6 +110,9 @@ def sighting_tables(
         (
             "factory_certs",
             ("station_id", "serial", "device_id", "der", "first_seen"),
-            [(f.station_id, f.serial, f.device_id, f.der, f.first_seen) for f in seen],
+            [
+                (f.station_id.value, f.serial.hex, f.device_id.value, f.der, f.first_seen)
+                for f in seen
+            ],
         )
     ]

@@ -19,11 +19,13 @@ from registrar.store.records import (
     CertificateRecord,
     DeviceRecord,
     Event,
+    FactorySighting,
     Lookup,
     PendingApproval,
     RenewalLookup,
 )
-from trustcore.identity import DeviceId
+from trustcore.errors import InvalidValueError
+from trustcore.identity import CertSerial, DeviceId, StationId
 
 __all__ = ["EXACT_COUNT_BELOW", "StoreReads"]
 
@@ -238,14 +240,27 @@ class StoreReads:
             )
         return [Event(*row) for row in rows]
 
-    async def factory_sightings(self) -> list[tuple[str, str, str, bytes, int]]:
-        """(station, serial, device, DER, first seen) of every factory certificate seen in a
-        registration request, first sighting first (``registrar report``)."""
+    async def factory_sightings(self) -> list[FactorySighting]:
+        """Every factory certificate seen in a registration request, first sighting first
+        (``registrar report``). A stored value that is no valid identifier or serial is a
+        :class:`StoreError`."""
         rows = await self._rows(
             "SELECT station_id, serial, device_id, der, first_seen FROM factory_certs "
             "ORDER BY first_seen, station_id, serial"
         )
-        return [(r[0], r[1], r[2], bytes(r[3]), int(r[4])) for r in rows]
+        try:
+            return [
+                FactorySighting(
+                    StationId(r[0]),
+                    CertSerial.from_hex(r[1]),
+                    DeviceId(r[2]),
+                    bytes(r[3]),
+                    int(r[4]),
+                )
+                for r in rows
+            ]
+        except InvalidValueError as exc:
+            raise StoreError(f"registrar database holds a bad value: {exc.message}") from exc
 
     async def key_periods(self) -> list[tuple[bytes, int, int | None]]:
         """(key id, current from, superseded at or None) of every key current here once."""
