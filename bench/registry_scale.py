@@ -59,7 +59,7 @@ from bench.site_fixture import SitePki, build_site_pki
 from device_sim.client import DeviceClient, SoftwareKeys
 from registrar.service import RegistrationService
 from registrar.store import FactorySighting, Registration, Store
-from trustcore.identity import DeviceId
+from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.registration import RegistrationGranted, parse_request, parse_response
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -113,7 +113,11 @@ def synthetic_registrations(
             ldevid_not_after=at + 365 * 86400,
         )
         seen = FactorySighting(
-            "station-01", reg.idevid_serial, device.value, rnd(sizes["idevid"]), at
+            StationId("station-01"),
+            CertSerial.from_hex(reg.idevid_serial),
+            device,
+            rnd(sizes["idevid"]),
+            at,
         )
         yield reg, seen
 

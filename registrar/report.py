@@ -23,7 +23,7 @@ from cryptography import x509
 from registrar.app import store_location
 from registrar.errors import ConfigError, RegistrarError, StoreError
 from registrar.site import SiteHome, SiteSecrets, issuing_ca_key
-from registrar.store import DeviceRecord, Store
+from registrar.store import DeviceRecord, FactorySighting, Store
 from signers.errors import SignerError
 from signers.private_files import write_private_file
 from trustcore.errors import InvalidValueError
@@ -66,7 +66,7 @@ def _locked(home: SiteHome) -> Iterator[None]:
 class ReportData:
     """What the report is made of, as read from the store."""
 
-    seen: tuple[tuple[str, str, str, bytes, int], ...]  # station, serial, device, DER, first
+    seen: tuple[FactorySighting, ...]
     devices: tuple[DeviceRecord, ...]
 
 
@@ -95,18 +95,20 @@ def _read_store(home: SiteHome, store: str | None) -> ReportData:
 
 def build_site_report(home: SiteHome, data: ReportData, *, sequence: int, now: int) -> SiteReport:
     """The report of everything the registrar store holds (pure)."""
-    registered = {(d.station_id, d.idevid_serial) for d in data.devices}
     try:
+        registered = {
+            (d.station_id, CertSerial.from_hex(d.idevid_serial).value) for d in data.devices
+        }
         seen = tuple(
             SeenCertificate(
-                StationId(station),
-                CertSerial.from_hex(serial),
-                DeviceId(device),
-                int(first),
-                (station, serial) in registered,
-                bytes(der),
+                s.station_id,
+                s.serial,
+                s.device_id,
+                int(s.first_seen),
+                (s.station_id.value, s.serial.value) in registered,
+                bytes(s.der),
             )
-            for station, serial, device, der, first in data.seen
+            for s in data.seen
         )
         regs = tuple(
             SiteRegistration(

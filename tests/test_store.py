@@ -23,7 +23,7 @@ from registrar.store import (
     parse_store_location,
 )
 from registrar.store.base import EXACT_COUNT_BELOW, REPLAY_RETENTION
-from trustcore.identity import DeviceId
+from trustcore.identity import CertSerial, DeviceId, StationId
 
 
 def registration(
@@ -228,7 +228,10 @@ async def test_bulk_import_writes_what_a_registration_writes_in_chunks(
     protection and idempotency hold for imported devices too), chunk by chunk."""
     regs = [registration(f"dev-{i:06d}") for i in range(25)]
     seen = [
-        FactorySighting("line-1", r.idevid_serial, r.device_id.value, b"der", r.at) for r in regs
+        FactorySighting(
+            StationId("line-1"), CertSerial.from_hex(r.idevid_serial), r.device_id, b"der", r.at
+        )
+        for r in regs
     ]
     done: list[int] = []
     async with await Store.open(store_location) as store:

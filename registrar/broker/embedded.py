@@ -3,17 +3,19 @@
 amqtt gives MQTT 3.1.1 routing; this module supplies everything security-relevant around it,
 because amqtt's own defaults do not fit (see docs/broker.md, "Embedded (amqtt)"):
 
-* **TLS** is ours: two server contexts with ``CERT_REQUIRED`` and TLS 1.2+ (amqtt would use
-  ``CERT_OPTIONAL``), the server key read from the encrypted PKCS#8 file with its passphrase,
-  CRL checking by OpenSSL, and a CRL hot swap: each handshake's ``sni_callback`` moves the
+* **TLS** is ours (contexts built in :mod:`registrar.broker.embedded_tls`): two server
+  contexts with ``CERT_REQUIRED`` and TLS 1.2+ (amqtt would use ``CERT_OPTIONAL``), the
+  server key read from the encrypted PKCS#8 file with its passphrase, CRL checking by
+  OpenSSL, and a CRL hot swap: each handshake's ``sni_callback`` moves the
   connection onto the newest context, so :meth:`EmbeddedBroker.reload_crls` affects new
   handshakes without touching live sessions or restarting the listeners.
 * **Identity** comes only from the verified client certificate, before amqtt sees the
-  CONNECT: registration listener → factory certificate directly issued by a station CA;
-  operational listener → secondary certificate issued by the site CA, or the registrar's
-  service certificate (CN ``REGISTRAR_IDENTITY``). The client id is replaced by the identity
-  *before* amqtt's clean-session handling (which deletes the session of whatever client id
-  the CONNECT names), so no certificate can touch another identity's session.
+  CONNECT (:func:`registrar.broker.embedded_tls.identify`): registration listener →
+  factory certificate directly issued by a station CA; operational listener → secondary
+  certificate issued by the site CA, or the registrar's service certificate (CN
+  ``REGISTRAR_IDENTITY``). The client id is replaced by the identity *before* amqtt's
+  clean-session handling (which deletes the session of whatever client id the CONNECT
+  names), so no certificate can touch another identity's session.
 * **Clone signal**: a second live connection of one identity is logged (``clone-signal``)
   and the *older* connection is cut — MQTT takeover semantics, the same as Mosquitto with
   ``use_username_as_clientid``; a device whose old TCP connection is half-open must be able
@@ -33,18 +35,14 @@ amqtt other than 0.12.x rather than silently run without its checks.
 
 from __future__ import annotations
 
-import _ssl
 import asyncio
 import contextlib
-import ctypes
 import logging
-import re
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
@@ -54,24 +52,23 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.x509.oid import NameOID
 
-from broker_config.tls_policy import TLS12_CIPHERS
-from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, Endpoint, is_device_identity
+from registrar.broker import BrokerSettings, Endpoint, is_device_identity
 from registrar.broker.amqtt_plugins import (
     AccessPolicy,
     CertificateAuthPlugin,
     Principal,
     TopicAclPlugin,
-    device_principal,
-    service_principal,
+)
+from registrar.broker.embedded_tls import (
+    ListenerTls,
+    build_context,
+    identify,
+    issuing_cas,
+    load_pem_certificates,
+    warn_issuers_without_crl,
 )
 from registrar.errors import BrokerError
-from signers.errors import KeystoreError
-from signers.private_files import write_private_file
-from trustcore.errors import TrustCoreError
-from trustcore.profiles import device_id_from_certificate
 from trustcore.topics import Listener
 
 __all__ = ["EmbeddedBroker"]
@@ -92,66 +89,6 @@ _LISTENERS = {"default": Listener.REGISTRATION, "operational": Listener.OPERATIO
 _SUPPORTED_AMQTT = "0.12."
 
 
-# ----------------------------------------------------------------------------- identity
-
-
-def _load_pem_certificates(path: Path) -> list[x509.Certificate]:
-    try:
-        certs = x509.load_pem_x509_certificates(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise BrokerError(f"cannot read CA bundle {path}: {exc}") from exc
-    return certs
-
-
-def _issuing_cas(bundle: list[x509.Certificate]) -> tuple[x509.Certificate, ...]:
-    """The CAs that may directly issue client certificates on a listener: the bundle minus
-    self-signed roots (the root signs CAs only; a leaf directly under it is refused)."""
-    return tuple(c for c in bundle if c.issuer != c.subject)
-
-
-def _directly_issued(leaf: x509.Certificate, issuers: tuple[x509.Certificate, ...]) -> bool:
-    for issuer in issuers:
-        if leaf.issuer != issuer.subject:
-            continue
-        try:
-            leaf.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
-    return False
-
-
-def _common_name(cert: x509.Certificate) -> str | None:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1 or not isinstance(names[0].value, str):
-        return None
-    return names[0].value
-
-
-def identify(
-    listener: Listener, leaf_der: bytes, issuers: tuple[x509.Certificate, ...]
-) -> Principal:
-    """The principal of a client whose chain OpenSSL has already verified.
-
-    The direct-issuer check matters because both listeners' trust stores end at the same
-    manufacturer root: a secondary certificate sent with its site CA as intermediate would
-    otherwise chain to the root on the registration listener. Raises ``BrokerError``.
-    """
-    try:
-        leaf = x509.load_der_x509_certificate(leaf_der)
-    except ValueError as exc:
-        raise BrokerError("client certificate is not DER") from exc
-    if not _directly_issued(leaf, issuers):
-        raise BrokerError(f"client certificate is not issued by a {listener.value} CA")
-    if listener is Listener.OPERATIONAL and _common_name(leaf) == REGISTRAR_IDENTITY:
-        return service_principal()
-    try:
-        device_id = device_id_from_certificate(leaf)
-    except TrustCoreError as exc:
-        raise BrokerError(f"client certificate has no device identity: {exc.message}") from exc
-    return device_principal(device_id, listener)
-
-
 class _BoundedReader(StreamReaderAdapter):  # type: ignore[misc]
     """amqtt trusts the length a client announces and buffers that much before looking at
     it; a read above :data:`MAX_READ_BYTES` cuts the connection instead (to amqtt it looks
@@ -168,197 +105,6 @@ class _BoundedReader(StreamReaderAdapter):  # type: ignore[misc]
             raise asyncio.IncompleteReadError(b"", None)
         data: bytes = await super().read(n)
         return data
-
-
-# ------------------------------------------------------------------------------ TLS
-
-
-@dataclass
-class _ListenerTls:
-    """The context given to the listening socket, and the newest one (same files, freshly
-    read CRLs) that ``sni_callback`` switches every new handshake onto."""
-
-    listener: Listener
-    base: ssl.SSLContext
-    current: ssl.SSLContext
-    issuers: tuple[x509.Certificate, ...]
-
-
-def _verify_flags(listener: Listener) -> ssl.VerifyFlags:
-    # Registration: the chain goes up to the root, and every link is checked against its
-    # issuer's CRL (a revoked station CA cuts all its devices). Operational: the site CA
-    # alone is the trust anchor (PARTIAL_CHAIN; the root must not be trusted there, or
-    # factory certificates would pass), and only the leaf is checked against the site CRL.
-    if listener is Listener.REGISTRATION:
-        return ssl.VERIFY_CRL_CHECK_CHAIN | ssl.VERIFY_X509_STRICT
-    return ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
-
-
-_CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.*?-----END X509 CRL-----\r?\n?", re.DOTALL)
-
-
-def _operational_crl_file(settings: BrokerSettings) -> Path:
-    """The CRLs of the operational CAs only (the site CA CRLs the registrar keeps fresh),
-    in a private file of the work directory: the operational listener must not depend on
-    anything HQ signs (the root CRL goes stale when a site hears nothing from HQ for a
-    year; with a leaf-only check it is not consulted anyway, this makes it explicit)."""
-    tls = settings.tls
-    subjects = {c.subject for c in _load_pem_certificates(tls.operational_cas)}
-    try:
-        blocks = _CRL_BLOCK.findall(tls.crl_file.read_bytes())
-        own = [b for b in blocks if x509.load_pem_x509_crl(b).issuer in subjects]
-    except (OSError, ValueError) as exc:
-        raise BrokerError(f"cannot read the CRL file {tls.crl_file}: {exc}") from exc
-    if not own:
-        raise BrokerError("no CRL of an operational CA: every LDevID would be refused")
-    settings.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = settings.workdir / "operational-crls.pem"
-    try:
-        write_private_file(target, b"".join(own), overwrite=True)
-    except KeystoreError as exc:
-        raise BrokerError(str(exc)) from exc
-    return target
-
-
-# OpenSSL constants (ssl.h) for the one setting Python's ssl module does not expose.
-_SSL_CTRL_SET_SESS_CACHE_MODE = 44
-_SSL_CTRL_GET_SESS_CACHE_MODE = 45
-_SSL_SESS_CACHE_OFF = 0
-
-
-def _libssl() -> ctypes.CDLL:
-    """The libssl that Python's ``_ssl`` is linked against (symbols resolve through it)."""
-    lib = ctypes.CDLL(_ssl.__file__)
-    lib.OpenSSL_version_num.restype = ctypes.c_ulong
-    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
-    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-    lib.SSL_CTX_ctrl.restype = ctypes.c_long
-    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-    return lib
-
-
-def _disable_session_cache(ctx: ssl.SSLContext) -> None:
-    """``SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF)``, which ``ssl`` lacks.
-
-    Why: a resumed TLS 1.2 session (session id, server-side cache) skips certificate
-    verification, so a device revoked after its first handshake would resume its old
-    session without meeting the new CRL. Tickets are off by ``OP_NO_TICKET`` and
-    ``num_tickets = 0``; the cache needs this call. The ``SSL_CTX *`` follows the object
-    header in CPython's ``PySSLContext``; it is checked (same OpenSSL build, same options
-    word) before use, and anything unexpected raises: the broker does not start rather
-    than run with resumption on.
-    """
-    lib = _libssl()
-    if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
-        raise BrokerError("ssl and the loaded libssl differ: cannot turn off session reuse")
-    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-    if not pointer or lib.SSL_CTX_get_options(pointer) != int(ctx.options):
-        raise BrokerError("cannot reach the SSL_CTX of a context: session reuse stays off?")
-    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
-    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) != _SSL_SESS_CACHE_OFF:
-        raise BrokerError("OpenSSL kept its session cache on")
-
-
-def _apply_tls_policy(ctx: ssl.SSLContext) -> None:
-    """``broker_config.tls_policy`` on a server context: TLS 1.2 minimum (1.3 preferred, as
-    the highest both sides offer), AEAD suites only, no session resumption of any kind,
-    and an alert to the client when its handshake is refused (:class:`_AlertingSSLObject`)."""
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS12_CIPHERS)  # TLS 1.3: OpenSSL's default suites = TLS13_CIPHERSUITES
-    ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.num_tickets = 0
-    _disable_session_cache(ctx)
-    ctx.sslobject_class = _AlertingSSLObject
-
-
-class _AlertingSSLObject(ssl.SSLObject):
-    """A server-side ``SSLObject`` whose refused handshakes reach the client as a TLS alert.
-
-    asyncio's SSL transport aborts the socket as soon as ``do_handshake`` raises, and the
-    alert OpenSSL wrote into the outgoing buffer (``certificate revoked``, ``unknown CA``,
-    ``handshake failure``...) was never sent: a refused device saw a bare connection reset
-    and could not tell a revocation from a network fault. Here a refusal is logged (with
-    OpenSSL's reason: the registrar's trace of why a device was turned away) and held back
-    for one round: ``do_handshake`` reports "want read", on which asyncio flushes the
-    outgoing buffer (the alert); the next call — more data from the client, or its close —
-    raises the refusal and the connection ends as before. A client that neither sends nor
-    closes is cut by the handshake timeout.
-    """
-
-    _refusal: ssl.SSLError | None = None
-
-    def do_handshake(self) -> None:
-        if self._refusal is not None:
-            raise self._refusal
-        try:
-            super().do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise
-        except ssl.SSLError as exc:
-            self._refusal = exc
-            log.warning("refused a TLS handshake: %s", _refusal_reason(exc))
-            raise ssl.SSLWantReadError("refusal alert pending") from exc
-
-
-def _refusal_reason(exc: ssl.SSLError) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        reason = f"client certificate: {exc.verify_message} (X509 error {exc.verify_code})"
-        if exc.verify_code == _X509_V_ERR_UNABLE_TO_GET_CRL:
-            reason += (
-                "; the site holds no CRL of its issuer (a station CA without a CRL from HQ:"
-                " its devices are refused until HQ sends one)"
-            )
-        return reason
-    return str(exc.reason or exc)
-
-
-_X509_V_ERR_UNABLE_TO_GET_CRL = 3
-
-
-def _warn_issuers_without_crl(
-    settings: BrokerSettings, issuers: tuple[x509.Certificate, ...]
-) -> None:
-    """Log each registration issuer (station CA) the CRL file has no CRL of: OpenSSL refuses
-    every device of it ("unable to get certificate CRL", alert ``unknown_ca`` to the device),
-    and the operator should know why before the first device calls."""
-    try:
-        blocks = _CRL_BLOCK.findall(settings.tls.crl_file.read_bytes())
-        have = {x509.load_pem_x509_crl(b).issuer for b in blocks}
-    except (OSError, ValueError):
-        return  # _build_context reports an unreadable file
-    for ca in issuers:
-        if ca.subject not in have:
-            log.warning(
-                "no CRL of %s (HQ sent none): the registration listener refuses its devices "
-                "until a site bundle or revocation list brings one",
-                ca.subject.rfc4514_string(),
-            )
-
-
-def _build_context(settings: BrokerSettings, listener: Listener) -> ssl.SSLContext:
-    tls = settings.tls
-    cafile = tls.registration_cas if listener is Listener.REGISTRATION else tls.operational_cas
-    crl_file = (
-        tls.crl_file if listener is Listener.REGISTRATION else _operational_crl_file(settings)
-    )
-    try:
-        encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in tls.server_key.read_bytes()
-    except OSError as exc:
-        raise BrokerError(f"cannot read the broker key {tls.server_key}: {exc}") from exc
-    if not encrypted:
-        raise BrokerError(f"the broker key {tls.server_key} must be encrypted PKCS#8")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _apply_tls_policy(ctx)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    try:
-        # Encrypted PKCS#8 only: the passphrase decrypts it in memory, never on disk.
-        ctx.load_cert_chain(tls.server_cert, tls.server_key, password=tls.server_key_passphrase)
-        ctx.load_verify_locations(cafile=cafile)
-        ctx.load_verify_locations(cafile=crl_file)  # PEM CRLs land in the same store
-    except (OSError, ssl.SSLError) as exc:
-        raise BrokerError(f"cannot build the {listener.value} TLS context: {exc}") from exc
-    ctx.verify_flags = _verify_flags(listener)
-    return ctx
 
 
 # ------------------------------------------------------------------------------ amqtt
@@ -391,7 +137,7 @@ class _Amqtt(AmqttBroker):  # type: ignore[misc]  # amqtt ships no usable stubs
     """amqtt's broker with our TLS, identity binding, kick registry and delivery fixes."""
 
     def __init__(
-        self, config: BrokerConfig, policy: AccessPolicy, tls: dict[str, _ListenerTls]
+        self, config: BrokerConfig, policy: AccessPolicy, tls: dict[str, ListenerTls]
     ) -> None:
         super().__init__(config)
         self._subscriptions: dict[str, Any] = _SnapshotDict(self.__dict__["_subscriptions"])
@@ -632,7 +378,7 @@ class EmbeddedBroker:
         self._settings = settings
         self._policy = AccessPolicy()
         self._amqtt: _Amqtt | None = None
-        self._tls: dict[str, _ListenerTls] = {}
+        self._tls: dict[str, ListenerTls] = {}
 
     # -- endpoints
     def _endpoint(self, name: str) -> Endpoint:
@@ -660,17 +406,17 @@ class EmbeddedBroker:
                 f"security; tested with {_SUPPORTED_AMQTT}x)"
             )
         tls = self._settings.tls
-        registration_issuers = _issuing_cas(_load_pem_certificates(tls.registration_cas))
-        operational_issuers = _issuing_cas(_load_pem_certificates(tls.operational_cas))
+        registration_issuers = issuing_cas(load_pem_certificates(tls.registration_cas))
+        operational_issuers = issuing_cas(load_pem_certificates(tls.operational_cas))
         if not registration_issuers or not operational_issuers:
             raise BrokerError("a listener has no issuing CA in its bundle")
-        _warn_issuers_without_crl(self._settings, registration_issuers)
+        warn_issuers_without_crl(self._settings, registration_issuers)
         for name, listener, issuers in (
             ("default", Listener.REGISTRATION, registration_issuers),
             ("operational", Listener.OPERATIONAL, operational_issuers),
         ):
-            base = await asyncio.to_thread(_build_context, self._settings, listener)
-            self._tls[name] = _ListenerTls(listener, base, base, issuers)
+            base = await asyncio.to_thread(build_context, self._settings, listener)
+            self._tls[name] = ListenerTls(listener, base, base, issuers)
             base.sni_callback = self._sni_callback(name)
 
         host = self._settings.host
@@ -726,19 +472,19 @@ class EmbeddedBroker:
         """Build fresh contexts (same key and bundles, CRL file re-read); on any error the
         old contexts stay in force and ``BrokerError`` is raised (call ``block`` then)."""
         fresh = {
-            name: await asyncio.to_thread(_build_context, self._settings, lt.listener)
+            name: await asyncio.to_thread(build_context, self._settings, lt.listener)
             for name, lt in self._tls.items()
         }
         # The CA bundles are re-read too (a site CA rollover adds, then removes, an
         # operational issuer; a new bundle may bring station CAs).
         tls = self._settings.tls
         issuers = {
-            Listener.REGISTRATION: _issuing_cas(_load_pem_certificates(tls.registration_cas)),
-            Listener.OPERATIONAL: _issuing_cas(_load_pem_certificates(tls.operational_cas)),
+            Listener.REGISTRATION: issuing_cas(load_pem_certificates(tls.registration_cas)),
+            Listener.OPERATIONAL: issuing_cas(load_pem_certificates(tls.operational_cas)),
         }
         if not all(issuers.values()):
             raise BrokerError("a listener has no issuing CA in its bundle")
-        _warn_issuers_without_crl(self._settings, issuers[Listener.REGISTRATION])
+        warn_issuers_without_crl(self._settings, issuers[Listener.REGISTRATION])
         for name, ctx in fresh.items():
             self._tls[name].current = ctx
             self._tls[name].issuers = issuers[self._tls[name].listener]

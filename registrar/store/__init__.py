@@ -2,7 +2,9 @@
 (psycopg 3, several registrar instances sharing one database), with group commit.
 
 Layout: :mod:`.records` (values), :mod:`.statements` (the SQL, once for both engines),
-:mod:`.base` (the :class:`Store` API and its writer), :mod:`.sqlite` and :mod:`.postgres`
+:mod:`.base` (the :class:`Store` API: writes, change feed, open/close), :mod:`.reads` (every
+read query), :mod:`.writer` (the group-commit writer task), :mod:`.imports` (bulk-import
+rows), :mod:`.backend` (the engine protocol), :mod:`.sqlite` and :mod:`.postgres`
 (connections, schema versions and migrations, the change feed), :mod:`.location`
 (``--store URL``).
 

@@ -157,7 +157,6 @@ DROP INDEX devices_by_payload_key
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2}
 
 
-
 async def _migrate(url: str) -> None:
     conn = await psycopg.AsyncConnection.connect(url, **PG_CONNECT)
     try:
@@ -451,5 +450,3 @@ class PostgresBackend:
         await self._pool.close()
         for task in list(self._closing):
             await task
-
-

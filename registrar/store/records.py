@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from trustcore.identity import DeviceId
+from trustcore.identity import CertSerial, DeviceId, StationId
 
 __all__ = [
     "CHANGE_KINDS",
@@ -49,9 +49,9 @@ class Registration:
 class FactorySighting:
     """A chain-valid factory certificate seen in a registration request (first sighting)."""
 
-    station_id: str
-    serial: str
-    device_id: str
+    station_id: StationId
+    serial: CertSerial
+    device_id: DeviceId
     der: bytes = field(repr=False)
     first_seen: int
 

@@ -1,5 +1,12 @@
-"""SQLite backend of the registrar store (aiosqlite): one writer and one reader connection,
-WAL with ``synchronous=FULL``; schema versions in ``meta`` (key ``schema``).
+"""SQLite backend of the registrar store: one writer connection on a thread of its own, one
+reader connection (aiosqlite) and a probe connection for point reads on the loop; WAL with
+``synchronous=FULL``; schema versions in ``meta`` (key ``schema``).
+
+The writer is a plain ``sqlite3`` connection that lives on a thread of its own
+(:class:`_WriterThread`): every use of it runs there, one at a time, and a group commit is
+one call on that thread. (It used to be an aiosqlite connection driven through aiosqlite's
+private ``_execute``/``_conn``: aiosqlite has no public way to run one function on its
+connection's thread, and statement by statement each one cost a thread hop.)
 
 Schema versions (each step one transaction, applied in order at open):
 
@@ -15,12 +22,16 @@ own changes (one SQLite file has no cross-process notification).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aiosqlite
 
@@ -31,6 +42,7 @@ from registrar.store.records import Change
 __all__ = ["SCHEMA_VERSION", "SqliteBackend"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SCHEMA_VERSION = 4
 #: Page cache of the writer connection during a bulk load (KiB).
@@ -157,13 +169,13 @@ CREATE TABLE IF NOT EXISTS key_offers (
 """
 
 
-async def _fill_certificates(db: aiosqlite.Connection) -> None:
+def _fill_certificates(db: sqlite3.Connection) -> None:
     """Schema 2: fill ``certificates`` from what schema 1 kept."""
     from cryptography import x509
 
-    rows = await db.execute_fetchall(
+    rows = db.execute(
         "SELECT device_id, ldevid_serial, ldevid_der, registered_at, status FROM devices"
-    )
+    ).fetchall()
     for device_id, serial, der, at, status in rows:
         try:
             not_after: int | None = int(
@@ -171,60 +183,128 @@ async def _fill_certificates(db: aiosqlite.Connection) -> None:
             )
         except ValueError:
             not_after = None
-        await db.execute(
+        db.execute(
             "INSERT OR IGNORE INTO certificates (serial, device_id, kind, issued_at, "
             "not_after, revoked_at) VALUES (?, ?, 'registration', ?, ?, ?)",
             (serial, device_id, at, not_after, at if status == "revoked" else None),
         )
-    await db.execute(
+    db.execute(
         "INSERT OR IGNORE INTO certificates (serial, device_id, kind, superseded_at) "
         "SELECT ldevid_serial, device_id, 'registration', superseded_at FROM superseded"
     )
 
 
-async def _script(db: aiosqlite.Connection, script: str) -> None:
+def _script(db: sqlite3.Connection, script: str) -> None:
     """Run DDL inside the current transaction (``executescript`` would commit first)."""
     for statement in script.split(";"):
         if statement.strip():
-            await db.execute(statement)
+            db.execute(statement)
 
 
 #: version -> (DDL, data step), applied in one transaction each.
-_MIGRATIONS: dict[int, tuple[str, Callable[[aiosqlite.Connection], Any] | None]] = {
+_MIGRATIONS: dict[int, tuple[str, Callable[[sqlite3.Connection], Any] | None]] = {
     2: (_SCHEMA_2, _fill_certificates),
     3: (_SCHEMA_3, None),
     4: (_SCHEMA_4, None),
 }
 
 
-async def _migrate(db: aiosqlite.Connection, path: object) -> None:
-    await db.executescript(_SCHEMA_1)
-    await db.execute(
+def _migrate(db: sqlite3.Connection, path: object) -> None:
+    db.executescript(_SCHEMA_1)
+    db.execute(
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
     )
-    rows = await db.execute_fetchall("SELECT value FROM meta WHERE key='schema'")
+    rows = db.execute("SELECT value FROM meta WHERE key='schema'").fetchall()
     found = int(next(iter(rows))[0])
     if found > SCHEMA_VERSION:
         raise StoreError(f"database schema {found}, this registrar knows {SCHEMA_VERSION}")
     if found == SCHEMA_VERSION:
         # a new file: every step's tables (each is IF NOT EXISTS)
         for ddl, _ in _MIGRATIONS.values():
-            await db.executescript(ddl)
+            db.executescript(ddl)
     for version in range(found + 1, SCHEMA_VERSION + 1):
         ddl, step = _MIGRATIONS[version]
-        await db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
-            await _script(db, ddl)
+            _script(db, ddl)
             if step is not None:
-                await step(db)
-            await db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(version),))
-            await db.execute("COMMIT")
+                step(db)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(version),))
+            db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
         log.info("registrar database %s migrated to schema %d", path, version)
-    await db.executescript(_KEY_SCHEMA)
+    db.executescript(_KEY_SCHEMA)
+
+
+class _WriterThread:
+    """The writer connection and the one thread it lives on: :meth:`run` calls a function
+    with the connection there, one call at a time, in order. The connection is made on
+    that thread and never leaves it. (The same design as aiosqlite's connection thread,
+    whose only way to run a function there is private.)"""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._conn: sqlite3.Connection | None = None
+        self._thread = threading.Thread(target=self._serve, name="registrar-db-writer", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._calls.get()) is not None:
+            future, fn = job
+            try:
+                outcome: tuple[Callable[..., None], Any] = (_set_result, fn())
+            except BaseException as exc:  # handed to the awaiting caller
+                outcome = (_set_exception, exc)
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                future.get_loop().call_soon_threadsafe(outcome[0], future, outcome[1])
+
+    async def _submit(self, fn: Callable[[], _T]) -> _T:
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        self._calls.put_nowait((future, fn))
+        return await future
+
+    def _connect(self, path: Path) -> None:
+        self._conn = sqlite3.connect(str(path), isolation_level=None)
+
+    async def open(self, path: Path) -> None:
+        await self._submit(partial(self._connect, path))
+
+    async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``fn(connection)`` on the writer thread (the hot path: one hop per commit)."""
+        conn = self._conn
+        if conn is None:
+            raise sqlite3.ProgrammingError("the registrar database writer is closed")
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        self._calls.put_nowait((future, partial(fn, conn)))
+        return await future
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        try:
+            await self._submit(self._close)
+        finally:
+            self._calls.put_nowait(None)  # the thread ends once the queue is drained
+
+
+#: A call for the writer thread: the caller's future and the function.
+_Job = tuple["asyncio.Future[Any]", Callable[[], Any]]
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():  # the caller was cancelled meanwhile
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 class SqliteBackend:
@@ -238,7 +318,7 @@ class SqliteBackend:
 
     def __init__(
         self,
-        writer: aiosqlite.Connection,
+        writer: _WriterThread,
         reader: aiosqlite.Connection,
         probe: sqlite3.Connection | None = None,
     ) -> None:
@@ -251,12 +331,10 @@ class SqliteBackend:
     @classmethod
     async def open(cls, path: Path) -> Self:
         try:
-            writer = await aiosqlite.connect(str(path), isolation_level=None)
+            writer = _WriterThread()
             try:
-                await writer.execute("PRAGMA journal_mode=WAL")
-                await writer.execute("PRAGMA synchronous=FULL")
-                await writer.execute("PRAGMA foreign_keys=ON")
-                await _migrate(writer, path)
+                await writer.open(path)
+                await writer.run(partial(_prepare, path=path))
             except BaseException:
                 await writer.close()
                 raise
@@ -280,20 +358,10 @@ class SqliteBackend:
         # One writer connection and BEGIN IMMEDIATE: writers are serialised already. The
         # whole transaction is one call on the writer's thread: statement by statement,
         # each one was a thread hop and a loop wake-up (~10 per registration).
-        db = self._db
-        await db._execute(_transaction, db._conn, groups)  # type: ignore[no-untyped-call]
+        await self._db.run(partial(_transaction, groups=groups))
 
     async def call(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        db = self._db
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            rows = list(await db.execute_fetchall(sql, params))
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
-            raise
-        return [tuple(r) for r in rows]
+        return await self._db.run(partial(_call, sql=sql, params=params))
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         if self._probe is not None and sql in _POINT_READS:
@@ -315,32 +383,12 @@ class SqliteBackend:
         return dict(zip(tables, (int(v) for v in next(iter(rows))), strict=True))
 
     async def after_bulk_load(self, tables: Sequence[str]) -> None:
-        # approximate statistics: a bounded sample per index, seconds not minutes
-        await self._db.execute("PRAGMA analysis_limit = 1000")
-        for table in tables:
-            await self._db.execute(f"ANALYZE {table}")
+        await self._db.run(partial(_analyze, tables=tables))
 
     async def bulk_load(
         self, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
     ) -> None:
-        db = self._db
-        # A bigger page cache for the load (random-key indexes: digests, nonces, key ids),
-        # back to the default afterwards: the serving registrar keeps a small one.
-        await db.execute(f"PRAGMA cache_size = -{_BULK_CACHE_KIB}")
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for table, columns, rows in tables:
-                marks = ",".join("?" * len(columns))
-                sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"  # noqa: S608 - fixed names
-                await db.executemany(sql, rows)
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
-            raise
-        finally:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("PRAGMA cache_size = -2000")
+        await self._db.run(partial(_bulk_load, tables=tables))
 
     async def listen(self, deliver: Callable[[Change], None]) -> None:
         raise NotImplementedError("SQLite has no cross-process change feed")
@@ -360,7 +408,7 @@ class SqliteBackend:
 
 
 def _transaction(
-    db: sqlite3.Connection, groups: Sequence[dict[str, list[tuple[Any, ...]]]]
+    db: sqlite3.Connection, *, groups: Sequence[dict[str, list[tuple[Any, ...]]]]
 ) -> None:
     """One group commit, on the writer connection's thread."""
     db.execute("BEGIN IMMEDIATE")
@@ -373,3 +421,53 @@ def _transaction(
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         raise
+
+
+def _prepare(db: sqlite3.Connection, *, path: Path) -> None:
+    """Writer settings, then the schema (created or migrated)."""
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    _migrate(db, path)
+
+
+def _call(db: sqlite3.Connection, *, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """One statement that writes and returns rows, in its own transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        rows = db.execute(sql, params).fetchall()
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    return [tuple(r) for r in rows]
+
+
+def _analyze(db: sqlite3.Connection, *, tables: Sequence[str]) -> None:
+    # approximate statistics: a bounded sample per index, seconds not minutes
+    db.execute("PRAGMA analysis_limit = 1000")
+    for table in tables:
+        db.execute(f"ANALYZE {table}")
+
+
+def _bulk_load(
+    db: sqlite3.Connection, *, tables: Sequence[tuple[str, Sequence[str], list[tuple[Any, ...]]]]
+) -> None:
+    # A bigger page cache for the load (random-key indexes: digests, nonces, key ids),
+    # back to the default afterwards: the serving registrar keeps a small one.
+    db.execute(f"PRAGMA cache_size = -{_BULK_CACHE_KIB}")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for table, columns, rows in tables:
+            marks = ",".join("?" * len(columns))
+            sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"  # noqa: S608 - fixed names
+            db.executemany(sql, rows)
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("PRAGMA cache_size = -2000")
