@@ -168,7 +168,7 @@ def init_command(
 def configure_command(home: Path, grace_s: int | None) -> None:
     """Change site settings in site.json (a running registrar applies them at its next
     start). --payload-key-grace: how long an old payload key is accepted after rotation."""
-    from registrar.app import registrar_running
+    from registrar.run_dir import registrar_running
     from registrar.site import configure_site
 
     site = _open_site(home)
@@ -420,7 +420,8 @@ def run_command(
     import asyncio
     import signal
 
-    from registrar.app import AppSettings, RegistrarApp, run_registrar, store_location
+    from registrar.app import AppSettings, RegistrarApp, run_registrar
+    from registrar.run_dir import store_location
     from registrar.site import SiteSecrets
     from trustcore.endpoint import Endpoint
     from trustcore.logformat import configure_logging
@@ -564,7 +565,7 @@ def _store_snapshot(site: SiteHome, store_url: str | None = None) -> dict[str, A
     A site that never ran has no database yet: nothing is created by reading."""
     import asyncio
 
-    from registrar.app import store_location
+    from registrar.run_dir import store_location
     from registrar.store import Store
 
     location = store_location(site, store_url)
@@ -646,7 +647,7 @@ def status_command(home: Path, store: str | None, as_json: bool) -> None:
     import json
     from dataclasses import asdict
 
-    from registrar.app import read_status
+    from registrar.run_dir import read_status
 
     site = _open_site(home)
     running = read_status(site)
@@ -921,7 +922,7 @@ def _rotation_wait(site: SiteHome) -> float:
     """How long ``rotate-payload-key`` waits for the running registrar: it answers once
     every registered device's update is published (about 3 ms each on this class of
     machine: 10,000 devices took ~30 s in bench/soak.py), so 30 s plus 10 ms a device."""
-    from registrar.app import read_status
+    from registrar.run_dir import read_status
 
     status = read_status(site) or {}
     counts = status.get("counts")
@@ -941,7 +942,8 @@ def _live_or_offline(
     """Run ``offline`` while holding the instance lock when no registrar runs; otherwise
     hand the command to the running registrar (it applies it live). Returns the result and
     whether it was applied live."""
-    from registrar.app import instance_lock, read_status, submit_command
+    from registrar.run_dir import instance_lock, read_status
+    from registrar.spool import submit_command
 
     with instance_lock(site, wait=0.0 if read_status(site) else 5.0) as free:
         if free:
@@ -969,7 +971,7 @@ def _run_offline(
 ) -> Any:
     import asyncio
 
-    from registrar.app import store_location
+    from registrar.run_dir import store_location
     from registrar.store import Store
 
     async def go() -> Any:
@@ -1022,9 +1024,9 @@ def revoke_command(
     device is not registered here)."""
     import json
 
-    from registrar.app import revoke_json
     from registrar.revocation import revoke_device
     from registrar.site import SiteSecrets
+    from registrar.spool import revoke_json
     from trustcore.errors import InvalidValueError
     from trustcore.identity import DeviceId
 
@@ -1082,9 +1084,9 @@ def import_revocations_command(
     registered devices it lists are revoked (live if a registrar runs)."""
     import json
 
-    from registrar.app import import_json
     from registrar.revocation import import_revocation_list
     from registrar.site import SiteSecrets
+    from registrar.spool import import_json
 
     site = _open_site(home)
     secrets = SiteSecrets(passphrase_file)
@@ -1168,7 +1170,8 @@ def rotate_payload_key_command(home: Path, passphrase_file: Path | None, as_json
 def send_command_command(home: Path, device_id: str, message: str) -> None:
     """Send MESSAGE to a device on devices/<id>/cmd, encrypted with the current payload key
     (needs a running registrar)."""
-    from registrar.app import registrar_running, submit_command
+    from registrar.run_dir import registrar_running
+    from registrar.spool import submit_command
 
     site = _open_site(home)
     if not registrar_running(site):
@@ -1218,7 +1221,7 @@ def pending_command(home: Path, as_json: bool, store: str | None) -> None:
     import json
     from dataclasses import asdict
 
-    from registrar.app import store_location
+    from registrar.run_dir import store_location
     from registrar.store import PendingApproval, Store
 
     site = _open_site(home)
@@ -1400,7 +1403,8 @@ def _rollover_status(site: SiteHome, secrets: Any, as_json: bool) -> None:
 def _rollover_migrate(site: SiteHome, as_json: bool) -> None:
     import json
 
-    from registrar.app import registrar_running, submit_command
+    from registrar.run_dir import registrar_running
+    from registrar.spool import submit_command
 
     if not registrar_running(site):
         _fail(
