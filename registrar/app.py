@@ -31,10 +31,12 @@ registrar's MQTT session, and runs four background duties until SIGINT/SIGTERM:
 Exactly one registrar runs a site's duties: it holds ``SITE/run/registrar.lock``
 (``flock``) for its whole life, and an offline CLI command holds the same lock while it
 works, so the two never write the site at the same time (see
-:func:`registrar.run_dir.instance_lock`); with
-a PostgreSQL store it also holds the site-duties advisory lock (:mod:`registrar.leadership`,
-``--standby`` to take over). Further instances (``--instance N --join HOST:PORT``, Mosquitto
-and PostgreSQL) only serve registrations and renewals beside it and follow the others
+:func:`registrar.run_dir.instance_lock`); with a PostgreSQL store it also holds the
+site-duties advisory lock (:mod:`registrar.leadership`, ``--standby`` to take over).
+Further instances (``--instance N --join HOST:PORT``, Mosquitto and PostgreSQL) only serve
+registrations and renewals beside it and follow the others through the store's change feed
+(:mod:`registrar.instances`).
+
 This module is the wiring only: what the app holds and does while it runs is
 :class:`registrar.site_runtime.SiteRuntime` (which :class:`RegistrarApp` extends), its
 settings :mod:`registrar.settings`, its TLS identities :mod:`registrar.connections`, what
