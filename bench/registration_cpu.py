@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench.site_fixture import FactoryDevice, SitePki, build_site_pki
-from registrar.cli import serving_gc
+from registrar.cli_run import serving_gc
 from registrar.service import RegistrationService
 from registrar.store import Store
 from signers.software import SoftwareKey

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from registrar.app import store_location
 from registrar.errors import ConfigError, RegistrarError, StoreError
+from registrar.run_dir import store_location
 from registrar.site import SiteHome, SiteSecrets, issuing_ca_key
 from registrar.store import DeviceRecord, FactorySighting, Store
 from signers.errors import SignerError

@@ -26,13 +26,13 @@ from click.testing import CliRunner
 from bench.site_fixture import BenchSite, RegistrarProcess, build_commissioned_site
 from device_sim.client import DeviceClient, Registered
 from device_sim.fleet import software_device
-from registrar.app import submit_command
 from registrar.broker import BrokerTls, Endpoint
 from registrar.broker.rabbitmq import RabbitNode, site_tls
 from registrar.broker.rabbitmq_auth import ADMIN_USER
 from registrar.broker.rabbitmq_site import admin_password
 from registrar.cli import main as registrar_main
 from registrar.site import SiteHome
+from registrar.spool import submit_command
 from registrar.store import Store
 from tests.fixtures.postgres import PgServer, create_database, drop_database
 from tests.fixtures.rabbitmq import RabbitCluster, boot_cluster, plan_cluster, stray_beams

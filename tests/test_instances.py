@@ -41,10 +41,11 @@ from bench.site_fixture import (
 )
 from device_sim.client import DeviceClient, Registered
 from device_sim.fleet import software_device
-from registrar.app import instance_context, submit_command
 from registrar.cli import main as registrar_main
+from registrar.connections import instance_context
 from registrar.service import RegistrationService
 from registrar.site import SiteHome, load_commissioned_site
+from registrar.spool import submit_command
 from registrar.store import Store
 from tests.fixtures.postgres import PgServer, create_database, drop_database
 from trustcore.registration import RegistrationDenied, parse_request, parse_response

@@ -344,8 +344,8 @@ async def test_registrar_pending_and_approve_cli(pki: Pki, tmp_path: Path) -> No
 
 
 def store_path_of(home: Path) -> Path:
-    """Where the CLI finds the store (registrar.app.store_path of the site home)."""
-    from registrar.app import store_path
+    """Where the CLI finds the store (registrar.run_dir.store_path of the site home)."""
+    from registrar.run_dir import store_path
     from registrar.site import SiteHome
 
     return store_path(SiteHome.open(home))

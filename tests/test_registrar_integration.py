@@ -777,7 +777,7 @@ def test_site_crl_is_reissued_at_half_life_and_stale_hq_crls_are_reported(
     assert app.check_crls() == []
     warn = app.check_crls(now=datetime.now(UTC) + timedelta(days=6, hours=12))
     assert len(warn) == 1 and "runs out" in warn[0] and "Station" in warn[0]
-    with caplog.at_level(logging.ERROR, logger="registrar.app"):
+    with caplog.at_level(logging.ERROR, logger="registrar.crl_watch"):
         stale = app.check_crls(now=datetime.now(UTC) + timedelta(days=8))
     assert len(stale) == 1 and all("STALE" in a and "REFUSED" in a for a in stale)
     assert sum("STALE" in r.getMessage() for r in caplog.records) == 1

@@ -244,7 +244,8 @@ async def test_a_superseded_serial_missing_from_the_crl_is_listed_at_start(
 
     from cryptography import x509
 
-    from registrar.app import AppSettings, running, store_path
+    from registrar.app import AppSettings, running
+    from registrar.run_dir import store_path
     from registrar.site import SiteHome
     from registrar.store import Store
 

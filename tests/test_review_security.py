@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from registrar.app import RegistrarApp, spool_dir
+from registrar.app import RegistrarApp
+from registrar.run_dir import spool_dir
 from registrar.service import RegistrationService, SiteAuthority
 from registrar.site import (
     SiteConfig,

@@ -1,4 +1,4 @@
-"""A serving registrar's cycle collector (``registrar.cli.serving_gc``): start-up objects
+"""A serving registrar's cycle collector (``registrar.cli_run.serving_gc``): start-up objects
 frozen, young collections less often, and cyclic garbage still collected on its own."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 _PROBE = """
 import gc
-from registrar.cli import SERVING_GC_THRESHOLD, serving_gc
+from registrar.cli_run import SERVING_GC_THRESHOLD, serving_gc
 
 serving_gc()
 assert gc.get_freeze_count() > 1000, gc.get_freeze_count()

@@ -34,7 +34,7 @@ from device_sim.client import (
 )
 from hq.cli import main as hq_main
 from hq.site import SiteError, rollover_site_ca
-from registrar.app import AppSettings, running, store_path
+from registrar.app import AppSettings, running
 from registrar.cli import main as registrar_main
 from registrar.errors import CommissionError
 from registrar.rollover import (
@@ -46,6 +46,7 @@ from registrar.rollover import (
     retire_site_ca,
     rollover_status,
 )
+from registrar.run_dir import store_path
 from registrar.service import SiteAuthority
 from registrar.site import commission_site, load_commissioned_site, reissue_site_crl
 from registrar.store import DeviceRecord, Registration, Store

@@ -9,19 +9,26 @@ error of the package's own root raised outside a command's ``try`` keeps its rea
 ``OSError`` becomes ``io_error``, anything else (a bug reached by hostile input)
 ``internal_error``. The fuzz targets (``tests/fuzz``) call the functions behind the
 commands, so the net hides nothing from them.
+
+:func:`log_options` is the one definition of the logging options of these tools
+(``--log-format``, ``--log-level``; the values of :mod:`trustcore.logformat`, which the
+command hands to :func:`trustcore.logformat.configure_logging`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
-from typing import Any, NoReturn
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from trustcore.errors import ReasonedError
+from trustcore.logformat import LOG_FORMATS, LOG_LEVELS
 
-__all__ = ["guarded_group", "one_line_error"]
+__all__ = ["guarded_group", "log_options", "one_line_error"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def one_line_error(reason: str, message: str, code: int) -> NoReturn:
@@ -58,3 +65,20 @@ def guarded_group(default_exit: int, exits: Mapping[str, int] | None = None) -> 
                 one_line_error("internal_error", f"unexpected {type(exc).__name__}: {exc}", code)
 
     return GuardedGroup
+
+
+def log_options(f: F) -> F:
+    """``--log-format`` (text, json) and ``--log-level`` for a command or group: the
+    function receives ``log_format`` and ``log_level`` and passes them to
+    :func:`trustcore.logformat.configure_logging`."""
+    f = click.option(
+        "--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True
+    )(f)
+    return click.option(
+        "--log-format",
+        type=click.Choice(LOG_FORMATS),
+        default="text",
+        show_default=True,
+        help="json: log records and this command's diagnostics as one JSON object per line "
+        "on stderr (docs/operations.md).",
+    )(f)
