@@ -19,10 +19,10 @@ from factory_station.errors import FactoryStationError
 from factory_station.station import DEFAULT_NV_INDEX, AttestationMode, FactoryStation
 from signers.errors import SignerError
 from signers.private_files import private_umask, write_private_file
-from trustcore.cli_net import guarded_group
+from trustcore.cli_net import guarded_group, log_options
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import StationId
-from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
+from trustcore.logformat import LogFormat, configure_logging
 
 _HOME = click.option(
     "--home",
@@ -66,15 +66,7 @@ def _nv_index(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
 
 @click.group(cls=guarded_group(2), context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="devtrust")
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default="text",
-    show_default=True,
-    help="json: log records and this command's diagnostics as one JSON object per line "
-    "on stderr (docs/operations.md).",
-)
-@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+@log_options
 def main(log_format: LogFormat, log_level: str) -> None:
     """Factory signing station: keeps its CA key inside its TPM, enforces the entitlement
     HQ issued to it (quota, daily limit, key-use window, device-id range), has each

@@ -29,8 +29,8 @@ from hq.cli_stations import (
     time_statement_command,
 )
 from signers.private_files import private_umask
-from trustcore.cli_net import guarded_group
-from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
+from trustcore.cli_net import guarded_group, log_options
+from trustcore.logformat import LogFormat, configure_logging
 
 #: ``ingest-audit`` / ``ingest-report``: exit 1 means "accepted with findings", so any
 #: failure there that the command did not map itself is 3 (trustcore/cli_net.py).
@@ -39,15 +39,7 @@ _HqGroup = guarded_group(1, {"ingest-audit": EXIT_ERROR, "ingest-report": EXIT_E
 
 @click.group(cls=_HqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="devtrust")
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default="text",
-    show_default=True,
-    help="json: log records and this command's diagnostics as one JSON object per line "
-    "on stderr (docs/operations.md).",
-)
-@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+@log_options
 def main(log_format: LogFormat, log_level: str) -> None:
     """Headquarters: the manufacturer root CA, entitlements for factory stations, the
     payload-key KMS, audit reconciliation, counterfeit detection and revocation.
