@@ -154,9 +154,9 @@ async def test_two_registrar_processes_share_the_queue_and_devices_operate(
     finally:
         await store.close()
     # operate: telemetry sealed with the payload key, on another node than registration
-    # Nodes 0 and 1 only: on a freshly booted cluster the third node answered MQTT connects
-    # with CONNACK 3 "server unavailable" in some runs (cause not established; see
-    # docs/broker.md, "RabbitMQ", limits).
+    # Nodes 0 and 1 (the registrars' nodes). Before the test cluster booted its nodes one
+    # at a time, a node could answer CONNACK 3 "server unavailable" (docs/broker.md, boot
+    # order).
     for i, device in enumerate(devices[:3]):
         async with device.operational(run_site.endpoint(1 - i % 2)) as session:
             await session.publish_telemetry(b"reading")
@@ -233,7 +233,11 @@ async def test_both_instances_served_part_of_the_stream_and_stop_gracefully(
         found = re.search(r"answered (\d+) requests", run_site.log_of(k))
         assert found is not None, run_site.log_of(k)[-2000:]
         served.append(int(found.group(1)))
-    assert sum(served) == 44 and min(served) > 0, served  # competing consumers
+    # competing consumers: each instance answered part of the 44 requests. A device that
+    # had no answer within resend_after sends the identical request again and gets the same
+    # answer (idempotent; the store holds one registration), so on a loaded machine the
+    # answered count can exceed 44; the registrations themselves are counted above.
+    assert sum(served) >= 44 and min(served) > 0, served
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def decade(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         start_new_session=True,
     )  # fmt: skip
     try:
-        stdout, stderr = proc.communicate(timeout=240)
+        stdout, stderr = proc.communicate(timeout=600)  # ~100 s quiet; 200+ s at load 15
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
