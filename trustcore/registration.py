@@ -89,6 +89,7 @@ __all__ = [
     "envelope_signature_valid",
     "issue_ldevid",
     "issue_registration",
+    "ok_response_body",
     "open_envelope",
     "open_payload_key",
     "parse_key_update",
@@ -314,19 +315,94 @@ def _envelope_bytes(body: bytes, sig: bytes) -> bytes:
 
 
 def _envelope(domain: str, body: dict[str, Any], signer: Signer) -> bytes:
-    body_bytes = cbor.encode(body)
+    return _signed_envelope(domain, cbor.encode(body), signer)
+
+
+def _signed_envelope(domain: str, body_bytes: bytes, signer: Signer) -> bytes:
+    """The envelope of an already encoded body."""
     return _envelope_bytes(body_bytes, signer.sign(_signed_input(domain, body_bytes)))
+
+
+@functools.cache
+def _text_key(key: str) -> bytes:
+    return cbor.encode(key)
+
+
+def _byte_string(value: bytes) -> bytes:
+    """``cbor.encode(value)`` for ``bytes``."""
+    return cbor.bytes_head(len(value)) + value
+
+
+def _text_keyed_map(fields: Sequence[tuple[str, bytes]]) -> bytes:
+    """``cbor.encode`` of a map with (fewer than 24) text keys whose values are given
+    already encoded: the keys sorted by their encodings (RFC 8949 §4.2.1). For the fixed
+    shape of an ``ok`` response, whose large byte strings (LDevID, site CA) then go through
+    no encoder; tests/test_registration_fastpath.py compares it with :func:`cbor.encode`."""
+    items = sorted((_text_key(key), value) for key, value in fields)
+    return bytes((0xA0 | len(items),)) + b"".join(key + value for key, value in items)
+
+
+#: Signature lengths an envelope may carry (a DER ECDSA P-256 signature is 8..72 bytes).
+_SIG_MIN, _SIG_MAX = 8, 80
+
+
+def _byte_string_at(data: bytes, pos: int) -> tuple[bytes, int] | None:
+    """The byte string whose head is at ``pos`` and the position after it, or None unless
+    that head is the shortest one for its length (RFC 8949 §4.2.1) and the string fits."""
+    if pos >= len(data):
+        return None
+    first = data[pos]
+    if 0x40 <= first <= 0x57:
+        length, start = first - 0x40, pos + 1
+    elif first == 0x58:
+        length, start = int.from_bytes(data[pos + 1 : pos + 2], "big"), pos + 2
+    elif first == 0x59:
+        length, start = int.from_bytes(data[pos + 1 : pos + 3], "big"), pos + 3
+    else:
+        return None  # (larger heads: longer than any envelope's size limit)
+    end = start + length
+    if end > len(data) or data[pos:start] != cbor.bytes_head(length):
+        return None
+    return data[start:end], end
+
+
+def _split_envelope(data: bytes, max_size: int) -> tuple[bytes, bytes] | None:
+    """(body bytes, signature) when ``data`` (at most ``max_size`` bytes) is exactly the
+    deterministic encoding of ``{"body": bstr, "sig": bstr}`` (what :func:`_envelope_bytes`
+    writes) with a signature of an allowed length; None for anything else, which the
+    general decoder then refuses with its precise reason. Reading the fixed shape directly
+    gives the same answer as decoding and re-encoding the map (tests/test_registration_
+    fastpath.py compares them) without copying the body through the decoder and the encoder
+    twice."""
+    if type(data) is not bytes or len(data) > max_size or not data.startswith(_ENVELOPE_SIG_KEY):
+        return None
+    sig_at = _byte_string_at(data, len(_ENVELOPE_SIG_KEY))
+    if sig_at is None:
+        return None
+    sig, pos = sig_at
+    if not _SIG_MIN <= len(sig) <= _SIG_MAX:
+        return None
+    if data[pos : pos + len(_ENVELOPE_BODY_KEY)] != _ENVELOPE_BODY_KEY:
+        return None
+    body_at = _byte_string_at(data, pos + len(_ENVELOPE_BODY_KEY))
+    if body_at is None or body_at[1] != len(data):
+        return None
+    return body_at[0], sig
 
 
 def _open_envelope(data: bytes, max_size: int, what: str) -> tuple[bytes, bytes, dict[Any, Any]]:
     """Decode ``{"body", "sig"}`` and the body map; signatures are checked by the caller."""
     try:
-        outer = cbor.map_of(cbor.decode(data, max_size=max_size), what)
-        cbor.expect_keys(outer, {"body", "sig"}, what=what)
-        body_bytes = cbor.field(outer, "body", bytes)
-        sig = cbor.field(outer, "sig", bytes)
-        if not 8 <= len(sig) <= 80:
-            raise EncodingError(f"{what}: signature length {len(sig)}")
+        split = _split_envelope(data, max_size)
+        if split is not None:
+            body_bytes, sig = split
+        else:
+            outer = cbor.map_of(cbor.decode(data, max_size=max_size), what)
+            cbor.expect_keys(outer, {"body", "sig"}, what=what)
+            body_bytes = cbor.field(outer, "body", bytes)
+            sig = cbor.field(outer, "sig", bytes)
+            if not _SIG_MIN <= len(sig) <= _SIG_MAX:
+                raise EncodingError(f"{what}: signature length {len(sig)}")
         body = cbor.map_of(cbor.decode(body_bytes, max_size=max_size), f"{what} body")
     except EncodingError as exc:
         reason = "oversized" if exc.reason == "oversized" else "malformed"
@@ -573,9 +649,11 @@ class VerifiedRegistration:
 
 
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _station_of(ca: x509.Certificate) -> StationId | None:
     """The station id of the CA that issued an IDevID (None: not a station CA's name); a
-    site sees few station CAs and every registration asks."""
+    site sees few station CAs and every registration asks, so the answer is kept per
+    certificate (a pure function of it: certificates are equal when their DER is)."""
     try:
         return station_id_from_certificate(ca)
     except ProfileError:
@@ -794,7 +872,11 @@ def decide_admission(
 
 
 def _payload_key_info(device_id: str, kid: bytes) -> bytes:
-    return cbor.encode([PAYLOAD_KEY_INFO, device_id, kid])
+    """``cbor.encode([PAYLOAD_KEY_INFO, device_id, kid])``, assembled."""
+    return _PAYLOAD_KEY_INFO_HEAD + cbor.encode(device_id) + _byte_string(kid)
+
+
+_PAYLOAD_KEY_INFO_HEAD = cbor.array_head(3) + cbor.encode(PAYLOAD_KEY_INFO)
 
 
 def wrap_payload_key(
@@ -802,13 +884,19 @@ def wrap_payload_key(
 ) -> dict[str, bytes]:
     """HPKE-seal the payload key to the device's TPM ECDH key; ``info`` binds device + key id
     so a wrapped key cannot be presented to another device or as another key id."""
-    enc, ct = seal(
+    enc, ct = _sealed_payload_key(payload_key, device_id, wrap_key)
+    return {"key_id": payload_key.key_id, "enc": enc, "ct": ct}
+
+
+def _sealed_payload_key(
+    payload_key: PayloadKey, device_id: DeviceId, wrap_key: ec.EllipticCurvePublicKey
+) -> tuple[bytes, bytes]:
+    return seal(
         wrap_key,
         payload_key.key,
         info=_payload_key_info(device_id.value, payload_key.key_id),
         aad=b"",
     )
-    return {"key_id": payload_key.key_id, "enc": enc, "ct": ct}
 
 
 def open_payload_key(
@@ -902,23 +990,57 @@ def issue_ldevid(
             f"LDevID issuance failed: {exc.message}", reason="internal_error"
         ) from exc
     ldevid_der = ldevid.public_bytes(serialization.Encoding.DER)
-    body = {
-        "v": PROTOCOL_VERSION,
-        "status": "ok",
-        "device_id": device_id.value,
-        "nonce": nonce,
-        "request": request_digest,
-        "ldevid": ldevid_der,
-        "site_ca": site_ca_der,
-    }
-    if wrap_public_key is not None:
-        body["payload_key"] = wrap_payload_key(payload_key, device_id, wrap_public_key)
     return Issued(
-        response=_envelope(RESPONSE_DOMAIN, body, site_signer),
+        response=_signed_envelope(
+            RESPONSE_DOMAIN,
+            ok_response_body(
+                device_id=device_id,
+                nonce=nonce,
+                request_digest=request_digest,
+                ldevid_der=ldevid_der,
+                site_ca_der=site_ca_der,
+                payload_key=payload_key,
+                wrap_public_key=wrap_public_key,
+            ),
+            site_signer,
+        ),
         ldevid=ldevid,
         ldevid_der=ldevid_der,
         payload_key_id=payload_key.key_id,
     )
+
+
+_VERSION_VALUE = cbor.encode(PROTOCOL_VERSION)
+_OK_VALUE = cbor.encode("ok")
+
+
+def ok_response_body(
+    *,
+    device_id: DeviceId,
+    nonce: bytes,
+    request_digest: bytes,
+    ldevid_der: bytes,
+    site_ca_der: bytes,
+    payload_key: PayloadKey,
+    wrap_public_key: ec.EllipticCurvePublicKey | None,
+) -> bytes:
+    """The encoded body of an ``ok`` response: ``v``, ``status``, ``device_id``, ``nonce``,
+    ``request`` (the request's digest), ``ldevid``, ``site_ca`` and, for a device with a
+    wrap key, ``payload_key`` (``key_id``, ``enc``, ``ct``: the payload key sealed to it)."""
+    fields = [
+        ("v", _VERSION_VALUE),
+        ("status", _OK_VALUE),
+        ("device_id", cbor.encode(device_id.value)),
+        ("nonce", _byte_string(nonce)),
+        ("request", _byte_string(request_digest)),
+        ("ldevid", _byte_string(ldevid_der)),
+        ("site_ca", _byte_string(site_ca_der)),
+    ]
+    if wrap_public_key is not None:
+        enc, ct = _sealed_payload_key(payload_key, device_id, wrap_public_key)
+        sealed = (("key_id", payload_key.key_id), ("enc", enc), ("ct", ct))
+        fields.append(("payload_key", _text_keyed_map([(k, _byte_string(v)) for k, v in sealed])))
+    return _text_keyed_map(fields)
 
 
 def build_error_response(
