@@ -649,11 +649,9 @@ class VerifiedRegistration:
 
 
 @functools.lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=64)
 def _station_of(ca: x509.Certificate) -> StationId | None:
     """The station id of the CA that issued an IDevID (None: not a station CA's name); a
-    site sees few station CAs and every registration asks, so the answer is kept per
-    certificate (a pure function of it: certificates are equal when their DER is)."""
+    site sees few station CAs and every registration asks."""
     try:
         return station_id_from_certificate(ca)
     except ProfileError:
