@@ -17,7 +17,7 @@ from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki, make_crl
 from tests.test_registration import ADMIT_STATION, decide, make_dev, make_request
-from trustcore import cbor, registration
+from trustcore import cbor, registration, registration_issuance, signed_envelope
 from trustcore.csr import build_device_csr
 from trustcore.errors import EncodingError
 from trustcore.keys import key_id, spki_der
@@ -105,8 +105,8 @@ async def test_new_trust_data_after_a_remembered_path_refuses_the_station(
 def test_assembled_envelopes_are_the_encoders_bytes(size: int) -> None:
     body, sig = bytes(range(256)) * (size // 256) + bytes(size % 256), b"\x30" * 71
     for domain in ("devtrust/registration-request/v1", "devtrust/registration-response/v1"):
-        assert registration._signed_input(domain, body) == cbor.encode([domain, body])
-    assert registration._envelope_bytes(body, sig) == cbor.encode({"body": body, "sig": sig})
+        assert signed_envelope._signed_input(domain, body) == cbor.encode([domain, body])
+    assert signed_envelope._envelope_bytes(body, sig) == cbor.encode({"body": body, "sig": sig})
     assert cbor.bytes_head(size) + body == cbor.encode(body)
 
 
@@ -171,7 +171,7 @@ def test_the_envelope_is_read_as_the_decoder_reads_it(pki: Pki) -> None:
     general decoder, which refuses it as before."""
     data = make_request(pki, make_dev("dev-310007"))
     for variant in _envelope_variants(data):
-        split = registration._split_envelope(variant, registration.MAX_REQUEST_SIZE)
+        split = signed_envelope._split_envelope(variant, registration.MAX_REQUEST_SIZE)
         decoded = _envelope_by_decoding(variant)
         if split is not None:
             assert split == decoded, variant.hex()
@@ -183,9 +183,9 @@ def test_the_envelope_is_read_as_the_decoder_reads_it(pki: Pki) -> None:
             assert decoded is None or not _is_map(decoded[0]), (variant.hex(), exc)
         else:
             assert (body, sig) == decoded
-    assert registration._split_envelope(data, len(data)) is not None
-    assert registration._split_envelope(data, len(data) - 1) is None
-    assert registration._split_envelope(bytearray(data), len(data)) is None
+    assert signed_envelope._split_envelope(data, len(data)) is not None
+    assert signed_envelope._split_envelope(data, len(data) - 1) is None
+    assert signed_envelope._split_envelope(bytearray(data), len(data)) is None
     assert parse_request(data).body == _envelope_by_decoding(data)[0]  # type: ignore[index]
 
 
@@ -226,5 +226,5 @@ def test_the_assembled_ok_body_is_the_encoders_bytes(wrapped: bool) -> None:
         assert opened == payload_key
     assert decoded == expected
     assert body == cbor.encode(expected)
-    info = registration._payload_key_info(device.value, payload_key.key_id)
+    info = registration_issuance._payload_key_info(device.value, payload_key.key_id)
     assert info == cbor.encode([registration.PAYLOAD_KEY_INFO, device.value, payload_key.key_id])
