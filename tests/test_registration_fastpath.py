@@ -190,7 +190,7 @@ def test_the_envelope_is_read_as_the_decoder_reads_it(pki: Pki) -> None:
 
 
 @pytest.mark.parametrize("wrapped", [True, False])
-def test_the_assembled_ok_body_is_the_encoders_bytes(wrapped: bool) -> None:
+def test_the_ok_body_holds_every_field_and_the_sealed_payload_key(wrapped: bool) -> None:
     key = SoftwareKey.generate()
     payload_key = PayloadKey(b"k" * 8, b"p" * 32)
     device = make_dev("dev-310008").device_id

@@ -35,21 +35,15 @@ from trustcore.registration_format import (
     public_message,
 )
 from trustcore.signed_envelope import (
-    byte_string,
     sign_encoded_envelope,
     sign_envelope,
-    text_keyed_map,
 )
 
 # ------------------------------------------------------------------------------ issuance
 
 
 def _payload_key_info(device_id: str, kid: bytes) -> bytes:
-    """``cbor.encode([PAYLOAD_KEY_INFO, device_id, kid])``, assembled."""
-    return _PAYLOAD_KEY_INFO_HEAD + cbor.encode(device_id) + byte_string(kid)
-
-
-_PAYLOAD_KEY_INFO_HEAD = cbor.array_head(3) + cbor.encode(PAYLOAD_KEY_INFO)
+    return cbor.encode([PAYLOAD_KEY_INFO, device_id, kid])
 
 
 def wrap_payload_key(
@@ -57,19 +51,13 @@ def wrap_payload_key(
 ) -> dict[str, bytes]:
     """HPKE-seal the payload key to the device's TPM ECDH key; ``info`` binds device + key id
     so a wrapped key cannot be presented to another device or as another key id."""
-    enc, ct = _sealed_payload_key(payload_key, device_id, wrap_key)
-    return {"key_id": payload_key.key_id, "enc": enc, "ct": ct}
-
-
-def _sealed_payload_key(
-    payload_key: PayloadKey, device_id: DeviceId, wrap_key: ec.EllipticCurvePublicKey
-) -> tuple[bytes, bytes]:
-    return seal(
+    enc, ct = seal(
         wrap_key,
         payload_key.key,
         info=_payload_key_info(device_id.value, payload_key.key_id),
         aad=b"",
     )
+    return {"key_id": payload_key.key_id, "enc": enc, "ct": ct}
 
 
 def open_payload_key(
@@ -183,10 +171,6 @@ def issue_ldevid(
     )
 
 
-_VERSION_VALUE = cbor.encode(PROTOCOL_VERSION)
-_OK_VALUE = cbor.encode("ok")
-
-
 def ok_response_body(
     *,
     device_id: DeviceId,
@@ -200,20 +184,18 @@ def ok_response_body(
     """The encoded body of an ``ok`` response: ``v``, ``status``, ``device_id``, ``nonce``,
     ``request`` (the request's digest), ``ldevid``, ``site_ca`` and, for a device with a
     wrap key, ``payload_key`` (``key_id``, ``enc``, ``ct``: the payload key sealed to it)."""
-    fields = [
-        ("v", _VERSION_VALUE),
-        ("status", _OK_VALUE),
-        ("device_id", cbor.encode(device_id.value)),
-        ("nonce", byte_string(nonce)),
-        ("request", byte_string(request_digest)),
-        ("ldevid", byte_string(ldevid_der)),
-        ("site_ca", byte_string(site_ca_der)),
-    ]
+    body: dict[str, object] = {
+        "v": PROTOCOL_VERSION,
+        "status": "ok",
+        "device_id": device_id.value,
+        "nonce": nonce,
+        "request": request_digest,
+        "ldevid": ldevid_der,
+        "site_ca": site_ca_der,
+    }
     if wrap_public_key is not None:
-        enc, ct = _sealed_payload_key(payload_key, device_id, wrap_public_key)
-        sealed = (("key_id", payload_key.key_id), ("enc", enc), ("ct", ct))
-        fields.append(("payload_key", text_keyed_map([(k, byte_string(v)) for k, v in sealed])))
-    return text_keyed_map(fields)
+        body["payload_key"] = wrap_payload_key(payload_key, device_id, wrap_public_key)
+    return cbor.encode(body)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,15 +5,14 @@ key) travels as ``{"body": bstr, "sig": bstr}``: ``body`` is the deterministic C
 message map, ``sig`` the ECDSA-P256-SHA256 signature over ``CBOR[domain, body]``, so one
 format's signature can never pass as another's and a receiver verifies the exact bytes it
 decodes. This module signs, opens and checks envelopes, and assembles the fixed shapes (the
-envelope itself, a map with text keys) without copying large byte strings through the
-encoder; tests/test_registration_fastpath.py compares every assembly with :mod:`trustcore.
-cbor`.
+envelope itself, the signed input) without copying the body through the encoder, and reads
+the envelope's one deterministic shape directly; tests/test_registration_fastpath.py
+compares both with :mod:`trustcore.cbor`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -65,25 +64,6 @@ def sign_envelope(domain: str, body: dict[str, Any], signer: Signer) -> bytes:
 def sign_encoded_envelope(domain: str, body_bytes: bytes, signer: Signer) -> bytes:
     """The envelope of an already encoded body."""
     return _envelope_bytes(body_bytes, signer.sign(_signed_input(domain, body_bytes)))
-
-
-@functools.cache
-def _text_key(key: str) -> bytes:
-    return cbor.encode(key)
-
-
-def byte_string(value: bytes) -> bytes:
-    """``cbor.encode(value)`` for ``bytes``."""
-    return cbor.bytes_head(len(value)) + value
-
-
-def text_keyed_map(fields: Sequence[tuple[str, bytes]]) -> bytes:
-    """``cbor.encode`` of a map with (fewer than 24) text keys whose values are given
-    already encoded: the keys sorted by their encodings (RFC 8949 §4.2.1). For the fixed
-    shape of an ``ok`` response, whose large byte strings (LDevID, site CA) then go through
-    no encoder; tests/test_registration_fastpath.py compares it with :func:`cbor.encode`."""
-    items = sorted((_text_key(key), value) for key, value in fields)
-    return bytes((0xA0 | len(items),)) + b"".join(key + value for key, value in items)
 
 
 #: Signature lengths an envelope may carry (a DER ECDSA P-256 signature is 8..72 bytes).
