@@ -17,11 +17,17 @@ from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki, make_crl
 from tests.test_registration import ADMIT_STATION, decide, make_dev, make_request
-from trustcore import cbor, registration
+from trustcore import cbor, registration, registration_issuance, signed_envelope
 from trustcore.csr import build_device_csr
+from trustcore.errors import EncodingError
 from trustcore.keys import key_id, spki_der
 from trustcore.payload import PayloadKey
-from trustcore.registration import RegistrationDenied, RegistrationGranted, parse_request
+from trustcore.registration import (
+    RegistrationDenied,
+    RegistrationError,
+    RegistrationGranted,
+    parse_request,
+)
 from trustcore.registration import parse_response as parse_registration_response
 from trustcore.verify import ChainVerifier
 
@@ -99,6 +105,126 @@ async def test_new_trust_data_after_a_remembered_path_refuses_the_station(
 def test_assembled_envelopes_are_the_encoders_bytes(size: int) -> None:
     body, sig = bytes(range(256)) * (size // 256) + bytes(size % 256), b"\x30" * 71
     for domain in ("devtrust/registration-request/v1", "devtrust/registration-response/v1"):
-        assert registration._signed_input(domain, body) == cbor.encode([domain, body])
-    assert registration._envelope_bytes(body, sig) == cbor.encode({"body": body, "sig": sig})
+        assert signed_envelope._signed_input(domain, body) == cbor.encode([domain, body])
+    assert signed_envelope._envelope_bytes(body, sig) == cbor.encode({"body": body, "sig": sig})
     assert cbor.bytes_head(size) + body == cbor.encode(body)
+
+
+def _envelope_by_decoding(data: bytes) -> tuple[bytes, bytes] | None:
+    """What the general decoder makes of an envelope: (body, sig), or None if refused."""
+    try:
+        outer = cbor.decode(data, max_size=registration.MAX_REQUEST_SIZE)
+    except EncodingError:
+        return None
+    if not isinstance(outer, dict) or set(outer) != {"body", "sig"}:
+        return None
+    body, sig = outer["body"], outer["sig"]
+    if type(body) is not bytes or type(sig) is not bytes or not 8 <= len(sig) <= 80:
+        return None
+    return body, sig
+
+
+def _is_map(data: bytes) -> bool:
+    try:
+        return isinstance(cbor.decode(data, max_size=registration.MAX_REQUEST_SIZE), dict)
+    except EncodingError:
+        return False
+
+
+def _envelope_variants(data: bytes) -> list[bytes]:
+    body, sig = _envelope_by_decoding(data) or (b"", b"")
+    assert body and sig
+    sig_key, body_key = cbor.encode("sig"), cbor.encode("body")
+    long_head = b"\x59" + len(sig).to_bytes(2, "big")  # a valid but not the shortest head
+    return [
+        data,
+        data + b"\x00",  # trailing byte
+        data[:-1],  # truncated
+        b"\xa2" + body_key + cbor.encode(body) + sig_key + cbor.encode(sig),  # key order
+        b"\xa2" + sig_key + long_head + sig + body_key + cbor.encode(body),
+        b"\xa2" + sig_key + b"\x58" + bytes((len(sig),)) + sig + body_key + cbor.encode(body),
+        b"\xa2" + sig_key + cbor.encode(b"\x30" * 7) + body_key + cbor.encode(body),
+        b"\xa2" + sig_key + cbor.encode(b"\x30" * 81) + body_key + cbor.encode(body),
+        b"\xa2" + sig_key + cbor.encode(b"\x30" * 80) + body_key + cbor.encode(body),
+        b"\xa2" + sig_key + cbor.encode(b"\x30" * 8) + body_key + cbor.encode(b""),
+        b"\xa2" + sig_key + cbor.encode(sig) + cbor.encode("bodx") + cbor.encode(body),
+        b"\xa3" + sig_key + cbor.encode(sig) + body_key + cbor.encode(body),
+        b"\xa2" + sig_key + cbor.encode(sig.decode("latin-1")) + body_key + cbor.encode(body),
+        b"\xa2"
+        + sig_key
+        + cbor.encode(sig)
+        + body_key
+        + b"\x5a"
+        + len(body).to_bytes(4, "big")
+        + body,
+        b"\xa2" + sig_key + cbor.encode(sig) + body_key + cbor.encode(body)[:-1] + b"\x00\x00",
+        b"",
+        b"\xa2",
+        b"\xa2" + sig_key,
+        b"\xa2" + sig_key + b"\x58",
+    ]
+
+
+def test_the_envelope_is_read_as_the_decoder_reads_it(pki: Pki) -> None:
+    """The fixed-shape reading of ``{"body", "sig"}`` accepts exactly what decoding and
+    re-encoding accepts, with the same body and signature; anything else goes to the
+    general decoder, which refuses it as before."""
+    data = make_request(pki, make_dev("dev-310007"))
+    for variant in _envelope_variants(data):
+        split = signed_envelope._split_envelope(variant, registration.MAX_REQUEST_SIZE)
+        decoded = _envelope_by_decoding(variant)
+        if split is not None:
+            assert split == decoded, variant.hex()
+        try:
+            body, sig, _ = registration.open_envelope(
+                variant, registration.MAX_REQUEST_SIZE, "registration request"
+            )
+        except RegistrationError as exc:
+            assert decoded is None or not _is_map(decoded[0]), (variant.hex(), exc)
+        else:
+            assert (body, sig) == decoded
+    assert signed_envelope._split_envelope(data, len(data)) is not None
+    assert signed_envelope._split_envelope(data, len(data) - 1) is None
+    assert signed_envelope._split_envelope(bytearray(data), len(data)) is None
+    assert parse_request(data).body == _envelope_by_decoding(data)[0]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_the_ok_body_holds_every_field_and_the_sealed_payload_key(wrapped: bool) -> None:
+    key = SoftwareKey.generate()
+    payload_key = PayloadKey(b"k" * 8, b"p" * 32)
+    device = make_dev("dev-310008").device_id
+    parts = {
+        "device_id": device,
+        "nonce": b"n" * 32,
+        "request_digest": b"d" * 32,
+        "ldevid_der": b"L" * 600,
+        "site_ca_der": b"S" * 300,
+    }
+    body = registration.ok_response_body(
+        **parts,  # type: ignore[arg-type]
+        payload_key=payload_key,
+        wrap_public_key=key.public_key() if wrapped else None,
+    )
+    decoded = cbor.decode(body, max_size=1 << 16)
+    expected = {
+        "v": 1,
+        "status": "ok",
+        "device_id": device.value,
+        "nonce": b"n" * 32,
+        "request": b"d" * 32,
+        "ldevid": b"L" * 600,
+        "site_ca": b"S" * 300,
+    }
+    if wrapped:
+        expected["payload_key"] = decoded["payload_key"]
+        assert set(decoded["payload_key"]) == {"key_id", "enc", "ct"}
+        assert decoded["payload_key"]["key_id"] == payload_key.key_id
+        opened = registration.open_payload_key(
+            key, device, registration.WrappedKey(**decoded["payload_key"])
+        )
+        assert opened == payload_key
+    assert decoded == expected
+    assert body == cbor.encode(expected)
+    info = registration_issuance._payload_key_info(device.value, payload_key.key_id)
+    assert info == cbor.encode([registration.PAYLOAD_KEY_INFO, device.value, payload_key.key_id])
