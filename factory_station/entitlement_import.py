@@ -21,7 +21,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from factory_station import product_secrets
-from factory_station.core import StationCore, check_station_ca, spki, time_meta, utc
+from factory_station.core import StationCore, check_station_ca, spki, time_meta
 from factory_station.errors import EntitlementImportError, StationStateError
 from signers.errors import TpmError
 from trustcore import cbor
@@ -44,6 +44,7 @@ from trustcore.messages import (
 from trustcore.profiles import HqRole
 from trustcore.sealed import open_package, peek
 from trustcore.stationtime import TimeAnchor
+from trustcore.utctime import from_unix
 from trustcore.verify import ChainVerifier
 
 __all__ = [
@@ -83,7 +84,7 @@ def import_entitlement(core: StationCore, package: bytes) -> ImportedEntitlement
     doubtful with :class:`EntitlementImportError` and change nothing on refusal."""
     with core.lock:
         core.require_healthy()
-        now = core.clock()
+        now = core.now()
         try:
             header = peek(package, max_size=MAX_ENTITLEMENT_PACKAGE)
         except SealedPackageError as exc:
@@ -171,7 +172,7 @@ def import_time_statement(core: StationCore, package: bytes) -> TimeAnchor:
     ``foreign_station``, ``replayed``) change nothing."""
     with core.lock:
         core.require_healthy()
-        now = core.clock()
+        now = core.now()
         try:
             header = peek(package, max_size=MAX_TIME_STATEMENT_PACKAGE)
         except SealedPackageError as exc:
@@ -237,7 +238,7 @@ def _verify_sender(
         cert = certificate()
         ChainVerifier(
             [core.root], required_eku=HqRole.ENTITLEMENT_SIGNER.eku, require_crl=False
-        ).verify(cert, now=utc(now))
+        ).verify(cert, now=from_unix(now))
     except (VerificationError, SealedPackageError, ValueError, UnsupportedAlgorithm) as exc:
         # ValueError / UnsupportedAlgorithm: cryptography parses some fields lazily (a
         # mangled issuer name or key OID is only noticed when read), and ChainVerifier
@@ -269,7 +270,7 @@ def _check_payload(
         )
     if now >= policy.not_after:
         raise EntitlementImportError(
-            f"the entitlement's key-use window ended at {utc(policy.not_after).isoformat()}",
+            f"the entitlement's key-use window ended at {from_unix(policy.not_after).isoformat()}",
             reason="expired",
         )
     try:
@@ -287,24 +288,27 @@ def _check_payload(
             reason="wrong_station_ca",
         )
     check_station_ca(ca, core.root, core.station_id, now)
+    _check_hq_role(
+        core, payload.audit_receiver_cert_der, HqRole.AUDIT_RECEIVER, now,
+        "the audit receiver", "bad_audit_receiver",
+    )  # fmt: skip
+    if payload.crl_signer_cert_der is not None:
+        _check_hq_role(
+            core, payload.crl_signer_cert_der, HqRole.CRL_SIGNER, now,
+            "the CRL signer", "bad_crl_signer",
+        )  # fmt: skip
+
+
+def _check_hq_role(
+    core: StationCore, cert_der: bytes, role: HqRole, now: int, what: str, reason: str
+) -> None:
+    """``cert_der`` must be an HQ certificate for ``role`` valid under the pinned root now."""
     try:
-        receiver = x509.load_der_x509_certificate(payload.audit_receiver_cert_der)
-        ChainVerifier(
-            [core.root], required_eku=HqRole.AUDIT_RECEIVER.eku, require_crl=False
-        ).verify(receiver, now=utc(now))
+        cert = x509.load_der_x509_certificate(cert_der)
+        ChainVerifier([core.root], required_eku=role.eku, require_crl=False).verify(
+            cert, now=from_unix(now)
+        )
     except (ValueError, VerificationError) as exc:
         raise EntitlementImportError(
-            f"the audit receiver certificate is not valid under the root: {exc}",
-            reason="bad_audit_receiver",
+            f"{what} certificate is not valid under the root: {exc}", reason=reason
         ) from exc
-    if payload.crl_signer_cert_der is not None:
-        try:
-            signer = x509.load_der_x509_certificate(payload.crl_signer_cert_der)
-            ChainVerifier(
-                [core.root], required_eku=HqRole.CRL_SIGNER.eku, require_crl=False
-            ).verify(signer, now=utc(now))
-        except (ValueError, VerificationError) as exc:
-            raise EntitlementImportError(
-                f"the CRL signer certificate is not valid under the root: {exc}",
-                reason="bad_crl_signer",
-            ) from exc
