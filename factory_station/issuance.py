@@ -90,12 +90,12 @@ class Issuer:
         with self.core.lock:
             active = self.core.require_entitlement()
             rule = active.policy.id_rule
-            used = self.core.store.used_device_ids() | self._reserved
+            store = self.core.store
             number = rule.first if self._id_cursor is None else self._id_cursor
             while number <= rule.last:
                 candidate = rule.device_id(number)
                 number += 1
-                if candidate not in used:
+                if candidate not in self._reserved and not store.device_id_used(candidate):
                     self._id_cursor = number
                     self._reserved.add(candidate)
                     return DeviceId(candidate)
