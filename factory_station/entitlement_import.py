@@ -42,7 +42,7 @@ from trustcore.messages import (
     TimeStatement,
 )
 from trustcore.profiles import HqRole
-from trustcore.sealed import open_package, peek
+from trustcore.sealed import PackageHeader, open_package, peek
 from trustcore.stationtime import TimeAnchor
 from trustcore.utctime import from_unix
 from trustcore.verify import ChainVerifier
@@ -85,11 +85,7 @@ def import_entitlement(core: StationCore, package: bytes) -> ImportedEntitlement
     with core.lock:
         core.require_healthy()
         now = core.now()
-        try:
-            header = peek(package, max_size=MAX_ENTITLEMENT_PACKAGE)
-        except SealedPackageError as exc:
-            raise EntitlementImportError(exc.message, reason="malformed") from exc
-        sender = _verify_sender(core, header.sender_certificate, now)
+        header, sender = _peek_sender(core, package, MAX_ENTITLEMENT_PACKAGE, now)
         try:
             opened = open_package(
                 package,
@@ -173,11 +169,7 @@ def import_time_statement(core: StationCore, package: bytes) -> TimeAnchor:
     with core.lock:
         core.require_healthy()
         now = core.now()
-        try:
-            header = peek(package, max_size=MAX_TIME_STATEMENT_PACKAGE)
-        except SealedPackageError as exc:
-            raise EntitlementImportError(exc.message, reason="malformed") from exc
-        sender = _verify_sender(core, header.sender_certificate, now)
+        header, sender = _peek_sender(core, package, MAX_TIME_STATEMENT_PACKAGE, now)
         last = core.store.get_meta("last_time_statement")
         try:
             opened = open_package(
@@ -229,6 +221,18 @@ def import_time_statement(core: StationCore, package: bytes) -> TimeAnchor:
             raise
         core.ledger, core.anchor, core.reading = ledger, anchor, reading
         return anchor
+
+
+def _peek_sender(
+    core: StationCore, package: bytes, max_size: int, now: int
+) -> tuple[PackageHeader, ec.EllipticCurvePublicKey]:
+    """The package's unverified header and its sender's key, once the sender certificate
+    it names is verified as an HQ entitlement signer under the pinned root."""
+    try:
+        header = peek(package, max_size=max_size)
+    except SealedPackageError as exc:
+        raise EntitlementImportError(exc.message, reason="malformed") from exc
+    return header, _verify_sender(core, header.sender_certificate, now)
 
 
 def _verify_sender(
