@@ -23,6 +23,7 @@ from trustcore.cli_net import guarded_group, log_options
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import StationId
 from trustcore.logformat import LogFormat, configure_logging
+from trustcore.utctime import from_unix
 
 _HOME = click.option(
     "--home",
@@ -164,12 +165,10 @@ def import_entitlement(home: Path, tcti: str | None, package: Path) -> None:
 @click.argument("package", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 def import_time_statement(home: Path, tcti: str | None, package: Path) -> None:
     """Re-anchor the station's trusted time on an HQ time statement (hq time-statement)."""
-    from datetime import UTC, datetime
-
     with _station(home, tcti) as station:
         anchor = station.import_time_statement(package.read_bytes())
     click.echo(
-        f"trusted time anchored at {datetime.fromtimestamp(anchor.time, UTC).isoformat()} "
+        f"trusted time anchored at {from_unix(anchor.time).isoformat()} "
         f"({anchor.source})"
     )
 

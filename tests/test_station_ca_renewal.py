@@ -680,11 +680,11 @@ def test_year_two_renewal_after_the_entitlement_ended_then_more_devices(
         issued = station.issue(DeviceId(f"TH-{n:06d}"), SoftwareKey.ephemeral().public_key())
         return issued.certificate, issued.station_ca
 
-    clock = {"now": int(t0.timestamp())}
+    clock = {"now": t0}
     with FactoryStation.open(home, clock=lambda: clock["now"]) as station:
         station.import_entitlement(entitle(t0))
         year0_device, year0_ca = make_device(station, 1)
-        clock["now"] = int(year2.timestamp())
+        clock["now"] = year2
         request = station.make_ca_request(rekey=False)
         result = renew_station_ca(hq_home, request, secrets, now=year2)
         imported = station.import_ca_certificate(result.pem())

@@ -76,7 +76,7 @@ def test_clock_moved_forward_day_by_day_issues_only_the_daily_limit(
     station_env: StationEnv,
 ) -> None:
     clock = FakeTime(station_env.home.parent / "host-clock")  # the host clock only
-    with station_env.open(clock=clock.now) as station:
+    with station_env.open(clock=clock.utc_now) as station:
         station.import_entitlement(station_env.hq.entitlement(quota=20, daily=5))
         outcomes = []
         for day in range(3):  # the issue's example: limit 5, 15 attempts on one real day
@@ -126,7 +126,7 @@ def test_a_long_run_with_host_and_tpm_clocks_moving_together(
             out.append(_try_issue(station, number))
         return out
 
-    with env.open(clock=faked.now) as station:
+    with env.open(clock=faked.utc_now) as station:
         station.import_entitlement(env.hq.entitlement(quota=40, daily=3))
         for _ in range(5):  # five days: the TPM's clock moves with the host's
             assert issue_day(station) == ["issued"] * 3 + ["over_daily_limit"]
@@ -137,7 +137,7 @@ def test_a_long_run_with_host_and_tpm_clocks_moving_together(
     env.swtpm.stop()
     faked.advance(2 * DAY)
     env.swtpm.start()
-    with env.open(clock=faked.now) as station:
+    with env.open(clock=faked.utc_now) as station:
         assert issue_day(station) == ["clock_ahead"] * 4
         # HQ vouches for the date again: a new entitlement signed "now" re-anchors.
         station.import_entitlement(
@@ -161,13 +161,13 @@ def test_an_hq_time_statement_re_anchors_after_a_power_cycle(
     faked: FakeTime,
 ) -> None:
     env = make_station(pki, vendor, tmp_path, lambda d: swtpm_factory(d, env=faked.env))
-    with env.open(clock=faked.now) as station:
+    with env.open(clock=faked.utc_now) as station:
         station.import_entitlement(env.hq.entitlement(quota=40, daily=10))
         assert _try_issue(station, 1) == "issued"
     env.swtpm.stop()  # a long weekend, switched off
     faked.advance(3 * DAY)
     env.swtpm.start()
-    with env.open(clock=faked.now) as station:
+    with env.open(clock=faked.utc_now) as station:
         assert _try_issue(station, 2) == "clock_ahead"
         before = _records(station)
         # Refused without a change: another station's, a replay, a wrong signer, tampered.
@@ -194,7 +194,7 @@ def test_an_hq_time_statement_re_anchors_after_a_power_cycle(
         assert fields["signed_time"] == signed_at
         assert unpack_tpm_field(fields["tpm"])[:2] == (2, 0)  # type: ignore[index]
     # The anchor survives a restart of the station process.
-    with env.open(clock=faked.now) as station:
+    with env.open(clock=faked.utc_now) as station:
         assert station.status().time["anchor"]["source"].startswith("time statement")  # type: ignore[index]
         assert _try_issue(station, 3) == "issued"
 
