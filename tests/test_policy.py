@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule
@@ -231,6 +231,28 @@ def test_reconciler_batch_equals_one_by_one() -> None:
     assert counts["over_quota"] == 2 and counts["outside_window"] == 1
     assert counts["duplicate_device"] == counts["duplicate_key"] == counts["wrong_product"] == 1
     assert [v.seq for v in report.violations if v.kind == "id_out_of_range"] == [13, 14, 15, 16]
+
+
+@given(
+    st.one_of(
+        st.builds(lambda n, w: f"TH-{n:0{w}d}", st.integers(0, 10**7), st.integers(1, 8)),
+        st.builds(lambda s: "TH-" + s, st.text(alphabet="0123456789:/ -\u0667\u00b2", max_size=7)),
+        st.text(max_size=10),
+    ),
+    st.integers(0, 10**6 - 1),
+    st.integers(0, 10**6 - 1),
+)
+@example("TH-000500", 0, 999)  # inside
+@example("TH-001000", 0, 999)  # just above
+@example("TH-000009", 10, 999)  # just below
+def test_reconciler_id_range_is_the_rule(device_id: str, a: int, b: int) -> None:
+    """The batch loop tests the id range with string bounds (no call, no int() per record):
+    it flags exactly the ids ``DeviceIdRule.contains`` refuses."""
+    rule = DeviceIdRule("TH-", min(a, b), max(a, b), 6)
+    r = Reconciler(policy(id_rule=rule))
+    r.add_issued_batch([(0, T0, device_id, b"k" * 32, "thermostat")])
+    flagged = [v.kind for v in r.violations] == ["id_out_of_range"]
+    assert flagged == (not rule.contains(device_id)) and len(r.violations) == int(flagged)
 
 
 def test_reconciler_batch_sees_allowance_burn_and_reissue_between_runs() -> None:
