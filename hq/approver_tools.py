@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -25,6 +24,7 @@ from trustcore.quorum import (
     ApprovalRequest,
     sign_approval,
 )
+from trustcore.utctime import now_unix
 
 __all__ = [
     "APPROVER_PASSPHRASE_ENV",
@@ -116,7 +116,7 @@ def sign_request(request: ApprovalRequest, signer: Signer, *, now: int | None = 
     """Approve ``request`` (the caller has shown it to the approver). Refuses to sign a
     request that does not name this key or has expired: such an approval is useless and
     signing it would only teach people to sign without reading."""
-    moment = int(datetime.now(UTC).timestamp()) if now is None else now
+    moment = now_unix(now)
     if key_id(signer.public_key()) not in request.approvers:
         raise QuorumRefused(
             "this key is not one of the request's approvers", reason="unknown_approver"

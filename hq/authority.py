@@ -35,6 +35,7 @@ from trustcore.keys import Signer, spki_der
 from trustcore.messages import CT_ENTITLEMENT, EntitlementPayload, StationEnrolment
 from trustcore.profiles import HqRole, issue_role_certificate, issue_root_ca, issue_station_ca
 from trustcore.sealed import seal_package
+from trustcore.utctime import aware_utc, now_utc, to_unix
 
 __all__ = [
     "EnrolmentResult",
@@ -58,14 +59,6 @@ ROOT_CRL_VALIDITY = timedelta(days=365)
 #: Certificates start a little in the past so a station whose clock is slightly behind
 #: HQ's does not see them as not yet valid.
 BACKDATE = timedelta(minutes=5)
-
-
-def now_utc(now: datetime | None) -> datetime:
-    """``now`` (or the current time) in UTC, whole seconds; naive datetimes are refused."""
-    moment = datetime.now(UTC) if now is None else now
-    if moment.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    return moment.astimezone(UTC).replace(microsecond=0)
 
 
 # --------------------------------------------------------------------------------- init
@@ -309,10 +302,8 @@ class EntitlementResult:
     overlaps: tuple[str, ...] = ()
 
 
-def _aware(name: str, moment: datetime) -> int:
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise EntitlementError(f"{name} must carry a time zone (e.g. 2025-01-01T00:00:00Z)")
-    return int(moment.timestamp())
+def _zone_hint(message: str) -> EntitlementError:
+    return EntitlementError(f"{message} (e.g. 2025-01-01T00:00:00Z)")
 
 
 def issue_entitlement(
@@ -334,8 +325,8 @@ def issue_entitlement(
     from hq.approvals import ISSUE_ENTITLEMENT, authorize, entitlement_params, precheck
 
     moment = now_utc(now)
-    not_before = _aware("not_before", request.not_before)
-    not_after = _aware("not_after", request.not_after)
+    not_before = to_unix(aware_utc("not_before", request.not_before, _zone_hint))
+    not_after = to_unix(aware_utc("not_after", request.not_after, _zone_hint))
     quorum_params = entitlement_params(request)
     precheck(home, ISSUE_ENTITLEMENT, quorum_params, approvals, now=int(moment.timestamp()))
     if not_after <= int(moment.timestamp()):

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl, now_utc
+from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl
 from hq.errors import HomeError, HqError, SecretError
 from hq.home import HqHome, HqSecrets
 from hq.kms import ensure_site_payload_key, kms_key, site_payload_keys
@@ -46,6 +46,7 @@ from trustcore.site_bundle import (
     seal_site_bundle,
 )
 from trustcore.site_rollover import SiteCaRollover, SiteRolloverError, site_ca_generation
+from trustcore.utctime import now_utc
 
 __all__ = [
     "DEFAULT_MAX_OFFLINE_DAYS",

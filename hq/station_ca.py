@@ -40,7 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.authority import BACKDATE, issue_root_crl, now_utc
+from hq.authority import BACKDATE, issue_root_crl
 from hq.errors import HqError, SecretError
 from hq.home import HqHome, HqSecrets
 from hq.store import HqStore
@@ -54,6 +54,7 @@ from trustcore.station_ca_request import (
     StationCaRequest,
     StationCaRequestError,
 )
+from trustcore.utctime import now_utc
 
 __all__ = [
     "MAX_REQUEST_AGE",

@@ -76,6 +76,7 @@ from trustcore.renewal import RenewalRequest
 from trustcore.revocation import RevocationList
 from trustcore.site_rollover import build_renew_now
 from trustcore.topics import COMMAND_LEVEL, ROLLOVER_LEVEL, device_topic
+from trustcore.utctime import Clock, system_clock
 
 if TYPE_CHECKING:
     from registrar.broker.mosquitto import MosquittoBroker
@@ -96,11 +97,11 @@ class SiteRuntime:
         secrets: SiteSecrets,
         settings: AppSettings | None = None,
         *,
-        clock: Callable[[], datetime] | None = None,
+        clock: Clock = system_clock,
     ) -> None:
         self.home = home
         #: The registrar's clock for payload-key rotation (the grace period); tests move it.
-        self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
+        self.clock: Clock = clock
         self.keys: KeyDistributor | None = None
         #: The Mosquitto process this registrar owns (restarted by the watcher if it dies).
         self._mosquitto: MosquittoBroker | None = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -39,6 +38,7 @@ from registrar.store import Store
 from registrar.supersede import SupersededCertificates
 from trustcore.identity import DeviceId
 from trustcore.revocation import RevocationList
+from trustcore.utctime import Clock
 
 __all__ = ["RunningSite", "health", "readings", "write_status"]
 
@@ -51,7 +51,7 @@ class RunningSite(Protocol):
     @property
     def settings(self) -> AppSettings: ...
     @property
-    def clock(self) -> Callable[[], datetime]: ...
+    def clock(self) -> Clock: ...
     @property
     def site(self) -> CommissionedSite | None: ...
     @property

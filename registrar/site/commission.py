@@ -34,7 +34,6 @@ from registrar.site.home import (
     issuing_ca_key,
     pem,
     revocation_lock,
-    site_now,
 )
 from registrar.site.running import (
     service_validity,
@@ -56,6 +55,7 @@ from trustcore.site_bundle import (
     VerifiedSiteBundle,
     verify_site_bundle,
 )
+from trustcore.utctime import now_utc
 
 __all__ = [
     "CommissionResult",
@@ -276,7 +276,7 @@ def commission_site(
     """Verify ``package`` against this site and, only if every check passes, make it the
     commissioned state. Raises :class:`CommissionError` (``reason`` from
     ``verify_site_bundle``) on refusal; nothing is changed then."""
-    moment = site_now(now)
+    moment = now_utc(now)
     if len(package) > MAX_SITE_BUNDLE_SIZE:
         raise CommissionError("the bundle is larger than any site bundle", reason="oversized")
     passphrase = secrets.passphrase()

@@ -24,7 +24,6 @@ from registrar.site.home import (
     current_cert,
     issuing_ca_key,
     pem,
-    site_now,
 )
 from signers.private_files import write_private_file
 from signers.software import SoftwareKey
@@ -42,6 +41,7 @@ from trustcore.site_bundle import (
     AdmissionEntry,
     ManifestEntry,
 )
+from trustcore.utctime import now_utc
 from trustcore.verify import ChainVerifier
 
 __all__ = [
@@ -80,7 +80,7 @@ def reissue_service_certificates(
     the revocation lock and reload the brokers after. Returns the new end, or None."""
     if not home.commissioned:
         raise ConfigError("the site is not commissioned yet")
-    moment = site_now(now)
+    moment = now_utc(now)
     broker_old = current_cert(home, "broker.pem")
     client_old = current_cert(home, "registrar-client.pem")
     site_ca = current_cert(home, "site-ca.pem")
