@@ -12,15 +12,16 @@ import hashlib
 import os
 import secrets as _random
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.errors import EnrolmentError, EntitlementError, HomeError, SecretError
+from hq.errors import EnrolmentError, EntitlementError, HomeError, HqError, SecretError
 from hq.home import HqConfig, HqHome, HqSecrets, Pkcs11Location, cert_pem
 from hq.store import EntitlementRow, HqStore, StationRow, parse_store_location
 from signers.errors import SignerError
@@ -46,6 +47,7 @@ __all__ = [
     "init_hq",
     "issue_entitlement",
     "issue_root_crl",
+    "sign_station_ca",
 ]
 
 ROOT_VALIDITY = timedelta(days=20 * 365)
@@ -502,21 +504,46 @@ def _issue_station_ca(
             f"would not verify for {DEVICE_LIFETIME.days // 365} years (a new root is needed)",
             reason="root_too_short",
         )
+    return sign_station_ca(
+        home,
+        secrets,
+        root_cert,
+        subject_key,  # type: ignore[arg-type]
+        station.station_id,
+        (start, end),
+        EntitlementError,
+    )
+
+
+def sign_station_ca(
+    home: HqHome,
+    secrets: HqSecrets,
+    root_cert: x509.Certificate,
+    subject_key: ec.EllipticCurvePublicKey,
+    station_id: str,
+    validity: tuple[datetime, datetime],
+    error: Callable[[str], HqError],
+) -> x509.Certificate:
+    """A station CA certificate for ``subject_key`` signed by the root (at each entitlement
+    and at each renewal or re-key, :mod:`hq.station_ca`), valid for ``validity`` and never
+    beyond it. A profile refusal raises ``error(message)``; a failing root key
+    :class:`SecretError`."""
+    start, end = validity
     root: Signer
     with home.root_key(secrets) as root:
         try:
             return issue_station_ca(
                 root_cert,
                 root.private_key(),
-                subject_key,  # type: ignore[arg-type]
-                station_id=StationId(station.station_id),
+                subject_key,
+                station_id=StationId(station_id),
                 organization=home.config.organization,
                 not_before=start,
                 not_after=end,
-                max_not_after=root_cert.not_valid_after_utc,
+                max_not_after=end,
             )
         except ProfileError as exc:
-            raise EntitlementError(f"cannot issue the station CA: {exc.message}") from exc
+            raise error(f"cannot issue the station CA: {exc.message}") from exc
         except SignerError as exc:
             raise SecretError(f"the root key failed to sign: {exc}") from exc
 
