@@ -240,6 +240,14 @@ def _signed_and_numbered(
     return next_update, number
 
 
+def _reason_of(revoked: x509.RevokedCertificate) -> x509.ReasonFlags:
+    """An entry's reason code; an entry without one is ``unspecified`` (RFC 5280 §5.3.1)."""
+    try:
+        return revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return x509.ReasonFlags.unspecified
+
+
 def verify_crl(
     crl: x509.CertificateRevocationList | bytes,
     issuer_cert: x509.Certificate,
@@ -275,11 +283,7 @@ def verify_crl(
     entries: dict[int, x509.ReasonFlags] = {}
     try:
         for revoked in crl:
-            try:
-                reason = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
-            except x509.ExtensionNotFound:
-                reason = x509.ReasonFlags.unspecified
-            entries[revoked.serial_number] = reason
+            entries[revoked.serial_number] = _reason_of(revoked)
     except ValueError as exc:
         raise CrlError("CRL entry does not parse", reason="malformed") from exc
     result = RevocationSet(
@@ -458,11 +462,7 @@ def verify_indirect_crl(
                 current_issuer = dirs[0]
             except x509.ExtensionNotFound:
                 pass
-            try:
-                reason = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
-            except x509.ExtensionNotFound:
-                reason = x509.ReasonFlags.unspecified
-            entries[(current_issuer.public_bytes(), revoked.serial_number)] = reason
+            entries[(current_issuer.public_bytes(), revoked.serial_number)] = _reason_of(revoked)
     except ValueError as exc:
         raise CrlError("CRL entry does not parse", reason="malformed") from exc
     result = IndirectRevocationSet(
