@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -155,7 +154,7 @@ def hq_data_status(app: RunningSite) -> dict[str, object] | None:
     and the log line come from :func:`registrar.crl_watch.check_crls`)."""
     if app.revocations is None or app.site is None:
         return None
-    fresh = hq_data_freshness(app.revocations, app.site.max_offline_days, datetime.now(UTC))
+    fresh = hq_data_freshness(app.revocations, app.site.max_offline_days, app.clock())
     return fresh.to_json()
 
 
