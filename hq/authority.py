@@ -47,6 +47,7 @@ __all__ = [
     "init_hq",
     "issue_entitlement",
     "issue_root_crl",
+    "sign_ca_with_root",
     "sign_station_ca",
 ]
 
@@ -529,21 +530,40 @@ def sign_station_ca(
     beyond it. A profile refusal raises ``error(message)``; a failing root key
     :class:`SecretError`."""
     start, end = validity
+    return sign_ca_with_root(
+        home,
+        secrets,
+        lambda root_key: issue_station_ca(
+            root_cert,
+            root_key,
+            subject_key,
+            station_id=StationId(station_id),
+            organization=home.config.organization,
+            not_before=start,
+            not_after=end,
+            max_not_after=end,
+        ),
+        "the station CA",
+        error,
+    )
+
+
+def sign_ca_with_root(
+    home: HqHome,
+    secrets: HqSecrets,
+    issue: Callable[[ec.EllipticCurvePrivateKey], x509.Certificate],
+    what: str,
+    error: Callable[[str], HqError],
+) -> x509.Certificate:
+    """``issue(root key)`` with the root key open only for that call: the one place a
+    station or site CA certificate is signed. A profile refusal raises
+    ``error("cannot issue <what>: …")``, a failing root key :class:`SecretError`."""
     root: Signer
     with home.root_key(secrets) as root:
         try:
-            return issue_station_ca(
-                root_cert,
-                root.private_key(),
-                subject_key,
-                station_id=StationId(station_id),
-                organization=home.config.organization,
-                not_before=start,
-                not_after=end,
-                max_not_after=end,
-            )
+            return issue(root.private_key())
         except ProfileError as exc:
-            raise error(f"cannot issue the station CA: {exc.message}") from exc
+            raise error(f"cannot issue {what}: {exc.message}") from exc
         except SignerError as exc:
             raise SecretError(f"the root key failed to sign: {exc}") from exc
 

@@ -21,19 +21,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl
-from hq.errors import HomeError, HqError, SecretError
+from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl, sign_ca_with_root
+from hq.errors import HomeError, HqError
 from hq.home import HqHome, HqSecrets
 from hq.kms import ensure_site_payload_key, kms_key, site_payload_keys
 from hq.store import HqStore, SiteRow, StationCrlRow
-from signers.errors import SignerError
 from trustcore.crl import load_crl, verify_crl
 from trustcore.errors import (
     CrlError,
     CsrError,
     EncodingError,
     InvalidValueError,
-    ProfileError,
 )
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
 from trustcore.keys import spki_der
@@ -165,22 +163,22 @@ def _sign_site_ca(
     root_cert = home.root_certificate()
     end = min(moment + SITE_CA_VALIDITY, root_cert.not_valid_after_utc)
     start = max(moment - BACKDATE, root_cert.not_valid_before_utc)
-    with home.root_key(secrets) as root:
-        try:
-            return issue_site_ca(
-                root_cert,
-                root.private_key(),
-                public_key,
-                site_id=SiteId(site_id),
-                organization=home.config.organization,
-                not_before=start,
-                not_after=end,
-                generation=generation,
-            )
-        except ProfileError as exc:
-            raise SiteError(f"cannot issue the site CA: {exc.message}") from exc
-        except SignerError as exc:
-            raise SecretError(f"the root key failed to sign: {exc}") from exc
+    return sign_ca_with_root(
+        home,
+        secrets,
+        lambda root_key: issue_site_ca(
+            root_cert,
+            root_key,
+            public_key,
+            site_id=SiteId(site_id),
+            organization=home.config.organization,
+            not_before=start,
+            not_after=end,
+            generation=generation,
+        ),
+        "the site CA",
+        SiteError,
+    )
 
 
 def rollover_site_ca(
