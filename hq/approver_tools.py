@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hq.approvals import QuorumRefused
 from hq.errors import HqError, SecretError
+from hq.home import read_secret
 from signers.errors import SignerError
-from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
+from signers.software import SoftwareKey
 from trustcore.keys import Signer, key_id
 from trustcore.quorum import (
     Approval,
@@ -59,20 +60,12 @@ class ApproverKeySource:
             )
 
     def _passphrase(self) -> bytes:
-        try:
-            if self.passphrase_file is not None:
-                return passphrase_from_file(self.passphrase_file)
-            return passphrase_from_env(APPROVER_PASSPHRASE_ENV)
-        except SignerError as exc:
-            raise SecretError(f"no approver keystore passphrase: {exc}") from exc
+        return read_secret(
+            self.passphrase_file, APPROVER_PASSPHRASE_ENV, "approver keystore passphrase"
+        )
 
     def _pin(self) -> bytes:
-        try:
-            if self.pin_file is not None:
-                return passphrase_from_file(self.pin_file)
-            return passphrase_from_env(APPROVER_PIN_ENV)
-        except SignerError as exc:
-            raise SecretError(f"no approver token PIN: {exc}") from exc
+        return read_secret(self.pin_file, APPROVER_PIN_ENV, "approver token PIN")
 
 
 def init_approver_key(source: ApproverKeySource) -> ec.EllipticCurvePublicKey:
