@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trustcore.utctime import Clock, now_utc, system_clock
+from trustcore.utctime import Clock, now_unix, now_utc, system_clock
 
 CORE = Path(__file__).resolve().parent.parent / "trustcore"
 
@@ -37,6 +37,12 @@ def test_now_utc_reads_the_clock_only_without_a_time() -> None:
     assert now_utc(None, typed) == fixed.replace(microsecond=0)
     assert now_utc(fixed, typed) == fixed.replace(microsecond=0)
     assert calls == [1]
+
+
+def test_now_unix_takes_the_given_seconds_or_the_clock() -> None:
+    fixed = datetime(2031, 6, 1, 12, 0, 0, 900_000, tzinfo=UTC)
+    assert now_unix(1_234, lambda: fixed) == 1_234
+    assert now_unix(None, lambda: fixed) == int(fixed.timestamp())
 
 
 def test_now_utc_refuses_a_naive_time() -> None:
