@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -50,7 +48,7 @@ from trustcore.stationtime import (
     anchor_at,
     trusted_time,
 )
-from trustcore.utctime import aware_utc, from_unix, to_unix
+from trustcore.utctime import Clock, aware_utc, from_unix, to_unix
 
 __all__ = [
     "ActiveState",
@@ -64,10 +62,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The station's host clock: an aware UTC ``datetime``, the type of every clock in the
-#: project (``trustcore.utctime``); the station works in whole Unix seconds
+#: The station's host clock is ``trustcore.utctime.Clock`` (an aware UTC ``datetime``, the
+#: type of every clock in the project); the station works in whole Unix seconds
 #: (:meth:`StationCore.now`) because its policy, audit records and wire formats do.
-Clock = Callable[[], datetime]
 
 
 @dataclass(frozen=True)
