@@ -35,6 +35,7 @@ from broker_config.render import (
 from broker_config.tls_policy import TLS12_CIPHERS, TLS13_CIPHERSUITES
 from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, BrokerTls, Endpoint
 from registrar.broker.mosquitto import MosquittoBroker
+from registrar.broker.mosquitto_process import free_ports
 from registrar.errors import BrokerError
 from registrar.mqtt_session import MqttSession, MqttSessionError
 from tests.fixtures.pki import DAY, MANUFACTURER, SITE_OPERATOR, Pki, make_crl, p256, pem
@@ -376,6 +377,17 @@ def test_listener_trust_gives_each_listener_only_its_issuers_crls(site: Site) ->
     assert x509.load_pem_x509_certificates(trust.operational_cas) == [pki.site_ca, pki.root]
     with pytest.raises(InvalidValueError, match="no CRL"):
         listener_trust(pem(pki.root) + pem(pki.station_ca), pem(pki.site_ca), pem(pki.site_crl))
+
+
+def test_chosen_ports_are_distinct_and_avoid_the_fixed_ones() -> None:
+    """The three listeners' ports: a port probed and released at once can come back from
+    the next probe (a registrar once failed to start with "the three listeners need three
+    different ports"); a restart after a crash keeps the dead broker's two ports."""
+    for _ in range(200):
+        first = free_ports(["127.0.0.1"] * 3)
+        assert len(set(first)) == 3
+        again = free_ports(["127.0.0.1"], avoid=first[:2])
+        assert again[0] not in first[:2]
 
 
 # --------------------------------------------------------------------------- real broker

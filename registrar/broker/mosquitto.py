@@ -57,7 +57,7 @@ from registrar.broker.mosquitto_process import (
     KEY_LOADS_START,
     KeyPipe,
     ProcessOwner,
-    free_port,
+    free_ports,
     launch_argv,
 )
 from registrar.errors import BrokerError
@@ -267,9 +267,11 @@ class MosquittoBroker:
 
     async def _start_once(self, workdir: Path, owner: ProcessOwner) -> None:
         host = self._settings.host
-        reg = self._settings.registration_port or free_port(host)
-        op = self._settings.operational_port or free_port(host)
-        admin = free_port("127.0.0.1")
+        fixed = (self._settings.registration_port, self._settings.operational_port)
+        hosts = [host for port in fixed if not port] + ["127.0.0.1"]
+        chosen = iter(free_ports(hosts, avoid={port for port in fixed if port}))
+        reg, op = (port or next(chosen) for port in fixed)
+        admin = next(chosen)
         self._config = MosquittoConfig(
             host=host,
             registration_port=reg,

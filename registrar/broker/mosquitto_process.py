@@ -7,7 +7,7 @@ server key reaches it without ever being a file in clear.
 * :class:`KeyPipe`: ``keyfile`` names a FIFO (mode 0600) that a thread of the registrar
   feeds with the decrypted PEM from memory, once per open, and only while a load is
   expected (start and SIGHUP: :data:`KEY_LOADS_START`, :data:`KEY_LOADS_RELOAD`).
-* :func:`free_port`: Mosquitto cannot report a port it picked, so the registrar picks.
+* :func:`free_ports`: Mosquitto cannot report a port it picked, so the registrar picks.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +37,25 @@ KEY_LOADS_START = 2
 KEY_LOADS_RELOAD = 4
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_ports(hosts: Sequence[str], avoid: Collection[int] = ()) -> list[int]:
+    """One free port on each of ``hosts``, all different and none in ``avoid``.
+
+    Every probe socket stays bound until all ports are chosen: a port released at once can
+    be handed out again by the next ``bind(0)`` (seen: the admin listener got the
+    operational listener's port, and a restart after a crash may be offered the dead
+    broker's own ports), and Mosquitto refuses a configuration with two equal ports."""
+    ports: list[int] = []
+    with contextlib.ExitStack() as probes:
+        for host in hosts:
+            while True:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = probes.enter_context(socket.socket(family))
+                sock.bind((host, 0))
+                port: int = sock.getsockname()[1]
+                if port not in avoid and port not in ports:
+                    ports.append(port)
+                    break
+    return ports
 
 
 @dataclass(frozen=True)
