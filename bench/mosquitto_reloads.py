@@ -5,7 +5,8 @@
 One :class:`registrar.broker.mosquitto.MosquittoBroker` on loopback (the test PKI of
 ``tests/fixtures/pki``), ``--sessions`` LDevID sessions on the operational listener, then
 two phases of ``--reloads`` reloads each, every one with a new site CRL (so that the reload
-really happens), RSS (``VmRSS``) of the Mosquitto process read from ``/proc`` before and
+really happens; it lists ``--crl-entries`` serials, as superseded LDevIDs pile up on a real
+site), RSS (``VmRSS``) of the Mosquitto process read from ``/proc`` before and
 after each phase:
 
 * **held**: the sessions stay connected, nobody reconnects;
@@ -25,8 +26,10 @@ import ssl
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -34,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from registrar.broker.mosquitto import MosquittoBroker
 from registrar.mqtt_session import MqttSession
-from tests.fixtures.pki import DAY, SITE_OPERATOR, make_crl, pem, shared_pki
+from tests.fixtures.pki import DAY, SITE_OPERATOR, pem, shared_pki
 from tests.test_broker_mosquitto import build_site
-from trustcore.identity import DeviceId
+from trustcore.crl import RevokedEntry, build_crl
+from trustcore.identity import CertSerial, DeviceId
 from trustcore.profiles import issue_secondary_certificate
 
 
@@ -83,10 +87,22 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         site = build_site(pki, d)
         number = 1
 
+        revoked = [
+            RevokedEntry(CertSerial(1000 + n), pki.now - DAY, x509.ReasonFlags.superseded)
+            for n in range(args.crl_entries)
+        ]
+
         def new_crl() -> None:
             nonlocal number
             number += 1
-            site_crl = make_crl(pki.now, pki.site_ca, pki.site_key, number=number)
+            site_crl = build_crl(
+                pki.site_ca,
+                pki.site_key,
+                revoked=revoked,
+                crl_number=number,
+                this_update=pki.now - timedelta(hours=1),
+                next_update=pki.now + 7 * DAY,
+            )
             crls = (pki.root_crl, pki.station_crl, site_crl)
             site.settings.tls.crl_file.write_bytes(b"".join(pem(c) for c in crls))
 
@@ -103,7 +119,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 )
             pid = broker.pid
             assert pid is not None
-            result: dict[str, object] = {"sessions": len(sessions), "reloads": args.reloads}
+            result: dict[str, object] = {
+                "sessions": len(sessions),
+                "reloads": args.reloads,
+                "crl_entries": args.crl_entries,
+            }
             for phase in ("held", "churn"):
                 before = rss_kb(pid)
                 started = time.monotonic()
@@ -136,4 +156,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=200)
     parser.add_argument("--reloads", type=int, default=100)
+    parser.add_argument("--crl-entries", type=int, default=0, help="serials on the site CRL")
     print(json.dumps(asyncio.run(main(parser.parse_args()))))
