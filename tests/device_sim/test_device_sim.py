@@ -12,15 +12,10 @@ from click.testing import CliRunner
 from device_sim.cli import main
 from device_sim.device import DeviceStateError, SimDevice, create_fleet, power_off_all, power_on_all
 from signers.attestation import TpmAttestor
-from tests.test_station_support import Vendor, make_vendor
+from tests.fixtures.station import Vendor
 from trustcore.identity import DeviceId
 
 pytestmark = pytest.mark.tpm
-
-
-@pytest.fixture(scope="module")
-def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
-    return make_vendor(tmp_path_factory)
 
 
 def test_device_key_survives_a_power_cycle(vendor: Vendor, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,14 +43,12 @@ from signers.errors import TpmImportError, TpmKeyError
 from signers.tpm import storage_primary_template
 from signers.tpm_import import SecretImport, secret_hmac
 from tests.fixtures.pki import Pki
-from tests.test_station_support import (
+from tests.fixtures.station import (
     PRODUCT,
     STATION_ID,
     SoftHq,
     StationEnv,
     Vendor,
-    make_vendor,
-    station_env_fixture,
 )
 from trustcore.audit import decode_record
 from trustcore.device_secrets import check_secret_use, secrets_for_device
@@ -170,18 +168,6 @@ def test_hq_reconciler_counts_secret_uses_and_flags_uses_outside_the_rule() -> N
 
 
 # ------------------------------------------------------------------------------ with swtpm
-
-
-@pytest.fixture(scope="module")
-def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
-    return make_vendor(tmp_path_factory)
-
-
-@pytest.fixture
-def station_env(
-    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
-) -> Iterator[StationEnv]:
-    yield from station_env_fixture(pki, vendor, tmp_path, swtpm_factory)
 
 
 class RecordingDevice(TpmDevice):

@@ -16,7 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,8 +32,7 @@ from tests.faults_support import (
     run_with_little_space,
     sqlite_intact,
 )
-from tests.fixtures.pki import Pki
-from tests.test_station_support import StationEnv, Vendor, make_vendor, station_env_fixture
+from tests.fixtures.station import StationEnv
 from trustcore.audit import decode_record
 
 pytestmark = pytest.mark.tpm
@@ -41,22 +40,12 @@ pytestmark = pytest.mark.tpm
 EXIT_REFUSED = 2  # factory-station: a refusal or a station error
 
 
-@pytest.fixture(scope="module")
-def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
-    return make_vendor(tmp_path_factory)
-
-
 @pytest.fixture
-def station_env(
-    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
-) -> Iterator[StationEnv]:
-    env_iter = station_env_fixture(pki, vendor, tmp_path, swtpm_factory)
-    env = next(env_iter)
-    with env.open() as station:
-        station.import_entitlement(env.hq.entitlement(quota=10, daily=10))
-    yield env
-    for _ in env_iter:
-        pass
+def station_env(station_env: StationEnv) -> StationEnv:
+    """The shared station (tests/fixtures/station.py), entitled to 10 devices a day."""
+    with station_env.open() as station:
+        station.import_entitlement(station_env.hq.entitlement(quota=10, daily=10))
+    return station_env
 
 
 def _station(env: StationEnv, *args: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -17,7 +17,6 @@ from zoneinfo import ZoneInfo
 import pytest
 from click.testing import CliRunner
 
-from device_sim.swtpm import Swtpm
 from factory_station.errors import IssuanceRefused
 from factory_station.plugins import load_station_plugins
 from factory_station.plugins.shift_hours import ShiftHours
@@ -27,7 +26,7 @@ from registrar.service import RegistrationService, SiteAuthority
 from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki
-from tests.test_station_support import StationEnv, Vendor, make_vendor, station_env_fixture
+from tests.fixtures.station import StationEnv
 from tests.trustcore.test_registration import ADMIT_STATION, make_dev, make_request, verifier
 from trustcore import cbor
 from trustcore.identity import DeviceId
@@ -85,18 +84,6 @@ def test_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ------------------------------------------------------------------------------- station
-
-
-@pytest.fixture(scope="module")
-def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
-    return make_vendor(tmp_path_factory)
-
-
-@pytest.fixture
-def station_env(
-    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
-) -> Iterator[StationEnv]:
-    yield from station_env_fixture(pki, vendor, tmp_path, swtpm_factory)
 
 
 def _configure(env: StationEnv, *plugins: dict[str, object]) -> None:

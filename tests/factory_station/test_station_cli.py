@@ -18,16 +18,11 @@ from device_sim.device import SimDevice
 from device_sim.swtpm import Swtpm
 from factory_station.cli import main
 from tests.fixtures.pki import Pki
-from tests.test_station_support import SoftHq, Vendor, make_vendor
+from tests.fixtures.station import SoftHq, Vendor
 from trustcore.messages import StationEnrolment
 from trustcore.sealed import peek
 
 pytestmark = pytest.mark.tpm
-
-
-@pytest.fixture(scope="module")
-def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
-    return make_vendor(tmp_path_factory)
 
 
 def test_cli_init_import_provision_status_export(

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,28 +19,12 @@ from device_sim.device import SimDevice
 from device_sim.swtpm import Swtpm
 from factory_station.errors import IssuanceRefused, StationStateError
 from factory_station.provision import provision_device
-from tests.fixtures.pki import Pki
-from tests.test_station_support import (
+from tests.fixtures.station import (
     StationEnv,
-    Vendor,
-    make_vendor,
-    station_env_fixture,
 )
 from trustcore.audit import decode_record
 
 pytestmark = pytest.mark.tpm
-
-
-@pytest.fixture(scope="module")
-def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
-    return make_vendor(tmp_path_factory)
-
-
-@pytest.fixture
-def station_env(
-    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
-) -> Iterator[StationEnv]:
-    yield from station_env_fixture(pki, vendor, tmp_path, swtpm_factory)
 
 
 # The composition root of a station process, with the counter wrapped so that the process

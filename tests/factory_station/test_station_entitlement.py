@@ -4,41 +4,23 @@ expired window, a station CA certificate that is not ours), each leaving nothing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from device_sim.swtpm import Swtpm
 from factory_station.errors import EntitlementImportError, StationStateError
 from factory_station.station import FactoryStation
 from tests.fixtures.pki import MANUFACTURER, Pki, p256
-from tests.test_station_support import (
+from tests.fixtures.station import (
     STATION_ID,
     StationEnv,
-    Vendor,
-    make_vendor,
-    station_env_fixture,
 )
 from trustcore.audit import decode_record
 from trustcore.identity import StationId
 from trustcore.profiles import HqRole, issue_station_ca
 
 pytestmark = pytest.mark.tpm
-
-
-@pytest.fixture(scope="module")
-def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
-    return make_vendor(tmp_path_factory)
-
-
-@pytest.fixture
-def station_env(
-    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
-) -> Iterator[StationEnv]:
-    yield from station_env_fixture(pki, vendor, tmp_path, swtpm_factory)
 
 
 def _snapshot(station: FactoryStation) -> tuple[int, int, int]:

@@ -6,7 +6,6 @@ whose key is not in the device TPM, and batches."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device_sim.device import SimDevice, TpmDevice
-from device_sim.swtpm import Swtpm
 from factory_station.errors import AttestationError, IssuanceRefused
 from factory_station.provision import provision_batch, provision_device
 from factory_station.station import FactoryStation
 from signers.software import SoftwareKey
 from tests.fixtures.pki import Pki
-from tests.test_station_support import (
+from tests.fixtures.station import (
     PRODUCT,
     StationEnv,
-    Vendor,
-    make_vendor,
-    station_env_fixture,
 )
 from trustcore.audit import FieldValue, verify_export
 from trustcore.csr import build_device_csr
@@ -39,18 +34,6 @@ from trustcore.sealed import open_package
 from trustcore.stationtime import unpack_tpm_field
 
 pytestmark = pytest.mark.tpm
-
-
-@pytest.fixture(scope="module")
-def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
-    return make_vendor(tmp_path_factory)
-
-
-@pytest.fixture
-def station_env(
-    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
-) -> Iterator[StationEnv]:
-    yield from station_env_fixture(pki, vendor, tmp_path, swtpm_factory)
 
 
 def _events(station: FactoryStation) -> list[tuple[str, dict[str, FieldValue]]]:

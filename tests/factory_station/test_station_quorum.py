@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,20 +15,15 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device_sim.cli import main as device_main
-from device_sim.swtpm import Swtpm
 from factory_station.errors import IssuanceRefused
 from factory_station.provision import provision_device
 from factory_station.station import FactoryStation
 from factory_station.store import StationStore
 from signers.software import SoftwareKey
-from tests.fixtures.pki import Pki
-from tests.test_station_support import (
+from tests.fixtures.station import (
     PRODUCT,
     STATION_ID,
     StationEnv,
-    Vendor,
-    make_vendor,
-    station_env_fixture,
 )
 from trustcore.audit import decode_record
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule
@@ -47,18 +41,6 @@ from trustcore.quorum import (
 from trustcore.sealed import seal_package
 
 pytestmark = pytest.mark.tpm
-
-
-@pytest.fixture(scope="module")
-def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
-    return make_vendor(tmp_path_factory)
-
-
-@pytest.fixture
-def station_env(
-    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
-) -> Iterator[StationEnv]:
-    yield from station_env_fixture(pki, vendor, tmp_path, swtpm_factory)
 
 
 @pytest.fixture(scope="module")

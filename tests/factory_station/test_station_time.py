@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,32 +26,18 @@ from factory_station.errors import EntitlementImportError, IssuanceRefused
 from factory_station.station import FactoryStation
 from hq.cli import main as hq_main
 from tests.fixtures.pki import Pki
-from tests.fixtures.tpm_faketime import FakeTime
-from tests.test_station_support import (
+from tests.fixtures.station import (
     StationEnv,
     Vendor,
     make_station,
-    make_vendor,
-    station_env_fixture,
 )
+from tests.fixtures.tpm_faketime import FakeTime
 from trustcore.audit import decode_record
 from trustcore.identity import DeviceId
 from trustcore.profiles import HqRole
 from trustcore.stationtime import unpack_tpm_field
 
 DAY = 86400
-
-
-@pytest.fixture(scope="module")
-def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
-    return make_vendor(tmp_path_factory)
-
-
-@pytest.fixture
-def station_env(
-    pki: Pki, vendor: Vendor, tmp_path: Path, swtpm_factory: Callable[..., Swtpm]
-) -> Iterator[StationEnv]:
-    yield from station_env_fixture(pki, vendor, tmp_path, swtpm_factory)
 
 
 def _try_issue(station: FactoryStation, number: int) -> str:

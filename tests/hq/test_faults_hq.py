@@ -23,8 +23,8 @@ from tests.faults_support import (
     run_on_full_directory,
     sqlite_intact,
 )
+from tests.fixtures.hq import ENV, World, build_world
 from tests.hq.test_site_bundle import SITE, make_world
-from tests.test_hq_support import ENV, World, build_world
 
 ISSUED = 18  # within the entitlement: quota 20, 10 a day (nine a day on two days)
 

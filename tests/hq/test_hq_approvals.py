@@ -30,9 +30,9 @@ from hq.approvals import (
 from hq.home import HqHome, HqQuorumConfig
 from hq.site import SiteBundleRequest, build_site_bundle
 from signers.software import SoftwareKey
+from tests.fixtures.hq import ENV, SoftStation, entitle_args, run_hq
 from tests.signers.test_signers_pkcs11 import SoftHsmToken
 from tests.signers.test_signers_pkcs11 import token as softhsm_token  # noqa: F401 (fixture)
-from tests.test_hq_support import ENV, SoftStation, entitle_args, run_hq
 from trustcore.keys import key_id
 from trustcore.quorum import Approval, ApprovalRequest, encode_bundle, sign_approval
 

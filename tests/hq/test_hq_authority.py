@@ -18,7 +18,7 @@ from hq.home import HqHome
 from hq.store import HqStore
 from signers.pkcs11 import SOFTHSM2_MODULE, Pkcs11Key
 from signers.software import SoftwareKey
-from tests.test_hq_support import ENV, PASSPHRASE, SoftStation, entitle_args, midnight_utc, run_hq
+from tests.fixtures.hq import ENV, PASSPHRASE, SoftStation, entitle_args, midnight_utc, run_hq
 from trustcore.keys import key_id
 from trustcore.profiles import (
     OID_EKU_AUDIT_RECEIVER,

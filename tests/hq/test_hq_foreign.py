@@ -24,7 +24,7 @@ from hq.home import HqHome, HqSecrets
 from hq.site import enrol_site
 from hq.store import HqStore
 from signers.software import SoftwareKey
-from tests.test_hq_support import PASSPHRASE, build_world, db_dump, entitle_args, run_hq
+from tests.fixtures.hq import PASSPHRASE, build_world, db_dump, entitle_args, run_hq
 from trustcore.csr import build_csr
 from trustcore.entitlement import DeviceIdRule
 from trustcore.identity import SiteId
@@ -144,7 +144,7 @@ def test_overlapping_device_ids_are_refused_unless_overridden(tmp_path: Path) ->
     world = build_world(tmp_path)  # stations a and b, both dev-0001..dev-0100 (overridden)
     home = world.home
     # a third station enrols; its range must not meet a or b's
-    from tests.test_hq_support import SoftStation
+    from tests.fixtures.hq import SoftStation
 
     c = SoftStation("station-c")
     (tmp_path / "c.enrol").write_bytes(c.enrolment())

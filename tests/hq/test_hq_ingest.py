@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hq.home import HqHome
 from hq.store import HqStore
 from signers.software import SoftwareKey
-from tests.test_hq_support import (
+from tests.fixtures.hq import (
     SoftStation,
     StationLog,
     World,
@@ -495,7 +495,7 @@ def test_undecodable_record_is_refused_as_malformed(
 def test_two_entitlements_in_one_export(tmp_path: Path) -> None:
     """A second entitlement (fresh station CA certificate, sequence 2) mid-log: each issuance
     is reconciled against its own entitlement, and a device issued under both is caught."""
-    from tests.test_hq_support import entitle_args
+    from tests.fixtures.hq import entitle_args
 
     w = build_world(tmp_path / "w")
     slog = w.a.new_log()

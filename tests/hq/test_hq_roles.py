@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hq.home import HqHome, HqSecrets
 from hq.roles import renew_role_certificates
-from tests.test_hq_support import ENV, PASSPHRASE, run_hq
+from tests.fixtures.hq import ENV, PASSPHRASE, run_hq
 from trustcore.profiles import HqRole
 
 YEAR = timedelta(days=365)

@@ -14,7 +14,7 @@ import pytest
 from hq.home import HqHome, HqSecrets
 from hq.station_time import issue_time_statement
 from hq.store import HqStore
-from tests.test_hq_support import (
+from tests.fixtures.hq import (
     PASSPHRASE,
     World,
     home_copy,

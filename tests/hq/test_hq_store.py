@@ -35,8 +35,8 @@ from hq.store import (
 )
 from hq.store.schema import SQLITE_MIGRATIONS
 from signers.software import SoftwareKey
+from tests.fixtures.hq import PASSPHRASE, build_world, ingest, run_hq
 from tests.fixtures.postgres import PgServer
-from tests.test_hq_support import PASSPHRASE, build_world, ingest, run_hq
 from trustcore.csr import build_csr
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
 from trustcore.messages import SiteEnrolment

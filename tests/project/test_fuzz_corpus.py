@@ -19,9 +19,9 @@ import pytest
 from click.testing import Result
 from cryptography.hazmat.primitives import serialization
 
+from tests.fixtures.hq import db_dump, run_hq
 from tests.fuzz.targets import CORPUS, TARGETS, corpus_files, run_one
 from tests.fuzz.world import FuzzWorld, build_fuzz_world
-from tests.test_hq_support import db_dump, run_hq
 from trustcore.sealed import seal_package
 from trustcore.site_report import CT_SITE_REPORT
 

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fixtures.hq import db_dump
 from tests.fuzz.mutate import mutate
 from tests.fuzz.targets import TARGETS, Target, run_one, seeds_of
 from tests.fuzz.world import FuzzWorld, build_fuzz_world
-from tests.test_hq_support import db_dump
 
 settings.register_profile(
     "fuzz",
