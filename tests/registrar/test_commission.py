@@ -3,6 +3,7 @@ leaves the site exactly as it was; payload keys never appear in clear in any fil
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,7 @@ from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.profiles import HqRole, issue_role_certificate, issue_root_ca
 from trustcore.sealed import seal_package
 from trustcore.site_bundle import CT_SITE_BUNDLE, SiteBundlePayload
+from trustcore.topics import TELEMETRY_LEVEL, device_topic, every_device_filter
 
 __all__ = ["world", "world_template"]  # fixtures shared with test_site_bundle
 
@@ -376,8 +378,11 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
 
 async def test_commissioned_site_serves_the_embedded_broker(world: World) -> None:
     """The files commissioning wrote are what the broker and the registrar client need:
-    the registrar identity connects to the operational listener over mutual TLS."""
+    the registrar identity connects to the operational listener over mutual TLS, its
+    subscription to every device's telemetry (the filter ``registrar run`` uses) is
+    granted, and a reading published on a device's telemetry topic reaches it."""
     import aiomqtt
+    from paho.mqtt.reasoncodes import ReasonCode
 
     from registrar.broker.embedded import EmbeddedBroker
 
@@ -393,6 +398,11 @@ async def test_commissioned_site_serves_the_embedded_broker(world: World) -> Non
             site.client_cert, site.client_key, password=settings.tls.server_key_passphrase
         )
         async with aiomqtt.Client(ep.host, ep.port, tls_context=ctx, identifier="r") as client:
-            await client.subscribe("registration/+/request")
+            granted = await client.subscribe(every_device_filter(TELEMETRY_LEVEL), qos=1)
+            assert [code.value if isinstance(code, ReasonCode) else code for code in granted] == [1]
+            topic = device_topic(DeviceId("TH-000001"), TELEMETRY_LEVEL)
+            await client.publish(topic, b"reading", qos=1)
+            message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
+            assert (message.topic.value, message.payload) == (topic, b"reading")
     finally:
         await broker.stop()

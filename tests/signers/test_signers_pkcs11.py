@@ -157,6 +157,15 @@ def _openssl_verify(tmp_path: Path, ca: x509.Certificate, cert: x509.Certificate
     assert result.stdout.strip().endswith(": OK")
 
 
+def _assert_signs(key: Pkcs11Key, data: bytes) -> None:
+    """``key`` signed ``data``: the signature verifies under its public key, and only for
+    ``data`` (a signature that verifies for anything would prove nothing)."""
+    sig = key.sign(data)
+    key.public_key().verify(sig, data, ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(InvalidSignature):
+        key.public_key().verify(sig, data + b"!", ec.ECDSA(hashes.SHA256()))
+
+
 def test_generated_key_signs_der_ecdsa_sha256(token: SoftHsmToken) -> None:
     with Pkcs11Key.generate(token.module, token.label, "root-ca", token.pin) as key:
         assert isinstance(key, Signer)
@@ -246,7 +255,7 @@ def test_wrong_pin_is_a_pin_error(token: SoftHsmToken) -> None:
     assert isinstance(info.value.__cause__, pkcs11.exceptions.PinIncorrect)
     # The right PIN still works afterwards: a failed login leaves nothing half-open.
     with Pkcs11Key.open(token.module, token.label, "root-ca", token.pin) as key:
-        key.sign(b"x")
+        _assert_signs(key, b"x")
 
 
 @pytest.mark.parametrize("pin", ["", b"", b"\xff\xfe"])
@@ -259,7 +268,7 @@ def test_empty_or_undecodable_pin_is_refused_before_the_token(
 
 def test_pin_as_bytes_is_accepted(token: SoftHsmToken) -> None:
     with Pkcs11Key.generate(token.module, token.label, "k", token.pin.encode()) as key:
-        key.sign(b"x")
+        _assert_signs(key, b"x")
 
 
 def test_missing_key_is_a_not_found_error(token: SoftHsmToken) -> None:
