@@ -52,6 +52,11 @@ from registrar.site import SITE_CRL_VALIDITY, SiteHome, SiteSecrets, commission_
 from signers.software import SoftwareKey
 from signers.tpm import Tpm, TpmKey, TpmKeyUsage
 from tests.broker.test_broker_mosquitto import FOREIGN_FILTERS
+from tests.fixtures.readiness import (
+    LINE_BUFFERED,
+    mosquitto_sub_subscribed,
+    without_debug_lines,
+)
 from tests.hq.test_site_bundle import STATION, World, make_world
 from trustcore.csr import build_device_csr
 from trustcore.identity import CertSerial, DeviceId, StationId
@@ -402,8 +407,11 @@ async def test_register_reconnect_telemetry_and_command(base: Base, registrar: R
         assert await registrar.telemetry_seen("TH-000001", reading) == current
         await registrar.acli("send-command", "TH-000001", "set-point 19", passphrase=False)
         assert await asyncio.wait_for(sa.commands.get(), 5) == b"set-point 19"
-        await asyncio.sleep(0.2)
-        assert sb.commands.empty()  # b never sees a's command
+        # b never sees a's command: the registrar's next command, to b, is the first b gets
+        # (one publisher, one subscriber session: delivered in order)
+        await registrar.acli("send-command", "TH-000102", "marker", passphrase=False)
+        assert await asyncio.wait_for(sb.commands.get(), 5) == b"marker"
+        assert sb.commands.empty()
     devices = json.loads(await registrar.acli("devices", "--json", passphrase=False))
     by_id = {d["device_id"]: d for d in devices}
     assert by_id["TH-000001"]["status"] == by_id["TH-000102"]["status"] == "registered"
@@ -580,19 +588,20 @@ async def test_devices_cannot_touch_foreign_topics_with_a_real_mqtt_client(
     common += ["--cert", str(cert), "--key", str(key)]
     async with two.operational(op) as s2:
         sub = await asyncio.create_subprocess_exec(
-            "mosquitto_sub", *common,
+            *LINE_BUFFERED, "mosquitto_sub", *common,
             "-t", "devices/TH-000301/#", "-t", "#", "-t", "devices/+/telemetry",
             "-t", "devices/TH-000302/cmd", "-t", "$SYS/#",
-            "-F", "%t", "-C", "1", "-W", "8",
+            "-F", "%t", "-C", "1", "-W", "30", "-d",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        await asyncio.sleep(1.0)  # its CONNECT and SUBSCRIBE
+        assert sub.stdout is not None
+        await mosquitto_sub_subscribed(sub.stdout)  # its CONNECT and SUBSCRIBE are done
         await s2.publish_telemetry(b"from two")  # foreign to one
         await run.acli("send-command", "TH-000302", "for two", passphrase=False)
         await run.acli("send-command", "TH-000301", "for one", passphrase=False)
-        out, err = await asyncio.wait_for(sub.communicate(), 10)
+        out, err = await asyncio.wait_for(sub.communicate(), 30)
         assert sub.returncode == 0, err
-        assert out.decode().split() == ["devices/TH-000301/cmd"]  # the first and only
+        assert without_debug_lines(out) == ["devices/TH-000301/cmd"]  # the first and only
         assert await asyncio.wait_for(s2.commands.get(), 5) == b"for two"
         # mosquitto_pub: a sealed reading on its own topic reaches the registrar; the same
         # envelope on the other device's topic does not.
@@ -622,7 +631,12 @@ async def test_devices_cannot_touch_foreign_topics_with_a_real_mqtt_client(
             await run.acli("send-command", "TH-000302", "second", passphrase=False)
             await run.acli("send-command", "TH-000301", "mine", passphrase=False)
             assert await asyncio.wait_for(s1.commands.get(), 5) == b"mine"
-            await asyncio.sleep(0.3)
+            # nothing else for one: the broker has routed two's reading once the registrar
+            # decrypted it, and the registrar's marker command after that is the next
+            # (and only) thing one gets
+            await run.telemetry_seen("TH-000302", b"again from two")
+            await run.acli("send-command", "TH-000301", "marker", passphrase=False)
+            assert await asyncio.wait_for(s1.commands.get(), 5) == b"marker"
             assert s1.commands.empty()
 
 

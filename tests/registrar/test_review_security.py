@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +24,7 @@ from registrar.site import (
 from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki
+from tests.fixtures.readiness import wait_for_flock_waiter
 from tests.hq.test_site_bundle import World, world, world_template
 from tests.trustcore.test_registration import ADMIT_STATION, make_dev, make_request, verifier
 from trustcore import cbor
@@ -132,7 +132,7 @@ def test_commission_waits_for_a_live_revocation(world: World) -> None:
             )
         )
         worker.start()
-        time.sleep(0.5)
+        wait_for_flock_waiter(world.site.path / "revocation.lock")  # the kernel says so
         assert worker.is_alive() and not done  # waiting for the lock
         reissue_site_crl(
             world.site,
