@@ -13,7 +13,7 @@ import logging
 import os
 import ssl
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +29,13 @@ from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, BrokerTls, Endp
 from registrar.broker.embedded import EmbeddedBroker
 from registrar.errors import BrokerError
 from tests.fixtures.pki import DAY, MANUFACTURER, SITE_OPERATOR, Pki, make_crl, p256, pem
+from tests.fixtures.readiness import (
+    LINE_BUFFERED,
+    eventually,
+    messages_until,
+    mosquitto_sub_subscribed,
+    without_debug_lines,
+)
 from trustcore.identity import DeviceId
 from trustcore.profiles import issue_factory_certificate, issue_secondary_certificate
 
@@ -468,13 +475,6 @@ async def test_retained_messages_of_others_are_not_replayed(
             assert await collect(dev_b, 0.7) == [("devices/dev-b/state", b"b-state")]
 
 
-async def eventually(condition: Callable[[], bool], seconds: float = 3) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def wait_cut(client: aiomqtt.Client) -> None:
     """Return when the broker has closed ``client``'s connection."""
     with contextlib.suppress(aiomqtt.MqttError):
@@ -655,13 +655,14 @@ async def test_mosquitto_clients_with_device_certificates(
         return ["--cert", str(site.ldevid[device].cert), "--key", str(site.ldevid[device].key)]
 
     sub = await asyncio.create_subprocess_exec(
-        "mosquitto_sub", *tls_args, *cert_args("dev-a"), "-q", "1", "-v", "-W", "3",
+        *LINE_BUFFERED, "mosquitto_sub", *tls_args, *cert_args("dev-a"), "-q", "1", "-v",
+        "-d", "-C", "2", "-W", "30",
         "-t", "devices/dev-b/#", "-t", "devices/+/cmd", "-t", "#", "-t", "devices/dev-a/#",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    assert sub.stdout is not None
     async with mqtt(site, op, site.service) as registrar:
-        await eventually(lambda: broker.live_sessions("dev-a") == 1)
-        await asyncio.sleep(0.3)  # its SUBSCRIBE follows the CONNECT
+        await mosquitto_sub_subscribed(sub.stdout)  # its SUBSCRIBE is answered
         await registrar.subscribe("devices/#", qos=1)
         await registrar.publish("devices/dev-b/cmd", b"for-b", qos=1)
         await registrar.publish("devices/dev-a/cmd", b"for-a", qos=1)
@@ -672,10 +673,12 @@ async def test_mosquitto_clients_with_device_certificates(
             )  # fmt: skip
             _, pub_err = await asyncio.wait_for(pub.communicate(), 10)
             assert pub.returncode == 0, pub_err
-        got = await collect(registrar, 0.5)
-    out, _ = await asyncio.wait_for(sub.communicate(), 10)
-    lines = out.decode().splitlines()
-    assert lines == ["devices/dev-a/cmd for-a"]  # nothing of dev-b's, nothing forged by dev-b
+        # after everything above: the next message both subscribers get (one routing queue)
+        await registrar.publish("devices/dev-a/cmd", b"marker", qos=1)
+        got = await messages_until(registrar, ("devices/dev-a/cmd", b"marker"))
+    out, _ = await asyncio.wait_for(sub.communicate(), 30)
+    # nothing of dev-b's, nothing forged by dev-b, before the marker (-C 2: it stops there)
+    assert without_debug_lines(out) == ["devices/dev-a/cmd for-a", "devices/dev-a/cmd marker"]
     assert sorted(got) == [
         ("devices/dev-a/cmd", b"for-a"),
         ("devices/dev-b/cmd", b"for-b"),

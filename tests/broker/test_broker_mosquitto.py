@@ -38,6 +38,12 @@ from registrar.broker.mosquitto import MosquittoBroker
 from registrar.errors import BrokerError
 from registrar.mqtt_session import MqttSession, MqttSessionError
 from tests.fixtures.pki import DAY, MANUFACTURER, SITE_OPERATOR, Pki, make_crl, p256, pem
+from tests.fixtures.readiness import (
+    LINE_BUFFERED,
+    eventually,
+    mosquitto_sub_subscribed,
+    without_debug_lines,
+)
 from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
 from trustcore.profiles import issue_factory_certificate, issue_secondary_certificate
@@ -554,7 +560,7 @@ async def test_client_id_takeover_is_impossible_and_clones_are_reported(
             assert await collect(dev_b, 0.4) == [("devices/dev-b/cmd", b"still-there")]
         assert broker.clone_signals == []
         async with mqtt(site, op, site.ldevid["dev-b"], identifier="anything"):
-            await asyncio.sleep(0.2)
+            await eventually(lambda: broker.clone_signals != [], seconds=10)  # Mosquitto's log
         assert broker.clone_signals == ["dev-b"]  # same certificate twice: clone signal
 
 
@@ -571,21 +577,21 @@ async def test_real_mosquitto_clients_with_a_secondary_certificate(
     ):
         await registrar.subscribe("devices/#", qos=1)
         sub = await asyncio.create_subprocess_exec(
+            *LINE_BUFFERED,
             "mosquitto_sub",
             *common,
             *("-t", "devices/dev-a/#", "-t", "#", "-t", "devices/+/t", "-v", "-C", "1"),
-            *("-W", "5"),
+            *("-W", "30", "-d"),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        while "dev-a" not in broker.live_sessions():
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)  # its SUBSCRIBE follows the CONNECT
+        assert sub.stdout is not None
+        await mosquitto_sub_subscribed(sub.stdout)  # its SUBSCRIBE is answered
         await dev_b.publish("devices/dev-b/t", b"foreign", qos=1)
         await registrar.publish("devices/dev-a/cmd", b"hello-cli", qos=1)
-        out, err = await asyncio.wait_for(sub.communicate(), 6)
+        out, err = await asyncio.wait_for(sub.communicate(), 30)
         assert sub.returncode == 0, err
-        assert out.decode().splitlines() == ["devices/dev-a/cmd hello-cli"]  # first and only
+        assert without_debug_lines(out) == ["devices/dev-a/cmd hello-cli"]  # first and only
         await collect(registrar, 0.1)
         for topic, payload in (("devices/dev-b/t", "spoof"), ("devices/dev-a/t", "legit")):
             pub = await asyncio.create_subprocess_exec(
