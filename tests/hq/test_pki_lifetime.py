@@ -308,7 +308,7 @@ def test_max_offline_days_is_chosen_per_site_within_1_to_180(world: World) -> No
 
 
 def test_site_bundle_payload_round_trips_the_offline_limit() -> None:
-    from tests.hq.test_site_bundle import doc_vector
+    from tests.fixtures.docs import doc_vector
 
     base = SiteBundlePayload.decode(doc_vector("site-bundle-payload"))
     assert base.max_offline_days == 30  # older bundles: the default

@@ -34,8 +34,8 @@ from hq.site import (
 from hq.store import SCHEMA_VERSION, DeviceRow, HqStore
 from registrar.site import SiteHome, SiteSecrets, init_site
 from signers.software import SoftwareKey
+from tests.fixtures.docs import doc_vector
 from tests.fixtures.pki import Pki, p256
-from tests.trustcore.test_messages import doc_vector
 from tests.trustcore.test_pkilint import SEVERE, _lint_certificate
 from trustcore import cbor
 from trustcore.crl import build_crl

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -13,19 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signers.software import SoftwareKey
+from tests.fixtures.docs import doc_vector
 from trustcore import audit, cbor
 from trustcore.audit import AuditLog, ChainHead, Checkpoint
 from trustcore.errors import AuditChainError, InvalidValueError
 
-FORMATS_MD = Path(__file__).resolve().parents[2] / "docs" / "formats.md"
 T0 = 1_700_000_000
-
-
-def doc_vector(name: str) -> bytes:
-    text = FORMATS_MD.read_text(encoding="utf-8")
-    match = re.search(rf"<!-- vector: {re.escape(name)} -->\s*```(?:hex)?\n(.*?)```", text, re.S)
-    assert match, f"vector {name} missing from docs/formats.md"
-    return bytes.fromhex("".join(match.group(1).split()))
 
 
 class DeterministicKey(SoftwareKey):

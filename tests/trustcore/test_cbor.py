@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -11,18 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fixtures.docs import doc_vector
 from trustcore import cbor
 from trustcore.errors import EncodingError
-
-FORMATS_MD = Path(__file__).resolve().parents[2] / "docs" / "formats.md"
-
-
-def doc_vector(name: str) -> bytes:
-    text = FORMATS_MD.read_text(encoding="utf-8")
-    match = re.search(rf"<!-- vector: {re.escape(name)} -->\s*```(?:hex)?\n(.*?)```", text, re.S)
-    assert match, f"vector {name} missing from docs/formats.md"
-    return bytes.fromhex("".join(match.group(1).split()))
-
 
 DOC_VALUE = {"b": 1, 10: [True, None, b"\x00"], -1: "x", "aa": -500, 24: 4294967296}
 

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from signers.software import SoftwareKey
+from tests.fixtures.docs import doc_vector
 from tests.fixtures.pki import Pki, p256
 from tests.trustcore.test_registration import ADMIT_STATION, der, make_dev, make_request, verifier
-from tests.trustcore.test_sealed import doc_vector
 from trustcore import cbor
 from trustcore.csr import build_device_csr
 from trustcore.est import (

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from signers.software import SoftwareKey
+from tests.fixtures.docs import doc_vector
 from trustcore import cbor
 from trustcore.csr import build_csr
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy
 from trustcore.errors import CsrError, EncodingError
 from trustcore.identity import StationId
 from trustcore.messages import AuditExportPayload, EntitlementPayload, StationEnrolment
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "formats.md"
-
-
-def doc_vector(name: str) -> bytes:
-    text = DOC.read_text()
-    match = re.search(rf"<!-- vector: {re.escape(name)} -->\s*```(?:hex)?\n(.*?)```", text, re.S)
-    assert match, f"vector {name} missing from docs/formats.md"
-    return bytes.fromhex("".join(match.group(1).split()))
 
 
 def vector_payload() -> EntitlementPayload:

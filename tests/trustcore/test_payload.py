@@ -3,14 +3,13 @@ and the cost of encryption."""
 
 from __future__ import annotations
 
-import re
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fixtures.docs import doc_vector
 from trustcore.payload import (
     ENVELOPE_OVERHEAD,
     MAX_ENVELOPE_SIZE,
@@ -23,13 +22,6 @@ from trustcore.payload import (
 )
 
 TOPIC = "devices/dev-0001/telemetry"
-
-
-def doc_vector(name: str) -> bytes:
-    text = (Path(__file__).parents[2] / "docs" / "formats.md").read_text()
-    match = re.search(rf"<!-- vector: {re.escape(name)} -->\s*```(?:hex)?\n(.*?)```", text, re.S)
-    assert match, name
-    return bytes.fromhex("".join(match.group(1).split()))
 
 
 def vector_key() -> PayloadKey:

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from signers.software import SoftwareKey
+from tests.fixtures.docs import doc_vector
 from tests.fixtures.pki import Pki, p256
-from tests.trustcore.test_messages import doc_vector
 from trustcore import cbor
 from trustcore.errors import EncodingError, InvalidValueError
 from trustcore.identity import CertSerial, DeviceId, StationId

@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import re
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -18,20 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signers.software import SoftwareKey
+from tests.fixtures.docs import doc_vector
 from trustcore import cbor, hpke, sealed
 from trustcore.errors import InvalidValueError, ReplayError, SealedPackageError
 from trustcore.keys import key_id
 
-FORMATS_MD = Path(__file__).resolve().parents[2] / "docs" / "formats.md"
 MAX = 1 << 20
-
-
-def doc_vector(name: str) -> bytes:
-    """The hex block that follows ``<!-- vector: name -->`` in docs/formats.md."""
-    text = FORMATS_MD.read_text(encoding="utf-8")
-    match = re.search(rf"<!-- vector: {re.escape(name)} -->\s*```(?:hex)?\n(.*?)```", text, re.S)
-    assert match, f"vector {name} missing from docs/formats.md"
-    return bytes.fromhex("".join(match.group(1).split()))
 
 
 def make_cert(

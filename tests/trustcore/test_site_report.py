@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from signers.software import SoftwareKey
-from tests.trustcore.test_audit import doc_vector
+from tests.fixtures.docs import doc_vector
 from trustcore import cbor
 from trustcore.errors import EncodingError
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.trustcore.test_messages import doc_vector
+from tests.fixtures.docs import doc_vector
 from trustcore import cbor
 from trustcore.errors import EncodingError, InvalidValueError, PolicyError
 from trustcore.messages import TimeStatement
