@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.fixtures.swtpm",
     "tests.fixtures.postgres",
     "tests.fixtures.station",
+    "tests.fixtures.softhsm",
 ]
 
 # No per-example deadline: on a shared 2-core machine one example can take 10x its usual

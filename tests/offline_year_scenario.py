@@ -35,9 +35,9 @@ from device_sim.client import DeviceClient, DeviceRegistrationError
 from hq.site import SiteBundleRequest, build_site_bundle, record_station_crl
 from registrar.broker import Endpoint
 from registrar.site import commission_site, read_crls
-from tests.e2e.test_offline_site import device
 from tests.fixtures.faketime import FakeClock
-from tests.hq.test_site_bundle import SITE, STATION, make_world
+from tests.fixtures.offline_site import device
+from tests.fixtures.site import SITE, STATION, make_world
 from trustcore.crl import build_crl
 
 REGISTRAR = Path(sys.executable).parent / "registrar"

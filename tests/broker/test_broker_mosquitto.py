@@ -13,7 +13,6 @@ import os
 import ssl
 import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -21,9 +20,7 @@ from typing import Literal
 import aiomqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
 from broker_config.render import (
     MosquittoConfig,
@@ -37,7 +34,14 @@ from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, BrokerTls, Endp
 from registrar.broker.mosquitto import MosquittoBroker
 from registrar.errors import BrokerError
 from registrar.mqtt_session import MqttSession, MqttSessionError
-from tests.fixtures.pki import DAY, MANUFACTURER, SITE_OPERATOR, Pki, make_crl, p256, pem
+from tests.fixtures.mosquitto_site import (
+    FOREIGN_FILTERS,
+    ClientCert,
+    Site,
+    build_site,
+    refused,
+)
+from tests.fixtures.pki import Pki, pem
 from tests.fixtures.readiness import (
     LINE_BUFFERED,
     eventually,
@@ -45,166 +49,13 @@ from tests.fixtures.readiness import (
     without_debug_lines,
 )
 from trustcore.errors import InvalidValueError
-from trustcore.identity import DeviceId
-from trustcore.profiles import issue_factory_certificate, issue_secondary_certificate
 
-PASSPHRASE = b"mosquitto test passphrase"
 V311 = aiomqtt.ProtocolVersion.V311
-
-
-@dataclass(frozen=True)
-class ClientCert:
-    cert: Path  # leaf only (what a device normally sends)
-    chain: Path  # leaf + its issuing CA (what an attacker may add)
-    key: Path
-
-
-def _write_client(
-    d: Path,
-    name: str,
-    cert: x509.Certificate,
-    issuer: x509.Certificate,
-    key: ec.EllipticCurvePrivateKey,
-) -> ClientCert:
-    paths = ClientCert(d / f"{name}.pem", d / f"{name}-chain.pem", d / f"{name}-key.pem")
-    paths.cert.write_bytes(pem(cert))
-    paths.chain.write_bytes(pem(cert) + pem(issuer))
-    paths.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
-
-
-def _service_certificate(pki: Pki, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    """The registrar's client certificate: CN=REGISTRAR_IDENTITY (not a DeviceId), site CA."""
-    site_ski = pki.site_ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, REGISTRAR_IDENTITY),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, SITE_OPERATOR),
-        ]
-    )
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(pki.site_ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(pki.now - DAY)
-        .not_valid_after(pki.now + 365 * DAY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-            critical=True,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(site_ski),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(pki.site_key, hashes.SHA256())
-    )
-
-
-@dataclass(frozen=True)
-class Site:
-    pki: Pki
-    dir: Path
-    settings: BrokerSettings
-    root: Path
-    idevid: dict[str, ClientCert]
-    ldevid: dict[str, ClientCert]
-    ldevid_certs: dict[str, x509.Certificate]
-    service: ClientCert
-
-    def write_crls(
-        self,
-        *,
-        revoked: tuple[str, ...] = (),
-        number: int = 1,
-        next_update: timedelta = 7 * DAY,
-    ) -> None:
-        now = self.pki.now
-        site_crl = make_crl(
-            now,
-            self.pki.site_ca,
-            self.pki.site_key,
-            revoked=tuple(self.ldevid_certs[d] for d in revoked),
-            number=number,
-            this_update=min(now, now + next_update) - timedelta(hours=1),
-            next_update=now + next_update,
-        )
-        crls = (self.pki.root_crl, self.pki.station_crl, site_crl)
-        self.settings.tls.crl_file.write_bytes(b"".join(pem(c) for c in crls))
-
-
-DEVICES = ("dev-a", "dev-b", "dev-c")
 
 
 @pytest.fixture(scope="module")
 def site(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Site:
     return build_site(pki, tmp_path_factory.mktemp("mosquitto-site"))
-
-
-def build_site(pki: Pki, d: Path) -> Site:
-    """Broker settings, device certificates (IDevID, LDevID) and CRLs in directory ``d``
-    (also used by the TLS policy tests of both brokers)."""
-    (d / "broker.pem").write_bytes(pem(pki.broker) + pem(pki.site_ca))
-    (d / "broker-key.pem").write_bytes(
-        pki.broker_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(PASSPHRASE),
-        )
-    )
-    (d / "registration-cas.pem").write_bytes(pem(pki.root) + pem(pki.station_ca))
-    (d / "operational-cas.pem").write_bytes(pem(pki.site_ca))
-    (d / "root.pem").write_bytes(pem(pki.root))
-    (d / "crls.pem").write_bytes(b"".join(pem(c) for c in pki.crls))
-    idevid, ldevid, ldevid_certs = {}, {}, {}
-    for name in DEVICES:
-        factory_key, key = p256(f"mosq-{name}-factory"), p256(f"mosq-{name}")
-        device = DeviceId(name)
-        factory = issue_factory_certificate(
-            pki.station_ca,
-            pki.station_key,
-            factory_key.public_key(),
-            device_id=device,
-            manufacturer=MANUFACTURER,
-            not_before=pki.now - DAY,
-        )
-        secondary = issue_secondary_certificate(
-            pki.site_ca,
-            pki.site_key,
-            key.public_key(),
-            device_id=device,
-            organization=SITE_OPERATOR,
-            not_before=pki.now - DAY,
-            not_after=pki.now + 30 * DAY,
-        )
-        idevid[name] = _write_client(d, f"{name}-idevid", factory, pki.station_ca, factory_key)
-        ldevid[name] = _write_client(d, f"{name}-ldevid", secondary, pki.site_ca, key)
-        ldevid_certs[name] = secondary
-    service_key = p256("mosq-service")
-    service = _write_client(
-        d, "service", _service_certificate(pki, service_key), pki.site_ca, service_key
-    )
-    settings = BrokerSettings(
-        tls=BrokerTls(
-            server_cert=d / "broker.pem",
-            server_key=d / "broker-key.pem",
-            server_key_passphrase=PASSPHRASE,
-            registration_cas=d / "registration-cas.pem",
-            operational_cas=d / "operational-cas.pem",
-            crl_file=d / "crls.pem",
-        ),
-        workdir=d / "work",
-    )
-    return Site(pki, d, settings, d / "root.pem", idevid, ldevid, ldevid_certs, service)
 
 
 @pytest.fixture
@@ -251,43 +102,6 @@ async def collect(client: aiomqtt.Client, seconds: float) -> list[tuple[str, byt
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(read(), seconds)
     return got
-
-
-CONNECT = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x3c\x00\x01x"  # MQTT 3.1.1, client id "x"
-
-
-async def refused(
-    site: Site, endpoint: Endpoint, cert: ClientCert | None, *, chain: bool = False
-) -> bool:
-    """True if the broker never accepts an MQTT CONNECT over this TLS identity."""
-    ctx = ssl.create_default_context(cafile=site.root)
-    if cert is not None:
-        ctx.load_cert_chain(cert.chain if chain else cert.cert, cert.key)
-    return await refused_with(endpoint, ctx)
-
-
-async def refused_with(endpoint: Endpoint, ctx: ssl.SSLContext) -> bool:
-    """True if the broker never accepts an MQTT CONNECT over the TLS context ``ctx`` (the
-    TLS 1.3 refusal arrives as an alert on the first read, so a raw CONNECT is sent and
-    read)."""
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(endpoint.host, endpoint.port, ssl=ctx), 5
-        )
-    except (ssl.SSLError, ConnectionError):
-        return True
-    try:
-        writer.write(CONNECT)
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(4), 5)
-    except (ssl.SSLError, ConnectionError):
-        return True
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
-    assert answer in (b"", b"\x20\x02\x00\x00"), answer
-    return answer != b"\x20\x02\x00\x00"
 
 
 # ------------------------------------------------------------------------- rendering (pure)
@@ -477,25 +291,6 @@ async def test_listeners_share_topics_only_for_the_registrar(
         ]
 
 
-FOREIGN_FILTERS = [
-    "devices/dev-b/#",
-    "devices/dev-b/t",
-    "devices/+/t",
-    "devices/+/#",
-    "+/dev-b/t",
-    "#",
-    "+/#",
-    "+/+/+",
-    "$share/g/devices/dev-b/t",
-    "$share/g/#",
-    "$SYS/#",
-    "$SYS/broker/clients/connected",
-    "devices//#",
-    "devices/dev-a/../dev-b/t",
-    "devtrust/register/+/request",
-    "devtrust/register/dev-b/response",
-    "$CONTROL/dynamic-security/#",
-]
 FOREIGN_TOPICS = [
     "devices/dev-b/t",
     "devices/dev-b/cmd",

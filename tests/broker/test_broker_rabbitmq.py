@@ -61,7 +61,7 @@ from registrar.service import RegistrationService
 from registrar.site import commission_site
 from registrar.store import Store
 from tests.fixtures.rabbitmq import RabbitCluster, start_cluster, stray_beams
-from tests.hq.test_site_bundle import STATION, make_world
+from tests.fixtures.site import STATION, make_world
 from trustcore.crl import RevokedEntry, build_crl
 from trustcore.identity import CertSerial
 from trustcore.payload import open_payload, seal_payload

@@ -23,7 +23,7 @@ from broker_config.tls_policy import TLS12_CIPHERS
 from registrar.broker.embedded import EmbeddedBroker
 from registrar.broker.mosquitto import MosquittoBroker
 from registrar.errors import BrokerError
-from tests.broker.test_broker_mosquitto import CONNECT, ClientCert, Site, build_site
+from tests.fixtures.mosquitto_site import CONNECT, ClientCert, Site, build_site
 from tests.fixtures.pki import Pki, pem
 
 CONNACK_OK = b"\x20\x02\x00\x00"

@@ -16,12 +16,10 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from cryptography import x509
 
 from device_sim.cli import main as device_main
@@ -32,50 +30,12 @@ from hq.cli import main as hq_main
 from registrar.app import AppSettings, running
 from registrar.cli import main as registrar_main
 from registrar.site import SiteHome, SiteSecrets
+from tests.fixtures.fleet import invoke, secret_file, station_with_entitlement
 from trustcore.profiles import device_id_from_certificate
 
 pytestmark = pytest.mark.tpm
 
 BIN = Path(sys.executable).parent
-
-
-def invoke(cli: object, *args: object, code: int = 0) -> str:
-    result = CliRunner().invoke(cli, [str(a) for a in args])  # type: ignore[arg-type]
-    assert result.exit_code == code, result.output
-    return result.output
-
-
-def secret_file(path: Path, value: str) -> Path:
-    path.write_text(value + "\n")
-    path.chmod(0o600)
-    return path
-
-
-def station_with_entitlement(
-    tmp: Path, swtpm: Swtpm, *, unsafe: bool, vendor_pem: Path | None = None
-) -> tuple[Path, Path]:
-    """HQ and an entitled station ``station-01`` (ids ``TH-000000``…): (HQ home, station)."""
-    hq, station = tmp / "hq", tmp / "station"
-    invoke(hq_main, "init", "--home", hq, "--org", "Acme Devices")
-    enrolment = tmp / "enrolment.cbor"
-    mode = ["--unsafe-csr-only"] if unsafe else ["--tpm-vendor-ca", vendor_pem]
-    invoke(
-        station_main, "init", "--home", station, "--station-id", "station-01",
-        "--tcti", swtpm.tcti, "--root", hq / "certs" / "root-ca.pem", *mode,
-        "--enrolment-out", enrolment,
-    )  # fmt: skip
-    invoke(hq_main, "enrol-station", "--home", hq, enrolment)
-    now = datetime.now(UTC)
-    entitlement = tmp / "entitlement.sealed"
-    invoke(
-        hq_main, "entitle", "--home", hq, "--station", "station-01", "--product", "thermo",
-        "--quota", "20", "--daily-limit", "20", "--timezone", "UTC",
-        "--not-before", (now - timedelta(hours=1)).isoformat(),
-        "--not-after", (now + timedelta(days=30)).isoformat(), "--id-prefix", "TH-",
-        "--id-first", "0", "--id-last", "999", "--id-digits", "6", "--out", entitlement,
-    )  # fmt: skip
-    invoke(station_main, "import-entitlement", "--home", station, entitlement)
-    return hq, station
 
 
 async def onboard_fleet(

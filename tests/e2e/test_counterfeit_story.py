@@ -53,9 +53,9 @@ from registrar.report import build_site_report, read_report_data
 from registrar.site import SiteHome, SiteSecrets
 from signers.software import SoftwareKey
 from signers.tpm import Tpm, TpmKey
-from tests.hq.test_hq_approvals import _approvers, _configure
+from tests.fixtures.hq import bootstrap_approvers, configure_quorum
+from tests.fixtures.registrar_run import until_cut
 from tests.hygiene import log_leaks, loose_state
-from tests.registrar.test_registrar_integration import until_cut
 from trustcore.identity import DeviceId
 from trustcore.profiles import (
     crl_issuers_of,
@@ -205,8 +205,8 @@ def test_counterfeit_story(
             sim.power_off()
 
     # --- revoking the whole station CA needs the HQ quorum ----------------------------------
-    home = _configure(hq, m=2)
-    keys = _approvers(home, 3)
+    home = configure_quorum(hq, m=2)
+    keys = bootstrap_approvers(home, 3)
     refused = runner.invoke(
         hq_main,
         ["revoke", "--home", str(hq), "--station-ca", STATION, "--out", str(tmp_path / "x")],

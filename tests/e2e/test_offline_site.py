@@ -20,22 +20,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from device_sim.client import DeviceClient, DeviceCredentials, DeviceRegistrationError, SoftwareKeys
+from device_sim.client import DeviceRegistrationError
 from hq.site import SiteBundleRequest, build_site_bundle
 from registrar.broker import Endpoint
 from registrar.cli import main as registrar_main
 from registrar.site import commission_site
-from signers.software import SoftwareKey
-from tests.hq.test_site_bundle import SITE, STATION, World, make_world
-from trustcore.identity import DeviceId
-from trustcore.profiles import HqRole, crl_issuers_of, issue_factory_certificate
+from tests.fixtures.offline_site import device
+from tests.fixtures.site import SITE, STATION, World, make_world
 
 REGISTRAR = Path(sys.executable).parent / "registrar"
 HQ = Path(sys.executable).parent / "hq"
@@ -53,28 +51,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     )
     commission_site(world.site, result.package, world.site_secrets)
     return world
-
-
-def device(world: World, device_id: str, *, ahead: timedelta = timedelta(0)) -> DeviceClient:
-    """A software device whose IDevID carries the HQ CRL signer as cRLIssuer, as stations
-    make them (the station learns the name from its entitlement)."""
-    key = SoftwareKey.ephemeral()
-    ca = world.station_ca
-    cert = issue_factory_certificate(
-        ca,
-        world.station_key.private_key(),
-        key.public_key(),
-        device_id=DeviceId(device_id),
-        manufacturer="Acme Devices",
-        not_before=max(ca.not_valid_before_utc, datetime.now(UTC) - timedelta(hours=1)),
-        crl_issuer=world.hq.role_certificate(HqRole.CRL_SIGNER).subject,
-    )
-    assert crl_issuers_of(cert)
-    root = world.hq.root_certificate()
-    creds = DeviceCredentials(DeviceId(device_id), cert, (ca,), key, (root,))
-    # The device's clock agrees with the site's (faked) one: registration requests carry
-    # the time and the registrar refuses a request from another day (stale_request).
-    return DeviceClient(creds, SoftwareKeys(), clock=lambda: time.time() + ahead.total_seconds())
 
 
 class Registrar:

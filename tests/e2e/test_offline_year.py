@@ -30,7 +30,7 @@ from cryptography import x509
 from hq.site import SiteBundleRequest, build_site_bundle
 from registrar.site import commission_site, reissue_service_certificates
 from tests.fixtures.faketime import LIBFAKETIME, FakeClock
-from tests.hq.test_site_bundle import SITE, STATION, make_world
+from tests.fixtures.site import SITE, STATION, make_world
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -26,8 +26,8 @@ from registrar.service import RegistrationService, SiteAuthority
 from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki
+from tests.fixtures.registration import ADMIT_STATION, make_dev, make_request, verifier
 from tests.fixtures.station import StationEnv
-from tests.trustcore.test_registration import ADMIT_STATION, make_dev, make_request, verifier
 from trustcore import cbor
 from trustcore.identity import DeviceId
 from trustcore.payload import PayloadKey

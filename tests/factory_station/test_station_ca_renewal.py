@@ -440,7 +440,7 @@ def test_foreign_stale_superseded_and_revoked_requests_are_refused(
         revoke_station_ca_params,
     )
     from hq.home import HqHome
-    from tests.hq.test_hq_approvals import _approvers, _configure
+    from tests.fixtures.hq import bootstrap_approvers, configure_quorum
     from trustcore.profiles import issue_root_ca, issue_station_ca
     from trustcore.quorum import encode_bundle, sign_approval
 
@@ -571,8 +571,8 @@ def test_foreign_stale_superseded_and_revoked_requests_are_refused(
     # Another station's certificates are revoked (quorum): no renewal, no re-key way out.
     other = entitled_station("station-02")
     gated = entitled_station("station-04")
-    home = _configure(hq, m=2, station_rekey=True)
-    keys = _approvers(home, 2)
+    home = configure_quorum(hq, m=2, station_rekey=True)
+    keys = bootstrap_approvers(home, 2)
 
     # HQ's policy gates re-keys: without approvals refused (and told which key to approve);
     # approvals for another key do not count; approvals for this station and key do. A

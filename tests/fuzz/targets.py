@@ -235,7 +235,7 @@ def _approvals(world: FuzzWorld, data: bytes) -> object:
 
 
 def _registration_request(world: FuzzWorld, data: bytes) -> object:
-    from tests.trustcore.test_registration import ADMIT_STATION, verifier
+    from tests.fixtures.registration import ADMIT_STATION, verifier
     from trustcore.registration import parse_request, verify_request
 
     assert world.registration is not None

@@ -34,7 +34,7 @@ from hq.site import enrol_site
 from signers.software import SoftwareKey
 from tests.fixtures.hq import PASSPHRASE, SoftStation, World, build_world, run_hq
 from tests.fixtures.pki import Pki, shared_pki
-from tests.trustcore.test_registration import make_dev, make_request
+from tests.fixtures.registration import make_dev, make_request
 from trustcore.crl import RevokedEntry, build_crl
 from trustcore.csr import build_csr, build_device_csr
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId

@@ -24,7 +24,7 @@ from tests.faults_support import (
     sqlite_intact,
 )
 from tests.fixtures.hq import ENV, World, build_world
-from tests.hq.test_site_bundle import SITE, make_world
+from tests.fixtures.site import SITE, make_world
 
 ISSUED = 18  # within the entitlement: quota 20, 10 a day (nine a day on two days)
 

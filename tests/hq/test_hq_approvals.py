@@ -27,12 +27,18 @@ from hq.approvals import (
     running_server,
     site_bundle_params,
 )
-from hq.home import HqHome, HqQuorumConfig
+from hq.home import HqHome
 from hq.site import SiteBundleRequest, build_site_bundle
 from signers.software import SoftwareKey
-from tests.fixtures.hq import ENV, SoftStation, entitle_args, run_hq
-from tests.signers.test_signers_pkcs11 import SoftHsmToken
-from tests.signers.test_signers_pkcs11 import token as softhsm_token  # noqa: F401 (fixture)
+from tests.fixtures.hq import (
+    ENV,
+    SoftStation,
+    bootstrap_approvers,
+    configure_quorum,
+    entitle_args,
+    run_hq,
+)
+from tests.fixtures.softhsm import SoftHsmToken
 from trustcore.keys import key_id
 from trustcore.quorum import Approval, ApprovalRequest, encode_bundle, sign_approval
 
@@ -57,33 +63,6 @@ def home(hq_template: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "hq"
     shutil.copytree(hq_template, dest)
     return dest
-
-
-def _configure(home: Path, **quorum: Any) -> HqHome:
-    hq = HqHome.open(home)
-    cfg = hq.config.__class__(
-        hq.config.organization,
-        hq.config.root_pkcs11,
-        hq.config.created,
-        quorum=HqQuorumConfig(**quorum),
-    )
-    (home / "hq.json").write_text(cfg.to_json())
-    return HqHome.open(home)
-
-
-def _approvers(hq: HqHome, n: int = 3) -> list[SoftwareKey]:
-    """Bootstrap an HQ approver set of ``n`` software keys, each later one approved by the
-    quorum of those before it."""
-    keys = [SoftwareKey.ephemeral() for _ in range(n)]
-    add_approver(hq, "approver-0", keys[0].public_key())
-    for i in range(1, n):
-        from hq.approvals import ADD_APPROVER, add_approver_params
-
-        params = add_approver_params(f"approver-{i}", keys[i].public_key())
-        request = create_request(hq, ADD_APPROVER, params, requested_by="test")
-        approvals = [sign_approval(request, k, now=request.created) for k in keys[:i]]
-        add_approver(hq, f"approver-{i}", keys[i].public_key(), [encode_bundle(request, approvals)])
-    return keys
 
 
 # ------------------------------------------------------------------------------- CLI flow
@@ -143,7 +122,7 @@ def test_cli_flow_with_files_gates_a_large_entitlement(home: Path, tmp_path: Pat
     r = sign(tmp_path / "add-bob.req", 2, tmp_path / "x")
     assert r.exit_code == 1 and "unknown_approver" in r.output
 
-    _configure(home, m=2, entitlement_quota_above=100)
+    configure_quorum(home, m=2, entitlement_quota_above=100)
     out = tmp_path / "small.ent"
     r = run_hq(*entitle_args(home, "station-a", out, **{"--quota": "50"}))
     assert r.exit_code == 0, r.output  # below the threshold: no quorum needed
@@ -206,8 +185,8 @@ def _http(
 
 
 def test_http_endpoint_verifies_approvals_on_receipt(home: Path) -> None:
-    hq = _configure(home, m=2)
-    keys = _approvers(hq, 3)
+    hq = configure_quorum(home, m=2)
+    keys = bootstrap_approvers(hq, 3)
     outsider = SoftwareKey.ephemeral()
     params = revoke_station_ca_params("station-a")
     request = create_request(hq, REVOKE_STATION_CA, params, requested_by="ops")
@@ -283,8 +262,8 @@ def test_station_ca_revocation_is_always_gated(home: Path) -> None:
     with pytest.raises(QuorumRefused) as info:
         authorize_station_ca_revocation(hq, "station-a", [])
     assert info.value.reason == "insufficient"
-    hq = _configure(home, m=2)
-    keys = _approvers(hq, 3)
+    hq = configure_quorum(home, m=2)
+    keys = bootstrap_approvers(hq, 3)
     request = create_request(hq, REVOKE_STATION_CA, revoke_station_ca_params("station-b"),
                              requested_by="ops")  # fmt: skip
     approvals = [sign_approval(request, k, now=request.created) for k in keys[1:]]
@@ -310,8 +289,8 @@ def test_payload_key_export_gate_in_site_bundles(
     with pytest.raises(Exception) as info:
         build_site_bundle(HqHome.open(home), request, secrets)
     assert getattr(info.value, "reason", "") == "unknown_site"
-    hq = _configure(home, m=2, export_payload_key=True)
-    keys = _approvers(hq, 2)
+    hq = configure_quorum(home, m=2, export_payload_key=True)
+    keys = bootstrap_approvers(hq, 2)
     with pytest.raises(QuorumRefused) as refused:
         build_site_bundle(hq, request, secrets)
     assert refused.value.reason == "insufficient"
@@ -329,8 +308,8 @@ def test_payload_key_export_gate_in_site_bundles(
 
 
 def test_adding_an_approver_needs_the_existing_quorum(home: Path) -> None:
-    hq = _configure(home, m=2)
-    keys = _approvers(hq, 3)
+    hq = configure_quorum(home, m=2)
+    keys = bootstrap_approvers(hq, 3)
     newcomer = SoftwareKey.ephemeral()
     with pytest.raises(QuorumRefused) as info:
         add_approver(hq, "mallory", newcomer.public_key())
@@ -355,7 +334,7 @@ def test_adding_an_approver_needs_the_existing_quorum(home: Path) -> None:
 def test_an_approver_key_in_a_pkcs11_token_signs(
     home: Path,
     tmp_path: Path,
-    softhsm_token: SoftHsmToken,  # noqa: F811 (the imported fixture)
+    softhsm_token: SoftHsmToken,
 ) -> None:
     token = softhsm_token
     env = {**ENV, "DEVTRUST_APPROVER_PIN": token.pin}
@@ -366,7 +345,7 @@ def test_an_approver_key_in_a_pkcs11_token_signs(
     assert r.exit_code == 0, r.output
     public = serialization.load_pem_public_key((tmp_path / "c.pub").read_bytes())
     assert isinstance(public, ec.EllipticCurvePublicKey)
-    hq = _configure(home, m=1)
+    hq = configure_quorum(home, m=1)
     add_approver(hq, "carol", public)
     request = create_request(hq, REVOKE_STATION_CA, revoke_station_ca_params("station-a"),
                              requested_by="ops")  # fmt: skip

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import stat
-import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pkcs11
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +15,7 @@ from hq.store import HqStore
 from signers.pkcs11 import SOFTHSM2_MODULE, Pkcs11Key
 from signers.software import SoftwareKey
 from tests.fixtures.hq import ENV, PASSPHRASE, SoftStation, entitle_args, midnight_utc, run_hq
+from tests.fixtures.softhsm import SoftHsmToken
 from trustcore.keys import key_id
 from trustcore.profiles import (
     OID_EKU_AUDIT_RECEIVER,
@@ -249,41 +246,17 @@ def test_entitlement_refusals(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- PKCS#11 root
 
-TOKEN_LABEL = "hq-root-token"
-USER_PIN = "hq-user-pin-2468"
 
-
-@pytest.fixture
-def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A SoftHSM2 token in tmp_path (SOFTHSM2_CONF is read at C_Initialize: finalize)."""
-    tokendir = tmp_path / "tokens"
-    tokendir.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokendir}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
-    pkcs11.lib(SOFTHSM2_MODULE).finalize()
-    util = shutil.which("softhsm2-util")
-    assert util is not None
-    pins = ["--so-pin", "so-1357", "--pin", USER_PIN]  # test PINs only
-    subprocess.run(
-        [util, "--init-token", "--free", "--label", TOKEN_LABEL, *pins],
-        check=True,
-        capture_output=True,
-    )
-    yield tokendir
-    pkcs11.lib(SOFTHSM2_MODULE).finalize()
-
-
-def test_pkcs11_root_init_enrol_entitle(softhsm: Path, tmp_path: Path) -> None:
+def test_pkcs11_root_init_enrol_entitle(softhsm_token: SoftHsmToken, tmp_path: Path) -> None:
+    """The root key generated in a SoftHSM2 token (tests/fixtures/softhsm.py)."""
+    label, pin = softhsm_token.label, softhsm_token.pin
     home = tmp_path / "hq"
-    env = {**ENV, "DEVTRUST_HQ_PIN": USER_PIN}
+    env = {**ENV, "DEVTRUST_HQ_PIN": pin}
     token_args = (
         "--root-pkcs11-module",
         SOFTHSM2_MODULE,
         "--root-pkcs11-token",
-        TOKEN_LABEL,
+        label,
         "--root-pkcs11-key",
         "root-ca",
     )
@@ -291,7 +264,7 @@ def test_pkcs11_root_init_enrol_entitle(softhsm: Path, tmp_path: Path) -> None:
     assert "generated in the token" in out
     assert not (home / "keys" / "root-ca.key.pem").exists()  # the root key is only in the token
     root = HqHome.open(home).root_certificate()
-    with Pkcs11Key.open(SOFTHSM2_MODULE, TOKEN_LABEL, "root-ca", USER_PIN) as token_key:
+    with Pkcs11Key.open(SOFTHSM2_MODULE, label, "root-ca", pin) as token_key:
         assert token_key.public_key() == root.public_key()
     st = SoftStation("line-hsm")
     enrol(home, st, tmp_path)

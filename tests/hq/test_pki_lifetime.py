@@ -1,7 +1,7 @@
 """Issue 8, items 1-3: a manufacturer chain that lives as long as the devices, a root that
 stays offline (delegated CRL signer, indirect CRL), and sites offline for weeks.
 
-Real HQ home and site home (``tests.hq.test_site_bundle.make_world``), real certificates, and
+Real HQ home and site home (``tests.fixtures.site.make_world``), real certificates, and
 the real ``openssl`` binary for what standard tools must agree on.
 """
 
@@ -23,8 +23,8 @@ from hq.revocation_data import root_ceremony
 from hq.site import SiteBundleRequest, SiteError, build_site_bundle
 from hq.store import DeviceRow, HqStore
 from registrar.revocation import RevocationAwareVerifier, hq_data_freshness
-from tests.hq.test_site_bundle import SITE, STATION, World, make_world
-from tests.trustcore.test_pkilint import SEVERE, _findings, _lint_certificate, _tool
+from tests.fixtures.pkilint import SEVERE, lint_certificate, pkilint_findings, pkilint_tool
+from tests.fixtures.site import SITE, STATION, World, make_world
 from trustcore.crl import build_crl, load_crl
 from trustcore.errors import VerificationError
 from trustcore.identity import DeviceId
@@ -153,7 +153,7 @@ def test_idevid_names_the_crl_signer_and_lints_clean(
     ku = signer.extensions.get_extension_for_class(x509.KeyUsage).value
     assert ku.crl_sign and not ku.key_cert_sign
     for name, cert in (("idevid", idevid), ("crl-signer", signer)):
-        findings = _lint_certificate(_write(tmp_path / f"{name}.pem", cert))
+        findings = lint_certificate(_write(tmp_path / f"{name}.pem", cert))
         assert not [f for f in findings if f[0] in SEVERE], (name, findings)
     # The indirect CRL HQ publishes lints clean as a PKIX CRL as well.
     revoke(world.hq, world.hq_secrets, devices=["TH-000002", "TH-000003"], reason="cloned")
@@ -164,7 +164,9 @@ def test_idevid_names_the_crl_signer_and_lints_clean(
     )  # fmt: skip
     assert published.hq_crl is not None
     crl_file = _write(tmp_path / "hq-indirect-crl.pem", load_crl(published.hq_crl))
-    findings = _findings([_tool("lint_crl"), "lint", "-t", "CRL", "-p", "PKIX"], crl_file)
+    findings = pkilint_findings(
+        [pkilint_tool("lint_crl"), "lint", "-t", "CRL", "-p", "PKIX"], crl_file
+    )
     assert not [f for f in findings if f[0] in SEVERE], findings
 
 

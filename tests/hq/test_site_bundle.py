@@ -1,16 +1,13 @@
 """Site enrolment and the site bundle at HQ: format vector, enrolment, bundle content, KMS,
 station CRLs, and the new certificate profile under pkilint.
 
-The helpers here (:func:`make_world`) build a real HQ home, an enrolled and entitled station
-(software keys), devices as an audit ingest records them, and a real site home; the
-commissioning tests reuse them.
+The world these tests run in (a real HQ home, an enrolled and entitled station, a real site
+home) is built by tests/fixtures/site.py, which the commissioning and registrar tests share.
 """
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,9 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hq.authority import EntitlementRequest, enrol_station, init_hq, issue_entitlement
 from hq.errors import HomeError
-from hq.home import HqHome, HqSecrets
 from hq.kms import init_kms, kms_key, site_payload_keys
 from hq.site import (
     ROOT_CRL_VALIDITY,
@@ -31,16 +26,14 @@ from hq.site import (
     enrol_site,
     record_station_crl,
 )
-from hq.store import SCHEMA_VERSION, DeviceRow, HqStore
-from registrar.site import SiteHome, SiteSecrets, init_site
+from hq.store import SCHEMA_VERSION, HqStore
 from signers.software import SoftwareKey
 from tests.fixtures.docs import doc_vector
 from tests.fixtures.pki import Pki, p256
-from tests.trustcore.test_pkilint import SEVERE, _lint_certificate
+from tests.fixtures.pkilint import SEVERE, lint_certificate
+from tests.fixtures.site import DAY, SITE, STATION, World, make_world, world, world_template
 from trustcore import cbor
-from trustcore.crl import build_crl
 from trustcore.csr import build_csr
-from trustcore.entitlement import DeviceIdRule
 from trustcore.errors import CsrError, EncodingError
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
 from trustcore.messages import SiteEnrolment, StationEnrolment
@@ -54,121 +47,7 @@ from trustcore.site_bundle import (
     verify_site_bundle,
 )
 
-DAY = timedelta(days=1)
-STATION = "station-1"
-SITE = "site-1"
-
-
-def write_secret(path: Path, value: str) -> Path:
-    path.write_text(value + "\n")
-    path.chmod(0o600)
-    return path
-
-
-@dataclass
-class World:
-    """HQ + one entitled station with devices + one enrolled site, all on disk."""
-
-    base: Path
-    hq: HqHome
-    hq_secrets: HqSecrets
-    site: SiteHome
-    site_secrets: SiteSecrets
-    station_key: SoftwareKey
-    station_ca: x509.Certificate
-
-    def bundle(self, **kw: object) -> bytes:
-        request = SiteBundleRequest(
-            site_id=str(kw.pop("site_id", SITE)),
-            devices=tuple(kw.pop("devices", ("TH-000001", "TH-000002"))),  # type: ignore[arg-type]
-            admit_stations=tuple(kw.pop("admit_stations", ())),  # type: ignore[arg-type]
-            admit_products=tuple(kw.pop("admit_products", ())),  # type: ignore[arg-type]
-            rotate_payload_key=bool(kw.pop("rotate_payload_key", False)),
-        )
-        assert not kw
-        return build_site_bundle(self.hq, request, self.hq_secrets).package
-
-    def add_site(self, site_id: str) -> SiteHome:
-        path = self.base / site_id
-        result = init_site(
-            path,
-            site_id=site_id,
-            root_pem=(self.hq.certs_dir / "root-ca.pem").read_bytes(),
-            secrets=self.site_secrets,
-        )
-        enrol_site(self.hq, result.enrolment_path.read_bytes(), self.hq_secrets)
-        return SiteHome.open(path)
-
-
-def make_world(base: Path) -> World:
-    base.mkdir(parents=True, exist_ok=True)
-    hq_secrets = HqSecrets(write_secret(base / "hq.pass", "hq-passphrase"))
-    init_hq(base / "hq", organization="Acme Devices", secrets=hq_secrets)
-    hq = HqHome.open(base / "hq")
-    ca, transport = SoftwareKey.generate(), SoftwareKey.generate()
-    csr = build_csr(ca, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, STATION)]))
-    enrol_station(
-        hq, StationEnrolment.create(StationId(STATION), csr, ca, transport.public_key()).encode()
-    )
-    now = datetime.now(UTC)
-    entitlement = issue_entitlement(
-        hq,
-        EntitlementRequest(
-            STATION,
-            "thermo",
-            100,
-            50,
-            "UTC",
-            now - DAY,
-            now + 30 * DAY,
-            DeviceIdRule("TH-", 0, 999, 6),
-        ),
-        hq_secrets,
-    )
-    store = HqStore.open(hq.db_path)
-    with store.transaction():
-        store.put_devices(
-            DeviceRow(f"TH-00000{i}", f"{0xA0 + i:x}", STATION, 1, bytes([i]) * 32, i, 1, None)
-            for i in (1, 2, 3)
-        )
-    store.close()
-    crl = build_crl(
-        entitlement.station_ca_cert,
-        ca.private_key(),
-        revoked=[],
-        crl_number=1,
-        this_update=now - DAY,
-        next_update=now + 7 * DAY,
-    )
-    record_station_crl(hq, STATION, crl.public_bytes(serialization.Encoding.DER))
-    site_secrets = SiteSecrets(write_secret(base / "site.pass", "site-passphrase"))
-    world = World(base, hq, hq_secrets, None, site_secrets, ca, entitlement.station_ca_cert)  # type: ignore[arg-type]
-    world.site = world.add_site(SITE)
-    return world
-
-
-@pytest.fixture(scope="module")
-def world_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("world") / "w"
-    make_world(base)
-    return base
-
-
-@pytest.fixture
-def world(world_template: Path, tmp_path: Path) -> World:
-    """A private copy of the module's world (HQ and site state change in tests)."""
-    base = tmp_path / "w"
-    shutil.copytree(world_template, base, symlinks=True)
-    return World(
-        base,
-        HqHome.open(base / "hq"),
-        HqSecrets(base / "hq.pass"),
-        SiteHome.open(base / SITE),
-        SiteSecrets(base / "site.pass"),
-        None,  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
-    )
-
+__all__ = ["world", "world_template"]  # fixtures (tests/fixtures/site.py)
 
 # ----------------------------------------------------------------------------- format
 
@@ -469,7 +348,7 @@ def test_service_client_profile_and_pkilint(pki: Pki, tmp_path: Path) -> None:
     cert.verify_directly_issued_by(pki.site_ca)
     path = tmp_path / "service.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    findings = _lint_certificate(path)
+    findings = lint_certificate(path)
     assert [f for f in findings if f[0] in SEVERE] == []
     assert findings  # the linter did run
 

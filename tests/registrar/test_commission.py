@@ -30,7 +30,7 @@ from registrar.site import (
 )
 from signers.software import SoftwareKey
 from tests.fixtures.pki import p256
-from tests.hq.test_site_bundle import SITE, STATION, World, make_world, world, world_template
+from tests.fixtures.site import SITE, STATION, World, make_world, world, world_template
 from trustcore.crl import RevokedEntry
 from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.profiles import HqRole, issue_role_certificate, issue_root_ca
@@ -38,7 +38,7 @@ from trustcore.sealed import seal_package
 from trustcore.site_bundle import CT_SITE_BUNDLE, SiteBundlePayload
 from trustcore.topics import TELEMETRY_LEVEL, device_topic, every_device_filter
 
-__all__ = ["world", "world_template"]  # fixtures shared with test_site_bundle
+__all__ = ["world", "world_template"]  # fixtures (tests/fixtures/site.py)
 
 DAY = timedelta(days=1)
 

@@ -39,9 +39,9 @@ from registrar.broker import Endpoint
 from registrar.cli import main as registrar_main
 from registrar.est import EstServer, EstTraffic, est_server_context
 from signers.software import SoftwareKey
-from tests.device_sim.test_fleet_build import invoke, secret_file, station_with_entitlement
+from tests.fixtures.fleet import invoke, secret_file, station_with_entitlement
 from tests.fixtures.pki import Pki
-from tests.registrar.test_registrar_integration import DAY, REGISTRAR
+from tests.fixtures.registrar_run import DAY, REGISTRAR
 from trustcore.est import CSR_ATTRS_DER
 from trustcore.identity import DeviceId
 from trustcore.profiles import (

@@ -34,8 +34,8 @@ from tests.faults_support import (
     run_with_little_space,
     sqlite_intact,
 )
-from tests.hq.test_site_bundle import STATION, make_world
-from tests.registrar.test_operations import OpsSite, registrar_process, software_device
+from tests.fixtures.ops_site import OpsSite, registrar_process, software_device
+from tests.fixtures.site import STATION, make_world
 
 pytestmark = [pytest.mark.slow]
 

@@ -21,7 +21,7 @@ from registrar.site import SiteConfig
 from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki, p256
-from tests.trustcore.test_registration import ADMIT_STATION, Dev, make_dev, make_request, verifier
+from tests.fixtures.registration import ADMIT_STATION, Dev, make_dev, make_request, verifier
 from trustcore.errors import TrustCoreError
 from trustcore.identity import DeviceId, SiteId
 from trustcore.key_rotation import (

@@ -37,7 +37,7 @@ from click.testing import CliRunner
 from device_sim.client import DeviceClient, Registered
 from registrar.broker import Endpoint
 from registrar.cli import main as registrar_main
-from tests.registrar.test_registrar_integration import (
+from tests.fixtures.registrar_run import (
     REGISTRAR,
     Base,
     base,

@@ -10,44 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 
-from device_sim.client import DeviceClient, DeviceCredentials, DeviceRegistrationError, SoftwareKeys
+from device_sim.client import DeviceRegistrationError
 from registrar.app import AppSettings, RegistrarApp
 from registrar.broker import Endpoint
 from registrar.site import SiteSecrets, commission_site
-from signers.software import SoftwareKey
-from tests.hq.test_site_bundle import World, make_world
-from trustcore.identity import DeviceId
-from trustcore.profiles import issue_factory_certificate
+from tests.fixtures.ops_site import OpsSite, registrar_process, software_device
+from tests.fixtures.site import make_world
 
 pytestmark = [pytest.mark.slow]
 
 REGISTRAR = Path(sys.executable).parent / "registrar"
 DAY = timedelta(days=1)
-
-
-@dataclass
-class OpsSite:
-    world: World
-    template: Path  # a commissioned site home, copied per test
-    passphrase_file: Path
-
-    def copy(self, to: Path) -> Path:
-        shutil.copytree(self.template, to, symlinks=True)
-        return to
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +38,6 @@ def ops_site(tmp_path_factory: pytest.TempPathFactory) -> OpsSite:
     world = make_world(tmp_path_factory.mktemp("ops") / "w")
     commission_site(world.site, world.bundle(devices=("TH-000001",)), world.site_secrets)
     return OpsSite(world, world.site.path, world.base / "site.pass")
-
-
-def software_device(world: World, device_id: str) -> DeviceClient:
-    key = SoftwareKey.ephemeral()
-    now = datetime.now(UTC)
-    cert = issue_factory_certificate(
-        world.station_ca,
-        world.station_key.private_key(),
-        key.public_key(),
-        device_id=DeviceId(device_id),
-        manufacturer="Acme Devices",
-        not_before=max(world.station_ca.not_valid_before_utc, now - DAY),
-    )
-    root = x509.load_pem_x509_certificate((world.hq.certs_dir / "root-ca.pem").read_bytes())
-    creds = DeviceCredentials(DeviceId(device_id), cert, (world.station_ca,), key, (root,))
-    return DeviceClient(creds, SoftwareKeys())
 
 
 async def curl(url: str) -> tuple[int, str]:
@@ -97,42 +63,6 @@ def sample(exposition: str, name: str, labels: str = "") -> float:
 
 
 # --------------------------------------------------------------- registrar run, a process
-
-
-@contextlib.contextmanager
-def registrar_process(
-    ops: OpsSite, home: Path, stderr: Path, broker: str
-) -> Iterator[dict[str, object]]:
-    """``registrar run`` with metrics on a free loopback port and JSON logs; yields the
-    status document once it runs; stops it with SIGTERM (exit 0)."""
-    with stderr.open("wb") as err:
-        process = subprocess.Popen(
-            [
-                str(REGISTRAR), "run", "--home", str(home),
-                "--passphrase-file", str(ops.passphrase_file), "--broker", broker,
-                "--registration-port", "0", "--operational-port", "0",
-                "--metrics-port", "0", "--log-format", "json", "--log-level", "info",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=err,
-        )  # fmt: skip
-    try:
-        status = home / "run" / "status.json"
-        deadline = time.monotonic() + 60
-        while not status.exists():
-            assert process.poll() is None, stderr.read_text()
-            assert time.monotonic() < deadline, stderr.read_text()
-            time.sleep(0.05)
-        yield json.loads(status.read_text())
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            out, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    assert process.returncode == 0, stderr.read_text()
-    assert b"metrics http://127.0.0.1:" in out
 
 
 @pytest.mark.parametrize("broker", ["embedded", "mosquitto"])

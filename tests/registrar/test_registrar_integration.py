@@ -18,13 +18,8 @@ import json
 import logging
 import os
 import shutil
-import signal
 import ssl
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,28 +36,40 @@ from device_sim.client import (
     DeviceRegistrationError,
     SoftwareKeys,
     TlsIdentity,
-    TpmKeys,
 )
-from device_sim.swtpm import Swtpm
 from registrar.app import AppSettings, RegistrarApp, running
 from registrar.broker import Endpoint
 from registrar.cli import main as registrar_main
 from registrar.revocation import RevocationAwareVerifier
-from registrar.site import SITE_CRL_VALIDITY, SiteHome, SiteSecrets, commission_site
+from registrar.site import SITE_CRL_VALIDITY, SiteHome, SiteSecrets
 from signers.software import SoftwareKey
-from signers.tpm import Tpm, TpmKey, TpmKeyUsage
-from tests.broker.test_broker_mosquitto import FOREIGN_FILTERS
+from signers.tpm import TpmKey
+from tests.fixtures.mosquitto_site import FOREIGN_FILTERS
 from tests.fixtures.readiness import (
     LINE_BUFFERED,
     mosquitto_sub_subscribed,
     without_debug_lines,
 )
-from tests.hq.test_site_bundle import STATION, World, make_world
+from tests.fixtures.registrar_run import (
+    DAY,
+    Base,
+    Running,
+    base,
+    factory_certificate,
+    handshake_refused,
+    refused_at_tls,
+    registrar,
+    software_device,
+    tpm_device,
+    until_cut,
+    write_tls_files,
+)
+from tests.fixtures.site import STATION
 from trustcore.csr import build_device_csr
 from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.keys import Signer
 from trustcore.payload import seal_payload
-from trustcore.profiles import HqRole, issue_factory_certificate
+from trustcore.profiles import HqRole
 from trustcore.registration import (
     RegistrationDenied,
     RegistrationGranted,
@@ -74,185 +81,13 @@ from trustcore.topics import registration_request_topic, registration_response_t
 
 pytestmark = [pytest.mark.tpm, pytest.mark.slow]
 
-PEM = serialization.Encoding.PEM
-DAY = timedelta(days=1)
-MANUFACTURER = "Acme Devices"
-REGISTRAR = Path(sys.executable).parent / "registrar"
+__all__ = ["base", "registrar"]  # fixtures (tests/fixtures/registrar_run.py)
 
 
 # ---------------------------------------------------------------------------- the world
 
 
-@dataclass
-class Base:
-    world: World
-    site_template: Path  # a commissioned site home (copied per broker)
-    root_pem: bytes
-    site_ca: x509.Certificate
-    site_key: SoftwareKey
-    tpms: list[Tpm]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Base]:
-    """HQ + station + commissioned site (manifest: one device; rule: every TH- device of
-    the station), and four swtpm device TPMs."""
-    tmp = tmp_path_factory.mktemp("integration")
-    world = make_world(tmp / "w")
-    bundle = world.bundle(
-        devices=("TH-000001",), admit_stations=(STATION,), admit_products=("thermo",)
-    )
-    commission_site(world.site, bundle, world.site_secrets)
-    site_ca = x509.load_pem_x509_certificate((world.site.current / "site-ca.pem").read_bytes())
-    swtpms = [Swtpm(tmp / f"tpm{i}").start() for i in range(4)]
-    tpms = [Tpm(s.tcti) for s in swtpms]
-    try:
-        yield Base(
-            world,
-            world.site.path,
-            (world.hq.certs_dir / "root-ca.pem").read_bytes(),
-            site_ca,
-            world.site.key("site-ca", world.site_secrets),
-            tpms,
-        )
-    finally:
-        for tpm in tpms:
-            tpm.close()
-        for s in swtpms:
-            s.stop()
-
-
-def factory_certificate(
-    base: Base,
-    device_id: str,
-    key: Signer | SoftwareKey,
-    *,
-    issuer: tuple[x509.Certificate, Any] | None = None,
-    not_after: datetime | None = None,
-) -> x509.Certificate:
-    ca_cert, ca_key = issuer or (base.world.station_ca, base.world.station_key.private_key())
-    kw: dict[str, Any] = {} if not_after is None else {"not_after": not_after}
-    return issue_factory_certificate(
-        ca_cert,
-        ca_key,
-        key.public_key(),
-        device_id=DeviceId(device_id),
-        manufacturer=MANUFACTURER,
-        not_before=max(ca_cert.not_valid_before_utc, datetime.now(UTC) - DAY),
-        **kw,
-    )
-
-
-def software_device(base: Base, device_id: str) -> DeviceClient:
-    """Load-test style device: software keys; its TLS certificates ARE its IDevID/LDevID."""
-    key = SoftwareKey.ephemeral()
-    cert = factory_certificate(base, device_id, key)
-    root = x509.load_pem_x509_certificate(base.root_pem)
-    creds = DeviceCredentials(DeviceId(device_id), cert, (base.world.station_ca,), key, (root,))
-    return DeviceClient(creds, SoftwareKeys())
-
-
-def tpm_device(base: Base, device_id: str, tpm: Tpm) -> DeviceClient:
-    """A device whose factory key, LDevID key and wrap key live in its swtpm."""
-    factory_key = TpmKey.create(tpm, TpmKeyUsage.SIGN)
-    cert = factory_certificate(base, device_id, factory_key)
-    root = x509.load_pem_x509_certificate(base.root_pem)
-    creds = DeviceCredentials(
-        DeviceId(device_id), cert, (base.world.station_ca,), factory_key, (root,)
-    )
-    return DeviceClient(creds, TpmKeys(tpm))
-
-
 # ------------------------------------------------------------------------- the registrar
-
-
-@dataclass
-class Running:
-    broker: str
-    home: Path
-    passphrase_file: Path
-    process: subprocess.Popen[bytes]
-    registration: Endpoint
-    operational: Endpoint
-    log: Path
-
-    def cli(self, *args: str, code: int = 0, passphrase: bool = True) -> str:
-        extra = ["--passphrase-file", str(self.passphrase_file)] if passphrase else []
-        result = CliRunner().invoke(registrar_main, [*args, "--home", str(self.home), *extra])
-        assert result.exit_code == code, result.output
-        return result.output
-
-    async def acli(self, *args: str, code: int = 0, passphrase: bool = True) -> str:
-        return await asyncio.to_thread(self.cli, *args, code=code, passphrase=passphrase)
-
-    async def status(self) -> dict[str, Any]:
-        data = json.loads(await self.acli("status", "--json", passphrase=False))
-        assert isinstance(data, dict)
-        return data
-
-    async def telemetry_seen(self, device: str, plaintext: bytes, timeout: float = 5) -> str:
-        """Wait until the registrar decrypted ``plaintext`` from ``device``; its key id."""
-        digest = hashlib.sha256(plaintext).hexdigest()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            doc = json.loads((self.home / "run" / "status.json").read_text())
-            for entry in doc["telemetry"]["recent"]:
-                if entry["device_id"] == device and entry["sha256"] == digest:
-                    return str(entry["key_id"])
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"the registrar never decrypted that telemetry of {device}")
-
-    def trust(self, base: Base) -> ssl.SSLContext:
-        return ssl.create_default_context(cadata=base.root_pem.decode())
-
-
-@pytest.fixture(scope="module", params=["embedded", "mosquitto"])
-def registrar(request: pytest.FixtureRequest, base: Base) -> Iterator[Running]:
-    broker = str(request.param)
-    root = base.world.base / broker
-    home = root / "site"
-    shutil.copytree(base.site_template, home, symlinks=True)
-    passphrase_file = base.world.base / "site.pass"
-    log = root / "registrar.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                str(REGISTRAR), "run", "--home", str(home),
-                "--passphrase-file", str(passphrase_file), "--broker", broker,
-                "--registration-port", "0", "--operational-port", "0",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        status = home / "run" / "status.json"
-        deadline = time.monotonic() + 60  # generous: CI machines can be heavily loaded
-        while not status.exists():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        doc = json.loads(status.read_text())
-        listeners = doc["listeners"]
-        yield Running(
-            broker,
-            home,
-            passphrase_file,
-            process,
-            Endpoint(**listeners["registration"]),
-            Endpoint(**listeners["operational"]),
-            log,
-        )
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    text = log.read_text()
-    assert code == 0, text
-    assert "registrar stopped" in text
-    assert "Traceback" not in text, text
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -324,62 +159,6 @@ def _nonce_digest(request: bytes) -> tuple[bytes, bytes]:
 
     parsed = parse_request(request)
     return parsed.nonce, parsed.digest
-
-
-async def handshake_refused(endpoint: Endpoint, ctx: ssl.SSLContext) -> bool:
-    """True if the TLS 1.2 handshake itself fails (an alert, or the broker dropping the
-    connection mid-handshake): the broker's certificate check (CRL), not an MQTT-level
-    refusal such as the identity block, turned the client away."""
-    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(endpoint.host, endpoint.port, ssl=ctx), 5
-        )
-    except (ssl.SSLError, ConnectionError):
-        return True
-    writer.close()
-    with contextlib.suppress(OSError, ssl.SSLError):
-        await writer.wait_closed()
-    return False
-
-
-async def refused_at_tls(endpoint: Endpoint, ctx: ssl.SSLContext) -> bool:
-    """True if this TLS identity can no longer complete MQTT CONNECT."""
-    try:
-        async with aiomqtt.Client(
-            endpoint.host, endpoint.port, tls_context=ctx, timeout=3, identifier="probe"
-        ):
-            return False
-    except aiomqtt.MqttError:
-        return True
-
-
-def write_tls_files(directory: Path, device: DeviceClient) -> tuple[Path, Path]:
-    """A software device's LDevID + key as files, for mosquitto_pub/sub."""
-    reg = device.registered
-    assert reg is not None and isinstance(reg.ldevid_key, SoftwareKey)
-    cert, key = directory / f"{device.device_id.value}.pem", directory / "key.pem"
-    cert.write_bytes(reg.ldevid.public_bytes(PEM))
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            reg.ldevid_key.private_key().private_bytes(
-                PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    return cert, key
-
-
-async def until_cut(session_publish: Callable[[], Any], timeout: float = 5) -> float:
-    """Publish every 50 ms until the connection is gone; seconds it took."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            await asyncio.wait_for(session_publish(), 1)
-        except (aiomqtt.MqttError, TimeoutError):
-            return time.monotonic() - start
-        await asyncio.sleep(0.05)
-    raise AssertionError("the session was not cut")
 
 
 # ------------------------------------------------------------------------------------ tests

@@ -19,7 +19,7 @@ from registrar.service import RegistrationService, SiteAuthority
 from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki, p256
-from tests.trustcore.test_registration import ADMIT_STATION, Dev, make_dev, make_request, verifier
+from tests.fixtures.registration import ADMIT_STATION, Dev, make_dev, make_request, verifier
 from trustcore import cbor
 from trustcore.csr import build_device_csr
 from trustcore.identity import DeviceId

@@ -16,7 +16,7 @@ from registrar.service import RegistrationService, SiteAuthority
 from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki, make_crl
-from tests.trustcore.test_registration import ADMIT_STATION, decide, make_dev, make_request
+from tests.fixtures.registration import ADMIT_STATION, decide, make_dev, make_request
 from trustcore import cbor, registration
 from trustcore.csr import build_device_csr
 from trustcore.keys import key_id, spki_der

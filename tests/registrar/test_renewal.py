@@ -9,12 +9,10 @@ import asyncio
 import os
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,14 +23,14 @@ from registrar.ldevid_policy import read_ldevid_policy, write_ldevid_policy
 from registrar.service import RegistrationService, SiteAuthority
 from registrar.store import Store
 from signers.software import SoftwareKey
-from tests.fixtures.pki import SITE_OPERATOR, Pki, p256
-from tests.trustcore.test_registration import ADMIT_STATION, make_dev, verifier
+from tests.fixtures.pki import SITE_OPERATOR, Pki
+from tests.fixtures.registration import ADMIT_STATION, make_dev, verifier
+from tests.fixtures.renewal import Facts, ldevid, renewal
 from trustcore import cbor
 from trustcore.csr import build_device_csr
 from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
 from trustcore.payload import PayloadKey
-from trustcore.profiles import issue_secondary_certificate
 from trustcore.registration import (
     RegistrationDenied,
     RegistrationError,
@@ -41,7 +39,6 @@ from trustcore.registration import (
 )
 from trustcore.renewal import (
     LdevidPolicy,
-    RenewalFacts,
     build_renewal_request,
     parse_renewal_request,
     renew_from,
@@ -60,72 +57,6 @@ DER = serialization.Encoding.DER
 
 
 # ------------------------------------------------------------------------- pure decision
-
-
-@dataclass
-class Cert:
-    cert: x509.Certificate
-    key: SoftwareKey
-
-
-def ldevid(pki: Pki, name: str, *, start: datetime, days: float = 365, ca: str = "site") -> Cert:
-    key = SoftwareKey(p256(f"ldevid-{name}-{start.timestamp()}"))
-    if ca == "site":
-        issuer, issuer_key = pki.site_ca, pki.site_key
-    else:  # a certificate of the station CA: not this site's
-        issuer, issuer_key = pki.station_ca, pki.station_key
-    cert = issue_secondary_certificate(
-        issuer,
-        issuer_key,
-        key.public_key(),
-        device_id=DeviceId(name),
-        organization=SITE_OPERATOR,
-        not_before=start,
-        not_after=start + days * DAY,
-    )
-    return Cert(cert, key)
-
-
-def renewal(
-    pki: Pki,
-    current: Cert,
-    *,
-    name: str = "dev-500001",
-    new_key: SoftwareKey | None = None,
-    signer: SoftwareKey | None = None,
-    when: datetime | None = None,
-    nonce: bytes | None = None,
-) -> tuple[bytes, SoftwareKey]:
-    key = new_key or SoftwareKey.ephemeral()
-    request = build_renewal_request(
-        device_id=DeviceId(name),
-        nonce=nonce or os.urandom(32),
-        time=int((when or pki.now).timestamp()),
-        csr_der=build_device_csr(key, DeviceId(name)),
-        ldevid_der=current.cert.public_bytes(DER),
-        ldevid_key=signer or current.key,
-    )
-    return request, key
-
-
-@dataclass
-class Facts:
-    serial: int | None
-    status: str = "registered"
-    superseded: frozenset[int] = field(default_factory=frozenset)
-    issued_at: datetime | None = None
-    nonce_seen: bool = False
-    key_owner: DeviceId | None = None
-
-    def build(self) -> RenewalFacts:
-        return RenewalFacts(
-            self.serial,
-            self.status,
-            self.superseded,
-            self.issued_at,
-            self.nonce_seen,
-            self.key_owner,
-        )
 
 
 def reason_of(
@@ -556,7 +487,7 @@ def test_ldevid_policy_cli_shows_writes_and_refuses_bad_values(tmp_path: Path) -
     from click.testing import CliRunner
 
     from registrar.cli import main as registrar_main
-    from tests.hq.test_site_bundle import make_world
+    from tests.fixtures.site import make_world
 
     world = make_world(tmp_path / "w")
     home = str(world.site.path)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from device_sim.client import DeviceClient
 from signers.tpm import TpmKey
-from tests.registrar.test_registrar_integration import (
+from tests.fixtures.registrar_run import (
     REGISTRAR,
     Base,
     Running,
@@ -32,7 +32,7 @@ from tests.registrar.test_registrar_integration import (
     until_cut,
     write_tls_files,
 )
-from tests.registrar.test_registrar_integration import base as base
+from tests.fixtures.registrar_run import base as base
 
 pytestmark = [pytest.mark.tpm, pytest.mark.slow]
 

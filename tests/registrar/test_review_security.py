@@ -25,8 +25,8 @@ from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki
 from tests.fixtures.readiness import wait_for_flock_waiter
-from tests.hq.test_site_bundle import World, world, world_template
-from tests.trustcore.test_registration import ADMIT_STATION, make_dev, make_request, verifier
+from tests.fixtures.registration import ADMIT_STATION, make_dev, make_request, verifier
+from tests.fixtures.site import World, world, world_template
 from trustcore import cbor
 from trustcore.crl import RevokedEntry
 from trustcore.identity import CertSerial, SiteId
@@ -145,4 +145,4 @@ def test_commission_waits_for_a_live_revocation(world: World) -> None:
     assert site_crl.get_revoked_certificate_by_serial_number(serial.value) is not None
 
 
-__all__ = ["world", "world_template"]  # fixtures shared with test_site_bundle
+__all__ = ["world", "world_template"]  # fixtures (tests/fixtures/site.py)

@@ -51,10 +51,10 @@ from registrar.site import commission_site, load_commissioned_site, reissue_site
 from registrar.store import DeviceRecord, Registration, Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import Pki
-from tests.hq.test_site_bundle import SITE, World, world, world_template
-from tests.registrar.test_renewal import Facts as RenewalFacts_
-from tests.registrar.test_renewal import ldevid as renewal_ldevid
-from tests.registrar.test_renewal import renewal as renewal_request
+from tests.fixtures.renewal import Facts as RenewalFacts_
+from tests.fixtures.renewal import ldevid as renewal_ldevid
+from tests.fixtures.renewal import renewal as renewal_request
+from tests.fixtures.site import SITE, World, world, world_template
 from trustcore.crl import RevokedEntry
 from trustcore.csr import build_csr
 from trustcore.identity import CertSerial, DeviceId, SiteId

@@ -34,8 +34,7 @@ from device_sim.swtpm import Swtpm
 from hq.cli import main as hq_main
 from registrar.site import commission_site
 from signers.tpm import Tpm
-from tests.hq.test_site_bundle import SITE, STATION, make_world
-from tests.registrar.test_registrar_integration import (
+from tests.fixtures.registrar_run import (
     Base,
     Running,
     refused_at_tls,
@@ -44,6 +43,7 @@ from tests.registrar.test_registrar_integration import (
     tpm_device,
     write_tls_files,
 )
+from tests.fixtures.site import SITE, STATION, make_world
 from trustcore.payload import seal_payload
 
 __all__ = ["registrar"]  # the module-scoped `registrar run` fixture, on both brokers

@@ -18,46 +18,12 @@ from registrar.errors import ConfigError, StoreConflict, StoreError
 from registrar.store import (
     Change,
     FactorySighting,
-    Registration,
     Store,
     parse_store_location,
 )
 from registrar.store.base import EXACT_COUNT_BELOW, REPLAY_RETENTION
+from tests.fixtures.store import next_change, registration
 from trustcore.identity import DeviceId
-
-
-def registration(
-    device: str, *, serial: str | None = None, at: int = 1_800_000_000
-) -> Registration:
-    """A registration record as the service writes it (the bytes need not be real here:
-    the store does not parse them)."""
-    return Registration(
-        device_id=DeviceId(device),
-        station_id="line-1",
-        idevid_serial=os.urandom(8).hex(),
-        ldevid_serial=serial or os.urandom(16).hex(),
-        ldevid_der=os.urandom(400),
-        ldevid_key_id=os.urandom(20),
-        wrap_key_der=os.urandom(91),
-        payload_key_id=b"k" * 8,
-        request_digest=os.urandom(32),
-        response=os.urandom(600),
-        nonce=os.urandom(32),
-        request_time=at,
-        at=at,
-    )
-
-
-async def next_change(feed: object, kind: str, timeout: float = 1.0) -> Change:
-    """The next change of ``kind`` on ``feed`` (an async iterator), within ``timeout``."""
-
-    async def find() -> Change:
-        async for change in feed:  # type: ignore[attr-defined]
-            if change.kind == kind:
-                return change
-        raise AssertionError("feed ended")
-
-    return await asyncio.wait_for(find(), timeout)
 
 
 async def test_two_instances_racing_one_registration_record_one_certificate(

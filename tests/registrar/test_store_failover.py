@@ -27,8 +27,8 @@ from registrar.store import Store
 from signers.software import SoftwareKey
 from tests.fixtures.pki import SITE_OPERATOR, Pki
 from tests.fixtures.postgres import PrivatePostgres
-from tests.registrar.test_store import next_change
-from tests.trustcore.test_registration import ADMIT_STATION, Dev, make_dev, make_request, verifier
+from tests.fixtures.registration import ADMIT_STATION, Dev, make_dev, make_request, verifier
+from tests.fixtures.store import next_change
 from trustcore.payload import PayloadKey
 from trustcore.registration import (
     RegistrationDenied,

@@ -11,7 +11,7 @@ from typing import Any
 from registrar.errors import StoreConflict
 from registrar.store import Store
 from registrar.store.sqlite import SqliteBackend
-from tests.registrar.test_store import registration
+from tests.fixtures.store import registration
 from trustcore.identity import DeviceId
 
 

@@ -6,8 +6,6 @@ import datetime as dt
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pkcs11
@@ -23,7 +21,6 @@ from pkcs11.util.ec import encode_named_curve_parameters
 
 from signers.errors import SignerError
 from signers.pkcs11 import (
-    SOFTHSM2_MODULE,
     KeyNotExportableError,
     Pkcs11Error,
     Pkcs11Key,
@@ -34,47 +31,14 @@ from signers.pkcs11 import (
     Pkcs11Token,
     Pkcs11TokenNotFoundError,
 )
+from tests.fixtures.softhsm import SoftHsmToken
 from trustcore.keys import Signer, key_id
-
-SO_PIN = "so-secret-4321"
-USER_PIN = "user-secret-8765"
-TOKEN_LABEL = "devtrust-hq-test"
-
-
-@dataclass(frozen=True)
-class SoftHsmToken:
-    module: str
-    label: str
-    pin: str
-    tokendir: Path
-
-
-def _finalize_module() -> None:
-    """SoftHSM reads SOFTHSM2_CONF in C_Initialize only: finalize so the next use re-reads it."""
-    pkcs11.lib(SOFTHSM2_MODULE).finalize()
 
 
 @pytest.fixture
-def token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsmToken]:
-    """A fresh SoftHSM2 token whose config and storage live only in tmp_path."""
-    tokendir = tmp_path / "tokens"
-    tokendir.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokendir}\n"
-        "objectstore.backend = file\n"
-        "log.level = ERROR\n"
-        "slots.removable = false\n"
-    )
-    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
-    _finalize_module()
-    util = shutil.which("softhsm2-util")
-    assert util is not None, "softhsm2-util (Debian softhsm2) is required"
-    # Test PINs only: softhsm2-util takes them as arguments or from a terminal prompt.
-    init = ["--init-token", "--free", "--label", TOKEN_LABEL, "--so-pin", SO_PIN]
-    subprocess.run([util, *init, "--pin", USER_PIN], check=True, capture_output=True)
-    yield SoftHsmToken(SOFTHSM2_MODULE, TOKEN_LABEL, USER_PIN, tokendir)
-    _finalize_module()
+def token(softhsm_token: SoftHsmToken) -> SoftHsmToken:
+    """The shared SoftHSM2 token (tests/fixtures/softhsm.py), under this module's name."""
+    return softhsm_token
 
 
 def _raw_session(tok: SoftHsmToken) -> pkcs11.Session:

@@ -45,7 +45,7 @@ from signers.tpm_tls import (
     load_tpm_ssl_identity,
     tpm_client_context,
 )
-from tests.broker.test_broker_mosquitto import refused_with
+from tests.fixtures.mosquitto_site import refused_with
 from tests.fixtures.pki import DAY, MANUFACTURER, SITE_OPERATOR, Pki, make_crl, pem
 from trustcore.identity import DeviceId
 from trustcore.profiles import issue_factory_certificate, issue_secondary_certificate

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from signers.software import SoftwareKey
 from tests.fixtures.docs import doc_vector
 from tests.fixtures.pki import Pki, p256
-from tests.trustcore.test_registration import ADMIT_STATION, der, make_dev, make_request, verifier
+from tests.fixtures.registration import ADMIT_STATION, der, make_dev, make_request, verifier
 from trustcore import cbor
 from trustcore.csr import build_device_csr
 from trustcore.est import (

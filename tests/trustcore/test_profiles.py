@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fixtures.pki import MANUFACTURER, Pki, fixed_key, p256
+from tests.fixtures.profiles import service_client_certificate
 from trustcore.errors import EncodingError, ProfileError
 from trustcore.identity import DeviceId, SiteId, StationId
 from trustcore.profiles import (
@@ -32,7 +33,6 @@ from trustcore.profiles import (
     issue_factory_certificate,
     issue_root_ca,
     issue_secondary_certificate,
-    issue_service_client_certificate,
     issue_site_ca,
     issue_station_ca,
     site_id_from_certificate,
@@ -40,18 +40,6 @@ from trustcore.profiles import (
 )
 
 DAY = timedelta(days=1)
-
-
-def service_client_certificate(pki: Pki) -> x509.Certificate:
-    return issue_service_client_certificate(
-        pki.site_ca,
-        pki.site_key,
-        p256("service-client").public_key(),
-        service_name="registrar@site",
-        organization="Devtrust Test Site",
-        not_before=pki.now,
-        not_after=pki.now + 30 * DAY,
-    )
 
 
 def all_certificates(pki: Pki) -> dict[str, tuple[x509.Certificate, x509.Certificate]]:

@@ -5,32 +5,38 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signers.software import SoftwareKey
 from tests.fixtures.pki import (
     DEFECTS,
-    MANUFACTURER,
     SITE_OPERATOR,
     Pki,
     make_crl,
     p256,
     shared_pki,
 )
+from tests.fixtures.registration import (
+    ADMIT_STATION,
+    DER,
+    Dev,
+    decide,
+    der,
+    make_dev,
+    make_request,
+    verifier,
+)
 from trustcore import cbor
 from trustcore.csr import build_device_csr
 from trustcore.identity import DeviceId, StationId
 from trustcore.payload import PayloadKey
-from trustcore.profiles import issue_factory_certificate
 from trustcore.registration import (
     MAX_REQUEST_SIZE,
     REASONS,
@@ -42,7 +48,6 @@ from trustcore.registration import (
     RegistrationGranted,
     build_error_response,
     build_key_update,
-    build_request,
     issue_registration,
     open_payload_key,
     parse_key_update,
@@ -52,108 +57,6 @@ from trustcore.registration import (
     verify_request,
 )
 from trustcore.verify import ChainVerifier
-
-DER = serialization.Encoding.DER
-
-
-def der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(DER)
-
-
-@dataclass(frozen=True)
-class Dev:
-    """A software device on the test PKI: factory cert, factory key, new LDevID key, ECDH key."""
-
-    device_id: DeviceId
-    idevid: x509.Certificate
-    factory_key: SoftwareKey
-    ldevid_key: SoftwareKey
-    wrap_key: SoftwareKey
-
-
-@functools.cache
-def make_dev(name: str) -> Dev:
-    pki = shared_pki()
-    key = SoftwareKey(p256(f"factory-{name}"))
-    cert = issue_factory_certificate(
-        pki.station_ca,
-        pki.station_key,
-        key.public_key(),
-        device_id=DeviceId(name),
-        manufacturer=MANUFACTURER,
-        not_before=pki.now - timedelta(days=1),
-    )
-    return Dev(
-        DeviceId(name),
-        cert,
-        key,
-        SoftwareKey(p256(f"ldevid-{name}")),
-        SoftwareKey(p256(f"wrap-{name}")),
-    )
-
-
-def make_request(
-    pki: Pki,
-    dev: Dev,
-    *,
-    nonce: bytes | None = None,
-    time: int | None = None,
-    csr: bytes | None = None,
-    wrap: ec.EllipticCurvePublicKey | None = None,
-    signer: SoftwareKey | None = None,
-    idevid: x509.Certificate | None = None,
-    chain: tuple[bytes, ...] | None = None,
-    device_id: DeviceId | None = None,
-) -> bytes:
-    return build_request(
-        device_id=device_id or dev.device_id,
-        nonce=nonce if nonce is not None else os.urandom(32),
-        time=time if time is not None else int(pki.now.timestamp()),
-        csr_der=csr if csr is not None else build_device_csr(dev.ldevid_key, dev.device_id),
-        wrap_key=wrap or dev.wrap_key.public_key(),
-        idevid_der=der(idevid or dev.idevid),
-        chain_der=chain if chain is not None else (der(pki.station_ca),),
-        factory_key=signer or dev.factory_key,
-    )
-
-
-@functools.cache
-def verifier() -> ChainVerifier:
-    pki = shared_pki()
-    return ChainVerifier([pki.root], crls=pki.crls)
-
-
-ADMIT_STATION = Admission(rules=(AdmissionRule(StationId("station-01")),))
-
-
-def decide(
-    data: bytes,
-    *,
-    topic: DeviceId | None = None,
-    admission: Admission = ADMIT_STATION,
-    now: datetime | None = None,
-    nonce_seen: bool = False,
-    key_owner: DeviceId | None = None,
-    chain_verifier: ChainVerifier | None = None,
-) -> str:
-    """The reason a request is refused, or "ok"."""
-    pki = shared_pki()
-    try:
-        request = parse_request(data)
-        verify_request(
-            request,
-            topic_device_id=topic or request.device_id,
-            verifier=chain_verifier or verifier(),
-            admission=admission,
-            now=now or pki.now,
-            nonce_seen=nonce_seen,
-            key_owner=key_owner,
-        )
-    except RegistrationError as exc:
-        assert exc.reason in REASONS, exc.reason
-        return exc.reason
-    return "ok"
-
 
 # ------------------------------------------------------------------------------ accepted
 
