@@ -32,6 +32,7 @@ from tests.fixtures.pki import DAY, MANUFACTURER, SITE_OPERATOR, Pki, make_crl, 
 from tests.fixtures.readiness import (
     LINE_BUFFERED,
     eventually,
+    messages_before_marker,
     messages_until,
     mosquitto_sub_subscribed,
     without_debug_lines,
@@ -261,8 +262,11 @@ async def test_devices_talk_in_their_own_subtree_and_registrar_reaches_both(
         ]
         await registrar.publish("devtrust/register/dev-b/response", b"ok", qos=1)
         await registrar.publish("devices/dev-a/cmd/reboot", b"now", qos=1)
-        assert await collect(dev_b, 0.5) == [("devtrust/register/dev-b/response", b"ok")]
-        assert await collect(dev_a, 0.5) == [("devices/dev-a/cmd/reboot", b"now")]
+        reply = "devtrust/register/dev-b/response"
+        assert await messages_before_marker(registrar, dev_b, reply) == [(reply, b"ok")]
+        assert await messages_before_marker(registrar, dev_a, "devices/dev-a/cmd/x") == [
+            ("devices/dev-a/cmd/reboot", b"now")
+        ]
 
 
 def connect_packet(client_id: str = "x", *, flags: int = 0x02) -> bytes:
@@ -466,13 +470,15 @@ async def test_retained_messages_of_others_are_not_replayed(
         await registrar.subscribe("devices/#", qos=1)  # a broad filter exists in the broker
         async with mqtt(site, op, site.ldevid["dev-b"]) as dev_b:
             await dev_b.publish("devices/dev-b/state", b"b-state", qos=1, retain=True)
-        await collect(registrar, 0.3)
+        await messages_until(registrar, ("devices/dev-b/state", b"b-state"))  # routed, kept
         async with mqtt(site, op, site.ldevid["dev-a"]) as dev_a:
             await dev_a.subscribe("devices/dev-a/#", qos=1)
-            assert await collect(dev_a, 0.7) == []
+            assert await messages_before_marker(registrar, dev_a, "devices/dev-a/cmd") == []
         async with mqtt(site, op, site.ldevid["dev-b"]) as dev_b:
             await dev_b.subscribe("devices/dev-b/#", qos=1)
-            assert await collect(dev_b, 0.7) == [("devices/dev-b/state", b"b-state")]
+            assert await messages_before_marker(registrar, dev_b, "devices/dev-b/cmd") == [
+                ("devices/dev-b/state", b"b-state")
+            ]
 
 
 async def wait_cut(client: aiomqtt.Client) -> None:
@@ -496,9 +502,12 @@ async def test_client_id_takeover_is_prevented(site: Site, broker: EmbeddedBroke
                 site, op, site.ldevid["dev-a"], identifier="dev-b", clean_session=clean
             ) as dev_a:
                 await dev_a.subscribe("devices/dev-b/#", qos=1)
+                await dev_a.subscribe("devices/dev-a/#", qos=1)  # for the marker only
                 await registrar.publish("devices/dev-b/cmd", b"for-b", qos=1)
-                assert await collect(dev_a, 0.4) == []
-                assert await collect(dev_b, 0.4) == [("devices/dev-b/cmd", b"for-b")]
+                assert await messages_before_marker(registrar, dev_a, "devices/dev-a/cmd") == []
+                assert await messages_before_marker(registrar, dev_b, "devices/dev-b/cmd") == [
+                    ("devices/dev-b/cmd", b"for-b")
+                ]
         await eventually(lambda: broker.live_sessions("dev-a") == 0)
         assert broker.live_sessions("dev-b") == 1
 
@@ -514,7 +523,9 @@ async def test_second_session_of_one_identity_is_a_clone_signal(
             await asyncio.wait_for(cut, 5)  # the older connection is the one cut
             await second.subscribe("devices/dev-a/#", qos=1)
             await second.publish("devices/dev-a/x", b"still-works", qos=1)
-            assert await collect(second, 0.4) == [("devices/dev-a/x", b"still-works")]
+            assert await messages_before_marker(second, second, "devices/dev-a/x") == [
+                ("devices/dev-a/x", b"still-works")
+            ]
             assert broker.live_sessions("dev-a") == 1
     clones = [r for r in caplog.records if r.getMessage().startswith("clone-signal")]
     assert len(clones) == 1 and "dev-a" in clones[0].getMessage()
@@ -542,7 +553,9 @@ async def test_revocation_cuts_only_the_revoked_device_within_5_s(
         assert broker.live_sessions("dev-b") == 1
         # dev-b is untouched: the same connection still receives (no reconnect happened).
         await registrar.publish("devices/dev-b/cmd", b"after", qos=1)
-        assert await collect(dev_b, 0.4) == [("devices/dev-b/cmd", b"after")]
+        assert await messages_before_marker(registrar, dev_b, "devices/dev-b/cmd") == [
+            ("devices/dev-b/cmd", b"after")
+        ]
         # the revoked certificate cannot come back: the new CRL is in force for handshakes
         with pytest.raises(aiomqtt.MqttError):
             async with mqtt(site, op, site.ldevid["dev-a"], timeout=1.5):
@@ -617,11 +630,15 @@ async def test_malformed_input_does_not_hurt_other_clients(
         for result in results:
             assert isinstance(result, bytes | OSError | ssl.SSLError | TimeoutError), result
         await registrar.publish("devices/dev-b/cmd", b"alive", qos=1)
-        assert await collect(dev_b, 0.5) == [("devices/dev-b/cmd", b"alive")]
+        assert await messages_before_marker(registrar, dev_b, "devices/dev-b/cmd") == [
+            ("devices/dev-b/cmd", b"alive")
+        ]
     async with mqtt(site, op, site.ldevid["dev-a"]) as dev_a:
         await dev_a.subscribe("devices/dev-a/#", qos=1)
         await dev_a.publish("devices/dev-a/x", b"ok", qos=1)
-        assert await collect(dev_a, 0.4) == [("devices/dev-a/x", b"ok")]
+        assert await messages_before_marker(dev_a, dev_a, "devices/dev-a/x") == [
+            ("devices/dev-a/x", b"ok")
+        ]
 
 
 @pytest.mark.parametrize("clean_session", [True, False])
@@ -705,7 +722,9 @@ async def test_stale_crl_fails_closed_for_new_handshakes(
                 pass
         await dev_b.subscribe("devices/dev-b/#", qos=1)  # live sessions are untouched
         await dev_b.publish("devices/dev-b/x", b"still", qos=1)
-        assert await collect(dev_b, 0.4) == [("devices/dev-b/x", b"still")]
+        assert await messages_before_marker(dev_b, dev_b, "devices/dev-b/x") == [
+            ("devices/dev-b/x", b"still")
+        ]
 
 
 async def test_broker_key_must_be_encrypted_and_passphrase_right(

@@ -45,6 +45,8 @@ from tests.fixtures.pki import Pki, pem
 from tests.fixtures.readiness import (
     LINE_BUFFERED,
     eventually,
+    messages_before_marker,
+    messages_until,
     mosquitto_sub_subscribed,
     without_debug_lines,
 )
@@ -271,7 +273,8 @@ async def test_listeners_share_topics_only_for_the_registrar(
         await dev_a_reg.publish("devices/dev-a/t", b"factory-in-devices", qos=1)
         await dev_b_op.publish("devices/dev-b/t", b"secondary", qos=1)
         await dev_b_op.publish("devtrust/register/dev-b/request", b"secondary-reg", qos=1)
-        assert sorted(await collect(registrar, 0.4)) == [
+        # a marker on a topic only the registrar reads ends what reached it
+        assert sorted(await messages_before_marker(registrar, registrar, "devices/zz/m")) == [
             ("devices/dev-b/t", b"secondary"),
             ("devtrust/register/dev-a/request", b"factory"),
         ]
@@ -282,10 +285,11 @@ async def test_listeners_share_topics_only_for_the_registrar(
             "devtrust/register/dev-b/response",
         ):
             await registrar.publish(topic, b"to:" + topic.encode(), qos=1)
-        assert await collect(dev_a_reg, 0.3) == [
-            ("devtrust/register/dev-a/response", b"to:devtrust/register/dev-a/response")
+        reply_a = "devtrust/register/dev-a/response"
+        assert await messages_before_marker(registrar, dev_a_reg, reply_a) == [
+            (reply_a, b"to:devtrust/register/dev-a/response")
         ]
-        assert await collect(dev_b_op, 0.2) == [
+        assert await messages_before_marker(registrar, dev_b_op, "devices/dev-b/cmd") == [
             ("devices/dev-b/t", b"secondary"),  # its own publish, back through devices/dev-b/#
             ("devices/dev-b/cmd", b"to:devices/dev-b/cmd"),
         ]
@@ -329,13 +333,17 @@ async def test_a_device_cannot_read_or_write_foreign_topics(
         for topic in FOREIGN_TOPICS:
             await dev_a.publish(topic, b"from-a", qos=1)
         await dev_a.publish("devices/dev-a/own", b"mine", qos=1)  # the positive control
-        got_a = await collect(dev_a, 0.5)
+        # the registrar's marker, after all of that: what came before it is all there was
+        marker = ("devices/dev-a/own", b"end")
+        await registrar.publish(*marker, qos=1)
+        got_a = await messages_until(dev_a, marker)
         assert got_a == [("devices/dev-a/own", b"mine")]
-        got_registrar = await collect(registrar, 0.2)
+        got_registrar = await messages_until(registrar, marker)
         assert [m for m in got_registrar if m[1] == b"from-a"] == []
         assert ("devices/dev-a/own", b"mine") in got_registrar
         assert ("devices/dev-b/t", b"b") in got_registrar
         # Each refused PUBLISH left a trace: who, which topic (the own topic did not).
+        await eventually(lambda: broker.acl_denials >= len(FOREIGN_TOPICS))  # its log, read
         assert broker.acl_denials == len(FOREIGN_TOPICS)
         assert "ACL denied PUBLISH from dev-a on topic 'devices/dev-b/t'" in caplog.text
         assert "'devices/dev-a/own'" not in caplog.text
@@ -352,7 +360,9 @@ async def test_client_id_takeover_is_impossible_and_clones_are_reported(
         await dev_b.subscribe("devices/dev-b/#", qos=1)
         async with mqtt(site, op, site.ldevid["dev-a"], identifier="dev-b"):
             await registrar.publish("devices/dev-b/cmd", b"still-there", qos=1)
-            assert await collect(dev_b, 0.4) == [("devices/dev-b/cmd", b"still-there")]
+            assert await messages_before_marker(registrar, dev_b, "devices/dev-b/cmd") == [
+                ("devices/dev-b/cmd", b"still-there")
+            ]
         assert broker.clone_signals == []
         async with mqtt(site, op, site.ldevid["dev-b"], identifier="anything"):
             await eventually(lambda: broker.clone_signals != [], seconds=10)  # Mosquitto's log
@@ -387,13 +397,15 @@ async def test_real_mosquitto_clients_with_a_secondary_certificate(
         out, err = await asyncio.wait_for(sub.communicate(), 30)
         assert sub.returncode == 0, err
         assert without_debug_lines(out) == ["devices/dev-a/cmd hello-cli"]  # first and only
-        await collect(registrar, 0.1)
+        await messages_before_marker(registrar, registrar, "devices/zz/m")  # read so far
         for topic, payload in (("devices/dev-b/t", "spoof"), ("devices/dev-a/t", "legit")):
             pub = await asyncio.create_subprocess_exec(
                 "mosquitto_pub", *common, "-t", topic, "-m", payload
             )
             assert await asyncio.wait_for(pub.wait(), 5) == 0
-        assert await collect(registrar, 0.3) == [("devices/dev-a/t", b"legit")]
+        assert await messages_before_marker(registrar, registrar, "devices/zz/m") == [
+            ("devices/dev-a/t", b"legit")
+        ]
 
 
 async def test_revocation_cuts_the_device_within_5_s_and_nobody_else(
@@ -419,7 +431,9 @@ async def test_revocation_cuts_the_device_within_5_s_and_nobody_else(
         assert loop.time() - started < 5
         assert await refused(site, op, site.ldevid["dev-a"])
         await registrar.publish("devices/dev-b/cmd", b"alive", qos=1)
-        assert await collect(dev_b, 0.4) == [("devices/dev-b/cmd", b"alive")]
+        assert await messages_before_marker(registrar, dev_b, "devices/dev-b/cmd") == [
+            ("devices/dev-b/cmd", b"alive")
+        ]
         assert await broker.disconnect("dev-a") == 0  # nothing left to cut
 
 
