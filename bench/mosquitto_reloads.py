@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from registrar.broker.mosquitto import MosquittoBroker
 from registrar.mqtt_session import MqttSession
+from tests.fixtures.mosquitto_site import build_site
 from tests.fixtures.pki import DAY, SITE_OPERATOR, pem, shared_pki
-from tests.test_broker_mosquitto import build_site
 from trustcore.crl import RevokedEntry, build_crl
 from trustcore.identity import CertSerial, DeviceId
 from trustcore.profiles import issue_secondary_certificate

@@ -3,7 +3,7 @@
 Station-only commands (init, entitlements, time statements, audit export, CA renewal, status,
 plugins). Provisioning devices needs a device as well: ``device-sim provision`` and
 ``device-sim build-fleet`` drive this station with simulated devices, so this package never
-imports the simulator (``tests/test_layering.py``)."""
+imports the simulator (``tests/project/test_layering.py``)."""
 
 from __future__ import annotations
 

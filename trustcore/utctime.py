@@ -8,7 +8,7 @@ This module owns the check that a datetime is aware and the conversions between 
 so that no module of the core keeps its own copy; and the one clock protocol
 (:class:`Clock`) with the one wall clock (:func:`system_clock`) that the composition roots
 of the registrar and HQ inject. No function of the core calls a clock (``now`` is passed
-in; ``tests/test_utctime.py`` checks it).
+in; ``tests/trustcore/test_utctime.py`` checks it).
 """
 
 from __future__ import annotations
