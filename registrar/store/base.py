@@ -82,6 +82,7 @@ class Store(StoreReads):
     ) -> None:
         super().__init__(backend)
         self.instance = instance
+        self._closed = False
         self._subscribers: set[asyncio.Queue[Change]] = set()
         #: Named in write errors, so an operator knows which file or database (no secret:
         #: a PostgreSQL URL is shown without its password).
@@ -159,6 +160,11 @@ class Store(StoreReads):
         await self.close()
 
     async def close(self) -> None:
+        """Commit what is queued and close; closing a closed store does nothing (the
+        registrar's stop closes it even when a health check or a test already did)."""
+        if self._closed:
+            return
+        self._closed = True
         await self._writer.stop()
         if self._listener is not None:
             self._listener.cancel()

@@ -248,6 +248,7 @@ class _WriterThread:
     def __init__(self) -> None:
         self._calls: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
+        self._closing = False
         self._thread = threading.Thread(target=self._serve, name="registrar-db-writer", daemon=True)
         self._thread.start()
 
@@ -262,6 +263,8 @@ class _WriterThread:
                 future.get_loop().call_soon_threadsafe(outcome[0], future, outcome[1])
 
     async def _submit(self, fn: Callable[[], _T]) -> _T:
+        if not self._thread.is_alive():  # closed: nothing would ever answer
+            raise sqlite3.ProgrammingError("the registrar database writer is closed")
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         self._calls.put_nowait((future, fn))
         return await future
@@ -275,7 +278,7 @@ class _WriterThread:
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """``fn(connection)`` on the writer thread (the hot path: one hop per commit)."""
         conn = self._conn
-        if conn is None:
+        if conn is None or self._closing:
             raise sqlite3.ProgrammingError("the registrar database writer is closed")
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         self._calls.put_nowait((future, partial(fn, conn)))
@@ -287,6 +290,10 @@ class _WriterThread:
             self._conn = None
 
     async def close(self) -> None:
+        """Close the connection and end the thread; a second call does nothing."""
+        if self._closing:
+            return
+        self._closing = True
         try:
             await self._submit(self._close)
         finally:

@@ -66,6 +66,20 @@ async def test_a_serial_is_unique_even_across_devices(store_location: str) -> No
         assert (await store.counts())["nonces"] == 1
 
 
+async def test_a_closed_store_refuses_and_closes_again_at_once(store_location: str) -> None:
+    """The registrar's stop closes the store even when a health check or an operator already
+    did: the second close returns at once (it hung on SQLite's writer thread), and a read
+    or write after it is refused with StoreError, never left waiting."""
+    store = await Store.open(store_location)
+    await store.record_registration(registration("dev-000001"))
+    await store.close()
+    await asyncio.wait_for(store.close(), 5)
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(store.ping(), 5)
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(store.record_registration(registration("dev-000002")), 5)
+
+
 async def test_revocation_reaches_the_other_instance_within_a_second(pg_database: str) -> None:
     a, b = await Store.open(pg_database), await Store.open(pg_database)
     try:
