@@ -58,7 +58,10 @@ def private_home(path: Path | str) -> Path:
         _tighten(home)
         for root, dirs, files in os.walk(home):
             for name in (*dirs, *files):
-                _tighten(Path(root) / name)
+                # A file that vanished since the listing (a running registrar's temporary
+                # status file, renamed into place) needs nothing.
+                with contextlib.suppress(FileNotFoundError):
+                    _tighten(Path(root) / name)
     except OSError as exc:
         raise KeystoreError(f"cannot make {home} private: {exc}") from exc
     return home
@@ -77,7 +80,12 @@ def loose_paths(path: Path | str) -> list[tuple[Path, int]]:
     found: list[tuple[Path, int]] = []
     top = Path(path)
     for candidate in (top, *top.rglob("*")):
-        st = candidate.lstat()
+        try:
+            st = candidate.lstat()
+        except FileNotFoundError:  # vanished since the listing
+            if candidate == top:
+                raise
+            continue
         if not stat.S_ISLNK(st.st_mode) and st.st_mode & _GROUP_OTHER:
             found.append((candidate, stat.S_IMODE(st.st_mode)))
     return found

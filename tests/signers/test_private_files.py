@@ -115,3 +115,24 @@ def test_write_private_file_mode_for_a_stricter_file(tmp_path: Path) -> None:
     assert stat.S_IMODE(cookie.stat().st_mode) == 0o400
     write_private_file(cookie, b"d" * 20, mode=0o400, overwrite=True)  # a rename, not a write
     assert cookie.read_bytes() == b"d" * 20
+
+
+def test_a_file_that_vanishes_during_the_walk_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`registrar commission` makes the site private while a running registrar renames its
+    temporary status file into place: a name listed by the walk and gone at the chmod."""
+    home = tmp_path / "site"
+    home.mkdir(mode=0o700)
+    kept = home / "kept"
+    kept.write_bytes(b"x")
+    kept.chmod(0o644)
+    real_walk = os.walk
+
+    def walk_with_a_ghost(top: object) -> object:
+        for root, dirs, files in real_walk(top):  # type: ignore[call-overload]
+            yield root, dirs, [*files, ".status.json.123.tmp"]
+
+    monkeypatch.setattr(os, "walk", walk_with_a_ghost)
+    assert private_home(home) == home
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
