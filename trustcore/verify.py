@@ -35,6 +35,15 @@ revocation of EVERY certificate of the chain (step 3) run for every request as b
 Anything unusual (an out-of-validity CA, a failed anchored check, name constraints) takes
 the full path, which also gives the precise reason. This saves the CA's own signature check
 and path building per client: a site verifies thousands of devices of a few stations.
+
+The anchored library verifier of a remembered path is built for one validation time and
+reused for requests within ``_VERIFIER_REUSE`` of it (building one costs more than the
+leaf's signature check). This is exact, not a tolerance: the only checks of that verifier
+that depend on the time are the validity windows of the leaf and of the anchoring CA, and
+both are checked at the request's own ``now`` before it runs (the leaf by ``check_leaf``,
+the CA path by ``_known_path``, RFC 5280 bounds, both inclusive). A verifier built at an
+earlier instant can only refuse more (a leaf not yet valid back then): such a refusal is
+retried with a verifier built at ``now``, so the answer is the one of a fresh verifier.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ import functools
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -67,6 +76,9 @@ _MAX_CHAIN_DEPTH = 4
 #: Verified CA paths remembered per verifier (one per distinct set of intermediates a
 #: client brought; a site sees a handful of station CAs). Full: the oldest is forgotten.
 _MAX_REMEMBERED_PATHS = 64
+#: An anchored library verifier is reused for validation times this close to the one it
+#: was built for (see the module docstring: the answer does not depend on it).
+_VERIFIER_REUSE = timedelta(seconds=60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +200,11 @@ class ChainVerifier:
         #: presented intermediates -> the issuing CA's verified path up to the anchor and the
         #: library policy anchored at that CA. Filled only by chains that passed every check.
         self._paths: dict[tuple[x509.Certificate, ...], _KnownPath] = {}
+        #: presented intermediates -> (validation time, library verifier anchored at the
+        #: path's issuing CA built for it), for the remembered paths only.
+        self._anchored: dict[
+            tuple[x509.Certificate, ...], tuple[datetime, libverify.ClientVerifier]
+        ] = {}
         #: DER -> parsed certificate, for the intermediates of remembered paths only.
         self._parsed: dict[bytes, x509.Certificate] = {}
         #: CA certificate -> (subject DER, key id), see :meth:`_ca_id`.
@@ -344,10 +361,19 @@ class ChainVerifier:
             return None  # (a name encoded otherwise takes the full path: still correct)
         if any(not c.not_valid_before_utc <= now <= c.not_valid_after_utc for c in known.tail):
             return None  # the full path says which one and why
+        built = self._anchored.get(presented)
+        if built is None or abs(now - built[0]) > _VERIFIER_REUSE:
+            built = (now, known.policy.time(now).build_client_verifier())
+            self._anchored[presented] = built
         try:
-            verified = known.policy.time(now).build_client_verifier().verify(leaf, [])
+            verified = built[1].verify(leaf, [])
         except libverify.VerificationError:
-            return None
+            if built[0] == now:
+                return None
+            try:  # built for another instant: the answer at ``now`` is a fresh verifier's
+                verified = known.policy.time(now).build_client_verifier().verify(leaf, [])
+            except libverify.VerificationError:
+                return None
         if len(verified.chain) != 2 or verified.chain[1] != known.tail[0]:
             return None
         return (leaf, *known.tail)
@@ -363,6 +389,7 @@ class ChainVerifier:
         if len(self._paths) >= _MAX_REMEMBERED_PATHS:
             oldest = next(iter(self._paths))
             del self._paths[oldest]
+            self._anchored.pop(oldest, None)
             for cert in oldest:
                 self._parsed.pop(cert.public_bytes(serialization.Encoding.DER), None)
         policy = (
