@@ -126,6 +126,16 @@ def _key_id(cert: x509.Certificate) -> bytes:
     return x509.SubjectKeyIdentifier.from_public_key(key).digest
 
 
+class _Anchored:
+    """``built``: (validation time, the library verifier built from a :class:`_KnownPath`'s
+    policy for it), reused near that time (see the module docstring); replaced whole."""
+
+    __slots__ = ("built",)
+
+    def __init__(self) -> None:
+        self.built: tuple[datetime, libverify.ClientVerifier] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class _KnownPath:
     """A CA path that verified (issuing CA first, trust anchor last) and the library's
@@ -135,6 +145,7 @@ class _KnownPath:
     policy: libverify.PolicyBuilder
     #: The issuing CA's subject as encoded in its certificate (see ``tbs_names_der``).
     issuer_subject: bytes
+    anchored: _Anchored
 
 
 def _names_der(cert: x509.Certificate) -> tuple[bytes, bytes]:
@@ -200,17 +211,17 @@ class ChainVerifier:
         #: presented intermediates -> the issuing CA's verified path up to the anchor and the
         #: library policy anchored at that CA. Filled only by chains that passed every check.
         self._paths: dict[tuple[x509.Certificate, ...], _KnownPath] = {}
-        #: presented intermediates -> (validation time, library verifier anchored at the
-        #: path's issuing CA built for it), for the remembered paths only.
-        self._anchored: dict[
-            tuple[x509.Certificate, ...], tuple[datetime, libverify.ClientVerifier]
-        ] = {}
         #: DER -> parsed certificate, for the intermediates of remembered paths only.
         self._parsed: dict[bytes, x509.Certificate] = {}
-        #: CA certificate -> (subject DER, key id), see :meth:`_ca_id`.
-        self._ca_ids: dict[x509.Certificate, tuple[bytes, bytes]] = {}
-        #: CA certificate -> its encoded cRLIssuer names, see :meth:`_crl_issuer_ders`.
-        self._crl_issuers: dict[x509.Certificate, tuple[bytes, ...]] = {}
+        # Keyed by id() (hashing a certificate hashes its DER, at every request) with the
+        # certificate kept beside the value: it stays alive, so its id names no other
+        # object, and a hit is checked with ``is``. An equal certificate that is another
+        # object is a miss (computed again: the same value).
+        #: id(CA certificate) -> (it, (subject DER, key id)), see :meth:`_ca_id`.
+        self._ca_ids: dict[int, tuple[x509.Certificate, tuple[bytes, bytes]]] = {}
+        #: id(CA certificate) -> (it, its encoded cRLIssuer names), see
+        #: :meth:`_crl_issuer_ders`.
+        self._crl_issuers: dict[int, tuple[x509.Certificate, tuple[bytes, ...]]] = {}
 
     def _add_indirect(self, crl: x509.CertificateRevocationList, signer: x509.Certificate) -> None:
         """Accept an indirect CRL whose signer is a CRL-signer role certificate under one of
@@ -258,21 +269,22 @@ class ChainVerifier:
     def _ca_id(self, ca: x509.Certificate) -> tuple[bytes, bytes]:
         """(subject DER, key id) of a CA on a verified chain: how its CRLs are found. A pure
         function of the certificate, kept for the CAs this verifier sees (a few)."""
-        known = self._ca_ids.get(ca)
-        if known is None:
-            known = (ca.subject.public_bytes(), _key_id(ca))
-            if len(self._ca_ids) < _MAX_REMEMBERED_PATHS * 4:
-                self._ca_ids[ca] = known
+        held = self._ca_ids.get(id(ca))
+        if held is not None and held[0] is ca:
+            return held[1]
+        known = (ca.subject.public_bytes(), _key_id(ca))
+        if len(self._ca_ids) < _MAX_REMEMBERED_PATHS * 4:
+            self._ca_ids[id(ca)] = (ca, known)
         return known
 
     def _crl_issuer_ders(self, cert: x509.Certificate, *, cached: bool) -> tuple[bytes, ...]:
         """The encoded cRLIssuer names of ``cert``'s CRL distribution points; kept for the
         CAs on verified chains (``cached``: a few, asked at every verification)."""
-        if cached and (known := self._crl_issuers.get(cert)) is not None:
-            return known
+        if cached and (held := self._crl_issuers.get(id(cert))) is not None and held[0] is cert:
+            return held[1]
         ders = tuple(name.public_bytes() for name in crl_issuers_of(cert))
         if cached and len(self._crl_issuers) < _MAX_REMEMBERED_PATHS * 4:
-            self._crl_issuers[cert] = ders
+            self._crl_issuers[id(cert)] = (cert, ders)
         return ders
 
     def _revocations_for(self, issuer: x509.Certificate) -> RevocationSet | None:
@@ -361,10 +373,10 @@ class ChainVerifier:
             return None  # (a name encoded otherwise takes the full path: still correct)
         if any(not c.not_valid_before_utc <= now <= c.not_valid_after_utc for c in known.tail):
             return None  # the full path says which one and why
-        built = self._anchored.get(presented)
+        built = known.anchored.built
         if built is None or abs(now - built[0]) > _VERIFIER_REUSE:
             built = (now, known.policy.time(now).build_client_verifier())
-            self._anchored[presented] = built
+            known.anchored.built = built
         try:
             verified = built[1].verify(leaf, [])
         except libverify.VerificationError:
@@ -389,7 +401,6 @@ class ChainVerifier:
         if len(self._paths) >= _MAX_REMEMBERED_PATHS:
             oldest = next(iter(self._paths))
             del self._paths[oldest]
-            self._anchored.pop(oldest, None)
             for cert in oldest:
                 self._parsed.pop(cert.public_bytes(serialization.Encoding.DER), None)
         policy = (
@@ -398,7 +409,7 @@ class ChainVerifier:
             .max_chain_depth(_MAX_CHAIN_DEPTH)
             .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
         )
-        self._paths[presented] = _KnownPath(tail, policy, _names_der(tail[0])[1])
+        self._paths[presented] = _KnownPath(tail, policy, _names_der(tail[0])[1], _Anchored())
         for cert in presented:
             self._parsed[cert.public_bytes(serialization.Encoding.DER)] = cert
 
