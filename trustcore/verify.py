@@ -58,10 +58,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification as libverify
-from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
 from trustcore.crl import IndirectRevocationSet, RevocationSet, verify_crl, verify_indirect_crl
-from trustcore.der import tbs_names_der
+from trustcore.der import der_oid_body, tbs_names_der, tbs_parts_der
 from trustcore.errors import X509_PARSE_ERRORS, CrlError, EncodingError, VerificationError
 from trustcore.identity import DeviceId
 from trustcore.profiles import OID_EKU_CRL_SIGNER, crl_issuers_of
@@ -79,6 +79,8 @@ _MAX_REMEMBERED_PATHS = 64
 #: An anchored library verifier is reused for validation times this close to the one it
 #: was built for (see the module docstring: the answer does not depend on it).
 _VERIFIER_REUSE = timedelta(seconds=60)
+#: The CRLDistributionPoints OID as a TBS carries it (see ``tbs_parts_der``).
+_CRLDP = der_oid_body(ExtensionOID.CRL_DISTRIBUTION_POINTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +219,10 @@ class ChainVerifier:
         # certificate kept beside the value: it stays alive, so its id names no other
         # object, and a hit is checked with ``is``. An equal certificate that is another
         # object is a miss (computed again: the same value).
+        #: A leaf's CRLDistributionPoints extnValue -> its encoded cRLIssuer names (a pure
+        #: function of those bytes; all devices of a station carry the same), see
+        #: :meth:`_leaf_crl_issuers`.
+        self._leaf_crldp_issuers: dict[bytes, tuple[bytes, ...]] = {}
         #: id(CA certificate) -> (it, (subject DER, key id)), see :meth:`_ca_id`.
         self._ca_ids: dict[int, tuple[x509.Certificate, tuple[bytes, bytes]]] = {}
         #: id(CA certificate) -> (it, its encoded cRLIssuer names), see
@@ -287,6 +293,18 @@ class ChainVerifier:
             self._crl_issuers[id(cert)] = (cert, ders)
         return ders
 
+    def _leaf_crl_issuers(self, leaf: x509.Certificate, crldp: bytes | None) -> tuple[bytes, ...]:
+        """The encoded cRLIssuer names of ``leaf``'s CRL distribution points. ``crldp``: its
+        CRLDistributionPoints extnValue as carried (b"": it has none; None: not read)."""
+        if crldp == b"":
+            return ()
+        known = None if crldp is None else self._leaf_crldp_issuers.get(crldp)
+        if known is None:
+            known = tuple(name.public_bytes() for name in crl_issuers_of(leaf))
+            if crldp is not None and len(self._leaf_crldp_issuers) < _MAX_REMEMBERED_PATHS * 4:
+                self._leaf_crldp_issuers[crldp] = known
+        return known
+
     def _revocations_for(self, issuer: x509.Certificate) -> RevocationSet | None:
         key = self._ca_id(issuer)
         pending = self._pending.get(key[0])
@@ -317,7 +335,12 @@ class ChainVerifier:
             leaf = load_certificate(leaf)
         presented = tuple(intermediates)
         try:
-            names = _names_der(leaf)
+            try:  # one read of the TBS: names, and what the revocation check needs
+                issuer_der, subject_der, extensions = tbs_parts_der(leaf)
+                names = (issuer_der, subject_der)
+                crldp: bytes | None = extensions.get(_CRLDP, b"")
+            except EncodingError:
+                names, crldp = _names_der(leaf), None
             device_id, leaf_key = check_leaf(
                 leaf,
                 names,
@@ -330,10 +353,10 @@ class ChainVerifier:
             if chain is None:
                 untrusted = list(self._intermediates) + list(presented)
                 chain = self._build_path(leaf, untrusted, moment)
-                self._check_revocation(chain, moment)
+                self._check_revocation(chain, moment, self._leaf_crl_issuers(leaf, crldp))
                 self._remember(presented, chain)
             else:
-                self._check_revocation(chain, moment)
+                self._check_revocation(chain, moment, self._leaf_crl_issuers(leaf, crldp))
         except X509_PARSE_ERRORS as exc:
             # cryptography parses some fields (names, keys, extensions) lazily, on first
             # access: a mangled certificate can fail deep inside any check.
@@ -470,16 +493,23 @@ class ChainVerifier:
                 return "path_length"
         return "untrusted"
 
-    def _check_revocation(self, chain: tuple[x509.Certificate, ...], now: datetime) -> None:
-        """Every certificate below the anchor is checked against its issuer's CRL."""
+    def _check_revocation(
+        self,
+        chain: tuple[x509.Certificate, ...],
+        now: datetime,
+        leaf_crl_issuers: tuple[bytes, ...] | None = None,
+    ) -> None:
+        """Every certificate below the anchor is checked against its issuer's CRL.
+        ``leaf_crl_issuers``: the leaf's encoded cRLIssuer names, when already known."""
         for depth, (cert, issuer) in enumerate(itertools.pairwise(chain)):
             revocations = self._revocations_for(issuer)
+            crl_issuers = (
+                leaf_crl_issuers
+                if depth == 0 and leaf_crl_issuers is not None
+                else self._crl_issuer_ders(cert, cached=depth > 0)
+            )
             indirect = next(
-                (
-                    held
-                    for der in self._crl_issuer_ders(cert, cached=depth > 0)
-                    if (held := self._indirect.get(der)) is not None
-                ),
+                (held for der in crl_issuers if (held := self._indirect.get(der)) is not None),
                 None,
             )
             # An HQ indirect CRL lists certificates of any station CA: a listing counts for
