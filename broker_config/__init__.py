@@ -21,5 +21,5 @@ Security decisions baked into the templates (details in ``docs/broker.md``, "Mos
 * the dynamic-security plugin lives on a loopback-only admin listener, only to kick live
   sessions; blocking an identity is a ``topic deny #`` in both ACL files;
 * the server key is never a file on disk: ``keyfile`` is a named pipe the registrar feeds
-  from memory (see ``registrar.broker.mosquitto``).
+  from memory (see ``registrar.broker.mosquitto_process``).
 """

@@ -3,7 +3,7 @@
 The factory-line commands (``provision``, ``build-fleet``) open a real factory station
 (:mod:`factory_station`) and hand it simulated devices: this module and
 :mod:`device_sim.fleet_build` are the only ones of the package that import the station
-(``tests/test_layering.py``); the device runtime (TPM, registration client, agent, fleet
+(``tests/project/test_layering.py``); the device runtime (TPM, registration client, agent, fleet
 onboarding) depends on ``trustcore`` and ``signers`` only.
 """
 

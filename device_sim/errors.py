@@ -2,7 +2,7 @@
 ``DeviceSimError`` (whose base is the shared ``trustcore.errors.ReasonedError``: a stable
 ``reason`` besides the message).
 
-The tree names every subclass, wherever it is defined (``tests/test_error_trees.py`` checks
+The tree names every subclass, wherever it is defined (``tests/project/test_error_trees.py`` checks
 it against the code); classes outside this module carry their module in brackets::
 
     DeviceSimError

@@ -36,7 +36,7 @@ import contextlib
 import ssl
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -270,6 +270,23 @@ def fleet_kind(directory: Path) -> Literal["software", "tpm"]:
     return "tpm" if kinds == {True} else "software"
 
 
+def _device_dirs(
+    directory: Path, count: int | None, is_device: Callable[[Path], bool], none_found: str
+) -> list[Path]:
+    """The device directories under ``directory`` (sorted by name; the first ``count``):
+    FleetError if it is no directory, holds fewer than ``count``, or none (``none_found``)."""
+    if not directory.is_dir():
+        raise FleetError(f"{directory} is not a directory")
+    found = sorted(p for p in directory.iterdir() if is_device(p))
+    if count is not None:
+        if count > len(found):
+            raise FleetError(f"{directory} holds {len(found)} devices, {count} asked for")
+        found = found[:count]
+    if not found:
+        raise FleetError(none_found)
+    return found
+
+
 @contextlib.contextmanager
 def tpm_fleet(
     directory: Path, roots: Sequence[x509.Certificate], *, count: int | None = None
@@ -278,15 +295,12 @@ def tpm_fleet(
     on while the block runs and off after it. Every key of theirs is in their TPM: the
     factory key signs the registration request and the TLS handshakes
     (:mod:`signers.tpm_tls`), the LDevID and wrap keys are made there."""
-    if not directory.is_dir():
-        raise FleetError(f"{directory} is not a directory")
-    found = sorted(p for p in directory.iterdir() if (p / TPM_STATE_DIR).is_dir())
-    if count is not None:
-        if count > len(found):
-            raise FleetError(f"{directory} holds {len(found)} devices, {count} asked for")
-        found = found[:count]
-    if not found:
-        raise FleetError(f"no TPM devices under {directory} (each needs {TPM_STATE_DIR}/)")
+    found = _device_dirs(
+        directory,
+        count,
+        lambda p: (p / TPM_STATE_DIR).is_dir(),
+        f"no TPM devices under {directory} (each needs {TPM_STATE_DIR}/)",
+    )
     try:
         sims = [SimDevice(p) for p in found]
         unprovisioned = [str(s.directory) for s in sims if s.certificate() is None]
@@ -325,15 +339,12 @@ def load_fleet(
 ) -> list[DeviceClient]:
     """The load-mode devices under ``directory`` (sorted by name; the first ``count``), their
     factory keys decrypted with ``passphrase``. A plaintext key file is refused."""
-    if not directory.is_dir():
-        raise FleetError(f"{directory} is not a directory")
-    found = sorted(p for p in directory.iterdir() if (p / IDEVID_FILE).is_file())
-    if count is not None:
-        if count > len(found):
-            raise FleetError(f"{directory} holds {len(found)} devices, {count} asked for")
-        found = found[:count]
-    if not found:
-        raise FleetError(f"no devices under {directory} (each needs {IDEVID_FILE})")
+    found = _device_dirs(
+        directory,
+        count,
+        lambda p: (p / IDEVID_FILE).is_file(),
+        f"no devices under {directory} (each needs {IDEVID_FILE})",
+    )
     devices: list[DeviceClient] = []
     for path in found:
         if (path / TPM_STATE_DIR).is_dir():

@@ -40,12 +40,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from functools import cache
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -71,6 +71,9 @@ from factory_station.errors import AttestationError
 from signers.attestation import CredentialChallenge
 from signers.errors import TpmImportError
 from signers.tpm_import import check_storage_public, tpm_name
+
+if TYPE_CHECKING:
+    from factory_station.core import Clock
 
 __all__ = [
     "ATTESTATION_REASONS",
@@ -351,7 +354,7 @@ class AttestationVerifier:
         vendor_ca_certs: Sequence[x509.Certificate],
         *,
         intermediates: Sequence[x509.Certificate] = (),
-        clock: Callable[[], datetime] = _default_clock,
+        clock: Clock = _default_clock,
     ) -> None:
         if not vendor_ca_certs:
             raise _fail("configuration", "no TPM-vendor CA configured: nothing could be trusted")

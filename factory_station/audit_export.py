@@ -10,7 +10,6 @@ re-exports the same span under the same number, so nothing is lost.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -18,13 +17,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from factory_station import ca_renewal
-from factory_station.core import StationCore, utc, write_atomic
+from factory_station.core import StationCore, write_atomic
 from factory_station.errors import StationStateError
 from signers.tpm import TpmKey
 from trustcore.audit import decode_record, encode_export
 from trustcore.crl import build_crl
 from trustcore.messages import CT_AUDIT_EXPORT, AuditExportPayload
 from trustcore.sealed import seal_package
+from trustcore.utctime import from_unix
 
 __all__ = ["AuditExporter"]
 
@@ -43,7 +43,7 @@ class AuditExporter:
         package and its export number; call :meth:`record_export` once it is written."""
         with self.core.lock:
             active = self.core.require_entitlement()
-            now = self.core.clock()
+            now = self.core.now()
             last = self.core.store.last_export()
             number = 1 if last is None else last[0] + 1
             start = 0 if last is None else last[1] + 1
@@ -86,7 +86,7 @@ class AuditExporter:
         station switched off for years must not make its devices unregistrable, and an
         empty CRL of a CA that never revokes says nothing that can go out of date
         (docs/pki.md, "Station CRLs")."""
-        this_update = datetime.fromtimestamp(now, UTC)
+        this_update = from_unix(now)
         next_update = station_ca.not_valid_after_utc
         crl = build_crl(
             station_ca,
@@ -108,7 +108,7 @@ class AuditExporter:
             key = TpmKey.load(self.core.tpm, path)
             try:
                 cert = ca_renewal.latest_for_key(self.core.store.ca_certificates, key.public_key())
-                if cert is None or cert.not_valid_after_utc <= utc(now):
+                if cert is None or cert.not_valid_after_utc <= from_unix(now):
                     continue
                 # Valid until the key's certificate ends: the key never revokes anything
                 # again (HQ does), so its empty CRL says nothing that can go out of date.
@@ -117,7 +117,7 @@ class AuditExporter:
                     key.private_key(),
                     revoked=(),
                     crl_number=number,
-                    this_update=utc(now),
+                    this_update=from_unix(now),
                     next_update=cert.not_valid_after_utc,
                 )
                 out.append(crl.public_bytes(serialization.Encoding.DER))

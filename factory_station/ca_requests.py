@@ -50,7 +50,7 @@ def make_ca_request(core: StationCore, *, rekey: bool) -> bytes:
     earlier pending key. Audited as ``ca_requested``."""
     with core.lock:
         active = core.require_entitlement()
-        now = core.clock()
+        now = core.now()
         current = active.station_ca
         subject = x509.Name(
             [
@@ -105,7 +105,7 @@ def import_ca_certificate(
     ``key_mismatch``, ``stale_certificate``."""
     with core.lock:
         active = core.require_entitlement()
-        now = core.clock()
+        now = core.now()
         try:
             cert = (
                 x509.load_pem_x509_certificate(data)

@@ -3,7 +3,7 @@
 Station-only commands (init, entitlements, time statements, audit export, CA renewal, status,
 plugins). Provisioning devices needs a device as well: ``device-sim provision`` and
 ``device-sim build-fleet`` drive this station with simulated devices, so this package never
-imports the simulator (``tests/test_layering.py``)."""
+imports the simulator (``tests/project/test_layering.py``)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from trustcore.cli_net import guarded_group, log_options
 from trustcore.errors import InvalidValueError, TrustCoreError
 from trustcore.identity import StationId
 from trustcore.logformat import LogFormat, configure_logging
+from trustcore.utctime import from_unix
 
 _HOME = click.option(
     "--home",
@@ -164,12 +165,10 @@ def import_entitlement(home: Path, tcti: str | None, package: Path) -> None:
 @click.argument("package", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 def import_time_statement(home: Path, tcti: str | None, package: Path) -> None:
     """Re-anchor the station's trusted time on an HQ time statement (hq time-statement)."""
-    from datetime import UTC, datetime
-
     with _station(home, tcti) as station:
         anchor = station.import_time_statement(package.read_bytes())
     click.echo(
-        f"trusted time anchored at {datetime.fromtimestamp(anchor.time, UTC).isoformat()} "
+        f"trusted time anchored at {from_unix(anchor.time).isoformat()} "
         f"({anchor.source})"
     )
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -50,6 +48,7 @@ from trustcore.stationtime import (
     anchor_at,
     trusted_time,
 )
+from trustcore.utctime import Clock, aware_utc, from_unix, to_unix
 
 __all__ = [
     "ActiveState",
@@ -58,13 +57,14 @@ __all__ = [
     "check_station_ca",
     "spki",
     "time_meta",
-    "utc",
     "write_atomic",
 ]
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], int]
+#: The station's host clock is ``trustcore.utctime.Clock`` (an aware UTC ``datetime``, the
+#: type of every clock in the project); the station works in whole Unix seconds
+#: (:meth:`StationCore.now`) because its policy, audit records and wire formats do.
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,6 @@ class ActiveState:
     manufacturer: str
     #: The HQ CRL signer named as cRLIssuer in every IDevID (None: an older entitlement).
     crl_issuer: x509.Name | None = None
-
-
-def utc(when: int) -> datetime:
-    return datetime.fromtimestamp(when, UTC)
 
 
 def spki(key: ec.EllipticCurvePublicKey) -> bytes:
@@ -138,7 +134,7 @@ def check_station_ca(
             raise refuse("the station CA certificate names another station")
     except ProfileError as exc:
         raise refuse(f"the station CA certificate has no station id: {exc.message}") from exc
-    if not ca.not_valid_before_utc <= utc(now) < ca.not_valid_after_utc:
+    if not ca.not_valid_before_utc <= from_unix(now) < ca.not_valid_after_utc:
         raise refuse("the station CA certificate is not valid now")
 
 
@@ -194,6 +190,10 @@ class StationCore:
     def station_id(self) -> StationId:
         return self.config.station_id
 
+    def now(self) -> int:
+        """The host clock in whole Unix seconds (believed only up to the trusted time)."""
+        return to_unix(aware_utc("the station clock", self.clock(), StationStateError))
+
     # --------------------------------------------------------------------- audit chain
 
     def _stored_head(self) -> ChainHead:
@@ -228,7 +228,7 @@ class StationCore:
         fields: dict[str, FieldValue] = {"device_id": device_id, "reason": reason}
         if reading is not None:  # a policy refusal: the TPM reading it was decided on
             fields.update(reading.audit_fields())
-        self.append_audit("refused", fields, self.clock())
+        self.append_audit("refused", fields, self.now())
 
     # ------------------------------------------------------------------ state at open
 
@@ -243,7 +243,7 @@ class StationCore:
                     "device_id": device_id,
                     "entitlement_seq": self.store.entitlement_seq_of(counter),
                 }
-                records.append(self.next_record("slot_burned", fields, self.clock()))
+                records.append(self.next_record("slot_burned", fields, self.now()))
             if records:
                 self.store.insert_audit(records)
         for counter in recovery.aborted:

@@ -21,7 +21,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from factory_station import product_secrets
-from factory_station.core import StationCore, check_station_ca, spki, time_meta, utc
+from factory_station.core import StationCore, check_station_ca, spki, time_meta
 from factory_station.errors import EntitlementImportError, StationStateError
 from signers.errors import TpmError
 from trustcore import cbor
@@ -42,8 +42,9 @@ from trustcore.messages import (
     TimeStatement,
 )
 from trustcore.profiles import HqRole
-from trustcore.sealed import open_package, peek
+from trustcore.sealed import PackageHeader, open_package, peek
 from trustcore.stationtime import TimeAnchor
+from trustcore.utctime import from_unix
 from trustcore.verify import ChainVerifier
 
 __all__ = [
@@ -83,12 +84,8 @@ def import_entitlement(core: StationCore, package: bytes) -> ImportedEntitlement
     doubtful with :class:`EntitlementImportError` and change nothing on refusal."""
     with core.lock:
         core.require_healthy()
-        now = core.clock()
-        try:
-            header = peek(package, max_size=MAX_ENTITLEMENT_PACKAGE)
-        except SealedPackageError as exc:
-            raise EntitlementImportError(exc.message, reason="malformed") from exc
-        sender = _verify_sender(core, header.sender_certificate, now)
+        now = core.now()
+        header, sender = _peek_sender(core, package, MAX_ENTITLEMENT_PACKAGE, now)
         try:
             opened = open_package(
                 package,
@@ -171,12 +168,8 @@ def import_time_statement(core: StationCore, package: bytes) -> TimeAnchor:
     ``foreign_station``, ``replayed``) change nothing."""
     with core.lock:
         core.require_healthy()
-        now = core.clock()
-        try:
-            header = peek(package, max_size=MAX_TIME_STATEMENT_PACKAGE)
-        except SealedPackageError as exc:
-            raise EntitlementImportError(exc.message, reason="malformed") from exc
-        sender = _verify_sender(core, header.sender_certificate, now)
+        now = core.now()
+        header, sender = _peek_sender(core, package, MAX_TIME_STATEMENT_PACKAGE, now)
         last = core.store.get_meta("last_time_statement")
         try:
             opened = open_package(
@@ -230,6 +223,18 @@ def import_time_statement(core: StationCore, package: bytes) -> TimeAnchor:
         return anchor
 
 
+def _peek_sender(
+    core: StationCore, package: bytes, max_size: int, now: int
+) -> tuple[PackageHeader, ec.EllipticCurvePublicKey]:
+    """The package's unverified header and its sender's key, once the sender certificate
+    it names is verified as an HQ entitlement signer under the pinned root."""
+    try:
+        header = peek(package, max_size=max_size)
+    except SealedPackageError as exc:
+        raise EntitlementImportError(exc.message, reason="malformed") from exc
+    return header, _verify_sender(core, header.sender_certificate, now)
+
+
 def _verify_sender(
     core: StationCore, certificate: Callable[[], x509.Certificate], now: int
 ) -> ec.EllipticCurvePublicKey:
@@ -237,7 +242,7 @@ def _verify_sender(
         cert = certificate()
         ChainVerifier(
             [core.root], required_eku=HqRole.ENTITLEMENT_SIGNER.eku, require_crl=False
-        ).verify(cert, now=utc(now))
+        ).verify(cert, now=from_unix(now))
     except (VerificationError, SealedPackageError, ValueError, UnsupportedAlgorithm) as exc:
         # ValueError / UnsupportedAlgorithm: cryptography parses some fields lazily (a
         # mangled issuer name or key OID is only noticed when read), and ChainVerifier
@@ -269,7 +274,7 @@ def _check_payload(
         )
     if now >= policy.not_after:
         raise EntitlementImportError(
-            f"the entitlement's key-use window ended at {utc(policy.not_after).isoformat()}",
+            f"the entitlement's key-use window ended at {from_unix(policy.not_after).isoformat()}",
             reason="expired",
         )
     try:
@@ -287,24 +292,27 @@ def _check_payload(
             reason="wrong_station_ca",
         )
     check_station_ca(ca, core.root, core.station_id, now)
+    _check_hq_role(
+        core, payload.audit_receiver_cert_der, HqRole.AUDIT_RECEIVER, now,
+        "the audit receiver", "bad_audit_receiver",
+    )  # fmt: skip
+    if payload.crl_signer_cert_der is not None:
+        _check_hq_role(
+            core, payload.crl_signer_cert_der, HqRole.CRL_SIGNER, now,
+            "the CRL signer", "bad_crl_signer",
+        )  # fmt: skip
+
+
+def _check_hq_role(
+    core: StationCore, cert_der: bytes, role: HqRole, now: int, what: str, reason: str
+) -> None:
+    """``cert_der`` must be an HQ certificate for ``role`` valid under the pinned root now."""
     try:
-        receiver = x509.load_der_x509_certificate(payload.audit_receiver_cert_der)
-        ChainVerifier(
-            [core.root], required_eku=HqRole.AUDIT_RECEIVER.eku, require_crl=False
-        ).verify(receiver, now=utc(now))
+        cert = x509.load_der_x509_certificate(cert_der)
+        ChainVerifier([core.root], required_eku=role.eku, require_crl=False).verify(
+            cert, now=from_unix(now)
+        )
     except (ValueError, VerificationError) as exc:
         raise EntitlementImportError(
-            f"the audit receiver certificate is not valid under the root: {exc}",
-            reason="bad_audit_receiver",
+            f"{what} certificate is not valid under the root: {exc}", reason=reason
         ) from exc
-    if payload.crl_signer_cert_der is not None:
-        try:
-            signer = x509.load_der_x509_certificate(payload.crl_signer_cert_der)
-            ChainVerifier(
-                [core.root], required_eku=HqRole.CRL_SIGNER.eku, require_crl=False
-            ).verify(signer, now=utc(now))
-        except (ValueError, VerificationError) as exc:
-            raise EntitlementImportError(
-                f"the CRL signer certificate is not valid under the root: {exc}",
-                reason="bad_crl_signer",
-            ) from exc

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from factory_station import quorum
-from factory_station.core import ActiveState, StationCore, time_meta, utc
+from factory_station.core import ActiveState, StationCore, time_meta
 from factory_station.errors import FactoryStationError, IssuanceRefused, StationStateError
 from signers.errors import TpmError
 from trustcore.audit import FieldValue
@@ -27,6 +27,7 @@ from trustcore.identity import DeviceId
 from trustcore.issuance import IssuanceRequest, IssuanceState, check_issuance
 from trustcore.keys import key_id
 from trustcore.profiles import issue_factory_certificate
+from trustcore.utctime import from_unix
 
 __all__ = ["IssuedCertificate", "Issuer", "issuance_state"]
 
@@ -89,12 +90,12 @@ class Issuer:
         with self.core.lock:
             active = self.core.require_entitlement()
             rule = active.policy.id_rule
-            used = self.core.store.used_device_ids() | self._reserved
+            store = self.core.store
             number = rule.first if self._id_cursor is None else self._id_cursor
             while number <= rule.last:
                 candidate = rule.device_id(number)
                 number += 1
-                if candidate not in used:
+                if candidate not in self._reserved and not store.device_id_used(candidate):
                     self._id_cursor = number
                     self._reserved.add(candidate)
                     return DeviceId(candidate)
@@ -117,7 +118,7 @@ class Issuer:
         """Run the policy checks without issuing (fail early, before device work)."""
         with self.core.lock:
             active = self.core.require_entitlement()
-            now = self.core.clock()
+            now = self.core.now()
             try:
                 self.core.read_tpm_clock()
                 state, _ = issuance_state(self.core, active, device_id.value, now)
@@ -154,7 +155,7 @@ class Issuer:
     ) -> IssuedCertificate:
         active = self.core.require_entitlement()
         policy = active.policy
-        now = self.core.clock()
+        now = self.core.now()
         try:
             reading = self.core.read_tpm_clock()
             state, day = issuance_state(self.core, active, device_id.value, now)
@@ -166,7 +167,7 @@ class Issuer:
             )
             if (
                 not active.station_ca.not_valid_before_utc
-                <= utc(now)
+                <= from_unix(now)
                 < (active.station_ca.not_valid_after_utc)
             ):
                 raise PolicyError(
@@ -191,7 +192,7 @@ class Issuer:
                 public_key,
                 device_id=device_id,
                 manufacturer=active.manufacturer,
-                not_before=utc(now),
+                not_before=from_unix(now),
                 crl_issuer=active.crl_issuer,
             )
         except (TpmError, ProfileError, TrustCoreError) as exc:

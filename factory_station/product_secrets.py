@@ -141,7 +141,7 @@ class SecretProvisioner:
             return ()  # the common case: no product secrets, no database read
         # Judged at the latest time ever recorded: setting the clock back cannot reopen a
         # secret whose provisioning period ended.
-        when = max(self.core.clock(), self.core.store.latest_time())
+        when = max(self.core.now(), self.core.store.latest_time())
         try:
             return secrets_for_device(
                 active.policy, device_id.value, product or active.policy.product, when, names
@@ -181,7 +181,7 @@ class SecretProvisioner:
                 )
             except TpmImportError as exc:
                 raise FactoryStationError(f"cannot wrap a product secret: {exc}") from exc
-            now = self.core.clock()
+            now = self.core.now()
             records = []
             for rule in rules:
                 fields: dict[str, FieldValue] = {

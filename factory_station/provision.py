@@ -151,7 +151,8 @@ def provision_device(
     try:
         station.check(did, product)
         wanted = station.check_secrets(did, secrets, product)
-        if wanted and station.attestation_verifier() is None:
+        verifier = station.attestation_verifier()
+        if wanted and verifier is None:
             station.refuse(did.value, "secret_needs_attestation")
             raise IssuanceRefused(
                 "product secrets go only to an attested device TPM; this station runs "
@@ -170,7 +171,6 @@ def provision_device(
             raise AttestationError(
                 f"CSR refused: {exc.message}", reason=f"csr_{exc.reason}"
             ) from exc
-        verifier = station.attestation_verifier()
         if verifier is not None:
             try:
                 identity = _device_call("attestation", device.attestation_identity)

@@ -182,7 +182,7 @@ def accept_approvals(core: StationCore, evidence: Sequence[bytes]) -> QuorumGran
     with core.lock:
         active = core.require_entitlement()
         policy = active.policy
-        now = core.clock()
+        now = core.now()
         day = policy.day_of(max(now, core.store.latest_time()))
         try:
             bundle = parse_evidence(evidence)

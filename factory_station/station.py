@@ -42,11 +42,11 @@ import dataclasses
 import fcntl
 import logging
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -70,7 +70,7 @@ from factory_station.config import (
     AttestationMode,
     StationConfig,
 )
-from factory_station.core import Clock, StationCore, utc, write_atomic
+from factory_station.core import Clock, StationCore, write_atomic
 from factory_station.entitlement_import import ImportedEntitlement
 from factory_station.errors import StationStateError
 from factory_station.issuance import IssuedCertificate, Issuer, issuance_state
@@ -87,6 +87,7 @@ from trustcore.errors import PolicyError
 from trustcore.identity import DeviceId, StationId
 from trustcore.messages import StationEnrolment
 from trustcore.stationtime import TimeAnchor, TpmClockReading
+from trustcore.utctime import from_unix
 
 __all__ = [
     "CONFIG_FILE",
@@ -106,8 +107,8 @@ log = logging.getLogger(__name__)
 CounterWrapper = Callable[[MonotonicCounter], MonotonicCounter]
 
 
-def _wall_clock() -> int:
-    return int(time.time())
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
 
 
 def _load_pem_certs(path: Path) -> list[x509.Certificate]:
@@ -151,34 +152,8 @@ class StationStatus:
 class FactoryStation:
     """One opened station. Use :meth:`init` once, then :meth:`open` (a context manager)."""
 
-    def __init__(
-        self,
-        *,
-        home: Path,
-        config: StationConfig,
-        tpm: Tpm,
-        ca_key: TpmKey,
-        transport_key: TpmKey,
-        counter: MonotonicCounter,
-        store: StationStore,
-        root: x509.Certificate,
-        vendor_cas: list[x509.Certificate],
-        clock: Clock,
-        lock_file: TextIO,
-    ) -> None:
-        self._core = core = StationCore(
-            home=home,
-            config=config,
-            tpm=tpm,
-            ca_key=ca_key,
-            transport_key=transport_key,
-            counter=counter,
-            store=store,
-            root=root,
-            vendor_cas=vendor_cas,
-            clock=clock,
-            lock_file=lock_file,
-        )
+    def __init__(self, core: StationCore) -> None:
+        self._core = core
         self._issuer = Issuer(core)
         self._secrets = SecretProvisioner(core)
         self._exporter = AuditExporter(core)
@@ -294,17 +269,19 @@ class FactoryStation:
             store.ca_certificates.ensure_table()
             ca_key = ca_renewal.finish_key_switch(home, tpm, store.ca_certificates, ca_key)
             station = cls(
-                home=home,
-                config=config,
-                tpm=tpm,
-                ca_key=ca_key,
-                transport_key=transport,
-                counter=counter,
-                store=store,
-                root=roots[0],
-                vendor_cas=vendor,
-                clock=clock,
-                lock_file=lock_file,
+                StationCore(
+                    home=home,
+                    config=config,
+                    tpm=tpm,
+                    ca_key=ca_key,
+                    transport_key=transport,
+                    counter=counter,
+                    store=store,
+                    root=roots[0],
+                    vendor_cas=vendor,
+                    clock=clock,
+                    lock_file=lock_file,
+                )
             )
             station._core.recover()
             station._core.load_active()
@@ -399,7 +376,7 @@ class FactoryStation:
         return None if active is None else active.station_ca
 
     def now(self) -> int:
-        return self._core.clock()
+        return self._core.now()
 
     def trusted_time(self) -> int | None:
         """The latest time the station can vouch for (anchor + TPM-powered time since), as of
@@ -428,7 +405,9 @@ class FactoryStation:
         if self._core.config.attestation == AttestationMode.UNSAFE_CSR_ONLY:
             return None
         vendor_cas = self._core.vendor_cas
-        return AttestationVerifier(vendor_cas[:1], intermediates=vendor_cas[1:])
+        return AttestationVerifier(
+            vendor_cas[:1], intermediates=vendor_cas[1:], clock=self._core.clock
+        )
 
     def allocate_device_id(self) -> DeviceId:
         """The next number of the policy's id rule that no issuance (or in-flight
@@ -447,17 +426,11 @@ class FactoryStation:
         self._issuer.check(device_id, product)
 
     def issue(
-        self,
-        device_id: DeviceId,
-        public_key: ec.EllipticCurvePublicKey,
-        *,
-        product: str | None = None,
-    ) -> IssuedCertificate:
-        """Policy check, then intent → NV increment → sign in the TPM + audit + complete.
-
-        The certificate returned is durable (database and audit log) and may be released.
-        A refusal is audited and consumes no counter slot.
-        """
+        self, device_id: DeviceId, public_key: ec.EllipticCurvePublicKey,
+        *, product: str | None = None,
+    ) -> IssuedCertificate:  # fmt: skip
+        """A durable certificate for ``device_id`` (:meth:`Issuer.issue
+        <factory_station.issuance.Issuer.issue>`: policy check, intent, NV increment, sign)."""
         return self._issuer.issue(device_id, public_key, product=product)
 
     def accept_approvals(self, evidence: Sequence[bytes]) -> quorum.QuorumGrant:
@@ -475,13 +448,9 @@ class FactoryStation:
         return self._secrets.check_secrets(device_id, names, product)
 
     def provision_secrets(
-        self,
-        device_id: DeviceId,
-        parent: VerifiedStorageParent,
-        names: Sequence[str] | None = None,
-        *,
-        product: str | None = None,
-    ) -> tuple[SecretImport, ...]:
+        self, device_id: DeviceId, parent: VerifiedStorageParent,
+        names: Sequence[str] | None = None, *, product: str | None = None,
+    ) -> tuple[SecretImport, ...]:  # fmt: skip
         """Wrap the product secrets the policy gives ``device_id`` to its TPM's storage
         primary and audit them (:meth:`SecretProvisioner.provision_secrets`)."""
         return self._secrets.provision_secrets(device_id, parent, names, product=product)
@@ -530,7 +499,7 @@ class FactoryStation:
                 reading, problem = self._core.reading, exc.reason
             trusted = self.trusted_time()
             return {
-                "host_time": self._core.clock(),
+                "host_time": self._core.now(),
                 "trusted_time": trusted,
                 "anchor": None if self._core.anchor is None else self._core.anchor.to_map(),
                 "tpm": None if reading is None else reading.to_map(),
@@ -549,7 +518,7 @@ class FactoryStation:
                     0, 0, 0, 0, self.store.audit_count(), None if last is None else last[0],
                     time_info,
                 )  # fmt: skip
-            now = self._core.clock()
+            now = self._core.now()
             state, _ = issuance_state(self._core, active, "", now)
             p = active.policy
             return StationStatus(
@@ -563,8 +532,8 @@ class FactoryStation:
                     "total_quota": p.total_quota,
                     "daily_limit": p.daily_limit,
                     "day_timezone": p.day_timezone,
-                    "not_before": utc(p.not_before).isoformat(),
-                    "not_after": utc(p.not_after).isoformat(),
+                    "not_before": from_unix(p.not_before).isoformat(),
+                    "not_after": from_unix(p.not_after).isoformat(),
                     "id_range": f"{p.id_rule.device_id(p.id_rule.first)}.."
                     f"{p.id_rule.device_id(p.id_rule.last)}",
                     "counter_base": active.row.counter_base,

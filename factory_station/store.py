@@ -63,6 +63,7 @@ _ISSUANCE_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
 _ISSUANCE_INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS issued_device ON issuance(device_id) WHERE status = 'issued';
 CREATE INDEX IF NOT EXISTS issuance_day ON issuance(entitlement_seq, day);
+CREATE INDEX IF NOT EXISTS issuance_device ON issuance(device_id);
 """
 #: Rebuild of a pre-re-issue ``issuance`` table (see ``StationStore._migrate_superseded``).
 _MIGRATE_SUPERSEDED = "".join(
@@ -365,9 +366,13 @@ class StationStore:
         ).fetchone()
         return int(row[0])
 
-    def used_device_ids(self) -> set[str]:
-        """Every device id that has a row (issued, burned or pending)."""
-        return {str(r[0]) for r in self.db.execute("SELECT device_id FROM issuance")}
+    def device_id_used(self, device_id: str) -> bool:
+        """Whether ``device_id`` has a row (issued, burned, superseded or pending): one
+        indexed lookup, not a read of every id (``allocate_device_id`` runs per device)."""
+        row = self.db.execute(
+            "SELECT 1 FROM issuance WHERE device_id = ? LIMIT 1", (device_id,)
+        ).fetchone()
+        return row is not None
 
     def certificates_by_serial(self, serials: list[str]) -> list[bytes]:
         out: list[bytes] = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import secrets as _random
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -46,6 +45,7 @@ from trustcore.quorum import (
     parse_evidence,
     verify_quorum,
 )
+from trustcore.utctime import now_unix
 
 __all__ = [
     "ADD_APPROVER",
@@ -93,10 +93,6 @@ class QuorumRefused(HqError):
     :data:`trustcore.quorum.QUORUM_REASONS`)."""
 
     reason = "quorum_refused"
-
-
-def _now(now: int | None) -> int:
-    return int(datetime.now(UTC).timestamp()) if now is None else now
 
 
 @contextlib.contextmanager
@@ -271,7 +267,7 @@ def authorize(
     the operation's own transaction; without it the consumption commits at once (an
     operation that then fails has used up its approvals: fail closed).
     """
-    moment = _now(now)
+    moment = now_unix(now)
     if not gate_required(home, operation, params, conn):
         return None
     if conn is not None:
@@ -294,7 +290,7 @@ def add_approver(
 ) -> ApproverRow:
     """Add an approver to the HQ set. The first one needs no quorum (bootstrap); every
     later one needs ``min(m, current set size)`` approvals of the current set."""
-    moment = _now(now)
+    moment = now_unix(now)
     if not name or len(name) > 64 or not name.isprintable():
         raise HqError("approver name must be 1..64 printable characters", reason="bad_request")
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
@@ -353,7 +349,7 @@ def create_request(
     the entitlement id come from that station's current entitlement, so the approvals are
     only good for it.
     """
-    moment = _now(now)
+    moment = now_unix(now)
     lifetime = _config(home).request_lifetime_s if lifetime_s is None else lifetime_s
     full = dict(params)
     with _db(home) as store:
@@ -425,7 +421,7 @@ def record_approval(
     open (unexpired, not consumed), the approver named by it, the signature valid. The
     signature is the authentication. Returns the request and how many distinct approvals
     it now has. The same approver again replaces their earlier approval."""
-    moment = _now(now)
+    moment = now_unix(now)
     try:
         approval = Approval.decode(data)
     except EncodingError as exc:
@@ -450,7 +446,7 @@ def record_approval(
 
 def pending_requests(home: HqHome, *, now: int | None = None) -> list[tuple[ApprovalRequest, int]]:
     """Requests still open (unexpired, unconsumed), with their number of approvals."""
-    moment = _now(now)
+    moment = now_unix(now)
     out = []
     with _db(home) as store, store.transaction() as conn:
         for rid, count in quorum_tables.open_requests(conn, moment):
@@ -513,7 +509,7 @@ def precheck(
     if not gate_required(home, operation, params):
         return
     with _db(home) as store, store.transaction() as conn:
-        verify_hq_quorum(home, conn, operation, params, evidence, _now(now))
+        verify_hq_quorum(home, conn, operation, params, evidence, now_unix(now))
 
 
 def authorize_station_ca_revocation(

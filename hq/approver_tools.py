@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -17,14 +16,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hq.approvals import QuorumRefused
 from hq.errors import HqError, SecretError
+from hq.home import read_secret
 from signers.errors import SignerError
-from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
+from signers.software import SoftwareKey
 from trustcore.keys import Signer, key_id
 from trustcore.quorum import (
     Approval,
     ApprovalRequest,
     sign_approval,
 )
+from trustcore.utctime import now_unix
 
 __all__ = [
     "APPROVER_PASSPHRASE_ENV",
@@ -59,20 +60,12 @@ class ApproverKeySource:
             )
 
     def _passphrase(self) -> bytes:
-        try:
-            if self.passphrase_file is not None:
-                return passphrase_from_file(self.passphrase_file)
-            return passphrase_from_env(APPROVER_PASSPHRASE_ENV)
-        except SignerError as exc:
-            raise SecretError(f"no approver keystore passphrase: {exc}") from exc
+        return read_secret(
+            self.passphrase_file, APPROVER_PASSPHRASE_ENV, "approver keystore passphrase"
+        )
 
     def _pin(self) -> bytes:
-        try:
-            if self.pin_file is not None:
-                return passphrase_from_file(self.pin_file)
-            return passphrase_from_env(APPROVER_PIN_ENV)
-        except SignerError as exc:
-            raise SecretError(f"no approver token PIN: {exc}") from exc
+        return read_secret(self.pin_file, APPROVER_PIN_ENV, "approver token PIN")
 
 
 def init_approver_key(source: ApproverKeySource) -> ec.EllipticCurvePublicKey:
@@ -116,7 +109,7 @@ def sign_request(request: ApprovalRequest, signer: Signer, *, now: int | None = 
     """Approve ``request`` (the caller has shown it to the approver). Refuses to sign a
     request that does not name this key or has expired: such an approval is useless and
     signing it would only teach people to sign without reading."""
-    moment = int(datetime.now(UTC).timestamp()) if now is None else now
+    moment = now_unix(now)
     if key_id(signer.public_key()) not in request.approvers:
         raise QuorumRefused(
             "this key is not one of the request's approvers", reason="unknown_approver"

@@ -12,15 +12,16 @@ import hashlib
 import os
 import secrets as _random
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.errors import EnrolmentError, EntitlementError, HomeError, SecretError
+from hq.errors import EnrolmentError, EntitlementError, HomeError, HqError, SecretError
 from hq.home import HqConfig, HqHome, HqSecrets, Pkcs11Location, cert_pem
 from hq.store import EntitlementRow, HqStore, StationRow, parse_store_location
 from signers.errors import SignerError
@@ -35,6 +36,7 @@ from trustcore.keys import Signer, spki_der
 from trustcore.messages import CT_ENTITLEMENT, EntitlementPayload, StationEnrolment
 from trustcore.profiles import HqRole, issue_role_certificate, issue_root_ca, issue_station_ca
 from trustcore.sealed import seal_package
+from trustcore.utctime import aware_utc, now_utc, to_unix
 
 __all__ = [
     "EnrolmentResult",
@@ -45,6 +47,8 @@ __all__ = [
     "init_hq",
     "issue_entitlement",
     "issue_root_crl",
+    "sign_ca_with_root",
+    "sign_station_ca",
 ]
 
 ROOT_VALIDITY = timedelta(days=20 * 365)
@@ -58,14 +62,6 @@ ROOT_CRL_VALIDITY = timedelta(days=365)
 #: Certificates start a little in the past so a station whose clock is slightly behind
 #: HQ's does not see them as not yet valid.
 BACKDATE = timedelta(minutes=5)
-
-
-def now_utc(now: datetime | None) -> datetime:
-    """``now`` (or the current time) in UTC, whole seconds; naive datetimes are refused."""
-    moment = datetime.now(UTC) if now is None else now
-    if moment.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    return moment.astimezone(UTC).replace(microsecond=0)
 
 
 # --------------------------------------------------------------------------------- init
@@ -309,10 +305,8 @@ class EntitlementResult:
     overlaps: tuple[str, ...] = ()
 
 
-def _aware(name: str, moment: datetime) -> int:
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise EntitlementError(f"{name} must carry a time zone (e.g. 2025-01-01T00:00:00Z)")
-    return int(moment.timestamp())
+def _zone_hint(message: str) -> EntitlementError:
+    return EntitlementError(f"{message} (e.g. 2025-01-01T00:00:00Z)")
 
 
 def issue_entitlement(
@@ -334,8 +328,8 @@ def issue_entitlement(
     from hq.approvals import ISSUE_ENTITLEMENT, authorize, entitlement_params, precheck
 
     moment = now_utc(now)
-    not_before = _aware("not_before", request.not_before)
-    not_after = _aware("not_after", request.not_after)
+    not_before = to_unix(aware_utc("not_before", request.not_before, _zone_hint))
+    not_after = to_unix(aware_utc("not_after", request.not_after, _zone_hint))
     quorum_params = entitlement_params(request)
     precheck(home, ISSUE_ENTITLEMENT, quorum_params, approvals, now=int(moment.timestamp()))
     if not_after <= int(moment.timestamp()):
@@ -511,21 +505,65 @@ def _issue_station_ca(
             f"would not verify for {DEVICE_LIFETIME.days // 365} years (a new root is needed)",
             reason="root_too_short",
         )
+    return sign_station_ca(
+        home,
+        secrets,
+        root_cert,
+        subject_key,  # type: ignore[arg-type]
+        station.station_id,
+        (start, end),
+        EntitlementError,
+    )
+
+
+def sign_station_ca(
+    home: HqHome,
+    secrets: HqSecrets,
+    root_cert: x509.Certificate,
+    subject_key: ec.EllipticCurvePublicKey,
+    station_id: str,
+    validity: tuple[datetime, datetime],
+    error: Callable[[str], HqError],
+) -> x509.Certificate:
+    """A station CA certificate for ``subject_key`` signed by the root (at each entitlement
+    and at each renewal or re-key, :mod:`hq.station_ca`), valid for ``validity`` and never
+    beyond it. A profile refusal raises ``error(message)``; a failing root key
+    :class:`SecretError`."""
+    start, end = validity
+    return sign_ca_with_root(
+        home,
+        secrets,
+        lambda root_key: issue_station_ca(
+            root_cert,
+            root_key,
+            subject_key,
+            station_id=StationId(station_id),
+            organization=home.config.organization,
+            not_before=start,
+            not_after=end,
+            max_not_after=end,
+        ),
+        "the station CA",
+        error,
+    )
+
+
+def sign_ca_with_root(
+    home: HqHome,
+    secrets: HqSecrets,
+    issue: Callable[[ec.EllipticCurvePrivateKey], x509.Certificate],
+    what: str,
+    error: Callable[[str], HqError],
+) -> x509.Certificate:
+    """``issue(root key)`` with the root key open only for that call: the one place a
+    station or site CA certificate is signed. A profile refusal raises
+    ``error("cannot issue <what>: …")``, a failing root key :class:`SecretError`."""
     root: Signer
     with home.root_key(secrets) as root:
         try:
-            return issue_station_ca(
-                root_cert,
-                root.private_key(),
-                subject_key,  # type: ignore[arg-type]
-                station_id=StationId(station.station_id),
-                organization=home.config.organization,
-                not_before=start,
-                not_after=end,
-                max_not_after=root_cert.not_valid_after_utc,
-            )
+            return issue(root.private_key())
         except ProfileError as exc:
-            raise EntitlementError(f"cannot issue the station CA: {exc.message}") from exc
+            raise error(f"cannot issue {what}: {exc.message}") from exc
         except SignerError as exc:
             raise SecretError(f"the root key failed to sign: {exc}") from exc
 

@@ -167,8 +167,8 @@ def revoke_command(
 def root_crl_command(home: Path, passphrase_file: Path | None, pin_file: Path | None) -> None:
     """Root ceremony: re-sign the root CRL (valid one year) and create or renew the
     delegated CRL signer certificate. The only routine use of the root key."""
-    from hq.authority import now_utc
     from hq.revocation_data import root_ceremony
+    from trustcore.utctime import now_utc
 
     try:
         result = root_ceremony(
@@ -194,10 +194,11 @@ def publish_revocations_command(
     """Write the next HQ revocation list with a fresh indirect CRL (no root key): what a
     site imports with `registrar import-revocations FILE` to stay within its offline
     limit between bundles."""
-    from hq.authority import now_utc, write_package
+    from hq.authority import write_package
     from hq.revocation_data import latest_root_crl, publish_revocations, root_crl_warning
     from hq.store import HqStore
     from trustcore.profiles import HqRole
+    from trustcore.utctime import now_utc
 
     if out.exists():
         raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")

@@ -25,7 +25,6 @@ CRL that the next site bundle carries.
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from trustcore.revocation import (
     RevokedDevice,
 )
 from trustcore.site_report import SiteReport, SiteReportError, open_site_report, peek_site_report
+from trustcore.utctime import now_unix
 from trustcore.verify import ChainVerifier
 
 __all__ = [
@@ -137,10 +137,6 @@ class IngestSiteReportResult:
             "finding_counts": counts,
             "findings": [f.to_map() for f in self.findings],
         }
-
-
-def _now(now: int | None) -> int:
-    return int(time.time()) if now is None else now
 
 
 def _violations(store: HqStore) -> dict[tuple[str, str], list[str]]:
@@ -307,7 +303,7 @@ def ingest_site_report(
 ) -> IngestSiteReportResult:
     """Verify, store and cross-check a site report. Refusals raise :class:`ReportRefusedError`
     and store nothing."""
-    moment = _now(now)
+    moment = now_unix(now)
     store = HqStore.open(home.store_location)
     try:
         try:
@@ -451,7 +447,7 @@ def revoke(
 
     if not (devices or serials or findings or station_ca):
         raise RevokeRefusedError("nothing to revoke")
-    moment = _now(now)
+    moment = now_unix(now)
     store = HqStore.open(home.store_location)
     try:
         with store.transaction() as conn:

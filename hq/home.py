@@ -46,6 +46,7 @@ __all__ = [
     "HqQuorumConfig",
     "HqSecrets",
     "Pkcs11Location",
+    "read_secret",
 ]
 
 PASSPHRASE_ENV = "DEVTRUST_HQ_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
@@ -62,20 +63,21 @@ class HqSecrets:
     pin_file: Path | None = None
 
     def passphrase(self) -> bytes:
-        try:
-            if self.passphrase_file is not None:
-                return passphrase_from_file(self.passphrase_file)
-            return passphrase_from_env(PASSPHRASE_ENV)
-        except SignerError as exc:
-            raise SecretError(f"no keystore passphrase: {exc}") from exc
+        return read_secret(self.passphrase_file, PASSPHRASE_ENV, "keystore passphrase")
 
     def pin(self) -> bytes:
-        try:
-            if self.pin_file is not None:
-                return passphrase_from_file(self.pin_file)
-            return passphrase_from_env(PIN_ENV)
-        except SignerError as exc:
-            raise SecretError(f"no token PIN: {exc}") from exc
+        return read_secret(self.pin_file, PIN_ENV, "token PIN")
+
+
+def read_secret(path: Path | None, env: str, what: str) -> bytes:
+    """A passphrase or PIN from ``path`` if given, else from the environment variable
+    ``env``; ``SecretError("no <what>: …")`` if neither holds one."""
+    try:
+        if path is not None:
+            return passphrase_from_file(path)
+        return passphrase_from_env(env)
+    except SignerError as exc:
+        raise SecretError(f"no {what}: {exc}") from exc
 
 
 @dataclass(frozen=True)

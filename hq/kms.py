@@ -13,7 +13,6 @@ the only gate.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from hq.errors import HomeError, SecretError
@@ -24,6 +23,7 @@ from signers.software import SoftwareKey
 from trustcore import cbor, hpke
 from trustcore.errors import SealedPackageError
 from trustcore.payload import PayloadKey
+from trustcore.utctime import now_unix
 
 __all__ = [
     "KMS_KEY_NAME",
@@ -101,7 +101,7 @@ def ensure_site_payload_key(
     existing = store.payload_keys(site_id)
     if existing and not rotate:
         return None
-    created = _new_key(kms, site_id, int(time.time()) if now is None else now)
+    created = _new_key(kms, site_id, now_unix(now))
     store.put_payload_key(created)
     return created
 

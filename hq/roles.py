@@ -16,13 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from hq.authority import BACKDATE, ROLE_VALIDITY, now_utc
+from hq.authority import BACKDATE, ROLE_VALIDITY
 from hq.errors import HomeError, SecretError
 from hq.home import HqHome, HqSecrets, cert_pem
 from signers.errors import SignerError
 from signers.private_files import write_private_file
 from trustcore.errors import ProfileError
 from trustcore.profiles import HqRole, issue_role_certificate
+from trustcore.utctime import now_utc
 
 __all__ = ["RENEW_BEFORE", "RoleRenewal", "renew_role_certificates"]
 

@@ -19,20 +19,19 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl, now_utc
-from hq.errors import HomeError, HqError, SecretError
+from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl, sign_ca_with_root
+from hq.errors import HomeError, HqError
 from hq.home import HqHome, HqSecrets
 from hq.kms import ensure_site_payload_key, kms_key, site_payload_keys
 from hq.store import HqStore, SiteRow, StationCrlRow
-from signers.errors import SignerError
 from trustcore.crl import load_crl, verify_crl
 from trustcore.errors import (
     CrlError,
     CsrError,
     EncodingError,
     InvalidValueError,
-    ProfileError,
 )
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId
 from trustcore.keys import spki_der
@@ -46,6 +45,7 @@ from trustcore.site_bundle import (
     seal_site_bundle,
 )
 from trustcore.site_rollover import SiteCaRollover, SiteRolloverError, site_ca_generation
+from trustcore.utctime import now_utc
 
 __all__ = [
     "DEFAULT_MAX_OFFLINE_DAYS",
@@ -123,24 +123,7 @@ def enrol_site(
                     "(use --replace to re-enrol it)",
                     reason="already_enrolled",
                 )
-            root_cert = home.root_certificate()
-            end = min(moment + SITE_CA_VALIDITY, root_cert.not_valid_after_utc)
-            start = max(moment - BACKDATE, root_cert.not_valid_before_utc)
-            with home.root_key(secrets) as root:
-                try:
-                    cert = issue_site_ca(
-                        root_cert,
-                        root.private_key(),
-                        csr.public_key,
-                        site_id=SiteId(site_id),
-                        organization=home.config.organization,
-                        not_before=start,
-                        not_after=end,
-                    )
-                except ProfileError as exc:
-                    raise SiteError(f"cannot issue the site CA: {exc.message}") from exc
-                except SignerError as exc:
-                    raise SecretError(f"the root key failed to sign: {exc}") from exc
+            cert = _sign_site_ca(home, secrets, moment, site_id, csr.public_key)
             row = SiteRow(
                 site_id,
                 ca_der,
@@ -162,6 +145,39 @@ def enrol_site(
         cert,
         hashlib.sha256(ca_der).hexdigest(),
         hashlib.sha256(transport_der).hexdigest(),
+    )
+
+
+def _sign_site_ca(
+    home: HqHome,
+    secrets: HqSecrets,
+    moment: datetime,
+    site_id: str,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    generation: int = 1,
+) -> x509.Certificate:
+    """A site CA certificate for ``public_key`` signed by the root (at enrolment and at each
+    rollover): :data:`SITE_CA_VALIDITY` from ``moment`` (backdated by :data:`BACKDATE`),
+    never outside the root's own validity."""
+    root_cert = home.root_certificate()
+    end = min(moment + SITE_CA_VALIDITY, root_cert.not_valid_after_utc)
+    start = max(moment - BACKDATE, root_cert.not_valid_before_utc)
+    return sign_ca_with_root(
+        home,
+        secrets,
+        lambda root_key: issue_site_ca(
+            root_cert,
+            root_key,
+            public_key,
+            site_id=SiteId(site_id),
+            organization=home.config.organization,
+            not_before=start,
+            not_after=end,
+            generation=generation,
+        ),
+        "the site CA",
+        SiteError,
     )
 
 
@@ -212,25 +228,14 @@ def rollover_site_ca(
                     "the transport key must differ from the site CA key", reason="key_reuse"
                 )
             previous = x509.load_der_x509_certificate(existing.site_ca_der)
-            root_cert = home.root_certificate()
-            end = min(moment + SITE_CA_VALIDITY, root_cert.not_valid_after_utc)
-            start = max(moment - BACKDATE, root_cert.not_valid_before_utc)
-            with home.root_key(secrets) as root:
-                try:
-                    cert = issue_site_ca(
-                        root_cert,
-                        root.private_key(),
-                        csr.public_key,
-                        site_id=SiteId(site_id),
-                        organization=home.config.organization,
-                        not_before=start,
-                        not_after=end,
-                        generation=site_ca_generation(previous) + 1,
-                    )
-                except ProfileError as exc:
-                    raise SiteError(f"cannot issue the site CA: {exc.message}") from exc
-                except SignerError as exc:
-                    raise SecretError(f"the root key failed to sign: {exc}") from exc
+            cert = _sign_site_ca(
+                home,
+                secrets,
+                moment,
+                site_id,
+                csr.public_key,
+                generation=site_ca_generation(previous) + 1,
+            )
             row = SiteRow(
                 site_id,
                 new_der,

@@ -40,20 +40,17 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.authority import BACKDATE, issue_root_crl, now_utc
-from hq.errors import HqError, SecretError
+from hq.authority import BACKDATE, issue_root_crl, sign_station_ca
+from hq.errors import HqError
 from hq.home import HqHome, HqSecrets
 from hq.store import HqStore
-from signers.errors import SignerError
-from trustcore.errors import ProfileError
-from trustcore.identity import StationId
-from trustcore.keys import Signer, spki_der
-from trustcore.profiles import issue_station_ca
+from trustcore.keys import spki_der
 from trustcore.station_ca_request import (
     KIND_REKEY,
     StationCaRequest,
     StationCaRequestError,
 )
+from trustcore.utctime import now_utc
 
 __all__ = [
     "MAX_REQUEST_AGE",
@@ -284,20 +281,6 @@ def _issue(
     root_cert: x509.Certificate,
 ) -> x509.Certificate:
     start = max(moment - BACKDATE, root_cert.not_valid_before_utc)
-    root: Signer
-    with home.root_key(secrets) as root:
-        try:
-            return issue_station_ca(
-                root_cert,
-                root.private_key(),
-                subject_key,
-                station_id=StationId(station_id),
-                organization=home.config.organization,
-                not_before=start,
-                not_after=end,
-                max_not_after=end,
-            )
-        except ProfileError as exc:
-            raise StationCaError(f"cannot issue the station CA: {exc.message}") from exc
-        except SignerError as exc:
-            raise SecretError(f"the root key failed to sign: {exc}") from exc
+    return sign_station_ca(
+        home, secrets, root_cert, subject_key, station_id, (start, end), StationCaError
+    )

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from hq.authority import now_utc
 from hq.errors import EntitlementError
 from hq.home import HqHome, HqSecrets
 from hq.store import HqStore
 from trustcore.messages import CT_TIME_STATEMENT, TimeStatement
 from trustcore.profiles import HqRole
 from trustcore.sealed import seal_package
+from trustcore.utctime import now_utc
 
 __all__ = ["issue_time_statement"]
 

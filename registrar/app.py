@@ -50,7 +50,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,6 +86,7 @@ from trustcore.errors import TrustCoreError
 from trustcore.policy_chain import NamedPlugin
 from trustcore.registration import AdmissionContext
 from trustcore.renewal import LdevidPolicy
+from trustcore.utctime import Clock, system_clock
 
 __all__ = ["AppSettings", "RegistrarApp", "run_registrar", "running"]
 
@@ -106,7 +106,7 @@ class RegistrarApp(SiteRuntime):
         settings: AppSettings | None = None,
         *,
         workdir: Path | None = None,
-        clock: Callable[[], datetime] | None = None,
+        clock: Clock = system_clock,
     ) -> None:
         super().__init__(home, secrets, settings, clock=clock)
         self._workdir = workdir

@@ -1,8 +1,8 @@
 """What every ``registrar`` command shares: the options (``--home``, ``--passphrase-file``,
 ``--store``, ``--payload-key-grace``), the exit codes and the one-line failure and refusal
-messages, opening the site home, reading the store for a report, and the rule of the
-commands that act live or offline (:func:`live_or_offline`: through the running
-registrar's spool when one runs, else offline under the site lock).
+messages, parsing a device id argument, opening the site home, reading the store for a
+report, and the rule of the commands that act live or offline (:func:`live_or_offline`:
+through the running registrar's spool when one runs, else offline under the site lock).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from registrar.errors import RegistrarError
 
 if TYPE_CHECKING:
     from registrar.site import SiteHome
+    from trustcore.identity import DeviceId
 
 __all__ = [
     "EXIT_ERROR",
@@ -28,6 +29,7 @@ __all__ = [
     "home_option",
     "live_or_offline",
     "open_site",
+    "parse_device_id",
     "passphrase_option",
     "refused",
     "run_offline",
@@ -106,6 +108,17 @@ def refused(exc: RegistrarError) -> NoReturn:
     """``REFUSED (reason): …`` on stderr and exit 2."""
     click.echo(f"REFUSED ({exc.reason}): {exc.args[0]}", err=True)
     sys.exit(EXIT_REFUSED)
+
+
+def parse_device_id(text: str) -> DeviceId:
+    """The device id given on the command line, or ``REFUSED (bad_device_id)`` and exit 2."""
+    from trustcore.errors import InvalidValueError
+    from trustcore.identity import DeviceId
+
+    try:
+        return DeviceId(text)
+    except InvalidValueError as exc:
+        refused(RegistrarError(exc.message, reason="bad_device_id"))
 
 
 def open_site(home: Path) -> SiteHome:

@@ -18,6 +18,7 @@ from registrar.cli_common import (
     home_option,
     live_or_offline,
     open_site,
+    parse_device_id,
     passphrase_option,
     refused,
     run_offline,
@@ -87,15 +88,10 @@ def revoke_command(
     from registrar.revocation import revoke_device
     from registrar.site import SiteSecrets
     from registrar.spool import revoke_json
-    from trustcore.errors import InvalidValueError
-    from trustcore.identity import DeviceId
 
     site = open_site(home)
     secrets = SiteSecrets(passphrase_file)
-    try:
-        device = DeviceId(device_id)
-    except InvalidValueError as exc:
-        refused(RegistrarError(exc.message, reason="bad_device_id"))
+    device = parse_device_id(device_id)
 
     def offline() -> dict[str, Any]:
         async def work(opened: Any) -> dict[str, Any]:
@@ -255,20 +251,14 @@ def approve_command(home: Path, device_id: str, store: str | None) -> None:
     """Approve a held device: recorded durably (live through the running registrar, if one
     runs); the device's next retry registers. Approval admits only a device that passes
     every other check (chain, revocation, signature, CSR)."""
-    import time
-
-    from trustcore.errors import InvalidValueError
-    from trustcore.identity import DeviceId
+    from trustcore.utctime import system_clock, to_unix
 
     site = open_site(home)
-    try:
-        device = DeviceId(device_id)
-    except InvalidValueError as exc:
-        refused(RegistrarError(exc.message, reason="bad_device_id"))
+    device = parse_device_id(device_id)
 
     def offline() -> dict[str, Any]:
         async def work(opened: Any) -> dict[str, Any]:
-            pending = await opened.approve(device, at=int(time.time()))
+            pending = await opened.approve(device, at=to_unix(system_clock()))
             return {"device_id": device.value, "was_pending": pending}
 
         return dict(run_offline(site, None, work, store))

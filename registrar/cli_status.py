@@ -23,6 +23,7 @@ from registrar.cli_common import (
     when,
 )
 from registrar.errors import RegistrarError
+from trustcore.utctime import system_clock, to_unix
 
 if TYPE_CHECKING:
     from registrar.site import SiteHome
@@ -33,7 +34,6 @@ __all__ = ["devices_command", "pending_command", "report_command", "status_comma
 def _payload_key_rows(site: SiteHome, snap: dict[str, Any]) -> list[dict[str, Any]]:
     """Per payload key: state and devices on it, from the store and the key file (key ids
     only, nothing decrypted), for a site whose registrar is not running."""
-    import time
 
     from registrar.key_distribution import key_rows
     from registrar.payload_keys import listed_key_ids
@@ -52,11 +52,11 @@ def _payload_key_rows(site: SiteHome, snap: dict[str, Any]) -> list[dict[str, An
             tuple(KeyPeriod(*p) for p in snap["key_periods"]), site.config.payload_key_grace_s
         )
         if current is not None:  # what a registrar starting now would record
-            schedule = schedule.with_current(current, int(time.time()))
+            schedule = schedule.with_current(current, to_unix(system_clock()))
     except TrustCoreError as exc:
         click.echo(f"warning: payload key periods unreadable: {exc}", err=True)
         return []
-    return key_rows(schedule, ids, snap["per_key"], int(time.time()))
+    return key_rows(schedule, ids, snap["per_key"], to_unix(system_clock()))
 
 
 @click.command("status")

@@ -33,6 +33,7 @@ from registrar.site import (
     revocation_lock,
 )
 from trustcore.revocation import RevocationList
+from trustcore.utctime import system_clock
 
 __all__ = [
     "CRL_WARNING_MARGIN",
@@ -88,7 +89,7 @@ def refresh_site_crl_if_due(
     """Re-issue the site CA CRL when less than half of its validity is left (so a
     registrar that is down for a few days still finds a valid one); True if it did.
     ``crl_number``: the store's sequence (:func:`registrar.revocation.crl_numbers`)."""
-    moment = datetime.now(UTC) if now is None else now
+    moment = system_clock() if now is None else now
     with revocation_lock(home):
         crl = x509.load_pem_x509_crl((home.current / "site-crl.pem").read_bytes())
         next_update = crl.next_update_utc
@@ -111,7 +112,7 @@ def refresh_service_certificates_if_due(
     HQ"): an HQ bundle is not needed for them, so a site cut off from HQ keeps its
     operational listener. True if it did (reload the brokers, use the new client
     certificate)."""
-    moment = datetime.now(UTC) if now is None else now
+    moment = system_clock() if now is None else now
     with revocation_lock(home):
         end = reissue_service_certificates(home, secrets, now=moment)
     if end is None:
@@ -130,7 +131,7 @@ def check_crls(
     """Root and station CRLs come from HQ only (the registrar cannot re-sign them):
     stale ones make every factory certificate under them fail (fail closed) until a
     new site bundle is commissioned. Said loudly, every check."""
-    now = datetime.now(UTC) if now is None else now
+    now = system_clock() if now is None else now
     alerts: list[str] = []
     own = set()
     if site is not None:

@@ -15,9 +15,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from registrar.errors import BrokerError, StoreError
@@ -29,6 +27,7 @@ from trustcore.identity import DeviceId
 from trustcore.keys import spki_der
 from trustcore.payload import PayloadError, envelope_key_id, open_payload
 from trustcore.registration import RegistrationError
+from trustcore.utctime import Clock
 from trustcore.wrap_key import parse_wrap_key_registration, verify_wrap_key
 
 __all__ = ["RECENT_TELEMETRY", "TelemetryLog", "record_wrap_key"]
@@ -95,7 +94,7 @@ async def record_wrap_key(
     service: RegistrationService,
     device: DeviceId,
     payload: bytes,
-    clock: Callable[[], datetime],
+    clock: Clock,
 ) -> None:
     """The wrap key of a device enrolled over EST (:mod:`trustcore.wrap_key`): verified,
     recorded once, then the current payload key goes to the device as a payload-key

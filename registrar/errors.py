@@ -1,7 +1,7 @@
 """Errors of the site registrar. Everything it raises derives from ``RegistrarError`` (whose
 base is the shared ``trustcore.errors.ReasonedError``).
 
-The tree names every subclass, wherever it is defined (``tests/test_error_trees.py`` checks
+The tree names every subclass, wherever it is defined (``tests/project/test_error_trees.py`` checks
 it against the code); classes outside this module carry their module in brackets::
 
     RegistrarError

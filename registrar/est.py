@@ -33,7 +33,6 @@ import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from aiohttp import web
@@ -58,6 +57,7 @@ from trustcore.identity import DeviceId
 from trustcore.profiles import device_id_from_certificate
 from trustcore.registration import RegistrationError, RegistrationRequest, tls_bound_request
 from trustcore.renewal import RenewalRequest, tls_bound_renewal
+from trustcore.utctime import Clock, to_unix
 
 __all__ = ["EstServer", "EstTraffic", "est_server_context"]
 
@@ -96,7 +96,7 @@ class EstTraffic:
     register: Callable[[DeviceId, RegistrationRequest], Awaitable[bytes]]
     renew: Callable[[DeviceId, RenewalRequest], Awaitable[bytes]]
     ca_certificates: Callable[[], list[x509.Certificate]]
-    clock: Callable[[], datetime]
+    clock: Clock
     #: The site CAs whose LDevIDs may renew (current and retiring): the routing of
     #: ``/simplereenroll`` (see :meth:`EstServer._enrol`).
     ldevid_issuers: Callable[[], tuple[x509.Certificate, ...]]
@@ -203,7 +203,7 @@ class EstServer:
         try:
             csr_der = decode_csr_body(await request.read())
             nonce = secrets.token_bytes(_NONCE_BYTES)
-            now = int(self._traffic.clock().timestamp())
+            now = to_unix(self._traffic.clock())
             if renewal:
                 renewal_request = tls_bound_renewal(
                     device_id=device, ldevid_der=peer, csr_der=csr_der, nonce=nonce, time=now

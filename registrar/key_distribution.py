@@ -31,7 +31,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -47,6 +46,7 @@ from trustcore.keys import Signer
 from trustcore.payload import PayloadKey
 from trustcore.registration import build_key_update
 from trustcore.topics import KEYS_LEVEL, device_topic
+from trustcore.utctime import Clock, to_unix
 
 __all__ = ["REPUSH_INTERVAL_S", "KeyDistributor", "key_rows", "load_schedule"]
 
@@ -111,7 +111,7 @@ class KeyDistributor:
         store: Store,
         signer_for: Callable[[DeviceRecord], Signer],
         publish: Publish,
-        clock: Callable[[], datetime],
+        clock: Clock,
         grace_s: int,
     ) -> None:
         self._store = store
@@ -129,9 +129,6 @@ class KeyDistributor:
         self.refused: Counter[bytes] = Counter()
         self.acks = 0
         self.updates_sent = 0
-
-    def _now(self) -> int:
-        return int(self._clock().timestamp())
 
     @property
     def schedule(self) -> KeySchedule:
@@ -155,7 +152,7 @@ class KeyDistributor:
         now on (the previous one starts its grace period now)."""
         self._keyring = keyring
         before = self._schedule
-        after = before.with_current(keyring.current.key_id, self._now())
+        after = before.with_current(keyring.current.key_id, to_unix(self._clock()))
         for period in after.periods:
             if period not in before.periods:
                 await self._store.save_key_period(
@@ -205,7 +202,7 @@ class KeyDistributor:
 
     async def _push_many(self, records: list[DeviceRecord]) -> int:
         key = self.keyring.current
-        now = self._now()
+        now = to_unix(self._clock())
         unknown = [r.device_id for r in records if r.device_id not in self._last_issued]
         for device_id, offer in (await self._store.key_offers(unknown)).items():
             self._last_issued[device_id] = offer[1]
@@ -262,7 +259,7 @@ class KeyDistributor:
                 self._held[device.value] = key_id  # one confirmation, not one per message
                 self._spawn(self._confirm(device, key_id))
             return True
-        now = self._now()
+        now = to_unix(self._clock())
         accepted = self._schedule.accepts(key_id, now)
         if not accepted:
             self.refused[key_id] += 1
@@ -288,7 +285,7 @@ class KeyDistributor:
         self.acks += 1
         if ack.key_id != keyring.current.key_id:
             # acknowledged an older update: it still needs the current key
-            self._repush_soon(device, ack.key_id, self._now())
+            self._repush_soon(device, ack.key_id, to_unix(self._clock()))
         elif self._held.get(device.value) != ack.key_id:
             self._held[device.value] = ack.key_id
             self._spawn(self._confirm(device, ack.key_id))
@@ -349,7 +346,7 @@ class KeyDistributor:
         record = await self._store.device(device)
         if record is not None and record.payload_key_id != keyring.current.key_id:
             held = keyring.keys.get(record.payload_key_id)
-            if held is not None and self._schedule.accepts(held.key_id, self._now()):
+            if held is not None and self._schedule.accepts(held.key_id, to_unix(self._clock())):
                 return held
         return keyring.current
 
@@ -360,6 +357,6 @@ class KeyDistributor:
             self._schedule,
             list(self.keyring.keys),
             await self._store.devices_per_payload_key(),
-            self._now(),
+            to_unix(self._clock()),
             self.refused,
         )

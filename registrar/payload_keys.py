@@ -18,7 +18,6 @@ devices that have not yet received the new key keep working until they do.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from trustcore.errors import EncodingError, SealedPackageError
 from trustcore.hpke import open_, seal
 from trustcore.keys import KeyAgreement
 from trustcore.payload import KEY_ID_LENGTH, PayloadKey
+from trustcore.utctime import system_clock, to_unix
 
 __all__ = ["PayloadKeyStore", "PayloadKeyring", "listed_key_ids"]
 
@@ -115,7 +115,9 @@ class PayloadKeyStore:
         if any(e.get("key_id") == key.key_id for e in entries):
             raise ConfigError(f"payload key id {key.key_id.hex()} already stored")
         enc, ct = seal(self._transport.public_key(), key.key, info=_info(key.key_id), aad=b"")
-        entries.append({"key_id": key.key_id, "created": int(time.time()), "enc": enc, "ct": ct})
+        entries.append(
+            {"key_id": key.key_id, "created": to_unix(system_clock()), "enc": enc, "ct": ct}
+        )
         new_current = key.key_id if make_current or current is None else current
         doc = {"v": 1, "current": new_current, "keys": entries}
         self.path.parent.mkdir(parents=True, exist_ok=True)

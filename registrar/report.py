@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from signers.private_files import write_private_file
 from trustcore.errors import InvalidValueError
 from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.site_report import SeenCertificate, SiteRegistration, SiteReport, seal_site_report
+from trustcore.utctime import now_unix
 
 __all__ = [
     "ReportData",
@@ -141,7 +141,7 @@ def write_site_report(
         raise RegistrarError(f"{out} exists; refusing to overwrite it", reason="io_error")
     if not home.commissioned:
         raise ConfigError("the site is not commissioned: run `registrar commission` first")
-    moment = int(time.time()) if now is None else now
+    moment = now_unix(now)
     key = issuing_ca_key(home, secrets)
     try:
         cert = x509.load_pem_x509_certificate((home.current / "site-ca.pem").read_bytes())

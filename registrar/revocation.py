@@ -58,6 +58,7 @@ from trustcore.revocation import (
     indirect_crls_of,
     open_revocation_list,
 )
+from trustcore.utctime import system_clock
 from trustcore.verify import ChainVerifier, VerifiedIdentity
 
 __all__ = [
@@ -284,7 +285,7 @@ async def revoke_device(
             "never register is revoked by HQ (revocation list)",
             reason="unknown_device",
         )
-    moment = datetime.now(UTC) if now is None else now
+    moment = system_clock() if now is None else now
     superseded = [s for s, _, _ in await store.superseded_serials(device_id)]
     serials = tuple(dict.fromkeys([record.ldevid_serial, *superseded]))
     entries = tuple(
@@ -385,7 +386,7 @@ async def import_revocation_list(
     un-revoke devices); the same sequence again changes no file but re-applies the list
     (which completes an earlier, interrupted import).
     """
-    moment = datetime.now(UTC) if now is None else now
+    moment = system_clock() if now is None else now
     site = load_commissioned_site(home, secrets)
     with revocation_lock(home):
         state = home.commission_state()

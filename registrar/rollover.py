@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from trustcore.csr import build_csr
 from trustcore.keys import key_id
 from trustcore.messages import SiteEnrolment
 from trustcore.site_rollover import SiteCaRollover
+from trustcore.utctime import system_clock
 
 __all__ = [
     "REQUEST_FILE",
@@ -123,7 +124,7 @@ def begin_rollover(
         csr = build_csr(new, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, sid.value)]))
         enrolment = SiteEnrolment.create(sid, csr, new, transport.public_key())
         request = SiteCaRollover.create(enrolment, current)
-        moment = int((now or datetime.now(UTC)).timestamp())
+        moment = int((now or system_clock()).timestamp())
         write_private_file(request_path, request.encode(), overwrite=True)
         doc = {"v": 1, "key": name, "previous": issuing, "begun": moment}
         write_private_file(
@@ -169,7 +170,7 @@ def rollover_status(
     home: SiteHome, records: list[DeviceRecord], *, now: datetime | None = None
 ) -> dict[str, Any]:
     """Issuing and retiring CA, a pending rollover, and how many devices are on which CA."""
-    moment = now or datetime.now(UTC)
+    moment = now or system_clock()
     issuing_name, retiring_name = home.ca_key_names()
     issuing = _load(home.current / "site-ca.pem")
     retiring = _load(home.current / "retiring-ca.pem") if retiring_name else None
@@ -201,7 +202,7 @@ _MIGRATE_FILE = "rollover-migrate.json"
 
 def note_migration(home: SiteHome, *, now: datetime | None = None) -> None:
     """Record that ``--migrate-all`` was asked for (until the retiring CA is retired)."""
-    moment = int((now or datetime.now(UTC)).timestamp())
+    moment = int((now or system_clock()).timestamp())
     doc = (json.dumps({"v": 1, "requested": moment}) + "\n").encode()
     write_private_file(home.path / _MIGRATE_FILE, doc, overwrite=True)
 
@@ -242,7 +243,7 @@ def retire_site_ca(
     it (else :class:`RolloverError` ``ca_in_use``, naming devices). Writes a new state
     directory (a copy of the current one without the retiring CA and its CRL) and switches
     ``current`` to it atomically; a running registrar reloads its brokers from it."""
-    moment = now or datetime.now(UTC)
+    moment = now or system_clock()
     with revocation_lock(home):
         retiring = home.ca_key_names()[1]
         if retiring is None:
@@ -295,9 +296,7 @@ def _retired_state(home: SiteHome, retiring: x509.Certificate, moment: datetime)
             for c in load_pem_crls((staging / "crls.pem").read_bytes())
             if c.issuer != retiring.subject
         ]
-        write_private_file(
-            staging / "crls.pem", b"".join(crl_pem(c) for c in crls), overwrite=True
-        )
+        write_private_file(staging / "crls.pem", b"".join(crl_pem(c) for c in crls), overwrite=True)
         (staging / "retiring-ca.pem").unlink(missing_ok=True)
         (staging / "retiring-crl.pem").unlink(missing_ok=True)
         state = json.loads((staging / "commission.json").read_text(encoding="utf-8"))

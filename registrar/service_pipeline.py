@@ -18,7 +18,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -41,6 +41,7 @@ from trustcore.renewal import (
     LdevidPolicy,
     RenewalRequest,
 )
+from trustcore.utctime import Clock, system_clock
 from trustcore.verify import ChainVerifier
 
 __all__ = ["ANSWERED", "ServicePipeline", "SiteAuthority", "SupersededHook"]
@@ -57,10 +58,6 @@ SupersededHook = Callable[[DeviceId, tuple[str, ...]], Awaitable[None]]
 #: The ``stats`` keys that are not refusals: LDevID issued on registration, a stored answer
 #: given again (retry), LDevID renewed. Every other key is a public refusal reason code.
 ANSWERED = ("ok", "idempotent", "renewed")
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ class ServicePipeline:
         admission: Admission,
         site: SiteAuthority,
         payload_key: PayloadKey,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Clock = system_clock,
         admission_plugins: Sequence[NamedPlugin[AdmissionContext]] | None = None,
         policy: LdevidPolicy | None = None,
         on_superseded: SupersededHook | None = None,

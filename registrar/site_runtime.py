@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -76,6 +76,7 @@ from trustcore.renewal import RenewalRequest
 from trustcore.revocation import RevocationList
 from trustcore.site_rollover import build_renew_now
 from trustcore.topics import COMMAND_LEVEL, ROLLOVER_LEVEL, device_topic
+from trustcore.utctime import Clock, system_clock, to_unix
 
 if TYPE_CHECKING:
     from registrar.broker.mosquitto import MosquittoBroker
@@ -99,11 +100,11 @@ class SiteRuntime:
         secrets: SiteSecrets,
         settings: AppSettings | None = None,
         *,
-        clock: Callable[[], datetime] | None = None,
+        clock: Clock = system_clock,
     ) -> None:
         self.home = home
         #: The registrar's clock for payload-key rotation (the grace period); tests move it.
-        self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
+        self.clock: Clock = clock
         self.keys: KeyDistributor | None = None
         #: The Mosquitto process this registrar owns (restarted by the watcher if it dies).
         self._mosquitto: MosquittoBroker | None = None
@@ -192,7 +193,7 @@ class SiteRuntime:
 
     async def approve(self, device_id: DeviceId) -> bool:
         """Let a device held by an admission plugin register; True if it was pending."""
-        return await self._require(self.store).approve(device_id, at=int(time.time()))
+        return await self._require(self.store).approve(device_id, at=to_unix(self.clock()))
 
     async def revoke(self, device_id: DeviceId, reason: str = "unspecified") -> RevokeResult:
         result = await revoke_device(
@@ -291,7 +292,7 @@ class SiteRuntime:
         channel = self._require(self.channel)
         issued = time.time_ns() // 1000  # microseconds: two commands in one second differ
         sent = 0
-        moment = datetime.now(UTC)
+        moment = self.clock()
         # page by page: this runs at start-up too, and must not read the registry at once
         async for page in store.device_pages(status="registered"):
             for record in dependents(page, retiring, moment):
@@ -510,7 +511,7 @@ class SiteRuntime:
         never outlives its CA): it is retired automatically, so nobody has to remember the
         last step of a rollover before its CRL can no longer be signed."""
         site = self.site
-        moment = datetime.now(UTC) if now is None else now
+        moment = self.clock() if now is None else now
         if site is None or site.retiring_ca_cert is None:
             return False
         if moment < site.retiring_ca_cert.not_valid_after_utc:

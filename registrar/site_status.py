@@ -19,8 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,6 +45,7 @@ from registrar.store import Store
 from registrar.supersede import SupersededCertificates
 from trustcore.identity import DeviceId
 from trustcore.revocation import RevocationList
+from trustcore.utctime import Clock
 
 __all__ = [
     "STATUS_HEARTBEAT",
@@ -73,7 +73,7 @@ class RunningSite(Protocol):
     @property
     def settings(self) -> AppSettings: ...
     @property
-    def clock(self) -> Callable[[], datetime]: ...
+    def clock(self) -> Clock: ...
     @property
     def site(self) -> CommissionedSite | None: ...
     @property
@@ -177,7 +177,7 @@ def hq_data_status(app: RunningSite) -> dict[str, object] | None:
     and the log line come from :func:`registrar.crl_watch.check_crls`)."""
     if app.revocations is None or app.site is None:
         return None
-    fresh = hq_data_freshness(app.revocations, app.site.max_offline_days, datetime.now(UTC))
+    fresh = hq_data_freshness(app.revocations, app.site.max_offline_days, app.clock())
     return fresh.to_json()
 
 

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from cryptography import x509
 
@@ -43,14 +42,11 @@ from registrar.store import Store
 from trustcore.crl import RevokedEntry
 from trustcore.errors import TrustCoreError
 from trustcore.identity import CertSerial, DeviceId
+from trustcore.utctime import Clock, system_clock
 
 __all__ = ["SupersededCertificates"]
 
 log = logging.getLogger(__name__)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class SupersededCertificates:
@@ -63,7 +59,7 @@ class SupersededCertificates:
         secrets: SiteSecrets,
         broker: Broker,
         handover_seconds: float,
-        clock: Callable[[], datetime] = _now,
+        clock: Clock = system_clock,
         store: Store | None = None,
     ) -> None:
         """``store``: CRL numbers come from its site-wide sequence (several instances)."""

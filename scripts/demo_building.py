@@ -386,7 +386,7 @@ def _est_cacerts(
 ) -> None:  # fmt: skip
     """EST (RFC 7030, docs/est.md): a plain curl, trusting only the manufacturer root, gets
     the site's CA certificates. (Enrolment with curl/pki needs the device key in a file:
-    tests/test_est.py; these devices' keys stay in their TPMs.)"""
+    tests/registrar/test_est.py; these devices' keys stay in their TPMs.)"""
     step("11b. EST listener (RFC 7030): plain curl fetches the site CA certificates")
     url = f"https://{est.host}:{est.port}/.well-known/est/cacerts"
     console.print(f"[dim]$ curl --cacert hq/certs/root-ca.pem {url}[/dim]")

@@ -13,7 +13,7 @@ one after the other, starting from the genuine inputs of ``tests/fuzz/world.py``
 
 A crash is anything but the target's documented exception root escaping. The first input
 of each new crash (exception type + innermost project frame) is written to
-``tests/fuzz_corpus/<target>/`` (``--corpus-out``), where ``tests/test_fuzz_corpus.py``
+``tests/fuzz_corpus/<target>/`` (``--corpus-out``), where ``tests/project/test_fuzz_corpus.py``
 replays it. The last line of output is one JSON object: engine, seconds, inputs tried,
 crashes found (inputs), unique crashes, and the same per target. Exit 0 when no crash
 was found, 1 otherwise.

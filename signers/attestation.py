@@ -54,7 +54,6 @@ from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
     TPM2_CAP,
-    TPM2_RH,
     TPM2_SE,
     TPMA_OBJECT,
 )
@@ -70,13 +69,14 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
-from signers.errors import TpmError, TpmKeyError
+from signers.errors import TpmError
 from signers.tpm import (
     ECC_P384_EK_CERT_NV_INDEX,
     RSA_EK_CERT_NV_INDEX,
     Tpm,
     TpmKey,
     storage_primary_template,
+    tss_blob_from_pem,
 )
 
 __all__ = [
@@ -552,14 +552,7 @@ def _name_of(public_area: bytes) -> bytes:
 
 
 def _tss_blob(key: TpmKey | bytes) -> TSSPrivKey:
-    pem = key.to_pem() if isinstance(key, TpmKey) else key
-    try:
-        blob = TSSPrivKey.from_pem(pem)
-    except (ValueError, TypeError) as exc:
-        raise TpmKeyError("not a TSS2 PRIVATE KEY PEM") from exc
-    if not blob.empty_auth or blob.parent != TPM2_RH.OWNER:
-        raise TpmKeyError("only empty-auth keys under the owner storage primary are supported")
-    return blob
+    return tss_blob_from_pem(key.to_pem() if isinstance(key, TpmKey) else key)
 
 
 @cache

@@ -92,6 +92,7 @@ __all__ = [
     "TpmKeyUsage",
     "TpmNvCounter",
     "storage_primary_template",
+    "tss_blob_from_pem",
 ]
 
 #: TCG EK credential profile NV indices (swtpm_setup writes both).
@@ -191,11 +192,15 @@ class Tpm:
     # -- primary and slot management -----------------------------------------------------------
 
     def _create_primary(self) -> ESYS_TR:
-        handle, *_ = self.esapi.create_primary(
-            in_sensitive=TPM2B_SENSITIVE_CREATE(),
-            in_public=storage_primary_public(),
-            primary_handle=ESYS_TR.OWNER,
-        )
+        """The owner storage primary, re-derived (the caller flushes it)."""
+        try:
+            handle, *_ = self.esapi.create_primary(
+                in_sensitive=TPM2B_SENSITIVE_CREATE(),
+                in_public=storage_primary_public(),
+                primary_handle=ESYS_TR.OWNER,
+            )
+        except TSS2_Exception as exc:
+            raise TpmError(f"cannot derive storage primary key: {exc}") from exc
         return handle
 
     def make_room(self, *, keep: int | None = None) -> None:
@@ -250,10 +255,7 @@ class Tpm:
         """Load ``key``'s wrapped blob (under a fresh primary, flushed right after)."""
         self.make_room(keep=keep)
         ectx = self.esapi
-        try:
-            primary = self._create_primary()
-        except TSS2_Exception as exc:
-            raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+        primary = self._create_primary()
         try:
             handle = ectx.load(primary, key._blob.private, key._blob.public)
         except TSS2_Exception as exc:
@@ -309,10 +311,7 @@ class Tpm:
         with self.lock:
             self.make_room()
             ectx = self.esapi
-            try:
-                primary = self._create_primary()
-            except TSS2_Exception as exc:
-                raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+            primary = self._create_primary()
             try:
                 private = ectx.import_(primary, TPM2B_DATA(), pub, dup, enc_seed, _NO_INNER_WRAPPER)
             except TSS2_Exception as exc:
@@ -335,10 +334,7 @@ class Tpm:
         with self.lock:
             self.make_room()
             ectx = self.esapi
-            try:
-                primary = self._create_primary()
-            except TSS2_Exception as exc:
-                raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+            primary = self._create_primary()
             try:
                 handle = ectx.load(primary, priv, pub)
             except TSS2_Exception as exc:
@@ -428,10 +424,7 @@ class TpmKey:
         with tpm.lock:
             ectx = tpm.esapi
             tpm.make_room()
-            try:
-                primary = tpm._create_primary()
-            except TSS2_Exception as exc:
-                raise TpmError(f"cannot derive storage primary key: {exc}") from exc
+            primary = tpm._create_primary()
             try:
                 # One round trip instead of TPM2_Create + TPM2_Load; same key, same blob.
                 handle, private, public = ectx.create_loaded(
@@ -449,13 +442,7 @@ class TpmKey:
     @classmethod
     def from_pem(cls, tpm: Tpm, pem: bytes) -> Self:
         """Rebuild a key from its ``TSS2 PRIVATE KEY`` PEM and load it into ``tpm``."""
-        try:
-            blob = TSSPrivKey.from_pem(pem)
-        except (ValueError, TypeError) as exc:
-            raise TpmKeyError("not a TSS2 PRIVATE KEY PEM") from exc
-        if not blob.empty_auth or blob.parent != TPM2_RH.OWNER:
-            raise TpmKeyError("only empty-auth keys under the owner storage primary are supported")
-        key = cls(tpm, blob)
+        key = cls(tpm, tss_blob_from_pem(pem))
         with tpm.lock:
             tpm.key_handle(key)  # fail now, not on first use, if the blob is foreign
         return key
@@ -593,3 +580,15 @@ class TpmCertification:
 
     attest: bytes
     signature: bytes
+
+
+def tss_blob_from_pem(pem: bytes) -> TSSPrivKey:
+    """A ``TSS2 PRIVATE KEY`` PEM this module can load: an empty-auth key under the owner
+    storage primary (anything else raises :class:`TpmKeyError`)."""
+    try:
+        blob = TSSPrivKey.from_pem(pem)
+    except (ValueError, TypeError) as exc:
+        raise TpmKeyError("not a TSS2 PRIVATE KEY PEM") from exc
+    if not blob.empty_auth or blob.parent != TPM2_RH.OWNER:
+        raise TpmKeyError("only empty-auth keys under the owner storage primary are supported")
+    return blob

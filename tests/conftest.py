@@ -6,7 +6,13 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
-pytest_plugins = ["tests.fixtures.pki", "tests.fixtures.swtpm", "tests.fixtures.postgres"]
+pytest_plugins = [
+    "tests.fixtures.pki",
+    "tests.fixtures.swtpm",
+    "tests.fixtures.postgres",
+    "tests.fixtures.station",
+    "tests.fixtures.softhsm",
+]
 
 # No per-example deadline: on a shared 2-core machine one example can take 10x its usual
 # time, and hypothesis would then report a correct property as failed (DeadlineExceeded).

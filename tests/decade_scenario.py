@@ -1,4 +1,4 @@
-"""Ten years in a minute: the driver of ``tests/test_decade.py``.
+"""Ten years in a minute: the driver of ``tests/e2e/test_decade.py``.
 
 This process runs on the simulated clock itself (started with ``FakeClock.env()``): it
 moves the date for itself and for every process it starts — the ``hq``,
@@ -667,7 +667,7 @@ async def scenario(w: World) -> None:
 
 #: How often the site hears from HQ: root ceremonies (root CRL, role certificates before
 #: year 5), the site CA rollovers and fresh revocation data. (The registrar no longer needs
-#: HQ to keep its own broker and client certificates: tests/test_offline_year.py.)
+#: HQ to keep its own broker and client certificates: tests/e2e/test_offline_year.py.)
 HQ_EVERY = timedelta(days=250)
 RENEW_EVERY = timedelta(days=300)  # past 2/3 of a one-year LDevID (243 days), before its end
 

@@ -1,4 +1,4 @@
-"""Two years without HQ, run inside a process on the fake clock (``tests/test_offline_year.py``
+"""Two years without HQ, run inside a process on the fake clock (``tests/e2e/test_offline_year.py``
 starts it with ``FakeClock.env()``; see that test's docstring).
 
 Everything here (HQ, the site, the devices, ``registrar run`` and the Mosquitto it starts)
@@ -36,8 +36,8 @@ from hq.site import SiteBundleRequest, build_site_bundle, record_station_crl
 from registrar.broker import Endpoint
 from registrar.site import commission_site, read_crls
 from tests.fixtures.faketime import FakeClock
-from tests.test_offline_site import device
-from tests.test_site_bundle import SITE, STATION, make_world
+from tests.fixtures.offline_site import device
+from tests.fixtures.site import SITE, STATION, make_world
 from trustcore.crl import build_crl
 
 REGISTRAR = Path(sys.executable).parent / "registrar"

@@ -125,7 +125,7 @@ def encode(obj: object) -> bytes:
     encoder in canonical mode writes exactly the §4.2.1 bytes (length-first key order is the
     bytewise order when every key is a text string: see :func:`decode`), at a fraction of the
     cost. Anything else (int keys, tuples, subclasses, out-of-range ints) takes the
-    reference encoder :func:`encode_reference`; tests/test_cbor.py checks both agree."""
+    reference encoder :func:`encode_reference`; tests/trustcore/test_cbor.py checks both agree."""
     if _c_encodable(obj, 0):
         try:
             return cbor2.dumps(obj, canonical=True)
@@ -137,7 +137,7 @@ def encode(obj: object) -> bytes:
 def bytes_head(length: int) -> bytes:
     """The head of a byte string of ``length`` bytes (``head + data`` = ``encode(data)``):
     for callers that assemble a fixed message shape around large byte strings without
-    copying them through the encoder (tests/test_cbor.py checks the equality)."""
+    copying them through the encoder (tests/trustcore/test_cbor.py checks the equality)."""
     if not 0 <= length <= _UINT64_MAX:
         raise EncodingError("byte string length out of range")
     return _head(2, length)
@@ -190,7 +190,8 @@ class _RefuseEveryTag(dict[int, Any]):
     real CPU or memory cost; claiming them all keeps hostile input from reaching that code.
     An empty ``dict`` whose lookups all answer "refuse", not a ``Mapping`` class: cbor2
     checks the table on every ``loads``, and for a ``Mapping`` that costs about 0.6 µs a
-    call (a third of decoding an audit record). tests/test_cbor.py checks tags are refused.
+    call (a third of decoding an audit record). tests/trustcore/test_cbor.py checks tags
+    are refused.
     """
 
     def __missing__(self, tag: int) -> Any:

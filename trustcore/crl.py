@@ -79,52 +79,76 @@ def build_crl(
     next_update: datetime,
 ) -> x509.CertificateRevocationList:
     """A CRL (v2, CRL number, AKI) signed with ECDSA-SHA256 by the issuing CA's key."""
-    if not isinstance(issuer_key, ec.EllipticCurvePrivateKey) or not isinstance(
-        issuer_key.curve, ec.SECP256R1
-    ):
-        raise CrlError("CRL signing key must be ECDSA P-256")
-    try:
-        issuer_pub = require_p256_public_key(issuer_cert.public_key())
-    except ProfileError as exc:
-        raise CrlError("CRL issuer certificate key must be ECDSA P-256") from exc
-    if spki_der(issuer_pub) != spki_der(issuer_key.public_key()):
-        raise CrlError("signing key does not match the CRL issuer certificate")
+    issuer_pub = _signing_key_of(issuer_cert, issuer_key, "issuer")
     if not _issuer_may_sign_crls(issuer_cert):
         raise CrlError("issuer is not a CA with cRLSign")
-    if not 0 <= crl_number < 1 << 159:
-        raise CrlError("CRL number must be a non-negative integer below 2**159")
-    start = whole_seconds("this_update", this_update, CrlError)
-    end = whole_seconds("next_update", next_update, CrlError)
-    if end <= start:
-        raise CrlError("next_update must be later than this_update")
     try:
         ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
     except x509.ExtensionNotFound:
         aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_pub)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer_cert.subject)
-        .last_update(start)
-        .next_update(end)
-        .add_extension(x509.CRLNumber(crl_number), critical=False)
-        .add_extension(aki, critical=False)
+    builder = _crl_builder(issuer_cert, crl_number, this_update, next_update).add_extension(
+        aki, critical=False
     )
     seen: set[int] = set()
     for entry in revoked:
         if entry.serial.value in seen:
             raise CrlError(f"serial {entry.serial} listed twice")
         seen.add(entry.serial.value)
-        rc = (
-            x509.RevokedCertificateBuilder()
-            .serial_number(entry.serial.value)
-            .revocation_date(whole_seconds("revoked_at", entry.revoked_at, CrlError))
-        )
-        # RFC 5280 §5.3.1: the reason code should be absent rather than "unspecified".
-        if entry.reason is not x509.ReasonFlags.unspecified:
-            rc = rc.add_extension(x509.CRLReason(entry.reason), critical=False)
-        builder = builder.add_revoked_certificate(rc.build())
+        builder = builder.add_revoked_certificate(_revoked_certificate(entry))
     return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _signing_key_of(
+    cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, role: str
+) -> ec.EllipticCurvePublicKey:
+    """The P-256 public key of a CRL ``role`` (issuer or signer) certificate, checked to
+    match the signing ``key``: a CRL is never signed by a key its certificate does not name."""
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise CrlError("CRL signing key must be ECDSA P-256")
+    try:
+        public = require_p256_public_key(cert.public_key())
+    except ProfileError as exc:
+        raise CrlError(f"CRL {role} certificate key must be ECDSA P-256") from exc
+    if spki_der(public) != spki_der(key.public_key()):
+        raise CrlError(f"signing key does not match the CRL {role} certificate")
+    return public
+
+
+def _crl_builder(
+    cert: x509.Certificate, crl_number: int, this_update: datetime, next_update: datetime
+) -> x509.CertificateRevocationListBuilder:
+    """The checked CRL number and window of a CRL that ``cert`` signs, in a new builder."""
+    if not 0 <= crl_number < 1 << 159:
+        raise CrlError("CRL number must be a non-negative integer below 2**159")
+    start = whole_seconds("this_update", this_update, CrlError)
+    end = whole_seconds("next_update", next_update, CrlError)
+    if end <= start:
+        raise CrlError("next_update must be later than this_update")
+    return (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(cert.subject)
+        .last_update(start)
+        .next_update(end)
+        .add_extension(x509.CRLNumber(crl_number), critical=False)
+    )
+
+
+def _revoked_certificate(
+    entry: RevokedEntry | IndirectEntry, issuer: x509.CertificateIssuer | None = None
+) -> x509.RevokedCertificate:
+    """One CRL entry: serial, date, the critical certificateIssuer if given, the reason."""
+    rc = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(entry.serial.value)
+        .revocation_date(whole_seconds("revoked_at", entry.revoked_at, CrlError))
+    )
+    if issuer is not None:
+        rc = rc.add_extension(issuer, critical=True)
+    # RFC 5280 §5.3.1: the reason code should be absent rather than "unspecified".
+    if entry.reason is not x509.ReasonFlags.unspecified:
+        rc = rc.add_extension(x509.CRLReason(entry.reason), critical=False)
+    return rc.build()
 
 
 def load_crl(data: bytes) -> x509.CertificateRevocationList:
@@ -216,6 +240,14 @@ def _signed_and_numbered(
     return next_update, number
 
 
+def _reason_of(revoked: x509.RevokedCertificate) -> x509.ReasonFlags:
+    """An entry's reason code; an entry without one is ``unspecified`` (RFC 5280 §5.3.1)."""
+    try:
+        return revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return x509.ReasonFlags.unspecified
+
+
 def verify_crl(
     crl: x509.CertificateRevocationList | bytes,
     issuer_cert: x509.Certificate,
@@ -251,11 +283,7 @@ def verify_crl(
     entries: dict[int, x509.ReasonFlags] = {}
     try:
         for revoked in crl:
-            try:
-                reason = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
-            except x509.ExtensionNotFound:
-                reason = x509.ReasonFlags.unspecified
-            entries[revoked.serial_number] = reason
+            entries[revoked.serial_number] = _reason_of(revoked)
     except ValueError as exc:
         raise CrlError("CRL entry does not parse", reason="malformed") from exc
     result = RevocationSet(
@@ -304,24 +332,9 @@ def build_indirect_crl(
     """An indirect CRL signed by a delegated CRL signer (keyUsage cRLSign): IDP
     ``indirectCRL`` (critical); entries grouped by issuer, a critical certificateIssuer on
     the first entry of each group (the first entry always has one)."""
-    if not isinstance(signer_key, ec.EllipticCurvePrivateKey) or not isinstance(
-        signer_key.curve, ec.SECP256R1
-    ):
-        raise CrlError("CRL signing key must be ECDSA P-256")
-    try:
-        signer_pub = require_p256_public_key(signer_cert.public_key())
-    except ProfileError as exc:
-        raise CrlError("CRL signer certificate key must be ECDSA P-256") from exc
-    if spki_der(signer_pub) != spki_der(signer_key.public_key()):
-        raise CrlError("signing key does not match the CRL signer certificate")
+    _signing_key_of(signer_cert, signer_key, "signer")
     if not _may_sign_crls_as_delegate(signer_cert):
         raise CrlError("CRL signer certificate lacks keyUsage cRLSign")
-    if not 0 <= crl_number < 1 << 159:
-        raise CrlError("CRL number must be a non-negative integer below 2**159")
-    start = whole_seconds("this_update", this_update, CrlError)
-    end = whole_seconds("next_update", next_update, CrlError)
-    if end <= start:
-        raise CrlError("next_update must be later than this_update")
     idp = x509.IssuingDistributionPoint(
         full_name=None,
         relative_name=None,
@@ -332,11 +345,7 @@ def build_indirect_crl(
         only_contains_attribute_certs=False,
     )
     builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(signer_cert.subject)
-        .last_update(start)
-        .next_update(end)
-        .add_extension(x509.CRLNumber(crl_number), critical=False)
+        _crl_builder(signer_cert, crl_number, this_update, next_update)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
                 x509.SubjectKeyIdentifier(_key_id(signer_cert))
@@ -356,20 +365,16 @@ def build_indirect_crl(
         if key in seen:
             raise CrlError(f"serial {entry.serial} of one issuer listed twice")
         seen.add(key)
-        rc = (
-            x509.RevokedCertificateBuilder()
-            .serial_number(entry.serial.value)
-            .revocation_date(whole_seconds("revoked_at", entry.revoked_at, CrlError))
-        )
-        if issuer_der != previous:
-            rc = rc.add_extension(
-                x509.CertificateIssuer([x509.DirectoryName(entry.certificate_issuer)]),
-                critical=True,
+        first = issuer_der != previous
+        previous = issuer_der
+        builder = builder.add_revoked_certificate(
+            _revoked_certificate(
+                entry,
+                x509.CertificateIssuer([x509.DirectoryName(entry.certificate_issuer)])
+                if first
+                else None,
             )
-            previous = issuer_der
-        if entry.reason is not x509.ReasonFlags.unspecified:
-            rc = rc.add_extension(x509.CRLReason(entry.reason), critical=False)
-        builder = builder.add_revoked_certificate(rc.build())
+        )
     return builder.sign(signer_key, hashes.SHA256())
 
 
@@ -457,11 +462,7 @@ def verify_indirect_crl(
                 current_issuer = dirs[0]
             except x509.ExtensionNotFound:
                 pass
-            try:
-                reason = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
-            except x509.ExtensionNotFound:
-                reason = x509.ReasonFlags.unspecified
-            entries[(current_issuer.public_bytes(), revoked.serial_number)] = reason
+            entries[(current_issuer.public_bytes(), revoked.serial_number)] = _reason_of(revoked)
     except ValueError as exc:
         raise CrlError("CRL entry does not parse", reason="malformed") from exc
     result = IndirectRevocationSet(

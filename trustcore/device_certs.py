@@ -5,7 +5,7 @@ fast path: a station or registrar issues thousands, so what depends only on the 
 checks, name, AKI, the fixed extensions) is prepared once per CA certificate and key, and
 each certificate is assembled from DER parts (:mod:`trustcore.der`). The result is byte for
 byte what :func:`trustcore.cert_builder.build_certificate` makes for the ``idevid`` /
-``ldevid`` profile (``tests/test_ldevid_issuance.py`` compares them). Users import these
+``ldevid`` profile (``tests/registrar/test_ldevid_issuance.py`` compares them). Users import these
 from :mod:`trustcore.profiles`, which re-exports them.
 """
 
@@ -122,7 +122,7 @@ def _issue_device_certificate(
     hw_type: ObjectIdentifier,
 ) -> x509.Certificate:
     """The IDevID or LDevID certificate ``build_certificate`` makes for ``issuer``'s profile, byte
-    for byte (tests/test_ldevid_issuance.py compares them), assembled from parts prepared
+    for byte (tests/registrar/test_ldevid_issuance.py compares them), assembled from parts prepared
     once per issuer: building it through ``CertificateBuilder`` cost about 65 µs per device
     beyond the signature (x509.Name and extension objects, then their encoding), and the
     issuer checks another 50 µs."""

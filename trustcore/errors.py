@@ -1,7 +1,7 @@
 """Errors of the trust core. Every error the core raises derives from ``TrustCoreError``,
 whose base ``ReasonedError`` is also the base of every other package's root.
 
-The tree names every subclass, wherever it is defined (``tests/test_error_trees.py`` checks
+The tree names every subclass, wherever it is defined (``tests/project/test_error_trees.py`` checks
 it against the code); classes outside this module carry their module in brackets::
 
     ReasonedError                  shared base: a stable ``reason`` besides the message

@@ -6,7 +6,7 @@ only offer ECDH (:class:`trustcore.keys.KeyAgreement`). RFC 9180 needs nothing f
 receiver's key except ECDH, so the key schedule is built here from reviewed primitives
 (HMAC-SHA256 for HKDF, ``cryptography``'s ECDH and AESGCM). It is checked byte for byte
 against the RFC 9180 Appendix A.3 test vector and interoperates with ``cryptography``'s
-HPKE in both directions (see tests/test_hpke.py).
+HPKE in both directions (see tests/trustcore/test_hpke.py).
 
 Sealing with an empty ``aad`` (the payload-key wrap) goes through ``cryptography``'s HPKE,
 which computes the same bytes natively; opening always runs here (ECDH only).
@@ -169,7 +169,7 @@ def seal(
     suite = _PYCA_SUITES.get(aead.aead_id)
     if suite is not None and not aad:
         # cryptography's own single-shot HPKE (RFC 9180 base mode, empty aad): the same
-        # bytes as _seal_with_ephemeral for the same ephemeral key (tests/test_hpke.py
+        # bytes as _seal_with_ephemeral for the same ephemeral key (tests/trustcore/test_hpke.py
         # re-derives them), without this module's key schedule in Python.
         sealed = suite.encrypt(plaintext, receiver_public, info)
         return sealed[:ENC_LENGTH], sealed[ENC_LENGTH:]

@@ -73,7 +73,7 @@ _NEW_KEY = "stop: make a new TPM key"
 _REREGISTER = "register again with the factory certificate (IDevID)"
 
 #: Every public reason code, the one table of them (read-only). ``docs/registration.md``
-#: renders it; ``tests/test_registration.py`` checks the rendering against it.
+#: renders it; ``tests/trustcore/test_registration.py`` checks the rendering against it.
 # fmt: off
 REASONS: Mapping[str, ReasonInfo] = MappingProxyType({
     # reason: ReasonInfo(retry, MQTT v5 reason code, device action,

@@ -37,12 +37,18 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustcore import cbor
 from trustcore.csr import MAX_CSR_SIZE, validate_csr
-from trustcore.errors import CsrError, EncodingError, InvalidValueError, ProfileError
+from trustcore.errors import (
+    X509_PARSE_ERRORS,
+    CsrError,
+    EncodingError,
+    InvalidValueError,
+    ProfileError,
+)
 from trustcore.identity import DeviceId
 from trustcore.keys import Signer, key_id, spki_der
 from trustcore.profiles import device_id_from_certificate, require_p256_public_key
@@ -80,14 +86,8 @@ RENEWAL_REQUEST_DOMAIN = "devtrust/renewal-request/v1"
 #: A real renewal request is about 1.3 KiB (LDevID ~600 B, CSR ~420 B, signature 72 B).
 MAX_RENEWAL_SIZE = 4 * 1024
 _FIELDS = {"v", "device_id", "nonce", "time", "csr", "ldevid"}
-_PARSE_ERRORS = (
-    ValueError,
-    TypeError,
-    x509.InvalidVersion,
-    x509.DuplicateExtension,
-    x509.UnsupportedGeneralNameType,
-    UnsupportedAlgorithm,
-)
+_UNUSABLE_CSR: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, ProfileError)
+_NOT_ISSUED: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, InvalidSignature)
 
 
 # ------------------------------------------------------------------------------- policy
@@ -197,7 +197,7 @@ def _csr_key_id(csr: bytes) -> bytes | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return key_id(require_p256_public_key(x509.load_der_x509_csr(csr).public_key()))
-    except (*_PARSE_ERRORS, ProfileError):
+    except _UNUSABLE_CSR:
         return None  # refused by verify_renewal with the precise CSR reason
 
 
@@ -310,7 +310,7 @@ def issued_by(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> bool:
             continue
         try:
             cert.verify_directly_issued_by(ca)
-        except (*_PARSE_ERRORS, InvalidSignature):
+        except _NOT_ISSUED:
             continue
         return True
     return False
@@ -364,7 +364,7 @@ def _verify(
     try:
         # parsed completely here: a bad issuer or key must not raise in _issued_by
         current = parsed_certificate(x509.load_der_x509_certificate(request.ldevid_der))
-    except _PARSE_ERRORS as exc:
+    except X509_PARSE_ERRORS as exc:
         raise _refuse("ldevid_unknown", f"LDevID does not parse: {exc}") from exc
     if not issued_by(current, site_cas):
         raise _refuse("ldevid_unknown", "LDevID is not issued by this site's CA")
@@ -413,7 +413,7 @@ def _verify(
         csr = validate_csr(request.csr_der, expected_device_id=device)
     except CsrError as exc:
         raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
-    except _PARSE_ERRORS as exc:  # hostile DER escaping trustcore.csr
+    except X509_PARSE_ERRORS as exc:  # hostile DER escaping trustcore.csr
         raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
     new_id = key_id(csr.public_key)
     if spki_der(csr.public_key) == spki_der(public):

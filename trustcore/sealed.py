@@ -141,7 +141,7 @@ def _sig_input(header: PackageHeader, enc: bytes | None, ct: bytes) -> bytes:
 def _sig_prefix(header: PackageHeader, enc: bytes | None, ct_length: int) -> bytes:
     """:func:`_sig_input` up to the ciphertext's bytes: the encoding of a list is its head
     and its items' encodings, and an item ``ct`` is ``bytes_head(len(ct)) + ct``
-    (tests/test_sealed.py checks the equality with ``cbor.encode``)."""
+    (tests/trustcore/test_sealed.py checks the equality with ``cbor.encode``)."""
     empty = cbor.encode([_DOMAIN_SIG, header.to_cbor_map(), enc, b""])
     return empty[:-1] + cbor.bytes_head(ct_length)  # drop the empty ct (0x40)
 

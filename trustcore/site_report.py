@@ -82,6 +82,14 @@ def _uint(value: object, name: str) -> int:
     return value
 
 
+def _optional_station(m: dict[Any, Any]) -> StationId | None:
+    """The ``station_id`` field: a station id, or null for a device of no known station."""
+    station = m["station_id"]
+    if station is not None and not isinstance(station, str):
+        raise EncodingError("field 'station_id': expected str or null")
+    return None if station is None else StationId(station)
+
+
 def _serial(text: str) -> CertSerial:
     serial = CertSerial.from_hex(text)
     if serial.hex != text:  # one spelling per serial: lowercase, no leading zeros
@@ -140,12 +148,10 @@ class SeenCertificate:
             {"station_id", "serial", "device_id", "first_seen", "registered", "cert"},
             what="seen certificate",
         )
-        station = m["station_id"]
-        if station is not None and not isinstance(station, str):
-            raise EncodingError("field 'station_id': expected str or null")
         try:
+            station = _optional_station(m)
             return cls(
-                None if station is None else StationId(station),
+                station,
                 _serial(cbor.field(m, "serial", str)),
                 DeviceId(cbor.field(m, "device_id", str)),
                 cbor.field(m, "first_seen", int),
@@ -209,13 +215,11 @@ class SiteRegistration:
             },
             what="registration",
         )
-        station = m["station_id"]
-        if station is not None and not isinstance(station, str):
-            raise EncodingError("field 'station_id': expected str or null")
         try:
+            station = _optional_station(m)
             return cls(
                 DeviceId(cbor.field(m, "device_id", str)),
-                None if station is None else StationId(station),
+                station,
                 _serial(cbor.field(m, "idevid_serial", str)),
                 _serial(cbor.field(m, "ldevid_serial", str)),
                 cbor.field(m, "registered_at", int),

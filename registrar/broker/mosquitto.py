@@ -1,52 +1,44 @@
 """The production broker: a Mosquitto 2.0 process the registrar owns.
 
-:class:`MosquittoBroker` implements :class:`registrar.broker.Broker`. It renders
-``broker_config`` into a private work directory, runs ``mosquitto -c FILE`` on chosen
-ports, and drives revocation:
+:class:`MosquittoBroker` implements :class:`registrar.broker.Broker`: its lifecycle (render
+``broker_config`` into a private work directory, run ``mosquitto -c FILE`` on chosen
+ports, restart it on the same ports if it dies) and revocation:
 
 * ``reload_crls`` writes the per-listener CRL files into the work directory (atomically)
   and sends SIGHUP; Mosquitto 2.0 then rebuilds each listener's TLS context, re-reading
   certificate, key, CAs and CRL, and re-reads the ACL files. It returns only after the
-  reload has run (see ``reload_crls``).
-* ``disconnect`` kicks through the dynamic-security plugin, loaded on a third, admin-only
-  listener on 127.0.0.1 with a random username and password held in memory only (the
-  plugin's JSON file, mode 0600 in the private directory, stores a salted PBKDF2 hash).
+  reload has run. Reloads are coalesced, and skipped when nothing changed: every SIGHUP
+  costs Mosquitto memory while connections made before it stay open (docs/broker.md,
+  "Reloads").
+* ``disconnect`` kicks through the dynamic-security plugin on a third, admin-only listener
+  (:mod:`registrar.broker.mosquitto_dynsec`).
 * ``block`` adds ``topic deny #`` for the identity to both listeners' ACL files, reloads,
   then kicks.
 
-**The server key never touches the disk in clear.** ``BrokerTls.server_key`` is encrypted
-PKCS#8; Mosquitto cannot be given a passphrase non-interactively. ``keyfile`` therefore
-names a FIFO (named pipe, mode 0600) that a thread of this process feeds with the decrypted
-PEM from memory, once per open, and only while a load is expected (start and SIGHUP). The
-FIFO is replaced by a fresh one after every open so one open always gets exactly one copy.
+Its parts, one duty each: :mod:`registrar.broker.mosquitto_process` (the user it runs as,
+its command line, and the FIFO through which the server key reaches it: the key never
+touches the disk in clear), :mod:`registrar.broker.mosquitto_dynsec` (the admin session and
+the plugin's document), :mod:`registrar.broker.mosquitto_log` (its stderr: live sessions,
+clone signals, ACL denials, refused handshakes).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
-import errno
-import hashlib
 import json
 import logging
 import os
-import pwd
 import re
 import secrets
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import aiomqtt
 from cryptography.hazmat.primitives import serialization
 
 from broker_config.render import (
@@ -58,6 +50,16 @@ from broker_config.render import (
     render_registration_acl,
 )
 from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, Endpoint, is_device_identity
+from registrar.broker.mosquitto_dynsec import DynsecAdmin, dynsec_document
+from registrar.broker.mosquitto_log import SessionLog
+from registrar.broker.mosquitto_process import (
+    KEY_LOADS_RELOAD,
+    KEY_LOADS_START,
+    KeyPipe,
+    ProcessOwner,
+    free_ports,
+    launch_argv,
+)
 from registrar.errors import BrokerError
 from signers.child_env import child_env
 from signers.errors import SignerError
@@ -66,221 +68,13 @@ from trustcore.errors import InvalidValueError
 
 log = logging.getLogger(__name__)
 
-_CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 _IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-#: How often Mosquitto 2.0.11 opens the keyfile (measured, see docs/broker.md): once per
-#: mTLS listener at start, twice per mTLS listener on SIGHUP. Serving fewer would leave
-#: Mosquitto blocked on the FIFO (a reload that never ends: detected, BrokerError).
-_KEY_LOADS_START = 2
-_KEY_LOADS_RELOAD = 4
-
-# Mosquitto's connection log lines (log_type notice, connection_messages true).
-_CONNECTED = re.compile(r"^New client connected from \S+ as (\S+) \(")
-_GONE = re.compile(
-    r"^(?:Client (\S+?) (?:disconnected|closed its connection|has exceeded timeout"
-    r"|been disconnected)"
-    r"|Socket error on client (\S+?), disconnecting)"
-)
-_TAKEOVER = re.compile(r"^Client (\S+) already connected, closing old connection")
-#: An ACL denial (debug level in 2.0.11): "Denied PUBLISH from dev-a (d0, q1, r0, m1,
-#: 'devices/dev-b/t', ... (1 bytes))".
-_DENIED = re.compile(r"^Denied (\S+) from (\S+) \(.*?'(.*)', \.\.\. \(\d+ bytes\)\)$")
-#: A refused TLS handshake: "Client connection from 127.0.0.1 failed: error:0A000086:SSL
-#: routines::certificate verify failed."
-_TLS_REFUSED = re.compile(r"^Client connection from (\S+) failed: (.*?)\.?$")
-#: Per-packet debug chatter: dropped unread (a line per packet at full message rate).
-_CHATTER = ("Received ", "Sending ", "\t", "Denied ")
-_CHATTER_BYTES = tuple(c.encode() for c in _CHATTER)
 
 
 def _check_identity(identity: str) -> str:
     if not isinstance(identity, str) or _IDENTITY.fullmatch(identity) is None:
         raise BrokerError(f"bad identity {identity!r}")
     return identity
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass(frozen=True)
-class _Owner:
-    """Who the Mosquitto process runs as: started as root it drops to ``run_user``, and
-    the files it reads after that (keys, CRL, dynsec JSON) must belong to that user."""
-
-    name: str
-    uid: int
-    gid: int
-
-    @classmethod
-    def for_process(cls, run_user: str) -> _Owner:
-        if os.geteuid() == 0:
-            try:
-                entry = pwd.getpwnam(run_user)
-            except KeyError as exc:
-                raise BrokerError(f"user {run_user!r} for mosquitto does not exist") from exc
-            return cls(run_user, entry.pw_uid, entry.pw_gid)
-        entry = pwd.getpwuid(os.geteuid())
-        return cls(entry.pw_name, os.geteuid(), os.getegid())
-
-    def own(self, path: Path) -> None:
-        if os.geteuid() == 0:
-            os.chown(path, self.uid, self.gid)
-
-
-def _launch_argv(executable: str, conf: Path, owner: _Owner) -> list[str]:
-    """``mosquitto -c CONF``, under ``setpriv --pdeathsig TERM`` when it exists: Mosquitto
-    then ends with the registrar that owns it, even a registrar killed with SIGKILL (an
-    orphan would keep the site's ports, and its kick password died with the registrar).
-    As root, setpriv also switches to ``run_user`` first: Mosquitto's own switch would
-    clear the parent-death signal (Linux clears it on a credential change)."""
-    setpriv = shutil.which("setpriv")
-    argv = [executable, "-c", str(conf)]
-    if setpriv is None:
-        return argv
-    if os.geteuid() == 0:
-        ids = ["--reuid", str(owner.uid), "--regid", str(owner.gid), "--init-groups"]
-        return [setpriv, *ids, "--pdeathsig", "TERM", *argv]
-    return [setpriv, "--pdeathsig", "TERM", *argv]
-
-
-class _KeyPipe:
-    """Serves the decrypted server key through a FIFO, once per open, while armed.
-
-    Why a FIFO: the key exists in clear only in this process's memory and in Mosquitto's;
-    nothing readable remains on any file system. Why "armed" windows: outside start and
-    reload nobody should read the key, so nobody is served (another process of the same
-    user opening the FIFO meanwhile just blocks). Why a fresh FIFO after each open: while
-    one reader still holds the pipe, a second writer open would succeed too and append a
-    second copy; renaming a new FIFO over the path gives every open its own pipe.
-    """
-
-    def __init__(self, path: Path, pem: bytes, owner: _Owner) -> None:
-        self.path = path
-        self._pem = bytearray(pem)
-        self._owner = owner
-        self._lock = threading.Lock()
-        self._expected = 0
-        self._served = 0
-        self._done = threading.Event()
-        self._closed = False
-        self._wake = threading.Event()
-        self._replace()
-        self._thread = threading.Thread(target=self._run, name="mosquitto-keypipe", daemon=True)
-        self._thread.start()
-
-    @property
-    def served(self) -> int:
-        return self._served
-
-    def _replace(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".new")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        os.mkfifo(tmp, 0o600)
-        self._owner.own(tmp)
-        tmp.replace(self.path)
-
-    def arm(self, loads: int) -> threading.Event:
-        """Serve the next ``loads`` opens; the returned event is set after the last one."""
-        with self._lock:
-            self._expected, self._served = loads, 0
-            self._done = threading.Event()
-            self._wake.set()
-            return self._done
-
-    def disarm(self) -> None:
-        with self._lock:
-            self._expected = 0
-            self._wake.clear()
-
-    def _run(self) -> None:
-        while not self._closed:
-            if not self._wake.wait(0.2):
-                continue
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                if exc.errno in (errno.ENXIO, errno.ENOENT):  # no reader yet
-                    time.sleep(0.0005)
-                    continue
-                log.error("key pipe failed: %s", exc)
-                return
-            try:
-                self._replace()
-                os.set_blocking(fd, True)
-                os.write(fd, self._pem)
-            except OSError as exc:
-                log.warning("key pipe reader went away: %s", exc)
-            finally:
-                os.close(fd)
-            with self._lock:
-                self._served += 1
-                if self._served >= self._expected:
-                    self._expected = 0
-                    self._wake.clear()
-                    self._done.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-        self._thread.join(timeout=2)
-        for i in range(len(self._pem)):  # best effort: Python may hold other copies
-            self._pem[i] = 0
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
-def _pbkdf2_entry(password: str) -> dict[str, Any]:
-    """dynsec's password format: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt."""
-    salt = secrets.token_bytes(12)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101, 64)
-    return {
-        "password": base64.b64encode(digest).decode(),
-        "salt": base64.b64encode(salt).decode(),
-        "iterations": 101,
-    }
-
-
-def dynsec_document(admin_user: str, admin_password: str) -> dict[str, Any]:
-    """The plugin's initial state: one admin limited to the control topic. The plugin is
-    loaded on the admin listener only (``per_listener_settings true``), so it grants
-    nothing on the device listeners; it is there for its kick (``disableClient``)."""
-
-    def acl(acltype: str) -> dict[str, Any]:
-        return {"acltype": acltype, "topic": "$CONTROL/dynamic-security/#", "allow": True}
-
-    return {
-        "clients": [
-            {
-                "username": admin_user,
-                "textName": "devtrust registrar",
-                **_pbkdf2_entry(admin_password),
-                "roles": [{"rolename": "admin"}],
-            }
-        ],
-        "groups": [],
-        "roles": [
-            {
-                "rolename": "admin",
-                "acls": [
-                    acl("publishClientSend"),
-                    acl("publishClientReceive"),
-                    acl("subscribePattern"),
-                    acl("unsubscribePattern"),
-                ],
-            }
-        ],
-        "defaultACLAccess": {
-            "publishClientSend": False,
-            "publishClientReceive": False,
-            "subscribe": False,
-            "unsubscribe": True,
-        },
-    }
 
 
 class MosquittoBroker:
@@ -311,26 +105,17 @@ class MosquittoBroker:
         self._log_acl_denials = log_acl_denials
         self._process: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
-        self._log_tail: deque[str] = deque(maxlen=200)
-        # Only identities with a live session, or one a kick is waiting on, are kept: the
-        # bookkeeping must not grow with every device the site ever saw.
-        self._sessions: dict[str, int] = {}
-        self._connect_seq = 0  # connections logged so far, all identities
-        self._last_connect: dict[str, int] = {}  # live identity -> seq of its last connect
-        self._gone_watch: dict[str, int] = {}  # identity being kicked -> sessions ended since
-        self._watchers: dict[str, int] = {}  # identity -> kicks waiting on it
-        self._session_changed = asyncio.Event()
-        self._clone_signals: list[str] = []
-        self._acl_denials = 0
+        self._log = SessionLog()
         self._blocked: set[str] = set()
-        self._key_pipe: _KeyPipe | None = None
-        self._admin: aiomqtt.Client | None = None
-        self._admin_stack: contextlib.AsyncExitStack | None = None
-        self._admin_reader: asyncio.Task[None] | None = None
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._key_pipe: KeyPipe | None = None
+        self._admin = DynsecAdmin()
         # One reload at a time: two overlapping ones would re-arm the key pipe under each
         # other (SIGHUPs coalesce), so one waits in vain and its disarm stalls the other.
         self._reload_lock = asyncio.Lock()
+        self._reload_requests = 0  # reload_crls calls so far
+        self._reload_covered = 0  # calls whose files a finished reload has installed
+        self._installed: dict[str, bytes] = {}  # the public files Mosquitto last loaded
+        self._sighups = 0
         self._ports: tuple[int, int, int] | None = None
         self._config: MosquittoConfig | None = None
         self._runtime: Path | None = None
@@ -365,7 +150,7 @@ class MosquittoBroker:
     def clone_signals(self) -> list[str]:
         """Identities whose session was replaced by a second one with the same identity
         (the certificate is in use twice: a clone signal for the registrar to log)."""
-        return list(self._clone_signals)
+        return list(self._log.clone_signals)
 
     def connected_devices(self) -> int:
         # not the random dynamic-security admin user (no "@" in it), nor service identities
@@ -375,15 +160,15 @@ class MosquittoBroker:
     def acl_denials(self) -> int:
         """ACL denials Mosquitto logged since this object was made (each is also a warning
         in the registrar's log: who, what, which topic)."""
-        return self._acl_denials
+        return self._log.acl_denials
 
     def live_sessions(self) -> dict[str, int]:
         """Identity → number of live sessions, as Mosquitto's log reported them."""
-        return {k: v for k, v in self._sessions.items() if k != self._admin_user}
+        return {k: v for k, v in self._log.sessions.items() if k != self._admin_user}
 
     # ------------------------------------------------------------------------ lifecycle
 
-    def _prepare_workdir(self, owner: _Owner) -> Path:
+    def _prepare_workdir(self, owner: ProcessOwner) -> Path:
         """The private directory Mosquitto reads from: ``settings.workdir`` (mode 0700),
         or, when the registrar runs as root and Mosquitto drops to ``run_user``, a fresh
         0700 directory owned by that user under ``workdir``'s file system root for
@@ -404,8 +189,9 @@ class MosquittoBroker:
         """Where the rendered configuration, ACLs, CRLs and the key FIFO are (while running)."""
         return self._runtime
 
-    def _write_trust(self, workdir: Path, owner: _Owner) -> None:
-        """(Re)write the public per-listener files: CA bundles, CRLs and ACLs."""
+    def _trust_files(self) -> dict[str, bytes]:
+        """The public per-listener files, rendered from the site's current state: server
+        certificate, CA bundles, CRLs and ACLs (file name -> content)."""
         tls = self._settings.tls
         try:
             trust = listener_trust(
@@ -425,10 +211,13 @@ class MosquittoBroker:
             "registration.acl": render_registration_acl(self._config).encode(),
             "operational.acl": render_operational_acl(self._config).encode(),
         }
+        return files
+
+    def _install(self, workdir: Path, files: dict[str, bytes], owner: ProcessOwner) -> None:
         for name, data in files.items():
             self._write_private(workdir / name, data, owner)
 
-    def _write_private(self, target: Path, data: bytes, owner: _Owner) -> None:
+    def _write_private(self, target: Path, data: bytes, owner: ProcessOwner) -> None:
         """Atomically (Mosquitto may read the target at any moment), mode 0600, owned by
         the broker's user; not fsynced: rendered again from the site's state at every
         start and reload."""
@@ -454,12 +243,12 @@ class MosquittoBroker:
     async def start(self) -> None:
         if self._process is not None:
             raise BrokerError("the broker is already running")
-        owner = _Owner.for_process(self._run_user)
+        owner = ProcessOwner.for_process(self._run_user)
         key = self._decrypt_key()  # before any directory exists: a bad passphrase leaves none
         workdir = self._runtime = self._prepare_workdir(owner)
         last_error: BrokerError | None = None
         try:
-            self._key_pipe = _KeyPipe(workdir / "server-key.fifo", key, owner)
+            self._key_pipe = KeyPipe(workdir / "server-key.fifo", key, owner)
             for _attempt in range(3):  # a free port can be taken between choosing and binding
                 try:
                     await self._start_once(workdir, owner)
@@ -467,7 +256,7 @@ class MosquittoBroker:
                 except BrokerError as exc:
                     last_error = exc
                     await self._shutdown_process()
-                    if "Address already in use" not in "\n".join(self._log_tail):
+                    if "Address already in use" not in "\n".join(self._log.tail_lines):
                         break
         except BaseException:
             await self.stop()  # no process, FIFO or temporary directory is left behind
@@ -476,11 +265,13 @@ class MosquittoBroker:
         assert last_error is not None
         raise last_error
 
-    async def _start_once(self, workdir: Path, owner: _Owner) -> None:
+    async def _start_once(self, workdir: Path, owner: ProcessOwner) -> None:
         host = self._settings.host
-        reg = self._settings.registration_port or _free_port(host)
-        op = self._settings.operational_port or _free_port(host)
-        admin = _free_port("127.0.0.1")
+        fixed = (self._settings.registration_port, self._settings.operational_port)
+        hosts = [host for port in fixed if not port] + ["127.0.0.1"]
+        chosen = iter(free_ports(hosts, avoid={port for port in fixed if port}))
+        reg, op = (port or next(chosen) for port in fixed)
+        admin = next(chosen)
         self._config = MosquittoConfig(
             host=host,
             registration_port=reg,
@@ -504,18 +295,19 @@ class MosquittoBroker:
         admin_user = self._admin_user = f"devtrust:admin:{secrets.token_hex(8)}"
         admin_password = secrets.token_urlsafe(32)
         document = json.dumps(dynsec_document(admin_user, admin_password)).encode()
-        self._write_trust(workdir, owner)
+        files = self._trust_files()
+        self._install(workdir, files, owner)
         self._write_private(workdir / "dynamic-security.json", document, owner)
         conf = workdir / "mosquitto.conf"
         self._write_private(conf, render_mosquitto_conf(self._config).encode(), owner)
 
         assert self._key_pipe is not None
-        loaded = self._key_pipe.arm(_KEY_LOADS_START)
-        self._log_tail.clear()
-        self._sessions.clear()
+        loaded = self._key_pipe.arm(KEY_LOADS_START)
+        self._log.tail_lines.clear()
+        self._log.sessions.clear()
         try:
             self._process = await asyncio.create_subprocess_exec(
-                *_launch_argv(self._executable, conf, owner),
+                *launch_argv(self._executable, conf, owner),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
@@ -523,13 +315,16 @@ class MosquittoBroker:
             )
         except OSError as exc:
             raise BrokerError(f"cannot run {self._executable}: {exc}") from exc
-        self._log_task = asyncio.create_task(self._read_log(self._process))
+        self._log_task = asyncio.create_task(self._log.read(self._process))
         deadline = time.monotonic() + self._start_timeout
         try:
             await self._wait_event(loaded, deadline, "load its key")
         finally:
             self._key_pipe.disarm()
-        await self._connect_admin(admin, admin_user, admin_password, deadline)
+        await self._admin.connect(
+            admin, admin_user, admin_password, deadline, failure=self._exited_because
+        )
+        self._installed = files
         self._ports = (reg, op, admin)
         log.info("mosquitto %s listening: registration %s, operational %s", self.pid, reg, op)
 
@@ -542,137 +337,15 @@ class MosquittoBroker:
             await asyncio.sleep(0.002)
 
     def _tail(self) -> str:
-        return " | ".join(list(self._log_tail)[-8:]) or "(no output)"
+        return self._log.tail()
 
-    async def _read_log(self, process: asyncio.subprocess.Process) -> None:
-        """Mosquitto's stderr, line by line, read in chunks: with the ACL-denial trace on
-        Mosquitto writes a debug line per packet (about a dozen per registration), and a
-        ``readline`` per line cost the registrar more than the line's own handling. The
-        per-packet chatter is dropped on its first bytes, before any decoding."""
-        assert process.stderr is not None
-        pending = b""
-        while chunk := await process.stderr.read(1 << 16):
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
-            for raw in lines:
-                if raw.startswith(_CHATTER_BYTES) and not raw.startswith(b"Denied "):
-                    continue
-                self._log_line(raw.decode("utf-8", "replace").rstrip())
-        if pending:
-            self._log_line(pending.decode("utf-8", "replace").rstrip())
-
-    def _log_line(self, line: str) -> None:
-        """One line of Mosquitto's log: ACL denials, refused handshakes, sessions."""
-        if line.startswith(_CHATTER):
-            if match := _DENIED.match(line):
-                self._acl_denials += 1
-                log.warning(
-                    "ACL denied %s from %s on topic %r",
-                    match.group(1),
-                    match.group(2),
-                    match.group(3),
-                )
-            return
-        self._log_tail.append(line)
-        log.debug("mosquitto: %s", line)
-        if match := _TLS_REFUSED.match(line):
-            log.warning("mosquitto refused a TLS handshake from %s: %s", *match.groups())
-        elif match := _CONNECTED.match(line):
-            name = match.group(1)
-            self._sessions[name] = self._sessions.get(name, 0) + 1
-            self._connect_seq += 1
-            self._last_connect[name] = self._connect_seq
-        elif match := _TAKEOVER.match(line):
-            name = match.group(1)
-            self._clone_signals.append(name)
-            log.warning("second session for identity %s: clone signal", name)
-            self._sessions[name] = max(self._sessions.get(name, 1) - 1, 0)
-        elif match := _GONE.match(line):
-            name = match.group(1) or match.group(2)
-            if name in self._gone_watch:
-                self._gone_watch[name] += 1
-            left = self._sessions.get(name, 1) - 1
-            if left > 0:
-                self._sessions[name] = left
-            else:
-                self._sessions.pop(name, None)
-                self._last_connect.pop(name, None)
-        self._session_changed.set()
-
-    async def _connect_admin(self, port: int, user: str, password: str, deadline: float) -> None:
-        while True:
-            stack = contextlib.AsyncExitStack()
-            client = aiomqtt.Client(
-                "127.0.0.1",
-                port,
-                username=user,
-                password=password,
-                identifier=user,
-                protocol=aiomqtt.ProtocolVersion.V311,
-                timeout=5,
-            )
-            try:
-                await stack.enter_async_context(client)
-                break
-            except aiomqtt.MqttError as exc:
-                await stack.aclose()
-                if self._process is None or self._process.returncode is not None:
-                    raise BrokerError(f"mosquitto exited: {self._tail()}") from exc
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"mosquitto admin listener not ready: {exc}") from exc
-                await asyncio.sleep(0.01)
-        self._admin, self._admin_stack = client, stack
-        await client.subscribe(_CONTROL_TOPIC + "/response", qos=1)
-        self._admin_reader = asyncio.create_task(self._read_responses(client))
-        await self._command({"command": "getDefaultACLAccess"})  # round trip: ready
-
-    async def _read_responses(self, client: aiomqtt.Client) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
-            async for message in client.messages:
-                try:
-                    payload = message.payload
-                    assert isinstance(payload, bytes | bytearray)
-                    responses = json.loads(payload)["responses"]
-                except (ValueError, KeyError, TypeError, AssertionError):
-                    log.warning("unreadable dynsec response")
-                    continue
-                for response in responses:
-                    future = self._pending.pop(str(response.get("correlationData")), None)
-                    if future is not None and not future.done():
-                        future.set_result(response)
-
-    async def _command(self, command: dict[str, Any]) -> dict[str, Any]:
-        """Send one dynsec command and return its response (``error`` key on failure)."""
-        if self._admin is None:
-            raise BrokerError("the broker is not started")
-        correlation = secrets.token_hex(8)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[correlation] = future
-        body = json.dumps({"commands": [{**command, "correlationData": correlation}]})
-        try:
-            await self._admin.publish(_CONTROL_TOPIC, body, qos=1)
-            return await asyncio.wait_for(future, 5)
-        except (aiomqtt.MqttError, TimeoutError) as exc:
-            raise BrokerError(f"dynsec command {command['command']} failed: {exc}") from exc
-        finally:
-            self._pending.pop(correlation, None)
-
-    async def _checked(self, command: dict[str, Any], *, tolerate: str = "") -> None:
-        response = await self._command(command)
-        error = response.get("error")
-        if error and not (tolerate and tolerate in str(error)):
-            raise BrokerError(f"dynsec {command['command']}: {error}")
+    def _exited_because(self) -> str | None:
+        if self._process is None or self._process.returncode is not None:
+            return f"mosquitto exited: {self._tail()}"
+        return None
 
     async def stop(self) -> None:
-        if self._admin_reader is not None:
-            self._admin_reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._admin_reader
-            self._admin_reader = None
-        if self._admin_stack is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await self._admin_stack.aclose()
-            self._admin_stack, self._admin = None, None
+        await self._admin.close()
         await self._shutdown_process()
         if self._key_pipe is not None:
             await asyncio.to_thread(self._key_pipe.close)
@@ -704,20 +377,12 @@ class MosquittoBroker:
             self._tail(),
         )
         registration, operational, _admin = self._ports
-        if self._admin_reader is not None:
-            self._admin_reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._admin_reader
-            self._admin_reader = None
-        if self._admin_stack is not None:
-            with contextlib.suppress(aiomqtt.MqttError, OSError):  # its broker is gone
-                await self._admin_stack.aclose()
-            self._admin_stack, self._admin = None, None
+        await self._admin.close()  # its broker is gone
         await self._shutdown_process()
         self._settings = dataclasses.replace(
             self._settings, registration_port=registration, operational_port=operational
         )
-        await self._start_once(self._runtime, _Owner.for_process(self._run_user))
+        await self._start_once(self._runtime, ProcessOwner.for_process(self._run_user))
         return True
 
     async def _shutdown_process(self) -> None:
@@ -733,9 +398,14 @@ class MosquittoBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._log_task
             self._log_task = None
-        self._sessions.clear()
+        self._log.sessions.clear()
 
     # ------------------------------------------------------------------------ revocation
+
+    @property
+    def sighups(self) -> int:
+        """Reloads (SIGHUPs) sent to Mosquitto since this object was made."""
+        return self._sighups
 
     async def reload_crls(self) -> None:
         """Install the current CRLs (and ACLs) and SIGHUP; return once the reload has run.
@@ -743,36 +413,40 @@ class MosquittoBroker:
         "Has run" is observed, not guessed: during the reload Mosquitto reads the key FIFO
         twice per device listener, and loads that listener's CRL right after; its main loop
         is single threaded, so a dynsec round trip answered after those reads comes after
-        the whole reload. Concurrent callers (a revocation during a burst of renewals) are
-        served one after the other.
+        the whole reload.
+
+        Reloads are coalesced (each one costs Mosquitto memory: see docs/broker.md,
+        "Reloads"). Calls that arrive while a reload runs wait for it and are then served
+        together by ONE more reload, which renders the files after all of them arrived; a
+        reload whose rendered files equal the ones Mosquitto already loaded sends no
+        SIGHUP at all (nothing it would re-read has changed).
         """
+        self._reload_requests += 1
+        ticket = self._reload_requests
         async with self._reload_lock:
+            if self._reload_covered >= ticket:
+                return  # a reload that rendered the files after this call has run
+            covers = self._reload_requests
             process, pipe, config = self._process, self._key_pipe, self._config
             if process is None or pipe is None or config is None or process.returncode is not None:
                 raise BrokerError("the broker is not running")
             self._config = dataclasses.replace(config, blocked=frozenset(self._blocked))
             assert self._runtime is not None
-            self._write_trust(self._runtime, _Owner.for_process(self._run_user))
-            loaded = pipe.arm(_KEY_LOADS_RELOAD)
+            files = self._trust_files()
+            if files == self._installed:
+                self._reload_covered = covers
+                return
+            self._install(self._runtime, files, ProcessOwner.for_process(self._run_user))
+            loaded = pipe.arm(KEY_LOADS_RELOAD)
             try:
                 process.send_signal(signal.SIGHUP)
+                self._sighups += 1
                 await self._wait_event(loaded, time.monotonic() + 5, "reload")
             finally:
                 pipe.disarm()
-            await self._command({"command": "getDefaultACLAccess"})
-
-    async def _wait_gone(self, identity: str, ended_before: int, timeout: float) -> None:
-        """Wait until Mosquitto logged the end of a session of ``identity`` since its
-        watch began (a reconnect that follows at once, e.g. before the CRL is updated, does
-        not count as "still connected")."""
-        deadline = time.monotonic() + timeout
-        while self._gone_watch.get(identity, 0) <= ended_before:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BrokerError(f"the session of {identity} was not cut in {timeout} s")
-            self._session_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._session_changed.wait(), remaining)
+            await self._admin.command({"command": "getDefaultACLAccess"})
+            self._installed = files
+            self._reload_covered = covers
 
     async def disconnect(self, identity: str) -> int:
         """Kick the live session of ``identity`` (at most one: the client id is the
@@ -784,24 +458,21 @@ class MosquittoBroker:
         for password logins anyway.
         """
         identity = _check_identity(identity)
-        before = self._sessions.get(identity, 0)
-        ended = self._gone_watch.setdefault(identity, 0)
-        self._watchers[identity] = self._watchers.get(identity, 0) + 1
+        before = self._log.sessions.get(identity, 0)
+        ended = self._log.watch(identity)
         try:
             create = {"command": "createClient", "username": identity}
-            await self._checked(create, tolerate="already exists")
-            await self._checked({"command": "disableClient", "username": identity})
-            await self._checked({"command": "enableClient", "username": identity})
-            if before:
-                await self._wait_gone(identity, ended, 5)
+            await self._admin.checked(create, tolerate="already exists")
+            await self._admin.checked({"command": "disableClient", "username": identity})
+            await self._admin.checked({"command": "enableClient", "username": identity})
+            if before and not await self._log.wait_gone(identity, ended, 5):
+                raise BrokerError(f"the session of {identity} was not cut in 5 s")
         finally:
-            self._watchers[identity] -= 1
-            if not self._watchers[identity]:
-                del self._watchers[identity], self._gone_watch[identity]
+            self._log.unwatch(identity)
         return before
 
     def connection_mark(self, identity: str) -> int:
-        return self._connect_seq
+        return self._log.connect_seq
 
     async def cut_superseded(self, identity: str, serials: frozenset[int], mark: int) -> int:
         """Mosquitto 2.0.11 cannot tell which certificate a session uses: see
@@ -809,7 +480,8 @@ class MosquittoBroker:
         means nothing is left to cut. Otherwise the live session (if any) is kicked; the
         device reconnects with its new certificate (the old one is on the CRL)."""
         identity = _check_identity(identity)
-        if self._last_connect.get(identity, 0) > mark or not self._sessions.get(identity, 0):
+        sessions = self._log
+        if sessions.last_connect.get(identity, 0) > mark or not sessions.sessions.get(identity, 0):
             return 0
         cut = await self.disconnect(identity)
         if cut:

@@ -18,7 +18,6 @@ from typing import Any
 
 from cryptography import x509
 
-from registrar.broker import REGISTRAR_IDENTITY
 from registrar.errors import CommissionError, ConfigError
 from registrar.payload_keys import PayloadKeyStore
 from registrar.site.crl import (
@@ -34,9 +33,9 @@ from registrar.site.home import (
     issuing_ca_key,
     pem,
     revocation_lock,
-    site_now,
 )
 from registrar.site.running import (
+    issue_service_certificates,
     service_validity,
 )
 from signers.errors import SignerError
@@ -45,8 +44,6 @@ from signers.software import SoftwareKey
 from trustcore import cbor
 from trustcore.errors import TrustCoreError
 from trustcore.profiles import (
-    issue_broker_certificate,
-    issue_service_client_certificate,
     station_id_from_certificate,
 )
 from trustcore.site_bundle import (
@@ -56,6 +53,7 @@ from trustcore.site_bundle import (
     VerifiedSiteBundle,
     verify_site_bundle,
 )
+from trustcore.utctime import now_utc
 
 __all__ = [
     "CommissionResult",
@@ -122,28 +120,15 @@ def _write_state(
     """Build the state directory for ``verified`` beside the current one; return it."""
     cas = cas or _SiteCas(SITE_CA_KEY)
     site_ca = verified.site_ca_cert
-    org = home.config.organization
     broker_key = _ensure_key(home, "broker", passphrase)
     client_key = _ensure_key(home, "registrar-client", passphrase)
-    start, end = service_validity(site_ca, moment)
-    broker_cert = issue_broker_certificate(
+    broker_cert, client_cert = issue_service_certificates(
+        home,
         site_ca,
         site_key.private_key(),
         broker_key.public_key(),
-        dns_names=list(home.config.broker_names),
-        ip_addresses=list(home.config.broker_ips),
-        organization=org,
-        not_before=start,
-        not_after=end,
-    )
-    client_cert = issue_service_client_certificate(
-        site_ca,
-        site_key.private_key(),
         client_key.public_key(),
-        service_name=REGISTRAR_IDENTITY,
-        organization=org,
-        not_before=start,
-        not_after=end,
+        service_validity(site_ca, moment),
     )
     entries, number = previous_site_crl(home, cas.previous_crl_issuer or site_ca)
     site_crl = sign_site_crl(site_ca, site_key, entries, number + 1, moment)
@@ -276,7 +261,7 @@ def commission_site(
     """Verify ``package`` against this site and, only if every check passes, make it the
     commissioned state. Raises :class:`CommissionError` (``reason`` from
     ``verify_site_bundle``) on refusal; nothing is changed then."""
-    moment = site_now(now)
+    moment = now_utc(now)
     if len(package) > MAX_SITE_BUNDLE_SIZE:
         raise CommissionError("the bundle is larger than any site bundle", reason="oversized")
     passphrase = secrets.passphrase()

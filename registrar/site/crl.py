@@ -18,7 +18,6 @@ from registrar.site.home import (
     SiteSecrets,
     current_cert,
     issuing_ca_key,
-    site_now,
 )
 from signers.errors import SignerError
 from signers.private_files import write_private_file
@@ -26,6 +25,7 @@ from signers.software import SoftwareKey
 from trustcore.crl import RevokedEntry, build_crl, verify_crl
 from trustcore.errors import CrlError
 from trustcore.identity import CertSerial
+from trustcore.utctime import now_utc
 
 __all__ = [
     "crl_pem",
@@ -122,7 +122,7 @@ def reissue_site_crl(
     it the number is the current file's plus one (one registrar, or the store not open)."""
     if not home.commissioned:
         raise ConfigError("the site is not commissioned yet")
-    moment = site_now(now)
+    moment = now_utc(now)
     site_key = issuing_ca_key(home, secrets)
     site_ca = x509.load_pem_x509_certificate((home.current / "site-ca.pem").read_bytes())
     entries, previous = previous_site_crl(home, site_ca)

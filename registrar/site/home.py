@@ -15,7 +15,7 @@ import secrets as _random
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from trustcore.identity import SiteId
 from trustcore.key_rotation import DEFAULT_GRACE_S, MAX_GRACE_S
 from trustcore.keys import key_id
 from trustcore.messages import SiteEnrolment
+from trustcore.utctime import now_utc
 
 __all__ = [
     "BACKDATE",
@@ -51,7 +52,6 @@ __all__ = [
     "issuing_ca_key",
     "pem",
     "revocation_lock",
-    "site_now",
 ]
 
 
@@ -66,14 +66,6 @@ BACKDATE = timedelta(minutes=5)
 #: Keystore name of the first site CA key (``registrar init``); later keys are named by
 #: ``registrar rollover-ca`` and recorded in ``commission.json``.
 SITE_CA_KEY = "site-ca"
-
-
-def site_now(now: datetime | None) -> datetime:
-    """``now`` (aware, required) or the wall clock, in UTC to the whole second."""
-    moment = datetime.now(UTC) if now is None else now
-    if moment.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    return moment.astimezone(UTC).replace(microsecond=0)
 
 
 def pem(cert: x509.Certificate) -> bytes:
@@ -349,7 +341,7 @@ def init_site(
         raise ConfigError("the broker needs at least one host name or IP address")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(f"{target} already exists and is not empty; refusing to overwrite it")
-    moment = site_now(now)
+    moment = now_utc(now)
     passphrase = secrets.passphrase()
     target.parent.mkdir(parents=True, exist_ok=True)
     build = target.parent / f".{target.name}.init-{os.getpid()}-{_random.token_hex(4)}"

@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from registrar.broker import REGISTRAR_IDENTITY, BrokerSettings, BrokerTls
 from registrar.errors import ConfigError
@@ -24,7 +25,6 @@ from registrar.site.home import (
     current_cert,
     issuing_ca_key,
     pem,
-    site_now,
 )
 from signers.private_files import write_private_file
 from signers.software import SoftwareKey
@@ -42,12 +42,14 @@ from trustcore.site_bundle import (
     AdmissionEntry,
     ManifestEntry,
 )
+from trustcore.utctime import now_utc
 from trustcore.verify import ChainVerifier
 
 __all__ = [
     "CommissionedSite",
     "broker_settings",
     "broker_tls",
+    "issue_service_certificates",
     "load_commissioned_site",
     "reissue_service_certificates",
     "service_validity",
@@ -60,6 +62,41 @@ def service_validity(site_ca: x509.Certificate, moment: datetime) -> tuple[datet
     start = max(moment - BACKDATE, site_ca.not_valid_before_utc)
     end = min(moment + SERVICE_CERT_VALIDITY, site_ca.not_valid_after_utc)
     return start, end
+
+
+def issue_service_certificates(
+    home: SiteHome,
+    site_ca: x509.Certificate,
+    site_ca_key: ec.EllipticCurvePrivateKey,
+    broker_key: ec.EllipticCurvePublicKey,
+    client_key: ec.EllipticCurvePublicKey,
+    validity: tuple[datetime, datetime],
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """The broker server certificate (the site's broker names and addresses) and the
+    registrar's MQTT client certificate (:data:`REGISTRAR_IDENTITY`), both signed by the site
+    CA for ``validity`` (:func:`service_validity`): at commission and at each re-issue."""
+    org = home.config.organization
+    start, end = validity
+    broker_cert = issue_broker_certificate(
+        site_ca,
+        site_ca_key,
+        broker_key,
+        dns_names=list(home.config.broker_names),
+        ip_addresses=list(home.config.broker_ips),
+        organization=org,
+        not_before=start,
+        not_after=end,
+    )
+    client_cert = issue_service_client_certificate(
+        site_ca,
+        site_ca_key,
+        client_key,
+        service_name=REGISTRAR_IDENTITY,
+        organization=org,
+        not_before=start,
+        not_after=end,
+    )
+    return broker_cert, client_cert
 
 
 def _service_due(cert: x509.Certificate, moment: datetime) -> bool:
@@ -80,7 +117,7 @@ def reissue_service_certificates(
     the revocation lock and reload the brokers after. Returns the new end, or None."""
     if not home.commissioned:
         raise ConfigError("the site is not commissioned yet")
-    moment = site_now(now)
+    moment = now_utc(now)
     broker_old = current_cert(home, "broker.pem")
     client_old = current_cert(home, "registrar-client.pem")
     site_ca = current_cert(home, "site-ca.pem")
@@ -98,25 +135,13 @@ def reissue_service_certificates(
     site_key = issuing_ca_key(home, secrets)
     if site_key.public_key() != site_ca.public_key():
         raise ConfigError("the issuing site CA key does not match the current site CA")
-    org = home.config.organization
-    broker_cert = issue_broker_certificate(
+    broker_cert, client_cert = issue_service_certificates(
+        home,
         site_ca,
         site_key.private_key(),
         home.key("broker", secrets).public_key(),
-        dns_names=list(home.config.broker_names),
-        ip_addresses=list(home.config.broker_ips),
-        organization=org,
-        not_before=start,
-        not_after=end,
-    )
-    client_cert = issue_service_client_certificate(
-        site_ca,
-        site_key.private_key(),
         home.key("registrar-client", secrets).public_key(),
-        service_name=REGISTRAR_IDENTITY,
-        organization=org,
-        not_before=start,
-        not_after=end,
+        (start, end),
     )
     write_private_file(
         home.current / "registrar-client.pem", pem(client_cert) + pem(site_ca), overwrite=True

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Self
 
@@ -35,6 +34,7 @@ from registrar.store.records import (
 )
 from registrar.store.writer import PRUNE_BATCH, REPLAY_RETENTION, GroupCommitWriter
 from trustcore.identity import DeviceId
+from trustcore.utctime import system_clock, to_unix
 
 __all__ = ["EXACT_COUNT_BELOW", "REPLAY_RETENTION", "Backend", "ChangeFeed", "Store"]
 
@@ -215,7 +215,8 @@ class Store(StoreReads):
 
     async def record_event(self, device_id: DeviceId | None, kind: str, detail: str) -> None:
         future = self._submit(
-            Event(int(time.time()), device_id.value if device_id else None, kind, detail), True
+            Event(to_unix(system_clock()), device_id.value if device_id else None, kind, detail),
+            True,
         )
         assert future is not None
         await future
@@ -226,7 +227,8 @@ class Store(StoreReads):
         if self._writer.backlog > 50 * self._writer.max_batch:
             return False
         self._submit(
-            Event(int(time.time()), device_id.value if device_id else None, kind, detail), False
+            Event(to_unix(system_clock()), device_id.value if device_id else None, kind, detail),
+            False,
         )
         return True
 
@@ -302,7 +304,7 @@ class Store(StoreReads):
                 (
                     (q.REVOKE_DEVICE, (dev,)),
                     (q.REVOKE_CERTS, (at, dev)),
-                    (q.INSERT_EVENT, (int(time.time()), dev, "revoked", detail)),
+                    (q.INSERT_EVENT, (to_unix(system_clock()), dev, "revoked", detail)),
                 )
             ),
             True,

@@ -24,7 +24,7 @@ begun again: nothing was sent yet); reads that find the server gone close their 
 once and open a fresh one, waiting at most a second (requests during an outage are refused
 within about a second instead of waiting for the pool's timeout); the listener reconnects
 with back-off, followed by a ``resync`` change because notifications sent meanwhile are
-lost. (``tests/test_store_failover.py``: kill -9 under registrations, restart.)
+lost. (``tests/registrar/test_store_failover.py``: kill -9 under registrations, restart.)
 
 Schema versions live in ``schema_version``; migrations run under an advisory lock so two
 instances starting together do not both migrate.

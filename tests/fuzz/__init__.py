@@ -1,2 +1,2 @@
 """Fuzz targets for every parser that sees outside input (shared by the hypothesis tests
-``tests/test_fuzz_*.py`` and the coverage-guided run ``scripts/fuzz.py``)."""
+``tests/project/test_fuzz_*.py`` and the coverage-guided run ``scripts/fuzz.py``)."""

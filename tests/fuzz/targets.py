@@ -51,7 +51,8 @@ from trustcore.sealed import open_package, peek, seal_package
 from trustcore.site_bundle import CT_SITE_BUNDLE, SiteBundlePayload, verify_site_bundle
 from trustcore.site_report import CT_SITE_REPORT, SiteReport
 
-#: Where crashing inputs are kept (one folder per target); replayed by tests/test_fuzz_corpus.py.
+#: Where crashing inputs are kept (one folder per target); replayed by
+#: tests/project/test_fuzz_corpus.py.
 CORPUS = Path(__file__).resolve().parent.parent / "fuzz_corpus"
 
 
@@ -234,7 +235,7 @@ def _approvals(world: FuzzWorld, data: bytes) -> object:
 
 
 def _registration_request(world: FuzzWorld, data: bytes) -> object:
-    from tests.test_registration import ADMIT_STATION, verifier
+    from tests.fixtures.registration import ADMIT_STATION, verifier
     from trustcore.registration import parse_request, verify_request
 
     assert world.registration is not None

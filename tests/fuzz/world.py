@@ -1,6 +1,6 @@
 """The genuine artifacts the fuzzers start from, made by the real code paths.
 
-One prepared HQ (``tests.test_hq_support.build_world``: software root, stations A and B
+One prepared HQ (``tests.fixtures.hq.build_world``: software root, stations A and B
 enrolled and entitled) plus an enrolled site, and every kind of file or message that
 crosses a trust boundary: enrolments, CSRs, certificates, CRLs, entitlements, audit
 exports, site bundles and reports, revocation lists, approvals, registration messages.
@@ -32,9 +32,9 @@ from hq.approvals import (
 from hq.home import HqHome, HqSecrets
 from hq.site import enrol_site
 from signers.software import SoftwareKey
+from tests.fixtures.hq import PASSPHRASE, SoftStation, World, build_world, run_hq
 from tests.fixtures.pki import Pki, shared_pki
-from tests.test_hq_support import PASSPHRASE, SoftStation, World, build_world, run_hq
-from tests.test_registration import make_dev, make_request
+from tests.fixtures.registration import make_dev, make_request
 from trustcore.crl import RevokedEntry, build_crl
 from trustcore.csr import build_csr, build_device_csr
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId

@@ -1,0 +1,109 @@
+"""Pure tests of the station's trusted time (trustcore.stationtime): the TPM ledger across
+boots, anchors from HQ-signed times, and the ceiling they put on the host clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.docs import doc_vector
+from trustcore import cbor
+from trustcore.errors import EncodingError, InvalidValueError, PolicyError
+from trustcore.messages import TimeStatement
+from trustcore.stationtime import (
+    MAX_SIGNED_TIME_AGE_S,
+    TimeAnchor,
+    TpmClockReading,
+    TpmLedger,
+    anchor_at,
+    trusted_time,
+    unpack_tpm_field,
+)
+
+T0 = 1_800_000_000
+
+
+def reading(time_ms: int, reset: int = 1, restart: int = 0, safe: bool = True) -> TpmClockReading:
+    return TpmClockReading(time_ms, time_ms, reset, restart, safe)
+
+
+def test_ledger_adds_powered_time_within_and_across_boots() -> None:
+    ledger = TpmLedger.start(reading(5_000))
+    ledger = ledger.advance(reading(65_000))
+    assert ledger.total_ms == 60_000
+    # A new boot (power cycle): only the time since its startup counts, the off time does not.
+    ledger = ledger.advance(reading(2_000, reset=2))
+    assert (ledger.total_ms, ledger.boot) == (62_000, (2, 0))
+    ledger = ledger.advance(reading(3_000, reset=2, restart=1))
+    assert ledger.total_ms == 65_000
+    assert TpmLedger.from_map(ledger.to_map()) == ledger
+
+
+@pytest.mark.parametrize(
+    "later",
+    [reading(4_000), reading(10_000, reset=0), reading(10_000, reset=1, restart=0)],
+)
+def test_ledger_refuses_a_tpm_that_went_back(later: TpmClockReading) -> None:
+    ledger = TpmLedger.start(reading(5_000, reset=1, restart=3))
+    with pytest.raises(PolicyError) as info:
+        ledger.advance(later)
+    assert info.value.reason == "tpm_clock_inconsistent"
+
+
+def test_reading_values_are_checked() -> None:
+    with pytest.raises(InvalidValueError):
+        TpmClockReading(-1, 0, 0, 0, True)
+    with pytest.raises(InvalidValueError):
+        TpmClockReading(0, 0, 2**32, 0, True)
+    # The compact field every issued record carries: reset u32, restart u32, time u64.
+    fields = TpmClockReading(7, 9, 1, 2, False).audit_fields()
+    assert fields == {"tpm": bytes.fromhex("00000001000000020000000000000007")}
+    assert unpack_tpm_field(fields["tpm"]) == (1, 2, 7)
+    assert unpack_tpm_field(b"\x00" * 15) is None and unpack_tpm_field(7) is None
+    full = TpmClockReading(7, 9, 1, 2, False).audit_fields(full=True)
+    assert (full["tpm_clock"], full["tpm_safe"]) == (9, 0)
+
+
+def test_trusted_time_moves_with_the_tpm_only() -> None:
+    ledger = TpmLedger.start(reading(1_000))
+    anchor = anchor_at(signed_time=T0, host_now=T0 + 20, ledger=ledger, source="entitlement 1")
+    assert anchor == TimeAnchor(T0 + 20, 0, "entitlement 1")
+    # A day of host clock, ten seconds of TPM: the station vouches for ten seconds.
+    assert trusted_time(anchor, ledger.advance(reading(11_000))) == T0 + 30
+    assert TimeAnchor.from_map(anchor.to_map()) == anchor
+
+
+def test_anchor_clamps_the_host_clock_to_the_signed_time() -> None:
+    ledger = TpmLedger(boot=(1, 0), boot_time_ms=0, total_ms=50_000)
+    # Host behind HQ's signing time: HQ's time wins (the real time is at least that).
+    behind = anchor_at(signed_time=T0, host_now=T0 - 900, ledger=ledger, source="s")
+    assert behind.time == T0
+    # Host far ahead: believed only up to the longest plausible journey of the file.
+    ahead = anchor_at(signed_time=T0, host_now=T0 + 30 * 86400, ledger=ledger, source="s")
+    assert ahead.time == T0 + MAX_SIGNED_TIME_AGE_S
+    # An older signed time never moves trusted time back.
+    later = ledger.advance(reading(10_000, reset=2))
+    again = anchor_at(
+        signed_time=T0 - 86400, host_now=T0 - 86400, ledger=later, source="old", current=behind
+    )
+    assert again.time == T0 + 10 and again.total_ms == 60_000
+
+
+def test_from_map_is_strict() -> None:
+    with pytest.raises(InvalidValueError):
+        TpmLedger.from_map({"reset": 1, "restart": 0, "boot_time_ms": -1, "total_ms": 0})
+    with pytest.raises(InvalidValueError):
+        TimeAnchor.from_map({"time": 1, "total_ms": 0})
+
+
+def test_time_statement_vector_and_strict_decoding() -> None:
+    statement = TimeStatement("station-a", 1_800_000_000)
+    assert statement.encode() == doc_vector("time-statement-payload")
+    assert TimeStatement.decode(doc_vector("time-statement-payload")) == statement
+    for bad in (
+        {"station_id": "station-a"},
+        {"station_id": "station-a", "time": 1, "extra": 0},
+        {"station_id": "station-a", "time": -1},
+        {"station_id": 7, "time": 1},
+    ):
+        with pytest.raises(EncodingError):
+            TimeStatement.decode(cbor.encode(bad))
