@@ -25,6 +25,7 @@ timer, ``registrar revoke`` and ``import-revocations`` run offline) serialise on
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -159,6 +160,13 @@ def hq_data_freshness(
     return HqDataFreshness(issued, age, max_offline_days, state)
 
 
+@functools.lru_cache(maxsize=16)
+def _refusing_after(issued: float, max_offline_days: int) -> datetime:
+    """The last instant HQ data issued at ``issued`` (POSIX seconds) is not yet past the
+    offline limit: :func:`hq_data_freshness` says "refusing" from just after it."""
+    return datetime.fromtimestamp(issued, UTC) + timedelta(days=max_offline_days)
+
+
 # ----------------------------------------------------------------------------- verifier
 
 
@@ -206,10 +214,12 @@ class RevocationAwareVerifier(ChainVerifier):
         intermediates: Sequence[x509.Certificate] = (),
         require_device_id: bool = False,
     ) -> VerifiedIdentity:
-        if self.max_offline_days is not None:
-            fresh = hq_data_freshness(self.hq_revocations, self.max_offline_days, now)
-            if fresh.state == "refusing":
-                raise VerificationError(fresh.message(), reason="crl_stale")
+        days = self.max_offline_days
+        # ``now > issued + limit`` is ``hq_data_freshness``'s "refusing" (age > limit),
+        # exactly; the full reading is made only for the refusal's message.
+        if days is not None and now > _refusing_after(self.hq_revocations.issued, days):
+            fresh = hq_data_freshness(self.hq_revocations, days, now)
+            raise VerificationError(fresh.message(), reason="crl_stale")
         identity = super().verify(
             leaf, now=now, intermediates=intermediates, require_device_id=require_device_id
         )

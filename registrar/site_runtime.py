@@ -65,7 +65,7 @@ from registrar.site import (
     load_commissioned_site,
     revocation_lock,
 )
-from registrar.site_status import health, readings, write_status
+from registrar.site_status import StatusWriter, health, readings
 from registrar.spool import RotationResult, apply_request
 from registrar.store import Store
 from registrar.supersede import SupersededCertificates
@@ -84,6 +84,9 @@ if TYPE_CHECKING:
 __all__ = ["SiteRuntime"]
 
 log = logging.getLogger(__name__)
+#: See :meth:`SiteRuntime._spool_requests` (one second, in ns).
+_SPOOL_RELIST_NS = 1_000_000_000
+
 _T = TypeVar("_T")
 
 
@@ -128,6 +131,11 @@ class SiteRuntime:
         self.ops: OpsServer | None = None
         #: The enforced CRLs' dates, refreshed by :meth:`check_crls` (metrics, health).
         self.crl_readings: tuple[CrlReading, ...] = ()
+        self._status = StatusWriter()
+        #: The spool directory, its stat when last listed empty and when (wall clock, ns),
+        #: see :meth:`_spool_requests`.
+        self._spool: Path | None = None
+        self._spool_seen: tuple[tuple[int, int, int], int] | None = None
 
     # -- what it serves ---------------------------------------------------------------------
 
@@ -404,9 +412,34 @@ class SiteRuntime:
         target = str(self.home.current.readlink())
         if target != self._state_target:
             await self._recommissioned(target)
-        spool = spool_dir(self.home)
-        for request in sorted(spool.glob("*.request.json")):
+        for request in self._spool_requests():
             await self._apply_request(request)
+
+    def _spool_requests(self) -> list[Path]:
+        """The requests in the spool, in order. The directory is not listed again while
+        its stat is the one of a listing (less than a second ago) that found none and its
+        mtime was over a second older than that listing: a file created since (the kernel
+        stamps it at most a clock tick early) would have changed the mtime."""
+        spool = self._spool or spool_dir(self.home)
+        try:
+            st = spool.stat()  # before listing: a request written after it changes the mtime
+        except FileNotFoundError:  # removed while running: made again, as at start
+            spool = spool_dir(self.home)
+            st = spool.stat()
+        self._spool = spool
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        now = time.time_ns()
+        seen = self._spool_seen
+        if (
+            seen is not None
+            and seen[0] == key
+            and now - seen[1] < _SPOOL_RELIST_NS
+            and seen[1] - st.st_mtime_ns > _SPOOL_RELIST_NS
+        ):
+            return []
+        requests = sorted(spool.glob("*.request.json"))
+        self._spool_seen = None if requests else (key, now)
+        return requests
 
     async def _recommissioned(self, target: str) -> None:
         """A new bundle was commissioned while running: new anchors, CRLs, manifest, HQ
@@ -500,4 +533,4 @@ class SiteRuntime:
             self.est.use_tls(await asyncio.to_thread(est_context, self.home, self.secrets))
 
     async def _write_status(self) -> None:
-        await write_status(self)
+        await self._status.write(self)

@@ -6,6 +6,12 @@ Owns the shape of the status document (:func:`write_status`), the metrics snapsh
 itself is :func:`registrar.metrics.decide_health`). Everything is read from a
 :class:`RunningSite` (the running :class:`registrar.app.RegistrarApp`); nothing here
 changes it.
+
+Each tick is cheap (the registrar writes status twice a second under load): the PEM files
+it reports dates of are parsed again only when their ``stat`` changes
+(:func:`pem_not_after`), and the document is written only when something other than its
+clock fields (``updated``, ``now``) changed, or :data:`STATUS_HEARTBEAT` after the last
+write (so ``updated`` still says the registrar is alive).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -39,7 +47,22 @@ from trustcore.identity import DeviceId
 from trustcore.revocation import RevocationList
 from trustcore.utctime import Clock
 
-__all__ = ["RunningSite", "health", "readings", "write_status"]
+__all__ = [
+    "STATUS_HEARTBEAT",
+    "RunningSite",
+    "StatusWriter",
+    "health",
+    "pem_not_after",
+    "readings",
+    "status_document",
+]
+
+#: An unchanged status document is rewritten this often (seconds), for its ``updated``.
+STATUS_HEARTBEAT = 2.0
+#: Fields of the status document that change at every tick by themselves.
+_CLOCK_FIELDS = ("updated", "now")
+#: path -> (stat identity, the end of validity it holds), see :func:`pem_not_after`.
+_PEM_DATES: dict[Path, tuple[tuple[int, int, int, int], datetime | None]] = {}
 
 
 class RunningSite(Protocol):
@@ -158,13 +181,32 @@ def hq_data_status(app: RunningSite) -> dict[str, object] | None:
     return fresh.to_json()
 
 
-async def write_status(app: RunningSite) -> None:
-    """``SITE/run/status.json`` (atomic; a snapshot, not synced to disk)."""
+def pem_not_after(path: Path, *, crl: bool = False) -> datetime | None:
+    """The end of validity of the certificate (``crl``: nextUpdate of the CRL) in the PEM
+    file at ``path``, parsed again only when the file's stat (device, inode, size,
+    mtime) changes: files are replaced by rename, which gives a new inode."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    known = _PEM_DATES.get(path)
+    if known is not None and known[0] == key:
+        return known[1]
+    data = path.read_bytes()
+    end = (
+        x509.load_pem_x509_crl(data).next_update_utc
+        if crl
+        else x509.load_pem_x509_certificate(data).not_valid_after_utc
+    )
+    _PEM_DATES[path] = (key, end)
+    return end
+
+
+async def status_document(app: RunningSite) -> dict[str, Any] | None:
+    """The content of ``SITE/run/status.json`` (None before the registrar is started)."""
     broker, store, service = app.broker, app.store, app.service
     if broker is None or store is None or service is None:
-        return
+        return None
     counts = await store.counts()
-    site_crl = x509.load_pem_x509_crl((app.home.current / "site-crl.pem").read_bytes())
+    current = app.home.current
     doc: dict[str, Any] = {
         "v": 1,
         "running": True,
@@ -191,14 +233,10 @@ async def write_status(app: RunningSite) -> None:
         "payload_key": app.keyring.current.key_id.hex() if app.keyring else None,
         "revocation_list_sequence": app.revocations.sequence if app.revocations else None,
         "hq_revocation_data": hq_data_status(app),
-        "site_crl_next_update": iso(site_crl.next_update_utc),
+        "site_crl_next_update": iso(pem_not_after(current / "site-crl.pem", crl=True)),
         # re-issued by this registrar at half life ("Service certificates")
         "service_certificates": {
-            name: iso(
-                x509.load_pem_x509_certificate(
-                    (app.home.current / f"{name}.pem").read_bytes()
-                ).not_valid_after_utc
-            )
+            name: iso(pem_not_after(current / f"{name}.pem"))
             for name in ("broker", "registrar-client")
         },
         "site_ca": {
@@ -224,7 +262,27 @@ async def write_status(app: RunningSite) -> None:
         },
         "alerts": list(app.alerts),
     }
-    await asyncio.to_thread(write_json, status_path(app.home), doc, sync=False)
+    return doc
+
+
+class StatusWriter:
+    """Writes ``SITE/run/status.json`` (atomic; a snapshot, not synced to disk) when its
+    content changed, or :data:`STATUS_HEARTBEAT` after the last write."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, Any] | None = None
+        self._written = 0.0  # monotonic
+
+    async def write(self, app: RunningSite) -> None:
+        doc = await status_document(app)
+        if doc is None:
+            return
+        content = {k: v for k, v in doc.items() if k not in _CLOCK_FIELDS}
+        if content == self._last and time.monotonic() - self._written < STATUS_HEARTBEAT:
+            return
+        await asyncio.to_thread(write_json, status_path(app.home), doc, sync=False)
+        self._last = content
+        self._written = time.monotonic()
 
 
 def endpoint_json(endpoint: Endpoint) -> dict[str, Any]:

@@ -26,6 +26,7 @@ __all__ = [
     "encode_hardware_module_name",
     "extension_der",
     "tbs_names_der",
+    "tbs_parts_der",
 ]
 
 
@@ -107,6 +108,52 @@ def tbs_names_der(cert: x509.Certificate) -> tuple[bytes, bytes]:
     return issuer, body[start:pos]
 
 
+def tbs_parts_der(cert: x509.Certificate) -> tuple[bytes, bytes, dict[bytes, bytes]]:
+    """(issuer, subject, extensions) of ``cert`` as it carries them, from one read of its
+    TBSCertificate: :func:`tbs_names_der` plus each extension's extnValue by its OID's DER
+    body. Raises ``EncodingError`` on a TBS this reader does not follow (including two
+    extensions with one OID, which RFC 5280 forbids)."""
+    tbs = cert.tbs_certificate_bytes
+    body, end = der_read(tbs, 0, 0x30)
+    if end != len(tbs):
+        raise EncodingError("trailing bytes after TBSCertificate")
+    pos = 0
+    if body[:1] == b"\xa0":  # [0] EXPLICIT version
+        pos = der_read(body, pos, 0xA0)[1]
+    pos = der_read(body, pos, 0x02)[1]  # serialNumber
+    pos = der_read(body, pos, 0x30)[1]  # signature AlgorithmIdentifier
+    start = pos
+    pos = der_read(body, pos, 0x30)[1]
+    issuer = body[start:pos]
+    pos = der_read(body, pos, 0x30)[1]  # validity
+    start = pos
+    pos = der_read(body, pos, 0x30)[1]
+    subject = body[start:pos]
+    pos = der_read(body, pos, 0x30)[1]  # subjectPublicKeyInfo
+    for tag in (0x81, 0x82):  # issuerUniqueID, subjectUniqueID
+        if body[pos : pos + 1] == bytes((tag,)):
+            pos = der_read(body, pos, tag)[1]
+    extensions: dict[bytes, bytes] = {}
+    if pos < len(body):
+        wrapped, pos = der_read(body, pos, 0xA3)
+        seq, end = der_read(wrapped, 0, 0x30)
+        if end != len(wrapped):
+            raise EncodingError("trailing bytes after extensions")
+        at = 0
+        while at < len(seq):
+            ext, at = der_read(seq, at, 0x30)
+            oid, i = der_read(ext, 0, 0x06)
+            if ext[i : i + 1] == b"\x01":
+                i = der_read(ext, i, 0x01)[1]
+            value, i = der_read(ext, i, 0x04)
+            if i != len(ext) or oid in extensions:
+                raise EncodingError("malformed or repeated extension")
+            extensions[oid] = value
+    if pos != len(body):
+        raise EncodingError("trailing bytes in TBSCertificate")
+    return issuer, subject, extensions
+
+
 def decode_hardware_module_name(der: bytes) -> tuple[ObjectIdentifier, bytes]:
     """Parse a HardwareModuleName strictly (no trailing bytes); return (hwType, hwSerialNum)."""
     seq, end = der_read(der, 0, 0x30)
@@ -146,6 +193,14 @@ def extension_der(oid_der: bytes, critical: bool, value: bytes) -> bytes:
 def der_time(moment: datetime) -> bytes:
     """RFC 5280 §4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050 (whole seconds,
     "Z")."""
-    if 1950 <= moment.year < 2050:
-        return der_tlv(0x17, moment.strftime("%y%m%d%H%M%SZ").encode("ascii"))
-    return der_tlv(0x18, moment.strftime("%Y%m%d%H%M%SZ").encode("ascii"))
+    year = moment.year
+    # Formatted by hand: strftime costs a few times more (one per certificate date).
+    rest = (
+        f"{moment.month:02d}{moment.day:02d}{moment.hour:02d}{moment.minute:02d}"
+        f"{moment.second:02d}Z"
+    )
+    if 1950 <= year < 2050:
+        return der_tlv(0x17, f"{year % 100:02d}{rest}".encode("ascii"))
+    if year < 1000:  # strftime's own (platform) rendering of a short year, as before
+        return der_tlv(0x18, moment.strftime("%Y%m%d%H%M%SZ").encode("ascii"))
+    return der_tlv(0x18, f"{year}{rest}".encode("ascii"))

@@ -35,6 +35,15 @@ revocation of EVERY certificate of the chain (step 3) run for every request as b
 Anything unusual (an out-of-validity CA, a failed anchored check, name constraints) takes
 the full path, which also gives the precise reason. This saves the CA's own signature check
 and path building per client: a site verifies thousands of devices of a few stations.
+
+The anchored library verifier of a remembered path is built for one validation time and
+reused for requests within ``_VERIFIER_REUSE`` of it (building one costs more than the
+leaf's signature check). This is exact, not a tolerance: the only checks of that verifier
+that depend on the time are the validity windows of the leaf and of the anchoring CA, and
+both are checked at the request's own ``now`` before it runs (the leaf by ``check_leaf``,
+the CA path by ``_known_path``, RFC 5280 bounds, both inclusive). A verifier built at an
+earlier instant can only refuse more (a leaf not yet valid back then): such a refusal is
+retried with a verifier built at ``now``, so the answer is the one of a fresh verifier.
 """
 
 from __future__ import annotations
@@ -43,16 +52,16 @@ import functools
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification as libverify
-from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
 from trustcore.crl import IndirectRevocationSet, RevocationSet, verify_crl, verify_indirect_crl
-from trustcore.der import tbs_names_der
+from trustcore.der import der_oid_body, tbs_names_der, tbs_parts_der
 from trustcore.errors import X509_PARSE_ERRORS, CrlError, EncodingError, VerificationError
 from trustcore.identity import DeviceId
 from trustcore.profiles import OID_EKU_CRL_SIGNER, crl_issuers_of
@@ -67,6 +76,11 @@ _MAX_CHAIN_DEPTH = 4
 #: Verified CA paths remembered per verifier (one per distinct set of intermediates a
 #: client brought; a site sees a handful of station CAs). Full: the oldest is forgotten.
 _MAX_REMEMBERED_PATHS = 64
+#: An anchored library verifier is reused for validation times this close to the one it
+#: was built for (see the module docstring: the answer does not depend on it).
+_VERIFIER_REUSE = timedelta(seconds=60)
+#: The CRLDistributionPoints OID as a TBS carries it (see ``tbs_parts_der``).
+_CRLDP = der_oid_body(ExtensionOID.CRL_DISTRIBUTION_POINTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +128,16 @@ def _key_id(cert: x509.Certificate) -> bytes:
     return x509.SubjectKeyIdentifier.from_public_key(key).digest
 
 
+class _Anchored:
+    """``built``: (validation time, the library verifier built from a :class:`_KnownPath`'s
+    policy for it), reused near that time (see the module docstring); replaced whole."""
+
+    __slots__ = ("built",)
+
+    def __init__(self) -> None:
+        self.built: tuple[datetime, libverify.ClientVerifier] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class _KnownPath:
     """A CA path that verified (issuing CA first, trust anchor last) and the library's
@@ -123,6 +147,7 @@ class _KnownPath:
     policy: libverify.PolicyBuilder
     #: The issuing CA's subject as encoded in its certificate (see ``tbs_names_der``).
     issuer_subject: bytes
+    anchored: _Anchored
 
 
 def _names_der(cert: x509.Certificate) -> tuple[bytes, bytes]:
@@ -190,10 +215,19 @@ class ChainVerifier:
         self._paths: dict[tuple[x509.Certificate, ...], _KnownPath] = {}
         #: DER -> parsed certificate, for the intermediates of remembered paths only.
         self._parsed: dict[bytes, x509.Certificate] = {}
-        #: CA certificate -> (subject DER, key id), see :meth:`_ca_id`.
-        self._ca_ids: dict[x509.Certificate, tuple[bytes, bytes]] = {}
-        #: CA certificate -> its encoded cRLIssuer names, see :meth:`_crl_issuer_ders`.
-        self._crl_issuers: dict[x509.Certificate, tuple[bytes, ...]] = {}
+        # Keyed by id() (hashing a certificate hashes its DER, at every request) with the
+        # certificate kept beside the value: it stays alive, so its id names no other
+        # object, and a hit is checked with ``is``. An equal certificate that is another
+        # object is a miss (computed again: the same value).
+        #: A leaf's CRLDistributionPoints extnValue -> its encoded cRLIssuer names (a pure
+        #: function of those bytes; all devices of a station carry the same), see
+        #: :meth:`_leaf_crl_issuers`.
+        self._leaf_crldp_issuers: dict[bytes, tuple[bytes, ...]] = {}
+        #: id(CA certificate) -> (it, (subject DER, key id)), see :meth:`_ca_id`.
+        self._ca_ids: dict[int, tuple[x509.Certificate, tuple[bytes, bytes]]] = {}
+        #: id(CA certificate) -> (it, its encoded cRLIssuer names), see
+        #: :meth:`_crl_issuer_ders`.
+        self._crl_issuers: dict[int, tuple[x509.Certificate, tuple[bytes, ...]]] = {}
 
     def _add_indirect(self, crl: x509.CertificateRevocationList, signer: x509.Certificate) -> None:
         """Accept an indirect CRL whose signer is a CRL-signer role certificate under one of
@@ -241,22 +275,35 @@ class ChainVerifier:
     def _ca_id(self, ca: x509.Certificate) -> tuple[bytes, bytes]:
         """(subject DER, key id) of a CA on a verified chain: how its CRLs are found. A pure
         function of the certificate, kept for the CAs this verifier sees (a few)."""
-        known = self._ca_ids.get(ca)
-        if known is None:
-            known = (ca.subject.public_bytes(), _key_id(ca))
-            if len(self._ca_ids) < _MAX_REMEMBERED_PATHS * 4:
-                self._ca_ids[ca] = known
+        held = self._ca_ids.get(id(ca))
+        if held is not None and held[0] is ca:
+            return held[1]
+        known = (ca.subject.public_bytes(), _key_id(ca))
+        if len(self._ca_ids) < _MAX_REMEMBERED_PATHS * 4:
+            self._ca_ids[id(ca)] = (ca, known)
         return known
 
     def _crl_issuer_ders(self, cert: x509.Certificate, *, cached: bool) -> tuple[bytes, ...]:
         """The encoded cRLIssuer names of ``cert``'s CRL distribution points; kept for the
         CAs on verified chains (``cached``: a few, asked at every verification)."""
-        if cached and (known := self._crl_issuers.get(cert)) is not None:
-            return known
+        if cached and (held := self._crl_issuers.get(id(cert))) is not None and held[0] is cert:
+            return held[1]
         ders = tuple(name.public_bytes() for name in crl_issuers_of(cert))
         if cached and len(self._crl_issuers) < _MAX_REMEMBERED_PATHS * 4:
-            self._crl_issuers[cert] = ders
+            self._crl_issuers[id(cert)] = (cert, ders)
         return ders
+
+    def _leaf_crl_issuers(self, leaf: x509.Certificate, crldp: bytes | None) -> tuple[bytes, ...]:
+        """The encoded cRLIssuer names of ``leaf``'s CRL distribution points. ``crldp``: its
+        CRLDistributionPoints extnValue as carried (b"": it has none; None: not read)."""
+        if crldp == b"":
+            return ()
+        known = None if crldp is None else self._leaf_crldp_issuers.get(crldp)
+        if known is None:
+            known = tuple(name.public_bytes() for name in crl_issuers_of(leaf))
+            if crldp is not None and len(self._leaf_crldp_issuers) < _MAX_REMEMBERED_PATHS * 4:
+                self._leaf_crldp_issuers[crldp] = known
+        return known
 
     def _revocations_for(self, issuer: x509.Certificate) -> RevocationSet | None:
         key = self._ca_id(issuer)
@@ -288,7 +335,12 @@ class ChainVerifier:
             leaf = load_certificate(leaf)
         presented = tuple(intermediates)
         try:
-            names = _names_der(leaf)
+            try:  # one read of the TBS: names, and what the revocation check needs
+                issuer_der, subject_der, extensions = tbs_parts_der(leaf)
+                names = (issuer_der, subject_der)
+                crldp: bytes | None = extensions.get(_CRLDP, b"")
+            except EncodingError:
+                names, crldp = _names_der(leaf), None
             device_id, leaf_key = check_leaf(
                 leaf,
                 names,
@@ -301,10 +353,10 @@ class ChainVerifier:
             if chain is None:
                 untrusted = list(self._intermediates) + list(presented)
                 chain = self._build_path(leaf, untrusted, moment)
-                self._check_revocation(chain, moment)
+                self._check_revocation(chain, moment, self._leaf_crl_issuers(leaf, crldp))
                 self._remember(presented, chain)
             else:
-                self._check_revocation(chain, moment)
+                self._check_revocation(chain, moment, self._leaf_crl_issuers(leaf, crldp))
         except X509_PARSE_ERRORS as exc:
             # cryptography parses some fields (names, keys, extensions) lazily, on first
             # access: a mangled certificate can fail deep inside any check.
@@ -344,10 +396,19 @@ class ChainVerifier:
             return None  # (a name encoded otherwise takes the full path: still correct)
         if any(not c.not_valid_before_utc <= now <= c.not_valid_after_utc for c in known.tail):
             return None  # the full path says which one and why
+        built = known.anchored.built
+        if built is None or abs(now - built[0]) > _VERIFIER_REUSE:
+            built = (now, known.policy.time(now).build_client_verifier())
+            known.anchored.built = built
         try:
-            verified = known.policy.time(now).build_client_verifier().verify(leaf, [])
+            verified = built[1].verify(leaf, [])
         except libverify.VerificationError:
-            return None
+            if built[0] == now:
+                return None
+            try:  # built for another instant: the answer at ``now`` is a fresh verifier's
+                verified = known.policy.time(now).build_client_verifier().verify(leaf, [])
+            except libverify.VerificationError:
+                return None
         if len(verified.chain) != 2 or verified.chain[1] != known.tail[0]:
             return None
         return (leaf, *known.tail)
@@ -371,7 +432,7 @@ class ChainVerifier:
             .max_chain_depth(_MAX_CHAIN_DEPTH)
             .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
         )
-        self._paths[presented] = _KnownPath(tail, policy, _names_der(tail[0])[1])
+        self._paths[presented] = _KnownPath(tail, policy, _names_der(tail[0])[1], _Anchored())
         for cert in presented:
             self._parsed[cert.public_bytes(serialization.Encoding.DER)] = cert
 
@@ -432,16 +493,23 @@ class ChainVerifier:
                 return "path_length"
         return "untrusted"
 
-    def _check_revocation(self, chain: tuple[x509.Certificate, ...], now: datetime) -> None:
-        """Every certificate below the anchor is checked against its issuer's CRL."""
+    def _check_revocation(
+        self,
+        chain: tuple[x509.Certificate, ...],
+        now: datetime,
+        leaf_crl_issuers: tuple[bytes, ...] | None = None,
+    ) -> None:
+        """Every certificate below the anchor is checked against its issuer's CRL.
+        ``leaf_crl_issuers``: the leaf's encoded cRLIssuer names, when already known."""
         for depth, (cert, issuer) in enumerate(itertools.pairwise(chain)):
             revocations = self._revocations_for(issuer)
+            crl_issuers = (
+                leaf_crl_issuers
+                if depth == 0 and leaf_crl_issuers is not None
+                else self._crl_issuer_ders(cert, cached=depth > 0)
+            )
             indirect = next(
-                (
-                    held
-                    for der in self._crl_issuer_ders(cert, cached=depth > 0)
-                    if (held := self._indirect.get(der)) is not None
-                ),
+                (held for der in crl_issuers if (held := self._indirect.get(der)) is not None),
                 None,
             )
             # An HQ indirect CRL lists certificates of any station CA: a listing counts for

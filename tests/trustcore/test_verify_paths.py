@@ -110,3 +110,31 @@ def test_failed_chains_are_never_remembered(pki: Pki) -> None:
         with pytest.raises(VerificationError):
             verifier.verify(case.leaf, now=pki.now, intermediates=case.intermediates)
     assert verifier.remembered_paths == 0
+
+
+def test_validity_is_judged_at_each_instant_by_the_reused_anchored_verifier(pki: Pki) -> None:
+    """The anchored library verifier built at ``pki.now`` is reused for nearby instants:
+    a leaf is still refused one microsecond outside its validity and accepted at both of
+    its (inclusive) bounds, although it was not yet valid when that verifier was built."""
+    verifier = _warmed(pki)
+    later = _leaf_builder(
+        pki,
+        p256("valid-from-later"),
+        device_id="dev-later",
+        not_before=pki.now + 20 * SECOND,
+        not_after=pki.now + 40 * SECOND,
+    )
+    start, end = later.not_valid_before_utc, later.not_valid_after_utc
+    tick = timedelta(microseconds=1)
+    for moment, reason in ((start - tick, "not_yet_valid"), (end + tick, "expired")):
+        with pytest.raises(VerificationError) as info:
+            verifier.verify(later, now=moment, intermediates=(pki.station_ca,))
+        assert info.value.reason == reason
+    for moment in (start, end, start - tick + tick):
+        identity = verifier.verify(later, now=moment, intermediates=(pki.station_ca,))
+        assert identity.chain == (later, pki.station_ca, pki.root)
+    # and the device verified first is still accepted at the earlier instant
+    assert verifier.verify(pki.idevid, now=pki.now, intermediates=(pki.station_ca,)).leaf == (
+        pki.idevid
+    )
+    assert verifier.remembered_paths == 1
