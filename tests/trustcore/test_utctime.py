@@ -10,7 +10,7 @@ import pytest
 
 from trustcore.utctime import Clock, now_unix, now_utc, system_clock
 
-CORE = Path(__file__).resolve().parent.parent / "trustcore"
+CORE = Path(__file__).resolve().parents[2] / "trustcore"
 
 
 def test_system_clock_is_aware_utc() -> None:
