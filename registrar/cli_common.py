@@ -189,6 +189,20 @@ def store_snapshot(site: SiteHome, store_url: str | None = None) -> dict[str, An
     return asyncio.run(read())
 
 
+def spool_wait(site: SiteHome) -> float:
+    """How long a command waits for the running registrar. It applies spool commands one
+    at a time, so a revocation queued behind a payload-key rotation waits for the whole
+    rotation, which answers once every registered device's update is published (about 3 ms
+    each on this class of machine: 10,000 devices took 14-30 s in bench/soak.py): 30 s plus
+    10 ms a device."""
+    from registrar.run_dir import read_status
+
+    status = read_status(site) or {}
+    counts = status.get("counts")
+    devices = counts.get("devices", 0) if isinstance(counts, dict) else 0
+    return 30.0 + 0.01 * (devices if isinstance(devices, int) and devices > 0 else 0)
+
+
 def live_or_offline(
     site: SiteHome,
     command: str,
@@ -196,17 +210,20 @@ def live_or_offline(
     offline: Callable[[], dict[str, Any]],
     *,
     data: bytes | None = None,
-    timeout: float = 10.0,
+    timeout: float | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Run ``offline`` while holding the instance lock when no registrar runs; otherwise
-    hand the command to the running registrar (it applies it live). Returns the result and
-    whether it was applied live."""
+    hand the command to the running registrar (it applies it live), waiting up to
+    ``timeout`` (default :func:`spool_wait`). Returns the result and whether it was
+    applied live."""
     from registrar.run_dir import instance_lock, read_status
     from registrar.spool import submit_command
 
     with instance_lock(site, wait=0.0 if read_status(site) else 5.0) as free:
         if free:
             return offline(), False
+    if timeout is None:
+        timeout = spool_wait(site)
     answer = submit_command(site, command, args, data=data, timeout=timeout)
     if answer is None:
         fail(

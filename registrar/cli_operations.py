@@ -27,7 +27,7 @@ from registrar.cli_common import (
 from registrar.errors import RegistrarError
 
 if TYPE_CHECKING:
-    from registrar.site import SiteHome
+    pass
 
 __all__ = [
     "approve_command",
@@ -36,18 +36,6 @@ __all__ = [
     "rotate_payload_key_command",
     "send_command_command",
 ]
-
-
-def _rotation_wait(site: SiteHome) -> float:
-    """How long ``rotate-payload-key`` waits for the running registrar: it answers once
-    every registered device's update is published (about 3 ms each on this class of
-    machine: 10,000 devices took ~30 s in bench/soak.py), so 30 s plus 10 ms a device."""
-    from registrar.run_dir import read_status
-
-    status = read_status(site) or {}
-    counts = status.get("counts")
-    devices = counts.get("devices", 0) if isinstance(counts, dict) else 0
-    return 30.0 + 0.01 * (devices if isinstance(devices, int) and devices > 0 else 0)
 
 
 @click.command("revoke")
@@ -202,7 +190,7 @@ def rotate_payload_key_command(home: Path, passphrase_file: Path | None, as_json
 
     try:
         result, live = live_or_offline(
-            site, "rotate-payload-key", {}, offline, timeout=_rotation_wait(site)
+            site, "rotate-payload-key", {}, offline
         )
     except RegistrarError as exc:
         fail(exc)

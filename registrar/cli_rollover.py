@@ -176,7 +176,7 @@ def _rollover_retire(site: SiteHome, secrets: Any, as_json: bool) -> None:
         return {"retired": result.retired, "key": result.key_name, "state": result.state_dir.name}
 
     try:
-        result, live = live_or_offline(site, "retire-ca", {}, offline, timeout=30)
+        result, live = live_or_offline(site, "retire-ca", {}, offline)
     except RegistrarError as exc:
         if exc.reason in ("ca_in_use", "nothing_to_retire"):
             refused(exc)
