@@ -15,6 +15,13 @@ Owns, for a running registrar (wired in :mod:`registrar.app`):
   in the broker again before the device can next connect — and again (rate-limited) when the
   device sends telemetry under an older key. Each update's ``issued`` is larger than the
   last one sent to that device (recorded in ``key_offers``), so the device accepts it;
+* **the event loop stays free while it sends** — the updates are built (ECDH wrap and
+  signature: CPU) in a worker thread, a chunk at a time, and at most ``PUSH_CHUNK``
+  publishes are in flight per push; while a push runs, telemetry under an older key starts
+  no re-send of its own (the push reaches that device anyway), and re-sends are bounded
+  (``PUSH_CHUNK`` at once). A rotation for 10,000 devices once did the work of every
+  old-key telemetry message on the loop at once: the registrar stalled for 25 s, its MQTT
+  keep-alives and the Mosquitto admin session timed out (docs/scale.md, the soak);
 * **the grace period** — :class:`trustcore.key_rotation.KeySchedule` persisted in
   ``payload_key_periods``: telemetry under a key superseded more than ``grace`` ago is
   refused and counted per key.
@@ -125,6 +132,10 @@ class KeyDistributor:
         self._last_issued: dict[str, int] = {}
         self._last_repush: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Pushes (``push_pending``) running now; re-sends wait while one runs.
+        self._pushing = 0
+        #: Re-sends building or publishing at once.
+        self._repush_slots = asyncio.Semaphore(PUSH_CHUNK)
         #: Telemetry refused per key id (retired keys); acknowledgements accepted.
         self.refused: Counter[bytes] = Counter()
         self.acks = 0
@@ -175,19 +186,23 @@ class KeyDistributor:
         their offers recorded concurrently (one group commit instead of one fsync each)."""
         current = self.keyring.current.key_id
         sent = 0
-        async for chunk in self._store.device_pages(
-            size=PUSH_CHUNK, status="registered", not_key=current
-        ):
-            try:
-                sent += await self._push_many(chunk)
-            except BrokerError as exc:
-                log.warning(
-                    "payload-key updates: %d sent; the rest follow when the registrar's "
-                    "MQTT session is back (%s)",
-                    sent,
-                    exc,
-                )
-                break
+        self._pushing += 1
+        try:
+            async for chunk in self._store.device_pages(
+                size=PUSH_CHUNK, status="registered", not_key=current
+            ):
+                try:
+                    sent += await self._push_many(chunk)
+                except BrokerError as exc:
+                    log.warning(
+                        "payload-key updates: %d sent; the rest follow when the registrar's "
+                        "MQTT session is back (%s)",
+                        sent,
+                        exc,
+                    )
+                    break
+        finally:
+            self._pushing -= 1
         if sent:
             log.info("published %d payload-key update(s) awaiting acknowledgement", sent)
         return sent
@@ -206,25 +221,37 @@ class KeyDistributor:
         unknown = [r.device_id for r in records if r.device_id not in self._last_issued]
         for device_id, offer in (await self._store.key_offers(unknown)).items():
             self._last_issued[device_id] = offer[1]
-        updates: list[tuple[DeviceId, int, bytes]] = []
-        for record in records:
-            device = DeviceId(record.device_id)
-            if not record.wrap_key_der:
-                # Enrolled over EST: no ECDH wrap key registered (docs/est.md), so no update.
-                continue
-            wrap = serialization.load_der_public_key(record.wrap_key_der)
-            if not isinstance(wrap, ec.EllipticCurvePublicKey):
-                log.error("%s has no usable wrap key; no payload-key update", device)
-                continue
-            issued = max(now, self._last_issued.get(record.device_id, 0) + 1)
-            message = build_key_update(
-                device_id=device,
-                wrap_key=wrap,
-                payload_key=key,
-                issued=issued,
-                site_signer=self._signer_for(record),
+        # Enrolled over EST: no ECDH wrap key registered (docs/est.md), so no update.
+        work = [
+            (
+                record,
+                max(now, self._last_issued.get(record.device_id, 0) + 1),
+                self._signer_for(record),
             )
-            updates.append((device, issued, message))
+            for record in records
+            if record.wrap_key_der
+        ]
+
+        def build() -> list[tuple[DeviceId, int, bytes]]:
+            # CPU only (no state of this object): in a worker thread, off the event loop
+            built = []
+            for record, issued, signer in work:
+                device = DeviceId(record.device_id)
+                wrap = serialization.load_der_public_key(record.wrap_key_der)
+                if not isinstance(wrap, ec.EllipticCurvePublicKey):
+                    log.error("%s has no usable wrap key; no payload-key update", device)
+                    continue
+                message = build_key_update(
+                    device_id=device,
+                    wrap_key=wrap,
+                    payload_key=key,
+                    issued=issued,
+                    site_signer=signer,
+                )
+                built.append((device, issued, message))
+            return built
+
+        updates = await asyncio.to_thread(build) if work else []
         results = await asyncio.gather(
             *(self._publish(device_topic(d, KEYS_LEVEL), m) for d, _, m in updates),
             return_exceptions=True,
@@ -320,6 +347,8 @@ class KeyDistributor:
         """At most one update per device every ``REPUSH_INTERVAL_S``, counting every update
         sent (a flood of old-key telemetry, or the telemetry still in flight when a rotation
         sends the update, must not become a flood of updates)."""
+        if self._pushing:
+            return  # the running push sends it the current key (or already has)
         last = self._last_repush.get(device.value)
         if last is not None and 0 <= now - last < REPUSH_INTERVAL_S:
             return
@@ -328,6 +357,10 @@ class KeyDistributor:
 
     async def _repush(self, device: DeviceId, used: bytes) -> None:
         """``device`` proved it holds the older key ``used``: send the current key again."""
+        async with self._repush_slots:
+            await self._repush_now(device, used)
+
+    async def _repush_now(self, device: DeviceId, used: bytes) -> None:
         record = await self._store.device(device)
         if record is None or record.status != "registered":
             return

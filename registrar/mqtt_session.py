@@ -20,7 +20,10 @@ What a registrar instance needs and nothing else:
   one that does breaks the protocol and the session ends), acknowledged on arrival.
 - Flow control that reaches the broker: past ``backlog`` undelivered messages the session
   stops reading the socket (TCP backpressure) until the consumer catches up, except while
-  a publisher waits for a Receive Maximum credit (its PUBACKs must still be read).
+  a publisher waits for a Receive Maximum credit or for its PUBACK (:meth:`publish`): the
+  PUBACK arrives on the same stream, behind the messages, and a consumer that waits for
+  that publisher (a worker answering a request) would otherwise never catch up. Meanwhile
+  the backlog may grow past ``backlog``; reading stops again once nobody waits.
 - PINGREQ when nothing was sent for half the keep-alive; no PINGRESP within the keep-alive
   ends the session. A v5 DISCONNECT from the broker ends it with the broker's reason.
 - Bad input ends the session with :class:`MqttSessionError` (malformed packet, oversized
@@ -187,6 +190,8 @@ class MqttSession(asyncio.Protocol):
         self._next_id = 0
         self._credits = 65535
         self._credit_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: Publishers awaiting a PUBACK in :meth:`publish` (the socket is read for them).
+        self._ack_waiters = 0
         self._connack: asyncio.Future[bool] = self._loop.create_future()
         self._connack.add_done_callback(_retrieve)
         self._ping_sent_at: float | None = None
@@ -437,11 +442,17 @@ class MqttSession(asyncio.Protocol):
             self._credit_waiters.append(waiter)
             self._update_reading()
             await self._await(waiter, timeout, "a Receive Maximum credit")
-        await self._await(
-            self.publish_nowait(topic, payload, qos=qos, retain=retain),
-            timeout,
-            f"PUBACK on {topic!r}",
-        )
+        acked = self.publish_nowait(topic, payload, qos=qos, retain=retain)
+        if not qos:
+            return
+        self._ack_waiters += 1
+        if self._paused:
+            self._update_reading()
+        try:
+            await self._await(acked, timeout, f"PUBACK on {topic!r}")
+        finally:
+            self._ack_waiters -= 1
+            self._update_reading()
 
     async def disconnect(self) -> None:
         """A clean DISCONNECT, then close."""
@@ -502,21 +513,16 @@ class MqttSession(asyncio.Protocol):
 
     def _update_reading(self) -> None:
         """Stop reading past the backlog (backpressure), unless a publisher waits for a
-        credit: its PUBACKs arrive on the same stream."""
+        credit or a PUBACK: those arrive on the same stream."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        pause = len(self._inbox) >= self._backlog and not any(
-            not w.done() for w in self._credit_waiters
-        )
+        waiting = self._ack_waiters > 0 or any(not w.done() for w in self._credit_waiters)
+        pause = len(self._inbox) >= self._backlog and not waiting
         if pause and not self._paused:
             transport.pause_reading()
             self._paused = True
-        elif (
-            not pause
-            and self._paused
-            and (len(self._inbox) <= self._backlog // 2 or self._credit_waiters)
-        ):
+        elif not pause and self._paused and (len(self._inbox) <= self._backlog // 2 or waiting):
             transport.resume_reading()
             self._paused = False
 

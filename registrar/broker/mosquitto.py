@@ -138,6 +138,18 @@ class MosquittoBroker:
         return self._endpoint(1)
 
     @property
+    def admin_endpoint(self) -> Endpoint:
+        """The admin listener (loopback; the registrar's dynsec session only)."""
+        if self._ports is None:
+            raise BrokerError("the broker is not started")
+        return Endpoint("127.0.0.1", self._ports[2])
+
+    @property
+    def admin_reconnects(self) -> int:
+        """Times the dynsec admin session was reopened after a failure."""
+        return self._admin.reconnects
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 

@@ -79,14 +79,35 @@ def dynsec_document(admin_user: str, admin_password: str) -> dict[str, Any]:
     }
 
 
+#: The commands the registrar sends, all safe to send twice: a reading, and setting a flag
+#: or creating a client (a second ``createClient`` answers "already exists", which
+#: :meth:`registrar.broker.mosquitto.MosquittoBroker.disconnect` tolerates). One of them
+#: that failed with the session is sent again on a new session.
+IDEMPOTENT = frozenset({"getDefaultACLAccess", "createClient", "disableClient", "enableClient"})
+#: Seconds to wait for one command's response, and to reopen a broken session.
+COMMAND_TIMEOUT_S = 5.0
+
+
 class DynsecAdmin:
-    """The registrar's session on the admin listener (see the module docstring)."""
+    """The registrar's session on the admin listener (see the module docstring).
+
+    The session recovers: a command that fails with it (no PUBACK or no response within
+    ``COMMAND_TIMEOUT_S``, the connection lost) ends that connection, a new one is opened
+    and an idempotent command (``IDEMPOTENT``) is sent once more on it. Without that, one
+    timeout (the registrar's event loop stalled past it, the soak of docs/scale.md) left a
+    session that answered nothing again, and every later CRL reload failed."""
 
     def __init__(self) -> None:
         self._client: aiomqtt.Client | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._login: tuple[int, str, str, Callable[[], str | None]] | None = None
+        #: Bumped per connection: a failure reopens only the connection it happened on.
+        self._generation = 0
+        self._reopen_lock = asyncio.Lock()
+        #: Connections reopened after a failure (status, tests).
+        self.reconnects = 0
 
     async def connect(
         self,
@@ -100,6 +121,13 @@ class DynsecAdmin:
         """Connect (retrying until ``deadline`` while the listener comes up), subscribe to
         the responses and make one round trip. ``failure()`` returns why it is pointless to
         keep trying (Mosquitto exited), or None."""
+        self._login = (port, user, password, failure)
+        await self._open(deadline)
+        await self._send({"command": "getDefaultACLAccess"})  # round trip: ready
+
+    async def _open(self, deadline: float) -> None:
+        assert self._login is not None
+        port, user, password, failure = self._login
         while True:
             stack = contextlib.AsyncExitStack()
             client = aiomqtt.Client(
@@ -109,22 +137,23 @@ class DynsecAdmin:
                 password=password,
                 identifier=user,
                 protocol=aiomqtt.ProtocolVersion.V311,
-                timeout=5,
+                timeout=COMMAND_TIMEOUT_S,
             )
             try:
                 await stack.enter_async_context(client)
+                await client.subscribe(CONTROL_TOPIC + "/response", qos=1)
                 break
             except aiomqtt.MqttError as exc:
-                await stack.aclose()
+                with contextlib.suppress(aiomqtt.MqttError, OSError):
+                    await stack.aclose()
                 if (why := failure()) is not None:
                     raise BrokerError(why) from exc
                 if time.monotonic() > deadline:
                     raise BrokerError(f"mosquitto admin listener not ready: {exc}") from exc
                 await asyncio.sleep(0.01)
         self._client, self._stack = client, stack
-        await client.subscribe(CONTROL_TOPIC + "/response", qos=1)
+        self._generation += 1
         self._reader = asyncio.create_task(self._read_responses(client))
-        await self.command({"command": "getDefaultACLAccess"})  # round trip: ready
 
     async def _read_responses(self, client: aiomqtt.Client) -> None:
         with contextlib.suppress(aiomqtt.MqttError):
@@ -140,20 +169,54 @@ class DynsecAdmin:
                     future = self._pending.pop(str(response.get("correlationData")), None)
                     if future is not None and not future.done():
                         future.set_result(response)
+        # The connection ended: nothing waiting on it will be answered.
+        for future in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(BrokerError("the dynsec admin session was lost"))
 
     async def command(self, command: dict[str, Any]) -> dict[str, Any]:
-        """Send one dynsec command and return its response (``error`` key on failure)."""
-        if self._client is None:
+        """Send one dynsec command and return its response (``error`` key on failure).
+        A command in ``IDEMPOTENT`` that fails with the session is sent once more on a
+        new one (see the class docstring)."""
+        if self._login is None:
+            raise BrokerError("the broker is not started")
+        generation = self._generation
+        try:
+            if self._client is None or self._reader is None or self._reader.done():
+                raise BrokerError("the dynsec admin session was lost")
+            return await self._send(command)
+        except BrokerError as exc:
+            if command["command"] not in IDEMPOTENT:
+                raise
+            log.warning("mosquitto admin session failed (%s); reconnecting", exc)
+        await self._reopen(generation)
+        return await self._send(command)
+
+    async def _reopen(self, failed: int) -> None:
+        """A new connection instead of the one of generation ``failed`` (once, however many
+        commands failed on it)."""
+        async with self._reopen_lock:
+            if self._generation != failed and self._reader is not None and not self._reader.done():
+                return  # another command already reopened it
+            await self._close_connection()
+            await self._open(time.monotonic() + COMMAND_TIMEOUT_S)
+            self.reconnects += 1
+            log.info("mosquitto admin session reconnected")
+
+    async def _send(self, command: dict[str, Any]) -> dict[str, Any]:
+        client = self._client
+        if client is None:
             raise BrokerError("the broker is not started")
         correlation = secrets.token_hex(8)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = future
         body = json.dumps({"commands": [{**command, "correlationData": correlation}]})
         try:
-            await self._client.publish(CONTROL_TOPIC, body, qos=1)
-            return await asyncio.wait_for(future, 5)
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                await client.publish(CONTROL_TOPIC, body, qos=1)
+                return await future
         except (aiomqtt.MqttError, TimeoutError) as exc:
-            raise BrokerError(f"dynsec command {command['command']} failed: {exc}") from exc
+            raise BrokerError(f"dynsec command {command['command']} failed: {exc!r}") from exc
         finally:
             self._pending.pop(correlation, None)
 
@@ -164,8 +227,7 @@ class DynsecAdmin:
         if error and not (tolerate and tolerate in str(error)):
             raise BrokerError(f"dynsec {command['command']}: {error}")
 
-    async def close(self) -> None:
-        """End the session (also when its broker is already gone)."""
+    async def _close_connection(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -175,3 +237,8 @@ class DynsecAdmin:
             with contextlib.suppress(aiomqtt.MqttError, OSError):
                 await self._stack.aclose()
             self._stack, self._client = None, None
+
+    async def close(self) -> None:
+        """End the session (also when its broker is already gone)."""
+        await self._close_connection()
+        self._login = None

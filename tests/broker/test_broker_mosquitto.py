@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import stat
 from collections.abc import AsyncIterator
@@ -626,3 +627,44 @@ async def test_a_burst_of_revocations_reloads_mosquitto_a_bounded_number_of_time
     await broker.block("dev-c")  # new ACL files: one more reload
     await broker.block("dev-c")  # the same ACL files again: none
     assert broker.sighups == unchanged + 1
+
+
+def _cut_connections_to(endpoint: Endpoint) -> int:
+    """Shut down, from this process, every TCP connection it has to ``endpoint`` (a network
+    fault as the peer sees it: both directions end). How many were cut."""
+    cut = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            sock = socket.socket(fileno=os.dup(int(fd.name)))
+        except OSError:
+            continue  # not a socket
+        try:
+            if sock.type == socket.SOCK_STREAM and sock.family == socket.AF_INET:
+                with contextlib.suppress(OSError):
+                    if sock.getpeername() == (endpoint.host, endpoint.port):
+                        sock.shutdown(socket.SHUT_RDWR)
+                        cut += 1
+        finally:
+            sock.close()
+    return cut
+
+
+async def test_a_broken_admin_session_recovers_and_the_next_reload_works(
+    site: Site, broker: MosquittoBroker
+) -> None:
+    """Found by the soak (docs/scale.md, "Re-run, 2026-12-07"): after one failure of the
+    dynsec admin session every later command failed, so every CRL reload failed. The
+    session is now reopened and the command sent again: with its connection cut, the next
+    revocation (reload + kick) works."""
+    op = broker.operational_endpoint
+    assert _cut_connections_to(broker.admin_endpoint) == 1
+    async with mqtt(site, op, site.ldevid["dev-a"]) as dev_a:
+        await dev_a.subscribe("devices/dev-a/#", qos=1)
+        site.write_crls(revoked=("dev-a",), number=2)
+        await asyncio.wait_for(broker.reload_crls(), 20)
+        assert broker.admin_reconnects == 1
+        assert await asyncio.wait_for(broker.disconnect("dev-a"), 20) == 1
+    assert await refused(site, op, site.ldevid["dev-a"])
+    assert _cut_connections_to(broker.admin_endpoint) == 1  # again, between two commands
+    assert await asyncio.wait_for(broker.disconnect("dev-b"), 20) == 0
+    assert broker.admin_reconnects == 2

@@ -234,6 +234,38 @@ async def test_reading_stops_past_the_backlog_and_resumes(
         await session.disconnect()
 
 
+async def test_a_publisher_gets_its_puback_while_the_backlog_is_full(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """The PUBACK comes behind more undelivered messages than the backlog: the session
+    reads on while a publisher waits for it (a consumer that waits for that publisher
+    would otherwise wait forever: issue 11, the soak's rotation), then stops again."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(CONNACK_OK)
+        first, body = await read_packet(reader)  # the client's QoS 1 PUBLISH
+        assert first & 0xF6 == 0x32
+        tlen = struct.unpack("!H", body[:2])[0]
+        for i in range(COUNT):  # 16 MB before the PUBACK
+            writer.write(publish(f"t/{i}", b"p" * 8000))
+            await writer.drain()
+        writer.write(packet(0x40, body[2 + tlen : 4 + tlen]))
+        for i in range(COUNT, COUNT + 100):  # and more after it
+            writer.write(publish(f"t/{i}", b"p" * 8000))
+            await writer.drain()
+
+    async with peer(tls_pair[0], script) as port:
+        session = await open_session(port, tls_pair[1], protocol="3.1.1", backlog=8)
+        # Nobody consumes while the publisher waits.
+        await asyncio.wait_for(session.publish("up", b"x", timeout=20), 20)
+        assert session._paused  # served: reading stops again
+        topics = [
+            (await asyncio.wait_for(session.next_message(), 5)).topic for _ in range(COUNT + 100)
+        ]
+        assert topics == [f"t/{i}" for i in range(COUNT + 100)]
+        await session.disconnect()
+
+
 class _Sink(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
