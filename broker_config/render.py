@@ -79,6 +79,12 @@ class MosquittoConfig:
     #: Trace ACL denials (Mosquitto's debug log level: about 4 lines per routed QoS 1
     #: message, which the registrar reads and drops at about 2 us a line).
     log_acl_denials: bool = True
+    #: Where Mosquitto keeps ``mosquitto.db`` (sessions, subscriptions, queued and retained
+    #: messages), written only on SIGUSR1 and at exit (``autosave_interval 0``): the
+    #: registrar saves it once its own persistent session has subscribed, so a Mosquitto
+    #: restarted after a crash queues for the registrar from its first second
+    #: (docs/broker.md, "What a Mosquitto crash loses"). None: no persistence.
+    persistence_dir: PurePath | None = None
 
     def __post_init__(self) -> None:
         if _HOST.fullmatch(self.host) is None:
@@ -102,6 +108,8 @@ class MosquittoConfig:
             "dynsec_plugin",
         ):
             _check_path(name, getattr(self, name))
+        if self.persistence_dir is not None:
+            _check_path("persistence_dir", self.persistence_dir)
         if (
             _IDENTITY.fullmatch(self.registrar_identity) is None
             or "@" not in self.registrar_identity
@@ -149,10 +157,18 @@ def render_mosquitto_conf(config: MosquittoConfig) -> str:
         max_packet_size=config.max_packet_size,
         run_user=config.run_user,
         acl_denial_log="log_type debug" if config.log_acl_denials else "# ACL denial trace off",
+        persistence=_persistence(config.persistence_dir),
         tls_version=MIN_TLS_VERSION,
         tls12_ciphers=TLS12_CIPHERS,
         tls13_ciphersuites=TLS13_CIPHERSUITES,
     )
+
+
+def _persistence(directory: PurePath | None) -> str:
+    if directory is None:
+        return "persistence false"
+    # The trailing "/" is required: Mosquitto prepends the location to the file name.
+    return f"persistence true\npersistence_location {directory}/\nautosave_interval 0"
 
 
 def _blocked_section(config: MosquittoConfig) -> str:

@@ -88,6 +88,7 @@ __all__ = [
     "SoftwareKeys",
     "TlsIdentity",
     "TpmKeys",
+    "device_mqtt_client",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,13 +109,29 @@ class DeviceRegistrationError(DeviceSimError):
 Protocol_ = Literal["3.1.1", "5"]
 
 
-def _client(
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSL socket that closes itself when its handshake fails. paho-mqtt 2.2 wraps the
+    TCP socket and handshakes (``Client._ssl_wrap_socket``) without closing the wrapped
+    socket on failure, so every connection refused during the handshake (a broker being
+    restarted, a certificate on the CRL) left an open socket to the garbage collector."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def device_mqtt_client(
     endpoint: Endpoint,
     identifier: str,
     tls: ssl.SSLContext,
     protocol: Protocol_,
     timeout: float | None = None,
 ) -> aiomqtt.Client:
+    """A device's MQTT client (not yet connected: ``async with``) on ``tls``."""
+    tls.sslsocket_class = _ClosingSSLSocket  # what the context's wrap_socket returns
     return aiomqtt.Client(
         endpoint.host,
         endpoint.port,
@@ -211,7 +228,9 @@ class DeviceClient:
         """
         context = tls or self.registration_context()
         last: DeviceRegistrationError | None = None
-        async with _client(endpoint, self.device_id.value, context, self.protocol) as client:
+        async with device_mqtt_client(
+            endpoint, self.device_id.value, context, self.protocol
+        ) as client:
             await client.subscribe(registration_response_topic(self.device_id), qos=1)
             for attempt in range(attempts):
                 request, ldevid_key, wrap_key = await asyncio.to_thread(self.new_request)
@@ -417,7 +436,7 @@ class DeviceClient:
         if self.registered is None:
             raise DeviceRegistrationError("register first", reason="not_registered")
         context = tls or self.operational_context()
-        async with _client(
+        async with device_mqtt_client(
             endpoint, self.device_id.value, context, self.protocol, connect_timeout
         ) as client:
             session = OperationalSession(self, client)

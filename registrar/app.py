@@ -210,6 +210,15 @@ class RegistrarApp(SiteRuntime):
             join.port,
         )
 
+    async def _channel_connected(self) -> None:
+        """After every (re)connection of the site channel: the first time after a fresh
+        start, Mosquitto saves the registrar's persistent session (so a crash of it loses
+        no device message: ``MosquittoBroker.save_sessions``); then pending payload-key
+        updates go out."""
+        if self._mosquitto is not None and self._mosquitto.save_sessions():
+            log.info("mosquitto saved the registrar's session (database written)")
+        await self._catch_up_key_updates()
+
     async def _take_site_duties(self) -> None:
         """With a PostgreSQL store, the site duties are held through an advisory lock (one
         registrar per site runs them, wherever it runs; ``--standby`` waits to take over).
@@ -306,7 +315,7 @@ class RegistrarApp(SiteRuntime):
             renew=self._renew,
             telemetry=self._telemetry_received,
             key_ack=self.keys.ack_received,
-            connected=self._catch_up_key_updates,
+            connected=self._channel_connected,
             wrap_key=self._wrap_key_received,
         )
         if rabbit is not None:

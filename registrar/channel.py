@@ -123,7 +123,9 @@ class MqttChannelSettings:
     ``protocol`` "3.1.1" (amqtt, one instance, persistent session) or "5" (Mosquitto);
     ``shared_group``: requests and renewals through ``$share/<group>/…`` (v5 only);
     ``site_duties``: also subscribe to telemetry and key acknowledgements (one instance per
-    site); ``workers``: requests served at once."""
+    site); ``workers``: requests served at once; ``session_expiry`` (v5, seconds): 0, a
+    clean session that ends with the connection, or a persistent one the broker keeps that
+    long while the instance is away (the site-duties instance: see :meth:`MqttChannel._open`)."""
 
     endpoint: Endpoint
     client_id: str = REGISTRAR_IDENTITY
@@ -133,6 +135,7 @@ class MqttChannelSettings:
     workers: int = 512
     reconnect_delay: float = 0.5
     keepalive: int = 30
+    session_expiry: int = 0
 
     def __post_init__(self) -> None:
         if self.protocol not in ("3.1.1", "5"):
@@ -146,6 +149,8 @@ class MqttChannelSettings:
             raise ConfigError("workers must be 1..10000")
         if self.reconnect_delay <= 0 or self.keepalive < 5:
             raise ConfigError("reconnect_delay must be positive and keepalive at least 5 s")
+        if not 0 <= self.session_expiry < 1 << 32 or (self.session_expiry and self.protocol != "5"):
+            raise ConfigError("session_expiry is a v5 setting: 0..4294967295 s")
 
     def request_filters(self) -> tuple[str, str]:
         """The registration and renewal filters (shared when several instances serve)."""
@@ -196,18 +201,23 @@ class MqttChannel:
 
     async def _open(self) -> MqttSession:
         s = self._settings
-        # v5: a clean session that ends with the connection (Session Expiry 0): requests
-        # the broker handed to an instance that died are not kept for it (the device
-        # retries and another instance answers), and a reconnecting instance starts
-        # afresh. 3.1.1 (amqtt, one instance): a persistent session keeps requests that
-        # arrive while the registrar reconnects.
+        # v5, session_expiry 0 (instances without site duties): a clean session that ends
+        # with the connection: requests the broker handed to an instance that died are not
+        # kept for it (the device retries and another instance answers). v5 with a
+        # session_expiry (the site-duties instance) and 3.1.1 (amqtt, one instance): a
+        # persistent session, so telemetry and key acknowledgements that arrive while the
+        # registrar reconnects, or while its Mosquitto restarts after a crash (the broker
+        # saved this session: MosquittoBroker.save_sessions), wait for it. A request held
+        # so is answered late and idempotently (the device has retried meanwhile).
+        persistent = s.protocol == "3.1.1" or s.session_expiry > 0
         return await MqttSession.open(
             s.endpoint.host,
             s.endpoint.port,
             tls=self._tls,
             client_id=s.client_id,
             protocol=s.protocol,
-            clean=s.protocol == "5",
+            clean=not persistent,
+            session_expiry=s.session_expiry,
             keepalive=s.keepalive,
             backlog=2 * s.workers,
         )

@@ -189,9 +189,7 @@ def rotate_payload_key_command(home: Path, passphrase_file: Path | None, as_json
         return {"key_id": ring.current.key_id.hex(), "updates_published": 0}
 
     try:
-        result, live = live_or_offline(
-            site, "rotate-payload-key", {}, offline
-        )
+        result, live = live_or_offline(site, "rotate-payload-key", {}, offline)
     except RegistrarError as exc:
         fail(exc)
     if as_json:

@@ -130,6 +130,11 @@ def site_authority(
     )
 
 
+#: How long Mosquitto keeps the site-duties instance's session (and queues telemetry and
+#: key acknowledgements for it, up to ``max_queued_messages``) while it is away.
+DUTIES_SESSION_EXPIRY = 3600
+
+
 def channel_settings(
     settings: AppSettings, endpoint: Endpoint, *, site_duties: bool
 ) -> MqttChannelSettings:
@@ -143,6 +148,7 @@ def channel_settings(
         shared_group=SHARED_GROUP if mosquitto else None,
         site_duties=site_duties,
         workers=settings.concurrency,
+        session_expiry=DUTIES_SESSION_EXPIRY if mosquitto and site_duties else 0,
     )
 
 

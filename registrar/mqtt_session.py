@@ -11,8 +11,9 @@ iteration leaves in one TLS write.
 What a registrar instance needs and nothing else:
 
 - CONNECT with a client certificate (mutual TLS, no username), clean or persistent
-  session, keep-alive; v5 with Session Expiry 0 and a Maximum Packet Size the broker must
-  respect; the CONNACK's Receive Maximum (v5) bounds our unacknowledged PUBLISHes.
+  session, keep-alive; v5 with a Session Expiry (0: the session ends with the connection)
+  and a Maximum Packet Size the broker must respect; the CONNACK's Receive Maximum (v5)
+  bounds our unacknowledged PUBLISHes.
 - SUBSCRIBE (one filter per packet, ``$share/…`` on v5), refused filters raise.
 - PUBLISH QoS 0/1 (retain as asked); a QoS 1 PUBLISH completes on its PUBACK, and a v5
   PUBACK reason ≥ 0x80 (e.g. not authorized) fails it.
@@ -54,6 +55,7 @@ _DISCONNECT_PACKET = b"\xe0\x00"
 #: v5 property identifiers this session reads or writes.
 _P_RECEIVE_MAXIMUM, _P_MAX_PACKET_SIZE, _P_TOPIC_ALIAS = 0x21, 0x27, 0x23
 _P_REASON_STRING = 0x1F
+_P_SESSION_EXPIRY = 0x11
 #: v5 properties by value type, to skip the ones we do not read (MQTT 5.0, 2.2.2.2).
 _P_BYTE = {0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A}
 _P_TWO = {0x13, 0x21, 0x22, 0x23}
@@ -215,12 +217,15 @@ class MqttSession(asyncio.Protocol):
         client_id: str,
         protocol: Literal["3.1.1", "5"] = "5",
         clean: bool = True,
+        session_expiry: int = 0,
         keepalive: int = 30,
         max_packet: int = 1 << 21,
         backlog: int = 1024,
         timeout: float = 15.0,
     ) -> MqttSession:
-        """Connect, handshake TLS, send CONNECT and wait for a successful CONNACK."""
+        """Connect, handshake TLS, send CONNECT and wait for a successful CONNACK.
+        ``session_expiry`` (v5, seconds): how long the broker keeps the session after the
+        connection ends (0: it ends with it); with ``clean`` False the session resumes."""
         loop = asyncio.get_running_loop()
         v5 = protocol == "5"
         try:
@@ -242,6 +247,8 @@ class MqttSession(asyncio.Protocol):
         if v5:
             # Maximum Packet Size: the broker drops (and does not send) anything larger.
             props = bytes((_P_MAX_PACKET_SIZE,)) + struct.pack("!I", max_packet)
+            if session_expiry:
+                props += bytes((_P_SESSION_EXPIRY,)) + struct.pack("!I", session_expiry)
             head += _varint(len(props)) + props
         session._write(_packet(_CONNECT, head + _string(client_id)))
         try:

@@ -69,6 +69,8 @@ from trustcore.errors import InvalidValueError
 log = logging.getLogger(__name__)
 
 _IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+#: Mosquitto's database file in its persistence directory (its fixed default name).
+DATABASE = "mosquitto.db"
 
 
 def _check_identity(identity: str) -> str:
@@ -121,6 +123,8 @@ class MosquittoBroker:
         self._runtime: Path | None = None
         self._admin_user = ""
         self._owned_runtime: Path | None = None
+        #: The registrar's persistent session is in Mosquitto's database file (save_sessions).
+        self._sessions_saved = False
 
     # ------------------------------------------------------------------------ properties
 
@@ -258,6 +262,10 @@ class MosquittoBroker:
         owner = ProcessOwner.for_process(self._run_user)
         key = self._decrypt_key()  # before any directory exists: a bad passphrase leaves none
         workdir = self._runtime = self._prepare_workdir(owner)
+        # A fresh broker starts with no sessions and no retained messages (the registrar
+        # publishes again what devices need); only revive() loads the saved database.
+        (workdir / DATABASE).unlink(missing_ok=True)
+        self._sessions_saved = False
         last_error: BrokerError | None = None
         try:
             self._key_pipe = KeyPipe(workdir / "server-key.fifo", key, owner)
@@ -302,6 +310,7 @@ class MosquittoBroker:
             blocked=frozenset(self._blocked),
             run_user=owner.name,
             log_acl_denials=self._log_acl_denials,
+            persistence_dir=workdir,
         )
         # Random and containing ":", so no certificate CN can be this name by design or luck.
         admin_user = self._admin_user = f"devtrust:admin:{secrets.token_hex(8)}"
@@ -340,6 +349,21 @@ class MosquittoBroker:
         self._ports = (reg, op, admin)
         log.info("mosquitto %s listening: registration %s, operational %s", self.pid, reg, op)
 
+    def save_sessions(self) -> bool:
+        """Have Mosquitto write its database (SIGUSR1) once after a fresh start, when the
+        registrar's persistent session has subscribed and before devices publish: a
+        Mosquitto restarted after a crash (:meth:`revive`) loads it and queues device
+        messages for the registrar from its first second, where it would otherwise drop
+        them until the registrar subscribed again. Written before any device is served, the
+        file holds that session and no retained message, so a revived broker restores no
+        stale state. True if the signal was sent now."""
+        process = self._process
+        if self._sessions_saved or process is None or process.returncode is not None:
+            return False
+        process.send_signal(signal.SIGUSR1)
+        self._sessions_saved = True
+        return True
+
     async def _wait_event(self, event: threading.Event, deadline: float, what: str) -> None:
         while not event.is_set():
             if self._process is None or self._process.returncode is not None:
@@ -376,9 +400,11 @@ class MosquittoBroker:
 
     async def revive(self) -> bool:
         """Restart a Mosquitto that died, on the same ports, with the same blocks (rendered
-        into its ACL files). False if it is running. Its retained messages and sessions are
-        gone: the registrar's session reconnects and re-sends what it owes (pending
-        payload-key updates, see ``registrar.key_distribution``)."""
+        into its ACL files). False if it is running. It loads the database saved by
+        :meth:`save_sessions`: the registrar's session and subscriptions, no device session
+        and no retained message. Retained messages are gone: the registrar reconnects and
+        re-sends what it owes (pending payload-key updates, see
+        ``registrar.key_distribution``)."""
         if not self.exited:
             return False
         assert self._process is not None and self._ports is not None and self._runtime is not None

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import ssl
 import stat
@@ -154,6 +155,14 @@ def test_rendered_config_has_no_default_listener_and_mtls_everywhere(tmp_path: P
     assert "log_type debug" in lines  # the only level with ACL denials in 2.0.11
     quiet = render_mosquitto_conf(_config(tmp_path, log_acl_denials=False)).splitlines()
     assert "log_type debug" not in quiet
+    assert "persistence false" in lines
+    saved = render_mosquitto_conf(_config(tmp_path, persistence_dir=tmp_path / "db"))
+    # written on SIGUSR1 and at exit only (the registrar decides when: save_sessions)
+    assert [x for x in saved.splitlines() if x.startswith(("persistence", "autosave"))] == [
+        "persistence true",
+        f"persistence_location {tmp_path / 'db'}/",
+        "autosave_interval 0",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -167,6 +176,8 @@ def test_rendered_config_has_no_default_listener_and_mtls_everywhere(tmp_path: P
         {"blocked": frozenset({"dev a"})},
         {"blocked": frozenset({REGISTRAR_IDENTITY})},
         {"run_user": "root\nuser x"},
+        {"persistence_dir": Path("relative")},
+        {"persistence_dir": Path("/db\npersistence_file x")},
     ],
 )
 def test_injection_and_bad_values_are_refused(tmp_path: Path, change: dict[str, object]) -> None:
@@ -562,6 +573,58 @@ async def test_the_registrars_own_session_on_real_mosquitto(
     assert not session.is_open
     with pytest.raises(MqttSessionError):
         await session.publish("devices/dev-a/cmd", b"after close")
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "not-saved"])
+async def test_a_crashed_mosquitto_queues_for_the_registrars_saved_session(
+    site: Site, broker: MosquittoBroker, saved: bool
+) -> None:
+    """SIGKILL of Mosquitto once the registrar's persistent session (v5, Session Expiry)
+    has subscribed and :meth:`MosquittoBroker.save_sessions` had the database written: the
+    revived broker knows that session, so a reading a device publishes before the registrar
+    is back waits for it. Not saved (the control): the revived broker has no such session
+    and the reading has no subscriber."""
+    op = broker.operational_endpoint
+    ctx = ssl.create_default_context(cafile=site.root)
+    ctx.load_cert_chain(site.service.cert, site.service.key)
+
+    async def registrar_session() -> MqttSession:
+        return await MqttSession.open(
+            op.host, op.port, tls=ctx, client_id=REGISTRAR_IDENTITY, protocol="5",
+            clean=False, session_expiry=600, timeout=5,
+        )  # fmt: skip
+
+    session = await registrar_session()
+    assert not session.session_present  # a fresh broker: no saved state is loaded
+    await session.subscribe("devices/+/telemetry")
+    runtime = broker.runtime_dir
+    assert runtime is not None
+    if saved:
+        assert broker.save_sessions()
+        assert not broker.save_sessions()  # once per fresh start
+        await eventually(lambda: (runtime / "mosquitto.db").exists())
+        assert stat.S_IMODE((runtime / "mosquitto.db").stat().st_mode) & 0o077 == 0
+    pid = broker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    session.abort()
+    await eventually(lambda: broker.exited, 10)
+    assert await broker.revive()
+    cert = site.ldevid["dev-a"]
+    pub = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-h", op.host, "-p", str(op.port), "-V", "5", "-q", "1",
+        "--cafile", str(site.root), "--cert", str(cert.cert), "--key", str(cert.key),
+        "-t", "devices/dev-a/telemetry", "-m", "reading-1",
+    )  # fmt: skip
+    assert await asyncio.wait_for(pub.wait(), 10) == 0  # acknowledged by the new broker
+    session = await registrar_session()
+    try:
+        assert session.session_present is saved
+        if saved:
+            message = await asyncio.wait_for(session.next_message(), 5)
+            assert (message.topic, message.payload) == ("devices/dev-a/telemetry", b"reading-1")
+    finally:
+        await session.disconnect()
 
 
 @pytest.mark.parametrize("failure", ["passphrase", "executable", "config"])
