@@ -217,15 +217,17 @@ class ChainEnd:
     last_hash: bytes = b""
 
 
-#: Records decoded per call of :func:`decode_chain` when streaming (bounded memory).
-_STREAM_CHUNK = 4096
+#: Records decoded per call of :func:`decode_chain` when streaming: few, so that each
+#: record is consumed while still in cache (4,096 made ``verify_chain`` about 10 % slower
+#: than yielding each record as decoded; 256 is as fast).
+_STREAM_CHUNK = 256
 
 
 def stream_chain(
     records: Sequence[bytes], start_seq: int, start_prev_hash: bytes, end: ChainEnd
 ) -> Iterator[AuditRecord]:
     """The records decoded and chain-checked by :func:`decode_chain`, yielded a few
-    thousand at a time (keeping a million decoded records costs more than verifying them).
+    hundred at a time (keeping a million decoded records costs more than verifying them).
     Stops at the first defect with ``end.ok`` False: naming it is :func:`_diagnose`'s job,
     on all the records."""
     end.ok = False
