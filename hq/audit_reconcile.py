@@ -113,8 +113,8 @@ def reconcile_records(
     start: AuditHead,
     received: int | None = None,
 ) -> Reconciliation:
-    """Feed every record (as :class:`ChainStream` yields them: runs of well-formed
-    ``issued`` records as columns, any other record as it is) to the reconciler of its
+    """Feed every record (as :class:`ChainStream` yields them: well-formed ``issued``
+    records as runs of flat rows, any other record as it is) to the reconciler of its
     entitlement (state carried over from earlier exports, loaded from ``store``). One pass,
     O(1) per record.
 

@@ -304,8 +304,8 @@ class ChainStream:
         self._done = False
 
     def __iter__(self) -> Iterator[IssuedRun | AuditRecord]:
-        """The verified records in order, decoded once (``hq.audit_chunks``: runs of
-        well-formed ``issued`` records as columns, every other record as it is; decoded by
+        """The verified records in order, decoded once (``hq.audit_chunks``: well-formed
+        ``issued`` records as runs of flat rows, every other record as it is; decoded by
         worker processes for a large export). Any defect sends the whole export to
         ``verify_export`` to be named."""
         if self._done:
