@@ -1,7 +1,8 @@
-"""Decoding an audit export's records for HQ: ``trustcore.audit.stream_chain`` (the one
-record decoder and chain check), with the well-formed ``issued`` records -- a million per
-export -- gathered into runs of flat tuples (:class:`IssuedRun`) that the reconciler reads
-without touching a dict; any other record stays an ``AuditRecord``.
+"""Decoding an audit export's records for HQ: ``trustcore.audit.decode_chain`` (the one
+record decoder and chain check), which with ``issued_runs`` turns the well-formed
+``issued`` records -- a million per export -- into runs of flat tuples (:class:`IssuedRun`)
+in the same loop, read by the reconciler without touching a dict; any other record stays
+an ``AuditRecord``.
 
 A large export is decoded in chunks by worker processes (both cores of a small HQ host,
 the reconciler consuming chunk k while the workers decode the next ones). Each chunk is
@@ -20,11 +21,17 @@ import hashlib
 import io
 import multiprocessing
 import pickle
-import re
 from collections.abc import Generator, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from trustcore.audit import AuditRecord, ChainEnd, stream_chain
+from trustcore.audit import (
+    AuditRecord,
+    ChainEnd,
+    IssuedRow,
+    IssuedRun,
+    decode_chain,
+    issued_row,
+)
 
 __all__ = [
     "POOL_THRESHOLD",
@@ -40,24 +47,10 @@ POOL_THRESHOLD = 50_000
 #: Records per chunk handed to a worker.
 CHUNK_SIZE = 25_000
 WORKERS = 2
-_SERIAL_HEX = re.compile(r"[0-9a-f]{1,40}")
-
-
-#: One ``issued`` record as the reconciler reads it: (seq, time, tpm reading or None,
-#: device id, serial, key id, product, counter, entitlement seq).
-IssuedRow = tuple[int, int, Any, str, str, bytes, str, int, Any]
-
-
-class IssuedRun(NamedTuple):
-    """Consecutive ``issued`` records with exactly the fields a station writes, each of
-    exactly its type (``serial`` lowercase hex, ``key_id`` 32 bytes; the ``tpm`` reading
-    bytes, or absent: ``None``), one flat tuple each (:data:`IssuedRow`)."""
-
-    rows: list[IssuedRow]
 
 
 class DecodedChunk(NamedTuple):
-    """One chunk: ``ok`` only if every record passed ``stream_chain``; ``last_hash`` is
+    """One chunk: ``ok`` only if every record passed ``decode_chain``; ``last_hash`` is
     then the entry hash of its last record."""
 
     ok: bool
@@ -66,48 +59,28 @@ class DecodedChunk(NamedTuple):
 
 
 def split_records(records: Iterable[AuditRecord]) -> list[IssuedRun | AuditRecord]:
-    """The records in order, each run of well-formed ``issued`` records as one
-    :class:`IssuedRun`. The reconciler treats every other record field by field."""
+    """Records already decoded, in order, each run of well-formed ``issued`` records as
+    one :class:`IssuedRun` (the rows :func:`trustcore.audit.decode_chain` builds with
+    ``issued_runs``, from :func:`trustcore.audit.issued_row`)."""
     items: list[IssuedRun | AuditRecord] = []
-    serial_ok = _SERIAL_HEX.fullmatch
     rows: list[IssuedRow] | None = None
     for record in records:
-        f = record[4]
-        size = len(f)
-        if record[3] == "issued" and (size == 6 or size == 7):
-            try:  # subscripts, not .get: the common record has every field
-                device_id, serial, kid = f["device_id"], f["serial"], f["key_id"]
-                product, counter, eseq = f["product"], f["counter"], f["entitlement_seq"]
-                tpm = f["tpm"] if size == 7 else None  # 6: all but the tpm reading
-            except KeyError:
-                pass
-            else:
-                if (
-                    type(device_id) is str
-                    and type(serial) is str
-                    and type(kid) is bytes
-                    and len(kid) == 32
-                    and type(product) is str
-                    and type(counter) is int
-                    and type(eseq) is int
-                    and (size == 6 or type(tpm) is bytes)
-                    and serial_ok(serial) is not None
-                ):
-                    if rows is None:
-                        rows = []
-                        items.append(IssuedRun(rows))
-                    rows.append(
-                        (record[0], record[2], tpm, device_id, serial, kid, product, counter, eseq)
-                    )
-                    continue
-        rows = None
-        items.append(record)
+        row = issued_row(record[0], record[2], record[4]) if record[3] == "issued" else None
+        if row is None:
+            rows = None
+            items.append(record)
+            continue
+        if rows is None:
+            rows = []
+            items.append(IssuedRun(rows))
+        rows.append(row)
     return items
 
 
 def _decode(records: Sequence[bytes], start_seq: int, prev_hash: bytes) -> DecodedChunk:
+    """One loop from record bytes to rows (``decode_chain``, the one record decoder)."""
     end = ChainEnd()
-    items = split_records(stream_chain(records, start_seq, prev_hash, end))
+    items = decode_chain(records, start_seq, prev_hash, end, issued_runs=True)
     return DecodedChunk(end.ok, end.last_hash, items)
 
 

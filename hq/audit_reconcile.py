@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter, le
 from typing import NamedTuple
 
 from hq.audit_chunks import IssuedRow, IssuedRun
@@ -112,8 +113,8 @@ def reconcile_records(
     start: AuditHead,
     received: int | None = None,
 ) -> Reconciliation:
-    """Feed every record (as :class:`ChainStream` yields them: runs of well-formed
-    ``issued`` records as columns, any other record as it is) to the reconciler of its
+    """Feed every record (as :class:`ChainStream` yields them: well-formed ``issued``
+    records as runs of flat rows, any other record as it is) to the reconciler of its
     entitlement (state carried over from earlier exports, loaded from ``store``). One pass,
     O(1) per record.
 
@@ -178,26 +179,41 @@ class _RecordReconciler:
         re-anchors), and a refusal did nothing (the station's own ``clock_ahead`` refusals
         are counted in ``refused_at_station``): only readings that issued are "ahead"."""
         violations, received, future = self.violations, self.received, self.future
-        observe_tpm = self.time_audit.observe
+        whens, readings = list(map(itemgetter(1), rows)), list(map(itemgetter(2), rows))
         max_time = self.max_time
-        for seq, t, tpm, who, _, _, _, _, _ in rows:
-            if t > max_time:
-                max_time = t
-                if t > future:
-                    violations.append(future_dated(seq, t, received))
-            elif t + CLOCK_ROLLBACK_TOLERANCE_S < max_time:
-                violations.append(
-                    Violation(
-                        "clock_rollback", seq, "", f"time {t} is before {max_time} logged earlier"
+        if (
+            whens
+            and whens[0] + CLOCK_ROLLBACK_TOLERANCE_S >= max_time
+            and whens[-1] <= future
+            and all(map(le, whens, whens[1:]))
+        ):
+            # In order, the first not rolled back, the last not future dated: the loop
+            # below would find nothing (each time is at least the highest before it).
+            max_time = max(max_time, whens[-1])
+        else:
+            for seq, t, _, _, _, _, _, _, _ in rows:
+                if t > max_time:
+                    max_time = t
+                    if t > future:
+                        violations.append(future_dated(seq, t, received))
+                elif t + CLOCK_ROLLBACK_TOLERANCE_S < max_time:
+                    violations.append(
+                        Violation(
+                            "clock_rollback",
+                            seq,
+                            "",
+                            f"time {t} is before {max_time} logged earlier",
+                        )
                     )
-                )
-            elif t > future:
-                violations.append(future_dated(seq, t, received))
-            if tpm is not None:
-                found = observe_tpm(t, tpm)
-                if found is not None and not (exempt_ahead and found[0] == "clock_ahead_of_tpm"):
-                    violations.append(Violation(found[0], seq, who, found[1]))
+                elif t > future:
+                    violations.append(future_dated(seq, t, received))
         self.max_time = max_time
+        # The TPM replay in one call (its findings follow the clock's of the same record
+        # once result() sorts by seq, as if checked record by record).
+        for index, kind, detail in self.time_audit.observe_batch(whens, readings):
+            if not (exempt_ahead and kind == "clock_ahead_of_tpm"):
+                row = rows[index]
+                violations.append(Violation(kind, row[0], row[3], detail))
 
     def issued(self, rows: Sequence[IssuedRow]) -> None:
         """Well-typed ``issued`` records (after :meth:`times`): the counter and import

@@ -290,7 +290,7 @@ class ChainStream:
     Why not ``trustcore.audit.verify_export`` directly: it keeps every decoded record (about
     1.5 KB each), and building a million of them costs more in memory growth than the
     verification itself (measured: 8.4 s for 10^6 records kept, 2.8 s streamed; see
-    docs/hq.md). The per-record checks are the very same (``trustcore.audit.stream_chain``,
+    docs/hq.md). The per-record checks are the very same (``trustcore.audit.decode_chain``,
     run by ``hq.audit_chunks``, in worker processes for a large export), and on the first
     defect, or if the chain does not end exactly at the signed head, the whole export goes
     to ``verify_export``, which names the attack (gap, fork, reorder, ...). Nothing the
@@ -304,8 +304,8 @@ class ChainStream:
         self._done = False
 
     def __iter__(self) -> Iterator[IssuedRun | AuditRecord]:
-        """The verified records in order, decoded once (``hq.audit_chunks``: runs of
-        well-formed ``issued`` records as columns, every other record as it is; decoded by
+        """The verified records in order, decoded once (``hq.audit_chunks``: well-formed
+        ``issued`` records as runs of flat rows, every other record as it is; decoded by
         worker processes for a large export). Any defect sends the whole export to
         ``verify_export`` to be named."""
         if self._done:

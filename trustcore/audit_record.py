@@ -13,9 +13,10 @@ checkpoints and exports are :mod:`trustcore.audit`'s, which re-exports every nam
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import cbor2
 
@@ -28,10 +29,13 @@ __all__ = [
     "AuditRecord",
     "ChainHead",
     "FieldValue",
+    "IssuedRow",
+    "IssuedRun",
     "check_name",
     "check_uint",
     "decode_record",
     "encode_record",
+    "issued_row",
     "parse_record",
     "record_hash",
 ]
@@ -57,6 +61,49 @@ class AuditRecord(NamedTuple):
     event: str
     fields: dict[str, FieldValue]
     hash: bytes  # SHA-256 of the record's bytes
+
+
+#: One ``issued`` record as the reconciler reads it: (seq, time, tpm reading or None,
+#: device id, serial, key id, product, counter, entitlement seq).
+IssuedRow = tuple[int, int, Any, str, str, bytes, str, int, Any]
+_SERIAL_HEX = re.compile(r"[0-9a-f]{1,40}")
+
+
+class IssuedRun(NamedTuple):
+    """Consecutive ``issued`` records with exactly the fields a station writes, each of
+    exactly its type (``serial`` lowercase hex, ``key_id`` 32 bytes; the ``tpm`` reading
+    bytes, or absent: ``None``), one flat tuple each (:data:`IssuedRow`)."""
+
+    rows: list[IssuedRow]
+
+
+def issued_row(seq: int, time: int, fields: dict[str, Any]) -> IssuedRow | None:
+    """The row of an ``issued`` record's ``fields`` if they are exactly the fields a station
+    writes, each of exactly its type; ``None`` otherwise (the record is then handled field
+    by field). Such fields are all scalars under string keys: a row needs no other check
+    of them."""
+    size = len(fields)
+    if size != 7 and size != 6:
+        return None
+    try:  # subscripts, not .get: the common record has every field
+        device_id, serial, kid = fields["device_id"], fields["serial"], fields["key_id"]
+        product, counter, eseq = fields["product"], fields["counter"], fields["entitlement_seq"]
+        tpm = fields["tpm"] if size == 7 else None  # 6: all but the tpm reading
+    except KeyError:
+        return None
+    if (
+        type(device_id) is str
+        and type(serial) is str
+        and type(kid) is bytes
+        and len(kid) == 32
+        and type(product) is str
+        and type(counter) is int
+        and type(eseq) is int
+        and (size == 6 or type(tpm) is bytes)
+        and _SERIAL_HEX.fullmatch(serial) is not None
+    ):
+        return (seq, time, tpm, device_id, serial, kid, product, counter, eseq)
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ exactly what an attacker would use to pretend that a day passed.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -309,6 +310,49 @@ class TimeAudit:
             f"time {when} is {when - trusted} s ahead of what the TPM vouches for "
             f"({trusted}, anchored at {self.anchor_time})",
         )
+
+    def observe_batch(
+        self, whens: Sequence[int], tpm_fields: Sequence[object]
+    ) -> list[tuple[int, str, str]]:
+        """:meth:`observe` of each reading ``tpm_fields[i]`` dated ``whens[i]``, in log
+        order, a reading of ``None`` skipped (a record without one): the findings as
+        ``(i, kind, detail)``. Findings and state are exactly one ``observe`` per reading's:
+        when every reading is a 16-byte field they are unpacked in one C call, and the
+        common case (same boot, time forward, not ahead) runs inline; any other reading
+        goes through :meth:`observe` itself."""
+        if len(whens) != len(tpm_fields):
+            raise InvalidValueError("one reading per time")
+        findings: list[tuple[int, str, str]] = []
+        try:
+            joined = b"".join(tpm_fields)  # type: ignore[arg-type]
+        except TypeError:  # a None or a non-bytes reading: one call each
+            joined = b""
+        if len(joined) != _TPM_FIELD.size * len(tpm_fields) or not tpm_fields:
+            for index, tpm_field in enumerate(tpm_fields):
+                if tpm_field is not None:
+                    found = self.observe(whens[index], tpm_field)
+                    if found is not None:
+                        findings.append((index, found[0], found[1]))
+            return findings
+        # Within one boot, total_ms grows by exactly the TPM time's growth, so "not
+        # ahead" (when * 1000 <= total_ms + _k) is when * 1000 <= base + reading.
+        reset, restart, last = self.reset, self.restart, self.boot_time_ms
+        base = self.total_ms - last + self._k
+        readings = _TPM_FIELD.iter_unpack(joined)
+        for index, (when, (r, s, tpm_time)) in enumerate(zip(whens, readings, strict=True)):
+            if tpm_time >= last and r == reset and s == restart and when * 1000 <= base + tpm_time:
+                last = tpm_time
+                continue
+            self.total_ms += last - self.boot_time_ms
+            self.boot_time_ms = last
+            found = self.observe(when, tpm_fields[index])
+            if found is not None:
+                findings.append((index, found[0], found[1]))
+            reset, restart, last = self.reset, self.restart, self.boot_time_ms
+            base = self.total_ms - last + self._k
+        self.total_ms += last - self.boot_time_ms
+        self.boot_time_ms = last
+        return findings
 
     def anchor(self, anchor_time: int) -> None:
         """An anchor record (after :meth:`observe` of its own reading)."""

@@ -392,6 +392,22 @@ def test_manifest_mismatches(world: World, home: Path, tmp_path: Path) -> None:
     }
 
 
+def test_a_run_in_order_that_starts_rolled_back_is_found(
+    world: World, home: Path, tmp_path: Path
+) -> None:
+    """A run of issued records in ascending time whose first record is older than the
+    import before it: each record of the run is a rollback, as checked one by one."""
+    slog = world.a.new_log()
+    slog.imported(world.t0 + 5000)
+    slog.issue("dev-0001", world.t0 + 10)
+    slog.issue("dev-0002", world.t0 + 11)
+    slog.issue("dev-0003", world.t0 + 5001)  # the clock is back: no finding
+    code, report = ingest_json(home, slog.export(world.t0 + 6000), tmp_path)
+    assert code == 1
+    assert kinds(report) == {"clock_rollback": 2}
+    assert [v["seq"] for v in report["violations"]] == [1, 2]
+
+
 def test_unknown_entitlement_and_clock_rollback(world: World, home: Path, tmp_path: Path) -> None:
     slog = world.a.new_log()
     slog.imported(world.t0 + 5000)

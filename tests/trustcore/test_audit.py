@@ -458,3 +458,21 @@ def test_export_encoding_is_checked_without_reencoding_records() -> None:
         with pytest.raises(AuditChainError) as err:
             audit.decode_export(variant, max_size=1 << 20)
         assert err.value.reason == "malformed", what
+
+
+@pytest.mark.parametrize("bad", [1, 255, 256, 257, 700])
+def test_streamed_verification_catches_a_defect_in_any_slice(bad: int) -> None:
+    """verify_chain decodes a few hundred records at a time (audit.decode_chain): a
+    rewritten record on either side of a slice boundary is named, and every record before
+    it was streamed in order."""
+    log = audit.AuditLog("station-a")
+    records = [log.append("tick", {"i": i}, i) for i in range(800)]
+    seen: list[int] = []
+    head = audit.verify_chain(records, on_record=lambda r: seen.append(r.seq))
+    assert seen == list(range(800)) and head.head_hash == audit.record_hash(records[-1])
+    records[bad] = audit.encode_record(bad, bytes(32), bad, "tick", {})
+    seen.clear()
+    with pytest.raises(AuditChainError) as err:
+        audit.verify_chain(records, on_record=lambda r: seen.append(r.seq))
+    assert err.value.reason == "rewritten_entry"
+    assert seen[: min(bad, 256)] == list(range(min(bad, 256)))

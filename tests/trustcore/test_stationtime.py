@@ -12,6 +12,7 @@ from trustcore.messages import TimeStatement
 from trustcore.stationtime import (
     MAX_SIGNED_TIME_AGE_S,
     TimeAnchor,
+    TimeAudit,
     TpmClockReading,
     TpmLedger,
     anchor_at,
@@ -107,3 +108,80 @@ def test_time_statement_vector_and_strict_decoding() -> None:
     ):
         with pytest.raises(EncodingError):
             TimeStatement.decode(cbor.encode(bad))
+
+
+def _tpm(time_ms: int, reset: int = 1, restart: int = 0) -> bytes:
+    tpm = reading(time_ms, reset, restart).audit_fields(full=False)["tpm"]
+    assert type(tpm) is bytes
+    return tpm
+
+
+def test_observe_batch_is_observe_reading_by_reading() -> None:
+    """The batch replay (HQ's hot path) gives the findings and the state that one
+    ``observe`` per reading gives, through every branch: no anchor yet, the common case,
+    ahead of the TPM, a reboot, a TPM that went back, a malformed field, no reading."""
+    readings: list[tuple[int, object]] = [
+        (T0, _tpm(1_000)),  # first reading: no boot known yet
+        (T0 + 1, _tpm(2_000)),
+        (T0 + 2, None),  # a record without a reading
+        (T0 + 3, _tpm(3_000)),
+        (T0 + 9_000, _tpm(4_000)),  # far ahead once anchored
+        (T0 + 10, _tpm(500, restart=1)),  # a TPM restart: powered time goes on
+        (T0 + 11, _tpm(400, restart=1)),  # went back within a boot
+        (T0 + 12, b"short"),  # malformed
+        (T0 + 13, 7),  # not bytes at all
+        (T0 + 14, _tpm(5_000, restart=1)),
+        (T0 + 15, _tpm(6_000, restart=1)),
+    ]
+    one, batch = TimeAudit(60), TimeAudit(60)
+    expected: list[tuple[int, str, str]] = []
+    for index, (when, tpm) in enumerate(readings):
+        if index == 2:
+            one.anchor(T0)
+        if tpm is not None:
+            found = one.observe(when, tpm)
+            if found is not None:
+                expected.append((index, *found))
+    whens, tpms = [w for w, _ in readings], [t for _, t in readings]
+    found_batch = batch.observe_batch(whens[:2], tpms[:2])
+    batch.anchor(T0)
+    found_batch += [(i + 2, k, d) for i, k, d in batch.observe_batch(whens[2:], tpms[2:])]
+    assert found_batch == expected
+    assert [k for _, k, _ in expected] == [
+        "clock_ahead_of_tpm",
+        "tpm_clock_inconsistent",
+        "malformed_record",
+        "malformed_record",
+    ]
+    assert batch.to_map() == one.to_map() and batch.to_map()["total_ms"] == 9_100
+
+
+def test_observe_batch_unpacks_whole_runs_as_observe_would() -> None:
+    """A run of well-formed readings (unpacked at once) through the same branches."""
+    whens = [T0, T0 + 1, T0 + 2, T0 + 9_000, T0 + 10, T0 + 11, T0 + 12, T0 + 13]
+    tpms: list[object] = [
+        _tpm(1_000),
+        _tpm(2_000),
+        _tpm(3_000),
+        _tpm(4_000),  # far ahead
+        _tpm(500, restart=1),
+        _tpm(400, restart=1),  # went back
+        _tpm(5_000, restart=1),
+        _tpm(6_000, restart=1),
+    ]
+    one, batch = TimeAudit(60), TimeAudit(60)
+    for audit in (one, batch):
+        audit.observe(T0 - 1, _tpm(900))
+        audit.anchor(T0)
+    expected = []
+    for index, (when, tpm) in enumerate(zip(whens, tpms, strict=True)):
+        found = one.observe(when, tpm)
+        if found is not None:
+            expected.append((index, *found))
+    found_batch = batch.observe_batch(whens, tpms)
+    assert found_batch == expected
+    assert [(i, k) for i, k, _ in found_batch] == [
+        (3, "clock_ahead_of_tpm"),
+        (5, "tpm_clock_inconsistent"),
+    ]
+    assert batch.to_map() == one.to_map() and batch.to_map()["total_ms"] == 9_200
