@@ -21,7 +21,7 @@ import hashlib
 import io
 import multiprocessing
 import pickle
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Sequence
 from typing import NamedTuple
 
 from trustcore.audit import (
@@ -30,7 +30,6 @@ from trustcore.audit import (
     IssuedRow,
     IssuedRun,
     decode_chain,
-    issued_row,
 )
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "IssuedRow",
     "IssuedRun",
     "decode_chunks",
-    "split_records",
 ]
 
 #: Exports with fewer records are decoded in the calling process (a fork costs ~20 ms).
@@ -56,25 +54,6 @@ class DecodedChunk(NamedTuple):
     ok: bool
     last_hash: bytes
     items: list[IssuedRun | AuditRecord]
-
-
-def split_records(records: Iterable[AuditRecord]) -> list[IssuedRun | AuditRecord]:
-    """Records already decoded, in order, each run of well-formed ``issued`` records as
-    one :class:`IssuedRun` (the rows :func:`trustcore.audit.decode_chain` builds with
-    ``issued_runs``, from :func:`trustcore.audit.issued_row`)."""
-    items: list[IssuedRun | AuditRecord] = []
-    rows: list[IssuedRow] | None = None
-    for record in records:
-        row = issued_row(record[0], record[2], record[4]) if record[3] == "issued" else None
-        if row is None:
-            rows = None
-            items.append(record)
-            continue
-        if rows is None:
-            rows = []
-            items.append(IssuedRun(rows))
-        rows.append(row)
-    return items
 
 
 def _decode(records: Sequence[bytes], start_seq: int, prev_hash: bytes) -> DecodedChunk:

@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 
 from hq import audit_chunks
-from hq.audit_chunks import IssuedRun, decode_chunks, split_records
-from trustcore.audit import ZERO_HASH, AuditLog, ChainEnd, encode_record, record_hash, stream_chain
+from hq.audit_chunks import IssuedRun, decode_chunks
+from trustcore.audit import (
+    ZERO_HASH,
+    AuditLog,
+    ChainEnd,
+    decode_chain,
+    encode_record,
+    record_hash,
+)
 
 T0 = 1_800_000_000
 
@@ -46,7 +53,7 @@ def build(n: int) -> list[bytes]:
 
 def one_pass(records: list[bytes]) -> tuple[bool, bytes, list[IssuedRun | object]]:
     end = ChainEnd()
-    items = split_records(stream_chain(records, 0, ZERO_HASH, end))
+    items = decode_chain(records, 0, ZERO_HASH, end, issued_runs=True)
     return end.ok, end.last_hash, list(items)
 
 
