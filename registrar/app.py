@@ -337,6 +337,7 @@ class RegistrarApp(SiteRuntime):
             await self._start_est()
         self._tasks += [
             asyncio.create_task(self._loop(self.settings.watch_interval, self._watch), name="w"),
+            asyncio.create_task(self._loop(self.settings.watch_interval, self._watch_broker)),
             asyncio.create_task(self._loop(self.settings.crl_check_interval, self._crl_tick)),
             asyncio.create_task(self._loop(self.settings.status_interval, self._write_status)),
         ]
@@ -388,6 +389,7 @@ class RegistrarApp(SiteRuntime):
         if self.ops is not None:
             await self.ops.stop()
             self.ops = None
+        await self._stop_long_command()
         for task in self._tasks:
             if task.get_name() != "channel":
                 task.cancel()

@@ -190,11 +190,11 @@ def store_snapshot(site: SiteHome, store_url: str | None = None) -> dict[str, An
 
 
 def spool_wait(site: SiteHome) -> float:
-    """How long a command waits for the running registrar. It applies spool commands one
-    at a time, so a revocation queued behind a payload-key rotation waits for the whole
-    rotation, which answers once every registered device's update is published (about 3 ms
-    each on this class of machine: 10,000 devices took 14-30 s in bench/soak.py): 30 s plus
-    10 ms a device."""
+    """How long a command waits for the running registrar. A rotation (or CA migration)
+    answers once every registered device's message is published (about 1-3 ms each on this
+    class of machine: 10,000 devices took 9-30 s in bench/soak.py), and a command that may
+    not run beside it (``registrar.spool.BESIDE_LONG``: a second rotation, ``retire-ca``)
+    waits for it: 30 s plus 10 ms a device. Revocations run beside it and answer at once."""
     from registrar.run_dir import read_status
 
     status = read_status(site) or {}

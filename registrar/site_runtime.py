@@ -17,6 +17,7 @@ How it is built, started and stopped is the composition root's business
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -66,7 +67,13 @@ from registrar.site import (
     revocation_lock,
 )
 from registrar.site_status import StatusWriter, health, readings
-from registrar.spool import RotationResult, apply_request
+from registrar.spool import (
+    BESIDE_LONG,
+    LONG_COMMANDS,
+    RotationResult,
+    apply_request,
+    request_command,
+)
 from registrar.store import Store
 from registrar.supersede import SupersededCertificates
 from trustcore.identity import DeviceId
@@ -126,6 +133,8 @@ class SiteRuntime:
         self.revoked: set[DeviceId] = set()
         self.superseded: SupersededCertificates | None = None
         self._background: set[asyncio.Task[None]] = set()
+        #: The long spool command running in the background (its request, its task).
+        self._long_command: tuple[Path, asyncio.Task[None]] | None = None
         #: Prometheus registry of this app (``--metrics-port``; docs/operations.md).
         self.metrics = RegistrarMetrics(lambda: readings(self))
         self.ops: OpsServer | None = None
@@ -398,7 +407,9 @@ class SiteRuntime:
 
     # -- background duties --------------------------------------------------------------------
 
-    async def _watch(self) -> None:
+    async def _watch_broker(self) -> None:
+        """Restart a Mosquitto that died. Its own loop: nothing the spool runs (a long
+        payload-key push) delays it."""
         mosquitto = self._mosquitto
         if mosquitto is not None and mosquitto.exited:
             # Same ports and blocks; the site channel reconnects by itself and re-sends the
@@ -409,11 +420,43 @@ class SiteRuntime:
                     self.broker_restarts += 1
             except (BrokerError, OSError) as exc:
                 log.error("could not restart mosquitto: %s", exc)
-        target = str(self.home.current.readlink())
-        if target != self._state_target:
-            await self._recommissioned(target)
+
+    async def _watch(self) -> None:
+        """A re-commissioned site, then the spool's requests in order. A long command
+        (:data:`registrar.spool.LONG_COMMANDS`) runs in the background; while it runs,
+        the requests behind it are applied as long as they are in
+        :data:`registrar.spool.BESIDE_LONG` (a revocation is not held up by a payload-key
+        push), and the first other one waits, with everything behind it and any
+        re-commission, until it is done."""
+        running = self._long_command
+        if running is not None and running[1].done():
+            running = self._long_command = None
+        if running is None:
+            target = str(self.home.current.readlink())
+            if target != self._state_target:
+                await self._recommissioned(target)
         for request in self._spool_requests():
+            if running is not None and request == running[0]:
+                continue
+            command = request_command(request)
+            if running is not None:
+                if command not in BESIDE_LONG:
+                    break
+            elif command in LONG_COMMANDS:
+                task = asyncio.create_task(self._apply_request(request), name=f"spool {command}")
+                running = self._long_command = (request, task)
+                continue
             await self._apply_request(request)
+
+    async def _stop_long_command(self) -> None:
+        """At stop: a long command still running is cancelled; its request stays in the
+        spool and is applied again at the next start (as before it ran in the
+        background)."""
+        running, self._long_command = self._long_command, None
+        if running is not None and not running[1].done():
+            running[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await running[1]
 
     def _spool_requests(self) -> list[Path]:
         """The requests in the spool, in order. The directory is not listed again while

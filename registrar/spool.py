@@ -29,6 +29,8 @@ from trustcore.errors import InvalidValueError
 from trustcore.identity import DeviceId
 
 __all__ = [
+    "BESIDE_LONG",
+    "LONG_COMMANDS",
     "MAX_SPOOL_FILE",
     "SPOOL_COMMANDS",
     "RotationResult",
@@ -36,6 +38,7 @@ __all__ = [
     "apply_request",
     "import_json",
     "read_spool_file",
+    "request_command",
     "revoke_json",
     "submit_command",
 ]
@@ -51,6 +54,15 @@ SPOOL_COMMANDS = (
     "migrate-ca",
     "retire-ca",
 )
+
+
+#: Commands that may run for seconds (a signed message to every device): ``registrar run``
+#: applies one in the background and goes on with the next requests, as long as they are
+#: in :data:`BESIDE_LONG` (a revocation is not held up by a payload-key push to 10,000
+#: devices). Anything else (a second long command, ``retire-ca``) waits for it, together
+#: with every request behind it: requests are otherwise applied in the order they came.
+LONG_COMMANDS = frozenset({"rotate-payload-key", "migrate-ca"})
+BESIDE_LONG = frozenset({"revoke", "import-revocations", "approve", "send-command"})
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,16 @@ def read_spool_file(path: Path) -> bytes:
     if len(data) > MAX_SPOOL_FILE:
         raise OSError(f"{path.name} is larger than {MAX_SPOOL_FILE} bytes")
     return data
+
+
+def request_command(request: Path) -> str | None:
+    """The command a spool request names; None if it cannot be read as one
+    (:func:`apply_request` answers such a request with the reason)."""
+    try:
+        command = json.loads(read_spool_file(request).decode("utf-8"))["command"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
+        return None
+    return command if isinstance(command, str) else None
 
 
 async def apply_request(request: Path, ops: SpoolOperations) -> None:
