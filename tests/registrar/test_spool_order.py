@@ -28,6 +28,20 @@ def _request(spool: Path, n: int, command: str, args: dict[str, Any]) -> Path:
     return path
 
 
+def _app(tmp_path: Path) -> RegistrarApp:
+    """A registrar on a commissioned-looking site home (nothing to reload)."""
+    home = SiteHome(
+        tmp_path / "site",
+        SiteConfig(SiteId("site-spool"), "Org", 0, ("localhost",), ("127.0.0.1",)),
+    )
+    home.path.mkdir(mode=0o700)
+    (home.path / "state-1").mkdir()
+    home.current.symlink_to("state-1")
+    app = RegistrarApp(home, SiteSecrets())
+    app._state_target = str(home.current.readlink())
+    return app
+
+
 def _answer(request: Path) -> dict[str, Any] | None:
     result = request.with_name(request.name.replace(".request.", ".result."))
     if not result.exists():
@@ -38,15 +52,7 @@ def _answer(request: Path) -> dict[str, Any] | None:
 
 
 async def test_a_revocation_does_not_wait_for_a_payload_key_push(tmp_path: Path) -> None:
-    home = SiteHome(
-        tmp_path / "site",
-        SiteConfig(SiteId("site-spool"), "Org", 0, ("localhost",), ("127.0.0.1",)),
-    )
-    home.path.mkdir(mode=0o700)
-    (home.path / "state-1").mkdir()
-    home.current.symlink_to("state-1")
-    app = RegistrarApp(home, SiteSecrets())
-    app._state_target = str(home.current.readlink())  # commissioned: nothing to reload
+    app = _app(tmp_path)
     done: list[str] = []
     pushing, release = asyncio.Event(), asyncio.Event()
 
@@ -67,7 +73,7 @@ async def test_a_revocation_does_not_wait_for_a_payload_key_push(tmp_path: Path)
     app.rotate_payload_key = rotate_payload_key  # type: ignore[method-assign]
     app.revoke = revoke  # type: ignore[method-assign]
     app.retire_ca = retire_ca  # type: ignore[method-assign]
-    spool = spool_dir(home)
+    spool = spool_dir(app.home)
     rotation = _request(spool, 1, "rotate-payload-key", {})
     first = _request(spool, 2, "revoke", {"device_id": "dev-1", "reason": "keyCompromise"})
     retire = _request(spool, 3, "retire-ca", {})
@@ -97,15 +103,7 @@ async def test_a_revocation_does_not_wait_for_a_payload_key_push(tmp_path: Path)
 
 
 async def test_a_long_command_running_at_stop_is_cancelled_and_kept(tmp_path: Path) -> None:
-    home = SiteHome(
-        tmp_path / "site",
-        SiteConfig(SiteId("site-spool"), "Org", 0, ("localhost",), ("127.0.0.1",)),
-    )
-    home.path.mkdir(mode=0o700)
-    (home.path / "state-1").mkdir()
-    home.current.symlink_to("state-1")
-    app = RegistrarApp(home, SiteSecrets())
-    app._state_target = str(home.current.readlink())
+    app = _app(tmp_path)
     pushing = asyncio.Event()
 
     async def migrate_ca() -> int:
@@ -114,7 +112,7 @@ async def test_a_long_command_running_at_stop_is_cancelled_and_kept(tmp_path: Pa
         return 0
 
     app.migrate_ca = migrate_ca  # type: ignore[method-assign]
-    request = _request(spool_dir(home), 1, "migrate-ca", {})
+    request = _request(spool_dir(app.home), 1, "migrate-ca", {})
     await app._watch()
     await asyncio.wait_for(pushing.wait(), 5)
     await app._stop_long_command()
