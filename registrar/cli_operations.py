@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -25,9 +25,6 @@ from registrar.cli_common import (
     store_option,
 )
 from registrar.errors import RegistrarError
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "approve_command",

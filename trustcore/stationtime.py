@@ -327,7 +327,13 @@ class TimeAudit:
             joined = b"".join(tpm_fields)  # type: ignore[arg-type]
         except TypeError:  # a None or a non-bytes reading: one call each
             joined = b""
-        if len(joined) != _TPM_FIELD.size * len(tpm_fields) or not tpm_fields:
+        # Each reading exactly 16 bytes, not only their total: a 15- and a 17-byte reading
+        # would otherwise be unpacked as two well-formed ones (fail open).
+        if (
+            not tpm_fields
+            or len(joined) != _TPM_FIELD.size * len(tpm_fields)
+            or set(map(len, tpm_fields)) != {_TPM_FIELD.size}  # type: ignore[arg-type]
+        ):
             for index, tpm_field in enumerate(tpm_fields):
                 if tpm_field is not None:
                     found = self.observe(whens[index], tpm_field)

@@ -185,3 +185,23 @@ def test_observe_batch_unpacks_whole_runs_as_observe_would() -> None:
         (5, "tpm_clock_inconsistent"),
     ]
     assert batch.to_map() == one.to_map() and batch.to_map()["total_ms"] == 9_200
+
+
+def test_observe_batch_refuses_readings_that_only_add_up_to_16_bytes_each() -> None:
+    """A 15- and a 17-byte reading join to 32 bytes: the batch must still find both
+    malformed, as ``observe`` does, not unpack them as two well-formed readings."""
+    good = _tpm(2_000)
+    whens = [T0, T0 + 1, T0 + 2]
+    tpms: list[object] = [good[:15], good + b"\x00", _tpm(3_000)]
+    one, batch = TimeAudit(60), TimeAudit(60)
+    for audit in (one, batch):
+        audit.observe(T0 - 1, _tpm(1_000))
+        audit.anchor(T0)
+    expected = []
+    for index, (when, tpm) in enumerate(zip(whens, tpms, strict=True)):
+        found = one.observe(when, tpm)
+        if found is not None:
+            expected.append((index, *found))
+    assert [k for _, k, _ in expected] == ["malformed_record", "malformed_record"]
+    assert batch.observe_batch(whens, tpms) == expected
+    assert batch.to_map() == one.to_map()
