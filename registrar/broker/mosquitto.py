@@ -354,9 +354,9 @@ class MosquittoBroker:
         registrar's persistent session has subscribed and before devices publish: a
         Mosquitto restarted after a crash (:meth:`revive`) loads it and queues device
         messages for the registrar from its first second, where it would otherwise drop
-        them until the registrar subscribed again. Written before any device is served, the
-        file holds that session and no retained message, so a revived broker restores no
-        stale state. True if the signal was sent now."""
+        them until the registrar subscribed again. Written as the registrar first connects,
+        the file holds that session and practically nothing else (docs/broker.md, "What a
+        Mosquitto crash loses"). True if the signal was sent now."""
         process = self._process
         if self._sessions_saved or process is None or process.returncode is not None:
             return False
