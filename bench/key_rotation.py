@@ -38,7 +38,7 @@ from registrar.key_distribution import KeyDistributor
 from registrar.payload_keys import PayloadKeyring
 from registrar.store import Registration, Store
 from signers.software import SoftwareKey
-from trustcore.identity import DeviceId
+from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.key_rotation import build_key_ack
 from trustcore.payload import PayloadKey
 from trustcore.registration import open_payload_key, parse_key_update
@@ -56,9 +56,9 @@ async def run(devices: int, directory: Path) -> dict[str, float | int]:
             store.record_registration(
                 Registration(
                     device_id=dev,
-                    station_id="station-01",
-                    idevid_serial=f"{i:x}",
-                    ldevid_serial=f"{i + 1:x}",
+                    station_id=StationId("station-01"),
+                    idevid_serial=CertSerial(i + 1),
+                    ldevid_serial=CertSerial(i + 2),
                     ldevid_der=b"",
                     ldevid_key_id=os.urandom(32),
                     wrap_key_der=wrap.public_key().public_bytes(

@@ -98,9 +98,9 @@ def synthetic_registrations(
         device = DeviceId(f"pre-{i:07d}")
         reg = Registration(
             device_id=device,
-            station_id="station-01",
-            idevid_serial=rnd(16).hex(),
-            ldevid_serial=rnd(16).hex(),
+            station_id=StationId("station-01"),
+            idevid_serial=CertSerial.random(),
+            ldevid_serial=CertSerial.random(),
             ldevid_der=rnd(sizes["ldevid"]),
             ldevid_key_id=rnd(20),
             wrap_key_der=rnd(sizes["wrap_key"]),

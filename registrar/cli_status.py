@@ -27,6 +27,7 @@ from trustcore.utctime import system_clock, to_unix
 
 if TYPE_CHECKING:
     from registrar.site import SiteHome
+    from registrar.store import PendingApproval
 
 __all__ = ["devices_command", "pending_command", "report_command", "status_command"]
 
@@ -196,9 +197,9 @@ def devices_command(home: Path, as_json: bool, show_chain: bool, store: str | No
         fail(exc)
     chains: dict[str, list[dict[str, Any]]] = {}
     for c in snapshot["certificates"]:
-        chains.setdefault(c.device_id, []).append(
+        chains.setdefault(c.device_id.value, []).append(
             {
-                "serial": c.serial,
+                "serial": c.serial.hex,
                 "kind": c.kind,
                 "state": c.state,
                 "issued_at": c.issued_at,
@@ -209,16 +210,18 @@ def devices_command(home: Path, as_json: bool, show_chain: bool, store: str | No
         )
     rows = [
         {
-            "device_id": d.device_id,
+            "device_id": d.device_id.value,
             "status": d.status,
-            "station_id": d.station_id,
-            "idevid_serial": d.idevid_serial,
-            "ldevid_serial": d.ldevid_serial,
+            "station_id": None if d.station_id is None else d.station_id.value,
+            "idevid_serial": d.idevid_serial.hex,
+            "ldevid_serial": d.ldevid_serial.hex,
             "payload_key_id": d.payload_key_id.hex(),
             "registered_at": d.registered_at,
             "registrations": d.registrations,
-            "renewals": sum(1 for c in chains.get(d.device_id, []) if c["kind"] == "renewal"),
-            "certificates": chains.get(d.device_id, []),
+            "renewals": sum(
+                1 for c in chains.get(d.device_id.value, []) if c["kind"] == "renewal"
+            ),
+            "certificates": chains.get(d.device_id.value, []),
         }
         for d in snapshot["devices"]
     ]
@@ -294,10 +297,9 @@ def report_command(home: Path, passphrase_file: Path | None, out: Path, store: s
 def pending_command(home: Path, as_json: bool, store: str | None) -> None:
     """Devices an admission plugin (e.g. hold_unlisted) holds for the installer's approval."""
     import json
-    from dataclasses import asdict
 
     from registrar.run_dir import store_location
-    from registrar.store import PendingApproval, Store
+    from registrar.store import Store
 
     site = open_site(home)
 
@@ -315,7 +317,7 @@ def pending_command(home: Path, as_json: bool, store: str | None) -> None:
     except RegistrarError as exc:
         fail(exc)
     if as_json:
-        click.echo(json.dumps([asdict(r) for r in rows], indent=2))
+        click.echo(json.dumps([_pending_json(r) for r in rows], indent=2))
         return
     if not rows:
         click.echo("no devices waiting for approval")
@@ -325,3 +327,17 @@ def pending_command(home: Path, as_json: bool, store: str | None) -> None:
             f"held by {r.plugin} ({r.reason})  first {when(r.first_seen)}  "
             f"attempts {r.attempts}"
         )
+
+
+def _pending_json(r: PendingApproval) -> dict[str, Any]:
+    """A held device as ``registrar pending --json`` prints it (ids and serials as text)."""
+    return {
+        "device_id": r.device_id.value,
+        "station_id": None if r.station_id is None else r.station_id.value,
+        "idevid_serial": r.idevid_serial.hex,
+        "plugin": r.plugin,
+        "reason": r.reason,
+        "first_seen": r.first_seen,
+        "last_seen": r.last_seen,
+        "attempts": r.attempts,
+    }

@@ -108,7 +108,7 @@ async def record_wrap_key(
             message,
             topic_device_id=device,
             site_cas=service.accepted_ldevid_issuers(),
-            current_serial=int(record.ldevid_serial, 16) if registered and record else None,
+            current_serial=record.ldevid_serial.value if registered and record else None,
             now=clock(),
         )
         assert record is not None

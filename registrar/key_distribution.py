@@ -218,14 +218,14 @@ class KeyDistributor:
     async def _push_many(self, records: list[DeviceRecord]) -> int:
         key = self.keyring.current
         now = to_unix(self._clock())
-        unknown = [r.device_id for r in records if r.device_id not in self._last_issued]
+        unknown = [r.device_id.value for r in records if r.device_id.value not in self._last_issued]
         for device_id, offer in (await self._store.key_offers(unknown)).items():
             self._last_issued[device_id] = offer[1]
         # Enrolled over EST: no ECDH wrap key registered (docs/est.md), so no update.
         work = [
             (
                 record,
-                max(now, self._last_issued.get(record.device_id, 0) + 1),
+                max(now, self._last_issued.get(record.device_id.value, 0) + 1),
                 self._signer_for(record),
             )
             for record in records
@@ -236,7 +236,7 @@ class KeyDistributor:
             # CPU only (no state of this object): in a worker thread, off the event loop
             built = []
             for record, issued, signer in work:
-                device = DeviceId(record.device_id)
+                device = record.device_id
                 wrap = serialization.load_der_public_key(record.wrap_key_der)
                 if not isinstance(wrap, ec.EllipticCurvePublicKey):
                     log.error("%s has no usable wrap key; no payload-key update", device)

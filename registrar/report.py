@@ -26,7 +26,6 @@ from registrar.store import DeviceRecord, FactorySighting, Store
 from signers.errors import SignerError
 from signers.private_files import write_private_file
 from trustcore.errors import InvalidValueError
-from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.site_report import SeenCertificate, SiteRegistration, SiteReport, seal_site_report
 from trustcore.utctime import now_unix
 
@@ -96,26 +95,24 @@ def _read_store(home: SiteHome, store: str | None) -> ReportData:
 def build_site_report(home: SiteHome, data: ReportData, *, sequence: int, now: int) -> SiteReport:
     """The report of everything the registrar store holds (pure)."""
     try:
-        registered = {
-            (d.station_id, CertSerial.from_hex(d.idevid_serial).value) for d in data.devices
-        }
+        registered = {(d.station_id, d.idevid_serial) for d in data.devices}
         seen = tuple(
             SeenCertificate(
                 s.station_id,
                 s.serial,
                 s.device_id,
                 int(s.first_seen),
-                (s.station_id.value, s.serial.value) in registered,
+                (s.station_id, s.serial) in registered,
                 bytes(s.der),
             )
             for s in data.seen
         )
         regs = tuple(
             SiteRegistration(
-                DeviceId(d.device_id),
-                None if d.station_id is None else StationId(d.station_id),
-                CertSerial.from_hex(d.idevid_serial),
-                CertSerial.from_hex(d.ldevid_serial),
+                d.device_id,
+                d.station_id,
+                d.idevid_serial,
+                d.ldevid_serial,
                 int(d.registered_at),
                 int(d.registrations),
                 str(d.status),

@@ -287,7 +287,7 @@ async def revoke_device(
         )
     moment = system_clock() if now is None else now
     superseded = [s for s, _, _ in await store.superseded_serials(device_id)]
-    serials = tuple(dict.fromkeys([record.ldevid_serial, *superseded]))
+    serials = tuple(dict.fromkeys([record.ldevid_serial.hex, *superseded]))
     entries = tuple(
         RevokedEntry(CertSerial.from_hex(s), moment, _CRL_REASON[reason]) for s in serials
     )
@@ -464,10 +464,10 @@ async def enforce_revocation_list(
         if record is not None:
             matched.append((record, entry.reason))
     for entry in revocations.entries:
-        record = await store.device_by_idevid(entry.station_id.value, entry.serial.hex)
+        record = await store.device_by_idevid(entry.station_id, entry.serial)
         if record is not None:
             matched.append((record, entry.reason))
-    done: set[str] = set()
+    done: set[DeviceId] = set()
     for record, reason in matched:
         if record.status == "revoked" or record.device_id in done:
             continue
@@ -477,7 +477,7 @@ async def enforce_revocation_list(
                 home=home,
                 secrets=secrets,
                 store=store,
-                device_id=DeviceId(record.device_id),
+                device_id=record.device_id,
                 reason=reason,
                 broker=broker,
                 now=now,

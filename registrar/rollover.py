@@ -184,7 +184,7 @@ def rollover_status(
         "pending_key": home.pending_rollover_key(),
         "devices_on_issuing": len(on_issuing),
         "devices_on_retiring": len(on_retiring),
-        "retiring_dependents": [r.device_id for r in on_retiring[:_NAMED]],
+        "retiring_dependents": [r.device_id.value for r in on_retiring[:_NAMED]],
     }
 
 
@@ -253,7 +253,7 @@ def retire_site_ca(
             raise ConfigError("the commissioned state has no readable retiring-ca.pem")
         waiting = dependents(records, cert, moment)
         if waiting:
-            names = ", ".join(r.device_id for r in waiting[:_NAMED])
+            names = ", ".join(r.device_id.value for r in waiting[:_NAMED])
             more = f" and {len(waiting) - _NAMED} more" if len(waiting) > _NAMED else ""
             raise RolloverError(
                 f"{len(waiting)} device(s) still hold a live LDevID of the retiring CA "

@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from registrar.errors import StoreError
 from registrar.service_pipeline import ANSWERED, ServicePipeline, SiteAuthority
 from registrar.store import DeviceRecord, Lookup, Registration
-from trustcore.identity import DeviceId
+from trustcore.identity import CertSerial, DeviceId
 from trustcore.registration import (
     AdmissionContext,
     AdmissionHeld,
@@ -237,9 +237,9 @@ class RegistrationService(ServicePipeline):
             return self._refusal(topic_device_id, request.nonce, digest, exc, request=request)
         record = Registration(
             device_id=request.device_id,
-            station_id=verified.station_id.value if verified.station_id else None,
-            idevid_serial=format(verified.identity.leaf.serial_number, "x"),
-            ldevid_serial=format(issued.ldevid.serial_number, "x"),
+            station_id=verified.station_id,
+            idevid_serial=CertSerial(verified.identity.leaf.serial_number),
+            ldevid_serial=CertSerial(issued.ldevid.serial_number),
             ldevid_der=issued.ldevid_der,
             ldevid_key_id=verified.ldevid_key_id,
             wrap_key_der=request.wrap_key_der,
@@ -270,7 +270,7 @@ class RegistrationService(ServicePipeline):
         )
         previous = found.previous_serial
         if previous is not None and previous != record.ldevid_serial:
-            await self._superseded(request.device_id, (previous,))
+            await self._superseded(request.device_id, (previous.hex,))
         return issued.response
 
     @staticmethod
@@ -356,9 +356,9 @@ class RegistrationService(ServicePipeline):
             key_owner = self._reserved_keys.get(request.csr_key_id)
         now = self._clock()
         facts = RenewalFacts(
-            current_serial=None if known.current_serial is None else int(known.current_serial, 16),
+            current_serial=None if known.current_serial is None else known.current_serial.value,
             status=known.status,
-            superseded_serials=frozenset(int(s, 16) for s in known.superseded),
+            superseded_serials=frozenset(s.value for s in known.superseded),
             issued_at=(
                 None if known.issued_at is None else datetime.fromtimestamp(known.issued_at, UTC)
             ),
@@ -412,7 +412,7 @@ class RegistrationService(ServicePipeline):
             device_id=device,
             station_id=current.station_id,
             idevid_serial=current.idevid_serial,
-            ldevid_serial=format(issued.ldevid.serial_number, "x"),
+            ldevid_serial=CertSerial(issued.ldevid.serial_number),
             ldevid_der=issued.ldevid_der,
             ldevid_key_id=verified.new_key_id,
             wrap_key_der=current.wrap_key_der,
@@ -434,7 +434,7 @@ class RegistrationService(ServicePipeline):
         log.info(
             "renewed %s: ldevid %s replaces %s", device, record.ldevid_serial, current.ldevid_serial
         )
-        await self._superseded(device, (current.ldevid_serial,))
+        await self._superseded(device, (current.ldevid_serial.hex,))
         return issued.response
 
     async def _admit(self, verified: VerifiedRegistration, now: datetime) -> None:

@@ -305,7 +305,7 @@ class SiteRuntime:
         # page by page: this runs at start-up too, and must not read the registry at once
         async for page in store.device_pages(status="registered"):
             for record in dependents(page, retiring, moment):
-                device = DeviceId(record.device_id)
+                device = record.device_id
                 message = build_renew_now(
                     device_id=device, issued=issued, issuing_ca=site.site_ca_cert, signer=key
                 )
@@ -325,7 +325,7 @@ class SiteRuntime:
         channel = self._require(self.channel)
         for record in records:
             if record.status == "registered":
-                topic = device_topic(DeviceId(record.device_id), ROLLOVER_LEVEL)
+                topic = device_topic(record.device_id, ROLLOVER_LEVEL)
                 await channel.publish(topic, b"", retain=True)
         await store.record_event(None, "rollover", f"retired {result.retired}")
         return {"retired": result.retired, "key": result.key_name, "state": result.state_dir.name}

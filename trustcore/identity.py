@@ -18,7 +18,7 @@ from cryptography import x509
 
 from trustcore.errors import InvalidValueError
 
-__all__ = ["CertSerial", "DeviceId", "SiteId", "StationId"]
+__all__ = ["SERIAL_LIMIT", "CertSerial", "DeviceId", "SiteId", "StationId"]
 
 #: ASCII letter or digit first, then letters, digits, ``.`` or ``-``; 1 to 64 chars.
 #: No ``/ + # $``, whitespace, control or non-ASCII characters can pass. No ``_`` either:
@@ -72,7 +72,7 @@ class SiteId(_Identifier):
 
 
 #: RFC 5280 allows 20-octet serials; a positive 159-bit value always fits in 20 DER octets.
-_SERIAL_LIMIT = 1 << 159
+SERIAL_LIMIT = 1 << 159
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -85,7 +85,7 @@ class CertSerial:
         # bool is an int subclass; True as a serial is a bug, not a serial.
         if not isinstance(self.value, int) or isinstance(self.value, bool):
             raise InvalidValueError(f"serial must be an int, not {type(self.value).__name__}")
-        if not 0 < self.value < _SERIAL_LIMIT:
+        if not 0 < self.value < SERIAL_LIMIT:
             raise InvalidValueError("serial must be positive and below 2**159")
 
     @classmethod
@@ -93,7 +93,7 @@ class CertSerial:
         """A fresh random serial (159 bits of CSPRNG output, as CA/B Forum asks >= 64)."""
         while True:
             value = x509.random_serial_number()
-            if 0 < value < _SERIAL_LIMIT:
+            if 0 < value < SERIAL_LIMIT:
                 return cls(value)
 
     @classmethod

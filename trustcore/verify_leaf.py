@@ -19,7 +19,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
 from trustcore.errors import X509_PARSE_ERRORS, ProfileError, VerificationError
-from trustcore.identity import DeviceId
+from trustcore.identity import SERIAL_LIMIT, DeviceId
 from trustcore.profiles import (
     OID_EKU_AUDIT_RECEIVER,
     OID_EKU_ENTITLEMENT_SIGNER,
@@ -102,6 +102,11 @@ def check_leaf(
             f"{' ' + key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else ''}"
             ", only ECDSA P-256 is accepted",
             reason="wrong_key_type",
+        )
+    if not 0 < leaf.serial_number < SERIAL_LIMIT:
+        # RFC 5280 §4.1.2.2: positive, at most 20 octets; the store keeps it as a CertSerial.
+        raise VerificationError(
+            "certificate serial is not positive or too long", reason="malformed"
         )
     # A self-signed leaf vouches for itself only: say so rather than "unknown issuer".
     # (Compared as encoded: a self-signed leaf with its names encoded two ways is

@@ -33,7 +33,7 @@ from registrar.store.records import (
     Statements,
 )
 from registrar.store.writer import PRUNE_BATCH, REPLAY_RETENTION, GroupCommitWriter
-from trustcore.identity import DeviceId
+from trustcore.identity import CertSerial, DeviceId
 from trustcore.utctime import system_clock, to_unix
 
 __all__ = ["EXACT_COUNT_BELOW", "REPLAY_RETENTION", "Backend", "ChangeFeed", "Store"]
@@ -430,7 +430,7 @@ class Store(StoreReads):
         )
 
     async def set_wrap_key(
-        self, device_id: DeviceId, ldevid_serial: str, wrap_key_der: bytes
+        self, device_id: DeviceId, ldevid_serial: CertSerial, wrap_key_der: bytes
     ) -> DeviceRecord | None:
         """Record the wrap key of a device enrolled without one (EST), while ``ldevid_serial``
         is still its current certificate. Set once: a device that has a wrap key keeps it.
@@ -438,6 +438,6 @@ class Store(StoreReads):
         await self._write(
             "UPDATE devices SET wrap_key = ? "
             "WHERE device_id = ? AND ldevid_serial = ? AND length(wrap_key) = 0",
-            (wrap_key_der, device_id.value, ldevid_serial),
+            (wrap_key_der, device_id.value, ldevid_serial.hex),
         )
         return await self.device(device_id)

@@ -54,9 +54,9 @@ def registration_tables(
             [
                 (
                     r.device_id.value,
-                    r.station_id,
-                    r.idevid_serial,
-                    r.ldevid_serial,
+                    None if r.station_id is None else r.station_id.value,
+                    r.idevid_serial.hex,
+                    r.ldevid_serial.hex,
                     r.ldevid_der,
                     r.ldevid_key_id,
                     r.wrap_key_der,
@@ -69,7 +69,10 @@ def registration_tables(
         (
             "certificates",
             ("serial", "device_id", "kind", "issued_at", "not_after"),
-            [(r.ldevid_serial, r.device_id.value, r.kind, r.at, r.ldevid_not_after) for r in part],
+            [
+                (r.ldevid_serial.hex, r.device_id.value, r.kind, r.at, r.ldevid_not_after)
+                for r in part
+            ],
         ),
         (
             "certified_keys",

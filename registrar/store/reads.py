@@ -8,8 +8,9 @@ cannot see writes still queued there (see the package docstring, "Reads").
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from registrar.errors import StoreError
@@ -68,8 +69,10 @@ class StoreReads:
         if device_id is None:
             return found
         serial, status, der = row[3:]
+        with _stored_values():
+            previous = None if serial is None else CertSerial.from_hex(serial)
         return Lookup(
-            found.response, found.nonce_seen, found.key_owner, serial, status, _bytes(der)
+            found.response, found.nonce_seen, found.key_owner, previous, status, _bytes(der)
         )
 
     async def is_approved(self, device_id: DeviceId) -> bool:
@@ -90,7 +93,13 @@ class StoreReads:
             "SELECT device_id, station_id, idevid_serial, plugin, reason, first_seen, "
             "last_seen, attempts FROM pending_approvals ORDER BY first_seen, device_id"
         )
-        return [PendingApproval(*row) for row in rows]
+        with _stored_values():
+            return [
+                PendingApproval(
+                    DeviceId(dev), _station(station), CertSerial.from_hex(idevid), *rest
+                )
+                for dev, station, idevid, *rest in rows
+            ]
 
     async def devices(self) -> list[DeviceRecord]:
         """Every device (operator commands; the running registrar pages with
@@ -140,11 +149,13 @@ class StoreReads:
         rows = await self._rows(q.SELECT_DEVICES + " WHERE device_id = ?", (device_id.value,))
         return _device(rows[0]) if rows else None
 
-    async def device_by_idevid(self, station_id: str, idevid_serial: str) -> DeviceRecord | None:
+    async def device_by_idevid(
+        self, station_id: StationId, idevid_serial: CertSerial
+    ) -> DeviceRecord | None:
         """The device registered with that station's factory certificate serial."""
         rows = await self._rows(
             q.SELECT_DEVICES + " WHERE station_id = ? AND idevid_serial = ?",
-            (station_id, idevid_serial),
+            (station_id.value, idevid_serial.hex),
         )
         return _device(rows[0]) if rows else None
 
@@ -201,7 +212,11 @@ class StoreReads:
             rows = await self._rows(sql + order)
         else:
             rows = await self._rows(sql + " WHERE device_id = ?" + order, (device_id.value,))
-        return [CertificateRecord(*row) for row in rows]
+        with _stored_values():
+            return [
+                CertificateRecord(CertSerial.from_hex(serial), DeviceId(dev), *rest)
+                for serial, dev, *rest in rows
+            ]
 
     async def renewal_lookup(self, device_id: DeviceId) -> RenewalLookup:
         """Current serial, status, superseded serials and issue time of the current LDevID."""
@@ -214,11 +229,13 @@ class StoreReads:
         old = await self._rows(
             "SELECT ldevid_serial FROM superseded WHERE device_id = ?", (device_id.value,)
         )
-        superseded = frozenset(str(r[0]) for r in old)
+        with _stored_values():
+            superseded = frozenset(CertSerial.from_hex(str(r[0])) for r in old)
+            current = None if not rows else CertSerial.from_hex(str(rows[0][0]))
         if not rows:
             return RenewalLookup(None, "unregistered", superseded, None)
-        serial, status, issued = rows[0]
-        return RenewalLookup(str(serial), str(status), superseded, issued)
+        _serial, status, issued = rows[0]
+        return RenewalLookup(current, str(status), superseded, issued)
 
     async def approved_at(self, device_id: DeviceId) -> int | None:
         rows = await self._rows(
@@ -248,7 +265,7 @@ class StoreReads:
             "SELECT station_id, serial, device_id, der, first_seen FROM factory_certs "
             "ORDER BY first_seen, station_id, serial"
         )
-        try:
+        with _stored_values():
             return [
                 FactorySighting(
                     StationId(r[0]),
@@ -259,8 +276,6 @@ class StoreReads:
                 )
                 for r in rows
             ]
-        except InvalidValueError as exc:
-            raise StoreError(f"registrar database holds a bad value: {exc.message}") from exc
 
     async def key_periods(self) -> list[tuple[bytes, int, int | None]]:
         """(key id, current from, superseded at or None) of every key current here once."""
@@ -312,6 +327,30 @@ def _bytes(value: object) -> bytes | None:
 
 def _device(row: tuple[Any, ...]) -> DeviceRecord:
     dev, station, idevid, ldevid, der, wrap, key, at, count, status = row
-    return DeviceRecord(
-        dev, station, idevid, ldevid, bytes(der), bytes(wrap), bytes(key), at, count, status
-    )
+    with _stored_values():
+        return DeviceRecord(
+            DeviceId(dev),
+            _station(station),
+            CertSerial.from_hex(idevid),
+            CertSerial.from_hex(ldevid),
+            bytes(der),
+            bytes(wrap),
+            bytes(key),
+            at,
+            count,
+            status,
+        )
+
+
+@contextlib.contextmanager
+def _stored_values() -> Iterator[None]:
+    """Stored ids and serials become value objects; one that is not valid is a
+    :class:`StoreError` (a damaged or hand-edited database), never a crash."""
+    try:
+        yield
+    except InvalidValueError as exc:
+        raise StoreError(f"registrar database holds a bad value: {exc.message}") from exc
+
+
+def _station(value: str | None) -> StationId | None:
+    return None if value is None else StationId(value)

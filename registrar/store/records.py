@@ -28,9 +28,9 @@ class Registration:
     """Everything one successful registration writes, in one transaction."""
 
     device_id: DeviceId
-    station_id: str | None
-    idevid_serial: str
-    ldevid_serial: str
+    station_id: StationId | None
+    idevid_serial: CertSerial
+    ldevid_serial: CertSerial
     ldevid_der: bytes
     ldevid_key_id: bytes
     wrap_key_der: bytes
@@ -60,8 +60,8 @@ class FactorySighting:
 class CertificateRecord:
     """One LDevID in a device's chain of certificates (times: unix seconds or None)."""
 
-    serial: str
-    device_id: str
+    serial: CertSerial
+    device_id: DeviceId
     kind: str
     issued_at: int | None
     not_after: int | None
@@ -79,9 +79,9 @@ class CertificateRecord:
 class RenewalLookup:
     """What the store knows about a device for a renewal decision."""
 
-    current_serial: str | None
+    current_serial: CertSerial | None
     status: str
-    superseded: frozenset[str]
+    superseded: frozenset[CertSerial]
     issued_at: int | None
 
 
@@ -108,7 +108,7 @@ class Lookup:
     nonce_seen: bool
     key_owner: DeviceId | None
     #: The device's record before this request (``lookup(..., device_id=...)`` only).
-    previous_serial: str | None = None
+    previous_serial: CertSerial | None = None
     previous_status: str | None = None
     previous_ldevid_der: bytes | None = field(default=None, repr=False)
 
@@ -117,9 +117,9 @@ class Lookup:
 class PendingApproval:
     """A device an admission plugin held for the installer (``registrar pending``)."""
 
-    device_id: str
-    station_id: str | None
-    idevid_serial: str
+    device_id: DeviceId
+    station_id: StationId | None
+    idevid_serial: CertSerial
     plugin: str
     reason: str
     first_seen: int
@@ -129,10 +129,10 @@ class PendingApproval:
 
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
-    device_id: str
-    station_id: str | None
-    idevid_serial: str
-    ldevid_serial: str
+    device_id: DeviceId
+    station_id: StationId | None
+    idevid_serial: CertSerial
+    ldevid_serial: CertSerial
     ldevid_der: bytes = field(repr=False)
     wrap_key_der: bytes = field(repr=False)
     payload_key_id: bytes

@@ -123,20 +123,21 @@ def statements_of(item: Item) -> list[tuple[str, tuple[Any, ...]]]:
     if isinstance(item, Statements):
         return list(item.statements)
     dev = item.device_id.value
+    ldevid = item.ldevid_serial.hex
     renewal = item.kind == "renewal"
     device_row = (
         (
             RENEW_DEVICE,
-            (item.ldevid_serial, item.ldevid_der, item.ldevid_key_id, item.payload_key_id, dev),
+            (ldevid, item.ldevid_der, item.ldevid_key_id, item.payload_key_id, dev),
         )
         if renewal
         else (
             UPSERT_DEVICE,
             (
                 dev,
-                item.station_id,
-                item.idevid_serial,
-                item.ldevid_serial,
+                None if item.station_id is None else item.station_id.value,
+                item.idevid_serial.hex,
+                ldevid,
                 item.ldevid_der,
                 item.ldevid_key_id,
                 item.wrap_key_der,
@@ -147,10 +148,10 @@ def statements_of(item: Item) -> list[tuple[str, tuple[Any, ...]]]:
     )
     detail = f"ldevid {item.ldevid_serial} idevid {item.idevid_serial}"
     return [
-        (SUPERSEDE, (item.at, dev, item.ldevid_serial)),
+        (SUPERSEDE, (item.at, dev, ldevid)),
         device_row,
-        (SUPERSEDE_CERTS, (item.at, dev, item.ldevid_serial)),
-        (INSERT_CERT, (item.ldevid_serial, dev, item.kind, item.at, item.ldevid_not_after)),
+        (SUPERSEDE_CERTS, (item.at, dev, ldevid)),
+        (INSERT_CERT, (ldevid, dev, item.kind, item.at, item.ldevid_not_after)),
         (INSERT_KEY, (item.ldevid_key_id, dev)),
         (INSERT_REQUEST, (item.request_digest, dev, item.response, item.at)),
         (INSERT_NONCE, (item.nonce, dev, item.request_time)),
@@ -163,4 +164,4 @@ def changes_of(item: Item, origin: str) -> tuple[Change, ...]:
     if not isinstance(item, Registration):
         return ()
     kind = "renewed" if item.kind == "renewal" else "registered"
-    return (Change(kind, item.device_id.value, item.ldevid_serial, origin=origin),)
+    return (Change(kind, item.device_id.value, item.ldevid_serial.hex, origin=origin),)

@@ -29,7 +29,7 @@ from tests.fixtures.pki import SITE_OPERATOR, Pki
 from tests.fixtures.registration import ADMIT_STATION, make_dev, make_request, verifier
 from tests.fixtures.station import StationEnv
 from trustcore import cbor
-from trustcore.identity import DeviceId
+from trustcore.identity import DeviceId, StationId
 from trustcore.payload import PayloadKey
 from trustcore.policy_chain import PluginSetting
 from trustcore.registration import Admission
@@ -277,11 +277,11 @@ async def test_hold_unlisted_then_approve_then_registered(
     assert await site.register("dev-500005") == "held_for_approval"  # retry: still held
     [pending] = await site.store.pending()
     assert (pending.device_id, pending.plugin, pending.attempts) == (
-        "dev-500005",
+        DeviceId("dev-500005"),
         "hold_unlisted",
         2,
     )
-    assert pending.station_id == "station-01"
+    assert pending.station_id == StationId("station-01")
     assert await site.store.approve(DeviceId("dev-500005"), at=1) is True
     assert await site.register("dev-500005") == "granted"
     assert await site.store.pending() == []

@@ -22,7 +22,7 @@ from tests.fixtures.pki import SITE_OPERATOR, Pki, p256
 from tests.fixtures.registration import ADMIT_STATION, Dev, make_dev, make_request, verifier
 from trustcore import cbor
 from trustcore.csr import build_device_csr
-from trustcore.identity import DeviceId
+from trustcore.identity import CertSerial, DeviceId
 from trustcore.payload import PayloadKey
 from trustcore.registration import (
     RegistrationDenied,
@@ -91,7 +91,7 @@ async def test_registration_is_recorded_before_the_reply_and_survives_reopen(env
     try:
         record = await again.device(dev.device_id)
         assert record is not None
-        assert record.ldevid_serial == format(result.ldevid.serial_number, "x")
+        assert record.ldevid_serial == CertSerial(result.ldevid.serial_number)
         assert record.status == "registered"
         assert (await again.counts())["requests"] == 1
     finally:
@@ -186,7 +186,7 @@ async def test_re_registration_supersedes_the_old_ldevid(env: Env) -> None:
     record = await env.store.device(dev.device_id)
     assert record is not None
     assert record.registrations == 2
-    assert record.ldevid_serial == format(r2.ldevid.serial_number, "x")
+    assert record.ldevid_serial == CertSerial(r2.ldevid.serial_number)
     superseded = await env.store.superseded_serials()
     assert [s[0] for s in superseded] == [format(r1.ldevid.serial_number, "x")]
 

@@ -29,7 +29,7 @@ from tests.fixtures.renewal import Facts, ldevid, renewal
 from trustcore import cbor
 from trustcore.csr import build_device_csr
 from trustcore.errors import InvalidValueError
-from trustcore.identity import DeviceId
+from trustcore.identity import CertSerial, DeviceId
 from trustcore.payload import PayloadKey
 from trustcore.registration import (
     RegistrationDenied,
@@ -343,7 +343,7 @@ async def test_renewal_new_key_idempotent_and_the_chain_is_recorded(env: Env) ->
     record = await env.store.device(client.device_id)
     assert record is not None
     assert record.registrations == 1  # renewal is not a registration
-    assert record.ldevid_serial == format(granted.ldevid.serial_number, "x")
+    assert record.ldevid_serial == CertSerial(granted.ldevid.serial_number)
     chain = await env.store.certificates(client.device_id)
     assert [(c.kind, c.state) for c in chain] == [
         ("registration", "superseded"),
@@ -443,7 +443,9 @@ async def test_expired_ldevid_waits_for_approval_when_the_site_says_so(
         assert isinstance(held, RegistrationDenied)
         assert (held.reason, held.retry) == ("held_for_approval", True)
         pending = await env.store.pending()
-        assert [(p.device_id, p.reason) for p in pending] == [("dev-510004", "ldevid_expired")]
+        assert [(p.device_id, p.reason) for p in pending] == [
+            (DeviceId("dev-510004"), "ldevid_expired")
+        ]
         assert await env.store.approve(client.device_id, at=int(env.now.timestamp()))
         env.now += timedelta(seconds=5)
         assert isinstance(await env.register(client), RegistrationGranted)

@@ -460,8 +460,8 @@ async def test_a_restarted_registrar_publishes_pending_renew_commands_again(
         Registration(
             device,
             None,
-            "a1",
-            format(cert.serial_number, "x"),
+            CertSerial(0xA1),
+            CertSerial(cert.serial_number),
             cert.public_bytes(serialization.Encoding.DER),
             key_id(key.public_key()),
             wrap,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ async def test_two_instances_racing_one_registration_record_one_certificate(
     a, b = await Store.open(pg_database), await Store.open(pg_database)
     try:
         firsts = [registration(f"dev-{i:06d}") for i in range(30)]
-        seconds = [dataclasses.replace(r, ldevid_serial=os.urandom(16).hex()) for r in firsts]
+        seconds = [dataclasses.replace(r, ldevid_serial=CertSerial.random()) for r in firsts]
         results = await asyncio.gather(
             *(a.record_registration(r) for r in firsts),
             *(b.record_registration(r) for r in seconds),
@@ -99,7 +98,7 @@ async def test_revocation_reaches_the_other_instance_within_a_second(pg_database
         pending = asyncio.ensure_future(next_change(feed, "renewed"))
         await asyncio.sleep(0)
         await a.record_registration(renewal)
-        assert (await pending).serial == renewal.ldevid_serial
+        assert (await pending).serial == renewal.ldevid_serial.hex
         pending = asyncio.ensure_future(next_change(feed, "approved"))
         await asyncio.sleep(0)
         await a.approve(DeviceId("dev-000011"), at=1)
@@ -181,10 +180,10 @@ async def test_paged_and_bounded_reads(store_location: str) -> None:
         await store.set_status(DeviceId("dev-000003"), "revoked")
         pages = [p async for p in store.device_pages(size=10)]
         assert [len(p) for p in pages] == [10, 10, 5]
-        assert [d.device_id for p in pages for d in p] == sorted(r.device_id.value for r in regs)
+        assert [d.device_id for p in pages for d in p] == sorted(r.device_id for r in regs)
         assert await store.revoked_device_ids() == {DeviceId("dev-000003")}
-        found = await store.device_by_idevid("line-1", regs[7].idevid_serial)
-        assert found is not None and found.device_id == "dev-000007"
+        found = await store.device_by_idevid(StationId("line-1"), regs[7].idevid_serial)
+        assert found is not None and found.device_id == DeviceId("dev-000007")
         assert [
             p async for p in store.device_pages(size=10, status="registered", not_key=b"k" * 8)
         ] == []
@@ -196,7 +195,7 @@ async def test_paged_and_bounded_reads(store_location: str) -> None:
             async for p in store.device_pages(size=1, status="registered", not_key=b"k" * 8)
             for d in p
         ]
-        assert pending == ["dev-000004", "dev-000006", "dev-000005"]  # dev-000003: revoked
+        assert pending == [DeviceId(f"dev-00000{i}") for i in (4, 6, 5)]  # dev-000003: revoked
         registered = [d async for p in store.device_pages(size=7, status="registered") for d in p]
         assert len(registered) == 24 and all(d.status == "registered" for d in registered)
 
@@ -209,7 +208,7 @@ async def test_bulk_import_writes_what_a_registration_writes_in_chunks(
     regs = [registration(f"dev-{i:06d}") for i in range(25)]
     seen = [
         FactorySighting(
-            StationId("line-1"), CertSerial.from_hex(r.idevid_serial), r.device_id, b"der", r.at
+            StationId("line-1"), r.idevid_serial, r.device_id, b"der", r.at
         )
         for r in regs
     ]

@@ -49,7 +49,7 @@ async def test_a_lookup_sees_the_last_commit_without_the_reader_thread(tmp_path:
         assert plain.response == record.response and not plain.nonce_seen
         assert reader_calls == []  # all three on the loop
         # a listing is not a point read: the reader thread answers it
-        assert [d.device_id for d in await store.devices()] == ["dev-000001"]
+        assert [d.device_id for d in await store.devices()] == [DeviceId("dev-000001")]
         assert len(reader_calls) == 1
 
 
