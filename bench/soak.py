@@ -431,8 +431,6 @@ class Soak:
                     log(f"{d.device_id}: ignored a renewal answer: {exc}")
         finally:
             d.answers = None
-        # the soak keeps no certificate history (the device simulator's list would grow)
-        d.registered.previous.clear()
         await self.disconnect(d)
         await self.connect(d)  # with the new LDevID, before the registrar's hand-over cut
 

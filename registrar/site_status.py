@@ -229,6 +229,8 @@ async def status_document(app: RunningSite) -> dict[str, Any] | None:
         "registrations": dict(service.stats),
         "ldevid_policy": policy_json(service.policy),
         "superseded_sessions_cut": app.superseded.cut_sessions if app.superseded else 0,
+        # superseded LDevIDs waiting for the next batch's CRL (supersede_window_seconds)
+        "superseded_waiting": app.superseded.pending if app.superseded else 0,
         "revoked_devices": sorted(d.value for d in app.revoked),
         "payload_key": app.keyring.current.key_id.hex() if app.keyring else None,
         "revocation_list_sequence": app.revocations.sequence if app.revocations else None,
