@@ -21,7 +21,9 @@ real device off). :class:`SupersededCertificates` does it in two steps:
      The price: the superseded (not compromised) certificate of a batched renewal still
      completes a handshake until its batch is signed, at most one window. A compromised
      key is a revocation (``registrar revoke``), which never waits.
-   * Calls that arrive while a CRL is being signed are signed and reloaded together.
+   * Immediate ones that arrive while a CRL is being signed wait for it and are then
+     signed together, in one more CRL (a group commit); a waiting batch joins any CRL
+     signed before its window ends.
 2. **After ``handover_seconds``** from the answer, and not before the CRL lists the old
    serial: a live session still on the old certificate is cut
    (:meth:`registrar.broker.Broker.cut_superseded`). The delay lets the answer reach the
