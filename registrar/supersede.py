@@ -98,6 +98,8 @@ class SupersededCertificates:
         self._pending: list[tuple[tuple[RevokedEntry, ...], asyncio.Future[None]]] = []
         self._last_signed: float | None = None  # loop time of the last CRL signed here
         self._batch: asyncio.Task[None] | None = None  # the batch waiting for its window
+        self._batches: set[asyncio.Task[None]] = set()  # waiting or signing
+        self._signing = 0  # serials in the CRL being signed now
         self._cuts: set[asyncio.Task[None]] = set()
         self.cut_sessions = 0
         #: CRLs signed (each followed by one broker reload), for status and tests.
@@ -105,8 +107,9 @@ class SupersededCertificates:
 
     @property
     def pending(self) -> int:
-        """Superseded serials waiting in a batch (not on the site CRL yet)."""
-        return sum(len(entries) for entries, _ in self._pending)
+        """Superseded serials not in force on the broker yet: waiting for their batch, or in
+        the CRL being signed and reloaded now (0: every one is refused at connect)."""
+        return self._signing + sum(len(entries) for entries, _ in self._pending)
 
     async def supersede(
         self, device: DeviceId, serials: tuple[str, ...], *, renewal: bool = False
@@ -159,6 +162,8 @@ class SupersededCertificates:
         """Make sure a batch task will sign what is pending once the window has passed."""
         if self._batch is None:
             self._batch = asyncio.create_task(self._sign_batch(), name="superseded-batch")
+            self._batches.add(self._batch)
+            self._batch.add_done_callback(self._batches.discard)
 
     async def _sign_batch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -180,8 +185,9 @@ class SupersededCertificates:
             if not batch:
                 return
             self._last_signed = asyncio.get_running_loop().time()
+            merged = tuple(e for group, _ in batch for e in group)
+            self._signing = len(merged)
             try:
-                merged = tuple(e for group, _ in batch for e in group)
                 numbers = None if self._store is None else crl_numbers(self._store)
                 await asyncio.to_thread(self._reissue, merged, numbers)
                 self.crls_signed += 1
@@ -192,6 +198,8 @@ class SupersededCertificates:
                         waiting.set_exception(exc)
                         waiting.exception()  # retrieved: a waiter may be gone (cut cancelled)
                 raise
+            finally:
+                self._signing = 0
             for _, waiting in batch:
                 if not waiting.done():
                     waiting.set_result(None)
@@ -252,10 +260,12 @@ class SupersededCertificates:
         return len(missing)
 
     async def close(self) -> None:
-        """Sign a waiting batch (the broker still runs), then stop the timers and cuts."""
-        batch, self._batch = self._batch, None
-        if batch is not None:
-            batch.cancel()
+        """Sign a waiting batch now (the broker still runs; one being signed finishes),
+        then stop the cuts."""
+        waiting, self._batch = self._batch, None
+        if waiting is not None:
+            waiting.cancel()
+        for batch in list(self._batches):
             with contextlib.suppress(asyncio.CancelledError):
                 await batch
         if self._pending:
