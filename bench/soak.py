@@ -431,8 +431,6 @@ class Soak:
                     log(f"{d.device_id}: ignored a renewal answer: {exc}")
         finally:
             d.answers = None
-        # the soak keeps no certificate history (the device simulator's list would grow)
-        d.registered.previous.clear()
         await self.disconnect(d)
         await self.connect(d)  # with the new LDevID, before the registrar's hand-over cut
 
@@ -924,6 +922,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "registrations": status.get("registrations"),
             "key_updates": status.get("key_updates"),
             "superseded_sessions_cut": status.get("superseded_sessions_cut"),
+            # CRLs signed (= broker reloads) for superseded LDevIDs: batched per window
+            "superseded_crls_signed": status.get("superseded_crls_signed"),
             "revoked_devices": len(status.get("revoked_devices", [])),
         },
         "store_totals": totals,

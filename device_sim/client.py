@@ -369,12 +369,8 @@ class DeviceClient:
                 retry=result.retry,
             )
         key = open_payload_key(reg.wrap_key, self.device_id, result.payload_key)
-        reg.payload_keys[key.key_id] = key
-        reg.previous.append(reg.ldevid)
-        reg.ldevid = result.ldevid
-        reg.site_ca = result.site_ca
-        reg.ldevid_key = new_key
-        reg.current_key_id = key.key_id  # the registrar's current payload key
+        reg.replace_ldevid(result.ldevid, result.site_ca, new_key)
+        reg.adopt_payload_key(key)  # the registrar's current payload key
         return reg
 
     async def renew(

@@ -131,6 +131,15 @@ class DeviceCredentials:
         return b"".join(r.public_bytes(PEM) for r in self.roots)
 
 
+#: Payload keys a device holds: the current one and the one before it (telemetry sealed
+#: just before a rotation, a command sealed under it during the registrar's grace period).
+#: What a real device keeps; an older key is of no use to it, and a simulated fleet that
+#: kept every key grew by ~2.5 KB a device at every rotation (docs/scale.md, "Soak").
+KEPT_PAYLOAD_KEYS = 2
+#: Superseded LDevIDs a device keeps (the last one), for the same reason.
+KEPT_PREVIOUS_LDEVIDS = 1
+
+
 @dataclass
 class Registered:
     """The device after registration: LDevID, its key, the wrap key, payload keys."""
@@ -144,7 +153,8 @@ class Registered:
     key_issued: int = 0
     renew_issued: int = 0
 
-    #: Every LDevID this device held before the current one (oldest first).
+    #: The LDevID(s) this device held before the current one (oldest first), at most
+    #: :data:`KEPT_PREVIOUS_LDEVIDS`.
     previous: list[x509.Certificate] = field(default_factory=list)
 
     @property
@@ -160,7 +170,24 @@ class Registered:
             payload, device_id=device_id, site_ca=self.site_ca, newer_than=self.key_issued
         )
         key = open_payload_key(self.wrap_key, device_id, update.payload_key)
-        self.payload_keys[key.key_id] = key
-        self.current_key_id = key.key_id
+        self.adopt_payload_key(key)
         self.key_issued = update.issued
         return key, update.issued
+
+    def adopt_payload_key(self, key: PayloadKey) -> None:
+        """Make ``key`` current; keep the one it replaces, forget older ones
+        (:data:`KEPT_PAYLOAD_KEYS`)."""
+        if key.key_id != self.current_key_id:
+            kept = (self.current_key_id, key.key_id)[-KEPT_PAYLOAD_KEYS:]
+            self.payload_keys = {k: v for k, v in self.payload_keys.items() if k in kept}
+        self.payload_keys[key.key_id] = key
+        self.current_key_id = key.key_id
+
+    def replace_ldevid(
+        self, ldevid: x509.Certificate, site_ca: x509.Certificate, key: Signer
+    ) -> None:
+        """A renewal's new LDevID (and its key) becomes current; the old one is kept as the
+        last previous one (:data:`KEPT_PREVIOUS_LDEVIDS`)."""
+        self.previous.append(self.ldevid)
+        del self.previous[:-KEPT_PREVIOUS_LDEVIDS]
+        self.ldevid, self.site_ca, self.ldevid_key = ldevid, site_ca, key

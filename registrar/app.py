@@ -294,6 +294,7 @@ class RegistrarApp(SiteRuntime):
             secrets=self.secrets,
             broker=broker,
             handover_seconds=policy.handover_seconds,
+            window_seconds=policy.supersede_window_seconds,
             store=store,
         )
         self._require(self.service).on_superseded = self.superseded.supersede

@@ -187,6 +187,12 @@ def commission_command(home: Path, bundle_file: Path, passphrase_file: Path | No
     help="Time a renewed device has to reconnect before its old session is cut (default 10).",
 )
 @click.option(
+    "--supersede-window-seconds",
+    type=click.FloatRange(0, 3600),
+    help="Renewals' old LDevIDs go on the site CRL (one broker reload) at most once per "
+    "this window; 0: each before its answer (default 60).",
+)
+@click.option(
     "--expired-reregistration",
     type=click.Choice(["allow", "approval"]),
     help="A device whose LDevID expired registers again: allowed, or held for approval.",
@@ -198,6 +204,7 @@ def ldevid_policy_command(
     renew_from: float | None,
     min_interval_seconds: float | None,
     handover_seconds: float | None,
+    supersede_window_seconds: float | None,
     expired_reregistration: str | None,
     as_json: bool,
 ) -> None:
@@ -222,6 +229,8 @@ def ldevid_policy_command(
             changes["min_interval"] = timedelta(seconds=min_interval_seconds)
         if handover_seconds is not None:
             changes["handover_seconds"] = handover_seconds
+        if supersede_window_seconds is not None:
+            changes["supersede_window_seconds"] = supersede_window_seconds
         if expired_reregistration is not None:
             changes["expired_reregistration"] = expired_reregistration
         if changes:

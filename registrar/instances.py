@@ -12,7 +12,10 @@ LISTEN/NOTIFY, milliseconds):
   site duties it goes onto the site CRL and its session is cut after the hand-over
   (:meth:`OtherInstances.reconcile_superseded`); a joining instance waits, before it
   answers a renewal, until the site CRL lists the old serial
-  (:meth:`OtherInstances.superseded_on_crl`);
+  (:meth:`OtherInstances.superseded_on_crl`). These are never batched
+  (``supersede_window_seconds`` applies to the renewals the site-duties instance answers
+  itself): the cut of a session left on the old certificate compares connections with a
+  mark taken after the CRL, so the device must get its answer only after that;
 * a ``resync`` (the feed reconnected or fell behind) re-reads what matters.
 """
 
@@ -120,11 +123,15 @@ class OtherInstances:
         crl = x509.load_pem_x509_crl(self._site_crl().read_bytes())
         return {entry.serial_number for entry in crl}
 
-    async def superseded_on_crl(self, device: DeviceId, serials: tuple[str, ...]) -> None:
+    async def superseded_on_crl(
+        self, device: DeviceId, serials: tuple[str, ...], *, renewal: bool
+    ) -> None:
         """A joining instance's ``on_superseded``: the site-duties instance puts the old
         LDevID on the site CRL when the change feed tells it; the answer waits until the
         site CRL lists it (as on one instance, the old certificate is refused from the
-        moment the new one is handed out), at most :data:`SUPERSEDE_WAIT` seconds."""
+        moment the new one is handed out), at most :data:`SUPERSEDE_WAIT` seconds. A
+        ``renewal`` too: see the module docstring for why it is not batched."""
+        del renewal
         wanted = {int(s, 16) for s in serials}
         deadline = time.monotonic() + SUPERSEDE_WAIT
         while not wanted <= await asyncio.to_thread(self.site_crl_serials):

@@ -35,7 +35,10 @@ second certificate), one store look-up, the pure decision, the one issuance
 the durable record, then the answer. Whenever a certificate replaces another (renewal or
 re-registration), ``on_superseded`` is awaited after the commit and BEFORE the answer is
 returned: the registrar puts the old serial on the site CRL and reloads the broker there, so
-the old certificate is refused at connect from the moment the new one exists.
+the old certificate is refused at connect from the moment the new one exists -- except a
+renewal within the LDevID policy's ``supersede_window_seconds`` of the last such CRL, whose
+old serial joins the next batch (at most one CRL and broker reload per window,
+:mod:`registrar.supersede`).
 
 What both paths share (state, configuration, deduplication, reservations, refusals) is
 :class:`registrar.service_pipeline.ServicePipeline`, the base class of the service.
@@ -270,7 +273,7 @@ class RegistrationService(ServicePipeline):
         )
         previous = found.previous_serial
         if previous is not None and previous != record.ldevid_serial:
-            await self._superseded(request.device_id, (previous.hex,))
+            await self._superseded(request.device_id, (previous.hex,), renewal=False)
         return issued.response
 
     @staticmethod
@@ -434,7 +437,7 @@ class RegistrationService(ServicePipeline):
         log.info(
             "renewed %s: ldevid %s replaces %s", device, record.ldevid_serial, current.ldevid_serial
         )
-        await self._superseded(device, (current.ldevid_serial.hex,))
+        await self._superseded(device, (current.ldevid_serial.hex,), renewal=True)
         return issued.response
 
     async def _admit(self, verified: VerifiedRegistration, now: datetime) -> None:

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -50,9 +51,13 @@ __all__ = ["ANSWERED", "ServicePipeline", "SiteAuthority", "SupersededHook"]
 log = logging.getLogger("registrar.service")
 
 
-#: Called with (device, superseded LDevID serials in hex) after a replacing certificate is
-#: committed and before its answer is returned.
-SupersededHook = Callable[[DeviceId, tuple[str, ...]], Awaitable[None]]
+class SupersededHook(Protocol):
+    """Called with (device, superseded LDevID serials in hex, whether a renewal replaced
+    them) after a replacing certificate is committed and before its answer is returned."""
+
+    def __call__(
+        self, device: DeviceId, serials: tuple[str, ...], *, renewal: bool
+    ) -> Awaitable[None]: ...
 
 
 #: The ``stats`` keys that are not refusals: LDevID issued on registration, a stored answer
@@ -198,15 +203,18 @@ class ServicePipeline:
         finally:
             del self._inflight[digest]
 
-    async def _superseded(self, device: DeviceId, serials: tuple[str, ...]) -> None:
-        """Tell the registrar (site CRL + broker) before the new certificate is handed out;
-        a failure there is logged, not sent to the device: its new certificate is committed,
-        and the registrar re-applies every superseded serial at its next CRL check."""
+    async def _superseded(
+        self, device: DeviceId, serials: tuple[str, ...], *, renewal: bool
+    ) -> None:
+        """Tell the registrar (site CRL + broker) before the new certificate is handed out
+        (a ``renewal`` may be batched: :mod:`registrar.supersede`); a failure there is
+        logged, not sent to the device: its new certificate is committed, and the registrar
+        re-applies every superseded serial at its next CRL check."""
         hook = self.on_superseded
         if hook is None:
             return
         try:
-            await hook(device, serials)
+            await hook(device, serials, renewal=renewal)
         except (RegistrarError, TrustCoreError) as exc:
             log.error(
                 "could not put superseded LDevID(s) %s of %s on the CRL: %s", serials, device, exc

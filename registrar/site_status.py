@@ -229,6 +229,10 @@ async def status_document(app: RunningSite) -> dict[str, Any] | None:
         "registrations": dict(service.stats),
         "ldevid_policy": policy_json(service.policy),
         "superseded_sessions_cut": app.superseded.cut_sessions if app.superseded else 0,
+        # superseded LDevIDs waiting for the next batch's CRL (supersede_window_seconds), and
+        # the CRLs (each one broker reload) signed for superseded LDevIDs since the start
+        "superseded_waiting": app.superseded.pending if app.superseded else 0,
+        "superseded_crls_signed": app.superseded.crls_signed if app.superseded else 0,
         "revoked_devices": sorted(d.value for d in app.revoked),
         "payload_key": app.keyring.current.key_id.hex() if app.keyring else None,
         "revocation_list_sequence": app.revocations.sequence if app.revocations else None,

@@ -108,6 +108,13 @@ class LdevidPolicy:
     * ``handover_seconds``: after a renewal or re-registration answer, how long the device
       has to reconnect with the new certificate before a live session still using the old
       one is cut;
+    * ``supersede_window_seconds``: the LDevIDs that renewals supersede go on the site CRL
+      (a re-signed CRL and a broker reload) at most once per this window: the first
+      renewal after a quiet window does it before its answer leaves, later ones join the
+      next batch and are answered at once (0: every renewal before its answer). Each
+      reload costs Mosquitto memory for as long as a connection made after it lives
+      (``docs/broker.md``, "Reloads and Mosquitto's memory"); re-registrations and
+      revocations never wait;
     * ``expired_reregistration``: a device whose LDevID expired (e.g. switched off for
       longer than its life) re-registers with its IDevID: ``allow`` (default) or
       ``approval`` (held for ``registrar approve``, like an unlisted device).
@@ -117,6 +124,7 @@ class LdevidPolicy:
     renew_from: float = 2 / 3
     min_interval: timedelta = timedelta(hours=1)
     handover_seconds: float = 10.0
+    supersede_window_seconds: float = 60.0
     expired_reregistration: ExpiredReregistration = "allow"
 
     def __post_init__(self) -> None:
@@ -128,6 +136,8 @@ class LdevidPolicy:
             raise InvalidValueError("min_interval must be 0 to half the validity")
         if not 0.0 <= self.handover_seconds <= 3600.0:
             raise InvalidValueError("handover_seconds must be 0 to 3600")
+        if not 0.0 <= self.supersede_window_seconds <= 3600.0:
+            raise InvalidValueError("supersede_window_seconds must be 0 to 3600")
         if self.expired_reregistration not in ("allow", "approval"):
             raise InvalidValueError("expired_reregistration must be 'allow' or 'approval'")
 

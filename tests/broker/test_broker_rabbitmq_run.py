@@ -81,6 +81,7 @@ async def run_site(
         [
             *("ldevid-policy", "--home", str(bench.home)),
             *("--min-interval-seconds", "0", "--handover-seconds", "1"),
+            *("--supersede-window-seconds", "0"),  # no batching: cut 1 s after the answer
         ],
     )
     assert policy.exit_code == 0, policy.output

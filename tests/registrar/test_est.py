@@ -132,9 +132,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         invoke(hq_main, "site", "bundle", "--home", hq, "--site", "site-01", *listed,
                "--out", bundle)  # fmt: skip
         invoke(registrar_main, "commission", "--home", home, bundle)
-        # A fresh LDevID may renew at once (the default rate limit is an hour).
+        # A fresh LDevID may renew at once (the default rate limit is an hour); window 0:
+        # every re-enrolment's old LDevID is on the CRL before its answer (no batching).
         invoke(registrar_main, "ldevid-policy", "--home", home,
-               "--min-interval-seconds", "0", "--handover-seconds", "1")  # fmt: skip
+               "--min-interval-seconds", "0", "--handover-seconds", "1",
+               "--supersede-window-seconds", "0")  # fmt: skip
     log = tmp / "registrar.log"
     with log.open("wb") as out:
         process = subprocess.Popen(

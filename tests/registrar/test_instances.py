@@ -79,6 +79,9 @@ async def site(tmp_path: Path, pg_server: PgServer) -> AsyncIterator[Site]:
             "0",
             "--handover-seconds",
             "1",
+            # every renewal's old LDevID on the CRL before its answer, on every instance
+            "--supersede-window-seconds",
+            "0",
         ],
     )
     assert policy.exit_code == 0, policy.output

@@ -6,6 +6,8 @@ expired LDevIDs re-registering under the site policy, schema migration)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import sqlite3
 from collections.abc import AsyncIterator
@@ -205,16 +207,41 @@ def test_renew_from_two_thirds_and_policy_bounds(pki: Pki, tmp_path: Path) -> No
         {"validity": timedelta(minutes=1)},
         {"min_interval": timedelta(days=200)},
         {"handover_seconds": -1.0},
+        {"supersede_window_seconds": -1.0},
+        {"supersede_window_seconds": 3601.0},
         {"expired_reregistration": "maybe"},
     ):
         with pytest.raises(InvalidValueError):
             LdevidPolicy(**bad)  # type: ignore[arg-type]
     assert read_ldevid_policy(tmp_path) == LdevidPolicy()
+    assert LdevidPolicy().supersede_window_seconds == 60.0
     policy = LdevidPolicy(
-        validity=90 * DAY, renew_from=0.5, min_interval=timedelta(0), handover_seconds=0.5
+        validity=90 * DAY,
+        renew_from=0.5,
+        min_interval=timedelta(0),
+        handover_seconds=0.5,
+        supersede_window_seconds=0.0,
     )
     write_ldevid_policy(tmp_path, policy)
     assert read_ldevid_policy(tmp_path) == policy
+    written = json.loads((tmp_path / "ldevid.json").read_text())
+    assert (written["version"], written["supersede_window_seconds"]) == (2, 0.0)
+    # A file written before the window existed (version 1) is read with its default ...
+    del written["supersede_window_seconds"]
+    (tmp_path / "ldevid.json").write_text(json.dumps({**written, "version": 1}))
+    assert read_ldevid_policy(tmp_path) == dataclasses.replace(
+        policy, supersede_window_seconds=60.0
+    )
+    # ... but each version has exactly its own keys.
+    for broken in (
+        {**written, "version": 2},
+        {**written, "version": 1, "supersede_window_seconds": 5},
+        {**written, "version": 3, "supersede_window_seconds": 5},
+        {**written, "version": True},
+    ):
+        (tmp_path / "ldevid.json").write_text(json.dumps(broken))
+        with pytest.raises(ConfigError):
+            read_ldevid_policy(tmp_path)
     (tmp_path / "ldevid.json").write_text('{"version": 1, "validity_days": 10}')
     with pytest.raises(ConfigError):
         read_ldevid_policy(tmp_path)
@@ -246,7 +273,7 @@ class Env:
         self.db = db
         self.store = store
         self.now = pki.now
-        self.superseded: list[tuple[str, tuple[str, ...]]] = []
+        self.superseded: list[tuple[str, tuple[str, ...], bool]] = []
         self.service = RegistrationService(
             store=store,
             verifier=verifier(),
@@ -258,8 +285,10 @@ class Env:
             on_superseded=self._on_superseded,
         )
 
-    async def _on_superseded(self, device: DeviceId, serials: tuple[str, ...]) -> None:
-        self.superseded.append((device.value, serials))
+    async def _on_superseded(
+        self, device: DeviceId, serials: tuple[str, ...], *, renewal: bool
+    ) -> None:
+        self.superseded.append((device.value, serials, renewal))
 
     def client(self, name: str) -> DeviceClient:
         dev = make_dev(name)
@@ -339,7 +368,7 @@ async def test_renewal_new_key_idempotent_and_the_chain_is_recorded(env: Env) ->
     assert granted.ldevid.public_key() == new_key.public_key()
     assert granted.ldevid.not_valid_after_utc >= env.now + 364 * DAY
     # The old serial was handed to the registrar (site CRL) before the answer came back.
-    assert env.superseded == [("dev-510001", (format(first.serial_number, "x"),))]
+    assert env.superseded == [("dev-510001", (format(first.serial_number, "x"),), True)]
     record = await env.store.device(client.device_id)
     assert record is not None
     assert record.registrations == 1  # renewal is not a registration
@@ -416,7 +445,8 @@ async def test_expired_ldevid_registers_again_by_default(pki: Pki, tmp_path: Pat
         assert expired.reason == "ldevid_expired"
         again = await env.register(client)
         assert isinstance(again, RegistrationGranted)
-        assert env.superseded == [("dev-510003", (format(old.serial_number, "x"),))]
+        # a re-registration: never batched (renewal=False)
+        assert env.superseded == [("dev-510003", (format(old.serial_number, "x"),), False)]
         record = await env.store.device(client.device_id)
         assert record is not None and record.registrations == 2
     finally:
@@ -501,7 +531,7 @@ def test_ldevid_policy_cli_shows_writes_and_refuses_bad_values(tmp_path: Path) -
         registrar_main,
         [
             "ldevid-policy", "--home", home, "--validity-days", "90", "--renew-from", "0.75",
-            "--expired-reregistration", "approval",
+            "--expired-reregistration", "approval", "--supersede-window-seconds", "5",
         ],
     )  # fmt: skip
     assert changed.exit_code == 0, changed.output
@@ -509,6 +539,7 @@ def test_ldevid_policy_cli_shows_writes_and_refuses_bad_values(tmp_path: Path) -
     policy = read_ldevid_policy(world.site.path)
     assert (policy.validity, policy.renew_from) == (90 * DAY, 0.75)
     assert policy.expired_reregistration == "approval"
+    assert policy.supersede_window_seconds == 5.0
     refused = runner.invoke(
         registrar_main,
         [

@@ -2,14 +2,17 @@
 BOTH brokers (embedded amqtt, Mosquitto), checked with clients this project did not write
 (``mosquitto_pub``, ``openssl verify``).
 
-The site runs with ``registrar ldevid-policy --min-interval-seconds 0 --handover-seconds 1``
-so a fresh certificate may renew at once and a session left on a superseded certificate is
-cut one second after the answer.
+The site runs with ``registrar ldevid-policy --min-interval-seconds 0 --handover-seconds 1
+--supersede-window-seconds 0`` so a fresh certificate may renew at once, every superseded
+LDevID is on the CRL before the answer leaves (window 0: no batching, whatever order the
+tests run in), and a session left on a superseded certificate is cut one second after the
+answer. The batching of renewals within a window has its own test (the last one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -49,12 +52,14 @@ def registrar(request: pytest.FixtureRequest, base: Base) -> Iterator[Running]:
     policy = subprocess.run(
         [
             str(REGISTRAR), "ldevid-policy", "--home", str(home),
-            "--min-interval-seconds", "0", "--handover-seconds", "1", "--json",
+            "--min-interval-seconds", "0", "--handover-seconds", "1",
+            "--supersede-window-seconds", "0", "--json",
         ],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert policy.returncode == 0, policy.stderr
     assert json.loads(policy.stdout)["handover_seconds"] == 1.0
+    assert json.loads(policy.stdout)["supersede_window_seconds"] == 0.0
     log = root / "registrar.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -324,3 +329,102 @@ async def test_a_device_that_reconnects_at_once_is_not_cut_by_the_hand_over(
         await session.publish_telemetry(b"still connected")
         await run.telemetry_seen("TH-000831", b"still connected")
     assert sent >= 10
+
+
+async def test_renewals_within_the_window_share_one_crl_and_one_mosquitto_reload(
+    base: Base, tmp_path: Path
+) -> None:
+    """``supersede_window_seconds`` (docs/broker.md, "Reloads and Mosquitto's memory"):
+    the first renewal after a quiet window puts its old LDevID on the CRL before its answer;
+    the next four, within the window, are answered at once and share ONE re-signed CRL and
+    ONE Mosquitto reload. Afterwards every old certificate fails a real TLS handshake with
+    Mosquitto, the devices that reconnected with their new certificate during the window
+    keep their sessions, and the one session left on an old certificate is cut. A batch
+    still waiting when the registrar stops is on the site CRL afterwards."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from cryptography import x509
+
+    from registrar.app import AppSettings, running
+    from registrar.broker.mosquitto import MosquittoBroker
+    from registrar.ldevid_policy import read_ldevid_policy, write_ldevid_policy
+    from registrar.site import SiteHome, SiteSecrets
+    from tests.fixtures.registrar_run import refused_at_tls
+
+    home_path = tmp_path / "site"
+    shutil.copytree(base.site_template, home_path, symlinks=True)
+    window = 15.0  # long enough for every check below to run inside the next window
+    write_ldevid_policy(
+        home_path,
+        replace(
+            read_ldevid_policy(home_path),
+            min_interval=timedelta(0),
+            handover_seconds=1.0,
+            supersede_window_seconds=window,
+        ),
+    )
+    settings = AppSettings(broker="mosquitto", registration_port=0, operational_port=0)
+    secrets = SiteSecrets(base.world.base / "site.pass")
+    devices = [software_device(base, f"TH-00086{n}") for n in range(5)]
+    first, batched, straggler = devices[0], devices[1:4], devices[4]
+    async with running(SiteHome.open(home_path), secrets, settings) as app:
+        broker, superseded = app.broker, app.superseded
+        assert isinstance(broker, MosquittoBroker) and superseded is not None
+        op = app.operational_endpoint
+        await asyncio.gather(*(d.register(app.registration_endpoint) for d in devices))
+        old = [d.operational_context() for d in devices]
+
+        # A quiet window: the first renewal's old certificate is refused before its answer.
+        reloads = broker.sighups
+        async with first.operational(op) as session:
+            await session.renew()
+        assert superseded.pending == 0
+        assert broker.sighups == reloads + 1
+        assert await refused_at_tls(op, old[0])
+
+        # Four more within the window: answered without waiting for a CRL. Three devices
+        # reconnect with their new certificate at once, as devices do; the fourth keeps
+        # its session on the old certificate.
+        reloads, signed = broker.sighups, superseded.crls_signed
+        async with contextlib.AsyncExitStack() as stack:
+            old_session = await stack.enter_async_context(straggler.operational(op))
+
+            async def renew(device: DeviceClient) -> float:
+                async with device.operational(op) as session:
+                    started = time.monotonic()
+                    await session.renew()
+                    return time.monotonic() - started
+
+            answered_in = await asyncio.gather(*(renew(d) for d in batched), old_session.renew())
+            assert superseded.pending == 4  # the readiness signal: 4 serials wait
+            assert broker.sighups == reloads  # no reload yet
+            fresh = [await stack.enter_async_context(d.operational(op)) for d in batched]
+            deadline = time.monotonic() + window + 10
+            while superseded.pending:
+                assert time.monotonic() < deadline, "the batch was never signed"
+                await asyncio.sleep(0.05)
+            # The batch's CRL is in force: one CRL, one reload for four renewals.
+            assert (superseded.crls_signed, broker.sighups) == (signed + 1, reloads + 1)
+            for ctx in old[1:]:
+                assert await refused_at_tls(op, ctx)
+            # The session left on an old certificate is cut; the reconnected ones stay.
+            assert await until_cut(lambda: old_session.publish_telemetry(b"old"), 10) < 10
+            await asyncio.sleep(1.5)  # past the 1 s hand-over of every batched renewal
+            for session in fresh:
+                await session.publish_telemetry(b"new certificate")
+            assert superseded.cut_sessions == 1
+        # One more renewal within the window, then a graceful stop: the waiting batch is
+        # signed before the broker stops (and would be reconciled at the next start).
+        async with first.operational(op) as session:
+            await session.renew()
+        assert superseded.pending == 1
+        assert max(answered_in[:3]) < window / 2
+        assert not await refused_at_tls(op, straggler.operational_context())
+    crl = x509.load_pem_x509_crl((home_path / "current" / "site-crl.pem").read_bytes())
+    for d in devices:
+        assert d.registered is not None and len(d.registered.previous) == 1
+        entry = crl.get_revoked_certificate_by_serial_number(d.registered.previous[0].serial_number)
+        assert entry is not None
+        reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+        assert reason is x509.ReasonFlags.superseded
