@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.fixtures.pki import (
@@ -347,3 +349,31 @@ def test_pem_dir_fixture_is_a_usable_pki(pki: Pki, pki_pem_dir: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
     key_pem = (pki_pem_dir / "broker-key.pem").read_bytes()
     assert key_pem.startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+def test_a_serial_that_is_not_positive_is_malformed(pki: Pki, verifier: ChainVerifier) -> None:
+    """RFC 5280 §4.1.2.2: positive and at most 20 octets (the store keeps a CertSerial).
+    The builder refuses serial 0, so it is patched into the DER (same length); the serial
+    check runs before the signature check, so the broken signature does not matter."""
+    leaf = _leaf_builder(pki, p256("zero"))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(leaf.subject)
+        .issuer_name(leaf.issuer)
+        .public_key(leaf.public_key())
+        .serial_number(1)
+        .not_valid_before(leaf.not_valid_before_utc)
+        .not_valid_after(leaf.not_valid_after_utc)
+    )
+    for ext in leaf.extensions:
+        builder = builder.add_extension(ext.value, critical=ext.critical)
+    one = builder.sign(pki.station_key, hashes.SHA256()).public_bytes(Encoding.DER)
+    head = b"\xa0\x03\x02\x01\x02\x02\x01"  # [0] v3, then INTEGER of length 1
+    assert one.count(head + b"\x01") == 1
+    with warnings.catch_warnings():  # cryptography warns of a zero serial (the registrar's
+        warnings.simplefilter("ignore")  # request path parses without making that an error)
+        zero = x509.load_der_x509_certificate(one.replace(head + b"\x01", head + b"\x00"))
+        assert zero.serial_number == 0
+        assert _refusal(verifier, zero, pki.now) == "malformed"
+    # control: the same certificate with its signed serial 1 verifies
+    assert verifier.verify(x509.load_der_x509_certificate(one), now=pki.now).leaf.serial_number == 1
