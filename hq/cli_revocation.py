@@ -125,8 +125,8 @@ def revoke_command(
     """Append to the HQ revocation list (next sequence, signed by the revocation signer)
     and write it to --out for `registrar import-revocations` at every site."""
     from hq.approvals import QuorumRefused
-    from hq.authority import write_package
     from hq.counterfeit import read_findings, revoke
+    from hq.home import write_package
 
     if out.exists():
         raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
@@ -194,7 +194,7 @@ def publish_revocations_command(
     """Write the next HQ revocation list with a fresh indirect CRL (no root key): what a
     site imports with `registrar import-revocations FILE` to stay within its offline
     limit between bundles."""
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.revocation_data import latest_root_crl, publish_revocations, root_crl_warning
     from hq.store import HqStore
     from trustcore.profiles import HqRole

@@ -47,7 +47,7 @@ def site_enrol_command(
     """Verify a site enrolment request, record the site and issue its site CA certificate."""
     from cryptography.hazmat.primitives import serialization
 
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.site import enrol_site
 
     try:
@@ -90,7 +90,7 @@ def site_rollover_command(
     the next `hq site bundle` carries it to the site."""
     from cryptography.hazmat.primitives import serialization
 
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.site import rollover_site_ca
 
     try:
@@ -158,7 +158,7 @@ def site_bundle_command(
 ) -> None:
     """Write the site's next bundle (sealed to the site): trust anchors, CRLs, the HQ
     revocation list, manifest and admission rules, and the site's payload keys."""
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.site import SiteBundleRequest, build_site_bundle
 
     if out.exists():

@@ -87,7 +87,7 @@ def renew_station_command(
     pin_file: Path | None,
 ) -> None:
     """Issue a station's new CA certificate from its renew-ca request (renewal or re-key)."""
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.station_ca import renew_station_ca
     from trustcore.station_ca_request import MAX_REQUEST_SIZE
 
@@ -307,7 +307,8 @@ def entitle_command(
 
     A device-id range that overlaps another station's entitlement is refused
     (``overlapping_range``) unless --allow-overlap, which is recorded."""
-    from hq.authority import EntitlementRequest, issue_entitlement, write_package
+    from hq.entitlements import EntitlementRequest, issue_entitlement
+    from hq.home import write_package
     from trustcore.entitlement import DeviceIdRule
     from trustcore.errors import InvalidValueError
 
@@ -427,7 +428,7 @@ def time_statement_command(
 ) -> None:
     """HQ vouches for the current time to a station (docs/factory.md "Time"): for a station
     that was off longer than its clock tolerance, or that must trust a new date."""
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.station_time import issue_time_statement
 
     if out.exists():

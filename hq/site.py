@@ -21,10 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl, sign_ca_with_root
 from hq.errors import HomeError, HqError
 from hq.home import HqHome, HqSecrets
 from hq.kms import ensure_site_payload_key, kms_key, site_payload_keys
+from hq.root_signing import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl, sign_ca_with_root
 from hq.store import HqStore, SiteRow, StationCrlRow
 from trustcore.crl import load_crl, verify_crl
 from trustcore.errors import (
