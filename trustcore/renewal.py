@@ -55,14 +55,12 @@ from trustcore.profiles import device_id_from_certificate, require_p256_public_k
 from trustcore.registration import (
     FRESHNESS_SECONDS,
     MAX_CERT_SIZE,
-    NONCE_MAX,
-    NONCE_MIN,
     PROTOCOL_VERSION,
     RegistrationError,
     envelope_signature_valid,
-    open_envelope,
     sign_envelope,
 )
+from trustcore.signed_envelope import open_device_request
 from trustcore.utctime import to_unix
 from trustcore.x509parse import parsed_certificate
 
@@ -226,24 +224,11 @@ def build_renewal_request(
 def parse_renewal_request(data: bytes) -> RenewalRequest:
     """Strict decode (size first; exact field set; types; lengths). ``RegistrationError``
     ``oversized`` / ``malformed`` / ``unsupported_version``."""
-    if not isinstance(data, bytes | bytearray):
-        raise RegistrationError("renewal request is not bytes")
-    if len(data) > MAX_RENEWAL_SIZE:
-        raise RegistrationError(f"renewal request of {len(data)} bytes", reason="oversized")
-    data = bytes(data)
-    body_bytes, sig, body = open_envelope(data, MAX_RENEWAL_SIZE, "renewal request")
+    opened = open_device_request(
+        data, MAX_RENEWAL_SIZE, "renewal request", "renewal request", _FIELDS
+    )
+    body = opened.body
     try:
-        version = cbor.field(body, "v", int)
-        if version != PROTOCOL_VERSION:
-            raise RegistrationError(f"version {version}", reason="unsupported_version")
-        cbor.expect_keys(body, _FIELDS, what="renewal request")
-        device_id = DeviceId(cbor.field(body, "device_id", str))
-        nonce = cbor.field(body, "nonce", bytes)
-        if not NONCE_MIN <= len(nonce) <= NONCE_MAX:
-            raise EncodingError(f"nonce must be {NONCE_MIN}..{NONCE_MAX} bytes")
-        time = cbor.field(body, "time", int)
-        if not 0 <= time < 2**40:
-            raise EncodingError("time out of range")
         csr = cbor.field(body, "csr", bytes)
         ldevid = cbor.field(body, "ldevid", bytes)
         if len(csr) > MAX_CSR_SIZE or not 0 < len(ldevid) <= MAX_CERT_SIZE:
@@ -252,14 +237,14 @@ def parse_renewal_request(data: bytes) -> RenewalRequest:
         raise RegistrationError(f"renewal request: {exc.message}") from exc
     csr_key = _csr_key_id(csr)
     return RenewalRequest(
-        device_id=device_id,
-        nonce=nonce,
-        time=time,
+        device_id=opened.device_id,
+        nonce=opened.nonce,
+        time=opened.time,
         csr_der=csr,
         ldevid_der=ldevid,
-        body=body_bytes,
-        signature=sig,
-        digest=hashlib.sha256(data).digest(),
+        body=opened.body_bytes,
+        signature=opened.signature,
+        digest=hashlib.sha256(opened.data).digest(),
         csr_key_id=csr_key,
     )
 
