@@ -21,6 +21,7 @@ from hq.cli_options import (
     fail,
     home_option,
     read_approvals,
+    refuse_existing_out,
     secret_options,
 )
 from hq.errors import HqError
@@ -128,8 +129,7 @@ def revoke_command(
     from hq.counterfeit import read_findings, revoke
     from hq.home import write_package
 
-    if out.exists():
-        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    refuse_existing_out(out)
     try:
         findings = read_findings(findings_file) if findings_file is not None else []
         result, package = revoke(
@@ -200,8 +200,7 @@ def publish_revocations_command(
     from trustcore.profiles import HqRole
     from trustcore.utctime import now_utc
 
-    if out.exists():
-        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    refuse_existing_out(out)
     moment = now_utc(None)
     try:
         hq_home = HqHome.open(home)

@@ -13,6 +13,7 @@ from hq.cli_options import (
     fail,
     home_option,
     read_approvals,
+    refuse_existing_out,
     secret_options,
 )
 from hq.errors import HqError
@@ -161,8 +162,7 @@ def site_bundle_command(
     from hq.home import write_package
     from hq.site import SiteBundleRequest, build_site_bundle
 
-    if out.exists():
-        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    refuse_existing_out(out)
     request = SiteBundleRequest(
         site_id=site_id,
         devices=devices,

@@ -22,6 +22,7 @@ from hq.cli_options import (
     fail,
     home_option,
     read_approvals,
+    refuse_existing_out,
     secret_options,
 )
 from hq.errors import ExportRefusedError, HqError
@@ -312,8 +313,7 @@ def entitle_command(
     from trustcore.entitlement import DeviceIdRule
     from trustcore.errors import InvalidValueError
 
-    if out.exists():
-        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    refuse_existing_out(out)
     secrets_map: dict[str, bytes] = {}
     for spec in secret_specs:
         name, value = _parse_secret(spec)
@@ -431,8 +431,7 @@ def time_statement_command(
     from hq.home import write_package
     from hq.station_time import issue_time_statement
 
-    if out.exists():
-        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    refuse_existing_out(out)
     try:
         package, moment = issue_time_statement(
             HqHome.open(home), station_id, HqSecrets(passphrase_file, pin_file)
