@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import secrets as _random
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +27,7 @@ from hq.home import HqConfig, HqHome, HqSecrets, Pkcs11Location, cert_pem
 from hq.root_signing import BACKDATE, ROLE_VALIDITY, ROOT_CRL_VALIDITY, ROOT_VALIDITY
 from hq.store import HqStore, StationRow, parse_store_location
 from signers.errors import SignerError
+from signers.private_files import new_home, require_empty_home
 from signers.software import SoftwareKey
 from trustcore.crl import build_crl
 from trustcore.errors import CsrError, EncodingError, InvalidValueError
@@ -81,14 +79,10 @@ def init_hq(
     if not organization or not organization.isprintable() or len(organization) > 64:
         raise HomeError("organisation name must be 1..64 printable characters")
     location = None if store is None else parse_store_location(store)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise HomeError(f"{target} already exists and is not empty; refusing to overwrite it")
+    require_empty_home(target, HomeError)
     moment = now_utc(now)
     passphrase = secrets.passphrase()  # fail before any key is made
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = target.parent / f".{target.name}.init-{os.getpid()}-{_random.token_hex(4)}"
-    build.mkdir(mode=0o700)
-    try:
+    with new_home(target, HomeError) as build:
         (build / "certs").mkdir()
         (build / "keys").mkdir(mode=0o700)
         with _root_signer(build, root_pkcs11, secrets, passphrase) as (root, generated):
@@ -140,15 +134,6 @@ def init_hq(
             db.close()
         config = HqConfig(organization, root_pkcs11, int(moment.timestamp()), store=store)
         (build / "hq.json").write_text(config.to_json(), encoding="utf-8")
-        try:
-            # rename() onto an empty directory replaces it; onto a non-empty one it fails, so
-            # an HQ created concurrently is never overwritten.
-            build.rename(target)
-        except OSError as exc:
-            raise HomeError(f"cannot create {target}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     return InitResult(target, root_cert, role_certs, root_pkcs11 is not None, generated)
 
 

@@ -11,8 +11,6 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets as _random
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,7 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from registrar.errors import ConfigError
 from signers.errors import SignerError
-from signers.private_files import private_home, write_private_file
+from signers.private_files import new_home, private_home, require_empty_home, write_private_file
 from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
 from trustcore.csr import build_csr
 from trustcore.errors import InvalidValueError
@@ -339,14 +337,10 @@ def init_site(
         raise ConfigError("organisation must be 1..64 printable characters")
     if not broker_names and not broker_ips:
         raise ConfigError("the broker needs at least one host name or IP address")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigError(f"{target} already exists and is not empty; refusing to overwrite it")
+    require_empty_home(target, ConfigError)
     moment = now_utc(now)
     passphrase = secrets.passphrase()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = target.parent / f".{target.name}.init-{os.getpid()}-{_random.token_hex(4)}"
-    build.mkdir(mode=0o700)
-    try:
+    with new_home(target, ConfigError) as build:
         (build / "certs").mkdir()
         (build / "keys").mkdir(mode=0o700)
         (build / "certs" / "root-ca.pem").write_bytes(pem(root))
@@ -365,13 +359,6 @@ def init_site(
             payload_key_grace_s=payload_key_grace_s,
         )
         (build / "site.json").write_text(config.to_json(), encoding="utf-8")
-        try:
-            build.rename(target)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {target}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     return SiteInitResult(
         target,
         sid.value,
