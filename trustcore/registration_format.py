@@ -13,10 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-
-from trustcore.errors import TrustCoreError
+from trustcore.errors import X509_PARSE_ERRORS, TrustCoreError
 
 PROTOCOL_VERSION = 1
 REQUEST_DOMAIN = "devtrust/registration-request/v1"
@@ -33,16 +30,9 @@ MAX_CERT_SIZE = 4 * 1024
 FRESHNESS_SECONDS = 300
 NONCE_MIN, NONCE_MAX = 16, 64
 MAX_MESSAGE_CHARS = 200
-#: What ``cryptography`` may raise on hostile DER: InvalidVersion and UnsupportedAlgorithm
-#: are not ValueErrors.
-PARSE_ERRORS = (
-    ValueError,
-    TypeError,
-    x509.InvalidVersion,
-    x509.DuplicateExtension,
-    x509.UnsupportedGeneralNameType,
-    UnsupportedAlgorithm,
-)
+#: What ``cryptography`` may raise on hostile DER (InvalidVersion and UnsupportedAlgorithm
+#: are not ValueErrors): the one tuple of :mod:`trustcore.errors`, under its protocol name.
+PARSE_ERRORS = X509_PARSE_ERRORS
 
 
 # ------------------------------------------------------------------------- reason table

@@ -62,7 +62,7 @@ from trustcore.registration import (
 )
 from trustcore.signed_envelope import open_device_request
 from trustcore.utctime import to_unix
-from trustcore.x509parse import parsed_certificate
+from trustcore.x509parse import parsed_certificate, x509_warnings_ignored
 
 __all__ = [
     "MAX_RENEWAL_SIZE",
@@ -301,6 +301,7 @@ def issued_by(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> bool:
     return False
 
 
+@x509_warnings_ignored
 def verify_renewal(
     request: RenewalRequest,
     *,
@@ -330,19 +331,6 @@ def verify_renewal(
        certified before, for any device (``csr_reused_key`` for its own, ``csr_foreign_key``
        for another's).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _verify(request, topic_device_id, site_cas, facts, now, policy)
-
-
-def _verify(
-    request: RenewalRequest,
-    topic_device_id: DeviceId,
-    site_cas: Sequence[x509.Certificate],
-    facts: RenewalFacts,
-    now: datetime,
-    policy: LdevidPolicy,
-) -> VerifiedRenewal:
     device = request.device_id
     if device != topic_device_id:
         raise _refuse("device_mismatch", f"request names {device}, topic {topic_device_id}")
