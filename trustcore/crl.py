@@ -42,6 +42,7 @@ __all__ = [
     "RevokedEntry",
     "build_crl",
     "build_indirect_crl",
+    "crl_authority_key_id",
     "load_crl",
     "verify_crl",
     "verify_indirect_crl",
@@ -227,6 +228,18 @@ def _key_id(cert: x509.Certificate) -> bytes:
         ).digest
 
 
+def crl_authority_key_id(crl: x509.CertificateRevocationList) -> bytes | None:
+    """The keyIdentifier of the CRL's AKI (None: no AKI, or one without it); ``malformed``
+    if the CRL's extensions do not parse."""
+    try:
+        aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:
+        raise CrlError("CRL extensions do not parse", reason="malformed") from exc
+    return aki.key_identifier
+
+
 def _signed_and_numbered(
     crl: x509.CertificateRevocationList, signer: x509.Certificate, role: str
 ) -> tuple[datetime, int]:
@@ -279,13 +292,8 @@ def verify_crl(
     if crl.issuer != issuer_cert.subject:
         raise CrlError("CRL issuer name does not match the CA", reason="crl_wrong_issuer")
     key_id = _key_id(issuer_cert)
-    try:
-        aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        aki = None
-    except ValueError as exc:
-        raise CrlError("CRL extensions do not parse", reason="malformed") from exc
-    if aki is not None and aki.key_identifier is not None and aki.key_identifier != key_id:
+    aki = crl_authority_key_id(crl)
+    if aki is not None and aki != key_id:
         raise CrlError("CRL AKI does not match the CA key", reason="crl_wrong_issuer")
     if not _issuer_may_sign_crls(issuer_cert):
         raise CrlError("CA is not allowed to sign CRLs (no cRLSign)", reason="crl_wrong_issuer")
