@@ -46,6 +46,7 @@ __all__ = [
     "SiteSecrets",
     "configure_site",
     "current_cert",
+    "exclusive_lock",
     "init_site",
     "issuing_ca_key",
     "pem",
@@ -259,7 +260,14 @@ def revocation_lock(home: SiteHome) -> Iterator[None]:
     (commissioning, rollover, ``registrar revoke`` / ``import-revocations`` and the running
     registrar's refresh). Here, beside :class:`SiteHome`, so every writer of the site
     state reaches it without importing :mod:`registrar.revocation`."""
-    path = home.path / "revocation.lock"
+    with exclusive_lock(home.path / "revocation.lock"):
+        yield
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created 0600) for the block, waiting for
+    it: the one cross-process lock of the site's read-modify-write files."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
