@@ -32,6 +32,7 @@ from trustcore.keys import load_canonical_p256_spki, spki_der
 from trustcore.policy_chain import CHAIN_REASONS, Decision, NamedPlugin, Verdict, run_chain
 from trustcore.profiles import station_id_from_certificate
 from trustcore.registration_format import (
+    CSR_TO_PUBLIC,
     FRESHNESS_SECONDS,
     PARSE_ERRORS,
     REQUEST_DOMAIN,
@@ -51,14 +52,6 @@ _VERIFY_TO_PUBLIC = {
     "revoked": "revoked",
     "crl_missing": "revocation_unavailable",
     "crl_stale": "revocation_unavailable",
-}
-
-_CSR_TO_PUBLIC = {
-    "malformed": "csr_malformed",
-    "bad_signature": "csr_bad_signature",
-    "wrong_key_type": "csr_malformed",
-    "wrong_name": "csr_wrong_name",
-    "forbidden_extension": "csr_wrong_name",
 }
 
 
@@ -201,7 +194,7 @@ def verify_request(
         else:
             csr = validate_csr(request.csr_der, expected_device_id=request.device_id)
     except CsrError as exc:
-        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
+        raise _refuse(CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
     except PARSE_ERRORS as exc:  # escape trustcore.csr (InvalidVersion, UnsupportedAlgorithm)
         raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
     if request.csr is csr.csr and request.csr_spki is not None:

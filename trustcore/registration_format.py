@@ -33,6 +33,17 @@ MAX_MESSAGE_CHARS = 200
 #: What ``cryptography`` may raise on hostile DER (InvalidVersion and UnsupportedAlgorithm
 #: are not ValueErrors): the one tuple of :mod:`trustcore.errors`, under its protocol name.
 PARSE_ERRORS = X509_PARSE_ERRORS
+#: ``CsrError`` reasons -> the public refusal reason, for a registration's and a renewal's CSR
+#: alike (anything else is ``csr_malformed``).
+CSR_TO_PUBLIC: Mapping[str, str] = MappingProxyType(
+    {
+        "malformed": "csr_malformed",
+        "bad_signature": "csr_bad_signature",
+        "wrong_key_type": "csr_malformed",
+        "wrong_name": "csr_wrong_name",
+        "forbidden_extension": "csr_wrong_name",
+    }
+)
 
 
 # ------------------------------------------------------------------------- reason table

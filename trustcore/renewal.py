@@ -60,6 +60,7 @@ from trustcore.registration import (
     envelope_signature_valid,
     sign_envelope,
 )
+from trustcore.registration_format import CSR_TO_PUBLIC
 from trustcore.signed_envelope import open_device_request
 from trustcore.utctime import to_unix
 from trustcore.x509parse import parsed_certificate, x509_warnings_ignored
@@ -275,15 +276,6 @@ class VerifiedRenewal:
     new_key_id: bytes
 
 
-_CSR_TO_PUBLIC = {
-    "malformed": "csr_malformed",
-    "bad_signature": "csr_bad_signature",
-    "wrong_key_type": "csr_malformed",
-    "wrong_name": "csr_wrong_name",
-    "forbidden_extension": "csr_wrong_name",
-}
-
-
 def _refuse(reason: str, detail: str) -> RegistrationError:
     return RegistrationError(detail, reason=reason)
 
@@ -385,7 +377,7 @@ def verify_renewal(
     try:
         csr = validate_csr(request.csr_der, expected_device_id=device)
     except CsrError as exc:
-        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
+        raise _refuse(CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
     except X509_PARSE_ERRORS as exc:  # hostile DER escaping trustcore.csr
         raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
     new_id = key_id(csr.public_key)
