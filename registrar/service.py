@@ -193,13 +193,7 @@ class RegistrationService(ServicePipeline):
                 digest, request.nonce, request.csr_key_id, request.device_id
             )
         except StoreError as exc:
-            return self._refusal(
-                topic_device_id,
-                request.nonce,
-                digest,
-                RegistrationError(exc.message, reason="internal_error"),
-                request=request,
-            )
+            return self._store_failed(topic_device_id, request, exc)
         if found.response is not None:
             self.stats["idempotent"] += 1
             return found.response
@@ -318,13 +312,7 @@ class RegistrationService(ServicePipeline):
             known = await self._store.renewal_lookup(device)
             current = await self._store.device(device)
         except StoreError as exc:
-            return self._refusal(
-                device,
-                request.nonce,
-                digest,
-                RegistrationError(exc.message, reason="internal_error"),
-                request=request,
-            )
+            return self._store_failed(device, request, exc)
         if found.response is not None:
             self.stats["idempotent"] += 1
             return found.response
@@ -423,6 +411,18 @@ class RegistrationService(ServicePipeline):
             payload_key=self.payload_key,
             now=now,
             validity=self.policy.validity,
+        )
+
+    def _store_failed(
+        self, device: DeviceId, request: RegistrationRequest | RenewalRequest, exc: StoreError
+    ) -> bytes:
+        """The answer when the store could not be read: ``internal_error`` (retry later)."""
+        return self._refusal(
+            device,
+            request.nonce,
+            request.digest,
+            RegistrationError(exc.message, reason="internal_error"),
+            request=request,
         )
 
     async def _commit_issued(
