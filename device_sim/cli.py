@@ -154,11 +154,9 @@ def _device_passphrase(passphrase_file: Path | None) -> bytes:
     """The devices' keystore passphrase: --passphrase-file or $DEVTRUST_DEVICE_PASSPHRASE,
     never the command line."""
     from device_sim.fleet import PASSPHRASE_ENV
-    from signers.software import passphrase_from_env, passphrase_from_file
+    from signers.software import passphrase_from
 
-    if passphrase_file is not None:
-        return passphrase_from_file(passphrase_file)
-    return passphrase_from_env(PASSPHRASE_ENV)
+    return passphrase_from(passphrase_file, PASSPHRASE_ENV)
 
 
 # --------------------------------------------------------------- at a factory station

@@ -34,7 +34,7 @@ from hq.errors import HomeError, SecretError
 from hq.store.location import StoreLocation, parse_store_location
 from signers.errors import KeystoreError, SignerError
 from signers.private_files import private_home, write_private_file
-from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
+from signers.software import SoftwareKey, passphrase_from
 from trustcore.keys import Signer
 from trustcore.profiles import HqRole
 
@@ -75,9 +75,7 @@ def read_secret(path: Path | None, env: str, what: str) -> bytes:
     """A passphrase or PIN from ``path`` if given, else from the environment variable
     ``env``; ``SecretError("no <what>: …")`` if neither holds one."""
     try:
-        if path is not None:
-            return passphrase_from_file(path)
-        return passphrase_from_env(env)
+        return passphrase_from(path, env)
     except SignerError as exc:
         raise SecretError(f"no {what}: {exc}") from exc
 

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from registrar.errors import ConfigError
 from signers.errors import SignerError
 from signers.private_files import new_home, private_home, require_empty_home, write_private_file
-from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
+from signers.software import SoftwareKey, passphrase_from
 from trustcore.csr import build_csr
 from trustcore.errors import InvalidValueError
 from trustcore.identity import SiteId
@@ -80,9 +80,7 @@ class SiteSecrets:
 
     def passphrase(self) -> bytes:
         try:
-            if self.passphrase_file is not None:
-                return passphrase_from_file(self.passphrase_file)
-            return passphrase_from_env(PASSPHRASE_ENV)
+            return passphrase_from(self.passphrase_file, PASSPHRASE_ENV)
         except SignerError as exc:
             raise ConfigError(f"no site keystore passphrase: {exc}", reason="no_secret") from exc
 
