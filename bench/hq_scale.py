@@ -52,8 +52,9 @@ from cryptography.x509.oid import NameOID
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hq.audit_ingest import ingest_audit
-from hq.authority import EntitlementRequest, enrol_station, init_hq, issue_entitlement
+from hq.authority import enrol_station, init_hq
 from hq.counterfeit import ingest_site_report
+from hq.entitlements import EntitlementRequest, issue_entitlement
 from hq.home import HqHome, HqSecrets
 from hq.site import enrol_site
 from hq.store import DeviceRow, HqStore

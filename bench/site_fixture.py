@@ -575,7 +575,8 @@ def build_commissioned_site(base: Path, *, id_prefix: str = "dev-") -> BenchSite
     """HQ (root CA), one enrolled and entitled station (product ``bench``, ids
     ``<id_prefix>000000``-``999999``), and an enrolled site commissioned from HQ's bundle,
     which admits every device of that station and product. About a second."""
-    from hq.authority import EntitlementRequest, enrol_station, init_hq, issue_entitlement
+    from hq.authority import enrol_station, init_hq
+    from hq.entitlements import EntitlementRequest, issue_entitlement
     from hq.home import HqHome, HqSecrets
     from hq.site import SiteBundleRequest, build_site_bundle, enrol_site, record_station_crl
     from registrar.site import SiteHome, commission_site, init_site

@@ -23,8 +23,8 @@ import click
 from device_sim.device import DeviceStateError, SimDevice, create_fleet
 from device_sim.swtpm import SwtpmError
 from signers.private_files import private_umask
-from trustcore.cli_net import guarded_group
-from trustcore.logformat import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
+from trustcore.cli_net import guarded_group, log_options
+from trustcore.logformat import LogFormat, configure_logging
 
 if TYPE_CHECKING:
     from factory_station.provision import ProvisionResult
@@ -38,15 +38,7 @@ log = logging.getLogger(__name__)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.version_option(package_name="devtrust")
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default="text",
-    show_default=True,
-    help="json: log records and this command's diagnostics as one JSON object per line "
-    "on stderr (docs/operations.md).",
-)
-@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+@log_options
 def main(log_format: LogFormat, log_level: str) -> None:
     """Simulated devices: each has its own TPM (one swtpm process and state directory per
     device) or, for large load tests, software keys. Devices are provisioned at a factory
@@ -162,11 +154,9 @@ def _device_passphrase(passphrase_file: Path | None) -> bytes:
     """The devices' keystore passphrase: --passphrase-file or $DEVTRUST_DEVICE_PASSPHRASE,
     never the command line."""
     from device_sim.fleet import PASSPHRASE_ENV
-    from signers.software import passphrase_from_env, passphrase_from_file
+    from signers.software import passphrase_from
 
-    if passphrase_file is not None:
-        return passphrase_from_file(passphrase_file)
-    return passphrase_from_env(PASSPHRASE_ENV)
+    return passphrase_from(passphrase_file, PASSPHRASE_ENV)
 
 
 # --------------------------------------------------------------- at a factory station

@@ -73,6 +73,13 @@ _SEALED_REASONS: Final = {
 }
 
 
+def _package_refused(exc: SealedPackageError) -> EntitlementImportError:
+    """A package HQ sealed that did not open, with the station's reason for it."""
+    return EntitlementImportError(
+        f"{exc.message}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
+    )
+
+
 @dataclass(frozen=True)
 class ImportedEntitlement:
     policy: EntitlementPolicy
@@ -103,9 +110,7 @@ def import_entitlement(core: StationCore, package: bytes) -> ImportedEntitlement
                 reason="replayed",
             ) from exc
         except SealedPackageError as exc:
-            raise EntitlementImportError(
-                f"{exc.message}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
-            ) from exc
+            raise _package_refused(exc) from exc
         except TpmError as exc:
             raise StationStateError(f"TPM ECDH failed: {exc}") from exc
         try:
@@ -187,9 +192,7 @@ def import_time_statement(core: StationCore, package: bytes) -> TimeAnchor:
                 reason="replayed",
             ) from exc
         except SealedPackageError as exc:
-            raise EntitlementImportError(
-                f"{exc.message}", reason=_SEALED_REASONS.get(exc.reason, "tampered")
-            ) from exc
+            raise _package_refused(exc) from exc
         except (EncodingError, InvalidValueError) as exc:
             raise EntitlementImportError(
                 f"time statement does not decode: {exc.message}", reason="malformed"

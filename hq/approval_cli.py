@@ -235,7 +235,7 @@ def request_command(
     out: Path,
 ) -> None:
     """Write an approval request for an operation (stored at HQ, listed by `serve`)."""
-    from hq.authority import write_package
+    from hq.home import write_package
 
     values = dict(_param(p) for p in params)
     try:
@@ -261,7 +261,7 @@ def request_command(
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
 def sign_command(request_file: Path, out: Path, yes: bool, **kw: Any) -> None:
     """Review a request and sign it with your approver key, writing an approval file."""
-    from hq.authority import write_package
+    from hq.home import write_package
 
     try:
         request = ApprovalRequest.decode(read_file(request_file, MAX_REQUEST_SIZE))
@@ -291,7 +291,7 @@ def bundle_command(
 ) -> None:
     """Combine a request and its approvals into one bundle file: from files (REQUEST
     APPROVAL...), or from what the HQ endpoint received (--home --request-id)."""
-    from hq.authority import write_package
+    from hq.home import write_package
 
     try:
         if request_id is not None:

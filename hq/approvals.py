@@ -112,7 +112,7 @@ def _config(home: HqHome) -> HqQuorumConfig:
 
 
 def entitlement_params(request: Any) -> dict[str, Any]:
-    """What an ``issue_entitlement`` quorum approves (from a ``hq.authority``
+    """What an ``issue_entitlement`` quorum approves (from a ``hq.entitlements``
     ``EntitlementRequest``): the station, product, quotas, window and id range."""
     return {
         "station_id": request.station_id,

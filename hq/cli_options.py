@@ -1,6 +1,6 @@
 """What every ``hq`` command group shares (:mod:`hq.cli` wires the groups): the ``--home``,
 secret and ``--approvals`` options, reading quorum evidence, the exit codes of the two
-ingest commands and the one-line error exit.
+ingest commands, the one-line error exit and the refusal of an ``--out`` that exists.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ __all__ = [
     "fail",
     "home_option",
     "read_approvals",
+    "refuse_existing_out",
     "secret_options",
 ]
 
@@ -74,6 +75,13 @@ def read_approvals(paths: tuple[Path, ...]) -> list[bytes]:
     from trustcore.quorum import MAX_EVIDENCE_SIZE
 
     return [read_file(p, MAX_EVIDENCE_SIZE) for p in paths]
+
+
+def refuse_existing_out(out: Path) -> None:
+    """Refuse an ``--out`` file that exists, before anything is signed or recorded (the
+    write itself never replaces a file either: :func:`hq.home.write_package`)."""
+    if out.exists():
+        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
 
 
 def fail(exc: HqError, code: int = 1) -> NoReturn:

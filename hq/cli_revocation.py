@@ -21,6 +21,7 @@ from hq.cli_options import (
     fail,
     home_option,
     read_approvals,
+    refuse_existing_out,
     secret_options,
 )
 from hq.errors import HqError
@@ -125,11 +126,10 @@ def revoke_command(
     """Append to the HQ revocation list (next sequence, signed by the revocation signer)
     and write it to --out for `registrar import-revocations` at every site."""
     from hq.approvals import QuorumRefused
-    from hq.authority import write_package
     from hq.counterfeit import read_findings, revoke
+    from hq.home import write_package
 
-    if out.exists():
-        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    refuse_existing_out(out)
     try:
         findings = read_findings(findings_file) if findings_file is not None else []
         result, package = revoke(
@@ -194,14 +194,13 @@ def publish_revocations_command(
     """Write the next HQ revocation list with a fresh indirect CRL (no root key): what a
     site imports with `registrar import-revocations FILE` to stay within its offline
     limit between bundles."""
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.revocation_data import latest_root_crl, publish_revocations, root_crl_warning
     from hq.store import HqStore
     from trustcore.profiles import HqRole
     from trustcore.utctime import now_utc
 
-    if out.exists():
-        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    refuse_existing_out(out)
     moment = now_utc(None)
     try:
         hq_home = HqHome.open(home)

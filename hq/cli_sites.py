@@ -13,6 +13,7 @@ from hq.cli_options import (
     fail,
     home_option,
     read_approvals,
+    refuse_existing_out,
     secret_options,
 )
 from hq.errors import HqError
@@ -47,7 +48,7 @@ def site_enrol_command(
     """Verify a site enrolment request, record the site and issue its site CA certificate."""
     from cryptography.hazmat.primitives import serialization
 
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.site import enrol_site
 
     try:
@@ -90,7 +91,7 @@ def site_rollover_command(
     the next `hq site bundle` carries it to the site."""
     from cryptography.hazmat.primitives import serialization
 
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.site import rollover_site_ca
 
     try:
@@ -158,11 +159,10 @@ def site_bundle_command(
 ) -> None:
     """Write the site's next bundle (sealed to the site): trust anchors, CRLs, the HQ
     revocation list, manifest and admission rules, and the site's payload keys."""
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.site import SiteBundleRequest, build_site_bundle
 
-    if out.exists():
-        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    refuse_existing_out(out)
     request = SiteBundleRequest(
         site_id=site_id,
         devices=devices,

@@ -22,6 +22,7 @@ from hq.cli_options import (
     fail,
     home_option,
     read_approvals,
+    refuse_existing_out,
     secret_options,
 )
 from hq.errors import ExportRefusedError, HqError
@@ -87,7 +88,7 @@ def renew_station_command(
     pin_file: Path | None,
 ) -> None:
     """Issue a station's new CA certificate from its renew-ca request (renewal or re-key)."""
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.station_ca import renew_station_ca
     from trustcore.station_ca_request import MAX_REQUEST_SIZE
 
@@ -307,12 +308,12 @@ def entitle_command(
 
     A device-id range that overlaps another station's entitlement is refused
     (``overlapping_range``) unless --allow-overlap, which is recorded."""
-    from hq.authority import EntitlementRequest, issue_entitlement, write_package
+    from hq.entitlements import EntitlementRequest, issue_entitlement
+    from hq.home import write_package
     from trustcore.entitlement import DeviceIdRule
     from trustcore.errors import InvalidValueError
 
-    if out.exists():
-        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    refuse_existing_out(out)
     secrets_map: dict[str, bytes] = {}
     for spec in secret_specs:
         name, value = _parse_secret(spec)
@@ -427,11 +428,10 @@ def time_statement_command(
 ) -> None:
     """HQ vouches for the current time to a station (docs/factory.md "Time"): for a station
     that was off longer than its clock tolerance, or that must trust a new date."""
-    from hq.authority import write_package
+    from hq.home import write_package
     from hq.station_time import issue_time_statement
 
-    if out.exists():
-        raise click.BadParameter(f"{out} exists; refusing to overwrite it", param_hint="--out")
+    refuse_existing_out(out)
     try:
         package, moment = issue_time_statement(
             HqHome.open(home), station_id, HqSecrets(passphrase_file, pin_file)

@@ -37,10 +37,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.authority import issue_root_crl
 from hq.errors import HqError
 from hq.home import HqHome, HqSecrets
 from hq.revocation_data import current_revocations, publish_revocations
+from hq.root_signing import issue_root_crl
 from hq.store import HqStore
 from trustcore.errors import ProfileError, TrustCoreError
 from trustcore.identity import CertSerial, DeviceId, SiteId, StationId

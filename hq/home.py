@@ -14,7 +14,8 @@ Layout (see ``docs/hq.md``)::
 
 Secrets never come from the command line (``ps`` and shell history would show them): the
 keystore passphrase comes from ``DEVTRUST_HQ_PASSPHRASE`` or a passphrase file, the token
-PIN from ``DEVTRUST_HQ_PIN`` or a PIN file.
+PIN from ``DEVTRUST_HQ_PIN`` or a PIN file. The files HQ hands out (packages, bundles, CRLs)
+are written by :func:`write_package`: never over an existing file, atomically, mode 0600.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from cryptography.hazmat.primitives import serialization
 from hq.errors import HomeError, SecretError
 from hq.store.location import StoreLocation, parse_store_location
 from signers.errors import KeystoreError, SignerError
-from signers.private_files import private_home
-from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
+from signers.private_files import private_home, write_private_file
+from signers.software import SoftwareKey, passphrase_from
 from trustcore.keys import Signer
 from trustcore.profiles import HqRole
 
@@ -47,6 +48,7 @@ __all__ = [
     "HqSecrets",
     "Pkcs11Location",
     "read_secret",
+    "write_package",
 ]
 
 PASSPHRASE_ENV = "DEVTRUST_HQ_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
@@ -73,9 +75,7 @@ def read_secret(path: Path | None, env: str, what: str) -> bytes:
     """A passphrase or PIN from ``path`` if given, else from the environment variable
     ``env``; ``SecretError("no <what>: …")`` if neither holds one."""
     try:
-        if path is not None:
-            return passphrase_from_file(path)
-        return passphrase_from_env(env)
+        return passphrase_from(path, env)
     except SignerError as exc:
         raise SecretError(f"no {what}: {exc}") from exc
 
@@ -329,3 +329,12 @@ class HqHome:
             yield token_key
         finally:
             token_key.close()
+
+
+def write_package(path: Path, data: bytes) -> None:
+    """Write an output file without replacing an existing one (atomic, 0600: it is sealed,
+    but there is no reason to let others copy it)."""
+    try:
+        write_private_file(path, data)
+    except SignerError as exc:  # the output's directory (a USB stick): full, read-only, …
+        raise HomeError(str(exc), reason="output_not_written") from exc

@@ -25,9 +25,9 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from hq.authority import BACKDATE, ROLE_VALIDITY, ROOT_CRL_VALIDITY, issue_root_crl
 from hq.errors import HomeError, SecretError
 from hq.home import HqHome, HqSecrets, cert_pem
+from hq.root_signing import BACKDATE, ROLE_VALIDITY, ROOT_CRL_VALIDITY, issue_root_crl
 from hq.store import HqStore
 from signers.errors import SignerError
 from signers.private_files import write_private_file

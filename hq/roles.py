@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from hq.authority import BACKDATE, ROLE_VALIDITY
 from hq.errors import HomeError, SecretError
 from hq.home import HqHome, HqSecrets, cert_pem
+from hq.root_signing import BACKDATE, ROLE_VALIDITY
 from signers.errors import SignerError
 from signers.private_files import write_private_file
 from trustcore.errors import ProfileError

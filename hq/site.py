@@ -21,10 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.authority import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl, sign_ca_with_root
 from hq.errors import HomeError, HqError
 from hq.home import HqHome, HqSecrets
 from hq.kms import ensure_site_payload_key, kms_key, site_payload_keys
+from hq.root_signing import BACKDATE, ROOT_CRL_VALIDITY, issue_root_crl, sign_ca_with_root
 from hq.store import HqStore, SiteRow, StationCrlRow
 from trustcore.crl import load_crl, verify_crl
 from trustcore.errors import (
@@ -83,6 +83,19 @@ class SiteEnrolmentResult:
     ca_key_id: str
     transport_key_id: str
 
+    @classmethod
+    def of(
+        cls, site_id: str, status: str, cert: x509.Certificate, ca_der: bytes, transport_der: bytes
+    ) -> SiteEnrolmentResult:
+        """The result naming both keys by the hex SHA-256 of their SPKI DER."""
+        return cls(
+            site_id,
+            status,
+            cert,
+            hashlib.sha256(ca_der).hexdigest(),
+            hashlib.sha256(transport_der).hexdigest(),
+        )
+
 
 def enrol_site(
     home: HqHome,
@@ -139,13 +152,7 @@ def enrol_site(
             status = "enrolled" if existing is None else "replaced"
     finally:
         store.close()
-    return SiteEnrolmentResult(
-        site_id,
-        status,
-        cert,
-        hashlib.sha256(ca_der).hexdigest(),
-        hashlib.sha256(transport_der).hexdigest(),
-    )
+    return SiteEnrolmentResult.of(site_id, status, cert, ca_der, transport_der)
 
 
 def _sign_site_ca(
@@ -249,13 +256,7 @@ def rollover_site_ca(
             status = "rolled_over"
     finally:
         store.close()
-    return SiteEnrolmentResult(
-        site_id,
-        status,
-        cert,
-        hashlib.sha256(new_der).hexdigest(),
-        hashlib.sha256(transport_der).hexdigest(),
-    )
+    return SiteEnrolmentResult.of(site_id, status, cert, new_der, transport_der)
 
 
 # ----------------------------------------------------------------------------- station CRLs

@@ -40,9 +40,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hq.authority import BACKDATE, issue_root_crl, sign_station_ca
 from hq.errors import HqError
 from hq.home import HqHome, HqSecrets
+from hq.root_signing import BACKDATE, issue_root_crl, sign_station_ca
 from hq.store import HqStore
 from trustcore.keys import spki_der
 from trustcore.station_ca_request import (

@@ -100,21 +100,23 @@ def _packet(first: int, body: bytes) -> bytes:
 
 def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     """(value, next position) of the variable byte integer at ``pos``."""
-    value = 0
-    for shift in (0, 7, 14, 21):
-        if pos >= len(data):
-            raise MqttSessionError("truncated variable byte integer")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-    raise MqttSessionError("variable byte integer longer than 4 bytes")
+    got = _varint_at(data, pos, len(data), "variable byte integer")
+    if got is None:
+        raise MqttSessionError("truncated variable byte integer")
+    return got
 
 
 def _header_length(data: bytearray, pos: int, end: int) -> tuple[int, int] | None:
     """The fixed header's remaining length at ``pos`` and where the body starts, or None
     if the bytes so far end inside it."""
+    return _varint_at(data, pos, end, "remaining length")
+
+
+def _varint_at(
+    data: bytes | bytearray | memoryview, pos: int, end: int, what: str
+) -> tuple[int, int] | None:
+    """(value, next position) of the variable byte integer at ``pos``, or None if it does
+    not end before ``end``; ``MqttSessionError`` if it is longer than 4 bytes."""
     value = 0
     for shift in (0, 7, 14, 21):
         if pos >= end:
@@ -124,7 +126,7 @@ def _header_length(data: bytearray, pos: int, end: int) -> tuple[int, int] | Non
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
             return value, pos
-    raise MqttSessionError("remaining length longer than 4 bytes")
+    raise MqttSessionError(f"{what} longer than 4 bytes")
 
 
 def _properties(data: bytes, pos: int) -> tuple[dict[int, int | bytes], int]:

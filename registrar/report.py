@@ -10,10 +10,7 @@ reuse one: HQ refuses any report not newer than the last it accepted.
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from cryptography import x509
 
 from registrar.errors import ConfigError, RegistrarError, StoreError
 from registrar.run_dir import store_location
-from registrar.site import SiteHome, SiteSecrets, issuing_ca_key
+from registrar.site import SiteHome, SiteSecrets, exclusive_lock, issuing_ca_key
 from registrar.store import DeviceRecord, FactorySighting, Store
 from signers.errors import SignerError
 from signers.private_files import write_private_file
@@ -50,15 +47,8 @@ def _sequence_path(home: SiteHome) -> Path:
     return home.path / "report.seq"
 
 
-@contextmanager
-def _locked(home: SiteHome) -> Iterator[None]:
-    fd = os.open(home.path / "report.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+def _locked(home: SiteHome) -> AbstractContextManager[None]:
+    return exclusive_lock(home.path / "report.lock")
 
 
 @dataclass(frozen=True)

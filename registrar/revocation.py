@@ -52,6 +52,7 @@ from trustcore.errors import ProfileError, VerificationError
 from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.profiles import station_id_from_certificate
 from trustcore.revocation import (
+    CRL_REASONS,
     REVOCATION_REASONS,
     RevocationList,
     RevocationListError,
@@ -81,15 +82,6 @@ log = logging.getLogger(__name__)
 #: ``registrar revoke --reason``: the same closed set as HQ's list (no free text: it ends
 #: up in CRLs, logs and reports).
 LOCAL_REVOCATION_REASONS = REVOCATION_REASONS
-
-_CRL_REASON = {
-    "key_compromise": x509.ReasonFlags.key_compromise,
-    "cloned": x509.ReasonFlags.key_compromise,
-    "counterfeit": x509.ReasonFlags.privilege_withdrawn,
-    "over_production": x509.ReasonFlags.privilege_withdrawn,
-    "decommissioned": x509.ReasonFlags.cessation_of_operation,
-    "unspecified": x509.ReasonFlags.unspecified,
-}
 
 
 class RevocationError(RegistrarError):
@@ -289,7 +281,7 @@ async def revoke_device(
     superseded = [s for s, _, _ in await store.superseded_serials(device_id)]
     serials = tuple(dict.fromkeys([record.ldevid_serial.hex, *superseded]))
     entries = tuple(
-        RevokedEntry(CertSerial.from_hex(s), moment, _CRL_REASON[reason]) for s in serials
+        RevokedEntry(CertSerial.from_hex(s), moment, CRL_REASONS[reason]) for s in serials
     )
     numbers = crl_numbers(store)
 

@@ -59,16 +59,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from registrar.errors import StoreError
 from registrar.service_pipeline import ANSWERED, ServicePipeline, SiteAuthority
 from registrar.store import DeviceRecord, Lookup, Registration
-from trustcore.identity import CertSerial, DeviceId
+from trustcore.identity import CertSerial, DeviceId, StationId
 from trustcore.registration import (
     AdmissionContext,
     AdmissionHeld,
+    Issued,
     RegistrationError,
     RegistrationRequest,
     VerifiedRegistration,
     decide_admission,
     issue_ldevid,
-    issue_registration,
     parse_request,
     verify_request,
 )
@@ -196,13 +196,7 @@ class RegistrationService(ServicePipeline):
                 digest, request.nonce, request.csr_key_id, request.device_id
             )
         except StoreError as exc:
-            return self._refusal(
-                topic_device_id,
-                request.nonce,
-                digest,
-                RegistrationError(exc.message, reason="internal_error"),
-                request=request,
-            )
+            return self._store_failed(topic_device_id, request, exc)
         if found.response is not None:
             self.stats["idempotent"] += 1
             return found.response
@@ -225,42 +219,28 @@ class RegistrationService(ServicePipeline):
                 self._sighted(verified, now, seen)
             await self._admit(verified, now)
             await self._expired_policy(found, verified, now)
-            authority = self.issuing_authority()
-            issued = issue_registration(
-                verified,
-                site_ca=authority.certificate,
-                site_ca_der=authority.der,
-                site_signer=authority.signer,
-                organization=authority.organization,
-                payload_key=self.payload_key,
-                now=now,
-                validity=self.policy.validity,
+            issued = self._issue(
+                verified.request,
+                verified.ldevid_public_key,
+                verified.wrap_public_key,
+                now,
             )
         except RegistrationError as exc:
             return self._refusal(topic_device_id, request.nonce, digest, exc, request=request)
-        record = Registration(
-            device_id=request.device_id,
+        record = _issued_record(
+            request,
+            issued,
+            now,
             station_id=verified.station_id,
             idevid_serial=CertSerial(verified.identity.leaf.serial_number),
-            ldevid_serial=CertSerial(issued.ldevid.serial_number),
-            ldevid_der=issued.ldevid_der,
             ldevid_key_id=verified.ldevid_key_id,
             wrap_key_der=request.wrap_key_der,
-            payload_key_id=issued.payload_key_id,
-            request_digest=digest,
-            response=issued.response,
-            nonce=request.nonce,
-            request_time=request.time,
-            at=int(now.timestamp()),
-            ldevid_not_after=int(issued.ldevid.not_valid_after_utc.timestamp()),
         )
         # Reserve until committed: a second request with this nonce or this key, arriving
         # while the first sits in the group-commit queue, must be refused too.
-        failed = await self._record_reserved(record, request.nonce, verified.ldevid_key_id)
-        if failed is not None:
-            if (stored := await self._answered_elsewhere(digest)) is not None:
-                return stored
-            return self._refusal(topic_device_id, request.nonce, digest, failed, request=request)
+        answer = await self._commit_issued(topic_device_id, request, record)
+        if answer is not None:
+            return answer
         self.stats["ok"] += 1
         # DEBUG, not INFO: the registration is already an event row of the same commit
         # (``registrar status``), and a formatted log line per device cost about 25 µs of
@@ -335,13 +315,7 @@ class RegistrationService(ServicePipeline):
             known = await self._store.renewal_lookup(device)
             current = await self._store.device(device)
         except StoreError as exc:
-            return self._refusal(
-                device,
-                request.nonce,
-                digest,
-                RegistrationError(exc.message, reason="internal_error"),
-                request=request,
-            )
+            return self._store_failed(device, request, exc)
         if found.response is not None:
             self.stats["idempotent"] += 1
             return found.response
@@ -394,51 +368,81 @@ class RegistrationService(ServicePipeline):
             if current is None:  # verify_renewal refuses an unregistered device first
                 raise RegistrationError(f"{device} is not registered", reason="ldevid_unknown")
             wrap = _wrap_key(current)
-            authority = self.issuing_authority()
-            issued = issue_ldevid(
-                device_id=device,
-                nonce=request.nonce,
-                request_digest=digest,
-                ldevid_public_key=verified.new_public_key,
-                wrap_public_key=wrap,
-                site_ca=authority.certificate,
-                site_ca_der=authority.der,
-                site_signer=authority.signer,
-                organization=authority.organization,
-                payload_key=self.payload_key,
-                now=now,
-                validity=self.policy.validity,
-            )
+            issued = self._issue(request, verified.new_public_key, wrap, now)
         except RegistrationError as exc:
             return self._refusal(device, request.nonce, digest, exc, request=request)
-        record = Registration(
-            device_id=device,
+        record = _issued_record(
+            request,
+            issued,
+            now,
             station_id=current.station_id,
             idevid_serial=current.idevid_serial,
-            ldevid_serial=CertSerial(issued.ldevid.serial_number),
-            ldevid_der=issued.ldevid_der,
             ldevid_key_id=verified.new_key_id,
             wrap_key_der=current.wrap_key_der,
-            payload_key_id=issued.payload_key_id,
-            request_digest=digest,
-            response=issued.response,
-            nonce=request.nonce,
-            request_time=request.time,
-            at=int(now.timestamp()),
             kind="renewal",
-            ldevid_not_after=int(issued.ldevid.not_valid_after_utc.timestamp()),
         )
-        failed = await self._record_reserved(record, request.nonce, verified.new_key_id)
-        if failed is not None:
-            if (stored := await self._answered_elsewhere(digest)) is not None:
-                return stored
-            return self._refusal(device, request.nonce, digest, failed, request=request)
+        answer = await self._commit_issued(device, request, record)
+        if answer is not None:
+            return answer
         self.stats["renewed"] += 1
         log.info(
             "renewed %s: ldevid %s replaces %s", device, record.ldevid_serial, current.ldevid_serial
         )
         await self._superseded(device, (current.ldevid_serial.hex,), renewal=True)
         return issued.response
+
+    def _issue(
+        self,
+        request: RegistrationRequest | RenewalRequest,
+        ldevid_public_key: ec.EllipticCurvePublicKey,
+        wrap_public_key: ec.EllipticCurvePublicKey | None,
+        now: datetime,
+    ) -> Issued:
+        """The one LDevID issuance of registration and renewal, by the current issuing
+        authority (the new site CA once a rollover is active)."""
+        authority = self.issuing_authority()
+        return issue_ldevid(
+            device_id=request.device_id,
+            nonce=request.nonce,
+            request_digest=request.digest,
+            ldevid_public_key=ldevid_public_key,
+            wrap_public_key=wrap_public_key,
+            site_ca=authority.certificate,
+            site_ca_der=authority.der,
+            site_signer=authority.signer,
+            organization=authority.organization,
+            payload_key=self.payload_key,
+            now=now,
+            validity=self.policy.validity,
+        )
+
+    def _store_failed(
+        self, device: DeviceId, request: RegistrationRequest | RenewalRequest, exc: StoreError
+    ) -> bytes:
+        """The answer when the store could not be read: ``internal_error`` (retry later)."""
+        return self._refusal(
+            device,
+            request.nonce,
+            request.digest,
+            RegistrationError(exc.message, reason="internal_error"),
+            request=request,
+        )
+
+    async def _commit_issued(
+        self,
+        device: DeviceId,
+        request: RegistrationRequest | RenewalRequest,
+        record: Registration,
+    ) -> bytes | None:
+        """Commit ``record`` with its nonce and new key reserved; None once committed,
+        otherwise the answer to send instead: the one another instance committed for the
+        same request bytes, or a refusal."""
+        failed = await self._record_reserved(record, request.nonce, record.ldevid_key_id)
+        if failed is None:
+            return None
+        if (stored := await self._answered_elsewhere(request.digest)) is not None:
+            return stored
+        return self._refusal(device, request.nonce, request.digest, failed, request=request)
 
     async def _admit(self, verified: VerifiedRegistration, now: datetime) -> None:
         """The site's admission plugins (when configured); a hold is recorded durably as a
@@ -478,3 +482,35 @@ def _wrap_key(record: DeviceRecord) -> ec.EllipticCurvePublicKey | None:
             f"{record.device_id}: stored wrap key is not EC", reason="internal_error"
         )
     return wrap
+
+
+def _issued_record(
+    request: RegistrationRequest | RenewalRequest,
+    issued: Issued,
+    now: datetime,
+    *,
+    station_id: StationId | None,
+    idevid_serial: CertSerial,
+    ldevid_key_id: bytes,
+    wrap_key_der: bytes,
+    kind: str = "registration",
+) -> Registration:
+    """What one issuance writes: the request and the issued LDevID, plus what the caller
+    knows about the device (from the verified IDevID, or from its record for a renewal)."""
+    return Registration(
+        device_id=request.device_id,
+        station_id=station_id,
+        idevid_serial=idevid_serial,
+        ldevid_serial=CertSerial(issued.ldevid.serial_number),
+        ldevid_der=issued.ldevid_der,
+        ldevid_key_id=ldevid_key_id,
+        wrap_key_der=wrap_key_der,
+        payload_key_id=issued.payload_key_id,
+        request_digest=request.digest,
+        response=issued.response,
+        nonce=request.nonce,
+        request_time=request.time,
+        at=int(now.timestamp()),
+        kind=kind,
+        ldevid_not_after=int(issued.ldevid.not_valid_after_utc.timestamp()),
+    )

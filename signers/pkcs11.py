@@ -39,8 +39,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pkcs11
 import pkcs11.exceptions as p11exc
@@ -52,6 +51,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.types import SignMixin
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from signers.closing import Closing
 from signers.errors import SignerError
 
 __all__ = [
@@ -150,7 +150,7 @@ def _public_key_from_point(ec_point: bytes) -> ec.EllipticCurvePublicKey:
         raise Pkcs11KeyError("token returned an invalid P-256 point") from exc
 
 
-class Pkcs11Token:
+class Pkcs11Token(Closing):
     """One logged-in session to one token; the source of :class:`Pkcs11Key` handles.
 
     A single session is shared by every key taken from this token and is guarded by a lock:
@@ -381,17 +381,6 @@ class Pkcs11Token:
             except p11exc.PKCS11Error as exc:
                 raise Pkcs11Error(f"cannot close session to token {self._label!r}") from exc
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _key_id(public_key: ec.EllipticCurvePublicKey) -> bytes:
     # Same value as trustcore.keys.key_id; kept local so signers does not import the core.
@@ -401,7 +390,7 @@ def _key_id(public_key: ec.EllipticCurvePublicKey) -> bytes:
     return hashlib.sha256(der).digest()
 
 
-class Pkcs11Key:
+class Pkcs11Key(Closing):
     """A P-256 key in a PKCS#11 token: a :class:`trustcore.keys.Signer`.
 
     Obtain one with :meth:`Pkcs11Token.key` / :meth:`Pkcs11Token.generate_key`, or with the
@@ -496,17 +485,6 @@ class Pkcs11Key:
         """Close the token session if this key owns it (made by :meth:`open`/:meth:`generate`)."""
         if self._owns_token:
             self._token.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Pkcs11Key(token={self._token.label!r}, label={self._label!r})"

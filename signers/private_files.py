@@ -14,15 +14,18 @@ total rather than per file, and it is applied in two places:
 :func:`loose_paths` lists what breaks the rule (for tests and status checks), and
 :func:`write_private_file` is the project's one atomic write: every component writes a file
 that others may read at any moment (keys, certificates, bundles, broker configuration,
-status) through it.
+status) through it. :func:`new_home` builds a component's home all-or-nothing (``hq init``,
+``registrar init``) and :func:`require_empty_home` refuses to build over anything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from signers.errors import KeystoreError
@@ -31,8 +34,10 @@ __all__ = [
     "PRIVATE_DIR",
     "PRIVATE_FILE",
     "loose_paths",
+    "new_home",
     "private_home",
     "private_umask",
+    "require_empty_home",
     "write_private_file",
 ]
 
@@ -151,3 +156,30 @@ def write_private_file(
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def require_empty_home(target: Path, error: Callable[[str], Exception]) -> None:
+    """Raise ``error(message)`` if ``target`` exists and is not an empty directory."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise error(f"{target} already exists and is not empty; refusing to overwrite it")
+
+
+@contextlib.contextmanager
+def new_home(target: Path, error: Callable[[str], Exception]) -> Iterator[Path]:
+    """Yield a private (0700) sibling directory of ``target`` to build a new home in, and
+    rename it into place when the block ends; on any failure remove it, so a failure half-way
+    leaves no half-made home and ``target`` untouched. rename() onto an empty directory
+    replaces it; onto a non-empty one it fails (``error("cannot create …")``), so a home
+    created concurrently is never overwritten."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = target.parent / f".{target.name}.init-{os.getpid()}-{secrets.token_hex(4)}"
+    build.mkdir(mode=0o700)
+    try:
+        yield build
+        try:
+            build.rename(target)
+        except OSError as exc:
+            raise error(f"cannot create {target}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise

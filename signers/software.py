@@ -34,11 +34,21 @@ from signers.private_files import write_private_file
 __all__ = [
     "SoftwareKey",
     "load_ssl_identity",
+    "passphrase_from",
     "passphrase_from_env",
     "passphrase_from_file",
 ]
 
 _MIN_PASSPHRASE = 1  # refuse empty; length policy belongs to the operator's setup
+
+
+def passphrase_from(path: Path | str | None, var: str) -> bytes:
+    """The passphrase (or PIN) from the file ``path`` if one is given, else from the
+    environment variable ``var``: a file named on the command line wins, and a secret itself
+    never comes from the command line (``ps`` and shell history would show it)."""
+    if path is not None:
+        return passphrase_from_file(path)
+    return passphrase_from_env(var)
 
 
 def passphrase_from_env(var: str) -> bytes:

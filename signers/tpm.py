@@ -46,7 +46,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from cryptography import x509
@@ -68,6 +67,7 @@ from tpm2_pytss.types import (
     TPMT_TK_HASHCHECK,
 )
 
+from signers.closing import Closing
 from signers.errors import TpmError, TpmImportError, TpmKeyError
 from signers.private_files import write_private_file
 from signers.tpm_crypto import TpmEccPrivateKey
@@ -109,7 +109,7 @@ _TPM2_PT_NV_BUFFER_MAX = 0x12C  # TPM2_PT_FIXED + 44; not named in tpm2-pytss 3.
 _NO_INNER_WRAPPER = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
 
 
-class Tpm:
+class Tpm(Closing):
     """One ESAPI connection to one TPM. Not shareable across processes on a raw swtpm socket.
 
     Operations are serialised with a lock (ESAPI contexts are not thread-safe), so a
@@ -177,17 +177,6 @@ class Tpm:
                 self._release_held(owner)
             self._ectx.close()
             self._ectx = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- primary and slot management -----------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import cbor2
 
-from trustcore.errors import EncodingError
+from trustcore.errors import EncodingError, InvalidValueError
 
 __all__ = [
     "MAX_DEPTH",
@@ -37,6 +37,7 @@ __all__ = [
     "field",
     "map_of",
     "optional_field",
+    "uint63",
 ]
 
 #: Deepest nesting accepted on either side. Our formats nest at most four levels; a bound
@@ -370,3 +371,12 @@ def optional_field(m: Mapping[Any, Any], name: str | int, typ: type[T]) -> T | N
         return None
     _check_type(value, typ, name)
     return cast(T, value)
+
+
+def uint63(value: object, name: str) -> int:
+    """``value`` if it is an ``int`` (not a ``bool``) in [0, 2**63): a sequence, count or
+    Unix time a signed format carries (and a store keeps as a signed 64-bit integer);
+    ``InvalidValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        raise InvalidValueError(f"{name} must be an integer in [0, 2**63)")
+    return value

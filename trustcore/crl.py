@@ -21,6 +21,7 @@ import types
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, ClassVar, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -41,6 +42,7 @@ __all__ = [
     "RevokedEntry",
     "build_crl",
     "build_indirect_crl",
+    "crl_authority_key_id",
     "load_crl",
     "verify_crl",
     "verify_indirect_crl",
@@ -166,18 +168,39 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class RevocationSet:
-    """The verified content of one CRL: which serials its issuer revoked, and why.
+class _VerifiedCrl:
+    """What a verified CRL of either kind holds besides its entries, and its freshness."""
 
-    Immutable (``entries`` is a read-only mapping). Freshness is a function of time, so it is
-    checked with :meth:`check_fresh` at each use, not frozen in at construction.
-    """
+    _KIND: ClassVar[str] = "CRL"
 
     issuer: x509.Name
     issuer_key_id: bytes
     crl_number: int
     this_update: datetime
     next_update: datetime
+
+    def check_fresh(self, now: datetime) -> None:
+        """Raise ``crl_stale`` if ``now`` is past nextUpdate, ``crl_not_yet_valid`` if it is
+        before thisUpdate (a CRL from the future means a wrong clock or a forged CRL)."""
+        moment = whole_seconds("now", now, CrlError)
+        if moment >= self.next_update:
+            raise CrlError(
+                f"{self._KIND} of {self.issuer.rfc4514_string()} expired at "
+                f"{self.next_update.isoformat()}",
+                reason="crl_stale",
+            )
+        if moment < self.this_update:
+            raise CrlError("CRL thisUpdate is in the future", reason="crl_not_yet_valid")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RevocationSet(_VerifiedCrl):
+    """The verified content of one CRL: which serials its issuer revoked, and why.
+
+    Immutable (``entries`` is a read-only mapping). Freshness is a function of time, so it is
+    checked with :meth:`check_fresh` at each use, not frozen in at construction.
+    """
+
     entries: Mapping[int, x509.ReasonFlags] = field(repr=False)
 
     def __contains__(self, serial: object) -> bool:
@@ -195,18 +218,6 @@ class RevocationSet:
         value = serial.value if isinstance(serial, CertSerial) else serial
         return self.entries.get(value)
 
-    def check_fresh(self, now: datetime) -> None:
-        """Raise ``crl_stale`` if ``now`` is past nextUpdate, ``crl_not_yet_valid`` if it is
-        before thisUpdate (a CRL from the future means a wrong clock or a forged CRL)."""
-        moment = whole_seconds("now", now, CrlError)
-        if moment >= self.next_update:
-            raise CrlError(
-                f"CRL of {self.issuer.rfc4514_string()} expired at {self.next_update.isoformat()}",
-                reason="crl_stale",
-            )
-        if moment < self.this_update:
-            raise CrlError("CRL thisUpdate is in the future", reason="crl_not_yet_valid")
-
 
 def _key_id(cert: x509.Certificate) -> bytes:
     try:
@@ -215,6 +226,18 @@ def _key_id(cert: x509.Certificate) -> bytes:
         return x509.SubjectKeyIdentifier.from_public_key(
             require_p256_public_key(cert.public_key())
         ).digest
+
+
+def crl_authority_key_id(crl: x509.CertificateRevocationList) -> bytes | None:
+    """The keyIdentifier of the CRL's AKI (None: no AKI, or one without it); ``malformed``
+    if the CRL's extensions do not parse."""
+    try:
+        aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:
+        raise CrlError("CRL extensions do not parse", reason="malformed") from exc
+    return aki.key_identifier
 
 
 def _signed_and_numbered(
@@ -269,13 +292,8 @@ def verify_crl(
     if crl.issuer != issuer_cert.subject:
         raise CrlError("CRL issuer name does not match the CA", reason="crl_wrong_issuer")
     key_id = _key_id(issuer_cert)
-    try:
-        aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        aki = None
-    except ValueError as exc:
-        raise CrlError("CRL extensions do not parse", reason="malformed") from exc
-    if aki is not None and aki.key_identifier is not None and aki.key_identifier != key_id:
+    aki = crl_authority_key_id(crl)
+    if aki is not None and aki != key_id:
         raise CrlError("CRL AKI does not match the CA key", reason="crl_wrong_issuer")
     if not _issuer_may_sign_crls(issuer_cert):
         raise CrlError("CA is not allowed to sign CRLs (no cRLSign)", reason="crl_wrong_issuer")
@@ -286,17 +304,7 @@ def verify_crl(
             entries[revoked.serial_number] = _reason_of(revoked)
     except ValueError as exc:
         raise CrlError("CRL entry does not parse", reason="malformed") from exc
-    result = RevocationSet(
-        issuer=crl.issuer,
-        issuer_key_id=key_id,
-        crl_number=number,
-        this_update=crl.last_update_utc,
-        next_update=next_update,
-        entries=types.MappingProxyType(entries),
-    )
-    if now is not None:
-        result.check_fresh(now)
-    return result
+    return _verified(RevocationSet, crl, key_id, number, next_update, entries, now)
 
 
 # ------------------------------------------------------------------------- indirect CRLs
@@ -379,14 +387,11 @@ def build_indirect_crl(
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class IndirectRevocationSet:
+class IndirectRevocationSet(_VerifiedCrl):
     """The verified content of an indirect CRL: (issuer name DER, serial) -> reason."""
 
-    issuer: x509.Name
-    issuer_key_id: bytes
-    crl_number: int
-    this_update: datetime
-    next_update: datetime
+    _KIND: ClassVar[str] = "indirect CRL"
+
     entries: Mapping[tuple[bytes, int], x509.ReasonFlags] = field(repr=False)
 
     def __len__(self) -> int:
@@ -404,17 +409,32 @@ class IndirectRevocationSet:
         value = serial.value if isinstance(serial, CertSerial) else serial
         return self.entries.get((certificate_issuer_der, value))
 
-    def check_fresh(self, now: datetime) -> None:
-        """As :meth:`RevocationSet.check_fresh`."""
-        moment = whole_seconds("now", now, CrlError)
-        if moment >= self.next_update:
-            raise CrlError(
-                f"indirect CRL of {self.issuer.rfc4514_string()} expired at "
-                f"{self.next_update.isoformat()}",
-                reason="crl_stale",
-            )
-        if moment < self.this_update:
-            raise CrlError("CRL thisUpdate is in the future", reason="crl_not_yet_valid")
+
+_Verified = TypeVar("_Verified", RevocationSet, IndirectRevocationSet)
+
+
+def _verified(
+    kind: type[_Verified],
+    crl: x509.CertificateRevocationList,
+    key_id: bytes,
+    number: int,
+    next_update: datetime,
+    entries: dict[Any, x509.ReasonFlags],
+    now: datetime | None,
+) -> _Verified:
+    """The frozen view of a CRL whose signature and fields were checked; fresh at ``now``
+    unless ``now`` is None."""
+    result = kind(
+        issuer=crl.issuer,
+        issuer_key_id=key_id,
+        crl_number=number,
+        this_update=crl.last_update_utc,
+        next_update=next_update,
+        entries=types.MappingProxyType(entries),
+    )
+    if now is not None:
+        result.check_fresh(now)
+    return result
 
 
 def verify_indirect_crl(
@@ -465,14 +485,4 @@ def verify_indirect_crl(
             entries[(current_issuer.public_bytes(), revoked.serial_number)] = _reason_of(revoked)
     except ValueError as exc:
         raise CrlError("CRL entry does not parse", reason="malformed") from exc
-    result = IndirectRevocationSet(
-        issuer=crl.issuer,
-        issuer_key_id=key_id,
-        crl_number=number,
-        this_update=crl.last_update_utc,
-        next_update=next_update,
-        entries=types.MappingProxyType(entries),
-    )
-    if now is not None:
-        result.check_fresh(now)
-    return result
+    return _verified(IndirectRevocationSet, crl, key_id, number, next_update, entries, now)

@@ -92,8 +92,13 @@ def tbs_names_der(cert: x509.Certificate) -> tuple[bytes, bytes]:
     ``cert.issuer``/``cert.subject`` builds a fresh one). Equal bytes are the same name;
     unequal bytes may still be equal names in another string encoding. Raises
     ``EncodingError`` on a TBS this reader does not follow."""
-    tbs = cert.tbs_certificate_bytes
-    body, _ = der_read(tbs, 0, 0x30)
+    body, _ = der_read(cert.tbs_certificate_bytes, 0, 0x30)
+    issuer, subject, _ = _names_in_tbs(body)
+    return issuer, subject
+
+
+def _names_in_tbs(body: bytes) -> tuple[bytes, bytes, int]:
+    """(issuer, subject, the position after the subject) in a TBSCertificate's body."""
     pos = 0
     if body[:1] == b"\xa0":  # [0] EXPLICIT version
         pos = der_read(body, pos, 0xA0)[1]
@@ -105,7 +110,7 @@ def tbs_names_der(cert: x509.Certificate) -> tuple[bytes, bytes]:
     pos = der_read(body, pos, 0x30)[1]  # validity
     start = pos
     pos = der_read(body, pos, 0x30)[1]
-    return issuer, body[start:pos]
+    return issuer, body[start:pos], pos
 
 
 def tbs_parts_der(cert: x509.Certificate) -> tuple[bytes, bytes, dict[bytes, bytes]]:
@@ -117,18 +122,7 @@ def tbs_parts_der(cert: x509.Certificate) -> tuple[bytes, bytes, dict[bytes, byt
     body, end = der_read(tbs, 0, 0x30)
     if end != len(tbs):
         raise EncodingError("trailing bytes after TBSCertificate")
-    pos = 0
-    if body[:1] == b"\xa0":  # [0] EXPLICIT version
-        pos = der_read(body, pos, 0xA0)[1]
-    pos = der_read(body, pos, 0x02)[1]  # serialNumber
-    pos = der_read(body, pos, 0x30)[1]  # signature AlgorithmIdentifier
-    start = pos
-    pos = der_read(body, pos, 0x30)[1]
-    issuer = body[start:pos]
-    pos = der_read(body, pos, 0x30)[1]  # validity
-    start = pos
-    pos = der_read(body, pos, 0x30)[1]
-    subject = body[start:pos]
+    issuer, subject, pos = _names_in_tbs(body)
     pos = der_read(body, pos, 0x30)[1]  # subjectPublicKeyInfo
     for tag in (0x81, 0x82):  # issuerUniqueID, subjectUniqueID
         if body[pos : pos + 1] == bytes((tag,)):

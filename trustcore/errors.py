@@ -44,7 +44,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 
 #: What ``cryptography`` raises on hostile or broken DER. It parses many fields lazily, on
 #: first access, and not all of its errors are ``ValueError``s.
-X509_PARSE_ERRORS: tuple[type[Exception], ...] = (
+X509_PARSE_ERRORS = (
     ValueError,
     TypeError,
     x509.InvalidVersion,

@@ -20,7 +20,9 @@ The site bundle payload lives in :mod:`trustcore.site_bundle`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,6 +50,8 @@ _SITE_ENROLMENT_DOMAIN = "devtrust/site-enrolment/v1"
 MAX_ENROLMENT_SIZE = 64 * 1024
 MAX_ENTITLEMENT_SIZE = 4 * 1024 * 1024
 
+_Id = TypeVar("_Id", StationId, SiteId)
+
 
 def _load_public(der: bytes, what: str) -> ec.EllipticCurvePublicKey:
     try:
@@ -60,69 +64,109 @@ def _load_public(der: bytes, what: str) -> ec.EllipticCurvePublicKey:
         raise EncodingError(f"{what} must be a P-256 key") from exc
 
 
-# -- station enrolment -------------------------------------------------------------------
+# -- station and site enrolment ----------------------------------------------------------
 
 
 def _binding_input(domain: str, subject_id: str, csr_der: bytes, transport_der: bytes) -> bytes:
     return cbor.encode([domain, subject_id, csr_der, transport_der])
 
 
-def _encode_enrolment(
-    domain: str, id_key: str, subject_id: str, csr: bytes, transport: bytes, sig: bytes
-) -> bytes:
-    return cbor.encode(
-        {"type": domain, id_key: subject_id, "csr": csr, "transport_key": transport,
-         "binding_sig": sig}
-    )  # fmt: skip
+class _Enrolment:
+    """The one construction of both enrolment requests (:class:`StationEnrolment`,
+    :class:`SiteEnrolment`): a CSR for the CA key, the transport (ECDH) public key, and the
+    CA key's binding signature over ``[domain, id, csr, transport key]``. Each subclass
+    names its domain string (so one kind can never be taken for the other), the CBOR key
+    of its id and what it is called in errors; it declares the fields, id first."""
 
+    _DOMAIN: ClassVar[str]
+    _ID_KEY: ClassVar[str]
+    _WHAT: ClassVar[str]
 
-def _decode_enrolment(
-    data: bytes, domain: str, id_key: str, what: str
-) -> tuple[str, bytes, bytes, bytes]:
-    m = cbor.map_of(cbor.decode(data, max_size=MAX_ENROLMENT_SIZE), what)
-    cbor.expect_keys(m, {"type", id_key, "csr", "transport_key", "binding_sig"}, what=what)
-    if m["type"] != domain:
-        raise EncodingError(f"not a {what} request")
-    return (
-        cbor.field(m, id_key, str),
-        cbor.field(m, "csr", bytes),
-        cbor.field(m, "transport_key", bytes),
-        cbor.field(m, "binding_sig", bytes),
-    )
+    csr_der: bytes
+    transport_public_der: bytes
+    binding_signature: bytes
 
+    @property
+    def _subject_id(self) -> str:
+        raise NotImplementedError
 
-def _verify_enrolment(
-    domain: str, subject_id: str, csr_der: bytes, transport_der: bytes, sig: bytes, what: str
-) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:
-    """The CSR (self-signature, P-256, CN = the subject id) and the binding signature by the
-    CSR's key over the transport key."""
-    csr = validate_csr(csr_der)
-    if csr.common_name != subject_id:
-        raise CsrError(f"{what} CSR CN is not the {what.split()[0]} id", reason="wrong_name")
-    transport = _load_public(transport_der, "transport key")
-    try:
-        csr.public_key.verify(
-            sig,
-            _binding_input(domain, subject_id, csr_der, transport_der),
-            ec.ECDSA(hashes.SHA256()),
+    @classmethod
+    def _bound(
+        cls, subject_id: str, csr_der: bytes, ca_key: Signer, transport: ec.EllipticCurvePublicKey
+    ) -> tuple[bytes, bytes]:
+        """(transport key DER, binding signature by ``ca_key``)."""
+        transport_der = spki_der(transport)
+        return transport_der, ca_key.sign(
+            _binding_input(cls._DOMAIN, subject_id, csr_der, transport_der)
         )
-    except InvalidSignature as exc:
-        raise CsrError(
-            f"transport key is not bound by the {what.split()[0]} CA key", reason="bad_signature"
-        ) from exc
-    return csr, transport
+
+    @classmethod
+    def _decoded(
+        cls, data: bytes, id_type: Callable[[str], _Id]
+    ) -> tuple[_Id, bytes, bytes, bytes]:
+        """(id, CSR, transport key, binding signature) of an encoded request."""
+        what = cls._WHAT
+        m = cbor.map_of(cbor.decode(data, max_size=MAX_ENROLMENT_SIZE), what)
+        cbor.expect_keys(m, {"type", cls._ID_KEY, "csr", "transport_key", "binding_sig"}, what=what)
+        if m["type"] != cls._DOMAIN:
+            raise EncodingError(f"not a {what} request")
+        sid = cbor.field(m, cls._ID_KEY, str)
+        csr = cbor.field(m, "csr", bytes)
+        transport = cbor.field(m, "transport_key", bytes)
+        sig = cbor.field(m, "binding_sig", bytes)
+        try:
+            subject = id_type(sid)
+        except InvalidValueError as exc:
+            raise EncodingError(f"bad {what.split()[0]} id: {exc.message}") from exc
+        return subject, csr, transport, sig
+
+    def encode(self) -> bytes:
+        return cbor.encode(
+            {"type": self._DOMAIN, self._ID_KEY: self._subject_id, "csr": self.csr_der,
+             "transport_key": self.transport_public_der, "binding_sig": self.binding_signature}
+        )  # fmt: skip
+
+    def verify(self) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:
+        """Check the CSR (self-signature, P-256, CN = the station or site id) and the
+        binding signature by the CSR's key over the transport key; return the validated CSR
+        and the transport public key."""
+        kind = self._WHAT.split()[0]
+        subject_id = self._subject_id
+        csr = validate_csr(self.csr_der)
+        if csr.common_name != subject_id:
+            raise CsrError(f"{self._WHAT} CSR CN is not the {kind} id", reason="wrong_name")
+        transport = _load_public(self.transport_public_der, "transport key")
+        try:
+            csr.public_key.verify(
+                self.binding_signature,
+                _binding_input(self._DOMAIN, subject_id, self.csr_der, self.transport_public_der),
+                ec.ECDSA(hashes.SHA256()),
+            )
+        except InvalidSignature as exc:
+            raise CsrError(
+                f"transport key is not bound by the {kind} CA key", reason="bad_signature"
+            ) from exc
+        return csr, transport
 
 
 @dataclass(frozen=True)
-class StationEnrolment:
+class StationEnrolment(_Enrolment):
     """A station asks HQ to enrol it: the CSR of its CA key, and the public half of its
     transport (ECDH) key, to which HQ will encrypt entitlements. The binding signature by
     the CA key stops anyone from swapping in their own transport key in transit."""
+
+    _DOMAIN: ClassVar[str] = _ENROLMENT_DOMAIN
+    _ID_KEY: ClassVar[str] = "station_id"
+    _WHAT: ClassVar[str] = "station enrolment"
 
     station_id: StationId
     csr_der: bytes
     transport_public_der: bytes
     binding_signature: bytes
+
+    @property
+    def _subject_id(self) -> str:
+        return self.station_id.value
 
     @classmethod
     def create(
@@ -132,48 +176,35 @@ class StationEnrolment:
         ca_key: Signer,
         transport_public: ec.EllipticCurvePublicKey,
     ) -> StationEnrolment:
-        transport_der = spki_der(transport_public)
-        binding = _binding_input(_ENROLMENT_DOMAIN, station_id.value, csr_der, transport_der)
-        return cls(station_id, csr_der, transport_der, ca_key.sign(binding))
-
-    def encode(self) -> bytes:
-        return _encode_enrolment(
-            _ENROLMENT_DOMAIN, "station_id", self.station_id.value, self.csr_der,
-            self.transport_public_der, self.binding_signature,
-        )  # fmt: skip
+        return cls(
+            station_id, csr_der, *cls._bound(station_id.value, csr_der, ca_key, transport_public)
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> StationEnrolment:
-        sid, csr, transport, sig = _decode_enrolment(
-            data, _ENROLMENT_DOMAIN, "station_id", "station enrolment"
-        )
-        try:
-            station_id = StationId(sid)
-        except InvalidValueError as exc:
-            raise EncodingError(f"bad station id: {exc.message}") from exc
-        return cls(station_id, csr, transport, sig)
-
-    def verify(self) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:
-        """Check the CSR (self-signature, P-256, CN = station id) and the binding
-        signature; return the validated CSR and the transport public key."""
-        return _verify_enrolment(
-            _ENROLMENT_DOMAIN, self.station_id.value, self.csr_der, self.transport_public_der,
-            self.binding_signature, "station enrolment",
-        )  # fmt: skip
+        return cls(*cls._decoded(data, StationId))
 
 
 @dataclass(frozen=True)
-class SiteEnrolment:
+class SiteEnrolment(_Enrolment):
     """A building registrar asks HQ for its site CA certificate: the CSR of the site CA key
     (CN = site id) and the public half of the site transport (ECDH) key, to which HQ
     encrypts site bundles. Same construction as :class:`StationEnrolment`, with its own type
     and domain string, so a station request can never be taken for a site request (or the
     reverse) and a binding signature made for one cannot be replayed as the other."""
 
+    _DOMAIN: ClassVar[str] = _SITE_ENROLMENT_DOMAIN
+    _ID_KEY: ClassVar[str] = "site_id"
+    _WHAT: ClassVar[str] = "site enrolment"
+
     site_id: SiteId
     csr_der: bytes
     transport_public_der: bytes
     binding_signature: bytes
+
+    @property
+    def _subject_id(self) -> str:
+        return self.site_id.value
 
     @classmethod
     def create(
@@ -183,34 +214,11 @@ class SiteEnrolment:
         ca_key: Signer,
         transport_public: ec.EllipticCurvePublicKey,
     ) -> SiteEnrolment:
-        transport_der = spki_der(transport_public)
-        binding = _binding_input(_SITE_ENROLMENT_DOMAIN, site_id.value, csr_der, transport_der)
-        return cls(site_id, csr_der, transport_der, ca_key.sign(binding))
-
-    def encode(self) -> bytes:
-        return _encode_enrolment(
-            _SITE_ENROLMENT_DOMAIN, "site_id", self.site_id.value, self.csr_der,
-            self.transport_public_der, self.binding_signature,
-        )  # fmt: skip
+        return cls(site_id, csr_der, *cls._bound(site_id.value, csr_der, ca_key, transport_public))
 
     @classmethod
     def decode(cls, data: bytes) -> SiteEnrolment:
-        sid, csr, transport, sig = _decode_enrolment(
-            data, _SITE_ENROLMENT_DOMAIN, "site_id", "site enrolment"
-        )
-        try:
-            site_id = SiteId(sid)
-        except InvalidValueError as exc:
-            raise EncodingError(f"bad site id: {exc.message}") from exc
-        return cls(site_id, csr, transport, sig)
-
-    def verify(self) -> tuple[ValidatedCsr, ec.EllipticCurvePublicKey]:
-        """Check the CSR (self-signature, P-256, CN = site id) and the binding signature;
-        return the validated CSR and the transport public key."""
-        return _verify_enrolment(
-            _SITE_ENROLMENT_DOMAIN, self.site_id.value, self.csr_der, self.transport_public_der,
-            self.binding_signature, "site enrolment",
-        )  # fmt: skip
+        return cls(*cls._decoded(data, SiteId))
 
 
 # -- entitlement -------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from trustcore.cert_builder import (
     IDEVID_NO_EXPIRY,
@@ -102,6 +102,36 @@ __all__ = [
 ]
 
 
+def _subject(common_name: str, organization: str, *more: tuple[ObjectIdentifier, str]) -> x509.Name:
+    """CN, O and then ``more``, in that order (the order is part of the certificate bytes)."""
+    return x509_name(
+        (NameOID.COMMON_NAME, common_name), (NameOID.ORGANIZATION_NAME, organization), *more
+    )
+
+
+def _issue(
+    profile: str,
+    subject: x509.Name,
+    issuer_cert: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    subject_key: ec.EllipticCurvePublicKey,
+    not_before: datetime,
+    not_after: datetime,
+    san: Sequence[x509.GeneralName] = (),
+) -> x509.Certificate:
+    """One certificate of ``PROFILES[profile]``: the shared tail of every ``issue_*`` here."""
+    return build_certificate(
+        PROFILES[profile],
+        subject=subject,
+        subject_key=subject_key,
+        issuer_cert=issuer_cert,
+        issuer_key=issuer_key,
+        not_before=not_before,
+        not_after=not_after,
+        san=san,
+    )
+
+
 def issue_root_ca(
     key: ec.EllipticCurvePrivateKey,
     *,
@@ -112,18 +142,8 @@ def issue_root_ca(
 ) -> x509.Certificate:
     """Self-signed manufacturer root (CA, pathLen 1, keyCertSign + cRLSign)."""
     key = require_p256_private_key(key)
-    subject = x509_name(
-        (NameOID.COMMON_NAME, common_name), (NameOID.ORGANIZATION_NAME, organization)
-    )
-    return build_certificate(
-        PROFILES["root_ca"],
-        subject=subject,
-        subject_key=key.public_key(),
-        issuer_cert=None,
-        issuer_key=key,
-        not_before=not_before,
-        not_after=not_after,
-    )
+    name = _subject(common_name, organization)
+    return _issue("root_ca", name, None, key, key.public_key(), not_before, not_after)
 
 
 def issue_station_ca(
@@ -144,20 +164,10 @@ def issue_station_ca(
     bound = whole_seconds("max_not_after", max_not_after, ProfileError)
     if whole_seconds("not_after", not_after, ProfileError) > bound:
         raise ProfileError("station CA validity exceeds its bound (max_not_after)")
-    subject = x509_name(
-        (NameOID.COMMON_NAME, f"Factory Station CA {station_id}"),
-        (NameOID.ORGANIZATION_NAME, organization),
-        (NameOID.SERIAL_NUMBER, station_id.value),
+    name = _subject(
+        f"Factory Station CA {station_id}", organization, (NameOID.SERIAL_NUMBER, station_id.value)
     )
-    return build_certificate(
-        PROFILES["station_ca"],
-        subject=subject,
-        subject_key=subject_key,
-        issuer_cert=issuer_cert,
-        issuer_key=issuer_key,
-        not_before=not_before,
-        not_after=not_after,
-    )
+    return _issue("station_ca", name, issuer_cert, issuer_key, subject_key, not_before, not_after)
 
 
 def issue_site_ca(
@@ -179,20 +189,10 @@ def issue_site_ca(
     if type(generation) is not int or not 1 <= generation <= 9999:
         raise ProfileError("site CA generation must be 1..9999")
     suffix = "" if generation == 1 else f" G{generation}"
-    subject = x509_name(
-        (NameOID.COMMON_NAME, f"Site CA {site_id}{suffix}"),
-        (NameOID.ORGANIZATION_NAME, organization),
-        (NameOID.SERIAL_NUMBER, site_id.value),
+    name = _subject(
+        f"Site CA {site_id}{suffix}", organization, (NameOID.SERIAL_NUMBER, site_id.value)
     )
-    return build_certificate(
-        PROFILES["site_ca"],
-        subject=subject,
-        subject_key=subject_key,
-        issuer_cert=issuer_cert,
-        issuer_key=issuer_key,
-        not_before=not_before,
-        not_after=not_after,
-    )
+    return _issue("site_ca", name, issuer_cert, issuer_key, subject_key, not_before, not_after)
 
 
 def issue_role_certificate(
@@ -209,20 +209,9 @@ def issue_role_certificate(
     """HQ role end entity (entitlement signer, audit receiver or revocation signer)."""
     if not isinstance(role, HqRole):
         raise ProfileError(f"unknown HQ role {role!r}")
-    subject = x509_name(
-        (NameOID.COMMON_NAME, common_name),
-        (NameOID.ORGANIZATION_NAME, organization),
-        (NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
-    )
-    return build_certificate(
-        PROFILES[role.value.replace("-", "_")],
-        subject=subject,
-        subject_key=subject_key,
-        issuer_cert=issuer_cert,
-        issuer_key=issuer_key,
-        not_before=not_before,
-        not_after=not_after,
-    )
+    name = _subject(common_name, organization, (NameOID.ORGANIZATIONAL_UNIT_NAME, role.value))
+    profile = role.value.replace("-", "_")
+    return _issue(profile, name, issuer_cert, issuer_key, subject_key, not_before, not_after)
 
 
 def issue_broker_certificate(
@@ -250,17 +239,9 @@ def issue_broker_certificate(
     if not names:
         raise ProfileError("a broker certificate needs at least one DNS name or IP address")
     common_name = dns_names[0] if dns_names else str(ip_addresses[0])
-    return build_certificate(
-        PROFILES["broker_server"],
-        subject=x509_name(
-            (NameOID.COMMON_NAME, common_name), (NameOID.ORGANIZATION_NAME, organization)
-        ),
-        subject_key=subject_key,
-        issuer_cert=issuer_cert,
-        issuer_key=issuer_key,
-        not_before=not_before,
-        not_after=not_after,
-        san=names,
+    name = _subject(common_name, organization)
+    return _issue(
+        "broker_server", name, issuer_cert, issuer_key, subject_key, not_before, not_after, names
     )
 
 
@@ -287,14 +268,6 @@ def issue_service_client_certificate(
     pkilint. The ``@`` the name must contain is what keeps it apart from every DeviceId."""
     if not isinstance(service_name, str) or _SERVICE_NAME.fullmatch(service_name) is None:
         raise ProfileError(f"service name {service_name!r} must look like name@site ([a-z0-9._-])")
-    return build_certificate(
-        PROFILES["service_client"],
-        subject=x509_name(
-            (NameOID.COMMON_NAME, service_name), (NameOID.ORGANIZATION_NAME, organization)
-        ),
-        subject_key=subject_key,
-        issuer_cert=issuer_cert,
-        issuer_key=issuer_key,
-        not_before=not_before,
-        not_after=not_after,
-    )
+    name = _subject(service_name, organization)
+    profile = "service_client"
+    return _issue(profile, name, issuer_cert, issuer_key, subject_key, not_before, not_after)

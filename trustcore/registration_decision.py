@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,6 +32,7 @@ from trustcore.keys import load_canonical_p256_spki, spki_der
 from trustcore.policy_chain import CHAIN_REASONS, Decision, NamedPlugin, Verdict, run_chain
 from trustcore.profiles import station_id_from_certificate
 from trustcore.registration_format import (
+    CSR_TO_PUBLIC,
     FRESHNESS_SECONDS,
     PARSE_ERRORS,
     REQUEST_DOMAIN,
@@ -41,6 +41,7 @@ from trustcore.registration_format import (
 from trustcore.registration_request import RegistrationRequest
 from trustcore.signed_envelope import envelope_signature_valid
 from trustcore.verify import ChainVerifier, VerifiedIdentity
+from trustcore.x509parse import x509_warnings_ignored
 
 #: ChainVerifier reasons -> public reason (finer certificate defects collapse into one code:
 #: the device's action is the same, and the log keeps the detail).
@@ -51,14 +52,6 @@ _VERIFY_TO_PUBLIC = {
     "revoked": "revoked",
     "crl_missing": "revocation_unavailable",
     "crl_stale": "revocation_unavailable",
-}
-
-_CSR_TO_PUBLIC = {
-    "malformed": "csr_malformed",
-    "bad_signature": "csr_bad_signature",
-    "wrong_key_type": "csr_malformed",
-    "wrong_name": "csr_wrong_name",
-    "forbidden_extension": "csr_wrong_name",
 }
 
 
@@ -124,39 +117,8 @@ def _refuse(reason: str, detail: str) -> RegistrationError:
     return RegistrationError(detail, reason=reason)
 
 
+@x509_warnings_ignored
 def verify_request(
-    request: RegistrationRequest,
-    *,
-    topic_device_id: DeviceId,
-    verifier: ChainVerifier,
-    admission: Admission,
-    now: datetime,
-    nonce_seen: bool,
-    key_owner: DeviceId | None,
-    defer_manifest: bool = False,
-) -> VerifiedRegistration:
-    """See :func:`_verify_request` for the checks. ``defer_manifest``: a device absent from
-    the manifest is not refused here but returned with ``in_manifest=False``, so the site's
-    admission plugins can see it after every other check passed; the caller must then run
-    :func:`decide_admission`, which still refuses it unless the installer approved it.
-    ``cryptography`` emits warnings (not errors) for some odd encodings (e.g. a 10-letter
-    country name); for hostile input they are noise, the checks decide, so they are
-    silenced here rather than printed per request."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _verify_request(
-            request,
-            topic_device_id=topic_device_id,
-            verifier=verifier,
-            admission=admission,
-            now=now,
-            nonce_seen=nonce_seen,
-            key_owner=key_owner,
-            defer_manifest=defer_manifest,
-        )
-
-
-def _verify_request(
     request: RegistrationRequest,
     *,
     topic_device_id: DeviceId,
@@ -182,6 +144,12 @@ def _verify_request(
        P-256, CN/serialNumber/SAN = device id (``csr_*``); its key is not the IDevID key
        (``csr_idevid_key``) nor another device's certified key (``csr_foreign_key``);
     8. wrap key: a P-256 SPKI distinct from the IDevID and CSR keys (``bad_wrap_key``).
+
+    ``defer_manifest``: a device absent from the manifest is not refused here but returned
+    with ``in_manifest=False``, so the site's admission plugins can see it after every other
+    check passed; the caller must then run :func:`decide_admission`, which still refuses it
+    unless the installer approved it. ``cryptography``'s warnings are silenced
+    (:func:`~trustcore.x509parse.x509_warnings_ignored`).
     """
     if request.device_id != topic_device_id:
         raise _refuse(
@@ -226,7 +194,7 @@ def _verify_request(
         else:
             csr = validate_csr(request.csr_der, expected_device_id=request.device_id)
     except CsrError as exc:
-        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
+        raise _refuse(CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
     except PARSE_ERRORS as exc:  # escape trustcore.csr (InvalidVersion, UnsupportedAlgorithm)
         raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
     if request.csr is csr.csr and request.csr_spki is not None:

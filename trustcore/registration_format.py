@@ -13,10 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-
-from trustcore.errors import TrustCoreError
+from trustcore.errors import X509_PARSE_ERRORS, TrustCoreError
 
 PROTOCOL_VERSION = 1
 REQUEST_DOMAIN = "devtrust/registration-request/v1"
@@ -33,15 +30,19 @@ MAX_CERT_SIZE = 4 * 1024
 FRESHNESS_SECONDS = 300
 NONCE_MIN, NONCE_MAX = 16, 64
 MAX_MESSAGE_CHARS = 200
-#: What ``cryptography`` may raise on hostile DER: InvalidVersion and UnsupportedAlgorithm
-#: are not ValueErrors.
-PARSE_ERRORS = (
-    ValueError,
-    TypeError,
-    x509.InvalidVersion,
-    x509.DuplicateExtension,
-    x509.UnsupportedGeneralNameType,
-    UnsupportedAlgorithm,
+#: What ``cryptography`` may raise on hostile DER (InvalidVersion and UnsupportedAlgorithm
+#: are not ValueErrors): the one tuple of :mod:`trustcore.errors`, under its protocol name.
+PARSE_ERRORS = X509_PARSE_ERRORS
+#: ``CsrError`` reasons -> the public refusal reason, for a registration's and a renewal's CSR
+#: alike (anything else is ``csr_malformed``).
+CSR_TO_PUBLIC: Mapping[str, str] = MappingProxyType(
+    {
+        "malformed": "csr_malformed",
+        "bad_signature": "csr_bad_signature",
+        "wrong_key_type": "csr_malformed",
+        "wrong_name": "csr_wrong_name",
+        "forbidden_extension": "csr_wrong_name",
+    }
 )
 
 

@@ -31,15 +31,13 @@ from trustcore.registration_format import (
     MAX_CERT_SIZE,
     MAX_CHAIN_LENGTH,
     MAX_REQUEST_SIZE,
-    NONCE_MAX,
-    NONCE_MIN,
     PARSE_ERRORS,
     PROTOCOL_VERSION,
     REQUEST_DOMAIN,
     RegistrationError,
 )
 from trustcore.signed_envelope import (
-    open_envelope,
+    open_device_request,
     sign_envelope,
 )
 
@@ -107,24 +105,11 @@ def parse_request(data: bytes) -> RegistrationRequest:
     """Decode a request strictly (size first, deterministic CBOR, exact field set, types,
     lengths). Raises ``RegistrationError`` (``oversized``, ``malformed``,
     ``unsupported_version``)."""
-    if not isinstance(data, bytes | bytearray):
-        raise RegistrationError("request is not bytes")
-    if len(data) > MAX_REQUEST_SIZE:
-        raise RegistrationError(f"request of {len(data)} bytes", reason="oversized")
-    data = bytes(data)
-    body_bytes, sig, body = open_envelope(data, MAX_REQUEST_SIZE, "registration request")
+    opened = open_device_request(
+        data, MAX_REQUEST_SIZE, "request", "registration request", _REQUEST_FIELDS
+    )
+    body = opened.body
     try:
-        version = cbor.field(body, "v", int)
-        if version != PROTOCOL_VERSION:
-            raise RegistrationError(f"version {version}", reason="unsupported_version")
-        cbor.expect_keys(body, _REQUEST_FIELDS, what="registration request")
-        device_id = DeviceId(cbor.field(body, "device_id", str))
-        nonce = cbor.field(body, "nonce", bytes)
-        if not NONCE_MIN <= len(nonce) <= NONCE_MAX:
-            raise EncodingError(f"nonce must be {NONCE_MIN}..{NONCE_MAX} bytes")
-        time = cbor.field(body, "time", int)
-        if not 0 <= time < 2**40:
-            raise EncodingError("time out of range")
         csr = cbor.field(body, "csr", bytes)
         wrap_key = cbor.field(body, "wrap_key", bytes)
         idevid = cbor.field(body, "idevid", bytes)
@@ -139,16 +124,16 @@ def parse_request(data: bytes) -> RegistrationRequest:
         raise RegistrationError(f"registration request: {exc.message}") from exc
     csr_object, csr_public, csr_spki, csr_key = parsed_csr(csr)
     return RegistrationRequest(
-        device_id=device_id,
-        nonce=nonce,
-        time=time,
+        device_id=opened.device_id,
+        nonce=opened.nonce,
+        time=opened.time,
         csr_der=csr,
         wrap_key_der=wrap_key,
         idevid_der=idevid,
         chain_der=tuple(chain),
-        body=body_bytes,
-        signature=sig,
-        digest=hashlib.sha256(data).digest(),
+        body=opened.body_bytes,
+        signature=opened.signature,
+        digest=hashlib.sha256(opened.data).digest(),
         csr_key_id=csr_key,
         csr=csr_object,
         csr_key=csr_public,

@@ -55,16 +55,15 @@ from trustcore.profiles import device_id_from_certificate, require_p256_public_k
 from trustcore.registration import (
     FRESHNESS_SECONDS,
     MAX_CERT_SIZE,
-    NONCE_MAX,
-    NONCE_MIN,
     PROTOCOL_VERSION,
     RegistrationError,
     envelope_signature_valid,
-    open_envelope,
     sign_envelope,
 )
+from trustcore.registration_format import CSR_TO_PUBLIC
+from trustcore.signed_envelope import open_device_request
 from trustcore.utctime import to_unix
-from trustcore.x509parse import parsed_certificate
+from trustcore.x509parse import parsed_certificate, x509_warnings_ignored
 
 __all__ = [
     "MAX_RENEWAL_SIZE",
@@ -236,24 +235,11 @@ def build_renewal_request(
 def parse_renewal_request(data: bytes) -> RenewalRequest:
     """Strict decode (size first; exact field set; types; lengths). ``RegistrationError``
     ``oversized`` / ``malformed`` / ``unsupported_version``."""
-    if not isinstance(data, bytes | bytearray):
-        raise RegistrationError("renewal request is not bytes")
-    if len(data) > MAX_RENEWAL_SIZE:
-        raise RegistrationError(f"renewal request of {len(data)} bytes", reason="oversized")
-    data = bytes(data)
-    body_bytes, sig, body = open_envelope(data, MAX_RENEWAL_SIZE, "renewal request")
+    opened = open_device_request(
+        data, MAX_RENEWAL_SIZE, "renewal request", "renewal request", _FIELDS
+    )
+    body = opened.body
     try:
-        version = cbor.field(body, "v", int)
-        if version != PROTOCOL_VERSION:
-            raise RegistrationError(f"version {version}", reason="unsupported_version")
-        cbor.expect_keys(body, _FIELDS, what="renewal request")
-        device_id = DeviceId(cbor.field(body, "device_id", str))
-        nonce = cbor.field(body, "nonce", bytes)
-        if not NONCE_MIN <= len(nonce) <= NONCE_MAX:
-            raise EncodingError(f"nonce must be {NONCE_MIN}..{NONCE_MAX} bytes")
-        time = cbor.field(body, "time", int)
-        if not 0 <= time < 2**40:
-            raise EncodingError("time out of range")
         csr = cbor.field(body, "csr", bytes)
         ldevid = cbor.field(body, "ldevid", bytes)
         if len(csr) > MAX_CSR_SIZE or not 0 < len(ldevid) <= MAX_CERT_SIZE:
@@ -262,14 +248,14 @@ def parse_renewal_request(data: bytes) -> RenewalRequest:
         raise RegistrationError(f"renewal request: {exc.message}") from exc
     csr_key = _csr_key_id(csr)
     return RenewalRequest(
-        device_id=device_id,
-        nonce=nonce,
-        time=time,
+        device_id=opened.device_id,
+        nonce=opened.nonce,
+        time=opened.time,
         csr_der=csr,
         ldevid_der=ldevid,
-        body=body_bytes,
-        signature=sig,
-        digest=hashlib.sha256(data).digest(),
+        body=opened.body_bytes,
+        signature=opened.signature,
+        digest=hashlib.sha256(opened.data).digest(),
         csr_key_id=csr_key,
     )
 
@@ -300,15 +286,6 @@ class VerifiedRenewal:
     new_key_id: bytes
 
 
-_CSR_TO_PUBLIC = {
-    "malformed": "csr_malformed",
-    "bad_signature": "csr_bad_signature",
-    "wrong_key_type": "csr_malformed",
-    "wrong_name": "csr_wrong_name",
-    "forbidden_extension": "csr_wrong_name",
-}
-
-
 def _refuse(reason: str, detail: str) -> RegistrationError:
     return RegistrationError(detail, reason=reason)
 
@@ -326,6 +303,7 @@ def issued_by(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> bool:
     return False
 
 
+@x509_warnings_ignored
 def verify_renewal(
     request: RenewalRequest,
     *,
@@ -355,19 +333,6 @@ def verify_renewal(
        certified before, for any device (``csr_reused_key`` for its own, ``csr_foreign_key``
        for another's).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _verify(request, topic_device_id, site_cas, facts, now, policy)
-
-
-def _verify(
-    request: RenewalRequest,
-    topic_device_id: DeviceId,
-    site_cas: Sequence[x509.Certificate],
-    facts: RenewalFacts,
-    now: datetime,
-    policy: LdevidPolicy,
-) -> VerifiedRenewal:
     device = request.device_id
     if device != topic_device_id:
         raise _refuse("device_mismatch", f"request names {device}, topic {topic_device_id}")
@@ -422,7 +387,7 @@ def _verify(
     try:
         csr = validate_csr(request.csr_der, expected_device_id=device)
     except CsrError as exc:
-        raise _refuse(_CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
+        raise _refuse(CSR_TO_PUBLIC.get(exc.reason, "csr_malformed"), exc.message) from exc
     except X509_PARSE_ERRORS as exc:  # hostile DER escaping trustcore.csr
         raise _refuse("csr_malformed", f"CSR does not parse: {exc}") from exc
     new_id = key_id(csr.public_key)

@@ -111,12 +111,6 @@ class RevocationListError(TrustCoreError):
     reason = "malformed"
 
 
-def _uint(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
-        raise InvalidValueError(f"{name} must be an integer in [0, 2**63)")
-    return value
-
-
 @dataclass(frozen=True, slots=True)
 class RevokedDevice:
     """One factory certificate HQ revoked: which station issued it, its serial, the device
@@ -135,7 +129,7 @@ class RevokedDevice:
             raise InvalidValueError("serial must be a CertSerial")
         if self.reason not in REVOCATION_REASONS:
             raise InvalidValueError(f"unknown revocation reason {self.reason!r}")
-        _uint(self.revoked_at, "revoked_at")
+        cbor.uint63(self.revoked_at, "revoked_at")
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -182,8 +176,8 @@ class RevocationList:
     root_crl: bytes | None = None
 
     def __post_init__(self) -> None:
-        _uint(self.sequence, "sequence")
-        _uint(self.issued, "issued")
+        cbor.uint63(self.sequence, "sequence")
+        cbor.uint63(self.issued, "issued")
         object.__setattr__(self, "entries", tuple(self.entries))
         seen: set[tuple[str, int]] = set()
         for entry in self.entries:

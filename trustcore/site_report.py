@@ -76,12 +76,6 @@ class SiteReportError(TrustCoreError):
     reason = "malformed"
 
 
-def _uint(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
-        raise InvalidValueError(f"{name} must be an integer in [0, 2**63)")
-    return value
-
-
 def _optional_station(m: dict[Any, Any]) -> StationId | None:
     """The ``station_id`` field: a station id, or null for a device of no known station."""
     station = m["station_id"]
@@ -113,7 +107,7 @@ class SeenCertificate:
             raise InvalidValueError("station_id must be a StationId or None")
         if not isinstance(self.serial, CertSerial) or not isinstance(self.device_id, DeviceId):
             raise InvalidValueError("serial and device_id must be CertSerial and DeviceId")
-        _uint(self.first_seen, "first_seen")
+        cbor.uint63(self.first_seen, "first_seen")
         if not isinstance(self.registered, bool):
             raise InvalidValueError("registered must be a bool")
         if not isinstance(self.certificate_der, bytes) or not 0 < len(self.certificate_der) <= (
@@ -183,8 +177,8 @@ class SiteRegistration:
             self.ldevid_serial, CertSerial
         ):
             raise InvalidValueError("serials must be CertSerial values")
-        _uint(self.registered_at, "registered_at")
-        _uint(self.count, "count")
+        cbor.uint63(self.registered_at, "registered_at")
+        cbor.uint63(self.count, "count")
         if not isinstance(self.status, str) or not 0 < len(self.status) <= _MAX_STATUS:
             raise InvalidValueError(f"status must be 1..{_MAX_STATUS} characters")
 
@@ -243,8 +237,8 @@ class SiteReport:
     def __post_init__(self) -> None:
         if not isinstance(self.site_id, SiteId):
             raise InvalidValueError("site_id must be a SiteId")
-        _uint(self.sequence, "sequence")
-        _uint(self.created, "created")
+        cbor.uint63(self.sequence, "sequence")
+        cbor.uint63(self.created, "created")
         object.__setattr__(self, "seen", tuple(self.seen))
         object.__setattr__(self, "registrations", tuple(self.registrations))
         keys: set[tuple[str | None, int]] = set()

@@ -60,7 +60,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification as libverify
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
-from trustcore.crl import IndirectRevocationSet, RevocationSet, verify_crl, verify_indirect_crl
+from trustcore.crl import (
+    IndirectRevocationSet,
+    RevocationSet,
+    crl_authority_key_id,
+    verify_crl,
+    verify_indirect_crl,
+)
 from trustcore.der import der_oid_body, tbs_names_der, tbs_parts_der
 from trustcore.errors import X509_PARSE_ERRORS, CrlError, EncodingError, VerificationError
 from trustcore.identity import DeviceId
@@ -262,14 +268,9 @@ class ChainVerifier:
         crl: x509.CertificateRevocationList, cas: Sequence[x509.Certificate]
     ) -> x509.Certificate | None:
         candidates = [ca for ca in cas if ca.subject == crl.issuer]
-        try:
-            aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-        except x509.ExtensionNotFound:
-            aki = None
-        except ValueError as exc:
-            raise CrlError("CRL extensions do not parse", reason="malformed") from exc
-        if aki is not None and aki.key_identifier is not None:
-            candidates = [ca for ca in candidates if _key_id(ca) == aki.key_identifier]
+        aki = crl_authority_key_id(crl)
+        if aki is not None:
+            candidates = [ca for ca in candidates if _key_id(ca) == aki]
         return candidates[0] if candidates else None
 
     def _ca_id(self, ca: x509.Certificate) -> tuple[bytes, bytes]:

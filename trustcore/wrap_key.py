@@ -25,7 +25,6 @@ cannot redirect the payload key); the same key again is accepted (a retry).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -49,6 +48,7 @@ from trustcore.registration import (
 )
 from trustcore.renewal import issued_by
 from trustcore.utctime import to_unix
+from trustcore.x509parse import x509_warnings_ignored
 
 __all__ = [
     "MAX_WRAP_KEY_SIZE",
@@ -124,6 +124,11 @@ def parse_wrap_key_registration(data: bytes) -> WrapKeyRegistration:
     return WrapKeyRegistration(device_id, time, wrap_key, ldevid, body_bytes, sig)
 
 
+def _refuse(reason: str, detail: str) -> RegistrationError:
+    return RegistrationError(detail, reason=reason)
+
+
+@x509_warnings_ignored
 def verify_wrap_key(
     message: WrapKeyRegistration,
     *,
@@ -134,22 +139,6 @@ def verify_wrap_key(
 ) -> ec.EllipticCurvePublicKey:
     """The wrap key to record (see the module docstring for the checks and their order).
     ``current_serial``: the device's current LDevID serial in the store (None: unknown)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _verify(message, topic_device_id, site_cas, current_serial, now)
-
-
-def _refuse(reason: str, detail: str) -> RegistrationError:
-    return RegistrationError(detail, reason=reason)
-
-
-def _verify(
-    message: WrapKeyRegistration,
-    topic_device_id: DeviceId,
-    site_cas: Sequence[x509.Certificate],
-    current_serial: int | None,
-    now: datetime,
-) -> ec.EllipticCurvePublicKey:
     device = message.device_id
     if device != topic_device_id:
         raise _refuse("device_mismatch", f"message names {device}, topic {topic_device_id}")

@@ -12,19 +12,42 @@ that are known to parse.
 Each function raises ``ValueError`` (chained to the library's error) on the first field
 that does not parse, and returns its argument otherwise. A field the library only warns
 about (e.g. a CSR attribute of the wrong length) is refused too: half-valid is not valid.
+
+:func:`x509_warnings_ignored` is the other side: a decision over already-loaded input
+(registration, renewal, wrap key) runs with such warnings silenced, because its own checks
+decide and a warning per hostile request would only be noise.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
 
 from cryptography import x509
 
 from trustcore.errors import X509_PARSE_ERRORS
 
-__all__ = ["parsed_certificate", "parsed_crl", "parsed_csr"]
+__all__ = ["parsed_certificate", "parsed_crl", "parsed_csr", "x509_warnings_ignored"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def x509_warnings_ignored(f: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``f`` run with warnings silenced. ``cryptography`` emits warnings (not errors) for
+    some odd encodings (e.g. a 10-letter country name); for hostile input they are noise,
+    the checks decide, so they are silenced rather than printed per request."""
+
+    @functools.wraps(f)
+    def quiet(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return f(*args, **kwargs)
+
+    return quiet
 
 
 _ERRORS: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS, Warning)

@@ -11,8 +11,6 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets as _random
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,8 +23,8 @@ from cryptography.x509.oid import NameOID
 
 from registrar.errors import ConfigError
 from signers.errors import SignerError
-from signers.private_files import private_home, write_private_file
-from signers.software import SoftwareKey, passphrase_from_env, passphrase_from_file
+from signers.private_files import new_home, private_home, require_empty_home, write_private_file
+from signers.software import SoftwareKey, passphrase_from
 from trustcore.csr import build_csr
 from trustcore.errors import InvalidValueError
 from trustcore.identity import SiteId
@@ -48,6 +46,7 @@ __all__ = [
     "SiteSecrets",
     "configure_site",
     "current_cert",
+    "exclusive_lock",
     "init_site",
     "issuing_ca_key",
     "pem",
@@ -81,9 +80,7 @@ class SiteSecrets:
 
     def passphrase(self) -> bytes:
         try:
-            if self.passphrase_file is not None:
-                return passphrase_from_file(self.passphrase_file)
-            return passphrase_from_env(PASSPHRASE_ENV)
+            return passphrase_from(self.passphrase_file, PASSPHRASE_ENV)
         except SignerError as exc:
             raise ConfigError(f"no site keystore passphrase: {exc}", reason="no_secret") from exc
 
@@ -261,7 +258,14 @@ def revocation_lock(home: SiteHome) -> Iterator[None]:
     (commissioning, rollover, ``registrar revoke`` / ``import-revocations`` and the running
     registrar's refresh). Here, beside :class:`SiteHome`, so every writer of the site
     state reaches it without importing :mod:`registrar.revocation`."""
-    path = home.path / "revocation.lock"
+    with exclusive_lock(home.path / "revocation.lock"):
+        yield
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created 0600) for the block, waiting for
+    it: the one cross-process lock of the site's read-modify-write files."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -339,14 +343,10 @@ def init_site(
         raise ConfigError("organisation must be 1..64 printable characters")
     if not broker_names and not broker_ips:
         raise ConfigError("the broker needs at least one host name or IP address")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigError(f"{target} already exists and is not empty; refusing to overwrite it")
+    require_empty_home(target, ConfigError)
     moment = now_utc(now)
     passphrase = secrets.passphrase()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = target.parent / f".{target.name}.init-{os.getpid()}-{_random.token_hex(4)}"
-    build.mkdir(mode=0o700)
-    try:
+    with new_home(target, ConfigError) as build:
         (build / "certs").mkdir()
         (build / "keys").mkdir(mode=0o700)
         (build / "certs" / "root-ca.pem").write_bytes(pem(root))
@@ -365,13 +365,6 @@ def init_site(
             payload_key_grace_s=payload_key_grace_s,
         )
         (build / "site.json").write_text(config.to_json(), encoding="utf-8")
-        try:
-            build.rename(target)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {target}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     return SiteInitResult(
         target,
         sid.value,

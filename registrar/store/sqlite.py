@@ -28,7 +28,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -224,17 +224,11 @@ def _migrate(db: sqlite3.Connection, path: object) -> None:
             db.executescript(ddl)
     for version in range(found + 1, SCHEMA_VERSION + 1):
         ddl, step = _MIGRATIONS[version]
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(db):
             _script(db, ddl)
             if step is not None:
                 step(db)
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(version),))
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
         log.info("registrar database %s migrated to schema %d", path, version)
     db.executescript(_KEY_SCHEMA)
 
@@ -418,11 +412,19 @@ def _transaction(
     db: sqlite3.Connection, *, groups: Sequence[dict[str, list[tuple[Any, ...]]]]
 ) -> None:
     """One group commit, on the writer connection's thread."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(db):
         for grouped in groups:
             for sql, rows in grouped.items():
                 db.executemany(sql, rows)
+
+
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """The block as one ``BEGIN IMMEDIATE`` transaction: committed at its end, rolled back
+    (quietly: the block's own error is the one to report) if anything raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
@@ -440,14 +442,8 @@ def _prepare(db: sqlite3.Connection, *, path: Path) -> None:
 
 def _call(db: sqlite3.Connection, *, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     """One statement that writes and returns rows, in its own transaction."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(db):
         rows = db.execute(sql, params).fetchall()
-        db.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        raise
     return [tuple(r) for r in rows]
 
 
@@ -464,17 +460,12 @@ def _bulk_load(
     # A bigger page cache for the load (random-key indexes: digests, nonces, key ids),
     # back to the default afterwards: the serving registrar keeps a small one.
     db.execute(f"PRAGMA cache_size = -{_BULK_CACHE_KIB}")
-    db.execute("BEGIN IMMEDIATE")
     try:
-        for table, columns, rows in tables:
-            marks = ",".join("?" * len(columns))
-            sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"  # noqa: S608 - fixed names
-            db.executemany(sql, rows)
-        db.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        raise
+        with _immediate(db):
+            for table, columns, rows in tables:
+                marks = ",".join("?" * len(columns))
+                sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"  # noqa: S608 - fixed names
+                db.executemany(sql, rows)
     finally:
         with contextlib.suppress(sqlite3.Error):
             db.execute("PRAGMA cache_size = -2000")

@@ -636,7 +636,7 @@ def test_year_two_renewal_after_the_entitlement_ended_then_more_devices(
     issues a new entitlement, the station makes more devices; the year-0 device and the
     year-2 device both verify (openssl, at year 2 and at year 7)."""
     from factory_station.station import FactoryStation
-    from hq.authority import EntitlementRequest, issue_entitlement
+    from hq.entitlements import EntitlementRequest, issue_entitlement
     from hq.home import HqHome, HqSecrets
     from hq.station_ca import renew_station_ca
     from trustcore.entitlement import DeviceIdRule

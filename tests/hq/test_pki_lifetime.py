@@ -475,8 +475,8 @@ def test_a_site_adopts_the_root_crl_of_a_new_ceremony_from_an_hq_list(world: Wor
 def test_hq_warns_before_the_crl_signer_ends_and_refuses_to_sign_after(world: World) -> None:
     """A CRL signer certificate that ends makes every list it signs void at the sites: HQ
     warns 200 days before and then refuses to publish until `hq root-crl` renews it."""
-    from hq.authority import issue_root_crl
     from hq.revocation_data import root_crl_warning
+    from hq.root_signing import issue_root_crl
 
     request = SiteBundleRequest(site_id=SITE, devices=("TH-000001",))
     signer = world.hq.role_certificate(HqRole.CRL_SIGNER)

@@ -25,6 +25,7 @@ from signers.errors import KeystoreError, PassphraseError, SignerError
 from signers.software import (
     SoftwareKey,
     load_ssl_identity,
+    passphrase_from,
     passphrase_from_env,
     passphrase_from_file,
 )
@@ -184,6 +185,19 @@ def test_passphrase_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DEVTRUST_TEST_PASS")
     with pytest.raises(PassphraseError, match="not set"):
         passphrase_from_env("DEVTRUST_TEST_PASS")
+
+
+def test_passphrase_from_prefers_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEVTRUST_TEST_PASS", "from-env")
+    path = tmp_path / "pass"
+    path.write_bytes(b"from-file\n")
+    path.chmod(0o600)
+    assert passphrase_from(path, "DEVTRUST_TEST_PASS") == b"from-file"
+    assert passphrase_from(None, "DEVTRUST_TEST_PASS") == b"from-env"
+    with pytest.raises(PassphraseError, match="cannot read"):  # a named file must exist
+        passphrase_from(tmp_path / "absent", "DEVTRUST_TEST_PASS")
 
 
 def test_passphrase_from_file(tmp_path: Path) -> None:
