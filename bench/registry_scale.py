@@ -114,7 +114,7 @@ def synthetic_registrations(
         )
         seen = FactorySighting(
             StationId("station-01"),
-            CertSerial.from_hex(reg.idevid_serial),
+            reg.idevid_serial,
             device,
             rnd(sizes["idevid"]),
             at,

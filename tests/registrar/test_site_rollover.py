@@ -112,8 +112,8 @@ def ldevid(ca: x509.Certificate, key: SoftwareKey, device: str, days: int = 30) 
 
 def record(device: str, cert: x509.Certificate, status: str = "registered") -> DeviceRecord:
     return DeviceRecord(
-        device, None, "a1", format(cert.serial_number, "x"), cert.public_bytes(
-            serialization.Encoding.DER), b"", b"\0" * 8, 0, 1, status,
+        DeviceId(device), None, CertSerial(0xA1), CertSerial(cert.serial_number),
+        cert.public_bytes(serialization.Encoding.DER), b"", b"\0" * 8, 0, 1, status,
     )  # fmt: skip
 
 
@@ -238,7 +238,9 @@ def test_rollover_flow_on_files(world: World, tmp_path: Path) -> None:
     # retire: refused while a live LDevID of the old CA exists; then done, key destroyed
     live = ldevid(old, again.retiring_ca_key, "TH-000002")  # type: ignore[arg-type]
     records = [record("TH-000001", fresh), record("TH-000002", live)]
-    assert [r.device_id for r in dependents(records, old, datetime.now(UTC))] == ["TH-000002"]
+    assert [r.device_id.value for r in dependents(records, old, datetime.now(UTC))] == [
+        "TH-000002"
+    ]
     status = rollover_status(world.site, records)
     assert status["devices_on_retiring"] == 1 and status["retiring_dependents"] == ["TH-000002"]
     with pytest.raises(RolloverError) as e:
