@@ -135,7 +135,10 @@ def reconcile_records(
 
 class _RecordReconciler:
     """The state of :func:`reconcile_records`: every record passes :meth:`times`, then
-    :meth:`issued` (runs of issued records, the hot path) or :meth:`record` (any other)."""
+    :meth:`issued_run` (runs of issued records by column, the hot path, or :meth:`issued`
+    row by row) or :meth:`record` (any other). A run of issued records reaches its
+    reconciler before the next record is looked at, so any other record sees the
+    reconciler exactly as in log order."""
 
     def __init__(
         self, station_id: str, store: HqStore, start: AuditHead, received: int | None
@@ -152,9 +155,6 @@ class _RecordReconciler:
         self.cur_eseq: object = None
         self.cur: EntitlementTally | None = None
         self.cur_state = ReconState()
-        #: The current run of issued records, handed to its reconciler in one call
-        #: (Reconciler.add_issued_batch) before any other record or another entitlement's.
-        self.batch: list[IssuedRecord] = []
 
     def tally_for(self, eseq: object, seq: int, device_id: str) -> EntitlementTally | None:
         if type(eseq) is not int:
@@ -269,7 +269,9 @@ class _RecordReconciler:
         checks are HQ's, the entitlement's rules are its reconciler's."""
         violations = self.violations
         issued_append = self.out.issued.append
-        batch = self.batch
+        # Handed to the entitlement's reconciler in one call (Reconciler.add_issued_batch)
+        # before another entitlement's record and at the end of these rows.
+        batch: list[IssuedRecord] = []
         batch_append = batch.append
         cur_eseq, cur, st = self.cur_eseq, self.cur, self.cur_state
         new_entry = tuple.__new__  # IssuedEntry without a Python-level __new__ call
@@ -294,7 +296,7 @@ class _RecordReconciler:
                 _counter_or_import_violation(violations, st, cur, seq, device_id, counter)
             issued_append(new_entry(IssuedEntry, (device_id, serial, kid, eseq, seq, t)))
         self.cur_eseq, self.cur, self.cur_state = cur_eseq, cur, st
-        if batch:  # now, not at the end of the export: overlaps the workers' decoding
+        if batch:
             _end_run(cur, batch)
 
     def record(self, record: AuditRecord) -> None:
@@ -313,8 +315,6 @@ class _RecordReconciler:
         if ev == "issued":
             self._one_issued(seq, t, f)
             return
-        if self.batch:  # every other record sees the reconciler after the issued ones before
-            _end_run(self.cur, self.batch)
         events = self.out.events
         events[ev] = events.get(ev, 0) + 1
         store, station_id, time_audit = self.store, self.station_id, self.time_audit
@@ -415,8 +415,6 @@ class _RecordReconciler:
 
     def result(self) -> Reconciliation:
         out = self.out
-        if self.batch:
-            _end_run(self.cur, self.batch)
         if self.n_issued:
             out.events["issued"] = out.events.get("issued", 0) + self.n_issued
         out.max_time = self.max_time
