@@ -1,8 +1,8 @@
 """Decoding an audit export's records for HQ: ``trustcore.audit.decode_chain`` (the one
 record decoder and chain check), which with ``issued_runs`` turns the well-formed
 ``issued`` records -- a million per export -- into runs of flat tuples (:class:`IssuedRun`)
-in the same loop, read by the reconciler without touching a dict; any other record stays
-an ``AuditRecord``.
+in the same loop; each run is handed on by column (:class:`IssuedColumns`), which the
+reconciler reads with whole-column operations; any other record stays an ``AuditRecord``.
 
 A large export is decoded in chunks by worker processes (both cores of a small HQ host,
 the reconciler consuming chunk k while the workers decode the next ones). Each chunk is
@@ -12,7 +12,8 @@ record ``a - 1``, which its own chunk checked in turn. Workers receive no input 
 forked with the export in memory) and send back tuples of strings, bytes and small
 integers, pickled without a memo (:func:`_pickled`: a fifth of the default pickler's cost,
 the rows hold no shared or cyclic objects), which cost the parent about a tenth of
-decoding the records itself.
+decoding the records itself. By column, a run pickles without a tuple per record, with its
+TPM readings as one byte string and a product or entitlement shared by every record once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import hashlib
 import io
 import multiprocessing
 import pickle
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Sequence
+from itertools import repeat
 from typing import NamedTuple
 
 from trustcore.audit import (
@@ -35,6 +37,7 @@ from trustcore.audit import (
 __all__ = [
     "POOL_THRESHOLD",
     "DecodedChunk",
+    "IssuedColumns",
     "IssuedRow",
     "IssuedRun",
     "decode_chunks",
@@ -47,20 +50,86 @@ CHUNK_SIZE = 25_000
 WORKERS = 2
 
 
+#: The length of the ``tpm`` reading of an issued record (trustcore.stationtime).
+_TPM_SIZE = 16
+
+
+class IssuedColumns(NamedTuple):
+    """An :class:`IssuedRun` by column: record ``i`` has ``seq`` ``first_seq + i`` (a run
+    is consecutive records) and ``times[i]``, ``device_ids[i]``, ... . ``tpm`` is the
+    readings concatenated when every one is 16 bytes (else one per record, ``None`` for
+    none); ``product`` and ``entitlement_seq`` are one value when every record has it (else
+    one per record). :meth:`rows` gives the run back, row for row."""
+
+    first_seq: int
+    times: tuple[int, ...]
+    tpm: bytes | tuple[bytes | None, ...]
+    device_ids: tuple[str, ...]
+    serials: tuple[str, ...]
+    key_ids: tuple[bytes, ...]
+    product: str | tuple[str, ...]
+    counters: tuple[int, ...]
+    entitlement_seq: int | tuple[int, ...]
+
+    @classmethod
+    def of(cls, run: IssuedRun) -> IssuedColumns:
+        """The run transposed (one C-level ``zip``), shared values folded."""
+        n = len(run.rows)
+        _, times, tpms, ids, serials, keys, products, counters, eseqs = zip(*run.rows, strict=True)
+        tpm: bytes | tuple[bytes | None, ...] = tpms
+        if None not in tpms and set(map(len, tpms)) == {_TPM_SIZE}:
+            tpm = b"".join(tpms)
+        # Equal values of exactly one type (issued_row checked each): folding loses nothing.
+        product = products[0] if products.count(products[0]) == n else products
+        eseq = eseqs[0] if eseqs.count(eseqs[0]) == n else eseqs
+        return cls(run.rows[0][0], times, tpm, ids, serials, keys, product, counters, eseq)
+
+    def rows(self) -> list[IssuedRow]:
+        """The run's rows (:data:`IssuedRow`), as ``decode_chain`` built them."""
+        n = len(self.times)
+        tpm = self.tpm
+        readings = (
+            [tpm[i : i + _TPM_SIZE] for i in range(0, len(tpm), _TPM_SIZE)]
+            if type(tpm) is bytes
+            else tpm
+        )
+        product, eseq = self.product, self.entitlement_seq
+        eseqs: Iterable[int] = repeat(eseq, n) if type(eseq) is int else eseq  # type: ignore[assignment]
+        return list(
+            zip(
+                range(self.first_seq, self.first_seq + n),
+                self.times,
+                readings,
+                self.device_ids,
+                self.serials,
+                self.key_ids,
+                repeat(product, n) if type(product) is str else product,
+                self.counters,
+                eseqs,
+                strict=True,
+            )
+        )
+
+
 class DecodedChunk(NamedTuple):
     """One chunk: ``ok`` only if every record passed ``decode_chain``; ``last_hash`` is
     then the entry hash of its last record."""
 
     ok: bool
     last_hash: bytes
-    items: list[IssuedRun | AuditRecord]
+    items: list[IssuedColumns | AuditRecord]
 
 
 def _decode(records: Sequence[bytes], start_seq: int, prev_hash: bytes) -> DecodedChunk:
-    """One loop from record bytes to rows (``decode_chain``, the one record decoder)."""
+    """One loop from record bytes to rows (``decode_chain``, the one record decoder), each
+    run then by column."""
     end = ChainEnd()
     items = decode_chain(records, start_seq, prev_hash, end, issued_runs=True)
-    return DecodedChunk(end.ok, end.last_hash, items)
+    return DecodedChunk(
+        end.ok,
+        end.last_hash,
+        [IssuedColumns.of(i) if type(i) is IssuedRun else i for i in items],  # type: ignore[misc]
+    )
 
 
 # The export a forked worker decodes (set in the parent just before the fork).

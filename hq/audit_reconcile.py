@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter, le
+from itertools import repeat
+from operator import le, lt
 from typing import NamedTuple
 
-from hq.audit_chunks import IssuedRow, IssuedRun
+from hq.audit_chunks import IssuedColumns, IssuedRow
 from hq.store import AuditHead, EntitlementRow, HqStore, ReconState
 from trustcore.audit import AuditRecord
 from trustcore.errors import EncodingError
@@ -61,6 +62,7 @@ CLOCK_ROLLBACK_TOLERANCE_S = 300
 #: clock be off (``EntitlementPolicy.clock_skew_s`` is at most 3600 s).
 STATION_TIME_TOLERANCE_S = 3600
 _SERIAL_HEX = re.compile(r"[0-9a-f]{1,40}")
+_new_tuple = tuple.__new__  # an IssuedEntry without a Python-level __new__ call
 
 
 class IssuedEntry(NamedTuple):
@@ -106,7 +108,7 @@ def _malformed(seq: int, what: str) -> Violation:
 
 
 def reconcile_records(
-    records: Iterable[IssuedRun | AuditRecord],
+    records: Iterable[IssuedColumns | AuditRecord],
     *,
     station_id: str,
     store: HqStore,
@@ -114,7 +116,7 @@ def reconcile_records(
     received: int | None = None,
 ) -> Reconciliation:
     """Feed every record (as :class:`ChainStream` yields them: well-formed ``issued``
-    records as runs of flat rows, any other record as it is) to the reconciler of its
+    records as runs by column, any other record as it is) to the reconciler of its
     entitlement (state carried over from earlier exports, loaded from ``store``). One pass,
     O(1) per record.
 
@@ -124,9 +126,8 @@ def reconcile_records(
     ``clock_ahead_of_tpm``, ``tpm_clock_inconsistent`` and ``bad_time_anchor``."""
     r = _RecordReconciler(station_id, store, start, received)
     for item in records:
-        if type(item) is IssuedRun:
-            r.times(item.rows, exempt_ahead=False)
-            r.issued(item.rows)
+        if type(item) is IssuedColumns:
+            r.issued_run(item)
         else:
             r.record(item)  # type: ignore[arg-type]
     return r.result()
@@ -134,7 +135,10 @@ def reconcile_records(
 
 class _RecordReconciler:
     """The state of :func:`reconcile_records`: every record passes :meth:`times`, then
-    :meth:`issued` (runs of issued records, the hot path) or :meth:`record` (any other)."""
+    :meth:`issued_run` (runs of issued records by column, the hot path, or :meth:`issued`
+    row by row) or :meth:`record` (any other). A run of issued records reaches its
+    reconciler before the next record is looked at, so any other record sees the
+    reconciler exactly as in log order."""
 
     def __init__(
         self, station_id: str, store: HqStore, start: AuditHead, received: int | None
@@ -151,9 +155,6 @@ class _RecordReconciler:
         self.cur_eseq: object = None
         self.cur: EntitlementTally | None = None
         self.cur_state = ReconState()
-        #: The current run of issued records, handed to its reconciler in one call
-        #: (Reconciler.add_issued_batch) before any other record or another entitlement's.
-        self.batch: list[IssuedRecord] = []
 
     def tally_for(self, eseq: object, seq: int, device_id: str) -> EntitlementTally | None:
         if type(eseq) is not int:
@@ -173,13 +174,22 @@ class _RecordReconciler:
             )
         return tally
 
-    def times(self, rows: Sequence[IssuedRow], *, exempt_ahead: bool) -> None:
-        """The station's clock over these records: order, future dating, TPM replay.
-        ``exempt_ahead``: an anchor record may be ahead of the old anchor (that is why it
-        re-anchors), and a refusal did nothing (the station's own ``clock_ahead`` refusals
-        are counted in ``refused_at_station``): only readings that issued are "ahead"."""
+    def times(
+        self,
+        first_seq: int,
+        whens: Sequence[int],
+        readings: bytes | Sequence[object],
+        device_ids: Sequence[str],
+        *,
+        exempt_ahead: bool,
+    ) -> None:
+        """The station's clock over consecutive records from ``first_seq``: order, future
+        dating, TPM replay (``readings``: one per record, ``None`` for none, or all
+        16-byte readings concatenated). ``exempt_ahead``: an anchor record may be ahead of
+        the old anchor (that is why it re-anchors), and a refusal did nothing (the
+        station's own ``clock_ahead`` refusals are counted in ``refused_at_station``): only
+        readings that issued are "ahead"."""
         violations, received, future = self.violations, self.received, self.future
-        whens, readings = list(map(itemgetter(1), rows)), list(map(itemgetter(2), rows))
         max_time = self.max_time
         if (
             whens
@@ -191,7 +201,7 @@ class _RecordReconciler:
             # below would find nothing (each time is at least the highest before it).
             max_time = max(max_time, whens[-1])
         else:
-            for seq, t, _, _, _, _, _, _, _ in rows:
+            for seq, t in enumerate(whens, first_seq):
                 if t > max_time:
                     max_time = t
                     if t > future:
@@ -210,17 +220,58 @@ class _RecordReconciler:
         self.max_time = max_time
         # The TPM replay in one call (its findings follow the clock's of the same record
         # once result() sorts by seq, as if checked record by record).
-        for index, kind, detail in self.time_audit.observe_batch(whens, readings):
+        audit = self.time_audit
+        findings = (
+            audit.observe_joined(whens, readings)
+            if type(readings) is bytes
+            else audit.observe_batch(whens, readings)
+        )
+        for index, kind, detail in findings:
             if not (exempt_ahead and kind == "clock_ahead_of_tpm"):
-                row = rows[index]
-                violations.append(Violation(kind, row[0], row[3], detail))
+                violations.append(Violation(kind, first_seq + index, device_ids[index], detail))
+
+    def issued_run(self, run: IssuedColumns) -> None:
+        """A run of well-formed ``issued`` records: :meth:`times`, then exactly
+        :meth:`issued` of its rows, faster for a run that is all of one known, imported
+        entitlement with its counters strictly increasing (nearly every run): then no
+        record has a counter or import finding, and the entitlement's reconciler takes the
+        columns as they are (``Reconciler.add_issued_run``)."""
+        first, whens, ids = run.first_seq, run.times, run.device_ids
+        self.times(first, whens, run.tpm, ids, exempt_ahead=False)
+        eseq = run.entitlement_seq
+        if type(eseq) is int and eseq not in self.tallies:
+            self.tallies[eseq] = _load_tally(self.store, self.station_id, eseq)
+        tally = self.tallies.get(eseq) if type(eseq) is int else None
+        counters = run.counters
+        if (
+            tally is None
+            or tally.state.imported_at_seq is None
+            or not counters[0] > tally.state.last_counter
+            or not all(map(lt, counters, counters[1:]))
+        ):
+            self.issued(run.rows())
+            return
+        n = len(whens)
+        tally.state.last_counter = counters[-1]
+        self.n_issued += n
+        self.out.issued.extend(
+            map(
+                _new_tuple,
+                repeat(IssuedEntry),
+                zip(ids, run.serials, run.key_ids, repeat(eseq), range(first, first + n), whens),
+            )
+        )
+        tally.reconciler.add_issued_run(first, whens, ids, run.key_ids, run.product)
+        self.cur_eseq, self.cur, self.cur_state = eseq, tally, tally.state
 
     def issued(self, rows: Sequence[IssuedRow]) -> None:
         """Well-typed ``issued`` records (after :meth:`times`): the counter and import
         checks are HQ's, the entitlement's rules are its reconciler's."""
         violations = self.violations
         issued_append = self.out.issued.append
-        batch = self.batch
+        # Handed to the entitlement's reconciler in one call (Reconciler.add_issued_batch)
+        # before another entitlement's record and at the end of these rows.
+        batch: list[IssuedRecord] = []
         batch_append = batch.append
         cur_eseq, cur, st = self.cur_eseq, self.cur, self.cur_state
         new_entry = tuple.__new__  # IssuedEntry without a Python-level __new__ call
@@ -245,6 +296,8 @@ class _RecordReconciler:
                 _counter_or_import_violation(violations, st, cur, seq, device_id, counter)
             issued_append(new_entry(IssuedEntry, (device_id, serial, kid, eseq, seq, t)))
         self.cur_eseq, self.cur, self.cur_state = cur_eseq, cur, st
+        if batch:
+            _end_run(cur, batch)
 
     def record(self, record: AuditRecord) -> None:
         """Any record that is not part of an :class:`IssuedRun` (for an ``issued`` one: a
@@ -252,15 +305,16 @@ class _RecordReconciler:
         seq, _, t, ev, f, _ = record
         who = f.get("device_id")
         self.times(
-            ((seq, t, f.get("tpm"), who if type(who) is str else "", "", b"", "", 0, 0),),
+            seq,
+            (t,),
+            (f.get("tpm"),),
+            (who if type(who) is str else "",),
             exempt_ahead="anchor_time" in f or ev == "refused",
         )
         violations = self.violations
         if ev == "issued":
             self._one_issued(seq, t, f)
             return
-        if self.batch:  # every other record sees the reconciler after the issued ones before
-            _end_run(self.cur, self.batch)
         events = self.out.events
         events[ev] = events.get(ev, 0) + 1
         store, station_id, time_audit = self.store, self.station_id, self.time_audit
@@ -361,8 +415,6 @@ class _RecordReconciler:
 
     def result(self) -> Reconciliation:
         out = self.out
-        if self.batch:
-            _end_run(self.cur, self.batch)
         if self.n_issued:
             out.events["issued"] = out.events.get("issued", 0) + self.n_issued
         out.max_time = self.max_time

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from hq.audit_chunks import IssuedRun, decode_chunks
+from hq.audit_chunks import IssuedColumns, decode_chunks
 from hq.errors import ExportRefusedError
 from hq.store import AuditHead, HqStore, StationCrlRow
 from trustcore.audit import (
@@ -42,7 +42,7 @@ from trustcore.errors import (
 from trustcore.keys import KeyAgreement, spki_der
 from trustcore.messages import CT_AUDIT_EXPORT, AuditExportPayload
 from trustcore.profiles import station_id_from_certificate
-from trustcore.sealed import DEFAULT_MAX_SIZE, open_package, peek
+from trustcore.sealed import DEFAULT_MAX_SIZE, open_package, parse_package
 
 __all__ = ["REFUSAL_REASONS", "ChainStream", "VerifiedExport", "refuse", "verify_audit_package"]
 
@@ -157,7 +157,8 @@ def verify_audit_package(
     the chain itself is verified by :class:`ChainStream`. Raises :class:`ExportRefusedError`;
     never writes."""
     try:
-        header = peek(package, max_size=max_size)
+        parsed = parse_package(package, max_size=max_size)  # once: peek and open read it
+        header = parsed.header
         if header.content_type != CT_AUDIT_EXPORT:
             raise refuse(
                 "wrong_content_type", f"package is {header.content_type!r}, not an audit export"
@@ -169,7 +170,7 @@ def verify_audit_package(
     start = store.audit_head(station_id)
     try:
         opened = open_package(
-            package,
+            parsed,
             receiver=audit_key,
             expected_content_type=CT_AUDIT_EXPORT,
             trusted_sender_public=cert.public_key(),  # type: ignore[arg-type]
@@ -184,6 +185,7 @@ def verify_audit_package(
         ) from exc
     except SealedPackageError as exc:
         raise refuse(exc.reason, f"package refused: {exc.args[0]}") from exc
+    del parsed  # the ciphertext copy (as large as the export)
     try:
         payload = AuditExportPayload.decode(opened.payload, max_size=max_size)
     except EncodingError as exc:
@@ -303,9 +305,9 @@ class ChainStream:
         self._prev = verified.start.head_hash
         self._done = False
 
-    def __iter__(self) -> Iterator[IssuedRun | AuditRecord]:
+    def __iter__(self) -> Iterator[IssuedColumns | AuditRecord]:
         """The verified records in order, decoded once (``hq.audit_chunks``: well-formed
-        ``issued`` records as runs of flat rows, every other record as it is; decoded by
+        ``issued`` records as runs by column, every other record as it is; decoded by
         worker processes for a large export). Any defect sends the whole export to
         ``verify_export`` to be named."""
         if self._done:

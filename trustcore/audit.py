@@ -70,10 +70,9 @@ rollback), quotas and duplicate devices.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn, overload
+from typing import Any, NoReturn
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
@@ -82,15 +81,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustcore import cbor
 from trustcore.audit_record import (
-    SCALAR_TYPE_SET,
     ZERO_HASH,
     AuditRecord,
+    ChainEnd,
     ChainHead,
     FieldValue,
     IssuedRow,
     IssuedRun,
     check_name,
     check_uint,
+    decode_chain,
     decode_record,
     encode_record,
     issued_row,
@@ -208,15 +208,6 @@ def verify_chain(
     return ChainHead(next_seq=start_seq + len(items), head_hash=end.last_hash, records=tuple(out))
 
 
-@dataclass(slots=True)
-class ChainEnd:
-    """Where :func:`stream_chain` stopped: ``ok`` only if every record passed; then
-    ``last_hash`` is the new head hash."""
-
-    ok: bool = False
-    last_hash: bytes = b""
-
-
 #: Records decoded per call of :func:`decode_chain` when streaming: few, so that each
 #: record is consumed while still in cache (4,096 made ``verify_chain`` about 10 % slower
 #: than yielding each record as decoded; 256 is as fast).
@@ -240,106 +231,6 @@ def stream_chain(
         seq, prev = seq + len(part), end.last_hash
     end.last_hash = prev
     end.ok = True
-
-
-@overload
-def decode_chain(
-    records: Sequence[bytes],
-    start_seq: int,
-    start_prev_hash: bytes,
-    end: ChainEnd,
-    *,
-    issued_runs: Literal[False] = False,
-) -> list[AuditRecord]: ...
-
-
-@overload
-def decode_chain(
-    records: Sequence[bytes],
-    start_seq: int,
-    start_prev_hash: bytes,
-    end: ChainEnd,
-    *,
-    issued_runs: bool,
-) -> list[AuditRecord | IssuedRun]: ...
-
-
-def decode_chain(
-    records: Sequence[bytes],
-    start_seq: int,
-    start_prev_hash: bytes,
-    end: ChainEnd,
-    *,
-    issued_runs: bool = False,
-) -> list[AuditRecord] | list[AuditRecord | IssuedRun]:
-    """The one record decoder and hot loop of chain verification: decode each record once
-    (cbor2's C decoder and the type tests a record needs, no re-encoding: see the module
-    docstring), check ``seq`` and ``prev`` continuity, hash it. Returns the records that
-    passed, in order; stops at the first defect with ``end.ok`` False.
-
-    With ``issued_runs``, each run of ``issued`` records whose fields are exactly a
-    station's (:func:`issued_row`) comes as one :class:`IssuedRun` of flat rows instead of
-    one ``AuditRecord`` each (what HQ's reconciler reads): one loop from bytes to rows."""
-    loads = cbor2.loads
-    sha256 = hashlib.sha256
-    refuse_tags = cbor.REFUSE_TAGS
-    scalar_types = SCALAR_TYPE_SET
-    new = tuple.__new__  # an AuditRecord without a Python-level __new__ call
-    row_of = issued_row
-    items: list[AuditRecord | IssuedRun] = []
-    append = items.append
-    rows: list[IssuedRow] | None = None
-    end.ok = False
-    expected = start_seq
-    prev = start_prev_hash
-    for raw in records:
-        try:
-            m = loads(
-                raw,
-                max_depth=4,
-                allow_indefinite=False,
-                allow_duplicate_keys=False,
-                semantic_decoders=refuse_tags,
-            )
-            seq = m["seq"]
-            prev_field = m["prev"]
-            time = m["time"]
-            event = m["event"]
-            fields = m["fields"]
-        except Exception:  # any decoder error, a non-map, a missing key
-            return items
-        if not (
-            len(m) == 5
-            and type(seq) is int
-            and seq == expected
-            and type(prev_field) is bytes
-            and prev_field == prev
-            and type(time) is int
-            and time >= 0
-            and type(event) is str
-            and type(fields) is dict
-        ):
-            return items
-        expected += 1
-        if issued_runs and event == "issued":
-            # A row's fields are all checked scalars under string keys: no loop below.
-            row = row_of(seq, time, fields)
-            if row is not None:
-                prev = sha256(raw).digest()
-                if rows is None:
-                    rows = []
-                    append(IssuedRun(rows))
-                rows.append(row)
-                continue
-        for key, value in fields.items():
-            if type(key) is not str or type(value) not in scalar_types:
-                return items
-        prev = sha256(raw).digest()
-        rows = None
-        append(new(AuditRecord, (seq, prev_field, time, event, fields, prev)))
-    end.last_hash = prev
-    end.ok = True
-    return items
 
 
 def _diagnose(items: Sequence[bytes], start_seq: int, start_prev_hash: bytes) -> NoReturn:

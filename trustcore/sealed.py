@@ -62,7 +62,9 @@ __all__ = [
     "FORMAT_VERSION",
     "OpenedPackage",
     "PackageHeader",
+    "ParsedPackage",
     "open_package",
+    "parse_package",
     "peek",
     "seal_package",
 ]
@@ -237,14 +239,25 @@ def _cert_key_id(cert: x509.Certificate) -> bytes | None:
 
 
 @dataclass(frozen=True, slots=True)
-class _Parsed:
+class ParsedPackage:
+    """A package decoded and well-formed (:func:`parse_package`), NOT verified: what
+    :func:`peek` reads the header from, and what :func:`open_package` verifies. Parse a
+    large package once and hand this to both (each parse of an audit export copies its
+    ~250 MB ciphertext)."""
+
     header: PackageHeader
     enc: bytes | None
     ct: bytes
     sig: bytes
 
 
-def _parse(package: bytes, max_size: int) -> _Parsed:
+def parse_package(package: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedPackage:
+    """Decode and structurally validate a package; any defect is ``malformed``
+    (``oversized`` over ``max_size``). Nothing is verified."""
+    return _parse(package, max_size)
+
+
+def _parse(package: bytes, max_size: int) -> ParsedPackage:
     """Decode and structurally validate a package; any defect is ``malformed``."""
     try:
         top = cbor.map_of(cbor.decode(package, max_size=max_size), "package")
@@ -292,7 +305,7 @@ def _parse(package: bytes, max_size: int) -> _Parsed:
         sequence=seq,
         created=created,
     )
-    return _Parsed(header=header, enc=enc, ct=ct, sig=sig)
+    return ParsedPackage(header=header, enc=enc, ct=ct, sig=sig)
 
 
 def peek(package: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> PackageHeader:
@@ -303,7 +316,7 @@ def peek(package: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> PackageHeader:
 
 
 def open_package(
-    package: bytes,
+    package: bytes | ParsedPackage,
     *,
     receiver: KeyAgreement | None,
     expected_content_type: str,
@@ -320,13 +333,14 @@ def open_package(
     parse), ``wrong_content_type``, then :class:`ReplayError` (``replayed``) when
     ``sequence <= last_sequence``, ``wrong_receiver`` (encrypted to another key, or encrypted
     when ``receiver`` is None), ``not_encrypted`` (a signed-only package where ``receiver``
-    expects a secret), ``decrypt_failed``.
+    expects a secret), ``decrypt_failed``. ``package`` may be the bytes or what
+    :func:`parse_package` made of them (then ``max_size`` was applied there).
 
     The certificate chain of ``trusted_sender_public`` is the caller's job
     (``trustcore.verify``). The caller must durably record ``header.sequence`` as the new
     ``last_sequence`` once it has acted on the payload.
     """
-    parsed = _parse(package, max_size)
+    parsed = package if isinstance(package, ParsedPackage) else _parse(package, max_size)
     header = parsed.header
 
     if not _is_p256(trusted_sender_public):

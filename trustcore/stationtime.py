@@ -317,12 +317,10 @@ class TimeAudit:
         """:meth:`observe` of each reading ``tpm_fields[i]`` dated ``whens[i]``, in log
         order, a reading of ``None`` skipped (a record without one): the findings as
         ``(i, kind, detail)``. Findings and state are exactly one ``observe`` per reading's:
-        when every reading is a 16-byte field they are unpacked in one C call, and the
-        common case (same boot, time forward, not ahead) runs inline; any other reading
-        goes through :meth:`observe` itself."""
+        when every reading is a 16-byte field they go to :meth:`observe_joined`; otherwise
+        each reading goes through :meth:`observe` itself."""
         if len(whens) != len(tpm_fields):
             raise InvalidValueError("one reading per time")
-        findings: list[tuple[int, str, str]] = []
         try:
             joined = b"".join(tpm_fields)  # type: ignore[arg-type]
         except TypeError:  # a None or a non-bytes reading: one call each
@@ -334,12 +332,25 @@ class TimeAudit:
             or len(joined) != _TPM_FIELD.size * len(tpm_fields)
             or set(map(len, tpm_fields)) != {_TPM_FIELD.size}  # type: ignore[arg-type]
         ):
+            findings: list[tuple[int, str, str]] = []
             for index, tpm_field in enumerate(tpm_fields):
                 if tpm_field is not None:
                     found = self.observe(whens[index], tpm_field)
                     if found is not None:
                         findings.append((index, found[0], found[1]))
             return findings
+        return self.observe_joined(whens, joined)
+
+    def observe_joined(self, whens: Sequence[int], joined: bytes) -> list[tuple[int, str, str]]:
+        """:meth:`observe_batch` of readings that are each a 16-byte field, given
+        concatenated (``joined[16 * i : 16 * i + 16]`` is dated ``whens[i]``; HQ's decoder
+        joins them only after checking each one's length). All are unpacked in one C
+        call and the common case (same boot, time forward, not ahead) runs inline; any
+        other reading goes through :meth:`observe` itself."""
+        size = _TPM_FIELD.size
+        if len(joined) != size * len(whens):
+            raise InvalidValueError("one 16-byte reading per time")
+        findings: list[tuple[int, str, str]] = []
         # Within one boot, total_ms grows by exactly the TPM time's growth, so "not
         # ahead" (when * 1000 <= total_ms + _k) is when * 1000 <= base + reading.
         reset, restart, last = self.reset, self.restart, self.boot_time_ms
@@ -351,7 +362,7 @@ class TimeAudit:
                 continue
             self.total_ms += last - self.boot_time_ms
             self.boot_time_ms = last
-            found = self.observe(when, tpm_fields[index])
+            found = self.observe(when, joined[size * index : size * index + size])
             if found is not None:
                 findings.append((index, found[0], found[1]))
             reset, restart, last = self.reset, self.restart, self.boot_time_ms

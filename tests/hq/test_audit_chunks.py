@@ -3,10 +3,12 @@ a defect at a chunk boundary is caught, and issued records are grouped into runs
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from hq import audit_chunks
-from hq.audit_chunks import IssuedRun, decode_chunks
+from hq.audit_chunks import IssuedColumns, IssuedRun, decode_chunks
 from trustcore.audit import (
     ZERO_HASH,
     AuditLog,
@@ -100,9 +102,31 @@ def _records_of(items: list[object]) -> list[tuple[object, ...]]:
     for item in items:
         if type(item) is IssuedRun:
             out.extend(item.rows)
+        elif type(item) is IssuedColumns:
+            out.extend(item.rows())
         else:
             out.append(tuple(item))  # type: ignore[call-overload]
     return out
+
+
+def test_columns_give_the_run_back_row_for_row() -> None:
+    """A run by column (what a worker sends) folds the TPM readings into one string and a
+    product or entitlement every record shares into one value; ``rows()`` undoes it."""
+    _ok, _head, items = one_pass(build(30))
+    runs = [i for i in items if type(i) is IssuedRun]
+    plain = IssuedColumns.of(runs[0])  # 1..8: every field shared or 16-byte readings
+    assert plain.first_seq == 1 and plain.product == "thermo" and plain.entitlement_seq == 1
+    assert plain.tpm == b"".join(row[2] for row in runs[0].rows)
+    assert IssuedColumns.of(runs[1]).tpm[0] is None  # record 10 has no reading
+    mixed = IssuedRun([*runs[2].rows[:3], (*runs[2].rows[3][:6], "lamp", 12, 2)])
+    cols = IssuedColumns.of(mixed)
+    assert cols.product == ("thermo",) * 3 + ("lamp",) and cols.entitlement_seq == (1, 1, 1, 2)
+    for run in (*runs, mixed):
+        cols = IssuedColumns.of(run)
+        assert cols.rows() == run.rows
+        assert pickle.loads(audit_chunks._pickled(audit_chunks.DecodedChunk(True, b"", [cols])))[
+            2
+        ] == [cols]
 
 
 def test_a_rewritten_record_before_a_chunk_boundary_is_caught(in_workers: None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from trustcore.entitlement import DeviceIdRule, EntitlementPolicy, QuorumRule
@@ -282,3 +282,183 @@ def test_reconciler_batch_sees_allowance_burn_and_reissue_between_runs() -> None
     r2.add_issued_batch([(30, T0 + 86400, "TH-000030", b"\x30" * 32, "thermostat")])
     assert [v.kind for v in r2.violations] == ["over_quota"]  # slot 15 of 14: burned counts
     assert r.issued == 9 and r.burned == 1
+
+
+def _state(r: Reconciler) -> tuple[object, ...]:
+    """Everything a reconciler carries into the next record."""
+    return (
+        r.report(),
+        r.device_ids,
+        r.key_ids,
+        r.per_day,
+        r.issued,
+        r.reissues_used,
+        (r._day_start, r._day_end, r._day),  # the cached day is state too
+    )
+
+
+def _run_by_column(r: Reconciler, log: list[tuple[int, int, str, bytes, str]]) -> None:
+    """``log`` (consecutive seqs) through ``add_issued_run``, the product folded when shared."""
+    if not log:
+        r.add_issued_run(0, (), (), (), "thermostat")
+        return
+    seqs, whens, ids, keys, products = zip(*log, strict=True)
+    assert list(seqs) == list(range(seqs[0], seqs[0] + len(log)))
+    shared = products[0] if products.count(products[0]) == len(products) else products
+    r.add_issued_run(seqs[0], whens, ids, keys, shared)
+
+
+def test_reconciler_run_by_column_equals_batch() -> None:
+    """HQ's column path reports and leaves exactly what ``add_issued_batch`` does, on the
+    log that hits every rule, cut anywhere."""
+    p = policy(total_quota=16, daily_limit=10)
+    log = _mixed_log(p)
+    for cut in range(len(log) + 1):
+        batched, columns = Reconciler(p), Reconciler(p)
+        batched.add_issued_batch(log[:cut])
+        batched.add_issued_batch(log[cut:])
+        _run_by_column(columns, log[:cut])
+        _run_by_column(columns, log[cut:])
+        assert _state(columns) == _state(batched)
+
+
+def test_a_clean_run_by_column_needs_no_record_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that breaks no rule is proven clean by whole-column tests; one that breaks a
+    rule goes record by record (which names it)."""
+    p = policy(total_quota=1000, daily_limit=500)
+    r = Reconciler(p, per_day={p.day_of(T0): 3}, device_ids={"TH-000999"}, key_ids={b"x" * 32})
+    midnight = T0 + 8 * 3600  # T0 is 16:00 in Shanghai
+    run = [
+        (i, midnight - 1200 + 60 * i, f"TH-{i:06d}", bytes([i]) * 32, "thermostat")
+        for i in range(40)
+    ]
+
+    def no_loop(batch: object) -> None:
+        raise AssertionError("a clean run went record by record")
+
+    with monkeypatch.context() as m:
+        m.setattr(r, "add_issued_batch", no_loop)
+        _run_by_column(r, run)  # 20 minutes before local midnight, 20 after
+    assert r.issued == 40 and not r.violations and "TH-000039" in r.device_ids
+    assert r.per_day == {p.day_of(T0): 3 + 20, p.day_of(midnight): 20}
+    _run_by_column(r, [(40, midnight + 1300, "TH-000999", b"y" * 32, "thermostat")])
+    assert [v.kind for v in r.violations] == ["duplicate_device"]
+
+
+_ID = st.one_of(
+    st.builds(lambda n: f"TH-{n:06d}", st.integers(0, 1200)),
+    st.sampled_from(["TH-00001", "th-000001", "TH-00001\u0667", "TH-0000\u00b21", "TH-00:001"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prior_ids=st.sets(st.builds(lambda n: f"TH-{n:06d}", st.integers(0, 1200)), max_size=3),
+    prior_issued=st.integers(0, 18),
+    burned=st.integers(0, 2),
+    allowance=st.integers(-2, 3),
+    records=st.lists(
+        st.tuples(
+            st.integers(-2, 2 * 86400),  # time after T0 (some before the window)
+            _ID,
+            st.integers(0, 40),  # key
+            st.sampled_from(["thermostat"] * 6 + ["doorbell"]),
+        ),
+        max_size=25,
+    ),
+    in_order=st.booleans(),
+)
+def test_reconciler_run_by_column_is_the_batch(
+    prior_ids: set[str],
+    prior_issued: int,
+    burned: int,
+    allowance: int,
+    records: list[tuple[int, str, int, str]],
+    in_order: bool,
+) -> None:
+    """Any run, any prior state: the column path and the record loop agree on every
+    finding and on the state after (ids, keys, counts, days, the cached day)."""
+    p = policy(total_quota=20, daily_limit=6, not_before=T0)
+    if in_order:
+        records = sorted(records)
+    log = [
+        (i, T0 + t, device_id, bytes([k]) * 32, product)
+        for i, (t, device_id, k, product) in enumerate(records)
+    ]
+    pair = []
+    for _ in range(2):
+        r = Reconciler(
+            p,
+            issued=prior_issued,
+            burned=burned,
+            per_day={p.day_of(T0): 4},
+            device_ids=set(prior_ids),
+            key_ids={b"\x01" * 32},
+            day_allowance={p.day_of(T0 + 86400): allowance},
+        )
+        pair.append(r)
+    batched, columns = pair
+    batched.add_issued_batch(log)
+    _run_by_column(columns, log)
+    assert _state(columns) == _state(batched)
+
+
+_FAULTS = {
+    "id": lambda rec: (rec[0], rec[1], rec[2].replace("0", "\u0660", 1), rec[3], rec[4]),
+    "prefix": lambda rec: (rec[0], rec[1], "th" + rec[2][2:], rec[3], rec[4]),
+    "above": lambda rec: (rec[0], rec[1], "TH-001000", rec[3], rec[4]),
+    "dup_id": lambda rec: (rec[0], rec[1], "TH-000100", rec[3], rec[4]),
+    "prior_id": lambda rec: (rec[0], rec[1], "TH-000007", rec[3], rec[4]),
+    "dup_key": lambda rec: (rec[0], rec[1], rec[2], bytes([100]) * 32, rec[4]),
+    "product": lambda rec: (rec[0], rec[1], rec[2], rec[3], "doorbell"),
+    "early": lambda rec: (rec[0], T0 - 1, rec[2], rec[3], rec[4]),
+    "late": lambda rec: (rec[0], T0 + 31 * 86400, rec[2], rec[3], rec[4]),
+    "back": lambda rec: (rec[0], rec[1] - 7200, rec[2], rec[3], rec[4]),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    step=st.integers(0, 4000),
+    start=st.integers(0, 2 * 86400),
+    prior_issued=st.integers(0, 25),
+    daily=st.integers(5, 40),
+    allowance=st.integers(-2, 10),
+    fault=st.none() | st.tuples(st.sampled_from(sorted(_FAULTS)), st.integers(0, 29)),
+)
+def test_reconciler_run_by_column_is_the_batch_near_clean(
+    n: int,
+    step: int,
+    start: int,
+    prior_issued: int,
+    daily: int,
+    allowance: int,
+    fault: tuple[str, int] | None,
+) -> None:
+    """Runs that are clean, or break exactly one rule (one record, anywhere), against a
+    prior state near the quota and the daily limit: the column path proves the clean ones
+    and agrees with the record loop on all."""
+    p = policy(total_quota=50, daily_limit=daily, not_before=T0)
+    log = [
+        (i, T0 + start + step * i, f"TH-{100 + i:06d}", bytes([100 + i]) * 32, "thermostat")
+        for i in range(n)
+    ]
+    if fault is not None:
+        kind, at = fault
+        log[at % n] = _FAULTS[kind](log[at % n])
+    pair = [
+        Reconciler(
+            p,
+            issued=prior_issued,
+            per_day={p.day_of(T0 + start): daily // 2},
+            device_ids={"TH-000007"},
+            key_ids={b"\x07" * 32},
+            day_allowance={p.day_of(T0 + start + step * n): allowance},
+        )
+        for _ in range(2)
+    ]
+    batched, columns = pair
+    batched.add_issued_batch(log)
+    _run_by_column(columns, log)
+    assert _state(columns) == _state(batched)

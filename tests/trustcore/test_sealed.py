@@ -78,7 +78,7 @@ def seal(
 
 
 def open_(
-    package: bytes,
+    package: bytes | sealed.ParsedPackage,
     sender: Party,
     receiver: Party | None,
     *,
@@ -201,6 +201,28 @@ def test_doc_vector_opens() -> None:
     )
     assert opened.payload == b"hello"
     assert opened.header.sequence == 1
+
+
+def test_a_package_parsed_once_opens_as_its_bytes(hq: Party, station: Party) -> None:
+    """``parse_package`` (what HQ does once for a 250 MB audit export) gives ``peek``'s
+    header, and ``open_package`` verifies it exactly as it verifies the bytes: a flipped
+    ciphertext byte is still ``bad_signature``, a replay still ``replayed``."""
+    package = seal(hq, station, seq=9)
+    parsed = sealed.parse_package(package, max_size=MAX)
+    assert parsed.header == sealed.peek(package)
+    assert open_(parsed, hq, station) == open_(package, hq, station)
+    flipped = bytearray(package)
+    flipped[package.index(parsed.ct) + 3] ^= 1  # inside the ciphertext
+    bad = sealed.parse_package(bytes(flipped), max_size=MAX)
+    assert bad.ct != parsed.ct
+    with pytest.raises(SealedPackageError) as err:
+        open_(bad, hq, station)
+    assert err.value.reason == "bad_signature"
+    with pytest.raises(ReplayError):
+        open_(parsed, hq, station, last=9)
+    with pytest.raises(SealedPackageError) as err:
+        sealed.parse_package(package, max_size=len(package) - 1)
+    assert err.value.reason == "oversized"
 
 
 # -- refusals ------------------------------------------------------------------------------------

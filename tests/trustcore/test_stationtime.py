@@ -187,6 +187,23 @@ def test_observe_batch_unpacks_whole_runs_as_observe_would() -> None:
     assert batch.to_map() == one.to_map() and batch.to_map()["total_ms"] == 9_200
 
 
+def test_observe_joined_is_observe_batch_of_the_readings() -> None:
+    """HQ's decoder sends a run's readings concatenated: the same findings and state as
+    ``observe_batch`` of the readings one by one; a length that is not 16 per time is
+    refused."""
+    whens = [T0, T0 + 1, T0 + 9_000, T0 + 10, T0 + 11, T0 + 12]
+    tpms = [_tpm(1_000), _tpm(2_000), _tpm(4_000), _tpm(500, restart=1), _tpm(400, restart=1)]
+    tpms.append(_tpm(5_000, restart=1))
+    joined, batch = TimeAudit(60), TimeAudit(60)
+    for audit in (joined, batch):
+        audit.observe(T0 - 1, _tpm(900))
+        audit.anchor(T0)
+    assert joined.observe_joined(whens, b"".join(tpms)) == batch.observe_batch(whens, tpms)
+    assert joined.to_map() == batch.to_map()
+    with pytest.raises(InvalidValueError):
+        joined.observe_joined(whens, b"".join(tpms)[:-1])
+
+
 def test_observe_batch_refuses_readings_that_only_add_up_to_16_bytes_each() -> None:
     """A 15- and a 17-byte reading join to 32 bytes: the batch must still find both
     malformed, as ``observe`` does, not unpack them as two well-formed readings."""
