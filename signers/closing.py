@@ -6,19 +6,21 @@ Owns :class:`Closing`: a base whose ``__enter__`` returns the resource and whose
 
 from __future__ import annotations
 
+import abc
 from types import TracebackType
 from typing import Self
 
 __all__ = ["Closing"]
 
 
-class Closing:
-    """Base of a resource used as ``with resource:``; subclasses define :meth:`close`."""
+class Closing(abc.ABC):
+    """Base of a resource used as ``with resource:``; subclasses define :meth:`close`
+    (abstract: a subclass without it cannot be instantiated)."""
 
     __slots__ = ()
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
     def __enter__(self) -> Self:
         return self

@@ -20,6 +20,7 @@ The site bundle payload lives in :mod:`trustcore.site_bundle`.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
@@ -71,7 +72,7 @@ def _binding_input(domain: str, subject_id: str, csr_der: bytes, transport_der: 
     return cbor.encode([domain, subject_id, csr_der, transport_der])
 
 
-class _Enrolment:
+class _Enrolment(abc.ABC):
     """The one construction of both enrolment requests (:class:`StationEnrolment`,
     :class:`SiteEnrolment`): a CSR for the CA key, the transport (ECDH) public key, and the
     CA key's binding signature over ``[domain, id, csr, transport key]``. Each subclass
@@ -87,8 +88,8 @@ class _Enrolment:
     binding_signature: bytes
 
     @property
-    def _subject_id(self) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _subject_id(self) -> str: ...
 
     @classmethod
     def _bound(
